@@ -1,0 +1,1 @@
+"""The group-relative optimizer: config, CLI, trainer, advantage estimators and losses."""

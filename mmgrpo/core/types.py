@@ -1,0 +1,124 @@
+"""The objects that cross the seams of the loop (DESIGN.md): prompts in, rollouts out, log-probs back.
+
+Letters: B prompts per step, G samples per prompt, N = B*G rows, K action units per row.
+Rows of one group are contiguous: row n belongs to prompt n // G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class PromptBatch:
+    """B prompts of one step on this rank.
+
+    ``seeds[b]`` seeds everything random about prompt b's group (its G samples). It is derived from the
+    run seed, the step and the prompt's *global* position in the step, so samples do not depend on how
+    prompts are split across ranks or micro-batches.
+    """
+
+    prompts: list[Any]  # B prompts: text, or any object the policy understands (the bandit: an int)
+    meta: list[dict] = field(default_factory=list)  # B per-prompt metadata (ground truth, images, ...)
+    seeds: list[int] = field(default_factory=list)  # B
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.meta:
+            self.meta = [{} for _ in self.prompts]
+        if len(self.meta) != len(self.prompts):
+            raise ValueError(f"PromptBatch: {len(self.prompts)} prompts but {len(self.meta)} meta entries")
+        if self.seeds and len(self.seeds) != len(self.prompts):
+            raise ValueError(f"PromptBatch: {len(self.prompts)} prompts but {len(self.seeds)} seeds")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, idx: list[int]) -> PromptBatch:
+        return PromptBatch(
+            prompts=[self.prompts[i] for i in idx],
+            meta=[self.meta[i] for i in idx],
+            seeds=[self.seeds[i] for i in idx] if self.seeds else [],
+            step=self.step,
+        )
+
+
+@dataclass
+class Rollout:
+    """N = B*G sampled rows, everything the update needs.
+
+    ``logp_old [N, K]`` (fp32) is the log-prob of each action unit under the *sampling* parameters;
+    ``train_mask [N, K]`` says which units the update may use. ``samples`` is what rewards score
+    (a Tensor [N, ...] or a list of N objects). ``extras`` holds policy-private tensors needed to
+    recompute log-probs (latents, token ids, ...); tensors in it are indexed by row on dim 0.
+    """
+
+    samples: Any
+    logp_old: torch.Tensor  # [N, K] fp32
+    train_mask: torch.Tensor  # [N, K] bool
+    group_size: int  # G
+    prompts: list[Any]  # N (prompt of each row)
+    meta: list[dict]  # N
+    extras: dict[str, Any] = field(default_factory=dict)
+    loss_weight: torch.Tensor | None = None  # [N] per-row weight (MC-GRPO pivot, per-stream weights)
+    group_keys: list[Any] | None = None  # N optional stratum key per row (stratified estimator)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.logp_old.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_rows // self.group_size
+
+
+@dataclass
+class LogProbs:
+    """Recomputed log-probs (with grad) for chosen rows/units.
+
+    ``logp [n, k]`` fp32; ``kl [n, k]`` the per-unit KL to the reference policy, or None when the
+    policy has no reference (beta = 0).
+    """
+
+    logp: torch.Tensor
+    kl: torch.Tensor | None = None
+
+
+@dataclass
+class RewardContext:
+    """What a reward may need beyond samples and prompts."""
+
+    group_size: int  # G
+    step: int = 0
+    group: torch.Tensor | None = None  # [N] group index of each row (n // G)
+    policy: Any = None  # for rewards that query the policy (answer-consistency re-asking)
+    device: torch.device | str = "cpu"
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A stochastic policy the group-relative optimizer can train.
+
+    ``model`` is the trainable ``torch.nn.Module``; the trainer replaces it with its accelerate-prepared
+    wrapper (DDP/FSDP), so policies must call ``self.model(...)`` for forwards that carry gradient.
+
+    Invariant (tested for every adapter): ``log_prob`` right after ``rollout``, with unchanged parameters,
+    gives exp(logp - logp_old) = 1 within 1e-5 in fp32, for any micro-batch size.
+    """
+
+    model: torch.nn.Module
+
+    def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
+        """Sample G rows per prompt without grad; record logp_old [N, K] and train_mask [N, K]."""
+        ...
+
+    def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
+        """Recompute log-probs with grad for ``rows`` [n] (and ``units`` [k], default all): logp [n, k]."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (LoRA weights, or all)."""
+        ...

@@ -1,0 +1,10 @@
+"""Imports every module that registers built-in rewards (kept in one list so `mmgrpo list` sees them all)."""
+
+import importlib
+
+_MODULES = [
+    "rewards.bandit",
+]
+
+for _m in _MODULES:
+    importlib.import_module(_m)
