@@ -1,0 +1,459 @@
+"""Advantage estimators, reward shaping and multi-reward combination (phase 3 of the loop, DESIGN.md).
+
+Letters: B prompts, G rows per group, N = B*G rows, R reward columns. Rows of one group are one row of the
+``[B, G]`` reward tensor.
+
+Three registries of small pure functions:
+
+- ``ESTIMATORS``: ``fn(rewards [B, G], **options) -> advantages [B, G]``. An estimator may also register a
+  per-row loss-weight function (MC-GRPO zeroes its pivot row); :func:`get_row_weights` returns it, or ones.
+- ``SHAPERS``: elementwise ``fn(rewards [...], **options) -> [...]``, applied to raw rewards *before* any
+  estimator (TempSamp-R1's soft shaping).
+- ``COMBINERS``: turn R reward columns ``[R, B, G]`` into one advantage ``[B, G]`` (sum-then-normalise, or
+  normalise-each-then-sum as in GDPO).
+
+Conventions shared by every built-in estimator:
+
+- All maths is fp32: the input is cast to float32 (a copy when it is not fp32 already); inputs are never modified.
+- NaN means "this reward does not apply to this row": NaN rows are left out of every statistic (group
+  mean/std/median, batch std, BNPO moments, strata) and get advantage exactly 0.
+- Zero-variance groups (all valid rewards equal, see :func:`zero_variance_groups`) get advantage exactly 0
+  for grpo, dr_grpo, batch_std, mc_grpo and bnpo: mathematically r - mean = 0 there, but in fp32 the mean of
+  equal values can differ from them by an ulp, and dividing that by ``std + eps`` would turn rounding noise
+  into an advantage of order 1e-2. NGRPO is the exception by design (see :func:`ngrpo`).
+- Statistics that span the batch (batch_std, bnpo, stratified) are over the tensor given; under data
+  parallelism the caller gathers the rewards of all ranks first (DESIGN.md "Distributed").
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.registry import Registry, nearest
+
+Estimator = Callable[..., torch.Tensor]
+
+ESTIMATORS: Registry[Estimator] = Registry("estimator")
+SHAPERS: Registry[Callable[..., torch.Tensor]] = Registry("shaping")
+COMBINERS: Registry[Callable[..., torch.Tensor]] = Registry("combine")
+_ROW_WEIGHTS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_estimator(
+    name: str, weights: Callable[..., torch.Tensor] | None = None
+) -> Callable[[Estimator], Estimator]:
+    """Decorator: register an estimator ``fn(rewards [B, G], **options) -> [B, G]`` under ``name``.
+
+    ``weights``, when given, is ``fn(rewards [B, G], **options) -> [B, G]`` per-row loss weights, called with
+    the same options as the estimator.
+    """
+
+    def deco(fn: Estimator) -> Estimator:
+        ESTIMATORS.register(name)(fn)
+        if weights is not None:
+            _ROW_WEIGHTS[name] = weights
+        return fn
+
+    return deco
+
+
+def register_shaping(name: str) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator: register an elementwise reward shaping ``fn(rewards [...], **options) -> [...]``."""
+    return SHAPERS.register(name)
+
+
+def _checked(fn: Callable[..., torch.Tensor], kind: str, name: str) -> Callable[..., torch.Tensor]:
+    """``fn`` with its keyword options checked: an unknown option is a UserError naming the valid ones."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return fn
+    allowed = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    @functools.wraps(fn)
+    def call(rewards: torch.Tensor, **options: Any) -> torch.Tensor:
+        for key in options:
+            if key not in allowed:
+                hint = nearest(key, allowed)
+                raise UserError(
+                    f"{kind} {name!r} has no option {key!r}; valid options: {', '.join(allowed) or '(none)'}"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                )
+        return fn(rewards, **options)
+
+    return call
+
+
+def get_estimator(name: str) -> Estimator:
+    """The estimator ``name``: ``fn(rewards [B, G], **options) -> [B, G]`` (unknown options raise UserError)."""
+    return _checked(ESTIMATORS.get(name), "estimator", name)
+
+
+def _unit_weights(rewards: torch.Tensor, **options: Any) -> torch.Tensor:
+    """Every row weighs 1: ``[B, G]`` ones (fp32)."""
+    return torch.ones(rewards.shape, dtype=torch.float32, device=rewards.device)
+
+
+def get_row_weights(name: str) -> Callable[..., torch.Tensor]:
+    """Per-row loss weights of estimator ``name``: ``fn(rewards [B, G], **options) -> [B, G]`` (default ones)."""
+    ESTIMATORS.get(name)  # unknown name -> UserError listing the known ones
+    return _ROW_WEIGHTS.get(name, _unit_weights)
+
+
+def get_shaping(name: str) -> Callable[..., torch.Tensor]:
+    """The reward shaping ``name``: elementwise ``fn(rewards [...], **options) -> [...]``."""
+    return _checked(SHAPERS.get(name), "shaping", name)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _as_groups(rewards: torch.Tensor, who: str) -> torch.Tensor:
+    """fp32 view/copy of ``rewards``, checked to be ``[B, G]``."""
+    r = torch.as_tensor(rewards).to(torch.float32)
+    if r.dim() != 2:
+        raise UserError(f"{who}: rewards must be [B, G] (prompts x group size), got shape {tuple(r.shape)}")
+    return r
+
+
+def _masked_mean(r: torch.Tensor, valid: torch.Tensor, dim: int | None = -1) -> torch.Tensor:
+    """Mean over the valid (non-NaN) entries; 0 where none is valid. keepdim along ``dim``."""
+    if dim is None:
+        return torch.where(valid, r, 0.0).sum() / valid.sum().clamp_min(1)
+    return torch.where(valid, r, 0.0).sum(dim, keepdim=True) / valid.sum(dim, keepdim=True).clamp_min(1)
+
+
+def _masked_std(r: torch.Tensor, valid: torch.Tensor, unbiased: bool, dim: int | None = -1) -> torch.Tensor:
+    """Std over the valid entries (Bessel-corrected when ``unbiased``); 0 with fewer than 2 valid entries."""
+    mean = _masked_mean(r, valid, dim)
+    sq = torch.where(valid, (r - mean) ** 2, 0.0)
+    count = valid.sum() if dim is None else valid.sum(dim, keepdim=True)
+    total = sq.sum() if dim is None else sq.sum(dim, keepdim=True)
+    return (total / (count - int(unbiased)).clamp_min(1)).sqrt()
+
+
+def _finish(adv: torch.Tensor, valid: torch.Tensor, zero_groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Advantage 0 on rows where the reward does not apply and, if given, on zero-variance groups [B]."""
+    keep = valid if zero_groups is None else valid & ~zero_groups[:, None]
+    return torch.where(keep, adv, 0.0)
+
+
+def zero_variance_groups(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Groups whose valid rewards are all equal (max - min <= eps): BoolTensor [B].
+
+    rewards: [B, G]; NaN entries are ignored, a group with no valid entry counts as zero-variance.
+    """
+    r = _as_groups(rewards, "zero_variance_groups")
+    valid = ~r.isnan()
+    hi = torch.where(valid, r, -math.inf).amax(-1)  # [B]
+    lo = torch.where(valid, r, math.inf).amin(-1)  # [B]
+    return ~(hi - lo > eps)  # all-NaN: -inf - inf = -inf -> True
+
+
+# --------------------------------------------------------------------------------------------- estimators
+
+
+@register_estimator("grpo")
+def grpo(rewards: torch.Tensor, *, eps: float = 1e-6, unbiased: bool = True, scale: bool = True) -> torch.Tensor:
+    """Group-normalised advantage (r - group mean) / (group std + eps).
+
+    rewards [B, G] -> advantages [B, G]. ``unbiased`` picks the Bessel-corrected std (torch.std default);
+    ``scale=False`` skips the division. GRPO: Shao et al. 2024, "DeepSeekMath" (arXiv 2402.03300).
+    """
+    r = _as_groups(rewards, "grpo")
+    valid = ~r.isnan()
+    adv = r - _masked_mean(r, valid)  # [B, G]
+    if scale:
+        adv = adv / (_masked_std(r, valid, unbiased) + eps)  # [B, G] / [B, 1]
+    return _finish(adv, valid, zero_variance_groups(r, eps))
+
+
+@register_estimator("dr_grpo")
+def dr_grpo(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """Mean-centred advantage r - group mean, no std division (Dr. GRPO).
+
+    rewards [B, G] -> advantages [B, G]. Dividing by the group std up-weights near-unanimous groups (too easy
+    or too hard prompts); Dr. GRPO drops it. Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective". ``eps`` only sets the zero-variance test.
+    """
+    r = _as_groups(rewards, "dr_grpo")
+    valid = ~r.isnan()
+    return _finish(r - _masked_mean(r, valid), valid, zero_variance_groups(r, eps))
+
+
+@register_estimator("batch_std")
+def batch_std(rewards: torch.Tensor, *, eps: float = 1e-6, unbiased: bool = True) -> torch.Tensor:
+    """Group-mean baseline, batch-std scale: (r - group mean) / (std over all N rows + eps).
+
+    rewards [B, G] -> advantages [B, G]; the std is over the B*G valid rewards of the batch. The
+    "REINFORCE++-baseline" of REINFORCE++ (Hu 2025) and the "Lite PPO" normalisation of "Tricks or Traps?
+    A Deep Dive into RL for LLM Reasoning" (2025).
+    """
+    r = _as_groups(rewards, "batch_std")
+    valid = ~r.isnan()
+    adv = (r - _masked_mean(r, valid)) / (_masked_std(r, valid, unbiased, dim=None) + eps)
+    return _finish(adv, valid, zero_variance_groups(r, eps))
+
+
+def _median_pivot(r: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group median [B, 1] (lower median for an even count), pivot index [B], pivot mask [B, G].
+
+    The pivot is the *first* row equal to the median. torch.median's own index is not guaranteed to be the
+    first occurrence (and may differ between CPU and CUDA), so it is recomputed here.
+    """
+    med = torch.nanmedian(r, dim=-1, keepdim=True).values  # [B, 1]
+    hit = (r == med) & valid  # [B, G]; NaN never equals
+    pivot = hit.to(torch.uint8).argmax(-1)  # [B] first hit (argmax returns the first maximum)
+    mask = torch.zeros_like(hit)
+    mask[torch.arange(r.shape[0], device=r.device), pivot] = True
+    return med, pivot, mask & hit.any(-1, keepdim=True)  # an all-NaN group has no pivot
+
+
+def mc_grpo_weights(rewards: torch.Tensor, **options: Any) -> torch.Tensor:
+    """MC-GRPO per-row loss weights [B, G]: 0 at each group's pivot (median) row, 1 elsewhere."""
+    r = _as_groups(rewards, "mc_grpo")
+    _, _, pivot = _median_pivot(r, ~r.isnan())
+    return (~pivot).to(torch.float32)
+
+
+@register_estimator("mc_grpo", weights=mc_grpo_weights)
+def mc_grpo(
+    rewards: torch.Tensor,
+    *,
+    scale: str = "mad",
+    eps: float = 1e-6,
+    unbiased: bool = True,
+    mad_consistency: bool = False,
+) -> torch.Tensor:
+    """Median-centred GRPO: baseline = group median; the median (pivot) row gets advantage 0 and loss weight 0.
+
+    rewards [B, G+1] -> advantages [B, G+1] (the group holds G+1 rollouts so that G rows carry gradient).
+    MC-GRPO (median-centred GRPO). The median is torch's *lower* median for an even count (e.g. [1, 2, 3, 4]
+    -> 2); the pivot is the first row equal to it; its loss weight is 0 (see :func:`get_row_weights`).
+
+    ``scale``: "none" -> r - median; "std" -> divide by the group std (Bessel-corrected when ``unbiased``);
+    "mad" -> divide by MAD = median(|r - median|), times 1.4826 only when ``mad_consistency``.
+    Guard (our choice): a divisor below ``eps`` falls back to the group std, and if that is also below ``eps``
+    the advantage is r - median unscaled. Binary rewards often have MAD = 0; the authors' code then divides
+    by ~1e-3 and gives |A| = 1000, which swamps the loss.
+    """
+    if scale not in ("none", "std", "mad"):
+        raise UserError(f"mc_grpo: scale={scale!r} is not one of 'none', 'std', 'mad'; pick one of those")
+    r = _as_groups(rewards, "mc_grpo")
+    valid = ~r.isnan()
+    med, _, pivot = _median_pivot(r, valid)
+    centred = r - med  # [B, G+1]
+    std = _masked_std(r, valid, unbiased)  # [B, 1]
+    one = torch.ones_like(std)
+    if scale == "none":
+        div = one
+    else:
+        if scale == "mad":
+            div = torch.nanmedian(centred.abs(), dim=-1, keepdim=True).values * (1.4826 if mad_consistency else 1.0)
+        else:
+            div = std
+        div = torch.where(div >= eps, div, torch.where(std >= eps, std, one))  # [B, 1]
+    adv = torch.where(pivot, 0.0, centred / div)
+    return _finish(adv, valid, zero_variance_groups(r, eps))
+
+
+@register_estimator("ngrpo")
+def ngrpo(rewards: torch.Tensor, *, r_max: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """Group normalisation with one virtual reward r_max added to every group's statistics (NGRPO).
+
+    rewards [B, G] -> advantages [B, G]: A = (r - mean') / (std' + eps), mean' and the unbiased std' over the
+    group's valid rewards plus r_max. NGRPO, "Negative-enhanced Group Relative Policy Optimization" (2025).
+    Zero-variance groups are NOT zeroed: the virtual reward makes an all-wrong group negative (G = 8 zeros,
+    r_max = 1: mean' 1/9, std' 1/3, every A = -1/3) -- learning from such groups is the point of NGRPO.
+    """
+    r = _as_groups(rewards, "ngrpo")
+    valid = ~r.isnan()
+    virtual = torch.full_like(r[:, :1], float(r_max))  # [B, 1]
+    aug = torch.cat([r, virtual], dim=-1)  # [B, G+1]
+    aug_valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
+    adv = (r - _masked_mean(aug, aug_valid)) / (_masked_std(aug, aug_valid, unbiased=True) + eps)
+    return _finish(adv, valid)
+
+
+def _beta_log_pdf(p: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """log Beta(p; alpha, beta) with p clamped to [1e-6, 1 - 1e-6]."""
+    p = p.clamp(1e-6, 1 - 1e-6)
+    log_norm = torch.lgamma(alpha + beta) - torch.lgamma(alpha) - torch.lgamma(beta)
+    return (alpha - 1) * p.log() + (beta - 1) * torch.log1p(-p) + log_norm
+
+
+@register_estimator("bnpo")
+def bnpo(
+    rewards: torch.Tensor, *, r_min: float | None = None, r_max: float | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """Beta-normalised advantage (r - p) / BetaPDF(p; alpha, beta), p = group mean of [0, 1]-scaled rewards.
+
+    rewards [B, G] -> advantages [B, G]. BNPO, "Beta Normalization Policy Optimization" (2025).
+    1. Rewards are min-max scaled to [0, 1] with ``r_min``/``r_max`` (default: the batch min/max; values outside
+       fixed bounds are clamped). If max == min every advantage is 0.
+    2. p_b = group mean [B]; mu, var = mean and unbiased variance of p over the groups;
+       a = (mu(1-mu)/var - 1) mu, b = (mu(1-mu)/var - 1)(1-mu); alpha = max(1 + a/3, 1), beta = max(1 + b/3, 1).
+    3. A = (r - p) * min(1 / BetaPDF(p; alpha, beta), 1e6).
+    With fewer than 2 groups or var <= 1e-12 the moments say nothing: alpha = beta = 1 (uniform, pdf 1), so
+    A = r - p (our choice, documented here).
+    """
+    r = _as_groups(rewards, "bnpo")
+    valid = ~r.isnan()
+    if r_min is not None and r_max is not None and r_max <= r_min:
+        raise UserError(f"bnpo: r_max={r_max} must be greater than r_min={r_min}; fix the reward bounds")
+    lo = torch.where(valid, r, math.inf).amin() if r_min is None else torch.tensor(float(r_min), device=r.device)
+    hi = torch.where(valid, r, -math.inf).amax() if r_max is None else torch.tensor(float(r_max), device=r.device)
+    if not bool(hi - lo > 0):  # also all-NaN: inf - inf, -inf - inf
+        return torch.zeros_like(r)
+    x = ((r - lo) / (hi - lo)).clamp(0.0, 1.0)  # [B, G], NaN stays NaN
+    p = _masked_mean(x, valid)  # [B, 1]
+    has_rows = valid.any(-1)  # [B]
+    p_groups = p[has_rows, 0]  # [B'] groups with at least one valid reward
+    one = torch.ones((), dtype=torch.float32, device=r.device)
+    alpha = beta = one
+    if p_groups.numel() >= 2:
+        mu, var = p_groups.mean(), p_groups.var(unbiased=True)
+        if var > 1e-12:
+            k = mu * (1 - mu) / var - 1
+            alpha = torch.maximum(1 + k * mu / 3, one)
+            beta = torch.maximum(1 + k * (1 - mu) / 3, one)
+    weight = torch.exp(-_beta_log_pdf(p, alpha, beta)).clamp(max=1e6)  # [B, 1]
+    return _finish((x - p) * weight, valid, zero_variance_groups(r, eps))
+
+
+def _stratum_ids(keys: Any, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Dense stratum ids LongTensor [B*G] from per-row keys (Tensor [B, G] or [N], or a (nested) list)."""
+    if keys is None:
+        raise UserError(
+            "stratified: missing option 'keys'; pass per-row stratum keys, keys=Tensor[B, G] of ints "
+            "(or a nested list), e.g. the agent or search-trajectory type of each row"
+        )
+    if isinstance(keys, torch.Tensor):
+        flat = keys.reshape(-1)
+    else:
+
+        def leaves(x: Any) -> list[Any]:
+            return [y for item in x for y in leaves(item)] if isinstance(x, (list, tuple)) else [x]
+
+        ids: dict[Any, int] = {}
+        flat = torch.tensor([ids.setdefault(k, len(ids)) for k in leaves(keys)], dtype=torch.long)
+    n = shape[0] * shape[1]
+    if flat.numel() != n:
+        raise UserError(f"stratified: got {flat.numel()} keys for rewards of shape {tuple(shape)}; pass one per row")
+    return torch.unique(flat.to(device), return_inverse=True)[1]
+
+
+@register_estimator("stratified")
+def stratified(
+    rewards: torch.Tensor, *, keys: Any = None, alpha: float = 1.0, eps: float = 1e-6, unbiased: bool = True
+) -> torch.Tensor:
+    """Per-stratum normalisation across the batch, blended with group normalisation (Stratified GRPO).
+
+    rewards [B, G], keys [B, G] (each row's stratum) -> advantages [B, G]:
+    A = alpha * (r - mean_s) / (std_s + eps) + (1 - alpha) * grpo(r), where mean_s, std_s are over all valid rows
+    of the row's stratum in the whole batch (Bessel-corrected when ``unbiased``). A stratum with one row, or whose
+    rewards are all equal, gives 0 for its strata term. Stratified GRPO ("Handling Structural Heterogeneity in
+    RL of LLM Search Agents", 2025); also Dr. MAS's per-agent normalisation (strata = agents).
+    Zero-variance *groups* are not zeroed: their rows still compare with the rest of their stratum.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"stratified: alpha={alpha} must lie in [0, 1] (1 = strata only, 0 = plain grpo)")
+    r = _as_groups(rewards, "stratified")
+    ids = _stratum_ids(keys, r.shape, r.device)  # [N]
+    flat, valid = r.reshape(-1), ~r.isnan().reshape(-1)  # [N]
+    rv, iv = flat[valid], ids[valid]  # [n] valid rows only
+    k = int(ids.max()) + 1 if ids.numel() else 0
+    zeros = torch.zeros(k, dtype=torch.float32, device=r.device)
+    count = zeros.index_add(0, iv, torch.ones_like(rv))  # [S]
+    mean = zeros.index_add(0, iv, rv) / count.clamp_min(1)  # [S]
+    dev = rv - mean[iv]  # [n]
+    std = (zeros.index_add(0, iv, dev**2) / (count - int(unbiased)).clamp_min(1)).sqrt()  # [S]
+    spread = zeros.scatter_reduce(0, iv, rv, "amax", include_self=False) - zeros.scatter_reduce(
+        0, iv, rv, "amin", include_self=False
+    )  # [S]
+    flat_ok = (count[iv] > 1) & (spread[iv] > eps)
+    strata = torch.zeros_like(flat).masked_scatter(valid, torch.where(flat_ok, dev / (std[iv] + eps), 0.0))
+    adv = strata.view_as(r)
+    if alpha < 1.0:
+        adv = alpha * adv + (1.0 - alpha) * grpo(r, eps=eps, unbiased=unbiased)
+    return _finish(adv, ~r.isnan())
+
+
+# ------------------------------------------------------------------------------------------------ shaping
+
+
+@register_shaping("none")
+def no_shaping(rewards: torch.Tensor) -> torch.Tensor:
+    """Identity: rewards unchanged (fp32)."""
+    return torch.as_tensor(rewards).to(torch.float32)
+
+
+@register_shaping("tempsamp_soft")
+def tempsamp_soft(rewards: torch.Tensor, *, tau: float = 0.8, a1: float = 0.01, a2: float = 1.0) -> torch.Tensor:
+    """TempSamp-R1 non-linear soft shaping: compress rewards above tau, stretch those below.
+
+    rewards [...] -> [...] elementwise: r >= tau -> tau + a1 ln(r - tau + 1);
+    r < tau -> tau - (exp(a2 (tau - r)) - 1) / (exp(a2) - 1). E.g. f(1) = 0.80182, f(0.5) = 0.59639.
+    TempSamp-R1, "Effective Temporal Sampling with Reinforcement Fine-Tuning for Video LLMs" (2025).
+    """
+    r = torch.as_tensor(rewards).to(torch.float32)
+    above = tau + a1 * torch.log1p((r - tau).clamp_min(0.0))
+    below = tau - torch.expm1(a2 * (tau - r).clamp_min(0.0)) / math.expm1(a2)
+    return torch.where(r >= tau, above, torch.where(r < tau, below, r))  # NaN stays NaN
+
+
+# ---------------------------------------------------------------------------------------------- combiners
+
+
+@COMBINERS.register("sum_then_normalize")
+def sum_then_normalize(
+    rewards: torch.Tensor, weights: torch.Tensor, estimator: Estimator, options: dict[str, Any]
+) -> torch.Tensor:
+    """Weighted sum of the R rewards, then one estimator call.
+
+    rewards [R, B, G] (NaN: does not apply), weights [R] -> advantages [B, G]. A NaN entry contributes 0 and the
+    other weights are NOT renormalised; a row where no reward applies is NaN for the estimator, so it is left out
+    of the statistics and gets advantage 0.
+    """
+    valid = ~rewards.isnan()  # [R, B, G]
+    total = (weights[:, None, None] * torch.where(valid, rewards, 0.0)).sum(0)  # [B, G]
+    return estimator(torch.where(valid.any(0), total, math.nan), **options)
+
+
+@COMBINERS.register("normalize_then_sum")
+def normalize_then_sum(
+    rewards: torch.Tensor, weights: torch.Tensor, estimator: Estimator, options: dict[str, Any]
+) -> torch.Tensor:
+    """Each reward column through the estimator separately, then the weighted sum (GDPO-style decoupling).
+
+    rewards [R, B, G] (NaN: does not apply), weights [R] -> advantages [B, G]. NaN rows are left out of that
+    column's statistics and get 0 from it, so a sparse reward cannot be drowned by a dense one of larger scale.
+    GDPO, "Group reward-Decoupled Normalization Policy Optimization".
+    """
+    per_reward = torch.stack([estimator(col, **options) for col in rewards])  # [R, B, G]
+    return (weights[:, None, None] * per_reward).sum(0)
+
+
+def combine(
+    name: str, rewards: torch.Tensor, weights: torch.Tensor, estimator: str, options: dict[str, Any]
+) -> torch.Tensor:
+    """Combine R reward columns into one advantage with combiner ``name`` and estimator ``estimator``.
+
+    rewards [R, B, G] (NaN = the reward does not apply to that row), weights [R] -> advantages [B, G] fp32.
+    ``options`` are the estimator's options.
+    """
+    combiner = COMBINERS.get(name)
+    est = get_estimator(estimator)
+    r = torch.as_tensor(rewards).to(torch.float32)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=r.device).reshape(-1)
+    if r.dim() != 3:
+        raise UserError(f"combine: rewards must be [R, B, G] (rewards x prompts x group), got {tuple(r.shape)}")
+    if w.numel() != r.shape[0]:
+        raise UserError(f"combine: {w.numel()} weights for {r.shape[0]} reward columns; give one weight per reward")
+    return combiner(r, w, est, dict(options or {}))
