@@ -1,0 +1,371 @@
+"""Policy losses of the group-relative optimizer: per-unit surrogates, aggregations, reference KL.
+
+A loss is three small pieces, each behind a registry so a variant is a new function, not a branch:
+
+1. a **surrogate** (``LOSSES``) turns log-probs and advantages into a per-unit loss ``[n, k]`` (to be minimised):
+   ``grpo`` (PPO/GRPO clipped token ratio, DAPO clip-higher, dual clip), ``gspo`` (sequence-level ratio),
+   ``pg`` (unclipped importance-weighted policy gradient);
+2. an **aggregation** (``AGGREGATIONS``) reduces ``[n, k]`` to a scalar: ``token_mean`` (DAPO),
+   ``seq_mean`` (original GRPO), ``constant`` (Dr. GRPO);
+3. an optional **KL to the reference**, supplied per unit by the policy (k3 for tokens, closed-form Gaussian
+   mean difference for SDE steps), weighted by ``beta`` and aggregated the same way.
+
+Letters: n rows of the minibatch (a slice of N = B*G), k action units per row (tokens or denoising steps).
+``mask [n, k]`` (bool, or 0/1) marks the units the update may use; masked-out units never contribute a value *or* a NaN
+gradient (their log-ratio is zeroed before ``exp``, so padding with -inf log-probs is safe).
+
+All maths is fp32: ratios are exponentials of log-prob differences, and in bf16 a log-ratio of 0.01 already
+rounds to a ratio error comparable to GSPO's clip range (3e-4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.registry import Registry
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+AggregationFn = Callable[..., torch.Tensor]
+
+LOSSES: Registry[LossFn] = Registry("loss")
+AGGREGATIONS: Registry[AggregationFn] = Registry("aggregation")
+
+
+def get_loss(name: str) -> LossFn:
+    """The per-unit surrogate registered as ``name`` (UserError listing the known ones otherwise)."""
+    return LOSSES.get(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_unit_adv(adv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Advantages [n] (one per row) or [n, k] (one per unit) -> fp32 [n, k]."""
+    adv = adv.float()
+    if adv.dim() == 1:
+        adv = adv[:, None]  # [n, 1]
+    if adv.dim() != 2 or adv.shape[0] != like.shape[0] or adv.shape[1] not in (1, like.shape[1]):
+        raise ValueError(f"advantages of shape {tuple(adv.shape)} do not fit log-probs {tuple(like.shape)}")
+    return adv.expand_as(like)  # [n, k]
+
+
+def _masked_log_ratio(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(pi / pi_old) per unit, 0 on masked-out units (so exp gives 1 and no inf/NaN reaches the gradient)."""
+    diff = logp.float() - logp_old.float()  # [n, k]
+    return torch.where(mask.bool(), diff, torch.zeros_like(diff))
+
+
+def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
+    if not 0.0 <= clip_low <= 1.0:
+        raise UserError(f"loss.clip_low={clip_low} must be in [0, 1] (the ratio is clipped at 1 - clip_low)")
+    if clip_high < 0.0:
+        raise UserError(f"loss.clip_high={clip_high} must be >= 0 (the ratio is clipped at 1 + clip_high)")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise UserError(f"loss.dual_clip={dual_clip} must be > 1 (Dual-clip PPO uses c = 3), or null to disable it")
+
+
+def _clipped_surrogate(
+    ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), optionally capped at -c A for A < 0. All [n, k].
+
+    ``clipped`` is 1 where a clip is active, i.e. where the unit's gradient is cut to 0.
+    """
+    unclipped = ratio * adv  # [n, k]
+    clipped_obj = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv  # [n, k]
+    loss = -torch.minimum(unclipped, clipped_obj)  # [n, k]
+    clipped = clipped_obj < unclipped  # the clipped branch won the min (strictly: ties are not clips)
+    if dual_clip is not None:
+        # Dual-clip PPO (Ye et al. 2020): for A < 0 a huge ratio would give an unbounded loss; cap it at -c A
+        cap = -dual_clip * adv  # [n, k]
+        dual = (adv < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+        clipped = clipped | dual
+    return loss, {"ratio": ratio.detach(), "clipped": clipped.float()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-unit surrogates: fn(logp, logp_old, adv, mask, *, clip_low, clip_high, dual_clip, **_) -> (loss [n, k], stats)
+
+
+@LOSSES.register("grpo")
+def grpo_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    **_,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped unit-level ratio surrogate (PPO, Schulman et al. 2017; GRPO, Shao et al. 2024).
+
+    r = exp(logp - logp_old) per unit; loss = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
+    Separate ``clip_low``/``clip_high`` give DAPO's clip-higher (0.2 / 0.28) and NGRPO's asymmetric clipping;
+    ``dual_clip`` c > 1 caps the loss of negative-advantage units at -c A (Dual-clip PPO).
+
+    Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]. Returns loss [n, k] and stats
+    ``ratio`` [n, k], ``clipped`` [n, k] (float 0/1).
+    """
+    _check_clip(clip_low, clip_high, dual_clip)
+    ratio = torch.exp(_masked_log_ratio(logp, logp_old, mask))  # [n, k]
+    return _clipped_surrogate(ratio, _as_unit_adv(adv, ratio), clip_low, clip_high, dual_clip)
+
+
+@LOSSES.register("gspo")
+def gspo_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    **_,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sequence-level ratio surrogate, in its GSPO-token form (Zheng et al. 2025, Group Sequence Policy Optimization).
+
+    The row's ratio is the geometric mean of its unit ratios, s_i = exp(mean_{t in mask} (logp_t - logp_old_t)),
+    and every unit of row i uses (GSPO eq. for GSPO-token)
+
+        s_i,t = sg[s_i] * exp(logp_t - sg[logp_t])            # value s_i, d s_i,t / d logp_t = s_i
+
+    in the same clipped objective as ``grpo``. So clipping is decided per *sequence*, and the unclipped gradient
+    of unit t is -A s_i grad(logp_t); the 1/|y_i| of GSPO's sequence objective comes from the aggregation
+    (``seq_mean`` reproduces GSPO exactly; with per-row advantages GSPO-token equals GSPO).
+    Because s_i is a geometric mean over many units, it stays close to 1: GSPO's clip ranges are
+    ``clip_low=3e-4``, ``clip_high=4e-4``, not 0.2.
+
+    Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]. Returns loss [n, k] and stats
+    ``ratio`` [n, k] (s_i repeated over the row), ``clipped`` [n, k].
+    """
+    _check_clip(clip_low, clip_high, dual_clip)
+    m = mask.bool()
+    log_ratio = _masked_log_ratio(logp, logp_old, m)  # [n, k]
+    count = m.sum(-1, keepdim=True).clamp_min(1)  # [n, 1] (empty rows: s_i = 1)
+    log_s = (log_ratio.sum(-1, keepdim=True) / count).detach()  # [n, 1]  log s_i, stop-gradient
+    lp = torch.where(m, logp.float(), torch.zeros_like(log_ratio))  # [n, k]  no -inf padding in the graph
+    ratio = torch.exp(log_s + lp - lp.detach())  # [n, k]  value s_i, gradient s_i * grad(logp_t)
+    return _clipped_surrogate(ratio, _as_unit_adv(adv, ratio), clip_low, clip_high, dual_clip)
+
+
+@LOSSES.register("pg")
+def pg_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    **_,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Plain policy gradient with importance ratio, no clipping (REINFORCE; Williams 1992): -A exp(logp - logp_old).
+
+    At logp = logp_old its gradient is -A grad(logp), the REINFORCE estimator. Clip options are ignored.
+    Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]. Returns loss [n, k] and stats ``ratio``,
+    ``clipped`` (all 0).
+    """
+    ratio = torch.exp(_masked_log_ratio(logp, logp_old, mask))  # [n, k]
+    loss = -_as_unit_adv(adv, ratio) * ratio  # [n, k]
+    return loss, {"ratio": ratio.detach(), "clipped": torch.zeros_like(ratio)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregations: fn(per_unit [n, k], mask [n, k], row_weight [n] | None, denom, constant) -> scalar
+#
+# ``denom`` lets the trainer pass the normaliser of the whole minibatch (summed over micro-batches and ranks), so
+# that summing the micro-batch gradients gives exactly the full-batch gradient. Its meaning follows the
+# aggregation: a unit count for token_mean, a row count for seq_mean and constant.
+
+
+def _weighted_masked(per_unit: torch.Tensor, mask: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+    """w_i * x_i,t on masked units, 0 elsewhere (``where``, not ``*``: a NaN/inf under the mask stays out). [n, k]"""
+    x = torch.where(mask.bool(), per_unit.float(), torch.zeros((), dtype=torch.float32, device=per_unit.device))
+    if row_weight is not None:
+        if row_weight.shape != (per_unit.shape[0],):
+            raise ValueError(f"row_weight of shape {tuple(row_weight.shape)}; expected [n] = [{per_unit.shape[0]}]")
+        x = x * row_weight.float()[:, None]
+    return x
+
+
+def _check_denom(denom: float | None) -> None:
+    if denom is not None and not denom > 0:
+        raise ValueError(f"aggregation denom={denom} must be > 0 (count of units or rows of the whole minibatch)")
+
+
+@AGGREGATIONS.register("token_mean")
+def token_mean(
+    per_unit: torch.Tensor,
+    mask: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+    denom: float | None = None,
+    constant: float | None = None,
+) -> torch.Tensor:
+    """Mean over all masked units of the minibatch (DAPO token-level loss, Yu et al. 2025).
+
+    sum_i,t w_i x_i,t m_i,t / sum m, with ``denom`` (the global unit count) replacing sum m. [n, k] -> scalar.
+    """
+    _check_denom(denom)
+    total = _weighted_masked(per_unit, mask, row_weight).sum()
+    if denom is not None:
+        return total / denom
+    count = mask.bool().float().sum()
+    return torch.where(count > 0, total / count.clamp_min(1e-12), total)  # no unit: 0, not NaN
+
+
+@AGGREGATIONS.register("seq_mean")
+def seq_mean(
+    per_unit: torch.Tensor,
+    mask: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+    denom: float | None = None,
+    constant: float | None = None,
+) -> torch.Tensor:
+    """Mean over each row's masked units, then over rows (GRPO, Shao et al. 2024: 1/G sum_i 1/|o_i| sum_t).
+
+    sum_i w_i (sum_t x_i,t m_i,t / sum_t m_i,t) / n, with ``denom`` (the global row count) replacing n.
+    Rows without a masked unit contribute 0 but still count in n. [n, k] -> scalar.
+    """
+    _check_denom(denom)
+    row_sum = _weighted_masked(per_unit, mask, row_weight).sum(-1)  # [n]
+    row_count = mask.bool().float().sum(-1)  # [n]
+    row_mean = torch.where(row_count > 0, row_sum / row_count.clamp_min(1e-12), row_sum)  # [n]
+    return row_mean.sum() / (denom if denom is not None else max(per_unit.shape[0], 1))
+
+
+@AGGREGATIONS.register("constant")
+def constant_norm(
+    per_unit: torch.Tensor,
+    mask: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+    denom: float | None = None,
+    constant: float | None = None,
+) -> torch.Tensor:
+    """Sum over masked units divided by a fixed normaliser (Dr. GRPO, Liu et al. 2025: no length bias).
+
+    sum_i,t w_i x_i,t m_i,t / (n * constant); ``constant`` is the max completion length (tokens) or the number
+    of trained steps (SDE); ``denom`` (the global row count) replaces n. [n, k] -> scalar.
+    """
+    _check_denom(denom)
+    if constant is None or not constant > 0:
+        raise UserError(
+            f"aggregation 'constant' needs loss.constant > 0 (got {constant}); set it to the max completion "
+            "length in tokens, or the number of trained denoising steps"
+        )
+    rows = denom if denom is not None else max(per_unit.shape[0], 1)
+    return _weighted_masked(per_unit, mask, row_weight).sum() / (rows * constant)
+
+
+def aggregate(
+    name: str,
+    per_unit: torch.Tensor,
+    mask: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+    denom: float | None = None,
+    constant: float | None = None,
+) -> torch.Tensor:
+    """Reduce per-unit values [n, k] over ``mask`` [n, k] with row weights [n] to a scalar, by ``name``."""
+    if per_unit.shape != mask.shape:
+        raise ValueError(f"per-unit values {tuple(per_unit.shape)} and mask {tuple(mask.shape)} differ in shape")
+    return AGGREGATIONS.get(name)(per_unit, mask, row_weight, denom, constant)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KL to the reference
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per unit (Schulman 2020, "Approximating KL Divergence"). [n, k] -> [n, k].
+
+    With d = ref_logp - logp on a sample from pi: exp(d) - d - 1 >= 0, unbiased, low variance. fp32.
+    """
+    d = ref_logp.float() - logp.float()  # [n, k]
+    return torch.exp(d) - d - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loss the trainer calls
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss: str = "grpo",
+    aggregation: str = "token_mean",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    kl: torch.Tensor | None = None,
+    adv_clip: float | None = None,
+    row_weight: torch.Tensor | None = None,
+    denom: float | None = None,
+    constant: float | None = None,
+    mask_zero_adv: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scalar loss of one (micro-)batch: aggregate(surrogate) + beta * aggregate(kl), and its metrics.
+
+    Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]; kl [n, k] or None; row_weight [n] or None.
+    Steps: advantages are clamped to [-adv_clip, adv_clip] (if set); with ``mask_zero_adv`` units whose
+    advantage is exactly 0 leave the mask (DAPO: zero-advantage rows add no gradient but dilute a token mean;
+    with per-row advantages this removes whole rows, with per-unit advantages single units); the surrogate
+    ``loss`` gives per-unit values; policy and KL terms use the same ``aggregation``, weights and ``denom``.
+
+    Metrics (python floats): ``loss/policy``, ``loss/kl`` (aggregated KL before beta; only when kl is given),
+    ``loss/total``, ``loss/ratio_mean``, ``loss/ratio_max``, ``loss/clip_frac``, ``loss/adv_mean`` (over the
+    masked units that remain).
+    """
+    if beta < 0:
+        raise UserError(f"loss.beta={beta} must be >= 0 (the weight of the KL to the reference)")
+    if beta > 0 and kl is None:
+        raise UserError(
+            f"loss.beta={beta} but this policy supplies no reference KL; set loss.beta=0 or enable a reference"
+        )
+    if logp.shape != logp_old.shape or logp.shape != mask.shape:
+        raise ValueError(f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)}, mask {tuple(mask.shape)}")
+    fn = get_loss(loss)
+    unit_adv = _as_unit_adv(adv, logp)  # [n, k] fp32
+    if adv_clip is not None:
+        if not adv_clip > 0:
+            raise UserError(f"loss.adv_clip={adv_clip} must be > 0, or null to disable advantage clipping")
+        unit_adv = unit_adv.clamp(-adv_clip, adv_clip)
+    m = mask.bool()
+    if mask_zero_adv:
+        m = m & (unit_adv != 0)
+
+    per_unit, stats = fn(logp, logp_old, unit_adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+    agg = dict(mask=m, row_weight=row_weight, denom=denom, constant=constant)
+    pol = aggregate(aggregation, per_unit, **agg)
+    total = pol
+    metrics = {"loss/policy": pol.item()}
+    if kl is not None:
+        kl_term = aggregate(aggregation, kl.float(), **agg)
+        total = pol + beta * kl_term
+        metrics["loss/kl"] = kl_term.item()
+    metrics["loss/total"] = total.item()
+    metrics.update(_unit_metrics(stats, unit_adv, m))
+    return total, metrics
+
+
+def _unit_metrics(stats: dict[str, torch.Tensor], unit_adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Means/max over the masked units of ratio, clip indicator and advantage (0 / 1 when no unit is masked)."""
+    count = int(mask.sum())
+    if count == 0:
+        return {"loss/ratio_mean": 1.0, "loss/ratio_max": 1.0, "loss/clip_frac": 0.0, "loss/adv_mean": 0.0}
+    ones = torch.ones_like(unit_adv)
+    ratio = stats.get("ratio", ones).detach()[mask]  # a third-party loss may omit ratio/clipped
+    clipped = stats.get("clipped", torch.zeros_like(ones)).detach()[mask]
+    return {
+        "loss/ratio_mean": ratio.mean().item(),
+        "loss/ratio_max": ratio.max().item(),
+        "loss/clip_frac": clipped.float().mean().item(),
+        "loss/adv_mean": unit_adv[mask].mean().item(),
+    }
