@@ -1,0 +1,248 @@
+"""Exploration schedules: which of the T denoising steps are stochastic (SDE) and which are trained.
+
+Pure, seeded planning with no model code. A planner returns an :class:`ExplorationPlan`: two ``[T]`` boolean
+masks over the sampling steps (``sde_mask``: sample this step with the SDE, otherwise take the deterministic
+ODE step; ``train_mask``: the update may use this step's log-prob, always a subset of ``sde_mask`` because a
+deterministic step has no log-prob) and, for G²RPO, the branch step. Call a planner once per batch, or once
+per group for a plan per group; the policy broadcasts a plan over the group's rows.
+
+- :func:`full` -- DanceGRPO / Flow-GRPO: SDE everywhere, train a fraction of the steps (``timestep_fraction``).
+- :func:`window` -- MixGRPO: SDE only inside a window that slides over training (ODE elsewhere), train the window.
+- :func:`singular` -- G²RPO singular stochastic sampling: one SDE branch step k, ODE before and after.
+
+For G²RPO's multi-granularity integration, :func:`coarse_schedule` gives the coarser ODE continuations after
+the branch step and :func:`multi_granularity_advantages` normalises rewards per granularity and sums them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.registry import Registry
+
+
+@dataclass
+class ExplorationPlan:
+    """Which sampling steps are stochastic and which are trained.
+
+    ``sde_mask [T]`` bool: steps sampled with the SDE (the others take the ODE step); ``train_mask [T]`` bool:
+    steps whose log-prob the update uses (a subset of ``sde_mask``); ``branch_step``: G²RPO's single SDE step
+    k, else None.
+    """
+
+    sde_mask: torch.Tensor
+    train_mask: torch.Tensor
+    branch_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sde_mask.ndim != 1 or self.sde_mask.shape != self.train_mask.shape:
+            raise UserError(
+                f"ExplorationPlan: sde_mask {tuple(self.sde_mask.shape)} and train_mask "
+                f"{tuple(self.train_mask.shape)} must both be [T]"
+            )
+        if self.sde_mask.dtype != torch.bool or self.train_mask.dtype != torch.bool:
+            raise UserError("ExplorationPlan: sde_mask and train_mask must be bool tensors")
+        if bool((self.train_mask & ~self.sde_mask).any()):
+            bad = torch.nonzero(self.train_mask & ~self.sde_mask).flatten().tolist()
+            raise UserError(f"ExplorationPlan: steps {bad} are trained but deterministic (ODE); make them SDE steps")
+
+    @property
+    def num_steps(self) -> int:
+        """T."""
+        return int(self.sde_mask.shape[0])
+
+    @property
+    def train_steps(self) -> list[int]:
+        """The trained step indices, ascending."""
+        return torch.nonzero(self.train_mask).flatten().tolist()
+
+
+EXPLORATION: Registry[Callable[..., ExplorationPlan]] = Registry("exploration")
+
+
+def _check_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise UserError(f"num_steps must be a positive int (the number of sampling steps T), got {num_steps!r}")
+
+
+def _mask(num_steps: int, steps: list[int] | torch.Tensor) -> torch.Tensor:
+    m = torch.zeros(num_steps, dtype=torch.bool)
+    m[torch.as_tensor(steps, dtype=torch.long)] = True
+    return m  # [T]
+
+
+@EXPLORATION.register("full")
+def full(
+    num_steps: int,
+    timestep_fraction: float = 1.0,
+    selection: str = "random",
+    generator: torch.Generator | None = None,
+) -> ExplorationPlan:
+    """SDE at every step, train a fraction of them (DanceGRPO / Flow-GRPO ``timestep_fraction``).
+
+    Trains ``k = max(1, round(timestep_fraction * T))`` steps (Python's round: nearest, halves to even):
+    ``selection="random"`` a uniformly random subset (returned sorted; DanceGRPO), ``"first"`` steps 0..k-1
+    (Flow-GRPO). Returns masks [T].
+    """
+    _check_steps(num_steps)
+    if not 0 < timestep_fraction <= 1:
+        raise UserError(f"timestep_fraction must be in (0, 1], got {timestep_fraction!r}")
+    k = max(1, round(timestep_fraction * num_steps))
+    if selection == "random":
+        steps = torch.randperm(num_steps, generator=generator)[:k].sort().values
+    elif selection == "first":
+        steps = torch.arange(k)
+    else:
+        raise UserError(f"unknown selection {selection!r}; known: first, random")
+    return ExplorationPlan(torch.ones(num_steps, dtype=torch.bool), _mask(num_steps, steps))
+
+
+def window_start(
+    num_steps: int, window_size: int, training_step: int, shift_every: int = 1, stride: int = 1, at_end: str = "stick"
+) -> int:
+    """MixGRPO's progressive window start at ``training_step``.
+
+    The window moves ``stride`` steps every ``shift_every`` training steps: ``start = (training_step //
+    shift_every) * stride``, capped at the last position ``T - w``. ``at_end="stick"`` keeps it there
+    (MixGRPO's default, clipping); ``"wrap"`` starts over at 0 after the last position (MixGRPO's roll_back),
+    cycling through exactly the positions ``stick`` visits.
+    """
+    last = num_steps - window_size
+    shifts = training_step // shift_every
+    if at_end == "stick":
+        return min(shifts * stride, last)
+    if at_end == "wrap":
+        positions = -(-last // stride) + 1  # 0, stride, 2 stride, ..., then last (ceil(last / stride) moves)
+        return min((shifts % positions) * stride, last)
+    raise UserError(f"unknown at_end {at_end!r}; known: stick, wrap")
+
+
+@EXPLORATION.register("window")
+def window(
+    num_steps: int,
+    window_size: int,
+    training_step: int = 0,
+    mode: str = "progressive",
+    shift_every: int = 1,
+    stride: int = 1,
+    at_end: str = "stick",
+    generator: torch.Generator | None = None,
+) -> ExplorationPlan:
+    """MixGRPO sliding window: SDE and training inside [start, start + w), ODE elsewhere (Li et al. 2025).
+
+    ``mode="progressive"``: start from :func:`window_start` (moves ``stride`` steps every ``shift_every``
+    training steps, from the noisy end toward the clean end; ``at_end`` = stick | wrap). ``mode="random"``:
+    start uniform in [0, T - w] from ``generator``. Returns masks [T].
+    """
+    _check_steps(num_steps)
+    if not isinstance(window_size, int) or not 1 <= window_size <= num_steps:
+        raise UserError(f"window_size must be an int in [1, {num_steps}] (T), got {window_size!r}")
+    if training_step < 0 or shift_every < 1 or stride < 1:
+        raise UserError(
+            f"window: need training_step >= 0, shift_every >= 1, stride >= 1; got training_step={training_step}, "
+            f"shift_every={shift_every}, stride={stride}"
+        )
+    if mode == "progressive":
+        start = window_start(num_steps, window_size, training_step, shift_every, stride, at_end)
+    elif mode == "random":
+        start = int(torch.randint(0, num_steps - window_size + 1, (1,), generator=generator))
+    else:
+        raise UserError(f"unknown window mode {mode!r}; known: progressive, random")
+    m = _mask(num_steps, list(range(start, start + window_size)))
+    return ExplorationPlan(m, m.clone())
+
+
+@EXPLORATION.register("singular")
+def singular(num_steps: int, branch_steps: list[int], generator: torch.Generator | None = None) -> ExplorationPlan:
+    """G²RPO singular stochastic sampling: one SDE branch step k from ``branch_steps``, ODE elsewhere.
+
+    All G rows of a group share the ODE trajectory up to step k (the anchor), branch with one SDE step at k
+    and continue with the ODE, so reward differences are attributable to step k alone (Granular-GRPO,
+    2025). k is drawn uniformly from ``branch_steps``; both masks [T] are one-hot at k.
+    """
+    _check_steps(num_steps)
+    if len(branch_steps) == 0 or any(not 0 <= int(k) < num_steps for k in branch_steps):
+        raise UserError(
+            f"branch_steps must be a non-empty list of steps in [0, {num_steps - 1}], got {branch_steps!r}"
+        )
+    k = int(branch_steps[int(torch.randint(0, len(branch_steps), (1,), generator=generator))])
+    m = _mask(num_steps, [k])
+    return ExplorationPlan(m, m.clone(), branch_step=k)
+
+
+def coarse_schedule(sigmas: torch.Tensor, k: int, granularity: int) -> torch.Tensor:
+    """The sigmas of G²RPO's lambda-coarser ODE continuation after branch step k.
+
+    ``sigmas [T + 1]`` is the full schedule (``sigmas[-1]`` the final sigma, 0). Branch step k goes from
+    ``sigmas[k]`` to ``sigmas[k + 1]`` with the SDE; the continuation then visits ``sigmas[k + 1]``, every
+    lambda-th sigma after it, and always ends at ``sigmas[-1]``. E.g. T = 10, k = 2, lambda = 3: indices
+    3, 6, 9, 10. lambda = 1 is the original schedule. Returns [S] with S = ceil((T - k - 1) / lambda) + 1.
+    """
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise UserError(f"sigmas must be a 1-D schedule [T + 1] with T >= 1, got shape {tuple(sigmas.shape)}")
+    num_steps = sigmas.shape[0] - 1
+    if not 0 <= k < num_steps:
+        raise UserError(f"branch step k must be in [0, {num_steps - 1}] for {num_steps} steps, got {k!r}")
+    if not isinstance(granularity, int) or granularity < 1:
+        raise UserError(f"granularity must be an int >= 1 (1: the original schedule), got {granularity!r}")
+    idx = list(range(k + 1, num_steps + 1, granularity))
+    if idx[-1] != num_steps:
+        idx.append(num_steps)
+    return sigmas[idx]
+
+
+def group_normalise(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO group normalisation ``(r - mean) / (std + eps)`` over G, unbiased std: [B, G] -> [B, G].
+
+    Groups whose rewards are all equal get exactly 0 (in fp32 their mean can differ from them by an ulp, which
+    dividing by eps would turn into an advantage of order 1e-2), as in ``mmgrpo.core.advantages.grpo``.
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise UserError(f"group normalisation needs rewards [B, G] with G >= 2, got shape {tuple(rewards.shape)}")
+    r = rewards.to(torch.float32)
+    adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # [B, G]
+    equal = (r == r[:, :1]).all(-1, keepdim=True)  # [B, 1]
+    return torch.where(equal, torch.zeros_like(adv), adv)
+
+
+def _estimator(name: str, estimator_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
+    if estimator_fn is not None:
+        return estimator_fn
+    if name == "grpo":
+        return group_normalise
+    try:  # the core registry; imported lazily so this module stands alone
+        from mmgrpo.core.advantages import get_estimator
+    except ImportError as e:
+        raise UserError(
+            f"estimator {name!r} needs mmgrpo.core.advantages, which cannot be imported ({e}); "
+            "use estimator='grpo' or pass estimator_fn"
+        ) from e
+    return get_estimator(name)
+
+
+def multi_granularity_advantages(
+    rewards: torch.Tensor,
+    estimator: str = "grpo",
+    estimator_fn: Callable[..., torch.Tensor] | None = None,
+    **opts: Any,
+) -> torch.Tensor:
+    """G²RPO multi-granularity advantage integration: normalise per granularity, then sum. [L, B, G] -> [B, G].
+
+    ``rewards[l, b, g]`` is the reward of row g of group b when its continuation after the shared branch step k
+    used the l-th granularity (:func:`coarse_schedule`). Each granularity is normalised within its group
+    separately -- the group shares k, so this is per (granularity, k) -- and the L advantages are summed.
+
+    The normaliser is :func:`group_normalise` for ``"grpo"``, ``estimator_fn`` when given, else the core
+    estimator registered under ``estimator``; each is called as ``fn(rewards[l] [B, G], **opts) -> [B, G]``.
+    """
+    if rewards.ndim != 3:
+        raise UserError(f"rewards must be [L, B, G] (one reward per granularity), got shape {tuple(rewards.shape)}")
+    num_b, num_g = rewards.shape[1], rewards.shape[2]
+    fn = _estimator(estimator, estimator_fn)
+    per_level = [fn(rewards[lvl], **opts).reshape(num_b, num_g) for lvl in range(rewards.shape[0])]  # L x [B, G]
+    return torch.stack(per_level).sum(0)  # [B, G]

@@ -1,0 +1,204 @@
+"""Tests for mmgrpo.policies.exploration: hand-computed plans, coarse schedules and G²RPO advantages."""
+
+import pytest
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.policies.exploration import (
+    EXPLORATION,
+    ExplorationPlan,
+    coarse_schedule,
+    full,
+    group_normalise,
+    multi_granularity_advantages,
+    singular,
+    window,
+    window_start,
+)
+
+
+def _steps(mask):
+    return torch.nonzero(mask).flatten().tolist()
+
+
+# ------------------------------------------------------------------------------------- full
+
+
+def test_full_all_steps():
+    plan = full(6)
+    assert plan.sde_mask.all() and plan.train_mask.all() and plan.branch_step is None
+    assert plan.sde_mask.dtype == torch.bool and plan.num_steps == 6
+
+
+def test_full_first_fraction():
+    plan = full(10, timestep_fraction=0.3, selection="first")  # round(0.3 * 10) = 3 -> steps 0, 1, 2
+    assert plan.train_steps == [0, 1, 2]
+    assert plan.sde_mask.all()
+
+
+def test_full_rounding_and_at_least_one_step():
+    assert len(full(10, 0.25, "first").train_steps) == 2  # round(2.5) = 2 (Python rounds halves to even)
+    assert len(full(10, 0.35, "first").train_steps) == 4  # round(3.5) = 4
+    assert full(10, 0.01, "first").train_steps == [0]  # round(0.1) = 0 -> at least 1
+
+
+def test_full_random_is_sorted_seeded_and_uniform():
+    a = full(10, 0.3, generator=torch.Generator().manual_seed(0))
+    b = full(10, 0.3, generator=torch.Generator().manual_seed(0))
+    assert a.train_steps == b.train_steps and len(a.train_steps) == 3
+    assert a.train_steps == sorted(a.train_steps)
+    counts = torch.zeros(10)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2000):
+        counts += full(10, 0.3, generator=gen).train_mask.float()
+    # each step is trained with probability 3 / 10 -> 600 of 2000 (binomial sd ~ 20.5)
+    assert ((counts - 600).abs() < 100).all(), counts
+
+
+def test_full_bad_values():
+    with pytest.raises(UserError, match="timestep_fraction"):
+        full(10, 0.0)
+    with pytest.raises(UserError, match="unknown selection 'last'"):
+        full(10, 0.5, selection="last")
+    with pytest.raises(UserError, match="num_steps"):
+        full(0)
+
+
+# ------------------------------------------------------------------------------------- window
+
+
+def test_window_progressive_hand_computed():
+    # T = 10, w = 3, the window moves 2 steps every 2 training steps; last start T - w = 7
+    plan = window(10, 3, training_step=0, shift_every=2, stride=2)
+    assert _steps(plan.sde_mask) == [0, 1, 2] and _steps(plan.train_mask) == [0, 1, 2]
+    assert _steps(window(10, 3, training_step=3, shift_every=2, stride=2).sde_mask) == [2, 3, 4]  # 3 // 2 = 1 -> 2
+    assert _steps(window(10, 3, training_step=9, shift_every=2, stride=2).sde_mask) == [7, 8, 9]  # min(8, 7) = 7
+    assert _steps(window(10, 3, training_step=99, shift_every=2, stride=2).sde_mask) == [7, 8, 9]  # sticks
+
+
+def test_window_start_wrap_cycles_through_the_stick_positions():
+    # last = 7, stride 2: stick visits 0, 2, 4, 6, 7 (then stays); wrap repeats that cycle of 5
+    stick = [window_start(10, 3, s, stride=2) for s in range(7)]
+    wrap = [window_start(10, 3, s, stride=2, at_end="wrap") for s in range(12)]
+    assert stick == [0, 2, 4, 6, 7, 7, 7]
+    assert wrap == [0, 2, 4, 6, 7, 0, 2, 4, 6, 7, 0, 2]
+    with pytest.raises(UserError, match="unknown at_end"):
+        window_start(10, 3, 0, at_end="bounce")
+
+
+def test_window_random_starts_are_contiguous_and_cover_all_positions():
+    gen = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(200):
+        plan = window(6, 2, mode="random", generator=gen)
+        steps = _steps(plan.sde_mask)
+        assert len(steps) == 2 and steps[1] == steps[0] + 1
+        assert torch.equal(plan.sde_mask, plan.train_mask)
+        starts.add(steps[0])
+    assert starts == {0, 1, 2, 3, 4}  # uniform over [0, T - w]
+
+
+def test_window_bad_values():
+    with pytest.raises(UserError, match="window_size"):
+        window(5, 6)
+    with pytest.raises(UserError, match="unknown window mode"):
+        window(5, 2, mode="sliding")
+    with pytest.raises(UserError, match="shift_every"):
+        window(5, 2, shift_every=0)
+
+
+# ------------------------------------------------------------------------------------- singular
+
+
+def test_singular_one_branch_step():
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        plan = singular(10, [2, 5, 7], generator=gen)
+        assert plan.branch_step in (2, 5, 7)
+        assert _steps(plan.sde_mask) == [plan.branch_step]
+        assert _steps(plan.train_mask) == [plan.branch_step]
+        seen.add(plan.branch_step)
+    assert seen == {2, 5, 7}
+    with pytest.raises(UserError, match="branch_steps"):
+        singular(10, [10])
+    with pytest.raises(UserError, match="branch_steps"):
+        singular(10, [])
+
+
+def test_plan_rejects_trained_ode_steps():
+    with pytest.raises(UserError, match=r"steps \[1\] are trained but deterministic"):
+        ExplorationPlan(torch.tensor([True, False]), torch.tensor([True, True]))
+
+
+def test_registry():
+    assert EXPLORATION.names() == ["full", "singular", "window"]
+    assert EXPLORATION.get("window") is window
+    assert "MixGRPO" in EXPLORATION.describe("window")
+    assert "G²RPO" in EXPLORATION.describe("singular")
+    assert "DanceGRPO" in EXPLORATION.describe("full")
+    with pytest.raises(UserError, match="unknown exploration 'windows'.*did you mean 'window'"):
+        EXPLORATION.get("windows")
+
+
+# ------------------------------------------------------------------------------------- coarse schedule
+
+
+def test_coarse_schedule_t10():
+    sigmas = torch.linspace(1, 0, 11)  # T = 10: 1.0, 0.9, ..., 0.1, 0.0
+    # k = 2, lambda = 3: indices 3, 6, 9, then the final 10
+    assert torch.allclose(coarse_schedule(sigmas, 2, 3), torch.tensor([0.7, 0.4, 0.1, 0.0]))
+    # k = 2, lambda = 2: indices 3, 5, 7, 9, 10
+    assert torch.allclose(coarse_schedule(sigmas, 2, 2), torch.tensor([0.7, 0.5, 0.3, 0.1, 0.0]))
+    # k = 1, lambda = 4: indices 2, 6, 10 (already ends at the final sigma: no duplicate)
+    assert torch.allclose(coarse_schedule(sigmas, 1, 4), torch.tensor([0.8, 0.4, 0.0]))
+    # lambda = 1 is the original schedule after the branch step; lambda larger than the rest: k + 1 then 0
+    assert torch.equal(coarse_schedule(sigmas, 2, 1), sigmas[3:])
+    assert torch.allclose(coarse_schedule(sigmas, 2, 50), torch.tensor([0.7, 0.0]))
+    assert torch.equal(coarse_schedule(sigmas, 9, 3), torch.tensor([0.0]))  # last branch step: nothing left
+
+
+def test_coarse_schedule_bad_values():
+    sigmas = torch.linspace(1, 0, 11)
+    with pytest.raises(UserError, match="branch step k"):
+        coarse_schedule(sigmas, 10, 2)
+    with pytest.raises(UserError, match="granularity"):
+        coarse_schedule(sigmas, 2, 0)
+
+
+# ------------------------------------------------------------------------------------- G²RPO advantages
+
+
+def test_multi_granularity_advantages_hand_computed():
+    rewards = torch.tensor(
+        [
+            [[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]],  # granularity 1, groups b = 0, 1
+            [[0.0, 0.0, 6.0], [1.0, 2.0, 3.0]],  # granularity 2
+        ]
+    )  # [L=2, B=2, G=3]
+    adv = multi_granularity_advantages(rewards)
+    # b=0, l=1: mean 2, unbiased std 1 -> [-1, 0, 1]
+    #      l=2: mean 2, std sqrt((4 + 4 + 16) / 2) = sqrt(12) = 3.4641 -> [-0.57735, -0.57735, 1.15470]
+    #      sum  -> [-1.57735, -0.57735, 2.15470]
+    # b=1, l=1: all equal -> exactly 0; l=2: [-1, 0, 1]; sum -> [-1, 0, 1]
+    expected = torch.tensor([[-1.57735, -0.57735, 2.15470], [-1.0, 0.0, 1.0]])
+    assert adv.shape == (2, 3)
+    assert torch.allclose(adv, expected, atol=1e-5)
+
+
+def test_multi_granularity_with_estimator_fn_and_core_estimator():
+    rewards = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 6.0]]])  # [L=2, B=1, G=3]
+    centred = multi_granularity_advantages(rewards, estimator_fn=lambda r: r - r.mean(-1, keepdim=True))
+    # l=1: [-1, 0, 1]; l=2: mean 2 -> [-2, -2, 4]; sum [-3, -2, 5]
+    assert torch.allclose(centred, torch.tensor([[-3.0, -2.0, 5.0]]))
+    pytest.importorskip("mmgrpo.core.advantages")
+    assert torch.allclose(multi_granularity_advantages(rewards, "dr_grpo"), torch.tensor([[-3.0, -2.0, 5.0]]))
+    with pytest.raises(UserError, match="unknown estimator 'nope'"):
+        multi_granularity_advantages(rewards, "nope")
+
+
+def test_group_normalise_needs_groups():
+    with pytest.raises(UserError, match="G >= 2"):
+        group_normalise(torch.ones(3, 1))
+    with pytest.raises(UserError, match=r"\[L, B, G\]"):
+        multi_granularity_advantages(torch.ones(3, 2))
