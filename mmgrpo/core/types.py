@@ -122,3 +122,65 @@ class Policy(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimizer updates (LoRA weights, or all)."""
         ...
+
+
+def _take(value: Any, rows: list[int], n: int) -> Any:
+    """Index a per-row value (Tensor [N, ...] or list of N) by rows; leave other values alone."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[torch.as_tensor(rows, dtype=torch.long)]
+    if isinstance(value, list) and len(value) == n:
+        return [value[i] for i in rows]
+    return value
+
+
+def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
+    """The rollout restricted to whole groups (rows g*G .. g*G+G-1 for each g in ``groups``)."""
+    G, n = rollout.group_size, rollout.num_rows
+    rows = [g * G + j for g in groups for j in range(G)]
+    return Rollout(
+        samples=_take(rollout.samples, rows, n),
+        logp_old=rollout.logp_old[rows],
+        train_mask=rollout.train_mask[rows],
+        group_size=G,
+        prompts=[rollout.prompts[i] for i in rows],
+        meta=[rollout.meta[i] for i in rows],
+        extras={k: _take(v, rows, n) for k, v in rollout.extras.items()},
+        loss_weight=None if rollout.loss_weight is None else rollout.loss_weight[rows],
+        group_keys=None if rollout.group_keys is None else [rollout.group_keys[i] for i in rows],
+    )
+
+
+def _cat(values: list[Any], sizes: list[int]) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == sizes[0]:
+        return torch.cat(values)
+    if isinstance(first, list) and len(first) == sizes[0]:
+        return [x for v in values for x in v]
+    return first
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Rows of several rollouts (same G, same K) stacked in order."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = [p.num_rows for p in parts]
+    G = parts[0].group_size
+    if any(p.group_size != G for p in parts):
+        raise ValueError("concat_rollouts: rollouts have different group sizes")
+    weights = None
+    if any(p.loss_weight is not None for p in parts):
+        weights = torch.cat([p.loss_weight if p.loss_weight is not None else torch.ones(p.num_rows) for p in parts])
+    keys = None
+    if any(p.group_keys is not None for p in parts):
+        keys = [k for p in parts for k in (p.group_keys or [None] * p.num_rows)]
+    return Rollout(
+        samples=_cat([p.samples for p in parts], sizes),
+        logp_old=torch.cat([p.logp_old for p in parts]),
+        train_mask=torch.cat([p.train_mask for p in parts]),
+        group_size=G,
+        prompts=[x for p in parts for x in p.prompts],
+        meta=[x for p in parts for x in p.meta],
+        extras={k: _cat([p.extras[k] for p in parts], sizes) for k in parts[0].extras},
+        loss_weight=weights,
+        group_keys=keys,
+    )

@@ -1,0 +1,95 @@
+"""What a recipe (pipeline) hands the trainer, and the registries that name recipes and policies.
+
+A pipeline turns a :class:`~mmgrpo.core.config.Config` into :class:`Components`: the policy, a
+deterministic prompt source, and optionally a held-out evaluation. Pipelines register themselves::
+
+    PIPELINES.add("bandit", Pipeline(build=build_bandit, policy_options=BanditPolicyOptions, ...))
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from mmgrpo.core.registry import Registry
+from mmgrpo.core.types import Policy, PromptBatch
+
+
+class PromptSource(Protocol):
+    """A deterministic, indexable prompt stream: ``get(i)`` is the same prompt whatever the layout."""
+
+    def get(self, indices: list[int]) -> PromptBatch:
+        """Prompts at global stream positions ``indices`` (seeds are filled in by the trainer)."""
+        ...
+
+
+@dataclass
+class EvalResult:
+    """Held-out evaluation: scalar metrics (logged under ``eval/``) and optional images for a grid."""
+
+    metrics: dict[str, float]
+    images: torch.Tensor | None = None  # [n, 3, H, W] or [n, F, 3, H, W] in [0, 1]
+    captions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Components:
+    policy: Policy
+    prompts: PromptSource
+    evaluate: Callable[[Policy, int], EvalResult] | None = None
+    sample_images: Callable[[Any], torch.Tensor | None] | None = None  # rollout.samples -> images for grids
+    reward_state: dict[str, Any] = field(default_factory=dict)  # stateful rewards, checkpointed by name
+
+
+@dataclass
+class Pipeline:
+    build: Callable[..., Components]
+    """build(cfg, accelerator) -> Components"""
+    policy_options: type | None = None
+    data_options: type | None = None
+    description: str = ""
+
+    def check(self, cfg: Any, where: str) -> None:
+        """Validate ``policy.options`` / ``data.options`` against this pipeline's schemas."""
+        from mmgrpo.core.config import options_from
+
+        if self.policy_options is not None:
+            options_from(self.policy_options, cfg.policy.options, where, "policy.options")
+        if self.data_options is not None:
+            options_from(self.data_options, cfg.data.options, where, "data.options")
+
+
+PIPELINES: Registry[Pipeline] = Registry("pipeline")
+
+# modules whose import registers pipelines; kept in one list so `mmgrpo list` sees them all
+_PIPELINE_MODULES = ["pipelines.bandit"]
+_loaded = False
+
+
+def load_pipelines() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for m in _PIPELINE_MODULES:
+        importlib.import_module(m)
+
+
+def prompt_seed(run_seed: int, step: int, position: int, stream: int = 0) -> int:
+    """Seed of the group at global ``position`` of ``step``: independent of ranks and micro-batching.
+
+    ``stream`` separates independent uses (0: sampling a group; others: trainer-internal shuffles).
+    """
+    entropy = [run_seed, step, position, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def generator_for(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,161 @@
+"""Strict, typed conversion of plain dicts (from YAML and ``key=value`` overrides) into dataclasses.
+
+Unknown keys and wrong types are :class:`UserError`s that name the key, where it came from, and the
+nearest valid key::
+
+    unknown key 'trainer.lr_rate' in configs/x.yaml; did you mean 'trainer.lr'?
+    trainer.lr in configs/x.yaml: expected float, got 'fast' (str)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.registry import nearest
+
+_MISSING = dataclasses.MISSING
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fail(path: str, where: str, expected: Any, value: Any) -> UserError:
+    return UserError(f"{path} in {where}: expected {_type_name(expected)}, got {value!r} ({type(value).__name__})")
+
+
+def convert(value: Any, tp: Any, path: str, where: str) -> Any:
+    """Check/convert ``value`` to type ``tp``; ``path`` is the dotted key, ``where`` the source (a file)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return convert(value, a, path, where)
+            except UserError as e:
+                errors.append(e)
+        raise _fail(path, where, tp, value)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _fail(path, where, tp, value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _fail(path, where, tp, value)
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [convert(v, item_tp, f"{path}.{i}", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(path, where, tp, value)
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        return {k: convert(v, val_tp, f"{path}.{k}", where) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise _fail(path, where, tp, value)
+        return from_dict(tp, value, where, prefix=path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(path, where, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _fail(path, where, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads '3e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _fail(path, where, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _fail(path, where, tp, value)
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _fail(path, where, tp, value)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _fail(path, where, tp, value)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass schema (for did-you-mean suggestions)."""
+    out = []
+    for name, tp in field_types(cls).items():
+        key = f"{prefix}{name}"
+        out.append(key)
+        if dataclasses.is_dataclass(tp):
+            out.extend(valid_keys(tp, key + "."))
+    return out
+
+
+def _root_keys(cls: type, prefix: str) -> list[str]:
+    return [f"{prefix}.{k}" if prefix else k for k in valid_keys(cls)]
+
+
+def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, strictly."""
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'config'} in {where}: expected a mapping, got {data!r}")
+    types_ = field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in types_:
+            hint = nearest(path, _root_keys(cls, prefix))
+            msg = f"unknown key {path!r} in {where}"
+            if hint:
+                msg += f"; did you mean {hint!r}?"
+            else:
+                msg += f"; valid keys here: {', '.join(sorted(types_))}"
+            raise UserError(msg)
+        kwargs[key] = convert(value, types_[key], path, where)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            raise UserError(f"missing required key {path!r} in {where}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (for writing the resolved config)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,62 @@
+"""Phase 2 of the loop: score a rollout with every configured reward.
+
+Each reward returns Tensor[N] or a list of N floats / None (None = does not apply to this row); the
+result is one column per reward, [R, N] fp32, with NaN where a reward does not apply. Group-aware
+rewards (``fn.group_aware = True``) receive the rows grouped contiguously and ``ctx.group``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+import rewards as reward_registry
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import RewardContext, Rollout
+
+
+def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
+    """[(name, weight, callable)] from the config's reward list."""
+    return [(s.name, float(s.weight), reward_registry.get(s.name, **s.options)) for s in specs]
+
+
+def to_column(name: str, value: Any, n: int) -> torch.Tensor:
+    """A reward's output as fp32 [N] with NaN for None."""
+    if isinstance(value, torch.Tensor):
+        col = value.detach().float().reshape(-1).cpu()
+    else:
+        try:
+            col = torch.tensor([math.nan if v is None else float(v) for v in value], dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"reward {name!r} returned {type(value).__name__}; expected Tensor[N] or a list") from e
+    if col.numel() != n:
+        raise UserError(f"reward {name!r} returned {col.numel()} values for {n} rows")
+    return col
+
+
+def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, policy: Any = None) -> torch.Tensor:
+    """[R, N] reward columns for the rollout's rows."""
+    n, G = rollout.num_rows, rollout.group_size
+    ctx = RewardContext(group_size=G, step=step, group=torch.arange(n) // G, policy=policy)
+    cols = [to_column(name, fn(rollout.samples, rollout.prompts, rollout.meta, ctx), n) for name, _, fn in rewards]
+    return torch.stack(cols)
+
+
+def reward_metrics(columns: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> dict[str, float]:
+    """reward/<name> raw means (over rows where it applies) and the weighted total's mean/std."""
+    out = {}
+    for (name, _, _), col in zip(rewards, columns):
+        valid = ~torch.isnan(col)
+        out[f"reward/{name}"] = col[valid].mean().item() if valid.any() else math.nan
+    w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32)[:, None]
+    total = (torch.nan_to_num(columns) * w).sum(0)
+    out["reward/mean"] = total.mean().item()
+    out["reward/std"] = total.std().item() if total.numel() > 1 else 0.0
+    return out
+
+
+def stateful_rewards(rewards: list[tuple[str, float, Any]]) -> dict[str, Any]:
+    """Rewards with state_dict()/load_state_dict() (curricula), keyed by position and name."""
+    return {f"{i}:{name}": fn for i, (name, _, fn) in enumerate(rewards) if hasattr(fn, "state_dict")}

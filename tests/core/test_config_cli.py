@@ -1,0 +1,138 @@
+"""Strict config loading and the CLI: errors are one paragraph naming the key, the file and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mmgrpo.core.cli import list_entries, main
+from mmgrpo.core.config import Config, load_config, parse_override
+from mmgrpo.core.errors import UserError
+
+GOOD = """# mmgrpo train {path}
+pipeline: bandit
+rewards:
+  - name: bandit_arm_value
+trainer:
+  lr: 3e-4
+  max_steps: 2
+"""
+
+
+def write(tmp_path, text, name="x.yaml"):
+    p = tmp_path / name
+    p.write_text(text.format(path=p))
+    return p
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_good_config_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["trainer.group_size=4", "loss.clip_high=0.28", "rewards.0.weight=2"])
+    assert isinstance(cfg, Config)
+    assert cfg.trainer.lr == pytest.approx(3e-4)  # '3e-4' is a YAML string: converted for float fields
+    assert cfg.trainer.group_size == 4 and cfg.loss.clip_high == 0.28 and cfg.rewards[0].weight == 2.0
+
+
+def test_typo_key_names_key_file_and_suggestion(tmp_path):
+    p = write(tmp_path, GOOD.replace("lr: 3e-4", "lr_rate: 3e-4"))
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    assert str(e.value) == f"unknown key 'trainer.lr_rate' in {p}; did you mean 'trainer.lr'?"
+
+
+def test_typo_in_override(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'trainer.grup_size' in command-line override "
+                                        r"'trainer.grup_size=4'; did you mean 'trainer.group_size'\?"):  # fmt: skip
+        load_config(write(tmp_path, GOOD), ["trainer.grup_size=4"])
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(UserError, match=r"trainer.max_steps in .*x.yaml: expected int, got 'many' \(str\)"):
+        load_config(write(tmp_path, GOOD.replace("max_steps: 2", "max_steps: many")))
+    with pytest.raises(UserError, match=r"trainer.lr in command-line override 'trainer.lr=fast': expected float"):
+        load_config(write(tmp_path, GOOD), ["trainer.lr=fast"])
+
+
+def test_component_options_are_checked(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'data.options.num_armz' .*did you mean 'data.options.num_arms'"):
+        load_config(write(tmp_path, GOOD), ["data.options.num_armz=3"])
+    with pytest.raises(UserError, match=r"unknown estimator 'grpo2'; known: .*did you mean 'grpo'"):
+        load_config(write(tmp_path, GOOD), ["advantage.estimator=grpo2"])
+
+
+def test_override_syntax():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(UserError, match="not of the form key=value"):
+        parse_override("trainer.lr")
+
+
+@pytest.mark.parametrize(
+    "argv_tail,expected",
+    [
+        (["nope.yaml"], "config file 'nope.yaml' not found"),
+        (["{cfg}", "trainer.lr_rate=1"], "did you mean 'trainer.lr'?"),
+        (["{cfg}", "trainer.max_steps=lots"], "expected int, got 'lots'"),
+        (["{cfg}", "resume={tmp}/missing_run"], "resume directory '{tmp}/missing_run' not found"),
+    ],
+)
+def test_cli_user_errors_are_one_paragraph(tmp_path, capsys, monkeypatch, argv_tail, expected):
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, GOOD)
+    argv = ["train", *(a.format(cfg=cfg, tmp=tmp_path) for a in argv_tail)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert expected.format(tmp=tmp_path) in " ".join(err.split())  # wrapped to 100 columns
+    assert err.strip().count("\n\n") == 0  # one paragraph (plus the --debug hint line)
+    with pytest.raises(UserError):
+        main(["--debug", *argv])
+
+
+def test_resume_dir_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty_run").mkdir()
+    code, _, err = run_cli(capsys, "train", str(write(tmp_path, GOOD)), f"resume={tmp_path}/empty_run")
+    assert code == 2 and "has no complete checkpoint" in " ".join(err.split())
+
+
+def test_list_shows_every_estimator_and_loss(capsys):
+    entries = list_entries()
+    for name in ["grpo", "dr_grpo", "batch_std", "mc_grpo", "ngrpo", "bnpo", "stratified"]:
+        assert entries["estimators"][name], name
+    for name in ["grpo", "gspo", "pg"]:
+        assert entries["losses"][name]
+    for name in ["token_mean", "seq_mean", "constant"]:
+        assert entries["loss aggregation"][name]
+    assert entries["reward shaping"]["tempsamp_soft"]
+    assert set(entries["reward combination"]) == {"sum_then_normalize", "normalize_then_sum"}
+    assert "bandit" in entries["pipelines"] and "bandit" in entries["policies"]
+    assert "bandit_arm_value" in entries["rewards"]
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    assert all(line.startswith(("  ", " ")) or line.endswith(":") or not line for line in out.splitlines())
+    assert "mc_grpo" in out and "gspo" in out
+
+
+def test_version_and_console_script():
+    proc = subprocess.run([sys.executable, "-m", "mmgrpo.core.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("mmgrpo ")
+
+
+def test_train_via_cli_writes_run_dir(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", str(write(tmp_path, GOOD)), f"run.output_dir={tmp_path}/runs",
+                             "trainer.progress=false")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "runs" / "run" / "metrics.jsonl").is_file()
+    assert "report.html" in out
+
+
+def test_shipped_configs_open_with_their_command():
+    from pathlib import Path
+
+    for p in sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")):
+        first = p.read_text().splitlines()[0]
+        assert first.startswith("# mmgrpo ") and p.name in first, p

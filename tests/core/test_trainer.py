@@ -1,0 +1,205 @@
+"""The loop on the reference bandit: learning, resume, checkpoints, micro-batching, dynamic sampling."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgrpo.core import checkpoint as ckpt
+from mmgrpo.core.config import load_config
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.trainer import Trainer, train
+from mmgrpo.core.types import PromptBatch
+from rewards.registry import REWARDS, register
+
+BASE = {
+    "pipeline": "bandit",
+    "run": {"name": "b", "seed": 0},
+    "data": {"options": {"num_prompts": 6, "num_arms": 5}},
+    "rewards": [{"name": "bandit_arm_value"}],
+    "loss": {"clip_high": 0.28},
+    "trainer": {"max_steps": 150, "prompts_per_step": 3, "group_size": 8, "lr": 0.1, "progress": False},
+}
+
+
+def cfg_for(tmp_path, *overrides, base=BASE):
+    return load_config(None, [f"run.output_dir={tmp_path}", *overrides], base=base)
+
+
+def metrics(run_dir, drop_time=True):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    if drop_time:
+        lines = [{k: v for k, v in m.items() if not k.startswith("time/")} for m in lines]
+    return lines
+
+
+@pytest.mark.parametrize(
+    "estimator,extra",
+    [
+        ("grpo", []),
+        ("dr_grpo", []),
+        ("batch_std", []),
+        ("mc_grpo", ["trainer.group_size=9"]),  # G + 1 rollouts: 8 carry gradient, the median pivot none
+        ("ngrpo", []),
+        ("bnpo", []),
+        ("stratified", ["advantage.options={alpha: 0.5}"]),
+    ],
+)
+def test_each_estimator_drives_bandit_to_best_arm(tmp_path, estimator, extra):
+    cfg = cfg_for(tmp_path, f"advantage.estimator={estimator}", *extra)
+    trainer = train(cfg)
+    probs = trainer.policy.probs()  # [P, A]
+    values = torch.tensor(trainer.comp.prompts.values)
+    assert torch.equal(probs.argmax(-1), values.argmax(-1)), estimator
+    # the best arm carries most of the mass for every prompt
+    assert probs.gather(1, values.argmax(-1, keepdim=True)).min() > 0.6, probs
+
+
+def test_ratio_is_one_after_rollout_for_any_micro_batch(tmp_path):
+    trainer = Trainer(cfg_for(tmp_path), tmp_path / "r")
+    batch = trainer.comp.prompts.get([0, 1, 2])
+    batch.seeds = [1, 2, 3]
+    rollout = trainer.policy.rollout(batch, 8)
+    for micro in (1, 8):
+        for lo in range(0, rollout.num_rows, micro):
+            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
+            lp = trainer.policy.log_prob(rollout, rows).logp
+            ratio = torch.exp(lp - rollout.logp_old[rows])
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+def test_micro_batching_does_not_change_the_update(tmp_path):
+    common = ["trainer.max_steps=3", "trainer.minibatches=2", "trainer.epochs=2", "trainer.max_grad_norm=0.5"]
+    a = train(cfg_for(tmp_path, "run.name=a", *common, "trainer.micro_batch_size=0"))
+    b = train(cfg_for(tmp_path, "run.name=b", *common, "trainer.micro_batch_size=5"))
+    la, lb = a.policy.model.logits.detach(), b.policy.model.logits.detach()
+    assert not torch.equal(la, torch.zeros_like(la))
+    assert torch.allclose(la, lb, atol=1e-6), (la - lb).abs().max()
+
+
+def test_resume_writes_exactly_the_uninterrupted_metrics(tmp_path):
+    common = [
+        "trainer.max_steps=8", "trainer.epochs=2", "trainer.minibatches=2", "trainer.lr_schedule=cosine",
+        "trainer.warmup_steps=2", "trainer.ema_decay=0.9", "trainer.eval_every=3", "trainer.checkpoint_every=2",
+        "loss.beta=0.01",
+    ]  # fmt: skip
+    full = train(cfg_for(tmp_path, "run.name=full", *common))
+    # interrupted after 5 steps: the last complete checkpoint is step 5 (written at the stop)
+    part = train(cfg_for(tmp_path, "run.name=part", *common, "trainer.stop_after_steps=5"))
+    assert part.step == 5
+    resumed = train(cfg_for(tmp_path, "run.name=part", *common, f"resume={part.run_dir}"))
+    assert resumed.step == 8
+    after = lambda ms: [m for m in ms if m["step"] > 5]  # noqa: E731
+    assert after(metrics(part.run_dir)) == after(metrics(full.run_dir))
+    assert len(after(metrics(full.run_dir))) >= 4
+    assert torch.equal(resumed.policy.model.logits, full.policy.model.logits)
+    assert torch.equal(resumed.ema.shadow[0], full.ema.shadow[0])
+
+
+def test_resume_from_earlier_checkpoint_drops_later_metric_lines(tmp_path):
+    common = ["trainer.max_steps=6", "trainer.checkpoint_every=2"]
+    full = train(cfg_for(tmp_path, "run.name=full", *common))
+    part = train(cfg_for(tmp_path, "run.name=part", *common))
+    # simulate a crash after step 5: drop the step-6 checkpoint, keep metric lines up to step 6
+    for d in ckpt.list_checkpoints(part.run_dir / "checkpoints"):
+        if d.name == "step_000006":
+            import shutil
+
+            shutil.rmtree(d)
+    train(cfg_for(tmp_path, "run.name=part", *common, f"resume={part.run_dir}"))
+    assert metrics(part.run_dir) == metrics(full.run_dir)
+
+
+def test_interrupted_checkpoint_write_leaves_previous_usable(tmp_path, monkeypatch):
+    trainer = Trainer(cfg_for(tmp_path), tmp_path / "r")
+    (tmp_path / "r").mkdir()
+    trainer.step = 1
+    good = trainer.save()
+    before = trainer.policy.model.logits.detach().clone()
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_file", broken_save)
+    with torch.no_grad():
+        trainer.policy.model.logits.add_(1.0)
+    trainer.step = 2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path / "r" / "checkpoints") == good
+    fresh = Trainer(cfg_for(tmp_path), tmp_path / "r")
+    fresh.load(good)
+    assert fresh.step == 1 and torch.equal(fresh.policy.model.logits.detach(), before)
+    trainer.step = 3
+    trainer.save()  # the next save cleans the stale temp folder
+    assert not list((tmp_path / "r" / "checkpoints").glob(".tmp-*"))
+
+
+def test_checkpoint_state_round_trips_nested_optimizer_state(tmp_path):
+    state = {"step": 3, "opt": {"state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(3.0)}},
+             "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]}, "none": None}  # fmt: skip
+    path = ckpt.save_checkpoint(tmp_path, 3, state)
+    back = ckpt.load_checkpoint(path)
+    assert back["opt"]["state"][0]["step"].item() == 3.0
+    assert back["opt"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert back["none"] is None and back["step"] == 3
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "state.json", "tensors.safetensors"]
+
+
+def _register_binary_reward():
+    if "test_binary_best_arm" in REWARDS:
+        return
+
+    @register("test_binary_best_arm")
+    def factory():
+        """1 if the chosen arm is the best arm (test reward)."""
+
+        def fn(samples, prompts, meta, ctx):
+            return torch.tensor([float(int(a) == m["best_arm"]) for a, m in zip(samples, meta)])
+
+        return fn
+
+
+def test_dynamic_sampling_refills_zero_variance_groups(tmp_path):
+    _register_binary_reward()
+    # a policy that almost always picks arm 0: most groups are all-0 (zero variance)
+    common = ["rewards=[{name: test_binary_best_arm}]", "trainer.max_steps=1", "trainer.lr=0.0",
+              "trainer.group_size=4", "trainer.prompts_per_step=3", "policy.options.init_std=3.0"]  # fmt: skip
+    plain = train(cfg_for(tmp_path, "run.name=plain", *common))
+    dyn = train(cfg_for(tmp_path, "run.name=dyn", *common, "advantage.dynamic_sampling=true",
+                        "advantage.max_refill_rounds=20"))  # fmt: skip
+    m_plain, m_dyn = metrics(plain.run_dir)[-1], metrics(dyn.run_dir)[-1]
+    assert m_plain["adv/zero_variance_groups"] > 0
+    assert m_dyn["adv/zero_variance_groups"] < m_plain["adv/zero_variance_groups"]
+    assert m_dyn["dynamic/refill_rounds"] >= 1
+
+
+def test_prompts_are_layout_independent(tmp_path):
+    trainer = Trainer(cfg_for(tmp_path), tmp_path / "r")
+    batch = trainer.prompts_for(step=2, base=6)
+    assert isinstance(batch, PromptBatch) and len(batch) == 3
+    again = trainer.prompts_for(step=2, base=6)
+    assert batch.prompts == again.prompts and batch.seeds == again.seeds
+    other_step = trainer.prompts_for(step=3, base=6)
+    assert other_step.seeds != batch.seeds
+
+
+def test_run_dir_exists_is_a_user_error(tmp_path):
+    train(cfg_for(tmp_path, "trainer.max_steps=1"))
+    with pytest.raises(UserError, match="already exists; continue it with resume="):
+        train(cfg_for(tmp_path, "trainer.max_steps=1"))
+
+
+def test_run_directory_is_complete(tmp_path):
+    t = train(cfg_for(tmp_path, "trainer.max_steps=4", "trainer.eval_every=2"))
+    names = {p.name for p in t.run_dir.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "report.html", "reward_curve.png"} <= names
+    resolved = load_config(t.run_dir / "config.yaml")
+    assert resolved.trainer.max_steps == 4 and resolved.rewards[0].name == "bandit_arm_value"
+    m = metrics(t.run_dir, drop_time=False)
+    assert [x["step"] for x in m if "reward/mean" in x] == [1, 2, 3, 4]
+    assert {"reward/bandit_arm_value", "loss/policy", "time/sample_s", "lr"} <= set(m[1])
+    assert "eval/expected_reward" in m[0]
