@@ -4,6 +4,9 @@ import importlib
 
 _MODULES = [
     "rewards.bandit",
+    "rewards.remote",
+    "rewards.text",
+    "rewards.jpeg",
 ]
 
 for _m in _MODULES:

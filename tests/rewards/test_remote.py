@@ -1,0 +1,297 @@
+"""Remote rewards: a real HTTP server on 127.0.0.1 (port 0) in a thread, the real client, real sockets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+import rewards.registry as reward_registry
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import RewardContext
+from rewards.remote import decode_request, encode_request, quantise_uint8, remote
+from rewards.server import is_loopback, main, parse_options, serve
+
+
+def mean_pixel(samples, prompts, meta, ctx) -> torch.Tensor:  # samples [N, 3, H, W] or [N, F, 3, H, W] -> [N]
+    return samples.float().flatten(1).mean(1)
+
+
+class CountingReward:
+    """mean pixel, recording the row count of every call (to see the server's batching)."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.calls: list[int] = []
+        self.delay_s = delay_s
+
+    def __call__(self, samples, prompts, meta, ctx):
+        self.calls.append(len(prompts))
+        time.sleep(self.delay_s)
+        return mean_pixel(samples, prompts, meta, ctx)
+
+
+def text_len(samples, prompts, meta, ctx) -> list:  # list of N str -> len, None where meta says skip
+    return [None if m.get("skip") else float(len(s)) + ctx.step for s, m in zip(samples, meta)]
+
+
+def failing(samples, prompts, meta, ctx):
+    raise RuntimeError("judge model exploded")
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(fn, **kw):
+        kw.setdefault("batch_wait_s", 0.0)
+        s = serve(fn, host="127.0.0.1", port=0, **kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.shutdown()
+
+
+def _images(n=4, h=5, w=6):
+    torch.manual_seed(0)
+    return torch.rand(n, 3, h, w)
+
+
+def _ctx(g=2, step=0):
+    return RewardContext(group_size=g, step=step)
+
+
+def test_images_scored_remotely_equal_local_on_quantised(server_factory):
+    srv = server_factory(mean_pixel, name="mean_pixel")
+    x = _images()  # [N=4, 3, 5, 6] float in [0, 1]
+    prompts, meta = ["a", "a", "b", "b"], [{"k": i} for i in range(4)]
+    got = remote(srv.url, retries=0)(x, prompts, meta, _ctx())
+    want = mean_pixel(quantise_uint8(x).float() / 255, prompts, meta, _ctx())
+    assert got.dtype == torch.float32 and got.shape == (4,)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # the server saw 8-bit images: remote differs from the float reward by at most half a level (0.5 / 255)
+    assert (got - mean_pixel(x, prompts, meta, _ctx())).abs().max() <= 0.5 / 255 + 1e-6
+    # hand-checked quantisation: 0.5 -> round(127.5) = 128 -> 128/255 = 0.50196
+    half = torch.full((2, 3, 2, 2), 0.5)
+    assert remote(srv.url, retries=0)(half, ["p", "p"], [{}, {}], _ctx()).tolist() == pytest.approx([128 / 255] * 2)
+    health = json.loads(urllib.request.urlopen(srv.url + "/health", timeout=5).read())
+    assert health["reward"] == "mean_pixel" and health["status"] == "ok"
+
+
+def test_uint8_video_sent_unchanged(server_factory):
+    srv = server_factory(mean_pixel)
+    v = torch.arange(2 * 3 * 3 * 2 * 2, dtype=torch.uint8).view(2, 3, 3, 2, 2)  # [N=2, F=3, 3, H=2, W=2]
+    got = remote(srv.url, retries=0)(v, ["p", "p"], [{}, {}], _ctx())
+    # row 0 holds 0..35 -> mean 17.5; row 1 holds 36..71 -> mean 53.5 (uint8 in, uint8 seen by the reward)
+    assert got.tolist() == [17.5, 53.5]
+
+
+def test_text_samples_and_none_rows(server_factory):
+    srv = server_factory(text_len)
+    out = remote(srv.url, retries=0)(["ab", "abcd", "x", ""], ["q"] * 4, [{}, {"skip": True}, {}, {}], _ctx(2, 3))
+    # len + step 3: "ab" -> 5, skipped -> None, "x" -> 4, "" -> 3; a None means a list comes back
+    assert out == [5.0, None, 4.0, 3.0]
+
+
+def test_registered_factory_and_int_array_samples(server_factory):
+    srv = server_factory(reward_registry.get("bandit_arm_value"))
+    fn = reward_registry.get("remote", url=srv.url, retries=0)
+    arms = torch.tensor([2, 0, 1, 1])  # LongTensor [N]: sent bit-exact as kind "array"
+    meta = [{"arm_values": [0.1, 0.2, 0.7]}] * 2 + [{"arm_values": [1.0, -1.0, 5.0]}] * 2
+    assert fn(arms, [0, 0, 1, 1], meta, _ctx()).tolist() == pytest.approx([0.7, 0.1, -1.0, -1.0])
+
+
+def test_concurrent_requests_are_batched(server_factory, caplog):
+    caplog.set_level(logging.INFO, logger="rewards.server")
+    reward = CountingReward(delay_s=0.05)
+    srv = server_factory(reward, batch_wait_s=0.3, max_batch_rows=64)
+    barrier, results, errors = threading.Barrier(4), {}, []
+
+    def client(k: int) -> None:
+        try:
+            x = torch.full((2, 3, 4, 4), k / 255)  # thread k's 2 rows are all pixel value k/255 exactly
+            barrier.wait(timeout=5)
+            results[k] = remote(srv.url, retries=0, timeout=10)(x, ["p", "p"], [{}, {}], _ctx())
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in (10, 20, 30, 40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not errors
+    for k in (10, 20, 30, 40):
+        torch.testing.assert_close(results[k], torch.full((2,), k / 255))
+    assert len(reward.calls) < 4 and sum(reward.calls) == 8
+    assert srv.reward_calls == len(reward.calls)
+    batch_lines = [r for r in caplog.records if r.name == "rewards.server" and "rows" in r.getMessage()]
+    assert len(batch_lines) == len(reward.calls)
+
+
+def test_different_group_sizes_are_not_merged(server_factory):
+    reward = CountingReward()
+    srv = server_factory(reward, batch_wait_s=0.2)
+    out = {}
+
+    def client(g: int) -> None:
+        out[g] = remote(srv.url, retries=0)(torch.zeros(4, 3, 2, 2), ["p"] * 4, [{}] * 4, _ctx(g))
+
+    threads = [threading.Thread(target=client, args=(g,)) for g in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(reward.calls) == [4, 4] and set(out) == {1, 2}
+
+
+def test_oversized_request_refused_413(server_factory):
+    srv = server_factory(mean_pixel, max_request_bytes=1024)
+    x = _images(4, 16, 16)  # 4*3*16*16 = 3072 uint8 bytes > 1024
+    with pytest.raises(UserError, match=r"413.*--max-request-mb"):
+        remote(srv.url, retries=0)(x, ["p"] * 4, [{}] * 4, _ctx())
+    # 8 MiB is more than the socket buffers hold: without the server's lingering drain of the unread body the
+    # client would see a broken pipe / reset instead of the 413 answer
+    req = urllib.request.Request(srv.url + "/score", data=b"\0" * (8 << 20), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=5)
+    assert e.value.code == 413 and "1024" in json.loads(e.value.read())["error"]
+
+
+def test_token_required_401_without_retries(server_factory):
+    srv = server_factory(mean_pixel, token="s3cret")
+    x = _images(2)
+    for token in (None, "wrong"):
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match="401"):
+            remote(srv.url, token=token, retries=2, backoff=5.0)(x, ["p"] * 2, [{}] * 2, _ctx())
+        assert time.monotonic() - t0 < 2.0  # a 4xx is not retried (a retry would sleep 5 s)
+    assert remote(srv.url, token="s3cret", retries=0)(x, ["p"] * 2, [{}] * 2, _ctx()).shape == (2,)
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_client_disconnect_mid_body_and_missing_length(server_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="rewards.server")
+    srv = server_factory(mean_pixel)
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"0123456789")
+    for _ in range(100):  # bounded wait (<= 2 s) for the handler to notice the short body
+        if any("10 of 1000 bytes" in r.getMessage() for r in caplog.records):
+            break
+        time.sleep(0.02)
+    assert any("10 of 1000 bytes" in r.getMessage() for r in caplog.records)
+    # no Content-Length -> 411 before any body is read
+    assert _raw(srv.url, b"POST /score HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 411")
+    x = _images(2)
+    assert remote(srv.url, retries=0)(x, ["p"] * 2, [{}] * 2, _ctx()).shape == (2,)
+
+
+def test_bad_requests_400_and_reward_error_500(server_factory):
+    srv = server_factory(mean_pixel)
+    body = encode_request(_images(2), ["p", "p"], [{}, {}], group_size=2)
+    with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+        header, samples = json.loads(npz["header"].tobytes()), npz["samples"]
+    header["prompts"] = ["p"]  # 1 prompt for 2 samples
+    header["meta"] = [{}]
+    header["group_size"] = 1
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8), samples=samples)
+    for data, needle in ((buf.getvalue(), "1 prompts"), (b"not an npz", "NPZ")):
+        req = urllib.request.Request(srv.url + "/score", data=data, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 400 and needle in json.loads(e.value.read())["error"]
+
+    bad = server_factory(failing)
+    with pytest.raises(UserError, match="judge model exploded"):
+        remote(bad.url, retries=1, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx())
+    assert remote(srv.url, retries=0)(_images(2), ["p"] * 2, [{}] * 2, _ctx()).shape == (2,)  # still serving
+    assert bad.reward_calls == 2  # the 500 was retried once
+
+
+def test_client_side_errors_name_the_problem():
+    fn = remote("http://127.0.0.1:9", retries=0)
+    with pytest.raises(UserError, match=r"meta\[1\]\['img'\]"):
+        fn(_images(2), ["p", "p"], [{"ok": 1}, {"img": object()}], _ctx())
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        fn(_images(2) * 2 - 1, ["p", "p"], [{}, {}], _ctx())
+    with pytest.raises(UserError, match="http://"):
+        remote("127.0.0.1:8090")
+    req = decode_request(encode_request(["a", "b"], ["p", "q"], [{"n": torch.tensor(3)}, {}], group_size=1))
+    assert req.kind == "text" and req.samples == ["a", "b"] and req.meta[0] == {"n": 3}
+
+
+def test_stopped_server_raises_naming_url_after_retries():
+    srv = serve(mean_pixel, port=0)
+    url = srv.url
+    srv.shutdown()
+    fn = remote(url, retries=2, backoff=0.05, timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        fn(_images(2), ["p", "p"], [{}, {}], _ctx())
+    elapsed = time.monotonic() - t0
+    msg = str(e.value)
+    assert url in msg and "mmgrpo serve-reward" in msg and "3 attempts" in msg
+    assert 0.15 <= elapsed < 4.0  # backoffs 0.05 + 0.1 = 0.15 s slept between the 3 attempts; refused is instant
+
+
+def test_parse_options_yaml_scalars():
+    opts = parse_options(["n=8", "scale=0.5", "on=true", "model=ViT-B/32", "ids=[1, 2]", "empty="])
+    assert opts == {"n": 8, "scale": 0.5, "on": True, "model": "ViT-B/32", "ids": [1, 2], "empty": ""}
+    with pytest.raises(UserError, match="key=value"):
+        parse_options(["novalue"])
+
+
+def test_is_loopback():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "::", "example.com"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_main_serves_a_registered_reward_until_stopped():
+    port, stop, rc = _free_port(), threading.Event(), []
+    t = threading.Thread(target=lambda: rc.append(main(["bandit_arm_value", "--port", str(port)], stop=stop)))
+    t.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):  # bounded wait for the server to come up (<= 5 s)
+            try:
+                health = json.loads(urllib.request.urlopen(url + "/health", timeout=1).read())
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert health["reward"] == "bandit_arm_value"
+        out = remote(url, retries=0)(torch.tensor([1, 0]), [0, 0], [{"arm_values": [0.25, 0.75]}] * 2, _ctx())
+        assert out.tolist() == [0.75, 0.25]
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert rc == [0] and not t.is_alive()
+    with pytest.raises(UserError, match="unknown reward"):
+        main(["no_such_reward", "--port", "0"])
