@@ -94,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MMGRPO_DEBUG") == "1"
     try:
+        rest = [a for a in argv if a != "--debug"]
+        if rest and rest[0] == "serve-reward":  # its own parser (rewards.server) takes every argument
+            from rewards.server import main as serve_main
+
+            return serve_main(rest[1:])
         args = _parser().parse_args(argv)
         if args.command == "train":
             return cmd_train(args.config, args.overrides)
         if args.command == "list":
             return cmd_list()
-        if args.command == "serve-reward":
-            from rewards.server import main as serve_main
-
-            return serve_main([a for a in args.args if a != "--debug"])
         _parser().print_help()
         return 2
     except UserError as e:
