@@ -7,6 +7,8 @@ _MODULES = [
     "rewards.remote",
     "rewards.text",
     "rewards.jpeg",
+    "rewards.image",
+    "rewards.video",
 ]
 
 for _m in _MODULES:

@@ -1,0 +1,143 @@
+"""Video rewards: a real tiny mp4 written with imageio and read back with decord; per-frame wrapping of a tiny REAL
+open_clip reward; hand-computed motion and temporal consistency."""
+
+import json
+
+import imageio
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import RewardContext
+from rewards import video as vid
+from rewards.registry import REWARDS, register
+
+MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip")
+    (d / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    net = open_clip.CLIP(**TINY_CLIP).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(d / "clip.safetensors"))
+    return {"pretrained": str(d / "clip.safetensors"), "model_config": str(d / "tiny.json")}, net
+
+
+@pytest.fixture(scope="module")
+def grey_ramp_mp4(tmp_path_factory):
+    """8 frames of 32x32 flat grey, frame f at level round(255 * f / 7), H.264 in an mp4."""
+    path = tmp_path_factory.mktemp("video") / "ramp.mp4"
+    frames = [np.full((32, 32, 3), round(255 * f / 7), dtype=np.uint8) for f in range(8)]
+    imageio.mimwrite(path, frames, fps=8, codec="libx264", quality=10, macro_block_size=16)
+    return path
+
+
+def test_read_video_roundtrip(grey_ramp_mp4):
+    v = vid.read_video(grey_ramp_mp4)
+    assert v.shape == (8, 3, 32, 32) and v.dtype == torch.float32
+    levels = v.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(levels, torch.arange(8) / 7, atol=0.03, rtol=0)  # lossy codec: a few levels off
+    # num_frames=3 over 8 frames: linspace(0, 7, 3) = [0, 3.5, 7] -> rounds to [0, 4, 7] -> levels 0, 4/7, 1
+    v3 = vid.read_video(grey_ramp_mp4, num_frames=3, size=(16, 24))
+    assert v3.shape == (3, 3, 16, 24)
+    torch.testing.assert_close(v3.mean(dim=(1, 2, 3)), torch.tensor([0, 4 / 7, 1]), atol=0.03, rtol=0)
+    with pytest.raises(UserError, match="does not exist"):
+        vid.read_video(grey_ramp_mp4.parent / "missing.mp4")
+
+
+def test_motion_hand_computed_and_from_paths(grey_ramp_mp4):
+    f0, f5, f1 = torch.zeros(3, 2, 2), torch.full((3, 2, 2), 0.5), torch.ones(3, 2, 2)
+    moving = torch.stack([f0, f5, f5, f1])  # |diffs| 0.5, 0, 0.5 -> energy (0.5 + 0 + 0.5) / 3 = 1/3
+    frozen = torch.stack([f5, f5, f5, f5])  # energy 0
+    x = torch.stack([moving, frozen])  # [N=2, F=4, 3, 2, 2]
+    torch.testing.assert_close(vid.motion()(x, None, None, None), torch.tensor([1 / 3, 0.0]))
+    # target 0.2: -|1/3 - 0.2| = -0.1333 ; frozen -|0 - 0.2| = -0.2
+    torch.testing.assert_close(vid.motion(target=0.2)(x, None, None, None), torch.tensor([-2 / 15, -0.2]))
+    # paths are read with decord: the ramp steps 1/7 per frame -> energy ~ 1/7
+    e = vid.motion()([str(grey_ramp_mp4)], None, None, None)
+    torch.testing.assert_close(e, torch.tensor([1 / 7]), atol=0.01, rtol=0)
+
+
+def test_temporal_consistency_pixels_hand_computed():
+    # 2x2 frames, pixel_size=2 (no resize), embedding 2x - 1:
+    #   white -> +1s, black -> -1s, half (top row white) -> +1,+1,-1,-1 per channel
+    #   video a: white, white, black -> cos 1, -1 -> mean 0
+    #   video b: white, half, half   -> cos 0,  1 -> mean 0.5
+    white, black = torch.ones(3, 2, 2), torch.zeros(3, 2, 2)
+    half = torch.zeros(3, 2, 2)
+    half[:, 0] = 1.0
+    x = torch.stack([torch.stack([white, white, black]), torch.stack([white, half, half])])  # [2, 3, 3, 2, 2]
+    fn = vid.temporal_consistency(embedder="pixels", pixel_size=2)
+    torch.testing.assert_close(fn(x, None, None, None), torch.tensor([0.0, 0.5]), atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="F >= 2"):
+        fn(x[:, :1], None, None, None)
+    with pytest.raises(UserError, match="embedder 'dino'"):
+        vid.temporal_consistency(embedder="dino")
+
+
+def test_temporal_consistency_clip_matches_model(clip_files):
+    opts, net = clip_files
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 3, 32, 32)  # [N=2, F=3, 3, 32, 32]
+    fn = vid.temporal_consistency(**opts)
+    with torch.no_grad():
+        e = F.normalize(net.encode_image((x.flatten(0, 1) - MEAN) / STD), dim=-1).view(2, 3, -1)
+    want = ((e[:, 0] * e[:, 1]).sum(-1) + (e[:, 1] * e[:, 2]).sum(-1)) / 2
+    torch.testing.assert_close(fn(x, None, None, None), want, atol=1e-5, rtol=0)
+
+
+def test_video_frames_wraps_clip_score(clip_files):
+    opts, net = clip_files
+    torch.manual_seed(5)
+    x = torch.rand(2, 4, 3, 32, 32)  # [N=2, F=4, 3, 32, 32]
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        img = F.normalize(net.encode_image((x.flatten(0, 1) - MEAN) / STD), dim=-1).view(2, 4, -1)
+        txt = F.normalize(net.encode_text(open_clip.tokenize(prompts)), dim=-1)  # [2, 16]
+    per_frame = (img * txt[:, None]).sum(-1)  # [N, F]: frame f of video n against prompt n
+    ctx = RewardContext(group_size=1, group=torch.arange(2))
+    mean_fn = vid.video_frames(reward="clip_score", reward_options=opts)
+    torch.testing.assert_close(mean_fn(x, prompts, [{}, {}], ctx), per_frame.mean(1), atol=1e-5, rtol=0)
+    min_fn = vid.video_frames(reward="clip_score", reward_options=opts, aggregate="min", frame_stride=2)
+    want = per_frame[:, ::2].min(1).values  # frames 0 and 2
+    torch.testing.assert_close(min_fn(x, prompts, None, ctx), want, atol=1e-5, rtol=0)
+
+
+@register("_test_none_on_dark_frames")
+def _none_on_dark():
+    """Test-only: a frame's mean brightness, None for frames darker than 0.1."""
+
+    def fn(samples, prompts, meta, ctx):
+        return [None if float(s.mean()) < 0.1 else float(s.mean()) for s in samples]
+
+    return fn
+
+
+def test_video_frames_propagates_none_and_refuses_group_aware():
+    dark, grey, light = torch.zeros(3, 2, 2), torch.full((3, 2, 2), 0.4), torch.full((3, 2, 2), 0.8)
+    x = torch.stack([torch.stack([grey, light]), torch.stack([dark, light])])  # [2, 2, 3, 2, 2]
+    out = vid.video_frames(reward="_test_none_on_dark_frames")(x, ["a", "b"], None, None)
+    assert out[0] == pytest.approx(0.6) and out[1] is None  # (0.4 + 0.8) / 2 ; a dark frame skips video 1
+    with pytest.raises(UserError, match="group-aware"):
+        vid.video_frames(reward="diversity", reward_options={"embedder": "pixels"})
+    with pytest.raises(UserError, match="aggregate 'max'"):
+        vid.video_frames(reward="motion", aggregate="max")
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        vid.motion()(x * 2 - 1, None, None, None)
+
+
+def test_registered_with_descriptions():
+    for name in ("video_frames", "temporal_consistency", "motion"):
+        assert name in REWARDS and REWARDS.describe(name)
