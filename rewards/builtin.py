@@ -4,6 +4,7 @@ import importlib
 
 _MODULES = [
     "rewards.bandit",
+    "rewards.shapes",
     "rewards.remote",
     "rewards.text",
     "rewards.jpeg",
