@@ -67,7 +67,7 @@ class Pipeline:
 PIPELINES: Registry[Pipeline] = Registry("pipeline")
 
 # modules whose import registers pipelines; kept in one list so `mmgrpo list` sees them all
-_PIPELINE_MODULES = ["pipelines.bandit"]
+_PIPELINE_MODULES = ["pipelines.bandit", "pipelines.text_to_image"]
 _loaded = False
 
 

@@ -37,11 +37,14 @@ def to_column(name: str, value: Any, n: int) -> torch.Tensor:
 
 
 def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, policy: Any = None) -> torch.Tensor:
-    """[R, N] reward columns for the rollout's rows."""
+    """[V, R, N] reward columns for the rollout's rows: V = 1 + len(rollout.variants) versions of the samples."""
     n, G = rollout.num_rows, rollout.group_size
     ctx = RewardContext(group_size=G, step=step, group=torch.arange(n) // G, policy=policy)
-    cols = [to_column(name, fn(rollout.samples, rollout.prompts, rollout.meta, ctx), n) for name, _, fn in rewards]
-    return torch.stack(cols)
+    out = []
+    for samples in [rollout.samples, *rollout.variants]:
+        cols = [to_column(name, fn(samples, rollout.prompts, rollout.meta, ctx), n) for name, _, fn in rewards]
+        out.append(torch.stack(cols))
+    return torch.stack(out)
 
 
 def reward_metrics(columns: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> dict[str, float]:

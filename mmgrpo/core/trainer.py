@@ -101,7 +101,9 @@ class Trainer:
         return batch
 
     def sample(self, batch: PromptBatch, step: int) -> Rollout:
-        g = generator_for(prompt_seed(self.cfg.run.seed, step, self.acc.process_index, stream=1))
+        # the step's shared generator (same on every rank: e.g. which denoising steps are trained);
+        # per-sample randomness comes from batch.seeds
+        g = generator_for(prompt_seed(self.cfg.run.seed, step, 0, stream=1))
         self.policy.model.eval()
         with torch.no_grad():
             return self.policy.rollout(batch, self.cfg.trainer.group_size, g)
@@ -123,7 +125,7 @@ class Trainer:
             timers["time/score_s"] += time.perf_counter() - t1
             if not a.dynamic_sampling:
                 return rollout, cols, timers
-            zero = adv_lib.zero_variance_groups(self._weighted(cols).view(-1, t.group_size))
+            zero = adv_lib.zero_variance_groups(self._weighted(cols[0]).view(-1, t.group_size))
             have = sum(p.num_groups for p, _ in kept)
             good = [g for g in range(rollout.num_groups) if not zero[g]][: self.B_local - have]
             bad = [g for g in range(rollout.num_groups) if zero[g]]
@@ -136,15 +138,15 @@ class Trainer:
         timers["dynamic/unfilled_groups"] = float(missing)
         if missing:  # refills ran out: pad with zero-variance groups so every rank keeps B_local groups
             pad_r = concat_rollouts([p for p, _ in dropped if p.num_rows])
-            pad_c = torch.cat([c for p, c in dropped if p.num_rows], dim=1)
+            pad_c = torch.cat([c for p, c in dropped if p.num_rows], dim=-1)
             kept.append(self._groups(pad_r, pad_c, list(range(missing))))
         parts = [(p, c) for p, c in kept if p.num_rows]
-        return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=1), timers
+        return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1), timers
 
     def _groups(self, rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:
         G = rollout.group_size
         rows = [g * G + j for g in groups for j in range(G)]
-        return select_groups(rollout, groups), cols[:, rows]
+        return select_groups(rollout, groups), cols[..., rows]
 
     def _weighted(self, cols: torch.Tensor) -> torch.Tensor:
         w = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)[:, None]
@@ -152,19 +154,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- phase 3: advantage
     def advantage(self, cols: torch.Tensor, rollout: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Advantages [N_local] and loss weights [N_local] from all ranks' rewards (exact batch statistics)."""
+        """Advantages [N_local] and loss weights [N_local] from all ranks' rewards (exact batch statistics).
+
+        ``cols [V, R, N_local]``: R reward columns for V versions of the samples (V > 1 only for G2RPO's
+        multi-granularity continuations); each version is normalised on its own and the advantages summed.
+        """
         a, G = self.cfg.advantage, self.cfg.trainer.group_size
-        all_cols = self.acc.gather(cols.T.contiguous().to(self.acc.device)).cpu().T  # [R, N_total]
-        R, N_total = all_cols.shape
+        V, R, _ = cols.shape
+        gathered = self.acc.gather(cols.permute(2, 0, 1).contiguous().to(self.acc.device)).cpu()  # [N_total, V, R]
+        all_cols = gathered.permute(1, 2, 0)  # [V, R, N_total]
         shaped = adv_lib.get_shaping(a.shaping)(all_cols, **a.shaping_options)
         opts = dict(a.options)
         if rollout.group_keys is not None and "keys" in inspect.signature(self.estimator).parameters:
             keys = torch.tensor(rollout.group_keys, dtype=torch.long).to(self.acc.device)
             opts["keys"] = self.acc.gather(keys).cpu().view(-1, G)
         weights_t = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
-        adv = adv_lib.combine(a.combine, shaped.view(R, -1, G), weights_t, a.estimator, opts)  # [B_total, G]
-        row_w = adv_lib.get_row_weights(a.estimator)(self._weighted(shaped).view(-1, G), **opts)
-        zero = adv_lib.zero_variance_groups(self._weighted(all_cols).view(-1, G))
+        adv = sum(adv_lib.combine(a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts) for v in range(V))
+        row_w = adv_lib.get_row_weights(a.estimator)(self._weighted(shaped[0]).view(-1, G), **opts)
+        zero = adv_lib.zero_variance_groups(self._weighted(all_cols[0]).view(-1, G))
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
             (self.run_dir / "debug").mkdir(exist_ok=True)
             dump = {"advantages": adv.contiguous(), "rewards": all_cols.contiguous()}
@@ -172,11 +179,13 @@ class Trainer:
         lo = self.acc.process_index * rollout.num_rows
         mine = slice(lo, lo + rollout.num_rows)
         metrics = {
-            **reward_metrics(all_cols, self.rewards),
+            **reward_metrics(all_cols[0], self.rewards),
             "adv/mean": adv.mean().item(),
             "adv/abs_mean": adv.abs().mean().item(),
             "adv/zero_variance_groups": float(zero.sum().item()),
         }
+        for v in range(1, V):
+            metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
         return adv.reshape(-1)[mine], row_w.reshape(-1)[mine].float(), metrics
 
     # ---------------------------------------------------------------- phase 4: update

@@ -52,7 +52,9 @@ class Rollout:
 
     ``logp_old [N, K]`` (fp32) is the log-prob of each action unit under the *sampling* parameters;
     ``train_mask [N, K]`` says which units the update may use. ``samples`` is what rewards score
-    (a Tensor [N, ...] or a list of N objects). ``extras`` holds policy-private tensors needed to
+    (a Tensor [N, ...] or a list of N objects). ``variants`` are further versions of the same N rows that
+    are scored with the same rewards and whose advantages are *summed* with the main one (the hook G2RPO's
+    multi-granularity continuations use; empty for everything else). ``extras`` holds policy-private tensors needed to
     recompute log-probs (latents, token ids, ...); tensors in it are indexed by row on dim 0.
     """
 
@@ -65,6 +67,7 @@ class Rollout:
     extras: dict[str, Any] = field(default_factory=dict)
     loss_weight: torch.Tensor | None = None  # [N] per-row weight (MC-GRPO pivot, per-stream weights)
     group_keys: list[Any] | None = None  # N optional stratum key per row (stratified estimator)
+    variants: list[Any] = field(default_factory=list)  # extra versions of the N samples, each scored too
 
     @property
     def num_rows(self) -> int:
@@ -147,6 +150,7 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
         extras={k: _take(v, rows, n) for k, v in rollout.extras.items()},
         loss_weight=None if rollout.loss_weight is None else rollout.loss_weight[rows],
         group_keys=None if rollout.group_keys is None else [rollout.group_keys[i] for i in rows],
+        variants=[_take(v, rows, n) for v in rollout.variants],
     )
 
 
@@ -183,4 +187,5 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         extras={k: _cat([p.extras[k] for p in parts], sizes) for k in parts[0].extras},
         loss_weight=weights,
         group_keys=keys,
+        variants=[_cat([p.variants[i] for p in parts], sizes) for i in range(len(parts[0].variants))],
     )

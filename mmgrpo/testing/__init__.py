@@ -1,0 +1,1 @@
+"""Tiny real components built from config, for tests and benchmarks (seeded, CPU-sized)."""

@@ -1,0 +1,182 @@
+"""Stable Diffusion 3 / 3.5 family (MMDiT ``SD3Transformer2DModel``, flow matching).
+
+Knows only: encode a prompt (CLIP-L + CLIP-G penultimate hidden states and pooled projections, plus T5,
+exactly as diffusers' ``StableDiffusion3Pipeline.encode_prompt``), call the transformer, the shifted
+flow-matching sigma schedule, and VAE decoding. A checkpoint may omit parts: without ``text_encoder_3``
+the T5 block is zeros (as diffusers does); with a single CLIP encoder and no T5 the CLIP states are used
+as they are (the shipped shapes model); without a ``vae`` the model works in pixel space ([-1, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name not in table:
+        raise UserError(f"dtype {name!r} is not one of {sorted(table)}")
+    return table[name]
+
+
+class SD3Adapter:
+    family = "sd3"
+    parameterization = "flow"
+    prediction_type = "flow"
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        text_encoders: list[nn.Module | None],
+        tokenizers: list[Any | None],
+        vae: nn.Module | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int = 256,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+    ):
+        self.denoiser = transformer
+        self.scheduler = scheduler
+        self.text_encoders = (list(text_encoders) + [None, None, None])[:3]
+        self.tokenizers = (list(tokenizers) + [None, None, None])[:3]
+        if self.text_encoders[0] is None or self.tokenizers[0] is None:
+            raise UserError("the SD3 family needs at least text_encoder + tokenizer (a CLIP text model)")
+        self.vae = vae
+        self.device = torch.device(device)
+        self.dtype = _dtype(dtype)
+        self.max_sequence_length = max_sequence_length
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        default = transformer.config.sample_size * scale
+        self.height, self.width = height or default, width or default
+        self.scale = scale
+        for m in [transformer, vae, *self.text_encoders]:
+            if m is not None and (m.device != self.device or m.dtype != self.dtype):
+                m.to(self.device, self.dtype)
+        for m in [vae, *self.text_encoders]:
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self._negative: Cond | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> SD3Adapter:
+        """Load a diffusers-layout folder: transformer/, scheduler/, text_encoder*/, tokenizer*/, vae/ (optional)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        parts = _parts(path)
+        td = _dtype(dtype)
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=td)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        encoders, tokenizers = [], []
+        parts_spec = [(CLIPTextModelWithProjection, ""), (CLIPTextModelWithProjection, "_2"), (T5EncoderModel, "_3")]
+        for enc_cls, sub in parts_spec:
+            if f"text_encoder{sub}" in parts:
+                encoders.append(enc_cls.from_pretrained(path, subfolder=f"text_encoder{sub}", torch_dtype=td))
+                tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{sub}"))
+            else:
+                encoders.append(None)
+                tokenizers.append(None)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td) if "vae" in parts else None
+        return cls(transformer, scheduler, encoders, tokenizers, vae, device=device, dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------ condition
+    @torch.no_grad()
+    def encode(self, prompts: list[Any], meta: list[dict] | None = None) -> Cond:
+        texts = [str(p) for p in prompts]
+        clip_hidden, pooled = [], []
+        for enc, tok in zip(self.text_encoders[:2], self.tokenizers[:2]):
+            if enc is None:
+                continue
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+            out = enc(ids, output_hidden_states=True)
+            pooled.append(out[0])
+            clip_hidden.append(out.hidden_states[-2])
+        clip = torch.cat(clip_hidden, dim=-1)
+        joint = self.denoiser.config.joint_attention_dim
+        enc3, tok3 = self.text_encoders[2], self.tokenizers[2]
+        if enc3 is not None:
+            ids = tok3(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+            t5 = enc3(ids)[0]
+        elif self.text_encoders[1] is not None:  # the diffusers convention for SD3 without T5
+            t5 = torch.zeros(len(texts), self.max_sequence_length, joint, device=self.device, dtype=clip.dtype)
+        else:
+            t5 = None
+        if t5 is not None:
+            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+            embeds = torch.cat([clip, t5], dim=-2)
+        else:
+            embeds = clip
+        if embeds.shape[-1] != joint:
+            raise UserError(f"text features have width {embeds.shape[-1]} but the transformer expects {joint}")
+        return {"prompt_embeds": embeds.to(self.dtype), "pooled": torch.cat(pooled, dim=-1).to(self.dtype)}
+
+    def encode_negative(self, n: int) -> Cond:
+        if self._negative is None:
+            self._negative = self.encode([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
+
+    # ------------------------------------------------------------------ model
+    def latent_shape(self) -> tuple[int, ...]:
+        c = self.denoiser.config.in_channels
+        return (c, self.height // self.scale, self.width // self.scale)
+
+    def schedule(self, num_steps: int) -> Schedule:
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        sigmas = self.scheduler.sigmas.float().cpu()
+        return Schedule(timesteps=self.scheduler.timesteps.float().cpu(), sigmas=sigmas)
+
+    def timestep_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(sigma, dtype=torch.float32) * self.scheduler.config.num_train_timesteps
+
+    def predict(self, module: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return module(
+            hidden_states=latents.to(self.dtype),
+            timestep=t.to(self.device),
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled"],
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
+        cfg = self.vae.config
+        z = latents.to(self.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+def _parts(path: str) -> set[str]:
+    """Sub-folders present in a local checkpoint (or named in its model_index.json)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
+    index = p / "model_index.json"
+    names = {d.name for d in p.iterdir() if d.is_dir()}
+    if index.is_file():
+        listed = {k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None}
+        names &= listed | {"transformer", "scheduler"}
+    for needed in ("transformer", "scheduler", "text_encoder", "tokenizer"):
+        if needed not in names:
+            raise UserError(f"model path '{path}' has no {needed}/ folder; is it an SD3-layout checkpoint?")
+    return names
+
+
+ADAPTERS.add("sd3", SD3Adapter, "Stable Diffusion 3 / 3.5 (MMDiT, flow matching; CLIP-L/G + T5)")

@@ -1,0 +1,174 @@
+"""Recipe: text-to-image GRPO over any diffusion/flow family (DanceGRPO, Flow-GRPO, MixGRPO, G2RPO).
+
+    mmgrpo train configs/sd3_flow_grpo.yaml        # point policy.options.path at real weights
+
+Prompts come from a text file (one per line) or the built-in shapes world (``data.options.prompts: shapes``);
+evaluation samples held-out prompts with the deterministic ODE sampler at fixed seeds and scores them with
+``data.options.eval_reward`` (default: the first training reward).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import rewards as reward_registry
+from mmgrpo.core.components import PIPELINES, Components, EvalResult, Pipeline, prompt_seed
+from mmgrpo.core.config import Config, options_from
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import PromptBatch, RewardContext
+from mmgrpo.policies.diffusion import ADAPTERS, DiffusionPolicy, DiffusionPolicyOptions
+
+FAMILY_MODULES = {
+    "sd3": "mmgrpo.policies.models.sd3",
+    "flux": "mmgrpo.policies.models.flux",
+    "wan": "mmgrpo.policies.models.wan",
+    "hunyuan_video": "mmgrpo.policies.models.hunyuan_video",
+    "sd": "mmgrpo.policies.models.sd",
+}
+
+
+@dataclass
+class GeneratorPolicyOptions(DiffusionPolicyOptions):
+    family: str = "sd3"
+    """model family: sd3, flux, wan, hunyuan_video, sd (SD1.5/SDXL)"""
+    path: str = ""
+    """local checkpoint folder (diffusers layout) or hub id"""
+    dtype: str = "float32"
+    """weights dtype: float32, bfloat16, float16"""
+    height: int = 0
+    """image height (0 = the model's default)"""
+    width: int = 0
+    """image width (0 = the model's default)"""
+    num_frames: int = 0
+    """video families: frames per sample (0 = the model's default)"""
+
+
+@dataclass
+class PromptDataOptions:
+    prompts: str = "shapes"
+    """'shapes' (built-in world, train split) or a text file with one prompt per line"""
+    heldout_prompts: str = "shapes"
+    """'shapes' (held-out split), a text file, or '' for no evaluation prompts"""
+    eval_samples_per_prompt: int = 2
+    """samples per held-out prompt at evaluation"""
+    eval_max_prompts: int = 0
+    """evaluate on at most this many held-out prompts (0 = all)"""
+    eval_reward: str = ""
+    """reward used for evaluation (default: the first training reward)"""
+    eval_batch_size: int = 32
+    """images per evaluation forward batch"""
+    grid_images: int = 16
+    """evaluation images shown in each saved grid"""
+    split_seed: int = 0
+    """seed of the shapes world's train/held-out split"""
+
+
+def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
+    """Import the family's adapter module and load ``opts.path`` through its from_pretrained."""
+    if opts.family not in FAMILY_MODULES:
+        raise UserError(f"policy.options.family {opts.family!r} is not one of {sorted(FAMILY_MODULES)}")
+    importlib.import_module(FAMILY_MODULES[opts.family])
+    if not opts.path:
+        raise UserError("policy.options.path is empty: point it at a local checkpoint folder (diffusers layout)")
+    kwargs: dict[str, Any] = {"device": str(device), "dtype": opts.dtype}
+    if opts.height:
+        kwargs["height"] = opts.height
+    if opts.width:
+        kwargs["width"] = opts.width
+    if opts.num_frames:
+        kwargs["num_frames"] = opts.num_frames
+    return ADAPTERS.get(opts.family).from_pretrained(opts.path, **kwargs)
+
+
+def read_prompts(spec: str, split: str, seed: int) -> list[str]:
+    if spec == "":
+        return []
+    if spec == "shapes":
+        from mmgrpo.data.shapes import split_prompts
+
+        train, heldout = split_prompts(seed=seed)
+        return train if split == "train" else heldout
+    p = Path(spec)
+    if not p.is_file():
+        raise UserError(f"prompt file '{spec}' not found (use 'shapes' for the built-in world)")
+    lines = [x.strip() for x in p.read_text().splitlines() if x.strip() and not x.startswith("#")]
+    if not lines:
+        raise UserError(f"prompt file '{spec}' holds no prompts")
+    return lines
+
+
+class PromptList:
+    """Stream position i -> a prompt; a fresh seeded permutation of the list for each pass."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        if not prompts:
+            raise UserError("no training prompts")
+        self.prompts, self.seed = prompts, seed
+
+    def get(self, indices: list[int]) -> PromptBatch:
+        P = len(self.prompts)
+        out = []
+        for i in indices:
+            epoch, pos = divmod(i, P)
+            out.append(self.prompts[int(np.random.default_rng([self.seed, epoch]).permutation(P)[pos])])
+        return PromptBatch(prompts=out)
+
+
+def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, reward_name: str, run_seed: int):
+    """Evaluation: ODE samples of held-out prompts at fixed seeds, scored by the evaluation reward."""
+    if data.eval_max_prompts:
+        prompts = prompts[: data.eval_max_prompts]
+    rows = [(p, j) for p in prompts for j in range(data.eval_samples_per_prompt)]
+    seeds = [prompt_seed(run_seed, 10**9, i) for i in range(len(rows))]  # same seeds at every evaluation
+
+    def evaluate(policy: DiffusionPolicy, step: int) -> EvalResult:
+        images = []
+        for lo in range(0, len(rows), data.eval_batch_size):
+            chunk = rows[lo : lo + data.eval_batch_size]
+            images.append(policy.generate([p for p, _ in chunk], seeds[lo : lo + len(chunk)]))
+        imgs = torch.cat(images)
+        texts = [p for p, _ in rows]
+        ctx = RewardContext(group_size=data.eval_samples_per_prompt, step=step)
+        scores = reward_fn(imgs, texts, [{} for _ in rows], ctx)
+        scores = torch.as_tensor([float("nan") if s is None else s for s in scores], dtype=torch.float32)
+        order = np.argsort([p for p, _ in rows], kind="stable")[: data.grid_images]
+        return EvalResult(
+            metrics={reward_name: float(torch.nanmean(scores))},
+            images=imgs[torch.as_tensor(order)],
+            captions=[texts[i] for i in order],
+        )
+
+    return evaluate
+
+
+def build_text_to_image(cfg: Config, accelerator=None) -> Components:
+    popts = options_from(GeneratorPolicyOptions, cfg.policy.options, "the config", "policy.options")
+    data = options_from(PromptDataOptions, cfg.data.options, "the config", "data.options")
+    device = accelerator.device if accelerator is not None else "cpu"
+    policy = DiffusionPolicy(load_adapter(popts, device), popts)
+    prompts = PromptList(read_prompts(data.prompts, "train", data.split_seed), cfg.run.seed)
+    evaluate = None
+    heldout = read_prompts(data.heldout_prompts, "heldout", data.split_seed)
+    if heldout:
+        spec = next((r for r in cfg.rewards if r.name == data.eval_reward), cfg.rewards[0])
+        name = data.eval_reward or spec.name
+        fn = reward_registry.get(name, **(spec.options if spec.name == name else {}))
+        evaluate = make_evaluator(heldout, data, fn, name, cfg.run.seed)
+    return Components(policy=policy, prompts=prompts, evaluate=evaluate, sample_images=lambda s: s)
+
+
+PIPELINES.add(
+    "text_to_image",
+    Pipeline(
+        build=build_text_to_image,
+        policy_options=GeneratorPolicyOptions,
+        data_options=PromptDataOptions,
+        description="text-to-image GRPO on SD3/FLUX/SD families with SDE exploration (DanceGRPO, Flow-GRPO, ...)",
+    ),
+)

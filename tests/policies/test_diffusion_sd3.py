@@ -1,0 +1,157 @@
+"""DiffusionPolicy over a tiny real SD3 checkpoint: ratio = 1, pipeline equality, G2RPO, LoRA-only updates."""
+
+import pytest
+import torch
+import yaml
+
+from mmgrpo.core.config import load_config
+from mmgrpo.core.trainer import Trainer, train
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter, tiny_sd3_components
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def batch(seeds=(11, 12), step=0):
+    return PromptBatch(prompts=list(PROMPTS), seeds=list(seeds), step=step)
+
+
+def assert_ratio_one(policy, rollout):
+    units = rollout.train_mask.any(0).nonzero().reshape(-1)
+    assert len(units) > 0
+    for micro in (1, rollout.group_size):
+        for lo in range(0, rollout.num_rows, micro):
+            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
+            lp = policy.log_prob(rollout, rows, units).logp
+            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(sde="flow_grpo", exploration="full"),
+        dict(sde="dance", exploration="full", timestep_fraction=0.5, shared_init_noise=True),
+        dict(sde="cps", exploration="window", window_size=2),
+        dict(sde="flow_grpo", exploration="singular", branch_steps=[1], granularities=[1, 2]),
+        dict(sde="flow_grpo", exploration="full", guidance_scale=3.0, lora_rank=2),
+    ],
+)
+def test_ratio_is_one_after_rollout(opts):
+    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=4, **opts))
+    rollout = policy.rollout(batch(), group_size=3)
+    assert rollout.samples.shape == (6, 3, 16, 16)
+    assert_ratio_one(policy, rollout)
+
+
+def test_samples_are_layout_independent():
+    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=3))
+    both = policy.rollout(batch(), group_size=2)
+    second = policy.rollout(PromptBatch(prompts=PROMPTS[1:], seeds=[12]), group_size=2)
+    assert torch.allclose(both.samples[2:], second.samples, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_noise_zero_equals_diffusers_pipeline(guidance):
+    from diffusers import StableDiffusion3Pipeline
+
+    c = tiny_sd3_components()
+    pipe = StableDiffusion3Pipeline(**c)
+    adapter = tiny_sd3_adapter()  # same seed -> same weights
+    policy = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=5, noise_level=0.0, guidance_scale=guidance))
+    out = policy.rollout(PromptBatch(prompts=["a red circle"], seeds=[5]), group_size=1)
+    x0 = out.extras["latents"][:, 0]
+    ref = pipe(
+        prompt="a red circle", num_inference_steps=5, guidance_scale=guidance, latents=x0.clone(),
+        height=16, width=16, output_type="latent", max_sequence_length=16,
+    ).images  # fmt: skip
+    assert torch.allclose(out.extras["latents"][:, -1], ref, atol=1e-4), (
+        (out.extras["latents"][:, -1] - ref).abs().max()
+    )
+    img = pipe.vae.decode(ref / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    assert torch.allclose(out.samples, (img / 2 + 0.5).clamp(0, 1), atol=1e-4)
+
+
+def test_g2rpo_rows_share_anchor_then_branch():
+    opts = DiffusionPolicyOptions(num_steps=5, exploration="singular", branch_steps=[2], granularities=[1, 2, 3])
+    policy = DiffusionPolicy(tiny_sd3_adapter(), opts)
+    r = policy.rollout(batch(), group_size=3)
+    lat = r.extras["latents"]  # [N, T+1, ...]
+    for g in range(2):
+        rows = lat[g * 3 : g * 3 + 3]
+        for i in range(3):  # states x_0..x_2 are the shared ODE anchor
+            assert torch.equal(rows[0, i], rows[1, i]) and torch.equal(rows[0, i], rows[2, i])
+        for i in range(3, 6):  # after the SDE step at k = 2 the branches differ
+            assert not torch.allclose(rows[0, i], rows[1, i])
+    assert r.train_mask.sum(1).tolist() == [1] * 6 and r.train_mask[:, 2].all()
+    assert len(r.variants) == 2 and r.variants[0].shape == r.samples.shape
+    assert not torch.allclose(r.variants[0], r.samples)
+
+
+def test_multi_granularity_advantages_are_summed(tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"], base={
+        "pipeline": "bandit", "rewards": [{"name": "bandit_arm_value"}], "trainer": {"group_size": 3,
+        "prompts_per_step": 1, "progress": False}})  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "r")
+    rollout = trainer.policy.rollout(PromptBatch(prompts=[0], seeds=[1]), 3)
+    # V = 2 versions (granularities 1 and 2), R = 1 reward, N = 3 rows
+    cols = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 3.0]]])
+    adv, _, _ = trainer.advantage(cols, rollout, step=0)
+    # granularity 1: mean 1/3, unbiased std sqrt(1/3) = 0.57735 -> [1.1547, -0.57735, -0.57735]
+    # granularity 2: mean 1, std sqrt(3) = 1.73205 -> [-0.57735, -0.57735, 1.1547]; summed:
+    assert torch.allclose(adv, torch.tensor([0.57735, -1.1547, 0.57735]), atol=1e-4)
+
+
+def test_reference_kl_is_zero_at_init_then_positive():
+    opts = DiffusionPolicyOptions(num_steps=3, lora_rank=2, reference_kl=True)
+    policy = DiffusionPolicy(tiny_sd3_adapter(), opts)
+    r = policy.rollout(batch(), group_size=2)
+    lp = policy.log_prob(r, torch.arange(4))
+    assert torch.allclose(lp.kl, torch.zeros_like(lp.kl), atol=1e-10)  # LoRA B = 0: policy == reference
+    with torch.no_grad():
+        for name, p in policy.unwrapped().named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lp = policy.log_prob(r, torch.arange(4))
+    assert (lp.kl > 0).all()
+    lp.logp.sum().backward()  # gradient reaches only LoRA weights
+    grads = {n for n, p in policy.unwrapped().named_parameters() if p.grad is not None}
+    assert grads and all("lora" in n for n in grads)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("sd3") / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "policy_opts",
+    [
+        {"exploration": "full", "timestep_fraction": 0.5, "sde": "dance"},
+        {"exploration": "window", "window_size": 2},
+        {"exploration": "singular", "branch_steps": [0, 1], "granularities": [1, 2]},
+    ],
+)
+def test_two_step_training_changes_only_lora(tmp_path, tiny_ckpt, policy_opts):
+    cfg = {
+        "pipeline": "text_to_image",
+        "policy": {"options": {"family": "sd3", "path": tiny_ckpt, "num_steps": 3, "lora_rank": 2, **policy_opts}},
+        "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+        "rewards": [{"name": "jpeg_incompressibility"}],
+        "loss": {"clip_low": 1e-3, "clip_high": 1e-3},
+        "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 3, "lr": 1e-2, "progress": False},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from mmgrpo.policies.models.sd3 import SD3Adapter
+
+    before = SD3Adapter.from_pretrained(tiny_ckpt).denoiser.state_dict()
+    trainer = train(load_config(path, [f"run.output_dir={tmp_path}"]))
+    after = trainer.policy.unwrapped().state_dict()
+    lora = [k for k in after if "lora" in k]
+    assert lora and any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if "lora_B" in k)
+    for k, v in before.items():  # every base weight unchanged (peft renames wrapped ones to *.base_layer.*)
+        stem, _, leaf = k.rpartition(".")
+        key = k if k in after else f"{stem}.base_layer.{leaf}"
+        assert torch.equal(after[key], v), k
