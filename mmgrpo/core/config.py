@@ -102,6 +102,9 @@ class TrainerConfig:
     """inner epochs over one rollout (old log-probs come from the rollout)"""
     minibatches: int = 1
     """optimizer steps per epoch: the rollout's rows split into this many minibatches"""
+    rollout_chunks: int = 1
+    """sample the step's prompts in this many chunks, scoring each in a background thread while the next
+    is sampled (overlaps remote/threaded rewards with sampling); 1 = sample everything, then score"""
     micro_batch_size: int = 0
     """rows per forward/backward (gradient accumulation inside a minibatch); 0 = the whole minibatch"""
     lr: float = 1e-3
@@ -256,6 +259,13 @@ def validate_components(cfg: Config, where: str) -> None:
             raise UserError(f"{key} in {where} must be >= {lo}, got {value}")
     if not cfg.rewards:
         raise UserError(f"rewards in {where}: give at least one reward, e.g. rewards: [{{name: shapes}}]")
+    import rewards as reward_registry
+
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            reward_registry.resolve(spec.name)
+        except UserError as e:
+            raise UserError(f"rewards.{i}.name in {where}: {e}") from e
 
 
 def options_from(cls: type, options: dict, where: str, prefix: str) -> Any:

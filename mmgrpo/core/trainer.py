@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,40 @@ class Trainer:
         with torch.no_grad():
             return self.policy.rollout(batch, self.cfg.trainer.group_size, g)
 
+    def sample_and_score(self, batch: PromptBatch, step: int, timers: dict[str, float]):
+        """Sample then score; with ``trainer.rollout_chunks`` > 1, chunk c is scored in a background thread
+        while chunk c+1 is sampled (a remote or threaded reward then costs only what sampling does not hide).
+        Chunks are whole prompts, and samples depend only on per-prompt seeds, so chunking changes nothing."""
+        n = min(max(1, self.cfg.trainer.rollout_chunks), len(batch))
+        parts = [batch.select(list(ix)) for ix in torch.tensor_split(torch.arange(len(batch)), n)]
+        t0 = time.perf_counter()
+        if n == 1:
+            rollout = self.sample(batch, step)
+            t1 = time.perf_counter()
+            cols = score(rollout, self.rewards, step, self.policy)
+            timers["time/sample_s"] += t1 - t0
+            timers["time/score_s"] += time.perf_counter() - t1
+            return rollout, cols
+        rollouts, futures, score_time = [], [], [0.0]
+
+        def timed_score(r: Rollout) -> torch.Tensor:
+            s0 = time.perf_counter()
+            out = score(r, self.rewards, step, self.policy)
+            score_time[0] += time.perf_counter() - s0
+            return out
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for part in parts:
+                rollouts.append(self.sample(part, step))
+                futures.append(pool.submit(timed_score, rollouts[-1]))
+            t1 = time.perf_counter()
+            cols = torch.cat([f.result() for f in futures], dim=-1)
+        wait = time.perf_counter() - t1
+        timers["time/sample_s"] += t1 - t0
+        timers["time/score_s"] += score_time[0]
+        timers["time/score_wait_s"] = timers.get("time/score_wait_s", 0.0) + wait
+        return concat_rollouts(rollouts), cols
+
     def collect(self, step: int) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
         """Sample and score B_local groups; with DAPO dynamic sampling, replace zero-variance groups."""
         t, a = self.cfg.trainer, self.cfg.advantage
@@ -117,12 +152,7 @@ class Trainer:
         rounds = 1 + (a.max_refill_rounds if a.dynamic_sampling else 0)
         for r in range(rounds):
             base = step * t.prompts_per_step if r == 0 else REFILL_OFFSET + (step * rounds + r) * t.prompts_per_step
-            t0 = time.perf_counter()
-            rollout = self.sample(self.prompts_for(step, base), step)
-            t1 = time.perf_counter()
-            cols = score(rollout, self.rewards, step, self.policy)
-            timers["time/sample_s"] += t1 - t0
-            timers["time/score_s"] += time.perf_counter() - t1
+            rollout, cols = self.sample_and_score(self.prompts_for(step, base), step, timers)
             if not a.dynamic_sampling:
                 return rollout, cols, timers
             zero = adv_lib.zero_variance_groups(self._weighted(cols[0]).view(-1, t.group_size))

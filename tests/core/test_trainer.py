@@ -203,3 +203,12 @@ def test_run_directory_is_complete(tmp_path):
     assert [x["step"] for x in m if "reward/mean" in x] == [1, 2, 3, 4]
     assert {"reward/bandit_arm_value", "loss/policy", "time/sample_s", "lr"} <= set(m[1])
     assert "eval/expected_reward" in m[0]
+
+
+def test_chunked_rollout_scoring_gives_the_same_run(tmp_path):
+    common = ["trainer.max_steps=3", "trainer.prompts_per_step=4", "trainer.dump_advantages=true"]
+    a = train(cfg_for(tmp_path, "run.name=a", *common))
+    b = train(cfg_for(tmp_path, "run.name=b", *common, "trainer.rollout_chunks=3"))
+    assert torch.equal(a.policy.model.logits, b.policy.model.logits)
+    mb = metrics(b.run_dir, drop_time=False)
+    assert all("time/score_wait_s" in m for m in mb if "reward/mean" in m)

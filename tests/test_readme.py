@@ -1,0 +1,27 @@
+"""The README holds exactly two fresh-machine commands, and .ci/run runs the test one."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def block(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- {name} -->\n```bash\n(.+?)\n```\n<!-- /{name} -->", text, re.S)
+    assert m, name
+    return m.group(1)
+
+
+def test_two_commands_one_line_each():
+    main, test = block("main-command"), block("test-command")
+    assert "\n" not in main and "\n" not in test
+    assert "pip install -e ." in main and "mmgrpo train configs/" in main
+    assert 'pip install -e ".[dev]"' in test and "pytest" in test
+    cfg = main.split("mmgrpo train ")[1].split()[0]
+    assert (ROOT / cfg).is_file()
+
+
+def test_ci_reads_the_readme_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test-command" in ci and "README.md" in ci
