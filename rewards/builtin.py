@@ -10,6 +10,9 @@ _MODULES = [
     "rewards.jpeg",
     "rewards.image",
     "rewards.video",
+    "rewards.curriculum",
+    "rewards.consensus",
+    "rewards.listener",
 ]
 
 for _m in _MODULES:
