@@ -134,7 +134,7 @@ def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, 
             images.append(policy.generate([p for p, _ in chunk], seeds[lo : lo + len(chunk)]))
         imgs = torch.cat(images)
         texts = [p for p, _ in rows]
-        ctx = RewardContext(group_size=data.eval_samples_per_prompt, step=step)
+        ctx = RewardContext(group_size=data.eval_samples_per_prompt, step=step, update_state=False)
         scores = reward_fn(imgs, texts, [{} for _ in rows], ctx)
         scores = torch.as_tensor([float("nan") if s is None else s for s in scores], dtype=torch.float32)
         order = np.argsort([p for p, _ in rows], kind="stable")[: data.grid_images]

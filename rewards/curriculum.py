@@ -180,7 +180,8 @@ class IoUCurriculumReward:
         out = [None if x is None else float(x >= tau) for x in ious]
         mean_r, _ = _group_means(out, G)
         mean_iou, _ = _group_means(ious, G)
-        self.curriculum.update(mean_r, mean_iou)
+        if getattr(ctx, "update_state", True):  # not when the same rows are re-scored (variants, evaluation)
+            self.curriculum.update(mean_r, mean_iou)
         return out
 
     def last_metrics(self) -> dict[str, float]:

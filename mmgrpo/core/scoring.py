@@ -41,7 +41,8 @@ def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, po
     n, G = rollout.num_rows, rollout.group_size
     ctx = RewardContext(group_size=G, step=step, group=torch.arange(n) // G, policy=policy)
     out = []
-    for samples in [rollout.samples, *rollout.variants]:
+    for v, samples in enumerate([rollout.samples, *rollout.variants]):
+        ctx.update_state = v == 0  # stateful rewards (curricula) advance once per step, on the main samples
         cols = [to_column(name, fn(samples, rollout.prompts, rollout.meta, ctx), n) for name, _, fn in rewards]
         out.append(torch.stack(cols))
     return torch.stack(out)
@@ -56,6 +57,9 @@ def reward_metrics(columns: torch.Tensor, rewards: list[tuple[str, float, Any]])
     w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32)[:, None]
     total = (torch.nan_to_num(columns) * w).sum(0)
     out["reward/mean"] = total.mean().item()
+    for _, _, fn in rewards:  # rewards that report their own state (e.g. curriculum/tau)
+        if hasattr(fn, "last_metrics"):
+            out.update(fn.last_metrics())
     out["reward/std"] = total.std().item() if total.numel() > 1 else 0.0
     return out
 

@@ -99,6 +99,7 @@ class RewardContext:
     group: torch.Tensor | None = None  # [N] group index of each row (n // G)
     policy: Any = None  # for rewards that query the policy (answer-consistency re-asking)
     device: torch.device | str = "cpu"
+    update_state: bool = True  # False when rows are scored again (variants, evaluation): curricula must not advance
 
 
 @runtime_checkable

@@ -212,3 +212,35 @@ def test_chunked_rollout_scoring_gives_the_same_run(tmp_path):
     assert torch.equal(a.policy.model.logits, b.policy.model.logits)
     mb = metrics(b.run_dir, drop_time=False)
     assert all("time/score_wait_s" in m for m in mb if "reward/mean" in m)
+
+
+class _CountingReward:
+    """A stateful reward: bandit value plus a bonus that grows with the number of calls (a toy curriculum)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, samples, prompts, meta, ctx):
+        if ctx.update_state:
+            self.calls += 1
+        return torch.tensor([m["arm_values"][int(a)] + 0.01 * self.calls for a, m in zip(samples, meta)])
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+    def last_metrics(self):
+        return {"counting/calls": float(self.calls)}
+
+
+def test_stateful_reward_is_checkpointed_and_resumes_exactly(tmp_path):
+    if "test_counting" not in REWARDS:
+        register("test_counting")(lambda: _CountingReward())
+    common = ["rewards=[{name: test_counting}]", "trainer.max_steps=6", "trainer.checkpoint_every=2"]
+    full = train(cfg_for(tmp_path, "run.name=full", *common))
+    part = train(cfg_for(tmp_path, "run.name=part", *common, "trainer.stop_after_steps=3"))
+    train(cfg_for(tmp_path, "run.name=part", *common, f"resume={part.run_dir}"))
+    assert metrics(part.run_dir) == metrics(full.run_dir)
+    assert metrics(full.run_dir)[-1]["counting/calls"] == 6.0
