@@ -10,7 +10,7 @@ evaluation samples held-out prompts with the deterministic ODE sampler at fixed 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     """image width (0 = the model's default)"""
     num_frames: int = 0
     """video families: frames per sample (0 = the model's default)"""
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    """family-specific adapter options passed to its from_pretrained (flux: guidance, max_sequence_length)"""
 
 
 @dataclass
@@ -83,7 +85,11 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
         kwargs["width"] = opts.width
     if opts.num_frames:
         kwargs["num_frames"] = opts.num_frames
-    return ADAPTERS.get(opts.family).from_pretrained(opts.path, **kwargs)
+    kwargs.update(opts.adapter_options)
+    try:
+        return ADAPTERS.get(opts.family).from_pretrained(opts.path, **kwargs)
+    except TypeError as e:
+        raise UserError(f"policy.options.adapter_options {opts.adapter_options} for family {opts.family!r}: {e}") from e
 
 
 def read_prompts(spec: str, split: str, seed: int) -> list[str]:
