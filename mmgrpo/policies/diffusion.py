@@ -232,7 +232,7 @@ class DiffusionPolicy:
             level = o.noise_level if plan.sde_mask[i] else 0.0
             noise = self._noise(gens, G, shared_per_group=False) if plan.sde_mask[i] else None
             res = self.step(out, x, i, sched, level, noise=noise)
-            x = res.prev_sample.to(x.dtype)
+            x = res.prev_sample
             latents.append(x)
             logp[:, i] = res.log_prob
         train = plan.train_mask[None, :].expand(B * G, -1).clone()
@@ -251,8 +251,8 @@ class DiffusionPolicy:
             res = self.step(out, x, i, sched, o.noise_level if i == k else 0.0, noise=noise)
             if i == k:
                 logp[:, i] = res.log_prob
-                x_branch = res.prev_sample.to(x.dtype)
-            x = res.prev_sample.to(x.dtype)
+                x_branch = res.prev_sample
+            x = res.prev_sample
             latents.append(x)
         variants = []
         for lam in o.granularities:
@@ -275,7 +275,7 @@ class DiffusionPolicy:
         for j in range(len(sig) - 1):
             t = self.adapter.timestep_from_sigma(sig[j]).expand(x.shape[0])
             out = self.guided(self.model, x, t, cond, uncond)
-            x = sde.step(self.opts.sde, out, x, sig[j], sig[j + 1], 0.0).prev_sample.to(x.dtype)
+            x = sde.step(self.opts.sde, out, x, sig[j], sig[j + 1], 0.0).prev_sample
         return x
 
     def _finish(self, batch, G, latents, logp, train, cond, extras) -> Rollout:
@@ -298,7 +298,9 @@ class DiffusionPolicy:
         for g in gens:
             z = torch.randn((1 if shared_per_group else G, *shape), generator=g).to(dev)
             parts.append(z.expand(G, *shape) if shared_per_group else z)
-        return torch.cat(parts).to(self.adapter.dtype)
+        # states stay fp32 whatever the model dtype: logp_old is computed against the fp32 next state, so
+        # storing it rounded to bf16 would make the recomputed log-prob differ (ratio != 1)
+        return torch.cat(parts).float()
 
     @staticmethod
     def _t(sched: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""DiffusionPolicy over tiny real SD 1.5 / SDXL checkpoints (DDIM): ratio = 1, pipeline equality, LoRA-only updates."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from mmgrpo.core.config import load_config
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.trainer import train
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.policies.models.sd import SDAdapter
+from mmgrpo.testing.tiny_sd import save_tiny_sd, tiny_sd_adapter, tiny_sd_pipeline
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def batch(seeds=(11, 12), step=0):
+    return PromptBatch(prompts=list(PROMPTS), seeds=list(seeds), step=step)
+
+
+def opts(**kw):
+    return DiffusionPolicyOptions(**({"sde": "ddim", "noise_level": 1.0} | kw))
+
+
+def assert_ratio_one(policy, rollout):
+    units = rollout.train_mask.any(0).nonzero().reshape(-1)
+    assert len(units) > 0
+    for micro in (1, rollout.group_size):
+        for lo in range(0, rollout.num_rows, micro):
+            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
+            lp = policy.log_prob(rollout, rows, units).logp
+            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
+
+
+@pytest.mark.parametrize(
+    "xl, adapter_kw, policy_kw",
+    [
+        (False, {}, dict(exploration="full")),
+        (False, {}, dict(exploration="full", timestep_fraction=0.5, shared_init_noise=True, noise_level=0.3)),
+        (False, {"prediction_type": "v_prediction"}, dict(exploration="window", window_size=2)),
+        (False, {}, dict(exploration="singular", branch_steps=[1], granularities=[1])),
+        (False, {}, dict(exploration="full", guidance_scale=7.5, lora_rank=2)),
+        (True, {}, dict(exploration="full", guidance_scale=5.0, lora_rank=2)),
+    ],
+)
+def test_ratio_is_one_after_rollout(xl, adapter_kw, policy_kw):
+    policy = DiffusionPolicy(tiny_sd_adapter(xl=xl, **adapter_kw), opts(num_steps=4, **policy_kw))
+    rollout = policy.rollout(batch(), group_size=3)
+    assert rollout.samples.shape == (6, 3, 16, 16)
+    assert torch.isfinite(rollout.logp_old).all()
+    assert_ratio_one(policy, rollout)
+
+
+def test_samples_are_layout_independent():
+    policy = DiffusionPolicy(tiny_sd_adapter(), opts(num_steps=3))
+    both = policy.rollout(batch(), group_size=2)
+    second = policy.rollout(PromptBatch(prompts=PROMPTS[1:], seeds=[12]), group_size=2)
+    assert torch.allclose(both.samples[2:], second.samples, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "xl, guidance, kw",
+    [
+        (False, 1.0, {}),
+        (False, 7.5, {}),
+        (False, 7.5, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+        (True, 1.0, {}),
+        (True, 5.0, {}),
+    ],
+)
+def test_noise_zero_equals_diffusers_pipeline(xl, guidance, kw):
+    pipe = tiny_sd_pipeline(xl=xl, **kw)  # StableDiffusion(XL)Pipeline with the same DDIMScheduler
+    adapter = tiny_sd_adapter(xl=xl, **kw)  # same seed -> same weights
+    policy = DiffusionPolicy(adapter, opts(num_steps=4, noise_level=0.0, guidance_scale=guidance))
+    out = policy.rollout(PromptBatch(prompts=["a red circle"], seeds=[5]), group_size=1)
+    x0 = out.extras["latents"][:, 0]
+    ref = pipe(
+        prompt="a red circle", num_inference_steps=4, guidance_scale=guidance, latents=x0.clone(), eta=0.0,
+        height=16, width=16, output_type="latent",
+    ).images  # fmt: skip
+    err = (out.extras["latents"][:, -1] - ref).abs().max()
+    assert torch.allclose(out.extras["latents"][:, -1], ref, atol=1e-4), err
+    img = pipe.vae.decode(ref / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    assert torch.allclose(out.samples, (img / 2 + 0.5).clamp(0, 1), atol=1e-4)
+
+
+def test_ddim_schedule_follows_the_scheduler_prev_rule():
+    sched = tiny_sd_adapter().schedule(5)
+    # leading spacing, ratio 1000 // 5 = 200, steps_offset 1: [0, 200, 400, 600, 800][::-1] + 1
+    assert sched.timesteps.tolist() == [801, 601, 401, 201, 1]
+    # scaled_linear betas b_i = (sqrt(0.00085) + i (sqrt(0.012) - sqrt(0.00085)) / 999)^2:
+    # b_0 = 0.00085, b_1 = (0.0291548 + 0.0000805)^2 = 0.00085470, alpha_bar(1) = 0.99915 * 0.9991453 = 0.9982960
+    assert sched.alpha_bars[4].item() == pytest.approx(0.9982960, abs=1e-6)
+    # prev of the last step is 1 - 200 < 0 -> final_alpha_cumprod = alpha_bar(0) = 1 - 0.00085 (set_alpha_to_one off)
+    assert sched.alpha_bars[5].item() == pytest.approx(0.99915, abs=1e-7)
+    assert tiny_sd_adapter(set_alpha_to_one=True).schedule(5).alpha_bars[5].item() == 1.0
+    # trailing, T = 4 divides 1000: round(arange(1000, 0, -250)) - 1; 249 - 250 < 0 -> the final alpha-bar
+    trailing = tiny_sd_adapter(timestep_spacing="trailing").schedule(4)
+    assert trailing.timesteps.tolist() == [999, 749, 499, 249]
+    # trailing with T = 3: DDIM steps 999 -> 999 - 333 = 666, the next sampled timestep is 666, then 666 -> 333
+    # while the sampler continues at 332: the policy cannot express that and says so
+    with pytest.raises(UserError, match="trailing"):
+        tiny_sd_adapter(timestep_spacing="trailing").schedule(3)
+
+
+def test_sdxl_condition_has_pooled_embeds_and_time_ids():
+    adapter = tiny_sd_adapter(xl=True)
+    cond = adapter.encode(PROMPTS, [{}, {}])
+    assert cond["prompt_embeds"].shape == (2, 12, 32)  # two CLIP penultimate states, 16 + 16 wide
+    assert cond["text_embeds"].shape == (2, 16)  # pooled projection of text_encoder_2
+    assert cond["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2  # original size, crop (0, 0), target size
+    neg = adapter.encode_negative(3)  # force_zeros_for_empty_prompt: zero embeddings, same time ids
+    assert not neg["prompt_embeds"].any() and not neg["text_embeds"].any()
+    assert neg["time_ids"].shape == (3, 6) and neg["time_ids"][0, 0] == 16
+
+
+def test_user_errors():
+    with pytest.raises(UserError, match="sde=ddim"):
+        DiffusionPolicy(tiny_sd_adapter(), DiffusionPolicyOptions(sde="flow_grpo"))
+    policy = DiffusionPolicy(tiny_sd_adapter(), opts(num_steps=3, exploration="singular", granularities=[1, 2]))
+    with pytest.raises(UserError, match="flow"):  # G2RPO's coarse continuations need a sigma schedule
+        policy.rollout(batch(), group_size=2)
+    with pytest.raises(UserError, match="height=17"):
+        tiny_sd_adapter(height=17)
+    with pytest.raises(UserError, match="clip_sample"):
+        from mmgrpo.testing.tiny_sd import tiny_sd_components
+
+        c = tiny_sd_components(clip_sample=True)
+        SDAdapter(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], c["vae"])
+
+
+def test_reference_kl_is_zero_at_init_then_positive():
+    policy = DiffusionPolicy(tiny_sd_adapter(), opts(num_steps=3, lora_rank=2, reference_kl=True))
+    r = policy.rollout(batch(), group_size=2)
+    lp = policy.log_prob(r, torch.arange(4))
+    assert torch.allclose(lp.kl, torch.zeros_like(lp.kl), atol=1e-10)  # LoRA B = 0: policy == reference
+    with torch.no_grad():
+        for name, p in policy.unwrapped().named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lp = policy.log_prob(r, torch.arange(4))
+    assert (lp.kl > 0).all()
+    lp.logp.sum().backward()  # gradient reaches only LoRA weights
+    grads = {n for n, p in policy.unwrapped().named_parameters() if p.grad is not None}
+    assert grads and all("lora" in n for n in grads)
+
+
+def test_sd15_layout_with_pndm_scheduler_loads_as_ddim(tmp_path):
+    from diffusers import PNDMScheduler
+
+    # SD 1.5 ships a PNDM scheduler config; the adapter reads it into a DDIMScheduler with the same betas
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.save_pretrained(str(tmp_path / "ckpt"), safe_serialization=True)
+    loaded = SDAdapter.from_pretrained(str(tmp_path / "ckpt"))
+    assert not loaded.xl and loaded.prediction_type == "epsilon"
+    ref = tiny_sd_adapter().schedule(5)
+    got = loaded.schedule(5)
+    assert torch.equal(got.timesteps, ref.timesteps) and torch.equal(got.alpha_bars, ref.alpha_bars)
+    with pytest.raises(UserError, match="no vae/"):
+        index = json.loads((tmp_path / "ckpt" / "model_index.json").read_text())
+        index["vae"] = [None, None]
+        (tmp_path / "ckpt" / "model_index.json").write_text(json.dumps(index))
+        SDAdapter.from_pretrained(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_two_step_training_changes_only_lora(tmp_path, xl):
+    ckpt = save_tiny_sd(tmp_path / "ckpt", xl=xl)
+    policy_opts = {"family": "sd", "path": ckpt, "num_steps": 3, "lora_rank": 2, "sde": "ddim", "noise_level": 1.0,
+                   "guidance_scale": 7.5, "timestep_fraction": 0.67}  # fmt: skip
+    cfg = {
+        "pipeline": "text_to_image",
+        "policy": {"options": policy_opts},
+        "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+        "rewards": [{"name": "jpeg_incompressibility"}],
+        "loss": {"clip_low": 1e-3, "clip_high": 1e-3},
+        "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "progress": False},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    before = SDAdapter.from_pretrained(ckpt).denoiser.state_dict()
+    trainer = train(load_config(path, [f"run.output_dir={tmp_path}"]))
+    assert trainer.policy.adapter.xl == xl
+    after = trainer.policy.unwrapped().state_dict()
+    lora = [k for k in after if "lora" in k]
+    assert lora and any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if "lora_B" in k)
+    for k, v in before.items():  # every base weight unchanged (peft renames wrapped ones to *.base_layer.*)
+        stem, _, leaf = k.rpartition(".")
+        key = k if k in after else f"{stem}.base_layer.{leaf}"
+        assert torch.equal(after[key], v), k
+
+
+@pytest.mark.parametrize("name", ["sd15_ddpo", "sdxl_ddpo"])
+def test_configs_load(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    o = cfg.policy.options
+    assert o["family"] == "sd" and o["sde"] == "ddim" and o["noise_level"] == 1.0 and o["guidance_scale"] == 7.5
+    assert cfg.pipeline == "text_to_image"
