@@ -67,7 +67,12 @@ class Pipeline:
 PIPELINES: Registry[Pipeline] = Registry("pipeline")
 
 # modules whose import registers pipelines; kept in one list so `mmgrpo list` sees them all
-_PIPELINE_MODULES = ["pipelines.bandit", "pipelines.text_to_image"]
+_PIPELINE_MODULES = [
+    "pipelines.bandit",
+    "pipelines.text_to_image",
+    "pipelines.text_to_video",
+    "pipelines.image_to_video",
+]
 _loaded = False
 
 

@@ -191,8 +191,8 @@ class DiffusionPolicy:
         out = self.adapter.predict(module, x, t, cond)
         if uncond is None or self.opts.guidance_scale == 1.0:
             return out
-        with torch.no_grad():
-            base = self.adapter.predict(module, x, t, uncond)
+        with torch.no_grad():  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
+            base = self.adapter.predict(module, x, t, {**cond, **uncond})
         return base + self.opts.guidance_scale * (out - base)
 
     def step(self, out, x, i: int, sched: Schedule, noise_level: float, prev=None, noise=None) -> sde.StepOutput:

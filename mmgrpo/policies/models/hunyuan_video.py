@@ -1,0 +1,245 @@
+"""HunyuanVideo family (``HunyuanVideoTransformer3DModel``, guidance-distilled, flow matching; text-to-video).
+
+Knows only what diffusers' ``HunyuanVideoPipeline`` does, step for step:
+
+- condition: the prompt is written into a Llama-3 chat template, tokenized to ``crop_start + L`` tokens and
+  encoded by the Llama text encoder; the hidden state two layers before the last is kept and its first
+  ``crop_start`` positions (the system turn and the user header) are cropped, with the attention mask. A CLIP
+  text model adds pooled embeddings. HunyuanVideo is guidance-distilled: the embedded guidance scale (x1000)
+  is a per-row model input (``cond["guidance"]``), distinct from true classifier-free guidance (the policy's
+  ``guidance_scale``, which runs a second forward on the empty prompt, like the pipeline's ``true_cfg_scale``).
+- latents ``[C, (F-1)//4+1, H//8, W//8]``, unpacked and unscaled (the transformer patchifies them itself);
+- schedule: sigmas ``linspace(1, 0, T+1)[:-1]`` through the scheduler's shift (7.0 for HunyuanVideo),
+  model time ``sigma * 1000``;
+- decoding: ``AutoencoderKLHunyuanVideo.decode(z / scaling_factor)`` to videos ``[n, F, 3, H, W]`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name not in table:
+        raise UserError(f"dtype {name!r} is not one of {sorted(table)}")
+    return table[name]
+
+
+def default_prompt_template() -> dict[str, Any]:
+    """HunyuanVideoPipeline's chat template; its crop_start = 95 Llama-3 tokens: BOS, the system turn, user header."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    return dict(DEFAULT_PROMPT_TEMPLATE)
+
+
+def template_prefix_length(tokenizer: Any, template: str) -> int:
+    """Tokens before the prompt in ``template`` (with BOS): the number of positions the pipeline crops."""
+    if template.count("{}") != 1:
+        raise UserError(f"prompt template must contain exactly one '{{}}' where the prompt goes, got {template!r}")
+    return len(tokenizer(template.split("{}")[0]).input_ids)
+
+
+class HunyuanVideoAdapter:
+    family = "hunyuan_video"
+    parameterization = "flow"
+    prediction_type = "flow"
+    # attention projections of the dual-stream blocks (image and text streams) and of the single-stream blocks
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        text_encoder: nn.Module,
+        tokenizer: Any,
+        text_encoder_2: nn.Module,
+        tokenizer_2: Any,
+        vae: nn.Module,
+        height: int = 720,
+        width: int = 1280,
+        num_frames: int = 129,
+        embedded_guidance_scale: float = 6.0,
+        max_sequence_length: int = 256,
+        prompt_template: dict[str, Any] | None = None,
+        num_hidden_layers_to_skip: int = 2,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+    ):
+        self.denoiser, self.scheduler, self.vae = transformer, scheduler, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.device, self.dtype = torch.device(device), _dtype(dtype)
+        self.embedded_guidance_scale = float(embedded_guidance_scale)
+        self.max_sequence_length = max_sequence_length
+        self.num_hidden_layers_to_skip = num_hidden_layers_to_skip
+        self.prompt_template = dict(prompt_template or default_prompt_template())
+        self.crop_start = self._crop_start()
+        self.spatial = int(vae.spatial_compression_ratio)
+        self.temporal = int(vae.temporal_compression_ratio)
+        self.height, self.width, self.num_frames = height, width, num_frames
+        self._check_size()
+        if scheduler.config.use_dynamic_shifting:
+            raise UserError("the HunyuanVideo scheduler must use a fixed shift (use_dynamic_shifting=false), "
+                            "as HunyuanVideoPipeline passes no mu")  # fmt: skip
+        for m in [transformer, vae, text_encoder, text_encoder_2]:
+            if m.device != self.device or m.dtype != self.dtype:
+                m.to(self.device, self.dtype)
+        for m in [vae, text_encoder, text_encoder_2]:
+            m.requires_grad_(False).eval()
+        self._negative: Cond | None = None
+
+    def _crop_start(self) -> int:
+        """The template's crop_start (the pipeline's rule), else the measured prefix length; warn if they differ."""
+        measured = template_prefix_length(self.tokenizer, self.prompt_template["template"])
+        given = self.prompt_template.get("crop_start")
+        if given is None:
+            return measured
+        if int(given) != measured:
+            warnings.warn(
+                f"prompt template crop_start={given} but the tokenizer puts {measured} tokens before the prompt; "
+                "using crop_start as diffusers does (set prompt_template['crop_start']=None to use the measured one)",
+                stacklevel=3,
+            )
+        return int(given)
+
+    def _check_size(self) -> None:
+        h, w, f = self.height, self.width, self.num_frames
+        if h % 16 or w % 16:
+            raise UserError(f"height={h}, width={w}: HunyuanVideo needs both divisible by 16 (e.g. 480 x 848)")
+        if f < 1 or (f - 1) % self.temporal:
+            raise UserError(f"num_frames={f}: HunyuanVideo needs {self.temporal}k+1 frames (e.g. 33, 61, 129)")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any
+    ) -> HunyuanVideoAdapter:
+        """Load a diffusers-layout folder: transformer/, scheduler/, text_encoder(_2)/, tokenizer(_2)/, vae/."""
+        from diffusers import (
+            AutoencoderKLHunyuanVideo,
+            FlowMatchEulerDiscreteScheduler,
+            HunyuanVideoTransformer3DModel,
+        )
+        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+        _check_parts(path)
+        td = _dtype(dtype)
+        return cls(
+            HunyuanVideoTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=td),
+            FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+            LlamaModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td),
+            AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=td),
+            AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+            AutoencoderKLHunyuanVideo.from_pretrained(path, subfolder="vae", torch_dtype=td),
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ condition
+    def _llama(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama hidden states [B, L, D] and mask [B, L] of the templated prompts, system turn cropped."""
+        crop = self.crop_start
+        templated = [self.prompt_template["template"].format(t) for t in texts]
+        tok = self.tokenizer(templated, max_length=self.max_sequence_length + crop, padding="max_length",
+                             truncation=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        out = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-(self.num_hidden_layers_to_skip + 1)]
+        if crop > 0:
+            hidden, mask = hidden[:, crop:], mask[:, crop:]
+        return hidden, mask
+
+    def _clip_pooled(self, texts: list[str]) -> torch.Tensor:
+        """CLIP pooled embeddings [B, P] (77 tokens, as the pipeline)."""
+        ids = self.tokenizer_2(texts, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+        return self.text_encoder_2(ids, output_hidden_states=False).pooler_output
+
+    @torch.no_grad()
+    def encode(self, prompts: list[Any], meta: list[dict] | None = None) -> Cond:
+        texts = [str(p) for p in prompts]
+        hidden, mask = self._llama(texts)
+        B = len(texts)
+        # the distilled guidance embedding input: scale * 1000 in the model dtype, one per row (the pipeline's rule)
+        guidance = torch.full((B,), self.embedded_guidance_scale, dtype=self.dtype, device=self.device) * 1000.0
+        return {
+            "prompt_embeds": hidden.to(self.dtype),  # [B, L, D]
+            "prompt_attention_mask": mask.to(self.dtype),  # [B, L]
+            "pooled": self._clip_pooled(texts).to(self.dtype),  # [B, P]
+            "guidance": guidance,  # [B]
+        }
+
+    def encode_negative(self, n: int) -> Cond:
+        if self._negative is None:
+            self._negative = self.encode([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
+
+    # ------------------------------------------------------------------ model
+    def latent_shape(self) -> tuple[int, ...]:
+        c = self.denoiser.config.in_channels
+        f = (self.num_frames - 1) // self.temporal + 1
+        return (c, f, self.height // self.spatial, self.width // self.spatial)
+
+    def schedule(self, num_steps: int) -> Schedule:
+        sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1]  # the pipeline's sigmas, shifted by the scheduler
+        self.scheduler.set_timesteps(num_steps, device="cpu", sigmas=sigmas)
+        return Schedule(timesteps=self.scheduler.timesteps.float().cpu(), sigmas=self.scheduler.sigmas.float().cpu())
+
+    def timestep_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(sigma, dtype=torch.float32) * self.scheduler.config.num_train_timesteps
+
+    def predict(self, module: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return module(
+            hidden_states=latents.to(self.dtype),  # [n, C, f, h, w]
+            timestep=t.to(self.device, torch.float32),  # the pipeline's timesteps are fp32 (its latents' dtype)
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_attention_mask=cond["prompt_attention_mask"],
+            pooled_projections=cond["pooled"],
+            guidance=cond["guidance"],
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [n, C, f, h, w] -> videos [n, F, 3, H, W] in [0, 1]; one row at a time (video VAEs are large)."""
+        scale = self.vae.config.scaling_factor
+        videos = []
+        for z in latents.to(self.vae.dtype):
+            video = self.vae.decode(z[None] / scale, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+            videos.append(video.float().permute(0, 2, 1, 3, 4))
+        return (torch.cat(videos) / 2 + 0.5).clamp(0, 1)
+
+
+def _check_parts(path: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
+    index = p / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name not in (None, "HunyuanVideoPipeline"):
+        raise UserError(f"model path '{path}' holds a {name}, not a HunyuanVideoPipeline checkpoint "
+                        "(e.g. hunyuanvideo-community/HunyuanVideo)")  # fmt: skip
+    for needed in ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"):
+        if not (p / needed).is_dir():
+            raise UserError(f"model path '{path}' has no {needed}/ folder; is it a HunyuanVideo diffusers checkpoint?")
+
+
+ADAPTERS.add(
+    "hunyuan_video", HunyuanVideoAdapter, "HunyuanVideo T2V (dual/single-stream DiT, guidance-distilled; Llama + CLIP)"
+)

@@ -1,0 +1,409 @@
+"""Wan 2.x video family (``WanTransformer3DModel``, flow matching; UMT5 text encoder; ``AutoencoderKLWan``).
+
+Knows only what diffusers' ``WanPipeline`` (text-to-video) and ``WanImageToVideoPipeline`` (image-to-video)
+do, replicated step for step:
+
+- text: UMT5 last hidden states of the cleaned prompt, zeroed after the prompt's own tokens (``[B, L, D]``);
+- latents ``[C, F', h, w]`` with ``F' = (F - 1) / 4 + 1`` and ``h, w = H / 8, W / 8`` (the VAE's temporal /
+  spatial compression), normalised per channel by the VAE's ``latents_mean`` / ``latents_std``;
+- image-to-video (transformer ``in_channels = 2 C + 4``): the first frame, followed by F - 1 black frames, is
+  VAE-encoded (mode), normalised and concatenated with a first-frame mask ``[4, F', h, w]`` as condition channels
+  (``cond["condition"] [B, 4 + C, F', h, w]``); Wan 2.1 I2V also cross-attends to the CLIP-ViT penultimate hidden
+  states of the frame (``cond["image_embeds"] [B, 257, 1280]``); CFG keeps both and swaps only the text;
+- Wan 2.2: A14B's two experts (``transformer`` above the boundary timestep, ``transformer_2`` below) are one
+  trainable denoiser (:class:`WanExperts`); TI2V-5B's per-token timesteps (``expand_timesteps``) for text-to-video;
+- schedule: Wan checkpoints ship a UniPC scheduler; the SDE policy needs flow-matching Euler sigmas, so the
+  checkpoint's ``flow_shift`` (or ``shift``) builds a ``FlowMatchEulerDiscreteScheduler`` with the same shift,
+  ``sigma' = s sigma / (1 + (s - 1) sigma)``;
+- decoding: ``z * std + mean`` -> VAE -> videos ``[n, F, 3, H, W]`` in [0, 1].
+
+The first frame of a row comes from ``meta["image"]`` (a path or PIL image) or ``meta["video"]`` (an mp4 path: its
+FIRST frame, read with decord, the ``video`` extra); a prompt object with a ``meta`` dict (a ``str`` subclass, see
+``pipelines/image_to_video.py``) may carry them instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+
+IMAGE_KEYS = ("condition", "image_embeds")  # per-row image conditioning, shared by both CFG branches
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name not in table:
+        raise UserError(f"dtype {name!r} is not one of {sorted(table)}")
+    return table[name]
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to device; cast only a module built in another dtype (a cast would also demote the modules that
+    diffusers keeps in fp32 when loading with ``torch_dtype``: Wan's rope, time embedder and norms)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device)
+
+
+def flow_scheduler(scheduler: Any) -> Any:
+    """The checkpoint's scheduler as flow-matching Euler with the same shift.
+
+    Wan's diffusers checkpoints ship ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``; the SDE
+    policy steps on Euler sigmas, so we read ``flow_shift`` (UniPC) or ``shift`` (flow Euler) from its config.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return scheduler
+    cfg = dict(getattr(scheduler, "config", scheduler))
+    if cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    shift = cfg.get("flow_shift", cfg.get("shift"))
+    if shift is None:
+        raise UserError(f"the Wan scheduler config has neither 'flow_shift' nor 'shift' (keys: {sorted(cfg)})")
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.get("num_train_timesteps", 1000), shift=shift)
+
+
+def first_frame(source: Any, is_video: bool = False) -> Any:
+    """A PIL RGB image from an image path, a PIL image, an [H, W, 3] uint8 array, or a video path (FIRST frame)."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source).convert("RGB")
+    if not isinstance(source, (str, os.PathLike)):
+        raise UserError(f"first frame: expected a path or a PIL image, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"first-frame source '{path}' does not exist")
+    if not (is_video or path.suffix.lower() in VIDEO_SUFFIXES):
+        return Image.open(path).convert("RGB")
+    try:
+        import decord
+    except ImportError as e:
+        raise UserError("reading a video's first frame needs decord: pip install 'mmgrpo[video]'") from e
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    if len(reader) == 0:
+        raise UserError(f"video '{path}' has no frames")
+    return Image.fromarray(reader[0].asnumpy()).convert("RGB")
+
+
+def frame_source(prompt: Any, meta: dict) -> tuple[Any, bool] | None:
+    """(source, is_video) of a row's first frame: ``meta['image']`` or ``meta['video']``, else the prompt's meta."""
+    for m in (meta or {}, getattr(prompt, "meta", None) or {}):
+        if m.get("image") is not None:
+            return m["image"], False
+        if m.get("video") is not None:
+            return m["video"], True
+    return None
+
+
+def first_frame_mask(num_frames: int, temporal: int, h: int, w: int) -> torch.Tensor:
+    """WanImageToVideoPipeline's mask ``[1, temporal, F', h, w]``: 1 on the first frame, 0 on the F - 1 others.
+
+    The first pixel frame is repeated ``temporal`` times so the F = 1 + temporal (F' - 1) frames fold into F'
+    latent frames of ``temporal`` channels each.
+    """
+    mask = torch.ones(1, 1, num_frames, h, w)
+    mask[:, :, 1:] = 0
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
+    mask = torch.cat([first, mask[:, :, 1:]], dim=2)  # [1, 1, temporal * F', h, w]
+    return mask.view(1, -1, temporal, h, w).transpose(1, 2)
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2 A14B's two experts as one denoiser: ``high`` for timesteps >= ``boundary``, ``low`` below.
+
+    Rows of one call may mix both (a log-prob batch mixes steps); each expert runs on its rows. Under DDP a
+    minibatch whose steps all fall on one side leaves the other expert's parameters unused (accelerate needs
+    ``find_unused_parameters``).
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, boundary_timestep: float):
+        super().__init__()
+        self.high, self.low, self.boundary = high, low, float(boundary_timestep)
+
+    @property
+    def config(self) -> Any:
+        return self.high.config
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False, **kw: Any):
+        t = timestep if timestep.ndim == 1 else timestep.amax(1)  # [n] (per-token timesteps: the row's t)
+        high = t >= self.boundary
+        outs, order = [], []
+        for expert, rows in ((self.high, high), (self.low, ~high)):
+            idx = rows.nonzero().squeeze(1)
+            if len(idx) == 0:
+                continue
+            sub = {k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            outs.append(expert(hidden_states=hidden_states[idx], timestep=timestep[idx], return_dict=False, **sub)[0])
+            order.append(idx)
+        out = torch.cat(outs)[torch.argsort(torch.cat(order))]  # back to the input row order
+        return (out,)
+
+    # the diffusers model API that DiffusionPolicy uses, applied to both experts
+    def add_adapter(self, config: Any) -> None:
+        self.high.add_adapter(config)
+        self.low.add_adapter(config)
+
+    def disable_adapters(self) -> None:
+        self.high.disable_adapters()
+        self.low.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        self.high.enable_adapters()
+        self.low.enable_adapters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.high.enable_gradient_checkpointing()
+        self.low.enable_gradient_checkpointing()
+
+    def enable_xformers_memory_efficient_attention(self) -> None:
+        self.high.enable_xformers_memory_efficient_attention()
+        self.low.enable_xformers_memory_efficient_attention()
+
+
+class WanAdapter:
+    family = "wan"
+    parameterization = "flow"
+    prediction_type = "flow"
+    # self- and cross-attention (attn1, attn2) of every block; add_k/v_proj: Wan 2.1 I2V's image cross-attention
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer: Any,
+        image_encoder: nn.Module | None = None,
+        image_processor: Any = None,
+        transformer_2: nn.Module | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        max_sequence_length: int = 512,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+    ):
+        from diffusers.video_processor import VideoProcessor
+
+        self.device, self.dtype = torch.device(device), _dtype(dtype)
+        self.scheduler = flow_scheduler(scheduler)
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.image_encoder, self.image_processor = image_encoder, image_processor
+        self.max_sequence_length, self.expand_timesteps = max_sequence_length, expand_timesteps
+        self.temporal, self.spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+        self.z_dim = vae.config.z_dim
+        self.patch = tuple(transformer.config.patch_size)
+        self.height, self.width, self.num_frames = height, width, num_frames
+        self._check_size()
+        if transformer_2 is not None:
+            if boundary_ratio is None:
+                raise UserError("a Wan checkpoint with transformer_2 needs boundary_ratio in model_index.json")
+            boundary = boundary_ratio * self.scheduler.config.num_train_timesteps
+            self.denoiser: nn.Module = WanExperts(transformer, transformer_2, boundary)
+        else:
+            self.denoiser = transformer
+        in_c = transformer.config.in_channels
+        self.image_conditioned = in_c == 2 * self.z_dim + self.temporal  # Wan 2.1 / 2.2 A14B image-to-video
+        if not self.image_conditioned and in_c != self.z_dim:
+            i2v = 2 * self.z_dim + self.temporal
+            raise UserError(f"Wan transformer in_channels={in_c}: expected {self.z_dim} (text-to-video) or {i2v} "
+                            f"(image-to-video) for the VAE's z_dim={self.z_dim}")  # fmt: skip
+        self.uses_clip = transformer.config.image_dim is not None
+        if self.uses_clip and (image_encoder is None or image_processor is None):
+            raise UserError("this Wan 2.1 image-to-video transformer needs image_encoder/ and image_processor/")
+        self.video_processor = VideoProcessor(vae_scale_factor=self.spatial)
+        # Wan's VAE and CLIP image encoder run in fp32, as diffusers' Wan examples load them
+        for m, dt in [(transformer, self.dtype), (transformer_2, self.dtype), (text_encoder, self.dtype),
+                      (vae, torch.float32), (image_encoder, torch.float32)]:  # fmt: skip
+            if m is not None:
+                _place(m, self.device, dt)
+        for m in [vae, text_encoder, image_encoder]:
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self._negative: Cond | None = None
+        self._image_rows: Cond | None = None  # the last conditional call's image tensors (see _with_image)
+
+    def _check_size(self) -> None:
+        mh, mw = self.spatial * self.patch[1], self.spatial * self.patch[2]
+        if self.height % mh or self.width % mw or self.height % 16 or self.width % 16:
+            raise UserError(f"Wan height x width {self.height}x{self.width} must be multiples of 16 and of "
+                            f"{mh}x{mw} (VAE x patch); set policy.options.height/width, e.g. 480x832")  # fmt: skip
+        if self.num_frames < 1 or (self.num_frames - 1) % self.temporal:
+            raise UserError(f"Wan num_frames={self.num_frames}: num_frames - 1 must be a multiple of the VAE's "
+                            f"temporal compression {self.temporal} (e.g. 81, 49, 33)")  # fmt: skip
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> WanAdapter:
+        """Load a diffusers-layout folder: transformer/ (+ transformer_2/), scheduler/, text_encoder/, tokenizer/,
+        vae/, and for Wan 2.1 I2V image_encoder/ + image_processor/; pipeline options from model_index.json."""
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+
+        parts, index = _parts(path)
+        td = _dtype(dtype)
+        load = {"torch_dtype": td}
+        t1 = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **load)
+        t2 = WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **load) if (
+            "transformer_2" in parts) else None  # fmt: skip
+        scheduler_cfg = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+        image_encoder = image_processor = None
+        if "image_encoder" in parts:
+            image_encoder = CLIPVisionModel.from_pretrained(path, subfolder="image_encoder", torch_dtype=torch.float32)
+            image_processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor")
+        return cls(
+            t1, scheduler_cfg,
+            AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
+            UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", **load),
+            AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            image_encoder, image_processor, t2, index.get("boundary_ratio"), bool(index.get("expand_timesteps")),
+            device=device, dtype=dtype, **kwargs,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ condition
+    @torch.no_grad()
+    def _text(self, prompts: list[Any]) -> torch.Tensor:
+        """WanPipeline._get_t5_prompt_embeds: [B, L, D], zeros after each prompt's own tokens."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        texts = [prompt_clean(str(p)) for p in prompts]
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state  # [B, L, D]
+        keep = torch.arange(hidden.shape[1], device=self.device)[None, :] < mask.gt(0).sum(1)[:, None]  # [B, L]
+        return torch.where(keep[..., None], hidden, torch.zeros_like(hidden)).to(self.dtype)
+
+    @torch.no_grad()
+    def _image_cond(self, frame: Any) -> Cond:
+        """WanImageToVideoPipeline.prepare_latents (+ encode_image) for one first frame: tensors [1, ...]."""
+        H, W, F = self.height, self.width, self.num_frames
+        image = self.video_processor.preprocess(frame, height=H, width=W).to(self.device, torch.float32)
+        video = torch.cat([image.unsqueeze(2), image.new_zeros(1, 3, F - 1, H, W)], dim=2)  # [1, 3, F, H, W]
+        latent = self.vae.encode(video).latent_dist.mode().float()  # [1, C, F', h, w]
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, self.z_dim, 1, 1, 1).to(latent)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, self.z_dim, 1, 1, 1).to(latent)
+        latent = (latent - mean) * inv_std
+        mask = first_frame_mask(F, self.temporal, H // self.spatial, W // self.spatial).to(latent)
+        out = {"condition": torch.cat([mask, latent], dim=1).to(self.dtype)}  # [1, temporal + C, F', h, w]
+        if self.uses_clip:
+            pixels = self.image_processor(images=frame, return_tensors="pt").to(self.device)
+            hidden = self.image_encoder(**pixels, output_hidden_states=True).hidden_states[-2]
+            out["image_embeds"] = hidden.to(self.dtype)  # [1, 257, 1280]
+        return out
+
+    def encode(self, prompts: list[Any], meta: list[dict] | None = None) -> Cond:
+        cond = {"prompt_embeds": self._text(prompts)}
+        if not self.image_conditioned:
+            return cond
+        rows = []
+        for i, p in enumerate(prompts):  # one frame at a time: the VAE's result must not depend on the batch
+            src = frame_source(p, (meta or [{}] * len(prompts))[i])
+            if src is None:
+                raise UserError(f"Wan image-to-video: prompt {str(p)!r} has no first frame; give meta['image'] "
+                                "(a path or PIL image) or meta['video'] (an mp4 path)")  # fmt: skip
+            rows.append(self._image_cond(first_frame(*src)))
+        cond.update({k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+        return cond
+
+    def encode_negative(self, n: int) -> Cond:
+        """The empty negative prompt [n, L, D]; the image condition comes from the row (see predict)."""
+        if self._negative is None:
+            self._negative = {"prompt_embeds": self._text([""])}
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
+
+    # ------------------------------------------------------------------ model
+    def latent_shape(self) -> tuple[int, ...]:
+        F = (self.num_frames - 1) // self.temporal + 1
+        return (self.z_dim, F, self.height // self.spatial, self.width // self.spatial)
+
+    def schedule(self, num_steps: int) -> Schedule:
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        return Schedule(timesteps=self.scheduler.timesteps.float().cpu(), sigmas=self.scheduler.sigmas.float().cpu())
+
+    def timestep_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(sigma, dtype=torch.float32) * self.scheduler.config.num_train_timesteps
+
+    def _with_image(self, cond: Cond, n: int) -> Cond:
+        """The row's image condition for the unconditional (negative) branch.
+
+        The pipeline's CFG branches share the first-frame latents and CLIP embedding and differ only in text, but
+        ``encode_negative(n)`` knows no rows. DiffusionPolicy.guided always calls the conditional branch first,
+        with the same rows, so the negative call reuses that call's image tensors.
+        """
+        if not self.image_conditioned:
+            return cond
+        if "condition" in cond:
+            self._image_rows = {k: cond[k] for k in IMAGE_KEYS if k in cond}
+            return cond
+        if self._image_rows is None or self._image_rows["condition"].shape[0] != n:
+            raise RuntimeError("Wan image-to-video: a negative-prompt forward without the conditional one before it")
+        return {**self._image_rows, **cond}
+
+    def predict(self, module: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        n = latents.shape[0]
+        cond = self._with_image(cond, n)
+        x = latents.to(self.dtype)  # [n, C, F', h, w]
+        if self.image_conditioned:
+            x = torch.cat([x, cond["condition"]], dim=1)  # [n, 2C + temporal, F', h, w]
+        timestep = t.to(self.device)
+        if self.expand_timesteps:  # Wan 2.2 TI2V: one timestep per token (mask all ones for text-to-video)
+            _, F, h, w = self.latent_shape()
+            tokens = F * -(-h // self.patch[1]) * -(-w // self.patch[2])
+            timestep = timestep[:, None].expand(n, tokens)
+        kw = {"encoder_hidden_states_image": cond["image_embeds"]} if "image_embeds" in cond else {}
+        return module(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"], return_dict=False, **kw
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[n, C, F', h, w] -> videos [n, F, 3, H, W] in [0, 1], one row at a time (memory, layout independence)."""
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, self.z_dim, 1, 1, 1).to(self.device, torch.float32)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, self.z_dim, 1, 1, 1).to(self.device, torch.float32)
+        out = []
+        for z in latents.to(self.device, torch.float32).split(1):
+            video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+            out.append((video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4))
+        return torch.cat(out)
+
+
+def _parts(path: str) -> tuple[set[str], dict]:
+    """Sub-folders present in a local checkpoint (and listed in its model_index.json), and that index."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
+    index = json.loads((p / "model_index.json").read_text()) if (p / "model_index.json").is_file() else {}
+    names = {d.name for d in p.iterdir() if d.is_dir()}
+    if index:
+        listed = {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}
+        names &= listed
+    for needed in ("transformer", "scheduler", "text_encoder", "tokenizer", "vae"):
+        if needed not in names:
+            raise UserError(f"model path '{path}' has no {needed}/ folder; is it a Wan diffusers-layout checkpoint?")
+    return names, index
+
+
+ADAPTERS.add("wan", WanAdapter, "Wan 2.1 / 2.2 video (text- and image-to-video; UMT5, Wan VAE, flow matching)")

@@ -1,0 +1,282 @@
+"""DiffusionPolicy over tiny real Wan checkpoints (T2V, I2V, Wan 2.2 two experts): ratio = 1, pipeline equality,
+first frames from real mp4 files, LoRA-only training through the text_to_video / image_to_video recipes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mmgrpo.core.config import load_config
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.trainer import train
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.policies.models.wan import first_frame, first_frame_mask, flow_scheduler
+from mmgrpo.testing.tiny_wan import SIZE, save_tiny_wan, tiny_wan_adapter, tiny_wan_components
+
+PROMPTS = ["a red circle", "two blue squares"]
+VIDEO = (5, 3, 32, 32)  # F, 3, H, W of the tiny checkpoints
+
+
+def frame(seed: int, size=(40, 48)) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(*size, 3) * 255).astype(np.uint8))
+
+
+def batch(i2v=False, seeds=(11, 12), prompts=PROMPTS, frames=(1, 2)):
+    meta = [{"image": frame(s)} for s in frames[: len(prompts)]] if i2v else []
+    return PromptBatch(prompts=list(prompts), meta=meta, seeds=list(seeds)[: len(prompts)])
+
+
+def write_mp4(path, first_color, seed=0):
+    """A real 5-frame 32x32 mp4: a flat first frame of ``first_color``, then random frames."""
+    import imageio.v2 as imageio
+
+    rng = np.random.RandomState(seed)
+    frames = [np.full((32, 32, 3), first_color, np.uint8)] + [rng.randint(0, 255, (32, 32, 3), np.uint8)] * 4
+    imageio.mimwrite(path, frames, fps=8, macro_block_size=1)
+    return str(path)
+
+
+def assert_ratio_one(policy, rollout):
+    units = rollout.train_mask.any(0).nonzero().reshape(-1)
+    assert len(units) > 0
+    for micro in (1, rollout.group_size):
+        for lo in range(0, rollout.num_rows, micro):
+            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
+            lp = policy.log_prob(rollout, rows, units).logp
+            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
+
+
+@pytest.mark.parametrize(
+    "model, opts",
+    [
+        ({}, dict(sde="flow_grpo", exploration="full")),
+        ({}, dict(sde="dance", exploration="full", timestep_fraction=0.5, shared_init_noise=True)),
+        ({}, dict(sde="cps", exploration="window", window_size=2)),
+        ({}, dict(sde="flow_grpo", exploration="singular", branch_steps=[1], granularities=[1, 2])),
+        ({}, dict(sde="flow_grpo", guidance_scale=3.0, lora_rank=2)),
+        ({"image_to_video": True}, dict(sde="flow_grpo", guidance_scale=3.0, lora_rank=2)),
+        ({"image_to_video": True, "clip": False, "two_experts": True}, dict(sde="dance", guidance_scale=3.0)),
+    ],
+)
+def test_ratio_is_one_after_rollout(model, opts):
+    policy = DiffusionPolicy(tiny_wan_adapter(**model), DiffusionPolicyOptions(num_steps=4, **opts))
+    rollout = policy.rollout(batch(i2v=bool(model)), group_size=3)
+    assert rollout.samples.shape == (6, *VIDEO)  # [N, F, C, H, W]
+    assert 0 <= rollout.samples.min() and rollout.samples.max() <= 1
+    assert_ratio_one(policy, rollout)
+
+
+@pytest.mark.parametrize("i2v", [False, True])
+def test_samples_are_layout_independent(i2v):
+    policy = DiffusionPolicy(tiny_wan_adapter(image_to_video=i2v), DiffusionPolicyOptions(num_steps=3))
+    both = policy.rollout(batch(i2v), group_size=2)
+    second = policy.rollout(batch(i2v, seeds=[12], prompts=PROMPTS[1:], frames=[2]), group_size=2)
+    assert torch.allclose(both.samples[2:], second.samples, atol=1e-6)
+
+
+def run_pipeline(components, prompt, x0, steps, guidance, **kw):
+    """The diffusers Wan pipeline with a flow-matching Euler scheduler of the checkpoint's shift (3.0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+
+    c = {**components, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)}
+    pipe = (WanImageToVideoPipeline if "image_encoder" in c else WanPipeline)(**c)
+    args = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=16, **SIZE)
+    latents = pipe(latents=x0.clone(), output_type="latent", **args, **kw).frames
+    videos = pipe(latents=x0.clone(), output_type="pt", **args, **kw).frames  # [n, F, 3, H, W] in [0, 1]
+    return latents, videos
+
+
+@pytest.mark.parametrize(
+    "model, guidance",
+    [
+        ({}, 1.0),
+        ({}, 4.0),
+        ({"two_experts": True}, 4.0),  # Wan 2.2 A14B: high-noise expert for t >= 600, low-noise below
+        ({"expand_timesteps": True}, 4.0),  # Wan 2.2 TI2V: per-token timesteps
+        ({"image_to_video": True}, 4.0),  # Wan 2.1 I2V: condition channels + CLIP image embeddings
+        ({"image_to_video": True, "clip": False, "two_experts": True}, 1.0),  # Wan 2.2 I2V-A14B
+    ],
+)
+def test_noise_zero_equals_diffusers_pipeline(model, guidance):
+    expand = model.pop("expand_timesteps", False)
+    i2v = model.get("image_to_video", False)
+    c = tiny_wan_components(**model)
+    adapter = tiny_wan_adapter(**model, expand_timesteps=expand)  # same seed -> same weights
+    policy = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=5, noise_level=0.0, guidance_scale=guidance))
+    image = frame(3)
+    meta = [{"image": image}] if i2v else [{}]
+    out = policy.rollout(PromptBatch(prompts=["a red circle"], meta=meta, seeds=[5]), group_size=1)
+    if model.get("two_experts"):  # both experts run: timesteps straddle the boundary 0.6 * 1000
+        t = adapter.schedule(5).timesteps
+        assert (t >= 600).any() and (t < 600).any()
+    pipe_kw = {"image": image} if i2v else {}
+    if expand:
+        from diffusers import WanPipeline
+
+        c["expand_timesteps"] = True
+        assert WanPipeline(**c).config.expand_timesteps
+    x0 = out.extras["latents"][:, 0]
+    latents, videos = run_pipeline(c, "a red circle", x0, 5, guidance, **pipe_kw)
+    assert torch.allclose(out.extras["latents"][:, -1], latents, atol=1e-4), (
+        (out.extras["latents"][:, -1] - latents).abs().max()
+    )
+    assert out.samples.shape == videos.shape == (1, *VIDEO)
+    assert torch.allclose(out.samples, videos, atol=1e-4)
+
+
+def test_image_to_video_from_first_frame_of_a_real_mp4(tmp_path):
+    import decord
+
+    red = write_mp4(tmp_path / "red.mp4", (220, 30, 30))
+    blue = write_mp4(tmp_path / "blue.mp4", (30, 30, 220))  # same later frames, different first frame
+    opts = DiffusionPolicyOptions(num_steps=3, noise_level=0.0)
+    policy = DiffusionPolicy(tiny_wan_adapter(image_to_video=True), opts)
+
+    def sample(path):
+        b = PromptBatch(prompts=["a red circle"], meta=[{"video": path}], seeds=[7])
+        return policy.rollout(b, group_size=1)
+
+    out = sample(red)
+    first = Image.fromarray(decord.VideoReader(red, ctx=decord.cpu(0))[0].asnumpy())
+    assert np.abs(np.asarray(first, np.float32) - [220, 30, 30]).mean() < 10  # decoded first frame ~ its colour
+    assert np.array_equal(np.asarray(first_frame(red)), np.asarray(first))
+    latents, videos = run_pipeline(
+        tiny_wan_components(image_to_video=True), "a red circle", out.extras["latents"][:, 0], 3, 1.0, image=first
+    )
+    assert torch.allclose(out.extras["latents"][:, -1], latents, atol=1e-4)
+    assert not torch.allclose(sample(blue).samples, out.samples, atol=1e-3)  # the first frame conditions the sample
+
+
+def test_first_frame_mask_and_flow_shift():
+    m = first_frame_mask(num_frames=9, temporal=4, h=1, w=1)  # 9 frames -> F' = (9 - 1) / 4 + 1 = 3
+    # pixel frame 0 is repeated 4 times: [1 1 1 1 | 0 0 0 0 | 0 0 0 0] folded as [F'=3, temporal=4] -> [4, 3]
+    assert m.shape == (1, 4, 3, 1, 1)
+    assert m[0, :, :, 0, 0].tolist() == [[1, 0, 0]] * 4
+    sched = flow_scheduler({"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "num_train_timesteps": 1000})
+    sched.set_timesteps(2)
+    # sigma_min = shift(0.001) = 3 * 0.001 / (1 + 2 * 0.001) = 0.0029940; the 2-step grid [1, 0.0029940] is
+    # shifted: 3 * 0.0029940 / (1 + 2 * 0.0029940) = 0.0089286; then the final 0
+    assert torch.allclose(sched.sigmas, torch.tensor([1.0, 0.0089286, 0.0]), atol=1e-6)
+    with pytest.raises(UserError, match="neither 'flow_shift' nor 'shift'"):
+        flow_scheduler({"_class_name": "UniPCMultistepScheduler"})
+
+
+def test_user_errors_name_the_fix():
+    with pytest.raises(UserError, match="num_frames=6: num_frames - 1 must be a multiple of .* 4"):
+        tiny_wan_adapter(num_frames=6)
+    with pytest.raises(UserError, match="height x width 40x32 must be multiples of 16"):
+        tiny_wan_adapter(height=40)
+    policy = DiffusionPolicy(tiny_wan_adapter(image_to_video=True), DiffusionPolicyOptions(num_steps=2))
+    with pytest.raises(UserError, match=r"no first frame; give meta\['image'\]"):
+        policy.rollout(PromptBatch(prompts=["a red circle"], seeds=[1]), group_size=1)
+
+
+def test_save_samples_writes_a_readable_mp4(tmp_path):
+    import decord
+
+    from mmgrpo.core.report import save_samples
+
+    videos = torch.zeros(2, 5, 3, 32, 32)  # [n, F, 3, H, W]
+    videos[:, :, 0] = torch.linspace(0, 1, 5)[None, :, None, None]  # red ramps up over the frames
+    path = save_samples(videos, tmp_path / "step_000001.png", ncol=2)
+    assert path.suffix == ".mp4"
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    # 2 videos side by side with 2 px padding: (2 + 32 + 2) x (2 + 2 * (32 + 2)) = 36 x 70, upscaled x4
+    # (128 // 32) -> 144 x 280
+    assert len(vr) == 5 and vr[0].shape == (144, 280, 3)
+    red = [float(vr[f].asnumpy()[72, 72, 0]) for f in range(5)]  # the centre of the first video
+    assert red[0] < 20 and red[-1] > 235 and red == sorted(red)
+
+
+@pytest.mark.parametrize("name", ["wan_t2v_mix", "wan_i2v_dance"])
+def test_configs_load(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg.policy.options["family"] == "wan"
+    assert cfg.pipeline == {"wan_t2v_mix": "text_to_video", "wan_i2v_dance": "image_to_video"}[name]
+
+
+def test_read_pairs_formats_and_errors(tmp_path):
+    from pipelines.image_to_video import read_pairs
+
+    frame(1).save(tmp_path / "a.png")
+    write_mp4(tmp_path / "b.mp4", (0, 200, 0))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "image": "a.png"}\n{"video": "b.mp4"}\n')
+    rows = read_pairs(str(tmp_path / "p.jsonl"), default_prompt="a dog")
+    assert rows == ["a cat", "a dog"] and rows[0].meta == {"image": str(tmp_path / "a.png")}
+    (tmp_path / "p.csv").write_text("prompt,image,video\na cat,,b.mp4\n")
+    assert read_pairs(str(tmp_path / "p.csv"))[0].meta == {"video": str(tmp_path / "b.mp4")}
+    folder = read_pairs(str(tmp_path), default_prompt="a dog")
+    assert folder == ["a dog"] and folder[0].meta == {"video": str(tmp_path / "b.mp4")}
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "image": "missing.png"}))
+    with pytest.raises(UserError, match="bad.jsonl:1: image '.*missing.png' does not exist"):
+        read_pairs(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "both.jsonl").write_text(json.dumps({"image": "a.png", "video": "b.mp4"}))
+    with pytest.raises(UserError, match="exactly one of 'image' or 'video'"):
+        read_pairs(str(tmp_path / "both.jsonl"))
+
+
+def check_only_lora_changed(before, trainer):
+    after = trainer.policy.unwrapped().state_dict()
+    lora = [k for k in after if "lora" in k]
+    assert lora and any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if "lora_B" in k)
+    for k, v in before.items():  # every base weight unchanged (peft renames wrapped ones to *.base_layer.*)
+        stem, _, leaf = k.rpartition(".")
+        key = k if k in after else f"{stem}.base_layer.{leaf}"
+        assert torch.equal(after[key], v), k
+
+
+def run_recipe(tmp_path, pipeline, ckpt, data, policy_opts, **trainer):
+    tmp_path.mkdir(exist_ok=True)
+    cfg = {
+        "pipeline": pipeline,
+        "policy": {"options": {"path": ckpt, "num_steps": 3, "lora_rank": 2, **SIZE, **policy_opts}},
+        "data": {"options": data},
+        "rewards": [{"name": "motion"}],
+        "loss": {"clip_low": 1e-3, "clip_high": 1e-3},
+        "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "progress": False,
+                    "sample_every": 1, **trainer},
+    }  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return train(load_config(path, [f"run.output_dir={tmp_path}"]))
+
+
+def test_text_to_video_training_changes_only_lora(tmp_path):
+    import decord
+
+    from mmgrpo.policies.models.wan import WanAdapter
+
+    ckpt = save_tiny_wan(tmp_path / "t2v")
+    assert WanAdapter.from_pretrained(ckpt).max_sequence_length == 512  # the pipeline's default
+    before = WanAdapter.from_pretrained(ckpt, **SIZE).denoiser.state_dict()
+    data = {"prompts": "shapes", "heldout_prompts": ""}
+    trainer = run_recipe(tmp_path, "text_to_video", ckpt, data, {"exploration": "window", "window_size": 2})
+    check_only_lora_changed(before, trainer)
+    mp4 = trainer.run_dir / "samples" / "train_step_000001.mp4"  # videos are logged as mp4
+    assert len(decord.VideoReader(str(mp4), ctx=decord.cpu(0))) == 5
+    with pytest.raises(UserError, match="is not an image-to-video checkpoint; use pipeline text_to_video"):
+        run_recipe(tmp_path / "x", "image_to_video", ckpt, {"pairs": str(tmp_path)}, {})
+
+
+def test_image_to_video_training_from_mp4_folder_changes_only_lora(tmp_path):
+    from mmgrpo.policies.models.wan import WanAdapter
+
+    ckpt = save_tiny_wan(tmp_path / "i2v", image_to_video=True)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, color in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        write_mp4(videos / f"clip{i}.mp4", color, seed=i)
+    before = WanAdapter.from_pretrained(ckpt, **SIZE).denoiser.state_dict()
+    data = {"pairs": str(videos), "heldout_pairs": str(videos), "default_prompt": "a red circle",
+            "eval_max_prompts": 1, "eval_samples_per_prompt": 1}  # fmt: skip
+    opts = {"sde": "dance", "timestep_fraction": 0.6, "shared_init_noise": True, "guidance_scale": 2.0}
+    trainer = run_recipe(tmp_path, "image_to_video", ckpt, data, opts, eval_every=2)
+    check_only_lora_changed(before, trainer)
+    epoch = trainer.comp.prompts.get([0, 1, 2])  # one pass over the folder, shuffled; each frame in meta
+    assert sorted(m["video"] for m in epoch.meta) == sorted(str(p) for p in videos.iterdir())
+    assert (trainer.run_dir / "samples" / "step_000002.mp4").is_file()  # held-out evaluation, conditioned by frames
