@@ -1,6 +1,8 @@
 """The ``mmgrpo`` command.
 
     mmgrpo train CONFIG [key=value ...]      train (or resume=RUN_DIR to continue a run)
+    mmgrpo sample (--config CONFIG | --model PATH --family F) [--run RUN_DIR] --prompts ... --best-of N --reward R
+                                             Best-of-N sampling (see mmgrpo.core.sample)
     mmgrpo list                              every pipeline, policy, reward, estimator and loss
     mmgrpo serve-reward NAME [...]           serve a reward over HTTP (see rewards.server)
     mmgrpo --version
@@ -28,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML file (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=3e-4 resume=runs/x")
     sub.add_parser("list", help="list every registered pipeline, policy, reward, estimator and loss")
+    b = sub.add_parser("sample", help="Best-of-N sampling with a (trained) generator", add_help=False)
+    b.add_argument("args", nargs=argparse.REMAINDER)
     s = sub.add_parser("serve-reward", help="serve a reward over HTTP", add_help=False)
     s.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -99,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             from rewards.server import main as serve_main
 
             return serve_main(rest[1:])
+        if rest and rest[0] == "sample":  # its own parser (mmgrpo.core.sample) takes every argument
+            from mmgrpo.core.sample import main as sample_main
+
+            return sample_main(rest[1:])
         args = _parser().parse_args(argv)
         if args.command == "train":
             return cmd_train(args.config, args.overrides)

@@ -1,0 +1,261 @@
+"""`mmgrpo sample` (Best-of-N) on a tiny real SD3 checkpoint: argmax choice, seeds, outputs, LoRA runs, errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import rewards
+from mmgrpo.core.checkpoint import latest_checkpoint, load_checkpoint
+from mmgrpo.core.cli import main as cli_main
+from mmgrpo.core.config import load_config
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.sample import (
+    best_index,
+    build_policy,
+    framed,
+    load_trained_weights,
+    parse_args,
+    parse_reward_options,
+    sample_seeds,
+    save_best,
+)
+from mmgrpo.core.trainer import train
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+@rewards.register("test_mean_brightness")
+def mean_brightness(channel: int | None = None):
+    """Mean pixel value (of one channel): a reward whose value the test can recompute from the saved image."""
+
+    def fn(samples, prompts, meta, ctx):
+        x = samples if channel is None else samples[:, channel : channel + 1]
+        return x.float().mean(dim=(1, 2, 3))
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("sd3") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_ckpt):
+    """A 1-step LoRA (rank 2) run with EMA on the tiny checkpoint; its LoRA B weights are non-zero."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = {
+        "pipeline": "text_to_image",
+        "run": {"name": "lora", "output_dir": str(root)},
+        "policy": {"options": {"family": "sd3", "path": tiny_ckpt, "num_steps": 2, "lora_rank": 2}},
+        "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+        "rewards": [{"name": "jpeg_incompressibility"}],
+        "trainer": {"max_steps": 1, "prompts_per_step": 1, "group_size": 2, "lr": 5e-2, "ema_decay": 0.5,
+                    "progress": False},
+    }  # fmt: skip
+    path = root / "lora.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return train(load_config(path)).run_dir
+
+
+def run_cli(capsys, *argv):
+    code = cli_main(["sample", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def base_policy(tiny_ckpt, steps):
+    from mmgrpo.policies.models.sd3 import SD3Adapter
+
+    return DiffusionPolicy(SD3Adapter.from_pretrained(tiny_ckpt), DiffusionPolicyOptions(num_steps=steps))
+
+
+def load_png(path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255  # [3, H, W]
+
+
+# ------------------------------------------------------------------------------------------- pure pieces
+def test_best_index_seeds_options_and_frame():
+    # NaN (reward not applicable) is skipped; the tie 0.7 / 0.7 goes to the first, index 2
+    assert best_index(torch.tensor([0.2, float("nan"), 0.7, 0.7])) == 2
+    assert best_index(torch.tensor([-3.0, -1.0, -2.0])) == 1
+    with pytest.raises(UserError, match="no value"):
+        best_index(torch.tensor([float("nan")] * 2))
+    assert sample_seeds(5, 3) == [5, 6, 7]
+    got = parse_reward_options(["quality=90", "mode=hard", "w=[1, 2]"])
+    assert got == {"quality": 90, "mode": "hard", "w": [1, 2]}
+    with pytest.raises(UserError, match="'quality' is not of the form key=value"):
+        parse_reward_options(["quality"])
+    imgs = torch.full((2, 3, 2, 2), 0.5)
+    out = framed(imgs, best=1, width=1)  # 2x2 image + 1 px frame each side -> 4x4
+    assert out.shape == (2, 3, 4, 4)
+    assert out[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]  # others: white frame
+    assert torch.allclose(out[1, :, 3, 3], torch.tensor([0.1, 0.8, 0.2]))  # best: green frame
+    assert (out[:, :, 1:3, 1:3] == 0.5).all()  # images untouched inside
+
+
+def test_save_best_writes_png_at_full_size_and_mp4_for_video(tmp_path):
+    torch.manual_seed(0)
+    png = save_best(torch.rand(3, 5, 7), tmp_path / "best_0")  # [3, H, W] -> a 7 x 5 PNG, no padding
+    assert png.name == "best_0.png" and Image.open(png).size == (7, 5)
+    mp4 = save_best(torch.rand(4, 3, 8, 8), tmp_path / "best_1")  # [F, 3, H, W] -> a 4-frame mp4
+    import imageio.v2 as imageio
+
+    assert mp4.name == "best_1.mp4" and len(imageio.mimread(mp4)) == 4
+
+
+# ------------------------------------------------------------------------------------------- best of N
+def test_best_of_4_picks_argmax_of_the_reward(tmp_path, capsys, tiny_ckpt):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "--model", tiny_ckpt, "--family", "sd3", "--prompts", *PROMPTS,
+                                "--best-of", 4, "--reward", "test_mean_brightness", "--reward-option", "channel=0",
+                                "--seed", 7, "--steps", 3, "--out", out)  # fmt: skip
+    assert code == 0, err
+    assert "best-of-4 for 2 prompts" in stdout
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["reward_options"] == {"channel": 0} and summary["sde"] == "ode" and summary["steps"] == 3
+    policy = base_policy(tiny_ckpt, steps=3)
+    for i, rec in enumerate(summary["prompts"]):
+        assert rec["prompt"] == PROMPTS[i] and rec["seeds"] == [7, 8, 9, 10]  # seeds SEED + j
+        scores = torch.tensor(rec["scores"])
+        assert len(set(rec["scores"])) == 4  # four different samples
+        assert rec["best_index"] == int(scores.argmax()) and rec["best_score"] == pytest.approx(scores.max().item())
+        # independently: the ODE samples of these seeds, scored as red-channel means
+        imgs = policy.generate([PROMPTS[i]] * 4, [7, 8, 9, 10])
+        assert torch.allclose(imgs[:, 0].mean(dim=(1, 2)), scores, atol=1e-6)
+        # re-scoring the saved best PNG gives the best score (up to uint8 rounding, 0.5 / 255)
+        saved = load_png(out / f"best_{i}.png")
+        assert saved.shape == (3, 16, 16)
+        assert abs(saved[0].mean().item() - rec["best_score"]) < 0.5 / 255 + 1e-6
+    # grid: 16 px images, 1 px frame -> 18 px cells; image_grid pads 2 px: 4 * 20 + 2 = 82 wide, 22 high per
+    # prompt row; enlarged x8 (128 // 16) -> 656 x 176 per row, 2 rows -> 656 x 352
+    assert Image.open(out / "grid.png").size == (656, 352)
+
+
+def test_jpeg_rescore_is_exact_and_batching_changes_nothing(tmp_path, capsys, tiny_ckpt):
+    common = ["--model", tiny_ckpt, "--prompts", PROMPTS[0], "--best-of", 3, "--reward", "jpeg_incompressibility",
+              "--steps", 2, "--seed", 3]  # fmt: skip
+    assert run_cli(capsys, *common, "--out", tmp_path / "a")[0] == 0
+    assert run_cli(capsys, *common, "--batch-size", 1, "--out", tmp_path / "b")[0] == 0
+    a = json.loads((tmp_path / "a" / "scores.json").read_text())["prompts"][0]
+    b = json.loads((tmp_path / "b" / "scores.json").read_text())["prompts"][0]
+    assert a["scores"] == b["scores"] and a["best_index"] == b["best_index"]
+    # the PNG holds (x * 255).round(), exactly what the JPEG reward encodes: the re-score is identical
+    saved = load_png(tmp_path / "a" / "best_0.png")[None]
+    rescore = rewards.get("jpeg_incompressibility")(saved, [PROMPTS[0]], [{}], None)
+    assert float(rescore[0]) == pytest.approx(a["best_score"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- trained runs
+def test_run_dir_loads_lora_weights_and_changes_samples(tmp_path, capsys, tiny_ckpt, trained_run):
+    argv = [
+        "--run",
+        trained_run,
+        "--prompts",
+        "x",
+        "--best-of",
+        1,
+        "--reward",
+        "test_mean_brightness",
+        "--out",
+        tmp_path,
+    ]
+    args = parse_args([str(a) for a in argv])
+    policy, ckpt, opts = build_policy(args)
+    assert ckpt == latest_checkpoint(trained_run / "checkpoints") and opts.lora_rank == 2
+    assert opts.path == tiny_ckpt and opts.num_steps == 2  # model and steps from the run's config.yaml
+    saved = load_checkpoint(ckpt)["model"]
+    own = policy.unwrapped().state_dict()
+    assert saved and all(torch.equal(own[k], v) for k, v in saved.items())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
+    # the same seeds through the base model and the trained run give different samples
+    common = ["--prompts", PROMPTS[0], "--best-of", 2, "--reward", "test_mean_brightness", "--seed", 1]
+    assert run_cli(capsys, "--model", tiny_ckpt, *common, "--out", tmp_path / "base")[0] == 0
+    assert run_cli(capsys, "--run", trained_run, *common, "--out", tmp_path / "lora")[0] == 0
+    base = json.loads((tmp_path / "base" / "scores.json").read_text())
+    lora = json.loads((tmp_path / "lora" / "scores.json").read_text())
+    assert lora["checkpoint"] == str(ckpt) and base["checkpoint"] is None
+    assert all(abs(x - y) > 1e-6 for x, y in zip(base["prompts"][0]["scores"], lora["prompts"][0]["scores"]))
+    # --checkpoint inside the run directory finds the run's config.yaml (LoRA rank 2) by itself
+    policy2, _, opts2 = build_policy(
+        parse_args([*map(str, common), "--checkpoint", str(ckpt), "--out", str(tmp_path)])
+    )
+    assert opts2.lora_rank == 2
+    assert all(torch.equal(policy2.unwrapped().state_dict()[k], v) for k, v in saved.items())
+
+
+def test_ema_weights_load_in_checkpoint_order(tmp_path, trained_run):
+    ckpt = latest_checkpoint(trained_run / "checkpoints")
+    state = load_checkpoint(ckpt)
+    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=2, lora_rank=2))
+    names = load_trained_weights(policy.unwrapped(), ckpt, ema=True)
+    own = policy.unwrapped().state_dict()
+    assert names == list(state["model"])
+    for k, shadow in zip(state["model"], state["ema"]["shadow"]):
+        assert torch.equal(own[k], shadow)
+    # ema_decay 0.5 after one update: shadow = 0.5 * init + 0.5 * trained, so B = 0.5 * trained B (init B = 0)
+    k = next(k for k in state["model"] if "lora_B" in k)
+    assert torch.allclose(own[k], 0.5 * state["model"][k], atol=1e-7) and state["model"][k].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_checkpoint_must_match_the_model(trained_run):
+    ckpt = latest_checkpoint(trained_run / "checkpoints")
+    full = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(lora_rank=0))  # every weight trainable
+    with pytest.raises(UserError, match="lacks .* trainable parameters"):
+        load_trained_weights(full.unwrapped(), ckpt)
+    rank4 = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(lora_rank=4))
+    with pytest.raises(UserError, match=r"has shape \(2, .*the model \(4, "):
+        load_trained_weights(rank4.unwrapped(), ckpt)
+    q_only = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(lora_rank=2, lora_targets=["to_q"]))
+    with pytest.raises(UserError, match="tensors the model does not have"):
+        load_trained_weights(q_only.unwrapped(), ckpt)
+    with pytest.raises(UserError, match="no EMA weights"):
+        no_ema = tiny_sd3_adapter()
+        load_trained_weights(no_ema.denoiser, _without_ema(ckpt, trained_run.parent / "no_ema"), ema=True)
+
+
+def _without_ema(ckpt, dest):
+    from mmgrpo.core.checkpoint import save_checkpoint
+
+    state = load_checkpoint(ckpt)
+    state["ema"] = None
+    return save_checkpoint(dest, 1, state)
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--model", "{tmp}/nope"], "model path '{tmp}/nope' is not a directory"),
+        (["--model", "{ckpt}", "--run", "{tmp}/missing_run"], "run directory '{tmp}/missing_run' not found"),
+        (["--model", "{ckpt}", "--run", "{tmp}"], "has no complete checkpoint under checkpoints/"),
+        (["--model", "{ckpt}", "--checkpoint", "{tmp}/step_000001"], "is not a checkpoint folder"),
+        (["--model", "{ckpt}", "--checkpoint", "{alone}"], "its LoRA options are unknown"),
+        (["--model", "{ckpt}", "--reward", "jpeg_incompresibility"], "did you mean 'jpeg_incompressibility'"),
+        (["--model", "{ckpt}", "--prompts", " "], "no prompts"),
+        (["--prompts", "x"], "no model to sample"),
+        (["--model", "{ckpt}", "--ema"], "--ema loads a checkpoint's EMA weights"),
+    ],
+)
+def test_user_errors_are_one_paragraph(tmp_path, capsys, tiny_ckpt, trained_run, argv, expected):
+    alone = tmp_path / "alone"  # a checkpoint folder outside any run directory: no config.yaml next to it
+    shutil.copytree(latest_checkpoint(trained_run / "checkpoints"), alone)
+    fmt = dict(tmp=tmp_path, ckpt=tiny_ckpt, alone=alone)
+    argv = [a.format(**fmt) for a in argv]
+    defaults = {"--prompts": ["a red circle"], "--best-of": ["2"], "--reward": ["test_mean_brightness"]}
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, *value]
+    code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "out")
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert expected.format(**fmt) in " ".join(err.split())
+    assert err.strip().count("\n\n") == 0
+    assert not (tmp_path / "out" / "scores.json").exists()
