@@ -134,6 +134,8 @@ def _take(value: Any, rows: list[int], n: int) -> Any:
         return value[torch.as_tensor(rows, dtype=torch.long)]
     if isinstance(value, list) and len(value) == n:
         return [value[i] for i in rows]
+    if isinstance(value, dict):  # nested per-row tensors (e.g. a diffusion policy's conditioning)
+        return {k: _take(v, rows, n) for k, v in value.items()}
     return value
 
 
@@ -161,6 +163,8 @@ def _cat(values: list[Any], sizes: list[int]) -> Any:
         return torch.cat(values)
     if isinstance(first, list) and len(first) == sizes[0]:
         return [x for v in values for x in v]
+    if isinstance(first, dict):
+        return {k: _cat([v[k] for v in values], sizes) for k in first}
     return first
 
 

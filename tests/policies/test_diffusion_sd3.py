@@ -155,3 +155,17 @@ def test_two_step_training_changes_only_lora(tmp_path, tiny_ckpt, policy_opts):
         stem, _, leaf = k.rpartition(".")
         key = k if k in after else f"{stem}.base_layer.{leaf}"
         assert torch.equal(after[key], v), k
+
+
+def test_rollouts_of_prompt_chunks_concatenate_to_the_whole():
+    from mmgrpo.core.types import concat_rollouts, select_groups
+
+    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=3))
+    whole = policy.rollout(batch(), group_size=2)
+    b = batch()
+    parts = concat_rollouts([policy.rollout(b.select([0]), 2), policy.rollout(b.select([1]), 2)])
+    assert torch.allclose(parts.samples, whole.samples, atol=1e-6)
+    assert torch.allclose(parts.extras["cond"]["prompt_embeds"], whole.extras["cond"]["prompt_embeds"])
+    assert_ratio_one(policy, parts)
+    second = select_groups(whole, [1])
+    assert torch.equal(second.extras["cond"]["pooled"], whole.extras["cond"]["pooled"][2:])
