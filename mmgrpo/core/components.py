@@ -70,6 +70,7 @@ PIPELINES: Registry[Pipeline] = Registry("pipeline")
 _PIPELINE_MODULES = [
     "pipelines.bandit",
     "pipelines.text_to_image",
+    "pipelines.vlm_reasoning",
     "pipelines.text_to_video",
     "pipelines.image_to_video",
 ]

@@ -1,0 +1,701 @@
+"""The VLM reasoner: a transformers image-text-to-text model as a token policy over chat turns.
+
+R1-style GRPO on vision-language models (DeepSeek-R1, Guo et al. 2025; R1-V; VLM-R1, Shen et al. 2025; Visual-RFT,
+Liu et al. 2025): a prompt is a chat turn with images or a video, an action unit is one completion token, and the
+policy is the model's next-token distribution. Families: Qwen2-VL, Qwen2.5-VL (M-RoPE 3D positions) and the generic
+``AutoModelForImageTextToText`` where ``get_image_features`` returns the projected features.
+
+Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens`` columns):
+
+1. the chat template and the processor run ONCE per prompt -> token ids [Lp], pixel values, grids, positions;
+2. the vision tower runs ONCE per prompt; its features are scattered into the prompt's embeddings [Lp, D];
+3. one prefill of the prompt, the KV cache repeated G times, G rows decoded together with the prompt's own
+   generator (seeded from ``PromptBatch.seeds[b]``, so samples do not depend on the layout); vision tokens
+   (pads, start/end), box tokens and ids >= ``len(tokenizer)`` get logit -inf and can never be sampled
+   (sampling one would crash the next forward with "Image features and image tokens do not match");
+4. ``logp_old [N, K]`` is recomputed by the teacher-forced scorer that ``log_prob`` uses, reusing the features of
+   step 2, so the ratio right after rollout is exactly 1 whatever the micro-batch.
+
+Teacher forcing runs one forward per prompt over that prompt's rows (prompt expanded + completions right-padded,
+no left padding anywhere), with explicit positions (Qwen: the prompt's ``get_rope_index`` positions, then text
+positions continuing from max + 1), so a row scores the same alone or with its group.
+
+Log-probs are of the distribution sampled from: logits / temperature with suppressed tokens removed (top-p / top-k
+truncation is not reflected, as in TRL and verl). They are computed in fp32 from chunks of tokens
+(``logsumexp`` minus the gathered logit, each chunk recomputed in backward), so [n, L, V] fp32 never exists at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmgrpo.core.components import generator_for
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.losses import k3_kl
+from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = (*QWEN_FAMILIES, "generic")
+BOX_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "generic": "absolute"}  # rewards/boxes.py names
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+BOX_TOKENS = (
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"
+)  # fmt: skip
+CONFIG_VISION_IDS = (
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index"
+)  # fmt: skip
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
+    "solves it. The Assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    "tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+)
+
+
+@dataclass
+class VLMPolicyOptions:
+    model: str = ""
+    """local model directory or hub id (safetensors weights + processor)"""
+    family: str = "auto"
+    """auto (from config.model_type), qwen2_vl, qwen2_5_vl or generic (AutoModelForImageTextToText)"""
+    trust_remote_code: bool = False
+    """let transformers run the model repository's own code (only for repositories you trust)"""
+    dtype: str = "float32"
+    """weights dtype: float32, bfloat16 or float16 (log-prob maths is fp32 whatever this is)"""
+    system_prompt: str = R1_SYSTEM_PROMPT
+    """system turn asking for <think>/<answer>; "" keeps the chat template's default system turn"""
+    max_new_tokens: int = 128
+    """K: longest completion; rows without EOS by then are truncated"""
+    temperature: float = 1.0
+    """sampling temperature (> 0); log-probs are of logits / temperature"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1 = off)"""
+    top_k: int = 0
+    """sample among the k most likely tokens (0 = off)"""
+    mask_truncated: bool = False
+    """train_mask all zeros for completions without EOS within max_new_tokens (DAPO overlong filtering)"""
+    suppress_box_tokens: bool = True
+    """never sample <|box_start|> & co (set false for Qwen2-VL's native grounding format)"""
+    suppress_tokens: list[str] = field(default_factory=list)
+    """extra tokens that are never sampled"""
+    fps: float = 2.0
+    """video: frames per second read with decord"""
+    max_frames: int = 16
+    """video: at most this many frames (uniformly spread over the clip)"""
+    max_pixels: int | None = None
+    """pixel budget per image / video frame (resized before the processor); null = the processor's own budget"""
+    finetune: str = "lora"
+    """lora (peft adapters; reference = adapters disabled) or full"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / r)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout; keep 0 so that log_prob in train mode reproduces logp_old"""
+    target_modules: list[str] | None = None
+    """LoRA targets; null = the language model's attention projections (q/k/v/o_proj)"""
+    freeze_vision: bool = True
+    """full fine-tuning: keep the vision tower frozen"""
+    reference_copy: bool = False
+    """full fine-tuning with loss.beta > 0: keep a frozen copy of the model as the KL reference"""
+    gradient_checkpointing: bool = False
+    """recompute decoder activations in backward (less memory, ~30% slower)"""
+    logprob_chunk: int = 1024
+    """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
+
+
+@dataclass(eq=False)
+class PromptInputs:
+    """One prompt after the processor, shared (by reference) by its G rows; never copied per row."""
+
+    input_ids: torch.Tensor  # [Lp]
+    positions: torch.Tensor  # [P, Lp]: P = 3 (Qwen M-RoPE) or 1
+    next_position: int  # position of the first completion token
+    vision: dict[str, torch.Tensor]  # processor outputs: pixel_values, image_grid_thw, pixel_values_videos, ...
+    mm_token_type_ids: torch.Tensor | None = None  # [Lp]
+    resized_size: tuple[int, int] | None = None  # (W', H') of the first image as the model saw it
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # vision features [n_tok, D], cached in rollout
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # [Lp]: every prompt is its own forward, so no padding
+        return torch.ones_like(self.input_ids)
+
+
+# ---------------------------------------------------------------------------------------------- pure maths
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk: int = 1024,
+    temperature: float = 1.0,
+    suppress: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[targets] in fp32, ``chunk`` tokens at a time. [n, L, D] -> [n, L].
+
+    ``suppress [V]`` (bool) removes tokens from the distribution (logit -inf). Each chunk's [chunk, V] fp32 logits
+    are freed after use and recomputed in backward (activation checkpointing), so peak memory is one chunk.
+    """
+    n, L, D = hidden.shape
+    flat_h, flat_t = hidden.reshape(n * L, D), targets.reshape(n * L)
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float() / temperature  # [c, V] fp32: the ratio exp(logp - logp_old) needs fp32
+        if suppress is not None:
+            logits = logits.masked_fill(suppress[: logits.shape[-1]], float("-inf"))
+        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [c]
+
+    out = []
+    for lo in range(0, n * L, max(1, chunk)):
+        h, t = flat_h[lo : lo + chunk], flat_t[lo : lo + chunk]
+        out.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+    return torch.cat(out).reshape(n, L) if out else hidden.new_zeros(n, L, dtype=torch.float32)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    suppress: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """One token per row from logits [G, V] (fp32): suppressed ids -> -inf, temperature, top-k, top-p. -> [G]."""
+    logits = logits.float()
+    if suppress is not None:
+        logits = logits.masked_fill(suppress[: logits.shape[-1]], float("-inf"))
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [G, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # [G, V]
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- media
+
+
+def load_image(image: Any, max_pixels: int | None = None):
+    """A PIL RGB image from a PIL image, a uint8 array [H, W, 3] or a path; shrunk to ``max_pixels`` if given."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise UserError(f"image file {str(image)!r} not found; give an existing path, a PIL image or an array")
+        image = Image.open(image)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image))
+    elif not isinstance(image, Image.Image):
+        raise UserError(f"images must be PIL images, uint8 arrays [H, W, 3] or paths; got {type(image).__name__}")
+    image = image.convert("RGB")
+    if max_pixels and image.width * image.height > max_pixels:
+        s = math.sqrt(max_pixels / (image.width * image.height))
+        image = image.resize((max(1, int(image.width * s)), max(1, int(image.height * s))), Image.BICUBIC)
+    return image
+
+
+def read_video(
+    path: str | Path, fps: float = 2.0, max_frames: int = 16, max_pixels: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Frames uint8 [F, H, W, 3] of an mp4 read with decord at ``fps`` (at most ``max_frames``, F even), and the
+    effective fps of the returned frames (for Qwen2.5-VL's temporal positions)."""
+    if not Path(path).is_file():
+        raise UserError(f"video file {str(path)!r} not found; give the path of an existing mp4")
+    try:
+        import decord
+    except ImportError as e:
+        raise UserError("reading videos needs decord: `pip install decord` (or mmgrpo[video])") from e
+    vr = decord.VideoReader(str(path))
+    n, native = len(vr), float(vr.get_avg_fps() or fps)
+    idx = np.arange(0.0, n, max(native / fps, 1.0)).astype(int)
+    if len(idx) > max_frames:
+        idx = np.linspace(0, n - 1, max_frames).round().astype(int)
+    if len(idx) % 2:  # Qwen patches 2 frames at a time
+        idx = np.append(idx, idx[-1]) if len(idx) == 1 else idx[:-1]
+    frames = vr.get_batch(idx.tolist()).asnumpy()  # [F, H, W, 3]
+    effective_fps = len(idx) / max(n / native, 1e-6)
+    if max_pixels:
+        frames = np.stack([np.asarray(load_image(f, max_pixels)) for f in frames])
+    return frames, effective_fps
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+def _first_attr(objs: list[Any], names: tuple[str, ...]) -> Any:
+    for obj in objs:
+        for name in names:
+            if obj is not None and getattr(obj, name, None) is not None:
+                return getattr(obj, name)
+    return None
+
+
+def _features(out: Any) -> torch.Tensor:
+    """get_image_features' output (a model output with pooler_output, a tuple of tensors, a tensor) -> [n_tok, D]."""
+    if getattr(out, "pooler_output", None) is not None:
+        out = out.pooler_output
+    if isinstance(out, (list, tuple)):
+        out = torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
+    return out.reshape(-1, out.shape[-1])
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+class VLMScorer(nn.Module):
+    """The trainable module the trainer wraps: token log-probs of completions given their prompts.
+
+    ``forward(prompts, completions [n, L]) -> (logp [n, L], ref_logp [n, L] | None)``: rows of one prompt share
+    one forward and one vision pass. Also holds the pieces the sampler reuses (prompt embeddings, backbone, head).
+    """
+
+    def __init__(self, vlm: nn.Module, family: str, suppress: torch.Tensor, options: VLMPolicyOptions):
+        super().__init__()
+        self.vlm = vlm  # the transformers model, or a peft model around it
+        self.family = family
+        self.temperature = options.temperature
+        self.chunk = options.logprob_chunk
+        self.register_buffer("suppress", suppress, persistent=False)  # [V] bool
+        self.ref_model: nn.Module | None = None  # frozen copy (full fine-tuning with reference_copy)
+
+    @property
+    def hf(self) -> nn.Module:
+        return self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
+
+    @staticmethod
+    def backbone(hf: nn.Module) -> nn.Module:
+        return _first_attr([getattr(hf, "model", None)], ("language_model",)) or hf.get_decoder()
+
+    @staticmethod
+    def vision_tower(hf: nn.Module) -> nn.Module | None:
+        return _first_attr([getattr(hf, "model", None), hf], ("visual", "vision_tower", "vision_model"))
+
+    def train(self, mode: bool = True) -> VLMScorer:
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()
+        return self
+
+    def vision_frozen(self) -> bool:
+        """No trainable and no LoRA parameter in the vision tower: its features may be cached across calls."""
+        tower = self.vision_tower(self.hf)
+        if tower is None:
+            return True
+        return not any(p.requires_grad or "lora_" in n for n, p in tower.named_parameters())
+
+    # -- prompt side
+    def prompt_embeds(self, hf: nn.Module, prompt: PromptInputs, cached: bool = False, store: bool = False):
+        """Token embeddings of the prompt with the vision features scattered in. -> [Lp, D].
+
+        ``cached``: use ``prompt.features`` when present; ``store``: keep the features computed here (detached).
+        """
+        emb = hf.get_input_embeddings()(prompt.input_ids)  # [Lp, D]
+        for kind in ("image", "video"):
+            feats = prompt.features.get(kind) if cached else None
+            if feats is None:
+                feats = self.vision_features(hf, prompt, kind)
+                if store and feats is not None:
+                    prompt.features[kind] = feats.detach()
+            if feats is None:
+                continue
+            token_id = _first_attr([hf.config], (f"{kind}_token_id", f"{kind}_token_index"))
+            mask = prompt.input_ids == token_id  # [Lp]
+            if int(mask.sum()) != feats.shape[0]:
+                raise ValueError(f"{int(mask.sum())} {kind} tokens in the prompt but {feats.shape[0]} features")
+            emb = emb.masked_scatter(mask[:, None], feats.to(emb.dtype))
+        return emb
+
+    @staticmethod
+    def vision_features(hf: nn.Module, prompt: PromptInputs, kind: str) -> torch.Tensor | None:
+        """Run the vision tower (once) on the prompt's images or video. -> [n_tok, D] or None."""
+        v = prompt.vision
+        if kind == "image" and "pixel_values" in v:
+            extra = {k: x for k, x in v.items() if k.startswith("image_")}
+            return _features(hf.get_image_features(pixel_values=v["pixel_values"], **extra))
+        if kind == "video" and "pixel_values_videos" in v:
+            return _features(hf.get_video_features(v["pixel_values_videos"], v.get("video_grid_thw")))
+        return None
+
+    def positions(self, prompt: PromptInputs, length: int, rows: int, start: int = 0) -> torch.Tensor:
+        """Positions of sequence slots [start, Lp + length) for ``rows`` rows: [3, rows, L] (Qwen) or [rows, L]."""
+        comp = prompt.next_position + torch.arange(length, device=prompt.input_ids.device)  # [Lc]
+        full = torch.cat([prompt.positions, comp.expand(prompt.positions.shape[0], -1)], dim=1)[:, start:]  # [P, L]
+        if self.family in QWEN_FAMILIES:
+            return full[:, None, :].expand(full.shape[0], rows, full.shape[1])
+        return full[0][None, :].expand(rows, full.shape[1])
+
+    # -- scoring
+    def group_logprobs(self, hf: nn.Module, prompt: PromptInputs, comp: torch.Tensor, cached: bool) -> torch.Tensor:
+        """Teacher-forced token log-probs of r completions [r, Lc] of one prompt. -> [r, Lc] fp32."""
+        r, Lc = comp.shape
+        Lp = prompt.input_ids.shape[0]
+        prompt_emb = self.prompt_embeds(hf, prompt, cached)  # [Lp, D]
+        emb = torch.cat([prompt_emb[None].expand(r, -1, -1), hf.get_input_embeddings()(comp)], dim=1)  # [r, L, D]
+        out = self.backbone(hf)(inputs_embeds=emb, position_ids=self.positions(prompt, Lc, r), use_cache=False)
+        hidden = out.last_hidden_state[:, Lp - 1 : Lp - 1 + Lc]  # [r, Lc, D]: slot t predicts completion token t
+        return chunked_token_logprobs(
+            hidden, hf.get_output_embeddings(), comp, self.chunk, self.temperature, self.suppress
+        )
+
+    def _rows_logprobs(self, hf, prompts: list[PromptInputs], comp: torch.Tensor, cached: bool) -> torch.Tensor:
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(id(p), []).append(i)
+        pieces, order = [], []
+        for rows in groups.values():
+            pieces.append(self.group_logprobs(hf, prompts[rows[0]], comp[rows], cached))
+            order += rows
+        inverse = torch.empty(len(order), dtype=torch.long, device=comp.device)
+        inverse[torch.tensor(order, device=comp.device)] = torch.arange(len(order), device=comp.device)
+        return torch.cat(pieces)[inverse]  # [n, Lc] in the callers' row order
+
+    def forward(
+        self,
+        prompts: list[PromptInputs],
+        completions: torch.Tensor,
+        reference: bool = False,
+        reuse_features: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prompts: n (one per row, shared objects per prompt); completions [n, L] -> logp [n, L], ref [n, L].
+
+        ``reuse_features``: use the vision features cached in rollout (default: iff the vision tower is frozen,
+        i.e. they cannot have changed; rollout forces it, its parameters have not changed since sampling).
+        """
+        frozen = self.vision_frozen() if reuse_features is None else reuse_features
+        logp = self._rows_logprobs(self.hf, prompts, completions, cached=frozen)
+        ref = None
+        if reference:
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    ref = self._rows_logprobs(self.ref_model, prompts, completions, cached=frozen)
+                elif hasattr(self.vlm, "disable_adapter"):
+                    with self.vlm.disable_adapter():
+                        ref = self._rows_logprobs(self.hf, prompts, completions, cached=frozen)
+                else:
+                    raise UserError("a KL reference needs LoRA (finetune: lora) or policy.options.reference_copy=true")
+        return logp, ref
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+
+
+def detect_family(model: nn.Module, family: str = "auto") -> str:
+    if family != "auto":
+        if family not in FAMILIES:
+            raise UserError(f"policy.options.family={family!r} is unknown; use auto or one of {', '.join(FAMILIES)}")
+        return family
+    model_type = getattr(model.config, "model_type", "")
+    return model_type if model_type in QWEN_FAMILIES else "generic"
+
+
+def suppressed_ids(tokenizer, config, model_vocab: int, options: VLMPolicyOptions) -> torch.Tensor:
+    """[V] bool: vision tokens, box tokens (option), extra tokens, config's vision ids, ids >= len(tokenizer)."""
+    mask = torch.zeros(model_vocab, dtype=torch.bool)
+    names = list(VISION_TOKENS) + (list(BOX_TOKENS) if options.suppress_box_tokens else [])
+    vocab = tokenizer.get_vocab()
+    for name in names + list(options.suppress_tokens):
+        if name in vocab:
+            mask[vocab[name]] = True
+        elif name in options.suppress_tokens:
+            raise UserError(f"policy.options.suppress_tokens: {name!r} is not a token of this tokenizer")
+    for key in CONFIG_VISION_IDS:
+        tid = getattr(config, key, None)
+        if isinstance(tid, int) and 0 <= tid < model_vocab:
+            mask[tid] = True
+    mask[len(tokenizer) :] = True  # rows of the embedding no token maps to (Qwen pads the vocabulary)
+    return mask
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, list) else [gen])
+    return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer))
+
+
+class VLMPolicy:
+    """Policy protocol over a transformers VLM. Samples: N completion strings (special tokens stripped).
+
+    ``family`` is qwen2_vl, qwen2_5_vl or generic; ``box_family`` is the matching name for the ``iou`` reward
+    (box coordinates are converted only in ``rewards/boxes.py``).
+    """
+
+    def __init__(
+        self, model: nn.Module, processor: Any, options: VLMPolicyOptions | None = None, reference: bool = False
+    ):
+        o = options or VLMPolicyOptions()
+        if o.temperature <= 0:
+            raise UserError(f"policy.options.temperature={o.temperature} must be > 0 (greedy decoding is for eval)")
+        if o.finetune not in ("lora", "full"):
+            raise UserError(f"policy.options.finetune={o.finetune!r}; use 'lora' or 'full'")
+        self.options, self.processor = o, processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.family = detect_family(model, o.family)
+        self.box_family = BOX_FAMILY[self.family]
+        self.eos_ids = _eos_ids(self.tokenizer, model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        vocab = model.get_output_embeddings().weight.shape[0]
+        suppress = suppressed_ids(self.tokenizer, model.config, vocab, o)
+        if o.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ref_copy = None
+        if reference and o.finetune == "full":
+            if not o.reference_copy:
+                raise UserError(
+                    "loss.beta > 0 with policy.options.finetune=full needs a reference: set "
+                    "policy.options.reference_copy=true (a frozen copy of the model) or use finetune=lora"
+                )
+            ref_copy = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model: nn.Module = VLMScorer(self._trainable(model, o), self.family, suppress, o)
+        self.model.ref_model = ref_copy
+        self.reference = reference
+
+    @staticmethod
+    def _trainable(model: nn.Module, o: VLMPolicyOptions) -> nn.Module:
+        if o.finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = o.target_modules or r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+            lora = LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout, target_modules=targets)
+            return get_peft_model(model, lora)
+        model.requires_grad_(True)
+        tower = VLMScorer.vision_tower(model)
+        if o.freeze_vision and tower is not None:
+            tower.requires_grad_(False)
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, options: VLMPolicyOptions | None = None, reference: bool = False, device: Any = None
+    ) -> VLMPolicy:
+        """Load model (safetensors only) and processor from a local directory or hub id."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        o = options or VLMPolicyOptions(model=str(path))
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if o.dtype not in dtypes:
+            raise UserError(f"policy.options.dtype={o.dtype!r}; use one of {', '.join(dtypes)}")
+        kw = {"trust_remote_code": o.trust_remote_code}
+        try:
+            config = AutoConfig.from_pretrained(str(path), **kw)
+            family = o.family if o.family != "auto" else getattr(config, "model_type", "generic")
+            model_cls = AutoModelForImageTextToText
+            if family == "qwen2_vl":
+                from transformers import Qwen2VLForConditionalGeneration as model_cls
+            elif family == "qwen2_5_vl":
+                from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
+            model = model_cls.from_pretrained(str(path), dtype=dtypes[o.dtype], use_safetensors=True, **kw)
+            processor = AutoProcessor.from_pretrained(str(path), **kw)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot load a VLM from policy.options.model={str(path)!r}: {e}. Give a local directory with "
+                "config.json, model.safetensors and the processor files (see pipelines/make_tiny_vlm.py), or a hub id"
+            ) from e
+        policy = cls(model, processor, o, reference=reference)
+        if device is not None:
+            policy.model.to(device)
+        return policy
+
+    # ------------------------------------------------------------------------------------------ prompts
+    @property
+    def device(self) -> torch.device:
+        return next(self._scorer().parameters()).device
+
+    def _scorer(self) -> VLMScorer:
+        return getattr(self.model, "module", self.model)
+
+    def messages(self, prompt: Any, n_images: int, has_video: bool) -> list[dict]:
+        """Chat messages of a prompt: a str (the question) or a dict {question|text, options?} or {messages}."""
+        if isinstance(prompt, dict) and "messages" in prompt:
+            return prompt["messages"]
+        text = prompt if isinstance(prompt, str) else (prompt.get("question") or prompt.get("text"))
+        if not isinstance(text, str):
+            raise UserError(f"a VLM prompt is a str or a dict with 'question' (or 'text'); got {str(prompt)[:80]!r}")
+        options = prompt.get("options") if isinstance(prompt, dict) else None
+        if options:
+            text += " " + " ".join(f"{chr(65 + i)}) {opt}" for i, opt in enumerate(options))
+        content = [{"type": "image"} for _ in range(n_images)] + ([{"type": "video"}] if has_video else [])
+        system = self.options.system_prompt
+        turns = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+        return ([{"role": "system", "content": system}] if system else []) + turns
+
+    def prepare(self, prompt: Any, meta: dict) -> PromptInputs:
+        """Chat template + processor, once per prompt; images/video from the prompt dict or meta."""
+        o, src = self.options, prompt if isinstance(prompt, dict) else {}
+        images = src.get("images", meta.get("images")) or ([meta["image"]] if meta.get("image") is not None else [])
+        images = [load_image(im, o.max_pixels) for im in images]
+        video = src.get("video", meta.get("video"))
+        kwargs: dict[str, Any] = {"return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        if video is not None:
+            frames, fps = read_video(video, o.fps, o.max_frames, o.max_pixels)
+            kwargs["videos"] = [frames]
+            if self.family in QWEN_FAMILIES:
+                kwargs.update(video_metadata=[{"fps": fps, "total_num_frames": len(frames)}], do_sample_frames=False)
+        text = self.processor.apply_chat_template(
+            self.messages(prompt, len(images), video is not None), tokenize=False, add_generation_prompt=True
+        )
+        enc = self.processor(text=[text], **kwargs)
+        dev = self.device
+        ids = enc["input_ids"][0].to(dev)
+        skip = ("input_ids", "attention_mask", "mm_token_type_ids")
+        vision = {k: v.to(dev) for k, v in enc.items() if k not in skip and isinstance(v, torch.Tensor)}
+        tt = enc.get("mm_token_type_ids")
+        tt = tt[0].to(dev) if tt is not None else None
+        positions, nxt = self._prompt_positions(ids, tt, vision)
+        resized = None
+        if "image_grid_thw" in vision:
+            patch = getattr(getattr(self.processor, "image_processor", None), "patch_size", 14)
+            _, gh, gw = vision["image_grid_thw"][0].tolist()
+            resized = (int(gw * patch), int(gh * patch))
+        return PromptInputs(ids, positions, nxt, vision, tt, resized)
+
+    def _prompt_positions(self, ids, token_types, vision) -> tuple[torch.Tensor, int]:
+        """[P, Lp] positions and the next position: Qwen M-RoPE from get_rope_index, else 0..Lp-1."""
+        Lp = ids.shape[0]
+        has_grid = "image_grid_thw" in vision or "video_grid_thw" in vision
+        if self.family not in QWEN_FAMILIES:
+            return torch.arange(Lp, device=ids.device)[None], Lp
+        if not has_grid:
+            return torch.arange(Lp, device=ids.device)[None].expand(3, -1), Lp
+        fn = self._scorer().hf.model.get_rope_index
+        kw = {"mm_token_type_ids": None if token_types is None else token_types[None], **vision}
+        params = inspect.signature(fn).parameters
+        kw = {k: v for k, v in kw.items() if k in params and k != "input_ids"}
+        pos, _ = fn(ids[None], **kw)  # [3, 1, Lp]
+        return pos[:, 0], int(pos.max()) + 1
+
+    # ------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, prompt: PromptInputs, G: int, generator: torch.Generator | None, greedy: bool = False):
+        """G completions of one prompt: one vision pass, one prefill, G rows decoded from a shared KV cache.
+
+        Returns (tokens [G, T] with pad after EOS, lengths [G] incl. EOS, finished [G] bool).
+        """
+        o, sc = self.options, self._scorer()
+        hf = sc.hf
+        emb = sc.prompt_embeds(hf, prompt, store=True)[None]  # [1, Lp, D]; the vision tower's one pass
+        backbone, head, embed = sc.backbone(hf), hf.get_output_embeddings(), hf.get_input_embeddings()
+        out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(G)
+        h = out.last_hidden_state[:, -1].expand(G, -1)  # [G, D]
+        eos = torch.tensor(self.eos_ids, device=emb.device)
+        done = torch.zeros(G, dtype=torch.bool, device=emb.device)
+        tokens = []
+        for t in range(o.max_new_tokens):
+            nxt = sample_tokens(head(h), generator, o.temperature, o.top_p, o.top_k, sc.suppress, greedy)  # [G]
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            tokens.append(nxt)
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()) or t == o.max_new_tokens - 1:
+                break
+            pos = sc.positions(prompt, t + 1, G, start=prompt.input_ids.shape[0] + t)  # slot Lp + t
+            kw = {_cache_kwarg(backbone): cache}
+            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, use_cache=True, **kw)
+            h = out.last_hidden_state[:, -1]
+        toks = torch.stack(tokens, dim=1)  # [G, T]
+        is_eos = torch.isin(toks, eos)  # [G, T]
+        finished = is_eos.any(1)  # [G]
+        lengths = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [G]: up to the first EOS
+        return toks, lengths, finished
+
+    def _seeded(self, batch: PromptBatch, b: int, generator: torch.Generator | None) -> torch.Generator | None:
+        return generator_for(batch.seeds[b], self.device) if batch.seeds else generator
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, greedy: bool = True) -> list[str]:
+        """One completion per prompt (greedy by default: held-out evaluation)."""
+        out = []
+        for b, (p, m) in enumerate(zip(batch.prompts, batch.meta)):
+            toks, lens, _ = self.sample(self.prepare(p, m), 1, self._seeded(batch, b, None), greedy)
+            out.append(self._decode(toks[0, : int(lens[0])]))
+        return out
+
+    def _decode(self, ids: torch.Tensor) -> str:
+        ids = [i for i in ids.tolist() if i not in self.eos_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------------------ protocol
+    @torch.no_grad()
+    def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
+        G, K, dev = group_size, self.options.max_new_tokens, self.device
+        prompts = [self.prepare(p, m) for p, m in zip(batch.prompts, batch.meta)]  # processor: once per prompt
+        comp = torch.full((len(prompts) * G, K), self.pad_id, dtype=torch.long, device=dev)  # [N, K]
+        lengths = torch.zeros(len(prompts) * G, dtype=torch.long, device=dev)  # [N]
+        finished = torch.zeros(len(prompts) * G, dtype=torch.bool, device=dev)  # [N]
+        for b, prompt in enumerate(prompts):
+            toks, lens, fin = self.sample(prompt, G, self._seeded(batch, b, generator))
+            rows = slice(b * G, (b + 1) * G)
+            comp[rows, : toks.shape[1]], lengths[rows], finished[rows] = toks, lens, fin
+        mask = torch.arange(K, device=dev)[None] < lengths[:, None]  # [N, K]: completion tokens incl. EOS
+        if self.options.mask_truncated:
+            mask &= finished[:, None]
+        row_prompts = [p for p in prompts for _ in range(G)]  # N references to B objects
+        logp_old = torch.zeros(len(row_prompts), K, device=dev)  # [N, K] fp32
+        L = max(int(lengths.max()), 1)
+        for b in range(len(prompts)):  # the scorer log_prob uses, one prompt's rows per call
+            rows = slice(b * G, (b + 1) * G)
+            logp_old[rows, :L] = self.model(row_prompts[rows], comp[rows, :L], reuse_features=True)[0].float()
+        logp_old = logp_old.masked_fill(~mask, 0.0)
+        meta = [self._row_meta(m, p) for p, m in zip(prompts, batch.meta) for _ in range(G)]
+        return Rollout(
+            samples=[self._decode(comp[n, : int(lengths[n])]) for n in range(len(row_prompts))],
+            logp_old=logp_old.cpu(),
+            train_mask=mask.cpu(),
+            group_size=G,
+            prompts=[p for p in batch.prompts for _ in range(G)],
+            meta=meta,
+            extras={
+                "prompt": row_prompts,
+                "prompt_index": torch.arange(len(prompts)).repeat_interleave(G),
+                "completion_ids": comp,
+                "completion_len": lengths,
+                "finished": finished,
+            },
+        )
+
+    @staticmethod
+    def _row_meta(meta: dict, prompt: PromptInputs) -> dict:
+        """The prompt's meta plus what the box reward needs: the size the model saw (no coordinate conversion)."""
+        out = dict(meta)
+        if prompt.resized_size is not None:
+            out.setdefault("resized_size", prompt.resized_size)
+        return out
+
+    def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
+        rows_l = [int(r) for r in rows.reshape(-1).tolist()]
+        comp = rollout.extras["completion_ids"][rows_l]  # [n, K]
+        K = comp.shape[1]
+        units = torch.arange(K) if units is None else units.reshape(-1).cpu()
+        L = max(int(units.max()) + 1 if units.numel() else 1, 1)
+        prompts = [rollout.extras["prompt"][i] for i in rows_l]
+        logp, ref = self.model(prompts, comp[:, :L], reference=self.reference)  # through the (DDP) wrapper
+        cols = units.to(logp.device)
+        logp = logp[:, cols].float()  # [n, k]
+        kl = k3_kl(logp, ref[:, cols]) if ref is not None else None
+        to = rollout.logp_old.device  # the loss meets logp_old and the advantages there (autograd crosses devices)
+        return LogProbs(logp=logp.to(to), kl=None if kl is None else kl.to(to))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,140 @@
+"""The vlm_reasoning recipe: synthetic shapes QA, JSONL data, the split and stream, the tiny asset, a smoke run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmgrpo.core.config import load_config, read_yaml
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.trainer import train
+from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
+from pipelines.make_tiny_vlm import main as make_tiny_vlm
+from pipelines.make_tiny_vlm import warm_up_format
+from pipelines.vlm_reasoning import QAExamples, QAPrompts, VLMReasoningDataOptions, load_jsonl, shapes_question
+from rewards.text import has_valid_format
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "vlm_reasoning_tiny.yaml"
+
+
+def test_shapes_questions_are_deterministic_and_answered_by_the_scene():
+    kinds = set()
+    for i in range(40):
+        prompt, meta = shapes_question(i, seed=0, size=32)
+        again, meta2 = shapes_question(i, seed=0, size=32)
+        assert prompt == again and meta["answer"] == meta2["answer"]
+        assert np.array_equal(meta["images"][0], meta2["images"][0]) and meta["images"][0].shape == (32, 32, 3)
+        words = prompt["question"].rstrip("?").split()
+        if words[0] == "How":  # "How many red circles are there?"
+            color, shape = words[2], words[3][:-1]
+            n = sum(obj == (color, shape) for obj in meta["objects"])
+            assert prompt["options"] == ["1", "2", "3"] and meta["answer"] == "ABC"[n - 1]
+            kinds.add("count")
+        else:  # "Is there a blue square?"
+            color, shape = words[-2], words[-1]
+            present = (color, shape) in meta["objects"]
+            assert prompt["options"] == ["yes", "no"] and meta["answer"] == ("A" if present else "B")
+            kinds.add("exists" if present else "absent")
+    assert kinds == {"count", "exists", "absent"}
+    assert shapes_question(0, seed=1)[1]["answer"] is not None  # another seed is another pool
+
+
+def test_split_is_disjoint_and_the_stream_visits_every_train_example_once_per_epoch():
+    ex = QAExamples(VLMReasoningDataOptions(num_examples=20, heldout_fraction=0.25))
+    assert len(ex.heldout) == 5 and len(ex.train) == 15  # round(0.25 * 20) = 5
+    assert set(ex.heldout).isdisjoint(ex.train) and set(ex.heldout) | set(ex.train) == set(range(20))
+    stream = QAPrompts(ex, order_seed=0)
+    first = [stream.example_at(i) for i in range(15)]
+    assert sorted(first) == ex.train
+    assert [stream.example_at(i) for i in range(15, 30)] != first  # a fresh order for epoch 2
+    a, b = stream.get([3, 4]), stream.get([3, 4])
+    assert a.prompts == b.prompts and len(a) == 2
+    with pytest.raises(UserError, match="heldout_fraction"):
+        QAExamples(VLMReasoningDataOptions(heldout_fraction=1.0))
+
+
+def test_jsonl_examples_resolve_media_next_to_the_file(tmp_path):
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "red.png")
+    rows = [
+        {"question": "What colour?", "options": ["red", "blue"], "answer": "A", "image": "red.png", "source": "x"},
+        {"question": "How long?", "answer": 3, "video": "clip.mp4"},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ex = load_jsonl(path)
+    assert len(ex) == 2
+    (p0, m0), (p1, m1) = ex
+    assert p0 == {"question": "What colour?", "options": ["red", "blue"]}
+    assert m0 == {"answer": "A", "source": "x", "images": [str(tmp_path / "red.png")]}
+    assert m1["video"] == str(tmp_path / "clip.mp4") and m1["images"] == []
+    for bad, match in [("{not json", "not valid JSON"), ('{"question": "q"}', "'question' and 'answer'")]:
+        path.write_text(bad)
+        with pytest.raises(UserError, match=match):
+            load_jsonl(path)
+    with pytest.raises(UserError, match="not found"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_config_opens_with_its_command_and_loads():
+    assert CONFIG.read_text().splitlines()[0] == "# mmgrpo train configs/vlm_reasoning_tiny.yaml"
+    cfg = load_config(CONFIG)
+    assert cfg.pipeline == "vlm_reasoning" and cfg.policy.options["model"] == "assets/tiny_qwen2_vl"
+    with pytest.raises(UserError, match="policy.options.max_new_token"):
+        load_config(CONFIG, ["policy.options.max_new_token=3"])  # a typo is an error, not a silent default
+
+
+def test_make_tiny_vlm_writes_a_small_loadable_dir_and_the_warm_up_teaches_the_format(tmp_path):
+    out = make_tiny_vlm(["--out", str(tmp_path / "m"), "--sft-steps", "0"])
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert (out / "model.safetensors").is_file() and size < 5e6
+    policy = VLMPolicy.from_pretrained(str(out), VLMPolicyOptions(max_new_tokens=4))
+    assert policy.family == "qwen2_vl"
+    torch.manual_seed(0)
+    losses = warm_up_format(policy.model.hf, policy.processor, steps=6, batch=2)
+    assert losses[-1] < losses[0]  # NLL of the format target falls
+
+
+def test_the_shipped_asset_writes_the_r1_format():
+    asset = REPO / read_yaml(CONFIG)["policy"]["options"]["model"]
+    size = sum(f.stat().st_size for f in asset.iterdir())
+    assert size < 5e6, size
+    from pipelines.vlm_reasoning import shapes_question as q
+
+    policy = VLMPolicy.from_pretrained(str(asset), VLMPolicyOptions(max_new_tokens=32, finetune="full"))
+    from mmgrpo.core.types import PromptBatch
+
+    examples = [q(10_000 + i) for i in range(3)]
+    texts = policy.generate(PromptBatch([p for p, _ in examples], [m for _, m in examples]))
+    assert all(has_valid_format(t) for t in texts), texts
+
+
+def test_recipe_smoke_run_trains_and_evaluates(tmp_path):
+    model_dir = make_tiny_vlm(["--out", str(tmp_path / "m"), "--sft-steps", "0"])
+    cfg = load_config(
+        CONFIG,
+        [
+            f"run.output_dir={tmp_path}",
+            f"policy.options.model={model_dir}",
+            "policy.options.max_new_tokens=6",
+            "data.options.num_examples=12",
+            "data.options.eval_examples=2",
+            "trainer.max_steps=1",
+            "trainer.prompts_per_step=2",
+            "trainer.group_size=2",
+            "trainer.micro_batch_size=2",
+            "trainer.eval_every=1",
+            "trainer.progress=false",
+            "loss.beta=0.04",  # exercises the reference (LoRA disabled) and the KL term
+        ],
+    )
+    trainer = train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "vlm_reasoning_tiny" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 1] and all(0.0 <= m["eval/format"] <= 1.0 for m in evals)
+    step = next(m for m in lines if "reward/format" in m)
+    assert "reward/accuracy" in step and "loss/policy" in step
+    assert trainer.policy.reference and (tmp_path / "vlm_reasoning_tiny" / "checkpoints").is_dir()
