@@ -37,13 +37,24 @@ class EvalResult:
     captions: list[str] = field(default_factory=list)
 
 
+class AdvantageHook(Protocol):
+    """``hook(adv [B, G], rollout, cols [V, R, N], reward_names) -> (adv [B, G], metrics)`` on this rank's groups.
+
+    Runs after the estimator; ``rollout.loss_weight`` may also be set here (per-stream weights)."""
+
+    def __call__(
+        self, adv: torch.Tensor, rollout: Any, cols: torch.Tensor, reward_names: list[str]
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
 @dataclass
 class Components:
     policy: Policy
     prompts: PromptSource
     evaluate: Callable[[Policy, int], EvalResult] | None = None
     sample_images: Callable[[Any], torch.Tensor | None] | None = None  # rollout.samples -> images for grids
-    reward_state: dict[str, Any] = field(default_factory=dict)  # stateful rewards, checkpointed by name
+    advantage_hooks: list[AdvantageHook] = field(default_factory=list)
+    """method hooks applied, in order, to this rank's advantages after normalisation (PEARL gate, TempSamp anchor)"""
 
 
 @dataclass

@@ -216,7 +216,12 @@ class Trainer:
         }
         for v in range(1, V):
             metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
-        return adv.reshape(-1)[mine], row_w.reshape(-1)[mine].float(), metrics
+        adv_local = adv.reshape(-1)[mine].view(-1, G)
+        names = [name for name, _, _ in self.rewards]
+        for hook in self.comp.advantage_hooks:  # named method hooks (docs/hooks.md), on this rank's groups
+            adv_local, m = hook(adv_local, rollout, cols, names)
+            metrics.update(m)
+        return adv_local.reshape(-1), row_w.reshape(-1)[mine].float(), metrics
 
     # ---------------------------------------------------------------- phase 4: update
     def update(self, rollout: Rollout, adv: torch.Tensor, row_w: torch.Tensor, step: int) -> dict[str, float]:
