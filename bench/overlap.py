@@ -5,8 +5,9 @@
 
 A reward server (``rewards.server.serve`` on 127.0.0.1, the real HTTP path of ``rewards.remote``) scores
 ``jpeg_incompressibility`` after sleeping ``latency`` seconds per scored row (a stand-in for a heavy reward model on
-another GPU, whose cost grows with the rows it scores). The trainer runs text-to-image GRPO steps on a tiny SD3 checkpoint with ``rollout_chunks`` 1 (sample
-everything, then score) and 4 (score chunk c in a background thread while chunk c+1 is sampled), alternately.
+another GPU, whose cost grows with the rows it scores). The trainer runs text-to-image GRPO steps on a tiny SD3
+checkpoint with ``rollout_chunks`` 1 (sample everything, then score) and 4 (score chunk c in a background thread
+while chunk c+1 is sampled), alternately.
 Reported: median seconds per step, sampling and scoring time, the time the step still waited for scores after
 sampling, and the hidden fraction = 1 - wait / scoring time.
 """
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         server = serve(slow_reward(args.latency), port=0, batch_wait_s=0.0)
         try:
             for r in range(args.repeats):
-                for chunks in ((1, 4) if r % 2 == 0 else (4, 1)):
+                for chunks in (1, 4) if r % 2 == 0 else (4, 1):
                     rows[chunks] += run(ckpt, server.url, chunks, Path(tmp) / "runs", args.steps)
         finally:
             server.shutdown()
@@ -95,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         cmd = "python bench/overlap.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        body = (f"# Reward/sampling overlap\n\nCommand: `{cmd.strip()}`; remote reward latency {args.latency} s per "
-                f"scored row (32 rows per step); {args.repeats} runs x {args.steps - 1} timed steps per setting.\n\n{text}\n")  # fmt: skip
+        body = (
+            f"# Reward/sampling overlap\n\nCommand: `{cmd.strip()}`; remote reward latency {args.latency} s per "
+            f"scored row (32 rows per step); {args.repeats} runs x {args.steps - 1} timed steps per setting.\n\n"
+            f"{text}\n"
+        )
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(body)
     return 0
