@@ -9,6 +9,7 @@ _MODULES = [
     "rewards.text",
     "rewards.jpeg",
     "rewards.image",
+    "rewards.similarity",
     "rewards.video",
     "rewards.curriculum",
     "rewards.consensus",

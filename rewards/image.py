@@ -670,23 +670,3 @@ def diversity(
 
     fn.group_aware = True
     return fn
-
-
-# ---------------------------------------------------------------- not built in (yet)
-
-
-def _not_available(name: str, package: str, weights: str):
-    def factory(**options):
-        raise UserError(
-            f"reward {name!r} is not available in this build: it needs `pip install {package}` plus local weights "
-            f"(option {weights}=PATH) and an mmgrpo adapter that does not exist yet; register your own factory "
-            "through the 'mmgrpo.rewards' entry point or give a dotted path 'my_pkg.my_reward'"
-        )
-
-    factory.__doc__ = f"(not available) {name}: needs the '{package}' package and local weights ({weights}=PATH)."
-    return factory
-
-
-register("lpips")(_not_available("lpips", "lpips", "weights"))
-register("dreamsim")(_not_available("dreamsim", "dreamsim", "weights"))
-register("image_reward")(_not_available("image_reward", "image-reward", "checkpoint"))
