@@ -89,7 +89,8 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
     try:
         return ADAPTERS.get(opts.family).from_pretrained(opts.path, **kwargs)
     except TypeError as e:
-        raise UserError(f"policy.options.adapter_options {opts.adapter_options} for family {opts.family!r}: {e}") from e
+        msg = f"policy.options.adapter_options {opts.adapter_options} for family {opts.family!r}: {e}"
+        raise UserError(msg) from e
 
 
 def read_prompts(spec: str, split: str, seed: int) -> list[str]:

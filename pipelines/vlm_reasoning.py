@@ -1,23 +1,42 @@
-"""Recipe: R1-style visual reasoning with GRPO (see configs/vlm_reasoning_tiny.yaml).
+"""Recipe: R1-style visual reasoning with GRPO (see configs/vlm_reasoning_tiny.yaml), and the multimodal RL methods.
 
 A VLM (:class:`~mmgrpo.policies.vlm.VLMPolicy`: Qwen2-VL, Qwen2.5-VL, generic image-text-to-text) answers questions
 about images or videos in the ``<think> ... </think><answer> ... </answer>`` format of DeepSeek-R1 (Guo et al. 2025),
 as in R1-V and VLM-R1 (Shen et al. 2025); rewards are the verifiable ``format`` and ``accuracy`` of rewards/text.py.
 
-Data, one example = ``{question, options?, answer, image | images | video, ...}``:
+Data, one example = ``{question, options?, answer, image | images | video, checklist?, ...}``:
 
 - ``data.options.path``: a JSONL file of such examples (media paths relative to the file; other keys go to meta);
 - ``path: ""``: the built-in synthetic shapes QA, questions about scenes of the shapes world (mmgrpo/data/shapes.py)
-  rendered on the fly: "How many red circles are there? A) 1 B) 2 C) 3", "Is there a blue square? A) yes B) no".
+  rendered on the fly: "How many red circles are there? A) 1 B) 2 C) 3", "Is there a blue square? A) yes B) no",
+  each with a perception checklist: [["How many red objects are there?", "2"], ["Is there a triangle?", "yes"]].
 
 A seeded split holds out ``heldout_fraction`` of the examples; evaluation reports their accuracy and format rate
 under greedy decoding.
+
+Methods, each one switch (configs/vlm_<method>.yaml runs each on the tiny asset):
+
+- PEARL perception checklists: ``data.options.methods.pearl: {enabled, cap: 0.5, checklist_weight: 0.1, reward:
+  pearl_checklist}`` + the ``pearl_checklist`` reward. Every example contributes its reasoning group AND a checklist
+  group (G rows answering all of its checklist in one completion, "<answer>2; yes</answer>"); each reasoning group's
+  advantages are scaled by min(mean R_p of its checklist group, cap) (0 = update skipped); checklist rows weigh
+  ``checklist_weight`` in the loss. Logs ``pearl/gate_mean``, ``pearl/skipped_groups``. Checklist rows have no
+  ``answer``, so ``accuracy`` & co give them None; rewards without such a test are restricted with
+  ``streams: [reasoning]``.
+- TempSamp-R1: ``data.options.methods.tempsamp: {enabled, anchor_factor: 1.2 | null}``: the last row of every group
+  is the teacher-forced ground truth ``<think></think><answer>GT</answer>`` (``policy.options.inject_ground_truth``,
+  set by this switch); its advantage is anchored at anchor_factor x the best other one. Pair it with
+  ``advantage.shaping: tempsamp_soft`` (the core's soft reward shaping).
+- Listener-rewarded thinking: the reward ``vlm_listener`` with ``options: {model: <frozen VLM dir>}``.
+- ACRE answer consistency: the reward ``acre`` (re-asks the policy with shuffled options and its own reasoning).
+- MM-UPT: the reward ``majority_vote`` (no ground truth used); MedLoc-R1: the reward ``iou_curriculum`` (stateful,
+  checkpointed, logs ``curriculum/tau``) on examples with a ``box``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,7 +47,8 @@ from mmgrpo.core.components import PIPELINES, Components, EvalResult, Pipeline
 from mmgrpo.core.config import Config, options_from
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
-from mmgrpo.data import shapes
+from mmgrpo.data import shapes, shapes_qa
+from mmgrpo.methods.vlm_methods import PearlVLMPolicy, VLMMethodsOptions, check_methods, method_hooks
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from rewards.text import answer_or_completion, grade, has_valid_format
 
@@ -37,6 +57,10 @@ from rewards.text import answer_or_completion, grade, has_valid_format
 class VLMReasoningDataOptions:
     path: str = ""
     """JSONL file of {question, options?, answer, image | images | video}; "" = synthetic shapes QA"""
+    source: str = "shapes"
+    """synthetic QA when path is "": shapes (counting / existence, below) or shapes_qa (count / colour / position
+    multiple choice of mmgrpo/data/shapes_qa.py: num_examples train and eval_examples held-out scenes, split by scene
+    seed as assets/shapes_vlm was pretrained)"""
     heldout_fraction: float = 0.1
     """fraction of the examples held out for evaluation"""
     split_seed: int = 0
@@ -49,6 +73,8 @@ class VLMReasoningDataOptions:
     """held-out examples answered (greedily) at each evaluation"""
     eval_batch: int = 8
     """prompts per generate call during evaluation"""
+    methods: VLMMethodsOptions = field(default_factory=VLMMethodsOptions)
+    """method switches: pearl {enabled, cap, checklist_weight, reward}, tempsamp {enabled, anchor_factor}"""
 
 
 Example = tuple[dict, dict]  # (prompt {question, options}, meta {answer, images | video, ...})
@@ -70,7 +96,16 @@ def shapes_question(index: int, seed: int = 0, size: int = 64) -> Example:
     image = shapes.render(scene, size=size)
     objects = [(o.color, o.shape) for o in scene.objects]
     meta = {"answer": answer, "images": [image], "image_size": (size, size), "objects": objects, "index": index}
+    meta["checklist"] = shapes_checklist(objects, color, np.random.default_rng([seed, index, 1]))
     return {"question": question, "options": options}, meta
+
+
+def shapes_checklist(objects: list[tuple[str, str]], color: str, rng: np.random.Generator) -> list[list[str]]:
+    """PEARL perception checklist of a scene: how many objects of ``color``, is there a (random) shape."""
+    shape = str(rng.choice(shapes.SHAPES))
+    n = sum(c == color for c, _ in objects)
+    present = any(s == shape for _, s in objects)
+    return [[f"How many {color} objects are there?", str(n)], [f"Is there a {shape}?", "yes" if present else "no"]]
 
 
 def load_jsonl(path: str | Path) -> list[Example]:
@@ -107,6 +142,12 @@ class QAExamples:
             raise UserError(f"data.options.heldout_fraction={data.heldout_fraction} must be in (0, 1), e.g. 0.1")
         self.data = data
         self.records = load_jsonl(data.path) if data.path else None
+        if data.source not in ("shapes", "shapes_qa"):
+            raise UserError(f"data.options.source={data.source!r}; use 'shapes' or 'shapes_qa'")
+        if self.records is None and data.source == "shapes_qa":  # indices are scene seeds (shapes_qa's own split)
+            self.train = shapes_qa.train_seeds(data.num_examples, data.split_seed, data.heldout_fraction)
+            self.heldout = shapes_qa.heldout_seeds(data.eval_examples, data.split_seed, data.heldout_fraction)
+            return
         n = len(self.records) if self.records is not None else data.num_examples
         if n < 2:
             raise UserError(f"the VLM reasoning data need at least 2 examples (train + held-out); got {n}")
@@ -118,6 +159,9 @@ class QAExamples:
         if self.records is not None:
             prompt, meta = self.records[i]
             return dict(prompt), dict(meta)
+        if self.data.source == "shapes_qa":
+            ex = shapes_qa.make_example(i, None, self.data.split_seed, self.data.image_size, shapes_qa.MC_KINDS)
+            return ex.prompt(), ex.meta()
         return shapes_question(i, self.data.split_seed, self.data.image_size)
 
 
@@ -162,14 +206,25 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
             "policy.options.model is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
             "(written by `python pipelines/make_tiny_vlm.py`)"
         )
+    methods = data.methods
+    check_methods(methods, cfg)
+    if popts.inject_ground_truth and not methods.tempsamp.enabled:
+        raise UserError(
+            "policy.options.inject_ground_truth is set by data.options.methods.tempsamp.enabled; use that switch"
+        )
+    popts.inject_ground_truth = methods.tempsamp.enabled
     device = accelerator.device if accelerator is not None else None
-    policy = VLMPolicy.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
+    cls = PearlVLMPolicy if methods.pearl.enabled else VLMPolicy
+    policy = cls.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
+    if methods.pearl.enabled:
+        policy.checklist_weight = methods.pearl.checklist_weight
     examples = QAExamples(data)
 
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
         return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch)
 
-    return Components(policy=policy, prompts=QAPrompts(examples, cfg.run.seed), evaluate=evaluate)
+    prompts = QAPrompts(examples, cfg.run.seed)
+    return Components(policy=policy, prompts=prompts, evaluate=evaluate, advantage_hooks=method_hooks(methods))
 
 
 PIPELINES.add(

@@ -14,6 +14,9 @@ _MODULES = [
     "rewards.curriculum",
     "rewards.consensus",
     "rewards.listener",
+    "rewards.vlm_listener",
+    "rewards.acre",
+    "rewards.pearl",
 ]
 
 for _m in _MODULES:

@@ -48,6 +48,8 @@ class RewardSpec:
     """weight of this reward when several are combined"""
     options: dict[str, Any] = field(default_factory=dict)
     """options passed to the reward factory"""
+    streams: list[str] = field(default_factory=list)
+    """score only rows whose meta['stream'] is listed (e.g. [reasoning] with PEARL); empty = every row"""
 
 
 @dataclass

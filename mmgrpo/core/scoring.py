@@ -18,8 +18,29 @@ from mmgrpo.core.types import RewardContext, Rollout
 
 
 def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
-    """[(name, weight, callable)] from the config's reward list."""
-    return [(s.name, float(s.weight), reward_registry.get(s.name, **s.options)) for s in specs]
+    """[(name, weight, callable)] from the config's reward list (restricted to ``streams`` where given)."""
+    out = []
+    for s in specs:
+        fn = reward_registry.get(s.name, **s.options)
+        out.append((s.name, float(s.weight), StreamFilter(fn, s.streams) if s.streams else fn))
+    return out
+
+
+class StreamFilter:
+    """A reward applied only to rows whose ``meta['stream']`` is in ``streams``; other rows get None (NaN)."""
+
+    def __init__(self, fn: Any, streams: list[str]):
+        self.fn, self.streams = fn, set(streams)
+        self.group_aware = getattr(fn, "group_aware", False)
+        for attr in ("state_dict", "load_state_dict", "last_metrics"):
+            if hasattr(fn, attr):
+                setattr(self, attr, getattr(fn, attr))
+
+    def __call__(self, samples: Any, prompts: list, meta: list[dict], ctx: Any) -> torch.Tensor:
+        n = len(meta)
+        col = to_column(getattr(self.fn, "__name__", "reward"), self.fn(samples, prompts, meta, ctx), n)
+        keep = torch.tensor([m.get("stream") in self.streams for m in meta])
+        return torch.where(keep, col, torch.full_like(col, math.nan))
 
 
 def to_column(name: str, value: Any, n: int) -> torch.Tensor:

@@ -20,6 +20,11 @@ Teacher forcing runs one forward per prompt over that prompt's rows (prompt expa
 no left padding anywhere), with explicit positions (Qwen: the prompt's ``get_rope_index`` positions, then text
 positions continuing from max + 1), so a row scores the same alone or with its group.
 
+With ``inject_ground_truth`` (TempSamp-R1, :mod:`mmgrpo.methods.tempsamp`), the last row of every group is replaced
+by the ground truth written as ``<think>...</think><answer>GT</answer>`` (+ EOS) before step 4: it is teacher-forced,
+its ``logp_old`` is its log-prob under the sampling parameters (ratio 1 at first, like every row), and
+``rollout.extras["offpolicy_mask"] [N]`` marks it for the anchoring advantage hook.
+
 Log-probs are of the distribution sampled from: logits / temperature with suppressed tokens removed (top-p / top-k
 truncation is not reflected, as in TRL and verl). They are computed in fp32 from chunks of tokens
 (``logsumexp`` minus the gathered logit, each chunk recomputed in backward), so [n, L, V] fp32 never exists at once.
@@ -29,12 +34,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -43,6 +45,15 @@ from mmgrpo.core.components import generator_for
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
+from mmgrpo.methods.tempsamp import format_ground_truth, inject_ground_truth
+from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media / prompt helpers used to live here)
+    R1_SYSTEM_PROMPT,
+    PromptInputs,
+    chat_messages,
+    load_image,
+    question_text,
+    read_video,
+)
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 FAMILIES = (*QWEN_FAMILIES, "generic")
@@ -54,12 +65,6 @@ BOX_TOKENS = (
 CONFIG_VISION_IDS = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index"
 )  # fmt: skip
-R1_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
-    "solves it. The Assistant first thinks about the reasoning process in the mind and then provides the user "
-    "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
-    "tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
-)
 
 
 @dataclass
@@ -112,23 +117,11 @@ class VLMPolicyOptions:
     """recompute decoder activations in backward (less memory, ~30% slower)"""
     logprob_chunk: int = 1024
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
-
-
-@dataclass(eq=False)
-class PromptInputs:
-    """One prompt after the processor, shared (by reference) by its G rows; never copied per row."""
-
-    input_ids: torch.Tensor  # [Lp]
-    positions: torch.Tensor  # [P, Lp]: P = 3 (Qwen M-RoPE) or 1
-    next_position: int  # position of the first completion token
-    vision: dict[str, torch.Tensor]  # processor outputs: pixel_values, image_grid_thw, pixel_values_videos, ...
-    mm_token_type_ids: torch.Tensor | None = None  # [Lp]
-    resized_size: tuple[int, int] | None = None  # (W', H') of the first image as the model saw it
-    features: dict[str, torch.Tensor] = field(default_factory=dict)  # vision features [n_tok, D], cached in rollout
-
-    @property
-    def attention_mask(self) -> torch.Tensor:  # [Lp]: every prompt is its own forward, so no padding
-        return torch.ones_like(self.input_ids)
+    inject_ground_truth: bool = False
+    """TempSamp-R1: the last row of every group is meta[ground_truth_key] written as <think>meta["reasoning"]</think>
+    <answer>GT</answer>, teacher-forced (rollout.extras["offpolicy_mask"]); set by data.options.methods.tempsamp"""
+    ground_truth_key: str = "answer"
+    """meta key of the ground truth that inject_ground_truth writes into each group"""
 
 
 # ---------------------------------------------------------------------------------------------- pure maths
@@ -188,53 +181,6 @@ def sample_tokens(
         drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------- media
-
-
-def load_image(image: Any, max_pixels: int | None = None):
-    """A PIL RGB image from a PIL image, a uint8 array [H, W, 3] or a path; shrunk to ``max_pixels`` if given."""
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        if not Path(image).is_file():
-            raise UserError(f"image file {str(image)!r} not found; give an existing path, a PIL image or an array")
-        image = Image.open(image)
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(np.ascontiguousarray(image))
-    elif not isinstance(image, Image.Image):
-        raise UserError(f"images must be PIL images, uint8 arrays [H, W, 3] or paths; got {type(image).__name__}")
-    image = image.convert("RGB")
-    if max_pixels and image.width * image.height > max_pixels:
-        s = math.sqrt(max_pixels / (image.width * image.height))
-        image = image.resize((max(1, int(image.width * s)), max(1, int(image.height * s))), Image.BICUBIC)
-    return image
-
-
-def read_video(
-    path: str | Path, fps: float = 2.0, max_frames: int = 16, max_pixels: int | None = None
-) -> tuple[np.ndarray, float]:
-    """Frames uint8 [F, H, W, 3] of an mp4 read with decord at ``fps`` (at most ``max_frames``, F even), and the
-    effective fps of the returned frames (for Qwen2.5-VL's temporal positions)."""
-    if not Path(path).is_file():
-        raise UserError(f"video file {str(path)!r} not found; give the path of an existing mp4")
-    try:
-        import decord
-    except ImportError as e:
-        raise UserError("reading videos needs decord: `pip install decord` (or mmgrpo[video])") from e
-    vr = decord.VideoReader(str(path))
-    n, native = len(vr), float(vr.get_avg_fps() or fps)
-    idx = np.arange(0.0, n, max(native / fps, 1.0)).astype(int)
-    if len(idx) > max_frames:
-        idx = np.linspace(0, n - 1, max_frames).round().astype(int)
-    if len(idx) % 2:  # Qwen patches 2 frames at a time
-        idx = np.append(idx, idx[-1]) if len(idx) == 1 else idx[:-1]
-    frames = vr.get_batch(idx.tolist()).asnumpy()  # [F, H, W, 3]
-    effective_fps = len(idx) / max(n / native, 1e-6)
-    if max_pixels:
-        frames = np.stack([np.asarray(load_image(f, max_pixels)) for f in frames])
-    return frames, effective_fps
 
 
 # ---------------------------------------------------------------------------------------------- the module
@@ -432,6 +378,36 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer))
 
 
+def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.model") -> tuple[nn.Module, Any]:
+    """(model, processor) from a local directory or hub id: safetensors only, the family's class, ``o.dtype``.
+
+    The one loading path of the VLM side: the policy and frozen VLMs that must read prompts as it does (the
+    ``vlm_listener`` reward) both use it. ``key`` names the config key in error messages.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if o.dtype not in dtypes:
+        raise UserError(f"policy.options.dtype={o.dtype!r}; use one of {', '.join(dtypes)}")
+    kw = {"trust_remote_code": o.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(str(path), **kw)
+        family = o.family if o.family != "auto" else getattr(config, "model_type", "generic")
+        model_cls = AutoModelForImageTextToText
+        if family == "qwen2_vl":
+            from transformers import Qwen2VLForConditionalGeneration as model_cls
+        elif family == "qwen2_5_vl":
+            from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
+        model = model_cls.from_pretrained(str(path), dtype=dtypes[o.dtype], use_safetensors=True, **kw)
+        processor = AutoProcessor.from_pretrained(str(path), **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load a VLM from {key}={str(path)!r}: {e}. Give a local directory with "
+            "config.json, model.safetensors and the processor files (see pipelines/make_tiny_vlm.py), or a hub id"
+        ) from e
+    return model, processor
+
+
 class VLMPolicy:
     """Policy protocol over a transformers VLM. Samples: N completion strings (special tokens stripped).
 
@@ -487,29 +463,9 @@ class VLMPolicy:
     def from_pretrained(
         cls, path: str, options: VLMPolicyOptions | None = None, reference: bool = False, device: Any = None
     ) -> VLMPolicy:
-        """Load model (safetensors only) and processor from a local directory or hub id."""
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
+        """Load model (safetensors only) and processor from a local directory or hub id (:func:`load_vlm`)."""
         o = options or VLMPolicyOptions(model=str(path))
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if o.dtype not in dtypes:
-            raise UserError(f"policy.options.dtype={o.dtype!r}; use one of {', '.join(dtypes)}")
-        kw = {"trust_remote_code": o.trust_remote_code}
-        try:
-            config = AutoConfig.from_pretrained(str(path), **kw)
-            family = o.family if o.family != "auto" else getattr(config, "model_type", "generic")
-            model_cls = AutoModelForImageTextToText
-            if family == "qwen2_vl":
-                from transformers import Qwen2VLForConditionalGeneration as model_cls
-            elif family == "qwen2_5_vl":
-                from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
-            model = model_cls.from_pretrained(str(path), dtype=dtypes[o.dtype], use_safetensors=True, **kw)
-            processor = AutoProcessor.from_pretrained(str(path), **kw)
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"cannot load a VLM from policy.options.model={str(path)!r}: {e}. Give a local directory with "
-                "config.json, model.safetensors and the processor files (see pipelines/make_tiny_vlm.py), or a hub id"
-            ) from e
+        model, processor = load_vlm(path, o)
         policy = cls(model, processor, o, reference=reference)
         if device is not None:
             policy.model.to(device)
@@ -525,18 +481,7 @@ class VLMPolicy:
 
     def messages(self, prompt: Any, n_images: int, has_video: bool) -> list[dict]:
         """Chat messages of a prompt: a str (the question) or a dict {question|text, options?} or {messages}."""
-        if isinstance(prompt, dict) and "messages" in prompt:
-            return prompt["messages"]
-        text = prompt if isinstance(prompt, str) else (prompt.get("question") or prompt.get("text"))
-        if not isinstance(text, str):
-            raise UserError(f"a VLM prompt is a str or a dict with 'question' (or 'text'); got {str(prompt)[:80]!r}")
-        options = prompt.get("options") if isinstance(prompt, dict) else None
-        if options:
-            text += " " + " ".join(f"{chr(65 + i)}) {opt}" for i, opt in enumerate(options))
-        content = [{"type": "image"} for _ in range(n_images)] + ([{"type": "video"}] if has_video else [])
-        system = self.options.system_prompt
-        turns = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
-        return ([{"role": "system", "content": system}] if system else []) + turns
+        return chat_messages(prompt, n_images, has_video, self.options.system_prompt)
 
     def prepare(self, prompt: Any, meta: dict) -> PromptInputs:
         """Chat template + processor, once per prompt; images/video from the prompt dict or meta."""
@@ -648,6 +593,15 @@ class VLMPolicy:
             toks, lens, fin = self.sample(prompt, G, self._seeded(batch, b, generator))
             rows = slice(b * G, (b + 1) * G)
             comp[rows, : toks.shape[1]], lengths[rows], finished[rows] = toks, lens, fin
+        samples = [self._decode(comp[n, : int(lengths[n])]) for n in range(len(prompts) * G)]
+        extras: dict[str, Any] = {}
+        if self.options.inject_ground_truth:  # TempSamp-R1, before logp_old: the GT row's ratio starts at 1 too
+            samples, off = inject_ground_truth(samples, G, self._ground_truths(batch.meta), position="last")
+            for n in off.nonzero().reshape(-1).tolist():  # teacher-forced: its tokens are the GT's, not sampled
+                ids = self._forced_ids(samples[n])
+                comp[n], lengths[n], finished[n] = self.pad_id, len(ids), True
+                comp[n, : len(ids)] = torch.tensor(ids, device=dev)
+            extras["offpolicy_mask"] = off  # [N] bool
         mask = torch.arange(K, device=dev)[None] < lengths[:, None]  # [N, K]: completion tokens incl. EOS
         if self.options.mask_truncated:
             mask &= finished[:, None]
@@ -658,9 +612,9 @@ class VLMPolicy:
             rows = slice(b * G, (b + 1) * G)
             logp_old[rows, :L] = self.model(row_prompts[rows], comp[rows, :L], reuse_features=True)[0].float()
         logp_old = logp_old.masked_fill(~mask, 0.0)
-        meta = [self._row_meta(m, p) for p, m in zip(prompts, batch.meta) for _ in range(G)]
+        meta = [self._row_meta(m, p, raw) for p, m, raw in zip(prompts, batch.meta, batch.prompts) for _ in range(G)]
         return Rollout(
-            samples=[self._decode(comp[n, : int(lengths[n])]) for n in range(len(row_prompts))],
+            samples=samples,
             logp_old=logp_old.cpu(),
             train_mask=mask.cpu(),
             group_size=G,
@@ -672,16 +626,44 @@ class VLMPolicy:
                 "completion_ids": comp,
                 "completion_len": lengths,
                 "finished": finished,
+                **extras,
             },
         )
 
     @staticmethod
-    def _row_meta(meta: dict, prompt: PromptInputs) -> dict:
-        """The prompt's meta plus what the box reward needs: the size the model saw (no coordinate conversion)."""
+    def _row_meta(meta: dict, prompt: PromptInputs, raw: Any) -> dict:
+        """The prompt's meta plus what rewards need: the size the model saw (for boxes; no coordinate conversion)
+        and a multiple-choice prompt's options (the listener's candidates, ACRE's shuffle)."""
         out = dict(meta)
         if prompt.resized_size is not None:
             out.setdefault("resized_size", prompt.resized_size)
+        if isinstance(raw, dict) and raw.get("options"):
+            out.setdefault("options", list(raw["options"]))
         return out
+
+    def _ground_truths(self, metas: list[dict]) -> list[str]:
+        """TempSamp-R1's off-policy completions [B]: ``<think>meta["reasoning"]</think><answer>GT</answer>``."""
+        key = self.options.ground_truth_key
+        missing = [b for b, m in enumerate(metas) if m.get(key) is None]
+        if missing:
+            raise UserError(
+                f"policy.options.inject_ground_truth (TempSamp-R1): prompt {missing[0]} has no meta[{key!r}]; give "
+                "every example a ground truth, set policy.options.ground_truth_key, or disable the method"
+            )
+        return [format_ground_truth(str(m[key]), str(m.get("reasoning") or "")) for m in metas]
+
+    def _forced_ids(self, text: str) -> list[int]:
+        """Token ids of a teacher-forced completion: ``text`` then EOS; checked to fit K and to be samplable."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in self.eos_ids else self.eos_ids[0]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        K = self.options.max_new_tokens
+        if len(ids) > K:
+            raise UserError(
+                f"the ground truth {text!r} is {len(ids)} tokens with EOS; raise policy.options.max_new_tokens={K}"
+            )
+        if bool(self._scorer().suppress[torch.tensor(ids)].any()):
+            raise UserError(f"the ground truth {text!r} holds a token the policy never samples (vision / box tokens)")
+        return ids
 
     def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
         rows_l = [int(r) for r in rows.reshape(-1).tolist()]

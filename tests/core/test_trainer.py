@@ -244,3 +244,14 @@ def test_stateful_reward_is_checkpointed_and_resumes_exactly(tmp_path):
     train(cfg_for(tmp_path, "run.name=part", *common, f"resume={part.run_dir}"))
     assert metrics(part.run_dir) == metrics(full.run_dir)
     assert metrics(full.run_dir)[-1]["counting/calls"] == 6.0
+
+
+def test_reward_restricted_to_streams_gives_nan_elsewhere():
+    from mmgrpo.core.config import RewardSpec
+    from mmgrpo.core.scoring import build_rewards
+    from mmgrpo.core.types import RewardContext
+
+    (_, _, fn), = build_rewards([RewardSpec(name="bandit_arm_value", streams=["reasoning"])])
+    meta = [{"arm_values": [0.5, 1.0], "stream": s} for s in ("reasoning", "checklist", "reasoning")]
+    out = fn(torch.tensor([1, 1, 0]), None, meta, RewardContext(group_size=3))
+    assert out[0] == 1.0 and torch.isnan(out[1]) and out[2] == 0.5
