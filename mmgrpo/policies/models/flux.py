@@ -32,18 +32,9 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+from mmgrpo.policies.models import resolve_dtype as _dtype
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 _REQUIRED = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
-
-
-def _dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise UserError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers

@@ -18,16 +18,7 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-
-
-def _dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name not in table:
-        raise UserError(f"dtype {name!r} is not one of {sorted(table)}")
-    return table[name]
+from mmgrpo.policies.models import resolve_dtype as _dtype
 
 
 class SD3Adapter:
