@@ -13,6 +13,7 @@ from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.flux import FluxAdapter, calculate_shift, pack_latents, unpack_latents
+from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_flux import save_tiny_flux, tiny_flux_adapter, tiny_flux_components
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -21,17 +22,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def batch(seeds=(11, 12), step=0):
     return PromptBatch(prompts=list(PROMPTS), seeds=list(seeds), step=step)
-
-
-def assert_ratio_one(policy, rollout):
-    units = rollout.train_mask.any(0).nonzero().reshape(-1)
-    assert len(units) > 0
-    for micro in (1, rollout.group_size):
-        for lo in range(0, rollout.num_rows, micro):
-            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
-            lp = policy.log_prob(rollout, rows, units).logp
-            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
-            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
 
 
 def test_pack_puts_2x2_patches_in_tokens_and_unpack_inverts():

@@ -12,6 +12,7 @@ from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.hunyuan_video import HunyuanVideoAdapter
+from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_hunyuan_video import (
     TINY_SIZE,
     save_tiny_hunyuan_video,
@@ -55,17 +56,6 @@ def test_schedule_is_the_shifted_linspace(adapter):
     assert torch.allclose(s.timesteps, expected[:-1] * 1000, atol=1e-3)
     assert torch.allclose(adapter.timestep_from_sigma(s.sigmas[2]), torch.tensor(875.0))
     assert adapter.latent_shape() == (4, 2, 4, 4)  # 5 frames -> (5-1)//4+1 = 2; 32 px / 8 = 4
-
-
-def assert_ratio_one(policy, rollout):
-    units = rollout.train_mask.any(0).nonzero().reshape(-1)
-    assert len(units) > 0
-    for micro in (1, rollout.group_size):
-        for lo in range(0, rollout.num_rows, micro):
-            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
-            lp = policy.log_prob(rollout, rows, units).logp
-            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
-            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
 
 
 @pytest.mark.parametrize(

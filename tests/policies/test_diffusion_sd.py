@@ -12,6 +12,7 @@ from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.sd import SDAdapter
+from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_sd import save_tiny_sd, tiny_sd_adapter, tiny_sd_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -23,17 +24,6 @@ def batch(seeds=(11, 12), step=0):
 
 def opts(**kw):
     return DiffusionPolicyOptions(**({"sde": "ddim", "noise_level": 1.0} | kw))
-
-
-def assert_ratio_one(policy, rollout):
-    units = rollout.train_mask.any(0).nonzero().reshape(-1)
-    assert len(units) > 0
-    for micro in (1, rollout.group_size):
-        for lo in range(0, rollout.num_rows, micro):
-            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
-            lp = policy.log_prob(rollout, rows, units).logp
-            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
-            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
 
 
 @pytest.mark.parametrize(

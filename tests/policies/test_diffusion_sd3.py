@@ -8,6 +8,7 @@ from mmgrpo.core.config import load_config
 from mmgrpo.core.trainer import Trainer, train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter, tiny_sd3_components
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -15,17 +16,6 @@ PROMPTS = ["a red circle", "two blue squares"]
 
 def batch(seeds=(11, 12), step=0):
     return PromptBatch(prompts=list(PROMPTS), seeds=list(seeds), step=step)
-
-
-def assert_ratio_one(policy, rollout):
-    units = rollout.train_mask.any(0).nonzero().reshape(-1)
-    assert len(units) > 0
-    for micro in (1, rollout.group_size):
-        for lo in range(0, rollout.num_rows, micro):
-            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
-            lp = policy.log_prob(rollout, rows, units).logp
-            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
-            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.wan import first_frame, first_frame_mask, flow_scheduler
+from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_wan import SIZE, save_tiny_wan, tiny_wan_adapter, tiny_wan_components
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -38,17 +39,6 @@ def write_mp4(path, first_color, seed=0):
     frames = [np.full((32, 32, 3), first_color, np.uint8)] + [rng.randint(0, 255, (32, 32, 3), np.uint8)] * 4
     imageio.mimwrite(path, frames, fps=8, macro_block_size=1)
     return str(path)
-
-
-def assert_ratio_one(policy, rollout):
-    units = rollout.train_mask.any(0).nonzero().reshape(-1)
-    assert len(units) > 0
-    for micro in (1, rollout.group_size):
-        for lo in range(0, rollout.num_rows, micro):
-            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
-            lp = policy.log_prob(rollout, rows, units).logp
-            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
-            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), (micro, ratio)
 
 
 @pytest.mark.parametrize(

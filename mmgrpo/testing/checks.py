@@ -1,0 +1,18 @@
+"""Invariants every policy is tested for, as reusable assertions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_ratio_one(policy, rollout, micro_sizes: tuple[int, ...] | None = None, atol: float = 1e-5) -> None:
+    """Recomputed log-probs right after ``rollout`` give exp(logp - logp_old) = 1 (within ``atol``) for every
+    micro-batch size (default: 1 and G), on every unit some row trains."""
+    units = rollout.train_mask.any(0).nonzero().reshape(-1)
+    assert len(units) > 0, "the rollout trains no unit"
+    for micro in micro_sizes or (1, rollout.group_size):
+        for lo in range(0, rollout.num_rows, micro):
+            rows = torch.arange(lo, min(lo + micro, rollout.num_rows))
+            lp = policy.log_prob(rollout, rows, units).logp
+            ratio = torch.exp(lp - rollout.logp_old[rows][:, units])
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=atol, rtol=0), (micro, ratio)
