@@ -1,0 +1,203 @@
+"""The shipped shapes text-to-image model and the recipe that made it (pipelines/pretrain_shapes_t2i.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.data.shapes import all_prompts, split_prompts
+from pipelines.pretrain_shapes_t2i import (
+    LOSS_WEIGHTS,
+    PretrainConfig,
+    build_models,
+    build_tokenizer,
+    encode_prompts,
+    evaluate,
+    flow_matching_loss,
+    load_models,
+    lr_at,
+    parse_args,
+    pretrain,
+    sample,
+    train,
+    train_batch,
+)
+
+ASSET = Path(__file__).resolve().parents[2] / "assets" / "shapes_t2i"
+
+# a tiny model: 8x8-pixel patches (16 tokens), 1 joint block of width 16, a 2-layer text encoder of width 16
+TINY = dict(
+    patch_size=8, num_layers=1, num_heads=2, head_dim=8, text_hidden=16, text_layers=2, text_heads=2, text_ffn=32,
+    projection_dim=8, steps=3, batch_size=4, warmup=1, eval_num_steps=2, eval_samples_per_prompt=1, threads=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not (ASSET / "model_index.json").is_file():
+        pytest.fail(f"the shipped asset {ASSET} is missing; run python -m pipelines.pretrain_shapes_t2i --out {ASSET}")
+    return load_models(ASSET)
+
+
+def _tiny_models():
+    torch.manual_seed(0)
+    return build_models(PretrainConfig(**TINY))
+
+
+def test_pretrain_tiny_writes_a_folder_that_loads_back_and_samples_the_same(tmp_path):
+    torch.manual_seed(0)
+    summary, (tr, te, tok, sch) = pretrain(PretrainConfig(**TINY), tmp_path / "m", progress=False, log=lambda s: 0)
+    out = tmp_path / "m"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert set(index) - {"_class_name", "_diffusers_version"} == {
+        "transformer",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+    }
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
+    assert (out / "samples.png").is_file() and "shapes =" in (out / "README.md").read_text()
+    assert summary["heldout"]["num_images"] == len(split_prompts()[1])  # 1 sample per held-out prompt
+    assert 0.0 <= summary["heldout"]["shapes"] <= 1.0
+
+    tr2 = SD3Transformer2DModel.from_pretrained(out, subfolder="transformer").eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(out, subfolder="text_encoder").eval()
+    tok2 = AutoTokenizer.from_pretrained(out, subfolder="tokenizer")
+    sch2 = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    assert tok2.model_max_length == 16 and sch2.config.shift == sch.config.shift
+    prompts = ["a red circle left of a blue square", "two green triangles"]
+    a = sample(tr, te, tok, prompts, [3, 4], num_steps=3, scheduler=sch)
+    b = sample(tr2, te2, tok2, prompts, [3, 4], num_steps=3, scheduler=sch2)
+    assert a.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # and the trained weights are not the fresh init: 3 steps moved them
+    fresh = _tiny_models()[0]
+    assert not torch.equal(fresh.proj_out.weight, tr2.proj_out.weight)
+
+
+def test_training_is_deterministic_given_the_seed():
+    runs = [train(PretrainConfig(**TINY, seed=s), progress=False)[0] for s in (5, 5, 6)]
+    w = [r.proj_out.weight for r in runs]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+
+
+def test_untrained_model_predicts_zero_velocity_so_the_loss_is_the_target_norm():
+    tr, te, tok, _ = _tiny_models()
+    x0 = torch.zeros(2, 3, 32, 32)
+    noise = torch.ones(2, 3, 32, 32)
+    embeds, pooled = encode_prompts(te, tok, ["a red circle", ""])
+    # adaLN-Zero init: v = 0, target v = noise - x0 = 1 everywhere -> mean (0 - 1)^2 = 1
+    loss = flow_matching_loss(tr, x0, noise, torch.tensor([0.3, 0.9]), embeds, pooled)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    # x0 weighting: per-row losses [1, 1] weighted by sigma^2 = [0.09, 0.81] -> mean 0.45
+    sigma = torch.tensor([0.3, 0.9])
+    weighted = flow_matching_loss(tr, x0, noise, sigma, embeds, pooled, LOSS_WEIGHTS["x0"](sigma))
+    assert weighted.item() == pytest.approx(0.45, abs=1e-6)
+    # v = 0 -> the Euler ODE never moves: the sample is the seed's noise mapped by (x + 1) / 2, clamped
+    img = sample(tr, te, tok, ["a red circle"], [7], num_steps=4)
+    noise7 = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(img[0], ((noise7 + 1) / 2).clamp(0, 1))
+
+
+def test_conventions_of_encoding_and_pooling():
+    _, te, tok, _ = _tiny_models()
+    ids = tok(["a red circle"], padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids[0]
+    # [BOS] a red circle [EOS] [PAD] ... : ids 2, words, 3, then 0 up to 16
+    assert len(ids) == 16 and ids[0] == 2 and ids[4] == 3 and set(ids[5:]) == {0}
+    assert te.config.eos_token_id == 3  # not the legacy 2, so CLIP pools at the first [EOS] (position 4)
+    embeds, pooled = encode_prompts(te, tok, ["a red circle"])
+    assert embeds.shape == (1, 16, 16) and pooled.shape == (1, 8)
+
+
+def test_sampling_is_batch_independent_and_guidance_zero_is_the_empty_prompt():
+    torch.manual_seed(0)
+    tr, te, tok, sch = build_models(PretrainConfig(**TINY))
+    for p in tr.parameters():  # leave the zero init, so prompts matter
+        p.data.add_(0.05 * torch.randn_like(p))
+    prompts = ["a red circle", "a blue square on the left"]
+    both = sample(tr, te, tok, prompts, [1, 2], num_steps=3)
+    one = sample(tr, te, tok, prompts[1:], [2], num_steps=3)
+    torch.testing.assert_close(both[1:], one, rtol=0, atol=1e-5)
+    assert (both[0] - sample(tr, te, tok, prompts[:1], [9], num_steps=3)[0]).abs().max() > 1e-3  # seeds matter
+    uncond = sample(tr, te, tok, ["", ""], [1, 2], num_steps=3)
+    torch.testing.assert_close(sample(tr, te, tok, prompts, [1, 2], num_steps=3, guidance=0.0), uncond,
+                               rtol=0, atol=1e-5)  # fmt: skip
+    assert (both - uncond).abs().max() > 1e-3  # the prompt changes the sample
+
+
+def test_lr_schedule_and_config_errors():
+    c = PretrainConfig(steps=101, lr=1e-3, warmup=1, lr_final_fraction=0.1)
+    assert lr_at(0, c) == pytest.approx(1e-3)  # warmup 1: (0 + 1) / 1 * lr
+    # halfway through the cosine: lo + (lr - lo) / 2 = 1e-4 + 4.5e-4 = 5.5e-4 (frac = (51 - 1) / 100)
+    assert lr_at(51, c) == pytest.approx(5.5e-4)
+    assert lr_at(101, c) == pytest.approx(1e-4)  # the end: lr * 0.1
+    with pytest.raises(UserError, match="patch_size"):
+        PretrainConfig(resolution=32, patch_size=5)
+    with pytest.raises(UserError, match="penultimate"):
+        PretrainConfig(text_layers=1)
+    with pytest.raises(UserError, match="logit_normal, uniform"):
+        PretrainConfig(sigma_sampling="lognorm")
+    with pytest.raises(UserError, match="v, x0"):
+        PretrainConfig(loss_weighting="eps")
+    cfg, out = parse_args(["--out", "x", "--steps", "7", "--lr", "0.002"])
+    assert (cfg.steps, cfg.lr, out) == (7, 0.002, "x")
+
+
+def test_training_batches_use_only_train_prompts():
+    import numpy as np
+
+    train, heldout = split_prompts()
+    captions, x0 = train_batch(train, 64, 32, 0.25, np.random.default_rng(0))
+    assert x0.shape == (64, 3, 32, 32) and x0.min() >= -1 and x0.max() <= 1
+    assert set(captions) - {""} <= set(train) and not set(captions) & set(heldout)
+    assert 4 <= captions.count("") <= 28  # ~25% of 64 = 16 dropped
+
+
+def test_tokenizer_covers_the_grammar():
+    tok = build_tokenizer(16)
+    enc = tok(all_prompts(), truncation=False).input_ids
+    assert max(map(len, enc)) <= 16
+    assert all(tok.unk_token_id not in ids for ids in enc)
+    assert tok("a purple circle").input_ids[2] == tok.unk_token_id  # words outside the grammar are [UNK]
+
+
+# ------------------------------------------------------------------------------------ the shipped asset
+def test_shipped_asset_matches_the_adapter_conventions(shipped):
+    tr, te, tok, sch = shipped
+    c = tr.config
+    assert c.in_channels == 3 and c.out_channels == 3  # pixel space, no VAE
+    assert c.joint_attention_dim == te.config.hidden_size
+    assert c.pooled_projection_dim == te.config.projection_dim
+    assert c.caption_projection_dim == c.num_attention_heads * c.attention_head_dim
+    assert sch.config.num_train_timesteps == 1000
+    assert not (ASSET / "vae").exists()
+    index = json.loads((ASSET / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert all((ASSET / part).is_dir() for part in index if not part.startswith("_"))
+    size_mb = sum(f.stat().st_size for f in ASSET.rglob("*") if f.is_file()) / 2**20
+    assert size_mb < 20
+    enc = tok(all_prompts(), truncation=False).input_ids
+    assert max(map(len, enc)) <= tok.model_max_length <= te.config.max_position_embeddings
+    assert all(tok.unk_token_id not in ids for ids in enc)
+
+
+def test_shipped_asset_sampling_is_deterministic_and_scores(shipped):
+    tr, te, tok, sch = shipped
+    _, heldout = split_prompts()
+    prompts = [heldout[0], heldout[-1]]
+    a = sample(tr, te, tok, prompts, [0, 1], num_steps=10, scheduler=sch)
+    b = sample(tr, te, tok, prompts, [0, 1], num_steps=10, scheduler=sch)
+    assert a.shape == (2, 3, tr.config.sample_size, tr.config.sample_size)
+    assert torch.equal(a, b) and 0.0 <= a.min() and a.max() <= 1.0
+    res = evaluate(tr, te, tok, prompts, num_steps=10, samples_per_prompt=1, scheduler=sch)
+    assert res.images.shape == (2, 3, 32, 32) and res.captions == prompts
+    assert all(0.0 <= v <= 1.0 for k, v in res.metrics.items() if k.startswith("shapes"))
+    assert math.isclose(res.metrics["shapes"], (res.metrics["shapes/" + "single"] + res.metrics["shapes/pair"]) / 2)
