@@ -82,6 +82,7 @@ _PIPELINE_MODULES = [
     "pipelines.bandit",
     "pipelines.text_to_image",
     "pipelines.vlm_reasoning",
+    "pipelines.vlm_grounding",
     "pipelines.text_to_video",
     "pipelines.image_to_video",
 ]
