@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.data.shapes import all_prompts, split_prompts
+from mmgrpo.data.shapes import all_prompts, parse_prompt, split_prompts
 from pipelines.pretrain_shapes_t2i import (
     LOSS_WEIGHTS,
     PretrainConfig,
@@ -21,6 +21,7 @@ from pipelines.pretrain_shapes_t2i import (
     encode_prompts,
     evaluate,
     flow_matching_loss,
+    kind_balanced,
     load_models,
     lr_at,
     parse_args,
@@ -159,6 +160,13 @@ def test_training_batches_use_only_train_prompts():
     assert x0.shape == (64, 3, 32, 32) and x0.min() >= -1 and x0.max() <= 1
     assert set(captions) - {""} <= set(train) and not set(captions) & set(heldout)
     assert 4 <= captions.count("") <= 28  # ~25% of 64 = 16 dropped
+    # kind-balanced: train has 10 single and 422 relation prompts; each kind gets mass 1/5, so a single prompt
+    # has p = 1/(5*10) = 0.02 and a relation prompt 1/(5*422) ~ 0.000474
+    probs = kind_balanced(train)
+    assert probs[train.index("a red circle")] == pytest.approx(0.02) and probs.sum() == pytest.approx(1.0)
+    assert probs[train.index("a red circle left of a red square")] == pytest.approx(1 / 2110)
+    captions, _ = train_batch(train, 400, 32, 0.0, np.random.default_rng(0), probs)
+    assert 40 <= sum(parse_prompt(c).kind == "single" for c in captions) <= 120  # ~20% of 400 = 80, not ~2% = 7
 
 
 def test_tokenizer_covers_the_grammar():
