@@ -164,7 +164,7 @@ def test_training_batches_use_only_train_prompts():
     # has p = 1/(5*10) = 0.02 and a relation prompt 1/(5*422) ~ 0.000474
     probs = kind_balanced(train)
     assert probs[train.index("a red circle")] == pytest.approx(0.02) and probs.sum() == pytest.approx(1.0)
-    assert probs[train.index("a red circle left of a red square")] == pytest.approx(1 / 2110)
+    assert probs[train.index("a red circle left of a red triangle")] == pytest.approx(1 / 2110)
     captions, _ = train_batch(train, 400, 32, 0.0, np.random.default_rng(0), probs)
     assert 40 <= sum(parse_prompt(c).kind == "single" for c in captions) <= 120  # ~20% of 400 = 80, not ~2% = 7
 
