@@ -130,6 +130,15 @@ class DiffusionPolicyOptions:
     """recompute activations in the backward pass"""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """attention kernel (xformers needs the gpu extra)"""
+    objective: Literal["sde", "flow_matching"] = "sde"
+    """what the loss trains. sde: the sampler's stochastic steps (log-probs of the SDE transitions; DanceGRPO,
+    Flow-GRPO, MixGRPO, G2RPO). flow_matching: advantage-weighted flow matching on the final samples (AWM,
+    on-policy DiffusionNFT; flow families): the units are fm_timesteps (sigma, noise) draws per sample, the
+    sampler is free (noise_level 0 = the ODE that evaluation uses)"""
+    fm_timesteps: int = 2
+    """flow_matching: (sigma, noise) draws per sample, each an action unit of the loss"""
+    fm_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """flow_matching: the draws' sigmas are uniform in [lo, hi] (1 = pure noise: layout; 0 = clean: detail)"""
 
 
 class DiffusionPolicy:
@@ -168,6 +177,21 @@ class DiffusionPolicy:
             raise UserError(f"policy.options.granularities must be >= 1, got {o.granularities}")
         if o.num_steps < 1:
             raise UserError(f"policy.options.num_steps must be >= 1, got {o.num_steps}")
+        if o.objective == "flow_matching":
+            if a.parameterization != "flow":
+                raise UserError(f"policy.options.objective=flow_matching needs a flow-matching family; {a.family} is "
+                                "a DDIM UNet: use objective=sde with sde=ddim")  # fmt: skip
+            if o.exploration != "full":
+                raise UserError(
+                    f"policy.options.objective=flow_matching trains the final samples, not sampler steps: "
+                    f"exploration={o.exploration!r} means nothing there; set exploration=full"
+                )
+            rng = list(o.fm_sigma_range)
+            if len(rng) != 2 or not 0.0 <= rng[0] < rng[1] <= 1.0:
+                raise UserError(f"policy.options.fm_sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, "
+                                f"got {o.fm_sigma_range}")  # fmt: skip
+            if o.fm_timesteps < 1:
+                raise UserError(f"policy.options.fm_timesteps must be >= 1, got {o.fm_timesteps}")
 
     # ------------------------------------------------------------------ helpers
     def unwrapped(self) -> nn.Module:
@@ -235,6 +259,8 @@ class DiffusionPolicy:
             x = res.prev_sample
             latents.append(x)
             logp[:, i] = res.log_prob
+        if o.objective == "flow_matching":
+            return self._finish_flow_matching(batch, G, torch.stack(latents, 1), cond, gens)
         train = plan.train_mask[None, :].expand(B * G, -1).clone()
         return self._finish(batch, G, torch.stack(latents, 1), logp, train, cond, extras={})
 
@@ -290,6 +316,63 @@ class DiffusionPolicy:
             extras={"latents": latents, "cond": cond, **extras},
         )
 
+    # ------------------------------------------------------------------ flow-matching objective (AWM / NFT)
+    def _finish_flow_matching(self, batch, G, latents, cond, gens) -> Rollout:
+        """Rollout whose units are fm_timesteps (sigma, noise) draws on each final sample x0.
+
+        Each row gets a seed from its prompt's generator (layout independent); the draws are regenerated from
+        it whenever the log-prob is recomputed, so nothing of latent size is stored per unit.
+        """
+        n, K = latents.shape[0], self.opts.fm_timesteps
+        seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
+        rollout = self._finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
+        rollout.extras["fm_seeds"] = seeds
+        rows = torch.arange(n)
+        rollout.logp_old = self._fm_log_prob(rollout, rows, torch.arange(K), grad=False).logp.detach()
+        return rollout
+
+    def _fm_draws(self, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [n, K], noise [n, K, *latent]) of rows with these seeds; the same seed gives the same draws."""
+        lo, hi = self.opts.fm_sigma_range
+        shape, K = self.adapter.latent_shape(), self.opts.fm_timesteps
+        sig, eps = [], []
+        for s in seeds.tolist():
+            g = generator_for(int(s))
+            sig.append(lo + (hi - lo) * torch.rand(K, generator=g))
+            eps.append(torch.randn((K, *shape), generator=g))
+        return torch.stack(sig), torch.stack(eps)
+
+    def _fm_log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor, grad: bool = True) -> LogProbs:
+        """Per-unit surrogate log-likelihood: minus the flow-matching error of the velocity at a noised x0.
+
+        unit u of row r: x_t = (1 - sigma) x0 + sigma eps, logp = -mean((v(x_t, sigma) - (eps - x0))^2) over the
+        latent's elements. It is the per-(sigma, noise) term of the flow-matching ELBO, so advantage x grad(logp)
+        is AWM's advantage-weighted matching (and, on policy, DiffusionNFT's update direction). No CFG: the
+        conditional velocity is trained, as both papers do.
+        """
+        o = self.opts
+        x0 = rollout.extras["latents"][rows, -1]  # [n, *latent]
+        sig, eps = self._fm_draws(rollout.extras["fm_seeds"][rows.cpu()])
+        sig, eps = sig[:, units], eps[:, units]  # [n, k], [n, k, *latent]
+        n, k = sig.shape
+        dev = x0.device
+        sig = sig.to(dev)
+        bshape = (n * k,) + (1,) * (x0.dim() - 1)
+        x0r = x0.repeat_interleave(k, 0)
+        eps = eps.reshape(n * k, *x0.shape[1:]).to(dev)
+        xt = (1.0 - sig.reshape(bshape)) * x0r + sig.reshape(bshape) * eps
+        t = self.adapter.timestep_from_sigma(sig.reshape(-1)).to(dev)
+        cond = self._cond_rows(rollout.extras["cond"], rows.repeat_interleave(k))
+        with torch.set_grad_enabled(grad):
+            v = self.adapter.predict(self.model, xt.to(self.adapter.dtype), t, cond).float()
+            err = (v - (eps - x0r)).pow(2).flatten(1).mean(1)  # [n*k]
+        kl = None
+        if o.reference_kl:
+            with torch.no_grad(), self.reference():
+                v_ref = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond).float()
+            kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)  # v-space KL surrogate (Flow-Factory "v-based")
+        return LogProbs(logp=-err.view(n, k), kl=kl)
+
     def _noise(self, gens: list[torch.Generator], G: int, shared_per_group: bool) -> torch.Tensor:
         """[N, *latent] Gaussian noise, drawn group by group from each prompt's generator (layout independent)."""
         shape = self.adapter.latent_shape()
@@ -310,6 +393,9 @@ class DiffusionPolicy:
     def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
         """Log-probs (with grad) of steps ``units`` for ``rows``: one batched forward over rows x units."""
         o = self.opts
+        if o.objective == "flow_matching":
+            units = torch.arange(o.fm_timesteps) if units is None else units.cpu()
+            return self._fm_log_prob(rollout, rows, units)
         sched = self.adapter.schedule(o.num_steps)
         units = torch.arange(sched.num_steps) if units is None else units.cpu()
         n, k = len(rows), len(units)
@@ -367,12 +453,12 @@ class DiffusionPolicy:
     def generate(self, prompts: list[Any], seeds: list[int], meta: list[dict] | None = None, noise_level: float = 0.0):
         """One deterministic (ODE, noise 0) or stochastic sample per prompt: [n, 3, H, W] in [0, 1]."""
         batch = PromptBatch(prompts=list(prompts), meta=meta or [{} for _ in prompts], seeds=list(seeds))
-        saved = (self.opts.noise_level, self.opts.exploration)
-        self.opts.noise_level, self.opts.exploration = noise_level, "full"
+        saved = (self.opts.noise_level, self.opts.exploration, self.opts.objective)
+        self.opts.noise_level, self.opts.exploration, self.opts.objective = noise_level, "full", "sde"
         try:
             return self.rollout(batch, 1).samples
         finally:
-            self.opts.noise_level, self.opts.exploration = saved
+            self.opts.noise_level, self.opts.exploration, self.opts.objective = saved
 
 
 def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets: list[str] | None) -> None:

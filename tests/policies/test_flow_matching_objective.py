@@ -1,0 +1,116 @@
+"""objective=flow_matching (advantage-weighted matching, AWM / on-policy DiffusionNFT) on tiny real checkpoints."""
+
+import pytest
+import torch
+import yaml
+
+from mmgrpo.core.components import generator_for
+from mmgrpo.core.config import load_config
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.trainer import train
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.testing.checks import assert_ratio_one
+from mmgrpo.testing.tiny_flux import tiny_flux_adapter
+from mmgrpo.testing.tiny_sd import tiny_sd_adapter
+from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
+
+FM = dict(objective="flow_matching", fm_timesteps=3, noise_level=0.0)
+
+
+def batch(seeds=(11, 12)):
+    return PromptBatch(prompts=["a red circle", "two blue squares"], seeds=list(seeds))
+
+
+@pytest.mark.parametrize("make", [tiny_sd3_adapter, tiny_flux_adapter], ids=["sd3", "flux"])
+def test_units_are_the_draws_and_ratio_is_one(make):
+    policy = DiffusionPolicy(make(), DiffusionPolicyOptions(num_steps=3, **FM))
+    r = policy.rollout(batch(), group_size=3)
+    assert r.logp_old.shape == (6, 3) and r.train_mask.all()
+    assert (r.logp_old < 0).all()  # minus a squared error
+    assert_ratio_one(policy, r)  # micro-batches 1 and G regenerate the same (sigma, noise) draws
+
+
+def test_log_prob_is_minus_the_flow_matching_error_of_the_documented_draws():
+    """Rebuild unit u of row r by hand: sigma = lo + (hi - lo) U, eps ~ N(0, I) from the row's seed, in that
+    order; x_t = (1 - sigma) x0 + sigma eps; logp = -mean((transformer(x_t, 1000 sigma) - (eps - x0))^2)."""
+    opts = DiffusionPolicyOptions(num_steps=3, **{**FM, "fm_sigma_range": [0.2, 0.6]})
+    policy = DiffusionPolicy(tiny_sd3_adapter(), opts)
+    r = policy.rollout(batch(), group_size=2)
+    row = 3
+    g = generator_for(int(r.extras["fm_seeds"][row]))
+    sig = 0.2 + 0.4 * torch.rand(3, generator=g)
+    eps = torch.randn((3, *policy.adapter.latent_shape()), generator=g)
+    assert ((sig >= 0.2) & (sig <= 0.6)).all()
+    x0 = r.extras["latents"][row, -1]
+    cond = {k: v[row : row + 1].expand(3, *v.shape[1:]) for k, v in r.extras["cond"].items()}
+    xt = (1 - sig[:, None, None, None]) * x0 + sig[:, None, None, None] * eps
+    with torch.no_grad():
+        v = policy.adapter.denoiser(
+            hidden_states=xt, timestep=sig * 1000, encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled"], return_dict=False,
+        )[0]  # fmt: skip
+    want = -((v - (eps - x0)) ** 2).flatten(1).mean(1)
+    assert torch.allclose(r.logp_old[row], want, atol=1e-6), (r.logp_old[row], want)
+    # the final samples are the ODE's (noise_level 0): same images as generate() at the same seeds
+    again = policy.generate(["two blue squares"], [12])
+    assert torch.allclose(r.samples[2], again[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_positive_advantage_lowers_the_error_and_a_negative_one_raises_it(sign):
+    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=3, **FM))
+    r = policy.rollout(batch(), group_size=2)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.02)
+    rows = torch.arange(4)
+    loss = -(sign * policy.log_prob(r, rows).logp).mean()  # the policy-gradient surrogate at ratio 1
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        delta = (policy.log_prob(r, rows).logp - r.logp_old).mean(1)  # change of minus the error, per row
+    assert (sign * delta > 0).all(), delta
+
+
+def test_reference_kl_is_the_velocity_gap_to_the_adapter_disabled():
+    opts = DiffusionPolicyOptions(num_steps=2, lora_rank=2, reference_kl=True, **FM)
+    policy = DiffusionPolicy(tiny_sd3_adapter(), opts)
+    r = policy.rollout(batch(), group_size=2)
+    assert torch.allclose(policy.log_prob(r, torch.arange(4)).kl, torch.zeros(4, 3), atol=1e-10)
+    with torch.no_grad():
+        for name, p in policy.unwrapped().named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert (policy.log_prob(r, torch.arange(4)).kl > 0).all()
+
+
+@pytest.mark.parametrize(
+    "make, opts, match",
+    [
+        (tiny_sd_adapter, dict(sde="ddim"), "needs a flow-matching family"),
+        (tiny_sd3_adapter, dict(exploration="window"), "set exploration=full"),
+        (tiny_sd3_adapter, dict(fm_sigma_range=[0.5, 0.2]), r"fm_sigma_range must be \[lo, hi\]"),
+        (tiny_sd3_adapter, dict(fm_timesteps=0), "fm_timesteps must be >= 1"),
+    ],
+)
+def test_bad_options_are_one_clear_error(make, opts, match):
+    with pytest.raises(UserError, match=match):
+        DiffusionPolicy(make(), DiffusionPolicyOptions(**{**FM, **opts}))
+
+
+def test_two_training_steps_through_the_recipe(tmp_path):
+    ckpt = save_tiny_sd3(tmp_path / "ckpt")
+    cfg = {
+        "pipeline": "text_to_image",
+        "policy": {"options": {"family": "sd3", "path": ckpt, "num_steps": 3, **FM}},
+        "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+        "rewards": [{"name": "jpeg_incompressibility"}],
+        "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 3, "lr": 1e-3, "progress": False},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from mmgrpo.policies.models.sd3 import SD3Adapter
+
+    before = SD3Adapter.from_pretrained(ckpt).denoiser.state_dict()
+    trainer = train(load_config(path, [f"run.output_dir={tmp_path}"]))
+    after = trainer.policy.unwrapped().state_dict()
+    assert trainer.step == 2 and any(not torch.equal(after[k], v) for k, v in before.items())
