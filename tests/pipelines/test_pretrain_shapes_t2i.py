@@ -85,9 +85,12 @@ def test_pretrain_tiny_writes_a_folder_that_loads_back_and_samples_the_same(tmp_
 
 
 def test_training_is_deterministic_given_the_seed():
-    runs = [train(PretrainConfig(**TINY, seed=s), progress=False)[0] for s in (5, 5, 6)]
-    w = [r.proj_out.weight for r in runs]
-    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+    # the third run also evaluates at step 2 (--eval-every): evaluation must not disturb the training streams
+    cfgs = [dict(seed=5), dict(seed=6), dict(seed=5, eval_every=2)]
+    runs = [train(PretrainConfig(**TINY, **c), progress=False, log=lambda s: 0) for c in cfgs]
+    w = [r[0].proj_out.weight for r in runs]
+    assert not torch.equal(w[0], w[1]) and torch.equal(w[0], w[2])
+    assert runs[2][4][0]["step"] == 2 and "shapes" in runs[2][4][0]  # the history row of that evaluation
 
 
 def test_untrained_model_predicts_zero_velocity_so_the_loss_is_the_target_norm():
