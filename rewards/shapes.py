@@ -19,6 +19,12 @@ Detection, built for blurry, noisy 32x32 generator samples:
    overlapped triangles (0.50-0.79) under blur, while the moment features kept a wide gap (skew: triangles
    <= -0.28, others within +-0.05; cross ratio: circles <= 0.72, squares >= 0.84).
 
+4. readability: multi-coloured clutter would satisfy "present" atoms by chance (an RL run at a high learning
+   rate found exactly that: noise images scoring 0.51 while the clean shipped model scores 0.30). An image with
+   more than ``max_objects`` objects, coloured pixels over ``max_foreground`` of it, or specks over
+   ``max_stray`` of it is unreadable and satisfies no atom. Measured on the shipped model's held-out samples:
+   at most 4 objects, 0.23 foreground, 0.025 specks; on the hacked samples a median of 7 objects, 0.59, 0.26.
+
 Example::
 
     >>> import numpy as np
@@ -62,6 +68,12 @@ TRIANGLE_SKEW = -0.15
 """vertical skewness below this is an upright triangle (ideal -0.57; circles and squares 0)"""
 SQUARE_CROSS = 0.78
 """E[dx^2 dy^2] / (E[dx^2] E[dy^2]) above this is a square (ideal 1), below a circle (ideal 2/3)"""
+MAX_OBJECTS = 4
+"""more detected objects than this and the image is unreadable (a scene has at most 3; one spare for a split blob)"""
+MAX_FOREGROUND = 0.45
+"""coloured pixels covering more than this fraction of the image: unreadable (3 of the largest squares: 0.42)"""
+MAX_STRAY = 0.05
+"""coloured pixels in sub-``min_area`` specks above this fraction of the image: unreadable (clutter)"""
 
 _HUES = np.array([PALETTE_HUE[c] for c in COLORS])  # [4]
 _CHROMA = np.array([PALETTE_CHROMA[c] for c in COLORS])  # [4]
@@ -189,20 +201,40 @@ def detect(
     Foreground = alpha >= ``min_alpha``; components smaller than ``min_area`` (fraction of H*W) are dropped.
     Shape moments weigh each pixel of the component and its 1-pixel rim by its alpha (clipped to [0, 1]).
     """
+    return read_image(image, min_alpha, min_area, connectivity).objects
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What :func:`read_image` sees: the objects, and the clutter measures of the readability check."""
+
+    objects: list[Detection]
+    foreground: float  # fraction of the image that is coloured (alpha >= min_alpha)
+    stray: float  # fraction of the image in coloured specks smaller than min_area
+
+    def readable(self, max_objects: int = MAX_OBJECTS, max_foreground: float = MAX_FOREGROUND,
+                 max_stray: float = MAX_STRAY) -> bool:  # fmt: skip
+        return len(self.objects) <= max_objects and self.foreground <= max_foreground and self.stray <= max_stray
+
+
+def read_image(image: Any, min_alpha: float = MIN_ALPHA, min_area: float = MIN_AREA, connectivity: int = 4) -> Reading:
+    """:func:`detect` plus the image's clutter (coloured fraction, specks)."""
     img = as_hwc_float(image)  # [H, W, 3]
     k, alpha = palette_alpha(img)  # [H, W], [H, W]
     # the 1e-6 keeps pixels at exactly min_alpha (anti-aliased edges) in, whether the input was float32 or uint8
-    labels, n = label_components(np.where(alpha >= min_alpha - 1e-6, k, -1), connectivity)
+    fg = alpha >= min_alpha - 1e-6
+    labels, n = label_components(np.where(fg, k, -1), connectivity)
     h, w = labels.shape
     sizes = np.bincount(labels[labels >= 0], minlength=n)
+    kept = sizes >= min_area * h * w
     out = []
-    for i in np.nonzero(sizes >= min_area * h * w)[0]:
+    for i in np.nonzero(kept)[0]:
         mask = labels == i
         c = int(k[mask][0])
         rim = _rim(mask) & ~mask & (labels < 0) & (k == c)  # background pixels of the same hue around it
         weights = np.where(mask | rim, np.clip(alpha, 0.0, 1.0), 0.0)
         out.append(_describe(weights, COLORS[c]))
-    return out
+    return Reading(out, float(fg.mean()), float(sizes[~kept].sum() / (h * w)))
 
 
 # ------------------------------------------------------------------------------------------------- atoms
@@ -288,10 +320,21 @@ def atoms(prompt: str | Prompt) -> list[Atom]:
     return present
 
 
-def score(prompt: str | Prompt, image: Any, **detect_kw: Any) -> tuple[float, bool, list[tuple[Atom, bool]]]:
-    """(fraction of satisfied atoms, whether all hold, [(atom, holds)]) for one image and its prompt."""
-    found = detect(image, **detect_kw)
-    details = [(atom, atom.holds(found)) for atom in atoms(prompt)]
+def score(
+    prompt: str | Prompt,
+    image: Any,
+    max_objects: int = MAX_OBJECTS,
+    max_foreground: float = MAX_FOREGROUND,
+    max_stray: float = MAX_STRAY,
+    **detect_kw: Any,
+) -> tuple[float, bool, list[tuple[Atom, bool]]]:
+    """(fraction of satisfied atoms, whether all hold, [(atom, holds)]) for one image and its prompt.
+
+    An unreadable image (too many objects, too much colour or too many specks: module docstring) holds no atom.
+    """
+    reading = read_image(image, **detect_kw)
+    ok = reading.readable(max_objects, max_foreground, max_stray)
+    details = [(atom, ok and atom.holds(reading.objects)) for atom in atoms(prompt)]
     n_ok = sum(ok for _, ok in details)
     return n_ok / len(details), n_ok == len(details), details
 
@@ -317,9 +360,17 @@ def _scores(samples: Any, prompts: Sequence[Any], strict: bool, detect_kw: dict)
 
 
 @register("shapes")
-def shapes(min_alpha: float = MIN_ALPHA, min_area: float = MIN_AREA, connectivity: int = 4):
+def shapes(
+    min_alpha: float = MIN_ALPHA,
+    min_area: float = MIN_AREA,
+    connectivity: int = 4,
+    max_objects: int = MAX_OBJECTS,
+    max_foreground: float = MAX_FOREGROUND,
+    max_stray: float = MAX_STRAY,
+):
     """Shapes world: fraction of the prompt's atoms verified in the pixels (GenEval-style)."""
-    kw = dict(min_alpha=min_alpha, min_area=min_area, connectivity=connectivity)
+    kw = dict(min_alpha=min_alpha, min_area=min_area, connectivity=connectivity, max_objects=max_objects,
+              max_foreground=max_foreground, max_stray=max_stray)  # fmt: skip
 
     def fn(samples, prompts, meta, ctx) -> torch.Tensor:  # samples Float[N, 3, H, W] in [0, 1] -> [N]
         return _scores(samples, prompts, strict=False, detect_kw=kw)
@@ -328,9 +379,17 @@ def shapes(min_alpha: float = MIN_ALPHA, min_area: float = MIN_AREA, connectivit
 
 
 @register("shapes_strict")
-def shapes_strict(min_alpha: float = MIN_ALPHA, min_area: float = MIN_AREA, connectivity: int = 4):
+def shapes_strict(
+    min_alpha: float = MIN_ALPHA,
+    min_area: float = MIN_AREA,
+    connectivity: int = 4,
+    max_objects: int = MAX_OBJECTS,
+    max_foreground: float = MAX_FOREGROUND,
+    max_stray: float = MAX_STRAY,
+):
     """Shapes world: 1 when every atom of the prompt is verified in the pixels, else 0 (GenEval accuracy)."""
-    kw = dict(min_alpha=min_alpha, min_area=min_area, connectivity=connectivity)
+    kw = dict(min_alpha=min_alpha, min_area=min_area, connectivity=connectivity, max_objects=max_objects,
+              max_foreground=max_foreground, max_stray=max_stray)  # fmt: skip
 
     def fn(samples, prompts, meta, ctx) -> torch.Tensor:  # samples Float[N, 3, H, W] in [0, 1] -> [N]
         return _scores(samples, prompts, strict=True, detect_kw=kw)

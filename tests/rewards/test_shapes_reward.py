@@ -26,7 +26,7 @@ from mmgrpo.data.shapes import (
     to_tensor,
 )
 from rewards import registry
-from rewards.shapes import atoms, detect, label_components, palette_alpha, score
+from rewards.shapes import atoms, detect, label_components, palette_alpha, read_image, score
 
 
 def _bfs_labels(classes: np.ndarray) -> np.ndarray:
@@ -274,3 +274,42 @@ def test_reward_rejects_user_mistakes():
         fn(samples, ["a red circle", "a purple circle"], [{}, {}], None)
     with pytest.raises(UserError, match="bad options"):
         registry.get("shapes", min_alpah=0.4)
+
+
+# ------------------------------------------------------------------------------------------ readability
+def test_clutter_makes_an_image_unreadable_and_scores_zero():
+    rng = np.random.default_rng(0)
+    scene = Scene((Obj("circle", "red", 0.3, 0.5, 0.3), Obj("square", "blue", 0.75, 0.5, 0.3)))
+    clean = render(scene, 32)
+    prompt = "a red circle left of a blue square"
+    assert score(prompt, clean)[:2] == (1.0, True) and read_image(clean).readable()
+    # RL found this: multi-coloured noise, where some speck of every colour+shape satisfies "present" atoms
+    noise = np.stack([PALETTE[c] for c in COLORS])[rng.integers(4, size=(32, 32))].astype(np.uint8)
+    noise[rng.random((32, 32)) < 0.3] = 255
+    reading = read_image(noise)
+    assert reading.foreground > 0.45 and not reading.readable()
+    assert score(prompt, noise)[0] == 0.0 and all(not ok for _, ok in score(prompt, noise)[2])
+    # the same clean scene plus specks (each under min_area) over 5% of the image: unreadable
+    specked = clean.copy()
+    ys, xs = np.nonzero((np.arange(32)[:, None] % 3 == 0) & (np.arange(32)[None, :] % 3 == 0))
+    for y, x in zip(ys, xs):
+        if (specked[y, x] == 255).all():
+            specked[y, x] = PALETTE["green"]
+    r = read_image(specked)
+    assert [(d.color, d.shape) for d in r.objects] == [(d.color, d.shape) for d in detect(clean)]
+    assert r.stray > 0.05 and score(prompt, specked)[0] == 0.0
+    assert score(prompt, specked, max_stray=1.0)[:2] == (1.0, True)  # the threshold is an option
+    # five separate objects: more than the world ever draws (3) plus one spare
+    five = render(Scene(tuple(Obj("square", "green", x, y, 0.2) for x, y in
+                              ((0.15, 0.15), (0.85, 0.15), (0.5, 0.5), (0.15, 0.85), (0.85, 0.85)))), 32)  # fmt: skip
+    assert len(detect(five)) == 5 and score("a green square", five)[0] == 0.0
+    assert registry.get("shapes", max_objects=5)([five], ["a green square"], [{}], None).item() == 1.0
+
+
+def test_rendered_scenes_are_always_readable():
+    rng = np.random.default_rng(7)
+    for size in (32, 64):
+        for t in _prompts_by_kind(150, rng):
+            for img in (render(sample_scene(t, rng, max_distractors=2), size),
+                        render(sample_mismatched_scene(t, rng), size)):  # fmt: skip
+                assert read_image(img).readable(), t
