@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -58,6 +58,125 @@ def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None
     return path.with_suffix(".png")
 
 
+BA_PAD = 8  # margin around the picture and between pairs (pixels)
+BA_GAP = 4  # gap between the before and after image of one pair
+BA_BACKGROUND = (225, 225, 225)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int | None = None) -> list[str]:
+    """Greedy word wrap of ``text`` to ``width`` pixels (words too long for a line are cut)."""
+    lines: list[str] = []
+    for para in text.splitlines() or [""]:
+        line = ""
+        for word in para.split():
+            while draw.textlength(word, font=font) > width and len(word) > 1:  # hard-break an overlong word
+                cut = len(word) - 1
+                while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                    cut -= 1
+                if line:
+                    lines.append(line)
+                    line = ""
+                lines.append(word[:cut])
+                word = word[cut:]
+            trial = f"{line} {word}" if line else word
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and draw.textlength(last + "...", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
+
+
+def before_after(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    captions: list[str] | None,
+    path: str | Path,
+    before_label: str = "before",
+    after_label: str = "after",
+    before_metrics: dict[str, float] | None = None,
+    after_metrics: dict[str, float] | None = None,
+    ncol: int | None = None,
+    caption_lines: int = 3,
+) -> Path:
+    """Save a PNG comparing evaluation images row by row: for pair i its caption, then ``before[i]`` and
+    ``after[i]`` side by side, pairs laid out in ``ncol`` columns (default up to 4).
+
+    ``before``/``after``: [n, 3, H, W] in [0, 1] (videos [n, F, 3, H, W] show their first frame). Images are
+    enlarged with NEAREST by ``max(1, 128 // W)`` (as in :func:`save_samples`). A header names the columns
+    (``before_label`` left, ``after_label`` right) and, for metrics in both dicts, ``name before -> after``.
+    Layout: width ``ncol * (2 * S_w + BA_GAP) + (ncol + 1) * BA_PAD`` with ``S_w = W * scale``; each row of
+    pairs is a caption band (absent when there are no captions) above the images.
+    """
+    if before.dim() == 5:
+        before = before[:, 0]
+    if after.dim() == 5:
+        after = after[:, 0]
+    if before.shape != after.shape:
+        raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} must have the same shape")
+    n, _, H, W = before.shape
+    scale = max(1, 128 // W)
+    sh, sw = H * scale, W * scale
+    ncol = max(1, min(ncol or 4, n))
+    nrow = math.ceil(n / ncol)
+    pair_w = 2 * sw + BA_GAP
+    width = ncol * pair_w + (ncol + 1) * BA_PAD
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = font.getbbox("Ag|")[3] + 3
+
+    header = _wrap(measure, f"left: {before_label}   |   right: {after_label}", font, width - 2 * BA_PAD)
+
+    def num(v) -> float | None:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
+    b_m, a_m = before_metrics or {}, after_metrics or {}
+    shared = [k for k in b_m if k in a_m and num(b_m[k]) is not None and num(a_m[k]) is not None]
+    if shared:
+        text = ",  ".join(f"{k} {num(b_m[k]):.3g} -> {num(a_m[k]):.3g}" for k in shared)
+        header += _wrap(measure, text, font, width - 2 * BA_PAD)
+    header_h = BA_PAD + len(header) * line_h
+
+    captions = list(captions or [])[:n]
+    wrapped = [_wrap(measure, c, font, pair_w, caption_lines) if c else [] for c in captions]
+    cap_h = max((len(w) for w in wrapped), default=0) * line_h
+    cell_h = cap_h + sh
+    height = header_h + nrow * cell_h + (nrow + 1) * BA_PAD
+
+    canvas = Image.new("RGB", (width, height), BA_BACKGROUND)  # grey: white-background images stand out
+    draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(header):
+        draw.text((BA_PAD, BA_PAD + j * line_h), line, fill="black", font=font)
+
+    def to_pil(img: torch.Tensor) -> Image.Image:
+        arr = (img.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(arr).resize((sw, sh), Image.NEAREST)
+
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        x = BA_PAD + c * (pair_w + BA_PAD)
+        y = header_h + BA_PAD + r * (cell_h + BA_PAD)
+        for j, line in enumerate(wrapped[i] if i < len(wrapped) else []):
+            draw.text((x, y + j * line_h), line, fill="black", font=font)
+        canvas.paste(to_pil(before[i]), (x, y + cap_h))
+        canvas.paste(to_pil(after[i]), (x + sw + BA_GAP, y + cap_h))
+    path = Path(path).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def reward_curve(metrics: list[dict], path: str | Path, keys: list[str] | None = None) -> Path | None:
     """Plot training reward (and eval metrics) against step to a PNG."""
     import matplotlib
@@ -93,7 +212,8 @@ def reward_curve(metrics: list[dict], path: str | Path, keys: list[str] | None =
 
 
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
-    """``report.html``: the reward curve, a table of evaluations, and every sample grid in order."""
+    """``report.html``: the before/after comparison (if any), the reward curve, a table of evaluations, and
+    every sample grid in order."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     curve = reward_curve(metrics, run_dir / "reward_curve.png")
@@ -111,6 +231,13 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
         else "<p>No evaluations were run.</p>"
     )
     samples = sorted((run_dir / "samples").glob("*")) if (run_dir / "samples").is_dir() else []
+    compare = ""
+    if any(s.name == "before_after.png" for s in samples):
+        compare = (
+            "<h2>Before / after</h2><p>First evaluation (left of each pair) against the latest (right), "
+            'same prompts and seeds.</p><img class="ba" src="samples/before_after.png">'
+        )
+        samples = [s for s in samples if s.name != "before_after.png"]
     figs = []
     for s in samples:
         rel = html.escape(f"samples/{s.name}")
@@ -120,9 +247,10 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title or run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} figure{{display:inline-block;margin:8px}}
-img,video{{image-rendering:pixelated;max-width:520px}}</style></head><body>
+img,video{{image-rendering:pixelated;max-width:520px}} img.ba{{max-width:100%}}</style></head><body>
 <h1>{html.escape(title or run_dir.name)}</h1>
 <p>{len([m for m in metrics if "reward/mean" in m])} training steps logged; last step {last.get("step", 0)}.</p>
+{compare}
 <h2>Reward</h2>{'<img src="reward_curve.png">' if curve else "<p>No metrics yet.</p>"}
 <h2>Held-out evaluation</h2>{table}
 <h2>Samples</h2>{"".join(figs) or "<p>No samples saved.</p>"}

@@ -32,7 +32,7 @@ from mmgrpo.core.components import PIPELINES, Components, generator_for, load_pi
 from mmgrpo.core.config import Config, dump_config
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.report import save_samples, write_report
+from mmgrpo.core.report import before_after, save_samples, write_report
 from mmgrpo.core.scoring import build_rewards, reward_metrics, score, stateful_rewards
 from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups
 
@@ -89,6 +89,9 @@ class Trainer:
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.step = 0
+        self.first_eval: tuple[int, torch.Tensor, list[str], dict[str, float]] | None = None
+        """(step, images, captions, metrics) of this process's first evaluation with images (main process only):
+        the "before" of ``samples/before_after.png``"""
 
     # ---------------------------------------------------------------- phase 1 + 2: sample and score
     def prompts_for(self, step: int, base: int) -> PromptBatch:
@@ -369,6 +372,22 @@ class Trainer:
         self.log(step, metrics)
         if result.images is not None and self.acc.is_main_process:
             save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
+            images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame
+            images = images.detach().float().cpu()
+            if self.first_eval is None:
+                self.first_eval = (step, images.clone(), list(result.captions), dict(result.metrics))
+            elif self.first_eval[1].shape == images.shape and step != self.first_eval[0]:
+                step0, before, captions0, metrics0 = self.first_eval
+                before_after(
+                    before,
+                    images,
+                    list(result.captions) or captions0,
+                    self.run_dir / "samples" / "before_after.png",
+                    before_label=f"before (step {step0})",
+                    after_label=f"after (step {step})",
+                    before_metrics=metrics0,
+                    after_metrics=result.metrics,
+                )
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -3,10 +3,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mmgrpo.core import checkpoint as ckpt
+from mmgrpo.core.components import EvalResult
 from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.trainer import Trainer, train
@@ -251,7 +254,41 @@ def test_reward_restricted_to_streams_gives_nan_elsewhere():
     from mmgrpo.core.scoring import build_rewards
     from mmgrpo.core.types import RewardContext
 
-    (_, _, fn), = build_rewards([RewardSpec(name="bandit_arm_value", streams=["reasoning"])])
+    ((_, _, fn),) = build_rewards([RewardSpec(name="bandit_arm_value", streams=["reasoning"])])
     meta = [{"arm_values": [0.5, 1.0], "stream": s} for s in ("reasoning", "checklist", "reasoning")]
     out = fn(torch.tensor([1, 1, 0]), None, meta, RewardContext(group_size=3))
     assert out[0] == 1.0 and torch.isnan(out[1]) and out[2] == 0.5
+
+
+def test_evaluation_images_give_a_before_after_picture(tmp_path):
+    """The bandit's evaluation draws no images; give it some (a colour per step) to exercise the trainer."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    trainer = Trainer(cfg_for(tmp_path, "trainer.max_steps=4", "trainer.eval_every=2"), run_dir)
+    bandit_eval, seen = trainer.comp.evaluate, []
+    picture = run_dir / "samples" / "before_after.png"
+
+    def evaluate(policy, step):
+        seen.append((step, picture.is_file()))
+        result = bandit_eval(policy, step)
+        colour = torch.tensor([1.0, 0.0, 0.0]) if step == 0 else torch.tensor([0.0, 0.0, step / 4])
+        images = colour.view(1, 3, 1, 1).expand(3, 3, 8, 8).clone()
+        return EvalResult(result.metrics, images, captions=[f"prompt {i}" for i in range(3)])
+
+    trainer.comp.evaluate = evaluate
+    trainer.train()
+    assert seen == [(0, False), (2, False), (4, True)]  # written from the second evaluation on
+    arr = np.asarray(Image.open(picture).convert("RGB"))
+    s = 8 * 16  # 8 px images enlarged as save_samples does (128 // 8)
+    assert (arr == (255, 0, 0)).all(-1).sum() == 3 * s * s  # before: the step-0 evaluation
+    assert (arr == (0, 0, 255)).all(-1).sum() == 3 * s * s  # after: the latest (step 4), overwriting step 2's
+    assert trainer.first_eval[0] == 0 and trainer.first_eval[3].keys() == {"expected_reward", "best_arm_rate"}
+    assert "samples/before_after.png" in (run_dir / "report.html").read_text()
+    assert {p.name for p in (run_dir / "samples").iterdir()} == {
+        "step_000000.png", "step_000002.png", "step_000004.png", "before_after.png"
+    }  # fmt: skip
+
+
+def test_evaluations_without_images_draw_no_before_after(tmp_path):
+    t = train(cfg_for(tmp_path, "trainer.max_steps=2", "trainer.eval_every=1"))  # bandit: metrics, no images
+    assert t.first_eval is None and not (t.run_dir / "samples" / "before_after.png").exists()

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from PIL import Image
+
 from mmgrpo.core.config import load_config
 from mmgrpo.core.trainer import train
 
@@ -20,9 +22,12 @@ def test_demo_config_writes_a_complete_run_directory(tmp_path, monkeypatch):
     run = t.run_dir
     assert {"config.yaml", "metrics.jsonl", "report.html", "reward_curve.png"} <= {p.name for p in run.iterdir()}
     grids = sorted(p.name for p in (run / "samples").iterdir())
-    assert grids == ["step_000000.png", "step_000001.png", "step_000002.png"]  # before / during / after
+    assert grids == ["before_after.png", "step_000000.png", "step_000001.png", "step_000002.png"]
+    ba, first = Image.open(run / "samples" / "before_after.png"), Image.open(run / "samples" / "step_000000.png")
+    assert ba.width > first.width and ba.height > 128  # 3 captioned pairs of enlarged 32 px images
     assert (run / "checkpoints" / "step_000002" / "tensors.safetensors").is_file()
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert sum('"eval/shapes"' in x for x in lines) == 3 and sum('"reward/shapes"' in x for x in lines) == 2
     html = (run / "report.html").read_text()
     assert "samples/step_000002.png" in html and "reward_curve.png" in html
+    assert html.index("samples/before_after.png") < html.index("reward_curve.png")  # shown first

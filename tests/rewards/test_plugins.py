@@ -24,7 +24,8 @@ def installed_plugin(tmp_path_factory):
     """Build and install a tiny distribution declaring an ``mmgrpo.rewards`` entry point (into a target dir)."""
     src = tmp_path_factory.mktemp("plugin_src")
     (src / "my_reward_pkg").mkdir()
-    (src / "my_reward_pkg" / "__init__.py").write_text(textwrap.dedent('''
+    (src / "my_reward_pkg" / "__init__.py").write_text(
+        textwrap.dedent('''
         import torch
 
         def arm_is_zero(bonus: float = 1.0):
@@ -35,8 +36,10 @@ def installed_plugin(tmp_path_factory):
 
         def plain(samples, prompts, meta, ctx):
             return [None if i % 2 else 2.0 for i in range(len(samples))]
-    '''))
-    (src / "pyproject.toml").write_text(textwrap.dedent('''
+    ''')
+    )
+    (src / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [build-system]
         requires = ["setuptools>=61"]
         build-backend = "setuptools.build_meta"
@@ -47,7 +50,8 @@ def installed_plugin(tmp_path_factory):
         arm_is_zero = "my_reward_pkg:arm_is_zero"
         [tool.setuptools]
         packages = ["my_reward_pkg"]
-    '''))
+    """)
+    )
     target = tmp_path_factory.mktemp("site")
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
            "--target", str(target), str(src)]  # fmt: skip

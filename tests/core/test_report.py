@@ -1,0 +1,117 @@
+"""The before/after comparison picture and its place in report.html."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmgrpo.core.report import BA_GAP, BA_PAD, before_after, write_report
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def solid(n, rgb, size=32):
+    return torch.tensor(rgb, dtype=torch.float32).div(255).view(1, 3, 1, 1).expand(n, 3, size, size).clone()
+
+
+def draw(tmp_path, n=1, size=32, captions=None, name="ba", **kw):
+    path = before_after(solid(n, RED, size), solid(n, BLUE, size), captions, tmp_path / f"{name}.png", **kw)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def box(arr, rgb):
+    """(y0, y1, x0, x1, count) of the pixels of exactly colour ``rgb``."""
+    ys, xs = np.nonzero((arr == rgb).all(-1))
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1, len(ys)
+
+
+def dark(arr):
+    return arr.max(-1) < 100
+
+
+def test_size_follows_pairs_columns_and_scale(tmp_path):
+    for n, size, ncol in [(1, 32, None), (5, 32, None), (5, 32, 2), (3, 64, None), (2, 128, None)]:
+        arr = draw(tmp_path, n=n, size=size, ncol=ncol)
+        scale = max(1, 128 // size)
+        cols = min(ncol or 4, n)
+        rows = -(-n // cols)
+        s = size * scale
+        assert arr.shape[1] == cols * (2 * s + BA_GAP) + (cols + 1) * BA_PAD
+        y0, y1, _, _, count = box(arr, RED)
+        assert count == n * s * s  # every before image, enlarged, and nothing else red
+        assert box(arr, BLUE)[4] == n * s * s
+        assert y1 - y0 == rows * s + (rows - 1) * BA_PAD  # no captions: rows of images only
+        assert arr.shape[0] == y1 + BA_PAD
+
+
+def test_before_left_after_right_of_each_pair(tmp_path):
+    arr = draw(tmp_path, n=1)
+    ry0, ry1, rx0, rx1, _ = box(arr, RED)
+    by0, by1, bx0, bx1, _ = box(arr, BLUE)
+    assert (ry1 - ry0, rx1 - rx0) == (128, 128) == (by1 - by0, bx1 - bx0)  # 32 px enlarged 4x
+    assert (ry0, ry1) == (by0, by1) and rx0 == BA_PAD and bx0 == rx1 + BA_GAP
+    # several pairs: in each row of pairs, a before block is followed by its after block
+    arr = draw(tmp_path, n=6, ncol=3, name="six")
+    y = box(arr, RED)[1] - 1  # last pixel row of the second row of pairs
+    for c in range(3):
+        x = BA_PAD + c * (2 * 128 + BA_GAP + BA_PAD)
+        assert tuple(arr[y, x + 64]) == RED and tuple(arr[y, x + 128 + BA_GAP + 64]) == BLUE
+
+
+def test_videos_show_their_first_frame(tmp_path):
+    before = torch.stack([solid(2, RED), solid(2, (0, 255, 0))], dim=1)  # [n, F, 3, H, W]
+    after = torch.stack([solid(2, BLUE), solid(2, (0, 255, 0))], dim=1)
+    arr = np.asarray(Image.open(before_after(before, after, [], tmp_path / "v.png")).convert("RGB"))
+    assert box(arr, RED)[4] == box(arr, BLUE)[4] == 2 * 128 * 128
+    assert not (arr == (0, 255, 0)).all(-1).any()
+
+
+def test_captions_render_above_their_pair(tmp_path):
+    plain = draw(tmp_path, n=2, name="plain")
+    long = "a red circle above a small blue square " * 4
+    arr = draw(tmp_path, n=2, captions=["a red circle", long], name="cap")
+    top_plain, top = box(plain, RED)[0], box(arr, RED)[0]
+    assert top > top_plain + 20  # a caption band of several (wrapped) lines
+    band = dark(arr[top_plain - BA_PAD // 2 : top])
+    pair_w = 2 * 128 + BA_GAP
+    assert band[:, BA_PAD : BA_PAD + pair_w].sum() > 20  # first caption
+    assert band[:, 2 * BA_PAD + pair_w :].sum() > band[:, BA_PAD : BA_PAD + pair_w].sum()  # the longer one
+    assert not dark(plain[top_plain:]).any()  # no captions: nothing drawn among the images
+
+
+def test_header_names_columns_and_metrics(tmp_path):
+    plain = draw(tmp_path, n=2, name="plain", before_label="before (step 0)", after_label="after (step 9)")
+    arr = draw(
+        tmp_path,
+        n=2,
+        name="metrics",
+        before_label="before (step 0)",
+        after_label="after (step 9)",
+        before_metrics={"shapes": 0.31, "text": "ignored"},
+        after_metrics={"shapes": 0.52, "text": "ignored", "only_after": 1.0},
+    )
+    top_plain, top = box(plain, RED)[0], box(arr, RED)[0]
+    assert dark(plain[:top_plain]).sum() > 50  # the column names
+    assert top > top_plain  # one more header line for the metrics
+    assert dark(arr[top_plain - BA_PAD : top - BA_PAD]).sum() > 50  # and it holds text
+    assert arr.shape[0] - top == plain.shape[0] - top_plain
+
+
+def test_mismatched_shapes_are_an_error(tmp_path):
+    with pytest.raises(ValueError, match="same shape"):
+        before_after(solid(2, RED), solid(3, BLUE), [], tmp_path / "x.png")
+
+
+def test_report_shows_before_after_first_and_once(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/shapes": 0.3}) + "\n")
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    Image.new("RGB", (4, 4)).save(samples / "step_000000.png")
+    html = write_report(tmp_path).read_text()
+    assert "samples/before_after.png" not in html and "Before / after" not in html
+    before_after(solid(1, RED), solid(1, BLUE), ["x"], samples / "before_after.png")
+    html = write_report(tmp_path).read_text()
+    assert html.count("samples/before_after.png") == 1
+    assert html.index("samples/before_after.png") < html.index("<h2>Reward") < html.index("step_000000.png")
