@@ -64,6 +64,11 @@ class AdvantageConfig:
     """reward shaping applied before normalisation (none, tempsamp_soft)"""
     shaping_options: dict[str, Any] = field(default_factory=dict)
     """options of the shaping function (tempsamp_soft: tau, a1, a2)"""
+    min_advantage: float | None = None
+    """lower bound on the advantages (None: unbounded). 0 reinforces only better-than-average samples of each
+    group (reward-filtered fine-tuning, RAFT / ReST style): the stable choice for policy objective=flow_matching,
+    where a negative weight pushes a sample's flow-matching error up without bound and the model degrades into
+    noise (measured on the shapes demo)"""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop zero-variance groups and refill the batch from new prompts"""
     max_refill_rounds: int = 3

@@ -203,6 +203,8 @@ class Trainer:
             opts["keys"] = self.acc.gather(keys).cpu().view(-1, G)
         weights_t = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
         adv = sum(adv_lib.combine(a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts) for v in range(V))
+        if a.min_advantage is not None:
+            adv = adv.clamp(min=a.min_advantage)
         row_w = adv_lib.get_row_weights(a.estimator)(self._weighted(shaped[0]).view(-1, G), **opts)
         zero = adv_lib.zero_variance_groups(self._weighted(all_cols[0]).view(-1, G))
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:

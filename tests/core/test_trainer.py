@@ -292,3 +292,15 @@ def test_evaluation_images_give_a_before_after_picture(tmp_path):
 def test_evaluations_without_images_draw_no_before_after(tmp_path):
     t = train(cfg_for(tmp_path, "trainer.max_steps=2", "trainer.eval_every=1"))  # bandit: metrics, no images
     assert t.first_eval is None and not (t.run_dir / "samples" / "before_after.png").exists()
+
+
+def test_min_advantage_clamps_the_group_advantages(tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"], base={
+        "pipeline": "bandit", "rewards": [{"name": "bandit_arm_value"}], "advantage": {"min_advantage": 0.0},
+        "trainer": {"group_size": 3, "prompts_per_step": 1, "progress": False}})  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "r")
+    rollout = trainer.policy.rollout(PromptBatch(prompts=[0], seeds=[1]), 3)
+    # rewards [1, 0, 0]: mean 1/3, unbiased std sqrt(1/3) -> GRPO [1.1547, -0.57735, -0.57735]; clamped at 0
+    adv, _, metrics = trainer.advantage(torch.tensor([[[1.0, 0.0, 0.0]]]), rollout, step=0)
+    assert torch.allclose(adv, torch.tensor([1.1547, 0.0, 0.0]), atol=1e-4)
+    assert metrics["adv/mean"] == pytest.approx(1.1547 / 3, abs=1e-4)
