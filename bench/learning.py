@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         base_cfg = load_config(CONFIG, [f"run.output_dir={tmp}", "run.name=base", *args.override])
+        (Path(tmp) / "base").mkdir()
         base = Trainer(base_cfg, Path(tmp) / "base")
         base_metrics = base.evaluate(0)
         key = next(k for k in base_metrics if k.startswith("eval/"))
