@@ -36,7 +36,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from pipelines.vlm_reasoning import QAPrompts
+from pipelines.vlm_reasoning import PairedScores, QAPrompts
 from rewards.boxes import from_absolute
 from rewards.text import has_valid_format, iou_reward
 
@@ -167,8 +167,11 @@ def grounding_scores(policy: VLMPolicy, examples: list[Example], texts: list[str
     return [float(v) for v in iou_reward(family=policy.box_family)(texts, [p for p, _ in examples], metas, None)]
 
 
-def evaluate_grounding(policy: VLMPolicy, examples: list[Example], batch: int = 8) -> EvalResult:
-    """Greedy answers to ``examples``: mean IoU, accuracy at IoU >= 0.5, format rate."""
+def evaluate_grounding(
+    policy: VLMPolicy, examples: list[Example], batch: int = 8, paired: PairedScores | None = None, step: int = 0
+) -> EvalResult:
+    """Greedy answers to ``examples``: mean IoU, accuracy at IoU >= 0.5, format rate; with ``paired``, the standard
+    errors of :class:`~pipelines.vlm_reasoning.PairedScores` (``mean_iou_se``, ``mean_iou_gain``, ...)."""
     texts: list[str] = []
     for lo in range(0, len(examples), max(1, batch)):
         part = examples[lo : lo + batch]
@@ -179,6 +182,8 @@ def evaluate_grounding(policy: VLMPolicy, examples: list[Example], batch: int = 
         "acc_at_0.5": float(np.mean([x >= 0.5 for x in ious])),
         "format": float(np.mean([has_valid_format(t) for t in texts])),
     }
+    if paired is not None:
+        metrics.update(paired(step, {"mean_iou": ious, "acc_at_0.5": [float(x >= 0.5) for x in ious]}))
     return EvalResult(metrics=metrics, captions=texts)
 
 
@@ -207,8 +212,10 @@ def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     examples = GroundingExamples(data)
     held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]
 
+    paired = PairedScores()
+
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
-        return evaluate_grounding(policy, held, data.eval_batch)
+        return evaluate_grounding(policy, held, data.eval_batch, paired, step)
 
     return Components(policy=policy, prompts=QAPrompts(examples, cfg.run.seed), evaluate=evaluate)
 

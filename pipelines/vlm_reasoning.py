@@ -186,16 +186,59 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def evaluate_accuracy(policy: VLMPolicy, examples: QAExamples, n: int, batch: int) -> EvalResult:
-    """Greedy answers to the first ``n`` held-out examples: accuracy and format rate."""
+class PairedScores:
+    """Standard errors of held-out metrics, and of their change since step 0 on the SAME examples (paired).
+
+    ``__call__(step, {name: per-example values}) -> {name_se, name_gain, name_gain_se}``: ``name_se`` is the standard
+    error of the mean over the examples; at step 0 the values are kept, and every later call adds the mean change
+    per example since then (``name_gain``) and its standard error ``std(after - before) / sqrt(n)`` -- the SE of a
+    before -> after difference measured on one evaluation set, far smaller than either mean's own SE when most
+    answers do not change. A run resumed past step 0 has no baseline and reports no gain.
+    """
+
+    def __init__(self) -> None:
+        self.baseline: dict[str, np.ndarray] = {}
+
+    def __call__(self, step: int, scores: dict[str, list[float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, values in scores.items():
+            v = np.asarray(values, dtype=np.float64)
+            out[f"{name}_se"] = _se(v)
+            if step == 0:
+                self.baseline[name] = v
+            elif name in self.baseline and len(self.baseline[name]) == len(v):
+                d = v - self.baseline[name]
+                out[f"{name}_gain"], out[f"{name}_gain_se"] = float(d.mean()), _se(d)
+        return out
+
+
+def _se(v: np.ndarray) -> float:
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def score_accuracy(policy: VLMPolicy, examples: QAExamples, n: int, batch: int) -> tuple[list[str], list[float], list]:
+    """Greedy answers to the first ``n`` held-out examples: (texts, correct 0/1 per example, kind per example)."""
     held = [examples.example(i) for i in examples.heldout[:n]]
     texts: list[str] = []
     for lo in range(0, len(held), max(1, batch)):
         part = held[lo : lo + batch]
         texts += policy.generate(PromptBatch(prompts=[p for p, _ in part], meta=[m for _, m in part]), greedy=True)
     correct = [float(grade(answer_or_completion(t), m["answer"])) for t, (_, m) in zip(texts, held)]
-    fmt = [float(has_valid_format(t)) for t in texts]
-    return EvalResult(metrics={"accuracy": float(np.mean(correct)), "format": float(np.mean(fmt))}, captions=texts)
+    return texts, correct, [m.get("kind") for _, m in held]
+
+
+def evaluate_accuracy(
+    policy: VLMPolicy, examples: QAExamples, n: int, batch: int, paired: PairedScores | None = None, step: int = 0
+) -> EvalResult:
+    """Greedy answers to the first ``n`` held-out examples: accuracy, format rate, accuracy per question kind (when
+    the examples have one, e.g. shapes_qa) and, with ``paired``, the standard errors of :class:`PairedScores`."""
+    texts, correct, kinds = score_accuracy(policy, examples, n, batch)
+    metrics = {"accuracy": float(np.mean(correct)), "format": float(np.mean([has_valid_format(t) for t in texts]))}
+    for kind in sorted({k for k in kinds if k is not None}):
+        metrics[f"accuracy_{kind}"] = float(np.mean([c for c, k in zip(correct, kinds) if k == kind]))
+    if paired is not None:
+        metrics.update(paired(step, {"accuracy": correct}))
+    return EvalResult(metrics=metrics, captions=texts)
 
 
 def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
@@ -220,8 +263,10 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
         policy.checklist_weight = methods.pearl.checklist_weight
     examples = QAExamples(data)
 
+    paired = PairedScores()
+
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
-        return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch)
+        return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch, paired, step)
 
     prompts = QAPrompts(examples, cfg.run.seed)
     return Components(policy=policy, prompts=prompts, evaluate=evaluate, advantage_hooks=method_hooks(methods))
