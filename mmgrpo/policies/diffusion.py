@@ -139,6 +139,10 @@ class DiffusionPolicyOptions:
     """flow_matching: (sigma, noise) draws per sample, each an action unit of the loss"""
     fm_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     """flow_matching: the draws' sigmas are uniform in [lo, hi] (1 = pure noise: layout; 0 = clean: detail)"""
+    fm_shared_draws: bool = True
+    """flow_matching: the G samples of a prompt share their (sigma, noise) draws (common random numbers, as
+    DiffusionNFT/DGPO share noise in a group): with group-centred advantages the part of the gradient that comes
+    from the draws themselves cancels, and what remains is the difference between the samples"""
     fm_weighting: Literal["x0", "v"] = "x0"
     """flow_matching: per-draw weight of the velocity error. x0: sigma^2, i.e. the x0-prediction error (near
     sigma 0 the velocity target is the noise itself, which a clean image cannot predict: unweighted, those draws
@@ -328,7 +332,10 @@ class DiffusionPolicy:
         it whenever the log-prob is recomputed, so nothing of latent size is stored per unit.
         """
         n, K = latents.shape[0], self.opts.fm_timesteps
-        seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
+        if self.opts.fm_shared_draws:
+            seeds = torch.cat([torch.randint(0, 2**62, (1,), generator=g).expand(G) for g in gens])  # [N]
+        else:
+            seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
         rollout = self._finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
         rollout.extras["fm_seeds"] = seeds
         rows = torch.arange(n)

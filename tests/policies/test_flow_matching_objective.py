@@ -22,11 +22,14 @@ def batch(seeds=(11, 12)):
     return PromptBatch(prompts=["a red circle", "two blue squares"], seeds=list(seeds))
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("make", [tiny_sd3_adapter, tiny_flux_adapter], ids=["sd3", "flux"])
-def test_units_are_the_draws_and_ratio_is_one(make):
-    policy = DiffusionPolicy(make(), DiffusionPolicyOptions(num_steps=3, **FM))
+def test_units_are_the_draws_and_ratio_is_one(make, shared):
+    policy = DiffusionPolicy(make(), DiffusionPolicyOptions(num_steps=3, fm_shared_draws=shared, **FM))
     r = policy.rollout(batch(), group_size=3)
     assert r.logp_old.shape == (6, 3) and r.train_mask.all()
+    seeds = r.extras["fm_seeds"].view(2, 3)
+    assert (seeds[:, 1:] == seeds[:, :1]).all() == shared and seeds[0, 0] != seeds[1, 0]
     assert (r.logp_old < 0).all()  # minus a squared error
     assert_ratio_one(policy, r)  # micro-batches 1 and G regenerate the same (sigma, noise) draws
 
