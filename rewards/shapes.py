@@ -359,39 +359,32 @@ def _scores(samples: Any, prompts: Sequence[Any], strict: bool, detect_kw: dict)
     return torch.tensor([float(ok) if strict else frac for frac, ok, _ in out], dtype=torch.float32)  # [N]
 
 
-@register("shapes")
-def shapes(
-    min_alpha: float = MIN_ALPHA,
-    min_area: float = MIN_AREA,
-    connectivity: int = 4,
-    max_objects: int = MAX_OBJECTS,
-    max_foreground: float = MAX_FOREGROUND,
-    max_stray: float = MAX_STRAY,
-):
-    """Shapes world: fraction of the prompt's atoms verified in the pixels (GenEval-style)."""
-    kw = dict(min_alpha=min_alpha, min_area=min_area, connectivity=connectivity, max_objects=max_objects,
-              max_foreground=max_foreground, max_stray=max_stray)  # fmt: skip
+def _verifier(strict: bool, doc: str):
+    """The factory of a registered verifier reward (its options are the detection and readability limits)."""
 
-    def fn(samples, prompts, meta, ctx) -> torch.Tensor:  # samples Float[N, 3, H, W] in [0, 1] -> [N]
-        return _scores(samples, prompts, strict=False, detect_kw=kw)
+    def factory(
+        min_alpha: float = MIN_ALPHA,
+        min_area: float = MIN_AREA,
+        connectivity: int = 4,
+        max_objects: int = MAX_OBJECTS,
+        max_foreground: float = MAX_FOREGROUND,
+        max_stray: float = MAX_STRAY,
+    ):
+        kw = dict(min_alpha=min_alpha, min_area=min_area, connectivity=connectivity, max_objects=max_objects,
+                  max_foreground=max_foreground, max_stray=max_stray)  # fmt: skip
 
-    return fn
+        def fn(samples, prompts, meta, ctx) -> torch.Tensor:  # samples Float[N, 3, H, W] in [0, 1] -> [N]
+            return _scores(samples, prompts, strict=strict, detect_kw=kw)
+
+        return fn
+
+    factory.__doc__ = doc
+    return factory
 
 
-@register("shapes_strict")
-def shapes_strict(
-    min_alpha: float = MIN_ALPHA,
-    min_area: float = MIN_AREA,
-    connectivity: int = 4,
-    max_objects: int = MAX_OBJECTS,
-    max_foreground: float = MAX_FOREGROUND,
-    max_stray: float = MAX_STRAY,
-):
-    """Shapes world: 1 when every atom of the prompt is verified in the pixels, else 0 (GenEval accuracy)."""
-    kw = dict(min_alpha=min_alpha, min_area=min_area, connectivity=connectivity, max_objects=max_objects,
-              max_foreground=max_foreground, max_stray=max_stray)  # fmt: skip
-
-    def fn(samples, prompts, meta, ctx) -> torch.Tensor:  # samples Float[N, 3, H, W] in [0, 1] -> [N]
-        return _scores(samples, prompts, strict=True, detect_kw=kw)
-
-    return fn
+shapes = register("shapes")(
+    _verifier(False, "Shapes world: fraction of the prompt's atoms verified in the pixels (GenEval-style).")
+)
+shapes_strict = register("shapes_strict")(
+    _verifier(True, "Shapes world: 1 when every atom of the prompt holds in the pixels, else 0 (GenEval accuracy).")
+)
