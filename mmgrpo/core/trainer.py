@@ -330,8 +330,13 @@ class Trainer:
                 self.log(self.step, metrics)
             self._maybe_save_samples(rollout)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.2f}")
+                if t.time_budget_s is not None:  # the bar counts the budget's seconds; the step is in the postfix
+                    bar.update(min(time.perf_counter() - start_time, bar.total) - bar.n)
+                    bar.set_postfix(step=self.step, reward=f"{metrics['reward/mean']:.3f}",
+                                    s_per_step=f"{metrics['time/step_s']:.2f}")  # fmt: skip
+                else:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.2f}")
             done_here += 1
             stop = (t.stop_after_steps is not None and done_here >= t.stop_after_steps) or (
                 t.time_budget_s is not None and time.perf_counter() - start_time >= t.time_budget_s
@@ -353,7 +358,12 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc=self.cfg.run.name, unit="step")
+        t = self.cfg.trainer
+        if t.time_budget_s is not None:  # the budget ends the run: its seconds are what the bar can predict
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget "
+            fmt += "[{elapsed}<{remaining}{postfix}]"
+            return tqdm(total=float(t.time_budget_s), desc=self.cfg.run.name, unit="s", bar_format=fmt)
+        return tqdm(total=t.max_steps, initial=self.step, desc=self.cfg.run.name, unit="step")
 
     def _maybe_save_samples(self, rollout: Rollout) -> None:
         every = self.cfg.trainer.sample_every

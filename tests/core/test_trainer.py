@@ -304,3 +304,13 @@ def test_min_advantage_clamps_the_group_advantages(tmp_path):
     adv, _, metrics = trainer.advantage(torch.tensor([[[1.0, 0.0, 0.0]]]), rollout, step=0)
     assert torch.allclose(adv, torch.tensor([1.1547, 0.0, 0.0]), atol=1e-4)
     assert metrics["adv/mean"] == pytest.approx(1.1547 / 3, abs=1e-4)
+
+
+def test_progress_bar_counts_the_time_budget_when_there_is_one(tmp_path):
+    steps = Trainer(cfg_for(tmp_path, "trainer.progress=true"), tmp_path / "a")._progress()
+    assert steps.total == 150 and steps.unit == "step"
+    budget = Trainer(cfg_for(tmp_path, "trainer.progress=true", "trainer.time_budget_s=30"), tmp_path / "b")
+    bar = budget._progress()
+    assert bar.total == 30.0 and bar.unit == "s" and "time budget" in bar.bar_format
+    steps.close()
+    bar.close()
