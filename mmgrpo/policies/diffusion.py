@@ -16,6 +16,7 @@ Shapes: B prompts, G samples per prompt, N = B*G rows, T steps, latents ``[N, *l
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -119,7 +120,8 @@ class DiffusionPolicyOptions:
     shared_init_noise: bool = False
     """all G samples of a prompt start from the same noise (DanceGRPO); singular always shares"""
     reference_kl: bool = False
-    """compute the KL to the reference (LoRA disabled) for loss.beta > 0; needs lora_rank > 0"""
+    """compute the KL to the reference for loss.beta > 0: the LoRA adapter disabled, or with full fine-tuning
+    (lora_rank 0) a frozen copy of the initial denoiser (one more copy of its weights in memory)"""
     lora_rank: int = 0
     """LoRA rank on the denoiser's attention projections (0 = full fine-tuning)"""
     lora_alpha: float | None = None
@@ -165,6 +167,9 @@ class DiffusionPolicy:
             add_lora(adapter.denoiser, self.opts, getattr(adapter, "lora_targets", None))
         else:
             adapter.denoiser.requires_grad_(True)
+        self._frozen_reference: nn.Module | None = None
+        if self.opts.reference_kl and self.opts.lora_rank <= 0:  # full fine-tuning: the initial weights, frozen
+            self._frozen_reference = copy.deepcopy(adapter.denoiser).requires_grad_(False).eval()
         if self.opts.gradient_checkpointing:
             adapter.denoiser.enable_gradient_checkpointing()
         if self.opts.attention == "xformers":
@@ -178,9 +183,6 @@ class DiffusionPolicy:
                             "set policy.options.sde=ddim")  # fmt: skip
         if a.parameterization == "flow" and o.sde not in sde.SDE_KINDS:
             raise UserError(f"policy.options.sde: {sde.SDE_KINDS.unknown_message(o.sde)}")
-        if o.reference_kl and o.lora_rank <= 0:
-            raise UserError("policy.options.reference_kl needs a LoRA (the reference is the adapter disabled); "
-                            "set policy.options.lora_rank > 0")  # fmt: skip
         if o.exploration == "singular" and o.granularities and min(o.granularities) < 1:
             raise UserError(f"policy.options.granularities must be >= 1, got {o.granularities}")
         if o.num_steps < 1:
@@ -381,8 +383,8 @@ class DiffusionPolicy:
                 err = sig.reshape(-1).square() * err  # x0 - x0_hat = sigma (v_hat - v)
         kl = None
         if o.reference_kl:
-            with torch.no_grad(), self.reference():
-                v_ref = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond).float()
+            with torch.no_grad(), self.reference() as ref_model:
+                v_ref = self.adapter.predict(ref_model, xt.to(self.adapter.dtype), t, cond).float()
             kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)  # v-space KL surrogate (Flow-Factory "v-based")
         return LogProbs(logp=-err.view(n, k), kl=kl)
 
@@ -433,8 +435,8 @@ class DiffusionPolicy:
         logp = res.log_prob.view(n, k)
         kl = None
         if o.reference_kl:
-            with torch.no_grad(), self.reference():
-                ref_out = self.guided(self.unwrapped(), x, t, cond, uncond)[inverse]
+            with torch.no_grad(), self.reference() as ref_model:
+                ref_out = self.guided(ref_model, x, t, cond, uncond)[inverse]
                 ref = self._step_rows(ref_out, x_all, uu, sched, prev)
             kl = sde.gaussian_kl(res.mean, ref.mean, res.std).view(n, k)
         return LogProbs(logp=logp, kl=kl)
@@ -452,12 +454,15 @@ class DiffusionPolicy:
         return sde.step(self.opts.sde, out, x, sig, sig_next, self.opts.noise_level, prev_sample=prev)
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """The reference policy: the LoRA adapter disabled."""
+    def reference(self) -> Iterator[nn.Module]:
+        """The reference policy's denoiser: the LoRA adapter disabled, or (full fine-tuning) the frozen copy."""
+        if self._frozen_reference is not None:
+            yield self._frozen_reference
+            return
         m = self.unwrapped()
         m.disable_adapters()
         try:
-            yield
+            yield m
         finally:
             m.enable_adapters()
 

@@ -119,3 +119,21 @@ def test_two_training_steps_through_the_recipe(tmp_path):
     trainer = train(load_config(path, [f"run.output_dir={tmp_path}"]))
     after = trainer.policy.unwrapped().state_dict()
     assert trainer.step == 2 and any(not torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("objective", ["sde", "flow_matching"])
+def test_full_fine_tuning_reference_is_a_frozen_copy_of_the_initial_denoiser(objective):
+    opts = DiffusionPolicyOptions(num_steps=2, reference_kl=True, **{**FM, "objective": objective, "noise_level": 0.7})
+    policy = DiffusionPolicy(tiny_sd3_adapter(), opts)
+    r = policy.rollout(batch(), group_size=2)
+    rows = torch.arange(4)
+    kl0 = policy.log_prob(r, rows).kl
+    assert torch.allclose(kl0, torch.zeros_like(kl0), atol=1e-10)  # policy == its initial weights
+    frozen = {k: v.clone() for k, v in policy._frozen_reference.state_dict().items()}
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.05)
+    lp = policy.log_prob(r, rows)
+    (-lp.logp.mean() + lp.kl.mean()).backward()
+    opt.step()
+    assert (policy.log_prob(r, rows).kl > 0).all()  # the policy moved, the reference did not
+    assert all(torch.equal(v, policy._frozen_reference.state_dict()[k]) for k, v in frozen.items())
+    assert not any(p.requires_grad for p in policy._frozen_reference.parameters())
