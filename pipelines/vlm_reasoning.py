@@ -36,6 +36,7 @@ Methods, each one switch (configs/vlm_<method>.yaml runs each on the tiny asset)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -69,6 +70,9 @@ class VLMReasoningDataOptions:
     """synthetic shapes QA: number of distinct examples (train + held-out)"""
     image_size: int = 64
     """synthetic shapes QA: rendered image side in pixels"""
+    train_kinds: list[str] = field(default_factory=list)
+    """source shapes_qa: question kinds of the TRAINING stream (a subset of count, color, position; [] = all three);
+    the held-out evaluation always asks all three"""
     eval_examples: int = 32
     """held-out examples answered (greedily) at each evaluation"""
     eval_batch: int = 8
@@ -142,12 +146,22 @@ class QAExamples:
             raise UserError(f"data.options.heldout_fraction={data.heldout_fraction} must be in (0, 1), e.g. 0.1")
         self.data = data
         self.records = load_jsonl(data.path) if data.path else None
+        self.train_kinds: tuple[str, ...] = shapes_qa.MC_KINDS
         if data.source not in ("shapes", "shapes_qa"):
             raise UserError(f"data.options.source={data.source!r}; use 'shapes' or 'shapes_qa'")
         if self.records is None and data.source == "shapes_qa":  # indices are scene seeds (shapes_qa's own split)
             self.train = shapes_qa.train_seeds(data.num_examples, data.split_seed, data.heldout_fraction)
             self.heldout = shapes_qa.heldout_seeds(data.eval_examples, data.split_seed, data.heldout_fraction)
+            self.train_kinds = tuple(data.train_kinds) or shapes_qa.MC_KINDS
+            bad = [k for k in self.train_kinds if k not in shapes_qa.MC_KINDS]
+            if bad:
+                raise UserError(
+                    f"data.options.train_kinds={list(data.train_kinds)}: {bad} not multiple-choice kinds; use a "
+                    f"subset of {list(shapes_qa.MC_KINDS)} or []"
+                )
             return
+        if data.train_kinds:
+            raise UserError("data.options.train_kinds needs source: shapes_qa and path: ''; remove it")
         n = len(self.records) if self.records is not None else data.num_examples
         if n < 2:
             raise UserError(f"the VLM reasoning data need at least 2 examples (train + held-out); got {n}")
@@ -155,21 +169,30 @@ class QAExamples:
         n_held = min(max(1, round(data.heldout_fraction * n)), n - 1)
         self.heldout, self.train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
 
-    def example(self, i: int) -> Example:
+    def example(self, i: int, kinds: tuple[str, ...] = shapes_qa.MC_KINDS) -> Example:
+        """Example ``i``; ``kinds``: the question kinds a shapes_qa scene draws from (held-out: all three)."""
         if self.records is not None:
             prompt, meta = self.records[i]
             return dict(prompt), dict(meta)
         if self.data.source == "shapes_qa":
-            ex = shapes_qa.make_example(i, None, self.data.split_seed, self.data.image_size, shapes_qa.MC_KINDS)
+            ex = shapes_qa.make_example(i, None, self.data.split_seed, self.data.image_size, kinds)
             return ex.prompt(), ex.meta()
         return shapes_question(i, self.data.split_seed, self.data.image_size)
 
+    def train_example(self, i: int) -> Example:
+        """Train example ``i``: shapes_qa asks only ``data.train_kinds`` (all three by default)."""
+        return self.example(i, self.train_kinds)
+
 
 class QAPrompts:
-    """Stream position i -> a train example, in a fresh seeded permutation for every pass over the train set."""
+    """Stream position i -> a train example, in a fresh seeded permutation for every pass over the train set.
 
-    def __init__(self, examples: QAExamples, order_seed: int):
+    ``example``: index -> example of the stream (default ``examples.example``; the reasoning recipe passes
+    :meth:`QAExamples.train_example`, which asks only ``data.train_kinds``)."""
+
+    def __init__(self, examples: Any, order_seed: int, example: Callable[[int], Example] | None = None):
         self.examples, self.order_seed = examples, order_seed
+        self.example = example or examples.example
 
     def example_at(self, i: int) -> int:
         train = self.examples.train
@@ -177,7 +200,7 @@ class QAPrompts:
         return train[_permutation(self.order_seed, epoch, len(train))[pos]]
 
     def get(self, indices: list[int]) -> PromptBatch:
-        picked = [self.examples.example(self.example_at(i)) for i in indices]
+        picked = [self.example(self.example_at(i)) for i in indices]
         return PromptBatch(prompts=[p for p, _ in picked], meta=[m for _, m in picked])
 
 
@@ -268,7 +291,7 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
         return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch, paired, step)
 
-    prompts = QAPrompts(examples, cfg.run.seed)
+    prompts = QAPrompts(examples, cfg.run.seed, examples.train_example)
     return Components(policy=policy, prompts=prompts, evaluate=evaluate, advantage_hooks=method_hooks(methods))
 
 

@@ -9,7 +9,7 @@ from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
 from mmgrpo.data import shapes_qa
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from pipelines.vlm_reasoning import PairedScores, QAExamples, VLMReasoningDataOptions, evaluate_accuracy
+from pipelines.vlm_reasoning import PairedScores, QAExamples, QAPrompts, VLMReasoningDataOptions, evaluate_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,3 +71,17 @@ def test_reasoning_evaluation_reports_kinds_and_a_zero_gain_for_an_unchanged_pol
     assert (
         again["accuracy"] == first["accuracy"] and again["accuracy_gain"] == 0.0 and again["accuracy_gain_se"] == 0.0
     )
+
+
+def test_train_kinds_restrict_the_training_stream_but_not_the_heldout_evaluation():
+    data = VLMReasoningDataOptions(source="shapes_qa", num_examples=60, eval_examples=30, train_kinds=["position"])
+    ex = QAExamples(data)
+    stream = QAPrompts(ex, order_seed=0, example=ex.train_example).get(list(range(20)))
+    assert {m["kind"] for m in stream.meta} == {"position"}
+    assert {ex.example(i)[1]["kind"] for i in ex.heldout} == set(shapes_qa.MC_KINDS)  # evaluation: all three kinds
+    everything = QAExamples(VLMReasoningDataOptions(source="shapes_qa", num_examples=60, eval_examples=30))
+    assert everything.train_example(ex.train[0])[0] == everything.example(ex.train[0])[0]  # default: all kinds
+    with pytest.raises(UserError, match="train_kinds"):
+        QAExamples(VLMReasoningDataOptions(source="shapes_qa", train_kinds=["grounding"]))
+    with pytest.raises(UserError, match="train_kinds"):
+        QAExamples(VLMReasoningDataOptions(source="shapes", train_kinds=["count"]))
