@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -89,6 +89,10 @@ class VLMPolicyOptions:
     """sample among the k most likely tokens (0 = off)"""
     mask_truncated: bool = False
     """train_mask all zeros for completions without EOS within max_new_tokens (DAPO overlong filtering)"""
+    train_span: Literal["all", "answer"] = "all"
+    """which completion tokens the loss trains: all, or answer = from the token after "<answer>" to the end (the
+    reasoning keeps its log-probs but gets no credit; rows without "<answer>" train every token, so the format
+    is still learned)"""
     suppress_box_tokens: bool = True
     """never sample <|box_start|> & co (set false for Qwen2-VL's native grounding format)"""
     suppress_tokens: list[str] = field(default_factory=list)
@@ -577,6 +581,21 @@ class VLMPolicy:
             out.append(self._decode(toks[0, : int(lens[0])]))
         return out
 
+    def answer_mask(self, comp: torch.Tensor, lengths: torch.Tensor, tag: str = "<answer>") -> torch.Tensor:
+        """[N, K] bool: True from the first token after ``tag`` to the row's end; every token if there is no tag.
+
+        Found by decoding growing prefixes, so it works whatever the tokenizer splits the tag into.
+        """
+        N, K = comp.shape
+        out = torch.zeros(N, K, dtype=torch.bool)
+        for n in range(N):
+            L = int(lengths[n])
+            start = 0
+            if tag in self._decode(comp[n, :L]):
+                start = next(j for j in range(1, L + 1) if tag in self._decode(comp[n, :j]))
+            out[n, start:L] = True
+        return out
+
     def _decode(self, ids: torch.Tensor) -> str:
         ids = [i for i in ids.tolist() if i not in self.eos_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -605,6 +624,8 @@ class VLMPolicy:
         mask = torch.arange(K, device=dev)[None] < lengths[:, None]  # [N, K]: completion tokens incl. EOS
         if self.options.mask_truncated:
             mask &= finished[:, None]
+        if self.options.train_span == "answer":
+            mask &= self.answer_mask(comp, lengths).to(dev)
         row_prompts = [p for p in prompts for _ in range(G)]  # N references to B objects
         logp_old = torch.zeros(len(row_prompts), K, device=dev)  # [N, K] fp32
         L = max(int(lengths.max()), 1)

@@ -435,3 +435,24 @@ def test_from_pretrained_on_a_saved_local_dir(tmp_path, family):
     assert rollout.num_rows == 4 and ratio_error(policy, rollout, 2) < 1e-5
     with pytest.raises(UserError, match="cannot load a VLM"):
         VLMPolicy.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_train_span_answer_trains_from_after_the_answer_tag():
+    policy = make_policy(max_new_tokens=40)
+    tok = policy.tokenizer
+    texts = ["<think>two red circles</think><answer>B</answer>", "no tags at all", "<answer>"]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    comp = torch.full((3, 40), policy.pad_id, dtype=torch.long)
+    for n, row in enumerate(ids):
+        comp[n, : len(row)] = torch.tensor(row)
+    lengths = torch.tensor([len(r) for r in ids])
+    mask = policy.answer_mask(comp, lengths)
+    assert policy._decode(comp[0][mask[0]]) == "B</answer>"  # the trained tokens are the answer and its close
+    assert mask[0, : len(ids[0])].sum() < len(ids[0]) and not mask[0, len(ids[0]) :].any()
+    assert mask[1].sum() == len(ids[1])  # no tag: every token trains (the format reward still teaches the tag)
+    assert not mask[2].any()  # the tag ends the completion: nothing after it to train
+    # in a rollout the span mask narrows the usual one, and ratio = 1 still holds on what remains
+    r_all = make_policy(max_new_tokens=6).rollout(image_batch(), 2)
+    r_ans = make_policy(max_new_tokens=6, train_span="answer").rollout(image_batch(), 2)
+    span = make_policy(max_new_tokens=6).answer_mask(r_all.extras["completion_ids"], r_all.extras["completion_len"])
+    assert torch.equal(r_ans.train_mask, r_all.train_mask & span)
