@@ -23,7 +23,6 @@ format rate.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from pipelines.vlm_reasoning import PairedScores, QAPrompts
+from pipelines.vlm_reasoning import PairedScores, QAPrompts, jsonl_records
 from rewards.boxes import from_absolute
 from rewards.text import has_valid_format, iou_reward
 
@@ -89,28 +88,16 @@ def load_grounding_jsonl(path: str | Path) -> list[Example]:
     from PIL import Image
 
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for shapes grounding")
     out = []
-    for i, line in enumerate(p.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {i + 1} is not valid JSON: {e}") from e
-        if not isinstance(rec, dict) or not all(k in rec for k in ("image", "question", "box")):
-            raise UserError(
-                f"{path} line {i + 1}: each example needs 'image', 'question' and 'box'; got {line[:80]!r}"
-            )
+    for i, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding"):
         box = rec["box"]
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
-            raise UserError(f"{path} line {i + 1}: box must be [x1, y1, x2, y2] in image pixels; got {box!r}")
+            raise UserError(f"{path} line {i}: box must be [x1, y1, x2, y2] in image pixels; got {box!r}")
         image = str(p.parent / rec["image"])
         size = rec.get("image_size")
         if size is None:
             if not Path(image).is_file():
-                raise UserError(f"{path} line {i + 1}: image {image!r} not found")
+                raise UserError(f"{path} line {i}: image {image!r} not found")
             with Image.open(image) as im:
                 size = im.size
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}

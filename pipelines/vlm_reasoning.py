@@ -112,12 +112,14 @@ def shapes_checklist(objects: list[tuple[str, str]], color: str, rng: np.random.
     return [[f"How many {color} objects are there?", str(n)], [f"Is there a {shape}?", "yes" if present else "no"]]
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Examples of a JSONL file; media paths are resolved against the file's directory."""
+def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str):
+    """(line number, record) of a JSONL file of objects that hold every ``required`` key (UserError otherwise).
+
+    ``otherwise`` completes the missing-file message ("... or '' for <otherwise>").
+    """
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for synthetic shapes QA")
-    out = []
+        raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for {otherwise}")
     for i, line in enumerate(p.read_text().splitlines()):
         if not line.strip():
             continue
@@ -125,8 +127,17 @@ def load_jsonl(path: str | Path) -> list[Example]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {i + 1} is not valid JSON: {e}") from e
-        if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-            raise UserError(f"{path} line {i + 1}: each example needs 'question' and 'answer' keys; got {line[:80]!r}")
+        if not isinstance(rec, dict) or not all(k in rec for k in required):
+            keys = " and ".join(repr(k) for k in required)
+            raise UserError(f"{path} line {i + 1}: each example needs {keys}; got {line[:80]!r}")
+        yield i + 1, rec
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Examples of a JSONL file; media paths are resolved against the file's directory."""
+    p = Path(path)
+    out = []
+    for _, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA"):
         meta = {k: v for k, v in rec.items() if k not in ("question", "options", "image", "images", "video")}
         images = rec.get("images") or ([rec["image"]] if rec.get("image") else [])
         meta["images"] = [str(p.parent / im) for im in images]

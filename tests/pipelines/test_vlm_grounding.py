@@ -139,3 +139,23 @@ def test_two_step_smoke_run_on_the_shapes_vlm(tmp_path):
     assert steps[0]["adv/zero_variance_groups"] + steps[1]["adv/zero_variance_groups"] < 4 and moved
     assert all(after[n].requires_grad for n in moved)
     assert (run / "report.html").is_file()
+
+
+def test_grounding_jsonl_errors_name_the_line_and_the_missing_keys(tmp_path):
+    from pipelines.vlm_grounding import load_grounding_jsonl
+
+    path = tmp_path / "g.jsonl"
+    ok = {"image": "a.png", "question": "Locate it.", "box": [1, 2, 3, 4], "image_size": [8, 8]}
+    cases = [
+        ([ok, {"image": "a.png", "question": "q"}], "line 2: each example needs 'image' and 'question' and 'box'"),
+        ([ok, {**ok, "box": [1, 2, 3]}], r"line 2: box must be \[x1, y1, x2, y2\]"),
+        ([{**ok, "image_size": None}], "line 1: image .* not found"),
+    ]
+    for rows, match in cases:
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        with pytest.raises(UserError, match=match):
+            load_grounding_jsonl(path)
+    path.write_text(json.dumps(ok))
+    assert load_grounding_jsonl(path)[0][1]["box"] == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(UserError, match="or '' for shapes grounding"):
+        load_grounding_jsonl(tmp_path / "missing.jsonl")
