@@ -348,12 +348,13 @@ class DiffusionPolicy:
         """(sigmas [n, K], noise [n, K, *latent]) of rows with these seeds; the same seed gives the same draws."""
         lo, hi = self.opts.fm_sigma_range
         shape, K = self.adapter.latent_shape(), self.opts.fm_timesteps
+        uniq, inverse = torch.unique(seeds, return_inverse=True)  # shared draws: one generation per group
         sig, eps = [], []
-        for s in seeds.tolist():
+        for s in uniq.tolist():
             g = generator_for(int(s))
             sig.append(lo + (hi - lo) * torch.rand(K, generator=g))
             eps.append(torch.randn((K, *shape), generator=g))
-        return torch.stack(sig), torch.stack(eps)
+        return torch.stack(sig)[inverse], torch.stack(eps)[inverse]
 
     def _fm_log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor, grad: bool = True) -> LogProbs:
         """Per-unit surrogate log-likelihood: minus the flow-matching error of the velocity at a noised x0.

@@ -584,7 +584,8 @@ class VLMPolicy:
     def answer_mask(self, comp: torch.Tensor, lengths: torch.Tensor, tag: str = "<answer>") -> torch.Tensor:
         """[N, K] bool: True from the first token after ``tag`` to the row's end; every token if there is no tag.
 
-        Found by decoding growing prefixes, so it works whatever the tokenizer splits the tag into.
+        Found by bisecting on decoded prefixes ("the prefix holds the tag" only turns true once as it grows), so it
+        works whatever the tokenizer splits the tag into, in log2(L) decodes per row.
         """
         N, K = comp.shape
         out = torch.zeros(N, K, dtype=torch.bool)
@@ -592,7 +593,11 @@ class VLMPolicy:
             L = int(lengths[n])
             start = 0
             if tag in self._decode(comp[n, :L]):
-                start = next(j for j in range(1, L + 1) if tag in self._decode(comp[n, :j]))
+                lo, hi = 1, L  # the shortest prefix holding the tag has length in [lo, hi]
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if tag in self._decode(comp[n, :mid]) else (mid + 1, hi)
+                start = lo
             out[n, start:L] = True
         return out
 
