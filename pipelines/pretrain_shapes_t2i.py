@@ -1,10 +1,12 @@
 """Recipe: pretrain the shipped tiny text-to-image flow model of the shapes world (``assets/shapes_t2i/``).
 
 Rectified-flow / flow-matching pretraining as in SD3 (Esser et al., 2024, "Scaling Rectified Flow Transformers
-for High-Resolution Image Synthesis"), shrunk to CPU size: a pixel-space ``SD3Transformer2DModel`` (no VAE,
-in_channels = out_channels = 3) conditioned on a ``CLIPTextModelWithProjection`` trained jointly from scratch,
-with a word-level tokenizer over the grammar of :mod:`mmgrpo.data.shapes`. Every batch renders fresh random
-scenes of TRAIN-split prompts; held-out prompts are only sampled for evaluation.
+for High-Resolution Image Synthesis"), shrunk to CPU size: an ``SD3Transformer2DModel`` conditioned on a
+``CLIPTextModelWithProjection`` trained jointly from scratch, with a word-level tokenizer over the grammar of
+:mod:`mmgrpo.data.shapes`, either in pixel space (``--vae-steps 0``: in/out channels 3) or, like SD3, in the latent
+space of an ``AutoencoderKL`` that is trained first on rendered scenes (``--vae-steps N``: a tiny VAE, 32 px ->
+8x8x4 latents normalised by its shift/scaling factors, then frozen). Every batch renders fresh random scenes of
+TRAIN-split prompts; held-out prompts are only sampled for evaluation.
 
 Conventions (the SD3 adapter uses exactly these; training and :func:`sample` follow them)::
 
@@ -34,6 +36,14 @@ because any stray fragment of the right colour and shape satisfies a "present" a
   for RL; shapes and positions are what it gets wrong).
 * patch 2 (3 heads x 32, 4 blocks): 1.6x the time per step and 0.16-0.24 at step 500; 4 blocks x 192: 0.31.
 * 2 threads instead of 1: 5-10x slower per step while other jobs share the two cores.
+* none of the pixel-space models learned SHAPES: asked for a circle they drew a blob the verifier read as a circle
+  15% of the time (square 50%, triangle 34%), so RL had nothing to sharpen (docs/notes/shapes_demo.md).
+* latent space (``--vae-steps 1500 --patch-size 1 --loss-weighting v``): the VAE (242k parameters, 1500 x 64,
+  8.6 min alone) reconstructs held-out scenes so that the verifier scores them 1.000; the transformer (same 6 x 128,
+  64 tokens of 8x8x4 latents, 0.35 s per step instead of 0.53) draws crisp circles, squares and triangles:
+  3000 x 32 -> 0.54 (0.67 with guidance 2), the 2000-step snapshot of that run 0.36, and its mistakes are mixed
+  colours, swapped shapes and relations -- what RL can fix. v weighting: the latents carry no pixel noise to waste
+  capacity on.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
@@ -70,7 +80,19 @@ class PretrainConfig:
     resolution: int = 32
     """image side in pixels (the transformer's sample_size: pixel space, no VAE)"""
     patch_size: int = 4
-    """pixels per patch side; 32 px / 4 = an 8x8 token grid"""
+    """cells per patch side: pixels in pixel space (32 px / 4 = an 8x8 token grid), latent cells with a VAE"""
+    vae_steps: int = 0
+    """> 0: first train a tiny AutoencoderKL on rendered scenes for this many steps (batch vae_batch_size), then
+    train the transformer in its latent space, as SD3 does; 0: pixel space, no VAE"""
+    vae_width: int = 16
+    """channels of the VAE's first block (the deeper blocks have twice as many); a multiple of 8"""
+    vae_downsample: int = 4
+    """pixels per latent cell side, a power of 2: 32 px / 4 = an 8x8 latent grid"""
+    vae_latent_channels: int = 4
+    vae_kl_weight: float = 1e-3
+    """weight of the KL term (per latent element) against the L1 + L2 reconstruction error (per pixel)"""
+    vae_batch_size: int = 64
+    vae_lr: float = 1e-3
     num_layers: int = 6
     """joint (MM-DiT) transformer blocks"""
     num_heads: int = 4
@@ -95,6 +117,9 @@ class PretrainConfig:
     warmup: int = 100
     """linear warmup steps, then cosine decay to lr_final_fraction * lr"""
     lr_final_fraction: float = 0.1
+    lr_horizon: int = 0
+    """length of the cosine in steps (0: = steps); > steps stops training part-way down the decay, at a higher lr
+    than the end of a full schedule (the shipped model: 2000 steps of a 3000-step schedule)"""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0
@@ -121,9 +146,28 @@ class PretrainConfig:
     """torch.set_num_threads; 1 because on a shared 2-core machine 2 threads ran 5-8x SLOWER per step (spinning
     OpenMP workers descheduled by other processes: 10.6 s vs 1.3 s per 64-row step, measured); 2 on an idle one"""
 
+    @property
+    def latent_size(self) -> int:
+        """side of the transformer's input grid: resolution / vae_downsample with a VAE, else resolution"""
+        return self.resolution // self.vae_downsample if self.vae_steps else self.resolution
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae_latent_channels if self.vae_steps else 3
+
     def __post_init__(self) -> None:
-        if self.resolution % self.patch_size:
-            raise UserError(f"resolution={self.resolution} must be a multiple of patch_size={self.patch_size}")
+        d = self.vae_downsample
+        if self.vae_steps < 0 or d < 2 or d & (d - 1) or self.vae_width < 8 or self.vae_width % 8:
+            raise UserError(
+                f"vae_steps={self.vae_steps}, vae_downsample={d}, vae_width={self.vae_width}: use vae_steps >= 0 "
+                "(0 = pixel space), vae_downsample a power of 2 >= 2 (e.g. 4) and vae_width a multiple of 8 (e.g. 16)"
+            )
+        cells = "latent cells" if self.vae_steps else "pixels"
+        if self.resolution % (d if self.vae_steps else 1) or self.latent_size % self.patch_size:
+            raise UserError(
+                f"resolution={self.resolution} is {self.latent_size} {cells} a side, not a multiple of "
+                f"patch_size={self.patch_size}; e.g. patch_size 4 in pixel space, 1 or 2 with a VAE"
+            )
         if self.resolution < 32:
             raise UserError(f"resolution={self.resolution} is below the shapes world's minimum; use 32 or 48")
         if self.text_layers < 2:
@@ -142,6 +186,8 @@ class PretrainConfig:
             raise UserError(f"loss_weighting={self.loss_weighting!r} is unknown; use one of {', '.join(LOSS_WEIGHTS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.998 (0 disables the EMA)")
+        if self.lr_horizon and self.lr_horizon < self.steps:
+            raise UserError(f"lr_horizon={self.lr_horizon} < steps={self.steps}; use 0 (= steps) or >= steps")
         if self.eval_samples_per_prompt < 1 or self.steps < 0 or self.batch_size < 1:
             raise UserError("eval_samples_per_prompt and batch_size must be >= 1 and steps >= 0")
 
@@ -198,17 +244,17 @@ def build_models(config: PretrainConfig) -> tuple[SD3Transformer2DModel, CLIPTex
     text_encoder = CLIPTextModelWithProjection(text_config)
     width = config.num_heads * config.head_dim
     transformer = SD3Transformer2DModel(
-        sample_size=config.resolution,
+        sample_size=config.latent_size,
         patch_size=config.patch_size,
-        in_channels=3,
-        out_channels=3,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
         num_layers=config.num_layers,
         attention_head_dim=config.head_dim,
         num_attention_heads=config.num_heads,
         joint_attention_dim=config.text_hidden,
         caption_projection_dim=width,
         pooled_projection_dim=config.projection_dim,
-        pos_embed_max_size=config.resolution // config.patch_size,
+        pos_embed_max_size=config.latent_size // config.patch_size,
     )
     _adaln_zero_(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=config.shift)
@@ -228,6 +274,97 @@ def _adaln_zero_(transformer: SD3Transformer2DModel) -> None:
 
 def num_params(*modules: torch.nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
+
+
+# ------------------------------------------------------------------------------------------------- the VAE
+def build_vae(config: PretrainConfig) -> AutoencoderKL:
+    """A tiny ``AutoencoderKL`` (SD's VAE class): log2(vae_downsample) halvings, one ResNet block per level."""
+    levels = int(math.log2(config.vae_downsample)) + 1
+    w = config.vae_width
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(w, *[2 * w] * (levels - 1)),
+        layers_per_block=1,
+        latent_channels=config.vae_latent_channels,
+        norm_num_groups=8,
+        sample_size=config.resolution,
+    )
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
+    """L1 + L2 reconstruction error per pixel of x [N, 3, H, W] in [-1, 1] from a posterior sample, plus
+    ``kl_weight`` x the KL to N(0, 1) per latent element."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator=generator)
+    err = vae.decode(z).sample - x
+    return err.abs().mean() + err.square().mean() + kl_weight * posterior.kl().mean() / z[0].numel()
+
+
+def to_latents(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x [N, 3, H, W] in [-1, 1] -> normalised latents (posterior sample - shift_factor) * scaling_factor."""
+    c = vae.config
+    return (vae.encode(x).latent_dist.sample(generator=generator) - c.shift_factor) * c.scaling_factor
+
+
+def decode_latents(vae: AutoencoderKL | None, z: torch.Tensor) -> torch.Tensor:
+    """The SD3 adapter's decode: images [N, 3, H, W] in [0, 1] (pixel space when ``vae`` is None)."""
+    if vae is not None:
+        c = vae.config
+        z = vae.decode(z.to(vae.dtype) / c.scaling_factor + c.shift_factor).sample
+    return ((z.float() + 1) / 2).clamp(0, 1)
+
+
+def train_vae(config: PretrainConfig, progress: bool = True, log=tqdm.write) -> tuple[AutoencoderKL, dict]:
+    """Train the VAE on fresh random train scenes (captions unused); returns (vae in eval mode, stats).
+
+    The latents are normalised as SD3's are: ``shift_factor`` and ``scaling_factor`` (stored in the VAE's config)
+    map posterior samples of 256 train scenes to mean 0 and std 1. stats: final loss, minutes and the verifier's
+    ``shapes`` score of reconstructed held-out scenes (1.0 = the decoder loses nothing the verifier reads).
+    """
+    t0 = time.time()
+    torch.manual_seed(config.seed + 3)
+    vae = build_vae(config)
+    train_prompts, heldout = split_prompts(config.split_seed, config.heldout_fraction)
+    rng, gen = np.random.default_rng([config.seed, 4]), torch.Generator().manual_seed(config.seed + 5)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    schedule = dataclasses.replace(
+        config, steps=config.vae_steps, lr=config.vae_lr, lr_final_fraction=0.1, lr_horizon=0
+    )
+    run_loss = None
+    bar = tqdm(range(config.vae_steps), disable=not progress, desc="pretrain shapes_t2i VAE")
+    for step in bar:
+        _, x = train_batch(train_prompts, config.vae_batch_size, config.resolution, 0.0, rng)
+        loss = vae_loss(vae, x, config.vae_kl_weight, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, schedule)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        opt.step()
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{run_loss:.4f}")
+    vae.eval()
+    with torch.no_grad():
+        _, x = train_batch(train_prompts, 256, config.resolution, 0.0, np.random.default_rng([config.seed, 6]))
+        z = vae.encode(x).latent_dist.sample(generator=gen)
+        vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+        scene_rng = np.random.default_rng([config.seed, 7])  # one scene per held-out prompt
+        x = render_batch(heldout, config.resolution, scene_rng)
+        recon = decode_latents(vae, to_latents(vae, x, gen))
+        recon_score = float(np.mean([score(p, img)[0] for p, img in zip(heldout, recon)]))
+    stats = {
+        "params": num_params(vae),
+        "minutes": round((time.time() - t0) / 60, 2),
+        "final_loss": run_loss,
+        "heldout_recon_shapes": recon_score,
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": vae.config.shift_factor,
+    }
+    log(json.dumps({"vae": stats}))
+    return vae, stats
 
 
 # ---------------------------------------------------------------------------------------------- the maths
@@ -288,11 +425,10 @@ def uniform_sigmas(n: int, generator: torch.Generator) -> torch.Tensor:
 SIGMA_SAMPLERS = {"logit_normal": logit_normal_sigmas, "uniform": uniform_sigmas}
 
 
-def initial_noise(seeds: list[int], resolution: int) -> torch.Tensor:
-    """x_1 [N, 3, H, W]: row n is drawn from its own generator seeded by seeds[n] (batch-size independent)."""
-    return torch.stack(
-        [torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    )
+def initial_noise(seeds: list[int], resolution: int, channels: int = 3) -> torch.Tensor:
+    """x_1 [N, C, H, W]: row n is drawn from its own generator seeded by seeds[n] (batch-size independent)."""
+    shape = (channels, resolution, resolution)
+    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 @torch.no_grad()
@@ -305,8 +441,10 @@ def sample(
     num_steps: int,
     guidance: float = 1.0,
     scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+    vae: AutoencoderKL | None = None,
 ) -> torch.Tensor:
-    """Euler ODE samples of the flow, Float[N, 3, H, W] in [0, 1], one per (prompt, seed) row.
+    """Euler ODE samples of the flow, Float[N, 3, H, W] in [0, 1], one per (prompt, seed) row (decoded by ``vae``
+    when the transformer works in its latent space).
 
     sigmas come from ``scheduler.set_timesteps(num_steps)`` (default: a fresh FlowMatchEulerDiscreteScheduler,
     shift 1, the shipped model's); guidance != 1 is classifier-free guidance against the empty prompt:
@@ -324,7 +462,8 @@ def sample(
         e_u, p_u = encode_prompts(text_encoder, tokenizer, [""] * len(prompts))
         embeds, pooled = torch.cat([e_u, embeds]), torch.cat([p_u, pooled])  # [2N, ...]
     device, dtype = next(transformer.parameters()).device, next(transformer.parameters()).dtype
-    x = initial_noise(seeds, transformer.config.sample_size).to(device=device, dtype=dtype)  # [N, 3, H, W]
+    c = transformer.config
+    x = initial_noise(seeds, c.sample_size, c.in_channels).to(device=device, dtype=dtype)  # [N, C, h, w]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         x_in = x if guidance == 1.0 else torch.cat([x, x])
         t = torch.full((x_in.shape[0],), sigma, device=device, dtype=dtype)
@@ -333,7 +472,7 @@ def sample(
             v_u, v_c = v.chunk(2)
             v = v_u + guidance * (v_c - v_u)
         x = x + (sigma_next - sigma) * v
-    return ((x.float() + 1) / 2).clamp(0, 1)
+    return decode_latents(vae, x)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -353,10 +492,15 @@ def train_batch(
         rng.integers(len(prompts), size=batch_size) if probs is None else rng.choice(len(prompts), batch_size, p=probs)
     )
     chosen = [prompts[i] for i in idx]
-    images = np.stack([render(sample_scene(p, rng), size=resolution) for p in chosen])  # [N, H, W, 3] uint8
-    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x0 = render_batch(chosen, resolution, rng)
     drop = rng.random(batch_size) < cfg_dropout
     return ["" if d else p for p, d in zip(chosen, drop)], x0
+
+
+def render_batch(prompts: list[str], resolution: int, rng: np.random.Generator) -> torch.Tensor:
+    """x0 [N, 3, H, W] in [-1, 1]: a fresh random scene of each prompt, rendered."""
+    images = np.stack([render(sample_scene(p, rng), size=resolution) for p in prompts])  # [N, H, W, 3] uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def kind_balanced(prompts: list[str]) -> np.ndarray:
@@ -370,7 +514,7 @@ def lr_at(step: int, config: PretrainConfig) -> float:
     """Linear warmup over ``warmup`` steps, then cosine from lr down to lr * lr_final_fraction."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    frac = (step - config.warmup) / max(1, config.steps - config.warmup)
+    frac = (step - config.warmup) / max(1, (config.lr_horizon or config.steps) - config.warmup)
     lo = config.lr * config.lr_final_fraction
     return lo + 0.5 * (config.lr - lo) * (1 + math.cos(math.pi * frac))
 
@@ -388,6 +532,7 @@ def evaluate(
     guidance: float = 1.0,
     scheduler: FlowMatchEulerDiscreteScheduler | None = None,
     batch_size: int = 64,
+    vae: AutoencoderKL | None = None,
 ) -> EvalResult:
     """Held-out verifier scores: mean ``shapes`` (fraction of atoms) and ``shapes_strict`` over all samples, and
     per prompt kind (``shapes/relation``, ``shapes_strict/relation``, ...). Sample j of prompt i is seeded
@@ -411,6 +556,7 @@ def evaluate(
             num_steps,
             guidance,
             scheduler,
+            vae,
         )  # [n, 3, H, W]
         for (p, _), img in zip(chunk, imgs):
             f, ok, _ = score(p, img)
@@ -452,7 +598,7 @@ def grid_prompts(heldout: list[str], per_kind: int = 4) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- save/load
-def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler) -> None:
+def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler, vae=None) -> None:
     """Write the diffusers-style folder (safetensors only) that ``from_pretrained`` / the SD3 adapter loads."""
     import diffusers
 
@@ -462,6 +608,8 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(out / "tokenizer")
     scheduler.save_pretrained(out / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(out / "vae", safe_serialization=True)
     index = {
         "_class_name": "StableDiffusion3Pipeline",
         "_diffusers_version": diffusers.__version__,
@@ -469,12 +617,14 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "transformer": ["diffusers", "SD3Transformer2DModel"],
+        **({"vae": ["diffusers", "AutoencoderKL"]} if vae is not None else {}),
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def load_models(path: str | Path):
-    """(transformer, text_encoder, tokenizer, scheduler) from a folder written by :func:`save_folder`, in eval mode."""
+    """(transformer, text_encoder, tokenizer, scheduler, vae or None) from a folder written by :func:`save_folder`,
+    in eval mode."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a model folder (no model_index.json); pass e.g. assets/shapes_t2i")
@@ -482,15 +632,22 @@ def load_models(path: str | Path):
     text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder").eval()
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-    return transformer, text_encoder, tokenizer, scheduler
+    vae = AutoencoderKL.from_pretrained(path / "vae").eval() if (path / "vae").is_dir() else None
+    return transformer, text_encoder, tokenizer, scheduler, vae
 
 
 # ----------------------------------------------------------------------------------------------- pretrain
 def train(config: PretrainConfig, progress: bool = True, log=tqdm.write):
-    """Train from scratch; returns (transformer, text_encoder, tokenizer, scheduler, history [dict per log]).
+    """Train from scratch; returns (transformer, text_encoder, tokenizer, scheduler, vae or None, history [dict
+    per log]). With ``vae_steps`` > 0 the VAE is trained first (:func:`train_vae`, its stats the first history row)
+    and frozen; the transformer then learns its normalised latents.
 
     With ``ema_decay`` > 0 the returned models hold the EMA weights; ``eval_every`` logs both (``ema/...``).
     """
+    vae, history = None, []
+    if config.vae_steps:
+        vae, stats = train_vae(config, progress, log)
+        history.append({"step": 0, "vae": stats})
     torch.manual_seed(config.seed)
     transformer, text_encoder, tokenizer, scheduler = build_models(config)
     train_prompts, heldout = split_prompts(config.split_seed, config.heldout_fraction)
@@ -505,14 +662,17 @@ def train(config: PretrainConfig, progress: bool = True, log=tqdm.write):
     def held_out_metrics(prefix: str) -> dict:
         transformer.eval(), text_encoder.eval()
         res = evaluate(transformer, text_encoder, tokenizer, heldout, config.eval_num_steps,
-                       config.eval_samples_per_prompt, scheduler=scheduler)  # fmt: skip
+                       config.eval_samples_per_prompt, scheduler=scheduler, vae=vae)  # fmt: skip
         return {f"{prefix}{k}": v for k, v in res.metrics.items() if not k.startswith("n/")}
 
-    history, ema_loss = [], None
+    ema_loss = None
     bar = tqdm(range(config.steps), disable=not progress, desc="pretrain shapes_t2i")
     for step in bar:
         captions, x0 = train_batch(train_prompts, config.batch_size, config.resolution, config.cfg_dropout, rng, probs)
-        noise = torch.randn(x0.shape, generator=gen)  # [N, 3, H, W]
+        if vae is not None:
+            with torch.no_grad():
+                x0 = to_latents(vae, x0, gen)  # [N, C, h, w]
+        noise = torch.randn(x0.shape, generator=gen)  # [N, C, h, w]
         sigma = draw_sigmas(x0.shape[0], gen)  # [N]
         transformer.train(), text_encoder.train()
         embeds, pooled = encode_prompts(text_encoder, tokenizer, captions)
@@ -542,18 +702,19 @@ def train(config: PretrainConfig, progress: bool = True, log=tqdm.write):
                 p.copy_(shadow)
     transformer.eval(), text_encoder.eval()
     history.append({"step": config.steps, "loss": ema_loss})
-    return transformer, text_encoder, tokenizer, scheduler, history
+    return transformer, text_encoder, tokenizer, scheduler, vae, history
 
 
 def pretrain(config: PretrainConfig, out: str | Path | None, progress: bool = True, command: str = "", log=tqdm.write):
     """Train, evaluate on the held-out split (no CFG, T = eval_num_steps), write ``out`` (if given) with a
     README and the before-RL grid ``samples.png``.
 
-    Returns (summary dict, also ``summary.json`` in ``out``; (transformer, text_encoder, tokenizer, scheduler)).
+    Returns (summary dict, also ``summary.json`` in ``out``; (transformer, text_encoder, tokenizer, scheduler,
+    vae or None)).
     """
     torch.set_num_threads(config.threads)
     t0 = time.time()
-    transformer, text_encoder, tokenizer, scheduler, history = train(config, progress, log)
+    transformer, text_encoder, tokenizer, scheduler, vae, history = train(config, progress, log)
     train_minutes = (time.time() - t0) / 60
     _, heldout = split_prompts(config.split_seed, config.heldout_fraction)
     res = evaluate(
@@ -564,18 +725,22 @@ def pretrain(config: PretrainConfig, out: str | Path | None, progress: bool = Tr
         config.eval_num_steps,
         config.eval_samples_per_prompt,
         scheduler=scheduler,
+        vae=vae,
     )
+    params = {"transformer": num_params(transformer), "text_encoder": num_params(text_encoder)}
     summary = {
         "config": dataclasses.asdict(config),
-        "params": {"transformer": num_params(transformer), "text_encoder": num_params(text_encoder)},
+        "params": {**params, **({"vae": num_params(vae)} if vae is not None else {})},
         "train_minutes": round(train_minutes, 2),
         "final_loss": history[-1]["loss"],
         "heldout": res.metrics,
         "history": history,
-        "speed": measure_speed(transformer, text_encoder, tokenizer, scheduler, config.eval_num_steps),
+        "speed": measure_speed(transformer, text_encoder, tokenizer, scheduler, config.eval_num_steps, vae=vae),
     }
+    if vae is not None:
+        summary["vae"] = history[0]["vae"]
     if out is not None:
-        save_folder(out, transformer, text_encoder, tokenizer, scheduler)
+        save_folder(out, transformer, text_encoder, tokenizer, scheduler, vae)
         grid = [p for p in grid_prompts(heldout) for _ in range(2)]  # two seeds per prompt, side by side
         imgs = sample(
             transformer,
@@ -585,11 +750,12 @@ def pretrain(config: PretrainConfig, out: str | Path | None, progress: bool = Tr
             list(range(len(grid))),
             config.eval_num_steps,
             scheduler=scheduler,
+            vae=vae,
         )
         save_grid(imgs, grid, Path(out) / "samples.png")
         (Path(out) / "README.md").write_text(readme(summary, command))
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary, (transformer, text_encoder, tokenizer, scheduler)
+    return summary, (transformer, text_encoder, tokenizer, scheduler, vae)
 
 
 @torch.no_grad()
@@ -601,16 +767,20 @@ def _time(fn, repeats: int = 3) -> float:
     return (time.time() - t0) / repeats
 
 
-def measure_speed(transformer, text_encoder, tokenizer, scheduler, num_steps: int, n: int = 64) -> dict:
-    """Seconds per n-image rollout at T=num_steps (no grad) and per forward+backward of an n-row batch."""
+def measure_speed(transformer, text_encoder, tokenizer, scheduler, num_steps: int, n: int = 64, vae=None) -> dict:
+    """Seconds per n-image rollout at T=num_steps (no grad, decoding included) and per forward+backward of an
+    n-row batch."""
     train_prompts, _ = split_prompts()
     prompts = [train_prompts[i % len(train_prompts)] for i in range(n)]
     rollout = _time(
-        lambda: sample(transformer, text_encoder, tokenizer, prompts, list(range(n)), num_steps, scheduler=scheduler),
+        lambda: sample(
+            transformer, text_encoder, tokenizer, prompts, list(range(n)), num_steps, scheduler=scheduler, vae=vae
+        ),
         repeats=2,
     )
     embeds, pooled = encode_prompts(text_encoder, tokenizer, prompts)
-    x, sigma = torch.randn(n, 3, transformer.config.sample_size, transformer.config.sample_size), torch.rand(n)
+    c = transformer.config
+    x, sigma = torch.randn(n, c.in_channels, c.sample_size, c.sample_size), torch.rand(n)
 
     def fwd_bwd():
         with torch.enable_grad():
@@ -634,20 +804,36 @@ def readme(summary: dict, command: str) -> str:
         if f"n/{k}" in h
     )
     speed = ", ".join(f"{k} = {v}" for k, v in summary["speed"].items())
+    r = c["resolution"]
+    if c["vae_steps"]:
+        v, cells = summary["vae"], r // c["vae_downsample"]
+        space = (
+            f"LATENT space ({cells}x{cells}x{c['vae_latent_channels']} latents of the VAE below), "
+            f"patch {c['patch_size']}"
+        )
+        vae = (
+            f"* vae: `AutoencoderKL`, {r}x{r} RGB <-> {cells}x{cells}x{c['vae_latent_channels']}, width "
+            f"{c['vae_width']}: {v['params']:,} parameters, trained first for {c['vae_steps']} steps x batch "
+            f"{c['vae_batch_size']} (L1 + L2 + {c['vae_kl_weight']} x KL, {v['minutes']} min); latents normalised by "
+            f"shift_factor {v['shift_factor']:.4f} and scaling_factor {v['scaling_factor']:.4f}; the verifier scores "
+            f"its reconstructions of held-out scenes {v['heldout_recon_shapes']:.3f}\n"
+        )
+    else:
+        space, vae = f"PIXEL space ({r}x{r} RGB, no VAE, in/out channels 3), patch {c['patch_size']}", ""
     return f"""# shapes_t2i — the shipped tiny text-to-image flow model of the shapes world
 
-A deliberately small and mediocre SD3-family model, the starting point of the README's GRPO demo: RL with an
-SDE sampler should raise its held-out verifier score within minutes on a CPU.
+A deliberately small and mediocre SD3-family model, the starting point of the README's GRPO demo: RL should raise
+its held-out verifier score within minutes on a CPU.
 
-* transformer: `SD3Transformer2DModel`, PIXEL space ({c["resolution"]}x{c["resolution"]} RGB, no VAE,
-  in/out channels 3), patch {c["patch_size"]}, {c["num_layers"]} joint blocks, width
+* transformer: `SD3Transformer2DModel`, {space}, {c["num_layers"]} joint blocks, width
   {c["num_heads"] * c["head_dim"]} ({c["num_heads"]} heads x {c["head_dim"]}): {p["transformer"]:,} parameters
 * text_encoder: `CLIPTextModelWithProjection`, {c["text_layers"]} layers, width {c["text_hidden"]}, projection
   {c["projection_dim"]}: {p["text_encoder"]:,} parameters, trained jointly from scratch
 * tokenizer: word-level over the grammar's words + [PAD] [UNK] [BOS] [EOS], model_max_length {c["max_length"]}
 * scheduler: `FlowMatchEulerDiscreteScheduler`, shift {c["shift"]}, 1000 train timesteps
-
-Conventions: x0 in [-1, 1] (image = (x0 + 1) / 2); x_t = (1 - sigma) x0 + sigma noise; the transformer
+{vae}
+Conventions: x0 in [-1, 1] (image = (x0 + 1) / 2; with a VAE x0 are its normalised latents,
+image = (vae.decode(x0 / scaling_factor + shift_factor) + 1) / 2); x_t = (1 - sigma) x0 + sigma noise; the transformer
 predicts v = noise - x0 at timestep = sigma * 1000; prompt_embeds = penultimate text-encoder hidden states,
 pooled = text_embeds; Euler steps x <- x + (sigma_next - sigma) v over `scheduler.set_timesteps(T).sigmas`.
 
@@ -700,6 +886,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary, _ = pretrain(config, out, command=command)
     h = summary["heldout"]
     print(f"params: {summary['params']}  train: {summary['train_minutes']} min  speed: {summary['speed']}")
+    if "vae" in summary:
+        print(f"vae: {summary['vae']}")
     print(f"held-out (T={config.eval_num_steps}, no CFG): shapes {h['shapes']:.3f}  strict {h['shapes_strict']:.3f}")
     for kind in KINDS:
         if f"n/{kind}" in h:

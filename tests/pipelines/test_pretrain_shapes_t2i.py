@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -18,6 +19,7 @@ from pipelines.pretrain_shapes_t2i import (
     PretrainConfig,
     build_models,
     build_tokenizer,
+    decode_latents,
     encode_prompts,
     evaluate,
     flow_matching_loss,
@@ -26,7 +28,9 @@ from pipelines.pretrain_shapes_t2i import (
     lr_at,
     parse_args,
     pretrain,
+    render_batch,
     sample,
+    to_latents,
     train,
     train_batch,
 )
@@ -54,7 +58,10 @@ def _tiny_models():
 
 def test_pretrain_tiny_writes_a_folder_that_loads_back_and_samples_the_same(tmp_path):
     torch.manual_seed(0)
-    summary, (tr, te, tok, sch) = pretrain(PretrainConfig(**TINY), tmp_path / "m", progress=False, log=lambda s: 0)
+    summary, (tr, te, tok, sch, vae) = pretrain(
+        PretrainConfig(**TINY), tmp_path / "m", progress=False, log=lambda s: 0
+    )
+    assert vae is None  # vae_steps 0: pixel space
     out = tmp_path / "m"
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
@@ -84,13 +91,49 @@ def test_pretrain_tiny_writes_a_folder_that_loads_back_and_samples_the_same(tmp_
     assert not torch.equal(fresh.proj_out.weight, tr2.proj_out.weight)
 
 
+def test_latent_pretraining_writes_a_vae_folder_that_the_policy_samples_identically(tmp_path):
+    from mmgrpo.policies.diffusion import DiffusionPolicy
+    from pipelines.text_to_image import GeneratorPolicyOptions, load_adapter
+
+    latent = dict(vae_steps=3, vae_width=8, vae_batch_size=4, patch_size=2)  # 32 px -> 8x8x4 latents, 16 tokens
+    torch.manual_seed(0)
+    summary, (tr, te, tok, sch, vae) = pretrain(
+        PretrainConfig(**{**TINY, **latent}), tmp_path / "m", progress=False, log=lambda s: 0
+    )
+    out = tmp_path / "m"
+    assert json.loads((out / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file() and "LATENT space" in (
+        out / "README.md"
+    ).read_text()
+    assert tr.config.in_channels == 4 and tr.config.sample_size == 8
+    assert summary["params"]["vae"] == sum(p.numel() for p in vae.parameters())
+    assert 0.0 <= summary["vae"]["heldout_recon_shapes"] <= 1.0 and summary["history"][0]["vae"] == summary["vae"]
+    # normalisation: posterior samples of train scenes map to ~mean 0, std 1 (measured on 256 of them)
+    x = render_batch(split_prompts()[0][:256], 32, np.random.default_rng(0))
+    with torch.no_grad():
+        z = to_latents(vae, x, torch.Generator().manual_seed(0))
+    assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.25
+    # decode_latents = what the SD3 adapter's decode does with the saved scaling / shift factors
+    opts = GeneratorPolicyOptions(family="sd3", path=str(out), num_steps=3)
+    policy = DiffusionPolicy(load_adapter(opts), opts)
+    assert policy.adapter.latent_shape() == (4, 8, 8)
+    torch.testing.assert_close(policy.adapter.decode(z[:2]), decode_latents(vae, z[:2]), rtol=0, atol=1e-5)
+    # the RL policy's ODE sample of a (prompt, seed) is the recipe's: same noise, schedule, transformer and decoder
+    prompts = ["a red circle left of a blue square", "two green triangles"]
+    torch.testing.assert_close(
+        policy.generate(prompts, [3, 4]), sample(tr, te, tok, prompts, [3, 4], 3, scheduler=sch, vae=vae), rtol=0,
+        atol=1e-5,
+    )  # fmt: skip
+    assert load_models(out)[4].config.scaling_factor == pytest.approx(vae.config.scaling_factor)
+
+
 def test_training_is_deterministic_given_the_seed():
     # the third run also evaluates at step 2 (--eval-every): evaluation must not disturb the training streams
     cfgs = [dict(seed=5), dict(seed=6), dict(seed=5, eval_every=2)]
     runs = [train(PretrainConfig(**TINY, **c), progress=False, log=lambda s: 0) for c in cfgs]
     w = [r[0].proj_out.weight for r in runs]
     assert not torch.equal(w[0], w[1]) and torch.equal(w[0], w[2])
-    assert runs[2][4][0]["step"] == 2 and "shapes" in runs[2][4][0]  # the history row of that evaluation
+    assert runs[2][5][0]["step"] == 2 and "shapes" in runs[2][5][0]  # the history row of that evaluation
 
 
 def test_untrained_model_predicts_zero_velocity_so_the_loss_is_the_target_norm():
@@ -151,13 +194,18 @@ def test_lr_schedule_and_config_errors():
         PretrainConfig(sigma_sampling="lognorm")
     with pytest.raises(UserError, match="v, x0"):
         PretrainConfig(loss_weighting="eps")
+    with pytest.raises(UserError, match="8 latent cells a side, not a multiple of patch_size=3"):
+        PretrainConfig(vae_steps=10, patch_size=3)  # 32 px / vae_downsample 4 = 8 latent cells
+    with pytest.raises(UserError, match="power of 2"):
+        PretrainConfig(vae_steps=10, vae_downsample=3)
+    with pytest.raises(UserError, match="multiple of 8"):
+        PretrainConfig(vae_steps=10, vae_width=12)
+    assert PretrainConfig(vae_steps=10, patch_size=1).latent_size == 8 and PretrainConfig().latent_size == 32
     cfg, out = parse_args(["--out", "x", "--steps", "7", "--lr", "0.002"])
     assert (cfg.steps, cfg.lr, out) == (7, 0.002, "x")
 
 
 def test_training_batches_use_only_train_prompts():
-    import numpy as np
-
     train, heldout = split_prompts()
     captions, x0 = train_batch(train, 64, 32, 0.25, np.random.default_rng(0))
     assert x0.shape == (64, 3, 32, 32) and x0.min() >= -1 and x0.max() <= 1
@@ -182,14 +230,16 @@ def test_tokenizer_covers_the_grammar():
 
 # ------------------------------------------------------------------------------------ the shipped asset
 def test_shipped_asset_matches_the_adapter_conventions(shipped):
-    tr, te, tok, sch = shipped
+    tr, te, tok, sch, vae = shipped
     c = tr.config
-    assert c.in_channels == 3 and c.out_channels == 3  # pixel space, no VAE
+    # latent space: the transformer reads the VAE's 8x8x4 latents of a 32-px image
+    assert vae is not None and c.in_channels == c.out_channels == vae.config.latent_channels == 4
+    assert c.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == vae.config.sample_size == 32
+    assert vae.config.scaling_factor > 0 and (ASSET / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert c.joint_attention_dim == te.config.hidden_size
     assert c.pooled_projection_dim == te.config.projection_dim
     assert c.caption_projection_dim == c.num_attention_heads * c.attention_head_dim
     assert sch.config.num_train_timesteps == 1000
-    assert not (ASSET / "vae").exists()
     index = json.loads((ASSET / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     assert all((ASSET / part).is_dir() for part in index if not part.startswith("_"))
@@ -201,14 +251,14 @@ def test_shipped_asset_matches_the_adapter_conventions(shipped):
 
 
 def test_shipped_asset_sampling_is_deterministic_and_scores(shipped):
-    tr, te, tok, sch = shipped
+    tr, te, tok, sch, vae = shipped
     _, heldout = split_prompts()
     prompts = [heldout[0], heldout[-1]]
-    a = sample(tr, te, tok, prompts, [0, 1], num_steps=10, scheduler=sch)
-    b = sample(tr, te, tok, prompts, [0, 1], num_steps=10, scheduler=sch)
-    assert a.shape == (2, 3, tr.config.sample_size, tr.config.sample_size)
+    a = sample(tr, te, tok, prompts, [0, 1], num_steps=10, scheduler=sch, vae=vae)
+    b = sample(tr, te, tok, prompts, [0, 1], num_steps=10, scheduler=sch, vae=vae)
+    assert a.shape == (2, 3, 32, 32)
     assert torch.equal(a, b) and 0.0 <= a.min() and a.max() <= 1.0
-    res = evaluate(tr, te, tok, prompts, num_steps=10, samples_per_prompt=1, scheduler=sch)
+    res = evaluate(tr, te, tok, prompts, num_steps=10, samples_per_prompt=1, scheduler=sch, vae=vae)
     assert res.images.shape == (2, 3, 32, 32) and res.captions == prompts
     assert all(0.0 <= v <= 1.0 for k, v in res.metrics.items() if k.startswith("shapes"))
     assert math.isclose(res.metrics["shapes"], (res.metrics["shapes/" + "single"] + res.metrics["shapes/pair"]) / 2)
