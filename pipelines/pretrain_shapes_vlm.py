@@ -10,9 +10,16 @@ teacher-forced cross-entropy on the completion only, in the R1 format the RL rec
 
     <think>I see a red circle and a blue square.</think><answer>B</answer>            (multiple choice: a letter)
     <think>I see a red circle.</think><answer>(250,125),(750,625)</answer>           (grounding: Qwen2-VL 0..1000)
+    <think>I see a red circle and a blue square.</think><answer>2; yes; yes; no; red; blue</answer>  (checklist)
 
-over fresh TRAIN scenes of :mod:`mmgrpo.data.shapes_qa` every batch (count / colour / position / grounding). The
-think part lists the scene's objects from left to right (``--think describe``). We tried a fixed sentence per kind
+over fresh TRAIN scenes of :mod:`mmgrpo.data.shapes_qa` every batch (count / colour / position / grounding /
+checklist, drawn uniformly). ``checklist`` is PEARL's perception checklist (Zhang et al. 2025, arXiv 2511.18437)
+asked EXACTLY as the RL recipe's checklist group asks it (:func:`mmgrpo.methods.vlm_methods.checklist_prompt` of a
+multiple-choice scene's example, as ``vlm_reasoning`` draws it: "Answer each question about the image, in order,
+separated by ';': 1. How many objects are there? 2. Is there a red circle? ..."), answered with the answer sheet of
+:func:`rewards.pearl.checklist_answer` after the scene description (the think part of a checklist target is always
+``describe``); without it the asset scores PEARL's R_p = 0 on every sheet and the fidelity gate skips every update.
+The think part lists the scene's objects from left to right (``--think describe``). We tried a fixed sentence per kind
 first (``--think template``): with it, the answer letter was the only image-dependent token of a multiple-choice
 target, and after 1000 steps x 32 the model still ignored the image (every answer "D", held-out accuracy = the
 letter prior); describing the scene gives two image-dependent tokens per object, and the mixed tasks left that
@@ -22,9 +29,10 @@ with ``system_prompt: ""`` (the template's short default system turn); the compl
 the prompt's, as in the policy's scorer, so the RL recipes see the very distribution trained here.
 
 The shipped model is deliberately mediocre (held-out multiple-choice accuracy well above chance 0.25 but far from 1,
-grounding mean IoU ~0.2-0.5) so that GRPO (configs/shapes_vlm_grpo.yaml, configs/shapes_grounding_medloc.yaml) can
-improve it on a CPU. The learning rate is constant after warmup, so a run of S steps is the first S steps of a longer
-one (``--snapshot-every`` keeps intermediate models to pick from). Run::
+grounding mean IoU ~0.2-0.5, checklist R_p between 0 and 1) so that GRPO (configs/shapes_vlm_grpo.yaml,
+configs/shapes_grounding_medloc.yaml, PEARL's ``data.options.methods.pearl``) can improve it on a CPU. The learning
+rate is constant after warmup, so a run of S steps is the first S steps of a longer one (``--snapshot-every`` keeps
+intermediate models to pick from). Run::
 
     python -m pipelines.pretrain_shapes_vlm --out assets/shapes_vlm [--steps N] [--seed S] [--lr LR] ...
 """
@@ -45,10 +53,13 @@ import torch.nn.functional as F
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
-from mmgrpo.data.shapes import COLORS, POSITIONS, SHAPES
+from mmgrpo.data.shapes import COLORS, POSITIONS, SHAPES, Scene
+from mmgrpo.methods.pearl import checklist_reward
+from mmgrpo.methods.vlm_methods import checklist_prompt
 from mmgrpo.policies.vlm import R1_SYSTEM_PROMPT, PromptInputs, VLMPolicy, VLMPolicyOptions
 from mmgrpo.testing.tiny_vlm import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, REASONING_TAGS
 from pipelines.vlm_grounding import box_answer, evaluate_grounding
+from rewards.pearl import checklist_answer, checklist_question, split_answers
 from rewards.text import answer_or_completion, grade, has_valid_format
 
 BOX_FAMILY = "qwen2_vl"  # the asset is a Qwen2-VL: boxes on the 0..1000 grid
@@ -58,6 +69,11 @@ THINK = {
     "position": "I find the {color} {shape}.",
     "grounding": "I find the {color} {shape}.",
 }
+CHECKLIST = "checklist"
+KINDS = (*shapes_qa.QA_KINDS, CHECKLIST)
+"""pretraining kinds: the shapes-QA question kinds and PEARL's checklist"""
+CHECKLIST_MAX_NEW_TOKENS = 64
+"""generation budget of a checklist sheet in evaluation (the longest, 3 objects and 8 items, is 33 tokens + EOS)"""
 
 
 @dataclass
@@ -80,8 +96,8 @@ class PretrainVLMConfig:
     """BPE vocabulary before the special tokens"""
     think: str = "describe"
     """the think part of the targets: template (a fixed sentence per kind) or describe (the objects, left to right)"""
-    kinds: str = "count,color,position,grounding"
-    """question kinds drawn uniformly for every training scene (comma separated)"""
+    kinds: str = "count,color,position,grounding,checklist"
+    """question kinds drawn uniformly for every training scene (comma separated; checklist: PEARL's checklist sheet)"""
     steps: int = 4000
     batch_size: int = 16
     lr: float = 1e-3
@@ -107,9 +123,9 @@ class PretrainVLMConfig:
     (1.2-3.0 s vs 0.31 s, measured: OpenMP workers spin while descheduled); 2 on an idle machine"""
 
     def __post_init__(self) -> None:
-        bad = [k for k in self.kind_list() if k not in shapes_qa.QA_KINDS]
+        bad = [k for k in self.kind_list() if k not in KINDS]
         if bad or not self.kind_list():
-            raise UserError(f"kinds={self.kinds!r}: use a comma-separated subset of {', '.join(shapes_qa.QA_KINDS)}")
+            raise UserError(f"kinds={self.kinds!r}: use a comma-separated subset of {', '.join(KINDS)}")
         if self.think not in ("template", "describe"):
             raise UserError(f"think={self.think!r}; use 'describe' (objects left to right) or 'template'")
         if self.image_size % (2 * self.patch_size):
@@ -125,7 +141,8 @@ class PretrainVLMConfig:
 
 # --------------------------------------------------------------------------------------------- tokenizer
 def corpus() -> list[str]:
-    """Sentences the BPE is trained on: every shapes-QA question, option list, think template and answer form."""
+    """Sentences the BPE is trained on: every shapes-QA question, option list, think template and answer form, and
+    the checklist questions / answer sheets of a few scenes (built by the RL recipe's own functions)."""
     lines = ["system user assistant You are a helpful assistant.", R1_SYSTEM_PROMPT]
     for c in COLORS:
         for s in SHAPES:
@@ -140,6 +157,9 @@ def corpus() -> list[str]:
     lines += [" ".join(POSITIONS), "yes no", "(250,125),(750,625) [16, 8, 48, 40]", "0 1 2 3 4 5 6 7 8 9"]
     lines += [" ".join("abcdefghijklmnopqrstuvwxyz"), " ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ")]
     lines.append("! \" # $ % & ' ( ) * + , - . / : ; < = > ? @ [ \\ ] ^ _ ` { | } ~")
+    for seed in range(32):  # fixed scenes: "Answer each question about the image, ... 1. How many objects ..."
+        items = shapes_qa.make_example(seed, None, kinds=shapes_qa.MC_KINDS).checklist
+        lines += [checklist_question(items), checklist_answer(items)]
     return lines
 
 
@@ -243,6 +263,42 @@ def make_policy(model, processor, max_new_tokens: int = 48) -> VLMPolicy:
 
 
 # ---------------------------------------------------------------------------------------------- the maths
+@dataclass(frozen=True)
+class ChecklistExample:
+    """PEARL's checklist question about a shapes-QA example's scene, asked as the RL recipe's checklist group asks.
+
+    ``example``: the multiple-choice example whose image and ``checklist`` the sheet is about (``vlm_reasoning``
+    draws its scenes with ``shapes_qa.make_example(seed, None, ..., kinds=MC_KINDS)``; so does :func:`make_item`).
+    """
+
+    example: shapes_qa.QAExample
+    kind: str = CHECKLIST
+
+    @property
+    def scene(self) -> Scene:
+        return self.example.scene
+
+    @property
+    def items(self) -> list[list[str]]:
+        return self.meta()["checklist"]
+
+    def prompt(self) -> dict:
+        """``{"question": "Answer each question about the image, in order, separated by ';': 1. ..."}``"""
+        return checklist_prompt(self.example.meta())[0]
+
+    def meta(self) -> dict:
+        """The checklist group's meta: the image, ``checklist`` [[question, answer], ...], ``stream: checklist``."""
+        return checklist_prompt(self.example.meta())[1]
+
+
+def make_item(scene_seed: int, kind: str, config: PretrainVLMConfig) -> shapes_qa.QAExample | ChecklistExample:
+    """Example of pretraining kind ``kind`` on scene ``scene_seed`` (checklist: on the scene's MC example)."""
+    if kind == CHECKLIST:
+        ex = shapes_qa.make_example(scene_seed, None, config.split_seed, config.image_size, shapes_qa.MC_KINDS)
+        return ChecklistExample(ex)
+    return shapes_qa.make_example(scene_seed, kind, config.split_seed, config.image_size)
+
+
 def describe(scene) -> str:
     """The objects of a scene from left to right: "I see a red circle, a blue square and a green triangle." """
     names = [f"a {o.color} {o.shape}" for o in sorted(scene.objects, key=lambda o: o.cx)]
@@ -250,14 +306,23 @@ def describe(scene) -> str:
     return f"I see {listed}."
 
 
-def target_text(ex: shapes_qa.QAExample, think: str = "describe") -> str:
-    """The R1-format completion of an example: the think part, then the option letter or the Qwen2-VL box.
+def checklist_target(scene: Scene, items) -> str:
+    """The completion of a checklist question: ``<think>{describe(scene)}</think><answer>2; yes; no; red</answer>``."""
+    return f"<think>{describe(scene)}</think><answer>{checklist_answer(items)}</answer>"
 
-    ``think``: "template" (a fixed sentence per kind) or "describe" (the scene's objects, left to right).
+
+def target_text(ex: shapes_qa.QAExample | ChecklistExample, think: str = "describe") -> str:
+    """The R1-format completion of an example: the think part, then the option letter, the Qwen2-VL box or the
+    checklist answer sheet.
+
+    ``think``: "template" (a fixed sentence per kind) or "describe" (the scene's objects, left to right); a checklist
+    example always describes the scene (:func:`checklist_target`).
     """
-    color, shape = ex.target
     if think not in ("template", "describe"):
         raise UserError(f"think={think!r}; use 'template' or 'describe'")
+    if isinstance(ex, ChecklistExample):
+        return checklist_target(ex.scene, ex.items)
+    color, shape = ex.target
     think = THINK[ex.kind].format(color=color, shape=shape) if think == "template" else describe(ex.scene)
     answer = ex.answer if ex.box is None else box_answer(list(ex.box), BOX_FAMILY, (ex.image_size, ex.image_size))
     return f"<think>{think}</think><answer>{answer}</answer>"
@@ -300,26 +365,27 @@ def sft_loss(
     return F.cross_entropy(logits.reshape(B * L, -1), labels.to(dev).reshape(-1), ignore_index=-100)
 
 
-def training_examples(step: int, batch_size: int, config: PretrainVLMConfig) -> list[shapes_qa.QAExample]:
+def training_examples(
+    step: int, batch_size: int, config: PretrainVLMConfig
+) -> list[shapes_qa.QAExample | ChecklistExample]:
     """Batch ``step``: fresh TRAIN scenes (seeds after the first 10^6, kept for the recipes' train pools)."""
     seeds = shapes_qa.train_seeds(
         batch_size, config.split_seed, config.heldout_fraction, start=10**6 + step * batch_size * 2
     )  # 2x stride: a batch of train seeds never runs into the next batch's (at most 10% are skipped)
     rng = np.random.default_rng([config.seed, step])
     kinds = config.kind_list()
-    return [
-        shapes_qa.make_example(s, kinds[int(rng.integers(len(kinds)))], config.split_seed, config.image_size)
-        for s in seeds
-    ]
+    return [make_item(s, kinds[int(rng.integers(len(kinds)))], config) for s in seeds]
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
 @torch.no_grad()
 def evaluate(policy: VLMPolicy, per_kind: int, config: PretrainVLMConfig, batch: int = 16) -> dict[str, float]:
-    """Greedy answers to ``per_kind`` held-out scenes of each kind: MC accuracy / format, grounding IoU / format.
+    """Greedy answers to ``per_kind`` held-out scenes of each kind: MC accuracy / format, grounding IoU / format,
+    checklist R_p.
 
     Returns ``{count: acc, color: acc, position: acc, mc_accuracy: mean of the three, grounding_mean_iou,
-    grounding_acc_at_0.5, format}``.
+    grounding_acc_at_0.5, format (MC and grounding), checklist_reward: mean R_p of the greedy sheets (PEARL's
+    pearl_checklist reward), checklist_format}`` (the checklist is asked whatever ``config.kinds`` says).
     """
     seeds = shapes_qa.heldout_seeds(per_kind, config.split_seed, config.heldout_fraction)
     out, formats = {}, []
@@ -339,7 +405,32 @@ def evaluate(policy: VLMPolicy, per_kind: int, config: PretrainVLMConfig, batch:
         formats.append(float(np.mean([has_valid_format(t) for t in texts])))
     out["mc_accuracy"] = float(np.mean([out[k] for k in shapes_qa.MC_KINDS]))
     out["format"] = float(np.mean(formats))
+    out["checklist_reward"], out["checklist_format"] = evaluate_checklist(policy, seeds, config, batch)
     return out
+
+
+def checklist_scores(texts: list[str], items: list) -> list[float]:
+    """R_p of each answer sheet, exactly as the ``pearl_checklist`` reward scores a checklist row."""
+    return [checklist_reward(split_answers(answer_or_completion(t), len(it)), it) for t, it in zip(texts, items)]
+
+
+@torch.no_grad()
+def evaluate_checklist(
+    policy: VLMPolicy, seeds: list[int], config: PretrainVLMConfig, batch: int = 16
+) -> tuple[float, float]:
+    """(mean R_p, format rate) of the greedy checklist sheets of held-out scenes ``seeds`` (their MC examples)."""
+    exs = [make_item(s, CHECKLIST, config) for s in seeds]
+    budget = policy.options.max_new_tokens
+    policy.options.max_new_tokens = max(budget, CHECKLIST_MAX_NEW_TOKENS)
+    try:
+        texts = []
+        for lo in range(0, len(exs), batch):
+            part = exs[lo : lo + batch]
+            texts += policy.generate(PromptBatch([e.prompt() for e in part], [e.meta() for e in part]), greedy=True)
+    finally:
+        policy.options.max_new_tokens = budget
+    r_p = checklist_scores(texts, [e.items for e in exs])
+    return float(np.mean(r_p)), float(np.mean([has_valid_format(t) for t in texts]))
 
 
 # ----------------------------------------------------------------------------------------------- pretrain
@@ -431,8 +522,14 @@ def readme(summary: dict, command: str) -> str:
     evals = [e for e in summary["history"] if "mc_accuracy" in e]
     curve = ""
     if evals:  # the intermediate evaluations (eval_per_kind // 4 scenes per kind)
-        points = ", ".join(f"{e['step']}: {e['mc_accuracy']:.2f} / {e['grounding_mean_iou']:.2f}" for e in evals)
-        curve = f"\nLearning curve (step: MC accuracy / mean IoU, {n // 4} held-out scenes per kind): {points}.\n"
+        points = ", ".join(
+            f"{e['step']}: {e['mc_accuracy']:.2f} / {e['grounding_mean_iou']:.2f} / {e['checklist_reward']:.2f}"
+            for e in evals
+        )
+        curve = (
+            f"\nLearning curve (step: MC accuracy / mean IoU / checklist R_p, {n // 4} held-out scenes per kind): "
+            f"{points}.\n"
+        )
     return f"""# shapes_vlm — the shipped tiny VLM of the shapes world
 
 A deliberately small and mediocre Qwen2-VL, the starting point of the VLM GRPO demos
@@ -451,6 +548,11 @@ MedLoc-R1 IoU curriculum). Load it with `VLMPolicy.from_pretrained("assets/shape
 * answers (think = {c["think"]}): `<think>I see a red circle and a blue square.</think><answer>B</answer>`
   (multiple choice) and `<think>I see a red circle.</think><answer>(x1,y1),(x2,y2)</answer>` (grounding,
   Qwen2-VL's 0..1000 grid); with think = describe the think part lists the objects from left to right.
+* PEARL checklists (kind `checklist`{"" if "checklist" in c["kinds"].split(",") else ": NOT in this asset's kinds"}):
+  asked exactly as the `vlm_reasoning` recipe's checklist group asks them ("Answer each question about the image,
+  in order, separated by ';': 1. How many objects are there? 2. Is there a red circle? ..."), answered
+  `<think>I see a red circle and a blue square.</think><answer>2; yes; yes; no; red; blue</answer>`; scored by the
+  `pearl_checklist` reward (R_p = fraction of the items answered right).
 
 ## How it was made
 
@@ -473,7 +575,9 @@ Final training loss (EMA) {summary["final_loss"]:.4f} nats/token.
 | multiple choice | mean accuracy | **{h["mc_accuracy"]:.3f}** |
 | grounding | mean IoU | **{h["grounding_mean_iou"]:.3f}** |
 | grounding | accuracy at IoU >= 0.5 | {h["grounding_acc_at_0.5"]:.3f} |
-| all | format rate | {h["format"]:.3f} |
+| all but checklist | format rate | {h["format"]:.3f} |
+| checklist (PEARL) | mean R_p of the greedy answer sheets | **{h["checklist_reward"]:.3f}** |
+| checklist (PEARL) | format rate | {h["checklist_format"]:.3f} |
 """
 
 

@@ -1,6 +1,7 @@
 """Pretraining of the shapes VLM (pipelines/pretrain_shapes_vlm.py) and the shipped asset assets/shapes_vlm."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,17 +11,25 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.shapes import Obj, Scene
+from mmgrpo.methods.vlm_methods import checklist_prompt
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from pipelines.pretrain_shapes_vlm import (
+    CHECKLIST_MAX_NEW_TOKENS,
+    ChecklistExample,
     PretrainVLMConfig,
     build_model,
     build_processor,
     build_tokenizer,
+    checklist_scores,
+    checklist_target,
+    corpus,
     describe,
+    make_item,
     make_policy,
     pretrain,
     sft_loss,
     target_text,
+    training_examples,
 )
 from rewards.boxes import parse_box
 from rewards.text import extract_answer, has_valid_format
@@ -44,6 +53,55 @@ def test_targets_are_r1_format_with_the_letter_or_the_qwen2_vl_box():
     box = parse_box(extract_answer(target_text(g)))
     # 0..1000 grid of the 64-px image: x * 1000 / 64, rounded
     assert box == [round(v * 1000 / 64) for v in g.box]
+
+
+def test_checklist_target_is_the_description_then_the_answer_sheet():
+    scene = Scene((Obj("circle", "red", 0.7, 0.5, 0.3), Obj("square", "blue", 0.2, 0.5, 0.3)))
+    items = [
+        ["How many objects are there?", "2"],
+        ["Is there a red circle?", "yes"],
+        ["Is there a blue square?", "yes"],
+        ["Is there a red square?", "no"],
+        ["What colour is the circle?", "red"],
+        ["What colour is the square?", "blue"],
+    ]
+    assert checklist_target(scene, items) == (
+        "<think>I see a blue square and a red circle.</think><answer>2; yes; yes; no; red; blue</answer>"
+    )
+    # the sheet of the target scores R_p = 1 under the pearl_checklist reward's parsing; a wrong item costs 1/6
+    assert checklist_scores([checklist_target(scene, items)], [items]) == [1.0]
+    wrong = "<think>I see a red circle.</think><answer>1; yes; yes; no; red; blue</answer>"
+    assert checklist_scores([wrong], [items]) == [pytest.approx(5 / 6)]
+
+
+def test_the_checklist_kind_asks_exactly_what_the_rl_recipes_checklist_group_asks():
+    config = PretrainVLMConfig()
+    assert "checklist" in config.kind_list() and config.kind_list()[:4] == shapes_qa.QA_KINDS
+    item = make_item(5, "checklist", config)
+    ex = shapes_qa.make_example(5, None, kinds=shapes_qa.MC_KINDS)  # vlm_reasoning's scene of seed 5
+    assert isinstance(item, ChecklistExample) and item.example == ex
+    prompt, meta = checklist_prompt(ex.meta())
+    assert item.prompt() == prompt and item.prompt()["question"].startswith("Answer each question about the image")
+    assert item.meta()["checklist"] == meta["checklist"] == [list(i) for i in ex.checklist]
+    assert item.meta()["stream"] == "checklist" and (item.meta()["images"][0] == ex.image).all()
+    assert target_text(item) == target_text(item, "template") == checklist_target(ex.scene, ex.checklist)
+    # the checklist is mixed into the batches like the other kinds (drawn uniformly per scene)
+    kinds = [e.kind for step in range(4) for e in training_examples(step, 16, config)]
+    assert set(kinds) == {"count", "color", "position", "grounding", "checklist"}
+
+
+def test_the_tokenizer_covers_the_checklist_phrasing_and_the_longest_sheet_fits():
+    tok = build_tokenizer()
+    assert any(line.startswith("Answer each question about the image") for line in corpus())
+    q = make_item(5, "checklist", PretrainVLMConfig()).prompt()["question"]
+    words = [t.lstrip("Ġ") for t in tok.tokenize(q) if t.lstrip("Ġ").isalpha()]
+    assert words == re.findall(r"[A-Za-z]+", q)  # every word of the checklist question is one token
+    assert tok.tokenize(" Is there a yellow triangle?") == ["ĠIs", "Ġthere", "Ġa", "Ġyellow", "Ġtriangle", "?"]
+    three = Scene(
+        tuple(Obj(s, "yellow", x, 0.5, 0.2) for s, x in [("triangle", 0.2), ("circle", 0.5), ("square", 0.8)])
+    )
+    items = [["q", "3"]] + [["q", "yes"]] * 3 + [["q", "no"]] + [["q", "yellow"]] * 3  # the most items: 8
+    assert len(tok(checklist_target(three, items) + "<|im_end|>").input_ids) <= CHECKLIST_MAX_NEW_TOKENS
 
 
 def test_tokenizer_splits_digits_and_keeps_the_tags_whole():
@@ -85,16 +143,29 @@ def test_pretrain_a_few_steps_writes_a_loadable_asset_with_a_readme(tmp_path):
         "grounding_mean_iou",
         "grounding_acc_at_0.5",
         "format",
+        "checklist_reward",
+        "checklist_format",
     }
+    assert 0.0 <= h["checklist_reward"] <= 1.0
     assert h["mc_accuracy"] == pytest.approx((h["count"] + h["color"] + h["position"]) / 3)
     readme = (tmp_path / "m" / "README.md").read_text()
-    assert "--steps 4" in readme and "mean IoU" in readme
+    assert "--steps 4" in readme and "mean IoU" in readme and "mean R_p" in readme
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["steps_done"] == 4
     assert VLMPolicy.from_pretrained(str(tmp_path / "m"), VLMPolicyOptions(finetune="full")).family == "qwen2_vl"
     with pytest.raises(UserError, match="kinds='count,size'"):
         PretrainVLMConfig(kinds="count,size")
     with pytest.raises(UserError, match="think='story'"):
         PretrainVLMConfig(think="story")
+
+
+def test_a_tiny_run_with_the_checklist_kind_logs_r_p_in_the_history(tmp_path):
+    config = PretrainVLMConfig(
+        **TINY, kinds="checklist,count", steps=4, batch_size=4, warmup=1, eval_per_kind=4, eval_every=2
+    )
+    summary = pretrain(config, None)
+    assert summary["steps_done"] == 4 and summary["config"]["kinds"] == "checklist,count"
+    assert [e["step"] for e in summary["history"] if "checklist_reward" in e] == [2]
+    assert 0.0 <= summary["heldout"]["checklist_reward"] <= 1.0
 
 
 def test_the_shipped_asset_is_small_loads_and_answers_in_format():
