@@ -27,7 +27,7 @@ CONFIG = ROOT / "configs" / "shapes_t2i_grpo.yaml"
 DEFAULT_OUT = Path(__file__).parent / "results" / "learning.md"
 
 # SDE methods train the sampler's stochastic steps: two PPO updates per rollout with Flow-GRPO's tiny clip range and
-# the learning rate that did best for them on this model (1e-4; 3e-4 degraded, 3e-5 stayed flat)
+# the learning rate that did best for them on the pixel-space model of session 2 (1e-4; 3e-4 degraded, 3e-5 flat)
 SDE = ["policy.options.objective=sde", "trainer.minibatches=2", "trainer.lr=1e-4", "loss.clip_low=0.001",
        "loss.clip_high=0.001"]  # fmt: skip
 

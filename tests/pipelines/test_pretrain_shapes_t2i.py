@@ -186,6 +186,11 @@ def test_lr_schedule_and_config_errors():
     # halfway through the cosine: lo + (lr - lo) / 2 = 1e-4 + 4.5e-4 = 5.5e-4 (frac = (51 - 1) / 100)
     assert lr_at(51, c) == pytest.approx(5.5e-4)
     assert lr_at(101, c) == pytest.approx(1e-4)  # the end: lr * 0.1
+    # lr_horizon: a 51-step run on a 101-step cosine stops halfway down it, at 5.5e-4 instead of lr * 0.1
+    early = PretrainConfig(steps=51, lr=1e-3, warmup=1, lr_final_fraction=0.1, lr_horizon=101)
+    assert lr_at(51, early) == pytest.approx(5.5e-4)
+    with pytest.raises(UserError, match="lr_horizon=5 < steps=10"):
+        PretrainConfig(steps=10, lr_horizon=5)
     with pytest.raises(UserError, match="patch_size"):
         PretrainConfig(resolution=32, patch_size=5)
     with pytest.raises(UserError, match="penultimate"):
