@@ -69,6 +69,7 @@ from mmgrpo.core.components import EvalResult
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.shapes import KINDS, all_prompts, parse_prompt, render, sample_scene, split_prompts
+from mmgrpo.policies.models.sd3 import decode_latents
 from rewards.shapes import score
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
@@ -309,14 +310,6 @@ def to_latents(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator |
     """x [N, 3, H, W] in [-1, 1] -> normalised latents (posterior sample - shift_factor) * scaling_factor."""
     c = vae.config
     return (vae.encode(x).latent_dist.sample(generator=generator) - c.shift_factor) * c.scaling_factor
-
-
-def decode_latents(vae: AutoencoderKL | None, z: torch.Tensor) -> torch.Tensor:
-    """The SD3 adapter's decode: images [N, 3, H, W] in [0, 1] (pixel space when ``vae`` is None)."""
-    if vae is not None:
-        c = vae.config
-        z = vae.decode(z.to(vae.dtype) / c.scaling_factor + c.shift_factor).sample
-    return ((z.float() + 1) / 2).clamp(0, 1)
 
 
 def train_vae(config: PretrainConfig, progress: bool = True, log=tqdm.write) -> tuple[AutoencoderKL, dict]:

@@ -147,11 +147,17 @@ class SD3Adapter:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return (latents.float() / 2 + 0.5).clamp(0, 1)
-        cfg = self.vae.config
-        z = latents.to(self.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents, self.dtype)
+
+
+def decode_latents(vae: nn.Module | None, latents: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] from SD3 latents: un-normalised by the VAE's scaling / shift factors and
+    decoded; without a VAE the latents are pixels in [-1, 1]."""
+    if vae is None:
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+    cfg = vae.config
+    z = latents.to(dtype or vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+    return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 
 def _parts(path: str) -> set[str]:
