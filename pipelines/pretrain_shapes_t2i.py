@@ -68,8 +68,13 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProject
 from mmgrpo.core.components import EvalResult
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
-from mmgrpo.data.shapes import KINDS, all_prompts, parse_prompt, render, sample_scene, split_prompts
+from mmgrpo.data.shapes import KINDS, all_prompts, parse_prompt, split_prompts
 from mmgrpo.policies.models.sd3 import decode_latents
+from pipelines.shapes_scenes import cosine_lr, kind_balanced, num_params, train_batch
+from pipelines.shapes_scenes import render_batch as render_batch  # re-exported
+from pipelines.shapes_vae import build_vae as build_vae  # re-exported
+from pipelines.shapes_vae import to_latents, train_vae
+from pipelines.shapes_vae import vae_loss as vae_loss  # re-exported
 from rewards.shapes import score
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
@@ -275,93 +280,6 @@ def _adaln_zero_(transformer: SD3Transformer2DModel) -> None:
     torch.nn.init.zeros_(transformer.proj_out.bias)
 
 
-def num_params(*modules: torch.nn.Module) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
-
-
-# ------------------------------------------------------------------------------------------------- the VAE
-def build_vae(config: PretrainConfig) -> AutoencoderKL:
-    """A tiny ``AutoencoderKL`` (SD's VAE class): log2(vae_downsample) halvings, one ResNet block per level."""
-    levels = int(math.log2(config.vae_downsample)) + 1
-    w = config.vae_width
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=(w, *[2 * w] * (levels - 1)),
-        layers_per_block=1,
-        latent_channels=config.vae_latent_channels,
-        norm_num_groups=8,
-        sample_size=config.resolution,
-    )
-
-
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """L1 + L2 reconstruction error per pixel of x [N, 3, H, W] in [-1, 1] from a posterior sample, plus
-    ``kl_weight`` x the KL to N(0, 1) per latent element."""
-    posterior = vae.encode(x).latent_dist
-    z = posterior.sample(generator=generator)
-    err = vae.decode(z).sample - x
-    return err.abs().mean() + err.square().mean() + kl_weight * posterior.kl().mean() / z[0].numel()
-
-
-def to_latents(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x [N, 3, H, W] in [-1, 1] -> normalised latents (posterior sample - shift_factor) * scaling_factor."""
-    c = vae.config
-    return (vae.encode(x).latent_dist.sample(generator=generator) - c.shift_factor) * c.scaling_factor
-
-
-def train_vae(config: PretrainConfig, progress: bool = True, log=tqdm.write) -> tuple[AutoencoderKL, dict]:
-    """Train the VAE on fresh random train scenes (captions unused); returns (vae in eval mode, stats).
-
-    The latents are normalised as SD3's are: ``shift_factor`` and ``scaling_factor`` (stored in the VAE's config)
-    map posterior samples of 256 train scenes to mean 0 and std 1. stats: final loss, minutes and the verifier's
-    ``shapes`` score of reconstructed held-out scenes (1.0 = the decoder loses nothing the verifier reads).
-    """
-    t0 = time.time()
-    torch.manual_seed(config.seed + 3)
-    vae = build_vae(config)
-    train_prompts, heldout = split_prompts(config.split_seed, config.heldout_fraction)
-    rng, gen = np.random.default_rng([config.seed, 4]), torch.Generator().manual_seed(config.seed + 5)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    schedule = dataclasses.replace(
-        config, steps=config.vae_steps, lr=config.vae_lr, lr_final_fraction=0.1, lr_horizon=0
-    )
-    run_loss = None
-    bar = tqdm(range(config.vae_steps), disable=not progress, desc="pretrain shapes_t2i VAE")
-    for step in bar:
-        _, x = train_batch(train_prompts, config.vae_batch_size, config.resolution, 0.0, rng)
-        loss = vae_loss(vae, x, config.vae_kl_weight, gen)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, schedule)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
-        opt.step()
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{run_loss:.4f}")
-    vae.eval()
-    with torch.no_grad():
-        _, x = train_batch(train_prompts, 256, config.resolution, 0.0, np.random.default_rng([config.seed, 6]))
-        z = vae.encode(x).latent_dist.sample(generator=gen)
-        vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
-        scene_rng = np.random.default_rng([config.seed, 7])  # one scene per held-out prompt
-        x = render_batch(heldout, config.resolution, scene_rng)
-        recon = decode_latents(vae, to_latents(vae, x, gen))
-        recon_score = float(np.mean([score(p, img)[0] for p, img in zip(heldout, recon)]))
-    stats = {
-        "params": num_params(vae),
-        "minutes": round((time.time() - t0) / 60, 2),
-        "final_loss": run_loss,
-        "heldout_recon_shapes": recon_score,
-        "scaling_factor": vae.config.scaling_factor,
-        "shift_factor": vae.config.shift_factor,
-    }
-    log(json.dumps({"vae": stats}))
-    return vae, stats
-
-
 # ---------------------------------------------------------------------------------------------- the maths
 def encode_prompts(text_encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3's CLIP conditioning: (penultimate hidden states [N, L, D], pooled projection [N, P])."""
@@ -470,48 +388,18 @@ def sample(
     return decode_latents(vae, x)
 
 
-# -------------------------------------------------------------------------------------------------- data
-def train_batch(
-    prompts: list[str],
-    batch_size: int,
-    resolution: int,
-    cfg_dropout: float,
-    rng: np.random.Generator,
-    probs: np.ndarray | None = None,
-):
-    """(captions [N] with ~cfg_dropout of them "", x0 [N, 3, H, W] in [-1, 1]) of fresh random train scenes.
-
-    Prompts are drawn uniformly, or with probabilities ``probs`` [len(prompts)] (see :func:`kind_balanced`).
-    """
-    idx = (
-        rng.integers(len(prompts), size=batch_size) if probs is None else rng.choice(len(prompts), batch_size, p=probs)
-    )
-    chosen = [prompts[i] for i in idx]
-    x0 = render_batch(chosen, resolution, rng)
-    drop = rng.random(batch_size) < cfg_dropout
-    return ["" if d else p for p, d in zip(chosen, drop)], x0
-
-
-def render_batch(prompts: list[str], resolution: int, rng: np.random.Generator) -> torch.Tensor:
-    """x0 [N, 3, H, W] in [-1, 1]: a fresh random scene of each prompt, rendered."""
-    images = np.stack([render(sample_scene(p, rng), size=resolution) for p in prompts])  # [N, H, W, 3] uint8
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def kind_balanced(prompts: list[str]) -> np.ndarray:
-    """Probabilities [len(prompts)] giving every prompt kind the same mass (uniform within a kind)."""
-    kinds = [parse_prompt(p).kind for p in prompts]
-    counts = {k: kinds.count(k) for k in set(kinds)}
-    return np.array([1.0 / (len(counts) * counts[k]) for k in kinds])
-
-
+# ---------------------------------------------------------------------------------------------- schedule
 def lr_at(step: int, config: PretrainConfig) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine from lr down to lr * lr_final_fraction."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    frac = (step - config.warmup) / max(1, (config.lr_horizon or config.steps) - config.warmup)
-    lo = config.lr * config.lr_final_fraction
-    return lo + 0.5 * (config.lr - lo) * (1 + math.cos(math.pi * frac))
+    """Linear warmup over ``warmup`` steps, then cosine from lr down to lr * lr_final_fraction over ``lr_horizon``
+    (0: ``steps``) steps: :func:`~pipelines.shapes_scenes.cosine_lr` with the config's fields."""
+    return cosine_lr(
+        step,
+        config.lr,
+        config.steps,
+        warmup=config.warmup,
+        final_fraction=config.lr_final_fraction,
+        horizon=config.lr_horizon,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -634,8 +522,8 @@ def load_models(path: str | Path):
 # ----------------------------------------------------------------------------------------------- pretrain
 def train(config: PretrainConfig, progress: bool = True, log=tqdm.write):
     """Train from scratch; returns (transformer, text_encoder, tokenizer, scheduler, vae or None, history [dict
-    per log]). With ``vae_steps`` > 0 the VAE is trained first (:func:`train_vae`, its stats the first history row)
-    and frozen; the transformer then learns its normalised latents.
+    per log]). With ``vae_steps`` > 0 the VAE is trained first (:func:`~pipelines.shapes_vae.train_vae`, its stats
+    the first history row) and frozen; the transformer then learns its normalised latents.
 
     With ``ema_decay`` > 0 the returned models hold the EMA weights; ``eval_every`` logs both (``ema/...``).
     """

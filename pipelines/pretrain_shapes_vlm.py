@@ -58,6 +58,7 @@ from mmgrpo.methods.pearl import checklist_reward
 from mmgrpo.methods.vlm_methods import checklist_prompt
 from mmgrpo.policies.vlm import R1_SYSTEM_PROMPT, PromptInputs, VLMPolicy, VLMPolicyOptions
 from mmgrpo.testing.tiny_vlm import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, REASONING_TAGS
+from pipelines.shapes_scenes import num_params
 from pipelines.vlm_grounding import box_answer, evaluate_grounding
 from rewards.pearl import checklist_answer, checklist_question, split_answers
 from rewards.text import answer_or_completion, grade, has_valid_format
@@ -250,10 +251,6 @@ def build_model(config: PretrainVLMConfig, tokenizer):
     model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     return model
-
-
-def num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def make_policy(model, processor, max_new_tokens: int = 48) -> VLMPolicy:

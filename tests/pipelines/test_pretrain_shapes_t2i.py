@@ -14,26 +14,24 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.shapes import all_prompts, parse_prompt, split_prompts
+from mmgrpo.policies.models.sd3 import decode_latents
 from pipelines.pretrain_shapes_t2i import (
     LOSS_WEIGHTS,
     PretrainConfig,
     build_models,
     build_tokenizer,
-    decode_latents,
     encode_prompts,
     evaluate,
     flow_matching_loss,
-    kind_balanced,
     load_models,
     lr_at,
     parse_args,
     pretrain,
-    render_batch,
     sample,
-    to_latents,
     train,
-    train_batch,
 )
+from pipelines.shapes_scenes import cosine_lr, kind_balanced, num_params, render_batch, train_batch
+from pipelines.shapes_vae import to_latents
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "shapes_t2i"
 
@@ -106,7 +104,7 @@ def test_latent_pretraining_writes_a_vae_folder_that_the_policy_samples_identica
         out / "README.md"
     ).read_text()
     assert tr.config.in_channels == 4 and tr.config.sample_size == 8
-    assert summary["params"]["vae"] == sum(p.numel() for p in vae.parameters())
+    assert summary["params"]["vae"] == num_params(vae) == sum(p.numel() for p in vae.parameters())
     assert 0.0 <= summary["vae"]["heldout_recon_shapes"] <= 1.0 and summary["history"][0]["vae"] == summary["vae"]
     # normalisation: posterior samples of train scenes map to ~mean 0, std 1 (measured on 256 of them)
     x = render_batch(split_prompts()[0][:256], 32, np.random.default_rng(0))
@@ -178,6 +176,27 @@ def test_sampling_is_batch_independent_and_guidance_zero_is_the_empty_prompt():
     torch.testing.assert_close(sample(tr, te, tok, prompts, [1, 2], num_steps=3, guidance=0.0), uncond,
                                rtol=0, atol=1e-5)  # fmt: skip
     assert (both - uncond).abs().max() > 1e-3  # the prompt changes the sample
+
+
+def test_cosine_lr_matches_hand_computed_values():
+    # lr 1, 10 steps, warmup 2: warmup is lr * (step + 1) / warmup, then the cosine runs over steps 2..10,
+    # frac = (step - 2) / (10 - 2), lr = lo + (lr - lo) / 2 * (1 + cos(pi * frac)) with lo = lr * final_fraction
+    assert cosine_lr(0, 1.0, 10, warmup=2) == pytest.approx(0.5)  # (0 + 1) / 2
+    assert cosine_lr(1, 1.0, 10, warmup=2) == pytest.approx(1.0)  # (1 + 1) / 2
+    assert cosine_lr(2, 1.0, 10, warmup=2) == pytest.approx(1.0)  # frac 0: (1 + cos 0) / 2 = 1
+    assert cosine_lr(6, 1.0, 10, warmup=2) == pytest.approx(0.5)  # frac 4/8: (1 + cos(pi/2)) / 2 = 1/2
+    assert cosine_lr(6, 1.0, 10, warmup=2, final_fraction=0.1) == pytest.approx(0.55)  # 0.1 + 0.9 / 2
+    assert cosine_lr(10, 1.0, 10, warmup=2) == pytest.approx(0.0, abs=1e-12)  # frac 1: (1 + cos pi) / 2 = 0
+    assert cosine_lr(10, 1.0, 10, warmup=2, final_fraction=0.1) == pytest.approx(0.1)  # the end: lo
+    # horizon 20: frac = (10 - 2) / (20 - 2) = 4/9, cos(4 pi / 9) = cos(80 deg) = 0.173648;
+    # 0.1 + 0.45 * (1 + 0.173648) = 0.1 + 0.528142 = 0.628142
+    assert cosine_lr(10, 1.0, 10, warmup=2, final_fraction=0.1, horizon=20) == pytest.approx(0.628142, abs=1e-6)
+    assert cosine_lr(0, 2.0, 10) == pytest.approx(2.0)  # no warmup: the cosine starts at lr
+    # lr_at is cosine_lr with the config's fields
+    c = PretrainConfig(steps=10, lr=1.0, warmup=2, lr_final_fraction=0.1, lr_horizon=20)
+    assert [lr_at(s, c) for s in range(12)] == [
+        cosine_lr(s, 1.0, 10, warmup=2, final_fraction=0.1, horizon=20) for s in range(12)
+    ]
 
 
 def test_lr_schedule_and_config_errors():
