@@ -97,6 +97,11 @@ class DiffusionPolicyOptions:
     """T: sampling steps"""
     guidance_scale: float = 1.0
     """classifier-free guidance (1 = off); the unconditional branch never carries gradient"""
+    rollout_guidance_scale: float | None = None
+    """objective=flow_matching only: classifier-free guidance of the training rollouts (None = guidance_scale).
+    Evaluation and generate() keep guidance_scale, so e.g. 2 here with guidance_scale 1 trains the unguided
+    model on guided samples, weighted by their advantages (it learns what guidance adds, and what the reward
+    adds). The SDE objective scores the sampler's own steps, so its rollouts must use guidance_scale"""
     sde: str = "flow_grpo"
     """SDE dynamics for flow models: flow_grpo (Flow-GRPO), dance (DanceGRPO), cps; UNet families use ddim"""
     noise_level: float = 0.7
@@ -185,6 +190,12 @@ class DiffusionPolicy:
             raise UserError(f"policy.options.sde: {sde.SDE_KINDS.unknown_message(o.sde)}")
         if o.exploration == "singular" and o.granularities and min(o.granularities) < 1:
             raise UserError(f"policy.options.granularities must be >= 1, got {o.granularities}")
+        if o.rollout_guidance_scale is not None and o.objective != "flow_matching":
+            raise UserError(
+                f"policy.options.rollout_guidance_scale={o.rollout_guidance_scale}: only objective=flow_matching "
+                "trains on rollouts sampled differently from the policy; with objective=sde the log-probs are the "
+                "sampler's own, so set guidance_scale instead"
+            )
         if o.num_steps < 1:
             raise UserError(f"policy.options.num_steps must be >= 1, got {o.num_steps}")
         if o.objective == "flow_matching":
@@ -196,6 +207,9 @@ class DiffusionPolicy:
                     f"policy.options.objective=flow_matching trains the final samples, not sampler steps: "
                     f"exploration={o.exploration!r} means nothing there; set exploration=full"
                 )
+            if o.rollout_guidance_scale is not None and o.rollout_guidance_scale < 1.0:
+                raise UserError(f"policy.options.rollout_guidance_scale must be >= 1 (1 = off), "
+                                f"got {o.rollout_guidance_scale}")  # fmt: skip
             rng = list(o.fm_sigma_range)
             if len(rng) != 2 or not 0.0 <= rng[0] < rng[1] <= 1.0:
                 raise UserError(f"policy.options.fm_sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, "
@@ -223,11 +237,20 @@ class DiffusionPolicy:
     def guided(self, module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None):
         """Model output with CFG; the unconditional branch is computed without gradient."""
         out = self.adapter.predict(module, x, t, cond)
-        if uncond is None or self.opts.guidance_scale == 1.0:
+        scale = self._guidance()
+        if uncond is None or scale == 1.0:
             return out
         with torch.no_grad():  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
             base = self.adapter.predict(module, x, t, {**cond, **uncond})
-        return base + self.opts.guidance_scale * (out - base)
+        return base + scale * (out - base)
+
+    def _guidance(self) -> float:
+        """The CFG scale sampling uses now: rollout_guidance_scale in flow-matching training rollouts (generate()
+        samples as objective=sde, so evaluation keeps guidance_scale), else guidance_scale."""
+        o = self.opts
+        if o.objective == "flow_matching" and o.rollout_guidance_scale is not None:
+            return o.rollout_guidance_scale
+        return o.guidance_scale
 
     def step(self, out, x, i: int, sched: Schedule, noise_level: float, prev=None, noise=None) -> sde.StepOutput:
         """Step i of the schedule from state x (sampling when prev is None, else scoring prev)."""
@@ -241,7 +264,7 @@ class DiffusionPolicy:
         return {k: v[rows] for k, v in cond.items()}
 
     def _uncond(self, n: int) -> Cond | None:
-        return self.adapter.encode_negative(n) if self.opts.guidance_scale != 1.0 else None
+        return self.adapter.encode_negative(n) if self._guidance() != 1.0 else None
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

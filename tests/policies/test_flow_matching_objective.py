@@ -95,11 +95,33 @@ def test_reference_kl_is_the_velocity_gap_to_the_adapter_disabled():
         (tiny_sd3_adapter, dict(exploration="window"), "set exploration=full"),
         (tiny_sd3_adapter, dict(fm_sigma_range=[0.5, 0.2]), r"fm_sigma_range must be \[lo, hi\]"),
         (tiny_sd3_adapter, dict(fm_timesteps=0), "fm_timesteps must be >= 1"),
+        (tiny_sd3_adapter, dict(rollout_guidance_scale=0.5), "rollout_guidance_scale must be >= 1"),
+        (tiny_sd3_adapter, dict(objective="sde", rollout_guidance_scale=2.0), "set guidance_scale instead"),
     ],
 )
 def test_bad_options_are_one_clear_error(make, opts, match):
     with pytest.raises(UserError, match=match):
         DiffusionPolicy(make(), DiffusionPolicyOptions(**{**FM, **opts}))
+
+
+def test_rollout_guidance_guides_the_training_samples_only():
+    """rollout_guidance_scale: rollouts are sampled with that CFG (the samples of a policy whose guidance_scale
+    is that value), generate() -- the evaluation -- keeps guidance_scale, and the loss trains the unguided
+    velocity (the same draws' error as without it)."""
+    seeds, prompts = [21, 22], ["a red circle", "two blue squares"]
+    torch.manual_seed(0)
+    adapter = tiny_sd3_adapter()
+    mixed = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=3, rollout_guidance_scale=4.0, **FM))
+    r = mixed.rollout(PromptBatch(prompts=prompts, seeds=seeds), group_size=1)
+    guided = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=3, guidance_scale=4.0, **FM))
+    plain = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=3, **FM))
+    assert torch.allclose(r.samples, guided.generate(prompts, seeds), atol=1e-6)
+    assert not torch.allclose(r.samples, plain.generate(prompts, seeds), atol=1e-3)  # guidance changed them
+    assert torch.equal(mixed.generate(prompts, seeds), plain.generate(prompts, seeds))
+    r_plain = plain.rollout(PromptBatch(prompts=prompts, seeds=seeds), group_size=1)
+    r_plain.extras["latents"] = r.extras["latents"]  # same x0 and draws: the trained error is the same function
+    assert torch.allclose(plain.log_prob(r_plain, torch.arange(2)).logp, r.logp_old, atol=1e-6)
+    assert_ratio_one(mixed, r)
 
 
 def test_two_training_steps_through_the_recipe(tmp_path):
