@@ -164,6 +164,32 @@ def test_atom_lists_per_kind():
     assert s("a red circle and a blue triangle") == ["present(red circle)", "present(blue triangle)"]
 
 
+def test_exact_adds_a_total_atom_per_prompt():
+    s = lambda t: [str(a) for a in atoms(t, exact=True)]  # noqa: E731
+    assert s("a red circle") == ["color(red)", "shape(circle)", "present(red circle)", "total=1"]
+    assert s("three red circles") == ["present(red circle)", "count(red circle)=3", "total=3"]
+    assert s("a green triangle on the left")[-1] == "total=1"
+    assert s("a blue square left of a yellow triangle")[-1] == "total=2"
+    assert s("a red circle and a blue triangle") == ["present(red circle)", "present(blue triangle)", "total=2"]
+
+
+def test_exact_punishes_the_hedging_third_object():
+    """A right scene plus an unmentioned object: shapes 3/3 (GenEval-style), shapes_exact 3/4."""
+    square, tri = Obj("square", "blue", 0.25, 0.3, 0.25), Obj("triangle", "yellow", 0.75, 0.3, 0.25)
+    extra = Obj("circle", "red", 0.5, 0.8, 0.25)
+    prompt = "a blue square left of a yellow triangle"
+    hedged, clean = render(Scene((square, tri, extra)), 32), render(Scene((square, tri)), 32)
+    assert score(prompt, hedged)[:2] == (1.0, True)
+    assert score(prompt, hedged, exact=True)[:2] == (0.75, False)
+    assert score(prompt, clean, exact=True)[:2] == (1.0, True)
+    # "two red circles" drawn as one: [present=1, count=0, total(2)=0] -> 1/3
+    assert score("two red circles", render(Scene((extra,)), 32), exact=True)[0] == pytest.approx(1 / 3)
+    rows = torch.stack([to_tensor(hedged), to_tensor(clean)])
+    for name, want in (("shapes", [1.0, 1.0]), ("shapes_exact", [0.75, 1.0]), ("shapes_strict", [1.0, 1.0])):
+        got = registry.get(name)(rows, [prompt, prompt], [{}, {}], RewardContext(group_size=2))
+        assert got.tolist() == want, name
+
+
 def _score(prompt, *objs, size=32):
     frac, ok, details = score(prompt, render(Scene(objs), size=size))
     return frac, ok, {str(a): v for a, v in details}
@@ -224,6 +250,14 @@ def test_verifier_accuracy_and_false_accepts(size):
     false_accept = [score(t, render(sample_mismatched_scene(t, rng), size))[1] for t in prompts]
     assert np.mean(correct) >= 0.99  # measured 1.000
     assert np.mean(false_accept) <= 0.05  # measured 0.000
+    # shapes_exact: scenes of exactly the mentioned objects pass, a distractor fails the total atom
+    exact = [score(t, render(sample_scene(t, rng), size), exact=True)[1] for t in prompts]
+    assert np.mean(exact) >= 0.99  # measured 1.000
+    scenes = [sample_scene(t, rng, max_distractors=1) for t in prompts]  # 0 or 1 extra object
+    with_extra = [len(sc.objects) > atoms(t, exact=True)[-1].n for t, sc in zip(prompts, scenes)]
+    passed = [score(t, render(sc, size), exact=True)[1] for t, sc in zip(prompts, scenes)]
+    assert 0.2 < np.mean(with_extra) < 0.8
+    assert np.mean([p != e for p, e in zip(passed, with_extra)]) >= 0.99  # an extra object fails, none passes
 
 
 def test_verifier_robust_to_noise_and_blur_at_32px():
