@@ -71,10 +71,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.data.shapes import KINDS, all_prompts, parse_prompt, split_prompts
 from mmgrpo.policies.models.sd3 import decode_latents
 from pipelines.shapes_scenes import cosine_lr, kind_balanced, num_params, train_batch
-from pipelines.shapes_scenes import render_batch as render_batch  # re-exported
-from pipelines.shapes_vae import build_vae as build_vae  # re-exported
 from pipelines.shapes_vae import to_latents, train_vae
-from pipelines.shapes_vae import vae_loss as vae_loss  # re-exported
 from rewards.shapes import score
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")

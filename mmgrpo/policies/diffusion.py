@@ -196,6 +196,9 @@ class DiffusionPolicy:
                 "trains on rollouts sampled differently from the policy; with objective=sde the log-probs are the "
                 "sampler's own, so set guidance_scale instead"
             )
+        if o.rollout_guidance_scale is not None and o.rollout_guidance_scale < 1.0:
+            raise UserError(f"policy.options.rollout_guidance_scale must be >= 1 (1 = off), "
+                            f"got {o.rollout_guidance_scale}")  # fmt: skip
         if o.num_steps < 1:
             raise UserError(f"policy.options.num_steps must be >= 1, got {o.num_steps}")
         if o.objective == "flow_matching":
@@ -207,9 +210,6 @@ class DiffusionPolicy:
                     f"policy.options.objective=flow_matching trains the final samples, not sampler steps: "
                     f"exploration={o.exploration!r} means nothing there; set exploration=full"
                 )
-            if o.rollout_guidance_scale is not None and o.rollout_guidance_scale < 1.0:
-                raise UserError(f"policy.options.rollout_guidance_scale must be >= 1 (1 = off), "
-                                f"got {o.rollout_guidance_scale}")  # fmt: skip
             rng = list(o.fm_sigma_range)
             if len(rng) != 2 or not 0.0 <= rng[0] < rng[1] <= 1.0:
                 raise UserError(f"policy.options.fm_sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, "
