@@ -23,7 +23,7 @@ from mmgrpo.core.components import PIPELINES, Components, Pipeline
 from mmgrpo.core.config import Config, options_from
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
-from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.diffusion import DiffusionPolicy, check_loss
 from pipelines.text_to_image import PromptList, make_evaluator
 from pipelines.text_to_video import VideoPolicyOptions, eval_reward, load_video_adapter
 
@@ -111,6 +111,7 @@ class FramePromptList(PromptList):
 
 def build_image_to_video(cfg: Config, accelerator=None) -> Components:
     popts = options_from(VideoPolicyOptions, cfg.policy.options, "the config", "policy.options")
+    check_loss(popts, cfg.loss.name)
     data = options_from(FrameDataOptions, cfg.data.options, "the config", "data.options")
     if not data.pairs:
         raise UserError("data.options.pairs is empty: give a JSONL/CSV of {prompt, image|video} or a folder of mp4")

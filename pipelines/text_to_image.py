@@ -22,7 +22,7 @@ from mmgrpo.core.components import PIPELINES, Components, EvalResult, Pipeline, 
 from mmgrpo.core.config import Config, options_from
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch, RewardContext
-from mmgrpo.policies.diffusion import ADAPTERS, DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.policies.diffusion import ADAPTERS, DiffusionPolicy, DiffusionPolicyOptions, check_loss
 
 FAMILY_MODULES = {
     "sd3": "mmgrpo.policies.models.sd3",
@@ -156,6 +156,7 @@ def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, 
 
 def build_text_to_image(cfg: Config, accelerator=None) -> Components:
     popts = options_from(GeneratorPolicyOptions, cfg.policy.options, "the config", "policy.options")
+    check_loss(popts, cfg.loss.name)
     data = options_from(PromptDataOptions, cfg.data.options, "the config", "data.options")
     device = accelerator.device if accelerator is not None else "cpu"
     policy = DiffusionPolicy(load_adapter(popts, device), popts)

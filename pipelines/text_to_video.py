@@ -16,7 +16,7 @@ import rewards as reward_registry
 from mmgrpo.core.components import PIPELINES, Components, Pipeline
 from mmgrpo.core.config import Config, options_from
 from mmgrpo.core.errors import UserError
-from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.diffusion import DiffusionPolicy, check_loss
 from pipelines.text_to_image import (
     GeneratorPolicyOptions,
     PromptDataOptions,
@@ -62,6 +62,7 @@ def eval_reward(cfg: Config, name: str):
 
 def build_text_to_video(cfg: Config, accelerator=None) -> Components:
     popts = options_from(VideoPolicyOptions, cfg.policy.options, "the config", "policy.options")
+    check_loss(popts, cfg.loss.name)
     data = options_from(VideoPromptDataOptions, cfg.data.options, "the config", "data.options")
     device = accelerator.device if accelerator is not None else "cpu"
     policy = DiffusionPolicy(load_video_adapter(popts, device), popts)

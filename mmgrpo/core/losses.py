@@ -4,7 +4,7 @@ A loss is three small pieces, each behind a registry so a variant is a new funct
 
 1. a **surrogate** (``LOSSES``) turns log-probs and advantages into a per-unit loss ``[n, k]`` (to be minimised):
    ``grpo`` (PPO/GRPO clipped token ratio, DAPO clip-higher, dual clip), ``gspo`` (sequence-level ratio),
-   ``pg`` (unclipped importance-weighted policy gradient);
+   ``pg`` (unclipped importance-weighted policy gradient), ``nft`` (DiffusionNFT's negative-aware matching);
 2. an **aggregation** (``AGGREGATIONS``) reduces ``[n, k]`` to a scalar: ``token_mean`` (DAPO),
    ``seq_mean`` (original GRPO), ``constant`` (Dr. GRPO);
 3. an optional **KL to the reference**, supplied per unit by the policy (k3 for tokens, closed-form Gaussian
@@ -89,7 +89,8 @@ def _clipped_surrogate(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# per-unit surrogates: fn(logp, logp_old, adv, mask, *, clip_low, clip_high, dual_clip, **_) -> (loss [n, k], stats)
+# per-unit surrogates: fn(logp, logp_old, adv, mask, *, clip_low, clip_high, dual_clip, neg_logp, adv_clip, **_)
+#   -> (loss [n, k], stats)
 
 
 @LOSSES.register("grpo")
@@ -154,6 +155,50 @@ def gspo_loss(
     lp = torch.where(m, logp.float(), torch.zeros_like(log_ratio))  # [n, k]  no -inf padding in the graph
     ratio = torch.exp(log_s + lp - lp.detach())  # [n, k]  value s_i, gradient s_i * grad(logp_t)
     return _clipped_surrogate(ratio, _as_unit_adv(adv, ratio), clip_low, clip_high, dual_clip)
+
+
+@LOSSES.register("nft")
+def nft_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    neg_logp: torch.Tensor | None = None,
+    adv_clip: float | None = None,
+    **_,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DiffusionNFT's negative-aware matching loss (Zheng et al. 2025, DiffusionNFT: Online Diffusion
+    Reinforcement with Forward Process).
+
+    The policy (diffusion ``objective=nft``) supplies per unit minus the matching errors of two implicit
+    policies built from the trained velocity v and the sampling policy's v_old: ``logp`` of the positive
+    v+ = beta v + (1 - beta) v_old and ``neg_logp`` of the negative v- = (1 + beta) v_old - beta v. The
+    advantage, already clamped to [-c, c] with c = ``adv_clip``, becomes an optimality probability
+    r = 1/2 + A / (2c) in [0, 1], and
+
+        loss = c * (r * (-logp) + (1 - r) * (-neg_logp))
+
+    (times c as the paper's code does, so the gradient scales like the advantage). For beta = 1 and plain
+    sigma^2-weighted errors its gradient w.r.t. v is 2 sigma^2 (c (v - v_old) + A (v_old - u)), u the target
+    velocity: advantage-weighted matching (AWM) at v = v_old, plus a pull of strength c back to the sampling
+    policy, so a negative advantage pushes v away from the sample only as far as v_old - A/c (v_old - u) and a
+    run does not drift the way AWM's unbounded negative term lets it.
+
+    Shapes: logp, neg_logp, logp_old, mask [n, k]; adv [n, k]. Returns loss [n, k] and stats ``ratio``
+    (exp(logp - logp_old), a monitor of how far the positive policy moved; never clipped), ``clipped`` (all 0).
+    """
+    if neg_logp is None:
+        raise UserError("loss.name=nft needs the implicit negative policy's error: set policy.options.objective=nft "
+                        "(diffusion flow families)")  # fmt: skip
+    if adv_clip is None:
+        raise UserError("loss.name=nft maps advantages to r = 1/2 + A / (2c) with c = loss.adv_clip: set it "
+                        "(e.g. loss.adv_clip=2)")  # fmt: skip
+    adv = _as_unit_adv(adv, logp)
+    r = (0.5 + 0.5 * adv / adv_clip).clamp(0.0, 1.0)  # [n, k]
+    loss = adv_clip * (r * -logp.float() + (1.0 - r) * -neg_logp.float())
+    ratio = torch.exp(_masked_log_ratio(logp, logp_old, mask)).detach()
+    return loss, {"ratio": ratio, "clipped": torch.zeros_like(ratio)}
 
 
 @LOSSES.register("pg")
@@ -310,10 +355,12 @@ def policy_loss(
     denom: float | None = None,
     constant: float | None = None,
     mask_zero_adv: bool = False,
+    neg_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss of one (micro-)batch: aggregate(surrogate) + beta * aggregate(kl), and its metrics.
 
-    Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]; kl [n, k] or None; row_weight [n] or None.
+    Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]; kl [n, k] or None; row_weight [n] or None;
+    neg_logp [n, k] or None (only the ``nft`` loss uses it, and it needs it).
     Steps: advantages are clamped to [-adv_clip, adv_clip] (if set); with ``mask_zero_adv`` units whose
     advantage is exactly 0 leave the mask (DAPO: zero-advantage rows add no gradient but dilute a token mean;
     with per-row advantages this removes whole rows, with per-unit advantages single units); the surrogate
@@ -331,6 +378,11 @@ def policy_loss(
         )
     if logp.shape != logp_old.shape or logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)}, mask {tuple(mask.shape)}")
+    if neg_logp is not None and loss != "nft":
+        raise UserError(
+            f"loss.name={loss!r}: this policy trains DiffusionNFT's implicit policies "
+            "(policy.options.objective=nft), which only loss.name=nft combines; set loss.name=nft"
+        )
     fn = get_loss(loss)
     unit_adv = _as_unit_adv(adv, logp)  # [n, k] fp32
     if adv_clip is not None:
@@ -341,7 +393,10 @@ def policy_loss(
     if mask_zero_adv:
         m = m & (unit_adv != 0)
 
-    per_unit, stats = fn(logp, logp_old, unit_adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+    per_unit, stats = fn(
+        logp, logp_old, unit_adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        neg_logp=neg_logp, adv_clip=adv_clip,
+    )  # fmt: skip
     agg = dict(mask=m, row_weight=row_weight, denom=denom, constant=constant)
     pol = aggregate(aggregation, per_unit, **agg)
     total = pol

@@ -295,7 +295,7 @@ class Trainer:
                     lp.logp, rollout.logp_old[mrows][:, units], adv[mrows], mask[mrows][:, units],
                     loss=lc.name, aggregation=lc.aggregation, clip_low=lc.clip_low, clip_high=lc.clip_high,
                     dual_clip=lc.dual_clip, beta=lc.beta, kl=lp.kl, adv_clip=lc.adv_clip,
-                    row_weight=row_w[mrows], denom=denom, constant=lc.constant,
+                    row_weight=row_w[mrows], denom=denom, constant=lc.constant, neg_logp=lp.neg_logp,
                 )  # fmt: skip
                 self.acc.backward(loss)
             for k, v in m.items():
@@ -420,6 +420,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rewards": rewards,
+            "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
         }
 
     def save(self) -> Path | None:
@@ -442,6 +443,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
+        if state.get("policy") is not None and hasattr(self.policy, "load_training_state"):
+            self.policy.load_training_state(state["policy"])
         for k, fn in stateful_rewards(self.rewards).items():
             if k in state.get("rewards", {}):
                 fn.load_state_dict(state["rewards"][k])

@@ -83,11 +83,13 @@ class LogProbs:
     """Recomputed log-probs (with grad) for chosen rows/units.
 
     ``logp [n, k]`` fp32; ``kl [n, k]`` the per-unit KL to the reference policy, or None when the
-    policy has no reference (beta = 0).
+    policy has no reference (beta = 0). ``neg_logp [n, k]``: DiffusionNFT's implicit *negative* policy
+    (diffusion objective=nft, loss ``nft``); there ``logp`` is the implicit positive policy's. None elsewhere.
     """
 
     logp: torch.Tensor
     kl: torch.Tensor | None = None
+    neg_logp: torch.Tensor | None = None
 
 
 @dataclass

@@ -8,7 +8,9 @@ ODE steps are deterministic and never trained.
 Per-family code lives in an **adapter** (``mmgrpo/policies/models/<family>.py``) that only knows how to
 encode a condition, call the denoiser, give the noise schedule and decode latents. :class:`DiffusionPolicy`
 does everything else, once, for every family: group sampling with per-prompt seeds, CFG, log-prob recording,
-recomputation with gradient, the KL to the reference (LoRA adapter disabled), G2RPO branching.
+recomputation with gradient, the KL to the reference (LoRA adapter disabled), G2RPO branching, and the two
+objectives on the final samples instead of the sampler's steps: advantage-weighted flow matching (AWM) and
+DiffusionNFT's negative-aware matching against a slowly updated sampling policy.
 
 Shapes: B prompts, G samples per prompt, N = B*G rows, T steps, latents ``[N, *latent_shape]``.
 """
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.components import generator_for
+from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
@@ -137,11 +140,21 @@ class DiffusionPolicyOptions:
     """recompute activations in the backward pass"""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """attention kernel (xformers needs the gpu extra)"""
-    objective: Literal["sde", "flow_matching"] = "sde"
+    objective: Literal["sde", "flow_matching", "nft"] = "sde"
     """what the loss trains. sde: the sampler's stochastic steps (log-probs of the SDE transitions; DanceGRPO,
     Flow-GRPO, MixGRPO, G2RPO). flow_matching: advantage-weighted flow matching on the final samples (AWM,
     on-policy DiffusionNFT; flow families): the units are fm_timesteps (sigma, noise) draws per sample, the
-    sampler is free (noise_level 0 = the ODE that evaluation uses)"""
+    sampler is free (noise_level 0 = the ODE that evaluation uses). nft: DiffusionNFT on the same draws: the
+    loss contrasts an implicit positive and negative policy around the sampling policy's velocity (pair with
+    loss.name=nft and loss.adv_clip; see nft_beta, old_policy_ema)"""
+    nft_beta: float = 1.0
+    """objective=nft: beta of the implicit policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old -
+    beta v (v the trained velocity, v_old the sampling policy's); the errors are divided by beta"""
+    old_policy_ema: float = 0.0
+    """objective=flow_matching or nft: the sampling ("old") policy is an EMA of the trained weights, updated once
+    per training step before its rollouts: theta_old <- d theta_old + (1 - d) theta (DiffusionNFT's soft update;
+    the rollouts and nft's v_old use it). 0 = the weights as they are at the rollout (on-policy). Costs one fp32
+    copy of the trainable parameters"""
     fm_timesteps: int = 2
     """flow_matching: (sigma, noise) draws per sample, each an action unit of the loss"""
     fm_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -153,7 +166,9 @@ class DiffusionPolicyOptions:
     fm_weighting: Literal["x0", "v"] = "x0"
     """flow_matching: per-draw weight of the velocity error. x0: sigma^2, i.e. the x0-prediction error (near
     sigma 0 the velocity target is the noise itself, which a clean image cannot predict: unweighted, those draws
-    dominate and the shapes model degraded into a patch-grid pattern in 20 steps); v: 1 (SD3's plain v-loss)"""
+    dominate and the shapes model degraded into a patch-grid pattern in 20 steps); v: 1 (SD3's plain v-loss).
+    objective=nft always uses DiffusionNFT's own weighting: the x0 error divided by its (detached) mean absolute
+    value"""
 
 
 class DiffusionPolicy:
@@ -180,6 +195,12 @@ class DiffusionPolicy:
         if self.opts.attention == "xformers":
             adapter.denoiser.enable_xformers_memory_efficient_attention()
         self.model: nn.Module = adapter.denoiser
+        o = self.opts
+        self._old: EMA | None = None
+        """the sampling policy's trainable weights (objective nft, or flow_matching with old_policy_ema > 0)"""
+        self._old_step: int | None = None  # the training step whose rollouts last updated _old
+        if o.objective == "nft" or (o.objective == "flow_matching" and o.old_policy_ema > 0):
+            self._old = EMA(self.trainable_parameters(), o.old_policy_ema, "policy.options.old_policy_ema", True)
 
     def _check_options(self) -> None:
         o, a = self.opts, self.adapter
@@ -193,21 +214,31 @@ class DiffusionPolicy:
         if o.rollout_guidance_scale is not None and o.objective != "flow_matching":
             raise UserError(
                 f"policy.options.rollout_guidance_scale={o.rollout_guidance_scale}: only objective=flow_matching "
-                "trains on rollouts sampled differently from the policy; with objective=sde the log-probs are the "
-                "sampler's own, so set guidance_scale instead"
+                f"trains on rollouts sampled differently from the policy; with objective={o.objective} the loss "
+                "needs the sampler's own outputs (sde: its log-probs; nft: its unguided velocity), so set "
+                "guidance_scale instead"
             )
         if o.rollout_guidance_scale is not None and o.rollout_guidance_scale < 1.0:
             raise UserError(f"policy.options.rollout_guidance_scale must be >= 1 (1 = off), "
                             f"got {o.rollout_guidance_scale}")  # fmt: skip
         if o.num_steps < 1:
             raise UserError(f"policy.options.num_steps must be >= 1, got {o.num_steps}")
-        if o.objective == "flow_matching":
+        if not 0.0 <= o.old_policy_ema < 1.0:
+            raise UserError(f"policy.options.old_policy_ema must be in [0, 1) (0 = on-policy), got {o.old_policy_ema}")
+        if o.old_policy_ema > 0 and o.objective == "sde":
+            raise UserError(
+                f"policy.options.old_policy_ema={o.old_policy_ema}: objective=sde scores the sampler's own steps, "
+                "so it samples with the trained weights; use objective=nft or flow_matching"
+            )
+        if o.objective == "nft" and not o.nft_beta > 0:
+            raise UserError(f"policy.options.nft_beta must be > 0 (DiffusionNFT uses 1), got {o.nft_beta}")
+        if o.objective in ("flow_matching", "nft"):
             if a.parameterization != "flow":
-                raise UserError(f"policy.options.objective=flow_matching needs a flow-matching family; {a.family} is "
-                                "a DDIM UNet: use objective=sde with sde=ddim")  # fmt: skip
+                raise UserError(f"policy.options.objective={o.objective} needs a flow-matching family; {a.family} "
+                                "is a DDIM UNet: use objective=sde with sde=ddim")  # fmt: skip
             if o.exploration != "full":
                 raise UserError(
-                    f"policy.options.objective=flow_matching trains the final samples, not sampler steps: "
+                    f"policy.options.objective={o.objective} trains the final samples, not sampler steps: "
                     f"exploration={o.exploration!r} means nothing there; set exploration=full"
                 )
             rng = list(o.fm_sigma_range)
@@ -284,18 +315,47 @@ class DiffusionPolicy:
         x = self._noise(gens, G, shared_per_group=shared)
         latents, logp = [x], torch.zeros(B * G, sched.num_steps)
         uncond = self._uncond(B * G)
-        for i in range(sched.num_steps):
-            out = self.guided(self.model, x, self._t(sched, i, x), cond, uncond)
-            level = o.noise_level if plan.sde_mask[i] else 0.0
-            noise = self._noise(gens, G, shared_per_group=False) if plan.sde_mask[i] else None
-            res = self.step(out, x, i, sched, level, noise=noise)
-            x = res.prev_sample
-            latents.append(x)
-            logp[:, i] = res.log_prob
-        if o.objective == "flow_matching":
+        with self._sampling_policy(batch.step):
+            for i in range(sched.num_steps):
+                out = self.guided(self.model, x, self._t(sched, i, x), cond, uncond)
+                level = o.noise_level if plan.sde_mask[i] else 0.0
+                noise = self._noise(gens, G, shared_per_group=False) if plan.sde_mask[i] else None
+                res = self.step(out, x, i, sched, level, noise=noise)
+                x = res.prev_sample
+                latents.append(x)
+                logp[:, i] = res.log_prob
+        if o.objective in ("flow_matching", "nft"):
             return self._finish_flow_matching(batch, G, torch.stack(latents, 1), cond, gens)
         train = plan.train_mask[None, :].expand(B * G, -1).clone()
         return self._finish(batch, G, torch.stack(latents, 1), logp, train, cond, extras={})
+
+    @contextlib.contextmanager
+    def _sampling_policy(self, step: int) -> Iterator[None]:
+        """Training rollouts of objective flow_matching/nft sample with the old policy: its EMA is updated once
+        per training step (at the step's first rollout), then its weights are swapped in while sampling.
+        generate() samples as objective=sde, i.e. with the trained weights."""
+        if self._old is None or self.opts.objective == "sde":
+            yield
+            return
+        if self._old_step != step:
+            self._old.update()
+            self._old_step = step
+        if self.opts.old_policy_ema == 0.0:  # the old policy is the trained weights as they are now
+            yield
+            return
+        with self._old.swapped():
+            yield
+
+    def training_state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps besides the trained weights: the old policy's EMA (None without one)."""
+        if self._old is None:
+            return None
+        return {"old_policy": self._old.state_dict(), "old_step": -1 if self._old_step is None else self._old_step}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if self._old is not None and state.get("old_policy") is not None:
+            self._old.load_state_dict(state["old_policy"])
+            self._old_step = None if state["old_step"] < 0 else int(state["old_step"])
 
     def _rollout_singular(self, batch, G, sched, plan, gens, cond) -> Rollout:
         """G2RPO: shared ODE anchor to step k, one SDE branch step, ODE continuations (several granularities)."""
@@ -349,7 +409,7 @@ class DiffusionPolicy:
             extras={"latents": latents, "cond": cond, **extras},
         )
 
-    # ------------------------------------------------------------------ flow-matching objective (AWM / NFT)
+    # ------------------------------------------------------------------ flow-matching objectives (AWM / NFT)
     def _finish_flow_matching(self, batch, G, latents, cond, gens) -> Rollout:
         """Rollout whose units are fm_timesteps (sigma, noise) draws on each final sample x0.
 
@@ -386,6 +446,7 @@ class DiffusionPolicy:
         over the latent's elements, w = sigma^2 (fm_weighting x0) or 1 (v). It is a (weighted) per-(sigma, noise)
         term of the flow-matching ELBO, so advantage x grad(logp) is AWM's advantage-weighted matching (and, on
         policy, DiffusionNFT's update direction). No CFG: the conditional velocity is trained, as both papers do.
+        objective=nft: logp and neg_logp are minus the errors of DiffusionNFT's implicit policies (``_nft_errors``).
         """
         o = self.opts
         x0 = rollout.extras["latents"][rows, -1]  # [n, *latent]
@@ -400,17 +461,38 @@ class DiffusionPolicy:
         xt = (1.0 - sig.reshape(bshape)) * x0r + sig.reshape(bshape) * eps
         t = self.adapter.timestep_from_sigma(sig.reshape(-1)).to(dev)
         cond = self._cond_rows(rollout.extras["cond"], rows.repeat_interleave(k))
+        v_old = None
+        if o.objective == "nft":  # the sampling policy's velocity (also with old_policy_ema 0: the weights may
+            # have moved since the rollout); before the forward with grad, which in-place swaps would break
+            with torch.no_grad(), self._old.swapped():
+                v_old = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond).float()
+        neg = None
         with torch.set_grad_enabled(grad):
             v = self.adapter.predict(self.model, xt.to(self.adapter.dtype), t, cond).float()
-            err = (v - (eps - x0r)).pow(2).flatten(1).mean(1)  # [n*k]
-            if o.fm_weighting == "x0":
-                err = sig.reshape(-1).square() * err  # x0 - x0_hat = sigma (v_hat - v)
+            if v_old is not None:
+                err, neg = self._nft_errors(v, v_old, xt, x0r, sig.reshape(bshape))
+            else:
+                err = (v - (eps - x0r)).pow(2).flatten(1).mean(1)  # [n*k]
+                if o.fm_weighting == "x0":
+                    err = sig.reshape(-1).square() * err  # x0 - x0_hat = sigma (v_hat - v)
         kl = None
         if o.reference_kl:
             with torch.no_grad(), self.reference() as ref_model:
                 v_ref = self.adapter.predict(ref_model, xt.to(self.adapter.dtype), t, cond).float()
             kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)  # v-space KL surrogate (Flow-Factory "v-based")
-        return LogProbs(logp=-err.view(n, k), kl=kl)
+        return LogProbs(logp=-err.view(n, k), kl=kl, neg_logp=None if neg is None else -neg.view(n, k))
+
+    def _nft_errors(self, v, v_old, xt, x0, sig) -> tuple[torch.Tensor, torch.Tensor]:
+        """DiffusionNFT's errors [n*k] of the implicit positive policy v+ = b v + (1 - b) v_old and negative
+        policy v- = (1 + b) v_old - b v (b = nft_beta): the x0-prediction error mean((x_t - sigma v' - x0)^2)
+        divided by its own detached mean absolute value (the paper's adaptive weighting), then by b."""
+        b = self.opts.nft_beta
+        out = []
+        for pred in (b * v + (1.0 - b) * v_old, (1.0 + b) * v_old - b * v):
+            diff = (xt - sig * pred) - x0  # [n*k, *latent]
+            scale = diff.detach().abs().flatten(1).mean(1).clamp_min(1e-5)
+            out.append(diff.pow(2).flatten(1).mean(1) / scale / b)
+        return out[0], out[1]
 
     def _noise(self, gens: list[torch.Generator], G: int, shared_per_group: bool) -> torch.Tensor:
         """[N, *latent] Gaussian noise, drawn group by group from each prompt's generator (layout independent)."""
@@ -432,7 +514,7 @@ class DiffusionPolicy:
     def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
         """Log-probs (with grad) of steps ``units`` for ``rows``: one batched forward over rows x units."""
         o = self.opts
-        if o.objective == "flow_matching":
+        if o.objective in ("flow_matching", "nft"):
             units = torch.arange(o.fm_timesteps) if units is None else units.cpu()
             return self._fm_log_prob(rollout, rows, units)
         sched = self.adapter.schedule(o.num_steps)
@@ -501,6 +583,18 @@ class DiffusionPolicy:
             return self.rollout(batch, 1).samples
         finally:
             self.opts.noise_level, self.opts.exploration, self.opts.objective = saved
+
+
+def check_loss(opts: DiffusionPolicyOptions, loss_name: str) -> None:
+    """At build time: objective=nft and loss.name=nft go together (the loss combines the two implicit policies'
+    errors that only that objective computes)."""
+    if opts.objective == "nft" and loss_name != "nft":
+        raise UserError(
+            f"policy.options.objective=nft trains DiffusionNFT's implicit policies, which only loss.name=nft "
+            f"combines (got loss.name={loss_name!r}): set loss.name=nft and loss.adv_clip"
+        )
+    if loss_name == "nft" and opts.objective != "nft":
+        raise UserError(f"loss.name=nft needs policy.options.objective=nft (got objective={opts.objective!r})")
 
 
 def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets: list[str] | None) -> None:

@@ -19,7 +19,7 @@ def _three_ratios():
 
 
 def test_registries_hold_the_variants():
-    assert LOSSES.names() == ["grpo", "gspo", "pg"]
+    assert LOSSES.names() == ["grpo", "gspo", "nft", "pg"]
     assert AGGREGATIONS.names() == ["constant", "seq_mean", "token_mean"]
     assert get_loss("grpo") is LOSSES.get("grpo")
 
@@ -307,5 +307,21 @@ def test_padding_with_minus_inf_is_safe():
 
 def test_unknown_loss_lists_known():
     logp, old, mask = _three_ratios()
-    with pytest.raises(UserError, match="unknown loss 'gpso'; known: grpo, gspo, pg"):
+    with pytest.raises(UserError, match="unknown loss 'gpso'; known: grpo, gspo, nft, pg"):
         policy_loss(logp, old, torch.ones(1), mask, loss="gpso")
+
+
+def test_nft_maps_the_clamped_advantage_to_r_and_mixes_the_two_errors():
+    """Hand-computed: c = adv_clip = 2, r = 1/2 + A/(2c) after clamping A to [-c, c]; per unit
+    c (r (-logp) + (1 - r) (-neg_logp)); token mean over the 4 units."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.25]], requires_grad=True)
+    neg = torch.tensor([[-3.0, -1.0], [-2.0, -4.0]], requires_grad=True)
+    adv = torch.tensor([1.0, -5.0])  # r = 0.75; -5 clamps to -2: r = 0
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    loss, m = policy_loss(logp, logp.detach(), adv, mask, loss="nft", adv_clip=2.0, neg_logp=neg)
+    # row 0: 2 (0.75 * 1 + 0.25 * 3) = 3.0, 2 (0.75 * 2 + 0.25 * 1) = 3.5; row 1: 2 * 2 = 4, 2 * 4 = 8
+    assert loss.item() == pytest.approx((3.0 + 3.5 + 4.0 + 8.0) / 4)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.375, -0.375], [0.0, 0.0]]))
+    assert torch.allclose(neg.grad, torch.tensor([[-0.125, -0.125], [-0.5, -0.5]]))
+    assert m["loss/ratio_mean"] == 1.0 and m["loss/clip_frac"] == 0.0
