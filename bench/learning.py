@@ -28,8 +28,11 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "learning.md"
 
 # SDE methods train the sampler's stochastic steps: two PPO updates per rollout with Flow-GRPO's tiny clip range and
 # the learning rate that did best for them on the pixel-space model of session 2 (1e-4; 3e-4 degraded, 3e-5 flat)
-SDE = ["policy.options.objective=sde", "trainer.minibatches=2", "trainer.lr=1e-4", "loss.clip_low=0.001",
-       "loss.clip_high=0.001"]  # fmt: skip
+SDE = ["policy.options.objective=sde", "policy.options.old_policy_ema=0", "loss.name=grpo", "loss.adv_clip=null",
+       "trainer.minibatches=2", "trainer.lr=1e-4", "loss.clip_low=0.001", "loss.clip_high=0.001"]  # fmt: skip
+# advantage-weighted flow matching (AWM) on the demo's ODE rollouts: the demo's objective until session 5
+AWM = ["policy.options.objective=flow_matching", "policy.options.old_policy_ema=0", "loss.name=grpo",
+       "loss.adv_clip=null"]  # fmt: skip
 
 # method -> overrides on top of the demo config (paper defaults, scaled to the tiny model's 8-step sampler)
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -48,11 +51,13 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "g2rpo_single": ("G2RPO (singular branch, granularity 1 only)", [*SDE,
         "policy.options.sde=flow_grpo", "policy.options.noise_level=0.7", "policy.options.exploration=singular",
         "policy.options.branch_steps=[0,1,2,3,4]", "policy.options.granularities=[1]"]),
-    "grpo_g2": ("AWM + GRPO advantages, G = 2", ["advantage.estimator=grpo", "trainer.group_size=2"]),
-    "mc_grpo_g2": ("AWM + MC-GRPO, G = 2 (+1 pivot rollout)", ["advantage.estimator=mc_grpo", "trainer.group_size=3"]),
-    "grpo_g8": ("AWM + GRPO advantages, G = 8 (the demo config)", ["advantage.estimator=grpo",
-        "trainer.group_size=8"]),
-    "mc_grpo_g8": ("AWM + MC-GRPO, G = 8 (+1 pivot rollout)", ["advantage.estimator=mc_grpo", "trainer.group_size=9"]),
+    "grpo_g2": ("AWM + GRPO advantages, G = 2", [*AWM, "advantage.estimator=grpo", "trainer.group_size=2"]),
+    "mc_grpo_g2": ("AWM + MC-GRPO, G = 2 (+1 pivot rollout)", [*AWM, "advantage.estimator=mc_grpo",
+        "trainer.group_size=3"]),
+    "grpo_g8": ("AWM + GRPO advantages, G = 8", [*AWM, "advantage.estimator=grpo", "trainer.group_size=8"]),
+    "mc_grpo_g8": ("AWM + MC-GRPO, G = 8 (+1 pivot rollout)", [*AWM, "advantage.estimator=mc_grpo",
+        "trainer.group_size=9"]),
+    "nft": ("DiffusionNFT, EMA sampling policy (the demo config)", []),
 }  # fmt: skip
 
 

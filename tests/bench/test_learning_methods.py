@@ -1,0 +1,26 @@
+"""bench/learning.py's methods are overrides of the demo config: each must still build into the policy it names."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mmgrpo.core.components import PIPELINES, load_pipelines
+from mmgrpo.core.config import load_config
+
+ROOT = Path(__file__).parents[2]
+spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "learning.py")
+learning = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(learning)
+
+
+@pytest.mark.parametrize("method", list(learning.METHODS))
+def test_method_overrides_build_the_named_objective(method, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo config names assets/shapes_t2i relative to the repository
+    cfg = load_config(learning.CONFIG, [f"run.output_dir={tmp_path}", *learning.METHODS[method][1]])
+    load_pipelines()
+    policy = PIPELINES.get(cfg.pipeline).build(cfg, None).policy
+    label = learning.METHODS[method][0]
+    want = "sde" if "SDE" in label or "G2RPO" in label else "flow_matching" if "AWM" in label else "nft"
+    assert policy.opts.objective == want and (cfg.loss.name == "nft") == (want == "nft")
+    assert (policy._old is not None) == (want == "nft")  # AWM and SDE rows sample with the trained weights
