@@ -414,7 +414,10 @@ class DiffusionPolicy:
         """Rollout whose units are fm_timesteps (sigma, noise) draws on each final sample x0.
 
         Each row gets a seed from its prompt's generator (layout independent); the draws are regenerated from
-        it whenever the log-prob is recomputed, so nothing of latent size is stored per unit.
+        it whenever the log-prob is recomputed. objective=nft also stores the sampling policy's velocity at every
+        draw, ``extras["fm_v_old"] [N, K, *latent]`` fp32 (one forward here instead of one per update), and its
+        logp_old is the sampling policy's own error (v+ = v- = v_old): the behaviour policy's, as in PPO, so the
+        ratio exp(logp - logp_old) measures how far the trained positive policy moved from the sampler.
         """
         n, K = latents.shape[0], self.opts.fm_timesteps
         if self.opts.fm_shared_draws:
@@ -423,8 +426,16 @@ class DiffusionPolicy:
             seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
         rollout = self._finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
         rollout.extras["fm_seeds"] = seeds
-        rows = torch.arange(n)
-        rollout.logp_old = self._fm_log_prob(rollout, rows, torch.arange(K), grad=False).logp.detach()
+        rows, units = torch.arange(n), torch.arange(K)
+        if self.opts.objective != "nft":
+            rollout.logp_old = self._fm_log_prob(rollout, rows, units, grad=False).logp.detach()
+            return rollout
+        xt, x0, _, sig, t, cond_k = self._fm_inputs(rollout, rows, units)
+        # the EMA was updated for this step before sampling; with decay 0 it equals the trained weights
+        with self._old.swapped() if self.opts.old_policy_ema > 0 else contextlib.nullcontext():
+            v_old = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond_k).float()
+        rollout.extras["fm_v_old"] = v_old.view(n, K, *v_old.shape[1:])
+        rollout.logp_old = -self._nft_errors(v_old, v_old, xt, x0, sig)[0].view(n, K)
         return rollout
 
     def _fm_draws(self, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,38 +460,40 @@ class DiffusionPolicy:
         objective=nft: logp and neg_logp are minus the errors of DiffusionNFT's implicit policies (``_nft_errors``).
         """
         o = self.opts
-        x0 = rollout.extras["latents"][rows, -1]  # [n, *latent]
-        sig, eps = self._fm_draws(rollout.extras["fm_seeds"][rows.cpu()])
-        sig, eps = sig[:, units], eps[:, units]  # [n, k], [n, k, *latent]
-        n, k = sig.shape
-        dev = x0.device
-        sig = sig.to(dev)
-        bshape = (n * k,) + (1,) * (x0.dim() - 1)
-        x0r = x0.repeat_interleave(k, 0)
-        eps = eps.reshape(n * k, *x0.shape[1:]).to(dev)
-        xt = (1.0 - sig.reshape(bshape)) * x0r + sig.reshape(bshape) * eps
-        t = self.adapter.timestep_from_sigma(sig.reshape(-1)).to(dev)
-        cond = self._cond_rows(rollout.extras["cond"], rows.repeat_interleave(k))
-        v_old = None
-        if o.objective == "nft":  # the sampling policy's velocity (also with old_policy_ema 0: the weights may
-            # have moved since the rollout); before the forward with grad, which in-place swaps would break
-            with torch.no_grad(), self._old.swapped():
-                v_old = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond).float()
+        xt, x0r, eps, sig, t, cond = self._fm_inputs(rollout, rows, units)
+        n, k = len(rows), len(units)
         neg = None
         with torch.set_grad_enabled(grad):
             v = self.adapter.predict(self.model, xt.to(self.adapter.dtype), t, cond).float()
-            if v_old is not None:
-                err, neg = self._nft_errors(v, v_old, xt, x0r, sig.reshape(bshape))
+            if o.objective == "nft":  # the sampling policy's velocity, stored by the rollout
+                v_old = rollout.extras["fm_v_old"][rows][:, units.to(xt.device)].flatten(0, 1)
+                err, neg = self._nft_errors(v, v_old, xt, x0r, sig)
             else:
                 err = (v - (eps - x0r)).pow(2).flatten(1).mean(1)  # [n*k]
                 if o.fm_weighting == "x0":
-                    err = sig.reshape(-1).square() * err  # x0 - x0_hat = sigma (v_hat - v)
+                    err = sig.flatten().square() * err  # x0 - x0_hat = sigma (v_hat - v)
         kl = None
         if o.reference_kl:
             with torch.no_grad(), self.reference() as ref_model:
                 v_ref = self.adapter.predict(ref_model, xt.to(self.adapter.dtype), t, cond).float()
             kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)  # v-space KL surrogate (Flow-Factory "v-based")
         return LogProbs(logp=-err.view(n, k), kl=kl, neg_logp=None if neg is None else -neg.view(n, k))
+
+    def _fm_inputs(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor):
+        """Flattened (row, unit) pairs, row-major: x_t = (1 - sigma) x0 + sigma eps [n*k, *latent], x0, eps,
+        sigma [n*k, 1, ...] (broadcastable), the model's timesteps [n*k] and conditioning."""
+        x0 = rollout.extras["latents"][rows, -1]  # [n, *latent]
+        sig, eps = self._fm_draws(rollout.extras["fm_seeds"][rows.cpu()])
+        sig, eps = sig[:, units], eps[:, units]  # [n, k], [n, k, *latent]
+        n, k = sig.shape
+        dev = x0.device
+        sig = sig.to(dev).reshape((n * k,) + (1,) * (x0.dim() - 1))
+        x0r = x0.repeat_interleave(k, 0)
+        eps = eps.reshape(n * k, *x0.shape[1:]).to(dev)
+        xt = (1.0 - sig) * x0r + sig * eps
+        t = self.adapter.timestep_from_sigma(sig.flatten()).to(dev)
+        cond = self._cond_rows(rollout.extras["cond"], rows.repeat_interleave(k))
+        return xt, x0r, eps, sig, t, cond
 
     def _nft_errors(self, v, v_old, xt, x0, sig) -> tuple[torch.Tensor, torch.Tensor]:
         """DiffusionNFT's errors [n*k] of the implicit positive policy v+ = b v + (1 - b) v_old and negative

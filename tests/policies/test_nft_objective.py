@@ -121,20 +121,26 @@ def test_old_policy_is_an_ema_updated_once_per_step_and_samples_the_rollouts():
     assert all(torch.equal(p, m) for p, m in zip(params, moved))  # the trained weights are back after sampling
     policy.rollout(batch(step=1), group_size=2)  # a second rollout of the same step (DAPO refill): no update
     assert all(torch.allclose(s, w, atol=1e-7) for s, w in zip(policy._old.shadow, want))
-    # the rollouts are the old policy's samples; generate() (evaluation) samples with the trained weights
-    old = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**{**NFT, "objective": "sde"}))
+    # the rollout is the old policy's: an on-policy twin holding the EMA weights gives the same samples, the same
+    # stored velocities v_old and the same logp_old (the sampler's own error, as PPO's behaviour log-prob)
+    twin = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**NFT))
     with torch.no_grad():
-        for p, w in zip(old.trainable_parameters(), want):
+        for p, w in zip(twin.trainable_parameters(), want):
             p.copy_(w)
-    seeds = [int(s) for s in batch().seeds]
-    r_old = old.rollout(PromptBatch(prompts=list(PROMPTS), seeds=seeds), group_size=2)
-    assert torch.allclose(r1.samples, r_old.samples, atol=1e-6)
+    r_twin = twin.rollout(batch(step=1), group_size=2)
+    assert torch.allclose(r1.samples, r_twin.samples, atol=1e-6)
+    assert torch.allclose(r1.extras["fm_v_old"], r_twin.extras["fm_v_old"], atol=1e-5)
+    assert torch.allclose(r1.logp_old, r_twin.logp_old, atol=1e-5)
+    assert_ratio_one(twin, r_twin)
+    ratio = torch.exp(policy.log_prob(r1, torch.arange(4)).logp - r1.logp_old)
+    assert (ratio - 1).abs().max() > 1e-4  # the trained weights are not the sampler's: the monitor shows it
+    # generate() (evaluation) samples with the trained weights
     live = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**{**NFT, "objective": "sde"}))
     with torch.no_grad():
         for p, m in zip(live.trainable_parameters(), moved):
             p.copy_(m)
+    seeds = [int(s) for s in batch().seeds]
     assert torch.allclose(policy.generate(PROMPTS, seeds), live.generate(PROMPTS, seeds), atol=1e-6)
-    assert_ratio_one(policy, r1)  # logp_old is computed with the trained weights, whatever sampled
 
 
 @pytest.mark.parametrize(
