@@ -8,19 +8,14 @@ import torch
 
 
 class EMA:
-    """shadow <- decay * shadow + (1 - decay) * param at each ``update()``; fp32 shadows.
+    """shadow <- decay * shadow + (1 - decay) * param at each ``update()``; fp32 shadows. ``option`` names the
+    config key in errors (the trainer's evaluation EMA, or a diffusion policy's sampling policy)."""
 
-    ``option`` names the config key in errors; ``allow_zero`` admits decay 0 (the shadow is then a snapshot of
-    the parameters at the last update, as DiffusionNFT's on-policy sampling policy).
-    """
-
-    def __init__(
-        self, params: list[torch.nn.Parameter], decay: float, option: str = "trainer.ema_decay", allow_zero=False
-    ):
-        if not (0.0 <= decay < 1.0 if allow_zero else 0.0 < decay < 1.0):
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, option: str = "trainer.ema_decay"):
+        if not 0.0 < decay < 1.0:
             from mmgrpo.core.errors import UserError
 
-            raise UserError(f"{option} must be in {'[0' if allow_zero else '(0'}, 1), got {decay}")
+            raise UserError(f"{option} must be in (0, 1), got {decay}")
         self.params = list(params)
         self.decay = decay
         self.shadow = [p.detach().clone().float() for p in self.params]

@@ -153,8 +153,8 @@ class DiffusionPolicyOptions:
     old_policy_ema: float = 0.0
     """objective=flow_matching or nft: the sampling ("old") policy is an EMA of the trained weights, updated once
     per training step before its rollouts: theta_old <- d theta_old + (1 - d) theta (DiffusionNFT's soft update;
-    the rollouts and nft's v_old use it). 0 = the weights as they are at the rollout (on-policy). Costs one fp32
-    copy of the trainable parameters"""
+    the rollouts and nft's v_old use it). 0 = the weights as they are at the rollout (on-policy). > 0 costs one
+    fp32 copy of the trainable parameters, checkpointed with the run"""
     fm_timesteps: int = 2
     """flow_matching: (sigma, noise) draws per sample, each an action unit of the loss"""
     fm_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -197,10 +197,10 @@ class DiffusionPolicy:
         self.model: nn.Module = adapter.denoiser
         o = self.opts
         self._old: EMA | None = None
-        """the sampling policy's trainable weights (objective nft, or flow_matching with old_policy_ema > 0)"""
+        """the sampling policy's trainable weights (old_policy_ema > 0; else the trained weights sample)"""
         self._old_step: int | None = None  # the training step whose rollouts last updated _old
-        if o.objective == "nft" or (o.objective == "flow_matching" and o.old_policy_ema > 0):
-            self._old = EMA(self.trainable_parameters(), o.old_policy_ema, "policy.options.old_policy_ema", True)
+        if o.old_policy_ema > 0:
+            self._old = EMA(self.trainable_parameters(), o.old_policy_ema, "policy.options.old_policy_ema")
 
     def _check_options(self) -> None:
         o, a = self.opts, self.adapter
@@ -340,9 +340,6 @@ class DiffusionPolicy:
         if self._old_step != step:
             self._old.update()
             self._old_step = step
-        if self.opts.old_policy_ema == 0.0:  # the old policy is the trained weights as they are now
-            yield
-            return
         with self._old.swapped():
             yield
 
@@ -431,8 +428,7 @@ class DiffusionPolicy:
             rollout.logp_old = self._fm_log_prob(rollout, rows, units, grad=False).logp.detach()
             return rollout
         xt, x0, _, sig, t, cond_k = self._fm_inputs(rollout, rows, units)
-        # the EMA was updated for this step before sampling; with decay 0 it equals the trained weights
-        with self._old.swapped() if self.opts.old_policy_ema > 0 else contextlib.nullcontext():
+        with self._old.swapped() if self._old is not None else contextlib.nullcontext():  # the sampler's weights
             v_old = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond_k).float()
         rollout.extras["fm_v_old"] = v_old.view(n, K, *v_old.shape[1:])
         rollout.logp_old = -self._nft_errors(v_old, v_old, xt, x0, sig)[0].view(n, K)

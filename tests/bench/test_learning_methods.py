@@ -23,4 +23,4 @@ def test_method_overrides_build_the_named_objective(method, tmp_path, monkeypatc
     label = learning.METHODS[method][0]
     want = "sde" if "SDE" in label or "G2RPO" in label else "flow_matching" if "AWM" in label else "nft"
     assert policy.opts.objective == want and (cfg.loss.name == "nft") == (want == "nft")
-    assert (policy._old is not None) == (want == "nft")  # AWM and SDE rows sample with the trained weights
+    assert (policy._old is not None) == (want == "nft")  # only the demo's nft row samples with an EMA
