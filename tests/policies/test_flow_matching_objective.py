@@ -159,3 +159,22 @@ def test_full_fine_tuning_reference_is_a_frozen_copy_of_the_initial_denoiser(obj
     assert (policy.log_prob(r, rows).kl > 0).all()  # the policy moved, the reference did not
     assert all(torch.equal(v, policy._frozen_reference.state_dict()[k]) for k, v in frozen.items())
     assert not any(p.requires_grad for p in policy._frozen_reference.parameters())
+
+
+def test_old_policy_ema_samples_awm_rollouts_and_logp_old_stays_the_trained_weights():
+    """objective=flow_matching with old_policy_ema: the EMA samples, the trained weights are scored (ratio 1)."""
+    d, opts = 0.5, dict(num_steps=3, **FM)
+    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(old_policy_ema=d, **opts))
+    init = [p.detach().clone() for p in policy.trainable_parameters()]
+    policy.rollout(PromptBatch(prompts=["a red circle"], seeds=[1], step=0), group_size=1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    r = policy.rollout(PromptBatch(prompts=["a red circle", "two blue squares"], seeds=[11, 12], step=1), 2)
+    twin = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**opts))
+    with torch.no_grad():
+        for p, a, m in zip(twin.trainable_parameters(), init, policy.trainable_parameters()):
+            p.copy_(d * a + (1 - d) * m)
+    assert torch.allclose(r.samples, twin.rollout(batch(), group_size=2).samples, atol=1e-6)
+    assert_ratio_one(policy, r)
