@@ -23,7 +23,8 @@ from mmgrpo.core.components import PIPELINES, Components, Pipeline
 from mmgrpo.core.config import Config, options_from
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
-from mmgrpo.policies.diffusion import DiffusionPolicy, check_loss
+from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.flow_matching import check_loss
 from pipelines.text_to_image import PromptList, make_evaluator
 from pipelines.text_to_video import VideoPolicyOptions, eval_reward, load_video_adapter
 

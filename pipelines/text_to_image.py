@@ -22,7 +22,8 @@ from mmgrpo.core.components import PIPELINES, Components, EvalResult, Pipeline, 
 from mmgrpo.core.config import Config, options_from
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch, RewardContext
-from mmgrpo.policies.diffusion import ADAPTERS, DiffusionPolicy, DiffusionPolicyOptions, check_loss
+from mmgrpo.policies.diffusion import ADAPTERS, DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.policies.flow_matching import check_loss
 
 FAMILY_MODULES = {
     "sd3": "mmgrpo.policies.models.sd3",

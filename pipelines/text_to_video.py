@@ -16,7 +16,8 @@ import rewards as reward_registry
 from mmgrpo.core.components import PIPELINES, Components, Pipeline
 from mmgrpo.core.config import Config, options_from
 from mmgrpo.core.errors import UserError
-from mmgrpo.policies.diffusion import DiffusionPolicy, check_loss
+from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.flow_matching import check_loss
 from pipelines.text_to_image import (
     GeneratorPolicyOptions,
     PromptDataOptions,

@@ -8,9 +8,9 @@ ODE steps are deterministic and never trained.
 Per-family code lives in an **adapter** (``mmgrpo/policies/models/<family>.py``) that only knows how to
 encode a condition, call the denoiser, give the noise schedule and decode latents. :class:`DiffusionPolicy`
 does everything else, once, for every family: group sampling with per-prompt seeds, CFG, log-prob recording,
-recomputation with gradient, the KL to the reference (LoRA adapter disabled), G2RPO branching, and the two
-objectives on the final samples instead of the sampler's steps: advantage-weighted flow matching (AWM) and
-DiffusionNFT's negative-aware matching against a slowly updated sampling policy.
+recomputation with gradient, the KL to the reference (LoRA adapter disabled), G2RPO branching. The two
+objectives on the final samples instead of the sampler's steps (AWM, DiffusionNFT) and the EMA sampling policy are
+its mixin in ``mmgrpo.policies.flow_matching``.
 
 Shapes: B prompts, G samples per prompt, N = B*G rows, T steps, latents ``[N, *latent_shape]``.
 """
@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from mmgrpo.core.components import generator_for
-from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies import exploration, sde
+from mmgrpo.policies.flow_matching import FinalSampleObjectives
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors, batch first
 
@@ -171,7 +171,7 @@ class DiffusionPolicyOptions:
     value"""
 
 
-class DiffusionPolicy:
+class DiffusionPolicy(FinalSampleObjectives):
     """Policy protocol over a :class:`DiffusionAdapter`.
 
     Rollout samples are the decoded images [N, 3, H, W] (videos [N, F, 3, H, W]) in [0, 1]; units are
@@ -195,12 +195,7 @@ class DiffusionPolicy:
         if self.opts.attention == "xformers":
             adapter.denoiser.enable_xformers_memory_efficient_attention()
         self.model: nn.Module = adapter.denoiser
-        o = self.opts
-        self._old: EMA | None = None
-        """the sampling policy's trainable weights (old_policy_ema > 0; else the trained weights sample)"""
-        self._old_step: int | None = None  # the training step whose rollouts last updated _old
-        if o.old_policy_ema > 0:
-            self._old = EMA(self.trainable_parameters(), o.old_policy_ema, "policy.options.old_policy_ema")
+        self._init_old_policy()
 
     def _check_options(self) -> None:
         o, a = self.opts, self.adapter
@@ -329,31 +324,6 @@ class DiffusionPolicy:
         train = plan.train_mask[None, :].expand(B * G, -1).clone()
         return self._finish(batch, G, torch.stack(latents, 1), logp, train, cond, extras={})
 
-    @contextlib.contextmanager
-    def _sampling_policy(self, step: int) -> Iterator[None]:
-        """Training rollouts of objective flow_matching/nft sample with the old policy: its EMA is updated once
-        per training step (at the step's first rollout), then its weights are swapped in while sampling.
-        generate() samples as objective=sde, i.e. with the trained weights."""
-        if self._old is None or self.opts.objective == "sde":
-            yield
-            return
-        if self._old_step != step:
-            self._old.update()
-            self._old_step = step
-        with self._old.swapped():
-            yield
-
-    def training_state(self) -> dict[str, Any] | None:
-        """What a checkpoint keeps besides the trained weights: the old policy's EMA (None without one)."""
-        if self._old is None:
-            return None
-        return {"old_policy": self._old.state_dict(), "old_step": -1 if self._old_step is None else self._old_step}
-
-    def load_training_state(self, state: dict[str, Any]) -> None:
-        if self._old is not None and state.get("old_policy") is not None:
-            self._old.load_state_dict(state["old_policy"])
-            self._old_step = None if state["old_step"] < 0 else int(state["old_step"])
-
     def _rollout_singular(self, batch, G, sched, plan, gens, cond) -> Rollout:
         """G2RPO: shared ODE anchor to step k, one SDE branch step, ODE continuations (several granularities)."""
         o, B = self.opts, len(batch)
@@ -405,103 +375,6 @@ class DiffusionPolicy:
             meta=[m for m in batch.meta for _ in range(G)],
             extras={"latents": latents, "cond": cond, **extras},
         )
-
-    # ------------------------------------------------------------------ flow-matching objectives (AWM / NFT)
-    def _finish_flow_matching(self, batch, G, latents, cond, gens) -> Rollout:
-        """Rollout whose units are fm_timesteps (sigma, noise) draws on each final sample x0.
-
-        Each row gets a seed from its prompt's generator (layout independent); the draws are regenerated from
-        it whenever the log-prob is recomputed. objective=nft also stores the sampling policy's velocity at every
-        draw, ``extras["fm_v_old"] [N, K, *latent]`` fp32 (one forward here instead of one per update), and its
-        logp_old is the sampling policy's own error (v+ = v- = v_old): the behaviour policy's, as in PPO, so the
-        ratio exp(logp - logp_old) measures how far the trained positive policy moved from the sampler.
-        """
-        n, K = latents.shape[0], self.opts.fm_timesteps
-        if self.opts.fm_shared_draws:
-            seeds = torch.cat([torch.randint(0, 2**62, (1,), generator=g).expand(G) for g in gens])  # [N]
-        else:
-            seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
-        rollout = self._finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
-        rollout.extras["fm_seeds"] = seeds
-        rows, units = torch.arange(n), torch.arange(K)
-        if self.opts.objective != "nft":
-            rollout.logp_old = self._fm_log_prob(rollout, rows, units, grad=False).logp.detach()
-            return rollout
-        xt, x0, _, sig, t, cond_k = self._fm_inputs(rollout, rows, units)
-        with self._old.swapped() if self._old is not None else contextlib.nullcontext():  # the sampler's weights
-            v_old = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond_k).float()
-        rollout.extras["fm_v_old"] = v_old.view(n, K, *v_old.shape[1:])
-        rollout.logp_old = -self._nft_errors(v_old, v_old, xt, x0, sig)[0].view(n, K)
-        return rollout
-
-    def _fm_draws(self, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [n, K], noise [n, K, *latent]) of rows with these seeds; the same seed gives the same draws."""
-        lo, hi = self.opts.fm_sigma_range
-        shape, K = self.adapter.latent_shape(), self.opts.fm_timesteps
-        uniq, inverse = torch.unique(seeds, return_inverse=True)  # shared draws: one generation per group
-        sig, eps = [], []
-        for s in uniq.tolist():
-            g = generator_for(int(s))
-            sig.append(lo + (hi - lo) * torch.rand(K, generator=g))
-            eps.append(torch.randn((K, *shape), generator=g))
-        return torch.stack(sig)[inverse], torch.stack(eps)[inverse]
-
-    def _fm_log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor, grad: bool = True) -> LogProbs:
-        """Per-unit surrogate log-likelihood: minus the flow-matching error of the velocity at a noised x0.
-
-        unit u of row r: x_t = (1 - sigma) x0 + sigma eps, logp = -w(sigma) mean((v(x_t, sigma) - (eps - x0))^2)
-        over the latent's elements, w = sigma^2 (fm_weighting x0) or 1 (v). It is a (weighted) per-(sigma, noise)
-        term of the flow-matching ELBO, so advantage x grad(logp) is AWM's advantage-weighted matching (and, on
-        policy, DiffusionNFT's update direction). No CFG: the conditional velocity is trained, as both papers do.
-        objective=nft: logp and neg_logp are minus the errors of DiffusionNFT's implicit policies (``_nft_errors``).
-        """
-        o = self.opts
-        xt, x0r, eps, sig, t, cond = self._fm_inputs(rollout, rows, units)
-        n, k = len(rows), len(units)
-        neg = None
-        with torch.set_grad_enabled(grad):
-            v = self.adapter.predict(self.model, xt.to(self.adapter.dtype), t, cond).float()
-            if o.objective == "nft":  # the sampling policy's velocity, stored by the rollout
-                v_old = rollout.extras["fm_v_old"][rows][:, units.to(xt.device)].flatten(0, 1)
-                err, neg = self._nft_errors(v, v_old, xt, x0r, sig)
-            else:
-                err = (v - (eps - x0r)).pow(2).flatten(1).mean(1)  # [n*k]
-                if o.fm_weighting == "x0":
-                    err = sig.flatten().square() * err  # x0 - x0_hat = sigma (v_hat - v)
-        kl = None
-        if o.reference_kl:
-            with torch.no_grad(), self.reference() as ref_model:
-                v_ref = self.adapter.predict(ref_model, xt.to(self.adapter.dtype), t, cond).float()
-            kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)  # v-space KL surrogate (Flow-Factory "v-based")
-        return LogProbs(logp=-err.view(n, k), kl=kl, neg_logp=None if neg is None else -neg.view(n, k))
-
-    def _fm_inputs(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor):
-        """Flattened (row, unit) pairs, row-major: x_t = (1 - sigma) x0 + sigma eps [n*k, *latent], x0, eps,
-        sigma [n*k, 1, ...] (broadcastable), the model's timesteps [n*k] and conditioning."""
-        x0 = rollout.extras["latents"][rows, -1]  # [n, *latent]
-        sig, eps = self._fm_draws(rollout.extras["fm_seeds"][rows.cpu()])
-        sig, eps = sig[:, units], eps[:, units]  # [n, k], [n, k, *latent]
-        n, k = sig.shape
-        dev = x0.device
-        sig = sig.to(dev).reshape((n * k,) + (1,) * (x0.dim() - 1))
-        x0r = x0.repeat_interleave(k, 0)
-        eps = eps.reshape(n * k, *x0.shape[1:]).to(dev)
-        xt = (1.0 - sig) * x0r + sig * eps
-        t = self.adapter.timestep_from_sigma(sig.flatten()).to(dev)
-        cond = self._cond_rows(rollout.extras["cond"], rows.repeat_interleave(k))
-        return xt, x0r, eps, sig, t, cond
-
-    def _nft_errors(self, v, v_old, xt, x0, sig) -> tuple[torch.Tensor, torch.Tensor]:
-        """DiffusionNFT's errors [n*k] of the implicit positive policy v+ = b v + (1 - b) v_old and negative
-        policy v- = (1 + b) v_old - b v (b = nft_beta): the x0-prediction error mean((x_t - sigma v' - x0)^2)
-        divided by its own detached mean absolute value (the paper's adaptive weighting), then by b."""
-        b = self.opts.nft_beta
-        out = []
-        for pred in (b * v + (1.0 - b) * v_old, (1.0 + b) * v_old - b * v):
-            diff = (xt - sig * pred) - x0  # [n*k, *latent]
-            scale = diff.detach().abs().flatten(1).mean(1).clamp_min(1e-5)
-            out.append(diff.pow(2).flatten(1).mean(1) / scale / b)
-        return out[0], out[1]
 
     def _noise(self, gens: list[torch.Generator], G: int, shared_per_group: bool) -> torch.Tensor:
         """[N, *latent] Gaussian noise, drawn group by group from each prompt's generator (layout independent)."""
@@ -592,18 +465,6 @@ class DiffusionPolicy:
             return self.rollout(batch, 1).samples
         finally:
             self.opts.noise_level, self.opts.exploration, self.opts.objective = saved
-
-
-def check_loss(opts: DiffusionPolicyOptions, loss_name: str) -> None:
-    """At build time: objective=nft and loss.name=nft go together (the loss combines the two implicit policies'
-    errors that only that objective computes)."""
-    if opts.objective == "nft" and loss_name != "nft":
-        raise UserError(
-            f"policy.options.objective=nft trains DiffusionNFT's implicit policies, which only loss.name=nft "
-            f"combines (got loss.name={loss_name!r}): set loss.name=nft and loss.adv_clip"
-        )
-    if loss_name == "nft" and opts.objective != "nft":
-        raise UserError(f"loss.name=nft needs policy.options.objective=nft (got objective={opts.objective!r})")
 
 
 def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets: list[str] | None) -> None:
