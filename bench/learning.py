@@ -64,8 +64,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 def run_one(method: str, seed: int, budget: float, out_dir: Path, extra: list[str], threads: int = 0) -> dict:
     import torch
 
-    from mmgrpo.core.config import load_config
-    from mmgrpo.core.trainer import train
+    from mmgrpo.train.config import load_config
+    from mmgrpo.train.trainer import train
 
     overrides = [
         f"run.name={method}_s{seed}", f"run.output_dir={out_dir}", "run.overwrite=true", f"run.seed={seed}",
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results file ('' = print only)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (2 on a 2-core box)")
     args = p.parse_args(argv)
-    from mmgrpo.core.config import load_config
-    from mmgrpo.core.trainer import Trainer
+    from mmgrpo.train.config import load_config
+    from mmgrpo.train.trainer import Trainer
 
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

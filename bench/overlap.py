@@ -3,7 +3,7 @@
     python bench/overlap.py                  # CPU; writes bench/results/overlap.md
     python bench/overlap.py --latency 0.4 --repeats 3 --out ''
 
-A reward server (``rewards.server.serve`` on 127.0.0.1, the real HTTP path of ``rewards.remote``) scores
+A reward server (``mmgrpo.rewards.server.serve`` on 127.0.0.1, the real HTTP path of ``mmgrpo.rewards.remote``) scores
 ``jpeg_incompressibility`` after sleeping ``latency`` seconds per scored row (a stand-in for a heavy reward model on
 another GPU, whose cost grows with the rows it scores). The trainer runs text-to-image GRPO steps on a tiny SD3
 checkpoint with ``rollout_chunks`` 1 (sample everything, then score) and 4 (score chunk c in a background thread
@@ -29,7 +29,7 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "overlap.md"
 
 
 def slow_reward(latency: float):
-    import rewards
+    from mmgrpo import rewards
 
     inner = rewards.get("jpeg_incompressibility")
 
@@ -41,8 +41,8 @@ def slow_reward(latency: float):
 
 
 def run(ckpt: str, url: str, chunks: int, out_dir: Path, steps: int) -> list[dict]:
-    from mmgrpo.core.config import load_config
-    from mmgrpo.core.trainer import train
+    from mmgrpo.train.config import load_config
+    from mmgrpo.train.trainer import train
 
     base = {
         "pipeline": "text_to_image",
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results file ('' = print only)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    from mmgrpo.rewards.server import serve
     from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
-    from rewards.server import serve
 
     rows: dict[int, list[dict]] = {1: [], 4: []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 
 import torch
 
+from mmgrpo.core.errors import UserError
+
 
 class EMA:
     """shadow <- decay * shadow + (1 - decay) * param at each ``update()``; fp32 shadows. ``option`` names the
@@ -13,8 +15,6 @@ class EMA:
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float, option: str = "trainer.ema_decay"):
         if not 0.0 < decay < 1.0:
-            from mmgrpo.core.errors import UserError
-
             raise UserError(f"{option} must be in (0, 1), got {decay}")
         self.params = list(params)
         self.decay = decay

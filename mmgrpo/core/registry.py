@@ -10,10 +10,14 @@ suggests the nearest one::
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
+import types
 from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
+from mmgrpo.core import plugins
 from mmgrpo.core.errors import UserError
 
 T = TypeVar("T")
@@ -31,13 +35,57 @@ def first_doc_line(obj: Any) -> str:
     return doc.strip().splitlines()[0].strip() if doc.strip() else ""
 
 
-class Registry(Generic[T]):
-    """A named collection of ``T`` with a description per entry."""
+def import_dotted(name: str, kind: str) -> Any:
+    """The object at ``pkg.module.attr`` (or ``pkg.module:attr``); a UserError naming ``kind`` if there is none."""
+    module_name, sep, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{kind} {name!r}: cannot import module {module_name!r} ({e})") from e
+    if not hasattr(module, attr):
+        raise UserError(f"{kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
 
-    def __init__(self, kind: str):
+
+class Registry(Generic[T]):
+    """A named collection of ``T`` with a description per entry.
+
+    With ``plugins=K`` the registry fills itself on first use from the built-in modules of kind K and the entry
+    points of the group ``mmgrpo.K`` (see :mod:`mmgrpo.core.plugins`); ``get`` also accepts a dotted path.
+    """
+
+    def __init__(self, kind: str, plugins: str | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._descriptions: dict[str, str] = {}
+        self._plugins = plugins
+        self._loaded = plugins is None
+        self._seen: set[tuple[str, str, str]] = set()
+
+    def load(self) -> None:
+        """Import the built-in modules of this registry's kind (once) and its entry points (found so far)."""
+        if self._plugins is None:
+            return
+        if not self._loaded:
+            self._loaded = True
+            for module in plugins.BUILTIN.get(self._plugins, ()):
+                importlib.import_module(module)
+        self._scan_entry_points()
+
+    def _scan_entry_points(self) -> None:
+        """Register the entry points of the kind's group not seen yet (a plug-in installed later is found too)."""
+        group = plugins.ENTRY_POINT_GROUPS.get(self._plugins, f"mmgrpo.{self._plugins}")
+        for ep in entry_points(group=group):
+            if ep.name in self._items or (group, ep.name, ep.value) in self._seen:
+                continue
+            self._seen.add((group, ep.name, ep.value))
+            try:
+                obj = ep.load()
+            except Exception as e:  # a broken plug-in names itself instead of failing somewhere later
+                raise UserError(f"{self.kind} plug-in {ep.name!r} ({ep.value}, entry-point group {group!r}) "
+                                f"failed to load: {type(e).__name__}: {e}") from e  # fmt: skip
+            if not isinstance(obj, types.ModuleType) and ep.name not in self._items:
+                self.add(ep.name, obj)
 
     def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
         """Decorator: ``@REGISTRY.register("grpo")``. The description defaults to the docstring's first line."""
@@ -56,26 +104,39 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise UserError(self.unknown_message(name))
-        return self._items[name]
+            self.load()
+        if name in self._items:
+            return self._items[name]
+        if self._plugins is not None and "." in name:  # a dotted path names a part outside any registry
+            return import_dotted(name, self.kind)
+        raise UserError(self.unknown_message(name))
 
     def unknown_message(self, name: str) -> str:
+        self.load()
         known = ", ".join(sorted(self._items))
         msg = f"unknown {self.kind} {name!r}; known: {known}"
+        if self._plugins is not None:
+            msg += f"; or a dotted path 'my_pkg.my_module.my_{self._plugins.rstrip('s')}'"
         hint = nearest(name, self._items)
         return msg + (f" (did you mean {hint!r}?)" if hint else "")
 
     def describe(self, name: str) -> str:
+        if name not in self._descriptions:
+            self.load()
         return self._descriptions[name]
 
     def names(self) -> list[str]:
+        self.load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            self.load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self.load()
         return len(self._items)

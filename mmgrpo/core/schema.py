@@ -159,3 +159,8 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def options_from(cls: type, options: dict, where: str, prefix: str) -> Any:
+    """Build a component's options dataclass strictly (errors name ``prefix.key`` and ``where``)."""
+    return from_dict(cls, options or {}, where, prefix=prefix)

@@ -2,7 +2,7 @@
 
 This is the library's embedded demo and learning benchmark. Like GenEval (Ghosh et al., 2023, "GenEval: An
 Object-Focused Framework for Evaluating Text-to-Image Alignment"), "better" is verified from pixels: a tiny
-text-to-image model is RL-trained against the verifier in ``rewards/shapes.py``, and a tiny VLM answers
+text-to-image model is RL-trained against the verifier in ``mmgrpo/rewards/shapes.py``, and a tiny VLM answers
 questions about rendered scenes.
 
 Vocabulary: 3 shapes x 4 colours, 5 absolute positions, counts one..three, 4 relations. Prompt kinds::

@@ -12,7 +12,7 @@ Position regions are the outer thirds of :func:`mmgrpo.data.shapes.in_region`; a
 in exactly one of the four (never in a corner, where "left" and "top" would both hold). Grounding boxes are the
 object's bounding box from its normalised ``(cx, cy, size)`` (:meth:`~mmgrpo.data.shapes.Obj.extent`, the
 triangle's centroid sits 2/3 of its height below the apex) times the image side; they are stored in ABSOLUTE
-pixels of the original image and converted to a model family's convention only by ``rewards/boxes.py``.
+pixels of the original image and converted to a model family's convention only by ``mmgrpo/rewards/boxes.py``.
 
 Every example carries a perception checklist (PEARL, Zhang et al. 2025, arXiv 2511.18437): short sub-questions
 about the same image with known answers, e.g. ``("How many objects are there?", "2")``,

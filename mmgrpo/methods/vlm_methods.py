@@ -6,7 +6,7 @@ seams of the loop (DESIGN.md, docs/hooks.md), under ``data.options.methods`` of 
 - **PEARL** (Zhang et al. 2025, arXiv 2511.18437), ``methods.pearl.enabled``: :class:`PearlVLMPolicy` turns each of
   the B prompts into TWO groups, interleaved ``[reasoning_0, checklist_0, reasoning_1, ...]`` (2B groups, N = 2BG
   rows): the reasoning group answers the question; the checklist group answers all of ``meta["checklist"]`` in one
-  completion (scored by the ``pearl_checklist`` reward, rewards/pearl.py). Checklist rows get loss weight lambda
+  completion (scored by the ``pearl_checklist`` reward, mmgrpo/methods/pearl.py). Checklist rows get loss weight lambda
   (``rollout.loss_weight``); :func:`pearl_gate_hook` scales each reasoning group's advantages by
   ``fidelity_gate`` = min(mean R_p of its checklist group, cap), 0 when that mean is 0 (the update is skipped).
 - **TempSamp-R1**, ``methods.tempsamp.enabled``: the policy option ``inject_ground_truth`` writes the ground truth
@@ -27,11 +27,10 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch, Rollout
-from mmgrpo.methods.pearl import apply_gate, fidelity_gate
+from mmgrpo.methods.pearl import STREAM_KEY, apply_gate, checklist_question, fidelity_gate
 from mmgrpo.methods.tempsamp import anchor_advantages
 from mmgrpo.policies.vlm import VLMPolicy
 from mmgrpo.policies.vlm_inputs import MEDIA_KEYS
-from rewards.pearl import STREAM_KEY, checklist_question
 
 REASONING, CHECKLIST = 0, 1  # rollout.extras["pearl_stream"] values
 

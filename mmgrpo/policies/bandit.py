@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmgrpo.core.components import generator_for
+from mmgrpo.core.losses import k3_kl
+from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 
 
@@ -73,7 +74,6 @@ class BanditPolicy:
         kl = None
         if self.ref_logits is not None:
             ref = torch.log_softmax(self.ref_logits[ids], dim=-1).gather(1, arms[:, None])
-            from mmgrpo.core.losses import k3_kl
 
             kl = k3_kl(logp, ref)
         return LogProbs(logp=logp, kl=kl)

@@ -26,9 +26,9 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from mmgrpo.core.components import generator_for
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry
+from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies import exploration, sde
 from mmgrpo.policies.flow_matching import FinalSampleObjectives
@@ -91,7 +91,7 @@ class DiffusionAdapter(Protocol):
         ...
 
 
-ADAPTERS: Registry[Any] = Registry("model family")
+ADAPTERS: Registry[Any] = Registry("diffusion model family", plugins="diffusion_families")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mmgrpo.core.advantages import get_estimator
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry
 
@@ -196,35 +197,6 @@ def coarse_schedule(sigmas: torch.Tensor, k: int, granularity: int) -> torch.Ten
     return sigmas[idx]
 
 
-def group_normalise(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO group normalisation ``(r - mean) / (std + eps)`` over G, unbiased std: [B, G] -> [B, G].
-
-    Groups whose rewards are all equal get exactly 0 (in fp32 their mean can differ from them by an ulp, which
-    dividing by eps would turn into an advantage of order 1e-2), as in ``mmgrpo.core.advantages.grpo``.
-    """
-    if rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise UserError(f"group normalisation needs rewards [B, G] with G >= 2, got shape {tuple(rewards.shape)}")
-    r = rewards.to(torch.float32)
-    adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)  # [B, G]
-    equal = (r == r[:, :1]).all(-1, keepdim=True)  # [B, 1]
-    return torch.where(equal, torch.zeros_like(adv), adv)
-
-
-def _estimator(name: str, estimator_fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor]:
-    if estimator_fn is not None:
-        return estimator_fn
-    if name == "grpo":
-        return group_normalise
-    try:  # the core registry; imported lazily so this module stands alone
-        from mmgrpo.core.advantages import get_estimator
-    except ImportError as e:
-        raise UserError(
-            f"estimator {name!r} needs mmgrpo.core.advantages, which cannot be imported ({e}); "
-            "use estimator='grpo' or pass estimator_fn"
-        ) from e
-    return get_estimator(name)
-
-
 def multi_granularity_advantages(
     rewards: torch.Tensor,
     estimator: str = "grpo",
@@ -237,12 +209,14 @@ def multi_granularity_advantages(
     used the l-th granularity (:func:`coarse_schedule`). Each granularity is normalised within its group
     separately -- the group shares k, so this is per (granularity, k) -- and the L advantages are summed.
 
-    The normaliser is :func:`group_normalise` for ``"grpo"``, ``estimator_fn`` when given, else the core
-    estimator registered under ``estimator``; each is called as ``fn(rewards[l] [B, G], **opts) -> [B, G]``.
+    The normaliser is ``estimator_fn`` when given, else the estimator registered under ``estimator``; each is
+    called as ``fn(rewards[l] [B, G], **opts) -> [B, G]``.
     """
     if rewards.ndim != 3:
         raise UserError(f"rewards must be [L, B, G] (one reward per granularity), got shape {tuple(rewards.shape)}")
     num_b, num_g = rewards.shape[1], rewards.shape[2]
-    fn = _estimator(estimator, estimator_fn)
+    if num_g < 2:
+        raise UserError(f"group normalisation needs rewards [L, B, G] with G >= 2, got shape {tuple(rewards.shape)}")
+    fn = estimator_fn or get_estimator(estimator)
     per_level = [fn(rewards[lvl], **opts).reshape(num_b, num_g) for lvl in range(rewards.shape[0])]  # L x [B, G]
     return torch.stack(per_level).sum(0)  # [B, G]

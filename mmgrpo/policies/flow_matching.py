@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mmgrpo.core.components import generator_for
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, Rollout
-
-if TYPE_CHECKING:
-    from mmgrpo.policies.diffusion import DiffusionPolicyOptions
 
 
 class FinalSampleObjectives:
@@ -160,8 +157,9 @@ class FinalSampleObjectives:
         return out[0], out[1]
 
 
-def check_loss(opts: DiffusionPolicyOptions, loss_name: str) -> None:
-    """At build time: objective=nft and loss.name=nft go together (the loss combines the two implicit policies'
+def check_loss(opts: Any, loss_name: str) -> None:
+    """At build time (``opts``: the policy's DiffusionPolicyOptions): objective=nft and loss.name=nft go together
+    (the loss combines the two implicit policies'
     errors that only that objective computes)."""
     if opts.objective == "nft" and loss_name != "nft":
         raise UserError(

@@ -41,11 +41,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmgrpo.core.components import generator_for
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.losses import k3_kl
+from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
-from mmgrpo.methods.tempsamp import format_ground_truth, inject_ground_truth
+from mmgrpo.policies.offpolicy import format_ground_truth, inject_ground_truth
 from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media / prompt helpers used to live here)
     R1_SYSTEM_PROMPT,
     PromptInputs,
@@ -57,7 +57,11 @@ from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media 
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 FAMILIES = (*QWEN_FAMILIES, "generic")
-BOX_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "generic": "absolute"}  # rewards/boxes.py names
+BOX_FAMILY = {
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "generic": "absolute",
+}  # mmgrpo/rewards/boxes.py names
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 BOX_TOKENS = (
     "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"
@@ -407,7 +411,7 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.model") 
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot load a VLM from {key}={str(path)!r}: {e}. Give a local directory with "
-            "config.json, model.safetensors and the processor files (see pipelines/make_tiny_vlm.py), or a hub id"
+            "config.json, model.safetensors and the processor files (see scripts/make_tiny_vlm.py), or a hub id"
         ) from e
     return model, processor
 
@@ -416,7 +420,7 @@ class VLMPolicy:
     """Policy protocol over a transformers VLM. Samples: N completion strings (special tokens stripped).
 
     ``family`` is qwen2_vl, qwen2_5_vl or generic; ``box_family`` is the matching name for the ``iou`` reward
-    (box coordinates are converted only in ``rewards/boxes.py``).
+    (box coordinates are converted only in ``mmgrpo/rewards/boxes.py``).
     """
 
     def __init__(

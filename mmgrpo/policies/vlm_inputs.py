@@ -1,7 +1,7 @@
 """What a VLM prompt becomes before the model sees it: media loading, the chat turn, the processed prompt.
 
 Shared by the policy (:mod:`mmgrpo.policies.vlm`) and by components that must show a VLM the same prompt the same
-way (the frozen listener of ``rewards/vlm_listener.py``, ACRE's re-asking):
+way (the frozen listener of ``mmgrpo/rewards/vlm_listener.py``, ACRE's re-asking):
 
 - :func:`load_image` / :func:`read_video`: PIL RGB images and uint8 frames [F, H, W, 3], shrunk to a pixel budget;
 - :func:`question_text`: a prompt (str, ``{question|text, options?}``) as one user text, options lettered A) B) ...;

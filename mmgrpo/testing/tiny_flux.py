@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from mmgrpo.policies.models.flux import FluxAdapter
 from mmgrpo.testing.tokenizers import word_tokenizer
 
 TINY_SIZE = 16  # image height = width in pixels
@@ -70,7 +71,6 @@ def tiny_flux_components(seed: int = 0, variant: Literal["dev", "schnell"] = "de
 
 def tiny_flux_adapter(seed: int = 0, variant: Literal["dev", "schnell"] = "dev", **kwargs):
     """A :class:`~mmgrpo.policies.models.flux.FluxAdapter` over :func:`tiny_flux_components` (16x16 images)."""
-    from mmgrpo.policies.models.flux import FluxAdapter
 
     kwargs = {"height": TINY_SIZE, "width": TINY_SIZE, **kwargs}
     return FluxAdapter(**tiny_flux_components(seed, variant), **kwargs)

@@ -11,6 +11,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from mmgrpo.policies.models.hunyuan_video import HunyuanVideoAdapter
 from mmgrpo.testing.tokenizers import BASE_WORDS, word_tokenizer
 
 # Llama-3's pre-tokenizer (tokenizer.json of Meta-Llama-3): contractions, letters, 1-3 digits, punctuation, newlines
@@ -102,7 +103,6 @@ TINY_SIZE = {"height": 32, "width": 32, "num_frames": 5}
 
 
 def tiny_hunyuan_video_adapter(seed: int = 0, **kwargs):
-    from mmgrpo.policies.models.hunyuan_video import HunyuanVideoAdapter
 
     c = tiny_hunyuan_video_components(seed)
     opts = {**TINY_SIZE, "max_sequence_length": 16, **kwargs}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mmgrpo.policies.models.sd import SDAdapter
 from mmgrpo.testing.tokenizers import word_tokenizer
 
 
@@ -61,7 +62,6 @@ def tiny_sd_pipeline(seed: int = 0, xl: bool = False, **kwargs):
 
 
 def tiny_sd_adapter(seed: int = 0, xl: bool = False, prediction_type: str = "epsilon", **kwargs):
-    from mmgrpo.policies.models.sd import SDAdapter
 
     sched_kw = {k: kwargs.pop(k) for k in ("timestep_spacing", "set_alpha_to_one") if k in kwargs}
     c = tiny_sd_components(seed, xl=xl, prediction_type=prediction_type, **sched_kw)

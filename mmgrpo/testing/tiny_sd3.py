@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mmgrpo.policies.models.sd3 import SD3Adapter
 from mmgrpo.testing.tokenizers import word_tokenizer
 
 
@@ -57,7 +58,6 @@ def tiny_sd3_components(seed: int = 0, with_vae: bool = True, with_t5: bool = Tr
 
 
 def tiny_sd3_adapter(seed: int = 0, **kwargs):
-    from mmgrpo.policies.models.sd3 import SD3Adapter
 
     c = tiny_sd3_components(seed, **{k: kwargs.pop(k) for k in ("with_vae", "with_t5") if k in kwargs})
     return SD3Adapter(

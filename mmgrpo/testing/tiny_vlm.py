@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mmgrpo.data import shapes
+
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -63,7 +65,6 @@ QWEN_CHAT_TEMPLATE = (
 
 def _corpus() -> list[str]:
     """Sentences the tiny BPE is trained on: the shapes world's vocabulary, QA phrasing, digits, letters, marks."""
-    from mmgrpo.data import shapes
 
     words = [*shapes.SHAPES, *shapes.COLORS, *shapes.POSITIONS, *shapes.RELATIONS, *shapes.COUNT_WORDS.values()]
     words += [f"{s}s" for s in shapes.SHAPES]

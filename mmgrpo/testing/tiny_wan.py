@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mmgrpo.policies.models.wan import WanAdapter
 from mmgrpo.testing.tokenizers import word_tokenizer
 
 SIZE = {"height": 32, "width": 32, "num_frames": 5}
@@ -70,7 +71,6 @@ def tiny_wan_components(
 
 def tiny_wan_adapter(seed: int = 0, **kwargs):
     """A WanAdapter over :func:`tiny_wan_components` (same seed -> same weights as the pipeline's)."""
-    from mmgrpo.policies.models.wan import WanAdapter
 
     model = {k: kwargs.pop(k) for k in ("image_to_video", "clip", "two_experts") if k in kwargs}
     c = tiny_wan_components(seed, **model)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mmgrpo.core.components import PIPELINES, load_pipelines
-from mmgrpo.core.config import load_config
+from mmgrpo.train.components import PIPELINES
+from mmgrpo.train.config import load_config
 
 ROOT = Path(__file__).parents[2]
 spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "learning.py")
@@ -18,7 +18,7 @@ spec.loader.exec_module(learning)
 def test_method_overrides_build_the_named_objective(method, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the demo config names assets/shapes_t2i relative to the repository
     cfg = load_config(learning.CONFIG, [f"run.output_dir={tmp_path}", *learning.METHODS[method][1]])
-    load_pipelines()
+    PIPELINES.load()
     policy = PIPELINES.get(cfg.pipeline).build(cfg, None).policy
     label = learning.METHODS[method][0]
     want = "sde" if "SDE" in label or "G2RPO" in label else "flow_matching" if "AWM" in label else "nft"

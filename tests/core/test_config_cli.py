@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from mmgrpo.core.cli import list_entries, main
-from mmgrpo.core.config import Config, load_config, parse_override
 from mmgrpo.core.errors import UserError
+from mmgrpo.train.cli import list_entries, main
+from mmgrpo.train.config import Config, load_config, parse_override
 
 GOOD = """# mmgrpo train {path}
 pipeline: bandit
@@ -118,7 +118,7 @@ def test_list_shows_every_estimator_and_loss(capsys):
 
 
 def test_version_and_console_script():
-    proc = subprocess.run([sys.executable, "-m", "mmgrpo.core.cli", "--version"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mmgrpo.train.cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("mmgrpo ")
 
 

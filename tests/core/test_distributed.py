@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mmgrpo.core import checkpoint as ckpt
-from mmgrpo.core.config import load_config
-from mmgrpo.core.trainer import train
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 CONFIG = {
     "pipeline": "bandit",
@@ -41,7 +41,7 @@ def test_two_processes_match_one_process(tmp_path):
     one = train(load_config(cfg_path, [f"run.output_dir={tmp_path}", "run.name=one"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [_accelerate(), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--cpu", "-m", "mmgrpo.core.cli", "train", str(cfg_path),
+           "--dynamo_backend", "no", "--cpu", "-m", "mmgrpo.train.cli", "train", str(cfg_path),
            f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgrpo.core.report import BA_GAP, BA_PAD, before_after, write_report
+from mmgrpo.train.report import BA_GAP, BA_PAD, before_after, write_report
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

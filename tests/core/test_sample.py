@@ -9,12 +9,14 @@ import torch
 import yaml
 from PIL import Image
 
-import rewards
-from mmgrpo.core.checkpoint import latest_checkpoint, load_checkpoint
-from mmgrpo.core.cli import main as cli_main
-from mmgrpo.core.config import load_config
+from mmgrpo import rewards
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.sample import (
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
+from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint
+from mmgrpo.train.cli import main as cli_main
+from mmgrpo.train.config import load_config
+from mmgrpo.train.sample import (
     best_index,
     build_policy,
     framed,
@@ -24,9 +26,7 @@ from mmgrpo.core.sample import (
     sample_seeds,
     save_best,
 )
-from mmgrpo.core.trainer import train
-from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
-from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
+from mmgrpo.train.trainer import train
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -223,7 +223,7 @@ def test_checkpoint_must_match_the_model(trained_run):
 
 
 def _without_ema(ckpt, dest):
-    from mmgrpo.core.checkpoint import save_checkpoint
+    from mmgrpo.train.checkpoint import save_checkpoint
 
     state = load_checkpoint(ckpt)
     state["ema"] = None

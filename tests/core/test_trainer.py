@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgrpo.core import checkpoint as ckpt
-from mmgrpo.core.components import EvalResult
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import Trainer, train
 from mmgrpo.core.types import PromptBatch
-from rewards.registry import REWARDS, register
+from mmgrpo.rewards.registry import REWARDS, register
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.components import EvalResult
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import Trainer, train
 
 BASE = {
     "pipeline": "bandit",
@@ -250,9 +250,9 @@ def test_stateful_reward_is_checkpointed_and_resumes_exactly(tmp_path):
 
 
 def test_reward_restricted_to_streams_gives_nan_elsewhere():
-    from mmgrpo.core.config import RewardSpec
-    from mmgrpo.core.scoring import build_rewards
     from mmgrpo.core.types import RewardContext
+    from mmgrpo.train.config import RewardSpec
+    from mmgrpo.train.scoring import build_rewards
 
     ((_, _, fn),) = build_rewards([RewardSpec(name="bandit_arm_value", streams=["reasoning"])])
     meta = [{"arm_values": [0.5, 1.0], "stream": s} for s in ("reasoning", "checklist", "reasoning")]

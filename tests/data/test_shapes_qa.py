@@ -7,7 +7,7 @@ import pytest
 from mmgrpo.core.errors import UserError
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.shapes import COLORS, Obj, Scene, in_region, render
-from rewards.shapes import detect
+from mmgrpo.rewards.shapes import detect
 
 
 def test_examples_are_deterministic_in_the_seed_and_differ_across_seeds():

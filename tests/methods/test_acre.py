@@ -16,7 +16,7 @@ from mmgrpo.methods.acre import (
     rewrite_letter_mentions,
     shuffle_options,
 )
-from rewards.text import extract_choice
+from mmgrpo.rewards.text import extract_choice
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import Trainer
 from mmgrpo.methods.tempsamp import format_ground_truth
-from pipelines.vlm_reasoning import shapes_question
-from rewards.text import extract_answer, extract_choice
+from mmgrpo.pipelines.vlm_reasoning import shapes_question
+from mmgrpo.rewards.text import extract_answer, extract_choice
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 ASSET = REPO / "assets" / "tiny_qwen2_vl"

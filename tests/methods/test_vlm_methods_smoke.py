@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgrpo.core.config import load_config, read_yaml
-from mmgrpo.core.trainer import Trainer, prepare_run_dir, train
 from mmgrpo.policies.vlm import VLMPolicyOptions, load_vlm
+from mmgrpo.rewards.registry import register
 from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_5_vl, tiny_qwen2_vl
-from rewards.registry import register
+from mmgrpo.train.config import load_config, read_yaml
+from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}

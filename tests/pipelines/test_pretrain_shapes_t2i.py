@@ -1,4 +1,4 @@
-"""The shipped shapes text-to-image model and the recipe that made it (pipelines/pretrain_shapes_t2i.py)."""
+"""The shipped shapes text-to-image model and the recipe that made it (scripts/pretrain_shapes_t2i.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.shapes import all_prompts, parse_prompt, split_prompts
 from mmgrpo.policies.models.sd3 import decode_latents
-from pipelines.pretrain_shapes_t2i import (
+from scripts.pretrain_shapes_t2i import (
     LOSS_WEIGHTS,
     PretrainConfig,
     build_models,
@@ -30,8 +30,8 @@ from pipelines.pretrain_shapes_t2i import (
     sample,
     train,
 )
-from pipelines.shapes_scenes import cosine_lr, kind_balanced, num_params, render_batch, train_batch
-from pipelines.shapes_vae import to_latents
+from scripts.shapes_scenes import cosine_lr, kind_balanced, num_params, render_batch, train_batch
+from scripts.shapes_vae import to_latents
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "shapes_t2i"
 
@@ -45,7 +45,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def shipped():
     if not (ASSET / "model_index.json").is_file():
-        pytest.fail(f"the shipped asset {ASSET} is missing; run python -m pipelines.pretrain_shapes_t2i --out {ASSET}")
+        pytest.fail(f"the shipped asset {ASSET} is missing; run python -m scripts.pretrain_shapes_t2i --out {ASSET}")
     return load_models(ASSET)
 
 
@@ -91,7 +91,7 @@ def test_pretrain_tiny_writes_a_folder_that_loads_back_and_samples_the_same(tmp_
 
 def test_latent_pretraining_writes_a_vae_folder_that_the_policy_samples_identically(tmp_path):
     from mmgrpo.policies.diffusion import DiffusionPolicy
-    from pipelines.text_to_image import GeneratorPolicyOptions, load_adapter
+    from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 
     latent = dict(vae_steps=3, vae_width=8, vae_batch_size=4, patch_size=2)  # 32 px -> 8x8x4 latents, 16 tokens
     torch.manual_seed(0)

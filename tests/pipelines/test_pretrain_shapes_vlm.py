@@ -1,4 +1,4 @@
-"""Pretraining of the shapes VLM (pipelines/pretrain_shapes_vlm.py) and the shipped asset assets/shapes_vlm."""
+"""Pretraining of the shapes VLM (scripts/pretrain_shapes_vlm.py) and the shipped asset assets/shapes_vlm."""
 
 import json
 import re
@@ -13,7 +13,9 @@ from mmgrpo.data import shapes_qa
 from mmgrpo.data.shapes import Obj, Scene
 from mmgrpo.methods.vlm_methods import checklist_prompt
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from pipelines.pretrain_shapes_vlm import (
+from mmgrpo.rewards.boxes import parse_box
+from mmgrpo.rewards.text import extract_answer, has_valid_format
+from scripts.pretrain_shapes_vlm import (
     CHECKLIST_MAX_NEW_TOKENS,
     ChecklistExample,
     PretrainVLMConfig,
@@ -31,8 +33,6 @@ from pipelines.pretrain_shapes_vlm import (
     target_text,
     training_examples,
 )
-from rewards.boxes import parse_box
-from rewards.text import extract_answer, has_valid_format
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "shapes_vlm"
 TINY = dict(vision_dim=32, vision_depth=1, vision_heads=2, text_hidden=64, text_layers=1, text_ffn=64)
@@ -132,7 +132,7 @@ def test_batched_sft_loss_is_exactly_the_policys_token_log_prob():
 
 def test_pretrain_a_few_steps_writes_a_loadable_asset_with_a_readme(tmp_path):
     config = PretrainVLMConfig(**TINY, steps=4, batch_size=4, warmup=1, eval_per_kind=2)
-    summary = pretrain(config, tmp_path / "m", command="python -m pipelines.pretrain_shapes_vlm --steps 4")
+    summary = pretrain(config, tmp_path / "m", command="python -m scripts.pretrain_shapes_vlm --steps 4")
     assert summary["steps_done"] == 4 and summary["params"]["vision"] > 0
     h = summary["heldout"]
     assert set(h) == {

@@ -4,8 +4,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmgrpo.core.config import load_config
-from mmgrpo.core.trainer import train
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 ROOT = Path(__file__).parents[2]
 

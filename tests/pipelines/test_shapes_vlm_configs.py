@@ -5,11 +5,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
 from mmgrpo.data import shapes_qa
+from mmgrpo.pipelines.vlm_reasoning import (
+    PairedScores,
+    QAExamples,
+    QAPrompts,
+    VLMReasoningDataOptions,
+    evaluate_accuracy,
+)
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from pipelines.vlm_reasoning import PairedScores, QAExamples, QAPrompts, VLMReasoningDataOptions, evaluate_accuracy
+from mmgrpo.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

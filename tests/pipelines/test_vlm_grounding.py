@@ -1,4 +1,5 @@
-"""The vlm_grounding recipe: box targets via rewards/boxes.py, IoU evaluation on hand-made answers, JSONL data, the
+"""The vlm_grounding recipe: box targets via mmgrpo/rewards/boxes.py, IoU evaluation on hand-made answers, JSONL
+data, the
 shapes split, the family check, and a 2-step smoke run on the shipped shapes VLM."""
 
 import json
@@ -8,13 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
 from mmgrpo.data import shapes_qa
-from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from mmgrpo.testing.tiny_vlm import tiny_qwen2_5_vl, tiny_qwen2_vl
-from pipelines.vlm_grounding import (
+from mmgrpo.pipelines.vlm_grounding import (
     GroundingExamples,
     VLMGroundingDataOptions,
     box_answer,
@@ -22,7 +19,11 @@ from pipelines.vlm_grounding import (
     grounding_scores,
     load_grounding_jsonl,
 )
-from rewards.boxes import parse_box, to_absolute
+from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
+from mmgrpo.rewards.boxes import parse_box, to_absolute
+from mmgrpo.testing.tiny_vlm import tiny_qwen2_5_vl, tiny_qwen2_vl
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "shapes_grounding_medloc.yaml"
@@ -142,7 +143,7 @@ def test_two_step_smoke_run_on_the_shapes_vlm(tmp_path):
 
 
 def test_grounding_jsonl_errors_name_the_line_and_the_missing_keys(tmp_path):
-    from pipelines.vlm_grounding import load_grounding_jsonl
+    from mmgrpo.pipelines.vlm_grounding import load_grounding_jsonl
 
     path = tmp_path / "g.jsonl"
     ok = {"image": "a.png", "question": "Locate it.", "box": [1, 2, 3, 4], "image_size": [8, 8]}

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgrpo.core.config import load_config, read_yaml
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
+from mmgrpo.pipelines.vlm_reasoning import QAExamples, QAPrompts, VLMReasoningDataOptions, load_jsonl, shapes_question
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from pipelines.make_tiny_vlm import main as make_tiny_vlm
-from pipelines.make_tiny_vlm import warm_up_format
-from pipelines.vlm_reasoning import QAExamples, QAPrompts, VLMReasoningDataOptions, load_jsonl, shapes_question
-from rewards.text import has_valid_format
+from mmgrpo.rewards.text import has_valid_format
+from mmgrpo.train.config import load_config, read_yaml
+from mmgrpo.train.trainer import train
+from scripts.make_tiny_vlm import main as make_tiny_vlm
+from scripts.make_tiny_vlm import warm_up_format
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "vlm_reasoning_tiny.yaml"
@@ -102,7 +102,7 @@ def test_the_shipped_asset_writes_the_r1_format():
     asset = REPO / read_yaml(CONFIG)["policy"]["options"]["model"]
     size = sum(f.stat().st_size for f in asset.iterdir())
     assert size < 5e6, size
-    from pipelines.vlm_reasoning import shapes_question as q
+    from mmgrpo.pipelines.vlm_reasoning import shapes_question as q
 
     policy = VLMPolicy.from_pretrained(str(asset), VLMPolicyOptions(max_new_tokens=32, finetune="full"))
     from mmgrpo.core.types import PromptBatch

@@ -7,14 +7,14 @@ import pytest
 import torch
 import yaml
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.flux import FluxAdapter, calculate_shift, pack_latents, unpack_latents
 from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_flux import save_tiny_flux, tiny_flux_adapter, tiny_flux_components
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 PROMPTS = ["a red circle", "two blue squares"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

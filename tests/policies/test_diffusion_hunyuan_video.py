@@ -6,9 +6,7 @@ import pytest
 import torch
 import yaml
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.hunyuan_video import HunyuanVideoAdapter
@@ -19,6 +17,8 @@ from mmgrpo.testing.tiny_hunyuan_video import (
     tiny_hunyuan_video_adapter,
     tiny_hunyuan_video_components,
 )
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 PROMPTS = ["a red circle", "two blue squares"]
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 import yaml
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.sd import SDAdapter
 from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_sd import save_tiny_sd, tiny_sd_adapter, tiny_sd_pipeline
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 PROMPTS = ["a red circle", "two blue squares"]
 

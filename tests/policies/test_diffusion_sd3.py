@@ -4,12 +4,12 @@ import pytest
 import torch
 import yaml
 
-from mmgrpo.core.config import load_config
-from mmgrpo.core.trainer import Trainer, train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter, tiny_sd3_components
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import Trainer, train
 
 PROMPTS = ["a red circle", "two blue squares"]
 

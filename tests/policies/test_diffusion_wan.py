@@ -9,14 +9,14 @@ import torch
 import yaml
 from PIL import Image
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.wan import first_frame, first_frame_mask, flow_scheduler
 from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_wan import SIZE, save_tiny_wan, tiny_wan_adapter, tiny_wan_components
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 PROMPTS = ["a red circle", "two blue squares"]
 VIDEO = (5, 3, 32, 32)  # F, 3, H, W of the tiny checkpoints
@@ -169,7 +169,7 @@ def test_user_errors_name_the_fix():
 def test_save_samples_writes_a_readable_mp4(tmp_path):
     import decord
 
-    from mmgrpo.core.report import save_samples
+    from mmgrpo.train.report import save_samples
 
     videos = torch.zeros(2, 5, 3, 32, 32)  # [n, F, 3, H, W]
     videos[:, :, 0] = torch.linspace(0, 1, 5)[None, :, None, None]  # red ramps up over the frames
@@ -191,7 +191,7 @@ def test_configs_load(name):
 
 
 def test_read_pairs_formats_and_errors(tmp_path):
-    from pipelines.image_to_video import read_pairs
+    from mmgrpo.pipelines.image_to_video import read_pairs
 
     frame(1).save(tmp_path / "a.png")
     write_mp4(tmp_path / "b.mp4", (0, 200, 0))

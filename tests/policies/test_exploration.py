@@ -9,7 +9,6 @@ from mmgrpo.policies.exploration import (
     ExplorationPlan,
     coarse_schedule,
     full,
-    group_normalise,
     multi_granularity_advantages,
     singular,
     window,
@@ -197,8 +196,8 @@ def test_multi_granularity_with_estimator_fn_and_core_estimator():
         multi_granularity_advantages(rewards, "nope")
 
 
-def test_group_normalise_needs_groups():
+def test_multi_granularity_needs_groups():
     with pytest.raises(UserError, match="G >= 2"):
-        group_normalise(torch.ones(3, 1))
+        multi_granularity_advantages(torch.ones(2, 3, 1))
     with pytest.raises(UserError, match=r"\[L, B, G\]"):
         multi_granularity_advantages(torch.ones(3, 2))

@@ -15,8 +15,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mmgrpo.core.config import load_config
-from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.testing.tiny_flux import save_tiny_flux
@@ -26,6 +24,8 @@ from mmgrpo.testing.tiny_sd import save_tiny_sd
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
 from mmgrpo.testing.tiny_wan import SIZE as WAN_SIZE
 from mmgrpo.testing.tiny_wan import save_tiny_wan
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 # family -> (checkpoint writer, pipeline, reward, family-specific policy options)
 FAMILIES = {

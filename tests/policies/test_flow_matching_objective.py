@@ -4,16 +4,16 @@ import pytest
 import torch
 import yaml
 
-from mmgrpo.core.components import generator_for
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
+from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_flux import tiny_flux_adapter
 from mmgrpo.testing.tiny_sd import tiny_sd_adapter
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 FM = dict(objective="flow_matching", fm_timesteps=3, noise_level=0.0)
 

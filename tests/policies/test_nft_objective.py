@@ -6,15 +6,15 @@ import pytest
 import torch
 import yaml
 
-from mmgrpo.core.components import generator_for
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.losses import policy_loss
-from mmgrpo.core.trainer import train
+from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.testing.checks import assert_ratio_one
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 NFT = dict(objective="nft", fm_timesteps=3, noise_level=0.0, num_steps=3)
 PROMPTS = ["a red circle", "two blue squares"]

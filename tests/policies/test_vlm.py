@@ -8,9 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmgrpo.core.config import load_config
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.vlm import (
     BOX_TOKENS,
@@ -21,8 +19,10 @@ from mmgrpo.policies.vlm import (
     read_video,
     sample_tokens,
 )
+from mmgrpo.rewards.registry import REWARDS, register
 from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_5_vl, tiny_qwen2_vl
-from rewards.registry import REWARDS, register
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
 
@@ -160,7 +160,7 @@ def test_prompt_preparation_from_a_path_with_options_and_the_size_the_model_saw(
     assert inputs.vision["image_grid_thw"].tolist() == [[1, 4, 8]]  # 56 / 14, 112 / 14 patches
     assert int((inputs.input_ids == policy.model.hf.config.image_token_id).sum()) == 4 * 8 // 4  # 2x2 merge
     rollout = policy.rollout(PromptBatch([prompt], [{"image": str(tmp_path / "img.png")}], seeds=[0]), 2)
-    assert rollout.meta[0]["resized_size"] == (112, 56)  # for the iou reward (converted in rewards/boxes.py)
+    assert rollout.meta[0]["resized_size"] == (112, 56)  # for the iou reward (converted in mmgrpo/rewards/boxes.py)
     with pytest.raises(UserError, match="not found"):
         policy.prepare("q", {"image": str(tmp_path / "missing.png")})
 
@@ -351,11 +351,11 @@ def vlm_config(tmp_path, model_dir, *overrides):
 
 
 def params_after_training(tmp_path, family, *overrides):
-    from mmgrpo.core.components import PIPELINES, load_pipelines
+    from mmgrpo.train.components import PIPELINES
 
     model_dir = save_tiny(*BUILDERS[family](), tmp_path / family)
     cfg = vlm_config(tmp_path, model_dir, *overrides)
-    load_pipelines()
+    PIPELINES.load()
     before = []
     for _ in range(2):  # the trainer seeds torch with run.seed before building, as here: same initial adapters
         torch.manual_seed(cfg.run.seed)

@@ -1,9 +1,9 @@
-"""Box conventions (rewards/boxes.py): hand-computed conversions, IoUs and parses."""
+"""Box conventions (mmgrpo/rewards/boxes.py): hand-computed conversions, IoUs and parses."""
 
 import pytest
 
 from mmgrpo.core.errors import UserError
-from rewards.boxes import FAMILIES, box_iou, from_absolute, parse_box, to_absolute
+from mmgrpo.rewards.boxes import FAMILIES, box_iou, from_absolute, parse_box, to_absolute
 
 
 def test_qwen2_vl_grid_to_absolute_and_back():

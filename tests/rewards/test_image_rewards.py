@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
-from rewards import image as img_rewards
-from rewards.registry import REWARDS
+from mmgrpo.rewards import image as img_rewards
+from mmgrpo.rewards.registry import REWARDS
 
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)

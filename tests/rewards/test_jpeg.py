@@ -1,4 +1,4 @@
-"""DDPO JPEG rewards (rewards/jpeg.py) on real PIL encodes."""
+"""DDPO JPEG rewards (mmgrpo/rewards/jpeg.py) on real PIL encodes."""
 
 import io
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from mmgrpo.core.errors import UserError
-from rewards import registry
-from rewards.jpeg import jpeg_size_kb, to_pil_images
+from mmgrpo.rewards import registry
+from mmgrpo.rewards.jpeg import jpeg_size_kb, to_pil_images
 
 
 def _images() -> torch.Tensor:

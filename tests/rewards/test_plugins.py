@@ -7,10 +7,10 @@ import textwrap
 import pytest
 import torch
 
-import rewards
-from mmgrpo.core.config import load_config
+from mmgrpo import rewards
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.trainer import train
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
 
 BANDIT = {
     "pipeline": "bandit",

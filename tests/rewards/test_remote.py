@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import rewards.registry as reward_registry
+import mmgrpo.rewards.registry as reward_registry
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
-from rewards.remote import decode_request, encode_request, quantise_uint8, remote
-from rewards.server import is_loopback, main, parse_options, serve
+from mmgrpo.rewards.remote import decode_request, encode_request, quantise_uint8, remote
+from mmgrpo.rewards.server import is_loopback, main, parse_options, serve
 
 
 def mean_pixel(samples, prompts, meta, ctx) -> torch.Tensor:  # samples [N, 3, H, W] or [N, F, 3, H, W] -> [N]
@@ -112,7 +112,7 @@ def test_registered_factory_and_int_array_samples(server_factory):
 
 
 def test_concurrent_requests_are_batched(server_factory, caplog):
-    caplog.set_level(logging.INFO, logger="rewards.server")
+    caplog.set_level(logging.INFO, logger="mmgrpo.rewards.server")
     reward = CountingReward(delay_s=0.05)
     srv = server_factory(reward, batch_wait_s=0.3, max_batch_rows=64)
     barrier, results, errors = threading.Barrier(4), {}, []
@@ -135,7 +135,7 @@ def test_concurrent_requests_are_batched(server_factory, caplog):
         torch.testing.assert_close(results[k], torch.full((2,), k / 255))
     assert len(reward.calls) < 4 and sum(reward.calls) == 8
     assert srv.reward_calls == len(reward.calls)
-    batch_lines = [r for r in caplog.records if r.name == "rewards.server" and "rows" in r.getMessage()]
+    batch_lines = [r for r in caplog.records if r.name == "mmgrpo.rewards.server" and "rows" in r.getMessage()]
     assert len(batch_lines) == len(reward.calls)
 
 
@@ -191,7 +191,7 @@ def _raw(url: str, data: bytes) -> bytes:
 
 
 def test_client_disconnect_mid_body_and_missing_length(server_factory, caplog):
-    caplog.set_level(logging.WARNING, logger="rewards.server")
+    caplog.set_level(logging.WARNING, logger="mmgrpo.rewards.server")
     srv = server_factory(mean_pixel)
     host, port = srv.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:

@@ -25,8 +25,8 @@ from mmgrpo.data.shapes import (
     sample_scene,
     to_tensor,
 )
-from rewards import registry
-from rewards.shapes import atoms, detect, label_components, palette_alpha, read_image, score
+from mmgrpo.rewards import registry
+from mmgrpo.rewards.shapes import atoms, detect, label_components, palette_alpha, read_image, score
 
 
 def _bfs_labels(classes: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Similarity-to-a-reference rewards (rewards/similarity.py) on REAL architectures with random weights, saved in
+"""Similarity-to-a-reference rewards (mmgrpo/rewards/similarity.py) on REAL architectures with random weights, saved in
 each model's standard format and loaded back through the rewards' own loaders (no download), checked against the
 packages' own forward (lpips.LPIPS, dreamsim's PEFT-wrapped PerceptualModel)."""
 
@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
-from rewards import registry
-from rewards import similarity as sim
+from mmgrpo.rewards import registry
+from mmgrpo.rewards import similarity as sim
 
 CTX = RewardContext(group_size=2)
 

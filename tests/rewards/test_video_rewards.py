@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
-from rewards import video as vid
-from rewards.registry import REWARDS, register
+from mmgrpo.rewards import video as vid
+from mmgrpo.rewards.registry import REWARDS, register
 
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)

@@ -19,7 +19,7 @@ do, replicated step for step:
 
 The first frame of a row comes from ``meta["image"]`` (a path or PIL image) or ``meta["video"]`` (an mp4 path: its
 FIRST frame, read with decord, the ``video`` extra); a prompt object with a ``meta`` dict (a ``str`` subclass, see
-``pipelines/image_to_video.py``) may carry them instead.
+``mmgrpo/pipelines/image_to_video.py``) may carry them instead.
 """
 
 from __future__ import annotations

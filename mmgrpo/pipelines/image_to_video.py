@@ -1,0 +1,139 @@
+"""Recipe: image-to-video GRPO (Wan 2.x I2V; DanceGRPO, Flow-GRPO, MixGRPO, G2RPO) from first frames.
+
+    mmgrpo train configs/wan_i2v_dance.yaml        # point policy.options.path at real weights
+
+Each training condition is a prompt plus a first frame: ``data.options.pairs`` is a JSONL file of
+``{"prompt": ..., "image": path}`` / ``{"prompt": ..., "video": path}`` objects, a CSV file with the columns
+``prompt,image,video`` (one of the two paths per row), or a folder of .mp4 files (each one's FIRST frame, read with
+decord, prompted with ``default_prompt``). Relative paths are relative to the JSONL/CSV file. The frame travels with
+its prompt (:class:`FramePrompt`, a ``str`` carrying ``meta``), so prompts, the rollout's meta and the held-out
+evaluation (reused from ``mmgrpo/pipelines/text_to_image.py``) all know it; the Wan adapter reads ``meta['image']`` or
+``meta['video']``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.data.prompts import PromptList
+from mmgrpo.pipelines.text_to_image import make_evaluator
+from mmgrpo.pipelines.text_to_video import VideoPolicyOptions, eval_reward, load_video_adapter
+from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.flow_matching import check_loss
+from mmgrpo.train.components import PIPELINES, Components, Pipeline
+from mmgrpo.train.config import Config, options_from
+
+VIDEO_SUFFIXES = (".mp4",)
+
+
+class FramePrompt(str):
+    """A prompt text that carries its first frame: ``meta`` is ``{"image": path}`` or ``{"video": path}``."""
+
+    meta: dict[str, Any]
+
+    def __new__(cls, text: str, meta: dict[str, Any] | None = None) -> FramePrompt:
+        obj = super().__new__(cls, text)
+        obj.meta = dict(meta or {})
+        return obj
+
+
+@dataclass
+class FrameDataOptions:
+    pairs: str = ""
+    """training conditions: a JSONL/CSV file of {prompt, image | video} rows, or a folder of .mp4 files"""
+    heldout_pairs: str = ""
+    """held-out conditions in the same formats ('' = no evaluation)"""
+    default_prompt: str = ""
+    """the prompt of every video in a folder, and of JSONL/CSV rows without one"""
+    eval_samples_per_prompt: int = 2
+    """samples per held-out condition at evaluation"""
+    eval_max_prompts: int = 0
+    """evaluate on at most this many held-out conditions (0 = all)"""
+    eval_reward: str = ""
+    """reward used for evaluation (default: the first training reward)"""
+    eval_batch_size: int = 4
+    """videos per evaluation forward batch"""
+    grid_images: int = 8
+    """evaluation videos shown side by side in each saved mp4"""
+
+
+def _row(obj: dict, base: Path, default_prompt: str, where: str) -> FramePrompt:
+    image, video = obj.get("image") or None, obj.get("video") or None
+    if (image is None) == (video is None):
+        raise UserError(f"{where}: give exactly one of 'image' or 'video' (a path), got {obj!r}")
+    key, rel = ("image", image) if image is not None else ("video", video)
+    path = Path(rel) if Path(rel).is_absolute() else base / rel
+    if not path.is_file():
+        raise UserError(f"{where}: {key} '{path}' does not exist")
+    return FramePrompt(obj.get("prompt") or default_prompt, {key: str(path)})
+
+
+def read_pairs(spec: str, default_prompt: str = "") -> list[FramePrompt]:
+    """Conditions from a JSONL / CSV file of {prompt, image | video} rows or a folder of .mp4 files."""
+    if spec == "":
+        return []
+    p = Path(spec)
+    if p.is_dir():
+        videos = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES)
+        if not videos:
+            raise UserError(f"data folder '{spec}' holds no .mp4 files")
+        return [FramePrompt(default_prompt, {"video": str(v)}) for v in videos]
+    if not p.is_file():
+        raise UserError(f"data file '{spec}' not found (give a .jsonl / .csv file or a folder of .mp4 files)")
+    if p.suffix.lower() == ".jsonl":
+        lines = [(i, x) for i, x in enumerate(p.read_text().splitlines(), 1) if x.strip()]
+        try:
+            rows = [(f"{spec}:{i}", json.loads(x)) for i, x in lines]
+        except json.JSONDecodeError as e:
+            raise UserError(f"data file '{spec}' is not valid JSONL: {e}") from e
+    elif p.suffix.lower() == ".csv":
+        with p.open(newline="") as f:
+            rows = [(f"{spec}:{i}", dict(r)) for i, r in enumerate(csv.DictReader(f), 2)]
+    else:
+        raise UserError(f"data file '{spec}' must end in .jsonl or .csv (or be a folder of .mp4 files)")
+    if not rows:
+        raise UserError(f"data file '{spec}' holds no rows")
+    return [_row(obj, p.parent, default_prompt, where) for where, obj in rows]
+
+
+class FramePromptList(PromptList):
+    """PromptList over FramePrompts whose batches also carry each frame in ``meta`` (for rewards and the adapter)."""
+
+    def get(self, indices: list[int]) -> PromptBatch:
+        batch = super().get(indices)
+        batch.meta = [dict(p.meta) for p in batch.prompts]
+        return batch
+
+
+def build_image_to_video(cfg: Config, accelerator=None) -> Components:
+    popts = options_from(VideoPolicyOptions, cfg.policy.options, "the config", "policy.options")
+    check_loss(popts, cfg.loss.name)
+    data = options_from(FrameDataOptions, cfg.data.options, "the config", "data.options")
+    if not data.pairs:
+        raise UserError("data.options.pairs is empty: give a JSONL/CSV of {prompt, image|video} or a folder of mp4")
+    device = accelerator.device if accelerator is not None else "cpu"
+    policy = DiffusionPolicy(load_video_adapter(popts, device, image_conditioned=True), popts)
+    prompts = FramePromptList(read_pairs(data.pairs, data.default_prompt), cfg.run.seed)
+    evaluate = None
+    heldout = read_pairs(data.heldout_pairs, data.default_prompt)
+    if heldout:
+        fn, name = eval_reward(cfg, data.eval_reward)
+        evaluate = make_evaluator(heldout, data, fn, name, cfg.run.seed)  # generate() reads each FramePrompt's frame
+    return Components(policy=policy, prompts=prompts, evaluate=evaluate, sample_images=lambda s: s)
+
+
+PIPELINES.add(
+    "image_to_video",
+    Pipeline(
+        build=build_image_to_video,
+        policy_options=VideoPolicyOptions,
+        data_options=FrameDataOptions,
+        description="image-to-video GRPO on Wan 2.x I2V from first frames (images or mp4 files)",
+    ),
+)

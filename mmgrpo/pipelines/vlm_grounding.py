@@ -1,0 +1,221 @@
+"""Recipe: visual grounding with GRPO -- a VLM answers "Locate the red circle." with a box (configs/
+shapes_grounding_medloc.yaml).
+
+As in Visual-RFT (Liu et al. 2025) and VLM-R1 (Shen et al. 2025), the policy (:class:`~mmgrpo.policies.vlm.VLMPolicy`)
+writes ``<think> ... </think><answer> BOX </answer>`` and is rewarded by the IoU of BOX with the ground truth: the
+dense ``iou`` reward, or MedLoc-R1's curriculum ``iou_curriculum`` (``1[IoU >= tau]`` with tau raised as the policy
+improves, mmgrpo/rewards/curriculum.py). BOX is written in the model family's convention -- Qwen2-VL:
+``(x1,y1),(x2,y2)``
+on a 0..1000 grid of the image; Qwen2.5-VL: absolute pixels of the image as the processor resized it -- and
+ground truth is stored in absolute pixels of the ORIGINAL image. Coordinates are converted only by
+``mmgrpo/rewards/boxes.py`` (the rewards read the prediction with ``to_absolute``; :func:`box_answer` writes a
+ground-truth
+box as a target with ``from_absolute``).
+
+Data, one example = ``{image, question, box [x1, y1, x2, y2] (original-image pixels), image_size (W, H)}``:
+
+- ``data.options.path``: a JSONL file of such examples (image paths relative to the file; a seeded split holds out
+  ``heldout_fraction`` of them);
+- ``path: ""``: grounding questions of the shapes world (mmgrpo/data/shapes_qa.py), split by scene seed like every
+  shapes-QA recipe and the pretraining of ``assets/shapes_vlm``, so held-out scenes were never trained on.
+
+Evaluation: greedy answers to held-out examples -> ``mean_iou``, ``acc_at_0.5`` (fraction with IoU >= 0.5) and the
+format rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.data import shapes_qa
+from mmgrpo.pipelines.vlm_reasoning import PairedScores, QAPrompts, jsonl_records
+from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
+from mmgrpo.rewards.boxes import from_absolute
+from mmgrpo.rewards.text import has_valid_format, iou_reward
+from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
+from mmgrpo.train.config import Config, options_from
+
+BOX_REWARDS = ("iou", "iou_curriculum")
+
+
+@dataclass
+class VLMGroundingDataOptions:
+    path: str = ""
+    """JSONL file of {image, question, box, image_size}; "" = shapes-world grounding questions (shapes_qa)"""
+    heldout_fraction: float = 0.1
+    """fraction held out: of the JSONL examples, or of the shapes scene seeds (keep 0.1 for assets/shapes_vlm)"""
+    split_seed: int = 0
+    """seed of the train / held-out split (shapes: keep 0, the split assets/shapes_vlm was pretrained on)"""
+    num_train: int = 2048
+    """shapes: number of distinct train scenes the prompt stream cycles through"""
+    image_size: int = 64
+    """shapes: rendered image side in pixels (32..64 is the shapes world's range)"""
+    question_suffix: str = ""
+    """appended to every question (e.g. a format hint such as " Answer (x1,y1),(x2,y2).")"""
+    eval_examples: int = 64
+    """held-out examples answered (greedily) at each evaluation"""
+    eval_batch: int = 8
+    """prompts per generate call during evaluation"""
+
+
+Example = tuple[dict, dict]  # (prompt {question}, meta {box, image_size, images})
+
+
+def box_answer(
+    box: list[float], family: str, image_size: tuple[int, int], resized_size: tuple[int, int] | None = None
+) -> str:
+    """A ground-truth box (original-image pixels) as the answer a ``family`` model writes (a pretraining target).
+
+    qwen2_vl: ``"(x1,y1),(x2,y2)"``, integers on the 0..1000 grid; qwen2_5_vl / absolute: ``"[x1, y1, x2, y2]"``,
+    integer pixels (of the resized image for qwen2_5_vl). The conversion is ``mmgrpo.rewards.boxes.from_absolute``.
+
+    >>> box_answer([16, 8, 48, 40], "qwen2_vl", (64, 64))  # 16 / 64 * 1000 = 250, 8 / 64 * 1000 = 125, ...
+    '(250,125),(750,625)'
+    """
+    b = from_absolute(box, family, image_size, resized_size)
+    if family == "qwen2_vl":
+        x1, y1, x2, y2 = (min(max(round(v), 0), 1000) for v in b)
+        return f"({x1},{y1}),({x2},{y2})"
+    return "[" + ", ".join(str(round(v)) for v in b) + "]"
+
+
+def load_grounding_jsonl(path: str | Path) -> list[Example]:
+    """Examples of a JSONL file of {image, question, box, image_size?}; the image path is relative to the file."""
+    from PIL import Image
+
+    p = Path(path)
+    out = []
+    for i, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding"):
+        box = rec["box"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
+            raise UserError(f"{path} line {i}: box must be [x1, y1, x2, y2] in image pixels; got {box!r}")
+        image = str(p.parent / rec["image"])
+        size = rec.get("image_size")
+        if size is None:
+            if not Path(image).is_file():
+                raise UserError(f"{path} line {i}: image {image!r} not found")
+            with Image.open(image) as im:
+                size = im.size
+        meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}
+        meta.update(box=[float(v) for v in box], image_size=tuple(size), images=[image])
+        out.append(({"question": rec["question"]}, meta))
+    if not out:
+        raise UserError(f"{path} holds no examples")
+    return out
+
+
+class GroundingExamples:
+    """Example pool with ``train`` / ``heldout`` index lists and ``example(i)`` (what QAPrompts streams)."""
+
+    def __init__(self, data: VLMGroundingDataOptions):
+        if not 0.0 < data.heldout_fraction < 1.0:
+            raise UserError(f"data.options.heldout_fraction={data.heldout_fraction} must be in (0, 1), e.g. 0.1")
+        self.data = data
+        self.records = load_grounding_jsonl(data.path) if data.path else None
+        if self.records is not None:  # a seeded permutation of the file's examples
+            n = len(self.records)
+            if n < 2:
+                raise UserError(f"the grounding data need at least 2 examples (train + held-out); got {n}")
+            perm = np.random.default_rng(data.split_seed).permutation(n)
+            n_held = min(max(1, round(data.heldout_fraction * n)), n - 1)
+            self.heldout, self.train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
+        else:  # shapes: indices ARE scene seeds, split by shapes_qa's hash of the seed
+            if data.num_train < 1:
+                raise UserError(f"data.options.num_train={data.num_train} must be >= 1")
+            self.train = shapes_qa.train_seeds(data.num_train, data.split_seed, data.heldout_fraction)
+            self.heldout = shapes_qa.heldout_seeds(data.eval_examples, data.split_seed, data.heldout_fraction)
+
+    def example(self, i: int) -> Example:
+        if self.records is not None:
+            prompt, meta = self.records[i]
+            prompt, meta = dict(prompt), dict(meta)
+        else:
+            ex = shapes_qa.make_example(i, "grounding", self.data.split_seed, self.data.image_size)
+            prompt, meta = ex.prompt(), ex.meta()
+        prompt["question"] += self.data.question_suffix
+        return prompt, meta
+
+
+def grounding_scores(policy: VLMPolicy, examples: list[Example], texts: list[str]) -> list[float]:
+    """IoU of each answer text with its example's box, read in ``policy.box_family`` (the ``iou`` reward's maths).
+
+    Qwen2.5-VL answers are in pixels of the resized image, so its size (from the processor) is added to meta.
+    """
+    metas = []
+    for prompt, meta in examples:
+        m = dict(meta)
+        if policy.box_family == "qwen2_5_vl":
+            m.setdefault("resized_size", policy.prepare(prompt, meta).resized_size)
+        metas.append(m)
+    return [float(v) for v in iou_reward(family=policy.box_family)(texts, [p for p, _ in examples], metas, None)]
+
+
+def evaluate_grounding(
+    policy: VLMPolicy, examples: list[Example], batch: int = 8, paired: PairedScores | None = None, step: int = 0
+) -> EvalResult:
+    """Greedy answers to ``examples``: mean IoU, accuracy at IoU >= 0.5, format rate; with ``paired``, the standard
+    errors of :class:`~mmgrpo.pipelines.vlm_reasoning.PairedScores` (``mean_iou_se``, ``mean_iou_gain``, ...)."""
+    texts: list[str] = []
+    for lo in range(0, len(examples), max(1, batch)):
+        part = examples[lo : lo + batch]
+        texts += policy.generate(PromptBatch(prompts=[p for p, _ in part], meta=[m for _, m in part]), greedy=True)
+    ious = grounding_scores(policy, examples, texts)
+    metrics = {
+        "mean_iou": float(np.mean(ious)),
+        "acc_at_0.5": float(np.mean([x >= 0.5 for x in ious])),
+        "format": float(np.mean([has_valid_format(t) for t in texts])),
+    }
+    if paired is not None:
+        metrics.update(paired(step, {"mean_iou": ious, "acc_at_0.5": [float(x >= 0.5) for x in ious]}))
+    return EvalResult(metrics=metrics, captions=texts)
+
+
+def check_box_rewards(cfg: Config, box_family: str) -> None:
+    """A box reward reading another family's coordinates would score garbage: refuse it."""
+    for spec in cfg.rewards:
+        family = spec.options.get("family", "qwen2_5_vl")  # the iou rewards' default
+        if spec.name in BOX_REWARDS and family != box_family:
+            raise UserError(
+                f"reward {spec.name!r} reads boxes as family {family!r} but the policy writes {box_family!r} boxes; "
+                f"set rewards[{spec.name}].options.family: {box_family}"
+            )
+
+
+def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
+    data = options_from(VLMGroundingDataOptions, cfg.data.options, "the config", "data.options")
+    popts = options_from(VLMPolicyOptions, cfg.policy.options, "the config", "policy.options")
+    if not popts.model:
+        raise UserError(
+            "policy.options.model is empty; point it at a VLM directory or hub id, e.g. assets/shapes_vlm "
+            "(written by `python -m scripts.pretrain_shapes_vlm`)"
+        )
+    device = accelerator.device if accelerator is not None else None
+    policy = VLMPolicy.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
+    check_box_rewards(cfg, policy.box_family)
+    examples = GroundingExamples(data)
+    held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]
+
+    paired = PairedScores()
+
+    def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
+        return evaluate_grounding(policy, held, data.eval_batch, paired, step)
+
+    return Components(policy=policy, prompts=QAPrompts(examples, cfg.run.seed), evaluate=evaluate)
+
+
+PIPELINES.add(
+    "vlm_grounding",
+    Pipeline(
+        build=build_vlm_grounding,
+        policy_options=VLMPolicyOptions,
+        data_options=VLMGroundingDataOptions,
+        description="GRPO of a VLM on visual grounding: IoU / MedLoc-R1 curriculum + format "
+        "(configs/shapes_grounding_medloc.yaml)",
+    ),
+)

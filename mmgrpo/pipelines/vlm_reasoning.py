@@ -1,0 +1,318 @@
+"""Recipe: R1-style visual reasoning with GRPO (see configs/vlm_reasoning_tiny.yaml), and the multimodal RL methods.
+
+A VLM (:class:`~mmgrpo.policies.vlm.VLMPolicy`: Qwen2-VL, Qwen2.5-VL, generic image-text-to-text) answers questions
+about images or videos in the ``<think> ... </think><answer> ... </answer>`` format of DeepSeek-R1 (Guo et al. 2025),
+as in R1-V and VLM-R1 (Shen et al. 2025); rewards are the verifiable ``format`` and ``accuracy`` of
+mmgrpo/rewards/text.py.
+
+Data, one example = ``{question, options?, answer, image | images | video, checklist?, ...}``:
+
+- ``data.options.path``: a JSONL file of such examples (media paths relative to the file; other keys go to meta);
+- ``path: ""``: the built-in synthetic shapes QA, questions about scenes of the shapes world (mmgrpo/data/shapes.py)
+  rendered on the fly: "How many red circles are there? A) 1 B) 2 C) 3", "Is there a blue square? A) yes B) no",
+  each with a perception checklist: [["How many red objects are there?", "2"], ["Is there a triangle?", "yes"]].
+
+A seeded split holds out ``heldout_fraction`` of the examples; evaluation reports their accuracy and format rate
+under greedy decoding.
+
+Methods, each one switch (configs/vlm_<method>.yaml runs each on the tiny asset):
+
+- PEARL perception checklists: ``data.options.methods.pearl: {enabled, cap: 0.5, checklist_weight: 0.1, reward:
+  pearl_checklist}`` + the ``pearl_checklist`` reward. Every example contributes its reasoning group AND a checklist
+  group (G rows answering all of its checklist in one completion, "<answer>2; yes</answer>"); each reasoning group's
+  advantages are scaled by min(mean R_p of its checklist group, cap) (0 = update skipped); checklist rows weigh
+  ``checklist_weight`` in the loss. Logs ``pearl/gate_mean``, ``pearl/skipped_groups``. Checklist rows have no
+  ``answer``, so ``accuracy`` & co give them None; rewards without such a test are restricted with
+  ``streams: [reasoning]``.
+- TempSamp-R1: ``data.options.methods.tempsamp: {enabled, anchor_factor: 1.2 | null}``: the last row of every group
+  is the teacher-forced ground truth ``<think></think><answer>GT</answer>`` (``policy.options.inject_ground_truth``,
+  set by this switch); its advantage is anchored at anchor_factor x the best other one. Pair it with
+  ``advantage.shaping: tempsamp_soft`` (the core's soft reward shaping).
+- Listener-rewarded thinking: the reward ``vlm_listener`` with ``options: {model: <frozen VLM dir>}``.
+- ACRE answer consistency: the reward ``acre`` (re-asks the policy with shuffled options and its own reasoning).
+- MM-UPT: the reward ``majority_vote`` (no ground truth used); MedLoc-R1: the reward ``iou_curriculum`` (stateful,
+  checkpointed, logs ``curriculum/tau``) on examples with a ``box``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.data import shapes, shapes_qa
+from mmgrpo.methods.vlm_methods import PearlVLMPolicy, VLMMethodsOptions, check_methods, method_hooks
+from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
+from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
+from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
+from mmgrpo.train.config import Config, options_from
+
+
+@dataclass
+class VLMReasoningDataOptions:
+    path: str = ""
+    """JSONL file of {question, options?, answer, image | images | video}; "" = synthetic shapes QA"""
+    source: str = "shapes"
+    """synthetic QA when path is "": shapes (counting / existence, below) or shapes_qa (count / colour / position
+    multiple choice of mmgrpo/data/shapes_qa.py: num_examples train and eval_examples held-out scenes, split by scene
+    seed as assets/shapes_vlm was pretrained)"""
+    heldout_fraction: float = 0.1
+    """fraction of the examples held out for evaluation"""
+    split_seed: int = 0
+    """seed of the train / held-out split"""
+    num_examples: int = 512
+    """synthetic shapes QA: number of distinct examples (train + held-out)"""
+    image_size: int = 64
+    """synthetic shapes QA: rendered image side in pixels"""
+    train_kinds: list[str] = field(default_factory=list)
+    """source shapes_qa: question kinds of the TRAINING stream (a subset of count, color, position; [] = all three);
+    the held-out evaluation always asks all three"""
+    eval_examples: int = 32
+    """held-out examples answered (greedily) at each evaluation"""
+    eval_batch: int = 8
+    """prompts per generate call during evaluation"""
+    methods: VLMMethodsOptions = field(default_factory=VLMMethodsOptions)
+    """method switches: pearl {enabled, cap, checklist_weight, reward}, tempsamp {enabled, anchor_factor}"""
+
+
+Example = tuple[dict, dict]  # (prompt {question, options}, meta {answer, images | video, ...})
+
+
+def shapes_question(index: int, seed: int = 0, size: int = 64) -> Example:
+    """Synthetic shapes QA example ``index`` (deterministic in (seed, index)): a counting or an existence question."""
+    rng = np.random.default_rng([seed, index])
+    color, shape = str(rng.choice(shapes.COLORS)), str(rng.choice(shapes.SHAPES))
+    if rng.random() < 0.5:
+        n = int(rng.integers(1, 4))
+        scene = shapes.sample_scene(f"{shapes.COUNT_WORDS[n]} {color} {shape}{'s' if n > 1 else ''}", rng, 1)
+        question, options, answer = f"How many {color} {shape}s are there?", ["1", "2", "3"], "ABC"[n - 1]
+    else:
+        present = bool(rng.random() < 0.5)
+        prompt = f"a {color} {shape}"
+        scene = shapes.sample_scene(prompt, rng, 2) if present else shapes.sample_mismatched_scene(prompt, rng)
+        question, options, answer = f"Is there a {color} {shape}?", ["yes", "no"], "A" if present else "B"
+    image = shapes.render(scene, size=size)
+    objects = [(o.color, o.shape) for o in scene.objects]
+    meta = {"answer": answer, "images": [image], "image_size": (size, size), "objects": objects, "index": index}
+    meta["checklist"] = shapes_checklist(objects, color, np.random.default_rng([seed, index, 1]))
+    return {"question": question, "options": options}, meta
+
+
+def shapes_checklist(objects: list[tuple[str, str]], color: str, rng: np.random.Generator) -> list[list[str]]:
+    """PEARL perception checklist of a scene: how many objects of ``color``, is there a (random) shape."""
+    shape = str(rng.choice(shapes.SHAPES))
+    n = sum(c == color for c, _ in objects)
+    present = any(s == shape for _, s in objects)
+    return [[f"How many {color} objects are there?", str(n)], [f"Is there a {shape}?", "yes" if present else "no"]]
+
+
+def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str):
+    """(line number, record) of a JSONL file of objects that hold every ``required`` key (UserError otherwise).
+
+    ``otherwise`` completes the missing-file message ("... or '' for <otherwise>").
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for {otherwise}")
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {i + 1} is not valid JSON: {e}") from e
+        if not isinstance(rec, dict) or not all(k in rec for k in required):
+            keys = " and ".join(repr(k) for k in required)
+            raise UserError(f"{path} line {i + 1}: each example needs {keys}; got {line[:80]!r}")
+        yield i + 1, rec
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Examples of a JSONL file; media paths are resolved against the file's directory."""
+    p = Path(path)
+    out = []
+    for _, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA"):
+        meta = {k: v for k, v in rec.items() if k not in ("question", "options", "image", "images", "video")}
+        images = rec.get("images") or ([rec["image"]] if rec.get("image") else [])
+        meta["images"] = [str(p.parent / im) for im in images]
+        if rec.get("video"):
+            meta["video"] = str(p.parent / rec["video"])
+        out.append(({"question": rec["question"], "options": rec.get("options")}, meta))
+    if not out:
+        raise UserError(f"{path} holds no examples")
+    return out
+
+
+class QAExamples:
+    """Example pool: synthetic (rendered on demand) or loaded from JSONL; a seeded train / held-out split."""
+
+    def __init__(self, data: VLMReasoningDataOptions):
+        if not 0.0 < data.heldout_fraction < 1.0:
+            raise UserError(f"data.options.heldout_fraction={data.heldout_fraction} must be in (0, 1), e.g. 0.1")
+        self.data = data
+        self.records = load_jsonl(data.path) if data.path else None
+        self.train_kinds: tuple[str, ...] = shapes_qa.MC_KINDS
+        if data.source not in ("shapes", "shapes_qa"):
+            raise UserError(f"data.options.source={data.source!r}; use 'shapes' or 'shapes_qa'")
+        if self.records is None and data.source == "shapes_qa":  # indices are scene seeds (shapes_qa's own split)
+            self.train = shapes_qa.train_seeds(data.num_examples, data.split_seed, data.heldout_fraction)
+            self.heldout = shapes_qa.heldout_seeds(data.eval_examples, data.split_seed, data.heldout_fraction)
+            self.train_kinds = tuple(data.train_kinds) or shapes_qa.MC_KINDS
+            bad = [k for k in self.train_kinds if k not in shapes_qa.MC_KINDS]
+            if bad:
+                raise UserError(
+                    f"data.options.train_kinds={list(data.train_kinds)}: {bad} not multiple-choice kinds; use a "
+                    f"subset of {list(shapes_qa.MC_KINDS)} or []"
+                )
+            return
+        if data.train_kinds:
+            raise UserError("data.options.train_kinds needs source: shapes_qa and path: ''; remove it")
+        n = len(self.records) if self.records is not None else data.num_examples
+        if n < 2:
+            raise UserError(f"the VLM reasoning data need at least 2 examples (train + held-out); got {n}")
+        perm = np.random.default_rng(data.split_seed).permutation(n)
+        n_held = min(max(1, round(data.heldout_fraction * n)), n - 1)
+        self.heldout, self.train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
+
+    def example(self, i: int, kinds: tuple[str, ...] = shapes_qa.MC_KINDS) -> Example:
+        """Example ``i``; ``kinds``: the question kinds a shapes_qa scene draws from (held-out: all three)."""
+        if self.records is not None:
+            prompt, meta = self.records[i]
+            return dict(prompt), dict(meta)
+        if self.data.source == "shapes_qa":
+            ex = shapes_qa.make_example(i, None, self.data.split_seed, self.data.image_size, kinds)
+            return ex.prompt(), ex.meta()
+        return shapes_question(i, self.data.split_seed, self.data.image_size)
+
+    def train_example(self, i: int) -> Example:
+        """Train example ``i``: shapes_qa asks only ``data.train_kinds`` (all three by default)."""
+        return self.example(i, self.train_kinds)
+
+
+class QAPrompts:
+    """Stream position i -> a train example, in a fresh seeded permutation for every pass over the train set.
+
+    ``example``: index -> example of the stream (default ``examples.example``; the reasoning recipe passes
+    :meth:`QAExamples.train_example`, which asks only ``data.train_kinds``)."""
+
+    def __init__(self, examples: Any, order_seed: int, example: Callable[[int], Example] | None = None):
+        self.examples, self.order_seed = examples, order_seed
+        self.example = example or examples.example
+
+    def example_at(self, i: int) -> int:
+        train = self.examples.train
+        epoch, pos = divmod(i, len(train))
+        return train[_permutation(self.order_seed, epoch, len(train))[pos]]
+
+    def get(self, indices: list[int]) -> PromptBatch:
+        picked = [self.example(self.example_at(i)) for i in indices]
+        return PromptBatch(prompts=[p for p, _ in picked], meta=[m for _, m in picked])
+
+
+@lru_cache(maxsize=8)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class PairedScores:
+    """Standard errors of held-out metrics, and of their change since step 0 on the SAME examples (paired).
+
+    ``__call__(step, {name: per-example values}) -> {name_se, name_gain, name_gain_se}``: ``name_se`` is the standard
+    error of the mean over the examples; at step 0 the values are kept, and every later call adds the mean change
+    per example since then (``name_gain``) and its standard error ``std(after - before) / sqrt(n)`` -- the SE of a
+    before -> after difference measured on one evaluation set, far smaller than either mean's own SE when most
+    answers do not change. A run resumed past step 0 has no baseline and reports no gain.
+    """
+
+    def __init__(self) -> None:
+        self.baseline: dict[str, np.ndarray] = {}
+
+    def __call__(self, step: int, scores: dict[str, list[float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, values in scores.items():
+            v = np.asarray(values, dtype=np.float64)
+            out[f"{name}_se"] = _se(v)
+            if step == 0:
+                self.baseline[name] = v
+            elif name in self.baseline and len(self.baseline[name]) == len(v):
+                d = v - self.baseline[name]
+                out[f"{name}_gain"], out[f"{name}_gain_se"] = float(d.mean()), _se(d)
+        return out
+
+
+def _se(v: np.ndarray) -> float:
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def score_accuracy(policy: VLMPolicy, examples: QAExamples, n: int, batch: int) -> tuple[list[str], list[float], list]:
+    """Greedy answers to the first ``n`` held-out examples: (texts, correct 0/1 per example, kind per example)."""
+    held = [examples.example(i) for i in examples.heldout[:n]]
+    texts: list[str] = []
+    for lo in range(0, len(held), max(1, batch)):
+        part = held[lo : lo + batch]
+        texts += policy.generate(PromptBatch(prompts=[p for p, _ in part], meta=[m for _, m in part]), greedy=True)
+    correct = [float(grade(answer_or_completion(t), m["answer"])) for t, (_, m) in zip(texts, held)]
+    return texts, correct, [m.get("kind") for _, m in held]
+
+
+def evaluate_accuracy(
+    policy: VLMPolicy, examples: QAExamples, n: int, batch: int, paired: PairedScores | None = None, step: int = 0
+) -> EvalResult:
+    """Greedy answers to the first ``n`` held-out examples: accuracy, format rate, accuracy per question kind (when
+    the examples have one, e.g. shapes_qa) and, with ``paired``, the standard errors of :class:`PairedScores`."""
+    texts, correct, kinds = score_accuracy(policy, examples, n, batch)
+    metrics = {"accuracy": float(np.mean(correct)), "format": float(np.mean([has_valid_format(t) for t in texts]))}
+    for kind in sorted({k for k in kinds if k is not None}):
+        metrics[f"accuracy_{kind}"] = float(np.mean([c for c, k in zip(correct, kinds) if k == kind]))
+    if paired is not None:
+        metrics.update(paired(step, {"accuracy": correct}))
+    return EvalResult(metrics=metrics, captions=texts)
+
+
+def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
+    data = options_from(VLMReasoningDataOptions, cfg.data.options, "the config", "data.options")
+    popts = options_from(VLMPolicyOptions, cfg.policy.options, "the config", "policy.options")
+    if not popts.model:
+        raise UserError(
+            "policy.options.model is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
+            "(written by `python scripts/make_tiny_vlm.py`)"
+        )
+    methods = data.methods
+    check_methods(methods, cfg)
+    if popts.inject_ground_truth and not methods.tempsamp.enabled:
+        raise UserError(
+            "policy.options.inject_ground_truth is set by data.options.methods.tempsamp.enabled; use that switch"
+        )
+    popts.inject_ground_truth = methods.tempsamp.enabled
+    device = accelerator.device if accelerator is not None else None
+    cls = PearlVLMPolicy if methods.pearl.enabled else VLMPolicy
+    policy = cls.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
+    if methods.pearl.enabled:
+        policy.checklist_weight = methods.pearl.checklist_weight
+    examples = QAExamples(data)
+
+    paired = PairedScores()
+
+    def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
+        return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch, paired, step)
+
+    prompts = QAPrompts(examples, cfg.run.seed, examples.train_example)
+    return Components(policy=policy, prompts=prompts, evaluate=evaluate, advantage_hooks=method_hooks(methods))
+
+
+PIPELINES.add(
+    "vlm_reasoning",
+    Pipeline(
+        build=build_vlm_reasoning,
+        policy_options=VLMPolicyOptions,
+        data_options=VLMReasoningDataOptions,
+        description="R1-style GRPO of a VLM on image/video QA: format + accuracy (configs/vlm_reasoning_tiny.yaml)",
+    ),
+)

@@ -1,0 +1,8 @@
+"""Reward callables, the registry, composition, and the remote client/server.
+
+See :mod:`mmgrpo.rewards.registry` for the API. ``rewards.get(name, **options)`` builds a reward callable.
+"""
+
+from mmgrpo.rewards.registry import available, get, register, resolve
+
+__all__ = ["available", "get", "register", "resolve"]

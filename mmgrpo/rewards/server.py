@@ -1,0 +1,471 @@
+"""``mmgrpo serve-reward``: any registered reward behind a small HTTP server (stdlib only).
+
+    mmgrpo serve-reward NAME [--option key=value ...] [--host 127.0.0.1] [--port 8090] [--token T]
+                             [--max-request-mb 64] [--max-batch-rows 256] [--batch-wait-s 0.01]
+
+``POST /score`` takes one wire-format request (:mod:`mmgrpo.rewards.remote`; NPZ + JSON, never pickle) and answers
+``{"rewards": [...]}``; ``GET /health`` answers ``{"status": "ok", "reward": NAME, ...}`` (no token needed).
+
+Why a batching worker: a reward model is fastest on big batches and is not thread-safe, while several ranks
+(or processes) send small requests at the same time. Handler threads only parse and validate; one worker
+thread merges queued requests of the same kind, sample shape, group size G and step -- up to
+``max_batch_rows`` rows, waiting at most ``batch_wait_s`` for more -- into ONE reward call, and splits the
+[N] result back by request. Each request holds whole groups (its N is a multiple of G), so the merged rows
+are still grouped contiguously and ``ctx.group = arange(N) // G`` is right for group-aware rewards.
+
+Defences: binds 127.0.0.1 unless told otherwise (warns on a non-loopback address without a token); checks
+``Authorization: Bearer <token>`` in constant time (401); refuses a missing Content-Length (411) and a
+too-large one (413) before reading the body; validates shapes/lengths (400); a reward exception is a 500 with
+its message and the server keeps serving; a client that disconnects mid-body is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+import yaml
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import RewardContext
+from mmgrpo.rewards.registry import get
+from mmgrpo.rewards.remote import (
+    TOKEN_ENV,
+    WIRE_VERSION,
+    WireRequest,
+    decode_request,
+    rewards_to_list,
+    samples_for_reward,
+)
+
+log = logging.getLogger("mmgrpo.rewards.server")
+DEFAULT_PORT = 8090
+LINGER_S = 2.0  # after refusing a body unread, read and discard it this long so the client sees our answer
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Job:
+    request: WireRequest
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[float | None] | None = None
+    error: str | None = None
+
+
+def merge_requests(requests: list[WireRequest]) -> tuple[Any, list[Any], list[dict], RewardContext]:
+    """Concatenate requests of one batch key into the reward's arguments (samples [N, ...], prompts, meta, ctx)."""
+    first = requests[0]
+    if first.kind == "text":
+        raw: Any = [s for r in requests for s in r.samples]
+    else:
+        raw = np.concatenate([r.samples for r in requests]) if len(requests) > 1 else first.samples
+    samples = samples_for_reward(first.kind, raw, first.dtype)
+    prompts = [p for r in requests for p in r.prompts]
+    meta = [m for r in requests for m in r.meta]
+    n, g = len(prompts), first.group_size
+    ctx = RewardContext(group_size=g, step=first.step, group=torch.arange(n) // g)  # group: [N]
+    return samples, prompts, meta, ctx
+
+
+def split_rows(values: list[Any], sizes: list[int]) -> list[list[Any]]:
+    """Split N values back into consecutive pieces of ``sizes`` (sum(sizes) == N)."""
+    out, start = [], 0
+    for s in sizes:
+        out.append(values[start : start + s])
+        start += s
+    return out
+
+
+class _Batcher:
+    """One worker thread: merges compatible queued jobs into one reward call (see the module docstring)."""
+
+    def __init__(self, reward_fn: Any, max_batch_rows: int, batch_wait_s: float):
+        self.reward_fn, self.max_batch_rows, self.batch_wait_s = reward_fn, max_batch_rows, batch_wait_s
+        self.calls = 0  # reward calls made (batches), for logs and tests
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, incompatible so far
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reward-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def submit(self, request: WireRequest) -> _Job:
+        job = _Job(request)
+        if self._stop.is_set():
+            job.error = "the reward server is shutting down"
+            job.done.set()
+        else:
+            self._queue.put(job)
+        return job
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _take_compatible(self, key: tuple, batch: list[_Job], rows: int) -> int:
+        """Move held jobs with ``key`` that still fit into ``batch`` (FIFO); returns the new row count."""
+        keep: collections.deque[_Job] = collections.deque()
+        while self._held:
+            job = self._held.popleft()
+            if job.request.batch_key() == key and rows + job.request.num_rows <= self.max_batch_rows:
+                batch.append(job)
+                rows += job.request.num_rows
+            else:
+                keep.append(job)
+        self._held = keep
+        return rows
+
+    def _collect(self) -> list[_Job] | None:
+        """The next batch, or None when stopping. Waits at most batch_wait_s after its first job."""
+        if self._stop.is_set():
+            return None
+        first = self._held.popleft() if self._held else self._queue.get()
+        if first is None:
+            return None
+        key, batch = first.request.batch_key(), [first]
+        rows = self._take_compatible(key, batch, first.request.num_rows)
+        deadline = time.monotonic() + self.batch_wait_s
+        while rows < self.max_batch_rows:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                job = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if job is None:  # stop() was called: score what we hold, then leave
+                break
+            if job.request.batch_key() == key and rows + job.request.num_rows <= self.max_batch_rows:
+                batch.append(job)
+                rows += job.request.num_rows
+            else:
+                self._held.append(job)
+        return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        sizes = [j.request.num_rows for j in batch]
+        try:
+            samples, prompts, meta, ctx = merge_requests([j.request for j in batch])
+            self.calls += 1
+            values = rewards_to_list(self.reward_fn(samples, prompts, meta, ctx), sum(sizes))
+            for job, part in zip(batch, split_rows(values, sizes)):
+                job.result = part
+            log.info("scored %d rows (%d requests) in %.3f s", sum(sizes), len(batch), time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001  a failing reward answers 500 and the server keeps serving
+            log.exception("reward failed on %d rows (%d requests)", sum(sizes), len(batch))
+            for job in batch:
+                job.error = f"reward failed: {type(e).__name__}: {e}"
+        finally:
+            for job in batch:
+                job.done.set()
+
+    def _loop(self) -> None:
+        while (batch := self._collect()) is not None:
+            self._run(batch)
+        leftover = list(self._held)
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+                leftover.append(job)
+        for job in leftover:
+            job.error = "the reward server is shutting down"
+            job.done.set()
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "mmgrpo-reward/1"
+    timeout = 60  # socket timeout: a client that stalls mid-body frees its thread after a minute
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _reply(self, code: int, payload: dict, unread: int = 0) -> None:
+        """Send a JSON answer; if the body was left unread, close and briefly drain it (lingering close)."""
+        data = json.dumps(payload).encode("utf-8")
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if unread:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as e:
+            log.warning("client %s went away before the answer (%s)", self.address_string(), e)
+            self.close_connection = True
+            return
+        if unread:
+            self.close_connection = True
+            self._drain(unread)
+
+    def _drain(self, unread: int) -> None:
+        # closing a socket with unread input sends a TCP reset that can destroy our answer in flight
+        deadline = time.monotonic() + LINGER_S
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while unread > 0 and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.connection.recv(min(unread, 1 << 16))
+                if not chunk:
+                    break
+                unread -= len(chunk)
+        except OSError:
+            pass
+
+    def _content_length(self) -> tuple[int | None, str | None]:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return None, "missing Content-Length (chunked uploads are not supported)"
+        try:
+            n = int(raw)
+        except ValueError:
+            n = -1
+        return (n, None) if n >= 0 else (None, f"bad Content-Length {raw!r}")
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path.rstrip("/") != "/health":
+            self._reply(404, {"error": f"no such path {self.path!r}; use GET /health or POST /score"})
+            return
+        self._reply(200, self.server.app.health())
+
+    def do_POST(self) -> None:
+        app: RewardServer = self.server.app
+        length, problem = self._content_length()
+        unread = length or 0
+        if urlsplit(self.path).path.rstrip("/") != "/score":
+            return self._reply(404, {"error": f"no such path {self.path!r}; use POST /score"}, unread)
+        if not app.authorised(self.headers.get("Authorization")):
+            return self._reply(401, {"error": "missing or wrong token (send 'Authorization: Bearer <token>')"}, unread)
+        if length is None:
+            code = 411 if self.headers.get("Content-Length") is None else 400
+            return self._reply(code, {"error": problem}, 1 << 30)
+        if length > app.max_request_bytes:
+            msg = (
+                f"request of {length} bytes is over this server's limit of {app.max_request_bytes} bytes; "
+                "send fewer rows per call or restart the server with a larger --max-request-mb"
+            )
+            return self._reply(413, {"error": msg}, length)
+        try:
+            body = self.rfile.read(length)
+        except OSError as e:
+            log.warning("client %s disconnected mid-request (%s)", self.address_string(), e)
+            self.close_connection = True
+            return
+        if len(body) < length:
+            log.warning("client %s disconnected after %d of %d bytes", self.address_string(), len(body), length)
+            self.close_connection = True
+            return
+        self._score(app, body)
+
+    def _score(self, app: RewardServer, body: bytes) -> None:
+        try:
+            request = decode_request(body, app.max_request_bytes)
+        except ValueError as e:
+            return self._reply(400, {"error": str(e)})
+        job = app.batcher.submit(request)
+        while not job.done.wait(0.5):
+            if app.batcher.stopping:
+                return self._reply(503, {"error": "the reward server is shutting down"})
+        if job.error is not None:
+            return self._reply(500, {"error": job.error})
+        self._reply(200, {"rewards": job.result})
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    app: RewardServer
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost / 127.x / ::1; a hostname other than localhost counts as non-loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RewardServer:
+    """A running reward server (``.url``, ``.shutdown()``); serves in a daemon thread. Use :func:`serve`."""
+
+    def __init__(
+        self,
+        reward_fn: Any,
+        host: str,
+        port: int,
+        token: str | None,
+        max_request_bytes: int,
+        max_batch_rows: int,
+        batch_wait_s: float,
+        name: str,
+    ):
+        self.name, self.token, self.max_request_bytes = name, token, max_request_bytes
+        self.max_batch_rows = max_batch_rows
+        cls = _HTTPServer6 if ":" in host else _HTTPServer
+        try:
+            self._httpd = cls((host, port), _Handler)
+        except OSError as e:
+            raise UserError(f"cannot serve on {host}:{port} ({e}); pick another --port or --host") from e
+        self._httpd.app = self
+        self.port = int(self._httpd.server_address[1])
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        self.batcher = _Batcher(reward_fn, max_batch_rows, batch_wait_s)
+        serve = lambda: self._httpd.serve_forever(poll_interval=0.05)  # short poll: shutdown() returns quickly
+        self._thread = threading.Thread(target=serve, name="reward-http", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def authorised(self, header: str | None) -> bool:
+        if not self.token:
+            return True
+        return hmac.compare_digest((header or "").encode("utf-8"), f"Bearer {self.token}".encode())
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "reward": self.name,
+            "wire_version": WIRE_VERSION,
+            "max_request_bytes": self.max_request_bytes,
+            "max_batch_rows": self.max_batch_rows,
+        }
+
+    @property
+    def reward_calls(self) -> int:
+        """How many times the reward callable has been called (one per merged batch)."""
+        return self.batcher.calls
+
+    def shutdown(self) -> None:
+        """Stop accepting, fail queued requests with 503/500, close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._httpd.shutdown()
+        self.batcher.stop()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> RewardServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def serve(
+    reward_fn: Any,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    max_request_bytes: int = 64 << 20,
+    max_batch_rows: int = 256,
+    batch_wait_s: float = 0.01,
+    name: str | None = None,
+) -> RewardServer:
+    """Serve ``reward_fn(samples, prompts, meta, ctx)`` over HTTP in background threads; returns the running
+    server (``.url``, ``.shutdown()``). ``port=0`` picks a free port. Binds loopback unless ``host`` says otherwise.
+    """
+    if max_request_bytes <= 0 or max_batch_rows < 1 or batch_wait_s < 0:
+        raise UserError(
+            f"serve: need max_request_bytes > 0, max_batch_rows >= 1, batch_wait_s >= 0; "
+            f"got {max_request_bytes}, {max_batch_rows}, {batch_wait_s}"
+        )
+    if not is_loopback(host) and not token:
+        log.warning(
+            "serving on non-loopback address %s WITHOUT a token: anyone who can reach it can use the reward; "
+            "pass --token (or set %s)",
+            host,
+            TOKEN_ENV,
+        )
+    name = name or getattr(reward_fn, "__qualname__", type(reward_fn).__name__)
+    return RewardServer(reward_fn, host, port, token, max_request_bytes, max_batch_rows, batch_wait_s, name)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["k=1", "m=a b", "f=0.5", "on=true"]`` -> ``{"k": 1, "m": "a b", "f": 0.5, "on": True}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option {pair!r} must look like key=value, e.g. --option batch_size=8")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"--option {pair!r}: value {value!r} is not valid YAML ({e})") from e
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmgrpo serve-reward", description="Serve a registered reward over HTTP.")
+    p.add_argument("name", help="reward name (as in `mmgrpo list`) or a dotted path my_pkg.my_reward")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="reward option (repeat)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0 picks a free one)")
+    p.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default ${TOKEN_ENV})")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="refuse larger requests with 413")
+    p.add_argument("--max-batch-rows", type=int, default=256, help="most rows merged into one reward call")
+    p.add_argument("--batch-wait-s", type=float, default=0.01, help="how long to wait for more requests to merge")
+    return p
+
+
+def main(argv: list[str], stop: threading.Event | None = None) -> int:
+    """``mmgrpo serve-reward ...``: serve until Ctrl-C (or until ``stop`` is set, for tests). Returns 0."""
+    args = build_parser().parse_args(argv)
+
+    reward_fn = get(args.name, **parse_options(args.option))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    server = serve(
+        reward_fn,
+        args.host,
+        args.port,
+        token,
+        int(args.max_request_mb * 2**20),
+        args.max_batch_rows,
+        args.batch_wait_s,
+        name=args.name,
+    )
+    print(f"serving reward {args.name!r} at {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
+    stop = stop or threading.Event()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0

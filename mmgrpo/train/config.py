@@ -1,0 +1,297 @@
+"""The run configuration: a typed schema, YAML files in ``configs/``, dotted ``key=value`` overrides.
+
+Every field is documented next to it. Loading is strict: an unknown key, a wrong type, a missing file
+are one-paragraph :class:`UserError`s naming the key, the file and the nearest valid key.
+Component options (``policy.options``, ``data.options``, each reward's ``options``) are checked
+against the options dataclass that the named component registers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmgrpo import rewards as reward_registry
+from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.losses import AGGREGATIONS, LOSSES
+from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
+from mmgrpo.train import components
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """run directory name under ``output_dir``"""
+    output_dir: str = "runs"
+    """parent folder of run directories"""
+    seed: int = 0
+    """seeds prompts order, sampling noise and initialisation; the same seed gives the same run"""
+    overwrite: bool = False
+    """allow writing into an existing run directory that was not given as ``resume=``"""
+
+
+@dataclass
+class ComponentConfig:
+    name: str = ""
+    """registered name (see ``mmgrpo list``)"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """options of that component; checked against its options schema"""
+
+
+@dataclass
+class RewardSpec:
+    name: str = ""
+    """registered reward name, entry-point name, or dotted path ``my_pkg.my_reward``"""
+    weight: float = 1.0
+    """weight of this reward when several are combined"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """options passed to the reward factory"""
+    streams: list[str] = field(default_factory=list)
+    """score only rows whose meta['stream'] is listed (e.g. [reasoning] with PEARL); empty = every row"""
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = "grpo"
+    """advantage estimator (grpo, dr_grpo, batch_std, mc_grpo, ngrpo, bnpo, stratified)"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """estimator options (e.g. {unbiased: false} for grpo, {scale: mad} for mc_grpo)"""
+    combine: str = "sum_then_normalize"
+    """how several rewards combine: sum_then_normalize or normalize_then_sum (GDPO / MixGRPO)"""
+    shaping: str = "none"
+    """reward shaping applied before normalisation (none, tempsamp_soft)"""
+    shaping_options: dict[str, Any] = field(default_factory=dict)
+    """options of the shaping function (tempsamp_soft: tau, a1, a2)"""
+    min_advantage: float | None = None
+    """lower bound on the advantages (None: unbounded). 0 reinforces only better-than-average samples of each
+    group (reward-filtered fine-tuning, RAFT / ReST style). With policy objective=flow_matching a negative weight
+    pushes a sample's error up without bound, but 0 is no cure there: on the shapes demo it reinforced the
+    artefacts all samples share and collapsed (held-out 0.37 -> 0.03 in 40 steps); objective=nft bounds the
+    negative term instead (docs/notes/shapes_demo.md)"""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop zero-variance groups and refill the batch from new prompts"""
+    max_refill_rounds: int = 3
+    """dynamic sampling: at most this many extra sampling rounds per step"""
+
+
+@dataclass
+class LossConfig:
+    name: str = "grpo"
+    """policy loss: grpo (token/step-level ratio), gspo (sequence-level ratio), pg (no clipping)"""
+    aggregation: str = "token_mean"
+    """token_mean, seq_mean, or constant (Dr. GRPO's fixed normaliser, needs ``constant``)"""
+    clip_low: float = 0.2
+    """lower clip of the ratio: ratio >= 1 - clip_low"""
+    clip_high: float = 0.2
+    """upper clip of the ratio (DAPO clip-higher: 0.28); 0.2 gives symmetric PPO clipping"""
+    dual_clip: float | None = None
+    """dual-clip PPO constant c > 1 bounding the loss of negative-advantage units; null = off"""
+    beta: float = 0.0
+    """weight of the KL to the reference policy (0 = no reference forward)"""
+    adv_clip: float | None = None
+    """clamp advantages to [-adv_clip, adv_clip]; null = off"""
+    constant: float | None = None
+    """normaliser of the 'constant' aggregation (max completion length / number of trained steps)"""
+    mask_zero_adv: bool = False
+    """drop units of zero-advantage rows from the token mean"""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """training steps (one rollout + update each)"""
+    prompts_per_step: int = 4
+    """B: prompts per step over all processes (must divide by the number of processes)"""
+    group_size: int = 8
+    """G: samples per prompt"""
+    epochs: int = 1
+    """inner epochs over one rollout (old log-probs come from the rollout)"""
+    minibatches: int = 1
+    """optimizer steps per epoch: the rollout's rows split into this many minibatches"""
+    rollout_chunks: int = 1
+    """sample the step's prompts in this many chunks, scoring each in a background thread while the next
+    is sampled (overlaps remote/threaded rewards with sampling); 1 = sample everything, then score"""
+    micro_batch_size: int = 0
+    """rows per forward/backward (gradient accumulation inside a minibatch); 0 = the whole minibatch"""
+    lr: float = 1e-3
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """learning-rate decay after warmup, as a function of the training step"""
+    warmup_steps: int = 0
+    """linear warmup steps"""
+    max_grad_norm: float | None = 1.0
+    """clip the gradient norm; null = off"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """autocast precision of forwards (log-prob maths stays fp32)"""
+    ema_decay: float | None = None
+    """EMA of the trainable parameters (used for evaluation); null = off"""
+    shuffle: bool = True
+    """shuffle rows between minibatches"""
+    log_every: int = 1
+    """write metrics every this many steps"""
+    eval_every: int = 0
+    """held-out evaluation every this many steps (also before the first and after the last); 0 = off"""
+    sample_every: int = 0
+    """save a sample grid every this many steps; 0 = only at evaluations"""
+    checkpoint_every: int = 50
+    """checkpoint every this many steps (and at the end); 0 = only at the end"""
+    keep_checkpoints: int = 2
+    """keep the last K checkpoints"""
+    stop_after_steps: int | None = None
+    """stop (checkpointing) after this many steps of this invocation, as if interrupted; null = off"""
+    time_budget_s: float | None = None
+    """stop (checkpointing) when this much wall-clock time has passed; null = off"""
+    dump_advantages: bool = False
+    """write each step's advantages (all ranks gathered) under debug/ (for checking runs agree)"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+@dataclass
+class Config:
+    pipeline: str = "bandit"
+    """recipe that builds the policy, prompts and evaluation (see ``mmgrpo list``)"""
+    run: RunConfig = field(default_factory=RunConfig)
+    policy: ComponentConfig = field(default_factory=ComponentConfig)
+    data: ComponentConfig = field(default_factory=ComponentConfig)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: str | None = None
+    """a run directory to continue exactly where it stopped"""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``trainer.lr=3e-4`` -> (['trainer', 'lr'], 3e-4). Values are YAML scalars/lists."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key=value (e.g. trainer.lr=3e-4)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise UserError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, k, keys[: i + 1])]
+            continue
+        if k not in node or node[k] is None:
+            node[k] = {}
+        node = node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, keys)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, k: str, keys: list[str]) -> int:
+    if not k.isdigit() or int(k) >= len(node):
+        raise UserError(f"override key {'.'.join(keys)!r}: {k!r} is not an index of a list of {len(node)} items")
+    return int(k)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        here = sorted(str(q) for q in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+        hint = f"; available: {', '.join(here)}" if here else ""
+        raise UserError(f"config file '{path}' not found{hint}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{path}' is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read ``path`` (or start from ``base``/defaults), apply ``overrides``, validate everything."""
+    data = copy.deepcopy(base) if base is not None else (read_yaml(path) if path is not None else {})
+    where = str(path) if path is not None else "the config"
+    from_dict(Config, data, where)  # report file errors against the file, before overrides
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+        from_dict(Config, data, f"command-line override '{text}'")
+    cfg = from_dict(Config, data, where)
+    validate_components(cfg, where)
+    return cfg
+
+
+def validate_components(cfg: Config, where: str) -> None:
+    """Check component names and options against what each registered component accepts."""
+    for reg, name, key in [
+        (ESTIMATORS, cfg.advantage.estimator, "advantage.estimator"),
+        (SHAPERS, cfg.advantage.shaping, "advantage.shaping"),
+        (COMBINERS, cfg.advantage.combine, "advantage.combine"),
+        (LOSSES, cfg.loss.name, "loss.name"),
+        (AGGREGATIONS, cfg.loss.aggregation, "loss.aggregation"),
+        (components.PIPELINES, cfg.pipeline, "pipeline"),
+    ]:
+        if name not in reg:
+            raise UserError(f"{key} in {where}: " + reg.unknown_message(name))
+    pipeline = components.PIPELINES.get(cfg.pipeline)
+    pipeline.check(cfg, where)
+    t = cfg.trainer
+    for key, value, lo in [
+        ("trainer.prompts_per_step", t.prompts_per_step, 1),
+        ("trainer.group_size", t.group_size, 1),
+        ("trainer.epochs", t.epochs, 1),
+        ("trainer.minibatches", t.minibatches, 1),
+        ("trainer.max_steps", t.max_steps, 0),
+    ]:
+        if value < lo:
+            raise UserError(f"{key} in {where} must be >= {lo}, got {value}")
+    if not cfg.rewards:
+        raise UserError(f"rewards in {where}: give at least one reward, e.g. rewards: [{{name: shapes}}]")
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            reward_registry.resolve(spec.name)
+        except UserError as e:
+            raise UserError(f"rewards.{i}.name in {where}: {e}") from e
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if fa.get(k) != fb.get(k) and not any(k.startswith(i) for i in ignore)]
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,507 @@
+"""The group-relative training loop: four named phases, each replaceable alone (DESIGN.md).
+
+    for step in range(max_steps):
+        batch, rollout, rewards = collect(step)       # 1 sample + 2 score   (no grad; DAPO refill lives here)
+        adv, weights = advantage(rewards, rollout)    # 3 advantage          (gathered over ranks)
+        update(rollout, adv, weights, step)           # 4 update             (grad; epochs x minibatches x micro)
+
+Randomness is derived from (run seed, step, global position), never from a stateful RNG, so a resumed
+run replays exactly and a 2-process run samples exactly what the 1-process run samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from mmgrpo.core import advantages as adv_lib
+from mmgrpo.core import losses as loss_lib
+from mmgrpo.core.ema import EMA
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.seeding import generator_for, prompt_seed
+from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.components import PIPELINES, Components
+from mmgrpo.train.config import Config, dump_config
+from mmgrpo.train.report import before_after, save_samples, write_report
+from mmgrpo.train.scoring import build_rewards, reward_metrics, score, stateful_rewards
+
+REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator; in a plain (non-launched) process a previous one's settings are reset first."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate of training step ``step``: linear warmup, then constant / linear / cosine decay to 0."""
+    t = cfg.trainer
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    span = max(1, t.max_steps - t.warmup_steps)
+    frac = min(1.0, (step - t.warmup_steps) / span)
+    if t.lr_schedule == "linear":
+        return t.lr * (1.0 - frac)
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
+        t = cfg.trainer
+        if t.prompts_per_step % self.acc.num_processes:
+            raise UserError(
+                f"trainer.prompts_per_step={t.prompts_per_step} must divide by the {self.acc.num_processes} "
+                "processes; change it or the number of processes"
+            )
+        self.B_local = t.prompts_per_step // self.acc.num_processes
+        PIPELINES.load()
+        torch.manual_seed(cfg.run.seed)
+        self.comp: Components = PIPELINES.get(cfg.pipeline).build(cfg, self.acc)
+        self.policy = self.comp.policy
+        self.rewards = build_rewards(cfg.rewards)
+        self.estimator = adv_lib.get_estimator(cfg.advantage.estimator)
+        self.params = self.policy.trainable_parameters()
+        if not self.params:
+            raise UserError(f"pipeline {cfg.pipeline!r}: the policy has no trainable parameters")
+        opt = torch.optim.AdamW(
+            self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
+        )
+        self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
+        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        self.step = 0
+        self.first_eval: tuple[int, torch.Tensor, list[str], dict[str, float]] | None = None
+        """(step, images, captions, metrics) of this process's first evaluation with images (main process only):
+        the "before" of ``samples/before_after.png``"""
+
+    # ---------------------------------------------------------------- phase 1 + 2: sample and score
+    def prompts_for(self, step: int, base: int) -> PromptBatch:
+        """This rank's B_local prompts at global stream positions base + rank * B_local + b, seeded."""
+        B, seed = self.cfg.trainer.prompts_per_step, self.cfg.run.seed
+        positions = [base + self.acc.process_index * self.B_local + b for b in range(self.B_local)]
+        batch = self.comp.prompts.get(positions)
+        batch.seeds = [prompt_seed(seed, step, p) for p in positions]
+        batch.step = step
+        assert len(batch) == self.B_local and B > 0
+        return batch
+
+    def sample(self, batch: PromptBatch, step: int) -> Rollout:
+        # the step's shared generator (same on every rank: e.g. which denoising steps are trained);
+        # per-sample randomness comes from batch.seeds
+        g = generator_for(prompt_seed(self.cfg.run.seed, step, 0, stream=1))
+        self.policy.model.eval()
+        with torch.no_grad():
+            return self.policy.rollout(batch, self.cfg.trainer.group_size, g)
+
+    def sample_and_score(self, batch: PromptBatch, step: int, timers: dict[str, float]):
+        """Sample then score; with ``trainer.rollout_chunks`` > 1, chunk c is scored in a background thread
+        while chunk c+1 is sampled (a remote or threaded reward then costs only what sampling does not hide).
+        Chunks are whole prompts, and samples depend only on per-prompt seeds, so chunking changes nothing."""
+        n = min(max(1, self.cfg.trainer.rollout_chunks), len(batch))
+        parts = [batch.select(list(ix)) for ix in torch.tensor_split(torch.arange(len(batch)), n)]
+        t0 = time.perf_counter()
+        if n == 1:
+            rollout = self.sample(batch, step)
+            t1 = time.perf_counter()
+            cols = score(rollout, self.rewards, step, self.policy)
+            timers["time/sample_s"] += t1 - t0
+            timers["time/score_s"] += time.perf_counter() - t1
+            return rollout, cols
+        rollouts, futures, score_time = [], [], [0.0]
+
+        def timed_score(r: Rollout) -> torch.Tensor:
+            s0 = time.perf_counter()
+            out = score(r, self.rewards, step, self.policy)
+            score_time[0] += time.perf_counter() - s0
+            return out
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for part in parts:
+                rollouts.append(self.sample(part, step))
+                futures.append(pool.submit(timed_score, rollouts[-1]))
+            t1 = time.perf_counter()
+            cols = torch.cat([f.result() for f in futures], dim=-1)
+        wait = time.perf_counter() - t1
+        timers["time/sample_s"] += t1 - t0
+        timers["time/score_s"] += score_time[0]
+        timers["time/score_wait_s"] = timers.get("time/score_wait_s", 0.0) + wait
+        return concat_rollouts(rollouts), cols
+
+    def collect(self, step: int) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+        """Sample and score B_local groups; with DAPO dynamic sampling, replace zero-variance groups."""
+        t, a = self.cfg.trainer, self.cfg.advantage
+        timers = {"time/sample_s": 0.0, "time/score_s": 0.0}
+        kept: list[tuple[Rollout, torch.Tensor]] = []
+        dropped: list[tuple[Rollout, torch.Tensor]] = []
+        rounds = 1 + (a.max_refill_rounds if a.dynamic_sampling else 0)
+        for r in range(rounds):
+            base = step * t.prompts_per_step if r == 0 else REFILL_OFFSET + (step * rounds + r) * t.prompts_per_step
+            rollout, cols = self.sample_and_score(self.prompts_for(step, base), step, timers)
+            if not a.dynamic_sampling:
+                return rollout, cols, timers
+            zero = adv_lib.zero_variance_groups(self._weighted(cols[0]).view(-1, t.group_size))
+            have = sum(p.num_groups for p, _ in kept)
+            good = [g for g in range(rollout.num_groups) if not zero[g]][: self.B_local - have]
+            bad = [g for g in range(rollout.num_groups) if zero[g]]
+            kept.append(self._groups(rollout, cols, good))
+            dropped.append(self._groups(rollout, cols, bad))
+            if sum(p.num_groups for p, _ in kept) >= self.B_local:
+                break
+        timers["dynamic/refill_rounds"] = float(r)
+        missing = self.B_local - sum(p.num_groups for p, _ in kept)
+        timers["dynamic/unfilled_groups"] = float(missing)
+        if missing:  # refills ran out: pad with zero-variance groups so every rank keeps B_local groups
+            pad_r = concat_rollouts([p for p, _ in dropped if p.num_rows])
+            pad_c = torch.cat([c for p, c in dropped if p.num_rows], dim=-1)
+            kept.append(self._groups(pad_r, pad_c, list(range(missing))))
+        parts = [(p, c) for p, c in kept if p.num_rows]
+        return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1), timers
+
+    def _groups(self, rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:
+        G = rollout.group_size
+        rows = [g * G + j for g in groups for j in range(G)]
+        return select_groups(rollout, groups), cols[..., rows]
+
+    def _weighted(self, cols: torch.Tensor) -> torch.Tensor:
+        w = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)[:, None]
+        return (torch.nan_to_num(cols) * w).sum(0)
+
+    # ---------------------------------------------------------------- phase 3: advantage
+    def advantage(self, cols: torch.Tensor, rollout: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Advantages [N_local] and loss weights [N_local] from all ranks' rewards (exact batch statistics).
+
+        ``cols [V, R, N_local]``: R reward columns for V versions of the samples (V > 1 only for G2RPO's
+        multi-granularity continuations); each version is normalised on its own and the advantages summed.
+        """
+        a, G = self.cfg.advantage, self.cfg.trainer.group_size
+        V, R, _ = cols.shape
+        gathered = self.acc.gather(cols.permute(2, 0, 1).contiguous().to(self.acc.device)).cpu()  # [N_total, V, R]
+        all_cols = gathered.permute(1, 2, 0)  # [V, R, N_total]
+        shaped = adv_lib.get_shaping(a.shaping)(all_cols, **a.shaping_options)
+        opts = dict(a.options)
+        if rollout.group_keys is not None and "keys" in inspect.signature(self.estimator).parameters:
+            keys = torch.tensor(rollout.group_keys, dtype=torch.long).to(self.acc.device)
+            opts["keys"] = self.acc.gather(keys).cpu().view(-1, G)
+        weights_t = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
+        adv = sum(adv_lib.combine(a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts) for v in range(V))
+        if a.min_advantage is not None:
+            adv = adv.clamp(min=a.min_advantage)
+        row_w = adv_lib.get_row_weights(a.estimator)(self._weighted(shaped[0]).view(-1, G), **opts)
+        zero = adv_lib.zero_variance_groups(self._weighted(all_cols[0]).view(-1, G))
+        if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
+            (self.run_dir / "debug").mkdir(exist_ok=True)
+            dump = {"advantages": adv.contiguous(), "rewards": all_cols.contiguous()}
+            save_file(dump, str(self.run_dir / "debug" / f"adv_step_{step:06d}.safetensors"))
+        lo = self.acc.process_index * rollout.num_rows
+        mine = slice(lo, lo + rollout.num_rows)
+        metrics = {
+            **reward_metrics(all_cols[0], self.rewards),
+            "adv/mean": adv.mean().item(),
+            "adv/abs_mean": adv.abs().mean().item(),
+            "adv/zero_variance_groups": float(zero.sum().item()),
+        }
+        for v in range(1, V):
+            metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
+        adv_local = adv.reshape(-1)[mine].view(-1, G)
+        names = [name for name, _, _ in self.rewards]
+        for hook in self.comp.advantage_hooks:  # named method hooks (docs/hooks.md), on this rank's groups
+            adv_local, m = hook(adv_local, rollout, cols, names)
+            metrics.update(m)
+        return adv_local.reshape(-1), row_w.reshape(-1)[mine].float(), metrics
+
+    # ---------------------------------------------------------------- phase 4: update
+    def update(self, rollout: Rollout, adv: torch.Tensor, row_w: torch.Tensor, step: int) -> dict[str, float]:
+        """epochs x minibatches optimizer steps; each minibatch in micro-batches with one global normaliser."""
+        t, lc = self.cfg.trainer, self.cfg.loss
+        mask = rollout.train_mask.clone()
+        if lc.mask_zero_adv:
+            mask &= (adv != 0)[:, None]
+        if rollout.loss_weight is not None:
+            row_w = row_w * rollout.loss_weight
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.policy.model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(t.epochs):
+            for rows in self.minibatch_rows(rollout, step, epoch):
+                stats = self._minibatch(rollout, rows, adv, row_w, mask)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out["lr"] = lr
+        return out
+
+    def minibatch_rows(self, rollout: Rollout, step: int, epoch: int) -> list[torch.Tensor]:
+        """Split rows into ``trainer.minibatches`` minibatches, each holding a slice of *every* group.
+
+        Group b's G rows are permuted (seeded by its global index, step and epoch) and cut into M slices;
+        minibatch j is slice j of every group. The split is thus the same whatever the number of ranks,
+        so a 2-process run makes exactly the optimizer steps of the 1-process run.
+        """
+        t, G = self.cfg.trainer, rollout.group_size
+        first = self.acc.process_index * rollout.num_groups
+        slices: list[list[torch.Tensor]] = [[] for _ in range(t.minibatches)]
+        for b in range(rollout.num_groups):
+            if t.shuffle:
+                g = generator_for(prompt_seed(self.cfg.run.seed, step, first + b, stream=2 + epoch))
+                perm = torch.randperm(G, generator=g)
+            else:
+                perm = torch.arange(G)
+            for j, part in enumerate(torch.tensor_split(perm, t.minibatches)):
+                slices[j].append(b * G + part)
+        return [torch.cat(s) for s in slices if sum(len(x) for x in s)]
+
+    def _denominator(self, rows: torch.Tensor, mask: torch.Tensor) -> float:
+        """The minibatch's loss normaliser over all ranks, divided by the world size (DDP averages grads)."""
+        agg = self.cfg.loss.aggregation
+        local = mask[rows].sum() if agg == "token_mean" else torch.tensor(float(len(rows)))
+        total = self.acc.reduce(local.float().to(self.acc.device), reduction="sum").item()
+        return max(total, 1.0) / self.acc.num_processes
+
+    def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float]:
+        t, lc = self.cfg.trainer, self.cfg.loss
+        denom = self._denominator(rows, mask)
+        micro = t.micro_batch_size or len(rows)
+        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        sums: dict[str, float] = {}
+        for i, mrows in enumerate(chunks):
+            units = mask[mrows].any(0).nonzero().reshape(-1)  # [k] units any row here trains
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
+            with sync:
+                lp = self.policy.log_prob(rollout, mrows, units)
+                loss, m = loss_lib.policy_loss(
+                    lp.logp, rollout.logp_old[mrows][:, units], adv[mrows], mask[mrows][:, units],
+                    loss=lc.name, aggregation=lc.aggregation, clip_low=lc.clip_low, clip_high=lc.clip_high,
+                    dual_clip=lc.dual_clip, beta=lc.beta, kl=lp.kl, adv_clip=lc.adv_clip,
+                    row_weight=row_w[mrows], denom=denom, constant=lc.constant, neg_logp=lp.neg_logp,
+                )  # fmt: skip
+                self.acc.backward(loss)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v * len(mrows) / len(rows)
+        if t.max_grad_norm is not None:
+            sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        return sums
+
+    # ---------------------------------------------------------------- outer loop
+    def train(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        start_time, done_here, last = time.perf_counter(), 0, {}
+        if self.step == 0 and t.eval_every:
+            self.evaluate(0)
+        bar = self._progress()
+        while self.step < t.max_steps:
+            step, t0 = self.step, time.perf_counter()
+            rollout, cols, metrics = self.collect(step)
+            adv, row_w, m_adv = self.advantage(cols, rollout, step)
+            t1 = time.perf_counter()
+            m_upd = self.update(rollout, adv, row_w, step)
+            self.step = step + 1
+            metrics.update(m_adv, **m_upd)
+            metrics["time/update_s"] = time.perf_counter() - t1
+            metrics["time/step_s"] = time.perf_counter() - t0
+            last = metrics
+            if t.log_every and self.step % t.log_every == 0:
+                self.log(self.step, metrics)
+            self._maybe_save_samples(rollout)
+            if bar is not None:
+                if t.time_budget_s is not None:  # the bar counts the budget's seconds; the step is in the postfix
+                    bar.update(min(time.perf_counter() - start_time, bar.total) - bar.n)
+                    bar.set_postfix(step=self.step, reward=f"{metrics['reward/mean']:.3f}",
+                                    s_per_step=f"{metrics['time/step_s']:.2f}")  # fmt: skip
+                else:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.2f}")
+            done_here += 1
+            stop = (t.stop_after_steps is not None and done_here >= t.stop_after_steps) or (
+                t.time_budget_s is not None and time.perf_counter() - start_time >= t.time_budget_s
+            )
+            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps or stop):
+                self.evaluate(self.step)
+            if stop or self.step == t.max_steps or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+                self.save()
+            if stop:
+                break
+        if bar is not None:
+            bar.close()
+        if self.acc.is_main_process:
+            write_report(self.run_dir)
+        return last
+
+    def _progress(self):
+        if not (self.cfg.trainer.progress and self.acc.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        t = self.cfg.trainer
+        if t.time_budget_s is not None:  # the budget ends the run: its seconds are what the bar can predict
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the time budget "
+            fmt += "[{elapsed}<{remaining}{postfix}]"
+            return tqdm(total=float(t.time_budget_s), desc=self.cfg.run.name, unit="s", bar_format=fmt)
+        return tqdm(total=t.max_steps, initial=self.step, desc=self.cfg.run.name, unit="step")
+
+    def _maybe_save_samples(self, rollout: Rollout) -> None:
+        every = self.cfg.trainer.sample_every
+        if not (every and self.step % every == 0 and self.acc.is_main_process and self.comp.sample_images):
+            return
+        images = self.comp.sample_images(rollout.samples)
+        if images is not None:
+            path = self.run_dir / "samples" / f"train_step_{self.step:06d}.png"
+            save_samples(images, path, ncol=self.cfg.trainer.group_size)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.comp.evaluate is None:
+            return {}
+        self.policy.model.eval()
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), torch.no_grad():
+            result = self.comp.evaluate(self.policy, step)
+        metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
+        self.log(step, metrics)
+        if result.images is not None and self.acc.is_main_process:
+            save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
+            images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame
+            images = images.detach().float().cpu()
+            if self.first_eval is None:
+                self.first_eval = (step, images.clone(), list(result.captions), dict(result.metrics))
+            elif self.first_eval[1].shape == images.shape and step != self.first_eval[0]:
+                step0, before, captions0, metrics0 = self.first_eval
+                before_after(
+                    before,
+                    images,
+                    list(result.captions) or captions0,
+                    self.run_dir / "samples" / "before_after.png",
+                    before_label=f"before (step {step0})",
+                    after_label=f"after (step {step})",
+                    before_metrics=metrics0,
+                    after_metrics=result.metrics,
+                )
+        return metrics
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.acc.is_main_process:
+            return
+        line = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        model = self.acc.unwrap_model(self.policy.model)
+        trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        rewards = {k: fn.state_dict() for k, fn in stateful_rewards(self.rewards).items()}
+        return {
+            "step": self.step,
+            "model": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rewards": rewards,
+            "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
+        }
+
+    def save(self) -> Path | None:
+        self.acc.wait_for_everyone()
+        path = None
+        if self.acc.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.run_dir / "checkpoints", self.step, self.state_dict(), keep=self.cfg.trainer.keep_checkpoints
+            )
+        self.acc.wait_for_everyone()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        model = self.acc.unwrap_model(self.policy.model)
+        missing, _ = model.load_state_dict(state["model"], strict=False)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if trainable & set(missing):
+            raise UserError(f"checkpoint {path} lacks trainable parameters {sorted(trainable & set(missing))[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if state.get("policy") is not None and hasattr(self.policy, "load_training_state"):
+            self.policy.load_training_state(state["policy"])
+        for k, fn in stateful_rewards(self.rewards).items():
+            if k in state.get("rewards", {}):
+                fn.load_state_dict(state["rewards"][k])
+        self.step = int(state["step"])
+
+
+def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
+    """The run directory: ``resume`` if given (must hold a checkpoint), else output_dir/name (must be new)."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not run_dir.is_dir():
+            parent = run_dir.parent
+            runs = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+            hint = f"; runs in {parent}/: {', '.join(runs)}" if runs else ""
+            raise UserError(f"resume directory '{cfg.resume}' not found{hint}")
+        if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+            raise UserError(
+                f"resume directory '{cfg.resume}' has no complete checkpoint under checkpoints/; "
+                "it cannot be resumed (start a new run with another run.name)"
+            )
+        return run_dir
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
+        raise UserError(
+            f"run directory '{run_dir}' already exists; continue it with resume={run_dir}, "
+            "pick another run.name=..., or set run.overwrite=true"
+        )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png"):
+            p = run_dir / stale  # run.overwrite: start clean, never append to another run's metrics
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return run_dir
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (they will be written again by the resumed run)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
+    """Run (or resume) training for ``cfg``; returns the finished trainer."""
+    acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
+    run_dir = prepare_run_dir(cfg, acc.is_main_process)
+    acc.wait_for_everyone()
+    trainer = Trainer(cfg, run_dir, acc)
+    if cfg.resume:
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        trainer.load(latest)
+        if acc.is_main_process:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    trainer.train()
+    return trainer

@@ -1,8 +1,0 @@
-"""Reward callables, the registry, composition, and the remote client/server.
-
-See :mod:`rewards.registry` for the API. ``rewards.get(name, **options)`` builds a reward callable.
-"""
-
-from rewards.registry import available, get, register, resolve
-
-__all__ = ["available", "get", "register", "resolve"]
