@@ -37,7 +37,7 @@ because any stray fragment of the right colour and shape satisfies a "present" a
 * patch 2 (3 heads x 32, 4 blocks): 1.6x the time per step and 0.16-0.24 at step 500; 4 blocks x 192: 0.31.
 * 2 threads instead of 1: 5-10x slower per step while other jobs share the two cores.
 * none of the pixel-space models learned SHAPES: asked for a circle they drew a blob the verifier read as a circle
-  15% of the time (square 50%, triangle 34%), so RL had nothing to sharpen (docs/notes/shapes_demo.md).
+  15% of the time (square 50%, triangle 34%), so RL had nothing to sharpen (docs/results.md).
 * latent space (``--vae-steps 1500 --patch-size 1 --loss-weighting v``): the VAE (242k parameters, 1500 x 64,
   8.6 min alone) reconstructs held-out scenes so that the verifier scores them 1.000; the transformer (same 6 x 128,
   64 tokens of 8x8x4 latents, 0.35 s per step instead of 0.53) draws crisp circles, squares and triangles:

@@ -11,6 +11,7 @@ runs from a shell: ``python -m pytest tests/test_architecture.py -q``.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -147,19 +148,15 @@ def test_the_scripts_are_not_imported_by_the_library():
 
 def test_the_wheel_installs_only_the_mmgrpo_namespace(tmp_path):
     """A user's own rewards/ or pipelines/ folder must never shadow ours: the wheel's only top-level name is mmgrpo."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--no-build-isolation",
-        "-q",
-        "-w",
-        str(tmp_path),
-        str(ROOT),
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    src = tmp_path / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("mmgrpo", "scripts"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    proc = subprocess.run([*cmd, str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("mmgrpo-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
