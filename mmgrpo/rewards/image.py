@@ -409,10 +409,16 @@ def clip_score(
     """
     clip = _clip_loader(dict(locals()), "clip_score", quick_gelu)  # loads on the first call
 
+    return _image_text_cosine(clip, batch_size, "clip_score")
+
+
+def _image_text_cosine(clip: Any, batch_size: int, name: str) -> Any:
+    """The reward ``fn`` scoring each row by the cosine of its image and prompt embeddings under ``clip()`` [N]."""
+
     def fn(samples, prompts, meta, ctx) -> torch.Tensor:
         m = clip()
         img = m.embed_images(as_images(samples), batch_size)  # [N, D]
-        txt = m.embed_texts(text_prompts(prompts, "clip_score"), batch_size)  # [N, D]
+        txt = m.embed_texts(text_prompts(prompts, name), batch_size)  # [N, D]
         return (img * txt).sum(-1)  # [N]
 
     fn.model = clip
@@ -517,14 +523,7 @@ def hpsv2(
     opts = {"model": model, "pretrained": checkpoint, "model_config": model_config, "device": device, "dtype": dtype}
     clip = _clip_loader(opts, "hpsv2", resize_mode=resize_mode)
 
-    def fn(samples, prompts, meta, ctx) -> torch.Tensor:
-        m = clip()
-        img = m.embed_images(as_images(samples), batch_size)  # [N, D]
-        txt = m.embed_texts(text_prompts(prompts, "hpsv2"), batch_size)  # [N, D]
-        return (img * txt).sum(-1)  # [N]
-
-    fn.model = clip
-    return fn
+    return _image_text_cosine(clip, batch_size, "hpsv2")
 
 
 # ---------------------------------------------------------------- PickScore (transformers CLIPModel)
