@@ -1,14 +1,20 @@
-"""Atomic, safetensors-only checkpoints.
+"""Atomic, verified, safetensors-only checkpoints.
 
-A checkpoint is a folder ``checkpoints/step_000100/`` holding ``*.safetensors`` (every tensor) and
-``state.json`` (everything else). It is written to ``checkpoints/.tmp-step_000100-<pid>/`` and renamed
-into place only when complete, so an interrupted write leaves the previous checkpoint usable; a
-half-written temp folder is ignored (and cleaned up by the next save). Nothing is pickled: nested state
-(optimizer state, EMA, reward curricula) is flattened into tensors + JSON.
+A checkpoint is a folder ``checkpoints/step_000100/`` holding ``tensors.safetensors`` (every tensor),
+``state.json`` (everything else) and the completion marker ``COMPLETE``: JSON with the step and the SHA-256 and
+size of each file. It is written to ``checkpoints/.tmp-step_000100-<pid>/``, every file and the folder fsynced,
+and renamed into place only when complete (the parent folder fsynced after the rename), so an interrupted write
+leaves the previous checkpoint usable; a half-written temp folder is ignored (and cleaned up by the next save).
+Loading checks every file against the marker: a truncated, emptied, deleted or bit-flipped file is a
+:class:`CorruptCheckpoint` naming the file, and :func:`latest_valid_checkpoint` falls back to the newest
+checkpoint that verifies. Pruning removes the marker (fsynced) before the files, so a kill mid-prune can never
+leave a complete-looking folder without its tensors. Nothing is pickled: nested state (optimizer state, EMA,
+reward curricula) is flattened into tensors + JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +27,11 @@ from safetensors.torch import load_file, save_file
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _COMPLETE = "COMPLETE"
+_FILES = ("tensors.safetensors", "state.json")
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder whose files do not match its completion marker (the message names the file)."""
 
 
 def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -76,21 +87,48 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], keep: in
     skeleton = flatten_state(state, "", tensors)
     save_file(tensors, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps(skeleton))
-    (tmp / _COMPLETE).write_text(str(step))
+    marker = {"step": step, "files": {name: _digest(tmp / name) for name in _FILES}}
+    (tmp / _COMPLETE).write_text(json.dumps(marker))
+    _fsync_files(tmp)
     _fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        remove_checkpoint(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync_dir(root)  # the rename itself is durable only once the parent folder is synced
     _prune(root, keep)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "size": path.stat().st_size}
+
+
+def _fsync_files(path: Path) -> None:
     for f in path.iterdir() if path.is_dir() else []:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder so that no crash point leaves it looking complete: the marker goes first."""
+    marker = path / _COMPLETE
+    if marker.exists():
+        marker.unlink()
+        _fsync_dir(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -99,7 +137,7 @@ def _prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -120,8 +158,53 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CorruptCheckpoint` unless every file matches the SHA-256 and size in the completion marker.
+
+    Checkpoints written before markers held hashes (the marker is the bare step number) are checked for presence
+    and parseability only."""
     path = Path(path)
-    tensors = load_file(str(path / "tensors.safetensors"))
-    skeleton = json.loads((path / "state.json").read_text())
-    return unflatten_state(skeleton, tensors)
+    try:
+        marker = json.loads((path / _COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path}: unreadable completion marker {_COMPLETE} ({e})") from e
+    files = marker.get("files") if isinstance(marker, dict) else None
+    for name in _FILES:
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{path}: {name} is missing")
+        if files is None:
+            continue
+        want = files.get(name) or {}
+        got = _digest(f)
+        if got["size"] != want.get("size"):
+            raise CorruptCheckpoint(f"{path}: {name} has {got['size']} bytes, the marker says {want.get('size')}")
+        if got["sha256"] != want.get("sha256"):
+            raise CorruptCheckpoint(f"{path}: {name} does not match its SHA-256 (the file was altered or damaged)")
+
+
+def latest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
+    """(newest checkpoint under ``root`` that verifies, or None; one note per newer checkpoint that did not)."""
+    notes = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            load_checkpoint(path, verify=False)  # parseable too (legacy markers carry no hashes)
+        except CorruptCheckpoint as e:
+            notes.append(str(e))
+            continue
+        return path, notes
+    return None, notes
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The nested state saved at ``path``; with ``verify``, the files are checked against the marker first."""
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    try:
+        tensors = load_file(str(path / "tensors.safetensors"))
+        skeleton = json.loads((path / "state.json").read_text())
+        return unflatten_state(skeleton, tensors)
+    except Exception as e:  # safetensors / JSON errors of a damaged file, named instead of a raw traceback
+        raise CorruptCheckpoint(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
