@@ -204,9 +204,13 @@ def _load_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
         raise _bad(f"NPZ expands to {total} bytes, over the limit of {max_bytes}")
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+            arrays = {k: npz[k] for k in npz.files}
     except Exception as e:  # noqa: BLE001  any decoding failure is the client's
         raise _bad(f"cannot read NPZ ({type(e).__name__}: {e})") from e
+    for k, v in arrays.items():  # numpy hands back a member that is not an .npy array as raw bytes
+        if not isinstance(v, np.ndarray):
+            raise _bad(f"NPZ member {k[:64]!r} is not a numpy array")
+    return arrays
 
 
 def _check_samples(kind: str, samples: Any, n: int) -> None:
@@ -293,6 +297,19 @@ def _error_message(err: urllib.error.HTTPError) -> str:
         return str(err.reason)
 
 
+MAX_BUSY_RETRIES = 60
+"""how often the client waits out a busy server's 503 + Retry-After before giving up"""
+
+
+def _retry_after(err: urllib.error.HTTPError) -> float | None:
+    """Seconds a 503 asks the client to wait (``Retry-After``, capped at 10 s), or None without the header."""
+    raw = err.headers.get("Retry-After") if err.headers is not None else None
+    try:
+        return min(max(float(raw), 0.0), 10.0) if raw is not None else None
+    except ValueError:
+        return None
+
+
 def _refusal_hint(code: int) -> str:
     if code == 401:
         return "; pass the server's token (remote option 'token' or the MMGRPO_REWARD_TOKEN variable)"
@@ -304,23 +321,28 @@ def _refusal_hint(code: int) -> str:
 def post_score(url: str, body: bytes, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
     """POST ``body`` to ``url/score``; retries connection errors and 5xx with exponential backoff, not 4xx.
 
-    After ``retries + 1`` failed attempts raises a UserError naming the URL and how to start the server.
+    A busy server (503 with ``Retry-After``: its connection cap is reached) is waited for as it asks, up to
+    ``MAX_BUSY_RETRIES`` times, without using up ``retries``. After ``retries + 1`` failed attempts raises a
+    UserError naming the URL and how to start the server.
     """
     endpoint = url.rstrip("/") + "/score"
     headers = {"Content-Type": CONTENT_TYPE}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    last, server_failed = "", False
+    last, server_failed, busy, attempt = "", False, 0, 0
     attempts = max(0, int(retries)) + 1
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+    while attempt < attempts:
         req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
             msg = _error_message(e)
+            wait = _retry_after(e)
+            if e.code == 503 and wait is not None and busy < MAX_BUSY_RETRIES:  # busy: wait as told, then again
+                busy += 1
+                time.sleep(wait)
+                continue
             if e.code < 500:
                 raise UserError(
                     f"reward server at {url} refused the request: HTTP {e.code}: {msg}{_refusal_hint(e.code)}"
@@ -330,6 +352,9 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
         except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timeout, bad JSON
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             server_failed = False
+        attempt += 1
+        if attempt < attempts:
+            time.sleep(backoff * 2 ** (attempt - 1))
     size = f"{len(body) / 2**20:.2f} MB"
     if server_failed:
         raise UserError(f"reward server at {url} failed after {attempts} attempts ({last}); see the server's log")

@@ -295,3 +295,70 @@ def test_main_serves_a_registered_reward_until_stopped():
     assert rc == [0] and not t.is_alive()
     with pytest.raises(UserError, match="unknown reward"):
         main(["no_such_reward", "--port", "0"])
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+def test_npz_member_that_is_not_an_array_is_a_400_not_a_dropped_connection(server_factory):
+    import zipfile
+
+    s = server_factory(mean_pixel)
+    body = io.BytesIO()
+    with zipfile.ZipFile(body, "w") as z:  # a member named like an array whose bytes are not one
+        z.writestr("header.npy", b"this is not an array")
+    req = urllib.request.Request(s.url + "/score", data=body.getvalue(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400 and "not a numpy array" in json.loads(e.value.read())["error"]
+    fn = remote(s.url)  # and the server keeps serving
+    assert fn(_images(2), ["a", "b"], [{}, {}], _ctx()).shape == (2,)
+
+
+def test_non_loopback_without_token_is_refused_unless_allowed():
+    with pytest.raises(UserError, match="--allow-unauthenticated"):
+        serve(mean_pixel, host="0.0.0.0", port=0)
+    s = serve(mean_pixel, host="0.0.0.0", port=0, allow_unauthenticated=True)
+    s.shutdown()
+    s = serve(mean_pixel, host="0.0.0.0", port=0, token="t0ken")
+    s.shutdown()
+    with pytest.raises(UserError, match="not in 0..65535"):
+        serve(mean_pixel, port=99999)
+
+
+def test_connection_cap_answers_503_retry_after_and_the_client_waits(server_factory):
+    s = server_factory(CountingReward(delay_s=0.3), max_connections=1)
+    held = socket.create_connection(("127.0.0.1", s.port))  # occupies the only slot until closed
+    time.sleep(0.2)
+    body = encode_request(_images(2), ["a", "b"], [{}, {}], group_size=2)
+    req = urllib.request.Request(s.url + "/score", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"
+    threading.Timer(0.5, held.close).start()  # the slot frees while the client waits out Retry-After
+    fn = remote(s.url, retries=0)  # 503 + Retry-After does not use up the retries
+    assert fn(_images(2), ["a", "b"], [{}, {}], _ctx()).shape == (2,)
+
+
+def test_fifty_concurrent_clients_twenty_requests_each_all_succeed(server_factory):
+    s = server_factory(mean_pixel, max_connections=16)  # fewer slots than clients: the overflow waits, never fails
+    fn = remote(s.url, timeout=30)
+    imgs = _images(2)
+    want = mean_pixel(quantise_uint8(imgs).float() / 255.0, None, None, None)
+    failures, done = [], []
+
+    def client():
+        for _ in range(20):
+            try:
+                got = fn(imgs, ["a", "b"], [{}, {}], _ctx())
+                assert torch.allclose(torch.as_tensor(got), want, atol=1e-6)
+                done.append(1)
+            except Exception as e:  # noqa: BLE001  counted, reported below
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert failures == [] and len(done) == 1000
