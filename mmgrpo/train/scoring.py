@@ -1,19 +1,27 @@
 """Phase 2 of the loop: score a rollout with every configured reward.
 
-Each reward returns Tensor[N] or a list of N floats / None (None = does not apply to this row); the
-result is one column per reward, [R, N] fp32, with NaN where a reward does not apply. Group-aware
+Each reward returns Tensor[N] (or a numpy array) or a list of N numbers / None (None = does not apply to this
+row); the result is one column per reward, [R, N] fp32, with NaN where a reward does not apply. Group-aware
 rewards (``fn.group_aware = True``) receive the rows grouped contiguously and ``ctx.group``.
+
+Nothing non-finite gets past here: ±inf from a reward is a UserError naming the reward and the rows, and so is
+NaN unless the reward declares ``fn.nan_means_not_applicable = True`` (then NaN reads as None). Strings, dicts
+and other non-numbers are refused (a "111" is not 111.0), and a reward that raises is named in the error. A
+reward that applies to none of a step's rows warns: it trains nothing that step.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from numbers import Real
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.types import RewardContext, Rollout
 
 
@@ -31,30 +39,67 @@ class StreamFilter:
 
     def __init__(self, fn: Any, streams: list[str]):
         self.fn, self.streams = fn, set(streams)
+        self.nan_means_not_applicable = True  # its NaN rows are the other streams' (fn's own output is checked)
         self.group_aware = getattr(fn, "group_aware", False)
         for attr in ("state_dict", "load_state_dict", "last_metrics"):
             if hasattr(fn, attr):
                 setattr(self, attr, getattr(fn, attr))
 
     def __call__(self, samples: Any, prompts: list, meta: list[dict], ctx: Any) -> torch.Tensor:
-        n = len(meta)
-        col = to_column(getattr(self.fn, "__name__", "reward"), self.fn(samples, prompts, meta, ctx), n)
+        col = call_reward(getattr(self.fn, "__name__", "reward"), self.fn, samples, prompts, meta, ctx)
         keep = torch.tensor([m.get("stream") in self.streams for m in meta])
         return torch.where(keep, col, torch.full_like(col, math.nan))
 
 
-def to_column(name: str, value: Any, n: int) -> torch.Tensor:
-    """A reward's output as fp32 [N] with NaN for None."""
+def to_column(name: str, value: Any, n: int, nan_ok: bool = False) -> torch.Tensor:
+    """A reward's output as fp32 [N] with NaN for None (and for NaN itself only when ``nan_ok``)."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value)) if value.dtype.kind in "biuf" else value.tolist()
     if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise UserError(f"reward {name!r} returned a {value.dtype} tensor; expected real numbers [N]")
         col = value.detach().float().reshape(-1).cpu()
+    elif isinstance(value, (list, tuple)):
+        bad = [v for v in value if v is not None and (isinstance(v, bool) or not isinstance(v, (Real, torch.Tensor)))]
+        if bad:
+            raise UserError(f"reward {name!r} returned {quoted(bad[0], 60)} ({type(bad[0]).__name__}) among its "
+                            "values; a reward gives a number per row, or None where it does not apply")  # fmt: skip
+        col = torch.tensor([math.nan if v is None else float(v) for v in value], dtype=torch.float32)
     else:
-        try:
-            col = torch.tensor([math.nan if v is None else float(v) for v in value], dtype=torch.float32)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"reward {name!r} returned {type(value).__name__}; expected Tensor[N] or a list") from e
+        raise UserError(f"reward {name!r} returned {type(value).__name__}; expected Tensor[N] or a list of N numbers")
     if col.numel() != n:
         raise UserError(f"reward {name!r} returned {col.numel()} values for {n} rows")
+    _check_finite(name, value, col, nan_ok)
     return col
+
+
+def _check_finite(name: str, value: Any, col: torch.Tensor, nan_ok: bool) -> None:
+    """±inf is always an error; NaN too unless it means "does not apply" (None, or a reward that declares it)."""
+    if isinstance(value, (list, tuple)):
+        given_nan = torch.tensor([v is not None and math.isnan(float(v)) for v in value], dtype=torch.bool)
+    else:
+        given_nan = col.isnan()
+    bad = col.isinf() | (given_nan & (not nan_ok))
+    if bool(bad.any()):
+        rows = bad.nonzero().reshape(-1).tolist()
+        shown = ", ".join(f"row {r}: {col[r].item()}" for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise UserError(
+            f"reward {name!r} returned non-finite values ({shown}; {len(rows)} of {col.numel()} rows). A non-finite "
+            "reward would poison every later update: fix the reward, return None for rows it does not apply to, "
+            "or set fn.nan_means_not_applicable = True if NaN means that"
+        )
+
+
+def call_reward(name: str, fn: Any, samples: Any, prompts: list, meta: list[dict], ctx: Any) -> torch.Tensor:
+    """``fn``'s column for these rows; an exception inside the reward becomes a UserError naming it."""
+    try:
+        value = fn(samples, prompts, meta, ctx)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  the reward is user code: name it, keep the cause chained
+        step = getattr(ctx, "step", "?")
+        raise UserError(f"reward {name!r} raised {type(e).__name__} at step {step}: {quoted(str(e), 300)}") from e
+    return to_column(name, value, len(meta), getattr(fn, "nan_means_not_applicable", False))
 
 
 def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, policy: Any = None) -> torch.Tensor:
@@ -64,7 +109,11 @@ def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, po
     out = []
     for v, samples in enumerate([rollout.samples, *rollout.variants]):
         ctx.update_state = v == 0  # stateful rewards (curricula) advance once per step, on the main samples
-        cols = [to_column(name, fn(samples, rollout.prompts, rollout.meta, ctx), n) for name, _, fn in rewards]
+        cols = [call_reward(name, fn, samples, rollout.prompts, rollout.meta, ctx) for name, _, fn in rewards]
+        for (name, _, _), col in zip(rewards, cols):
+            if v == 0 and bool(col.isnan().all()):
+                warnings.warn(f"reward {name!r} applies to none of the {n} rows of step {step}: it trains nothing "
+                              "this step (check its streams / meta keys)", stacklevel=2)  # fmt: skip
         out.append(torch.stack(cols))
     return torch.stack(out)
 

@@ -1,0 +1,111 @@
+"""Phase 2's guards: a non-finite, non-numeric or raising reward stops the run with one paragraph naming it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import RewardContext
+from mmgrpo.rewards.registry import register
+from mmgrpo.train.cli import main
+from mmgrpo.train.scoring import call_reward, to_column
+
+
+def test_numbers_none_and_arrays_make_a_column():
+    col = to_column("r", [1, 2.5, None, np.float32(0.5), torch.tensor(3.0)], 5)
+    assert col.dtype == torch.float32 and col[:2].tolist() == [1.0, 2.5] and math.isnan(col[2])
+    assert col[3:].tolist() == [0.5, 3.0]
+    assert to_column("r", np.array([1, 2]), 2).tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (torch.tensor([0.0, math.inf, 1.0]), r"reward 'r' returned non-finite values \(row 1: inf"),
+        ([0.0, 1.0, -math.inf], r"row 2: -inf; 1 of 3 rows"),
+        ([float("nan"), 1.0, 0.0], r"row 0: nan"),
+        (torch.tensor([math.nan] * 3), r"3 of 3 rows"),
+        (["111", 1.0, 0.0], r"returned '111' \(str\) among its values"),
+        ([{"score": 1}, 1.0, 0.0], r"\(dict\) among its values"),
+        ({"a": 1}, r"returned dict; expected Tensor\[N\] or a list"),
+        ("111", r"returned str"),
+        (torch.tensor([True, False, True]), r"torch.bool tensor"),
+        ([1.0, 2.0], r"returned 2 values for 3 rows"),
+    ],
+)
+def test_bad_reward_values_are_user_errors_naming_the_reward(value, match):
+    with pytest.raises(UserError, match=match):
+        to_column("r", value, 3)
+
+
+def test_nan_is_not_applicable_only_when_the_reward_declares_it():
+    def judge(samples, prompts, meta, ctx):
+        return torch.tensor([1.0, math.nan])
+
+    with pytest.raises(UserError, match="nan_means_not_applicable"):
+        call_reward("judge", judge, None, ["a", "b"], [{}, {}], RewardContext(group_size=2))
+    judge.nan_means_not_applicable = True
+    col = call_reward("judge", judge, None, ["a", "b"], [{}, {}], RewardContext(group_size=2))
+    assert col[0] == 1.0 and math.isnan(col[1])
+    judge_inf = lambda *a: torch.tensor([1.0, math.inf])  # noqa: E731
+    judge_inf.nan_means_not_applicable = True  # declaring NaN does not excuse inf
+    with pytest.raises(UserError, match="row 1: inf"):
+        call_reward("judge", judge_inf, None, ["a", "b"], [{}, {}], RewardContext(group_size=2))
+
+
+def test_a_raising_reward_is_named_with_a_capped_message():
+    def broken(samples, prompts, meta, ctx):
+        raise KeyError("x" * 5000)
+
+    with pytest.raises(UserError, match=r"reward 'broken' raised KeyError at step 7: .*\(\d+ characters\)") as e:
+        call_reward("broken", broken, None, ["a"], [{}], RewardContext(group_size=1, step=7))
+    assert len(str(e.value)) < 600 and isinstance(e.value.__cause__, KeyError)
+
+
+_calls = {"n": 0}
+
+
+@register("test_inf_at_step_2")
+def _inf_at_step_2():
+    """Test-only: the bandit's arm value, but +inf for one row at step 2."""
+
+    def fn(samples, prompts, meta, ctx):
+        _calls["n"] += 1
+        out = [float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)]
+        if ctx.step == 2:
+            out[3] = math.inf
+        return out
+
+    return fn
+
+
+@register("test_never_applies")
+def _never_applies():
+    """Test-only: None for every row."""
+    return lambda samples, prompts, meta, ctx: [None] * len(meta)
+
+
+BANDIT = [
+    "pipeline=bandit", "data.options={num_prompts: 4, num_arms: 3}", "trainer.max_steps=4",
+    "trainer.prompts_per_step=2", "trainer.group_size=3", "trainer.progress=false", "trainer.checkpoint_every=1",
+]  # fmt: skip
+
+
+def test_an_inf_reward_stops_the_run_non_zero_with_the_checkpoints_before_it_intact(tmp_path, capsys):
+    """The probe of the issue: one inf used to turn every later loss NaN and the run exited 0."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rewards: [{name: test_inf_at_step_2}]\n")
+    code = main(["train", str(cfg), *BANDIT, f"run.output_dir={tmp_path}", "run.name=r"])
+    err = capsys.readouterr().err
+    assert code == 2 and "reward 'test_inf_at_step_2' returned non-finite values (row 3: inf" in err
+    ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert ckpts == ["step_000001", "step_000002"]  # steps 0 and 1 finished; step 2 (the third) never updated
+
+
+def test_a_reward_that_applies_to_no_row_warns(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rewards: [{name: test_never_applies}]\n")
+    with pytest.warns(UserWarning, match="applies to none of the 6 rows of step 0"):
+        main(["train", str(cfg), *BANDIT, "trainer.max_steps=1", f"run.output_dir={tmp_path}", "run.name=w"])
