@@ -27,6 +27,7 @@ from mmgrpo.rewards.server import main as serve_main
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
 from mmgrpo.train.sample import main as sample_main
+from mmgrpo.train.signals import Interrupted
 from mmgrpo.train.trainer import train
 
 
@@ -118,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
         print(f"error: {msg}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (the step was abandoned; the checkpoints already written are kept)", file=sys.stderr)
         return 130
 
 

@@ -172,6 +172,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     resume: str | None = None
     """a run directory to continue exactly where it stopped"""
+    resume_force: bool = False
+    """resume even though the config changed keys that change what the run computes (seed, batch, model, ...)"""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

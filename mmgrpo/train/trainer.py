@@ -15,7 +15,6 @@ import contextlib
 import inspect
 import json
 import math
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,9 +32,17 @@ from mmgrpo.core.seeding import generator_for, prompt_seed
 from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components
-from mmgrpo.train.config import Config, dump_config
+from mmgrpo.train.config import Config
 from mmgrpo.train.report import before_after, save_samples, write_report
+from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
+    check_resume_config,
+    prepare_run_dir,
+    resume_checkpoint,
+    truncate_metrics,
+    write_config,
+)
 from mmgrpo.train.scoring import build_rewards, reward_metrics, score, stateful_rewards
+from mmgrpo.train.signals import Interrupted, stop_on_signals
 
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
 
@@ -311,6 +318,22 @@ class Trainer:
 
     # ---------------------------------------------------------------- outer loop
     def train(self) -> dict[str, Any]:
+        """The loop, stopping cleanly on SIGINT/SIGTERM: the step finishes, a checkpoint is written, and
+        :class:`~mmgrpo.train.signals.Interrupted` says which ``resume=`` continues the run."""
+        with stop_on_signals() as flag:
+            last = self._train(flag)
+        if self.acc.is_main_process:
+            write_report(self.run_dir)
+        return last
+
+    def _stop_requested(self, flag: Any) -> int:
+        """The signal any rank caught (ranks agree, so all of them checkpoint and stop at the same step)."""
+        if self.acc.num_processes == 1:
+            return flag.signum
+        got = torch.tensor([flag.signum], device=self.acc.device)
+        return int(self.acc.reduce(got, reduction="max").item())
+
+    def _train(self, flag: Any) -> dict[str, Any]:
         t = self.cfg.trainer
         start_time, done_here, last = time.perf_counter(), 0, {}
         if self.step == 0 and t.eval_every:
@@ -344,14 +367,24 @@ class Trainer:
             )
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps or stop):
                 self.evaluate(self.step)
-            if stop or self.step == t.max_steps or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+            signum = self._stop_requested(flag)
+            if (
+                signum
+                or stop
+                or self.step == t.max_steps
+                or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
+            ):
                 self.save()
+            if signum:
+                if bar is not None:
+                    bar.close()
+                if self.acc.is_main_process:
+                    write_report(self.run_dir)
+                raise Interrupted(signum, self.run_dir, self.step)
             if stop:
                 break
         if bar is not None:
             bar.close()
-        if self.acc.is_main_process:
-            write_report(self.run_dir)
         return last
 
     def _progress(self):
@@ -452,56 +485,22 @@ class Trainer:
         self.step = int(state["step"])
 
 
-def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
-    """The run directory: ``resume`` if given (must hold a checkpoint), else output_dir/name (must be new)."""
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not run_dir.is_dir():
-            parent = run_dir.parent
-            runs = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
-            hint = f"; runs in {parent}/: {', '.join(runs)}" if runs else ""
-            raise UserError(f"resume directory '{cfg.resume}' not found{hint}")
-        if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
-            raise UserError(
-                f"resume directory '{cfg.resume}' has no complete checkpoint under checkpoints/; "
-                "it cannot be resumed (start a new run with another run.name)"
-            )
-        return run_dir
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
-        raise UserError(
-            f"run directory '{run_dir}' already exists; continue it with resume={run_dir}, "
-            "pick another run.name=..., or set run.overwrite=true"
-        )
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png"):
-            p = run_dir / stale  # run.overwrite: start clean, never append to another run's metrics
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    return run_dir
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (they will be written again by the resumed run)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
-    """Run (or resume) training for ``cfg``; returns the finished trainer."""
+    """Run (or resume) training for ``cfg``; returns the finished trainer (see :mod:`mmgrpo.train.run_dir`)."""
     acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
     run_dir = prepare_run_dir(cfg, acc.is_main_process)
+    if cfg.resume:
+        check_resume_config(cfg, run_dir, cfg.resume_force)
     acc.wait_for_everyone()
     trainer = Trainer(cfg, run_dir, acc)
     if cfg.resume:
-        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-        trainer.load(latest)
+        latest = resume_checkpoint(run_dir)
+        if latest is not None:
+            trainer.load(latest)
         if acc.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
         acc.wait_for_everyone()
     if acc.is_main_process:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_config(run_dir, cfg)
     trainer.train()
     return trainer

@@ -1,0 +1,174 @@
+"""The run directory: where it may be, what overwrite may delete, what resume accepts, and metrics that survive.
+
+- ``run.name`` is one plain path component (letters, digits, ``.``, ``_``, ``-``; not ``.``/``..``), so a run never
+  lands outside ``run.output_dir``.
+- A run directory carries the marker file ``.mmgrpo-run``; ``run.overwrite=true`` wipes only a folder that has it
+  (never another project's folder that happens to have the same name).
+- ``resume=DIR`` continues from the newest checkpoint that verifies (a damaged newer one is skipped with a note);
+  a run that stopped before its first checkpoint restarts from step 0. The config may change only in keys that
+  do not change what the run computes (``RESUMABLE``), unless ``resume_force=true``; every other changed key is
+  named with its old and new value.
+- ``metrics.jsonl`` is rewritten atomically on resume (temporary file, fsync, rename), and a torn line left by a
+  crash is dropped with a warning instead of breaking every later resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mmgrpo.core.errors import UserError, quoted
+from mmgrpo.core.schema import to_dict
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.config import Config, dump_config, load_config
+
+RUN_MARKER = ".mmgrpo-run"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png")
+"""what a fresh (or overwritten) run starts without"""
+RESUMABLE = (
+    "trainer.max_steps", "trainer.stop_after_steps", "trainer.time_budget_s", "trainer.progress",
+    "trainer.log_every", "trainer.eval_every", "trainer.sample_every", "trainer.checkpoint_every",
+    "trainer.keep_checkpoints", "trainer.dump_advantages", "trainer.micro_batch_size", "trainer.rollout_chunks",
+    "run.name", "run.output_dir", "run.overwrite", "resume", "resume_force",
+)  # fmt: skip
+"""config keys a resume may change: how long, how often to log/evaluate/save, how rows are chunked in memory"""
+
+
+def check_run_name(name: str, where: str) -> None:
+    if not _NAME.match(name) or name in (".", ".."):
+        raise UserError(
+            f"run.name {quoted(name, 60)} in {where} must be one plain folder name (letters, digits, '.', '_', '-'), "
+            "e.g. run.name=shapes_lr3e-4; the folder goes under run.output_dir"
+        )
+
+
+def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
+    """The run directory: ``resume`` if given (a run directory), else output_dir/name (new, or overwritable)."""
+    if cfg.resume:
+        return _resume_dir(cfg.resume)
+    check_run_name(cfg.run.name, "the config")
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.run.overwrite:
+            raise UserError(
+                f"run directory '{run_dir}' already exists; continue it with resume={run_dir}, "
+                "pick another run.name=..., or set run.overwrite=true"
+            )
+        if not (run_dir / RUN_MARKER).is_file():
+            raise UserError(
+                f"run.overwrite=true only replaces an mmgrpo run directory (one holding {RUN_MARKER}); '{run_dir}' "
+                "is not one, so nothing was deleted: pick another run.name or run.output_dir"
+            )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in STALE:
+            p = run_dir / stale  # run.overwrite: start clean, never append to another run's metrics
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        (run_dir / RUN_MARKER).write_text("mmgrpo run directory: run.overwrite=true may replace it\n")
+    return run_dir
+
+
+def _resume_dir(resume: str) -> Path:
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        parent = run_dir.parent
+        runs = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+        hint = f"; runs in {parent}/: {', '.join(runs[:20])}" if runs else ""
+        raise UserError(f"resume directory '{resume}' not found{hint}")
+    if not ckpt.list_checkpoints(run_dir / "checkpoints") and not (run_dir / RUN_MARKER).is_file():
+        raise UserError(
+            f"resume directory '{resume}' has no complete checkpoint under checkpoints/ and is not an mmgrpo run "
+            "directory; it cannot be resumed (start a new run with another run.name)"
+        )
+    return run_dir
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies (notes about skipped ones are warned), or None: the run
+    stopped before its first checkpoint and restarts from step 0."""
+    path, notes = ckpt.latest_valid_checkpoint(run_dir / "checkpoints")
+    for note in notes:
+        warnings.warn(f"resume: skipping a damaged checkpoint: {note}", stacklevel=2)
+    if path is None:
+        had = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
+        if had:
+            raise UserError(
+                f"resume directory '{run_dir}': no checkpoint under checkpoints/ verifies ({'; '.join(notes)}); "
+                "the run cannot continue exactly. Start a new run (another run.name), or remove the damaged "
+                "checkpoints to restart this one from step 0"
+            )
+        warnings.warn(
+            f"resume: '{run_dir}' stopped before its first checkpoint; it restarts from step 0", stacklevel=2
+        )
+    return path
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
+    """Refuse a resume whose config changed what the run computes (seed, batch, model, rewards, ...)."""
+    saved = run_dir / "config.yaml"
+    if force or not saved.is_file():
+        return
+    try:
+        old = load_config(saved)
+    except UserError as e:
+        raise UserError(
+            f"resume={run_dir}: its config.yaml no longer loads ({e}); pass resume_force=true to resume anyway"
+        ) from e
+    a, b = _flat(to_dict(old)), _flat(to_dict(cfg))
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE)]
+    if changed:
+        shown = "; ".join(f"{k}: {quoted(a.get(k), 40)} -> {quoted(b.get(k), 40)}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise UserError(
+            f"resume={run_dir}: the config differs from the run's config.yaml in {shown}{more}. A resumed run must "
+            "compute what the original would have; revert these, start a new run (another run.name), or pass "
+            "resume_force=true to continue with the new values"
+        )
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    _atomic_write(run_dir / "config.yaml", dump_config(cfg))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep metric lines up to ``step`` (the resumed run writes the rest again), atomically; drop torn lines."""
+    if not path.is_file():
+        return
+    keep, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    if torn:
+        warnings.warn(f"{path}: dropped {torn} unreadable line(s), left by an interrupted write", stacklevel=2)
+    _atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,59 @@
+"""Stopping on SIGINT / SIGTERM without losing the run.
+
+Schedulers (Slurm, Kubernetes) send SIGTERM before they kill a job, and a person presses Ctrl-C. Either one, while
+training, lets the current step finish; the trainer then writes a checkpoint and raises :class:`Interrupted`,
+which the CLI turns into a message with the ``resume=`` to use and exit code 128 + the signal number (130 for
+SIGINT, 143 for SIGTERM). A second Ctrl-C abandons the step at once (KeyboardInterrupt), keeping the checkpoints
+already written.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint at ``step``."""
+
+    def __init__(self, signum: int, run_dir: Path, step: int):
+        self.signum, self.run_dir, self.step = signum, run_dir, step
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; a checkpoint was written. Continue with: "
+            f"mmgrpo train CONFIG resume={run_dir}"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopFlag:
+    """Set by the first SIGINT/SIGTERM; ``signum`` says which (0 = none)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.signum and signum == signal.SIGINT:  # the second Ctrl-C: abandon the step now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Catch SIGINT and SIGTERM into a :class:`StopFlag` while inside (main thread only; elsewhere a no-op)."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

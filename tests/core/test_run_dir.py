@@ -1,0 +1,146 @@
+"""What survives: SIGTERM mid-run, a damaged checkpoint, a torn metrics line, hostile run names, changed resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.config import load_config
+from mmgrpo.train.run_dir import RUN_MARKER
+from mmgrpo.train.trainer import train
+
+BASE = {
+    "pipeline": "bandit",
+    "data": {"options": {"num_prompts": 6, "num_arms": 4}},
+    "rewards": [{"name": "bandit_arm_value"}],
+    "trainer": {"prompts_per_step": 2, "group_size": 4, "lr": 0.1, "progress": False, "checkpoint_every": 2},
+}
+
+
+def cfg(tmp_path, *overrides):
+    return load_config(None, [f"run.output_dir={tmp_path}", *overrides], base=BASE)
+
+
+def weights(run_dir):
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(Path(run_dir) / "checkpoints"))
+    return state["model"], state["step"]
+
+
+@pytest.mark.parametrize("name", ["../other", "a/b", "..", ".", "/abs", "", "x y"])
+def test_run_name_must_be_one_plain_component(tmp_path, name):
+    with pytest.raises(UserError, match="must be one plain folder name"):
+        train(cfg(tmp_path, f"run.name={name!r}", "trainer.max_steps=1"))
+    assert not (tmp_path.parent / "other").exists()
+
+
+def test_overwrite_only_replaces_an_mmgrpo_run(tmp_path):
+    victim = tmp_path / "notes"
+    (victim / "checkpoints").mkdir(parents=True)
+    (victim / "checkpoints" / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="only replaces an mmgrpo run directory"):
+        train(cfg(tmp_path, "run.name=notes", "run.overwrite=true", "trainer.max_steps=1"))
+    assert (victim / "checkpoints" / "precious.txt").read_text() == "keep me"
+    t = train(cfg(tmp_path, "run.name=r", "trainer.max_steps=1"))
+    assert (t.run_dir / RUN_MARKER).is_file()
+    t = train(cfg(tmp_path, "run.name=r", "run.overwrite=true", "trainer.max_steps=2"))  # ours: replaced
+    assert [m["step"] for m in map(json.loads, (t.run_dir / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_equals_the_uninterrupted_run(tmp_path):
+    full = train(cfg(tmp_path, "run.name=full", "trainer.max_steps=6", "trainer.keep_checkpoints=5"))
+    part = train(cfg(tmp_path, "run.name=part", "trainer.max_steps=6", "trainer.keep_checkpoints=5",
+                     "trainer.stop_after_steps=4"))  # fmt: skip
+    newest = ckpt.latest_checkpoint(part.run_dir / "checkpoints")
+    assert newest.name == "step_000004"
+    data = bytearray((newest / "tensors.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit: only the checksum sees it
+    (newest / "tensors.safetensors").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="skipping a damaged checkpoint.*step_000004"):
+        train(cfg(tmp_path, "trainer.max_steps=6", "trainer.keep_checkpoints=5", f"resume={part.run_dir}"))
+    (a, sa), (b, sb) = weights(full.run_dir), weights(part.run_dir)
+    assert sa == sb == 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path):
+    part = train(cfg(tmp_path, "run.name=p", "trainer.max_steps=4", "trainer.stop_after_steps=2"))
+    with open(part.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward/me')  # power loss mid-line
+    with pytest.warns(UserWarning, match="dropped 1 unreadable line"):
+        train(cfg(tmp_path, "trainer.max_steps=4", f"resume={part.run_dir}"))
+    steps = [json.loads(x)["step"] for x in (part.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path):
+    part = train(cfg(tmp_path, "run.name=p", "trainer.max_steps=3"))
+    for d in ckpt.list_checkpoints(part.run_dir / "checkpoints"):
+        ckpt.remove_checkpoint(d)  # as if killed before any checkpoint was written
+    with pytest.raises(UserError, match="already exists; continue it with resume="):
+        train(cfg(tmp_path, "run.name=p", "trainer.max_steps=3"))
+    with pytest.warns(UserWarning, match="restarts from step 0"):
+        again = train(cfg(tmp_path, "trainer.max_steps=3", f"resume={part.run_dir}"))
+    assert again.step == 3
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [("run.seed=1", "run.seed: 0 -> 1"), ("trainer.group_size=2", "trainer.group_size: 4 -> 2"),
+     ("trainer.lr=0.5", "trainer.lr: 0.1 -> 0.5"), ("rewards=[{name: bandit_arm_value, weight: 2.0}]", "rewards")],
+)  # fmt: skip
+def test_resume_refuses_a_changed_config_unless_forced(tmp_path, change, named):
+    part = train(cfg(tmp_path, "run.name=p", "trainer.max_steps=4", "trainer.stop_after_steps=2"))
+    with pytest.raises(UserError, match="differs from the run's config.yaml in") as e:
+        train(cfg(tmp_path, "trainer.max_steps=4", change, f"resume={part.run_dir}"))
+    assert named in str(e.value) and "resume_force=true" in str(e.value)
+    train(cfg(tmp_path, "trainer.max_steps=6", "trainer.eval_every=1", f"resume={part.run_dir}"))  # allowed keys
+    if not change.startswith("rewards"):
+        train(cfg(tmp_path, "trainer.max_steps=8", change, "resume_force=true", f"resume={part.run_dir}"))
+
+
+SLOW_REWARD = textwrap.dedent("""
+    import time
+    def slow_arm_value(samples, prompts, meta, ctx):
+        time.sleep(0.05)
+        return [float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)]
+""")
+
+
+def _cli(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = "import sys; from mmgrpo.train.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_checkpoints_names_the_resume_and_the_resumed_run_equals_the_uninterrupted(tmp_path):
+    (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
+    config = tmp_path / "c.yaml"
+    base = {**BASE, "rewards": [{"name": "slow_reward.slow_arm_value"}]}
+    base["trainer"] = {**base["trainer"], "max_steps": 40, "checkpoint_every": 100}
+    config.write_text(json.dumps(base))  # JSON is YAML
+    out = f"run.output_dir={tmp_path}"
+    proc = _cli(tmp_path, "train", str(config), out, "run.name=killed")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err and f"resume={tmp_path / 'killed'}" in " ".join(err.split())
+    stopped_at = weights(tmp_path / "killed")[1]
+    assert 3 <= stopped_at < 40
+    resumed = _cli(tmp_path, "train", str(config), f"resume={tmp_path / 'killed'}")
+    assert resumed.wait(timeout=120) == 0
+    full = _cli(tmp_path, "train", str(config), out, "run.name=full")
+    assert full.wait(timeout=120) == 0
+    (a, sa), (b, sb) = weights(tmp_path / "full"), weights(tmp_path / "killed")
+    assert sa == sb == 40 and all(torch.equal(a[k], b[k]) for k in a)
