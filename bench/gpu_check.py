@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import inspect
 import json
 import math
 import os
@@ -781,17 +782,26 @@ def section_realistic(report: Report, sec: dict, device: str) -> None:
     free_memory()
 
 
-def realistic_sd3(report: Report, sec: dict, device: str) -> None:
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)  # fmt: skip
+
+
+def realistic_sd3(
+    report: Report, sec: dict, device: str, shape: dict = SD3_MEDIUM, text_len: int = 333,
+    batches: tuple[int, ...] = (1, 2, 4), sample_batches: tuple[int, ...] = (4, 16),
+) -> None:  # fmt: skip
+    """``text_len``: SD3's 77 CLIP + 256 T5 tokens; latents [16, sample_size, sample_size]."""
     from diffusers import SD3Transformer2DModel
 
     dt = torch.bfloat16
     t0 = time.perf_counter()
     with torch.device(device):
-        model = SD3Transformer2DModel(
-            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-            pos_embed_max_size=192,
-        ).to(dt)  # fmt: skip
+        model = SD3Transformer2DModel(**shape).to(dt)
+    C, S = shape["in_channels"], shape["sample_size"]
     sync(device)
     n_params = sum(p.numel() for p in model.parameters())
     report.row(sec, "sd3-medium shape: build", "ok", params_B=round(n_params / 1e9, 3),
@@ -801,17 +811,19 @@ def realistic_sd3(report: Report, sec: dict, device: str) -> None:
     def inputs(b: int):
         g = torch.Generator(device).manual_seed(0)
         return dict(
-            hidden_states=torch.randn(b, 16, 128, 128, device=device, dtype=dt, generator=g),
-            encoder_hidden_states=torch.randn(b, 333, 4096, device=device, dtype=dt, generator=g),
-            pooled_projections=torch.randn(b, 2048, device=device, dtype=dt, generator=g),
+            hidden_states=torch.randn(b, C, S, S, device=device, dtype=dt, generator=g),
+            encoder_hidden_states=torch.randn(
+                b, text_len, shape["joint_attention_dim"], device=device, dtype=dt, generator=g
+            ),
+            pooled_projections=torch.randn(b, shape["pooled_projection_dim"], device=device, dtype=dt, generator=g),
             timestep=torch.full((b,), 500.0, device=device),
         )
 
     for checkpointing in (False, True):
         if checkpointing:
             model.enable_gradient_checkpointing()
-        for b in (1, 2, 4):
-            if out_of_time(report, sec, f"sd3-medium fwd+bwd B={b}"):
+        for b in batches:
+            if out_of_time(report, sec, f"sd3-medium fwd+bwd B={b} grad_ckpt={checkpointing}"):
                 return
             x = inputs(b)
 
@@ -824,15 +836,15 @@ def realistic_sd3(report: Report, sec: dict, device: str) -> None:
             try:
                 med, times = timed(fwd_bwd, device, repeats=2)
             except torch.cuda.OutOfMemoryError as e:
-                report.row(sec, f"sd3-medium fwd+bwd B={b} ckpt={checkpointing}", f"OOM: {str(e)[:120]}")
+                report.row(sec, f"sd3-medium fwd+bwd B={b} grad_ckpt={checkpointing}", f"OOM: {str(e)[:120]}")
                 free_memory()
                 break
             report.row(sec, f"sd3-medium fwd+bwd B={b} grad_ckpt={checkpointing}", "ok", s_per_call=round(med, 4),
                        samples_per_s=round(b / med, 2), peak_gib=peak_gib(device))  # fmt: skip
     model.disable_gradient_checkpointing()
     model.eval()
-    for b in (4, 16):
-        if out_of_time(report, sec, f"sd3-medium sampling step B={b}"):
+    for b in sample_batches:
+        if out_of_time(report, sec, f"sd3-medium no-grad forward (sampling step) B={b}"):
             return
         x = inputs(b)
 
@@ -871,10 +883,14 @@ def qwen2_vl_2b_config():
                          vision_config=vision, **ids)  # fmt: skip
 
 
-def realistic_qwen2_vl(report: Report, sec: dict, device: str) -> None:
+def realistic_qwen2_vl(
+    report: Report, sec: dict, device: str, cfg=None, rows: int = 16, grid: int = 32, text: int = 64, comp: int = 128
+) -> None:
+    """``rows`` sequences of one image (``grid`` x ``grid`` patches, merged 2 x 2), ``text`` prompt tokens and ``comp``
+    completion tokens: teacher-forced forward+backward, the loss on the completion's log-probs."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    cfg = qwen2_vl_2b_config()
+    cfg = cfg if cfg is not None else qwen2_vl_2b_config()
     t0 = time.perf_counter()
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration(cfg).to(torch.bfloat16)
@@ -883,22 +899,28 @@ def realistic_qwen2_vl(report: Report, sec: dict, device: str) -> None:
     report.row(sec, "qwen2-vl-2b shape: build", "ok", params_B=round(n_params / 1e9, 3),
                build_s=round(time.perf_counter() - t0, 1))  # fmt: skip
     model.train()
-    rows, vis, text, comp = 16, 256, 64, 128
-    grid = 32  # 32 x 32 patches of 14 px (448 px), merged 2 x 2 -> 256 vision tokens
+    vis = grid * grid // 4  # default 32 x 32 patches of 14 px (448 px), merged 2 x 2 -> 256 vision tokens
     patch_dim = 3 * 2 * 14 * 14
     g = torch.Generator(device).manual_seed(0)
     pixel_values = torch.randn(rows * grid * grid, patch_dim, device=device, dtype=torch.bfloat16, generator=g)
     image_grid_thw = torch.tensor([[1, grid, grid]] * rows, device=device)
-    ids = torch.randint(0, 150000, (rows, 1 + vis + 1 + text + comp), device=device, generator=g)
+    vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None) or cfg.vocab_size
+    ids = torch.randint(0, vocab, (rows, 1 + vis + 1 + text + comp), device=device, generator=g)
+    special = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    plain = next(i for i in range(vocab) if i not in special)
+    ids[torch.isin(ids, torch.tensor(special, device=device))] = plain  # text tokens only outside the image span
     ids[:, 0] = cfg.vision_start_token_id
     ids[:, 1 : 1 + vis] = cfg.image_token_id
     ids[:, 1 + vis] = cfg.vision_end_token_id
     mask = torch.ones_like(ids)
     L = ids.shape[1]
+    extra = {}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers >= 5: 1 marks image tokens
+        extra["mm_token_type_ids"] = (ids == cfg.image_token_id).long()
 
     def fwd_bwd():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                    logits_to_keep=comp + 1)  # fmt: skip
+                    logits_to_keep=comp + 1, **extra)  # fmt: skip
         logits = out.logits[:, :-1].float()  # the completion's next-token logits
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, -comp:, None]).squeeze(-1)
         (-lp.mean()).backward()
@@ -968,7 +990,9 @@ def fsdp_child(run_dir: str, ckpt: str, result_path: str, device: str) -> int:
         register_check_rewards()
         plugin = FullyShardedDataParallelPlugin(sharding_strategy="FULL_SHARD", use_orig_params=True,
                                                 sync_module_states=False)  # fmt: skip
-        acc = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if device == "cuda" else "no")
+        acc = Accelerator(
+            fsdp_plugin=plugin, mixed_precision="bf16" if device == "cuda" else "no", cpu=device == "cpu"
+        )
         base = {
             "pipeline": "text_to_image",
             "policy": {"options": diffusion_policy_options("sd3", ckpt, num_steps=2, lora_rank=0)},
@@ -992,9 +1016,10 @@ def fsdp_child(run_dir: str, ckpt: str, result_path: str, device: str) -> int:
             "loss": losses,
             "train_s": round(time.perf_counter() - t0, 2),
         }
-        result["ok"] = len(losses) == 2 and all(math.isfinite(v) for v in losses)
+        fsdp = "FSDP" in str(acc.distributed_type)
+        result["ok"] = len(losses) == 2 and all(math.isfinite(v) for v in losses) and fsdp
         if not result["ok"]:
-            result["error"] = f"losses {losses}"
+            result["error"] = f"distributed_type {acc.distributed_type}, losses {losses}"
     except Exception as e:  # noqa: BLE001
         result["error"] = error_text(e, lines=20)
     Path(result_path).write_text(json.dumps(result))

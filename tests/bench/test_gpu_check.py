@@ -1,6 +1,7 @@
 """bench/gpu_check.py in its CI mode (``--device cpu --tiny``): it finishes, writes gpu.md and gpu.json, has a row
 per tiny family, no section errored, and fp32 rows keep ratio = 1."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,3 +39,34 @@ def test_gpu_check_cpu_tiny(tmp_path):
     for name in ("5. Realistic sizes (random init)", "6. 1-GPU FSDP"):
         assert sections[name]["status"] == "skipped: --tiny"
     assert sections["7. pytest -m gpu tests/gpu"]["status"] == "skipped: needs CUDA"
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_realistic_size_code_runs_at_toy_size():
+    """Section 5 runs only on a GPU; its code runs here on toy shapes so it cannot rot."""
+    from mmgrpo.testing.tiny_vlm import tiny_qwen2_vl
+
+    g = load_gpu_check()
+    report = g.Report(None, "test", time_limit=300)
+    sec = report.section("realistic")
+    small = dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16)
+    shape = {
+        **g.SD3_MEDIUM,
+        **small,
+        "caption_projection_dim": 16,
+        "pooled_projection_dim": 8,
+        "pos_embed_max_size": 8,
+    }
+    g.realistic_sd3(report, sec, "cpu", shape=shape, text_len=4, batches=(1, 2), sample_batches=(2,))
+    cfg = tiny_qwen2_vl()[0].config
+    g.realistic_qwen2_vl(report, sec, "cpu", cfg=cfg, rows=2, grid=4, text=3, comp=5)
+    results = {r["what"]: r["result"] for r in sec["rows"]}
+    assert len(results) == 1 + 4 + 1 + 1 + 2, results  # build, 2 x 2 fwd+bwd, forward, build, 2 fwd+bwd
+    assert set(results.values()) == {"ok"}, results
+    assert g.qwen2_vl_2b_config().vision_config.depth == 32
