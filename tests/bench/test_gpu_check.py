@@ -1,0 +1,72 @@
+"""bench/gpu_check.py in its CI mode (``--device cpu --tiny``): it finishes, writes gpu.md and gpu.json, has a row
+per tiny family, no section errored, and fp32 rows keep ratio = 1."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+DIFFUSION = ["sd3", "flux", "sd15", "sdxl", "wan", "hunyuan_video"]
+VLM = ["qwen2_vl", "qwen2_5_vl"]
+
+
+def test_gpu_check_cpu_tiny(tmp_path):
+    cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path)]
+    proc = subprocess.run([*cmd, "--time-limit", "240"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "gpu.md").read_text()
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["finished"] and "--device cpu --tiny" in data["command"] and "# GPU check" in md
+    sections = {s["name"]: s for s in data["sections"]}
+    for sec in sections.values():
+        assert not sec["status"].startswith("error"), (sec["name"], sec["status"], sec["error"], sec["rows"])
+        assert not sec["status"].startswith("skipped: time"), sec["name"]
+    for name, families in [("2. Tiny diffusion families", DIFFUSION), ("3. Tiny VLM families", VLM)]:
+        rows = {r["what"]: r for r in sections[name]["rows"]}
+        for fam in families:
+            row = rows[f"{fam} fp32"]  # CPU runs fp32 only
+            assert row["result"] == "ok", row
+            nums = row["numbers"]
+            assert nums["ratio_err_micro1"] <= 1e-4 and nums["ratio_err_microG"] <= 1e-4, row
+            assert nums["loss_finite"] and nums["frozen_moved"] == 0, row
+            if name.startswith("2."):
+                assert nums["pipeline_max_abs_diff"] <= 1e-4, row
+            assert f"| {fam} fp32 | ok |" in md
+    (demo,) = sections["4. README demo config"]["rows"]
+    assert demo["result"] == "ok" and demo["numbers"]["steps"] == 1, demo
+    for name in ("5. Realistic sizes (random init)", "6. 1-GPU FSDP"):
+        assert sections[name]["status"] == "skipped: --tiny"
+    assert sections["7. pytest -m gpu tests/gpu"]["status"] == "skipped: needs CUDA"
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_realistic_size_code_runs_at_toy_size():
+    """Section 5 runs only on a GPU; its code runs here on toy shapes so it cannot rot."""
+    from mmgrpo.testing.tiny_vlm import tiny_qwen2_vl
+
+    g = load_gpu_check()
+    report = g.Report(None, "test", time_limit=300)
+    sec = report.section("realistic")
+    small = dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16)
+    shape = {
+        **g.SD3_MEDIUM,
+        **small,
+        "caption_projection_dim": 16,
+        "pooled_projection_dim": 8,
+        "pos_embed_max_size": 8,
+    }
+    g.realistic_sd3(report, sec, "cpu", shape=shape, text_len=4, batches=(1, 2), sample_batches=(2,))
+    cfg = tiny_qwen2_vl()[0].config
+    g.realistic_qwen2_vl(report, sec, "cpu", cfg=cfg, rows=2, grid=4, text=3, comp=5)
+    results = {r["what"]: r["result"] for r in sec["rows"]}
+    assert len(results) == 1 + 4 + 1 + 1 + 2, results  # build, 2 x 2 fwd+bwd, forward, build, 2 fwd+bwd
+    assert set(results.values()) == {"ok"}, results
+    assert g.qwen2_vl_2b_config().vision_config.depth == 32
