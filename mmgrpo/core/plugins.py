@@ -50,7 +50,10 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.pipelines.image_to_video",
     ),
     "vlm_families": (),
-    "methods": (),
+    "methods": (
+        "mmgrpo.methods.pearl",
+        "mmgrpo.methods.tempsamp",
+    ),
     "diffusion_objectives": (),
     "exploration": (),
 }
