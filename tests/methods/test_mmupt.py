@@ -4,8 +4,8 @@ import pytest
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
+from mmgrpo.methods.mmupt import answer_key, majority_index
 from mmgrpo.rewards import registry
-from mmgrpo.rewards.consensus import answer_key, majority_index
 
 
 def _a(text: str) -> str:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.methods.listener import candidate_answers, correct_index, listener_confidence, prompt_text, strip_answer
 from mmgrpo.rewards import registry
-from mmgrpo.rewards.listener import candidate_answers, correct_index, listener_confidence, prompt_text, strip_answer
 
 LN = math.log
 

@@ -7,8 +7,8 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
+from mmgrpo.methods.medloc import IoUCurriculum, cosine_delta, pass_thresholds, step_delta
 from mmgrpo.rewards import registry
-from mmgrpo.rewards.curriculum import IoUCurriculum, cosine_delta, pass_thresholds, step_delta
 
 
 def test_tables_switch_at_their_boundaries():
