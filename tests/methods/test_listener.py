@@ -1,4 +1,4 @@
-"""Listener reward (mmgrpo/rewards/listener.py): answer stripping, confidence, the reward's composition, the real
+"""Listener reward (mmgrpo/methods/listener.py): answer stripping, confidence, the reward's composition, the real
 VLM scorer.
 
 The composition tests pass a hand-made ``scorer`` returning fixed log-probs. That is not a mock of the thing under

@@ -1,4 +1,4 @@
-"""MedLoc-R1 IoU curriculum (mmgrpo/rewards/curriculum.py): hand-computed transitions, resume exactness, the reward."""
+"""MedLoc-R1 IoU curriculum (mmgrpo/methods/medloc.py): hand-computed transitions, resume exactness, the reward."""
 
 import json
 

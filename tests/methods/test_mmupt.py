@@ -1,4 +1,4 @@
-"""MM-UPT majority vote (mmgrpo/rewards/consensus.py): ties, unparseable rows, numeric equivalence, groups."""
+"""MM-UPT majority vote (mmgrpo/methods/mmupt.py): ties, unparseable rows, numeric equivalence, groups."""
 
 import pytest
 
