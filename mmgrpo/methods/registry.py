@@ -100,6 +100,8 @@ class PolicyWrapper:
         object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:  # only called when the wrapper itself has no such attribute
+        if name == "inner":  # not set yet (copy / pickle build the object without __init__): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
