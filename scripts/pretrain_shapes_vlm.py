@@ -14,7 +14,7 @@ teacher-forced cross-entropy on the completion only, in the R1 format the RL rec
 
 over fresh TRAIN scenes of :mod:`mmgrpo.data.shapes_qa` every batch (count / colour / position / grounding /
 checklist, drawn uniformly). ``checklist`` is PEARL's perception checklist (Zhang et al. 2025, arXiv 2511.18437)
-asked EXACTLY as the RL recipe's checklist group asks it (:func:`mmgrpo.methods.vlm_methods.checklist_prompt` of a
+asked EXACTLY as the RL recipe's checklist group asks it (:func:`mmgrpo.methods.pearl.checklist_prompt` of a
 multiple-choice scene's example, as ``vlm_reasoning`` draws it: "Answer each question about the image, in order,
 separated by ';': 1. How many objects are there? 2. Is there a red circle? ..."), answered with the answer sheet of
 :func:`mmgrpo.methods.pearl.checklist_answer` after the scene description (the think part of a checklist target is
@@ -31,7 +31,7 @@ the prompt's, as in the policy's scorer, so the RL recipes see the very distribu
 
 The shipped model is deliberately mediocre (held-out multiple-choice accuracy well above chance 0.25 but far from 1,
 grounding mean IoU ~0.2-0.5, checklist R_p between 0 and 1) so that GRPO (configs/shapes_vlm_grpo.yaml,
-configs/shapes_grounding_medloc.yaml, PEARL's ``data.options.methods.pearl``) can improve it on a CPU. The learning
+configs/shapes_grounding_medloc.yaml, PEARL's ``methods: {pearl: ...}``) can improve it on a CPU. The learning
 rate is constant after warmup, so a run of S steps is the first S steps of a longer one (``--snapshot-every`` keeps
 intermediate models to pick from). Run::
 
@@ -55,8 +55,13 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.shapes import COLORS, POSITIONS, SHAPES, Scene
-from mmgrpo.methods.pearl import checklist_answer, checklist_question, checklist_reward, split_answers
-from mmgrpo.methods.vlm_methods import checklist_prompt
+from mmgrpo.methods.pearl import (
+    checklist_answer,
+    checklist_prompt,
+    checklist_question,
+    checklist_reward,
+    split_answers,
+)
 from mmgrpo.pipelines.vlm_grounding import box_answer, evaluate_grounding
 from mmgrpo.policies.vlm import R1_SYSTEM_PROMPT, PromptInputs, VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format

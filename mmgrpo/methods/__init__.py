@@ -1,10 +1,14 @@
-"""Pure pieces of multimodal RL methods, wired into the VLM policy and trainer through named hooks (DESIGN.md).
+"""Paper methods: one module per paper, each registering one :class:`~mmgrpo.methods.registry.Method` (its options
+schema and its parts: rewards, a policy wrapper, advantage hooks), switched on by the config's top-level ``methods:``
+block and checked when the config loads (:mod:`mmgrpo.methods.registry`).
 
-- :mod:`mmgrpo.methods.acre` -- ACRE answer consistency: shuffle options, re-ask with the same reasoning.
-- :mod:`mmgrpo.methods.pearl` -- PEARL perception checklists: checklist reward, fidelity gate, per-stream weights.
-- :mod:`mmgrpo.methods.tempsamp` -- TempSamp-R1: inject the ground truth as an off-policy row, anchor its advantage.
+- :mod:`mmgrpo.methods.pearl` -- PEARL perception checklists: checklist reward, two-stream policy, fidelity gate.
+- :mod:`mmgrpo.methods.tempsamp` -- TempSamp-R1: the ground truth as a teacher-forced off-policy row, anchored.
+- :mod:`mmgrpo.methods.acre` -- ACRE answer consistency: shuffle options, re-ask with the same reasoning (reward).
+- :mod:`mmgrpo.methods.listener` -- listener-rewarded thinking: a frozen VLM scores the reasoning (rewards).
+- :mod:`mmgrpo.methods.medloc` -- MedLoc-R1's performance-aware IoU curriculum (stateful reward).
+- :mod:`mmgrpo.methods.mmupt` -- MM-UPT's majority vote, no ground truth (group-aware reward).
 
-The reward-shaped methods live in ``rewards/``: ``iou_curriculum`` (MedLoc-R1, mmgrpo/rewards/curriculum.py),
-``majority_vote`` (MM-UPT, mmgrpo/rewards/consensus.py) and ``listener`` (listener-rewarded thinking,
-mmgrpo/rewards/listener.py).
+Pure estimators and losses stay one registered function in the core (MC-GRPO's pivot, Dr.GRPO, GSPO, ...); the
+diffusion papers are exploration / objective strategies of :mod:`mmgrpo.policies` (docs/architecture.md's table).
 """

@@ -21,13 +21,8 @@ Letters are A, B, C, ... for options 0, 1, 2, ...
 >>> rewrite_letter_mentions("Option A is too dark, so (C).", perm)
 'Option B is too dark, so (A).'
 
-The reward (registered as ``acre``):
-
-ACRE's answer-consistency reward: re-ask the policy with shuffled options and its own reasoning.
-
-ACRE, "Answer-Consistent Chain-of-thought Reinforcement Learning for Multi-modal Large Language Models" (Huang et al.
-2025, arXiv 2510.10104); the pure pieces are in :mod:`mmgrpo.methods.acre`. For each multiple-choice row (a prompt
-dict with >= 2 ``options`` and a letter ground truth in ``meta[answer_key]``):
+The reward ``acre`` is the whole method (:data:`METHOD`; listing it under ``rewards:`` runs it). For each
+multiple-choice row (a prompt dict with >= 2 ``options`` and a letter ground truth in ``meta[answer_key]``):
 
 1. the first answer is the letter of the row's ``<answer>`` block; ``first_correct`` grades it;
 2. the options are shuffled (``shuffle_options``, never the identity) with a generator seeded by
@@ -55,8 +50,9 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
+from mmgrpo.methods.listener import strip_answer
+from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.policies.vlm_inputs import MEDIA_KEYS
-from mmgrpo.rewards.listener import strip_answer
 from mmgrpo.rewards.registry import register
 from mmgrpo.rewards.text import answer_or_completion, completion_text, extract_choice, grade, infer_mode
 
@@ -180,7 +176,7 @@ def build_reask_prompt(question: str, shuffled_options: Sequence[str], reasoning
     """The second-pass prompt: the question, the shuffled options labelled A., B., ..., and the reasoning.
 
     ``question`` must not already list the options (the old order would leak). Any ``<answer>`` block left in
-    ``reasoning`` is removed (:func:`mmgrpo.rewards.listener.strip_answer`): the first answer's letter must not be
+    ``reasoning`` is removed (:func:`mmgrpo.methods.listener.strip_answer`): the first answer's letter must not be
     shown.
     Pass the reasoning through :func:`rewrite_letter_mentions` first.
     """
@@ -274,3 +270,15 @@ def acre(
         if key not in DEFAULT_TABLE:
             raise UserError(f"acre: unknown table key {key!r}; known: {', '.join(DEFAULT_TABLE)}")
     return AcreReward(table, answer_key, seed, think_tag, answer_tag)
+
+
+METHOD = register_method(
+    Method(
+        name="acre",
+        paper="ACRE answer consistency (Huang et al. 2025, arXiv 2510.10104): re-ask with shuffled options",
+        pipelines=("vlm_reasoning",),
+        rewards=("acre",),
+        reward_switched=True,
+        data_keys=("answer", "options"),
+    )
+)

@@ -1,4 +1,5 @@
-"""TempSamp-R1: put the ground-truth solution in every group as an off-policy anchor.
+"""TempSamp-R1: put the ground-truth solution in every group as an off-policy anchor. The whole method, switched on by
+``methods: {tempsamp: {anchor_factor: 1.2, position: last}}``.
 
 TempSamp-R1, "Effective Temporal Sampling with Reinforcement Fine-Tuning for Video LLMs" (2025). On temporal
 grounding the on-policy samples of a hard video are often all poor, so GRPO's group comparison has nothing good to
@@ -6,13 +7,18 @@ move towards. TempSamp-R1 replaces one rollout per group with the ground-truth a
 (an off-policy sample) and tempers its influence:
 
 1. ``inject_ground_truth``: row ``position`` of every group becomes the formatted ground truth; the returned mask
-   says which rows are off-policy (the policy then teacher-forces them to get their log-probs);
+   says which rows are off-policy (the policy then teacher-forces them to get their log-probs). In a run the policy
+   wrapper :class:`TempSampPolicy` writes each prompt's formatted ground truth into its meta
+   (:data:`mmgrpo.policies.offpolicy.OFFPOLICY_KEY`) and the VLM policy's generic off-policy-row mechanism does this;
 2. the raw rewards go through the soft shaping ``tempsamp_soft`` (:func:`mmgrpo.core.advantages.tempsamp_soft`:
-   compress rewards above tau, stretch those below), then any estimator;
+   compress rewards above tau, stretch those below), then any estimator. In a config this is
+   ``advantage.shaping: tempsamp_soft``, a core shaping that the method does not switch on by itself;
 3. ``anchor_advantages``: the off-policy row's advantage is pinned to ``factor`` times the best on-policy advantage
    of its group, so the ground truth leads the group by a bounded margin instead of dwarfing it.
 
-``tempsamp_advantages`` chains 2 and 3. Letters: B prompts, G rows per group, N = B*G.
+``tempsamp_advantages`` chains 2 and 3; in a run, 3 is the advantage hook :func:`tempsamp_anchor_hook`. What the
+method registers (:data:`METHOD`): the policy wrapper, the anchoring hook, options ``anchor_factor`` (null: inject
+without anchoring), ``position`` and ``ground_truth_key``. Letters: B prompts, G rows per group, N = B*G.
 
 >>> anchor_advantages(torch.tensor([[-0.5, 0.25, 1.0]]), torch.tensor([[False, False, True]]))  # 1.2 * 0.25
 tensor([[-0.5000,  0.2500,  0.3000]])
@@ -20,13 +26,22 @@ tensor([[-0.5000,  0.2500,  0.3000]])
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mmgrpo.core.advantages import get_estimator, get_shaping
 from mmgrpo.core.errors import UserError
-from mmgrpo.policies.offpolicy import format_ground_truth, inject_ground_truth  # noqa: F401  (step 1)
+from mmgrpo.core.types import PromptBatch, Rollout
+from mmgrpo.methods.registry import Method, PolicyWrapper, register_method
+from mmgrpo.policies.offpolicy import (  # noqa: F401  (inject_ground_truth: step 1, re-exported)
+    OFFPOLICY_KEY,
+    OFFPOLICY_POSITION_KEY,
+    format_ground_truth,
+    inject_ground_truth,
+    offpolicy_slot,
+)
 
 
 def anchor_advantages(adv: torch.Tensor, offpolicy_mask: torch.Tensor, factor: float = 1.2) -> torch.Tensor:
@@ -70,3 +85,91 @@ def tempsamp_advantages(
     shaped = get_shaping("tempsamp_soft")(rewards, **(shaping_options or {}))  # [B, G]
     adv = get_estimator(estimator)(shaped, **(estimator_options or {}))  # [B, G]
     return anchor_advantages(adv, offpolicy_mask, factor)
+
+
+# ---------------------------------------- the method: options, the ground-truth rows, the anchoring hook
+
+
+@dataclass
+class TempSampOptions:
+    anchor_factor: float | None = 1.2
+    """the ground-truth row's advantage = factor x the best on-policy advantage of its group; null = no anchoring"""
+    position: str | int = "last"
+    """the row of every group that holds the ground truth: last, first or a slot index in [0, G)"""
+    ground_truth_key: str = "answer"
+    """meta key of the ground truth, written as <think>meta["reasoning"]</think><answer>GT</answer>"""
+
+
+class TempSampPolicy(PolicyWrapper):
+    """A policy whose every group holds the prompt's ground truth, teacher-forced, at row ``position``.
+
+    The wrapper only writes each prompt's formatted ground truth into its meta; the wrapped policy's off-policy-row
+    mechanism (:mod:`mmgrpo.policies.offpolicy`) teacher-forces it and sets ``rollout.extras["offpolicy_mask"]``.
+    """
+
+    def __init__(self, inner: Any, position: str | int = "last", ground_truth_key: str = "answer"):
+        super().__init__(inner)
+        self._own("position", position)
+        self._own("ground_truth_key", ground_truth_key)
+
+    def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
+        key = self.ground_truth_key
+        missing = [b for b, m in enumerate(batch.meta) if m.get(key) is None]
+        if missing:
+            raise UserError(
+                f"methods.tempsamp (TempSamp-R1): prompt {missing[0]} has no meta[{key!r}]; give every example a "
+                "ground truth, set methods.tempsamp.ground_truth_key, or remove methods.tempsamp"
+            )
+        meta = [
+            {
+                **m,
+                OFFPOLICY_KEY: format_ground_truth(str(m[key]), str(m.get("reasoning") or "")),
+                OFFPOLICY_POSITION_KEY: self.position,
+            }
+            for m in batch.meta
+        ]
+        batch = PromptBatch(prompts=batch.prompts, meta=meta, seeds=batch.seeds, step=batch.step)
+        return self.inner.rollout(batch, group_size, generator)
+
+
+def tempsamp_anchor_hook(factor: float = 1.2):
+    """TempSamp-R1 anchoring as an advantage hook: off-policy rows get factor x the best on-policy advantage.
+
+    ``adv [B, G]``, ``rollout.extras["offpolicy_mask"] [N]`` -> adv [B, G] and ``tempsamp/anchor_adv`` (mean
+    advantage of the ground-truth rows).
+    """
+
+    def hook(adv: torch.Tensor, rollout: Any, cols: torch.Tensor, names: list[str]):
+        off = rollout.extras["offpolicy_mask"].reshape(adv.shape).to(adv.device)  # [B, G]
+        out = anchor_advantages(adv, off, factor)
+        return out, {"tempsamp/anchor_adv": out[off].mean().item() if off.any() else 0.0}
+
+    return hook
+
+
+def check_tempsamp(opts: TempSampOptions, cfg: Any, key: str) -> None:
+    """Refuse options that cannot work with the rest of ``cfg`` (``key``: ``methods.tempsamp in <file>``)."""
+    G = cfg.trainer.group_size
+    if G < 2:
+        raise UserError(f"{key}: TempSamp-R1 needs trainer.group_size >= 2 (one GT row + samples); got {G}")
+    if opts.anchor_factor is not None and opts.anchor_factor <= 0:
+        raise UserError(f"{key}: anchor_factor={opts.anchor_factor} must be > 0 (1.2) or null (no anchoring)")
+    try:
+        offpolicy_slot(opts.position, G)
+    except UserError as e:
+        raise UserError(f"{key}: position={opts.position!r} is not a row of a group of {G}: {e}") from e
+
+
+METHOD = register_method(
+    Method(
+        name="tempsamp",
+        paper="TempSamp-R1 (2025): the ground truth as a teacher-forced off-policy row, its advantage anchored",
+        options=TempSampOptions,
+        pipelines=("vlm_reasoning",),
+        data_keys=("answer",),
+        conflicts=("pearl",),
+        check=check_tempsamp,
+        wrap_policy=lambda policy, opts: TempSampPolicy(policy, opts.position, opts.ground_truth_key),
+        advantage_hooks=lambda opts: [] if opts.anchor_factor is None else [tempsamp_anchor_hook(opts.anchor_factor)],
+    )
+)

@@ -4,13 +4,11 @@ shapes_grounding_medloc.yaml).
 As in Visual-RFT (Liu et al. 2025) and VLM-R1 (Shen et al. 2025), the policy (:class:`~mmgrpo.policies.vlm.VLMPolicy`)
 writes ``<think> ... </think><answer> BOX </answer>`` and is rewarded by the IoU of BOX with the ground truth: the
 dense ``iou`` reward, or MedLoc-R1's curriculum ``iou_curriculum`` (``1[IoU >= tau]`` with tau raised as the policy
-improves, mmgrpo/rewards/curriculum.py). BOX is written in the model family's convention -- Qwen2-VL:
-``(x1,y1),(x2,y2)``
-on a 0..1000 grid of the image; Qwen2.5-VL: absolute pixels of the image as the processor resized it -- and
-ground truth is stored in absolute pixels of the ORIGINAL image. Coordinates are converted only by
-``mmgrpo/rewards/boxes.py`` (the rewards read the prediction with ``to_absolute``; :func:`box_answer` writes a
-ground-truth
-box as a target with ``from_absolute``).
+improves; the paper's module is mmgrpo/methods/medloc.py, ``methods: {medloc: {}}``). BOX is written in the model
+family's convention -- Qwen2-VL: ``(x1,y1),(x2,y2)`` on a 0..1000 grid of the image; Qwen2.5-VL: absolute pixels of
+the image as the processor resized it -- and ground truth is stored in absolute pixels of the ORIGINAL image.
+Coordinates are converted only by ``mmgrpo/rewards/boxes.py`` (the rewards read the prediction with ``to_absolute``;
+:func:`box_answer` writes a ground-truth box as a target with ``from_absolute``).
 
 Data, one example = ``{image, question, box [x1, y1, x2, y2] (original-image pixels), image_size (W, H)}``:
 

@@ -1,4 +1,4 @@
-"""Recipe: R1-style visual reasoning with GRPO (see configs/vlm_reasoning_tiny.yaml), and the multimodal RL methods.
+"""Recipe: R1-style visual reasoning with GRPO (configs/vlm_reasoning_tiny.yaml); paper methods plug in by methods:.
 
 A VLM (:class:`~mmgrpo.policies.vlm.VLMPolicy`: Qwen2-VL, Qwen2.5-VL, generic image-text-to-text) answers questions
 about images or videos in the ``<think> ... </think><answer> ... </answer>`` format of DeepSeek-R1 (Guo et al. 2025),
@@ -15,23 +15,13 @@ Data, one example = ``{question, options?, answer, image | images | video, check
 A seeded split holds out ``heldout_fraction`` of the examples; evaluation reports their accuracy and format rate
 under greedy decoding.
 
-Methods, each one switch (configs/vlm_<method>.yaml runs each on the tiny asset):
-
-- PEARL perception checklists: ``data.options.methods.pearl: {enabled, cap: 0.5, checklist_weight: 0.1, reward:
-  pearl_checklist}`` + the ``pearl_checklist`` reward. Every example contributes its reasoning group AND a checklist
-  group (G rows answering all of its checklist in one completion, "<answer>2; yes</answer>"); each reasoning group's
-  advantages are scaled by min(mean R_p of its checklist group, cap) (0 = update skipped); checklist rows weigh
-  ``checklist_weight`` in the loss. Logs ``pearl/gate_mean``, ``pearl/skipped_groups``. Checklist rows have no
-  ``answer``, so ``accuracy`` & co give them None; rewards without such a test are restricted with
-  ``streams: [reasoning]``.
-- TempSamp-R1: ``data.options.methods.tempsamp: {enabled, anchor_factor: 1.2 | null}``: the last row of every group
-  is the teacher-forced ground truth ``<think></think><answer>GT</answer>`` (``policy.options.inject_ground_truth``,
-  set by this switch); its advantage is anchored at anchor_factor x the best other one. Pair it with
-  ``advantage.shaping: tempsamp_soft`` (the core's soft reward shaping).
-- Listener-rewarded thinking: the reward ``vlm_listener`` with ``options: {model: <frozen VLM dir>}``.
-- ACRE answer consistency: the reward ``acre`` (re-asks the policy with shuffled options and its own reasoning).
-- MM-UPT: the reward ``majority_vote`` (no ground truth used); MedLoc-R1: the reward ``iou_curriculum`` (stateful,
-  checkpointed, logs ``curriculum/tau``) on examples with a ``box``.
+Paper methods are switched on by the config's top-level ``methods:`` block, never by this recipe's options
+(configs/vlm_<method>.yaml runs each on the tiny asset; each method is one module of :mod:`mmgrpo.methods`):
+``methods: {pearl: {cap: 0.5, checklist_weight: 0.1}}`` (PEARL perception checklists: the examples' ``checklist``
+answered by a second group per example; rewards without a stream test are restricted with ``streams: [reasoning]``),
+``methods: {tempsamp: {anchor_factor: 1.2}}`` (TempSamp-R1: the ground truth as a teacher-forced row of every group;
+pair it with ``advantage.shaping: tempsamp_soft``), and the reward-shaped ones: ``acre``, ``listener``
+(``vlm_listener`` reward), ``mmupt`` (``majority_vote``), ``medloc`` (``iou_curriculum`` on examples with a ``box``).
 """
 
 from __future__ import annotations
@@ -48,7 +38,6 @@ import numpy as np
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes, shapes_qa
-from mmgrpo.methods.vlm_methods import PearlVLMPolicy, VLMMethodsOptions, check_methods, method_hooks
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
@@ -78,8 +67,6 @@ class VLMReasoningDataOptions:
     """held-out examples answered (greedily) at each evaluation"""
     eval_batch: int = 8
     """prompts per generate call during evaluation"""
-    methods: VLMMethodsOptions = field(default_factory=VLMMethodsOptions)
-    """method switches: pearl {enabled, cap, checklist_weight, reward}, tempsamp {enabled, anchor_factor}"""
 
 
 Example = tuple[dict, dict]  # (prompt {question, options}, meta {answer, images | video, ...})
@@ -284,18 +271,8 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
             "policy.options.model is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
             "(written by `python scripts/make_tiny_vlm.py`)"
         )
-    methods = data.methods
-    check_methods(methods, cfg)
-    if popts.inject_ground_truth and not methods.tempsamp.enabled:
-        raise UserError(
-            "policy.options.inject_ground_truth is set by data.options.methods.tempsamp.enabled; use that switch"
-        )
-    popts.inject_ground_truth = methods.tempsamp.enabled
     device = accelerator.device if accelerator is not None else None
-    cls = PearlVLMPolicy if methods.pearl.enabled else VLMPolicy
-    policy = cls.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
-    if methods.pearl.enabled:
-        policy.checklist_weight = methods.pearl.checklist_weight
+    policy = VLMPolicy.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
     examples = QAExamples(data)
 
     paired = PairedScores()
@@ -304,7 +281,7 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
         return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch, paired, step)
 
     prompts = QAPrompts(examples, cfg.run.seed, examples.train_example)
-    return Components(policy=policy, prompts=prompts, evaluate=evaluate, advantage_hooks=method_hooks(methods))
+    return Components(policy=policy, prompts=prompts, evaluate=evaluate)
 
 
 PIPELINES.add(

@@ -20,10 +20,11 @@ Teacher forcing runs one forward per prompt over that prompt's rows (prompt expa
 no left padding anywhere), with explicit positions (Qwen: the prompt's ``get_rope_index`` positions, then text
 positions continuing from max + 1), so a row scores the same alone or with its group.
 
-With ``inject_ground_truth`` (TempSamp-R1, :mod:`mmgrpo.methods.tempsamp`), the last row of every group is replaced
-by the ground truth written as ``<think>...</think><answer>GT</answer>`` (+ EOS) before step 4: it is teacher-forced,
-its ``logp_old`` is its log-prob under the sampling parameters (ratio 1 at first, like every row), and
-``rollout.extras["offpolicy_mask"] [N]`` marks it for the anchoring advantage hook.
+Off-policy rows (:mod:`mmgrpo.policies.offpolicy`): when the prompts' meta carry an off-policy completion
+(TempSamp-R1's ground truth ``<think>...</think><answer>GT</answer>``, written there by
+:mod:`mmgrpo.methods.tempsamp`), it replaces one row of every group (+ EOS) before step 4: it is teacher-forced, its
+``logp_old`` is its log-prob under the sampling parameters (ratio 1 at first, like every row), and
+``rollout.extras["offpolicy_mask"] [N]`` marks it.
 
 Log-probs are of the distribution sampled from: logits / temperature with suppressed tokens removed (top-p / top-k
 truncation is not reflected, as in TRL and verl). They are computed in fp32 from chunks of tokens
@@ -45,7 +46,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
-from mmgrpo.policies.offpolicy import format_ground_truth, inject_ground_truth
+from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
 from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media / prompt helpers used to live here)
     R1_SYSTEM_PROMPT,
     PromptInputs,
@@ -125,11 +126,6 @@ class VLMPolicyOptions:
     """recompute decoder activations in backward (less memory, ~30% slower)"""
     logprob_chunk: int = 1024
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
-    inject_ground_truth: bool = False
-    """TempSamp-R1: the last row of every group is meta[ground_truth_key] written as <think>meta["reasoning"]</think>
-    <answer>GT</answer>, teacher-forced (rollout.extras["offpolicy_mask"]); set by data.options.methods.tempsamp"""
-    ground_truth_key: str = "answer"
-    """meta key of the ground truth that inject_ground_truth writes into each group"""
 
 
 # ---------------------------------------------------------------------------------------------- pure maths
@@ -623,8 +619,9 @@ class VLMPolicy:
             comp[rows, : toks.shape[1]], lengths[rows], finished[rows] = toks, lens, fin
         samples = [self._decode(comp[n, : int(lengths[n])]) for n in range(len(prompts) * G)]
         extras: dict[str, Any] = {}
-        if self.options.inject_ground_truth:  # TempSamp-R1, before logp_old: the GT row's ratio starts at 1 too
-            samples, off = inject_ground_truth(samples, G, self._ground_truths(batch.meta), position="last")
+        offpolicy = offpolicy_completions(batch.meta)  # ([B] texts, position), e.g. TempSamp-R1's ground truths
+        if offpolicy is not None:  # before logp_old: the off-policy row's ratio starts at 1 too
+            samples, off = inject_ground_truth(samples, G, offpolicy[0], position=offpolicy[1])
             for n in off.nonzero().reshape(-1).tolist():  # teacher-forced: its tokens are the GT's, not sampled
                 ids = self._forced_ids(samples[n])
                 comp[n], lengths[n], finished[n] = self.pad_id, len(ids), True
@@ -671,17 +668,6 @@ class VLMPolicy:
             out.setdefault("options", list(raw["options"]))
         return out
 
-    def _ground_truths(self, metas: list[dict]) -> list[str]:
-        """TempSamp-R1's off-policy completions [B]: ``<think>meta["reasoning"]</think><answer>GT</answer>``."""
-        key = self.options.ground_truth_key
-        missing = [b for b, m in enumerate(metas) if m.get(key) is None]
-        if missing:
-            raise UserError(
-                f"policy.options.inject_ground_truth (TempSamp-R1): prompt {missing[0]} has no meta[{key!r}]; give "
-                "every example a ground truth, set policy.options.ground_truth_key, or disable the method"
-            )
-        return [format_ground_truth(str(m[key]), str(m.get("reasoning") or "")) for m in metas]
-
     def _forced_ids(self, text: str) -> list[int]:
         """Token ids of a teacher-forced completion: ``text`` then EOS; checked to fit K and to be samplable."""
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in self.eos_ids else self.eos_ids[0]
@@ -689,7 +675,8 @@ class VLMPolicy:
         K = self.options.max_new_tokens
         if len(ids) > K:
             raise UserError(
-                f"the ground truth {text!r} is {len(ids)} tokens with EOS; raise policy.options.max_new_tokens={K}"
+                f"the off-policy completion (ground truth) {text!r} is {len(ids)} tokens with EOS; raise "
+                f"policy.options.max_new_tokens={K}"
             )
         if bool(self._scorer().suppress[torch.tensor(ids)].any()):
             raise UserError(f"the ground truth {text!r} holds a token the policy never samples (vision / box tokens)")

@@ -4,6 +4,10 @@ A pipeline turns a :class:`~mmgrpo.train.config.Config` into :class:`Components`
 deterministic prompt source, and optionally a held-out evaluation. Pipelines register themselves::
 
     PIPELINES.add("bandit", Pipeline(build=build_bandit, policy_options=BanditPolicyOptions, ...))
+
+:func:`build_components` then adds the parts of the paper methods enabled under the config's ``methods:`` block
+(:mod:`mmgrpo.methods.registry`): their policy wrappers around the recipe's policy and their advantage hooks. A recipe
+never sees the methods, and a method never edits the recipe's or the policy's options.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import Policy, PromptBatch
+from mmgrpo.methods.registry import method_parts
 
 
 class PromptSource(Protocol):
@@ -53,7 +58,8 @@ class Components:
     evaluate: Callable[[Policy, int], EvalResult] | None = None
     sample_images: Callable[[Any], torch.Tensor | None] | None = None  # rollout.samples -> images for grids
     advantage_hooks: list[AdvantageHook] = field(default_factory=list)
-    """method hooks applied, in order, to this rank's advantages after normalisation (PEARL gate, TempSamp anchor)"""
+    """hooks applied, in order, to this rank's advantages after normalisation: the recipe's, then those of the
+    methods under ``methods:`` (PEARL gate, TempSamp anchor), in the block's order"""
 
 
 @dataclass
@@ -73,3 +79,13 @@ class Pipeline:
 
 
 PIPELINES: Registry[Pipeline] = Registry("pipeline", plugins="pipelines")
+
+
+def build_components(cfg: Any, accelerator: Any = None) -> Components:
+    """The recipe's components with the enabled methods' parts added: each method's policy wrapper around the policy
+    (in the order of ``cfg.methods``) and its advantage hooks after the recipe's own."""
+    comp = PIPELINES.get(cfg.pipeline).build(cfg, accelerator)
+    parts = method_parts(cfg)
+    comp.policy = parts.wrap(comp.policy)
+    comp.advantage_hooks = [*comp.advantage_hooks, *parts.advantage_hooks]
+    return comp

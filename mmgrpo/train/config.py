@@ -21,6 +21,7 @@ from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.losses import AGGREGATIONS, LOSSES
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
+from mmgrpo.methods.registry import check_methods, check_moved_keys
 from mmgrpo.train import components
 
 
@@ -170,6 +171,9 @@ class Config:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    methods: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    """paper methods switched on, each with its options: {pearl: {cap: 0.5}, tempsamp: {}} (see ``mmgrpo list``);
+    a method listed is on, null turns it off; checked against the method's options schema at load"""
     resume: str | None = None
     """a run directory to continue exactly where it stopped"""
     resume_force: bool = False
@@ -255,6 +259,7 @@ def validate_components(cfg: Config, where: str) -> None:
         if name not in reg:
             raise UserError(f"{key} in {where}: " + reg.unknown_message(name))
     pipeline = components.PIPELINES.get(cfg.pipeline)
+    check_moved_keys(cfg, where)  # before the recipe's schema, which would only call them unknown keys
     pipeline.check(cfg, where)
     t = cfg.trainer
     for key, value, lo in [
@@ -273,6 +278,7 @@ def validate_components(cfg: Config, where: str) -> None:
             reward_registry.resolve(spec.name)
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
+    check_methods(cfg, where)
 
 
 def dump_config(cfg: Config) -> str:

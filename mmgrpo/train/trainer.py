@@ -31,7 +31,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.seeding import generator_for, prompt_seed
 from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups
 from mmgrpo.train import checkpoint as ckpt
-from mmgrpo.train.components import PIPELINES, Components
+from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
 from mmgrpo.train.report import before_after, save_samples, write_report
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
@@ -84,7 +84,7 @@ class Trainer:
         self.B_local = t.prompts_per_step // self.acc.num_processes
         PIPELINES.load()
         torch.manual_seed(cfg.run.seed)
-        self.comp: Components = PIPELINES.get(cfg.pipeline).build(cfg, self.acc)
+        self.comp: Components = build_components(cfg, self.acc)  # the recipe + the methods: block's parts
         self.policy = self.comp.policy
         self.rewards = build_rewards(cfg.rewards)
         self.estimator = adv_lib.get_estimator(cfg.advantage.estimator)

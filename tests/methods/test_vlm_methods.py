@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.methods.tempsamp import format_ground_truth
+from mmgrpo.methods.tempsamp import TempSampPolicy, format_ground_truth
 from mmgrpo.pipelines.vlm_reasoning import shapes_question
 from mmgrpo.rewards.text import extract_answer, extract_choice
 from mmgrpo.train.config import load_config
@@ -86,7 +86,7 @@ def test_pearl_two_streams_gate_and_loss_weights(tmp_path):
 
 
 def test_pearl_cap_and_switch_errors(tmp_path):
-    tr = trainer_for(tmp_path, "vlm_pearl", "trainer.group_size=2", "data.options.methods.pearl.cap=0.25")
+    tr = trainer_for(tmp_path, "vlm_pearl", "trainer.group_size=2", "methods.pearl.cap=0.25")
     rollout, _, _ = tr.collect(0)
     hand = torch.tensor([[1, 0, 1, 1, 1, 0, 1, 1], [NAN] * 8, [NAN, NAN, 1, 1, NAN, NAN, 0.2, 0.4]])[None]
     adv, _, metrics = tr.advantage(hand, rollout, 0)
@@ -97,9 +97,9 @@ def test_pearl_cap_and_switch_errors(tmp_path):
     with pytest.raises(UserError, match="pearl_checklist"):
         trainer_for(tmp_path / "a", "vlm_pearl", "rewards.2.name=accuracy")
     with pytest.raises(UserError, match="cannot be combined"):
-        trainer_for(tmp_path / "b", "vlm_pearl", "data.options.methods.tempsamp.enabled=true")
-    with pytest.raises(UserError, match="data.options.methods.pearl.cap"):
-        load_config(REPO / "configs" / "vlm_pearl.yaml", ["data.options.methods.pearl.cpa=0.3"])  # a typo
+        trainer_for(tmp_path / "b", "vlm_pearl", "methods.tempsamp={}")
+    with pytest.raises(UserError, match="methods.pearl.cap"):
+        load_config(REPO / "configs" / "vlm_pearl.yaml", ["methods.pearl.cpa=0.3"])  # a typo
 
 
 # ----------------------------------------------------------------------------------------------- TempSamp-R1
@@ -136,19 +136,26 @@ def test_tempsamp_injects_the_teacher_forced_ground_truth_and_anchors_it(tmp_pat
 
 def test_tempsamp_config_shapes_rewards_and_the_switch_is_checked(tmp_path):
     cfg = load_config(REPO / "configs" / "vlm_tempsamp.yaml")
-    assert cfg.advantage.shaping == "tempsamp_soft" and cfg.data.options["methods"]["tempsamp"]["anchor_factor"] == 1.2
-    tr = trainer_for(
-        tmp_path, "vlm_tempsamp", "trainer.group_size=2", "data.options.methods.tempsamp.anchor_factor=null"
-    )
-    assert tr.comp.advantage_hooks == [] and tr.policy.options.inject_ground_truth  # injection without anchoring
+    assert cfg.advantage.shaping == "tempsamp_soft" and cfg.methods["tempsamp"]["anchor_factor"] == 1.2
+    tr = trainer_for(tmp_path, "vlm_tempsamp", "trainer.group_size=2", "methods.tempsamp.anchor_factor=null")
+    assert tr.comp.advantage_hooks == [] and isinstance(tr.policy, TempSampPolicy)  # injection without anchoring
     with pytest.raises(UserError, match="max_new_tokens"):
         trainer_for(tmp_path / "a", "vlm_tempsamp", "trainer.group_size=2", "policy.options.max_new_tokens=4").collect(
             0
         )
     with pytest.raises(UserError, match="group_size >= 2"):
         trainer_for(tmp_path / "b", "vlm_tempsamp", "trainer.group_size=1")
-    with pytest.raises(UserError, match="methods.tempsamp.enabled"):
+    with pytest.raises(UserError, match="methods: {tempsamp"):
         trainer_for(tmp_path / "c", "vlm_mmupt", "policy.options.inject_ground_truth=true")
+
+
+def test_tempsamp_position_and_ground_truth_key_are_its_options(tmp_path):
+    tr = trainer_for(tmp_path, "vlm_tempsamp", "trainer.group_size=3", "methods.tempsamp.position=first")
+    rollout, _, _ = tr.collect(0)
+    assert rollout.extras["offpolicy_mask"].tolist() == [True, False, False] * 2  # slot 0 of each group
+    assert [rollout.samples[n] for n in (0, 3)] == [format_ground_truth(rollout.meta[n]["answer"]) for n in (0, 3)]
+    with pytest.raises(UserError, match=r"no meta\['label'\].*methods.tempsamp.ground_truth_key"):
+        trainer_for(tmp_path / "a", "vlm_tempsamp", "methods.tempsamp.ground_truth_key=label").collect(0)
 
 
 # ----------------------------------------------------------------------------------------------- MM-UPT, configs

@@ -11,7 +11,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.shapes import Obj, Scene
-from mmgrpo.methods.vlm_methods import checklist_prompt
+from mmgrpo.methods.pearl import checklist_prompt
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.boxes import parse_box
 from mmgrpo.rewards.text import extract_answer, has_valid_format

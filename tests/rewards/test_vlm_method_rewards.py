@@ -10,8 +10,8 @@ from mmgrpo import rewards as reward_registry
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
 from mmgrpo.methods.acre import choice_letter, map_back, reask_generator, shuffle_options
+from mmgrpo.methods.listener import VLMListenerScorer
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from mmgrpo.rewards.vlm_listener import VLMListenerScorer
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny_qwen2_vl"
 QUESTION = "How many red circles are there?"

@@ -1,11 +1,11 @@
-"""MM-UPT majority vote (mmgrpo/rewards/consensus.py): ties, unparseable rows, numeric equivalence, groups."""
+"""MM-UPT majority vote (mmgrpo/methods/mmupt.py): ties, unparseable rows, numeric equivalence, groups."""
 
 import pytest
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
+from mmgrpo.methods.mmupt import answer_key, majority_index
 from mmgrpo.rewards import registry
-from mmgrpo.rewards.consensus import answer_key, majority_index
 
 
 def _a(text: str) -> str:

@@ -1,4 +1,6 @@
 """MedLoc-R1's performance-aware IoU curriculum: a grounding reward whose IoU threshold rises as the policy improves.
+The whole method: the stateful reward ``iou_curriculum`` (listing it under ``rewards:`` runs it; ``methods: {medloc:
+{}}`` also checks that it is listed and that the recipe is a VLM one, :data:`METHOD`).
 
 MedLoc-R1 ("Performance-Aware Curriculum Reward Scheduling for GRPO-Based Medical Visual Grounding", 2025) replaces
 the dense IoU reward with the sparse ``1[IoU >= tau]`` and raises ``tau`` only once the policy reliably clears it,
@@ -42,6 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.rewards.registry import register
 from mmgrpo.rewards.text import iou_reward
 
@@ -213,3 +216,15 @@ def iou_curriculum(
     """
     curriculum = IoUCurriculum(tau0, tau_max, window, margin, schedule, linear_delta)
     return IoUCurriculumReward(curriculum, iou_reward(family=family, box_key=box_key, answer_tag=answer_tag))
+
+
+METHOD = register_method(
+    Method(
+        name="medloc",
+        paper="MedLoc-R1 (2025): performance-aware IoU curriculum, 1[IoU >= tau], tau raised as the policy clears it",
+        pipelines=("vlm_grounding", "vlm_reasoning"),
+        rewards=("iou_curriculum",),
+        reward_switched=True,
+        data_keys=("box",),
+    )
+)

@@ -1,4 +1,6 @@
 """MM-UPT's self-rewarding majority vote: reward the rows that agree with their group's most common answer.
+The whole method: the reward ``majority_vote`` (listing it under ``rewards:`` runs it; ``methods: {mmupt: {}}`` also
+checks that it is listed and that the recipe is ``vlm_reasoning``, :data:`METHOD`).
 
 MM-UPT ("Unsupervised Post-Training for Multi-Modal LLM Reasoning via GRPO", Wei et al. 2025, arXiv 2505.22453),
 after TTRL (Zuo et al. 2025): no ground truth is used. Each row's final answer is extracted; the group's majority
@@ -35,6 +37,7 @@ import math
 from typing import Any
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.rewards.registry import register
 from mmgrpo.rewards.text import (
     ACCURACY_MODES,
@@ -142,3 +145,14 @@ def majority_vote(
 
     fn.group_aware = True
     return fn
+
+
+METHOD = register_method(
+    Method(
+        name="mmupt",
+        paper="MM-UPT (Wei et al. 2025, arXiv 2505.22453): unsupervised GRPO rewarded by the group's majority vote",
+        pipelines=("vlm_reasoning",),
+        rewards=("majority_vote",),
+        reward_switched=True,
+    )
+)

@@ -1,4 +1,4 @@
-"""Listener reward (mmgrpo/rewards/listener.py): answer stripping, confidence, the reward's composition, the real
+"""Listener reward (mmgrpo/methods/listener.py): answer stripping, confidence, the reward's composition, the real
 VLM scorer.
 
 The composition tests pass a hand-made ``scorer`` returning fixed log-probs. That is not a mock of the thing under
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.methods.listener import candidate_answers, correct_index, listener_confidence, prompt_text, strip_answer
 from mmgrpo.rewards import registry
-from mmgrpo.rewards.listener import candidate_answers, correct_index, listener_confidence, prompt_text, strip_answer
 
 LN = math.log
 

@@ -1,4 +1,4 @@
-"""MedLoc-R1 IoU curriculum (mmgrpo/rewards/curriculum.py): hand-computed transitions, resume exactness, the reward."""
+"""MedLoc-R1 IoU curriculum (mmgrpo/methods/medloc.py): hand-computed transitions, resume exactness, the reward."""
 
 import json
 
@@ -7,8 +7,8 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
+from mmgrpo.methods.medloc import IoUCurriculum, cosine_delta, pass_thresholds, step_delta
 from mmgrpo.rewards import registry
-from mmgrpo.rewards.curriculum import IoUCurriculum, cosine_delta, pass_thresholds, step_delta
 
 
 def test_tables_switch_at_their_boundaries():

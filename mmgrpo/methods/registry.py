@@ -1,0 +1,209 @@
+"""Paper methods as registered parts, switched on by the config's top-level ``methods:`` block.
+
+A paper method is one module of ``mmgrpo.methods`` (or of a plug-in) that registers one :class:`Method`: its name,
+its options schema and what it contributes to a run. The recipe that builds the policy knows nothing about it::
+
+    methods:
+      pearl: {cap: 0.5, checklist_weight: 0.1}   # a method is on when it is listed; its options are checked
+      tempsamp: {position: last}                 # null (methods.tempsamp=null on the command line) turns it off
+
+What a method may contribute (every part optional):
+
+- ``rewards``: reward names its module registers in the REWARDS registry (``pearl_checklist``, ``acre``, ...); the
+  config still lists the rewards it runs with their weights. A method whose only part is a reward
+  (``reward_switched``) is also run by just listing that reward; ``methods: {acre: {}}`` then checks that it is
+  listed and that the recipe fits;
+- ``wrap_policy(policy, options) -> policy``: a :class:`PolicyWrapper` around the recipe's policy that changes what
+  ``rollout`` produces (PEARL's checklist groups, TempSamp-R1's off-policy ground-truth rows);
+- ``advantage_hooks(options) -> [hook]``: hooks run after the estimator (``Components.advantage_hooks``,
+  docs/hooks.md);
+- ``check(options, cfg, key)``: load-time checks against the rest of the config (UserErrors naming ``key``);
+- ``pipelines``: the recipes it applies to (empty: any); ``conflicts``: methods it cannot be combined with;
+  ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``).
+
+Validation (:func:`check_methods`) runs at config load, before any model is built; :func:`enabled_methods` gives the
+training code each enabled method with its parsed options, in the order of the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.registry import Registry
+from mmgrpo.core.schema import options_from
+
+
+@dataclass
+class NoOptions:
+    """A method without options of its own (a reward-only method: its options are the reward's)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One paper method and the parts it contributes (see the module doc)."""
+
+    name: str
+    paper: str
+    """one line: the paper, its authors and year, arXiv id (shown by ``mmgrpo list``)"""
+    options: type = NoOptions
+    """options dataclass: the schema of ``methods.<name>``"""
+    pipelines: tuple[str, ...] = ()
+    """recipes the method applies to; () = any"""
+    rewards: tuple[str, ...] = ()
+    """reward names the method's module registers"""
+    reward_switched: bool = False
+    """the method's part is its reward: listing one of ``rewards`` runs it (and ``methods:`` requires one listed)"""
+    data_keys: tuple[str, ...] = ()
+    """meta keys each training example must carry"""
+    conflicts: tuple[str, ...] = ()
+    """methods that cannot be enabled together with this one"""
+    check: Callable[[Any, Any, str], None] | None = None
+    """check(options, cfg, key) at config load; raises UserError naming ``key``"""
+    wrap_policy: Callable[[Any, Any], Any] | None = None
+    """wrap_policy(policy, options) -> policy"""
+    advantage_hooks: Callable[[Any], list] | None = None
+    """advantage_hooks(options) -> hooks applied after the estimator, in order"""
+
+    def parts(self) -> list[str]:
+        """What the method contributes, in words (``mmgrpo list`` and the paper table)."""
+        out = [f"reward {r}" for r in self.rewards]
+        out += ["policy wrapper"] if self.wrap_policy else []
+        out += ["advantage hooks"] if self.advantage_hooks else []
+        return out
+
+
+METHODS: Registry[Method] = Registry("method", plugins="methods")
+
+
+def register_method(method: Method) -> Method:
+    """Register ``method`` under its name (its paper line is its description)."""
+    METHODS.add(method.name, method, method.paper)
+    return method
+
+
+class PolicyWrapper:
+    """A policy that changes what another policy's ``rollout`` returns and is that policy for everything else.
+
+    Attribute reads and writes go to the wrapped policy (``inner``): the trainer's ``policy.model = prepared`` must
+    reach the policy that runs the forwards, and evaluation, rewards that query the policy (ACRE) and checkpoints see
+    the recipe's policy unchanged. Subclasses override ``rollout`` and keep their own state in ``__init__`` through
+    ``object.__setattr__`` (see :meth:`_own`).
+    """
+
+    def __init__(self, inner: Any):
+        self._own("inner", inner)
+
+    def _own(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:  # only called when the wrapper itself has no such attribute
+        if name == "inner":  # not set yet (copy / pickle build the object without __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def rollout(self, batch: Any, group_size: int, generator: Any = None) -> Any:
+        return self.inner.rollout(batch, group_size, generator)
+
+
+# keys that used to switch methods on inside a recipe's options -> how to say it now
+MOVED_KEYS: dict[tuple[str, str], str] = {
+    ("data", "methods"): "methods: {pearl: {cap: 0.5}} or methods: {tempsamp: {anchor_factor: 1.2}}",
+    ("policy", "inject_ground_truth"): "methods: {tempsamp: {}} (TempSamp-R1 writes the ground-truth rows)",
+    ("policy", "ground_truth_key"): "methods: {tempsamp: {ground_truth_key: answer}}",
+}
+
+
+def check_moved_keys(cfg: Any, where: str) -> None:
+    """Old method switches inside ``data.options`` / ``policy.options`` fail with where they went."""
+    for (section, key), now in MOVED_KEYS.items():
+        if key in (getattr(cfg, section).options or {}):
+            raise UserError(
+                f"{section}.options.{key} in {where}: paper methods are switched on by the top-level methods: block "
+                f"now, not by a recipe's or policy's options; remove {section}.options.{key} and write {now}"
+            )
+
+
+def enabled_methods(cfg: Any, where: str = "the config") -> list[tuple[Method, Any]]:
+    """(method, parsed options) of every method listed under ``cfg.methods`` (null entries are off), in order."""
+    out = []
+    for name, raw in (cfg.methods or {}).items():
+        if raw is None:
+            continue
+        try:
+            method = METHODS.get(name)  # a registered name, an entry point, or a dotted path to a Method
+        except UserError as e:
+            raise UserError(f"methods.{name} in {where}: {e}") from e
+        if not isinstance(method, Method):
+            raise UserError(f"methods.{name} in {where}: {name!r} is a {type(method).__name__}, not a Method")
+        if "enabled" in raw and not _has_field(method.options, "enabled"):
+            raise UserError(
+                f"methods.{name}.enabled in {where}: a method is on when it is listed under methods:, so there is no "
+                f"'enabled'; remove it (to turn the method off, remove methods.{name} or set it to null)"
+            )
+        out.append((method, options_from(method.options, raw, where, f"methods.{name}")))
+    return out
+
+
+def _has_field(cls: type, name: str) -> bool:
+    return name in getattr(cls, "__dataclass_fields__", {})
+
+
+def check_methods(cfg: Any, where: str = "the config") -> list[tuple[Method, Any]]:
+    """Validate the ``methods:`` block against the registry and the rest of ``cfg``; returns the enabled methods."""
+    methods = enabled_methods(cfg, where)
+    names = [m.name for m, _ in methods]
+    rewards = [r.name for r in cfg.rewards]
+    for method, opts in methods:
+        key = f"methods.{method.name} in {where}"
+        if method.pipelines and cfg.pipeline not in method.pipelines:
+            raise UserError(
+                f"{key}: {method.name} ({method.paper}) applies to the {', '.join(method.pipelines)} recipe(s), not "
+                f"pipeline {cfg.pipeline!r}; remove methods.{method.name} or use pipeline: {method.pipelines[0]}"
+            )
+        clash = [c for c in method.conflicts if c in names]
+        if clash:
+            raise UserError(
+                f"{key}: {method.name} and {clash[0]} cannot be combined yet; enable one of them (remove the other "
+                "from methods:)"
+            )
+        if method.reward_switched and not any(r in rewards for r in method.rewards):
+            raise UserError(
+                f"{key}: {method.name}'s part is its reward, but rewards: lists none of {list(method.rewards)}; add "
+                f"e.g. {{name: {method.rewards[0]}}} to rewards:"
+            )
+        if method.check is not None:
+            method.check(opts, cfg, key)
+    return methods
+
+
+@dataclass
+class MethodParts:
+    """What the enabled methods add to a recipe's components, collected in the order of the ``methods:`` block."""
+
+    wrappers: list[Callable[[Any], Any]] = field(default_factory=list)
+    advantage_hooks: list[Any] = field(default_factory=list)
+
+    def wrap(self, policy: Any) -> Any:
+        for wrap in self.wrappers:
+            policy = wrap(policy)
+        return policy
+
+
+def method_parts(cfg: Any, where: str = "the config") -> MethodParts:
+    """The policy wrappers and advantage hooks of every enabled method of ``cfg`` (checked first)."""
+    parts = MethodParts()
+    for method, opts in check_methods(cfg, where):
+        if method.wrap_policy is not None:
+            parts.wrappers.append(lambda policy, m=method, o=opts: m.wrap_policy(policy, o))
+        if method.advantage_hooks is not None:
+            parts.advantage_hooks += list(method.advantage_hooks(opts))
+    return parts

@@ -1,0 +1,156 @@
+"""The top-level ``methods:`` block: checked at config load (before any model loads), each method's parts added to
+the recipe's components, a method from outside the library by dotted path, the old switches pointing to the new."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.methods.pearl import PearlPolicy
+from mmgrpo.methods.registry import METHODS, Method, PolicyWrapper, method_parts
+from mmgrpo.train.config import load_config, read_yaml
+from mmgrpo.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+NO_MODEL = "policy.options.model=/nonexistent/vlm"  # nothing may try to load it: the errors come first
+
+
+def test_every_paper_module_registers_its_method():
+    assert {"pearl", "tempsamp", "acre", "listener", "medloc", "mmupt"} <= set(METHODS.names())
+    pearl = METHODS.get("pearl")
+    assert pearl.parts() == ["reward pearl_checklist", "policy wrapper", "advantage hooks"]
+    assert METHODS.get("acre").parts() == ["reward acre"] and METHODS.get("acre").reward_switched
+    assert "2511.18437" in METHODS.describe("pearl")
+
+
+def test_an_unknown_method_fails_at_load_with_the_known_ones():
+    with pytest.raises(UserError) as e:
+        load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.perl={}"])
+    msg = str(e.value)
+    assert "methods.perl" in msg and "vlm_pearl.yaml" in msg and "did you mean 'pearl'" in msg
+    assert all(name in msg for name in ("acre", "listener", "medloc", "mmupt", "tempsamp"))
+
+
+def test_an_unknown_option_fails_at_load_naming_the_key_and_the_file():
+    with pytest.raises(UserError, match=r"unknown key 'methods.pearl.xyz' in .*vlm_pearl.yaml"):
+        load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.pearl.xyz=1"])
+    with pytest.raises(UserError, match="methods.pearl.cap in .*: expected float"):
+        load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.pearl.cap=high"])
+    with pytest.raises(UserError, match="no 'enabled'"):  # the old switch inside the block
+        load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.pearl.enabled=true"])
+    with pytest.raises(UserError, match="methods.pearl in command-line override .*: expected dict"):
+        load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.pearl=true"])
+
+
+def test_a_method_for_another_recipe_and_bad_combinations_fail_at_load():
+    with pytest.raises(UserError, match="applies to the vlm_reasoning recipe.*not pipeline 'vlm_grounding'"):
+        load_config(CONFIGS / "shapes_grounding_medloc.yaml", [NO_MODEL, "methods.pearl={}"])
+    with pytest.raises(UserError, match="not pipeline 'bandit'"):
+        load_config(CONFIGS / "bandit.yaml", ["methods.mmupt={}"])
+    with pytest.raises(UserError, match="rewards: lists none of \\['majority_vote'\\]"):
+        load_config(CONFIGS / "vlm_reasoning_tiny.yaml", [NO_MODEL, "methods.mmupt={}"])
+    with pytest.raises(UserError, match="position=5 is not a row of a group of 4"):
+        load_config(CONFIGS / "vlm_tempsamp.yaml", [NO_MODEL, "methods.tempsamp.position=5"])
+    with pytest.raises(UserError, match="pearl and tempsamp cannot be combined"):
+        load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.tempsamp={}"])
+
+
+def test_the_old_recipe_and_policy_switches_say_where_methods_went():
+    data = read_yaml(CONFIGS / "vlm_reasoning_tiny.yaml")
+    data["data"]["options"]["methods"] = {"pearl": {"enabled": True}}
+    with pytest.raises(UserError, match=r"data.options.methods in the config: .*top-level methods: block"):
+        load_config(None, base=data)
+    with pytest.raises(UserError, match=r"policy.options.ground_truth_key .*methods: \{tempsamp: \{ground_truth_key"):
+        load_config(CONFIGS / "vlm_reasoning_tiny.yaml", ["policy.options.ground_truth_key=label"])
+
+
+def test_null_turns_a_method_off_and_listed_methods_give_their_parts_in_order():
+    cfg = load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.pearl=null"])
+    parts = method_parts(cfg)
+    assert parts.wrappers == [] and parts.advantage_hooks == []
+    cfg = load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.pearl.checklist_weight=0.25"])
+    parts = method_parts(cfg)
+    assert len(parts.wrappers) == 1 and len(parts.advantage_hooks) == 1
+    wrapped = parts.wrap(object())
+    assert isinstance(wrapped, PearlPolicy) and wrapped.checklist_weight == 0.25
+    cfg = load_config(CONFIGS / "vlm_tempsamp.yaml", [NO_MODEL, "methods.tempsamp.anchor_factor=null"])
+    assert len(method_parts(cfg).wrappers) == 1 and method_parts(cfg).advantage_hooks == []  # injection alone
+
+
+# ------------------------------------------------------------------------------- a method from outside the library
+
+PLUGIN = """
+from dataclasses import dataclass
+
+import torch
+
+from mmgrpo.methods.registry import Method, PolicyWrapper
+
+
+@dataclass
+class ScaleOptions:
+    factor: float = 2.0
+    row_weight: float = 1.0
+
+
+class Weighted(PolicyWrapper):
+    def __init__(self, inner, w):
+        super().__init__(inner)
+        self._own("w", w)
+
+    def rollout(self, batch, group_size, generator=None):
+        out = self.inner.rollout(batch, group_size, generator)
+        out.loss_weight = torch.full((out.num_rows,), self.w)
+        return out
+
+
+def scale_hook(factor):
+    def hook(adv, rollout, cols, names):
+        return adv * factor, {"scale/factor": factor}
+
+    return hook
+
+
+SCALE = Method(
+    name="scale",
+    paper="a test method: advantages x factor, every row weighs row_weight",
+    options=ScaleOptions,
+    pipelines=("bandit",),
+    wrap_policy=lambda policy, o: Weighted(policy, o.row_weight),
+    advantage_hooks=lambda o: [scale_hook(o.factor)],
+)
+"""
+
+
+def bandit_trainer(tmp_path, name, methods):
+    data = read_yaml(CONFIGS / "bandit.yaml")
+    data["run"].update(name=name, output_dir=str(tmp_path))
+    data["trainer"].update(progress=False, max_steps=1)
+    data["methods"] = methods
+    cfg = load_config(None, base=data)
+    return Trainer(cfg, tmp_path / name)
+
+
+def test_a_method_by_dotted_path_wraps_the_policy_and_hooks_the_advantages(tmp_path, monkeypatch):
+    (tmp_path / "my_methods.py").write_text(textwrap.dedent(PLUGIN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"unknown key 'methods.my_methods.SCALE.factr'"):
+        bandit_trainer(tmp_path, "bad", {"my_methods.SCALE": {"factr": 3.0}})
+    torch.manual_seed(0)
+    plain = bandit_trainer(tmp_path, "plain", {})
+    torch.manual_seed(0)
+    scaled = bandit_trainer(tmp_path, "scaled", {"my_methods.SCALE": {"factor": 3.0, "row_weight": 0.5}})
+    assert isinstance(scaled.policy, PolicyWrapper) and isinstance(METHODS.get("my_methods.SCALE"), Method)
+    # the wrapper is the recipe's policy for everything but rollout: the prepared model reached the inner policy
+    assert scaled.policy.model is scaled.policy.inner.model
+    assert scaled.policy.trainable_parameters() == scaled.policy.inner.trainable_parameters()
+    r_plain, c_plain, _ = plain.collect(0)
+    r_scaled, c_scaled, _ = scaled.collect(0)
+    assert torch.equal(c_plain, c_scaled) and r_plain.loss_weight is None
+    assert r_scaled.loss_weight.tolist() == [0.5] * r_scaled.num_rows
+    a_plain, _, _ = plain.advantage(c_plain, r_plain, 0)
+    a_scaled, _, metrics = scaled.advantage(c_scaled, r_scaled, 0)
+    assert a_plain.abs().sum() > 0 and torch.allclose(a_scaled, 3.0 * a_plain) and metrics["scale/factor"] == 3.0
