@@ -279,9 +279,9 @@ def evaluate_accuracy(
 def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMReasoningDataOptions, cfg.data.options, "the config", "data.options")
     popts = options_from(VLMPolicyOptions, cfg.policy.options, "the config", "policy.options")
-    if not popts.model:
+    if not popts.path:
         raise UserError(
-            "policy.options.model is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
+            "policy.options.path is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
             "(written by `python scripts/make_tiny_vlm.py`)"
         )
     methods = data.methods
@@ -293,7 +293,7 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     popts.inject_ground_truth = methods.tempsamp.enabled
     device = accelerator.device if accelerator is not None else None
     cls = PearlVLMPolicy if methods.pearl.enabled else VLMPolicy
-    policy = cls.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
+    policy = cls.from_pretrained(popts.path, popts, reference=cfg.loss.beta > 0, device=device)
     if methods.pearl.enabled:
         policy.checklist_weight = methods.pearl.checklist_weight
     examples = QAExamples(data)

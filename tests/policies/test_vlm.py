@@ -339,7 +339,7 @@ def vlm_config(tmp_path, model_dir, *overrides):
         "pipeline": "vlm_reasoning",
         "run": {"name": "vlm", "seed": 0, "output_dir": str(tmp_path / "runs")},
         "data": {"options": {"num_examples": 16, "image_size": 32}},
-        "policy": {"options": {"model": str(model_dir), "max_new_tokens": 6, "lora_r": 4}},
+        "policy": {"options": {"path": str(model_dir), "max_new_tokens": 6, "lora_rank": 4}},
         "rewards": [{"name": "test_vlm_length"}],
         "loss": {"beta": 0.0},
         "trainer": {
