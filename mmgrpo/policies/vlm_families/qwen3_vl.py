@@ -42,6 +42,12 @@ class Qwen3VLFamily(Qwen2VLFamily):
 
         return Qwen3VLForConditionalGeneration
 
+    def video_kwargs(self, num_frames: int, fps: float) -> dict[str, Any]:
+        # the processor writes each frame pair's timestamp "<t seconds>" from these indices at this fps
+        kw = super().video_kwargs(num_frames, fps)
+        kw["video_metadata"][0]["frames_indices"] = list(range(num_frames))
+        return kw
+
     def vision_features(self, hf: nn.Module, prompt: PromptInputs, kind: str) -> dict[str, torch.Tensor]:
         """``{kind: [n_tok, D], kind + "_deepstack": [n_layers, n_tok, D]}`` from one vision pass."""
         v = prompt.vision
