@@ -47,6 +47,15 @@ def test_every_registered_family_has_a_test_model_and_a_description():
     assert all(VLM_FAMILIES.describe(name) for name in FAMILIES)  # `mmgrpo list` shows one line each
 
 
+def test_the_family_comes_from_model_type_or_a_name_or_a_dotted_path():
+    model, processor = VLM_BUILDERS["qwen3_vl"]()
+    assert VLMPolicy(model, processor, VLMPolicyOptions()).family == "qwen3_vl"  # config.model_type
+    dotted = VLMPolicyOptions(family="mmgrpo.policies.vlm_families.qwen3_vl.Qwen3VLFamily", finetune="full")
+    assert VLMPolicy(*VLM_BUILDERS["qwen3_vl"](), dotted).family == "qwen3_vl"  # a plug-in's class by its path
+    with pytest.raises(UserError, match="did you mean 'qwen3_vl'"):
+        VLMPolicy(*VLM_BUILDERS["qwen3_vl"](), VLMPolicyOptions(family="qwen3vl"))
+
+
 # --------------------------------------------------------------------------------------------- ratio invariant
 
 

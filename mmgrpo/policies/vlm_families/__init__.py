@@ -86,7 +86,8 @@ def resolve_family(config: Any, name: str = "auto", key: str = "policy.options.f
     else ``generic`` (any ``AutoModelForImageTextToText`` whose ``get_image_features`` returns projected features)."""
     if name != "auto":
         if name not in VLM_FAMILIES and "." not in name:
-            raise UserError(f"{key}={name!r}: {VLM_FAMILIES.unknown_message(name)}; or auto (from config.model_type)")
+            hint = "use auto (the family of config.model_type) or a registered family"
+            raise UserError(f"{key}={name!r}: {hint}. {VLM_FAMILIES.unknown_message(name)}")
         return VLM_FAMILIES.get(name)()
     model_type = getattr(config, "model_type", "") or ""
     return VLM_FAMILIES.get(model_type if model_type in VLM_FAMILIES else "generic")()
