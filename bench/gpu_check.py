@@ -85,11 +85,11 @@ def diffusion_policy_options(
 def vlm_policy_options(model: str, *, dtype: str = "float32", max_new_tokens: int = 16, lora_rank: int = 8) -> dict:
     """``policy.options`` of the vlm_reasoning recipe (LoRA fine-tuning)."""
     return {
-        "model": model,
+        "path": model,
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "finetune": "lora",
-        "lora_r": lora_rank,
+        "lora_rank": lora_rank,
         "lora_alpha": 2 * lora_rank,
     }
 

@@ -2,6 +2,7 @@
 
     python scripts/make_tiny_vlm.py                       # Qwen2-VL, seed 0, short format warm-up
     python scripts/make_tiny_vlm.py --family qwen2_5_vl --out assets/tiny_qwen2_5_vl --sft-steps 0
+    python scripts/make_tiny_vlm.py --family qwen3_vl --out assets/tiny_qwen3_vl  # any family of VLM_BUILDERS
 
 The model is :func:`mmgrpo.testing.tiny_vlm.tiny_qwen2_vl` (random init, local tokenizer, real Qwen processor).
 A randomly initialised model never writes ``<think>...</think><answer>...</answer>``, so the format reward would be 0
@@ -21,7 +22,8 @@ import torch
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.pipelines.vlm_reasoning import shapes_question
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
-from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_5_vl, tiny_qwen2_vl
+from mmgrpo.testing.tiny_vlm import save_tiny
+from mmgrpo.testing.vlm_checks import VLM_BUILDERS
 
 
 def format_target(options: list[str], rng: np.random.Generator) -> str:
@@ -58,12 +60,12 @@ def warm_up_format(model, processor, steps: int, lr: float = 3e-3, batch: int = 
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl")
+    ap.add_argument("--family", choices=list(VLM_BUILDERS), default="qwen2_vl")
     ap.add_argument("--out", default="assets/tiny_qwen2_vl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sft-steps", type=int, default=300, help="format warm-up steps (0 = random weights)")
     args = ap.parse_args(argv)
-    model, processor = (tiny_qwen2_vl if args.family == "qwen2_vl" else tiny_qwen2_5_vl)(seed=args.seed)
+    model, processor = VLM_BUILDERS[args.family](seed=args.seed)
     if args.sft_steps:
         torch.manual_seed(args.seed)
         losses = warm_up_format(model, processor, args.sft_steps, seed=args.seed)

@@ -48,7 +48,12 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.pipelines.text_to_video",
         "mmgrpo.pipelines.image_to_video",
     ),
-    "vlm_families": (),
+    "vlm_families": (
+        "mmgrpo.policies.vlm_families.generic",
+        "mmgrpo.policies.vlm_families.qwen2_vl",
+        "mmgrpo.policies.vlm_families.qwen2_5_vl",
+        "mmgrpo.policies.vlm_families.qwen3_vl",
+    ),
     "methods": (
         "mmgrpo.methods.pearl",
         "mmgrpo.methods.tempsamp",

@@ -295,7 +295,7 @@ class VLMListenerScorer(HFListenerScorer):
         cls, path: str | Path, device: str = "cpu", dtype: str = "float32", family: str = "auto", **kw: Any
     ) -> VLMListenerScorer:
 
-        options = VLMPolicyOptions(model=str(path), dtype=dtype, family=family)
+        options = VLMPolicyOptions(path=str(path), dtype=dtype, family=family)
         model, processor = load_vlm(str(path), options, key="rewards.<vlm_listener>.options.model")
         model.requires_grad_(False)
         return cls(model.to(device), processor, device, kw.get("max_pixels"))

@@ -188,13 +188,13 @@ def check_box_rewards(cfg: Config, box_family: str) -> None:
 def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMGroundingDataOptions, cfg.data.options, "the config", "data.options")
     popts = options_from(VLMPolicyOptions, cfg.policy.options, "the config", "policy.options")
-    if not popts.model:
+    if not popts.path:
         raise UserError(
-            "policy.options.model is empty; point it at a VLM directory or hub id, e.g. assets/shapes_vlm "
+            "policy.options.path is empty; point it at a VLM directory or hub id, e.g. assets/shapes_vlm "
             "(written by `python -m scripts.pretrain_shapes_vlm`)"
         )
     device = accelerator.device if accelerator is not None else None
-    policy = VLMPolicy.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
+    policy = VLMPolicy.from_pretrained(popts.path, popts, reference=cfg.loss.beta > 0, device=device)
     check_box_rewards(cfg, policy.box_family)
     examples = GroundingExamples(data)
     held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]

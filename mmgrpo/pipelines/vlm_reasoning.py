@@ -266,13 +266,13 @@ def evaluate_accuracy(
 def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMReasoningDataOptions, cfg.data.options, "the config", "data.options")
     popts = options_from(VLMPolicyOptions, cfg.policy.options, "the config", "policy.options")
-    if not popts.model:
+    if not popts.path:
         raise UserError(
-            "policy.options.model is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
+            "policy.options.path is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
             "(written by `python scripts/make_tiny_vlm.py`)"
         )
     device = accelerator.device if accelerator is not None else None
-    policy = VLMPolicy.from_pretrained(popts.model, popts, reference=cfg.loss.beta > 0, device=device)
+    policy = VLMPolicy.from_pretrained(popts.path, popts, reference=cfg.loss.beta > 0, device=device)
     examples = QAExamples(data)
 
     paired = PairedScores()

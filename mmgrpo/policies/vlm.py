@@ -2,8 +2,11 @@
 
 R1-style GRPO on vision-language models (DeepSeek-R1, Guo et al. 2025; R1-V; VLM-R1, Shen et al. 2025; Visual-RFT,
 Liu et al. 2025): a prompt is a chat turn with images or a video, an action unit is one completion token, and the
-policy is the model's next-token distribution. Families: Qwen2-VL, Qwen2.5-VL (M-RoPE 3D positions) and the generic
-``AutoModelForImageTextToText`` where ``get_image_features`` returns the projected features.
+policy is the model's next-token distribution. What differs between model families (the class that loads them, M-RoPE
+positions, vision features, Qwen3-VL's deepstack, the box convention) is a ``VLMFamily`` adapter
+(:mod:`mmgrpo.policies.vlm_families`), picked from the model config's ``model_type`` (``vlm_families/<family>.py``:
+qwen2_vl, qwen2_5_vl, qwen3_vl, and generic for any ``AutoModelForImageTextToText`` whose ``get_image_features``
+returns the projected features); the teacher-forced scorer is :mod:`mmgrpo.policies.vlm_scorer`.
 
 Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens`` columns):
 
@@ -17,7 +20,7 @@ Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens
    step 2, so the ratio right after rollout is exactly 1 whatever the micro-batch.
 
 Teacher forcing runs one forward per prompt over that prompt's rows (prompt expanded + completions right-padded,
-no left padding anywhere), with explicit positions (Qwen: the prompt's ``get_rope_index`` positions, then text
+no left padding anywhere), with explicit positions (the family's: Qwen's ``get_rope_index`` positions, then text
 positions continuing from max + 1), so a row scores the same alone or with its group.
 
 Off-policy rows (:mod:`mmgrpo.policies.offpolicy`): when the prompts' meta carry an off-policy completion
@@ -34,19 +37,18 @@ truncation is not reflected, as in TRL and verl). They are computed in fp32 from
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
+from mmgrpo.policies.vlm_families import VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media / prompt helpers used to live here)
     R1_SYSTEM_PROMPT,
     PromptInputs,
@@ -55,14 +57,8 @@ from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media 
     question_text,
     read_video,
 )
+from mmgrpo.policies.vlm_scorer import VLMScorer, chunked_token_logprobs, sample_tokens  # noqa: F401  (re-exported)
 
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-FAMILIES = (*QWEN_FAMILIES, "generic")
-BOX_FAMILY = {
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_5_vl",
-    "generic": "absolute",
-}  # mmgrpo/rewards/boxes.py names
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 BOX_TOKENS = (
     "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"
@@ -74,10 +70,11 @@ CONFIG_VISION_IDS = (
 
 @dataclass
 class VLMPolicyOptions:
-    model: str = ""
+    path: str = ""
     """local model directory or hub id (safetensors weights + processor)"""
     family: str = "auto"
-    """auto (from config.model_type), qwen2_vl, qwen2_5_vl or generic (AutoModelForImageTextToText)"""
+    """a registered VLM family (mmgrpo list): qwen2_vl, qwen2_5_vl, qwen3_vl, generic (AutoModelForImageTextToText),
+    or a dotted path; auto = the family registered under the model config's model_type, else generic"""
     trust_remote_code: bool = False
     """let transformers run the model repository's own code (only for repositories you trust)"""
     dtype: str = "float32"
@@ -110,14 +107,14 @@ class VLMPolicyOptions:
     """pixel budget per image / video frame (resized before the processor); null = the processor's own budget"""
     finetune: str = "lora"
     """lora (peft adapters; reference = adapters disabled) or full"""
-    lora_r: int = 16
-    """LoRA rank"""
+    lora_rank: int = 16
+    """LoRA rank r (finetune: lora)"""
     lora_alpha: float = 32.0
     """LoRA scaling numerator (scale = alpha / r)"""
     lora_dropout: float = 0.0
     """LoRA dropout; keep 0 so that log_prob in train mode reproduces logp_old"""
-    target_modules: list[str] | None = None
-    """LoRA targets; null = the language model's attention projections (q/k/v/o_proj)"""
+    lora_targets: list[str] = field(default_factory=list)
+    """LoRA target module names (peft suffix match); empty = the language model's attention projections"""
     freeze_vision: bool = True
     """full fine-tuning: keep the vision tower frozen"""
     reference_copy: bool = False
@@ -128,233 +125,12 @@ class VLMPolicyOptions:
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
 
 
-# ---------------------------------------------------------------------------------------------- pure maths
-
-
-def chunked_token_logprobs(
-    hidden: torch.Tensor,
-    head: nn.Module,
-    targets: torch.Tensor,
-    chunk: int = 1024,
-    temperature: float = 1.0,
-    suppress: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log softmax(head(hidden) / temperature)[targets] in fp32, ``chunk`` tokens at a time. [n, L, D] -> [n, L].
-
-    ``suppress [V]`` (bool) removes tokens from the distribution (logit -inf). Each chunk's [chunk, V] fp32 logits
-    are freed after use and recomputed in backward (activation checkpointing), so peak memory is one chunk.
-    """
-    n, L, D = hidden.shape
-    flat_h, flat_t = hidden.reshape(n * L, D), targets.reshape(n * L)
-
-    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float() / temperature  # [c, V] fp32: the ratio exp(logp - logp_old) needs fp32
-        if suppress is not None:
-            logits = logits.masked_fill(suppress[: logits.shape[-1]], float("-inf"))
-        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [c]
-
-    out = []
-    for lo in range(0, n * L, max(1, chunk)):
-        h, t = flat_h[lo : lo + chunk], flat_t[lo : lo + chunk]
-        out.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
-    return torch.cat(out).reshape(n, L) if out else hidden.new_zeros(n, L, dtype=torch.float32)
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    generator: torch.Generator | None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    suppress: torch.Tensor | None = None,
-    greedy: bool = False,
-) -> torch.Tensor:
-    """One token per row from logits [G, V] (fp32): suppressed ids -> -inf, temperature, top-k, top-p. -> [G]."""
-    logits = logits.float()
-    if suppress is not None:
-        logits = logits.masked_fill(suppress[: logits.shape[-1]], float("-inf"))
-    if greedy:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [G, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # [G, V]
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------- the module
-
-
-def _first_attr(objs: list[Any], names: tuple[str, ...]) -> Any:
-    for obj in objs:
-        for name in names:
-            if obj is not None and getattr(obj, name, None) is not None:
-                return getattr(obj, name)
-    return None
-
-
-def _features(out: Any) -> torch.Tensor:
-    """get_image_features' output (a model output with pooler_output, a tuple of tensors, a tensor) -> [n_tok, D]."""
-    if getattr(out, "pooler_output", None) is not None:
-        out = out.pooler_output
-    if isinstance(out, (list, tuple)):
-        out = torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
-    return out.reshape(-1, out.shape[-1])
-
-
-def _cache_kwarg(module: nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-class VLMScorer(nn.Module):
-    """The trainable module the trainer wraps: token log-probs of completions given their prompts.
-
-    ``forward(prompts, completions [n, L]) -> (logp [n, L], ref_logp [n, L] | None)``: rows of one prompt share
-    one forward and one vision pass. Also holds the pieces the sampler reuses (prompt embeddings, backbone, head).
-    """
-
-    def __init__(self, vlm: nn.Module, family: str, suppress: torch.Tensor, options: VLMPolicyOptions):
-        super().__init__()
-        self.vlm = vlm  # the transformers model, or a peft model around it
-        self.family = family
-        self.temperature = options.temperature
-        self.chunk = options.logprob_chunk
-        self.register_buffer("suppress", suppress, persistent=False)  # [V] bool
-        self.ref_model: nn.Module | None = None  # frozen copy (full fine-tuning with reference_copy)
-
-    @property
-    def hf(self) -> nn.Module:
-        return self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
-
-    @staticmethod
-    def backbone(hf: nn.Module) -> nn.Module:
-        return _first_attr([getattr(hf, "model", None)], ("language_model",)) or hf.get_decoder()
-
-    @staticmethod
-    def vision_tower(hf: nn.Module) -> nn.Module | None:
-        return _first_attr([getattr(hf, "model", None), hf], ("visual", "vision_tower", "vision_model"))
-
-    def train(self, mode: bool = True) -> VLMScorer:
-        super().train(mode)
-        if self.ref_model is not None:
-            self.ref_model.eval()
-        return self
-
-    def vision_frozen(self) -> bool:
-        """No trainable and no LoRA parameter in the vision tower: its features may be cached across calls."""
-        tower = self.vision_tower(self.hf)
-        if tower is None:
-            return True
-        return not any(p.requires_grad or "lora_" in n for n, p in tower.named_parameters())
-
-    # -- prompt side
-    def prompt_embeds(self, hf: nn.Module, prompt: PromptInputs, cached: bool = False, store: bool = False):
-        """Token embeddings of the prompt with the vision features scattered in. -> [Lp, D].
-
-        ``cached``: use ``prompt.features`` when present; ``store``: keep the features computed here (detached).
-        """
-        emb = hf.get_input_embeddings()(prompt.input_ids)  # [Lp, D]
-        for kind in ("image", "video"):
-            feats = prompt.features.get(kind) if cached else None
-            if feats is None:
-                feats = self.vision_features(hf, prompt, kind)
-                if store and feats is not None:
-                    prompt.features[kind] = feats.detach()
-            if feats is None:
-                continue
-            token_id = _first_attr([hf.config], (f"{kind}_token_id", f"{kind}_token_index"))
-            mask = prompt.input_ids == token_id  # [Lp]
-            if int(mask.sum()) != feats.shape[0]:
-                raise ValueError(f"{int(mask.sum())} {kind} tokens in the prompt but {feats.shape[0]} features")
-            emb = emb.masked_scatter(mask[:, None], feats.to(emb.dtype))
-        return emb
-
-    @staticmethod
-    def vision_features(hf: nn.Module, prompt: PromptInputs, kind: str) -> torch.Tensor | None:
-        """Run the vision tower (once) on the prompt's images or video. -> [n_tok, D] or None."""
-        v = prompt.vision
-        if kind == "image" and "pixel_values" in v:
-            extra = {k: x for k, x in v.items() if k.startswith("image_")}
-            return _features(hf.get_image_features(pixel_values=v["pixel_values"], **extra))
-        if kind == "video" and "pixel_values_videos" in v:
-            return _features(hf.get_video_features(v["pixel_values_videos"], v.get("video_grid_thw")))
-        return None
-
-    def positions(self, prompt: PromptInputs, length: int, rows: int, start: int = 0) -> torch.Tensor:
-        """Positions of sequence slots [start, Lp + length) for ``rows`` rows: [3, rows, L] (Qwen) or [rows, L]."""
-        comp = prompt.next_position + torch.arange(length, device=prompt.input_ids.device)  # [Lc]
-        full = torch.cat([prompt.positions, comp.expand(prompt.positions.shape[0], -1)], dim=1)[:, start:]  # [P, L]
-        if self.family in QWEN_FAMILIES:
-            return full[:, None, :].expand(full.shape[0], rows, full.shape[1])
-        return full[0][None, :].expand(rows, full.shape[1])
-
-    # -- scoring
-    def group_logprobs(self, hf: nn.Module, prompt: PromptInputs, comp: torch.Tensor, cached: bool) -> torch.Tensor:
-        """Teacher-forced token log-probs of r completions [r, Lc] of one prompt. -> [r, Lc] fp32."""
-        r, Lc = comp.shape
-        Lp = prompt.input_ids.shape[0]
-        prompt_emb = self.prompt_embeds(hf, prompt, cached)  # [Lp, D]
-        emb = torch.cat([prompt_emb[None].expand(r, -1, -1), hf.get_input_embeddings()(comp)], dim=1)  # [r, L, D]
-        out = self.backbone(hf)(inputs_embeds=emb, position_ids=self.positions(prompt, Lc, r), use_cache=False)
-        hidden = out.last_hidden_state[:, Lp - 1 : Lp - 1 + Lc]  # [r, Lc, D]: slot t predicts completion token t
-        return chunked_token_logprobs(
-            hidden, hf.get_output_embeddings(), comp, self.chunk, self.temperature, self.suppress
-        )
-
-    def _rows_logprobs(self, hf, prompts: list[PromptInputs], comp: torch.Tensor, cached: bool) -> torch.Tensor:
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(id(p), []).append(i)
-        pieces, order = [], []
-        for rows in groups.values():
-            pieces.append(self.group_logprobs(hf, prompts[rows[0]], comp[rows], cached))
-            order += rows
-        inverse = torch.empty(len(order), dtype=torch.long, device=comp.device)
-        inverse[torch.tensor(order, device=comp.device)] = torch.arange(len(order), device=comp.device)
-        return torch.cat(pieces)[inverse]  # [n, Lc] in the callers' row order
-
-    def forward(
-        self,
-        prompts: list[PromptInputs],
-        completions: torch.Tensor,
-        reference: bool = False,
-        reuse_features: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """prompts: n (one per row, shared objects per prompt); completions [n, L] -> logp [n, L], ref [n, L].
-
-        ``reuse_features``: use the vision features cached in rollout (default: iff the vision tower is frozen,
-        i.e. they cannot have changed; rollout forces it, its parameters have not changed since sampling).
-        """
-        frozen = self.vision_frozen() if reuse_features is None else reuse_features
-        logp = self._rows_logprobs(self.hf, prompts, completions, cached=frozen)
-        ref = None
-        if reference:
-            with torch.no_grad():
-                if self.ref_model is not None:
-                    ref = self._rows_logprobs(self.ref_model, prompts, completions, cached=frozen)
-                elif hasattr(self.vlm, "disable_adapter"):
-                    with self.vlm.disable_adapter():
-                        ref = self._rows_logprobs(self.hf, prompts, completions, cached=frozen)
-                else:
-                    raise UserError("a KL reference needs LoRA (finetune: lora) or policy.options.reference_copy=true")
-        return logp, ref
-
-
 # ---------------------------------------------------------------------------------------------- the policy
 
 
-def detect_family(model: nn.Module, family: str = "auto") -> str:
-    if family != "auto":
-        if family not in FAMILIES:
-            raise UserError(f"policy.options.family={family!r} is unknown; use auto or one of {', '.join(FAMILIES)}")
-        return family
-    model_type = getattr(model.config, "model_type", "")
-    return model_type if model_type in QWEN_FAMILIES else "generic"
+def detect_family(model: nn.Module, family: str = "auto") -> VLMFamily:
+    """The family adapter of a loaded model: ``family`` if given, else from its ``config.model_type``."""
+    return resolve_family(model.config, family)
 
 
 def suppressed_ids(tokenizer, config, model_vocab: int, options: VLMPolicyOptions) -> torch.Tensor:
@@ -382,13 +158,19 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer))
 
 
-def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.model") -> tuple[nn.Module, Any]:
+_LOCAL_HINT = (
+    "Give a local directory with config.json, model.safetensors and the processor files (see "
+    "scripts/make_tiny_vlm.py), or a hub id"
+)
+
+
+def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -> tuple[nn.Module, Any]:
     """(model, processor) from a local directory or hub id: safetensors only, the family's class, ``o.dtype``.
 
     The one loading path of the VLM side: the policy and frozen VLMs that must read prompts as it does (the
     ``vlm_listener`` reward) both use it. ``key`` names the config key in error messages.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if o.dtype not in dtypes:
@@ -396,27 +178,23 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.model") 
     kw = {"trust_remote_code": o.trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(str(path), **kw)
-        family = o.family if o.family != "auto" else getattr(config, "model_type", "generic")
-        model_cls = AutoModelForImageTextToText
-        if family == "qwen2_vl":
-            from transformers import Qwen2VLForConditionalGeneration as model_cls
-        elif family == "qwen2_5_vl":
-            from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a VLM from {key}={str(path)!r}: {e}. {_LOCAL_HINT}") from e
+    model_cls = resolve_family(config, o.family).model_class()  # an unknown family names itself, not the path
+    try:
         model = model_cls.from_pretrained(str(path), dtype=dtypes[o.dtype], use_safetensors=True, **kw)
         processor = AutoProcessor.from_pretrained(str(path), **kw)
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load a VLM from {key}={str(path)!r}: {e}. Give a local directory with "
-            "config.json, model.safetensors and the processor files (see scripts/make_tiny_vlm.py), or a hub id"
-        ) from e
+        raise UserError(f"cannot load a VLM from {key}={str(path)!r}: {e}. {_LOCAL_HINT}") from e
     return model, processor
 
 
 class VLMPolicy:
     """Policy protocol over a transformers VLM. Samples: N completion strings (special tokens stripped).
 
-    ``family`` is qwen2_vl, qwen2_5_vl or generic; ``box_family`` is the matching name for the ``iou`` reward
-    (box coordinates are converted only in ``mmgrpo/rewards/boxes.py``).
+    ``adapter`` is the model's :class:`~mmgrpo.policies.vlm_families.VLMFamily` (positions, vision features,
+    deepstack...) and ``family`` its name; ``box_family`` is its box convention for the ``iou`` reward (box
+    coordinates are converted only in ``mmgrpo/rewards/boxes.py``).
     """
 
     def __init__(
@@ -429,8 +207,8 @@ class VLMPolicy:
             raise UserError(f"policy.options.finetune={o.finetune!r}; use 'lora' or 'full'")
         self.options, self.processor = o, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.family = detect_family(model, o.family)
-        self.box_family = BOX_FAMILY[self.family]
+        self.adapter = detect_family(model, o.family)
+        self.family, self.box_family = self.adapter.name, self.adapter.box_convention
         self.eos_ids = _eos_ids(self.tokenizer, model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -445,20 +223,23 @@ class VLMPolicy:
                     "policy.options.reference_copy=true (a frozen copy of the model) or use finetune=lora"
                 )
             ref_copy = copy.deepcopy(model).requires_grad_(False).eval()
-        self.model: nn.Module = VLMScorer(self._trainable(model, o), self.family, suppress, o)
+        trainable = self._trainable(model, o, self.adapter)
+        self.model: nn.Module = VLMScorer(trainable, self.adapter, suppress, o.temperature, o.logprob_chunk)
         self.model.ref_model = ref_copy
         self.reference = reference
 
     @staticmethod
-    def _trainable(model: nn.Module, o: VLMPolicyOptions) -> nn.Module:
+    def _trainable(model: nn.Module, o: VLMPolicyOptions, family: VLMFamily) -> nn.Module:
         if o.finetune == "lora":
             from peft import LoraConfig, get_peft_model
 
-            targets = o.target_modules or r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
-            lora = LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout, target_modules=targets)
+            targets = o.lora_targets or r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+            lora = LoraConfig(
+                r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout, target_modules=targets
+            )
             return get_peft_model(model, lora)
         model.requires_grad_(True)
-        tower = VLMScorer.vision_tower(model)
+        tower = family.vision_tower(model)
         if o.freeze_vision and tower is not None:
             tower.requires_grad_(False)
         return model
@@ -468,7 +249,7 @@ class VLMPolicy:
         cls, path: str, options: VLMPolicyOptions | None = None, reference: bool = False, device: Any = None
     ) -> VLMPolicy:
         """Load model (safetensors only) and processor from a local directory or hub id (:func:`load_vlm`)."""
-        o = options or VLMPolicyOptions(model=str(path))
+        o = options or VLMPolicyOptions(path=str(path))
         model, processor = load_vlm(path, o)
         policy = cls(model, processor, o, reference=reference)
         if device is not None:
@@ -499,8 +280,7 @@ class VLMPolicy:
         if video is not None:
             frames, fps = read_video(video, o.fps, o.max_frames, o.max_pixels)
             kwargs["videos"] = [frames]
-            if self.family in QWEN_FAMILIES:
-                kwargs.update(video_metadata=[{"fps": fps, "total_num_frames": len(frames)}], do_sample_frames=False)
+            kwargs.update(self.adapter.video_kwargs(len(frames), fps))
         text = self.processor.apply_chat_template(
             self.messages(prompt, len(images), video is not None), tokenize=False, add_generation_prompt=True
         )
@@ -511,28 +291,13 @@ class VLMPolicy:
         vision = {k: v.to(dev) for k, v in enc.items() if k not in skip and isinstance(v, torch.Tensor)}
         tt = enc.get("mm_token_type_ids")
         tt = tt[0].to(dev) if tt is not None else None
-        positions, nxt = self._prompt_positions(ids, tt, vision)
+        positions, nxt = self.adapter.prompt_positions(self._scorer().hf, ids, tt, vision)  # [P, Lp], next
         resized = None
         if "image_grid_thw" in vision:
             patch = getattr(getattr(self.processor, "image_processor", None), "patch_size", 14)
             _, gh, gw = vision["image_grid_thw"][0].tolist()
             resized = (int(gw * patch), int(gh * patch))
         return PromptInputs(ids, positions, nxt, vision, tt, resized)
-
-    def _prompt_positions(self, ids, token_types, vision) -> tuple[torch.Tensor, int]:
-        """[P, Lp] positions and the next position: Qwen M-RoPE from get_rope_index, else 0..Lp-1."""
-        Lp = ids.shape[0]
-        has_grid = "image_grid_thw" in vision or "video_grid_thw" in vision
-        if self.family not in QWEN_FAMILIES:
-            return torch.arange(Lp, device=ids.device)[None], Lp
-        if not has_grid:
-            return torch.arange(Lp, device=ids.device)[None].expand(3, -1), Lp
-        fn = self._scorer().hf.model.get_rope_index
-        kw = {"mm_token_type_ids": None if token_types is None else token_types[None], **vision}
-        params = inspect.signature(fn).parameters
-        kw = {k: v for k, v in kw.items() if k in params and k != "input_ids"}
-        pos, _ = fn(ids[None], **kw)  # [3, 1, Lp]
-        return pos[:, 0], int(pos.max()) + 1
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -543,9 +308,11 @@ class VLMPolicy:
         """
         o, sc = self.options, self._scorer()
         hf = sc.hf
-        emb = sc.prompt_embeds(hf, prompt, store=True)[None]  # [1, Lp, D]; the vision tower's one pass
+        feats = sc.vision(hf, prompt, store=True)  # the vision tower's one pass
+        emb = sc.prompt_embeds(hf, prompt, feats)[None]  # [1, Lp, D]
         backbone, head, embed = sc.backbone(hf), hf.get_output_embeddings(), hf.get_input_embeddings()
-        out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True)
+        extra = self.adapter.decoder_kwargs(hf, prompt, feats, 1, 0, emb.shape[1])  # e.g. deepstack features
+        out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True, **extra)
         cache = getattr(out, "cache", None) or out.past_key_values
         cache.batch_repeat_interleave(G)
         h = out.last_hidden_state[:, -1].expand(G, -1)  # [G, D]
@@ -560,7 +327,7 @@ class VLMPolicy:
             if bool(done.all()) or t == o.max_new_tokens - 1:
                 break
             pos = sc.positions(prompt, t + 1, G, start=prompt.input_ids.shape[0] + t)  # slot Lp + t
-            kw = {_cache_kwarg(backbone): cache}
+            kw = {self.adapter.cache_kwarg(backbone): cache}
             out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, use_cache=True, **kw)
             h = out.last_hidden_state[:, -1]
         toks = torch.stack(tokens, dim=1)  # [G, T]

@@ -225,3 +225,93 @@ def save_tiny(model, processor, directory: str | Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     return path
+
+
+QWEN3_PATCH = 16  # Qwen3-VL's vision tower patches 16x16 (Qwen2-VL's: 14)
+
+
+def _qwen3_processor(tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    factor = QWEN3_PATCH * 2  # patch x spatial merge: one image token per 32x32 pixels
+    pixels = {"min_pixels": (2 * factor) ** 2, "max_pixels": (4 * factor) ** 2}  # 2x2 .. 4x4 image tokens
+    image = Qwen2VLImageProcessor(patch_size=QWEN3_PATCH, merge_size=2, temporal_patch_size=2, **pixels)
+    size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
+    video = Qwen3VLVideoProcessor(patch_size=QWEN3_PATCH, merge_size=2, temporal_patch_size=2, size=size)
+    return Qwen3VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=QWEN_CHAT_TEMPLATE
+    )
+
+
+def tiny_qwen3_vl(seed: int = 0):
+    """(Qwen3VLForConditionalGeneration, Qwen3VLProcessor), tiny and randomly initialised with ``seed``.
+
+    Qwen3-VL's own parts are kept: interleaved M-RoPE (``mrope_interleaved``), learned vision position embeddings
+    (8x8, interpolated to the grid) and deepstack mergers after both vision blocks, added to the first two decoder
+    layers' hidden states at the vision tokens.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    text = _text_config(tokenizer)
+    text["head_dim"] = TEXT_HIDDEN // text["num_attention_heads"]  # 16: mrope_section sums to head_dim / 2
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": TEXT_HIDDEN,
+        "patch_size": QWEN3_PATCH,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,  # an 8x8 grid of learned positions
+        "deepstack_visual_indexes": [0, 1],
+    }
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **_special_ids(tokenizer))
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    return _finish(model, tokenizer), _qwen3_processor(tokenizer)
+
+
+def tiny_llava(seed: int = 0):
+    """(LlavaForConditionalGeneration, LlavaProcessor): the ``generic`` VLM family's test model (1-D positions).
+
+    A 2-layer CLIP vision tower (32x32 images, 8x8 patches -> 16 image tokens, CLS dropped), a 2-layer MLP projector
+    and the tiny Qwen2 text model; the image placeholder is ``<|image_pad|>`` so the shared tokenizer and chat
+    template serve every family.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = tiny_tokenizer()
+    text = {**_text_config(tokenizer), "model_type": "qwen2"}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}  # plain 1-D RoPE
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=QWEN_CHAT_TEMPLATE,
+        image_token="<|image_pad|>",
+        num_additional_image_tokens=1,  # the CLS token the default strategy drops
+    )
+    return _finish(model, tokenizer), processor

@@ -15,7 +15,7 @@ from mmgrpo.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
-NO_MODEL = "policy.options.model=/nonexistent/vlm"  # nothing may try to load it: the errors come first
+NO_MODEL = "policy.options.path=/nonexistent/vlm"  # nothing may try to load it: the errors come first
 
 
 def test_every_paper_module_registers_its_method():

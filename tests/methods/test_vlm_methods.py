@@ -28,7 +28,7 @@ def trainer_for(tmp_path, name, *overrides):
         REPO / "configs" / f"{name}.yaml",
         [
             f"run.output_dir={tmp_path}",
-            f"policy.options.model={ASSET}",
+            f"policy.options.path={ASSET}",
             "policy.options.max_new_tokens=24",
             "data.options.num_examples=12",
             "trainer.prompts_per_step=2",
@@ -180,4 +180,4 @@ def test_method_configs_open_with_their_command_and_run_on_the_tiny_asset(name):
     path = REPO / "configs" / f"{name}.yaml"
     assert path.read_text().splitlines()[0] == f"# mmgrpo train configs/{name}.yaml"
     cfg = load_config(path)
-    assert cfg.pipeline == "vlm_reasoning" and cfg.policy.options["model"] == "assets/tiny_qwen2_vl"
+    assert cfg.pipeline == "vlm_reasoning" and cfg.policy.options["path"] == "assets/tiny_qwen2_vl"

@@ -56,7 +56,7 @@ def method_config(tmp_path: Path, method: str, family: str, model_dir: Path, **t
     name = "vlm_reasoning_tiny" if method == "curriculum" else f"vlm_{method}"
     data = read_yaml(REPO / "configs" / f"{name}.yaml")
     data["run"].update(name=f"{method}_{family}", output_dir=str(tmp_path))
-    data["policy"]["options"].update(model=str(model_dir), max_new_tokens=8, lora_r=4)
+    data["policy"]["options"].update(path=str(model_dir), max_new_tokens=8, lora_rank=4)
     data["data"]["options"].update(num_examples=12, eval_examples=2)
     data["trainer"].update({**SMALL, "eval_every": 0, "checkpoint_every": 0, "progress": False, **trainer})
     if method == "listener":

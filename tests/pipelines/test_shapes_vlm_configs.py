@@ -27,7 +27,7 @@ def test_configs_open_with_their_command_and_start_from_the_shapes_vlm(name, pip
     path = REPO / "configs" / f"{name}.yaml"
     assert path.read_text().splitlines()[0] == f"# mmgrpo train configs/{name}.yaml"
     cfg = load_config(path)
-    assert cfg.pipeline == pipeline and cfg.policy.options["model"] == "assets/shapes_vlm"
+    assert cfg.pipeline == pipeline and cfg.policy.options["path"] == "assets/shapes_vlm"
     assert cfg.policy.options["system_prompt"] == ""  # the asset's pretraining prompt
     names = [r.name for r in cfg.rewards]
     assert "format" in names and ("accuracy" in names if pipeline == "vlm_reasoning" else "iou_curriculum" in names)
@@ -63,10 +63,8 @@ def test_paired_scores_give_the_standard_error_of_a_change_on_the_same_examples(
 
 
 def test_reasoning_evaluation_reports_kinds_and_a_zero_gain_for_an_unchanged_policy():
-    opts = VLMPolicyOptions(
-        model=str(REPO / "assets/shapes_vlm"), system_prompt="", max_new_tokens=28, finetune="full"
-    )
-    policy = VLMPolicy.from_pretrained(opts.model, opts)
+    opts = VLMPolicyOptions(path=str(REPO / "assets/shapes_vlm"), system_prompt="", max_new_tokens=28, finetune="full")
+    policy = VLMPolicy.from_pretrained(opts.path, opts)
     examples = QAExamples(VLMReasoningDataOptions(source="shapes_qa", num_examples=8, eval_examples=6))
     paired = PairedScores()
     first = evaluate_accuracy(policy, examples, 6, 3, paired, step=0).metrics

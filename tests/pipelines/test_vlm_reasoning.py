@@ -82,7 +82,7 @@ def test_jsonl_examples_resolve_media_next_to_the_file(tmp_path):
 def test_config_opens_with_its_command_and_loads():
     assert CONFIG.read_text().splitlines()[0] == "# mmgrpo train configs/vlm_reasoning_tiny.yaml"
     cfg = load_config(CONFIG)
-    assert cfg.pipeline == "vlm_reasoning" and cfg.policy.options["model"] == "assets/tiny_qwen2_vl"
+    assert cfg.pipeline == "vlm_reasoning" and cfg.policy.options["path"] == "assets/tiny_qwen2_vl"
     with pytest.raises(UserError, match="policy.options.max_new_token"):
         load_config(CONFIG, ["policy.options.max_new_token=3"])  # a typo is an error, not a silent default
 
@@ -99,7 +99,7 @@ def test_make_tiny_vlm_writes_a_small_loadable_dir_and_the_warm_up_teaches_the_f
 
 
 def test_the_shipped_asset_writes_the_r1_format():
-    asset = REPO / read_yaml(CONFIG)["policy"]["options"]["model"]
+    asset = REPO / read_yaml(CONFIG)["policy"]["options"]["path"]
     size = sum(f.stat().st_size for f in asset.iterdir())
     assert size < 5e6, size
     from mmgrpo.pipelines.vlm_reasoning import shapes_question as q
@@ -118,7 +118,7 @@ def test_recipe_smoke_run_trains_and_evaluates(tmp_path):
         CONFIG,
         [
             f"run.output_dir={tmp_path}",
-            f"policy.options.model={model_dir}",
+            f"policy.options.path={model_dir}",
             "policy.options.max_new_tokens=6",
             "data.options.num_examples=12",
             "data.options.eval_examples=2",

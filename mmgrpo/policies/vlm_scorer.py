@@ -1,0 +1,210 @@
+"""The VLM scorer: teacher-forced token log-probs of completions given their prompts, for every VLM family.
+
+:class:`VLMScorer` is the trainable module the trainer wraps (``forward(prompts, completions [n, L]) -> (logp [n, L],
+ref_logp [n, L] | None)``); the sampler of :class:`~mmgrpo.policies.vlm.VLMPolicy` reuses its pieces (prompt
+embeddings, decoder, head). What differs between model families (positions, vision features, deepstack...) is asked
+of the policy's :class:`~mmgrpo.policies.vlm_families.VLMFamily`; the maths here is the same for all of them:
+
+- :func:`chunked_token_logprobs`: log softmax(logits / temperature)[targets] in fp32, a chunk of tokens at a time;
+- :func:`sample_tokens`: one token per row with suppressed ids, temperature, top-k and top-p.
+
+Shapes: n rows, r rows of one prompt, Lp prompt tokens, Lc completion tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.policies.vlm_families import VLMFamily
+from mmgrpo.policies.vlm_inputs import PromptInputs
+
+# ---------------------------------------------------------------------------------------------- pure maths
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk: int = 1024,
+    temperature: float = 1.0,
+    suppress: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[targets] in fp32, ``chunk`` tokens at a time. [n, L, D] -> [n, L].
+
+    ``suppress [V]`` (bool) removes tokens from the distribution (logit -inf). Each chunk's [chunk, V] fp32 logits
+    are freed after use and recomputed in backward (activation checkpointing), so peak memory is one chunk.
+    """
+    n, L, D = hidden.shape
+    flat_h, flat_t = hidden.reshape(n * L, D), targets.reshape(n * L)
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float() / temperature  # [c, V] fp32: the ratio exp(logp - logp_old) needs fp32
+        if suppress is not None:
+            logits = logits.masked_fill(suppress[: logits.shape[-1]], float("-inf"))
+        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [c]
+
+    out = []
+    for lo in range(0, n * L, max(1, chunk)):
+        h, t = flat_h[lo : lo + chunk], flat_t[lo : lo + chunk]
+        out.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+    return torch.cat(out).reshape(n, L) if out else hidden.new_zeros(n, L, dtype=torch.float32)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    suppress: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """One token per row from logits [G, V] (fp32): suppressed ids -> -inf, temperature, top-k, top-p. -> [G]."""
+    logits = logits.float()
+    if suppress is not None:
+        logits = logits.masked_fill(suppress[: logits.shape[-1]], float("-inf"))
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [G, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # [G, V]
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+class VLMScorer(nn.Module):
+    """The trainable module the trainer wraps: token log-probs of completions given their prompts.
+
+    ``forward(prompts, completions [n, L]) -> (logp [n, L], ref_logp [n, L] | None)``: rows of one prompt share
+    one forward and one vision pass. Also holds the pieces the sampler reuses (prompt embeddings, backbone, head).
+    """
+
+    def __init__(
+        self, vlm: nn.Module, family: VLMFamily, suppress: torch.Tensor, temperature: float = 1.0, chunk: int = 1024
+    ):
+        super().__init__()
+        self.vlm = vlm  # the transformers model, or a peft model around it
+        self.family = family
+        self.temperature = temperature
+        self.chunk = chunk
+        self.register_buffer("suppress", suppress, persistent=False)  # [V] bool
+        self.ref_model: nn.Module | None = None  # frozen copy (full fine-tuning with reference_copy)
+
+    @property
+    def hf(self) -> nn.Module:
+        return self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
+
+    def backbone(self, hf: nn.Module) -> nn.Module:
+        return self.family.backbone(hf)
+
+    def train(self, mode: bool = True) -> VLMScorer:
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()
+        return self
+
+    def vision_frozen(self) -> bool:
+        """No trainable and no LoRA parameter in the vision tower: its features may be cached across calls."""
+        tower = self.family.vision_tower(self.hf)
+        if tower is None:
+            return True
+        return not any(p.requires_grad or "lora_" in n for n, p in tower.named_parameters())
+
+    # -- prompt side
+    def vision(self, hf: nn.Module, prompt: PromptInputs, cached: bool = False, store: bool = False) -> dict:
+        """The prompt's vision features ``{kind: [n_tok, D], kind + "_...": family extras}``, one pass per kind.
+
+        ``cached``: use ``prompt.features`` when present; ``store``: keep the features computed here (detached).
+        """
+        feats: dict[str, torch.Tensor] = {}
+        for kind in ("image", "video"):
+            got = {k: v for k, v in prompt.features.items() if k.split("_")[0] == kind} if cached else {}
+            if kind not in got:
+                got = self.family.vision_features(hf, prompt, kind)
+                if store:
+                    prompt.features.update({k: v.detach() for k, v in got.items()})
+            feats.update(got)
+        return feats
+
+    def prompt_embeds(self, hf: nn.Module, prompt: PromptInputs, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings of the prompt with the vision features ``feats`` scattered in. -> [Lp, D]."""
+        emb = hf.get_input_embeddings()(prompt.input_ids)  # [Lp, D]
+        for kind in ("image", "video"):
+            if kind not in feats:
+                continue
+            mask = prompt.input_ids == self.family.token_id(hf, kind)  # [Lp]
+            if int(mask.sum()) != feats[kind].shape[0]:
+                raise ValueError(f"{int(mask.sum())} {kind} tokens in the prompt but {feats[kind].shape[0]} features")
+            emb = emb.masked_scatter(mask[:, None], feats[kind].to(emb.dtype))
+        return emb
+
+    def positions(self, prompt: PromptInputs, length: int, rows: int, start: int = 0) -> torch.Tensor:
+        """Positions of sequence slots [start, Lp + length) for ``rows`` rows: [3, rows, L] (Qwen) or [rows, L]."""
+        comp = prompt.next_position + torch.arange(length, device=prompt.input_ids.device)  # [Lc]
+        full = torch.cat([prompt.positions, comp.expand(prompt.positions.shape[0], -1)], dim=1)[:, start:]  # [P, L]
+        return self.family.expand_positions(full, rows)
+
+    # -- scoring
+    def group_logprobs(self, hf: nn.Module, prompt: PromptInputs, comp: torch.Tensor, cached: bool) -> torch.Tensor:
+        """Teacher-forced token log-probs of r completions [r, Lc] of one prompt. -> [r, Lc] fp32."""
+        r, Lc = comp.shape
+        Lp = prompt.input_ids.shape[0]
+        feats = self.vision(hf, prompt, cached)
+        prompt_emb = self.prompt_embeds(hf, prompt, feats)  # [Lp, D]
+        emb = torch.cat([prompt_emb[None].expand(r, -1, -1), hf.get_input_embeddings()(comp)], dim=1)  # [r, L, D]
+        extra = self.family.decoder_kwargs(hf, prompt, feats, r, 0, Lp + Lc)  # e.g. Qwen3-VL's deepstack features
+        pos = self.positions(prompt, Lc, r)
+        out = self.backbone(hf)(inputs_embeds=emb, position_ids=pos, use_cache=False, **extra)
+        hidden = out.last_hidden_state[:, Lp - 1 : Lp - 1 + Lc]  # [r, Lc, D]: slot t predicts completion token t
+        return chunked_token_logprobs(
+            hidden, hf.get_output_embeddings(), comp, self.chunk, self.temperature, self.suppress
+        )
+
+    def _rows_logprobs(self, hf, prompts: list[PromptInputs], comp: torch.Tensor, cached: bool) -> torch.Tensor:
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(id(p), []).append(i)
+        pieces, order = [], []
+        for rows in groups.values():
+            pieces.append(self.group_logprobs(hf, prompts[rows[0]], comp[rows], cached))
+            order += rows
+        inverse = torch.empty(len(order), dtype=torch.long, device=comp.device)
+        inverse[torch.tensor(order, device=comp.device)] = torch.arange(len(order), device=comp.device)
+        return torch.cat(pieces)[inverse]  # [n, Lc] in the callers' row order
+
+    def forward(
+        self,
+        prompts: list[PromptInputs],
+        completions: torch.Tensor,
+        reference: bool = False,
+        reuse_features: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prompts: n (one per row, shared objects per prompt); completions [n, L] -> logp [n, L], ref [n, L].
+
+        ``reuse_features``: use the vision features cached in rollout (default: iff the vision tower is frozen,
+        i.e. they cannot have changed; rollout forces it, its parameters have not changed since sampling).
+        """
+        frozen = self.vision_frozen() if reuse_features is None else reuse_features
+        logp = self._rows_logprobs(self.hf, prompts, completions, cached=frozen)
+        ref = None
+        if reference:
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    ref = self._rows_logprobs(self.ref_model, prompts, completions, cached=frozen)
+                elif hasattr(self.vlm, "disable_adapter"):
+                    with self.vlm.disable_adapter():
+                        ref = self._rows_logprobs(self.hf, prompts, completions, cached=frozen)
+                else:
+                    raise UserError("a KL reference needs LoRA (finetune: lora) or policy.options.reference_copy=true")
+        return logp, ref
