@@ -5,11 +5,17 @@ nearest valid key::
 
     unknown key 'trainer.lr_rate' in configs/x.yaml; did you mean 'trainer.lr'?
     trainer.lr in configs/x.yaml: expected float, got 'fast' (str)
+
+Two class attributes of a schema dataclass refine this: ``__shorthand__ = "name"`` lets a plain string stand for
+``{name: that string}`` (``aggregation: seq_mean``), and ``__moved__ = {"old_key": "new.key"}`` turns a key that
+moved into an error naming its new place. :func:`check_options` does the same for a strategy's own options,
+declared by its signature.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from typing import Any, Literal, Union
@@ -73,6 +79,9 @@ def convert(value: Any, tp: Any, path: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        shorthand = getattr(tp, "__shorthand__", None)
+        if shorthand is not None and isinstance(value, str):  # ``aggregation: seq_mean`` = ``{name: seq_mean}``
+            value = {shorthand: value}
         if not isinstance(value, dict):
             raise _fail(path, where, tp, value)
         return from_dict(tp, value, where, prefix=path)
@@ -135,9 +144,12 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in types_:
-            hint = nearest(path, _root_keys(cls, prefix))
+            moved = getattr(cls, "__moved__", {}).get(key)
+            hint = f"{prefix}.{moved}" if moved and prefix else moved or nearest(path, _root_keys(cls, prefix))
             msg = f"unknown key {path!r} in {where}"
-            if hint:
+            if moved:
+                msg += f"; it moved to {hint!r} (its own options now sit under the part they belong to)"
+            elif hint:
                 msg += f"; did you mean {hint!r}?"
             else:
                 msg += f"; valid keys here: {', '.join(sorted(types_))}"
@@ -164,3 +176,42 @@ def to_dict(obj: Any) -> Any:
 def options_from(cls: type, options: dict, where: str, prefix: str) -> Any:
     """Build a component's options dataclass strictly (errors name ``prefix.key`` and ``where``)."""
     return from_dict(cls, options or {}, where, prefix=prefix)
+
+
+def declared_options(fn: Any, skip: int = 0, inputs: tuple[str, ...] = ()) -> dict[str, inspect.Parameter] | None:
+    """The options a strategy declares: its keyword parameters after the first ``skip`` (its data arguments),
+    less the ``inputs`` the library supplies itself; None if it takes ``**kwargs`` (any option).
+
+    A function declares them in its signature, a class in its ``__init__`` (a dataclass in its fields).
+    """
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p for p in params if p.kind in keyword and p.name not in inputs}
+
+
+def check_options(
+    fn: Any, options: dict, *, what: str, prefix: str, where: str, skip: int = 0, inputs: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``options`` checked against the options ``fn`` declares (:func:`declared_options`) and converted to their
+    annotated types. An undeclared option is a UserError naming ``prefix.key``, ``where``, the options ``what``
+    (e.g. "loss 'grpo'") takes and the nearest one: an option is never silently ignored."""
+    declared = declared_options(fn, skip, inputs)
+    if declared is None:
+        return dict(options)
+    try:
+        dataclass_or_fn = fn if dataclasses.is_dataclass(fn) or not isinstance(fn, type) else fn.__init__
+        hints = typing.get_type_hints(dataclass_or_fn)
+    except Exception:  # an annotation that does not resolve (a plug-in's forward reference): check names only
+        hints = {}
+    out = {}
+    for key, value in options.items():
+        if key not in declared:
+            hint = nearest(key, list(declared))
+            raise UserError(
+                f"unknown option '{prefix}.{key}' in {where}: {what} takes {', '.join(declared) or 'no options'}"
+                + (f"; did you mean '{prefix}.{hint}'?" if hint else "")
+            )
+        out[key] = convert(value, hints.get(key, Any), f"{prefix}.{key}", where)
+    return out
