@@ -385,3 +385,16 @@ def scaled_pg(logp, logp_old, adv, mask, *, adv_clip=None, scale: float = 1.0):
     """Test plug-in loss: -scale * A / adv_clip * ratio."""
     ratio = torch.exp(logp - logp_old)
     return -scale * adv / adv_clip * ratio, {"ratio": ratio.detach()}
+
+
+@pytest.mark.gpu
+def test_policy_loss_on_cuda_bf16_matches_cpu():
+    """The loss maths is fp32 whatever the device and the log-probs' dtype: CUDA bf16 inputs give the CPU value."""
+    torch.manual_seed(0)
+    logp, old = (0.3 * torch.randn(4, 6)).bfloat16(), (0.3 * torch.randn(4, 6)).bfloat16()
+    adv, mask = torch.randn(4), torch.rand(4, 6) > 0.3
+    for loss in ("grpo", "gspo", "pg"):
+        cpu, _ = policy_loss(logp, old, adv, mask, loss=loss)
+        gpu, _ = policy_loss(logp.cuda(), old.cuda(), adv.cuda(), mask.cuda(), loss=loss)
+        assert gpu.dtype == torch.float32
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)

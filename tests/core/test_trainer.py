@@ -38,16 +38,19 @@ def metrics(run_dir, drop_time=True):
     return lines
 
 
+SLOW = pytest.mark.slow  # 150 training steps each; `python -m pytest -m slow` runs them (pyproject.toml)
+
+
 @pytest.mark.parametrize(
     "estimator,extra",
     [
-        ("grpo", []),
-        ("dr_grpo", []),
-        ("batch_std", []),
-        ("mc_grpo", ["trainer.group_size=9"]),  # G + 1 rollouts: 8 carry gradient, the median pivot none
-        ("ngrpo", []),
-        ("bnpo", []),
-        ("stratified", ["advantage.options={alpha: 0.5}"]),
+        ("grpo", []),  # the one learning check of the loop in the default run; the estimators' maths is hand-checked
+        pytest.param("dr_grpo", [], marks=SLOW),
+        pytest.param("batch_std", [], marks=SLOW),
+        pytest.param("mc_grpo", ["trainer.group_size=9"], marks=SLOW),  # G + 1 rollouts: the median pivot has none
+        pytest.param("ngrpo", [], marks=SLOW),
+        pytest.param("bnpo", [], marks=SLOW),
+        pytest.param("stratified", ["advantage.options={alpha: 0.5}"], marks=SLOW),
     ],
 )
 def test_each_estimator_drives_bandit_to_best_arm(tmp_path, estimator, extra):
