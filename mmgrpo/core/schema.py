@@ -7,17 +7,19 @@ nearest valid key::
     trainer.lr in configs/x.yaml: expected float, got 'fast' (str)
 
 Two class attributes of a schema dataclass refine this: ``__shorthand__ = "name"`` lets a plain string stand for
-``{name: that string}`` (``aggregation: seq_mean``), and ``__moved__ = {"old_key": "new.key"}`` turns a key that
-moved into an error naming its new place. :func:`check_options` does the same for a strategy's own options,
-declared by its signature.
+``{name: that string}`` (``aggregation: seq_mean``), and ``__moved__ = {"old_key": ("new.key", old default)}``
+reads a key that moved at its new place, with a warning. :func:`check_options` checks a strategy's own options,
+declared by its signature, the same strict way.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import types
 import typing
+import warnings
 from typing import Any, Literal, Union
 
 from mmgrpo.core.errors import UserError
@@ -139,17 +141,16 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, strictly."""
     if not isinstance(data, dict):
         raise UserError(f"{prefix or 'config'} in {where}: expected a mapping, got {data!r}")
+    if any(key in getattr(cls, "__moved__", {}) for key in data):
+        data = _moved_keys(cls, data, where, prefix)
     types_ = field_types(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in types_:
-            moved = getattr(cls, "__moved__", {}).get(key)
-            hint = f"{prefix}.{moved}" if moved and prefix else moved or nearest(path, _root_keys(cls, prefix))
+            hint = nearest(path, _root_keys(cls, prefix))
             msg = f"unknown key {path!r} in {where}"
-            if moved:
-                msg += f"; it moved to {hint!r} (its own options now sit under the part they belong to)"
-            elif hint:
+            if hint:
                 msg += f"; did you mean {hint!r}?"
             else:
                 msg += f"; valid keys here: {', '.join(sorted(types_))}"
@@ -160,6 +161,39 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
             path = f"{prefix}.{f.name}" if prefix else f.name
             raise UserError(f"missing required key {path!r} in {where}")
     return cls(**kwargs)
+
+
+def _moved_keys(cls: type, data: dict, where: str, prefix: str) -> dict:
+    """``data`` with the keys of ``cls.__moved__ = {old: (new.dotted.key, old default)}`` read at their new place.
+
+    A value equal to the old default is dropped (configs written before the move carry every default, and the
+    part's own default is the same); any other value moves, with a warning, so older configs and run directories
+    keep loading and mean what they meant. Giving both the old and the new key is an error.
+    """
+    data = copy.deepcopy(data)
+    for old, (new, old_default) in cls.__moved__.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if value == old_default:
+            continue
+        *parents, last = new.split(".")
+        node = data
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str):  # a shorthand name (aggregation: constant) grows its mapping
+                child = node[part] = {"name": child}
+            elif not isinstance(child, dict):
+                raise UserError(f"{prefix}.{part} in {where}: expected a mapping to hold {prefix}.{new}")
+            node = child
+        full_old, full_new = (f"{prefix}.{old}", f"{prefix}.{new}") if prefix else (old, new)
+        if last in node:
+            raise UserError(f"{where} gives both {full_old!r} and {full_new!r}; keep only {full_new!r}")
+        node[last] = value
+        warnings.warn(f"{full_old} in {where} is read as {full_new}; move it there", UserWarning, stacklevel=2)
+    return data
 
 
 def to_dict(obj: Any) -> Any:

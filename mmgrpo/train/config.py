@@ -99,11 +99,11 @@ class LossConfig:
     """``loss``: the surrogate ``{name, options}`` plus the knobs every loss shares (aggregation, KL, advantage
     clipping, zero-advantage masking)."""
 
-    __moved__ = {
-        "clip_low": "options.clip_low",
-        "clip_high": "options.clip_high",
-        "dual_clip": "options.dual_clip",
-        "constant": "aggregation.options.constant",
+    __moved__ = {  # old flat key -> (where it lives now, its old default); see mmgrpo.core.schema
+        "clip_low": ("options.clip_low", 0.2),
+        "clip_high": ("options.clip_high", 0.2),
+        "dual_clip": ("options.dual_clip", None),
+        "constant": ("aggregation.options.constant", None),
     }
     name: str = "grpo"
     """policy loss: grpo (token/step-level ratio), gspo (sequence-level ratio), pg (no clipping), nft (DiffusionNFT),

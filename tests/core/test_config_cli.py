@@ -90,12 +90,22 @@ def test_loss_and_advantage_options_are_checked_at_load(tmp_path):
         load_config(p, ["loss.name=gpso"])
 
 
-def test_loss_keys_that_moved_say_where_to(tmp_path):
+def test_loss_keys_that_moved_are_read_at_their_new_place(tmp_path):
+    """Configs and run directories written before loss options nested keep loading and meaning the same."""
     p = write(tmp_path, GOOD)
-    with pytest.raises(UserError, match="unknown key 'loss.clip_high'.*moved to 'loss.options.clip_high'"):
-        load_config(p, ["loss.clip_high=0.28"])
-    with pytest.raises(UserError, match="'loss.constant'.*moved to 'loss.aggregation.options.constant'"):
-        load_config(p, ["loss.constant=512"])
+    with pytest.warns(UserWarning, match="loss.clip_high in .* is read as loss.options.clip_high"):
+        cfg = load_config(p, ["loss.clip_high=0.28", "loss.clip_low=0.2", "loss.dual_clip=null"])
+    assert cfg.loss.options == {"clip_high": 0.28}  # old defaults (0.2, null) are the loss's own: dropped
+    with pytest.warns(UserWarning, match="loss.aggregation.options.constant"):
+        cfg = load_config(p, ["loss.aggregation=constant", "loss.constant=512"])
+    assert (cfg.loss.aggregation.name, cfg.loss.aggregation.options) == ("constant", {"constant": 512})
+    with (
+        pytest.raises(UserError, match="both 'loss.clip_high' and 'loss.options.clip_high'"),
+        pytest.warns(UserWarning),
+    ):
+        load_config(p, ["loss.clip_high=0.28", "loss.options.clip_high=0.3"])
+    old_nft = "{name: nft, adv_clip: 1.0, clip_low: 0.2, clip_high: 0.2, dual_clip: null, constant: null}"
+    assert load_config(p, [f"loss={old_nft}"]).loss.options == {}  # a run dir's resolved config.yaml of the demo
 
 
 def test_aggregation_is_a_name_or_name_and_options(tmp_path):
