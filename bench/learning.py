@@ -29,7 +29,7 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "learning.md"
 # SDE methods train the sampler's stochastic steps: two PPO updates per rollout with Flow-GRPO's tiny clip range and
 # the learning rate that did best for them on the pixel-space model of session 2 (1e-4; 3e-4 degraded, 3e-5 flat)
 SDE = ["policy.options.objective=sde", "policy.options.old_policy_ema=0", "loss.name=grpo", "loss.adv_clip=null",
-       "trainer.minibatches=2", "trainer.lr=1e-4", "loss.clip_low=0.001", "loss.clip_high=0.001"]  # fmt: skip
+       "trainer.minibatches=2", "trainer.lr=1e-4", "loss.options={clip_low: 0.001, clip_high: 0.001}"]  # fmt: skip
 # advantage-weighted flow matching (AWM) on the demo's ODE rollouts: the demo's objective until session 5
 AWM = ["policy.options.objective=flow_matching", "policy.options.old_policy_ema=0", "loss.name=grpo",
        "loss.adv_clip=null"]  # fmt: skip

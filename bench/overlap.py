@@ -50,7 +50,7 @@ def run(ckpt: str, url: str, chunks: int, out_dir: Path, steps: int) -> list[dic
         "policy": {"options": {"family": "sd3", "path": ckpt, "num_steps": 4, "lora_rank": 2}},
         "data": {"options": {"heldout_prompts": ""}},
         "rewards": [{"name": "remote", "options": {"url": url}}],
-        "loss": {"clip_low": 1e-3, "clip_high": 1e-3},
+        "loss": {"options": {"clip_low": 1e-3, "clip_high": 1e-3}},
         "trainer": {"max_steps": steps, "prompts_per_step": 8, "group_size": 4, "rollout_chunks": chunks,
                     "progress": False, "checkpoint_every": 0},
     }  # fmt: skip

@@ -3,10 +3,13 @@
 Letters: B prompts, G rows per group, N = B*G rows, R reward columns. Rows of one group are one row of the
 ``[B, G]`` reward tensor.
 
-Three registries of small pure functions:
+Three open registries of small pure functions (built-ins, entry points of the groups ``mmgrpo.estimators``,
+``mmgrpo.shaping``, ``mmgrpo.combine``, or a dotted path in YAML):
 
-- ``ESTIMATORS``: ``fn(rewards [B, G], **options) -> advantages [B, G]``. An estimator may also register a
-  per-row loss-weight function (MC-GRPO zeroes its pivot row); :func:`get_row_weights` returns it, or ones.
+- ``ESTIMATORS``: ``fn(rewards [B, G], *, <options>) -> advantages [B, G]``. Its keyword parameters are its options
+  (``advantage.options``, checked at config load by :func:`estimator_options`), except the inputs the trainer
+  supplies (:data:`ESTIMATOR_INPUTS`: ``keys``). An estimator may also carry a per-row loss-weight function as
+  ``fn.row_weights`` (MC-GRPO zeroes its pivot row); :func:`get_row_weights` returns it, or ones.
 - ``SHAPERS``: elementwise ``fn(rewards [...], **options) -> [...]``, applied to raw rewards *before* any
   estimator (TempSamp-R1's soft shaping).
 - ``COMBINERS``: turn R reward columns ``[R, B, G]`` into one advantage ``[B, G]`` (sum-then-normalise, or
@@ -37,13 +40,17 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry, nearest
+from mmgrpo.core.schema import check_options
 
 Estimator = Callable[..., torch.Tensor]
 
-ESTIMATORS: Registry[Estimator] = Registry("estimator")
-SHAPERS: Registry[Callable[..., torch.Tensor]] = Registry("shaping")
-COMBINERS: Registry[Callable[..., torch.Tensor]] = Registry("combine")
-_ROW_WEIGHTS: dict[str, Callable[..., torch.Tensor]] = {}
+ESTIMATORS: Registry[Estimator] = Registry("estimator", plugins="estimators")
+SHAPERS: Registry[Callable[..., torch.Tensor]] = Registry("shaping", plugins="shaping")
+COMBINERS: Registry[Callable[..., torch.Tensor]] = Registry("combine", plugins="combine")
+
+ESTIMATOR_INPUTS: tuple[str, ...] = ("keys",)
+"""keyword parameters an estimator may declare to receive from the trainer (``keys`` [B, G]: each row's stratum,
+from ``Rollout.group_keys``); its other keyword parameters are options"""
 
 
 def register_estimator(
@@ -52,14 +59,13 @@ def register_estimator(
     """Decorator: register an estimator ``fn(rewards [B, G], **options) -> [B, G]`` under ``name``.
 
     ``weights``, when given, is ``fn(rewards [B, G], **options) -> [B, G]`` per-row loss weights, called with
-    the same options as the estimator.
+    the same options as the estimator; it is kept as ``fn.row_weights`` (a plug-in estimator sets that itself).
     """
 
     def deco(fn: Estimator) -> Estimator:
-        ESTIMATORS.register(name)(fn)
         if weights is not None:
-            _ROW_WEIGHTS[name] = weights
-        return fn
+            fn.row_weights = weights  # type: ignore[attr-defined]
+        return ESTIMATORS.register(name)(fn)
 
     return deco
 
@@ -102,13 +108,30 @@ def _unit_weights(rewards: torch.Tensor, **options: Any) -> torch.Tensor:
 
 def get_row_weights(name: str) -> Callable[..., torch.Tensor]:
     """Per-row loss weights of estimator ``name``: ``fn(rewards [B, G], **options) -> [B, G]`` (default ones)."""
-    ESTIMATORS.get(name)  # unknown name -> UserError listing the known ones
-    return _ROW_WEIGHTS.get(name, _unit_weights)
+    return getattr(ESTIMATORS.get(name), "row_weights", _unit_weights)  # unknown name: UserError listing known
 
 
 def get_shaping(name: str) -> Callable[..., torch.Tensor]:
     """The reward shaping ``name``: elementwise ``fn(rewards [...], **options) -> [...]``."""
     return _checked(SHAPERS.get(name), "shaping", name)
+
+
+def estimator_options(name: str, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """At config load: ``advantage.options`` checked against estimator ``name``'s signature (did-you-mean UserError
+    naming ``advantage.options.x``; the trainer's inputs such as ``keys`` are not options) and type-converted."""
+    fn = ESTIMATORS.get(name)
+    what = f"estimator {name!r}"
+    return check_options(
+        fn, options, what=what, prefix="advantage.options", where=where, skip=1, inputs=ESTIMATOR_INPUTS
+    )
+
+
+def shaping_options(name: str, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """At config load: ``advantage.shaping_options`` checked against shaping ``name``'s signature."""
+    fn = SHAPERS.get(name)
+    return check_options(
+        fn, options, what=f"shaping {name!r}", prefix="advantage.shaping_options", where=where, skip=1
+    )
 
 
 # ----------------------------------------------------------------------------------------------- helpers

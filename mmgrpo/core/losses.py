@@ -1,12 +1,20 @@
 """Policy losses of the group-relative optimizer: per-unit surrogates, aggregations, reference KL.
 
-A loss is three small pieces, each behind a registry so a variant is a new function, not a branch:
+A loss is three small pieces, each an open registry (built-ins, entry points of the groups ``mmgrpo.losses`` /
+``mmgrpo.aggregations``, or a dotted path in YAML), so a variant is a new strategy, not a branch:
 
 1. a **surrogate** (``LOSSES``) turns log-probs and advantages into a per-unit loss ``[n, k]`` (to be minimised):
    ``grpo`` (PPO/GRPO clipped token ratio, DAPO clip-higher, dual clip), ``gspo`` (sequence-level ratio),
-   ``pg`` (unclipped importance-weighted policy gradient), ``nft`` (DiffusionNFT's negative-aware matching);
-2. an **aggregation** (``AGGREGATIONS``) reduces ``[n, k]`` to a scalar: ``token_mean`` (DAPO),
-   ``seq_mean`` (original GRPO), ``constant`` (Dr. GRPO);
+   ``pg`` (unclipped importance-weighted policy gradient), ``nft`` (DiffusionNFT's negative-aware matching).
+   Its signature is its contract: ``fn(logp, logp_old, adv, mask, *, <inputs>, <options>)``. Keyword parameters
+   named in :data:`LOSS_INPUTS` are *inputs* the library hands over when the loss declares them (``neg_logp`` from
+   the policy, ``adv_clip`` from the config); every other keyword parameter is an *option*, set in YAML under
+   ``loss.options`` and checked against the signature at config load (:func:`loss_options`): an option the loss
+   does not declare is an error, never silently ignored. ``fn.check`` (set by :func:`register_loss`) validates
+   option values at load time too;
+2. an **aggregation** (``AGGREGATIONS``, :class:`Aggregation`) reduces ``[n, k]`` to a scalar *and* says what its
+   normaliser counts (:meth:`Aggregation.local_count`): ``token_mean`` (DAPO), ``seq_mean`` (original GRPO),
+   ``constant`` (Dr. GRPO; option ``constant``);
 3. an optional **KL to the reference**, supplied per unit by the policy (k3 for tokens, closed-form Gaussian
    mean difference for SDE steps), weighted by ``beta`` and aggregated the same way.
 
@@ -20,23 +28,91 @@ rounds to a ratio error comparable to GSPO's clip range (3e-4).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry
+from mmgrpo.core.schema import check_options
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-AggregationFn = Callable[..., torch.Tensor]
 
-LOSSES: Registry[LossFn] = Registry("loss")
-AGGREGATIONS: Registry[AggregationFn] = Registry("aggregation")
+
+class Aggregation(Protocol):
+    """Reduces per-unit values ``[n, k]`` to a scalar and owns its normaliser (units or rows or ...)."""
+
+    def local_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """This minibatch slice's share of the normaliser, from its mask ``[n, k]``: a scalar tensor. The trainer
+        sums it over micro-batches and ranks into the ``denom`` it then passes to every call."""
+        ...
+
+    def __call__(
+        self,
+        per_unit: torch.Tensor,
+        mask: torch.Tensor,
+        row_weight: torch.Tensor | None = None,
+        denom: float | None = None,
+    ) -> torch.Tensor: ...
+
+
+LOSSES: Registry[LossFn] = Registry("loss", plugins="losses")
+AGGREGATIONS: Registry[Callable[..., Aggregation]] = Registry("aggregation", plugins="aggregations")
+
+LOSS_INPUTS: dict[str, str] = {
+    "neg_logp": "[n, k] log-prob of the policy's implicit negative policy (LogProbs.neg_logp; DiffusionNFT)",
+    "adv_clip": "loss.adv_clip, the bound the advantages were clamped to (None when off)",
+}
+"""keyword parameters a loss may declare to receive from the library; its other keyword parameters are options"""
+
+
+def register_loss(name: str, check: Callable[..., None] | None = None) -> Callable[[LossFn], LossFn]:
+    """Decorator: register a surrogate ``fn(logp, logp_old, adv, mask, *, <inputs>, <options>)`` as ``name``.
+
+    ``check``, when given, is called at config load with the keyword arguments it names, taken from the loss's
+    options (defaults filled in) and its inputs known then (``adv_clip``); it raises UserError on bad values.
+    """
+
+    def deco(fn: LossFn) -> LossFn:
+        if check is not None:
+            fn.check = check  # type: ignore[attr-defined]
+        return LOSSES.register(name)(fn)
+
+    return deco
 
 
 def get_loss(name: str) -> LossFn:
     """The per-unit surrogate registered as ``name`` (UserError listing the known ones otherwise)."""
     return LOSSES.get(name)
+
+
+def loss_options(
+    name: str, options: dict[str, Any] | None, *, adv_clip: float | None = None, where: str = "policy_loss"
+) -> dict[str, Any]:
+    """Loss ``name``'s ``options`` checked against its signature (did-you-mean UserError naming ``loss.options.x``)
+    and converted to their annotated types; the loss's ``check`` then validates the values."""
+    fn = get_loss(name)
+    opts = check_options(
+        fn, options or {}, what=f"loss {name!r}", prefix="loss.options", where=where, skip=4, inputs=tuple(LOSS_INPUTS)
+    )
+    check = getattr(fn, "check", None)
+    if check is not None:
+        params = inspect.signature(fn).parameters
+        known = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        known.update(opts, adv_clip=adv_clip)
+        check(**{k: known[k] for k in inspect.signature(check).parameters if k in known})
+    return opts
+
+
+def make_aggregation(name: str, options: dict[str, Any] | None = None, where: str = "aggregate") -> Aggregation:
+    """The aggregation ``name`` built with its ``options`` (checked: did-you-mean UserError naming
+    ``loss.aggregation.options.x``; the aggregation validates the values itself)."""
+    cls = AGGREGATIONS.get(name)
+    what = f"aggregation {name!r}"
+    return cls(**check_options(cls, options or {}, what=what, prefix="loss.aggregation.options", where=where))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,12 +136,15 @@ def _masked_log_ratio(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Te
 
 
 def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
+    """The clip options of ``grpo``/``gspo`` (at config load and at every call)."""
     if not 0.0 <= clip_low <= 1.0:
-        raise UserError(f"loss.clip_low={clip_low} must be in [0, 1] (the ratio is clipped at 1 - clip_low)")
+        raise UserError(f"loss.options.clip_low={clip_low} must be in [0, 1] (the ratio is clipped at 1 - clip_low)")
     if clip_high < 0.0:
-        raise UserError(f"loss.clip_high={clip_high} must be >= 0 (the ratio is clipped at 1 + clip_high)")
+        raise UserError(f"loss.options.clip_high={clip_high} must be >= 0 (the ratio is clipped at 1 + clip_high)")
     if dual_clip is not None and dual_clip <= 1.0:
-        raise UserError(f"loss.dual_clip={dual_clip} must be > 1 (Dual-clip PPO uses c = 3), or null to disable it")
+        raise UserError(
+            f"loss.options.dual_clip={dual_clip} must be > 1 (Dual-clip PPO uses c = 3), or null to disable it"
+        )
 
 
 def _clipped_surrogate(
@@ -89,11 +168,10 @@ def _clipped_surrogate(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# per-unit surrogates: fn(logp, logp_old, adv, mask, *, clip_low, clip_high, dual_clip, neg_logp, adv_clip, **_)
-#   -> (loss [n, k], stats)
+# per-unit surrogates: fn(logp, logp_old, adv, mask, *, <inputs>, <options>) -> (loss [n, k], stats)
 
 
-@LOSSES.register("grpo")
+@register_loss("grpo", check=_check_clip)
 def grpo_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -103,7 +181,6 @@ def grpo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
-    **_,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped unit-level ratio surrogate (PPO, Schulman et al. 2017; GRPO, Shao et al. 2024).
 
@@ -119,7 +196,7 @@ def grpo_loss(
     return _clipped_surrogate(ratio, _as_unit_adv(adv, ratio), clip_low, clip_high, dual_clip)
 
 
-@LOSSES.register("gspo")
+@register_loss("gspo", check=_check_clip)
 def gspo_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -129,7 +206,6 @@ def gspo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
-    **_,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sequence-level ratio surrogate, in its GSPO-token form (Zheng et al. 2025, Group Sequence Policy Optimization).
 
@@ -157,7 +233,13 @@ def gspo_loss(
     return _clipped_surrogate(ratio, _as_unit_adv(adv, ratio), clip_low, clip_high, dual_clip)
 
 
-@LOSSES.register("nft")
+def _check_nft(adv_clip: float | None) -> None:
+    if adv_clip is None:
+        raise UserError("loss.name=nft maps advantages to r = 1/2 + A / (2c) with c = loss.adv_clip: set it "
+                        "(e.g. loss.adv_clip=2)")  # fmt: skip
+
+
+@register_loss("nft", check=_check_nft)
 def nft_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -166,10 +248,10 @@ def nft_loss(
     *,
     neg_logp: torch.Tensor | None = None,
     adv_clip: float | None = None,
-    **_,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DiffusionNFT's negative-aware matching loss (Zheng et al. 2025, DiffusionNFT: Online Diffusion
-    Reinforcement with Forward Process).
+    """DiffusionNFT's negative-aware matching loss (Zheng et al. 2025), with the advantage as optimality probability.
+
+    DiffusionNFT: Online Diffusion Reinforcement with Forward Process.
 
     The policy (diffusion ``objective=nft``) supplies per unit minus the matching errors of two implicit
     policies built from the trained velocity v and the sampling policy's v_old: ``logp`` of the positive
@@ -185,15 +267,14 @@ def nft_loss(
     policy, so a negative advantage pushes v away from the sample only as far as v_old - A/c (v_old - u) and a
     run does not drift the way AWM's unbounded negative term lets it.
 
+    ``neg_logp`` and ``adv_clip`` are declared inputs (:data:`LOSS_INPUTS`); nft has no options.
     Shapes: logp, neg_logp, logp_old, mask [n, k]; adv [n, k]. Returns loss [n, k] and stats ``ratio``
     (exp(logp - logp_old), a monitor of how far the positive policy moved; never clipped), ``clipped`` (all 0).
     """
     if neg_logp is None:
         raise UserError("loss.name=nft needs the implicit negative policy's error: set policy.options.objective=nft "
                         "(diffusion flow families)")  # fmt: skip
-    if adv_clip is None:
-        raise UserError("loss.name=nft maps advantages to r = 1/2 + A / (2c) with c = loss.adv_clip: set it "
-                        "(e.g. loss.adv_clip=2)")  # fmt: skip
+    _check_nft(adv_clip)
     adv = _as_unit_adv(adv, logp)
     r = (0.5 + 0.5 * adv / adv_clip).clamp(0.0, 1.0)  # [n, k]
     loss = adv_clip * (r * -logp.float() + (1.0 - r) * -neg_logp.float())
@@ -201,17 +282,17 @@ def nft_loss(
     return loss, {"ratio": ratio, "clipped": torch.zeros_like(ratio)}
 
 
-@LOSSES.register("pg")
+@register_loss("pg")
 def pg_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
     adv: torch.Tensor,
     mask: torch.Tensor,
-    **_,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Plain policy gradient with importance ratio, no clipping (REINFORCE; Williams 1992): -A exp(logp - logp_old).
 
-    At logp = logp_old its gradient is -A grad(logp), the REINFORCE estimator. Clip options are ignored.
+    At logp = logp_old its gradient is -A grad(logp), the REINFORCE estimator. No options (a clip option is an
+    error at config load).
     Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]. Returns loss [n, k] and stats ``ratio``,
     ``clipped`` (all 0).
     """
@@ -221,11 +302,12 @@ def pg_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# aggregations: fn(per_unit [n, k], mask [n, k], row_weight [n] | None, denom, constant) -> scalar
+# aggregations: objects with local_count(mask [n, k]) -> scalar and __call__(per_unit [n, k], mask [n, k],
+# row_weight [n] | None, denom) -> scalar
 #
-# ``denom`` lets the trainer pass the normaliser of the whole minibatch (summed over micro-batches and ranks), so
-# that summing the micro-batch gradients gives exactly the full-batch gradient. Its meaning follows the
-# aggregation: a unit count for token_mean, a row count for seq_mean and constant.
+# ``denom`` lets the trainer pass the normaliser of the whole minibatch (the sum of ``local_count`` over
+# micro-batches and ranks), so that summing the micro-batch gradients gives exactly the full-batch gradient. What it
+# counts is the aggregation's business: units for token_mean, rows for seq_mean and constant.
 
 
 def _weighted_masked(per_unit: torch.Tensor, mask: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
@@ -243,67 +325,81 @@ def _check_denom(denom: float | None) -> None:
         raise ValueError(f"aggregation denom={denom} must be > 0 (count of units or rows of the whole minibatch)")
 
 
+def _row_count(mask: torch.Tensor) -> torch.Tensor:
+    """Rows of a minibatch slice as a float scalar: the normaliser share of the per-row aggregations."""
+    return torch.tensor(float(mask.shape[0]))
+
+
 @AGGREGATIONS.register("token_mean")
-def token_mean(
-    per_unit: torch.Tensor,
-    mask: torch.Tensor,
-    row_weight: torch.Tensor | None = None,
-    denom: float | None = None,
-    constant: float | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class TokenMean:
     """Mean over all masked units of the minibatch (DAPO token-level loss, Yu et al. 2025).
 
     sum_i,t w_i x_i,t m_i,t / sum m, with ``denom`` (the global unit count) replacing sum m. [n, k] -> scalar.
     """
-    _check_denom(denom)
-    total = _weighted_masked(per_unit, mask, row_weight).sum()
-    if denom is not None:
-        return total / denom
-    count = mask.bool().float().sum()
-    return torch.where(count > 0, total / count.clamp_min(1e-12), total)  # no unit: 0, not NaN
+
+    def local_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """Masked units of the slice (mask [n, k] -> scalar)."""
+        return mask.sum()
+
+    def __call__(self, per_unit, mask, row_weight=None, denom=None) -> torch.Tensor:
+        _check_denom(denom)
+        total = _weighted_masked(per_unit, mask, row_weight).sum()
+        if denom is not None:
+            return total / denom
+        count = mask.bool().float().sum()
+        return torch.where(count > 0, total / count.clamp_min(1e-12), total)  # no unit: 0, not NaN
 
 
 @AGGREGATIONS.register("seq_mean")
-def seq_mean(
-    per_unit: torch.Tensor,
-    mask: torch.Tensor,
-    row_weight: torch.Tensor | None = None,
-    denom: float | None = None,
-    constant: float | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class SeqMean:
     """Mean over each row's masked units, then over rows (GRPO, Shao et al. 2024: 1/G sum_i 1/|o_i| sum_t).
 
     sum_i w_i (sum_t x_i,t m_i,t / sum_t m_i,t) / n, with ``denom`` (the global row count) replacing n.
     Rows without a masked unit contribute 0 but still count in n. [n, k] -> scalar.
     """
-    _check_denom(denom)
-    row_sum = _weighted_masked(per_unit, mask, row_weight).sum(-1)  # [n]
-    row_count = mask.bool().float().sum(-1)  # [n]
-    row_mean = torch.where(row_count > 0, row_sum / row_count.clamp_min(1e-12), row_sum)  # [n]
-    return row_mean.sum() / (denom if denom is not None else max(per_unit.shape[0], 1))
+
+    def local_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """Rows of the slice (mask [n, k] -> scalar), masked units or not."""
+        return _row_count(mask)
+
+    def __call__(self, per_unit, mask, row_weight=None, denom=None) -> torch.Tensor:
+        _check_denom(denom)
+        row_sum = _weighted_masked(per_unit, mask, row_weight).sum(-1)  # [n]
+        row_count = mask.bool().float().sum(-1)  # [n]
+        row_mean = torch.where(row_count > 0, row_sum / row_count.clamp_min(1e-12), row_sum)  # [n]
+        return row_mean.sum() / (denom if denom is not None else max(per_unit.shape[0], 1))
 
 
 @AGGREGATIONS.register("constant")
-def constant_norm(
-    per_unit: torch.Tensor,
-    mask: torch.Tensor,
-    row_weight: torch.Tensor | None = None,
-    denom: float | None = None,
-    constant: float | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class ConstantNorm:
     """Sum over masked units divided by a fixed normaliser (Dr. GRPO, Liu et al. 2025: no length bias).
 
     sum_i,t w_i x_i,t m_i,t / (n * constant); ``constant`` is the max completion length (tokens) or the number
     of trained steps (SDE); ``denom`` (the global row count) replaces n. [n, k] -> scalar.
     """
-    _check_denom(denom)
-    if constant is None or not constant > 0:
-        raise UserError(
-            f"aggregation 'constant' needs loss.constant > 0 (got {constant}); set it to the max completion "
-            "length in tokens, or the number of trained denoising steps"
-        )
-    rows = denom if denom is not None else max(per_unit.shape[0], 1)
-    return _weighted_masked(per_unit, mask, row_weight).sum() / (rows * constant)
+
+    constant: float | None = None
+    """the fixed normaliser per row: max completion length in tokens, or the number of trained denoising steps"""
+
+    def __post_init__(self) -> None:
+        if self.constant is None or not self.constant > 0:
+            raise UserError(
+                f"aggregation 'constant' needs loss.aggregation.options.constant > 0 (got {self.constant}); set it "
+                "to the max completion length in tokens, or the number of trained denoising steps, e.g. "
+                "loss.aggregation: {name: constant, options: {constant: 512}}"
+            )
+
+    def local_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """Rows of the slice (mask [n, k] -> scalar): the constant is per row."""
+        return _row_count(mask)
+
+    def __call__(self, per_unit, mask, row_weight=None, denom=None) -> torch.Tensor:
+        _check_denom(denom)
+        rows = denom if denom is not None else max(per_unit.shape[0], 1)
+        return _weighted_masked(per_unit, mask, row_weight).sum() / (rows * self.constant)
 
 
 def aggregate(
@@ -312,12 +408,24 @@ def aggregate(
     mask: torch.Tensor,
     row_weight: torch.Tensor | None = None,
     denom: float | None = None,
-    constant: float | None = None,
+    **options: Any,
 ) -> torch.Tensor:
-    """Reduce per-unit values [n, k] over ``mask`` [n, k] with row weights [n] to a scalar, by ``name``."""
+    """Reduce per-unit values [n, k] over ``mask`` [n, k] with row weights [n] to a scalar, by aggregation ``name``
+    built with ``options`` (e.g. ``constant=512``)."""
     if per_unit.shape != mask.shape:
         raise ValueError(f"per-unit values {tuple(per_unit.shape)} and mask {tuple(mask.shape)} differ in shape")
-    return AGGREGATIONS.get(name)(per_unit, mask, row_weight, denom, constant)
+    return make_aggregation(name, options)(per_unit, mask, row_weight, denom)
+
+
+def mask_zero_advantages(mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """``loss.mask_zero_adv``: units whose advantage is exactly 0 leave the mask. mask [n, k], adv [n] or [n, k]
+    -> bool [n, k].
+
+    DAPO: zero-advantage rows add no gradient but dilute a token mean; with per-row advantages this removes whole
+    rows, with per-unit advantages single units. The trainer applies it to the whole rollout before counting the
+    normaliser, so the count and the loss agree (advantage clipping never turns a non-zero advantage into 0).
+    """
+    return mask.bool() & (_as_unit_adv(adv, mask) != 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,27 +452,24 @@ def policy_loss(
     mask: torch.Tensor,
     *,
     loss: str = "grpo",
-    aggregation: str = "token_mean",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
+    options: dict[str, Any] | None = None,
+    aggregation: str | Aggregation = "token_mean",
     beta: float = 0.0,
     kl: torch.Tensor | None = None,
     adv_clip: float | None = None,
     row_weight: torch.Tensor | None = None,
     denom: float | None = None,
-    constant: float | None = None,
-    mask_zero_adv: bool = False,
     neg_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss of one (micro-)batch: aggregate(surrogate) + beta * aggregate(kl), and its metrics.
 
     Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]; kl [n, k] or None; row_weight [n] or None;
-    neg_logp [n, k] or None (only the ``nft`` loss uses it, and it needs it).
-    Steps: advantages are clamped to [-adv_clip, adv_clip] (if set); with ``mask_zero_adv`` units whose
-    advantage is exactly 0 leave the mask (DAPO: zero-advantage rows add no gradient but dilute a token mean;
-    with per-row advantages this removes whole rows, with per-unit advantages single units); the surrogate
-    ``loss`` gives per-unit values; policy and KL terms use the same ``aggregation``, weights and ``denom``.
+    neg_logp [n, k] or None (handed to a loss that declares it, e.g. ``nft``; an error for one that does not).
+    ``options`` are the surrogate's own options (``loss.options``, checked against its signature); ``aggregation``
+    is a name or an :class:`Aggregation` (``make_aggregation``). Steps: advantages are clamped to
+    [-adv_clip, adv_clip] (if set); the surrogate ``loss`` gives per-unit values; policy and KL terms use the same
+    aggregation, weights and ``denom``. Zero-advantage masking (``loss.mask_zero_adv``) is the caller's, on the
+    mask, with :func:`mask_zero_advantages`, because it changes the normaliser of the whole minibatch.
 
     Metrics (python floats): ``loss/policy``, ``loss/kl`` (aggregated KL before beta; only when kl is given),
     ``loss/total``, ``loss/ratio_mean``, ``loss/ratio_max``, ``loss/clip_frac``, ``loss/adv_mean`` (over the
@@ -378,36 +483,45 @@ def policy_loss(
         )
     if logp.shape != logp_old.shape or logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)}, mask {tuple(mask.shape)}")
-    if neg_logp is not None and loss != "nft":
-        raise UserError(
-            f"loss.name={loss!r}: this policy trains DiffusionNFT's implicit policies "
-            "(policy.options.objective=nft), which only loss.name=nft combines; set loss.name=nft"
-        )
     fn = get_loss(loss)
+    opts = loss_options(loss, options, adv_clip=adv_clip)
+    inputs = _declared_inputs(fn, loss, neg_logp=neg_logp, adv_clip=adv_clip)
+    agg = make_aggregation(aggregation) if isinstance(aggregation, str) else aggregation
     unit_adv = _as_unit_adv(adv, logp)  # [n, k] fp32
     if adv_clip is not None:
         if not adv_clip > 0:
             raise UserError(f"loss.adv_clip={adv_clip} must be > 0, or null to disable advantage clipping")
         unit_adv = unit_adv.clamp(-adv_clip, adv_clip)
     m = mask.bool()
-    if mask_zero_adv:
-        m = m & (unit_adv != 0)
 
-    per_unit, stats = fn(
-        logp, logp_old, unit_adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        neg_logp=neg_logp, adv_clip=adv_clip,
-    )  # fmt: skip
-    agg = dict(mask=m, row_weight=row_weight, denom=denom, constant=constant)
-    pol = aggregate(aggregation, per_unit, **agg)
+    per_unit, stats = fn(logp, logp_old, unit_adv, m, **inputs, **opts)
+    for what, x in (("per-unit loss", per_unit), ("kl", kl)):
+        if x is not None and x.shape != m.shape:
+            raise ValueError(f"{what} {tuple(x.shape)} and mask {tuple(m.shape)} differ in shape")
+    pol = agg(per_unit, m, row_weight, denom)
     total = pol
     metrics = {"loss/policy": pol.item()}
     if kl is not None:
-        kl_term = aggregate(aggregation, kl.float(), **agg)
+        kl_term = agg(kl.float(), m, row_weight, denom)
         total = pol + beta * kl_term
         metrics["loss/kl"] = kl_term.item()
     metrics["loss/total"] = total.item()
     metrics.update(_unit_metrics(stats, unit_adv, m))
     return total, metrics
+
+
+def _declared_inputs(fn: LossFn, name: str, **available: Any) -> dict[str, Any]:
+    """The :data:`LOSS_INPUTS` that loss ``fn`` declares, from ``available``; a policy output (``neg_logp``) that the
+    loss does not declare is a UserError, since silently dropping it would train something else."""
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if available.get("neg_logp") is not None and "neg_logp" not in params and not takes_any:
+        raise UserError(
+            f"loss.name={name!r}: this policy trains DiffusionNFT's implicit policies "
+            "(policy.options.objective=nft), whose negative-policy errors (neg_logp) only a loss that declares them "
+            "combines; set loss.name=nft"
+        )
+    return {k: v for k, v in available.items() if takes_any or k in params}
 
 
 def _unit_metrics(stats: dict[str, torch.Tensor], unit_adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

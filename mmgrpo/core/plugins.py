@@ -10,14 +10,19 @@ A :class:`~mmgrpo.core.registry.Registry` of kind K is filled lazily, on its fir
 
 :data:`BUILTIN` is the library's own entry-point table. It names modules as strings on purpose: recipes and paper
 methods sit above the layers whose registries they fill (docs/architecture.md), so nothing below may import them,
-exactly as nothing in mmgrpo imports a third-party plug-in.
+exactly as nothing in mmgrpo imports a third-party plug-in. Its keys are the kinds ``mmgrpo list`` shows: each kind's
+registry is found through :func:`mmgrpo.core.registry.registries`, the index of registries created with
+``plugins=``, so a new kind needs a registry created with ``plugins="<kind>"`` and a key here.
 """
 
 from __future__ import annotations
 
 BUILTIN: dict[str, tuple[str, ...]] = {
     "estimators": ("mmgrpo.core.advantages",),
+    "shaping": ("mmgrpo.core.advantages",),
+    "combine": ("mmgrpo.core.advantages",),
     "losses": ("mmgrpo.core.losses",),
+    "aggregations": ("mmgrpo.core.losses",),
     "diffusion_families": (
         "mmgrpo.policies.models.sd3",
         "mmgrpo.policies.models.flux",

@@ -22,6 +22,9 @@ from mmgrpo.core.errors import UserError
 
 T = TypeVar("T")
 
+_INDEX: dict[str, Registry] = {}
+"""plug-in kind -> the registry created with ``plugins=`` that kind (what ``mmgrpo list`` walks)"""
+
 
 def nearest(name: str, candidates: list[str] | tuple[str, ...] | Any) -> str | None:
     """The candidate closest to ``name`` (difflib ratio >= 0.6), or None."""
@@ -61,6 +64,8 @@ class Registry(Generic[T]):
         self._plugins = plugins
         self._loaded = plugins is None
         self._seen: set[tuple[str, str, str]] = set()
+        if plugins is not None:
+            _INDEX[plugins] = self  # a reloaded module's registry replaces the stale one
 
     def load(self) -> None:
         """Import the built-in modules of this registry's kind (once) and its entry points (found so far)."""
@@ -100,7 +105,10 @@ class Registry(Generic[T]):
         if name in self._items and self._items[name] is not obj:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
-        self._descriptions[name] = description if description is not None else first_doc_line(obj)
+        if description is None:  # an object with its own ``description`` (a Pipeline) says it better than a docstring
+            own = getattr(obj, "description", None)
+            description = own if isinstance(own, str) and own else first_doc_line(obj)
+        self._descriptions[name] = description
 
     def get(self, name: str) -> T:
         if name not in self._items:
@@ -116,7 +124,7 @@ class Registry(Generic[T]):
         known = ", ".join(sorted(self._items))
         msg = f"unknown {self.kind} {name!r}; known: {known}"
         if self._plugins is not None:
-            msg += f"; or a dotted path 'my_pkg.my_module.my_{self._plugins.rstrip('s')}'"
+            msg += f"; or a dotted path 'my_pkg.my_module.my_{self.kind.replace(' ', '_')}'"
         hint = nearest(name, self._items)
         return msg + (f" (did you mean {hint!r}?)" if hint else "")
 
@@ -140,3 +148,17 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         self.load()
         return len(self._items)
+
+
+def registries() -> dict[str, Registry]:
+    """Every plug-in kind of :data:`~mmgrpo.core.plugins.BUILTIN` (and any other registry created with ``plugins=``)
+    -> its registry, after importing every kind's built-in modules (which creates the registries and fills them).
+
+    A kind whose registry no imported module creates is left out; ``mmgrpo list`` shows it as empty.
+    """
+    for modules in plugins.BUILTIN.values():
+        for module in modules:
+            importlib.import_module(module)
+    for reg in list(_INDEX.values()):
+        reg.load()
+    return dict(_INDEX)

@@ -5,13 +5,21 @@ nearest valid key::
 
     unknown key 'trainer.lr_rate' in configs/x.yaml; did you mean 'trainer.lr'?
     trainer.lr in configs/x.yaml: expected float, got 'fast' (str)
+
+Two class attributes of a schema dataclass refine this: ``__shorthand__ = "name"`` lets a plain string stand for
+``{name: that string}`` (``aggregation: seq_mean``), and ``__moved__ = {"old_key": ("new.key", old default)}``
+reads a key that moved at its new place, with a warning. :func:`check_options` checks a strategy's own options,
+declared by its signature, the same strict way.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import types
 import typing
+import warnings
 from typing import Any, Literal, Union
 
 from mmgrpo.core.errors import UserError
@@ -73,6 +81,9 @@ def convert(value: Any, tp: Any, path: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        shorthand = getattr(tp, "__shorthand__", None)
+        if shorthand is not None and isinstance(value, str):  # ``aggregation: seq_mean`` = ``{name: seq_mean}``
+            value = {shorthand: value}
         if not isinstance(value, dict):
             raise _fail(path, where, tp, value)
         return from_dict(tp, value, where, prefix=path)
@@ -130,6 +141,8 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, strictly."""
     if not isinstance(data, dict):
         raise UserError(f"{prefix or 'config'} in {where}: expected a mapping, got {data!r}")
+    if any(key in getattr(cls, "__moved__", {}) for key in data):
+        data = _moved_keys(cls, data, where, prefix)
     types_ = field_types(cls)
     kwargs = {}
     for key, value in data.items():
@@ -150,6 +163,39 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _moved_keys(cls: type, data: dict, where: str, prefix: str) -> dict:
+    """``data`` with the keys of ``cls.__moved__ = {old: (new.dotted.key, old default)}`` read at their new place.
+
+    A value equal to the old default is dropped (configs written before the move carry every default, and the
+    part's own default is the same); any other value moves, with a warning, so older configs and run directories
+    keep loading and mean what they meant. Giving both the old and the new key is an error.
+    """
+    data = copy.deepcopy(data)
+    for old, (new, old_default) in cls.__moved__.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if value == old_default:
+            continue
+        *parents, last = new.split(".")
+        node = data
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str):  # a shorthand name (aggregation: constant) grows its mapping
+                child = node[part] = {"name": child}
+            elif not isinstance(child, dict):
+                raise UserError(f"{prefix}.{part} in {where}: expected a mapping to hold {prefix}.{new}")
+            node = child
+        full_old, full_new = (f"{prefix}.{old}", f"{prefix}.{new}") if prefix else (old, new)
+        if last in node:
+            raise UserError(f"{where} gives both {full_old!r} and {full_new!r}; keep only {full_new!r}")
+        node[last] = value
+        warnings.warn(f"{full_old} in {where} is read as {full_new}; move it there", UserWarning, stacklevel=2)
+    return data
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain dicts/lists (for writing the resolved config)."""
     if dataclasses.is_dataclass(obj):
@@ -164,3 +210,42 @@ def to_dict(obj: Any) -> Any:
 def options_from(cls: type, options: dict, where: str, prefix: str) -> Any:
     """Build a component's options dataclass strictly (errors name ``prefix.key`` and ``where``)."""
     return from_dict(cls, options or {}, where, prefix=prefix)
+
+
+def declared_options(fn: Any, skip: int = 0, inputs: tuple[str, ...] = ()) -> dict[str, inspect.Parameter] | None:
+    """The options a strategy declares: its keyword parameters after the first ``skip`` (its data arguments),
+    less the ``inputs`` the library supplies itself; None if it takes ``**kwargs`` (any option).
+
+    A function declares them in its signature, a class in its ``__init__`` (a dataclass in its fields).
+    """
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p for p in params if p.kind in keyword and p.name not in inputs}
+
+
+def check_options(
+    fn: Any, options: dict, *, what: str, prefix: str, where: str, skip: int = 0, inputs: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``options`` checked against the options ``fn`` declares (:func:`declared_options`) and converted to their
+    annotated types. An undeclared option is a UserError naming ``prefix.key``, ``where``, the options ``what``
+    (e.g. "loss 'grpo'") takes and the nearest one: an option is never silently ignored."""
+    declared = declared_options(fn, skip, inputs)
+    if declared is None:
+        return dict(options)
+    try:
+        dataclass_or_fn = fn if dataclasses.is_dataclass(fn) or not isinstance(fn, type) else fn.__init__
+        hints = typing.get_type_hints(dataclass_or_fn)
+    except Exception:  # an annotation that does not resolve (a plug-in's forward reference): check names only
+        hints = {}
+    out = {}
+    for key, value in options.items():
+        if key not in declared:
+            hint = nearest(key, list(declared))
+            raise UserError(
+                f"unknown option '{prefix}.{key}' in {where}: {what} takes {', '.join(declared) or 'no options'}"
+                + (f"; did you mean '{prefix}.{hint}'?" if hint else "")
+            )
+        out[key] = convert(value, hints.get(key, Any), f"{prefix}.{key}", where)
+    return out

@@ -3,7 +3,7 @@
     mmgrpo train CONFIG [key=value ...]      train (or resume=RUN_DIR to continue a run)
     mmgrpo sample (--config CONFIG | --model PATH --family F) [--run RUN_DIR] --prompts ... --best-of N --reward R
                                              Best-of-N sampling (see mmgrpo.train.sample)
-    mmgrpo list                              every pipeline, policy, reward, estimator and loss
+    mmgrpo list                              every registered part of every kind (built-in and plug-in)
     mmgrpo serve-reward NAME [...]           serve a reward over HTTP (see mmgrpo.rewards.server)
     mmgrpo --version
 
@@ -13,16 +13,15 @@ User errors print one paragraph without a traceback; ``--debug`` shows it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import textwrap
 
 import mmgrpo
-from mmgrpo import rewards
-from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS
+from mmgrpo.core import plugins
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.losses import AGGREGATIONS, LOSSES
-from mmgrpo.policies import POLICIES
+from mmgrpo.core.registry import registries
 from mmgrpo.rewards.server import main as serve_main
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
@@ -39,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a YAML config", description="mmgrpo train CONFIG [key=value ...]")
     t.add_argument("config", help="YAML file (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=3e-4 resume=runs/x")
-    sub.add_parser("list", help="list every registered pipeline, policy, reward, estimator and loss")
+    sub.add_parser("list", help="list every registered part of every kind (recipes, rewards, losses, families...)")
     b = sub.add_parser("sample", help="Best-of-N sampling with a (trained) generator", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     s = sub.add_parser("serve-reward", help="serve a reward over HTTP", add_help=False)
@@ -56,40 +55,59 @@ def cmd_train(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def list_entries() -> dict[str, dict[str, str]]:
-    """{section: {name: one-line description}} for everything registered."""
+TITLES: dict[str, str] = {
+    "pipelines": "pipelines (recipes)",
+    "rewards": "rewards",
+    "estimators": "advantage estimators",
+    "shaping": "reward shaping",
+    "combine": "reward combination",
+    "losses": "policy losses",
+    "aggregations": "loss aggregations",
+    "diffusion_families": "diffusion model families",
+    "vlm_families": "VLM model families",
+    "sde": "SDE dynamics",
+    "exploration": "exploration schedules",
+    "diffusion_objectives": "diffusion objectives",
+    "methods": "paper methods",
+}
+"""plug-in kind -> heading in ``mmgrpo list`` (a kind missing here is shown under its own name)"""
 
-    PIPELINES.load()
-    sections = {
-        "pipelines": PIPELINES,
-        "estimators": ESTIMATORS,
-        "reward shaping": SHAPERS,
-        "reward combination": COMBINERS,
-        "losses": LOSSES,
-        "loss aggregation": AGGREGATIONS,
-    }
-    out = {name: {n: reg.describe(n) for n in reg.names()} for name, reg in sections.items()}
-    out["pipelines"] = {n: PIPELINES.get(n).description for n in PIPELINES.names()}
+_NOT_YET_PLUGGABLE = {"sde": "mmgrpo.policies.sde:SDE_KINDS", "exploration": "mmgrpo.policies.exploration:EXPLORATION"}
+"""registries not yet created with ``plugins=`` (so not in the index), still listed; drop an entry once its registry
+takes ``plugins=<kind>``"""
+
+
+def list_entries() -> dict[str, dict[str, str]]:
+    """{plug-in kind: {name: one-line description}} for every kind of :data:`mmgrpo.core.plugins.BUILTIN` and every
+    registry created with ``plugins=``, walked generically (built-ins and entry points), plus ``policies``: the
+    options schema of each recipe's policy."""
+    regs = registries()
+    for kind, home in _NOT_YET_PLUGGABLE.items():
+        if kind not in regs:
+            module, _, attr = home.partition(":")
+            regs[kind] = getattr(importlib.import_module(module), attr)
+    out: dict[str, dict[str, str]] = {}
+    for kind in [*plugins.BUILTIN, *(k for k in regs if k not in plugins.BUILTIN)]:
+        reg = regs.get(kind)
+        out[kind] = {n: reg.describe(n) for n in reg.names()} if reg is not None else {}
     out["policies"] = _policies()
-    out["rewards"] = rewards.available()
-    for extra in ("mmgrpo.policies.sde:SDE_KINDS", "mmgrpo.policies.exploration:EXPLORATION"):
-        module, _, attr = extra.partition(":")
-        try:
-            reg = getattr(__import__(module, fromlist=[attr]), attr)
-        except (ImportError, AttributeError):
-            continue
-        out["sde dynamics" if "sde" in module else "exploration"] = {n: reg.describe(n) for n in reg.names()}
     return out
 
 
 def _policies() -> dict[str, str]:
-
-    return {n: POLICIES.describe(n) for n in POLICIES.names()}
+    """recipe -> the policy options it takes (``policy.options``): the recipes build their policies, so this is
+    the real list of what a config can train."""
+    out = {}
+    for name in PIPELINES.names():
+        cls = PIPELINES.get(name).policy_options
+        if cls is not None:
+            out[name] = f"policy.options: {cls.__module__}.{cls.__qualname__}"
+    return out
 
 
 def cmd_list() -> int:
-    for section, entries in list_entries().items():
-        print(f"{section}:")
+    for kind, entries in list_entries().items():
+        print(f"{TITLES.get(kind, kind)} [{kind}]:")
         width = max((len(n) for n in entries), default=0)
         for name, desc in entries.items():
             print(f"  {name.ljust(width)}  {desc}")

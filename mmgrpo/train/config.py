@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS
+from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS, estimator_options, shaping_options
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.losses import AGGREGATIONS, LOSSES
+from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
 from mmgrpo.methods.registry import check_methods, check_moved_keys
 from mmgrpo.train import components
@@ -60,9 +60,11 @@ class RewardSpec:
 @dataclass
 class AdvantageConfig:
     estimator: str = "grpo"
-    """advantage estimator (grpo, dr_grpo, batch_std, mc_grpo, ngrpo, bnpo, stratified)"""
+    """advantage estimator (grpo, dr_grpo, batch_std, mc_grpo, ngrpo, bnpo, stratified), an entry-point name or a
+    dotted path"""
     options: dict[str, Any] = field(default_factory=dict)
-    """estimator options (e.g. {unbiased: false} for grpo, {scale: mad} for mc_grpo)"""
+    """estimator options, checked against its signature (e.g. {unbiased: false} for grpo, {scale: mad} for
+    mc_grpo)"""
     combine: str = "sum_then_normalize"
     """how several rewards combine: sum_then_normalize or normalize_then_sum (GDPO / MixGRPO)"""
     shaping: str = "none"
@@ -82,25 +84,42 @@ class AdvantageConfig:
 
 
 @dataclass
+class AggregationConfig:
+    """``loss.aggregation``: ``{name, options}``, or just the name (``aggregation: seq_mean``)."""
+
+    __shorthand__ = "name"
+    name: str = "token_mean"
+    """token_mean (DAPO), seq_mean (GRPO), constant (Dr. GRPO), an entry-point name or a dotted path"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """options of that aggregation, checked against it (constant: {constant: max completion length in tokens /
+    number of trained steps})"""
+
+
+@dataclass
 class LossConfig:
+    """``loss``: the surrogate ``{name, options}`` plus the knobs every loss shares (aggregation, KL, advantage
+    clipping, zero-advantage masking)."""
+
+    __moved__ = {  # old flat key -> (where it lives now, its old default); see mmgrpo.core.schema
+        "clip_low": ("options.clip_low", 0.2),
+        "clip_high": ("options.clip_high", 0.2),
+        "dual_clip": ("options.dual_clip", None),
+        "constant": ("aggregation.options.constant", None),
+    }
     name: str = "grpo"
-    """policy loss: grpo (token/step-level ratio), gspo (sequence-level ratio), pg (no clipping)"""
-    aggregation: str = "token_mean"
-    """token_mean, seq_mean, or constant (Dr. GRPO's fixed normaliser, needs ``constant``)"""
-    clip_low: float = 0.2
-    """lower clip of the ratio: ratio >= 1 - clip_low"""
-    clip_high: float = 0.2
-    """upper clip of the ratio (DAPO clip-higher: 0.28); 0.2 gives symmetric PPO clipping"""
-    dual_clip: float | None = None
-    """dual-clip PPO constant c > 1 bounding the loss of negative-advantage units; null = off"""
+    """policy loss: grpo (token/step-level ratio), gspo (sequence-level ratio), pg (no clipping), nft (DiffusionNFT),
+    an entry-point name or a dotted path"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """options of that loss, checked against its signature: grpo/gspo {clip_low: 0.2, clip_high: 0.2 (DAPO
+    clip-higher: 0.28), dual_clip: null (dual-clip PPO c > 1)}; pg and nft take none"""
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    """how per-unit losses reduce to a scalar (and what their normaliser counts)"""
     beta: float = 0.0
     """weight of the KL to the reference policy (0 = no reference forward)"""
     adv_clip: float | None = None
-    """clamp advantages to [-adv_clip, adv_clip]; null = off"""
-    constant: float | None = None
-    """normaliser of the 'constant' aggregation (max completion length / number of trained steps)"""
+    """clamp advantages to [-adv_clip, adv_clip]; null = off (nft: its c, required)"""
     mask_zero_adv: bool = False
-    """drop units of zero-advantage rows from the token mean"""
+    """drop units of zero-advantage rows from the loss and its normaliser (DAPO)"""
 
 
 @dataclass
@@ -203,6 +222,10 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
             continue
         if k not in node or node[k] is None:
             node[k] = {}
+        if not isinstance(node[k], (dict, list)):  # e.g. aggregation: token_mean, then aggregation.options.x=...
+            where = ".".join(keys[: i + 1])
+            raise UserError(f"override key {'.'.join(keys)!r}: {where} is {node[k]!r}, not a mapping; give the whole "
+                            f"value instead, e.g. {where}={{name: {node[k]}, options: {{...}}}}")  # fmt: skip
         node = node[k]
     last = keys[-1]
     if isinstance(node, list):
@@ -248,16 +271,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 def validate_components(cfg: Config, where: str) -> None:
     """Check component names and options against what each registered component accepts."""
-    for reg, name, key in [
-        (ESTIMATORS, cfg.advantage.estimator, "advantage.estimator"),
-        (SHAPERS, cfg.advantage.shaping, "advantage.shaping"),
-        (COMBINERS, cfg.advantage.combine, "advantage.combine"),
-        (LOSSES, cfg.loss.name, "loss.name"),
-        (AGGREGATIONS, cfg.loss.aggregation, "loss.aggregation"),
-        (components.PIPELINES, cfg.pipeline, "pipeline"),
-    ]:
-        if name not in reg:
-            raise UserError(f"{key} in {where}: " + reg.unknown_message(name))
+    validate_advantage_and_loss(cfg.advantage, cfg.loss, where)
+    if cfg.pipeline not in components.PIPELINES:
+        raise UserError(f"pipeline in {where}: " + components.PIPELINES.unknown_message(cfg.pipeline))
     pipeline = components.PIPELINES.get(cfg.pipeline)
     check_moved_keys(cfg, where)  # before the recipe's schema, which would only call them unknown keys
     pipeline.check(cfg, where)
@@ -279,6 +295,30 @@ def validate_components(cfg: Config, where: str) -> None:
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
     check_methods(cfg, where)
+
+
+def validate_advantage_and_loss(a: AdvantageConfig, lc: LossConfig, where: str) -> None:
+    """Names (registered, entry point or dotted path) and options of the estimator, shaping, combiner, loss and
+    aggregation: an unknown name or option is a UserError naming its key here, before any model loads."""
+    for reg, name, key in [
+        (ESTIMATORS, a.estimator, "advantage.estimator"),
+        (SHAPERS, a.shaping, "advantage.shaping"),
+        (COMBINERS, a.combine, "advantage.combine"),
+        (LOSSES, lc.name, "loss.name"),
+        (AGGREGATIONS, lc.aggregation.name, "loss.aggregation.name"),
+    ]:
+        try:
+            reg.get(name)
+        except UserError as e:
+            raise UserError(f"{key} in {where}: {e}") from e
+    estimator_options(a.estimator, a.options, where)
+    shaping_options(a.shaping, a.shaping_options, where)
+    if lc.beta < 0:
+        raise UserError(f"loss.beta={lc.beta} in {where} must be >= 0 (the weight of the KL to the reference)")
+    if lc.adv_clip is not None and not lc.adv_clip > 0:
+        raise UserError(f"loss.adv_clip={lc.adv_clip} in {where} must be > 0, or null to disable advantage clipping")
+    loss_options(lc.name, lc.options, adv_clip=lc.adv_clip, where=where)
+    make_aggregation(lc.aggregation.name, lc.aggregation.options, where)
 
 
 def dump_config(cfg: Config) -> str:

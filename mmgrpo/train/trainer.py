@@ -88,6 +88,7 @@ class Trainer:
         self.policy = self.comp.policy
         self.rewards = build_rewards(cfg.rewards)
         self.estimator = adv_lib.get_estimator(cfg.advantage.estimator)
+        self.aggregation = loss_lib.make_aggregation(cfg.loss.aggregation.name, cfg.loss.aggregation.options)
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise UserError(f"pipeline {cfg.pipeline!r}: the policy has no trainable parameters")
@@ -241,8 +242,8 @@ class Trainer:
         """epochs x minibatches optimizer steps; each minibatch in micro-batches with one global normaliser."""
         t, lc = self.cfg.trainer, self.cfg.loss
         mask = rollout.train_mask.clone()
-        if lc.mask_zero_adv:
-            mask &= (adv != 0)[:, None]
+        if lc.mask_zero_adv:  # before any normaliser is counted, so the count and the loss see the same units
+            mask = loss_lib.mask_zero_advantages(mask, adv)
         if rollout.loss_weight is not None:
             row_w = row_w * rollout.loss_weight
         lr = lr_at(step, self.cfg)
@@ -282,9 +283,9 @@ class Trainer:
         return [torch.cat(s) for s in slices if sum(len(x) for x in s)]
 
     def _denominator(self, rows: torch.Tensor, mask: torch.Tensor) -> float:
-        """The minibatch's loss normaliser over all ranks, divided by the world size (DDP averages grads)."""
-        agg = self.cfg.loss.aggregation
-        local = mask[rows].sum() if agg == "token_mean" else torch.tensor(float(len(rows)))
+        """The minibatch's loss normaliser over all ranks, divided by the world size (DDP averages grads); what it
+        counts (units, rows) is the aggregation's."""
+        local = self.aggregation.local_count(mask[rows])
         total = self.acc.reduce(local.float().to(self.acc.device), reduction="sum").item()
         return max(total, 1.0) / self.acc.num_processes
 
@@ -301,9 +302,8 @@ class Trainer:
                 lp = self.policy.log_prob(rollout, mrows, units)
                 loss, m = loss_lib.policy_loss(
                     lp.logp, rollout.logp_old[mrows][:, units], adv[mrows], mask[mrows][:, units],
-                    loss=lc.name, aggregation=lc.aggregation, clip_low=lc.clip_low, clip_high=lc.clip_high,
-                    dual_clip=lc.dual_clip, beta=lc.beta, kl=lp.kl, adv_clip=lc.adv_clip,
-                    row_weight=row_w[mrows], denom=denom, constant=lc.constant, neg_logp=lp.neg_logp,
+                    loss=lc.name, options=lc.options, aggregation=self.aggregation, beta=lc.beta, kl=lp.kl,
+                    adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
                 )  # fmt: skip
                 self.acc.backward(loss)
             for k, v in m.items():

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from mmgrpo.core import plugins
 from mmgrpo.core.errors import UserError
 from mmgrpo.train.cli import list_entries, main
 from mmgrpo.train.config import Config, load_config, parse_override
@@ -32,10 +33,12 @@ def run_cli(capsys, *argv):
 
 
 def test_good_config_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD), ["trainer.group_size=4", "loss.clip_high=0.28", "rewards.0.weight=2"])
+    cfg = load_config(
+        write(tmp_path, GOOD), ["trainer.group_size=4", "loss.options.clip_high=0.28", "rewards.0.weight=2"]
+    )
     assert isinstance(cfg, Config)
     assert cfg.trainer.lr == pytest.approx(3e-4)  # '3e-4' is a YAML string: converted for float fields
-    assert cfg.trainer.group_size == 4 and cfg.loss.clip_high == 0.28 and cfg.rewards[0].weight == 2.0
+    assert cfg.trainer.group_size == 4 and cfg.loss.options["clip_high"] == 0.28 and cfg.rewards[0].weight == 2.0
 
 
 def test_typo_key_names_key_file_and_suggestion(tmp_path):
@@ -63,6 +66,60 @@ def test_component_options_are_checked(tmp_path):
         load_config(write(tmp_path, GOOD), ["data.options.num_armz=3"])
     with pytest.raises(UserError, match=r"unknown estimator 'grpo2'; known: .*did you mean 'grpo'"):
         load_config(write(tmp_path, GOOD), ["advantage.estimator=grpo2"])
+
+
+def test_loss_and_advantage_options_are_checked_at_load(tmp_path):
+    """Each strategy declares its options; one it does not take fails at load time, naming the key and the file."""
+    cfg = load_config(write(tmp_path, GOOD), ["loss.options={clip_low: 0.2, clip_high: 0.28, dual_clip: 3}"])
+    assert cfg.loss.options == {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3}
+    p = write(tmp_path, GOOD)
+    with pytest.raises(UserError, match=rf"'loss.options.clip_hihg' in {p}.*did you mean 'loss.options.clip_high'"):
+        load_config(p, ["loss.options.clip_hihg=0.28"])
+    with pytest.raises(UserError, match="unknown option 'loss.options.clip_low'.*loss 'pg' takes no options"):
+        load_config(p, ["loss.name=pg", "loss.options.clip_low=0.2"])
+    with pytest.raises(UserError, match="loss.options.dual_clip=0.5 must be > 1"):
+        load_config(p, ["loss.options.dual_clip=0.5"])
+    with pytest.raises(UserError, match="loss.name=nft .* set it"):
+        load_config(p, ["loss.name=nft"])
+    with pytest.raises(UserError, match="'advantage.options.unbaised'.*did you mean 'advantage.options.unbiased'"):
+        load_config(p, ["advantage.options.unbaised=false"])
+    load_config(p, ["advantage.estimator=stratified", "advantage.options={alpha: 0.5}"])  # keys: the trainer's
+    with pytest.raises(UserError, match="'advantage.shaping_options.alpha'.*shaping 'tempsamp_soft' takes tau"):
+        load_config(p, ["advantage.shaping=tempsamp_soft", "advantage.shaping_options.alpha=1"])
+    with pytest.raises(UserError, match=r"loss.name in .*unknown loss 'gpso'"):
+        load_config(p, ["loss.name=gpso"])
+
+
+def test_loss_keys_that_moved_are_read_at_their_new_place(tmp_path):
+    """Configs and run directories written before loss options nested keep loading and meaning the same."""
+    p = write(tmp_path, GOOD)
+    with pytest.warns(UserWarning, match="loss.clip_high in .* is read as loss.options.clip_high"):
+        cfg = load_config(p, ["loss.clip_high=0.28", "loss.clip_low=0.2", "loss.dual_clip=null"])
+    assert cfg.loss.options == {"clip_high": 0.28}  # old defaults (0.2, null) are the loss's own: dropped
+    with pytest.warns(UserWarning, match="loss.aggregation.options.constant"):
+        cfg = load_config(p, ["loss.aggregation=constant", "loss.constant=512"])
+    assert (cfg.loss.aggregation.name, cfg.loss.aggregation.options) == ("constant", {"constant": 512})
+    with (
+        pytest.raises(UserError, match="both 'loss.clip_high' and 'loss.options.clip_high'"),
+        pytest.warns(UserWarning),
+    ):
+        load_config(p, ["loss.clip_high=0.28", "loss.options.clip_high=0.3"])
+    old_nft = "{name: nft, adv_clip: 1.0, clip_low: 0.2, clip_high: 0.2, dual_clip: null, constant: null}"
+    assert load_config(p, [f"loss={old_nft}"]).loss.options == {}  # a run dir's resolved config.yaml of the demo
+
+
+def test_aggregation_is_a_name_or_name_and_options(tmp_path):
+    p = write(tmp_path, GOOD)
+    assert load_config(p, ["loss.aggregation=seq_mean"]).loss.aggregation.name == "seq_mean"
+    cfg = load_config(p, ["loss.aggregation={name: constant, options: {constant: 512}}"])
+    assert cfg.loss.aggregation.options == {"constant": 512}
+    with pytest.raises(UserError, match="needs loss.aggregation.options.constant > 0"):
+        load_config(p, ["loss.aggregation=constant"])
+    with pytest.raises(UserError, match="'loss.aggregation.options.size'.*aggregation 'token_mean' takes no options"):
+        load_config(p, ["loss.aggregation.options.size=3"])
+    text = GOOD + "loss:\n  aggregation: token_mean\n"
+    with pytest.raises(UserError, match="loss.aggregation is 'token_mean', not a mapping"):
+        load_config(write(tmp_path, text, "y.yaml"), ["loss.aggregation.options.constant=4"])
 
 
 def test_override_syntax():
@@ -106,15 +163,26 @@ def test_list_shows_every_estimator_and_loss(capsys):
     for name in ["grpo", "gspo", "pg"]:
         assert entries["losses"][name]
     for name in ["token_mean", "seq_mean", "constant"]:
-        assert entries["loss aggregation"][name]
-    assert entries["reward shaping"]["tempsamp_soft"]
-    assert set(entries["reward combination"]) == {"sum_then_normalize", "normalize_then_sum"}
+        assert entries["aggregations"][name]
+    assert entries["shaping"]["tempsamp_soft"]
+    assert set(entries["combine"]) == {"sum_then_normalize", "normalize_then_sum"}
     assert "bandit" in entries["pipelines"] and "bandit" in entries["policies"]
     assert "bandit_arm_value" in entries["rewards"]
     code, out, _ = run_cli(capsys, "list")
     assert code == 0
     assert all(line.startswith(("  ", " ")) or line.endswith(":") or not line for line in out.splitlines())
     assert "mc_grpo" in out and "gspo" in out
+
+
+def test_list_has_a_section_per_plugin_kind_including_model_families(capsys):
+    """Every kind a plug-in can add (core/plugins.py BUILTIN) has its section, found by walking the registries."""
+    entries = list_entries()
+    assert set(plugins.BUILTIN) <= set(entries)
+    assert {"sd3", "flux", "wan", "hunyuan_video", "sd"} <= set(entries["diffusion_families"])
+    assert entries["pipelines"]["bandit"].startswith("categorical bandit")  # the recipe's own description
+    _, out, _ = run_cli(capsys, "list")
+    for kind in plugins.BUILTIN:
+        assert f"[{kind}]:" in out, kind
 
 
 def test_version_and_console_script():

@@ -20,7 +20,7 @@ CONFIG = {
     "data": {"options": {"num_prompts": 8, "num_arms": 5}},
     "rewards": [{"name": "bandit_arm_value"}],
     "advantage": {"estimator": "batch_std"},  # its std spans the whole batch: must be gathered over ranks
-    "loss": {"clip_high": 0.28, "beta": 0.02},
+    "loss": {"options": {"clip_high": 0.28}, "beta": 0.02},
     "trainer": {
         "max_steps": 3, "prompts_per_step": 4, "group_size": 6, "lr": 0.05, "epochs": 2, "minibatches": 2,
         "micro_batch_size": 4, "progress": False, "dump_advantages": True, "checkpoint_every": 0,

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.losses import AGGREGATIONS, LOSSES, aggregate, get_loss, k3_kl, policy_loss
+from mmgrpo.core.losses import (
+    AGGREGATIONS,
+    LOSSES,
+    aggregate,
+    get_loss,
+    k3_kl,
+    loss_options,
+    make_aggregation,
+    mask_zero_advantages,
+    policy_loss,
+)
 
 E03 = math.exp(0.3)  # 1.3498588
 EM03 = math.exp(-0.3)  # 0.7408182
@@ -70,7 +80,7 @@ def test_grpo_dual_clip():
 
 def test_pg_is_unclipped_importance_weighted():
     logp, old, mask = _three_ratios()
-    loss, stats = get_loss("pg")(logp, old, torch.tensor([2.0]), mask, clip_low=0.2, clip_high=0.2)
+    loss, stats = get_loss("pg")(logp, old, torch.tensor([2.0]), mask)  # pg declares no clip options at all
     # -A r with A = 2: [-2 * 1.3499, -2, -2 * 0.7408] = [-2.6997, -2, -1.4816]; no clipping at all
     torch.testing.assert_close(loss, torch.tensor([[-2 * E03, -2.0, -2 * EM03]]))
     assert stats["clipped"].sum() == 0
@@ -150,13 +160,14 @@ def test_zero_row_weight_removes_a_row(name):
     """MC-GRPO's pivot row has weight 0: neither its values nor its gradient matter."""
     x = X.clone().requires_grad_()
     w = torch.tensor([1.0, 0.0])
-    out = aggregate(name, x, M, row_weight=w, constant=4.0)
+    opts = {"constant": 4.0} if name == "constant" else {}  # only constant takes it (an option is never ignored)
+    out = aggregate(name, x, M, row_weight=w, **opts)
     # token_mean: (1 + 2) / 3 = 1 (the pivot's unit still counts in sum(mask)); seq_mean: 1.5 / 2; constant: 3 / 8
     expected = {"token_mean": 1.0, "seq_mean": 0.75, "constant": 0.375}[name]
     torch.testing.assert_close(out, torch.tensor(expected))
     other = X.clone()
     other[1] = 100.0
-    torch.testing.assert_close(aggregate(name, other, M, row_weight=w, constant=4.0), out.detach())
+    torch.testing.assert_close(aggregate(name, other, M, row_weight=w, **opts), out.detach())
     out.backward()
     assert x.grad[1].abs().sum() == 0 and x.grad[0, 0] > 0
 
@@ -174,7 +185,7 @@ def test_empty_rows_contribute_zero_not_nan():
 
 
 def test_constant_aggregation_needs_constant():
-    with pytest.raises(UserError, match="loss.constant"):
+    with pytest.raises(UserError, match="loss.aggregation.options.constant"):
         aggregate("constant", X, M)
     with pytest.raises(UserError, match="unknown aggregation 'token_man'.*did you mean 'token_mean'"):
         aggregate("token_man", X, M)
@@ -191,12 +202,14 @@ def test_micro_batches_with_global_denom_match_full_batch(aggregation, loss):
     adv = torch.randn(n)
     mask = torch.rand(n, k) > 0.3
     w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0])
-    opts = dict(loss=loss, aggregation=aggregation, beta=0.1, constant=5.0, clip_low=0.2, clip_high=0.28)
+    agg = make_aggregation(aggregation, {"constant": 5.0} if aggregation == "constant" else {})
+    opts = dict(loss=loss, aggregation=agg, beta=0.1, options={"clip_low": 0.2, "clip_high": 0.28})
 
     full, _ = policy_loss(logp, old, adv, mask, kl=k3_kl(logp, ref), row_weight=w, **opts)
     (g_full,) = torch.autograd.grad(full, logp)
 
     denom = float(mask.sum()) if aggregation == "token_mean" else float(n)  # units or rows of the whole minibatch
+    assert float(agg.local_count(mask[:2]) + agg.local_count(mask[2:])) == denom  # the aggregation counts it
     g_parts = torch.zeros(n, k)
     for rows in (slice(0, 2), slice(2, 6)):  # unequal halves on purpose
         lp = logp[rows]
@@ -255,7 +268,7 @@ def test_mask_zero_adv():
     _, m = policy_loss(logp, logp.detach(), adv, mask)
     assert m["loss/policy"] == pytest.approx(-0.25) and m["loss/adv_mean"] == pytest.approx(0.25)
     # zero-advantage rows leave the mask: -(4 - 2) / 4 = -0.5; adv mean (2 + 2 - 1 - 1) / 4 = 0.5
-    total, m = policy_loss(logp, logp.detach(), adv, mask, mask_zero_adv=True)
+    total, m = policy_loss(logp, logp.detach(), adv, mask_zero_advantages(mask, adv))
     assert m["loss/policy"] == pytest.approx(-0.5) and m["loss/adv_mean"] == pytest.approx(0.5)
     total.backward()
     # d/d logp = -A r / 4 -> rows [-0.5, 0, 0, 0.25]
@@ -278,7 +291,7 @@ def test_ratio_one_gives_minus_mean_advantage(loss):
 def test_policy_loss_metrics_and_fp32():
     logp = torch.tensor([[0.3, 0.0, -0.3]], dtype=torch.bfloat16, requires_grad=True)
     old = torch.zeros(1, 3, dtype=torch.bfloat16)
-    total, m = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 3), clip_high=0.28)
+    total, m = policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 3), options={"clip_high": 0.28})
     assert total.dtype == torch.float32 and total.dim() == 0
     assert all(isinstance(v, float) for v in m.values())
     assert set(m) == {
@@ -325,3 +338,63 @@ def test_nft_maps_the_clamped_advantage_to_r_and_mixes_the_two_errors():
     assert torch.allclose(logp.grad, torch.tensor([[-0.375, -0.375], [0.0, 0.0]]))
     assert torch.allclose(neg.grad, torch.tensor([[-0.125, -0.125], [-0.5, -0.5]]))
     assert m["loss/ratio_mean"] == 1.0 and m["loss/clip_frac"] == 0.0
+
+
+def test_mask_zero_advantages_per_unit():
+    """Per-unit advantages [n, k] drop single units; per-row [n] whole rows; the mask's own zeros stay."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    per_unit = torch.tensor([[0.5, 0.0, 1.0], [0.0, -1.0, 2.0]])
+    assert mask_zero_advantages(mask, per_unit).tolist() == [[True, False, False], [False, True, True]]
+    assert mask_zero_advantages(mask, torch.tensor([0.0, 3.0])).tolist() == [[False] * 3, [True] * 3]
+
+
+def test_loss_options_are_declared_by_the_signature():
+    """An option the chosen loss does not take is a did-you-mean error naming loss.options.x, never ignored."""
+    assert loss_options("grpo", {"clip_high": 0.28, "dual_clip": 3}) == {"clip_high": 0.28, "dual_clip": 3.0}
+    with pytest.raises(UserError, match=r"loss.options.clip_hgh.*did you mean 'loss.options.clip_high'"):
+        loss_options("grpo", {"clip_hgh": 0.28})
+    with pytest.raises(UserError, match=r"unknown option 'loss.options.clip_low'.*loss 'pg' takes no options"):
+        loss_options("pg", {"clip_low": 0.2})
+    with pytest.raises(UserError, match=r"loss.options.clip_low in here: expected float"):
+        loss_options("grpo", {"clip_low": "wide"}, where="here")
+    with pytest.raises(UserError, match="dual_clip=0.5"):  # the loss's own value check runs at load time
+        loss_options("grpo", {"dual_clip": 0.5})
+    with pytest.raises(UserError, match="set it"):  # nft declares adv_clip as an input it needs
+        loss_options("nft", {})
+    assert loss_options("nft", {}, adv_clip=1.0) == {}
+    logp, old, mask = _three_ratios()
+    with pytest.raises(UserError, match="loss 'pg' takes no options"):  # the same check guards direct calls
+        policy_loss(logp, old, torch.ones(1), mask, loss="pg", options={"clip_high": 0.28})
+    with pytest.raises(UserError, match=r"loss.aggregation.options.constnt.*did you mean"):
+        make_aggregation("constant", {"constnt": 4})
+
+
+def test_a_plugin_loss_by_dotted_path_receives_its_declared_inputs():
+    """A loss outside the registry (dotted path) declares ``adv_clip`` and an option; it gets exactly those."""
+    logp = torch.zeros(2, 1, requires_grad=True)
+    adv = torch.tensor([3.0, -0.5])
+    total, _ = policy_loss(logp, logp.detach(), adv, torch.ones(2, 1), loss=f"{__name__}.scaled_pg",
+                           options={"scale": 2.0}, adv_clip=1.0)  # fmt: skip
+    # clamped A = [1, -0.5]; per unit -scale * A / adv_clip = [-2, 1]; token mean -0.5
+    assert total.item() == pytest.approx(-0.5)
+    with pytest.raises(UserError, match="loss.options.scal"):
+        policy_loss(logp, logp.detach(), adv, torch.ones(2, 1), loss=f"{__name__}.scaled_pg", options={"scal": 2.0})
+
+
+def scaled_pg(logp, logp_old, adv, mask, *, adv_clip=None, scale: float = 1.0):
+    """Test plug-in loss: -scale * A / adv_clip * ratio."""
+    ratio = torch.exp(logp - logp_old)
+    return -scale * adv / adv_clip * ratio, {"ratio": ratio.detach()}
+
+
+@pytest.mark.gpu
+def test_policy_loss_on_cuda_bf16_matches_cpu():
+    """The loss maths is fp32 whatever the device and the log-probs' dtype: CUDA bf16 inputs give the CPU value."""
+    torch.manual_seed(0)
+    logp, old = (0.3 * torch.randn(4, 6)).bfloat16(), (0.3 * torch.randn(4, 6)).bfloat16()
+    adv, mask = torch.randn(4), torch.rand(4, 6) > 0.3
+    for loss in ("grpo", "gspo", "pg"):
+        cpu, _ = policy_loss(logp, old, adv, mask, loss=loss)
+        gpu, _ = policy_loss(logp.cuda(), old.cuda(), adv.cuda(), mask.cuda(), loss=loss)
+        assert gpu.dtype == torch.float32
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)

@@ -162,7 +162,7 @@ def test_two_step_training_changes_only_lora(tmp_path, tiny_ckpt, policy_opts):
         },
         "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
         "rewards": [{"name": "jpeg_incompressibility"}],
-        "loss": {"clip_low": 1e-3, "clip_high": 1e-3},
+        "loss": {"options": {"clip_low": 1e-3, "clip_high": 1e-3}},
         "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 3, "lr": 1e-2, "progress": False},
     }
     path = tmp_path / "c.yaml"

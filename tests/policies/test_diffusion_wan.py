@@ -227,7 +227,7 @@ def run_recipe(tmp_path, pipeline, ckpt, data, policy_opts, **trainer):
         "policy": {"options": {"path": ckpt, "num_steps": 3, "lora_rank": 2, **SIZE, **policy_opts}},
         "data": {"options": data},
         "rewards": [{"name": "motion"}],
-        "loss": {"clip_low": 1e-3, "clip_high": 1e-3},
+        "loss": {"options": {"clip_low": 1e-3, "clip_high": 1e-3}},
         "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "progress": False,
                     "sample_every": 1, **trainer},
     }  # fmt: skip
