@@ -51,8 +51,8 @@ BUILTIN: dict[str, tuple[str, ...]] = {
     ),
     "vlm_families": (),
     "methods": (),
-    "diffusion_objectives": (),
-    "exploration": (),
+    "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
+    "exploration": ("mmgrpo.policies.exploration",),
 }
 """kind -> modules whose import registers the library's own parts of that kind"""
 
