@@ -28,29 +28,30 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "learning.md"
 
 # SDE methods train the sampler's stochastic steps: two PPO updates per rollout with Flow-GRPO's tiny clip range and
 # the learning rate that did best for them on the pixel-space model of session 2 (1e-4; 3e-4 degraded, 3e-5 flat)
-SDE = ["policy.options.objective=sde", "policy.options.old_policy_ema=0", "loss.name=grpo", "loss.adv_clip=null",
+SDE = ["policy.options.objective=sde", "loss.name=grpo", "loss.adv_clip=null",
        "trainer.minibatches=2", "trainer.lr=1e-4", "loss.options={clip_low: 0.001, clip_high: 0.001}"]  # fmt: skip
-# advantage-weighted flow matching (AWM) on the demo's ODE rollouts: the demo's objective until session 5
-AWM = ["policy.options.objective=flow_matching", "policy.options.old_policy_ema=0", "loss.name=grpo",
+# advantage-weighted flow matching (AWM) on the demo's ODE rollouts: the demo's objective until session 5 (the demo's
+# 4 draws per sample, on-policy sampling)
+AWM = ["policy.options.objective={name: flow_matching, timesteps: 4}", "loss.name=grpo",
        "loss.adv_clip=null"]  # fmt: skip
 
 # method -> overrides on top of the demo config (paper defaults, scaled to the tiny model's 8-step sampler)
 METHODS: dict[str, tuple[str, list[str]]] = {
     "dance": ("DanceGRPO (dance SDE, eta 0.3, shared init noise, 60% of steps)", [*SDE,
-        "policy.options.sde=dance", "policy.options.noise_level=0.3", "policy.options.shared_init_noise=true",
-        "policy.options.exploration=full", "policy.options.timestep_fraction=0.6"]),
+        "policy.options.sde={kind: dance, noise_level: 0.3}", "policy.options.shared_init_noise=true",
+        "policy.options.exploration={name: full, timestep_fraction: 0.6}"]),
     "flow_grpo": ("Flow-GRPO (flow SDE, a 0.7, all steps)", [*SDE,
-        "policy.options.sde=flow_grpo", "policy.options.noise_level=0.7", "policy.options.exploration=full",
-        "policy.options.timestep_fraction=1.0"]),
+        "policy.options.sde={kind: flow_grpo, noise_level: 0.7}",
+        "policy.options.exploration={name: full, timestep_fraction: 1.0}"]),
     "mix_grpo": ("MixGRPO (SDE window of 4, ODE elsewhere)", [*SDE,
-        "policy.options.sde=flow_grpo", "policy.options.noise_level=0.7", "policy.options.exploration=window",
-        "policy.options.window_size=4", "policy.options.shift_every=25"]),
+        "policy.options.sde={kind: flow_grpo, noise_level: 0.7}",
+        "policy.options.exploration={name: window, size: 4, shift_every: 25}"]),
     "g2rpo_multi": ("G2RPO (singular branch, granularities 1,2,3)", [*SDE,
-        "policy.options.sde=flow_grpo", "policy.options.noise_level=0.7", "policy.options.exploration=singular",
-        "policy.options.branch_steps=[0,1,2,3,4]", "policy.options.granularities=[1,2,3]"]),
+        "policy.options.sde={kind: flow_grpo, noise_level: 0.7}",
+        "policy.options.exploration={name: singular, branch_steps: [0,1,2,3,4], granularities: [1,2,3]}"]),
     "g2rpo_single": ("G2RPO (singular branch, granularity 1 only)", [*SDE,
-        "policy.options.sde=flow_grpo", "policy.options.noise_level=0.7", "policy.options.exploration=singular",
-        "policy.options.branch_steps=[0,1,2,3,4]", "policy.options.granularities=[1]"]),
+        "policy.options.sde={kind: flow_grpo, noise_level: 0.7}",
+        "policy.options.exploration={name: singular, branch_steps: [0,1,2,3,4], granularities: [1]}"]),
     "grpo_g2": ("AWM + GRPO advantages, G = 2", [*AWM, "advantage.estimator=grpo", "trainer.group_size=2"]),
     "mc_grpo_g2": ("AWM + MC-GRPO, G = 2 (+1 pivot rollout)", [*AWM, "advantage.estimator=mc_grpo",
         "trainer.group_size=3"]),

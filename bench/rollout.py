@@ -98,7 +98,8 @@ def build(tiny: bool, device: str, dtype: str) -> tuple[Any, Any, int]:
     # the adapter moves the shared modules to device and dtype
     adapter = SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers, c["vae"],
                          max_sequence_length=max_len, device=device, dtype=dtype)  # fmt: skip
-    opts = DiffusionPolicyOptions(num_steps=STEPS, sde="flow_grpo", noise_level=NOISE_LEVEL, exploration="full")
+    sde = {"kind": "flow_grpo", "noise_level": NOISE_LEVEL}
+    opts = DiffusionPolicyOptions(num_steps=STEPS, sde=sde, exploration="full")
     policy = DiffusionPolicy(adapter, opts)
     policy.model.eval().requires_grad_(False)
     pipe = StableDiffusion3Pipeline(**c)

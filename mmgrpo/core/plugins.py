@@ -67,8 +67,9 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.medloc",
         "mmgrpo.methods.mmupt",
     ),
-    "diffusion_objectives": (),
-    "exploration": (),
+    "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
+    "exploration": ("mmgrpo.policies.exploration",),
+    "sde": ("mmgrpo.policies.sde",),
 }
 """kind -> modules whose import registers the library's own parts of that kind"""
 

@@ -25,7 +25,7 @@ from mmgrpo.data.prompts import PromptList
 from mmgrpo.pipelines.text_to_image import make_evaluator
 from mmgrpo.pipelines.text_to_video import VideoPolicyOptions, eval_reward, load_video_adapter
 from mmgrpo.policies.diffusion import DiffusionPolicy
-from mmgrpo.policies.flow_matching import check_loss
+from mmgrpo.policies.objectives import check_loss
 from mmgrpo.train.components import PIPELINES, Components, Pipeline
 from mmgrpo.train.config import Config, options_from
 

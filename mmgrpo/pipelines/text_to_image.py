@@ -20,8 +20,8 @@ from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import PromptList, read_prompts
 from mmgrpo.policies.diffusion import DiffusionPolicy
-from mmgrpo.policies.flow_matching import check_loss
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.policies.objectives import check_loss
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
 from mmgrpo.train.config import Config, options_from
 

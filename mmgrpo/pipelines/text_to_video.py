@@ -17,8 +17,8 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.data.prompts import PromptList, read_prompts
 from mmgrpo.pipelines.text_to_image import PromptDataOptions, make_evaluator
 from mmgrpo.policies.diffusion import DiffusionPolicy
-from mmgrpo.policies.flow_matching import check_loss
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.policies.objectives import check_loss
 from mmgrpo.train.components import PIPELINES, Components, Pipeline
 from mmgrpo.train.config import Config, options_from
 

@@ -8,9 +8,11 @@ ODE steps are deterministic and never trained.
 Per-family code lives in an **adapter** (``mmgrpo/policies/models/<family>.py``) that only knows how to
 encode a condition, call the denoiser, give the noise schedule and decode latents. :class:`DiffusionPolicy`
 does everything else, once, for every family: group sampling with per-prompt seeds, CFG, log-prob recording,
-recomputation with gradient, the KL to the reference (LoRA adapter disabled), G2RPO branching. The two
-objectives on the final samples instead of the sampler's steps (AWM, DiffusionNFT) and the EMA sampling policy are
-its mixin in ``mmgrpo.policies.flow_matching``.
+recomputation with gradient, the KL to the reference (LoRA adapter disabled), G2RPO branching. What the loss
+trains is a registered **objective** (``mmgrpo.policies.objectives``: the SDE steps; ``mmgrpo.policies.flow_matching``:
+AWM and DiffusionNFT on the final samples, with the EMA sampling policy); which steps explore, a registered
+**exploration schedule** (``mmgrpo.policies.exploration``). Both own their options (``policy.options.objective``,
+``policy.options.exploration``), checked when the config is loaded.
 
 Shapes: B prompts, G samples per prompt, N = B*G rows, T steps, latents ``[N, *latent_shape]``.
 """
@@ -28,10 +30,13 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry
+from mmgrpo.core.schema import from_dict
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies import exploration, sde
-from mmgrpo.policies.flow_matching import FinalSampleObjectives
+from mmgrpo.policies.exploration import EXPLORATION, ExplorationSchedule
+from mmgrpo.policies.objectives import OBJECTIVES, DiffusionObjective, SDEObjective, objective_class
+from mmgrpo.policies.strategy import resolve_options
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors, batch first
 
@@ -100,31 +105,20 @@ class DiffusionPolicyOptions:
     """T: sampling steps"""
     guidance_scale: float = 1.0
     """classifier-free guidance (1 = off); the unconditional branch never carries gradient"""
-    rollout_guidance_scale: float | None = None
-    """objective=flow_matching only: classifier-free guidance of the training rollouts (None = guidance_scale).
-    Evaluation and generate() keep guidance_scale, so e.g. 2 here with guidance_scale 1 trains the unguided
-    model on guided samples, weighted by their advantages (it learns what guidance adds, and what the reward
-    adds). The SDE objective scores the sampler's own steps, so its rollouts must use guidance_scale"""
-    sde: str = "flow_grpo"
-    """SDE dynamics for flow models: flow_grpo (Flow-GRPO), dance (DanceGRPO), cps; UNet families use ddim"""
-    noise_level: float = 0.7
-    """flow_grpo: a; dance: eta; cps: a; ddim: eta"""
-    exploration: Literal["full", "window", "singular"] = "full"
-    """which steps are SDE/trained: full (DanceGRPO/Flow-GRPO), window (MixGRPO), singular (G2RPO)"""
-    timestep_fraction: float = 1.0
-    """full: fraction of the T steps trained (DanceGRPO's timestep_fraction)"""
-    selection: Literal["random", "first"] = "random"
-    """full: which steps are trained"""
-    window_size: int = 4
-    """window: w SDE steps (MixGRPO)"""
-    window_mode: Literal["progressive", "random"] = "progressive"
-    """window: slide with training progress, or a random window per step"""
-    shift_every: int = 10
-    """window (progressive): advance the window one step every this many training steps"""
-    branch_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """singular (G2RPO): candidate branch steps k (0 = the first step)"""
-    granularities: list[int] = field(default_factory=lambda: [1])
-    """singular (G2RPO): ODE continuation strides after k; [1, 2, 3] = multi-granularity advantages"""
+    sde: sde.SDEOptions = field(default_factory=sde.SDEOptions)
+    """the sampler's dynamics {kind, noise_level}: flow_grpo (Flow-GRPO), dance (DanceGRPO), cps for flow families,
+    ddim for UNet families; noise_level 0 = the ODE"""
+    exploration: Any = "full"
+    """which steps are SDE/trained, {name, ...options}: full (DanceGRPO/Flow-GRPO: timestep_fraction, selection),
+    window (MixGRPO: size, mode, shift_every), singular (G2RPO: branch_steps, granularities); a bare name = its
+    defaults. Resolved to that schedule's options dataclass (``mmgrpo.policies.exploration``)"""
+    objective: Any = "sde"
+    """what the loss trains, {name, ...options}. sde: the sampler's stochastic steps (log-probs of the SDE
+    transitions; DanceGRPO, Flow-GRPO, MixGRPO, G2RPO). flow_matching: advantage-weighted flow matching on the final
+    samples (AWM; flow families; timesteps, sigma_range, shared_draws, weighting, old_policy_ema,
+    rollout_guidance_scale). nft: DiffusionNFT on the same draws (pair with loss.name=nft; beta, timesteps,
+    sigma_range, shared_draws, old_policy_ema). Resolved to that objective's options dataclass
+    (``mmgrpo.policies.objectives``, ``mmgrpo.policies.flow_matching``)"""
     shared_init_noise: bool = False
     """all G samples of a prompt start from the same noise (DanceGRPO); singular always shares"""
     reference_kl: bool = False
@@ -140,48 +134,34 @@ class DiffusionPolicyOptions:
     """recompute activations in the backward pass"""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """attention kernel (xformers needs the gpu extra)"""
-    objective: Literal["sde", "flow_matching", "nft"] = "sde"
-    """what the loss trains. sde: the sampler's stochastic steps (log-probs of the SDE transitions; DanceGRPO,
-    Flow-GRPO, MixGRPO, G2RPO). flow_matching: advantage-weighted flow matching on the final samples (AWM,
-    on-policy DiffusionNFT; flow families): the units are fm_timesteps (sigma, noise) draws per sample, the
-    sampler is free (noise_level 0 = the ODE that evaluation uses). nft: DiffusionNFT on the same draws: the
-    loss contrasts an implicit positive and negative policy around the sampling policy's velocity (pair with
-    loss.name=nft and loss.adv_clip; see nft_beta, old_policy_ema)"""
-    nft_beta: float = 1.0
-    """objective=nft: beta of the implicit policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old -
-    beta v (v the trained velocity, v_old the sampling policy's); the errors are divided by beta"""
-    old_policy_ema: float = 0.0
-    """objective=flow_matching or nft: the sampling ("old") policy is an EMA of the trained weights, updated once
-    per training step before its rollouts: theta_old <- d theta_old + (1 - d) theta (DiffusionNFT's soft update;
-    the rollouts and nft's v_old use it). 0 = the weights as they are at the rollout (on-policy). > 0 costs one
-    fp32 copy of the trainable parameters, checkpointed with the run"""
-    fm_timesteps: int = 2
-    """flow_matching: (sigma, noise) draws per sample, each an action unit of the loss"""
-    fm_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    """flow_matching: the draws' sigmas are uniform in [lo, hi] (1 = pure noise: layout; 0 = clean: detail)"""
-    fm_shared_draws: bool = True
-    """flow_matching: the G samples of a prompt share their (sigma, noise) draws (common random numbers, as
-    DiffusionNFT/DGPO share noise in a group): with group-centred advantages the part of the gradient that comes
-    from the draws themselves cancels, and what remains is the difference between the samples"""
-    fm_weighting: Literal["x0", "v"] = "x0"
-    """flow_matching: per-draw weight of the velocity error. x0: sigma^2, i.e. the x0-prediction error (near
-    sigma 0 the velocity target is the noise itself, which a clean image cannot predict: unweighted, those draws
-    dominate and the shapes model degraded into a patch-grid pattern in 20 steps); v: 1 (SD3's plain v-loss).
-    objective=nft always uses DiffusionNFT's own weighting: the x0 error divided by its (detached) mean absolute
-    value"""
+
+    def __post_init__(self) -> None:
+        # runs when the recipe checks the config (Pipeline.check -> options_from): every strategy's options and
+        # checks run there, before any model loads
+        if isinstance(self.sde, dict):
+            self.sde = from_dict(sde.SDEOptions, self.sde, "the config", prefix="policy.options.sde")
+        self.exploration = resolve_options(EXPLORATION, self.exploration, "policy.options.exploration")
+        self.objective = resolve_options(OBJECTIVES, self.objective, "policy.options.objective")
+        if self.num_steps < 1:
+            raise UserError(f"policy.options.num_steps must be >= 1, got {self.num_steps}")
+        objective_class(self).check_options(self)
 
 
-class DiffusionPolicy(FinalSampleObjectives):
+class DiffusionPolicy:
     """Policy protocol over a :class:`DiffusionAdapter`.
 
     Rollout samples are the decoded images [N, 3, H, W] (videos [N, F, 3, H, W]) in [0, 1]; units are
-    the T sampling steps; ``extras["latents"] [N, T+1, ...]`` stores every state.
+    the T sampling steps; ``extras["latents"] [N, T+1, ...]`` stores every state. What the loss trains is the
+    registered objective ``self.objective``; which steps explore, the schedule ``self.exploration``.
     """
 
     def __init__(self, adapter: DiffusionAdapter, options: DiffusionPolicyOptions | None = None):
         self.adapter = adapter
         self.opts = options or DiffusionPolicyOptions()
-        self._check_options()
+        self.noise_level = self.opts.sde.noise_level
+        self.exploration: ExplorationSchedule = EXPLORATION.get(self.opts.exploration.name)(self.opts.exploration)
+        self.objective: DiffusionObjective = objective_class(self.opts)(self.opts.objective)
+        self._check_adapter()
         self.training_step = 0
         if self.opts.lora_rank > 0:
             add_lora(adapter.denoiser, self.opts, getattr(adapter, "lora_targets", None))
@@ -195,53 +175,24 @@ class DiffusionPolicy(FinalSampleObjectives):
         if self.opts.attention == "xformers":
             adapter.denoiser.enable_xformers_memory_efficient_attention()
         self.model: nn.Module = adapter.denoiser
-        self._init_old_policy()
+        self.objective.attach(self)
 
-    def _check_options(self) -> None:
-        o, a = self.opts, self.adapter
-        if a.parameterization == "ddim" and o.sde != "ddim":
-            raise UserError(f"policy.options.sde={o.sde!r}: the {a.family} family is a UNet sampled with DDIM; "
-                            "set policy.options.sde=ddim")  # fmt: skip
-        if a.parameterization == "flow" and o.sde not in sde.SDE_KINDS:
-            raise UserError(f"policy.options.sde: {sde.SDE_KINDS.unknown_message(o.sde)}")
-        if o.exploration == "singular" and o.granularities and min(o.granularities) < 1:
-            raise UserError(f"policy.options.granularities must be >= 1, got {o.granularities}")
-        if o.rollout_guidance_scale is not None and o.objective != "flow_matching":
-            raise UserError(
-                f"policy.options.rollout_guidance_scale={o.rollout_guidance_scale}: only objective=flow_matching "
-                f"trains on rollouts sampled differently from the policy; with objective={o.objective} the loss "
-                "needs the sampler's own outputs (sde: its log-probs; nft: its unguided velocity), so set "
-                "guidance_scale instead"
-            )
-        if o.rollout_guidance_scale is not None and o.rollout_guidance_scale < 1.0:
-            raise UserError(f"policy.options.rollout_guidance_scale must be >= 1 (1 = off), "
-                            f"got {o.rollout_guidance_scale}")  # fmt: skip
-        if o.num_steps < 1:
-            raise UserError(f"policy.options.num_steps must be >= 1, got {o.num_steps}")
-        if not 0.0 <= o.old_policy_ema < 1.0:
-            raise UserError(f"policy.options.old_policy_ema must be in [0, 1) (0 = on-policy), got {o.old_policy_ema}")
-        if o.old_policy_ema > 0 and o.objective == "sde":
-            raise UserError(
-                f"policy.options.old_policy_ema={o.old_policy_ema}: objective=sde scores the sampler's own steps, "
-                "so it samples with the trained weights; use objective=nft or flow_matching"
-            )
-        if o.objective == "nft" and not o.nft_beta > 0:
-            raise UserError(f"policy.options.nft_beta must be > 0 (DiffusionNFT uses 1), got {o.nft_beta}")
-        if o.objective in ("flow_matching", "nft"):
-            if a.parameterization != "flow":
-                raise UserError(f"policy.options.objective={o.objective} needs a flow-matching family; {a.family} "
-                                "is a DDIM UNet: use objective=sde with sde=ddim")  # fmt: skip
-            if o.exploration != "full":
-                raise UserError(
-                    f"policy.options.objective={o.objective} trains the final samples, not sampler steps: "
-                    f"exploration={o.exploration!r} means nothing there; set exploration=full"
-                )
-            rng = list(o.fm_sigma_range)
-            if len(rng) != 2 or not 0.0 <= rng[0] < rng[1] <= 1.0:
-                raise UserError(f"policy.options.fm_sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, "
-                                f"got {o.fm_sigma_range}")  # fmt: skip
-            if o.fm_timesteps < 1:
-                raise UserError(f"policy.options.fm_timesteps must be >= 1, got {o.fm_timesteps}")
+    def _check_adapter(self) -> None:
+        kind, a, unet = self.opts.sde.kind, self.adapter, sde.SDEOptions.UNET_KIND
+        if a.parameterization == "ddim" and kind != unet:
+            raise UserError(f"policy.options.sde.kind={kind!r}: the {a.family} family is a UNet sampled with DDIM; "
+                            f"set policy.options.sde.kind={unet}")  # fmt: skip
+        if a.parameterization == "flow" and kind == unet:
+            raise UserError(f"policy.options.sde.kind: {sde.SDE_KINDS.unknown_message(kind)} ({a.family} is a "
+                            "flow-matching family; ddim is for UNet families)")  # fmt: skip
+        self.objective.check_adapter(a)
+
+    def training_state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps besides the trained weights (the objective's, e.g. nft's old-policy EMA)."""
+        return self.objective.training_state()
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.objective.load_training_state(state)
 
     # ------------------------------------------------------------------ helpers
     def unwrapped(self) -> nn.Module:
@@ -251,32 +202,18 @@ class DiffusionPolicy(FinalSampleObjectives):
         return [p for p in self.unwrapped().parameters() if p.requires_grad]
 
     def plan(self, generator: torch.Generator | None) -> exploration.ExplorationPlan:
-        o, T = self.opts, self.opts.num_steps
-        if o.exploration == "full":
-            return exploration.full(T, o.timestep_fraction, o.selection, generator)
-        if o.exploration == "window":
-            return exploration.window(
-                T, min(o.window_size, T), self.training_step, o.window_mode, o.shift_every, generator=generator
-            )
-        return exploration.singular(T, [k for k in o.branch_steps if k < T], generator)
+        """The exploration schedule's plan for this rollout (the MixGRPO window slides with training_step)."""
+        return self.exploration.plan(self.opts.num_steps, self.training_step, generator)
 
     def guided(self, module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None):
         """Model output with CFG; the unconditional branch is computed without gradient."""
         out = self.adapter.predict(module, x, t, cond)
-        scale = self._guidance()
+        scale = self.objective.guidance_scale(self.opts)
         if uncond is None or scale == 1.0:
             return out
         with torch.no_grad():  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
             base = self.adapter.predict(module, x, t, {**cond, **uncond})
         return base + scale * (out - base)
-
-    def _guidance(self) -> float:
-        """The CFG scale sampling uses now: rollout_guidance_scale in flow-matching training rollouts (generate()
-        samples as objective=sde, so evaluation keeps guidance_scale), else guidance_scale."""
-        o = self.opts
-        if o.objective == "flow_matching" and o.rollout_guidance_scale is not None:
-            return o.rollout_guidance_scale
-        return o.guidance_scale
 
     def step(self, out, x, i: int, sched: Schedule, noise_level: float, prev=None, noise=None) -> sde.StepOutput:
         """Step i of the schedule from state x (sampling when prev is None, else scoring prev)."""
@@ -284,13 +221,14 @@ class DiffusionPolicy(FinalSampleObjectives):
             a, a_prev = sched.alpha_bars[i], sched.alpha_bars[i + 1]
             return sde.ddim_step(out, x, a, a_prev, noise_level, self.adapter.prediction_type, prev, noise=noise)
         sig, sig_next = sched.sigmas[i], sched.sigmas[i + 1]
-        return sde.step(self.opts.sde, out, x, sig, sig_next, noise_level, prev_sample=prev, noise=noise)
+        return sde.step(self.opts.sde.kind, out, x, sig, sig_next, noise_level, prev_sample=prev, noise=noise)
 
-    def _cond_rows(self, cond: Cond, rows: torch.Tensor) -> Cond:
+    def cond_rows(self, cond: Cond, rows: torch.Tensor) -> Cond:
         return {k: v[rows] for k, v in cond.items()}
 
-    def _uncond(self, n: int) -> Cond | None:
-        return self.adapter.encode_negative(n) if self._guidance() != 1.0 else None
+    def uncond(self, n: int) -> Cond | None:
+        """The negative condition of n rows, or None when the objective's rollouts sample without CFG."""
+        return self.adapter.encode_negative(n) if self.objective.guidance_scale(self.opts) != 1.0 else None
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -303,52 +241,48 @@ class DiffusionPolicy(FinalSampleObjectives):
         gens = [generator_for(s) for s in seeds]
         cond_b = self.adapter.encode(batch.prompts, batch.meta)  # [B, ...]
         rows = torch.arange(B).repeat_interleave(G)
-        cond = self._cond_rows(cond_b, rows)  # [N, ...]
-        if o.exploration == "singular":
-            return self._rollout_singular(batch, G, sched, plan, gens, cond)
-        shared = o.shared_init_noise
-        x = self._noise(gens, G, shared_per_group=shared)
+        cond = self.cond_rows(cond_b, rows)  # [N, ...]
+        if plan.branch_step is not None:
+            return self._rollout_branch(batch, G, sched, plan, gens, cond)
+        x = self._noise(gens, G, shared_per_group=o.shared_init_noise)
         latents, logp = [x], torch.zeros(B * G, sched.num_steps)
-        uncond = self._uncond(B * G)
-        with self._sampling_policy(batch.step):
+        uncond = self.uncond(B * G)
+        with self.objective.sampling_weights(self, batch.step):
             for i in range(sched.num_steps):
                 out = self.guided(self.model, x, self._t(sched, i, x), cond, uncond)
-                level = o.noise_level if plan.sde_mask[i] else 0.0
+                level = self.noise_level if plan.sde_mask[i] else 0.0
                 noise = self._noise(gens, G, shared_per_group=False) if plan.sde_mask[i] else None
                 res = self.step(out, x, i, sched, level, noise=noise)
                 x = res.prev_sample
                 latents.append(x)
                 logp[:, i] = res.log_prob
-        if o.objective in ("flow_matching", "nft"):
-            return self._finish_flow_matching(batch, G, torch.stack(latents, 1), cond, gens)
-        train = plan.train_mask[None, :].expand(B * G, -1).clone()
-        return self._finish(batch, G, torch.stack(latents, 1), logp, train, cond, extras={})
+        return self.objective.finish_rollout(self, batch, G, torch.stack(latents, 1), logp, plan, cond, gens)
 
-    def _rollout_singular(self, batch, G, sched, plan, gens, cond) -> Rollout:
+    def _rollout_branch(self, batch, G, sched, plan, gens, cond) -> Rollout:
         """G2RPO: shared ODE anchor to step k, one SDE branch step, ODE continuations (several granularities)."""
-        o, B = self.opts, len(batch)
+        B = len(batch)
         k = int(plan.branch_step)
         x = self._noise(gens, G, shared_per_group=True)
-        uncond = self._uncond(B * G)
+        uncond = self.uncond(B * G)
         latents, logp = [x], torch.zeros(B * G, sched.num_steps)
         for i in range(sched.num_steps):
             out = self.guided(self.model, x, self._t(sched, i, x), cond, uncond)
             noise = self._noise(gens, G, shared_per_group=False) if i == k else None
-            res = self.step(out, x, i, sched, o.noise_level if i == k else 0.0, noise=noise)
+            res = self.step(out, x, i, sched, self.noise_level if i == k else 0.0, noise=noise)
             if i == k:
                 logp[:, i] = res.log_prob
                 x_branch = res.prev_sample
             x = res.prev_sample
             latents.append(x)
         variants = []
-        for lam in o.granularities:
+        for lam in plan.granularities:
             if lam == 1:
                 continue
             variants.append(self.adapter.decode(self._coarse(x_branch, k, lam, sched, cond, uncond)).float())
         train = plan.train_mask[None, :].expand(B * G, -1).clone()
         extras = {"state_shared_in_group": True}
-        rollout = self._finish(batch, G, torch.stack(latents, 1), logp, train, cond, extras)
-        if 1 not in o.granularities:
+        rollout = self.finish(batch, G, torch.stack(latents, 1), logp, train, cond, extras)
+        if 1 not in plan.granularities:
             rollout.samples, variants = variants[0], variants[1:]
         rollout.variants = variants
         return rollout
@@ -361,10 +295,11 @@ class DiffusionPolicy(FinalSampleObjectives):
         for j in range(len(sig) - 1):
             t = self.adapter.timestep_from_sigma(sig[j]).expand(x.shape[0])
             out = self.guided(self.model, x, t, cond, uncond)
-            x = sde.step(self.opts.sde, out, x, sig[j], sig[j + 1], 0.0).prev_sample
+            x = sde.step(self.opts.sde.kind, out, x, sig[j], sig[j + 1], 0.0).prev_sample
         return x
 
-    def _finish(self, batch, G, latents, logp, train, cond, extras) -> Rollout:
+    def finish(self, batch, G, latents, logp, train, cond, extras) -> Rollout:
+        """The Rollout of ``latents [N, S, ...]`` (last = the samples), ``logp [N, K]``, ``train [N, K]``."""
         images = self.adapter.decode(latents[:, -1]).float()
         return Rollout(
             samples=images,
@@ -394,52 +329,20 @@ class DiffusionPolicy(FinalSampleObjectives):
 
     # ------------------------------------------------------------------ recomputation
     def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
-        """Log-probs (with grad) of steps ``units`` for ``rows``: one batched forward over rows x units."""
-        o = self.opts
-        if o.objective in ("flow_matching", "nft"):
-            units = torch.arange(o.fm_timesteps) if units is None else units.cpu()
-            return self._fm_log_prob(rollout, rows, units)
-        sched = self.adapter.schedule(o.num_steps)
-        units = torch.arange(sched.num_steps) if units is None else units.cpu()
-        n, k = len(rows), len(units)
-        if k == 0:
-            zero = self.unwrapped_zero()
-            return LogProbs(logp=zero.expand(n, 0), kl=None)
-        lat = rollout.extras["latents"]
-        rr, uu = rows.repeat_interleave(k), units.repeat(n)  # [n*k] pairs, row-major
-        # G2RPO: the G rows of a group share x_k, so one forward per (group, unit) serves all of them
-        fwd_rows = rr
-        if rollout.extras.get("state_shared_in_group"):
-            fwd_rows = (rr // rollout.group_size) * rollout.group_size
-        key = torch.stack([fwd_rows, uu], 1)
-        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-        x = lat[uniq[:, 0], uniq[:, 1]]
-        cond = self._cond_rows(rollout.extras["cond"], uniq[:, 0])
-        t = sched.timesteps[uniq[:, 1]].to(x.device)
-        uncond = self._uncond(len(uniq))
-        out = self.guided(self.model, x, t, cond, uncond)[inverse]  # [n*k, ...]
-        x_all, prev = lat[fwd_rows, uu], lat[rr, uu + 1]
-        res = self._step_rows(out, x_all, uu, sched, prev)
-        logp = res.log_prob.view(n, k)
-        kl = None
-        if o.reference_kl:
-            with torch.no_grad(), self.reference() as ref_model:
-                ref_out = self.guided(ref_model, x, t, cond, uncond)[inverse]
-                ref = self._step_rows(ref_out, x_all, uu, sched, prev)
-            kl = sde.gaussian_kl(res.mean, ref.mean, res.std).view(n, k)
-        return LogProbs(logp=logp, kl=kl)
+        """Log-probs (with grad) of units ``units`` (default: all) for ``rows``, as the objective defines them."""
+        return self.objective.log_prob(self, rollout, rows, units)
 
     def unwrapped_zero(self) -> torch.Tensor:
         p = next(iter(self.trainable_parameters()))
         return (p.sum() * 0.0).float().reshape(1, 1)
 
-    def _step_rows(self, out, x, units, sched: Schedule, prev) -> sde.StepOutput:
+    def score_steps(self, out, x, units, sched: Schedule, prev) -> sde.StepOutput:
         """Score ``prev`` under the step-``units`` Gaussian for a batch mixing different steps."""
         if self.adapter.parameterization == "ddim":
             a, a_prev = sched.alpha_bars[units].to(x.device), sched.alpha_bars[units + 1].to(x.device)
-            return sde.ddim_step(out, x, a, a_prev, self.opts.noise_level, self.adapter.prediction_type, prev)
+            return sde.ddim_step(out, x, a, a_prev, self.noise_level, self.adapter.prediction_type, prev)
         sig, sig_next = sched.sigmas[units].to(x.device), sched.sigmas[units + 1].to(x.device)
-        return sde.step(self.opts.sde, out, x, sig, sig_next, self.opts.noise_level, prev_sample=prev)
+        return sde.step(self.opts.sde.kind, out, x, sig, sig_next, self.noise_level, prev_sample=prev)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:
@@ -457,14 +360,21 @@ class DiffusionPolicy(FinalSampleObjectives):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def generate(self, prompts: list[Any], seeds: list[int], meta: list[dict] | None = None, noise_level: float = 0.0):
-        """One deterministic (ODE, noise 0) or stochastic sample per prompt: [n, 3, H, W] in [0, 1]."""
+        """One deterministic (ODE, noise 0) or stochastic sample per prompt: [n, 3, H, W] in [0, 1].
+
+        Samples as the sde objective with full exploration does, whatever the training objective: every step at
+        ``noise_level``, the trained weights, guidance_scale."""
         batch = PromptBatch(prompts=list(prompts), meta=meta or [{} for _ in prompts], seeds=list(seeds))
-        saved = (self.opts.noise_level, self.opts.exploration, self.opts.objective)
-        self.opts.noise_level, self.opts.exploration, self.opts.objective = noise_level, "full", "sde"
+        saved = (self.noise_level, self.exploration, self.objective)
+        self.noise_level = noise_level
+        full = self.opts.exploration  # its selection decides whether the plan draws from the global generator
+        self.exploration = exploration.FullExploration(full if isinstance(full, exploration.FullOptions) else
+                                                       exploration.FullOptions())  # fmt: skip
+        self.objective = SDEObjective(SDEObjective.Options())
         try:
             return self.rollout(batch, 1).samples
         finally:
-            self.opts.noise_level, self.opts.exploration, self.opts.objective = saved
+            self.noise_level, self.exploration, self.objective = saved
 
 
 def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets: list[str] | None) -> None:

@@ -6,6 +6,9 @@ ODE step; ``train_mask``: the update may use this step's log-prob, always a subs
 deterministic step has no log-prob) and, for G²RPO, the branch step. Call a planner once per batch, or once
 per group for a plan per group; the policy broadcasts a plan over the group's rows.
 
+Each schedule is also a registered strategy (:data:`EXPLORATION`, YAML ``policy.options.exploration: {name, ...}``)
+that owns its options and checks them when the config is loaded; the policy only calls ``schedule.plan(...)``.
+
 - :func:`full` -- DanceGRPO / Flow-GRPO: SDE everywhere, train a fraction of the steps (``timestep_fraction``).
 - :func:`window` -- MixGRPO: SDE only inside a window that slides over training (ODE elsewhere), train the window.
 - :func:`singular` -- G²RPO singular stochastic sampling: one SDE branch step k, ODE before and after.
@@ -17,14 +20,15 @@ the branch step and :func:`multi_granularity_advantages` normalises rewards per 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from mmgrpo.core.advantages import get_estimator
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import Registry
+from mmgrpo.policies.strategy import Strategy
 
 
 @dataclass
@@ -33,12 +37,14 @@ class ExplorationPlan:
 
     ``sde_mask [T]`` bool: steps sampled with the SDE (the others take the ODE step); ``train_mask [T]`` bool:
     steps whose log-prob the update uses (a subset of ``sde_mask``); ``branch_step``: G²RPO's single SDE step
-    k, else None.
+    k, else None; ``granularities``: with a branch step, the strides of the ODE continuations after it (1 = the
+    original schedule; each other one is one more decoded version of every sample).
     """
 
     sde_mask: torch.Tensor
     train_mask: torch.Tensor
     branch_step: int | None = None
+    granularities: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
         if self.sde_mask.ndim != 1 or self.sde_mask.shape != self.train_mask.shape:
@@ -63,7 +69,7 @@ class ExplorationPlan:
         return torch.nonzero(self.train_mask).flatten().tolist()
 
 
-EXPLORATION: Registry[Callable[..., ExplorationPlan]] = Registry("exploration")
+EXPLORATION: Registry[type[ExplorationSchedule]] = Registry("exploration", plugins="exploration")
 
 
 def _check_steps(num_steps: int) -> None:
@@ -77,7 +83,6 @@ def _mask(num_steps: int, steps: list[int] | torch.Tensor) -> torch.Tensor:
     return m  # [T]
 
 
-@EXPLORATION.register("full")
 def full(
     num_steps: int,
     timestep_fraction: float = 1.0,
@@ -123,7 +128,6 @@ def window_start(
     raise UserError(f"unknown at_end {at_end!r}; known: stick, wrap")
 
 
-@EXPLORATION.register("window")
 def window(
     num_steps: int,
     window_size: int,
@@ -158,7 +162,6 @@ def window(
     return ExplorationPlan(m, m.clone())
 
 
-@EXPLORATION.register("singular")
 def singular(num_steps: int, branch_steps: list[int], generator: torch.Generator | None = None) -> ExplorationPlan:
     """G²RPO singular stochastic sampling: one SDE branch step k from ``branch_steps``, ODE elsewhere.
 
@@ -174,6 +177,96 @@ def singular(num_steps: int, branch_steps: list[int], generator: torch.Generator
     k = int(branch_steps[int(torch.randint(0, len(branch_steps), (1,), generator=generator))])
     m = _mask(num_steps, [k])
     return ExplorationPlan(m, m.clone(), branch_step=k)
+
+
+class ExplorationSchedule(Strategy):
+    """Base of the registered schedules: ``plan`` is called once per rollout batch."""
+
+    def plan(self, num_steps: int, training_step: int, generator: torch.Generator | None) -> ExplorationPlan:
+        raise NotImplementedError
+
+
+@dataclass
+class FullOptions:
+    name: str = "full"
+    timestep_fraction: float = 1.0
+    """fraction of the T steps trained (DanceGRPO's timestep_fraction)"""
+    selection: Literal["random", "first"] = "random"
+    """which steps are trained: a random subset per rollout (DanceGRPO) or the first ones (Flow-GRPO)"""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timestep_fraction <= 1:
+            raise UserError(f"policy.options.exploration.timestep_fraction must be in (0, 1], "
+                            f"got {self.timestep_fraction!r}")  # fmt: skip
+        if self.selection not in ("random", "first"):
+            raise UserError(f"policy.options.exploration.selection: unknown {self.selection!r}; known: first, random")
+
+
+@EXPLORATION.register("full")
+class FullExploration(ExplorationSchedule):
+    """DanceGRPO / Flow-GRPO: SDE at every step, train a fraction of them (timestep_fraction)."""
+
+    Options = FullOptions
+
+    def plan(self, num_steps: int, training_step: int, generator: torch.Generator | None) -> ExplorationPlan:
+        return full(num_steps, self.opts.timestep_fraction, self.opts.selection, generator)
+
+
+@dataclass
+class WindowOptions:
+    name: str = "window"
+    size: int = 4
+    """w: SDE (and trained) steps in the window; capped at T"""
+    mode: Literal["progressive", "random"] = "progressive"
+    """slide the window with training progress, or draw a random window per rollout"""
+    shift_every: int = 10
+    """progressive: advance the window one step every this many training steps"""
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.shift_every < 1:
+            raise UserError(f"policy.options.exploration: size and shift_every must be >= 1, got size={self.size}, "
+                            f"shift_every={self.shift_every}")  # fmt: skip
+        if self.mode not in ("progressive", "random"):
+            raise UserError(f"policy.options.exploration.mode: unknown {self.mode!r}; known: progressive, random")
+
+
+@EXPLORATION.register("window")
+class WindowExploration(ExplorationSchedule):
+    """MixGRPO: SDE and training inside a window that slides over training, ODE elsewhere."""
+
+    Options = WindowOptions
+
+    def plan(self, num_steps: int, training_step: int, generator: torch.Generator | None) -> ExplorationPlan:
+        o = self.opts
+        return window(num_steps, min(o.size, num_steps), training_step, o.mode, o.shift_every, generator=generator)
+
+
+@dataclass
+class SingularOptions:
+    name: str = "singular"
+    branch_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """candidate branch steps k (0 = the first step); those >= T are dropped"""
+    granularities: list[int] = field(default_factory=lambda: [1])
+    """ODE continuation strides after k; [1, 2, 3] = G²RPO's multi-granularity advantages"""
+
+    def __post_init__(self) -> None:
+        if not self.branch_steps or min(self.branch_steps) < 0:
+            raise UserError(f"policy.options.exploration.branch_steps must be a non-empty list of steps >= 0, "
+                            f"got {self.branch_steps}")  # fmt: skip
+        if not self.granularities or min(self.granularities) < 1:
+            raise UserError(f"policy.options.exploration.granularities must be >= 1, got {self.granularities}")
+
+
+@EXPLORATION.register("singular")
+class SingularExploration(ExplorationSchedule):
+    """G²RPO: one SDE branch step shared by the group's ODE anchor, ODE continuations at several granularities."""
+
+    Options = SingularOptions
+
+    def plan(self, num_steps: int, training_step: int, generator: torch.Generator | None) -> ExplorationPlan:
+        plan = singular(num_steps, [k for k in self.opts.branch_steps if k < num_steps], generator)
+        plan.granularities = tuple(self.opts.granularities)
+        return plan
 
 
 def coarse_schedule(sigmas: torch.Tensor, k: int, granularity: int) -> torch.Tensor:

@@ -1,19 +1,20 @@
-"""Objectives on the final samples of a flow policy instead of its sampler's steps (a mixin of DiffusionPolicy).
+"""Objectives on the final samples of a flow policy instead of its sampler's steps (registered objectives).
 
-``objective=flow_matching``: advantage-weighted flow matching (AWM); ``objective=nft``: DiffusionNFT's
-negative-aware matching (Zheng et al. 2025) against the sampling policy's velocity. The action units of a row are
-``fm_timesteps`` (sigma, noise) draws on its final sample x0; the sampler is free (noise_level 0 = the ODE that
-evaluation uses), and with ``old_policy_ema`` > 0 it is an EMA of the trained weights (DiffusionNFT's soft update),
-kept here and checkpointed through ``training_state``.
+``objective: {name: flow_matching}``: advantage-weighted flow matching (AWM); ``objective: {name: nft}``:
+DiffusionNFT's negative-aware matching (Zheng et al. 2025) against the sampling policy's velocity. The action units
+of a row are ``timesteps`` (sigma, noise) draws on its final sample x0; the sampler is free (sde.noise_level 0 = the
+ODE that evaluation uses), and with ``old_policy_ema`` > 0 it is an EMA of the trained weights (DiffusionNFT's soft
+update), kept by the objective and checkpointed through ``training_state``.
 
-Shapes: N rows, K = fm_timesteps units, latents ``[N, *latent_shape]``; (row, unit) pairs flatten row-major.
+Shapes: N rows, K = timesteps units, latents ``[N, *latent_shape]``; (row, unit) pairs flatten row-major.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -21,76 +22,153 @@ from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, Rollout
+from mmgrpo.policies.exploration import FullOptions
+from mmgrpo.policies.objectives import OBJECTIVES, DiffusionObjective
+
+P = "policy.options.objective"
 
 
-class FinalSampleObjectives:
-    """The flow_matching / nft half of :class:`~mmgrpo.policies.diffusion.DiffusionPolicy`. It uses the policy's
-    ``opts``, ``adapter``, ``model``, ``unwrapped()``, ``reference()``, ``_finish()`` and ``_cond_rows()``."""
+@dataclass
+class FinalSampleOptions:
+    """Options shared by the objectives on the final samples."""
 
-    def _init_old_policy(self) -> None:
-        o = self.opts
-        self._old: EMA | None = None
+    name: str = "flow_matching"
+    timesteps: int = 2
+    """(sigma, noise) draws per sample, each an action unit of the loss"""
+    sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """the draws' sigmas are uniform in [lo, hi] (1 = pure noise: layout; 0 = clean: detail)"""
+    shared_draws: bool = True
+    """the G samples of a prompt share their (sigma, noise) draws (common random numbers, as DiffusionNFT/DGPO share
+    noise in a group): with group-centred advantages the part of the gradient that comes from the draws themselves
+    cancels, and what remains is the difference between the samples"""
+    old_policy_ema: float = 0.0
+    """the sampling ("old") policy is an EMA of the trained weights, updated once per training step before its
+    rollouts: theta_old <- d theta_old + (1 - d) theta (DiffusionNFT's soft update; the rollouts and nft's v_old use
+    it). 0 = the weights as they are at the rollout (on-policy). > 0 costs one fp32 copy of the trainable
+    parameters, checkpointed with the run"""
+
+    def __post_init__(self) -> None:
+        rng = list(self.sigma_range)
+        if len(rng) != 2 or not 0.0 <= rng[0] < rng[1] <= 1.0:
+            raise UserError(f"{P}.sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, got {self.sigma_range}")
+        if self.timesteps < 1:
+            raise UserError(f"{P}.timesteps must be >= 1, got {self.timesteps}")
+        if not 0.0 <= self.old_policy_ema < 1.0:
+            raise UserError(f"{P}.old_policy_ema must be in [0, 1) (0 = on-policy), got {self.old_policy_ema}")
+
+
+@dataclass
+class FlowMatchingOptions(FinalSampleOptions):
+    name: str = "flow_matching"
+    weighting: Literal["x0", "v"] = "x0"
+    """per-draw weight of the velocity error. x0: sigma^2, i.e. the x0-prediction error (near sigma 0 the velocity
+    target is the noise itself, which a clean image cannot predict: unweighted, those draws dominate and the shapes
+    model degraded into a patch-grid pattern in 20 steps); v: 1 (SD3's plain v-loss)"""
+    rollout_guidance_scale: float | None = None
+    """classifier-free guidance of the training rollouts (None = policy.options.guidance_scale). Evaluation and
+    generate() keep guidance_scale, so e.g. 2 here with guidance_scale 1 trains the unguided model on guided samples,
+    weighted by their advantages (it learns what guidance adds, and what the reward adds). The sde objective scores
+    the sampler's own steps and nft its unguided velocity, so they have no such option"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weighting not in ("x0", "v"):
+            raise UserError(f"{P}.weighting: unknown {self.weighting!r}; known: v, x0")
+        if self.rollout_guidance_scale is not None and self.rollout_guidance_scale < 1.0:
+            raise UserError(f"{P}.rollout_guidance_scale must be >= 1 (1 = off), got {self.rollout_guidance_scale}")
+
+
+@dataclass
+class NFTOptions(FinalSampleOptions):
+    name: str = "nft"
+    beta: float = 1.0
+    """beta of the implicit policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - beta v (v the
+    trained velocity, v_old the sampling policy's); the errors are divided by beta. DiffusionNFT's own weighting
+    always applies: the x0 error divided by its (detached) mean absolute value"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0:
+            raise UserError(f"{P}.beta must be > 0 (DiffusionNFT uses 1), got {self.beta}")
+
+
+class FinalSampleObjective(DiffusionObjective):
+    """Base of the objectives on the final samples x0: units are ``timesteps`` (sigma, noise) draws per sample."""
+
+    Options = FinalSampleOptions
+
+    def __init__(self, options: FinalSampleOptions):
+        super().__init__(options)
+        self.ema: EMA | None = None
         """the sampling policy's trainable weights (old_policy_ema > 0; else the trained weights sample)"""
-        self._old_step: int | None = None  # the training step whose rollouts last updated _old
-        if o.old_policy_ema > 0:
-            self._old = EMA(self.trainable_parameters(), o.old_policy_ema, "policy.options.old_policy_ema")
+        self._ema_step: int | None = None  # the training step whose rollouts last updated the EMA
+
+    @classmethod
+    def check_options(cls, opts: Any) -> None:
+        if not isinstance(opts.exploration, FullOptions):
+            raise UserError(
+                f"{P}={opts.objective.name} trains the final samples, not sampler steps: exploration "
+                f"{opts.exploration.name!r} means nothing there; set exploration=full (or leave it out)"
+            )
+
+    def check_adapter(self, adapter: Any) -> None:
+        if adapter.parameterization != "flow":
+            raise UserError(f"{P}={self.opts.name} needs a flow-matching family; {adapter.family} is a DDIM UNet: "
+                            "use objective=sde with sde.kind=ddim")  # fmt: skip
+
+    def attach(self, policy: Any) -> None:
+        if self.opts.old_policy_ema > 0:
+            self.ema = EMA(policy.trainable_parameters(), self.opts.old_policy_ema, f"{P}.old_policy_ema")
 
     @contextlib.contextmanager
-    def _sampling_policy(self, step: int) -> Iterator[None]:
-        """Training rollouts of objective flow_matching/nft sample with the old policy: its EMA is updated once
-        per training step (at the step's first rollout), then its weights are swapped in while sampling.
-        generate() samples as objective=sde, i.e. with the trained weights."""
-        if self._old is None or self.opts.objective == "sde":
+    def sampling_weights(self, policy: Any, step: int) -> Iterator[None]:
+        """Training rollouts sample with the old policy: its EMA is updated once per training step (at the step's
+        first rollout), then its weights are swapped in while sampling. generate() samples with the sde objective,
+        i.e. with the trained weights."""
+        if self.ema is None:
             yield
             return
-        if self._old_step != step:
-            self._old.update()
-            self._old_step = step
-        with self._old.swapped():
+        if self._ema_step != step:
+            self.ema.update()
+            self._ema_step = step
+        with self.ema.swapped():
             yield
 
     def training_state(self) -> dict[str, Any] | None:
-        """What a checkpoint keeps besides the trained weights: the old policy's EMA (None without one)."""
-        if self._old is None:
+        """The old policy's EMA (None without one)."""
+        if self.ema is None:
             return None
-        return {"old_policy": self._old.state_dict(), "old_step": -1 if self._old_step is None else self._old_step}
+        return {"old_policy": self.ema.state_dict(), "old_step": -1 if self._ema_step is None else self._ema_step}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
-        if self._old is not None and state.get("old_policy") is not None:
-            self._old.load_state_dict(state["old_policy"])
-            self._old_step = None if state["old_step"] < 0 else int(state["old_step"])
+        if self.ema is not None and state.get("old_policy") is not None:
+            self.ema.load_state_dict(state["old_policy"])
+            self._ema_step = None if state["old_step"] < 0 else int(state["old_step"])
 
-    def _finish_flow_matching(self, batch, G, latents, cond, gens) -> Rollout:
-        """Rollout whose units are fm_timesteps (sigma, noise) draws on each final sample x0.
+    def finish_rollout(self, policy, batch, G, latents, logp, plan, cond, gens) -> Rollout:
+        """Rollout whose units are ``timesteps`` (sigma, noise) draws on each final sample x0.
 
-        Each row gets a seed from its prompt's generator (layout independent); the draws are regenerated from
-        it whenever the log-prob is recomputed. objective=nft also stores the sampling policy's velocity at every
-        draw, ``extras["fm_v_old"] [N, K, *latent]`` fp32 (one forward here instead of one per update), and its
-        logp_old is the sampling policy's own error (v+ = v- = v_old): the behaviour policy's, as in PPO, so the
-        ratio exp(logp - logp_old) measures how far the trained positive policy moved from the sampler.
+        Each row gets a seed from its prompt's generator (layout independent); the draws are regenerated from it
+        whenever the log-prob is recomputed. ``logp_old`` comes from :meth:`behaviour_logp`.
         """
-        n, K = latents.shape[0], self.opts.fm_timesteps
-        if self.opts.fm_shared_draws:
+        n, K = latents.shape[0], self.opts.timesteps
+        if self.opts.shared_draws:
             seeds = torch.cat([torch.randint(0, 2**62, (1,), generator=g).expand(G) for g in gens])  # [N]
         else:
             seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
-        rollout = self._finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
+        rollout = policy.finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
         rollout.extras["fm_seeds"] = seeds
-        rows, units = torch.arange(n), torch.arange(K)
-        if self.opts.objective != "nft":
-            rollout.logp_old = self._fm_log_prob(rollout, rows, units, grad=False).logp.detach()
-            return rollout
-        xt, x0, _, sig, t, cond_k = self._fm_inputs(rollout, rows, units)
-        with self._old.swapped() if self._old is not None else contextlib.nullcontext():  # the sampler's weights
-            v_old = self.adapter.predict(self.unwrapped(), xt.to(self.adapter.dtype), t, cond_k).float()
-        rollout.extras["fm_v_old"] = v_old.view(n, K, *v_old.shape[1:])
-        rollout.logp_old = -self._nft_errors(v_old, v_old, xt, x0, sig)[0].view(n, K)
+        rollout.logp_old = self.behaviour_logp(policy, rollout, torch.arange(n), torch.arange(K))
         return rollout
 
-    def _fm_draws(self, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def behaviour_logp(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """logp_old [N, K]: the trained weights' own surrogate at the rollout (ratio 1 before any update)."""
+        return self._log_prob(policy, rollout, rows, units, grad=False).logp.detach()
+
+    def draws(self, policy: Any, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas [n, K], noise [n, K, *latent]) of rows with these seeds; the same seed gives the same draws."""
-        lo, hi = self.opts.fm_sigma_range
-        shape, K = self.adapter.latent_shape(), self.opts.fm_timesteps
+        lo, hi = self.opts.sigma_range
+        shape, K = policy.adapter.latent_shape(), self.opts.timesteps
         uniq, inverse = torch.unique(seeds, return_inverse=True)  # shared draws: one generation per group
         sig, eps = [], []
         for s in uniq.tolist():
@@ -99,40 +177,37 @@ class FinalSampleObjectives:
             eps.append(torch.randn((K, *shape), generator=g))
         return torch.stack(sig)[inverse], torch.stack(eps)[inverse]
 
-    def _fm_log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor, grad: bool = True) -> LogProbs:
-        """Per-unit surrogate log-likelihood: minus the flow-matching error of the velocity at a noised x0.
+    def log_prob(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None) -> LogProbs:
+        units = torch.arange(self.opts.timesteps) if units is None else units.cpu()
+        return self._log_prob(policy, rollout, rows, units)
 
-        unit u of row r: x_t = (1 - sigma) x0 + sigma eps, logp = -w(sigma) mean((v(x_t, sigma) - (eps - x0))^2)
-        over the latent's elements, w = sigma^2 (fm_weighting x0) or 1 (v). It is a (weighted) per-(sigma, noise)
-        term of the flow-matching ELBO, so advantage x grad(logp) is AWM's advantage-weighted matching (and, on
-        policy, DiffusionNFT's update direction). No CFG: the conditional velocity is trained, as both papers do.
-        objective=nft: logp and neg_logp are minus the errors of DiffusionNFT's implicit policies (``_nft_errors``).
+    def _log_prob(self, policy, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor, grad: bool = True):
+        """Per-unit surrogate log-likelihood: minus the error of the velocity at a noised x0 (:meth:`errors`).
+
+        No CFG: the conditional velocity is trained, as both papers do. With reference_kl, the KL is the v-space
+        surrogate mean((v - v_ref)^2) (Flow-Factory's "v-based").
         """
-        o = self.opts
-        xt, x0r, eps, sig, t, cond = self._fm_inputs(rollout, rows, units)
+        xt, x0r, eps, sig, t, cond = self.inputs(policy, rollout, rows, units)
         n, k = len(rows), len(units)
-        neg = None
         with torch.set_grad_enabled(grad):
-            v = self.adapter.predict(self.model, xt.to(self.adapter.dtype), t, cond).float()
-            if o.objective == "nft":  # the sampling policy's velocity, stored by the rollout
-                v_old = rollout.extras["fm_v_old"][rows][:, units.to(xt.device)].flatten(0, 1)
-                err, neg = self._nft_errors(v, v_old, xt, x0r, sig)
-            else:
-                err = (v - (eps - x0r)).pow(2).flatten(1).mean(1)  # [n*k]
-                if o.fm_weighting == "x0":
-                    err = sig.flatten().square() * err  # x0 - x0_hat = sigma (v_hat - v)
+            v = policy.adapter.predict(policy.model, xt.to(policy.adapter.dtype), t, cond).float()
+            err, neg = self.errors(v, rollout, rows, units, xt, x0r, eps, sig)
         kl = None
-        if o.reference_kl:
-            with torch.no_grad(), self.reference() as ref_model:
-                v_ref = self.adapter.predict(ref_model, xt.to(self.adapter.dtype), t, cond).float()
-            kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)  # v-space KL surrogate (Flow-Factory "v-based")
+        if policy.opts.reference_kl:
+            with torch.no_grad(), policy.reference() as ref_model:
+                v_ref = policy.adapter.predict(ref_model, xt.to(policy.adapter.dtype), t, cond).float()
+            kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)
         return LogProbs(logp=-err.view(n, k), kl=kl, neg_logp=None if neg is None else -neg.view(n, k))
 
-    def _fm_inputs(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor):
+    def errors(self, v, rollout, rows, units, xt, x0, eps, sig) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The error [n*k] the loss lowers (and, for nft, the implicit negative policy's) of velocity v [n*k, ...]."""
+        raise NotImplementedError
+
+    def inputs(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor):
         """Flattened (row, unit) pairs, row-major: x_t = (1 - sigma) x0 + sigma eps [n*k, *latent], x0, eps,
         sigma [n*k, 1, ...] (broadcastable), the model's timesteps [n*k] and conditioning."""
         x0 = rollout.extras["latents"][rows, -1]  # [n, *latent]
-        sig, eps = self._fm_draws(rollout.extras["fm_seeds"][rows.cpu()])
+        sig, eps = self.draws(policy, rollout.extras["fm_seeds"][rows.cpu()])
         sig, eps = sig[:, units], eps[:, units]  # [n, k], [n, k, *latent]
         n, k = sig.shape
         dev = x0.device
@@ -140,31 +215,62 @@ class FinalSampleObjectives:
         x0r = x0.repeat_interleave(k, 0)
         eps = eps.reshape(n * k, *x0.shape[1:]).to(dev)
         xt = (1.0 - sig) * x0r + sig * eps
-        t = self.adapter.timestep_from_sigma(sig.flatten()).to(dev)
-        cond = self._cond_rows(rollout.extras["cond"], rows.repeat_interleave(k))
+        t = policy.adapter.timestep_from_sigma(sig.flatten()).to(dev)
+        cond = policy.cond_rows(rollout.extras["cond"], rows.repeat_interleave(k))
         return xt, x0r, eps, sig, t, cond
 
-    def _nft_errors(self, v, v_old, xt, x0, sig) -> tuple[torch.Tensor, torch.Tensor]:
+
+@OBJECTIVES.register("flow_matching")
+class FlowMatchingObjective(FinalSampleObjective):
+    """Advantage-weighted flow matching on the final samples (AWM, on-policy DiffusionNFT; flow families)."""
+
+    Options = FlowMatchingOptions
+
+    def guidance_scale(self, opts: Any) -> float:
+        return opts.guidance_scale if self.opts.rollout_guidance_scale is None else self.opts.rollout_guidance_scale
+
+    def errors(self, v, rollout, rows, units, xt, x0, eps, sig) -> tuple[torch.Tensor, None]:
+        """unit u of row r: logp = -w(sigma) mean((v(x_t, sigma) - (eps - x0))^2) over the latent's elements, w =
+        sigma^2 (weighting x0) or 1 (v). It is a (weighted) per-(sigma, noise) term of the flow-matching ELBO, so
+        advantage x grad(logp) is AWM's advantage-weighted matching (and, on policy, DiffusionNFT's direction)."""
+        err = (v - (eps - x0)).pow(2).flatten(1).mean(1)  # [n*k]
+        if self.opts.weighting == "x0":
+            err = sig.flatten().square() * err  # x0 - x0_hat = sigma (v_hat - v)
+        return err, None
+
+
+@OBJECTIVES.register("nft")
+class NFTObjective(FinalSampleObjective):
+    """DiffusionNFT: implicit positive and negative policies around the sampling policy's velocity (loss nft)."""
+
+    Options = NFTOptions
+    loss = "nft"
+    loss_hint = " and loss.adv_clip"
+
+    def behaviour_logp(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Stores the sampling policy's velocity at every draw, ``extras["fm_v_old"] [N, K, *latent]`` fp32 (one
+        forward here instead of one per update); logp_old is the sampling policy's own error (v+ = v- = v_old): the
+        behaviour policy's, as in PPO, so the ratio exp(logp - logp_old) measures how far the trained positive
+        policy moved from the sampler."""
+        xt, x0, _, sig, t, cond_k = self.inputs(policy, rollout, rows, units)
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():  # the sampler's weights
+            v_old = policy.adapter.predict(policy.unwrapped(), xt.to(policy.adapter.dtype), t, cond_k).float()
+        n, K = len(rows), len(units)
+        rollout.extras["fm_v_old"] = v_old.view(n, K, *v_old.shape[1:])
+        return -self.nft_errors(v_old, v_old, xt, x0, sig)[0].view(n, K)
+
+    def errors(self, v, rollout, rows, units, xt, x0, eps, sig) -> tuple[torch.Tensor, torch.Tensor]:
+        v_old = rollout.extras["fm_v_old"][rows][:, units.to(xt.device)].flatten(0, 1)  # stored by the rollout
+        return self.nft_errors(v, v_old, xt, x0, sig)
+
+    def nft_errors(self, v, v_old, xt, x0, sig) -> tuple[torch.Tensor, torch.Tensor]:
         """DiffusionNFT's errors [n*k] of the implicit positive policy v+ = b v + (1 - b) v_old and negative
-        policy v- = (1 + b) v_old - b v (b = nft_beta): the x0-prediction error mean((x_t - sigma v' - x0)^2)
+        policy v- = (1 + b) v_old - b v (b = beta): the x0-prediction error mean((x_t - sigma v' - x0)^2)
         divided by its own detached mean absolute value (the paper's adaptive weighting), then by b."""
-        b = self.opts.nft_beta
+        b = self.opts.beta
         out = []
         for pred in (b * v + (1.0 - b) * v_old, (1.0 + b) * v_old - b * v):
             diff = (xt - sig * pred) - x0  # [n*k, *latent]
             scale = diff.detach().abs().flatten(1).mean(1).clamp_min(1e-5)
             out.append(diff.pow(2).flatten(1).mean(1) / scale / b)
         return out[0], out[1]
-
-
-def check_loss(opts: Any, loss_name: str) -> None:
-    """At build time (``opts``: the policy's DiffusionPolicyOptions): objective=nft and loss.name=nft go together
-    (the loss combines the two implicit policies'
-    errors that only that objective computes)."""
-    if opts.objective == "nft" and loss_name != "nft":
-        raise UserError(
-            f"policy.options.objective=nft trains DiffusionNFT's implicit policies, which only loss.name=nft "
-            f"combines (got loss.name={loss_name!r}): set loss.name=nft and loss.adv_clip"
-        )
-    if loss_name == "nft" and opts.objective != "nft":
-        raise UserError(f"loss.name=nft needs policy.options.objective=nft (got objective={opts.objective!r})")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -63,7 +64,34 @@ class StepOutput:
     std: torch.Tensor
 
 
-SDE_KINDS: Registry[Callable[..., StepOutput]] = Registry("sde kind")
+SDE_KINDS: Registry[Callable[..., StepOutput]] = Registry("sde kind", plugins="sde")
+
+
+@dataclass
+class SDEOptions:
+    """The sampler's dynamics (``policy.options.sde``): which SDE a stochastic step follows, and how noisy it is."""
+
+    kind: str = "flow_grpo"
+    """flow families: flow_grpo (Flow-GRPO), dance (DanceGRPO), cps (a name in SDE_KINDS); UNet families: ddim"""
+    noise_level: float = 0.7
+    """flow_grpo: a; dance: eta; cps: a in [0, 1]; ddim: eta in [0, 1] (0 = the deterministic ODE everywhere)"""
+
+    UNET_KIND: ClassVar[str] = "ddim"
+    MAX_NOISE_LEVEL: ClassVar[dict[str, float]] = {"cps": 1.0, "ddim": 1.0}
+    """kinds whose noise level is a fraction of the step's noise (sin(a pi / 2), DDIM's eta): above 1 is undefined"""
+
+    def __post_init__(self) -> None:
+        # checked when the config is loaded, so a bad value fails before any model loads
+        if self.kind != self.UNET_KIND and self.kind not in SDE_KINDS:
+            raise UserError(f"policy.options.sde.kind: {SDE_KINDS.unknown_message(self.kind)}; UNet families "
+                            f"(sd) use {self.UNET_KIND}")  # fmt: skip
+        top = self.MAX_NOISE_LEVEL.get(self.kind, float("inf"))
+        if not 0.0 <= self.noise_level <= top:
+            raise UserError(
+                f"policy.options.sde.noise_level={self.noise_level} is out of range for sde.kind={self.kind}: it "
+                + (f"must be in [0, {top}]" if top < float("inf") else "must be >= 0")
+                + " (0 = the deterministic ODE step); lower it, or use kind flow_grpo or dance"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- helpers

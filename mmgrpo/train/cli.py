@@ -13,7 +13,6 @@ User errors print one paragraph without a traceback; ``--debug`` shows it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import textwrap
@@ -72,20 +71,12 @@ TITLES: dict[str, str] = {
 }
 """plug-in kind -> heading in ``mmgrpo list`` (a kind missing here is shown under its own name)"""
 
-_NOT_YET_PLUGGABLE = {"sde": "mmgrpo.policies.sde:SDE_KINDS", "exploration": "mmgrpo.policies.exploration:EXPLORATION"}
-"""registries not yet created with ``plugins=`` (so not in the index), still listed; drop an entry once its registry
-takes ``plugins=<kind>``"""
-
 
 def list_entries() -> dict[str, dict[str, str]]:
     """{plug-in kind: {name: one-line description}} for every kind of :data:`mmgrpo.core.plugins.BUILTIN` and every
     registry created with ``plugins=``, walked generically (built-ins and entry points), plus ``policies``: the
     options schema of each recipe's policy."""
     regs = registries()
-    for kind, home in _NOT_YET_PLUGGABLE.items():
-        if kind not in regs:
-            module, _, attr = home.partition(":")
-            regs[kind] = getattr(importlib.import_module(module), attr)
     out: dict[str, dict[str, str]] = {}
     for kind in [*plugins.BUILTIN, *(k for k in regs if k not in plugins.BUILTIN)]:
         reg = regs.get(kind)

@@ -11,7 +11,7 @@ with ``--run``/``--checkpoint`` the denoiser gets the run's LoRA options and the
 checkpoint that lacks a trainable parameter, or holds one the model does not have, is a UserError).
 
 Sampling is the policy's deterministic ODE (noise level 0) by default; ``--noise-level a`` samples the SDE
-(``policy.options.sde``) at that level. Sample j of every prompt uses seed ``--seed + j``, so one sample is
+(``policy.options.sde.kind``) at that level. Sample j of every prompt uses seed ``--seed + j``, so one sample is
 reproduced by asking for that seed alone, and the result does not depend on ``--batch-size``.
 
 Writes into ``--out``: ``best_<i>.png`` (``.mp4`` for video) per prompt, ``grid.png`` (one row of N samples per
@@ -41,6 +41,7 @@ from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import read_prompts
 from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.exploration import FullOptions
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint
 from mmgrpo.train.components import PIPELINES
@@ -187,14 +188,21 @@ def resolve_policy_options(
     return opts
 
 
+def full_exploration(current: Any) -> FullOptions:
+    """Every step sampled and scored the same way; a full schedule keeps its selection (it decides whether
+    planning draws from the global generator)."""
+    if isinstance(current, FullOptions):
+        return dataclasses.replace(current, timestep_fraction=1.0)
+    return FullOptions()
+
+
 def sampling_options(opts: Any, steps: int | None, guidance: float | None) -> Any:
     """The options for inference: every step sampled the same way, no reference, no training helpers."""
     return dataclasses.replace(
         opts,
         num_steps=opts.num_steps if steps is None else steps,
         guidance_scale=opts.guidance_scale if guidance is None else guidance,
-        exploration="full",
-        timestep_fraction=1.0,
+        exploration=full_exploration(opts.exploration),
         reference_kl=False,
         gradient_checkpointing=False,
     )
@@ -392,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": opts.path, "family": opts.family, "checkpoint": str(ckpt) if ckpt else None, "ema": args.ema,
         "reward": args.reward, "reward_options": reward_options, "best_of": args.best_of, "seed": args.seed,
         "steps": opts.num_steps, "guidance": opts.guidance_scale, "noise_level": args.noise_level,
-        "sde": opts.sde if args.noise_level > 0 else "ode", "prompts": records,
+        "sde": opts.sde.kind if args.noise_level > 0 else "ode", "prompts": records,
     }  # fmt: skip
     (Path(args.out) / "scores.json").write_text(json.dumps(summary, indent=2))
     mean_best = float(np.mean([r["best_score"] for r in records]))

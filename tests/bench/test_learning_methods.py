@@ -22,5 +22,10 @@ def test_method_overrides_build_the_named_objective(method, tmp_path, monkeypatc
     policy = PIPELINES.get(cfg.pipeline).build(cfg, None).policy
     label = learning.METHODS[method][0]
     want = "sde" if "SDE" in label or "G2RPO" in label else "flow_matching" if "AWM" in label else "nft"
-    assert policy.opts.objective == want and (cfg.loss.name == "nft") == (want == "nft")
-    assert (policy._old is not None) == (want == "nft")  # only the demo's nft row samples with an EMA
+    assert policy.opts.objective.name == want and (cfg.loss.name == "nft") == (want == "nft")
+    assert type(policy.objective).__name__ == {"sde": "SDEObjective", "flow_matching": "FlowMatchingObjective",
+                                               "nft": "NFTObjective"}[want]  # fmt: skip
+    ema = getattr(policy.objective, "ema", None)
+    assert (ema is not None) == (want == "nft")  # only the demo's nft row samples with an EMA
+    if want == "flow_matching":  # the AWM rows keep the demo's 4 draws per sample
+        assert policy.opts.objective.timesteps == 4

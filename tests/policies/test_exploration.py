@@ -7,6 +7,9 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.policies.exploration import (
     EXPLORATION,
     ExplorationPlan,
+    FullExploration,
+    SingularExploration,
+    WindowExploration,
     coarse_schedule,
     full,
     multi_granularity_advantages,
@@ -14,6 +17,7 @@ from mmgrpo.policies.exploration import (
     window,
     window_start,
 )
+from mmgrpo.policies.strategy import resolve_options
 
 
 def _steps(mask):
@@ -132,12 +136,45 @@ def test_plan_rejects_trained_ode_steps():
 
 def test_registry():
     assert EXPLORATION.names() == ["full", "singular", "window"]
-    assert EXPLORATION.get("window") is window
+    assert EXPLORATION.get("window") is WindowExploration
     assert "MixGRPO" in EXPLORATION.describe("window")
     assert "G²RPO" in EXPLORATION.describe("singular")
     assert "DanceGRPO" in EXPLORATION.describe("full")
     with pytest.raises(UserError, match="unknown exploration 'windows'.*did you mean 'window'"):
         EXPLORATION.get("windows")
+
+
+def test_registered_schedules_plan_with_their_planners_and_own_their_options():
+    """The policy only calls schedule.plan(T, training_step, generator); each schedule runs its planner."""
+    opts = resolve_options(EXPLORATION, {"name": "window", "size": 3, "shift_every": 2}, "exploration")
+    plan = EXPLORATION.get("window")(opts).plan(10, 5, None)
+    assert torch.equal(plan.sde_mask, window(10, 3, 5, "progressive", 2).sde_mask)  # start 5 // 2 = 2
+    assert plan.train_steps == [2, 3, 4]
+    assert EXPLORATION.get("window")(WindowExploration.Options(size=20)).plan(4, 0, None).train_steps == [0, 1, 2, 3]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    full_plan = FullExploration(FullExploration.Options(timestep_fraction=0.5)).plan(8, 0, g1)
+    assert torch.equal(full_plan.train_mask, full(8, 0.5, "random", g2).train_mask)
+    branch = SingularExploration(SingularExploration.Options(branch_steps=[1, 9], granularities=[1, 3]))
+    plan = branch.plan(4, 0, None)  # steps >= T are dropped
+    assert plan.branch_step == 1 and plan.granularities == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "block, match",
+    [
+        ({"name": "full", "timestep_fraction": 0.0}, r"timestep_fraction must be in \(0, 1\]"),
+        ({"name": "full", "selection": "last"}, "selection"),
+        ({"name": "window", "size": 0}, "size and shift_every must be >= 1"),
+        ({"name": "window", "window_size": 2}, "did you mean 'exploration.size'"),
+        ({"name": "singular", "granularities": [0, 1]}, "granularities must be >= 1"),
+        ({"name": "singular", "timestep_fraction": 0.5}, "it is an option of full"),
+        ({"name": "windows"}, "did you mean 'window'"),
+        ({"size": 2}, "expected a exploration name or a mapping"),
+    ],
+)
+def test_schedule_options_are_checked_when_built(block, match):
+    with pytest.raises(UserError, match=match):
+        resolve_options(EXPLORATION, block, "exploration")
 
 
 # ------------------------------------------------------------------------------------- coarse schedule

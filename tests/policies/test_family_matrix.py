@@ -31,7 +31,7 @@ from mmgrpo.train.trainer import train
 FAMILIES = {
     "sd3": (save_tiny_sd3, "text_to_image", "jpeg_incompressibility", {}),
     "flux": (save_tiny_flux, "text_to_image", "jpeg_incompressibility", {"height": 16, "width": 16}),
-    "sd": (save_tiny_sd, "text_to_image", "jpeg_incompressibility", {"sde": "ddim", "noise_level": 1.0}),
+    "sd": (save_tiny_sd, "text_to_image", "jpeg_incompressibility", {"sde": {"kind": "ddim", "noise_level": 1.0}}),
     "wan": (save_tiny_wan, "text_to_video", "motion", dict(WAN_SIZE)),
     "hunyuan_video": (save_tiny_hunyuan_video, "text_to_video", "motion", dict(HUNYUAN_SIZE)),
 }
@@ -41,11 +41,11 @@ FLOW = ["sd3", "flux", "wan", "hunyuan_video"]
 def exploration_options(family: str, exploration: str) -> dict:
     """T = 2 steps; G2RPO uses T = 3 with k = 0 so granularity 2 continues on sigmas [1, 3], not [1, 2, 3]."""
     if exploration == "full":
-        return {"exploration": "full", "num_steps": 2}
+        return {"exploration": {"name": "full"}, "num_steps": 2}
     if exploration == "window":  # one SDE step out of two (MixGRPO), so the ODE part of the window is exercised
-        return {"exploration": "window", "window_size": 1, "num_steps": 2}
+        return {"exploration": {"name": "window", "size": 1}, "num_steps": 2}
     granularities = [1, 2] if family in FLOW else [1]  # SD's DDIM has no sigma schedule to coarsen
-    return {"exploration": "singular", "branch_steps": [0], "granularities": granularities, "num_steps": 3}
+    return {"exploration": {"name": "singular", "branch_steps": [0], "granularities": granularities}, "num_steps": 3}
 
 
 @pytest.fixture(scope="module")

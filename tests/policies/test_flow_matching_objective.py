@@ -15,7 +15,13 @@ from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
-FM = dict(objective="flow_matching", fm_timesteps=3, noise_level=0.0)
+FM = dict(objective={"name": "flow_matching", "timesteps": 3}, sde={"noise_level": 0.0})
+
+
+def fm(num_steps=3, **objective):
+    """AWM with 3 draws per sample on ODE rollouts."""
+    return DiffusionPolicyOptions(num_steps=num_steps, sde={"noise_level": 0.0},
+                                  objective={"name": "flow_matching", "timesteps": 3, **objective})  # fmt: skip
 
 
 def batch(seeds=(11, 12)):
@@ -25,7 +31,7 @@ def batch(seeds=(11, 12)):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("make", [tiny_sd3_adapter, tiny_flux_adapter], ids=["sd3", "flux"])
 def test_units_are_the_draws_and_ratio_is_one(make, shared):
-    policy = DiffusionPolicy(make(), DiffusionPolicyOptions(num_steps=3, fm_shared_draws=shared, **FM))
+    policy = DiffusionPolicy(make(), fm(shared_draws=shared))
     r = policy.rollout(batch(), group_size=3)
     assert r.logp_old.shape == (6, 3) and r.train_mask.all()
     seeds = r.extras["fm_seeds"].view(2, 3)
@@ -39,7 +45,7 @@ def test_log_prob_is_minus_the_flow_matching_error_of_the_documented_draws(weigh
     """Rebuild unit u of row r by hand: sigma = lo + (hi - lo) U, eps ~ N(0, I) from the row's seed, in that
     order; x_t = (1 - sigma) x0 + sigma eps; logp = -w mean((transformer(x_t, 1000 sigma) - (eps - x0))^2) with
     w = sigma^2 (x0 weighting) or 1 (v)."""
-    opts = DiffusionPolicyOptions(num_steps=3, **{**FM, "fm_sigma_range": [0.2, 0.6], "fm_weighting": weighting})
+    opts = fm(sigma_range=[0.2, 0.6], weighting=weighting)
     policy = DiffusionPolicy(tiny_sd3_adapter(), opts)
     r = policy.rollout(batch(), group_size=2)
     row = 3
@@ -64,7 +70,7 @@ def test_log_prob_is_minus_the_flow_matching_error_of_the_documented_draws(weigh
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_a_positive_advantage_lowers_the_error_and_a_negative_one_raises_it(sign):
-    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=3, **FM))
+    policy = DiffusionPolicy(tiny_sd3_adapter(), fm())
     r = policy.rollout(batch(), group_size=2)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.01)
     rows = torch.arange(4)
@@ -91,17 +97,23 @@ def test_reference_kl_is_the_velocity_gap_to_the_adapter_disabled():
 @pytest.mark.parametrize(
     "make, opts, match",
     [
-        (tiny_sd_adapter, dict(sde="ddim"), "needs a flow-matching family"),
-        (tiny_sd3_adapter, dict(exploration="window"), "set exploration=full"),
-        (tiny_sd3_adapter, dict(fm_sigma_range=[0.5, 0.2]), r"fm_sigma_range must be \[lo, hi\]"),
-        (tiny_sd3_adapter, dict(fm_timesteps=0), "fm_timesteps must be >= 1"),
-        (tiny_sd3_adapter, dict(rollout_guidance_scale=0.5), "rollout_guidance_scale must be >= 1"),
-        (tiny_sd3_adapter, dict(objective="sde", rollout_guidance_scale=2.0), "set guidance_scale instead"),
+        (tiny_sd_adapter, dict(sde={"kind": "ddim"}), "needs a flow-matching family"),
+        (None, dict(exploration="window"), "set exploration=full"),
+        (None, dict(objective={"name": "flow_matching", "sigma_range": [0.5, 0.2]}), r"sigma_range must be \[lo, hi"),
+        (None, dict(objective={"name": "flow_matching", "timesteps": 0}), "objective.timesteps must be >= 1"),
+        (
+            None,
+            dict(objective={"name": "flow_matching", "rollout_guidance_scale": 0.5}),
+            "rollout_guidance_scale must be >= 1",
+        ),
+        (None, dict(objective={"name": "sde", "rollout_guidance_scale": 2.0}), "use objective=flow_matching"),
     ],
 )
 def test_bad_options_are_one_clear_error(make, opts, match):
+    """make None: the options alone are wrong, checked when they are built (at config load) with no model."""
     with pytest.raises(UserError, match=match):
-        DiffusionPolicy(make(), DiffusionPolicyOptions(**{**FM, **opts}))
+        options = DiffusionPolicyOptions(**{**FM, **opts})
+        DiffusionPolicy(make(), options)
 
 
 def test_rollout_guidance_guides_the_training_samples_only():
@@ -111,10 +123,10 @@ def test_rollout_guidance_guides_the_training_samples_only():
     seeds, prompts = [21, 22], ["a red circle", "two blue squares"]
     torch.manual_seed(0)
     adapter = tiny_sd3_adapter()
-    mixed = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=3, rollout_guidance_scale=4.0, **FM))
+    mixed = DiffusionPolicy(adapter, fm(rollout_guidance_scale=4.0))
     r = mixed.rollout(PromptBatch(prompts=prompts, seeds=seeds), group_size=1)
     guided = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=3, guidance_scale=4.0, **FM))
-    plain = DiffusionPolicy(adapter, DiffusionPolicyOptions(num_steps=3, **FM))
+    plain = DiffusionPolicy(adapter, fm())
     assert torch.allclose(r.samples, guided.generate(prompts, seeds), atol=1e-6)
     assert not torch.allclose(r.samples, plain.generate(prompts, seeds), atol=1e-3)  # guidance changed them
     assert torch.equal(mixed.generate(prompts, seeds), plain.generate(prompts, seeds))
@@ -145,7 +157,8 @@ def test_two_training_steps_through_the_recipe(tmp_path):
 
 @pytest.mark.parametrize("objective", ["sde", "flow_matching"])
 def test_full_fine_tuning_reference_is_a_frozen_copy_of_the_initial_denoiser(objective):
-    opts = DiffusionPolicyOptions(num_steps=2, reference_kl=True, **{**FM, "objective": objective, "noise_level": 0.7})
+    objective = {"name": "flow_matching", "timesteps": 3} if objective == "flow_matching" else objective
+    opts = DiffusionPolicyOptions(num_steps=2, reference_kl=True, objective=objective)  # sde.noise_level 0.7
     policy = DiffusionPolicy(tiny_sd3_adapter(), opts)
     r = policy.rollout(batch(), group_size=2)
     rows = torch.arange(4)
@@ -163,8 +176,8 @@ def test_full_fine_tuning_reference_is_a_frozen_copy_of_the_initial_denoiser(obj
 
 def test_old_policy_ema_samples_awm_rollouts_and_logp_old_stays_the_trained_weights():
     """objective=flow_matching with old_policy_ema: the EMA samples, the trained weights are scored (ratio 1)."""
-    d, opts = 0.5, dict(num_steps=3, **FM)
-    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(old_policy_ema=d, **opts))
+    d = 0.5
+    policy = DiffusionPolicy(tiny_sd3_adapter(), fm(old_policy_ema=d))
     init = [p.detach().clone() for p in policy.trainable_parameters()]
     policy.rollout(PromptBatch(prompts=["a red circle"], seeds=[1], step=0), group_size=1)
     g = torch.Generator().manual_seed(3)
@@ -172,7 +185,7 @@ def test_old_policy_ema_samples_awm_rollouts_and_logp_old_stays_the_trained_weig
         for p in policy.trainable_parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     r = policy.rollout(PromptBatch(prompts=["a red circle", "two blue squares"], seeds=[11, 12], step=1), 2)
-    twin = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**opts))
+    twin = DiffusionPolicy(tiny_sd3_adapter(), fm())
     with torch.no_grad():
         for p, a, m in zip(twin.trainable_parameters(), init, policy.trainable_parameters()):
             p.copy_(d * a + (1 - d) * m)

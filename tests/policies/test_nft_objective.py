@@ -16,7 +16,14 @@ from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
-NFT = dict(objective="nft", fm_timesteps=3, noise_level=0.0, num_steps=3)
+NFT = dict(sde={"noise_level": 0.0}, num_steps=3)
+
+
+def nft(**objective):
+    """Options of DiffusionNFT with 3 draws per sample on ODE rollouts of T = 3 steps."""
+    return DiffusionPolicyOptions(objective={"name": "nft", "timesteps": 3, **objective}, **NFT)
+
+
 PROMPTS = ["a red circle", "two blue squares"]
 
 
@@ -44,7 +51,7 @@ def test_errors_are_the_implicit_policies_against_the_sampling_policy():
     v_old from a copy of the weights that sampled, v from the moved ones, v+ = b v + (1 - b) v_old,
     v- = (1 + b) v_old - b v, error = mean((x_t - sigma v' - x0)^2) / mean|x_t - sigma v' - x0| / b."""
     b = 0.5
-    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(nft_beta=b, old_policy_ema=0.5, **NFT))
+    policy = DiffusionPolicy(tiny_sd3_adapter(), nft(beta=b, old_policy_ema=0.5))
     sampler = copy.deepcopy(policy.adapter.denoiser)
     r = policy.rollout(batch(), group_size=2)
     assert_ratio_one(policy, r)  # nothing moved yet: logp_old is the same computation
@@ -67,7 +74,7 @@ def test_errors_are_the_implicit_policies_against_the_sampling_policy():
 
 
 def test_at_the_sampling_policy_positive_and_negative_coincide_and_a_zero_advantage_has_no_gradient():
-    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**NFT))
+    policy = DiffusionPolicy(tiny_sd3_adapter(), nft())
     r = policy.rollout(batch(), group_size=2)
     lp = policy.log_prob(r, torch.arange(4))
     assert torch.allclose(lp.logp, lp.neg_logp, atol=1e-6)  # v = v_old: v+ = v- = v
@@ -83,7 +90,7 @@ def test_the_advantage_moves_the_sample_error_its_way_and_the_step_is_bounded(si
     """A step on the NFT loss lowers the sample's matching error for A > 0 and raises it for A < 0, as AWM does;
     unlike AWM's, the loss is a quadratic bowl around v_old + A/c (v_target - v_old): many steps on a negative
     advantage settle, they do not diverge."""
-    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**NFT))
+    policy = DiffusionPolicy(tiny_sd3_adapter(), nft())
     r = policy.rollout(batch(), group_size=2)
     rows, mask = torch.arange(4), torch.ones(4, 3, dtype=torch.bool)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.02)
@@ -109,7 +116,7 @@ def test_the_advantage_moves_the_sample_error_its_way_and_the_step_is_bounded(si
 
 def test_old_policy_is_an_ema_updated_once_per_step_and_samples_the_rollouts():
     d = 0.75
-    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(old_policy_ema=d, **NFT))
+    policy = DiffusionPolicy(tiny_sd3_adapter(), nft(old_policy_ema=d))
     params = policy.trainable_parameters()
     init = [p.detach().clone() for p in params]
     policy.rollout(batch(step=0), group_size=1)  # step 0: the EMA of the initial weights is themselves
@@ -117,13 +124,13 @@ def test_old_policy_is_an_ema_updated_once_per_step_and_samples_the_rollouts():
     moved = [p.detach().clone() for p in params]
     r1 = policy.rollout(batch(step=1), group_size=2)
     want = [d * a + (1 - d) * m for a, m in zip(init, moved)]
-    assert all(torch.allclose(s, w, atol=1e-7) for s, w in zip(policy._old.shadow, want))
+    assert all(torch.allclose(s, w, atol=1e-7) for s, w in zip(policy.objective.ema.shadow, want))
     assert all(torch.equal(p, m) for p, m in zip(params, moved))  # the trained weights are back after sampling
     policy.rollout(batch(step=1), group_size=2)  # a second rollout of the same step (DAPO refill): no update
-    assert all(torch.allclose(s, w, atol=1e-7) for s, w in zip(policy._old.shadow, want))
+    assert all(torch.allclose(s, w, atol=1e-7) for s, w in zip(policy.objective.ema.shadow, want))
     # the rollout is the old policy's: an on-policy twin holding the EMA weights gives the same samples, the same
     # stored velocities v_old and the same logp_old (the sampler's own error, as PPO's behaviour log-prob)
-    twin = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**NFT))
+    twin = DiffusionPolicy(tiny_sd3_adapter(), nft())
     with torch.no_grad():
         for p, w in zip(twin.trainable_parameters(), want):
             p.copy_(w)
@@ -135,7 +142,7 @@ def test_old_policy_is_an_ema_updated_once_per_step_and_samples_the_rollouts():
     ratio = torch.exp(policy.log_prob(r1, torch.arange(4)).logp - r1.logp_old)
     assert (ratio - 1).abs().max() > 1e-4  # the trained weights are not the sampler's: the monitor shows it
     # generate() (evaluation) samples with the trained weights
-    live = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**{**NFT, "objective": "sde"}))
+    live = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**NFT))  # objective sde: the trained weights
     with torch.no_grad():
         for p, m in zip(live.trainable_parameters(), moved):
             p.copy_(m)
@@ -146,23 +153,25 @@ def test_old_policy_is_an_ema_updated_once_per_step_and_samples_the_rollouts():
 @pytest.mark.parametrize(
     "opts, match",
     [
-        (dict(nft_beta=0.0), "nft_beta must be > 0"),
-        (dict(old_policy_ema=1.0), r"old_policy_ema must be in \[0, 1\)"),
-        (dict(objective="sde", old_policy_ema=0.5), "use objective=nft or flow_matching"),
-        (dict(rollout_guidance_scale=2.0), "nft: its unguided velocity"),
-        (dict(exploration="window"), "objective=nft trains the final samples"),
+        (dict(objective={"name": "nft", "beta": 0.0}), "objective.beta must be > 0"),
+        (dict(objective={"name": "nft", "old_policy_ema": 1.0}), r"old_policy_ema must be in \[0, 1\)"),
+        (dict(objective={"name": "sde", "old_policy_ema": 0.5}), "use objective=flow_matching or nft"),
+        (dict(objective={"name": "nft", "rollout_guidance_scale": 2.0}), "use objective=flow_matching or drop"),
+        (dict(objective="nft", exploration="window"), "objective=nft trains the final samples"),
     ],
 )
 def test_bad_options_are_one_clear_error(opts, match):
+    """Checked when the options are built (at config load), before any model is."""
     with pytest.raises(UserError, match=match):
-        DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**{**NFT, **opts}))
+        DiffusionPolicyOptions(**{**NFT, **opts})
 
 
 def recipe(tmp_path, ckpt, name, *extra):
     cfg = {
         "pipeline": "text_to_image",
         "run": {"name": name, "output_dir": str(tmp_path)},
-        "policy": {"options": {"family": "sd3", "path": ckpt, **NFT, "old_policy_ema": 0.5}},
+        "policy": {"options": {"family": "sd3", "path": ckpt, **NFT,
+                               "objective": {"name": "nft", "timesteps": 3, "old_policy_ema": 0.5}}},
         "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
         "rewards": [{"name": "jpeg_incompressibility"}],
         "loss": {"name": "nft", "adv_clip": 2.0},
@@ -184,13 +193,14 @@ def test_nft_trains_through_the_recipe_and_resumes_exactly(tmp_path):
     assert resumed.step == 3
     a, b = full.policy.unwrapped().state_dict(), resumed.policy.unwrapped().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(full.policy._old.shadow, resumed.policy._old.shadow))
-    lagging = zip(full.policy._old.shadow, full.policy.trainable_parameters())
+    ema, resumed_ema = full.policy.objective.ema, resumed.policy.objective.ema
+    assert all(torch.equal(x, y) for x, y in zip(ema.shadow, resumed_ema.shadow))
+    lagging = zip(full.policy.objective.ema.shadow, full.policy.trainable_parameters())
     assert any(not torch.equal(s, p.float()) for s, p in lagging)  # the sampling policy lags the trained weights
 
 
 def test_nft_needs_its_loss_and_the_loss_needs_nft():
-    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(**NFT))
+    policy = DiffusionPolicy(tiny_sd3_adapter(), nft())
     r = policy.rollout(batch(), group_size=2)
     lp = policy.log_prob(r, torch.arange(4))
     mask = torch.ones(4, 3, dtype=torch.bool)

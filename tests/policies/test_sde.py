@@ -316,3 +316,31 @@ def test_step_output_is_a_dataclass():
     out = step("cps", v, x, 0.5, 0.4, 0.5)
     assert isinstance(out, StepOutput)
     assert out.std.shape[0] == 3
+
+
+def test_bad_sde_options_fail_when_the_config_loads_before_any_model(tmp_path):
+    """policy.options are checked by the recipe's schema at load_config: the checkpoint path does not even exist,
+    so reaching the model would be another error."""
+    from mmgrpo.core.schema import from_dict
+    from mmgrpo.policies.loading import GeneratorPolicyOptions
+    from mmgrpo.train.config import dump_config, load_config
+
+    base = {"pipeline": "text_to_image", "rewards": [{"name": "jpeg_incompressibility"}],
+            "policy": {"options": {"family": "sd3", "path": str(tmp_path / "missing")}}}  # fmt: skip
+    with pytest.raises(UserError, match=r"sde.noise_level=1.5 is out of range for sde.kind=cps: it must be in \[0"):
+        load_config(None, ["policy.options.sde={kind: cps, noise_level: 1.5}"], base=base)
+    with pytest.raises(
+        UserError,
+        match="unknown key 'policy.options.sde.noise' in the config; did you mean 'policy.options.sde.noise_level'",
+    ):
+        load_config(None, ["policy.options.sde.noise=0.3"], base=base)
+    with pytest.raises(UserError, match="unknown sde kind 'danse'.*did you mean 'dance'"):
+        load_config(None, ["policy.options.sde.kind=danse"], base=base)
+    # the nested blocks round-trip through the run's config.yaml
+    overrides = ["policy.options.objective={name: nft, beta: 0.5}", "policy.options.sde.noise_level=0.0",
+                 "policy.options.exploration=full", "loss.name=nft"]  # fmt: skip
+    cfg = load_config(None, overrides, base=base)
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    again = load_config(tmp_path / "config.yaml")
+    opts = from_dict(GeneratorPolicyOptions, again.policy.options, "x")
+    assert (opts.objective.name, opts.objective.beta, opts.sde.noise_level) == ("nft", 0.5, 0.0)

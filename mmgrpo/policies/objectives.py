@@ -1,0 +1,146 @@
+"""What the loss trains in a diffusion policy: registered objectives (``policy.options.objective: {name, ...}``).
+
+An objective owns its options (checked when the config is loaded), its checks against the model family and the
+loss, and its part of the rollout and of the log-prob; :class:`~mmgrpo.policies.diffusion.DiffusionPolicy` samples
+and calls it. Built in:
+
+- ``sde`` (here) -- the sampler's stochastic steps: log-probs of the SDE transitions (DanceGRPO, Flow-GRPO,
+  MixGRPO, G²RPO); the units of a row are its T steps.
+- ``flow_matching`` (AWM) and ``nft`` (DiffusionNFT) -- ``mmgrpo.policies.flow_matching``: the final samples.
+
+An objective's methods take the policy as their first argument and use its public helpers (``adapter``,
+``model``, ``guided``, ``cond_rows``, ``uncond``, ``score_steps``, ``reference``, ``finish``).
+
+Shapes: B prompts, G samples per prompt, N = B*G rows, T steps, K units per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.registry import Registry
+from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
+from mmgrpo.policies import sde
+from mmgrpo.policies.exploration import ExplorationPlan
+from mmgrpo.policies.strategy import Strategy
+
+
+class DiffusionObjective(Strategy):
+    """Base of the registered objectives; the defaults are those of an objective on the sampler's steps."""
+
+    loss: ClassVar[str | None] = None
+    """the loss this objective needs (its log-probs only mean something to that loss), None = any"""
+    loss_hint: ClassVar[str] = ""
+    """what else to set with that loss (appended to the error)"""
+
+    @classmethod
+    def check_options(cls, opts: Any) -> None:
+        """Checks across the policy's options (``opts``: DiffusionPolicyOptions), when the config is loaded."""
+
+    def check_adapter(self, adapter: Any) -> None:
+        """Checks against the model family, when the policy is built."""
+
+    def attach(self, policy: Any) -> None:
+        """Called once the policy's trainable parameters exist (e.g. to copy them)."""
+
+    def guidance_scale(self, opts: Any) -> float:
+        """The CFG scale training rollouts sample with."""
+        return opts.guidance_scale
+
+    @contextlib.contextmanager
+    def sampling_weights(self, policy: Any, step: int) -> Iterator[None]:
+        """The weights training rollouts sample with (default: the trained weights as they are)."""
+        yield
+
+    def finish_rollout(
+        self, policy: Any, batch: PromptBatch, G: int, latents: torch.Tensor, logp: torch.Tensor,
+        plan: ExplorationPlan, cond: dict[str, torch.Tensor], gens: list[torch.Generator],
+    ) -> Rollout:  # fmt: skip
+        """The rollout of sampled ``latents [N, T+1, ...]`` with the step log-probs ``logp [N, T]``."""
+        raise NotImplementedError
+
+    def log_prob(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None) -> LogProbs:
+        raise NotImplementedError
+
+    def training_state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps besides the trained weights (None: nothing)."""
+        return None
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+OBJECTIVES: Registry[type[DiffusionObjective]] = Registry("diffusion objective", plugins="diffusion_objectives")
+
+
+def objective_class(opts: Any) -> type[DiffusionObjective]:
+    """The registered objective of a DiffusionPolicyOptions."""
+    return OBJECTIVES.get(opts.objective.name)
+
+
+def check_loss(opts: Any, loss_name: str) -> None:
+    """At build time (``opts``: the policy's DiffusionPolicyOptions): an objective that needs a loss gets it, and
+    a loss that only one objective's log-probs feed (``nft``: the two implicit policies' errors) gets that one."""
+    name = opts.objective.name
+    need = objective_class(opts).loss
+    if need is not None and loss_name != need:
+        raise UserError(
+            f"policy.options.objective={name} trains log-probs that only loss.name={need} combines "
+            f"(got loss.name={loss_name!r}): set loss.name={need}{objective_class(opts).loss_hint}"
+        )
+    owners = [n for n in OBJECTIVES.names() if OBJECTIVES.get(n).loss == loss_name]
+    if owners and name not in owners:
+        raise UserError(f"loss.name={loss_name} needs policy.options.objective={' or '.join(owners)} "
+                        f"(got objective={name!r})")  # fmt: skip
+
+
+@dataclass
+class SDEObjectiveOptions:
+    name: str = "sde"
+
+
+@OBJECTIVES.register("sde")
+class SDEObjective(DiffusionObjective):
+    """The sampler's stochastic steps: log-probs of its SDE transitions (DanceGRPO, Flow-GRPO, MixGRPO, G2RPO)."""
+
+    Options = SDEObjectiveOptions
+
+    def finish_rollout(self, policy, batch, G, latents, logp, plan, cond, gens) -> Rollout:
+        train = plan.train_mask[None, :].expand(latents.shape[0], -1).clone()
+        return policy.finish(batch, G, latents, logp, train, cond, extras={})
+
+    def log_prob(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None) -> LogProbs:
+        """Log-probs (with grad) of steps ``units`` for ``rows``: one batched forward over rows x units."""
+        sched = policy.adapter.schedule(policy.opts.num_steps)
+        units = torch.arange(sched.num_steps) if units is None else units.cpu()
+        n, k = len(rows), len(units)
+        if k == 0:
+            return LogProbs(logp=policy.unwrapped_zero().expand(n, 0), kl=None)
+        lat = rollout.extras["latents"]
+        rr, uu = rows.repeat_interleave(k), units.repeat(n)  # [n*k] pairs, row-major
+        # G2RPO: the G rows of a group share x_k, so one forward per (group, unit) serves all of them
+        fwd_rows = rr
+        if rollout.extras.get("state_shared_in_group"):
+            fwd_rows = (rr // rollout.group_size) * rollout.group_size
+        key = torch.stack([fwd_rows, uu], 1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        x = lat[uniq[:, 0], uniq[:, 1]]
+        cond = policy.cond_rows(rollout.extras["cond"], uniq[:, 0])
+        t = sched.timesteps[uniq[:, 1]].to(x.device)
+        uncond = policy.uncond(len(uniq))
+        out = policy.guided(policy.model, x, t, cond, uncond)[inverse]  # [n*k, ...]
+        x_all, prev = lat[fwd_rows, uu], lat[rr, uu + 1]
+        res = policy.score_steps(out, x_all, uu, sched, prev)
+        kl = None
+        if policy.opts.reference_kl:
+            with torch.no_grad(), policy.reference() as ref_model:
+                ref_out = policy.guided(ref_model, x, t, cond, uncond)[inverse]
+                ref = policy.score_steps(ref_out, x_all, uu, sched, prev)
+            kl = sde.gaussian_kl(res.mean, ref.mean, res.std).view(n, k)
+        return LogProbs(logp=res.log_prob.view(n, k), kl=kl)
