@@ -75,10 +75,13 @@ def diffusion_policy_options(
     """
     opts: dict[str, Any] = {"family": family, "path": path, "dtype": dtype, "num_steps": num_steps}
     opts.update(lora_rank=lora_rank, attention=attention, **(size or {}))
+    block = {}
     if sde is not None:
-        opts["sde"] = sde
+        block["kind"] = sde
     if noise_level is not None:
-        opts["noise_level"] = noise_level
+        block["noise_level"] = noise_level
+    if block:
+        opts["sde"] = block  # nested: sde: {kind, noise_level}
     return opts
 
 

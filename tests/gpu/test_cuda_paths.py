@@ -85,7 +85,7 @@ def test_sd3_bf16_on_cuda(tmp_path):
 def test_qwen2_vl_bf16_on_cuda(tmp_path):
     model, processor = tiny_qwen2_vl()
     path = str(save_tiny(model, processor, tmp_path / "vlm"))
-    policy = {"model": path, "dtype": "bfloat16", "max_new_tokens": 16}
+    policy = {"path": path, "dtype": "bfloat16", "max_new_tokens": 16}
     trainer = make_trainer(tmp_path, "vlm_reasoning", policy, {"num_examples": 32, "eval_examples": 4},
                            "test_gpu_checksum", micro_batch_size=G)  # fmt: skip
     check_contract(trainer, trainer.acc.unwrap_model(trainer.policy.model))

@@ -338,7 +338,7 @@ def test_bad_sde_options_fail_when_the_config_loads_before_any_model(tmp_path):
         load_config(None, ["policy.options.sde.kind=danse"], base=base)
     # the nested blocks round-trip through the run's config.yaml
     overrides = ["policy.options.objective={name: nft, beta: 0.5}", "policy.options.sde.noise_level=0.0",
-                 "policy.options.exploration=full", "loss.name=nft"]  # fmt: skip
+                 "policy.options.exploration=full", "loss.name=nft", "loss.adv_clip=1.0"]  # fmt: skip
     cfg = load_config(None, overrides, base=base)
     (tmp_path / "config.yaml").write_text(dump_config(cfg))
     again = load_config(tmp_path / "config.yaml")
