@@ -1,4 +1,4 @@
-"""Advantage estimators, reward shaping and multi-reward combination (phase 3 of the loop, DESIGN.md).
+"""Advantage estimators, reward shaping and multi-reward combination (phase 3 of the loop, docs/architecture.md).
 
 Letters: B prompts, G rows per group, N = B*G rows, R reward columns. Rows of one group are one row of the
 ``[B, G]`` reward tensor.
@@ -25,7 +25,7 @@ Conventions shared by every built-in estimator:
   equal values can differ from them by an ulp, and dividing that by ``std + eps`` would turn rounding noise
   into an advantage of order 1e-2. NGRPO is the exception by design (see :func:`ngrpo`).
 - Statistics that span the batch (batch_std, bnpo, stratified) are over the tensor given; under data
-  parallelism the caller gathers the rewards of all ranks first (DESIGN.md "Distributed").
+  parallelism the caller gathers the rewards of all ranks first (docs/architecture.md, "The seeding contract").
 """
 
 from __future__ import annotations

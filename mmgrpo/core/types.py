@@ -1,4 +1,4 @@
-"""The objects that cross the seams of the loop (DESIGN.md): prompts in, rollouts out, log-probs back.
+"""The objects that cross the seams of the loop (docs/architecture.md): prompts in, rollouts out, log-probs back.
 
 Letters: B prompts per step, G samples per prompt, N = B*G rows, K action units per row.
 Rows of one group are contiguous: row n belongs to prompt n // G.

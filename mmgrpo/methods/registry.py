@@ -16,7 +16,7 @@ What a method may contribute (every part optional):
 - ``wrap_policy(policy, options) -> policy``: a :class:`PolicyWrapper` around the recipe's policy that changes what
   ``rollout`` produces (PEARL's checklist groups, TempSamp-R1's off-policy ground-truth rows);
 - ``advantage_hooks(options) -> [hook]``: hooks run after the estimator (``Components.advantage_hooks``,
-  docs/hooks.md);
+  docs/architecture.md "Hooks");
 - ``check(options, cfg, key)``: load-time checks against the rest of the config (UserErrors naming ``key``);
 - ``pipelines``: the recipes it applies to (empty: any); ``conflicts``: methods it cannot be combined with;
   ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``).

@@ -1,4 +1,4 @@
-"""Box coordinate conventions: THE one place coordinates are converted (DESIGN.md, VLM reasoner).
+"""Box coordinate conventions: THE one place coordinates are converted (docs/architecture.md, the VLM reasoner).
 
 A box is ``[x1, y1, x2, y2]`` (top-left, bottom-right; x to the right, y down). Each VLM family speaks its own
 coordinates, and ground truth is always stored in *absolute pixels of the original image*:

@@ -76,7 +76,7 @@ class AdvantageConfig:
     group (reward-filtered fine-tuning, RAFT / ReST style). With policy objective=flow_matching a negative weight
     pushes a sample's error up without bound, but 0 is no cure there: on the shapes demo it reinforced the
     artefacts all samples share and collapsed (held-out 0.37 -> 0.03 in 40 steps); objective=nft bounds the
-    negative term instead (docs/notes/shapes_demo.md)"""
+    negative term instead (docs/results.md)"""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop zero-variance groups and refill the batch from new prompts"""
     max_refill_rounds: int = 3

@@ -1,4 +1,4 @@
-"""The group-relative training loop: four named phases, each replaceable alone (DESIGN.md).
+"""The group-relative training loop: four named phases, each replaceable alone (docs/architecture.md).
 
     for step in range(max_steps):
         batch, rollout, rewards = collect(step)       # 1 sample + 2 score   (no grad; DAPO refill lives here)
@@ -232,7 +232,7 @@ class Trainer:
             metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
         adv_local = adv.reshape(-1)[mine].view(-1, G)
         names = [name for name, _, _ in self.rewards]
-        for hook in self.comp.advantage_hooks:  # named method hooks (docs/hooks.md), on this rank's groups
+        for hook in self.comp.advantage_hooks:  # method hooks (docs/architecture.md "Hooks"), on this rank's groups
             adv_local, m = hook(adv_local, rollout, cols, names)
             metrics.update(m)
         return adv_local.reshape(-1), row_w.reshape(-1)[mine].float(), metrics
