@@ -165,3 +165,27 @@ def test_the_wheel_installs_only_the_mmgrpo_namespace(tmp_path):
     for pkg in ("mmgrpo/rewards/registry.py", "mmgrpo/pipelines/text_to_image.py", "mmgrpo/train/trainer.py"):
         assert pkg in names
     assert not any(n.startswith(("scripts/", "tests/")) for n in names)
+
+
+def test_the_docs_name_only_files_that_exist():
+    """docs/architecture.md's paper table is one hop from a paper to its code: every path it names must exist."""
+    import re
+
+    for doc in ("docs/architecture.md", "docs/extending.md", "docs/results.md", "README.md"):
+        text = (ROOT / doc).read_text()
+        paths = set(re.findall(r"`((?:mmgrpo|configs|bench|scripts|tests|docs|assets)/[\w./<>-]+)`", text))
+        missing = [p for p in sorted(paths) if "<" not in p and not (ROOT / p).exists()]
+        assert not missing, f"{doc} names missing paths: {missing}"
+    table = (ROOT / "docs/architecture.md").read_text().split("<!-- paper-table -->")[1]
+    for paper in (
+        "PEARL",
+        "TempSamp-R1",
+        "ACRE",
+        "MedLoc-R1",
+        "MM-UPT",
+        "DanceGRPO",
+        "MixGRPO",
+        "G²RPO",
+        "DiffusionNFT",
+    ):
+        assert paper in table, paper
