@@ -22,12 +22,11 @@ from typing import Any
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data.prompts import PromptList
-from mmgrpo.pipelines.text_to_image import make_evaluator
-from mmgrpo.pipelines.text_to_video import VideoPolicyOptions, eval_reward, load_video_adapter
+from mmgrpo.pipelines.text_to_image import generator_components, generator_options
+from mmgrpo.pipelines.text_to_video import VideoPolicyOptions, load_video_adapter
 from mmgrpo.policies.diffusion import DiffusionPolicy
-from mmgrpo.policies.objectives import check_loss
 from mmgrpo.train.components import PIPELINES, Components, Pipeline
-from mmgrpo.train.config import Config, options_from
+from mmgrpo.train.config import Config
 
 VIDEO_SUFFIXES = (".mp4",)
 
@@ -112,20 +111,13 @@ class FramePromptList(PromptList):
 
 
 def build_image_to_video(cfg: Config, accelerator=None) -> Components:
-    popts = options_from(VideoPolicyOptions, cfg.policy.options, "the config", "policy.options")
-    check_loss(popts, cfg.loss.name)
-    data = options_from(FrameDataOptions, cfg.data.options, "the config", "data.options")
+    popts, data, device = generator_options(cfg, accelerator, VideoPolicyOptions, FrameDataOptions)
     if not data.pairs:
         raise UserError("data.options.pairs is empty: give a JSONL/CSV of {prompt, image|video} or a folder of mp4")
-    device = accelerator.device if accelerator is not None else "cpu"
     policy = DiffusionPolicy(load_video_adapter(popts, device, image_conditioned=True), popts)
-    prompts = FramePromptList(read_pairs(data.pairs, data.default_prompt), cfg.run.seed)
-    evaluate = None
-    heldout = read_pairs(data.heldout_pairs, data.default_prompt)
-    if heldout:
-        fn, name = eval_reward(cfg, data.eval_reward)
-        evaluate = make_evaluator(heldout, data, fn, name, cfg.run.seed)  # generate() reads each FramePrompt's frame
-    return Components(policy=policy, prompts=prompts, evaluate=evaluate, sample_images=lambda s: s)
+    train = read_pairs(data.pairs, data.default_prompt)
+    heldout = read_pairs(data.heldout_pairs, data.default_prompt)  # generate() reads each FramePrompt's frame
+    return generator_components(cfg, data, policy, train, heldout, FramePromptList)
 
 
 PIPELINES.add(

@@ -73,21 +73,44 @@ def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, 
     return evaluate
 
 
-def build_text_to_image(cfg: Config, accelerator=None) -> Components:
-    popts = options_from(GeneratorPolicyOptions, cfg.policy.options, "the config", "policy.options")
+def generator_options(cfg: Config, accelerator: Any, policy_options: type, data_options: type) -> tuple[Any, Any, Any]:
+    """The diffusion recipes' parsed ``policy.options`` (checked against the loss), ``data.options`` and device."""
+    popts = options_from(policy_options, cfg.policy.options, "the config", "policy.options")
     check_loss(popts, cfg.loss.name)
-    data = options_from(PromptDataOptions, cfg.data.options, "the config", "data.options")
-    device = accelerator.device if accelerator is not None else "cpu"
-    policy = DiffusionPolicy(load_adapter(popts, device), popts)
-    prompts = PromptList(read_prompts(data.prompts, "train", data.split_seed), cfg.run.seed)
+    data = options_from(data_options, cfg.data.options, "the config", "data.options")
+    return popts, data, accelerator.device if accelerator is not None else "cpu"
+
+
+def eval_reward(cfg: Config, name: str):
+    """The evaluation reward (``name``, default the first training reward) and its display name."""
+    spec = next((r for r in cfg.rewards if r.name == name), cfg.rewards[0])
+    name = name or spec.name
+    return reward_registry.get(name, **(spec.options if spec.name == name else {})), name
+
+
+def read_prompt_splits(data: PromptDataOptions) -> tuple[list[str], list[str]]:
+    """The train and held-out prompts of ``data.options``."""
+    train = read_prompts(data.prompts, "train", data.split_seed)
+    return train, read_prompts(data.heldout_prompts, "heldout", data.split_seed)
+
+
+def generator_components(
+    cfg: Config, data: Any, policy: DiffusionPolicy, train: list[str], heldout: list[str], prompt_list=PromptList
+) -> Components:
+    """The diffusion recipes' components: ``train`` prompts streamed by ``prompt_list``, and, when there are
+    ``heldout`` prompts, the ODE evaluation scored by the evaluation reward."""
     evaluate = None
-    heldout = read_prompts(data.heldout_prompts, "heldout", data.split_seed)
     if heldout:
-        spec = next((r for r in cfg.rewards if r.name == data.eval_reward), cfg.rewards[0])
-        name = data.eval_reward or spec.name
-        fn = reward_registry.get(name, **(spec.options if spec.name == name else {}))
+        fn, name = eval_reward(cfg, data.eval_reward)
         evaluate = make_evaluator(heldout, data, fn, name, cfg.run.seed)
+    prompts = prompt_list(train, cfg.run.seed)
     return Components(policy=policy, prompts=prompts, evaluate=evaluate, sample_images=lambda s: s)
+
+
+def build_text_to_image(cfg: Config, accelerator=None) -> Components:
+    popts, data, device = generator_options(cfg, accelerator, GeneratorPolicyOptions, PromptDataOptions)
+    policy = DiffusionPolicy(load_adapter(popts, device), popts)
+    return generator_components(cfg, data, policy, *read_prompt_splits(data))
 
 
 PIPELINES.add(

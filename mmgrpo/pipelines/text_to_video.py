@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmgrpo import rewards as reward_registry
 from mmgrpo.core.errors import UserError
-from mmgrpo.data.prompts import PromptList, read_prompts
-from mmgrpo.pipelines.text_to_image import PromptDataOptions, make_evaluator
+from mmgrpo.pipelines.text_to_image import (
+    PromptDataOptions,
+    generator_components,
+    generator_options,
+    read_prompt_splits,
+)
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
-from mmgrpo.policies.objectives import check_loss
 from mmgrpo.train.components import PIPELINES, Components, Pipeline
-from mmgrpo.train.config import Config, options_from
+from mmgrpo.train.config import Config
 
 
 @dataclass
@@ -49,26 +51,10 @@ def load_video_adapter(opts: GeneratorPolicyOptions, device, image_conditioned: 
     return adapter
 
 
-def eval_reward(cfg: Config, name: str):
-    """The evaluation reward (``name``, default the first training reward) and its display name."""
-    spec = next((r for r in cfg.rewards if r.name == name), cfg.rewards[0])
-    name = name or spec.name
-    return reward_registry.get(name, **(spec.options if spec.name == name else {})), name
-
-
 def build_text_to_video(cfg: Config, accelerator=None) -> Components:
-    popts = options_from(VideoPolicyOptions, cfg.policy.options, "the config", "policy.options")
-    check_loss(popts, cfg.loss.name)
-    data = options_from(VideoPromptDataOptions, cfg.data.options, "the config", "data.options")
-    device = accelerator.device if accelerator is not None else "cpu"
+    popts, data, device = generator_options(cfg, accelerator, VideoPolicyOptions, VideoPromptDataOptions)
     policy = DiffusionPolicy(load_video_adapter(popts, device), popts)
-    prompts = PromptList(read_prompts(data.prompts, "train", data.split_seed), cfg.run.seed)
-    evaluate = None
-    heldout = read_prompts(data.heldout_prompts, "heldout", data.split_seed)
-    if heldout:
-        fn, name = eval_reward(cfg, data.eval_reward)
-        evaluate = make_evaluator(heldout, data, fn, name, cfg.run.seed)
-    return Components(policy=policy, prompts=prompts, evaluate=evaluate, sample_images=lambda s: s)
+    return generator_components(cfg, data, policy, *read_prompt_splits(data))
 
 
 PIPELINES.add(

@@ -32,7 +32,14 @@ import numpy as np
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
-from mmgrpo.pipelines.vlm_reasoning import PairedScores, QAPrompts, jsonl_records
+from mmgrpo.pipelines.vlm_reasoning import (
+    PairedScores,
+    QAPrompts,
+    check_heldout_fraction,
+    jsonl_records,
+    load_vlm_policy,
+    seeded_split,
+)
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.boxes import from_absolute
 from mmgrpo.rewards.text import has_valid_format, iou_reward
@@ -112,17 +119,12 @@ class GroundingExamples:
     """Example pool with ``train`` / ``heldout`` index lists and ``example(i)`` (what QAPrompts streams)."""
 
     def __init__(self, data: VLMGroundingDataOptions):
-        if not 0.0 < data.heldout_fraction < 1.0:
-            raise UserError(f"data.options.heldout_fraction={data.heldout_fraction} must be in (0, 1), e.g. 0.1")
+        check_heldout_fraction(data.heldout_fraction)
         self.data = data
         self.records = load_grounding_jsonl(data.path) if data.path else None
         if self.records is not None:  # a seeded permutation of the file's examples
-            n = len(self.records)
-            if n < 2:
-                raise UserError(f"the grounding data need at least 2 examples (train + held-out); got {n}")
-            perm = np.random.default_rng(data.split_seed).permutation(n)
-            n_held = min(max(1, round(data.heldout_fraction * n)), n - 1)
-            self.heldout, self.train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
+            split = seeded_split(len(self.records), data.heldout_fraction, data.split_seed, "the grounding data")
+            self.train, self.heldout = split
         else:  # shapes: indices ARE scene seeds, split by shapes_qa's hash of the seed
             if data.num_train < 1:
                 raise UserError(f"data.options.num_train={data.num_train} must be >= 1")
@@ -187,14 +189,8 @@ def check_box_rewards(cfg: Config, box_family: str) -> None:
 
 def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMGroundingDataOptions, cfg.data.options, "the config", "data.options")
-    popts = options_from(VLMPolicyOptions, cfg.policy.options, "the config", "policy.options")
-    if not popts.path:
-        raise UserError(
-            "policy.options.path is empty; point it at a VLM directory or hub id, e.g. assets/shapes_vlm "
-            "(written by `python -m scripts.pretrain_shapes_vlm`)"
-        )
-    device = accelerator.device if accelerator is not None else None
-    policy = VLMPolicy.from_pretrained(popts.path, popts, reference=cfg.loss.beta > 0, device=device)
+    example = "assets/shapes_vlm (written by `python -m scripts.pretrain_shapes_vlm`)"
+    policy = load_vlm_policy(cfg, accelerator, example)
     check_box_rewards(cfg, policy.box_family)
     examples = GroundingExamples(data)
     held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]

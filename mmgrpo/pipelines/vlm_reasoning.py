@@ -137,12 +137,25 @@ def load_jsonl(path: str | Path) -> list[Example]:
     return out
 
 
+def check_heldout_fraction(fraction: float) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"data.options.heldout_fraction={fraction} must be in (0, 1), e.g. 0.1")
+
+
+def seeded_split(n: int, heldout_fraction: float, split_seed: int, what: str) -> tuple[list[int], list[int]]:
+    """(train, held-out) sorted index lists of ``n`` examples: a seeded permutation, at least one in each part."""
+    if n < 2:
+        raise UserError(f"{what} need at least 2 examples (train + held-out); got {n}")
+    perm = np.random.default_rng(split_seed).permutation(n)
+    n_held = min(max(1, round(heldout_fraction * n)), n - 1)
+    return sorted(perm[n_held:].tolist()), sorted(perm[:n_held].tolist())
+
+
 class QAExamples:
     """Example pool: synthetic (rendered on demand) or loaded from JSONL; a seeded train / held-out split."""
 
     def __init__(self, data: VLMReasoningDataOptions):
-        if not 0.0 < data.heldout_fraction < 1.0:
-            raise UserError(f"data.options.heldout_fraction={data.heldout_fraction} must be in (0, 1), e.g. 0.1")
+        check_heldout_fraction(data.heldout_fraction)
         self.data = data
         self.records = load_jsonl(data.path) if data.path else None
         self.train_kinds: tuple[str, ...] = shapes_qa.MC_KINDS
@@ -162,11 +175,7 @@ class QAExamples:
         if data.train_kinds:
             raise UserError("data.options.train_kinds needs source: shapes_qa and path: ''; remove it")
         n = len(self.records) if self.records is not None else data.num_examples
-        if n < 2:
-            raise UserError(f"the VLM reasoning data need at least 2 examples (train + held-out); got {n}")
-        perm = np.random.default_rng(data.split_seed).permutation(n)
-        n_held = min(max(1, round(data.heldout_fraction * n)), n - 1)
-        self.heldout, self.train = sorted(perm[:n_held].tolist()), sorted(perm[n_held:].tolist())
+        self.train, self.heldout = seeded_split(n, data.heldout_fraction, data.split_seed, "the VLM reasoning data")
 
     def example(self, i: int, kinds: tuple[str, ...] = shapes_qa.MC_KINDS) -> Example:
         """Example ``i``; ``kinds``: the question kinds a shapes_qa scene draws from (held-out: all three)."""
@@ -263,16 +272,19 @@ def evaluate_accuracy(
     return EvalResult(metrics=metrics, captions=texts)
 
 
-def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
-    data = options_from(VLMReasoningDataOptions, cfg.data.options, "the config", "data.options")
+def load_vlm_policy(cfg: Config, accelerator: Any, example_path: str) -> VLMPolicy:
+    """The recipe's VLMPolicy from ``policy.options`` (with a reference model when ``loss.beta`` > 0);
+    ``example_path``: what the error for an empty path suggests."""
     popts = options_from(VLMPolicyOptions, cfg.policy.options, "the config", "policy.options")
     if not popts.path:
-        raise UserError(
-            "policy.options.path is empty; point it at a VLM directory or hub id, e.g. assets/tiny_qwen2_vl "
-            "(written by `python scripts/make_tiny_vlm.py`)"
-        )
+        raise UserError(f"policy.options.path is empty; point it at a VLM directory or hub id, e.g. {example_path}")
     device = accelerator.device if accelerator is not None else None
-    policy = VLMPolicy.from_pretrained(popts.path, popts, reference=cfg.loss.beta > 0, device=device)
+    return VLMPolicy.from_pretrained(popts.path, popts, reference=cfg.loss.beta > 0, device=device)
+
+
+def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
+    data = options_from(VLMReasoningDataOptions, cfg.data.options, "the config", "data.options")
+    policy = load_vlm_policy(cfg, accelerator, "assets/tiny_qwen2_vl (written by `python scripts/make_tiny_vlm.py`)")
     examples = QAExamples(data)
 
     paired = PairedScores()

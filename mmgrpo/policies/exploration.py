@@ -186,6 +186,14 @@ class ExplorationSchedule(Strategy):
         raise NotImplementedError
 
 
+def _check_options(*checks: tuple[bool, str]) -> None:
+    """Option checks of a schedule, in order: the first ``(ok, message)`` that fails raises a UserError
+    ``policy.options.exploration<message>``."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"policy.options.exploration{message}")
+
+
 @dataclass
 class FullOptions:
     name: str = "full"
@@ -195,11 +203,10 @@ class FullOptions:
     """which steps are trained: a random subset per rollout (DanceGRPO) or the first ones (Flow-GRPO)"""
 
     def __post_init__(self) -> None:
-        if not 0 < self.timestep_fraction <= 1:
-            raise UserError(f"policy.options.exploration.timestep_fraction must be in (0, 1], "
-                            f"got {self.timestep_fraction!r}")  # fmt: skip
-        if self.selection not in ("random", "first"):
-            raise UserError(f"policy.options.exploration.selection: unknown {self.selection!r}; known: first, random")
+        _check_options(
+            (0 < self.timestep_fraction <= 1, f".timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}"),
+            (self.selection in ("random", "first"), f".selection: unknown {self.selection!r}; known: first, random"),
+        )
 
 
 @EXPLORATION.register("full")
@@ -223,11 +230,11 @@ class WindowOptions:
     """progressive: advance the window one step every this many training steps"""
 
     def __post_init__(self) -> None:
-        if self.size < 1 or self.shift_every < 1:
-            raise UserError(f"policy.options.exploration: size and shift_every must be >= 1, got size={self.size}, "
-                            f"shift_every={self.shift_every}")  # fmt: skip
-        if self.mode not in ("progressive", "random"):
-            raise UserError(f"policy.options.exploration.mode: unknown {self.mode!r}; known: progressive, random")
+        _check_options(
+            (self.size >= 1 and self.shift_every >= 1,
+             f": size and shift_every must be >= 1, got size={self.size}, shift_every={self.shift_every}"),
+            (self.mode in ("progressive", "random"), f".mode: unknown {self.mode!r}; known: progressive, random"),
+        )  # fmt: skip
 
 
 @EXPLORATION.register("window")
@@ -250,11 +257,12 @@ class SingularOptions:
     """ODE continuation strides after k; [1, 2, 3] = G²RPO's multi-granularity advantages"""
 
     def __post_init__(self) -> None:
-        if not self.branch_steps or min(self.branch_steps) < 0:
-            raise UserError(f"policy.options.exploration.branch_steps must be a non-empty list of steps >= 0, "
-                            f"got {self.branch_steps}")  # fmt: skip
-        if not self.granularities or min(self.granularities) < 1:
-            raise UserError(f"policy.options.exploration.granularities must be >= 1, got {self.granularities}")
+        _check_options(
+            (bool(self.branch_steps) and min(self.branch_steps) >= 0,
+             f".branch_steps must be a non-empty list of steps >= 0, got {self.branch_steps}"),
+            (bool(self.granularities) and min(self.granularities) >= 1,
+             f".granularities must be >= 1, got {self.granularities}"),
+        )  # fmt: skip
 
 
 @EXPLORATION.register("singular")

@@ -13,6 +13,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.wan import first_frame, first_frame_mask, flow_scheduler
+from mmgrpo.testing.checks import assert_only_lora_changed
 from mmgrpo.testing.tiny_wan import SIZE, save_tiny_wan, tiny_wan_adapter, tiny_wan_components
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
@@ -143,16 +144,6 @@ def test_read_pairs_formats_and_errors(tmp_path):
         read_pairs(str(tmp_path / "both.jsonl"))
 
 
-def check_only_lora_changed(before, trainer):
-    after = trainer.policy.unwrapped().state_dict()
-    lora = [k for k in after if "lora" in k]
-    assert lora and any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if "lora_B" in k)
-    for k, v in before.items():  # every base weight unchanged (peft renames wrapped ones to *.base_layer.*)
-        stem, _, leaf = k.rpartition(".")
-        key = k if k in after else f"{stem}.base_layer.{leaf}"
-        assert torch.equal(after[key], v), k
-
-
 def run_recipe(tmp_path, pipeline, ckpt, data, policy_opts, **trainer):
     tmp_path.mkdir(exist_ok=True)
     cfg = {
@@ -179,7 +170,7 @@ def test_text_to_video_training_changes_only_lora(tmp_path):
     before = WanAdapter.from_pretrained(ckpt, **SIZE).denoiser.state_dict()
     data = {"prompts": "shapes", "heldout_prompts": ""}
     trainer = run_recipe(tmp_path, "text_to_video", ckpt, data, {"exploration": {"name": "window", "size": 2}})
-    check_only_lora_changed(before, trainer)
+    assert_only_lora_changed(before, trainer.policy.unwrapped())
     mp4 = trainer.run_dir / "samples" / "train_step_000001.mp4"  # videos are logged as mp4
     assert len(decord.VideoReader(str(mp4), ctx=decord.cpu(0))) == 5
     with pytest.raises(UserError, match="is not an image-to-video checkpoint; use pipeline text_to_video"):
@@ -204,7 +195,7 @@ def test_image_to_video_training_from_mp4_folder_changes_only_lora(tmp_path):
         "guidance_scale": 2.0,
     }
     trainer = run_recipe(tmp_path, "image_to_video", ckpt, data, opts, eval_every=2)
-    check_only_lora_changed(before, trainer)
+    assert_only_lora_changed(before, trainer.policy.unwrapped())
     epoch = trainer.comp.prompts.get([0, 1, 2])  # one pass over the folder, shuffled; each frame in meta
     assert sorted(m["video"] for m in epoch.meta) == sorted(str(p) for p in videos.iterdir())
     assert (trainer.run_dir / "samples" / "step_000002.mp4").is_file()  # held-out evaluation, conditioned by frames

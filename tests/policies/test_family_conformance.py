@@ -2,8 +2,9 @@
 
 Every family -- SD3, FLUX.1 (dev, schnell), SD 1.5 / SDXL (DDIM), Wan (T2V, I2V, Wan 2.2), HunyuanVideo -- passes the
 same tests: right after a rollout the recomputed log-probs give ratio = 1 at micro-batch 1 and G, for every SDE
-dynamics x exploration schedule; samples do not depend on the batch layout; noise 0 is the diffusers pipeline's ODE
-sampler. That a training step moves only the trainable tensors is checked per family x schedule in
+dynamics x exploration schedule; samples do not depend on the batch layout; the KL to the LoRA-disabled reference is 0
+at init, then positive with gradient to the LoRA weights only; noise 0 is the diffusers pipeline's ODE sampler. That
+a training step moves only the trainable tensors is checked per family x schedule (and paper setting) in
 ``test_family_matrix.py``. Family-specific behaviour (packing, schedules, chat templates, first frames, loading) is
 tested in ``test_diffusion_<family>.py``. Tiny real models from ``mmgrpo.testing``, built with a fixed seed.
 """
@@ -155,6 +156,23 @@ def test_samples_are_layout_independent(family, model):
     both = policy.rollout(batch(i2v), group_size=2)
     second = policy.rollout(batch(i2v, seeds=[12], prompts=PROMPTS[1:], frames=[2]), group_size=2)
     assert torch.allclose(both.samples[2:], second.samples, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_reference_kl_is_zero_at_init_then_positive(family):
+    policy = DiffusionPolicy(FAMILIES[family].make(), options(family, num_steps=3, lora_rank=2, reference_kl=True))
+    r = policy.rollout(batch(), group_size=2)
+    lp = policy.log_prob(r, torch.arange(4))
+    assert torch.allclose(lp.kl, torch.zeros_like(lp.kl), atol=1e-10)  # LoRA B = 0: policy == reference
+    with torch.no_grad():
+        for name, p in policy.unwrapped().named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lp = policy.log_prob(r, torch.arange(4))
+    assert (lp.kl > 0).all()
+    lp.logp.sum().backward()  # gradient reaches only LoRA weights
+    grads = {n for n, p in policy.unwrapped().named_parameters() if p.grad is not None}
+    assert grads and all("lora" in n for n in grads)
 
 
 # --------------------------------------------------------------------------- noise 0 = the diffusers pipeline

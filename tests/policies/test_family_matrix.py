@@ -2,7 +2,8 @@
 
 Acceptance: a 2-step training run per family (SD3, FLUX.1, SD1.5 DDIM, Wan T2V, HunyuanVideo) and per
 exploration schedule (full: DanceGRPO/Flow-GRPO; window: MixGRPO; singular: G2RPO) updates every LoRA weight
-set and leaves every other weight (denoiser, text encoders, VAE) bit-identical to the saved checkpoint.
+set and leaves every other weight (denoiser, text encoders, VAE) bit-identical to the saved checkpoint; so do the
+families' paper settings (DanceGRPO's shared noise, Flow-GRPO's reference KL, SDXL with CFG, ...).
 Also: gradient checkpointing gives the same log-probs and gradients; bf16 autocast keeps ratio = 1 at the
 first minibatch. Tiny real checkpoints from ``mmgrpo.testing``, saved once per module.
 """
@@ -17,6 +18,8 @@ from safetensors.torch import load_file
 
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.testing.checks import assert_only_lora_changed
 from mmgrpo.testing.tiny_flux import save_tiny_flux
 from mmgrpo.testing.tiny_hunyuan_video import TINY_SIZE as HUNYUAN_SIZE
 from mmgrpo.testing.tiny_hunyuan_video import save_tiny_hunyuan_video
@@ -50,25 +53,28 @@ def exploration_options(family: str, exploration: str) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """family -> path of its tiny checkpoint, written at most once per module."""
-    saved: dict[str, str] = {}
+    """(family, writer kwargs) -> path of its tiny checkpoint, written at most once per module."""
+    saved: dict[tuple, str] = {}
 
-    def get(family: str) -> str:
-        if family not in saved:
-            saved[family] = FAMILIES[family][0](tmp_path_factory.mktemp(family) / "ckpt")
-        return saved[family]
+    def get(family: str, **kw) -> str:
+        key = (family, *sorted(kw.items()))
+        if key not in saved:
+            saved[key] = FAMILIES[family][0](tmp_path_factory.mktemp(family) / "ckpt", **kw)
+        return saved[key]
 
     return get
 
 
-def run_training(tmp_path: Path, family: str, ckpt: str, policy_opts: dict, **trainer_opts):
-    """2 training steps of 1 prompt x G = 2 samples through the family's recipe, LoRA rank 2."""
+def run_training(tmp_path: Path, family: str, ckpt: str, policy_opts: dict, loss: dict | None = None, **trainer_opts):
+    """2 training steps of 1 prompt x G = 2 samples (unless ``trainer_opts`` say otherwise) through the family's
+    recipe, LoRA rank 2."""
     _, pipeline, reward, family_opts = FAMILIES[family]
     cfg = {
         "pipeline": pipeline,
         "policy": {"options": {"family": family, "path": ckpt, "lora_rank": 2, **family_opts, **policy_opts}},
         "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
         "rewards": [{"name": reward}],
+        "loss": loss or {},
         "trainer": {"max_steps": 2, "prompts_per_step": 1, "group_size": 2, "lr": 1e-2, "progress": False,
                     **trainer_opts},
     }  # fmt: skip
@@ -130,6 +136,38 @@ def test_two_step_training_changes_lora_and_nothing_else(tmp_path, checkpoint, f
     for folder in folders:
         (weights,) = (Path(ckpt) / folder).glob("*.safetensors")
         assert assert_equals_checkpoint(component(trainer, folder), weights) > 0
+
+
+G2RPO_01 = {"name": "singular", "branch_steps": [0, 1], "granularities": [1, 2]}
+PAPER_CASES = [  # (family, checkpoint kwargs, policy options, loss options, group size G): 2 prompts x G, T = 3
+    ("sd3", {}, {"exploration": {"name": "full", "timestep_fraction": 0.5}, "sde": {"kind": "dance"}}, {}, 3),
+    ("sd3", {}, {"exploration": {"name": "window", "size": 2}}, {}, 3),
+    ("sd3", {}, {"exploration": G2RPO_01}, {}, 3),
+    ("flux", {}, {"sde": {"kind": "dance", "noise_level": 0.3}, "shared_init_noise": True,
+                  "exploration": {"name": "full", "timestep_fraction": 0.6}}, {}, 3),  # DanceGRPO
+    ("flux", {}, {"exploration": G2RPO_01, "sde": {"kind": "dance"}}, {}, 3),
+    ("sd", {"xl": False}, {"guidance_scale": 7.5, "exploration": {"name": "full", "timestep_fraction": 0.67}}, {}, 2),
+    ("sd", {"xl": True}, {"guidance_scale": 7.5, "exploration": {"name": "full", "timestep_fraction": 0.67}}, {}, 2),
+    ("hunyuan_video", {}, {"reference_kl": True}, {"beta": 0.04}, 2),  # Flow-GRPO's KL to the LoRA-free reference
+    ("hunyuan_video", {}, {"exploration": G2RPO_01}, {}, 2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family, model, policy_opts, loss, group_size",
+    [pytest.param(*c, id=f"{c[0]}-{i}") for i, c in enumerate(PAPER_CASES)],
+)
+def test_paper_settings_train_only_lora(tmp_path, checkpoint, family, model, policy_opts, loss, group_size):
+    ckpt = checkpoint(family, **model)
+    size = {k: v for k, v in FAMILIES[family][3].items() if k in ("height", "width", "num_frames")}
+    before = load_adapter(GeneratorPolicyOptions(family=family, path=ckpt, **size)).denoiser.state_dict()
+    loss = {"options": {"clip_low": 1e-3, "clip_high": 1e-3}, **loss}
+    trainer = run_training(tmp_path, family, ckpt, {"num_steps": 3, **policy_opts}, loss,
+                           prompts_per_step=2, group_size=group_size)  # fmt: skip
+    assert trainer.policy.adapter.family == family and getattr(trainer.policy.adapter, "xl", False) == model.get(
+        "xl", False
+    )
+    assert_only_lora_changed(before, trainer.policy.unwrapped())
 
 
 def logprob_and_grads(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor, dict, int]:

@@ -24,6 +24,14 @@ def _normal_lp(prev, mean, std):
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
+def assert_gaussian_step(out: StepOutput, mean, std, eps, sample_atol: float = 1e-6) -> None:
+    """The step's mean is ``mean``, its sample mean + std * eps, its log-prob the Normal's mean log-density
+    (``std`` a float or a tensor broadcasting against ``mean``)."""
+    assert torch.allclose(out.mean, mean, atol=1e-6)
+    assert torch.allclose(out.prev_sample, mean + std * eps, atol=sample_atol)
+    assert torch.allclose(out.log_prob, _normal_lp(out.prev_sample, mean, torch.as_tensor(std)), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------- formulas by hand
 
 
@@ -38,11 +46,9 @@ def test_flow_grpo_matches_formula():
     # 1.96 * -0.2 / 1.6 = -0.245 -> x * 0.755;  1 + 1.96 * 0.2 / 1.6 = 1.245 -> v * 1.245 * -0.2
     assert torch.allclose(mean, 0.755 * x - 0.249 * v, atol=1e-6)
     std = std_t * math.sqrt(-dt)  # 1.4 * sqrt(0.2) = 0.62610
-    assert torch.allclose(out.mean, mean, atol=1e-6)
     assert torch.allclose(out.std, torch.full_like(out.std, 0.626099), atol=1e-6)
-    assert torch.allclose(out.prev_sample, mean + std * eps, atol=1e-5)
     assert out.log_prob.shape == (3,) and out.log_prob.dtype == torch.float32
-    assert torch.allclose(out.log_prob, _normal_lp(out.prev_sample, mean, torch.tensor(std)), atol=1e-5)
+    assert_gaussian_step(out, mean, std, eps, sample_atol=1e-5)
 
 
 def test_flow_grpo_at_sigma_one_uses_sigma_next_in_denominator():
@@ -62,10 +68,8 @@ def test_dance_matches_formula():
     x0 = x - s * v
     mean = x + dt * v + dt * (eta**2 / 2) * (x - (1 - s) * x0) / s**2
     std = eta * math.sqrt(-dt)  # 0.3 * 0.5 = 0.15
-    assert torch.allclose(out.mean, mean, atol=1e-6)
     assert torch.allclose(out.std, torch.full_like(out.std, 0.15), atol=1e-7)
-    assert torch.allclose(out.prev_sample, mean + std * eps, atol=1e-6)
-    assert torch.allclose(out.log_prob, _normal_lp(out.prev_sample, mean, torch.tensor(std)), atol=1e-5)
+    assert_gaussian_step(out, mean, std, eps)
 
 
 def test_dance_with_eta_equal_to_flow_grpo_std_has_the_same_mean():
@@ -88,10 +92,8 @@ def test_cps_matches_formula():
     x0 = x - s * v
     x1 = x + (1 - s) * v
     mean = (1 - sn) * x0 + math.sqrt(sn**2 - std**2) * x1  # sqrt(0.25 - 0.125) = 0.353553
-    assert torch.allclose(out.mean, mean, atol=1e-6)
     assert torch.allclose(out.std, torch.full_like(out.std, 0.353553), atol=1e-6)
-    assert torch.allclose(out.prev_sample, mean + std * eps, atol=1e-6)
-    assert torch.allclose(out.log_prob, _normal_lp(out.prev_sample, mean, torch.tensor(std)), atol=1e-5)
+    assert_gaussian_step(out, mean, std, eps)
 
 
 def test_cps_last_step_is_deterministic_without_nan():
@@ -276,9 +278,7 @@ def test_ddim_with_eta_formula_and_per_row_alphas():
     x0 = (x - (1 - a).sqrt().view(2, 1) * e) / a.sqrt().view(2, 1)
     mean = a_prev.sqrt().view(2, 1) * x0 + (1 - a_prev.view(2, 1) - std**2).sqrt() * e
     assert torch.allclose(out.std, std.expand(2, 1), atol=1e-6)
-    assert torch.allclose(out.mean, mean, atol=1e-6)
-    assert torch.allclose(out.prev_sample, mean + std * eps_noise, atol=1e-6)
-    assert torch.allclose(out.log_prob, _normal_lp(out.prev_sample, mean, std), atol=1e-5)
+    assert_gaussian_step(out, mean, std, eps_noise)
     again = ddim_step(e, x, a, a_prev, 1.0, prev_sample=out.prev_sample)
     assert torch.allclose(again.log_prob, out.log_prob, atol=1e-6)
 

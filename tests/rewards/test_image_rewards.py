@@ -16,32 +16,15 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
 from mmgrpo.rewards import image as img_rewards
 from mmgrpo.rewards.registry import REWARDS
+from mmgrpo.testing.tiny_clip import MEAN, STD, TINY_CLIP, save_tiny_clip, tiny_clip
 
-MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 PROMPTS = ["a red circle", "a red circle", "a blue square", "a blue square"]  # B=2 prompts, G=2
-
-
-def tiny_clip(quick_gelu=False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return open_clip.CLIP(**TINY_CLIP, quick_gelu=quick_gelu).eval()
 
 
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory):
     """A tiny open_clip model saved as .safetensors and as a torch .bin state dict, plus its JSON config."""
-    d = tmp_path_factory.mktemp("clip")
-    (d / "tiny.json").write_text(json.dumps(TINY_CLIP))
-    net = tiny_clip()
-    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(sd, str(d / "open_clip_model.safetensors"))
-    torch.save(sd, d / "open_clip_pytorch_model.bin")
-    return d, net
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def images(n=4, size=32):

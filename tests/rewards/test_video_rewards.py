@@ -1,38 +1,24 @@
 """Video rewards: a real tiny mp4 written with imageio and read back with decord; per-frame wrapping of a tiny REAL
 open_clip reward; hand-computed motion and temporal consistency."""
 
-import json
-
 import imageio
 import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
 from mmgrpo.rewards import video as vid
 from mmgrpo.rewards.registry import REWARDS, register
-
-MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from mmgrpo.testing.tiny_clip import MEAN, STD, save_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip")
-    (d / "tiny.json").write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    net = open_clip.CLIP(**TINY_CLIP).eval()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(d / "clip.safetensors"))
-    return {"pretrained": str(d / "clip.safetensors"), "model_config": str(d / "tiny.json")}, net
+    d, net = save_tiny_clip(tmp_path_factory.mktemp("clip"))
+    return {"pretrained": str(d / "open_clip_model.safetensors"), "model_config": str(d / "tiny.json")}, net
 
 
 @pytest.fixture(scope="module")
