@@ -21,6 +21,7 @@ import yaml
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS, estimator_options, shaping_options
 from mmgrpo.core.errors import UserError, quoted
+from mmgrpo.core.files import read_utf8
 from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
 from mmgrpo.methods.registry import check_methods, check_moved_keys
@@ -251,13 +252,7 @@ def read_yaml(path: str | Path) -> dict:
         here = sorted(str(q) for q in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
         hint = f"; available: {', '.join(here)}" if here else ""
         raise UserError(f"config file '{path}' not found{hint}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"config file '{path}' is not UTF-8 text (byte {e.start}, line {line}: {e.reason}); save it as UTF-8"
-        ) from e
+    text = read_utf8(p, "config file")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
