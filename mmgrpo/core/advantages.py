@@ -60,6 +60,8 @@ def register_estimator(
 
     ``weights``, when given, is ``fn(rewards [B, G], **options) -> [B, G]`` per-row loss weights, called with
     the same options as the estimator; it is kept as ``fn.row_weights`` (a plug-in estimator sets that itself).
+    An estimator that gives groups of one row (``trainer.group_size=1``) a useful advantage declares
+    ``fn.allows_single = True``; otherwise the config load refuses G < 2 (ngrpo and stratified do).
     """
 
     def deco(fn: Estimator) -> Estimator:
@@ -304,6 +306,9 @@ def ngrpo(rewards: torch.Tensor, *, r_max: float = 1.0, eps: float = 1e-6) -> to
     return _finish(adv, valid)
 
 
+ngrpo.allows_single = True  # type: ignore[attr-defined]  # the virtual reward gives a group of one row a signal
+
+
 def _beta_log_pdf(p: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """log Beta(p; alpha, beta) with p clamped to [1e-6, 1 - 1e-6]."""
     p = p.clamp(1e-6, 1 - 1e-6)
@@ -406,6 +411,9 @@ def stratified(
     if alpha < 1.0:
         adv = alpha * adv + (1.0 - alpha) * grpo(r, eps=eps, unbiased=unbiased)
     return _finish(adv, ~r.isnan())
+
+
+stratified.allows_single = True  # type: ignore[attr-defined]  # strata span the batch: G = 1 rows still compare
 
 
 # ------------------------------------------------------------------------------------------------ shaping

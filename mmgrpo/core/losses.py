@@ -139,7 +139,7 @@ def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> N
     """The clip options of ``grpo``/``gspo`` (at config load and at every call)."""
     if not 0.0 <= clip_low <= 1.0:
         raise UserError(f"loss.options.clip_low={clip_low} must be in [0, 1] (the ratio is clipped at 1 - clip_low)")
-    if clip_high < 0.0:
+    if not clip_high >= 0.0:  # NaN too
         raise UserError(f"loss.options.clip_high={clip_high} must be >= 0 (the ratio is clipped at 1 + clip_high)")
     if dual_clip is not None and dual_clip <= 1.0:
         raise UserError(

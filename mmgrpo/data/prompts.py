@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data.shapes import split_prompts
 
@@ -20,7 +21,7 @@ def read_prompts(spec: str, split: str, seed: int) -> list[str]:
     p = Path(spec)
     if not p.is_file():
         raise UserError(f"prompt file '{spec}' not found (use 'shapes' for the built-in world)")
-    lines = [x.strip() for x in p.read_text().splitlines() if x.strip() and not x.startswith("#")]
+    lines = [x.strip() for x in read_utf8(p, "prompt file").splitlines() if x.strip() and not x.startswith("#")]
     if not lines:
         raise UserError(f"prompt file '{spec}' holds no prompts")
     return lines

@@ -14,12 +14,14 @@ evaluation (reused from ``mmgrpo/pipelines/text_to_image.py``) all know it; the 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data.prompts import PromptList
 from mmgrpo.pipelines.text_to_image import generator_components, generator_options
@@ -70,6 +72,10 @@ def _row(obj: dict, base: Path, default_prompt: str, where: str) -> FramePrompt:
     path = Path(rel) if Path(rel).is_absolute() else base / rel
     if not path.is_file():
         raise UserError(f"{where}: {key} '{path}' does not exist")
+    if key == "image":  # opened once, at load: a corrupt file is named now, not mid-training
+        check_image(path, where)
+    else:
+        open_video(path, where)
     return FramePrompt(obj.get("prompt") or default_prompt, {key: str(path)})
 
 
@@ -82,18 +88,20 @@ def read_pairs(spec: str, default_prompt: str = "") -> list[FramePrompt]:
         videos = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES)
         if not videos:
             raise UserError(f"data folder '{spec}' holds no .mp4 files")
+        for v in videos:
+            open_video(v, f"data folder '{spec}'")  # opened once, at load
         return [FramePrompt(default_prompt, {"video": str(v)}) for v in videos]
     if not p.is_file():
         raise UserError(f"data file '{spec}' not found (give a .jsonl / .csv file or a folder of .mp4 files)")
     if p.suffix.lower() == ".jsonl":
-        lines = [(i, x) for i, x in enumerate(p.read_text().splitlines(), 1) if x.strip()]
+        lines = [(i, x) for i, x in enumerate(read_utf8(p, "data file").splitlines(), 1) if x.strip()]
         try:
             rows = [(f"{spec}:{i}", json.loads(x)) for i, x in lines]
         except json.JSONDecodeError as e:
             raise UserError(f"data file '{spec}' is not valid JSONL: {e}") from e
     elif p.suffix.lower() == ".csv":
-        with p.open(newline="") as f:
-            rows = [(f"{spec}:{i}", dict(r)) for i, r in enumerate(csv.DictReader(f), 2)]
+        text = read_utf8(p, "data file")
+        rows = [(f"{spec}:{i}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2)]
     else:
         raise UserError(f"data file '{spec}' must end in .jsonl or .csv (or be a folder of .mp4 files)")
     if not rows:

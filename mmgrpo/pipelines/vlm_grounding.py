@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import check_image
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.pipelines.vlm_reasoning import (
@@ -92,7 +93,6 @@ def box_answer(
 
 def load_grounding_jsonl(path: str | Path) -> list[Example]:
     """Examples of a JSONL file of {image, question, box, image_size?}; the image path is relative to the file."""
-    from PIL import Image
 
     p = Path(path)
     out = []
@@ -101,12 +101,8 @@ def load_grounding_jsonl(path: str | Path) -> list[Example]:
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
             raise UserError(f"{path} line {i}: box must be [x1, y1, x2, y2] in image pixels; got {box!r}")
         image = str(p.parent / rec["image"])
-        size = rec.get("image_size")
-        if size is None:
-            if not Path(image).is_file():
-                raise UserError(f"{path} line {i}: image {image!r} not found")
-            with Image.open(image) as im:
-                size = im.size
+        dims = check_image(image, f"{path} line {i}")  # opened once here, so a bad file is named now, not mid-training
+        size = rec.get("image_size") or dims
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}
         meta.update(box=[float(v) for v in box], image_size=tuple(size), images=[image])
         out.append(({"question": rec["question"]}, meta))

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes, shapes_qa
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
@@ -108,7 +109,7 @@ def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str):
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for {otherwise}")
-    for i, line in enumerate(p.read_text().splitlines()):
+    for i, line in enumerate(read_utf8(p, "data file").splitlines()):
         if not line.strip():
             continue
         try:
@@ -125,12 +126,15 @@ def load_jsonl(path: str | Path) -> list[Example]:
     """Examples of a JSONL file; media paths are resolved against the file's directory."""
     p = Path(path)
     out = []
-    for _, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA"):
+    for i, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA"):
         meta = {k: v for k, v in rec.items() if k not in ("question", "options", "image", "images", "video")}
         images = rec.get("images") or ([rec["image"]] if rec.get("image") else [])
         meta["images"] = [str(p.parent / im) for im in images]
+        for image in meta["images"]:  # opened once here, so a bad file is named now and not mid-training
+            check_image(image, f"{path} line {i}")
         if rec.get("video"):
             meta["video"] = str(p.parent / rec["video"])
+            open_video(meta["video"], f"{path} line {i}")
         out.append(({"question": rec["question"], "options": rec.get("options")}, meta))
     if not out:
         raise UserError(f"{path} holds no examples")

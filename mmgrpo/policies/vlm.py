@@ -45,6 +45,7 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.losses import k3_kl
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
@@ -181,6 +182,7 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a VLM from {key}={str(path)!r}: {e}. {_LOCAL_HINT}") from e
     model_cls = resolve_family(config, o.family).model_class()  # an unknown family names itself, not the path
+    refuse_pickle_weights(path, key, f"transformers.{model_cls.__name__}")
     try:
         model = model_cls.from_pretrained(str(path), dtype=dtypes[o.dtype], use_safetensors=True, **kw)
         processor = AutoProcessor.from_pretrained(str(path), **kw)

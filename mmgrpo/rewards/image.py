@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import nearest
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.rewards.registry import register
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -538,7 +539,9 @@ class HFClip:
         for d in (model_dir, processor_dir):
             if not os.path.isdir(d):
                 raise UserError(f"pickscore: {d!r} is not a directory; give a local CLIPModel / processor directory")
-        self.net = CLIPModel.from_pretrained(model_dir, dtype=dtype).to(device).eval().requires_grad_(False)
+        refuse_pickle_weights(model_dir, "pickscore model", "transformers.CLIPModel")
+        self.net = CLIPModel.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        self.net = self.net.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_dir)
         self.max_len = int(self.net.config.text_config.max_position_embeddings)
         self.device, self.dtype = device, dtype

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import check_image
 from mmgrpo.core.registry import nearest
 from mmgrpo.rewards.image import _batched, _Lazy, _to, as_images, preprocess, read_state_dict
 from mmgrpo.rewards.registry import register
@@ -76,6 +77,7 @@ def load_reference(ref: Any) -> torch.Tensor:
             raise UserError(f"reference image {os.fspath(ref)!r} does not exist; give the path to an image file")
         from PIL import Image
 
+        check_image(ref, "reference image")  # a corrupt file: a UserError naming it
         with Image.open(ref) as im:
             ref = im.convert("RGB")
     if isinstance(ref, torch.Tensor) and ref.ndim == 4 and ref.shape[0] == 1:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import open_video
 from mmgrpo.rewards.image import make_image_embedder
 from mmgrpo.rewards.registry import get, register
 
@@ -33,16 +34,8 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None, size: int
     or (H, W).
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise UserError(f"video {path!r} does not exist")
-    try:
-        import decord
-    except ImportError as e:
-        raise UserError("reading videos needs decord: pip install 'mmgrpo[video]' (or pip install decord)") from e
-    vr = decord.VideoReader(path, ctx=decord.cpu(0))
+    vr = open_video(path, "a video reward")
     n = len(vr)
-    if n == 0:
-        raise UserError(f"video {path!r} has no frames")
     if num_frames is None:
         idx = list(range(n))
     else:

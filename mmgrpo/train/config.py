@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +20,8 @@ import yaml
 
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS, estimator_options, shaping_options
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, quoted
+from mmgrpo.core.files import read_utf8
 from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
 from mmgrpo.methods.registry import check_methods, check_moved_keys
@@ -177,6 +180,9 @@ class TrainerConfig:
     """write each step's advantages (all ranks gathered) under debug/ (for checking runs agree)"""
     progress: bool = True
     """show a progress bar"""
+    max_nonfinite_steps: int = 3
+    """stop the run after this many optimizer steps in a row were skipped because the loss or the gradient norm was
+    not finite (each skipped minibatch is logged as ``skipped/nonfinite``; the last good checkpoint is kept)"""
 
 
 @dataclass
@@ -246,8 +252,9 @@ def read_yaml(path: str | Path) -> dict:
         here = sorted(str(q) for q in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
         hint = f"; available: {', '.join(here)}" if here else ""
         raise UserError(f"config file '{path}' not found{hint}")
+    text = read_utf8(p, "config file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -277,16 +284,7 @@ def validate_components(cfg: Config, where: str) -> None:
     pipeline = components.PIPELINES.get(cfg.pipeline)
     check_moved_keys(cfg, where)  # before the recipe's schema, which would only call them unknown keys
     pipeline.check(cfg, where)
-    t = cfg.trainer
-    for key, value, lo in [
-        ("trainer.prompts_per_step", t.prompts_per_step, 1),
-        ("trainer.group_size", t.group_size, 1),
-        ("trainer.epochs", t.epochs, 1),
-        ("trainer.minibatches", t.minibatches, 1),
-        ("trainer.max_steps", t.max_steps, 0),
-    ]:
-        if value < lo:
-            raise UserError(f"{key} in {where} must be >= {lo}, got {value}")
+    check_numbers(cfg, where)
     if not cfg.rewards:
         raise UserError(f"rewards in {where}: give at least one reward, e.g. rewards: [{{name: shapes}}]")
     for i, spec in enumerate(cfg.rewards):
@@ -295,6 +293,94 @@ def validate_components(cfg: Config, where: str) -> None:
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
     check_methods(cfg, where)
+
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+"""``run.name``: one plain path component, so a run never lands outside ``run.output_dir``"""
+
+
+def check_run_name(name: str, where: str) -> None:
+    if not RUN_NAME.match(name) or name in (".", ".."):
+        raise UserError(
+            f"run.name {quoted(name, 60)} in {where} must be one plain folder name (letters, digits, '.', '_', '-'), "
+            "e.g. run.name=shapes_lr3e-4; the folder goes under run.output_dir"
+        )
+
+
+def _bad(key: str, value: Any, where: str, rule: str) -> UserError:
+    return UserError(f"{key}={quoted(value, 60)} in {where} {rule}")
+
+
+def check_numbers(cfg: Config, where: str) -> None:
+    """Every numeric field in range, at load (before a run directory exists): a UserError naming the key, the
+    value, the file and the valid range. Ranges: docs/reliability.md."""
+    t = cfg.trainer
+    check_run_name(cfg.run.name, where)
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise _bad("trainer.lr", t.lr, where, "must be a finite number > 0, e.g. trainer.lr=3e-4")
+    betas = t.adam_betas
+    if len(betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in betas):
+        raise _bad("trainer.adam_betas", betas, where, "must be a pair [beta1, beta2] in [0, 1), e.g. [0.9, 0.999]")
+    if not (math.isfinite(t.adam_eps) and t.adam_eps > 0):
+        raise _bad("trainer.adam_eps", t.adam_eps, where, "must be a finite number > 0, e.g. 1e-8")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise _bad("trainer.weight_decay", t.weight_decay, where, "must be a finite number >= 0 (0 = off)")
+    if t.max_grad_norm is not None and not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
+        raise _bad("trainer.max_grad_norm", t.max_grad_norm, where, "must be a finite number > 0, or null (off)")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise _bad("trainer.ema_decay", t.ema_decay, where, "must lie in (0, 1), e.g. 0.999, or null (off)")
+    if t.time_budget_s is not None and not t.time_budget_s > 0:
+        raise _bad("trainer.time_budget_s", t.time_budget_s, where, "must be > 0 seconds, or null (no budget)")
+    for key, value, lo, meaning in [
+        ("trainer.prompts_per_step", t.prompts_per_step, 1, ""),
+        ("trainer.group_size", t.group_size, 1, ""),
+        ("trainer.epochs", t.epochs, 1, ""),
+        ("trainer.minibatches", t.minibatches, 1, ""),
+        ("trainer.rollout_chunks", t.rollout_chunks, 1, ""),
+        ("trainer.max_steps", t.max_steps, 0, ""),
+        ("trainer.micro_batch_size", t.micro_batch_size, 0, " (0 = the whole minibatch)"),
+        ("trainer.log_every", t.log_every, 1, ""),
+        ("trainer.eval_every", t.eval_every, 0, " (0 = off)"),
+        ("trainer.sample_every", t.sample_every, 0, " (0 = only at evaluations)"),
+        ("trainer.checkpoint_every", t.checkpoint_every, 0, " (0 = only at the end)"),
+        ("trainer.warmup_steps", t.warmup_steps, 0, " (0 = no warmup)"),
+        ("trainer.keep_checkpoints", t.keep_checkpoints, 1, ""),
+        ("trainer.stop_after_steps", t.stop_after_steps, 1, " (or null)"),
+        ("trainer.max_nonfinite_steps", t.max_nonfinite_steps, 1, ""),
+        ("advantage.max_refill_rounds", cfg.advantage.max_refill_rounds, 0, ""),
+        *_data_sizes(cfg, where),
+    ]:
+        if value is not None and value < lo:
+            raise _bad(key, value, where, f"must be >= {lo}{meaning}")
+    _check_group_split(cfg, where)
+
+
+def _data_sizes(cfg: Config, where: str) -> list[tuple[str, Any, int, str]]:
+    """The recipe's evaluation batch sizes (``data.options.eval_batch_size`` / ``eval_batch``), which must be >= 1."""
+    data_cls = components.PIPELINES.get(cfg.pipeline).data_options
+    if data_cls is None:
+        return []
+    opts = options_from(data_cls, cfg.data.options, where, "data.options")
+    keys = [k for k in ("eval_batch_size", "eval_batch") if hasattr(opts, k)]
+    return [(f"data.options.{k}", getattr(opts, k), 1, "") for k in keys]
+
+
+def _check_group_split(cfg: Config, where: str) -> None:
+    """G >= 2 (a group-relative advantage of one row is 0) unless the estimator declares ``allows_single``; every
+    minibatch gets rows of every group (G >= minibatches)."""
+    t = cfg.trainer
+    if t.group_size < 2 and not getattr(ESTIMATORS.get(cfg.advantage.estimator), "allows_single", False):
+        raise UserError(
+            f"trainer.group_size={t.group_size} in {where}: group-relative advantages need trainer.group_size >= 2 "
+            f"(estimator {cfg.advantage.estimator!r} gives a group of one row advantage 0, so nothing would be "
+            "learned); raise it, e.g. trainer.group_size=8, or use an estimator that allows G = 1 (ngrpo, stratified)"
+        )
+    if t.minibatches > t.group_size:
+        raise UserError(
+            f"trainer.minibatches={t.minibatches} in {where} must be <= trainer.group_size={t.group_size}: each "
+            "minibatch holds a slice of every group, so some minibatches would get no rows; lower "
+            "trainer.minibatches or raise trainer.group_size"
+        )
 
 
 def validate_advantage_and_loss(a: AdvantageConfig, lc: LossConfig, where: str) -> None:

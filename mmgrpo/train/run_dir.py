@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,10 +24,9 @@ from typing import Any
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.schema import to_dict
 from mmgrpo.train import checkpoint as ckpt
-from mmgrpo.train.config import Config, dump_config, load_config
+from mmgrpo.train.config import Config, check_run_name, dump_config, load_config
 
 RUN_MARKER = ".mmgrpo-run"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png")
 """what a fresh (or overwritten) run starts without"""
 RESUMABLE = (
@@ -38,14 +36,6 @@ RESUMABLE = (
     "run.name", "run.output_dir", "run.overwrite", "resume", "resume_force",
 )  # fmt: skip
 """config keys a resume may change: how long, how often to log/evaluate/save, how rows are chunked in memory"""
-
-
-def check_run_name(name: str, where: str) -> None:
-    if not _NAME.match(name) or name in (".", ".."):
-        raise UserError(
-            f"run.name {quoted(name, 60)} in {where} must be one plain folder name (letters, digits, '.', '_', '-'), "
-            "e.g. run.name=shapes_lr3e-4; the folder goes under run.output_dir"
-        )
 
 
 def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:

@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ class Trainer:
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.step = 0
+        self.nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a non-finite loss or gradient norm
         self.first_eval: tuple[int, torch.Tensor, list[str], dict[str, float]] | None = None
         """(step, images, captions, metrics) of this process's first evaluation with images (main process only):
         the "before" of ``samples/before_after.png``"""
@@ -251,16 +253,50 @@ class Trainer:
             group["lr"] = lr
         self.policy.model.train()
         sums: dict[str, float] = {}
-        count = 0
+        count = skipped = 0
         for epoch in range(t.epochs):
             for rows in self.minibatch_rows(rollout, step, epoch):
                 stats = self._minibatch(rollout, rows, adv, row_w, mask)
+                if stats is None:  # skipped: a non-finite loss or gradient norm (its stats are not averaged in)
+                    skipped += 1
+                    continue
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out["lr"] = lr
+        out["skipped/nonfinite"] = float(skipped)
         return out
+
+    def _skip_nonfinite(self, loss_ok: bool, grad_norm: float | None) -> bool:
+        """True (and the gradients dropped, nothing stepped) when the minibatch's loss or gradient norm is not
+        finite; ``trainer.max_nonfinite_steps`` such skips in a row stop the run before anything is saved."""
+        bad = not loss_ok or (grad_norm is not None and not math.isfinite(grad_norm))
+        if self.acc.num_processes > 1:  # ranks agree, so all of them skip the same optimizer steps
+            flag = torch.tensor([float(bad)], device=self.acc.device)
+            bad = bool(self.acc.reduce(flag, reduction="max").item())
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        k, limit = self.nonfinite_in_a_row, self.cfg.trainer.max_nonfinite_steps
+        what = "the loss" if not loss_ok else f"the gradient norm ({grad_norm})"
+        if k >= limit:
+            last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+            kept = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+            raise UserError(
+                f"training stopped at step {self.step + 1}: {k} optimizer steps in a row were skipped because "
+                f"{what} was not finite (trainer.max_nonfinite_steps={limit}); {kept} and nothing non-finite was "
+                f"saved. Usual causes: a reward with huge values, trainer.lr={self.cfg.trainer.lr} too high, or a "
+                f"policy/loss producing NaN; fix it and continue with resume={self.run_dir}"
+            )
+        warnings.warn(
+            f"step {self.step + 1}: skipped an optimizer step because {what} is not finite (no update, gradients "
+            f"dropped; {k} in a row, the run stops at trainer.max_nonfinite_steps={limit})",
+            stacklevel=2,
+        )
+        return True
 
     def minibatch_rows(self, rollout: Rollout, step: int, epoch: int) -> list[torch.Tensor]:
         """Split rows into ``trainer.minibatches`` minibatches, each holding a slice of *every* group.
@@ -289,12 +325,14 @@ class Trainer:
         total = self.acc.reduce(local.float().to(self.acc.device), reduction="sum").item()
         return max(total, 1.0) / self.acc.num_processes
 
-    def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float]:
+    def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float] | None:
+        """One optimizer step over ``rows`` (micro-batched); None when it was skipped (non-finite loss or grads)."""
         t, lc = self.cfg.trainer, self.cfg.loss
         denom = self._denominator(rows, mask)
         micro = t.micro_batch_size or len(rows)
         chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
         sums: dict[str, float] = {}
+        loss_ok = True
         for i, mrows in enumerate(chunks):
             units = mask[mrows].any(0).nonzero().reshape(-1)  # [k] units any row here trains
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
@@ -306,10 +344,18 @@ class Trainer:
                     adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
                 )  # fmt: skip
                 self.acc.backward(loss)
+            loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v * len(mrows) / len(rows)
+        grad_norm = None
         if t.max_grad_norm is not None:
-            sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm))
+            grad_norm = sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm))
+        elif self.acc.scaler is None:
+            grad_norm = 0.0 if all(p.grad is None or bool(p.grad.isfinite().all()) for p in self.params) else math.nan
+        if self.acc.scaler is not None:  # fp16: the grad scaler skips an overflowed step and lowers its scale itself
+            grad_norm = None
+        if self._skip_nonfinite(loss_ok, grad_norm):
+            return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -458,11 +504,20 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
+        model = self.acc.unwrap_model(self.policy.model)  # the same on every rank: all of them refuse together
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
+        if bad:
+            raise UserError(
+                f"step {self.step}: {len(bad)} trainable tensor(s) are not finite (e.g. {bad[0]!r}); no checkpoint "
+                f"was written, so the last good one under {self.run_dir / 'checkpoints'} is intact. Lower "
+                f"trainer.lr or check the rewards, then continue with resume={self.run_dir}"
+            )
         self.acc.wait_for_everyone()
         path = None
         if self.acc.is_main_process:
+            state = self.state_dict()
             path = ckpt.save_checkpoint(
-                self.run_dir / "checkpoints", self.step, self.state_dict(), keep=self.cfg.trainer.keep_checkpoints
+                self.run_dir / "checkpoints", self.step, state, keep=self.cfg.trainer.keep_checkpoints
             )
         self.acc.wait_for_everyone()
         return path

@@ -173,7 +173,7 @@ def _register_binary_reward():
 def test_dynamic_sampling_refills_zero_variance_groups(tmp_path):
     _register_binary_reward()
     # a policy that almost always picks arm 0: most groups are all-0 (zero variance)
-    common = ["rewards=[{name: test_binary_best_arm}]", "trainer.max_steps=1", "trainer.lr=0.0",
+    common = ["rewards=[{name: test_binary_best_arm}]", "trainer.max_steps=1", "trainer.lr=1e-9",
               "trainer.group_size=4", "trainer.prompts_per_step=3", "policy.options.init_std=3.0"]  # fmt: skip
     plain = train(cfg_for(tmp_path, "run.name=plain", *common))
     dyn = train(cfg_for(tmp_path, "run.name=dyn", *common, "advantage.dynamic_sampling=true",

@@ -146,11 +146,12 @@ def test_grounding_jsonl_errors_name_the_line_and_the_missing_keys(tmp_path):
     from mmgrpo.pipelines.vlm_grounding import load_grounding_jsonl
 
     path = tmp_path / "g.jsonl"
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")  # images are opened at load, image_size given or not
     ok = {"image": "a.png", "question": "Locate it.", "box": [1, 2, 3, 4], "image_size": [8, 8]}
     cases = [
         ([ok, {"image": "a.png", "question": "q"}], "line 2: each example needs 'image' and 'question' and 'box'"),
         ([ok, {**ok, "box": [1, 2, 3]}], r"line 2: box must be \[x1, y1, x2, y2\]"),
-        ([{**ok, "image_size": None}], "line 1: image .* not found"),
+        ([{**ok, "image": "b.png", "image_size": None}], "line 1: image .* not found"),
     ]
     for rows, match in cases:
         path.write_text("\n".join(json.dumps(r) for r in rows))

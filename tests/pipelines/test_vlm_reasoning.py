@@ -12,6 +12,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.pipelines.vlm_reasoning import QAExamples, QAPrompts, VLMReasoningDataOptions, load_jsonl, shapes_question
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import has_valid_format
+from mmgrpo.testing.vlm_checks import write_mp4
 from mmgrpo.train.config import load_config, read_yaml
 from mmgrpo.train.trainer import train
 from scripts.make_tiny_vlm import main as make_tiny_vlm
@@ -59,6 +60,7 @@ def test_split_is_disjoint_and_the_stream_visits_every_train_example_once_per_ep
 
 def test_jsonl_examples_resolve_media_next_to_the_file(tmp_path):
     Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "red.png")
+    write_mp4(tmp_path / "clip.mp4")  # media are opened when the file loads
     rows = [
         {"question": "What colour?", "options": ["red", "blue"], "answer": "A", "image": "red.png", "source": "x"},
         {"question": "How long?", "answer": 3, "video": "clip.mp4"},

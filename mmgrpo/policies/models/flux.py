@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
 
@@ -148,16 +149,23 @@ class FluxAdapter:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
         _check_layout(path)
         td = _dtype(dtype)
         return cls(
-            transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=td),
+            transformer=FluxTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=td, use_safetensors=True
+            ),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td),
+            text_encoder=CLIPTextModel.from_pretrained(
+                path, subfolder="text_encoder", torch_dtype=td, use_safetensors=True
+            ),
             tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder_2=T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=td),
+            text_encoder_2=T5EncoderModel.from_pretrained(
+                path, subfolder="text_encoder_2", torch_dtype=td, use_safetensors=True
+            ),
             tokenizer_2=AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True),
             device=device,
             dtype=dtype,
             **kwargs,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
 
@@ -127,16 +128,19 @@ class HunyuanVideoAdapter:
         )
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
+        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
         _check_parts(path)
         td = _dtype(dtype)
         return cls(
-            HunyuanVideoTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=td),
+            HunyuanVideoTransformer3DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=td, use_safetensors=True
+            ),
             FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-            LlamaModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td),
+            LlamaModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td, use_safetensors=True),
             AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            CLIPTextModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=td),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=td, use_safetensors=True),
             AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-            AutoencoderKLHunyuanVideo.from_pretrained(path, subfolder="vae", torch_dtype=td),
+            AutoencoderKLHunyuanVideo.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True),
             device=device,
             dtype=dtype,
             **kwargs,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
 
@@ -97,16 +98,19 @@ class SDAdapter:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
         parts, index = _parts(path)
         td = _dtype(dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=td)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=td, use_safetensors=True)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td)
+        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True)
         te2 = tok2 = None
         if "text_encoder_2" in parts:  # SDXL
-            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=td)
+            te2 = CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", torch_dtype=td, use_safetensors=True
+            )
             tok2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2")
         zeros = bool(index.get("force_zeros_for_empty_prompt", True))
         return cls(unet, scheduler, te, tok, vae, te2, tok2, force_zeros_for_empty_prompt=zeros, device=device,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
 
@@ -69,20 +70,29 @@ class SD3Adapter:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
+        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
         parts = _parts(path)
         td = _dtype(dtype)
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=td)
+        transformer = SD3Transformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=td, use_safetensors=True
+        )
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         encoders, tokenizers = [], []
         parts_spec = [(CLIPTextModelWithProjection, ""), (CLIPTextModelWithProjection, "_2"), (T5EncoderModel, "_3")]
         for enc_cls, sub in parts_spec:
             if f"text_encoder{sub}" in parts:
-                encoders.append(enc_cls.from_pretrained(path, subfolder=f"text_encoder{sub}", torch_dtype=td))
+                encoders.append(
+                    enc_cls.from_pretrained(path, subfolder=f"text_encoder{sub}", torch_dtype=td, use_safetensors=True)
+                )
                 tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{sub}"))
             else:
                 encoders.append(None)
                 tokenizers.append(None)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td) if "vae" in parts else None
+        vae = (
+            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True)
+            if "vae" in parts
+            else None
+        )
         return cls(transformer, scheduler, encoders, tokenizers, vae, device=device, dtype=dtype, **kwargs)
 
     # ------------------------------------------------------------------ condition

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
 
@@ -251,20 +252,23 @@ class WanAdapter:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
+        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
         parts, index = _parts(path)
         td = _dtype(dtype)
-        load = {"torch_dtype": td}
+        load = {"torch_dtype": td, "use_safetensors": True}
         t1 = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **load)
         t2 = WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **load) if (
             "transformer_2" in parts) else None  # fmt: skip
         scheduler_cfg = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
         image_encoder = image_processor = None
         if "image_encoder" in parts:
-            image_encoder = CLIPVisionModel.from_pretrained(path, subfolder="image_encoder", torch_dtype=torch.float32)
+            image_encoder = CLIPVisionModel.from_pretrained(
+                path, subfolder="image_encoder", torch_dtype=torch.float32, use_safetensors=True
+            )
             image_processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor")
         return cls(
             t1, scheduler_cfg,
-            AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
+            AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True),
             UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", **load),
             AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
             image_encoder, image_processor, t2, index.get("boundary_ratio"), bool(index.get("expand_timesteps")),

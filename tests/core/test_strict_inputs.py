@@ -1,0 +1,95 @@
+"""Strict inputs before anything is written: every bad number, a hostile run name and a non-UTF-8 config file fail at
+config load with exit 2 and one paragraph, and no run directory is created."""
+
+import pytest
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.train.cli import main
+from mmgrpo.train.config import load_config
+
+GOOD = """pipeline: bandit
+data: {options: {num_prompts: 4, num_arms: 3}}
+rewards:
+  - name: bandit_arm_value
+trainer: {max_steps: 1, prompts_per_step: 2, group_size: 4, progress: false}
+"""
+
+BAD = [
+    ("trainer.lr=.nan", "trainer.lr=nan"),
+    ("trainer.lr=.inf", "trainer.lr=inf"),
+    ("trainer.lr=-1", "trainer.lr=-1.0"),
+    ("trainer.lr=0", "trainer.lr=0.0"),
+    ("trainer.adam_betas=[0.9]", "trainer.adam_betas=[0.9]"),
+    ("trainer.adam_betas=[0.9, 1.0]", "must be a pair [beta1, beta2] in [0, 1)"),
+    ("trainer.adam_betas=[-0.1, 0.9]", "trainer.adam_betas=[-0.1, 0.9]"),
+    ("trainer.adam_eps=0", "trainer.adam_eps=0.0"),
+    ("trainer.weight_decay=-0.1", "trainer.weight_decay=-0.1"),
+    ("trainer.max_grad_norm=0", "trainer.max_grad_norm=0.0"),
+    ("trainer.max_grad_norm=.nan", "trainer.max_grad_norm=nan"),
+    ("trainer.ema_decay=1.5", "trainer.ema_decay=1.5"),
+    ("trainer.prompts_per_step=0", "trainer.prompts_per_step=0"),
+    ("trainer.group_size=0", "trainer.group_size=0"),
+    ("trainer.group_size=1", "need trainer.group_size >= 2"),
+    ("trainer.epochs=0", "trainer.epochs=0"),
+    ("trainer.minibatches=0", "trainer.minibatches=0"),
+    ("trainer.minibatches=16", "trainer.minibatches=16"),
+    ("trainer.micro_batch_size=-3", "trainer.micro_batch_size=-3"),
+    ("trainer.rollout_chunks=0", "trainer.rollout_chunks=0"),
+    ("trainer.log_every=0", "trainer.log_every=0"),
+    ("trainer.eval_every=-1", "trainer.eval_every=-1"),
+    ("trainer.checkpoint_every=-5", "trainer.checkpoint_every=-5"),
+    ("trainer.sample_every=-1", "trainer.sample_every=-1"),
+    ("trainer.warmup_steps=-2", "trainer.warmup_steps=-2"),
+    ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints=0"),
+    ("trainer.stop_after_steps=0", "trainer.stop_after_steps=0"),
+    ("trainer.time_budget_s=0", "trainer.time_budget_s=0.0"),
+    ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0"),
+    ("advantage.max_refill_rounds=-1", "advantage.max_refill_rounds=-1"),
+    ("loss.options.clip_low=-0.1", "loss.options.clip_low=-0.1"),
+    ("loss.options.clip_low=1.5", "loss.options.clip_low=1.5"),
+    ("loss.options.clip_high=.nan", "loss.options.clip_high=nan"),
+    ("loss.beta=-1", "loss.beta=-1.0"),
+    ("run.name=../other", "must be one plain folder name"),
+    ("run.name=a/b", "must be one plain folder name"),
+]
+
+
+def _train(tmp_path, capsys, config, *overrides):
+    code = main(["train", str(config), f"run.output_dir={tmp_path / 'runs'}", *overrides])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, named", BAD, ids=[b[0] for b in BAD])
+def test_each_bad_input_fails_at_load_in_one_paragraph_before_the_run_dir_exists(tmp_path, capsys, override, named):
+    config = tmp_path / "c.yaml"
+    config.write_text(GOOD)
+    code, err = _train(tmp_path, capsys, config, override)
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert named in " ".join(err.split()), err
+    assert err.strip().count("\n\n") == 0  # one paragraph (plus the --debug hint line)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "other").exists()
+
+
+def test_eval_batch_size_of_the_recipe_is_checked(tmp_path):
+    with pytest.raises(UserError, match=r"data.options.eval_batch_size=0 in .* must be >= 1"):
+        load_config(
+            None,
+            ["pipeline=text_to_image", "data.options.eval_batch_size=0"],
+            base={"rewards": [{"name": "jpeg_compressibility"}]},
+        )
+
+
+def test_a_single_row_group_is_allowed_where_the_estimator_says_so(tmp_path):
+    cfg = load_config(
+        None, ["trainer.group_size=1", "advantage.estimator=ngrpo"], base={"rewards": [{"name": "bandit_arm_value"}]}
+    )
+    assert cfg.trainer.group_size == 1
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path, capsys):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes(GOOD.encode() + "# caf\xe9\n".encode("latin-1"))
+    code, err = _train(tmp_path, capsys, config)
+    assert code == 2 and f"config file '{config}' is not UTF-8 text" in " ".join(err.split()), err
+    assert "line 6" in err and not (tmp_path / "runs").exists()
