@@ -497,9 +497,21 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "transformer": ["diffusers", "SD3Transformer2DModel"],
-        **({"vae": ["diffusers", "AutoencoderKL"]} if vae is not None else {}),
-    }
+        "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None],
+    }  # components SD3 has and this model lacks are null, as diffusers' save_pretrained writes them
+    index.update({k: [None, None] for k in NULL_COMPONENTS})
+    index = dict(sorted(index.items()))
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+NULL_COMPONENTS = (
+    "feature_extractor",
+    "image_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer_2",
+    "tokenizer_3",
+)
 
 
 def load_models(path: str | Path):

@@ -45,11 +45,11 @@ def tiny_sd3_components(seed: int = 0, with_vae: bool = True, with_t5: bool = Tr
         )  # fmt: skip
         out["text_encoder_3"] = T5EncoderModel(t5)
         out["tokenizer_3"] = word_tokenizer(max_length=16)
-    if with_vae:
+    if with_vae:  # shift_factor 0.0: what sd3.decode_latents did with None, and a value diffusers' pipeline decodes
         out["vae"] = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
-            norm_num_groups=4, layers_per_block=1, sample_size=16,
+            norm_num_groups=4, layers_per_block=1, sample_size=16, shift_factor=0.0,
         )  # fmt: skip
     for m in out.values():
         if isinstance(m, torch.nn.Module):

@@ -3,6 +3,8 @@
     mmgrpo train CONFIG [key=value ...]      train (or resume=RUN_DIR to continue a run)
     mmgrpo sample (--config CONFIG | --model PATH --family F) [--run RUN_DIR] --prompts ... --best-of N --reward R
                                              Best-of-N sampling (see mmgrpo.train.sample)
+    mmgrpo export RUN [--step N] --out DIR [--merge] [--ema]
+                                             diffusers / peft / transformers files (see mmgrpo.train.export)
     mmgrpo list                              every registered part of every kind (built-in and plug-in)
     mmgrpo serve-reward NAME [...]           serve a reward over HTTP (see mmgrpo.rewards.server)
     mmgrpo --version
@@ -24,6 +26,7 @@ from mmgrpo.core.registry import registries
 from mmgrpo.rewards.server import main as serve_main
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
+from mmgrpo.train.export import main as export_main
 from mmgrpo.train.sample import main as sample_main
 from mmgrpo.train.signals import Interrupted
 from mmgrpo.train.trainer import train
@@ -40,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list every registered part of every kind (recipes, rewards, losses, families...)")
     b = sub.add_parser("sample", help="Best-of-N sampling with a (trained) generator", add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
+    e = sub.add_parser("export", help="write a run's weights for diffusers / peft / transformers", add_help=False)
+    e.add_argument("args", nargs=argparse.REMAINDER)
     s = sub.add_parser("serve-reward", help="serve a reward over HTTP", add_help=False)
     s.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve_main(rest[1:])
         if rest and rest[0] == "sample":  # its own parser (mmgrpo.train.sample) takes every argument
             return sample_main(rest[1:])
+        if rest and rest[0] == "export":  # its own parser (mmgrpo.train.export)
+            return export_main(rest[1:])
         args = _parser().parse_args(argv)
         if args.command == "train":
             return cmd_train(args.config, args.overrides)

@@ -172,6 +172,9 @@ class TrainerConfig:
     """checkpoint every this many steps (and at the end); 0 = only at the end"""
     keep_checkpoints: int = 2
     """keep the last K checkpoints"""
+    export_checkpoints: bool = False
+    """also write each checkpoint's weights as diffusers / peft / transformers files in its export/ folder (as
+    ``mmgrpo export`` does, with the live weights, not the EMA; mmgrpo.train.export); off by default"""
     stop_after_steps: int | None = None
     """stop (checkpointing) after this many steps of this invocation, as if interrupted; null = off"""
     time_budget_s: float | None = None

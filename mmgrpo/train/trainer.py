@@ -34,6 +34,7 @@ from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_grou
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
+from mmgrpo.train.export import export_policy
 from mmgrpo.train.report import before_after, save_samples, write_report
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
@@ -519,6 +520,8 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.run_dir / "checkpoints", self.step, state, keep=self.cfg.trainer.keep_checkpoints
             )
+            if self.cfg.trainer.export_checkpoints:
+                export_policy(self.policy, path / "export", info={"run": str(self.run_dir), "checkpoint": path.name})
         self.acc.wait_for_everyone()
         return path
 

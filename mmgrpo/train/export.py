@@ -1,0 +1,258 @@
+"""``mmgrpo export``: a run's trained weights as folders that diffusers, peft and transformers load without mmgrpo.
+
+    mmgrpo export runs/shapes_t2i_grpo --out export/            # latest checkpoint
+    mmgrpo export runs/shapes_t2i_grpo --step 100 --out export/ --merge
+    mmgrpo export runs/vlm_reasoning_tiny --out adapter/ [--ema]
+
+The policy is rebuilt from the run's ``config.yaml`` exactly as training built it (the same loader, LoRA options and
+dtype), the checkpoint's trainable weights (or with ``--ema`` its EMA weights) are copied in, and then:
+
+=====================  ===========================================================================================
+diffusion, LoRA        the diffusers LoRA format: ``pytorch_lora_weights.safetensors`` (keys ``transformer.*`` or
+                       ``unet.*``, adapter config with alpha and rank in the file's metadata), written by the base
+                       pipeline class's ``save_lora_weights``; ``pipe.load_lora_weights(OUT)`` reproduces the policy
+diffusion, full or     a complete pipeline folder (``model_index.json``, the base's components and the trained
+``--merge``            denoiser, LoRA merged in): ``DiffusionPipeline.from_pretrained(OUT)``
+VLM, LoRA              a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) and the
+                       processor: ``PeftModel.from_pretrained(base_model, OUT)``
+VLM, full or           a transformers folder (``config.json``, ``model.safetensors``, processor, tokenizer and chat
+``--merge``            template): ``AutoModelForImageTextToText.from_pretrained(OUT)``
+=====================  ===========================================================================================
+
+Every export also holds ``mmgrpo_export.json`` (run, step, base model, format). With ``trainer.export_checkpoints``
+the trainer calls :func:`export_policy` after each checkpoint (``checkpoints/step_XXXXXX/export/``, live weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.schema import options_from
+from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
+from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
+from mmgrpo.train.components import PIPELINES
+from mmgrpo.train.config import load_config
+from mmgrpo.train.sample import load_trained_weights
+
+INFO = "mmgrpo_export.json"
+PIPELINE_CLASSES = {  # family -> diffusers pipeline class, when the base folder has no model_index.json
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "wan": "WanPipeline",
+    "hunyuan_video": "HunyuanVideoPipeline",
+    "sd": "StableDiffusionPipeline",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmgrpo export",
+        description="Write a run's trained weights as a diffusers LoRA / pipeline folder or a peft / transformers "
+        "folder, loadable without mmgrpo.",
+    )
+    p.add_argument("run", metavar="RUN", help="run directory (runs/<name>) with config.yaml and checkpoints/")
+    p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest valid checkpoint)")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapter into a full model folder")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (trainer.ema_decay runs)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    out = export_run(args.run, args.out, step=args.step, merge=args.merge, ema=args.ema)
+    info = json.loads((out / INFO).read_text())
+    print(f"exported {info['format']} of {info['checkpoint']} to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- from a run
+def find_run_checkpoint(run: str | Path, step: int | None) -> Path:
+    """The checkpoint folder of ``run`` at ``step`` (verified), or its latest valid one."""
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"'{run}' is not a run directory (no config.yaml); give runs/<name>, written by mmgrpo train")
+    root = run_dir / "checkpoints"
+    if step is None:
+        ckpt, notes = latest_valid_checkpoint(root)
+        if ckpt is None:
+            why = f" ({'; '.join(notes)})" if notes else ""
+            raise UserError(f"run '{run}' has no complete checkpoint under checkpoints/{why}; train longer "
+                            "(trainer.checkpoint_every) or resume the run to write one")  # fmt: skip
+        return ckpt
+    steps = {int(p.name.split("_")[1]): p for p in list_checkpoints(root)}
+    if step not in steps:
+        have = ", ".join(str(s) for s in sorted(steps)) or "none"
+        raise UserError(f"run '{run}' has no checkpoint of step {step} (checkpoints kept: {have}); give one of "
+                        "those to --step, or drop --step for the latest")  # fmt: skip
+    try:
+        verify_checkpoint(steps[step])
+    except CorruptCheckpoint as e:
+        raise UserError(f"checkpoint of step {step} cannot be exported: {e}") from e
+    return steps[step]
+
+
+def build_policy(cfg: Any, device: str = "cpu") -> Any:
+    """The run's policy as its recipe loads it (without the training-only reference copies)."""
+    PIPELINES.load()
+    cls = PIPELINES.get(cfg.pipeline).policy_options
+    if cls is not None and issubclass(cls, GeneratorPolicyOptions):
+        opts = options_from(cls, cfg.policy.options, "the run's config.yaml", "policy.options")
+        opts = dataclasses.replace(opts, reference_kl=False, gradient_checkpointing=False)
+        return DiffusionPolicy(load_adapter(opts, device), opts)
+    if cls is not None and issubclass(cls, VLMPolicyOptions):
+        opts = options_from(cls, cfg.policy.options, "the run's config.yaml", "policy.options")
+        opts = dataclasses.replace(opts, gradient_checkpointing=False)
+        return VLMPolicy.from_pretrained(opts.path, opts, reference=False, device=device)
+    raise UserError(f"runs of the {cfg.pipeline!r} recipe cannot be exported: export writes diffusion/flow generators "
+                    "(diffusers) and VLMs (peft / transformers); its checkpoint's tensors.safetensors holds the "
+                    "trained weights by parameter name")  # fmt: skip
+
+
+def export_run(run: str | Path, out: str | Path, step: int | None = None, merge: bool = False, ema: bool = False):
+    """Rebuild the run's policy, load the checkpoint's weights (``ema``: its EMA weights) and export it to ``out``."""
+    ckpt = find_run_checkpoint(run, step)
+    policy = build_policy(load_config(Path(run) / "config.yaml"))
+    load_trained_weights(trained_module(policy), ckpt, ema=ema)
+    info = {"run": str(Path(run).resolve()), "checkpoint": ckpt.name, "ema": ema}
+    return export_policy(policy, out, merge=merge, inplace=True, info=info)
+
+
+# ---------------------------------------------------------------------------------------------- a policy
+def unwrap_policy(policy: Any) -> Any:
+    """The recipe's policy inside the paper methods' wrappers (``PolicyWrapper.inner``)."""
+    while not isinstance(policy, (DiffusionPolicy, VLMPolicy)) and "inner" in getattr(policy, "__dict__", {}):
+        policy = policy.__dict__["inner"]
+    return policy
+
+
+def trained_module(policy: Any) -> nn.Module:
+    """The module whose parameter names a checkpoint's ``model`` entries use (the trainer's unwrapped model)."""
+    model = unwrap_policy(policy).model
+    return getattr(model, "module", model)
+
+
+def export_policy(
+    policy: Any, out: str | Path, merge: bool = False, inplace: bool = False, info: dict | None = None
+) -> Path:
+    """Write ``policy``'s current weights to ``out`` (see the module docstring for the formats).
+
+    ``inplace``: ``merge`` may merge the LoRA into the policy's own modules (the policy is not used afterwards);
+    otherwise a copy is merged and the policy is left as it was."""
+    policy, out = unwrap_policy(policy), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"export folder '{out}' exists and is not empty; give a new or empty folder to --out")
+    if isinstance(policy, DiffusionPolicy):
+        fmt = export_diffusion(policy, out, merge, inplace)
+    elif isinstance(policy, VLMPolicy):
+        fmt = export_vlm(policy, out, merge, inplace)
+    else:
+        raise UserError(f"a {type(policy).__name__} cannot be exported (only diffusion/flow generators and VLMs)")
+    record = {**(info or {}), "format": fmt, "base": str(Path(policy_path(policy)).resolve()), "merged": merge}
+    (out / INFO).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def policy_path(policy: Any) -> str:
+    return getattr(policy.opts, "path", "") if isinstance(policy, DiffusionPolicy) else policy.options.path
+
+
+# ---------------------------------------------------------------------------------------------- diffusion
+def export_diffusion(policy: DiffusionPolicy, out: Path, merge: bool, inplace: bool) -> str:
+    opts, denoiser = policy.opts, policy.adapter.denoiser
+    base = Path(getattr(opts, "path", ""))
+    lora = getattr(denoiser, "peft_config", None) is not None and opts.lora_rank > 0
+    if lora and not merge:
+        save_diffusers_lora(denoiser, base, getattr(opts, "family", ""), out)
+        return "diffusers_lora"
+    if lora:
+        denoiser = merged_denoiser(denoiser, inplace)
+    save_pipeline_folder(denoiser, base, out)
+    return "diffusers_pipeline"
+
+
+def pipeline_class(base: Path, family: str) -> Any:
+    """The diffusers pipeline class of the base model (its model_index.json, else the family's)."""
+    import diffusers
+
+    index = base / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else PIPELINE_CLASSES.get(family)
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "save_lora_weights"):
+        raise UserError(f"the base model {base} names pipeline class {name!r}, which diffusers cannot load LoRA "
+                        "weights into; export with --merge for a full pipeline folder")  # fmt: skip
+    return cls
+
+
+def save_diffusers_lora(denoiser: nn.Module, base: Path, family: str, out: Path) -> None:
+    """``pytorch_lora_weights.safetensors`` through the pipeline class's ``save_lora_weights``, with the adapter's
+    config (rank, alpha, targets) as metadata so that ``load_lora_weights`` applies the trained scale."""
+    from peft.utils import get_peft_model_state_dict
+
+    cls = pipeline_class(base, family)
+    params = inspect.signature(cls.save_lora_weights).parameters
+    part = "unet" if "unet_lora_layers" in params else "transformer"
+    if f"{part}_lora_adapter_metadata" not in params:
+        raise UserError(f"{cls.__name__}.save_lora_weights of this diffusers cannot store the adapter's alpha; "
+                        "upgrade diffusers or export with --merge")  # fmt: skip
+    layers = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+    meta = denoiser.peft_config["default"].to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {f"{part}_lora_layers": layers, f"{part}_lora_adapter_metadata": meta}
+    cls.save_lora_weights(str(out), safe_serialization=True, **kwargs)
+
+
+def merged_denoiser(denoiser: nn.Module, inplace: bool) -> nn.Module:
+    """The denoiser with its LoRA merged into the base weights and the adapter layers removed."""
+    model = denoiser if inplace else copy.deepcopy(denoiser)
+    model.fuse_lora()
+    model.unload_lora()
+    return model
+
+
+def save_pipeline_folder(denoiser: nn.Module, base: Path, out: Path) -> None:
+    """The base pipeline's model_index.json and components, with ``denoiser`` saved in place of its own."""
+    index = base / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"the base model {base} has no model_index.json, so no pipeline folder can be written; "
+                        "export a LoRA run without --merge, or train from a diffusers folder")  # fmt: skip
+    parts = {k: v for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[0] is not None}
+    own = [k for k, (_, cls) in parts.items() if cls == type(denoiser).__name__]
+    if len(own) != 1:
+        raise UserError(f"cannot tell which component of {index} the trained {type(denoiser).__name__} replaces "
+                        f"({own or 'none'} match); export a LoRA run without --merge")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(index, out / "model_index.json")
+    for name in parts:
+        if name != own[0] and (base / name).is_dir():
+            shutil.copytree(base / name, out / name)
+    denoiser.save_pretrained(str(out / own[0]), safe_serialization=True)
+
+
+# ---------------------------------------------------------------------------------------------- VLM
+def export_vlm(policy: VLMPolicy, out: Path, merge: bool, inplace: bool) -> str:
+    vlm = policy._scorer().vlm  # the transformers model, or a peft model around it
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(vlm, "peft_config") and hasattr(vlm, "merge_and_unload"):
+        if not merge:
+            vlm.save_pretrained(str(out), safe_serialization=True)
+            policy.processor.save_pretrained(str(out))
+            return "peft_adapter"
+        if not inplace:
+            vlm = copy.deepcopy(vlm)
+        vlm = vlm.merge_and_unload()
+    vlm.save_pretrained(str(out), safe_serialization=True)
+    policy.processor.save_pretrained(str(out))
+    return "transformers_model"

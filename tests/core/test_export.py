@@ -1,0 +1,337 @@
+"""`mmgrpo export` round trips: each export is loaded by diffusers / peft / transformers in a process that never
+imports mmgrpo, and reproduces the project's own samples within 1e-4.
+
+- diffusion LoRA (tiny SD3, rank 2, alpha 3: the scale 1.5 must come from the file's metadata): the policy's ODE
+  sample (``DiffusionPolicy.generate``, noise 0) = ``pipe.load_lora_weights(OUT)`` then ``pipe(latents=x0)``;
+- diffusion full fine-tune and LoRA ``--merge``: ``DiffusionPipeline.from_pretrained(OUT)``, same comparison;
+- VLM LoRA (tiny Qwen2-VL): the policy's teacher-forced log-probs of a fixed completion = those of
+  ``PeftModel.from_pretrained(base, OUT)``; VLM full fine-tune and ``--merge``: ``AutoModelForImageTextToText``;
+- the shipped ``assets/shapes_t2i`` loads in ``StableDiffusion3Pipeline`` and reproduces the project's sampler.
+
+Tiny runs of 1 step are trained once per module.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from mmgrpo import rewards
+from mmgrpo.core.errors import UserError
+from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
+from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint
+from mmgrpo.train.cli import main as cli_main
+from mmgrpo.train.config import load_config
+from mmgrpo.train.export import build_policy, export_run, trained_module
+from mmgrpo.train.sample import load_trained_weights
+from mmgrpo.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT, SEED, T = "a red circle", 7, 2
+TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def run_clean(script: str, *args: str) -> None:
+    """Run ``script`` in a fresh python that must never import mmgrpo (no PYTHONPATH, checked at its end)."""
+    code = script + "\nassert 'mmgrpo' not in sys.modules, [m for m in sys.modules if m.startswith('mmgrpo')]\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd="/", env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def train_run(root: Path, name: str, cfg: dict) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train(load_config(path, [f"run.output_dir={root}", f"run.name={name}"]))
+    return root / name
+
+
+def policy_of(run: Path, ema: bool = False):
+    policy = build_policy(load_config(run / "config.yaml"))
+    load_trained_weights(trained_module(policy), latest_checkpoint(run / "checkpoints"), ema=ema)
+    return policy
+
+
+def ode_sample(policy: DiffusionPolicy, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(initial latents x0 [1, ...], image [1, 3, H, W]) of the policy's own ODE sample (``generate``)."""
+    seen = {}
+    rollout = policy.rollout
+
+    def spy(*args, **kwargs):
+        out = rollout(*args, **kwargs)
+        seen["x0"] = out.extras["latents"][:, 0]
+        return out
+
+    policy.rollout = spy
+    image = policy.generate([prompt], [seed])
+    del policy.rollout
+    return seen["x0"], image
+
+
+DIFFUSERS_SCRIPT = """
+import json, sys, torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
+io = sys.argv[1]
+case = json.loads(open(io + "/cases.json").read())
+x0, out = load_file(io + "/in.safetensors")["x0"], {}
+for name, model, lora in case["runs"]:
+    pipe = DiffusionPipeline.from_pretrained(model)
+    if lora != "-":
+        pipe.load_lora_weights(lora)
+    out[name] = pipe(prompt=case["prompt"], num_inference_steps=case["steps"], guidance_scale=1.0, latents=x0,
+                     output_type="pt").images.contiguous()
+save_file(out, io + "/out.safetensors")
+"""
+
+
+# ---------------------------------------------------------------------------------------------- diffusion
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """Tiny SD3 runs of 1 step (LoRA rank 2 alpha 3, and full), exported; every export sampled by diffusers in
+    one clean process from the initial latents of the policy's ODE sample. -> run dirs, exports, images."""
+    root = tmp_path_factory.mktemp("sd3")
+    base = save_tiny_sd3(root / "base")
+
+    def cfg(**policy):
+        return {
+            "pipeline": "text_to_image",
+            "policy": {"options": {"family": "sd3", "path": base, "num_steps": T, **policy}},
+            "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+            "rewards": [{"name": "jpeg_incompressibility"}],
+            "trainer": {"max_steps": 1, "prompts_per_step": 1, "group_size": 2, "lr": 5e-2, "progress": False,
+                        "ema_decay": 0.5, "export_checkpoints": True},
+        }  # fmt: skip
+
+    runs = {"lora": train_run(root, "lora", cfg(lora_rank=2, lora_alpha=3.0)), "full": train_run(root, "full", cfg())}
+    exports = {
+        "lora": export_run(runs["lora"], root / "out_lora"),
+        "full": export_run(runs["full"], root / "out_full"),
+        "merged": export_run(runs["lora"], root / "out_merged", merge=True),
+    }
+    x0, lora_image = ode_sample(policy_of(runs["lora"]), PROMPT, SEED)
+    _, full_image = ode_sample(policy_of(runs["full"]), PROMPT, SEED)  # same seed: same x0
+    expected = {"lora": lora_image, "base": lora_image, "merged": lora_image, "full": full_image}
+    cases = [["lora", base, str(exports["lora"])], ["base", base, "-"]]
+    cases += [[k, str(exports[k]), "-"] for k in ("full", "merged")]
+    save_file({"x0": x0.contiguous()}, str(root / "in.safetensors"))
+    (root / "cases.json").write_text(json.dumps({"runs": cases, "prompt": PROMPT, "steps": T}))
+    run_clean(DIFFUSERS_SCRIPT, str(root))
+    got = load_file(str(root / "out.safetensors"))
+    diffs = {k: (got[k] - expected[k]).abs().max().item() for k in got}
+    print("\ndiffusion round trips, max |diffusers - policy|:", {k: f"{v:.2e}" for k, v in diffs.items()})
+    return runs, exports, diffs
+
+
+def test_diffusion_lora_loads_in_diffusers_and_reproduces_the_policy(sd3):
+    runs, exports, diffs = sd3
+    assert sorted(p.name for p in exports["lora"].iterdir()) == [
+        "mmgrpo_export.json",
+        "pytorch_lora_weights.safetensors",
+    ]
+    assert diffs["lora"] < TOL
+    assert diffs["base"] > 100 * TOL  # without the LoRA (or with the wrong scale) the sample differs
+    # the trainer's export/ beside the checkpoint (trainer.export_checkpoints) holds the same adapter
+    beside = latest_checkpoint(runs["lora"] / "checkpoints") / "export" / "pytorch_lora_weights.safetensors"
+    a, b = load_file(str(beside)), load_file(str(exports["lora"] / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("which", ["full", "merged"])
+def test_diffusion_pipeline_folder_reproduces_the_policy(sd3, which):
+    _, exports, diffs = sd3
+    out = exports[which]
+    assert (out / "model_index.json").is_file() and (out / "transformer" / "config.json").is_file()
+    assert not any("lora" in k for k in load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")))
+    assert diffs[which] < TOL
+
+
+def test_ema_export_holds_the_ema_weights(sd3, tmp_path):
+    run = sd3[0]["lora"]
+    out = export_run(run, tmp_path / "ema", ema=True)
+    state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    shadow = dict(zip(state["model"], state["ema"]["shadow"]))
+    saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert len(saved) == len(shadow)
+    for name, w in shadow.items():
+        assert torch.equal(saved["transformer." + name.replace(".default.", ".")], w)
+    assert json.loads((out / "mmgrpo_export.json").read_text())["ema"] is True
+
+
+def test_export_errors_are_user_errors(sd3, tmp_path, capsys):
+    run = sd3[0]["lora"]
+    with pytest.raises(UserError, match="no checkpoint of step 5 .*kept: 1"):
+        export_run(run, tmp_path / "x", step=5)
+    with pytest.raises(UserError, match="not a run directory"):
+        export_run(tmp_path, tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("")
+    with pytest.raises(UserError, match="not empty"):
+        export_run(run, tmp_path / "full")
+    bandit = tmp_path / "bandit"
+    overrides = [f"run.output_dir={tmp_path}", "run.name=bandit", "trainer.max_steps=1", "trainer.progress=false"]
+    train(load_config(REPO / "configs" / "bandit.yaml", overrides))
+    with pytest.raises(UserError, match="'bandit' recipe cannot be exported"):
+        export_run(bandit, tmp_path / "b")
+    assert cli_main(["export", str(run), "--step", "5", "--out", str(tmp_path / "y")]) == 2
+    assert "no checkpoint of step 5" in capsys.readouterr().err
+    assert cli_main(["export", str(run), "--step", "1", "--out", str(tmp_path / "z")]) == 0
+    assert (tmp_path / "z" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- shapes asset
+SHAPES_SCRIPT = """
+import sys, torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file, save_file
+path, io, prompt, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+# --- the README's snippet (one CLIP text encoder, no T5: its penultimate hidden states are the prompt)
+pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                                tokenizer_3=None)
+ids = pipe.tokenizer([prompt], padding="max_length", truncation=True, return_tensors="pt").input_ids
+out = pipe.text_encoder(ids, output_hidden_states=True)
+images = pipe(prompt_embeds=out.hidden_states[-2], pooled_prompt_embeds=out.text_embeds, guidance_scale=1.0,
+              num_inference_steps=steps, latents=load_file(io + "/in.safetensors")["x0"], output_type="pt").images
+save_file({"image": images.contiguous()}, io + "/out.safetensors")
+"""
+
+
+def test_shipped_shapes_model_is_a_diffusers_pipeline(tmp_path):
+    path = str(REPO / "assets" / "shapes_t2i")
+    opts = GeneratorPolicyOptions(family="sd3", path=path, num_steps=10)
+    x0, image = ode_sample(DiffusionPolicy(load_adapter(opts), opts), "two blue squares", 3)
+    save_file({"x0": x0.contiguous()}, str(tmp_path / "in.safetensors"))
+    run_clean(SHAPES_SCRIPT, path, str(tmp_path), "two blue squares", "10")
+    got = load_file(str(tmp_path / "out.safetensors"))["image"]
+    diff = (got - image).abs().max().item()
+    print(f"shapes_t2i: max |diffusers - policy| = {diff:.2e}")
+    assert got.shape == image.shape == (1, 3, 32, 32) and diff < TOL
+
+
+# ---------------------------------------------------------------------------------------------- VLM
+VLM_SCRIPT = """
+import json, sys, torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+io = sys.argv[1]
+case = json.loads(open(io + "/case.json").read())
+comp, out = torch.tensor(case["completion"]), {}
+for name, model_dir, adapter in case["runs"]:
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter != "-":
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    processor = AutoProcessor.from_pretrained(adapter if adapter != "-" else model_dir)
+    text = processor.apply_chat_template(case["messages"], tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[Image.open(io + "/image.png")], return_tensors="pt")
+    ids = torch.cat([enc["input_ids"][0], comp])[None]
+    extra = {}
+    if "mm_token_type_ids" in enc:  # the completion's tokens are text (type 0)
+        extra["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(comp)])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"],
+                       image_grid_thw=enc["image_grid_thw"], **extra).logits[0].float()
+    lp = enc["input_ids"].shape[1]
+    logits = logits[lp - 1 : lp - 1 + len(comp)] / case["temperature"]
+    logits[:, case["suppress"]] = float("-inf")
+    out[name] = logits.log_softmax(-1).gather(-1, comp[:, None])[:, 0].contiguous()
+    out[name + "/prompt_ids"] = enc["input_ids"][0].contiguous()
+save_file(out, io + "/out.safetensors")
+"""
+
+
+@rewards.register("test_export_text_checksum")
+def text_checksum():
+    """A reward that differs between (almost) any two completions, so that every group has an advantage."""
+
+    def fn(samples, prompts, meta, ctx):
+        return [float(sum(map(ord, text)) % 97) for text in samples]
+
+    return fn
+
+
+def vlm_case(policy, question: dict, image: np.ndarray) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(the case for the clean process, the policy's prompt ids, its log-probs of a fixed completion)."""
+    prompt = policy.prepare(question, {"image": image})
+    completion = policy.tokenizer("<think> two </think> <answer> B </answer>").input_ids + [policy.eos_ids[0]]
+    scorer = policy._scorer()
+    case = {
+        "messages": policy.messages(question, 1, False),
+        "completion": completion,
+        "suppress": scorer.suppress.nonzero()[:, 0].tolist(),
+        "temperature": scorer.temperature,  # the policy's log-probs are of logits / temperature
+    }
+    with torch.no_grad():
+        logp, _ = scorer([prompt], torch.tensor([completion]))
+    return case, prompt.input_ids, logp[0]
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """Tiny Qwen2-VL runs of 1 step (LoRA rank 2 alpha 6, and full), exported; every export scored in one clean
+    process (peft / transformers) on a fixed prompt + image + completion. -> exports, max log-prob differences."""
+    root = tmp_path_factory.mktemp("vlm")
+    asset = str(REPO / "assets" / "tiny_qwen2_vl")
+    common = [
+        f"policy.options.path={asset}", "policy.options.max_new_tokens=4",
+        "policy.options.temperature=8.0",  # the asset answers in one format: diverse rows make an advantage
+        "data.options.num_examples=8", "data.options.eval_examples=2", "trainer.max_steps=1",
+        "trainer.prompts_per_step=1", "trainer.group_size=4", "trainer.micro_batch_size=4", "trainer.eval_every=0",
+        "trainer.progress=false", "trainer.lr=5e-2", f"run.output_dir={root}",
+    ]  # fmt: skip
+    config = root / "vlm.yaml"
+    cfg = yaml.safe_load((REPO / "configs" / "vlm_reasoning_tiny.yaml").read_text())
+    config.write_text(yaml.safe_dump({**cfg, "rewards": [{"name": "test_export_text_checksum"}]}))
+    lora = ["run.name=lora", "policy.options.lora_rank=2", "policy.options.lora_alpha=6"]
+    train(load_config(config, [*common, *lora]))
+    train(load_config(config, [*common, "run.name=full", "policy.options.finetune=full"]))
+    runs = {"lora": root / "lora", "full": root / "full"}
+    exports = {
+        "lora": export_run(runs["lora"], root / "out_lora"),
+        "full": export_run(runs["full"], root / "out_full"),
+        "merged": export_run(runs["lora"], root / "out_merged", merge=True),
+    }
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / "image.png")
+    question = {"question": "How many red circles are there?", "options": ["1", "2", "3"]}
+    case, ids, lora_logp = vlm_case(policy_of(runs["lora"]), question, image)
+    _, _, full_logp = vlm_case(policy_of(runs["full"]), question, image)
+    expected = {"lora": lora_logp, "base": lora_logp, "merged": lora_logp, "full": full_logp}
+    case["runs"] = [["lora", asset, str(exports["lora"])], ["base", asset, "-"]]
+    case["runs"] += [[k, str(exports[k]), "-"] for k in ("full", "merged")]
+    (root / "case.json").write_text(json.dumps(case))
+    run_clean(VLM_SCRIPT, str(root))
+    got = load_file(str(root / "out.safetensors"))
+    for k in expected:  # the exported processor renders the prompt (chat template, image tokens) as the policy did
+        assert torch.equal(got[k + "/prompt_ids"], ids.cpu()), k
+    diffs = {k: (got[k] - expected[k]).abs().max().item() for k in expected}
+    print("\nVLM round trips, max |log-prob - policy's|:", {k: f"{v:.2e}" for k, v in diffs.items()})
+    return exports, diffs
+
+
+def test_vlm_lora_loads_as_a_peft_adapter_and_reproduces_the_policy(vlm):
+    exports, diffs = vlm
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in exports["lora"].iterdir()}
+    assert diffs["lora"] < TOL
+    assert diffs["base"] > 100 * TOL  # without the adapter (or with the wrong alpha / r) the log-probs differ
+
+
+@pytest.mark.parametrize("which", ["full", "merged"])
+def test_vlm_transformers_folder_reproduces_the_policy(vlm, which):
+    exports, diffs = vlm
+    names = {p.name for p in exports[which].iterdir()}
+    assert {"config.json", "model.safetensors", "chat_template.jinja"} <= names and "adapter_config.json" not in names
+    assert diffs[which] < TOL
