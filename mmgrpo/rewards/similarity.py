@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import check_image
 from mmgrpo.core.registry import nearest
-from mmgrpo.rewards.image import _batched, _Lazy, _to, as_images, preprocess, read_state_dict
+from mmgrpo.rewards.image_utils import _batched, _Lazy, _to, as_images, preprocess, read_state_dict
 from mmgrpo.rewards.registry import register
 
 # lpips net -> (torchvision architecture, the file torchvision would download for it)

@@ -132,6 +132,8 @@ def tiny_overrides(cfg: dict[str, Any], tmp_path: str | Path) -> dict[str, Any]:
         rewards.append(tiny_reward(spec, {r["name"] for r in rewards + data["rewards"]}))
     data["rewards"] = rewards
     trainer = data.setdefault("trainer", {})
-    trainer.update(max_steps=1, group_size=GROUP_SIZE, eval_every=0, checkpoint_every=0, progress=False)
+    # G >= minibatches: every minibatch holds a slice of every group (the config's minibatch count is kept)
+    group_size = max(GROUP_SIZE, int(trainer.get("minibatches", 1)))
+    trainer.update(max_steps=1, group_size=group_size, eval_every=0, checkpoint_every=0, progress=False)
     trainer["prompts_per_step"] = min(trainer.get("prompts_per_step", 1), MAX_PROMPTS)
     return data
