@@ -265,7 +265,17 @@ class DiffusionPolicy:
         x = self._noise(gens, G, shared_per_group=True)
         uncond = self.uncond(B * G)
         latents, logp = [x], torch.zeros(B * G, sched.num_steps)
-        for i in range(sched.num_steps):
+        # the anchor x_0..x_k is computed once per group and repeated, so the G rows share it exactly (a batched
+        # forward of G equal rows may differ in the last bits between rows, and log_prob scores every row of a
+        # group from its first row's x_k)
+        heads = torch.arange(B) * G  # [B]
+        xg, cond_g, uncond_g = x[heads], self.cond_rows(cond, heads), self.uncond(B)
+        for i in range(k):
+            out = self.guided(self.model, xg, self._t(sched, i, xg), cond_g, uncond_g)
+            xg = self.step(out, xg, i, sched, 0.0).prev_sample
+            latents.append(xg.repeat_interleave(G, 0))
+        x = latents[-1]
+        for i in range(k, sched.num_steps):
             out = self.guided(self.model, x, self._t(sched, i, x), cond, uncond)
             noise = self._noise(gens, G, shared_per_group=False) if i == k else None
             res = self.step(out, x, i, sched, self.noise_level if i == k else 0.0, noise=noise)

@@ -15,30 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmgrpo.core.dtypes import resolve_dtype as parse_dtype  # noqa: F401  (the rewards' name for it)
 from mmgrpo.core.errors import UserError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 # ---------------------------------------------------------------- options and inputs
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """'float32' | 'bfloat16' | 'float16' (or fp32/bf16/fp16) -> torch dtype."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise UserError(f"dtype {name!r} is not supported; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def as_images(samples: Any) -> torch.Tensor | list[torch.Tensor]:

@@ -1,21 +1,5 @@
 """One self-contained adapter per model family (see ``mmgrpo.policies.diffusion.DiffusionAdapter``)."""
 
-from __future__ import annotations
+from mmgrpo.core.dtypes import resolve_dtype
 
-import torch
-
-from mmgrpo.core.errors import UserError
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}  # fmt: skip
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16 (the config's dtype names, checked)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise UserError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+__all__ = ["resolve_dtype"]
