@@ -148,9 +148,13 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in types_:
+            renamed = getattr(cls, "__renamed__", {}).get(key)
             hint = nearest(path, _root_keys(cls, prefix))
             msg = f"unknown key {path!r} in {where}"
-            if hint:
+            if renamed:  # an option of an older layout: say where it went, not merely the nearest spelling
+                new_path = f"{prefix}.{renamed}" if prefix else renamed
+                msg += f"; it was renamed to {new_path!r} (see docs/architecture.md)"
+            elif hint:
                 msg += f"; did you mean {hint!r}?"
             else:
                 msg += f"; valid keys here: {', '.join(sorted(types_))}"

@@ -101,6 +101,16 @@ ADAPTERS: Registry[Any] = Registry("diffusion model family", plugins="diffusion_
 
 @dataclass
 class DiffusionPolicyOptions:
+    __renamed__ = {  # the flat options of 0.1 -> their place in the nested blocks
+        "noise_level": "sde.noise_level", "timestep_fraction": "exploration.timestep_fraction",
+        "selection": "exploration.selection", "window_size": "exploration.size", "window_mode": "exploration.mode",
+        "shift_every": "exploration.shift_every", "branch_steps": "exploration.branch_steps",
+        "granularities": "exploration.granularities", "nft_beta": "objective.beta",
+        "old_policy_ema": "objective.old_policy_ema", "rollout_guidance_scale": "objective.rollout_guidance_scale",
+        "fm_timesteps": "objective.timesteps", "fm_sigma_range": "objective.sigma_range",
+        "fm_shared_draws": "objective.shared_draws", "fm_weighting": "objective.weighting",
+    }  # fmt: skip
+
     num_steps: int = 10
     """T: sampling steps"""
     guidance_scale: float = 1.0

@@ -71,6 +71,8 @@ CONFIG_VISION_IDS = (
 
 @dataclass
 class VLMPolicyOptions:
+    __renamed__ = {"model": "path", "lora_r": "lora_rank", "target_modules": "lora_targets"}  # the 0.1 names
+
     path: str = ""
     """local model directory or hub id (safetensors weights + processor)"""
     family: str = "auto"

@@ -1,7 +1,9 @@
 """Strict config loading and the CLI: errors are one paragraph naming the key, the file and the fix."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +206,19 @@ def test_shipped_configs_open_with_their_command():
     for p in sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")):
         first = p.read_text().splitlines()[0]
         assert first.startswith("# mmgrpo ") and p.name in first, p
+
+
+@pytest.mark.parametrize(
+    "config, override, new",
+    [
+        ("shapes_t2i_grpo", "policy.options.fm_timesteps=4", "policy.options.objective.timesteps"),
+        ("shapes_t2i_grpo", "policy.options.noise_level=0.0", "policy.options.sde.noise_level"),
+        ("shapes_t2i_grpo", "policy.options.window_size=4", "policy.options.exploration.size"),
+        ("vlm_reasoning_tiny", "policy.options.model=x", "policy.options.path"),
+        ("vlm_reasoning_tiny", "policy.options.lora_r=4", "policy.options.lora_rank"),
+    ],
+)
+def test_an_option_of_the_old_flat_layout_says_where_it_went(config, override, new):
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(UserError, match=f"it was renamed to '{re.escape(new)}'"):
+        load_config(root / "configs" / f"{config}.yaml", [override])
