@@ -8,13 +8,12 @@ family and a VLM run with the plug-in VLM family each train 2 steps.
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from mmgrpo.testing.plugins import installed
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
 from mmgrpo.train.cli import list_entries, main
 from mmgrpo.train.config import load_config
@@ -36,14 +35,8 @@ def plugin(tmp_path_factory):
     for name, body in doc_files().items():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_text(body)
-    target = tmp_path_factory.mktemp("site")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-           "--target", str(target), str(src)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    sys.path.insert(0, str(target))
-    yield target
-    sys.path.remove(str(target))
+    with installed(src, tmp_path_factory.mktemp("site")) as target:
+        yield target
 
 
 def test_the_page_has_a_part_of_every_kind():

@@ -1,7 +1,5 @@
 """Third-party rewards: an installed distribution's entry point, and a dotted path, both usable from YAML."""
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -9,6 +7,7 @@ import torch
 
 from mmgrpo import rewards
 from mmgrpo.core.errors import UserError
+from mmgrpo.testing.plugins import installed
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
@@ -52,14 +51,8 @@ def installed_plugin(tmp_path_factory):
         packages = ["my_reward_pkg"]
     """)
     )
-    target = tmp_path_factory.mktemp("site")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-           "--target", str(target), str(src)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    sys.path.insert(0, str(target))
-    yield target
-    sys.path.remove(str(target))
+    with installed(src, tmp_path_factory.mktemp("site")) as target:
+        yield target
 
 
 def test_entry_point_reward_is_listed_and_used_from_yaml(installed_plugin, tmp_path):
