@@ -1,34 +1,149 @@
-"""Text prompt sources: a prompt file or the built-in shapes world, and a seeded, layout-independent stream."""
+"""Text prompt sources: prompt files (.txt, .jsonl, .csv), Hugging Face datasets, or the built-in shapes world, and a
+seeded, layout-independent stream. The schemas are documented in docs/data.md."""
 
 from __future__ import annotations
 
+import csv
+import importlib
+import importlib.util
+import io
+import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data.shapes import split_prompts
 
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+class Prompt(str):
+    """A prompt text that carries the other fields of its row (``meta``) into the batch, for rewards to read."""
+
+    meta: dict[str, Any]
+
+    def __new__(cls, text: str, meta: dict[str, Any] | None = None) -> Prompt:
+        obj = super().__new__(cls, text)
+        obj.meta = dict(meta or {})
+        return obj
+
 
 def read_prompts(spec: str, split: str, seed: int) -> list[str]:
+    """The prompts of ``spec``: '' (none), 'shapes', ``hf:NAME[:SPLIT[:COLUMN]]`` or a .txt / .jsonl / .csv file."""
     if spec == "":
         return []
     if spec == "shapes":
         train, heldout = split_prompts(seed=seed)
         return train if split == "train" else heldout
+    if spec.startswith("hf:"):
+        return hf_prompts(spec)
     p = Path(spec)
     if not p.is_file():
-        raise UserError(f"prompt file '{spec}' not found (use 'shapes' for the built-in world)")
-    lines = [x.strip() for x in read_utf8(p, "prompt file").splitlines() if x.strip() and not x.startswith("#")]
-    if not lines:
-        raise UserError(f"prompt file '{spec}' holds no prompts")
-    return lines
+        raise UserError(
+            f"prompt file '{spec}' not found (use 'shapes' for the built-in world, or hf:NAME for a dataset)"
+        )
+    suffix = p.suffix.lower()
+    if suffix not in PROMPT_SUFFIXES:
+        raise UserError(
+            f"prompt file '{spec}' must end in .txt (one prompt a line), .jsonl or .csv (a 'prompt' field); "
+            f"got {suffix or 'no extension'}. Rename it, or convert it to one of these (docs/data.md)"
+        )
+    text = read_utf8(p, "prompt file")
+    prompts = {".txt": _txt_prompts, ".jsonl": _jsonl_prompts, ".csv": _csv_prompts}[suffix](text, spec)
+    if not prompts:
+        raise UserError(f"prompt file '{spec}' holds no prompts; put one prompt per line (docs/data.md)")
+    return prompts
+
+
+def _txt_prompts(text: str, spec: str) -> list[str]:
+    """Every non-empty line, stripped; lines starting with '#' are comments (dropped, with one warning)."""
+    lines = [x for x in text.splitlines() if x.strip()]
+    prompts = [x.strip() for x in lines if not x.startswith("#")]
+    if len(prompts) < len(lines):
+        warnings.warn(
+            f"prompt file '{spec}': {len(lines) - len(prompts)} line(s) starting with '#' are comments and were "
+            "skipped; use a .jsonl or .csv file for prompts that start with '#'",
+            stacklevel=3,
+        )
+    return prompts
+
+
+def _row_prompt(row: Any, where: str) -> Prompt:
+    if not isinstance(row, dict) or "prompt" not in row:
+        got = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise UserError(f"{where}: each row needs a 'prompt' field; got {quoted(got)}. Name the column 'prompt'")
+    text = row["prompt"]
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: 'prompt' must be a non-empty string, got {quoted(text)}")
+    return Prompt(text.strip(), {k: v for k, v in row.items() if k != "prompt"})
+
+
+def _jsonl_prompts(text: str, spec: str) -> list[str]:
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"prompt file '{spec}' line {i} is not valid JSON ({e}); write one object a line") from e
+        out.append(_row_prompt(row, f"prompt file '{spec}' line {i}"))
+    return out
+
+
+def _csv_prompts(text: str, spec: str) -> list[str]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is not None and "prompt" not in reader.fieldnames:
+        raise UserError(
+            f"prompt file '{spec}': the header {quoted(reader.fieldnames)} has no 'prompt' column; "
+            "name the prompt column 'prompt' (other columns become each prompt's meta)"
+        )
+    return [_row_prompt(dict(row), f"prompt file '{spec}' line {i}") for i, row in enumerate(reader, 2)]
+
+
+def hf_prompts(spec: str) -> list[str]:
+    """Prompts of a Hugging Face dataset: ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]`` (split 'train', column 'prompt')."""
+    name, split, column = (spec[3:].split(":") + ["", ""])[:3]
+    split, column = split or "train", column or "prompt"
+    if not name:
+        raise UserError(f"prompts={quoted(spec)} names no dataset; write hf:NAME_OR_PATH[:SPLIT[:COLUMN]]")
+    if importlib.util.find_spec("datasets") is None:
+        raise UserError(
+            f"prompts={quoted(spec)} reads a Hugging Face dataset, but the 'datasets' package is not installed; "
+            "run `pip install datasets`, or export the prompts to a .txt / .jsonl / .csv file"
+        )
+    datasets = importlib.import_module("datasets")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name or split: say which and how to fix it
+        raise UserError(
+            f"prompts={quoted(spec)}: datasets.load_dataset({name!r}, split={split!r}) failed "
+            f"({quoted(str(e), 300)}); "
+            "check the name, the split, and that the dataset is downloaded when offline"
+        ) from e
+    if column not in ds.column_names:
+        raise UserError(
+            f"prompts={quoted(spec)}: split {split!r} has no column {column!r} (columns: {quoted(ds.column_names)}); "
+            "name it as hf:NAME:SPLIT:COLUMN"
+        )
+    out = []
+    for i, row in enumerate(ds):
+        row = dict(row)
+        row["prompt"] = row.pop(column)
+        out.append(_row_prompt(row, f"{spec} row {i}"))
+    return out
 
 
 class PromptList:
-    """Stream position i -> a prompt; a fresh seeded permutation of the list for each pass."""
+    """Stream position i -> a prompt; a fresh seeded permutation of the list for each pass.
+
+    A prompt's ``meta`` (the other fields of its row, see :class:`Prompt`) goes into the batch's ``meta``.
+    """
 
     def __init__(self, prompts: list[str], seed: int):
         if not prompts:
@@ -41,4 +156,4 @@ class PromptList:
         for i in indices:
             epoch, pos = divmod(i, P)
             out.append(self.prompts[int(np.random.default_rng([self.seed, epoch]).permutation(P)[pos])])
-        return PromptBatch(prompts=out)
+        return PromptBatch(prompts=out, meta=[dict(getattr(p, "meta", {})) for p in out])

@@ -2,8 +2,9 @@
 
     mmgrpo train configs/sd3_flow_grpo.yaml        # point policy.options.path at real weights
 
-Prompts come from a text file (one per line) or the built-in shapes world (``data.options.prompts: shapes``);
-evaluation samples held-out prompts with the deterministic ODE sampler at fixed seeds and scores them with
+Prompts come from a prompt file (.txt one per line, .jsonl / .csv with a ``prompt`` column), a Hugging Face dataset
+(``hf:NAME``) or the built-in shapes world (``data.options.prompts: shapes``); see docs/data.md. Held-out
+evaluation samples the held-out prompts with the deterministic ODE sampler at fixed seeds and scores them with
 ``data.options.eval_reward`` (default: the first training reward).
 """
 
@@ -29,9 +30,10 @@ from mmgrpo.train.config import Config, options_from
 @dataclass
 class PromptDataOptions:
     prompts: str = "shapes"
-    """'shapes' (built-in world, train split) or a text file with one prompt per line"""
+    """'shapes' (built-in world, train split), a .txt (one a line) / .jsonl / .csv prompt file, or
+    hf:NAME_OR_PATH[:SPLIT[:COLUMN]] (docs/data.md)"""
     heldout_prompts: str = "shapes"
-    """'shapes' (held-out split), a text file, or '' for no evaluation prompts"""
+    """'shapes' (held-out split), a prompt file or hf: dataset as for prompts, or '' for no evaluation prompts"""
     eval_samples_per_prompt: int = 2
     """samples per held-out prompt at evaluation"""
     eval_max_prompts: int = 0

@@ -7,7 +7,8 @@ mmgrpo/rewards/text.py.
 
 Data, one example = ``{question, options?, answer, image | images | video, checklist?, ...}``:
 
-- ``data.options.path``: a JSONL file of such examples (media paths relative to the file; other keys go to meta);
+- ``data.options.path``: a JSONL file of such examples (media paths relative to the file; other keys go to meta), or
+  of TRL conversational / LLaVA ``conversations`` records, converted on load (docs/data.md);
 - ``path: ""``: the built-in synthetic shapes QA, questions about scenes of the shapes world (mmgrpo/data/shapes.py)
   rendered on the fly: "How many red circles are there? A) 1 B) 2 C) 3", "Is there a blue square? A) yes B) no",
   each with a perception checklist: [["How many red objects are there?", "2"], ["Is there a triangle?", "yes"]].
@@ -39,6 +40,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes, shapes_qa
+from mmgrpo.data.vlm_formats import to_qa_record
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
@@ -101,10 +103,11 @@ def shapes_checklist(objects: list[tuple[str, str]], color: str, rng: np.random.
     return [[f"How many {color} objects are there?", str(n)], [f"Is there a {shape}?", "yes" if present else "no"]]
 
 
-def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str):
+def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, convert=None):
     """(line number, record) of a JSONL file of objects that hold every ``required`` key (UserError otherwise).
 
-    ``otherwise`` completes the missing-file message ("... or '' for <otherwise>").
+    ``otherwise`` completes the missing-file message ("... or '' for <otherwise>"); ``convert(record, where)``, when
+    given, first turns each record of another format into the project's.
     """
     p = Path(path)
     if not p.is_file():
@@ -116,6 +119,8 @@ def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {i + 1} is not valid JSON: {e}") from e
+        if convert is not None:
+            rec = convert(rec, f"{path} line {i + 1}")
         if not isinstance(rec, dict) or not all(k in rec for k in required):
             keys = " and ".join(repr(k) for k in required)
             raise UserError(f"{path} line {i + 1}: each example needs {keys}; got {line[:80]!r}")
@@ -123,10 +128,11 @@ def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str):
 
 
 def load_jsonl(path: str | Path) -> list[Example]:
-    """Examples of a JSONL file; media paths are resolved against the file's directory."""
+    """Examples of a JSONL file (the project's records, TRL conversational or LLaVA conversations, see
+    docs/data.md); media paths are resolved against the file's directory."""
     p = Path(path)
     out = []
-    for i, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA"):
+    for i, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA", to_qa_record):
         meta = {k: v for k, v in rec.items() if k not in ("question", "options", "image", "images", "video")}
         images = rec.get("images") or ([rec["image"]] if rec.get("image") else [])
         meta["images"] = [str(p.parent / im) for im in images]
