@@ -395,6 +395,8 @@ class Trainer:
         while self.step < t.max_steps:
             step, t0 = self.step, time.perf_counter()
             rollout, cols, metrics = self.collect(step)
+            if hasattr(self.policy, "rollout_metrics"):  # e.g. the VLM's completion lengths and truncation rate
+                metrics.update(self.policy.rollout_metrics(rollout))
             adv, row_w, m_adv = self.advantage(cols, rollout, step)
             t1 = time.perf_counter()
             m_upd = self.update(rollout, adv, row_w, step)
@@ -469,6 +471,10 @@ class Trainer:
             result = self.comp.evaluate(self.policy, step)
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self.log(step, metrics)
+        if result.records and self.acc.is_main_process:
+            path = self.run_dir / "samples" / f"completions_step_{step:06d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, default=str) + "\n" for r in result.records))
         if result.images is not None and self.acc.is_main_process:
             save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
             images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame
