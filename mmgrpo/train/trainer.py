@@ -493,6 +493,8 @@ class Trainer:
                     before_metrics=metrics0,
                     after_metrics=result.metrics,
                 )
+        if self.acc.is_main_process:  # a run that crashes later still has its report up to here
+            write_report(self.run_dir)
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

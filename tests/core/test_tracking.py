@@ -8,7 +8,7 @@ from accelerate.tracking import GeneralTracker, register_tracker_class
 from mmgrpo.core.errors import UserError
 from mmgrpo.train.config import load_config
 from mmgrpo.train.tracking import flat_config
-from mmgrpo.train.trainer import train
+from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
 
 BASE = {
     "pipeline": "bandit",
@@ -95,3 +95,21 @@ def test_tensorboard_event_files_hold_the_curves(tmp_path):
     acc = EventAccumulator(str(trainer.run_dir / "b"))
     acc.Reload()
     assert len(acc.Scalars("reward/mean")) == 3
+
+
+def test_a_crashed_run_has_a_report_with_its_curves(tmp_path):
+    cfg = cfg_for(tmp_path, "trainer.max_steps=6", "trainer.eval_every=2")
+    trainer = Trainer(cfg, prepare_run_dir(cfg))
+    update = trainer.update
+
+    def crash_at_step_3(rollout, adv, row_w, step):
+        if step == 3:
+            raise RuntimeError("boom")
+        return update(rollout, adv, row_w, step)
+
+    trainer.update = crash_at_step_3
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    html = (trainer.run_dir / "report.html").read_text()  # written by the step-2 evaluation
+    assert 'src="reward_curve.png"' in html and 'src="training_curves.png"' in html
+    assert "2 training steps logged" in html
