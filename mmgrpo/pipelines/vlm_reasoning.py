@@ -257,15 +257,19 @@ def _se(v: np.ndarray) -> float:
     return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
-def score_accuracy(policy: VLMPolicy, examples: QAExamples, n: int, batch: int) -> tuple[list[str], list[float], list]:
-    """Greedy answers to the first ``n`` held-out examples: (texts, correct 0/1 per example, kind per example)."""
+def score_accuracy(
+    policy: VLMPolicy, examples: QAExamples, n: int, batch: int
+) -> tuple[list[str], list[float], list, list[str]]:
+    """Greedy answers to the first ``n`` held-out examples: (texts, correct 0/1 per example, kind per example,
+    question per example)."""
     held = [examples.example(i) for i in examples.heldout[:n]]
     texts: list[str] = []
     for lo in range(0, len(held), max(1, batch)):
         part = held[lo : lo + batch]
         texts += policy.generate(PromptBatch(prompts=[p for p, _ in part], meta=[m for _, m in part]), greedy=True)
     correct = [float(grade(answer_or_completion(t), m["answer"])) for t, (_, m) in zip(texts, held)]
-    return texts, correct, [m.get("kind") for _, m in held]
+    questions = [str(p.get("question", p)) if isinstance(p, dict) else str(p) for p, _ in held]
+    return texts, correct, [m.get("kind") for _, m in held], questions
 
 
 def evaluate_accuracy(
@@ -273,13 +277,17 @@ def evaluate_accuracy(
 ) -> EvalResult:
     """Greedy answers to the first ``n`` held-out examples: accuracy, format rate, accuracy per question kind (when
     the examples have one, e.g. shapes_qa) and, with ``paired``, the standard errors of :class:`PairedScores`."""
-    texts, correct, kinds = score_accuracy(policy, examples, n, batch)
+    texts, correct, kinds, questions = score_accuracy(policy, examples, n, batch)
     metrics = {"accuracy": float(np.mean(correct)), "format": float(np.mean([has_valid_format(t) for t in texts]))}
     for kind in sorted({k for k in kinds if k is not None}):
         metrics[f"accuracy_{kind}"] = float(np.mean([c for c, k in zip(correct, kinds) if k == kind]))
     if paired is not None:
         metrics.update(paired(step, {"accuracy": correct}))
-    return EvalResult(metrics=metrics, captions=texts)
+    records = [
+        {"prompt": q, "completion": t, "correct": c, **({"kind": k} if k is not None else {})}
+        for q, t, c, k in zip(questions, texts, correct, kinds)
+    ]
+    return EvalResult(metrics=metrics, captions=texts, records=records)
 
 
 def load_vlm_policy(cfg: Config, accelerator: Any, example_path: str) -> VLMPolicy:

@@ -428,6 +428,23 @@ class VLMPolicy:
             },
         )
 
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """``completion/*`` of this process's sampled rows (teacher-forced off-policy rows left out): length in
+        tokens incl. EOS (mean, max) and the truncated fraction (no EOS within ``max_new_tokens``)."""
+        lengths, finished = rollout.extras["completion_len"].float(), rollout.extras["finished"].bool()
+        keep = (
+            ~rollout.extras["offpolicy_mask"].bool().to(lengths.device) if "offpolicy_mask" in rollout.extras else None
+        )
+        if keep is not None:
+            lengths, finished = lengths[keep], finished[keep]
+        if not len(lengths):
+            return {}
+        return {
+            "completion/length_mean": float(lengths.mean()),
+            "completion/length_max": float(lengths.max()),
+            "completion/truncated_frac": float((~finished).float().mean()),
+        }
+
     @staticmethod
     def _row_meta(meta: dict, prompt: PromptInputs, raw: Any) -> dict:
         """The prompt's meta plus what rewards need: the size the model saw (for boxes; no coordinate conversion)

@@ -39,6 +39,9 @@ class EvalResult:
     metrics: dict[str, float]
     images: torch.Tensor | None = None  # [n, 3, H, W] or [n, F, 3, H, W] in [0, 1]
     captions: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """one JSON-able dict per held-out example (e.g. prompt, completion, score): the trainer writes them to
+    ``samples/completions_step_XXXXXX.jsonl``"""
 
 
 class AdvantageHook(Protocol):

@@ -26,6 +26,7 @@ from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregat
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
 from mmgrpo.methods.registry import check_methods, check_moved_keys
 from mmgrpo.train import components
+from mmgrpo.train.tracking import check_tracker_names
 
 
 @dataclass
@@ -183,6 +184,9 @@ class TrainerConfig:
     """write each step's advantages (all ranks gathered) under debug/ (for checking runs agree)"""
     progress: bool = True
     """show a progress bar"""
+    log_with: list[str] = field(default_factory=list)
+    """experiment trackers that also get every logged scalar, through accelerate: tensorboard (files under the run
+    directory), wandb, trackio, mlflow, ... or all (every installed one); [] = only metrics.jsonl"""
     max_nonfinite_steps: int = 3
     """stop the run after this many optimizer steps in a row were skipped because the loss or the gradient norm was
     not finite (each skipped minibatch is logged as ``skipped/nonfinite``; the last good checkpoint is kept)"""
@@ -296,6 +300,7 @@ def validate_components(cfg: Config, where: str) -> None:
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
     check_methods(cfg, where)
+    check_tracker_names(cfg.trainer.log_with, where)
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")

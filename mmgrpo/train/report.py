@@ -211,12 +211,42 @@ def reward_curve(metrics: list[dict], path: str | Path, keys: list[str] | None =
     return path
 
 
+TRAINING_CURVES = ("loss/policy", "loss/kl", "loss/clip_frac", "grad_norm", "completion/length_mean")
+"""per-step metrics ``report.html`` plots beside the reward (those a run logged)"""
+
+
+def training_curves(metrics: list[dict], path: str | Path) -> Path | None:
+    """Small multiples of :data:`TRAINING_CURVES` against step to a PNG (None when none was logged)."""
+    keys = [k for k in TRAINING_CURVES if any(k in m for m in metrics)]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(m["step"], m[k]) for m in metrics if isinstance(m.get(k), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
-    """``report.html``: the before/after comparison (if any), the reward curve, a table of evaluations, and
-    every sample grid in order."""
+    """``report.html``: the before/after comparison (if any), the reward curve, the loss / KL / clip fraction /
+    grad-norm curves, a table of evaluations, and every sample grid in order (rewritten at every evaluation)."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     curve = reward_curve(metrics, run_dir / "reward_curve.png")
+    training = training_curves(metrics, run_dir / "training_curves.png")
     evals = [m for m in metrics if any(k.startswith("eval/") for k in m)]
     eval_keys = sorted({k for m in evals for k in m if k.startswith("eval/")})
     rows = "".join(
@@ -252,6 +282,7 @@ img,video{{image-rendering:pixelated;max-width:520px}} img.ba{{max-width:100%}}<
 <p>{len([m for m in metrics if "reward/mean" in m])} training steps logged; last step {last.get("step", 0)}.</p>
 {compare}
 <h2>Reward</h2>{'<img src="reward_curve.png">' if curve else "<p>No metrics yet.</p>"}
+{'<h2>Training</h2><img src="training_curves.png">' if training else ""}
 <h2>Held-out evaluation</h2>{table}
 <h2>Samples</h2>{"".join(figs) or "<p>No samples saved.</p>"}
 </body></html>"""

@@ -45,6 +45,7 @@ from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tes
 )
 from mmgrpo.train.scoring import build_rewards, reward_metrics, score, stateful_rewards
 from mmgrpo.train.signals import Interrupted, stop_on_signals
+from mmgrpo.train.tracking import check_trackers_installed, end_trackers, log_scalars, start_trackers
 
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
 
@@ -78,6 +79,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
         t = cfg.trainer
+        check_trackers_installed(t.log_with)  # before any model is built
         if t.prompts_per_step % self.acc.num_processes:
             raise UserError(
                 f"trainer.prompts_per_step={t.prompts_per_step} must divide by the {self.acc.num_processes} "
@@ -368,7 +370,11 @@ class Trainer:
         """The loop, stopping cleanly on SIGINT/SIGTERM: the step finishes, a checkpoint is written, and
         :class:`~mmgrpo.train.signals.Interrupted` says which ``resume=`` continues the run."""
         with stop_on_signals() as flag:
-            last = self._train(flag)
+            start_trackers(self.acc, self.cfg, self.run_dir)
+            try:
+                last = self._train(flag)
+            finally:
+                end_trackers(self.acc)
         if self.acc.is_main_process:
             write_report(self.run_dir)
         return last
@@ -389,6 +395,8 @@ class Trainer:
         while self.step < t.max_steps:
             step, t0 = self.step, time.perf_counter()
             rollout, cols, metrics = self.collect(step)
+            if hasattr(self.policy, "rollout_metrics"):  # e.g. the VLM's completion lengths and truncation rate
+                metrics.update(self.policy.rollout_metrics(rollout))
             adv, row_w, m_adv = self.advantage(cols, rollout, step)
             t1 = time.perf_counter()
             m_upd = self.update(rollout, adv, row_w, step)
@@ -463,6 +471,10 @@ class Trainer:
             result = self.comp.evaluate(self.policy, step)
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self.log(step, metrics)
+        if result.records and self.acc.is_main_process:
+            path = self.run_dir / "samples" / f"completions_step_{step:06d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, default=str) + "\n" for r in result.records))
         if result.images is not None and self.acc.is_main_process:
             save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
             images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame
@@ -481,6 +493,8 @@ class Trainer:
                     before_metrics=metrics0,
                     after_metrics=result.metrics,
                 )
+        if self.acc.is_main_process:  # a run that crashes later still has its report up to here
+            write_report(self.run_dir)
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -489,6 +503,7 @@ class Trainer:
         line = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
+        log_scalars(self.acc, step, metrics)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

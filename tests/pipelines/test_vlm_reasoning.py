@@ -139,4 +139,10 @@ def test_recipe_smoke_run_trains_and_evaluates(tmp_path):
     assert [m["step"] for m in evals] == [0, 1] and all(0.0 <= m["eval/format"] <= 1.0 for m in evals)
     step = next(m for m in lines if "reward/format" in m)
     assert "reward/accuracy" in step and "loss/policy" in step
+    assert 1 <= step["completion/length_mean"] <= step["completion/length_max"] <= 6
+    assert 0.0 <= step["completion/truncated_frac"] <= 1.0
+    for s in (0, 1):  # the held-out completions of each evaluation
+        path = tmp_path / "vlm_reasoning_tiny" / "samples" / f"completions_step_{s:06d}.jsonl"
+        records = [json.loads(x) for x in path.read_text().splitlines()]
+        assert records and all({"prompt", "completion", "correct"} <= set(r) for r in records)
     assert trainer.policy.reference and (tmp_path / "vlm_reasoning_tiny" / "checkpoints").is_dir()
