@@ -19,6 +19,7 @@ the branch step and :func:`multi_granularity_advantages` normalises rewards per 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -182,8 +183,9 @@ def singular(num_steps: int, branch_steps: list[int], generator: torch.Generator
 class ExplorationSchedule(Strategy):
     """Base of the registered schedules: ``plan`` is called once per rollout batch."""
 
+    @abc.abstractmethod
     def plan(self, num_steps: int, training_step: int, generator: torch.Generator | None) -> ExplorationPlan:
-        raise NotImplementedError
+        """Which of the ``num_steps`` steps are stochastic and which are trained, at ``training_step``."""
 
 
 def _check_options(*checks: tuple[bool, str]) -> None:

@@ -11,6 +11,7 @@ Shapes: N rows, K = timesteps units, latents ``[N, *latent_shape]``; (row, unit)
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -199,9 +200,9 @@ class FinalSampleObjective(DiffusionObjective):
             kl = (v - v_ref).pow(2).flatten(1).mean(1).view(n, k)
         return LogProbs(logp=-err.view(n, k), kl=kl, neg_logp=None if neg is None else -neg.view(n, k))
 
+    @abc.abstractmethod
     def errors(self, v, rollout, rows, units, xt, x0, eps, sig) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The error [n*k] the loss lowers (and, for nft, the implicit negative policy's) of velocity v [n*k, ...]."""
-        raise NotImplementedError
 
     def inputs(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor):
         """Flattened (row, unit) pairs, row-major: x_t = (1 - sigma) x0 + sigma eps [n*k, *latent], x0, eps,

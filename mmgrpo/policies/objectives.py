@@ -16,6 +16,7 @@ Shapes: B prompts, G samples per prompt, N = B*G rows, T steps, K units per row.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,15 +59,16 @@ class DiffusionObjective(Strategy):
         """The weights training rollouts sample with (default: the trained weights as they are)."""
         yield
 
+    @abc.abstractmethod
     def finish_rollout(
         self, policy: Any, batch: PromptBatch, G: int, latents: torch.Tensor, logp: torch.Tensor,
         plan: ExplorationPlan, cond: dict[str, torch.Tensor], gens: list[torch.Generator],
     ) -> Rollout:  # fmt: skip
         """The rollout of sampled ``latents [N, T+1, ...]`` with the step log-probs ``logp [N, T]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def log_prob(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None) -> LogProbs:
-        raise NotImplementedError
+        """Log-probs (with grad) of ``units`` of ``rows``: what the loss trains."""
 
     def training_state(self) -> dict[str, Any] | None:
         """What a checkpoint keeps besides the trained weights (None: nothing)."""

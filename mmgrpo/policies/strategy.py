@@ -13,6 +13,7 @@ when it is loaded, before any model is. The policy then builds the strategy with
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar
 
@@ -21,8 +22,11 @@ from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import from_dict
 
 
-class Strategy:
-    """A registered part with its own options: ``Options`` is the dataclass of its YAML block (field ``name``)."""
+class Strategy(abc.ABC):
+    """A registered part with its own options: ``Options`` is the dataclass of its YAML block (field ``name``).
+
+    Abstract: each kind (exploration schedule, diffusion objective) declares the methods its strategies implement.
+    """
 
     Options: ClassVar[type]
 
