@@ -9,7 +9,6 @@ against the options dataclass that the named component registers.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -419,11 +418,12 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def config_diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose values differ between two configs."""
+def config_diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every key whose value differs, except keys starting with an
+    ``ignore`` prefix; an empty mapping is a value of its own (``methods: {}`` vs ``methods: {pearl: {}}``)."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(d, dict):
+        if isinstance(d, dict) and d:
             out = {}
             for k, v in d.items():
                 out.update(flat(v, f"{prefix}{k}."))
@@ -432,8 +432,4 @@ def config_diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]
 
     fa, fb = flat(to_dict(a)), flat(to_dict(b))
     keys = sorted(set(fa) | set(fb))
-    return [k for k in keys if fa.get(k) != fb.get(k) and not any(k.startswith(i) for i in ignore)]
-
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    return dataclasses.replace(cfg, **changes)
+    return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k) and not k.startswith(ignore)]

@@ -19,12 +19,10 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 from mmgrpo.core.errors import UserError, quoted
-from mmgrpo.core.schema import to_dict
 from mmgrpo.train import checkpoint as ckpt
-from mmgrpo.train.config import Config, check_run_name, dump_config, load_config
+from mmgrpo.train.config import Config, check_run_name, config_diff, dump_config, load_config
 
 RUN_MARKER = ".mmgrpo-run"
 STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png")
@@ -99,15 +97,6 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
-
-
 def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
     """Refuse a resume whose config changed what the run computes (seed, batch, model, rewards, ...)."""
     saved = run_dir / "config.yaml"
@@ -119,10 +108,9 @@ def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
         raise UserError(
             f"resume={run_dir}: its config.yaml no longer loads ({e}); pass resume_force=true to resume anyway"
         ) from e
-    a, b = _flat(to_dict(old)), _flat(to_dict(cfg))
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE)]
+    changed = config_diff(old, cfg, ignore=RESUMABLE)
     if changed:
-        shown = "; ".join(f"{k}: {quoted(a.get(k), 40)} -> {quoted(b.get(k), 40)}" for k in changed[:8])
+        shown = "; ".join(f"{k}: {quoted(x, 40)} -> {quoted(y, 40)}" for k, x, y in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
         raise UserError(
             f"resume={run_dir}: the config differs from the run's config.yaml in {shown}{more}. A resumed run must "
