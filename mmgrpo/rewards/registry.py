@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.registry import Registry, import_dotted
+from mmgrpo.core.registry import Registry
 
 ENTRY_POINT_GROUP = "mmgrpo.rewards"
 REWARDS: Registry[Callable[..., Any]] = Registry("reward", plugins="rewards")
@@ -52,11 +52,7 @@ def _is_factory(obj: Any) -> bool:
 
 def resolve(name: str) -> Callable[..., Any]:
     """The factory (or plain reward callable) registered, published by entry point, or importable as ``name``."""
-    if name in REWARDS:
-        return REWARDS.get(name)
-    if "." in name:
-        return import_dotted(name, "reward")
-    raise UserError(REWARDS.unknown_message(name))
+    return REWARDS.get(name)  # the registry also resolves entry points and dotted paths
 
 
 def get(name: str, **options: Any) -> Callable[..., Any]:
