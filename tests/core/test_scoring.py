@@ -108,4 +108,6 @@ def test_a_reward_that_applies_to_no_row_warns(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("rewards: [{name: test_never_applies}]\n")
     with pytest.warns(UserWarning, match="applies to none of the 6 rows of step 0"):
-        main(["train", str(cfg), *BANDIT, "trainer.max_steps=1", f"run.output_dir={tmp_path}", "run.name=w"])
+        code = main(["train", str(cfg), *BANDIT, "trainer.max_steps=1", f"run.output_dir={tmp_path}", "run.name=w"])
+    assert code == 0  # a warning, not an error: the step trains nothing (all advantages 0) and the run goes on
+    assert (tmp_path / "w" / "metrics.jsonl").read_text().count("\n") == 1

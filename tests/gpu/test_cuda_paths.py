@@ -57,7 +57,8 @@ def ratio_error(policy, rollout, micro: int) -> float:
     return worst
 
 
-def check_contract(trainer: Trainer, model: torch.nn.Module) -> None:
+def check_contract(trainer: Trainer, model: torch.nn.Module) -> list[float]:
+    """Asserts the bf16 contract; returns the two training steps' losses."""
     assert trainer.acc.device.type == "cuda"
     assert any(p.dtype == torch.bfloat16 and p.is_cuda for p in model.parameters())
     rollout = trainer.sample(trainer.prompts_for(0, 0), 0)
@@ -72,6 +73,7 @@ def check_contract(trainer: Trainer, model: torch.nn.Module) -> None:
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n][1], p.detach())}
     trainable = {n for n, (req, _) in before.items() if req}
     assert changed and changed <= trainable, sorted(changed - trainable)[:5]
+    return losses
 
 
 def test_sd3_bf16_on_cuda(tmp_path):
@@ -79,7 +81,7 @@ def test_sd3_bf16_on_cuda(tmp_path):
     policy = {"family": "sd3", "path": ckpt, "dtype": "bfloat16", "num_steps": 3, "lora_rank": 2}
     trainer = make_trainer(tmp_path, "text_to_image", policy, {"heldout_prompts": "", "prompts": "shapes"},
                            "test_gpu_brightness")  # fmt: skip
-    check_contract(trainer, trainer.policy.unwrapped())
+    assert len(check_contract(trainer, trainer.policy.unwrapped())) == 2
 
 
 def test_qwen2_vl_bf16_on_cuda(tmp_path):
@@ -88,4 +90,4 @@ def test_qwen2_vl_bf16_on_cuda(tmp_path):
     policy = {"path": path, "dtype": "bfloat16", "max_new_tokens": 16}
     trainer = make_trainer(tmp_path, "vlm_reasoning", policy, {"num_examples": 32, "eval_examples": 4},
                            "test_gpu_checksum", micro_batch_size=G)  # fmt: skip
-    check_contract(trainer, trainer.acc.unwrap_model(trainer.policy.model))
+    assert len(check_contract(trainer, trainer.acc.unwrap_model(trainer.policy.model))) == 2
