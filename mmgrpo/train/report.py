@@ -94,6 +94,19 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
     return lines
 
 
+def _metric_changes(before: dict[str, float], after: dict[str, float]) -> str:
+    """``name before -> after`` for every numeric metric in both dicts (the before/after picture's header)."""
+
+    def num(v) -> float | None:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
+    shared = [k for k in before if k in after and num(before[k]) is not None and num(after[k]) is not None]
+    return ",  ".join(f"{k} {num(before[k]):.3g} -> {num(after[k]):.3g}" for k in shared)
+
+
 def before_after(
     before: torch.Tensor,
     after: torch.Tensor,
@@ -135,16 +148,8 @@ def before_after(
 
     header = _wrap(measure, f"left: {before_label}   |   right: {after_label}", font, width - 2 * BA_PAD)
 
-    def num(v) -> float | None:
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return None
-
-    b_m, a_m = before_metrics or {}, after_metrics or {}
-    shared = [k for k in b_m if k in a_m and num(b_m[k]) is not None and num(a_m[k]) is not None]
-    if shared:
-        text = ",  ".join(f"{k} {num(b_m[k]):.3g} -> {num(a_m[k]):.3g}" for k in shared)
+    text = _metric_changes(before_metrics or {}, after_metrics or {})
+    if text:
         header += _wrap(measure, text, font, width - 2 * BA_PAD)
     header_h = BA_PAD + len(header) * line_h
 
