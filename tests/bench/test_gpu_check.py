@@ -1,7 +1,7 @@
 """bench/gpu_check.py in its CI mode (``--device cpu --tiny``): it finishes, writes gpu.md and gpu.json, has a row
 per tiny family, no section errored, and fp32 rows keep ratio = 1."""
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -41,19 +41,19 @@ def test_gpu_check_cpu_tiny(tmp_path):
     assert sections["7. pytest -m gpu tests/gpu"]["status"] == "skipped: needs CUDA"
 
 
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_gpu_large():
+    """bench/gpu_large.py (sections 5 and 6), imported as the script imports it: bench/ on sys.path."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    return importlib.import_module("gpu_large")
 
 
 def test_realistic_size_code_runs_at_toy_size():
     """Section 5 runs only on a GPU; its code runs here on toy shapes so it cannot rot."""
     from mmgrpo.testing.tiny_vlm import tiny_qwen2_vl
 
-    g = load_gpu_check()
-    report = g.Report(None, "test", time_limit=300)
+    g = load_gpu_large()
+    report = importlib.import_module("gpu_common").Report(None, "test", time_limit=300)
     sec = report.section("realistic")
     small = dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16)
     shape = {

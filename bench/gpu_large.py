@@ -1,0 +1,328 @@
+"""Sections 5 and 6 of bench/gpu_check.py (CUDA only, not in ``--tiny``): realistic-size denoiser and VLM built from
+config with random weights (time, throughput, peak memory), and a 1-GPU FSDP run in a child process."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from gpu_common import (  # noqa: E402
+    IMAGE_REWARD,
+    ROOT,
+    Report,
+    diffusion_policy_options,
+    error_text,
+    free_memory,
+    guarded_row,
+    out_of_time,
+    peak_gib,
+    register_check_rewards,
+    reset_peak,
+    sync,
+    trainer_options,
+)
+
+GPU_CHECK = Path(__file__).with_name("gpu_check.py").resolve()  # the FSDP child runs its --fsdp-child mode
+
+
+# ---------------------------------------------------------------------------- 5. realistic sizes
+def timed(fn, device: str, repeats: int = 3) -> tuple[float, list[float]]:
+    """Median seconds of ``fn()`` after one warm-up call, and all timings."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def section_realistic(report: Report, sec: dict, device: str) -> None:
+    sec["note"] = (
+        "Random weights built from config (no download), bf16 weights, full fine-tuning gradients (every "
+        "parameter requires grad). SD3-medium shape: SD3Transformer2DModel 24 layers x 24 heads x 64, joint "
+        "attention 4096, patch 2, 16x128x128 latents (1024 px), 333 text tokens; forward+backward of one "
+        "denoiser call per row (what one trained SDE step costs), and a no-grad forward (one sampling step). "
+        "Qwen2-VL-2B shape: Qwen2VLForConditionalGeneration (text 1536 x 28 layers, 12 heads, 2 KV heads; vision "
+        "1280 x 32 layers), B*G = 16 rows of 256 vision + 64 text + 128 completion tokens, teacher-forced "
+        "forward+backward with log-softmax over the completion. No peer library runs here: compare the numbers "
+        "with the peers' published s/step by hand."
+    )
+    if out_of_time(report, sec, "sd3-medium"):
+        return
+    with guarded_row(report, sec, "sd3-medium shape"):
+        realistic_sd3(report, sec, device)
+    free_memory()
+    if out_of_time(report, sec, "qwen2-vl-2b"):
+        return
+    with guarded_row(report, sec, "qwen2-vl-2b shape"):
+        realistic_qwen2_vl(report, sec, device)
+    free_memory()
+
+
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)  # fmt: skip
+
+
+def realistic_sd3(
+    report: Report, sec: dict, device: str, shape: dict = SD3_MEDIUM, text_len: int = 333,
+    batches: tuple[int, ...] = (1, 2, 4), sample_batches: tuple[int, ...] = (4, 16),
+) -> None:  # fmt: skip
+    """``text_len``: SD3's 77 CLIP + 256 T5 tokens; latents [16, sample_size, sample_size]."""
+    from diffusers import SD3Transformer2DModel
+
+    dt = torch.bfloat16
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = SD3Transformer2DModel(**shape).to(dt)
+    C, S = shape["in_channels"], shape["sample_size"]
+    sync(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    report.row(sec, "sd3-medium shape: build", "ok", params_B=round(n_params / 1e9, 3),
+               build_s=round(time.perf_counter() - t0, 1))  # fmt: skip
+    model.train()
+
+    def inputs(b: int):
+        g = torch.Generator(device).manual_seed(0)
+        return dict(
+            hidden_states=torch.randn(b, C, S, S, device=device, dtype=dt, generator=g),
+            encoder_hidden_states=torch.randn(
+                b, text_len, shape["joint_attention_dim"], device=device, dtype=dt, generator=g
+            ),
+            pooled_projections=torch.randn(b, shape["pooled_projection_dim"], device=device, dtype=dt, generator=g),
+            timestep=torch.full((b,), 500.0, device=device),
+        )
+
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        for b in batches:
+            if out_of_time(report, sec, f"sd3-medium fwd+bwd B={b} grad_ckpt={checkpointing}"):
+                return
+            x = inputs(b)
+
+            def fwd_bwd(x=x):
+                out = model(**x, return_dict=False)[0]
+                out.float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+
+            reset_peak(device)
+            try:
+                med, times = timed(fwd_bwd, device, repeats=2)
+            except torch.cuda.OutOfMemoryError as e:
+                report.row(sec, f"sd3-medium fwd+bwd B={b} grad_ckpt={checkpointing}", f"OOM: {str(e)[:120]}")
+                free_memory()
+                break
+            report.row(sec, f"sd3-medium fwd+bwd B={b} grad_ckpt={checkpointing}", "ok", s_per_call=round(med, 4),
+                       samples_per_s=round(b / med, 2), peak_gib=peak_gib(device))  # fmt: skip
+    model.disable_gradient_checkpointing()
+    model.eval()
+    for b in sample_batches:
+        if out_of_time(report, sec, f"sd3-medium no-grad forward (sampling step) B={b}"):
+            return
+        x = inputs(b)
+
+        def fwd(x=x):
+            with torch.no_grad():
+                model(**x, return_dict=False)
+
+        reset_peak(device)
+        med, _ = timed(fwd, device, repeats=3)
+        report.row(sec, f"sd3-medium no-grad forward (sampling step) B={b}", "ok", s_per_call=round(med, 4),
+                   samples_per_s=round(b / med, 2), peak_gib=peak_gib(device))  # fmt: skip
+
+
+def qwen2_vl_2b_config():
+    """Qwen/Qwen2-VL-2B-Instruct's config.json values (text 1536 x 28, vision 1280 x 32), built locally."""
+    from transformers import Qwen2VLConfig
+
+    text = dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=151645,
+    )  # fmt: skip
+    vision = dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    rope = {"rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+    try:  # transformers >= 5: nested text_config with rope_parameters
+        cfg = Qwen2VLConfig(text_config={**text, "rope_parameters": {"rope_type": "default", **rope}},
+                            vision_config=vision, tie_word_embeddings=True, **ids)  # fmt: skip
+        if getattr(cfg, "text_config", None) is not None and cfg.text_config.hidden_size == 1536:
+            return cfg
+    except Exception:  # noqa: BLE001 - older transformers: flat text options below
+        pass
+    return Qwen2VLConfig(**text, rope_theta=rope["rope_theta"],
+                         rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
+                         vision_config=vision, **ids)  # fmt: skip
+
+
+def realistic_qwen2_vl(
+    report: Report, sec: dict, device: str, cfg=None, rows: int = 16, grid: int = 32, text: int = 64, comp: int = 128
+) -> None:
+    """``rows`` sequences of one image (``grid`` x ``grid`` patches, merged 2 x 2), ``text`` prompt tokens and ``comp``
+    completion tokens: teacher-forced forward+backward, the loss on the completion's log-probs."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    cfg = cfg if cfg is not None else qwen2_vl_2b_config()
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration(cfg).to(torch.bfloat16)
+    sync(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    report.row(sec, "qwen2-vl-2b shape: build", "ok", params_B=round(n_params / 1e9, 3),
+               build_s=round(time.perf_counter() - t0, 1))  # fmt: skip
+    model.train()
+    vis = grid * grid // 4  # default 32 x 32 patches of 14 px (448 px), merged 2 x 2 -> 256 vision tokens
+    patch_dim = 3 * 2 * 14 * 14
+    g = torch.Generator(device).manual_seed(0)
+    pixel_values = torch.randn(rows * grid * grid, patch_dim, device=device, dtype=torch.bfloat16, generator=g)
+    image_grid_thw = torch.tensor([[1, grid, grid]] * rows, device=device)
+    vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None) or cfg.vocab_size
+    ids = torch.randint(0, vocab, (rows, 1 + vis + 1 + text + comp), device=device, generator=g)
+    special = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    plain = next(i for i in range(vocab) if i not in special)
+    ids[torch.isin(ids, torch.tensor(special, device=device))] = plain  # text tokens only outside the image span
+    ids[:, 0] = cfg.vision_start_token_id
+    ids[:, 1 : 1 + vis] = cfg.image_token_id
+    ids[:, 1 + vis] = cfg.vision_end_token_id
+    mask = torch.ones_like(ids)
+    L = ids.shape[1]
+    extra = {}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers >= 5: 1 marks image tokens
+        extra["mm_token_type_ids"] = (ids == cfg.image_token_id).long()
+
+    def fwd_bwd():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                    logits_to_keep=comp + 1, **extra)  # fmt: skip
+        logits = out.logits[:, :-1].float()  # the completion's next-token logits
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, -comp:, None]).squeeze(-1)
+        (-lp.mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    for checkpointing in (False, True):
+        if out_of_time(report, sec, f"qwen2-vl-2b fwd+bwd grad_ckpt={checkpointing}"):
+            return
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reset_peak(device)
+        try:
+            med, _ = timed(fwd_bwd, device, repeats=2)
+        except torch.cuda.OutOfMemoryError as e:
+            report.row(sec, f"qwen2-vl-2b fwd+bwd grad_ckpt={checkpointing}", f"OOM: {str(e)[:120]}")
+            free_memory()
+            continue
+        report.row(sec, f"qwen2-vl-2b fwd+bwd {rows} x {L} tokens grad_ckpt={checkpointing}", "ok",
+                   s_per_step=round(med, 4), tokens_per_s=round(rows * L / med), samples_per_s=round(rows / med, 2),
+                   peak_gib=peak_gib(device))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- 6. 1-GPU FSDP
+def section_fsdp(report: Report, sec: dict, device: str, work: Path) -> None:
+    sec["note"] = (
+        "Tiny SD3, full fine-tuning, 2 steps through Trainer with accelerate's FSDP plugin (FULL_SHARD, "
+        "use_orig_params) in a child process that initialises torch.distributed (nccl, world size 1)."
+    )
+    from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
+
+    ckpt = save_tiny_sd3(work / "ckpt_fsdp")
+    out = work / "fsdp_result.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = [sys.executable, str(GPU_CHECK), "--fsdp-child", str(work / "fsdp"), "--fsdp-ckpt", ckpt,
+           "--fsdp-result", str(out), "--device", device]  # fmt: skip
+    timeout = max(30.0, min(180.0, report.left()))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        report.row(sec, "fsdp tiny sd3", f"ERROR: timed out after {timeout:.0f} s")
+        sec["had_error"] = True
+        return
+    wall = time.perf_counter() - t0
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    if proc.returncode == 0 and result.get("ok"):
+        report.row(sec, "fsdp tiny sd3", "ok", wall_s=round(wall, 1), **result.get("numbers", {}))
+    else:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        report.row(sec, "fsdp tiny sd3", "ERROR", returncode=proc.returncode, error=result.get("error") or tail)
+        sec["had_error"] = True
+
+
+def fsdp_child(run_dir: str, ckpt: str, result_path: str, device: str) -> int:
+    """Runs in the child process: world size 1, FSDP plugin, 2 steps of tiny SD3 (full fine-tuning)."""
+    result: dict[str, Any] = {"ok": False}
+    try:
+        from accelerate import Accelerator, FullyShardedDataParallelPlugin
+
+        from mmgrpo.train.config import load_config
+        from mmgrpo.train.trainer import Trainer
+
+        register_check_rewards()
+        plugin = FullyShardedDataParallelPlugin(sharding_strategy="FULL_SHARD", use_orig_params=True,
+                                                sync_module_states=False)  # fmt: skip
+        acc = Accelerator(
+            fsdp_plugin=plugin, mixed_precision="bf16" if device == "cuda" else "no", cpu=device == "cpu"
+        )
+        base = {
+            "pipeline": "text_to_image",
+            "policy": {"options": diffusion_policy_options("sd3", ckpt, num_steps=2, lora_rank=0)},
+            "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+            "rewards": [{"name": IMAGE_REWARD}],
+            "trainer": trainer_options(2, 1, 2, acc.mixed_precision),
+        }
+        cfg = load_config(None, [f"run.output_dir={Path(run_dir).parent}", f"run.name={Path(run_dir).name}"],
+                          base=base)  # fmt: skip
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(cfg, run_dir, acc)
+        t0 = time.perf_counter()
+        trainer.train()
+        lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        losses = [x.get("loss/total") for x in lines if "loss/total" in x]
+        result["numbers"] = {
+            "distributed_type": str(acc.distributed_type),
+            "world_size": acc.num_processes,
+            "wrapped": type(trainer.policy.model).__name__,
+            "steps": len(losses),
+            "loss": losses,
+            "train_s": round(time.perf_counter() - t0, 2),
+        }
+        fsdp = "FSDP" in str(acc.distributed_type)
+        result["ok"] = len(losses) == 2 and all(math.isfinite(v) for v in losses) and fsdp
+        if not result["ok"]:
+            result["error"] = f"distributed_type {acc.distributed_type}, losses {losses}"
+    except Exception as e:  # noqa: BLE001
+        result["error"] = error_text(e, lines=20)
+    Path(result_path).write_text(json.dumps(result))
+    try:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+    return 0 if result["ok"] else 1
