@@ -353,8 +353,9 @@ class Trainer:
         grad_norm = None
         if t.max_grad_norm is not None:
             grad_norm = sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm))
-        elif self.acc.scaler is None:
-            grad_norm = 0.0 if all(p.grad is None or bool(p.grad.isfinite().all()) for p in self.params) else math.nan
+        elif self.acc.scaler is None:  # one reduction and one device sync, not one per parameter
+            grads = [p.grad.isfinite().all() for p in self.params if p.grad is not None]
+            grad_norm = 0.0 if not grads or bool(torch.stack(grads).all()) else math.nan
         if self.acc.scaler is not None:  # fp16: the grad scaler skips an overflowed step and lowers its scale itself
             grad_norm = None
         if self._skip_nonfinite(loss_ok, grad_norm):
