@@ -479,14 +479,25 @@ def grid_prompts(heldout: list[str], per_kind: int = 4) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- save/load
 def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler, vae=None) -> None:
-    """Write the diffusers-style folder (safetensors only) that ``from_pretrained`` / the SD3 adapter loads."""
+    """Write the diffusers-style folder (safetensors only) that ``StableDiffusion3Pipeline.from_pretrained(out,
+    text_encoder_3=None, tokenizer_3=None)`` and the SD3 adapter load.
+
+    The model has one CLIP encoder and no T5 block; diffusers' SD3 pipeline always calls a second CLIP encoder, so
+    the folder carries a placeholder one (all-zero weights, width :data:`PLACEHOLDER_WIDTH`: its outputs are exactly
+    zero) with a copy of the tokenizer, and the transformer's pooled projection gets matching zero input columns.
+    Both change no output; :func:`load_models` strips them again.
+    """
     import diffusers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    widen_pooled(transformer, text_encoder.config.projection_dim + PLACEHOLDER_WIDTH).save_pretrained(
+        out / "transformer", safe_serialization=True
+    )
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(out / "tokenizer")
+    placeholder_clip(text_encoder.config).save_pretrained(out / "text_encoder_2", safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        tokenizer.save_pretrained(out / sub)
     scheduler.save_pretrained(out / "scheduler")
     if vae is not None:
         vae.save_pretrained(out / "vae", safe_serialization=True)
@@ -495,7 +506,9 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
         "transformer": ["diffusers", "SD3Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None],
     }  # components SD3 has and this model lacks are null, as diffusers' save_pretrained writes them
@@ -504,24 +517,58 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-NULL_COMPONENTS = (
-    "feature_extractor",
-    "image_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "tokenizer_2",
-    "tokenizer_3",
-)
+NULL_COMPONENTS = ("feature_extractor", "image_encoder", "text_encoder_3", "tokenizer_3")
+PLACEHOLDER_WIDTH = 8  # the placeholder CLIP's width (the smallest that is a valid CLIP model is 1; 8 reads better)
+
+
+def placeholder_clip(like: CLIPTextConfig) -> CLIPTextModelWithProjection:
+    """A one-layer CLIP text model with the vocabulary and length of ``like`` and every weight zero: its penultimate
+    hidden states (the embeddings) and its pooled projection are exactly zero for any prompt."""
+    config = CLIPTextConfig(
+        vocab_size=like.vocab_size,
+        hidden_size=PLACEHOLDER_WIDTH,
+        intermediate_size=PLACEHOLDER_WIDTH,
+        projection_dim=PLACEHOLDER_WIDTH,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        max_position_embeddings=like.max_position_embeddings,
+        pad_token_id=like.pad_token_id,
+        bos_token_id=like.bos_token_id,
+        eos_token_id=like.eos_token_id,
+    )
+    model = CLIPTextModelWithProjection(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    return model
+
+
+def widen_pooled(transformer: SD3Transformer2DModel, width: int) -> SD3Transformer2DModel:
+    """A copy of ``transformer`` whose pooled projection takes ``width`` inputs: the extra input columns are zero,
+    so the placeholder encoder's zeros add nothing. ``width`` equal to today's returns ``transformer`` itself."""
+    key = "time_text_embed.text_embedder.linear_1.weight"
+    old = transformer.config.pooled_projection_dim
+    if width == old:
+        return transformer
+    state = transformer.state_dict()
+    w = state[key]
+    state[key] = torch.cat([w[:, : min(old, width)], w.new_zeros(w.shape[0], max(width - old, 0))], dim=1)
+    if width < old and w[:, width:].count_nonzero():
+        raise UserError(f"cannot narrow the pooled projection to {width}: its columns {width}.. are not zero")
+    resized = SD3Transformer2DModel.from_config({**transformer.config, "pooled_projection_dim": width})
+    resized.load_state_dict(state)
+    return resized.train(transformer.training)
 
 
 def load_models(path: str | Path):
     """(transformer, text_encoder, tokenizer, scheduler, vae or None) from a folder written by :func:`save_folder`,
-    in eval mode."""
+    in eval mode, without the placeholder: the pooled projection takes the text encoder's width again."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a model folder (no model_index.json); pass e.g. assets/shapes_t2i")
-    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer").eval()
     text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder").eval()
+    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer")
+    transformer = widen_pooled(transformer, text_encoder.config.projection_dim).eval()
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
     vae = AutoencoderKL.from_pretrained(path / "vae").eval() if (path / "vae").is_dir() else None

@@ -197,13 +197,10 @@ import sys, torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 path, io, prompt, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-# --- the README's snippet (one CLIP text encoder, no T5: its penultimate hidden states are the prompt)
-pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                                tokenizer_3=None)
-ids = pipe.tokenizer([prompt], padding="max_length", truncation=True, return_tensors="pt").input_ids
-out = pipe.text_encoder(ids, output_hidden_states=True)
-images = pipe(prompt_embeds=out.hidden_states[-2], pooled_prompt_embeds=out.text_embeds, guidance_scale=1.0,
-              num_inference_steps=steps, latents=load_file(io + "/in.safetensors")["x0"], output_type="pt").images
+# --- the README's snippet: a plain SD3 pipeline without T5 (the model was trained with no T5 tokens)
+pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+images = pipe(prompt, max_sequence_length=0, guidance_scale=1.0, num_inference_steps=steps,
+              latents=load_file(io + "/in.safetensors")["x0"], output_type="pt").images
 save_file({"image": images.contiguous()}, io + "/out.safetensors")
 """
 

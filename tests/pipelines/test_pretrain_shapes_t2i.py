@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import AutoTokenizer, CLIPTextModelWithProjection
+from diffusers import SD3Transformer2DModel
+from transformers import CLIPTextModelWithProjection
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.shapes import all_prompts, parse_prompt, split_prompts
-from mmgrpo.policies.models.sd3 import decode_latents
+from mmgrpo.policies.models.sd3 import decode_latents, is_placeholder
 from scripts.pretrain_shapes_t2i import (
     LOSS_WEIGHTS,
+    PLACEHOLDER_WIDTH,
     PretrainConfig,
     build_models,
     build_tokenizer,
@@ -66,18 +67,24 @@ def test_pretrain_tiny_writes_a_folder_that_loads_back_and_samples_the_same(tmp_
     assert {k for k, v in index.items() if not k.startswith("_") and v[0] is not None} == {
         "transformer",
         "text_encoder",
+        "text_encoder_2",  # the all-zero placeholder that diffusers' SD3 pipeline needs
         "tokenizer",
+        "tokenizer_2",
         "scheduler",
     }
+    te2 = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2")
+    assert is_placeholder(te2) and not is_placeholder(te)
+    stored = SD3Transformer2DModel.from_pretrained(out / "transformer")
+    assert stored.config.pooled_projection_dim == te.config.projection_dim + PLACEHOLDER_WIDTH
+    w = stored.time_text_embed.text_embedder.linear_1.weight.detach()
+    assert w[:, te.config.projection_dim :].count_nonzero() == 0  # the placeholder's columns are zero
+    assert torch.equal(w[:, : te.config.projection_dim], tr.time_text_embed.text_embedder.linear_1.weight)
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
     assert (out / "samples.png").is_file() and "shapes =" in (out / "README.md").read_text()
     assert summary["heldout"]["num_images"] == len(split_prompts()[1])  # 1 sample per held-out prompt
     assert 0.0 <= summary["heldout"]["shapes"] <= 1.0
 
-    tr2 = SD3Transformer2DModel.from_pretrained(out, subfolder="transformer").eval()
-    te2 = CLIPTextModelWithProjection.from_pretrained(out, subfolder="text_encoder").eval()
-    tok2 = AutoTokenizer.from_pretrained(out, subfolder="tokenizer")
-    sch2 = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    tr2, te2, tok2, sch2, _ = load_models(out)  # the placeholder stripped again
     assert tok2.model_max_length == 16 and sch2.config.shift == sch.config.shift
     prompts = ["a red circle left of a blue square", "two green triangles"]
     a = sample(tr, te, tok, prompts, [3, 4], num_steps=3, scheduler=sch)

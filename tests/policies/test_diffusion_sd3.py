@@ -1,6 +1,9 @@
 """DiffusionPolicy over a tiny real SD3 checkpoint: prompt chunks, G2RPO anchors and advantages (the
 family-agnostic contract, reference KL and LoRA-only training: test_family_conformance.py, test_family_matrix.py)."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from mmgrpo.core.types import PromptBatch
@@ -60,3 +63,49 @@ def test_rollouts_of_prompt_chunks_concatenate_to_the_whole():
     assert_ratio_one(policy, parts)
     second = select_groups(whole, [1])
     assert torch.equal(second.extras["cond"]["pooled"], whole.extras["cond"]["pooled"][2:])
+
+
+def test_placeholder_second_clip_means_no_t5_block_and_matches_diffusers_encode_prompt():
+    """The shipped shapes model carries an all-zero text_encoder_2 (diffusers' SD3 pipeline always calls two CLIP
+    encoders): the adapter recognises it, defaults to 0 T5 tokens, and encodes exactly as
+    ``StableDiffusion3Pipeline.encode_prompt(..., max_sequence_length=0)`` does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+
+    path = str(Path(__file__).resolve().parents[2] / "assets" / "shapes_t2i")
+    adapter = load_adapter(GeneratorPolicyOptions(family="sd3", path=path))
+    assert adapter.placeholder == [False, True] and adapter.max_sequence_length == 0
+    cond = adapter.encode(["two blue squares", "a red circle"])
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        ["two blue squares", "a red circle"], None, None, do_classifier_free_guidance=False, max_sequence_length=0
+    )
+    assert cond["prompt_embeds"].shape == (2, 16, 64) and cond["pooled"].shape == (2, 72)
+    assert torch.equal(cond["prompt_embeds"], embeds) and torch.equal(cond["pooled"], pooled)
+    assert cond["pooled"][:, 64:].count_nonzero() == 0 and cond["pooled"][:, :64].count_nonzero() > 0
+    # an explicit length appends that many zero T5 tokens, as diffusers does
+    adapter256 = load_adapter(
+        GeneratorPolicyOptions(family="sd3", path=path, adapter_options={"max_sequence_length": 5})
+    )
+    assert adapter256.encode(["two blue squares"])["prompt_embeds"].shape == (1, 21, 64)
+
+
+def test_real_second_clip_keeps_the_diffusers_default_and_bad_encoders_are_refused():
+    from mmgrpo.core.errors import UserError
+    from mmgrpo.policies.models.sd3 import SD3Adapter
+    from mmgrpo.testing.tiny_sd3 import tiny_sd3_components
+
+    c = tiny_sd3_components(with_t5=False, with_vae=False)
+    encoders = [c["text_encoder"], c["text_encoder_2"], None]
+    tokenizers = [c["tokenizer"], c["tokenizer_2"], None]
+    adapter = SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers)
+    assert adapter.placeholder == [False, False] and adapter.max_sequence_length == 256
+    assert adapter.encode(["a red circle"])["prompt_embeds"].shape == (1, 12 + 256, 32)
+    with pytest.raises(UserError, match="max_sequence_length=600: SD3 takes 0..512"):
+        SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers, max_sequence_length=600)
+    with torch.no_grad():
+        for p in c["text_encoder"].parameters():
+            p.zero_()
+    with pytest.raises(UserError, match="text_encoder has all-zero weights"):
+        SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers)

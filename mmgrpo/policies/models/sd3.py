@@ -3,8 +3,15 @@
 Knows only: encode a prompt (CLIP-L + CLIP-G penultimate hidden states and pooled projections, plus T5,
 exactly as diffusers' ``StableDiffusion3Pipeline.encode_prompt``), call the transformer, the shifted
 flow-matching sigma schedule, and VAE decoding. A checkpoint may omit parts: without ``text_encoder_3``
-the T5 block is zeros (as diffusers does); with a single CLIP encoder and no T5 the CLIP states are used
-as they are (the shipped shapes model); without a ``vae`` the model works in pixel space ([-1, 1]).
+the T5 block is ``max_sequence_length`` zero tokens (as diffusers does); without a ``vae`` the model works in pixel
+space ([-1, 1]).
+
+A model trained with one CLIP encoder and no T5 block (the shipped shapes model) carries a *placeholder*
+``text_encoder_2``: a CLIP model whose weights are all zero, so its hidden states and pooled output are exactly zero.
+It exists because diffusers' ``encode_prompt`` always calls two CLIP encoders; its hidden states are cropped away
+(the CLIP block is padded or cropped to the transformer's width, as diffusers does) and its pooled zeros meet zero
+columns of the pooled projection. Such a model has no T5 block, so ``max_sequence_length`` defaults to 0 for it
+(diffusers: ``pipe(prompt, max_sequence_length=0)``); otherwise to 256, diffusers' default.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ class SD3Adapter:
         vae: nn.Module | None = None,
         height: int | None = None,
         width: int | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
     ):
@@ -50,6 +57,15 @@ class SD3Adapter:
         self.vae = vae
         self.device = torch.device(device)
         self.dtype = _dtype(dtype)
+        #: which CLIP encoders are placeholders (all-zero weights, see the module docstring)
+        self.placeholder = [enc is not None and is_placeholder(enc) for enc in self.text_encoders[:2]]
+        if self.placeholder[0]:
+            raise UserError("the SD3 text_encoder has all-zero weights; only text_encoder_2 may be a placeholder")
+        if max_sequence_length is None:
+            real_second = self.text_encoders[1] is not None and not self.placeholder[1]
+            max_sequence_length = 256 if self.text_encoders[2] is not None or real_second else 0
+        if not 0 <= max_sequence_length <= 512:
+            raise UserError(f"max_sequence_length={max_sequence_length}: SD3 takes 0..512 T5 tokens")
         self.max_sequence_length = max_sequence_length
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         default = transformer.config.sample_size * scale
@@ -108,24 +124,25 @@ class SD3Adapter:
             out = enc(ids, output_hidden_states=True)
             pooled.append(out[0])
             clip_hidden.append(out.hidden_states[-2])
-        clip = torch.cat(clip_hidden, dim=-1)
         joint = self.denoiser.config.joint_attention_dim
+        width = sum(h.shape[-1] for h, fake in zip(clip_hidden, self.placeholder) if not fake)
+        if width > joint:
+            raise UserError(f"the CLIP text features have width {width} but the transformer expects at most {joint}")
         enc3, tok3 = self.text_encoders[2], self.tokenizers[2]
         if enc3 is not None:
             ids = tok3(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                        add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
             t5 = enc3(ids)[0]
-        elif self.text_encoders[1] is not None:  # the diffusers convention for SD3 without T5
-            t5 = torch.zeros(len(texts), self.max_sequence_length, joint, device=self.device, dtype=clip.dtype)
-        else:
-            t5 = None
-        if t5 is not None:
-            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-            embeds = torch.cat([clip, t5], dim=-2)
-        else:
-            embeds = clip
-        if embeds.shape[-1] != joint:
-            raise UserError(f"text features have width {embeds.shape[-1]} but the transformer expects {joint}")
+        else:  # the diffusers convention for SD3 without T5: zero tokens (none for a model trained without them)
+            t5 = torch.zeros(
+                len(texts), self.max_sequence_length, joint, device=self.device, dtype=clip_hidden[0].dtype
+            )
+        if t5.shape[-1] != joint:
+            raise UserError(f"the T5 features have width {t5.shape[-1]} but the transformer expects {joint}")
+        clip = torch.nn.functional.pad(
+            torch.cat(clip_hidden, dim=-1), (0, joint - sum(h.shape[-1] for h in clip_hidden))
+        )
+        embeds = torch.cat([clip, t5], dim=-2)
         return {"prompt_embeds": embeds.to(self.dtype), "pooled": torch.cat(pooled, dim=-1).to(self.dtype)}
 
     def encode_negative(self, n: int) -> Cond:
@@ -168,6 +185,12 @@ def decode_latents(vae: nn.Module | None, latents: torch.Tensor, dtype: torch.dt
     cfg = vae.config
     z = latents.to(dtype or vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
     return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+def is_placeholder(encoder: nn.Module) -> bool:
+    """True when every weight of ``encoder`` is zero (a placeholder text encoder: its outputs are exactly zero).
+    Stops at the first non-zero tensor, so a real encoder costs one small check."""
+    return all(p.count_nonzero() == 0 for p in encoder.parameters())
 
 
 def _parts(path: str) -> set[str]:
