@@ -26,8 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from mmgrpo import rewards
 from mmgrpo.core.errors import UserError
+from mmgrpo.data import shapes_qa
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
 from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint
 from mmgrpo.train.cli import main as cli_main
@@ -332,3 +334,51 @@ def test_vlm_transformers_folder_reproduces_the_policy(vlm, which):
     names = {p.name for p in exports[which].iterdir()}
     assert {"config.json", "model.safetensors", "chat_template.jinja"} <= names and "adapter_config.json" not in names
     assert diffs[which] < TOL
+
+
+SHAPES_VLM_SCRIPT = """
+import json, sys, torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+path, io = sys.argv[1], sys.argv[2]
+case = json.loads(open(io + "/case.json").read())
+model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+processor = AutoProcessor.from_pretrained(path)
+out = {}
+for i, messages in enumerate(case["messages"]):
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[Image.open(f"{io}/image{i}.png")], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=case["max_new_tokens"],
+                             suppress_tokens=case["suppress"], eos_token_id=case["eos"])
+    out[f"{i}/prompt_ids"] = enc["input_ids"][0].contiguous()
+    out[f"{i}/completion"] = ids[0, enc["input_ids"].shape[1]:].contiguous()
+save_file(out, io + "/out.safetensors")
+"""
+
+
+def test_shipped_shapes_vlm_is_a_transformers_model_that_answers_as_the_policy(tmp_path):
+    """assets/shapes_vlm in plain transformers (AutoModelForImageTextToText + AutoProcessor, greedy ``generate``)
+    renders the same prompt and writes the same answer tokens as the project's greedy decoding."""
+    path = str(REPO / "assets" / "shapes_vlm")
+    policy = VLMPolicy.from_pretrained(path, VLMPolicyOptions(finetune="full", system_prompt="", max_new_tokens=24))
+    exs = [shapes_qa.make_example(s, k) for s, k in zip(shapes_qa.heldout_seeds(3), shapes_qa.QA_KINDS)]
+    case = {"messages": [], "max_new_tokens": 24, "eos": list(policy.eos_ids)}
+    case["suppress"] = policy._scorer().suppress.nonzero()[:, 0].tolist()
+    expected = []
+    for i, e in enumerate(exs):
+        Image.fromarray(e.image).save(tmp_path / f"image{i}.png")
+        prompt = policy.prepare(e.prompt(), e.meta())
+        toks, lens, _ = policy.sample(prompt, 1, None, greedy=True)
+        expected.append((prompt.input_ids.cpu(), toks[0, : int(lens[0])].cpu()))
+        case["messages"].append(policy.messages(e.prompt(), 1, False))
+    (tmp_path / "case.json").write_text(json.dumps(case))
+    run_clean(SHAPES_VLM_SCRIPT, path, str(tmp_path))
+    got = load_file(str(tmp_path / "out.safetensors"))
+    for i, (ids, completion) in enumerate(expected):
+        assert torch.equal(got[f"{i}/prompt_ids"], ids), i
+        assert completion.numel() > 3 and torch.equal(got[f"{i}/completion"], completion), (
+            i,
+            policy._decode(completion),
+        )
