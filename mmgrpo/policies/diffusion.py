@@ -397,11 +397,15 @@ class DiffusionPolicy:
             self.noise_level, self.exploration, self.objective = saved
 
 
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+"""LoRA targets of a family that names none (diffusers' attention projections)"""
+
+
 def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets: list[str] | None) -> None:
     """Freeze the denoiser and add a trainable LoRA adapter (peft, through diffusers' adapter API)."""
     from peft import LoraConfig
 
-    targets = opts.lora_targets or default_targets or ["to_q", "to_k", "to_v", "to_out.0"]
+    targets = opts.lora_targets or default_targets or DEFAULT_LORA_TARGETS
     denoiser.requires_grad_(False)
     config = LoraConfig(
         r=opts.lora_rank,

@@ -5,11 +5,12 @@ Shared by every generator recipe and by Best-of-N sampling, so a model is loaded
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.policies.diffusion import ADAPTERS, DiffusionPolicyOptions
+from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS, DiffusionPolicyOptions
 
 
 @dataclass
@@ -28,6 +29,14 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     """video families: frames per sample (0 = the model's default)"""
     adapter_options: dict[str, Any] = field(default_factory=dict)
     """family-specific adapter options passed to its from_pretrained (flux: guidance, max_sequence_length)"""
+
+    def with_defaults(self) -> GeneratorPolicyOptions:
+        """These options with the family's defaults written out (a run's config.yaml stores them, so a later
+        version with other defaults rebuilds the same policy): ``lora_targets`` becomes the family's list."""
+        if self.lora_targets or self.family not in ADAPTERS:
+            return self
+        targets = list(getattr(ADAPTERS.get(self.family), "lora_targets", None) or DEFAULT_LORA_TARGETS)
+        return dataclasses.replace(self, lora_targets=targets)
 
 
 def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:

@@ -37,7 +37,7 @@ def register(name: str, description: str | None = None) -> Callable[[Callable[..
     return REWARDS.register(name, description)
 
 
-def _is_factory(obj: Any) -> bool:
+def is_factory(obj: Any) -> bool:
     """A factory takes only options; a reward callable takes (samples, prompts, meta, ctx)."""
     try:
         params = [
@@ -58,7 +58,7 @@ def resolve(name: str) -> Callable[..., Any]:
 def get(name: str, **options: Any) -> Callable[..., Any]:
     """Build the reward callable ``name`` with ``options``."""
     obj = resolve(name)
-    if _is_factory(obj):
+    if is_factory(obj):
         try:
             fn = obj(**options)
         except TypeError as e:

@@ -9,6 +9,7 @@ against the options dataclass that the named component registers.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
-from mmgrpo.methods.registry import check_methods, check_moved_keys
+from mmgrpo.methods.registry import check_methods, check_moved_keys, enabled_methods
 from mmgrpo.train import components
 from mmgrpo.train.tracking import check_tracker_names
 
@@ -412,6 +413,75 @@ def validate_advantage_and_loss(a: AdvantageConfig, lc: LossConfig, where: str) 
         raise UserError(f"loss.adv_clip={lc.adv_clip} in {where} must be > 0, or null to disable advantage clipping")
     loss_options(lc.name, lc.options, adv_clip=lc.adv_clip, where=where)
     make_aggregation(lc.aggregation.name, lc.aggregation.options, where)
+
+
+def resolved_config(cfg: Config, base: str | Path | None = None) -> Config:
+    """``cfg`` made self-contained, as a run's ``config.yaml`` stores it: every component option written out with
+    its default (``policy.options``, ``data.options``, each method's and each reward factory's options), and every
+    relative path that exists under ``base`` (default: the working directory) made absolute, so that ``mmgrpo
+    sample --run``, ``export`` and a resume read the same run from any directory.
+
+    A string counts as a path when it names an existing file or folder under ``base`` and either holds a path
+    separator or a suffix (``assets/shapes_t2i``, ``prompts.jsonl``) or sits under a path-like key (``path``,
+    ``*_file``, ``*_dir``, ``checkpoint``, ``prompts``...); a bare name such as ``family: sd3`` is never touched.
+    Resolving twice gives the same config.
+    """
+    base = Path(base) if base is not None else Path.cwd()
+    out = copy.deepcopy(cfg)
+    pipeline = components.PIPELINES.get(out.pipeline)
+    if pipeline.policy_options is not None:
+        opts = options_from(pipeline.policy_options, out.policy.options, "", "policy.options")
+        out.policy.options = to_dict(opts.with_defaults() if hasattr(opts, "with_defaults") else opts)
+    if pipeline.data_options is not None:
+        out.data.options = to_dict(options_from(pipeline.data_options, out.data.options, "", "data.options"))
+    for (_method, opts), name in zip(
+        enabled_methods(out), [k for k, v in (out.methods or {}).items() if v is not None]
+    ):
+        out.methods[name] = to_dict(opts)
+    for spec in out.rewards:
+        spec.options = {**_factory_defaults(reward_registry.resolve(spec.name)), **spec.options}
+    out.run.output_dir = str((base / out.run.output_dir).absolute())
+    for section in (out.policy, out.data, *out.rewards):
+        section.options = _absolute_paths(section.options, base)
+    out.methods = _absolute_paths(out.methods, base)
+    if out.resume:
+        out.resume = _absolute_paths({"path": out.resume}, base)["path"]
+    return out
+
+
+_PATH_KEYS = re.compile(r"(^|_)(path|paths|file|files|dir|dirs|root|checkpoint|prompts|images|image|video|videos)$")
+_JSONABLE = (str, int, float, bool, type(None))
+
+
+def _factory_defaults(obj: Any) -> dict[str, Any]:
+    """The keyword defaults of a reward factory that a YAML file can hold (none for a plain reward callable)."""
+    if not reward_registry.is_factory(obj):
+        return {}
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not p.empty and p.kind is not p.VAR_KEYWORD and isinstance(p.default, _JSONABLE)
+    }
+
+
+def _absolute_paths(value: Any, base: Path, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _absolute_paths(v, base, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolute_paths(v, base, key) for v in value]
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or "://" in value:
+        return value
+    looks_like_path = "/" in value or "\\" in value or Path(value).suffix != "" or bool(_PATH_KEYS.search(key))
+    candidate = base / value
+    try:
+        exists = looks_like_path and candidate.exists()
+    except OSError:  # a name too long for the file system, ...
+        return value
+    return str(candidate.absolute()) if exists else value
 
 
 def dump_config(cfg: Config) -> str:

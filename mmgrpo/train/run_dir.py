@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.train import checkpoint as ckpt
-from mmgrpo.train.config import Config, check_run_name, config_diff, dump_config, load_config
+from mmgrpo.train.config import Config, check_run_name, config_diff, dump_config, load_config, resolved_config
 
 RUN_MARKER = ".mmgrpo-run"
 STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png")
@@ -103,7 +103,7 @@ def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
     if force or not saved.is_file():
         return
     try:
-        old = load_config(saved)
+        old = resolved_config(load_config(saved))  # a run written before config.yaml was resolved: as if it were
     except UserError as e:
         raise UserError(
             f"resume={run_dir}: its config.yaml no longer loads ({e}); pass resume_force=true to resume anyway"

@@ -33,7 +33,7 @@ from mmgrpo.core.seeding import generator_for, prompt_seed
 from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
-from mmgrpo.train.config import Config
+from mmgrpo.train.config import Config, resolved_config
 from mmgrpo.train.export import export_policy
 from mmgrpo.train.report import before_after, save_samples, write_report
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
@@ -560,7 +560,11 @@ class Trainer:
 
 
 def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
-    """Run (or resume) training for ``cfg``; returns the finished trainer (see :mod:`mmgrpo.train.run_dir`)."""
+    """Run (or resume) training for ``cfg``; returns the finished trainer (see :mod:`mmgrpo.train.run_dir`).
+
+    The run uses, and its ``config.yaml`` stores, :func:`~mmgrpo.train.config.resolved_config` of ``cfg``: every
+    option written out and relative paths made absolute, so the run directory works from any directory."""
+    cfg = resolved_config(cfg)
     acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
     run_dir = prepare_run_dir(cfg, acc.is_main_process)
     if cfg.resume:
