@@ -65,7 +65,10 @@ def convert(value: Any, tp: Any, path: str, where: str) -> Any:
                 errors.append(e)
         raise _fail(path, where, tp, value)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        args = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a bool: `mixed_precision: no`
+            value = next((w for w in (("no", "off") if not value else ("yes", "on")) if w in args), value)
+        if any(type(value) is type(a) and value == a for a in args):  # typed: 1 is not True, nor "1"
             return value
         raise _fail(path, where, tp, value)
     if origin in (list, tuple):

@@ -157,8 +157,10 @@ class TrainerConfig:
     """linear warmup steps"""
     max_grad_norm: float | None = 1.0
     """clip the gradient norm; null = off"""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """autocast precision of forwards (log-prob maths stays fp32)"""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """autocast precision of forwards (log-prob maths stays fp32); null = as launched (``accelerate launch
+    --mixed_precision bf16``, or accelerate's config file), else no. Set here and in the launcher with different
+    values is an error that names both; a run's config.yaml stores the precision it ran with"""
     ema_decay: float | None = None
     """EMA of the trainable parameters (used for evaluation); null = off"""
     shuffle: bool = True

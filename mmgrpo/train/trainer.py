@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -50,13 +51,32 @@ from mmgrpo.train.tracking import check_trackers_installed, end_trackers, log_sc
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator; in a plain (non-launched) process a previous one's settings are reset first."""
+def make_accelerator(mixed_precision: str | None) -> Accelerator:
+    """An Accelerator with :func:`launch_precision`; in a plain (non-launched) process a previous one's settings are
+    reset first."""
     from accelerate.state import AcceleratorState, PartialState
 
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=launch_precision(mixed_precision))
+
+
+def launch_precision(configured: str | None) -> str:
+    """The mixed precision of a run: the config's ``trainer.mixed_precision`` when set, else the launcher's
+    (``accelerate launch --mixed_precision`` and accelerate's config file set ``ACCELERATE_MIXED_PRECISION``), else
+    "no". A launcher asking for bf16/fp16 and a config asking for something else is a UserError naming both (the
+    launcher writes "no" when nothing was asked, so "no" there is no request)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if configured is None:
+        return launched
+    if launched != "no" and launched != configured:
+        raise UserError(
+            f"trainer.mixed_precision={configured} in the config, but the launcher asks for {launched} (accelerate "
+            f"launch --mixed_precision {launched}, or accelerate's config file). Say it once: remove "
+            f"trainer.mixed_precision from the config to use the launcher's, or launch with --mixed_precision "
+            f"{configured}"
+        )
+    return configured
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -566,6 +586,7 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     option written out and relative paths made absolute, so the run directory works from any directory."""
     cfg = resolved_config(cfg)
     acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
+    cfg.trainer.mixed_precision = str(acc.mixed_precision)  # config.yaml records the precision the run used
     run_dir = prepare_run_dir(cfg, acc.is_main_process)
     if cfg.resume:
         check_resume_config(cfg, run_dir, cfg.resume_force)

@@ -54,3 +54,38 @@ def test_two_processes_match_one_process(tmp_path):
     p2 = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))["model"]["logits"]
     assert not torch.equal(p1, torch.zeros_like(p1))
     assert torch.allclose(p1, p2, atol=1e-6), (p1 - p2).abs().max()
+
+
+def test_launcher_precision_applies_unless_the_config_sets_one_and_a_conflict_names_both(monkeypatch):
+    from mmgrpo.core.errors import UserError
+    from mmgrpo.train.trainer import launch_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launch_precision(None) == "no" and launch_precision("bf16") == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert launch_precision(None) == "bf16" and launch_precision("bf16") == "bf16"
+    with pytest.raises(UserError, match=r"trainer.mixed_precision=no in the config, but the launcher asks for bf16"):
+        launch_precision("no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: no request
+    assert launch_precision("fp16") == "fp16"
+
+
+def test_accelerate_launch_mixed_precision_reaches_the_run_and_its_config_yaml(tmp_path):
+    """A real `accelerate launch --mixed_precision bf16` of a config that does not set one: the run uses bf16 and its
+    config.yaml records it; the same launch of a config that says `no` fails with both values named."""
+    cfg = {**CONFIG, "trainer": {**CONFIG["trainer"], "max_steps": 1, "epochs": 1, "minibatches": 1}}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [_accelerate(), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16",
+            "--dynamo_backend", "no", "--cpu", "-m", "mmgrpo.train.cli", "train", str(cfg_path),
+            f"run.output_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run([*base, "run.name=bf16"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["trainer"]["mixed_precision"] == "bf16"
+    proc = subprocess.run([*base, "run.name=clash", "trainer.mixed_precision=no"], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "trainer.mixed_precision=no in the config, but the launcher asks for bf16" in proc.stderr
+    assert "mmgrpo/" not in "".join(line for line in proc.stderr.splitlines() if line.lstrip().startswith("File "))
+    # (accelerate's launcher prints its own traceback for the child's exit status 2; mmgrpo's frames are not in it)
