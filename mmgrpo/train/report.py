@@ -58,6 +58,15 @@ def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None
     return path.with_suffix(".png")
 
 
+def save_completions(records: list[dict], path: str | Path) -> Path:
+    """Write an evaluation's completion records (:func:`~mmgrpo.train.components.completion_records`) as JSONL, one
+    object per line (values JSON cannot hold are written as text)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    return path
+
+
 BA_PAD = 8  # margin around the picture and between pairs (pixels)
 BA_GAP = 4  # gap between the before and after image of one pair
 BA_BACKGROUND = (225, 225, 225)

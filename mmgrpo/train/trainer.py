@@ -35,7 +35,7 @@ from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
 from mmgrpo.train.export import export_policy
-from mmgrpo.train.report import before_after, save_samples, write_report
+from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
     prepare_run_dir,
@@ -473,9 +473,7 @@ class Trainer:
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self.log(step, metrics)
         if result.records and self.acc.is_main_process:
-            path = self.run_dir / "samples" / f"completions_step_{step:06d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r, default=str) + "\n" for r in result.records))
+            save_completions(result.records, self.run_dir / "samples" / f"completions_step_{step:06d}.jsonl")
         if result.images is not None and self.acc.is_main_process:
             save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
             images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame

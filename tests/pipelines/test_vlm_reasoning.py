@@ -141,8 +141,10 @@ def test_recipe_smoke_run_trains_and_evaluates(tmp_path):
     assert "reward/accuracy" in step and "loss/policy" in step
     assert 1 <= step["completion/length_mean"] <= step["completion/length_max"] <= 6
     assert 0.0 <= step["completion/truncated_frac"] <= 1.0
-    for s in (0, 1):  # the held-out completions of each evaluation
+    for s, ev in zip((0, 1), evals):  # the held-out completions of each evaluation
         path = tmp_path / "vlm_reasoning_tiny" / "samples" / f"completions_step_{s:06d}.jsonl"
         records = [json.loads(x) for x in path.read_text().splitlines()]
-        assert records and all({"prompt", "completion", "correct"} <= set(r) for r in records)
+        assert len(records) == 1  # 12 examples: round(0.1 * 12) = 1 held out (eval_examples=2 caps, not fills)
+        assert {"prompt", "completion", "answer", "correct"} <= set(records[0])
+        assert np.mean([r["correct"] for r in records]) == pytest.approx(ev["eval/accuracy"])
     assert trainer.policy.reference and (tmp_path / "vlm_reasoning_tiny" / "checkpoints").is_dir()
