@@ -45,7 +45,13 @@ from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tes
 )
 from mmgrpo.train.scoring import build_rewards, reward_metrics, score, stateful_rewards
 from mmgrpo.train.signals import Interrupted, stop_on_signals
-from mmgrpo.train.tracking import check_trackers_installed, end_trackers, log_scalars, start_trackers
+from mmgrpo.train.tracking import (
+    check_trackers_installed,
+    end_trackers,
+    log_evaluation,
+    log_scalars,
+    start_trackers,
+)
 
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
 
@@ -492,8 +498,9 @@ class Trainer:
                     before_metrics=metrics0,
                     after_metrics=result.metrics,
                 )
-        if self.acc.is_main_process:  # a run that crashes later still has its report up to here
-            write_report(self.run_dir)
+        if self.acc.is_main_process:
+            log_evaluation(self.acc, step, result.images, result.records)  # sample grid / video, completion table
+            write_report(self.run_dir)  # a run that crashes later still has its report up to here
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
