@@ -40,3 +40,10 @@ def test_config_validates_and_trains_one_step(path, tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1]
     assert math.isfinite(lines[0]["loss/policy"]), lines[0]
+    step = lines[0]
+    sides = [k for k in ("loss/clip_frac_low", "loss/clip_frac_high", "loss/clip_frac_dual") if k in step]
+    if shipped.loss.name in ("grpo", "gspo"):  # both modalities: the clipped surrogates log each side, summing up
+        assert sides[:2] == ["loss/clip_frac_low", "loss/clip_frac_high"], step
+        assert sum(step[k] for k in sides) == pytest.approx(step["loss/clip_frac"], abs=1e-6)
+    if shipped.pipeline.startswith("vlm_"):  # sampled tokens' entropy: above 0, below uniform over the vocabulary
+        assert 0.0 < step["completion/entropy"] < math.log(len(trainer.policy.tokenizer)), step

@@ -152,19 +152,31 @@ def _clipped_surrogate(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), optionally capped at -c A for A < 0. All [n, k].
 
-    ``clipped`` is 1 where a clip is active, i.e. where the unit's gradient is cut to 0.
+    ``clipped`` is 1 where a clip is active, i.e. where the unit's gradient is cut to 0; it is the union of three
+    disjoint sides (float 0/1 each, the definitions of TRL's ``clip_ratio/low_mean`` / ``high_mean`` and verl's
+    dual-clip ``pg_clipfrac_lower``):
+
+    - ``clipped_low``: r < 1 - clip_low with A < 0 (the clipped term won the min: a negative-advantage unit whose
+      probability already fell enough);
+    - ``clipped_high``: r > 1 + clip_high with A > 0 (a positive-advantage unit whose probability already rose
+      enough; DAPO's clip-higher widens exactly this side);
+    - ``clipped_dual`` (only with ``dual_clip``): A < 0 and the loss capped at -c A (r above c).
     """
     unclipped = ratio * adv  # [n, k]
     clipped_obj = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv  # [n, k]
     loss = -torch.minimum(unclipped, clipped_obj)  # [n, k]
-    clipped = clipped_obj < unclipped  # the clipped branch won the min (strictly: ties are not clips)
+    low = (ratio < 1.0 - clip_low) & (adv < 0)  # exactly where the clipped branch wins the min for A < 0
+    high = (ratio > 1.0 + clip_high) & (adv > 0)  # ... and for A > 0 (ties are not clips)
+    clipped = low | high
+    stats = {"ratio": ratio.detach(), "clipped_low": low.float(), "clipped_high": high.float()}
     if dual_clip is not None:
         # Dual-clip PPO (Ye et al. 2020): for A < 0 a huge ratio would give an unbounded loss; cap it at -c A
         cap = -dual_clip * adv  # [n, k]
-        dual = (adv < 0) & (loss > cap)
+        dual = (adv < 0) & (loss > cap)  # r > c > 1: disjoint from the low side (r < 1 - clip_low)
         loss = torch.where(dual, cap, loss)
         clipped = clipped | dual
-    return loss, {"ratio": ratio.detach(), "clipped": clipped.float()}
+        stats["clipped_dual"] = dual.float()
+    return loss, {**stats, "clipped": clipped.float()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,7 +201,8 @@ def grpo_loss(
     ``dual_clip`` c > 1 caps the loss of negative-advantage units at -c A (Dual-clip PPO).
 
     Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]. Returns loss [n, k] and stats
-    ``ratio`` [n, k], ``clipped`` [n, k] (float 0/1).
+    ``ratio`` [n, k], ``clipped`` [n, k] (float 0/1) and its sides ``clipped_low`` / ``clipped_high`` (/
+    ``clipped_dual``) [n, k] (:func:`_clipped_surrogate`).
     """
     _check_clip(clip_low, clip_high, dual_clip)
     ratio = torch.exp(_masked_log_ratio(logp, logp_old, mask))  # [n, k]
@@ -221,7 +234,9 @@ def gspo_loss(
     ``clip_low=3e-4``, ``clip_high=4e-4``, not 0.2.
 
     Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]. Returns loss [n, k] and stats
-    ``ratio`` [n, k] (s_i repeated over the row), ``clipped`` [n, k].
+    ``ratio`` [n, k] (s_i repeated over the row), ``clipped`` [n, k] and its sides ``clipped_low`` /
+    ``clipped_high`` (/ ``clipped_dual``) [n, k]: the side is decided per sequence (s_i against the clip range),
+    its fraction is over units, like TRL's ``clip_ratio/*`` with ``importance_sampling_level: sequence``.
     """
     _check_clip(clip_low, clip_high, dual_clip)
     m = mask.bool()
@@ -473,7 +488,9 @@ def policy_loss(
 
     Metrics (python floats): ``loss/policy``, ``loss/kl`` (aggregated KL before beta; only when kl is given),
     ``loss/total``, ``loss/ratio_mean``, ``loss/ratio_max``, ``loss/clip_frac``, ``loss/adv_mean`` (over the
-    masked units that remain).
+    masked units that remain) and, for the clipped surrogates (``grpo``, ``gspo``), the fraction of each clip side
+    ``loss/clip_frac_low`` / ``loss/clip_frac_high`` (+ ``loss/clip_frac_dual`` with ``dual_clip``), whose sum is
+    ``loss/clip_frac`` (:func:`_clipped_surrogate`).
     """
     if beta < 0:
         raise UserError(f"loss.beta={beta} must be >= 0 (the weight of the KL to the reference)")
@@ -524,17 +541,28 @@ def _declared_inputs(fn: LossFn, name: str, **available: Any) -> dict[str, Any]:
     return {k: v for k, v in available.items() if takes_any or k in params}
 
 
+CLIP_SIDES = {"clipped_low": "loss/clip_frac_low", "clipped_high": "loss/clip_frac_high",
+              "clipped_dual": "loss/clip_frac_dual"}  # fmt: skip
+"""per-unit stats of a clipped surrogate -> the metric of their fraction over the masked units"""
+
+
 def _unit_metrics(stats: dict[str, torch.Tensor], unit_adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Means/max over the masked units of ratio, clip indicator and advantage (0 / 1 when no unit is masked)."""
+    """Means/max over the masked units of ratio, clip indicators (all sides, and each side the loss reports) and
+    advantage (0 / 1 when no unit is masked)."""
+    sides = [k for k in CLIP_SIDES if k in stats]
     count = int(mask.sum())
     if count == 0:
-        return {"loss/ratio_mean": 1.0, "loss/ratio_max": 1.0, "loss/clip_frac": 0.0, "loss/adv_mean": 0.0}
+        out = {"loss/ratio_mean": 1.0, "loss/ratio_max": 1.0, "loss/clip_frac": 0.0, "loss/adv_mean": 0.0}
+        return {**out, **{CLIP_SIDES[k]: 0.0 for k in sides}}
     ones = torch.ones_like(unit_adv)
     ratio = stats.get("ratio", ones).detach()[mask]  # a third-party loss may omit ratio/clipped
     clipped = stats.get("clipped", torch.zeros_like(ones)).detach()[mask]
-    return {
+    out = {
         "loss/ratio_mean": ratio.mean().item(),
         "loss/ratio_max": ratio.max().item(),
         "loss/clip_frac": clipped.float().mean().item(),
         "loss/adv_mean": unit_adv[mask].mean().item(),
     }
+    for k in sides:
+        out[CLIP_SIDES[k]] = stats[k].detach()[mask].float().mean().item()
+    return out

@@ -44,7 +44,7 @@ from mmgrpo.pipelines.vlm_reasoning import (
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.boxes import from_absolute
 from mmgrpo.rewards.text import has_valid_format, iou_reward
-from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
+from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline, completion_records
 from mmgrpo.train.config import Config, options_from
 
 BOX_REWARDS = ("iou", "iou_curriculum")
@@ -156,7 +156,9 @@ def evaluate_grounding(
     policy: VLMPolicy, examples: list[Example], batch: int = 8, paired: PairedScores | None = None, step: int = 0
 ) -> EvalResult:
     """Greedy answers to ``examples``: mean IoU, accuracy at IoU >= 0.5, format rate; with ``paired``, the standard
-    errors of :class:`~mmgrpo.pipelines.vlm_reasoning.PairedScores` (``mean_iou_se``, ``mean_iou_gain``, ...)."""
+    errors of :class:`~mmgrpo.pipelines.vlm_reasoning.PairedScores` (``mean_iou_se``, ``mean_iou_gain``, ...); the
+    records (:func:`~mmgrpo.train.components.completion_records`) hold prompt, completion, box (ground truth, pixels
+    of the original image) and iou."""
     texts: list[str] = []
     for lo in range(0, len(examples), max(1, batch)):
         part = examples[lo : lo + batch]
@@ -169,7 +171,8 @@ def evaluate_grounding(
     }
     if paired is not None:
         metrics.update(paired(step, {"mean_iou": ious, "acc_at_0.5": [float(x >= 0.5) for x in ious]}))
-    return EvalResult(metrics=metrics, captions=texts)
+    records = completion_records([p for p, _ in examples], texts, box=[m["box"] for _, m in examples], iou=ious)
+    return EvalResult(metrics=metrics, captions=texts, records=records)
 
 
 def check_box_rewards(cfg: Config, box_family: str) -> None:

@@ -43,7 +43,7 @@ from mmgrpo.data import shapes, shapes_qa
 from mmgrpo.data.vlm_formats import to_qa_record
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
-from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
+from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline, completion_records
 from mmgrpo.train.config import Config, options_from
 
 
@@ -259,34 +259,32 @@ def _se(v: np.ndarray) -> float:
 
 def score_accuracy(
     policy: VLMPolicy, examples: QAExamples, n: int, batch: int
-) -> tuple[list[str], list[float], list, list[str]]:
-    """Greedy answers to the first ``n`` held-out examples: (texts, correct 0/1 per example, kind per example,
-    question per example)."""
+) -> tuple[list[Example], list[str], list[float]]:
+    """Greedy answers to the first ``n`` held-out examples: (the examples, texts, correct 0/1 per example)."""
     held = [examples.example(i) for i in examples.heldout[:n]]
     texts: list[str] = []
     for lo in range(0, len(held), max(1, batch)):
         part = held[lo : lo + batch]
         texts += policy.generate(PromptBatch(prompts=[p for p, _ in part], meta=[m for _, m in part]), greedy=True)
     correct = [float(grade(answer_or_completion(t), m["answer"])) for t, (_, m) in zip(texts, held)]
-    questions = [str(p.get("question", p)) if isinstance(p, dict) else str(p) for p, _ in held]
-    return texts, correct, [m.get("kind") for _, m in held], questions
+    return held, texts, correct
 
 
 def evaluate_accuracy(
     policy: VLMPolicy, examples: QAExamples, n: int, batch: int, paired: PairedScores | None = None, step: int = 0
 ) -> EvalResult:
     """Greedy answers to the first ``n`` held-out examples: accuracy, format rate, accuracy per question kind (when
-    the examples have one, e.g. shapes_qa) and, with ``paired``, the standard errors of :class:`PairedScores`."""
-    texts, correct, kinds, questions = score_accuracy(policy, examples, n, batch)
+    the examples have one, e.g. shapes_qa) and, with ``paired``, the standard errors of :class:`PairedScores`; the
+    records (:func:`~mmgrpo.train.components.completion_records`) hold prompt, completion, answer, correct, kind."""
+    held, texts, correct = score_accuracy(policy, examples, n, batch)
+    kinds = [m.get("kind") for _, m in held]
     metrics = {"accuracy": float(np.mean(correct)), "format": float(np.mean([has_valid_format(t) for t in texts]))}
     for kind in sorted({k for k in kinds if k is not None}):
         metrics[f"accuracy_{kind}"] = float(np.mean([c for c, k in zip(correct, kinds) if k == kind]))
     if paired is not None:
         metrics.update(paired(step, {"accuracy": correct}))
-    records = [
-        {"prompt": q, "completion": t, "correct": c, **({"kind": k} if k is not None else {})}
-        for q, t, c, k in zip(questions, texts, correct, kinds)
-    ]
+    answers = [m["answer"] for _, m in held]
+    records = completion_records([p for p, _ in held], texts, answer=answers, correct=correct, kind=kinds)
     return EvalResult(metrics=metrics, captions=texts, records=records)
 
 

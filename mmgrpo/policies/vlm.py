@@ -58,7 +58,12 @@ from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media 
     question_text,
     read_video,
 )
-from mmgrpo.policies.vlm_scorer import VLMScorer, chunked_token_logprobs, sample_tokens  # noqa: F401  (re-exported)
+from mmgrpo.policies.vlm_scorer import (  # noqa: F401  (re-exported)
+    VLMScorer,
+    chunked_token_logprobs,
+    sample_tokens,
+    token_entropy,
+)
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 BOX_TOKENS = (
@@ -308,7 +313,8 @@ class VLMPolicy:
     def sample(self, prompt: PromptInputs, G: int, generator: torch.Generator | None, greedy: bool = False):
         """G completions of one prompt: one vision pass, one prefill, G rows decoded from a shared KV cache.
 
-        Returns (tokens [G, T] with pad after EOS, lengths [G] incl. EOS, finished [G] bool).
+        Returns (tokens [G, T] with pad after EOS, lengths [G] incl. EOS, finished [G] bool, entropy [G, T] fp32:
+        of the distribution each token was drawn from, :func:`token_entropy` of the logits already computed here).
         """
         o, sc = self.options, self._scorer()
         hf = sc.hf
@@ -322,9 +328,11 @@ class VLMPolicy:
         h = out.last_hidden_state[:, -1].expand(G, -1)  # [G, D]
         eos = torch.tensor(self.eos_ids, device=emb.device)
         done = torch.zeros(G, dtype=torch.bool, device=emb.device)
-        tokens = []
+        tokens, entropy = [], []
         for t in range(o.max_new_tokens):
-            nxt = sample_tokens(head(h), generator, o.temperature, o.top_p, o.top_k, sc.suppress, greedy)  # [G]
+            logits = head(h)  # [G, V]
+            entropy.append(token_entropy(logits, o.temperature, sc.suppress))  # [G]: no extra forward
+            nxt = sample_tokens(logits, generator, o.temperature, o.top_p, o.top_k, sc.suppress, greedy)  # [G]
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
             done = done | torch.isin(nxt, eos)
@@ -338,7 +346,7 @@ class VLMPolicy:
         is_eos = torch.isin(toks, eos)  # [G, T]
         finished = is_eos.any(1)  # [G]
         lengths = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [G]: up to the first EOS
-        return toks, lengths, finished
+        return toks, lengths, finished, torch.stack(entropy, dim=1)
 
     def _seeded(self, batch: PromptBatch, b: int, generator: torch.Generator | None) -> torch.Generator | None:
         return generator_for(batch.seeds[b], self.device) if batch.seeds else generator
@@ -348,7 +356,7 @@ class VLMPolicy:
         """One completion per prompt (greedy by default: held-out evaluation)."""
         out = []
         for b, (p, m) in enumerate(zip(batch.prompts, batch.meta)):
-            toks, lens, _ = self.sample(self.prepare(p, m), 1, self._seeded(batch, b, None), greedy)
+            toks, lens, _, _ = self.sample(self.prepare(p, m), 1, self._seeded(batch, b, None), greedy)
             out.append(self._decode(toks[0, : int(lens[0])]))
         return out
 
@@ -384,10 +392,12 @@ class VLMPolicy:
         comp = torch.full((len(prompts) * G, K), self.pad_id, dtype=torch.long, device=dev)  # [N, K]
         lengths = torch.zeros(len(prompts) * G, dtype=torch.long, device=dev)  # [N]
         finished = torch.zeros(len(prompts) * G, dtype=torch.bool, device=dev)  # [N]
+        entropy = torch.zeros(len(prompts) * G, K, device=dev)  # [N, K] fp32
         for b, prompt in enumerate(prompts):
-            toks, lens, fin = self.sample(prompt, G, self._seeded(batch, b, generator))
+            toks, lens, fin, ent = self.sample(prompt, G, self._seeded(batch, b, generator))
             rows = slice(b * G, (b + 1) * G)
             comp[rows, : toks.shape[1]], lengths[rows], finished[rows] = toks, lens, fin
+            entropy[rows, : toks.shape[1]] = ent
         samples = [self._decode(comp[n, : int(lengths[n])]) for n in range(len(prompts) * G)]
         extras: dict[str, Any] = {}
         offpolicy = offpolicy_completions(batch.meta)  # ([B] texts, position), e.g. TempSamp-R1's ground truths
@@ -395,7 +405,7 @@ class VLMPolicy:
             samples, off = inject_ground_truth(samples, G, offpolicy[0], position=offpolicy[1])
             for n in off.nonzero().reshape(-1).tolist():  # teacher-forced: its tokens are the GT's, not sampled
                 ids = self._forced_ids(samples[n])
-                comp[n], lengths[n], finished[n] = self.pad_id, len(ids), True
+                comp[n], lengths[n], finished[n], entropy[n] = self.pad_id, len(ids), True, 0.0  # nothing sampled
                 comp[n, : len(ids)] = torch.tensor(ids, device=dev)
             extras["offpolicy_mask"] = off  # [N] bool
         mask = torch.arange(K, device=dev)[None] < lengths[:, None]  # [N, K]: completion tokens incl. EOS
@@ -424,25 +434,29 @@ class VLMPolicy:
                 "completion_ids": comp,
                 "completion_len": lengths,
                 "finished": finished,
+                "token_entropy": entropy,
                 **extras,
             },
         )
 
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
         """``completion/*`` of this process's sampled rows (teacher-forced off-policy rows left out): length in
-        tokens incl. EOS (mean, max) and the truncated fraction (no EOS within ``max_new_tokens``)."""
+        tokens incl. EOS (mean, max), the truncated fraction (no EOS within ``max_new_tokens``) and ``entropy``, the
+        mean over the completion tokens (EOS included, padding not) of the entropy of the distribution each was
+        sampled from (nats; logits / temperature without the suppressed ids, as the log-probs)."""
         lengths, finished = rollout.extras["completion_len"].float(), rollout.extras["finished"].bool()
-        keep = (
-            ~rollout.extras["offpolicy_mask"].bool().to(lengths.device) if "offpolicy_mask" in rollout.extras else None
-        )
-        if keep is not None:
-            lengths, finished = lengths[keep], finished[keep]
+        entropy = rollout.extras["token_entropy"].float()  # [N, K]
+        if "offpolicy_mask" in rollout.extras:
+            keep = ~rollout.extras["offpolicy_mask"].bool().to(lengths.device)
+            lengths, finished, entropy = lengths[keep], finished[keep], entropy[keep.to(entropy.device)]
         if not len(lengths):
             return {}
+        tokens = torch.arange(entropy.shape[1], device=entropy.device)[None] < lengths.to(entropy.device)[:, None]
         return {
             "completion/length_mean": float(lengths.mean()),
             "completion/length_max": float(lengths.max()),
             "completion/truncated_frac": float((~finished).float().mean()),
+            "completion/entropy": float(entropy[tokens].mean()),
         }
 
     @staticmethod

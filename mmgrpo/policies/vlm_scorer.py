@@ -6,7 +6,8 @@ embeddings, decoder, head). What differs between model families (positions, visi
 of the policy's :class:`~mmgrpo.policies.vlm_families.VLMFamily`; the maths here is the same for all of them:
 
 - :func:`chunked_token_logprobs`: log softmax(logits / temperature)[targets] in fp32, a chunk of tokens at a time;
-- :func:`sample_tokens`: one token per row with suppressed ids, temperature, top-k and top-p.
+- :func:`sample_tokens`: one token per row with suppressed ids, temperature, top-k and top-p;
+- :func:`token_entropy`: the entropy of the distribution the log-probs are of, from logits the sampler already has.
 
 Shapes: n rows, r rows of one prompt, Lp prompt tokens, Lc completion tokens, D hidden, V vocabulary.
 """
@@ -51,6 +52,23 @@ def chunked_token_logprobs(
         h, t = flat_h[lo : lo + chunk], flat_t[lo : lo + chunk]
         out.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
     return torch.cat(out).reshape(n, L) if out else hidden.new_zeros(n, L, dtype=torch.float32)
+
+
+def token_entropy(
+    logits: torch.Tensor, temperature: float = 1.0, suppress: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits / temperature) with ``suppress [V]`` ids removed, per row, in fp32.
+    [..., V] -> [...].
+
+    The distribution is the one :func:`chunked_token_logprobs` scores (top-k / top-p truncation is not reflected,
+    as in TRL's and verl's ``entropy``): H = -sum_v p_v log p_v, with 0 log 0 = 0 for suppressed ids.
+    """
+    z = logits.float() / temperature
+    if suppress is not None:
+        z = z.masked_fill(suppress[: z.shape[-1]], float("-inf"))
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def sample_tokens(

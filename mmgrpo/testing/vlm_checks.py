@@ -75,6 +75,14 @@ def ratio_error(policy: VLMPolicy, rollout, micro: int) -> float:
 def hf_reference_logprobs(policy: VLMPolicy, rollout, row: int) -> torch.Tensor:
     """Token log-probs [n] of one row by the transformers model's OWN forward (its positions, vision scatter and, for
     Qwen3-VL, deepstack), to compare with the policy's scorer."""
+    logits = hf_reference_logits(policy, rollout, row)  # [n, V]
+    comp = rollout.extras["completion_ids"][row, : logits.shape[0]]
+    return torch.log_softmax(logits, -1).gather(-1, comp[:, None]).squeeze(-1)  # [n]
+
+
+def hf_reference_logits(policy: VLMPolicy, rollout, row: int) -> torch.Tensor:
+    """fp32 logits [n, V] / temperature (suppressed ids -inf) predicting each of one row's n completion tokens, by the
+    transformers model's own teacher-forced forward: the distributions the row's tokens were sampled from."""
     prompt = rollout.extras["prompt"][row]
     n = int(rollout.extras["completion_len"][row])
     comp = rollout.extras["completion_ids"][row, :n]
@@ -85,8 +93,8 @@ def hf_reference_logprobs(policy: VLMPolicy, rollout, row: int) -> torch.Tensor:
     with torch.no_grad():
         logits = policy.model.hf(input_ids=ids, **kw).logits[0].float()
     Lp = prompt.input_ids.shape[0]
-    logits = logits[Lp - 1 : Lp - 1 + n].masked_fill(policy.model.suppress, -math.inf)  # [n, V]
-    return torch.log_softmax(logits, -1).gather(-1, comp[:, None]).squeeze(-1)  # [n]
+    logits = logits[Lp - 1 : Lp - 1 + n] / policy.options.temperature
+    return logits.masked_fill(policy.model.suppress, -math.inf)  # [n, V]
 
 
 def write_mp4(path, frames: int = 8, size: int = 64, fps: int = 4):

@@ -22,6 +22,7 @@ from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import Policy, PromptBatch
 from mmgrpo.methods.registry import method_parts
+from mmgrpo.policies.vlm_inputs import question_text
 
 
 class PromptSource(Protocol):
@@ -40,8 +41,46 @@ class EvalResult:
     images: torch.Tensor | None = None  # [n, 3, H, W] or [n, F, 3, H, W] in [0, 1]
     captions: list[str] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
-    """one JSON-able dict per held-out example (e.g. prompt, completion, score): the trainer writes them to
-    ``samples/completions_step_XXXXXX.jsonl``"""
+    """one JSON-able dict per held-out example (:func:`completion_records`: prompt, completion, scores): the trainer
+    writes them to ``samples/completions_step_XXXXXX.jsonl`` and logs them as a table to the trackers"""
+
+
+def completion_records(prompts: list[Any], completions: list[str], **columns: list[Any]) -> list[dict[str, Any]]:
+    """The records of an evaluation's completions, one per example: ``{"prompt": text, "completion": text, column:
+    value, ...}`` in the order given (a ``None`` value leaves its key out of that record).
+
+    ``prompts`` are the recipe's prompts (a str, or a dict with ``question``/``text`` and optional ``options``,
+    written as the model read them: "question A) x B) y"); ``columns`` are per-example lists (the ground truth, the
+    score...). Tensors, numpy values and tuples become plain JSON values. Every VLM recipe's evaluation returns
+    these as :attr:`EvalResult.records`, so each writes the same ``samples/completions_step_XXXXXX.jsonl``.
+    """
+    n = len(completions)
+    wrong = {k: len(v) for k, v in {"prompts": prompts, **columns}.items() if len(v) != n}
+    if wrong:
+        raise ValueError(f"completion_records: {n} completions but {wrong} values")
+    return [
+        {
+            "prompt": _prompt_text(prompts[i]),
+            "completion": str(completions[i]),
+            **{k: _plain(v[i]) for k, v in columns.items() if v[i] is not None},
+        }
+        for i in range(n)
+    ]
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, dict) and isinstance(prompt.get("question") or prompt.get("text"), str):
+        return question_text(prompt)
+    return prompt if isinstance(prompt, str) else str(prompt)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value: tensors / numpy arrays and scalars -> python numbers or lists, tuples -> lists."""
+    if hasattr(value, "tolist") and callable(value.tolist):  # torch.Tensor, np.ndarray, np.generic
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class AdvantageHook(Protocol):

@@ -58,6 +58,15 @@ def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None
     return path.with_suffix(".png")
 
 
+def save_completions(records: list[dict], path: str | Path) -> Path:
+    """Write an evaluation's completion records (:func:`~mmgrpo.train.components.completion_records`) as JSONL, one
+    object per line (values JSON cannot hold are written as text)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    return path
+
+
 BA_PAD = 8  # margin around the picture and between pairs (pixels)
 BA_GAP = 4  # gap between the before and after image of one pair
 BA_BACKGROUND = (225, 225, 225)
@@ -216,8 +225,12 @@ def reward_curve(metrics: list[dict], path: str | Path, keys: list[str] | None =
     return path
 
 
-TRAINING_CURVES = ("loss/policy", "loss/kl", "loss/clip_frac", "grad_norm", "completion/length_mean")
-"""per-step metrics ``report.html`` plots beside the reward (those a run logged)"""
+TRAINING_CURVES = (
+    "loss/policy", "loss/kl", "loss/clip_frac", "grad_norm", "completion/length_mean", "completion/entropy"
+)  # fmt: skip
+"""per-step metrics ``report.html`` plots beside the reward (those a run logged), one panel each"""
+PANEL_EXTRAS = {"loss/clip_frac": ("loss/clip_frac_low", "loss/clip_frac_high", "loss/clip_frac_dual")}
+"""further curves drawn in a panel of :data:`TRAINING_CURVES` when logged (the clip fraction's sides)"""
 
 
 def training_curves(metrics: list[dict], path: str | Path) -> Path | None:
@@ -232,9 +245,13 @@ def training_curves(metrics: list[dict], path: str | Path) -> Path | None:
 
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), dpi=100, squeeze=False)
     for ax, k in zip(axes[0], keys):
-        pts = [(m["step"], m[k]) for m in metrics if isinstance(m.get(k), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts))
+        extras = [e for e in PANEL_EXTRAS.get(k, ()) if any(e in m for m in metrics)]
+        for curve in (k, *extras):
+            pts = [(m["step"], m[curve]) for m in metrics if isinstance(m.get(curve), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=curve.rsplit("_", 1)[-1] if curve != k else "all")
+        if extras:
+            ax.legend(fontsize=7)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -246,8 +263,9 @@ def training_curves(metrics: list[dict], path: str | Path) -> Path | None:
 
 
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
-    """``report.html``: the before/after comparison (if any), the reward curve, the loss / KL / clip fraction /
-    grad-norm curves, a table of evaluations, and every sample grid in order (rewritten at every evaluation)."""
+    """``report.html``: the before/after comparison (if any), the reward curve, the loss / KL / clip fraction (and
+    its sides) / grad-norm / completion length and entropy curves, a table of evaluations, and every sample grid in
+    order (rewritten at every evaluation)."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     curve = reward_curve(metrics, run_dir / "reward_curve.png")

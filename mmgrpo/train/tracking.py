@@ -3,16 +3,37 @@
 Every scalar the trainer writes to ``metrics.jsonl`` also goes to ``accelerator.log`` with its step; the run's
 trackers are started with the flattened config and ended when training stops (also on an error or a signal).
 Local trackers (TensorBoard) write under the run directory. Empty ``log_with`` (the default) touches nothing.
+
+At each evaluation, :func:`log_evaluation` also hands every tracker that takes them the evaluation's sample grid
+(``eval/samples``) and its completion records as a table (``eval/completions``), each in the form that tracker's
+accelerate class accepts:
+
+| tracker | image grid | video | completion table |
+|---|---|---|---|
+| tensorboard | ``log_images`` (NHWC) | animated GIF (image summary, no moviepy needed) | markdown text (``log``) |
+| wandb, swanlab, custom | ``log_images`` (a list of one image) | first-frame grid | ``log_table`` where defined |
+| aim, clearml | ``log_images`` (one image) | first-frame grid | ``log_table`` (clearml) |
+
+Trackers without ``log_images`` / ``log_table`` (mlflow, comet_ml, trackio, dvclive) get the scalars only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
 from mmgrpo.core.errors import UserError
+from mmgrpo.train.report import image_grid
+
+GIF_FPS = 8  # frames per second of a video evaluation's GIF (the mp4 under samples/ uses the same)
+SINGLE_IMAGE_TRACKERS = ("aim", "clearml")  # their log_images takes one image per key, not a list
 
 
 def known_trackers() -> list[str]:
@@ -95,3 +116,78 @@ def end_trackers(acc: Any) -> None:
     """Flush and close the trackers (safe to call when none were started)."""
     if getattr(acc, "trackers", None):
         acc.end_training()
+
+
+def _grid_frames(images: torch.Tensor) -> list[np.ndarray]:
+    """[n, 3, H, W] -> [one HWC uint8 grid]; videos [n, F, 3, H, W] -> F grids, frame by frame (as samples/)."""
+    scale = max(1, 128 // images.shape[-1])
+    clips = images[:, None] if images.dim() == 4 else images
+    return [np.asarray(image_grid(clips[:, f], scale=scale)) for f in range(clips.shape[1])]
+
+
+def _gif(frames: list[np.ndarray], fps: int = GIF_FPS) -> bytes:
+    buf = io.BytesIO()
+    pics = [Image.fromarray(f) for f in frames]
+    pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=round(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
+def _tensorboard_video(writer: Any, tag: str, frames: list[np.ndarray], step: int) -> None:
+    """An animated GIF image summary (what SummaryWriter.add_video writes, without its moviepy dependency)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    H, W, C = frames[0].shape
+    image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=_gif(frames))
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    writer.flush()
+
+
+def _markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table (TensorBoard's text plugin renders it); cells on one line, pipes escaped."""
+
+    def cell(v: Any) -> str:
+        return " ".join(str("" if v is None else v).split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def completion_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of completion records: every key in order of first appearance; a missing key is None."""
+    columns: list[str] = []
+    for r in records:
+        columns += [k for k in r if k not in columns]
+    return columns, [[r.get(k) for k in columns] for r in records]
+
+
+def log_evaluation(
+    acc: Any, step: int, images: torch.Tensor | None = None, records: list[dict[str, Any]] | None = None
+) -> list[str]:
+    """An evaluation's sample grid / video (``images`` [n, 3, H, W] or [n, F, 3, H, W] in [0, 1]) as
+    ``eval/samples`` and its completion ``records`` as the table ``eval/completions``, to every started tracker
+    that takes them (see the module's table). Returns ``"<tracker>:<what>"`` for each thing logged."""
+    trackers = getattr(acc, "trackers", None) or []
+    if not trackers or (images is None and not records):
+        return []
+    frames = _grid_frames(images.detach().float().cpu()) if images is not None else None
+    table = completion_table(records) if records else None
+    done: list[str] = []
+    for t in trackers:
+        name = str(getattr(t, "name", type(t).__name__))
+        if frames is not None and name == "tensorboard" and len(frames) > 1:
+            _tensorboard_video(t.tracker, "eval/samples", frames, step)
+            done.append(f"{name}:video")
+        elif frames is not None and name == "tensorboard":
+            t.log_images({"eval/samples": np.stack(frames[:1])}, step=step, dataformats="NHWC")
+            done.append(f"{name}:images")
+        elif frames is not None and hasattr(t, "log_images"):
+            grid = frames[0]  # other trackers: a video shows its first frame
+            t.log_images({"eval/samples": grid if name in SINGLE_IMAGE_TRACKERS else [grid]}, step=step)
+            done.append(f"{name}:images")
+        if table is not None and name == "tensorboard":
+            t.log({"eval/completions": _markdown_table(*table)}, step=step)
+            done.append(f"{name}:table")
+        elif table is not None and hasattr(t, "log_table"):
+            t.log_table("eval/completions", columns=table[0], data=table[1], step=step)
+            done.append(f"{name}:table")
+    return done

@@ -36,7 +36,7 @@ from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config, resolved_config
 from mmgrpo.train.export import export_policy
-from mmgrpo.train.report import before_after, save_samples, write_report
+from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
     prepare_run_dir,
@@ -46,7 +46,13 @@ from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tes
 )
 from mmgrpo.train.scoring import build_rewards, reward_metrics, score, stateful_rewards
 from mmgrpo.train.signals import Interrupted, stop_on_signals
-from mmgrpo.train.tracking import check_trackers_installed, end_trackers, log_scalars, start_trackers
+from mmgrpo.train.tracking import (
+    check_trackers_installed,
+    end_trackers,
+    log_evaluation,
+    log_scalars,
+    start_trackers,
+)
 
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
 
@@ -493,9 +499,7 @@ class Trainer:
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self.log(step, metrics)
         if result.records and self.acc.is_main_process:
-            path = self.run_dir / "samples" / f"completions_step_{step:06d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r, default=str) + "\n" for r in result.records))
+            save_completions(result.records, self.run_dir / "samples" / f"completions_step_{step:06d}.jsonl")
         if result.images is not None and self.acc.is_main_process:
             save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
             images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame
@@ -514,8 +518,9 @@ class Trainer:
                     before_metrics=metrics0,
                     after_metrics=result.metrics,
                 )
-        if self.acc.is_main_process:  # a run that crashes later still has its report up to here
-            write_report(self.run_dir)
+        if self.acc.is_main_process:
+            log_evaluation(self.acc, step, result.images, result.records)  # sample grid / video, completion table
+            write_report(self.run_dir)  # a run that crashes later still has its report up to here
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -78,6 +78,53 @@ def test_grpo_dual_clip():
         fn(logp, old, torch.tensor([1.0]), mask, dual_clip=0.9)
 
 
+def test_clip_fraction_per_side_by_hand():
+    """TRL's clip_ratio/low_mean and high_mean: low = r < 1 - clip_low with A < 0, high = r > 1 + clip_high with
+    A > 0; verl's dual-clip fraction: A < 0 capped at -c A. The sides are disjoint and sum to clip_frac."""
+    logp = torch.tensor([[0.3, 0.0, -0.3], [0.3, 0.0, -0.3]])  # both rows: r = [1.3499, 1, 0.7408]
+    old, mask, adv = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.tensor([1.0, -1.0])
+    opts = {"clip_low": 0.2, "clip_high": 0.28}  # DAPO clip-higher: [0.8, 1.28]
+    _, stats = get_loss("grpo")(logp, old, adv, mask, **opts)
+    # row 0 (A = +1): 1.3499 > 1.28 -> high; 0.7408 < 0.8 but A > 0 -> not a clip (the min keeps r A)
+    # row 1 (A = -1): 0.7408 < 0.8 -> low; 1.3499 > 1.28 but A < 0 -> not a clip (the max keeps r)
+    torch.testing.assert_close(stats["clipped_high"], torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
+    torch.testing.assert_close(stats["clipped_low"], torch.tensor([[0.0, 0, 0], [0, 0, 1]]))
+    assert "clipped_dual" not in stats
+    _, m = policy_loss(logp, old, adv, mask, options=opts)
+    assert (m["loss/clip_frac_low"], m["loss/clip_frac_high"], m["loss/clip_frac"]) == pytest.approx(
+        (1 / 6, 1 / 6, 2 / 6)
+    )
+    assert "loss/clip_frac_dual" not in m
+    # fractions are over the masked units only: without row 1's last unit, 1 high of 5 units and no low
+    part = mask.clone()
+    part[1, 2] = False
+    _, m = policy_loss(logp, old, adv, part, options=opts)
+    assert (m["loss/clip_frac_low"], m["loss/clip_frac_high"], m["loss/clip_frac"]) == pytest.approx((0, 1 / 5, 1 / 5))
+    # dual clip c = 1.3: row 1's first unit, max(1.3499, 1.28) = 1.3499 > 1.3 -> capped: the third side
+    _, m = policy_loss(logp, old, adv, mask, options={**opts, "dual_clip": 1.3})
+    sides = (m["loss/clip_frac_low"], m["loss/clip_frac_high"], m["loss/clip_frac_dual"], m["loss/clip_frac"])
+    assert sides == pytest.approx((1 / 6, 1 / 6, 1 / 6, 3 / 6))
+    # nothing masked: zeros, not NaN
+    _, m = policy_loss(logp, old, adv, torch.zeros(2, 3, dtype=torch.bool), options=opts)
+    assert (m["loss/clip_frac_low"], m["loss/clip_frac_high"]) == (0.0, 0.0)
+
+
+def test_gspo_clip_sides_are_decided_per_sequence():
+    logp, old, mask, adv = _gspo_example()  # s0 = e^0.2 = 1.2214 (A = +1), s1 = e^-0.15 = 0.8607 (A = -1)
+    # clip [0.87, 1.2]: row 0 s0 > 1.2 with A > 0 -> high on its 3 units; row 1 s1 < 0.87 with A < 0 -> low on its 2
+    _, m = policy_loss(logp, old, adv, mask, loss="gspo", options={"clip_low": 0.13, "clip_high": 0.2})
+    assert (m["loss/clip_frac_low"], m["loss/clip_frac_high"], m["loss/clip_frac"]) == pytest.approx((2 / 5, 3 / 5, 1))
+    # clip [0.8, 1.25]: s1 = 0.8607 and s0 = 1.2214 are both inside -> no side clips
+    _, m = policy_loss(logp, old, adv, mask, loss="gspo", options={"clip_low": 0.2, "clip_high": 0.25})
+    assert (m["loss/clip_frac_low"], m["loss/clip_frac_high"], m["loss/clip_frac"]) == (0.0, 0.0, 0.0)
+
+
+def test_unclipped_losses_report_no_clip_sides():
+    logp, old, mask = _three_ratios()
+    _, m = policy_loss(logp, old, torch.tensor([1.0]), mask, loss="pg")
+    assert m["loss/clip_frac"] == 0.0 and not any(k.startswith("loss/clip_frac_") for k in m)
+
+
 def test_pg_is_unclipped_importance_weighted():
     logp, old, mask = _three_ratios()
     loss, stats = get_loss("pg")(logp, old, torch.tensor([2.0]), mask)  # pg declares no clip options at all
@@ -300,6 +347,8 @@ def test_policy_loss_metrics_and_fp32():
         "loss/ratio_mean",
         "loss/ratio_max",
         "loss/clip_frac",
+        "loss/clip_frac_low",
+        "loss/clip_frac_high",
         "loss/adv_mean",
     }
     # bf16(0.3) = 0.30078125 -> ratio e^0.30078 = 1.3509 > 1.28 clipped: 1 of 3 units

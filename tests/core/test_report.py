@@ -1,4 +1,4 @@
-"""The before/after comparison picture and its place in report.html."""
+"""The before/after comparison picture and its place in report.html; the evaluation's completion records."""
 
 import json
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgrpo.train.report import BA_GAP, BA_PAD, before_after, write_report
+from mmgrpo.train.components import completion_records
+from mmgrpo.train.report import BA_GAP, BA_PAD, before_after, save_completions, write_report
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -115,3 +116,24 @@ def test_report_shows_before_after_first_and_once(tmp_path):
     html = write_report(tmp_path).read_text()
     assert html.count("samples/before_after.png") == 1
     assert html.index("samples/before_after.png") < html.index("<h2>Reward") < html.index("step_000000.png")
+
+
+def test_completion_records_are_plain_json_in_order(tmp_path):
+    prompts = ["Locate it.", {"question": "How many?", "options": ["1", "2"]}]
+    records = completion_records(
+        prompts,
+        ["<answer>(1,2),(3,4)</answer>", "<answer>B</answer>"],
+        box=[(1.0, 2.0, 3.0, 4.0), torch.tensor([5.0, 6.0, 7.0, 8.0])],
+        iou=[np.float32(0.25), 1.0],
+        kind=[None, "count"],  # None: the key is left out of that record
+    )
+    assert records == [
+        {"prompt": "Locate it.", "completion": "<answer>(1,2),(3,4)</answer>", "box": [1.0, 2.0, 3.0, 4.0],
+         "iou": 0.25},
+        {"prompt": "How many? A) 1 B) 2", "completion": "<answer>B</answer>", "box": [5.0, 6.0, 7.0, 8.0],
+         "iou": 1.0, "kind": "count"},
+    ]  # fmt: skip
+    path = save_completions(records, tmp_path / "samples" / "completions_step_000002.jsonl")
+    assert [json.loads(x) for x in path.read_text().splitlines()] == records  # plain JSON: reads back equal
+    with pytest.raises(ValueError, match=r"2 completions but \{'iou': 1\}"):
+        completion_records(prompts, ["a", "b"], iou=[1.0])

@@ -1,14 +1,22 @@
-"""Trackers through accelerate (``trainer.log_with``): name checks, missing packages, and what a run logs."""
+"""Trackers through accelerate (``trainer.log_with``): name checks, missing packages, what a run logs (scalars every
+step; the sample grid / video and the completion table at each evaluation), and a real TensorBoard run read back."""
 
 import importlib.util
+import io
+import json
 
+import numpy as np
 import pytest
+import torch
 from accelerate.tracking import GeneralTracker, register_tracker_class
+from PIL import Image
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.train.components import EvalResult
 from mmgrpo.train.config import load_config
-from mmgrpo.train.tracking import flat_config
-from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
+from mmgrpo.train.report import image_grid, read_metrics
+from mmgrpo.train.tracking import completion_table, flat_config, log_evaluation, start_trackers
+from mmgrpo.train.trainer import Trainer, make_accelerator, prepare_run_dir, train
 
 BASE = {
     "pipeline": "bandit",
@@ -30,6 +38,7 @@ class MemoryTracker(GeneralTracker):
     def __init__(self, run_name: str):
         super().__init__()
         self.run_name, self.config, self.logged, self.ended = run_name, None, [], False
+        self.images, self.tables = [], []
         MemoryTracker.runs.append(self)
 
     @property
@@ -41,6 +50,12 @@ class MemoryTracker(GeneralTracker):
 
     def log(self, values, step=None, **kwargs):
         self.logged.append((step, dict(values)))
+
+    def log_images(self, values, step=None, **kwargs):
+        self.images.append((step, dict(values)))
+
+    def log_table(self, table_name, columns=None, data=None, dataframe=None, step=None, **kwargs):
+        self.tables.append((step, table_name, columns, data))
 
     def finish(self):
         self.ended = True
@@ -87,14 +102,120 @@ def test_missing_tensorboard_says_what_to_install(tmp_path):
         train(cfg_for(tmp_path, "trainer.log_with=[tensorboard]"))
 
 
-@pytest.mark.skipif(not HAS_TB, reason="tensorboard is not installed")
-def test_tensorboard_event_files_hold_the_curves(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def read_events(directory):
+    """Everything a TensorBoard run directory holds (no reservoir sampling: every event is kept)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(
+        str(directory), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+    )
+    events.Reload()
+    return events
 
-    trainer = train(cfg_for(tmp_path, "trainer.log_with=[tensorboard]"))
-    acc = EventAccumulator(str(trainer.run_dir / "b"))
-    acc.Reload()
-    assert len(acc.Scalars("reward/mean")) == 3
+
+def tb_text(events, tag):
+    """[(step, text)] of a text summary (SummaryWriter.add_text stores it under <tag>/text_summary)."""
+    from tensorboard.util.tensor_util import make_ndarray
+
+    return [(e.step, make_ndarray(e.tensor_proto).item().decode()) for e in events.Tensors(f"{tag}/text_summary")]
+
+
+def test_tensorboard_run_of_3_steps_reads_back_equal_to_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    trainer = train(cfg_for(tmp_path, "trainer.log_with=[tensorboard]", "trainer.eval_every=2"))
+    events = read_events(trainer.run_dir / "b")  # <run_dir>/<run.name>/events.out.tfevents.*
+    lines = read_metrics(trainer.run_dir / "metrics.jsonl")
+    want: dict[str, list] = {}
+    for line in lines:
+        for k, v in line.items():
+            if k != "step":
+                want.setdefault(k, []).append((line["step"], v))
+    assert set(events.Tags()["scalars"]) == set(want) and len(want) > 20
+    for tag, points in want.items():  # every value of every curve, at its step (TensorBoard stores float32)
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-30), tag
+    assert [s for s, _ in want["reward/mean"]] == [1, 2, 3] and [s for s, _ in want["eval/expected_reward"]] == [
+        0,
+        2,
+        3,
+    ]
+
+
+def solid_images(colours, size=4):
+    """[n, 3, size, size] images of the given RGB colours (0..255) in [0, 1]."""
+    return torch.tensor(colours, dtype=torch.float32).div(255)[:, :, None, None].expand(-1, -1, size, size).clone()
+
+
+RECORDS = [
+    {"prompt": "How many? A) 1 B) 2", "completion": "<think>a | b</think>\n<answer>B</answer>", "correct": 1.0},
+    {"prompt": "Locate it.", "completion": "<answer>(1,2),(3,4)</answer>", "iou": 0.25},
+]
+
+
+def test_tensorboard_holds_the_sample_grid_the_video_and_the_completion_table(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = cfg_for(tmp_path, "trainer.log_with=[tensorboard]")
+    acc = make_accelerator("no")
+    start_trackers(acc, cfg, tmp_path)
+    images = solid_images([(255, 0, 0), (0, 255, 0), (0, 0, 255)])  # 3 images of 4 x 4 px
+    video = torch.stack([solid_images([(255, 0, 0), (0, 0, 0)]), solid_images([(0, 0, 255), (255, 255, 255)])], 1)
+    assert log_evaluation(acc, 4, images, RECORDS) == ["tensorboard:images", "tensorboard:table"]
+    assert log_evaluation(acc, 6, video) == ["tensorboard:video"]  # [2 clips, 2 frames, 3, 4, 4]
+    assert log_evaluation(acc, 7) == []  # nothing to show
+    acc.end_training()
+    events = read_events(tmp_path / "b")
+    shown = events.Images("eval/samples")
+    assert [e.step for e in shown] == [4, 6]
+    png = np.asarray(Image.open(io.BytesIO(shown[0].encoded_image_string)).convert("RGB"))
+    assert np.array_equal(png, np.asarray(image_grid(images, scale=32)))  # 4 px images shown at 128 px, as samples/
+    gif = Image.open(io.BytesIO(shown[1].encoded_image_string))
+    assert gif.n_frames == 2 and (shown[1].width, shown[1].height) == gif.size
+    for f in range(2):  # frame f of the GIF is the grid of every clip's frame f (solid colours survive the palette)
+        gif.seek(f)
+        assert np.array_equal(np.asarray(gif.convert("RGB")), np.asarray(image_grid(video[:, f], scale=32)))
+    ((step, text),) = tb_text(events, "eval/completions")
+    assert step == 4 and text.splitlines() == [
+        "| prompt | completion | correct | iou |",
+        "|---|---|---|---|",
+        "| How many? A) 1 B) 2 | <think>a \\| b</think> <answer>B</answer> | 1.0 |  |",  # one line, pipe escaped
+        "| Locate it. | <answer>(1,2),(3,4)</answer> |  | 0.25 |",
+    ]
+
+
+def test_a_tracker_with_log_images_and_log_table_gets_each_evaluation(tmp_path):
+    """Through the trainer: the recipe's evaluation result (here the bandit's metrics plus a grid and records)
+    reaches a tracker's log_images (a list of one HWC grid, accelerate's format for wandb and custom trackers) and
+    its log_table."""
+    MemoryTracker.runs.clear()
+    cfg = cfg_for(tmp_path, "trainer.log_with=[mmgrpo_memory]", "trainer.eval_every=2")
+    trainer = Trainer(cfg, prepare_run_dir(cfg))
+    bandit_eval = trainer.comp.evaluate
+    images = solid_images([(255, 0, 0), (0, 0, 255)])
+
+    def with_media(policy, step):
+        result = bandit_eval(policy, step)
+        return EvalResult(metrics=result.metrics, images=images, records=[{**r, "step": step} for r in RECORDS])
+
+    trainer.comp.evaluate = with_media
+    trainer.train()
+    (run,) = MemoryTracker.runs
+    assert [step for step, _ in run.images] == [0, 2, 3]  # every evaluation
+    step, values = run.images[0]
+    ((grid,),) = values.values()
+    assert list(values) == ["eval/samples"] and grid.dtype == np.uint8
+    assert np.array_equal(grid, np.asarray(image_grid(images, scale=32)))
+    assert [(s, name) for s, name, _, _ in run.tables] == [(0, "eval/completions"), (2, "eval/completions"),
+                                                           (3, "eval/completions")]  # fmt: skip
+    _, _, columns, data = run.tables[1]
+    assert columns == ["prompt", "completion", "correct", "step", "iou"]
+    assert data[1] == ["Locate it.", "<answer>(1,2),(3,4)</answer>", None, 2, 0.25]
+    lines = (trainer.run_dir / "samples" / "completions_step_000002.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{**r, "step": 2} for r in RECORDS]  # the same records on disk
+
+
+def test_completion_table_columns_in_order_of_first_appearance():
+    columns, rows = completion_table([{"a": 1, "b": 2}, {"c": 3, "a": 4}])
+    assert columns == ["a", "b", "c"] and rows == [[1, 2, None], [4, None, 3]]
 
 
 def test_a_crashed_run_has_a_report_with_its_curves(tmp_path):

@@ -119,6 +119,13 @@ def test_tempsamp_injects_the_teacher_forced_ground_truth_and_anchors_it(tmp_pat
         ids = rollout.extras["completion_ids"][n, : int(rollout.extras["completion_len"][n])]
         assert policy._decode(ids) == gt and int(ids[-1]) in policy.eos_ids and rollout.extras["finished"][n]
         assert cols[0, :, n].tolist() == [1.0, 1.0]  # format and accuracy of the ground truth
+    # completion/* describe what was sampled: the teacher-forced rows (no sampling distribution, entropy 0) are out
+    ent, lengths = rollout.extras["token_entropy"], rollout.extras["completion_len"]
+    assert ent[off].eq(0).all()
+    sampled = [ent[n, : int(lengths[n])] for n in range(6) if not off[n]]
+    m = policy.rollout_metrics(rollout)
+    assert m["completion/entropy"] == pytest.approx(torch.cat(sampled).mean().item(), rel=1e-6)
+    assert m["completion/length_mean"] == pytest.approx(sum(len(x) for x in sampled) / 4)
     # its logp_old is its log-prob under the sampling parameters: the ratio starts at 1 (and its log-prob trains)
     rows = torch.tensor([2, 5])
     lp = policy.log_prob(rollout, rows).logp

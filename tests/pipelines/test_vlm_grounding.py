@@ -132,6 +132,10 @@ def test_two_step_smoke_run_on_the_shapes_vlm(tmp_path):
     evals = [m for m in lines if "eval/mean_iou" in m]
     assert [m["step"] for m in evals] == [0, 2]
     assert all(0.0 <= m["eval/mean_iou"] <= 1.0 and 0.0 <= m["eval/acc_at_0.5"] <= 1.0 for m in evals)
+    for ev in evals:  # each evaluation's completions, with the ground-truth box and the IoU the metric averages
+        records = [json.loads(x) for x in (run / "samples" / f"completions_step_{ev['step']:06d}.jsonl").open()]
+        assert len(records) == 3 and all(r["prompt"].startswith("Locate") and len(r["box"]) == 4 for r in records)
+        assert sum(r["iou"] for r in records) / 3 == pytest.approx(ev["eval/mean_iou"])
     steps = [m for m in lines if "reward/iou_curriculum" in m]
     assert len(steps) == 2 and all("curriculum/tau" in m and "loss/policy" in m for m in steps)
     # the trained parameters moved (some group had a non-zero advantage), and only trainable ones exist to move

@@ -141,8 +141,37 @@ def test_recipe_smoke_run_trains_and_evaluates(tmp_path):
     assert "reward/accuracy" in step and "loss/policy" in step
     assert 1 <= step["completion/length_mean"] <= step["completion/length_max"] <= 6
     assert 0.0 <= step["completion/truncated_frac"] <= 1.0
-    for s in (0, 1):  # the held-out completions of each evaluation
+    for s, ev in zip((0, 1), evals):  # the held-out completions of each evaluation
         path = tmp_path / "vlm_reasoning_tiny" / "samples" / f"completions_step_{s:06d}.jsonl"
         records = [json.loads(x) for x in path.read_text().splitlines()]
-        assert records and all({"prompt", "completion", "correct"} <= set(r) for r in records)
+        assert len(records) == 1  # 12 examples: round(0.1 * 12) = 1 held out (eval_examples=2 caps, not fills)
+        assert {"prompt", "completion", "answer", "correct"} <= set(records[0])
+        assert np.mean([r["correct"] for r in records]) == pytest.approx(ev["eval/accuracy"])
     assert trainer.policy.reference and (tmp_path / "vlm_reasoning_tiny" / "checkpoints").is_dir()
+
+
+def test_tensorboard_gets_the_vlm_curves_and_each_evaluations_completion_table(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.util.tensor_util import make_ndarray
+
+    model_dir = make_tiny_vlm(["--out", str(tmp_path / "m"), "--sft-steps", "0"])
+    overrides = [f"run.output_dir={tmp_path}", f"policy.options.path={model_dir}", "policy.options.max_new_tokens=6"]
+    overrides += ["data.options.num_examples=20", "data.options.eval_examples=2", "trainer.max_steps=2"]
+    overrides += ["trainer.prompts_per_step=2", "trainer.group_size=2", "trainer.eval_every=2"]
+    overrides += ["trainer.progress=false", "trainer.log_with=[tensorboard]"]
+    trainer = train(load_config(CONFIG, overrides))
+    events = event_accumulator.EventAccumulator(str(trainer.run_dir / "vlm_reasoning_tiny"), {"tensors": 0})
+    events.Reload()
+    lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "completion/entropy" in m]
+    for tag in ("completion/entropy", "completion/length_mean", "loss/clip_frac_low", "loss/clip_frac_high"):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(m["step"], pytest.approx(m[tag])) for m in steps]
+    tables = [
+        (e.step, make_ndarray(e.tensor_proto).item().decode()) for e in events.Tensors("eval/completions/text_summary")
+    ]
+    assert [s for s, _ in tables] == [0, 2]
+    for step, text in tables:  # the markdown table holds the same completions as the evaluation's JSONL
+        records = [json.loads(x) for x in (trainer.run_dir / "samples" / f"completions_step_{step:06d}.jsonl").open()]
+        rows = text.splitlines()[2:]
+        assert text.splitlines()[0] == "| prompt | completion | answer | correct |" and len(rows) == len(records) == 2
+        assert all(f"| {r['answer']} | {r['correct']} |" in row for r, row in zip(records, rows))

@@ -19,9 +19,10 @@ from mmgrpo.policies.vlm import (
     VLMPolicyOptions,
     chunked_token_logprobs,
     sample_tokens,
+    token_entropy,
 )
 from mmgrpo.testing.tiny_vlm import tiny_qwen2_vl
-from mmgrpo.testing.vlm_checks import biased_head, image_batch, images, make_policy
+from mmgrpo.testing.vlm_checks import biased_head, hf_reference_logits, image_batch, images, make_policy
 
 # --------------------------------------------------------------------------------------------- reference, prompts
 
@@ -167,6 +168,44 @@ def test_sample_tokens_top_k_top_p_greedy():
     assert (s == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)  # renormalised: 0.625
     assert set(sample_tokens(logits, g, top_k=1).tolist()) == {0}
     assert set(sample_tokens(logits, g, greedy=True, suppress=torch.tensor([True, False, False])).tolist()) == {1}
+
+
+def test_token_entropy_equals_hand_computed():
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    # p = [1/4, 3/4]: H = 1/4 ln 4 + 3/4 ln(4/3) = 0.346574 + 0.215762 = 0.562335
+    assert token_entropy(logits).item() == pytest.approx(0.5623351, abs=1e-6)
+    # temperature 2: logits [0, ln 3 / 2] -> p = [1 / (1 + sqrt3), sqrt3 / (1 + sqrt3)] = [0.366025, 0.633975]
+    # H = 0.366025 * 1.005053 + 0.633975 * 0.455746 = 0.656806
+    assert token_entropy(logits, temperature=2.0).item() == pytest.approx(0.6568064, abs=1e-6)
+    # token 0 suppressed: all mass on token 1 -> H = 0 (0 log 0 = 0, not NaN); a -inf logit likewise
+    assert token_entropy(logits, suppress=torch.tensor([True, False])).item() == 0.0
+    assert token_entropy(torch.tensor([[0.0, -math.inf]])).item() == 0.0
+    # uniform over 4 of 6 ids (2 suppressed): ln 4, whatever the temperature; shape [..., V] -> [...]
+    flat = torch.zeros(2, 3, 6)
+    out = token_entropy(flat, temperature=0.3, suppress=torch.tensor([0, 0, 1, 0, 1, 0], dtype=torch.bool))
+    assert out.shape == (2, 3) and torch.allclose(out, torch.full((2, 3), math.log(4.0)))
+
+
+def test_rollout_records_the_entropy_of_each_sampled_tokens_distribution():
+    """On the tiny real Qwen2-VL: the entropy the sampler records at step t is that of the distribution token t was
+    drawn from, recomputed here from the transformers model's own teacher-forced logits (no KV cache)."""
+    policy = make_policy(max_new_tokens=8, temperature=0.7)
+    rollout = policy.rollout(image_batch(), 3)
+    ent = rollout.extras["token_entropy"]
+    assert ent.shape == (6, 8) and ent.dtype == torch.float32
+    by_hand = []
+    for row in range(rollout.num_rows):
+        logits = hf_reference_logits(policy, rollout, row).double()  # [n, V], / temperature, suppressed -inf
+        p = torch.softmax(logits, -1)
+        h = -(p * torch.log(p).nan_to_num(neginf=0.0)).sum(-1)  # [n] nats
+        n = int(rollout.extras["completion_len"][row])
+        assert torch.allclose(ent[row, :n].double(), h, atol=1e-4), row
+        by_hand.append(h)
+    hand = torch.cat(by_hand)
+    assert 0.5 < hand.mean() < math.log(len(policy.tokenizer))  # a real spread, below uniform
+    m = policy.rollout_metrics(rollout)
+    assert m["completion/entropy"] == pytest.approx(hand.mean().item(), abs=1e-4)  # mean over completion tokens
+    assert m["completion/length_mean"] == pytest.approx(len(hand) / 6)
 
 
 # ----------------------------------------------------------------------------------------- answer span
