@@ -33,6 +33,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import check_image
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
+from mmgrpo.data.vlm_formats import parse_box_value, to_grounding_record
 from mmgrpo.pipelines.vlm_reasoning import (
     PairedScores,
     QAPrompts,
@@ -92,19 +93,19 @@ def box_answer(
 
 
 def load_grounding_jsonl(path: str | Path) -> list[Example]:
-    """Examples of a JSONL file of {image, question, box, image_size?}; the image path is relative to the file."""
+    """Examples of a JSONL file of {image, question, box, image_size?} (or TRL conversational, LLaVA conversations or
+    VLM-R1 {image, problem, solution} records whose answer is the box: docs/data.md); image paths are relative to
+    the file."""
 
     p = Path(path)
     out = []
-    for i, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding"):
-        box = rec["box"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
-            raise UserError(f"{path} line {i}: box must be [x1, y1, x2, y2] in image pixels; got {box!r}")
+    for i, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding", to_grounding_record):
+        box = parse_box_value(rec["box"], f"{path} line {i}")
         image = str(p.parent / rec["image"])
         dims = check_image(image, f"{path} line {i}")  # opened once here, so a bad file is named now, not mid-training
         size = rec.get("image_size") or dims
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}
-        meta.update(box=[float(v) for v in box], image_size=tuple(size), images=[image])
+        meta.update(box=box, image_size=tuple(size), images=[image])
         out.append(({"question": rec["question"]}, meta))
     if not out:
         raise UserError(f"{path} holds no examples")
