@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shlex
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 HUB_FILE = re.compile(r"(?:https?://)?(?:huggingface\.co|hf\.co)/([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)")
 """a hub file URL: (repo id, revision, path in the repository)"""
 VARIANT = re.compile(r"[A-Za-z0-9][\w-]*")
+WEIGHTS_VARIANT = re.compile(r"(?:diffusion_pytorch_model|model)\.([\w-]+?)(?:-\d+-of-\d+)?\.safetensors")
+"""a weights file of a variant, as diffusers / transformers ``save_pretrained(variant=...)`` name them"""
 NOT_DOWNLOADED = (*(f"*{s}" for s in PICKLE_SUFFIXES), "*.msgpack", "*.h5")
 """files a download command skips: pickles (refused anyway) and Flax / TensorFlow weights"""
 
@@ -111,10 +114,20 @@ class ModelSource:
         return self.path
 
     def weights(self, subfolder: str | None = None) -> dict[str, Any]:
-        """``from_pretrained`` keywords of a weights component: safetensors only, the variant, the revision (hub)."""
+        """``from_pretrained`` keywords of a weights component: safetensors only, the variant, the revision (hub).
+
+        As diffusers' pipelines do, a component of a local pipeline folder without files of the variant is read
+        from its plain files (with a warning) when other components have them; a variant no component has is
+        passed on, and the library's error names it.
+        """
         out: dict[str, Any] = {"use_safetensors": True, **self.files(subfolder)}
         if self.variant:
             out["variant"] = self.variant
+            if self.local and subfolder and self.variant in variants_in(self.path):
+                if self.variant not in variants_in(Path(self.path) / subfolder, subfolders=False):
+                    warnings.warn(f"{self.describe()}: {subfolder}/ has no {self.variant} weights; reading its plain "
+                                  "files", stacklevel=3)  # fmt: skip
+                    del out["variant"]
         return out
 
     def files(self, subfolder: str | None = None) -> dict[str, Any]:
@@ -287,14 +300,15 @@ def download_command(repo: str, revision: str | None, include: Sequence[str] = (
     return " ".join(shlex.quote(w) for w in words)
 
 
-def variants_in(path: str | Path) -> list[str]:
-    """The weights variants (``fp16`` of ``model.fp16.safetensors``, shards too) in a folder and its sub-folders."""
+def variants_in(path: str | Path, subfolders: bool = True) -> list[str]:
+    """The weights variants (``fp16`` of ``model.fp16.safetensors``, of shards ``model.fp16-00001-of-00002``) in a
+    folder and (``subfolders``) its direct sub-folders."""
     root = Path(path)
     if not root.is_dir():
         return []
-    folders = [root, *(p for p in root.iterdir() if p.is_dir())]
-    names = [f.name for folder in folders for f in folder.glob("*.*.safetensors")]
-    return sorted({re.sub(r"-\d+-of-\d+$", "", n.split(".")[-2]) for n in names})
+    folders = [root, *(p for p in root.iterdir() if p.is_dir() and subfolders)]
+    names = [f.name for folder in folders for f in folder.glob("*.safetensors")]
+    return sorted({m.group(1) for m in map(WEIGHTS_VARIANT.fullmatch, names) if m})
 
 
 def local_dir(repo: str) -> str:

@@ -103,6 +103,19 @@ def test_a_folder_with_only_variant_files_says_which_variant_to_set(tmp_path):
         load_adapter(options(path=str(tmp_path / "m")))
 
 
+def test_a_component_without_the_variant_reads_its_plain_files_as_diffusers_pipelines_do(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    folder, seed0, seed1 = tmp_path / "m", tiny_sd3_components(0), tiny_sd3_components(1)
+    StableDiffusion3Pipeline(**seed1).save_pretrained(str(folder), variant="fp16")
+    (folder / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    seed0["vae"].save_pretrained(folder / "vae")  # the VAE only in plain files (of another seed)
+    with pytest.warns(UserWarning, match="vae/ has no fp16 weights; reading its plain files"):
+        adapter = load_adapter(options(path=str(folder), variant="fp16"))
+    assert all(torch.equal(v, seed0["vae"].state_dict()[k]) for k, v in adapter.vae.state_dict().items())
+    assert all(torch.equal(v, seed1["transformer"].state_dict()[k]) for k, v in adapter.denoiser.state_dict().items())
+
+
 def test_source_options_are_checked_when_the_config_loads_and_at_load(tmp_path):
     with pytest.raises(UserError, match=r"policy.options.variant='fp16.x' is not a weights variant name"):
         options(path="org/name", variant="fp16.x")
