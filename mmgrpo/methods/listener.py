@@ -14,7 +14,7 @@ than one whose reasoning does:
 
 The listener is a ``scorer(prompts, meta, reasoning_texts, candidate_answers) -> Tensor[n, C]`` of log-probs
 (C = the most candidates of any row; entries past a row's own candidates are ignored). Pass ``scorer=`` directly,
-or ``model=<checkpoint dir>`` to build :class:`HFListenerScorer` on the first call: transformers
+or ``model=<checkpoint dir or hub id>`` to build :class:`HFListenerScorer` on the first call: transformers
 ``AutoModelForImageTextToText`` + ``AutoProcessor`` (safetensors only), scoring each candidate as the assistant's
 reply to "<prompt> <reasoning> Based on this reasoning, the answer is:", summing the candidate's token log-probs.
 
@@ -51,7 +51,9 @@ from typing import Any
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.methods.registry import Method, register_method
+from mmgrpo.policies.sources import ModelSource, resolve_source
 from mmgrpo.policies.vlm import VLMPolicyOptions, load_vlm
 from mmgrpo.policies.vlm_inputs import load_image, question_text
 from mmgrpo.rewards.registry import register
@@ -165,19 +167,23 @@ class HFListenerScorer:
         self.model, self.processor, self.device = model.eval(), processor, torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32") -> HFListenerScorer:
+    def from_pretrained(
+        cls, path: str | Path | ModelSource, device: str = "cpu", dtype: str = "float32"
+    ) -> HFListenerScorer:
+        """The frozen VLM at ``path``: a local folder, a hub id or a resolved source (revision, variant)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        src = resolve_source(path, "rewards.<listener>.options.model")
+        refuse_pickle_weights(src.path, src.key, "transformers.AutoModelForImageTextToText")
+        hint = "Pass a checkpoint of an image-text-to-text model (safetensors + processor)"
         try:
-            processor = AutoProcessor.from_pretrained(str(path))
-            model = AutoModelForImageTextToText.from_pretrained(
-                str(path), use_safetensors=True, dtype=getattr(torch, dtype)
-            )
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(
-                f"listener: cannot load a VLM (safetensors + processor) from model={str(path)!r}: {e}. "
-                "Pass a local checkpoint directory of an image-text-to-text model"
-            ) from e
+            with src.errors(hint):
+                processor = AutoProcessor.from_pretrained(src.path, **src.files())
+                model = AutoModelForImageTextToText.from_pretrained(
+                    src.path, dtype=getattr(torch, dtype), **src.weights()
+                )
+        except (ValueError, AttributeError) as e:
+            raise UserError(f"listener: cannot load a VLM from model={src.describe()}: {e}. {hint}") from e
         model.requires_grad_(False)
         return cls(model.to(device), processor, device)
 
@@ -214,7 +220,7 @@ class ListenerReward:
     """The ``listener`` reward callable; a ``model`` scorer is built on the first call (``scorer`` None before)."""
 
     scorer: Scorer | None
-    model: str | None
+    model: ModelSource | None
     weights: tuple[float, float, float]  # (w_fmt, w_acc, w_lis)
     mode: str = "auto"
     answer_key: str = "answer"
@@ -261,22 +267,23 @@ def listener(
     device: str = "cpu",
     think_tag: str = "think",
     answer_tag: str = "answer",
+    revision: str | None = None,
+    variant: str | None = None,
 ):
     """Listener-rewarded thinking: w_fmt * format + w_acc * accuracy + w_lis * frozen-VLM confidence in the answer.
 
-    ``model``: a local image-text-to-text checkpoint (loaded lazily, frozen) or ``scorer``: a callable
-    ``(prompts, meta, reasoning_texts, candidate_answers) -> Tensor[n, C]`` of log-probs. Rows without
-    meta[answer_key] get None.
+    ``model``: an image-text-to-text checkpoint, a local folder or a hub id (``revision``, ``variant``: as the
+    policy's options), loaded lazily and frozen; or ``scorer``: a callable ``(prompts, meta, reasoning_texts,
+    candidate_answers) -> Tensor[n, C]`` of log-probs. Rows without meta[answer_key] get None.
     """
     if (model is None) == (scorer is None):
-        raise UserError("listener: give exactly one of model=<local VLM checkpoint dir> or scorer=<callable>")
+        raise UserError("listener: give exactly one of model=<VLM folder or hub id> or scorer=<callable>")
+    source = None
     if model is not None:
-        if not Path(model).expanduser().is_dir():
-            raise UserError(f"listener: model={model!r} is not a directory; pass a local VLM checkpoint directory")
-        model = str(Path(model).expanduser())
+        source = resolve_source(model, "rewards.<listener>.options.model", revision, variant)
     weights = (float(w_fmt), float(w_acc), float(w_lis))
     return ListenerReward(
-        scorer, model, weights, mode, answer_key, candidates_key, options_key, device, think_tag, answer_tag
+        scorer, source, weights, mode, answer_key, candidates_key, options_key, device, think_tag, answer_tag
     )
 
 
@@ -292,10 +299,17 @@ class VLMListenerScorer(HFListenerScorer):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str = "cpu", dtype: str = "float32", family: str = "auto", **kw: Any
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        family: str = "auto",
+        revision: str | None = None,
+        variant: str | None = None,
+        **kw: Any,
     ) -> VLMListenerScorer:
-
-        options = VLMPolicyOptions(path=str(path), dtype=dtype, family=family)
+        """The frozen listener VLM, loaded by :func:`~mmgrpo.policies.vlm.load_vlm` as the policy is."""
+        options = VLMPolicyOptions(path=str(path), dtype=dtype, family=family, revision=revision, variant=variant)
         model, processor = load_vlm(str(path), options, key="rewards.<vlm_listener>.options.model")
         model.requires_grad_(False)
         return cls(model.to(device), processor, device, kw.get("max_pixels"))
@@ -333,18 +347,20 @@ def vlm_listener(
     max_pixels: int | None = None,
     think_tag: str = "think",
     answer_tag: str = "answer",
+    revision: str | None = None,
+    variant: str | None = None,
 ):
     """Listener reward with a frozen VLM loaded like the policy: w_fmt*format + w_acc*accuracy + w_lis*confidence.
 
-    ``model``: a local VLM directory (e.g. assets/tiny_qwen2_vl). Candidates: the option letters of each row.
+    ``model``: a local VLM directory (e.g. assets/tiny_qwen2_vl) or a hub id, with ``revision`` / ``variant`` as the
+    policy's options. Candidates: the option letters of each row.
     """
-    if not model or not Path(model).expanduser().is_dir():
-        raise UserError(
-            f"vlm_listener: model={model!r} is not a directory; give a local VLM checkpoint directory "
-            "(e.g. assets/tiny_qwen2_vl, written by `python scripts/make_tiny_vlm.py`)"
-        )
-    path = str(Path(model).expanduser())
-    scorer = LazyListener(path, device=device, dtype=dtype, family=family, max_pixels=max_pixels)
+    if not model:
+        raise UserError("vlm_listener: model is empty; give a VLM checkpoint directory (e.g. assets/tiny_qwen2_vl, "
+                        "written by `python scripts/make_tiny_vlm.py`) or a hub id")  # fmt: skip
+    src = resolve_source(model, "rewards.<vlm_listener>.options.model", revision, variant)
+    scorer = LazyListener(src.path, device=device, dtype=dtype, family=family, max_pixels=max_pixels,
+                          revision=src.revision, variant=src.variant)  # fmt: skip
     weights = (float(w_fmt), float(w_acc), float(w_lis))
     return ListenerReward(
         scorer, None, weights, mode, answer_key, "candidates", "options", device, think_tag, answer_tag

@@ -11,6 +11,7 @@ from typing import Any
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS, DiffusionPolicyOptions
+from mmgrpo.policies.sources import check_source_options, resolve_source
 
 
 @dataclass
@@ -18,9 +19,19 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     family: str = "sd3"
     """model family: sd3, flux, wan, hunyuan_video, sd (SD1.5/SDXL)"""
     path: str = ""
-    """local checkpoint folder (diffusers layout) or hub id"""
+    """local checkpoint folder (diffusers layout), or a hub repository id org/name read through the Hugging Face
+    cache (HF_HUB_OFFLINE=1 reads a cached snapshot); docs/models.md"""
+    revision: str | None = None
+    """hub ids: the branch, tag or commit hash to read (null = the default branch); not for local folders"""
+    variant: str | None = None
+    """weights variant: read the *.<variant>.safetensors files that save_pretrained(variant=...) writes (fp16,
+    bf16, ...), in a local folder as on the hub; null = the plain files"""
+    denoiser_file: str | None = None
+    """one .safetensors file (original / ComfyUI or diffusers key layout; a local path or a hub file URL
+    https://huggingface.co/<org>/<name>/blob/<revision>/<file>) that replaces the denoiser (the transformer; sd: the
+    UNet) of the pipeline at path, which still gives its config, the text encoders and the VAE"""
     dtype: str = "float32"
-    """weights dtype: float32, bfloat16, float16"""
+    """weights dtype: float32, bfloat16, float16 (diffusers' torch_dtype)"""
     height: int = 0
     """image height (0 = the model's default)"""
     width: int = 0
@@ -38,13 +49,20 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
         targets = list(getattr(ADAPTERS.get(self.family), "lora_targets", None) or DEFAULT_LORA_TARGETS)
         return dataclasses.replace(self, lora_targets=targets)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_source_options("policy.options.path", self.revision, self.variant, self.denoiser_file)
+
 
 def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
-    """Load ``opts.path`` through the registered family adapter's from_pretrained."""
+    """Load ``opts.path`` (a local folder or a hub id, with its revision, variant and denoiser file: a
+    :class:`~mmgrpo.policies.sources.ModelSource`) through the registered family adapter's from_pretrained."""
     if opts.family not in ADAPTERS:
         raise UserError(f"policy.options.family: {ADAPTERS.unknown_message(opts.family)}")
     if not opts.path:
-        raise UserError("policy.options.path is empty: point it at a local checkpoint folder (diffusers layout)")
+        raise UserError("policy.options.path is empty: point it at a local checkpoint folder (diffusers layout) "
+                        "or a hub repository id (org/name)")  # fmt: skip
+    source = resolve_source(opts.path, "policy.options.path", opts.revision, opts.variant, opts.denoiser_file)
     kwargs: dict[str, Any] = {"device": str(device), "dtype": opts.dtype}
     if opts.height:
         kwargs["height"] = opts.height
@@ -54,7 +72,7 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
         kwargs["num_frames"] = opts.num_frames
     kwargs.update(opts.adapter_options)
     try:
-        return ADAPTERS.get(opts.family).from_pretrained(opts.path, **kwargs)
+        return ADAPTERS.get(opts.family).from_pretrained(source, **kwargs)
     except TypeError as e:
         msg = f"policy.options.adapter_options {opts.adapter_options} for family {opts.family!r}: {e}"
         raise UserError(msg) from e

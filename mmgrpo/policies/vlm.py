@@ -49,6 +49,7 @@ from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
+from mmgrpo.policies.sources import check_source_options, resolve_source
 from mmgrpo.policies.vlm_families import VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media / prompt helpers used to live here)
     R1_SYSTEM_PROMPT,
@@ -79,14 +80,21 @@ class VLMPolicyOptions:
     __renamed__ = {"model": "path", "lora_r": "lora_rank", "target_modules": "lora_targets"}  # the 0.1 names
 
     path: str = ""
-    """local model directory or hub id (safetensors weights + processor)"""
+    """local model directory (safetensors weights + processor), or a hub repository id org/name read through the
+    Hugging Face cache (HF_HUB_OFFLINE=1 reads a cached snapshot); docs/models.md"""
+    revision: str | None = None
+    """hub ids: the branch, tag or commit hash to read (null = the default branch); not for local folders"""
+    variant: str | None = None
+    """weights variant: read model.<variant>.safetensors (fp16, bf16, ...: what save_pretrained(variant=...)
+    writes), in a local folder as on the hub; null = the plain files"""
     family: str = "auto"
     """a registered VLM family (mmgrpo list): qwen2_vl, qwen2_5_vl, qwen3_vl, generic (AutoModelForImageTextToText),
     or a dotted path; auto = the family registered under the model config's model_type, else generic"""
     trust_remote_code: bool = False
     """let transformers run the model repository's own code (only for repositories you trust)"""
     dtype: str = "float32"
-    """weights dtype: float32, bfloat16 or float16 (log-prob maths is fp32 whatever this is)"""
+    """weights dtype: float32, bfloat16 or float16 (transformers' dtype / torch_dtype; log-prob maths is fp32
+    whatever this is)"""
     system_prompt: str = R1_SYSTEM_PROMPT
     """system turn asking for <think>/<answer>; "" keeps the chat template's default system turn"""
     max_new_tokens: int = 128
@@ -132,6 +140,9 @@ class VLMPolicyOptions:
     logprob_chunk: int = 1024
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
 
+    def __post_init__(self) -> None:
+        check_source_options("policy.options.path", self.revision, self.variant)
+
 
 # ---------------------------------------------------------------------------------------------- the policy
 
@@ -173,7 +184,8 @@ _LOCAL_HINT = (
 
 
 def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -> tuple[nn.Module, Any]:
-    """(model, processor) from a local directory or hub id: safetensors only, the family's class, ``o.dtype``.
+    """(model, processor) from a local directory or a hub id (``o.revision``, ``o.variant``; the HF cache, see
+    :mod:`mmgrpo.policies.sources`): safetensors only, the family's class, ``o.dtype``.
 
     The one loading path of the VLM side: the policy and frozen VLMs that must read prompts as it does (the
     ``vlm_listener`` reward) both use it. ``key`` names the config key in error messages.
@@ -183,18 +195,21 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if o.dtype not in dtypes:
         raise UserError(f"policy.options.dtype={o.dtype!r}; use one of {', '.join(dtypes)}")
+    src = resolve_source(path, key, o.revision, o.variant)
     kw = {"trust_remote_code": o.trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(str(path), **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a VLM from {key}={str(path)!r}: {e}. {_LOCAL_HINT}") from e
+        with src.errors(_LOCAL_HINT):
+            config = AutoConfig.from_pretrained(src.path, **src.files(), **kw)
+    except ValueError as e:
+        raise UserError(f"cannot load a VLM from {key}={src.describe()}: {e}. {_LOCAL_HINT}") from e
     model_cls = resolve_family(config, o.family).model_class()  # an unknown family names itself, not the path
-    refuse_pickle_weights(path, key, f"transformers.{model_cls.__name__}")
+    refuse_pickle_weights(src.path, key, f"transformers.{model_cls.__name__}")  # a hub id: use_safetensors refuses
     try:
-        model = model_cls.from_pretrained(str(path), dtype=dtypes[o.dtype], use_safetensors=True, **kw)
-        processor = AutoProcessor.from_pretrained(str(path), **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a VLM from {key}={str(path)!r}: {e}. {_LOCAL_HINT}") from e
+        with src.errors(_LOCAL_HINT):
+            model = model_cls.from_pretrained(src.path, dtype=dtypes[o.dtype], **src.weights(), **kw)
+            processor = AutoProcessor.from_pretrained(src.path, **src.files(), **kw)
+    except ValueError as e:
+        raise UserError(f"cannot load a VLM from {key}={src.describe()}: {e}. {_LOCAL_HINT}") from e
     return model, processor
 
 

@@ -40,6 +40,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.schema import options_from
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.policies.sources import is_hub_id
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
 from mmgrpo.train.components import PIPELINES
@@ -160,26 +161,36 @@ def export_policy(
         fmt = export_vlm(policy, out, merge, inplace)
     else:
         raise UserError(f"a {type(policy).__name__} cannot be exported (only diffusion/flow generators and VLMs)")
-    record = {**(info or {}), "format": fmt, "base": str(Path(policy_path(policy)).resolve()), "merged": merge}
+    record = {**(info or {}), "format": fmt, "base": base_name(policy), "merged": merge}
     (out / INFO).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
-def policy_path(policy: Any) -> str:
-    return getattr(policy.opts, "path", "") if isinstance(policy, DiffusionPolicy) else policy.options.path
+def base_name(policy: Any) -> str:
+    """The base model for the record: its absolute folder, or ``org/name@revision`` for a hub id."""
+    diffusion = isinstance(policy, DiffusionPolicy)
+    source = getattr(policy.adapter, "source", None) if diffusion else None
+    opts = policy.opts if diffusion else policy.options
+    path, revision = str(getattr(opts, "path", "")), getattr(opts, "revision", None)
+    if source is not None and source.hub_id is not None:
+        path, revision = source.hub_id, source.revision
+    elif not is_hub_id(path):
+        return str(Path(path).expanduser().resolve())
+    return f"{path}@{revision}" if revision else path
 
 
 # ---------------------------------------------------------------------------------------------- diffusion
 def export_diffusion(policy: DiffusionPolicy, out: Path, merge: bool, inplace: bool) -> str:
     opts, denoiser = policy.opts, policy.adapter.denoiser
-    base = Path(getattr(opts, "path", ""))
+    source = getattr(policy.adapter, "source", None)  # a hub id's snapshot folder in the HF cache
+    base = Path(source.path if source is not None else getattr(opts, "path", ""))
     lora = getattr(denoiser, "peft_config", None) is not None and opts.lora_rank > 0
     if lora and not merge:
         save_diffusers_lora(denoiser, base, getattr(opts, "family", ""), out)
         return "diffusers_lora"
     if lora:
         denoiser = merged_denoiser(denoiser, inplace)
-    save_pipeline_folder(denoiser, base, out)
+    save_pipeline_folder(denoiser, base, out, getattr(source, "variant", None))
     return "diffusers_pipeline"
 
 
@@ -222,8 +233,9 @@ def merged_denoiser(denoiser: nn.Module, inplace: bool) -> nn.Module:
     return model
 
 
-def save_pipeline_folder(denoiser: nn.Module, base: Path, out: Path) -> None:
-    """The base pipeline's model_index.json and components, with ``denoiser`` saved in place of its own."""
+def save_pipeline_folder(denoiser: nn.Module, base: Path, out: Path, variant: str | None = None) -> None:
+    """The base pipeline's model_index.json and components, with ``denoiser`` saved in place of its own (as the
+    weights ``variant`` the base was read with, so the folder loads with that one variant)."""
     index = base / "model_index.json"
     if not index.is_file():
         raise UserError(f"the base model {base} has no model_index.json, so no pipeline folder can be written; "
@@ -238,7 +250,7 @@ def save_pipeline_folder(denoiser: nn.Module, base: Path, out: Path) -> None:
     for name in parts:
         if name != own[0] and (base / name).is_dir():
             shutil.copytree(base / name, out / name)
-    denoiser.save_pretrained(str(out / own[0]), safe_serialization=True)
+    denoiser.save_pretrained(str(out / own[0]), safe_serialization=True, variant=variant)
 
 
 # ---------------------------------------------------------------------------------------------- VLM

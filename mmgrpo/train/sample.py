@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", nargs="+", metavar=("CONFIG", "KEY=VALUE"),
                    help="YAML config (and dotted overrides) whose policy.options give the model")  # fmt: skip
-    p.add_argument("--model", help="base model folder (diffusers layout); overrides the config's policy.options.path")
+    p.add_argument("--model", help="base model: a folder (diffusers layout) or a hub id (org/name); overrides "
+                   "the config's policy.options.path")  # fmt: skip
     p.add_argument("--family", help="model family of --model (sd3, flux, wan, hunyuan_video, sd)")
     ck = p.add_mutually_exclusive_group()
     ck.add_argument("--run", help="run directory: its config.yaml's LoRA options and its latest checkpoint")

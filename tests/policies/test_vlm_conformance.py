@@ -309,5 +309,5 @@ def test_from_pretrained_on_a_saved_local_dir(tmp_path, family):
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     rollout = policy.rollout(image_batch(), 2)
     assert rollout.num_rows == 4 and ratio_error(policy, rollout, 2) < 1e-5
-    with pytest.raises(UserError, match="cannot load a VLM"):
+    with pytest.raises(UserError, match="is not a directory, and not a hub repository id"):
         VLMPolicy.from_pretrained(str(tmp_path / "missing"))

@@ -34,6 +34,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 _REQUIRED = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
 
@@ -92,6 +93,8 @@ class FluxAdapter:
     prediction_type = "flow"
     # the double-stream blocks' image and text attention projections; "to_q/k/v" also match the single blocks
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    components = _REQUIRED  # the pipeline sub-folders from_pretrained reads (what a hub download fetches)
+    source: ModelSource | None = None  # where from_pretrained read the pipeline (export copies its other parts)
 
     def __init__(
         self,
@@ -141,35 +144,37 @@ class FluxAdapter:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> FluxAdapter:
-        """Load a ``FluxPipeline`` folder: transformer/, scheduler/, text_encoder(_2)/, tokenizer(_2)/, vae/.
+    def from_pretrained(
+        cls, path: str | ModelSource, device: str = "cpu", dtype: str = "float32", **kwargs: Any
+    ) -> FluxAdapter:
+        """Load a ``FluxPipeline``: transformer/, scheduler/, text_encoder(_2)/, tokenizer(_2)/, vae/; ``path`` a
+        local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant, single-file
+        transformer).
 
         ``kwargs``: ``height``, ``width``, ``guidance``, ``max_sequence_length`` (see the class).
         """
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
-        _check_layout(path)
+        src = pipeline_folder(path, cls.components, "transformer")
+        refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
+        _check_layout(src.path)
         td = _dtype(dtype)
-        return cls(
-            transformer=FluxTransformer2DModel.from_pretrained(
-                path, subfolder="transformer", torch_dtype=td, use_safetensors=True
-            ),
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-            text_encoder=CLIPTextModel.from_pretrained(
-                path, subfolder="text_encoder", torch_dtype=td, use_safetensors=True
-            ),
-            tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder_2=T5EncoderModel.from_pretrained(
-                path, subfolder="text_encoder_2", torch_dtype=td, use_safetensors=True
-            ),
-            tokenizer_2=AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True),
-            device=device,
-            dtype=dtype,
-            **kwargs,
-        )
+        transformer = load_denoiser(src, FluxTransformer2DModel, "transformer", td)
+        with src.errors():
+            parts = dict(
+                scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(src.path, subfolder="scheduler"),
+                text_encoder=CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder")),
+                tokenizer=AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer"),
+                text_encoder_2=T5EncoderModel.from_pretrained(
+                    src.path, torch_dtype=td, **src.weights("text_encoder_2")
+                ),
+                tokenizer_2=AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer_2"),
+                vae=AutoencoderKL.from_pretrained(src.path, torch_dtype=td, **src.weights("vae")),
+            )
+        adapter = cls(transformer=transformer, **parts, device=device, dtype=dtype, **kwargs)
+        adapter.source = src
+        return adapter
 
     # ------------------------------------------------------------------ condition
     @torch.no_grad()
@@ -249,10 +254,8 @@ class FluxAdapter:
 
 
 def _check_layout(path: str) -> None:
-    """A local FluxPipeline folder with every component (no hub access from here)."""
+    """A FluxPipeline folder with every component."""
     p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
     names = {d.name for d in p.iterdir() if d.is_dir()}
     index = p / "model_index.json"
     if index.is_file():

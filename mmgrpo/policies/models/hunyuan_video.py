@@ -29,6 +29,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 
 def default_prompt_template() -> dict[str, Any]:
@@ -51,6 +52,9 @@ class HunyuanVideoAdapter:
     prediction_type = "flow"
     # attention projections of the dual-stream blocks (image and text streams) and of the single-stream blocks
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    # the pipeline sub-folders from_pretrained reads (what a hub download fetches)
+    components = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
+    source: ModelSource | None = None  # where from_pretrained read the pipeline (export copies its other parts)
 
     def __init__(
         self,
@@ -118,9 +122,11 @@ class HunyuanVideoAdapter:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any
+        cls, path: str | ModelSource, device: str = "cpu", dtype: str = "float32", **kwargs: Any
     ) -> HunyuanVideoAdapter:
-        """Load a diffusers-layout folder: transformer/, scheduler/, text_encoder(_2)/, tokenizer(_2)/, vae/."""
+        """Load a diffusers-layout pipeline: transformer/, scheduler/, text_encoder(_2)/, tokenizer(_2)/, vae/;
+        ``path`` a local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant,
+        single-file transformer)."""
         from diffusers import (
             AutoencoderKLHunyuanVideo,
             FlowMatchEulerDiscreteScheduler,
@@ -128,23 +134,23 @@ class HunyuanVideoAdapter:
         )
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
-        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
-        _check_parts(path)
+        src = pipeline_folder(path, cls.components, "transformer")
+        refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
+        _check_parts(src.path)
         td = _dtype(dtype)
-        return cls(
-            HunyuanVideoTransformer3DModel.from_pretrained(
-                path, subfolder="transformer", torch_dtype=td, use_safetensors=True
-            ),
-            FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-            LlamaModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td, use_safetensors=True),
-            AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            CLIPTextModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=td, use_safetensors=True),
-            AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-            AutoencoderKLHunyuanVideo.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True),
-            device=device,
-            dtype=dtype,
-            **kwargs,
-        )
+        transformer = load_denoiser(src, HunyuanVideoTransformer3DModel, "transformer", td)
+        with src.errors():
+            parts = (
+                FlowMatchEulerDiscreteScheduler.from_pretrained(src.path, subfolder="scheduler"),
+                LlamaModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder")),
+                AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer"),
+                CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder_2")),
+                AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer_2"),
+                AutoencoderKLHunyuanVideo.from_pretrained(src.path, torch_dtype=td, **src.weights("vae")),
+            )
+        adapter = cls(transformer, *parts, device=device, dtype=dtype, **kwargs)
+        adapter.source = src
+        return adapter
 
     # ------------------------------------------------------------------ condition
     def _llama(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,8 +229,6 @@ class HunyuanVideoAdapter:
 
 def _check_parts(path: str) -> None:
     p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
     index = p / "model_index.json"
     name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     if name not in (None, "HunyuanVideoPipeline"):

@@ -30,12 +30,16 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 
 class SDAdapter:
     family = "sd"
     parameterization = "ddim"
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # DDPO's LoRA on the UNet attention projections
+    # the pipeline sub-folders from_pretrained may read (what a hub download fetches)
+    components = ("unet", "scheduler", "text_encoder", "tokenizer", "vae", "text_encoder_2", "tokenizer_2")
+    source: ModelSource | None = None  # where from_pretrained read the pipeline (export copies its other parts)
 
     def __init__(
         self,
@@ -90,31 +94,39 @@ class SDAdapter:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> SDAdapter:
-        """Load a diffusers-layout folder: unet/, scheduler/, text_encoder/, tokenizer/, vae/ (+ *_2 for SDXL).
+    def from_pretrained(
+        cls, path: str | ModelSource, device: str = "cpu", dtype: str = "float32", **kwargs: Any
+    ) -> SDAdapter:
+        """Load a diffusers-layout pipeline: unet/, scheduler/, text_encoder/, tokenizer/, vae/ (+ *_2 for SDXL);
+        ``path`` a local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant,
+        single-file UNet).
 
         The scheduler config (PNDM for SD 1.5, Euler for SDXL, ...) is read into a ``DDIMScheduler``, as DDPO does.
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
-        parts, index = _parts(path)
+        src = pipeline_folder(path, cls.components, "unet")
+        refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
+        parts, index = _parts(src.path)
         td = _dtype(dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=td, use_safetensors=True)
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=td, use_safetensors=True)
-        tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True)
-        te2 = tok2 = None
-        if "text_encoder_2" in parts:  # SDXL
-            te2 = CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", torch_dtype=td, use_safetensors=True
-            )
-            tok2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+        unet = load_denoiser(src, UNet2DConditionModel, "unet", td)
+        with src.errors():
+            scheduler = DDIMScheduler.from_pretrained(src.path, subfolder="scheduler")
+            te = CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder"))
+            tok = AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer")
+            vae = AutoencoderKL.from_pretrained(src.path, torch_dtype=td, **src.weights("vae"))
+            te2 = tok2 = None
+            if "text_encoder_2" in parts:  # SDXL
+                te2 = CLIPTextModelWithProjection.from_pretrained(
+                    src.path, torch_dtype=td, **src.weights("text_encoder_2")
+                )
+                tok2 = AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer_2")
         zeros = bool(index.get("force_zeros_for_empty_prompt", True))
-        return cls(unet, scheduler, te, tok, vae, te2, tok2, force_zeros_for_empty_prompt=zeros, device=device,
-                   dtype=dtype, **kwargs)  # fmt: skip
+        adapter = cls(unet, scheduler, te, tok, vae, te2, tok2, force_zeros_for_empty_prompt=zeros, device=device,
+                      dtype=dtype, **kwargs)  # fmt: skip
+        adapter.source = src
+        return adapter
 
     def _check_add_embedding(self) -> None:
         cfg = self.denoiser.config
@@ -248,10 +260,8 @@ def _check_scheduler(cfg: Any) -> None:
 
 
 def _parts(path: str) -> tuple[set[str], dict]:
-    """Sub-folders present in a local SD/SDXL checkpoint (those listed in model_index.json) and the index."""
+    """Sub-folders present in an SD/SDXL checkpoint folder (those listed in model_index.json) and the index."""
     p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
     names = {d.name for d in p.iterdir() if d.is_dir()}
     index: dict = {}
     if (p / "model_index.json").is_file():

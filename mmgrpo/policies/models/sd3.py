@@ -27,6 +27,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 
 class SD3Adapter:
@@ -34,6 +35,10 @@ class SD3Adapter:
     parameterization = "flow"
     prediction_type = "flow"
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    # the pipeline sub-folders from_pretrained may read (what a hub download fetches)
+    components = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                  "text_encoder_3", "tokenizer_3", "vae")  # fmt: skip
+    source: ModelSource | None = None  # where from_pretrained read the pipeline (export copies its other parts)
 
     def __init__(
         self,
@@ -81,35 +86,41 @@ class SD3Adapter:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> SD3Adapter:
-        """Load a diffusers-layout folder: transformer/, scheduler/, text_encoder*/, tokenizer*/, vae/ (optional)."""
+    def from_pretrained(
+        cls, path: str | ModelSource, device: str = "cpu", dtype: str = "float32", **kwargs: Any
+    ) -> SD3Adapter:
+        """Load a diffusers-layout pipeline: transformer/, scheduler/, text_encoder*/, tokenizer*/, vae/ (optional);
+        ``path`` a local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant,
+        single-file transformer)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
-        parts = _parts(path)
+        src = pipeline_folder(path, cls.components, "transformer")
+        refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
+        parts = _parts(src.path)
         td = _dtype(dtype)
-        transformer = SD3Transformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=td, use_safetensors=True
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        encoders, tokenizers = [], []
-        parts_spec = [(CLIPTextModelWithProjection, ""), (CLIPTextModelWithProjection, "_2"), (T5EncoderModel, "_3")]
-        for enc_cls, sub in parts_spec:
-            if f"text_encoder{sub}" in parts:
-                encoders.append(
-                    enc_cls.from_pretrained(path, subfolder=f"text_encoder{sub}", torch_dtype=td, use_safetensors=True)
-                )
-                tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{sub}"))
-            else:
-                encoders.append(None)
-                tokenizers.append(None)
-        vae = (
-            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=td, use_safetensors=True)
-            if "vae" in parts
-            else None
-        )
-        return cls(transformer, scheduler, encoders, tokenizers, vae, device=device, dtype=dtype, **kwargs)
+        transformer = load_denoiser(src, SD3Transformer2DModel, "transformer", td)
+        with src.errors():
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(src.path, subfolder="scheduler")
+            encoders, tokenizers = [], []
+            spec = [(CLIPTextModelWithProjection, ""), (CLIPTextModelWithProjection, "_2"), (T5EncoderModel, "_3")]
+            for enc_cls, sub in spec:
+                if f"text_encoder{sub}" in parts:
+                    encoders.append(
+                        enc_cls.from_pretrained(src.path, torch_dtype=td, **src.weights(f"text_encoder{sub}"))
+                    )
+                    tokenizers.append(AutoTokenizer.from_pretrained(src.path, subfolder=f"tokenizer{sub}"))
+                else:
+                    encoders.append(None)
+                    tokenizers.append(None)
+            vae = (
+                AutoencoderKL.from_pretrained(src.path, torch_dtype=td, **src.weights("vae"))
+                if "vae" in parts
+                else None
+            )
+        adapter = cls(transformer, scheduler, encoders, tokenizers, vae, device=device, dtype=dtype, **kwargs)
+        adapter.source = src
+        return adapter
 
     # ------------------------------------------------------------------ condition
     @torch.no_grad()
@@ -194,10 +205,8 @@ def is_placeholder(encoder: nn.Module) -> bool:
 
 
 def _parts(path: str) -> set[str]:
-    """Sub-folders present in a local checkpoint (or named in its model_index.json)."""
+    """Sub-folders present in a local checkpoint folder (and named in its model_index.json)."""
     p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
     index = p / "model_index.json"
     names = {d.name for d in p.iterdir() if d.is_dir()}
     if index.is_file():

@@ -37,6 +37,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder, sibling
 
 IMAGE_KEYS = ("condition", "image_embeds")  # per-row image conditioning, shared by both CFG branches
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -175,6 +176,10 @@ class WanAdapter:
     prediction_type = "flow"
     # self- and cross-attention (attn1, attn2) of every block; add_k/v_proj: Wan 2.1 I2V's image cross-attention
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+    # the pipeline sub-folders from_pretrained may read (what a hub download fetches)
+    components = ("transformer", "transformer_2", "scheduler", "text_encoder", "tokenizer", "vae", "image_encoder",
+                  "image_processor")  # fmt: skip
+    source: ModelSource | None = None  # where from_pretrained read the pipeline (export copies its other parts)
 
     def __init__(
         self,
@@ -246,34 +251,45 @@ class WanAdapter:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> WanAdapter:
-        """Load a diffusers-layout folder: transformer/ (+ transformer_2/), scheduler/, text_encoder/, tokenizer/,
-        vae/, and for Wan 2.1 I2V image_encoder/ + image_processor/; pipeline options from model_index.json."""
+    def from_pretrained(
+        cls, path: str | ModelSource, device: str = "cpu", dtype: str = "float32", **kwargs: Any
+    ) -> WanAdapter:
+        """Load a diffusers-layout pipeline: transformer/ (+ transformer_2/), scheduler/, text_encoder/, tokenizer/,
+        vae/, and for Wan 2.1 I2V image_encoder/ + image_processor/; pipeline options from model_index.json.
+        ``path``: a local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant,
+        single-file transformer)."""
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-        refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
-        parts, index = _parts(path)
+        src = pipeline_folder(path, cls.components, "transformer")
+        refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
+        parts, index = _parts(src.path)
+        if src.denoiser_file and "transformer_2" in parts:
+            raise UserError(f"{sibling(src.key, 'denoiser_file')}: {src.describe()} has two experts (transformer/, "
+                            "transformer_2/; Wan 2.2 A14B), and a single file replaces one denoiser; make a "
+                            "diffusers folder with both experts instead")  # fmt: skip
         td = _dtype(dtype)
-        load = {"torch_dtype": td, "use_safetensors": True}
-        t1 = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **load)
-        t2 = WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **load) if (
-            "transformer_2" in parts) else None  # fmt: skip
-        scheduler_cfg = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
-        image_encoder = image_processor = None
-        if "image_encoder" in parts:
-            image_encoder = CLIPVisionModel.from_pretrained(
-                path, subfolder="image_encoder", torch_dtype=torch.float32, use_safetensors=True
-            )
-            image_processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor")
-        return cls(
-            t1, scheduler_cfg,
-            AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True),
-            UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", **load),
-            AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            image_encoder, image_processor, t2, index.get("boundary_ratio"), bool(index.get("expand_timesteps")),
-            device=device, dtype=dtype, **kwargs,
+        t1 = load_denoiser(src, WanTransformer3DModel, "transformer", td)
+        with src.errors():
+            t2 = None
+            if "transformer_2" in parts:
+                t2 = WanTransformer3DModel.from_pretrained(src.path, torch_dtype=td, **src.weights("transformer_2"))
+            scheduler_cfg = json.loads((Path(src.path) / "scheduler" / "scheduler_config.json").read_text())
+            image_encoder = image_processor = None
+            if "image_encoder" in parts:
+                image_encoder = CLIPVisionModel.from_pretrained(
+                    src.path, torch_dtype=torch.float32, **src.weights("image_encoder")
+                )
+                image_processor = CLIPImageProcessor.from_pretrained(src.path, subfolder="image_processor")
+            vae = AutoencoderKLWan.from_pretrained(src.path, torch_dtype=torch.float32, **src.weights("vae"))
+            text_encoder = UMT5EncoderModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder"))
+            tokenizer = AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer")
+        adapter = cls(
+            t1, scheduler_cfg, vae, text_encoder, tokenizer, image_encoder, image_processor, t2,
+            index.get("boundary_ratio"), bool(index.get("expand_timesteps")), device=device, dtype=dtype, **kwargs,
         )  # fmt: skip
+        adapter.source = src
+        return adapter
 
     # ------------------------------------------------------------------ condition
     @torch.no_grad()
@@ -386,10 +402,8 @@ class WanAdapter:
 
 
 def _parts(path: str) -> tuple[set[str], dict]:
-    """Sub-folders present in a local checkpoint (and listed in its model_index.json), and that index."""
+    """Sub-folders present in a checkpoint folder (and listed in its model_index.json), and that index."""
     p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"model path '{path}' is not a directory (download the checkpoint first; no hub access)")
     index = json.loads((p / "model_index.json").read_text()) if (p / "model_index.json").is_file() else {}
     names = {d.name for d in p.iterdir() if d.is_dir()}
     if index:
