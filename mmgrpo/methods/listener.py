@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.policies.vlm import VLMPolicyOptions, load_vlm
 from mmgrpo.policies.vlm_inputs import load_image, question_text
@@ -166,7 +167,8 @@ class HFListenerScorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "float32") -> HFListenerScorer:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        with needs("vlm", "the vlm_listener reward"):
+            from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
             processor = AutoProcessor.from_pretrained(str(path))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.files import check_image
 from mmgrpo.core.registry import nearest
 from mmgrpo.rewards.image_utils import _batched, _Lazy, _to, as_images, preprocess, read_state_dict
@@ -178,7 +179,8 @@ def lpips_backbone_state(trunk: torch.nn.Module, sd: dict[str, torch.Tensor], pa
 
 def load_lpips(net: str, backbone_weights: str, device: str) -> torch.nn.Module:
     """lpips.LPIPS v0.1 with its shipped linear heads and the trunk from ``backbone_weights`` (never downloaded)."""
-    import lpips
+    with needs("similarity", "the lpips reward"):
+        import lpips
 
     with warnings.catch_warnings():  # lpips passes torchvision the deprecated pretrained=False
         warnings.simplefilter("ignore")
@@ -285,7 +287,8 @@ def check_dreamsim_files(cache_dir: str | None, dreamsim_type: str) -> None:
 
 def load_dreamsim(cache_dir: str, dreamsim_type: str, device: str) -> torch.nn.Module:
     """The DreamSim model (backbone + LoRA, PEFT-wrapped) through dreamsim's own loader, from checked local files."""
-    from dreamsim import dreamsim as build
+    with needs("similarity", "the dreamsim reward"):
+        from dreamsim import dreamsim as build
 
     check_dreamsim_files(cache_dir, dreamsim_type)  # the files must still be there: dreamsim downloads otherwise
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # "Using cached ..."

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
@@ -33,7 +34,8 @@ from mmgrpo.policies.models import resolve_dtype as _dtype
 
 def default_prompt_template() -> dict[str, Any]:
     """HunyuanVideoPipeline's chat template; its crop_start = 95 Llama-3 tokens: BOS, the system turn, user header."""
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    with needs("diffusion", "the hunyuan_video model family"):
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
     return dict(DEFAULT_PROMPT_TEMPLATE)
 
@@ -121,12 +123,13 @@ class HunyuanVideoAdapter:
         cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any
     ) -> HunyuanVideoAdapter:
         """Load a diffusers-layout folder: transformer/, scheduler/, text_encoder(_2)/, tokenizer(_2)/, vae/."""
-        from diffusers import (
-            AutoencoderKLHunyuanVideo,
-            FlowMatchEulerDiscreteScheduler,
-            HunyuanVideoTransformer3DModel,
-        )
-        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+        with needs("diffusion", "the hunyuan_video model family"):
+            from diffusers import (
+                AutoencoderKLHunyuanVideo,
+                FlowMatchEulerDiscreteScheduler,
+                HunyuanVideoTransformer3DModel,
+            )
+            from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
         refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
         _check_parts(path)

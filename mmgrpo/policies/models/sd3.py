@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
@@ -67,8 +68,9 @@ class SD3Adapter:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> SD3Adapter:
         """Load a diffusers-layout folder: transformer/, scheduler/, text_encoder*/, tokenizer*/, vae/ (optional)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+        with needs("diffusion", "the sd3 model family"):
+            from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+            from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
         refuse_pickle_weights(path, "policy.options.path", "diffusers.DiffusionPipeline")
         parts = _parts(path)
