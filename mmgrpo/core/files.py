@@ -54,8 +54,8 @@ class VideoFile:
     """A video that :func:`open_video` has opened and decoded a frame of: its path, frame count and average fps.
 
     ``backend`` is the library that reads it: ``"av"`` (PyAV, the ``video`` extra: wheels for Linux x86_64 and
-    aarch64, macOS and Windows) or ``"decord"`` (used only where PyAV is not installed). Both decode with FFmpeg and
-    convert to RGB with its default BT.601 matrix, so they give the same frames.
+    aarch64, macOS and Windows) or ``"decord"`` (used only where PyAV is not installed). Both decode with FFmpeg; on
+    the mp4 files imageio writes they give bit-identical RGB frames (tests/core/test_video_files.py).
     """
 
     path: str
@@ -97,8 +97,8 @@ def _av_frames(path: str, idx: list[int]) -> np.ndarray:
             if i >= last:
                 break
     if len(got) < len(wanted):
-        raise UserError(f"video '{path}': only {len(got)} of the frames {sorted(wanted)} could be decoded; "
-                        "re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")  # fmt: skip
+        raise UserError(f"video '{path}': only {len(got)} of the {len(wanted)} frames asked for (up to frame {last}) "
+                        "could be decoded; re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")  # fmt: skip
     return np.stack([got[i] for i in idx])
 
 

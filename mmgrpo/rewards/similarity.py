@@ -13,13 +13,12 @@ reference are scored together. The reward is the *negative* distance, so higher 
 
 Nothing is downloaded at runtime: lpips' trunk comes from ``backbone_weights`` (a torchvision state dict), DreamSim
 from ``cache_dir`` (its unzipped release checkpoint), and types whose loader fetches code or weights are refused.
-Both need ``pip install 'mmgrpo[similarity]'`` (the packages ``lpips`` and ``dreamsim``).
+Both need ``pip install "mmgrpo[similarity]"`` (the packages ``lpips`` and ``dreamsim``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import warnings
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.extras import needs
+from mmgrpo.core.extras import installed, missing_extra, needs
 from mmgrpo.core.files import check_image
 from mmgrpo.core.registry import nearest
 from mmgrpo.rewards.image_utils import _batched, _Lazy, _to, as_images, preprocess, read_state_dict
@@ -61,11 +60,8 @@ DREAMSIM_RELEASES = "https://github.com/ssundaram21/dreamsim/releases/tag/v0.2.0
 
 
 def _need(package: str, reward: str) -> None:
-    if importlib.util.find_spec(package) is None:
-        raise UserError(
-            f"reward {reward!r} needs the {package!r} package: "
-            f"pip install 'mmgrpo[similarity]' (or pip install {package})"
-        )
+    if not installed(package):
+        raise missing_extra("similarity", f"reward {reward!r}", package)
 
 
 # ---------------------------------------------------------------- references

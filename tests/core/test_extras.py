@@ -13,7 +13,9 @@ import pytest
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import DISTRIBUTIONS, EXTRAS, needs
 from mmgrpo.core.files import open_video
-from mmgrpo.policies.vlm import VLMPolicyOptions, load_vlm
+from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions, load_vlm
+from mmgrpo.rewards.similarity import lpips as lpips_reward
+from mmgrpo.testing.tiny_vlm import tiny_qwen2_vl
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +84,14 @@ def test_every_extra_the_helper_names_is_declared_with_its_packages():
 
 def test_vlm_loading_and_lora_name_the_vlm_extra(monkeypatch):
     asset = str(ROOT / "assets" / "tiny_qwen2_vl")
+    model, processor = tiny_qwen2_vl()
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(UserError) as e:
+        VLMPolicy(model, processor, VLMPolicyOptions(finetune="lora"))
+    assert str(e.value) == (
+        "LoRA fine-tuning of a VLM (policy.options.finetune=lora) needs peft, which is not installed: "
+        'pip install "mmgrpo[vlm]"'
+    )
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UserError, match=r'^loading a VLM needs transformers, .*: pip install "mmgrpo\[vlm\]"$'):
         load_vlm(asset, VLMPolicyOptions(path=asset))
@@ -119,3 +129,12 @@ def test_import_and_list_need_no_optional_package():
     leaked = run_blocked([], "import mmgrpo.train.cli, sys\nprint(sorted(m for m in sys.modules))")
     loaded = set(eval(leaked.stdout))
     assert not loaded & {"diffusers", "transformers", "peft", "open_clip", "av", "decord"}
+
+
+def test_a_similarity_reward_without_lpips_names_the_similarity_extra(tmp_path, monkeypatch):
+    weights = tmp_path / "alexnet-owt-7be5be79.pth"
+    weights.write_bytes(b"checked for existence only: the missing package is reported first")
+    monkeypatch.setitem(sys.modules, "lpips", None)
+    with pytest.raises(UserError) as e:
+        lpips_reward(backbone_weights=str(weights))
+    assert str(e.value) == "reward 'lpips' needs lpips, which is not installed: pip install \"mmgrpo[similarity]\""
