@@ -16,7 +16,8 @@ def block(name: str) -> str:
 def test_two_commands_one_line_each():
     main, test = block("main-command"), block("test-command")
     assert "\n" not in main and "\n" not in test
-    assert "pip install -e ." in main and "mmgrpo train configs/" in main
+    # the demo is a diffusion model: the main command installs the diffusion extra (the core has no diffusers)
+    assert 'pip install -e ".[diffusion' in main and "mmgrpo train configs/" in main
     assert 'pip install -e ".[dev]"' in test and "pytest" in test
     cfg = main.split("mmgrpo train ")[1].split()[0]
     assert (ROOT / cfg).is_file()
@@ -25,3 +26,4 @@ def test_two_commands_one_line_each():
 def test_ci_reads_the_readme_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "test-command" in ci and "README.md" in ci
+    assert "bash .ci/lowest" in ci  # then the lowest-versions job

@@ -1,16 +1,22 @@
 """Reading user files so that a bad one is a one-paragraph :class:`UserError` naming the file and the line or the
-cause, never a ``UnicodeDecodeError`` / ``UnidentifiedImageError`` / ``DECORDError`` traceback at first use.
+cause, never a ``UnicodeDecodeError`` / ``UnidentifiedImageError`` / ``InvalidDataError`` traceback at first use.
 
 Text files (configs, prompt files, JSONL) are decoded as UTF-8 when read; images and videos that a dataset names
-are opened once when the dataset loads (:func:`check_image`, :func:`check_video`), not in the middle of training.
+are opened once when the dataset loads (:func:`check_image`, :func:`open_video`), not in the middle of training;
+:func:`open_video` reads videos with PyAV (or decord where PyAV is not installed).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import installed, missing_extra
 
 
 def read_utf8(path: str | os.PathLike, what: str) -> str:
@@ -43,22 +49,110 @@ def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:
         ) from e
 
 
-def open_video(path: str | os.PathLike, where: str, **kwargs):
-    """A ``decord.VideoReader`` over ``path`` with at least one frame, or a UserError naming ``where`` and the file."""
+@dataclass(frozen=True)
+class VideoFile:
+    """A video that :func:`open_video` has opened and decoded a frame of: its path, frame count and average fps.
+
+    ``backend`` is the library that reads it: ``"av"`` (PyAV, the ``video`` extra: wheels for Linux x86_64 and
+    aarch64, macOS and Windows) or ``"decord"`` (used only where PyAV is not installed). Both decode with FFmpeg; on
+    the mp4 files imageio writes they give bit-identical RGB frames (tests/core/test_video_files.py).
+    """
+
+    path: str
+    num_frames: int
+    fps: float
+    backend: str
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def frames(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """uint8 RGB frames [len(indices), H, W, 3] at ``indices`` (any order, repeats allowed); None: every frame.
+
+        PyAV decodes from the start up to the last index asked for and keeps only those frames, so a long video
+        is never held in memory whole.
+        """
+        idx = list(range(self.num_frames)) if indices is None else [int(i) for i in indices]
+        if not idx:
+            raise ValueError("frames() needs at least one index")
+        if min(idx) < 0 or max(idx) >= self.num_frames:
+            raise UserError(
+                f"video '{self.path}': frame indices {min(idx)}..{max(idx)} outside its {self.num_frames} frames"
+            )
+        if self.backend == "decord":
+            import decord
+
+            return decord.VideoReader(self.path, ctx=decord.cpu(0)).get_batch(idx).asnumpy()
+        return _av_frames(self.path, idx)
+
+
+def _av_frames(path: str, idx: list[int]) -> np.ndarray:
+    import av
+
+    wanted, last, got = set(idx), max(idx), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    if len(got) < len(wanted):
+        raise UserError(f"video '{path}': only {len(got)} of the {len(wanted)} frames asked for (up to frame {last}) "
+                        "could be decoded; re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")  # fmt: skip
+    return np.stack([got[i] for i in idx])
+
+
+def video_backend() -> str:
+    """The library that reads videos: PyAV if installed, else decord, else a UserError naming the ``video`` extra."""
+    for name in ("av", "decord"):
+        if installed(name):
+            return name
+    raise missing_extra("video", "reading videos", "av")
+
+
+def open_video(path: str | os.PathLike, where: str, backend: str | None = None) -> VideoFile:
+    """Open ``path`` and decode its first frame: a :class:`VideoFile` with at least one frame, or a UserError
+    naming ``where`` and the file. ``backend``: ``"av"`` or ``"decord"`` (default: :func:`video_backend`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{where}: video '{path}' does not exist")
+    backend = backend or video_backend()
+    if backend not in ("av", "decord"):
+        raise ValueError(f"unknown video backend {backend!r}; use 'av' or 'decord'")
     try:
-        import decord
-    except ImportError as e:
-        raise UserError("reading videos needs decord: pip install 'mmgrpo[video]' (or pip install decord)") from e
-    try:
-        reader = decord.VideoReader(path, **kwargs)
-        n = len(reader)
-    except Exception as e:  # decord.DECORDError (a RuntimeError) on a corrupt or non-video file
+        n, fps = _av_probe(path) if backend == "av" else _decord_probe(path)
+    except Exception as e:  # av.error.InvalidDataError, decord.DECORDError, ... on a corrupt or non-video file
         raise UserError(
             f"{where}: video '{path}' cannot be read ({type(e).__name__}: {str(e)[:160]}); replace or remove it"
         ) from e
     if n == 0:
         raise UserError(f"{where}: video '{path}' has no frames")
-    return reader
+    return VideoFile(path, n, fps, backend)
+
+
+def _av_probe(path: str) -> tuple[int, float]:
+    """(frame count, average fps) of the first video stream; its first frame is decoded (0 frames if none)."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        if next(container.decode(stream), None) is None:
+            return 0, fps
+        n = stream.frames
+    if n <= 0:  # the container does not store a frame count: count the stream's packets (no decoding)
+        with av.open(path) as container:
+            n = sum(1 for packet in container.demux(video=0) if packet.size)
+    return n, fps
+
+
+def _decord_probe(path: str) -> tuple[int, float]:
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    n = len(reader)
+    if n:
+        reader[0]
+    return n, float(reader.get_avg_fps() or 0.0)

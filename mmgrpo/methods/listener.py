@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.policies.sources import ModelSource, resolve_source
@@ -171,7 +172,8 @@ class HFListenerScorer:
         cls, path: str | Path | ModelSource, device: str = "cpu", dtype: str = "float32"
     ) -> HFListenerScorer:
         """The frozen VLM at ``path``: a local folder, a hub id or a resolved source (revision, variant)."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        with needs("vlm", "the vlm_listener reward"):
+            from transformers import AutoModelForImageTextToText, AutoProcessor
 
         src = resolve_source(path, "rewards.<listener>.options.model")
         refuse_pickle_weights(src.path, src.key, "transformers.AutoModelForImageTextToText")

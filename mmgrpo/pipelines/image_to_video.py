@@ -5,7 +5,7 @@
 Each training condition is a prompt plus a first frame: ``data.options.pairs`` is a JSONL file of
 ``{"prompt": ..., "image": path}`` / ``{"prompt": ..., "video": path}`` objects, a CSV file with the columns
 ``prompt,image,video`` (one of the two paths per row), or a folder of .mp4 files (each one's FIRST frame, read with
-decord, prompted with ``default_prompt``). Relative paths are relative to the JSONL/CSV file. The frame travels with
+PyAV, prompted with ``default_prompt``). Relative paths are relative to the JSONL/CSV file. The frame travels with
 its prompt (:class:`FramePrompt`, a ``str`` carrying ``meta``), so prompts, the rollout's meta and the held-out
 evaluation (reused from ``mmgrpo/pipelines/text_to_image.py``) all know it; the Wan adapter reads ``meta['image']`` or
 ``meta['video']``.

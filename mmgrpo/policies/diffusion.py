@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import from_dict
 from mmgrpo.core.seeding import generator_for
@@ -403,7 +404,8 @@ DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets: list[str] | None) -> None:
     """Freeze the denoiser and add a trainable LoRA adapter (peft, through diffusers' adapter API)."""
-    from peft import LoraConfig
+    with needs("diffusion", "LoRA on a diffusion model"):
+        from peft import LoraConfig
 
     targets = opts.lora_targets or default_targets or DEFAULT_LORA_TARGETS
     denoiser.requires_grad_(False)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.core.seeding import generator_for
@@ -116,7 +117,7 @@ class VLMPolicyOptions:
     suppress_tokens: list[str] = field(default_factory=list)
     """extra tokens that are never sampled"""
     fps: float = 2.0
-    """video: frames per second read with decord"""
+    """video: frames per second sampled from a video file"""
     max_frames: int = 16
     """video: at most this many frames (uniformly spread over the clip)"""
     max_pixels: int | None = None
@@ -190,7 +191,8 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
     The one loading path of the VLM side: the policy and frozen VLMs that must read prompts as it does (the
     ``vlm_listener`` reward) both use it. ``key`` names the config key in error messages.
     """
-    from transformers import AutoConfig, AutoProcessor
+    with needs("vlm", "loading a VLM"):
+        from transformers import AutoConfig, AutoProcessor
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if o.dtype not in dtypes:
@@ -255,7 +257,8 @@ class VLMPolicy:
     @staticmethod
     def _trainable(model: nn.Module, o: VLMPolicyOptions, family: VLMFamily) -> nn.Module:
         if o.finetune == "lora":
-            from peft import LoraConfig, get_peft_model
+            with needs("vlm", "LoRA fine-tuning of a VLM (policy.options.finetune=lora)"):
+                from peft import LoraConfig, get_peft_model
 
             targets = o.lora_targets or r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
             lora = LoraConfig(

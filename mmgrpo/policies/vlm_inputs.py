@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import open_video
 
 MEDIA_KEYS = ("images", "image", "video", "image_size")  # meta keys that describe a prompt's media
 
@@ -73,22 +74,19 @@ def load_image(image: Any, max_pixels: int | None = None):
 def read_video(
     path: str | Path, fps: float = 2.0, max_frames: int = 16, max_pixels: int | None = None
 ) -> tuple[np.ndarray, float]:
-    """Frames uint8 [F, H, W, 3] of an mp4 read with decord at ``fps`` (at most ``max_frames``, F even), and the
-    effective fps of the returned frames (for Qwen2.5-VL's temporal positions)."""
+    """Frames uint8 [F, H, W, 3] of a video file sampled at ``fps`` (at most ``max_frames``, F even), and the
+    effective fps of the returned frames (for Qwen2.5-VL's temporal positions). Read with
+    :func:`mmgrpo.core.files.open_video` (PyAV, the ``video`` extra)."""
     if not Path(path).is_file():
         raise UserError(f"video file {str(path)!r} not found; give the path of an existing mp4")
-    try:
-        import decord
-    except ImportError as e:
-        raise UserError("reading videos needs decord: `pip install decord` (or mmgrpo[video])") from e
-    vr = decord.VideoReader(str(path))
-    n, native = len(vr), float(vr.get_avg_fps() or fps)
+    video = open_video(path, "a video prompt")
+    n, native = len(video), float(video.fps or fps)
     idx = np.arange(0.0, n, max(native / fps, 1.0)).astype(int)
     if len(idx) > max_frames:
         idx = np.linspace(0, n - 1, max_frames).round().astype(int)
     if len(idx) % 2:  # Qwen patches 2 frames at a time
         idx = np.append(idx, idx[-1]) if len(idx) == 1 else idx[:-1]
-    frames = vr.get_batch(idx.tolist()).asnumpy()  # [F, H, W, 3]
+    frames = video.frames(idx.tolist())  # [F, H, W, 3]
     effective_fps = len(idx) / max(n / native, 1e-6)
     if max_pixels:
         frames = np.stack([np.asarray(load_image(f, max_pixels)) for f in frames])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.registry import nearest
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.rewards.image_utils import (
@@ -70,8 +71,9 @@ def _read_json(path: str, what: str) -> dict:
 
 def _open_clip_from_config(path: str, quick_gelu: bool) -> tuple[torch.nn.Module, Any, dict]:
     """Build an open_clip model from a JSON config (bare model config or open_clip_config.json's {model_cfg})."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    with needs("rewards", "an open_clip model"):
+        import open_clip
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     raw = _read_json(path, "model_config")
     cfg = dict(raw.get("model_cfg", raw))
@@ -96,7 +98,8 @@ def _open_clip_from_config(path: str, quick_gelu: bool) -> tuple[torch.nn.Module
 
 def _load_open_clip_weights(net: torch.nn.Module, path: str) -> None:
     """Load a checkpoint into an open_clip model, massaged as open_clip.load_checkpoint does, strictly."""
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    with needs("rewards", "an open_clip model"):
+        from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
     sd = read_state_dict(path)
     if "positional_embedding" in sd and not hasattr(net, "positional_embedding"):
@@ -132,7 +135,8 @@ def load_open_clip(
     ``pretrained`` is a local checkpoint file (.safetensors, or a torch state dict read with weights_only) or,
     for built-in names, an open_clip pretrained tag (which downloads). A reward from random weights is refused.
     """
-    import open_clip
+    with needs("rewards", "an open_clip model"):
+        import open_clip
 
     dt = parse_dtype(dtype)
     schema = model.startswith(("local-dir:", "hf-hub:"))
@@ -193,7 +197,8 @@ class HFClip:
     """A transformers CLIPModel + tokenizer + image-processor settings, preprocessing in torch."""
 
     def __init__(self, model_dir: str, processor_dir: str, device: str, dtype: torch.dtype):
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        with needs("rewards", "a transformers CLIP model"):
+            from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         for d in (model_dir, processor_dir):
             if not os.path.isdir(d):

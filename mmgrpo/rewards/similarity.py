@@ -13,13 +13,12 @@ reference are scored together. The reward is the *negative* distance, so higher 
 
 Nothing is downloaded at runtime: lpips' trunk comes from ``backbone_weights`` (a torchvision state dict), DreamSim
 from ``cache_dir`` (its unzipped release checkpoint), and types whose loader fetches code or weights are refused.
-Both need ``pip install 'mmgrpo[similarity]'`` (the packages ``lpips`` and ``dreamsim``).
+Both need ``pip install "mmgrpo[similarity]"`` (the packages ``lpips`` and ``dreamsim``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import warnings
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import installed, missing_extra, needs
 from mmgrpo.core.files import check_image
 from mmgrpo.core.registry import nearest
 from mmgrpo.rewards.image_utils import _batched, _Lazy, _to, as_images, preprocess, read_state_dict
@@ -60,11 +60,8 @@ DREAMSIM_RELEASES = "https://github.com/ssundaram21/dreamsim/releases/tag/v0.2.0
 
 
 def _need(package: str, reward: str) -> None:
-    if importlib.util.find_spec(package) is None:
-        raise UserError(
-            f"reward {reward!r} needs the {package!r} package: "
-            f"pip install 'mmgrpo[similarity]' (or pip install {package})"
-        )
+    if not installed(package):
+        raise missing_extra("similarity", f"reward {reward!r}", package)
 
 
 # ---------------------------------------------------------------- references
@@ -178,7 +175,8 @@ def lpips_backbone_state(trunk: torch.nn.Module, sd: dict[str, torch.Tensor], pa
 
 def load_lpips(net: str, backbone_weights: str, device: str) -> torch.nn.Module:
     """lpips.LPIPS v0.1 with its shipped linear heads and the trunk from ``backbone_weights`` (never downloaded)."""
-    import lpips
+    with needs("similarity", "the lpips reward"):
+        import lpips
 
     with warnings.catch_warnings():  # lpips passes torchvision the deprecated pretrained=False
         warnings.simplefilter("ignore")
@@ -285,7 +283,8 @@ def check_dreamsim_files(cache_dir: str | None, dreamsim_type: str) -> None:
 
 def load_dreamsim(cache_dir: str, dreamsim_type: str, device: str) -> torch.nn.Module:
     """The DreamSim model (backbone + LoRA, PEFT-wrapped) through dreamsim's own loader, from checked local files."""
-    from dreamsim import dreamsim as build
+    with needs("similarity", "the dreamsim reward"):
+        from dreamsim import dreamsim as build
 
     check_dreamsim_files(cache_dir, dreamsim_type)  # the files must still be there: dreamsim downloads otherwise
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # "Using cached ..."

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.rewards.boxes import FAMILIES, box_iou, parse_box, to_absolute
 from mmgrpo.rewards.registry import register
 
@@ -346,7 +347,8 @@ class SentenceEncoder:
     """A transformers encoder + mean pooling + L2 normalisation (how all-MiniLM-L6-v2 embeds a sentence)."""
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", max_length: int = 256, batch_size: int = 64):
-        from transformers import AutoModel, AutoTokenizer
+        with needs("text", "the sentence encoder of text_similarity"):
+            from transformers import AutoModel, AutoTokenizer
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

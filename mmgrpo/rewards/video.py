@@ -1,7 +1,8 @@
 """Video rewards: any image reward applied per frame, temporal consistency, motion energy; reading videos.
 
 Videos are ``Float[N, F, 3, H, W]`` in [0, 1] (a list of N ``Float[F, 3, H, W]`` or of video file paths is
-accepted too; paths are read with decord). Rows of one group are contiguous, as everywhere.
+accepted too; paths are read with :func:`mmgrpo.core.files.open_video`). Rows of one group are contiguous, as
+everywhere.
 
 - ``video_frames``: score every ``frame_stride``-th frame with an image reward, aggregate per video (mean | min).
 - ``temporal_consistency``: mean cosine similarity of consecutive frame embeddings (CLIP or pixels), in [-1, 1].
@@ -27,24 +28,24 @@ from mmgrpo.rewards.registry import get, register
 
 
 def read_video(path: str | os.PathLike, num_frames: int | None = None, size: int | Sequence[int] | None = None):
-    """Read a video file with decord -> Float[F, 3, H, W] in [0, 1].
+    """Read a video file (:func:`mmgrpo.core.files.open_video`) -> Float[F, 3, H, W] in [0, 1].
 
     ``num_frames``: that many frames, evenly spaced over the whole clip (first and last included; frames repeat
     when the clip is shorter); None reads every frame. ``size``: resize (antialiased bilinear) to an int (square)
     or (H, W).
     """
     path = str(path)
-    vr = open_video(path, "a video reward")
-    n = len(vr)
+    video = open_video(path, "a video reward")
+    n = len(video)
     if num_frames is None:
         idx = list(range(n))
     else:
         if num_frames < 1:
             raise UserError(f"num_frames must be >= 1 or None; got {num_frames}")
         idx = np.linspace(0, n - 1, num_frames).round().astype(int).tolist()
-    frames = vr.get_batch(idx).asnumpy()  # [F, H, W, 3] uint8
+    frames = video.frames(idx)  # [F, H, W, 3] uint8
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # [F, 3, H, W]
-    if size is not None:  # resized in torch: decord's own width/height resize is unreliable (size-mismatch errors)
+    if size is not None:  # resized in torch, the same whichever library decoded the video
         hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     return x

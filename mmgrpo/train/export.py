@@ -37,6 +37,7 @@ from typing import Any
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.schema import options_from
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
@@ -196,7 +197,8 @@ def export_diffusion(policy: DiffusionPolicy, out: Path, merge: bool, inplace: b
 
 def pipeline_class(base: Path, family: str) -> Any:
     """The diffusers pipeline class of the base model (its model_index.json, else the family's)."""
-    import diffusers
+    with needs("diffusion", "exporting a diffusion model"):
+        import diffusers
 
     index = base / "model_index.json"
     name = json.loads(index.read_text()).get("_class_name") if index.is_file() else PIPELINE_CLASSES.get(family)
@@ -210,7 +212,8 @@ def pipeline_class(base: Path, family: str) -> Any:
 def save_diffusers_lora(denoiser: nn.Module, base: Path, family: str, out: Path) -> None:
     """``pytorch_lora_weights.safetensors`` through the pipeline class's ``save_lora_weights``, with the adapter's
     config (rank, alpha, targets) as metadata so that ``load_lora_weights`` applies the trained scale."""
-    from peft.utils import get_peft_model_state_dict
+    with needs("diffusion", "exporting a diffusion LoRA"):
+        from peft.utils import get_peft_model_state_dict
 
     cls = pipeline_class(base, family)
     params = inspect.signature(cls.save_lora_weights).parameters

@@ -37,6 +37,7 @@ from torch import nn
 
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import read_prompts
@@ -340,10 +341,8 @@ def save_best(sample: torch.Tensor, path_stem: Path) -> Path:
         path = path_stem.with_suffix(".png")
         Image.fromarray(to_uint8(sample)).save(path)
         return path
-    try:
+    with needs("video", "writing video samples"):
         import imageio.v2 as imageio
-    except ImportError as e:
-        raise UserError("writing video samples needs imageio: pip install 'mmgrpo[video]'") from e
     path = path_stem.with_suffix(".mp4")
     imageio.mimwrite(path, [to_uint8(f) for f in sample], fps=8, macro_block_size=1)
     return path

@@ -4,10 +4,13 @@ step; the sample grid / video and the completion table at each evaluation), and 
 import importlib.util
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate.tracking import GeneralTracker, register_tracker_class
 from PIL import Image
 
@@ -96,10 +99,16 @@ def test_flat_config_is_scalars():
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
 
 
-@pytest.mark.skipif(HAS_TB, reason="tensorboard is installed: the event-file test below runs instead")
 def test_missing_tensorboard_says_what_to_install(tmp_path):
-    with pytest.raises(UserError, match=r"pip install tensorboard"):
-        train(cfg_for(tmp_path, "trainer.log_with=[tensorboard]"))
+    # a fresh interpreter where tensorboard cannot be imported, installed or not (accelerate looks once, at import)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "trainer": {**BASE["trainer"], "log_with": ["tensorboard"]}}))
+    code = (
+        "import sys\nsys.modules['tensorboard'] = sys.modules['tensorboardX'] = None\n"
+        f"from mmgrpo.train.cli import main\nsys.exit(main(['train', {str(config)!r}, 'run.output_dir={tmp_path}']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "pip install tensorboard" in " ".join(proc.stderr.split()), proc.stderr[-2000:]
 
 
 def read_events(directory):

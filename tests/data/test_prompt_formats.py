@@ -4,6 +4,7 @@ text-to-image run trains 2 steps on each format."""
 
 import importlib.util
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -75,8 +76,8 @@ def test_bad_prompt_files_are_clear_errors(tmp_path, name, text, match):
     assert name in str(e.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_hf_prompts_without_datasets_say_how_to_install():
+def test_hf_prompts_without_datasets_say_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not importable, installed or not
     with pytest.raises(UserError, match="pip install datasets"):
         read_prompts("hf:some/prompts:train:text", "train", 0)
     with pytest.raises(UserError, match="names no dataset"):

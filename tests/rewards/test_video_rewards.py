@@ -1,4 +1,4 @@
-"""Video rewards: a real tiny mp4 written with imageio and read back with decord; per-frame wrapping of a tiny REAL
+"""Video rewards: a real tiny mp4 written with imageio and read back with PyAV; per-frame wrapping of a tiny REAL
 open_clip reward; hand-computed motion and temporal consistency."""
 
 import imageio
@@ -51,7 +51,7 @@ def test_motion_hand_computed_and_from_paths(grey_ramp_mp4):
     torch.testing.assert_close(vid.motion()(x, None, None, None), torch.tensor([1 / 3, 0.0]))
     # target 0.2: -|1/3 - 0.2| = -0.1333 ; frozen -|0 - 0.2| = -0.2
     torch.testing.assert_close(vid.motion(target=0.2)(x, None, None, None), torch.tensor([-2 / 15, -0.2]))
-    # paths are read with decord: the ramp steps 1/7 per frame -> energy ~ 1/7
+    # paths are read back from the mp4: the ramp steps 1/7 per frame -> energy ~ 1/7
     e = vid.motion()([str(grey_ramp_mp4)], None, None, None)
     torch.testing.assert_close(e, torch.tensor([1 / 7]), atol=0.01, rtol=0)
 

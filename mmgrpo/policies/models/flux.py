@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
@@ -153,8 +154,9 @@ class FluxAdapter:
 
         ``kwargs``: ``height``, ``width``, ``guidance``, ``max_sequence_length`` (see the class).
         """
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        with needs("diffusion", "the flux model family"):
+            from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+            from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         src = pipeline_folder(path, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")

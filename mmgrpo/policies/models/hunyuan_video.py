@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
@@ -34,7 +35,8 @@ from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 def default_prompt_template() -> dict[str, Any]:
     """HunyuanVideoPipeline's chat template; its crop_start = 95 Llama-3 tokens: BOS, the system turn, user header."""
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    with needs("diffusion", "the hunyuan_video model family"):
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
     return dict(DEFAULT_PROMPT_TEMPLATE)
 
@@ -127,12 +129,13 @@ class HunyuanVideoAdapter:
         """Load a diffusers-layout pipeline: transformer/, scheduler/, text_encoder(_2)/, tokenizer(_2)/, vae/;
         ``path`` a local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant,
         single-file transformer)."""
-        from diffusers import (
-            AutoencoderKLHunyuanVideo,
-            FlowMatchEulerDiscreteScheduler,
-            HunyuanVideoTransformer3DModel,
-        )
-        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+        with needs("diffusion", "the hunyuan_video model family"):
+            from diffusers import (
+                AutoencoderKLHunyuanVideo,
+                FlowMatchEulerDiscreteScheduler,
+                HunyuanVideoTransformer3DModel,
+            )
+            from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
         src = pipeline_folder(path, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
@@ -56,7 +57,8 @@ class SDAdapter:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
     ):
-        from diffusers import DDIMScheduler
+        with needs("diffusion", "the sd model family"):
+            from diffusers import DDIMScheduler
 
         if not isinstance(scheduler, DDIMScheduler):
             raise UserError(f"the sd family samples with a DDIMScheduler, got {type(scheduler).__name__}; "
@@ -103,8 +105,9 @@ class SDAdapter:
 
         The scheduler config (PNDM for SD 1.5, Euler for SDXL, ...) is read into a ``DDIMScheduler``, as DDPO does.
         """
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+        with needs("diffusion", "the sd model family"):
+            from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+            from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         src = pipeline_folder(path, cls.components, "unet")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
@@ -92,8 +93,9 @@ class SD3Adapter:
         """Load a diffusers-layout pipeline: transformer/, scheduler/, text_encoder*/, tokenizer*/, vae/ (optional);
         ``path`` a local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant,
         single-file transformer)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+        with needs("diffusion", "the sd3 model family"):
+            from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+            from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
         src = pipeline_folder(path, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")

@@ -18,7 +18,7 @@ do, replicated step for step:
 - decoding: ``z * std + mean`` -> VAE -> videos ``[n, F, 3, H, W]`` in [0, 1].
 
 The first frame of a row comes from ``meta["image"]`` (a path or PIL image) or ``meta["video"]`` (an mp4 path: its
-FIRST frame, read with decord, the ``video`` extra); a prompt object with a ``meta`` dict (a ``str`` subclass, see
+FIRST frame, read with PyAV, the ``video`` extra); a prompt object with a ``meta`` dict (a ``str`` subclass, see
 ``mmgrpo/pipelines/image_to_video.py``) may carry them instead.
 """
 
@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extras import needs
+from mmgrpo.core.files import open_video
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
@@ -57,7 +59,8 @@ def flow_scheduler(scheduler: Any) -> Any:
     Wan's diffusers checkpoints ship ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``; the SDE
     policy steps on Euler sigmas, so we read ``flow_shift`` (UniPC) or ``shift`` (flow Euler) from its config.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    with needs("diffusion", "the wan model family"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return scheduler
@@ -85,14 +88,7 @@ def first_frame(source: Any, is_video: bool = False) -> Any:
         raise UserError(f"first-frame source '{path}' does not exist")
     if not (is_video or path.suffix.lower() in VIDEO_SUFFIXES):
         return Image.open(path).convert("RGB")
-    try:
-        import decord
-    except ImportError as e:
-        raise UserError("reading a video's first frame needs decord: pip install 'mmgrpo[video]'") from e
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    if len(reader) == 0:
-        raise UserError(f"video '{path}' has no frames")
-    return Image.fromarray(reader[0].asnumpy()).convert("RGB")
+    return Image.fromarray(open_video(path, "first frame").frames([0])[0]).convert("RGB")
 
 
 def frame_source(prompt: Any, meta: dict) -> tuple[Any, bool] | None:
@@ -200,7 +196,8 @@ class WanAdapter:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
     ):
-        from diffusers.video_processor import VideoProcessor
+        with needs("diffusion", "the wan model family"):
+            from diffusers.video_processor import VideoProcessor
 
         self.device, self.dtype = torch.device(device), _dtype(dtype)
         self.scheduler = flow_scheduler(scheduler)
@@ -258,8 +255,9 @@ class WanAdapter:
         vae/, and for Wan 2.1 I2V image_encoder/ + image_processor/; pipeline options from model_index.json.
         ``path``: a local folder, a hub id or a :class:`~mmgrpo.policies.sources.ModelSource` (revision, variant,
         single-file transformer)."""
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+        with needs("diffusion", "the wan model family"):
+            from diffusers import AutoencoderKLWan, WanTransformer3DModel
+            from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
         src = pipeline_folder(path, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmgrpo.core.extras import needs
 from mmgrpo.policies.vlm_families import VLM_FAMILIES
 from mmgrpo.policies.vlm_inputs import PromptInputs
 
@@ -43,7 +44,8 @@ class GenericFamily:
     box_convention = "absolute"
 
     def model_class(self) -> type:
-        from transformers import AutoModelForImageTextToText
+        with needs("vlm", "the generic VLM family"):
+            from transformers import AutoModelForImageTextToText
 
         return AutoModelForImageTextToText
 

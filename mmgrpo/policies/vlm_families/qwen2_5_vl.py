@@ -7,6 +7,7 @@ class that loads it and in its grounding format: absolute pixels of the image as
 
 from __future__ import annotations
 
+from mmgrpo.core.extras import needs
 from mmgrpo.policies.vlm_families import VLM_FAMILIES
 from mmgrpo.policies.vlm_families.qwen2_vl import Qwen2VLFamily
 
@@ -18,7 +19,8 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     box_convention = "qwen2_5_vl"
 
     def model_class(self) -> type:
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        with needs("vlm", "the qwen2_5_vl VLM family"):
+            from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmgrpo.core.extras import needs
 from mmgrpo.policies.vlm_families import VLM_FAMILIES
 from mmgrpo.policies.vlm_families.generic import GenericFamily
 
@@ -24,7 +25,8 @@ class Qwen2VLFamily(GenericFamily):
     box_convention = "qwen2_vl"
 
     def model_class(self) -> type:
-        from transformers import Qwen2VLForConditionalGeneration
+        with needs("vlm", "the qwen2_vl VLM family"):
+            from transformers import Qwen2VLForConditionalGeneration
 
         return Qwen2VLForConditionalGeneration
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmgrpo.core.extras import needs
 from mmgrpo.policies.vlm_families import VLM_FAMILIES
 from mmgrpo.policies.vlm_families.generic import flat_features
 from mmgrpo.policies.vlm_families.qwen2_vl import Qwen2VLFamily
@@ -38,7 +39,8 @@ class Qwen3VLFamily(Qwen2VLFamily):
     box_convention = "qwen2_vl"  # relative coordinates on a 0..1000 grid, as Qwen2-VL
 
     def model_class(self) -> type:
-        from transformers import Qwen3VLForConditionalGeneration
+        with needs("vlm", "the qwen3_vl VLM family"):
+            from transformers import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration
 
