@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
@@ -35,7 +37,7 @@ from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_grou
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config, resolved_config
-from mmgrpo.train.export import export_policy
+from mmgrpo.train.export import export_policy, export_run
 from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
@@ -59,12 +61,46 @@ REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (d
 
 def make_accelerator(mixed_precision: str | None) -> Accelerator:
     """An Accelerator with :func:`launch_precision`; in a plain (non-launched) process a previous one's settings are
-    reset first."""
+    reset first. A launch that started several processes but left each alone (no accelerator found and no
+    ``ACCELERATE_USE_CPU=true``) is an error, and FSDP asked for on CPU processes runs (:func:`enable_cpu_fsdp`)."""
     from accelerate.state import AcceleratorState, PartialState
 
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=launch_precision(mixed_precision))
+    acc = Accelerator(mixed_precision=launch_precision(mixed_precision))
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and acc.num_processes == 1:
+        raise UserError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}), but accelerate found no GPU and "
+            "made each a separate 1-process run (they would overwrite each other's run directory). For processes "
+            "on CPU, launch with the environment variable ACCELERATE_USE_CPU=true (gloo); on GPUs, check that torch "
+            "sees them (torch.cuda.is_available())"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
+        enable_cpu_fsdp()
+    return acc
+
+
+def enable_cpu_fsdp() -> None:
+    """Turn a gloo (CPU) process group's accelerate state into FSDP, with the plugin the launcher's FSDP options
+    (``accelerate launch --config_file configs/accelerate/fsdp.yaml``) describe.
+
+    accelerate enables FSDP only for accelerator devices and silently runs a CPU launch as plain data parallel;
+    torch's FSDP2 (``fully_shard``) itself shards on a CPU device mesh over gloo, which is how the 2-process tests
+    run the sharded code path (accelerate's FSDP2 preparation, sharded checkpoints) without a GPU."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set from the config file
+    if plugin.fsdp_version != 2:
+        raise UserError(
+            f"FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config), got fsdp_version "
+            f"{plugin.fsdp_version}; use configs/accelerate/fsdp.yaml"
+        )
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
 
 
 def launch_precision(configured: str | None) -> str:
@@ -126,6 +162,10 @@ class Trainer:
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
         )
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
+        # FSDP2 replaces the parameters by sharded ones (DTensors; the optimizer is switched to them by accelerate)
+        self.params = self.policy.trainable_parameters()
+        self.mesh = next((p.device_mesh for p in self.params if isinstance(p, DTensor)), None)
+        """the device mesh the trainable parameters are sharded over (FSDP2), else None: checkpoints are sharded"""
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.step = 0
         self.nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a non-finite loss or gradient norm
@@ -547,7 +587,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         model = self.acc.unwrap_model(self.policy.model)  # the same on every rank: all of them refuse together
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(_local(p).isfinite().all())]
+        if self.mesh is not None:  # each rank checked its own slices: all of them refuse together
+            seen: list[Any] = [None] * self.acc.num_processes
+            dist.all_gather_object(seen, bad)
+            bad = sorted(set().union(*seen))
         if bad:
             raise UserError(
                 f"step {self.step}: {len(bad)} trainable tensor(s) are not finite (e.g. {bad[0]!r}); no checkpoint "
@@ -556,18 +600,27 @@ class Trainer:
             )
         self.acc.wait_for_everyone()
         path = None
-        if self.acc.is_main_process:
-            state = self.state_dict()
-            path = ckpt.save_checkpoint(
-                self.run_dir / "checkpoints", self.step, state, keep=self.cfg.trainer.keep_checkpoints
-            )
+        root, keep = self.run_dir / "checkpoints", self.cfg.trainer.keep_checkpoints
+        if self.mesh is not None:  # every rank writes its slices (mmgrpo.train.checkpoint: sharded checkpoints)
+            saved = ckpt.save_sharded_checkpoint(root, self.step, self.state_dict(), keep=keep)
+            if self.acc.is_main_process:
+                path = saved
+                if self.cfg.trainer.export_checkpoints:  # full weights: the run's policy rebuilt, the shards joined
+                    export_run(self.run_dir, path / "export", step=self.step)
+        elif self.acc.is_main_process:
+            path = ckpt.save_checkpoint(root, self.step, self.state_dict(), keep=keep)
             if self.cfg.trainer.export_checkpoints:
                 export_policy(self.policy, path / "export", info={"run": str(self.run_dir), "checkpoint": path.name})
         self.acc.wait_for_everyone()
         return path
 
     def load(self, path: str | Path) -> None:
-        state = ckpt.load_checkpoint(path)
+        if self.mesh is not None and not ckpt.is_sharded(path):
+            raise UserError(
+                f"checkpoint {path} was written by an unsharded run and this run shards its model (FSDP); resume it "
+                "with the launch that wrote it (without the FSDP accelerate config), or start a new run"
+            )
+        state = ckpt.load_checkpoint(path, mesh=self.mesh)  # sharded: this rank's slices; else full tensors
         model = self.acc.unwrap_model(self.policy.model)
         missing, _ = model.load_state_dict(state["model"], strict=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -582,6 +635,12 @@ class Trainer:
             if k in state.get("rewards", {}):
                 fn.load_state_dict(state["rewards"][k])
         self.step = int(state["step"])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a DTensor (detached), or the tensor itself."""
+    t = t.detach()
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
