@@ -651,9 +651,14 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     cfg = resolved_config(cfg)
     acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
     cfg.trainer.mixed_precision = str(acc.mixed_precision)  # config.yaml records the precision the run used
-    run_dir = prepare_run_dir(cfg, acc.is_main_process)
+    # every rank checks the run directory before the main process creates it (else the others would find it
+    # "already existing"), so a refusal stops all of them alike
+    run_dir = prepare_run_dir(cfg, is_main=False)
     if cfg.resume:
         check_resume_config(cfg, run_dir, cfg.resume_force)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        prepare_run_dir(cfg, is_main=True)
     acc.wait_for_everyone()
     trainer = Trainer(cfg, run_dir, acc)
     if cfg.resume:
