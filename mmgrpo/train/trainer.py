@@ -141,6 +141,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
         t = cfg.trainer
+        if self.acc.distributed_type == "DEEPSPEED":
+            raise UserError(
+                "DeepSpeed (accelerate's distributed_type DEEPSPEED) is not supported by mmgrpo's trainer yet: "
+                "DeepSpeed steps the optimizer inside backward (one step per micro-batch here, and no skipping of a "
+                "non-finite step), and its optimizer state is pickled, which mmgrpo's safetensors-only checkpoints "
+                "refuse. Shard with FSDP2 instead: accelerate launch --config_file configs/accelerate/fsdp.yaml ..."
+            )
         check_trackers_installed(t.log_with)  # before any model is built
         if t.prompts_per_step % self.acc.num_processes:
             raise UserError(

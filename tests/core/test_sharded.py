@@ -223,3 +223,21 @@ def test_several_processes_without_a_gpu_or_cpu_flag_are_an_error(tmp_path):
     assert "the launcher started 2 processes (WORLD_SIZE=2), but accelerate found no GPU" in err
     assert "ACCELERATE_USE_CPU=true" in err
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "name, kind, key, value",
+    [
+        ("fsdp", "FSDP", "fsdp_version", 2),
+        ("deepspeed_zero2", "DEEPSPEED", "zero_stage", 2),
+        ("deepspeed_zero3", "DEEPSPEED", "zero_stage", 3),
+    ],
+)
+def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, key, value):
+    """accelerate's own parser of ``--config_file`` (DeepSpeed needs CUDA: its configs are only parsed here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type == kind and cfg.mixed_precision == "bf16" and not cfg.use_cpu
+    section = cfg.fsdp_config if kind == "FSDP" else cfg.deepspeed_config
+    assert section[key] == value
