@@ -65,8 +65,8 @@ sys.exit(main(argv))
 """
 
 
-def _launch(tmp_path: Path, *args: str, script: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` of 2 CPU processes (the CLI, or ``script``)."""
+def _launch(tmp_path: Path, *args: str, script: list[str] | None = None, processes: int = 2):
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` of CPU processes (the CLI, or ``script``)."""
     exe = Path(sys.executable).with_name("accelerate")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,8 +74,8 @@ def _launch(tmp_path: Path, *args: str, script: list[str] | None = None) -> subp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     target = script or ["-m", "mmgrpo.train.cli"]
-    cmd = [str(exe), "launch", "--config_file", str(FSDP), "--num_processes", "2", "--mixed_precision", "no",
-           "--main_process_port", str(port), *target, *args]  # fmt: skip
+    cmd = [str(exe), "launch", "--config_file", str(FSDP), "--num_processes", str(processes), "--mixed_precision",
+           "no", "--main_process_port", str(port), *target, *args]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
 
 
@@ -149,6 +149,31 @@ def test_fsdp_kill_9_then_resume_equals_the_uninterrupted_sharded_run(runs, poin
     for k in want:
         assert torch.equal(got[k], want[k]), (point, k)  # bit for bit: the same sharded computation
         assert torch.allclose(got[k], unsharded[k], rtol=1e-5, atol=1e-7), (point, k)
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_sharded_or_not(runs, tmp_path):
+    """The 2-process checkpoint of step 2, resumed by 1 FSDP process (the slices resharded over a mesh of 1) and by a
+    plain unsharded process (the shards joined): both end where the uninterrupted runs end."""
+    import shutil
+
+    root, fsdp, one = runs
+    part = _launch(root, "train", str(root / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=part",
+                   "trainer.stop_after_steps=2")  # fmt: skip
+    assert part.returncode == 0, part.stderr[-3000:]
+    shutil.copytree(tmp_path / "part", tmp_path / "plain")
+    resumed = _launch(root, "train", str(root / "cfg.yaml"), f"resume={tmp_path / 'part'}", processes=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    plain = train(load_config(root / "cfg.yaml", [f"resume={tmp_path / 'plain'}"]))
+    assert plain.mesh is None and plain.step == 4
+    assert not ckpt.is_sharded(ckpt.latest_checkpoint(tmp_path / "plain" / "checkpoints"))
+    marker = json.loads((ckpt.latest_checkpoint(tmp_path / "part" / "checkpoints") / "COMPLETE").read_text())
+    assert marker["sharded"] == {"world_size": 1}
+    want = _tensors(_state(fsdp))
+    for run in ("part", "plain"):
+        got = _tensors(_state(tmp_path / run))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (run, k, (got[k] - want[k]).abs().max())
 
 
 def test_sharded_checkpoint_verifies_every_shard(runs, tmp_path):
