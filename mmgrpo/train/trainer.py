@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from mmgrpo.core import advantages as adv_lib
@@ -169,8 +170,11 @@ class Trainer:
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
         )
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
-        # FSDP2 replaces the parameters by sharded ones (DTensors; the optimizer is switched to them by accelerate)
-        self.params = self.policy.trainable_parameters()
+        # FSDP2 replaces the parameters by sharded ones (DTensors; the optimizer is switched to them by accelerate),
+        # and a policy holding copies of them (the nft objective's sampling EMA) makes them again
+        before, self.params = self.params, self.policy.trainable_parameters()
+        if [id(p) for p in self.params] != [id(p) for p in before] and hasattr(self.policy, "parameters_replaced"):
+            self.policy.parameters_replaced()
         self.mesh = next((p.device_mesh for p in self.params if isinstance(p, DTensor)), None)
         """the device mesh the trainable parameters are sharded over (FSDP2), else None: checkpoints are sharded"""
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
@@ -196,8 +200,21 @@ class Trainer:
         # per-sample randomness comes from batch.seeds
         g = generator_for(prompt_seed(self.cfg.run.seed, step, 0, stream=1))
         self.policy.model.eval()
+        self._reshard()
         with torch.no_grad():
-            return self.policy.rollout(batch, self.cfg.trainer.group_size, g)
+            rollout = self.policy.rollout(batch, self.cfg.trainer.group_size, g)
+        self._reshard()
+        return rollout
+
+    def _reshard(self) -> None:
+        """FSDP2 keeps the root unit's gathered (full) parameters after a forward that no backward follows (rollouts,
+        evaluation), and a later forward uses that copy; weights swapped into or out of the shards meanwhile (the
+        nft sampling policy's EMA, the evaluation EMA) would be missed. Free it, so the next forward gathers the
+        shards as they are."""
+        if self.mesh is not None:
+            for m in self.policy.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
     def sample_and_score(self, batch: PromptBatch, step: int, timers: dict[str, float]):
         """Sample then score; with ``trainer.rollout_chunks`` > 1, chunk c is scored in a background thread
@@ -541,8 +558,11 @@ class Trainer:
         if self.comp.evaluate is None:
             return {}
         self.policy.model.eval()
+        self._reshard()
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), torch.no_grad():
             result = self.comp.evaluate(self.policy, step)
+            self._reshard()  # before the EMA is swapped out
+        self._reshard()
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self.log(step, metrics)
         if result.records and self.acc.is_main_process:
