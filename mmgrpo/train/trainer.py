@@ -27,7 +27,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
@@ -642,12 +642,10 @@ class Trainer:
         return path
 
     def load(self, path: str | Path) -> None:
-        if self.mesh is not None and not ckpt.is_sharded(path):
-            raise UserError(
-                f"checkpoint {path} was written by an unsharded run and this run shards its model (FSDP); resume it "
-                "with the launch that wrote it (without the FSDP accelerate config), or start a new run"
-            )
-        state = ckpt.load_checkpoint(path, mesh=self.mesh)  # sharded: this rank's slices; else full tensors
+        if self.mesh is not None and not ckpt.is_sharded(path):  # e.g. a 1-GPU run continued on 8 GPUs with FSDP
+            state = self._shard_full_state(ckpt.load_checkpoint(path))
+        else:
+            state = ckpt.load_checkpoint(path, mesh=self.mesh)  # sharded: this rank's slices; else full tensors
         model = self.acc.unwrap_model(self.policy.model)
         missing, _ = model.load_state_dict(state["model"], strict=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -662,6 +660,32 @@ class Trainer:
             if k in state.get("rewards", {}):
                 fn.load_state_dict(state["rewards"][k])
         self.step = int(state["step"])
+
+    def _shard_full_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """An unsharded checkpoint's state for this sharded run: every tensor that stands for a trainable parameter
+        (the weights, their AdamW moments, EMA shadows, which follow the parameters' order) is split like it."""
+        model = self.acc.unwrap_model(self.policy.model)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        ordered = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        def like(t: Any, p: torch.Tensor) -> Any:
+            if not (isinstance(t, torch.Tensor) and isinstance(p, DTensor) and t.shape == p.shape):
+                return t  # e.g. AdamW's scalar step count
+            return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+
+        def shadows(obj: Any) -> Any:  # EMA state: {"decay", "shadow": [one per trainable parameter, in order]}
+            if isinstance(obj, dict):
+                out = {k: shadows(v) for k, v in obj.items()}
+                if isinstance(obj.get("shadow"), list) and len(obj["shadow"]) == len(self.params):
+                    out["shadow"] = [like(t, p) for t, p in zip(obj["shadow"], self.params)]
+                return out
+            return obj
+
+        state["model"] = {n: like(t, named[n]) if n in named else t for n, t in state["model"].items()}
+        opt = state["optimizer"]
+        opt["state"] = {i: {k: like(v, ordered[int(i)]) for k, v in st.items()} for i, st in opt["state"].items()}
+        state["ema"], state["policy"] = shadows(state.get("ema")), shadows(state.get("policy"))
+        return state
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -219,12 +219,25 @@ def test_full_tensors_of_a_sharded_checkpoint_are_the_ranks_slices_joined(runs):
     assert torch.equal(full, torch.cat(rows))
 
 
-def test_a_sharded_run_refuses_an_unsharded_checkpoint(runs):
+def test_an_unsharded_checkpoint_resumes_sharded(runs, tmp_path):
+    """The unsharded 1-process run's step-4 checkpoint continued to step 6 on 2 FSDP processes (weights, AdamW
+    moments and EMA shadow split like the parameters) ends where the same continuation in one process ends."""
+    import shutil
+
     root, fsdp, one = runs
-    proc = _launch(root, "train", str(root / "cfg.yaml"), f"resume={one}", "trainer.max_steps=5")
-    assert proc.returncode != 0
-    assert "was written by an unsharded run and this run shards its model (FSDP)" in " ".join(proc.stderr.split())
-    assert ckpt.latest_checkpoint(one / "checkpoints").name == "step_000004"  # the refused resume changed nothing
+    for name in ("sharded", "plain"):
+        shutil.copytree(one, tmp_path / name)
+    proc = _launch(root, "train", str(root / "cfg.yaml"), f"resume={tmp_path / 'sharded'}", "trainer.max_steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(load_config(root / "cfg.yaml", [f"resume={tmp_path / 'plain'}", "trainer.max_steps=6"]))
+    path = ckpt.latest_checkpoint(tmp_path / "sharded" / "checkpoints")
+    assert path.name == "step_000006" and ckpt.is_sharded(path)
+    got, want = _tensors(ckpt.load_checkpoint(path)), _tensors(_state(tmp_path / "plain"))
+    start = _tensors(_state(one))
+    assert got.keys() == want.keys() and "/optimizer/state/0/exp_avg_sq" in got and "/ema/shadow/0" in got
+    assert not torch.allclose(want["/model/logits"], start["/model/logits"], atol=1e-3)  # steps 5-6 trained
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (k, (got[k] - want[k]).abs().max())
 
 
 def test_several_processes_without_a_gpu_or_cpu_flag_are_an_error(tmp_path):
