@@ -1,4 +1,4 @@
-"""One-command GPU check: every adapter family's tiny model in bf16 on CUDA, realistic-size timings, 1-GPU FSDP.
+"""One-command GPU check: every adapter family's tiny model in bf16 on CUDA, realistic-size timings, FSDP2.
 
     python bench/gpu_check.py                                # CUDA, < 10 min on one GPU; writes bench/results/gpu.md
     python bench/gpu_check.py --device cpu --tiny --out DIR  # what CI runs (tests/bench/test_gpu_check.py)
@@ -16,7 +16,9 @@ so a killed run still leaves its results, and sections are skipped (and reported
 4. the README demo config (configs/shapes_t2i_grpo.yaml) for a few steps in fp32 and bf16;
 5. realistic sizes from config, random weights (not in ``--tiny``): an SD3-medium-shaped transformer at 1024 px and
    a Qwen2-VL-2B-shaped VLM, forward+backward time, samples or tokens/s, peak memory;
-6. 1-GPU FSDP (not in ``--tiny``, CUDA only): tiny SD3 through accelerate's FSDP plugin in a world-size-1 process;
+6. FSDP2 sharded training (not in ``--tiny``): tiny SD3 through ``accelerate launch --config_file
+   configs/accelerate/fsdp.yaml`` on every GPU (on ``--device cpu``: 2 gloo processes), saved sharded, resumed, and
+   compared with the uninterrupted and the unsharded run;
 7. ``pytest -m gpu tests/gpu`` (CUDA only).
 
 On CPU only fp32 runs (bf16 on CPU is slow and not what the check is about), with smaller groups and fewer steps.
@@ -432,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fsdp-child", help=argparse.SUPPRESS)
     p.add_argument("--fsdp-ckpt", help=argparse.SUPPRESS)
     p.add_argument("--fsdp-result", help=argparse.SUPPRESS)
+    p.add_argument("--fsdp-resume", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.fsdp_child:
-        return fsdp_child(args.fsdp_child, args.fsdp_ckpt, args.fsdp_result, args.device)
+        return fsdp_child(args.fsdp_child, args.fsdp_ckpt, args.fsdp_result, args.device, args.fsdp_resume)
 
     command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else
                                                                                   sys.argv[1:]))  # fmt: skip
@@ -458,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny_skip = "--tiny" if args.tiny else None
         run_section(report, "5. Realistic sizes (random init)", section_realistic, device,
                     skip=tiny_skip or (None if cuda else "needs CUDA"))  # fmt: skip
-        run_section(report, "6. 1-GPU FSDP", section_fsdp, device, work,
-                    skip=tiny_skip or (None if cuda else "needs CUDA"))  # fmt: skip
+        run_section(report, "6. FSDP2 sharded training", section_fsdp, device, work,
+                    skip=tiny_skip or (None if (cuda or device == "cpu") else not_cuda))  # fmt: skip
         run_section(report, "7. pytest -m gpu tests/gpu", section_pytest_gpu, device,
                     skip=None if cuda else "needs CUDA")  # fmt: skip
     report.data["finished"] = True

@@ -1,5 +1,6 @@
-"""Sections 5 and 6 of bench/gpu_check.py (CUDA only, not in ``--tiny``): realistic-size denoiser and VLM built from
-config with random weights (time, throughput, peak memory), and a 1-GPU FSDP run in a child process."""
+"""Sections 5 and 6 of bench/gpu_check.py (not in ``--tiny``): realistic-size denoiser and VLM built from config with
+random weights (time, throughput, peak memory; CUDA only), and FSDP2 sharded training launched by accelerate with
+configs/accelerate/fsdp.yaml (every GPU, or 2 CPU processes), saved, resumed and compared."""
 
 from __future__ import annotations
 
@@ -240,89 +241,133 @@ def realistic_qwen2_vl(
                    peak_gib=peak_gib(device))  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- 6. 1-GPU FSDP
+# ---------------------------------------------------------------------------- 6. FSDP2 sharded training
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+FSDP_STEPS = 4
+FSDP_TOL = {"resumed": 1e-6, "unsharded": 1e-4}  # max |diff| of any weight or AdamW moment, fp32
+
+
 def section_fsdp(report: Report, sec: dict, device: str, work: Path) -> None:
+    """Tiny SD3 (full fine-tuning) through ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` -- the
+    launch users make -- of every GPU (on CPU: 2 gloo processes, ``ACCELERATE_USE_CPU=true``)."""
+    n = max(1, torch.cuda.device_count()) if device == "cuda" else 2
     sec["note"] = (
-        "Tiny SD3, full fine-tuning, 2 steps through Trainer with accelerate's FSDP plugin (FULL_SHARD, "
-        "use_orig_params) in a child process that initialises torch.distributed (nccl, world size 1)."
+        f"Tiny SD3, full fine-tuning, fp32, through `accelerate launch --config_file configs/accelerate/fsdp.yaml "
+        f"--num_processes {n}` (FSDP2): {FSDP_STEPS} steps uninterrupted; {FSDP_STEPS // 2} steps, stop, resume to "
+        f"{FSDP_STEPS} from the sharded checkpoint; the same {FSDP_STEPS} steps unsharded in one process. The final "
+        "checkpoints (shards joined) are compared: max |diff| over the weights and AdamW moments."
     )
     from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
+    from mmgrpo.train import checkpoint as ckpt
 
-    ckpt = save_tiny_sd3(work / "ckpt_fsdp")
-    out = work / "fsdp_result.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}  # fmt: skip
-    cmd = [sys.executable, str(GPU_CHECK), "--fsdp-child", str(work / "fsdp"), "--fsdp-ckpt", ckpt,
-           "--fsdp-result", str(out), "--device", device]  # fmt: skip
-    timeout = max(30.0, min(180.0, report.left()))
+    model = save_tiny_sd3(work / "ckpt_fsdp")
+    # "part" stops after 2 steps (fsdp_child knows it by its name), then resumes; "unsharded" is one plain process
+    for name, procs, resume in [("full", n, False), ("part", n, False), ("part", n, True), ("unsharded", 0, False)]:
+        what = f"{name} resumed" if resume else name
+        extra = ["--fsdp-resume"] if resume else []
+        result, wall, error = fsdp_launch(work, name, model, device, procs, extra, timeout=report.left())
+        if error is not None:
+            report.row(sec, f"fsdp tiny sd3: {what}", "ERROR", error=error)
+            sec["had_error"] = True
+            return
+        report.row(sec, f"fsdp tiny sd3: {what}", "ok", wall_s=round(wall, 1), **result)
+    final = {n: ckpt.latest_checkpoint(work / "fsdp" / n / "checkpoints") for n in ("full", "part", "unsharded")}
+    numbers: dict[str, Any] = {"sharded": ckpt.is_sharded(final["full"]) and ckpt.is_sharded(final["part"])}
+    numbers["shard_files"] = len(list((final["full"] / ckpt.SHARDS).glob("*.safetensors")))
+    states = {}
+    for name, path in final.items():
+        flat: dict[str, torch.Tensor] = {}
+        ckpt.flatten_state(ckpt.load_checkpoint(path), "", flat)
+        states[name] = flat
+    bad = []
+    for other, key in (("part", "resumed"), ("unsharded", "unsharded")):
+        a, b = states["full"], states[other]
+        if a.keys() != b.keys():
+            bad.append(f"{key}: other tensors ({sorted(a.keys() ^ b.keys())[:3]})")
+            continue
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        numbers[f"max_abs_diff_{key}"] = diff
+        if not diff <= FSDP_TOL[key]:
+            bad.append(f"{key} differs by {diff:.2g} > {FSDP_TOL[key]:g}")
+    if not numbers["sharded"]:
+        bad.append("the FSDP checkpoints are not sharded")
+    report.row(sec, "fsdp tiny sd3: sharded save -> resume vs uninterrupted and unsharded",
+               "ok" if not bad else "WARN: " + "; ".join(bad), **numbers)  # fmt: skip
+
+
+def fsdp_launch(work: Path, name: str, model: str, device: str, procs: int, extra: list[str], timeout: float):
+    """(result numbers, wall seconds, error text or None) of one run of :func:`fsdp_child`: launched by accelerate
+    with the FSDP config on ``procs`` processes, or (``procs`` 0) a plain unsharded process."""
+    out = work / f"fsdp_{name}_{len(extra)}.json"
+    child = [str(GPU_CHECK), "--fsdp-child", str(work / "fsdp" / name), "--fsdp-ckpt", model, "--fsdp-result",
+             str(out), "--device", device, *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if procs:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if device == "cpu":
+            env["ACCELERATE_USE_CPU"] = "true"  # gloo processes (FSDP2 on a CPU mesh)
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP_CONFIG),
+               "--num_processes", str(procs), "--mixed_precision", "no", "--main_process_port", str(port),
+               *child]  # fmt: skip
+    else:
+        cmd = [sys.executable, *child]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        report.row(sec, "fsdp tiny sd3", f"ERROR: timed out after {timeout:.0f} s")
-        sec["had_error"] = True
-        return
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(60.0, min(300.0, timeout)))
+    except subprocess.TimeoutExpired as e:
+        return {}, time.perf_counter() - t0, f"timed out after {e.timeout:.0f} s"
     wall = time.perf_counter() - t0
     result = json.loads(out.read_text()) if out.is_file() else {}
     if proc.returncode == 0 and result.get("ok"):
-        report.row(sec, "fsdp tiny sd3", "ok", wall_s=round(wall, 1), **result.get("numbers", {}))
-    else:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        report.row(sec, "fsdp tiny sd3", "ERROR", returncode=proc.returncode, error=result.get("error") or tail)
-        sec["had_error"] = True
+        return result.get("numbers", {}), wall, None
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    return {}, wall, result.get("error") or f"returncode {proc.returncode}\n{tail}"
 
 
-def fsdp_child(run_dir: str, ckpt: str, result_path: str, device: str) -> int:
-    """Runs in the child process: world size 1, FSDP plugin, 2 steps of tiny SD3 (full fine-tuning)."""
+def fsdp_child(run_dir: str, ckpt: str, result_path: str, device: str, resume: bool = False) -> int:
+    """One process of a :func:`fsdp_launch` run: tiny SD3, full fine-tuning, through ``mmgrpo.train.trainer.train``
+    (the accelerator, FSDP2 or not, comes from the launcher, as for ``mmgrpo train``); rank 0 writes the result."""
     result: dict[str, Any] = {"ok": False}
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin
-
         from mmgrpo.train.config import load_config
-        from mmgrpo.train.trainer import Trainer
+        from mmgrpo.train.trainer import train
 
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons
+        torch.backends.cudnn.allow_tf32 = False
         register_check_rewards()
-        plugin = FullyShardedDataParallelPlugin(sharding_strategy="FULL_SHARD", use_orig_params=True,
-                                                sync_module_states=False)  # fmt: skip
-        acc = Accelerator(
-            fsdp_plugin=plugin, mixed_precision="bf16" if device == "cuda" else "no", cpu=device == "cpu"
-        )
+        trainer_kw = {"checkpoint_every": 2, "keep_checkpoints": 1, "max_grad_norm": 1.0}
         base = {
             "pipeline": "text_to_image",
             "policy": {"options": diffusion_policy_options("sd3", ckpt, num_steps=2, lora_rank=0)},
             "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
             "rewards": [{"name": IMAGE_REWARD}],
-            "trainer": trainer_options(2, 1, 2, acc.mixed_precision),
+            "trainer": trainer_options(FSDP_STEPS, 2, 2, "no", **trainer_kw),
         }
-        cfg = load_config(None, [f"run.output_dir={Path(run_dir).parent}", f"run.name={Path(run_dir).name}"],
-                          base=base)  # fmt: skip
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg, run_dir, acc)
+        run = Path(run_dir)
+        overrides = [f"resume={run}"] if resume else [f"run.output_dir={run.parent}", f"run.name={run.name}"]
+        if not resume and "part" in run.name:
+            overrides.append("trainer.stop_after_steps=2")
         t0 = time.perf_counter()
-        trainer.train()
-        lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        losses = [x.get("loss/total") for x in lines if "loss/total" in x]
+        trainer = train(load_config(None, overrides, base=base))
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [x["loss/total"] for x in lines if "loss/total" in x]
         result["numbers"] = {
-            "distributed_type": str(acc.distributed_type),
-            "world_size": acc.num_processes,
-            "wrapped": type(trainer.policy.model).__name__,
-            "steps": len(losses),
-            "loss": losses,
+            "distributed_type": str(trainer.acc.distributed_type).split(".")[-1],
+            "processes": trainer.acc.num_processes,
+            "sharded_params": trainer.mesh is not None,
+            "step": trainer.step,
+            "losses": [round(v, 5) for v in losses],
             "train_s": round(time.perf_counter() - t0, 2),
         }
-        fsdp = "FSDP" in str(acc.distributed_type)
-        result["ok"] = len(losses) == 2 and all(math.isfinite(v) for v in losses) and fsdp
+        want_sharded = "unsharded" not in run.name
+        result["ok"] = (trainer.mesh is not None) == want_sharded and all(math.isfinite(v) for v in losses)
         if not result["ok"]:
-            result["error"] = f"distributed_type {acc.distributed_type}, losses {losses}"
+            result["error"] = f"sharded {trainer.mesh is not None} (wanted {want_sharded}), losses {losses}"
     except Exception as e:  # noqa: BLE001
         result["error"] = error_text(e, lines=20)
-    Path(result_path).write_text(json.dumps(result))
-    try:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        pass
-    return 0 if result["ok"] else 1
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(result))
+    return 0 if result["ok"] or rank != 0 else 1

@@ -198,6 +198,11 @@ class DiffusionPolicy:
                             "flow-matching family; ddim is for UNet families)")  # fmt: skip
         self.objective.check_adapter(a)
 
+    def parameters_replaced(self) -> None:
+        """The trainer's accelerate ``prepare`` replaced the trainable parameters (FSDP2 shards them into new DTensor
+        parameters): the objective's copies of them (e.g. nft's old-policy EMA) are made again from the new ones."""
+        self.objective.attach(self)
+
     def training_state(self) -> dict[str, Any] | None:
         """What a checkpoint keeps besides the trained weights (the objective's, e.g. nft's old-policy EMA)."""
         return self.objective.training_state()

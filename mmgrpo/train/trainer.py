@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
@@ -35,7 +38,7 @@ from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_grou
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config, resolved_config
-from mmgrpo.train.export import export_policy
+from mmgrpo.train.export import export_policy, export_run
 from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
@@ -59,12 +62,46 @@ REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (d
 
 def make_accelerator(mixed_precision: str | None) -> Accelerator:
     """An Accelerator with :func:`launch_precision`; in a plain (non-launched) process a previous one's settings are
-    reset first."""
+    reset first. A launch that started several processes but left each alone (no accelerator found and no
+    ``ACCELERATE_USE_CPU=true``) is an error, and FSDP asked for on CPU processes runs (:func:`enable_cpu_fsdp`)."""
     from accelerate.state import AcceleratorState, PartialState
 
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=launch_precision(mixed_precision))
+    acc = Accelerator(mixed_precision=launch_precision(mixed_precision))
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and acc.num_processes == 1:
+        raise UserError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}), but accelerate found no GPU and "
+            "made each a separate 1-process run (they would overwrite each other's run directory). For processes "
+            "on CPU, launch with the environment variable ACCELERATE_USE_CPU=true (gloo); on GPUs, check that torch "
+            "sees them (torch.cuda.is_available())"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
+        enable_cpu_fsdp()
+    return acc
+
+
+def enable_cpu_fsdp() -> None:
+    """Turn a gloo (CPU) process group's accelerate state into FSDP, with the plugin the launcher's FSDP options
+    (``accelerate launch --config_file configs/accelerate/fsdp.yaml``) describe.
+
+    accelerate enables FSDP only for accelerator devices and silently runs a CPU launch as plain data parallel;
+    torch's FSDP2 (``fully_shard``) itself shards on a CPU device mesh over gloo, which is how the 2-process tests
+    run the sharded code path (accelerate's FSDP2 preparation, sharded checkpoints) without a GPU."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set from the config file
+    if plugin.fsdp_version != 2:
+        raise UserError(
+            f"FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config), got fsdp_version "
+            f"{plugin.fsdp_version}; use configs/accelerate/fsdp.yaml"
+        )
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
 
 
 def launch_precision(configured: str | None) -> str:
@@ -105,6 +142,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
         t = cfg.trainer
+        if self.acc.distributed_type == "DEEPSPEED":
+            raise UserError(
+                "DeepSpeed (accelerate's distributed_type DEEPSPEED) is not supported by mmgrpo's trainer yet: "
+                "DeepSpeed steps the optimizer inside backward (one step per micro-batch here, and no skipping of a "
+                "non-finite step), and its optimizer state is pickled, which mmgrpo's safetensors-only checkpoints "
+                "refuse. Shard with FSDP2 instead: accelerate launch --config_file configs/accelerate/fsdp.yaml ..."
+            )
         check_trackers_installed(t.log_with)  # before any model is built
         if t.prompts_per_step % self.acc.num_processes:
             raise UserError(
@@ -126,6 +170,13 @@ class Trainer:
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
         )
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
+        # FSDP2 replaces the parameters by sharded ones (DTensors; the optimizer is switched to them by accelerate),
+        # and a policy holding copies of them (the nft objective's sampling EMA) makes them again
+        before, self.params = self.params, self.policy.trainable_parameters()
+        if [id(p) for p in self.params] != [id(p) for p in before] and hasattr(self.policy, "parameters_replaced"):
+            self.policy.parameters_replaced()
+        self.mesh = next((p.device_mesh for p in self.params if isinstance(p, DTensor)), None)
+        """the device mesh the trainable parameters are sharded over (FSDP2), else None: checkpoints are sharded"""
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.step = 0
         self.nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a non-finite loss or gradient norm
@@ -149,8 +200,21 @@ class Trainer:
         # per-sample randomness comes from batch.seeds
         g = generator_for(prompt_seed(self.cfg.run.seed, step, 0, stream=1))
         self.policy.model.eval()
+        self._reshard()
         with torch.no_grad():
-            return self.policy.rollout(batch, self.cfg.trainer.group_size, g)
+            rollout = self.policy.rollout(batch, self.cfg.trainer.group_size, g)
+        self._reshard()
+        return rollout
+
+    def _reshard(self) -> None:
+        """FSDP2 keeps the root unit's gathered (full) parameters after a forward that no backward follows (rollouts,
+        evaluation), and a later forward uses that copy; weights swapped into or out of the shards meanwhile (the
+        nft sampling policy's EMA, the evaluation EMA) would be missed. Free it, so the next forward gathers the
+        shards as they are."""
+        if self.mesh is not None:
+            for m in self.policy.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
     def sample_and_score(self, batch: PromptBatch, step: int, timers: dict[str, float]):
         """Sample then score; with ``trainer.rollout_chunks`` > 1, chunk c is scored in a background thread
@@ -494,8 +558,11 @@ class Trainer:
         if self.comp.evaluate is None:
             return {}
         self.policy.model.eval()
+        self._reshard()
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), torch.no_grad():
             result = self.comp.evaluate(self.policy, step)
+            self._reshard()  # before the EMA is swapped out
+        self._reshard()
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         self.log(step, metrics)
         if result.records and self.acc.is_main_process:
@@ -547,7 +614,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         model = self.acc.unwrap_model(self.policy.model)  # the same on every rank: all of them refuse together
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(_local(p).isfinite().all())]
+        if self.mesh is not None:  # each rank checked its own slices: all of them refuse together
+            seen: list[Any] = [None] * self.acc.num_processes
+            dist.all_gather_object(seen, bad)
+            bad = sorted(set().union(*seen))
         if bad:
             raise UserError(
                 f"step {self.step}: {len(bad)} trainable tensor(s) are not finite (e.g. {bad[0]!r}); no checkpoint "
@@ -556,18 +627,25 @@ class Trainer:
             )
         self.acc.wait_for_everyone()
         path = None
-        if self.acc.is_main_process:
-            state = self.state_dict()
-            path = ckpt.save_checkpoint(
-                self.run_dir / "checkpoints", self.step, state, keep=self.cfg.trainer.keep_checkpoints
-            )
+        root, keep = self.run_dir / "checkpoints", self.cfg.trainer.keep_checkpoints
+        if self.mesh is not None:  # every rank writes its slices (mmgrpo.train.checkpoint: sharded checkpoints)
+            saved = ckpt.save_sharded_checkpoint(root, self.step, self.state_dict(), keep=keep)
+            if self.acc.is_main_process:
+                path = saved
+                if self.cfg.trainer.export_checkpoints:  # full weights: the run's policy rebuilt, the shards joined
+                    export_run(self.run_dir, path / "export", step=self.step)
+        elif self.acc.is_main_process:
+            path = ckpt.save_checkpoint(root, self.step, self.state_dict(), keep=keep)
             if self.cfg.trainer.export_checkpoints:
                 export_policy(self.policy, path / "export", info={"run": str(self.run_dir), "checkpoint": path.name})
         self.acc.wait_for_everyone()
         return path
 
     def load(self, path: str | Path) -> None:
-        state = ckpt.load_checkpoint(path)
+        if self.mesh is not None and not ckpt.is_sharded(path):  # e.g. a 1-GPU run continued on 8 GPUs with FSDP
+            state = self._shard_full_state(ckpt.load_checkpoint(path))
+        else:
+            state = ckpt.load_checkpoint(path, mesh=self.mesh)  # sharded: this rank's slices; else full tensors
         model = self.acc.unwrap_model(self.policy.model)
         missing, _ = model.load_state_dict(state["model"], strict=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -583,6 +661,38 @@ class Trainer:
                 fn.load_state_dict(state["rewards"][k])
         self.step = int(state["step"])
 
+    def _shard_full_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """An unsharded checkpoint's state for this sharded run: every tensor that stands for a trainable parameter
+        (the weights, their AdamW moments, EMA shadows, which follow the parameters' order) is split like it."""
+        model = self.acc.unwrap_model(self.policy.model)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        ordered = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        def like(t: Any, p: torch.Tensor) -> Any:
+            if not (isinstance(t, torch.Tensor) and isinstance(p, DTensor) and t.shape == p.shape):
+                return t  # e.g. AdamW's scalar step count
+            return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+
+        def shadows(obj: Any) -> Any:  # EMA state: {"decay", "shadow": [one per trainable parameter, in order]}
+            if isinstance(obj, dict):
+                out = {k: shadows(v) for k, v in obj.items()}
+                if isinstance(obj.get("shadow"), list) and len(obj["shadow"]) == len(self.params):
+                    out["shadow"] = [like(t, p) for t, p in zip(obj["shadow"], self.params)]
+                return out
+            return obj
+
+        state["model"] = {n: like(t, named[n]) if n in named else t for n, t in state["model"].items()}
+        opt = state["optimizer"]
+        opt["state"] = {i: {k: like(v, ordered[int(i)]) for k, v in st.items()} for i, st in opt["state"].items()}
+        state["ema"], state["policy"] = shadows(state.get("ema")), shadows(state.get("policy"))
+        return state
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a DTensor (detached), or the tensor itself."""
+    t = t.detach()
+    return t.to_local() if isinstance(t, DTensor) else t
+
 
 def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     """Run (or resume) training for ``cfg``; returns the finished trainer (see :mod:`mmgrpo.train.run_dir`).
@@ -592,9 +702,14 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     cfg = resolved_config(cfg)
     acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
     cfg.trainer.mixed_precision = str(acc.mixed_precision)  # config.yaml records the precision the run used
-    run_dir = prepare_run_dir(cfg, acc.is_main_process)
+    # every rank checks the run directory before the main process creates it (else the others would find it
+    # "already existing"), so a refusal stops all of them alike
+    run_dir = prepare_run_dir(cfg, is_main=False)
     if cfg.resume:
         check_resume_config(cfg, run_dir, cfg.resume_force)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        prepare_run_dir(cfg, is_main=True)
     acc.wait_for_everyone()
     trainer = Trainer(cfg, run_dir, acc)
     if cfg.resume:

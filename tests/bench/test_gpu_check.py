@@ -36,7 +36,7 @@ def test_gpu_check_cpu_tiny(tmp_path):
             assert f"| {fam} fp32 | ok |" in md
     (demo,) = sections["4. README demo config"]["rows"]
     assert demo["result"] == "ok" and demo["numbers"]["steps"] == 1, demo
-    for name in ("5. Realistic sizes (random init)", "6. 1-GPU FSDP"):
+    for name in ("5. Realistic sizes (random init)", "6. FSDP2 sharded training"):
         assert sections[name]["status"] == "skipped: --tiny"
     assert sections["7. pytest -m gpu tests/gpu"]["status"] == "skipped: needs CUDA"
 

@@ -1,7 +1,9 @@
 """A 2-process CPU run (gloo, accelerate launch) makes the same advantages and update as the 1-process run."""
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -28,6 +30,22 @@ CONFIG = {
 }  # fmt: skip
 
 
+CLI_SAYING_ITS_RANK = """
+import sys
+from accelerate.state import PartialState
+from mmgrpo.train.cli import main
+code = main(sys.argv[1:])
+print(f"process {PartialState().process_index} of {PartialState().num_processes}", flush=True)
+sys.exit(code)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _accelerate():
     exe = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if exe is None:
@@ -39,12 +57,16 @@ def test_two_processes_match_one_process(tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(CONFIG))
     one = train(load_config(cfg_path, [f"run.output_dir={tmp_path}", "run.name=one"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [_accelerate(), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--cpu", "-m", "mmgrpo.train.cli", "train", str(cfg_path),
-           f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (its simple launcher); two gloo processes are
+    # torchrun's (--multi_gpu) with ACCELERATE_USE_CPU=true
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    (tmp_path / "cli.py").write_text(CLI_SAYING_ITS_RANK)
+    cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(tmp_path / "cli.py"), "train",
+           str(cfg_path), f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(re.findall(r"process \d of \d", proc.stdout)) == ["process 0 of 2", "process 1 of 2"], proc.stdout
     for step in range(3):
         name = f"debug/adv_step_{step:06d}.safetensors"
         a, b = load_file(str(one.run_dir / name)), load_file(str(tmp_path / "two" / name))

@@ -1,0 +1,332 @@
+"""Sharded training (FSDP2) with 2 CPU processes: save -> kill -9 -> resume equals the uninterrupted sharded run and
+the unsharded 1-process run; the sharded checkpoint is verified file by file and reads back as full tensors.
+
+The runs are real ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` launches of the CLI with
+``ACCELERATE_USE_CPU=true`` (2 gloo processes; mmgrpo turns accelerate's state into FSDP there, see
+``enable_cpu_fsdp``). The bandit's logits table [8, 5] is the model: FSDP2 gives each rank 4 of its 8 rows, and the
+AdamW moments are sharded the same way. A crash run is the CLI behind a small script that sends SIGKILL at one point.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.config import load_config
+from mmgrpo.train.trainer import train
+
+ROOT = Path(__file__).parents[2]
+FSDP = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+CONFIG = {
+    "pipeline": "bandit",
+    "run": {"seed": 3},
+    "data": {"options": {"num_prompts": 8, "num_arms": 5}},
+    "rewards": [{"name": "bandit_arm_value"}],
+    "advantage": {"estimator": "batch_std"},
+    "loss": {"options": {"clip_high": 0.28}, "beta": 0.02},
+    "trainer": {
+        "max_steps": 4, "prompts_per_step": 4, "group_size": 6, "lr": 0.05, "epochs": 2, "minibatches": 2,
+        "micro_batch_size": 4, "progress": False, "checkpoint_every": 2, "keep_checkpoints": 1, "ema_decay": 0.9,
+    },
+}  # fmt: skip
+
+CRASH = r"""
+import os, signal, sys
+from mmgrpo.train import checkpoint as ckpt, trainer as tr
+from mmgrpo.train.cli import main
+
+point, argv = sys.argv[1], sys.argv[2:]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "after_checkpoint":  # every rank dies in step 3, after the checkpoint of step 2
+    real_update = tr.Trainer.update
+    def update(self, *a, **k):
+        if self.step == 2:
+            die()
+        return real_update(self, *a, **k)
+    tr.Trainer.update = update
+elif point == "rank1_before_rename":  # rank 1 dies with its shards of step 4 written, before the marker and rename
+    real_digest = ckpt._digest
+    def digest(path):
+        if ".tmp-step_000004" in str(path) and int(os.environ["RANK"]) == 1:
+            die()
+        return real_digest(path)
+    ckpt._digest = digest
+else:
+    sys.exit(4)
+sys.exit(main(argv))
+"""
+
+
+def _launch(tmp_path: Path, *args: str, script: list[str] | None = None, processes: int = 2):
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` of CPU processes (the CLI, or ``script``)."""
+    exe = Path(sys.executable).with_name("accelerate")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    target = script or ["-m", "mmgrpo.train.cli"]
+    cmd = [str(exe), "launch", "--config_file", str(FSDP), "--num_processes", str(processes), "--mixed_precision",
+           "no", "--main_process_port", str(port), *target, *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+
+def _state(run_dir: Path) -> dict:
+    path, notes = ckpt.latest_valid_checkpoint(run_dir / "checkpoints")
+    assert path is not None, notes
+    return ckpt.load_checkpoint(path)
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of a loaded checkpoint state by its path (model, AdamW moments and steps, EMA shadow)."""
+    out: dict[str, torch.Tensor] = {}
+    ckpt.flatten_state(state, "", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(folder, the uninterrupted 2-process FSDP run's directory, the unsharded 1-process run's directory)."""
+    root = tmp_path_factory.mktemp("sharded")
+    (root / "cfg.yaml").write_text(yaml.safe_dump(CONFIG))
+    one = train(load_config(root / "cfg.yaml", [f"run.output_dir={root}", "run.name=one"]))
+    proc = _launch(root, "train", str(root / "cfg.yaml"), f"run.output_dir={root}", "run.name=fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, root / "fsdp", one.run_dir
+
+
+def test_fsdp_run_is_sharded_and_equals_the_unsharded_run(runs):
+    root, fsdp, one = runs
+    path = ckpt.latest_checkpoint(fsdp / "checkpoints")
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["sharded"] == {"world_size": 2} and ckpt.is_sharded(path)
+    shards = sorted(n for n in marker["files"] if n.startswith("shards/"))
+    assert len(shards) == 2  # one file per rank, each holding its 4 rows of every sharded tensor
+    for name in shards:
+        with safe_open(str(path / name), "pt") as f:
+            assert f.get_slice("/model/logits").get_shape() == [4, 5]
+            assert f.get_slice("/optimizer/state/0/exp_avg").get_shape() == [4, 5]
+    skeleton = json.loads((path / "state.json").read_text())
+    assert '"__sharded__": "/ema/shadow/0"' in json.dumps(skeleton)  # the EMA shadow is sharded too
+    got, want = _tensors(_state(fsdp)), _tensors(_state(one))
+    assert got.keys() == want.keys() and got["/model/logits"].shape == (8, 5)
+    assert not torch.equal(want["/model/logits"], torch.zeros(8, 5))
+    # FSDP2 reduce-scatters (averages) the same per-row gradients DDP all-reduces: the weights agree exactly here;
+    # the second moments differ in the last bits of float32 (reduction order), hence the tolerance
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (k, (got[k] - want[k]).abs().max())
+
+
+@pytest.mark.parametrize("point", ["after_checkpoint", "rank1_before_rename"])
+def test_fsdp_kill_9_then_resume_equals_the_uninterrupted_sharded_run(runs, point):
+    root, fsdp, one = runs
+    (root / "crash.py").write_text(CRASH)
+    crashed = _launch(root, point, "train", str(root / "cfg.yaml"), f"run.output_dir={root}", f"run.name={point}",
+                      script=[str(root / "crash.py")])  # fmt: skip
+    run_dir = root / point
+    assert crashed.returncode != 0 and "SIGKILL" in crashed.stderr, crashed.stderr[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step_000002"]
+    if point == "rank1_before_rename":  # the half-written step 4: shards there, no marker, not a checkpoint
+        (tmp,) = (run_dir / "checkpoints").glob(".tmp-step_000004-*")
+        assert list((tmp / "shards").glob("*.safetensors")) and not (tmp / "COMPLETE").exists()
+    resumed = _launch(root, "train", str(root / "cfg.yaml"), f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step_000004"]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the next save cleaned up the half-written one
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    state = _state(run_dir)
+    got, want, unsharded = _tensors(state), _tensors(_state(fsdp)), _tensors(_state(one))
+    assert state["step"] == 4 and got.keys() == want.keys() == unsharded.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), (point, k)  # bit for bit: the same sharded computation
+        assert torch.allclose(got[k], unsharded[k], rtol=1e-5, atol=1e-7), (point, k)
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_sharded_or_not(runs, tmp_path):
+    """The 2-process checkpoint of step 2, resumed by 1 FSDP process (the slices resharded over a mesh of 1) and by a
+    plain unsharded process (the shards joined): both end where the uninterrupted runs end."""
+    import shutil
+
+    root, fsdp, one = runs
+    part = _launch(root, "train", str(root / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=part",
+                   "trainer.stop_after_steps=2")  # fmt: skip
+    assert part.returncode == 0, part.stderr[-3000:]
+    shutil.copytree(tmp_path / "part", tmp_path / "plain")
+    resumed = _launch(root, "train", str(root / "cfg.yaml"), f"resume={tmp_path / 'part'}", processes=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    plain = train(load_config(root / "cfg.yaml", [f"resume={tmp_path / 'plain'}"]))
+    assert plain.mesh is None and plain.step == 4
+    assert not ckpt.is_sharded(ckpt.latest_checkpoint(tmp_path / "plain" / "checkpoints"))
+    marker = json.loads((ckpt.latest_checkpoint(tmp_path / "part" / "checkpoints") / "COMPLETE").read_text())
+    assert marker["sharded"] == {"world_size": 1}
+    want = _tensors(_state(fsdp))
+    for run in ("part", "plain"):
+        got = _tensors(_state(tmp_path / run))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (run, k, (got[k] - want[k]).abs().max())
+
+
+def test_sharded_checkpoint_verifies_every_shard(runs, tmp_path):
+    import shutil
+
+    root, fsdp, one = runs
+    src = ckpt.latest_checkpoint(fsdp / "checkpoints")
+    ckpt.verify_checkpoint(src)
+    shard = sorted((src / "shards").iterdir())[1]
+    flipped = tmp_path / "flipped" / src.name
+    shutil.copytree(src, flipped)
+    data = bytearray((flipped / "shards" / shard.name).read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor value of rank 1's slice
+    (flipped / "shards" / shard.name).write_bytes(bytes(data))
+    with pytest.raises(ckpt.CorruptCheckpoint, match=f"shards/{shard.name} does not match its SHA-256"):
+        ckpt.load_checkpoint(flipped)
+    deleted = tmp_path / "deleted" / src.name
+    shutil.copytree(src, deleted)
+    (deleted / "shards" / shard.name).unlink()
+    with pytest.raises(ckpt.CorruptCheckpoint, match=f"shards/{shard.name} is missing"):
+        ckpt.verify_checkpoint(deleted)
+    added = tmp_path / "added" / src.name
+    shutil.copytree(src, added)
+    shutil.copy(added / "shards" / shard.name, added / "shards" / "shard-00003-model-00001-of-00001.safetensors")
+    with pytest.raises(ckpt.CorruptCheckpoint, match="shard-00003-model-00001-of-00001.safetensors is not in the"):
+        ckpt.verify_checkpoint(added)
+    # the newest checkpoint failing, resume falls back to an older one that verifies (here: none is left)
+    assert ckpt.latest_valid_checkpoint(tmp_path / "flipped")[0] is None
+
+
+def test_full_tensors_of_a_sharded_checkpoint_are_the_ranks_slices_joined(runs):
+    root, fsdp, one = runs
+    path = ckpt.latest_checkpoint(fsdp / "checkpoints")
+    full = ckpt.load_checkpoint(path)["model"]["logits"]
+    rows = []
+    for name in sorted((path / "shards").iterdir()):  # shard-00001 is rank 0's rows 0-3, shard-00002 rank 1's
+        with safe_open(str(name), "pt") as f:
+            rows.append(f.get_tensor("/model/logits"))
+            assert json.loads(f.metadata()["DCP_SHARDING_INFO"])["/model/logits"]["saved_offsets"] == [
+                4 * len(rows[:-1]),
+                0,
+            ]
+    assert torch.equal(full, torch.cat(rows))
+
+
+def test_an_unsharded_checkpoint_resumes_sharded(runs, tmp_path):
+    """The unsharded 1-process run's step-4 checkpoint continued to step 6 on 2 FSDP processes (weights, AdamW
+    moments and EMA shadow split like the parameters) ends where the same continuation in one process ends."""
+    import shutil
+
+    root, fsdp, one = runs
+    for name in ("sharded", "plain"):
+        shutil.copytree(one, tmp_path / name)
+    proc = _launch(root, "train", str(root / "cfg.yaml"), f"resume={tmp_path / 'sharded'}", "trainer.max_steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(load_config(root / "cfg.yaml", [f"resume={tmp_path / 'plain'}", "trainer.max_steps=6"]))
+    path = ckpt.latest_checkpoint(tmp_path / "sharded" / "checkpoints")
+    assert path.name == "step_000006" and ckpt.is_sharded(path)
+    got, want = _tensors(ckpt.load_checkpoint(path)), _tensors(_state(tmp_path / "plain"))
+    start = _tensors(_state(one))
+    assert got.keys() == want.keys() and "/optimizer/state/0/exp_avg_sq" in got and "/ema/shadow/0" in got
+    assert not torch.allclose(want["/model/logits"], start["/model/logits"], atol=1e-3)  # steps 5-6 trained
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (k, (got[k] - want[k]).abs().max())
+
+
+def test_several_processes_without_a_gpu_or_cpu_flag_are_an_error(tmp_path):
+    """Without ACCELERATE_USE_CPU=true accelerate makes each CPU process a separate 1-process run (all writing the
+    same run directory); mmgrpo stops with the fix instead."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(CONFIG))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP), "--num_processes",
+           "2", "--mixed_precision", "no", "--main_process_port", str(port), "-m", "mmgrpo.train.cli", "train",
+           str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=x"]  # fmt: skip
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the processes find it")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    err = " ".join(proc.stderr.split())
+    assert "the launcher started 2 processes (WORLD_SIZE=2), but accelerate found no GPU" in err
+    assert "ACCELERATE_USE_CPU=true" in err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "name, kind, key, value",
+    [
+        ("fsdp", "FSDP", "fsdp_version", 2),
+        ("deepspeed_zero2", "DEEPSPEED", "zero_stage", 2),
+        ("deepspeed_zero3", "DEEPSPEED", "zero_stage", 3),
+    ],
+)
+def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, key, value):
+    """accelerate's own parser of ``--config_file`` (DeepSpeed needs CUDA: its configs are only parsed here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type == kind and cfg.mixed_precision == "bf16" and not cfg.use_cpu
+    section = cfg.fsdp_config if kind == "FSDP" else cfg.deepspeed_config
+    assert section[key] == value
+
+
+def test_fsdp_tiny_sd3_nft_matches_the_unsharded_run_and_exports_full_weights(tmp_path):
+    """A real model with several FSDP units (tiny SD3, one unit per JointTransformerBlock), the README demo's objective
+    (DiffusionNFT: its sampling policy is an EMA of the trained, here sharded, weights), full fine-tuning: 3 steps on
+    2 processes equal the unsharded run within float32 rounding, and the checkpoint's export (written by the main
+    process from the joined shards) is a diffusers pipeline holding exactly the checkpoint's full weights."""
+    from diffusers import SD3Transformer2DModel
+
+    from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
+
+    base = save_tiny_sd3(tmp_path / "base")
+    cfg = {
+        "pipeline": "text_to_image",
+        "run": {"seed": 1},
+        "policy": {"options": {"family": "sd3", "path": base, "num_steps": 2, "lora_rank": 0,
+                               "sde": {"noise_level": 0.0},
+                               "objective": {"name": "nft", "old_policy_ema": 0.5, "timesteps": 2}}},
+        "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+        "rewards": [{"name": "shapes"}],
+        "loss": {"name": "nft", "adv_clip": 1.0},
+        "trainer": {"max_steps": 3, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "progress": False,
+                    "checkpoint_every": 0, "export_checkpoints": True},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _launch(tmp_path, "train", str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = train(load_config(tmp_path / "cfg.yaml", [f"run.output_dir={tmp_path}", "run.name=one"]))
+    path = ckpt.latest_checkpoint(tmp_path / "fsdp" / "checkpoints")
+    assert ckpt.is_sharded(path) and len(list((path / "shards").glob("*.safetensors"))) == 2
+    got, want = _tensors(ckpt.load_checkpoint(path)), _tensors(_state(one.run_dir))
+    assert got.keys() == want.keys()
+    assert any(k.startswith("/policy/old_policy/shadow/") for k in got)  # the sampling policy's EMA, sharded
+    moved = max(float((want[k] - w).abs().max()) for k, w in _tensors(_state_at_start(one)).items() if k in want)
+    assert moved > 1e-3  # training moved the weights: the comparison below is not of untouched tensors
+    # float32 rounding of other reduction orders only (2 DDP processes differ from 1 by ~1e-5 here too); without
+    # resharding after the rollout's forwards the nft sampling EMA is missed and they differ by ~3e-2
+    diff = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert diff <= 5e-5, diff
+    exported = dict(SD3Transformer2DModel.from_pretrained(str(path / "export" / "transformer")).named_parameters())
+    weights = ckpt.load_checkpoint(path)["model"]  # every parameter: full fine-tuning
+    assert set(weights) == set(exported), set(weights) ^ set(exported)
+    assert all(torch.equal(exported[n].detach(), w) for n, w in weights.items())
+
+
+def _state_at_start(trainer) -> dict:
+    """The trainable weights the run started from (the base checkpoint's), as a checkpoint state's ``model``."""
+    from mmgrpo.train.export import build_policy
+
+    policy = build_policy(load_config(trainer.run_dir / "config.yaml"))
+    return {"model": {n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad}}
