@@ -12,8 +12,10 @@ Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens
 
 1. the chat template and the processor run ONCE per prompt -> token ids [Lp], pixel values, grids, positions;
 2. the vision tower runs ONCE per prompt; its features are scattered into the prompt's embeddings [Lp, D];
-3. one prefill of the prompt, the KV cache repeated G times, G rows decoded together with the prompt's own
-   generator (seeded from ``PromptBatch.seeds[b]``, so samples do not depend on the layout); vision tokens
+3. one prefill per prompt (unpadded), the B caches joined into one cache of N rows left-padded to the longest
+   prompt (:func:`join_caches`; an attention mask hides the pad slots, each row keeps its prompt's positions), and
+   ONE decode loop over all N rows, stopping when every row has its EOS; prompt b's G rows draw from the prompt's
+   own generator (seeded from ``PromptBatch.seeds[b]``), so samples do not depend on the layout; vision tokens
    (pads, start/end), box tokens and ids >= ``len(tokenizer)`` get logit -inf and can never be sampled
    (sampling one would crash the next forward with "Image features and image tokens do not match");
 4. ``logp_old [N, K]`` is recomputed by the teacher-forced scorer that ``log_prob`` uses, reusing the features of
@@ -166,6 +168,34 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer))
 
 
+def join_caches(caches: list[Any], lengths: list[int], G: int) -> Any | None:
+    """B prefill caches (one row each, prompt b's ``lengths[b]`` slots) -> one cache of B*G rows, left-padded.
+
+    Row n = b*G + j holds prompt b's keys/values in its last ``lengths[b]`` slots; the first ``max(lengths) -
+    lengths[b]`` slots are zeros that the decode loop's attention mask hides. One prompt: its cache repeated G times
+    (any cache type). Several: transformers' ``DynamicCache`` of plain ``DynamicLayer`` layers only (the first
+    cache object is reused); None for any other layout (sliding windows, static or quantised caches), which the
+    caller then decodes prompt by prompt.
+    """
+    if len(caches) == 1:
+        caches[0].batch_repeat_interleave(G)
+        return caches[0]
+    from transformers.cache_utils import DynamicLayer
+
+    layers = [getattr(c, "layers", None) for c in caches]
+    if any(ls is None or len(ls) != len(layers[0]) or any(type(x) is not DynamicLayer for x in ls) for ls in layers):
+        return None
+    L = max(lengths)
+    for i, layer in enumerate(layers[0]):
+        for name in ("keys", "values"):
+            first = getattr(layer, name)  # [1, H, L_0, d]
+            out = first.new_zeros(len(caches) * G, first.shape[1], L, first.shape[3])  # [B*G, H, L, d]
+            for b, ls in enumerate(layers):
+                out[b * G : (b + 1) * G, :, L - lengths[b] :] = getattr(ls[i], name)  # broadcast over the G rows
+            setattr(layer, name, out)
+    return caches[0]
+
+
 _LOCAL_HINT = (
     "Give a local directory with config.json, model.safetensors and the processor files (see "
     "scripts/make_tiny_vlm.py), or a hub id"
@@ -311,54 +341,110 @@ class VLMPolicy:
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, prompt: PromptInputs, G: int, generator: torch.Generator | None, greedy: bool = False):
-        """G completions of one prompt: one vision pass, one prefill, G rows decoded from a shared KV cache.
+        """G completions of one prompt: :meth:`sample_batch` of that prompt alone."""
+        return self.sample_batch([prompt], G, [generator], greedy)
 
-        Returns (tokens [G, T] with pad after EOS, lengths [G] incl. EOS, finished [G] bool, entropy [G, T] fp32:
-        of the distribution each token was drawn from, :func:`token_entropy` of the logits already computed here).
+    @torch.no_grad()
+    def sample_batch(
+        self, prompts: list[PromptInputs], G: int, generators: list[torch.Generator | None], greedy: bool = False
+    ):
+        """G completions of each of B prompts decoded together: N = B*G rows, prompt b's rows b*G .. b*G + G - 1.
+
+        1. per prompt, one vision pass and one prefill of its Lp_b tokens (no padding: the computation of the prompt
+           alone);
+        2. the B prefill caches become one cache of N rows, left-padded to the longest prompt (:func:`join_caches`;
+           the pad slots are masked out), each row with its own prompt's positions;
+        3. one decode loop: a forward of all N rows per token; prompt b's rows draw from ``generators[b]`` only, so a
+           row's tokens do not depend on the other prompts of the batch; the loop stops once every row has its EOS.
+
+        Returns (tokens [N, T] with pad after EOS, lengths [N] incl. EOS, finished [N] bool, entropy [N, T] fp32: of
+        the distribution each token was drawn from, :func:`token_entropy` of the logits already computed here; 0 after
+        the row's EOS).
         """
+        sc = self._scorer()
+        hf = sc.hf
+        backbone = sc.backbone(hf)
+        caches, last = [], []
+        for prompt in prompts:
+            feats = sc.vision(hf, prompt, store=True)  # the vision tower's one pass
+            emb = sc.prompt_embeds(hf, prompt, feats)[None]  # [1, Lp, D]
+            extra = self.adapter.decoder_kwargs(hf, prompt, feats, 1, 0, emb.shape[1])  # e.g. deepstack features
+            out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True, **extra)
+            caches.append(getattr(out, "cache", None) or out.past_key_values)
+            last.append(out.last_hidden_state[:, -1])  # [1, D]
+        lengths = [int(p.input_ids.shape[0]) for p in prompts]
+        joined = join_caches(caches, lengths, G)
+        if joined is not None:
+            return self._decode_loop(prompts, joined, torch.cat(last), G, generators, greedy)
+        # a cache layout join_caches does not know (e.g. sliding windows): one decode loop per prompt
+        parts = [
+            self._decode_loop([p], join_caches([c], [n], G), h, G, [g], greedy)
+            for p, c, n, h, g in zip(prompts, caches, lengths, last, generators)
+        ]
+        T = max(part[0].shape[1] for part in parts)
+        toks = torch.cat([nn.functional.pad(x[0], (0, T - x[0].shape[1]), value=self.pad_id) for x in parts])
+        ent = torch.cat([nn.functional.pad(x[3], (0, T - x[3].shape[1])) for x in parts])
+        return toks, torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts]), ent
+
+    def _decode_loop(self, prompts, cache, last: torch.Tensor, G: int, generators, greedy: bool):
+        """The decode loop of :meth:`sample_batch` over a joined cache of B*G rows; ``last [B, D]`` is each prompt's
+        last prefill hidden state."""
         o, sc = self.options, self._scorer()
         hf = sc.hf
-        feats = sc.vision(hf, prompt, store=True)  # the vision tower's one pass
-        emb = sc.prompt_embeds(hf, prompt, feats)[None]  # [1, Lp, D]
         backbone, head, embed = sc.backbone(hf), hf.get_output_embeddings(), hf.get_input_embeddings()
-        extra = self.adapter.decoder_kwargs(hf, prompt, feats, 1, 0, emb.shape[1])  # e.g. deepstack features
-        out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True, **extra)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(G)
-        h = out.last_hidden_state[:, -1].expand(G, -1)  # [G, D]
-        eos = torch.tensor(self.eos_ids, device=emb.device)
-        done = torch.zeros(G, dtype=torch.bool, device=emb.device)
+        B, dev = len(prompts), last.device
+        N, K = B * G, o.max_new_tokens
+        lengths = torch.tensor([p.input_ids.shape[0] for p in prompts], device=dev)  # [B]
+        pad = (lengths.max() - lengths).repeat_interleave(G)  # [N] left pad slots of each row
+        mask = None
+        if bool(pad.any()):  # [N, slots]: 0 on the pad slots, which no row may attend to
+            mask = (torch.arange(int(lengths.max()), device=dev)[None] >= pad[:, None]).long()
+        # positions of completion token t of each row (slot Lp_b + t), the rows' own prompts': [..., N, K]
+        positions = torch.cat([sc.positions(p, K, G, start=p.input_ids.shape[0]) for p in prompts], dim=-2)
+        h = last.repeat_interleave(G, dim=0)  # [N, D]
+        eos = torch.tensor(self.eos_ids, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        kw = {self.adapter.cache_kwarg(backbone): cache}
         tokens, entropy = [], []
-        for t in range(o.max_new_tokens):
-            logits = head(h)  # [G, V]
-            entropy.append(token_entropy(logits, o.temperature, sc.suppress))  # [G]: no extra forward
-            nxt = sample_tokens(logits, generator, o.temperature, o.top_p, o.top_k, sc.suppress, greedy)  # [G]
+        for t in range(K):
+            logits = head(h)  # [N, V]
+            entropy.append(token_entropy(logits, o.temperature, sc.suppress).masked_fill(done, 0.0))  # [N]
+            alive = (~done).view(B, G).any(1).tolist()  # [B]: prompts with a row still decoding
+            nxt = torch.full((N,), self.pad_id, dtype=torch.long, device=dev)
+            if greedy:
+                nxt = sample_tokens(logits, None, o.temperature, o.top_p, o.top_k, sc.suppress, greedy=True)
+            else:  # prompt b's rows from its own generator: layout-independent draws
+                for b in (b for b in range(B) if alive[b]):
+                    rows = slice(b * G, (b + 1) * G)
+                    nxt[rows] = sample_tokens(logits[rows], generators[b], o.temperature, o.top_p, o.top_k,
+                                              sc.suppress)  # fmt: skip
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
             done = done | torch.isin(nxt, eos)
-            if bool(done.all()) or t == o.max_new_tokens - 1:
+            if t == K - 1 or bool(done.all()):
                 break
-            pos = sc.positions(prompt, t + 1, G, start=prompt.input_ids.shape[0] + t)  # slot Lp + t
-            kw = {self.adapter.cache_kwarg(backbone): cache}
-            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, use_cache=True, **kw)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
+            pos = positions[..., t : t + 1]  # token t sits at slot Lp_b + t
+            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, attention_mask=mask, use_cache=True,
+                           **kw)  # fmt: skip
             h = out.last_hidden_state[:, -1]
-        toks = torch.stack(tokens, dim=1)  # [G, T]
-        is_eos = torch.isin(toks, eos)  # [G, T]
-        finished = is_eos.any(1)  # [G]
-        lengths = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [G]: up to the first EOS
-        return toks, lengths, finished, torch.stack(entropy, dim=1)
+        toks = torch.stack(tokens, dim=1)  # [N, T]
+        is_eos = torch.isin(toks, eos)  # [N, T]
+        finished = is_eos.any(1)  # [N]
+        lens = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [N]: up to the first EOS
+        return toks, lens, finished, torch.stack(entropy, dim=1)
 
     def _seeded(self, batch: PromptBatch, b: int, generator: torch.Generator | None) -> torch.Generator | None:
         return generator_for(batch.seeds[b], self.device) if batch.seeds else generator
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, greedy: bool = True) -> list[str]:
-        """One completion per prompt (greedy by default: held-out evaluation)."""
-        out = []
-        for b, (p, m) in enumerate(zip(batch.prompts, batch.meta)):
-            toks, lens, _, _ = self.sample(self.prepare(p, m), 1, self._seeded(batch, b, None), greedy)
-            out.append(self._decode(toks[0, : int(lens[0])]))
-        return out
+        """One completion per prompt (greedy by default: held-out evaluation), all prompts decoded together."""
+        prompts = [self.prepare(p, m) for p, m in zip(batch.prompts, batch.meta)]
+        gens = [self._seeded(batch, b, None) for b in range(len(prompts))]
+        toks, lens, _, _ = self.sample_batch(prompts, 1, gens, greedy)
+        return [self._decode(toks[b, : int(lens[b])]) for b in range(len(prompts))]
 
     def answer_mask(self, comp: torch.Tensor, lengths: torch.Tensor, tag: str = "<answer>") -> torch.Tensor:
         """[N, K] bool: True from the first token after ``tag`` to the row's end; every token if there is no tag.
@@ -389,15 +475,11 @@ class VLMPolicy:
     def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
         G, K, dev = group_size, self.options.max_new_tokens, self.device
         prompts = [self.prepare(p, m) for p, m in zip(batch.prompts, batch.meta)]  # processor: once per prompt
+        gens = [self._seeded(batch, b, generator) for b in range(len(prompts))]
+        toks, lengths, finished, ent = self.sample_batch(prompts, G, gens)  # all B*G rows in one decode loop
         comp = torch.full((len(prompts) * G, K), self.pad_id, dtype=torch.long, device=dev)  # [N, K]
-        lengths = torch.zeros(len(prompts) * G, dtype=torch.long, device=dev)  # [N]
-        finished = torch.zeros(len(prompts) * G, dtype=torch.bool, device=dev)  # [N]
         entropy = torch.zeros(len(prompts) * G, K, device=dev)  # [N, K] fp32
-        for b, prompt in enumerate(prompts):
-            toks, lens, fin, ent = self.sample(prompt, G, self._seeded(batch, b, generator))
-            rows = slice(b * G, (b + 1) * G)
-            comp[rows, : toks.shape[1]], lengths[rows], finished[rows] = toks, lens, fin
-            entropy[rows, : toks.shape[1]] = ent
+        comp[:, : toks.shape[1]], entropy[:, : toks.shape[1]] = toks, ent
         samples = [self._decode(comp[n, : int(lengths[n])]) for n in range(len(prompts) * G)]
         extras: dict[str, Any] = {}
         offpolicy = offpolicy_completions(batch.meta)  # ([B] texts, position), e.g. TempSamp-R1's ground truths

@@ -108,12 +108,44 @@ def test_qwen3_deepstack_features_reach_the_decoder():
 @family_param
 def test_samples_depend_only_on_the_prompt_seed(family):
     policy = make_policy(family)
-    full = policy.rollout(image_batch(seeds=(11, 12)), 3)
-    alone = policy.rollout(image_batch(seeds=(11, 12)).select([1]), 3)  # prompt 1 alone, still with seed 12
-    assert alone.samples == full.samples[3:]
-    assert torch.equal(alone.logp_old, full.logp_old[3:])
+    full = policy.rollout(image_batch(seeds=(11, 12)), 3)  # both prompts' rows in one decode loop
+    prompts = full.extras["prompt"][::3]
+    assert prompts[0].input_ids.shape != prompts[1].input_ids.shape  # so the joined cache is left-padded
+    for b in (0, 1):  # each prompt alone (no padding), still with its own seed
+        alone = policy.rollout(image_batch(seeds=(11, 12)).select([b]), 3)
+        rows = slice(3 * b, 3 * b + 3)
+        assert alone.samples == full.samples[rows]
+        assert torch.equal(alone.logp_old, full.logp_old[rows])  # the scorer: one forward per prompt either way
+        # the sampled distributions too, up to float rounding of the padded batched attention
+        assert torch.allclose(alone.extras["token_entropy"], full.extras["token_entropy"][rows], atol=1e-5)
     again = policy.rollout(image_batch(seeds=(11, 99)), 3)
     assert again.samples[:3] == full.samples[:3] and again.samples[3:] != full.samples[3:]
+
+
+@family_param
+def test_rollout_decodes_every_prompts_rows_in_one_loop_and_stops_when_all_have_ended(family):
+    """B prefills (one per prompt, unpadded), then one forward of all B*G rows per further token; greedy
+    evaluation batches its prompts the same way; a batch whose rows all end at once stops there."""
+    policy = make_policy(family, max_new_tokens=6)
+    backbone = policy.adapter.backbone(policy.model.hf)
+    rows = []
+    backbone.register_forward_pre_hook(lambda mod, args, kw: rows.append(kw["inputs_embeds"].shape[:2]),
+                                       with_kwargs=True)  # fmt: skip
+    rollout = policy.rollout(image_batch(), 4)
+    lengths = [p.input_ids.shape[0] for p in rollout.extras["prompt"][::4]]
+    T = int(rollout.extras["completion_len"].max())
+    steps = [r for r in rows if r[1] == 1]  # decode steps (the scorer's forwards follow, over whole sequences)
+    assert T > 1 and rows[:2] == [(1, lengths[0]), (1, lengths[1])]  # the prompts' own prefills
+    assert rows[2 : 2 + T - 1] == steps == [(8, 1)] * (T - 1)  # then 8 rows a step, until the last row's last token
+    rows.clear()
+    texts = policy.generate(image_batch())
+    assert len(texts) == 2 and rows[2:] and all(r == (2, 1) for r in rows[2:])
+    # every row ends with its first token: no decode step at all
+    biased_head(policy, torch.tensor(policy.eos_ids[:1]), value=1e4)
+    rows.clear()
+    ended = policy.rollout(image_batch(), 4)
+    assert ended.extras["completion_len"].tolist() == [1] * 8
+    assert rows[:2] == [(1, lengths[0]), (1, lengths[1])] and not [r for r in rows if r[1] == 1]
 
 
 # ----------------------------------------------------------------------------------------- vision and sampling
