@@ -19,7 +19,9 @@ Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens
    (pads, start/end), box tokens and ids >= ``len(tokenizer)`` get logit -inf and can never be sampled
    (sampling one would crash the next forward with "Image features and image tokens do not match");
 4. ``logp_old [N, K]`` is recomputed by the teacher-forced scorer that ``log_prob`` uses, reusing the features of
-   step 2, so the ratio right after rollout is exactly 1 whatever the micro-batch.
+   step 2, so the ratio right after rollout is 1 whatever the micro-batch. When the trainer says the rollout feeds
+   one optimizer step (``logp_old_from_update``; epochs x minibatches = 1), this forward is skipped: the update's
+   own forward runs at the sampling parameters and its ``logp.detach()`` is ``logp_old`` (ratio exactly 1).
 
 Teacher forcing runs one forward per prompt over that prompt's rows (prompt expanded + completions right-padded,
 no left padding anywhere), with explicit positions (the family's: Qwen's ``get_rope_index`` positions, then text
@@ -266,6 +268,9 @@ class VLMPolicy:
         self.model: nn.Module = VLMScorer(trainable, self.adapter, suppress, o.temperature, o.logprob_chunk)
         self.model.ref_model = ref_copy
         self.reference = reference
+        self.logp_old_from_update = False
+        """set by the trainer around a rollout that feeds one optimizer step: skip step 4's scoring forward
+        (``Rollout.logp_old_from_update``)"""
 
     @staticmethod
     def _trainable(model: nn.Module, o: VLMPolicyOptions, family: VLMFamily) -> nn.Module:
@@ -498,9 +503,10 @@ class VLMPolicy:
         row_prompts = [p for p in prompts for _ in range(G)]  # N references to B objects
         logp_old = torch.zeros(len(row_prompts), K, device=dev)  # [N, K] fp32
         L = max(int(lengths.max()), 1)
-        for b in range(len(prompts)):  # the scorer log_prob uses, one prompt's rows per call
-            rows = slice(b * G, (b + 1) * G)
-            logp_old[rows, :L] = self.model(row_prompts[rows], comp[rows, :L], reuse_features=True)[0].float()
+        if not self.logp_old_from_update:  # else the update's own forward gives it (one optimizer step)
+            for b in range(len(prompts)):  # the scorer log_prob uses, one prompt's rows per call
+                rows = slice(b * G, (b + 1) * G)
+                logp_old[rows, :L] = self.model(row_prompts[rows], comp[rows, :L], reuse_features=True)[0].float()
         logp_old = logp_old.masked_fill(~mask, 0.0)
         meta = [self._row_meta(m, p, raw) for p, m, raw in zip(prompts, batch.meta, batch.prompts) for _ in range(G)]
         return Rollout(
@@ -519,6 +525,7 @@ class VLMPolicy:
                 "token_entropy": entropy,
                 **extras,
             },
+            logp_old_from_update=self.logp_old_from_update,
         )
 
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
