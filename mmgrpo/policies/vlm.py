@@ -23,9 +23,11 @@ Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens
    one optimizer step (``logp_old_from_update``; epochs x minibatches = 1), this forward is skipped: the update's
    own forward runs at the sampling parameters and its ``logp.detach()`` is ``logp_old`` (ratio exactly 1).
 
-Teacher forcing runs one forward per prompt over that prompt's rows (prompt expanded + completions right-padded,
-no left padding anywhere), with explicit positions (the family's: Qwen's ``get_rope_index`` positions, then text
-positions continuing from max + 1), so a row scores the same alone or with its group.
+Teacher forcing runs per prompt over that prompt's rows: the prompt forwarded ONCE, its keys/values shared by its
+rows' completions (right-padded), which a second forward runs (``shared_prefix``; the same maths as forwarding every
+row's prompt, which gradient checkpointing falls back to), with explicit positions (the family's: Qwen's
+``get_rope_index`` positions, then text positions continuing from max + 1), so a row scores the same alone or with
+its group.
 
 Off-policy rows (:mod:`mmgrpo.policies.offpolicy`): when the prompts' meta carry an off-policy completion
 (TempSamp-R1's ground truth ``<think>...</think><answer>GT</answer>``, written there by
@@ -132,7 +134,11 @@ class VLMPolicyOptions:
     reference_copy: bool = False
     """full fine-tuning with loss.beta > 0: keep a frozen copy of the model as the KL reference"""
     gradient_checkpointing: bool = False
-    """recompute decoder activations in backward (less memory, ~30% slower)"""
+    """recompute decoder activations in backward (less memory, ~30% slower); the update then forwards each row's
+    prompt itself (checkpointed layers drop the KV cache that shared_prefix needs)"""
+    shared_prefix: bool = True
+    """log-probs forward a prompt ONCE for its rows (its keys/values shared by the G completions, gradients summed:
+    the same maths as forwarding every row's prompt); false = every row forwards prompt + completion"""
     logprob_chunk: int = 1024
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
 
@@ -265,7 +271,9 @@ class VLMPolicy:
                 )
             ref_copy = copy.deepcopy(model).requires_grad_(False).eval()
         trainable = self._trainable(model, o, self.adapter)
-        self.model: nn.Module = VLMScorer(trainable, self.adapter, suppress, o.temperature, o.logprob_chunk)
+        self.model: nn.Module = VLMScorer(
+            trainable, self.adapter, suppress, o.temperature, o.logprob_chunk, shared_prefix=o.shared_prefix
+        )
         self.model.ref_model = ref_copy
         self.reference = reference
         self.logp_old_from_update = False

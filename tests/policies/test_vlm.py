@@ -59,10 +59,13 @@ def test_prompt_preparation_from_a_path_with_options_and_the_size_the_model_saw(
 
 
 def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients():
-    plain, ckpt = make_policy(), make_policy(gradient_checkpointing=True)
+    """Checkpointed layers drop the KV cache, so the checkpointed update forwards every row's prompt (as
+    shared_prefix=false does): one forward per prompt, each decoder layer rerun in backward."""
+    plain, ckpt = make_policy(shared_prefix=False), make_policy(gradient_checkpointing=True)
+    shared = make_policy()  # the default: the prompt forwarded once, then its rows' completions (2 forwards)
     rollout = plain.rollout(image_batch(), 2)
     grads, calls = [], []
-    for policy in (plain, ckpt):
+    for policy in (plain, ckpt, shared):
         policy.model.train()
         mlp = policy.model.hf.model.language_model.layers[0].mlp  # runs inside the checkpointed layer forward
         calls.append(0)
@@ -77,8 +80,9 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients():
         assert (lp - rollout.logp_old[:4]).abs().masked_select(rollout.train_mask[:4]).max() < 1e-5
         lp.sum().backward()
         grads.append([p.grad.clone() for p in policy.trainable_parameters()])
-    assert calls == [2, 4]  # 2 prompts; checkpointing reruns each decoder layer in backward
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert calls == [2, 4, 4]  # 2 prompts; checkpointing reruns each decoder layer in backward
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], grads[1]))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], grads[2]))
 
 
 # ----------------------------------------------------------------------------------------- vision reuse

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.losses import policy_loss
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions, read_video, sample_tokens
 from mmgrpo.policies.vlm_families import VLM_FAMILIES
@@ -146,6 +147,40 @@ def test_rollout_decodes_every_prompts_rows_in_one_loop_and_stops_when_all_have_
     ended = policy.rollout(image_batch(), 4)
     assert ended.extras["completion_len"].tolist() == [1] * 8
     assert rows[:2] == [(1, lengths[0]), (1, lengths[1])] and not [r for r in rows if r[1] == 1]
+
+
+@family_param
+def test_shared_prefix_update_forwards_each_prompt_once_with_the_expanded_loss_and_gradients(family):
+    """The update's log-probs forward a prompt once for its rows (its keys/values shared by their completions); the
+    loss and the gradients of every parameter, the vision tower's included (trained here), equal those of forwarding
+    every row's prompt (shared_prefix=false)."""
+    opts = {"finetune": "full", "freeze_vision": False}
+    shared, expanded = make_policy(family, **opts), make_policy(family, shared_prefix=False, **opts)
+    rollout = shared.rollout(image_batch(), 4)
+    rows = torch.tensor([0, 1, 2, 5, 6])  # 3 rows of prompt 0, 2 of prompt 1, in one micro-batch
+    adv = torch.tensor([1.0, -0.5, 0.3, -1.0, 0.8])
+    shapes = []
+    backbone = shared.adapter.backbone(shared.model.hf)
+    backbone.register_forward_pre_hook(lambda mod, args, kw: shapes.append(tuple(kw["inputs_embeds"].shape[:2])),
+                                       with_kwargs=True)  # fmt: skip
+    out = []
+    for policy in (shared, expanded):
+        lp = policy.log_prob(rollout, rows).logp
+        loss, _ = policy_loss(lp, rollout.logp_old[rows], adv, rollout.train_mask[rows], loss="grpo")
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        out.append((lp.detach(), loss.detach(), grads))
+    (lp_s, loss_s, g_s), (lp_e, loss_e, g_e) = out
+    lengths = [p.input_ids.shape[0] for p in rollout.extras["prompt"][::4]]
+    T = rollout.extras["completion_ids"].shape[1]
+    assert shapes == [(1, lengths[0]), (3, T - 1), (1, lengths[1]), (2, T - 1)]  # prompt once, then its completions
+    m = rollout.train_mask[rows]
+    assert (lp_s - lp_e).abs().masked_select(m).max() < 1e-5 and abs(loss_s - loss_e) < 1e-5
+    tower = vision_tower_names(shared)
+    assert g_s.keys() == g_e.keys() and any(g_s[n].abs().sum() > 0 for n in tower & g_s.keys())  # reached
+    # max |difference| over every gradient tensor, relative to its largest entry when that is above 1
+    worst = max((g_s[n] - g_e[n]).abs().max().item() / max(g_e[n].abs().max().item(), 1.0) for n in g_s)
+    assert worst < 1e-5, worst
 
 
 # ----------------------------------------------------------------------------------------- vision and sampling
