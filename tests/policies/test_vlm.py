@@ -262,6 +262,20 @@ def test_join_caches_left_pads_each_prompt_and_repeats_it_for_its_rows():
     assert keys.shape == (4, 2, 3, 4) and out.get_seq_length() == 3
     assert keys[:, 0, :, 0].tolist() == [[0, 2, 4], [0, 2, 4], [4, 8, 12], [4, 8, 12]]  # prompt 0 after 1 pad slot
     assert torch.equal(out.layers[1].values, -keys) and out.layers[0].keys[2, 1, :, 3].tolist() == [2, 4, 6]
+    # with room for decoded tokens: written in place into the buffer (no copy of the cache per token), then past
+    # the room concatenated as a DynamicLayer would
+    caches = [DynamicCache() for _ in lengths]
+    for c, n in zip(caches, lengths):
+        c.update(torch.ones(1, 2, n, 4), torch.ones(1, 2, n, 4), 0)
+    out = join_caches(caches, lengths, 2, room=2)
+    layer = out.layers[0]
+    start = layer.keys.data_ptr()
+    for t in range(3):
+        k, v = layer.update(torch.full((4, 2, 1, 4), t + 2.0), torch.full((4, 2, 1, 4), -t - 2.0))
+        assert k.shape == (4, 2, 4 + t, 4) and out.get_seq_length() == 4 + t
+        assert (k.data_ptr() == start) == (t < 2)  # the first 2 tokens in the buffer, the third past its room
+    assert k[2, 0, :, 0].tolist() == [1, 1, 1, 2, 3, 4] and k[1, 0, :, 0].tolist() == [0, 1, 1, 2, 3, 4]
+    assert torch.equal(v[:, :, 3:], -k[:, :, 3:])
 
 
 # ----------------------------------------------------------------------------------------- answer span
