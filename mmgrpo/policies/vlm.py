@@ -442,9 +442,9 @@ class VLMPolicy:
         N, K = B * G, o.max_new_tokens
         lengths = torch.tensor([p.input_ids.shape[0] for p in prompts], device=dev)  # [B]
         pad = (lengths.max() - lengths).repeat_interleave(G)  # [N] left pad slots of each row
-        mask = None
-        if bool(pad.any()):  # [N, slots]: 0 on the pad slots, which no row may attend to
-            mask = (torch.arange(int(lengths.max()), device=dev)[None] >= pad[:, None]).long()
+        Lmax, mask = int(lengths.max()), None
+        if bool(pad.any()):  # [N, Lmax + K]: 0 on the pad slots, which no row may attend to
+            mask = (torch.arange(Lmax + K, device=dev)[None] >= pad[:, None]).long()
         # positions of completion token t of each row (slot Lp_b + t), the rows' own prompts': [..., N, K]
         positions = torch.cat([sc.positions(p, K, G, start=p.input_ids.shape[0]) for p in prompts], dim=-2)
         h = last.repeat_interleave(G, dim=0)  # [N, D]
@@ -455,11 +455,11 @@ class VLMPolicy:
         for t in range(K):
             logits = head(h)  # [N, V]
             entropy.append(token_entropy(logits, o.temperature, sc.suppress).masked_fill(done, 0.0))  # [N]
-            alive = (~done).view(B, G).any(1).tolist()  # [B]: prompts with a row still decoding
-            nxt = torch.full((N,), self.pad_id, dtype=torch.long, device=dev)
+            alive = (~done).view(B, G).any(1).tolist() if not greedy else []  # [B]: prompts still decoding
             if greedy:
                 nxt = sample_tokens(logits, None, o.temperature, o.top_p, o.top_k, sc.suppress, greedy=True)
             else:  # prompt b's rows from its own generator: layout-independent draws
+                nxt = torch.full((N,), self.pad_id, dtype=torch.long, device=dev)
                 for b in (b for b in range(B) if alive[b]):
                     rows = slice(b * G, (b + 1) * G)
                     nxt[rows] = sample_tokens(logits[rows], generators[b], o.temperature, o.top_p, o.top_k,
@@ -469,10 +469,9 @@ class VLMPolicy:
             done = done | torch.isin(nxt, eos)
             if t == K - 1 or bool(done.all()):
                 break
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
-            pos = positions[..., t : t + 1]  # token t sits at slot Lp_b + t
-            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, attention_mask=mask, use_cache=True,
+            pos = positions[..., t : t + 1]  # token t sits at slot Lp_b + t (joined: slot Lmax + t)
+            seen = None if mask is None else mask[:, : Lmax + t + 1]
+            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, attention_mask=seen, use_cache=True,
                            **kw)  # fmt: skip
             h = out.last_hidden_state[:, -1]
         toks = torch.stack(tokens, dim=1)  # [N, T]
