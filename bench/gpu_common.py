@@ -303,10 +303,11 @@ def build_trainer(cfg_dict: dict, run_dir: Path, device: str, mixed_precision: s
 
 
 def trainer_options(steps: int, prompts: int, group: int, mixed_precision: str, **kw) -> dict:
+    """Trainer options of the checks; logp_old recorded by the rollout, which the ratio = 1 checks read."""
     return {
         "max_steps": steps, "prompts_per_step": prompts, "group_size": group, "lr": 1e-2, "progress": False,
         "mixed_precision": mixed_precision, "eval_every": 0, "sample_every": 0, "checkpoint_every": 0,
-        "log_every": 1, **kw,
+        "log_every": 1, "logp_old": "rollout", **kw,
     }  # fmt: skip
 
 

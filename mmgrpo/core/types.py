@@ -56,6 +56,10 @@ class Rollout:
     are scored with the same rewards and whose advantages are *summed* with the main one (the hook G2RPO's
     multi-granularity continuations use; empty for everything else). ``extras`` holds policy-private tensors needed to
     recompute log-probs (latents, token ids, ...); tensors in it are indexed by row on dim 0.
+
+    ``logp_old_from_update``: the policy did not compute ``logp_old`` (it holds zeros) because the trainer asked it
+    not to (``Policy.logp_old_from_update``): the rollout feeds one optimizer step, whose forward runs at the sampling
+    parameters, so the update takes ``logp_old = logp.detach()`` from its own forward (ratio exactly 1).
     """
 
     samples: Any
@@ -68,6 +72,7 @@ class Rollout:
     loss_weight: torch.Tensor | None = None  # [N] per-row weight (MC-GRPO pivot, per-stream weights)
     group_keys: list[Any] | None = None  # N optional stratum key per row (stratified estimator)
     variants: list[Any] = field(default_factory=list)  # extra versions of the N samples, each scored too
+    logp_old_from_update: bool = False  # logp_old not computed: the update's own forward gives it (one step only)
 
     @property
     def num_rows(self) -> int:
@@ -113,6 +118,11 @@ class Policy(Protocol):
 
     Invariant (tested for every adapter): ``log_prob`` right after ``rollout``, with unchanged parameters,
     gives exp(logp - logp_old) = 1 within 1e-5 in fp32, for any micro-batch size.
+
+    Optional: a policy whose ``logp_old`` costs a forward of its own after sampling (the VLM's teacher-forced
+    scoring, the flow-matching objective's) has a bool attribute ``logp_old_from_update`` (False by default). The
+    trainer sets it True around ``rollout`` when the rollout feeds exactly one optimizer step (epochs x minibatches
+    = 1); the policy may then skip that forward and return a rollout with ``logp_old_from_update = True``.
     """
 
     model: torch.nn.Module
@@ -156,6 +166,7 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
         loss_weight=None if rollout.loss_weight is None else rollout.loss_weight[rows],
         group_keys=None if rollout.group_keys is None else [rollout.group_keys[i] for i in rows],
         variants=[_take(v, rows, n) for v in rollout.variants],
+        logp_old_from_update=rollout.logp_old_from_update,
     )
 
 
@@ -178,6 +189,8 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
     G = parts[0].group_size
     if any(p.group_size != G for p in parts):
         raise ValueError("concat_rollouts: rollouts have different group sizes")
+    if len({p.logp_old_from_update for p in parts}) > 1:
+        raise ValueError("concat_rollouts: some rollouts recorded logp_old and some left it to the update")
     weights = None
     if any(p.loss_weight is not None for p in parts):
         weights = torch.cat([p.loss_weight if p.loss_weight is not None else torch.ones(p.num_rows) for p in parts])
@@ -195,4 +208,5 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         loss_weight=weights,
         group_keys=keys,
         variants=[_cat([p.variants[i] for p in parts], sizes) for i in range(len(parts[0].variants))],
+        logp_old_from_update=parts[0].logp_old_from_update,
     )

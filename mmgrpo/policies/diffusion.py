@@ -187,6 +187,9 @@ class DiffusionPolicy:
             adapter.denoiser.enable_xformers_memory_efficient_attention()
         self.model: nn.Module = adapter.denoiser
         self.objective.attach(self)
+        self.logp_old_from_update = False
+        """set by the trainer around a rollout that feeds one optimizer step: objectives whose logp_old is a forward
+        of its own after sampling (flow_matching) skip it (``Rollout.logp_old_from_update``)"""
 
     def _check_adapter(self) -> None:
         kind, a, unet = self.opts.sde.kind, self.adapter, sde.SDEOptions.UNET_KIND

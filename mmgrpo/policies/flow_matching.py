@@ -150,7 +150,9 @@ class FinalSampleObjective(DiffusionObjective):
         """Rollout whose units are ``timesteps`` (sigma, noise) draws on each final sample x0.
 
         Each row gets a seed from its prompt's generator (layout independent); the draws are regenerated from it
-        whenever the log-prob is recomputed. ``logp_old`` comes from :meth:`behaviour_logp`.
+        whenever the log-prob is recomputed. ``logp_old`` comes from :meth:`behaviour_logp`, or from the update's own
+        forward when the trainer says the rollout feeds one optimizer step (``policy.logp_old_from_update``) and the
+        objective allows it.
         """
         n, K = latents.shape[0], self.opts.timesteps
         if self.opts.shared_draws:
@@ -159,8 +161,15 @@ class FinalSampleObjective(DiffusionObjective):
             seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
         rollout = policy.finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
         rollout.extras["fm_seeds"] = seeds
-        rollout.logp_old = self.behaviour_logp(policy, rollout, torch.arange(n), torch.arange(K))
+        if policy.logp_old_from_update and self.logp_old_is_the_update_forward:  # one optimizer step: skip the forward
+            rollout.logp_old_from_update = True
+        else:
+            rollout.logp_old = self.behaviour_logp(policy, rollout, torch.arange(n), torch.arange(K))
         return rollout
+
+    logp_old_is_the_update_forward = True
+    """:meth:`behaviour_logp` is the update's own computation at unchanged weights (so a rollout feeding one optimizer
+    step may leave it to the update's forward); false when it records something else the loss needs (nft's v_old)"""
 
     def behaviour_logp(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """logp_old [N, K]: the trained weights' own surrogate at the rollout (ratio 1 before any update)."""
@@ -246,6 +255,7 @@ class NFTObjective(FinalSampleObjective):
 
     Options = NFTOptions
     loss = "nft"
+    logp_old_is_the_update_forward = False  # behaviour_logp stores v_old, which every nft loss needs
     loss_hint = " and loss.adv_clip"
 
     def behaviour_logp(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

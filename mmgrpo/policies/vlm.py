@@ -12,16 +12,22 @@ Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens
 
 1. the chat template and the processor run ONCE per prompt -> token ids [Lp], pixel values, grids, positions;
 2. the vision tower runs ONCE per prompt; its features are scattered into the prompt's embeddings [Lp, D];
-3. one prefill of the prompt, the KV cache repeated G times, G rows decoded together with the prompt's own
-   generator (seeded from ``PromptBatch.seeds[b]``, so samples do not depend on the layout); vision tokens
+3. one prefill per prompt (unpadded), the B caches joined into one cache of N rows left-padded to the longest
+   prompt (:func:`join_caches`; an attention mask hides the pad slots, each row keeps its prompt's positions), and
+   ONE decode loop over all N rows, stopping when every row has its EOS; prompt b's G rows draw from the prompt's
+   own generator (seeded from ``PromptBatch.seeds[b]``), so samples do not depend on the layout; vision tokens
    (pads, start/end), box tokens and ids >= ``len(tokenizer)`` get logit -inf and can never be sampled
    (sampling one would crash the next forward with "Image features and image tokens do not match");
 4. ``logp_old [N, K]`` is recomputed by the teacher-forced scorer that ``log_prob`` uses, reusing the features of
-   step 2, so the ratio right after rollout is exactly 1 whatever the micro-batch.
+   step 2, so the ratio right after rollout is 1 whatever the micro-batch. When the trainer says the rollout feeds
+   one optimizer step (``logp_old_from_update``; epochs x minibatches = 1), this forward is skipped: the update's
+   own forward runs at the sampling parameters and its ``logp.detach()`` is ``logp_old`` (ratio exactly 1).
 
-Teacher forcing runs one forward per prompt over that prompt's rows (prompt expanded + completions right-padded,
-no left padding anywhere), with explicit positions (the family's: Qwen's ``get_rope_index`` positions, then text
-positions continuing from max + 1), so a row scores the same alone or with its group.
+Teacher forcing runs per prompt over that prompt's rows: the prompt forwarded ONCE, its keys/values shared by its
+rows' completions (right-padded), which a second forward runs (``shared_prefix``; the same maths as forwarding every
+row's prompt, which gradient checkpointing falls back to), with explicit positions (the family's: Qwen's
+``get_rope_index`` positions, then text positions continuing from max + 1), so a row scores the same alone or with
+its group.
 
 Off-policy rows (:mod:`mmgrpo.policies.offpolicy`): when the prompts' meta carry an off-policy completion
 (TempSamp-R1's ground truth ``<think>...</think><answer>GT</answer>``, written there by
@@ -37,6 +43,7 @@ truncation is not reflected, as in TRL and verl). They are computed in fp32 from
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -137,7 +144,11 @@ class VLMPolicyOptions:
     reference_copy: bool = False
     """full fine-tuning with loss.beta > 0: keep a frozen copy of the model as the KL reference"""
     gradient_checkpointing: bool = False
-    """recompute decoder activations in backward (less memory, ~30% slower)"""
+    """recompute decoder activations in backward (less memory, ~30% slower); the update then forwards each row's
+    prompt itself (checkpointed layers drop the KV cache that shared_prefix needs)"""
+    shared_prefix: bool = True
+    """log-probs forward a prompt ONCE for its rows (its keys/values shared by the G completions, gradients summed:
+    the same maths as forwarding every row's prompt); false = every row forwards prompt + completion"""
     logprob_chunk: int = 1024
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
 
@@ -176,6 +187,66 @@ def _eos_ids(tokenizer, model) -> list[int]:
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= set(gen if isinstance(gen, list) else [gen])
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer))
+
+
+def join_caches(caches: list[Any], lengths: list[int], G: int, room: int = 0) -> Any | None:
+    """B prefill caches (one row each, prompt b's ``lengths[b]`` slots) -> one cache of B*G rows, left-padded.
+
+    Row n = b*G + j holds prompt b's keys/values in its last ``lengths[b]`` slots; the first ``max(lengths) -
+    lengths[b]`` slots are zeros that the decode loop's attention mask hides. The joined layers keep their keys and
+    values in buffers with ``room`` more slots, which each decoded token is written into in place (a
+    ``DynamicLayer`` concatenates, i.e. copies the whole cache, at every token). Only transformers' ``DynamicCache``
+    of plain ``DynamicLayer`` layers is joined (the first cache object is reused); for any other layout (sliding
+    windows, static or quantised caches) one prompt's cache is repeated G times as it is, and several give None, which
+    the caller then decodes prompt by prompt.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = [getattr(c, "layers", None) for c in caches]
+    if any(ls is None or len(ls) != len(layers[0]) or any(type(x) is not DynamicLayer for x in ls) for ls in layers):
+        if len(caches) == 1:
+            caches[0].batch_repeat_interleave(G)
+            return caches[0]
+        return None
+    L = max(lengths)
+    for i in range(len(layers[0])):
+        bufs = []
+        for name in ("keys", "values"):
+            first = getattr(layers[0][i], name)  # [1, H, L_0, d]
+            out = first.new_zeros(len(caches) * G, first.shape[1], L + room, first.shape[3])  # [B*G, H, L + room, d]
+            for b, ls in enumerate(layers):
+                out[b * G : (b + 1) * G, :, L - lengths[b] : L] = getattr(ls[i], name)  # broadcast over the G rows
+            bufs.append(out)
+        caches[0].layers[i] = _buffered_layer(*bufs, L)
+    return caches[0]
+
+
+def _buffered_layer(keys: torch.Tensor, values: torch.Tensor, length: int) -> Any:
+    """A transformers ``DynamicLayer`` over preallocated buffers [N, H, capacity, d] whose first ``length`` slots
+    are filled: ``update`` writes the new slots in place and returns views (past the capacity it concatenates, as a
+    ``DynamicLayer`` does)."""
+    layer = _buffered_layer_class()()
+    layer.lazy_initialization(keys, values)
+    layer.buffers = (keys, values)
+    layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+    return layer
+
+
+@functools.cache
+def _buffered_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer  # transformers loads with the first VLM, not with mmgrpo
+
+    class BufferedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, q = self.keys.shape[-2], key_states.shape[-2]
+            if n + q > self.buffers[0].shape[-2]:
+                return super().update(key_states, value_states, *args, **kwargs)
+            for buf, new in zip(self.buffers, (key_states, value_states)):
+                buf[:, :, n : n + q] = new
+            self.keys, self.values = (buf[:, :, : n + q] for buf in self.buffers)
+            return self.keys, self.values
+
+    return BufferedLayer
 
 
 _LOCAL_HINT = (
@@ -250,9 +321,14 @@ class VLMPolicy:
                 )
             ref_copy = copy.deepcopy(model).requires_grad_(False).eval()
         trainable = self._trainable(model, o, self.adapter)
-        self.model: nn.Module = VLMScorer(trainable, self.adapter, suppress, o.temperature, o.logprob_chunk)
+        self.model: nn.Module = VLMScorer(
+            trainable, self.adapter, suppress, o.temperature, o.logprob_chunk, shared_prefix=o.shared_prefix
+        )
         self.model.ref_model = ref_copy
         self.reference = reference
+        self.logp_old_from_update = False
+        """set by the trainer around a rollout that feeds one optimizer step: skip step 4's scoring forward
+        (``Rollout.logp_old_from_update``)"""
 
     @staticmethod
     def _trainable(model: nn.Module, o: VLMPolicyOptions, family: VLMFamily) -> nn.Module:
@@ -329,54 +405,109 @@ class VLMPolicy:
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, prompt: PromptInputs, G: int, generator: torch.Generator | None, greedy: bool = False):
-        """G completions of one prompt: one vision pass, one prefill, G rows decoded from a shared KV cache.
+        """G completions of one prompt: :meth:`sample_batch` of that prompt alone."""
+        return self.sample_batch([prompt], G, [generator], greedy)
 
-        Returns (tokens [G, T] with pad after EOS, lengths [G] incl. EOS, finished [G] bool, entropy [G, T] fp32:
-        of the distribution each token was drawn from, :func:`token_entropy` of the logits already computed here).
+    @torch.no_grad()
+    def sample_batch(
+        self, prompts: list[PromptInputs], G: int, generators: list[torch.Generator | None], greedy: bool = False
+    ):
+        """G completions of each of B prompts decoded together: N = B*G rows, prompt b's rows b*G .. b*G + G - 1.
+
+        1. per prompt, one vision pass and one prefill of its Lp_b tokens (no padding: the computation of the prompt
+           alone);
+        2. the B prefill caches become one cache of N rows, left-padded to the longest prompt (:func:`join_caches`;
+           the pad slots are masked out), each row with its own prompt's positions;
+        3. one decode loop: a forward of all N rows per token; prompt b's rows draw from ``generators[b]`` only, so a
+           row's tokens do not depend on the other prompts of the batch; the loop stops once every row has its EOS.
+
+        Returns (tokens [N, T] with pad after EOS, lengths [N] incl. EOS, finished [N] bool, entropy [N, T] fp32: of
+        the distribution each token was drawn from, :func:`token_entropy` of the logits already computed here; 0 after
+        the row's EOS).
         """
+        sc = self._scorer()
+        hf = sc.hf
+        backbone = sc.backbone(hf)
+        caches, last = [], []
+        for prompt in prompts:
+            feats = sc.vision(hf, prompt, store=True)  # the vision tower's one pass
+            emb = sc.prompt_embeds(hf, prompt, feats)[None]  # [1, Lp, D]
+            extra = self.adapter.decoder_kwargs(hf, prompt, feats, 1, 0, emb.shape[1])  # e.g. deepstack features
+            out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True, **extra)
+            caches.append(getattr(out, "cache", None) or out.past_key_values)
+            last.append(out.last_hidden_state[:, -1])  # [1, D]
+        lengths = [int(p.input_ids.shape[0]) for p in prompts]
+        joined = join_caches(caches, lengths, G, room=self.options.max_new_tokens)
+        if joined is not None:
+            return self._decode_loop(prompts, joined, torch.cat(last), G, generators, greedy)
+        # a cache layout join_caches does not know (e.g. sliding windows): one decode loop per prompt
+        parts = [
+            self._decode_loop([p], join_caches([c], [n], G, room=self.options.max_new_tokens), h, G, [g], greedy)
+            for p, c, n, h, g in zip(prompts, caches, lengths, last, generators)
+        ]
+        T = max(part[0].shape[1] for part in parts)
+        toks = torch.cat([nn.functional.pad(x[0], (0, T - x[0].shape[1]), value=self.pad_id) for x in parts])
+        ent = torch.cat([nn.functional.pad(x[3], (0, T - x[3].shape[1])) for x in parts])
+        return toks, torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts]), ent
+
+    def _decode_loop(self, prompts, cache, last: torch.Tensor, G: int, generators, greedy: bool):
+        """The decode loop of :meth:`sample_batch` over a joined cache of B*G rows; ``last [B, D]`` is each prompt's
+        last prefill hidden state."""
         o, sc = self.options, self._scorer()
         hf = sc.hf
-        feats = sc.vision(hf, prompt, store=True)  # the vision tower's one pass
-        emb = sc.prompt_embeds(hf, prompt, feats)[None]  # [1, Lp, D]
         backbone, head, embed = sc.backbone(hf), hf.get_output_embeddings(), hf.get_input_embeddings()
-        extra = self.adapter.decoder_kwargs(hf, prompt, feats, 1, 0, emb.shape[1])  # e.g. deepstack features
-        out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True, **extra)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(G)
-        h = out.last_hidden_state[:, -1].expand(G, -1)  # [G, D]
-        eos = torch.tensor(self.eos_ids, device=emb.device)
-        done = torch.zeros(G, dtype=torch.bool, device=emb.device)
+        B, dev = len(prompts), last.device
+        N, K = B * G, o.max_new_tokens
+        lengths = torch.tensor([p.input_ids.shape[0] for p in prompts], device=dev)  # [B]
+        pad = (lengths.max() - lengths).repeat_interleave(G)  # [N] left pad slots of each row
+        Lmax, mask = int(lengths.max()), None
+        if bool(pad.any()):  # [N, Lmax + K]: 0 on the pad slots, which no row may attend to
+            mask = (torch.arange(Lmax + K, device=dev)[None] >= pad[:, None]).long()
+        # positions of completion token t of each row (slot Lp_b + t), the rows' own prompts': [..., N, K]
+        positions = torch.cat([sc.positions(p, K, G, start=p.input_ids.shape[0]) for p in prompts], dim=-2)
+        h = last.repeat_interleave(G, dim=0)  # [N, D]
+        eos = torch.tensor(self.eos_ids, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        kw = {self.adapter.cache_kwarg(backbone): cache}
         tokens, entropy = [], []
-        for t in range(o.max_new_tokens):
-            logits = head(h)  # [G, V]
-            entropy.append(token_entropy(logits, o.temperature, sc.suppress))  # [G]: no extra forward
-            nxt = sample_tokens(logits, generator, o.temperature, o.top_p, o.top_k, sc.suppress, greedy)  # [G]
+        for t in range(K):
+            logits = head(h)  # [N, V]
+            entropy.append(token_entropy(logits, o.temperature, sc.suppress).masked_fill(done, 0.0))  # [N]
+            alive = (~done).view(B, G).any(1).tolist() if not greedy else []  # [B]: prompts still decoding
+            if greedy:
+                nxt = sample_tokens(logits, None, o.temperature, o.top_p, o.top_k, sc.suppress, greedy=True)
+            else:  # prompt b's rows from its own generator: layout-independent draws
+                nxt = torch.full((N,), self.pad_id, dtype=torch.long, device=dev)
+                for b in (b for b in range(B) if alive[b]):
+                    rows = slice(b * G, (b + 1) * G)
+                    nxt[rows] = sample_tokens(logits[rows], generators[b], o.temperature, o.top_p, o.top_k,
+                                              sc.suppress)  # fmt: skip
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
             done = done | torch.isin(nxt, eos)
-            if bool(done.all()) or t == o.max_new_tokens - 1:
+            if t == K - 1 or bool(done.all()):
                 break
-            pos = sc.positions(prompt, t + 1, G, start=prompt.input_ids.shape[0] + t)  # slot Lp + t
-            kw = {self.adapter.cache_kwarg(backbone): cache}
-            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, use_cache=True, **kw)
+            pos = positions[..., t : t + 1]  # token t sits at slot Lp_b + t (joined: slot Lmax + t)
+            seen = None if mask is None else mask[:, : Lmax + t + 1]
+            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, attention_mask=seen, use_cache=True,
+                           **kw)  # fmt: skip
             h = out.last_hidden_state[:, -1]
-        toks = torch.stack(tokens, dim=1)  # [G, T]
-        is_eos = torch.isin(toks, eos)  # [G, T]
-        finished = is_eos.any(1)  # [G]
-        lengths = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [G]: up to the first EOS
-        return toks, lengths, finished, torch.stack(entropy, dim=1)
+        toks = torch.stack(tokens, dim=1)  # [N, T]
+        is_eos = torch.isin(toks, eos)  # [N, T]
+        finished = is_eos.any(1)  # [N]
+        lens = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [N]: up to the first EOS
+        return toks, lens, finished, torch.stack(entropy, dim=1)
 
     def _seeded(self, batch: PromptBatch, b: int, generator: torch.Generator | None) -> torch.Generator | None:
         return generator_for(batch.seeds[b], self.device) if batch.seeds else generator
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, greedy: bool = True) -> list[str]:
-        """One completion per prompt (greedy by default: held-out evaluation)."""
-        out = []
-        for b, (p, m) in enumerate(zip(batch.prompts, batch.meta)):
-            toks, lens, _, _ = self.sample(self.prepare(p, m), 1, self._seeded(batch, b, None), greedy)
-            out.append(self._decode(toks[0, : int(lens[0])]))
-        return out
+        """One completion per prompt (greedy by default: held-out evaluation), all prompts decoded together."""
+        prompts = [self.prepare(p, m) for p, m in zip(batch.prompts, batch.meta)]
+        gens = [self._seeded(batch, b, None) for b in range(len(prompts))]
+        toks, lens, _, _ = self.sample_batch(prompts, 1, gens, greedy)
+        return [self._decode(toks[b, : int(lens[b])]) for b in range(len(prompts))]
 
     def answer_mask(self, comp: torch.Tensor, lengths: torch.Tensor, tag: str = "<answer>") -> torch.Tensor:
         """[N, K] bool: True from the first token after ``tag`` to the row's end; every token if there is no tag.
@@ -407,15 +538,11 @@ class VLMPolicy:
     def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
         G, K, dev = group_size, self.options.max_new_tokens, self.device
         prompts = [self.prepare(p, m) for p, m in zip(batch.prompts, batch.meta)]  # processor: once per prompt
+        gens = [self._seeded(batch, b, generator) for b in range(len(prompts))]
+        toks, lengths, finished, ent = self.sample_batch(prompts, G, gens)  # all B*G rows in one decode loop
         comp = torch.full((len(prompts) * G, K), self.pad_id, dtype=torch.long, device=dev)  # [N, K]
-        lengths = torch.zeros(len(prompts) * G, dtype=torch.long, device=dev)  # [N]
-        finished = torch.zeros(len(prompts) * G, dtype=torch.bool, device=dev)  # [N]
         entropy = torch.zeros(len(prompts) * G, K, device=dev)  # [N, K] fp32
-        for b, prompt in enumerate(prompts):
-            toks, lens, fin, ent = self.sample(prompt, G, self._seeded(batch, b, generator))
-            rows = slice(b * G, (b + 1) * G)
-            comp[rows, : toks.shape[1]], lengths[rows], finished[rows] = toks, lens, fin
-            entropy[rows, : toks.shape[1]] = ent
+        comp[:, : toks.shape[1]], entropy[:, : toks.shape[1]] = toks, ent
         samples = [self._decode(comp[n, : int(lengths[n])]) for n in range(len(prompts) * G)]
         extras: dict[str, Any] = {}
         offpolicy = offpolicy_completions(batch.meta)  # ([B] texts, position), e.g. TempSamp-R1's ground truths
@@ -434,9 +561,10 @@ class VLMPolicy:
         row_prompts = [p for p in prompts for _ in range(G)]  # N references to B objects
         logp_old = torch.zeros(len(row_prompts), K, device=dev)  # [N, K] fp32
         L = max(int(lengths.max()), 1)
-        for b in range(len(prompts)):  # the scorer log_prob uses, one prompt's rows per call
-            rows = slice(b * G, (b + 1) * G)
-            logp_old[rows, :L] = self.model(row_prompts[rows], comp[rows, :L], reuse_features=True)[0].float()
+        if not self.logp_old_from_update:  # else the update's own forward gives it (one optimizer step)
+            for b in range(len(prompts)):  # the scorer log_prob uses, one prompt's rows per call
+                rows = slice(b * G, (b + 1) * G)
+                logp_old[rows, :L] = self.model(row_prompts[rows], comp[rows, :L], reuse_features=True)[0].float()
         logp_old = logp_old.masked_fill(~mask, 0.0)
         meta = [self._row_meta(m, p, raw) for p, m, raw in zip(prompts, batch.meta, batch.prompts) for _ in range(G)]
         return Rollout(
@@ -455,6 +583,7 @@ class VLMPolicy:
                 "token_entropy": entropy,
                 **extras,
             },
+            logp_old_from_update=self.logp_old_from_update,
         )
 
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:

@@ -98,6 +98,12 @@ def sample_tokens(
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
+def checkpointed(module: nn.Module) -> bool:
+    """Whether a layer of ``module`` recomputes itself in backward (transformers' gradient checkpointing): such
+    layers drop the KV cache while training, so the shared-prefix forward cannot run through them."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+
 # ---------------------------------------------------------------------------------------------- the module
 
 
@@ -109,7 +115,13 @@ class VLMScorer(nn.Module):
     """
 
     def __init__(
-        self, vlm: nn.Module, family: VLMFamily, suppress: torch.Tensor, temperature: float = 1.0, chunk: int = 1024
+        self,
+        vlm: nn.Module,
+        family: VLMFamily,
+        suppress: torch.Tensor,
+        temperature: float = 1.0,
+        chunk: int = 1024,
+        shared_prefix: bool = True,
     ):
         super().__init__()
         self.vlm = vlm  # the transformers model, or a peft model around it
@@ -117,6 +129,7 @@ class VLMScorer(nn.Module):
         self.temperature = temperature
         self.chunk = chunk
         self.register_buffer("suppress", suppress, persistent=False)  # [V] bool
+        self.shared_prefix = shared_prefix
         self.ref_model: nn.Module | None = None  # frozen copy (full fine-tuning with reference_copy)
 
     @property
@@ -176,18 +189,50 @@ class VLMScorer(nn.Module):
     # -- scoring
     def group_logprobs(self, hf: nn.Module, prompt: PromptInputs, comp: torch.Tensor, cached: bool) -> torch.Tensor:
         """Teacher-forced token log-probs of r completions [r, Lc] of one prompt. -> [r, Lc] fp32."""
-        r, Lc = comp.shape
-        Lp = prompt.input_ids.shape[0]
         feats = self.vision(hf, prompt, cached)
         prompt_emb = self.prompt_embeds(hf, prompt, feats)  # [Lp, D]
-        emb = torch.cat([prompt_emb[None].expand(r, -1, -1), hf.get_input_embeddings()(comp)], dim=1)  # [r, L, D]
-        extra = self.family.decoder_kwargs(hf, prompt, feats, r, 0, Lp + Lc)  # e.g. Qwen3-VL's deepstack features
-        pos = self.positions(prompt, Lc, r)
-        out = self.backbone(hf)(inputs_embeds=emb, position_ids=pos, use_cache=False, **extra)
-        hidden = out.last_hidden_state[:, Lp - 1 : Lp - 1 + Lc]  # [r, Lc, D]: slot t predicts completion token t
+        backbone = self.backbone(hf)
+        if self.shared_prefix and not checkpointed(backbone):
+            hidden = self.shared_prefix_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
+        else:
+            hidden = self.expanded_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
         return chunked_token_logprobs(
             hidden, hf.get_output_embeddings(), comp, self.chunk, self.temperature, self.suppress
         )
+
+    def expanded_hidden(self, hf, backbone, prompt: PromptInputs, feats, prompt_emb, comp) -> torch.Tensor:
+        """Hidden states [r, Lc, D] predicting each completion token: one forward of r rows (prompt + completion),
+        the prompt repeated in every row."""
+        r, Lc = comp.shape
+        Lp = prompt_emb.shape[0]
+        emb = torch.cat([prompt_emb[None].expand(r, -1, -1), hf.get_input_embeddings()(comp)], dim=1)  # [r, L, D]
+        extra = self.family.decoder_kwargs(hf, prompt, feats, r, 0, Lp + Lc)  # e.g. Qwen3-VL's deepstack features
+        out = backbone(inputs_embeds=emb, position_ids=self.positions(prompt, Lc, r), use_cache=False, **extra)
+        return out.last_hidden_state[:, Lp - 1 : Lp - 1 + Lc]  # [r, Lc, D]: slot t predicts completion token t
+
+    def shared_prefix_hidden(self, hf, backbone, prompt: PromptInputs, feats, prompt_emb, comp) -> torch.Tensor:
+        """Hidden states [r, Lc, D] predicting each completion token, the prompt forwarded ONCE for its r rows (the
+        shared-prefix idea of Prefix Grouper, 2025): a forward of the prompt [1, Lp] keeps its keys/values (with
+        their graph), repeated for the r rows; a forward of the completions [r, Lc - 1] attends to them. The maths
+        is the expanded forward's (each row's tokens see the same prompt keys/values and their own past, at the
+        same positions), so log-probs and gradients agree up to float rounding; the prompt's gradient is the sum of
+        its rows'. The last completion token predicts nothing and is not forwarded."""
+        r, Lc = comp.shape
+        Lp = prompt_emb.shape[0]
+        extra = self.family.decoder_kwargs(hf, prompt, feats, 1, 0, Lp)  # e.g. Qwen3-VL's deepstack features
+        out = backbone(inputs_embeds=prompt_emb[None], position_ids=self.positions(prompt, 0, 1), use_cache=True,
+                       **extra)  # fmt: skip
+        first = out.last_hidden_state[:, -1:].expand(r, 1, -1)  # [r, 1, D]: slot Lp - 1 predicts token 0
+        if Lc == 1:
+            return first
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(r)  # [r, H, Lp, d] per layer, still in the graph
+        emb = hf.get_input_embeddings()(comp[:, :-1])  # [r, Lc - 1, D]
+        extra = self.family.decoder_kwargs(hf, prompt, feats, r, Lp, Lc - 1)
+        kw = {self.family.cache_kwarg(backbone): cache}
+        out = backbone(inputs_embeds=emb, position_ids=self.positions(prompt, Lc - 1, r, start=Lp), use_cache=True,
+                       **kw, **extra)  # fmt: skip
+        return torch.cat([first, out.last_hidden_state], dim=1)  # [r, Lc, D]
 
     def _rows_logprobs(self, hf, prompts: list[PromptInputs], comp: torch.Tensor, cached: bool) -> torch.Tensor:
         groups: dict[int, list[int]] = {}

@@ -138,6 +138,12 @@ class TrainerConfig:
     """inner epochs over one rollout (old log-probs come from the rollout)"""
     minibatches: int = 1
     """optimizer steps per epoch: the rollout's rows split into this many minibatches"""
+    logp_old: Literal["auto", "rollout"] = "auto"
+    """where the loss's old log-probs come from. auto: when the rollout feeds one optimizer step (epochs x
+    minibatches = 1) and the policy can skip a forward for them (VLM, diffusion objective flow_matching), from the
+    update's own forward (logp.detach(): ratio exactly 1, one forward per step less, as TRL does); otherwise from the
+    rollout. rollout: always recorded by the rollout (to check the ratio = 1 invariant on trainer rollouts, or with
+    LoRA dropout, where the update's forward is noisier than the rollout's)"""
     rollout_chunks: int = 1
     """sample the step's prompts in this many chunks, scoring each in a background thread while the next
     is sampled (overlaps remote/threaded rewards with sampling); 1 = sample everything, then score"""

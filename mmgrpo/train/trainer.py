@@ -201,10 +201,24 @@ class Trainer:
         g = generator_for(prompt_seed(self.cfg.run.seed, step, 0, stream=1))
         self.policy.model.eval()
         self._reshard()
-        with torch.no_grad():
-            rollout = self.policy.rollout(batch, self.cfg.trainer.group_size, g)
+        defer = self.leaves_logp_old_to_update()
+        if defer:
+            self.policy.logp_old_from_update = True
+        try:
+            with torch.no_grad():
+                rollout = self.policy.rollout(batch, self.cfg.trainer.group_size, g)
+        finally:
+            if defer:
+                self.policy.logp_old_from_update = False
         self._reshard()
         return rollout
+
+    def leaves_logp_old_to_update(self) -> bool:
+        """Whether rollouts may leave ``logp_old`` to the update (``Policy.logp_old_from_update``): trainer.logp_old
+        is auto, the policy supports it and the rollout feeds exactly one optimizer step, whose forwards all run at
+        the sampling parameters, so ``logp.detach()`` there IS ``logp_old`` (ratio exactly 1; TRL does the same)."""
+        t = self.cfg.trainer
+        return t.logp_old == "auto" and t.epochs * t.minibatches == 1 and hasattr(self.policy, "logp_old_from_update")
 
     def _reshard(self) -> None:
         """FSDP2 keeps the root unit's gathered (full) parameters after a forward that no backward follows (rollouts,
@@ -336,6 +350,11 @@ class Trainer:
     def update(self, rollout: Rollout, adv: torch.Tensor, row_w: torch.Tensor, step: int) -> dict[str, float]:
         """epochs x minibatches optimizer steps; each minibatch in micro-batches with one global normaliser."""
         t, lc = self.cfg.trainer, self.cfg.loss
+        if rollout.logp_old_from_update and t.epochs * t.minibatches != 1:
+            raise ValueError(
+                f"the rollout left logp_old to the update, but trainer.epochs={t.epochs} x trainer.minibatches="
+                f"{t.minibatches} optimizer steps use it: only the first runs at the sampling parameters"
+            )
         mask = rollout.train_mask.clone()
         if lc.mask_zero_adv:  # before any normaliser is counted, so the count and the loss see the same units
             mask = loss_lib.mask_zero_advantages(mask, adv)
@@ -431,8 +450,10 @@ class Trainer:
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
             with sync:
                 lp = self.policy.log_prob(rollout, mrows, units)
+                # one optimizer step: this forward runs at the sampling parameters, so it gives logp_old itself
+                old = lp.logp.detach() if rollout.logp_old_from_update else rollout.logp_old[mrows][:, units]
                 loss, m = loss_lib.policy_loss(
-                    lp.logp, rollout.logp_old[mrows][:, units], adv[mrows], mask[mrows][:, units],
+                    lp.logp, old, adv[mrows], mask[mrows][:, units],
                     loss=lc.name, options=lc.options, aggregation=self.aggregation, beta=lc.beta, kl=lp.kl,
                     adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
                 )  # fmt: skip

@@ -370,7 +370,7 @@ def test_shipped_shapes_vlm_is_a_transformers_model_that_answers_as_the_policy(t
     for i, e in enumerate(exs):
         Image.fromarray(e.image).save(tmp_path / f"image{i}.png")
         prompt = policy.prepare(e.prompt(), e.meta())
-        toks, lens = policy.sample(prompt, 1, None, greedy=True)[:2]
+        toks, lens, _, _ = policy.sample(prompt, 1, None, greedy=True)
         expected.append((prompt.input_ids.cpu(), toks[0, : int(lens[0])].cpu()))
         case["messages"].append(policy.messages(e.prompt(), 1, False))
     (tmp_path / "case.json").write_text(json.dumps(case))

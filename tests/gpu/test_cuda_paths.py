@@ -37,7 +37,7 @@ def make_trainer(tmp_path, pipeline: str, policy: dict, data: dict, reward: str,
         "data": {"options": data},
         "rewards": [{"name": reward}],
         "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": G, "lr": 1e-2, "progress": False,
-                    "checkpoint_every": 0, **trainer},
+                    "checkpoint_every": 0, "logp_old": "rollout", **trainer},  # the ratio check reads logp_old
     }  # fmt: skip
     cfg = load_config(None, [f"run.output_dir={tmp_path}"], base=base)
     (tmp_path / "run").mkdir()

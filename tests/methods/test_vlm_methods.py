@@ -107,8 +107,9 @@ def test_pearl_cap_and_switch_errors(tmp_path):
 
 def test_tempsamp_injects_the_teacher_forced_ground_truth_and_anchors_it(tmp_path):
     tr = trainer_for(
-        tmp_path, "vlm_tempsamp", "trainer.group_size=3", "advantage.shaping=none", "advantage.shaping_options={}"
-    )
+        tmp_path, "vlm_tempsamp", "trainer.group_size=3", "advantage.shaping=none", "advantage.shaping_options={}",
+        "trainer.logp_old=rollout",  # recorded by the rollout, so the ratio below is checked against it
+    )  # fmt: skip
     rollout, cols, _ = tr.collect(0)
     off = rollout.extras["offpolicy_mask"]
     assert off.tolist() == [False, False, True] * 2  # the last row of each group

@@ -18,6 +18,7 @@ from mmgrpo.policies.vlm import (
     VLMPolicy,
     VLMPolicyOptions,
     chunked_token_logprobs,
+    join_caches,
     sample_tokens,
     token_entropy,
 )
@@ -58,10 +59,13 @@ def test_prompt_preparation_from_a_path_with_options_and_the_size_the_model_saw(
 
 
 def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients():
-    plain, ckpt = make_policy(), make_policy(gradient_checkpointing=True)
+    """Checkpointed layers drop the KV cache, so the checkpointed update forwards every row's prompt (as
+    shared_prefix=false does): one forward per prompt, each decoder layer rerun in backward."""
+    plain, ckpt = make_policy(shared_prefix=False), make_policy(gradient_checkpointing=True)
+    shared = make_policy()  # the default: the prompt forwarded once, then its rows' completions (2 forwards)
     rollout = plain.rollout(image_batch(), 2)
     grads, calls = [], []
-    for policy in (plain, ckpt):
+    for policy in (plain, ckpt, shared):
         policy.model.train()
         mlp = policy.model.hf.model.language_model.layers[0].mlp  # runs inside the checkpointed layer forward
         calls.append(0)
@@ -76,8 +80,9 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients():
         assert (lp - rollout.logp_old[:4]).abs().masked_select(rollout.train_mask[:4]).max() < 1e-5
         lp.sum().backward()
         grads.append([p.grad.clone() for p in policy.trainable_parameters()])
-    assert calls == [2, 4]  # 2 prompts; checkpointing reruns each decoder layer in backward
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert calls == [2, 4, 4]  # 2 prompts; checkpointing reruns each decoder layer in backward
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], grads[1]))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], grads[2]))
 
 
 # ----------------------------------------------------------------------------------------- vision reuse
@@ -206,6 +211,71 @@ def test_rollout_records_the_entropy_of_each_sampled_tokens_distribution():
     m = policy.rollout_metrics(rollout)
     assert m["completion/entropy"] == pytest.approx(hand.mean().item(), abs=1e-4)  # mean over completion tokens
     assert m["completion/length_mean"] == pytest.approx(len(hand) / 6)
+
+
+def test_a_cache_that_cannot_be_joined_is_decoded_prompt_by_prompt():
+    """A sliding-window decoder layer keeps a cache join_caches does not pad: each prompt gets its own loop, with the
+    same samples as alone."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from mmgrpo.testing import tiny_vlm
+
+    tok = tiny_vlm.tiny_tokenizer()
+    text = {**tiny_vlm._text_config(tok), "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": tiny_vlm.TEXT_HIDDEN, "mlp_ratio": 2, "num_heads": 2,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **tiny_vlm._special_ids(tok))
+    assert config.text_config.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    model = tiny_vlm._finish(Qwen2VLForConditionalGeneration(config), tok)
+    policy = VLMPolicy(model, tiny_vlm._processor("qwen2_vl", tok), VLMPolicyOptions(max_new_tokens=6))
+    caches = [DynamicCache(config=config.text_config) for _ in range(2)]
+    for c, n in zip(caches, (3, 5)):
+        for i in range(2):
+            c.update(torch.zeros(1, 2, n, 16), torch.zeros(1, 2, n, 16), i)
+    assert isinstance(caches[0].layers[1], DynamicSlidingWindowLayer) and join_caches(caches, [3, 5], 2) is None
+    backbone = policy.adapter.backbone(policy.model.hf)
+    steps = []
+    backbone.register_forward_pre_hook(lambda mod, args, kw: steps.append(kw["inputs_embeds"].shape[0]),
+                                       with_kwargs=True)  # fmt: skip
+    full = policy.rollout(image_batch(), 3)
+    assert 3 in steps and 6 not in steps  # decode steps of one prompt's rows at a time
+    for b in (0, 1):
+        alone = policy.rollout(image_batch().select([b]), 3)
+        assert alone.samples == full.samples[3 * b : 3 * b + 3]
+        assert torch.equal(alone.extras["completion_ids"], full.extras["completion_ids"][3 * b : 3 * b + 3])
+
+
+def test_join_caches_left_pads_each_prompt_and_repeats_it_for_its_rows():
+    from transformers.cache_utils import DynamicCache
+
+    caches, lengths = [], [2, 3]
+    for b, n in enumerate(lengths):
+        c = DynamicCache()
+        for i in range(2):  # 2 layers; keys hold (prompt + 1) * (slot + 1) * (layer + 1), values minus that
+            k = ((b + 1) * torch.arange(1.0, n + 1) * (i + 1)).view(1, 1, n, 1).expand(1, 2, n, 4)
+            c.update(k, -k, i)
+        caches.append(c)
+    out = join_caches(caches, lengths, 2)
+    keys = out.layers[1].keys  # [B*G = 4, H = 2, 3 slots, 4]
+    assert keys.shape == (4, 2, 3, 4) and out.get_seq_length() == 3
+    assert keys[:, 0, :, 0].tolist() == [[0, 2, 4], [0, 2, 4], [4, 8, 12], [4, 8, 12]]  # prompt 0 after 1 pad slot
+    assert torch.equal(out.layers[1].values, -keys) and out.layers[0].keys[2, 1, :, 3].tolist() == [2, 4, 6]
+    # with room for decoded tokens: written in place into the buffer (no copy of the cache per token), then past
+    # the room concatenated as a DynamicLayer would
+    caches = [DynamicCache() for _ in lengths]
+    for c, n in zip(caches, lengths):
+        c.update(torch.ones(1, 2, n, 4), torch.ones(1, 2, n, 4), 0)
+    out = join_caches(caches, lengths, 2, room=2)
+    layer = out.layers[0]
+    start = layer.keys.data_ptr()
+    for t in range(3):
+        k, v = layer.update(torch.full((4, 2, 1, 4), t + 2.0), torch.full((4, 2, 1, 4), -t - 2.0))
+        assert k.shape == (4, 2, 4 + t, 4) and out.get_seq_length() == 4 + t
+        assert (k.data_ptr() == start) == (t < 2)  # the first 2 tokens in the buffer, the third past its room
+    assert k[2, 0, :, 0].tolist() == [1, 1, 1, 2, 3, 4] and k[1, 0, :, 0].tolist() == [0, 1, 1, 2, 3, 4]
+    assert torch.equal(v[:, :, 3:], -k[:, :, 3:])
 
 
 # ----------------------------------------------------------------------------------------- answer span

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.losses import policy_loss
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions, read_video, sample_tokens
 from mmgrpo.policies.vlm_families import VLM_FAMILIES
@@ -108,12 +109,78 @@ def test_qwen3_deepstack_features_reach_the_decoder():
 @family_param
 def test_samples_depend_only_on_the_prompt_seed(family):
     policy = make_policy(family)
-    full = policy.rollout(image_batch(seeds=(11, 12)), 3)
-    alone = policy.rollout(image_batch(seeds=(11, 12)).select([1]), 3)  # prompt 1 alone, still with seed 12
-    assert alone.samples == full.samples[3:]
-    assert torch.equal(alone.logp_old, full.logp_old[3:])
+    full = policy.rollout(image_batch(seeds=(11, 12)), 3)  # both prompts' rows in one decode loop
+    prompts = full.extras["prompt"][::3]
+    assert prompts[0].input_ids.shape != prompts[1].input_ids.shape  # so the joined cache is left-padded
+    for b in (0, 1):  # each prompt alone (no padding), still with its own seed
+        alone = policy.rollout(image_batch(seeds=(11, 12)).select([b]), 3)
+        rows = slice(3 * b, 3 * b + 3)
+        assert alone.samples == full.samples[rows]
+        assert torch.equal(alone.logp_old, full.logp_old[rows])  # the scorer: one forward per prompt either way
+        # the sampled distributions too, up to float rounding of the padded batched attention
+        assert torch.allclose(alone.extras["token_entropy"], full.extras["token_entropy"][rows], atol=1e-5)
     again = policy.rollout(image_batch(seeds=(11, 99)), 3)
     assert again.samples[:3] == full.samples[:3] and again.samples[3:] != full.samples[3:]
+
+
+@family_param
+def test_rollout_decodes_every_prompts_rows_in_one_loop_and_stops_when_all_have_ended(family):
+    """B prefills (one per prompt, unpadded), then one forward of all B*G rows per further token; greedy
+    evaluation batches its prompts the same way; a batch whose rows all end at once stops there."""
+    policy = make_policy(family, max_new_tokens=6)
+    backbone = policy.adapter.backbone(policy.model.hf)
+    rows = []
+    backbone.register_forward_pre_hook(lambda mod, args, kw: rows.append(kw["inputs_embeds"].shape[:2]),
+                                       with_kwargs=True)  # fmt: skip
+    rollout = policy.rollout(image_batch(), 4)
+    lengths = [p.input_ids.shape[0] for p in rollout.extras["prompt"][::4]]
+    T = int(rollout.extras["completion_len"].max())
+    steps = [r for r in rows if r[1] == 1]  # decode steps (the scorer's forwards follow, over whole sequences)
+    assert T > 1 and rows[:2] == [(1, lengths[0]), (1, lengths[1])]  # the prompts' own prefills
+    assert rows[2 : 2 + T - 1] == steps == [(8, 1)] * (T - 1)  # then 8 rows a step, until the last row's last token
+    rows.clear()
+    texts = policy.generate(image_batch())
+    assert len(texts) == 2 and rows[2:] and all(r == (2, 1) for r in rows[2:])
+    # every row ends with its first token: no decode step at all
+    biased_head(policy, torch.tensor(policy.eos_ids[:1]), value=1e4)
+    rows.clear()
+    ended = policy.rollout(image_batch(), 4)
+    assert ended.extras["completion_len"].tolist() == [1] * 8
+    assert rows[:2] == [(1, lengths[0]), (1, lengths[1])] and not [r for r in rows if r[1] == 1]
+
+
+@family_param
+def test_shared_prefix_update_forwards_each_prompt_once_with_the_expanded_loss_and_gradients(family):
+    """The update's log-probs forward a prompt once for its rows (its keys/values shared by their completions); the
+    loss and the gradients of every parameter, the vision tower's included (trained here), equal those of forwarding
+    every row's prompt (shared_prefix=false)."""
+    opts = {"finetune": "full", "freeze_vision": False}
+    shared, expanded = make_policy(family, **opts), make_policy(family, shared_prefix=False, **opts)
+    rollout = shared.rollout(image_batch(), 4)
+    rows = torch.tensor([0, 1, 2, 5, 6])  # 3 rows of prompt 0, 2 of prompt 1, in one micro-batch
+    adv = torch.tensor([1.0, -0.5, 0.3, -1.0, 0.8])
+    shapes = []
+    backbone = shared.adapter.backbone(shared.model.hf)
+    backbone.register_forward_pre_hook(lambda mod, args, kw: shapes.append(tuple(kw["inputs_embeds"].shape[:2])),
+                                       with_kwargs=True)  # fmt: skip
+    out = []
+    for policy in (shared, expanded):
+        lp = policy.log_prob(rollout, rows).logp
+        loss, _ = policy_loss(lp, rollout.logp_old[rows], adv, rollout.train_mask[rows], loss="grpo")
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        out.append((lp.detach(), loss.detach(), grads))
+    (lp_s, loss_s, g_s), (lp_e, loss_e, g_e) = out
+    lengths = [p.input_ids.shape[0] for p in rollout.extras["prompt"][::4]]
+    T = rollout.extras["completion_ids"].shape[1]
+    assert shapes == [(1, lengths[0]), (3, T - 1), (1, lengths[1]), (2, T - 1)]  # prompt once, then its completions
+    m = rollout.train_mask[rows]
+    assert (lp_s - lp_e).abs().masked_select(m).max() < 1e-5 and abs(loss_s - loss_e) < 1e-5
+    tower = vision_tower_names(shared)
+    assert g_s.keys() == g_e.keys() and any(g_s[n].abs().sum() > 0 for n in tower & g_s.keys())  # reached
+    # max |difference| over every gradient tensor, relative to its largest entry when that is above 1
+    worst = max((g_s[n] - g_e[n]).abs().max().item() / max(g_e[n].abs().max().item(), 1.0) for n in g_s)
+    assert worst < 1e-5, worst
 
 
 # ----------------------------------------------------------------------------------------- vision and sampling
