@@ -44,11 +44,13 @@ def rollout_of(trainer: Trainer):
 
 
 def test_auto_fits_rows_times_trained_units_into_the_budget(tmp_path, model):
-    tr = trainer_for(tmp_path, model)  # defaults: micro_batch_size auto, micro_batch_units 32
-    assert tr.cfg.trainer.micro_batch_size == "auto" and tr.cfg.trainer.micro_batch_units == 32
+    tr = trainer_for(tmp_path, model)  # defaults: micro_batch_size auto, micro_batch_units 16
+    assert tr.cfg.trainer.micro_batch_size == "auto" and tr.cfg.trainer.micro_batch_units == 16
     rows = torch.arange(8)
     every = torch.ones(8, T, dtype=torch.bool)  # the sde objective trains all T = 4 steps of a row
-    assert tr.micro_rows(rows, every) == 8  # 32 // 4 = 8 rows: the whole minibatch of 8
+    assert tr.micro_rows(rows, every) == 4  # 16 // 4
+    tr.cfg.trainer.micro_batch_units = 100
+    assert tr.micro_rows(rows, every) == 8  # 25 rows fit: the whole minibatch of 8
     tr.cfg.trainer.micro_batch_units = 8
     assert tr.micro_rows(rows, every) == 2  # 8 // 4
     tr.cfg.trainer.micro_batch_units = 3
