@@ -220,6 +220,13 @@ class DiffusionPolicy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.unwrapped().parameters() if p.requires_grad]
 
+    def micro_batch_rows(self, units: int, budget: int) -> int:
+        """Rows per micro-batch under ``trainer.micro_batch_size: auto``: every trained unit of a row (an SDE step, a
+        flow-matching draw) is one forward of the denoiser, so ``budget`` (``trainer.micro_batch_units``) (row, unit)
+        forwards hold ``budget // units`` rows, at least one. Activation memory is then bounded by the budget
+        (or by one row's units when they exceed it), whatever B x G x T."""
+        return max(1, budget // max(units, 1))
+
     def plan(self, generator: torch.Generator | None) -> exploration.ExplorationPlan:
         """The exploration schedule's plan for this rollout (the MixGRPO window slides with training_step)."""
         return self.exploration.plan(self.opts.num_steps, self.training_step, generator)
@@ -264,7 +271,10 @@ class DiffusionPolicy:
         if plan.branch_step is not None:
             return self._rollout_branch(batch, G, sched, plan, gens, cond)
         x = self._noise(gens, G, shared_per_group=o.shared_init_noise)
-        latents, logp = [x], torch.zeros(B * G, sched.num_steps)
+        # every state is written once into one [N, T+1, ...] buffer (a list then torch.stack held two copies)
+        latents = x.new_empty((B * G, sched.num_steps + 1, *x.shape[1:]))
+        latents[:, 0] = x
+        logp = torch.zeros(B * G, sched.num_steps)
         uncond = self.uncond(B * G)
         with self.objective.sampling_weights(self, batch.step):
             for i in range(sched.num_steps):
@@ -273,9 +283,9 @@ class DiffusionPolicy:
                 noise = self._noise(gens, G, shared_per_group=False) if plan.sde_mask[i] else None
                 res = self.step(out, x, i, sched, level, noise=noise)
                 x = res.prev_sample
-                latents.append(x)
+                latents[:, i + 1] = x
                 logp[:, i] = res.log_prob
-        return self.objective.finish_rollout(self, batch, G, torch.stack(latents, 1), logp, plan, cond, gens)
+        return self.objective.finish_rollout(self, batch, G, latents, logp, plan, cond, gens)
 
     def _rollout_branch(self, batch, G, sched, plan, gens, cond) -> Rollout:
         """G2RPO: shared ODE anchor to step k, one SDE branch step, ODE continuations (several granularities)."""

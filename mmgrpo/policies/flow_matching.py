@@ -159,7 +159,9 @@ class FinalSampleObjective(DiffusionObjective):
             seeds = torch.cat([torch.randint(0, 2**62, (1,), generator=g).expand(G) for g in gens])  # [N]
         else:
             seeds = torch.cat([torch.randint(0, 2**62, (G,), generator=g) for g in gens])  # [N]
-        rollout = policy.finish(batch, G, latents[:, -1:], torch.zeros(n, K), torch.ones(n, K), cond, {})
+        # only the final states are kept: a copy of them, so the sampler's [N, T+1, ...] buffer is freed
+        final = latents[:, -1:].contiguous()
+        rollout = policy.finish(batch, G, final, torch.zeros(n, K), torch.ones(n, K), cond, {})
         rollout.extras["fm_seeds"] = seeds
         if policy.logp_old_from_update and self.logp_old_is_the_update_forward:  # one optimizer step: skip the forward
             rollout.logp_old_from_update = True

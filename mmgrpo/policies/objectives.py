@@ -126,23 +126,28 @@ class SDEObjective(DiffusionObjective):
             return LogProbs(logp=policy.unwrapped_zero().expand(n, 0), kl=None)
         lat = rollout.extras["latents"]
         rr, uu = rows.repeat_interleave(k), units.repeat(n)  # [n*k] pairs, row-major
-        # G2RPO: the G rows of a group share x_k, so one forward per (group, unit) serves all of them
-        fwd_rows = rr
         if rollout.extras.get("state_shared_in_group"):
+            # G2RPO: the G rows of a group share x_k, so one forward per (group, unit) serves all of them
             fwd_rows = (rr // rollout.group_size) * rollout.group_size
-        key = torch.stack([fwd_rows, uu], 1)
-        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
-        x = lat[uniq[:, 0], uniq[:, 1]]
-        cond = policy.cond_rows(rollout.extras["cond"], uniq[:, 0])
-        t = sched.timesteps[uniq[:, 1]].to(x.device)
-        uncond = policy.uncond(len(uniq))
-        out = policy.guided(policy.model, x, t, cond, uncond)[inverse]  # [n*k, ...]
-        x_all, prev = lat[fwd_rows, uu], lat[rr, uu + 1]
-        res = policy.score_steps(out, x_all, uu, sched, prev)
+            uniq, inverse = torch.unique(torch.stack([fwd_rows, uu], 1), dim=0, return_inverse=True)
+            fwd_rows, fwd_units = uniq[:, 0], uniq[:, 1]
+        else:  # every (row, unit) pair is its own state: no deduplication, no second copy of the states
+            fwd_rows, fwd_units, inverse = rr, uu, None
+        x = lat[fwd_rows, fwd_units]  # [f, *latent]: the one gathered copy of the states this micro-batch trains on
+        cond = policy.cond_rows(rollout.extras["cond"], fwd_rows)
+        t = sched.timesteps[fwd_units].to(x.device)
+        uncond = policy.uncond(len(fwd_rows))
+        x_all = x if inverse is None else x[inverse]  # [n*k, *latent]
+        prev = lat[rr, uu + 1]
+
+        def scored(module):
+            out = policy.guided(module, x, t, cond, uncond)
+            return policy.score_steps(out if inverse is None else out[inverse], x_all, uu, sched, prev)
+
+        res = scored(policy.model)
         kl = None
         if policy.opts.reference_kl:
             with torch.no_grad(), policy.reference() as ref_model:
-                ref_out = policy.guided(ref_model, x, t, cond, uncond)[inverse]
-                ref = policy.score_steps(ref_out, x_all, uu, sched, prev)
+                ref = scored(ref_model)
             kl = sde.gaussian_kl(res.mean, ref.mean, res.std).view(n, k)
         return LogProbs(logp=res.log_prob.view(n, k), kl=kl)

@@ -30,8 +30,8 @@ STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "rew
 RESUMABLE = (
     "trainer.max_steps", "trainer.stop_after_steps", "trainer.time_budget_s", "trainer.progress",
     "trainer.log_every", "trainer.eval_every", "trainer.sample_every", "trainer.checkpoint_every",
-    "trainer.keep_checkpoints", "trainer.dump_advantages", "trainer.micro_batch_size", "trainer.rollout_chunks",
-    "run.name", "run.output_dir", "run.overwrite", "resume", "resume_force",
+    "trainer.keep_checkpoints", "trainer.dump_advantages", "trainer.micro_batch_size", "trainer.micro_batch_units",
+    "trainer.rollout_chunks", "run.name", "run.output_dir", "run.overwrite", "resume", "resume_force",
 )  # fmt: skip
 """config keys a resume may change: how long, how often to log/evaluate/save, how rows are chunked in memory"""
 

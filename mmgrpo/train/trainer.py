@@ -58,6 +58,8 @@ from mmgrpo.train.tracking import (
 )
 
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
+SUMMED_METRICS = ("loss/policy", "loss/kl", "loss/total")
+"""loss metrics that micro-batches add up (each is aggregated with the minibatch's global normaliser)"""
 
 
 def make_accelerator(mixed_precision: str | None) -> Accelerator:
@@ -437,30 +439,22 @@ class Trainer:
         total = self.acc.reduce(local.float().to(self.acc.device), reduction="sum").item()
         return max(total, 1.0) / self.acc.num_processes
 
+    def micro_rows(self, rows: torch.Tensor, mask: torch.Tensor) -> int:
+        """Rows per micro-batch of the minibatch ``rows``: ``trainer.micro_batch_size`` (0 = all of them), or with
+        ``auto`` the policy's ``micro_batch_rows(units, trainer.micro_batch_units)`` for the ``units`` a row of this
+        minibatch trains (a policy without that method: all rows)."""
+        t = self.cfg.trainer
+        micro = t.micro_batch_size
+        if micro == "auto":
+            choose = getattr(self.policy, "micro_batch_rows", None)
+            units = int(mask[rows].any(0).sum())
+            micro = choose(units, t.micro_batch_units) if choose is not None else 0
+        return min(int(micro), len(rows)) or len(rows)
+
     def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float] | None:
         """One optimizer step over ``rows`` (micro-batched); None when it was skipped (non-finite loss or grads)."""
-        t, lc = self.cfg.trainer, self.cfg.loss
-        denom = self._denominator(rows, mask)
-        micro = t.micro_batch_size or len(rows)
-        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
-        sums: dict[str, float] = {}
-        loss_ok = True
-        for i, mrows in enumerate(chunks):
-            units = mask[mrows].any(0).nonzero().reshape(-1)  # [k] units any row here trains
-            sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
-            with sync:
-                lp = self.policy.log_prob(rollout, mrows, units)
-                # one optimizer step: this forward runs at the sampling parameters, so it gives logp_old itself
-                old = lp.logp.detach() if rollout.logp_old_from_update else rollout.logp_old[mrows][:, units]
-                loss, m = loss_lib.policy_loss(
-                    lp.logp, old, adv[mrows], mask[mrows][:, units],
-                    loss=lc.name, options=lc.options, aggregation=self.aggregation, beta=lc.beta, kl=lp.kl,
-                    adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
-                )  # fmt: skip
-                self.acc.backward(loss)
-            loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v * len(mrows) / len(rows)
+        t = self.cfg.trainer
+        sums, loss_ok = self.accumulate_gradients(rollout, rows, adv, row_w, mask)
         grad_norm = None
         if t.max_grad_norm is not None:
             grad_norm = sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm))
@@ -476,6 +470,45 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         return sums
+
+    def accumulate_gradients(self, rollout, rows, adv, row_w, mask) -> tuple[dict[str, float], bool]:
+        """The minibatch ``rows``' loss, backpropagated in micro-batches of :meth:`micro_rows` rows into the
+        parameters' ``.grad`` (each micro-batch's loss uses the minibatch's global normaliser, so the accumulated
+        gradient is the whole minibatch's); returns its metrics and whether every micro-batch's loss was finite."""
+        lc = self.cfg.loss
+        denom = self._denominator(rows, mask)
+        micro = self.micro_rows(rows, mask)
+        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        sums: dict[str, float] = {}
+        loss_ok = True
+        masked = float(mask[rows].sum())
+        for i, mrows in enumerate(chunks):
+            units = mask[mrows].any(0).nonzero().reshape(-1)  # [k] units any row here trains
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
+            with sync:
+                lp = self.policy.log_prob(rollout, mrows, units)
+                # one optimizer step: this forward runs at the sampling parameters, so it gives logp_old itself
+                old = lp.logp.detach() if rollout.logp_old_from_update else rollout.logp_old[mrows][:, units]
+                loss, m = loss_lib.policy_loss(
+                    lp.logp, old, adv[mrows], mask[mrows][:, units],
+                    loss=lc.name, options=lc.options, aggregation=self.aggregation, beta=lc.beta, kl=lp.kl,
+                    adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
+                )  # fmt: skip
+                self.acc.backward(loss)
+            loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
+            # the loss terms are each micro-batch's share of the minibatch's (global normaliser): they add up; the
+            # per-unit means (ratio, clip fractions, advantage) are weighted by the micro-batch's masked units
+            share = float(mask[mrows].sum()) / masked if masked else len(mrows) / len(rows)
+            for k, v in m.items():
+                if k in SUMMED_METRICS:
+                    sums[k] = sums.get(k, 0.0) + v
+                elif masked and not share:
+                    continue  # no masked unit in this micro-batch: its unit means are placeholders
+                elif k == "loss/ratio_max":
+                    sums[k] = max(sums.get(k, v), v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + v * share
+        return sums, loss_ok
 
     # ---------------------------------------------------------------- outer loop
     def train(self) -> dict[str, Any]:

@@ -34,6 +34,8 @@ BAD = [
     ("trainer.minibatches=0", "trainer.minibatches=0"),
     ("trainer.minibatches=16", "trainer.minibatches=16"),
     ("trainer.micro_batch_size=-3", "trainer.micro_batch_size=-3"),
+    ("trainer.micro_batch_size=some", "expected int | 'auto', got 'some'"),
+    ("trainer.micro_batch_units=0", "trainer.micro_batch_units=0"),
     ("trainer.rollout_chunks=0", "trainer.rollout_chunks=0"),
     ("trainer.log_every=0", "trainer.log_every=0"),
     ("trainer.eval_every=-1", "trainer.eval_every=-1"),

@@ -1,0 +1,595 @@
+"""Side by side with the peers: mmgrpo against TRL's ``GRPOTrainer`` (VLM) and a faithful Flow-GRPO loop (diffusion).
+
+    python bench/peers.py                      # everything, ~25 min on 2 idle cores; writes bench/results/peers.md
+    python bench/peers.py --only diffusion     # or: vlm, rollout (several allowed)
+    python bench/peers.py --quick --out ''     # the smoke test's tiny sizes in one process (tests/bench, seconds)
+
+What runs, each side in its own fresh process (``OMP_NUM_THREADS`` = ``--threads``, 2 by default), one warm-up step
+then ``--steps`` timed steps, the two sides alternating (the order flips every repeat), ``--repeats`` times; the
+table gives the median over repeats of each process's median step (min-max over repeats) and each process's peak
+resident memory (``ru_maxrss``: weights, optimizer, activations, the rollout's stored states, and the libraries):
+
+- **VLM GRPO** on a tiny Qwen2-VL (``assets/tiny_qwen2_vl``: hidden 64, 2 layers; and one built from its config with
+  hidden 256, 4 layers, random weights), B 2 prompts x G 8, 32 new tokens at temperature 1, beta 0 (no reference),
+  full fine-tuning of the language model with the vision tower frozen, the ``format`` and ``accuracy`` rewards, the
+  synthetic shapes questions rendered at 56 x 56 (4 vision tokens) and 448 x 448 pixels (256 vision tokens; the
+  processor's pixel budget is raised to 448 x 448 on both sides). mmgrpo: the ``vlm_reasoning`` recipe's trainer,
+  default options. TRL: ``GRPOTrainer`` with the same model object, processor, prompts (system turn, image, question),
+  rewards (the same functions), B x G rows per step and per generation, one optimizer step per generation, no eval,
+  no logging, no saving; a step is timed from one ``on_step_end`` to the next (data loading and generation
+  included).
+- **Diffusion Flow-GRPO step** on the shipped shapes SD3 (``assets/shapes_t2i``): the Flow-GRPO SDE (noise level 0.7)
+  on T steps, training the first int(0.99 T) (T 8: 7), clip range 1e-4, advantages clamped to 5, lr 3e-4, weight
+  decay 1e-4, full fine-tuning, no CFG, beta 0, the ``shapes`` reward; at B 8 x G 8, T 8, then B 2 on the
+  G x T grid G in {4, 8, 16}, T in {5, 10, 20} (B 2 x G 16 x T 20 is its corner). mmgrpo: the ``text_to_image``
+  trainer, default options (``trainer.micro_batch_size: auto``), as many optimizer steps per rollout as the peer
+  (``trainer.minibatches``); three more rows run mmgrpo alone at B 8 x G 8, T 8 with the whole minibatch in one
+  forward (``micro_batch_size 0``, the default before ``auto``) and with budgets of 8 and 32 (row, step) forwards per
+  micro-batch instead of the default 16 (``micro_batch_units``), against the same peer measurement. Peer:
+  ``bench/flow_grpo_peer.py``, a re-implementation of Flow-GRPO's published training step (its SDE step and
+  log-prob, per-timestep clipped loss, sampling and training batches of 8 rows, timesteps looped inside each batch,
+  gradient accumulation over batches x timesteps, its zero-advantage row filter); its header names the commit it
+  follows and every simplification.
+- **Rollout**: ``bench/rollout.py``'s comparison (mmgrpo's SDE rollout with log-probs vs diffusers'
+  ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of ``--repeats`` alternating calls.
+
+Timings mean something only on an otherwise idle machine: the results file records the load average before and
+after. ``--quick`` (tiny sizes, every job in one process, one repeat, one timed step) only checks that everything
+runs; its numbers are not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for _p in (ROOT, BENCH):  # mmgrpo, and the peer loop next to this file
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+DEFAULT_OUT = Path(__file__).parent / "results" / "peers.md"
+SHAPES_T2I = ROOT / "assets" / "shapes_t2i"
+TINY_VLM = ROOT / "assets" / "tiny_qwen2_vl"
+RESULT = "PEERS_RESULT "
+PEER_OF = {"diffusion": "flow_grpo", "vlm": "trl", "rollout": "diffusers"}
+FRACTION = 0.99  # Flow-GRPO's timestep_fraction: the first int(0.99 T) steps are trained
+
+
+@dataclass
+class Point:
+    """One row of a table: a family, its sizes, and mmgrpo config overrides (``peer`` False: the row reuses the peer
+    measurement of the row with the same family and sizes)."""
+
+    label: str
+    family: str
+    sizes: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+    peer: bool = True
+
+    def key(self) -> str:
+        return json.dumps([self.family, self.sizes], sort_keys=True)
+
+
+def points(quick: bool, only: list[str]) -> list[Point]:
+    out: list[Point] = []
+    if quick:
+        out += [Point("VLM tiny (quick)", "vlm", {"hidden": 64, "image": 56, "B": 1, "G": 2, "tokens": 4}),
+                Point("diffusion B 1 x G 2, T 3 (quick)", "diffusion", {"B": 1, "G": 2, "T": 3}),
+                Point("rollout (quick)", "rollout", {"tiny": True})]  # fmt: skip
+    else:
+        for hidden, layers in ((64, 2), (256, 4)):
+            for image in (56, 448):
+                label = f"VLM hidden {hidden} / {layers} layers, {image}x{image}, B 2 x G 8, 32 tokens"
+                out.append(Point(label, "vlm", {"hidden": hidden, "image": image, "B": 2, "G": 8, "tokens": 32}))
+        main = {"B": 8, "G": 8, "T": 8}
+        out.append(Point("diffusion B 8 x G 8, T 8 (7 trained), default options", "diffusion", main))
+        for what, override in [("micro_batch_size 0 (the whole minibatch)", "trainer.micro_batch_size=0"),
+                               ("micro_batch_units 8", "trainer.micro_batch_units=8"),
+                               ("micro_batch_units 32", "trainer.micro_batch_units=32")]:  # fmt: skip
+            out.append(Point(f"diffusion B 8 x G 8, T 8, mmgrpo {what}", "diffusion", main, [override], peer=False))
+        for G in (4, 8, 16):
+            for T in (5, 10, 20):
+                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", {"B": 2, "G": G, "T": T}))
+        out.append(Point("rollout vs StableDiffusion3Pipeline, T 10, N 8", "rollout", {"tiny": False}))
+    return [p for p in out if p.family in only]
+
+
+# ====================================================================================== the sides (worker process)
+def trained_steps(T: int) -> int:
+    return int(T * FRACTION)
+
+
+def peer_config(s: dict[str, Any]):
+    from flow_grpo_peer import FlowGRPOConfig
+
+    return FlowGRPOConfig(num_steps=s["T"], num_image_per_prompt=s["G"], prompts_per_epoch=s["B"])
+
+
+def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str):
+    """A text_to_image Trainer on the shapes model with Flow-GRPO's settings; -> (step function, rows per step)."""
+    from mmgrpo.train.config import load_config
+    from mmgrpo.train.trainer import Trainer
+
+    T, k = s["T"], trained_steps(s["T"])
+    peer = peer_config(s)
+    base = {
+        "pipeline": "text_to_image",
+        "run": {"name": "mmgrpo", "seed": 0},
+        "policy": {"options": {
+            "family": "sd3", "path": str(SHAPES_T2I), "num_steps": T, "lora_rank": 0, "objective": "sde",
+            "sde": {"kind": "flow_grpo", "noise_level": peer.noise_level},
+            "exploration": {"name": "full", "timestep_fraction": k / T, "selection": "first"},
+        }},
+        "data": {"options": {"prompts": "shapes", "heldout_prompts": ""}},
+        "rewards": [{"name": "shapes"}],
+        "advantage": {"estimator": "grpo"},
+        "loss": {"name": "grpo", "options": {"clip_low": peer.clip_range, "clip_high": peer.clip_range},
+                 "adv_clip": peer.adv_clip_max, "beta": 0.0},
+        "trainer": {"prompts_per_step": s["B"], "group_size": s["G"], "minibatches": peer.optimizer_steps,
+                    "lr": peer.learning_rate, "weight_decay": peer.adam_weight_decay, "max_grad_norm": 1.0,
+                    "eval_every": 0, "checkpoint_every": 0, "progress": False, "max_steps": 10**6},
+    }  # fmt: skip
+    cfg = load_config(None, [f"run.output_dir={run_dir}", *overrides], base=base)
+    trainer = Trainer(cfg, Path(run_dir) / "mmgrpo")
+    plan = trainer.policy.plan(None)
+    assert int(plan.train_mask.sum()) == k, (plan.train_mask, k)  # the same trained steps as the peer
+    return trainer_step(trainer), s["B"] * s["G"]
+
+
+def trainer_step(trainer):
+    """One step of Trainer._train's loop body (collect, rollout metrics, advantage, update), without logging."""
+
+    def step() -> dict[str, float]:
+        n = trainer.step
+        rollout, cols, metrics = trainer.collect(n)
+        if hasattr(trainer.policy, "rollout_metrics"):
+            metrics.update(trainer.policy.rollout_metrics(rollout))
+        adv, row_w, m_adv = trainer.advantage(cols, rollout, n)
+        metrics.update(m_adv, **trainer.update(rollout, adv, row_w, n))
+        trainer.step = n + 1
+        out = {k: float(v) for k, v in metrics.items() if k in ("reward/mean", "completion/length_mean")}
+        return {**out, "trained_rows": float(rollout.num_rows)}  # every row goes through the update
+
+    return step
+
+
+def diffusion_flow_grpo(s: dict[str, Any]):
+    from flow_grpo_peer import FlowGRPOLoop
+
+    import mmgrpo.rewards.shapes  # noqa: F401  (registers the reward)
+    from mmgrpo.data.prompts import read_prompts
+    from mmgrpo.rewards.registry import get as get_reward
+
+    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), read_prompts("shapes", "train", 0), get_reward("shapes"))
+    return loop.step, s["B"] * s["G"]
+
+
+def vlm_examples(s: dict[str, Any], n: int = 64):
+    from mmgrpo.pipelines.vlm_reasoning import shapes_question
+
+    return [shapes_question(i, 0, s["image"]) for i in range(n)]
+
+
+def vlm_mmgrpo(s: dict[str, Any], model: str, overrides: list[str], run_dir: str):
+    from mmgrpo.train.config import load_config
+    from mmgrpo.train.trainer import Trainer
+
+    base = {
+        "pipeline": "vlm_reasoning",
+        "run": {"name": "mmgrpo", "seed": 0},
+        "data": {"options": {"num_examples": 64, "image_size": s["image"], "eval_examples": 1}},
+        "policy": {"options": {"path": model, "max_new_tokens": s["tokens"], "temperature": 1.0, "finetune": "full"}},
+        "rewards": [{"name": "format"}, {"name": "accuracy"}],
+        "advantage": {"estimator": "grpo"},
+        "loss": {"name": "grpo", "beta": 0.0},
+        "trainer": {"prompts_per_step": s["B"], "group_size": s["G"], "lr": 1e-5, "eval_every": 0,
+                    "checkpoint_every": 0, "progress": False, "max_steps": 10**6},
+    }  # fmt: skip
+    trainer = Trainer(load_config(None, [f"run.output_dir={run_dir}", *overrides], base=base), Path(run_dir) / "m")
+    return trainer_step(trainer), s["B"] * s["G"]
+
+
+def trl_rewards():
+    """The format and accuracy rewards as TRL reward functions (the same functions mmgrpo's registry calls)."""
+    import mmgrpo.rewards.text  # noqa: F401  (registers the rewards)
+    from mmgrpo.rewards.registry import get as get_reward
+
+    fmt, acc = get_reward("format"), get_reward("accuracy")
+
+    def text(completions):
+        return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+
+    def format_reward(completions, **kwargs):
+        return [float(v) for v in fmt(text(completions), [None] * len(completions), [{}] * len(completions), None)]
+
+    def accuracy_reward(completions, answer, **kwargs):
+        meta = [{"answer": a} for a in answer]
+        return [float(v) for v in acc(text(completions), [None] * len(completions), meta, None)]
+
+    return [format_reward, accuracy_reward]
+
+
+def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, steps: int):
+    """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them."""
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT, question_text
+
+    rows = [{"prompt": [{"role": "system", "content": R1_SYSTEM_PROMPT},
+                        {"role": "user", "content": question_text(p)}],
+             "image": Image.fromarray(m["images"][0]), "answer": m["answer"]} for p, m in vlm_examples(s)]  # fmt: skip
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype="float32")
+    model.model.visual.requires_grad_(False)  # as mmgrpo's freeze_vision (full fine-tuning of the language model)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    n = s["B"] * s["G"]
+    args = GRPOConfig(
+        output_dir=run_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=s["G"],
+        generation_batch_size=n, max_completion_length=s["tokens"], temperature=1.0, beta=0.0, learning_rate=1e-5,
+        num_iterations=1, max_steps=steps, logging_steps=10**6, report_to="none", save_strategy="no",
+        eval_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        remove_unused_columns=False, log_completions=False,
+    )  # fmt: skip
+    ends: list[float] = []
+    lengths: list[float] = []
+
+    class Clock(TrainerCallback):
+        """Step ends (the first entry: the start of training) and each step's mean completion length."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+            lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
+
+    trainer = GRPOTrainer(model=model, reward_funcs=trl_rewards(), args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=processor, callbacks=[Clock()])  # fmt: skip
+    return trainer, ends, lengths, n
+
+
+def rollout_job(s: dict[str, Any], repeats: int) -> dict[str, Any]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).parent / "rollout.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+    policy, pipe, max_len = ro.build(s["tiny"], "cpu", "float32")
+    times = ro.measure(ro.calls(policy, pipe, max_len, "cpu"), repeats, "cpu")
+    return {"mmgrpo": times["rollout"], "peer": times["pipeline"], "rows": len(ro.PROMPTS) * ro.GROUP}
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One side of one point: build, ``warmup`` steps, ``steps`` timed steps -> seconds per step, rows, extras."""
+    import torch
+
+    torch.manual_seed(0)
+    s, side, fam = job["sizes"], job["side"], job["family"]
+    warm, steps = job["warmup"], job["steps"]
+    out: dict[str, Any] = {"family": fam, "side": side, "sizes": s}
+    with tempfile.TemporaryDirectory() as tmp:
+        if fam == "rollout":
+            return {**out, **rollout_job(s, job["repeats"])}
+        if fam == "vlm" and side == "trl":
+            trainer, ends, lengths, rows = vlm_trl(s, job["model"], tmp, warm + steps)
+            trainer.train()
+            durations = [b - a for a, b in zip(ends, ends[1:])][warm:]
+            extra = {"tokens_mean": lengths[-1] if lengths else None}
+        else:
+            if fam == "vlm":
+                step, rows = vlm_mmgrpo(s, job["model"], job["overrides"], tmp)
+            elif side == "mmgrpo":
+                step, rows = diffusion_mmgrpo(s, job["overrides"], tmp)
+            else:
+                step, rows = diffusion_flow_grpo(s)
+            durations, trained, last = [], [], {}
+            for i in range(warm + steps):
+                t0 = time.perf_counter()
+                last = step()
+                if i >= warm:
+                    durations.append(time.perf_counter() - t0)
+                    trained.append(last["trained_rows"])
+            extra = {"tokens_mean": last.get("completion/length_mean"), "trained_rows": statistics.mean(trained)}
+    return {**out, "s_per_step": durations, "rows": rows, **extra}
+
+
+def worker(path: str) -> int:
+    """Run the jobs of a JSON file in this process, one result line each (errors are results too)."""
+    import traceback
+
+    for job in json.loads(Path(path).read_text()):
+        try:
+            res = run_job(job)
+        except Exception as e:  # noqa: BLE001  (the table shows it; the other jobs still run)
+            res = {"family": job["family"], "side": job["side"], "sizes": job["sizes"],
+                   "error": f"{type(e).__name__}: {e}"[:300], "trace": traceback.format_exc()[-2000:]}  # fmt: skip
+        res["peak_rss_mib"] = peak_rss_mib()
+        print(RESULT + json.dumps(res), flush=True)
+    return 0
+
+
+# ====================================================================================== orchestration
+def vlm_model_dirs(root: Path, quick: bool) -> dict[int, str]:
+    """hidden size -> model folder: the tiny asset (hidden 64) and hidden 256 / 4 layers built from its config with
+    random weights, both with the processor's pixel budget raised to 448 x 448 (256 vision tokens)."""
+    if quick:
+        return {64: str(TINY_VLM)}
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    dirs = {}
+    for hidden, layers in ((64, 2), (256, 4)):
+        d = root / f"qwen2_vl_{hidden}"
+        shutil.copytree(TINY_VLM, d)
+        if hidden != 64:
+            cfg = Qwen2VLConfig.from_pretrained(TINY_VLM)
+            heads = 4
+            cfg.text_config.update({"hidden_size": hidden, "intermediate_size": 2 * hidden,
+                                    "num_hidden_layers": layers, "num_attention_heads": heads,
+                                    "num_key_value_heads": 2, "layer_types": ["full_attention"] * layers})  # fmt: skip
+            half = hidden // heads // 2  # mrope sections cover half the head dimension: [1/2, 1/4, 1/4]
+            cfg.text_config.rope_parameters["mrope_section"] = [half // 2, half // 4, half // 4]
+            cfg.vision_config.hidden_size = hidden  # the merger projects to the text width
+            torch.manual_seed(0)
+            for f in d.glob("*.safetensors"):
+                f.unlink()
+            Qwen2VLForConditionalGeneration(cfg).save_pretrained(d, safe_serialization=True)
+        proc = json.loads((d / "processor_config.json").read_text())
+        for part in ("image_processor", "video_processor"):
+            proc[part]["size"]["longest_edge"] = 448 * 448
+        (d / "processor_config.json").write_text(json.dumps(proc, indent=2))
+        dirs[hidden] = str(d)
+    return dirs
+
+
+def jobs_for(point: Point, sides: list[str], args: argparse.Namespace, models: dict[int, str]) -> list[dict]:
+    base = {"family": point.family, "sizes": point.sizes, "overrides": point.overrides, "warmup": args.warmup,
+            "steps": args.steps, "repeats": args.repeats, "label": point.label}  # fmt: skip
+    if point.family == "vlm":
+        base["model"] = models[point.sizes["hidden"]]
+    if point.family == "rollout":
+        return [{**base, "side": "both"}]
+    return [{**base, "side": side} for side in sides]
+
+
+def missing_library(job: dict) -> str | None:
+    """Why a job cannot run here (its peer's library is not installed), or None."""
+    import importlib.util
+
+    if job["side"] == "trl" and importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install trl, or mmgrpo's bench extra)"
+    return None
+
+
+def run_jobs(jobs: list[dict], args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Run ``jobs`` in one fresh worker process; -> their results (a crashed worker: an error result per job; a job
+    whose peer library is missing: an error result without running)."""
+    skipped = [{"family": j["family"], "side": j["side"], "sizes": j["sizes"], "error": missing_library(j),
+                "label": j["label"], "overrides": j["overrides"]} for j in jobs if missing_library(j)]  # fmt: skip
+    jobs = [j for j in jobs if not missing_library(j)]
+    if not jobs:
+        return skipped
+    path = tmp / f"jobs_{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    try:
+        done = subprocess.run([sys.executable, __file__, "--worker", str(path)], env=env, capture_output=True,
+                              text=True, timeout=args.timeout)  # fmt: skip
+        out, err = done.stdout, done.stderr
+    except subprocess.TimeoutExpired as e:
+        out, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timed out"
+    results = [json.loads(line[len(RESULT) :]) for line in out.splitlines() if line.startswith(RESULT)]
+    last = err.strip().splitlines()[-1] if err.strip() else "?"
+    for job in jobs[len(results) :]:
+        results.append({"family": job["family"], "side": job["side"], "sizes": job["sizes"],
+                        "error": f"worker died: {last}"[:300]})  # fmt: skip
+    for job, res in zip(jobs, results):
+        res["label"] = job["label"]
+        res["overrides"] = job["overrides"]
+    return results + skipped
+
+
+def measure(pts: list[Point], args: argparse.Namespace, models: dict[int, str], tmp: Path) -> list[dict]:
+    results: list[dict] = []
+    if args.quick:  # every job in one process: a smoke test, no per-side memory
+        jobs = [j for p in pts for j in jobs_for(p, ["mmgrpo", PEER_OF[p.family]] if p.peer else ["mmgrpo"], args,
+                                                  models)]  # fmt: skip
+        return run_jobs(jobs, args, tmp)
+    for r in range(args.repeats):
+        for p in pts:
+            sides = ["mmgrpo", PEER_OF[p.family]] if p.peer else ["mmgrpo"]
+            if p.family == "rollout" and r > 0:
+                continue  # bench/rollout.py alternates and repeats inside its one process
+            for job in jobs_for(p, sides if r % 2 == 0 else sides[::-1], args, models):
+                res = run_jobs([job], args, tmp)[0]
+                results.append(res)
+                step = statistics.median(res["s_per_step"]) if res.get("s_per_step") else None  # fmt: skip
+                print(f"[{r + 1}/{args.repeats}] {p.label} | {job['side']}: "
+                      + (f"error {res['error']}" if "error" in res else
+                         f"{step:.3f} s/step, peak {res['peak_rss_mib']:.0f} MiB" if step is not None else "done"),
+                      flush=True)  # fmt: skip
+    return results
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    return (
+        f"{med:.{digits}f}"
+        if len(values) == 1
+        else f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    )
+
+
+def _side(results: list[dict], p: Point, side: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Per-repeat step medians, peaks and errors of one side of a point."""
+    mine = [r for r in results if r.get("label") == p.label and r["side"] == side]
+    if side != "mmgrpo" and not p.peer:  # the peer row of the same sizes
+        mine = [r for r in results if r["side"] == side and r["family"] == p.family and r["sizes"] == p.sizes]
+    steps = [statistics.median(r["s_per_step"]) for r in mine if r.get("s_per_step")]
+    return {
+        "steps": steps,
+        "peaks": [r["peak_rss_mib"] for r in mine if "peak_rss_mib" in r and r.get("s_per_step")],
+        "errors": sorted({r["error"] for r in mine if "error" in r}),
+        "rows": next((r["rows"] for r in mine if "rows" in r), None),
+        "tokens": [r["tokens_mean"] for r in mine if r.get("tokens_mean") is not None],
+        "trained": [r["trained_rows"] for r in mine if r.get("trained_rows") is not None],
+    }
+
+
+def tables(results: list[dict], pts: list[Point], quick: bool) -> str:
+    out = []
+    mem = "peak RSS MiB" + (" (one process: not per side)" if quick else "")
+    vlm = [p for p in pts if p.family == "vlm"]
+    if vlm:
+        out += ["## VLM GRPO step: mmgrpo vs TRL `GRPOTrainer`", "",
+                f"| work | mmgrpo s/step | TRL s/step | mmgrpo samples/s | TRL samples/s | **mmgrpo / TRL samples/s** "
+                f"| mmgrpo {mem} | TRL {mem} | tokens per row (mmgrpo, TRL) |", "|---|" + "---|" * 8]  # fmt: skip
+        for p in vlm:
+            a, b = _side(results, p, "mmgrpo"), _side(results, p, "trl")
+            out.append(_row(p.label, a, b, rate=True))
+    dif = [p for p in pts if p.family == "diffusion"]
+    if dif:
+        out += ["", "## Diffusion Flow-GRPO step: mmgrpo vs a faithful Flow-GRPO loop (`bench/flow_grpo_peer.py`)", "",
+                f"| work | N x T | mmgrpo s/step | Flow-GRPO loop s/step | **mmgrpo / peer time** | mmgrpo {mem} | "
+                f"peer {mem} | rows trained per step (mmgrpo, peer) |", "|---|" + "---|" * 7]  # fmt: skip
+        for p in dif:
+            a, b = _side(results, p, "mmgrpo"), _side(results, p, "flow_grpo")
+            nt = p.sizes["B"] * p.sizes["G"] * p.sizes["T"]
+            out.append(_row(p.label, a, b, rate=False, extra=str(nt)))
+    ro = [r for r in results if r["family"] == "rollout"]
+    if ro:
+        out += ["", "## Rollout: mmgrpo's SDE rollout with log-probs vs diffusers `StableDiffusion3Pipeline` "
+                "(`bench/rollout.py`)", "",
+                "| work | mmgrpo rollout s | diffusers pipeline s | **rollout / pipeline** |",
+                "|---|---|---|---|"]  # fmt: skip
+        for r in ro:
+            if "error" in r:
+                out.append(f"| {r['label']} | error: {r['error']} | | |")
+                continue
+            ratio = statistics.median(r["mmgrpo"]) / statistics.median(r["peer"])
+            out.append(f"| {r['label']} | {_fmt(r['mmgrpo'])} | {_fmt(r['peer'])} | **{ratio:.2f}** |")
+    return "\n".join(out)
+
+
+def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> str:
+    cells = [label] + ([extra] if extra is not None else [])
+    if a["errors"] or b["errors"] or not a["steps"] or not b["steps"]:
+        why = "; ".join(a["errors"] + b["errors"]) or "no measurement"
+        return "| " + " | ".join(cells + [f"error: {why}"] + [""] * (9 - len(cells) - 1)) + " |"
+    ma, mb = statistics.median(a["steps"]), statistics.median(b["steps"])
+    cells += [_fmt(a["steps"]), _fmt(b["steps"])]
+    if rate:
+        ra, rb = [a["rows"] / x for x in a["steps"]], [b["rows"] / x for x in b["steps"]]
+        cells += [_fmt(ra, 1), _fmt(rb, 1), f"**{mb / ma:.2f}**"]
+    else:
+        cells += [f"**{ma / mb:.2f}**"]
+    cells += [_fmt(a["peaks"], 0), _fmt(b["peaks"], 0)]
+    what = "tokens" if rate else "trained"  # VLM: mean completion tokens; diffusion: rows through the update
+    cells.append(", ".join(f"{statistics.mean(x[what]):.1f}" if x[what] else "-" for x in (a, b)))
+    return "| " + " | ".join(cells) + " |"
+
+
+def environment(threads: int) -> str:
+    import importlib.metadata as md
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{n} {version(n)}" for n in ("torch", "transformers", "diffusers", "trl", "peft", "accelerate"))
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    return f"{libs}; {platform.processor() or platform.machine()}, OMP_NUM_THREADS={threads}, {load}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, every job in one process, 1 repeat (smoke test)")
+    p.add_argument(
+        "--only", nargs="+", default=["vlm", "diffusion", "rollout"], choices=["vlm", "diffusion", "rollout"]
+    )
+    p.add_argument("--match", default="", help="only the rows whose label contains this text (e.g. 'T 20')")
+    p.add_argument("--repeats", type=int, default=None, help="processes per side and point (default 3; --quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default 3; --quick 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every process")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
+    p.add_argument("--out", default=None, help=f"markdown file (default {DEFAULT_OUT}; none with --quick; '' = none)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.steps = args.steps or (1 if args.quick else 3)
+    for name in ("repeats", "steps", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    pts = [p for p in points(args.quick, args.only) if args.match in p.label]
+    if not pts:
+        print(f"no row matches --only {' '.join(args.only)} --match {args.match!r}", file=sys.stderr)
+        return 2
+    before = environment(args.threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        models = vlm_model_dirs(Path(tmp), args.quick) if any(p.family == "vlm" for p in pts) else {}
+        results = measure(pts, args, models, Path(tmp))
+    wall = time.perf_counter() - t0
+    text = tables(results, pts, args.quick)
+    print(text)
+    out = args.out if args.out is not None else ("" if args.quick else str(DEFAULT_OUT))
+    if out:
+        command = " ".join(["python bench/peers.py", *map(shlex.quote, argv)])
+        after = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+        body = (f"# mmgrpo vs its peers\n\nMade by `{command}` in {wall / 60:.1f} min. Before: {before}. After: "
+                f"{after}. Medians over {args.repeats} processes per side (min-max), each the median of its "
+                f"{args.steps} timed steps after {args.warmup} warm-up step(s); sides alternate. What each row "
+                f"runs: the docstring of bench/peers.py; the Flow-GRPO loop: bench/flow_grpo_peer.py.\n\n"
+                f"{text}\n")  # fmt: skip
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(body)
+        print(f"wrote {out}")
+    errors = [r for r in results if "error" in r]
+    for r in errors:
+        print(f"error in {r.get('label')} ({r['side']}): {r['error']}", file=sys.stderr)
+        if r.get("trace"):
+            print(r["trace"], file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

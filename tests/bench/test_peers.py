@@ -1,0 +1,113 @@
+"""bench/peers.py: the quick mode runs every row end to end (no timings asserted), and the Flow-GRPO peer
+(bench/flow_grpo_peer.py) is checked against hand-computed values and mmgrpo's own Flow-GRPO SDE step."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).parents[2] / "bench"
+SHAPES_T2I = Path(__file__).parents[2] / "assets" / "shapes_t2i"
+
+
+def load(name: str):
+    if str(BENCH) not in sys.path:  # peers.py imports the peer loop next to it
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "peers.md"
+    code = load("peers").main(["--quick", "--out", str(out)])
+    printed = capsys.readouterr()
+    rows = {line.split("|")[1].strip(): line for line in printed.out.splitlines() if "(quick)" in line}
+    assert set(rows) == {"VLM tiny (quick)", "diffusion B 1 x G 2, T 3 (quick)", "rollout (quick)"}, printed.out
+    cells = lambda label: [c.strip() for c in rows[label].strip().strip("|").split("|")]  # noqa: E731
+    dif = cells("diffusion B 1 x G 2, T 3 (quick)")
+    assert dif[1] == "6" and float(dif[2]) > 0 and float(dif[3]) > 0  # N x T, both sides' s/step
+    assert dif[-1] == "2.0, " + dif[-1].split(", ")[1]  # mmgrpo trains both rows; the peer its non-zero-advantage ones
+    assert float(cells("rollout (quick)")[-1].strip("*")) > 0
+    vlm = cells("VLM tiny (quick)")
+    if importlib.util.find_spec("trl") is None:
+        assert code == 1 and "trl is not installed" in rows["VLM tiny (quick)"]
+    else:
+        assert code == 0, printed.err[-3000:]
+        assert float(vlm[1]) > 0 and float(vlm[2]) > 0  # mmgrpo and TRL s/step
+        assert vlm[-1] == "4.0, 4.0" or all(0 < float(x) <= 4 for x in vlm[-1].split(", "))  # <= 4 new tokens
+    text = out.read_text()
+    assert "python bench/peers.py --quick --out " in text and rows["rollout (quick)"] in text
+
+
+def test_flow_grpo_sde_step_is_mmgrpo_flow_grpo_step():
+    """Their SDE step (re-implemented from flow_grpo/diffusers_patch/sd3_sde_with_logprob.py) and mmgrpo's
+    ``sde.step("flow_grpo", ...)`` are the same maths: equal mean, std and log-prob, every step of a schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from mmgrpo.policies import sde
+
+    peer = load("flow_grpo_peer")
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(8)
+    torch.manual_seed(0)
+    x, v, prev = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
+    _, logp, mean, std = peer.sde_step_with_logprob(sch, v, sch.timesteps, x, 0.7, prev_sample=prev)  # row i: step i
+    i = torch.arange(8)
+    ours = sde.step("flow_grpo", v, x, sch.sigmas[i], sch.sigmas[i + 1], 0.7, prev_sample=prev)
+    assert torch.allclose(mean, ours.mean, atol=1e-6) and torch.allclose(logp, ours.log_prob, atol=1e-5)
+    dt = (sch.sigmas[i] - sch.sigmas[i + 1]).view(-1, 1, 1, 1)
+    assert torch.allclose(std * dt.sqrt(), ours.std, atol=1e-7)
+    # by hand at the first step (sigma = 1: the denominator uses sigmas[1]), a = 0.7
+    s0, s1 = float(sch.sigmas[0]), float(sch.sigmas[1])
+    std0 = 0.7 * (s0 / (1 - s1)) ** 0.5
+    assert abs(float(std[0]) - std0) < 1e-5
+    m0 = x[0] * (1 + std0**2 / (2 * s0) * (s1 - s0)) + v[0] * (1 + std0**2 * (1 - s0) / (2 * s0)) * (s1 - s0)
+    assert torch.allclose(mean[0], m0, atol=1e-6)
+
+
+def test_per_prompt_advantages_with_global_std_by_hand():
+    peer = load("flow_grpo_peer")
+    adv = peer.per_prompt_advantages(["a", "a", "b", "b"], np.array([[1.0], [0.0], [2.0], [2.0]]), global_std=True)
+    std = np.std([1.0, 0.0, 2.0, 2.0]) + 1e-4  # sqrt(0.6875) + 1e-4, over all rewards
+    assert np.allclose(adv[:, 0], [0.5 / std, -0.5 / std, 0.0, 0.0])
+    own = peer.per_prompt_advantages(["a", "a", "b", "b"], np.array([[1.0], [0.0], [2.0], [2.0]]), global_std=False)
+    assert np.allclose(own[:, 0], [0.5 / 0.5001, -0.5 / 0.5001, 0.0, 0.0])  # the prompt's own std 0.5
+
+
+@pytest.mark.parametrize("B, G, T, batches, accumulation, trained, optimizer_steps",
+                         [(8, 8, 8, 8, 4, 7, 2), (2, 16, 20, 4, 2, 19, 2), (1, 2, 3, 1, 1, 2, 1)])  # fmt: skip
+def test_flow_grpo_batching_follows_their_1gpu_recipe(B, G, T, batches, accumulation, trained, optimizer_steps):
+    cfg = load("flow_grpo_peer").FlowGRPOConfig(num_steps=T, num_image_per_prompt=G, prompts_per_epoch=B)
+    assert (cfg.num_batches_per_epoch, cfg.gradient_accumulation_steps) == (batches, accumulation)
+    assert (cfg.num_train_timesteps, cfg.optimizer_steps) == (trained, optimizer_steps)
+
+
+def test_flow_grpo_loop_recomputes_its_sampled_log_probs_then_trains():
+    """Right after sampling, the training forward of the peer gives back the sampled log-probs (ratio 1: the
+    re-implementation samples and scores the same Gaussian), and a step moves the weights."""
+    peer = load("flow_grpo_peer")
+    import mmgrpo.rewards.shapes  # noqa: F401  (registers the reward)
+    from mmgrpo.data.prompts import read_prompts
+    from mmgrpo.rewards.registry import get as get_reward
+
+    cfg = peer.FlowGRPOConfig(num_steps=3, num_image_per_prompt=2, prompts_per_epoch=2)
+    loop = peer.FlowGRPOLoop(str(SHAPES_T2I), cfg, read_prompts("shapes", "train", 0), get_reward("shapes"))
+    embeds, pooled = loop.encode(["a red circle", "a red circle"])
+    _, latents, logps = loop.sample(embeds, pooled)
+    sample = {"latents": torch.stack(latents, 1)[:, :-1], "next_latents": torch.stack(latents, 1)[:, 1:],
+              "timesteps": loop.pipe.scheduler.timesteps.repeat(2, 1), "prompt_embeds": embeds,
+              "pooled_prompt_embeds": pooled}  # fmt: skip
+    with torch.no_grad():
+        for j in range(3):
+            assert torch.allclose(loop.compute_log_prob(sample, j), logps[j], atol=1e-5)
+    before = [p.detach().clone() for p in loop.params]
+    info = loop.step()
+    assert info["trained_rows"] in (0.0, 2.0, 4.0)  # rows of zero-advantage groups are filtered, in pairs here
+    moved = any(not torch.equal(a, p) for a, p in zip(before, loop.params))
+    assert moved == (info["optimizer_steps"] > 0)
