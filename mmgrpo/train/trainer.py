@@ -510,7 +510,7 @@ class Trainer:
                     sums[k] = max(sums.get(k, v), v)
                 else:
                     sums[k] = sums.get(k, 0.0) + v * share
-        sums["update/skipped_rows"] = float(all_rows - len(rows))
+        sums["update/skipped_rows_frac"] = (all_rows - len(rows)) / all_rows  # zero-advantage rows left out
         return sums, loss_ok
 
     def rows_with_gradient(self, rows: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
