@@ -63,7 +63,14 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image, ImageDraw
 from tqdm import tqdm
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
@@ -479,13 +486,16 @@ def grid_prompts(heldout: list[str], per_kind: int = 4) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- save/load
 def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler, vae=None) -> None:
-    """Write the diffusers-style folder (safetensors only) that ``StableDiffusion3Pipeline.from_pretrained(out,
-    text_encoder_3=None, tokenizer_3=None)`` and the SD3 adapter load.
+    """Write the diffusers-style folder (safetensors only) that ``StableDiffusion3Pipeline.from_pretrained(out)`` and
+    the SD3 adapter load.
 
-    The model has one CLIP encoder and no T5 block; diffusers' SD3 pipeline always calls a second CLIP encoder, so
-    the folder carries a placeholder one (all-zero weights, width :data:`PLACEHOLDER_WIDTH`: its outputs are exactly
-    zero) with a copy of the tokenizer, and the transformer's pooled projection gets matching zero input columns.
-    Both change no output; :func:`load_models` strips them again.
+    The model has one CLIP encoder and no T5 block; diffusers' SD3 pipeline always calls a second CLIP encoder and
+    requires a T5 one, so the folder carries placeholders (all weights zero, so their outputs are exactly zero) with
+    copies of the tokenizer: a CLIP of width :data:`PLACEHOLDER_WIDTH`, matched by zero input columns of the
+    transformer's pooled projection, and a one-layer T5 of the transformer's joint width, whose tokens are the zeros
+    diffusers itself uses without T5. None changes an output; :func:`load_models` strips them again. The model was
+    trained with no T5 tokens: ``pipe(prompt, max_sequence_length=0)`` needs ``text_encoder_3=None,
+    tokenizer_3=None`` (a tokenizer ignores ``max_length=0``), as the SD3 adapter does by itself.
     """
     import diffusers
 
@@ -496,7 +506,9 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
     )
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     placeholder_clip(text_encoder.config).save_pretrained(out / "text_encoder_2", safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):
+    joint = transformer.config.joint_attention_dim
+    placeholder_t5(tokenizer, joint).save_pretrained(out / "text_encoder_3", safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer.save_pretrained(out / sub)
     scheduler.save_pretrained(out / "scheduler")
     if vae is not None:
@@ -507,8 +519,10 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "tokenizer_2": ["transformers", "PreTrainedTokenizerFast"],
+        "tokenizer_3": ["transformers", "PreTrainedTokenizerFast"],
         "transformer": ["diffusers", "SD3Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None],
     }  # components SD3 has and this model lacks are null, as diffusers' save_pretrained writes them
@@ -517,7 +531,7 @@ def save_folder(out: str | Path, transformer, text_encoder, tokenizer, scheduler
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-NULL_COMPONENTS = ("feature_extractor", "image_encoder", "text_encoder_3", "tokenizer_3")
+NULL_COMPONENTS = ("feature_extractor", "image_encoder")
 PLACEHOLDER_WIDTH = 8  # the placeholder CLIP's width (the smallest that is a valid CLIP model is 1; 8 reads better)
 
 
@@ -537,6 +551,30 @@ def placeholder_clip(like: CLIPTextConfig) -> CLIPTextModelWithProjection:
         eos_token_id=like.eos_token_id,
     )
     model = CLIPTextModelWithProjection(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    return model
+
+
+def placeholder_t5(tokenizer, width: int) -> T5EncoderModel:
+    """A one-layer T5 encoder over ``tokenizer``'s vocabulary with output width ``width`` (the transformer's
+    ``joint_attention_dim``) and every weight zero: its last hidden state is exactly zero for any prompt (zero
+    embeddings, zero attention and feed-forward outputs, and a final RMS norm with weight 0), as diffusers' T5 block
+    is when an SD3 pipeline has no T5."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=8,
+        num_layers=1,
+        num_heads=1,
+        feed_forward_proj="relu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    model = T5EncoderModel(config)
     with torch.no_grad():
         for param in model.parameters():
             param.zero_()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
-from transformers import CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.shapes import all_prompts, parse_prompt, split_prompts
@@ -67,13 +67,19 @@ def test_pretrain_tiny_writes_a_folder_that_loads_back_and_samples_the_same(tmp_
     assert {k for k, v in index.items() if not k.startswith("_") and v[0] is not None} == {
         "transformer",
         "text_encoder",
-        "text_encoder_2",  # the all-zero placeholder that diffusers' SD3 pipeline needs
+        "text_encoder_2",  # the all-zero placeholders that diffusers' SD3 pipeline needs
+        "text_encoder_3",
         "tokenizer",
         "tokenizer_2",
+        "tokenizer_3",
         "scheduler",
     }
     te2 = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2")
     assert is_placeholder(te2) and not is_placeholder(te)
+    te3 = T5EncoderModel.from_pretrained(out / "text_encoder_3")
+    assert is_placeholder(te3) and te3.config.d_model == tr.config.joint_attention_dim
+    ids = AutoTokenizer.from_pretrained(out / "tokenizer_3")(["two green triangles"], return_tensors="pt").input_ids
+    assert te3(ids)[0].shape == (1, ids.shape[1], te3.config.d_model) and te3(ids)[0].count_nonzero() == 0
     stored = SD3Transformer2DModel.from_pretrained(out / "transformer")
     assert stored.config.pooled_projection_dim == te.config.projection_dim + PLACEHOLDER_WIDTH
     w = stored.time_text_embed.text_embedder.linear_1.weight.detach()

@@ -66,16 +66,17 @@ def test_rollouts_of_prompt_chunks_concatenate_to_the_whole():
 
 
 def test_placeholder_second_clip_means_no_t5_block_and_matches_diffusers_encode_prompt():
-    """The shipped shapes model carries an all-zero text_encoder_2 (diffusers' SD3 pipeline always calls two CLIP
-    encoders): the adapter recognises it, defaults to 0 T5 tokens, and encodes exactly as
-    ``StableDiffusion3Pipeline.encode_prompt(..., max_sequence_length=0)`` does."""
+    """The shipped shapes model carries an all-zero text_encoder_2 and text_encoder_3 (diffusers' SD3 pipeline always
+    calls two CLIP encoders and requires a T5 one): the adapter recognises them, defaults to 0 T5 tokens, and encodes
+    exactly as ``StableDiffusion3Pipeline.encode_prompt(..., max_sequence_length=0)`` without T5 does, and at an
+    explicit length as the pipeline with its placeholder T5 does."""
     from diffusers import StableDiffusion3Pipeline
 
     from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 
     path = str(Path(__file__).resolve().parents[2] / "assets" / "shapes_t2i")
     adapter = load_adapter(GeneratorPolicyOptions(family="sd3", path=path))
-    assert adapter.placeholder == [False, True] and adapter.max_sequence_length == 0
+    assert adapter.placeholder == [False, True, True] and adapter.max_sequence_length == 0
     cond = adapter.encode(["two blue squares", "a red circle"])
     pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
     embeds, _, pooled, _ = pipe.encode_prompt(
@@ -89,6 +90,11 @@ def test_placeholder_second_clip_means_no_t5_block_and_matches_diffusers_encode_
         GeneratorPolicyOptions(family="sd3", path=path, adapter_options={"max_sequence_length": 5})
     )
     assert adapter256.encode(["two blue squares"])["prompt_embeds"].shape == (1, 21, 64)
+    bare = StableDiffusion3Pipeline.from_pretrained(path)  # the placeholder T5 runs here: its tokens are zeros
+    embeds5, _, pooled5, _ = bare.encode_prompt(
+        ["two blue squares"], None, None, do_classifier_free_guidance=False, max_sequence_length=5
+    )
+    assert torch.equal(adapter256.encode(["two blue squares"])["prompt_embeds"], embeds5)
 
 
 def test_real_second_clip_keeps_the_diffusers_default_and_bad_encoders_are_refused():
@@ -100,7 +106,7 @@ def test_real_second_clip_keeps_the_diffusers_default_and_bad_encoders_are_refus
     encoders = [c["text_encoder"], c["text_encoder_2"], None]
     tokenizers = [c["tokenizer"], c["tokenizer_2"], None]
     adapter = SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers)
-    assert adapter.placeholder == [False, False] and adapter.max_sequence_length == 256
+    assert adapter.placeholder == [False, False, False] and adapter.max_sequence_length == 256
     assert adapter.encode(["a red circle"])["prompt_embeds"].shape == (1, 12 + 256, 32)
     with pytest.raises(UserError, match="max_sequence_length=600: SD3 takes 0..512"):
         SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers, max_sequence_length=600)

@@ -6,12 +6,15 @@ flow-matching sigma schedule, and VAE decoding. A checkpoint may omit parts: wit
 the T5 block is ``max_sequence_length`` zero tokens (as diffusers does); without a ``vae`` the model works in pixel
 space ([-1, 1]).
 
-A model trained with one CLIP encoder and no T5 block (the shipped shapes model) carries a *placeholder*
-``text_encoder_2``: a CLIP model whose weights are all zero, so its hidden states and pooled output are exactly zero.
-It exists because diffusers' ``encode_prompt`` always calls two CLIP encoders; its hidden states are cropped away
-(the CLIP block is padded or cropped to the transformer's width, as diffusers does) and its pooled zeros meet zero
-columns of the pooled projection. Such a model has no T5 block, so ``max_sequence_length`` defaults to 0 for it
-(diffusers: ``pipe(prompt, max_sequence_length=0)``); otherwise to 256, diffusers' default.
+A model trained with one CLIP encoder and no T5 block (the shipped shapes model) carries *placeholders*: a
+``text_encoder_2`` CLIP model and a ``text_encoder_3`` T5 encoder whose weights are all zero, so their outputs are
+exactly zero. They exist because diffusers' ``encode_prompt`` always calls two CLIP encoders and its
+``from_pretrained`` requires a T5 one; the second CLIP's hidden states are cropped away (the CLIP block is padded or
+cropped to the transformer's width, as diffusers does) and its pooled zeros meet zero columns of the pooled
+projection; the placeholder T5 gives the zero tokens diffusers uses without T5 (the adapter makes them without running
+it). Such a model has no T5 block, so ``max_sequence_length`` defaults to 0 for it (diffusers:
+``pipe(prompt, max_sequence_length=0)`` on a pipeline loaded with ``text_encoder_3=None, tokenizer_3=None``);
+otherwise to 256, diffusers' default.
 """
 
 from __future__ import annotations
@@ -63,13 +66,14 @@ class SD3Adapter:
         self.vae = vae
         self.device = torch.device(device)
         self.dtype = _dtype(dtype)
-        #: which CLIP encoders are placeholders (all-zero weights, see the module docstring)
-        self.placeholder = [enc is not None and is_placeholder(enc) for enc in self.text_encoders[:2]]
+        #: which text encoders (CLIP, CLIP 2, T5) are placeholders (all-zero weights, see the module docstring)
+        self.placeholder = [enc is not None and is_placeholder(enc) for enc in self.text_encoders]
         if self.placeholder[0]:
-            raise UserError("the SD3 text_encoder has all-zero weights; only text_encoder_2 may be a placeholder")
+            raise UserError("the SD3 text_encoder has all-zero weights; only text_encoder_2/3 may be placeholders")
         if max_sequence_length is None:
             real_second = self.text_encoders[1] is not None and not self.placeholder[1]
-            max_sequence_length = 256 if self.text_encoders[2] is not None or real_second else 0
+            real_t5 = self.text_encoders[2] is not None and not self.placeholder[2]
+            max_sequence_length = 256 if real_t5 or real_second else 0
         if not 0 <= max_sequence_length <= 512:
             raise UserError(f"max_sequence_length={max_sequence_length}: SD3 takes 0..512 T5 tokens")
         self.max_sequence_length = max_sequence_length
@@ -142,11 +146,11 @@ class SD3Adapter:
         if width > joint:
             raise UserError(f"the CLIP text features have width {width} but the transformer expects at most {joint}")
         enc3, tok3 = self.text_encoders[2], self.tokenizers[2]
-        if enc3 is not None:
+        if enc3 is not None and not self.placeholder[2]:
             ids = tok3(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                        add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
             t5 = enc3(ids)[0]
-        else:  # the diffusers convention for SD3 without T5: zero tokens (none for a model trained without them)
+        else:  # SD3 without T5 (or its all-zero placeholder): zero tokens, none for a model trained without them
             t5 = torch.zeros(
                 len(texts), self.max_sequence_length, joint, device=self.device, dtype=clip_hidden[0].dtype
             )
