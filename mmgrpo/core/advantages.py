@@ -13,7 +13,16 @@ Three open registries of small pure functions (built-ins, entry points of the gr
 - ``SHAPERS``: elementwise ``fn(rewards [...], **options) -> [...]``, applied to raw rewards *before* any
   estimator (TempSamp-R1's soft shaping).
 - ``COMBINERS``: turn R reward columns ``[R, B, G]`` into one advantage ``[B, G]`` (sum-then-normalise, or
-  normalise-each-then-sum as in GDPO).
+  normalise-each-then-sum as in GDPO). A combiner may declare the inputs of :data:`COMBINER_INPUTS` (``kinds``: the
+  reward stream of each column) and options of its own (``advantage.combine_options``, checked at config load by
+  :func:`combine_options`).
+
+Reward streams: every configured reward is an ``outcome`` reward (is the final answer right: accuracy, IoU, test
+cases; the default) or a ``process`` reward (how the answer was reached: the quality of the reasoning, format,
+intermediate steps), set per reward in YAML with ``kind`` (:data:`REWARD_KINDS`). The built-in combiners ignore the
+kind (so a config that sets none computes what it always did); a combiner or a method's advantage hook that declares a
+``kinds`` keyword receives one kind per reward column, in the order of ``rewards:`` (Posterior-GRPO's
+:func:`posterior` gates the process rewards on the outcome).
 
 Conventions shared by every built-in estimator:
 
@@ -47,6 +56,14 @@ Estimator = Callable[..., torch.Tensor]
 ESTIMATORS: Registry[Estimator] = Registry("estimator", plugins="estimators")
 SHAPERS: Registry[Callable[..., torch.Tensor]] = Registry("shaping", plugins="shaping")
 COMBINERS: Registry[Callable[..., torch.Tensor]] = Registry("combine", plugins="combine")
+
+REWARD_KINDS: tuple[str, ...] = ("outcome", "process")
+"""the reward streams a reward may belong to (``rewards: [{name: accuracy, kind: outcome}, {name: think_quality,
+kind: process}]``); outcome is the default"""
+
+COMBINER_INPUTS: tuple[str, ...] = ("kinds",)
+"""keyword parameters a combiner may declare to receive from the trainer (``kinds``: [R] the stream of each reward
+column, one of :data:`REWARD_KINDS`); its other keyword parameters are options (``advantage.combine_options``)"""
 
 ESTIMATOR_INPUTS: tuple[str, ...] = ("keys",)
 """keyword parameters an estimator may declare to receive from the trainer (``keys`` [B, G]: each row's stratum,
@@ -471,13 +488,48 @@ def normalize_then_sum(
     return (weights[:, None, None] * per_reward).sum(0)
 
 
+def combine_options(name: str, options: dict[str, Any], where: str, kinds: list[str] | None = None) -> dict[str, Any]:
+    """At config load: ``advantage.combine_options`` checked against combiner ``name``'s signature (its four
+    positional parameters and the inputs of :data:`COMBINER_INPUTS` are not options), then, when the combiner has a
+    ``check(kinds, **options)``, the options' values and the reward streams ``kinds`` [R] against it (UserError)."""
+    fn = COMBINERS.get(name)
+    opts = check_options(
+        fn, options, what=f"combiner {name!r}", prefix="advantage.combine_options", where=where, skip=4,
+        inputs=COMBINER_INPUTS,
+    )  # fmt: skip
+    check = getattr(fn, "check", None)
+    if check is not None and kinds is not None:
+        try:
+            check(kinds=list(kinds), **opts)
+        except UserError as e:
+            raise UserError(f"advantage.combine={name} in {where}: {e}") from e
+    return opts
+
+
+def check_kinds(kinds: Any, count: int, who: str = "combine") -> list[str]:
+    """``kinds`` as a list of ``count`` reward streams (None: every reward is an outcome reward)."""
+    if kinds is None:
+        return ["outcome"] * count
+    out = list(kinds)
+    if len(out) != count or any(k not in REWARD_KINDS for k in out):
+        raise UserError(f"{who}: kinds={out} must give one of {list(REWARD_KINDS)} for each of the {count} rewards")
+    return out
+
+
 def combine(
-    name: str, rewards: torch.Tensor, weights: torch.Tensor, estimator: str, options: dict[str, Any]
+    name: str,
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    estimator: str,
+    options: dict[str, Any],
+    kinds: list[str] | None = None,
+    combine_options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Combine R reward columns into one advantage with combiner ``name`` and estimator ``estimator``.
 
     rewards [R, B, G] (NaN = the reward does not apply to that row), weights [R] -> advantages [B, G] fp32.
-    ``options`` are the estimator's options.
+    ``options`` are the estimator's options; ``kinds`` [R] the stream of each column (None: all ``outcome``), handed
+    to a combiner that declares ``kinds``; ``combine_options`` the combiner's own options.
     """
     combiner = COMBINERS.get(name)
     est = get_estimator(estimator)
@@ -487,4 +539,8 @@ def combine(
         raise UserError(f"combine: rewards must be [R, B, G] (rewards x prompts x group), got {tuple(r.shape)}")
     if w.numel() != r.shape[0]:
         raise UserError(f"combine: {w.numel()} weights for {r.shape[0]} reward columns; give one weight per reward")
-    return combiner(r, w, est, dict(options or {}))
+    extra = dict(combine_options or {})
+    params = inspect.signature(combiner).parameters
+    if "kinds" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        extra["kinds"] = check_kinds(kinds, r.shape[0])
+    return combiner(r, w, est, dict(options or {}), **extra)

@@ -19,7 +19,14 @@ from typing import Any, Literal
 import yaml
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS, estimator_options, shaping_options
+from mmgrpo.core.advantages import (
+    COMBINERS,
+    ESTIMATORS,
+    SHAPERS,
+    combine_options,
+    estimator_options,
+    shaping_options,
+)
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
@@ -59,6 +66,10 @@ class RewardSpec:
     """options passed to the reward factory"""
     streams: list[str] = field(default_factory=list)
     """score only rows whose meta['stream'] is listed (e.g. [reasoning] with PEARL); empty = every row"""
+    kind: Literal["outcome", "process"] = "outcome"
+    """the reward's stream for advantage code: outcome (is the final answer right: accuracy, IoU, tests) or process
+    (how it was reached: reasoning quality, format). Built-in combiners ignore it; a combiner or method hook that
+    declares ``kinds`` gets one per reward (Posterior-GRPO: ``advantage.combine: posterior``)"""
 
 
 @dataclass
@@ -70,7 +81,10 @@ class AdvantageConfig:
     """estimator options, checked against its signature (e.g. {unbiased: false} for grpo, {scale: mad} for
     mc_grpo)"""
     combine: str = "sum_then_normalize"
-    """how several rewards combine: sum_then_normalize or normalize_then_sum (GDPO / MixGRPO)"""
+    """how several rewards combine: sum_then_normalize, normalize_then_sum (GDPO / MixGRPO) or posterior
+    (Posterior-GRPO: process rewards count only where the outcome is correct)"""
+    combine_options: dict[str, Any] = field(default_factory=dict)
+    """options of the combiner, checked against its signature (posterior: {threshold: 1.0})"""
     shaping: str = "none"
     """reward shaping applied before normalisation (none, tempsamp_soft)"""
     shaping_options: dict[str, Any] = field(default_factory=dict)
@@ -300,7 +314,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 def validate_components(cfg: Config, where: str) -> None:
     """Check component names and options against what each registered component accepts."""
-    validate_advantage_and_loss(cfg.advantage, cfg.loss, where)
+    validate_advantage_and_loss(cfg.advantage, cfg.loss, where, [r.kind for r in cfg.rewards])
     if cfg.pipeline not in components.PIPELINES:
         raise UserError(f"pipeline in {where}: " + components.PIPELINES.unknown_message(cfg.pipeline))
     pipeline = components.PIPELINES.get(cfg.pipeline)
@@ -407,7 +421,9 @@ def _check_group_split(cfg: Config, where: str) -> None:
         )
 
 
-def validate_advantage_and_loss(a: AdvantageConfig, lc: LossConfig, where: str) -> None:
+def validate_advantage_and_loss(
+    a: AdvantageConfig, lc: LossConfig, where: str, kinds: list[str] | None = None
+) -> None:
     """Names (registered, entry point or dotted path) and options of the estimator, shaping, combiner, loss and
     aggregation: an unknown name or option is a UserError naming its key here, before any model loads."""
     for reg, name, key in [
@@ -423,6 +439,7 @@ def validate_advantage_and_loss(a: AdvantageConfig, lc: LossConfig, where: str) 
             raise UserError(f"{key} in {where}: {e}") from e
     estimator_options(a.estimator, a.options, where)
     shaping_options(a.shaping, a.shaping_options, where)
+    combine_options(a.combine, a.combine_options, where, kinds)
     if lc.beta < 0:
         raise UserError(f"loss.beta={lc.beta} in {where} must be >= 0 (the weight of the KL to the reference)")
     if lc.adv_clip is not None and not lc.adv_clip > 0:

@@ -322,7 +322,13 @@ class Trainer:
             keys = torch.tensor(rollout.group_keys, dtype=torch.long).to(self.acc.device)
             opts["keys"] = self.acc.gather(keys).cpu().view(-1, G)
         weights_t = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
-        adv = sum(adv_lib.combine(a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts) for v in range(V))
+        kinds = [spec.kind for spec in self.cfg.rewards]  # outcome / process stream of each reward column
+        adv = sum(
+            adv_lib.combine(
+                a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts, kinds, a.combine_options
+            )
+            for v in range(V)
+        )
         if a.min_advantage is not None:
             adv = adv.clamp(min=a.min_advantage)
         row_w = adv_lib.get_row_weights(a.estimator)(self._weighted(shaped[0]).view(-1, G), **opts)
@@ -344,7 +350,9 @@ class Trainer:
         adv_local = adv.reshape(-1)[mine].view(-1, G)
         names = [name for name, _, _ in self.rewards]
         for hook in self.comp.advantage_hooks:  # method hooks (docs/architecture.md "Hooks"), on this rank's groups
-            adv_local, m = hook(adv_local, rollout, cols, names)
+            params = inspect.signature(hook).parameters  # inputs a hook may declare: reward streams and weights
+            extra = {k: v for k, v in {"kinds": kinds, "weights": weights_t}.items() if k in params}
+            adv_local, m = hook(adv_local, rollout, cols, names, **extra)
             metrics.update(m)
         return adv_local.reshape(-1), row_w.reshape(-1)[mine].float(), metrics
 

@@ -32,7 +32,8 @@ def close(a, b, tol=1e-5):
 
 
 def test_registries_list_names_and_descriptions():
-    assert ESTIMATORS.names() == ["batch_std", "bnpo", "dr_grpo", "grpo", "mc_grpo", "ngrpo", "stratified"]
+    names = ["batch_std", "bnpo", "dr_grpo", "grpo", "mc_grpo", "ngrpo", "stratified"]
+    assert ESTIMATORS.names() == names
     assert SHAPERS.names() == ["none", "tempsamp_soft"]
     assert COMBINERS.names() == ["normalize_then_sum", "sum_then_normalize"]
     for name in ESTIMATORS:
