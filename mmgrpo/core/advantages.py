@@ -488,6 +488,58 @@ def normalize_then_sum(
     return (weights[:, None, None] * per_reward).sum(0)
 
 
+def _check_posterior(kinds: list[str], threshold: float = 1.0) -> None:
+    """Posterior-GRPO needs an outcome reward (what decides "correct") and a process reward (what it gates)."""
+    if "outcome" not in kinds or "process" not in kinds:
+        raise UserError(
+            f"the posterior combiner gates process rewards on the outcome, but the rewards' kinds are {kinds}; mark "
+            "the answer's reward kind: outcome and the reasoning's reward kind: process, e.g. rewards: [{name: "
+            "accuracy, kind: outcome}, {name: format, kind: process}]"
+        )
+    if not math.isfinite(threshold):
+        raise UserError(f"combine_options.threshold={threshold} must be a finite number (1.0 for 0/1 rewards)")
+
+
+@COMBINERS.register("posterior")
+def posterior(
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    estimator: Estimator,
+    options: dict[str, Any],
+    *,
+    kinds: list[str] | None = None,
+    threshold: float = 1.0,
+) -> torch.Tensor:
+    """Posterior-GRPO: process rewards count only for rows whose outcome is correct, then sum-then-normalise.
+
+    rewards [R, B, G] (NaN: does not apply), weights [R], kinds [R] (``outcome`` / ``process``) -> advantages
+    [B, G]. A row is *correct* when it has at least one applicable outcome reward and every applicable outcome reward
+    is >= ``threshold`` (1.0: a 0/1 verifier passed). With c_i that indicator,
+
+        R_i = sum_{k outcome} w_k r_k,i + c_i * sum_{k process} w_k r_k,i,     A = estimator(R)
+
+    so a wrong answer cannot earn reasoning reward, and the reasoning reward ranks only the successful rows (their
+    process reward sets how far above the failures each lands). Fan, Zhang, Chen & Liu 2025, "Posterior-GRPO:
+    Rewarding Reasoning Processes in Code Generation" (arXiv 2508.05170): "conditions process-based rewards on task
+    success ... selectively applying rewards to the reasoning processes of only successful outcomes", which
+    mitigates reward hacking of the process reward. The abstract gives the rule, not a formula: this gate on the
+    summed reward before one group normalisation is our reading of it (a gated process reward of a wrong row is 0,
+    not NaN: the row still competes on its outcome).
+    """
+    kinds = check_kinds(kinds, rewards.shape[0], "posterior")
+    _check_posterior(kinds, threshold)
+    outcome = torch.tensor([k == "outcome" for k in kinds], device=rewards.device)  # [R]
+    out_r = rewards[outcome]  # [Ro, B, G]
+    applies = ~out_r.isnan()
+    correct = applies.any(0) & torch.where(applies, out_r >= threshold, True).all(0)  # [B, G]
+    gate = outcome[:, None, None] | correct[None]  # [R, B, G]: outcome columns always, process ones when correct
+    gated = torch.where(gate | rewards.isnan(), rewards, 0.0)
+    return sum_then_normalize(gated, weights, estimator, options)
+
+
+posterior.check = _check_posterior  # type: ignore[attr-defined]
+
+
 def combine_options(name: str, options: dict[str, Any], where: str, kinds: list[str] | None = None) -> dict[str, Any]:
     """At config load: ``advantage.combine_options`` checked against combiner ``name``'s signature (its four
     positional parameters and the inputs of :data:`COMBINER_INPUTS` are not options), then, when the combiner has a

@@ -35,7 +35,7 @@ def test_registries_list_names_and_descriptions():
     names = ["batch_std", "bnpo", "dr_grpo", "grpo", "mc_grpo", "ngrpo", "stratified"]
     assert ESTIMATORS.names() == names
     assert SHAPERS.names() == ["none", "tempsamp_soft"]
-    assert COMBINERS.names() == ["normalize_then_sum", "sum_then_normalize"]
+    assert COMBINERS.names() == ["normalize_then_sum", "posterior", "sum_then_normalize"]
     for name in ESTIMATORS:
         assert ESTIMATORS.describe(name), f"{name} has no one-line description"
 

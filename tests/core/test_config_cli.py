@@ -167,7 +167,7 @@ def test_list_shows_every_estimator_and_loss(capsys):
     for name in ["token_mean", "seq_mean", "constant"]:
         assert entries["aggregations"][name]
     assert entries["shaping"]["tempsamp_soft"]
-    assert set(entries["combine"]) == {"sum_then_normalize", "normalize_then_sum"}
+    assert set(entries["combine"]) == {"sum_then_normalize", "normalize_then_sum", "posterior"}
     assert "bandit" in entries["pipelines"] and "bandit" in entries["policies"]
     assert "bandit_arm_value" in entries["rewards"]
     code, out, _ = run_cli(capsys, "list")
