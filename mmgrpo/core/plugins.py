@@ -44,6 +44,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.listener",
         "mmgrpo.methods.acre",
         "mmgrpo.methods.pearl",
+        "mmgrpo.methods.egrpo",
     ),
     "pipelines": (
         "mmgrpo.pipelines.bandit",
@@ -66,6 +67,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.listener",
         "mmgrpo.methods.medloc",
         "mmgrpo.methods.mmupt",
+        "mmgrpo.methods.egrpo",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
