@@ -433,6 +433,38 @@ def stratified(
 stratified.allows_single = True  # type: ignore[attr-defined]  # strata span the batch: G = 1 rows still compare
 
 
+@register_estimator("mapo")
+def mapo(rewards: torch.Tensor, *, success: float = 1.0, eps: float = 1e-6, unbiased: bool = True) -> torch.Tensor:
+    """Mixed advantage: the group-std advantage and the advantage percent deviation, weighted by trajectory
+    certainty (MAPO).
+
+    rewards [B, G] -> advantages [B, G]. Huang et al. 2025, "MAPO: Mixed Advantage Policy Optimization"
+    (arXiv 2509.18849). With p the fraction of the group's valid rows that succeeded (r >= ``success``; 1.0: a 0/1
+    verifier passed), mu and sigma the group mean and (unbiased) std:
+
+        A_std = (r - mu) / (sigma + eps)                 GRPO's advantage
+        A_apd = (r - mu) / (|mu| + eps)                  advantage percent deviation
+        lambda(p) = 1 - 4 p (1 - p)                      trajectory certainty: 0 at p = 1/2, 1 at p in {0, 1}
+        A = (1 - lambda(p)) A_std + lambda(p) A_apd
+
+    Near-certain groups (almost all right or all wrong) have a tiny sigma, so GRPO's A_std blows a single
+    dissenting row up to ~sqrt(G) ("advantage reversion/mirror"); their advantage moves towards the relative
+    deviation from the mean instead. E.g. G = 4, r = [1, 1, 1, 0]: p = 3/4, lambda = 1/4, mu = 3/4, sigma = 1/2:
+    A_std = [0.5, 0.5, 0.5, -1.5], A_apd = [1/3, 1/3, 1/3, -1]; A = [0.4583, 0.4583, 0.4583, -1.375].
+    |mu| (the paper divides by mu, with rewards >= 0) keeps the sign of r - mu for negative rewards (our choice).
+    Zero-variance groups get 0. The mix is per group: the issue's "step-level and batch-level" wording describes
+    a different reading; this is the paper's.
+    """
+    r = _as_groups(rewards, "mapo")
+    valid = ~r.isnan()
+    mean = _masked_mean(r, valid)  # [B, 1]
+    a_std = (r - mean) / (_masked_std(r, valid, unbiased) + eps)  # [B, G]
+    a_apd = (r - mean) / (mean.abs() + eps)  # [B, G]
+    p = _masked_mean((r >= success).float(), valid)  # [B, 1] success fraction (NaN >= x is False; masked anyway)
+    lam = 1.0 - 4.0 * p * (1.0 - p)  # [B, 1]
+    return _finish((1.0 - lam) * a_std + lam * a_apd, valid, zero_variance_groups(r, eps))
+
+
 # ------------------------------------------------------------------------------------------------ shaping
 
 

@@ -160,7 +160,7 @@ def test_resume_dir_without_checkpoint(tmp_path, capsys):
 
 def test_list_shows_every_estimator_and_loss(capsys):
     entries = list_entries()
-    for name in ["grpo", "dr_grpo", "batch_std", "mc_grpo", "ngrpo", "bnpo", "stratified"]:
+    for name in ["grpo", "dr_grpo", "batch_std", "mc_grpo", "ngrpo", "bnpo", "stratified", "mapo"]:
         assert entries["estimators"][name], name
     for name in ["grpo", "gspo", "pg"]:
         assert entries["losses"][name]
