@@ -465,6 +465,47 @@ def mapo(rewards: torch.Tensor, *, success: float = 1.0, eps: float = 1e-6, unbi
     return _finish((1.0 - lam) * a_std + lam * a_apd, valid, zero_variance_groups(r, eps))
 
 
+@register_estimator("pacs")
+def pacs(rewards: torch.Tensor, *, beta: float = 1.0, balance: bool = False) -> torch.Tensor:
+    """PACS's gradient coefficient of each row at the sampling parameters (use with ``loss.name: pacs``).
+
+    rewards [B, G] (labels in [0, 1]) -> [B, G]. Li et al. 2025, "Implicit Actor Critic Coupling via a Supervised
+    Learning Framework for RLVR" (PACS, arXiv 2509.02522). PACS treats the outcome reward r_i as a label and
+    trains a score psi_i = rhat_i - mean_{j != i} rhat_j (RLOO), rhat_i = beta * sum_t log(pi / pi_old)(o_i,t), with
+    the binary cross-entropy  L = sum_i w_i BCE(sigmoid(psi_i), r_i). Its gradient is
+
+        grad L = sum_i c_i grad rhat_i,   c_i = e_i - 1/(G-1) sum_{j != i} e_j,   e_i = w_i (sigmoid(psi_i) - r_i).
+
+    At the sampling parameters every rhat = 0, so psi = 0 and sigmoid(psi) = 1/2: c_i depends on the labels only.
+    This estimator returns A_i = -beta * c_i, and the ``pacs`` loss's per-unit term -A_i log(pi / pi_old) then has
+    exactly PACS's gradient (beta * c_i * grad log pi per unit, summed over the row's units). Unweighted this is
+    beta times the RLOO advantage r_i - mean_{j != i} r_j: the paper's "recovers the classical policy gradient".
+    ``balance`` sets w to the class-balanced weights of the group (sklearn's "balanced": w = G / (2 n_class)),
+    as the authors' code can. Groups of one row get 0. Exact for one optimizer step per rollout (the config load
+    enforces epochs x minibatches = 1 for the ``pacs`` loss): later steps would need every row of the group's
+    current psi in the same loss call.
+    """
+    if not (math.isfinite(beta) and beta > 0):
+        raise UserError(f"pacs: beta={beta} must be a finite number > 0 (the scale of the implicit reward)")
+    r = _as_groups(rewards, "pacs")
+    valid = ~r.isnan()
+    if bool(((r < 0) | (r > 1))[valid].any()):
+        raise UserError("pacs: rewards are BCE labels and must lie in [0, 1]; use 0/1 verifiable rewards")
+    w = torch.ones_like(r)
+    if balance:
+        pos = (r >= 0.5) & valid
+        n_pos, n = pos.sum(-1, keepdim=True).float(), valid.sum(-1, keepdim=True).float()  # [B, 1]
+        both = (n_pos > 0) & (n_pos < n)
+        w_pos = torch.where(both, n / (2 * n_pos.clamp_min(1)), 1.0)
+        w_neg = torch.where(both, n / (2 * (n - n_pos).clamp_min(1)), 1.0)
+        w = torch.where(pos, w_pos, w_neg)
+    e = torch.where(valid, w * (0.5 - r), 0.0)  # [B, G]  sigmoid(0) - r, weighted
+    count = valid.sum(-1, keepdim=True).float()  # [B, 1]
+    others = (e.sum(-1, keepdim=True) - e) / (count - 1).clamp_min(1)  # [B, G]  mean of e_j over j != i
+    c = e - others
+    return torch.where(valid & (count > 1), -beta * c, 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ shaping
 
 

@@ -413,6 +413,19 @@ def _check_group_split(cfg: Config, where: str) -> None:
             f"(estimator {cfg.advantage.estimator!r} gives a group of one row advantage 0, so nothing would be "
             "learned); raise it, e.g. trainer.group_size=8, or use an estimator that allows G = 1 (ngrpo, stratified)"
         )
+    loss_fn = LOSSES.get(cfg.loss.name)
+    if getattr(loss_fn, "one_step", False) and t.epochs * t.minibatches != 1:
+        raise UserError(
+            f"loss.name={cfg.loss.name} in {where} is exact only when a rollout feeds one optimizer step, but "
+            f"trainer.epochs={t.epochs} x trainer.minibatches={t.minibatches} = {t.epochs * t.minibatches}; set "
+            "trainer.epochs=1 and trainer.minibatches=1"
+        )
+    pairs = getattr(loss_fn, "estimators", None)
+    if pairs is not None and cfg.advantage.estimator not in pairs:
+        raise UserError(
+            f"loss.name={cfg.loss.name} in {where} needs advantage.estimator to be one of {list(pairs)} (it reads "
+            f"their output, not an advantage), got {cfg.advantage.estimator!r}; set advantage.estimator={pairs[0]}"
+        )
     if t.minibatches > t.group_size:
         raise UserError(
             f"trainer.minibatches={t.minibatches} in {where} must be <= trainer.group_size={t.group_size}: each "

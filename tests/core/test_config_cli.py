@@ -160,9 +160,9 @@ def test_resume_dir_without_checkpoint(tmp_path, capsys):
 
 def test_list_shows_every_estimator_and_loss(capsys):
     entries = list_entries()
-    for name in ["grpo", "dr_grpo", "batch_std", "mc_grpo", "ngrpo", "bnpo", "stratified", "mapo"]:
+    for name in ["grpo", "dr_grpo", "batch_std", "mc_grpo", "ngrpo", "bnpo", "stratified", "mapo", "pacs"]:
         assert entries["estimators"][name], name
-    for name in ["grpo", "gspo", "pg"]:
+    for name in ["grpo", "gspo", "pg", "pacs"]:
         assert entries["losses"][name]
     for name in ["token_mean", "seq_mean", "constant"]:
         assert entries["aggregations"][name]
