@@ -68,6 +68,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.medloc",
         "mmgrpo.methods.mmupt",
         "mmgrpo.methods.egrpo",
+        "mmgrpo.methods.strata",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
