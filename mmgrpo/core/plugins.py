@@ -69,6 +69,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.mmupt",
         "mmgrpo.methods.egrpo",
         "mmgrpo.methods.strata",
+        "mmgrpo.methods.dynamic_weights",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),

@@ -323,6 +323,10 @@ class Trainer:
             opts["keys"] = self.acc.gather(keys).cpu().view(-1, G)
         weights_t = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
         kinds = [spec.kind for spec in self.cfg.rewards]  # outcome / process stream of each reward column
+        weight_metrics: dict[str, float] = {}
+        for weighter in self.comp.reward_weighters:  # stateful reward weights (dynamic weighting), global rewards
+            weights_t, m = weighter(weights_t, shaped, kinds, step)
+            weight_metrics.update(m)
         adv = sum(
             adv_lib.combine(
                 a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts, kinds, a.combine_options
@@ -345,6 +349,7 @@ class Trainer:
             "adv/abs_mean": adv.abs().mean().item(),
             "adv/zero_variance_groups": float(zero.sum().item()),
         }
+        metrics.update(weight_metrics)
         for v in range(1, V):
             metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
         adv_local = adv.reshape(-1)[mine].view(-1, G)
@@ -672,6 +677,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rewards": rewards,
             "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
+            "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(self.comp.reward_weighters)},
         }
 
     def save(self) -> Path | None:
@@ -721,6 +727,9 @@ class Trainer:
         for k, fn in stateful_rewards(self.rewards).items():
             if k in state.get("rewards", {}):
                 fn.load_state_dict(state["rewards"][k])
+        for i, weighter in enumerate(self.comp.reward_weighters):
+            if str(i) in (state.get("reward_weighters") or {}):
+                weighter.load_state_dict(state["reward_weighters"][str(i)])
         self.step = int(state["step"])
 
     def _shard_full_state(self, state: dict[str, Any]) -> dict[str, Any]:
