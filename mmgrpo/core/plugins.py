@@ -70,6 +70,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.egrpo",
         "mmgrpo.methods.strata",
         "mmgrpo.methods.dynamic_weights",
+        "mmgrpo.methods.microcoder",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
