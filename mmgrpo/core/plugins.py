@@ -71,6 +71,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.strata",
         "mmgrpo.methods.dynamic_weights",
         "mmgrpo.methods.microcoder",
+        "mmgrpo.methods.dagrpo",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),

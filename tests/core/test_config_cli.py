@@ -168,7 +168,7 @@ def test_list_shows_every_estimator_and_loss(capsys):
         assert entries["aggregations"][name]
     assert entries["shaping"]["tempsamp_soft"]
     assert set(entries["combine"]) == {"sum_then_normalize", "normalize_then_sum", "posterior"}
-    for name in ["egrpo", "strata", "dynamic_weights", "microcoder"]:  # issue 17's paper methods
+    for name in ["egrpo", "strata", "dynamic_weights", "microcoder", "dagrpo"]:  # issue 17's paper methods
         assert entries["methods"][name], name
     assert "bandit" in entries["pipelines"] and "bandit" in entries["policies"]
     assert "bandit_arm_value" in entries["rewards"]
