@@ -451,7 +451,9 @@ def mapo(rewards: torch.Tensor, *, success: float = 1.0, eps: float = 1e-6, unbi
     dissenting row up to ~sqrt(G) ("advantage reversion/mirror"); their advantage moves towards the relative
     deviation from the mean instead. E.g. G = 4, r = [1, 1, 1, 0]: p = 3/4, lambda = 1/4, mu = 3/4, sigma = 1/2:
     A_std = [0.5, 0.5, 0.5, -1.5], A_apd = [1/3, 1/3, 1/3, -1]; A = [0.4583, 0.4583, 0.4583, -1.375].
-    |mu| (the paper divides by mu, with rewards >= 0) keeps the sign of r - mu for negative rewards (our choice).
+    |mu| (the paper divides by mu, with rewards >= 0) keeps the sign of r - mu for negative rewards, and A_apd is
+    clamped to [-(G - 1), G - 1], the range it always has for rewards >= 0 (our guards: with rewards of both signs
+    mu can be ~0 and the percent deviation unbounded; for non-negative rewards both are no-ops).
     Zero-variance groups get 0. The mix is per group: the issue's "step-level and batch-level" wording describes
     a different reading; this is the paper's.
     """
@@ -459,7 +461,8 @@ def mapo(rewards: torch.Tensor, *, success: float = 1.0, eps: float = 1e-6, unbi
     valid = ~r.isnan()
     mean = _masked_mean(r, valid)  # [B, 1]
     a_std = (r - mean) / (_masked_std(r, valid, unbiased) + eps)  # [B, G]
-    a_apd = (r - mean) / (mean.abs() + eps)  # [B, G]
+    bound = (valid.sum(-1, keepdim=True) - 1).clamp_min(0).float()  # [B, 1] G - 1
+    a_apd = torch.maximum(torch.minimum((r - mean) / (mean.abs() + eps), bound), -bound)  # [B, G]
     p = _masked_mean((r >= success).float(), valid)  # [B, 1] success fraction (NaN >= x is False; masked anyway)
     lam = 1.0 - 4.0 * p * (1.0 - p)  # [B, 1]
     return _finish((1.0 - lam) * a_std + lam * a_apd, valid, zero_variance_groups(r, eps))

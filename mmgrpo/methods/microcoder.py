@@ -19,8 +19,8 @@ high clipping ratios". Only the abstract was available here; what each part does
    ``loss.mask_zero_adv: true`` to take the zeroed rows out of the normaliser too.
 2. **Diversity-determined temperature** (policy wrapper). Before the first step (and every ``reselect_every``
    steps, if set) the step's prompts are sampled once at each candidate in ``temperatures``; the diversity of a
-   temperature is the mean over groups of (distinct completions / G); the run samples at the smallest temperature
-   whose diversity reaches ``target_diversity`` (none does: the largest). The choice is training state
+   temperature is the mean over groups (of all processes) of (distinct completions / G); the run samples at the
+   smallest temperature whose diversity reaches ``target_diversity`` (none does: the largest). The choice is state
    (checkpointed, a resumed run keeps it). The policy's log-probs follow the temperature (they are of
    logits / temperature), so the ratio = 1 invariant holds at any choice.
 3. **No KL, high clip** (load-time check): ``loss.beta`` must be 0 and ``loss.options.clip_high`` at least
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch, Rollout
@@ -60,9 +61,18 @@ def mask_truncated(adv: torch.Tensor, finished: torch.Tensor, mode: str = "condi
 
 
 def group_diversity(samples: list[Any], group_size: int) -> float:
-    """Mean over groups of (number of distinct samples) / G; samples [N] (texts), contiguous groups."""
+    """Mean over groups of (number of distinct samples) / G; samples [N] (texts), contiguous groups. Under data
+    parallelism the mean is over every process's groups (all-reduced), so every rank chooses the same temperature."""
     groups = [samples[i : i + group_size] for i in range(0, len(samples), group_size)]
-    return sum(len({str(s) for s in g}) / group_size for g in groups) / max(len(groups), 1)
+    total = torch.tensor(
+        [sum(len({str(s) for s in g}) / group_size for g in groups), len(groups)], dtype=torch.float64
+    )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        total = total.to(device)
+        dist.all_reduce(total)
+        total = total.cpu()
+    return float(total[0] / total[1].clamp_min(1))
 
 
 def choose_temperature(diversity: dict[float, float], target: float) -> float:

@@ -25,3 +25,7 @@ def test_mapo_mixes_std_and_percent_deviation_by_certainty():
     assert torch.equal(mapo(torch.ones(1, 4)), torch.zeros(1, 4))
     a = mapo(torch.tensor([[1.0, float("nan"), 0.0]]))
     assert torch.allclose(a, torch.tensor([[1 / math.sqrt(2), 0.0, -1 / math.sqrt(2)]]), atol=1e-5)
+    # rewards of both signs around 0: mu = 0 and the percent deviation +-1e-3 / 1e-6 = +-1000 is clamped to G - 1 = 3
+    # (p = 0, lambda = 1: A = A_apd); rewards >= 0 never reach the bound
+    a = mapo(torch.tensor([[1e-3, -1e-3, 0.0, 0.0]]))
+    assert torch.allclose(a, torch.tensor([[3.0, -3.0, 0.0, 0.0]]))
