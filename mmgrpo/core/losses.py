@@ -346,6 +346,7 @@ def pacs_loss(
 
 
 pacs_loss.one_step = True  # type: ignore[attr-defined]
+pacs_loss.zero_adv_no_grad = True  # type: ignore[attr-defined]  # A = 0: loss 0 and gradient exactly 0 (row skippable)
 pacs_loss.estimators = ("pacs",)  # type: ignore[attr-defined]
 
 
