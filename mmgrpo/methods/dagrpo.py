@@ -113,6 +113,19 @@ def dagrpo_hook(opts: DaGRPOOptions):
     return hook
 
 
+class AnchorPolicy(TempSampPolicy):
+    """TempSamp-R1's ground-truth rows as DaGRPO's anchors (a missing ground truth is named as DaGRPO's)."""
+
+    def rollout(self, batch: Any, group_size: int, generator: Any = None) -> Any:
+        missing = [b for b, m in enumerate(batch.meta) if m.get(self.ground_truth_key) is None]
+        if missing:
+            raise UserError(
+                f"methods.dagrpo (anchors): prompt {missing[0]} has no meta[{self.ground_truth_key!r}] to write as "
+                "its anchor; give every example a ground truth, set methods.dagrpo.ground_truth_key, or anchors: false"
+            )
+        return super().rollout(batch, group_size, generator)
+
+
 def check_dagrpo(opts: DaGRPOOptions, cfg: Any, key: str) -> None:
     if not opts.min_distinct >= 0:
         raise UserError(f"{key}: min_distinct={opts.min_distinct} must be >= 0 (0 keeps every pair: plain GRPO)")
@@ -137,7 +150,7 @@ METHOD = register_method(
         options=DaGRPOOptions,
         conflicts=("tempsamp", "pearl"),
         check=check_dagrpo,
-        wrap_policy=lambda policy, o: TempSampPolicy(policy, o.position, o.ground_truth_key) if o.anchors else policy,
+        wrap_policy=lambda policy, o: AnchorPolicy(policy, o.position, o.ground_truth_key) if o.anchors else policy,
         advantage_hooks=lambda o: [dagrpo_hook(o)],
     )
 )

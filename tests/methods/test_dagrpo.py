@@ -61,3 +61,11 @@ def test_dagrpo_options_are_checked_at_load():
     cfg = load_config(REPO / "configs" / "bandit.yaml", ["methods.dagrpo={anchors: false}"])
     with pytest.raises(UserError, match="cannot be combined"):
         load_config(REPO / "configs" / "vlm_tempsamp.yaml", [NO_MODEL, "methods.dagrpo={}"])
+
+
+def test_a_prompt_without_ground_truth_is_named_as_dagrpos():
+    from mmgrpo.core.types import PromptBatch
+    from mmgrpo.methods.dagrpo import AnchorPolicy
+
+    with pytest.raises(UserError, match=r"methods.dagrpo \(anchors\): prompt 1 has no meta\['answer'\]"):
+        AnchorPolicy(object()).rollout(PromptBatch(["q1", "q2"], [{"answer": "A"}, {}]), 2)
