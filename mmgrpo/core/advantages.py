@@ -13,7 +13,16 @@ Three open registries of small pure functions (built-ins, entry points of the gr
 - ``SHAPERS``: elementwise ``fn(rewards [...], **options) -> [...]``, applied to raw rewards *before* any
   estimator (TempSamp-R1's soft shaping).
 - ``COMBINERS``: turn R reward columns ``[R, B, G]`` into one advantage ``[B, G]`` (sum-then-normalise, or
-  normalise-each-then-sum as in GDPO).
+  normalise-each-then-sum as in GDPO). A combiner may declare the inputs of :data:`COMBINER_INPUTS` (``kinds``: the
+  reward stream of each column) and options of its own (``advantage.combine_options``, checked at config load by
+  :func:`combine_options`).
+
+Reward streams: every configured reward is an ``outcome`` reward (is the final answer right: accuracy, IoU, test
+cases; the default) or a ``process`` reward (how the answer was reached: the quality of the reasoning, format,
+intermediate steps), set per reward in YAML with ``kind`` (:data:`REWARD_KINDS`). The built-in combiners ignore the
+kind (so a config that sets none computes what it always did); a combiner or a method's advantage hook that declares a
+``kinds`` keyword receives one kind per reward column, in the order of ``rewards:`` (Posterior-GRPO's
+:func:`posterior` gates the process rewards on the outcome).
 
 Conventions shared by every built-in estimator:
 
@@ -47,6 +56,14 @@ Estimator = Callable[..., torch.Tensor]
 ESTIMATORS: Registry[Estimator] = Registry("estimator", plugins="estimators")
 SHAPERS: Registry[Callable[..., torch.Tensor]] = Registry("shaping", plugins="shaping")
 COMBINERS: Registry[Callable[..., torch.Tensor]] = Registry("combine", plugins="combine")
+
+REWARD_KINDS: tuple[str, ...] = ("outcome", "process")
+"""the reward streams a reward may belong to (``rewards: [{name: accuracy, kind: outcome}, {name: think_quality,
+kind: process}]``); outcome is the default"""
+
+COMBINER_INPUTS: tuple[str, ...] = ("kinds",)
+"""keyword parameters a combiner may declare to receive from the trainer (``kinds``: [R] the stream of each reward
+column, one of :data:`REWARD_KINDS`); its other keyword parameters are options (``advantage.combine_options``)"""
 
 ESTIMATOR_INPUTS: tuple[str, ...] = ("keys",)
 """keyword parameters an estimator may declare to receive from the trainer (``keys`` [B, G]: each row's stratum,
@@ -416,6 +433,82 @@ def stratified(
 stratified.allows_single = True  # type: ignore[attr-defined]  # strata span the batch: G = 1 rows still compare
 
 
+@register_estimator("mapo")
+def mapo(rewards: torch.Tensor, *, success: float = 1.0, eps: float = 1e-6, unbiased: bool = True) -> torch.Tensor:
+    """Mixed advantage: the group-std advantage and the advantage percent deviation, weighted by trajectory
+    certainty (MAPO).
+
+    rewards [B, G] -> advantages [B, G]. Huang et al. 2025, "MAPO: Mixed Advantage Policy Optimization"
+    (arXiv 2509.18849). With p the fraction of the group's valid rows that succeeded (r >= ``success``; 1.0: a 0/1
+    verifier passed), mu and sigma the group mean and (unbiased) std:
+
+        A_std = (r - mu) / (sigma + eps)                 GRPO's advantage
+        A_apd = (r - mu) / (|mu| + eps)                  advantage percent deviation
+        lambda(p) = 1 - 4 p (1 - p)                      trajectory certainty: 0 at p = 1/2, 1 at p in {0, 1}
+        A = (1 - lambda(p)) A_std + lambda(p) A_apd
+
+    Near-certain groups (almost all right or all wrong) have a tiny sigma, so GRPO's A_std blows a single
+    dissenting row up to ~sqrt(G) ("advantage reversion/mirror"); their advantage moves towards the relative
+    deviation from the mean instead. E.g. G = 4, r = [1, 1, 1, 0]: p = 3/4, lambda = 1/4, mu = 3/4, sigma = 1/2:
+    A_std = [0.5, 0.5, 0.5, -1.5], A_apd = [1/3, 1/3, 1/3, -1]; A = [0.4583, 0.4583, 0.4583, -1.375].
+    |mu| (the paper divides by mu, with rewards >= 0) keeps the sign of r - mu for negative rewards, and A_apd is
+    clamped to [-(G - 1), G - 1], the range it always has for rewards >= 0 (our guards: with rewards of both signs
+    mu can be ~0 and the percent deviation unbounded; for non-negative rewards both are no-ops).
+    Zero-variance groups get 0. The mix is per group: the issue's "step-level and batch-level" wording describes
+    a different reading; this is the paper's.
+    """
+    r = _as_groups(rewards, "mapo")
+    valid = ~r.isnan()
+    mean = _masked_mean(r, valid)  # [B, 1]
+    a_std = (r - mean) / (_masked_std(r, valid, unbiased) + eps)  # [B, G]
+    bound = (valid.sum(-1, keepdim=True) - 1).clamp_min(0).float()  # [B, 1] G - 1
+    a_apd = torch.maximum(torch.minimum((r - mean) / (mean.abs() + eps), bound), -bound)  # [B, G]
+    p = _masked_mean((r >= success).float(), valid)  # [B, 1] success fraction (NaN >= x is False; masked anyway)
+    lam = 1.0 - 4.0 * p * (1.0 - p)  # [B, 1]
+    return _finish((1.0 - lam) * a_std + lam * a_apd, valid, zero_variance_groups(r, eps))
+
+
+@register_estimator("pacs")
+def pacs(rewards: torch.Tensor, *, beta: float = 1.0, balance: bool = False) -> torch.Tensor:
+    """PACS's gradient coefficient of each row at the sampling parameters (use with ``loss.name: pacs``).
+
+    rewards [B, G] (labels in [0, 1]) -> [B, G]. Li et al. 2025, "Implicit Actor Critic Coupling via a Supervised
+    Learning Framework for RLVR" (PACS, arXiv 2509.02522). PACS treats the outcome reward r_i as a label and
+    trains a score psi_i = rhat_i - mean_{j != i} rhat_j (RLOO), rhat_i = beta * sum_t log(pi / pi_old)(o_i,t), with
+    the binary cross-entropy  L = sum_i w_i BCE(sigmoid(psi_i), r_i). Its gradient is
+
+        grad L = sum_i c_i grad rhat_i,   c_i = e_i - 1/(G-1) sum_{j != i} e_j,   e_i = w_i (sigmoid(psi_i) - r_i).
+
+    At the sampling parameters every rhat = 0, so psi = 0 and sigmoid(psi) = 1/2: c_i depends on the labels only.
+    This estimator returns A_i = -beta * c_i, and the ``pacs`` loss's per-unit term -A_i log(pi / pi_old) then has
+    exactly PACS's gradient (beta * c_i * grad log pi per unit, summed over the row's units). Unweighted this is
+    beta times the RLOO advantage r_i - mean_{j != i} r_j: the paper's "recovers the classical policy gradient".
+    ``balance`` sets w to the class-balanced weights of the group (sklearn's "balanced": w = G / (2 n_class)),
+    as the authors' code can. Groups of one row get 0. Exact for one optimizer step per rollout (the config load
+    enforces epochs x minibatches = 1 for the ``pacs`` loss): later steps would need every row of the group's
+    current psi in the same loss call.
+    """
+    if not (math.isfinite(beta) and beta > 0):
+        raise UserError(f"pacs: beta={beta} must be a finite number > 0 (the scale of the implicit reward)")
+    r = _as_groups(rewards, "pacs")
+    valid = ~r.isnan()
+    if bool(((r < 0) | (r > 1))[valid].any()):
+        raise UserError("pacs: rewards are BCE labels and must lie in [0, 1]; use 0/1 verifiable rewards")
+    w = torch.ones_like(r)
+    if balance:
+        pos = (r >= 0.5) & valid
+        n_pos, n = pos.sum(-1, keepdim=True).float(), valid.sum(-1, keepdim=True).float()  # [B, 1]
+        both = (n_pos > 0) & (n_pos < n)
+        w_pos = torch.where(both, n / (2 * n_pos.clamp_min(1)), 1.0)
+        w_neg = torch.where(both, n / (2 * (n - n_pos).clamp_min(1)), 1.0)
+        w = torch.where(pos, w_pos, w_neg)
+    e = torch.where(valid, w * (0.5 - r), 0.0)  # [B, G]  sigmoid(0) - r, weighted
+    count = valid.sum(-1, keepdim=True).float()  # [B, 1]
+    others = (e.sum(-1, keepdim=True) - e) / (count - 1).clamp_min(1)  # [B, G]  mean of e_j over j != i
+    c = e - others
+    return torch.where(valid & (count > 1), -beta * c, 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ shaping
 
 
@@ -471,13 +564,100 @@ def normalize_then_sum(
     return (weights[:, None, None] * per_reward).sum(0)
 
 
+def _check_posterior(kinds: list[str], threshold: float = 1.0) -> None:
+    """Posterior-GRPO needs an outcome reward (what decides "correct") and a process reward (what it gates)."""
+    if "outcome" not in kinds or "process" not in kinds:
+        raise UserError(
+            f"the posterior combiner gates process rewards on the outcome, but the rewards' kinds are {kinds}; mark "
+            "the answer's reward kind: outcome and the reasoning's reward kind: process, e.g. rewards: [{name: "
+            "accuracy, kind: outcome}, {name: format, kind: process}]"
+        )
+    if not math.isfinite(threshold):
+        raise UserError(f"combine_options.threshold={threshold} must be a finite number (1.0 for 0/1 rewards)")
+
+
+@COMBINERS.register("posterior")
+def posterior(
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    estimator: Estimator,
+    options: dict[str, Any],
+    *,
+    kinds: list[str] | None = None,
+    threshold: float = 1.0,
+) -> torch.Tensor:
+    """Posterior-GRPO: process rewards count only for rows whose outcome is correct, then sum-then-normalise.
+
+    rewards [R, B, G] (NaN: does not apply), weights [R], kinds [R] (``outcome`` / ``process``) -> advantages
+    [B, G]. A row is *correct* when it has at least one applicable outcome reward and every applicable outcome reward
+    is >= ``threshold`` (1.0: a 0/1 verifier passed). With c_i that indicator,
+
+        R_i = sum_{k outcome} w_k r_k,i + c_i * sum_{k process} w_k r_k,i,     A = estimator(R)
+
+    so a wrong answer cannot earn reasoning reward, and the reasoning reward ranks only the successful rows (their
+    process reward sets how far above the failures each lands). Fan, Zhang, Chen & Liu 2025, "Posterior-GRPO:
+    Rewarding Reasoning Processes in Code Generation" (arXiv 2508.05170): "conditions process-based rewards on task
+    success ... selectively applying rewards to the reasoning processes of only successful outcomes", which
+    mitigates reward hacking of the process reward. The abstract gives the rule, not a formula: this gate on the
+    summed reward before one group normalisation is our reading of it (a gated process reward of a wrong row is 0,
+    not NaN: the row still competes on its outcome).
+    """
+    kinds = check_kinds(kinds, rewards.shape[0], "posterior")
+    _check_posterior(kinds, threshold)
+    outcome = torch.tensor([k == "outcome" for k in kinds], device=rewards.device)  # [R]
+    out_r = rewards[outcome]  # [Ro, B, G]
+    applies = ~out_r.isnan()
+    correct = applies.any(0) & torch.where(applies, out_r >= threshold, True).all(0)  # [B, G]
+    gate = outcome[:, None, None] | correct[None]  # [R, B, G]: outcome columns always, process ones when correct
+    gated = torch.where(gate | rewards.isnan(), rewards, 0.0)
+    return sum_then_normalize(gated, weights, estimator, options)
+
+
+posterior.check = _check_posterior  # type: ignore[attr-defined]
+
+
+def combine_options(name: str, options: dict[str, Any], where: str, kinds: list[str] | None = None) -> dict[str, Any]:
+    """At config load: ``advantage.combine_options`` checked against combiner ``name``'s signature (its four
+    positional parameters and the inputs of :data:`COMBINER_INPUTS` are not options), then, when the combiner has a
+    ``check(kinds, **options)``, the options' values and the reward streams ``kinds`` [R] against it (UserError)."""
+    fn = COMBINERS.get(name)
+    opts = check_options(
+        fn, options, what=f"combiner {name!r}", prefix="advantage.combine_options", where=where, skip=4,
+        inputs=COMBINER_INPUTS,
+    )  # fmt: skip
+    check = getattr(fn, "check", None)
+    if check is not None and kinds is not None:
+        try:
+            check(kinds=list(kinds), **opts)
+        except UserError as e:
+            raise UserError(f"advantage.combine={name} in {where}: {e}") from e
+    return opts
+
+
+def check_kinds(kinds: Any, count: int, who: str = "combine") -> list[str]:
+    """``kinds`` as a list of ``count`` reward streams (None: every reward is an outcome reward)."""
+    if kinds is None:
+        return ["outcome"] * count
+    out = list(kinds)
+    if len(out) != count or any(k not in REWARD_KINDS for k in out):
+        raise UserError(f"{who}: kinds={out} must give one of {list(REWARD_KINDS)} for each of the {count} rewards")
+    return out
+
+
 def combine(
-    name: str, rewards: torch.Tensor, weights: torch.Tensor, estimator: str, options: dict[str, Any]
+    name: str,
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    estimator: str,
+    options: dict[str, Any],
+    kinds: list[str] | None = None,
+    combine_options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Combine R reward columns into one advantage with combiner ``name`` and estimator ``estimator``.
 
     rewards [R, B, G] (NaN = the reward does not apply to that row), weights [R] -> advantages [B, G] fp32.
-    ``options`` are the estimator's options.
+    ``options`` are the estimator's options; ``kinds`` [R] the stream of each column (None: all ``outcome``), handed
+    to a combiner that declares ``kinds``; ``combine_options`` the combiner's own options.
     """
     combiner = COMBINERS.get(name)
     est = get_estimator(estimator)
@@ -487,4 +667,8 @@ def combine(
         raise UserError(f"combine: rewards must be [R, B, G] (rewards x prompts x group), got {tuple(r.shape)}")
     if w.numel() != r.shape[0]:
         raise UserError(f"combine: {w.numel()} weights for {r.shape[0]} reward columns; give one weight per reward")
-    return combiner(r, w, est, dict(options or {}))
+    extra = dict(combine_options or {})
+    params = inspect.signature(combiner).parameters
+    if "kinds" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        extra["kinds"] = check_kinds(kinds, r.shape[0])
+    return combiner(r, w, est, dict(options or {}), **extra)

@@ -5,13 +5,16 @@ A loss is three small pieces, each an open registry (built-ins, entry points of 
 
 1. a **surrogate** (``LOSSES``) turns log-probs and advantages into a per-unit loss ``[n, k]`` (to be minimised):
    ``grpo`` (PPO/GRPO clipped token ratio, DAPO clip-higher, dual clip), ``gspo`` (sequence-level ratio),
-   ``pg`` (unclipped importance-weighted policy gradient), ``nft`` (DiffusionNFT's negative-aware matching).
+   ``pg`` (unclipped importance-weighted policy gradient), ``nft`` (DiffusionNFT's negative-aware matching),
+   ``pacs`` (PACS's supervised cross-entropy, at the sampling parameters).
    Its signature is its contract: ``fn(logp, logp_old, adv, mask, *, <inputs>, <options>)``. Keyword parameters
    named in :data:`LOSS_INPUTS` are *inputs* the library hands over when the loss declares them (``neg_logp`` from
    the policy, ``adv_clip`` from the config); every other keyword parameter is an *option*, set in YAML under
    ``loss.options`` and checked against the signature at config load (:func:`loss_options`): an option the loss
    does not declare is an error, never silently ignored. ``fn.check`` (set by :func:`register_loss`) validates
-   option values at load time too;
+   option values at load time too; ``fn.one_step = True`` says the loss is exact only when a rollout feeds one
+   optimizer step (trainer.epochs x trainer.minibatches = 1) and ``fn.estimators`` names the only estimators it is
+   valid with (both checked at config load);
 2. an **aggregation** (``AGGREGATIONS``, :class:`Aggregation`) reduces ``[n, k]`` to a scalar *and* says what its
    normaliser counts (:meth:`Aggregation.local_count`): ``token_mean`` (DAPO), ``seq_mean`` (original GRPO),
    ``constant`` (Dr. GRPO; option ``constant``);
@@ -326,6 +329,37 @@ def pg_loss(
     ratio = torch.exp(_masked_log_ratio(logp, logp_old, mask))  # [n, k]
     loss = -_as_unit_adv(adv, ratio) * ratio  # [n, k]
     return loss, {"ratio": ratio.detach(), "clipped": torch.zeros_like(ratio)}
+
+
+@register_loss("pacs")
+def pacs_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PACS's supervised (implicit actor-critic) loss at the sampling parameters: -A_i log(pi / pi_old) per unit.
+
+    Li et al. 2025, "Implicit Actor Critic Coupling via a Supervised Learning Framework for RLVR" (PACS, arXiv
+    2509.02522): the outcome reward is a label, the score psi_i is the RLOO-centred implicit reward
+    rhat_i = beta sum_t log(pi / pi_old), and the loss is the binary cross-entropy of sigmoid(psi_i) against the
+    label. The estimator ``pacs`` (:func:`mmgrpo.core.advantages.pacs`) turns the labels into A_i = -beta c_i, the
+    coefficient of grad rhat_i / beta in that cross-entropy's gradient at pi = pi_old; this surrogate's gradient is
+    then exactly PACS's, unit by unit (its value is 0 there, as log(pi / pi_old) = 0). PACS sums over a row's
+    units and averages over rows: ``loss.aggregation: {name: constant, options: {constant: 1}}``; token_mean
+    rescales. Valid for one optimizer step per rollout only (``one_step``: epochs x minibatches = 1, checked at
+    load) and with the ``pacs`` estimator (``estimators``). No options.
+    Shapes: logp, logp_old, mask [n, k]; adv [n] or [n, k]. Returns loss [n, k] and stats ``ratio``, ``clipped`` (0).
+    """
+    log_ratio = _masked_log_ratio(logp, logp_old, mask)  # [n, k]
+    loss = -_as_unit_adv(adv, log_ratio) * log_ratio
+    ratio = torch.exp(log_ratio).detach()
+    return loss, {"ratio": ratio, "clipped": torch.zeros_like(ratio)}
+
+
+pacs_loss.one_step = True  # type: ignore[attr-defined]
+pacs_loss.zero_adv_no_grad = True  # type: ignore[attr-defined]  # A = 0: loss 0 and gradient exactly 0 (row skippable)
+pacs_loss.estimators = ("pacs",)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -74,13 +74,15 @@ class QAExample:
         return {"question": self.question, "options": list(self.options) or None}
 
     def meta(self) -> dict:
-        """Per-prompt metadata the rewards and evaluation read: answer, box, image, image_size (W, H), checklist."""
+        """Per-prompt metadata the rewards and evaluation read: answer, box, image, image_size (W, H), checklist,
+        entities (the distinct "colour shape" objects of the scene: E-GRPO's ground-truth entities)."""
         out = {
             "images": [self.image],
             "image_size": (self.image_size, self.image_size),
             "kind": self.kind,
             "scene_seed": self.scene_seed,
             "checklist": [list(item) for item in self.checklist],
+            "entities": list(dict.fromkeys(f"{o.color} {o.shape}" for o in self.scene.objects)),
         }
         if self.answer is not None:
             out["answer"] = self.answer

@@ -17,6 +17,10 @@ What a method may contribute (every part optional):
   ``rollout`` produces (PEARL's checklist groups, TempSamp-R1's off-policy ground-truth rows);
 - ``advantage_hooks(options) -> [hook]``: hooks run after the estimator (``Components.advantage_hooks``,
   docs/architecture.md "Hooks");
+- ``reward_weights(options) -> weighter``: a stateful object that sets the reward weights of each step
+  (``Components.reward_weighters``): ``weighter(weights [R], rewards [V, R, N], kinds, step) -> (weights [R],
+  metrics)`` on all processes' rewards, with ``state_dict()`` / ``load_state_dict()`` saved in checkpoints (dynamic
+  reward weighting);
 - ``check(options, cfg, key)``: load-time checks against the rest of the config (UserErrors naming ``key``);
 - ``pipelines``: the recipes it applies to (empty: any); ``conflicts``: methods it cannot be combined with;
   ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``).
@@ -66,12 +70,15 @@ class Method:
     """wrap_policy(policy, options) -> policy"""
     advantage_hooks: Callable[[Any], list] | None = None
     """advantage_hooks(options) -> hooks applied after the estimator, in order"""
+    reward_weights: Callable[[Any], Any] | None = None
+    """reward_weights(options) -> a stateful weighter of the rewards (see the module doc)"""
 
     def parts(self) -> list[str]:
         """What the method contributes, in words (``mmgrpo list`` and the paper table)."""
         out = [f"reward {r}" for r in self.rewards]
         out += ["policy wrapper"] if self.wrap_policy else []
         out += ["advantage hooks"] if self.advantage_hooks else []
+        out += ["reward weights"] if self.reward_weights else []
         return out
 
 
@@ -191,6 +198,7 @@ class MethodParts:
 
     wrappers: list[Callable[[Any], Any]] = field(default_factory=list)
     advantage_hooks: list[Any] = field(default_factory=list)
+    reward_weighters: list[Any] = field(default_factory=list)
 
     def wrap(self, policy: Any) -> Any:
         for wrap in self.wrappers:
@@ -199,11 +207,14 @@ class MethodParts:
 
 
 def method_parts(cfg: Any, where: str = "the config") -> MethodParts:
-    """The policy wrappers and advantage hooks of every enabled method of ``cfg`` (checked first)."""
+    """The policy wrappers, advantage hooks and reward weighters of every enabled method of ``cfg`` (checked
+    first)."""
     parts = MethodParts()
     for method, opts in check_methods(cfg, where):
         if method.wrap_policy is not None:
             parts.wrappers.append(lambda policy, m=method, o=opts: m.wrap_policy(policy, o))
         if method.advantage_hooks is not None:
             parts.advantage_hooks += list(method.advantage_hooks(opts))
+        if method.reward_weights is not None:
+            parts.reward_weighters.append(method.reward_weights(opts))
     return parts

@@ -92,6 +92,7 @@ def shapes_question(index: int, seed: int = 0, size: int = 64) -> Example:
     objects = [(o.color, o.shape) for o in scene.objects]
     meta = {"answer": answer, "images": [image], "image_size": (size, size), "objects": objects, "index": index}
     meta["checklist"] = shapes_checklist(objects, color, np.random.default_rng([seed, index, 1]))
+    meta["entities"] = list(dict.fromkeys(f"{c} {s}" for c, s in objects))  # E-GRPO's ground-truth entities
     return {"question": question, "options": options}, meta
 
 

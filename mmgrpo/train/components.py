@@ -86,7 +86,9 @@ def _plain(value: Any) -> Any:
 class AdvantageHook(Protocol):
     """``hook(adv [B, G], rollout, cols [V, R, N], reward_names) -> (adv [B, G], metrics)`` on this rank's groups.
 
-    Runs after the estimator; ``rollout.loss_weight`` may also be set here (per-stream weights)."""
+    Runs after the estimator; ``rollout.loss_weight`` may also be set here (per-stream weights). A hook that
+    declares a ``kinds`` keyword gets the reward streams [R] (outcome / process), one declaring ``weights`` this
+    step's reward weights [R] (after any reward weighter)."""
 
     def __call__(
         self, adv: torch.Tensor, rollout: Any, cols: torch.Tensor, reward_names: list[str]
@@ -102,6 +104,10 @@ class Components:
     advantage_hooks: list[AdvantageHook] = field(default_factory=list)
     """hooks applied, in order, to this rank's advantages after normalisation: the recipe's, then those of the
     methods under ``methods:`` (PEARL gate, TempSamp anchor), in the block's order"""
+    reward_weighters: list[Any] = field(default_factory=list)
+    """stateful objects setting each step's reward weights from all ranks' rewards, in order:
+    ``w(weights [R], rewards [V, R, N], kinds, step) -> (weights [R], metrics)`` with ``state_dict`` /
+    ``load_state_dict`` (checkpointed: dynamic reward weighting)"""
 
 
 @dataclass
@@ -130,4 +136,5 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
     parts = method_parts(cfg)
     comp.policy = parts.wrap(comp.policy)
     comp.advantage_hooks = [*comp.advantage_hooks, *parts.advantage_hooks]
+    comp.reward_weighters = [*comp.reward_weighters, *parts.reward_weighters]
     return comp

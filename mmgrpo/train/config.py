@@ -19,7 +19,14 @@ from typing import Any, Literal
 import yaml
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.advantages import COMBINERS, ESTIMATORS, SHAPERS, estimator_options, shaping_options
+from mmgrpo.core.advantages import (
+    COMBINERS,
+    ESTIMATORS,
+    SHAPERS,
+    combine_options,
+    estimator_options,
+    shaping_options,
+)
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
@@ -59,6 +66,10 @@ class RewardSpec:
     """options passed to the reward factory"""
     streams: list[str] = field(default_factory=list)
     """score only rows whose meta['stream'] is listed (e.g. [reasoning] with PEARL); empty = every row"""
+    kind: Literal["outcome", "process"] = "outcome"
+    """the reward's stream for advantage code: outcome (is the final answer right: accuracy, IoU, tests) or process
+    (how it was reached: reasoning quality, format). Built-in combiners ignore it; a combiner or method hook that
+    declares ``kinds`` gets one per reward (Posterior-GRPO: ``advantage.combine: posterior``)"""
 
 
 @dataclass
@@ -70,7 +81,10 @@ class AdvantageConfig:
     """estimator options, checked against its signature (e.g. {unbiased: false} for grpo, {scale: mad} for
     mc_grpo)"""
     combine: str = "sum_then_normalize"
-    """how several rewards combine: sum_then_normalize or normalize_then_sum (GDPO / MixGRPO)"""
+    """how several rewards combine: sum_then_normalize, normalize_then_sum (GDPO / MixGRPO) or posterior
+    (Posterior-GRPO: process rewards count only where the outcome is correct)"""
+    combine_options: dict[str, Any] = field(default_factory=dict)
+    """options of the combiner, checked against its signature (posterior: {threshold: 1.0})"""
     shaping: str = "none"
     """reward shaping applied before normalisation (none, tempsamp_soft)"""
     shaping_options: dict[str, Any] = field(default_factory=dict)
@@ -307,7 +321,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 def validate_components(cfg: Config, where: str) -> None:
     """Check component names and options against what each registered component accepts."""
-    validate_advantage_and_loss(cfg.advantage, cfg.loss, where)
+    validate_advantage_and_loss(cfg.advantage, cfg.loss, where, [r.kind for r in cfg.rewards])
     if cfg.pipeline not in components.PIPELINES:
         raise UserError(f"pipeline in {where}: " + components.PIPELINES.unknown_message(cfg.pipeline))
     pipeline = components.PIPELINES.get(cfg.pipeline)
@@ -406,6 +420,19 @@ def _check_group_split(cfg: Config, where: str) -> None:
             f"(estimator {cfg.advantage.estimator!r} gives a group of one row advantage 0, so nothing would be "
             "learned); raise it, e.g. trainer.group_size=8, or use an estimator that allows G = 1 (ngrpo, stratified)"
         )
+    loss_fn = LOSSES.get(cfg.loss.name)
+    if getattr(loss_fn, "one_step", False) and t.epochs * t.minibatches != 1:
+        raise UserError(
+            f"loss.name={cfg.loss.name} in {where} is exact only when a rollout feeds one optimizer step, but "
+            f"trainer.epochs={t.epochs} x trainer.minibatches={t.minibatches} = {t.epochs * t.minibatches}; set "
+            "trainer.epochs=1 and trainer.minibatches=1"
+        )
+    pairs = getattr(loss_fn, "estimators", None)
+    if pairs is not None and cfg.advantage.estimator not in pairs:
+        raise UserError(
+            f"loss.name={cfg.loss.name} in {where} needs advantage.estimator to be one of {list(pairs)} (it reads "
+            f"their output, not an advantage), got {cfg.advantage.estimator!r}; set advantage.estimator={pairs[0]}"
+        )
     if t.minibatches > t.group_size:
         raise UserError(
             f"trainer.minibatches={t.minibatches} in {where} must be <= trainer.group_size={t.group_size}: each "
@@ -414,7 +441,9 @@ def _check_group_split(cfg: Config, where: str) -> None:
         )
 
 
-def validate_advantage_and_loss(a: AdvantageConfig, lc: LossConfig, where: str) -> None:
+def validate_advantage_and_loss(
+    a: AdvantageConfig, lc: LossConfig, where: str, kinds: list[str] | None = None
+) -> None:
     """Names (registered, entry point or dotted path) and options of the estimator, shaping, combiner, loss and
     aggregation: an unknown name or option is a UserError naming its key here, before any model loads."""
     for reg, name, key in [
@@ -430,6 +459,7 @@ def validate_advantage_and_loss(a: AdvantageConfig, lc: LossConfig, where: str) 
             raise UserError(f"{key} in {where}: {e}") from e
     estimator_options(a.estimator, a.options, where)
     shaping_options(a.shaping, a.shaping_options, where)
+    combine_options(a.combine, a.combine_options, where, kinds)
     if lc.beta < 0:
         raise UserError(f"loss.beta={lc.beta} in {where} must be >= 0 (the weight of the KL to the reference)")
     if lc.adv_clip is not None and not lc.adv_clip > 0:

@@ -322,7 +322,17 @@ class Trainer:
             keys = torch.tensor(rollout.group_keys, dtype=torch.long).to(self.acc.device)
             opts["keys"] = self.acc.gather(keys).cpu().view(-1, G)
         weights_t = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
-        adv = sum(adv_lib.combine(a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts) for v in range(V))
+        kinds = [spec.kind for spec in self.cfg.rewards]  # outcome / process stream of each reward column
+        weight_metrics: dict[str, float] = {}
+        for weighter in self.comp.reward_weighters:  # stateful reward weights (dynamic weighting), global rewards
+            weights_t, m = weighter(weights_t, shaped, kinds, step)
+            weight_metrics.update(m)
+        adv = sum(
+            adv_lib.combine(
+                a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts, kinds, a.combine_options
+            )
+            for v in range(V)
+        )
         if a.min_advantage is not None:
             adv = adv.clamp(min=a.min_advantage)
         row_w = adv_lib.get_row_weights(a.estimator)(self._weighted(shaped[0]).view(-1, G), **opts)
@@ -339,12 +349,15 @@ class Trainer:
             "adv/abs_mean": adv.abs().mean().item(),
             "adv/zero_variance_groups": float(zero.sum().item()),
         }
+        metrics.update(weight_metrics)
         for v in range(1, V):
             metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
         adv_local = adv.reshape(-1)[mine].view(-1, G)
         names = [name for name, _, _ in self.rewards]
         for hook in self.comp.advantage_hooks:  # method hooks (docs/architecture.md "Hooks"), on this rank's groups
-            adv_local, m = hook(adv_local, rollout, cols, names)
+            params = inspect.signature(hook).parameters  # inputs a hook may declare: reward streams and weights
+            extra = {k: v for k, v in {"kinds": kinds, "weights": weights_t}.items() if k in params}
+            adv_local, m = hook(adv_local, rollout, cols, names, **extra)
             metrics.update(m)
         return adv_local.reshape(-1), row_w.reshape(-1)[mine].float(), metrics
 
@@ -685,6 +698,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rewards": rewards,
             "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
+            "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(self.comp.reward_weighters)},
         }
 
     def save(self) -> Path | None:
@@ -734,6 +748,9 @@ class Trainer:
         for k, fn in stateful_rewards(self.rewards).items():
             if k in state.get("rewards", {}):
                 fn.load_state_dict(state["rewards"][k])
+        for i, weighter in enumerate(self.comp.reward_weighters):
+            if str(i) in (state.get("reward_weighters") or {}):
+                weighter.load_state_dict(state["reward_weighters"][str(i)])
         self.step = int(state["step"])
 
     def _shard_full_state(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -32,9 +32,10 @@ def close(a, b, tol=1e-5):
 
 
 def test_registries_list_names_and_descriptions():
-    assert ESTIMATORS.names() == ["batch_std", "bnpo", "dr_grpo", "grpo", "mc_grpo", "ngrpo", "stratified"]
+    names = ["batch_std", "bnpo", "dr_grpo", "grpo", "mapo", "mc_grpo", "ngrpo", "pacs", "stratified"]
+    assert ESTIMATORS.names() == names
     assert SHAPERS.names() == ["none", "tempsamp_soft"]
-    assert COMBINERS.names() == ["normalize_then_sum", "sum_then_normalize"]
+    assert COMBINERS.names() == ["normalize_then_sum", "posterior", "sum_then_normalize"]
     for name in ESTIMATORS:
         assert ESTIMATORS.describe(name), f"{name} has no one-line description"
 
@@ -44,7 +45,7 @@ def test_unknown_estimator_lists_known_names():
         get_estimator("mc_grpo2")
     msg = str(e.value)
     assert "unknown estimator 'mc_grpo2'" in msg
-    assert "known: batch_std, bnpo, dr_grpo, grpo, mc_grpo, ngrpo, stratified" in msg
+    assert "known: batch_std, bnpo, dr_grpo, grpo, mapo, mc_grpo, ngrpo, pacs, stratified" in msg
     assert "did you mean 'mc_grpo'" in msg
     with pytest.raises(UserError, match="known: batch_std"):
         get_row_weights("nope")

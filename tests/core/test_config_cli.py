@@ -160,14 +160,16 @@ def test_resume_dir_without_checkpoint(tmp_path, capsys):
 
 def test_list_shows_every_estimator_and_loss(capsys):
     entries = list_entries()
-    for name in ["grpo", "dr_grpo", "batch_std", "mc_grpo", "ngrpo", "bnpo", "stratified"]:
+    for name in ["grpo", "dr_grpo", "batch_std", "mc_grpo", "ngrpo", "bnpo", "stratified", "mapo", "pacs"]:
         assert entries["estimators"][name], name
-    for name in ["grpo", "gspo", "pg"]:
+    for name in ["grpo", "gspo", "pg", "pacs"]:
         assert entries["losses"][name]
     for name in ["token_mean", "seq_mean", "constant"]:
         assert entries["aggregations"][name]
     assert entries["shaping"]["tempsamp_soft"]
-    assert set(entries["combine"]) == {"sum_then_normalize", "normalize_then_sum"}
+    assert set(entries["combine"]) == {"sum_then_normalize", "normalize_then_sum", "posterior"}
+    for name in ["egrpo", "strata", "dynamic_weights", "microcoder", "dagrpo"]:  # issue 17's paper methods
+        assert entries["methods"][name], name
     assert "bandit" in entries["pipelines"] and "bandit" in entries["policies"]
     assert "bandit_arm_value" in entries["rewards"]
     code, out, _ = run_cli(capsys, "list")

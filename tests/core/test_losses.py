@@ -29,7 +29,7 @@ def _three_ratios():
 
 
 def test_registries_hold_the_variants():
-    assert LOSSES.names() == ["grpo", "gspo", "nft", "pg"]
+    assert LOSSES.names() == ["grpo", "gspo", "nft", "pacs", "pg"]
     assert AGGREGATIONS.names() == ["constant", "seq_mean", "token_mean"]
     assert get_loss("grpo") is LOSSES.get("grpo")
 
@@ -369,7 +369,7 @@ def test_padding_with_minus_inf_is_safe():
 
 def test_unknown_loss_lists_known():
     logp, old, mask = _three_ratios()
-    with pytest.raises(UserError, match="unknown loss 'gpso'; known: grpo, gspo, nft, pg"):
+    with pytest.raises(UserError, match="unknown loss 'gpso'; known: grpo, gspo, nft, pacs, pg"):
         policy_loss(logp, old, torch.ones(1), mask, loss="gpso")
 
 
