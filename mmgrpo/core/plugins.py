@@ -66,6 +66,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.listener",
         "mmgrpo.methods.medloc",
         "mmgrpo.methods.mmupt",
+        "mmgrpo.methods.kdrl",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
