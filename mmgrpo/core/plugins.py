@@ -68,6 +68,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.mmupt",
         "mmgrpo.methods.kdrl",
         "mmgrpo.methods.nft",
+        "mmgrpo.methods.poise",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
