@@ -69,6 +69,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.kdrl",
         "mmgrpo.methods.nft",
         "mmgrpo.methods.poise",
+        "mmgrpo.methods.srpo",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
