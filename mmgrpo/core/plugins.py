@@ -70,6 +70,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.nft",
         "mmgrpo.methods.poise",
         "mmgrpo.methods.srpo",
+        "mmgrpo.methods.ampo",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
