@@ -23,7 +23,11 @@ teacher-forces it into the last row exactly as TempSamp-R1's ground truth (its `
 its ratio starts at 1); the other G - 1 rows are the same samples as before (per-prompt seeds: a prompt's samples do
 not depend on its batch). k = 1 (the off-policy-row mechanism writes one row per group; the paper's k is a
 hyper-parameter). The pool is offline, as in the paper: ``meta[guidance_key]`` is a list of solutions, each a str
-or ``{"text": ..., "teacher": name}``; a failed question without a pool stays on-policy.
+or ``{"text": ..., "teacher": name}``; and/or online: ``teachers: [<folder or hub id>, ...]`` are frozen VLMs
+(extra models ``ampo_teacher<i>``, loaded like the policy by :meth:`mmgrpo.policies.vlm.VLMPolicy.load_generator`,
+any VLM family, their memory and generation time logged as ``extra/ampo_teacher<i>/*``) that each answer a failed
+question greedily; an answer the verifier accepts joins that question's pool. A failed question whose pool stays
+empty stays on-policy.
 
 Metrics: ``ampo/failed_groups``, ``ampo/guided_groups``, ``ampo/teacher/<name>`` (how often each teacher's
 solution was selected). Applies to ``vlm_reasoning`` (the off-policy-row mechanism is the VLM policy's); not to the
@@ -37,7 +41,7 @@ score; an SDE trajectory to a given image is not recorded).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -86,6 +90,30 @@ class AMPOPolicy(PolicyWrapper):
         super().__init__(inner)
         self._own("opts", opts)
         self._own("verifier", None)
+        self._own("teachers", [])  # ExtraModels whose handle generates (online guidance)
+
+    def teacher_solutions(self, batch: PromptBatch, idx: list[int]) -> dict[int, list[tuple[str, str]]]:
+        """prompt index -> [(text, teacher)] of the teachers' greedy answers to prompts ``idx`` that the verifier
+        accepts (and that fit the policy's rows)."""
+        out: dict[int, list[tuple[str, str]]] = {b: [] for b in idx}
+        if not (self.teachers and idx):
+            return out
+        prompts = [batch.prompts[b] for b in idx]
+        metas = [
+            {**batch.meta[b], **({"options": list(p["options"])} if isinstance(p, dict) and p.get("options") else {})}
+            for b, p in zip(idx, prompts)
+        ]
+        sub = PromptBatch(prompts=prompts, meta=metas, seeds=[batch.seeds[b] for b in idx] if batch.seeds else [],
+                          step=batch.step)  # fmt: skip
+        ctx = RewardContext(group_size=1, step=batch.step, group=torch.arange(len(idx)), policy=self.inner,
+                            update_state=False)  # fmt: skip
+        for t in self.teachers:
+            with t.timed():
+                texts = t.handle.generate(sub, greedy=True)
+            for j, v in enumerate(self.verifier(texts, prompts, metas, ctx)):
+                if v is not None and float(v) >= self.opts.correct_at and self.inner.fits_completion(texts[j]):
+                    out[idx[j]].append((texts[j], t.name))
+        return out
 
     def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
         G, B, o = group_size, len(batch), self.opts
@@ -96,11 +124,12 @@ class AMPOPolicy(PolicyWrapper):
         r = torch.tensor([math.nan if v is None else float(v) for v in raw], dtype=torch.float32)
         failed = failed_groups(r.view(B, G), o.correct_at)
         guided, metas = [], []
+        online = self.teacher_solutions(batch, failed.nonzero().reshape(-1).tolist())
         for b in failed.nonzero().reshape(-1).tolist():
             pool = batch.meta[b].get(o.guidance_key)
-            if not pool:
+            entries = (pool_entries(pool) if pool else []) + online[b]
+            if not entries:
                 continue
-            entries = pool_entries(pool)
             scores = self.inner.mean_logprob(batch.prompts[b], batch.meta[b], [t for t, _ in entries])
             text, teacher = entries[select_guidance(scores, o.selection)]
             metas.append({**batch.meta[b], OFFPOLICY_KEY: text, OFFPOLICY_POSITION_KEY: "last", TEACHER_KEY: teacher})
@@ -146,6 +175,10 @@ class AMPOOptions:
     """meta key of each example's guidance pool: a list of teachers' solutions (str or {text, teacher})"""
     selection: Literal["comprehension", "first"] = "comprehension"
     """comprehension: the solution with the highest mean token log-prob under the student; first: the pool's first"""
+    teachers: list[str] = field(default_factory=list)
+    """teacher VLMs (folders / hub ids) that answer failed questions online; [] = the data's pool only"""
+    teacher_dtype: str | None = None
+    """the teachers' weights dtype; null = the policy's"""
 
 
 def check_ampo(opts: AMPOOptions, cfg: Any, key: str) -> None:
@@ -158,6 +191,8 @@ def check_ampo(opts: AMPOOptions, cfg: Any, key: str) -> None:
         raise UserError(f"{key}: selection={opts.selection!r}; use comprehension or first")
     if not math.isfinite(opts.correct_at):
         raise UserError(f"{key}: correct_at={opts.correct_at} must be finite")
+    if any(not isinstance(t, str) or not t for t in opts.teachers):
+        raise UserError(f"{key}: teachers={opts.teachers!r} must be model folders or hub ids (non-empty strings)")
 
 
 def setup_ampo(policy: Any, opts: AMPOOptions, cfg: Any) -> MethodRuntime:
@@ -172,7 +207,13 @@ def setup_ampo(policy: Any, opts: AMPOOptions, cfg: Any) -> MethodRuntime:
             "so name a plain verifier (accuracy, iou)"
         )
     wrapper.verifier = fn
-    return MethodRuntime(advantage_hooks=[ampo_metrics_hook])
+    if opts.teachers and not hasattr(policy, "load_generator"):
+        raise UserError(f"methods.ampo.teachers needs the VLM policy (load_generator), not {type(policy).__name__}")
+    wrapper.teachers = [
+        policy.load_generator(f"ampo_teacher{i}", path, f"methods.ampo.teachers[{i}]", opts.teacher_dtype)
+        for i, path in enumerate(opts.teachers)
+    ]
+    return MethodRuntime(extra_models=list(wrapper.teachers), advantage_hooks=[ampo_metrics_hook])
 
 
 METHOD = register_method(

@@ -618,6 +618,15 @@ class VLMPolicy:
             out.setdefault("options", list(raw["options"]))
         return out
 
+    def fits_completion(self, text: str) -> bool:
+        """Whether ``text`` can be teacher-forced as a row: its tokens and EOS fit ``max_new_tokens`` and none is a
+        token the policy never samples."""
+        try:
+            self._forced_ids(text)
+        except UserError:
+            return False
+        return True
+
     def _forced_ids(self, text: str) -> list[int]:
         """Token ids of a teacher-forced completion: ``text`` then EOS; checked to fit K and to be samplable."""
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in self.eos_ids else self.eos_ids[0]
@@ -725,6 +734,19 @@ class VLMPolicy:
                            shared_prefix=sc.shared_prefix)  # fmt: skip
         scorer.to(self.device)
         return ExtraModel(name, scorer, scorer)
+
+    def load_generator(self, name: str, path: str, key: str, dtype: str | None = None) -> ExtraModel:
+        """A frozen VLM that writes answers (a teacher generating guidance): :func:`load_vlm` with the policy's
+        options (its own processor and family, any VLM), on the policy's device; ``handle`` is a :class:`VLMPolicy`
+        around it (``handle.generate(batch)``), ``module`` its scorer (memory and time reported)."""
+        o = copy.copy(self.options)
+        o.path, o.dtype, o.revision, o.variant, o.family = path, dtype or self.options.dtype, None, None, "auto"
+        o.finetune, o.gradient_checkpointing = "full", False
+        o.max_new_tokens = max(1, self.options.max_new_tokens - 1)  # its answer + EOS must fit the policy's rows
+        model, processor = load_vlm(path, o, key)
+        gen = VLMPolicy(model, processor, o)
+        gen.model.to(self.device)
+        return ExtraModel(name, gen.model, gen)
 
     @torch.no_grad()
     def frozen_log_prob(

@@ -12,7 +12,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.methods.ampo import failed_groups, pool_entries, select_guidance
 from mmgrpo.pipelines.vlm_reasoning import shapes_question
 from mmgrpo.rewards.registry import register
-from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_vl
+from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_5_vl, tiny_qwen2_vl
 from mmgrpo.train.config import load_config, read_yaml
 from mmgrpo.train.trainer import Trainer, prepare_run_dir
 
@@ -55,14 +55,16 @@ def guidance_jsonl(directory: Path, n: int = 8) -> Path:
     return path
 
 
-def ampo_trainer(tmp_path):
+def ampo_trainer(tmp_path, teachers=(), pool=True):
     model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
     data = read_yaml(REPO / "configs" / "vlm_ampo.yaml")
     data["run"].update(name="ampo", output_dir=str(tmp_path))
     data["policy"]["options"].update(path=str(model_dir), max_new_tokens=16, lora_rank=4)
     data["data"]["options"].update(path=str(guidance_jsonl(tmp_path / "data")), eval_examples=2)
     data["rewards"].append({"name": "test_ampo_pool", "weight": 1.0})
-    data["methods"]["ampo"]["reward"] = "test_ampo_pool"
+    data["methods"]["ampo"].update(reward="test_ampo_pool", teachers=list(teachers))
+    if not pool:
+        data["methods"]["ampo"]["guidance_key"] = "no_pool"
     data["trainer"].update(max_steps=2, prompts_per_step=2, group_size=3, micro_batch_size=6, lr=0.05,
                            eval_every=0, checkpoint_every=0, progress=False)  # fmt: skip
     cfg = load_config(None, base=data)
@@ -96,3 +98,25 @@ def test_two_ampo_steps_on_the_vlm(tmp_path):
         assert m["reward/test_ampo_pool"] == pytest.approx(1 / 3)  # the inserted row of each group of 3 succeeds
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_online_teachers_answer_the_failed_questions_and_report_their_cost(tmp_path):
+    teachers = [save_tiny(*tiny_qwen2_vl(1), tmp_path / "t1"), save_tiny(*tiny_qwen2_5_vl(2), tmp_path / "t2")]
+    trainer = ampo_trainer(tmp_path, teachers=[str(t) for t in teachers], pool=False)
+    wrapper = trainer.policy
+    assert [t.name for t in trainer.comp.extra_models] == ["ampo_teacher0", "ampo_teacher1"]
+
+    def verifier(samples, prompts, meta, ctx):  # the student's rows (groups of 3) fail; every teacher answer passes
+        return [0.0 if ctx.group_size > 1 else 1.0 for _ in samples]
+
+    wrapper.verifier = verifier
+    batch = trainer.prompts_for(0, 0)
+    rollout = trainer.sample(batch, 0)
+    answers = [t.handle.generate(batch, greedy=True) for t in wrapper.teachers]  # [teacher][prompt]
+    for b in range(len(batch)):
+        texts = [a[b] for a in answers if wrapper.inner.fits_completion(a[b])]
+        best = texts[int(wrapper.inner.mean_logprob(batch.prompts[b], batch.meta[b], texts).argmax())]
+        assert rollout.samples[b * 3 + 2] == best
+    metrics = {k: v for t in trainer.comp.extra_models for k, v in t.metrics().items()}
+    assert metrics["extra/ampo_teacher0/time_s"] > 0 and metrics["extra/ampo_teacher1/mib"] > 0
+    assert all(not p.requires_grad for t in wrapper.teachers for p in t.module.parameters())
