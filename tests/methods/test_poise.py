@@ -118,3 +118,43 @@ def test_a_vlm_run_with_poise_trains_and_resumes_exactly(tmp_path):
     assert all(m["extra/poise_probe/mib"] > 0 for m in a)
     sa, sb = full.comp.method_state["poise"], resumed.comp.method_state["poise"]
     assert torch.equal(sa.probe.head.weight, sb.probe.head.weight) and torch.equal(sa.feats, sb.feats)
+
+
+def test_two_processes_train_the_same_probe_as_one(tmp_path):
+    """Layout-free: every process's rows are gathered before the probe trains, so a 2-process run (gloo, one prompt
+    per process) trains the probe and the policy the 1-process run does."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mmgrpo.train import checkpoint as ckpt
+
+    model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
+    data = read_yaml(REPO / "configs" / "vlm_poise.yaml")
+    data["run"].update(output_dir=str(tmp_path))
+    data["policy"]["options"].update(path=str(model_dir), max_new_tokens=8, lora_rank=4)
+    data["data"]["options"].update(num_examples=12, eval_examples=2)
+    data["trainer"].update(max_steps=2, prompts_per_step=2, group_size=2, micro_batch_size=4, lr=0.05, eval_every=0,
+                           checkpoint_every=0, progress=False)  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    one = train(load_config(path, ["run.name=one"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "mmgrpo.train.cli", "train", str(path),
+           "run.name=two"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(one.run_dir / "checkpoints"))
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))
+    pa, pb = a["methods"]["poise"], b["methods"]["poise"]
+    assert torch.allclose(pa["feats"], pb["feats"], atol=1e-5) and torch.equal(pa["rewards"], pb["rewards"])
+    assert torch.allclose(pa["probe"]["head.weight"], pb["probe"]["head.weight"], atol=1e-5)
