@@ -161,7 +161,8 @@ def trainer_step(trainer):
         metrics.update(m_adv, **trainer.update(rollout, adv, row_w, n))
         trainer.step = n + 1
         out = {k: float(v) for k, v in metrics.items() if k in ("reward/mean", "completion/length_mean")}
-        return {**out, "trained_rows": float(rollout.num_rows)}  # every row goes through the update
+        skipped = metrics.get("update/skipped_rows_frac", 0.0)  # zero-advantage rows (trainer.skip_zero_advantage)
+        return {**out, "trained_rows": rollout.num_rows * (1.0 - float(skipped))}
 
     return step
 

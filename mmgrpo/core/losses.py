@@ -70,16 +70,22 @@ LOSS_INPUTS: dict[str, str] = {
 """keyword parameters a loss may declare to receive from the library; its other keyword parameters are options"""
 
 
-def register_loss(name: str, check: Callable[..., None] | None = None) -> Callable[[LossFn], LossFn]:
+def register_loss(
+    name: str, check: Callable[..., None] | None = None, zero_adv_no_grad: bool = False
+) -> Callable[[LossFn], LossFn]:
     """Decorator: register a surrogate ``fn(logp, logp_old, adv, mask, *, <inputs>, <options>)`` as ``name``.
 
     ``check``, when given, is called at config load with the keyword arguments it names, taken from the loss's
     options (defaults filled in) and its inputs known then (``adv_clip``); it raises UserError on bad values.
+    ``zero_adv_no_grad`` declares that a row whose advantage is 0 on every unit gets loss 0 and gradient exactly 0
+    whatever its ratio (true of the clipped and plain ratio surrogates): the trainer may then leave such rows out of
+    the update's forwards (:func:`zero_adv_no_grad`). A plug-in loss says nothing and is never skipped.
     """
 
     def deco(fn: LossFn) -> LossFn:
         if check is not None:
             fn.check = check  # type: ignore[attr-defined]
+        fn.zero_adv_no_grad = zero_adv_no_grad  # type: ignore[attr-defined]
         return LOSSES.register(name)(fn)
 
     return deco
@@ -88,6 +94,12 @@ def register_loss(name: str, check: Callable[..., None] | None = None) -> Callab
 def get_loss(name: str) -> LossFn:
     """The per-unit surrogate registered as ``name`` (UserError listing the known ones otherwise)."""
     return LOSSES.get(name)
+
+
+def zero_adv_no_grad(name: str) -> bool:
+    """Whether loss ``name`` gives a row with advantage 0 on every unit exactly zero loss and gradient
+    (``register_loss(..., zero_adv_no_grad=True)``: grpo, gspo, pg)."""
+    return bool(getattr(LOSSES.get(name), "zero_adv_no_grad", False))
 
 
 def loss_options(
@@ -184,7 +196,7 @@ def _clipped_surrogate(
 # per-unit surrogates: fn(logp, logp_old, adv, mask, *, <inputs>, <options>) -> (loss [n, k], stats)
 
 
-@register_loss("grpo", check=_check_clip)
+@register_loss("grpo", check=_check_clip, zero_adv_no_grad=True)
 def grpo_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -210,7 +222,7 @@ def grpo_loss(
     return _clipped_surrogate(ratio, _as_unit_adv(adv, ratio), clip_low, clip_high, dual_clip)
 
 
-@register_loss("gspo", check=_check_clip)
+@register_loss("gspo", check=_check_clip, zero_adv_no_grad=True)
 def gspo_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -298,7 +310,7 @@ def nft_loss(
     return loss, {"ratio": ratio, "clipped": torch.zeros_like(ratio)}
 
 
-@register_loss("pg")
+@register_loss("pg", zero_adv_no_grad=True)
 def pg_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,

@@ -156,6 +156,13 @@ class TrainerConfig:
     """with micro_batch_size auto: the most (row, unit) forwards of a diffusion policy in one micro-batch. 16 kept
     the update of the shapes SD3 (B 8 x G 8, 7 trained steps: 2 rows at a time) at or below the peak memory of
     Flow-GRPO's batches of 8 rows, with no loss of speed on CPU against 32; 8 was slower there (bench/peers.py)"""
+    skip_zero_advantage: bool = True
+    """leave rows whose advantage is 0 on every unit out of the update's forwards and backwards (Flow-GRPO filters
+    them too): it only changes float rounding, so it applies only where such a row's gradient is exactly 0 (a loss
+    registered with zero_adv_no_grad: grpo, gspo, pg; loss.beta = 0) and in a single process (ranks would make
+    different numbers of forwards). The loss normaliser still counts them, so the loss and gradient are unchanged.
+    A minibatch whose rows all have advantage 0 still forwards one row, so the optimizer sees the same (zero)
+    gradients"""
     lr: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0

@@ -481,6 +481,8 @@ class Trainer:
         gradient is the whole minibatch's); returns its metrics and whether every micro-batch's loss was finite."""
         lc = self.cfg.loss
         denom = self._denominator(rows, mask)
+        all_rows = len(rows)
+        rows = self.rows_with_gradient(rows, adv, mask)
         micro = self.micro_rows(rows, mask)
         chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
         sums: dict[str, float] = {}
@@ -515,6 +517,7 @@ class Trainer:
                     sums[k] = max(sums.get(k, v), v)
                 else:
                     sums[k] = sums.get(k, 0.0) + v * share
+        sums["update/skipped_rows_frac"] = (all_rows - len(rows)) / all_rows  # zero-advantage rows left out
         return sums, loss_ok
 
     def _add_loss_terms(self, loss, m: dict[str, float], x: TermInputs, row_w, denom: float):
@@ -528,6 +531,26 @@ class Trainer:
             m["loss/total"] += value.item()
             m.update(tm)
         return loss
+
+    def rows_with_gradient(self, rows: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``rows`` without those whose gradient is exactly 0 (``trainer.skip_zero_advantage``): advantage 0 on every
+        masked unit, under a loss that gives such a row zero gradient (``zero_adv_no_grad``), with loss.beta = 0 (no
+        KL term), no method loss term (KDRL's, NFT's, SRPO's train zero-advantage rows too), in one process. At least
+        one row stays, so every trained parameter gets its (zero) gradient and the optimizer step is the one it would
+        have been."""
+        lc = self.cfg.loss
+        if not (
+            self.cfg.trainer.skip_zero_advantage
+            and lc.beta == 0
+            and not self.comp.loss_terms
+            and self.acc.num_processes == 1
+            and loss_lib.zero_adv_no_grad(lc.name)
+        ):
+            return rows
+        a = adv[rows]
+        live = (a != 0) & mask[rows] if a.dim() == 2 else (a != 0)[:, None] & mask[rows]  # [n, K]
+        keep = rows[live.any(-1)]
+        return keep if len(keep) else rows[:1]
 
     # ---------------------------------------------------------------- outer loop
     def train(self) -> dict[str, Any]:

@@ -32,7 +32,9 @@ def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
     cells = lambda label: [c.strip() for c in rows[label].strip().strip("|").split("|")]  # noqa: E731
     dif = cells("diffusion B 1 x G 2, T 3 (quick)")
     assert dif[1] == "6" and float(dif[2]) > 0 and float(dif[3]) > 0  # N x T, both sides' s/step
-    assert dif[-1] == "2.0, " + dif[-1].split(", ")[1]  # mmgrpo trains both rows; the peer its non-zero-advantage ones
+    # rows through the update: mmgrpo's non-zero-advantage ones (one, forwarded for its zero gradient, when the group's
+    # rewards are equal: trainer.skip_zero_advantage), as the peer filters its own
+    assert dif[-1].split(", ")[0] in ("1.0", "2.0")
     assert float(cells("rollout (quick)")[-1].strip("*")) > 0
     vlm = cells("VLM tiny (quick)")
     if importlib.util.find_spec("trl") is None:

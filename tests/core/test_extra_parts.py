@@ -99,3 +99,11 @@ def test_policy_loss_without_surrogate_keeps_the_kl_and_has_no_policy_gradient()
                           kl=kl, surrogate=False)  # fmt: skip
     assert m["loss/policy"] == 0.0 and loss.item() == pytest.approx(0.5 * 0.3)  # beta * token_mean(kl)
     assert not loss.requires_grad  # nothing but the (given, constant) KL: no gradient path to logp
+
+
+def test_zero_advantage_rows_are_not_skipped_when_a_method_term_trains_them(tmp_path, monkeypatch):
+    plain = trainer_for(tmp_path, monkeypatch, "plain0", {})
+    const = trainer_for(tmp_path, monkeypatch, "const0", {"const_method.CONST": {"value": 0.5}})
+    rows, adv, mask = torch.arange(4), torch.zeros(4), torch.ones(4, 1, dtype=torch.bool)
+    assert plain.rows_with_gradient(rows, adv, mask).tolist() == [0]  # GRPO alone: zero advantage, zero gradient
+    assert const.rows_with_gradient(rows, adv, mask).tolist() == [0, 1, 2, 3]  # the term's gradient is not zero

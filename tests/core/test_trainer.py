@@ -324,7 +324,8 @@ def test_progress_bar_counts_the_time_budget_when_there_is_one(tmp_path):
 def test_mask_zero_adv_runs_in_the_trainer_and_its_normaliser(tmp_path, monkeypatch, aggregation):
     """loss.mask_zero_adv: the trainer drops zero-advantage rows from the mask (losses.mask_zero_advantages, the one
     implementation) before the aggregation counts its normaliser, so loss and denominator see the same units."""
-    opts = ["loss.mask_zero_adv=true", f"loss.aggregation={aggregation}", "trainer.shuffle=false"]
+    opts = ["loss.mask_zero_adv=true", f"loss.aggregation={aggregation}", "trainer.shuffle=false",
+            "trainer.skip_zero_advantage=false"]  # every row reaches the loss, masked or not  # fmt: skip
     trainer_opts = {**BASE["trainer"], "prompts_per_step": 1, "group_size": 4}
     cfg = load_config(None, [f"run.output_dir={tmp_path}", *opts], base={**BASE, "trainer": trainer_opts})
     trainer = Trainer(cfg, tmp_path / "r")

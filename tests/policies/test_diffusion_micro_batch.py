@@ -171,3 +171,65 @@ def test_peak_memory_of_the_update_is_flat_in_n_x_t_with_auto(tmp_path):
     print(f"\npeak RSS MiB {peaks}: auto +{grown_auto:.0f} from 16 to 64 pairs, whole minibatch +{grown_whole:.0f}")
     assert grown_auto < 40, peaks
     assert grown_whole > 150, peaks
+
+
+def test_zero_advantage_rows_are_left_out_of_the_update_with_the_same_loss_and_gradients(tmp_path, model):
+    """``trainer.skip_zero_advantage`` (default on): rows whose advantage is 0 (a zero-variance group, or a row at
+    its group's mean) make no forward, as in Flow-GRPO; the loss still counts them in its normaliser, so the loss and
+    gradients equal the update over every row within float rounding."""
+    torch.manual_seed(0)
+    tr = trainer_for(tmp_path, model, "loss.name=grpo", "trainer.micro_batch_units=8")
+    rollout = rollout_of(tr)
+    n = rollout.num_rows  # 2 groups x 4
+    rows, row_w, mask = torch.arange(n), torch.ones(n), rollout.train_mask
+    adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -0.5, 0.0, -0.5])  # group 0 has zero variance; row 6 is at its mean
+    tr.policy.model.train()
+
+    def accumulated(a):
+        tr.optimizer.zero_grad(set_to_none=True)
+        metrics, finite = tr.accumulate_gradients(rollout, rows, a, row_w, mask)
+        assert finite
+        return metrics, [p.grad.detach().clone() for p in tr.params]
+
+    assert tr.rows_with_gradient(rows, adv, mask).tolist() == [4, 5, 7]
+    m_skip, g_skip = accumulated(adv)
+    tr.cfg.trainer.skip_zero_advantage = False
+    assert tr.rows_with_gradient(rows, adv, mask).tolist() == list(range(n))
+    m_all, g_all = accumulated(adv)
+    assert (m_skip["update/skipped_rows_frac"], m_all["update/skipped_rows_frac"]) == (5 / 8, 0.0)
+    assert sum(g.abs().sum().item() for g in g_all) > 1e-3
+    worst = max((a - b).abs().max().item() for a, b in zip(g_skip, g_all))
+    assert worst <= 1e-6, worst
+    for key in ("loss/policy", "loss/total"):  # the normaliser counts all 8 rows on both sides
+        assert abs(m_skip[key] - m_all[key]) <= 1e-7, (key, m_skip[key], m_all[key])
+
+    # every advantage 0: one row still runs, so each trained parameter gets its gradient, exactly 0 (AdamW then
+    # steps as it would have: moments decay, weight decay applies)
+    tr.cfg.trainer.skip_zero_advantage = True
+    assert tr.rows_with_gradient(rows, torch.zeros(n), mask).tolist() == [0]
+    m_zero, g_zero = accumulated(torch.zeros(n))
+    assert len(g_zero) == len(tr.params) and all(float(g.abs().max()) == 0.0 for g in g_zero)
+    assert m_zero["loss/policy"] == 0.0
+
+    # where a zero-advantage row still has a gradient, every row runs: a KL term (beta > 0), or a loss that does not
+    # declare zero_adv_no_grad (nft maps A = 0 to the reward 1/2, a target of its own)
+    tr.cfg.loss.beta = 0.1
+    assert len(tr.rows_with_gradient(rows, adv, mask)) == n
+    tr.cfg.loss.beta, tr.cfg.loss.name = 0.0, "nft"
+    assert len(tr.rows_with_gradient(rows, adv, mask)) == n
+
+
+def test_the_clipped_and_plain_surrogates_give_zero_advantage_units_zero_gradient():
+    """What ``zero_adv_no_grad`` declares, by hand: with A = 0 the loss is 0 and d loss / d logp = 0 at any ratio
+    (here exp(0.3) and exp(-0.4), outside the clip range), for grpo (with dual clip), gspo and pg; nft does not
+    declare it."""
+    from mmgrpo.core import losses
+
+    for name, opts in [("grpo", {}), ("grpo", {"dual_clip": 3.0}), ("gspo", {}), ("pg", {})]:
+        assert losses.zero_adv_no_grad(name)
+        logp = torch.tensor([[0.3, -0.4]], requires_grad=True)
+        loss, _ = losses.get_loss(name)(logp, torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 2, dtype=torch.bool),
+                                        **opts)  # fmt: skip
+        loss.sum().backward()
+        assert float(loss.detach().abs().max()) == 0.0 and float(logp.grad.abs().max()) == 0.0, name
+    assert not losses.zero_adv_no_grad("nft")
