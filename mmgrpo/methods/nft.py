@@ -23,7 +23,8 @@ leaves omega(q) as a per-question weight to choose; we offer:
 
 - ``prompt_weight``: ``one`` (omega = 1), ``one_minus_acc`` (omega = 1 - r_q: hard questions weigh more) or ``grpo``
   (omega = sqrt((1 - r_q) / r_q); 0 when r_q = 0, where nothing is trained anyway);
-- ``neg_ratio_floor``: eps (our default 0.05; the paper clips the negative ratio at a small constant);
+- ``neg_ratio_floor``: eps, the floor of the negative ratio before the log (our default 0.05: the abstract does not
+  give the paper's value);
 - ``skip_solved``: drop questions every answer of which is correct (their only signal is SFT on the positives).
 
 r comes from one reward (``reward``, >= ``correct_at`` = correct). Questions no answer of which is correct
@@ -39,8 +40,9 @@ so no extra forward is needed. Parts: an advantage hook writes each row's r, r_q
 ``nft`` (:class:`mmgrpo.core.extra.LossTerm`, ``replaces_surrogate``) computes the loss above. Metrics:
 ``nft/pos_frac`` (positive rows), ``nft/rq_mean``.
 
->>> nft_per_token(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0.0]), torch.tensor([0.5]), 0.05)
-tensor([[0., 0.]])
+>>> # a negative token whose ratio doubled, r_q = 1/4: -log((1 - 0.25 * 2) / 0.75) = -log(2/3)
+>>> nft_per_token(torch.tensor([[math.log(2.0)]]), torch.zeros(1, 1), torch.tensor([0.0]), torch.tensor([0.25]))
+tensor([[0.4055]])
 """
 
 from __future__ import annotations

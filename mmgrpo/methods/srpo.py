@@ -3,9 +3,10 @@
 
 SRPO, "Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing" (Gengsheng Li, Tianyu
 Yang, Junfeng Fang, Mingyang Song, Mao Zheng, Haiyun Guo, Dan Zhang, Jinqiao Wang, Tat-Seng Chua 2026, arXiv
-2604.02288). GRPO penalises every token of a failed rollout alike; SDPO (self-distillation policy optimisation)
-instead distils the policy towards a *self-teacher*: the same policy shown privileged information (a correct
-solution, feedback), which re-scores the failed rollout token by token. SDPO on already-correct samples is ambiguous
+2604.02288). GRPO penalises every token of a failed rollout alike; SDPO (self-distillation policy optimisation,
+"Reinforcement Learning via Self-Distillation", 2026) instead distils the policy towards a *self-teacher*: the
+same policy shown privileged information (a correct solution, feedback), which re-scores the failed rollout token by
+token. SDPO on already-correct samples is ambiguous
 and its teacher degrades late in training, so SRPO routes:
 
 - correct rows (reward >= ``correct_at``) -> GRPO, with the group's advantages as the estimator gives them;
