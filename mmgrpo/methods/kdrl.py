@@ -25,10 +25,11 @@ The paper's two schedule refinements, both options here:
   the rows (``rollout.extras["kdrl_kd"] [N]``, 1.0 = distil).
 
 The term is a :class:`mmgrpo.core.extra.LossTerm` (``loss/kdrl``), aggregated like the policy loss (same
-normaliser and row weights) and added to it; the teacher is an :class:`mmgrpo.core.extra.ExtraModel`
-(``extra/kdrl_teacher/mib``, ``extra/kdrl_teacher/time_s``) loaded by the policy like its own weights
-(:meth:`mmgrpo.policies.vlm.VLMPolicy.load_frozen`): the same tokenizer and family as the policy (it scores the
-student's token ids), frozen, on the policy's device, in ``dtype`` (default the policy's).
+normaliser and row weights) and added to it. The teacher scores each rollout's tokens once, in an advantage hook
+(``rollout.extras["kdrl_teacher_logp"] [N, K]``), not once per epoch. It is an
+:class:`mmgrpo.core.extra.ExtraModel` (``extra/kdrl_teacher/mib``, ``extra/kdrl_teacher/time_s``) loaded by the
+policy like its own weights (:meth:`mmgrpo.policies.vlm.VLMPolicy.load_frozen`): the same tokenizer and family as
+the policy (it scores the student's token ids), frozen, on the policy's device, in ``dtype`` (default the policy's).
 
 Applies to the VLM recipes (``vlm_reasoning``, ``vlm_grounding``). Not to the diffusion policy: a diffusion teacher's
 per-step Gaussian log-probs of the student's SDE transitions would need the teacher's velocity at the student's
@@ -55,6 +56,9 @@ from mmgrpo.methods.registry import Method, MethodRuntime, register_method
 
 KD_KEY = "kdrl_kd"
 """rollout.extras key: [N] float, 1.0 where the KD term applies (reward-guided KD), written by the advantage hook"""
+TEACHER_KEY = "kdrl_teacher_logp"
+"""rollout.extras key: [N, K] the teacher's log-probs of the sampled tokens, scored once per rollout (one group per
+teacher forward) by the advantage hook, whatever the number of epochs and minibatches"""
 
 
 def kd_per_token(
@@ -104,8 +108,12 @@ class KDRLTerm:
 
     def __call__(self, x: TermInputs) -> tuple[torch.Tensor, dict[str, float]]:
         o = self.opts
-        t_logp = self.policy.frozen_log_prob(self.teacher, x.rollout, x.rows, x.units)  # [n, k]
-        kd = kd_per_token(x.lp.logp, t_logp, o.estimator, x.mask)  # [n, k]
+        ex = x.rollout.extras
+        if TEACHER_KEY in ex:  # scored once per rollout by the hook
+            t_logp = ex[TEACHER_KEY][x.rows.to(ex[TEACHER_KEY].device)][:, x.units.to(ex[TEACHER_KEY].device)]
+        else:
+            t_logp = self.policy.frozen_log_prob(self.teacher, x.rollout, x.rows, x.units)  # [n, k]
+        kd = kd_per_token(x.lp.logp, t_logp.to(x.lp.logp.device), o.estimator, x.mask)  # [n, k]
         if KD_KEY in x.rollout.extras:
             kd = kd * x.rollout.extras[KD_KEY][x.rows.to(x.rollout.extras[KD_KEY].device)].to(kd)[:, None]
         beta = kd_coef(x.step, o.coef, o.coef_final, o.anneal_steps)
@@ -166,7 +174,17 @@ def need_frozen_scorer(policy: Any, what: str) -> None:
 def setup_kdrl(policy: Any, opts: KDRLOptions, cfg: Any) -> MethodRuntime:
     need_frozen_scorer(policy, "methods.kdrl")
     teacher = policy.load_frozen("kdrl_teacher", opts.teacher, "methods.kdrl.teacher", opts.dtype, opts.revision)
-    hooks = []
+
+    def score(adv: torch.Tensor, rollout: Any, cols: torch.Tensor, names: list[str]):
+        B, G = adv.shape
+        t_logp = torch.zeros_like(rollout.logp_old)  # [N, K]
+        for b in range(B):  # one prompt's rows per teacher forward (its memory is one group's)
+            rows = torch.arange(b * G, (b + 1) * G)
+            t_logp[rows] = policy.frozen_log_prob(teacher, rollout, rows).to(t_logp)
+        rollout.extras[TEACHER_KEY] = t_logp
+        return adv, {}
+
+    hooks = [score]
     if opts.skip_correct_reward is not None:
 
         def mark(adv: torch.Tensor, rollout: Any, cols: torch.Tensor, names: list[str]):

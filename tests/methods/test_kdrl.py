@@ -76,6 +76,8 @@ def test_a_teacher_with_the_students_weights_scores_its_tokens_as_it_does(tmp_pa
     t_logp = trainer.policy.frozen_log_prob(term.teacher, rollout, rows)  # [N, K]
     mask = rollout.train_mask
     assert torch.allclose(t_logp[mask], rollout.logp_old[mask], atol=1e-5)  # same weights: KL 0 on every token
+    trainer.advantage(cols, rollout, 0)  # the hook scores the rollout once, one group per teacher forward
+    assert torch.allclose(rollout.extras["kdrl_teacher_logp"][mask], t_logp[mask], atol=1e-5)
     cfg_b = kdrl_config(tmp_path / "b", dirs["student"], dirs["teacher"])
     other = Trainer(cfg_b, prepare_run_dir(cfg_b))
     o_logp = other.policy.frozen_log_prob(other.comp.loss_terms[0].teacher, rollout, rows)
