@@ -31,6 +31,7 @@ rounds to a ratio error comparable to GSPO's clip range (3e-4).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -521,6 +522,7 @@ def policy_loss(
     row_weight: torch.Tensor | None = None,
     denom: float | None = None,
     neg_logp: torch.Tensor | None = None,
+    surrogate: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss of one (micro-)batch: aggregate(surrogate) + beta * aggregate(kl), and its metrics.
 
@@ -537,6 +539,10 @@ def policy_loss(
     masked units that remain) and, for the clipped surrogates (``grpo``, ``gspo``), the fraction of each clip side
     ``loss/clip_frac_low`` / ``loss/clip_frac_high`` (+ ``loss/clip_frac_dual`` with ``dual_clip``), whose sum is
     ``loss/clip_frac`` (:func:`_clipped_surrogate`).
+
+    ``surrogate=False``: a method's loss term is the whole policy objective (:class:`mmgrpo.core.extra.LossTerm`
+    ``replaces_surrogate``, e.g. token-level NFT): the surrogate is evaluated without gradient for its metrics only,
+    ``loss/policy`` is 0 and the total is the KL term alone (the caller adds the method's terms).
     """
     if beta < 0:
         raise UserError(f"loss.beta={beta} must be >= 0 (the weight of the KL to the reference)")
@@ -557,11 +563,12 @@ def policy_loss(
         unit_adv = unit_adv.clamp(-adv_clip, adv_clip)
     m = mask.bool()
 
-    per_unit, stats = fn(logp, logp_old, unit_adv, m, **inputs, **opts)
+    with contextlib.nullcontext() if surrogate else torch.no_grad():
+        per_unit, stats = fn(logp, logp_old, unit_adv, m, **inputs, **opts)
     for what, x in (("per-unit loss", per_unit), ("kl", kl)):
         if x is not None and x.shape != m.shape:
             raise ValueError(f"{what} {tuple(x.shape)} and mask {tuple(m.shape)} differ in shape")
-    pol = agg(per_unit, m, row_weight, denom)
+    pol = agg(per_unit, m, row_weight, denom) if surrogate else logp.new_zeros((), dtype=torch.float32)
     total = pol
     metrics = {"loss/policy": pol.item()}
     if kl is not None:

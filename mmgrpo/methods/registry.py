@@ -21,6 +21,11 @@ What a method may contribute (every part optional):
   (``Components.reward_weighters``): ``weighter(weights [R], rewards [V, R, N], kinds, step) -> (weights [R],
   metrics)`` on all processes' rewards, with ``state_dict()`` / ``load_state_dict()`` saved in checkpoints (dynamic
   reward weighting);
+- ``setup(policy, options, cfg) -> MethodRuntime``: the parts that need the built policy (after the wrappers):
+  extra models loaded like it (a teacher, a probe: :class:`mmgrpo.core.extra.ExtraModel`, their memory and time
+  logged as ``extra/<name>/*``), loss terms (:class:`mmgrpo.core.extra.LossTerm`), advantage hooks that use them,
+  and state saved in checkpoints (objects with ``state_dict`` / ``load_state_dict``: a resumed run continues
+  exactly);
 - ``check(options, cfg, key)``: load-time checks against the rest of the config (UserErrors naming ``key``);
 - ``pipelines``: the recipes it applies to (empty: any); ``conflicts``: methods it cannot be combined with;
   ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``).
@@ -72,6 +77,8 @@ class Method:
     """advantage_hooks(options) -> hooks applied after the estimator, in order"""
     reward_weights: Callable[[Any], Any] | None = None
     """reward_weights(options) -> a stateful weighter of the rewards (see the module doc)"""
+    setup: Callable[[Any, Any, Any], MethodRuntime] | None = None
+    """setup(policy, options, cfg) -> MethodRuntime: extra models, loss terms, hooks and state needing the policy"""
 
     def parts(self) -> list[str]:
         """What the method contributes, in words (``mmgrpo list`` and the paper table)."""
@@ -79,7 +86,22 @@ class Method:
         out += ["policy wrapper"] if self.wrap_policy else []
         out += ["advantage hooks"] if self.advantage_hooks else []
         out += ["reward weights"] if self.reward_weights else []
+        out += ["runtime parts (extra models / loss terms)"] if self.setup else []
         return out
+
+
+@dataclass
+class MethodRuntime:
+    """What a method's ``setup(policy, options, cfg)`` adds to a run once the policy is built."""
+
+    extra_models: list[Any] = field(default_factory=list)
+    """:class:`mmgrpo.core.extra.ExtraModel` s: logged as ``extra/<name>/mib`` and ``extra/<name>/time_s``"""
+    loss_terms: list[Any] = field(default_factory=list)
+    """:class:`mmgrpo.core.extra.LossTerm` s added to the policy loss of every micro-batch"""
+    advantage_hooks: list[Any] = field(default_factory=list)
+    """hooks run after the estimator (after the static ``advantage_hooks`` of every method)"""
+    state: Any = None
+    """an object with ``state_dict()`` / ``load_state_dict(d)`` saved in checkpoints under the method's name"""
 
 
 METHODS: Registry[Method] = Registry("method", plugins="methods")
@@ -204,6 +226,11 @@ class MethodParts:
         for wrap in self.wrappers:
             policy = wrap(policy)
         return policy
+
+
+def method_runtimes(cfg: Any, policy: Any, where: str = "the config") -> dict[str, MethodRuntime]:
+    """name -> MethodRuntime of every enabled method with a ``setup``, in the order of the ``methods:`` block."""
+    return {m.name: m.setup(policy, opts, cfg) for m, opts in enabled_methods(cfg, where) if m.setup is not None}
 
 
 def method_parts(cfg: Any, where: str = "the config") -> MethodParts:

@@ -187,18 +187,46 @@ class VLMScorer(nn.Module):
         return self.family.expand_positions(full, rows)
 
     # -- scoring
-    def group_logprobs(self, hf: nn.Module, prompt: PromptInputs, comp: torch.Tensor, cached: bool) -> torch.Tensor:
-        """Teacher-forced token log-probs of r completions [r, Lc] of one prompt. -> [r, Lc] fp32."""
+    def group_hidden(self, hf: nn.Module, prompt: PromptInputs, comp: torch.Tensor, cached: bool) -> torch.Tensor:
+        """Final hidden states [r, Lc, D] of r completions [r, Lc] of one prompt: slot t predicts completion token t
+        (slot 0 is the prompt's last token)."""
         feats = self.vision(hf, prompt, cached)
         prompt_emb = self.prompt_embeds(hf, prompt, feats)  # [Lp, D]
         backbone = self.backbone(hf)
         if self.shared_prefix and not checkpointed(backbone):
-            hidden = self.shared_prefix_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
-        else:
-            hidden = self.expanded_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
+            return self.shared_prefix_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
+        return self.expanded_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
+
+    def group_logprobs(self, hf: nn.Module, prompt: PromptInputs, comp: torch.Tensor, cached: bool) -> torch.Tensor:
+        """Teacher-forced token log-probs of r completions [r, Lc] of one prompt. -> [r, Lc] fp32."""
+        hidden = self.group_hidden(hf, prompt, comp, cached)
         return chunked_token_logprobs(
             hidden, hf.get_output_embeddings(), comp, self.chunk, self.temperature, self.suppress
         )
+
+    @torch.no_grad()
+    def rows_logprobs_entropy(
+        self, prompts: list[PromptInputs], comp: torch.Tensor, cached: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token log-probs and the entropy of the distribution each token is scored under, both [n, Lc] fp32, no
+        gradient (a frozen teacher's targets and their reliability); rows of one prompt share a forward."""
+        hf = self.hf
+        head = hf.get_output_embeddings()
+        logp = torch.zeros(comp.shape, dtype=torch.float32, device=comp.device)
+        ent = torch.zeros(comp.shape, dtype=torch.float32, device=comp.device)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(id(p), []).append(i)
+        for rows in groups.values():
+            hidden = self.group_hidden(hf, prompts[rows[0]], comp[rows], cached)  # [r, Lc, D]
+            for j, row in enumerate(rows):  # one row's [Lc, V] logits at a time
+                z = head(hidden[j]).float() / self.temperature
+                z = z.masked_fill(self.suppress[: z.shape[-1]], float("-inf"))
+                lsm = torch.log_softmax(z, dim=-1)  # [Lc, V]
+                logp[row] = lsm.gather(-1, comp[row][:, None]).squeeze(-1)
+                p = lsm.exp()
+                ent[row] = -(p * lsm.masked_fill(p == 0, 0.0)).sum(-1)
+        return logp, ent
 
     def expanded_hidden(self, hf, backbone, prompt: PromptInputs, feats, prompt_emb, comp) -> torch.Tensor:
         """Hidden states [r, Lc, D] predicting each completion token: one forward of r rows (prompt + completion),

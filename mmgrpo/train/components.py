@@ -6,7 +6,8 @@ deterministic prompt source, and optionally a held-out evaluation. Pipelines reg
     PIPELINES.add("bandit", Pipeline(build=build_bandit, policy_options=BanditPolicyOptions, ...))
 
 :func:`build_components` then adds the parts of the paper methods enabled under the config's ``methods:`` block
-(:mod:`mmgrpo.methods.registry`): their policy wrappers around the recipe's policy and their advantage hooks. A recipe
+(:mod:`mmgrpo.methods.registry`): their policy wrappers around the recipe's policy, their advantage hooks, and the
+parts their ``setup`` builds around the policy (extra models, loss terms, checkpointed state). A recipe
 never sees the methods, and a method never edits the recipe's or the policy's options.
 """
 
@@ -21,7 +22,7 @@ import torch
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import Policy, PromptBatch
-from mmgrpo.methods.registry import method_parts
+from mmgrpo.methods.registry import method_parts, method_runtimes
 from mmgrpo.policies.vlm_inputs import question_text
 
 
@@ -108,6 +109,12 @@ class Components:
     """stateful objects setting each step's reward weights from all ranks' rewards, in order:
     ``w(weights [R], rewards [V, R, N], kinds, step) -> (weights [R], metrics)`` with ``state_dict`` /
     ``load_state_dict`` (checkpointed: dynamic reward weighting)"""
+    extra_models: list[Any] = field(default_factory=list)
+    """the methods' extra models (:class:`mmgrpo.core.extra.ExtraModel`): memory and time logged every step"""
+    loss_terms: list[Any] = field(default_factory=list)
+    """the methods' loss terms (:class:`mmgrpo.core.extra.LossTerm`), added to every micro-batch's loss"""
+    method_state: dict[str, Any] = field(default_factory=dict)
+    """method name -> its stateful part (``state_dict`` / ``load_state_dict``), saved in checkpoints"""
 
 
 @dataclass
@@ -137,4 +144,10 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
     comp.policy = parts.wrap(comp.policy)
     comp.advantage_hooks = [*comp.advantage_hooks, *parts.advantage_hooks]
     comp.reward_weighters = [*comp.reward_weighters, *parts.reward_weighters]
+    for name, rt in method_runtimes(cfg, comp.policy).items():  # parts that need the built (wrapped) policy
+        comp.extra_models += rt.extra_models
+        comp.loss_terms += rt.loss_terms
+        comp.advantage_hooks += rt.advantage_hooks
+        if rt.state is not None:
+            comp.method_state[name] = rt.state
     return comp

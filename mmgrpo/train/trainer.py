@@ -33,6 +33,7 @@ from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.extra import TermInputs, term_metric
 from mmgrpo.core.seeding import generator_for, prompt_seed
 from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups
 from mmgrpo.train import checkpoint as ckpt
@@ -180,6 +181,9 @@ class Trainer:
         self.mesh = next((p.device_mesh for p in self.params if isinstance(p, DTensor)), None)
         """the device mesh the trainable parameters are sharded over (FSDP2), else None: checkpoints are sharded"""
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        self.surrogate = not any(getattr(x, "replaces_surrogate", False) for x in self.comp.loss_terms)
+        """False when a method's loss term is the whole policy objective (token-level NFT)"""
+        self.term_metrics = {term_metric(x.name) for x in self.comp.loss_terms}
         self.step = 0
         self.nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a non-finite loss or gradient norm
         self.first_eval: tuple[int, torch.Tensor, list[str], dict[str, float]] | None = None
@@ -508,14 +512,17 @@ class Trainer:
                     lp.logp, old, adv[mrows], mask[mrows][:, units],
                     loss=lc.name, options=lc.options, aggregation=self.aggregation, beta=lc.beta, kl=lp.kl,
                     adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
+                    surrogate=self.surrogate,
                 )  # fmt: skip
+                x = TermInputs(lp, old, rollout, mrows, units, adv[mrows], mask[mrows][:, units], self.step)
+                loss = self._add_loss_terms(loss, m, x, row_w, denom)  # the methods' loss terms (KDRL, NFT)
                 self.acc.backward(loss)
             loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
             # the loss terms are each micro-batch's share of the minibatch's (global normaliser): they add up; the
             # per-unit means (ratio, clip fractions, advantage) are weighted by the micro-batch's masked units
             share = float(mask[mrows].sum()) / masked if masked else len(mrows) / len(rows)
             for k, v in m.items():
-                if k in SUMMED_METRICS:
+                if k in SUMMED_METRICS or k in self.term_metrics:
                     sums[k] = sums.get(k, 0.0) + v
                 elif masked and not share:
                     continue  # no masked unit in this micro-batch: its unit means are placeholders
@@ -526,15 +533,29 @@ class Trainer:
         sums["update/skipped_rows_frac"] = (all_rows - len(rows)) / all_rows  # zero-advantage rows left out
         return sums, loss_ok
 
+    def _add_loss_terms(self, loss, m: dict[str, float], x: TermInputs, row_w, denom: float):
+        """The methods' loss terms (``Components.loss_terms``) aggregated like the policy loss and added to it;
+        each one's value is logged as ``loss/<name>`` and counted in ``loss/total``."""
+        for term in self.comp.loss_terms:
+            per_unit, tm = term(x)
+            value = self.aggregation(per_unit, x.mask, row_w[x.rows], denom)
+            loss = loss + value
+            m[term_metric(term.name)] = value.item()
+            m["loss/total"] += value.item()
+            m.update(tm)
+        return loss
+
     def rows_with_gradient(self, rows: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``rows`` without those whose gradient is exactly 0 (``trainer.skip_zero_advantage``): advantage 0 on every
         masked unit, under a loss that gives such a row zero gradient (``zero_adv_no_grad``), with loss.beta = 0 (no
-        KL term), in one process. At least one row stays, so every trained parameter gets its (zero) gradient and the
-        optimizer step is the one it would have been."""
+        KL term), no method loss term (KDRL's, NFT's, SRPO's train zero-advantage rows too), in one process. At least
+        one row stays, so every trained parameter gets its (zero) gradient and the optimizer step is the one it would
+        have been."""
         lc = self.cfg.loss
         if not (
             self.cfg.trainer.skip_zero_advantage
             and lc.beta == 0
+            and not self.comp.loss_terms
             and self.acc.num_processes == 1
             and loss_lib.zero_adv_no_grad(lc.name)
         ):
@@ -581,6 +602,8 @@ class Trainer:
             m_upd = self.update(rollout, adv, row_w, step)
             self.step = step + 1
             metrics.update(m_adv, **m_upd)
+            for extra in self.comp.extra_models:  # teachers, probes: extra/<name>/mib, extra/<name>/time_s
+                metrics.update(extra.metrics())
             metrics["time/update_s"] = time.perf_counter() - t1
             metrics["time/step_s"] = time.perf_counter() - t0
             last = metrics
@@ -699,6 +722,7 @@ class Trainer:
             "rewards": rewards,
             "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
             "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(self.comp.reward_weighters)},
+            "methods": {k: st.state_dict() for k, st in self.comp.method_state.items()},
         }
 
     def save(self) -> Path | None:
@@ -751,6 +775,10 @@ class Trainer:
         for i, weighter in enumerate(self.comp.reward_weighters):
             if str(i) in (state.get("reward_weighters") or {}):
                 weighter.load_state_dict(state["reward_weighters"][str(i)])
+        for k, st in self.comp.method_state.items():
+            if k not in state.get("methods", {}):
+                raise UserError(f"checkpoint {path} has no state of methods.{k}; it was written by a run without it")
+            st.load_state_dict(state["methods"][k])
         self.step = int(state["step"])
 
     def _shard_full_state(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ NO_MODEL = "policy.options.path=/nonexistent/vlm"  # nothing may try to load it:
 
 def test_every_paper_module_registers_its_method():
     assert {"pearl", "tempsamp", "acre", "listener", "medloc", "mmupt"} <= set(METHODS.names())
+    assert {"kdrl", "nft", "poise", "srpo", "ampo"} <= set(METHODS.names())
+    assert "runtime parts (extra models / loss terms)" in METHODS.get("kdrl").parts()
     pearl = METHODS.get("pearl")
     assert pearl.parts() == ["reward pearl_checklist", "policy wrapper", "advantage hooks"]
     assert METHODS.get("acre").parts() == ["reward acre"] and METHODS.get("acre").reward_switched

@@ -1,0 +1,95 @@
+"""SRPO: routing, the hinted prompt, entropy weights and the distillation term by hand; a 2-step VLM smoke where the
+self-teacher is the policy shown a correct sibling."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.extra import TermInputs
+from mmgrpo.core.types import LogProbs
+from mmgrpo.methods.srpo import SRPOTerm, entropy_weights, route, with_hint
+from mmgrpo.rewards.registry import register
+from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_vl
+from mmgrpo.train.config import load_config, read_yaml
+from mmgrpo.train.trainer import Trainer, prepare_run_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_failed_rows_route_to_a_correct_sibling_else_the_ground_truth():
+    correct = torch.tensor([[True, False, False], [False, False, False], [False, False, False]])
+    distil, hints = route(correct, torch.tensor([False, True, False]))
+    assert distil.tolist() == [[False, True, True], [True, True, True], [False, False, False]]
+    assert hints[:6] == [None, ("sibling", 0), ("sibling", 0), ("gt", 1), ("gt", 1), ("gt", 1)]
+    assert hints[6:] == [None, None, None]  # no sibling, no ground truth: these rows stay with GRPO
+    distil, hints = route(correct, torch.tensor([True, True, True]), use_siblings=False)
+    assert hints[1] == ("gt", 0) and distil[0].tolist() == [False, True, True]
+
+
+def test_the_self_teacher_reads_the_question_with_its_context():
+    t = "\nSolution: {hint}"
+    assert with_hint("2+2?", "4", t) == "2+2?\nSolution: 4"
+    assert with_hint({"question": "How many?", "options": ["1", "2"]}, "B", t) == {
+        "question": "How many?\nSolution: B", "options": ["1", "2"]}  # fmt: skip
+    with pytest.raises(UserError, match="'question' or 'text'"):
+        with_hint(["a"], "b", t)
+
+
+def test_entropy_weights_by_hand():
+    h = torch.tensor([0.0, 0.5 * math.log(16.0), math.log(16.0), 3.0 * math.log(16.0)])
+    assert entropy_weights(h, 16).tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_the_distillation_term_by_hand():
+    ex = {
+        "srpo_teacher_logp": torch.tensor([[-1.0, -2.0], [-1.0, -1.0]]),  # [N, K]
+        "srpo_weight": torch.tensor([[1.0, 0.5], [0.0, 0.0]]),  # row 1 is not distilled
+    }
+    rollout = SimpleNamespace(extras=ex)
+    logp = torch.tensor([[0.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    x = TermInputs(LogProbs(logp), logp.detach(), rollout, torch.tensor([0, 1]), torch.tensor([0, 1]),
+                   torch.zeros(2), torch.ones(2, 2, dtype=torch.bool))  # fmt: skip
+    per, _ = SRPOTerm(coef=2.0, estimator="k2")(x)
+    # row 0: d = [1, 2] -> k2 = [0.5, 2]; x w [1, 0.5] x coef 2 = [1, 2]; row 1: weight 0
+    assert per.tolist() == [[1.0, 2.0], [0.0, 0.0]]
+    per.sum().backward()
+    assert logp.grad.tolist() == [[2.0, 2.0], [0.0, 0.0]]  # coef * w * d
+
+
+@register("test_srpo_even_length")
+def _even_length():
+    """Test verifier: a completion is "correct" when its length is even (a random tiny model fails real ones)."""
+    return lambda samples, prompts, meta, ctx: [float(len(s) % 2 == 0) for s in samples]
+
+
+def test_two_srpo_steps_on_the_vlm(tmp_path):
+    model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
+    data = read_yaml(REPO / "configs" / "vlm_srpo.yaml")
+    data["run"].update(name="srpo_vlm", output_dir=str(tmp_path))
+    data["policy"]["options"].update(path=str(model_dir), max_new_tokens=8, lora_rank=4)
+    data["data"]["options"].update(num_examples=12, eval_examples=2)
+    data["rewards"].append({"name": "test_srpo_even_length", "weight": 0.1})
+    data["methods"]["srpo"]["reward"] = "test_srpo_even_length"
+    data["trainer"].update(max_steps=2, prompts_per_step=2, group_size=4, micro_batch_size=8, lr=0.05,
+                           eval_every=0, checkpoint_every=0, progress=False)  # fmt: skip
+    cfg = load_config(None, base=data)
+    trainer = Trainer(cfg, prepare_run_dir(cfg))
+    model = trainer.acc.unwrap_model(trainer.policy.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    # every failed row has a context (a correct sibling, else the ground truth): distilled = the failed fraction
+    for m in lines:
+        failed = 1.0 - m["reward/test_srpo_even_length"]
+        assert m["srpo/distilled_frac"] == pytest.approx(failed)
+        assert 0.0 < m["srpo/teacher_entropy"] < math.log(len(trainer.policy.tokenizer))
+        assert m["extra/srpo_self_teacher/mib"] == 0.0 and m["extra/srpo_self_teacher/time_s"] > 0
+    assert any(m["loss/srpo"] > 0 for m in lines)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
