@@ -67,6 +67,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.medloc",
         "mmgrpo.methods.mmupt",
     ),
+    "rewriters": ("mmgrpo.core.rewriting",),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
     "sde": ("mmgrpo.policies.sde",),

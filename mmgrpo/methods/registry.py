@@ -17,6 +17,8 @@ What a method may contribute (every part optional):
   ``rollout`` produces (PEARL's checklist groups, TempSamp-R1's off-policy ground-truth rows);
 - ``advantage_hooks(options) -> [hook]``: hooks run after the estimator (``Components.advantage_hooks``,
   docs/architecture.md "Hooks");
+- ``rewrite(options, cfg) -> Rewrite``: prompt rewriting before a re-roll (:mod:`mmgrpo.core.rewriting`): groups
+  without learning signal are sampled again from a rewritten prompt (at most one enabled method may have one);
 - ``check(options, cfg, key)``: load-time checks against the rest of the config (UserErrors naming ``key``);
 - ``pipelines``: the recipes it applies to (empty: any); ``conflicts``: methods it cannot be combined with;
   ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``).
@@ -66,12 +68,15 @@ class Method:
     """wrap_policy(policy, options) -> policy"""
     advantage_hooks: Callable[[Any], list] | None = None
     """advantage_hooks(options) -> hooks applied after the estimator, in order"""
+    rewrite: Callable[[Any, Any], Any] | None = None
+    """rewrite(options, cfg) -> :class:`Rewrite`: re-roll groups without signal from rewritten prompts"""
 
     def parts(self) -> list[str]:
         """What the method contributes, in words (``mmgrpo list`` and the paper table)."""
         out = [f"reward {r}" for r in self.rewards]
         out += ["policy wrapper"] if self.wrap_policy else []
         out += ["advantage hooks"] if self.advantage_hooks else []
+        out += ["prompt rewriting"] if self.rewrite else []
         return out
 
 
@@ -162,6 +167,12 @@ def check_methods(cfg: Any, where: str = "the config") -> list[tuple[Method, Any
     methods = enabled_methods(cfg, where)
     names = [m.name for m, _ in methods]
     rewards = [r.name for r in cfg.rewards]
+    rewriting = [m.name for m, _ in methods if m.rewrite is not None]
+    if len(rewriting) > 1:
+        raise UserError(
+            f"methods.{rewriting[0]} and methods.{rewriting[1]} in {where} both rewrite prompts before a re-roll; "
+            "enable one of them (remove the other from methods:)"
+        )
     for method, opts in methods:
         key = f"methods.{method.name} in {where}"
         if method.pipelines and cfg.pipeline not in method.pipelines:
@@ -191,6 +202,8 @@ class MethodParts:
 
     wrappers: list[Callable[[Any], Any]] = field(default_factory=list)
     advantage_hooks: list[Any] = field(default_factory=list)
+    rewrite: Any = None
+    """the one enabled method's :class:`Rewrite` (prompt rewriting before a re-roll), or None"""
 
     def wrap(self, policy: Any) -> Any:
         for wrap in self.wrappers:
@@ -206,4 +219,15 @@ def method_parts(cfg: Any, where: str = "the config") -> MethodParts:
             parts.wrappers.append(lambda policy, m=method, o=opts: m.wrap_policy(policy, o))
         if method.advantage_hooks is not None:
             parts.advantage_hooks += list(method.advantage_hooks(opts))
+        if method.rewrite is not None:  # check_methods allows one
+            parts.rewrite = method.rewrite(opts, cfg)
     return parts
+
+
+@dataclass
+class Rewrite:
+    """A method's prompt rewriting (:mod:`mmgrpo.core.rewriting`): its rewriter, its :class:`RerollOptions`."""
+
+    method: str
+    rewriter: Callable[[Any], list]
+    options: Any

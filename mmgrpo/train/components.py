@@ -102,6 +102,9 @@ class Components:
     advantage_hooks: list[AdvantageHook] = field(default_factory=list)
     """hooks applied, in order, to this rank's advantages after normalisation: the recipe's, then those of the
     methods under ``methods:`` (PEARL gate, TempSamp anchor), in the block's order"""
+    rewrite: Any = None
+    """prompt rewriting before a re-roll (:class:`mmgrpo.methods.registry.Rewrite`, from the ``methods:`` block):
+    ``Trainer.reroll`` samples groups without learning signal again from rewritten prompts; None: off"""
 
 
 @dataclass
@@ -130,4 +133,5 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
     parts = method_parts(cfg)
     comp.policy = parts.wrap(comp.policy)
     comp.advantage_hooks = [*comp.advantage_hooks, *parts.advantage_hooks]
+    comp.rewrite = parts.rewrite
     return comp
