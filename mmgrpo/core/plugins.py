@@ -66,8 +66,12 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.listener",
         "mmgrpo.methods.medloc",
         "mmgrpo.methods.mmupt",
+        "mmgrpo.methods.scaf_grpo",
     ),
-    "rewriters": ("mmgrpo.core.rewriting",),
+    "rewriters": (
+        "mmgrpo.core.rewriting",
+        "mmgrpo.methods.scaf_grpo",
+    ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),
     "exploration": ("mmgrpo.policies.exploration",),
     "sde": ("mmgrpo.policies.sde",),
