@@ -67,11 +67,13 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.medloc",
         "mmgrpo.methods.mmupt",
         "mmgrpo.methods.scaf_grpo",
+        "mmgrpo.methods.hill",
         "mmgrpo.methods.cog_drift",
     ),
     "rewriters": (
         "mmgrpo.core.rewriting",
         "mmgrpo.methods.scaf_grpo",
+        "mmgrpo.methods.hill",
         "mmgrpo.methods.cog_drift",
     ),
     "diffusion_objectives": ("mmgrpo.policies.objectives", "mmgrpo.policies.flow_matching"),

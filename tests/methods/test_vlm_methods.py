@@ -25,6 +25,7 @@ METHOD_CONFIGS = [
     "vlm_mmupt",
     "vlm_tempsamp",
     "vlm_scaf_grpo",
+    "vlm_hill",
     "vlm_cog_drift",
 ]
 NAN = math.nan

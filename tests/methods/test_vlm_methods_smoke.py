@@ -17,7 +17,7 @@ from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
-METHODS = ["pearl", "listener", "acre", "mmupt", "tempsamp", "curriculum", "scaf_grpo", "cog_drift"]
+METHODS = ["pearl", "listener", "acre", "mmupt", "tempsamp", "curriculum", "scaf_grpo", "hill", "cog_drift"]
 SMALL = {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "micro_batch_size": 2, "lr": 0.05}
 
 
