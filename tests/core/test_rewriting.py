@@ -209,3 +209,17 @@ def test_a_rewrite_that_never_triggers_leaves_the_run_bit_identical_and_reruns_e
     assert metrics(a.run_dir) == metrics(b.run_dir) and torch.equal(logits(a), logits(b))
     lines = [json.loads(x) for x in (a.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(m["rewrite/groups"] >= m["rewrite/rescued"] for m in lines) and lines[0]["rewrite/groups"] > 0
+
+
+def test_a_rewriting_run_resumes_exactly(tmp_path):
+    common = ["trainer.max_steps=4", "trainer.lr=0.1", "methods.test_reroll={keep: signal, max_rounds: 2}"]
+    full = train(cfg_for(tmp_path, "run.name=full", *common))
+    part = train(cfg_for(tmp_path, "run.name=part", *common, "trainer.stop_after_steps=2"))
+    assert part.step == 2
+    resumed = train(cfg_for(tmp_path, "run.name=part", *common, f"resume={part.run_dir}"))
+    assert resumed.step == 4 and torch.equal(logits(resumed), logits(full))
+    lines = lambda t: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
+        for x in (t.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert lines(resumed) == lines(full) and sum(m["rewrite/rerolled"] for m in lines(full)) > 0
