@@ -19,7 +19,10 @@ What this module implements: the hinter writes one hint per failing group and at
 ``hinter_prompt`` (the question with its options, the first failed row's answer and the reference answer; the
 example's images are shown to it too), ``template`` appends the hint to the question, the group is sampled again,
 and (``keep: signal``) the hinted group replaces the failed one only if its rewards are not all equal; else the next
-attempt writes a new hint (``max_rounds``). The hinter is the policy itself (``hinter: ""``; it answers in the
+attempt writes a new hint (``max_rounds``). A hint that is itself an answer (graded correct, a bare option letter
+or an option's text; ``reject_answers``) is dropped: a small policy asked to hint often just names an option, which
+would leak the answer or mislead (the paper's hint-reliance penalty steers its trained hinter away from such hints).
+The hinter is the policy itself (``hinter: ""``; it answers in the
 policy's format, and the hint is its ``<answer>`` block or its whole text, capped at ``max_hint_chars``) or a frozen
 VLM loaded like the ``vlm_listener``'s listener (:func:`mmgrpo.policies.vlm.load_vlm`, lazily, no gradient).
 
@@ -52,7 +55,7 @@ from mmgrpo.core.types import PromptBatch
 from mmgrpo.methods.registry import Method, Rewrite, register_method
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.policies.vlm_inputs import MEDIA_KEYS, question_text
-from mmgrpo.rewards.text import answer_or_completion, completion_text
+from mmgrpo.rewards.text import answer_or_completion, completion_text, grade, normalize_text
 
 HINTER_PROMPT = (
     "A student answered this question wrongly.\nQuestion: {question}\nThe student's answer: {attempt}\n"
@@ -82,6 +85,8 @@ class HillOptions(RerollOptions):
     """the hinted question; {question} and {hint} are filled in"""
     max_hint_chars: int = 300
     answer_key: str = "answer"
+    reject_answers: bool = True
+    """drop a hint that is itself an answer (graded correct, a bare option letter or an option's text): no re-roll"""
 
 
 def hint_of(text: str, max_chars: int) -> str:
@@ -91,6 +96,18 @@ def hint_of(text: str, max_chars: int) -> str:
     body = re.sub(r"<think>.*?</think>", " ", body, flags=re.DOTALL)
     body = re.sub(r"</?\w+>", " ", body)
     return " ".join(body.split())[:max_chars].strip()
+
+
+def is_answer(hint: str, prompt: Any, meta: dict, answer_key: str = "answer") -> bool:
+    """A "hint" that is an answer rather than guidance: graded correct for the ground truth, a bare option letter
+    ("C", "(b)"), or the text of one of the prompt's options."""
+    gt = meta.get(answer_key)
+    if gt is not None and grade(hint, gt):
+        return True
+    if re.fullmatch(r"\(?[A-Za-z]\)?\.?", hint.strip()):
+        return True
+    options = prompt.get("options") if isinstance(prompt, dict) else None
+    return normalize_text(hint) in {normalize_text(str(o)) for o in options or ()}
 
 
 @register_rewriter("hill_hinter")
@@ -132,7 +149,7 @@ class HillHinter:
         out = []
         for prompt, meta, text in zip(request.prompts, request.meta, texts):
             hint = hint_of(text, self.opts.max_hint_chars)
-            if not hint:
+            if not hint or (self.opts.reject_answers and is_answer(hint, prompt, meta, self.opts.answer_key)):
                 out.append(None)
                 continue
             rewritten = self.opts.template.format(question=question_of(prompt), hint=hint)

@@ -9,7 +9,7 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.rewriting import RewriteRequest, question_of
-from mmgrpo.methods.hill import HillHinter, HillOptions, hint_of
+from mmgrpo.methods.hill import HillHinter, HillOptions, hint_of, is_answer
 from mmgrpo.rewards.registry import REWARDS, register
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import Trainer
@@ -45,6 +45,14 @@ def test_hint_extraction_by_hand():
     assert hint_of("<think>x</think><answer> </answer>", 100) == ""
 
 
+def test_hints_that_are_answers_are_recognised():
+    prompt, meta = {"question": "What colour?", "options": ["red", "blue"]}, {"answer": "B"}
+    assert is_answer("B", prompt, meta) and is_answer("(a)", prompt, meta)  # the answer, a bare letter
+    assert is_answer("blue", prompt, meta) and is_answer("Red.", prompt, meta)  # an option's text
+    assert is_answer("42", "What is 6 x 7?", {"answer": 42.0})  # graded correct
+    assert not is_answer("Compare the fill colours.", prompt, meta) and not is_answer("41", "Q", {"answer": 42})
+
+
 def test_the_hinter_reads_question_failure_and_answer_and_sees_the_images():
     image = np.zeros((4, 4, 3), np.uint8)
     prompt = {"question": "What colour is the square?", "options": ["red", "blue"]}
@@ -64,6 +72,10 @@ def test_the_hinter_reads_question_failure_and_answer_and_sees_the_images():
     (p, m), none = hinter(req)
     assert p == {"question": "What colour is the square?\nHint: Compare the colours.", "options": ["red", "blue"]}
     assert m["answer"] == "B" and m["images"][0] is image and m["hint"] == "Compare the colours." and none is None
+    req.policy = StubHinter(["<answer>B</answer>", "<answer>blue</answer>"])  # hints that are answers: dropped
+    assert hinter(req) == [None, None]
+    req.policy, hinter.opts.reject_answers = StubHinter(["<answer>B</answer>", ""]), False
+    assert hinter(req)[0][1]["hint"] == "B"
 
 
 def trainer_for(tmp_path, *overrides):
