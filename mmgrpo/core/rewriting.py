@@ -19,7 +19,8 @@ Rounds: attempt a = 0, 1, ..., ``max_rounds`` - 1 re-rolls the groups that still
 escalate (hint tier a). Seeds (the seeding contract, :mod:`mmgrpo.core.seeding`): the re-rolled group of the
 prompt at global stream position p samples with ``prompt_seed(run_seed, step, p, REWRITE_STREAM + 2a)`` and the
 rewriter draws with ``request.seeds`` = ``prompt_seed(run_seed, step, p, REWRITE_STREAM + 2a + 1)``: separate
-streams, the same on any number of processes.
+streams, the same on any number of processes (the trainer keeps the processes' re-rolls in step, so 2 processes
+train exactly what 1 does; mode ``add`` is for 1 process).
 
 Triggers on a group's rows (``[B, G]``; ``score`` is the reward named by ``RerollOptions.reward``, or the weighted
 total when it is null; ``total`` is the weighted total of all rewards):

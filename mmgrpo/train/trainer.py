@@ -306,17 +306,26 @@ class Trainer:
         """Prompt rewriting before a re-roll (:mod:`mmgrpo.core.rewriting`): groups of ``batch`` that trigger (no
         learning signal) are sampled and scored again from prompts the enabled method's rewriter writes, for up to
         ``max_rounds`` attempts; the re-rolled group replaces the original, is added after the batch's groups, or
-        lends its successful rows (``mode``). Seeds come from the prompts' global positions on separate streams.
+        lends its successful rows (``mode``). Seeds come from the prompts' global positions on separate streams;
+        with several processes each attempt samples as many groups on every process (padding groups, dropped), so
+        the forwards stay in step and the run is the 1-process run.
         Metrics: ``rewrite/groups`` (groups that triggered), ``rewrite/rerolled`` (groups sampled again, all
         attempts), ``rewrite/rescued`` (triggered groups whose trained group has learning signal)."""
         rw, G, seed = self.comp.rewrite, rollout.group_size, self.cfg.run.seed
-        o = rw.options
-        if self.acc.num_processes > 1:
+        o, several = rw.options, self.acc.num_processes > 1
+        if several and (o.mode == "add" or self.cfg.advantage.dynamic_sampling or self.mesh is not None):
             raise UserError(
-                f"methods.{rw.method} rewrites prompts and re-rolls a different number of groups on each process, "
-                "which the trainer cannot keep in step across processes yet; train it on one process (its seeds "
-                f"and decisions already depend only on the prompts), or remove methods.{rw.method}"
+                f"methods.{rw.method} with {self.acc.num_processes} processes: mode=add (a different number of groups "
+                "per process), advantage.dynamic_sampling (a different number of refill rounds per process) and FSDP "
+                "sharding cannot keep the re-rolls of the processes in step yet; use mode replace or mix, without "
+                f"dynamic sampling or FSDP, or train on one process"
             )
+
+        def everywhere(x: int, how: str) -> int:  # the count over all processes (they all call this alike)
+            if not several:
+                return x
+            return int(self.acc.reduce(torch.tensor([x], device=self.acc.device), reduction=how).item())
+
         col = None if o.reward is None else [name for name, _, _ in self.rewards].index(o.reward)
 
         def judged(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # c [V, R, n] -> score, total [n / G, G]
@@ -331,7 +340,7 @@ class Trainer:
         rerolled, t0 = 0, time.perf_counter()
         for attempt in range(o.max_rounds):
             idx = [b for b, t in enumerate(todo) if t]
-            if not idx:
+            if not everywhere(len(idx), "sum"):
                 break
             request = rw_lib.RewriteRequest(
                 prompts=[batch.prompts[b] for b in idx],
@@ -346,16 +355,22 @@ class Trainer:
             )
             self.policy.model.eval()
             with torch.no_grad():
-                rewritten = rw.rewriter(request)
+                rewritten = rw.rewriter(request) if idx else []
             if len(rewritten) != len(idx):
                 raise ValueError(f"rewriter of {rw.method} returned {len(rewritten)} prompts for {len(idx)} groups")
             picked = [(b, pm) for b, pm in zip(idx, rewritten) if pm is not None]
             for b, pm in zip(idx, rewritten):
                 todo[b] = pm is not None  # nothing to rewrite with: the group stays as it is
-            if not picked:
+            most = everywhere(len(picked), "max")
+            if not most:
                 continue
             seeds = [prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt) for b, _ in picked]
-            again = PromptBatch([pm[0] for _, pm in picked], [pm[1] for _, pm in picked], seeds, step)
+            # every process samples `most` groups, so their forwards stay in step; the padding groups are dropped
+            pad = most - len(picked)
+            prompts = [pm[0] for _, pm in picked] + [batch.prompts[0]] * pad
+            again = PromptBatch(
+                prompts, [pm[1] for _, pm in picked] + [batch.meta[0]] * pad, seeds + [seed] * pad, step
+            )
             new_r, new_c = self.sample_and_score(again, step, timers)
             rerolled += len(picked)
             for j, (b, _) in enumerate(picked):
@@ -379,7 +394,7 @@ class Trainer:
             if t
         )
         for k, v in (("groups", sum(triggered)), ("rerolled", rerolled), ("rescued", rescued)):
-            timers[f"rewrite/{k}"] = timers.get(f"rewrite/{k}", 0.0) + float(v)
+            timers[f"rewrite/{k}"] = timers.get(f"rewrite/{k}", 0.0) + float(everywhere(v, "sum"))
         parts = current + added
         return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1)
 

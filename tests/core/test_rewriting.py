@@ -1,12 +1,20 @@
-"""Prompt rewriting before a re-roll (mmgrpo/core/rewriting.py, Trainer.reroll): triggers, modes, seeds, metrics, on
-the bandit with a test method whose rewriter moves a failed prompt to the next bandit state."""
+"""Prompt rewriting before a re-roll (mmgrpo/core/rewriting.py, Trainer.reroll): triggers, modes, seeds, metrics,
+resume, 2 processes = 1 process, on the bandit with a test method whose rewriter moves a failed prompt to the next
+bandit state."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from mmgrpo.core import rewriting as rw
 from mmgrpo.core.errors import UserError
@@ -14,6 +22,7 @@ from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.methods.registry import METHODS, Method, Rewrite, register_method
 from mmgrpo.rewards.registry import REWARDS, register
+from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import Trainer, train
 
@@ -223,3 +232,80 @@ def test_a_rewriting_run_resumes_exactly(tmp_path):
         for x in (t.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
     assert lines(resumed) == lines(full) and sum(m["rewrite/rerolled"] for m in lines(full)) > 0
+
+
+PLUGIN = '''
+from mmgrpo.core import rewriting as rw
+from mmgrpo.methods.registry import METHODS, Method, Rewrite, register_method
+from mmgrpo.rewards.registry import REWARDS, register
+
+if "test_rw2_best_arm" not in REWARDS:
+
+    @register("test_rw2_best_arm")
+    def best_arm():
+        """1 if the chosen arm is the best arm (test reward)."""
+        return lambda samples, prompts, meta, ctx: [float(int(a) == m["best_arm"]) for a, m in zip(samples, meta)]
+
+
+def next_state(request):
+    values = request.source.values
+    out = []
+    for p in request.prompts:
+        q = (p + 1 + request.attempt) % len(values)
+        out.append((q, {"arm_values": values[q].tolist(), "best_arm": int(values[q].argmax())}))
+    return out
+
+
+if "test_reroll2" not in METHODS:
+    register_method(Method(name="test_reroll2", paper="test", options=rw.RerollOptions, check=rw.check_reroll,
+                           rewrite=lambda opts, cfg: Rewrite("test_reroll2", next_state, opts)))
+'''
+CLI = """
+import sys
+import rw_plugin  # noqa: F401  (registers the test reward and method in each launched process)
+from mmgrpo.train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_reroll_exactly_what_one_process_does(tmp_path):
+    (tmp_path / "rw_plugin.py").write_text(PLUGIN)
+    (tmp_path / "cli.py").write_text(CLI)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import rw_plugin  # noqa: F401
+    finally:
+        sys.path.remove(str(tmp_path))
+    config = {
+        **BASE,
+        "run": {"name": "x", "seed": 3},
+        "rewards": [{"name": "test_rw2_best_arm"}],
+        "methods": {"test_reroll2": {"reward": "test_rw2_best_arm", "keep": "signal", "max_rounds": 2}},
+        "trainer": {**BASE["trainer"], "max_steps": 3, "lr": 0.1, "dump_advantages": True, "checkpoint_every": 0},
+    }
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    one = train(load_config(cfg_path, [f"run.output_dir={tmp_path}", "run.name=one"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [shutil.which("accelerate", path=os.path.dirname(sys.executable)), "launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), str(tmp_path / "cli.py"), "train", str(cfg_path),
+           f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in range(3):
+        name = f"debug/adv_step_{step:06d}.safetensors"
+        a, b = load_file(str(one.run_dir / name)), load_file(str(tmp_path / "two" / name))
+        assert torch.equal(a["rewards"], b["rewards"]), f"step {step}: different samples"
+        assert torch.allclose(a["advantages"], b["advantages"], atol=1e-6), f"step {step}"
+    p1 = ckpt.load_checkpoint(ckpt.latest_checkpoint(one.run_dir / "checkpoints"))["model"]["logits"]
+    p2 = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))["model"]["logits"]
+    assert torch.allclose(p1, p2, atol=1e-6), (p1 - p2).abs().max()
+    lines = [
+        [{k: v for k, v in json.loads(x).items() if k.startswith("rewrite/")} for x in p.read_text().splitlines()]
+        for p in (one.run_dir / "metrics.jsonl", tmp_path / "two" / "metrics.jsonl")
+    ]
+    assert lines[0] == lines[1] and sum(m["rewrite/rerolled"] for m in lines[0]) > 0
