@@ -236,6 +236,13 @@ def tiered_hints(kind: str, scene: Scene, color: str, shape: str, size: int = 64
             "option.",
             f"The image shows {_listing(scene)}; the {shape} is the one to read the colour of.",
         )
+    if kind == "exists":  # "Is there a red circle?" (the recipe's default shapes questions)
+        return (
+            f"Look for an object that is both {color} and a {shape}; an object with only one of the two does not "
+            "count.",
+            f"Name the colour and the shape of every object, then check whether one of them is a {color} {shape}.",
+            f"The image shows {_listing(scene)}.",
+        )
     o = objs[0]
     if kind == "position":
         return (

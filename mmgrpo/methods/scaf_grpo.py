@@ -31,9 +31,9 @@ the hint instead). The rewriter ``scaf_tiered_hints`` writes attempt a's prompt 
 ``hint = meta[hints_key][a]``.
 
 Data: each example's meta holds ``hints: [tier1 concept, tier2 plan, tier3 concrete steps]`` (any number of tiers;
-a missing or shorter list stops the escalation there). The shapes QA world writes them for every question
-(:func:`mmgrpo.data.shapes_qa.tiered_hints`: ``data.options.source: shapes_qa``); a JSONL data set adds a
-``hints`` list to each record (other keys go to meta).
+a missing or shorter list stops the escalation there). The shapes worlds write them for every question
+(:func:`mmgrpo.data.shapes_qa.tiered_hints`: ``data.options.source: shapes_qa`` and the recipe's default ``shapes``
+questions); a JSONL data set adds a ``hints`` list to each record (other keys go to meta).
 
 Not done versus the paper: the hints of its data sets were written offline by a stronger model; a data set here
 brings its own (the shapes world's are written from the scene). The paper's finer progressive disclosure inside the

@@ -11,6 +11,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.rewriting import REWRITERS, RewriteRequest, question_of
 from mmgrpo.data import shapes_qa
 from mmgrpo.methods.scaf_grpo import ScafHints, exemption_steps
+from mmgrpo.pipelines.vlm_reasoning import shapes_question
 from mmgrpo.rewards.registry import REWARDS, register
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import Trainer
@@ -83,6 +84,17 @@ def test_shapes_questions_carry_three_tiers_answered_by_the_scene():
     assert f"{round(obj.cx * 100)}% of the width" in pos.hints[2]
     again = shapes_qa.make_example(5, kind="position")
     assert again.hints == pos.hints and (again.image == pos.image).all()  # deterministic, no extra draw
+    for i in range(8):  # the recipe's default shapes questions (count / existence) carry tiers too
+        prompt, meta = shapes_question(i)
+        words = prompt["question"].rstrip("?").split()  # "How many red circles are there" / "Is there a red circle"
+        color, shape = (words[2], words[3][:-1]) if words[0] == "How" else (words[-2], words[-1])
+        listing = [f"a {c} {s}" for c, s in meta["objects"]]
+        assert len(meta["hints"]) == 3 and all(x in meta["hints"][2] for x in listing)
+        if prompt["question"].startswith("How many"):
+            n = sum((c, s) == (color, shape) for c, s in meta["objects"])
+            assert n == "ABC".index(meta["answer"]) + 1 and f" {n} " in meta["hints"][2]
+        else:
+            assert f"both {color} and a {shape}" in meta["hints"][0]
 
 
 def test_scaf_swaps_a_failed_row_for_the_hinted_success_with_ratio_one(tmp_path):
