@@ -170,6 +170,27 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     )
 
 
+def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
+    """The rollout restricted to ``rows`` (in that order), grouped by ``rollout.group_size`` again: e.g. a group whose
+    rows come from two rollouts of the same prompt (Scaf-GRPO's hinted rows in a failed group)."""
+    G, n = rollout.group_size, rollout.num_rows
+    if len(rows) % G:
+        raise ValueError(f"select_rows: {len(rows)} rows do not make whole groups of {G}")
+    return Rollout(
+        samples=_take(rollout.samples, rows, n),
+        logp_old=rollout.logp_old[rows],
+        train_mask=rollout.train_mask[rows],
+        group_size=G,
+        prompts=[rollout.prompts[i] for i in rows],
+        meta=[rollout.meta[i] for i in rows],
+        extras={k: _take(v, rows, n) for k, v in rollout.extras.items()},
+        loss_weight=None if rollout.loss_weight is None else rollout.loss_weight[rows],
+        group_keys=None if rollout.group_keys is None else [rollout.group_keys[i] for i in rows],
+        variants=[_take(v, rows, n) for v in rollout.variants],
+        logp_old_from_update=rollout.logp_old_from_update,
+    )
+
+
 def _cat(values: list[Any], sizes: list[int]) -> Any:
     first = values[0]
     if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == sizes[0]:

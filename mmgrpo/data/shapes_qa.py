@@ -18,6 +18,12 @@ Every example carries a perception checklist (PEARL, Zhang et al. 2025, arXiv 25
 about the same image with known answers, e.g. ``("How many objects are there?", "2")``,
 ``("Is there a red circle?", "yes")``, ``("What colour is the square?", "red")``.
 
+Every example also carries three tiered hints (Scaf-GRPO, Zhang et al. 2025, arXiv 2510.19807: abstract concept ->
+plan -> concrete steps), ``meta["hints"]``, written from the scene without any random draw (:func:`tiered_hints`),
+e.g. for "How many red circles are there?": "Count only the objects that are both red and circles; ...", "Go
+through the objects one by one ...", "The image shows a red circle, a blue square and a red circle. Of these, 2 are
+red circles." The last tier gives the solution's steps, not the option letter.
+
 Split by scene seed: example ``scene_seed`` is drawn from ``numpy.random.default_rng([seed, scene_seed])``, and a
 hash of ``(split_seed, scene_seed)`` puts a fixed ``heldout_fraction`` of the scene seeds in the held-out set, so
 training can stream as many fresh train scenes as it likes (:func:`train_seeds`) and never meets a held-out one
@@ -68,6 +74,8 @@ class QAExample:
     image_size: int = 64
     target: tuple[str, str] = ("", "")
     """(colour, shape) the question is about ("" for none)"""
+    hints: tuple[str, ...] = ()
+    """tiered hints (concept, plan, concrete steps) for Scaf-GRPO's re-rolls (:func:`tiered_hints`)"""
 
     def prompt(self) -> dict:
         """The VLM prompt: ``{question, options}`` (VLMPolicy appends " A) ... B) ..." to the question)."""
@@ -83,6 +91,7 @@ class QAExample:
             "scene_seed": self.scene_seed,
             "checklist": [list(item) for item in self.checklist],
             "entities": list(dict.fromkeys(f"{o.color} {o.shape}" for o in self.scene.objects)),
+            "hints": list(self.hints),
         }
         if self.answer is not None:
             out["answer"] = self.answer
@@ -199,6 +208,61 @@ def checklist(scene: Scene, rng: np.random.Generator) -> tuple[tuple[str, str], 
     return tuple(items)
 
 
+_SHAPE_CUE = {"circle": "round, no corners", "square": "four equal sides", "triangle": "three corners"}
+
+
+def _listing(scene: Scene) -> str:
+    """'a red circle, a blue square and a green triangle' (the scene's objects in drawing order)."""
+    items = [f"a {o.color} {o.shape}" for o in scene.objects]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def tiered_hints(kind: str, scene: Scene, color: str, shape: str, size: int = 64) -> tuple[str, str, str]:
+    """Three hints for a question about the ``color`` ``shape`` of ``scene``, from abstract to concrete (Scaf-GRPO's
+    knowledge -> planning -> solution tiers). Deterministic: no random draw, so examples stay what they were."""
+    objs = [o for o in scene.objects if (o.color, o.shape) == (color, shape)]
+    if kind == "count":
+        n = len(objs)
+        return (
+            f"Count only the objects that are both {color} and {shape}s; objects of another colour or another shape "
+            "do not count, and the count may be 0.",
+            f"Go through the objects one by one, name the colour and shape of each, keep the {color} {shape}s, then "
+            "pick the option equal to how many you kept.",
+            f"The image shows {_listing(scene)}. Of these, {n} {'is a' if n == 1 else 'are'} {color} "
+            f"{shape}{'' if n == 1 else 's'}.",
+        )
+    if kind == "color":
+        return (
+            f"Only one object in the image is a {shape}; its colour is the answer, the other objects do not matter.",
+            f"Find the {shape} by its outline ({_SHAPE_CUE[shape]}), read its fill colour, then match it with an "
+            "option.",
+            f"The image shows {_listing(scene)}; the {shape} is the one to read the colour of.",
+        )
+    if kind == "exists":  # "Is there a red circle?" (the recipe's default shapes questions)
+        return (
+            f"Look for an object that is both {color} and a {shape}; an object with only one of the two does not "
+            "count.",
+            f"Name the colour and the shape of every object, then check whether one of them is a {color} {shape}.",
+            f"The image shows {_listing(scene)}.",
+        )
+    o = objs[0]
+    if kind == "position":
+        return (
+            "Left and right depend on where the object's centre lies across the image, top and bottom on where it "
+            "lies down the image; the object is in exactly one of the four outer thirds.",
+            f"Find the {color} {shape}, then check whether its centre is in the left, right, top or bottom third of "
+            "the image.",
+            f"The {color} {shape} has its centre {round(o.cx * 100)}% of the width from the left edge and "
+            f"{round(o.cy * 100)}% of the height from the top edge.",
+        )
+    return (  # grounding
+        "A box is [x1, y1, x2, y2] in pixels: the top-left corner of the object, then its bottom-right corner.",
+        f"Find the {color} {shape}, then read the pixel positions of its left, top, right and bottom edges in the "
+        f"{size} x {size} image.",
+        f"The {color} {shape} is centred near ({o.cx * size:.0f}, {o.cy * size:.0f}) pixels.",
+    )
+
+
 # ---------------------------------------------------------------------------------------------- examples
 def make_example(
     scene_seed: int, kind: str | None = None, seed: int = 0, size: int = 64, kinds: tuple[str, ...] = QA_KINDS
@@ -246,6 +310,7 @@ def make_example(
         scene_seed=int(scene_seed),
         image_size=size,
         target=(color, shape),
+        hints=tiered_hints(kind, scene, color, shape, size),
     )
 
 

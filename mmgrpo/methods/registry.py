@@ -26,6 +26,8 @@ What a method may contribute (every part optional):
   logged as ``extra/<name>/*``), loss terms (:class:`mmgrpo.core.extra.LossTerm`), advantage hooks that use them,
   and state saved in checkpoints (objects with ``state_dict`` / ``load_state_dict``: a resumed run continues
   exactly);
+- ``rewrite(options, cfg) -> Rewrite``: prompt rewriting before a re-roll (:mod:`mmgrpo.core.rewriting`): groups
+  without learning signal are sampled again from a rewritten prompt (at most one enabled method may have one);
 - ``check(options, cfg, key)``: load-time checks against the rest of the config (UserErrors naming ``key``);
 - ``pipelines``: the recipes it applies to (empty: any); ``conflicts``: methods it cannot be combined with;
   ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``).
@@ -79,6 +81,8 @@ class Method:
     """reward_weights(options) -> a stateful weighter of the rewards (see the module doc)"""
     setup: Callable[[Any, Any, Any], MethodRuntime] | None = None
     """setup(policy, options, cfg) -> MethodRuntime: extra models, loss terms, hooks and state needing the policy"""
+    rewrite: Callable[[Any, Any], Any] | None = None
+    """rewrite(options, cfg) -> :class:`Rewrite`: re-roll groups without signal from rewritten prompts"""
 
     def parts(self) -> list[str]:
         """What the method contributes, in words (``mmgrpo list`` and the paper table)."""
@@ -87,6 +91,7 @@ class Method:
         out += ["advantage hooks"] if self.advantage_hooks else []
         out += ["reward weights"] if self.reward_weights else []
         out += ["runtime parts (extra models / loss terms)"] if self.setup else []
+        out += ["prompt rewriting"] if self.rewrite else []
         return out
 
 
@@ -191,6 +196,12 @@ def check_methods(cfg: Any, where: str = "the config") -> list[tuple[Method, Any
     methods = enabled_methods(cfg, where)
     names = [m.name for m, _ in methods]
     rewards = [r.name for r in cfg.rewards]
+    rewriting = [m.name for m, _ in methods if m.rewrite is not None]
+    if len(rewriting) > 1:
+        raise UserError(
+            f"methods.{rewriting[0]} and methods.{rewriting[1]} in {where} both rewrite prompts before a re-roll; "
+            "enable one of them (remove the other from methods:)"
+        )
     for method, opts in methods:
         key = f"methods.{method.name} in {where}"
         if method.pipelines and cfg.pipeline not in method.pipelines:
@@ -221,6 +232,8 @@ class MethodParts:
     wrappers: list[Callable[[Any], Any]] = field(default_factory=list)
     advantage_hooks: list[Any] = field(default_factory=list)
     reward_weighters: list[Any] = field(default_factory=list)
+    rewrite: Any = None
+    """the one enabled method's :class:`Rewrite` (prompt rewriting before a re-roll), or None"""
 
     def wrap(self, policy: Any) -> Any:
         for wrap in self.wrappers:
@@ -244,4 +257,15 @@ def method_parts(cfg: Any, where: str = "the config") -> MethodParts:
             parts.advantage_hooks += list(method.advantage_hooks(opts))
         if method.reward_weights is not None:
             parts.reward_weighters.append(method.reward_weights(opts))
+        if method.rewrite is not None:  # check_methods allows one
+            parts.rewrite = method.rewrite(opts, cfg)
     return parts
+
+
+@dataclass
+class Rewrite:
+    """A method's prompt rewriting (:mod:`mmgrpo.core.rewriting`): its rewriter, its :class:`RerollOptions`."""
+
+    method: str
+    rewriter: Callable[[Any], list]
+    options: Any

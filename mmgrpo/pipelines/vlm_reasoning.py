@@ -11,7 +11,8 @@ Data, one example = ``{question, options?, answer, image | images | video, check
   of TRL conversational / LLaVA ``conversations`` records, converted on load (docs/data.md);
 - ``path: ""``: the built-in synthetic shapes QA, questions about scenes of the shapes world (mmgrpo/data/shapes.py)
   rendered on the fly: "How many red circles are there? A) 1 B) 2 C) 3", "Is there a blue square? A) yes B) no",
-  each with a perception checklist: [["How many red objects are there?", "2"], ["Is there a triangle?", "yes"]].
+  each with a perception checklist: [["How many red objects are there?", "2"], ["Is there a triangle?", "yes"]]
+  and three tiered hints (``hints``, :func:`mmgrpo.data.shapes_qa.tiered_hints`; Scaf-GRPO's re-rolls read them).
 
 A seeded split holds out ``heldout_fraction`` of the examples; evaluation reports their accuracy and format rate
 under greedy decoding.
@@ -22,7 +23,9 @@ Paper methods are switched on by the config's top-level ``methods:`` block, neve
 answered by a second group per example; rewards without a stream test are restricted with ``streams: [reasoning]``),
 ``methods: {tempsamp: {anchor_factor: 1.2}}`` (TempSamp-R1: the ground truth as a teacher-forced row of every group;
 pair it with ``advantage.shaping: tempsamp_soft``), and the reward-shaped ones: ``acre``, ``listener``
-(``vlm_listener`` reward), ``mmupt`` (``majority_vote``), ``medloc`` (``iou_curriculum`` on examples with a ``box``).
+(``vlm_listener`` reward), ``mmupt`` (``majority_vote``), ``medloc`` (``iou_curriculum`` on examples with a ``box``),
+and those that re-roll all-fail groups from rewritten prompts: ``scaf_grpo`` (tiered hints), ``hill`` (a hinter's
+hints), ``cog_drift`` (cloze / multiple-choice variants).
 """
 
 from __future__ import annotations
@@ -83,16 +86,19 @@ def shapes_question(index: int, seed: int = 0, size: int = 64) -> Example:
         n = int(rng.integers(1, 4))
         scene = shapes.sample_scene(f"{shapes.COUNT_WORDS[n]} {color} {shape}{'s' if n > 1 else ''}", rng, 1)
         question, options, answer = f"How many {color} {shape}s are there?", ["1", "2", "3"], "ABC"[n - 1]
+        kind = "count"
     else:
         present = bool(rng.random() < 0.5)
         prompt = f"a {color} {shape}"
         scene = shapes.sample_scene(prompt, rng, 2) if present else shapes.sample_mismatched_scene(prompt, rng)
         question, options, answer = f"Is there a {color} {shape}?", ["yes", "no"], "A" if present else "B"
+        kind = "exists"
     image = shapes.render(scene, size=size)
     objects = [(o.color, o.shape) for o in scene.objects]
     meta = {"answer": answer, "images": [image], "image_size": (size, size), "objects": objects, "index": index}
     meta["checklist"] = shapes_checklist(objects, color, np.random.default_rng([seed, index, 1]))
     meta["entities"] = list(dict.fromkeys(f"{c} {s}" for c, s in objects))  # E-GRPO's ground-truth entities
+    meta["hints"] = list(shapes_qa.tiered_hints(kind, scene, color, shape, size))  # Scaf-GRPO's tiers
     return {"question": question, "options": options}, meta
 
 

@@ -115,6 +115,9 @@ class Components:
     """the methods' loss terms (:class:`mmgrpo.core.extra.LossTerm`), added to every micro-batch's loss"""
     method_state: dict[str, Any] = field(default_factory=dict)
     """method name -> its stateful part (``state_dict`` / ``load_state_dict``), saved in checkpoints"""
+    rewrite: Any = None
+    """prompt rewriting before a re-roll (:class:`mmgrpo.methods.registry.Rewrite`, from the ``methods:`` block):
+    ``Trainer.reroll`` samples groups without learning signal again from rewritten prompts; None: off"""
 
 
 @dataclass
@@ -150,4 +153,5 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
         comp.advantage_hooks += rt.advantage_hooks
         if rt.state is not None:
             comp.method_state[name] = rt.state
+    comp.rewrite = parts.rewrite
     return comp

@@ -31,11 +31,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
+from mmgrpo.core import rewriting as rw_lib
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extra import TermInputs, term_metric
 from mmgrpo.core.seeding import generator_for, prompt_seed
-from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups
+from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups, select_rows
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config, resolved_config
@@ -279,7 +280,10 @@ class Trainer:
         rounds = 1 + (a.max_refill_rounds if a.dynamic_sampling else 0)
         for r in range(rounds):
             base = step * t.prompts_per_step if r == 0 else REFILL_OFFSET + (step * rounds + r) * t.prompts_per_step
-            rollout, cols = self.sample_and_score(self.prompts_for(step, base), step, timers)
+            batch = self.prompts_for(step, base)
+            rollout, cols = self.sample_and_score(batch, step, timers)
+            if self.comp.rewrite is not None:  # prompt rewriting before a re-roll (docs/architecture.md "Hooks")
+                rollout, cols = self.reroll(batch, base, rollout, cols, step, timers)
             if not a.dynamic_sampling:
                 return rollout, cols, timers
             zero = adv_lib.zero_variance_groups(self._weighted(cols[0]).view(-1, t.group_size))
@@ -299,6 +303,113 @@ class Trainer:
             kept.append(self._groups(pad_r, pad_c, list(range(missing))))
         parts = [(p, c) for p, c in kept if p.num_rows]
         return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1), timers
+
+    def reroll(
+        self, batch: PromptBatch, base: int, rollout: Rollout, cols: torch.Tensor, step: int, timers: dict[str, float]
+    ) -> tuple[Rollout, torch.Tensor]:
+        """Prompt rewriting before a re-roll (:mod:`mmgrpo.core.rewriting`): groups of ``batch`` that trigger (no
+        learning signal) are sampled and scored again from prompts the enabled method's rewriter writes, for up to
+        ``max_rounds`` attempts; the re-rolled group replaces the original, is added after the batch's groups, or
+        lends its successful rows (``mode``). Seeds come from the prompts' global positions on separate streams;
+        with several processes each attempt samples as many groups on every process (padding groups, dropped), so
+        the forwards stay in step and the run is the 1-process run.
+        Metrics: ``rewrite/groups`` (groups that triggered), ``rewrite/rerolled`` (groups sampled again, all
+        attempts), ``rewrite/rescued`` (triggered groups whose trained group has learning signal)."""
+        rw, G, seed = self.comp.rewrite, rollout.group_size, self.cfg.run.seed
+        o, several = rw.options, self.acc.num_processes > 1
+        if several and (o.mode == "add" or self.cfg.advantage.dynamic_sampling or self.mesh is not None):
+            raise UserError(
+                f"methods.{rw.method} with {self.acc.num_processes} processes: mode=add (a different number of groups "
+                "per process), advantage.dynamic_sampling (a different number of refill rounds per process) and FSDP "
+                "sharding cannot keep the re-rolls of the processes in step yet; use mode replace or mix, without "
+                f"dynamic sampling or FSDP, or train on one process"
+            )
+
+        def everywhere(x: int, how: str) -> int:  # the count over all processes (they all call this alike)
+            if not several:
+                return x
+            return int(self.acc.reduce(torch.tensor([x], device=self.acc.device), reduction=how).item())
+
+        col = None if o.reward is None else [name for name, _, _ in self.rewards].index(o.reward)
+
+        def judged(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # c [V, R, n] -> score, total [n / G, G]
+            total = self._weighted(c[0]).view(-1, G)
+            return (total if col is None else c[0, col].view(-1, G)), total
+
+        first = base + self.acc.process_index * self.B_local
+        current = [self._groups(rollout, cols, [b]) for b in range(rollout.num_groups)]
+        added: list[tuple[Rollout, torch.Tensor]] = []
+        todo = rw_lib.trigger_mask(*judged(cols), o.trigger, o.threshold).tolist()
+        triggered, rescued_by = list(todo), dict.fromkeys(range(len(todo)))
+        rerolled, t0 = 0, time.perf_counter()
+        for attempt in range(o.max_rounds):
+            idx = [b for b, t in enumerate(todo) if t]
+            if not everywhere(len(idx), "sum"):
+                break
+            request = rw_lib.RewriteRequest(
+                prompts=[batch.prompts[b] for b in idx],
+                meta=[batch.meta[b] for b in idx],
+                completions=[list(current[b][0].samples) for b in idx],
+                scores=torch.cat([judged(current[b][1])[0] for b in idx]),
+                attempt=attempt,
+                step=step,
+                seeds=[prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt + 1) for b in idx],
+                policy=self.policy,
+                source=self.comp.prompts,
+            )
+            self.policy.model.eval()
+            with torch.no_grad():
+                rewritten = rw.rewriter(request) if idx else []
+            if len(rewritten) != len(idx):
+                raise ValueError(f"rewriter of {rw.method} returned {len(rewritten)} prompts for {len(idx)} groups")
+            picked = [(b, pm) for b, pm in zip(idx, rewritten) if pm is not None]
+            for b, pm in zip(idx, rewritten):
+                todo[b] = pm is not None  # nothing to rewrite with: the group stays as it is
+            most = everywhere(len(picked), "max")
+            if not most:
+                continue
+            seeds = [prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt) for b, _ in picked]
+            # every process samples `most` groups, so their forwards stay in step; the padding groups are dropped
+            pad = most - len(picked)
+            prompts = [pm[0] for _, pm in picked] + [batch.prompts[0]] * pad
+            again = PromptBatch(
+                prompts, [pm[1] for _, pm in picked] + [batch.meta[0]] * pad, seeds + [seed] * pad, step
+            )
+            new_r, new_c = self.sample_and_score(again, step, timers)
+            rerolled += len(picked)
+            for j, (b, _) in enumerate(picked):
+                group = self._groups(new_r, new_c, [j])
+                new_score, new_total = judged(group[1])
+                if o.mode == "mix":
+                    plan = rw_lib.mix_plan(judged(current[b][1])[0][0], new_score[0], o.threshold, o.mix_rows)
+                    if plan:
+                        current[b], todo[b] = self._mix_rows(current[b], group, plan), False
+                elif o.keep == "always" or bool(rw_lib.has_signal(new_total)[0]):
+                    if o.mode == "add":
+                        added.append(group)
+                        rescued_by[b], todo[b] = group, False
+                    else:
+                        current[b] = group
+                        todo[b] = bool(rw_lib.trigger_mask(new_score, new_total, o.trigger, o.threshold)[0])
+        timers["time/rewrite_s"] = timers.get("time/rewrite_s", 0.0) + time.perf_counter() - t0
+        rescued = sum(
+            bool(rw_lib.has_signal(judged((rescued_by[b] or current[b])[1])[1])[0])
+            for b, t in enumerate(triggered)
+            if t
+        )
+        for k, v in (("groups", sum(triggered)), ("rerolled", rerolled), ("rescued", rescued)):
+            timers[f"rewrite/{k}"] = timers.get(f"rewrite/{k}", 0.0) + float(everywhere(v, "sum"))
+        parts = current + added
+        return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1)
+
+    def _mix_rows(self, old, new, plan: list[tuple[int, int]]) -> tuple[Rollout, torch.Tensor]:
+        """One group: rows of ``old`` with row i replaced by row j of ``new`` for each (i, j) of ``plan``."""
+        G = old[0].group_size
+        rows = list(range(G))
+        for i, j in plan:
+            rows[i] = G + j
+        both = concat_rollouts([old[0], new[0]])
+        return select_rows(both, rows), torch.cat([old[1], new[1]], dim=-1)[..., rows]
 
     def _groups(self, rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:
         G = rollout.group_size

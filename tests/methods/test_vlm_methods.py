@@ -18,7 +18,16 @@ from mmgrpo.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 ASSET = REPO / "assets" / "tiny_qwen2_vl"
-METHOD_CONFIGS = ["vlm_pearl", "vlm_listener", "vlm_acre", "vlm_mmupt", "vlm_tempsamp"]
+METHOD_CONFIGS = [
+    "vlm_pearl",
+    "vlm_listener",
+    "vlm_acre",
+    "vlm_mmupt",
+    "vlm_tempsamp",
+    "vlm_scaf_grpo",
+    "vlm_hill",
+    "vlm_cog_drift",
+]
 NAN = math.nan
 
 

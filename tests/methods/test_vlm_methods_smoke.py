@@ -17,7 +17,7 @@ from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
-METHODS = ["pearl", "listener", "acre", "mmupt", "tempsamp", "curriculum"]
+METHODS = ["pearl", "listener", "acre", "mmupt", "tempsamp", "curriculum", "scaf_grpo", "hill", "cog_drift"]
 SMALL = {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "micro_batch_size": 2, "lr": 0.05}
 
 
@@ -61,6 +61,8 @@ def method_config(tmp_path: Path, method: str, family: str, model_dir: Path, **t
     data["trainer"].update({**SMALL, "eval_every": 0, "checkpoint_every": 0, "progress": False, **trainer})
     if method == "listener":
         data["rewards"][0]["options"]["model"] = str(model_dir)  # the frozen listener: the same tiny family
+    if method == "hill":
+        data["methods"]["hill"]["hinter"] = str(model_dir)  # a frozen hinter VLM: the same tiny family
     if method == "mmupt":
         data["trainer"]["group_size"] = 3  # a vote needs a crowd
     if method == "curriculum":
@@ -95,8 +97,18 @@ def test_two_grpo_steps_change_only_the_lora_adapters(tmp_path, model_dirs, meth
         "mmupt": "reward/majority_vote",
         "tempsamp": "tempsamp/anchor_adv",
         "curriculum": "curriculum/tau",
+        "scaf_grpo": "rewrite/groups",
+        "hill": "rewrite/groups",
+        "cog_drift": "rewrite/groups",
     }[method]
     assert all(expected in m for m in lines)
+    if method in ("scaf_grpo", "hill", "cog_drift"):  # a random model fails almost everything: groups trigger
+        assert all(0 <= m["rewrite/rescued"] <= m["rewrite/groups"] <= 2 for m in lines)
+        assert sum(m["rewrite/groups"] for m in lines) >= 2
+    if method == "hill":  # the frozen hinter is a separate model, untouched
+        hinter = trainer.comp.rewrite.rewriter.frozen.model
+        fresh, _ = load_vlm(str(model_dirs[family]), VLMPolicyOptions())
+        assert all(torch.equal(p, fresh.state_dict()[n]) for n, p in hinter.hf.state_dict().items())
     if method == "listener":  # the frozen listener is a separate model, untouched
         listener = next(fn for name, _, fn in trainer.rewards if name == "vlm_listener").scorer.scorer.model
         fresh, _ = load_vlm(str(model_dirs[family]), VLMPolicyOptions())
