@@ -48,9 +48,10 @@ ESTIMATORS: Registry[Estimator] = Registry("estimator", plugins="estimators")
 SHAPERS: Registry[Callable[..., torch.Tensor]] = Registry("shaping", plugins="shaping")
 COMBINERS: Registry[Callable[..., torch.Tensor]] = Registry("combine", plugins="combine")
 
-ESTIMATOR_INPUTS: tuple[str, ...] = ("keys",)
+ESTIMATOR_INPUTS: tuple[str, ...] = ("keys", "baseline", "roles")
 """keyword parameters an estimator may declare to receive from the trainer (``keys`` [B, G]: each row's stratum,
-from ``Rollout.group_keys``); its other keyword parameters are options"""
+from ``Rollout.group_keys``; from the prompt sampler, ``baseline`` [B, 1]: SPO's per-prompt value, ``roles`` [B, 1]:
+Beyond Variance's +1 / -1 / 0 prompt roles); its other keyword parameters are options"""
 
 
 def register_estimator(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 BUILTIN: dict[str, tuple[str, ...]] = {
     "estimators": ("mmgrpo.core.advantages",),
+    "samplers": ("mmgrpo.core.sampling",),
     "shaping": ("mmgrpo.core.advantages",),
     "combine": ("mmgrpo.core.advantages",),
     "losses": ("mmgrpo.core.losses",),

@@ -66,6 +66,8 @@ class Method:
     """wrap_policy(policy, options) -> policy"""
     advantage_hooks: Callable[[Any], list] | None = None
     """advantage_hooks(options) -> hooks applied after the estimator, in order"""
+    ragged: bool = False
+    """its policy wrapper and advantage hooks work with ragged groups (a sampler varying the rollouts per prompt)"""
 
     def parts(self) -> list[str]:
         """What the method contributes, in words (``mmgrpo list`` and the paper table)."""

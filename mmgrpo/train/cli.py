@@ -73,6 +73,7 @@ TITLES: dict[str, str] = {
     "exploration": "exploration schedules",
     "diffusion_objectives": "diffusion objectives",
     "methods": "paper methods",
+    "samplers": "prompt samplers",
 }
 """plug-in kind -> heading in ``mmgrpo list`` (a kind missing here is shown under its own name)"""
 

@@ -72,7 +72,9 @@ def test_inputs_not_modified_and_output_fp32():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
     before = r.clone()
     for name in ESTIMATORS:
-        opts = {"keys": [[0, 1, 0, 1]]} if name == "stratified" else {}
+        inputs = {"stratified": {"keys": [[0, 1, 0, 1]]}, "spo": {"baseline": torch.tensor([[0.5]])},
+                  "weighted_grpo": {"roles": torch.tensor([[1.0]])}}  # fmt: skip
+        opts = inputs.get(name, {})
         out = get_estimator(name)(r, **opts)
         assert out.dtype == torch.float32 and out.shape == (1, 4)
         assert torch.equal(r, before)
