@@ -18,8 +18,8 @@ registry is found through :func:`mmgrpo.core.registry.registries`, the index of 
 from __future__ import annotations
 
 BUILTIN: dict[str, tuple[str, ...]] = {
-    "estimators": ("mmgrpo.core.advantages",),
-    "samplers": ("mmgrpo.core.sampling",),
+    "estimators": ("mmgrpo.core.advantages", "mmgrpo.methods.spo"),
+    "samplers": ("mmgrpo.core.sampling", "mmgrpo.methods.spo"),
     "shaping": ("mmgrpo.core.advantages",),
     "combine": ("mmgrpo.core.advantages",),
     "losses": ("mmgrpo.core.losses",),
