@@ -19,7 +19,7 @@ from __future__ import annotations
 
 BUILTIN: dict[str, tuple[str, ...]] = {
     "estimators": ("mmgrpo.core.advantages", "mmgrpo.methods.spo"),
-    "samplers": ("mmgrpo.core.sampling", "mmgrpo.methods.spo"),
+    "samplers": ("mmgrpo.core.sampling", "mmgrpo.methods.spo", "mmgrpo.methods.gdro"),
     "shaping": ("mmgrpo.core.advantages",),
     "combine": ("mmgrpo.core.advantages",),
     "losses": ("mmgrpo.core.losses",),

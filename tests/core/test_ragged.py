@@ -163,3 +163,64 @@ def test_ragged_sizes_below_the_minibatches_fail_at_load(tmp_path):
     with pytest.raises(UserError, match="ragged"):
         load_config(None, [f"run.output_dir={tmp_path}", "sampler={name: fixed_sizes, options: {group_sizes: [2, 4]}}",
                            "methods={hooked_for_ragged_test: {}}"], base=BASE)  # fmt: skip
+
+
+CLI = """
+import sys
+from mmgrpo.train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+REWARD = '''
+def hopeless_half(samples, prompts, meta, ctx):
+    """0 on bandit prompts 0..3 (never solved), 1 for the best arm elsewhere: pass rates that differ by prompt."""
+    return [0.0 if int(p) < 4 else float(int(a) == m["best_arm"]) for a, p, m in zip(samples.tolist(), prompts, meta)]
+'''
+
+
+def test_two_processes_with_ragged_groups_match_one_process(tmp_path, monkeypatch):
+    """GDRO gives prompts different numbers of rollouts (so the ranks hold different row counts) from gathered
+    statistics; a 2-process CPU run samples, normalises and updates exactly as the 1-process run."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mmgrpo.train import checkpoint as ckpt
+
+    (tmp_path / "ragged_reward.py").write_text(REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {**BASE, "run": {"name": "one", "seed": 3}, "data": {"options": {"num_prompts": 8, "num_arms": 5}},
+           "rewards": [{"name": "ragged_reward.hopeless_half"}],
+           "advantage": {"estimator": "batch_std"}, "sampler": {"name": "gdro", "options": {"n_min": 2, "n_max": 8}},
+           "trainer": {**BASE["trainer"], "prompts_per_step": 4, "max_steps": 3, "micro_batch_size": 3}}  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    one = train(load_config(path, [f"run.output_dir={tmp_path}"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    (tmp_path / "cli.py").write_text(CLI)
+    path_env = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": path_env}
+    cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port), str(tmp_path / "cli.py"), "train", str(path),
+           f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    widths = []
+    for step in range(3):
+        name = f"debug/adv_step_{step:06d}.safetensors"
+        a, b = load_file(str(one.run_dir / name)), load_file(str(tmp_path / "two" / name))
+        assert torch.equal(a["rewards"], b["rewards"]), f"step {step}: different samples"
+        assert torch.allclose(a["advantages"], b["advantages"], atol=1e-6), f"step {step}"
+        widths.append(a["advantages"].shape[1])
+    assert max(widths) > 4  # some step was ragged (G_max above the mean budget G = 4)
+    p1 = ckpt.load_checkpoint(ckpt.latest_checkpoint(one.run_dir / "checkpoints"))["model"]["logits"]
+    p2 = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))["model"]["logits"]
+    assert torch.allclose(p1, p2, atol=1e-6), (p1 - p2).abs().max()
