@@ -19,7 +19,7 @@ from __future__ import annotations
 
 BUILTIN: dict[str, tuple[str, ...]] = {
     "estimators": ("mmgrpo.core.advantages", "mmgrpo.methods.spo"),
-    "samplers": ("mmgrpo.core.sampling", "mmgrpo.methods.spo", "mmgrpo.methods.gdro"),
+    "samplers": ("mmgrpo.core.sampling", "mmgrpo.methods.spo", "mmgrpo.methods.gdro", "mmgrpo.methods.vspo"),
     "shaping": ("mmgrpo.core.advantages",),
     "combine": ("mmgrpo.core.advantages",),
     "losses": ("mmgrpo.core.losses",),
@@ -45,6 +45,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.listener",
         "mmgrpo.methods.acre",
         "mmgrpo.methods.pearl",
+        "mmgrpo.methods.vspo",
     ),
     "pipelines": (
         "mmgrpo.pipelines.bandit",
