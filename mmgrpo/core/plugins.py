@@ -18,8 +18,14 @@ registry is found through :func:`mmgrpo.core.registry.registries`, the index of 
 from __future__ import annotations
 
 BUILTIN: dict[str, tuple[str, ...]] = {
-    "estimators": ("mmgrpo.core.advantages", "mmgrpo.methods.spo"),
-    "samplers": ("mmgrpo.core.sampling", "mmgrpo.methods.spo", "mmgrpo.methods.gdro", "mmgrpo.methods.vspo"),
+    "estimators": ("mmgrpo.core.advantages", "mmgrpo.methods.spo", "mmgrpo.methods.beyond_variance"),
+    "samplers": (
+        "mmgrpo.core.sampling",
+        "mmgrpo.methods.spo",
+        "mmgrpo.methods.gdro",
+        "mmgrpo.methods.beyond_variance",
+        "mmgrpo.methods.vspo",
+    ),
     "shaping": ("mmgrpo.core.advantages",),
     "combine": ("mmgrpo.core.advantages",),
     "losses": ("mmgrpo.core.losses",),

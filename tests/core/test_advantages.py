@@ -32,7 +32,9 @@ def close(a, b, tol=1e-5):
 
 
 def test_registries_list_names_and_descriptions():
-    assert ESTIMATORS.names() == ["batch_std", "bnpo", "dr_grpo", "grpo", "mc_grpo", "ngrpo", "spo", "stratified"]
+    assert ESTIMATORS.names() == [
+        "batch_std", "bnpo", "dr_grpo", "grpo", "mc_grpo", "ngrpo", "spo", "stratified", "weighted_grpo"
+    ]  # fmt: skip
     assert SHAPERS.names() == ["none", "tempsamp_soft"]
     assert COMBINERS.names() == ["normalize_then_sum", "sum_then_normalize"]
     for name in ESTIMATORS:
@@ -44,7 +46,7 @@ def test_unknown_estimator_lists_known_names():
         get_estimator("mc_grpo2")
     msg = str(e.value)
     assert "unknown estimator 'mc_grpo2'" in msg
-    assert "known: batch_std, bnpo, dr_grpo, grpo, mc_grpo, ngrpo, spo, stratified" in msg
+    assert "known: batch_std, bnpo, dr_grpo, grpo, mc_grpo, ngrpo, spo, stratified, weighted_grpo" in msg
     assert "did you mean 'mc_grpo'" in msg
     with pytest.raises(UserError, match="known: batch_std"):
         get_row_weights("nope")
