@@ -268,8 +268,9 @@ class FixedSizesOptions:
 
 @register_sampler("fixed_sizes")
 class FixedSizesSampler(PromptSampler):
-    """The uniform stream with set numbers of rollouts per slot (``group_sizes``, cyclic): ragged groups without
-    statistics, for ablations and for checking that a run with ragged groups does what it should."""
+    """The uniform stream with set rollouts per slot (group_sizes, cyclic): ragged groups without statistics.
+
+    For ablations, and for checking that a run with ragged groups does what it should."""
 
     Options = FixedSizesOptions
     varies_group_size = True

@@ -74,8 +74,9 @@ class PairingOptions:
 
 @register_sampler("pairing")
 class PairingSampler(PromptSampler):
-    """Beyond Variance: each step's prompts are pairs of a hard-but-solvable anchor and an easy-but-brittle prompt,
-    by their online success rates; gives the roles to the weighted_grpo estimator."""
+    """Beyond Variance: prompt pairs of a hard-but-solvable anchor and an easy-but-brittle prompt.
+
+    The roles come from online success rates and go to the weighted_grpo estimator."""
 
     Options = PairingOptions
     stateful = True

@@ -93,8 +93,9 @@ def sqrt_allocation(sigma: torch.Tensor, total: int, n_min: int, n_max: int) -> 
 
 @register_sampler("gdro")
 class GDROSampler(PromptSampler):
-    """GDRO: difficulty bins from online pass rates; prompts drawn by multiplicative bin weights, rollouts by the
-    square-root rule under the mean budget G."""
+    """GDRO: prompts by multiplicative weights over difficulty bins, rollouts by the square-root rule (mean G).
+
+    The bins come from online pass rates; the rollouts add up to B x G every step (ragged groups)."""
 
     Options = GDROOptions
     stateful = True

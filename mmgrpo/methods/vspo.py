@@ -68,8 +68,9 @@ def task_value(p: torch.Tensor, lam: float) -> torch.Tensor:
 
 @register_sampler("vspo")
 class VSPOSampler(PromptSampler):
-    """VSPO: zero-advantage groups are replaced by the prompts of highest task value (difficulty and uncertainty);
-    main prompts uniform over the pool."""
+    """VSPO: zero-advantage groups are replaced by the pool prompts of highest task value.
+
+    The value balances difficulty and uncertainty; the step's main prompts are uniform over the pool."""
 
     Options = VSPOOptions
     stateful = True

@@ -1,6 +1,6 @@
-"""2-step smokes of the prompt samplers (SPO, GDRO, ragged fixed sizes) on the VLM policy (tiny Qwen2-VL) and on the
-diffusion policy (the shipped shapes text-to-image model): the loop runs, rewards and losses are finite, the trained
-weights move, and the groups have the sizes the sampler asked for."""
+"""2-step smokes of the prompt samplers (SPO, GDRO, ragged fixed sizes, Beyond Variance's pairing, VSPO) on the VLM
+policy (tiny Qwen2-VL) and on the diffusion policy (the shipped shapes text-to-image model): the loop runs, rewards
+and losses are finite, the trained weights move, and the groups have the sizes the sampler asked for."""
 
 import json
 import math
@@ -19,7 +19,10 @@ SAMPLERS = {
     "spo": ({"name": "spo"}, "spo"),
     "gdro": ({"name": "gdro", "options": {"n_min": 1, "n_max": 4}}, "grpo"),
     "ragged": ({"name": "fixed_sizes", "options": {"group_sizes": [1, 3]}}, "grpo"),
+    "pairing": ({"name": "pairing"}, "weighted_grpo"),
+    "vspo": ({"name": "vspo"}, "grpo"),  # with advantage.dynamic_sampling (below)
 }
+DYNAMIC = ["advantage.dynamic_sampling=true", "advantage.max_refill_rounds=1"]
 
 
 @register("test_sampler_length")
@@ -63,6 +66,8 @@ def test_two_vlm_steps_with_each_sampler(tmp_path, vlm_dir, name):
     data["rewards"] = [{"name": "format", "weight": 0.25}, {"name": "accuracy", "weight": 0.25},
                        {"name": "test_sampler_length", "weight": 0.5}]  # fmt: skip
     data["sampler"], data["advantage"]["estimator"] = sampler, estimator
+    if name == "vspo":
+        data["advantage"].update(dynamic_sampling=True, max_refill_rounds=1)
     trainer, sizes, moved = _run_two_steps(load_config(None, base=data))
     assert moved and all("lora" in n for n in moved), moved
     if name == "ragged":
@@ -78,7 +83,8 @@ def test_two_diffusion_steps_with_each_sampler(tmp_path, monkeypatch, name):
         REPO / "configs" / "shapes_t2i_grpo.yaml",
         [f"run.output_dir={tmp_path}", f"run.name=t2i_{name}", "trainer.max_steps=2", "trainer.prompts_per_step=2",
          "trainer.group_size=2", "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
-         "policy.options.num_steps=3", f"sampler={json.dumps(sampler)}", f"advantage.estimator={estimator}"],
+         "policy.options.num_steps=3", f"sampler={json.dumps(sampler)}", f"advantage.estimator={estimator}",
+         *(DYNAMIC if name == "vspo" else [])],
     )  # fmt: skip
     trainer, sizes, moved = _run_two_steps(cfg)
     assert moved
