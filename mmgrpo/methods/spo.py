@@ -4,7 +4,7 @@ A persistent, KL-adaptive value tracker per prompt replaces the group baseline; 
 over the batch; prompts are drawn with priorities from the tracker; it works with G = 1 (one rollout per prompt).
 Switch (both parts)::
 
-    sampler: {name: spo, options: {rho_min: 0.875, rho_max: 0.96, d_half: 0.06, kl_per_step: 0.01}}
+    sampler: {name: spo, options: {rho_min: 0.875, rho_max: 0.96, d_half: 0.06, kl_source: measured}}
     advantage: {estimator: spo}
     trainer: {group_size: 1}   # or any G: each row is compared with the tracker, not with its group
 
@@ -23,10 +23,13 @@ Equations (binary or [0, 1] rewards r; v̂(x) the tracked success probability of
 
 Where this implementation differs from the paper, and why:
 
-- D(x) is not measured. The trainer does not keep the policies that last acted on each prompt, and measuring
-  KL(π_now || π_then) would cost a forward of old samples under the new weights; D(x) is ``kl_per_step`` times the
-  number of steps since x's last visit (the policy's drift taken as constant per step), and ρ(x) follows the same
-  law and clip. ``kl_per_step: 0`` makes ρ = ρ_max (the slowest forgetting).
+- D(x) is the policy's KL *accumulated step by step* since x's last visit, not the KL between the two endpoint
+  policies (the trainer keeps no old policies). With ``kl_source: measured`` (the default) the trainer measures each
+  step's drift after the update, d_t = mean over the step's trained units of the k3 estimate
+  exp(l) - 1 - l, l = log π_new(a) - log π_old(a) (an unbiased, non-negative estimate of KL(π_old || π_new) on the
+  step's own samples; one no-grad forward of the step's rows, and the rollout records its ``logp_old``), and
+  D(x) = Σ_{t since x's last visit} d_t. ``kl_source: steps`` takes a constant ``kl_per_step`` instead (no forward:
+  D(x) = kl_per_step x steps since the last visit; ``kl_per_step: 0`` makes ρ = ρ_max).
 - v̂_0 comes from x's first visit in training (its own rollouts' mean), instead of an offline pre-pass of the
   initial policy: the first visit's advantage is r - mean of that visit (with G = 1: 0, the warm-up sample).
 - A prompt is drawn at most once per step (weighted sampling without replacement over the pool).
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -80,8 +83,11 @@ class SPOOptions:
     """the slowest forgetting (ρ when the policy has not moved)"""
     d_half: float = 0.06
     """KL at which the tracker's old evidence counts half: ρ = 2^(-D / d_half)"""
+    kl_source: Literal["measured", "steps"] = "measured"
+    """measured: each step's policy drift d_t measured after the update (one no-grad forward); steps: kl_per_step"""
     kl_per_step: float = 0.01
-    """the policy's KL drift taken per training step (D(x) = kl_per_step x steps since x was last seen)"""
+    """with kl_source steps: the policy's KL drift taken per training step (D(x) = kl_per_step x steps since x was
+    last seen)"""
     prioritized: bool = True
     """draw prompts with weight sqrt(v̂(1 - v̂)) + eps_priority; false: uniformly (without replacement)"""
     eps_priority: float = 0.05
@@ -103,6 +109,19 @@ class SPOSampler(PromptSampler):
         self.alpha = torch.zeros(P, dtype=torch.float64)
         self.beta = torch.zeros(P, dtype=torch.float64)
         self.last_step = torch.full((P,), -1.0, dtype=torch.float64)  # -1: never seen
+        self.cum_kl = torch.zeros((), dtype=torch.float64)  # Σ_t d_t over the steps so far (kl_source measured)
+        self.kl_at_visit = torch.zeros(P, dtype=torch.float64)  # cum_kl when each prompt was last seen
+
+    @property
+    def needs_policy_drift(self) -> bool:
+        """The trainer measures each step's policy drift after the update and calls :meth:`observe_drift`."""
+        return self.options.kl_source == "measured"
+
+    def observe_drift(self, step: int, kl: float) -> None:
+        """d_t: the step's KL(π_old || π_new) estimate, added to the accumulated drift."""
+        if not math.isfinite(kl):
+            raise UserError(f"sampler spo at step {step}: the measured policy drift is {kl}; the update is not finite")
+        self.cum_kl = self.cum_kl + max(float(kl), 0.0)
 
     @classmethod
     def check(cls, options: SPOOptions, cfg: Any, where: str) -> None:
@@ -127,9 +146,13 @@ class SPOSampler(PromptSampler):
         return torch.where(self.seen, self.alpha / (self.alpha + self.beta).clamp_min(1e-12), 0.5)
 
     def rho(self, step: int) -> torch.Tensor:
-        """[P] ρ(x) = clip(2^(-D(x)/d_half), rho_min, rho_max), D(x) = kl_per_step * (step - last seen)."""
+        """[P] ρ(x) = clip(2^(-D(x)/d_half), rho_min, rho_max); D(x) = the drift measured since x was last seen
+        (kl_source measured), or kl_per_step * (step - last seen) (kl_source steps)."""
         o = self.options
-        d = o.kl_per_step * (float(step) - self.last_step).clamp_min(0.0)
+        if o.kl_source == "measured":
+            d = (self.cum_kl - self.kl_at_visit).clamp_min(0.0)
+        else:
+            d = o.kl_per_step * (float(step) - self.last_step).clamp_min(0.0)
         return torch.exp2(-d / o.d_half).clamp(o.rho_min, o.rho_max)
 
     def plan(self, step: int) -> StepPlan:
@@ -173,6 +196,7 @@ class SPOSampler(PromptSampler):
             else:  # v̂_0 from the first visit, with the effective memory N_0 of the slowest forgetting
                 self.alpha[p], self.beta[p] = n0 * x.mean(), n0 * (1 - x.mean())
             self.last_step[p] = float(step)
+            self.kl_at_visit[p] = self.cum_kl
         v = self.value()
         pos = [p for p in positions if 0 <= p < len(v)]
         out = {"spo/seen_frac": float(self.seen.double().mean())}
@@ -183,10 +207,12 @@ class SPOSampler(PromptSampler):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.clone(), "beta": self.beta.clone(), "last_step": self.last_step.clone()}
+        keys = ("alpha", "beta", "last_step", "kl_at_visit")
+        return {**{k: getattr(self, k).clone() for k in keys}, "cum_kl": float(self.cum_kl)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("alpha", "beta", "last_step"):
+        self.cum_kl = torch.tensor(float(state["cum_kl"]), dtype=torch.float64)
+        for k in ("alpha", "beta", "last_step", "kl_at_visit"):
             t = torch.as_tensor(state[k], dtype=torch.float64)
             if t.shape != self.alpha.shape:
                 raise UserError(f"sampler spo checkpoint: {k} holds {tuple(t.shape)} values for a pool of "

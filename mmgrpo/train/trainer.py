@@ -252,6 +252,8 @@ class Trainer:
         is auto, the policy supports it and the rollout feeds exactly one optimizer step, whose forwards all run at
         the sampling parameters, so ``logp.detach()`` there IS ``logp_old`` (ratio exactly 1; TRL does the same)."""
         t = self.cfg.trainer
+        if getattr(self.sampler, "needs_policy_drift", False):  # the drift after the update needs logp_old itself
+            return False
         return t.logp_old == "auto" and t.epochs * t.minibatches == 1 and hasattr(self.policy, "logp_old_from_update")
 
     def _reshard(self) -> None:
@@ -461,7 +463,39 @@ class Trainer:
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out["lr"] = lr
         out["skipped/nonfinite"] = float(skipped)
+        if getattr(self.sampler, "needs_policy_drift", False):  # SPO's KL-adaptive forgetting
+            out["policy/kl_step"] = kl = self.policy_drift(rollout)
+            self.sampler.observe_drift(step, kl)
         return out
+
+    def policy_drift(self, rollout: Rollout) -> float:
+        """The step's policy drift after the update: the mean over this step's trained units (all ranks) of the k3
+        estimate exp(l) - 1 - l, l = logp_new - logp_old, of KL(π_sampling || π_updated) on the step's own samples.
+        One no-grad forward of the rows (micro-batched as the update)."""
+        if rollout.logp_old_from_update:
+            raise ValueError("policy_drift needs the rollout's logp_old (Trainer.leaves_logp_old_to_update)")
+        mask, rows_all = rollout.train_mask, torch.arange(rollout.num_rows)
+        micro = self.micro_rows(rows_all, mask)
+        total = count = 0.0
+        self.policy.model.eval()
+        self._reshard()
+        with torch.no_grad():
+            for i in range(0, len(rows_all), micro):
+                rows = rows_all[i : i + micro]
+                units = mask[rows].any(0).nonzero().reshape(-1)
+                if not len(units):
+                    continue
+                new = self.policy.log_prob(rollout, rows, units).logp.float().cpu()
+                lr = new - rollout.logp_old[rows][:, units].float()
+                m = mask[rows][:, units]
+                total += float((torch.expm1(lr) - lr)[m].sum())
+                count += float(m.sum())
+        self._reshard()
+        self.policy.model.train()
+        both = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            both = self.acc.reduce(both, reduction="sum")
+        return float(both[0] / both[1].clamp_min(1.0))
 
     def _skip_nonfinite(self, loss_ok: bool, grad_norm: float | None) -> bool:
         """True (and the gradients dropped, nothing stepped) when the minibatch's loss or gradient norm is not

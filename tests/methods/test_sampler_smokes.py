@@ -49,6 +49,8 @@ def _run_two_steps(cfg):
         assert adv.shape == (rollout.num_rows,) and torch.isfinite(adv).all()
         out = trainer.update(rollout, adv, row_w, step)
         assert math.isfinite(out["loss/total"]) and math.isfinite(m["reward/mean"])
+        if cfg.sampler.name == "spo":  # SPO's KL-adaptive tracker: the update's measured drift
+            assert 0 <= out["policy/kl_step"] < 10
         trainer.step = step + 1
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
     return trainer, sizes, moved

@@ -38,7 +38,7 @@ def _sampler(pool=3, B=2, **opts):
 
 
 def test_tracker_initialises_forgets_and_updates_as_the_paper_says():
-    s = _sampler(rho_min=0.5, rho_max=0.96, d_half=0.06, kl_per_step=0.03)
+    s = _sampler(rho_min=0.5, rho_max=0.96, d_half=0.06, kl_source="steps", kl_per_step=0.03)
     nan = float("nan")
     # step 0: prompt 1 first seen with rewards [1, 0, 1, 1]: v0 = .75, N0 = 1 / (1 - .5) = 2 -> alpha 1.5, beta .5
     rewards0 = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
@@ -56,11 +56,27 @@ def test_tracker_initialises_forgets_and_updates_as_the_paper_says():
     assert s.value()[1].item() == pytest.approx(0.25)
     assert m["spo/rho_mean"] == pytest.approx(0.5) and m["spo/seen_frac"] == pytest.approx(2 / 3)
     # no drift: rho = rho_max; a long gap: clipped at rho_min
-    assert _sampler(kl_per_step=0.0).rho(5)[0].item() == pytest.approx(0.96)
+    assert _sampler(kl_source="steps", kl_per_step=0.0).rho(5)[0].item() == pytest.approx(0.96)
     s.last_step[2] = 0.0
     assert s.rho(100)[2].item() == pytest.approx(0.5)
     with pytest.raises(UserError, match=r"needs them in \[0, 1\]"):
         s.observe(3, [2], torch.tensor([[2.0, 0.0, nan, nan]]))
+
+
+def test_measured_drift_accumulates_from_the_last_visit():
+    s = _sampler(rho_min=0.5, rho_max=0.96, d_half=0.06)  # kl_source measured
+    s.observe(0, [1], torch.tensor([[1.0, 0.0]]))  # first visit: alpha = beta = N0 * .5 = 1
+    s.observe_drift(0, 0.02)  # after step 0's update
+    s.observe(1, [0], torch.tensor([[1.0, 1.0]]))
+    s.observe_drift(1, 0.04)
+    # step 2: D(1) = .02 + .04 = .06 = d_half -> rho .5; D(0) = .04 (seen at step 1) -> 2^(-2/3) = .629961
+    rho = s.rho(2)
+    assert rho[1].item() == pytest.approx(0.5) and rho[0].item() == pytest.approx(0.629961, abs=1e-6)
+    s.observe(2, [1], torch.tensor([[0.0, 0.0]]))  # alpha = .5 * 1 + 0, beta = .5 * 1 + 2 -> v = .5 / 3
+    assert s.value()[1].item() == pytest.approx(1 / 6)
+    assert s.rho(3)[1].item() == pytest.approx(0.96)  # no drift since this visit: rho_max
+    with pytest.raises(UserError, match="drift"):
+        s.observe_drift(3, float("nan"))
 
 
 def test_plans_are_prioritised_deterministic_and_distinct():
@@ -86,7 +102,7 @@ BASE = {
     "data": {"options": {"num_prompts": 8, "num_arms": 5}},
     "rewards": [{"name": "bandit_arm_value"}],
     "advantage": {"estimator": "spo"},
-    "sampler": {"name": "spo", "options": {"kl_per_step": 0.02}},
+    "sampler": {"name": "spo"},  # kl_source measured: the trainer measures each step's drift
     "trainer": {"max_steps": 40, "prompts_per_step": 4, "group_size": 1, "lr": 0.2, "progress": False,
                 "checkpoint_every": 0, "eval_every": 40},
 }  # fmt: skip
@@ -102,7 +118,10 @@ def test_spo_with_one_rollout_per_prompt_learns_the_bandit(tmp_path):
     evals = [m for m in _metrics(trainer.run_dir) if "eval/expected_reward" in m]
     assert evals[-1]["eval/expected_reward"] > evals[0]["eval/expected_reward"] + 0.1, evals
     lines = [m for m in _metrics(trainer.run_dir) if "spo/seen_frac" in m]
-    assert lines[-1]["spo/seen_frac"] == 1.0 and all(m["adv/zero_variance_groups"] >= 0 for m in lines)
+    assert lines[-1]["spo/seen_frac"] == 1.0
+    kls = [m["policy/kl_step"] for m in lines]
+    assert all(0 <= k < 1 for k in kls) and max(kls) > 0  # the measured drift of each step's update
+    assert trainer.sampler.cum_kl.item() == pytest.approx(sum(kls), rel=1e-6)
 
 
 def test_spo_without_its_sampler_fails_at_load(tmp_path):
