@@ -62,6 +62,14 @@ def test_estimators_on_ragged_groups_match_hand_computed_values():
         padded = unpad_groups(est(r), SIZES)
         alone = torch.cat([est(g[None])[0] for g in torch.split(FLAT, SIZES)])
         assert torch.allclose(padded, alone, atol=1e-6), name
+    # MC-GRPO's row weights: 0 at each group's pivot (lower median, first hit), padding never a pivot:
+    # group 0 [1, 0, .5] -> median .5 (row 2); group 1 [1] -> row 3; group 2 [0, 1] -> lower median 0 (row 4)
+    w = unpad_groups(adv_lib.mc_grpo_weights(r), SIZES)
+    assert w.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    # stratified (strata over the whole batch): padded keys (-1) and NaN rewards change nothing
+    keys = torch.tensor([0, 1, 0, 1, 0, 1])
+    padded = unpad_groups(adv_lib.stratified(r, keys=pad_groups(keys, SIZES, fill=-1)), SIZES)
+    assert torch.allclose(padded, adv_lib.stratified(FLAT[None], keys=keys[None])[0], atol=1e-6)
     # through the combiners, two reward columns, one of them not applying to row 0
     cols = torch.stack([FLAT, torch.tensor([float("nan"), 1.0, 1.0, 0.0, 1.0, 0.0])])
     for comb in ("sum_then_normalize", "normalize_then_sum"):
