@@ -65,9 +65,10 @@ COMBINER_INPUTS: tuple[str, ...] = ("kinds",)
 """keyword parameters a combiner may declare to receive from the trainer (``kinds``: [R] the stream of each reward
 column, one of :data:`REWARD_KINDS`); its other keyword parameters are options (``advantage.combine_options``)"""
 
-ESTIMATOR_INPUTS: tuple[str, ...] = ("keys",)
+ESTIMATOR_INPUTS: tuple[str, ...] = ("keys", "baseline", "roles")
 """keyword parameters an estimator may declare to receive from the trainer (``keys`` [B, G]: each row's stratum,
-from ``Rollout.group_keys``); its other keyword parameters are options"""
+from ``Rollout.group_keys``; from the prompt sampler, ``baseline`` [B, 1]: SPO's per-prompt value, ``roles`` [B, 1]:
+Beyond Variance's +1 / -1 / 0 prompt roles); its other keyword parameters are options"""
 
 
 def register_estimator(

@@ -18,7 +18,14 @@ registry is found through :func:`mmgrpo.core.registry.registries`, the index of 
 from __future__ import annotations
 
 BUILTIN: dict[str, tuple[str, ...]] = {
-    "estimators": ("mmgrpo.core.advantages",),
+    "estimators": ("mmgrpo.core.advantages", "mmgrpo.methods.spo", "mmgrpo.methods.beyond_variance"),
+    "samplers": (
+        "mmgrpo.core.sampling",
+        "mmgrpo.methods.spo",
+        "mmgrpo.methods.gdro",
+        "mmgrpo.methods.beyond_variance",
+        "mmgrpo.methods.vspo",
+    ),
     "shaping": ("mmgrpo.core.advantages",),
     "combine": ("mmgrpo.core.advantages",),
     "losses": ("mmgrpo.core.losses",),
@@ -45,6 +52,7 @@ BUILTIN: dict[str, tuple[str, ...]] = {
         "mmgrpo.methods.acre",
         "mmgrpo.methods.pearl",
         "mmgrpo.methods.egrpo",
+        "mmgrpo.methods.vspo",
     ),
     "pipelines": (
         "mmgrpo.pipelines.bandit",

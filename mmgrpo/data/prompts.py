@@ -150,6 +150,10 @@ class PromptList:
             raise UserError("no training prompts")
         self.prompts, self.seed = prompts, seed
 
+    def __len__(self) -> int:
+        """P: the prompts of one pass (stream positions 0 .. P - 1 are each of them once)."""
+        return len(self.prompts)
+
     def get(self, indices: list[int]) -> PromptBatch:
         P = len(self.prompts)
         out = []

@@ -83,6 +83,8 @@ class Method:
     """setup(policy, options, cfg) -> MethodRuntime: extra models, loss terms, hooks and state needing the policy"""
     rewrite: Callable[[Any, Any], Any] | None = None
     """rewrite(options, cfg) -> :class:`Rewrite`: re-roll groups without signal from rewritten prompts"""
+    ragged: bool = False
+    """its policy wrapper and advantage hooks work with ragged groups (a sampler varying the rollouts per prompt)"""
 
     def parts(self) -> list[str]:
         """What the method contributes, in words (``mmgrpo list`` and the paper table)."""

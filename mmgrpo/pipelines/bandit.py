@@ -40,6 +40,10 @@ class BanditPrompts:
         self.num_prompts = num_prompts
         self.order_seed = order_seed
 
+    def __len__(self) -> int:
+        """P: stream positions 0 .. P - 1 are each prompt once."""
+        return self.num_prompts
+
     def prompt_at(self, i: int) -> int:
         epoch, pos = divmod(i, self.num_prompts)
         perm = np.random.default_rng([self.order_seed, epoch]).permutation(self.num_prompts)

@@ -219,6 +219,10 @@ class QAPrompts:
         self.examples, self.order_seed = examples, order_seed
         self.example = example or examples.example
 
+    def __len__(self) -> int:
+        """P: the train examples of one pass (stream positions 0 .. P - 1 are each of them once)."""
+        return len(self.examples.train)
+
     def example_at(self, i: int) -> int:
         train = self.examples.train
         epoch, pos = divmod(i, len(train))

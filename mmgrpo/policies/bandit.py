@@ -14,7 +14,7 @@ from torch import nn
 
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.seeding import generator_for
-from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
+from mmgrpo.core.types import LogProbs, PromptBatch, Rollout, rollout_by_size
 
 
 @dataclass
@@ -46,7 +46,10 @@ class BanditPolicy:
 
     @torch.no_grad()
     def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
-        G = group_size
+        """G arms per prompt (``batch.group_sizes[b]`` for prompt b when given: ragged groups)."""
+        if batch.ragged(group_size):
+            return rollout_by_size(self.rollout, batch, group_size, generator)
+        G = batch.sizes(group_size)[0] if len(batch) else group_size
         ids = torch.tensor([int(p) for p in batch.prompts], dtype=torch.long)  # [B]
         logp_all = self._unwrapped()(ids)  # [B, A]
         arms = []

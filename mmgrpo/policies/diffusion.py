@@ -33,7 +33,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import from_dict
 from mmgrpo.core.seeding import generator_for
-from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
+from mmgrpo.core.types import LogProbs, PromptBatch, Rollout, rollout_by_size
 from mmgrpo.policies import exploration, sde
 from mmgrpo.policies.exploration import EXPLORATION, ExplorationSchedule
 from mmgrpo.policies.objectives import OBJECTIVES, DiffusionObjective, SDEObjective, objective_class
@@ -259,7 +259,19 @@ class DiffusionPolicy:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
-        G, B, o = group_size, len(batch), self.opts
+        """G images (videos) per prompt; ``batch.group_sizes`` asks prompt b for G_b of them (ragged groups: one
+        sampling loop per distinct size, :func:`~mmgrpo.core.types.rollout_by_size`; noise depends only on the
+        prompt's seed either way)."""
+        if batch.ragged(group_size):
+            out = rollout_by_size(self.rollout, batch, group_size, generator)
+            if out.ragged and (out.extras.get("state_shared_in_group") or out.variants):
+                raise UserError(
+                    "ragged groups (a prompt sampler asking different numbers of rollouts per prompt) do not work "
+                    "with exploration singular (G2RPO shares each group's state and scores variants per group); "
+                    "use a sampler with a fixed group size, or another exploration"
+                )
+            return out
+        G, B, o = (batch.sizes(group_size)[0] if len(batch) else group_size), len(batch), self.opts
         self.training_step = batch.step  # the MixGRPO window slides with training progress
         sched = self.adapter.schedule(o.num_steps)
         plan = self.plan(generator)

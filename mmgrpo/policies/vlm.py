@@ -56,7 +56,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.core.seeding import generator_for
-from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
+from mmgrpo.core.types import LogProbs, PromptBatch, Rollout, rollout_by_size
 from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
 from mmgrpo.policies.sources import check_source_options, resolve_source
 from mmgrpo.policies.vlm_families import VLMFamily, resolve_family
@@ -537,7 +537,18 @@ class VLMPolicy:
     # ------------------------------------------------------------------------------------------ protocol
     @torch.no_grad()
     def rollout(self, batch: PromptBatch, group_size: int, generator: torch.Generator | None = None) -> Rollout:
-        G, K, dev = group_size, self.options.max_new_tokens, self.device
+        """G completions per prompt; ``batch.group_sizes`` asks prompt b for G_b of them (ragged groups: one decode
+        loop per distinct size, :func:`~mmgrpo.core.types.rollout_by_size`; a row's tokens depend only on its
+        prompt's seed either way)."""
+        if batch.ragged(group_size):
+            out = rollout_by_size(self.rollout, batch, group_size, generator)
+            out.extras["prompt_index"] = out.row_group()
+            return out
+        G, K, dev = (
+            (batch.sizes(group_size)[0] if len(batch) else group_size),
+            self.options.max_new_tokens,
+            self.device,
+        )
         prompts = [self.prepare(p, m) for p, m in zip(batch.prompts, batch.meta)]  # processor: once per prompt
         gens = [self._seeded(batch, b, generator) for b in range(len(prompts))]
         toks, lengths, finished, ent = self.sample_batch(prompts, G, gens)  # all B*G rows in one decode loop

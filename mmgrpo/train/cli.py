@@ -74,6 +74,7 @@ TITLES: dict[str, str] = {
     "diffusion_objectives": "diffusion objectives",
     "methods": "paper methods",
     "rewriters": "prompt rewriters (re-rolls of groups without learning signal)",
+    "samplers": "prompt samplers",
 }
 """plug-in kind -> heading in ``mmgrpo list`` (a kind missing here is shown under its own name)"""
 

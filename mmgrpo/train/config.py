@@ -30,7 +30,8 @@ from mmgrpo.core.advantages import (
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
-from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: re-used by recipes)
+from mmgrpo.core.sampling import SAMPLERS, check_sampler
+from mmgrpo.core.schema import declared_options, from_dict, options_from, to_dict  # noqa: F401  (options_from: recipes)
 from mmgrpo.methods.registry import check_methods, check_moved_keys, enabled_methods
 from mmgrpo.train import components
 from mmgrpo.train.tracking import check_tracker_names
@@ -99,6 +100,20 @@ class AdvantageConfig:
     """DAPO dynamic sampling: drop zero-variance groups and refill the batch from new prompts"""
     max_refill_rounds: int = 3
     """dynamic sampling: at most this many extra sampling rounds per step"""
+
+
+@dataclass
+class SamplerConfig:
+    """``sampler``: which prompts a step trains on and how many rollouts each gets (``mmgrpo.core.sampling``);
+    ``{name, options}``, or just the name (``sampler: spo``)."""
+
+    __shorthand__ = "name"
+    name: str = "uniform"
+    """uniform (the stream in order, trainer.group_size rollouts each: runs as without a sampler), spo (SPO's
+    prioritised prompts and value tracker), gdro (GDRO's difficulty-adaptive prompts and rollouts), an entry-point
+    name or a dotted path"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """options of that sampler, checked against its Options schema"""
 
 
 @dataclass
@@ -239,6 +254,7 @@ class Config:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     methods: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     """paper methods switched on, each with its options: {pearl: {cap: 0.5}, tempsamp: {}} (see ``mmgrpo list``);
     a method listed is on, null turns it off; checked against the method's options schema at load"""
@@ -335,8 +351,43 @@ def validate_components(cfg: Config, where: str) -> None:
             reward_registry.resolve(spec.name)
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
-    check_methods(cfg, where)
+    methods = check_methods(cfg, where)
+    check_sampler(cfg, where)
+    _check_sampler_fits(cfg, methods, where)
     check_tracker_names(cfg.trainer.log_with, where)
+
+
+SAMPLER_INPUTS = {"baseline": "spo (SPO's value tracker)", "roles": "pairing (Beyond Variance's prompt pairs)"}
+"""estimator inputs that come from the prompt sampler -> the sampler that gives them"""
+
+
+def _check_sampler_fits(cfg: Config, methods: list, where: str) -> None:
+    """A sampler that varies the rollouts per prompt (ragged groups) refuses, at load, the parts that read groups of
+    equal size: group-aware rewards and methods with a policy wrapper or advantage hooks that do not declare
+    ``ragged``. An estimator that takes a ``baseline`` needs a sampler that gives one."""
+    sampler = SAMPLERS.get(cfg.sampler.name)
+    declared = declared_options(ESTIMATORS.get(cfg.advantage.estimator), skip=1) or {}
+    for name, who in SAMPLER_INPUTS.items():
+        if name in declared and name not in getattr(sampler, "provides", ()):
+            raise UserError(
+                f"advantage.estimator={cfg.advantage.estimator} in {where} takes the per-prompt input {name!r} from "
+                f"the prompt sampler, but sampler {cfg.sampler.name!r} gives none; set sampler: {who}"
+            )
+    if not getattr(sampler, "varies_group_size", False):
+        return
+    for method, _ in methods:
+        if (method.wrap_policy or method.advantage_hooks) and not method.ragged:
+            raise UserError(
+                f"methods.{method.name} in {where} reads groups of equal size, but sampler {cfg.sampler.name!r} "
+                "gives prompts different numbers of rollouts (ragged groups); remove one of them, or fix the group "
+                "size of the sampler"
+            )
+    for i, spec in enumerate(cfg.rewards):
+        if getattr(reward_registry.resolve(spec.name), "group_aware", False):
+            raise UserError(
+                f"rewards.{i} ({spec.name}) in {where} is group-aware (reads groups of trainer.group_size rows), but "
+                f"sampler {cfg.sampler.name!r} gives prompts different numbers of rollouts; use another sampler"
+            )
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")

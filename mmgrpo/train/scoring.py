@@ -105,7 +105,16 @@ def call_reward(name: str, fn: Any, samples: Any, prompts: list, meta: list[dict
 def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, policy: Any = None) -> torch.Tensor:
     """[V, R, N] reward columns for the rollout's rows: V = 1 + len(rollout.variants) versions of the samples."""
     n, G = rollout.num_rows, rollout.group_size
-    ctx = RewardContext(group_size=G, step=step, group=torch.arange(n) // G, policy=policy)
+    ctx = RewardContext(group_size=G, step=step, group=rollout.row_group(), policy=policy,
+                        group_sizes=rollout.group_sizes)  # fmt: skip
+    if rollout.ragged:
+        aware = [name for name, _, fn in rewards if getattr(fn, "group_aware", False)]
+        if aware:
+            raise UserError(
+                f"reward {aware[0]!r} is group-aware (it reads groups of ctx.group_size rows), but this step's groups "
+                f"have different sizes {rollout.group_sizes[:8]}... (a prompt sampler varies the rollouts per "
+                "prompt); use a sampler with a fixed group size with this reward"
+            )
     out = []
     for v, samples in enumerate([rollout.samples, *rollout.variants]):
         ctx.update_state = v == 0  # stateful rewards (curricula) advance once per step, on the main samples

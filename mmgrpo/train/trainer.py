@@ -35,8 +35,18 @@ from mmgrpo.core import rewriting as rw_lib
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extra import TermInputs, term_metric
+from mmgrpo.core.sampling import SamplerContext, StepPlan, make_sampler
 from mmgrpo.core.seeding import generator_for, prompt_seed
-from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_groups, select_rows
+from mmgrpo.core.types import (
+    PromptBatch,
+    Rollout,
+    concat_rollouts,
+    offsets_of,
+    pad_groups,
+    select_groups,
+    select_rows,
+    unpad_groups,
+)
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config, resolved_config
@@ -165,6 +175,11 @@ class Trainer:
         self.comp: Components = build_components(cfg, self.acc)  # the recipe + the methods: block's parts
         self.policy = self.comp.policy
         self.rewards = build_rewards(cfg.rewards)
+        source = self.comp.prompts
+        pool = len(source) if hasattr(type(source), "__len__") else None
+        ctx = SamplerContext(t.prompts_per_step, t.group_size, cfg.run.seed, pool=pool, minibatches=t.minibatches)
+        self.sampler = make_sampler(cfg.sampler, ctx)
+        """which prompts each step trains on and how many rollouts each gets (``sampler:``; uniform by default)"""
         self.estimator = adv_lib.get_estimator(cfg.advantage.estimator)
         self.aggregation = loss_lib.make_aggregation(cfg.loss.aggregation.name, cfg.loss.aggregation.options)
         self.params = self.policy.trainable_parameters()
@@ -192,12 +207,18 @@ class Trainer:
         the "before" of ``samples/before_after.png``"""
 
     # ---------------------------------------------------------------- phase 1 + 2: sample and score
-    def prompts_for(self, step: int, base: int) -> PromptBatch:
-        """This rank's B_local prompts at global stream positions base + rank * B_local + b, seeded."""
+    def prompts_for(self, step: int, base: int, plan: StepPlan | None = None) -> PromptBatch:
+        """This rank's B_local prompts: the slots base + rank * B_local + b, seeded by slot; each slot's prompt is
+        the stream position itself, or with a sampler's ``plan`` the plan's position (and group size) of that slot."""
         B, seed = self.cfg.trainer.prompts_per_step, self.cfg.run.seed
-        positions = [base + self.acc.process_index * self.B_local + b for b in range(self.B_local)]
+        lo = self.acc.process_index * self.B_local
+        slots = [base + lo + b for b in range(self.B_local)]
+        positions = slots if plan is None else plan.positions[lo : lo + self.B_local]
         batch = self.comp.prompts.get(positions)
-        batch.seeds = [prompt_seed(seed, step, p) for p in positions]
+        batch.seeds = [prompt_seed(seed, step, p) for p in slots]
+        batch.positions = list(positions)
+        if plan is not None and plan.group_sizes:
+            batch.group_sizes = plan.group_sizes[lo : lo + self.B_local]
         batch.step = step
         assert len(batch) == self.B_local and B > 0
         return batch
@@ -218,6 +239,18 @@ class Trainer:
             if defer:
                 self.policy.logp_old_from_update = False
         self._reshard()
+        if self.sampler.stateful:  # each row's stream position: the sampler's statistics are per prompt
+            if rollout.num_groups != len(batch) or rollout.sizes != batch.sizes(self.cfg.trainer.group_size):
+                raise UserError(
+                    f"sampler {self.cfg.sampler.name!r} keeps per-prompt statistics, but the policy returned "
+                    f"{rollout.num_groups} groups of sizes {rollout.sizes[:8]} for {len(batch)} prompts asking "
+                    f"{batch.sizes(self.cfg.trainer.group_size)[:8]} (a method's policy wrapper changes the groups); "
+                    "use sampler: uniform with it"
+                )
+            sizes = torch.tensor(rollout.sizes, dtype=torch.long)
+            rollout.extras["stream_position"] = torch.tensor(batch.positions, dtype=torch.long).repeat_interleave(
+                sizes
+            )
         return rollout
 
     def leaves_logp_old_to_update(self) -> bool:
@@ -225,6 +258,8 @@ class Trainer:
         is auto, the policy supports it and the rollout feeds exactly one optimizer step, whose forwards all run at
         the sampling parameters, so ``logp.detach()`` there IS ``logp_old`` (ratio exactly 1; TRL does the same)."""
         t = self.cfg.trainer
+        if getattr(self.sampler, "needs_policy_drift", False):  # the drift after the update needs logp_old itself
+            return False
         return t.logp_old == "auto" and t.epochs * t.minibatches == 1 and hasattr(self.policy, "logp_old_from_update")
 
     def _reshard(self) -> None:
@@ -280,13 +315,18 @@ class Trainer:
         rounds = 1 + (a.max_refill_rounds if a.dynamic_sampling else 0)
         for r in range(rounds):
             base = step * t.prompts_per_step if r == 0 else REFILL_OFFSET + (step * rounds + r) * t.prompts_per_step
-            batch = self.prompts_for(step, base)
+            # refills: the sampler's replacement prompts (VSPO), or fresh stream positions with G rollouts each
+            if r == 0:
+                plan = main = self.sampler.plan(step)
+            else:
+                plan = self.sampler.refill(step, r, main)
+            batch = self.prompts_for(step, base, plan)
             rollout, cols = self.sample_and_score(batch, step, timers)
             if self.comp.rewrite is not None:  # prompt rewriting before a re-roll (docs/architecture.md "Hooks")
                 rollout, cols = self.reroll(batch, base, rollout, cols, step, timers)
             if not a.dynamic_sampling:
                 return rollout, cols, timers
-            zero = adv_lib.zero_variance_groups(self._weighted(cols[0]).view(-1, t.group_size))
+            zero = adv_lib.zero_variance_groups(pad_groups(self._weighted(cols[0]), rollout.sizes))
             have = sum(p.num_groups for p, _ in kept)
             good = [g for g in range(rollout.num_groups) if not zero[g]][: self.B_local - have]
             bad = [g for g in range(rollout.num_groups) if zero[g]]
@@ -317,6 +357,12 @@ class Trainer:
         attempts), ``rewrite/rescued`` (triggered groups whose trained group has learning signal)."""
         rw, G, seed = self.comp.rewrite, rollout.group_size, self.cfg.run.seed
         o, several = rw.options, self.acc.num_processes > 1
+        if rollout.ragged:
+            raise UserError(
+                f"methods.{rw.method} re-rolls groups of equal size, but the prompt sampler {self.cfg.sampler.name!r} "
+                f"gave groups of sizes {rollout.group_sizes[:8]}...: use a sampler with a fixed group size (uniform, "
+                "spo, pairing, vspo) with prompt rewriting"
+            )
         if several and (o.mode == "add" or self.cfg.advantage.dynamic_sampling or self.mesh is not None):
             raise UserError(
                 f"methods.{rw.method} with {self.acc.num_processes} processes: mode=add (a different number of groups "
@@ -412,9 +458,7 @@ class Trainer:
         return select_rows(both, rows), torch.cat([old[1], new[1]], dim=-1)[..., rows]
 
     def _groups(self, rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:
-        G = rollout.group_size
-        rows = [g * G + j for g in groups for j in range(G)]
-        return select_groups(rollout, groups), cols[..., rows]
+        return select_groups(rollout, groups), cols[..., rollout.group_rows(groups)]
 
     def _weighted(self, cols: torch.Tensor) -> torch.Tensor:
         w = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)[:, None]
@@ -426,37 +470,51 @@ class Trainer:
 
         ``cols [V, R, N_local]``: R reward columns for V versions of the samples (V > 1 only for G2RPO's
         multi-granularity continuations); each version is normalised on its own and the advantages summed.
+
+        Ragged groups (``rollout.group_sizes``): every rank's rows are gathered (ranks may hold different row counts),
+        each group is padded to G_max with NaN rewards (which every built-in estimator leaves out of its statistics,
+        advantage 0) and the padding is dropped again after the estimator.
         """
-        a, G = self.cfg.advantage, self.cfg.trainer.group_size
+        a = self.cfg.advantage
         V, R, _ = cols.shape
-        gathered = self.acc.gather(cols.permute(2, 0, 1).contiguous().to(self.acc.device)).cpu()  # [N_total, V, R]
-        all_cols = gathered.permute(1, 2, 0)  # [V, R, N_total]
+        counts = self._gather_counts(rollout.num_rows)  # [P] rows of each rank
+        sizes = self._gather_sizes(rollout)  # [B_total] rows of each group, over all ranks
+        all_cols = self._gather_rows(cols.permute(2, 0, 1).contiguous(), counts).permute(1, 2, 0)  # [V, R, N_total]
         shaped = adv_lib.get_shaping(a.shaping)(all_cols, **a.shaping_options)
         opts = dict(a.options)
         if rollout.group_keys is not None and "keys" in inspect.signature(self.estimator).parameters:
-            keys = torch.tensor(rollout.group_keys, dtype=torch.long).to(self.acc.device)
-            opts["keys"] = self.acc.gather(keys).cpu().view(-1, G)
+            keys = torch.tensor(rollout.group_keys, dtype=torch.long)
+            opts["keys"] = pad_groups(self._gather_rows(keys, counts), sizes, fill=-1)  # [B, G_max]
+        group_pos: list[int] = []
+        if self.sampler.stateful:  # the stream position of every group of the step, over all ranks
+            rows = self._gather_rows(rollout.extras["stream_position"], counts)  # [N_total]
+            group_pos = rows[torch.tensor(offsets_of(sizes)[:-1], dtype=torch.long)].tolist()  # [B_total]
+        totals = pad_groups(self._weighted(shaped[0]), sizes)  # [B_total, G_max] weighted rewards, NaN padding
+        if self.sampler.provides:  # per-prompt estimator inputs (SPO's baseline), [B_total, 1] each
+            declared = inspect.signature(self.estimator).parameters
+            opts.update({k: v for k, v in self.sampler.estimator_inputs(group_pos, totals).items() if k in declared})
         weights_t = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
         kinds = [spec.kind for spec in self.cfg.rewards]  # outcome / process stream of each reward column
         weight_metrics: dict[str, float] = {}
         for weighter in self.comp.reward_weighters:  # stateful reward weights (dynamic weighting), global rewards
             weights_t, m = weighter(weights_t, shaped, kinds, step)
             weight_metrics.update(m)
-        adv = sum(
+        adv_p = sum(
             adv_lib.combine(
-                a.combine, shaped[v].view(R, -1, G), weights_t, a.estimator, opts, kinds, a.combine_options
+                a.combine, pad_groups(shaped[v], sizes), weights_t, a.estimator, opts, kinds, a.combine_options
             )
             for v in range(V)
-        )
+        )  # [B_total, G_max]
         if a.min_advantage is not None:
-            adv = adv.clamp(min=a.min_advantage)
-        row_w = adv_lib.get_row_weights(a.estimator)(self._weighted(shaped[0]).view(-1, G), **opts)
-        zero = adv_lib.zero_variance_groups(self._weighted(all_cols[0]).view(-1, G))
+            adv_p = adv_p.clamp(min=a.min_advantage)
+        adv = unpad_groups(adv_p, sizes)  # [N_total]
+        row_w = unpad_groups(adv_lib.get_row_weights(a.estimator)(totals, **opts), sizes)  # [N_total]
+        zero = adv_lib.zero_variance_groups(pad_groups(self._weighted(all_cols[0]), sizes))
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
             (self.run_dir / "debug").mkdir(exist_ok=True)
-            dump = {"advantages": adv.contiguous(), "rewards": all_cols.contiguous()}
+            dump = {"advantages": adv_p.contiguous(), "rewards": all_cols.contiguous()}
             save_file(dump, str(self.run_dir / "debug" / f"adv_step_{step:06d}.safetensors"))
-        lo = self.acc.process_index * rollout.num_rows
+        lo = sum(counts[: self.acc.process_index])
         mine = slice(lo, lo + rollout.num_rows)
         metrics = {
             **reward_metrics(all_cols[0], self.rewards),
@@ -465,16 +523,46 @@ class Trainer:
             "adv/zero_variance_groups": float(zero.sum().item()),
         }
         metrics.update(weight_metrics)
+        if self.sampler.stateful:  # after the estimator: the baseline it used is the one before this step
+            metrics.update(self.sampler.observe(step, group_pos, totals))
         for v in range(1, V):
             metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
-        adv_local = adv.reshape(-1)[mine].view(-1, G)
+        adv_local = pad_groups(adv[mine], rollout.sizes, fill=0.0)  # [B_local, G_max]
         names = [name for name, _, _ in self.rewards]
         for hook in self.comp.advantage_hooks:  # method hooks (docs/architecture.md "Hooks"), on this rank's groups
+            if rollout.ragged and not getattr(hook, "ragged_ok", False):
+                raise UserError(
+                    f"advantage hook {getattr(hook, '__qualname__', type(hook).__name__)} reads groups of equal size, "
+                    f"but this step's groups have sizes {rollout.group_sizes[:8]}... (a prompt sampler varies the "
+                    "rollouts per prompt); use a sampler with a fixed group size with this method"
+                )
             params = inspect.signature(hook).parameters  # inputs a hook may declare: reward streams and weights
             extra = {k: v for k, v in {"kinds": kinds, "weights": weights_t}.items() if k in params}
             adv_local, m = hook(adv_local, rollout, cols, names, **extra)
             metrics.update(m)
-        return adv_local.reshape(-1), row_w.reshape(-1)[mine].float(), metrics
+        return unpad_groups(adv_local, rollout.sizes), row_w[mine].float(), metrics
+
+    def _gather_counts(self, n: int) -> list[int]:
+        """[P] this step's row count of every rank (ranks differ when groups are ragged)."""
+        if self.acc.num_processes == 1:
+            return [n]
+        return [int(c) for c in self.acc.gather(torch.tensor([n], device=self.acc.device)).cpu()]
+
+    def _gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """``x [n_local, ...]`` of every rank, stacked in rank order: ``[N_total, ...]`` on the CPU. Ranks with fewer
+        rows pad to the largest count for the collective, and the padding is dropped."""
+        if self.acc.num_processes == 1:
+            return x.cpu()
+        most = max(counts)
+        pad = x.new_zeros((most - x.shape[0], *x.shape[1:]))
+        got = self.acc.gather(torch.cat([x, pad]).to(self.acc.device)).cpu()  # [P * most, ...]
+        return torch.cat([got[r * most : r * most + c] for r, c in enumerate(counts)])
+
+    def _gather_sizes(self, rollout: Rollout) -> list[int]:
+        """[B_total] rows of every group over all ranks, in rank order (every rank holds B_local groups)."""
+        if self.acc.num_processes == 1:
+            return rollout.sizes
+        return [int(s) for s in self.acc.gather(torch.tensor(rollout.sizes, device=self.acc.device)).cpu()]
 
     # ---------------------------------------------------------------- phase 4: update
     def update(self, rollout: Rollout, adv: torch.Tensor, row_w: torch.Tensor, step: int) -> dict[str, float]:
@@ -508,7 +596,39 @@ class Trainer:
         out = {k: v / max(count, 1) for k, v in sums.items()}
         out["lr"] = lr
         out["skipped/nonfinite"] = float(skipped)
+        if getattr(self.sampler, "needs_policy_drift", False):  # SPO's KL-adaptive forgetting
+            out["policy/kl_step"] = kl = self.policy_drift(rollout)
+            self.sampler.observe_drift(step, kl)
         return out
+
+    def policy_drift(self, rollout: Rollout) -> float:
+        """The step's policy drift after the update: the mean over this step's trained units (all ranks) of the k3
+        estimate exp(l) - 1 - l, l = logp_new - logp_old, of KL(π_sampling || π_updated) on the step's own samples.
+        One no-grad forward of the rows (micro-batched as the update)."""
+        if rollout.logp_old_from_update:
+            raise ValueError("policy_drift needs the rollout's logp_old (Trainer.leaves_logp_old_to_update)")
+        mask, rows_all = rollout.train_mask, torch.arange(rollout.num_rows)
+        micro = self.micro_rows(rows_all, mask)
+        total = count = 0.0
+        self.policy.model.eval()
+        self._reshard()
+        with torch.no_grad():
+            for i in range(0, len(rows_all), micro):
+                rows = rows_all[i : i + micro]
+                units = mask[rows].any(0).nonzero().reshape(-1)
+                if not len(units):
+                    continue
+                new = self.policy.log_prob(rollout, rows, units).logp.float().cpu()
+                lr = new - rollout.logp_old[rows][:, units].float()
+                m = mask[rows][:, units]
+                total += float((torch.expm1(lr) - lr)[m].sum())
+                count += float(m.sum())
+        self._reshard()
+        self.policy.model.train()
+        both = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            both = self.acc.reduce(both, reduction="sum")
+        return float(both[0] / both[1].clamp_min(1.0))
 
     def _skip_nonfinite(self, loss_ok: bool, grad_norm: float | None) -> bool:
         """True (and the gradients dropped, nothing stepped) when the minibatch's loss or gradient norm is not
@@ -547,17 +667,20 @@ class Trainer:
         minibatch j is slice j of every group. The split is thus the same whatever the number of ranks,
         so a 2-process run makes exactly the optimizer steps of the 1-process run.
         """
-        t, G = self.cfg.trainer, rollout.group_size
+        t, sizes, offsets = self.cfg.trainer, rollout.sizes, rollout.group_offsets
+        if min(sizes, default=t.minibatches) < t.minibatches:
+            raise ValueError(f"minibatch_rows: a group of {min(sizes)} rows cannot be split into "
+                             f"trainer.minibatches={t.minibatches} slices")  # fmt: skip
         first = self.acc.process_index * rollout.num_groups
         slices: list[list[torch.Tensor]] = [[] for _ in range(t.minibatches)]
         for b in range(rollout.num_groups):
             if t.shuffle:
                 g = generator_for(prompt_seed(self.cfg.run.seed, step, first + b, stream=2 + epoch))
-                perm = torch.randperm(G, generator=g)
+                perm = torch.randperm(sizes[b], generator=g)
             else:
-                perm = torch.arange(G)
+                perm = torch.arange(sizes[b])
             for j, part in enumerate(torch.tensor_split(perm, t.minibatches)):
-                slices[j].append(b * G + part)
+                slices[j].append(offsets[b] + part)
         return [torch.cat(s) for s in slices if sum(len(x) for x in s)]
 
     def _denominator(self, rows: torch.Tensor, mask: torch.Tensor) -> float:
@@ -834,6 +957,7 @@ class Trainer:
             "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
             "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(self.comp.reward_weighters)},
             "methods": {k: st.state_dict() for k, st in self.comp.method_state.items()},
+            "sampler": self.sampler.state_dict(),
         }
 
     def save(self) -> Path | None:
@@ -880,6 +1004,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if state.get("policy") is not None and hasattr(self.policy, "load_training_state"):
             self.policy.load_training_state(state["policy"])
+        if state.get("sampler"):
+            self.sampler.load_state_dict(state["sampler"])
         for k, fn in stateful_rewards(self.rewards).items():
             if k in state.get("rewards", {}):
                 fn.load_state_dict(state["rewards"][k])

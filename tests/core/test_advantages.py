@@ -32,8 +32,10 @@ def close(a, b, tol=1e-5):
 
 
 def test_registries_list_names_and_descriptions():
-    names = ["batch_std", "bnpo", "dr_grpo", "grpo", "mapo", "mc_grpo", "ngrpo", "pacs", "stratified"]
-    assert ESTIMATORS.names() == names
+    assert ESTIMATORS.names() == [
+        "batch_std", "bnpo", "dr_grpo", "grpo", "mapo", "mc_grpo", "ngrpo", "pacs", "spo", "stratified",
+        "weighted_grpo",
+    ]  # fmt: skip
     assert SHAPERS.names() == ["none", "tempsamp_soft"]
     assert COMBINERS.names() == ["normalize_then_sum", "posterior", "sum_then_normalize"]
     for name in ESTIMATORS:
@@ -45,7 +47,7 @@ def test_unknown_estimator_lists_known_names():
         get_estimator("mc_grpo2")
     msg = str(e.value)
     assert "unknown estimator 'mc_grpo2'" in msg
-    assert "known: batch_std, bnpo, dr_grpo, grpo, mapo, mc_grpo, ngrpo, pacs, stratified" in msg
+    assert "known: batch_std, bnpo, dr_grpo, grpo, mapo, mc_grpo, ngrpo, pacs, spo, stratified, weighted_grpo" in msg
     assert "did you mean 'mc_grpo'" in msg
     with pytest.raises(UserError, match="known: batch_std"):
         get_row_weights("nope")
@@ -73,7 +75,9 @@ def test_inputs_not_modified_and_output_fp32():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
     before = r.clone()
     for name in ESTIMATORS:
-        opts = {"keys": [[0, 1, 0, 1]]} if name == "stratified" else {}
+        inputs = {"stratified": {"keys": [[0, 1, 0, 1]]}, "spo": {"baseline": torch.tensor([[0.5]])},
+                  "weighted_grpo": {"roles": torch.tensor([[1.0]])}}  # fmt: skip
+        opts = inputs.get(name, {})
         out = get_estimator(name)(r, **opts)
         assert out.dtype == torch.float32 and out.shape == (1, 4)
         assert torch.equal(r, before)
