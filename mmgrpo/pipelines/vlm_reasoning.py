@@ -67,8 +67,9 @@ class VLMReasoningDataOptions:
     """source shapes_qa: question kinds of the TRAINING stream (a subset of count, color, position; [] = all three);
     the held-out evaluation always asks all three"""
     difficulty: str = "normal"
-    """source shapes_qa: normal or hard, for training AND the held-out evaluation (hard: 3-object scenes of near
-    misses, mmgrpo/data/shapes_qa.py; the learning benchmark's hard split, bench/learning_vlm.py)"""
+    """source shapes_qa: normal, near_miss (3-object scenes of near misses) or shuffled (options in an order that moves
+    the answer off its usual letter; bench/learning_vlm.py's hard split), for training AND the held-out evaluation
+    (mmgrpo/data/shapes_qa.py)"""
     eval_examples: int = 32
     """held-out examples answered (greedily) at each evaluation"""
     eval_batch: int = 8

@@ -3,6 +3,7 @@ end to end (2 steps per run: it checks the harness and its table, measures nothi
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 ROOT = Path(__file__).parents[2]
 spec = importlib.util.spec_from_file_location("bench_learning_vlm", ROOT / "bench" / "learning_vlm.py")
 bench = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bench  # its dataclasses look their module up
 spec.loader.exec_module(bench)
 
 
@@ -19,11 +21,11 @@ def test_paired_standard_error_by_hand():
     # std 0.026458, SE = 0.026458 / sqrt(3) = 0.015275
     d, se = bench.paired_diff(method, grpo)
     assert d == pytest.approx(0.03) and se == pytest.approx(math.sqrt(7e-4 / 3))
-    assert se == pytest.approx(0.0152753, abs=1e-7)
+    assert se == pytest.approx(0.015275, abs=1e-6)
     # each side alone: method 0.66 +- sqrt(16e-4 / 2 / 3) = 0.023094, GRPO 0.63 +- sqrt(14e-4 / 2 / 3) = 0.015275;
     # unpaired, the difference's SE would be sqrt(0.023094^2 + 0.015275^2) = 0.027689: pairing removes the seed effect
-    assert bench.mean_se(method) == pytest.approx((0.66, 0.0230940))
-    assert bench.mean_se(grpo) == pytest.approx((0.63, 0.0152753))
+    assert bench.mean_se(method) == pytest.approx((0.66, 0.023094), abs=1e-6)
+    assert bench.mean_se(grpo) == pytest.approx((0.63, 0.015275), abs=1e-6)
     assert se < math.hypot(bench.mean_se(method)[1], bench.mean_se(grpo)[1])
     assert math.isnan(bench.mean_se([0.5])[1])  # one seed: no SE
     with pytest.raises(ValueError, match="same seeds"):
