@@ -207,7 +207,11 @@ def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: 
                  f"trainer.time_budget_s={budget}", *COMMON, *cell_overrides(method, split, G, extra)]  # fmt: skip
     cfg = load_config(CONFIG, overrides)
     t0 = time.perf_counter()
-    trainer = train(cfg)
+    try:
+        trainer = train(cfg)
+    except Exception as e:  # one broken method must not end a run of hours: its cell reports the error
+        why = " ".join(f"{type(e).__name__}: {e}".split()).replace("|", "/")  # one markdown cell
+        return {"method": method, "split": split, "G": G, "seed": seed, "error": why}
     wall = time.perf_counter() - t0
     after = trainer.evaluate(trainer.step)
     names = [r.name for r in cfg.rewards]
@@ -252,6 +256,11 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
                     out.append(f"| {METHODS[m].label} | not available | | | |")
                     continue
                 rs = sorted((r for r in cell if r["method"] == m), key=lambda r: r["seed"])
+                failed = [r for r in rs if "error" in r]
+                if failed:
+                    seeds = ", ".join(str(r["seed"]) for r in failed)
+                    out.append(f"| {METHODS[m].label} | failed (seed {seeds}): {failed[0]['error'][:200]} | | | |")
+                    continue
                 if not rs:
                     continue
                 score = _pm(*mean_se([r["score"] for r in rs]))
@@ -281,18 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--groups", type=int, nargs="+", default=[2, 8], help="group sizes G")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all (--quick: grpo ngrpo)")
     p.add_argument("--eval-examples", type=int, default=600, help="held-out scenes per evaluation")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every run")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results file ('' = print only)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (2 on a 2-core box)")
-    quick = "smoke mode: grpo and ngrpo, seeds 0 1, G 2, 2 steps of 4 prompts, 16 held-out scenes"
+    quick = "smoke mode: seeds 0 1, G 2, 2 steps of 4 prompts, 16 held-out scenes (grpo, ngrpo unless --methods)"
     p.add_argument("--quick", action="store_true", help=quick)
     args = p.parse_args(argv)
-    budget, seeds, groups, methods = args.budget, args.seeds, args.groups, args.methods
+    budget, seeds, groups, methods = args.budget, args.seeds, args.groups, args.methods or list(METHODS)
     extra = [f"data.options.eval_examples={args.eval_examples}", *args.override]
     if args.quick:
-        budget, seeds, groups, methods = 30.0, [0, 1], [2], ["grpo", "ngrpo"]
+        budget, seeds, groups, methods = 30.0, [0, 1], [2], args.methods or ["grpo", "ngrpo"]
         extra = ["data.options.eval_examples=16", *QUICK, *args.override, "trainer.stop_after_steps=2"]
     if BASELINE not in methods:
         methods = [BASELINE, *methods]
@@ -310,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
 
         def done(r: dict) -> None:
             results.append(r)
-            print(f"{r['method']:10s} {r['split']:6s} G {r['G']} seed {r['seed']}: {r['score']:.4f} after "
+            head = f"{r['method']:10s} {r['split']:6s} G {r['G']} seed {r['seed']}"
+            if "error" in r:
+                print(f"{head}: FAILED {r['error']}", flush=True)
+                return
+            print(f"{head}: {r['score']:.4f} after "
                   f"{r['steps']} steps, all-fail {r['all_fail']:.2f}", flush=True)  # fmt: skip
 
         if args.jobs <= 1:
