@@ -22,7 +22,8 @@ S = 3 seeds the SE has 2 degrees of freedom (a 95% interval is +-4.30 SE, not +-
 All-fail fraction: the share of the groups that reached the update whose ``accuracy`` reward is 0 on every row,
 over all steps (read from the trainer's ``trainer.dump_advantages`` files). It is the policy's own rate for methods
 that train on what they sample; DAPO's dynamic sampling reports it after its refills, TempSamp's ground-truth row
-counts as a row (so it has none), and PEARL's checklist groups (no accuracy) are left out.
+counts as a row (so it has none), and PEARL's checklist groups (no accuracy) are left out; n/a where there is no
+``accuracy`` reward (PRS, E-GRPO replace it) or the groups are ragged (GDRO).
 
 Splits (:data:`SPLITS`): ``normal`` is the demo's data; ``hard`` (``data.options.difficulty: shuffled``, training AND
 evaluation, ``mmgrpo/data/shapes_qa.py``) asks the same questions about the same scenes with the options in a per-scene
@@ -96,13 +97,43 @@ METHODS: dict[str, Method] = {
         "methods.pearl={cap: 0.5, checklist_weight: 0.1, reward: pearl_checklist}",
         "rewards=[{name: accuracy, weight: 1.0}, {name: format, weight: 0.2, streams: [reasoning]}, "
         "{name: pearl_checklist, weight: 1.0}]")),
-    # issue 17's papers, under the switch names the issue suggests; each reads "not available" until its module is
-    # merged (check the names against the modules' registrations when merging)
-    "spo": Method("SPO (per-prompt value tracker, works at G = 1)", ("methods.spo={}",)),
-    "scaf_grpo": Method("Scaf-GRPO (tiered hints on all-fail prompts)", ("methods.scaf_grpo={}",)),
-    "hill": Method("HiLL (hints adapted to the reasoner)", ("methods.hill={}",)),
-    "cog_drift": Method("Cog-DRIFT (easier reformulations of hard items)", ("methods.cog_drift={}",)),
-    "ampo": Method("AMPO (teacher guidance on failed groups)", ("methods.ampo={}",)),
+    # issue 17's papers, with the switches their branches (h7-h10) document in docs/architecture.md's paper table;
+    # each reads "not available" until its module is merged. Left out: KDRL (no teacher stronger than the shipped
+    # model exists in this world; with itself as teacher it is a KL to the start point).
+    "spo": Method("SPO (per-prompt value tracker, batch-normalised)", (
+        "sampler={name: spo}", "advantage.estimator=spo")),
+    "gdro": Method("GDRO (difficulty bins, square-root rollout allocation)", ("sampler={name: gdro}",)),
+    "beyond_variance": Method("Beyond Variance (pairing, weighted GRPO 2 / 2)", (
+        "sampler={name: pairing}", "advantage.estimator=weighted_grpo", "advantage.options={w_pos: 2.0, w_neg: 2.0}")),
+    "vspo": Method("VSPO (zero-variance groups replaced by high-value prompts)", (
+        "sampler={name: vspo}", "advantage.dynamic_sampling=true")),
+    "prs": Method("PRS (accuracy counts once the format holds)", (
+        "rewards=[{name: prs, options: {stages: [{name: format, threshold: 1.0}, {name: accuracy}]}}]",)),
+    # Scaf-GRPO's exemption period is a fraction of max_steps, which a time budget does not set: hints from step 0
+    "scaf_grpo": Method("Scaf-GRPO (tiered hints on all-fail groups)", (
+        "methods.scaf_grpo={exemption_fraction: 0.0}",)),
+    "hill": Method("HiLL (hints by the policy, kept with learning signal)", ("methods.hill={}",)),
+    "cog_drift": Method("Cog-DRIFT (cloze / multiple-choice reformulations)", ("methods.cog_drift={}",)),
+    "ampo": Method("AMPO (guidance when the on-policy group fails)", ("methods.ampo={}",)),
+    "nft": Method("NFT, token level (implicit negative policy)", ("methods.nft={}",)),
+    "pacs": Method("PACS (reward as a label, log-ratio as the score)", (
+        "advantage.estimator=pacs", "loss.name=pacs", "loss.options={}",
+        "loss.aggregation={name: constant, options: {constant: 1}}")),
+    "srpo": Method("SRPO (failed rows distilled, correct rows GRPO)", ("methods.srpo={}",)),
+    "poise": Method("POISE (hidden-state probe as the baseline)", ("methods.poise={}",)),
+    "dagrpo": Method("DaGRPO (distinctiveness masking, anchors)", ("methods.dagrpo={}",)),
+    "posterior": Method("Posterior-GRPO (format counts only when correct)", (
+        "rewards=[{name: accuracy, weight: 1.0, kind: outcome}, {name: format, weight: 0.2, kind: process}]",
+        "advantage.combine=posterior")),
+    "egrpo": Method("E-GRPO (partial credit for entity overlap)", (
+        "methods.egrpo={}", "rewards=[{name: entity_credit, weight: 1.0, options: {alpha: 0.3}}, "
+        "{name: format, weight: 0.2}]")),
+    "mapo": Method("MAPO (mixed advantage)", ("advantage.estimator=mapo",)),
+    "dynamic_weights": Method("Dynamic reward weighting (accuracy / format)", ("methods.dynamic_weights={}",)),
+    "microcoder": Method("MicroCoder-GRPO (conditional truncation, temperature by diversity)", (
+        "methods.microcoder={}",)),
+    "strata": Method("Stratified GRPO (strata = question kind)", (
+        "advantage.estimator=stratified", "methods.strata={meta_key: kind}")),
 }  # fmt: skip
 
 
@@ -189,12 +220,16 @@ def all_fail_fraction(accuracy: list[list[float]]) -> float:
 
 def dumped_accuracy(debug_dir: Path, reward_index: int, group_size: int) -> list[list[float]]:
     """Per group over all steps, the accuracy rewards of its rows, from ``debug/adv_step_*.safetensors``
-    (``rewards [V, R, N]``, rows in group order)."""
+    (``rewards [V, R, N]``, rows in group order); [] when the groups cannot be told apart (ragged groups: the dump
+    holds more advantage slots, padded to the largest group, than rows)."""
     from safetensors.torch import load_file
 
     out: list[list[float]] = []
     for f in sorted(debug_dir.glob("adv_step_*.safetensors")):
-        acc = load_file(str(f))["rewards"][0, reward_index].double()  # [N]
+        dump = load_file(str(f))
+        acc = dump["rewards"][0, reward_index].double()  # [N]
+        if acc.numel() % group_size or dump["advantages"].numel() != acc.numel():
+            return []
         out += acc.view(-1, group_size).tolist()
     return out
 
@@ -223,7 +258,9 @@ def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: 
     wall = time.perf_counter() - t0
     after = trainer.evaluate(trainer.step)
     names = [r.name for r in cfg.rewards]
-    acc = dumped_accuracy(trainer.run_dir / "debug", names.index("accuracy"), cfg.trainer.group_size)
+    acc = []  # a method that replaces the accuracy reward (PRS, E-GRPO) has no all-fail fraction
+    if "accuracy" in names:
+        acc = dumped_accuracy(trainer.run_dir / "debug", names.index("accuracy"), cfg.trainer.group_size)
     return {"method": method, "split": split, "G": G, "seed": seed, "score": after["eval/accuracy"],
             "steps": trainer.step, "wall_s": wall, "all_fail": all_fail_fraction(acc)}  # fmt: skip
 
