@@ -39,8 +39,9 @@ what an idle core turns into wall-clock): a step of B = 16 prompts takes ~1.1-1.
 evaluation of 600 scenes ~11 s; loading ~5 s. The default budget of 300 s is ~230 steps at G = 8 (the demo config's
 300 steps gave GRPO +0.038 +- 0.013 on the normal split) and ~370 at G = 2; in 150 s (56 steps under load) plain GRPO
 moved the hard split's held-out accuracy 0.100 -> 0.135 (one seed). A full run is (methods x 2 splits x 2 G x 3
-seeds) runs of budget + ~20 s: the 10 methods of this checkout make 120 runs, 38,400 s = 10.7 h on one core, ~5.3 h
-with ``--jobs 2`` on 2 idle cores (each of issue 17's 5 entries adds ~32 min at --jobs 2).
+seeds) runs of budget + ~20 s: the 10 methods on main make 120 runs, 38,400 s = 10.7 h on one core, ~5.3 h with
+``--jobs 2`` on 2 idle cores; every further entry adds 12 runs, ~32 min at ``--jobs 2``, so all 31 entries (issue 17's
+21 merged) are 372 runs, ~16.5 h (or subsets with ``--methods`` / ``--splits`` / ``--groups``, each to its ``--out``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Method:
     overrides: tuple[str, ...] = ()
 
 
+BINARY = "rewards=[{name: accuracy, weight: 1.0}]"
 # The demo config is GRPO with DAPO's clip-higher (0.2 / 0.28) and token-mean aggregation, beta 0, one optimizer step
 # per rollout. The reward is accuracy (1) + 0.2 format, so the highest weighted reward is 1.2 (NGRPO's r_max).
 METHODS: dict[str, Method] = {
@@ -100,13 +102,17 @@ METHODS: dict[str, Method] = {
     # issue 17's papers, with the switches their branches (h7-h10) document in docs/architecture.md's paper table;
     # each reads "not available" until its module is merged. Left out: KDRL (no teacher stronger than the shipped
     # model exists in this world; with itself as teacher it is a KL to the start point).
-    "spo": Method("SPO (per-prompt value tracker, batch-normalised)", (
-        "sampler={name: spo}", "advantage.estimator=spo")),
-    "gdro": Method("GDRO (difficulty bins, square-root rollout allocation)", ("sampler={name: gdro}",)),
-    "beyond_variance": Method("Beyond Variance (pairing, weighted GRPO 2 / 2)", (
-        "sampler={name: pairing}", "advantage.estimator=weighted_grpo", "advantage.options={w_pos: 2.0, w_neg: 2.0}")),
-    "vspo": Method("VSPO (zero-variance groups replaced by high-value prompts)", (
-        "sampler={name: vspo}", "advantage.dynamic_sampling=true")),
+    # the samplers and PACS read rewards as success rates / labels in [0, 1]: the 0/1 accuracy alone (the shipped
+    # model's format rate is 1.0, so the demo's 0.2 x format is a constant there)
+    "spo": Method("SPO (per-prompt value tracker, batch-normalised; accuracy only)", (
+        "sampler={name: spo}", "advantage.estimator=spo", BINARY)),
+    "gdro": Method("GDRO (difficulty bins, square-root rollout allocation; accuracy only)", (
+        "sampler={name: gdro}", BINARY)),
+    "beyond_variance": Method("Beyond Variance (pairing, weighted GRPO 2 / 2; accuracy only)", (
+        "sampler={name: pairing}", "advantage.estimator=weighted_grpo", "advantage.options={w_pos: 2.0, w_neg: 2.0}",
+        BINARY)),
+    "vspo": Method("VSPO (zero-variance groups replaced by high-value prompts; accuracy only)", (
+        "sampler={name: vspo}", "advantage.dynamic_sampling=true", BINARY)),
     "prs": Method("PRS (accuracy counts once the format holds)", (
         "rewards=[{name: prs, options: {stages: [{name: format, threshold: 1.0}, {name: accuracy}]}}]",)),
     # Scaf-GRPO's exemption period is a fraction of max_steps, which a time budget does not set: hints from step 0
@@ -116,9 +122,9 @@ METHODS: dict[str, Method] = {
     "cog_drift": Method("Cog-DRIFT (cloze / multiple-choice reformulations)", ("methods.cog_drift={}",)),
     "ampo": Method("AMPO (guidance when the on-policy group fails)", ("methods.ampo={}",)),
     "nft": Method("NFT, token level (implicit negative policy)", ("methods.nft={}",)),
-    "pacs": Method("PACS (reward as a label, log-ratio as the score)", (
+    "pacs": Method("PACS (reward as a label, log-ratio as the score; accuracy only)", (
         "advantage.estimator=pacs", "loss.name=pacs", "loss.options={}",
-        "loss.aggregation={name: constant, options: {constant: 1}}")),
+        "loss.aggregation={name: constant, options: {constant: 1}}", BINARY)),
     "srpo": Method("SRPO (failed rows distilled, correct rows GRPO)", ("methods.srpo={}",)),
     "poise": Method("POISE (hidden-state probe as the baseline)", ("methods.poise={}",)),
     "dagrpo": Method("DaGRPO (distinctiveness masking, anchors)", ("methods.dagrpo={}",)),
