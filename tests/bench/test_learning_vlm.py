@@ -44,8 +44,10 @@ def test_table_rows_from_results():
             for s, v in enumerate(vals)]  # fmt: skip
     results = [{"method": m, "split": "hard", "G": 8, "seed": s, "score": v, "steps": 10 + s, "all_fail": 0.5}
                for m, s, v in rows]  # fmt: skip
-    text = bench.render(results, ["grpo", "ngrpo", "spo"], ["hard"], [8], {"spo": "unknown method 'spo'"},
+    results.append({"method": "mapo", "split": "hard", "G": 8, "seed": 1, "error": "UserError: rewards in [0, 1]"})
+    text = bench.render(results, ["grpo", "ngrpo", "mapo", "spo"], ["hard"], [8], {"spo": "unknown method 'spo'"},
                         {"hard": 0.3})  # fmt: skip
+    assert f"| {bench.METHODS['mapo'].label} | failed (seed 1): UserError: rewards in [0, 1] |" in text
     assert f"| {bench.METHODS['ngrpo'].label} | 0.660 ± 0.023 | +0.030 ± 0.015 | 0.50 | 11 (10-12) |" in text
     assert f"| {bench.METHODS['grpo'].label} | 0.630 ± 0.015 | (baseline) | 0.50 | 11 (10-12) |" in text
     assert f"| {bench.METHODS['spo'].label} | not available |" in text and "`spo`: unknown method 'spo'" in text
