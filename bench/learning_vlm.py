@@ -36,14 +36,14 @@ a shared machine spreads over methods; ``--jobs 2`` runs two at a time with one 
 
 Cost (measured 2026-12-04 on this project's 2-core machine, one torch thread, under load, so in CPU seconds, which is
 what an idle core turns into wall-clock): a step of B = 16 prompts takes ~1.1-1.3 s at G = 8 and ~0.8 s at G = 2; an
-evaluation of 600 scenes ~11 s; loading ~5 s. The default budget of 300 s is ~230 steps at G = 8 (the demo config's
-300 steps gave GRPO +0.038 +- 0.013 on the normal split) and ~370 at G = 2. One run of plain GRPO on the hard split
-at G = 8, seed 0: 300 s gave 281 steps and held-out accuracy 0.100 -> 0.233 on 600 scenes (326 s wall in all, two
+evaluation of 600 scenes ~11 s; loading ~5 s. The default budget of 300 s is ~230-280 steps at G = 8 (the demo config's
+300 steps gave GRPO +0.038 +- 0.013 on the normal split) and ~370 at G = 2. One run of plain GRPO on the hard split at
+G = 8, seed 0: 300 s gave 281 steps and held-out accuracy 0.100 -> 0.233 on 600 scenes (326 s wall in all, two
 evaluations and loading included; all-fail fraction 0.65 over the run); 150 s under heavier load gave 56 steps and
-0.100 -> 0.135. A full run is (methods x 2 splits x 2 G x 3
-seeds) runs of budget + ~20 s: the 10 methods on main make 120 runs, 38,400 s = 10.7 h on one core, ~5.3 h with
-``--jobs 2`` on 2 idle cores; every further entry adds 12 runs, ~32 min at ``--jobs 2``, so all 31 entries (issue 17's
-21 merged) are 372 runs, ~16.5 h (or subsets with ``--methods`` / ``--splits`` / ``--groups``, each to its ``--out``).
+0.100 -> 0.135. A full run is (methods x 2 splits x 2 G x 3 seeds) runs of budget + ~20 s: the 10 methods on main make
+120 runs, 38,400 s = 10.7 h on one core, ~5.3 h with ``--jobs 2`` on 2 idle cores; every further entry adds 12 runs,
+~32 min at ``--jobs 2``, so all 31 entries (issue 17's 21 merged) are 372 runs, ~16.5 h (or subsets with ``--methods``
+/ ``--splits`` / ``--groups``, each to its ``--out``).
 """
 
 from __future__ import annotations
