@@ -421,6 +421,24 @@ def sample_mismatched_scene(prompt: str | Prompt, rng: np.random.Generator) -> S
     return _shuffle(_place(specs, rng, relations), rng)
 
 
+def place_scene(
+    objects: list[tuple[str, str]], rng: np.random.Generator, regions: dict[int, str] | None = None
+) -> Scene:
+    """A scene of exactly ``objects`` [(colour, shape)] (1-3, repeats allowed), non-overlapping, random sizes and
+    positions, object i's centroid well inside ``regions[i]`` (one of POSITIONS) where given; in random order."""
+    if not 1 <= len(objects) <= 3:
+        raise UserError(f"place_scene: {len(objects)} objects; the shapes world places 1..3")
+    regions = regions or {}
+    specs = []
+    for i, (color, shape) in enumerate(objects):
+        Mention(color, shape)  # checks the names
+        if regions.get(i, "left") not in POSITIONS:
+            raise UserError(f"place_scene: unknown region {regions[i]!r}; use one of {', '.join(POSITIONS)}")
+        ranges = _region_ranges(regions[i]) if i in regions else ((0.0, 1.0), (0.0, 1.0))
+        specs.append(_Spec(color, shape, *ranges))
+    return _shuffle(_place(specs, rng), rng)
+
+
 def random_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
     """A scene of 1-3 (or ``n_objects``) random objects, colour+shape drawn with replacement."""
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects

@@ -14,6 +14,24 @@ object's bounding box from its normalised ``(cx, cy, size)`` (:meth:`~mmgrpo.dat
 triangle's centroid sits 2/3 of its height below the apex) times the image side; they are stored in ABSOLUTE
 pixels of the original image and converted to a model family's convention only by ``mmgrpo/rewards/boxes.py``.
 
+Difficulty (``difficulty``): ``normal`` is the world above (the shipped VLM's pretraining data). ``near_miss`` asks
+the same questions about scenes of exactly 3 objects built to defeat shortcuts that ignore half of the asked phrase:
+
+    count      the other objects are near misses of the asked one (its colour with another shape, or its shape in
+               another colour), so counting by colour alone or by shape alone is wrong; the answer is still 0-3
+               uniformly
+    color      the other two objects are the two other shapes in two other colours (three distinct colours)
+    position   the other two objects are near misses of the asked one, anywhere in the image
+
+``shuffled`` keeps the normal scenes and lists the options in a random order per scene ("A) 2 B) 0 C) 3 D) 1"), one
+that never leaves the right option at its usual letter, drawn from its own generator (the scene is the normal one):
+a model that answers the letter of the fixed order without reading the options is always wrong.
+
+Measured on the shipped ``assets/shapes_vlm`` (configs/shapes_vlm_grpo.yaml's sampling, temperature 0.5, 256 training
+groups each): the share of all-wrong groups of G = 8 is 0.14 normal, 0.28 near_miss, 0.69 shuffled (G = 2: 0.27 normal,
+0.81 shuffled); the sampled accuracy 0.62, 0.33, 0.14. Near misses make the model unsure rather than wrong (its samples
+spread over the options), the shuffled order makes it confidently wrong: ``shuffled`` is the benchmark's hard split.
+
 Every example carries a perception checklist (PEARL, Zhang et al. 2025, arXiv 2511.18437): short sub-questions
 about the same image with known answers, e.g. ``("How many objects are there?", "2")``,
 ``("Is there a red circle?", "yes")``, ``("What colour is the square?", "red")``.
@@ -46,6 +64,7 @@ from mmgrpo.data.shapes import COLORS, COUNT_WORDS, SHAPES, Obj, Scene
 
 QA_KINDS = ("count", "color", "position", "grounding")
 MC_KINDS = ("count", "color", "position")
+DIFFICULTIES = ("normal", "near_miss", "shuffled")
 COUNT_OPTIONS = ("0", "1", "2", "3")
 COLOR_OPTIONS = COLORS  # red, green, blue, yellow
 POSITION_OPTIONS = ("left", "right", "top", "bottom")
@@ -184,6 +203,38 @@ def _position_scene(rng: np.random.Generator) -> tuple[Scene, str, str, str]:
     raise RuntimeError(f"shapes_qa: no scene with the object only {region}")  # a bug: about half the draws qualify
 
 
+def _near_misses(color: str, shape: str, k: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """``k`` (colour, shape)s, with replacement, sharing exactly one of colour and shape with (color, shape)."""
+    pool = [(c, shape) for c in COLORS if c != color] + [(color, s) for s in SHAPES if s != shape]  # 3 + 2
+    return [pool[int(i)] for i in rng.integers(len(pool), size=k)]
+
+
+def _hard_count_scene(rng: np.random.Generator) -> tuple[Scene, str, str, int]:
+    """(scene, colour, shape, n): 3 objects, n in 0..3 uniformly of (colour, shape), the rest near misses."""
+    n, color, shape = int(rng.integers(0, 4)), _pick(rng, COLORS), _pick(rng, SHAPES)
+    objects = [(color, shape)] * n + _near_misses(color, shape, 3 - n, rng)
+    return shapes.place_scene(objects, rng), color, shape, n
+
+
+def _hard_unique_shape_scene(rng: np.random.Generator) -> tuple[Scene, str, str]:
+    """(scene, colour, shape): one object of each shape, in three distinct colours."""
+    colors = [COLORS[int(i)] for i in rng.permutation(len(COLORS))[:3]]
+    scene = shapes.place_scene(list(zip(colors, SHAPES)), rng)
+    shape = _pick(rng, SHAPES)
+    return scene, colors[SHAPES.index(shape)], shape
+
+
+def _hard_position_scene(rng: np.random.Generator) -> tuple[Scene, str, str, str]:
+    """(scene, colour, shape, region): the asked object only in ``region``, two near misses anywhere."""
+    region, color, shape = _pick(rng, POSITION_OPTIONS), _pick(rng, COLORS), _pick(rng, SHAPES)
+    for _ in range(_MAX_TRIES):
+        scene = shapes.place_scene([(color, shape), *_near_misses(color, shape, 2, rng)], rng, {0: region})
+        obj = next(o for o in scene.objects if (o.color, o.shape) == (color, shape))
+        if region_of(obj) == region:
+            return scene, color, shape, region
+    raise RuntimeError(f"shapes_qa: no near-miss scene with the object only {region}")  # a bug: most draws qualify
+
+
 def pixel_box(o: Obj, size: int) -> tuple[float, float, float, float]:
     """Bounding box [x1, y1, x2, y2] of ``o`` in absolute pixels of a ``size`` x ``size`` rendering."""
     x0, y0, x1, y1 = o.extent()
@@ -265,14 +316,23 @@ def tiered_hints(kind: str, scene: Scene, color: str, shape: str, size: int = 64
 
 # ---------------------------------------------------------------------------------------------- examples
 def make_example(
-    scene_seed: int, kind: str | None = None, seed: int = 0, size: int = 64, kinds: tuple[str, ...] = QA_KINDS
+    scene_seed: int,
+    kind: str | None = None,
+    seed: int = 0,
+    size: int = 64,
+    kinds: tuple[str, ...] = QA_KINDS,
+    difficulty: str = "normal",
 ) -> QAExample:
-    """The example of ``scene_seed`` (deterministic in (seed, scene_seed, kind, size)).
+    """The example of ``scene_seed`` (deterministic in (seed, scene_seed, kind, size, difficulty)).
 
-    ``kind`` None draws one of ``kinds`` uniformly from the scene's generator.
+    ``kind`` None draws one of ``kinds`` uniformly from the scene's generator; ``difficulty`` (module doc): normal,
+    near_miss or shuffled (the last two: multiple-choice kinds only).
     """
     if not 32 <= size <= 512:
         raise UserError(f"shapes_qa: image size={size} must be in 32..512 (the shapes world is drawn for 32-64 px)")
+    if difficulty not in DIFFICULTIES:
+        raise UserError(f"shapes_qa: difficulty={difficulty!r}; use one of {', '.join(DIFFICULTIES)}")
+    hard = difficulty == "near_miss"
     rng = np.random.default_rng([seed, int(scene_seed)])
     if kind is None:
         bad = [k for k in kinds if k not in QA_KINDS]
@@ -281,14 +341,16 @@ def make_example(
         kind = kinds[int(rng.integers(len(kinds)))]
     options: tuple[str, ...] = ()
     answer, box = None, None
+    if difficulty != "normal" and kind not in MC_KINDS:
+        raise UserError(f"shapes_qa: difficulty {difficulty} asks {', '.join(MC_KINDS)} only; got kind {kind!r}")
     if kind == "count":
-        scene, color, shape, n = _count_scene(rng)
+        scene, color, shape, n = (_hard_count_scene if hard else _count_scene)(rng)
         question, options, answer = f"How many {color} {shape}s are there?", COUNT_OPTIONS, LETTERS[n]
     elif kind == "color":
-        scene, color, shape = _unique_shape_scene(rng)
+        scene, color, shape = (_hard_unique_shape_scene if hard else _unique_shape_scene)(rng)
         question, options, answer = f"What colour is the {shape}?", COLOR_OPTIONS, LETTERS[COLORS.index(color)]
     elif kind == "position":
-        scene, color, shape, region = _position_scene(rng)
+        scene, color, shape, region = (_hard_position_scene if hard else _position_scene)(rng)
         question, options = f"Where is the {color} {shape}?", POSITION_OPTIONS
         answer = LETTERS[POSITION_OPTIONS.index(region)]
     elif kind == "grounding":
@@ -298,6 +360,13 @@ def make_example(
         question, box = f"Locate the {color} {shape}.", pixel_box(obj, size)
     else:
         raise UserError(f"shapes_qa: unknown question kind {kind!r}; known: {', '.join(QA_KINDS)}")
+    if difficulty == "shuffled":  # options in a random order that moves the answer off its usual letter
+        right, shuffle_rng = LETTERS.index(answer), np.random.default_rng([seed, int(scene_seed), 1])
+        order = list(range(len(options)))
+        while order.index(right) == right:
+            order = [int(i) for i in shuffle_rng.permutation(len(options))]
+        answer = LETTERS[order.index(right)]
+        options = tuple(options[i] for i in order)
     return QAExample(
         kind=kind,
         question=question,
@@ -315,7 +384,11 @@ def make_example(
 
 
 def make_examples(
-    scene_seeds: list[int], kinds: tuple[str, ...] = QA_KINDS, seed: int = 0, size: int = 64
+    scene_seeds: list[int],
+    kinds: tuple[str, ...] = QA_KINDS,
+    seed: int = 0,
+    size: int = 64,
+    difficulty: str = "normal",
 ) -> list[QAExample]:
     """One example per scene seed, the kind drawn from ``kinds`` by each scene's generator."""
-    return [make_example(s, None, seed, size, kinds) for s in scene_seeds]
+    return [make_example(s, None, seed, size, kinds, difficulty) for s in scene_seeds]

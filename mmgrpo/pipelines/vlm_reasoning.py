@@ -69,6 +69,10 @@ class VLMReasoningDataOptions:
     train_kinds: list[str] = field(default_factory=list)
     """source shapes_qa: question kinds of the TRAINING stream (a subset of count, color, position; [] = all three);
     the held-out evaluation always asks all three"""
+    difficulty: str = "normal"
+    """source shapes_qa: normal, near_miss (3-object scenes of near misses) or shuffled (options in an order that moves
+    the answer off its usual letter; bench/learning_vlm.py's hard split), for training AND the held-out evaluation
+    (mmgrpo/data/shapes_qa.py)"""
     eval_examples: int = 32
     """held-out examples answered (greedily) at each evaluation"""
     eval_batch: int = 8
@@ -188,9 +192,15 @@ class QAExamples:
                     f"data.options.train_kinds={list(data.train_kinds)}: {bad} not multiple-choice kinds; use a "
                     f"subset of {list(shapes_qa.MC_KINDS)} or []"
                 )
+            if data.difficulty not in shapes_qa.DIFFICULTIES:
+                raise UserError(
+                    f"data.options.difficulty={data.difficulty!r}; use one of {', '.join(shapes_qa.DIFFICULTIES)}"
+                )
             return
         if data.train_kinds:
             raise UserError("data.options.train_kinds needs source: shapes_qa and path: ''; remove it")
+        if data.difficulty != "normal":
+            raise UserError("data.options.difficulty needs source: shapes_qa and path: ''; remove it")
         n = len(self.records) if self.records is not None else data.num_examples
         self.train, self.heldout = seeded_split(n, data.heldout_fraction, data.split_seed, "the VLM reasoning data")
 
@@ -200,7 +210,8 @@ class QAExamples:
             prompt, meta = self.records[i]
             return dict(prompt), dict(meta)
         if self.data.source == "shapes_qa":
-            ex = shapes_qa.make_example(i, None, self.data.split_seed, self.data.image_size, kinds)
+            d = self.data
+            ex = shapes_qa.make_example(i, None, d.split_seed, d.image_size, kinds, d.difficulty)
             return ex.prompt(), ex.meta()
         return shapes_question(i, self.data.split_seed, self.data.image_size)
 

@@ -21,6 +21,7 @@ from mmgrpo.data.shapes import (
     all_prompts,
     in_region,
     parse_prompt,
+    place_scene,
     random_scene,
     relation_holds,
     render,
@@ -236,3 +237,18 @@ def test_regions_and_relations_by_hand():
     assert relation_holds((0.5, 0.2), (0.5, 0.7), "above", 0.1)  # y grows downwards
     with pytest.raises(UserError, match="'middle'"):
         in_region(0.5, 0.5, "middle")
+
+
+def test_place_scene_places_exactly_the_objects_asked():
+    asked = [("red", "circle"), ("red", "circle"), ("blue", "square")]
+    for s in range(20):
+        scene = place_scene(asked, np.random.default_rng(s), {2: "left"})
+        assert sorted((o.color, o.shape) for o in scene.objects) == sorted(asked)
+        (square,) = [o for o in scene.objects if o.shape == "square"]
+        assert in_region(square.cx, square.cy, "left")  # its centroid is inside the asked region
+    with pytest.raises(UserError, match="4 objects"):
+        place_scene(asked + [("green", "triangle")], np.random.default_rng(0))
+    with pytest.raises(UserError, match="unknown region 'middle'"):
+        place_scene(asked, np.random.default_rng(0), {0: "middle"})
+    with pytest.raises(UserError, match="purple"):
+        place_scene([("purple", "circle")], np.random.default_rng(0))

@@ -6,7 +6,7 @@ import pytest
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.data import shapes_qa
-from mmgrpo.data.shapes import COLORS, Obj, Scene, in_region, render
+from mmgrpo.data.shapes import COLORS, SHAPES, Obj, Scene, in_region, render
 from mmgrpo.rewards.shapes import detect
 
 
@@ -19,23 +19,23 @@ def test_examples_are_deterministic_in_the_seed_and_differ_across_seeds():
     assert kinds == set(shapes_qa.QA_KINDS)  # the kind is drawn from the scene's generator
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_multiple_choice_answers_are_right_for_the_scene_and_the_pixels(size):
+@pytest.mark.parametrize("size,difficulty", [(32, "normal"), (64, "normal"), (64, "near_miss"), (64, "shuffled")])
+def test_multiple_choice_answers_are_right_for_the_scene_and_the_pixels(size, difficulty):
     letters = {k: set() for k in shapes_qa.MC_KINDS}
     for s in range(60):
         for kind in shapes_qa.MC_KINDS:
-            ex = shapes_qa.make_example(s, kind, size=size)
+            ex = shapes_qa.make_example(s, kind, size=size, difficulty=difficulty)
             assert ex.image.shape == (size, size, 3) and ex.answer in "ABCD" and ex.box is None
             chosen = ex.options["ABCD".index(ex.answer)]
             color, shape = ex.target
             objs = ex.scene.objects
             seen = [(d.color, d.shape) for d in detect(ex.image)]  # the pixel verifier, independent of the scene
             if kind == "count":  # "How many red circles are there?"
-                assert ex.question == f"How many {color} {shape}s are there?" and ex.options == ("0", "1", "2", "3")
+                assert ex.question == f"How many {color} {shape}s are there?" and sorted(ex.options) == list("0123")
                 assert int(chosen) == sum((o.color, o.shape) == (color, shape) for o in objs)
                 assert int(chosen) == seen.count((color, shape))
             elif kind == "color":  # "What colour is the square?" -- the square is the only one
-                assert ex.question == f"What colour is the {shape}?" and ex.options == COLORS
+                assert ex.question == f"What colour is the {shape}?" and sorted(ex.options) == sorted(COLORS)
                 assert [o.color for o in objs if o.shape == shape] == [chosen]
                 assert [c for c, sh in seen if sh == shape] == [chosen]
             else:  # "Where is the blue triangle?" -- its centroid is in exactly that one of the four regions
@@ -45,6 +45,44 @@ def test_multiple_choice_answers_are_right_for_the_scene_and_the_pixels(size):
                 assert hits == [chosen]
             letters[kind].add(ex.answer)
     assert all(v == set("ABCD") for v in letters.values()), letters  # every option is sometimes right
+
+
+def test_hard_scenes_hold_three_objects_of_near_misses():
+    near = 0
+    for s in range(60):
+        for kind in shapes_qa.MC_KINDS:
+            ex = shapes_qa.make_example(s, kind, difficulty="near_miss")
+            assert ex == shapes_qa.make_example(s, kind, difficulty="near_miss")  # deterministic
+            color, shape = ex.target
+            objs = [(o.color, o.shape) for o in ex.scene.objects]
+            others = [o for o in objs if o != (color, shape)]
+            assert len(objs) == 3
+            if kind == "color":  # one of each shape, three distinct colours
+                assert sorted(sh for _, sh in objs) == sorted(SHAPES) and len({c for c, _ in objs}) == 3
+            else:  # every other object shares exactly one of the asked colour and shape
+                assert all((c == color) != (sh == shape) for c, sh in others), (kind, ex.target, objs)
+                near += len(others)
+    assert near >= 60  # most count and position scenes hold near misses
+    assert shapes_qa.make_example(3, "count", difficulty="near_miss") != shapes_qa.make_example(3, "count")
+    with pytest.raises(UserError, match="difficulty='extreme'"):
+        shapes_qa.make_example(0, "count", difficulty="extreme")
+    with pytest.raises(UserError, match="grounding"):
+        shapes_qa.make_example(0, "grounding", difficulty="near_miss")
+
+
+def test_shuffled_options_move_the_answer_off_its_usual_letter():
+    usual = {"count": shapes_qa.COUNT_OPTIONS, "color": COLORS, "position": shapes_qa.POSITION_OPTIONS}
+    orders = set()
+    for s in range(40):
+        for kind in shapes_qa.MC_KINDS:
+            ex, normal = shapes_qa.make_example(s, kind, difficulty="shuffled"), shapes_qa.make_example(s, kind)
+            assert ex.scene == normal.scene and ex.question == normal.question  # only the options move
+            assert sorted(ex.options) == sorted(usual[kind])
+            right = ex.options["ABCD".index(ex.answer)]
+            assert right == normal.options["ABCD".index(normal.answer)]  # the same option is right ...
+            assert ex.answer != normal.answer  # ... under another letter than the fixed order's
+            orders.add(ex.options)
+    assert len(orders) > 20  # the order is drawn per scene
 
 
 def test_pixel_box_by_hand():

@@ -89,3 +89,23 @@ def test_train_kinds_restrict_the_training_stream_but_not_the_heldout_evaluation
         QAExamples(VLMReasoningDataOptions(source="shapes_qa", train_kinds=["grounding"]))
     with pytest.raises(UserError, match="train_kinds"):
         QAExamples(VLMReasoningDataOptions(source="shapes", train_kinds=["count"]))
+
+
+def test_difficulty_applies_to_training_and_evaluation():
+    data = VLMReasoningDataOptions(source="shapes_qa", num_examples=30, eval_examples=12, difficulty="shuffled")
+    ex = QAExamples(data)
+    prompts = QAPrompts(ex, order_seed=0, example=ex.train_example)
+    stream = prompts.get(list(range(6)))
+    for j, prompt, meta in zip(range(6), stream.prompts, stream.meta):
+        i = prompts.example_at(j)
+        ref = shapes_qa.make_example(i, None, kinds=shapes_qa.MC_KINDS, difficulty="shuffled")
+        assert prompt["question"] == ref.question and meta["answer"] == ref.answer
+    for i in ex.heldout:
+        ref = shapes_qa.make_example(i, None, kinds=shapes_qa.MC_KINDS, difficulty="shuffled")
+        normal = shapes_qa.make_example(i, None, kinds=shapes_qa.MC_KINDS)
+        assert ex.example(i)[0]["options"] == list(ref.options) and ref.scene == normal.scene
+        assert ref.answer != normal.answer and ex.example(i)[1]["answer"] == ref.answer
+    with pytest.raises(UserError, match="difficulty='harder'"):
+        QAExamples(VLMReasoningDataOptions(source="shapes_qa", difficulty="harder"))
+    with pytest.raises(UserError, match="difficulty needs source: shapes_qa"):
+        QAExamples(VLMReasoningDataOptions(source="shapes", difficulty="shuffled"))

@@ -1,0 +1,78 @@
+"""bench/learning_vlm.py: the paired-SE maths by hand, the all-fail fraction, unavailable methods, and --quick runs
+end to end (2 steps per run: it checks the harness and its table, measures nothing)."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+spec = importlib.util.spec_from_file_location("bench_learning_vlm", ROOT / "bench" / "learning_vlm.py")
+bench = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bench  # its dataclasses look their module up
+spec.loader.exec_module(bench)
+
+
+def test_paired_standard_error_by_hand():
+    method, grpo = [0.62, 0.70, 0.66], [0.60, 0.64, 0.65]
+    # d = [0.02, 0.06, 0.01]: mean 0.03; deviations -0.01, 0.03, -0.02 -> sum of squares 14e-4, / (3 - 1) = 7e-4,
+    # std 0.026458, SE = 0.026458 / sqrt(3) = 0.015275
+    d, se = bench.paired_diff(method, grpo)
+    assert d == pytest.approx(0.03) and se == pytest.approx(math.sqrt(7e-4 / 3))
+    assert se == pytest.approx(0.015275, abs=1e-6)
+    # each side alone: method 0.66 +- sqrt(16e-4 / 2 / 3) = 0.023094, GRPO 0.63 +- sqrt(14e-4 / 2 / 3) = 0.015275;
+    # unpaired, the difference's SE would be sqrt(0.023094^2 + 0.015275^2) = 0.027689: pairing removes the seed effect
+    assert bench.mean_se(method) == pytest.approx((0.66, 0.023094), abs=1e-6)
+    assert bench.mean_se(grpo) == pytest.approx((0.63, 0.015275), abs=1e-6)
+    assert se < math.hypot(bench.mean_se(method)[1], bench.mean_se(grpo)[1])
+    assert math.isnan(bench.mean_se([0.5])[1])  # one seed: no SE
+    with pytest.raises(ValueError, match="same seeds"):
+        bench.paired_diff([0.1, 0.2], [0.1])
+
+
+def test_all_fail_fraction_by_hand():
+    nan = math.nan
+    # [0, 0] all fail; [0, 1] not; [nan, nan] (a checklist group) left out; [0, nan] all of its graded rows fail
+    assert bench.all_fail_fraction([[0.0, 0.0], [0.0, 1.0], [nan, nan], [0.0, nan]]) == pytest.approx(2 / 3)
+    assert math.isnan(bench.all_fail_fraction([[nan, nan]]))
+
+
+def test_table_rows_from_results():
+    rows = [(m, s, v) for m, vals in {"grpo": [0.60, 0.64, 0.65], "ngrpo": [0.62, 0.70, 0.66]}.items()
+            for s, v in enumerate(vals)]  # fmt: skip
+    results = [{"method": m, "split": "hard", "G": 8, "seed": s, "score": v, "steps": 10 + s, "all_fail": 0.5}
+               for m, s, v in rows]  # fmt: skip
+    results.append({"method": "mapo", "split": "hard", "G": 8, "seed": 1, "error": "UserError: rewards in [0, 1]"})
+    text = bench.render(results, ["grpo", "ngrpo", "mapo", "spo"], ["hard"], [8], {"spo": "unknown method 'spo'"},
+                        {"hard": 0.3})  # fmt: skip
+    assert f"| {bench.METHODS['mapo'].label} | failed (seed 1): UserError: rewards in [0, 1] |" in text
+    assert f"| {bench.METHODS['ngrpo'].label} | 0.660 ± 0.023 | +0.030 ± 0.015 | 0.50 | 11 (10-12) |" in text
+    assert f"| {bench.METHODS['grpo'].label} | 0.630 ± 0.015 | (baseline) | 0.50 | 11 (10-12) |" in text
+    assert f"| {bench.METHODS['spo'].label} | not available |" in text and "`spo`: unknown method 'spo'" in text
+    assert "Shipped model (greedy): 0.300." in text
+
+
+def test_a_method_whose_switch_is_missing_is_reported_not_run(monkeypatch):
+    fake = bench.Method("a paper not merged yet", ("advantage.estimator=no_such_estimator",))
+    monkeypatch.setitem(bench.METHODS, "fake", fake)
+    got = bench.availability(["grpo", "fake"], ["normal"], [2], [])
+    assert got["grpo"] is None and "no_such_estimator" in got["fake"]
+    # {G} / {G+1} follow the cell's group size (MC-GRPO's and TempSamp's extra row)
+    assert "trainer.group_size=9" in bench.cell_overrides("mc_grpo", "normal", 8, [])
+
+
+def test_quick_mode_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "q.md"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Command: `python bench/learning_vlm.py --quick --out " in text and "QUICK MODE" in text
+    for split in ("normal", "hard"):
+        section = text.split(f"### {bench.SPLITS[split].label}, G = 2")[1].split("###")[0]
+        grpo = next(line for line in section.splitlines() if line.startswith(f"| {bench.METHODS['grpo'].label} |"))
+        ngrpo = next(line for line in section.splitlines() if line.startswith(f"| {bench.METHODS['ngrpo'].label} |"))
+        assert "(baseline)" in grpo and "| 2 (2-2) |" in grpo  # 2 steps per run, 2 seeds
+        cells = [c.strip() for c in ngrpo.strip("|").split("|")]
+        assert "±" in cells[1] and "±" in cells[2]  # mean +- SE over 2 seeds, paired difference +- SE
+        assert 0.0 <= float(cells[3]) <= 1.0
