@@ -248,16 +248,14 @@ def unpad_groups(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return x.reshape(*x.shape[:-2], -1)[..., idx.to(x.device)]
 
 
-def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
-    """The rollout restricted to whole groups (their rows, group by group in the order of ``groups``)."""
-    G, n = rollout.group_size, rollout.num_rows
-    rows = rollout.group_rows(groups)
-    sizes = rollout.sizes
+def _subset(rollout: Rollout, rows: list[int], group_sizes: list[int] | None) -> Rollout:
+    """The rollout's ``rows`` (in that order) as a rollout of groups of ``group_sizes`` (None: of ``group_size``)."""
+    n = rollout.num_rows
     return Rollout(
         samples=_take(rollout.samples, rows, n),
         logp_old=rollout.logp_old[rows],
         train_mask=rollout.train_mask[rows],
-        group_size=G,
+        group_size=rollout.group_size,
         prompts=[rollout.prompts[i] for i in rows],
         meta=[rollout.meta[i] for i in rows],
         extras={k: _take(v, rows, n) for k, v in rollout.extras.items()},
@@ -265,29 +263,22 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
         group_keys=None if rollout.group_keys is None else [rollout.group_keys[i] for i in rows],
         variants=[_take(v, rows, n) for v in rollout.variants],
         logp_old_from_update=rollout.logp_old_from_update,
-        group_sizes=[sizes[g] for g in groups] if rollout.ragged else None,
+        group_sizes=group_sizes,
     )
+
+
+def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
+    """The rollout restricted to whole groups (their rows, group by group in the order of ``groups``)."""
+    sizes = rollout.sizes
+    return _subset(rollout, rollout.group_rows(groups), [sizes[g] for g in groups] if rollout.ragged else None)
 
 
 def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
     """The rollout restricted to ``rows`` (in that order), grouped by ``rollout.group_size`` again: e.g. a group whose
     rows come from two rollouts of the same prompt (Scaf-GRPO's hinted rows in a failed group)."""
-    G, n = rollout.group_size, rollout.num_rows
-    if len(rows) % G:
-        raise ValueError(f"select_rows: {len(rows)} rows do not make whole groups of {G}")
-    return Rollout(
-        samples=_take(rollout.samples, rows, n),
-        logp_old=rollout.logp_old[rows],
-        train_mask=rollout.train_mask[rows],
-        group_size=G,
-        prompts=[rollout.prompts[i] for i in rows],
-        meta=[rollout.meta[i] for i in rows],
-        extras={k: _take(v, rows, n) for k, v in rollout.extras.items()},
-        loss_weight=None if rollout.loss_weight is None else rollout.loss_weight[rows],
-        group_keys=None if rollout.group_keys is None else [rollout.group_keys[i] for i in rows],
-        variants=[_take(v, rows, n) for v in rollout.variants],
-        logp_old_from_update=rollout.logp_old_from_update,
-    )
+    if len(rows) % rollout.group_size:
+        raise ValueError(f"select_rows: {len(rows)} rows do not make whole groups of {rollout.group_size}")
+    return _subset(rollout, rows, None)
 
 
 def _cat(values: list[Any], sizes: list[int]) -> Any:
