@@ -164,10 +164,11 @@ class RewardContext:
     group_size: int  # G
     step: int = 0
     group: torch.Tensor | None = None  # [N] group index of each row (n // G, or by Rollout.group_offsets if ragged)
-    group_sizes: list[int] | None = None  # [B] rows per group when groups are ragged; None = group_size each
     policy: Any = None  # for rewards that query the policy (answer-consistency re-asking)
     device: torch.device | str = "cpu"
     update_state: bool = True  # False when rows are scored again (variants, evaluation): curricula must not advance
+    group_sizes: list[int] | None = None  # [B] rows per group when groups are ragged; None = group_size each (last:
+    # rewards and plug-ins build contexts positionally)
 
 
 @runtime_checkable

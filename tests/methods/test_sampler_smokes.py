@@ -32,6 +32,14 @@ def _length_reward():
     return lambda samples, prompts, meta, ctx: [min(1.0, len(s) / 64.0) for s in samples]
 
 
+@register("test_sampler_brightness")
+def _brightness_reward():
+    """Test reward in [0, 1]: an image's mean brightness. The shapes verifier scores 3-step samples 0 almost always,
+    and groups of equal rewards have no gradient (DiffusionNFT's loss at A = 0 is flat at the sampling policy); this
+    dense term gives the diffusion smoke one."""
+    return lambda samples, prompts, meta, ctx: [float(x.float().mean()) for x in samples]
+
+
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
     return save_tiny(*tiny_qwen2_vl(), tmp_path_factory.mktemp("tiny_vlm") / "qwen2_vl")
@@ -86,6 +94,7 @@ def test_two_diffusion_steps_with_each_sampler(tmp_path, monkeypatch, name):
         [f"run.output_dir={tmp_path}", f"run.name=t2i_{name}", "trainer.max_steps=2", "trainer.prompts_per_step=2",
          "trainer.group_size=2", "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
          "policy.options.num_steps=3", f"sampler={json.dumps(sampler)}", f"advantage.estimator={estimator}",
+         f"rewards={json.dumps([{'name': 'test_sampler_brightness'}])}",
          *(DYNAMIC if name == "vspo" else [])],
     )  # fmt: skip
     trainer, sizes, moved = _run_two_steps(cfg)
