@@ -178,9 +178,10 @@ class TrainerConfig:
     is sampled (overlaps remote/threaded rewards with sampling); 1 = sample everything, then score"""
     micro_batch_size: int | Literal["auto"] = "auto"
     """rows per forward/backward (gradient accumulation inside a minibatch); 0 = the whole minibatch; auto = the
-    policy's choice: a diffusion policy, whose every trained step (or draw) of a row is one denoiser forward, takes as
-    many rows as keep rows x trained units <= micro_batch_units (so memory is bounded by that budget, not by B x G x
-    T; at least one row), other policies the whole minibatch. Only float rounding depends on it"""
+    policy's choice: a diffusion policy, whose every trained step (or draw) of a row is one denoiser forward, takes the
+    number of rows that brings rows x trained units nearest to micro_batch_units (so memory is bounded by about that
+    budget, not by B x G x T; at least one row), other policies the whole minibatch. Only float rounding depends on
+    it"""
     micro_batch_units: int = 16
     """with micro_batch_size auto: the most (row, unit) forwards of a diffusion policy in one micro-batch. 16 kept
     the update of the shapes SD3 (B 8 x G 8, 7 trained steps: 2 rows at a time) at or below the peak memory of

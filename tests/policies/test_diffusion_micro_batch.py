@@ -48,17 +48,21 @@ def test_auto_fits_rows_times_trained_units_into_the_budget(tmp_path, model):
     assert tr.cfg.trainer.micro_batch_size == "auto" and tr.cfg.trainer.micro_batch_units == 16
     rows = torch.arange(8)
     every = torch.ones(8, T, dtype=torch.bool)  # the sde objective trains all T = 4 steps of a row
-    assert tr.micro_rows(rows, every) == 4  # 16 // 4
+    assert tr.micro_rows(rows, every) == 4  # 16 / 4
     tr.cfg.trainer.micro_batch_units = 100
     assert tr.micro_rows(rows, every) == 8  # 25 rows fit: the whole minibatch of 8
     tr.cfg.trainer.micro_batch_units = 8
-    assert tr.micro_rows(rows, every) == 2  # 8 // 4
+    assert tr.micro_rows(rows, every) == 2  # 8 / 4
     tr.cfg.trainer.micro_batch_units = 3
     assert tr.micro_rows(rows, every) == 1  # one row's 4 steps exceed the budget: still one row
+    tr.cfg.trainer.micro_batch_units = 7
+    assert tr.micro_rows(rows, every) == 2  # 7 / 4 = 1.75: the nearest count, 2 rows (8 pairs), not floor's 1
+    tr.cfg.trainer.micro_batch_units = 5
+    assert tr.micro_rows(rows, every) == 1  # 5 / 4 = 1.25: 1 row
     half = every.clone()
     half[:, 2:] = False  # 2 trained steps per row
     tr.cfg.trainer.micro_batch_units = 8
-    assert tr.micro_rows(rows, half) == 4  # 8 // 2
+    assert tr.micro_rows(rows, half) == 4  # 8 / 2
     tr.cfg.trainer.micro_batch_size = 3
     assert tr.micro_rows(rows, every) == 3  # a number is rows, as before
     tr.cfg.trainer.micro_batch_size = 0
@@ -77,7 +81,7 @@ def test_auto_on_a_policy_without_a_choice_is_the_whole_minibatch(tmp_path):
 @pytest.mark.parametrize(
     "objective, loss, rows_micro",
     [
-        ({}, ["loss.name=grpo"], 1),  # sde: 4 trained steps per row, budget 6 -> 1 row
+        ({}, ["loss.name=grpo"], 2),  # sde: 4 trained steps per row, budget 6 -> 1.5 -> 2 rows
         ({"objective": {"name": "nft", "timesteps": 3}, "sde": {"noise_level": 0.0}},
          ["loss.name=nft", "loss.adv_clip=1.0"], 2),  # nft: 3 draws per row -> 2 rows
     ],
