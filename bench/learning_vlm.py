@@ -1,16 +1,28 @@
-"""Learning benchmark on the shapes VLM world: each optimizer-family method against plain GRPO at equal wall-clock.
+"""Learning benchmark on the shapes VLM world: each optimizer-family method against plain GRPO at equal compute.
 
     python bench/learning_vlm.py --jobs 2                # everything; writes bench/results/learning_vlm.md
-    python bench/learning_vlm.py --methods grpo ngrpo --splits hard --groups 8 --seeds 0 --budget 60 --out ''
-    python bench/learning_vlm.py --quick --out /tmp/q.md # the smoke test (tests/bench/test_learning_vlm.py)
+    python bench/learning_vlm.py --jobs 2 --splits hard --groups 8 --methods ngrpo spo   # a part of it
+    python bench/learning_vlm.py --report-only           # the table from the run log, running nothing
+    python bench/learning_vlm.py --quick --out /tmp/q.md --log ''   # the smoke test (tests/bench/test_learning_vlm.py)
 
 Every run starts from the shipped shapes VLM (``configs/shapes_vlm_grpo.yaml``, ``assets/shapes_vlm``), trains for
-``--budget`` seconds of wall-clock (``trainer.time_budget_s``: sampling, scoring and updates; model loading and
-evaluation excluded; the step that crosses the budget finishes) and is then evaluated greedily on the same
-``--eval-examples`` held-out scenes. A method is a named list of config overrides on top of the demo config
-(:data:`METHODS`; ``{G}`` and ``{G+1}`` stand for the group size of the cell), so a new paper is one entry. An entry
-whose switch this checkout does not have (an estimator, loss, shaping or ``methods:`` block not registered, an
-unknown config key: any ``UserError`` at config load) is reported as "not available" with the reason, and not run.
+``--budget`` seconds (``trainer.time_budget_s``: sampling, scoring and updates; model loading and evaluation excluded;
+the step that crosses the budget finishes) and is then evaluated greedily on the same ``--eval-examples`` held-out
+scenes. The budget counts the run's own CPU seconds by default (``--clock process``, ``trainer.time_budget_clock``;
+one torch thread per run, so on an idle core it is the run's wall-clock): every method gets the same compute even
+when the machine is shared or the benchmark is paused (``kill -STOP`` / ``-CONT`` its process group) to time
+something else; ``--clock wall`` counts wall-clock instead. A method is a named list of config overrides on top of
+the demo config (:data:`METHODS`; ``{G}`` and ``{G+1}`` stand for the group size of the cell), so a new paper is one
+entry. An entry whose switch this checkout does not have (an estimator, loss, shaping or ``methods:`` block not
+registered, an unknown config key: any ``UserError`` at config load) is reported as "not available" with the reason,
+and not run.
+
+Run log: every finished run is appended (fsync'd) as one JSON line to ``--log``
+(``bench/results/learning_vlm_runs.jsonl``, committed), keyed by its cell, seed, budget, clock and full override list;
+an invocation runs only the runs its command asks for that the log lacks, and writes its table from the log. A
+benchmark of many hours can so be stopped at any time and continued later (another session, another day), and runs
+are never repeated; a changed method definition, budget or held-out set is a new key, so stale runs never mix in.
+Runs go method-major (GRPO, then each listed method's seeds), so a stopped benchmark leaves whole rows.
 
 Cells: every split of :data:`SPLITS` x every G of ``--groups`` (2 and 8) x every seed. Within a cell every method
 runs at every seed; seed s of a method is *paired* with seed s of GRPO (same prompt order ``run.seed``, same
@@ -31,8 +43,8 @@ order that never leaves the right option at its usual letter ("How many red circ
 model learned the fixed order, so it answers confidently and wrongly until it learns to read the options, and most of
 plain GRPO's groups all fail (:data:`HARD_SPLIT_NOTE`; the table's all-fail column measures it per run). The other knob
 of the world, near-miss scenes (``difficulty: near_miss``), was measured and rejected: it makes the model unsure
-(samples spread over the options) rather than wrong, so few groups all fail. Runs are interleaved seed-major so load on
-a shared machine spreads over methods; ``--jobs 2`` runs two at a time with one torch thread each.
+(samples spread over the options) rather than wrong, so few groups all fail. ``--jobs 2`` runs two at a time with one
+torch thread each.
 
 Cost (measured 2026-12-04 on this project's 2-core machine, one torch thread, under load, so in CPU seconds, which is
 what an idle core turns into wall-clock): a step of B = 16 prompts takes ~1.1-1.3 s at G = 8 and ~0.8 s at G = 2; an
@@ -42,18 +54,20 @@ G = 8, seed 0: 300 s gave 281 steps and held-out accuracy 0.100 -> 0.233 on 600 
 evaluations and loading included; all-fail fraction 0.65 over the run); 150 s under heavier load gave 56 steps and
 0.100 -> 0.135. A full run is (methods x 2 splits x 2 G x 3 seeds) runs of budget + ~20 s: the 10 methods on main make
 120 runs, 38,400 s = 10.7 h on one core, ~5.3 h with ``--jobs 2`` on 2 idle cores; every further entry adds 12 runs,
-~32 min at ``--jobs 2``, so all 31 entries (issue 17's 21 merged) are 372 runs, ~16.5 h (or subsets with ``--methods``
-/ ``--splits`` / ``--groups``, each to its ``--out``).
+~32 min at ``--jobs 2``, so all 31 entries (issue 17's 21 merged) are 372 runs, ~16.5 h, done in parts (the run
+log keeps them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +80,7 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's mmgrpo, witho
     sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "configs" / "shapes_vlm_grpo.yaml"
 DEFAULT_OUT = Path(__file__).parent / "results" / "learning_vlm.md"
+DEFAULT_LOG = Path(__file__).parent / "results" / "learning_vlm_runs.jsonl"
 BASELINE = "grpo"
 
 
@@ -315,6 +330,7 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
                     out.append(f"| {METHODS[m].label} | failed (seed {seeds}): {failed[0]['error'][:200]} | | | |")
                     continue
                 if not rs:
+                    out.append(f"| {METHODS[m].label} | not run yet | | | |")
                     continue
                 score = _pm(*mean_se([r["score"] for r in rs]))
                 seeds = [r["seed"] for r in rs if r["seed"] in base]
@@ -337,9 +353,65 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
     return "\n".join(out)
 
 
+def run_key(method: str, split: str, G: int, seed: int, budget: float, clock: str, extra: list[str]) -> str:
+    """What makes two runs the same measurement: the cell, the seed, the budget and its clock, and every config
+    override the run gets (a method whose definition changed, or other held-out scenes, is a new measurement)."""
+    return json.dumps([method, split, G, seed, budget, clock, cell_overrides(method, split, G, extra)])
+
+
+def shipped_key(split: str, extra: list[str]) -> str:
+    return json.dumps(["shipped", split, base_overrides(split), extra])
+
+
+def read_log(path: Path | None) -> dict[str, dict]:
+    """The run log: key -> the last record with that key (one JSON object per line; a torn last line from a killed
+    process is skipped with a warning, the lines before it are kept)."""
+    if path is None or not path.exists():
+        return {}
+    out: dict[str, dict] = {}
+    for i, line in enumerate(path.read_text().splitlines()):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"{path}:{i + 1}: unreadable line skipped (a run killed while writing it)", file=sys.stderr)
+            continue
+        out[rec["key"]] = rec
+    return out
+
+
+def append_log(path: Path | None, rec: dict) -> None:
+    """One finished run, appended and fsync'd: a killed benchmark loses at most the runs in flight."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _timed_run(*args) -> dict:
+    """run_one with the CPU seconds of the whole run (loading and evaluation included) and its start / end times."""
+    stamp = "%Y-%m-%dT%H:%M:%S"
+    started, cpu0 = time.strftime(stamp), time.process_time()
+    rec = run_one(*args)
+    return {**rec, "cpu_s": time.process_time() - cpu0, "started": started, "ended": time.strftime(stamp)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=300.0, help="training seconds per run (evaluation excluded)")
+    p.add_argument("--clock", choices=["process", "wall"], default="process",
+                   help="what the budget counts (trainer.time_budget_clock): process = the run's CPU seconds (fair "
+                        "on a shared or paused machine; one torch thread per run), wall = wall-clock")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--groups", type=int, nargs="+", default=[2, 8], help="group sizes G")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
@@ -347,64 +419,95 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-examples", type=int, default=600, help="held-out scenes per evaluation")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every run")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results file ('' = print only)")
+    p.add_argument("--log", default=str(DEFAULT_LOG),
+                   help="run log (JSON lines): finished runs are appended as they end and never run again; the table "
+                        "is built from every logged run that matches this command ('' = none)")  # fmt: skip
+    p.add_argument("--report-only", action="store_true", help="run nothing: write the table from the log")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (2 on a 2-core box)")
     quick = "smoke mode: seeds 0 1, G 2, 2 steps of 4 prompts, 16 held-out scenes (grpo, ngrpo unless --methods)"
     p.add_argument("--quick", action="store_true", help=quick)
     args = p.parse_args(argv)
     budget, seeds, groups, methods = args.budget, args.seeds, args.groups, args.methods or list(METHODS)
-    extra = [f"data.options.eval_examples={args.eval_examples}", *args.override]
+    extra = [f"data.options.eval_examples={args.eval_examples}", f"trainer.time_budget_clock={args.clock}",
+             *args.override]  # fmt: skip
     if args.quick:
         budget, seeds, groups, methods = 30.0, [0, 1], [2], args.methods or ["grpo", "ngrpo"]
         extra = ["data.options.eval_examples=16", *QUICK, *args.override, "trainer.stop_after_steps=2"]
     if BASELINE not in methods:
         methods = [BASELINE, *methods]
+    log_path = Path(args.log) if args.log else None
+    log = read_log(log_path)
     unavailable = availability(methods, args.splits, groups, extra)
     for m, why in unavailable.items():
         if why:
             print(f"{m}: not available ({why})", flush=True)
-    todo = [(m, sp, G, s) for s in seeds for sp in args.splits for G in groups for m in methods if not unavailable[m]]
+    # method-major (GRPO first, then each method's seeds together): a benchmark stopped part-way leaves whole rows
+    cells = [(m, sp, G, s) for sp in args.splits for G in groups for m in methods for s in seeds if not unavailable[m]]
+    keys = {c: run_key(*c, budget, args.clock, extra) for c in cells}
+    todo = [] if args.report_only else [c for c in cells if keys[c] not in log]
+    print(f"{len(cells) - len(todo)} of {len(cells)} runs already in the log; {len(todo)} to run", flush=True)
     load_before = os.getloadavg()
-    results: list[dict] = []
+    commit = _commit()
+
+    def done(rec: dict) -> None:
+        head = f"{rec['method']:10s} {rec['split']:6s} G {rec['G']} seed {rec['seed']}"
+        if "error" in rec:  # not logged: a later invocation (after the fix) runs it again
+            log[keys[(rec["method"], rec["split"], rec["G"], rec["seed"])]] = rec
+            print(f"{head}: FAILED {rec['error']}", flush=True)
+            return
+        rec = {**rec, "key": keys[(rec["method"], rec["split"], rec["G"], rec["seed"])], "budget": budget,
+               "clock": args.clock, "commit": commit, "jobs": args.jobs}  # fmt: skip
+        log[rec["key"]] = rec
+        append_log(log_path, rec)
+        print(f"{head}: {rec['score']:.4f} after {rec['steps']} steps, all-fail {rec['all_fail']:.2f}", flush=True)
+
+    shipped: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        shipped = {sp: shipped_score(sp, Path(tmp), extra) for sp in args.splits}
-        for sp, v in shipped.items():
-            print(f"shipped model, {sp}: {v:.4f}", flush=True)
-
-        def done(r: dict) -> None:
-            results.append(r)
-            head = f"{r['method']:10s} {r['split']:6s} G {r['G']} seed {r['seed']}"
-            if "error" in r:
-                print(f"{head}: FAILED {r['error']}", flush=True)
-                return
-            print(f"{head}: {r['score']:.4f} after "
-                  f"{r['steps']} steps, all-fail {r['all_fail']:.2f}", flush=True)  # fmt: skip
-
+        for sp in args.splits:
+            k = shipped_key(sp, extra)
+            if k not in log and not args.report_only:
+                rec = {"key": k, "split": sp, "shipped": shipped_score(sp, Path(tmp), extra), "commit": commit}
+                log[k] = rec
+                append_log(log_path, rec)
+            if k in log:
+                shipped[sp] = log[k]["shipped"]
+                print(f"shipped model, {sp}: {shipped[sp]:.4f}", flush=True)
         if args.jobs <= 1:
             for m, sp, G, s in todo:
-                done(run_one(m, sp, G, s, budget, Path(tmp) / "runs", extra))
-        else:
+                done(_timed_run(m, sp, G, s, budget, Path(tmp) / "runs", extra))
+        elif todo:
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, m, sp, G, s, budget, Path(tmp) / "runs", extra, 1)
+                futures = [pool.submit(_timed_run, m, sp, G, s, budget, Path(tmp) / "runs", extra, 1)
                            for m, sp, G, s in todo]  # fmt: skip
                 for fut in as_completed(futures):
                     done(fut.result())
+    results = [log[keys[c]] for c in cells if keys[c] in log]
     tables = render(results, methods, args.splits, groups, unavailable, shipped)
     print(tables)
     if args.out:
         cmd = "python bench/learning_vlm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         load_after = os.getloadavg()
+        ok = [r for r in results if "error" not in r]
+        when = (f"{min(r['started'] for r in ok)} to {max(r['ended'] for r in ok)}, commits "
+                f"{', '.join(sorted({r['commit'] for r in ok}))}" if ok and "started" in ok[0] else "")  # fmt: skip
+        clock = " (CPU seconds of the run, one torch thread: an idle core turns them into wall-clock)"
+        clock = clock if args.clock == "process" else ""
+        per_seed = "" if len(seeds) < 2 else f" (with {len(seeds)} seeds, {len(seeds) - 1} degrees of freedom)"
         body = (
-            f"# Learning on the shapes VLM world: methods against GRPO at equal wall-clock\n\n"
+            f"# Learning on the shapes VLM world: methods against GRPO at equal compute\n\n"
             f"Command: `{cmd.strip()}`\n\n"
             f"{'QUICK MODE (a smoke test, not a measurement). ' if args.quick else ''}"
-            f"Budget: {budget:.0f} s of training per run; seeds {seeds}; "
-            f"{args.jobs} run(s) at a time{' (one thread each)' if args.jobs > 1 else ''}; held-out accuracy "
-            f"(greedy) mean ± SE over seeds; vs GRPO: mean over seeds of (method - GRPO at the same seed) ± its "
-            f"paired SE (with {len(seeds)} seeds, {len(seeds) - 1} degrees of freedom); all-fail groups: share of "
-            f"the trained groups with accuracy 0 on every row; steps done: mean (min-max). Load average "
-            f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.\n\n"
+            f"{len(ok)} of {len(cells)} runs in the table ({when}); runs are read from the run log "
+            f"`{args.log}` and only missing ones are run, so the table grows across invocations. "
+            f"Budget: {budget:.0f} s of training per run counted by the {args.clock} clock"
+            f"{clock}; "
+            f"seeds {seeds}; {args.jobs} run(s) at a time{' (one thread each)' if args.jobs > 1 else ''}; held-out "
+            f"accuracy (greedy) mean ± SE over seeds; vs GRPO: mean over seeds of (method - GRPO at the same seed) ± "
+            f"its paired SE{per_seed}; all-fail groups: share of the trained groups with accuracy 0 on every row; "
+            f"steps done: mean (min-max). Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after this "
+            f"invocation.\n\n"
             f"Hard split: {HARD_SPLIT_NOTE}\n\n{tables}"
-        )
+        )  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(body)
     return 0

@@ -231,7 +231,11 @@ class TrainerConfig:
     stop_after_steps: int | None = None
     """stop (checkpointing) after this many steps of this invocation, as if interrupted; null = off"""
     time_budget_s: float | None = None
-    """stop (checkpointing) when this much wall-clock time has passed; null = off"""
+    """stop (checkpointing) when this much time has passed since this invocation started; null = off"""
+    time_budget_clock: str = "wall"
+    """what the time budget counts: ``wall`` (wall-clock) or ``process`` (this process's CPU seconds, all its threads:
+    runs stay comparable when they share a machine or are paused; with one torch thread on an idle core it is the
+    wall-clock of the work)"""
     dump_advantages: bool = False
     """write each step's advantages (all ranks gathered) under debug/ (for checking runs agree)"""
     progress: bool = True
@@ -427,6 +431,8 @@ def check_numbers(cfg: Config, where: str) -> None:
         raise _bad("trainer.ema_decay", t.ema_decay, where, "must lie in (0, 1), e.g. 0.999, or null (off)")
     if t.time_budget_s is not None and not t.time_budget_s > 0:
         raise _bad("trainer.time_budget_s", t.time_budget_s, where, "must be > 0 seconds, or null (no budget)")
+    if t.time_budget_clock not in ("wall", "process"):
+        raise _bad("trainer.time_budget_clock", t.time_budget_clock, where, "must be 'wall' or 'process'")
     for key, value, lo, meaning in [
         ("trainer.prompts_per_step", t.prompts_per_step, 1, ""),
         ("trainer.group_size", t.group_size, 1, ""),

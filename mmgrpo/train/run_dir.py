@@ -28,7 +28,8 @@ RUN_MARKER = ".mmgrpo-run"
 STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png")
 """what a fresh (or overwritten) run starts without"""
 RESUMABLE = (
-    "trainer.max_steps", "trainer.stop_after_steps", "trainer.time_budget_s", "trainer.progress",
+    "trainer.max_steps", "trainer.stop_after_steps", "trainer.time_budget_s", "trainer.time_budget_clock",
+    "trainer.progress",
     "trainer.log_every", "trainer.eval_every", "trainer.sample_every", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.dump_advantages", "trainer.micro_batch_size", "trainer.micro_batch_units",
     "trainer.rollout_chunks", "run.name", "run.output_dir", "run.overwrite", "resume", "resume_force",

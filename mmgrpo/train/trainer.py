@@ -813,16 +813,19 @@ class Trainer:
             write_report(self.run_dir)
         return last
 
-    def _stop_requested(self, flag: Any) -> int:
-        """The signal any rank caught (ranks agree, so all of them checkpoint and stop at the same step)."""
+    def _stop_requested(self, flag: Any, over_budget: bool = False) -> tuple[int, bool]:
+        """(the signal any rank caught, whether any rank is over the time budget): ranks agree, so all of them
+        evaluate, checkpoint and stop at the same step."""
         if self.acc.num_processes == 1:
-            return flag.signum
-        got = torch.tensor([flag.signum], device=self.acc.device)
-        return int(self.acc.reduce(got, reduction="max").item())
+            return flag.signum, over_budget
+        got = torch.tensor([flag.signum, int(over_budget)], device=self.acc.device)
+        signum, over = self.acc.reduce(got, reduction="max").tolist()
+        return int(signum), bool(over)
 
     def _train(self, flag: Any) -> dict[str, Any]:
         t = self.cfg.trainer
-        start_time, done_here, last = time.perf_counter(), 0, {}
+        clock = time.process_time if t.time_budget_clock == "process" else time.perf_counter
+        start_time, done_here, last = clock(), 0, {}
         if self.step == 0 and t.eval_every:
             self.evaluate(0)
         bar = self._progress()
@@ -846,19 +849,19 @@ class Trainer:
             self._maybe_save_samples(rollout)
             if bar is not None:
                 if t.time_budget_s is not None:  # the bar counts the budget's seconds; the step is in the postfix
-                    bar.update(min(time.perf_counter() - start_time, bar.total) - bar.n)
+                    bar.update(min(clock() - start_time, bar.total) - bar.n)
                     bar.set_postfix(step=self.step, reward=f"{metrics['reward/mean']:.3f}",
                                     s_per_step=f"{metrics['time/step_s']:.2f}")  # fmt: skip
                 else:
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.2f}")
             done_here += 1
-            stop = (t.stop_after_steps is not None and done_here >= t.stop_after_steps) or (
-                t.time_budget_s is not None and time.perf_counter() - start_time >= t.time_budget_s
+            signum, over = self._stop_requested(
+                flag, t.time_budget_s is not None and clock() - start_time >= t.time_budget_s
             )
+            stop = (t.stop_after_steps is not None and done_here >= t.stop_after_steps) or over
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps or stop):
                 self.evaluate(self.step)
-            signum = self._stop_requested(flag)
             if (
                 signum
                 or stop

@@ -2,6 +2,7 @@
 end to end (2 steps per run: it checks the harness and its table, measures nothing)."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_a_method_whose_switch_is_missing_is_reported_not_run(monkeypatch):
 
 def test_quick_mode_writes_the_table(tmp_path, capsys):
     out = tmp_path / "q.md"
-    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--out", str(out), "--log", ""]) == 0
     text = out.read_text()
     assert "Command: `python bench/learning_vlm.py --quick --out " in text and "QUICK MODE" in text
     for split in ("normal", "hard"):
@@ -76,3 +77,29 @@ def test_quick_mode_writes_the_table(tmp_path, capsys):
         cells = [c.strip() for c in ngrpo.strip("|").split("|")]
         assert "±" in cells[1] and "±" in cells[2]  # mean +- SE over 2 seeds, paired difference +- SE
         assert 0.0 <= float(cells[3]) <= 1.0
+
+
+def test_the_run_log_keeps_finished_runs_and_the_table_grows_from_it(tmp_path, monkeypatch, capsys):
+    """--log: each finished run is one JSON line; a later invocation runs only what is missing (here nothing) and
+    writes the same table from the log; a torn last line (a process killed mid-write) is skipped, not fatal."""
+    log, out = tmp_path / "runs.jsonl", tmp_path / "t.md"
+    argv = ["--quick", "--methods", "grpo", "--splits", "hard", "--log", str(log), "--out", str(out)]
+    assert bench.main(argv) == 0
+    lines = log.read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert sorted(r.get("seed", -1) for r in recs) == [-1, 0, 1]  # the shipped score, then seeds 0 and 1
+    assert all(r["steps"] == 2 and r["cpu_s"] > 0 and r["commit"] for r in recs if "seed" in r)
+    first = out.read_text()
+    assert "2 of 2 runs in the table" in first
+    with open(log, "a") as f:
+        f.write('{"key": "torn')
+    monkeypatch.setattr(bench, "run_one", lambda *a: pytest.fail("a logged run ran again"))
+    monkeypatch.setattr(bench, "shipped_score", lambda *a: pytest.fail("the logged shipped score was measured again"))
+    assert bench.main(argv) == 0
+    assert "2 of 2 runs already in the log; 0 to run" in capsys.readouterr().out
+    table = first.split("### ")[1]
+    assert out.read_text().split("### ")[1] == table  # same numbers, read back from the log
+    # another budget is another measurement: nothing in the log matches it
+    assert bench.run_key("grpo", "hard", 2, 0, 30.0, "process", []) != bench.run_key(
+        "grpo", "hard", 2, 0, 60.0, "process", []
+    )

@@ -45,6 +45,7 @@ BAD = [
     ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints=0"),
     ("trainer.stop_after_steps=0", "trainer.stop_after_steps=0"),
     ("trainer.time_budget_s=0", "trainer.time_budget_s=0.0"),
+    ("trainer.time_budget_clock=cpu", "must be 'wall' or 'process'"),
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0"),
     ("advantage.max_refill_rounds=-1", "advantage.max_refill_rounds=-1"),
     ("loss.options.clip_low=-0.1", "loss.options.clip_low=-0.1"),

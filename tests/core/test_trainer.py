@@ -320,6 +320,21 @@ def test_progress_bar_counts_the_time_budget_when_there_is_one(tmp_path):
     bar.close()
 
 
+@pytest.mark.parametrize("clock", ["wall", "process"])
+def test_time_budget_counts_its_clock_and_checkpoints_where_it_stops(tmp_path, monkeypatch, clock):
+    """trainer.time_budget_clock: the budget reads time.perf_counter (wall) or time.process_time (CPU seconds of
+    this process, unaffected by sharing the machine or being paused); the step that crosses it finishes, then the
+    run saves and stops. A fake clock that advances 10 s per reading makes the stopping step exact."""
+    ticks = iter(range(0, 10_000, 10))
+    monkeypatch.setattr("time." + ("perf_counter" if clock == "wall" else "process_time"), lambda: float(next(ticks)))
+    cfg = cfg_for(tmp_path, "trainer.time_budget_s=25", f"trainer.time_budget_clock={clock}")
+    trainer = train(cfg)
+    assert 1 <= trainer.step < 150  # stopped by the budget, not max_steps
+    assert ckpt.latest_checkpoint(trainer.run_dir / "checkpoints").name == ckpt.step_dir_name(trainer.step)
+    if clock == "process":  # only the budget reads process_time: start 0, then one reading per step (10, 20, 30)
+        assert trainer.step == 3
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
 def test_mask_zero_adv_runs_in_the_trainer_and_its_normaliser(tmp_path, monkeypatch, aggregation):
     """loss.mask_zero_adv: the trainer drops zero-advantage rows from the mask (losses.mask_zero_advantages, the one
