@@ -48,6 +48,7 @@ from mmgrpo.core.types import (
     unpad_groups,
 )
 from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train import zero
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config, resolved_config
 from mmgrpo.train.export import export_policy, export_run
@@ -93,6 +94,8 @@ def make_accelerator(mixed_precision: str | None) -> Accelerator:
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
         enable_cpu_fsdp()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
+        enable_cpu_deepspeed(str(acc.mixed_precision))
     return acc
 
 
@@ -116,6 +119,39 @@ def enable_cpu_fsdp() -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
+
+
+def enable_cpu_deepspeed(mixed_precision: str) -> None:
+    """Turn a gloo (CPU) process group's accelerate state into DeepSpeed, with the plugin the launcher's DeepSpeed
+    options (``accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml``) describe.
+
+    accelerate enables DeepSpeed only for accelerator devices (with ``ACCELERATE_USE_CPU=true`` it runs the launch as
+    plain data parallel); DeepSpeed itself runs ZeRO-2 and ZeRO-3 on CPU processes (its CPU accelerator,
+    ``DS_ACCELERATOR=cpu``, over the gloo group accelerate made), which is how the 2-process tests run the DeepSpeed
+    code path without a GPU."""
+    from accelerate import DeepSpeedPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: no CUDA probing
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"the launcher asks for DeepSpeed (accelerate config distributed_type: DEEPSPEED), but it cannot be "
+            f"imported ({e}); install it (pip install 'mmgrpo[deepspeed]') or launch with configs/accelerate/fsdp.yaml"
+        ) from e
+    if mixed_precision != "no":
+        raise UserError(
+            f"DeepSpeed on CPU processes runs in float32 only (launched with mixed precision {mixed_precision}); "
+            "launch with --mixed_precision no, or on GPUs"
+        )
+    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set from the config file
+    plugin.set_mixed_precision(mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    AcceleratorState._shared_state["deepspeed_plugins"] = plugin
 
 
 def launch_precision(configured: str | None) -> str:
@@ -156,13 +192,10 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
         t = cfg.trainer
-        if self.acc.distributed_type == "DEEPSPEED":
-            raise UserError(
-                "DeepSpeed (accelerate's distributed_type DEEPSPEED) is not supported by mmgrpo's trainer yet: "
-                "DeepSpeed steps the optimizer inside backward (one step per micro-batch here, and no skipping of a "
-                "non-finite step), and its optimizer state is pickled, which mmgrpo's safetensors-only checkpoints "
-                "refuse. Shard with FSDP2 instead: accelerate launch --config_file configs/accelerate/fsdp.yaml ..."
-            )
+        self.deepspeed = self.acc.distributed_type == "DEEPSPEED"
+        """DeepSpeed ZeRO through accelerate: the engine steps, clips and skips (:mod:`mmgrpo.train.zero`)"""
+        if self.deepspeed:
+            zero.configure(self.acc, cfg)
         check_trackers_installed(t.log_with)  # before any model is built
         if t.prompts_per_step % self.acc.num_processes:
             raise UserError(
@@ -189,6 +222,8 @@ class Trainer:
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
         )
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
+        if self.deepspeed:
+            zero.check_engine(self.acc, self.policy)
         # FSDP2 replaces the parameters by sharded ones (DTensors; the optimizer is switched to them by accelerate),
         # and a policy holding copies of them (the nft objective's sampling EMA) makes them again
         before, self.params = self.params, self.policy.trainable_parameters()
@@ -706,6 +741,17 @@ class Trainer:
         """One optimizer step over ``rows`` (micro-batched); None when it was skipped (non-finite loss or grads)."""
         t = self.cfg.trainer
         sums, loss_ok = self.accumulate_gradients(rollout, rows, adv, row_w, mask)
+        if self.deepspeed:  # the engine clips and steps, or skips a non-finite step itself (mmgrpo.train.zero)
+            skipped, grad_norm = zero.step(self.acc)
+            if not loss_ok and not skipped:
+                raise RuntimeError("DeepSpeed stepped on a non-finite loss: its gradients stayed finite (mmgrpo bug)")
+            if t.max_grad_norm is not None and not skipped and grad_norm is not None:
+                sums["grad_norm"] = grad_norm
+            if self._skip_nonfinite(loss_ok, grad_norm if skipped else None):
+                return None
+            if self.ema is not None:
+                self.ema.update()
+            return sums
         grad_norm = None
         if t.max_grad_norm is not None:
             grad_norm = sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm))
@@ -750,8 +796,12 @@ class Trainer:
                 )  # fmt: skip
                 x = TermInputs(lp, old, rollout, mrows, units, adv[mrows], mask[mrows][:, units], self.step)
                 loss = self._add_loss_terms(loss, m, x, row_w, denom)  # the methods' loss terms (KDRL, NFT)
-                self.acc.backward(loss)
-            loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
+                loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
+                if self.deepspeed:  # the last micro-batch ends the engine's optimizer step
+                    last = i == len(chunks) - 1
+                    zero.backward(self.acc, zero.poison(self.acc, loss, loss_ok) if last else loss, boundary=last)
+                else:
+                    self.acc.backward(loss)
             # the loss terms are each micro-batch's share of the minibatch's (global normaliser): they add up; the
             # per-unit means (ratio, clip fractions, advantage) are weighted by the micro-batch's masked units
             share = float(mask[mrows].sum()) / masked if masked else len(mrows) / len(rows)
@@ -948,13 +998,19 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The run's whole state; under DeepSpeed gathered into full tensors (every rank calls this alike)."""
         model = self.acc.unwrap_model(self.policy.model)
-        trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if self.deepspeed:
+            named = self._named_params(model)
+            trainable, optimizer = zero.full_state(self.acc, named)
+        else:
+            trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            optimizer = self.optimizer.state_dict()
         rewards = {k: fn.state_dict() for k, fn in stateful_rewards(self.rewards).items()}
         return {
             "step": self.step,
             "model": trainable,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rewards": rewards,
             "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
@@ -963,9 +1019,18 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
         }
 
+    def _named_params(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the trainable parameters in the optimizer's order (its state's indices)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [(names[id(p)], p) for p in self.params]
+
     def save(self) -> Path | None:
         model = self.acc.unwrap_model(self.policy.model)  # the same on every rank: all of them refuse together
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(_local(p).isfinite().all())]
+        state = self.state_dict() if self.deepspeed else None  # gathered on every rank: the ZeRO partitions joined
+        if state is not None:
+            bad = [n for n, w in state["model"].items() if not bool(w.isfinite().all())]
+        else:
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(_local(p).isfinite().all())]
         if self.mesh is not None:  # each rank checked its own slices: all of them refuse together
             seen: list[Any] = [None] * self.acc.num_processes
             dist.all_gather_object(seen, bad)
@@ -986,7 +1051,7 @@ class Trainer:
                 if self.cfg.trainer.export_checkpoints:  # full weights: the run's policy rebuilt, the shards joined
                     export_run(self.run_dir, path / "export", step=self.step)
         elif self.acc.is_main_process:
-            path = ckpt.save_checkpoint(root, self.step, self.state_dict(), keep=keep)
+            path = ckpt.save_checkpoint(root, self.step, state or self.state_dict(), keep=keep)
             if self.cfg.trainer.export_checkpoints:
                 export_policy(self.policy, path / "export", info={"run": str(self.run_dir), "checkpoint": path.name})
         self.acc.wait_for_everyone()
@@ -998,11 +1063,19 @@ class Trainer:
         else:
             state = ckpt.load_checkpoint(path, mesh=self.mesh)  # sharded: this rank's slices; else full tensors
         model = self.acc.unwrap_model(self.policy.model)
-        missing, _ = model.load_state_dict(state["model"], strict=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if trainable & set(missing):
-            raise UserError(f"checkpoint {path} lacks trainable parameters {sorted(trainable & set(missing))[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.deepspeed:  # full tensors into the engine's partitions (mmgrpo.train.zero)
+            lacking = sorted(trainable - set(state["model"]))
+            if lacking:
+                raise UserError(f"checkpoint {path} lacks trainable parameters {lacking[:5]}")
+            named = self._named_params(model)
+            weights = [state["model"][n] for n, _ in named]
+            zero.load_full_state(self.acc, [p for _, p in named], weights, state["optimizer"])
+        else:
+            missing, _ = model.load_state_dict(state["model"], strict=False)
+            if trainable & set(missing):
+                raise UserError(f"checkpoint {path} lacks trainable parameters {sorted(trainable & set(missing))[:5]}")
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         if state.get("policy") is not None and hasattr(self.policy, "load_training_state"):

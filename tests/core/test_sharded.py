@@ -272,7 +272,7 @@ def test_several_processes_without_a_gpu_or_cpu_flag_are_an_error(tmp_path):
     ],
 )
 def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, key, value):
-    """accelerate's own parser of ``--config_file`` (DeepSpeed needs CUDA: its configs are only parsed here)."""
+    """accelerate's own parser of ``--config_file`` (the DeepSpeed ones run in tests/core/test_deepspeed.py)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
