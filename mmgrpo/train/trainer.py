@@ -205,7 +205,8 @@ class Trainer:
         self.B_local = t.prompts_per_step // self.acc.num_processes
         PIPELINES.load()
         torch.manual_seed(cfg.run.seed)
-        self.comp: Components = build_components(cfg, self.acc)  # the recipe + the methods: block's parts
+        with zero.whole_models(self.acc) if self.deepspeed else contextlib.nullcontext():
+            self.comp: Components = build_components(cfg, self.acc)  # the recipe + the methods: block's parts
         self.policy = self.comp.policy
         self.rewards = build_rewards(cfg.rewards)
         source = self.comp.prompts

@@ -20,6 +20,7 @@ whole state on the main process, pass through CPU memory at each save.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -71,6 +72,24 @@ def configure(acc: Any, cfg: Any) -> None:
             "of them kept outside the engine sees only empty placeholders; use ZeRO-2 or FSDP "
             "(configs/accelerate/fsdp.yaml) with an EMA, or trainer.ema_decay: null"
         )
+
+
+@contextmanager
+def whole_models(acc: Any):
+    """Models built inside load whole on every rank. accelerate registers its DeepSpeed config with transformers, which
+    then builds every model under ZeRO-3 partitioned at construction (``deepspeed.zero.Init``); a frozen model that
+    never becomes an engine (text encoders, reward and reference models) would then run on empty placeholders. The
+    trained model is partitioned by the engine when ``accelerate.prepare`` builds it."""
+    try:
+        from transformers.integrations import unset_hf_deepspeed_config
+    except ImportError:  # without transformers nothing reads the registration
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        acc.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def check_engine(acc: Any, policy: Any) -> None:
