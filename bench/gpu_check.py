@@ -19,13 +19,16 @@ so a killed run still leaves its results, and sections are skipped (and reported
 6. FSDP2 sharded training (not in ``--tiny``): tiny SD3 through ``accelerate launch --config_file
    configs/accelerate/fsdp.yaml`` on every GPU (on ``--device cpu``: 2 gloo processes), saved sharded, resumed, and
    compared with the uninterrupted and the unsharded run;
-7. ``pytest -m gpu tests/gpu`` (CUDA only).
+7. DeepSpeed ZeRO-2 and ZeRO-3 (not in ``--tiny``; needs ``pip install 'mmgrpo[deepspeed]'``): section 6's runs
+   through ``configs/accelerate/deepspeed_zero{2,3}.yaml`` (on ``--device cpu``: 2 gloo processes on DeepSpeed's CPU
+   accelerator), stopped and resumed, compared with the uninterrupted and the unsharded run;
+8. ``pytest -m gpu tests/gpu`` (CUDA only).
 
 On CPU only fp32 runs (bf16 on CPU is slow and not what the check is about), with smaller groups and fewer steps.
 
 The policy option vocabulary is in one place, ``diffusion_policy_options`` / ``vlm_policy_options`` in
 bench/gpu_common.py (with the report and the measuring helpers): the only code here that knows option names.
-Sections 5 and 6 (realistic sizes, FSDP) are in bench/gpu_large.py.
+Sections 5, 6 and 7 (realistic sizes, FSDP, DeepSpeed) are in bench/gpu_large.py.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from gpu_common import (  # noqa: E402
     vlm_policy_options,
     xformers_status,
 )
-from gpu_large import fsdp_child, section_fsdp, section_realistic  # noqa: E402
+from gpu_large import fsdp_child, section_deepspeed, section_fsdp, section_realistic  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- 1. environment
@@ -435,9 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fsdp-ckpt", help=argparse.SUPPRESS)
     p.add_argument("--fsdp-result", help=argparse.SUPPRESS)
     p.add_argument("--fsdp-resume", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fsdp-engine", default="fsdp", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.fsdp_child:
-        return fsdp_child(args.fsdp_child, args.fsdp_ckpt, args.fsdp_result, args.device, args.fsdp_resume)
+        return fsdp_child(
+            args.fsdp_child, args.fsdp_ckpt, args.fsdp_result, args.device, args.fsdp_resume, args.fsdp_engine
+        )
 
     command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else
                                                                                   sys.argv[1:]))  # fmt: skip
@@ -463,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                     skip=tiny_skip or (None if cuda else "needs CUDA"))  # fmt: skip
         run_section(report, "6. FSDP2 sharded training", section_fsdp, device, work,
                     skip=tiny_skip or (None if (cuda or device == "cpu") else not_cuda))  # fmt: skip
-        run_section(report, "7. pytest -m gpu tests/gpu", section_pytest_gpu, device,
+        run_section(report, "7. DeepSpeed ZeRO-2 / ZeRO-3", section_deepspeed, device, work,
+                    skip=tiny_skip or (None if (cuda or device == "cpu") else not_cuda))  # fmt: skip
+        run_section(report, "8. pytest -m gpu tests/gpu", section_pytest_gpu, device,
                     skip=None if cuda else "needs CUDA")  # fmt: skip
     report.data["finished"] = True
     report.write()

@@ -1,6 +1,7 @@
-"""Sections 5 and 6 of bench/gpu_check.py (not in ``--tiny``): realistic-size denoiser and VLM built from config with
-random weights (time, throughput, peak memory; CUDA only), and FSDP2 sharded training launched by accelerate with
-configs/accelerate/fsdp.yaml (every GPU, or 2 CPU processes), saved, resumed and compared."""
+"""Sections 5, 6 and 7 of bench/gpu_check.py (not in ``--tiny``): realistic-size denoiser and VLM built from config
+with random weights (time, throughput, peak memory; CUDA only), FSDP2 sharded training launched by accelerate with
+configs/accelerate/fsdp.yaml, and DeepSpeed ZeRO-2 / ZeRO-3 with configs/accelerate/deepspeed_zero{2,3}.yaml (every
+GPU, or 2 CPU processes), saved, resumed and compared."""
 
 from __future__ import annotations
 
@@ -243,6 +244,8 @@ def realistic_qwen2_vl(
 
 # ---------------------------------------------------------------------------- 6. FSDP2 sharded training
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+ENGINES = {"fsdp": FSDP_CONFIG, **{f"zero{z}": FSDP_CONFIG.with_name(f"deepspeed_zero{z}.yaml") for z in (2, 3)}}
+"""the accelerate config of each sharding engine the check launches"""
 FSDP_STEPS = 4
 FSDP_TOL = {"resumed": 1e-6, "unsharded": 1e-4}  # max |diff| of any weight or AdamW moment, fp32
 
@@ -295,20 +298,77 @@ def section_fsdp(report: Report, sec: dict, device: str, work: Path) -> None:
                "ok" if not bad else "WARN: " + "; ".join(bad), **numbers)  # fmt: skip
 
 
-def fsdp_launch(work: Path, name: str, model: str, device: str, procs: int, extra: list[str], timeout: float):
+def section_deepspeed(report: Report, sec: dict, device: str, work: Path) -> None:
+    """Section 6's runs under DeepSpeed ZeRO-2 and ZeRO-3 (``accelerate launch --config_file
+    configs/accelerate/deepspeed_zero{2,3}.yaml``): uninterrupted, stopped and resumed, compared with the unsharded
+    run. DeepSpeed's checkpoints are mmgrpo's full ones (the partitions gathered), so they are not sharded."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        report.row(sec, "deepspeed", f"skipped: not installed ({e}); pip install 'mmgrpo[deepspeed]'")
+        return
+    n = max(1, torch.cuda.device_count()) if device == "cuda" else 2
+    sec["note"] = (
+        f"Tiny SD3, full fine-tuning, fp32, through `accelerate launch --config_file configs/accelerate/"
+        f"deepspeed_zero{{2,3}}.yaml --num_processes {n}`: as section 6, {FSDP_STEPS} steps uninterrupted, "
+        f"{FSDP_STEPS // 2} + resume, and unsharded; max |diff| over the weights and AdamW moments."
+    )
+    from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
+    from mmgrpo.train import checkpoint as ckpt
+
+    model = save_tiny_sd3(work / "ckpt_deepspeed")
+    result, wall, error = fsdp_launch(work, "unsharded", model, device, 0, [], report.left(), engine="zero2")
+    if error is not None:
+        report.row(sec, "deepspeed tiny sd3: unsharded", "ERROR", error=error)
+        sec["had_error"] = True
+        return
+    unsharded = work / "zero2" / "unsharded"
+    for engine in ("zero2", "zero3"):
+        for name, resume in [("full", False), ("part", False), ("part", True)]:
+            what = f"{engine} {name} resumed" if resume else f"{engine} {name}"
+            extra = ["--fsdp-resume"] if resume else []
+            result, wall, error = fsdp_launch(work, name, model, device, n, extra, report.left(), engine=engine)
+            if error is not None:
+                report.row(sec, f"deepspeed tiny sd3: {what}", "ERROR", error=error)
+                sec["had_error"] = True
+                return
+            report.row(sec, f"deepspeed tiny sd3: {what}", "ok", wall_s=round(wall, 1), **result)
+        states = {}
+        for name, run in (("full", work / engine / "full"), ("part", work / engine / "part"), ("one", unsharded)):
+            flat: dict[str, torch.Tensor] = {}
+            ckpt.flatten_state(ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints")), "", flat)
+            states[name] = flat
+        numbers: dict[str, Any] = {}
+        bad = []
+        for other, key in (("part", "resumed"), ("one", "unsharded")):
+            a, b = states["full"], states[other]
+            if a.keys() != b.keys():
+                bad.append(f"{key}: other tensors ({sorted(a.keys() ^ b.keys())[:3]})")
+                continue
+            diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+            numbers[f"max_abs_diff_{key}"] = diff
+            if not diff <= FSDP_TOL[key]:
+                bad.append(f"{key} differs by {diff:.2g} > {FSDP_TOL[key]:g}")
+        report.row(sec, f"deepspeed tiny sd3 {engine}: save -> resume vs uninterrupted and unsharded",
+                   "ok" if not bad else "WARN: " + "; ".join(bad), **numbers)  # fmt: skip
+
+
+def fsdp_launch(
+    work: Path, name: str, model: str, device: str, procs: int, extra: list[str], timeout: float, engine: str = "fsdp"
+):
     """(result numbers, wall seconds, error text or None) of one run of :func:`fsdp_child`: launched by accelerate
-    with the FSDP config on ``procs`` processes, or (``procs`` 0) a plain unsharded process."""
-    out = work / f"fsdp_{name}_{len(extra)}.json"
-    child = [str(GPU_CHECK), "--fsdp-child", str(work / "fsdp" / name), "--fsdp-ckpt", model, "--fsdp-result",
-             str(out), "--device", device, *extra]  # fmt: skip
+    with the ``engine``'s config (:data:`ENGINES`) on ``procs`` processes, or (``procs`` 0) a plain process."""
+    out = work / f"{engine}_{name}_{len(extra)}.json"
+    child = [str(GPU_CHECK), "--fsdp-child", str(work / engine / name), "--fsdp-ckpt", model, "--fsdp-result",
+             str(out), "--device", device, "--fsdp-engine", engine, *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if procs:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         if device == "cpu":
-            env["ACCELERATE_USE_CPU"] = "true"  # gloo processes (FSDP2 on a CPU mesh)
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP_CONFIG),
+            env["ACCELERATE_USE_CPU"] = "true"  # gloo processes (FSDP2 on a CPU mesh, DeepSpeed's CPU accelerator)
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(ENGINES[engine]),
                "--num_processes", str(procs), "--mixed_precision", "no", "--main_process_port", str(port),
                *child]  # fmt: skip
     else:
@@ -326,9 +386,12 @@ def fsdp_launch(work: Path, name: str, model: str, device: str, procs: int, extr
     return {}, wall, result.get("error") or f"returncode {proc.returncode}\n{tail}"
 
 
-def fsdp_child(run_dir: str, ckpt: str, result_path: str, device: str, resume: bool = False) -> int:
+def fsdp_child(
+    run_dir: str, ckpt: str, result_path: str, device: str, resume: bool = False, engine: str = "fsdp"
+) -> int:
     """One process of a :func:`fsdp_launch` run: tiny SD3, full fine-tuning, through ``mmgrpo.train.trainer.train``
-    (the accelerator, FSDP2 or not, comes from the launcher, as for ``mmgrpo train``); rank 0 writes the result."""
+    (the accelerator, FSDP2, DeepSpeed or plain, comes from the launcher, as for ``mmgrpo train``); rank 0 writes the
+    result."""
     result: dict[str, Any] = {"ok": False}
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -354,18 +417,20 @@ def fsdp_child(run_dir: str, ckpt: str, result_path: str, device: str, resume: b
         trainer = train(load_config(None, overrides, base=base))
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         losses = [x["loss/total"] for x in lines if "loss/total" in x]
+        sharded = trainer.mesh is not None if engine == "fsdp" else trainer.zero_stage == int(engine[4:])
         result["numbers"] = {
             "distributed_type": str(trainer.acc.distributed_type).split(".")[-1],
             "processes": trainer.acc.num_processes,
             "sharded_params": trainer.mesh is not None,
+            "zero_stage": trainer.zero_stage,
             "step": trainer.step,
             "losses": [round(v, 5) for v in losses],
             "train_s": round(time.perf_counter() - t0, 2),
         }
         want_sharded = "unsharded" not in run.name
-        result["ok"] = (trainer.mesh is not None) == want_sharded and all(math.isfinite(v) for v in losses)
+        result["ok"] = sharded == want_sharded and all(math.isfinite(v) for v in losses)
         if not result["ok"]:
-            result["error"] = f"sharded {trainer.mesh is not None} (wanted {want_sharded}), losses {losses}"
+            result["error"] = f"sharded by {engine} {sharded} (wanted {want_sharded}), losses {losses}"
     except Exception as e:  # noqa: BLE001
         result["error"] = error_text(e, lines=20)
     if rank == 0:

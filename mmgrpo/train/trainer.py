@@ -223,6 +223,8 @@ class Trainer:
             self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
         )
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
+        self.zero_stage = zero.engine(self.acc).zero_optimization_stage() if self.deepspeed else 0
+        """DeepSpeed's ZeRO stage (0 without DeepSpeed); under ZeRO-3, as under FSDP, every forward is a collective"""
         if self.deepspeed:
             zero.check_engine(self.acc, self.policy)
         # FSDP2 replaces the parameters by sharded ones (DTensors; the optimizer is switched to them by accelerate),
@@ -399,12 +401,13 @@ class Trainer:
                 f"gave groups of sizes {rollout.group_sizes[:8]}...: use a sampler with a fixed group size (uniform, "
                 "spo, pairing, vspo) with prompt rewriting"
             )
-        if several and (o.mode == "add" or self.cfg.advantage.dynamic_sampling or self.mesh is not None):
+        sharded = self.mesh is not None or self.zero_stage == 3  # every forward is a collective
+        if several and (o.mode == "add" or self.cfg.advantage.dynamic_sampling or sharded):
             raise UserError(
                 f"methods.{rw.method} with {self.acc.num_processes} processes: mode=add (a different number of groups "
                 "per process), advantage.dynamic_sampling (a different number of refill rounds per process) and FSDP "
-                "sharding cannot keep the re-rolls of the processes in step yet; use mode replace or mix, without "
-                f"dynamic sampling or FSDP, or train on one process"
+                "or DeepSpeed ZeRO-3 sharding cannot keep the re-rolls of the processes in step yet; use mode replace "
+                f"or mix, without dynamic sampling, FSDP or ZeRO-3, or train on one process"
             )
 
         def everywhere(x: int, how: str) -> int:  # the count over all processes (they all call this alike)
@@ -778,6 +781,8 @@ class Trainer:
         all_rows = len(rows)
         rows = self.rows_with_gradient(rows, adv, mask)
         micro = self.micro_rows(rows, mask)
+        if self.deepspeed:  # as many micro-batches on every rank: each backward is a collective
+            micro = zero.agreed_micro_rows(self.acc, micro, len(rows))
         chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
         sums: dict[str, float] = {}
         loss_ok = True
@@ -1053,7 +1058,9 @@ class Trainer:
                     export_run(self.run_dir, path / "export", step=self.step)
         elif self.acc.is_main_process:
             path = ckpt.save_checkpoint(root, self.step, state or self.state_dict(), keep=keep)
-            if self.cfg.trainer.export_checkpoints:
+            if self.cfg.trainer.export_checkpoints and self.deepspeed:  # the engine's weights are partitions
+                export_run(self.run_dir, path / "export", step=self.step)  # the run's policy rebuilt, weights loaded
+            elif self.cfg.trainer.export_checkpoints:
                 export_policy(self.policy, path / "export", info={"run": str(self.run_dir), "checkpoint": path.name})
         self.acc.wait_for_everyone()
         return path

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (stages 1-3) through accelerate: configuration checks, the optimizer step, full-state checkpoints.
+"""DeepSpeed ZeRO-2 and ZeRO-3 through accelerate: configuration checks, the optimizer step, full-state checkpoints.
 
 The trainer keeps its own loop under DeepSpeed: a minibatch is backpropagated in the trainer's micro-batches, only
 the last of them at DeepSpeed's gradient-accumulation boundary (``engine.set_gradient_accumulation_boundary``; the
@@ -38,10 +38,11 @@ def configure(acc: Any, cfg: Any) -> None:
     ds = acc.state.deepspeed_plugin.deepspeed_config
     t = cfg.trainer
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2, 3):
+    if stage not in (2, 3):
         raise UserError(
-            f"DeepSpeed zero_optimization.stage={stage}: mmgrpo's trainer runs DeepSpeed with ZeRO stage 1, 2 or 3 "
-            "(its checkpoints read the partitioned optimizer state); set zero_stage in the accelerate config"
+            f"DeepSpeed zero_optimization.stage={stage}: mmgrpo's trainer runs DeepSpeed with ZeRO stage 2 or 3 (the "
+            "tested ones; its checkpoints read the partitioned optimizer state); set zero_stage in the accelerate "
+            "config (configs/accelerate/deepspeed_zero2.yaml, deepspeed_zero3.yaml)"
         )
     gas = ds.get("gradient_accumulation_steps", "auto")
     if gas not in ("auto", 1):
@@ -109,7 +110,7 @@ def check_engine(acc: Any, policy: Any) -> None:
             )
     zopt = eng.optimizer
     if eng.zero_optimization_stage() < 3:
-        # ZeRO-1/2 check gradients for inf/NaN only in fp16 by default; stage 3 always treats a non-finite norm so
+        # ZeRO-2 checks gradients for inf/NaN only in fp16 by default (ZeRO-3 skips on a non-finite norm in any dtype)
         if not hasattr(zopt, "check_grad_overflow"):
             raise UserError(f"this DeepSpeed version's ZeRO optimizer ({type(zopt).__name__}) cannot skip non-finite "
                             "gradients (no check_grad_overflow); install deepspeed>=0.19")  # fmt: skip
@@ -124,6 +125,26 @@ def _has_tensor(obj: Any) -> bool:
     if isinstance(obj, (list, tuple)):
         return any(_has_tensor(v) for v in obj)
     return False
+
+
+def agreed_micro_rows(acc: Any, micro: int, rows: int) -> int:
+    """Rows per micro-batch of a minibatch of ``rows`` rows on this rank, the same number of micro-batches on every
+    rank: under ZeRO-2 and ZeRO-3 every backward (and under ZeRO-3 every forward) is a collective, so a rank running
+    one more would wait forever. The ranks take the smallest of their micro-batch sizes; ranks whose row counts still
+    give different numbers of micro-batches (groups of different sizes) are an error instead of a hang."""
+    if acc.num_processes == 1:
+        return micro
+    got = acc.reduce(torch.tensor([-micro, rows, -rows], device=acc.device), reduction="max").tolist()
+    micro, most, least = -int(got[0]), int(got[1]), -int(got[2])
+    if math.ceil(most / micro) != math.ceil(least / micro):
+        raise UserError(
+            f"DeepSpeed: this minibatch holds {least} to {most} rows on the {acc.num_processes} processes, which "
+            f"makes {math.ceil(least / micro)} to {math.ceil(most / micro)} micro-batches of {micro} rows, but every "
+            "process must run as many (each backward is a collective). Groups of different sizes cause it (a prompt "
+            "sampler that varies the rollouts per prompt): use a fixed group size, or trainer.micro_batch_size "
+            "large enough for a whole minibatch"
+        )
+    return micro
 
 
 def poison(acc: Any, loss: torch.Tensor, loss_ok: bool) -> torch.Tensor:

@@ -36,13 +36,13 @@ def test_gpu_check_cpu_tiny(tmp_path):
             assert f"| {fam} fp32 | ok |" in md
     (demo,) = sections["4. README demo config"]["rows"]
     assert demo["result"] == "ok" and demo["numbers"]["steps"] == 1, demo
-    for name in ("5. Realistic sizes (random init)", "6. FSDP2 sharded training"):
+    for name in ("5. Realistic sizes (random init)", "6. FSDP2 sharded training", "7. DeepSpeed ZeRO-2 / ZeRO-3"):
         assert sections[name]["status"] == "skipped: --tiny"
-    assert sections["7. pytest -m gpu tests/gpu"]["status"] == "skipped: needs CUDA"
+    assert sections["8. pytest -m gpu tests/gpu"]["status"] == "skipped: needs CUDA"
 
 
 def load_gpu_large():
-    """bench/gpu_large.py (sections 5 and 6), imported as the script imports it: bench/ on sys.path."""
+    """bench/gpu_large.py (sections 5, 6 and 7), imported as the script imports it: bench/ on sys.path."""
     if str(ROOT / "bench") not in sys.path:
         sys.path.insert(0, str(ROOT / "bench"))
     return importlib.import_module("gpu_large")

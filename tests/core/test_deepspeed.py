@@ -39,6 +39,7 @@ CONFIG = {
     "trainer": {
         "max_steps": 4, "prompts_per_step": 4, "group_size": 6, "lr": 0.05, "epochs": 2, "minibatches": 2,
         "micro_batch_size": 4, "progress": False, "checkpoint_every": 2, "keep_checkpoints": 1,
+        "warmup_steps": 3,  # a learning rate that changes each step: the trainer sets it in DeepSpeed's groups
     },
 }  # fmt: skip
 EMA = {"trainer": {"ema_decay": 0.9}}  # ZeRO-2 only: ZeRO-3 refuses an EMA of partitioned weights
@@ -270,8 +271,9 @@ def test_configure_fills_autos_and_refuses_what_the_trainer_cannot_drive():
         zero.configure(_acc({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}), _cfg())
     with pytest.raises(UserError, match=r"trainer.max_grad_norm=1.0 in the config, but .* gradient_clipping=2.0"):
         zero.configure(_acc({"zero_optimization": {"stage": 2}, "gradient_clipping": 2.0}), _cfg())
-    with pytest.raises(UserError, match="zero_optimization.stage=0"):
-        zero.configure(_acc({"zero_optimization": {"stage": 0}}), _cfg())
+    for stage in (0, 1):  # 1: the same optimizer as 2, but untested
+        with pytest.raises(UserError, match=f"zero_optimization.stage={stage}: .* ZeRO stage 2 or 3"):
+            zero.configure(_acc({"zero_optimization": {"stage": stage}}), _cfg())
     with pytest.raises(UserError, match="trainer.ema_decay=0.9 with DeepSpeed ZeRO-3"):
         zero.configure(_acc({"zero_optimization": {"stage": 3}}), _cfg(ema_decay=0.9))
 
@@ -280,8 +282,9 @@ def test_configure_fills_autos_and_refuses_what_the_trainer_cannot_drive():
 def test_deepspeed_tiny_sd3_nft_matches_the_unsharded_run(tmp_path, stage):
     """A real model (tiny SD3, full fine-tuning; its frozen text encoders loaded whole on every rank, the transformer
     partitioned by the engine) with the README demo's objective, DiffusionNFT: 3 steps on 2 processes equal the
-    1-process run within float32 rounding. ZeRO-2 runs it with the sampling policy's EMA of the trained weights;
-    ZeRO-3 refuses that EMA (its weights are partitioned placeholders) and runs nft without it."""
+    1-process run within float32 rounding, and the checkpoint's export holds its full weights. ZeRO-2 runs it with
+    the sampling policy's EMA of the trained weights; ZeRO-3 refuses that EMA (its weights are partitioned
+    placeholders) and runs nft without it."""
     _deepspeed()
     from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
     from mmgrpo.train.export import build_policy
@@ -297,7 +300,7 @@ def test_deepspeed_tiny_sd3_nft_matches_the_unsharded_run(tmp_path, stage):
         "rewards": [{"name": "shapes"}],
         "loss": {"name": "nft", "adv_clip": 1.0},
         "trainer": {"max_steps": 3, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "progress": False,
-                    "checkpoint_every": 0},
+                    "checkpoint_every": 0, "export_checkpoints": True},
     }  # fmt: skip
     if stage == 3:
         (tmp_path / "ema.yaml").write_text(yaml.safe_dump(cfg))
@@ -317,3 +320,26 @@ def test_deepspeed_tiny_sd3_nft_matches_the_unsharded_run(tmp_path, stage):
     assert moved > 1e-3  # training moved the weights: the comparison below is not of untouched tensors
     diff = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert diff <= 5e-5, diff  # float32 rounding of other reduction orders (measured: 1.1e-5 and 2.0e-5)
+    # the export (written by the main process from the checkpoint: the engine's own weights are partitions) is a
+    # diffusers pipeline holding exactly the checkpoint's full weights
+    from diffusers import SD3Transformer2DModel
+
+    path = ckpt.latest_checkpoint(tmp_path / "ds" / "checkpoints")
+    exported = dict(SD3Transformer2DModel.from_pretrained(str(path / "export" / "transformer")).named_parameters())
+    weights = ckpt.load_checkpoint(path)["model"]
+    assert set(weights) == set(exported)
+    assert all(torch.equal(exported[n].detach(), w) for n, w in weights.items())
+
+
+def test_every_rank_runs_as_many_micro_batches():
+    """Rank 0's (micro-batch size, rows) against the other rank's, reduced by max as accelerate's reduce does."""
+
+    def acc(other_micro: int, other_rows: int) -> SimpleNamespace:
+        other = torch.tensor([-other_micro, other_rows, -other_rows])
+        return SimpleNamespace(num_processes=2, device="cpu", reduce=lambda t, reduction: torch.maximum(t, other))
+
+    assert zero.agreed_micro_rows(acc(3, 12), 4, 12) == 3  # the smaller size: 4 micro-batches of 3 on both
+    assert zero.agreed_micro_rows(acc(4, 10), 4, 12) == 4  # 12 and 10 rows: ceil(12 / 4) = ceil(10 / 4) = 3
+    with pytest.raises(UserError, match="holds 8 to 12 rows on the 2 processes, which makes 2 to 3 micro-batches"):
+        zero.agreed_micro_rows(acc(4, 8), 4, 12)
+    assert zero.agreed_micro_rows(SimpleNamespace(num_processes=1), 5, 7) == 5
