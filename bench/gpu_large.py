@@ -361,7 +361,8 @@ def fsdp_launch(
     out = work / f"{engine}_{name}_{len(extra)}.json"
     child = [str(GPU_CHECK), "--fsdp-child", str(work / engine / name), "--fsdp-ckpt", model, "--fsdp-result",
              str(out), "--device", device, "--fsdp-engine", engine, *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
     if procs:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -1058,8 +1058,9 @@ class Trainer:
                     export_run(self.run_dir, path / "export", step=self.step)
         elif self.acc.is_main_process:
             path = ckpt.save_checkpoint(root, self.step, state or self.state_dict(), keep=keep)
-            if self.cfg.trainer.export_checkpoints and self.deepspeed:  # the engine's weights are partitions
-                export_run(self.run_dir, path / "export", step=self.step)  # the run's policy rebuilt, weights loaded
+            if self.cfg.trainer.export_checkpoints and self.deepspeed:  # the engine's weights are partitions:
+                with zero.whole_models(self.acc):  # the run's policy rebuilt whole (no collective), weights loaded
+                    export_run(self.run_dir, path / "export", step=self.step)
             elif self.cfg.trainer.export_checkpoints:
                 export_policy(self.policy, path / "export", info={"run": str(self.run_dir), "checkpoint": path.name})
         self.acc.wait_for_everyone()
