@@ -223,8 +223,9 @@ def trl_rewards():
     return [format_reward, accuracy_reward]
 
 
-def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, steps: int):
-    """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them."""
+def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: int):
+    """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them, then one more
+    step under a :class:`ComputeMeter` (its seconds land in the returned list)."""
     from datasets import Dataset
     from PIL import Image
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, TrainerCallback
@@ -242,26 +243,34 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, steps: int):
     args = GRPOConfig(
         output_dir=run_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=s["G"],
         generation_batch_size=n, max_completion_length=s["tokens"], temperature=1.0, beta=0.0, learning_rate=1e-5,
-        num_iterations=1, max_steps=steps, logging_steps=10**6, report_to="none", save_strategy="no",
+        num_iterations=1, max_steps=warm + steps + 1, logging_steps=10**6, report_to="none", save_strategy="no",
         eval_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False, log_completions=False,
     )  # fmt: skip
     ends: list[float] = []
     lengths: list[float] = []
+    metered: list[float] = []
+    meter = ComputeMeter()
 
     class Clock(TrainerCallback):
-        """Step ends (the first entry: the start of training) and each step's mean completion length."""
+        """Step ends (the first entry: the start of training) and each step's mean completion length; the step
+        after the timed ones runs metered."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            if len(ends) == warm + steps + 1:  # the metered step ends here
+                meter.__exit__(None, None, None)
+                metered.append(meter.seconds)
             ends.append(time.perf_counter())
             lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
+            if len(ends) == warm + steps + 1:  # the timed steps are done: meter the next one
+                meter.__enter__()
 
     trainer = GRPOTrainer(model=model, reward_funcs=trl_rewards(), args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=processor, callbacks=[Clock()])  # fmt: skip
-    return trainer, ends, lengths, n
+    return trainer, ends, lengths, n, metered
 
 
 def rollout_job(s: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -273,6 +282,52 @@ def rollout_job(s: dict[str, Any], repeats: int) -> dict[str, Any]:
     policy, pipe, max_len = ro.build(s["tiny"], "cpu", "float32")
     times = ro.measure(ro.calls(policy, pipe, max_len, "cpu"), repeats, "cpu")
     return {"mmgrpo": times["rollout"], "peer": times["pipeline"], "rows": len(ro.PROMPTS) * ro.GROUP}
+
+
+class ComputeMeter:
+    """Seconds spent in neural-network work while active: the outermost ``nn.Module`` forward calls of the process
+    (global module hooks, so the rollout's decode steps, the VAE, a reward model and layers called directly all
+    count, nested calls once) plus ``torch.autograd.backward`` (which ``Tensor.backward`` and accelerate's
+    ``backward`` call). ``compute fraction`` = these seconds / the step's wall time: what is left is the framework's
+    own Python, sampling logic, rewards and the optimizer step. The hooks cost a few microseconds per module call,
+    so the metered step is an extra one after the timed steps."""
+
+    def __enter__(self) -> ComputeMeter:
+        import torch
+        from torch.nn.modules import module as nn_module
+
+        self.seconds, self._depth, self._t = 0.0, 0, 0.0
+        self._hooks = [nn_module.register_module_forward_pre_hook(self._pre),
+                       nn_module.register_module_forward_hook(self._post)]  # fmt: skip
+        self._backward = torch.autograd.backward
+
+        def backward(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return self._backward(*args, **kwargs)
+            finally:
+                if self._depth == 0:  # not inside a metered forward
+                    self.seconds += time.perf_counter() - t0
+
+        torch.autograd.backward = backward
+        return self
+
+    def _pre(self, module, args):
+        if self._depth == 0:
+            self._t = time.perf_counter()
+        self._depth += 1
+
+    def _post(self, module, args, output):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._t
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        for h in self._hooks:
+            h.remove()
+        torch.autograd.backward = self._backward
 
 
 def peak_rss_mib() -> float:
@@ -294,10 +349,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if fam == "rollout":
             return {**out, **rollout_job(s, job["repeats"])}
         if fam == "vlm" and side == "trl":
-            trainer, ends, lengths, rows = vlm_trl(s, job["model"], tmp, warm + steps)
+            trainer, ends, lengths, rows, metered = vlm_trl(s, job["model"], tmp, warm, steps)
             trainer.train()
-            durations = [b - a for a, b in zip(ends, ends[1:])][warm:]
-            extra = {"tokens_mean": lengths[-1] if lengths else None}
+            durations = [b - a for a, b in zip(ends, ends[1:])][warm : warm + steps]
+            extra = {"tokens_mean": lengths[warm + steps - 1] if lengths else None,
+                     "compute_fraction": metered[0] / (ends[-1] - ends[-2]) if metered else None}  # fmt: skip
         else:
             if fam == "vlm":
                 step, rows = vlm_mmgrpo(s, job["model"], job["overrides"], tmp)
@@ -312,7 +368,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 if i >= warm:
                     durations.append(time.perf_counter() - t0)
                     trained.append(last["trained_rows"])
-            extra = {"tokens_mean": last.get("completion/length_mean"), "trained_rows": statistics.mean(trained)}
+            with ComputeMeter() as meter:  # one more step, metered
+                t0 = time.perf_counter()
+                step()
+                fraction = meter.seconds / (time.perf_counter() - t0)
+            extra = {"tokens_mean": last.get("completion/length_mean"), "trained_rows": statistics.mean(trained),
+                     "compute_fraction": fraction}  # fmt: skip
     return {**out, "s_per_step": durations, "rows": rows, **extra}
 
 
@@ -460,6 +521,7 @@ def _side(results: list[dict], p: Point, side: str, overrides: list[str] | None 
         "rows": next((r["rows"] for r in mine if "rows" in r), None),
         "tokens": [r["tokens_mean"] for r in mine if r.get("tokens_mean") is not None],
         "trained": [r["trained_rows"] for r in mine if r.get("trained_rows") is not None],
+        "fractions": [r["compute_fraction"] for r in mine if r.get("compute_fraction") is not None],
     }
 
 
@@ -470,7 +532,8 @@ def tables(results: list[dict], pts: list[Point], quick: bool) -> str:
     if vlm:
         out += ["## VLM GRPO step: mmgrpo vs TRL `GRPOTrainer`", "",
                 f"| work | mmgrpo s/step | TRL s/step | mmgrpo samples/s | TRL samples/s | **mmgrpo / TRL samples/s** "
-                f"| mmgrpo {mem} | TRL {mem} | tokens per row (mmgrpo, TRL) |", "|---|" + "---|" * 8]  # fmt: skip
+                f"| mmgrpo {mem} | TRL {mem} | tokens per row (mmgrpo, TRL) | compute fraction (mmgrpo, TRL) |",
+                "|---|" + "---|" * 9]  # fmt: skip
         for p in vlm:
             a, b = _side(results, p, "mmgrpo"), _side(results, p, "trl")
             out.append(_row(p.label, a, b, rate=True))
@@ -478,7 +541,8 @@ def tables(results: list[dict], pts: list[Point], quick: bool) -> str:
     if dif:
         out += ["", "## Diffusion Flow-GRPO step: mmgrpo vs a faithful Flow-GRPO loop (`bench/flow_grpo_peer.py`)", "",
                 f"| work | N x T | mmgrpo s/step | Flow-GRPO loop s/step | **mmgrpo / peer time** | mmgrpo {mem} | "
-                f"peer {mem} | rows trained per step (mmgrpo, peer) |", "|---|" + "---|" * 7]  # fmt: skip
+                f"peer {mem} | rows trained per step (mmgrpo, peer) | compute fraction (mmgrpo, peer) |",
+                "|---|" + "---|" * 8]  # fmt: skip
         for p in dif:
             a, b = _side(results, p, "mmgrpo"), _side(results, p, "flow_grpo")
             nt = p.sizes["B"] * p.sizes["G"] * p.sizes["T"]
@@ -502,7 +566,7 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     cells = [label] + ([extra] if extra is not None else [])
     if a["errors"] or b["errors"] or not a["steps"] or not b["steps"]:
         why = "; ".join(a["errors"] + b["errors"]) or "no measurement"
-        return "| " + " | ".join(cells + [f"error: {why}"] + [""] * (9 - len(cells) - 1)) + " |"
+        return "| " + " | ".join(cells + [f"error: {why}"] + [""] * (10 - len(cells) - 1)) + " |"
     ma, mb = statistics.median(a["steps"]), statistics.median(b["steps"])
     cells += [_fmt(a["steps"]), _fmt(b["steps"])]
     if rate:
@@ -513,6 +577,7 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     cells += [_fmt(a["peaks"], 0), _fmt(b["peaks"], 0)]
     what = "tokens" if rate else "trained"  # VLM: mean completion tokens; diffusion: rows through the update
     cells.append(", ".join(f"{statistics.mean(x[what]):.1f}" if x[what] else "-" for x in (a, b)))
+    cells.append(", ".join(f"{statistics.median(x['fractions']):.2f}" if x["fractions"] else "-" for x in (a, b)))
     return "| " + " | ".join(cells) + " |"
 
 
