@@ -29,9 +29,13 @@ resident memory (``ru_maxrss``: weights, optimizer, activations, the rollout's s
   ``bench/flow_grpo_peer.py``, a re-implementation of Flow-GRPO's published training step (its SDE step and
   log-prob, per-timestep clipped loss, sampling and training batches of 8 rows, timesteps looped inside each batch,
   gradient accumulation over batches x timesteps, its zero-advantage row filter); its header names the commit it
-  follows and every simplification.
+  follows and every simplification. Both sides train on the same prompts at every step (the loop is given them in
+  mmgrpo's stream order), so they differ only in their noise; which rows have zero advantage (untrained on both
+  sides) still depends on each side's samples, so the B 2 grid points, where it matters most, time 6 steps instead
+  of ``--steps`` and the table gives the rows each side trained.
 - **Rollout**: ``bench/rollout.py``'s comparison (mmgrpo's SDE rollout with log-probs vs diffusers'
-  ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of ``--repeats`` alternating calls.
+  ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of max(9, 3 x ``--repeats``) alternating
+  calls in one process.
 
 Timings mean something only on an otherwise idle machine: the results file records the load average before and
 after. ``--quick`` (tiny sizes, every job in one process, one repeat, one timed step) only checks that everything
@@ -78,6 +82,8 @@ class Point:
     sizes: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
     peer: bool = True
+    steps: int | None = None
+    """timed steps per process (None: ``--steps``)"""
 
     def key(self) -> str:
         return json.dumps([self.family, self.sizes], sort_keys=True)
@@ -102,7 +108,9 @@ def points(quick: bool, only: list[str]) -> list[Point]:
             out.append(Point(f"diffusion B 8 x G 8, T 8, mmgrpo {what}", "diffusion", main, [override], peer=False))
         for G in (4, 8, 16):
             for T in (5, 10, 20):
-                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", {"B": 2, "G": G, "T": T}))
+                # small steps: twice the timed steps, so which rows have zero advantage (and are not trained, on
+                # either side) averages out over more groups
+                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", {"B": 2, "G": G, "T": T}, steps=6))
         out.append(Point("rollout vs StableDiffusion3Pipeline, T 10, N 8", "rollout", {"tiny": False}))
     return [p for p in out if p.family in only]
 
@@ -171,10 +179,14 @@ def diffusion_flow_grpo(s: dict[str, Any]):
     from flow_grpo_peer import FlowGRPOLoop
 
     import mmgrpo.rewards.shapes  # noqa: F401  (registers the reward)
-    from mmgrpo.data.prompts import read_prompts
+    from mmgrpo.data.prompts import PromptList, read_prompts
     from mmgrpo.rewards.registry import get as get_reward
 
-    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), read_prompts("shapes", "train", 0), get_reward("shapes"))
+    # the prompts in mmgrpo's stream order (run.seed 0): the loop walks its list in order, B per epoch, so epoch e
+    # samples exactly the prompts of mmgrpo's step e (the two sides then differ only in their noise)
+    train = read_prompts("shapes", "train", 0)
+    prompts = PromptList(train, 0).get(list(range(2 * len(train)))).prompts
+    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward("shapes"))
     return loop.step, s["B"] * s["G"]
 
 
@@ -427,12 +439,13 @@ def vlm_model_dirs(root: Path, quick: bool) -> dict[int, str]:
 
 
 def jobs_for(point: Point, sides: list[str], args: argparse.Namespace, models: dict[int, str]) -> list[dict]:
+    steps = args.steps if args.quick or point.steps is None else max(args.steps, point.steps)
     base = {"family": point.family, "sizes": point.sizes, "overrides": point.overrides, "warmup": args.warmup,
-            "steps": args.steps, "repeats": args.repeats, "label": point.label}  # fmt: skip
+            "steps": steps, "repeats": args.repeats, "label": point.label}  # fmt: skip
     if point.family == "vlm":
         base["model"] = models[point.sizes["hidden"]]
-    if point.family == "rollout":
-        return [{**base, "side": "both"}]
+    if point.family == "rollout":  # ~1 s a call: more alternating calls in its one process, for a steadier median
+        return [{**base, "side": "both", "repeats": args.repeats if args.quick else max(9, 3 * args.repeats)}]
     return [{**base, "side": side} for side in sides]
 
 
