@@ -532,7 +532,7 @@ class Trainer:
         row_w = unpad_groups(adv_lib.get_row_weights(a.estimator)(totals, **opts), sizes)  # [N_total]
         zero = adv_lib.zero_variance_groups(pad_groups(self._weighted(all_cols[0]), sizes))
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
-            (self.run_dir / "debug").mkdir(exist_ok=True)
+            (self.run_dir / "debug").mkdir(parents=True, exist_ok=True)
             dump = {"advantages": adv_p.contiguous(), "rewards": all_cols.contiguous(),
                     "group_sizes": torch.tensor(sizes, dtype=torch.long)}  # fmt: skip
             save_file(dump, str(self.run_dir / "debug" / f"adv_step_{step:06d}.safetensors"))
