@@ -451,3 +451,25 @@ def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_uns
     assert moved > 1e-3  # training moved the weights (2 AdamW steps of lr 1e-2)
     diff = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert diff <= 5e-5, diff  # float32 rounding of other reduction orders only
+
+
+def test_with_collective_forwards_every_process_makes_as_many_micro_batches(tmp_path, monkeypatch):
+    """``Trainer.micro_batches`` under FSDP with several processes (``collective``): the count is the largest any
+    process needs (the max-reduce is faked here: "the other process" needs ``other`` micro-batches), this process's
+    rows split evenly into it; when this process already needs the most, its micro-batches are the plain ones."""
+    from mmgrpo.train.trainer import Trainer, prepare_run_dir
+
+    cfg = load_config(None, base={**CONFIG, "run": {"seed": 3, "output_dir": str(tmp_path), "name": "mb"}})
+    trainer = Trainer(cfg, prepare_run_dir(cfg))  # micro_batch_size 4
+    rows, mask = torch.arange(10, 16), torch.ones(16, 3, dtype=torch.bool)
+    assert [r.tolist() for r in trainer.micro_batches(rows, mask)] == [[10, 11, 12, 13], [14, 15]]  # 1 process
+    other = {"n": 0}
+    monkeypatch.setattr(trainer, "collective", True)
+    monkeypatch.setattr(trainer.acc, "reduce", lambda t, reduction: torch.maximum(t, torch.tensor([other["n"]])))
+    other["n"] = 1  # this process needs ceil(6 / 4) = 2, the most: unchanged
+    assert [r.tolist() for r in trainer.micro_batches(rows, mask)] == [[10, 11, 12, 13], [14, 15]]
+    other["n"] = 3  # the other process needs 3: 6 rows in 3 even parts
+    assert [r.tolist() for r in trainer.micro_batches(rows, mask)] == [[10, 11], [12, 13], [14, 15]]
+    other["n"] = 7  # more micro-batches than rows here: no forward to run in one of them
+    with pytest.raises(ValueError, match="6 rows cannot fill the 7 micro-batches"):
+        trainer.micro_batches(rows, mask)
