@@ -382,9 +382,13 @@ def save_vlm_that_stops(directory, eos_scale: float) -> str:
     return str(save_tiny(model, processor, directory))
 
 
-def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_unsharded_run(tmp_path, monkeypatch):
-    """The tiny Qwen2-VL, fully fine-tuned (vlm_reasoning, 2 steps of 2 prompts x 3 rows, temperature 1, old
-    log-probs scored after the rollout, greedy evaluation at steps 0 and 2) on 2 FSDP processes, each sampling one
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_unsharded_run(
+    tmp_path, monkeypatch, finetune
+):
+    """The tiny Qwen2-VL, fully fine-tuned, or LoRA with a KL term (its reference: the adapters disabled, one more
+    forward per micro-batch), (vlm_reasoning, 2 steps of 2 prompts x 3 rows, temperature 1, old log-probs scored
+    after the rollout, greedy evaluation at steps 0 and 2) on 2 FSDP processes, each sampling one
     prompt: every shard unit's forward is a collective, so the decode loop runs until no process has a row left
     without EOS (``VLMPolicy.any_process``); a process whose rows all ended first decodes padding meanwhile. The
     sharded run goes through a small script around the CLI that records each decode loop's steps and row lengths
@@ -398,7 +402,8 @@ def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_uns
     cfg = {
         "pipeline": "vlm_reasoning",
         "run": {"seed": VLM_SEED},
-        "policy": {"options": {"path": base, "finetune": "full", "max_new_tokens": VLM_K, "temperature": 1.0}},
+        "policy": {"options": {"path": base, "finetune": finetune, "lora_rank": 4, "max_new_tokens": VLM_K}},
+        "loss": {"beta": 0.0 if finetune == "full" else 0.02},
         "data": {"options": {"num_examples": 12, "eval_examples": 2, "eval_batch": 2}},
         "rewards": [{"name": "format", "weight": 0.5}, {"name": "vlm_length_reward.length"}],
         "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 3, "micro_batch_size": 2, "lr": 1e-2,
@@ -446,7 +451,10 @@ def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_uns
     got, want = _tensors(ckpt.load_checkpoint(path)), _tensors(_state(one.run_dir))
     assert got.keys() == want.keys()
     start = _tensors(_state_at_start(one))
-    assert any(k.startswith("/model/vlm.model.language_model.layers.1.") for k in got)  # full fine-tuning
+    if finetune == "full":  # every weight but the frozen vision tower's; else the adapters only
+        assert any(k.startswith("/model/vlm.model.language_model.layers.1.") for k in got)
+    else:
+        assert got and all("lora_" in k for k in got if k.startswith("/model/"))
     moved = max(float((want[k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-3  # training moved the weights (2 AdamW steps of lr 1e-2)
     diff = max(float((got[k] - want[k]).abs().max()) for k in want)
