@@ -481,3 +481,27 @@ def test_with_collective_forwards_every_process_makes_as_many_micro_batches(tmp_
     other["n"] = 7  # more micro-batches than rows here: no forward to run in one of them
     with pytest.raises(ValueError, match="6 rows cannot fill the 7 micro-batches"):
         trainer.micro_batches(rows, mask)
+
+
+def test_with_collective_forwards_every_process_samples_as_many_refill_rounds(tmp_path, monkeypatch):
+    """DAPO's refills under FSDP with several processes: a process whose groups are all kept goes on sampling refill
+    rounds while another process still refills (faked: ``any_process`` says "some process is not full" twice), so
+    both run the same forwards; the extra rounds' groups are not used: the step's rollout is the one without them."""
+    from mmgrpo.train.trainer import Trainer, prepare_run_dir
+
+    base = {**CONFIG, "advantage": {"estimator": "batch_std", "dynamic_sampling": True, "max_refill_rounds": 3}}
+    cfg = load_config(None, base={**base, "run": {"seed": 3, "output_dir": str(tmp_path), "name": "dyn"}})
+    trainer = Trainer(cfg, prepare_run_dir(cfg))
+    alone, _, timers = trainer.collect(0)
+    assert timers["dynamic/refill_rounds"] == 0 and alone.num_groups == 4  # every group had signal at round 0
+    asked = []
+
+    def any_process(flag: bool) -> bool:  # this process is full (flag False); the other needs 2 more rounds
+        asked.append(flag)
+        return flag or len(asked) <= 2
+
+    monkeypatch.setattr(trainer, "collective", True)
+    monkeypatch.setattr(trainer, "any_process", any_process)
+    both, _, timers = trainer.collect(0)
+    assert asked == [False, False, False] and timers["dynamic/refill_rounds"] == 2
+    assert both.samples.tolist() == alone.samples.tolist() and torch.equal(both.logp_old, alone.logp_old)
