@@ -217,6 +217,11 @@ class Trainer:
             self.policy.parameters_replaced()
         self.mesh = next((p.device_mesh for p in self.params if isinstance(p, DTensor)), None)
         """the device mesh the trainable parameters are sharded over (FSDP2), else None: checkpoints are sharded"""
+        self.collective = self.mesh is not None and self.acc.num_processes > 1
+        """every forward of the model is a collective (FSDP2 gathers each shard unit): all processes must run the
+        same forwards and backwards, so loops whose length depends on local data agree over the processes"""
+        if self.collective and hasattr(self.policy, "any_process"):  # e.g. the VLM's decode loop
+            self.policy.any_process = self.any_process
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.surrogate = not any(getattr(x, "replaces_surrogate", False) for x in self.comp.loss_terms)
         """False when a method's loss term is the whole policy objective (token-level NFT)"""
@@ -282,6 +287,12 @@ class Trainer:
         if getattr(self.sampler, "needs_policy_drift", False):  # the drift after the update needs logp_old itself
             return False
         return t.logp_old == "auto" and t.epochs * t.minibatches == 1 and hasattr(self.policy, "logp_old_from_update")
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any process (every process calls this together)."""
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="max").item())
 
     def _reshard(self) -> None:
         """FSDP2 keeps the root unit's gathered (full) parameters after a forward that no backward follows (rollouts,
@@ -353,7 +364,10 @@ class Trainer:
             bad = [g for g in range(rollout.num_groups) if zero[g]]
             kept.append(self._groups(rollout, cols, good))
             dropped.append(self._groups(rollout, cols, bad))
-            if sum(p.num_groups for p, _ in kept) >= self.B_local:
+            full = sum(p.num_groups for p, _ in kept) >= self.B_local
+            if self.collective:  # every process samples as many rounds (the full ones' extra groups are unused)
+                full = not self.any_process(not full)
+            if full:
                 break
         timers["dynamic/refill_rounds"] = float(r)
         missing = self.B_local - sum(p.num_groups for p, _ in kept)
@@ -629,16 +643,14 @@ class Trainer:
         One no-grad forward of the rows (micro-batched as the update)."""
         if rollout.logp_old_from_update:
             raise ValueError("policy_drift needs the rollout's logp_old (Trainer.leaves_logp_old_to_update)")
-        mask, rows_all = rollout.train_mask, torch.arange(rollout.num_rows)
-        micro = self.micro_rows(rows_all, mask)
+        mask = rollout.train_mask
         total = count = 0.0
         self.policy.model.eval()
         self._reshard()
         with torch.no_grad():
-            for i in range(0, len(rows_all), micro):
-                rows = rows_all[i : i + micro]
+            for rows in self.micro_batches(torch.arange(rollout.num_rows), mask):
                 units = mask[rows].any(0).nonzero().reshape(-1)
-                if not len(units):
+                if not len(units) and not self.collective:
                     continue
                 new = self.policy.log_prob(rollout, rows, units).logp.float().cpu()
                 lr = new - rollout.logp_old[rows][:, units].float()
@@ -724,6 +736,20 @@ class Trainer:
             micro = choose(units, t.micro_batch_units) if choose is not None else 0
         return min(int(micro), len(rows)) or len(rows)
 
+    def micro_batches(self, rows: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` in micro-batches of :meth:`micro_rows` rows. With collective forwards (FSDP) every process makes
+        as many as the process that needs the most (its rows split evenly), so all run the same forwards."""
+        micro = self.micro_rows(rows, mask)
+        mine = -(-len(rows) // micro)
+        n = mine
+        if self.collective:
+            n = int(self.acc.reduce(torch.tensor([mine], device=self.acc.device), reduction="max").item())
+        if n == mine:
+            return [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        if len(rows) < n:
+            raise ValueError(f"{len(rows)} rows cannot fill the {n} micro-batches another process makes")
+        return list(torch.tensor_split(rows, n))
+
     def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float] | None:
         """One optimizer step over ``rows`` (micro-batched); None when it was skipped (non-finite loss or grads)."""
         t = self.cfg.trainer
@@ -752,8 +778,7 @@ class Trainer:
         denom = self._denominator(rows, mask)
         all_rows = len(rows)
         rows = self.rows_with_gradient(rows, adv, mask)
-        micro = self.micro_rows(rows, mask)
-        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        chunks = self.micro_batches(rows, mask)
         sums: dict[str, float] = {}
         loss_ok = True
         masked = float(mask[rows].sum())
