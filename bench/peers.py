@@ -300,9 +300,11 @@ class ComputeMeter:
     """Seconds spent in neural-network work while active: the outermost ``nn.Module`` forward calls of the process
     (global module hooks, so the rollout's decode steps, the VAE, a reward model and layers called directly all
     count, nested calls once) plus ``torch.autograd.backward`` (which ``Tensor.backward`` and accelerate's
-    ``backward`` call). ``compute fraction`` = these seconds / the step's wall time: what is left is the framework's
-    own Python, sampling logic, rewards and the optimizer step. The hooks cost a few microseconds per module call,
-    so the metered step is an extra one after the timed steps."""
+    ``backward`` call). mmgrpo's own modules (classes defined in the ``mmgrpo`` package, e.g. the VLM scorer, whose
+    forward also runs the whole decode loop so that sharded weights are gathered for it) are transparent: the model
+    modules called inside them count, their own Python does not. ``compute fraction`` = these seconds / the step's
+    wall time: what is left is the framework's own Python, sampling logic, rewards and the optimizer step. The hooks
+    cost a few microseconds per module call, so the metered step is an extra one after the timed steps."""
 
     def __enter__(self) -> ComputeMeter:
         import torch
@@ -324,12 +326,20 @@ class ComputeMeter:
         torch.autograd.backward = backward
         return self
 
+    @staticmethod
+    def _framework(module) -> bool:
+        return type(module).__module__.split(".")[0] == "mmgrpo"
+
     def _pre(self, module, args):
+        if self._framework(module):
+            return
         if self._depth == 0:
             self._t = time.perf_counter()
         self._depth += 1
 
     def _post(self, module, args, output):
+        if self._framework(module):
+            return
         self._depth -= 1
         if self._depth == 0:
             self.seconds += time.perf_counter() - self._t

@@ -74,6 +74,16 @@ def test_compute_meter_counts_outermost_forwards_and_backward_once():
     with peers.ComputeMeter() as meter:
         time.sleep(0.02)
     assert meter.seconds == 0.0
+
+    class Wrapper(torch.nn.Module):  # as mmgrpo's VLM scorer: a module whose forward runs framework code
+        def forward(self, x):
+            time.sleep(0.1)  # the framework's own Python: not compute
+            return model(x)  # the model inside it: compute
+
+    Wrapper.__module__ = "mmgrpo.policies.fake"
+    with peers.ComputeMeter() as meter:
+        Wrapper()(torch.ones(1, 2))
+    assert 0.1 <= meter.seconds < 0.15
     assert torch.autograd.backward.__module__ == "torch.autograd"  # restored
 
 
