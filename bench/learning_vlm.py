@@ -34,8 +34,8 @@ S = 3 seeds the SE has 2 degrees of freedom (a 95% interval is +-4.30 SE, not +-
 All-fail fraction: the share of the groups that reached the update whose ``accuracy`` reward is 0 on every row,
 over all steps (read from the trainer's ``trainer.dump_advantages`` files). It is the policy's own rate for methods
 that train on what they sample; DAPO's dynamic sampling reports it after its refills, TempSamp's ground-truth row
-counts as a row (so it has none), and PEARL's checklist groups (no accuracy) are left out; n/a where there is no
-``accuracy`` reward (PRS, E-GRPO replace it) or the groups are ragged (GDRO).
+counts as a row (so it has none), and PEARL's checklist groups (no accuracy) are left out; ragged groups (GDRO) count
+with their own sizes; n/a where there is no ``accuracy`` reward (PRS, E-GRPO replace it).
 
 Splits (:data:`SPLITS`): ``normal`` is the demo's data; ``hard`` (``data.options.difficulty: shuffled``, training AND
 evaluation, ``mmgrpo/data/shapes_qa.py``) asks the same questions about the same scenes with the options in a per-scene
@@ -243,17 +243,18 @@ def all_fail_fraction(accuracy: list[list[float]]) -> float:
 
 def dumped_accuracy(debug_dir: Path, reward_index: int, group_size: int) -> list[list[float]]:
     """Per group over all steps, the accuracy rewards of its rows, from ``debug/adv_step_*.safetensors``
-    (``rewards [V, R, N]``, rows in group order); [] when the groups cannot be told apart (ragged groups: the dump
-    holds more advantage slots, padded to the largest group, than rows)."""
+    (``rewards [V, R, N]``, rows in group order; ``group_sizes [B]``, ragged groups included; a dump without it has
+    groups of ``group_size``)."""
     from safetensors.torch import load_file
 
     out: list[list[float]] = []
     for f in sorted(debug_dir.glob("adv_step_*.safetensors")):
         dump = load_file(str(f))
         acc = dump["rewards"][0, reward_index].double()  # [N]
-        if acc.numel() % group_size or dump["advantages"].numel() != acc.numel():
-            return []
-        out += acc.view(-1, group_size).tolist()
+        sizes = dump["group_sizes"].tolist() if "group_sizes" in dump else [group_size] * (acc.numel() // group_size)
+        if sum(sizes) != acc.numel():
+            raise ValueError(f"{f}: group sizes {sizes} do not add up to its {acc.numel()} rows")
+        out += [g.tolist() for g in acc.split(sizes)]
     return out
 
 

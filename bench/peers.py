@@ -29,9 +29,13 @@ resident memory (``ru_maxrss``: weights, optimizer, activations, the rollout's s
   ``bench/flow_grpo_peer.py``, a re-implementation of Flow-GRPO's published training step (its SDE step and
   log-prob, per-timestep clipped loss, sampling and training batches of 8 rows, timesteps looped inside each batch,
   gradient accumulation over batches x timesteps, its zero-advantage row filter); its header names the commit it
-  follows and every simplification.
+  follows and every simplification. Both sides train on the same prompts at every step (the loop is given them in
+  mmgrpo's stream order), so they differ only in their noise; which rows have zero advantage (untrained on both
+  sides) still depends on each side's samples, so the B 2 grid points, where it matters most, time 6 steps instead
+  of ``--steps`` and the table gives the rows each side trained.
 - **Rollout**: ``bench/rollout.py``'s comparison (mmgrpo's SDE rollout with log-probs vs diffusers'
-  ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of ``--repeats`` alternating calls.
+  ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of max(9, 3 x ``--repeats``) alternating
+  calls in one process.
 
 Timings mean something only on an otherwise idle machine: the results file records the load average before and
 after. ``--quick`` (tiny sizes, every job in one process, one repeat, one timed step) only checks that everything
@@ -78,6 +82,8 @@ class Point:
     sizes: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
     peer: bool = True
+    steps: int | None = None
+    """timed steps per process (None: ``--steps``)"""
 
     def key(self) -> str:
         return json.dumps([self.family, self.sizes], sort_keys=True)
@@ -102,7 +108,9 @@ def points(quick: bool, only: list[str]) -> list[Point]:
             out.append(Point(f"diffusion B 8 x G 8, T 8, mmgrpo {what}", "diffusion", main, [override], peer=False))
         for G in (4, 8, 16):
             for T in (5, 10, 20):
-                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", {"B": 2, "G": G, "T": T}))
+                # small steps: twice the timed steps, so which rows have zero advantage (and are not trained, on
+                # either side) averages out over more groups
+                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", {"B": 2, "G": G, "T": T}, steps=6))
         out.append(Point("rollout vs StableDiffusion3Pipeline, T 10, N 8", "rollout", {"tiny": False}))
     return [p for p in out if p.family in only]
 
@@ -171,10 +179,14 @@ def diffusion_flow_grpo(s: dict[str, Any]):
     from flow_grpo_peer import FlowGRPOLoop
 
     import mmgrpo.rewards.shapes  # noqa: F401  (registers the reward)
-    from mmgrpo.data.prompts import read_prompts
+    from mmgrpo.data.prompts import PromptList, read_prompts
     from mmgrpo.rewards.registry import get as get_reward
 
-    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), read_prompts("shapes", "train", 0), get_reward("shapes"))
+    # the prompts in mmgrpo's stream order (run.seed 0): the loop walks its list in order, B per epoch, so epoch e
+    # samples exactly the prompts of mmgrpo's step e (the two sides then differ only in their noise)
+    train = read_prompts("shapes", "train", 0)
+    prompts = PromptList(train, 0).get(list(range(2 * len(train)))).prompts
+    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward("shapes"))
     return loop.step, s["B"] * s["G"]
 
 
@@ -223,8 +235,9 @@ def trl_rewards():
     return [format_reward, accuracy_reward]
 
 
-def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, steps: int):
-    """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them."""
+def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: int):
+    """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them, then one more
+    step under a :class:`ComputeMeter` (its seconds land in the returned list)."""
     from datasets import Dataset
     from PIL import Image
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, TrainerCallback
@@ -242,26 +255,34 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, steps: int):
     args = GRPOConfig(
         output_dir=run_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=s["G"],
         generation_batch_size=n, max_completion_length=s["tokens"], temperature=1.0, beta=0.0, learning_rate=1e-5,
-        num_iterations=1, max_steps=steps, logging_steps=10**6, report_to="none", save_strategy="no",
+        num_iterations=1, max_steps=warm + steps + 1, logging_steps=10**6, report_to="none", save_strategy="no",
         eval_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False, log_completions=False,
     )  # fmt: skip
     ends: list[float] = []
     lengths: list[float] = []
+    metered: list[float] = []
+    meter = ComputeMeter()
 
     class Clock(TrainerCallback):
-        """Step ends (the first entry: the start of training) and each step's mean completion length."""
+        """Step ends (the first entry: the start of training) and each step's mean completion length; the step
+        after the timed ones runs metered."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            if len(ends) == warm + steps + 1:  # the metered step ends here
+                meter.__exit__(None, None, None)
+                metered.append(meter.seconds)
             ends.append(time.perf_counter())
             lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
+            if len(ends) == warm + steps + 1:  # the timed steps are done: meter the next one
+                meter.__enter__()
 
     trainer = GRPOTrainer(model=model, reward_funcs=trl_rewards(), args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=processor, callbacks=[Clock()])  # fmt: skip
-    return trainer, ends, lengths, n
+    return trainer, ends, lengths, n, metered
 
 
 def rollout_job(s: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -273,6 +294,62 @@ def rollout_job(s: dict[str, Any], repeats: int) -> dict[str, Any]:
     policy, pipe, max_len = ro.build(s["tiny"], "cpu", "float32")
     times = ro.measure(ro.calls(policy, pipe, max_len, "cpu"), repeats, "cpu")
     return {"mmgrpo": times["rollout"], "peer": times["pipeline"], "rows": len(ro.PROMPTS) * ro.GROUP}
+
+
+class ComputeMeter:
+    """Seconds spent in neural-network work while active: the outermost ``nn.Module`` forward calls of the process
+    (global module hooks, so the rollout's decode steps, the VAE, a reward model and layers called directly all
+    count, nested calls once) plus ``torch.autograd.backward`` (which ``Tensor.backward`` and accelerate's
+    ``backward`` call). mmgrpo's own modules (classes defined in the ``mmgrpo`` package, e.g. the VLM scorer, whose
+    forward also runs the whole decode loop so that sharded weights are gathered for it) are transparent: the model
+    modules called inside them count, their own Python does not. ``compute fraction`` = these seconds / the step's
+    wall time: what is left is the framework's own Python, sampling logic, rewards and the optimizer step. The hooks
+    cost a few microseconds per module call, so the metered step is an extra one after the timed steps."""
+
+    def __enter__(self) -> ComputeMeter:
+        import torch
+        from torch.nn.modules import module as nn_module
+
+        self.seconds, self._depth, self._t = 0.0, 0, 0.0
+        self._hooks = [nn_module.register_module_forward_pre_hook(self._pre),
+                       nn_module.register_module_forward_hook(self._post)]  # fmt: skip
+        self._backward = torch.autograd.backward
+
+        def backward(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return self._backward(*args, **kwargs)
+            finally:
+                if self._depth == 0:  # not inside a metered forward
+                    self.seconds += time.perf_counter() - t0
+
+        torch.autograd.backward = backward
+        return self
+
+    @staticmethod
+    def _framework(module) -> bool:
+        return type(module).__module__.split(".")[0] == "mmgrpo"
+
+    def _pre(self, module, args):
+        if self._framework(module):
+            return
+        if self._depth == 0:
+            self._t = time.perf_counter()
+        self._depth += 1
+
+    def _post(self, module, args, output):
+        if self._framework(module):
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._t
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        for h in self._hooks:
+            h.remove()
+        torch.autograd.backward = self._backward
 
 
 def peak_rss_mib() -> float:
@@ -294,10 +371,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if fam == "rollout":
             return {**out, **rollout_job(s, job["repeats"])}
         if fam == "vlm" and side == "trl":
-            trainer, ends, lengths, rows = vlm_trl(s, job["model"], tmp, warm + steps)
+            trainer, ends, lengths, rows, metered = vlm_trl(s, job["model"], tmp, warm, steps)
             trainer.train()
-            durations = [b - a for a, b in zip(ends, ends[1:])][warm:]
-            extra = {"tokens_mean": lengths[-1] if lengths else None}
+            durations = [b - a for a, b in zip(ends, ends[1:])][warm : warm + steps]
+            extra = {"tokens_mean": lengths[warm + steps - 1] if lengths else None,
+                     "compute_fraction": metered[0] / (ends[-1] - ends[-2]) if metered else None}  # fmt: skip
         else:
             if fam == "vlm":
                 step, rows = vlm_mmgrpo(s, job["model"], job["overrides"], tmp)
@@ -312,7 +390,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 if i >= warm:
                     durations.append(time.perf_counter() - t0)
                     trained.append(last["trained_rows"])
-            extra = {"tokens_mean": last.get("completion/length_mean"), "trained_rows": statistics.mean(trained)}
+            with ComputeMeter() as meter:  # one more step, metered
+                t0 = time.perf_counter()
+                step()
+                fraction = meter.seconds / (time.perf_counter() - t0)
+            extra = {"tokens_mean": last.get("completion/length_mean"), "trained_rows": statistics.mean(trained),
+                     "compute_fraction": fraction}  # fmt: skip
     return {**out, "s_per_step": durations, "rows": rows, **extra}
 
 
@@ -366,12 +449,13 @@ def vlm_model_dirs(root: Path, quick: bool) -> dict[int, str]:
 
 
 def jobs_for(point: Point, sides: list[str], args: argparse.Namespace, models: dict[int, str]) -> list[dict]:
+    steps = args.steps if args.quick or point.steps is None else max(args.steps, point.steps)
     base = {"family": point.family, "sizes": point.sizes, "overrides": point.overrides, "warmup": args.warmup,
-            "steps": args.steps, "repeats": args.repeats, "label": point.label}  # fmt: skip
+            "steps": steps, "repeats": args.repeats, "label": point.label}  # fmt: skip
     if point.family == "vlm":
         base["model"] = models[point.sizes["hidden"]]
-    if point.family == "rollout":
-        return [{**base, "side": "both"}]
+    if point.family == "rollout":  # ~1 s a call: more alternating calls in its one process, for a steadier median
+        return [{**base, "side": "both", "repeats": args.repeats if args.quick else max(9, 3 * args.repeats)}]
     return [{**base, "side": side} for side in sides]
 
 
@@ -460,6 +544,7 @@ def _side(results: list[dict], p: Point, side: str, overrides: list[str] | None 
         "rows": next((r["rows"] for r in mine if "rows" in r), None),
         "tokens": [r["tokens_mean"] for r in mine if r.get("tokens_mean") is not None],
         "trained": [r["trained_rows"] for r in mine if r.get("trained_rows") is not None],
+        "fractions": [r["compute_fraction"] for r in mine if r.get("compute_fraction") is not None],
     }
 
 
@@ -470,7 +555,8 @@ def tables(results: list[dict], pts: list[Point], quick: bool) -> str:
     if vlm:
         out += ["## VLM GRPO step: mmgrpo vs TRL `GRPOTrainer`", "",
                 f"| work | mmgrpo s/step | TRL s/step | mmgrpo samples/s | TRL samples/s | **mmgrpo / TRL samples/s** "
-                f"| mmgrpo {mem} | TRL {mem} | tokens per row (mmgrpo, TRL) |", "|---|" + "---|" * 8]  # fmt: skip
+                f"| mmgrpo {mem} | TRL {mem} | tokens per row (mmgrpo, TRL) | compute fraction (mmgrpo, TRL) |",
+                "|---|" + "---|" * 9]  # fmt: skip
         for p in vlm:
             a, b = _side(results, p, "mmgrpo"), _side(results, p, "trl")
             out.append(_row(p.label, a, b, rate=True))
@@ -478,7 +564,8 @@ def tables(results: list[dict], pts: list[Point], quick: bool) -> str:
     if dif:
         out += ["", "## Diffusion Flow-GRPO step: mmgrpo vs a faithful Flow-GRPO loop (`bench/flow_grpo_peer.py`)", "",
                 f"| work | N x T | mmgrpo s/step | Flow-GRPO loop s/step | **mmgrpo / peer time** | mmgrpo {mem} | "
-                f"peer {mem} | rows trained per step (mmgrpo, peer) |", "|---|" + "---|" * 7]  # fmt: skip
+                f"peer {mem} | rows trained per step (mmgrpo, peer) | compute fraction (mmgrpo, peer) |",
+                "|---|" + "---|" * 8]  # fmt: skip
         for p in dif:
             a, b = _side(results, p, "mmgrpo"), _side(results, p, "flow_grpo")
             nt = p.sizes["B"] * p.sizes["G"] * p.sizes["T"]
@@ -502,7 +589,7 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     cells = [label] + ([extra] if extra is not None else [])
     if a["errors"] or b["errors"] or not a["steps"] or not b["steps"]:
         why = "; ".join(a["errors"] + b["errors"]) or "no measurement"
-        return "| " + " | ".join(cells + [f"error: {why}"] + [""] * (9 - len(cells) - 1)) + " |"
+        return "| " + " | ".join(cells + [f"error: {why}"] + [""] * (10 - len(cells) - 1)) + " |"
     ma, mb = statistics.median(a["steps"]), statistics.median(b["steps"])
     cells += [_fmt(a["steps"]), _fmt(b["steps"])]
     if rate:
@@ -513,6 +600,7 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     cells += [_fmt(a["peaks"], 0), _fmt(b["peaks"], 0)]
     what = "tokens" if rate else "trained"  # VLM: mean completion tokens; diffusion: rows through the update
     cells.append(", ".join(f"{statistics.mean(x[what]):.1f}" if x[what] else "-" for x in (a, b)))
+    cells.append(", ".join(f"{statistics.median(x['fractions']):.2f}" if x["fractions"] else "-" for x in (a, b)))
     return "| " + " | ".join(cells) + " |"
 
 

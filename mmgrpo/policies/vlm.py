@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -360,6 +361,18 @@ class VLMPolicy:
             policy.model.to(device)
         return policy
 
+    @property
+    def any_process(self) -> Callable[[bool], bool] | None:
+        """None, or (set by the trainer when every forward of the model is a collective over the processes, as
+        under FSDP) ``any_process(flag) -> bool``: whether ``flag`` is True on any process. The decode loop asks it
+        before each token (does any process still have a row without EOS?), so all processes run the same number
+        of forwards; rows that are done meanwhile only get padding, as without it."""
+        return self._scorer().any_process
+
+    @any_process.setter
+    def any_process(self, fn: Callable[[bool], bool] | None) -> None:
+        self._scorer().any_process = fn
+
     # ------------------------------------------------------------------------------------------ prompts
     @property
     def device(self) -> torch.device:
@@ -425,7 +438,13 @@ class VLMPolicy:
         Returns (tokens [N, T] with pad after EOS, lengths [N] incl. EOS, finished [N] bool, entropy [N, T] fp32: of
         the distribution each token was drawn from, :func:`token_entropy` of the logits already computed here; 0 after
         the row's EOS).
+
+        All of it runs as the (wrapped) model's forward (``VLMScorer.forward(run=...)``), so a wrapper's hooks run
+        around the pieces it calls (FSDP2 gathers the root unit's embeddings and head there).
         """
+        return self.model(run=lambda: self._sample_batch(prompts, G, generators, greedy))
+
+    def _sample_batch(self, prompts: list[PromptInputs], G: int, generators: list, greedy: bool):
         sc = self._scorer()
         hf = sc.hf
         backbone = sc.backbone(hf)
@@ -486,7 +505,7 @@ class VLMPolicy:
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
             done = done | torch.isin(nxt, eos)
-            if t == K - 1 or bool(done.all()):
+            if t == K - 1 or not self._on_any_process(not bool(done.all())):  # every process runs as many forwards
                 break
             pos = positions[..., t : t + 1]  # token t sits at slot Lp_b + t (joined: slot Lmax + t)
             seen = None if mask is None else mask[:, : Lmax + t + 1]
@@ -498,6 +517,10 @@ class VLMPolicy:
         finished = is_eos.any(1)  # [N]
         lens = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [N]: up to the first EOS
         return toks, lens, finished, torch.stack(entropy, dim=1)
+
+    def _on_any_process(self, flag: bool) -> bool:
+        """``flag`` here, or on any process when the forwards are collective (:attr:`any_process`)."""
+        return flag if self.any_process is None else self.any_process(flag)
 
     def _seeded(self, batch: PromptBatch, b: int, generator: torch.Generator | None) -> torch.Generator | None:
         return generator_for(batch.seeds[b], self.device) if batch.seeds else generator
@@ -541,6 +564,13 @@ class VLMPolicy:
         loop per distinct size, :func:`~mmgrpo.core.types.rollout_by_size`; a row's tokens depend only on its
         prompt's seed either way)."""
         if batch.ragged(group_size):
+            if self.any_process is not None:
+                raise UserError(
+                    f"the prompt sampler asks for groups of sizes {batch.group_sizes[:8]}..., which the VLM samples "
+                    "in one decode loop per size; with sharded (FSDP) processes every process must run the same "
+                    "forwards, so a different set of sizes per process cannot run. Use a sampler with a fixed group "
+                    "size (uniform), or DDP / one process"
+                )
             out = rollout_by_size(self.rollout, batch, group_size, generator)
             out.extras["prompt_index"] = out.row_group()
             return out
@@ -685,11 +715,16 @@ class VLMPolicy:
             groups.setdefault(id(rollout.extras["prompt"][r]), []).append(i)
         D = sc.hf.get_input_embeddings().weight.shape[1]
         hid = torch.zeros(len(rows_l), 2 * D)
-        for idx in groups.values():
-            h = sc.group_hidden(sc.hf, rollout.extras["prompt"][rows_l[idx[0]]], comp[idx, :L], cached=True).float()
-            slots = (torch.arange(L, device=h.device)[None] < lengths[idx][:, None]).float()  # [r, L]
-            traj = (h * slots[..., None]).sum(1) / slots.sum(1, keepdim=True)  # [r, D]
-            hid[idx] = torch.cat([h[:, 0], traj], dim=-1).cpu()
+
+        def hidden() -> None:  # run as the wrapped model's forward (FSDP: its hooks gather the shards)
+            for idx in groups.values():
+                prompt = rollout.extras["prompt"][rows_l[idx[0]]]
+                h = sc.group_hidden(sc.hf, prompt, comp[idx, :L], cached=True).float()
+                slots = (torch.arange(L, device=h.device)[None] < lengths[idx][:, None]).float()  # [r, L]
+                traj = (h * slots[..., None]).sum(1) / slots.sum(1, keepdim=True)  # [r, D]
+                hid[idx] = torch.cat([h[:, 0], traj], dim=-1).cpu()
+
+        self.model(run=hidden)
         ent = rollout.extras["token_entropy"][rows_l].float().cpu()  # [n, K]
         valid = torch.arange(ent.shape[1])[None] < lengths.cpu()[:, None]  # [n, K]
         cnt = valid.sum(1).clamp_min(1).float()

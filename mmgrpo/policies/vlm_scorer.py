@@ -14,6 +14,9 @@ Shapes: n rows, r rows of one prompt, Lp prompt tokens, Lc completion tokens, D 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -131,6 +134,15 @@ class VLMScorer(nn.Module):
         self.register_buffer("suppress", suppress, persistent=False)  # [V] bool
         self.shared_prefix = shared_prefix
         self.ref_model: nn.Module | None = None  # frozen copy (full fine-tuning with reference_copy)
+        self.any_process: Callable[[bool], bool] | None = None
+        """set (through ``VLMPolicy.any_process``) when every forward is a collective over the processes (FSDP)"""
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The wrapped model's blocks (transformers' ``_no_split_modules``: decoder layers, vision blocks), which
+        accelerate's FSDP config (``fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP``) makes shard units of their
+        own; without them the whole model would be one unit, gathered in full for every forward."""
+        return list(getattr(self.hf, "_no_split_modules", None) or [])
 
     @property
     def hf(self) -> nn.Module:
@@ -194,6 +206,10 @@ class VLMScorer(nn.Module):
         prompt_emb = self.prompt_embeds(hf, prompt, feats)  # [Lp, D]
         backbone = self.backbone(hf)
         if self.shared_prefix and not checkpointed(backbone):
+            if comp.shape[1] == 1 and self.any_process is not None:
+                # one completion token is one decoder forward, more are two: with collective forwards every process
+                # makes two (the token repeated; causal attention leaves slot 0 as it was)
+                return self.shared_prefix_hidden(hf, backbone, prompt, feats, prompt_emb, comp.repeat(1, 2))[:, :1]
             return self.shared_prefix_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
         return self.expanded_hidden(hf, backbone, prompt, feats, prompt_emb, comp)
 
@@ -276,16 +292,24 @@ class VLMScorer(nn.Module):
 
     def forward(
         self,
-        prompts: list[PromptInputs],
-        completions: torch.Tensor,
+        prompts: list[PromptInputs] | None = None,
+        completions: torch.Tensor | None = None,
         reference: bool = False,
         reuse_features: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        run: Callable[[], Any] | None = None,
+    ) -> Any:
         """prompts: n (one per row, shared objects per prompt); completions [n, L] -> logp [n, L], ref [n, L].
 
         ``reuse_features``: use the vision features cached in rollout (default: iff the vision tower is frozen,
         i.e. they cannot have changed; rollout forces it, its parameters have not changed since sampling).
+
+        ``run``: return ``run()`` instead. Code that calls the model's pieces itself (the sampler's prefill and
+        decode loop) runs as this module's forward, so the hooks a wrapper puts around it run too (FSDP2 gathers
+        the root shard unit's parameters, e.g. the embeddings and the head, in its pre-forward hook).
         """
+        if run is not None:
+            return run()
+        assert prompts is not None and completions is not None
         frozen = self.vision_frozen() if reuse_features is None else reuse_features
         logp = self._rows_logprobs(self.hf, prompts, completions, cached=frozen)
         ref = None

@@ -186,6 +186,23 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def optimizer_kernel(params: list[torch.Tensor], distributed_type: Any) -> dict[str, bool]:
+    """AdamW's fused kernel (one pass over each parameter's weight, gradient and moments) where torch has it for
+    every parameter's device and dtype and the parameters stay plain tensors; else torch's default choice. On CPU
+    torch's default is the single-tensor loop (six passes; on the tiny VLM of ``bench/peers.py`` ~20x slower than
+    fused). FSDP turns the parameters into DTensors after this point, and DeepSpeed steps its own flat partitions, so
+    both keep the default. Results equal the loop's within float32 rounding (the same formula, fewer roundings of
+    intermediates)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    ok = distributed_type not in ("FSDP", "DEEPSPEED") and all(
+        p.device.type in _get_fused_kernels_supported_devices() and p.dtype in floats and type(p) in (
+            torch.Tensor, torch.nn.Parameter) for p in params
+    )  # fmt: skip
+    return {"fused": True} if ok else {}
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, accelerator: Accelerator | None = None):
         self.cfg = cfg
@@ -220,7 +237,12 @@ class Trainer:
         if not self.params:
             raise UserError(f"pipeline {cfg.pipeline!r}: the policy has no trainable parameters")
         opt = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
+            self.params,
+            lr=t.lr,
+            betas=tuple(t.adam_betas),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+            **optimizer_kernel(self.params, self.acc.distributed_type),
         )
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
         self.zero_stage = zero.engine(self.acc).zero_optimization_stage() if self.deepspeed else 0
@@ -234,6 +256,12 @@ class Trainer:
             self.policy.parameters_replaced()
         self.mesh = next((p.device_mesh for p in self.params if isinstance(p, DTensor)), None)
         """the device mesh the trainable parameters are sharded over (FSDP2), else None: checkpoints are sharded"""
+        self.collective = (self.mesh is not None or self.zero_stage >= 2) and self.acc.num_processes > 1
+        """every forward of the model is a collective (FSDP2 gathers each shard unit, as DeepSpeed ZeRO-3 does; under
+        ZeRO-2 every backward is): all processes must run the same forwards and backwards, so loops whose length
+        depends on local data agree over the processes"""
+        if self.collective and hasattr(self.policy, "any_process"):  # e.g. the VLM's decode loop
+            self.policy.any_process = self.any_process
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.surrogate = not any(getattr(x, "replaces_surrogate", False) for x in self.comp.loss_terms)
         """False when a method's loss term is the whole policy objective (token-level NFT)"""
@@ -299,6 +327,12 @@ class Trainer:
         if getattr(self.sampler, "needs_policy_drift", False):  # the drift after the update needs logp_old itself
             return False
         return t.logp_old == "auto" and t.epochs * t.minibatches == 1 and hasattr(self.policy, "logp_old_from_update")
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any process (every process calls this together)."""
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="max").item())
 
     def _reshard(self) -> None:
         """FSDP2 keeps the root unit's gathered (full) parameters after a forward that no backward follows (rollouts,
@@ -370,7 +404,10 @@ class Trainer:
             bad = [g for g in range(rollout.num_groups) if zero[g]]
             kept.append(self._groups(rollout, cols, good))
             dropped.append(self._groups(rollout, cols, bad))
-            if sum(p.num_groups for p, _ in kept) >= self.B_local:
+            full = sum(p.num_groups for p, _ in kept) >= self.B_local
+            if self.collective:  # every process samples as many rounds (the full ones' extra groups are unused)
+                full = not self.any_process(not full)
+            if full:
                 break
         timers["dynamic/refill_rounds"] = float(r)
         missing = self.B_local - sum(p.num_groups for p, _ in kept)
@@ -550,8 +587,9 @@ class Trainer:
         row_w = unpad_groups(adv_lib.get_row_weights(a.estimator)(totals, **opts), sizes)  # [N_total]
         zero = adv_lib.zero_variance_groups(pad_groups(self._weighted(all_cols[0]), sizes))
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
-            (self.run_dir / "debug").mkdir(exist_ok=True)
-            dump = {"advantages": adv_p.contiguous(), "rewards": all_cols.contiguous()}
+            (self.run_dir / "debug").mkdir(parents=True, exist_ok=True)
+            dump = {"advantages": adv_p.contiguous(), "rewards": all_cols.contiguous(),
+                    "group_sizes": torch.tensor(sizes, dtype=torch.long)}  # fmt: skip
             save_file(dump, str(self.run_dir / "debug" / f"adv_step_{step:06d}.safetensors"))
         lo = sum(counts[: self.acc.process_index])
         mine = slice(lo, lo + rollout.num_rows)
@@ -646,16 +684,14 @@ class Trainer:
         One no-grad forward of the rows (micro-batched as the update)."""
         if rollout.logp_old_from_update:
             raise ValueError("policy_drift needs the rollout's logp_old (Trainer.leaves_logp_old_to_update)")
-        mask, rows_all = rollout.train_mask, torch.arange(rollout.num_rows)
-        micro = self.micro_rows(rows_all, mask)
+        mask = rollout.train_mask
         total = count = 0.0
         self.policy.model.eval()
         self._reshard()
         with torch.no_grad():
-            for i in range(0, len(rows_all), micro):
-                rows = rows_all[i : i + micro]
+            for rows in self.micro_batches(torch.arange(rollout.num_rows), mask):
                 units = mask[rows].any(0).nonzero().reshape(-1)
-                if not len(units):
+                if not len(units) and not self.collective:
                     continue
                 new = self.policy.log_prob(rollout, rows, units).logp.float().cpu()
                 lr = new - rollout.logp_old[rows][:, units].float()
@@ -741,6 +777,20 @@ class Trainer:
             micro = choose(units, t.micro_batch_units) if choose is not None else 0
         return min(int(micro), len(rows)) or len(rows)
 
+    def micro_batches(self, rows: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` in micro-batches of :meth:`micro_rows` rows. With collective forwards (FSDP) every process makes
+        as many as the process that needs the most (its rows split evenly), so all run the same forwards."""
+        micro = self.micro_rows(rows, mask)
+        mine = -(-len(rows) // micro)
+        n = mine
+        if self.collective:
+            n = int(self.acc.reduce(torch.tensor([mine], device=self.acc.device), reduction="max").item())
+        if n == mine:
+            return [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        if len(rows) < n:
+            raise ValueError(f"{len(rows)} rows cannot fill the {n} micro-batches another process makes")
+        return list(torch.tensor_split(rows, n))
+
     def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float] | None:
         """One optimizer step over ``rows`` (micro-batched); None when it was skipped (non-finite loss or grads)."""
         t = self.cfg.trainer
@@ -780,10 +830,7 @@ class Trainer:
         denom = self._denominator(rows, mask)
         all_rows = len(rows)
         rows = self.rows_with_gradient(rows, adv, mask)
-        micro = self.micro_rows(rows, mask)
-        if self.deepspeed:  # as many micro-batches on every rank: each backward is a collective
-            micro = zero.agreed_micro_rows(self.acc, micro, len(rows))
-        chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        chunks = self.micro_batches(rows, mask)  # as many on every process with collective backwards
         sums: dict[str, float] = {}
         loss_ok = True
         masked = float(mask[rows].sum())

@@ -127,26 +127,6 @@ def _has_tensor(obj: Any) -> bool:
     return False
 
 
-def agreed_micro_rows(acc: Any, micro: int, rows: int) -> int:
-    """Rows per micro-batch of a minibatch of ``rows`` rows on this rank, the same number of micro-batches on every
-    rank: under ZeRO-2 and ZeRO-3 every backward (and under ZeRO-3 every forward) is a collective, so a rank running
-    one more would wait forever. The ranks take the smallest of their micro-batch sizes; ranks whose row counts still
-    give different numbers of micro-batches (groups of different sizes) are an error instead of a hang."""
-    if acc.num_processes == 1:
-        return micro
-    got = acc.reduce(torch.tensor([-micro, rows, -rows], device=acc.device), reduction="max").tolist()
-    micro, most, least = -int(got[0]), int(got[1]), -int(got[2])
-    if math.ceil(most / micro) != math.ceil(least / micro):
-        raise UserError(
-            f"DeepSpeed: this minibatch holds {least} to {most} rows on the {acc.num_processes} processes, which "
-            f"makes {math.ceil(least / micro)} to {math.ceil(most / micro)} micro-batches of {micro} rows, but every "
-            "process must run as many (each backward is a collective). Groups of different sizes cause it (a prompt "
-            "sampler that varies the rollouts per prompt): use a fixed group size, or trainer.micro_batch_size "
-            "large enough for a whole minibatch"
-        )
-    return micro
-
-
 def poison(acc: Any, loss: torch.Tensor, loss_ok: bool) -> torch.Tensor:
     """The boundary micro-batch's loss, NaN when any rank's minibatch had a non-finite loss (all ranks agree): its
     gradients are then NaN, which the engine's overflow check drops (no step, gradients cleared) on every rank."""

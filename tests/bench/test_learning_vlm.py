@@ -40,6 +40,22 @@ def test_all_fail_fraction_by_hand():
     assert math.isnan(bench.all_fail_fraction([[nan, nan]]))
 
 
+def test_dumped_accuracy_splits_rows_by_the_dumped_group_sizes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    acc = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # groups [0, 0] [1, 0, 0] [0, 0] -> 2 of 3 all fail
+    rewards = torch.stack([acc, torch.ones(7)])[None]  # [V 1, R 2 (accuracy, format), N 7]
+    save_file({"rewards": rewards, "advantages": torch.zeros(3, 3), "group_sizes": torch.tensor([2, 3, 2])},
+              str(tmp_path / "adv_step_000000.safetensors"))  # fmt: skip
+    groups = bench.dumped_accuracy(tmp_path, 0, 8)
+    assert groups == [[0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0]]
+    assert bench.all_fail_fraction(groups) == pytest.approx(2 / 3)
+    old = {"rewards": rewards[..., :6].contiguous(), "advantages": torch.zeros(6)}
+    save_file(old, str(tmp_path / "adv_step_000000.safetensors"))
+    assert bench.dumped_accuracy(tmp_path, 0, 2) == [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]  # an old dump: G each
+
+
 def test_table_rows_from_results():
     rows = [(m, s, v) for m, vals in {"grpo": [0.60, 0.64, 0.65], "ngrpo": [0.62, 0.70, 0.66]}.items()
             for s, v in enumerate(vals)]  # fmt: skip

@@ -34,7 +34,8 @@ def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
     assert dif[1] == "6" and float(dif[2]) > 0 and float(dif[3]) > 0  # N x T, both sides' s/step
     # rows through the update: mmgrpo's non-zero-advantage ones (one, forwarded for its zero gradient, when the group's
     # rewards are equal: trainer.skip_zero_advantage), as the peer filters its own
-    assert dif[-1].split(", ")[0] in ("1.0", "2.0")
+    assert dif[-2].split(", ")[0] in ("1.0", "2.0")
+    assert all(0.0 < float(x) < 1.0 for x in dif[-1].split(", "))  # compute fraction of a metered step, both sides
     assert float(cells("rollout (quick)")[-1].strip("*")) > 0
     vlm = cells("VLM tiny (quick)")
     if importlib.util.find_spec("trl") is None:
@@ -42,9 +43,48 @@ def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
     else:
         assert code == 0, printed.err[-3000:]
         assert float(vlm[1]) > 0 and float(vlm[2]) > 0  # mmgrpo and TRL s/step
-        assert vlm[-1] == "4.0, 4.0" or all(0 < float(x) <= 4 for x in vlm[-1].split(", "))  # <= 4 new tokens
+        assert vlm[-2] == "4.0, 4.0" or all(0 < float(x) <= 4 for x in vlm[-2].split(", "))  # <= 4 new tokens
+        assert all(0.0 < float(x) < 1.0 for x in vlm[-1].split(", "))  # compute fraction, mmgrpo and TRL
     text = out.read_text()
     assert "python bench/peers.py --quick --out " in text and rows["rollout (quick)"] in text
+
+
+def test_compute_meter_counts_outermost_forwards_and_backward_once():
+    """Nested module calls count once (the outer call's time), backward counts, and nothing outside them does."""
+    import time
+
+    import torch
+
+    peers = load("peers")
+
+    class Slow(torch.nn.Module):
+        def __init__(self, inner=None):
+            super().__init__()
+            self.inner, self.lin = inner, torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            time.sleep(0.05)
+            return self.lin(self.inner(x) if self.inner is not None else x)
+
+    model = Slow(Slow())  # 0.1 s per call: two nested sleeps
+    with peers.ComputeMeter() as meter:
+        time.sleep(0.1)  # outside any module: not compute
+        model(torch.ones(1, 2, requires_grad=True)).sum().backward()
+    assert 0.1 <= meter.seconds < 0.16  # the outer forward's 0.1 s (not 0.15 or 0.2) plus a tiny backward
+    with peers.ComputeMeter() as meter:
+        time.sleep(0.02)
+    assert meter.seconds == 0.0
+
+    class Wrapper(torch.nn.Module):  # as mmgrpo's VLM scorer: a module whose forward runs framework code
+        def forward(self, x):
+            time.sleep(0.1)  # the framework's own Python: not compute
+            return model(x)  # the model inside it: compute
+
+    Wrapper.__module__ = "mmgrpo.policies.fake"
+    with peers.ComputeMeter() as meter:
+        Wrapper()(torch.ones(1, 2))
+    assert 0.1 <= meter.seconds < 0.15
+    assert torch.autograd.backward.__module__ == "torch.autograd"  # restored
 
 
 def test_flow_grpo_sde_step_is_mmgrpo_flow_grpo_step():

@@ -329,17 +329,3 @@ def test_deepspeed_tiny_sd3_nft_matches_the_unsharded_run(tmp_path, stage):
     weights = ckpt.load_checkpoint(path)["model"]
     assert set(weights) == set(exported)
     assert all(torch.equal(exported[n].detach(), w) for n, w in weights.items())
-
-
-def test_every_rank_runs_as_many_micro_batches():
-    """Rank 0's (micro-batch size, rows) against the other rank's, reduced by max as accelerate's reduce does."""
-
-    def acc(other_micro: int, other_rows: int) -> SimpleNamespace:
-        other = torch.tensor([-other_micro, other_rows, -other_rows])
-        return SimpleNamespace(num_processes=2, device="cpu", reduce=lambda t, reduction: torch.maximum(t, other))
-
-    assert zero.agreed_micro_rows(acc(3, 12), 4, 12) == 3  # the smaller size: 4 micro-batches of 3 on both
-    assert zero.agreed_micro_rows(acc(4, 10), 4, 12) == 4  # 12 and 10 rows: ceil(12 / 4) = ceil(10 / 4) = 3
-    with pytest.raises(UserError, match="holds 8 to 12 rows on the 2 processes, which makes 2 to 3 micro-batches"):
-        zero.agreed_micro_rows(acc(4, 8), 4, 12)
-    assert zero.agreed_micro_rows(SimpleNamespace(num_processes=1), 5, 7) == 5

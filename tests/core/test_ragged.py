@@ -150,6 +150,7 @@ def test_a_ragged_run_normalises_each_group_alone_and_trains(tmp_path):
         dump = load_file(str(trainer.run_dir / f"debug/adv_step_{step:06d}.safetensors"))
         adv, rewards = dump["advantages"], dump["rewards"][0, 0]  # [B, G_max], [N]
         assert adv.shape == (3, 5) and rewards.shape == (10,)
+        assert dump["group_sizes"].tolist() == [2, 5, 3]  # what splits the rows into groups (bench/learning_vlm.py)
         want = adv_lib.grpo(pad_groups(rewards, [2, 5, 3]))
         assert torch.equal(adv, want)
         assert adv[0, 2:].eq(0).all() and adv[2, 3:].eq(0).all()  # padding: no advantage

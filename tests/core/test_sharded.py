@@ -5,6 +5,7 @@ The runs are real ``accelerate launch --config_file configs/accelerate/fsdp.yaml
 ``ACCELERATE_USE_CPU=true`` (2 gloo processes; mmgrpo turns accelerate's state into FSDP there, see
 ``enable_cpu_fsdp``). The bandit's logits table [8, 5] is the model: FSDP2 gives each rank 4 of its 8 rows, and the
 AdamW moments are sharded the same way. A crash run is the CLI behind a small script that sends SIGKILL at one point.
+Real models with several shard units: a tiny SD3 (DiffusionNFT) and a tiny Qwen2-VL (GRPO, rows of different lengths).
 """
 
 import json
@@ -330,3 +331,177 @@ def _state_at_start(trainer) -> dict:
 
     policy = build_policy(load_config(trainer.run_dir / "config.yaml"))
     return {"model": {n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad}}
+
+
+# ------------------------------------------------------------------------------------------ a VLM (issue 16)
+VLM_K = 8  # policy.options.max_new_tokens
+VLM_EOS_SCALE = 15.0  # the EOS row of the head (see save_vlm_that_stops)
+VLM_SEED = 8
+
+VLM_RECORD = r"""
+import json, os, sys
+from torch.distributed.fsdp import FSDPModule
+from mmgrpo.policies.vlm import VLMPolicy
+from mmgrpo.train import trainer as tr
+from mmgrpo.train.cli import main
+
+loops, units = [], []
+real_loop, real_init = VLMPolicy._decode_loop, tr.Trainer.__init__
+def loop(self, prompts, cache, last, G, generators, greedy):
+    out = real_loop(self, prompts, cache, last, G, generators, greedy)
+    loops.append({"greedy": greedy, "steps": out[0].shape[1], "lengths": out[1].tolist()})
+    return out
+def init(self, *a, **k):
+    real_init(self, *a, **k)
+    units.extend(type(m).__name__ for m in self.policy.model.modules() if isinstance(m, FSDPModule))
+VLMPolicy._decode_loop, tr.Trainer.__init__ = loop, init
+code = main(sys.argv[1:])
+with open(f"record_rank{os.environ['RANK']}.json", "w") as f:
+    json.dump({"loops": loops, "units": units}, f)
+sys.exit(code)
+"""
+
+VLM_REWARD = '''
+def length(samples, prompts, meta, ctx):
+    """Characters of each completion / 10: a dense reward, so the random model's groups have advantages."""
+    return [len(s) / 10.0 for s in samples]
+'''
+
+
+def save_vlm_that_stops(directory, eos_scale: float) -> str:
+    """The tiny Qwen2-VL (seed 0) with its head's EOS row turned towards the mean final hidden state of a text, so
+    EOS is likely at every token and completions end at different lengths (a random head almost never ends one)."""
+    from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_vl
+
+    model, processor = tiny_qwen2_vl()
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        hidden = model.model.language_model(input_ids=torch.arange(20, 120)[None]).last_hidden_state[0]  # [100, D]
+        u = hidden.mean(0)
+        model.lm_head.weight[eos] = eos_scale * u / u.norm()
+    return str(save_tiny(model, processor, directory))
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_unsharded_run(
+    tmp_path, monkeypatch, finetune
+):
+    """The tiny Qwen2-VL, fully fine-tuned, or LoRA with a KL term (its reference: the adapters disabled, one more
+    forward per micro-batch), (vlm_reasoning, 2 steps of 2 prompts x 3 rows, temperature 1, old log-probs scored
+    after the rollout, greedy evaluation at steps 0 and 2) on 2 FSDP processes, each sampling one
+    prompt: every shard unit's forward is a collective, so the decode loop runs until no process has a row left
+    without EOS (``VLMPolicy.any_process``); a process whose rows all ended first decodes padding meanwhile. The
+    sharded run goes through a small script around the CLI that records each decode loop's steps and row lengths
+    and the FSDP units on every process; its checkpoint equals the unsharded run's within float32 rounding."""
+    from mmgrpo.policies.vlm import VLMPolicy
+
+    base = save_vlm_that_stops(tmp_path / "base", eos_scale=VLM_EOS_SCALE)
+    (tmp_path / "vlm_length_reward.py").write_text(VLM_REWARD)
+    (tmp_path / "record.py").write_text(VLM_RECORD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {
+        "pipeline": "vlm_reasoning",
+        "run": {"seed": VLM_SEED},
+        "policy": {"options": {"path": base, "finetune": finetune, "lora_rank": 4, "max_new_tokens": VLM_K}},
+        "loss": {"beta": 0.0 if finetune == "full" else 0.02},
+        "data": {"options": {"num_examples": 12, "eval_examples": 2, "eval_batch": 2}},
+        "rewards": [{"name": "format", "weight": 0.5}, {"name": "vlm_length_reward.length"}],
+        "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 3, "micro_batch_size": 2, "lr": 1e-2,
+                    "logp_old": "rollout", "eval_every": 2, "checkpoint_every": 0, "progress": False},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _launch(tmp_path, "train", str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=fsdp",
+                   script=[str(tmp_path / "record.py")])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    plain: list[dict] = []  # the unsharded run's decode loops
+    real_loop = VLMPolicy._decode_loop
+
+    def loop(self, prompts, cache, last, G, generators, greedy):
+        out = real_loop(self, prompts, cache, last, G, generators, greedy)
+        plain.append({"greedy": greedy, "steps": out[0].shape[1], "lengths": out[1].tolist()})
+        return out
+
+    monkeypatch.setattr(VLMPolicy, "_decode_loop", loop)
+    one = train(load_config(tmp_path / "cfg.yaml", [f"run.output_dir={tmp_path}", "run.name=one"]))
+
+    ranks = [json.loads((tmp_path / f"record_rank{r}.json").read_text()) for r in (0, 1)]
+    # one shard unit per decoder layer (2) and vision block (1), the rest in the root (VLMScorer._no_split_modules)
+    assert sorted(ranks[0]["units"]) == sorted(
+        ["FSDPVLMScorer", "FSDPQwen2VLDecoderLayer", "FSDPQwen2VLDecoderLayer", "FSDPQwen2VLVisionBlock"]
+    )
+    # evaluation at steps 0 and 2 (greedy, the 1 held-out prompt on each process), a rollout of 1 prompt x 3 rows on
+    # each process at steps 1 and 2: every loop ran as many steps on both processes
+    loops = [r["loops"] for r in ranks]
+    assert [x["greedy"] for x in loops[0]] == [True, False, False, True] == [x["greedy"] for x in loops[1]]
+    assert [x["steps"] for x in loops[0]] == [x["steps"] for x in loops[1]]
+    sampled = [(a, b) for a, b in zip(loops[0], loops[1]) if not a["greedy"]]
+    for a, b in sampled:  # the loop stops when no process has a row left, i.e. at the longest row of either
+        assert a["steps"] == min(VLM_K, max(a["lengths"] + b["lengths"]))
+    # the early exit was exercised: in some rollout a process had every row ended before the other's last one and
+    # ran the remaining steps on padding; its rows ended at different tokens
+    early = [(a, b) for a, b in sampled for x in (a, b) if max(x["lengths"]) < x["steps"]]
+    assert early, sampled
+    assert any(len(set(x["lengths"])) > 1 for a, b in early for x in (a, b)), early
+    # the unsharded run sampled the same rows (layout-free seeds): its loops over both prompts' 6 rows
+    assert [x["lengths"] for x in plain if not x["greedy"]] == [a["lengths"] + b["lengths"] for a, b in sampled]
+
+    path = ckpt.latest_checkpoint(tmp_path / "fsdp" / "checkpoints")
+    assert ckpt.is_sharded(path) and len(list((path / "shards").glob("*.safetensors"))) == 2
+    got, want = _tensors(ckpt.load_checkpoint(path)), _tensors(_state(one.run_dir))
+    assert got.keys() == want.keys()
+    start = _tensors(_state_at_start(one))
+    if finetune == "full":  # every weight but the frozen vision tower's; else the adapters only
+        assert any(k.startswith("/model/vlm.model.language_model.layers.1.") for k in got)
+    else:
+        assert got and all("lora_" in k for k in got if k.startswith("/model/"))
+    moved = max(float((want[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3  # training moved the weights (2 AdamW steps of lr 1e-2)
+    diff = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert diff <= 5e-5, diff  # float32 rounding of other reduction orders only
+
+
+def test_with_collective_forwards_every_process_makes_as_many_micro_batches(tmp_path, monkeypatch):
+    """``Trainer.micro_batches`` under FSDP with several processes (``collective``): the count is the largest any
+    process needs (the max-reduce is faked here: "the other process" needs ``other`` micro-batches), this process's
+    rows split evenly into it; when this process already needs the most, its micro-batches are the plain ones."""
+    from mmgrpo.train.trainer import Trainer, prepare_run_dir
+
+    cfg = load_config(None, base={**CONFIG, "run": {"seed": 3, "output_dir": str(tmp_path), "name": "mb"}})
+    trainer = Trainer(cfg, prepare_run_dir(cfg))  # micro_batch_size 4
+    rows, mask = torch.arange(10, 16), torch.ones(16, 3, dtype=torch.bool)
+    assert [r.tolist() for r in trainer.micro_batches(rows, mask)] == [[10, 11, 12, 13], [14, 15]]  # 1 process
+    other = {"n": 0}
+    monkeypatch.setattr(trainer, "collective", True)
+    monkeypatch.setattr(trainer.acc, "reduce", lambda t, reduction: torch.maximum(t, torch.tensor([other["n"]])))
+    other["n"] = 1  # this process needs ceil(6 / 4) = 2, the most: unchanged
+    assert [r.tolist() for r in trainer.micro_batches(rows, mask)] == [[10, 11, 12, 13], [14, 15]]
+    other["n"] = 3  # the other process needs 3: 6 rows in 3 even parts
+    assert [r.tolist() for r in trainer.micro_batches(rows, mask)] == [[10, 11], [12, 13], [14, 15]]
+    other["n"] = 7  # more micro-batches than rows here: no forward to run in one of them
+    with pytest.raises(ValueError, match="6 rows cannot fill the 7 micro-batches"):
+        trainer.micro_batches(rows, mask)
+
+
+def test_with_collective_forwards_every_process_samples_as_many_refill_rounds(tmp_path, monkeypatch):
+    """DAPO's refills under FSDP with several processes: a process whose groups are all kept goes on sampling refill
+    rounds while another process still refills (faked: ``any_process`` says "some process is not full" twice), so
+    both run the same forwards; the extra rounds' groups are not used: the step's rollout is the one without them."""
+    from mmgrpo.train.trainer import Trainer, prepare_run_dir
+
+    base = {**CONFIG, "advantage": {"estimator": "batch_std", "dynamic_sampling": True, "max_refill_rounds": 3}}
+    cfg = load_config(None, base={**base, "run": {"seed": 3, "output_dir": str(tmp_path), "name": "dyn"}})
+    trainer = Trainer(cfg, prepare_run_dir(cfg))
+    alone, _, timers = trainer.collect(0)
+    assert timers["dynamic/refill_rounds"] == 0 and alone.num_groups == 4  # every group had signal at round 0
+    asked = []
+
+    def any_process(flag: bool) -> bool:  # this process is full (flag False); the other needs 2 more rounds
+        asked.append(flag)
+        return flag or len(asked) <= 2
+
+    monkeypatch.setattr(trainer, "collective", True)
+    monkeypatch.setattr(trainer, "any_process", any_process)
+    both, _, timers = trainer.collect(0)
+    assert asked == [False, False, False] and timers["dynamic/refill_rounds"] == 2
+    assert both.samples.tolist() == alone.samples.tolist() and torch.equal(both.logp_old, alone.logp_old)

@@ -63,9 +63,12 @@ def sd3_trainer(tmp_path, name: str, *overrides: str) -> Trainer:
 
 def one_step(trainer: Trainer, count_in: torch.nn.Module):
     """collect + advantage + update of step 0: (rollout, update metrics, gradients at the optimizer step, forwards
-    of ``count_in`` while sampling)."""
+    of ``count_in`` while sampling; the VLM scorer's forwards that run the sampler's decode loop, ``run=``, are not
+    counted)."""
     calls = []
-    handle = count_in.register_forward_pre_hook(lambda *a: calls.append(1))
+    handle = count_in.register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(1) if kw.get("run") is None else None, with_kwargs=True
+    )
     rollout, cols, _ = trainer.collect(0)
     handle.remove()
     adv, row_w, _ = trainer.advantage(cols, rollout, 0)
@@ -91,7 +94,7 @@ def assert_same_update(auto, recorded):
 def test_vlm_one_step_takes_logp_old_from_the_update_and_trains_the_same(tmp_path):
     auto = vlm_trainer(tmp_path, "auto")
     recorded = vlm_trainer(tmp_path, "recorded", "trainer.logp_old=rollout")
-    a = one_step(auto, auto.policy.model)  # VLMScorer.forward: teacher forcing (decoding calls its pieces)
+    a = one_step(auto, auto.policy.model)  # VLMScorer.forward: teacher forcing (decoding runs inside run=)
     r = one_step(recorded, recorded.policy.model)
     assert a[0].logp_old_from_update and not r[0].logp_old_from_update
     assert a[3] == 0 and r[3] == 2  # the recorded path scores each prompt's rows once after sampling

@@ -300,3 +300,32 @@ def test_train_span_answer_trains_from_after_the_answer_tag():
     r_ans = make_policy(max_new_tokens=6, train_span="answer").rollout(image_batch(), 2)
     span = make_policy(max_new_tokens=6).answer_mask(r_all.extras["completion_ids"], r_all.extras["completion_len"])
     assert torch.equal(r_ans.train_mask, r_all.train_mask & span)
+
+
+def test_with_collective_forwards_the_decode_loop_and_scoring_run_the_same_forwards_on_every_process():
+    """``any_process`` (set by the trainer under FSDP): the decode loop goes on while any process has a row left (here
+    "another process" always has one: every loop runs all K steps, rows done meanwhile get padding and the samples
+    do not change), and one completion token is scored with the two decoder forwards longer ones take (the same
+    log-probs)."""
+    policy = make_policy(max_new_tokens=10)
+    biased_head(policy, torch.tensor(policy.eos_ids[:1]), value=5.0)  # EOS likely: rows end at different tokens
+    alone = policy.rollout(image_batch(), 3)
+    lengths = alone.extras["completion_len"]
+    assert int(lengths.max()) < 10 and len(set(lengths.tolist())) > 1  # the loop ended early, rows at various tokens
+    backbone = policy.adapter.backbone(policy.model.hf)
+    calls = []
+    backbone.register_forward_pre_hook(lambda *a: calls.append(1))
+    asked = []
+    policy.any_process = lambda flag: asked.append(flag) or True
+    synced = policy.rollout(image_batch(), 3)
+    assert len(asked) == 9 and asked[-1] is False  # asked before each of tokens 2..10: 10 decode steps in all
+    assert synced.samples == alone.samples and torch.equal(synced.extras["completion_len"], lengths)
+    assert torch.equal(synced.extras["completion_ids"], alone.extras["completion_ids"])
+    one = torch.tensor([0, 3])  # one row of each prompt; score only token 0 (Lc = 1)
+    calls.clear()
+    both = policy.log_prob(synced, one, torch.tensor([0])).logp
+    assert len(calls) == 4  # per prompt: the prompt's forward, then the completion's (the token repeated)
+    policy.any_process = None
+    calls.clear()
+    plain = policy.log_prob(synced, one, torch.tensor([0])).logp
+    assert len(calls) == 2 and torch.allclose(both, plain, atol=1e-6)
