@@ -2,6 +2,7 @@
 
     python bench/learning_vlm.py --jobs 2                # everything; writes bench/results/learning_vlm.md
     python bench/learning_vlm.py --jobs 2 --splits hard --groups 8 --methods ngrpo spo   # a part of it
+    python bench/learning_vlm.py --jobs 2 --idle-only    # beside other work: runs only while the CPU is otherwise idle
     python bench/learning_vlm.py --report-only           # the table from the run log, running nothing
     python bench/learning_vlm.py --quick --out /tmp/q.md --log ''   # the smoke test (tests/bench/test_learning_vlm.py)
 
@@ -61,15 +62,18 @@ log keeps them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -258,6 +262,91 @@ def dumped_accuracy(debug_dir: Path, reward_index: int, group_size: int) -> list
     return out
 
 
+# ------------------------------------------------------------------------------------------------- idle gate
+class IdleGate:
+    """``--idle-only``: the benchmark's worker processes run only while nothing else uses the machine's CPU.
+
+    Every ``period`` seconds the gate reads the machine's busy CPU time (``/proc/stat``) and the workers' own
+    (``/proc/PID/stat``); when the rest of the machine used more than ``busy`` cores it stops the workers
+    (SIGSTOP), and continues them (SIGCONT) after ``calm`` readings in a row under ``quiet`` cores. A run's budget
+    counts its own CPU seconds (``--clock process``), which a stopped process does not spend, so every run gets its
+    budget on an otherwise idle machine however much else ran meanwhile. (Counting CPU seconds alone is not enough:
+    measured 2026-12-05, GRPO runs of 300 CPU s did 455-496 steps beside light work and 270-379 beside a test suite,
+    since a busy machine slows each CPU second through shared caches and memory.) Linux only (``/proc``).
+    """
+
+    def __init__(self, pids, period: float = 5.0, busy: float = 0.25, quiet: float = 0.15, calm: int = 3):
+        self.pids, self.period, self.busy, self.quiet, self.calm = pids, period, busy, quiet, calm
+        self.stopped, self._calm, self.log = False, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def decide(self, others: float) -> str | None:
+        """'stop', 'cont' or None for one reading of the other processes' load (cores); updates the state."""
+        if not self.stopped:
+            if others > self.busy:
+                self.stopped, self._calm = True, 0
+                return "stop"
+            return None
+        self._calm = self._calm + 1 if others < self.quiet else 0
+        if self._calm >= self.calm:
+            self.stopped = False
+            return "cont"
+        return None
+
+    @staticmethod
+    def machine_busy() -> int:
+        """Busy clock ticks of the whole machine since boot (all CPUs; idle and iowait left out)."""
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4]
+
+    @staticmethod
+    def process_busy(pids) -> int:
+        """Clock ticks the processes ``pids`` spent (user + system); gone processes count 0."""
+        total = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total
+
+    def _signal(self, sig: int) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _loop(self) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        pids = list(self.pids())
+        machine, mine = self.machine_busy(), self.process_busy(pids)
+        while not self._stop.wait(self.period):
+            pids = list(self.pids())
+            m2, w2 = self.machine_busy(), self.process_busy(pids)
+            others = max(0, (m2 - machine) - (w2 - mine)) / hz / self.period
+            machine, mine = m2, w2
+            action = self.decide(others)
+            if action:
+                self._signal(signal.SIGSTOP if action == "stop" else signal.SIGCONT)
+                self.log.append((time.strftime("%H:%M:%S"), action, round(others, 2)))
+                print(f"idle gate: {action} the runs (other processes used {others:.2f} cores)", flush=True)
+
+    def __enter__(self) -> IdleGate:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.stopped:
+            self._signal(signal.SIGCONT)
+
+
 # -------------------------------------------------------------------------------------------------------- runs
 def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: Path, extra: list[str],
             threads: int = 0) -> dict:  # fmt: skip
@@ -425,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                         "is built from every logged run that matches this command ('' = none)")  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="run nothing: write the table from the log")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (2 on a 2-core box)")
+    idle = (
+        "run only while nothing else uses the CPU: stop the runs (SIGSTOP) while other processes are busy, "
+        "continue them when it is quiet (needs --clock process and --jobs >= 2; Linux)"
+    )
+    p.add_argument("--idle-only", action="store_true", help=idle)
     quick = "smoke mode: seeds 0 1, G 2, 2 steps of 4 prompts, 16 held-out scenes (grpo, ngrpo unless --methods)"
     p.add_argument("--quick", action="store_true", help=quick)
     args = p.parse_args(argv)
@@ -434,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         budget, seeds, groups, methods = 30.0, [0, 1], [2], args.methods or ["grpo", "ngrpo"]
         extra = ["data.options.eval_examples=16", *QUICK, *args.override, "trainer.stop_after_steps=2"]
+    if args.idle_only and (args.clock != "process" or args.jobs < 2 or not os.path.exists("/proc/stat")):
+        p.error("--idle-only needs --clock process (a stopped run must not lose budget), --jobs >= 2 (the runs in "
+                "worker processes) and Linux's /proc")  # fmt: skip
     if BASELINE not in methods:
         methods = [BASELINE, *methods]
     log_path = Path(args.log) if args.log else None
@@ -480,8 +577,10 @@ def main(argv: list[str] | None = None) -> int:
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = [pool.submit(_timed_run, m, sp, G, s, budget, Path(tmp) / "runs", extra, 1)
                            for m, sp, G, s in todo]  # fmt: skip
-                for fut in as_completed(futures):
-                    done(fut.result())
+                workers = lambda: list(getattr(pool, "_processes", None) or {})  # noqa: E731  (pid -> process)
+                with IdleGate(workers) if args.idle_only else contextlib.nullcontext():
+                    for fut in as_completed(futures):
+                        done(fut.result())
     results = [log[keys[c]] for c in cells if keys[c] in log]
     tables = render(results, methods, args.splits, groups, unavailable, shipped)
     print(tables)

@@ -119,3 +119,43 @@ def test_the_run_log_keeps_finished_runs_and_the_table_grows_from_it(tmp_path, m
     assert bench.run_key("grpo", "hard", 2, 0, 30.0, "process", []) != bench.run_key(
         "grpo", "hard", 2, 0, 60.0, "process", []
     )
+
+
+def test_idle_gate_decisions_by_hand():
+    gate = bench.IdleGate(lambda: [], busy=0.25, quiet=0.15, calm=3)
+    # running: 0.2 cores of others is under 0.25 -> keep running; 0.9 -> stop
+    assert [gate.decide(x) for x in (0.0, 0.2, 0.9)] == [None, None, "stop"] and gate.stopped
+    # stopped: three quiet readings in a row (< 0.15) continue; a busy one in between starts the count again
+    assert [gate.decide(x) for x in (0.1, 0.1, 0.5, 0.1, 0.1, 0.1)] == [None, None, None, None, None, "cont"]
+    assert not gate.stopped
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the idle gate reads Linux's /proc")
+def test_idle_gate_stops_a_worker_while_another_process_is_busy_and_continues_it_at_exit():
+    import subprocess
+    import time
+
+    spin = [sys.executable, "-c", "while True: pass"]
+    worker, other = subprocess.Popen(spin), subprocess.Popen(spin)  # the benchmark's run, and someone else's work
+    try:
+        gate = bench.IdleGate(lambda: [worker.pid], period=0.5)
+        with gate:
+            deadline = time.monotonic() + 15
+            while not gate.stopped and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.2)
+            state = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            assert gate.stopped and state == "T", (gate.log, state)  # stopped by SIGSTOP
+            assert gate.log[0][1] == "stop" and gate.log[0][2] > 0.25
+        state = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state in ("R", "S"), state  # leaving the gate continues what it stopped
+    finally:
+        for p in (worker, other):
+            p.kill()
+            p.wait()
+
+
+def test_idle_only_refuses_a_wall_clock_budget(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--idle-only", "--clock", "wall", "--jobs", "2", "--log", "", "--out", ""])
+    assert "--idle-only needs --clock process" in capsys.readouterr().err
