@@ -56,7 +56,19 @@ def cmd_train(config: str, overrides: list[str]) -> int:
     trainer = train(cfg)
     if trainer.acc.is_main_process:
         print(f"run directory: {trainer.run_dir} (report: {trainer.run_dir / 'report.html'})")
+    close_processes(trainer.acc)
     return 0
+
+
+def close_processes(acc) -> None:
+    """Several processes: all of them reach the end, then the process group is destroyed, so its communication
+    threads end in order before the interpreter tears the process down (without it, a rank that left first now and
+    then aborted in a destructor, "terminate called without an active exception", failing a finished run)."""
+    import torch.distributed as dist
+
+    if acc.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        acc.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 TITLES: dict[str, str] = {
