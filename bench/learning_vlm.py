@@ -445,12 +445,23 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
 
 def run_key(method: str, split: str, G: int, seed: int, budget: float, clock: str, extra: list[str]) -> str:
     """What makes two runs the same measurement: the cell, the seed, the budget and its clock, and every config
-    override the run gets (a method whose definition changed, or other held-out scenes, is a new measurement)."""
-    return json.dumps([method, split, G, seed, budget, clock, cell_overrides(method, split, G, extra)])
+    override the run gets (a method whose definition changed, or other held-out scenes, is a new measurement). The
+    repository's own path reads ``{repo}``, so a log made in one checkout matches in another."""
+    return _portable(json.dumps([method, split, G, seed, budget, clock, cell_overrides(method, split, G, extra)]))
 
 
 def shipped_key(split: str, extra: list[str]) -> str:
-    return json.dumps(["shipped", split, base_overrides(split), extra])
+    return _portable(json.dumps(["shipped", split, base_overrides(split), extra]))
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (results files name no machine's folders)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
+def _portable(key: str) -> str:
+    return key.replace(json.dumps(str(ROOT))[1:-1], "{repo}")
 
 
 def read_log(path: Path | None) -> dict[str, dict]:
@@ -543,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(m, sp, G, s) for sp in args.splits for G in groups for m in methods for s in seeds if not unavailable[m]]
     keys = {c: run_key(*c, budget, args.clock, extra) for c in cells}
     todo = [] if args.report_only else [c for c in cells if keys[c] not in log]
-    print(f"{len(cells) - len(todo)} of {len(cells)} runs already in the log; {len(todo)} to run", flush=True)
+    print(f"{sum(keys[c] in log for c in cells)} of {len(cells)} runs already in the log; {len(todo)} to run",
+          flush=True)  # fmt: skip
     load_before = os.getloadavg()
     commit = _commit()
 
@@ -598,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{cmd.strip()}`\n\n"
             f"{'QUICK MODE (a smoke test, not a measurement). ' if args.quick else ''}"
             f"{len(ok)} of {len(cells)} runs in the table ({when}); runs are read from the run log "
-            f"`{args.log}` and only missing ones are run, so the table grows across invocations. "
+            f"`{_shown(args.log)}` and only missing ones are run, so the table grows across invocations. "
             f"Budget: {budget:.0f} s of training per run counted by the {args.clock} clock"
             f"{clock}; "
             f"seeds {seeds}; {args.jobs} run(s) at a time{' (one thread each)' if args.jobs > 1 else ''}; held-out "

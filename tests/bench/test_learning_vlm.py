@@ -115,6 +115,9 @@ def test_the_run_log_keeps_finished_runs_and_the_table_grows_from_it(tmp_path, m
     assert "2 of 2 runs already in the log; 0 to run" in capsys.readouterr().out
     table = first.split("### ")[1]
     assert out.read_text().split("### ")[1] == table  # same numbers, read back from the log
+    # keys name the repository as {repo}: a log made in another checkout (another path) matches here
+    assert str(bench.ROOT) not in bench.run_key("grpo", "hard", 2, 0, 30.0, "process", [])
+    assert "{repo}/assets/shapes_vlm" in bench.run_key("grpo", "hard", 2, 0, 30.0, "process", [])
     # another budget is another measurement: nothing in the log matches it
     assert bench.run_key("grpo", "hard", 2, 0, 30.0, "process", []) != bench.run_key(
         "grpo", "hard", 2, 0, 60.0, "process", []
