@@ -507,6 +507,36 @@ def _timed_run(*args) -> dict:
     return {**rec, "cpu_s": time.process_time() - cpu0, "started": started, "ended": time.strftime(stamp)}
 
 
+def write_results(args: argparse.Namespace, argv: list[str] | None, tables: str, results: list[dict], n_cells: int,
+                  budget: float, seeds: list[int], load_before: tuple[float, ...]) -> None:  # fmt: skip
+    """The results file ``--out``: the command, what the table holds and how it was measured, then the tables."""
+    cmd = "python bench/learning_vlm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    load_after = os.getloadavg()
+    ok = [r for r in results if "error" not in r]
+    when = (f"{min(r['started'] for r in ok)} to {max(r['ended'] for r in ok)}, commits "
+            f"{', '.join(sorted({r['commit'] for r in ok}))}" if ok and "started" in ok[0] else "")  # fmt: skip
+    clock = " (CPU seconds of the run, one torch thread: an idle core turns them into wall-clock)"
+    clock = clock if args.clock == "process" else ""
+    per_seed = "" if len(seeds) < 2 else f" (with {len(seeds)} seeds, {len(seeds) - 1} degrees of freedom)"
+    body = (
+        f"# Learning on the shapes VLM world: methods against GRPO at equal compute\n\n"
+        f"Command: `{cmd.strip()}`\n\n"
+        f"{'QUICK MODE (a smoke test, not a measurement). ' if args.quick else ''}"
+        f"{len(ok)} of {n_cells} runs in the table ({when}); runs are read from the run log "
+        f"`{_shown(args.log)}` and only missing ones are run, so the table grows across invocations. "
+        f"Budget: {budget:.0f} s of training per run counted by the {args.clock} clock"
+        f"{clock}; "
+        f"seeds {seeds}; {args.jobs} run(s) at a time{' (one thread each)' if args.jobs > 1 else ''}; held-out "
+        f"accuracy (greedy) mean ± SE over seeds; vs GRPO: mean over seeds of (method - GRPO at the same seed) ± "
+        f"its paired SE{per_seed}; all-fail groups: share of the trained groups with accuracy 0 on every row; "
+        f"steps done: mean (min-max). Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after this "
+        f"invocation.\n\n"
+        f"Hard split: {HARD_SPLIT_NOTE}\n\n{tables}"
+    )  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(body)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=300.0, help="training seconds per run (evaluation excluded)")
@@ -597,31 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = render(results, methods, args.splits, groups, unavailable, shipped)
     print(tables)
     if args.out:
-        cmd = "python bench/learning_vlm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        load_after = os.getloadavg()
-        ok = [r for r in results if "error" not in r]
-        when = (f"{min(r['started'] for r in ok)} to {max(r['ended'] for r in ok)}, commits "
-                f"{', '.join(sorted({r['commit'] for r in ok}))}" if ok and "started" in ok[0] else "")  # fmt: skip
-        clock = " (CPU seconds of the run, one torch thread: an idle core turns them into wall-clock)"
-        clock = clock if args.clock == "process" else ""
-        per_seed = "" if len(seeds) < 2 else f" (with {len(seeds)} seeds, {len(seeds) - 1} degrees of freedom)"
-        body = (
-            f"# Learning on the shapes VLM world: methods against GRPO at equal compute\n\n"
-            f"Command: `{cmd.strip()}`\n\n"
-            f"{'QUICK MODE (a smoke test, not a measurement). ' if args.quick else ''}"
-            f"{len(ok)} of {len(cells)} runs in the table ({when}); runs are read from the run log "
-            f"`{_shown(args.log)}` and only missing ones are run, so the table grows across invocations. "
-            f"Budget: {budget:.0f} s of training per run counted by the {args.clock} clock"
-            f"{clock}; "
-            f"seeds {seeds}; {args.jobs} run(s) at a time{' (one thread each)' if args.jobs > 1 else ''}; held-out "
-            f"accuracy (greedy) mean ± SE over seeds; vs GRPO: mean over seeds of (method - GRPO at the same seed) ± "
-            f"its paired SE{per_seed}; all-fail groups: share of the trained groups with accuracy 0 on every row; "
-            f"steps done: mean (min-max). Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after this "
-            f"invocation.\n\n"
-            f"Hard split: {HARD_SPLIT_NOTE}\n\n{tables}"
-        )  # fmt: skip
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(body)
+        write_results(args, argv, tables, results, len(cells), budget, seeds, load_before)
     return 0
 
 
