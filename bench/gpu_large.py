@@ -250,6 +250,20 @@ FSDP_STEPS = 4
 FSDP_TOL = {"resumed": 1e-6, "unsharded": 1e-4}  # max |diff| of any weight or AdamW moment, fp32
 
 
+def compare_states(states: dict, unsharded: str, numbers: dict, bad: list[str]) -> None:
+    """The uninterrupted run's ``states["full"]`` against the resumed (``"part"``) and the unsharded run's: each
+    max |diff| into ``numbers``, each failure (other tensors, a diff over :data:`FSDP_TOL`) into ``bad``."""
+    for other, key in (("part", "resumed"), (unsharded, "unsharded")):
+        a, b = states["full"], states[other]
+        if a.keys() != b.keys():
+            bad.append(f"{key}: other tensors ({sorted(a.keys() ^ b.keys())[:3]})")
+            continue
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        numbers[f"max_abs_diff_{key}"] = diff
+        if not diff <= FSDP_TOL[key]:
+            bad.append(f"{key} differs by {diff:.2g} > {FSDP_TOL[key]:g}")
+
+
 def section_fsdp(report: Report, sec: dict, device: str, work: Path) -> None:
     """Tiny SD3 (full fine-tuning) through ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` -- the
     launch users make -- of every GPU (on CPU: 2 gloo processes, ``ACCELERATE_USE_CPU=true``)."""
@@ -283,15 +297,7 @@ def section_fsdp(report: Report, sec: dict, device: str, work: Path) -> None:
         ckpt.flatten_state(ckpt.load_checkpoint(path), "", flat)
         states[name] = flat
     bad = []
-    for other, key in (("part", "resumed"), ("unsharded", "unsharded")):
-        a, b = states["full"], states[other]
-        if a.keys() != b.keys():
-            bad.append(f"{key}: other tensors ({sorted(a.keys() ^ b.keys())[:3]})")
-            continue
-        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-        numbers[f"max_abs_diff_{key}"] = diff
-        if not diff <= FSDP_TOL[key]:
-            bad.append(f"{key} differs by {diff:.2g} > {FSDP_TOL[key]:g}")
+    compare_states(states, "unsharded", numbers, bad)
     if not numbers["sharded"]:
         bad.append("the FSDP checkpoints are not sharded")
     report.row(sec, "fsdp tiny sd3: sharded save -> resume vs uninterrupted and unsharded",
@@ -340,15 +346,7 @@ def section_deepspeed(report: Report, sec: dict, device: str, work: Path) -> Non
             states[name] = flat
         numbers: dict[str, Any] = {}
         bad = []
-        for other, key in (("part", "resumed"), ("one", "unsharded")):
-            a, b = states["full"], states[other]
-            if a.keys() != b.keys():
-                bad.append(f"{key}: other tensors ({sorted(a.keys() ^ b.keys())[:3]})")
-                continue
-            diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-            numbers[f"max_abs_diff_{key}"] = diff
-            if not diff <= FSDP_TOL[key]:
-                bad.append(f"{key} differs by {diff:.2g} > {FSDP_TOL[key]:g}")
+        compare_states(states, "one", numbers, bad)
         report.row(sec, f"deepspeed tiny sd3 {engine}: save -> resume vs uninterrupted and unsharded",
                    "ok" if not bad else "WARN: " + "; ".join(bad), **numbers)  # fmt: skip
 
