@@ -12,7 +12,6 @@ loss NaN. Needs the optional dependency (pip install 'mmgrpo[deepspeed]'); the c
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import yaml
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.testing.launch import free_port
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train import zero
 from mmgrpo.train.config import load_config
@@ -122,9 +122,7 @@ def _env() -> dict[str, str]:
 def _launch(cwd: Path, stage: int, *args: str, script: list[str] | None = None, processes: int = 2):
     """``accelerate launch --config_file configs/accelerate/deepspeed_zero{stage}.yaml`` of CPU processes."""
     exe = Path(sys.executable).with_name("accelerate")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"
     target = script or ["-m", "mmgrpo.train.cli"]
     cmd = [str(exe), "launch", "--config_file", str(config), "--num_processes", str(processes), "--mixed_precision",

@@ -2,16 +2,14 @@
 
 import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from mmgrpo.testing.launch import accelerate_exe, accelerate_launch
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
@@ -40,31 +38,19 @@ sys.exit(code)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _accelerate():
-    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    if exe is None:
-        pytest.fail("the 'accelerate' command is not installed next to this Python")
-    return exe
+    try:
+        return accelerate_exe()
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def test_two_processes_match_one_process(tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(CONFIG))
     one = train(load_config(cfg_path, [f"run.output_dir={tmp_path}", "run.name=one"]))
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (its simple launcher); two gloo processes are
-    # torchrun's (--multi_gpu) with ACCELERATE_USE_CPU=true
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     (tmp_path / "cli.py").write_text(CLI_SAYING_ITS_RANK)
-    cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(tmp_path / "cli.py"), "train",
-           str(cfg_path), f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = accelerate_launch([tmp_path / "cli.py", "train", cfg_path, f"run.output_dir={tmp_path}", "run.name=two"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(re.findall(r"process \d of \d", proc.stdout)) == ["process 0 of 2", "process 1 of 2"], proc.stdout
     for step in range(3):

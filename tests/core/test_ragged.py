@@ -191,14 +191,9 @@ def hopeless_half(samples, prompts, meta, ctx):
 def test_two_processes_with_ragged_groups_match_one_process(tmp_path, monkeypatch):
     """GDRO gives prompts different numbers of rollouts (so the ranks hold different row counts) from gathered
     statistics; a 2-process CPU run samples, normalises and updates exactly as the 1-process run."""
-    import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
-
     import yaml
 
+    from mmgrpo.testing.launch import accelerate_launch
     from mmgrpo.train import checkpoint as ckpt
 
     (tmp_path / "ragged_reward.py").write_text(REWARD)
@@ -210,17 +205,9 @@ def test_two_processes_with_ragged_groups_match_one_process(tmp_path, monkeypatc
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     one = train(load_config(path, [f"run.output_dir={tmp_path}"]))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     (tmp_path / "cli.py").write_text(CLI)
-    path_env = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": path_env}
-    cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(port), str(tmp_path / "cli.py"), "train", str(path),
-           f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = [tmp_path / "cli.py", "train", path, f"run.output_dir={tmp_path}", "run.name=two"]
+    proc = accelerate_launch(args, pythonpath=[tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     widths = []
     for step in range(3):

@@ -3,10 +3,6 @@ resume, 2 processes = 1 process, on the bandit with a test method whose rewriter
 bandit state."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +18,7 @@ from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.methods.registry import METHODS, Method, Rewrite, register_method
 from mmgrpo.rewards.registry import REWARDS, register
+from mmgrpo.testing.launch import accelerate_launch
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import Trainer, train
@@ -286,15 +283,8 @@ def test_two_processes_reroll_exactly_what_one_process_does(tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     one = train(load_config(cfg_path, [f"run.output_dir={tmp_path}", "run.name=one"]))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [shutil.which("accelerate", path=os.path.dirname(sys.executable)), "launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(tmp_path / "cli.py"), "train", str(cfg_path),
-           f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = [tmp_path / "cli.py", "train", cfg_path, f"run.output_dir={tmp_path}", "run.name=two"]
+    proc = accelerate_launch(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in range(3):
         name = f"debug/adv_step_{step:06d}.safetensors"

@@ -2,18 +2,13 @@
 reward weights, advantages and update as the 1-process run (the weighter sees all ranks' rewards, the strata ids are
 the same on every process)."""
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from mmgrpo.testing.launch import accelerate_launch
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
@@ -38,27 +33,14 @@ CONFIG = {
 }  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path, monkeypatch):
     (tmp_path / "h17_rewards.py").write_text(REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(CONFIG))
     one = train(load_config(cfg_path, [f"run.output_dir={tmp_path}", "run.name=one"]))
-    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    if exe is None:
-        pytest.fail("the 'accelerate' command is not installed next to this Python")
-    path = os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": path}
-    cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "mmgrpo.train.cli", "train",
-           str(cfg_path), f"run.output_dir={tmp_path}", "run.name=two"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    args = ["-m", "mmgrpo.train.cli", "train", cfg_path, f"run.output_dir={tmp_path}", "run.name=two"]
+    proc = accelerate_launch(args, pythonpath=[tmp_path, REPO], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in range(3):
         name = f"debug/adv_step_{step:06d}.safetensors"

@@ -6,11 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from mmgrpo.core.advantages import get_estimator
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.sampling import SamplerContext
 from mmgrpo.methods.spo import SPOOptions, SPOSampler, spo
+from mmgrpo.testing.launch import accelerate_launch
+from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
@@ -140,3 +144,34 @@ def test_an_spo_run_resumes_exactly(tmp_path):
     assert _metrics(full.run_dir) == _metrics(resumed.run_dir)
     assert torch.equal(full.sampler.alpha, resumed.sampler.alpha)
     assert torch.equal(full.policy.probs(), resumed.policy.probs())
+
+
+def test_two_processes_track_and_sample_as_one_process(tmp_path):
+    """Layout-free: 2 CPU processes (each 2 of the 4 prompts a step) draw the same prioritised plans, see the same
+    tracker values, normalise over the whole batch, measure the same drift and end with the same tracker and model
+    as 1 process (the tracker observes every rank's rewards; the drift is reduced over ranks)."""
+    cfg = {**BASE, "trainer": {**BASE["trainer"], "max_steps": 5, "eval_every": 0, "dump_advantages": True}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    one = train(load_config(path, [f"run.output_dir={tmp_path}", "run.name=one"]))
+    proc = accelerate_launch(["-m", "mmgrpo.train.cli", "train", path, f"run.output_dir={tmp_path}", "run.name=two"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    for step in range(5):
+        name = f"debug/adv_step_{step:06d}.safetensors"
+        a, b = load_file(str(one.run_dir / name)), load_file(str(two / name))
+        assert torch.equal(a["rewards"], b["rewards"]), f"step {step}: different prompts or samples"
+        assert torch.allclose(a["advantages"], b["advantages"], atol=1e-6), f"step {step}"
+    keys = ("spo/", "policy/kl_step")
+    pick = lambda ms: [{k: v for k, v in m.items() if k.startswith(keys)} for m in ms]  # noqa: E731
+    m1, m2 = pick(_metrics(one.run_dir)), pick(_metrics(two))
+    assert len(m1) == len(m2) == 5 and all(m1)
+    for a, b in zip(m1, m2):
+        assert a.keys() == b.keys() and a == pytest.approx(b, rel=1e-5, abs=1e-7), (a, b)
+    s1 = ckpt.load_checkpoint(ckpt.latest_checkpoint(one.run_dir / "checkpoints"))
+    s2 = ckpt.load_checkpoint(ckpt.latest_checkpoint(two / "checkpoints"))
+    for k, v in s1["sampler"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.allclose(v, s2["sampler"][k], atol=1e-6), k
+    assert s1["sampler"]["cum_kl"] == pytest.approx(s2["sampler"]["cum_kl"], rel=1e-5) and s1["sampler"]["cum_kl"] > 0
+    assert torch.allclose(s1["model"]["logits"], s2["model"]["logits"], atol=1e-6)
