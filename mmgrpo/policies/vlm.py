@@ -373,6 +373,47 @@ class VLMPolicy:
     def any_process(self, fn: Callable[[bool], bool] | None) -> None:
         self._scorer().any_process = fn
 
+    @property
+    def process_max(self) -> Callable[[list[int]], list[int]] | None:
+        """None, or (set by the trainer with :attr:`any_process`) ``process_max(values) -> values``: the
+        element-wise maximum of integers over the processes; :meth:`check_media_agrees` compares the processes'
+        vision passes with it."""
+        return self._scorer().process_max
+
+    @process_max.setter
+    def process_max(self, fn: Callable[[list[int]], list[int]] | None) -> None:
+        self._scorer().process_max = fn
+
+    def check_media_agrees(self, prompts: list[PromptInputs]) -> None:
+        """With collective forwards (FSDP, ZeRO-3), refuse prompts whose vision passes differ between processes.
+
+        Each vision block is a shard unit whose forward every process must run together; a process whose prompts
+        need fewer vision passes (text-only prompts, or an image where another has an image and a video) would
+        leave the others waiting in the all-gather for ever. The processes compare the number of passes (and,
+        when the vision tower trains, so the update recomputes it per prompt, which prompt needs which) before the
+        first one, and all stop with the same message."""
+        if self.process_max is None:
+            return
+        passes = [int("pixel_values" in p.vision) + int("pixel_values_videos" in p.vision) for p in prompts]
+        key = [sum(passes)]
+        if not self._scorer().vision_frozen():
+            key.append(sum(n * 3**b for b, n in enumerate(passes)) % (2**61 - 1))
+        hi = self.process_max(key)
+        lo = [-x for x in self.process_max([-x for x in key])]
+        if hi != lo:
+            others = (
+                f"the processes need between {lo[0]} and {hi[0]}"
+                if lo[0] != hi[0]
+                else "the others as many but for other prompts (the vision tower trains: the update recomputes them)"
+            )
+            raise UserError(
+                f"prompts with different media on different processes: this process's {len(prompts)} prompts need "
+                f"{key[0]} vision passes, and {others}. Under FSDP or ZeRO-3 every vision block's forward is a "
+                "collective that all processes run together, so the run would hang. Give every prompt the same media "
+                "(e.g. one image each), or train with DDP (an accelerate config without fsdp / deepspeed) or on one "
+                "process"
+            )
+
     # ------------------------------------------------------------------------------------------ prompts
     @property
     def device(self) -> torch.device:
@@ -442,6 +483,7 @@ class VLMPolicy:
         All of it runs as the (wrapped) model's forward (``VLMScorer.forward(run=...)``), so a wrapper's hooks run
         around the pieces it calls (FSDP2 gathers the root unit's embeddings and head there).
         """
+        self.check_media_agrees(prompts)
         return self.model(run=lambda: self._sample_batch(prompts, G, generators, greedy))
 
     def _sample_batch(self, prompts: list[PromptInputs], G: int, generators: list, greedy: bool):

@@ -136,6 +136,8 @@ class VLMScorer(nn.Module):
         self.ref_model: nn.Module | None = None  # frozen copy (full fine-tuning with reference_copy)
         self.any_process: Callable[[bool], bool] | None = None
         """set (through ``VLMPolicy.any_process``) when every forward is a collective over the processes (FSDP)"""
+        self.process_max: Callable[[list[int]], list[int]] | None = None
+        """set with ``any_process``: the element-wise maximum of integers over the processes"""
 
     @property
     def _no_split_modules(self) -> list[str]:

@@ -262,6 +262,8 @@ class Trainer:
         depends on local data agree over the processes"""
         if self.collective and hasattr(self.policy, "any_process"):  # e.g. the VLM's decode loop
             self.policy.any_process = self.any_process
+            if hasattr(self.policy, "process_max"):  # e.g. the VLM's check that the processes' media agree
+                self.policy.process_max = self.process_max
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.surrogate = not any(getattr(x, "replaces_surrogate", False) for x in self.comp.loss_terms)
         """False when a method's loss term is the whole policy objective (token-level NFT)"""
@@ -333,6 +335,14 @@ class Trainer:
         if self.acc.num_processes == 1:
             return flag
         return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="max").item())
+
+    def process_max(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of the integers ``values`` over the processes (every process calls this
+        together, with as many values)."""
+        if self.acc.num_processes == 1:
+            return list(values)
+        t = self.acc.reduce(torch.tensor(values, dtype=torch.long, device=self.acc.device), reduction="max")
+        return [int(x) for x in t.tolist()]
 
     def _reshard(self) -> None:
         """FSDP2 keeps the root unit's gathered (full) parameters after a forward that no backward follows (rollouts,

@@ -10,7 +10,6 @@ Real models with several shard units: a tiny SD3 (DiffusionNFT) and a tiny Qwen2
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from mmgrpo.testing.launch import free_port
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
@@ -69,9 +69,7 @@ sys.exit(main(argv))
 def _launch(tmp_path: Path, *args: str, script: list[str] | None = None, processes: int = 2):
     """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` of CPU processes (the CLI, or ``script``)."""
     exe = Path(sys.executable).with_name("accelerate")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     target = script or ["-m", "mmgrpo.train.cli"]
@@ -248,9 +246,7 @@ def test_several_processes_without_a_gpu_or_cpu_flag_are_an_error(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP), "--num_processes",
            "2", "--mixed_precision", "no", "--main_process_port", str(port), "-m", "mmgrpo.train.cli", "train",
            str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=x"]  # fmt: skip
@@ -459,6 +455,41 @@ def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_uns
     assert moved > 1e-3  # training moved the weights (2 AdamW steps of lr 1e-2)
     diff = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert diff <= 5e-5, diff  # float32 rounding of other reduction orders only
+
+
+def test_fsdp_vlm_prompts_with_different_media_on_the_processes_stop_with_the_fix(tmp_path):
+    """A JSONL dataset mixing image and text-only questions on 2 FSDP processes (one prompt each a step): the first
+    step whose two prompts need different vision passes ends both processes with the message naming the counts and
+    the fix (a vision block's forward is a collective: without the check the image process would wait for ever)."""
+    from PIL import Image
+
+    from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_vl
+
+    torch.manual_seed(0)
+    base = save_tiny(*tiny_qwen2_vl(), tmp_path / "base")
+    lines = []
+    for i in range(12):
+        rec = {"question": f"Which colour is shape {i}?", "options": ["red", "blue"], "answer": "A"}
+        if i % 2 == 0:
+            Image.new("RGB", (56, 56), (200, 20 * i, 30)).save(tmp_path / f"im{i}.png")
+            rec["image"] = f"im{i}.png"
+        lines.append(json.dumps(rec))
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {
+        "pipeline": "vlm_reasoning",
+        "run": {"seed": 0},
+        "policy": {"options": {"path": str(base), "lora_rank": 4, "max_new_tokens": 4}},
+        "data": {"options": {"path": str(tmp_path / "mixed.jsonl"), "heldout_fraction": 0.2}},
+        "rewards": [{"name": "format"}],
+        "trainer": {"max_steps": 6, "prompts_per_step": 2, "group_size": 2, "eval_every": 0, "checkpoint_every": 0,
+                    "progress": False},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _launch(tmp_path, "train", str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=mixed")
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode != 0, "no step had prompts of different media on the two processes: " + err[-1000:]
+    assert "prompts with different media on different processes: this process's 1 prompts need" in err, err[-3000:]
+    assert "and the processes need between 0 and 1" in err and "train with DDP" in err
 
 
 def test_with_collective_forwards_every_process_makes_as_many_micro_batches(tmp_path, monkeypatch):

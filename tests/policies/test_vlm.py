@@ -329,3 +329,27 @@ def test_with_collective_forwards_the_decode_loop_and_scoring_run_the_same_forwa
     calls.clear()
     plain = policy.log_prob(synced, one, torch.tensor([0])).logp
     assert len(calls) == 2 and torch.allclose(both, plain, atol=1e-6)
+
+
+def test_with_collective_forwards_prompts_whose_media_differ_between_processes_stop_with_the_fix():
+    """``process_max`` (set with ``any_process`` under FSDP): before any vision pass the processes compare how many
+    they need; when another process needs a different number (text-only prompts there, images here) every process
+    stops with one message naming the counts and the fix, instead of waiting in a vision block's all-gather."""
+    policy = make_policy(max_new_tokens=4)
+    batch = image_batch()
+    text_only = PromptBatch(prompts=["How many shapes?", "Which colour?"], meta=[{}, {}], seeds=[1, 2])
+    asked = []
+
+    def other_process(values):  # the other process sees `values` of its own: this fake one holds 2 text-only prompts
+        asked.append(list(values))
+        return [max(v, 0) for v in values]  # its count is 0 (and so is minus its count, for the minimum)
+
+    policy.any_process, policy.process_max = (lambda flag: flag), other_process
+    with pytest.raises(UserError, match=r"2 prompts need 2 vision passes, and the processes need between 0 and 2"):
+        policy.rollout(batch, 2)
+    assert asked == [[2], [-2]]  # one comparison (the vision tower is frozen: the count only) before any forward
+    with pytest.raises(UserError, match="train with DDP"):
+        policy.generate(batch)  # evaluation's greedy decode checks too
+    policy.rollout(text_only, 2)  # both processes text-only: the same forwards, it runs
+    policy.process_max = lambda values: list(values)  # every process alike
+    policy.rollout(batch, 2)
