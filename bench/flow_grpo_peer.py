@@ -44,7 +44,8 @@ Simplifications (none changes the work of a step except as stated):
   train_batch_size prompts, repeats included, as theirs;
 - prompts: the shapes world's training prompts, each repeated G times in order (their ``DistributedKRepeatSampler``
   shuffles the repeats; the order changes no cost);
-- rewards: mmgrpo's ``shapes`` verifier on the decoded images, called when a sampling batch is done (they submit it to
+- rewards: a reward of mmgrpo's registry (``bench/peers.py`` passes the same one to both sides) on the decoded images,
+  called when a sampling batch is done (they submit it to
   a thread pool and wait for it before the advantages; on one CPU process the cost is the same).
 """
 

@@ -20,7 +20,9 @@ resident memory (``ru_maxrss``: weights, optimizer, activations, the rollout's s
   included).
 - **Diffusion Flow-GRPO step** on the shipped shapes SD3 (``assets/shapes_t2i``): the Flow-GRPO SDE (noise level 0.7)
   on T steps, training the first int(0.99 T) (T 8: 7), clip range 1e-4, advantages clamped to 5, lr 3e-4, weight
-  decay 1e-4, full fine-tuning, no CFG, beta 0, the ``shapes`` reward; at B 8 x G 8, T 8, then B 2 on the
+  decay 1e-4, full fine-tuning, no CFG, beta 0, DDPO's ``jpeg_compressibility`` reward (continuous, so no group
+  has zero spread and both sides train every row: equal work); at B 8 x G 8, T 8 (once more with the shapes world's
+  ``shapes`` verifier, whose groups often all score alike), then B 2 on the
   G x T grid G in {4, 8, 16}, T in {5, 10, 20} (B 2 x G 16 x T 20 is its corner). mmgrpo: the ``text_to_image``
   trainer, default options (``trainer.micro_batch_size: auto``), as many optimizer steps per rollout as the peer
   (``trainer.minibatches``); three more rows run mmgrpo alone at B 8 x G 8, T 8 with the whole minibatch in one
@@ -30,16 +32,21 @@ resident memory (``ru_maxrss``: weights, optimizer, activations, the rollout's s
   log-prob, per-timestep clipped loss, sampling and training batches of 8 rows, timesteps looped inside each batch,
   gradient accumulation over batches x timesteps, its zero-advantage row filter); its header names the commit it
   follows and every simplification. Both sides train on the same prompts at every step (the loop is given them in
-  mmgrpo's stream order), so they differ only in their noise; which rows have zero advantage (untrained on both
-  sides) still depends on each side's samples, so the B 2 grid points, where it matters most, time 6 steps instead
-  of ``--steps`` and the table gives the rows each side trained.
+  mmgrpo's stream order), so they differ only in their noise. With the verifier reward, which rows have zero
+  advantage (untrained on both sides) depends on each side's samples, so the two sides' work differs by chance
+  (measured 2026-12-05 at B 2 x G 4, T 20: mmgrpo trained 8 rows a step, the loop 4, in every process, since
+  every process draws the same noise); the continuous reward removes that. The B 2 grid points time 6 steps instead
+  of ``--steps`` (short steps: a steadier median); the table gives the rows each side trained.
 - **Rollout**: ``bench/rollout.py``'s comparison (mmgrpo's SDE rollout with log-probs vs diffusers'
   ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of max(9, 3 x ``--repeats``) alternating
   calls in one process.
 
 Timings mean something only on an otherwise idle machine: the results file records the load average before and
-after. ``--quick`` (tiny sizes, every job in one process, one repeat, one timed step) only checks that everything
-runs; its numbers are not measurements.
+after. Even idle, this 2-vCPU VM drifts: the same process run twice in a row differed by up to 40% (the Flow-GRPO loop
+at B 2 x G 4, T 20: 2.2-2.5 s a step, then 1.6-1.7 s, 2026-12-05), so a ratio within ~0.1 of 1 at the small points
+needs more ``--repeats`` to settle. (Timing both sides in one process, steps interleaved, is no cure: there mmgrpo's
+steps after the loop's ran 6% slower than alone, the loop's unchanged.) ``--quick`` (tiny sizes, every job in one
+process, one repeat, one timed step) only checks that everything runs; its numbers are not measurements.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ TINY_VLM = ROOT / "assets" / "tiny_qwen2_vl"
 RESULT = "PEERS_RESULT "
 PEER_OF = {"diffusion": "flow_grpo", "vlm": "trl", "rollout": "diffusers"}
 FRACTION = 0.99  # Flow-GRPO's timestep_fraction: the first int(0.99 T) steps are trained
+DIFFUSION_REWARD = "jpeg_compressibility"  # continuous: no group has zero spread, so both sides train every row
 
 
 @dataclass
@@ -100,17 +108,19 @@ def points(quick: bool, only: list[str]) -> list[Point]:
             for image in (56, 448):
                 label = f"VLM hidden {hidden} / {layers} layers, {image}x{image}, B 2 x G 8, 32 tokens"
                 out.append(Point(label, "vlm", {"hidden": hidden, "image": image, "B": 2, "G": 8, "tokens": 32}))
-        main = {"B": 8, "G": 8, "T": 8}
+        main = {"B": 8, "G": 8, "T": 8, "reward": DIFFUSION_REWARD}
         out.append(Point("diffusion B 8 x G 8, T 8 (7 trained), default options", "diffusion", main))
+        verifier = {**main, "reward": "shapes"}
+        out.append(Point("diffusion B 8 x G 8, T 8, the shapes verifier reward", "diffusion", verifier))
         for what, override in [("micro_batch_size 0 (the whole minibatch)", "trainer.micro_batch_size=0"),
                                ("micro_batch_units 8", "trainer.micro_batch_units=8"),
                                ("micro_batch_units 32", "trainer.micro_batch_units=32")]:  # fmt: skip
             out.append(Point(f"diffusion B 8 x G 8, T 8, mmgrpo {what}", "diffusion", main, [override], peer=False))
         for G in (4, 8, 16):
             for T in (5, 10, 20):
-                # small steps: twice the timed steps, so which rows have zero advantage (and are not trained, on
-                # either side) averages out over more groups
-                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", {"B": 2, "G": G, "T": T}, steps=6))
+                # small steps: twice the timed steps, for a steadier median
+                sizes = {"B": 2, "G": G, "T": T, "reward": DIFFUSION_REWARD}
+                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", sizes, steps=6))
         out.append(Point("rollout vs StableDiffusion3Pipeline, T 10, N 8", "rollout", {"tiny": False}))
     return [p for p in out if p.family in only]
 
@@ -142,7 +152,7 @@ def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str):
             "exploration": {"name": "full", "timestep_fraction": k / T, "selection": "first"},
         }},
         "data": {"options": {"prompts": "shapes", "heldout_prompts": ""}},
-        "rewards": [{"name": "shapes"}],
+        "rewards": [{"name": s.get("reward", "shapes")}],
         "advantage": {"estimator": "grpo"},
         "loss": {"name": "grpo", "options": {"clip_low": peer.clip_range, "clip_high": peer.clip_range},
                  "adv_clip": peer.adv_clip_max, "beta": 0.0},
@@ -178,7 +188,8 @@ def trainer_step(trainer):
 def diffusion_flow_grpo(s: dict[str, Any]):
     from flow_grpo_peer import FlowGRPOLoop
 
-    import mmgrpo.rewards.shapes  # noqa: F401  (registers the reward)
+    import mmgrpo.rewards.jpeg  # noqa: F401  (registers the rewards)
+    import mmgrpo.rewards.shapes  # noqa: F401
     from mmgrpo.data.prompts import PromptList, read_prompts
     from mmgrpo.rewards.registry import get as get_reward
 
@@ -186,7 +197,7 @@ def diffusion_flow_grpo(s: dict[str, Any]):
     # samples exactly the prompts of mmgrpo's step e (the two sides then differ only in their noise)
     train = read_prompts("shapes", "train", 0)
     prompts = PromptList(train, 0).get(list(range(2 * len(train)))).prompts
-    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward("shapes"))
+    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward(s.get("reward", "shapes")))
     return loop.step, s["B"] * s["G"]
 
 
