@@ -398,8 +398,8 @@ class VLMPolicy:
         key = [sum(passes)]
         if not self._scorer().vision_frozen():
             key.append(sum(n * 3**b for b, n in enumerate(passes)) % (2**61 - 1))
-        hi = self.process_max(key)
-        lo = [-x for x in self.process_max([-x for x in key])]
+        both = self.process_max(key + [-x for x in key])  # one collective: the maxima of the key and of its negative
+        hi, lo = both[: len(key)], [-x for x in both[len(key) :]]
         if hi != lo:
             others = (
                 f"the processes need between {lo[0]} and {hi[0]}"

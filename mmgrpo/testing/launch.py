@@ -37,14 +37,13 @@ def accelerate_launch(
     pythonpath: Sequence[str | Path] = (),
     cwd: str | Path | None = None,
     timeout: float = 300.0,
-    launcher: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
     """``accelerate launch`` of ``args`` (a script and its arguments, or ``-m module ...``) on ``processes`` CPU
-    processes of one thread each; ``pythonpath`` goes in front of the environment's; ``launcher`` adds options of the
-    launcher itself (e.g. ``--config_file``). Returns the finished process (stdout and stderr captured as text)."""
+    processes of one thread each; ``pythonpath`` goes in front of the environment's. Returns the finished process
+    (stdout and stderr captured as text)."""
     path = os.pathsep.join([*map(str, pythonpath), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": path}
-    cmd = [accelerate_exe(), "launch", *(launcher or ["--multi_gpu"]), "--num_processes", str(processes),
+    cmd = [accelerate_exe(), "launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), *map(str, args)]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)

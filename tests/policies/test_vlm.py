@@ -347,7 +347,7 @@ def test_with_collective_forwards_prompts_whose_media_differ_between_processes_s
     policy.any_process, policy.process_max = (lambda flag: flag), other_process
     with pytest.raises(UserError, match=r"2 prompts need 2 vision passes, and the processes need between 0 and 2"):
         policy.rollout(batch, 2)
-    assert asked == [[2], [-2]]  # one comparison (the vision tower is frozen: the count only) before any forward
+    assert asked == [[2, -2]]  # one comparison (the vision tower is frozen: the count only) before any forward
     with pytest.raises(UserError, match="train with DDP"):
         policy.generate(batch)  # evaluation's greedy decode checks too
     policy.rollout(text_only, 2)  # both processes text-only: the same forwards, it runs
