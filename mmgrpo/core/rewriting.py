@@ -4,7 +4,7 @@ After a step's groups are scored, a group that gives GRPO nothing to learn from 
 scored the same) can be re-rolled from a *rewritten* prompt: a hint added (Scaf-GRPO's tiers, a HiLL hinter's
 hint), or the item reformulated into an easier variant (Cog-DRIFT's multiple choice / cloze). The rewritten group
 then replaces the original, is added beside it, or (``mix``) lends its successful rows to it. The trainer runs this
-once per sampled batch (``Trainer.reroll``, docs/architecture.md "Hooks"); a paper method contributes the rewriter
+once per sampled batch (``mmgrpo.train.reroll``, docs/architecture.md "Hooks"); a paper method contributes the rewriter
 and its :class:`RerollOptions` (``Method.rewrite``).
 
 A rewriter is a registered part (:data:`REWRITERS`, kind ``rewriters``, shown by ``mmgrpo list``)::

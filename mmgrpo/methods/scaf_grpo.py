@@ -24,7 +24,7 @@ and the prompt is invisible to the gradient. Scaf-GRPO (as its abstract and meth
    A = [-1/2, -1/2, -1/2, 3/2]. The hinted row's log-probs are those of o* given q + h_k (the prompt it was
    sampled from), so its ratio starts at 1: the update stays on-policy, unlike a solution prefix (LUFFY).
 
-In mmgrpo: the trainer's prompt-rewriting hook (:mod:`mmgrpo.core.rewriting`, ``Trainer.reroll``) with trigger
+In mmgrpo: the trainer's prompt-rewriting hook (:mod:`mmgrpo.core.rewriting`, ``mmgrpo.train.reroll``) with trigger
 ``all_fail`` on ``reward`` (accuracy < ``threshold``), ``max_rounds`` = the number of tiers tried, ``mode: mix``
 (``mix_rows`` successful hinted rows replace the last failed rows; ``mode: replace`` re-rolls the whole group with
 the hint instead). The rewriter ``scaf_tiered_hints`` writes attempt a's prompt as ``template`` with

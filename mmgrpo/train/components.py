@@ -117,7 +117,7 @@ class Components:
     """method name -> its stateful part (``state_dict`` / ``load_state_dict``), saved in checkpoints"""
     rewrite: Any = None
     """prompt rewriting before a re-roll (:class:`mmgrpo.methods.registry.Rewrite`, from the ``methods:`` block):
-    ``Trainer.reroll`` samples groups without learning signal again from rewritten prompts; None: off"""
+    ``mmgrpo.train.reroll`` samples groups without learning signal again from rewritten prompts; None: off"""
 
 
 @dataclass

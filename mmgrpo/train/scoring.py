@@ -22,7 +22,7 @@ import torch
 
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.errors import UserError, quoted
-from mmgrpo.core.types import RewardContext, Rollout
+from mmgrpo.core.types import RewardContext, Rollout, select_groups
 
 
 def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
@@ -146,3 +146,14 @@ def reward_metrics(columns: torch.Tensor, rewards: list[tuple[str, float, Any]])
 def stateful_rewards(rewards: list[tuple[str, float, Any]]) -> dict[str, Any]:
     """Rewards with state_dict()/load_state_dict() (curricula), keyed by position and name."""
     return {f"{i}:{name}": fn for i, (name, _, fn) in enumerate(rewards) if hasattr(fn, "state_dict")}
+
+
+def weighted_total(cols: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> torch.Tensor:
+    """The configured weighted sum of reward columns ``cols [R, n]`` -> [n] (NaN, a reward's "no score", counts 0)."""
+    w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32)[:, None]
+    return (torch.nan_to_num(cols) * w).sum(0)
+
+
+def take_groups(rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:
+    """Groups ``groups`` of ``rollout`` with their reward columns ``cols [..., N]``."""
+    return select_groups(rollout, groups), cols[..., rollout.group_rows(groups)]

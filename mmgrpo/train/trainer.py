@@ -15,7 +15,6 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
-from mmgrpo.core import rewriting as rw_lib
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extra import TermInputs, term_metric
@@ -43,16 +41,16 @@ from mmgrpo.core.types import (
     concat_rollouts,
     offsets_of,
     pad_groups,
-    select_groups,
-    select_rows,
     unpad_groups,
 )
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train import zero
+from mmgrpo.train.accelerator import make_accelerator, optimizer_kernel
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config, resolved_config
 from mmgrpo.train.export import export_policy, export_run
 from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
+from mmgrpo.train.reroll import reroll
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
     prepare_run_dir,
@@ -60,7 +58,14 @@ from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tes
     truncate_metrics,
     write_config,
 )
-from mmgrpo.train.scoring import build_rewards, reward_metrics, score, stateful_rewards
+from mmgrpo.train.scoring import (
+    build_rewards,
+    reward_metrics,
+    score,
+    stateful_rewards,
+    take_groups,
+    weighted_total,
+)
 from mmgrpo.train.signals import Interrupted, stop_on_signals
 from mmgrpo.train.tracking import (
     check_trackers_installed,
@@ -75,103 +80,6 @@ SUMMED_METRICS = ("loss/policy", "loss/kl", "loss/total")
 """loss metrics that micro-batches add up (each is aggregated with the minibatch's global normaliser)"""
 
 
-def make_accelerator(mixed_precision: str | None) -> Accelerator:
-    """An Accelerator with :func:`launch_precision`; in a plain (non-launched) process a previous one's settings are
-    reset first. A launch that started several processes but left each alone (no accelerator found and no
-    ``ACCELERATE_USE_CPU=true``) is an error, and FSDP asked for on CPU processes runs (:func:`enable_cpu_fsdp`)."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    if PartialState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision=launch_precision(mixed_precision))
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if launched > 1 and acc.num_processes == 1:
-        raise UserError(
-            f"the launcher started {launched} processes (WORLD_SIZE={launched}), but accelerate found no GPU and "
-            "made each a separate 1-process run (they would overwrite each other's run directory). For processes "
-            "on CPU, launch with the environment variable ACCELERATE_USE_CPU=true (gloo); on GPUs, check that torch "
-            "sees them (torch.cuda.is_available())"
-        )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
-        enable_cpu_fsdp()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
-        enable_cpu_deepspeed(str(acc.mixed_precision))
-    return acc
-
-
-def enable_cpu_fsdp() -> None:
-    """Turn a gloo (CPU) process group's accelerate state into FSDP, with the plugin the launcher's FSDP options
-    (``accelerate launch --config_file configs/accelerate/fsdp.yaml``) describe.
-
-    accelerate enables FSDP only for accelerator devices and silently runs a CPU launch as plain data parallel;
-    torch's FSDP2 (``fully_shard``) itself shards on a CPU device mesh over gloo, which is how the 2-process tests
-    run the sharded code path (accelerate's FSDP2 preparation, sharded checkpoints) without a GPU."""
-    from accelerate import FullyShardedDataParallelPlugin
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set from the config file
-    if plugin.fsdp_version != 2:
-        raise UserError(
-            f"FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config), got fsdp_version "
-            f"{plugin.fsdp_version}; use configs/accelerate/fsdp.yaml"
-        )
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
-    AcceleratorState._shared_state["fsdp_plugin"] = plugin
-
-
-def enable_cpu_deepspeed(mixed_precision: str) -> None:
-    """Turn a gloo (CPU) process group's accelerate state into DeepSpeed, with the plugin the launcher's DeepSpeed
-    options (``accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml``) describe.
-
-    accelerate enables DeepSpeed only for accelerator devices (with ``ACCELERATE_USE_CPU=true`` it runs the launch as
-    plain data parallel); DeepSpeed itself runs ZeRO-2 and ZeRO-3 on CPU processes (its CPU accelerator,
-    ``DS_ACCELERATOR=cpu``, over the gloo group accelerate made), which is how the 2-process tests run the DeepSpeed
-    code path without a GPU."""
-    from accelerate import DeepSpeedPlugin
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: no CUDA probing
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as e:
-        raise UserError(
-            f"the launcher asks for DeepSpeed (accelerate config distributed_type: DEEPSPEED), but it cannot be "
-            f"imported ({e}); install it (pip install 'mmgrpo[deepspeed]') or launch with configs/accelerate/fsdp.yaml"
-        ) from e
-    if mixed_precision != "no":
-        raise UserError(
-            f"DeepSpeed on CPU processes runs in float32 only (launched with mixed precision {mixed_precision}); "
-            "launch with --mixed_precision no, or on GPUs"
-        )
-    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set from the config file
-    plugin.set_mixed_precision(mixed_precision)
-    plugin.select(_from_accelerator_state=True)
-    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
-    AcceleratorState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
-    AcceleratorState._shared_state["deepspeed_plugins"] = plugin
-
-
-def launch_precision(configured: str | None) -> str:
-    """The mixed precision of a run: the config's ``trainer.mixed_precision`` when set, else the launcher's
-    (``accelerate launch --mixed_precision`` and accelerate's config file set ``ACCELERATE_MIXED_PRECISION``), else
-    "no". A launcher asking for bf16/fp16 and a config asking for something else is a UserError naming both (the
-    launcher writes "no" when nothing was asked, so "no" there is no request)."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if configured is None:
-        return launched
-    if launched != "no" and launched != configured:
-        raise UserError(
-            f"trainer.mixed_precision={configured} in the config, but the launcher asks for {launched} (accelerate "
-            f"launch --mixed_precision {launched}, or accelerate's config file). Say it once: remove "
-            f"trainer.mixed_precision from the config to use the launcher's, or launch with --mixed_precision "
-            f"{configured}"
-        )
-    return configured
-
-
 def lr_at(step: int, cfg: Config) -> float:
     """Learning rate of training step ``step``: linear warmup, then constant / linear / cosine decay to 0."""
     t = cfg.trainer
@@ -184,23 +92,6 @@ def lr_at(step: int, cfg: Config) -> float:
     if t.lr_schedule == "linear":
         return t.lr * (1.0 - frac)
     return t.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def optimizer_kernel(params: list[torch.Tensor], distributed_type: Any) -> dict[str, bool]:
-    """AdamW's fused kernel (one pass over each parameter's weight, gradient and moments) where torch has it for
-    every parameter's device and dtype and the parameters stay plain tensors; else torch's default choice. On CPU
-    torch's default is the single-tensor loop (six passes; on the tiny VLM of ``bench/peers.py`` ~20x slower than
-    fused). FSDP turns the parameters into DTensors after this point, and DeepSpeed steps its own flat partitions, so
-    both keep the default. Results equal the loop's within float32 rounding (the same formula, fewer roundings of
-    intermediates)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    ok = distributed_type not in ("FSDP", "DEEPSPEED") and all(
-        p.device.type in _get_fused_kernels_supported_devices() and p.dtype in floats and type(p) in (
-            torch.Tensor, torch.nn.Parameter) for p in params
-    )  # fmt: skip
-    return {"fused": True} if ok else {}
 
 
 class Trainer:
@@ -405,15 +296,15 @@ class Trainer:
             batch = self.prompts_for(step, base, plan)
             rollout, cols = self.sample_and_score(batch, step, timers)
             if self.comp.rewrite is not None:  # prompt rewriting before a re-roll (docs/architecture.md "Hooks")
-                rollout, cols = self.reroll(batch, base, rollout, cols, step, timers)
+                rollout, cols = reroll(self, batch, base, rollout, cols, step, timers)
             if not a.dynamic_sampling:
                 return rollout, cols, timers
-            zero = adv_lib.zero_variance_groups(pad_groups(self._weighted(cols[0]), rollout.sizes))
+            zero = adv_lib.zero_variance_groups(pad_groups(self.weighted(cols[0]), rollout.sizes))
             have = sum(p.num_groups for p, _ in kept)
             good = [g for g in range(rollout.num_groups) if not zero[g]][: self.B_local - have]
             bad = [g for g in range(rollout.num_groups) if zero[g]]
-            kept.append(self._groups(rollout, cols, good))
-            dropped.append(self._groups(rollout, cols, bad))
+            kept.append(take_groups(rollout, cols, good))
+            dropped.append(take_groups(rollout, cols, bad))
             full = sum(p.num_groups for p, _ in kept) >= self.B_local
             if self.collective:  # every process samples as many rounds (the full ones' extra groups are unused)
                 full = not self.any_process(not full)
@@ -425,130 +316,13 @@ class Trainer:
         if missing:  # refills ran out: pad with zero-variance groups so every rank keeps B_local groups
             pad_r = concat_rollouts([p for p, _ in dropped if p.num_rows])
             pad_c = torch.cat([c for p, c in dropped if p.num_rows], dim=-1)
-            kept.append(self._groups(pad_r, pad_c, list(range(missing))))
+            kept.append(take_groups(pad_r, pad_c, list(range(missing))))
         parts = [(p, c) for p, c in kept if p.num_rows]
         return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1), timers
 
-    def reroll(
-        self, batch: PromptBatch, base: int, rollout: Rollout, cols: torch.Tensor, step: int, timers: dict[str, float]
-    ) -> tuple[Rollout, torch.Tensor]:
-        """Prompt rewriting before a re-roll (:mod:`mmgrpo.core.rewriting`): groups of ``batch`` that trigger (no
-        learning signal) are sampled and scored again from prompts the enabled method's rewriter writes, for up to
-        ``max_rounds`` attempts; the re-rolled group replaces the original, is added after the batch's groups, or
-        lends its successful rows (``mode``). Seeds come from the prompts' global positions on separate streams;
-        with several processes each attempt samples as many groups on every process (padding groups, dropped), so
-        the forwards stay in step and the run is the 1-process run.
-        Metrics: ``rewrite/groups`` (groups that triggered), ``rewrite/rerolled`` (groups sampled again, all
-        attempts), ``rewrite/rescued`` (triggered groups whose trained group has learning signal)."""
-        rw, G, seed = self.comp.rewrite, rollout.group_size, self.cfg.run.seed
-        o, several = rw.options, self.acc.num_processes > 1
-        if rollout.ragged:
-            raise UserError(
-                f"methods.{rw.method} re-rolls groups of equal size, but the prompt sampler {self.cfg.sampler.name!r} "
-                f"gave groups of sizes {rollout.group_sizes[:8]}...: use a sampler with a fixed group size (uniform, "
-                "spo, pairing, vspo) with prompt rewriting"
-            )
-        sharded = self.mesh is not None or self.zero_stage == 3  # every forward is a collective
-        if several and (o.mode == "add" or self.cfg.advantage.dynamic_sampling or sharded):
-            raise UserError(
-                f"methods.{rw.method} with {self.acc.num_processes} processes: mode=add (a different number of groups "
-                "per process), advantage.dynamic_sampling (a different number of refill rounds per process) and FSDP "
-                "or DeepSpeed ZeRO-3 sharding cannot keep the re-rolls of the processes in step yet; use mode replace "
-                f"or mix, without dynamic sampling, FSDP or ZeRO-3, or train on one process"
-            )
-
-        def everywhere(x: int, how: str) -> int:  # the count over all processes (they all call this alike)
-            if not several:
-                return x
-            return int(self.acc.reduce(torch.tensor([x], device=self.acc.device), reduction=how).item())
-
-        col = None if o.reward is None else [name for name, _, _ in self.rewards].index(o.reward)
-
-        def judged(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # c [V, R, n] -> score, total [n / G, G]
-            total = self._weighted(c[0]).view(-1, G)
-            return (total if col is None else c[0, col].view(-1, G)), total
-
-        first = base + self.acc.process_index * self.B_local
-        current = [self._groups(rollout, cols, [b]) for b in range(rollout.num_groups)]
-        added: list[tuple[Rollout, torch.Tensor]] = []
-        todo = rw_lib.trigger_mask(*judged(cols), o.trigger, o.threshold).tolist()
-        triggered, rescued_by = list(todo), dict.fromkeys(range(len(todo)))
-        rerolled, t0 = 0, time.perf_counter()
-        for attempt in range(o.max_rounds):
-            idx = [b for b, t in enumerate(todo) if t]
-            if not everywhere(len(idx), "sum"):
-                break
-            request = rw_lib.RewriteRequest(
-                prompts=[batch.prompts[b] for b in idx],
-                meta=[batch.meta[b] for b in idx],
-                completions=[list(current[b][0].samples) for b in idx],
-                scores=torch.cat([judged(current[b][1])[0] for b in idx]),
-                attempt=attempt,
-                step=step,
-                seeds=[prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt + 1) for b in idx],
-                policy=self.policy,
-                source=self.comp.prompts,
-            )
-            self.policy.model.eval()
-            with torch.no_grad():
-                rewritten = rw.rewriter(request) if idx else []
-            if len(rewritten) != len(idx):
-                raise ValueError(f"rewriter of {rw.method} returned {len(rewritten)} prompts for {len(idx)} groups")
-            picked = [(b, pm) for b, pm in zip(idx, rewritten) if pm is not None]
-            for b, pm in zip(idx, rewritten):
-                todo[b] = pm is not None  # nothing to rewrite with: the group stays as it is
-            most = everywhere(len(picked), "max")
-            if not most:
-                continue
-            seeds = [prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt) for b, _ in picked]
-            # every process samples `most` groups, so their forwards stay in step; the padding groups are dropped
-            pad = most - len(picked)
-            prompts = [pm[0] for _, pm in picked] + [batch.prompts[0]] * pad
-            again = PromptBatch(
-                prompts, [pm[1] for _, pm in picked] + [batch.meta[0]] * pad, seeds + [seed] * pad, step
-            )
-            new_r, new_c = self.sample_and_score(again, step, timers)
-            rerolled += len(picked)
-            for j, (b, _) in enumerate(picked):
-                group = self._groups(new_r, new_c, [j])
-                new_score, new_total = judged(group[1])
-                if o.mode == "mix":
-                    plan = rw_lib.mix_plan(judged(current[b][1])[0][0], new_score[0], o.threshold, o.mix_rows)
-                    if plan:
-                        current[b], todo[b] = self._mix_rows(current[b], group, plan), False
-                elif o.keep == "always" or bool(rw_lib.has_signal(new_total)[0]):
-                    if o.mode == "add":
-                        added.append(group)
-                        rescued_by[b], todo[b] = group, False
-                    else:
-                        current[b] = group
-                        todo[b] = bool(rw_lib.trigger_mask(new_score, new_total, o.trigger, o.threshold)[0])
-        timers["time/rewrite_s"] = timers.get("time/rewrite_s", 0.0) + time.perf_counter() - t0
-        rescued = sum(
-            bool(rw_lib.has_signal(judged((rescued_by[b] or current[b])[1])[1])[0])
-            for b, t in enumerate(triggered)
-            if t
-        )
-        for k, v in (("groups", sum(triggered)), ("rerolled", rerolled), ("rescued", rescued)):
-            timers[f"rewrite/{k}"] = timers.get(f"rewrite/{k}", 0.0) + float(everywhere(v, "sum"))
-        parts = current + added
-        return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1)
-
-    def _mix_rows(self, old, new, plan: list[tuple[int, int]]) -> tuple[Rollout, torch.Tensor]:
-        """One group: rows of ``old`` with row i replaced by row j of ``new`` for each (i, j) of ``plan``."""
-        G = old[0].group_size
-        rows = list(range(G))
-        for i, j in plan:
-            rows[i] = G + j
-        both = concat_rollouts([old[0], new[0]])
-        return select_rows(both, rows), torch.cat([old[1], new[1]], dim=-1)[..., rows]
-
-    def _groups(self, rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:
-        return select_groups(rollout, groups), cols[..., rollout.group_rows(groups)]
-
-    def _weighted(self, cols: torch.Tensor) -> torch.Tensor:
-        w = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)[:, None]
-        return (torch.nan_to_num(cols) * w).sum(0)
+    def weighted(self, cols: torch.Tensor) -> torch.Tensor:
+        """The configured weighted sum of reward columns [R, n] -> [n]."""
+        return weighted_total(cols, self.rewards)
 
     # ---------------------------------------------------------------- phase 3: advantage
     def advantage(self, cols: torch.Tensor, rollout: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -575,7 +349,7 @@ class Trainer:
         if self.sampler.stateful:  # the stream position of every group of the step, over all ranks
             rows = self._gather_rows(rollout.extras["stream_position"], counts)  # [N_total]
             group_pos = rows[torch.tensor(offsets_of(sizes)[:-1], dtype=torch.long)].tolist()  # [B_total]
-        totals = pad_groups(self._weighted(shaped[0]), sizes)  # [B_total, G_max] weighted rewards, NaN padding
+        totals = pad_groups(self.weighted(shaped[0]), sizes)  # [B_total, G_max] weighted rewards, NaN padding
         if self.sampler.provides:  # per-prompt estimator inputs (SPO's baseline), [B_total, 1] each
             declared = inspect.signature(self.estimator).parameters
             opts.update({k: v for k, v in self.sampler.estimator_inputs(group_pos, totals).items() if k in declared})
@@ -595,7 +369,7 @@ class Trainer:
             adv_p = adv_p.clamp(min=a.min_advantage)
         adv = unpad_groups(adv_p, sizes)  # [N_total]
         row_w = unpad_groups(adv_lib.get_row_weights(a.estimator)(totals, **opts), sizes)  # [N_total]
-        zero = adv_lib.zero_variance_groups(pad_groups(self._weighted(all_cols[0]), sizes))
+        zero = adv_lib.zero_variance_groups(pad_groups(self.weighted(all_cols[0]), sizes))
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
             (self.run_dir / "debug").mkdir(parents=True, exist_ok=True)
             dump = {"advantages": adv_p.contiguous(), "rewards": all_cols.contiguous(),
@@ -613,7 +387,7 @@ class Trainer:
         if self.sampler.stateful:  # after the estimator: the baseline it used is the one before this step
             metrics.update(self.sampler.observe(step, group_pos, totals))
         for v in range(1, V):
-            metrics[f"reward/variant{v}_mean"] = self._weighted(all_cols[v]).mean().item()
+            metrics[f"reward/variant{v}_mean"] = self.weighted(all_cols[v]).mean().item()
         adv_local = pad_groups(adv[mine], rollout.sizes, fill=0.0)  # [B_local, G_max]
         names = [name for name, _, _ in self.rewards]
         for hook in self.comp.advantage_hooks:  # method hooks (docs/architecture.md "Hooks"), on this rank's groups

@@ -2,13 +2,13 @@
 resume equals the uninterrupted run bit for bit, a non-finite minibatch on one rank is skipped on all of them as in
 one process, and the checkpoints are mmgrpo's own (safetensors, verified) holding the full state.
 
-The runs are real ``accelerate launch --config_file configs/accelerate/deepspeed_zero{2,3}.yaml`` launches of the
-CLI with ``ACCELERATE_USE_CPU=true`` (2 gloo processes; mmgrpo turns accelerate's state into DeepSpeed there, see
-``enable_cpu_deepspeed``; DeepSpeed runs on its CPU accelerator). The bandit's logits table [8, 5] is the model: each
-rank holds the fp32 master weights and AdamW moments of 20 of its 40 numbers (and under ZeRO-3 the working weight
-too). A launched script wraps the CLI to print that layout, to SIGKILL every rank at one point, or to make one rank's
-loss NaN. Needs the optional dependency (pip install 'mmgrpo[deepspeed]'); the configuration checks below do not.
-"""
+The runs are real ``accelerate launch --config_file configs/accelerate/deepspeed_zero{2,3}.yaml`` launches of the CLI
+with ``ACCELERATE_USE_CPU=true`` (2 gloo processes; mmgrpo turns accelerate's state into DeepSpeed there, see
+``mmgrpo.train.accelerator.enable_cpu_deepspeed``; DeepSpeed runs on its CPU accelerator). The bandit's logits table
+[8, 5] is the model: each rank holds the fp32 master weights and AdamW moments of 20 of its 40 numbers (and under
+ZeRO-3 the working weight too). A launched script wraps the CLI to print that layout, to SIGKILL every rank at one
+point, or to make one rank's loss NaN. Needs the optional dependency (pip install 'mmgrpo[deepspeed]'); the
+configuration checks below do not."""
 
 import json
 import os

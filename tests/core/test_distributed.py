@@ -66,7 +66,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 def test_launcher_precision_applies_unless_the_config_sets_one_and_a_conflict_names_both(monkeypatch):
     from mmgrpo.core.errors import UserError
-    from mmgrpo.train.trainer import launch_precision
+    from mmgrpo.train.accelerator import launch_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert launch_precision(None) == "no" and launch_precision("bf16") == "bf16"

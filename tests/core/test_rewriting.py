@@ -1,6 +1,6 @@
-"""Prompt rewriting before a re-roll (mmgrpo/core/rewriting.py, Trainer.reroll): triggers, modes, seeds, metrics,
-resume, 2 processes = 1 process, on the bandit with a test method whose rewriter moves a failed prompt to the next
-bandit state."""
+"""Prompt rewriting before a re-roll (mmgrpo/core/rewriting.py, mmgrpo/train/reroll.py): triggers, modes, seeds,
+metrics, resume, 2 processes = 1 process, on the bandit with a test method whose rewriter moves a failed prompt to the
+next bandit state."""
 
 import json
 import sys

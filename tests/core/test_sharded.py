@@ -3,10 +3,10 @@ the unsharded 1-process run; the sharded checkpoint is verified file by file and
 
 The runs are real ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` launches of the CLI with
 ``ACCELERATE_USE_CPU=true`` (2 gloo processes; mmgrpo turns accelerate's state into FSDP there, see
-``enable_cpu_fsdp``). The bandit's logits table [8, 5] is the model: FSDP2 gives each rank 4 of its 8 rows, and the
-AdamW moments are sharded the same way. A crash run is the CLI behind a small script that sends SIGKILL at one point.
-Real models with several shard units: a tiny SD3 (DiffusionNFT) and a tiny Qwen2-VL (GRPO, rows of different lengths).
-"""
+``mmgrpo.train.accelerator.enable_cpu_fsdp``). The bandit's logits table [8, 5] is the model: FSDP2 gives each rank 4
+of its 8 rows, and the AdamW moments are sharded the same way. A crash run is the CLI behind a small script that sends
+SIGKILL at one point. Real models with several shard units: a tiny SD3 (DiffusionNFT) and a tiny Qwen2-VL (GRPO, rows
+of different lengths)."""
 
 import json
 import os

@@ -15,11 +15,12 @@ from accelerate.tracking import GeneralTracker, register_tracker_class
 from PIL import Image
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.train.accelerator import make_accelerator
 from mmgrpo.train.components import EvalResult
 from mmgrpo.train.config import load_config
 from mmgrpo.train.report import image_grid, read_metrics
 from mmgrpo.train.tracking import completion_table, flat_config, log_evaluation, start_trackers
-from mmgrpo.train.trainer import Trainer, make_accelerator, prepare_run_dir, train
+from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
 
 BASE = {
     "pipeline": "bandit",

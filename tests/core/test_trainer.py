@@ -359,7 +359,7 @@ def test_mask_zero_adv_runs_in_the_trainer_and_its_normaliser(tmp_path, monkeypa
 def test_adamw_is_fused_on_plain_parameters_and_equals_the_loop_within_rounding(tmp_path):
     """optimizer_kernel: AdamW's fused kernel for plain parameters (torch's CPU default is the single-tensor loop),
     torch's default under FSDP (DTensors come later); five steps of both agree within float32 rounding."""
-    from mmgrpo.train.trainer import optimizer_kernel
+    from mmgrpo.train.accelerator import optimizer_kernel
 
     trainer = Trainer(cfg_for(tmp_path), tmp_path / "r")
     assert trainer.optimizer.optimizer.defaults["fused"] is True

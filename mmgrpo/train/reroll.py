@@ -1,0 +1,132 @@
+"""Prompt rewriting before a re-roll, the trainer's collect hook (:mod:`mmgrpo.core.rewriting`; docs/architecture.md
+"Hooks"): groups without learning signal are sampled and scored again from prompts a method's rewriter writes (hints,
+reformulations), with seeds from the prompts' global positions, in step across processes. Scaf-GRPO, HiLL and
+Cog-DRIFT contribute rewriters; :func:`reroll` is the one place that runs them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from mmgrpo.core import rewriting as rw_lib
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.seeding import prompt_seed
+from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_rows
+from mmgrpo.train.scoring import take_groups
+
+
+def reroll(
+    tr: Any, batch: PromptBatch, base: int, rollout: Rollout, cols: torch.Tensor, step: int, timers: dict[str, float]
+) -> tuple[Rollout, torch.Tensor]:
+    """Prompt rewriting before a re-roll (:mod:`mmgrpo.core.rewriting`): groups of ``batch`` that trigger (no
+    learning signal) are sampled and scored again from prompts the enabled method's rewriter writes, for up to
+    ``max_rounds`` attempts; the re-rolled group replaces the original, is added after the batch's groups, or
+    lends its successful rows (``mode``). Seeds come from the prompts' global positions on separate streams;
+    with several processes each attempt samples as many groups on every process (padding groups, dropped), so
+    the forwards stay in step and the run is the 1-process run.
+    Metrics: ``rewrite/groups`` (groups that triggered), ``rewrite/rerolled`` (groups sampled again, all
+    attempts), ``rewrite/rescued`` (triggered groups whose trained group has learning signal).
+
+    ``tr`` is the :class:`~mmgrpo.train.trainer.Trainer` (its processes, components, rewards and
+    ``sample_and_score``)."""
+    rw, G, seed = tr.comp.rewrite, rollout.group_size, tr.cfg.run.seed
+    o, several = rw.options, tr.acc.num_processes > 1
+    if rollout.ragged:
+        raise UserError(
+            f"methods.{rw.method} re-rolls groups of equal size, but the prompt sampler {tr.cfg.sampler.name!r} "
+            f"gave groups of sizes {rollout.group_sizes[:8]}...: use a sampler with a fixed group size (uniform, "
+            "spo, pairing, vspo) with prompt rewriting"
+        )
+    sharded = tr.mesh is not None or tr.zero_stage == 3  # every forward is a collective
+    if several and (o.mode == "add" or tr.cfg.advantage.dynamic_sampling or sharded):
+        raise UserError(
+            f"methods.{rw.method} with {tr.acc.num_processes} processes: mode=add (a different number of groups "
+            "per process), advantage.dynamic_sampling (a different number of refill rounds per process) and FSDP "
+            "or DeepSpeed ZeRO-3 sharding cannot keep the re-rolls of the processes in step yet; use mode replace "
+            f"or mix, without dynamic sampling, FSDP or ZeRO-3, or train on one process"
+        )
+
+    def everywhere(x: int, how: str) -> int:  # the count over all processes (they all call this alike)
+        if not several:
+            return x
+        return int(tr.acc.reduce(torch.tensor([x], device=tr.acc.device), reduction=how).item())
+
+    col = None if o.reward is None else [name for name, _, _ in tr.rewards].index(o.reward)
+
+    def judged(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # c [V, R, n] -> score, total [n / G, G]
+        total = tr.weighted(c[0]).view(-1, G)
+        return (total if col is None else c[0, col].view(-1, G)), total
+
+    first = base + tr.acc.process_index * tr.B_local
+    current = [take_groups(rollout, cols, [b]) for b in range(rollout.num_groups)]
+    added: list[tuple[Rollout, torch.Tensor]] = []
+    todo = rw_lib.trigger_mask(*judged(cols), o.trigger, o.threshold).tolist()
+    triggered, rescued_by = list(todo), dict.fromkeys(range(len(todo)))
+    rerolled, t0 = 0, time.perf_counter()
+    for attempt in range(o.max_rounds):
+        idx = [b for b, t in enumerate(todo) if t]
+        if not everywhere(len(idx), "sum"):
+            break
+        request = rw_lib.RewriteRequest(
+            prompts=[batch.prompts[b] for b in idx],
+            meta=[batch.meta[b] for b in idx],
+            completions=[list(current[b][0].samples) for b in idx],
+            scores=torch.cat([judged(current[b][1])[0] for b in idx]),
+            attempt=attempt,
+            step=step,
+            seeds=[prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt + 1) for b in idx],
+            policy=tr.policy,
+            source=tr.comp.prompts,
+        )
+        tr.policy.model.eval()
+        with torch.no_grad():
+            rewritten = rw.rewriter(request) if idx else []
+        if len(rewritten) != len(idx):
+            raise ValueError(f"rewriter of {rw.method} returned {len(rewritten)} prompts for {len(idx)} groups")
+        picked = [(b, pm) for b, pm in zip(idx, rewritten) if pm is not None]
+        for b, pm in zip(idx, rewritten):
+            todo[b] = pm is not None  # nothing to rewrite with: the group stays as it is
+        most = everywhere(len(picked), "max")
+        if not most:
+            continue
+        seeds = [prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt) for b, _ in picked]
+        # every process samples `most` groups, so their forwards stay in step; the padding groups are dropped
+        pad = most - len(picked)
+        prompts = [pm[0] for _, pm in picked] + [batch.prompts[0]] * pad
+        again = PromptBatch(prompts, [pm[1] for _, pm in picked] + [batch.meta[0]] * pad, seeds + [seed] * pad, step)
+        new_r, new_c = tr.sample_and_score(again, step, timers)
+        rerolled += len(picked)
+        for j, (b, _) in enumerate(picked):
+            group = take_groups(new_r, new_c, [j])
+            new_score, new_total = judged(group[1])
+            if o.mode == "mix":
+                plan = rw_lib.mix_plan(judged(current[b][1])[0][0], new_score[0], o.threshold, o.mix_rows)
+                if plan:
+                    current[b], todo[b] = mix_rows(current[b], group, plan), False
+            elif o.keep == "always" or bool(rw_lib.has_signal(new_total)[0]):
+                if o.mode == "add":
+                    added.append(group)
+                    rescued_by[b], todo[b] = group, False
+                else:
+                    current[b] = group
+                    todo[b] = bool(rw_lib.trigger_mask(new_score, new_total, o.trigger, o.threshold)[0])
+    timers["time/rewrite_s"] = timers.get("time/rewrite_s", 0.0) + time.perf_counter() - t0
+    rescued = sum(
+        bool(rw_lib.has_signal(judged((rescued_by[b] or current[b])[1])[1])[0]) for b, t in enumerate(triggered) if t
+    )
+    for k, v in (("groups", sum(triggered)), ("rerolled", rerolled), ("rescued", rescued)):
+        timers[f"rewrite/{k}"] = timers.get(f"rewrite/{k}", 0.0) + float(everywhere(v, "sum"))
+    parts = current + added
+    return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1)
+
+
+def mix_rows(old, new, plan: list[tuple[int, int]]) -> tuple[Rollout, torch.Tensor]:
+    """One group: rows of ``old`` with row i replaced by row j of ``new`` for each (i, j) of ``plan``."""
+    G = old[0].group_size
+    rows = list(range(G))
+    for i, j in plan:
+        rows[i] = G + j
+    both = concat_rollouts([old[0], new[0]])
+    return select_rows(both, rows), torch.cat([old[1], new[1]], dim=-1)[..., rows]
