@@ -215,8 +215,10 @@ def join_caches(caches: list[Any], lengths: list[int], G: int, room: int = 0) ->
         bufs = []
         for name in ("keys", "values"):
             first = getattr(layers[0][i], name)  # [1, H, L_0, d]
-            out = first.new_zeros(len(caches) * G, first.shape[1], L + room, first.shape[3])  # [B*G, H, L + room, d]
+            # [B*G, H, L + room, d]; the room is written before it is read, so only the pad slots are zeroed
+            out = first.new_empty(len(caches) * G, first.shape[1], L + room, first.shape[3])
             for b, ls in enumerate(layers):
+                out[b * G : (b + 1) * G, :, : L - lengths[b]] = 0  # masked, but finite: 0 weight x NaN is NaN
                 out[b * G : (b + 1) * G, :, L - lengths[b] : L] = getattr(ls[i], name)  # broadcast over the G rows
             bufs.append(out)
         caches[0].layers[i] = _buffered_layer(*bufs, L)
