@@ -18,10 +18,10 @@ from mmgrpo.policies.vlm import (
     VLMPolicy,
     VLMPolicyOptions,
     chunked_token_logprobs,
-    join_caches,
     sample_tokens,
     token_entropy,
 )
+from mmgrpo.policies.vlm_cache import join_caches
 from mmgrpo.testing.tiny_vlm import tiny_qwen2_vl
 from mmgrpo.testing.vlm_checks import biased_head, hf_reference_logits, image_batch, images, make_policy
 
