@@ -9,14 +9,14 @@
 Every run starts from the shipped shapes VLM (``configs/shapes_vlm_grpo.yaml``, ``assets/shapes_vlm``), trains for
 ``--budget`` seconds (``trainer.time_budget_s``: sampling, scoring and updates; model loading and evaluation excluded;
 the step that crosses the budget finishes) and is then evaluated greedily on the same ``--eval-examples`` held-out
-scenes. The budget counts the run's own CPU seconds by default (``--clock process``, ``trainer.time_budget_clock``;
-one torch thread per run, so on an idle core it is the run's wall-clock): every method gets the same compute even
-when the machine is shared or the benchmark is paused (``kill -STOP`` / ``-CONT`` its process group) to time
-something else; ``--clock wall`` counts wall-clock instead. A method is a named list of config overrides on top of
-the demo config (:data:`METHODS`; ``{G}`` and ``{G+1}`` stand for the group size of the cell), so a new paper is one
-entry. An entry whose switch this checkout does not have (an estimator, loss, shaping or ``methods:`` block not
-registered, an unknown config key: any ``UserError`` at config load) is reported as "not available" with the reason,
-and not run.
+scenes. The budget counts the run's own CPU seconds by default (``--clock process``, ``trainer.time_budget_clock``; one
+torch thread per run, so on an idle core it is the run's wall-clock): every method gets the same compute even when the
+machine is shared or the benchmark is paused (``kill -STOP`` / ``-CONT`` its process group) to time something else;
+``--clock wall`` counts wall-clock instead. A method is a named list of config overrides on top of the demo config
+(:data:`METHODS`; ``{G}`` and ``{G+1}`` stand for the group size of the cell, ``{teacher}`` for the split's KDRL
+teacher, which the benchmark makes first: :data:`TEACHERS`), so a new paper is one entry. An entry whose switch this
+checkout does not have (an estimator, loss, shaping or ``methods:`` block not registered, an unknown config key: any
+``UserError`` at config load) is reported as "not available" with the reason, and not run.
 
 Run log: every finished run is appended (fsync'd) as one JSON line to ``--log``
 (``bench/results/learning_vlm_runs.jsonl``, committed), keyed by its cell, seed, budget, clock and full override list;
@@ -75,7 +75,8 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +122,7 @@ METHODS: dict[str, Method] = {
         "rewards=[{name: accuracy, weight: 1.0}, {name: format, weight: 0.2, streams: [reasoning]}, "
         "{name: pearl_checklist, weight: 1.0}]")),
     # issue 17's papers, with the switches their branches (h7-h10) document in docs/architecture.md's paper table;
-    # each reads "not available" until its module is merged. Left out: KDRL (no teacher stronger than the shipped
-    # model exists in this world; with itself as teacher it is a KL to the start point).
+    # each reads "not available" until its module is merged.
     # the samplers and PACS read rewards as success rates / labels in [0, 1]: the 0/1 accuracy alone (the shipped
     # model's format rate is 1.0, so the demo's 0.2 x format is a constant there)
     "spo": Method("SPO (per-prompt value tracker, batch-normalised; accuracy only)", (
@@ -161,7 +161,20 @@ METHODS: dict[str, Method] = {
         "methods.microcoder={}",)),
     "strata": Method("Stratified GRPO (strata = question kind)", (
         "advantage.estimator=stratified", "methods.strata={meta_key: kind}")),
+    # the paper's k2 estimator and its annealing 5e-3 -> 1e-3 (over ~the steps a run makes); {teacher}: see TEACHER
+    "kdrl": Method("KDRL (reverse KL to a GRPO-trained teacher, 5e-3 -> 1e-3)", (
+        "methods.kdrl={teacher: '{teacher}', coef: 0.005, coef_final: 0.001, anneal_steps: 300, estimator: k2}",)),
 }  # fmt: skip
+
+TEACHER_STEPS, TEACHER_SEED = 1200, 1000
+TEACHERS = Path(__file__).parent / "teachers"  # not committed (.gitignore): ~6 MB each, remade by the benchmark
+"""KDRL's teacher (``{teacher}`` in a method's overrides) for a split: the shipped model trained with the demo's GRPO
+on that split for ``TEACHER_STEPS`` steps at G = 8 (``run.seed`` ``TEACHER_SEED``, so not the runs' prompt order),
+LoRA merged, exported as a transformers folder (``mmgrpo.train.export``). A fixed number of steps, not a time
+budget, so every machine makes the same teacher; the benchmark makes it once, in a worker of its own, before the
+runs that need it (their budget does not include it: the paper's teacher is given). The results file gives its
+held-out accuracy. The shapes world has no stronger model to distil from; this one is stronger on the split than
+anything a 300 s run reaches."""
 
 
 @dataclass(frozen=True)
@@ -190,14 +203,26 @@ COMMON = ("trainer.max_steps=100000", "trainer.eval_every=0", "trainer.checkpoin
 QUICK = ("trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "data.options.num_examples=64")
 
 
-def expand(overrides: tuple[str, ...] | list[str], G: int) -> list[str]:
-    """Overrides with ``{G}`` / ``{G+1}`` replaced by the cell's group size (and one more)."""
-    return [o.replace("{G+1}", str(G + 1)).replace("{G}", str(G)) for o in overrides]
+def expand(overrides: tuple[str, ...] | list[str], G: int, teacher: Path | None = None) -> list[str]:
+    """Overrides with ``{G}`` / ``{G+1}`` replaced by the cell's group size (and one more), ``{teacher}`` by
+    ``teacher`` (the split's KDRL teacher folder)."""
+    out = [o.replace("{G+1}", str(G + 1)).replace("{G}", str(G)) for o in overrides]
+    return [o.replace("{teacher}", str(teacher)) for o in out] if teacher is not None else out
 
 
-def cell_overrides(method: str, split: str, G: int, extra: list[str]) -> list[str]:
+def needs_teacher(method: str) -> bool:
+    return any("{teacher}" in o for o in METHODS[method].overrides)
+
+
+def teacher_dir(split: str, steps: int = TEACHER_STEPS, root: Path = TEACHERS) -> Path:
+    return root / f"{split}_grpo_g8_{steps}steps_seed{TEACHER_SEED}"
+
+
+def cell_overrides(method: str, split: str, G: int, extra: list[str], teachers: Path = TEACHERS,
+                   teacher_steps: int = TEACHER_STEPS) -> list[str]:  # fmt: skip
     """The overrides of one (method, split, G) cell: the split, G, the method (may raise G), then ``extra``."""
-    return [*base_overrides(split), f"trainer.group_size={G}", *expand(METHODS[method].overrides, G), *extra]
+    teacher = teacher_dir(split, teacher_steps, teachers)
+    return [*base_overrides(split), f"trainer.group_size={G}", *expand(METHODS[method].overrides, G, teacher), *extra]
 
 
 def base_overrides(split: str) -> list[str]:
@@ -205,7 +230,8 @@ def base_overrides(split: str) -> list[str]:
     return [f"policy.options.path={ROOT / 'assets' / 'shapes_vlm'}", *SPLITS[split].overrides]
 
 
-def availability(methods: list[str], splits: list[str], groups: list[int], extra: list[str]) -> dict[str, str | None]:
+def availability(methods: list[str], splits: list[str], groups: list[int], extra: list[str],
+                 teachers: Path = TEACHERS, teacher_steps: int = TEACHER_STEPS) -> dict[str, str | None]:  # fmt: skip
     """method -> None when its config loads in every cell, else the first ``UserError`` (its switch is missing)."""
     from mmgrpo.core.errors import UserError
     from mmgrpo.train.config import load_config
@@ -216,7 +242,7 @@ def availability(methods: list[str], splits: list[str], groups: list[int], extra
         try:
             for split in splits:
                 for G in groups:
-                    load_config(CONFIG, cell_overrides(m, split, G, extra))
+                    load_config(CONFIG, cell_overrides(m, split, G, extra, teachers, teacher_steps))
         except UserError as e:
             out[m] = " ".join(str(e).split())
     return out
@@ -349,7 +375,7 @@ class IdleGate:
 
 # -------------------------------------------------------------------------------------------------------- runs
 def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: Path, extra: list[str],
-            threads: int = 0) -> dict:  # fmt: skip
+            threads: int = 0, teachers: Path = TEACHERS, teacher_steps: int = TEACHER_STEPS) -> dict:  # fmt: skip
     """Train one cell for ``budget`` seconds, then evaluate: {method, split, G, seed, score, steps, ...}."""
     import torch
 
@@ -360,7 +386,8 @@ def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: 
         torch.set_num_threads(threads)
     name = f"{method}_{split}_g{G}_s{seed}"
     overrides = [f"run.name={name}", f"run.output_dir={out_dir}", "run.overwrite=true", f"run.seed={seed}",
-                 f"trainer.time_budget_s={budget}", *COMMON, *cell_overrides(method, split, G, extra)]  # fmt: skip
+                 f"trainer.time_budget_s={budget}", *COMMON,
+                 *cell_overrides(method, split, G, extra, teachers, teacher_steps)]  # fmt: skip
     cfg = load_config(CONFIG, overrides)
     t0 = time.perf_counter()
     try:
@@ -376,6 +403,42 @@ def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: 
         acc = dumped_accuracy(trainer.run_dir / "debug", names.index("accuracy"), cfg.trainer.group_size)
     return {"method": method, "split": split, "G": G, "seed": seed, "score": after["eval/accuracy"],
             "steps": trainer.step, "wall_s": wall, "all_fail": all_fail_fraction(acc)}  # fmt: skip
+
+
+def make_teacher(split: str, steps: int, root: Path, extra: list[str], threads: int = 0) -> dict:
+    """Train and export the split's KDRL teacher (:data:`TEACHER_STEPS`) -> {split, teacher, score, steps}, or
+    {split, error}. Exported beside its folder and renamed into place once complete: a killed benchmark leaves no
+    half-written teacher (the next invocation makes it again)."""
+    import shutil
+
+    import torch
+
+    from mmgrpo.train.config import load_config
+    from mmgrpo.train.export import export_policy
+    from mmgrpo.train.trainer import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = teacher_dir(split, steps, root)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config(CONFIG, [f"run.name=teacher_{split}", f"run.output_dir={tmp}", "run.overwrite=true",
+                                       f"run.seed={TEACHER_SEED}", *COMMON, f"trainer.max_steps={steps}",
+                                       "trainer.dump_advantages=false", *base_overrides(split), "trainer.group_size=8",
+                                       *extra])  # fmt: skip
+            trainer = train(cfg)
+            score = trainer.evaluate(trainer.step)["eval/accuracy"]
+            export_policy(trainer.policy, partial, merge=True, inplace=True, info={"benchmark": "KDRL teacher"})
+        os.replace(partial, out)
+    except Exception as e:  # noqa: BLE001  (its KDRL runs report it; the other runs go on)
+        return {"split": split, "error": " ".join(f"teacher: {type(e).__name__}: {e}".split()).replace("|", "/")}
+    return {"split": split, "teacher": _shown(str(out)), "score": score, "steps": trainer.step}
+
+
+def teacher_key(split: str, steps: int, extra: list[str]) -> str:
+    return _portable(json.dumps(["teacher", split, steps, TEACHER_SEED, base_overrides(split), extra]))
 
 
 def shipped_score(split: str, out_dir: Path, extra: list[str]) -> float:
@@ -397,7 +460,8 @@ def _pm(mean: float, se: float, signed: bool = False) -> str:
 
 
 def render(results: list[dict], methods: list[str], splits: list[str], groups: list[int],
-           unavailable: dict[str, str | None], shipped: dict[str, float]) -> str:  # fmt: skip
+           unavailable: dict[str, str | None], shipped: dict[str, float],
+           teachers: dict[str, dict] | None = None) -> str:  # fmt: skip
     """Markdown: one table per (split, G): score +- SE, difference vs GRPO +- paired SE, all-fail, steps."""
     out = []
     for split in splits:
@@ -405,6 +469,10 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
             out.append(f"### {SPLITS[split].label}, G = {G}\n")
             if split in shipped:
                 out.append(f"Shipped model (greedy): {shipped[split]:.3f}.\n")
+            if split in (teachers or {}) and "kdrl" in methods:
+                t = teachers[split]  # its run log record
+                out.append(f"KDRL's teacher (the demo's GRPO for {t['steps']} steps at G = 8, seed {TEACHER_SEED}): "
+                           f"{t['score']:.3f}.\n")  # fmt: skip
             out.append("| method | held-out accuracy | vs GRPO (paired) | all-fail groups | steps done |")
             out.append("|---|---:|---:|---:|---:|")
             cell = [r for r in results if (r["split"], r["G"]) == (split, G)]
@@ -443,11 +511,13 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
     return "\n".join(out)
 
 
-def run_key(method: str, split: str, G: int, seed: int, budget: float, clock: str, extra: list[str]) -> str:
+def run_key(method: str, split: str, G: int, seed: int, budget: float, clock: str, extra: list[str],
+            teachers: Path = TEACHERS, teacher_steps: int = TEACHER_STEPS) -> str:  # fmt: skip
     """What makes two runs the same measurement: the cell, the seed, the budget and its clock, and every config
     override the run gets (a method whose definition changed, or other held-out scenes, is a new measurement). The
     repository's own path reads ``{repo}``, so a log made in one checkout matches in another."""
-    return _portable(json.dumps([method, split, G, seed, budget, clock, cell_overrides(method, split, G, extra)]))
+    over = cell_overrides(method, split, G, extra, teachers, teacher_steps)
+    return _portable(json.dumps([method, split, G, seed, budget, clock, over]))
 
 
 def shipped_key(split: str, extra: list[str]) -> str:
@@ -537,7 +607,7 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, tables: str,
     Path(args.out).write_text(body)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=300.0, help="training seconds per run (evaluation excluded)")
     p.add_argument("--clock", choices=["process", "wall"], default="process",
@@ -560,75 +630,149 @@ def main(argv: list[str] | None = None) -> int:
         "continue them when it is quiet (needs --clock process and --jobs >= 2; Linux)"
     )
     p.add_argument("--idle-only", action="store_true", help=idle)
-    quick = "smoke mode: seeds 0 1, G 2, 2 steps of 4 prompts, 16 held-out scenes (grpo, ngrpo unless --methods)"
+    quick = ("smoke mode: seeds 0 1, G 2, 2 steps of 4 prompts, 16 held-out scenes (grpo, ngrpo unless --methods); "
+             "a KDRL teacher of 2 steps in a temporary folder")  # fmt: skip
     p.add_argument("--quick", action="store_true", help=quick)
     args = p.parse_args(argv)
-    budget, seeds, groups, methods = args.budget, args.seeds, args.groups, args.methods or list(METHODS)
-    extra = [f"data.options.eval_examples={args.eval_examples}", f"trainer.time_budget_clock={args.clock}",
-             *args.override]  # fmt: skip
-    if args.quick:
-        budget, seeds, groups, methods = 30.0, [0, 1], [2], args.methods or ["grpo", "ngrpo"]
-        extra = ["data.options.eval_examples=16", *QUICK, *args.override, "trainer.stop_after_steps=2"]
     if args.idle_only and (args.clock != "process" or args.jobs < 2 or not os.path.exists("/proc/stat")):
         p.error("--idle-only needs --clock process (a stopped run must not lose budget), --jobs >= 2 (the runs in "
                 "worker processes) and Linux's /proc")  # fmt: skip
-    if BASELINE not in methods:
-        methods = [BASELINE, *methods]
+    args.extra = [f"data.options.eval_examples={args.eval_examples}", f"trainer.time_budget_clock={args.clock}",
+                  *args.override]  # fmt: skip
+    asked, args.methods = args.methods, args.methods or list(METHODS)
+    if args.quick:
+        args.budget, args.seeds, args.groups, args.methods = 30.0, [0, 1], [2], asked or ["grpo", "ngrpo"]
+        args.extra = ["data.options.eval_examples=16", *QUICK, *args.override, "trainer.stop_after_steps=2"]
+    if BASELINE not in args.methods:
+        args.methods = [BASELINE, *args.methods]
+    return args
+
+
+@dataclass
+class Teachers:
+    """Where KDRL's teachers live and how many steps make one (:data:`TEACHER_STEPS`)."""
+
+    root: Path = TEACHERS
+    steps: int = TEACHER_STEPS
+
+    def missing(self, cells: list[tuple]) -> list[str]:
+        """The splits whose teacher some of ``cells`` need and that is not made yet."""
+        need = {sp for m, sp, _, _ in cells if needs_teacher(m)}
+        return sorted(sp for sp in need if not teacher_dir(sp, self.steps, self.root).exists())
+
+
+def execute(todo: list[tuple], args: argparse.Namespace, teachers: Teachers, runs: Path,
+            done: Callable[[dict], None], teacher_done: Callable[[dict], bool]) -> None:  # fmt: skip
+    """Run the cells of ``todo`` (``done`` gets each result), after making the KDRL teachers they need
+    (``teacher_done`` gets each; False: it failed and its runs are reported as failed). With ``--jobs`` > 1 the
+    teachers are the pool's first jobs, the runs that do not need them go meanwhile, and those that do are queued when
+    their teacher is made."""
+    missing = teachers.missing(todo)
+    waiting = {sp: [c for c in todo if c[1] == sp and needs_teacher(c[0])] for sp in missing}
+    ready = [c for c in todo if c not in sum(waiting.values(), [])]
+
+    def failed(cells: list[tuple], why: str) -> None:
+        for m, sp, G, seed in cells:
+            done({"method": m, "split": sp, "G": G, "seed": seed, "error": why})
+
+    common = (args.budget, runs, args.extra)
+    if args.jobs <= 1:
+        for sp in missing:
+            rec = make_teacher(sp, teachers.steps, teachers.root, args.extra)
+            if teacher_done(rec):
+                ready += waiting[sp]
+            else:
+                failed(waiting[sp], rec["error"])
+        for c in ready:
+            done(_timed_run(*c, *common, 0, teachers.root, teachers.steps))
+        return
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        submit = lambda c: pool.submit(_timed_run, *c, *common, 1, teachers.root, teachers.steps)  # noqa: E731
+        making = {pool.submit(make_teacher, sp, teachers.steps, teachers.root, args.extra, 1): sp for sp in missing}
+        running = {submit(c): c for c in ready}
+        workers = lambda: list(getattr(pool, "_processes", None) or {})  # noqa: E731  (pid -> process)
+        with IdleGate(workers) if args.idle_only else contextlib.nullcontext():
+            while making or running:
+                for fut in wait([*making, *running], return_when=FIRST_COMPLETED).done:
+                    if fut in making:
+                        sp, rec = making.pop(fut), fut.result()
+                        if teacher_done(rec):
+                            running.update({submit(c): c for c in waiting[sp]})
+                        else:
+                            failed(waiting[sp], rec["error"])
+                    else:
+                        running.pop(fut)
+                        done(fut.result())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget, seeds, groups, methods, extra = args.budget, args.seeds, args.groups, args.methods, args.extra
     log_path = Path(args.log) if args.log else None
     log = read_log(log_path)
-    unavailable = availability(methods, args.splits, groups, extra)
-    for m, why in unavailable.items():
-        if why:
-            print(f"{m}: not available ({why})", flush=True)
-    # method-major (GRPO first, then each method's seeds together): a benchmark stopped part-way leaves whole rows
-    cells = [(m, sp, G, s) for sp in args.splits for G in groups for m in methods for s in seeds if not unavailable[m]]
-    keys = {c: run_key(*c, budget, args.clock, extra) for c in cells}
-    todo = [] if args.report_only else [c for c in cells if keys[c] not in log]
-    print(f"{sum(keys[c] in log for c in cells)} of {len(cells)} runs already in the log; {len(todo)} to run",
-          flush=True)  # fmt: skip
     load_before = os.getloadavg()
     commit = _commit()
-
-    def done(rec: dict) -> None:
-        head = f"{rec['method']:10s} {rec['split']:6s} G {rec['G']} seed {rec['seed']}"
-        if "error" in rec:  # not logged: a later invocation (after the fix) runs it again
-            log[keys[(rec["method"], rec["split"], rec["G"], rec["seed"])]] = rec
-            print(f"{head}: FAILED {rec['error']}", flush=True)
-            return
-        rec = {**rec, "key": keys[(rec["method"], rec["split"], rec["G"], rec["seed"])], "budget": budget,
-               "clock": args.clock, "commit": commit, "jobs": args.jobs}  # fmt: skip
-        log[rec["key"]] = rec
-        append_log(log_path, rec)
-        print(f"{head}: {rec['score']:.4f} after {rec['steps']} steps, all-fail {rec['all_fail']:.2f}", flush=True)
-
-    shipped: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for sp in args.splits:
-            k = shipped_key(sp, extra)
-            if k not in log and not args.report_only:
-                rec = {"key": k, "split": sp, "shipped": shipped_score(sp, Path(tmp), extra), "commit": commit}
-                log[k] = rec
-                append_log(log_path, rec)
-            if k in log:
-                shipped[sp] = log[k]["shipped"]
-                print(f"shipped model, {sp}: {shipped[sp]:.4f}", flush=True)
-        if args.jobs <= 1:
-            for m, sp, G, s in todo:
-                done(_timed_run(m, sp, G, s, budget, Path(tmp) / "runs", extra))
-        elif todo:
-            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(_timed_run, m, sp, G, s, budget, Path(tmp) / "runs", extra, 1)
-                           for m, sp, G, s in todo]  # fmt: skip
-                workers = lambda: list(getattr(pool, "_processes", None) or {})  # noqa: E731  (pid -> process)
-                with IdleGate(workers) if args.idle_only else contextlib.nullcontext():
-                    for fut in as_completed(futures):
-                        done(fut.result())
+        teachers = Teachers(Path(tmp) / "teachers", 2) if args.quick else Teachers()
+        unavailable = availability(methods, args.splits, groups, extra, teachers.root, teachers.steps)
+        for m, why in unavailable.items():
+            if why:
+                print(f"{m}: not available ({why})", flush=True)
+        # method-major (GRPO first, then each method's seeds together): a benchmark stopped part-way leaves whole rows
+        cells = [(m, sp, G, s) for sp in args.splits for G in groups for m in methods for s in seeds
+                 if not unavailable[m]]  # fmt: skip
+        keys = {c: run_key(*c, budget, args.clock, extra, teachers.root, teachers.steps) for c in cells}
+        todo = [] if args.report_only else [c for c in cells if keys[c] not in log]
+        print(f"{sum(keys[c] in log for c in cells)} of {len(cells)} runs already in the log; {len(todo)} to run",
+              flush=True)  # fmt: skip
+
+        def done(rec: dict) -> None:
+            key = keys[(rec["method"], rec["split"], rec["G"], rec["seed"])]
+            head = f"{rec['method']:10s} {rec['split']:6s} G {rec['G']} seed {rec['seed']}"
+            if "error" in rec:  # not logged: a later invocation (after the fix) runs it again
+                log[key] = rec
+                print(f"{head}: FAILED {rec['error']}", flush=True)
+                return
+            rec = {**rec, "key": key, "budget": budget, "clock": args.clock, "commit": commit, "jobs": args.jobs}
+            log[key] = rec
+            append_log(log_path, rec)
+            print(f"{head}: {rec['score']:.4f} after {rec['steps']} steps, all-fail {rec['all_fail']:.2f}",
+                  flush=True)  # fmt: skip
+
+        def teacher_done(rec: dict) -> bool:
+            if "error" in rec:
+                print(f"KDRL teacher, {rec['split']}: FAILED {rec['error']}", flush=True)
+                return False
+            rec = {**rec, "key": teacher_key(rec["split"], teachers.steps, extra), "commit": commit}
+            log[rec["key"]] = rec
+            append_log(log_path, rec)
+            print(f"KDRL teacher, {rec['split']}: {rec['score']:.4f} after {rec['steps']} steps", flush=True)
+            return True
+
+        shipped = shipped_scores(args, log, log_path, Path(tmp), commit)
+        execute(todo, args, teachers, Path(tmp) / "runs", done, teacher_done)
     results = [log[keys[c]] for c in cells if keys[c] in log]
-    tables = render(results, methods, args.splits, groups, unavailable, shipped)
+    made = {sp: log[k] for sp in args.splits if (k := teacher_key(sp, teachers.steps, extra)) in log}
+    tables = render(results, methods, args.splits, groups, unavailable, shipped, made)
     print(tables)
     if args.out:
         write_results(args, argv, tables, results, len(cells), budget, seeds, load_before)
     return 0
+
+
+def shipped_scores(args: argparse.Namespace, log: dict, log_path: Path | None, tmp: Path, commit: str) -> dict:
+    """split -> the shipped model's held-out accuracy, measured once per split and kept in the log."""
+    shipped: dict[str, float] = {}
+    for sp in args.splits:
+        k = shipped_key(sp, args.extra)
+        if k not in log and not args.report_only:
+            rec = {"key": k, "split": sp, "shipped": shipped_score(sp, tmp, args.extra), "commit": commit}
+            log[k] = rec
+            append_log(log_path, rec)
+        if k in log:
+            shipped[sp] = log[k]["shipped"]
+            print(f"shipped model, {sp}: {shipped[sp]:.4f}", flush=True)
+    return shipped
 
 
 if __name__ == "__main__":

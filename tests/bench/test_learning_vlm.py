@@ -162,3 +162,43 @@ def test_idle_only_refuses_a_wall_clock_budget(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--idle-only", "--clock", "wall", "--jobs", "2", "--log", "", "--out", ""])
     assert "--idle-only needs --clock process" in capsys.readouterr().err
+
+
+def test_kdrl_runs_after_the_benchmark_made_its_teacher(tmp_path, monkeypatch, capsys):
+    """KDRL's teacher is made once per split (GRPO, exported merged), logged, named in the table, and read by the
+    KDRL runs through the method's {teacher} override (they load it: a teacher that did not export fails them);
+    --quick makes a 2-step teacher in a temporary folder."""
+    log, out = tmp_path / "runs.jsonl", tmp_path / "k.md"
+    # --jobs 2: the teacher is the pool's first job, GRPO's runs go meanwhile, KDRL's are queued once it is made;
+    # the pool's (spawned) workers import this module by its name from sys.path, which they inherit
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / f"{spec.name}.py").symlink_to(ROOT / "bench" / "learning_vlm.py")
+    monkeypatch.syspath_prepend(str(tmp_path / "mod"))
+    argv = ["--quick", "--methods", "kdrl", "--splits", "hard", "--jobs", "2", "--log", str(log), "--out", str(out)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "KDRL teacher, hard: " in printed and "after 2 steps" in printed and "FAILED" not in printed
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    teacher = next(r for r in recs if r["key"].startswith('["teacher"'))
+    assert teacher["steps"] == 2 and 0.0 <= teacher["score"] <= 1.0
+    kdrl = next(r for r in recs if r.get("method") == "kdrl")
+    assert kdrl["steps"] == 2 and "methods.kdrl={teacher: '" in kdrl["key"] and "steps_seed1000'" in kdrl["key"]
+    assert "KDRL's teacher (the demo's GRPO for 2 steps at G = 8, seed 1000): " in out.read_text()
+
+
+def test_a_failed_teacher_fails_its_kdrl_runs_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def broken(split, steps, root, extra, threads=0):
+        return {"split": split, "error": "teacher: RuntimeError: out of memory"}
+
+    monkeypatch.setattr(bench, "make_teacher", broken)
+    monkeypatch.setattr(bench, "shipped_score", lambda *a: 0.1)
+    ran = []
+    monkeypatch.setattr(bench, "_timed_run", lambda m, sp, G, s, *a: ran.append(m) or {
+        "method": m, "split": sp, "G": G, "seed": s, "score": 0.5, "steps": 2, "all_fail": 0.0})  # fmt: skip
+    out = tmp_path / "f.md"
+    argv = ["--quick", "--methods", "kdrl", "--splits", "hard", "--log", "", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert ran == ["grpo", "grpo"]  # GRPO's 2 seeds ran; KDRL's did not, without their teacher
+    assert "KDRL teacher, hard: FAILED teacher: RuntimeError: out of memory" in capsys.readouterr().out
+    row = f"| {bench.METHODS['kdrl'].label} | failed (seed 0, 1): teacher: RuntimeError: out of memory |"
+    assert row in out.read_text()
