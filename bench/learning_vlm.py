@@ -68,21 +68,23 @@ import math
 import multiprocessing
 import os
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: the repository's mmgrpo, without an install
-    sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for _p in (ROOT, BENCH):  # run as a script: the repository's mmgrpo without an install, and runlog.py beside this
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from runlog import IdleGate, append_log, git_commit, read_log  # noqa: E402
+
 CONFIG = ROOT / "configs" / "shapes_vlm_grpo.yaml"
 DEFAULT_OUT = Path(__file__).parent / "results" / "learning_vlm.md"
 DEFAULT_LOG = Path(__file__).parent / "results" / "learning_vlm_runs.jsonl"
@@ -178,6 +180,24 @@ anything a 300 s run reaches."""
 
 
 @dataclass(frozen=True)
+class Teachers:
+    """Where KDRL's teachers live and how many steps make one (:data:`TEACHER_STEPS`; ``--quick``: 2, in a temporary
+    folder)."""
+
+    root: Path = TEACHERS
+    steps: int = TEACHER_STEPS
+
+    def dir(self, split: str) -> Path:
+        """The split's teacher folder (a transformers model once made)."""
+        return self.root / f"{split}_grpo_g8_{self.steps}steps_seed{TEACHER_SEED}"
+
+    def missing(self, cells: list[tuple]) -> list[str]:
+        """The splits whose teacher some of ``cells`` need and that is not made yet."""
+        need = {sp for m, sp, _, _ in cells if needs_teacher(m)}
+        return sorted(sp for sp in need if not self.dir(sp).exists())
+
+
+@dataclass(frozen=True)
 class Split:
     label: str
     overrides: tuple[str, ...] = ()
@@ -214,15 +234,10 @@ def needs_teacher(method: str) -> bool:
     return any("{teacher}" in o for o in METHODS[method].overrides)
 
 
-def teacher_dir(split: str, steps: int = TEACHER_STEPS, root: Path = TEACHERS) -> Path:
-    return root / f"{split}_grpo_g8_{steps}steps_seed{TEACHER_SEED}"
-
-
-def cell_overrides(method: str, split: str, G: int, extra: list[str], teachers: Path = TEACHERS,
-                   teacher_steps: int = TEACHER_STEPS) -> list[str]:  # fmt: skip
+def cell_overrides(method: str, split: str, G: int, extra: list[str], teachers: Teachers = Teachers()) -> list[str]:
     """The overrides of one (method, split, G) cell: the split, G, the method (may raise G), then ``extra``."""
-    teacher = teacher_dir(split, teacher_steps, teachers)
-    return [*base_overrides(split), f"trainer.group_size={G}", *expand(METHODS[method].overrides, G, teacher), *extra]
+    method_overrides = expand(METHODS[method].overrides, G, teachers.dir(split))
+    return [*base_overrides(split), f"trainer.group_size={G}", *method_overrides, *extra]
 
 
 def base_overrides(split: str) -> list[str]:
@@ -231,7 +246,7 @@ def base_overrides(split: str) -> list[str]:
 
 
 def availability(methods: list[str], splits: list[str], groups: list[int], extra: list[str],
-                 teachers: Path = TEACHERS, teacher_steps: int = TEACHER_STEPS) -> dict[str, str | None]:  # fmt: skip
+                 teachers: Teachers = Teachers()) -> dict[str, str | None]:  # fmt: skip
     """method -> None when its config loads in every cell, else the first ``UserError`` (its switch is missing)."""
     from mmgrpo.core.errors import UserError
     from mmgrpo.train.config import load_config
@@ -242,7 +257,7 @@ def availability(methods: list[str], splits: list[str], groups: list[int], extra
         try:
             for split in splits:
                 for G in groups:
-                    load_config(CONFIG, cell_overrides(m, split, G, extra, teachers, teacher_steps))
+                    load_config(CONFIG, cell_overrides(m, split, G, extra, teachers))
         except UserError as e:
             out[m] = " ".join(str(e).split())
     return out
@@ -288,94 +303,9 @@ def dumped_accuracy(debug_dir: Path, reward_index: int, group_size: int) -> list
     return out
 
 
-# ------------------------------------------------------------------------------------------------- idle gate
-class IdleGate:
-    """``--idle-only``: the benchmark's worker processes run only while nothing else uses the machine's CPU.
-
-    Every ``period`` seconds the gate reads the machine's busy CPU time (``/proc/stat``) and the workers' own
-    (``/proc/PID/stat``); when the rest of the machine used more than ``busy`` cores it stops the workers
-    (SIGSTOP), and continues them (SIGCONT) after ``calm`` readings in a row under ``quiet`` cores. A run's budget
-    counts its own CPU seconds (``--clock process``), which a stopped process does not spend, so every run gets its
-    budget on an otherwise idle machine however much else ran meanwhile. (Counting CPU seconds alone is not enough:
-    measured 2026-12-05, GRPO runs of 300 CPU s did 455-496 steps beside light work and 270-379 beside a test suite,
-    since a busy machine slows each CPU second through shared caches and memory.) Linux only (``/proc``).
-    """
-
-    def __init__(self, pids, period: float = 5.0, busy: float = 0.25, quiet: float = 0.15, calm: int = 3):
-        self.pids, self.period, self.busy, self.quiet, self.calm = pids, period, busy, quiet, calm
-        self.stopped, self._calm, self.log = False, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def decide(self, others: float) -> str | None:
-        """'stop', 'cont' or None for one reading of the other processes' load (cores); updates the state."""
-        if not self.stopped:
-            if others > self.busy:
-                self.stopped, self._calm = True, 0
-                return "stop"
-            return None
-        self._calm = self._calm + 1 if others < self.quiet else 0
-        if self._calm >= self.calm:
-            self.stopped = False
-            return "cont"
-        return None
-
-    @staticmethod
-    def machine_busy() -> int:
-        """Busy clock ticks of the whole machine since boot (all CPUs; idle and iowait left out)."""
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4]
-
-    @staticmethod
-    def process_busy(pids) -> int:
-        """Clock ticks the processes ``pids`` spent (user + system); gone processes count 0."""
-        total = 0
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])
-        return total
-
-    def _signal(self, sig: int) -> None:
-        for pid in self.pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def _loop(self) -> None:
-        hz = os.sysconf("SC_CLK_TCK")
-        pids = list(self.pids())
-        machine, mine = self.machine_busy(), self.process_busy(pids)
-        while not self._stop.wait(self.period):
-            pids = list(self.pids())
-            m2, w2 = self.machine_busy(), self.process_busy(pids)
-            others = max(0, (m2 - machine) - (w2 - mine)) / hz / self.period
-            machine, mine = m2, w2
-            action = self.decide(others)
-            if action:
-                self._signal(signal.SIGSTOP if action == "stop" else signal.SIGCONT)
-                self.log.append((time.strftime("%H:%M:%S"), action, round(others, 2)))
-                print(f"idle gate: {action} the runs (other processes used {others:.2f} cores)", flush=True)
-
-    def __enter__(self) -> IdleGate:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self.stopped:
-            self._signal(signal.SIGCONT)
-
-
 # -------------------------------------------------------------------------------------------------------- runs
 def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: Path, extra: list[str],
-            threads: int = 0, teachers: Path = TEACHERS, teacher_steps: int = TEACHER_STEPS) -> dict:  # fmt: skip
+            threads: int = 0, teachers: Teachers = Teachers()) -> dict:  # fmt: skip
     """Train one cell for ``budget`` seconds, then evaluate: {method, split, G, seed, score, steps, ...}."""
     import torch
 
@@ -387,7 +317,7 @@ def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: 
     name = f"{method}_{split}_g{G}_s{seed}"
     overrides = [f"run.name={name}", f"run.output_dir={out_dir}", "run.overwrite=true", f"run.seed={seed}",
                  f"trainer.time_budget_s={budget}", *COMMON,
-                 *cell_overrides(method, split, G, extra, teachers, teacher_steps)]  # fmt: skip
+                 *cell_overrides(method, split, G, extra, teachers)]  # fmt: skip
     cfg = load_config(CONFIG, overrides)
     t0 = time.perf_counter()
     try:
@@ -405,7 +335,7 @@ def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: 
             "steps": trainer.step, "wall_s": wall, "all_fail": all_fail_fraction(acc)}  # fmt: skip
 
 
-def make_teacher(split: str, steps: int, root: Path, extra: list[str], threads: int = 0) -> dict:
+def make_teacher(split: str, teachers: Teachers, extra: list[str], threads: int = 0) -> dict:
     """Train and export the split's KDRL teacher (:data:`TEACHER_STEPS`) -> {split, teacher, score, steps}, or
     {split, error}. Exported beside its folder and renamed into place once complete: a killed benchmark leaves no
     half-written teacher (the next invocation makes it again)."""
@@ -419,7 +349,7 @@ def make_teacher(split: str, steps: int, root: Path, extra: list[str], threads: 
 
     if threads:
         torch.set_num_threads(threads)
-    out = teacher_dir(split, steps, root)
+    out, steps = teachers.dir(split), teachers.steps
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -437,8 +367,8 @@ def make_teacher(split: str, steps: int, root: Path, extra: list[str], threads: 
     return {"split": split, "teacher": _shown(str(out)), "score": score, "steps": trainer.step}
 
 
-def teacher_key(split: str, steps: int, extra: list[str]) -> str:
-    return _portable(json.dumps(["teacher", split, steps, TEACHER_SEED, base_overrides(split), extra]))
+def teacher_key(split: str, teachers: Teachers, extra: list[str]) -> str:
+    return _portable(json.dumps(["teacher", split, teachers.steps, TEACHER_SEED, base_overrides(split), extra]))
 
 
 def shipped_score(split: str, out_dir: Path, extra: list[str]) -> float:
@@ -512,11 +442,11 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
 
 
 def run_key(method: str, split: str, G: int, seed: int, budget: float, clock: str, extra: list[str],
-            teachers: Path = TEACHERS, teacher_steps: int = TEACHER_STEPS) -> str:  # fmt: skip
+            teachers: Teachers = Teachers()) -> str:  # fmt: skip
     """What makes two runs the same measurement: the cell, the seed, the budget and its clock, and every config
     override the run gets (a method whose definition changed, or other held-out scenes, is a new measurement). The
     repository's own path reads ``{repo}``, so a log made in one checkout matches in another."""
-    over = cell_overrides(method, split, G, extra, teachers, teacher_steps)
+    over = cell_overrides(method, split, G, extra, teachers)
     return _portable(json.dumps([method, split, G, seed, budget, clock, over]))
 
 
@@ -532,41 +462,6 @@ def _shown(path: str) -> str:
 
 def _portable(key: str) -> str:
     return key.replace(json.dumps(str(ROOT))[1:-1], "{repo}")
-
-
-def read_log(path: Path | None) -> dict[str, dict]:
-    """The run log: key -> the last record with that key (one JSON object per line; a torn last line from a killed
-    process is skipped with a warning, the lines before it are kept)."""
-    if path is None or not path.exists():
-        return {}
-    out: dict[str, dict] = {}
-    for i, line in enumerate(path.read_text().splitlines()):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"{path}:{i + 1}: unreadable line skipped (a run killed while writing it)", file=sys.stderr)
-            continue
-        out[rec["key"]] = rec
-    return out
-
-
-def append_log(path: Path | None, rec: dict) -> None:
-    """One finished run, appended and fsync'd: a killed benchmark loses at most the runs in flight."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _timed_run(*args) -> dict:
@@ -648,61 +543,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@dataclass
-class Teachers:
-    """Where KDRL's teachers live and how many steps make one (:data:`TEACHER_STEPS`)."""
-
-    root: Path = TEACHERS
-    steps: int = TEACHER_STEPS
-
-    def missing(self, cells: list[tuple]) -> list[str]:
-        """The splits whose teacher some of ``cells`` need and that is not made yet."""
-        need = {sp for m, sp, _, _ in cells if needs_teacher(m)}
-        return sorted(sp for sp in need if not teacher_dir(sp, self.steps, self.root).exists())
-
-
 def execute(todo: list[tuple], args: argparse.Namespace, teachers: Teachers, runs: Path,
             done: Callable[[dict], None], teacher_done: Callable[[dict], bool]) -> None:  # fmt: skip
-    """Run the cells of ``todo`` (``done`` gets each result), after making the KDRL teachers they need
+    """Run the cells of ``todo`` in their order (``done`` gets each result), after making the KDRL teachers they need
     (``teacher_done`` gets each; False: it failed and its runs are reported as failed). With ``--jobs`` > 1 the
-    teachers are the pool's first jobs, the runs that do not need them go meanwhile, and those that do are queued when
-    their teacher is made."""
-    missing = teachers.missing(todo)
-    waiting = {sp: [c for c in todo if c[1] == sp and needs_teacher(c[0])] for sp in missing}
-    ready = [c for c in todo if c not in sum(waiting.values(), [])]
+    teachers are the pool's first jobs; a free worker takes the first cell in ``todo``'s order that can run, so the
+    runs that do not need a teacher go meanwhile, and those that do take their place in the order once it is made."""
+    missing = set(teachers.missing(todo))
+    pending = list(todo)
 
-    def failed(cells: list[tuple], why: str) -> None:
-        for m, sp, G, seed in cells:
-            done({"method": m, "split": sp, "G": G, "seed": seed, "error": why})
+    def failed(sp: str, why: str) -> None:
+        for c in [c for c in pending if c[1] == sp and needs_teacher(c[0])]:
+            pending.remove(c)
+            done({"method": c[0], "split": sp, "G": c[2], "seed": c[3], "error": why})
+
+    def made(rec: dict, sp: str) -> None:
+        missing.discard(sp)
+        if not teacher_done(rec):
+            failed(sp, rec["error"])
+
+    def next_cell() -> tuple | None:
+        c = next((c for c in pending if not (needs_teacher(c[0]) and c[1] in missing)), None)
+        return c if c is None else pending.pop(pending.index(c))
 
     common = (args.budget, runs, args.extra)
     if args.jobs <= 1:
-        for sp in missing:
-            rec = make_teacher(sp, teachers.steps, teachers.root, args.extra)
-            if teacher_done(rec):
-                ready += waiting[sp]
-            else:
-                failed(waiting[sp], rec["error"])
-        for c in ready:
-            done(_timed_run(*c, *common, 0, teachers.root, teachers.steps))
+        for sp in sorted(missing):
+            made(make_teacher(sp, teachers, args.extra), sp)
+        while (c := next_cell()) is not None:
+            done(_timed_run(*c, *common, 0, teachers))
         return
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        submit = lambda c: pool.submit(_timed_run, *c, *common, 1, teachers.root, teachers.steps)  # noqa: E731
-        making = {pool.submit(make_teacher, sp, teachers.steps, teachers.root, args.extra, 1): sp for sp in missing}
-        running = {submit(c): c for c in ready}
+        making = {pool.submit(make_teacher, sp, teachers, args.extra, 1): sp for sp in sorted(missing)}
+        running: dict = {}
+
+        def fill() -> None:  # the pool's queue holds no more than it has workers: the order is decided here
+            while len(making) + len(running) < args.jobs and (c := next_cell()) is not None:
+                running[pool.submit(_timed_run, *c, *common, 1, teachers)] = c
+
         workers = lambda: list(getattr(pool, "_processes", None) or {})  # noqa: E731  (pid -> process)
         with IdleGate(workers) if args.idle_only else contextlib.nullcontext():
+            fill()
             while making or running:
                 for fut in wait([*making, *running], return_when=FIRST_COMPLETED).done:
                     if fut in making:
-                        sp, rec = making.pop(fut), fut.result()
-                        if teacher_done(rec):
-                            running.update({submit(c): c for c in waiting[sp]})
-                        else:
-                            failed(waiting[sp], rec["error"])
+                        sp = making.pop(fut)
+                        made(fut.result(), sp)
                     else:
                         running.pop(fut)
                         done(fut.result())
+                fill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -711,17 +601,17 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(args.log) if args.log else None
     log = read_log(log_path)
     load_before = os.getloadavg()
-    commit = _commit()
+    commit = git_commit(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         teachers = Teachers(Path(tmp) / "teachers", 2) if args.quick else Teachers()
-        unavailable = availability(methods, args.splits, groups, extra, teachers.root, teachers.steps)
+        unavailable = availability(methods, args.splits, groups, extra, teachers)
         for m, why in unavailable.items():
             if why:
                 print(f"{m}: not available ({why})", flush=True)
         # method-major (GRPO first, then each method's seeds together): a benchmark stopped part-way leaves whole rows
         cells = [(m, sp, G, s) for sp in args.splits for G in groups for m in methods for s in seeds
                  if not unavailable[m]]  # fmt: skip
-        keys = {c: run_key(*c, budget, args.clock, extra, teachers.root, teachers.steps) for c in cells}
+        keys = {c: run_key(*c, budget, args.clock, extra, teachers) for c in cells}
         todo = [] if args.report_only else [c for c in cells if keys[c] not in log]
         print(f"{sum(keys[c] in log for c in cells)} of {len(cells)} runs already in the log; {len(todo)} to run",
               flush=True)  # fmt: skip
@@ -743,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in rec:
                 print(f"KDRL teacher, {rec['split']}: FAILED {rec['error']}", flush=True)
                 return False
-            rec = {**rec, "key": teacher_key(rec["split"], teachers.steps, extra), "commit": commit}
+            rec = {**rec, "key": teacher_key(rec["split"], teachers, extra), "commit": commit}
             log[rec["key"]] = rec
             append_log(log_path, rec)
             print(f"KDRL teacher, {rec['split']}: {rec['score']:.4f} after {rec['steps']} steps", flush=True)
@@ -752,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         shipped = shipped_scores(args, log, log_path, Path(tmp), commit)
         execute(todo, args, teachers, Path(tmp) / "runs", done, teacher_done)
     results = [log[keys[c]] for c in cells if keys[c] in log]
-    made = {sp: log[k] for sp in args.splits if (k := teacher_key(sp, teachers.steps, extra)) in log}
+    made = {sp: log[k] for sp in args.splits if (k := teacher_key(sp, teachers, extra)) in log}
     tables = render(results, methods, args.splits, groups, unavailable, shipped, made)
     print(tables)
     if args.out:

@@ -187,7 +187,7 @@ def test_kdrl_runs_after_the_benchmark_made_its_teacher(tmp_path, monkeypatch, c
 
 
 def test_a_failed_teacher_fails_its_kdrl_runs_and_the_others_still_run(tmp_path, monkeypatch, capsys):
-    def broken(split, steps, root, extra, threads=0):
+    def broken(split, teachers, extra, threads=0):
         return {"split": split, "error": "teacher: RuntimeError: out of memory"}
 
     monkeypatch.setattr(bench, "make_teacher", broken)
@@ -202,3 +202,26 @@ def test_a_failed_teacher_fails_its_kdrl_runs_and_the_others_still_run(tmp_path,
     assert "KDRL teacher, hard: FAILED teacher: RuntimeError: out of memory" in capsys.readouterr().out
     row = f"| {bench.METHODS['kdrl'].label} | failed (seed 0, 1): teacher: RuntimeError: out of memory |"
     assert row in out.read_text()
+
+
+def test_kdrl_runs_keep_their_place_in_the_order_once_their_teacher_is_made(tmp_path, monkeypatch):
+    """The cells run in the benchmark's order; a KDRL cell waits only for its teacher, not behind every other run."""
+    events = []
+    monkeypatch.setattr(bench, "make_teacher", lambda sp, t, extra, threads=0: events.append(("teacher", sp))
+                        or {"split": sp, "teacher": "t", "score": 0.3, "steps": 2})  # fmt: skip
+    monkeypatch.setattr(bench, "_timed_run", lambda m, sp, G, s, *a: events.append((m, s)) or {
+        "method": m, "split": sp, "G": G, "seed": s, "score": 0.5, "steps": 2, "all_fail": 0.0})  # fmt: skip
+    todo = [("grpo", "hard", 8, 0), ("kdrl", "hard", 8, 0), ("grpo", "hard", 8, 1), ("kdrl", "hard", 8, 1)]
+    args = bench.parse_args(["--log", "", "--out", ""])
+    results = []
+    bench.execute(todo, args, bench.Teachers(tmp_path / "none"), tmp_path, results.append, lambda rec: True)
+    assert events == [("teacher", "hard"), ("grpo", 0), ("kdrl", 0), ("grpo", 1), ("kdrl", 1)]
+    assert [(r["method"], r["seed"]) for r in results] == [("grpo", 0), ("kdrl", 0), ("grpo", 1), ("kdrl", 1)]
+    # a teacher that failed: its runs are reported failed, the others run in their order
+    events.clear(), results.clear()
+    monkeypatch.setattr(bench, "make_teacher", lambda sp, t, extra, threads=0: events.append(("teacher", sp))
+                        or {"split": sp, "error": "teacher: boom"})  # fmt: skip
+    bench.execute(todo, args, bench.Teachers(tmp_path / "none"), tmp_path, results.append, lambda r: "error" not in r)
+    assert events == [("teacher", "hard"), ("grpo", 0), ("grpo", 1)]
+    assert [("error" in r, r["method"]) for r in results] == [(True, "kdrl"), (True, "kdrl"), (False, "grpo"),
+                                                              (False, "grpo")]  # fmt: skip
