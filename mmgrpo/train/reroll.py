@@ -31,95 +31,129 @@ def reroll(
 
     ``tr`` is the :class:`~mmgrpo.train.trainer.Trainer` (its processes, components, rewards and
     ``sample_and_score``)."""
-    rw, G, seed = tr.comp.rewrite, rollout.group_size, tr.cfg.run.seed
-    o, several = rw.options, tr.acc.num_processes > 1
-    if rollout.ragged:
-        raise UserError(
-            f"methods.{rw.method} re-rolls groups of equal size, but the prompt sampler {tr.cfg.sampler.name!r} "
-            f"gave groups of sizes {rollout.group_sizes[:8]}...: use a sampler with a fixed group size (uniform, "
-            "spo, pairing, vspo) with prompt rewriting"
-        )
-    sharded = tr.mesh is not None or tr.zero_stage == 3  # every forward is a collective
-    if several and (o.mode == "add" or tr.cfg.advantage.dynamic_sampling or sharded):
-        raise UserError(
-            f"methods.{rw.method} with {tr.acc.num_processes} processes: mode=add (a different number of groups "
-            "per process), advantage.dynamic_sampling (a different number of refill rounds per process) and FSDP "
-            "or DeepSpeed ZeRO-3 sharding cannot keep the re-rolls of the processes in step yet; use mode replace "
-            f"or mix, without dynamic sampling, FSDP or ZeRO-3, or train on one process"
-        )
-
-    def everywhere(x: int, how: str) -> int:  # the count over all processes (they all call this alike)
-        if not several:
-            return x
-        return int(tr.acc.reduce(torch.tensor([x], device=tr.acc.device), reduction=how).item())
-
-    col = None if o.reward is None else [name for name, _, _ in tr.rewards].index(o.reward)
-
-    def judged(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # c [V, R, n] -> score, total [n / G, G]
-        total = tr.weighted(c[0]).view(-1, G)
-        return (total if col is None else c[0, col].view(-1, G)), total
-
-    first = base + tr.acc.process_index * tr.B_local
-    current = [take_groups(rollout, cols, [b]) for b in range(rollout.num_groups)]
-    added: list[tuple[Rollout, torch.Tensor]] = []
-    todo = rw_lib.trigger_mask(*judged(cols), o.trigger, o.threshold).tolist()
-    triggered, rescued_by = list(todo), dict.fromkeys(range(len(todo)))
-    rerolled, t0 = 0, time.perf_counter()
-    for attempt in range(o.max_rounds):
-        idx = [b for b, t in enumerate(todo) if t]
-        if not everywhere(len(idx), "sum"):
+    run = _Reroll(tr, batch, base, rollout, cols, step)
+    t0 = time.perf_counter()
+    for attempt in range(run.o.max_rounds):
+        if not run.attempt(attempt, timers):
             break
+    timers["time/rewrite_s"] = timers.get("time/rewrite_s", 0.0) + time.perf_counter() - t0
+    return run.finish(timers)
+
+
+class _Reroll:
+    """The state of one :func:`reroll`: each group's current (rollout, columns), what still triggers, the added
+    groups, and the counts its metrics report."""
+
+    def __init__(self, tr: Any, batch: PromptBatch, base: int, rollout: Rollout, cols: torch.Tensor, step: int):
+        self.tr, self.batch, self.step = tr, batch, step
+        self.rw, self.G, self.seed = tr.comp.rewrite, rollout.group_size, tr.cfg.run.seed
+        self.o, self.several = self.rw.options, tr.acc.num_processes > 1
+        self._check(rollout)
+        self.col = None if self.o.reward is None else [name for name, _, _ in tr.rewards].index(self.o.reward)
+        self.first = base + tr.acc.process_index * tr.B_local  # the global position of this process's first prompt
+        self.current = [take_groups(rollout, cols, [b]) for b in range(rollout.num_groups)]
+        self.added: list[tuple[Rollout, torch.Tensor]] = []
+        self.todo = rw_lib.trigger_mask(*self.judged(cols), self.o.trigger, self.o.threshold).tolist()
+        self.triggered, self.rescued_by = list(self.todo), dict.fromkeys(range(len(self.todo)))
+        self.rerolled = 0
+
+    def _check(self, rollout: Rollout) -> None:
+        tr, rw, o = self.tr, self.rw, self.o
+        if rollout.ragged:
+            raise UserError(
+                f"methods.{rw.method} re-rolls groups of equal size, but the prompt sampler {tr.cfg.sampler.name!r} "
+                f"gave groups of sizes {rollout.group_sizes[:8]}...: use a sampler with a fixed group size (uniform, "
+                "spo, pairing, vspo) with prompt rewriting"
+            )
+        sharded = tr.mesh is not None or tr.zero_stage == 3  # every forward is a collective
+        if self.several and (o.mode == "add" or tr.cfg.advantage.dynamic_sampling or sharded):
+            raise UserError(
+                f"methods.{rw.method} with {tr.acc.num_processes} processes: mode=add (a different number of groups "
+                "per process), advantage.dynamic_sampling (a different number of refill rounds per process) and "
+                "FSDP or DeepSpeed ZeRO-3 sharding cannot keep the re-rolls of the processes in step yet; use mode "
+                "replace or mix, without dynamic sampling, FSDP or ZeRO-3, or train on one process"
+            )
+
+    def everywhere(self, x: int, how: str) -> int:
+        """The count over all processes (they all call this alike)."""
+        if not self.several:
+            return x
+        acc = self.tr.acc
+        return int(acc.reduce(torch.tensor([x], device=acc.device), reduction=how).item())
+
+    def judged(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns ``c [V, R, n]`` -> (the score the trigger reads, the weighted total), each [n / G, G]."""
+        total = self.tr.weighted(c[0]).view(-1, self.G)
+        return (total if self.col is None else c[0, self.col].view(-1, self.G)), total
+
+    def attempt(self, attempt: int, timers: dict[str, float]) -> bool:
+        """One round: rewrite the prompts of the groups that still trigger, sample and score them, keep what the
+        mode keeps. False when no process has a group left to try."""
+        tr, seed, step = self.tr, self.seed, self.step
+        idx = [b for b, t in enumerate(self.todo) if t]
+        if not self.everywhere(len(idx), "sum"):
+            return False
         request = rw_lib.RewriteRequest(
-            prompts=[batch.prompts[b] for b in idx],
-            meta=[batch.meta[b] for b in idx],
-            completions=[list(current[b][0].samples) for b in idx],
-            scores=torch.cat([judged(current[b][1])[0] for b in idx]),
+            prompts=[self.batch.prompts[b] for b in idx],
+            meta=[self.batch.meta[b] for b in idx],
+            completions=[list(self.current[b][0].samples) for b in idx],
+            scores=torch.cat([self.judged(self.current[b][1])[0] for b in idx]),
             attempt=attempt,
             step=step,
-            seeds=[prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt + 1) for b in idx],
+            seeds=[prompt_seed(seed, step, self.first + b, rw_lib.REWRITE_STREAM + 2 * attempt + 1) for b in idx],
             policy=tr.policy,
             source=tr.comp.prompts,
         )
         tr.policy.model.eval()
         with torch.no_grad():
-            rewritten = rw.rewriter(request) if idx else []
+            rewritten = self.rw.rewriter(request) if idx else []
         if len(rewritten) != len(idx):
-            raise ValueError(f"rewriter of {rw.method} returned {len(rewritten)} prompts for {len(idx)} groups")
+            raise ValueError(f"rewriter of {self.rw.method} returned {len(rewritten)} prompts for {len(idx)} groups")
         picked = [(b, pm) for b, pm in zip(idx, rewritten) if pm is not None]
         for b, pm in zip(idx, rewritten):
-            todo[b] = pm is not None  # nothing to rewrite with: the group stays as it is
-        most = everywhere(len(picked), "max")
+            self.todo[b] = pm is not None  # nothing to rewrite with: the group stays as it is
+        most = self.everywhere(len(picked), "max")
         if not most:
-            continue
-        seeds = [prompt_seed(seed, step, first + b, rw_lib.REWRITE_STREAM + 2 * attempt) for b, _ in picked]
+            return True
+        seeds = [prompt_seed(seed, step, self.first + b, rw_lib.REWRITE_STREAM + 2 * attempt) for b, _ in picked]
         # every process samples `most` groups, so their forwards stay in step; the padding groups are dropped
-        pad = most - len(picked)
+        pad, batch = most - len(picked), self.batch
         prompts = [pm[0] for _, pm in picked] + [batch.prompts[0]] * pad
         again = PromptBatch(prompts, [pm[1] for _, pm in picked] + [batch.meta[0]] * pad, seeds + [seed] * pad, step)
         new_r, new_c = tr.sample_and_score(again, step, timers)
-        rerolled += len(picked)
+        self.rerolled += len(picked)
         for j, (b, _) in enumerate(picked):
-            group = take_groups(new_r, new_c, [j])
-            new_score, new_total = judged(group[1])
-            if o.mode == "mix":
-                plan = rw_lib.mix_plan(judged(current[b][1])[0][0], new_score[0], o.threshold, o.mix_rows)
-                if plan:
-                    current[b], todo[b] = mix_rows(current[b], group, plan), False
-            elif o.keep == "always" or bool(rw_lib.has_signal(new_total)[0]):
-                if o.mode == "add":
-                    added.append(group)
-                    rescued_by[b], todo[b] = group, False
-                else:
-                    current[b] = group
-                    todo[b] = bool(rw_lib.trigger_mask(new_score, new_total, o.trigger, o.threshold)[0])
-    timers["time/rewrite_s"] = timers.get("time/rewrite_s", 0.0) + time.perf_counter() - t0
-    rescued = sum(
-        bool(rw_lib.has_signal(judged((rescued_by[b] or current[b])[1])[1])[0]) for b, t in enumerate(triggered) if t
-    )
-    for k, v in (("groups", sum(triggered)), ("rerolled", rerolled), ("rescued", rescued)):
-        timers[f"rewrite/{k}"] = timers.get(f"rewrite/{k}", 0.0) + float(everywhere(v, "sum"))
-    parts = current + added
-    return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1)
+            self.keep(b, take_groups(new_r, new_c, [j]))
+        return True
+
+    def keep(self, b: int, group: tuple[Rollout, torch.Tensor]) -> None:
+        """Group ``b``'s re-roll ``group``: mix its successful rows in, add it, or let it replace the group."""
+        o = self.o
+        new_score, new_total = self.judged(group[1])
+        if o.mode == "mix":
+            plan = rw_lib.mix_plan(self.judged(self.current[b][1])[0][0], new_score[0], o.threshold, o.mix_rows)
+            if plan:
+                self.current[b], self.todo[b] = mix_rows(self.current[b], group, plan), False
+        elif o.keep == "always" or bool(rw_lib.has_signal(new_total)[0]):
+            if o.mode == "add":
+                self.added.append(group)
+                self.rescued_by[b], self.todo[b] = group, False
+            else:
+                self.current[b] = group
+                self.todo[b] = bool(rw_lib.trigger_mask(new_score, new_total, o.trigger, o.threshold)[0])
+
+    def finish(self, timers: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
+        """The metrics, then the batch's groups (re-rolled where kept) followed by the added ones."""
+        current = self.current
+        rescued = sum(
+            bool(rw_lib.has_signal(self.judged((self.rescued_by[b] or current[b])[1])[1])[0])
+            for b, t in enumerate(self.triggered)
+            if t
+        )
+        for k, v in (("groups", sum(self.triggered)), ("rerolled", self.rerolled), ("rescued", rescued)):
+            timers[f"rewrite/{k}"] = timers.get(f"rewrite/{k}", 0.0) + float(self.everywhere(v, "sum"))
+        parts = current + self.added
+        return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1)
 
 
 def mix_rows(old, new, plan: list[tuple[int, int]]) -> tuple[Rollout, torch.Tensor]:
