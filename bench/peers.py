@@ -4,7 +4,7 @@
     python bench/peers.py --only diffusion     # or: vlm, rollout (several allowed)
     python bench/peers.py --quick --out ''     # the smoke test's tiny sizes in one process (tests/bench, seconds)
 
-What runs, each side in its own fresh process (``OMP_NUM_THREADS`` = ``--threads``, 2 by default), one warm-up step
+What runs (the sides are built and timed by ``bench/peer_sides.py``), each side in its own fresh process (``OMP_NUM_THREADS`` = ``--threads``, 2 by default), one warm-up step
 then ``--steps`` timed steps, the two sides alternating (the order flips every repeat), ``--repeats`` times; the
 table gives the median over repeats of each process's median step (min-max over repeats) and each process's peak
 resident memory (``ru_maxrss``: weights, optimizer, activations, the rollout's stored states, and the libraries):
@@ -71,12 +71,11 @@ ROOT = BENCH.parent
 for _p in (ROOT, BENCH):  # mmgrpo, and the peer loop next to this file
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+from peer_sides import RESULT  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).parent / "results" / "peers.md"
-SHAPES_T2I = ROOT / "assets" / "shapes_t2i"
 TINY_VLM = ROOT / "assets" / "tiny_qwen2_vl"
-RESULT = "PEERS_RESULT "
 PEER_OF = {"diffusion": "flow_grpo", "vlm": "trl", "rollout": "diffusers"}
-FRACTION = 0.99  # Flow-GRPO's timestep_fraction: the first int(0.99 T) steps are trained
 DIFFUSION_REWARD = "jpeg_compressibility"  # continuous: no group has zero spread, so both sides train every row
 
 
@@ -123,306 +122,6 @@ def points(quick: bool, only: list[str]) -> list[Point]:
                 out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", sizes, steps=6))
         out.append(Point("rollout vs StableDiffusion3Pipeline, T 10, N 8", "rollout", {"tiny": False}))
     return [p for p in out if p.family in only]
-
-
-# ====================================================================================== the sides (worker process)
-def trained_steps(T: int) -> int:
-    return int(T * FRACTION)
-
-
-def peer_config(s: dict[str, Any]):
-    from flow_grpo_peer import FlowGRPOConfig
-
-    return FlowGRPOConfig(num_steps=s["T"], num_image_per_prompt=s["G"], prompts_per_epoch=s["B"])
-
-
-def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str):
-    """A text_to_image Trainer on the shapes model with Flow-GRPO's settings; -> (step function, rows per step)."""
-    from mmgrpo.train.config import load_config
-    from mmgrpo.train.trainer import Trainer
-
-    T, k = s["T"], trained_steps(s["T"])
-    peer = peer_config(s)
-    base = {
-        "pipeline": "text_to_image",
-        "run": {"name": "mmgrpo", "seed": 0},
-        "policy": {"options": {
-            "family": "sd3", "path": str(SHAPES_T2I), "num_steps": T, "lora_rank": 0, "objective": "sde",
-            "sde": {"kind": "flow_grpo", "noise_level": peer.noise_level},
-            "exploration": {"name": "full", "timestep_fraction": k / T, "selection": "first"},
-        }},
-        "data": {"options": {"prompts": "shapes", "heldout_prompts": ""}},
-        "rewards": [{"name": s.get("reward", "shapes")}],
-        "advantage": {"estimator": "grpo"},
-        "loss": {"name": "grpo", "options": {"clip_low": peer.clip_range, "clip_high": peer.clip_range},
-                 "adv_clip": peer.adv_clip_max, "beta": 0.0},
-        "trainer": {"prompts_per_step": s["B"], "group_size": s["G"], "minibatches": peer.optimizer_steps,
-                    "lr": peer.learning_rate, "weight_decay": peer.adam_weight_decay, "max_grad_norm": 1.0,
-                    "eval_every": 0, "checkpoint_every": 0, "progress": False, "max_steps": 10**6},
-    }  # fmt: skip
-    cfg = load_config(None, [f"run.output_dir={run_dir}", *overrides], base=base)
-    trainer = Trainer(cfg, Path(run_dir) / "mmgrpo")
-    plan = trainer.policy.plan(None)
-    assert int(plan.train_mask.sum()) == k, (plan.train_mask, k)  # the same trained steps as the peer
-    return trainer_step(trainer), s["B"] * s["G"]
-
-
-def trainer_step(trainer):
-    """One step of Trainer._train's loop body (collect, rollout metrics, advantage, update), without logging."""
-
-    def step() -> dict[str, float]:
-        n = trainer.step
-        rollout, cols, metrics = trainer.collect(n)
-        if hasattr(trainer.policy, "rollout_metrics"):
-            metrics.update(trainer.policy.rollout_metrics(rollout))
-        adv, row_w, m_adv = trainer.advantage(cols, rollout, n)
-        metrics.update(m_adv, **trainer.update(rollout, adv, row_w, n))
-        trainer.step = n + 1
-        out = {k: float(v) for k, v in metrics.items() if k in ("reward/mean", "completion/length_mean")}
-        skipped = metrics.get("update/skipped_rows_frac", 0.0)  # zero-advantage rows (trainer.skip_zero_advantage)
-        return {**out, "trained_rows": rollout.num_rows * (1.0 - float(skipped))}
-
-    return step
-
-
-def diffusion_flow_grpo(s: dict[str, Any]):
-    from flow_grpo_peer import FlowGRPOLoop
-
-    import mmgrpo.rewards.jpeg  # noqa: F401  (registers the rewards)
-    import mmgrpo.rewards.shapes  # noqa: F401
-    from mmgrpo.data.prompts import PromptList, read_prompts
-    from mmgrpo.rewards.registry import get as get_reward
-
-    # the prompts in mmgrpo's stream order (run.seed 0): the loop walks its list in order, B per epoch, so epoch e
-    # samples exactly the prompts of mmgrpo's step e (the two sides then differ only in their noise)
-    train = read_prompts("shapes", "train", 0)
-    prompts = PromptList(train, 0).get(list(range(2 * len(train)))).prompts
-    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward(s.get("reward", "shapes")))
-    return loop.step, s["B"] * s["G"]
-
-
-def vlm_examples(s: dict[str, Any], n: int = 64):
-    from mmgrpo.pipelines.vlm_reasoning import shapes_question
-
-    return [shapes_question(i, 0, s["image"]) for i in range(n)]
-
-
-def vlm_mmgrpo(s: dict[str, Any], model: str, overrides: list[str], run_dir: str):
-    from mmgrpo.train.config import load_config
-    from mmgrpo.train.trainer import Trainer
-
-    base = {
-        "pipeline": "vlm_reasoning",
-        "run": {"name": "mmgrpo", "seed": 0},
-        "data": {"options": {"num_examples": 64, "image_size": s["image"], "eval_examples": 1}},
-        "policy": {"options": {"path": model, "max_new_tokens": s["tokens"], "temperature": 1.0, "finetune": "full"}},
-        "rewards": [{"name": "format"}, {"name": "accuracy"}],
-        "advantage": {"estimator": "grpo"},
-        "loss": {"name": "grpo", "beta": 0.0},
-        "trainer": {"prompts_per_step": s["B"], "group_size": s["G"], "lr": 1e-5, "eval_every": 0,
-                    "checkpoint_every": 0, "progress": False, "max_steps": 10**6},
-    }  # fmt: skip
-    trainer = Trainer(load_config(None, [f"run.output_dir={run_dir}", *overrides], base=base), Path(run_dir) / "m")
-    return trainer_step(trainer), s["B"] * s["G"]
-
-
-def trl_rewards():
-    """The format and accuracy rewards as TRL reward functions (the same functions mmgrpo's registry calls)."""
-    import mmgrpo.rewards.text  # noqa: F401  (registers the rewards)
-    from mmgrpo.rewards.registry import get as get_reward
-
-    fmt, acc = get_reward("format"), get_reward("accuracy")
-
-    def text(completions):
-        return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-
-    def format_reward(completions, **kwargs):
-        return [float(v) for v in fmt(text(completions), [None] * len(completions), [{}] * len(completions), None)]
-
-    def accuracy_reward(completions, answer, **kwargs):
-        meta = [{"answer": a} for a in answer]
-        return [float(v) for v in acc(text(completions), [None] * len(completions), meta, None)]
-
-    return [format_reward, accuracy_reward]
-
-
-def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: int):
-    """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them, then one more
-    step under a :class:`ComputeMeter` (its seconds land in the returned list)."""
-    from datasets import Dataset
-    from PIL import Image
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT, question_text
-
-    rows = [{"prompt": [{"role": "system", "content": R1_SYSTEM_PROMPT},
-                        {"role": "user", "content": question_text(p)}],
-             "image": Image.fromarray(m["images"][0]), "answer": m["answer"]} for p, m in vlm_examples(s)]  # fmt: skip
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype="float32")
-    model.model.visual.requires_grad_(False)  # as mmgrpo's freeze_vision (full fine-tuning of the language model)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    n = s["B"] * s["G"]
-    args = GRPOConfig(
-        output_dir=run_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=s["G"],
-        generation_batch_size=n, max_completion_length=s["tokens"], temperature=1.0, beta=0.0, learning_rate=1e-5,
-        num_iterations=1, max_steps=warm + steps + 1, logging_steps=10**6, report_to="none", save_strategy="no",
-        eval_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, log_completions=False,
-    )  # fmt: skip
-    ends: list[float] = []
-    lengths: list[float] = []
-    metered: list[float] = []
-    meter = ComputeMeter()
-
-    class Clock(TrainerCallback):
-        """Step ends (the first entry: the start of training) and each step's mean completion length; the step
-        after the timed ones runs metered."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if len(ends) == warm + steps + 1:  # the metered step ends here
-                meter.__exit__(None, None, None)
-                metered.append(meter.seconds)
-            ends.append(time.perf_counter())
-            lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
-            if len(ends) == warm + steps + 1:  # the timed steps are done: meter the next one
-                meter.__enter__()
-
-    trainer = GRPOTrainer(model=model, reward_funcs=trl_rewards(), args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=processor, callbacks=[Clock()])  # fmt: skip
-    return trainer, ends, lengths, n, metered
-
-
-def rollout_job(s: dict[str, Any], repeats: int) -> dict[str, Any]:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).parent / "rollout.py")
-    ro = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ro)
-    policy, pipe, max_len = ro.build(s["tiny"], "cpu", "float32")
-    times = ro.measure(ro.calls(policy, pipe, max_len, "cpu"), repeats, "cpu")
-    return {"mmgrpo": times["rollout"], "peer": times["pipeline"], "rows": len(ro.PROMPTS) * ro.GROUP}
-
-
-class ComputeMeter:
-    """Seconds spent in neural-network work while active: the outermost ``nn.Module`` forward calls of the process
-    (global module hooks, so the rollout's decode steps, the VAE, a reward model and layers called directly all
-    count, nested calls once) plus ``torch.autograd.backward`` (which ``Tensor.backward`` and accelerate's
-    ``backward`` call). mmgrpo's own modules (classes defined in the ``mmgrpo`` package, e.g. the VLM scorer, whose
-    forward also runs the whole decode loop so that sharded weights are gathered for it) are transparent: the model
-    modules called inside them count, their own Python does not. ``compute fraction`` = these seconds / the step's
-    wall time: what is left is the framework's own Python, sampling logic, rewards and the optimizer step. The hooks
-    cost a few microseconds per module call, so the metered step is an extra one after the timed steps."""
-
-    def __enter__(self) -> ComputeMeter:
-        import torch
-        from torch.nn.modules import module as nn_module
-
-        self.seconds, self._depth, self._t = 0.0, 0, 0.0
-        self._hooks = [nn_module.register_module_forward_pre_hook(self._pre),
-                       nn_module.register_module_forward_hook(self._post)]  # fmt: skip
-        self._backward = torch.autograd.backward
-
-        def backward(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return self._backward(*args, **kwargs)
-            finally:
-                if self._depth == 0:  # not inside a metered forward
-                    self.seconds += time.perf_counter() - t0
-
-        torch.autograd.backward = backward
-        return self
-
-    @staticmethod
-    def _framework(module) -> bool:
-        return type(module).__module__.split(".")[0] == "mmgrpo"
-
-    def _pre(self, module, args):
-        if self._framework(module):
-            return
-        if self._depth == 0:
-            self._t = time.perf_counter()
-        self._depth += 1
-
-    def _post(self, module, args, output):
-        if self._framework(module):
-            return
-        self._depth -= 1
-        if self._depth == 0:
-            self.seconds += time.perf_counter() - self._t
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        for h in self._hooks:
-            h.remove()
-        torch.autograd.backward = self._backward
-
-
-def peak_rss_mib() -> float:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One side of one point: build, ``warmup`` steps, ``steps`` timed steps -> seconds per step, rows, extras."""
-    import torch
-
-    torch.manual_seed(0)
-    s, side, fam = job["sizes"], job["side"], job["family"]
-    warm, steps = job["warmup"], job["steps"]
-    out: dict[str, Any] = {"family": fam, "side": side, "sizes": s}
-    with tempfile.TemporaryDirectory() as tmp:
-        if fam == "rollout":
-            return {**out, **rollout_job(s, job["repeats"])}
-        if fam == "vlm" and side == "trl":
-            trainer, ends, lengths, rows, metered = vlm_trl(s, job["model"], tmp, warm, steps)
-            trainer.train()
-            durations = [b - a for a, b in zip(ends, ends[1:])][warm : warm + steps]
-            extra = {"tokens_mean": lengths[warm + steps - 1] if lengths else None,
-                     "compute_fraction": metered[0] / (ends[-1] - ends[-2]) if metered else None}  # fmt: skip
-        else:
-            if fam == "vlm":
-                step, rows = vlm_mmgrpo(s, job["model"], job["overrides"], tmp)
-            elif side == "mmgrpo":
-                step, rows = diffusion_mmgrpo(s, job["overrides"], tmp)
-            else:
-                step, rows = diffusion_flow_grpo(s)
-            durations, trained, last = [], [], {}
-            for i in range(warm + steps):
-                t0 = time.perf_counter()
-                last = step()
-                if i >= warm:
-                    durations.append(time.perf_counter() - t0)
-                    trained.append(last["trained_rows"])
-            with ComputeMeter() as meter:  # one more step, metered
-                t0 = time.perf_counter()
-                step()
-                fraction = meter.seconds / (time.perf_counter() - t0)
-            extra = {"tokens_mean": last.get("completion/length_mean"), "trained_rows": statistics.mean(trained),
-                     "compute_fraction": fraction}  # fmt: skip
-    return {**out, "s_per_step": durations, "rows": rows, **extra}
-
-
-def worker(path: str) -> int:
-    """Run the jobs of a JSON file in this process, one result line each (errors are results too)."""
-    import traceback
-
-    for job in json.loads(Path(path).read_text()):
-        try:
-            res = run_job(job)
-        except Exception as e:  # noqa: BLE001  (the table shows it; the other jobs still run)
-            res = {"family": job["family"], "side": job["side"], "sizes": job["sizes"],
-                   "error": f"{type(e).__name__}: {e}"[:300], "trace": traceback.format_exc()[-2000:]}  # fmt: skip
-        res["peak_rss_mib"] = peak_rss_mib()
-        print(RESULT + json.dumps(res), flush=True)
-    return 0
 
 
 # ====================================================================================== orchestration
@@ -493,7 +192,7 @@ def run_jobs(jobs: list[dict], args: argparse.Namespace, tmp: Path) -> list[dict
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
     try:
-        done = subprocess.run([sys.executable, __file__, "--worker", str(path)], env=env, capture_output=True,
+        done = subprocess.run([sys.executable, str(BENCH / "peer_sides.py"), str(path)], env=env, capture_output=True,
                               text=True, timeout=args.timeout)  # fmt: skip
         out, err = done.stdout, done.stderr
     except subprocess.TimeoutExpired as e:
@@ -642,7 +341,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every process")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--out", default=None, help=f"markdown file (default {DEFAULT_OUT}; none with --quick; '' = none)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.steps = args.steps or (1 if args.quick else 3)
@@ -657,8 +355,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
     pts = [p for p in points(args.quick, args.only) if args.match in p.label]
     if not pts:
         print(f"no row matches --only {' '.join(args.only)} --match {args.match!r}", file=sys.stderr)

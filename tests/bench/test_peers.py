@@ -55,7 +55,7 @@ def test_compute_meter_counts_outermost_forwards_and_backward_once():
 
     import torch
 
-    peers = load("peers")
+    sides = load("peer_sides")
 
     class Slow(torch.nn.Module):
         def __init__(self, inner=None):
@@ -67,11 +67,11 @@ def test_compute_meter_counts_outermost_forwards_and_backward_once():
             return self.lin(self.inner(x) if self.inner is not None else x)
 
     model = Slow(Slow())  # 0.1 s per call: two nested sleeps
-    with peers.ComputeMeter() as meter:
+    with sides.ComputeMeter() as meter:
         time.sleep(0.1)  # outside any module: not compute
         model(torch.ones(1, 2, requires_grad=True)).sum().backward()
     assert 0.1 <= meter.seconds < 0.16  # the outer forward's 0.1 s (not 0.15 or 0.2) plus a tiny backward
-    with peers.ComputeMeter() as meter:
+    with sides.ComputeMeter() as meter:
         time.sleep(0.02)
     assert meter.seconds == 0.0
 
@@ -81,7 +81,7 @@ def test_compute_meter_counts_outermost_forwards_and_backward_once():
             return model(x)  # the model inside it: compute
 
     Wrapper.__module__ = "mmgrpo.policies.fake"
-    with peers.ComputeMeter() as meter:
+    with sides.ComputeMeter() as meter:
         Wrapper()(torch.ones(1, 2))
     assert 0.1 <= meter.seconds < 0.15
     assert torch.autograd.backward.__module__ == "torch.autograd"  # restored
