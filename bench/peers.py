@@ -4,10 +4,11 @@
     python bench/peers.py --only diffusion     # or: vlm, rollout (several allowed)
     python bench/peers.py --quick --out ''     # the smoke test's tiny sizes in one process (tests/bench, seconds)
 
-What runs (the sides are built and timed by ``bench/peer_sides.py``), each side in its own fresh process (``OMP_NUM_THREADS`` = ``--threads``, 2 by default), one warm-up step
-then ``--steps`` timed steps, the two sides alternating (the order flips every repeat), ``--repeats`` times; the
-table gives the median over repeats of each process's median step (min-max over repeats) and each process's peak
-resident memory (``ru_maxrss``: weights, optimizer, activations, the rollout's stored states, and the libraries):
+What runs (the sides are built and timed by ``bench/peer_sides.py``), each side in its own fresh process
+(``OMP_NUM_THREADS`` = ``--threads``, 2 by default), one warm-up step then ``--steps`` timed steps, the two sides
+alternating (the order flips every repeat), ``--repeats`` times; the table gives the median over repeats of each
+process's median step (min-max over repeats) and each process's peak resident memory (``ru_maxrss``: weights,
+optimizer, activations, the rollout's stored states, and the libraries):
 
 - **VLM GRPO** on a tiny Qwen2-VL (``assets/tiny_qwen2_vl``: hidden 64, 2 layers; and one built from its config with
   hidden 256, 4 layers, random weights), B 2 prompts x G 8, 32 new tokens at temperature 1, beta 0 (no reference),
