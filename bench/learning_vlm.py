@@ -68,6 +68,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -582,17 +583,34 @@ def execute(todo: list[tuple], args: argparse.Namespace, teachers: Teachers, run
                 running[pool.submit(_timed_run, *c, *common, 1, teachers)] = c
 
         workers = lambda: list(getattr(pool, "_processes", None) or {})  # noqa: E731  (pid -> process)
-        with IdleGate(workers) if args.idle_only else contextlib.nullcontext():
-            fill()
-            while making or running:
-                for fut in wait([*making, *running], return_when=FIRST_COMPLETED).done:
-                    if fut in making:
-                        sp = making.pop(fut)
-                        made(fut.result(), sp)
-                    else:
-                        running.pop(fut)
-                        done(fut.result())
+        try:
+            with IdleGate(workers) if args.idle_only else contextlib.nullcontext():
                 fill()
+                while making or running:
+                    for fut in wait([*making, *running], return_when=FIRST_COMPLETED).done:
+                        if fut in making:
+                            sp = making.pop(fut)
+                            made(fut.result(), sp)
+                        else:
+                            running.pop(fut)
+                            done(fut.result())
+                    fill()
+        except BaseException:  # Ctrl-C, a SIGTERM (see main) or a bug: the runs in flight end with the benchmark
+            end_workers(pool)
+            raise
+
+
+def end_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes (continued first: the idle gate may have stopped them, and a stopped
+    process does not act on SIGTERM), so an interrupted benchmark leaves none behind; their runs are not logged."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -666,4 +684,5 @@ def shipped_scores(args: argparse.Namespace, log: dict, log_path: Path | None, t
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # `kill PID`: as Ctrl-C (execute)
     sys.exit(main())

@@ -225,3 +225,60 @@ def test_kdrl_runs_keep_their_place_in_the_order_once_their_teacher_is_made(tmp_
     assert events == [("teacher", "hard"), ("grpo", 0), ("grpo", 1)]
     assert [("error" in r, r["method"]) for r in results] == [(True, "kdrl"), (True, "kdrl"), (False, "grpo"),
                                                               (False, "grpo")]  # fmt: skip
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_killed_benchmark_leaves_no_worker_behind_even_a_stopped_one(tmp_path):
+    """`kill PID` of a benchmark whose workers are stopped (as the idle gate stops them) ends them with it, exits
+    non-zero, and leaves its run log readable."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    log = tmp_path / "runs.jsonl"
+    argv = [sys.executable, str(ROOT / "bench" / "learning_vlm.py"), "--quick", "--jobs", "2", "--methods", "grpo",
+            "--splits", "hard", "--log", str(log), "--out", ""]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline, workers = time.monotonic() + 180, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            workers = [p for p in _children(proc.pid)
+                       if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+            if len(workers) == 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2, "the pool's two workers did not start"
+        for p in workers:
+            os.kill(p, signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers), "a worker outlived the benchmark"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for line in log.read_text().splitlines():
+        json.loads(line)  # whole lines only (the shipped score; no run finished)
