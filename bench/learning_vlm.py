@@ -392,8 +392,9 @@ def _pm(mean: float, se: float, signed: bool = False) -> str:
 
 def render(results: list[dict], methods: list[str], splits: list[str], groups: list[int],
            unavailable: dict[str, str | None], shipped: dict[str, float],
-           teachers: dict[str, dict] | None = None) -> str:  # fmt: skip
-    """Markdown: one table per (split, G): score +- SE, difference vs GRPO +- paired SE, all-fail, steps."""
+           teachers: dict[str, dict] | None = None, n_seeds: int = 0) -> str:  # fmt: skip
+    """Markdown: one table per (split, G): score +- SE, difference vs GRPO +- paired SE, all-fail, steps; the
+    methods with no run in the cell are named under it, and a row with fewer than ``n_seeds`` seeds says so."""
     out = []
     for split in splits:
         for G in groups:
@@ -408,6 +409,7 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
             out.append("|---|---:|---:|---:|---:|")
             cell = [r for r in results if (r["split"], r["G"]) == (split, G)]
             base = {r["seed"]: r["score"] for r in cell if r["method"] == BASELINE}
+            pending = []
             for m in methods:
                 if unavailable.get(m):
                     out.append(f"| {METHODS[m].label} | not available | | | |")
@@ -419,9 +421,11 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
                     out.append(f"| {METHODS[m].label} | failed (seed {seeds}): {failed[0]['error'][:200]} | | | |")
                     continue
                 if not rs:
-                    out.append(f"| {METHODS[m].label} | not run yet | | | |")
+                    pending.append(METHODS[m].label)
                     continue
                 score = _pm(*mean_se([r["score"] for r in rs]))
+                if len(rs) < n_seeds:
+                    score += f" (seed{'s' if len(rs) > 1 else ''} {', '.join(str(r['seed']) for r in rs)} only)"
                 seeds = [r["seed"] for r in rs if r["seed"] in base]
                 if m == BASELINE or not seeds:
                     diff = "(baseline)" if m == BASELINE else "no GRPO run"
@@ -433,6 +437,8 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
                 steps = [r["steps"] for r in rs]
                 step_txt = f"{statistics.fmean(steps):.0f} ({min(steps)}-{max(steps)})"
                 out.append(f"| {METHODS[m].label} | {score} | {diff} | {fail} | {step_txt} |")
+            if pending:
+                out.append(f"\nNot run yet: {'; '.join(pending)}.")
             out.append("")
     missing = [m for m in methods if unavailable.get(m)]
     if missing:
@@ -661,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         execute(todo, args, teachers, Path(tmp) / "runs", done, teacher_done)
     results = [log[keys[c]] for c in cells if keys[c] in log]
     made = {sp: log[k] for sp in args.splits if (k := teacher_key(sp, teachers, extra)) in log}
-    tables = render(results, methods, args.splits, groups, unavailable, shipped, made)
+    tables = render(results, methods, args.splits, groups, unavailable, shipped, made, len(seeds))
     print(tables)
     if args.out:
         write_results(args, argv, tables, results, len(cells), budget, seeds, load_before)

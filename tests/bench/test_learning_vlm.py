@@ -69,6 +69,11 @@ def test_table_rows_from_results():
     assert f"| {bench.METHODS['grpo'].label} | 0.630 ± 0.015 | (baseline) | 0.50 | 11 (10-12) |" in text
     assert f"| {bench.METHODS['spo'].label} | not available |" in text and "`spo`: unknown method 'spo'" in text
     assert "Shipped model (greedy): 0.300." in text
+    # methods without a run are named under the table, not given empty rows; a row short of seeds says which it has
+    text = bench.render(results[:5], ["grpo", "ngrpo", "gspo", "bnpo"], ["hard"], [8], {}, {}, n_seeds=3)
+    assert f"\nNot run yet: {bench.METHODS['gspo'].label}; {bench.METHODS['bnpo'].label}.\n" in text
+    assert f"| {bench.METHODS['ngrpo'].label} | 0.660 ± 0.040 (seeds 0, 1 only) | +0.040 ± 0.020 |" in text
+    assert f"| {bench.METHODS['grpo'].label} | 0.630 ± 0.015 | (baseline) |" in text
 
 
 def test_a_method_whose_switch_is_missing_is_reported_not_run(monkeypatch):
