@@ -84,7 +84,8 @@ for _p in (ROOT, BENCH):  # run as a script: the repository's mmgrpo without an 
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from runlog import IdleGate, append_log, git_commit, read_log  # noqa: E402
+from learning_stats import all_fail_fraction, dumped_accuracy, mean_se, paired_diff  # noqa: E402
+from runlog import IdleGate, append_log, end_workers, git_commit, read_log  # noqa: E402
 
 CONFIG = ROOT / "configs" / "shapes_vlm_grpo.yaml"
 DEFAULT_OUT = Path(__file__).parent / "results" / "learning_vlm.md"
@@ -261,46 +262,6 @@ def availability(methods: list[str], splits: list[str], groups: list[int], extra
                     load_config(CONFIG, cell_overrides(m, split, G, extra, teachers))
         except UserError as e:
             out[m] = " ".join(str(e).split())
-    return out
-
-
-# --------------------------------------------------------------------------------------------------- statistics
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """(mean, standard error std / sqrt(n)) of ``values``; the SE is nan for a single value."""
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return mean, se
-
-
-def paired_diff(method: list[float], baseline: list[float]) -> tuple[float, float]:
-    """(mean difference, paired SE) of ``method[s] - baseline[s]`` over the same seeds s."""
-    if len(method) != len(baseline):
-        raise ValueError(f"paired_diff needs the same seeds on both sides; got {len(method)} and {len(baseline)}")
-    return mean_se([a - b for a, b in zip(method, baseline)])
-
-
-def all_fail_fraction(accuracy: list[list[float]]) -> float:
-    """Share of groups whose accuracy is 0 on every row; ``accuracy``: per group its rows' values (nan = no
-    accuracy, e.g. PEARL's checklist rows); groups with no accuracy at all are left out (nan if none is left)."""
-    groups = [[v for v in g if not math.isnan(v)] for g in accuracy]
-    groups = [g for g in groups if g]
-    return sum(max(g) <= 0.0 for g in groups) / len(groups) if groups else math.nan
-
-
-def dumped_accuracy(debug_dir: Path, reward_index: int, group_size: int) -> list[list[float]]:
-    """Per group over all steps, the accuracy rewards of its rows, from ``debug/adv_step_*.safetensors``
-    (``rewards [V, R, N]``, rows in group order; ``group_sizes [B]``, ragged groups included; a dump without it has
-    groups of ``group_size``)."""
-    from safetensors.torch import load_file
-
-    out: list[list[float]] = []
-    for f in sorted(debug_dir.glob("adv_step_*.safetensors")):
-        dump = load_file(str(f))
-        acc = dump["rewards"][0, reward_index].double()  # [N]
-        sizes = dump["group_sizes"].tolist() if "group_sizes" in dump else [group_size] * (acc.numel() // group_size)
-        if sum(sizes) != acc.numel():
-            raise ValueError(f"{f}: group sizes {sizes} do not add up to its {acc.numel()} rows")
-        out += [g.tolist() for g in acc.split(sizes)]
     return out
 
 
@@ -604,19 +565,6 @@ def execute(todo: list[tuple], args: argparse.Namespace, teachers: Teachers, run
         except BaseException:  # Ctrl-C, a SIGTERM (see main) or a bug: the runs in flight end with the benchmark
             end_workers(pool)
             raise
-
-
-def end_workers(pool: ProcessPoolExecutor) -> None:
-    """Terminate the pool's worker processes (continued first: the idle gate may have stopped them, and a stopped
-    process does not act on SIGTERM), so an interrupted benchmark leaves none behind; their runs are not logged."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError, TypeError):
-            os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-    for proc in procs:
-        proc.join(timeout=10)
-    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def main(argv: list[str] | None = None) -> int:

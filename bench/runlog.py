@@ -1,8 +1,10 @@
-"""What a benchmark of many hours needs besides its measurements: a run log that survives being killed, and a gate
-that lets its worker processes run only while the machine is otherwise idle (``bench/learning_vlm.py``)."""
+"""What a benchmark of many hours needs besides its measurements: a run log that survives being killed, a gate
+that lets its worker processes run only while the machine is otherwise idle, and the end of those workers when it is
+interrupted (``bench/learning_vlm.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -133,3 +136,16 @@ class IdleGate:
         self._thread.join()
         if self.stopped:
             self._signal(signal.SIGCONT)
+
+
+def end_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes (continued first: the idle gate may have stopped them, and a stopped
+    process does not act on SIGTERM), so an interrupted benchmark leaves none behind; their runs are not logged."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+    pool.shutdown(wait=False, cancel_futures=True)
