@@ -25,12 +25,14 @@ benchmark of many hours can so be stopped at any time and continued later (anoth
 are never repeated; a changed method definition, budget or held-out set is a new key, so stale runs never mix in.
 Runs go method-major (GRPO, then each listed method's seeds), so a stopped benchmark leaves whole rows.
 
-Cells: every split of :data:`SPLITS` x every G of ``--groups`` (2 and 8) x every seed. Within a cell every method
-runs at every seed; seed s of a method is *paired* with seed s of GRPO (same prompt order ``run.seed``, same
-held-out scenes), and the difference is reported as mean_s(d_s) +- std_s(d_s) / sqrt(S), d_s = score(method, s) -
-score(GRPO, s): the paired standard error, smaller than either mean's own SE when seeds move both runs alike. With
-S = 3 seeds the SE has 2 degrees of freedom (a 95% interval is +-4.30 SE, not +-1.96). Scores: ``eval/accuracy``
-(multiple-choice accuracy, count / colour / position), mean +- std_s / sqrt(S).
+Cells: every split of :data:`SPLITS` x every G of ``--groups`` (2 and 8) x every seed. Every method runs at G = 8;
+at G = 2 only GRPO and the methods whose papers claim their gain at small G (MC-GRPO, SPO: ``small_groups`` in
+:data:`METHODS`), unless ``--methods`` names others (:func:`planned`). Within a cell every method runs at every seed;
+seed s of a method is *paired* with seed s of GRPO (same prompt order ``run.seed``, same held-out scenes), and the
+difference is reported as mean_s(d_s) +- std_s(d_s) / sqrt(S), d_s = score(method, s) - score(GRPO, s): the paired
+standard error, smaller than either mean's own SE when seeds move both runs alike. With S = 3 seeds the SE has 2
+degrees of freedom (a 95% interval is +-4.30 SE, not +-1.96). Scores: ``eval/accuracy`` (multiple-choice accuracy,
+count / colour / position), mean +- std_s / sqrt(S).
 
 All-fail fraction: the share of the groups that reached the update whose ``accuracy`` reward is 0 on every row,
 over all steps (read from the trainer's ``trainer.dump_advantages`` files). It is the policy's own rate for methods
@@ -53,10 +55,9 @@ evaluation of 600 scenes ~11 s; loading ~5 s. The default budget of 300 s is ~23
 300 steps gave GRPO +0.038 +- 0.013 on the normal split) and ~370 at G = 2. One run of plain GRPO on the hard split at
 G = 8, seed 0: 300 s gave 281 steps and held-out accuracy 0.100 -> 0.233 on 600 scenes (326 s wall in all, two
 evaluations and loading included; all-fail fraction 0.65 over the run); 150 s under heavier load gave 56 steps and
-0.100 -> 0.135. A full run is (methods x 2 splits x 2 G x 3 seeds) runs of budget + ~20 s: the 10 methods on main make
-120 runs, 38,400 s = 10.7 h on one core, ~5.3 h with ``--jobs 2`` on 2 idle cores; every further entry adds 12 runs,
-~32 min at ``--jobs 2``, so all 31 entries (issue 17's 21 merged) are 372 runs, ~16.5 h, done in parts (the run
-log keeps them).
+0.100 -> 0.135. A full run is (methods x 2 splits x 3 seeds) runs at G = 8 and (3 x 2 splits x 3 seeds) at G = 2, each
+of budget + ~20 s (~3 min of an idle 2-core machine per run at ``--jobs 2``, measured): the 31 entries make
+186 + 18 = 204 runs, ~10 h, done in parts (the run log keeps them); every further entry adds 6 runs, ~20 min.
 """
 
 from __future__ import annotations
@@ -99,8 +100,12 @@ class Method:
 
     label: str
     overrides: tuple[str, ...] = ()
+    small_groups: bool = False
+    """its paper claims a gain at small G: a benchmark without ``--methods`` runs it (and GRPO) at the G of
+    ``--groups`` below :data:`FULL_G` too; the other methods run there only when ``--methods`` names them"""
 
 
+FULL_G = 8  # the demo's group size; every method runs at it
 BINARY = "rewards=[{name: accuracy, weight: 1.0}]"
 # The demo config is GRPO with DAPO's clip-higher (0.2 / 0.28) and token-mean aggregation, beta 0, one optimizer step
 # per rollout. The reward is accuracy (1) + 0.2 format, so the highest weighted reward is 1.2 (NGRPO's r_max).
@@ -110,7 +115,7 @@ METHODS: dict[str, Method] = {
         "advantage.estimator=dr_grpo", "loss.aggregation={name: constant, options: {constant: 28}}")),
     "batch_std": Method("batch-std (group mean, batch std)", ("advantage.estimator=batch_std",)),
     "mc_grpo": Method("MC-GRPO (median baseline, G + 1 pivot rollout)", (
-        "advantage.estimator=mc_grpo", "trainer.group_size={G+1}")),
+        "advantage.estimator=mc_grpo", "trainer.group_size={G+1}"), small_groups=True),
     "ngrpo": Method("NGRPO (virtual max reward 1.2)", (
         "advantage.estimator=ngrpo", "advantage.options={r_max: 1.2}")),
     "bnpo": Method("BNPO (beta-normalised, rewards scaled from [0, 1.2])", (
@@ -130,7 +135,7 @@ METHODS: dict[str, Method] = {
     # the samplers and PACS read rewards as success rates / labels in [0, 1]: the 0/1 accuracy alone (the shipped
     # model's format rate is 1.0, so the demo's 0.2 x format is a constant there)
     "spo": Method("SPO (per-prompt value tracker, batch-normalised; accuracy only)", (
-        "sampler={name: spo}", "advantage.estimator=spo", BINARY)),
+        "sampler={name: spo}", "advantage.estimator=spo", BINARY), small_groups=True),
     "gdro": Method("GDRO (difficulty bins, square-root rollout allocation; accuracy only)", (
         "sampler={name: gdro}", BINARY)),
     "beyond_variance": Method("Beyond Variance (pairing, weighted GRPO 2 / 2; accuracy only)", (
@@ -230,6 +235,13 @@ def expand(overrides: tuple[str, ...] | list[str], G: int, teacher: Path | None 
     ``teacher`` (the split's KDRL teacher folder)."""
     out = [o.replace("{G+1}", str(G + 1)).replace("{G}", str(G)) for o in overrides]
     return [o.replace("{teacher}", str(teacher)) for o in out] if teacher is not None else out
+
+
+def planned(method: str, G: int, asked: bool) -> bool:
+    """Whether a cell is in the benchmark's plan: every cell of the methods ``--methods`` names (``asked``); without
+    it every method at G >= :data:`FULL_G`, and at a smaller G GRPO and the methods whose papers claim their gain
+    there (:attr:`Method.small_groups`)."""
+    return asked or G >= FULL_G or method == BASELINE or METHODS[method].small_groups
 
 
 def needs_teacher(method: str) -> bool:
@@ -353,9 +365,10 @@ def _pm(mean: float, se: float, signed: bool = False) -> str:
 
 def render(results: list[dict], methods: list[str], splits: list[str], groups: list[int],
            unavailable: dict[str, str | None], shipped: dict[str, float],
-           teachers: dict[str, dict] | None = None, n_seeds: int = 0) -> str:  # fmt: skip
+           teachers: dict[str, dict] | None = None, n_seeds: int = 0, asked: bool = True) -> str:  # fmt: skip
     """Markdown: one table per (split, G): score +- SE, difference vs GRPO +- paired SE, all-fail, steps; the
-    methods with no run in the cell are named under it, and a row with fewer than ``n_seeds`` seeds says so."""
+    methods with no run in the cell are named under it (those the plan leaves out, :func:`planned` with ``asked``,
+    counted apart), and a row with fewer than ``n_seeds`` seeds says so."""
     out = []
     for split in splits:
         for G in groups:
@@ -370,7 +383,7 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
             out.append("|---|---:|---:|---:|---:|")
             cell = [r for r in results if (r["split"], r["G"]) == (split, G)]
             base = {r["seed"]: r["score"] for r in cell if r["method"] == BASELINE}
-            pending = []
+            pending, by_design = [], []
             for m in methods:
                 if unavailable.get(m):
                     out.append(f"| {METHODS[m].label} | not available | | | |")
@@ -382,7 +395,7 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
                     out.append(f"| {METHODS[m].label} | failed (seed {seeds}): {failed[0]['error'][:200]} | | | |")
                     continue
                 if not rs:
-                    pending.append(METHODS[m].label)
+                    (pending if planned(m, G, asked) else by_design).append(METHODS[m].label)
                     continue
                 score = _pm(*mean_se([r["score"] for r in rs]))
                 if len(rs) < n_seeds:
@@ -400,6 +413,11 @@ def render(results: list[dict], methods: list[str], splits: list[str], groups: l
                 out.append(f"| {METHODS[m].label} | {score} | {diff} | {fail} | {step_txt} |")
             if pending:
                 out.append(f"\nNot run yet: {'; '.join(pending)}.")
+            if by_design:
+                small = " and ".join(METHODS[m].label.split(" (")[0] for m in METHODS if METHODS[m].small_groups)
+                out.append(f"\nNot run at G = {G} by design: the other {len(by_design)} methods (below G = {FULL_G} "
+                           f"the benchmark runs GRPO and the methods whose papers claim a gain at small G, {small}; "
+                           f"`--methods NAME --groups {G}` runs another).")  # fmt: skip
             out.append("")
     missing = [m for m in methods if unavailable.get(m)]
     if missing:
@@ -503,6 +521,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.extra = [f"data.options.eval_examples={args.eval_examples}", f"trainer.time_budget_clock={args.clock}",
                   *args.override]  # fmt: skip
     asked, args.methods = args.methods, args.methods or list(METHODS)
+    args.asked = asked is not None or args.quick  # --methods named: every cell of theirs (planned())
     if args.quick:
         args.budget, args.seeds, args.groups, args.methods = 30.0, [0, 1], [2], asked or ["grpo", "ngrpo"]
         args.extra = ["data.options.eval_examples=16", *QUICK, *args.override, "trainer.stop_after_steps=2"]
@@ -584,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [(m, sp, G, s) for sp in args.splits for G in groups for m in methods for s in seeds
                  if not unavailable[m]]  # fmt: skip
         keys = {c: run_key(*c, budget, args.clock, extra, teachers) for c in cells}
+        # the plan's cells, and any other cell the log has a run of (made by an earlier --methods invocation)
+        cells = [c for c in cells if planned(c[0], c[2], args.asked) or keys[c] in log]
         todo = [] if args.report_only else [c for c in cells if keys[c] not in log]
         print(f"{sum(keys[c] in log for c in cells)} of {len(cells)} runs already in the log; {len(todo)} to run",
               flush=True)  # fmt: skip
@@ -615,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         execute(todo, args, teachers, Path(tmp) / "runs", done, teacher_done)
     results = [log[keys[c]] for c in cells if keys[c] in log]
     made = {sp: log[k] for sp in args.splits if (k := teacher_key(sp, teachers, extra)) in log}
-    tables = render(results, methods, args.splits, groups, unavailable, shipped, made, len(seeds))
+    tables = render(results, methods, args.splits, groups, unavailable, shipped, made, len(seeds), args.asked)
     print(tables)
     if args.out:
         write_results(args, argv, tables, results, len(cells), budget, seeds, load_before)

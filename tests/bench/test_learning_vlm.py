@@ -287,3 +287,30 @@ def test_a_killed_benchmark_leaves_no_worker_behind_even_a_stopped_one(tmp_path)
             proc.kill()
     for line in log.read_text().splitlines():
         json.loads(line)  # whole lines only (the shipped score; no run finished)
+
+
+def test_below_g8_the_plan_runs_grpo_and_the_methods_that_claim_small_groups(tmp_path, capsys):
+    assert bench.planned("ngrpo", 8, asked=False) and bench.planned("grpo", 2, asked=False)
+    assert bench.planned("mc_grpo", 2, asked=False) and bench.planned("spo", 2, asked=False)
+    assert not bench.planned("ngrpo", 2, asked=False) and bench.planned("ngrpo", 2, asked=True)
+    res = [{"method": "grpo", "split": "hard", "G": 2, "seed": 0, "score": 0.5, "steps": 9, "all_fail": 0.7}]
+    text = bench.render(res, ["grpo", "mc_grpo", "ngrpo", "gspo"], ["hard"], [2], {}, {}, asked=False)
+    assert f"\nNot run yet: {bench.METHODS['mc_grpo'].label}.\n" in text
+    why = (
+        "the other 2 methods (below G = 8 the benchmark runs GRPO and the methods whose papers claim a gain at "
+        "small G, MC-GRPO and SPO; `--methods NAME --groups 2` runs another)."
+    )
+    assert f"\nNot run at G = 2 by design: {why}" in text
+    assert bench.METHODS["gspo"].label not in text and bench.METHODS["ngrpo"].label not in text
+    # the same cell when --methods names the method: it is pending, not left out
+    text = bench.render(res, ["grpo", "ngrpo"], ["hard"], [2], {}, {}, asked=True)
+    assert f"\nNot run yet: {bench.METHODS['ngrpo'].label}.\n" in text and "by design" not in text
+    # a report of the whole plan counts 31 methods x 2 splits x 3 seeds at G 8 and GRPO, MC-GRPO, SPO at G 2; a run
+    # the log has outside the plan (an earlier --methods ngrpo --groups 2) is counted and shown
+    log = tmp_path / "runs.jsonl"
+    key = bench.run_key("ngrpo", "hard", 2, 0, 300.0, "process", bench.parse_args([]).extra)
+    log.write_text(json.dumps({"key": key, **res[0], "method": "ngrpo", "budget": 300.0, "clock": "process"}) + "\n")
+    assert bench.main(["--report-only", "--log", str(log), "--out", str(tmp_path / "t.md")]) == 0
+    n = len(bench.METHODS)
+    assert f"1 of {n * 2 * 3 + 3 * 2 * 3 + 1} runs already in the log; 0 to run" in capsys.readouterr().out
+    assert f"| {bench.METHODS['ngrpo'].label} | 0.500 (seed 0 only) | no GRPO run |" in (tmp_path / "t.md").read_text()
