@@ -1,6 +1,6 @@
 """Learning benchmark on the shapes VLM world: each optimizer-family method against plain GRPO at equal compute.
 
-    python bench/learning_vlm.py --jobs 2                # everything; writes bench/results/learning_vlm.md
+    python bench/learning_vlm.py --jobs 2                # the whole plan; writes bench/results/learning_vlm.md
     python bench/learning_vlm.py --jobs 2 --splits hard --groups 8 --methods ngrpo spo   # a part of it
     python bench/learning_vlm.py --jobs 2 --idle-only    # beside other work: runs only while the CPU is otherwise idle
     python bench/learning_vlm.py --report-only           # the table from the run log, running nothing
@@ -13,10 +13,11 @@ scenes. The budget counts the run's own CPU seconds by default (``--clock proces
 torch thread per run, so on an idle core it is the run's wall-clock): every method gets the same compute even when the
 machine is shared or the benchmark is paused (``kill -STOP`` / ``-CONT`` its process group) to time something else;
 ``--clock wall`` counts wall-clock instead. A method is a named list of config overrides on top of the demo config
-(:data:`METHODS`; ``{G}`` and ``{G+1}`` stand for the group size of the cell, ``{teacher}`` for the split's KDRL
-teacher, which the benchmark makes first: :data:`TEACHERS`), so a new paper is one entry. An entry whose switch this
-checkout does not have (an estimator, loss, shaping or ``methods:`` block not registered, an unknown config key: any
-``UserError`` at config load) is reported as "not available" with the reason, and not run.
+(``METHODS`` in ``bench/learning_methods.py``, the benchmark's catalogue; ``{G}`` and ``{G+1}`` stand for the group
+size of the cell, ``{teacher}`` for the split's KDRL teacher, which the benchmark makes first: ``Teachers`` there), so
+a new paper is one entry. An entry whose switch this checkout does not have (an estimator, loss, shaping or
+``methods:`` block not registered, an unknown config key: any ``UserError`` at config load) is reported as "not
+available" with the reason, and not run.
 
 Run log: every finished run is appended (fsync'd) as one JSON line to ``--log``
 (``bench/results/learning_vlm_runs.jsonl``, committed), keyed by its cell, seed, budget, clock and full override list;
@@ -25,9 +26,9 @@ benchmark of many hours can so be stopped at any time and continued later (anoth
 are never repeated; a changed method definition, budget or held-out set is a new key, so stale runs never mix in.
 Runs go method-major (GRPO, then each listed method's seeds), so a stopped benchmark leaves whole rows.
 
-Cells: every split of :data:`SPLITS` x every G of ``--groups`` (2 and 8) x every seed. Every method runs at G = 8;
+Cells: every split of ``SPLITS`` x every G of ``--groups`` (2 and 8) x every seed. Every method runs at G = 8;
 at G = 2 only GRPO and the methods whose papers claim their gain at small G (MC-GRPO, SPO: ``small_groups`` in
-:data:`METHODS`), unless ``--methods`` names others (:func:`planned`). Within a cell every method runs at every seed;
+``METHODS``), unless ``--methods`` names others (``planned``). Within a cell every method runs at every seed;
 seed s of a method is *paired* with seed s of GRPO (same prompt order ``run.seed``, same held-out scenes), and the
 difference is reported as mean_s(d_s) +- std_s(d_s) / sqrt(S), d_s = score(method, s) - score(GRPO, s): the paired
 standard error, smaller than either mean's own SE when seeds move both runs alike. With S = 3 seeds the SE has 2
@@ -40,11 +41,11 @@ that train on what they sample; DAPO's dynamic sampling reports it after its ref
 counts as a row (so it has none), and PEARL's checklist groups (no accuracy) are left out; ragged groups (GDRO) count
 with their own sizes; n/a where there is no ``accuracy`` reward (PRS, E-GRPO replace it).
 
-Splits (:data:`SPLITS`): ``normal`` is the demo's data; ``hard`` (``data.options.difficulty: shuffled``, training AND
+Splits (``SPLITS``): ``normal`` is the demo's data; ``hard`` (``data.options.difficulty: shuffled``, training AND
 evaluation, ``mmgrpo/data/shapes_qa.py``) asks the same questions about the same scenes with the options in a per-scene
 order that never leaves the right option at its usual letter ("How many red circles? A) 2 B) 0 C) 3 D) 1"): the shipped
 model learned the fixed order, so it answers confidently and wrongly until it learns to read the options, and most of
-plain GRPO's groups all fail (:data:`HARD_SPLIT_NOTE`; the table's all-fail column measures it per run). The other knob
+plain GRPO's groups all fail (``HARD_SPLIT_NOTE``; the table's all-fail column measures it per run). The other knob
 of the world, near-miss scenes (``difficulty: near_miss``), was measured and rejected: it makes the model unsure
 (samples spread over the options) rather than wrong, so few groups all fail. ``--jobs 2`` runs two at a time with one
 torch thread each.
@@ -76,7 +77,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -85,178 +85,30 @@ for _p in (ROOT, BENCH):  # run as a script: the repository's mmgrpo without an 
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from learning_methods import (  # noqa: E402
+    BASELINE,
+    FULL_G,
+    HARD_SPLIT_NOTE,
+    METHODS,
+    SPLITS,
+    TEACHER_SEED,
+    Teachers,
+    base_overrides,
+    cell_overrides,
+    needs_teacher,
+    planned,
+)
 from learning_stats import all_fail_fraction, dumped_accuracy, mean_se, paired_diff  # noqa: E402
 from runlog import IdleGate, append_log, end_workers, git_commit, read_log  # noqa: E402
 
 CONFIG = ROOT / "configs" / "shapes_vlm_grpo.yaml"
 DEFAULT_OUT = Path(__file__).parent / "results" / "learning_vlm.md"
 DEFAULT_LOG = Path(__file__).parent / "results" / "learning_vlm_runs.jsonl"
-BASELINE = "grpo"
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row: a label and the config overrides that switch the method on (``{G}``, ``{G+1}``: the cell's G)."""
-
-    label: str
-    overrides: tuple[str, ...] = ()
-    small_groups: bool = False
-    """its paper claims a gain at small G: a benchmark without ``--methods`` runs it (and GRPO) at the G of
-    ``--groups`` below :data:`FULL_G` too; the other methods run there only when ``--methods`` names them"""
-
-
-FULL_G = 8  # the demo's group size; every method runs at it
-BINARY = "rewards=[{name: accuracy, weight: 1.0}]"
-# The demo config is GRPO with DAPO's clip-higher (0.2 / 0.28) and token-mean aggregation, beta 0, one optimizer step
-# per rollout. The reward is accuracy (1) + 0.2 format, so the highest weighted reward is 1.2 (NGRPO's r_max).
-METHODS: dict[str, Method] = {
-    "grpo": Method("GRPO (the demo config)"),
-    "dr_grpo": Method("Dr. GRPO (no std, constant normaliser 28 tokens)", (
-        "advantage.estimator=dr_grpo", "loss.aggregation={name: constant, options: {constant: 28}}")),
-    "batch_std": Method("batch-std (group mean, batch std)", ("advantage.estimator=batch_std",)),
-    "mc_grpo": Method("MC-GRPO (median baseline, G + 1 pivot rollout)", (
-        "advantage.estimator=mc_grpo", "trainer.group_size={G+1}"), small_groups=True),
-    "ngrpo": Method("NGRPO (virtual max reward 1.2)", (
-        "advantage.estimator=ngrpo", "advantage.options={r_max: 1.2}")),
-    "bnpo": Method("BNPO (beta-normalised, rewards scaled from [0, 1.2])", (
-        "advantage.estimator=bnpo", "advantage.options={r_min: 0.0, r_max: 1.2}")),
-    "gspo": Method("GSPO (sequence-level ratio)", ("loss.name=gspo",)),
-    "dapo_ds": Method("DAPO dynamic sampling (refill zero-variance groups, 3 rounds)", (
-        "advantage.dynamic_sampling=true", "advantage.max_refill_rounds=3")),
-    "tempsamp": Method("TempSamp-R1 (ground truth as a G + 1-th row, soft shaping)", (
-        "methods.tempsamp={anchor_factor: 1.2, position: last}", "advantage.shaping=tempsamp_soft",
-        "advantage.shaping_options={tau: 0.8, a1: 0.01, a2: 1.0}", "trainer.group_size={G+1}")),
-    "pearl": Method("PEARL (perception checklist group, cap 0.5)", (
-        "methods.pearl={cap: 0.5, checklist_weight: 0.1, reward: pearl_checklist}",
-        "rewards=[{name: accuracy, weight: 1.0}, {name: format, weight: 0.2, streams: [reasoning]}, "
-        "{name: pearl_checklist, weight: 1.0}]")),
-    # issue 17's papers, with the switches their branches (h7-h10) document in docs/architecture.md's paper table;
-    # each reads "not available" until its module is merged.
-    # the samplers and PACS read rewards as success rates / labels in [0, 1]: the 0/1 accuracy alone (the shipped
-    # model's format rate is 1.0, so the demo's 0.2 x format is a constant there)
-    "spo": Method("SPO (per-prompt value tracker, batch-normalised; accuracy only)", (
-        "sampler={name: spo}", "advantage.estimator=spo", BINARY), small_groups=True),
-    "gdro": Method("GDRO (difficulty bins, square-root rollout allocation; accuracy only)", (
-        "sampler={name: gdro}", BINARY)),
-    "beyond_variance": Method("Beyond Variance (pairing, weighted GRPO 2 / 2; accuracy only)", (
-        "sampler={name: pairing}", "advantage.estimator=weighted_grpo", "advantage.options={w_pos: 2.0, w_neg: 2.0}",
-        BINARY)),
-    "vspo": Method("VSPO (zero-variance groups replaced by high-value prompts; accuracy only)", (
-        "sampler={name: vspo}", "advantage.dynamic_sampling=true", BINARY)),
-    "prs": Method("PRS (accuracy counts once the format holds)", (
-        "rewards=[{name: prs, options: {stages: [{name: format, threshold: 1.0}, {name: accuracy}]}}]",)),
-    # Scaf-GRPO's exemption period is a fraction of max_steps, which a time budget does not set: hints from step 0
-    "scaf_grpo": Method("Scaf-GRPO (tiered hints on all-fail groups)", (
-        "methods.scaf_grpo={exemption_fraction: 0.0}",)),
-    "hill": Method("HiLL (hints by the policy, kept with learning signal)", ("methods.hill={}",)),
-    "cog_drift": Method("Cog-DRIFT (cloze / multiple-choice reformulations)", ("methods.cog_drift={}",)),
-    "ampo": Method("AMPO (guidance when the on-policy group fails)", ("methods.ampo={}",)),
-    "nft": Method("NFT, token level (implicit negative policy)", ("methods.nft={}",)),
-    "pacs": Method("PACS (reward as a label, log-ratio as the score; accuracy only)", (
-        "advantage.estimator=pacs", "loss.name=pacs", "loss.options={}",
-        "loss.aggregation={name: constant, options: {constant: 1}}", BINARY)),
-    "srpo": Method("SRPO (failed rows distilled, correct rows GRPO)", ("methods.srpo={}",)),
-    "poise": Method("POISE (hidden-state probe as the baseline)", ("methods.poise={}",)),
-    "dagrpo": Method("DaGRPO (distinctiveness masking, anchors)", ("methods.dagrpo={}",)),
-    "posterior": Method("Posterior-GRPO (format counts only when correct)", (
-        "rewards=[{name: accuracy, weight: 1.0, kind: outcome}, {name: format, weight: 0.2, kind: process}]",
-        "advantage.combine=posterior")),
-    "egrpo": Method("E-GRPO (partial credit for entity overlap)", (
-        "methods.egrpo={}", "rewards=[{name: entity_credit, weight: 1.0, options: {alpha: 0.3}}, "
-        "{name: format, weight: 0.2}]")),
-    "mapo": Method("MAPO (mixed advantage)", ("advantage.estimator=mapo",)),
-    "dynamic_weights": Method("Dynamic reward weighting (accuracy / format)", ("methods.dynamic_weights={}",)),
-    "microcoder": Method("MicroCoder-GRPO (conditional truncation, temperature by diversity)", (
-        "methods.microcoder={}",)),
-    "strata": Method("Stratified GRPO (strata = question kind)", (
-        "advantage.estimator=stratified", "methods.strata={meta_key: kind}")),
-    # the paper's k2 estimator and its annealing 5e-3 -> 1e-3 (over ~the steps a run makes); {teacher}: see TEACHER
-    "kdrl": Method("KDRL (reverse KL to a GRPO-trained teacher, 5e-3 -> 1e-3)", (
-        "methods.kdrl={teacher: '{teacher}', coef: 0.005, coef_final: 0.001, anneal_steps: 300, estimator: k2}",)),
-}  # fmt: skip
-
-TEACHER_STEPS, TEACHER_SEED = 1200, 1000
-TEACHERS = Path(__file__).parent / "teachers"  # not committed (.gitignore): ~6 MB each, remade by the benchmark
-"""KDRL's teacher (``{teacher}`` in a method's overrides) for a split: the shipped model trained with the demo's GRPO
-on that split for ``TEACHER_STEPS`` steps at G = 8 (``run.seed`` ``TEACHER_SEED``, so not the runs' prompt order),
-LoRA merged, exported as a transformers folder (``mmgrpo.train.export``). A fixed number of steps, not a time
-budget, so every machine makes the same teacher; the benchmark makes it once, in a worker of its own, before the
-runs that need it (their budget does not include it: the paper's teacher is given). The results file gives its
-held-out accuracy. The shapes world has no stronger model to distil from; this one is stronger on the split than
-anything a 300 s run reaches."""
-
-
-@dataclass(frozen=True)
-class Teachers:
-    """Where KDRL's teachers live and how many steps make one (:data:`TEACHER_STEPS`; ``--quick``: 2, in a temporary
-    folder)."""
-
-    root: Path = TEACHERS
-    steps: int = TEACHER_STEPS
-
-    def dir(self, split: str) -> Path:
-        """The split's teacher folder (a transformers model once made)."""
-        return self.root / f"{split}_grpo_g8_{self.steps}steps_seed{TEACHER_SEED}"
-
-    def missing(self, cells: list[tuple]) -> list[str]:
-        """The splits whose teacher some of ``cells`` need and that is not made yet."""
-        need = {sp for m, sp, _, _ in cells if needs_teacher(m)}
-        return sorted(sp for sp in need if not self.dir(sp).exists())
-
-
-@dataclass(frozen=True)
-class Split:
-    label: str
-    overrides: tuple[str, ...] = ()
-
-
-SPLITS: dict[str, Split] = {
-    "normal": Split("normal (the demo's shapes QA: count / colour / position, 64 px)"),
-    "hard": Split(
-        "hard (options shuffled off their usual letters, train and held-out)", ("data.options.difficulty=shuffled",)
-    ),
-}
-
-HARD_SPLIT_NOTE = (
-    "options shuffled off their usual letters (data.options.difficulty: shuffled). Measured on the shipped model "
-    "before training (the demo's sampling, temperature 0.5; 256 training groups, 2026-12-04): all-fail groups 0.69 "
-    "at G = 8 and 0.81 at G = 2 (normal split: 0.14 and 0.27); sampled accuracy 0.14 (normal: 0.62)."
-)
-
 # every run: no evaluation or checkpoint inside the budget, per-step reward dumps for the all-fail fraction
 COMMON = ("trainer.max_steps=100000", "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
           "trainer.dump_advantages=true")  # fmt: skip
 # --quick: seconds per run (a smoke test of the harness, not a measurement)
 QUICK = ("trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "data.options.num_examples=64")
-
-
-def expand(overrides: tuple[str, ...] | list[str], G: int, teacher: Path | None = None) -> list[str]:
-    """Overrides with ``{G}`` / ``{G+1}`` replaced by the cell's group size (and one more), ``{teacher}`` by
-    ``teacher`` (the split's KDRL teacher folder)."""
-    out = [o.replace("{G+1}", str(G + 1)).replace("{G}", str(G)) for o in overrides]
-    return [o.replace("{teacher}", str(teacher)) for o in out] if teacher is not None else out
-
-
-def planned(method: str, G: int, asked: bool) -> bool:
-    """Whether a cell is in the benchmark's plan: every cell of the methods ``--methods`` names (``asked``); without
-    it every method at G >= :data:`FULL_G`, and at a smaller G GRPO and the methods whose papers claim their gain
-    there (:attr:`Method.small_groups`)."""
-    return asked or G >= FULL_G or method == BASELINE or METHODS[method].small_groups
-
-
-def needs_teacher(method: str) -> bool:
-    return any("{teacher}" in o for o in METHODS[method].overrides)
-
-
-def cell_overrides(method: str, split: str, G: int, extra: list[str], teachers: Teachers = Teachers()) -> list[str]:
-    """The overrides of one (method, split, G) cell: the split, G, the method (may raise G), then ``extra``."""
-    method_overrides = expand(METHODS[method].overrides, G, teachers.dir(split))
-    return [*base_overrides(split), f"trainer.group_size={G}", *method_overrides, *extra]
-
-
-def base_overrides(split: str) -> list[str]:
-    """The shipped model by absolute path (runs from any directory), then the split's data overrides."""
-    return [f"policy.options.path={ROOT / 'assets' / 'shapes_vlm'}", *SPLITS[split].overrides]
 
 
 def availability(methods: list[str], splits: list[str], groups: list[int], extra: list[str],
@@ -310,9 +162,9 @@ def run_one(method: str, split: str, G: int, seed: int, budget: float, out_dir: 
 
 
 def make_teacher(split: str, teachers: Teachers, extra: list[str], threads: int = 0) -> dict:
-    """Train and export the split's KDRL teacher (:data:`TEACHER_STEPS`) -> {split, teacher, score, steps}, or
-    {split, error}. Exported beside its folder and renamed into place once complete: a killed benchmark leaves no
-    half-written teacher (the next invocation makes it again)."""
+    """Train and export the split's KDRL teacher (``learning_methods.TEACHER_STEPS``) -> {split, teacher, score,
+    steps}, or {split, error}. Exported beside its folder and renamed into place once complete: a killed benchmark
+    leaves no half-written teacher (the next invocation makes it again)."""
     import shutil
 
     import torch

@@ -14,6 +14,7 @@ spec = importlib.util.spec_from_file_location("bench_learning_vlm", ROOT / "benc
 bench = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = bench  # its dataclasses look their module up
 spec.loader.exec_module(bench)
+import learning_methods  # noqa: E402  (bench/, on the path once learning_vlm is loaded)
 
 
 def test_paired_standard_error_by_hand():
@@ -77,7 +78,7 @@ def test_table_rows_from_results():
 
 
 def test_a_method_whose_switch_is_missing_is_reported_not_run(monkeypatch):
-    fake = bench.Method("a paper not merged yet", ("advantage.estimator=no_such_estimator",))
+    fake = learning_methods.Method("a paper not merged yet", ("advantage.estimator=no_such_estimator",))
     monkeypatch.setitem(bench.METHODS, "fake", fake)
     got = bench.availability(["grpo", "fake"], ["normal"], [2], [])
     assert got["grpo"] is None and "no_such_estimator" in got["fake"]
