@@ -367,6 +367,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "a KDRL teacher of 2 steps in a temporary folder")  # fmt: skip
     p.add_argument("--quick", action="store_true", help=quick)
     args = p.parse_args(argv)
+    numbers = (("--groups", args.groups), ("--jobs", [args.jobs]), ("--eval-examples", [args.eval_examples]),
+               ("--budget", [args.budget]))  # fmt: skip
+    low = [f"{flag} {v}" for flag, vals in numbers for v in vals if not v >= 1]  # not >=: nan too
+    if low:
+        p.error(f"{', '.join(low)}: group sizes, jobs, held-out scenes and the budget (seconds) must be at least 1")
     if args.idle_only and (args.clock != "process" or args.jobs < 2 or not os.path.exists("/proc/stat")):
         p.error("--idle-only needs --clock process (a stopped run must not lose budget), --jobs >= 2 (the runs in "
                 "worker processes) and Linux's /proc")  # fmt: skip

@@ -315,3 +315,15 @@ def test_below_g8_the_plan_runs_grpo_and_the_methods_that_claim_small_groups(tmp
     n = len(bench.METHODS)
     assert f"1 of {n * 2 * 3 + 3 * 2 * 3 + 1} runs already in the log; 0 to run" in capsys.readouterr().out
     assert f"| {bench.METHODS['ngrpo'].label} | 0.500 (seed 0 only) | no GRPO run |" in (tmp_path / "t.md").read_text()
+
+
+BAD_NUMBERS = [["--groups", "8", "0"], ["--jobs", "0"], ["--budget", "nan"], ["--eval-examples", "-1"]]
+
+
+@pytest.mark.parametrize("bad", BAD_NUMBERS)
+def test_a_bad_number_ends_in_one_message_and_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--report-only", *bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{bad[0]} {bad[-1]}" in err and "must be at least 1" in err
