@@ -14,21 +14,36 @@ and its teacher degrades late in training, so SRPO routes:
 
       L_SD = coef * sum_t w_t * KL_t( pi_theta(. | x, o_<t) || sg[pi_theta(. | x + c, o_<t)] )
 
-  with c the privileged context: a correct sibling's completion from the same group when there is one, else the
-  example's ground truth (``meta[ground_truth_key]``); a failed row with neither stays with GRPO;
+  with c the privileged context: a correct sibling's completion from the same group when there is one (its answer
+  only: ``<think>...</think>`` dropped, ``strip_thinking``, as SDPO's ``remove_thinking_from_demonstration``), else
+  the example's ground truth (``meta[ground_truth_key]``); a failed row with neither stays with GRPO. c goes after
+  the question and its options (``template``);
 - entropy-aware weighting: w_t = clamp(1 - H_t / log V, 0, 1), H_t the self-teacher's entropy at token t (V the
   vocabulary): confident teacher tokens count fully, uniform ones not at all (the abstract states the principle;
   this linear form is our choice).
 
+The self-teacher's weights (``teacher``): ``ema`` (default), an exponential moving average of the policy's
+trainable parameters, teacher <- (1 - r) teacher + r policy once per rollout with r = ``teacher_update_rate`` (0.05),
+SDPO's regularised teacher (its public configuration's default, ``teacher_regularization: ema``); or ``current``, the
+policy at the sampling parameters. It scores the failed rows once per rollout, in the advantage hook.
+
 What we approximate: the paper's distillation is logit-level (full-distribution KL); ours estimates the same reverse
 KL on the sampled token (``estimator: k2``, 1/2 (log pi_theta - log pi_teacher)^2, whose gradient is the on-policy
-per-token reverse-KL gradient, as KDRL's; or ``k3``), so it needs no [n, L, V] student logits with gradient. The
-self-teacher scores the failed rows once, at the sampling parameters, in the advantage hook (SDPO's teacher is the
-current policy; with one optimizer step per rollout they coincide; with several epochs ours is the rollout's).
+per-token reverse-KL gradient, as KDRL's; or ``k3``), so it needs no [n, L, V] student logits with gradient.
+
+Precondition: the method works only if the model reads its context, i.e. a correct solution in the prompt makes the
+self-teacher likelier to produce it. ``measure_context: true`` logs ``srpo/context_gain`` (:func:`context_gain`:
+mean per-token log-prob of the demonstrated completion with minus without the context; > 0 when the teacher reads
+it). On the shapes VLM world it is -0.4 to -0.7 nats a token: that 1.6M-parameter model, pretrained on templated
+questions only, cannot read an appended solution (the correct letter's probability falls from 0.49 to 0.25 with it),
+so its self-teacher knows less than the student and SRPO collapses there (docs/results.md).
 
 Parts: the advantage hook (routing, one no-grad forward of the failed rows under their hinted prompts, timed as
-``extra/srpo_self_teacher/time_s``; the self-teacher is the policy itself, so its memory is 0) and the loss term
-``srpo`` (:class:`mmgrpo.core.extra.LossTerm`). Metrics: ``srpo/distilled_frac``, ``srpo/teacher_entropy``.
+``extra/srpo_self_teacher/time_s``; the teacher is the policy with the EMA's weights swapped in, so its memory is the
+fp32 shadows of the trainable parameters, 0 with ``teacher: current``), the loss term ``srpo``
+(:class:`mmgrpo.core.extra.LossTerm`) and the teacher's state (the shadows, checkpointed: a resumed run continues
+exactly). Metrics: ``srpo/distilled_frac``, ``srpo/teacher_entropy``, ``srpo/context_gain`` (opt-in). ``teacher:
+ema`` is refused under FSDP / DeepSpeed sharding (use ``current``).
 
 Applies to the VLM recipes; not to the diffusion policy (its self-teacher would be the denoiser conditioned on a
 corrected prompt, which needs a "corrected version" of an image prompt that the shapes / text-to-image data do not
@@ -40,16 +55,20 @@ tensor([[1., 0., 0.]])
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extra import ExtraModel, TermInputs
 from mmgrpo.methods.kdrl import kd_per_token, need_frozen_scorer
 from mmgrpo.methods.registry import Method, MethodRuntime, register_method
+from mmgrpo.policies.vlm_inputs import question_text
 
 T_LOGP, T_W, DISTIL = "srpo_teacher_logp", "srpo_weight", "srpo_distil"
 """rollout.extras keys: the self-teacher's token log-probs [N, K], the per-token weights [N, K] (0 off the
@@ -84,14 +103,15 @@ def route(correct: torch.Tensor, has_gt: torch.Tensor, use_siblings: bool = True
 
 
 def with_hint(prompt: Any, hint: str, template: str) -> Any:
-    """The prompt shown to the self-teacher: its question followed by ``template`` filled with ``hint``."""
+    """The prompt shown to the self-teacher: its question (with its options, :func:`question_text`) followed by
+    ``template`` filled with ``hint``."""
     extra = template.format(hint=hint)
     if isinstance(prompt, str):
         return prompt + extra
     if isinstance(prompt, dict):
         for key in ("question", "text"):
-            if isinstance(prompt.get(key), str):
-                return {**prompt, key: prompt[key] + extra}
+            if isinstance(prompt.get(key), str):  # after the options, not between the question and its options
+                return {**prompt, key: question_text(prompt) + extra, "options": None}
     raise UserError(
         f"methods.srpo: cannot add the self-teacher's context to a prompt of type {type(prompt).__name__}; prompts "
         "must be a str or a dict with 'question' or 'text'"
@@ -135,6 +155,16 @@ class SRPOOptions:
     """meta key of the ground truth used as context when no sibling is correct (null: siblings only)"""
     template: str = "\n\nA correct solution: {hint}\nAnswer again."
     """appended to the question for the self-teacher; {hint} is the context"""
+    strip_thinking: bool = True
+    """drop ``<think>...</think>`` from a sibling's completion before it becomes the context (SDPO's
+    ``remove_thinking_from_demonstration``): the self-teacher sees the sibling's answer, not its reasoning"""
+    teacher: Literal["ema", "current"] = "ema"
+    """the self-teacher's weights: an exponential moving average of the policy's (SDPO's regularised teacher) or the
+    current policy itself"""
+    teacher_update_rate: float = 0.05
+    """ema: teacher <- (1 - rate) * teacher + rate * policy once per rollout (SDPO's ``teacher_update_rate``)"""
+    measure_context: bool = False
+    """log ``srpo/context_gain``: does the self-teacher read its context? Two more no-grad forwards a step"""
 
 
 def check_srpo(opts: SRPOOptions, cfg: Any, key: str) -> None:
@@ -147,11 +177,102 @@ def check_srpo(opts: SRPOOptions, cfg: Any, key: str) -> None:
         raise UserError(f"{key}: estimator={opts.estimator!r}; use k2 or k3")
     if "{hint}" not in opts.template:
         raise UserError(f"{key}: template={opts.template!r} must contain {{hint}} (where the context goes)")
+    if opts.teacher not in ("ema", "current"):
+        raise UserError(f"{key}: teacher={opts.teacher!r}; use ema (a moving average of the policy) or current")
+    if not 0.0 < opts.teacher_update_rate < 1.0:
+        raise UserError(f"{key}: teacher_update_rate={opts.teacher_update_rate} must be in (0, 1), e.g. 0.05")
     if not opts.use_siblings and opts.ground_truth_key is None:
         raise UserError(f"{key}: use_siblings=false and ground_truth_key=null leave the self-teacher no context")
 
 
-def srpo_hook(policy: Any, opts: SRPOOptions, extra: ExtraModel):
+THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def demonstration(completion: str, strip_thinking: bool = True) -> str:
+    """A correct sibling's completion as the self-teacher's context: without its ``<think>...</think>`` spans when
+    ``strip_thinking`` (the answer, not the reasoning: a failed row's own reasoning is then not judged by how closely
+    it copies the sibling's)."""
+    return THINK.sub("", completion).strip() if strip_thinking else completion
+
+
+class SelfTeacher:
+    """The self-teacher's weights, checkpointed. ``current``: the policy's own. ``ema``: an exponential moving average
+    of the policy's trainable parameters (fp32 shadows, :class:`mmgrpo.core.ema.EMA`), advanced once per rollout
+    and swapped into the policy for the teacher's forward; it starts at the policy of the first rollout. Its memory is
+    reported as ``extra/srpo_self_teacher/mib``."""
+
+    def __init__(self, mode: str, rate: float, extra: ExtraModel):
+        self.mode, self.rate, self.extra = mode, rate, extra
+        self.ema: EMA | None = None
+        self.loaded: list[torch.Tensor] | None = None  # shadows from a checkpoint, applied at the first rollout
+
+    def advance(self, policy: Any) -> None:
+        """Move the teacher by one rollout (the first rollout's teacher is the policy itself)."""
+        if self.mode == "current":
+            return
+        if self.ema is None:
+            params = [p for p in policy.model.parameters() if p.requires_grad]
+            sharded = [type(p).__name__ for p in params if hasattr(p, "ds_id") or type(p).__name__ == "DTensor"]
+            if sharded:
+                raise UserError(
+                    "methods.srpo.teacher=ema keeps a moving average of the policy's parameters, which this run "
+                    f"shards ({sharded[0]} parameters: FSDP / DeepSpeed); set methods.srpo.teacher: current, or train "
+                    "unsharded"
+                )
+            self.ema = EMA(params, 1.0 - self.rate, "methods.srpo.teacher_update_rate")
+            if self.loaded is not None:
+                self.ema.load_state_dict({"shadow": self.loaded})
+                self.ema.update()
+        else:
+            self.ema.update()
+        self._expose()
+
+    def scoring(self) -> contextlib.AbstractContextManager:
+        """The context in which the policy scores as the self-teacher (its weights swapped for the EMA's)."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+
+    def _expose(self) -> None:
+        """Count the shadows as the extra model's memory."""
+        module = torch.nn.Module()
+        for i, t in enumerate(self.ema.shadow):
+            module.register_buffer(f"shadow{i}", t, persistent=False)
+        self.extra.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.ema is not None:
+            return {"shadow": [t.clone() for t in self.ema.shadow]}
+        return {"shadow": list(self.loaded)} if self.loaded is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("shadow"):
+            return
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
+        else:
+            self.loaded = [t.clone().float() for t in state["shadow"]]
+
+
+def context_gain(
+    policy: Any, extra: ExtraModel, rollout: Any, rows: torch.Tensor, hints: list, prompts: list
+) -> float | None:
+    """How much the self-teacher's context helps it: the mean per-token log-prob of each demonstrated (correct)
+    sibling completion under a failed row's hinted prompt minus under that row's own prompt, both scored by the
+    self-teacher. Positive when the teacher reads the demonstration (copying makes it likelier); near 0 or negative
+    when it cannot, and then its targets carry no correction (None when no row was hinted by a sibling)."""
+    pairs = [(i, hints[n][1]) for i, n in enumerate(rows.tolist()) if hints[n][0] == "sibling"]
+    if not pairs:
+        return None
+    src = torch.tensor([s for _, s in pairs])
+    with_ctx = policy.frozen_log_prob(extra, rollout, src, None, prompts=[prompts[i] for i, _ in pairs])
+    without = policy.frozen_log_prob(
+        extra, rollout, src, None, prompts=[rollout.extras["prompt"][int(rows[i])] for i, _ in pairs]
+    )
+    mask = rollout.train_mask[src].bool().to(with_ctx.device)
+    per_row = ((with_ctx - without) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return float(per_row.mean())
+
+
+def srpo_hook(policy: Any, opts: SRPOOptions, extra: ExtraModel, teacher: SelfTeacher):
     def hook(adv: torch.Tensor, rollout: Any, cols: torch.Tensor, names: list[str]):
         B, G = adv.shape
         x = torch.nan_to_num(cols[0, names.index(opts.reward)].float().cpu(), nan=float("-inf"))
@@ -161,34 +282,43 @@ def srpo_hook(policy: Any, opts: SRPOOptions, extra: ExtraModel):
         rows = distil.reshape(-1).nonzero().reshape(-1)
         N, K = rollout.logp_old.shape
         t_logp, w = torch.zeros(N, K), torch.zeros(N, K)
-        ent_mean = 0.0
+        teacher.advance(policy)  # every rollout, whether or not a row is distilled
+        ent_mean, stats = 0.0, {}
         if rows.numel():
             prompts = []
             for n in rows.tolist():
                 kind, src = hints[n]
-                hint = rollout.samples[src] if kind == "sibling" else str(gts[src])
+                hint = demonstration(rollout.samples[src], opts.strip_thinking) if kind == "sibling" else str(gts[src])
                 prompts.append(policy.prepare(with_hint(rollout.prompts[n], hint, opts.template), rollout.meta[n]))
-            extra.handle = policy.model  # the policy itself (its prepared wrapper), at the sampling parameters
-            lp, ent = policy.frozen_log_prob(extra, rollout, rows, None, prompts=prompts, with_entropy=True)
+            extra.handle = policy.model  # the policy itself (its prepared wrapper), with the teacher's weights
+            with teacher.scoring(), torch.no_grad():
+                lp, ent = policy.frozen_log_prob(extra, rollout, rows, None, prompts=prompts, with_entropy=True)
             vocab = int(len(policy.tokenizer))
             t_logp[rows] = lp.cpu()
             w[rows] = entropy_weights(ent.cpu(), vocab) if opts.entropy_weighting else 1.0
             m = rollout.train_mask[rows].bool()
             ent_mean = float(ent.cpu()[m].mean()) if m.any() else 0.0
+            if opts.measure_context:
+                with teacher.scoring(), torch.no_grad():
+                    gain = context_gain(policy, extra, rollout, rows, hints, prompts)
+                if gain is not None:
+                    stats["srpo/context_gain"] = gain
         rollout.extras[T_LOGP], rollout.extras[T_W], rollout.extras[DISTIL] = t_logp, w, distil.reshape(-1)
         out = torch.where(distil.to(adv.device), torch.zeros_like(adv), adv)  # failed + distilled: no GRPO term
-        return out, {"srpo/distilled_frac": float(distil.float().mean()), "srpo/teacher_entropy": ent_mean}
+        return out, {"srpo/distilled_frac": float(distil.float().mean()), "srpo/teacher_entropy": ent_mean, **stats}
 
     return hook
 
 
 def setup_srpo(policy: Any, opts: SRPOOptions, cfg: Any) -> MethodRuntime:
     need_frozen_scorer(policy, "methods.srpo")
-    extra = ExtraModel("srpo_self_teacher", torch.nn.Identity(), frozen=False)  # the policy itself: no extra memory
+    extra = ExtraModel("srpo_self_teacher", torch.nn.Identity(), frozen=False)  # the policy (+ EMA shadows)
+    teacher = SelfTeacher(opts.teacher, opts.teacher_update_rate, extra)
     return MethodRuntime(
         extra_models=[extra],
         loss_terms=[SRPOTerm(opts.coef, opts.estimator)],
-        advantage_hooks=[srpo_hook(policy, opts, extra)],
+        advantage_hooks=[srpo_hook(policy, opts, extra, teacher)],
+        state=teacher,
     )
 
 

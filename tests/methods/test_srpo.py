@@ -1,5 +1,5 @@
-"""SRPO: routing, the hinted prompt, entropy weights and the distillation term by hand; a 2-step VLM smoke where the
-self-teacher is the policy shown a correct sibling."""
+"""SRPO: routing, the hinted prompt, entropy weights, the distillation term and the EMA self-teacher by hand; a 2-step
+VLM smoke where the self-teacher is the policy shown a correct sibling, and a run that resumes exactly."""
 
 import json
 import math
@@ -10,13 +10,22 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.extra import TermInputs
+from mmgrpo.core.extra import ExtraModel, TermInputs
 from mmgrpo.core.types import LogProbs
-from mmgrpo.methods.srpo import SRPOTerm, entropy_weights, route, with_hint
+from mmgrpo.methods.srpo import (
+    SelfTeacher,
+    SRPOOptions,
+    SRPOTerm,
+    check_srpo,
+    demonstration,
+    entropy_weights,
+    route,
+    with_hint,
+)
 from mmgrpo.rewards.registry import register
 from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_vl
 from mmgrpo.train.config import load_config, read_yaml
-from mmgrpo.train.trainer import Trainer, prepare_run_dir
+from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,10 +43,69 @@ def test_failed_rows_route_to_a_correct_sibling_else_the_ground_truth():
 def test_the_self_teacher_reads_the_question_with_its_context():
     t = "\nSolution: {hint}"
     assert with_hint("2+2?", "4", t) == "2+2?\nSolution: 4"
+    # the context follows the options: the question keeps its options next to it
     assert with_hint({"question": "How many?", "options": ["1", "2"]}, "B", t) == {
-        "question": "How many?\nSolution: B", "options": ["1", "2"]}  # fmt: skip
+        "question": "How many? A) 1 B) 2\nSolution: B", "options": None}  # fmt: skip
     with pytest.raises(UserError, match="'question' or 'text'"):
         with_hint(["a"], "b", t)
+
+
+def test_a_sibling_demonstrates_its_answer_without_its_reasoning():
+    done = "<think>I see two\nred circles.</think><answer>B</answer>"
+    assert demonstration(done) == "<answer>B</answer>"
+    assert demonstration(done, strip_thinking=False) == done
+    assert demonstration("<think>a</think> x <think>b</think>y") == "x y"
+
+
+def test_the_ema_self_teacher_by_hand_and_after_a_resume():
+    model = torch.nn.Linear(1, 1)
+    model.bias.requires_grad_(False)  # frozen: not averaged, never swapped
+    policy = SimpleNamespace(model=model)
+    extra = ExtraModel("srpo_self_teacher", torch.nn.Identity(), frozen=False)
+    teacher = SelfTeacher("ema", 0.25, extra)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    teacher.advance(policy)  # first rollout: the teacher is the policy
+    with teacher.scoring():
+        assert model.weight.item() == 4.0
+    with torch.no_grad():
+        model.weight.fill_(8.0)
+    teacher.advance(policy)  # 0.75 * 4 + 0.25 * 8
+    saved = teacher.state_dict()
+    with teacher.scoring():
+        assert model.weight.item() == 5.0
+    assert model.weight.item() == 8.0  # the policy's weights are back exactly
+    assert extra.mib() == pytest.approx(4 / 2**20)  # one fp32 shadow of the one trainable scalar
+    teacher.advance(policy)  # 0.75 * 5 + 0.25 * 8
+    resumed = SelfTeacher("ema", 0.25, ExtraModel("t", torch.nn.Identity(), frozen=False))
+    resumed.load_state_dict(saved)
+    resumed.advance(policy)
+    for t in (teacher, resumed):
+        with t.scoring():
+            assert model.weight.item() == 5.75
+    current = SelfTeacher("current", 0.25, extra)
+    current.advance(policy)
+    with current.scoring():
+        assert model.weight.item() == 8.0 and current.state_dict() == {}
+
+
+def test_the_ema_self_teacher_refuses_sharded_parameters():
+    model = torch.nn.Linear(1, 1)
+    model.weight.ds_id = 0  # what DeepSpeed ZeRO sets on the parameters it partitions
+    teacher = SelfTeacher("ema", 0.05, ExtraModel("t", torch.nn.Identity(), frozen=False))
+    with pytest.raises(UserError, match="teacher: current"):
+        teacher.advance(SimpleNamespace(model=model))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [({"teacher": "frozen"}, "use ema"), ({"teacher_update_rate": 0.0}, r"in \(0, 1\)"),
+     ({"teacher_update_rate": 1.5}, r"in \(0, 1\)")],
+)  # fmt: skip
+def test_bad_teacher_options_are_refused(change, match):
+    cfg = SimpleNamespace(rewards=[SimpleNamespace(name="accuracy")])
+    with pytest.raises(UserError, match=match):
+        check_srpo(SRPOOptions(**change), cfg, "methods.srpo")
 
 
 def test_entropy_weights_by_hand():
@@ -67,17 +135,22 @@ def _even_length():
     return lambda samples, prompts, meta, ctx: [float(len(s) % 2 == 0) for s in samples]
 
 
-def test_two_srpo_steps_on_the_vlm(tmp_path):
-    model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
+def srpo_data(tmp_path, model_dir, **srpo) -> dict:
     data = read_yaml(REPO / "configs" / "vlm_srpo.yaml")
     data["run"].update(name="srpo_vlm", output_dir=str(tmp_path))
     data["policy"]["options"].update(path=str(model_dir), max_new_tokens=8, lora_rank=4)
     data["data"]["options"].update(num_examples=12, eval_examples=2)
     data["rewards"].append({"name": "test_srpo_even_length", "weight": 0.1})
     data["methods"]["srpo"]["reward"] = "test_srpo_even_length"
+    data["methods"]["srpo"].update(srpo)
     data["trainer"].update(max_steps=2, prompts_per_step=2, group_size=4, micro_batch_size=8, lr=0.05,
                            eval_every=0, checkpoint_every=0, progress=False)  # fmt: skip
-    cfg = load_config(None, base=data)
+    return data
+
+
+def test_two_srpo_steps_on_the_vlm(tmp_path):
+    model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
+    cfg = load_config(None, base=srpo_data(tmp_path, model_dir, measure_context=True))
     trainer = Trainer(cfg, prepare_run_dir(cfg))
     model = trainer.acc.unwrap_model(trainer.policy.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -89,7 +162,35 @@ def test_two_srpo_steps_on_the_vlm(tmp_path):
         failed = 1.0 - m["reward/test_srpo_even_length"]
         assert m["srpo/distilled_frac"] == pytest.approx(failed)
         assert 0.0 < m["srpo/teacher_entropy"] < math.log(len(trainer.policy.tokenizer))
-        assert m["extra/srpo_self_teacher/mib"] == 0.0 and m["extra/srpo_self_teacher/time_s"] > 0
+        assert m["extra/srpo_self_teacher/mib"] > 0 and m["extra/srpo_self_teacher/time_s"] > 0  # the EMA shadows
     assert any(m["loss/srpo"] > 0 for m in lines)
+    gains = [m["srpo/context_gain"] for m in lines if "srpo/context_gain" in m]
+    assert gains and all(math.isfinite(g) and g != 0.0 for g in gains)
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_an_srpo_run_resumes_exactly(tmp_path):
+    """The EMA teacher's shadows are in the checkpoint: 2 steps + resume + 2 steps = 4 steps."""
+    model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
+
+    def config(out):
+        data = srpo_data(out, model_dir)
+        data["trainer"].update(max_steps=4, checkpoint_every=2)
+        return load_config(None, base=data)
+
+    full = train(config(tmp_path / "full"))
+    cfg = config(tmp_path / "cut")
+    cfg.trainer.stop_after_steps = 2
+    assert train(cfg).step == 2
+    cfg.resume, cfg.trainer.stop_after_steps = str(Path(cfg.run.output_dir) / cfg.run.name), None
+    resumed = train(cfg)
+
+    def metrics(trainer):
+        text = (trainer.run_dir / "metrics.jsonl").read_text()
+        return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in text.splitlines()]
+
+    a, b = metrics(full), metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4] and a == b
+    sa, sb = full.comp.method_state["srpo"].ema.shadow, resumed.comp.method_state["srpo"].ema.shadow
+    assert all(torch.equal(x, y) for x, y in zip(sa, sb, strict=True))
