@@ -74,7 +74,8 @@ METHODS: dict[str, Method] = {
     "pacs": Method("PACS (reward as a label, log-ratio as the score; accuracy only)", (
         "advantage.estimator=pacs", "loss.name=pacs", "loss.options={}",
         "loss.aggregation={name: constant, options: {constant: 1}}", BINARY)),
-    "srpo": Method("SRPO (failed rows distilled, correct rows GRPO)", ("methods.srpo={}",)),
+    "srpo": Method("SRPO (failed rows distilled from an EMA self-teacher, correct rows GRPO)", (
+        "methods.srpo={teacher: ema, strip_thinking: true}",)),
     "poise": Method("POISE (hidden-state probe as the baseline)", ("methods.poise={}",)),
     "dagrpo": Method("DaGRPO (distinctiveness masking, anchors)", ("methods.dagrpo={}",)),
     "posterior": Method("Posterior-GRPO (format counts only when correct)", (
