@@ -34,9 +34,9 @@ per-token reverse-KL gradient, as KDRL's; or ``k3``), so it needs no [n, L, V] s
 Precondition: the method works only if the model reads its context, i.e. a correct solution in the prompt makes the
 self-teacher likelier to produce it. ``measure_context: true`` logs ``srpo/context_gain`` (:func:`context_gain`:
 mean per-token log-prob of the demonstrated completion with minus without the context; > 0 when the teacher reads
-it). On the shapes VLM world it is -0.4 to -0.7 nats a token: that 1.6M-parameter model, pretrained on templated
-questions only, cannot read an appended solution (the correct letter's probability falls from 0.49 to 0.25 with it),
-so its self-teacher knows less than the student and SRPO collapses there (docs/results.md).
+it). On the shapes VLM world it is -0.4 to -0.7 nats a token at the shipped model: that 1.6M-parameter model,
+pretrained on templated questions only, cannot read an appended solution, so its self-teacher knows less than the
+student and SRPO collapses there (docs/results.md).
 
 Parts: the advantage hook (routing, one no-grad forward of the failed rows under their hinted prompts, timed as
 ``extra/srpo_self_teacher/time_s``; the teacher is the policy with the EMA's weights swapped in, so its memory is the
