@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import torch
 
 
@@ -28,3 +33,22 @@ def assert_only_lora_changed(before: dict[str, torch.Tensor], model: torch.nn.Mo
         stem, _, leaf = k.rpartition(".")
         key = k if k in after else f"{stem}.base_layer.{leaf}"
         assert torch.equal(after[key], v), k
+
+
+def cut_and_resume(config: Callable[[Path], Any], root: Path, cut_at: int = 2) -> tuple[Any, Any]:
+    """Train ``config(root / "full")`` to its end, and ``config(root / "cut")`` stopped after ``cut_at`` steps and then
+    resumed from its run directory: (full, resumed) trainers, which must agree for a run that resumes exactly."""
+    from mmgrpo.train.trainer import train
+
+    full = train(config(root / "full"))
+    cfg = config(root / "cut")
+    cfg.trainer.stop_after_steps = cut_at
+    assert train(cfg).step == cut_at
+    cfg.resume, cfg.trainer.stop_after_steps = str(Path(cfg.run.output_dir) / cfg.run.name), None
+    return full, train(cfg)
+
+
+def logged_metrics(trainer: Any) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl lines without their timings (which differ between otherwise equal runs)."""
+    text = (trainer.run_dir / "metrics.jsonl").read_text()
+    return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in text.splitlines()]

@@ -1,7 +1,6 @@
 """POISE: the cross-rollout pairing, the probe's statistics and update by hand, the advantage hook with a probe of
 known weights, and a VLM run that resumes exactly (probe, optimizer and buffer in the checkpoint)."""
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.methods.poise import POISEOptions, POISEState, ValueProbe, cross_rollout_partner, poise_hook
+from mmgrpo.testing.checks import cut_and_resume, logged_metrics
 from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_vl
 from mmgrpo.train.config import load_config, read_yaml
 from mmgrpo.train.trainer import train
@@ -100,18 +100,8 @@ def test_poise_refuses_groups_of_one(tmp_path):
 
 def test_a_vlm_run_with_poise_trains_and_resumes_exactly(tmp_path):
     model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
-    full = train(poise_config(tmp_path / "full", model_dir))
-    cfg = poise_config(tmp_path / "cut", model_dir)
-    cfg.trainer.stop_after_steps = 2
-    assert train(cfg).step == 2
-    cfg.resume, cfg.trainer.stop_after_steps = str(Path(cfg.run.output_dir) / cfg.run.name), None
-    resumed = train(cfg)
-
-    def metrics(trainer):
-        text = (trainer.run_dir / "metrics.jsonl").read_text()
-        return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in text.splitlines()]
-
-    a, b = metrics(full), metrics(resumed)
+    full, resumed = cut_and_resume(lambda out: poise_config(out, model_dir), tmp_path)
+    a, b = logged_metrics(full), logged_metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4] and a == b
     assert [m["poise/buffer"] for m in a] == [4.0, 8.0, 12.0, 16.0]  # B * G = 4 rows a step
     assert a[0]["poise/value_mean"] == 0.0 and a[1]["poise/value_mean"] != 0.0  # the probe is the baseline from step 2

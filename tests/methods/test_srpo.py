@@ -23,9 +23,10 @@ from mmgrpo.methods.srpo import (
     with_hint,
 )
 from mmgrpo.rewards.registry import register
+from mmgrpo.testing.checks import cut_and_resume, logged_metrics
 from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_vl
 from mmgrpo.train.config import load_config, read_yaml
-from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
+from mmgrpo.train.trainer import Trainer, prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,18 +180,8 @@ def test_an_srpo_run_resumes_exactly(tmp_path):
         data["trainer"].update(max_steps=4, checkpoint_every=2)
         return load_config(None, base=data)
 
-    full = train(config(tmp_path / "full"))
-    cfg = config(tmp_path / "cut")
-    cfg.trainer.stop_after_steps = 2
-    assert train(cfg).step == 2
-    cfg.resume, cfg.trainer.stop_after_steps = str(Path(cfg.run.output_dir) / cfg.run.name), None
-    resumed = train(cfg)
-
-    def metrics(trainer):
-        text = (trainer.run_dir / "metrics.jsonl").read_text()
-        return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in text.splitlines()]
-
-    a, b = metrics(full), metrics(resumed)
+    full, resumed = cut_and_resume(config, tmp_path)
+    a, b = logged_metrics(full), logged_metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4] and a == b
     sa, sb = full.comp.method_state["srpo"].ema.shadow, resumed.comp.method_state["srpo"].ema.shadow
     assert all(torch.equal(x, y) for x, y in zip(sa, sb, strict=True))

@@ -11,9 +11,10 @@ from PIL import Image
 
 from mmgrpo.policies.vlm import VLMPolicyOptions, load_vlm
 from mmgrpo.rewards.registry import register
+from mmgrpo.testing.checks import cut_and_resume, logged_metrics
 from mmgrpo.testing.tiny_vlm import save_tiny, tiny_qwen2_5_vl, tiny_qwen2_vl
 from mmgrpo.train.config import load_config, read_yaml
-from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
+from mmgrpo.train.trainer import Trainer, prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
@@ -117,20 +118,11 @@ def test_two_grpo_steps_change_only_the_lora_adapters(tmp_path, model_dirs, meth
 
 def test_a_vlm_run_with_the_iou_curriculum_resumes_exactly(tmp_path, model_dirs):
     steps = {"max_steps": 4, "checkpoint_every": 0}
-    full = train(method_config(tmp_path / "full", "curriculum", "qwen2_5_vl", model_dirs["qwen2_5_vl"], **steps))
-    cfg = method_config(tmp_path / "cut", "curriculum", "qwen2_5_vl", model_dirs["qwen2_5_vl"], **steps)
-    cfg.trainer.stop_after_steps = 2
-    cut = train(cfg)
-    assert cut.step == 2
-    cfg.resume, cfg.trainer.stop_after_steps = str(Path(cfg.run.output_dir) / cfg.run.name), None
-    resumed = train(cfg)
+    full, resumed = cut_and_resume(
+        lambda out: method_config(out, "curriculum", "qwen2_5_vl", model_dirs["qwen2_5_vl"], **steps), tmp_path
+    )
     assert resumed.step == 4
-
-    def metrics(trainer):
-        text = (trainer.run_dir / "metrics.jsonl").read_text()
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in text.splitlines()]
-
-    a, b = metrics(full), metrics(resumed)
+    a, b = logged_metrics(full), logged_metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4] and a == b
     # the window holds one entry per group (B = 2 per step): 2, 4, 6, 8 -- step 3 continues from the checkpoint
     assert [m["curriculum/window"] for m in b] == [2.0, 4.0, 6.0, 8.0] and all(m["curriculum/tau"] == 0.3 for m in b)
