@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from mmgrpo.train.trainer import train
+
 
 def assert_ratio_one(policy, rollout, micro_sizes: tuple[int, ...] | None = None, atol: float = 1e-5) -> None:
     """Recomputed log-probs right after ``rollout`` give exp(logp - logp_old) = 1 (within ``atol``) for every
@@ -38,8 +40,6 @@ def assert_only_lora_changed(before: dict[str, torch.Tensor], model: torch.nn.Mo
 def cut_and_resume(config: Callable[[Path], Any], root: Path, cut_at: int = 2) -> tuple[Any, Any]:
     """Train ``config(root / "full")`` to its end, and ``config(root / "cut")`` stopped after ``cut_at`` steps and then
     resumed from its run directory: (full, resumed) trainers, which must agree for a run that resumes exactly."""
-    from mmgrpo.train.trainer import train
-
     full = train(config(root / "full"))
     cfg = config(root / "cut")
     cfg.trainer.stop_after_steps = cut_at
