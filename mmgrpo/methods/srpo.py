@@ -223,9 +223,9 @@ class SelfTeacher:
             if self.loaded is not None:
                 self.ema.load_state_dict({"shadow": self.loaded})
                 self.ema.update()
+            self._expose()
         else:
-            self.ema.update()
-        self._expose()
+            self.ema.update()  # in place: the exposed buffers follow
 
     def scoring(self) -> contextlib.AbstractContextManager:
         """The context in which the policy scores as the self-teacher (its weights swapped for the EMA's)."""
@@ -248,6 +248,7 @@ class SelfTeacher:
             return
         if self.ema is not None:
             self.ema.load_state_dict(state)
+            self._expose()
         else:
             self.loaded = [t.clone().float() for t in state["shadow"]]
 
