@@ -72,6 +72,7 @@ from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media 
 from mmgrpo.policies.vlm_scorer import (  # noqa: F401  (re-exported)
     VLMScorer,
     chunked_token_logprobs,
+    sample_rows,
     sample_tokens,
     token_entropy,
 )
@@ -472,22 +473,18 @@ class VLMPolicy:
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         kw = {self.adapter.cache_kwarg(backbone): cache}
         tokens, entropy = [], []
+        finished = [False] * B  # prompts all of whose rows have their EOS
         for t in range(K):
             logits = head(h)  # [N, V]
-            entropy.append(token_entropy(logits, o.temperature, sc.suppress).masked_fill(done, 0.0))  # [N]
-            alive = (~done).view(B, G).any(1).tolist() if not greedy else []  # [B]: prompts still decoding
-            if greedy:
-                nxt = sample_tokens(logits, None, o.temperature, o.top_p, o.top_k, sc.suppress, greedy=True)
-            else:  # prompt b's rows from its own generator: layout-independent draws
-                nxt = torch.full((N,), self.pad_id, dtype=torch.long, device=dev)
-                for b in (b for b in range(B) if alive[b]):
-                    rows = slice(b * G, (b + 1) * G)
-                    nxt[rows] = sample_tokens(logits[rows], generators[b], o.temperature, o.top_p, o.top_k,
-                                              sc.suppress)  # fmt: skip
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            # prompt b's rows draw from its own generator (layout-independent draws), only while it is decoding
+            groups = [(slice(b * G, (b + 1) * G), generators[b]) for b in range(B) if not (greedy or finished[b])]
+            nxt, ent = sample_rows(logits, groups, o.temperature, o.top_p, o.top_k, sc.suppress, greedy)
+            entropy.append(ent)  # [N]; zeroed after each row's EOS below
+            nxt = nxt.masked_fill(done, self.pad_id)
             tokens.append(nxt)
             done = done | torch.isin(nxt, eos)
-            if t == K - 1 or not self._on_any_process(not bool(done.all())):  # every process runs as many forwards
+            finished = done.view(B, G).all(1).tolist()  # the loop's one device -> host copy a token
+            if t == K - 1 or not self._on_any_process(not all(finished)):  # every process runs as many forwards
                 break
             pos = positions[..., t : t + 1]  # token t sits at slot Lp_b + t (joined: slot Lmax + t)
             seen = None if mask is None else mask[:, : Lmax + t + 1]
@@ -496,9 +493,10 @@ class VLMPolicy:
             h = out.last_hidden_state[:, -1]
         toks = torch.stack(tokens, dim=1)  # [N, T]
         is_eos = torch.isin(toks, eos)  # [N, T]
-        finished = is_eos.any(1)  # [N]
-        lens = torch.where(finished, is_eos.long().argmax(1) + 1, toks.shape[1])  # [N]: up to the first EOS
-        return toks, lens, finished, torch.stack(entropy, dim=1)
+        has_eos = is_eos.any(1)  # [N]
+        lens = torch.where(has_eos, is_eos.long().argmax(1) + 1, toks.shape[1])  # [N]: up to the first EOS
+        after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # [N, T]: an EOS earlier in the row (it was done)
+        return toks, lens, has_eos, torch.stack(entropy, dim=1).masked_fill(after, 0.0)
 
     def _on_any_process(self, flag: bool) -> bool:
         """``flag`` here, or on any process when the forwards are collective (:attr:`any_process`)."""

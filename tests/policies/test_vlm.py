@@ -18,6 +18,7 @@ from mmgrpo.policies.vlm import (
     VLMPolicy,
     VLMPolicyOptions,
     chunked_token_logprobs,
+    sample_rows,
     sample_tokens,
     token_entropy,
 )
@@ -173,6 +174,42 @@ def test_sample_tokens_top_k_top_p_greedy():
     assert (s == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)  # renormalised: 0.625
     assert set(sample_tokens(logits, g, top_k=1).tolist()) == {0}
     assert set(sample_tokens(logits, g, greedy=True, suppress=torch.tensor([True, False, False])).tolist()) == {1}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8, "temperature": 1.3}, {"top_k": 7, "top_p": 0.5},
+     {"greedy": True}],
+)  # fmt: skip
+def test_sample_rows_equals_per_prompt_sampling_bit_for_bit(options):
+    """The decode loop's one call per step gives exactly the tokens of sample_tokens on each prompt's rows with that
+    prompt's generator, and exactly token_entropy of all rows: batching the shared work changes no bit, so a row's
+    sample still depends on its prompt's seed only. A prompt that is not decoding any more (not in ``groups``)
+    draws nothing from its generator."""
+    torch.manual_seed(0)
+    B, G, V = 3, 4, 40
+    logits = torch.randn(B * G, V) * 3
+    suppress = torch.zeros(V, dtype=torch.bool)
+    suppress[[3, 11]] = True
+    kw = {k: v for k, v in options.items() if k != "greedy"}
+    greedy = options.get("greedy", False)
+    for step in range(5):
+        ours = [torch.Generator().manual_seed(10 + b) for b in range(B)]
+        theirs = [torch.Generator().manual_seed(10 + b) for b in range(B)]
+        decoding = [0, 2] if step % 2 else [0, 1, 2]  # prompt 1 finished on odd steps
+        groups = [(slice(b * G, (b + 1) * G), ours[b]) for b in decoding]
+        tokens, entropy = sample_rows(logits, groups, suppress=suppress, greedy=greedy, **kw)
+        assert torch.equal(entropy, token_entropy(logits, kw.get("temperature", 1.0), suppress))
+        for b in range(B):
+            rows = slice(b * G, (b + 1) * G)
+            if greedy or b in decoding:
+                want = sample_tokens(logits[rows], None if greedy else theirs[b], suppress=suppress, greedy=greedy,
+                                     **kw)  # fmt: skip
+                assert torch.equal(tokens[rows], want), (step, b)
+                assert not bool(suppress[tokens[rows]].any())
+            # the same state afterwards: each generator drew exactly what the per-prompt call drew (or nothing)
+            assert torch.equal(ours[b].get_state(), theirs[b].get_state()), (step, b)
+        logits = logits.roll(1, dims=-1)
 
 
 def test_token_entropy_equals_hand_computed():
