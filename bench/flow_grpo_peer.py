@@ -37,7 +37,8 @@ Simplifications (none changes the work of a step except as stated):
 - no classifier-free guidance (``train.cfg`` False, guidance 1): the shapes model samples without it, and so does the
   mmgrpo side (their recipes use guidance 4.5, which doubles the forwards of both);
 - full fine-tuning of the model (their SD3.5-M recipes train LoRA r32; the bench's shapes model is tiny, and mmgrpo
-  trains it fully too); fp32 (the bench runs on CPU);
+  trains it fully too); fp32 on both sides, on CPU or on one GPU (``device``: the pipeline and the advantages are
+  moved there, as their ``accelerator.device``);
 - beta 0 (no reference forward), no EMA, no evaluation, no wandb logging, no checkpoints (none is part of a step);
 - prompt encoding by diffusers' ``StableDiffusion3Pipeline.encode_prompt`` (their copy of it needs a T5 encoder, which
   the shapes model has none of: diffusers gives the same zero T5 block mmgrpo uses), once per sampling batch of
@@ -163,12 +164,15 @@ def per_prompt_advantages(prompts: list[str], rewards: np.ndarray, global_std: b
 class FlowGRPOLoop:
     """Their SD3 training step on a diffusers-layout SD3 folder: :meth:`step` = sample, score, advantages, train."""
 
-    def __init__(self, path: str, cfg: FlowGRPOConfig, prompts: list[str], reward_fn: Any, seed: int = 0):
+    def __init__(
+        self, path: str, cfg: FlowGRPOConfig, prompts: list[str], reward_fn: Any, seed: int = 0, device: str = "cpu"
+    ):
         from diffusers import StableDiffusion3Pipeline
 
         torch.manual_seed(seed)
         self.cfg, self.prompts, self.reward_fn = cfg, prompts, reward_fn
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None).to(device)
+        self.device = torch.device(device)
         pipe.set_progress_bar_config(disable=True)
         for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             m.requires_grad_(False)
@@ -245,7 +249,7 @@ class FlowGRPOLoop:
         reward_mean = float(samples["rewards"].mean())
         avg = samples["rewards"].unsqueeze(1).repeat(1, num_train_timesteps)  # [N, K]
         adv = per_prompt_advantages(all_prompts, avg.numpy(), cfg.global_std)
-        samples["advantages"] = torch.as_tensor(adv)
+        samples["advantages"] = torch.as_tensor(adv).to(self.device)  # theirs: .to(accelerator.device)
         del samples["rewards"]
         mask = samples["advantages"].abs().sum(dim=1) != 0  # ---- rows whose advantages are all 0 are dropped
         nb = cfg.num_batches_per_epoch

@@ -22,7 +22,10 @@ so a killed run still leaves its results, and sections are skipped (and reported
 7. DeepSpeed ZeRO-2 and ZeRO-3 (not in ``--tiny``; needs ``pip install 'mmgrpo[deepspeed]'``): section 6's runs
    through ``configs/accelerate/deepspeed_zero{2,3}.yaml`` (on ``--device cpu``: 2 gloo processes on DeepSpeed's CPU
    accelerator), stopped and resumed, compared with the uninterrupted and the unsharded run;
-8. ``pytest -m gpu tests/gpu`` (CUDA only).
+8. ``pytest -m gpu tests/gpu`` (CUDA only);
+9. the peers on this GPU (not in ``--tiny``; CUDA only): ``bench/peers.py --device cuda`` on a few rows (TRL at
+   realistic prompts, the Flow-GRPO loop at B 8 x G 8 and at the grid's corner, the diffusers pipeline), one repeat;
+   its tables into this report and ``peers_gpu.md`` next to it.
 
 On CPU the same rows run (fp32, bf16 weights, fp32 + bf16 autocast; no xformers), with smaller groups and fewer
 steps: the tiny models take seconds in bf16 there, so CI keeps the bf16 paths a GPU run relies on working.
@@ -428,6 +431,49 @@ def section_pytest_gpu(report: Report, sec: dict, device: str) -> None:
         sec["had_error"] = True
 
 
+# ---------------------------------------------------------------------------- 9. the peers on this GPU
+PEER_ROWS = (
+    "VLM hidden 256 / 4 layers, 448x448",  # realistic prompts (256 vision tokens) against TRL
+    "diffusion B 8 x G 8, T 8 (7 trained), default options",  # against the Flow-GRPO loop
+    "diffusion B 2 x G 16, T 20",  # the G x T grid's corner
+    "rollout vs StableDiffusion3Pipeline",
+)
+"""bench/peers.py rows the check runs on the GPU (--match), one process per side: ~7 processes"""
+
+
+def section_peers(report: Report, sec: dict, device: str, quick: bool = False) -> None:
+    """``bench/peers.py --device <device>`` on :data:`PEER_ROWS` (one repeat, 3 timed steps), in a subprocess
+    with the time left; its tables go into this section and next to gpu.md as peers_gpu.md. ``quick``: its
+    ``--quick`` rows instead (the CPU test of this code)."""
+    out = (report.out or Path(tempfile.mkdtemp(prefix="peers_"))) / "peers_gpu.md"
+    rows = [] if quick else ["--match", *PEER_ROWS]
+    cmd = ["bench/peers.py", "--device", device, "--repeats", "1", *(["--quick"] if quick else rows),
+           "--out", str(out)]  # fmt: skip
+    sec["note"] = (
+        "`python " + " ".join(shlex.quote(c) for c in cmd[:-1]) + " peers_gpu.md`: mmgrpo against TRL's "
+        "GRPOTrainer, the Flow-GRPO loop and the diffusers pipeline, both sides on this device, fp32 "
+        "(bench/peers.py's docstring); memory on a GPU: torch.cuda.max_memory_allocated. One process per side "
+        "and row, so a ratio within ~0.1 of 1 is not resolved."
+    )
+    timeout = max(60.0, report.left())
+    try:
+        proc = subprocess.run([sys.executable, *cmd, "--timeout", str(int(timeout))], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout + 30)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        report.row(sec, "bench/peers.py", f"ERROR: timed out after {timeout:.0f} s")
+        sec["had_error"] = True
+        return
+    text = out.read_text() if out.exists() else ""
+    sec["text"] = "\n".join(x for x in text.splitlines() if not x.startswith("# "))  # its tables, not its title
+    ok = proc.returncode == 0 and bool(text)
+    numbers = (
+        {"wrote": str(out)} if ok else {"output": "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])}
+    )
+    report.row(sec, "bench/peers.py", "ok" if ok else f"FAILED (rc {proc.returncode})", **numbers)
+    if not ok:
+        sec["had_error"] = True
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -474,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                     skip=tiny_skip or (None if (cuda or device == "cpu") else not_cuda))  # fmt: skip
         run_section(report, "8. pytest -m gpu tests/gpu", section_pytest_gpu, device,
                     skip=None if cuda else "needs CUDA")  # fmt: skip
+        run_section(report, "9. The peers on this GPU (bench/peers.py)", section_peers, device,
+                    skip=tiny_skip or (None if cuda else "needs CUDA (on CPU: bench/results/peers.md)"))  # fmt: skip
     report.data["finished"] = True
     report.write()
     print(report.markdown())

@@ -160,6 +160,8 @@ class Report:
                     nums = ", ".join(f"{k}={_fmt(v)}" for k, v in r["numbers"].items())
                     lines.append(f"| {_cell(r['what'])} | {_cell(r['result'])} | {_cell(nums)} |")
                 lines.append("")
+            if sec.get("text"):  # a section's own markdown (e.g. section 9's tables)
+                lines += [sec["text"].rstrip(), ""]
             if sec["error"]:
                 lines += ["```", sec["error"], "```", ""]
         return "\n".join(lines) + "\n"

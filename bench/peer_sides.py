@@ -33,7 +33,19 @@ def peer_config(s: dict[str, Any]):
     return FlowGRPOConfig(num_steps=s["T"], num_image_per_prompt=s["G"], prompts_per_epoch=s["B"])
 
 
-def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str):
+def accelerator(device: str):
+    """The accelerator of mmgrpo's trainer on ``device``: None (the trainer's own, which takes the GPU when there is
+    one), or a CPU one when ``device`` is cpu on a machine with a GPU."""
+    import torch
+
+    if device == "cpu" and torch.cuda.is_available():
+        from accelerate import Accelerator
+
+        return Accelerator(cpu=True)
+    return None
+
+
+def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str, device: str = "cpu"):
     """A text_to_image Trainer on the shapes model with Flow-GRPO's settings; -> (step function, rows per step)."""
     from mmgrpo.train.config import load_config
     from mmgrpo.train.trainer import Trainer
@@ -58,7 +70,7 @@ def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str):
                     "eval_every": 0, "checkpoint_every": 0, "progress": False, "max_steps": 10**6},
     }  # fmt: skip
     cfg = load_config(None, [f"run.output_dir={run_dir}", *overrides], base=base)
-    trainer = Trainer(cfg, Path(run_dir) / "mmgrpo")
+    trainer = Trainer(cfg, Path(run_dir) / "mmgrpo", accelerator(device))
     plan = trainer.policy.plan(None)
     assert int(plan.train_mask.sum()) == k, (plan.train_mask, k)  # the same trained steps as the peer
     return trainer_step(trainer), s["B"] * s["G"]
@@ -82,7 +94,7 @@ def trainer_step(trainer):
     return step
 
 
-def diffusion_flow_grpo(s: dict[str, Any]):
+def diffusion_flow_grpo(s: dict[str, Any], device: str = "cpu"):
     from flow_grpo_peer import FlowGRPOLoop
 
     import mmgrpo.rewards.jpeg  # noqa: F401  (registers the rewards)
@@ -94,7 +106,7 @@ def diffusion_flow_grpo(s: dict[str, Any]):
     # samples exactly the prompts of mmgrpo's step e (the two sides then differ only in their noise)
     train = read_prompts("shapes", "train", 0)
     prompts = PromptList(train, 0).get(list(range(2 * len(train)))).prompts
-    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward(s.get("reward", "shapes")))
+    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward(s.get("reward", "shapes")), device=device)
     return loop.step, s["B"] * s["G"]
 
 
@@ -104,7 +116,7 @@ def vlm_examples(s: dict[str, Any], n: int = 64):
     return [shapes_question(i, 0, s["image"]) for i in range(n)]
 
 
-def vlm_mmgrpo(s: dict[str, Any], model: str, overrides: list[str], run_dir: str):
+def vlm_mmgrpo(s: dict[str, Any], model: str, overrides: list[str], run_dir: str, device: str = "cpu"):
     from mmgrpo.train.config import load_config
     from mmgrpo.train.trainer import Trainer
 
@@ -119,7 +131,8 @@ def vlm_mmgrpo(s: dict[str, Any], model: str, overrides: list[str], run_dir: str
         "trainer": {"prompts_per_step": s["B"], "group_size": s["G"], "lr": 1e-5, "eval_every": 0,
                     "checkpoint_every": 0, "progress": False, "max_steps": 10**6},
     }  # fmt: skip
-    trainer = Trainer(load_config(None, [f"run.output_dir={run_dir}", *overrides], base=base), Path(run_dir) / "m")
+    cfg = load_config(None, [f"run.output_dir={run_dir}", *overrides], base=base)
+    trainer = Trainer(cfg, Path(run_dir) / "m", accelerator(device))
     return trainer_step(trainer), s["B"] * s["G"]
 
 
@@ -143,7 +156,7 @@ def trl_rewards():
     return [format_reward, accuracy_reward]
 
 
-def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: int):
+def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: int, device: str = "cpu"):
     """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them, then one more
     step under a :class:`ComputeMeter` (its seconds land in the returned list)."""
     from datasets import Dataset
@@ -164,13 +177,13 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: i
         output_dir=run_dir, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=s["G"],
         generation_batch_size=n, max_completion_length=s["tokens"], temperature=1.0, beta=0.0, learning_rate=1e-5,
         num_iterations=1, max_steps=warm + steps + 1, logging_steps=10**6, report_to="none", save_strategy="no",
-        eval_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        eval_strategy="no", use_cpu=device == "cpu", bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False, log_completions=False,
     )  # fmt: skip
     ends: list[float] = []
     lengths: list[float] = []
     metered: list[float] = []
-    meter = ComputeMeter()
+    meter = ComputeMeter(device)
 
     class Clock(TrainerCallback):
         """Step ends (the first entry: the start of training) and each step's mean completion length; the step
@@ -180,6 +193,7 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: i
             ends.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize(device)
             if len(ends) == warm + steps + 1:  # the metered step ends here
                 meter.__exit__(None, None, None)
                 metered.append(meter.seconds)
@@ -193,14 +207,14 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: i
     return trainer, ends, lengths, n, metered
 
 
-def rollout_job(s: dict[str, Any], repeats: int) -> dict[str, Any]:
+def rollout_job(s: dict[str, Any], repeats: int, device: str = "cpu") -> dict[str, Any]:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).parent / "rollout.py")
     ro = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ro)
-    policy, pipe, max_len = ro.build(s["tiny"], "cpu", "float32")
-    times = ro.measure(ro.calls(policy, pipe, max_len, "cpu"), repeats, "cpu")
+    policy, pipe, max_len = ro.build(s["tiny"], device, "float32")
+    times = ro.measure(ro.calls(policy, pipe, max_len, device), repeats, device)
     return {"mmgrpo": times["rollout"], "peer": times["pipeline"], "rows": len(ro.PROMPTS) * ro.GROUP}
 
 
@@ -212,7 +226,15 @@ class ComputeMeter:
     forward also runs the whole decode loop so that sharded weights are gathered for it) are transparent: the model
     modules called inside them count, their own Python does not. ``compute fraction`` = these seconds / the step's
     wall time: what is left is the framework's own Python, sampling logic, rewards and the optimizer step. The hooks
-    cost a few microseconds per module call, so the metered step is an extra one after the timed steps."""
+    cost a few microseconds per module call, so the metered step is an extra one after the timed steps. On CUDA the
+    device is synchronised where a metered span starts and ends, so a span holds its kernels' execution, not only
+    their launches (the waits make the metered step slower than a timed one; the fraction is of that step)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+
+    def _sync(self) -> None:
+        synchronize(self.device)
 
     def __enter__(self) -> ComputeMeter:
         import torch
@@ -224,11 +246,14 @@ class ComputeMeter:
         self._backward = torch.autograd.backward
 
         def backward(*args, **kwargs):
+            if self._depth == 0:
+                self._sync()
             t0 = time.perf_counter()
             try:
                 return self._backward(*args, **kwargs)
             finally:
                 if self._depth == 0:  # not inside a metered forward
+                    self._sync()
                     self.seconds += time.perf_counter() - t0
 
         torch.autograd.backward = backward
@@ -242,6 +267,7 @@ class ComputeMeter:
         if self._framework(module):
             return
         if self._depth == 0:
+            self._sync()
             self._t = time.perf_counter()
         self._depth += 1
 
@@ -250,6 +276,7 @@ class ComputeMeter:
             return
         self._depth -= 1
         if self._depth == 0:
+            self._sync()
             self.seconds += time.perf_counter() - self._t
 
     def __exit__(self, *exc) -> None:
@@ -258,6 +285,24 @@ class ComputeMeter:
         for h in self._hooks:
             h.remove()
         torch.autograd.backward = self._backward
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA), so that a step's wall time holds its kernels."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_mib(device: str) -> float:
+    """The process's peak memory: resident set (``ru_maxrss``) on CPU, the CUDA caching allocator's peak of
+    allocated tensors (``torch.cuda.max_memory_allocated``) on a GPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
 
 
 def peak_rss_mib() -> float:
@@ -273,34 +318,36 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     s, side, fam = job["sizes"], job["side"], job["family"]
-    warm, steps = job["warmup"], job["steps"]
+    warm, steps, device = job["warmup"], job["steps"], job.get("device", "cpu")
     out: dict[str, Any] = {"family": fam, "side": side, "sizes": s}
     with tempfile.TemporaryDirectory() as tmp:
         if fam == "rollout":
-            return {**out, **rollout_job(s, job["repeats"])}
+            return {**out, **rollout_job(s, job["repeats"], device)}
         if fam == "vlm" and side == "trl":
-            trainer, ends, lengths, rows, metered = vlm_trl(s, job["model"], tmp, warm, steps)
+            trainer, ends, lengths, rows, metered = vlm_trl(s, job["model"], tmp, warm, steps, device)
             trainer.train()
             durations = [b - a for a, b in zip(ends, ends[1:])][warm : warm + steps]
             extra = {"tokens_mean": lengths[warm + steps - 1] if lengths else None,
                      "compute_fraction": metered[0] / (ends[-1] - ends[-2]) if metered else None}  # fmt: skip
         else:
             if fam == "vlm":
-                step, rows = vlm_mmgrpo(s, job["model"], job["overrides"], tmp)
+                step, rows = vlm_mmgrpo(s, job["model"], job["overrides"], tmp, device)
             elif side == "mmgrpo":
-                step, rows = diffusion_mmgrpo(s, job["overrides"], tmp)
+                step, rows = diffusion_mmgrpo(s, job["overrides"], tmp, device)
             else:
-                step, rows = diffusion_flow_grpo(s)
+                step, rows = diffusion_flow_grpo(s, device)
             durations, trained, last = [], [], {}
             for i in range(warm + steps):
                 t0 = time.perf_counter()
                 last = step()
+                synchronize(device)
                 if i >= warm:
                     durations.append(time.perf_counter() - t0)
                     trained.append(last["trained_rows"])
-            with ComputeMeter() as meter:  # one more step, metered
+            with ComputeMeter(device) as meter:  # one more step, metered
                 t0 = time.perf_counter()
                 step()
+                synchronize(device)
                 fraction = meter.seconds / (time.perf_counter() - t0)
             extra = {"tokens_mean": last.get("completion/length_mean"), "trained_rows": statistics.mean(trained),
                      "compute_fraction": fraction}  # fmt: skip
@@ -317,7 +364,7 @@ def worker(path: str) -> int:
         except Exception as e:  # noqa: BLE001  (the table shows it; the other jobs still run)
             res = {"family": job["family"], "side": job["side"], "sizes": job["sizes"],
                    "error": f"{type(e).__name__}: {e}"[:300], "trace": traceback.format_exc()[-2000:]}  # fmt: skip
-        res["peak_rss_mib"] = peak_rss_mib()
+        res["peak_mib"] = peak_mib(job.get("device", "cpu"))
         print(RESULT + json.dumps(res), flush=True)
     return 0
 

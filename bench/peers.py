@@ -3,6 +3,7 @@
     python bench/peers.py                      # everything, ~25 min on 2 idle cores; writes bench/results/peers.md
     python bench/peers.py --only diffusion     # or: vlm, rollout (several allowed)
     python bench/peers.py --quick --out ''     # the smoke test's tiny sizes in one process (tests/bench, seconds)
+    python bench/peers.py --device cuda --match 'B 8 x G 8, T 8 (' 'hidden 256 / 4 layers, 448'   # on one GPU
 
 What runs (the sides are built and timed by ``bench/peer_sides.py``), each side in its own fresh process
 (``OMP_NUM_THREADS`` = ``--threads``, 2 by default), one warm-up step then ``--steps`` timed steps, the two sides
@@ -41,6 +42,13 @@ optimizer, activations, the rollout's stored states, and the libraries):
 - **Rollout**: ``bench/rollout.py``'s comparison (mmgrpo's SDE rollout with log-probs vs diffusers'
   ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of max(9, 3 x ``--repeats``) alternating
   calls in one process.
+
+``--device cuda`` runs every side on one GPU, fp32 on both sides as on CPU: mmgrpo's trainers through an accelerate
+``Accelerator`` on the GPU, the Flow-GRPO loop's pipeline and advantages moved there (as their
+``accelerator.device``), TRL without ``use_cpu``, the rollout comparison's modules on the GPU. A step's time then
+ends with ``torch.cuda.synchronize()``, the compute meter synchronises at the start and end of each metered span,
+and the memory columns give ``torch.cuda.max_memory_allocated`` (the tensors' peak) instead of the resident set.
+``bench/gpu_check.py`` runs a few rows so (its section 9) whenever it has a GPU.
 
 Timings mean something only on an otherwise idle machine: the results file records the load average before and
 after. Even idle, this 2-vCPU VM drifts: the same process run twice in a row differed by up to 40% (the Flow-GRPO loop
@@ -162,7 +170,7 @@ def vlm_model_dirs(root: Path, quick: bool) -> dict[int, str]:
 def jobs_for(point: Point, sides: list[str], args: argparse.Namespace, models: dict[int, str]) -> list[dict]:
     steps = args.steps if args.quick or point.steps is None else max(args.steps, point.steps)
     base = {"family": point.family, "sizes": point.sizes, "overrides": point.overrides, "warmup": args.warmup,
-            "steps": steps, "repeats": args.repeats, "label": point.label}  # fmt: skip
+            "steps": steps, "repeats": args.repeats, "label": point.label, "device": args.device}  # fmt: skip
     if point.family == "vlm":
         base["model"] = models[point.sizes["hidden"]]
     if point.family == "rollout":  # ~1 s a call: more alternating calls in its one process, for a steadier median
@@ -226,7 +234,7 @@ def measure(pts: list[Point], args: argparse.Namespace, models: dict[int, str], 
                 step = statistics.median(res["s_per_step"]) if res.get("s_per_step") else None  # fmt: skip
                 print(f"[{r + 1}/{args.repeats}] {p.label} | {job['side']}: "
                       + (f"error {res['error']}" if "error" in res else
-                         f"{step:.3f} s/step, peak {res['peak_rss_mib']:.0f} MiB" if step is not None else "done"),
+                         f"{step:.3f} s/step, peak {res['peak_mib']:.0f} MiB" if step is not None else "done"),
                       flush=True)  # fmt: skip
     return results
 
@@ -250,7 +258,7 @@ def _side(results: list[dict], p: Point, side: str, overrides: list[str] | None 
     steps = [statistics.median(r["s_per_step"]) for r in mine if r.get("s_per_step")]
     return {
         "steps": steps,
-        "peaks": [r["peak_rss_mib"] for r in mine if "peak_rss_mib" in r and r.get("s_per_step")],
+        "peaks": [r["peak_mib"] for r in mine if "peak_mib" in r and r.get("s_per_step")],
         "errors": sorted({r["error"] for r in mine if "error" in r}),
         "rows": next((r["rows"] for r in mine if "rows" in r), None),
         "tokens": [r["tokens_mean"] for r in mine if r.get("tokens_mean") is not None],
@@ -259,9 +267,9 @@ def _side(results: list[dict], p: Point, side: str, overrides: list[str] | None 
     }
 
 
-def tables(results: list[dict], pts: list[Point], quick: bool) -> str:
+def tables(results: list[dict], pts: list[Point], quick: bool, device: str = "cpu") -> str:
     out = []
-    mem = "peak RSS MiB" + (" (one process: not per side)" if quick else "")
+    mem = ("peak CUDA MiB" if device == "cuda" else "peak RSS MiB") + (" (one process: not per side)" if quick else "")
     vlm = [p for p in pts if p.family == "vlm"]
     if vlm:
         out += ["## VLM GRPO step: mmgrpo vs TRL `GRPOTrainer`", "",
@@ -315,7 +323,7 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     return "| " + " | ".join(cells) + " |"
 
 
-def environment(threads: int) -> str:
+def environment(threads: int, device: str = "cpu") -> str:
     import importlib.metadata as md
 
     def version(name: str) -> str:
@@ -326,7 +334,12 @@ def environment(threads: int) -> str:
 
     libs = ", ".join(f"{n} {version(n)}" for n in ("torch", "transformers", "diffusers", "trl", "peft", "accelerate"))
     load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
-    return f"{libs}; {platform.processor() or platform.machine()}, OMP_NUM_THREADS={threads}, {load}"
+    where = f"{platform.processor() or platform.machine()}, OMP_NUM_THREADS={threads}, {load}"
+    if device == "cuda":
+        import torch
+
+        where = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}); host {where}"
+    return f"{libs}; {where}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -335,7 +348,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--only", nargs="+", default=["vlm", "diffusion", "rollout"], choices=["vlm", "diffusion", "rollout"]
     )
-    p.add_argument("--match", default="", help="only the rows whose label contains this text (e.g. 'T 20')")
+    p.add_argument(
+        "--match",
+        nargs="+",
+        default=[""],
+        help="only the rows whose label contains one of these texts (e.g. 'T 20' 'B 8 x G 8')",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where both sides run (cuda: one GPU; peak memory is then the CUDA allocator's peak)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="processes per side and point (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per process (default 3; --quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -356,17 +380,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    pts = [p for p in points(args.quick, args.only) if args.match in p.label]
+    pts = [p for p in points(args.quick, args.only) if any(m in p.label for m in args.match)]
     if not pts:
-        print(f"no row matches --only {' '.join(args.only)} --match {args.match!r}", file=sys.stderr)
+        print(f"no row matches --only {' '.join(args.only)} --match {' '.join(map(repr, args.match))}",
+              file=sys.stderr)  # fmt: skip
         return 2
-    before = environment(args.threads)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench/peers.py: --device cuda, but torch.cuda.is_available() is False here", file=sys.stderr)
+            return 2
+    before = environment(args.threads, args.device)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         models = vlm_model_dirs(Path(tmp), args.quick) if any(p.family == "vlm" for p in pts) else {}
         results = measure(pts, args, models, Path(tmp))
     wall = time.perf_counter() - t0
-    text = tables(results, pts, args.quick)
+    text = tables(results, pts, args.quick, args.device)
     print(text)
     out = args.out if args.out is not None else ("" if args.quick else str(DEFAULT_OUT))
     if out:

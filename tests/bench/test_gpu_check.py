@@ -41,7 +41,8 @@ def test_gpu_check_cpu_tiny(tmp_path):
     assert set(demos) == {"demo fp32", "demo bf16"}, demos
     for demo in demos.values():
         assert demo["result"] == "ok" and demo["numbers"]["steps"] == 1, demo
-    for name in ("5. Realistic sizes (random init)", "6. FSDP2 sharded training", "7. DeepSpeed ZeRO-2 / ZeRO-3"):
+    for name in ("5. Realistic sizes (random init)", "6. FSDP2 sharded training", "7. DeepSpeed ZeRO-2 / ZeRO-3",
+                 "9. The peers on this GPU (bench/peers.py)"):  # fmt: skip
         assert sections[name]["status"] == "skipped: --tiny"
     assert sections["8. pytest -m gpu tests/gpu"]["status"] == "skipped: needs CUDA"
 
@@ -91,3 +92,25 @@ def test_compare_states_by_hand():
     numbers, bad = {}, []
     g.compare_states({**states, "one": {"v": torch.zeros(2)}}, "one", numbers, bad)
     assert bad == ["unsharded: other tensors (['v', 'w'])"] and "max_abs_diff_unsharded" not in numbers
+
+
+def test_peers_section_runs_bench_peers_and_embeds_its_tables(tmp_path):
+    """Section 9 runs only on a GPU (bench/peers.py --device cuda on a few rows); its code runs here on the CPU
+    with bench/peers.py's --quick rows: the subprocess, the file next to gpu.md, its tables in the section."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    gpu_check = importlib.import_module("gpu_check")
+    report = importlib.import_module("gpu_common").Report(tmp_path, "test", time_limit=600)
+    sec = report.section("9. peers")
+    gpu_check.section_peers(report, sec, "cpu", quick=True)
+    (row,) = sec["rows"]
+    trl = importlib.util.find_spec("trl") is not None
+    assert row["result"] == ("ok" if trl else "FAILED (rc 1)"), row
+    written = (tmp_path / "peers_gpu.md").read_text()
+    assert "bench/peers.py --device cpu --repeats 1 --quick --out" in written
+    for table in ("## Diffusion Flow-GRPO step", "## Rollout", "| diffusion B 1 x G 2, T 3 (quick) | 6 |"):
+        assert table in sec["text"] and table in (tmp_path / "gpu.md").read_text(), table
+    assert "peak RSS MiB" in sec["text"] and "# mmgrpo vs its peers" not in sec["text"]
+    points = importlib.import_module("peers").points(False, ["vlm", "diffusion", "rollout"])
+    for match in gpu_check.PEER_ROWS:  # each --match picks rows that exist
+        assert any(match in p.label for p in points), match
