@@ -84,22 +84,9 @@ def sample_tokens(
     suppress: torch.Tensor | None = None,
     greedy: bool = False,
 ) -> torch.Tensor:
-    """One token per row from logits [G, V] (fp32): suppressed ids -> -inf, temperature, top-k, top-p. -> [G]."""
-    logits = logits.float()
-    if suppress is not None:
-        logits = logits.masked_fill(suppress[: logits.shape[-1]], float("-inf"))
-    if greedy:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [G, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # [G, V]
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+    """One token per row from logits [G, V] (fp32): suppressed ids -> -inf, temperature, top-k, top-p. -> [G].
+    :func:`sample_rows` with every row drawn from ``generator``."""
+    return sample_rows(logits, [(slice(None), generator)], temperature, top_p, top_k, suppress, greedy)[0]
 
 
 def sample_rows(
