@@ -105,7 +105,7 @@ class Point:
         return json.dumps([self.family, self.sizes], sort_keys=True)
 
 
-def points(quick: bool, only: list[str]) -> list[Point]:
+def points(quick: bool, only: list[str], device: str = "cpu") -> list[Point]:
     out: list[Point] = []
     if quick:
         out += [Point("VLM tiny (quick)", "vlm", {"hidden": 64, "image": 56, "B": 1, "G": 2, "tokens": 4}),
@@ -116,6 +116,9 @@ def points(quick: bool, only: list[str]) -> list[Point]:
             for image in (56, 448):
                 label = f"VLM hidden {hidden} / {layers} layers, {image}x{image}, B 2 x G 8, 32 tokens"
                 out.append(Point(label, "vlm", {"hidden": hidden, "image": image, "B": 2, "G": 8, "tokens": 32}))
+        if device == "cuda":  # 2.2B parameters: a GPU's work
+            label = "VLM Qwen2-VL-2B shape (random weights), 448x448, B 2 x G 8, 32 tokens"
+            out.append(Point(label, "vlm", {"hidden": 1536, "image": 448, "B": 2, "G": 8, "tokens": 32}))
         main = {"B": 8, "G": 8, "T": 8, "reward": DIFFUSION_REWARD}
         out.append(Point("diffusion B 8 x G 8, T 8 (7 trained), default options", "diffusion", main))
         verifier = {**main, "reward": "shapes"}
@@ -134,31 +137,59 @@ def points(quick: bool, only: list[str]) -> list[Point]:
 
 
 # ====================================================================================== orchestration
-def vlm_model_dirs(root: Path, quick: bool) -> dict[int, str]:
-    """hidden size -> model folder: the tiny asset (hidden 64) and hidden 256 / 4 layers built from its config with
-    random weights, both with the processor's pixel budget raised to 448 x 448 (256 vision tokens)."""
+VLM_SHAPES: dict[int, dict[str, Any]] = {
+    256: {"text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "num_key_value_heads": 2},
+          "vision": {"hidden_size": 256}, "mrope": [16, 8, 8]},
+    # Qwen/Qwen2-VL-2B-Instruct's config.json (text 1536 x 28, 12 heads, 2 KV heads; vision 1280 x 32; its vocabulary)
+    1536: {"text": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+                    "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+           "vision": {"hidden_size": 1536, "depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4},
+           "mrope": [16, 24, 24], "tie_word_embeddings": True},
+}  # fmt: skip
+"""text width -> the shape of a VLM built from the tiny asset's config (random weights; the asset's tokenizer and
+processor, so its special-token ids): hidden 256 / 4 layers, and Qwen2-VL-2B's shape (``--device cuda`` only: 2.2B
+parameters; its vocabulary of 151936 ids, of which the tiny tokenizer decodes the first 401, the rest to '')"""
+
+
+def vlm_config(hidden: int):
+    """The tiny asset's Qwen2VLConfig reshaped to ``VLM_SHAPES[hidden]``."""
+    from transformers import Qwen2VLConfig
+
+    shape = VLM_SHAPES[hidden]
+    cfg = Qwen2VLConfig.from_pretrained(TINY_VLM)
+    layers = shape["text"]["num_hidden_layers"]
+    cfg.text_config.update({**shape["text"], "layer_types": ["full_attention"] * layers})
+    cfg.text_config.rope_parameters["mrope_section"] = list(shape["mrope"])  # covers half the head dimension
+    cfg.vision_config.update(shape["vision"])  # hidden_size: the merger projects to the text width
+    if "tie_word_embeddings" in shape:  # the head shares the embedding matrix (Qwen2-VL-2B's 2.2B parameters)
+        cfg.tie_word_embeddings = shape["tie_word_embeddings"]
+    return cfg
+
+
+def vlm_model_dirs(root: Path, quick: bool, hiddens: set[int] | None = None, device: str = "cpu") -> dict[int, str]:
+    """hidden size -> model folder: the tiny asset (hidden 64) and the :data:`VLM_SHAPES` of ``hiddens`` (default:
+    64 and 256) built from its config with random weights (on ``device``; the 2B shape saved in bf16, both sides load
+    fp32), all with the processor's pixel budget raised to 448 x 448 (256 vision tokens)."""
     if quick:
         return {64: str(TINY_VLM)}
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     dirs = {}
-    for hidden, layers in ((64, 2), (256, 4)):
+    for hidden in sorted(hiddens or {64, 256}):
         d = root / f"qwen2_vl_{hidden}"
         shutil.copytree(TINY_VLM, d)
         if hidden != 64:
-            cfg = Qwen2VLConfig.from_pretrained(TINY_VLM)
-            heads = 4
-            cfg.text_config.update({"hidden_size": hidden, "intermediate_size": 2 * hidden,
-                                    "num_hidden_layers": layers, "num_attention_heads": heads,
-                                    "num_key_value_heads": 2, "layer_types": ["full_attention"] * layers})  # fmt: skip
-            half = hidden // heads // 2  # mrope sections cover half the head dimension: [1/2, 1/4, 1/4]
-            cfg.text_config.rope_parameters["mrope_section"] = [half // 2, half // 4, half // 4]
-            cfg.vision_config.hidden_size = hidden  # the merger projects to the text width
             torch.manual_seed(0)
             for f in d.glob("*.safetensors"):
                 f.unlink()
-            Qwen2VLForConditionalGeneration(cfg).save_pretrained(d, safe_serialization=True)
+            with torch.device(device):
+                model = Qwen2VLForConditionalGeneration(vlm_config(hidden))
+            if hidden >= 1536:  # 2.2B parameters: half the disk in bf16 (the smaller ones stay fp32, as before)
+                model.to(torch.bfloat16)
+            model.save_pretrained(d, safe_serialization=True)
+            del model
         proc = json.loads((d / "processor_config.json").read_text())
         for part in ("image_processor", "video_processor"):
             proc[part]["size"]["longest_edge"] = 448 * 448
@@ -217,7 +248,10 @@ def run_jobs(jobs: list[dict], args: argparse.Namespace, tmp: Path) -> list[dict
     return results + skipped
 
 
-def measure(pts: list[Point], args: argparse.Namespace, models: dict[int, str], tmp: Path) -> list[dict]:
+def measure(
+    pts: list[Point], args: argparse.Namespace, models: dict[int, str], tmp: Path, on_result=None
+) -> list[dict]:
+    """Every job of ``pts``; ``on_result(results so far)`` after each (the partial table is written as it grows)."""
     results: list[dict] = []
     if args.quick:  # every job in one process: a smoke test, no per-side memory
         jobs = [j for p in pts for j in jobs_for(p, ["mmgrpo", PEER_OF[p.family]] if p.peer else ["mmgrpo"], args,
@@ -231,6 +265,8 @@ def measure(pts: list[Point], args: argparse.Namespace, models: dict[int, str], 
             for job in jobs_for(p, sides if r % 2 == 0 else sides[::-1], args, models):
                 res = run_jobs([job], args, tmp)[0]
                 results.append(res)
+                if on_result is not None:
+                    on_result(results)
                 step = statistics.median(res["s_per_step"]) if res.get("s_per_step") else None  # fmt: skip
                 print(f"[{r + 1}/{args.repeats}] {p.label} | {job['side']}: "
                       + (f"error {res['error']}" if "error" in res else
@@ -380,7 +416,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    pts = [p for p in points(args.quick, args.only) if any(m in p.label for m in args.match)]
+    pts = [p for p in points(args.quick, args.only, args.device) if any(m in p.label for m in args.match)]
     if not pts:
         print(f"no row matches --only {' '.join(args.only)} --match {' '.join(map(repr, args.match))}",
               file=sys.stderr)  # fmt: skip
@@ -393,23 +429,35 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     before = environment(args.threads, args.device)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        models = vlm_model_dirs(Path(tmp), args.quick) if any(p.family == "vlm" for p in pts) else {}
-        results = measure(pts, args, models, Path(tmp))
-    wall = time.perf_counter() - t0
-    text = tables(results, pts, args.quick, args.device)
-    print(text)
     out = args.out if args.out is not None else ("" if args.quick else str(DEFAULT_OUT))
-    if out:
-        command = " ".join(["python bench/peers.py", *map(shlex.quote, argv)])
+    command = " ".join(["python bench/peers.py", *map(shlex.quote, argv)])
+
+    def write(results: list[dict], finished: bool) -> None:
+        """The results file, replaced whole (a temporary file renamed over it): after every job while running, so a
+        run that is stopped keeps what it measured, and at the end."""
+        if not out:
+            return
+        wall = time.perf_counter() - t0
         after = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-        body = (f"# mmgrpo vs its peers\n\nMade by `{command}` in {wall / 60:.1f} min. Before: {before}. After: "
-                f"{after}. Medians over {args.repeats} processes per side (min-max), each the median of its "
+        state = "" if finished else f" PARTIAL: {len(results)} jobs done so far, the run was still going."
+        body = (f"# mmgrpo vs its peers\n\nMade by `{command}` in {wall / 60:.1f} min.{state} Before: {before}. "
+                f"After: {after}. Medians over {args.repeats} processes per side (min-max), each the median of its "
                 f"{args.steps} timed steps after {args.warmup} warm-up step(s); sides alternate. What each row "
                 f"runs: the docstring of bench/peers.py; the Flow-GRPO loop: bench/flow_grpo_peer.py.\n\n"
-                f"{text}\n")  # fmt: skip
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(body)
+                f"{tables(results, pts, args.quick, args.device)}\n")  # fmt: skip
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = path.with_name(path.name + ".tmp")
+        tmp_path.write_text(body)
+        tmp_path.replace(path)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hiddens = {p.sizes["hidden"] for p in pts if p.family == "vlm"}
+        models = vlm_model_dirs(Path(tmp), args.quick, hiddens, args.device) if hiddens else {}
+        results = measure(pts, args, models, Path(tmp), on_result=lambda r: write(r, finished=False))
+    print(tables(results, pts, args.quick, args.device))
+    if out:
+        write(results, finished=True)
         print(f"wrote {out}")
     errors = [r for r in results if "error" in r]
     for r in errors:

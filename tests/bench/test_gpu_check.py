@@ -111,6 +111,23 @@ def test_peers_section_runs_bench_peers_and_embeds_its_tables(tmp_path):
     for table in ("## Diffusion Flow-GRPO step", "## Rollout", "| diffusion B 1 x G 2, T 3 (quick) | 6 |"):
         assert table in sec["text"] and table in (tmp_path / "gpu.md").read_text(), table
     assert "peak RSS MiB" in sec["text"] and "# mmgrpo vs its peers" not in sec["text"]
-    points = importlib.import_module("peers").points(False, ["vlm", "diffusion", "rollout"])
+    points = importlib.import_module("peers").points(False, ["vlm", "diffusion", "rollout"], "cuda")
     for match in gpu_check.PEER_ROWS:  # each --match picks rows that exist
         assert any(match in p.label for p in points), match
+
+
+def test_peers_section_stopped_at_its_time_limit_kills_its_worker_and_says_so(tmp_path, monkeypatch):
+    """At the time limit section 9 kills bench/peers.py and the worker process it started (which would hold the
+    GPU), and records the stop; the report goes on."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    gpu_check = importlib.import_module("gpu_check")
+    monkeypatch.setattr(gpu_check, "PEERS_MIN_S", 8.0)  # the --quick run needs ~25 s: stopped inside its worker
+    report = importlib.import_module("gpu_common").Report(tmp_path, "test", time_limit=0)
+    sec = report.section("9. peers")
+    gpu_check.section_peers(report, sec, "cpu", quick=True)
+    (row,) = sec["rows"]
+    assert row["result"].startswith("ERROR: stopped at the time limit (8 s)"), row
+    assert sec["had_error"]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps and "peers_gpu.md" not in ps, ps  # neither peers.py nor its worker is left

@@ -153,3 +153,53 @@ def test_flow_grpo_loop_recomputes_its_sampled_log_probs_then_trains():
     assert info["trained_rows"] in (0.0, 2.0, 4.0)  # rows of zero-advantage groups are filtered, in pairs here
     moved = any(not torch.equal(a, p) for a, p in zip(before, loop.params))
     assert moved == (info["optimizer_steps"] > 0)
+
+
+def test_the_qwen2_vl_2b_shaped_row_builds_and_runs_both_sides_at_toy_width(tmp_path, monkeypatch):
+    """The GPU-only row (``--device cuda``: Qwen2-VL-2B's shape, 2.2B random parameters) goes through the same
+    builder and the same sides as the CPU rows; here with its vocabulary (151936 ids, of which the tiny tokenizer
+    decodes 401) and tied head, at toy width, so the path runs on CPU: both sides train a step on it."""
+    peers, sides = load("peers"), load("peer_sides")
+    label = "VLM Qwen2-VL-2B shape (random weights), 448x448, B 2 x G 8, 32 tokens"
+    assert label in [p.label for p in peers.points(False, ["vlm"], "cuda")]
+    assert label not in [p.label for p in peers.points(False, ["vlm"], "cpu")]
+    full = peers.VLM_SHAPES[1536]
+    toy = {**full, "mrope": [4, 2, 2],
+           "text": {**full["text"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4},
+           "vision": {**full["vision"], "hidden_size": 64, "depth": 1, "embed_dim": 32, "num_heads": 2}}  # fmt: skip
+    monkeypatch.setitem(peers.VLM_SHAPES, 1536, toy)
+    folder = peers.vlm_model_dirs(tmp_path, False, {1536}, "cpu")[1536]
+    cfg = peers.vlm_config(1536)
+    assert cfg.text_config.vocab_size == 151936 and cfg.tie_word_embeddings and cfg.image_token_id == 395
+    job = {"family": "vlm", "sizes": {"hidden": 1536, "image": 56, "B": 1, "G": 2, "tokens": 4}, "model": folder,
+           "overrides": [], "warmup": 0, "steps": 1, "repeats": 1}  # fmt: skip
+    for side in ["mmgrpo"] + (["trl"] if importlib.util.find_spec("trl") else []):
+        res = sides.run_job({**job, "side": side})
+        assert len(res["s_per_step"]) == 1 and res["s_per_step"][0] > 0 and res["rows"] == 2, (side, res)
+        assert 0 < res["tokens_mean"] <= 4, (side, res)
+
+
+def test_the_results_file_is_rewritten_after_every_job(tmp_path, monkeypatch):
+    """A run stopped part way (gpu_check's time limit, a killed session) keeps the jobs it finished: the file is
+    replaced whole after each job, marked PARTIAL until the end. The workers are replaced by canned results here:
+    what is under test is the orchestrator's writing."""
+    peers = load("peers")
+    out = tmp_path / "peers.md"
+    seen = []
+
+    def fake_run_jobs(jobs, args, tmp):
+        seen.append(out.read_text() if out.exists() else None)
+        (job,) = jobs
+        return [{"family": job["family"], "side": job["side"], "sizes": job["sizes"], "label": job["label"],
+                 "overrides": job["overrides"], "s_per_step": [0.5 if job["side"] == "mmgrpo" else 1.0],
+                 "rows": 8, "trained_rows": 8.0, "compute_fraction": 0.9, "peak_mib": 100.0}]  # fmt: skip
+
+    monkeypatch.setattr(peers, "run_jobs", fake_run_jobs)
+    code = peers.main(["--only", "diffusion", "--match", "B 2 x G 4, T 5", "--repeats", "1", "--out", str(out)])
+    assert code == 0
+    assert seen[0] is None and "PARTIAL: 1 jobs done so far" in seen[1], seen  # written after the first job
+    assert "| diffusion B 2 x G 4, T 5 | 40 | error: no measurement" in seen[1]  # the peer side not yet measured
+    final = out.read_text()
+    assert "PARTIAL" not in final and "| diffusion B 2 x G 4, T 5 | 40 | 0.500 | 1.000 | **0.50** |" in final
+    assert not (tmp_path / "peers.md.tmp").exists()
