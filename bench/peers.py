@@ -190,6 +190,8 @@ def vlm_model_dirs(root: Path, quick: bool, hiddens: set[int] | None = None, dev
                 model.to(torch.bfloat16)
             model.save_pretrained(d, safe_serialization=True)
             del model
+            if device == "cuda":  # this process stays up while the workers run: give the GPU memory back
+                torch.cuda.empty_cache()
         proc = json.loads((d / "processor_config.json").read_text())
         for part in ("image_processor", "video_processor"):
             proc[part]["size"]["longest_edge"] = 448 * 448
