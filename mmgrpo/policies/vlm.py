@@ -13,9 +13,10 @@ Rollout of B prompts with G completions each (N = B*G rows, K = ``max_new_tokens
 1. the chat template and the processor run ONCE per prompt -> token ids [Lp], pixel values, grids, positions;
 2. the vision tower runs ONCE per prompt; its features are scattered into the prompt's embeddings [Lp, D];
 3. one prefill per prompt (unpadded), the B caches joined into one cache of N rows left-padded to the longest
-   prompt (:func:`join_caches`; an attention mask hides the pad slots, each row keeps its prompt's positions), and
-   ONE decode loop over all N rows, stopping when every row has its EOS; prompt b's G rows draw from the prompt's
-   own generator (seeded from ``PromptBatch.seeds[b]``), so samples do not depend on the layout; vision tokens
+   prompt (:func:`~mmgrpo.policies.vlm_cache.join_caches`; an attention mask hides the pad slots, each row keeps its
+   prompt's positions), and ONE decode loop over all N rows (:mod:`mmgrpo.policies.vlm_decode`), stopping when
+   every row has its EOS; prompt b's G rows draw from the prompt's own generator (seeded from
+   ``PromptBatch.seeds[b]``), so samples do not depend on the layout; vision tokens
    (pads, start/end), box tokens and ids >= ``len(tokenizer)`` get logit -inf and can never be sampled
    (sampling one would crash the next forward with "Image features and image tokens do not match");
 4. ``logp_old [N, K]`` is recomputed by the teacher-forced scorer that ``log_prob`` uses, reusing the features of
@@ -59,7 +60,7 @@ from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout, rollout_by_size
 from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
 from mmgrpo.policies.sources import check_source_options, resolve_source
-from mmgrpo.policies.vlm_cache import join_caches
+from mmgrpo.policies.vlm_decode import Decoder
 from mmgrpo.policies.vlm_families import VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media / prompt helpers used to live here)
     R1_SYSTEM_PROMPT,
@@ -425,82 +426,10 @@ class VLMPolicy:
         around the pieces it calls (FSDP2 gathers the root unit's embeddings and head there).
         """
         self.check_media_agrees(prompts)
-        return self.model(run=lambda: self._sample_batch(prompts, G, generators, greedy))
-
-    def _sample_batch(self, prompts: list[PromptInputs], G: int, generators: list, greedy: bool):
-        sc = self._scorer()
-        hf = sc.hf
-        backbone = sc.backbone(hf)
-        caches, last = [], []
-        for prompt in prompts:
-            feats = sc.vision(hf, prompt, store=True)  # the vision tower's one pass
-            emb = sc.prompt_embeds(hf, prompt, feats)[None]  # [1, Lp, D]
-            extra = self.adapter.decoder_kwargs(hf, prompt, feats, 1, 0, emb.shape[1])  # e.g. deepstack features
-            out = backbone(inputs_embeds=emb, position_ids=sc.positions(prompt, 0, 1), use_cache=True, **extra)
-            caches.append(getattr(out, "cache", None) or out.past_key_values)
-            last.append(out.last_hidden_state[:, -1])  # [1, D]
-        lengths = [int(p.input_ids.shape[0]) for p in prompts]
-        joined = join_caches(caches, lengths, G, room=self.options.max_new_tokens)
-        if joined is not None:
-            return self._decode_loop(prompts, joined, torch.cat(last), G, generators, greedy)
-        # a cache layout join_caches does not know (e.g. sliding windows): one decode loop per prompt
-        parts = [
-            self._decode_loop([p], join_caches([c], [n], G, room=self.options.max_new_tokens), h, G, [g], greedy)
-            for p, c, n, h, g in zip(prompts, caches, lengths, last, generators)
-        ]
-        T = max(part[0].shape[1] for part in parts)
-        toks = torch.cat([nn.functional.pad(x[0], (0, T - x[0].shape[1]), value=self.pad_id) for x in parts])
-        ent = torch.cat([nn.functional.pad(x[3], (0, T - x[3].shape[1])) for x in parts])
-        return toks, torch.cat([x[1] for x in parts]), torch.cat([x[2] for x in parts]), ent
-
-    def _decode_loop(self, prompts, cache, last: torch.Tensor, G: int, generators, greedy: bool):
-        """The decode loop of :meth:`sample_batch` over a joined cache of B*G rows; ``last [B, D]`` is each prompt's
-        last prefill hidden state."""
-        o, sc = self.options, self._scorer()
-        hf = sc.hf
-        backbone, head, embed = sc.backbone(hf), hf.get_output_embeddings(), hf.get_input_embeddings()
-        B, dev = len(prompts), last.device
-        N, K = B * G, o.max_new_tokens
-        lengths = torch.tensor([p.input_ids.shape[0] for p in prompts], device=dev)  # [B]
-        pad = (lengths.max() - lengths).repeat_interleave(G)  # [N] left pad slots of each row
-        Lmax, mask = int(lengths.max()), None
-        if bool(pad.any()):  # [N, Lmax + K]: 0 on the pad slots, which no row may attend to
-            mask = (torch.arange(Lmax + K, device=dev)[None] >= pad[:, None]).long()
-        # positions of completion token t of each row (slot Lp_b + t), the rows' own prompts': [..., N, K]
-        positions = torch.cat([sc.positions(p, K, G, start=p.input_ids.shape[0]) for p in prompts], dim=-2)
-        h = last.repeat_interleave(G, dim=0)  # [N, D]
-        eos = torch.tensor(self.eos_ids, device=dev)
-        done = torch.zeros(N, dtype=torch.bool, device=dev)
-        kw = {self.adapter.cache_kwarg(backbone): cache}
-        tokens, entropy = [], []
-        finished = [False] * B  # prompts all of whose rows have their EOS
-        for t in range(K):
-            logits = head(h)  # [N, V]
-            # prompt b's rows draw from its own generator (layout-independent draws), only while it is decoding
-            groups = [(slice(b * G, (b + 1) * G), generators[b]) for b in range(B) if not (greedy or finished[b])]
-            nxt, ent = sample_rows(logits, groups, o.temperature, o.top_p, o.top_k, sc.suppress, greedy)
-            entropy.append(ent)  # [N]; zeroed after each row's EOS below
-            nxt = nxt.masked_fill(done, self.pad_id)
-            tokens.append(nxt)
-            done = done | torch.isin(nxt, eos)
-            finished = done.view(B, G).all(1).tolist()  # the loop's one device -> host copy a token
-            if t == K - 1 or not self._on_any_process(not all(finished)):  # every process runs as many forwards
-                break
-            pos = positions[..., t : t + 1]  # token t sits at slot Lp_b + t (joined: slot Lmax + t)
-            seen = None if mask is None else mask[:, : Lmax + t + 1]
-            out = backbone(inputs_embeds=embed(nxt)[:, None], position_ids=pos, attention_mask=seen, use_cache=True,
-                           **kw)  # fmt: skip
-            h = out.last_hidden_state[:, -1]
-        toks = torch.stack(tokens, dim=1)  # [N, T]
-        is_eos = torch.isin(toks, eos)  # [N, T]
-        has_eos = is_eos.any(1)  # [N]
-        lens = torch.where(has_eos, is_eos.long().argmax(1) + 1, toks.shape[1])  # [N]: up to the first EOS
-        after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # [N, T]: an EOS earlier in the row (it was done)
-        return toks, lens, has_eos, torch.stack(entropy, dim=1).masked_fill(after, 0.0)
-
-    def _on_any_process(self, flag: bool) -> bool:
-        """``flag`` here, or on any process when the forwards are collective (:attr:`any_process`)."""
-        return flag if self.any_process is None else self.any_process(flag)
+        o = self.options
+        decoder = Decoder(self._scorer(), self.adapter, o.max_new_tokens, o.temperature, o.top_p, o.top_k, self.pad_id,
+                          self.eos_ids)  # fmt: skip
+        return self.model(run=lambda: decoder.run(prompts, G, generators, greedy))
 
     def _seeded(self, batch: PromptBatch, b: int, generator: torch.Generator | None) -> torch.Generator | None:
         return generator_for(batch.seeds[b], self.device) if batch.seeds else generator

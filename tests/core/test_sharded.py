@@ -337,12 +337,12 @@ VLM_SEED = 8
 VLM_RECORD = r"""
 import json, os, sys
 from torch.distributed.fsdp import FSDPModule
-from mmgrpo.policies.vlm import VLMPolicy
+from mmgrpo.policies.vlm_decode import Decoder
 from mmgrpo.train import trainer as tr
 from mmgrpo.train.cli import main
 
 loops, units = [], []
-real_loop, real_init = VLMPolicy._decode_loop, tr.Trainer.__init__
+real_loop, real_init = Decoder.loop, tr.Trainer.__init__
 def loop(self, prompts, cache, last, G, generators, greedy):
     out = real_loop(self, prompts, cache, last, G, generators, greedy)
     loops.append({"greedy": greedy, "steps": out[0].shape[1], "lengths": out[1].tolist()})
@@ -350,7 +350,7 @@ def loop(self, prompts, cache, last, G, generators, greedy):
 def init(self, *a, **k):
     real_init(self, *a, **k)
     units.extend(type(m).__name__ for m in self.policy.model.modules() if isinstance(m, FSDPModule))
-VLMPolicy._decode_loop, tr.Trainer.__init__ = loop, init
+Decoder.loop, tr.Trainer.__init__ = loop, init
 code = main(sys.argv[1:])
 with open(f"record_rank{os.environ['RANK']}.json", "w") as f:
     json.dump({"loops": loops, "units": units}, f)
@@ -389,7 +389,7 @@ def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_uns
     without EOS (``VLMPolicy.any_process``); a process whose rows all ended first decodes padding meanwhile. The
     sharded run goes through a small script around the CLI that records each decode loop's steps and row lengths
     and the FSDP units on every process; its checkpoint equals the unsharded run's within float32 rounding."""
-    from mmgrpo.policies.vlm import VLMPolicy
+    from mmgrpo.policies.vlm_decode import Decoder
 
     base = save_vlm_that_stops(tmp_path / "base", eos_scale=VLM_EOS_SCALE)
     (tmp_path / "vlm_length_reward.py").write_text(VLM_REWARD)
@@ -411,14 +411,14 @@ def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_uns
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     plain: list[dict] = []  # the unsharded run's decode loops
-    real_loop = VLMPolicy._decode_loop
+    real_loop = Decoder.loop
 
     def loop(self, prompts, cache, last, G, generators, greedy):
         out = real_loop(self, prompts, cache, last, G, generators, greedy)
         plain.append({"greedy": greedy, "steps": out[0].shape[1], "lengths": out[1].tolist()})
         return out
 
-    monkeypatch.setattr(VLMPolicy, "_decode_loop", loop)
+    monkeypatch.setattr(Decoder, "loop", loop)
     one = train(load_config(tmp_path / "cfg.yaml", [f"run.output_dir={tmp_path}", "run.name=one"]))
 
     ranks = [json.loads((tmp_path / f"record_rank{r}.json").read_text()) for r in (0, 1)]
