@@ -405,8 +405,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--out", default=None, help=f"markdown file (default {DEFAULT_OUT}; none with --quick; '' = none)")
     args = p.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    args.steps = args.steps or (1 if args.quick else 3)
+    if args.repeats is None:  # not `or`: 0 must reach the check below, not become the default
+        args.repeats = 1 if args.quick else 3
+    if args.steps is None:
+        args.steps = 1 if args.quick else 3
     for name in ("repeats", "steps", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -203,3 +203,16 @@ def test_the_results_file_is_rewritten_after_every_job(tmp_path, monkeypatch):
     final = out.read_text()
     assert "PARTIAL" not in final and "| diffusion B 2 x G 4, T 5 | 40 | 0.500 | 1.000 | **0.50** |" in final
     assert not (tmp_path / "peers.md.tmp").exists()
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--steps", "0"], ["--threads", "0"], ["--warmup", "-1"],
+                                 ["--device", "tpu"]])  # fmt: skip
+def test_bad_arguments_stop_with_one_line_and_exit_2_before_any_work(bad, tmp_path, capsys):
+    """A zero count used to become the default through `or` and start the full benchmark."""
+    out = tmp_path / "peers.md"
+    with pytest.raises(SystemExit) as stop:
+        load("peers").main([*bad, "--out", str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bench/peers.py: error: argument --device") or "must be >= " in err[-1], err
+    assert not out.exists()
