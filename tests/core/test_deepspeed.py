@@ -53,7 +53,8 @@ from mmgrpo.train.cli import main
 
 point, argv = sys.argv[1], sys.argv[2:]
 rank = int(os.environ.get("RANK", "0"))
-if point == "probe":  # the layout DeepSpeed gave the trainer, one JSON line per rank
+if point == "probe":  # the layout DeepSpeed gave the trainer, one JSON file per rank in the working directory (the
+    # ranks share one stdout, where two lines written at once can run together)
     real_init = tr.Trainer.__init__
     def init(self, *a, **k):
         real_init(self, *a, **k)
@@ -66,7 +67,9 @@ if point == "probe":  # the layout DeepSpeed gave the trainer, one JSON line per
             local = p._hp_mapping.lp_fragment_address.numel if p._hp_mapping is not None else 0
         probe = {"rank": rank, "stage": eng.zero_optimization_stage(), "world": self.acc.num_processes,
                  "local_fp32": local, "module_numel": p.numel(), "engine": type(self.policy.model).__name__}
-        print("PROBE " + json.dumps(probe), flush=True)
+        with open(f"probe_{rank}.json.tmp", "w") as f:
+            json.dump(probe, f)
+        os.replace(f"probe_{rank}.json.tmp", f"probe_{rank}.json")
     tr.Trainer.__init__ = init
 elif point == "after_checkpoint":  # every rank dies in step 3, after the checkpoint of step 2
     real_update = tr.Trainer.update
@@ -163,8 +166,7 @@ def runs(request, tmp_path_factory):
     proc = _launch(root, stage, "probe", "train", str(root / "cfg.yaml"), f"run.output_dir={root}", "run.name=ds",
                    script=[str(root / "wrapper.py")])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    probes = [json.loads(x[6:]) for x in proc.stdout.splitlines() if x.startswith("PROBE ")]
-    probes.sort(key=lambda p: p["rank"])
+    probes = [json.loads((root / f"probe_{rank}.json").read_text()) for rank in (0, 1)]
     return stage, root, root / "ds", one.run_dir, probes
 
 
