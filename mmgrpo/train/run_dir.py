@@ -3,7 +3,9 @@
 - ``run.name`` is one plain path component (letters, digits, ``.``, ``_``, ``-``; not ``.``/``..``), so a run never
   lands outside ``run.output_dir``.
 - A run directory carries the marker file ``.mmgrpo-run``; ``run.overwrite=true`` wipes only a folder that has it
-  (never another project's folder that happens to have the same name).
+  (never another project's folder that happens to have the same name). A new run whose build fails (a model path
+  that does not load, a bad dataset) removes the directory it made, so the same command works once the cause is
+  fixed; while a run builds, its directory (the marker alone) keeps a second run of the same name out.
 - ``resume=DIR`` continues from the newest checkpoint that verifies (a damaged newer one is skipped with a note);
   a run that stopped before its first checkpoint restarts from step 0. The config may change only in keys that
   do not change what the run computes (``RESUMABLE``), unless ``resume_force=true``; every other changed key is
@@ -61,6 +63,16 @@ def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         (run_dir / RUN_MARKER).write_text("mmgrpo run directory: run.overwrite=true may replace it\n")
     return run_dir
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove ``run_dir`` if it holds the marker and nothing else: a new run that failed before it wrote anything."""
+    try:
+        if [p.name for p in run_dir.iterdir()] == [RUN_MARKER]:
+            (run_dir / RUN_MARKER).unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass  # gone already, or something appeared in it: leave it
 
 
 def _resume_dir(resume: str) -> Path:

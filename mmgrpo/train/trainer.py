@@ -53,6 +53,7 @@ from mmgrpo.train.report import before_after, save_completions, save_samples, wr
 from mmgrpo.train.reroll import reroll
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
+    discard_unstarted,
     prepare_run_dir,
     resume_checkpoint,
     truncate_metrics,
@@ -984,7 +985,12 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     if acc.is_main_process:
         prepare_run_dir(cfg, is_main=True)
     acc.wait_for_everyone()
-    trainer = Trainer(cfg, run_dir, acc)
+    try:
+        trainer = Trainer(cfg, run_dir, acc)
+    except BaseException:
+        if acc.is_main_process and not cfg.resume:
+            discard_unstarted(run_dir)
+        raise
     if cfg.resume:
         latest = resume_checkpoint(run_dir)
         if latest is not None:

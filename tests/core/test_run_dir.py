@@ -91,6 +91,35 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_resumed(tmp_path):
     assert again.step == 3
 
 
+def test_a_run_whose_build_fails_leaves_no_directory_and_the_same_command_then_runs(tmp_path, monkeypatch):
+    # the build fails (as when the model path does not load): the directory the run made is removed, so the same
+    # command works once the cause is fixed, without resume= or run.overwrite=true
+    from mmgrpo.train import trainer as tr
+
+    real = tr.build_components
+
+    def failing(cfg, acc):
+        if cfg.data.options.get("num_arms") == 5:
+            raise UserError("policy.options.path='nowhere' does not load")
+        return real(cfg, acc)
+
+    monkeypatch.setattr(tr, "build_components", failing)
+    with pytest.raises(UserError, match="does not load"):
+        train(cfg(tmp_path, "run.name=b", "data.options.num_arms=5"))
+    assert not (tmp_path / "b").exists()
+    assert train(cfg(tmp_path, "run.name=b", "trainer.max_steps=1")).step == 1
+    # a directory with anything besides the marker is kept (and a run that had started is never removed)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / RUN_MARKER).write_text("")
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="does not load"):
+        train(cfg(tmp_path, "run.name=c", "run.overwrite=true", "data.options.num_arms=5"))
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="does not load"):
+        train(cfg(tmp_path, "run.name=b", "run.overwrite=true", "data.options.num_arms=5"))
+    assert (tmp_path / "b" / "config.yaml").is_file()
+
+
 @pytest.mark.parametrize(
     "change, named",
     [("run.seed=1", "run.seed: 0 -> 1"), ("trainer.group_size=2", "trainer.group_size: 4 -> 2"),
