@@ -166,8 +166,9 @@ class ModelSource:
         reason = _first_line(e)
         if self.hub_id is not None or not self.local:
             repo = self.hub_id or self.path
+            where = "" if Path(repo).is_absolute() else f" under the current directory ({Path.cwd()})"
             return (
-                f"{self.key}={repo!r} is not a local folder, so it is read as a hub repository id "
+                f"{self.key}={repo!r} is not a local folder{where}, so it is read as a hub repository id "
                 f"(revision {self.revision or 'main'!r}{f', variant {self.variant!r}' if self.variant else ''}), "
                 f"and its files could not be read: {reason}. Download them once where the hub is reachable: "
                 f"`{self.download_command()}`, then set {self.key}: {local_dir(repo)}; or run the same command "

@@ -165,8 +165,9 @@ def test_a_hub_id_that_is_not_cached_offline_names_the_exact_download(hub):
         load_adapter(options(path="mmgrpo-test/absent", revision="v3", variant="fp16"))
     msg = str(err.value)
     assert expected in msg, msg
-    assert msg.startswith("policy.options.path='mmgrpo-test/absent' is not a local folder, so it is read as a hub "
-                          "repository id (revision 'v3', variant 'fp16')")  # fmt: skip
+    assert msg.startswith(f"policy.options.path='mmgrpo-test/absent' is not a local folder under the current "
+                          f"directory ({Path.cwd()}), so it is read as a hub repository id (revision 'v3', variant "
+                          "'fp16')")  # fmt: skip
     assert "set policy.options.path: models/absent" in msg and "HF_HUB_OFFLINE=1" in msg
     # with a single-file denoiser only the transformer's config.json is needed from the repository
     with pytest.raises(UserError, match=r"--include model_index.json --include transformer/config.json --include"):
