@@ -14,3 +14,9 @@ def quoted(value: object, limit: int = 120) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters (a 500 kB prompt must not be echoed)."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def bad_option(key: str, value: object, rule: str) -> UserError:
+    """The error of an option out of its range, as one paragraph: ``key=value: rule``, where ``rule`` says what is
+    valid and the fix (``data.options.num_arms=0: a bandit needs at least 2 arms; set it to 2 or more``)."""
+    return UserError(f"{key}={quoted(value, 60)}: {rule}")

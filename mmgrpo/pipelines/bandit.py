@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmgrpo.core.errors import bad_option
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.bandit import BanditPolicy, BanditPolicyOptions
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
@@ -27,6 +28,25 @@ class BanditDataOptions:
     """A: arms per prompt"""
     value_seed: int = 1234
     """seed of the arm values"""
+
+    def __post_init__(self) -> None:
+        # checked when the config loads (Pipeline.check), before anything is built
+        if self.num_prompts < 1:
+            raise bad_option(
+                "data.options.num_prompts",
+                self.num_prompts,
+                "a bandit needs at least 1 prompt (state); set it to 1 or more, e.g. 8",
+            )
+        if self.num_arms < 2:
+            raise bad_option(
+                "data.options.num_arms",
+                self.num_arms,
+                "a bandit needs at least 2 arms (with one there is nothing to choose); set it to 2 or more, e.g. 6",
+            )
+        if self.value_seed < 0:
+            raise bad_option(
+                "data.options.value_seed", self.value_seed, "a seed is an integer >= 0; set it to 0 or more, e.g. 1234"
+            )
 
 
 class BanditPrompts:

@@ -7,11 +7,13 @@ checkpoints and distributed runs are tested on it without any model code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mmgrpo.core.errors import bad_option
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout, rollout_by_size
@@ -23,6 +25,14 @@ class BanditPolicyOptions:
     """std of the random initial logits (0 = uniform policy)"""
     reference: bool = True
     """keep the initial logits as a frozen reference for the KL term"""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.init_std) and self.init_std >= 0):
+            raise bad_option(
+                "policy.options.init_std",
+                self.init_std,
+                "the std of the random initial logits must be a finite number >= 0; set it to 0 (uniform) or e.g. 0.1",
+            )
 
 
 class BanditModel(nn.Module):

@@ -52,6 +52,16 @@ BAD = [
     ("loss.options.clip_low=1.5", "loss.options.clip_low=1.5"),
     ("loss.options.clip_high=.nan", "loss.options.clip_high=nan"),
     ("loss.beta=-1", "loss.beta=-1.0"),
+    # the recipe's own options (the bandit's here), checked by their dataclass when the config loads
+    ("data.options.num_arms=0", "data.options.num_arms=0: a bandit needs at least 2 arms"),
+    ("data.options.num_arms=1", "data.options.num_arms=1: a bandit needs at least 2 arms"),
+    ("data.options.num_arms=-1", "data.options.num_arms=-1: a bandit needs at least 2 arms"),
+    ("data.options.num_prompts=0", "data.options.num_prompts=0: a bandit needs at least 1 prompt"),
+    ("data.options.num_prompts=-1", "data.options.num_prompts=-1: a bandit needs at least 1 prompt"),
+    ("data.options.value_seed=-1", "data.options.value_seed=-1: a seed is an integer >= 0"),
+    ("policy.options.init_std=-1", "policy.options.init_std=-1.0: the std of the random initial logits must be"),
+    ("policy.options.init_std=nan", "policy.options.init_std=nan: the std"),
+    ("policy.options.init_std=.inf", "policy.options.init_std=inf: the std"),
     ("run.name=../other", "must be one plain folder name"),
     ("run.name=a/b", "must be one plain folder name"),
 ]
