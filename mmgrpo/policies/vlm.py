@@ -44,6 +44,7 @@ truncation is not reflected, as in TRL and verl). They are computed in fp32 from
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,7 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extra import ExtraModel
 from mmgrpo.core.extras import needs
 from mmgrpo.core.losses import k3_kl
@@ -157,7 +158,41 @@ class VLMPolicyOptions:
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
 
     def __post_init__(self) -> None:
+        # checked when the config loads (Pipeline.check), before the model does: a bad number here otherwise ends
+        # in a torch / peft traceback mid-rollout, or trains silently on a meaningless setting
         check_source_options("policy.options.path", self.revision, self.variant)
+        p = "policy.options"
+        if self.finetune not in ("lora", "full"):
+            raise bad_option(f"{p}.finetune", self.finetune, "use 'lora' or 'full'")
+        if self.max_new_tokens < 1:
+            raise bad_option(f"{p}.max_new_tokens", self.max_new_tokens,
+                             "a completion needs at least 1 token; set it to 1 or more, e.g. 128")  # fmt: skip
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise bad_option(f"{p}.temperature", self.temperature, "the sampling temperature must be a finite "
+                             "number > 0, e.g. 1.0 (greedy decoding is for evaluation)")  # fmt: skip
+        if not 0 < self.top_p <= 1:
+            raise bad_option(f"{p}.top_p", self.top_p, "the nucleus mass must be in (0, 1]; set it to 1 (off) or "
+                             "e.g. 0.9")  # fmt: skip
+        if self.top_k < 0:
+            raise bad_option(f"{p}.top_k", self.top_k, "must be >= 0; set it to 0 (off) or e.g. 50")
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise bad_option(f"{p}.fps", self.fps, "video frames per second must be a finite number > 0, e.g. 2.0")
+        if self.max_frames < 1:
+            raise bad_option(f"{p}.max_frames", self.max_frames, "a video needs at least 1 frame; e.g. 16")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise bad_option(f"{p}.max_pixels", self.max_pixels, "the pixel budget per image must be >= 1, e.g. "
+                             "200704 (448 x 448), or null for the processor's own budget")  # fmt: skip
+        if self.logprob_chunk < 1:
+            raise bad_option(f"{p}.logprob_chunk", self.logprob_chunk, "must be >= 1 tokens per chunk, e.g. 1024")
+        if self.finetune == "lora" and self.lora_rank < 1:
+            raise bad_option(f"{p}.lora_rank", self.lora_rank, "finetune=lora needs a LoRA rank >= 1, e.g. 16; or "
+                             "set policy.options.finetune=full")  # fmt: skip
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise bad_option(f"{p}.lora_alpha", self.lora_alpha, "the LoRA scale numerator must be a finite number "
+                             "> 0 (scale = alpha / rank; 0 would train nothing), e.g. 32")  # fmt: skip
+        if not 0 <= self.lora_dropout < 1:
+            raise bad_option(f"{p}.lora_dropout", self.lora_dropout, "a dropout probability must be in [0, 1); keep "
+                             "0 so that log_prob reproduces logp_old")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the policy
@@ -241,11 +276,7 @@ class VLMPolicy:
     def __init__(
         self, model: nn.Module, processor: Any, options: VLMPolicyOptions | None = None, reference: bool = False
     ):
-        o = options or VLMPolicyOptions()
-        if o.temperature <= 0:
-            raise UserError(f"policy.options.temperature={o.temperature} must be > 0 (greedy decoding is for eval)")
-        if o.finetune not in ("lora", "full"):
-            raise UserError(f"policy.options.finetune={o.finetune!r}; use 'lora' or 'full'")
+        o = options or VLMPolicyOptions()  # its numbers were checked when it was built (__post_init__)
         self.options, self.processor = o, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = detect_family(model, o.family)

@@ -5,6 +5,7 @@ The family contract (ratio = 1, layout-independent samples, suppression, LoRA re
 move, video, loading) runs over every VLM family in test_vlm_conformance.py."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from mmgrpo.policies.vlm import (
 from mmgrpo.policies.vlm_cache import join_caches
 from mmgrpo.testing.tiny_vlm import tiny_qwen2_vl
 from mmgrpo.testing.vlm_checks import biased_head, hf_reference_logits, image_batch, images, make_policy
+
+REPO = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------------------------- reference, prompts
 
@@ -210,6 +213,58 @@ def test_sample_rows_equals_per_prompt_sampling_bit_for_bit(options):
             # the same state afterwards: each generator drew exactly what the per-prompt call drew (or nothing)
             assert torch.equal(ours[b].get_state(), theirs[b].get_state()), (step, b)
         logits = logits.roll(1, dims=-1)
+
+
+BAD_OPTIONS = [  # (options, the start of the one-paragraph error): each used to end in a torch / peft traceback
+    # mid-rollout, or to train silently on a meaningless setting (found by fuzzing the shipped VLM configs)
+    ({"max_new_tokens": 0}, "policy.options.max_new_tokens=0: a completion needs at least 1 token"),
+    ({"max_new_tokens": -1}, "policy.options.max_new_tokens=-1: a completion needs at least 1 token"),
+    ({"temperature": 0.0}, "policy.options.temperature=0.0: the sampling temperature must be a finite number > 0"),
+    ({"temperature": math.nan}, "policy.options.temperature=nan: the sampling temperature must be"),
+    ({"temperature": math.inf}, "policy.options.temperature=inf: the sampling temperature must be"),
+    ({"top_p": 0.0}, r"policy.options.top_p=0.0: the nucleus mass must be in \(0, 1\]"),
+    ({"top_p": -1.0}, r"policy.options.top_p=-1.0: the nucleus mass must be in \(0, 1\]"),
+    ({"top_p": math.nan}, "policy.options.top_p=nan: the nucleus mass"),
+    ({"top_p": math.inf}, "policy.options.top_p=inf: the nucleus mass"),
+    ({"top_k": -1}, r"policy.options.top_k=-1: must be >= 0; set it to 0 \(off\)"),
+    ({"fps": 0.0}, "policy.options.fps=0.0: video frames per second must be a finite number > 0"),
+    ({"fps": math.nan}, "policy.options.fps=nan: video frames per second"),
+    ({"max_frames": 0}, "policy.options.max_frames=0: a video needs at least 1 frame"),
+    ({"max_pixels": 0}, "policy.options.max_pixels=0: the pixel budget per image must be >= 1"),
+    ({"max_pixels": -1}, "policy.options.max_pixels=-1: the pixel budget"),
+    ({"logprob_chunk": 0}, "policy.options.logprob_chunk=0: must be >= 1 tokens per chunk"),
+    ({"logprob_chunk": -1}, "policy.options.logprob_chunk=-1: must be >= 1"),
+    ({"lora_rank": 0}, "policy.options.lora_rank=0: finetune=lora needs a LoRA rank >= 1"),
+    ({"lora_rank": -1}, "policy.options.lora_rank=-1: finetune=lora needs a LoRA rank >= 1"),
+    ({"lora_alpha": 0.0}, "policy.options.lora_alpha=0.0: the LoRA scale numerator must be a finite number > 0"),
+    ({"lora_alpha": -1.0}, "policy.options.lora_alpha=-1.0: the LoRA scale numerator"),
+    ({"lora_alpha": math.nan}, "policy.options.lora_alpha=nan: the LoRA scale numerator"),
+    ({"lora_dropout": -1.0}, r"policy.options.lora_dropout=-1.0: a dropout probability must be in \[0, 1\)"),
+    ({"lora_dropout": math.nan}, "policy.options.lora_dropout=nan: a dropout probability"),
+    ({"lora_dropout": math.inf}, "policy.options.lora_dropout=inf: a dropout probability"),
+    ({"finetune": "qlora"}, "policy.options.finetune='qlora': use 'lora' or 'full'"),
+]
+
+
+@pytest.mark.parametrize("options, match", BAD_OPTIONS, ids=[str(o) for o, _ in BAD_OPTIONS])
+def test_bad_numbers_are_one_clear_error_when_the_options_are_built(options, match):
+    """Checked by the options dataclass, i.e. when the config loads (the recipe's schema), before any model."""
+    with pytest.raises(UserError, match=f"^{match}"):
+        VLMPolicyOptions(**options)
+
+
+def test_a_lora_rank_of_0_is_no_error_when_nothing_is_lora():
+    assert VLMPolicyOptions(finetune="full", lora_rank=0).lora_rank == 0  # unused by full fine-tuning
+
+
+def test_a_bad_policy_option_fails_at_config_load_through_the_cli(tmp_path, capsys):
+    from mmgrpo.train.cli import main
+
+    config = REPO / "configs" / "vlm_reasoning_tiny.yaml"
+    code = main(["train", str(config), f"run.output_dir={tmp_path}", "policy.options.top_p=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "policy.options.top_p=0.0: the nucleus mass" in err, err
+    assert not any(tmp_path.iterdir())
 
 
 def test_token_entropy_equals_hand_computed():
