@@ -65,6 +65,8 @@ from mmgrpo.data.shapes import COLORS, COUNT_WORDS, SHAPES, Obj, Scene
 QA_KINDS = ("count", "color", "position", "grounding")
 MC_KINDS = ("count", "color", "position")
 DIFFICULTIES = ("normal", "near_miss", "shuffled")
+IMAGE_SIZES = (32, 512)
+"""the image sides (pixels) an example can be rendered at, both included; the world is drawn for 32-64"""
 COUNT_OPTIONS = ("0", "1", "2", "3")
 COLOR_OPTIONS = COLORS  # red, green, blue, yellow
 POSITION_OPTIONS = ("left", "right", "top", "bottom")
@@ -328,7 +330,7 @@ def make_example(
     ``kind`` None draws one of ``kinds`` uniformly from the scene's generator; ``difficulty`` (module doc): normal,
     near_miss or shuffled (the last two: multiple-choice kinds only).
     """
-    if not 32 <= size <= 512:
+    if not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]:
         raise UserError(f"shapes_qa: image size={size} must be in 32..512 (the shapes world is drawn for 32-64 px)")
     if difficulty not in DIFFICULTIES:
         raise UserError(f"shapes_qa: difficulty={difficulty!r}; use one of {', '.join(DIFFICULTIES)}")

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.files import check_image
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
@@ -38,6 +38,7 @@ from mmgrpo.pipelines.vlm_reasoning import (
     PairedScores,
     QAPrompts,
     check_heldout_fraction,
+    check_vlm_data,
     jsonl_records,
     load_vlm_policy,
     seeded_split,
@@ -69,6 +70,14 @@ class VLMGroundingDataOptions:
     """held-out examples answered (greedily) at each evaluation"""
     eval_batch: int = 8
     """prompts per generate call during evaluation"""
+
+    def __post_init__(self) -> None:
+        # checked when the config loads (Pipeline.check), before the model does
+        check_vlm_data(self.split_seed, self.eval_examples)
+        lo, hi = shapes_qa.IMAGE_SIZES
+        if not self.path and not lo <= self.image_size <= hi:
+            raise bad_option("data.options.image_size", self.image_size, f"the shapes grounding scenes are rendered "
+                             f"with a side in {lo}..{hi} pixels (drawn for 32-64); set it to e.g. 64")  # fmt: skip
 
 
 Example = tuple[dict, dict]  # (prompt {question}, meta {box, image_size, images})

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes, shapes_qa
@@ -48,6 +48,17 @@ from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline, completion_records
 from mmgrpo.train.config import Config, options_from
+
+
+def check_vlm_data(split_seed: int, eval_examples: int) -> None:
+    """The numbers of ``data.options`` both VLM recipes share: a split seed numpy takes, an evaluation that asks
+    something (``eval_examples`` 0 gave NaN metrics, -1 silently all held-out examples but the last)."""
+    if split_seed < 0:
+        raise bad_option("data.options.split_seed", split_seed, "a seed is an integer >= 0; set it to 0 or more "
+                         "(0 is the split assets/shapes_vlm was pretrained on)")  # fmt: skip
+    if eval_examples < 1:
+        raise bad_option("data.options.eval_examples", eval_examples, "an evaluation needs at least 1 held-out "
+                         "example; set it to 1 or more, e.g. 32 (never evaluate: trainer.eval_every=0)")  # fmt: skip
 
 
 @dataclass
@@ -77,6 +88,23 @@ class VLMReasoningDataOptions:
     """held-out examples answered (greedily) at each evaluation"""
     eval_batch: int = 8
     """prompts per generate call during evaluation"""
+
+    def __post_init__(self) -> None:
+        # checked when the config loads (Pipeline.check), before the model does
+        check_vlm_data(self.split_seed, self.eval_examples)
+        if self.path:  # the numbers below only shape the synthetic data
+            return
+        if self.source == "shapes" and self.num_examples < 2:
+            raise bad_option("data.options.num_examples", self.num_examples, "the synthetic shapes QA needs at least "
+                             "2 examples (train + held-out); set it to 2 or more, e.g. 512")  # fmt: skip
+        if self.source == "shapes_qa" and self.num_examples < 1:
+            raise bad_option("data.options.num_examples", self.num_examples, "source shapes_qa needs at least 1 "
+                             "train scene; set it to 1 or more, e.g. 4096")  # fmt: skip
+        lo, hi = shapes_qa.IMAGE_SIZES if self.source == "shapes_qa" else (16, None)  # what each source can draw
+        if self.image_size < lo or (hi is not None and self.image_size > hi):
+            rule = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise bad_option("data.options.image_size", self.image_size, f"source {self.source} renders images of "
+                             f"a side {rule} pixels; the shapes world is drawn for 32-64, e.g. 64")  # fmt: skip
 
 
 Example = tuple[dict, dict]  # (prompt {question, options}, meta {answer, images | video, ...})

@@ -104,6 +104,23 @@ def test_a_box_reward_in_another_family_is_refused():
         check_box_rewards(cfg, "qwen2_5_vl")
 
 
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("data.options.split_seed=-1", "data.options.split_seed=-1: a seed is an integer >= 0"),
+        ("data.options.eval_examples=0", "data.options.eval_examples=0: an evaluation needs at least 1 held-out"),
+        ("data.options.eval_examples=-1", "data.options.eval_examples=-1: an evaluation needs at least 1 held-out"),
+        ("data.options.image_size=0", r"data.options.image_size=0: the shapes grounding scenes .* in 32\.\.512"),
+        ("data.options.image_size=-1", "data.options.image_size=-1: the shapes grounding scenes"),
+    ],
+)
+def test_bad_data_numbers_fail_when_the_config_loads(override, match):
+    """Each used to end in a numpy traceback (split_seed), a message naming no key (image_size) or NaN / no
+    evaluation (eval_examples 0); now the data options' dataclass refuses them before any model loads."""
+    with pytest.raises(UserError, match=f"^{match}"):
+        load_config(CONFIG, [override])
+
+
 def test_config_opens_with_its_command():
     assert CONFIG.read_text().splitlines()[0] == "# mmgrpo train configs/shapes_grounding_medloc.yaml"
 

@@ -89,6 +89,33 @@ def test_config_opens_with_its_command_and_loads():
         load_config(CONFIG, ["policy.options.max_new_token=3"])  # a typo is an error, not a silent default
 
 
+BAD_DATA = [  # (overrides, the start of the error); each used to end in a numpy / ZeroDivisionError traceback, a
+    # message that named no key, or NaN / silently truncated evaluations (found by fuzzing the shipped configs)
+    (["data.options.split_seed=-1"], "data.options.split_seed=-1: a seed is an integer >= 0"),
+    (["data.options.eval_examples=0"], "data.options.eval_examples=0: an evaluation needs at least 1 held-out"),
+    (["data.options.eval_examples=-1"], "data.options.eval_examples=-1: an evaluation needs at least 1 held-out"),
+    (["data.options.num_examples=1"], "data.options.num_examples=1: the synthetic shapes QA needs at least 2"),
+    (["data.options.num_examples=-1"], "data.options.num_examples=-1: the synthetic shapes QA needs at least 2"),
+    (["data.options.image_size=0"], "data.options.image_size=0: source shapes renders images of a side >= 16"),
+    (["data.options.source=shapes_qa", "data.options.num_examples=0"],
+     "data.options.num_examples=0: source shapes_qa needs at least 1 train scene"),
+    (["data.options.source=shapes_qa", "data.options.image_size=-1"],
+     r"data.options.image_size=-1: source shapes_qa renders images of a side in 32\.\.512"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides, match", BAD_DATA, ids=[" ".join(o) for o, _ in BAD_DATA])
+def test_bad_data_numbers_fail_when_the_config_loads(overrides, match):
+    """Checked by the data options' dataclass (the recipe's schema), before any model or example is built."""
+    with pytest.raises(UserError, match=f"^{match}"):
+        load_config(CONFIG, overrides)
+
+
+def test_data_numbers_of_the_synthetic_data_do_not_bind_a_jsonl_file():
+    data = VLMReasoningDataOptions(path="examples.jsonl", num_examples=0, image_size=0)  # unused with a file
+    assert data.num_examples == 0
+
+
 def test_make_tiny_vlm_writes_a_small_loadable_dir_and_the_warm_up_teaches_the_format(tmp_path):
     out = make_tiny_vlm(["--out", str(tmp_path / "m"), "--sft-steps", "0"])
     size = sum(f.stat().st_size for f in out.iterdir())
