@@ -24,7 +24,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data.prompts import PromptList
-from mmgrpo.pipelines.text_to_image import generator_components, generator_options
+from mmgrpo.pipelines.text_to_image import check_eval_numbers, generator_components, generator_options
 from mmgrpo.pipelines.text_to_video import VideoPolicyOptions, load_video_adapter
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.train.components import PIPELINES, Components, Pipeline
@@ -62,6 +62,9 @@ class FrameDataOptions:
     """videos per evaluation forward batch"""
     grid_images: int = 8
     """evaluation videos shown side by side in each saved mp4"""
+
+    def __post_init__(self) -> None:
+        check_eval_numbers(self)  # checked when the config loads (Pipeline.check), before the model does
 
 
 def _row(obj: dict, base: Path, default_prompt: str, where: str) -> FramePrompt:

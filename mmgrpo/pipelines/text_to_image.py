@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mmgrpo import rewards as reward_registry
+from mmgrpo.core.errors import bad_option
 from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import PromptList, read_prompts
@@ -46,6 +47,28 @@ class PromptDataOptions:
     """evaluation images shown in each saved grid"""
     split_seed: int = 0
     """seed of the shapes world's train/held-out split"""
+
+    def __post_init__(self) -> None:
+        # checked when the config loads (Pipeline.check), before the model does
+        check_eval_numbers(self)
+        if self.split_seed < 0:
+            raise bad_option("data.options.split_seed", self.split_seed,
+                             "a seed is an integer >= 0; set it to 0 or more")  # fmt: skip
+
+
+def check_eval_numbers(data: Any) -> None:
+    """The evaluation numbers of a generator recipe's ``data.options``: with samples per prompt < 1 an evaluation
+    crashed (torch.cat of nothing), grid_images 0 divided by zero writing the grid, and a negative
+    eval_max_prompts / grid_images silently dropped the last prompt / image (a slice [:-1])."""
+    if data.eval_samples_per_prompt < 1:
+        raise bad_option("data.options.eval_samples_per_prompt", data.eval_samples_per_prompt, "an evaluation "
+                         "needs at least 1 sample per held-out prompt; set it to 1 or more, e.g. 2")  # fmt: skip
+    if data.eval_max_prompts < 0:
+        raise bad_option("data.options.eval_max_prompts", data.eval_max_prompts,
+                         "must be >= 0; set it to 0 (all held-out prompts) or a count, e.g. 64")  # fmt: skip
+    if data.grid_images < 1:
+        raise bad_option("data.options.grid_images", data.grid_images,
+                         "a saved grid shows at least 1 image; set it to 1 or more, e.g. 16")  # fmt: skip
 
 
 def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, reward_name: str, run_seed: int):

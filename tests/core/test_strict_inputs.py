@@ -93,6 +93,37 @@ def test_eval_batch_size_of_the_recipe_is_checked(tmp_path):
         )
 
 
+T2I_BAD = [  # the text-to-image recipe's options (found by fuzzing configs/shapes_t2i_grpo.yaml): each crashed in the
+    # evaluation / sampler with a traceback, or trained on a meaningless setting (NaN samples, an ignored prompt)
+    ("data.options.eval_samples_per_prompt=0", "data.options.eval_samples_per_prompt=0: an evaluation needs at least"),
+    ("data.options.eval_samples_per_prompt=-1", "data.options.eval_samples_per_prompt=-1: an evaluation needs"),
+    ("data.options.eval_max_prompts=-1", r"data.options.eval_max_prompts=-1: must be >= 0; set it to 0 \(all"),
+    ("data.options.grid_images=0", "data.options.grid_images=0: a saved grid shows at least 1 image"),
+    ("data.options.grid_images=-1", "data.options.grid_images=-1: a saved grid shows at least 1 image"),
+    ("data.options.split_seed=-1", "data.options.split_seed=-1: a seed is an integer >= 0"),
+    ("policy.options.guidance_scale=0", "policy.options.guidance_scale=0.0: classifier-free guidance must be a"),
+    ("policy.options.guidance_scale=-1", "policy.options.guidance_scale=-1.0: classifier-free guidance"),
+    ("policy.options.guidance_scale=nan", "policy.options.guidance_scale=nan: classifier-free guidance"),
+    ("policy.options.guidance_scale=inf", "policy.options.guidance_scale=inf: classifier-free guidance"),
+    ("policy.options.lora_rank=-1", r"policy.options.lora_rank=-1: must be >= 0; set it to 0 \(full fine-tuning\)"),
+    ("policy.options.lora_alpha=0", "policy.options.lora_alpha=0.0: the LoRA scale numerator must be a finite"),
+    ("policy.options.lora_alpha=-1", "policy.options.lora_alpha=-1.0: the LoRA scale numerator"),
+    ("policy.options.lora_alpha=nan", "policy.options.lora_alpha=nan: the LoRA scale numerator"),
+    ("policy.options.height=-1", r"policy.options.height=-1: must be >= 0; set it to 0 \(the model's default\)"),
+    ("policy.options.width=-1", "policy.options.width=-1: must be >= 0"),
+    ("policy.options.num_frames=-1", "policy.options.num_frames=-1: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("override, match", T2I_BAD, ids=[b[0] for b in T2I_BAD])
+def test_text_to_image_options_are_checked_when_the_config_loads(tmp_path, override, match):
+    """The policy path does not even exist: the options' dataclasses refuse the value before any model would load."""
+    base = {"pipeline": "text_to_image", "rewards": [{"name": "jpeg_compressibility"}],
+            "policy": {"options": {"family": "sd3", "path": str(tmp_path / "missing")}}}  # fmt: skip
+    with pytest.raises(UserError, match=f"^{match}"):
+        load_config(None, [override], base=base)
+
+
 def test_a_single_row_group_is_allowed_where_the_estimator_says_so(tmp_path):
     cfg = load_config(
         None, ["trainer.group_size=1", "advantage.estimator=ngrpo"], base={"rewards": [{"name": "bandit_arm_value"}]}
