@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -28,7 +29,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import from_dict
@@ -155,6 +156,15 @@ class DiffusionPolicyOptions:
         self.objective = resolve_options(OBJECTIVES, self.objective, "policy.options.objective")
         if self.num_steps < 1:
             raise UserError(f"policy.options.num_steps must be >= 1, got {self.num_steps}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1):
+            raise bad_option("policy.options.guidance_scale", self.guidance_scale, "classifier-free guidance must be "
+                             "a finite number >= 1 (1 = off; below 1 the prompt is ignored), e.g. 4.5")  # fmt: skip
+        if self.lora_rank < 0:
+            raise bad_option("policy.options.lora_rank", self.lora_rank,
+                             "must be >= 0; set it to 0 (full fine-tuning) or a LoRA rank, e.g. 32")  # fmt: skip
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise bad_option("policy.options.lora_alpha", self.lora_alpha, "the LoRA scale numerator must be a "
+                             "finite number > 0 (scale = alpha / rank), or null for the rank itself")  # fmt: skip
         objective_class(self).check_options(self)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -75,8 +76,9 @@ class FlowMatchingOptions(FinalSampleOptions):
         super().__post_init__()
         if self.weighting not in ("x0", "v"):
             raise UserError(f"{P}.weighting: unknown {self.weighting!r}; known: v, x0")
-        if self.rollout_guidance_scale is not None and self.rollout_guidance_scale < 1.0:
-            raise UserError(f"{P}.rollout_guidance_scale must be >= 1 (1 = off), got {self.rollout_guidance_scale}")
+        g = self.rollout_guidance_scale
+        if g is not None and not (math.isfinite(g) and g >= 1.0):  # nan / inf: NaN rollouts, every step skipped
+            raise UserError(f"{P}.rollout_guidance_scale must be >= 1 and finite (1 = off), or null, got {g}")
 
 
 @dataclass
@@ -89,8 +91,8 @@ class NFTOptions(FinalSampleOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.beta > 0:
-            raise UserError(f"{P}.beta must be > 0 (DiffusionNFT uses 1), got {self.beta}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise UserError(f"{P}.beta must be > 0 and finite (DiffusionNFT uses 1), got {self.beta}")
 
 
 class FinalSampleObjective(DiffusionObjective):

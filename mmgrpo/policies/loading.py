@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS, DiffusionPolicyOptions
 from mmgrpo.policies.sources import check_source_options, resolve_source
 
@@ -52,6 +52,10 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_source_options("policy.options.path", self.revision, self.variant, self.denoiser_file)
+        for key, example in (("height", 512), ("width", 512), ("num_frames", 33)):  # -1: a negative tensor dim
+            if getattr(self, key) < 0:
+                raise bad_option(f"policy.options.{key}", getattr(self, key),
+                                 f"must be >= 0; set it to 0 (the model's default) or e.g. {example}")  # fmt: skip
 
 
 def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:

@@ -86,10 +86,10 @@ class SDEOptions:
             raise UserError(f"policy.options.sde.kind: {SDE_KINDS.unknown_message(self.kind)}; UNet families "
                             f"(sd) use {self.UNET_KIND}")  # fmt: skip
         top = self.MAX_NOISE_LEVEL.get(self.kind, float("inf"))
-        if not 0.0 <= self.noise_level <= top:
+        if not (math.isfinite(self.noise_level) and 0.0 <= self.noise_level <= top):  # inf: NaN samples
             raise UserError(
                 f"policy.options.sde.noise_level={self.noise_level} is out of range for sde.kind={self.kind}: it "
-                + (f"must be in [0, {top}]" if top < float("inf") else "must be >= 0")
+                + (f"must be in [0, {top}]" if top < float("inf") else "must be a finite number >= 0")
                 + " (0 = the deterministic ODE step); lower it, or use kind flow_grpo or dance"
             )
 

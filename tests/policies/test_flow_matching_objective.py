@@ -107,6 +107,16 @@ def test_reference_kl_is_the_velocity_gap_to_the_adapter_disabled():
             "rollout_guidance_scale must be >= 1",
         ),
         (None, dict(objective={"name": "sde", "rollout_guidance_scale": 2.0}), "use objective=flow_matching"),
+        (
+            None,
+            dict(objective={"name": "flow_matching", "rollout_guidance_scale": float("nan")}),
+            "rollout_guidance_scale must be >= 1 and finite",
+        ),
+        (
+            None,
+            dict(objective={"name": "flow_matching", "rollout_guidance_scale": float("inf")}),
+            "rollout_guidance_scale must be >= 1 and finite",
+        ),
     ],
 )
 def test_bad_options_are_one_clear_error(make, opts, match):

@@ -154,6 +154,7 @@ def test_old_policy_is_an_ema_updated_once_per_step_and_samples_the_rollouts():
     "opts, match",
     [
         (dict(objective={"name": "nft", "beta": 0.0}), "objective.beta must be > 0"),
+        (dict(objective={"name": "nft", "beta": float("inf")}), "objective.beta must be > 0 and finite"),
         (dict(objective={"name": "nft", "old_policy_ema": 1.0}), r"old_policy_ema must be in \[0, 1\)"),
         (dict(objective={"name": "sde", "old_policy_ema": 0.5}), "use objective=flow_matching or nft"),
         (dict(objective={"name": "nft", "rollout_guidance_scale": 2.0}), "use objective=flow_matching or drop"),
