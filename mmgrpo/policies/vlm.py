@@ -184,9 +184,9 @@ class VLMPolicyOptions:
                              "200704 (448 x 448), or null for the processor's own budget")  # fmt: skip
         if self.logprob_chunk < 1:
             raise bad_option(f"{p}.logprob_chunk", self.logprob_chunk, "must be >= 1 tokens per chunk, e.g. 1024")
-        if self.finetune == "lora" and self.lora_rank < 1:
-            raise bad_option(f"{p}.lora_rank", self.lora_rank, "finetune=lora needs a LoRA rank >= 1, e.g. 16; or "
-                             "set policy.options.finetune=full")  # fmt: skip
+        if self.lora_rank < (1 if self.finetune == "lora" else 0):  # full fine-tuning leaves a rank of 0 unused
+            raise bad_option(f"{p}.lora_rank", self.lora_rank, "a LoRA rank must be >= 1 with finetune=lora (>= 0, "
+                             "unused, with finetune=full); set it to e.g. 16")  # fmt: skip
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise bad_option(f"{p}.lora_alpha", self.lora_alpha, "the LoRA scale numerator must be a finite number "
                              "> 0 (scale = alpha / rank; 0 would train nothing), e.g. 32")  # fmt: skip
