@@ -416,6 +416,8 @@ def check_numbers(cfg: Config, where: str) -> None:
     value, the file and the valid range. Ranges: docs/reliability.md."""
     t = cfg.trainer
     check_run_name(cfg.run.name, where)
+    if not 0 <= cfg.run.seed < 2**64:  # numpy's seed sequences take no negative entropy, torch no more than 64 bits
+        raise _bad("run.seed", cfg.run.seed, where, "must be an integer in [0, 2**64 - 1], e.g. run.seed=0")
     if not (math.isfinite(t.lr) and t.lr > 0):
         raise _bad("trainer.lr", t.lr, where, "must be a finite number > 0, e.g. trainer.lr=3e-4")
     betas = t.adam_betas

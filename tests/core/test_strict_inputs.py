@@ -15,6 +15,8 @@ trainer: {max_steps: 1, prompts_per_step: 2, group_size: 4, progress: false}
 """
 
 BAD = [
+    ("run.seed=-1", "run.seed=-1 in"),
+    ("run.seed=18446744073709551616", "must be an integer in [0, 2**64 - 1]"),
     ("trainer.lr=.nan", "trainer.lr=nan"),
     ("trainer.lr=.inf", "trainer.lr=inf"),
     ("trainer.lr=-1", "trainer.lr=-1.0"),
