@@ -93,8 +93,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--best-of must be >= 1, got {args.best_of}")
     if args.batch_size < 0:
         raise UserError(f"--batch-size must be >= 0, got {args.batch_size}")
-    if args.noise_level < 0:
-        raise UserError(f"--noise-level must be >= 0 (0 = ODE), got {args.noise_level}")
+    if not (math.isfinite(args.noise_level) and args.noise_level >= 0):
+        raise UserError(f"--noise-level must be a finite number >= 0 (0 = ODE), got {args.noise_level}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1 sampling steps, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
+        raise UserError(f"--guidance must be a finite scale >= 1 (1 = no guidance), got {args.guidance}")
     if args.ema and not (args.run or args.checkpoint):
         raise UserError("--ema loads a checkpoint's EMA weights; give --run RUN_DIR or --checkpoint CKPT_DIR too")
     return args

@@ -242,6 +242,11 @@ def _without_ema(ckpt, dest):
         (["--model", "{ckpt}", "--prompts", " "], "no prompts"),
         (["--prompts", "x"], "no model to sample"),
         (["--model", "{ckpt}", "--ema"], "--ema loads a checkpoint's EMA weights"),
+        (["--model", "{ckpt}", "--guidance", "0.5"], "--guidance must be a finite scale >= 1"),
+        (["--model", "{ckpt}", "--guidance", "nan"], "--guidance must be a finite scale >= 1"),
+        (["--model", "{ckpt}", "--steps", "0"], "--steps must be >= 1 sampling steps, got 0"),
+        (["--model", "{ckpt}", "--noise-level", "inf"], "--noise-level must be a finite number >= 0"),
+        (["--model", "{ckpt}", "--best-of", "0"], "--best-of must be >= 1, got 0"),
     ],
 )
 def test_user_errors_are_one_paragraph(tmp_path, capsys, tiny_ckpt, trained_run, argv, expected):
