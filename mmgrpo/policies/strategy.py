@@ -62,9 +62,19 @@ def resolve_options(registry: Registry[Any], value: Any, prefix: str, where: str
             return value
         raise UserError(f"{prefix}: {type(value).__name__} is not the options of {registry.kind} {value.name!r} "
                         f"({cls.Options.__name__})")  # fmt: skip
+    if isinstance(value, dict) and "name" not in value:  # options given alone, e.g. by a KEY=VALUE override
+        keys = list(value)
+        fields = {n: {f.name for f in dataclasses.fields(registry.get(n).Options)} for n in registry.names()}
+        owners = [n for n, f in fields.items() if set(keys) <= f]
+        fix = (f"add {prefix}.name={owners[0]}" + (f" (or {' or '.join(owners[1:])})" if owners[1:] else "")
+               if owners else f"no {registry.kind} takes all of them")  # fmt: skip
+        raise UserError(
+            f"{prefix} in {where} gives options ({', '.join(keys)}) but no {registry.kind} name: {fix}; known: "
+            f"{', '.join(registry.names())}"
+        )
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise UserError(
-            f"{prefix} in {where}: expected a {registry.kind} name or a mapping with its name and options, e.g. "
+            f"{prefix} in {where}: expected a name or a mapping with its name and options, e.g. "
             f"{{name: {registry.names()[0]}}}, got {value!r}; known: {', '.join(registry.names())}"
         )
     try:

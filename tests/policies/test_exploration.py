@@ -169,7 +169,9 @@ def test_registered_schedules_plan_with_their_planners_and_own_their_options():
         ({"name": "singular", "granularities": [0, 1]}, "granularities must be >= 1"),
         ({"name": "singular", "timestep_fraction": 0.5}, "it is an option of full"),
         ({"name": "windows"}, "did you mean 'window'"),
-        ({"size": 2}, "expected a exploration name or a mapping"),
+        ({"size": 2}, r"gives options \(size\) but no exploration name: add exploration.name=window;"),
+        ({"size": 2, "bogus": 1}, r"gives options \(size, bogus\) but no exploration name: no exploration takes all"),
+        (["full"], r"expected a name or a mapping with its name and options, e.g. \{name: full\}"),
     ],
 )
 def test_schedule_options_are_checked_when_built(block, match):
