@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.registry import Registry, nearest
 from mmgrpo.core.schema import check_options
 
@@ -72,12 +72,15 @@ Beyond Variance's +1 / -1 / 0 prompt roles); its other keyword parameters are op
 
 
 def register_estimator(
-    name: str, weights: Callable[..., torch.Tensor] | None = None
+    name: str, weights: Callable[..., torch.Tensor] | None = None, check: Callable[..., None] | None = None
 ) -> Callable[[Estimator], Estimator]:
     """Decorator: register an estimator ``fn(rewards [B, G], **options) -> [B, G]`` under ``name``.
 
     ``weights``, when given, is ``fn(rewards [B, G], **options) -> [B, G]`` per-row loss weights, called with
     the same options as the estimator; it is kept as ``fn.row_weights`` (a plug-in estimator sets that itself).
+    ``check``, when given, is kept as ``fn.check`` and called at config load with the options it names (defaults
+    filled in); it raises a UserError naming ``advantage.options.<key>`` for a value out of range
+    (:func:`check_values`).
     An estimator that gives groups of one row (``trainer.group_size=1``) a useful advantage declares
     ``fn.allows_single = True``; otherwise the config load refuses G < 2 (ngrpo and stratified do).
     """
@@ -85,6 +88,8 @@ def register_estimator(
     def deco(fn: Estimator) -> Estimator:
         if weights is not None:
             fn.row_weights = weights  # type: ignore[attr-defined]
+        if check is not None:
+            fn.check = check  # type: ignore[attr-defined]
         return ESTIMATORS.register(name)(fn)
 
     return deco
@@ -141,17 +146,50 @@ def estimator_options(name: str, options: dict[str, Any], where: str) -> dict[st
     naming ``advantage.options.x``; the trainer's inputs such as ``keys`` are not options) and type-converted."""
     fn = ESTIMATORS.get(name)
     what = f"estimator {name!r}"
-    return check_options(
+    opts = check_options(
         fn, options, what=what, prefix="advantage.options", where=where, skip=1, inputs=ESTIMATOR_INPUTS
     )
+    check_values(fn, opts)
+    return opts
 
 
 def shaping_options(name: str, options: dict[str, Any], where: str) -> dict[str, Any]:
-    """At config load: ``advantage.shaping_options`` checked against shaping ``name``'s signature."""
+    """At config load: ``advantage.shaping_options`` checked against shaping ``name``'s signature, then its values
+    (``fn.check``, :func:`check_values`)."""
     fn = SHAPERS.get(name)
-    return check_options(
+    opts = check_options(
         fn, options, what=f"shaping {name!r}", prefix="advantage.shaping_options", where=where, skip=1
     )
+    check_values(fn, opts)
+    return opts
+
+
+def check_values(fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Call ``fn.check`` (if set) with the keyword arguments it names, taken from ``options`` over ``fn``'s defaults:
+    a part's option values checked when the config loads, before a run directory exists."""
+    check = getattr(fn, "check", None)
+    if check is None:
+        return
+    params = inspect.signature(fn).parameters
+    known = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    known.update(options)
+    check(**{k: known[k] for k in inspect.signature(check).parameters if k in known})
+
+
+def finite(key: str, value: Any, rule: str, low: float | None = None, strict: bool = True) -> None:
+    """UserError (:func:`bad_option`, ``key=value: rule``) unless ``value`` is a finite number, above ``low``
+    (strictly, or at least ``low`` with ``strict=False``) when ``low`` is given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if not ok:
+        raise bad_option(key, value, rule)
+
+
+def check_eps(eps: float = 1e-6) -> None:
+    """``advantage.options.eps``: a finite number > 0 (0 lets a zero std divide, a negative one flips it)."""
+    finite("advantage.options.eps", eps, "must be a finite number > 0 (it guards the division by the group std and "
+           "is the tolerance of the zero-variance test); e.g. advantage.options.eps=1e-6", low=0.0)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -202,7 +240,7 @@ def zero_variance_groups(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tens
 # --------------------------------------------------------------------------------------------- estimators
 
 
-@register_estimator("grpo")
+@register_estimator("grpo", check=check_eps)
 def grpo(rewards: torch.Tensor, *, eps: float = 1e-6, unbiased: bool = True, scale: bool = True) -> torch.Tensor:
     """Group-normalised advantage (r - group mean) / (group std + eps).
 
@@ -217,7 +255,7 @@ def grpo(rewards: torch.Tensor, *, eps: float = 1e-6, unbiased: bool = True, sca
     return _finish(adv, valid, zero_variance_groups(r, eps))
 
 
-@register_estimator("dr_grpo")
+@register_estimator("dr_grpo", check=check_eps)
 def dr_grpo(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """Mean-centred advantage r - group mean, no std division (Dr. GRPO).
 
@@ -230,7 +268,7 @@ def dr_grpo(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     return _finish(r - _masked_mean(r, valid), valid, zero_variance_groups(r, eps))
 
 
-@register_estimator("batch_std")
+@register_estimator("batch_std", check=check_eps)
 def batch_std(rewards: torch.Tensor, *, eps: float = 1e-6, unbiased: bool = True) -> torch.Tensor:
     """Group-mean baseline, batch-std scale: (r - group mean) / (std over all N rows + eps).
 
@@ -265,7 +303,13 @@ def mc_grpo_weights(rewards: torch.Tensor, **options: Any) -> torch.Tensor:
     return (~pivot).to(torch.float32)
 
 
-@register_estimator("mc_grpo", weights=mc_grpo_weights)
+def _check_mc_grpo(scale: str = "mad", eps: float = 1e-6) -> None:
+    if scale not in ("none", "std", "mad"):
+        raise bad_option("advantage.options.scale", scale, "mc_grpo's scale is one of 'none', 'std', 'mad'; pick one")
+    check_eps(eps)
+
+
+@register_estimator("mc_grpo", weights=mc_grpo_weights, check=_check_mc_grpo)
 def mc_grpo(
     rewards: torch.Tensor,
     *,
@@ -306,7 +350,13 @@ def mc_grpo(
     return _finish(adv, valid, zero_variance_groups(r, eps))
 
 
-@register_estimator("ngrpo")
+def _check_ngrpo(r_max: float = 1.0, eps: float = 1e-6) -> None:
+    finite("advantage.options.r_max", r_max, "must be a finite number: the best reward a row can get (1.0 for 0/1 "
+           "rewards), added to every group as its virtual reward")  # fmt: skip
+    check_eps(eps)
+
+
+@register_estimator("ngrpo", check=_check_ngrpo)
 def ngrpo(rewards: torch.Tensor, *, r_max: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
     """Group normalisation with one virtual reward r_max added to every group's statistics (NGRPO).
 
@@ -334,7 +384,17 @@ def _beta_log_pdf(p: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> t
     return (alpha - 1) * p.log() + (beta - 1) * torch.log1p(-p) + log_norm
 
 
-@register_estimator("bnpo")
+def _check_bnpo(r_min: float | None = None, r_max: float | None = None, eps: float = 1e-6) -> None:
+    for key, value in (("r_min", r_min), ("r_max", r_max)):
+        if value is not None:
+            finite(f"advantage.options.{key}", value, "must be a finite reward bound, or null (the batch's own)")
+    if r_min is not None and r_max is not None and r_max <= r_min:
+        raise bad_option("advantage.options.r_max", r_max, f"must be greater than advantage.options.r_min={r_min}; "
+                         "fix the reward bounds")  # fmt: skip
+    check_eps(eps)
+
+
+@register_estimator("bnpo", check=_check_bnpo)
 def bnpo(
     rewards: torch.Tensor, *, r_min: float | None = None, r_max: float | None = None, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -395,7 +455,15 @@ def _stratum_ids(keys: Any, shape: torch.Size, device: torch.device) -> torch.Te
     return torch.unique(flat.to(device), return_inverse=True)[1]
 
 
-@register_estimator("stratified")
+def _check_stratified(alpha: float = 1.0, eps: float = 1e-6) -> None:
+    finite("advantage.options.alpha", alpha, "must lie in [0, 1] (1 = strata only, 0 = plain grpo)", low=0.0,
+           strict=False)  # fmt: skip
+    if alpha > 1.0:
+        raise bad_option("advantage.options.alpha", alpha, "must lie in [0, 1] (1 = strata only, 0 = plain grpo)")
+    check_eps(eps)
+
+
+@register_estimator("stratified", check=_check_stratified)
 def stratified(
     rewards: torch.Tensor, *, keys: Any = None, alpha: float = 1.0, eps: float = 1e-6, unbiased: bool = True
 ) -> torch.Tensor:
@@ -434,7 +502,13 @@ def stratified(
 stratified.allows_single = True  # type: ignore[attr-defined]  # strata span the batch: G = 1 rows still compare
 
 
-@register_estimator("mapo")
+def _check_mapo(success: float = 1.0, eps: float = 1e-6) -> None:
+    finite("advantage.options.success", success, "must be a finite number: the reward at which a row counts as a "
+           "success (1.0 for a 0/1 verifier)")  # fmt: skip
+    check_eps(eps)
+
+
+@register_estimator("mapo", check=_check_mapo)
 def mapo(rewards: torch.Tensor, *, success: float = 1.0, eps: float = 1e-6, unbiased: bool = True) -> torch.Tensor:
     """Mixed advantage: the group-std advantage and the advantage percent deviation, weighted by trajectory
     certainty (MAPO).
@@ -469,7 +543,12 @@ def mapo(rewards: torch.Tensor, *, success: float = 1.0, eps: float = 1e-6, unbi
     return _finish((1.0 - lam) * a_std + lam * a_apd, valid, zero_variance_groups(r, eps))
 
 
-@register_estimator("pacs")
+def _check_pacs(beta: float = 1.0) -> None:
+    finite("advantage.options.beta", beta, "must be a finite number > 0 (the scale of PACS's implicit reward), e.g. "
+           "advantage.options.beta=1.0", low=0.0)  # fmt: skip
+
+
+@register_estimator("pacs", check=_check_pacs)
 def pacs(rewards: torch.Tensor, *, beta: float = 1.0, balance: bool = False) -> torch.Tensor:
     """PACS's gradient coefficient of each row at the sampling parameters (use with ``loss.name: pacs``).
 
@@ -519,6 +598,17 @@ def no_shaping(rewards: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(rewards).to(torch.float32)
 
 
+def _check_tempsamp_soft(tau: float = 0.8, a1: float = 0.01, a2: float = 1.0) -> None:
+    key = "advantage.shaping_options"
+    finite(f"{key}.tau", tau, "must be a finite number: the reward above which tempsamp_soft compresses, e.g. 0.8")
+    finite(f"{key}.a1", a1, "must be a finite number >= 0: how much rewards above tau still rise (0: all equal tau; "
+           "a negative a1 would rank them in reverse), e.g. 0.01", low=0.0, strict=False)  # fmt: skip
+    finite(f"{key}.a2", a2, "must be a finite number other than 0: the curvature of the stretch below tau (0 divides "
+           "by zero and makes every shaped reward NaN or tau), e.g. 1.0")  # fmt: skip
+    if a2 == 0:
+        raise bad_option(f"{key}.a2", a2, "must not be 0: the stretch below tau divides by exp(a2) - 1; e.g. 1.0")
+
+
 @register_shaping("tempsamp_soft")
 def tempsamp_soft(rewards: torch.Tensor, *, tau: float = 0.8, a1: float = 0.01, a2: float = 1.0) -> torch.Tensor:
     """TempSamp-R1 non-linear soft shaping: compress rewards above tau, stretch those below.
@@ -531,6 +621,9 @@ def tempsamp_soft(rewards: torch.Tensor, *, tau: float = 0.8, a1: float = 0.01, 
     above = tau + a1 * torch.log1p((r - tau).clamp_min(0.0))
     below = tau - torch.expm1(a2 * (tau - r).clamp_min(0.0)) / math.expm1(a2)
     return torch.where(r >= tau, above, torch.where(r < tau, below, r))  # NaN stays NaN
+
+
+tempsamp_soft.check = _check_tempsamp_soft  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------- combiners
@@ -574,7 +667,8 @@ def _check_posterior(kinds: list[str], threshold: float = 1.0) -> None:
             "accuracy, kind: outcome}, {name: format, kind: process}]"
         )
     if not math.isfinite(threshold):
-        raise UserError(f"combine_options.threshold={threshold} must be a finite number (1.0 for 0/1 rewards)")
+        raise bad_option("advantage.combine_options.threshold", threshold, "must be a finite number: the outcome "
+                         "reward at which a row counts as correct (1.0 for 0/1 rewards)")  # fmt: skip
 
 
 @COMBINERS.register("posterior")

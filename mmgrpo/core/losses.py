@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -157,9 +158,10 @@ def _check_clip(clip_low: float, clip_high: float, dual_clip: float | None) -> N
         raise UserError(f"loss.options.clip_low={clip_low} must be in [0, 1] (the ratio is clipped at 1 - clip_low)")
     if not clip_high >= 0.0:  # NaN too
         raise UserError(f"loss.options.clip_high={clip_high} must be >= 0 (the ratio is clipped at 1 + clip_high)")
-    if dual_clip is not None and dual_clip <= 1.0:
+    if dual_clip is not None and not (math.isfinite(dual_clip) and dual_clip > 1.0):  # nan / inf: never capped
         raise UserError(
-            f"loss.options.dual_clip={dual_clip} must be > 1 (Dual-clip PPO uses c = 3), or null to disable it"
+            f"loss.options.dual_clip={dual_clip} must be > 1 and finite (Dual-clip PPO uses c = 3), or null to "
+            "disable it"
         )
 
 
@@ -447,9 +449,10 @@ class ConstantNorm:
     """the fixed normaliser per row: max completion length in tokens, or the number of trained denoising steps"""
 
     def __post_init__(self) -> None:
-        if self.constant is None or not self.constant > 0:
+        if self.constant is None or not (math.isfinite(self.constant) and self.constant > 0):  # inf: loss 0
             raise UserError(
-                f"aggregation 'constant' needs loss.aggregation.options.constant > 0 (got {self.constant}); set it "
+                f"aggregation 'constant' needs loss.aggregation.options.constant > 0 and finite (got "
+                f"{self.constant}); set it "
                 "to the max completion length in tokens, or the number of trained denoising steps, e.g. "
                 "loss.aggregation: {name: constant, options: {constant: 512}}"
             )

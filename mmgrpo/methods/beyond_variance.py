@@ -34,14 +34,21 @@ from typing import Any
 
 import torch
 
-from mmgrpo.core.advantages import grpo, register_estimator
+from mmgrpo.core.advantages import check_eps, finite, grpo, register_estimator
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.sampling import PoolStats, PromptSampler, StepPlan, check_unit_rewards, register_sampler
 
 PAPER = "Beyond Variance: rare-event amplification and bidirectional pairing (Sheng et al. 2026, arXiv 2602.03452)"
 
 
-@register_estimator("weighted_grpo")
+def _check_weighted_grpo(w_pos: float = 2.0, w_neg: float = 2.0, eps: float = 1e-6) -> None:
+    for key, value in (("w_pos", w_pos), ("w_neg", w_neg)):
+        finite(f"advantage.options.{key}", value, "must be a finite number > 0: the factor on the rare events' "
+               "advantages (1 = plain GRPO, the paper's 2.0)", low=0.0)  # fmt: skip
+    check_eps(eps)
+
+
+@register_estimator("weighted_grpo", check=_check_weighted_grpo)
 def weighted_grpo(rewards: torch.Tensor, *, roles: torch.Tensor | None = None, w_pos: float = 2.0,
                   w_neg: float = 2.0, eps: float = 1e-6, unbiased: bool = True) -> torch.Tensor:  # fmt: skip
     """Weighted GRPO (Beyond Variance): group-normalised advantages, successes of q+ prompts x ``w_pos``, failures of

@@ -46,14 +46,14 @@ from typing import Any, Literal
 
 import torch
 
-from mmgrpo.core.advantages import _as_groups, _masked_mean, _masked_std, register_estimator
+from mmgrpo.core.advantages import _as_groups, _masked_mean, _masked_std, check_eps, register_estimator
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.sampling import PromptSampler, StepPlan, check_unit_rewards, register_sampler, weighted_draw
 
 PAPER = "SPO: Single-stream Policy Optimization (Xu & Ding 2025, arXiv 2509.13232)"
 
 
-@register_estimator("spo")
+@register_estimator("spo", check=check_eps)
 def spo(rewards: torch.Tensor, *, baseline: torch.Tensor | None = None, eps: float = 1e-6,
         unbiased: bool = True) -> torch.Tensor:  # fmt: skip
     """SPO advantage: r - v̂(x) (the prompt sampler's tracked value), normalised over the whole batch.

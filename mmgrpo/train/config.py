@@ -356,6 +356,9 @@ def validate_components(cfg: Config, where: str) -> None:
             reward_registry.resolve(spec.name)
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
+        if not math.isfinite(spec.weight):  # nan / inf: every combined reward nan / inf, nothing learned
+            raise _bad(f"rewards.{i}.weight", spec.weight, where, f"({spec.name}) must be a finite number (0 logs the "
+                       "reward without training on it; a negative weight penalises it)")  # fmt: skip
     methods = check_methods(cfg, where)
     check_sampler(cfg, where)
     _check_sampler_fits(cfg, methods, where)
@@ -517,13 +520,20 @@ def validate_advantage_and_loss(
             reg.get(name)
         except UserError as e:
             raise UserError(f"{key} in {where}: {e}") from e
-    estimator_options(a.estimator, a.options, where)
-    shaping_options(a.shaping, a.shaping_options, where)
-    combine_options(a.combine, a.combine_options, where, kinds)
-    if lc.beta < 0:
-        raise UserError(f"loss.beta={lc.beta} in {where} must be >= 0 (the weight of the KL to the reference)")
-    if lc.adv_clip is not None and not lc.adv_clip > 0:
-        raise UserError(f"loss.adv_clip={lc.adv_clip} in {where} must be > 0, or null to disable advantage clipping")
+    # kept converted: the trainer hands these to the estimator, shaping and combiner as they are (a YAML '1e-6',
+    # read as a string, or an override eps=nan reached the estimator's arithmetic as a str)
+    a.options = estimator_options(a.estimator, a.options, where)
+    a.shaping_options = shaping_options(a.shaping, a.shaping_options, where)
+    a.combine_options = combine_options(a.combine, a.combine_options, where, kinds)
+    if a.min_advantage is not None and not math.isfinite(a.min_advantage):  # nan / inf: every advantage nan / inf
+        raise _bad("advantage.min_advantage", a.min_advantage, where, "must be a finite number (0 keeps only the "
+                   "better-than-average rows of each group), or null for no bound")  # fmt: skip
+    if not (math.isfinite(lc.beta) and lc.beta >= 0):
+        raise UserError(f"loss.beta={lc.beta} in {where} must be a finite number >= 0 (the weight of the KL to the "
+                        "reference; 0 = off)")  # fmt: skip
+    if lc.adv_clip is not None and not (math.isfinite(lc.adv_clip) and lc.adv_clip > 0):
+        raise UserError(f"loss.adv_clip={lc.adv_clip} in {where} must be a finite number > 0, or null to disable "
+                        "advantage clipping")  # fmt: skip
     loss_options(lc.name, lc.options, adv_clip=lc.adv_clip, where=where)
     make_aggregation(lc.aggregation.name, lc.aggregation.options, where)
 

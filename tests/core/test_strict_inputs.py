@@ -86,6 +86,93 @@ def test_each_bad_input_fails_at_load_in_one_paragraph_before_the_run_dir_exists
     assert not (tmp_path / "runs").exists() and not (tmp_path / "other").exists()
 
 
+ADVANTAGE_LOSS_BAD = [  # found by fuzzing the loss / advantage / reward-weight options of configs/bandit.yaml: each
+    # reached the estimator as a string (TypeError mid-step, the run directory left behind), raised its UserError only
+    # in the first step (naming no key, the run directory left behind), or trained on NaN / inf / nothing
+    ((), "advantage.options.eps=nan", "advantage.options.eps=nan: must be a finite number > 0"),
+    ((), "advantage.options.eps=0", "advantage.options.eps=0.0: must be a finite number > 0"),
+    (("advantage.estimator=mc_grpo",), "advantage.options.eps=-1", "advantage.options.eps=-1.0: must be a finite"),
+    (("advantage.estimator=mc_grpo",), "advantage.options.scale=iqr", "advantage.options.scale='iqr': mc_grpo's"),
+    (("advantage.estimator=dr_grpo",), "advantage.options.eps=.inf", "advantage.options.eps=inf: must be"),
+    (("advantage.estimator=batch_std",), "advantage.options.eps=-inf", "advantage.options.eps=-inf: must be"),
+    (("advantage.estimator=ngrpo",), "advantage.options.r_max=nan", "advantage.options.r_max=nan: must be a finite"),
+    (("advantage.estimator=bnpo",), "advantage.options.r_min=-inf", "advantage.options.r_min=-inf: must be a finite"),
+    (
+        ("advantage.estimator=bnpo", "advantage.options.r_min=1"),
+        "advantage.options.r_max=0",
+        "advantage.options.r_max=0.0: must be greater than advantage.options.r_min=1.0",
+    ),
+    (("advantage.estimator=stratified",), "advantage.options.alpha=nan", "advantage.options.alpha=nan: must lie in"),
+    (("advantage.estimator=stratified",), "advantage.options.alpha=-1", "advantage.options.alpha=-1.0: must lie in"),
+    (("advantage.estimator=mapo",), "advantage.options.success=inf", "advantage.options.success=inf: must be"),
+    (
+        ("advantage.estimator=pacs", "loss.name=pacs", "loss.options={}"),
+        "advantage.options.beta=0",
+        "advantage.options.beta=0.0: must be a finite number > 0",
+    ),
+    (("advantage.estimator=spo", "sampler=spo"), "advantage.options.eps=nan", "advantage.options.eps=nan: must be"),
+    (
+        ("advantage.estimator=weighted_grpo", "sampler=pairing"),
+        "advantage.options.w_pos=-1",
+        "advantage.options.w_pos=-1.0: must be a finite number > 0",
+    ),
+    (
+        ("advantage.estimator=weighted_grpo", "sampler=pairing"),
+        "advantage.options.w_neg=nan",
+        "advantage.options.w_neg=nan: must be a finite number > 0",
+    ),
+    (
+        ("advantage.shaping=tempsamp_soft",),
+        "advantage.shaping_options.tau=nan",
+        "advantage.shaping_options.tau=nan: must be a finite number",
+    ),
+    (
+        ("advantage.shaping=tempsamp_soft",),
+        "advantage.shaping_options.a1=-1",
+        "advantage.shaping_options.a1=-1.0: must be a finite number >= 0",
+    ),
+    (("advantage.shaping=tempsamp_soft",), "advantage.shaping_options.a2=0", "advantage.shaping_options.a2=0.0: must"),
+    (("advantage.shaping=tempsamp_soft",), "advantage.shaping_options.a2=inf", "advantage.shaping_options.a2=inf:"),
+    ((), "advantage.min_advantage=nan", "advantage.min_advantage=nan in"),
+    ((), "advantage.min_advantage=inf", "advantage.min_advantage=inf in"),
+    ((), "loss.beta=nan", "loss.beta=nan in"),
+    ((), "loss.beta=inf", "loss.beta=inf in"),
+    ((), "loss.adv_clip=inf", "loss.adv_clip=inf in"),
+    ((), "loss.options.dual_clip=nan", "loss.options.dual_clip=nan must be > 1 and finite"),
+    ((), "loss.options.dual_clip=inf", "loss.options.dual_clip=inf must be > 1 and finite"),
+    (
+        ("loss.aggregation.name=constant",),
+        "loss.aggregation.options.constant=inf",
+        "loss.aggregation.options.constant > 0 and finite (got inf)",
+    ),
+    ((), "rewards.0.weight=nan", "rewards.0.weight=nan in"),
+    ((), "rewards.0.weight=-inf", "rewards.0.weight=-inf in"),
+]
+
+
+@pytest.mark.parametrize("context, override, named", ADVANTAGE_LOSS_BAD, ids=[b[1] for b in ADVANTAGE_LOSS_BAD])
+def test_advantage_and_loss_options_fail_at_load_naming_the_key(tmp_path, capsys, context, override, named):
+    config = tmp_path / "c.yaml"
+    config.write_text(GOOD)
+    code, err = _train(tmp_path, capsys, config, *context, override)
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert named in " ".join(err.split()), err
+    assert err.strip().count("\n\n") == 0
+    assert not (tmp_path / "runs").exists()
+
+
+def test_estimator_and_shaping_options_reach_the_trainer_converted(tmp_path):
+    """PyYAML reads 1e-6 (no dot) as a string: the estimator got it as one and failed mid-step (TypeError)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(GOOD + "advantage: {options: {eps: 1e-6}, shaping: tempsamp_soft, shaping_options: {a1: 1e-2}}")
+    cfg = load_config(config)
+    assert cfg.advantage.options == {"eps": 1e-6} and cfg.advantage.shaping_options == {"a1": 0.01}
+    # 0 and negative weights stay legitimate (0 logs a reward without training on it)
+    assert load_config(config, ["rewards.0.weight=0"]).rewards[0].weight == 0.0
+    assert load_config(config, ["rewards.0.weight=-1"]).rewards[0].weight == -1.0
+
+
 def test_eval_batch_size_of_the_recipe_is_checked(tmp_path):
     with pytest.raises(UserError, match=r"data.options.eval_batch_size=0 in .* must be >= 1"):
         load_config(
