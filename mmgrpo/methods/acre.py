@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.methods.listener import strip_answer
 from mmgrpo.methods.registry import Method, register_method
@@ -270,6 +270,14 @@ def acre(
         if key not in DEFAULT_TABLE:
             raise UserError(f"acre: unknown table key {key!r}; known: {', '.join(DEFAULT_TABLE)}")
     return AcreReward(table, answer_key, seed, think_tag, answer_tag)
+
+
+def _check_acre(prefix: str, seed: int = 0) -> None:
+    if seed < 0:  # numpy's seed sequence refused it in the first step's re-ask
+        raise bad_option(f"{prefix}.seed", seed, "a seed is an integer >= 0; e.g. 0")
+
+
+acre.check = _check_acre  # type: ignore[attr-defined]
 
 
 METHOD = register_method(

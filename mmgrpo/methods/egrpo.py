@@ -47,7 +47,7 @@ import torch
 from mmgrpo.core.errors import UserError
 from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.rewards.registry import register
-from mmgrpo.rewards.text import answer_or_completion, completion_text, grade, normalize_text
+from mmgrpo.rewards.text import answer_or_completion, check_mode, completion_text, grade, normalize_text
 
 LETTERS = string.ascii_uppercase
 
@@ -108,6 +108,7 @@ def entity_credit_reward(
         raise UserError(
             f"entity_credit: alpha={alpha} must lie in [0, 1): a near miss must score below a correct answer (1)"
         )
+    check_mode("entity_credit", mode)
     stats: dict[str, float] = {}
 
     def fn(samples, prompts, meta, ctx) -> list[float | None]:  # samples: N completions, grouped (group_aware)

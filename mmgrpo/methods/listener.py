@@ -50,15 +50,16 @@ from typing import Any
 
 import torch
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.policies.sources import ModelSource, resolve_source
 from mmgrpo.policies.vlm import VLMPolicyOptions, load_vlm
+from mmgrpo.policies.vlm_families import VLM_FAMILIES
 from mmgrpo.policies.vlm_inputs import load_image, question_text
 from mmgrpo.rewards.registry import register
-from mmgrpo.rewards.text import answer_or_completion, completion_text, grade, has_valid_format
+from mmgrpo.rewards.text import answer_or_completion, check_mode, completion_text, grade, has_valid_format
 
 Scorer = Callable[[list[Any], list[dict], list[str], list[list[str]]], torch.Tensor]
 
@@ -280,6 +281,7 @@ def listener(
     """
     if (model is None) == (scorer is None):
         raise UserError("listener: give exactly one of model=<VLM folder or hub id> or scorer=<callable>")
+    check_mode("listener", mode)
     source = None
     if model is not None:
         source = resolve_source(model, "rewards.<listener>.options.model", revision, variant)
@@ -360,6 +362,7 @@ def vlm_listener(
     if not model:
         raise UserError("vlm_listener: model is empty; give a VLM checkpoint directory (e.g. assets/tiny_qwen2_vl, "
                         "written by `python scripts/make_tiny_vlm.py`) or a hub id")  # fmt: skip
+    check_mode("vlm_listener", mode)
     src = resolve_source(model, "rewards.<vlm_listener>.options.model", revision, variant)
     scorer = LazyListener(src.path, device=device, dtype=dtype, family=family, max_pixels=max_pixels,
                           revision=src.revision, variant=src.variant)  # fmt: skip
@@ -367,6 +370,20 @@ def vlm_listener(
     return ListenerReward(
         scorer, None, weights, mode, answer_key, "candidates", "options", device, think_tag, answer_tag
     )
+
+
+def _check_vlm_listener(prefix: str, family: str = "auto", max_pixels: int | None = None) -> None:
+    """At config load: the listener VLM is loaded lazily in the first step, where a bad family (blamed on
+    policy.options.family) or max_pixels -1 (a math domain error) left a run directory behind."""
+    if family != "auto" and family not in VLM_FAMILIES and "." not in family:
+        raise bad_option(f"{prefix}.family", family, "use auto (the family of the listener's config.model_type) or "
+                         f"a registered family. {VLM_FAMILIES.unknown_message(family)}")  # fmt: skip
+    if max_pixels is not None and max_pixels < 1:
+        raise bad_option(f"{prefix}.max_pixels", max_pixels, "the listener's images are resized to at most this many "
+                         "pixels: set a number >= 1, or null for the processor's own limit")  # fmt: skip
+
+
+vlm_listener.check = _check_vlm_listener  # type: ignore[attr-defined]
 
 
 METHOD = register_method(

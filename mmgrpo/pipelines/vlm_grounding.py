@@ -187,12 +187,12 @@ def evaluate_grounding(
 
 def check_box_rewards(cfg: Config, box_family: str) -> None:
     """A box reward reading another family's coordinates would score garbage: refuse it."""
-    for spec in cfg.rewards:
+    for i, spec in enumerate(cfg.rewards):
         family = spec.options.get("family", "qwen2_5_vl")  # the iou rewards' default
         if spec.name in BOX_REWARDS and family != box_family:
             raise UserError(
-                f"reward {spec.name!r} reads boxes as family {family!r} but the policy writes {box_family!r} boxes; "
-                f"set rewards[{spec.name}].options.family: {box_family}"
+                f"rewards.{i}.options.family={family!r}: reward {spec.name!r} would read boxes as family {family!r} "
+                f"but the policy writes {box_family!r} boxes; set rewards.{i}.options.family={box_family}"
             )
 
 

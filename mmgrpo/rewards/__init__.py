@@ -3,6 +3,6 @@
 See :mod:`mmgrpo.rewards.registry` for the API. ``rewards.get(name, **options)`` builds a reward callable.
 """
 
-from mmgrpo.rewards.registry import available, get, is_factory, register, resolve
+from mmgrpo.rewards.registry import available, check_reward_options, get, is_factory, register, resolve
 
-__all__ = ["available", "get", "is_factory", "register", "resolve"]
+__all__ = ["available", "check_reward_options", "get", "is_factory", "register", "resolve"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.rewards.registry import register
 
 
@@ -88,6 +88,14 @@ def jpeg_compressibility(quality: int = 95):
     return fn
 
 
+def _check_at_load(prefix: str, quality: int = 95) -> None:
+    if not 1 <= quality <= 100:  # at config load (the text-to-image recipe builds its reward before the run)
+        raise bad_option(f"{prefix}.quality", quality, "the JPEG quality is an integer in 1..100 (DDPO uses 95)")
+
+
+jpeg_compressibility.check = _check_at_load  # type: ignore[attr-defined]
+
+
 @register("jpeg_incompressibility")
 def jpeg_incompressibility(quality: int = 95):
     """DDPO incompressibility: +(JPEG size in kB) at quality 95; detailed images score higher."""
@@ -97,3 +105,6 @@ def jpeg_incompressibility(quality: int = 95):
         return torch.tensor([jpeg_size_kb(im, quality) for im in to_pil_images(samples)], dtype=torch.float32)
 
     return fn
+
+
+jpeg_incompressibility.check = _check_at_load  # type: ignore[attr-defined]

@@ -17,16 +17,23 @@ published through the
 
 A reward that needs the whole group at once (majority vote, diversity) sets ``group_aware = True`` on
 the returned callable; it then receives rows grouped contiguously and ``ctx.group``.
+
+Options are checked when the config loads (:func:`check_reward_options`), before a model or a run directory exists:
+against the factory's signature (an unknown option is an error, a value is converted to its annotated type), every
+float finite, then by the factory's own ``factory.check(prefix, **options)`` when it has one: a cheap range check
+raising :func:`mmgrpo.core.errors.bad_option` for ``{prefix}.<option>`` (``rewards.0.options.connectivity=3: ...``).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.registry import Registry
+from mmgrpo.core.schema import check_options
 
 ENTRY_POINT_GROUP = "mmgrpo.rewards"
 REWARDS: Registry[Callable[..., Any]] = Registry("reward", plugins="rewards")
@@ -67,6 +74,31 @@ def get(name: str, **options: Any) -> Callable[..., Any]:
     if options:
         raise UserError(f"reward {name!r} is a plain callable and takes no options; got {sorted(options)}")
     return obj
+
+
+def check_reward_options(name: str, options: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
+    """At config load: reward ``name``'s ``options`` checked and converted (see the module doc); ``prefix`` is their
+    key (``rewards.0.options``). Returns the converted options. A plain reward callable takes none."""
+    obj = resolve(name)
+    if not is_factory(obj):
+        if options:
+            raise UserError(f"{prefix} in {where}: reward {name!r} is a plain callable and takes no options; got "
+                            f"{sorted(options)}")  # fmt: skip
+        return dict(options)
+    opts = check_options(obj, options, what=f"reward {name!r}", prefix=prefix, where=where)
+    for key, value in opts.items():  # nan / inf reached the factory's comparisons as a string, or passed them
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad_option(f"{prefix}.{key}", value, f"reward {name!r} takes a finite number here")
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            params = {}
+        known = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        known.update(opts)
+        check(prefix, **{k: known[k] for k in list(inspect.signature(check).parameters)[1:] if k in known})
+    return opts
 
 
 def available() -> dict[str, str]:

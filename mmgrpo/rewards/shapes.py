@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.data.shapes import (
     COLORS,
     PALETTE_CHROMA,
@@ -395,7 +395,40 @@ def _verifier(strict: bool, doc: str, exact: bool = False):
         return fn
 
     factory.__doc__ = doc
+    factory.check = check_verifier  # type: ignore[attr-defined]
     return factory
+
+
+def check_verifier(
+    prefix: str,
+    min_alpha: float = MIN_ALPHA,
+    min_area: float = MIN_AREA,
+    connectivity: int = 4,
+    max_objects: int = MAX_OBJECTS,
+    max_foreground: float = MAX_FOREGROUND,
+    max_stray: float = MAX_STRAY,
+) -> None:
+    """The verifier's detection and readability limits, at config load (``prefix``: ``rewards.<i>.options``).
+    Out of range, each scored every image 0 (max_objects 0, max_foreground 0, max_stray -1), counted every pixel as
+    foreground (min_alpha <= 0), or failed in the first step (connectivity 3)."""
+    if not 0.0 < min_alpha <= 1.0:
+        raise bad_option(f"{prefix}.min_alpha", min_alpha, "the alpha a pixel needs to count as coloured lies in "
+                         f"(0, 1]; e.g. {MIN_ALPHA}")  # fmt: skip
+    if not 0.0 <= min_area < 1.0:
+        raise bad_option(f"{prefix}.min_area", min_area, "the smallest object, as a fraction of the image, lies in "
+                         f"[0, 1); e.g. {MIN_AREA}")  # fmt: skip
+    if connectivity not in (4, 8):
+        raise bad_option(f"{prefix}.connectivity", connectivity, "pixels touch by their 4 sides or 8 neighbours: "
+                         "set 4 or 8")  # fmt: skip
+    if max_objects < 1:
+        raise bad_option(f"{prefix}.max_objects", max_objects, "an image with more objects than this is unreadable, "
+                         f"so it must be >= 1 (0 scores every image 0); e.g. {MAX_OBJECTS}")  # fmt: skip
+    if not 0.0 < max_foreground <= 1.0:
+        raise bad_option(f"{prefix}.max_foreground", max_foreground, "the coloured fraction of a readable image lies "
+                         f"in (0, 1] (0 scores every image 0); e.g. {MAX_FOREGROUND}")  # fmt: skip
+    if not 0.0 <= max_stray <= 1.0:
+        raise bad_option(f"{prefix}.max_stray", max_stray, "the fraction of a readable image in specks lies in "
+                         f"[0, 1] (a negative one scores every image 0); e.g. {MAX_STRAY}")  # fmt: skip
 
 
 shapes = register("shapes")(

@@ -201,6 +201,12 @@ def string_match(pred: str, gt: Any) -> bool:
 ACCURACY_MODES = ("auto", "choice", "numeric", "string")
 
 
+def check_mode(who: str, mode: str) -> None:
+    """A grading ``mode`` is one of :data:`ACCURACY_MODES` (UserError naming ``who``, the reward, otherwise)."""
+    if mode not in ACCURACY_MODES:
+        raise UserError(f"{who}: unknown mode {mode!r}; known: {', '.join(ACCURACY_MODES)}")
+
+
 def infer_mode(gt: Any) -> str:
     """``auto`` mode: "choice" if the ground truth is a single letter A-Z (``"B"``, ``"(b)"``), "numeric" if it is a
     number (``3``, ``"3/4"``, ``"1,000"``), else "string"."""

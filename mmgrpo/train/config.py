@@ -356,6 +356,7 @@ def validate_components(cfg: Config, where: str) -> None:
             reward_registry.resolve(spec.name)
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
+        spec.options = reward_registry.check_reward_options(spec.name, spec.options, f"rewards.{i}.options", where)
         if not math.isfinite(spec.weight):  # nan / inf: every combined reward nan / inf, nothing learned
             raise _bad(f"rewards.{i}.weight", spec.weight, where, f"({spec.name}) must be a finite number (0 logs the "
                        "reward without training on it; a negative weight penalises it)")  # fmt: skip

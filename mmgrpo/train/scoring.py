@@ -28,8 +28,11 @@ from mmgrpo.core.types import RewardContext, Rollout, select_groups
 def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
     """[(name, weight, callable)] from the config's reward list (restricted to ``streams`` where given)."""
     out = []
-    for s in specs:
-        fn = reward_registry.get(s.name, **s.options)
+    for i, s in enumerate(specs):
+        try:
+            fn = reward_registry.get(s.name, **s.options)
+        except UserError as e:  # the factory's own check ("accuracy: atol ... must be >= 0"): name where it is set
+            raise UserError(f"rewards.{i}.options ({s.name}): {e}") from e
         out.append((s.name, float(s.weight), StreamFilter(fn, s.streams) if s.streams else fn))
     return out
 

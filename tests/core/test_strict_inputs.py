@@ -1,6 +1,8 @@
 """Strict inputs before anything is written: every bad number, a hostile run name and a non-UTF-8 config file fail at
 config load with exit 2 and one paragraph, and no run directory is created."""
 
+import re
+
 import pytest
 
 from mmgrpo.core.errors import UserError
@@ -171,6 +173,60 @@ def test_estimator_and_shaping_options_reach_the_trainer_converted(tmp_path):
     # 0 and negative weights stay legitimate (0 logs a reward without training on it)
     assert load_config(config, ["rewards.0.weight=0"]).rewards[0].weight == 0.0
     assert load_config(config, ["rewards.0.weight=-1"]).rewards[0].weight == -1.0
+
+
+REWARD_BAD = [  # found by fuzzing every option of the CPU rewards in the shipped configs: a nan / inf reached the
+    # factory as a string (a TypeError naming no key), passed its range checks, or failed in the first step (the run
+    # directory left behind); out of range, the shapes verifier scored every image 0
+    ("vlm_reasoning_tiny", "rewards.1.options.atol=nan", "rewards.1.options.atol=nan: reward 'accuracy' takes"),
+    ("vlm_reasoning_tiny", "rewards.1.options.atol=.inf", "rewards.1.options.atol=inf: reward 'accuracy' takes"),
+    ("vlm_reasoning_tiny", "rewards.1.options.atoll=0", "unknown option 'rewards.1.options.atoll'"),
+    ("vlm_reasoning_tiny", "rewards.1.options.atol=loose", "rewards.1.options.atol in"),
+    ("shapes_grounding_medloc", "rewards.0.options.tau0=nan", "rewards.0.options.tau0=nan: reward 'iou_curriculum'"),
+    ("shapes_grounding_medloc", "rewards.2.options.threshold=-inf", "rewards.2.options.threshold=-inf: reward 'iou'"),
+    ("shapes_t2i_grpo", "rewards.0.options.connectivity=3", "rewards.0.options.connectivity=3: pixels touch by"),
+    ("shapes_t2i_grpo", "rewards.0.options.min_alpha=0", "rewards.0.options.min_alpha=0.0: the alpha a pixel needs"),
+    ("shapes_t2i_grpo", "rewards.0.options.min_area=-1", "rewards.0.options.min_area=-1.0: the smallest object"),
+    ("shapes_t2i_grpo", "rewards.0.options.max_objects=0", "rewards.0.options.max_objects=0: an image with more"),
+    ("shapes_t2i_grpo", "rewards.0.options.max_foreground=0", "rewards.0.options.max_foreground=0.0: the coloured"),
+    ("shapes_t2i_grpo", "rewards.0.options.max_stray=-1", "rewards.0.options.max_stray=-1.0: the fraction of a"),
+    ("shapes_t2i_grpo", "rewards.0.options.max_stray=nan", "rewards.0.options.max_stray=nan: reward 'shapes' takes"),
+    ("vlm_acre", "rewards.1.options.seed=-1", "rewards.1.options.seed=-1: a seed is an integer >= 0"),
+    ("vlm_egrpo", "rewards.1.options.alpha=nan", "rewards.1.options.alpha=nan: reward 'entity_credit' takes a"),
+    ("vlm_listener", "rewards.0.options.w_lis=inf", "rewards.0.options.w_lis=inf: reward 'vlm_listener' takes a"),
+    ("vlm_listener", "rewards.0.options.family=qwen9", "rewards.0.options.family='qwen9': use auto"),
+    ("vlm_listener", "rewards.0.options.max_pixels=-1", "rewards.0.options.max_pixels=-1: the listener's images"),
+    ("vlm_listener", "rewards.0.options.max_pixels=0", "rewards.0.options.max_pixels=0: the listener's images"),
+]
+
+
+@pytest.mark.parametrize("config, override, match", REWARD_BAD, ids=[b[1] for b in REWARD_BAD])
+def test_reward_options_are_checked_when_the_config_loads(config, override, match):
+    """No model is loaded: the shipped configs' reward options fail at load, naming rewards.<i>.options.<key>."""
+    with pytest.raises(UserError, match=re.escape(match)):
+        load_config(f"configs/{config}.yaml", [override])
+
+
+def test_jpeg_quality_is_checked_when_the_config_loads():
+    with pytest.raises(UserError, match=r"rewards.0.options.quality=0: the JPEG quality is an integer in 1..100"):
+        load_config("configs/shapes_t2i_grpo.yaml", ["rewards=[{name: jpeg_compressibility, options: {quality: 0}}]"])
+
+
+def test_a_reward_factory_error_names_the_reward_entry():
+    """Range checks a factory makes itself (when the run builds its rewards) name rewards.<i>.options too."""
+    from mmgrpo.train.config import RewardSpec
+    from mmgrpo.train.scoring import build_rewards
+
+    specs = [RewardSpec(name="format"), RewardSpec(name="accuracy", options={"atol": -1.0})]
+    with pytest.raises(UserError, match=r"^rewards.1.options \(accuracy\): accuracy: atol and rtol must be >= 0"):
+        build_rewards(specs)
+    with pytest.raises(UserError, match=r"^rewards.0.options \(entity_credit\): entity_credit: unknown mode 'exact'"):
+        build_rewards([RewardSpec(name="entity_credit", options={"mode": "exact"})])
+    from mmgrpo.pipelines.vlm_grounding import check_box_rewards
+
+    cfg = load_config("configs/shapes_grounding_medloc.yaml", ["rewards.2.options.family=qwen2_5_vl"])
+    with pytest.raises(UserError, match=r"^rewards.2.options.family='qwen2_5_vl': reward 'iou' would read boxes"):
+        check_box_rewards(cfg, "qwen2_vl")
 
 
 def test_eval_batch_size_of_the_recipe_is_checked(tmp_path):
