@@ -131,6 +131,8 @@ def check_reroll(opts: RerollOptions, cfg: Any, key: str) -> None:
             "null for the weighted total"
         )
     G = cfg.trainer.group_size
+    if opts.mix_rows < 1:  # read only by mode=mix, but never a row count in any mode
+        raise UserError(f"{key}: mix_rows={opts.mix_rows} must be >= 1 (rows a rescued group lends with mode=mix)")
     if opts.mode == "mix":
         if opts.trigger != "all_fail":
             raise UserError(f"{key}: mode=mix needs trigger=all_fail (successful rows replace failed ones)")

@@ -40,6 +40,7 @@ import torch
 from mmgrpo.core.errors import UserError
 from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.methods.tempsamp import TempSampPolicy
+from mmgrpo.policies.offpolicy import offpolicy_slot
 
 
 def rectified_advantages(
@@ -141,6 +142,11 @@ def check_dagrpo(opts: DaGRPOOptions, cfg: Any, key: str) -> None:
                             f"pipeline {cfg.pipeline!r} set methods.dagrpo.anchors=false")  # fmt: skip
         if cfg.trainer.group_size < 2:
             raise UserError(f"{key}: anchors take one row of every group; trainer.group_size must be >= 2")
+        try:  # at load, not in the first step's rollout (a bad position left a run directory behind)
+            offpolicy_slot(opts.position, cfg.trainer.group_size)
+        except UserError as e:
+            raise UserError(f"{key}: position={opts.position!r} is not a row of a group of "
+                            f"{cfg.trainer.group_size}: {e}") from e  # fmt: skip
 
 
 METHOD = register_method(

@@ -184,6 +184,9 @@ def check_microcoder(opts: MicroCoderOptions, cfg: Any, key: str) -> None:
         raise UserError(f"{key}: reselect_every={opts.reselect_every} must be >= 0 (0 = once)")
     if cfg.loss.beta != 0:
         raise UserError(f"{key}: MicroCoder-GRPO removes the KL loss; set loss.beta=0 (got {cfg.loss.beta})")
+    if opts.min_clip_high < 0:
+        raise UserError(f"{key}: min_clip_high={opts.min_clip_high} must be >= 0 (the least loss.options.clip_high "
+                        "it accepts; 0.28 is DAPO's clip-higher)")  # fmt: skip
     clip_high = (cfg.loss.options or {}).get("clip_high", 0.2)
     if clip_high < opts.min_clip_high:
         raise UserError(f"{key}: MicroCoder-GRPO trains with a high clip ratio; set loss.options.clip_high >= "

@@ -38,11 +38,13 @@ training code each enabled method with its parsed options, in the order of the b
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import options_from
 
@@ -222,9 +224,24 @@ def check_methods(cfg: Any, where: str = "the config") -> list[tuple[Method, Any
                 f"{key}: {method.name}'s part is its reward, but rewards: lists none of {list(method.rewards)}; add "
                 f"e.g. {{name: {method.rewards[0]}}} to rewards:"
             )
+        _check_finite(method.name, opts, where)
         if method.check is not None:
             method.check(opts, cfg, key)
     return methods
+
+
+def _check_finite(name: str, opts: Any, where: str) -> None:
+    """No method option is nan or inf (a float, or an entry of a list of floats): the methods' own range checks
+    compare with < and >, which nan passes (a threshold of nan re-rolled no group, a cap of nan never capped), and
+    no method option means "unbounded" by inf."""
+    if not dataclasses.is_dataclass(opts):
+        return
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise UserError(f"methods.{name}.{f.name}={quoted(value, 60)} in {where}: must be a finite number "
+                            f"(see the option's doc in `mmgrpo list methods`)")  # fmt: skip
 
 
 @dataclass

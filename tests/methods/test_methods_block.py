@@ -47,6 +47,47 @@ def test_an_unknown_option_fails_at_load_naming_the_key_and_the_file():
         load_config(CONFIGS / "vlm_pearl.yaml", [NO_MODEL, "methods.pearl=true"])
 
 
+NONFINITE = [  # found by fuzzing every methods: option of the shipped configs/vlm_*.yaml: nan / inf passed the
+    # methods' own < / > range checks and trained on a threshold that never (or always) re-rolled, a cap that never
+    # capped, ...
+    ("vlm_cog_drift", "methods.cog_drift.threshold=nan"),
+    ("vlm_hill", "methods.hill.threshold=inf"),
+    ("vlm_hill", "methods.hill.hinter_temperature=nan"),
+    ("vlm_scaf_grpo", "methods.scaf_grpo.threshold=-inf"),
+    ("vlm_kdrl", "methods.kdrl.coef=inf"),
+    ("vlm_kdrl", "methods.kdrl.coef_final=inf"),
+    ("vlm_kdrl", "methods.kdrl.correct_at=nan"),
+    ("vlm_dagrpo", "methods.dagrpo.min_distinct=inf"),
+    ("vlm_microcoder", "methods.microcoder.min_clip_high=nan"),
+    ("vlm_pearl", "methods.pearl.cap=nan"),
+    ("vlm_pearl", "methods.pearl.checklist_weight=inf"),
+    ("vlm_srpo", "methods.srpo.correct_at=inf"),
+    ("vlm_tempsamp", "methods.tempsamp.anchor_factor=nan"),
+]
+
+
+@pytest.mark.parametrize("config, override", NONFINITE, ids=[o for _, o in NONFINITE])
+def test_a_non_finite_method_option_fails_at_load_naming_the_key(config, override):
+    key, _, value = override.partition("=")
+    with pytest.raises(UserError, match=rf"^{key}={value} in .*{config}.yaml: must be a finite number"):
+        load_config(CONFIGS / f"{config}.yaml", [NO_MODEL, override])
+
+
+@pytest.mark.parametrize(
+    "config, override, match",
+    [  # refused only in the first step's rollout (naming no key, the run directory left), or accepted
+        ("vlm_dagrpo", "methods.dagrpo.position=-1", r"methods.dagrpo in .*: position=-1 is not a row of a group of"),
+        ("vlm_dagrpo", "methods.dagrpo.position=first_row", r"methods.dagrpo in .*: position='first_row' is not"),
+        ("vlm_microcoder", "methods.microcoder.min_clip_high=-1", r"methods.microcoder in .*: min_clip_high=-1.0"),
+        ("vlm_hill", "methods.hill.mix_rows=0", r"methods.hill in .*: mix_rows=0 must be >= 1"),
+        ("vlm_cog_drift", "methods.cog_drift.mix_rows=-1", r"methods.cog_drift in .*: mix_rows=-1 must be >= 1"),
+    ],
+)
+def test_method_options_out_of_range_fail_at_load(config, override, match):
+    with pytest.raises(UserError, match=match):
+        load_config(CONFIGS / f"{config}.yaml", [NO_MODEL, override])
+
+
 def test_a_method_for_another_recipe_and_bad_combinations_fail_at_load():
     with pytest.raises(UserError, match="applies to the vlm_reasoning recipe.*not pipeline 'vlm_grounding'"):
         load_config(CONFIGS / "shapes_grounding_medloc.yaml", [NO_MODEL, "methods.pearl={}"])
