@@ -129,7 +129,7 @@ def test_two_nft_steps_on_the_diffusion_policy(tmp_path):
     popts = data["policy"]["options"]
     popts.update(path=str(REPO / "assets" / "shapes_t2i"), num_steps=4, objective={"name": "sde"},
                  sde={"kind": "flow_grpo", "noise_level": 0.7})  # fmt: skip
-    data["data"]["options"].update(grid_images=0, heldout_prompts="")
+    data["data"]["options"].update(heldout_prompts="")
     data["rewards"] = [{"name": "shapes"}, {"name": "shapes_strict", "weight": 0.0}]
     data["methods"] = {"nft": {"reward": "shapes", "correct_at": 0.5, "prompt_weight": "one"}}
     data["loss"] = {"name": "grpo"}
