@@ -20,8 +20,9 @@ the returned callable; it then receives rows grouped contiguously and ``ctx.grou
 
 Options are checked when the config loads (:func:`check_reward_options`), before a model or a run directory exists:
 against the factory's signature (an unknown option is an error, a value is converted to its annotated type), every
-float finite, then by the factory's own ``factory.check(prefix, **options)`` when it has one: a cheap range check
-raising :func:`mmgrpo.core.errors.bad_option` for ``{prefix}.<option>`` (``rewards.0.options.connectivity=3: ...``).
+float finite, then by the factory's own ``factory.check(prefix, **options)`` when it has one (given the options it
+names, or all of them with the defaults filled in when it takes ``**options``): a cheap range check raising
+:func:`mmgrpo.core.errors.bad_option` for ``{prefix}.<option>`` (``rewards.0.options.connectivity=3: ...``).
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def check_reward_options(name: str, options: dict[str, Any], prefix: str, where:
             params = {}
         known = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
         known.update(opts)
-        check(prefix, **{k: known[k] for k in list(inspect.signature(check).parameters)[1:] if k in known})
+        takes = list(inspect.signature(check).parameters.values())[1:]
+        if not any(p.kind is p.VAR_KEYWORD for p in takes):  # only the options it names; **options: all of them
+            known = {p.name: known[p.name] for p in takes if p.name in known}
+        check(prefix, **known)
     return opts
 
 

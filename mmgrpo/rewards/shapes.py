@@ -399,18 +399,13 @@ def _verifier(strict: bool, doc: str, exact: bool = False):
     return factory
 
 
-def check_verifier(
-    prefix: str,
-    min_alpha: float = MIN_ALPHA,
-    min_area: float = MIN_AREA,
-    connectivity: int = 4,
-    max_objects: int = MAX_OBJECTS,
-    max_foreground: float = MAX_FOREGROUND,
-    max_stray: float = MAX_STRAY,
-) -> None:
+def check_verifier(prefix: str, **limits: Any) -> None:
     """The verifier's detection and readability limits, at config load (``prefix``: ``rewards.<i>.options``).
     Out of range, each scored every image 0 (max_objects 0, max_foreground 0, max_stray -1), counted every pixel as
-    foreground (min_alpha <= 0), or failed in the first step (connectivity 3)."""
+    foreground (min_alpha <= 0), or failed in the first step (connectivity 3). ``limits``: the factory's options,
+    every one given (the registry fills in the defaults)."""
+    min_alpha, min_area, connectivity = limits["min_alpha"], limits["min_area"], limits["connectivity"]
+    max_objects, max_foreground, max_stray = limits["max_objects"], limits["max_foreground"], limits["max_stray"]
     if not 0.0 < min_alpha <= 1.0:
         raise bad_option(f"{prefix}.min_alpha", min_alpha, "the alpha a pixel needs to count as coloured lies in "
                          f"(0, 1]; e.g. {MIN_ALPHA}")  # fmt: skip
