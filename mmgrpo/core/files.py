@@ -4,12 +4,18 @@ cause, never a ``UnicodeDecodeError`` / ``UnidentifiedImageError`` / ``InvalidDa
 Text files (configs, prompt files, JSONL) are decoded as UTF-8 when read; images and videos that a dataset names
 are opened once when the dataset loads (:func:`check_image`, :func:`open_video`), not in the middle of training;
 :func:`open_video` reads videos with PyAV (or decord where PyAV is not installed).
+
+The folder a command writes (``mmgrpo export --out``, ``mmgrpo sample --out``) is checked before anything loads
+(:func:`check_output_folder`: new or empty, not a file, not under a file, not inside a run directory) and written
+whole or not at all (:func:`staged_folder`), so a failure never leaves a half-written folder or overwrites a file.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,58 @@ def read_utf8(path: str | os.PathLike, what: str) -> str:
             f"{what} '{os.fspath(path)}' is not UTF-8 text: line {line} (byte {e.start}: {e.reason}); save it as "
             f"UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
         ) from e
+
+
+def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.PathLike | None = None) -> Path:
+    """``path`` as the new output folder of a command option ``flag`` (``--out``): a UserError naming the option and
+    the value unless it is absent or an empty folder whose nearest existing ancestor is a folder, and (``run_dir``)
+    outside that run directory, which training rewrites (``run.overwrite=true`` deletes it, pruning deletes old
+    checkpoints with whatever they hold)."""
+    out = Path(os.path.abspath(path))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} '{os.fspath(path)}' is a file, not a folder; give a new or empty folder to {flag}")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{flag} folder '{os.fspath(path)}' exists and is not empty (nothing in it is overwritten); "
+                        f"give a new or empty folder to {flag}")  # fmt: skip
+    above = next(a for a in out.parents if a.exists())
+    if not above.is_dir():
+        raise UserError(f"{flag} '{os.fspath(path)}': '{above}' is a file, so no folder can be made there; give a "
+                        f"folder path to {flag}")  # fmt: skip
+    if run_dir is not None:
+        run = Path(run_dir).resolve()
+        known = next(a for a in (out, *out.parents) if a.exists())
+        real = known.resolve() / out.relative_to(known)  # symbolic links resolved where they exist
+        if real == run or run in real.parents:
+            raise UserError(f"{flag} '{os.fspath(path)}' is inside the run directory '{run_dir}', which training "
+                            "rewrites (run.overwrite=true deletes it, pruning deletes old checkpoints with what they "
+                            f"hold); give {flag} a folder outside it")  # fmt: skip
+    return out
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Write the folder ``path`` whole or not at all: yields a temporary sibling folder, renamed to ``path`` when the
+    block ends (an existing ``path`` must be empty: it is replaced); on an exception the temporary folder and the
+    parent folders made for it are removed and ``path`` is left as it was."""
+    out = Path(os.path.abspath(path))
+    made = [a for a in reversed(out.parents) if not a.exists()]  # outermost first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (else rmdir refuses and nothing is replaced)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for a in reversed(made):
+            try:
+                a.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:

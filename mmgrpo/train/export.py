@@ -38,6 +38,7 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
+from mmgrpo.core.files import check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.step is not None and args.step < 0:
+        raise UserError(f"--step {args.step}: a checkpoint step is >= 0; give one of the run's checkpoint steps or "
+                        "drop --step for the latest")  # fmt: skip
+    if (Path(args.run) / "config.yaml").is_file():  # else export_run says it is not a run directory
+        check_output_folder(args.out, "--out", run_dir=args.run)
     out = export_run(args.run, args.out, step=args.step, merge=args.merge, ema=args.ema)
     info = json.loads((out / INFO).read_text())
     print(f"exported {info['format']} of {info['checkpoint']} to {out}")
@@ -102,7 +108,11 @@ def find_run_checkpoint(run: str | Path, step: int | None) -> Path:
     try:
         verify_checkpoint(steps[step])
     except CorruptCheckpoint as e:
-        raise UserError(f"checkpoint of step {step} cannot be exported: {e}") from e
+        others = ", ".join(str(s) for s in sorted(steps) if s != step) or "none"
+        raise UserError(
+            f"checkpoint of step {step} cannot be exported, it is damaged: {e}; export another "
+            f"checkpoint (--step, kept: {others}) or drop --step for the newest that verifies"
+        ) from e
     return steps[step]
 
 
@@ -126,6 +136,7 @@ def build_policy(cfg: Any, device: str = "cpu") -> Any:
 def export_run(run: str | Path, out: str | Path, step: int | None = None, merge: bool = False, ema: bool = False):
     """Rebuild the run's policy, load the checkpoint's weights (``ema``: its EMA weights) and export it to ``out``."""
     ckpt = find_run_checkpoint(run, step)
+    check_output_folder(out, "--out")  # before the model loads
     policy = build_policy(load_config(Path(run) / "config.yaml"))
     load_trained_weights(trained_module(policy), ckpt, ema=ema)
     info = {"run": str(Path(run).resolve()), "checkpoint": ckpt.name, "ema": ema}
@@ -154,17 +165,28 @@ def export_policy(
     ``inplace``: ``merge`` may merge the LoRA into the policy's own modules (the policy is not used afterwards);
     otherwise a copy is merged and the policy is left as it was."""
     policy, out = unwrap_policy(policy), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"export folder '{out}' exists and is not empty; give a new or empty folder to --out")
-    if isinstance(policy, DiffusionPolicy):
-        fmt = export_diffusion(policy, out, merge, inplace)
-    elif isinstance(policy, VLMPolicy):
-        fmt = export_vlm(policy, out, merge, inplace)
-    else:
+    check_output_folder(out, "--out")
+    if not isinstance(policy, (DiffusionPolicy, VLMPolicy)):
         raise UserError(f"a {type(policy).__name__} cannot be exported (only diffusion/flow generators and VLMs)")
-    record = {**(info or {}), "format": fmt, "base": base_name(policy), "merged": merge}
-    (out / INFO).write_text(json.dumps(record, indent=2) + "\n")
+    if merge and not has_lora(policy):
+        raise UserError("--merge merges a LoRA adapter into the base model, and this run fine-tuned the whole model "
+                        "(no LoRA): its export is a full model folder already; drop --merge")  # fmt: skip
+    with staged_folder(out) as tmp:  # a failure leaves no half-written folder
+        if isinstance(policy, DiffusionPolicy):
+            fmt = export_diffusion(policy, tmp, merge, inplace)
+        else:
+            fmt = export_vlm(policy, tmp, merge, inplace)
+        record = {**(info or {}), "format": fmt, "base": base_name(policy), "merged": merge}
+        (tmp / INFO).write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def has_lora(policy: Any) -> bool:
+    """Whether ``policy`` trains a LoRA adapter (what ``--merge`` merges) rather than the whole model."""
+    if isinstance(policy, DiffusionPolicy):
+        return getattr(policy.adapter.denoiser, "peft_config", None) is not None and policy.opts.lora_rank > 0
+    vlm = policy._scorer().vlm
+    return hasattr(vlm, "peft_config") and hasattr(vlm, "merge_and_unload")
 
 
 def base_name(policy: Any) -> str:

@@ -13,6 +13,7 @@ Tiny runs of 1 step are trained once per module.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
-from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint
+from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmgrpo.train.cli import main as cli_main
 from mmgrpo.train.config import load_config
 from mmgrpo.train.export import build_policy, export_run, trained_module
@@ -191,6 +192,59 @@ def test_export_errors_are_user_errors(sd3, tmp_path, capsys):
     assert "no checkpoint of step 5" in capsys.readouterr().err
     assert cli_main(["export", str(run), "--step", "1", "--out", str(tmp_path / "z")]) == 0
     assert (tmp_path / "z" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [  # the CLI fuzz of 2026-12-06: each was a traceback, an export into the run directory, or silently accepted
+        (["{lora}", "--out", "{tmp}/file"], "--out '{tmp}/file' is a file, not a folder"),
+        (["{lora}", "--out", "{tmp}/file/sub"], "'{tmp}/file' is a file, so no folder can be made there"),
+        (["{lora}", "--out", "{tmp}/full"], "--out folder '{tmp}/full' exists and is not empty"),
+        (["{lora}", "--out", "{lora}"], "--out folder '{lora}' exists and is not empty"),
+        (["{lora}", "--out", "{lora}/export"], "--out '{lora}/export' is inside the run directory '{lora}'"),
+        (["{lora}", "--out", "{lora}/checkpoints/step_000001/mine"], "is inside the run directory '{lora}'"),
+        (["{lora}", "--step", "-1", "--out", "{tmp}/new"], "--step -1: a checkpoint step is >= 0"),
+        (["{full}", "--merge", "--out", "{tmp}/new"], "this run fine-tuned the whole model (no LoRA)"),
+        (["{full}", "--ema", "--out", "{tmp}/new"], "no EMA weights"),
+        (["{damaged}", "--out", "{tmp}/new"], "has no complete checkpoint under checkpoints/"),
+        (["{damaged}", "--step", "1", "--out", "{tmp}/new"], "checkpoint of step 1 cannot be exported, it is damaged"),
+    ],
+)
+def test_export_cli_refuses_bad_flags_and_writes_nothing(sd3, tmp_path, capsys, argv, expected):
+    runs = sd3[0]
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine").write_text("mine")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs["lora"], damaged)
+    with open(damaged / "checkpoints" / "step_000001" / "tensors.safetensors", "r+b") as f:
+        f.truncate(1000)
+    full = tmp_path / "full_no_ema"  # the full run's checkpoint without its EMA shadow
+    shutil.copytree(runs["full"], full)
+    ckpt = full / "checkpoints" / "step_000001"
+    state = load_checkpoint(ckpt)
+    shutil.rmtree(ckpt)
+    save_checkpoint(full / "checkpoints", 1, {**state, "ema": None})
+    fmt = dict(tmp=tmp_path, lora=runs["lora"], full=full, damaged=damaged)
+    before = {k: sorted(p.relative_to(v) for p in v.rglob("*")) for k, v in fmt.items() if k != "tmp"}
+    assert cli_main(["export", *(a.format(**fmt) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    err = err[err.index("error: ") :]  # after the model's loading bar (--merge, --ema: refused once it is built)
+    assert "Traceback" not in err and expected.format(**fmt) in " ".join(err.split())
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "file").read_text() == "mine" and os.listdir(tmp_path / "full") == ["mine"]
+    assert {k: sorted(p.relative_to(v) for p in v.rglob("*")) for k, v in fmt.items() if k != "tmp"} == before
+
+
+def test_a_failed_export_leaves_no_folder(sd3, tmp_path, monkeypatch):
+    def half_written(policy, out, merge, inplace):
+        (out / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("mmgrpo.train.export.export_diffusion", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        export_run(sd3[0]["lora"], tmp_path / "a" / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------- shapes asset
