@@ -38,13 +38,14 @@ from torch import nn
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
+from mmgrpo.core.files import check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import read_prompts
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.exploration import FullOptions
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
-from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint
+from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
 from mmgrpo.train.report import image_grid
@@ -101,7 +102,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--guidance must be a finite scale >= 1 (1 = no guidance), got {args.guidance}")
     if args.ema and not (args.run or args.checkpoint):
         raise UserError("--ema loads a checkpoint's EMA weights; give --run RUN_DIR or --checkpoint CKPT_DIR too")
+    top = SEED_MAX - (args.best_of - 1)
+    if not 0 <= args.seed <= top:  # sample j uses seed + j, and a torch.Generator takes a 64-bit signed seed
+        raise UserError(f"--seed {args.seed}: sample j of a prompt uses seed + j, so --seed must be an integer in "
+                        f"[0, {top}] with --best-of {args.best_of}, e.g. --seed 0")  # fmt: skip
+    if args.device is not None:
+        check_device(args.device)
     return args
+
+
+SEED_MAX = 2**63 - 1
+"""the largest seed a torch.Generator takes"""
+
+
+def check_device(text: str) -> torch.device:
+    """``--device`` as a torch device this machine has (cpu, cuda, cuda:N, mps), else a UserError naming it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {text!r} is not a device; give cpu, cuda or cuda:N (or leave --device out: cuda "
+                        "when available)") from e  # fmt: skip
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {text}: torch sees no CUDA GPU on this machine; use --device cpu (or leave "
+                            "--device out)")  # fmt: skip
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {text}: torch sees {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise UserError(f"--device {text!r}: sampling runs on cpu, cuda (cuda:N) or mps")
+    return device
 
 
 def parse_reward_options(items: list[str]) -> dict[str, Any]:
@@ -134,13 +167,17 @@ def find_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path | Non
     if run:
         run_dir = Path(run)
         if not run_dir.is_dir():
-            raise UserError(f"run directory '{run}' not found (give --run runs/<name>)")
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
+            what = "is a file, not a folder" if run_dir.exists() else "not found"
+            raise UserError(f"run directory '{run}' {what} (give --run runs/<name>)")
+        ckpt, notes = latest_valid_checkpoint(run_dir / "checkpoints")
         if ckpt is None:
+            why = f" ({'; '.join(notes)})" if notes else ""
             raise UserError(
-                f"run directory '{run}' has no complete checkpoint under checkpoints/; "
+                f"run directory '{run}' has no complete checkpoint under checkpoints/ that verifies{why}; "
                 "train longer (trainer.checkpoint_every) or sample the base model without --run"
             )
+        for note in notes:  # as resume does: the newest checkpoint that verifies, and why newer ones were skipped
+            print(f"note: skipped a damaged checkpoint: {note}; sampling {ckpt}", file=sys.stderr)
         cfg = run_dir / "config.yaml"
         return ckpt, cfg if cfg.is_file() else None
     if checkpoint:
@@ -148,9 +185,23 @@ def find_checkpoint(run: str | None, checkpoint: str | None) -> tuple[Path | Non
         if not (ckpt / "state.json").is_file() or not (ckpt / "tensors.safetensors").is_file():
             raise UserError(f"checkpoint '{checkpoint}' is not a checkpoint folder (state.json + tensors.safetensors);"
                             " give runs/<name>/checkpoints/step_XXXXXX or --run runs/<name>")  # fmt: skip
+        try:
+            verify_checkpoint(ckpt)
+        except CorruptCheckpoint as e:
+            raise UserError(
+                f"--checkpoint '{checkpoint}' is damaged: {e}; give another checkpoint of the run, or "
+                "--run RUN_DIR for its newest checkpoint that verifies"
+            ) from e
         cfg = ckpt.parent.parent / "config.yaml"  # runs/<name>/checkpoints/step_XXXXXX -> runs/<name>/config.yaml
         return ckpt, cfg if cfg.is_file() else None
     return None, None
+
+
+def output_guard(run: str | None, checkpoint: str | None) -> Path | None:
+    """The run directory that ``--out`` must stay out of: ``--run``, or the run holding ``--checkpoint`` (a folder
+    that is no run directory is refused later, by :func:`find_checkpoint`)."""
+    folder = Path(run) if run else Path(checkpoint).parent.parent if checkpoint else None
+    return folder if folder is not None and (folder / "config.yaml").is_file() else None
 
 
 def generator_options(cfg: Any, where: str) -> Any:
@@ -222,7 +273,10 @@ def load_trained_weights(model: nn.Module, ckpt_dir: str | Path, ema: bool = Fal
     ``ema=True`` loads the EMA shadow instead (a list in the order of the checkpoint's ``model`` entries).
     """
 
-    state = load_checkpoint(ckpt_dir)
+    try:
+        state = load_checkpoint(ckpt_dir)
+    except CorruptCheckpoint as e:
+        raise UserError(f"checkpoint {ckpt_dir} is damaged: {e}; use another checkpoint of the run") from e
     weights: dict[str, torch.Tensor] = dict(state["model"])
     if ema:
         shadow = (state.get("ema") or {}).get("shadow")
@@ -393,20 +447,22 @@ def main(argv: list[str] | None = None) -> int:
     """``mmgrpo sample ...`` (user errors propagate as UserError; the ``mmgrpo`` CLI prints them)."""
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    check_output_folder(args.out, "--out", run_dir=output_guard(args.run, args.checkpoint))
     prompts = collect_prompts(args.prompts, args.prompts_file)
     reward_options = parse_reward_options(args.reward_option)
     reward_fn = reward_registry.get(args.reward, **reward_options)  # before loading the model: fail fast on a typo
     policy, ckpt, opts = build_policy(args)
     torch.manual_seed(args.seed)
-    records = best_of_n(policy, reward_fn, args.reward, prompts, args.best_of, args.out, seed=args.seed,
-                        noise_level=args.noise_level, batch_size=args.batch_size)  # fmt: skip
-    summary = {
-        "model": opts.path, "family": opts.family, "checkpoint": str(ckpt) if ckpt else None, "ema": args.ema,
-        "reward": args.reward, "reward_options": reward_options, "best_of": args.best_of, "seed": args.seed,
-        "steps": opts.num_steps, "guidance": opts.guidance_scale, "noise_level": args.noise_level,
-        "sde": opts.sde.kind if args.noise_level > 0 else "ode", "prompts": records,
-    }  # fmt: skip
-    (Path(args.out) / "scores.json").write_text(json.dumps(summary, indent=2))
+    with staged_folder(args.out) as tmp:  # whole or not at all: a failure mid-way leaves no half-written --out
+        records = best_of_n(policy, reward_fn, args.reward, prompts, args.best_of, tmp, seed=args.seed,
+                            noise_level=args.noise_level, batch_size=args.batch_size)  # fmt: skip
+        summary = {
+            "model": opts.path, "family": opts.family, "checkpoint": str(ckpt) if ckpt else None, "ema": args.ema,
+            "reward": args.reward, "reward_options": reward_options, "best_of": args.best_of, "seed": args.seed,
+            "steps": opts.num_steps, "guidance": opts.guidance_scale, "noise_level": args.noise_level,
+            "sde": opts.sde.kind if args.noise_level > 0 else "ode", "prompts": records,
+        }  # fmt: skip
+        (tmp / "scores.json").write_text(json.dumps(summary, indent=2))
     mean_best = float(np.mean([r["best_score"] for r in records]))
     print(f"best-of-{args.best_of} for {len(records)} prompts: mean best {args.reward} = {mean_best:.4f}; "
           f"wrote {args.out}/best_*.png|mp4, grid.png, scores.json")  # fmt: skip

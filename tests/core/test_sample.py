@@ -247,12 +247,24 @@ def _without_ema(ckpt, dest):
         (["--model", "{ckpt}", "--steps", "0"], "--steps must be >= 1 sampling steps, got 0"),
         (["--model", "{ckpt}", "--noise-level", "inf"], "--noise-level must be a finite number >= 0"),
         (["--model", "{ckpt}", "--best-of", "0"], "--best-of must be >= 1, got 0"),
+        # the CLI fuzz of 2026-12-06: each of these ended in a traceback (exit 1) or was accepted
+        (["--model", "{ckpt}", "--device", "tpu"], "--device 'tpu' is not a device; give cpu, cuda"),
+        (["--model", "{ckpt}", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
+        (["--model", "{ckpt}", "--seed", "-1"], "--seed -1: sample j of a prompt uses seed + j"),
+        (["--model", "{ckpt}", "--seed", str(2**64 - 1)], "must be an integer in [0, 9223372036854775806]"),
+        (["--model", "{ckpt}", "--run", "{alone}/state.json"], "run directory '{alone}/state.json' is a file"),
+        (["--model", "{ckpt}", "--checkpoint", "{damaged}/checkpoints/step_000001"], "is damaged: "),
+        (["--model", "{ckpt}", "--run", "{damaged}"], "no complete checkpoint under checkpoints/ that verifies"),
     ],
 )
 def test_user_errors_are_one_paragraph(tmp_path, capsys, tiny_ckpt, trained_run, argv, expected):
     alone = tmp_path / "alone"  # a checkpoint folder outside any run directory: no config.yaml next to it
     shutil.copytree(latest_checkpoint(trained_run / "checkpoints"), alone)
-    fmt = dict(tmp=tmp_path, ckpt=tiny_ckpt, alone=alone)
+    damaged = tmp_path / "damaged"  # the run with its only checkpoint's tensors truncated
+    shutil.copytree(trained_run, damaged)
+    with open(latest_checkpoint(damaged / "checkpoints") / "tensors.safetensors", "r+b") as f:
+        f.truncate(1000)
+    fmt = dict(tmp=tmp_path, ckpt=tiny_ckpt, alone=alone, damaged=damaged)
     argv = [a.format(**fmt) for a in argv]
     defaults = {"--prompts": ["a red circle"], "--best-of": ["2"], "--reward": ["test_mean_brightness"]}
     for flag, value in defaults.items():
@@ -264,3 +276,61 @@ def test_user_errors_are_one_paragraph(tmp_path, capsys, tiny_ckpt, trained_run,
     assert expected.format(**fmt) in " ".join(err.split())
     assert err.strip().count("\n\n") == 0
     assert not (tmp_path / "out" / "scores.json").exists()
+
+
+def test_cuda_without_a_gpu_is_a_user_error(tmp_path, capsys, tiny_ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code, _, err = run_cli(capsys, "--model", tiny_ckpt, "--prompts", "a", "--best-of", "2", "--reward",
+                           "test_mean_brightness", "--device", "cuda", "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and "--device cuda: torch sees no CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "out,expected",
+    [
+        ("{tmp}/file", "--out '{tmp}/file' is a file, not a folder"),
+        ("{tmp}/file/sub", "'{tmp}/file' is a file, so no folder can be made there"),
+        ("{tmp}/full", "--out folder '{tmp}/full' exists and is not empty (nothing in it is overwritten)"),
+        ("{run}", "--out folder '{run}' exists and is not empty"),
+        ("{run}/best", "--out '{run}/best' is inside the run directory '{run}'"),
+        ("{run}/checkpoints/step_000001/best", "is inside the run directory '{run}'"),
+    ],
+)
+def test_an_out_folder_that_would_overwrite_or_be_deleted_is_refused_before_the_model_loads(
+    tmp_path, capsys, tiny_ckpt, trained_run, out, expected, monkeypatch
+):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "grid.png").write_text("mine")
+    before = sorted(p.relative_to(trained_run) for p in trained_run.rglob("*"))
+    monkeypatch.setattr("mmgrpo.train.sample.build_policy", lambda args: pytest.fail("the model loaded"))
+    fmt = dict(tmp=tmp_path, run=trained_run)
+    code, _, err = run_cli(capsys, "--run", trained_run, "--prompts", "a", "--best-of", "2", "--reward",
+                           "test_mean_brightness", "--out", out.format(**fmt))  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert expected.format(**fmt) in " ".join(err.split())
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "full" / "grid.png").read_text() == "mine"
+    assert sorted(p.relative_to(trained_run) for p in trained_run.rglob("*")) == before
+
+
+def test_a_failure_mid_way_leaves_no_out_folder(tmp_path, capsys, tiny_ckpt):
+    """The second prompt's reward fails after the first prompt's best image was written: no --out, no parents."""
+    calls = []
+
+    @rewards.register("test_fails_on_second_prompt")
+    def fails():
+        def fn(samples, prompts, meta, ctx):
+            calls.append(prompts[0])
+            if len(calls) > 1:
+                raise UserError("the test reward fails on the second prompt")
+            return torch.full((len(prompts),), 0.5)
+
+        return fn
+
+    out = tmp_path / "new" / "out"
+    code, _, err = run_cli(capsys, "--model", tiny_ckpt, "--prompts", "a", "b", "--best-of", "2", "--steps", "2",
+                           "--reward", "test_fails_on_second_prompt", "--device", "cpu", "--out", out)  # fmt: skip
+    assert code == 2 and "fails on the second prompt" in err and calls == ["a", "b"]
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
