@@ -224,6 +224,8 @@ def _check_samples(kind: str, samples: Any, n: int) -> None:
         raise _bad(f"video samples must be uint8 [N, F, 3, H, W]; got {samples.dtype} {list(samples.shape)}")
     if samples.ndim == 0 or samples.shape[0] != n:
         raise _bad(f"{n} prompts but samples of shape {list(samples.shape)}")
+    if kind in ("image", "video") and 0 in samples.shape[1:]:
+        raise _bad(f"{kind} samples of shape {list(samples.shape)} have an empty dimension")
 
 
 def decode_request(body: bytes, max_bytes: int = 64 << 20) -> WireRequest:
@@ -235,6 +237,8 @@ def decode_request(body: bytes, max_bytes: int = 64 << 20) -> WireRequest:
         header = json.loads(arrays["header"].tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(f"header is not UTF-8 JSON ({e})") from e
+    except RecursionError as e:  # "[[[[..." nested past Python's recursion limit
+        raise _bad("header JSON is nested too deeply") from e
     if not isinstance(header, dict) or header.get("version") != WIRE_VERSION:
         raise _bad(f"header version must be {WIRE_VERSION}; update the client or the server")
     kind, prompts, meta = header.get("kind"), header.get("prompts"), header.get("meta")

@@ -31,6 +31,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -446,13 +447,17 @@ def serve(
     server (``.url``, ``.shutdown()``). ``port=0`` picks a free port. Binds loopback unless ``host`` says otherwise;
     a non-loopback ``host`` needs a ``token`` unless ``allow_unauthenticated``.
     """
-    if max_request_bytes <= 0 or max_batch_rows < 1 or batch_wait_s < 0 or max_connections < 1:
+    ok_wait = math.isfinite(batch_wait_s) and 0 <= batch_wait_s <= MAX_BATCH_WAIT_S
+    if max_request_bytes <= 0 or max_batch_rows < 1 or not ok_wait or max_connections < 1:
         raise UserError(
-            f"serve: need max_request_bytes > 0, max_batch_rows >= 1, batch_wait_s >= 0, max_connections >= 1; "
-            f"got {max_request_bytes}, {max_batch_rows}, {batch_wait_s}, {max_connections}"
+            f"serve: need max_request_bytes > 0, max_batch_rows >= 1, 0 <= batch_wait_s <= {MAX_BATCH_WAIT_S}, "
+            f"max_connections >= 1; got {max_request_bytes}, {max_batch_rows}, {batch_wait_s}, {max_connections}"
         )
     if not 0 <= port <= 65535:
         raise UserError(f"serve: port {port} is not in 0..65535 (0 picks a free one)")
+    if not host.strip():
+        raise UserError("serve: the host is empty, which would bind every interface; give 127.0.0.1 (this machine "
+                        "only, the default) or 0.0.0.0 (every interface, with a token)")  # fmt: skip
     if not is_loopback(host) and not token:
         if not allow_unauthenticated:
             raise UserError(
@@ -500,9 +505,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_BATCH_WAIT_S = 60.0
+"""the longest --batch-wait-s: a client's default timeout (and the handler's socket timeout) is 60 s"""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The numeric flags, named as the user typed them, before the reward loads."""
+    if not (math.isfinite(args.max_request_mb) and args.max_request_mb > 0) or args.max_request_mb * 2**20 < 1:
+        raise UserError(f"--max-request-mb {args.max_request_mb}: give the largest request in MB, a finite number "
+                        "> 0 (default 64)")  # fmt: skip
+    if args.max_batch_rows < 1:
+        raise UserError(f"--max-batch-rows {args.max_batch_rows}: give the most rows merged into one reward call, "
+                        ">= 1 (default 256)")  # fmt: skip
+    if not (math.isfinite(args.batch_wait_s) and 0 <= args.batch_wait_s <= MAX_BATCH_WAIT_S):
+        raise UserError(f"--batch-wait-s {args.batch_wait_s}: give seconds to wait for more requests to merge, in "
+                        f"[0, {MAX_BATCH_WAIT_S:g}] (default 0.01; clients time out after 60 s)")  # fmt: skip
+    if args.max_connections < 1:
+        raise UserError(f"--max-connections {args.max_connections}: give the connections served at once, >= 1 "
+                        "(default 64)")  # fmt: skip
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: give a port in 0..65535 (0 picks a free one; default {DEFAULT_PORT})")
+    if not args.host.strip():
+        raise UserError(f"--host {args.host!r}: an empty host binds every interface; give 127.0.0.1 (this machine "
+                        "only, the default) or 0.0.0.0 (every interface, with --token)")  # fmt: skip
+
+
 def main(argv: list[str], stop: threading.Event | None = None) -> int:
     """``mmgrpo serve-reward ...``: serve until Ctrl-C (or until ``stop`` is set, for tests). Returns 0."""
     args = build_parser().parse_args(argv)
+    check_args(args)
 
     reward_fn = get(args.name, **parse_options(args.option))
     if not logging.getLogger().handlers:

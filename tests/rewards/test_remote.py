@@ -362,3 +362,71 @@ def test_fifty_concurrent_clients_twenty_requests_each_all_succeed(server_factor
     for t in threads:
         t.join(timeout=120)
     assert failures == [] and len(done) == 1000
+
+
+# ---------------------------------------------------------------------------------------------- CLI flags
+@pytest.mark.parametrize(
+    "flags,expected",
+    [  # the CLI fuzz of 2026-12-06: nan / inf MB were a traceback, nan / inf / huge waits served a broken batcher
+        (["--port", "-1"], "--port -1: give a port in 0..65535"),
+        (["--port", "70000"], "--port 70000: give a port in 0..65535"),
+        (["--max-request-mb", "-1"], "--max-request-mb -1.0: give the largest request in MB"),
+        (["--max-request-mb", "nan"], "--max-request-mb nan:"),
+        (["--max-request-mb", "inf"], "--max-request-mb inf:"),
+        (["--max-request-mb", "1e-9"], "--max-request-mb 1e-09:"),
+        (["--max-batch-rows", "0"], "--max-batch-rows 0:"),
+        (["--batch-wait-s", "nan"], "--batch-wait-s nan: give seconds to wait for more requests to merge, in [0, 60]"),
+        (["--batch-wait-s", "inf"], "--batch-wait-s inf:"),
+        (["--batch-wait-s", "1e10"], "--batch-wait-s 10000000000.0:"),
+        (["--batch-wait-s", "-0.5"], "--batch-wait-s -0.5:"),
+        (["--max-connections", "0"], "--max-connections 0:"),
+        (["--host", ""], "--host '': an empty host binds every interface"),
+        (["--host", " ", "--token", "t"], "--host ' ': an empty host binds every interface"),
+    ],
+)
+def test_cli_flags_out_of_range_are_one_paragraph_naming_the_flag(capsys, flags, expected):
+    from mmgrpo.train.cli import main as cli_main
+
+    assert cli_main(["serve-reward", "bandit_arm_value", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and expected in " ".join(err.split())
+
+
+def test_a_port_in_use_is_one_paragraph(server_factory, capsys):
+    from mmgrpo.train.cli import main as cli_main
+
+    s = server_factory(mean_pixel)
+    assert cli_main(["serve-reward", "bandit_arm_value", "--port", str(s.port)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"cannot serve on 127.0.0.1:{s.port}" in err and "pick another --port" in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_non_finite_wait_and_an_empty_host():
+    for wait in (float("nan"), float("inf"), 61.0):
+        with pytest.raises(UserError, match="batch_wait_s"):
+            serve(mean_pixel, port=0, batch_wait_s=wait)
+    with pytest.raises(UserError, match="host is empty"):
+        serve(mean_pixel, host="", port=0, token="t")
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [  # each was a 500 (a server failure) for what is the client's malformed request
+        ("deep", "nested too deeply"),
+        ("empty_image", "have an empty dimension"),
+    ],
+)
+def test_malformed_requests_are_400(server_factory, body, needle):
+    s = server_factory(mean_pixel)
+    header = {"version": 1, "kind": "image", "group_size": 2, "step": 0, "prompts": ["a", "b"], "meta": [{}, {}]}
+    buf = io.BytesIO()
+    if body == "deep":
+        np.savez(buf, header=np.frombuffer(("[" * 100_000 + "]" * 100_000).encode(), np.uint8))
+    else:
+        text = json.dumps({**header, "dtype": "uint8"}).encode()
+        np.savez(buf, header=np.frombuffer(text, np.uint8), samples=np.zeros((2, 3, 0, 4), np.uint8))
+    req = urllib.request.Request(s.url + "/score", data=buf.getvalue(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400 and needle in json.loads(e.value.read())["error"]
+    assert s.reward_calls == 0
