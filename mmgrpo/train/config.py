@@ -312,15 +312,22 @@ def _list_index(node: list, k: str, keys: list[str]) -> int:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        inside = sorted(q.name for q in p.glob("*.yaml"))[:8]
+        hint = f", e.g. {', '.join(str(p / q) for q in inside)}" if inside else " (configs/*.yaml)"
+        raise UserError(f"config file '{path}' is a directory; give a YAML file{hint}")
     if not p.is_file():
         here = sorted(str(q) for q in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
         hint = f"; available: {', '.join(here)}" if here else ""
         raise UserError(f"config file '{path}' not found{hint}")
     text = read_utf8(p, "config file")
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML: {e}") from e
+    if data is None:  # empty, or only comments: not a config with every key at its default
+        raise UserError(f"config file '{path}' is empty (or only comments); give a config with at least pipeline: "
+                        "and rewards:, e.g. copy configs/bandit.yaml")  # fmt: skip
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a mapping at the top level, got {type(data).__name__}")
     return data

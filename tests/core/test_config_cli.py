@@ -137,16 +137,33 @@ def test_override_syntax():
         (["{cfg}", "trainer.lr_rate=1"], "did you mean 'trainer.lr'?"),
         (["{cfg}", "trainer.max_steps=lots"], "expected int, got 'lots'"),
         (["{cfg}", "resume={tmp}/missing_run"], "resume directory '{tmp}/missing_run' not found"),
+        # the CLI fuzz of 2026-12-06 (a directory was 'not found', an empty file 'give at least one reward')
+        (["{tmp}/configs"], "config file '{tmp}/configs' is a directory; give a YAML file, e.g. {tmp}/configs/a.yaml"),
+        (["{tmp}/empty.yaml"], "config file '{tmp}/empty.yaml' is empty (or only comments)"),
+        (["{tmp}/comments.yaml"], "config file '{tmp}/comments.yaml' is empty (or only comments)"),
+        (["{tmp}/list.yaml"], "config file '{tmp}/list.yaml' must hold a mapping at the top level, got list"),
+        (["{tmp}/latin1.yaml"], "config file '{tmp}/latin1.yaml' is not UTF-8 text: line 2"),
+        (["{cfg}", "trainer.max_steps"], "override 'trainer.max_steps' is not of the form key=value"),
+        (["{cfg}", "=3"], "override '=3' has an empty key"),
+        (["{cfg}", "foo=1"], "unknown key 'foo' in command-line override 'foo=1'; valid keys here: advantage"),
+        (["{cfg}", "resume={cfg}"], "resume directory '{cfg}'"),  # a file: run_dir.py's message says 'not found'
     ],
 )
 def test_cli_user_errors_are_one_paragraph(tmp_path, capsys, monkeypatch, argv_tail, expected):
     monkeypatch.chdir(tmp_path)
     cfg = write(tmp_path, GOOD)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text(GOOD)
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comments.yaml").write_text("# pipeline: bandit\n")
+    (tmp_path / "list.yaml").write_text("- pipeline: bandit\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"pipeline: bandit\n# caf\xe9\n")
     argv = ["train", *(a.format(cfg=cfg, tmp=tmp_path) for a in argv_tail)]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.startswith("error: ") and "Traceback" not in err
-    assert expected.format(tmp=tmp_path) in " ".join(err.split())  # wrapped to 100 columns
+    assert expected.format(tmp=tmp_path, cfg=cfg) in " ".join(err.split())  # wrapped to 100 columns
+    assert not (tmp_path / "runs").exists()  # nothing written
     assert err.strip().count("\n\n") == 0  # one paragraph (plus the --debug hint line)
     with pytest.raises(UserError):
         main(["--debug", *argv])
