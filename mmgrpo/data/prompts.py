@@ -43,6 +43,12 @@ def read_prompts(spec: str, split: str, seed: int) -> list[str]:
     if spec.startswith("hf:"):
         return hf_prompts(spec)
     p = Path(spec)
+    if p.is_dir():
+        files = sorted(x.name for x in p.iterdir() if x.suffix.lower() in PROMPT_SUFFIXES)[:10]
+        raise UserError(
+            f"prompt file '{spec}' is a directory; name one file in it"
+            + (f" ({', '.join(files)})" if files else f" (a {' / '.join(PROMPT_SUFFIXES)} file)")
+        )
     if not p.is_file():
         raise UserError(
             f"prompt file '{spec}' not found (use 'shapes' for the built-in world, or hf:NAME for a dataset)"

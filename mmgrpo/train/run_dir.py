@@ -77,6 +77,9 @@ def discard_unstarted(run_dir: Path) -> None:
 
 def _resume_dir(resume: str) -> Path:
     run_dir = Path(resume)
+    if run_dir.is_file():
+        raise UserError(f"resume='{resume}' is a file; resume takes a run directory (runs/<name>, the folder holding "
+                        "config.yaml and checkpoints/)")  # fmt: skip
     if not run_dir.is_dir():
         parent = run_dir.parent
         runs = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []

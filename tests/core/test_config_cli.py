@@ -146,7 +146,7 @@ def test_override_syntax():
         (["{cfg}", "trainer.max_steps"], "override 'trainer.max_steps' is not of the form key=value"),
         (["{cfg}", "=3"], "override '=3' has an empty key"),
         (["{cfg}", "foo=1"], "unknown key 'foo' in command-line override 'foo=1'; valid keys here: advantage"),
-        (["{cfg}", "resume={cfg}"], "resume directory '{cfg}'"),  # a file: run_dir.py's message says 'not found'
+        (["{cfg}", "resume={cfg}"], "resume='{cfg}' is a file; resume takes a run directory"),
     ],
 )
 def test_cli_user_errors_are_one_paragraph(tmp_path, capsys, monkeypatch, argv_tail, expected):

@@ -84,3 +84,16 @@ def test_corrupt_media_given_to_the_video_and_similarity_rewards_is_named(tmp_pa
         video.read_video(tmp_path / "bad.mp4")
     with pytest.raises(UserError, match=rf"reference image: image '{garbage(tmp_path / 'ref.png')}' cannot be read"):
         similarity.load_reference(tmp_path / "ref.png")
+
+
+def test_a_prompt_file_that_is_a_directory_names_the_files_in_it(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "b.txt").write_text("a red circle\n")
+    (tmp_path / "prompts" / "a.jsonl").write_text('{"prompt": "a red circle"}\n')
+    with pytest.raises(
+        UserError, match=r"prompt file '.*prompts' is a directory; name one file in it \(a.jsonl, b.txt\)"
+    ):
+        read_prompts(str(tmp_path / "prompts"), "train", 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"is a directory; name one file in it \(a .txt / .jsonl / .csv file\)"):
+        read_prompts(str(tmp_path / "empty"), "train", 0)
