@@ -158,7 +158,8 @@ class DiffusionPolicyOptions:
             raise UserError(f"policy.options.num_steps must be >= 1, got {self.num_steps}")
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1):
             raise bad_option("policy.options.guidance_scale", self.guidance_scale, "classifier-free guidance must be "
-                             "a finite number >= 1 (1 = off; below 1 the prompt is ignored), e.g. 4.5")  # fmt: skip
+                             "a finite number >= 1, e.g. 4.5; 1 = off (where diffusers reads 0 as off, here 0 would "
+                             "sample the unconditional model and below 1 weaken the prompt)")  # fmt: skip
         if self.lora_rank < 0:
             raise bad_option("policy.options.lora_rank", self.lora_rank,
                              "must be >= 0; set it to 0 (full fine-tuning) or a LoRA rank, e.g. 32")  # fmt: skip
