@@ -19,7 +19,9 @@ VLM, full or           a transformers folder (``config.json``, ``model.safetenso
 ``--merge``            template): ``AutoModelForImageTextToText.from_pretrained(OUT)``
 =====================  ===========================================================================================
 
-Every export also holds ``mmgrpo_export.json`` (run, step, base model, format). With ``trainer.export_checkpoints``
+``--merge`` on a full fine-tune (nothing to merge) writes the full folder and records ``merged: false``, so one
+command exports every run as a complete model. Every export also holds ``mmgrpo_export.json`` (run, step, base model,
+format, merged). With ``trainer.export_checkpoints``
 the trainer calls :func:`export_policy` after each checkpoint (``checkpoints/step_XXXXXX/export/``, live weights).
 """
 
@@ -83,6 +85,9 @@ def main(argv: list[str]) -> int:
     out = export_run(args.run, args.out, step=args.step, merge=args.merge, ema=args.ema)
     info = json.loads((out / INFO).read_text())
     print(f"exported {info['format']} of {info['checkpoint']} to {out}")
+    if args.merge and not info["merged"]:
+        print("--merge: this run fine-tuned the whole model (no LoRA adapter), so the export is a full model folder "
+              "already; nothing was merged (mmgrpo_export.json: merged false)")  # fmt: skip
     return 0
 
 
@@ -168,9 +173,7 @@ def export_policy(
     check_output_folder(out, "--out")
     if not isinstance(policy, (DiffusionPolicy, VLMPolicy)):
         raise UserError(f"a {type(policy).__name__} cannot be exported (only diffusion/flow generators and VLMs)")
-    if merge and not has_lora(policy):
-        raise UserError("--merge merges a LoRA adapter into the base model, and this run fine-tuned the whole model "
-                        "(no LoRA): its export is a full model folder already; drop --merge")  # fmt: skip
+    merge = merge and has_lora(policy)  # a full fine-tune is a full model folder already: nothing to merge
     with staged_folder(out) as tmp:  # a failure leaves no half-written folder
         if isinstance(policy, DiffusionPolicy):
             fmt = export_diffusion(policy, tmp, merge, inplace)

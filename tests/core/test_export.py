@@ -173,6 +173,18 @@ def test_ema_export_holds_the_ema_weights(sd3, tmp_path):
     assert json.loads((out / "mmgrpo_export.json").read_text())["ema"] is True
 
 
+def test_merge_of_a_full_fine_tune_writes_the_full_folder_and_says_nothing_was_merged(sd3, tmp_path, capsys):
+    # one command exports every run as a complete model (the KDRL benchmark's teacher export relies on it)
+    runs = sd3[0]
+    assert cli_main(["export", str(runs["full"]), "--merge", "--out", str(tmp_path / "m")]) == 0
+    assert "nothing was merged (mmgrpo_export.json: merged false)" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((tmp_path / "m" / "mmgrpo_export.json").read_text())["merged"] is False
+    assert cli_main(["export", str(runs["full"]), "--out", str(tmp_path / "plain")]) == 0
+    assert sorted(p.relative_to(tmp_path / "m") for p in (tmp_path / "m").rglob("*") if p.is_file()) == sorted(
+        p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file()
+    )
+
+
 def test_export_errors_are_user_errors(sd3, tmp_path, capsys):
     run = sd3[0]["lora"]
     with pytest.raises(UserError, match="no checkpoint of step 5 .*kept: 1"):
@@ -204,7 +216,6 @@ def test_export_errors_are_user_errors(sd3, tmp_path, capsys):
         (["{lora}", "--out", "{lora}/export"], "--out '{lora}/export' is inside the run directory '{lora}'"),
         (["{lora}", "--out", "{lora}/checkpoints/step_000001/mine"], "is inside the run directory '{lora}'"),
         (["{lora}", "--step", "-1", "--out", "{tmp}/new"], "--step -1: a checkpoint step is >= 0"),
-        (["{full}", "--merge", "--out", "{tmp}/new"], "this run fine-tuned the whole model (no LoRA)"),
         (["{full}", "--ema", "--out", "{tmp}/new"], "no EMA weights"),
         (["{damaged}", "--out", "{tmp}/new"], "has no complete checkpoint under checkpoints/"),
         (["{damaged}", "--step", "1", "--out", "{tmp}/new"], "checkpoint of step 1 cannot be exported, it is damaged"),
