@@ -49,7 +49,7 @@ import torch
 
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.registry import Registry, nearest
-from mmgrpo.core.schema import check_options
+from mmgrpo.core.schema import check_options, check_values
 
 Estimator = Callable[..., torch.Tensor]
 
@@ -162,18 +162,6 @@ def shaping_options(name: str, options: dict[str, Any], where: str) -> dict[str,
     )
     check_values(fn, opts)
     return opts
-
-
-def check_values(fn: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Call ``fn.check`` (if set) with the keyword arguments it names, taken from ``options`` over ``fn``'s defaults:
-    a part's option values checked when the config loads, before a run directory exists."""
-    check = getattr(fn, "check", None)
-    if check is None:
-        return
-    params = inspect.signature(fn).parameters
-    known = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    known.update(options)
-    check(**{k: known[k] for k in inspect.signature(check).parameters if k in known})
 
 
 def finite(key: str, value: Any, rule: str, low: float | None = None, strict: bool = True) -> None:

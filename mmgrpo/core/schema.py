@@ -232,6 +232,25 @@ def declared_options(fn: Any, skip: int = 0, inputs: tuple[str, ...] = ()) -> di
     return {p.name: p for p in params if p.kind in keyword and p.name not in inputs}
 
 
+def check_values(fn: Any, options: dict[str, Any], *leading: Any) -> None:
+    """Call ``fn.check`` (if set) with ``leading`` (e.g. the options' key prefix), then the options it names, taken
+    from ``options`` over ``fn``'s own defaults (all of them when it takes ``**options``): a part's option values
+    checked when the config loads, before a run directory exists (estimators, shapings, reward factories)."""
+    check = getattr(fn, "check", None)
+    if check is None:
+        return
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    known = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    known.update(options)
+    takes = list(inspect.signature(check).parameters.values())[len(leading) :]
+    if not any(p.kind is p.VAR_KEYWORD for p in takes):
+        known = {p.name: known[p.name] for p in takes if p.name in known}
+    check(*leading, **known)
+
+
 def check_options(
     fn: Any, options: dict, *, what: str, prefix: str, where: str, skip: int = 0, inputs: tuple[str, ...] = ()
 ) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any
 
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.registry import Registry
-from mmgrpo.core.schema import check_options
+from mmgrpo.core.schema import check_options, check_values
 
 ENTRY_POINT_GROUP = "mmgrpo.rewards"
 REWARDS: Registry[Callable[..., Any]] = Registry("reward", plugins="rewards")
@@ -90,18 +90,7 @@ def check_reward_options(name: str, options: dict[str, Any], prefix: str, where:
     for key, value in opts.items():  # nan / inf reached the factory's comparisons as a string, or passed them
         if isinstance(value, float) and not math.isfinite(value):
             raise bad_option(f"{prefix}.{key}", value, f"reward {name!r} takes a finite number here")
-    check = getattr(obj, "check", None)
-    if check is not None:
-        try:
-            params = inspect.signature(obj).parameters
-        except (TypeError, ValueError):
-            params = {}
-        known = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-        known.update(opts)
-        takes = list(inspect.signature(check).parameters.values())[1:]
-        if not any(p.kind is p.VAR_KEYWORD for p in takes):  # only the options it names; **options: all of them
-            known = {p.name: known[p.name] for p in takes if p.name in known}
-        check(prefix, **known)
+    check_values(obj, opts, prefix)
     return opts
 
 
