@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted (the step was abandoned; the checkpoints already written are kept)", file=sys.stderr)
+        for note in getattr(e, "__notes__", ()):  # e.g. a new run's directory removed: nothing had been trained
+            print(note, file=sys.stderr)
         return 130
 
 

@@ -5,7 +5,10 @@
 - A run directory carries the marker file ``.mmgrpo-run``; ``run.overwrite=true`` wipes only a folder that has it
   (never another project's folder that happens to have the same name). A new run whose build fails (a model path
   that does not load, a bad dataset) removes the directory it made, so the same command works once the cause is
-  fixed; while a run builds, its directory (the marker alone) keeps a second run of the same name out.
+  fixed; while a run builds, its directory (the marker alone) keeps a second run of the same name out. A new run
+  that fails in its first step (a key its data lacks, non-finite rewards) removes the directory it made too:
+  nothing was trained, and what it held (the config, the step-0 evaluation) the same command writes again (a
+  directory reused by ``run.overwrite=true`` is kept, as is one with a ``debug/`` dump).
 - ``resume=DIR`` continues from the newest checkpoint that verifies (a damaged newer one is skipped with a note);
   a run that stopped before its first checkpoint restarts from step 0. The config may change only in keys that
   do not change what the run computes (``RESUMABLE``), unless ``resume_force=true``; every other changed key is
@@ -73,6 +76,20 @@ def discard_unstarted(run_dir: Path) -> None:
             run_dir.rmdir()
     except OSError:
         pass  # gone already, or something appeared in it: leave it
+
+
+def discard_untrained(run_dir: Path) -> bool:
+    """Remove the directory of a new run that failed before its first step finished (no checkpoint, no
+    ``debug/`` dump a user asked for to look at); True when it was removed."""
+    try:
+        if not (run_dir / RUN_MARKER).is_file() or (run_dir / "debug").exists():
+            return False
+        if ckpt.list_checkpoints(run_dir / "checkpoints"):
+            return False
+        shutil.rmtree(run_dir)
+    except OSError:
+        return False
+    return True
 
 
 def _resume_dir(resume: str) -> Path:

@@ -54,6 +54,7 @@ from mmgrpo.train.reroll import reroll
 from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
     check_resume_config,
     discard_unstarted,
+    discard_untrained,
     prepare_run_dir,
     resume_checkpoint,
     truncate_metrics,
@@ -507,11 +508,14 @@ class Trainer:
         if k >= limit:
             last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
             kept = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+            then = f"continue with resume={self.run_dir}"
+            if not last:
+                then = "run again" if self.step == 0 else f"restart it from step 0 with resume={self.run_dir}"
             raise UserError(
                 f"training stopped at step {self.step + 1}: {k} optimizer steps in a row were skipped because "
                 f"{what} was not finite (trainer.max_nonfinite_steps={limit}); {kept} and nothing non-finite was "
                 f"saved. Usual causes: a reward with huge values, trainer.lr={self.cfg.trainer.lr} too high, or a "
-                f"policy/loss producing NaN; fix it and continue with resume={self.run_dir}"
+                f"policy/loss producing NaN; fix it and {then}"
             )
         warnings.warn(
             f"step {self.step + 1}: skipped an optimizer step because {what} is not finite (no update, gradients "
@@ -981,6 +985,9 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     run_dir = prepare_run_dir(cfg, is_main=False)
     if cfg.resume:
         check_resume_config(cfg, run_dir, cfg.resume_force)
+    # a directory this run creates (not one run.overwrite reuses: it may hold the user's own files) is removed again
+    # if the run fails before it trained anything
+    fresh = not cfg.resume and not (run_dir.is_dir() and any(run_dir.iterdir()))
     acc.wait_for_everyone()
     if acc.is_main_process:
         prepare_run_dir(cfg, is_main=True)
@@ -1000,5 +1007,15 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
         acc.wait_for_everyone()
     if acc.is_main_process:
         write_config(run_dir, cfg)
-    trainer.train()
+    try:
+        trainer.train()
+    except BaseException as e:
+        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir):
+            note = (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
+                    "the same command starts the run again")  # fmt: skip
+            if isinstance(e, UserError) and e.args:
+                e.args = (f"{e.args[0]} ({note})", *e.args[1:])
+            else:
+                e.add_note(note)
+        raise
     return trainer

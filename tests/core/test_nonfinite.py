@@ -108,3 +108,21 @@ def test_save_refuses_non_finite_weights(tmp_path):
     with pytest.raises(UserError, match="trainable tensor.* not finite.*no checkpoint was written"):
         t.save()
     assert ckpt.latest_checkpoint(t.run_dir / "checkpoints").name == "step_000001"
+
+
+@pytest.mark.parametrize(
+    "first, then", [(0, "fix it and run again"), (1, "fix it and restart it from step 0 with resume=")]
+)
+def test_the_stop_before_any_checkpoint_says_how_to_start_again(tmp_path, monkeypatch, first, then):
+    # no checkpoint: there is nothing to continue from; a new run stopped in step 1 leaves no directory (train())
+    t = trainer(tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=0", "trainer.max_nonfinite_steps=1")
+    state = nan_from(monkeypatch, steps=range(first, 100))
+    real_update = t.update
+
+    def update(rollout, adv, row_w, step):
+        state["step"] = step
+        return real_update(rollout, adv, row_w, step)
+
+    t.update = update
+    with pytest.raises(UserError, match=f"no checkpoint had been written yet .*; {then}"):
+        t.train()

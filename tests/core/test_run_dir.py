@@ -1,6 +1,7 @@
 """What survives: SIGTERM mid-run, a damaged checkpoint, a torn metrics line, hostile run names, changed resumes."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.rewards.registry import register
 from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.cli import main
 from mmgrpo.train.config import load_config
 from mmgrpo.train.run_dir import RUN_MARKER
 from mmgrpo.train.trainer import train
@@ -118,6 +121,39 @@ def test_a_run_whose_build_fails_leaves_no_directory_and_the_same_command_then_r
     with pytest.raises(UserError, match="does not load"):
         train(cfg(tmp_path, "run.name=b", "run.overwrite=true", "data.options.num_arms=5"))
     assert (tmp_path / "b" / "config.yaml").is_file()
+
+
+@register("test_inf_at_step_0")
+def _inf_at_step_0():
+    """Test-only: the bandit's arm value, +inf for row 1 in step 0 (data the run meets only once it trains)."""
+
+    def fn(samples, prompts, meta, ctx):
+        out = [float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)]
+        if ctx.step == 0:
+            out[1] = math.inf
+        return out
+
+    return fn
+
+
+def test_a_new_run_that_fails_in_its_first_step_leaves_no_directory(tmp_path, capsys):
+    # the failure comes from what the run meets only when it trains (here a non-finite reward; a key the data
+    # lacks is alike): the config, the step-0 evaluation and metrics it wrote go, so the same command runs again
+    (tmp_path / "c.yaml").write_text("pipeline: bandit\n")
+    args = ["train", str(tmp_path / "c.yaml"), f"run.output_dir={tmp_path}", "run.name=f", "trainer.max_steps=1",
+            "data.options={num_prompts: 4, num_arms: 3}", "trainer.prompts_per_step=2", "trainer.group_size=3",
+            "trainer.progress=false", "trainer.eval_every=1"]  # fmt: skip
+    bad, good = "rewards=[{name: test_inf_at_step_0}]", "rewards=[{name: bandit_arm_value}]"
+    assert main([*args, bad]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "returned non-finite values (row 1: inf" in err
+    assert f"nothing was trained, so the new run directory {tmp_path / 'f'} was removed" in err
+    assert not (tmp_path / "f").exists()
+    assert main([*args, good]) == 0 and (tmp_path / "f" / "checkpoints" / "step_000001").is_dir()
+    # a directory run.overwrite=true reuses may hold the user's own files: kept, and so is a run past step 0
+    (tmp_path / "f" / "notes.txt").write_text("mine")
+    assert main([*args, bad, "run.overwrite=true"]) == 2
+    assert "was removed" not in capsys.readouterr().err and (tmp_path / "f" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
