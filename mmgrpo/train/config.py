@@ -427,6 +427,11 @@ def check_numbers(cfg: Config, where: str) -> None:
     value, the file and the valid range. Ranges: docs/reliability.md."""
     t = cfg.trainer
     check_run_name(cfg.run.name, where)
+    if cfg.resume is not None and not cfg.resume.strip():  # e.g. resume=$RUN with RUN unset: not a new run
+        raise UserError(
+            f"resume={quoted(cfg.resume, 20)} in {where} is empty: give the run directory to continue, "
+            "e.g. resume=runs/<name>, or leave resume out (or resume=null) to start a new run"
+        )
     if not 0 <= cfg.run.seed < 2**64:  # numpy's seed sequences take no negative entropy, torch no more than 64 bits
         raise _bad("run.seed", cfg.run.seed, where, "must be an integer in [0, 2**64 - 1], e.g. run.seed=0")
     if not (math.isfinite(t.lr) and t.lr > 0):

@@ -147,6 +147,7 @@ def test_override_syntax():
         (["{cfg}", "=3"], "override '=3' has an empty key"),
         (["{cfg}", "foo=1"], "unknown key 'foo' in command-line override 'foo=1'; valid keys here: advantage"),
         (["{cfg}", "resume={cfg}"], "resume='{cfg}' is a file; resume takes a run directory"),
+        (["{cfg}", "resume="], "resume='' in {cfg} is empty: give the run directory to continue"),  # not a new run
     ],
 )
 def test_cli_user_errors_are_one_paragraph(tmp_path, capsys, monkeypatch, argv_tail, expected):
