@@ -20,3 +20,19 @@ def bad_option(key: str, value: object, rule: str) -> UserError:
     """The error of an option out of its range, as one paragraph: ``key=value: rule``, where ``rule`` says what is
     valid and the fix (``data.options.num_arms=0: a bandit needs at least 2 arms; set it to 2 or more``)."""
     return UserError(f"{key}={quoted(value, 60)}: {rule}")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: torch's (CUDA) ``OutOfMemoryError``, or the CPU allocator's
+    ``RuntimeError`` ("can't allocate memory"); the callers turn it into a UserError naming the settings to lower."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (torch's run to several paragraphs)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -36,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, first_line, out_of_memory
 from mmgrpo.core.extras import needs
 from mmgrpo.core.files import check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
@@ -344,10 +344,19 @@ def best_index(scores: torch.Tensor) -> int:
 def draw(policy: Any, prompt: str, seeds: list[int], noise_level: float, batch_size: int) -> torch.Tensor:
     """N samples of one prompt, ``batch_size`` per forward: [N, 3, H, W] (or [N, F, 3, H, W]) in [0, 1]."""
     step = batch_size or len(seeds)
-    parts = [
-        policy.generate([prompt] * len(chunk), chunk, noise_level=noise_level).float().cpu()
-        for chunk in (seeds[i : i + step] for i in range(0, len(seeds), step))
-    ]
+    try:
+        parts = [
+            policy.generate([prompt] * len(chunk), chunk, noise_level=noise_level).float().cpu()
+            for chunk in (seeds[i : i + step] for i in range(0, len(seeds), step))
+        ]
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, MemoryError) or out_of_memory(e)):
+            raise
+        smaller = max(1, step // 4)
+        raise UserError(
+            f"out of memory drawing {step} samples in one batch ({first_line(e)}): pass a smaller --batch-size, "
+            f"e.g. --batch-size {smaller} (the samples do not depend on it; nothing was written to --out)"
+        ) from e
     return torch.cat(parts)
 
 

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
 from mmgrpo.core.ema import EMA
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, first_line, out_of_memory
 from mmgrpo.core.extra import TermInputs, term_metric
 from mmgrpo.core.sampling import SamplerContext, StepPlan, make_sampler
 from mmgrpo.core.seeding import generator_for, prompt_seed
@@ -972,6 +972,35 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _out_of_memory(trainer: Trainer, run_dir: Path, error: BaseException, new_run: bool) -> UserError:
+    """The paragraph of a run that ran out of memory: the settings that bound what one forward holds, and how to go
+    on (the checkpoints already written are kept; a new run stopped in its first step leaves no directory)."""
+    t, opts = trainer.cfg.trainer, getattr(trainer.policy, "opts", None)
+    if t.micro_batch_size == "auto" and hasattr(trainer.policy, "micro_batch_rows"):
+        lower = [f"lower trainer.micro_batch_units (now {t.micro_batch_units} (row, step) forwards a micro-batch)"]
+    else:
+        now = "all the minibatch's rows" if t.micro_batch_size in ("auto", 0) else f"{t.micro_batch_size} rows"
+        lower = [f"set trainer.micro_batch_size to fewer rows a forward (now {now})"]
+    lower.append(f"raise trainer.rollout_chunks (now {t.rollout_chunks}: the rollout's rows in that many parts)")
+    other = []
+    if getattr(opts, "gradient_checkpointing", None) is False:
+        other.append("policy.options.gradient_checkpointing=true")
+    if t.mixed_precision in (None, "no"):
+        other.append("trainer.mixed_precision=bf16")
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if last is not None:
+        then = f"the checkpoints are kept (the last: {last.name}): continue with resume={run_dir} and the new values"
+    elif new_run and trainer.step == 0 and discard_untrained(run_dir):
+        then = f"nothing was trained, so the new run directory {run_dir} was removed: the same command starts again"
+    else:
+        then = f"no checkpoint had been written yet: restart with resume={run_dir} (from step 0) and the new values"
+    more = f"; or {' / '.join(other)} (a resume that changes these needs resume_force=true)" if other else ""
+    return UserError(
+        f"out of memory in step {trainer.step + 1} ({first_line(error)}). Make one forward hold less: "
+        f"{', or '.join(lower)}{more}. {then[0].upper()}{then[1:]}"
+    )
+
+
 def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     """Run (or resume) training for ``cfg``; returns the finished trainer (see :mod:`mmgrpo.train.run_dir`).
 
@@ -1010,6 +1039,8 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     try:
         trainer.train()
     except BaseException as e:
+        if out_of_memory(e):
+            raise _out_of_memory(trainer, run_dir, e, acc.is_main_process and fresh) from e
         if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir):
             note = (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
                     "the same command starts the run again")  # fmt: skip

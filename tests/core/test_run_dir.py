@@ -156,6 +156,36 @@ def test_a_new_run_that_fails_in_its_first_step_leaves_no_directory(tmp_path, ca
     assert "was removed" not in capsys.readouterr().err and (tmp_path / "f" / "notes.txt").read_text() == "mine"
 
 
+def test_out_of_memory_names_the_settings_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    # the allocator's failure is injected in the update of one step (CPU cannot run out on cue); the run's own
+    # handling is real: the paragraph, the checkpoints kept, the resume with a smaller micro-batch
+    from mmgrpo.train.trainer import Trainer
+
+    real, fail_at = Trainer.update, {"step": 2}
+
+    def update(self, rollout, adv, row_w, step):
+        if step == fail_at["step"] and self.cfg.trainer.micro_batch_size == "auto":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total ...")
+        return real(self, rollout, adv, row_w, step)
+
+    monkeypatch.setattr(Trainer, "update", update)
+    (tmp_path / "c.yaml").write_text("pipeline: bandit\n")
+    args = ["train", str(tmp_path / "c.yaml"), f"run.output_dir={tmp_path}", "run.name=m", "trainer.max_steps=4",
+            "data.options={num_prompts: 4, num_arms: 3}", "trainer.prompts_per_step=2", "trainer.group_size=3",
+            "trainer.progress=false", "trainer.checkpoint_every=1", "rewards=[{name: bandit_arm_value}]"]  # fmt: skip
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "out of memory in step 3 (CUDA out of memory. Tried to allocate 2.00 GiB.)" in err, err
+    assert "set trainer.micro_batch_size to fewer rows a forward (now all the minibatch's rows)" in err
+    assert f"The checkpoints are kept (the last: step_000002): continue with resume={tmp_path / 'm'}" in err
+    assert main([*args, f"resume={tmp_path / 'm'}", "trainer.micro_batch_size=2"]) == 0  # no resume_force needed
+    assert ckpt.latest_checkpoint(tmp_path / "m" / "checkpoints").name == "step_000004"
+    fail_at["step"] = 0  # in a new run's first step: nothing trained, no directory left
+    assert main([*args[:3], "run.name=m0", *args[4:]]) == 2
+    assert "Nothing was trained, so the new run directory" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "m0").exists()
+
+
 @pytest.mark.parametrize(
     "change, named",
     [("run.seed=1", "run.seed: 0 -> 1"), ("trainer.group_size=2", "trainer.group_size: 4 -> 2"),

@@ -334,3 +334,25 @@ def test_a_failure_mid_way_leaves_no_out_folder(tmp_path, capsys, tiny_ckpt):
                            "--reward", "test_fails_on_second_prompt", "--device", "cpu", "--out", out)  # fmt: skip
     assert code == 2 and "fails on the second prompt" in err and calls == ["a", "b"]
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_out_of_memory_names_the_batch_size_and_writes_nothing(tmp_path, capsys, tiny_ckpt, monkeypatch):
+    """A device that holds 2 samples a forward (the allocator's failure injected: CPU cannot run out on cue):
+    all N at once is one paragraph naming --batch-size, and that batch size then works."""
+    real = DiffusionPolicy.generate
+
+    def generate(self, prompts, seeds, **kw):
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has 79 GiB\nmore")
+        return real(self, prompts, seeds, **kw)
+
+    monkeypatch.setattr(DiffusionPolicy, "generate", generate)
+    argv = ["--model", tiny_ckpt, "--prompts", "a", "--best-of", "4", "--steps", "2", "--reward",
+            "test_mean_brightness", "--device", "cpu", "--out", tmp_path / "out"]  # fmt: skip
+    code, _, err = run_cli(capsys, *argv)
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
+    assert "out of memory drawing 4 samples in one batch (CUDA out of memory. Tried to allocate 9.00 GiB." in err
+    assert "e.g. --batch-size 1" in err and "more" not in err
+    code, _, _ = run_cli(capsys, *argv, "--batch-size", "2")
+    assert code == 0 and (tmp_path / "out" / "grid.png").is_file()
