@@ -46,6 +46,14 @@ def test_the_page_has_a_part_of_every_kind():
     assert {f"mmgrpo_example_plugin/{k}.py" for k in kinds} <= set(files)
 
 
+def test_the_page_names_every_entry_point_group():
+    from mmgrpo.core.plugins import ENTRY_POINT_GROUPS
+
+    text = DOC.read_text()
+    missing = [g for g in ENTRY_POINT_GROUPS.values() if f"`{g}`" not in text]
+    assert not missing, f"docs/extending.md does not list the entry-point groups {missing}"
+
+
 def test_mmgrpo_list_shows_every_plugin_part(plugin, capsys):
     entries = list_entries()
     expected = {
