@@ -82,7 +82,7 @@ def register_estimator(
     filled in); it raises a UserError naming ``advantage.options.<key>`` for a value out of range
     (:func:`check_values`).
     An estimator that gives groups of one row (``trainer.group_size=1``) a useful advantage declares
-    ``fn.allows_single = True``; otherwise the config load refuses G < 2 (ngrpo and stratified do).
+    ``fn.allows_single = True``; otherwise the config load refuses G < 2 (ngrpo, stratified and spo do).
     """
 
     def deco(fn: Estimator) -> Estimator:
