@@ -26,16 +26,29 @@ from mmgrpo.core.extras import installed, missing_extra
 
 
 def read_utf8(path: str | os.PathLike, what: str) -> str:
-    """The text of ``path``; a file that is not UTF-8 is a UserError naming ``what``, the file and the line."""
+    """The text of ``path``, without the byte-order mark that Windows editors write first (it would otherwise start
+    the first prompt, or hide a CSV's first column name); a file that is not UTF-8, or holds a NUL byte (UTF-16 text
+    of ASCII characters decodes as UTF-8 with a NUL after every letter), is a UserError naming ``what``, the file and
+    the line."""
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raw = p.read_bytes()
+        line = raw[: e.start].count(b"\n") + 1
+        source = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin1"
         raise UserError(
-            f"{what} '{os.fspath(path)}' is not UTF-8 text: line {line} (byte {e.start}: {e.reason}); save it as "
-            f"UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+            f"{what} '{os.fspath(path)}' is not UTF-8 text: line {line} (byte {e.start}: {e.reason}"
+            f"{', it starts as UTF-16 does' if source == 'utf-16' else ''}); save it as UTF-8 "
+            f"(e.g. iconv -f {source} -t utf-8 IN > OUT)"
         ) from e
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise UserError(
+            f"{what} '{os.fspath(path)}' holds a NUL byte on line {line}: it is binary, or UTF-16 text; save it as "
+            f"UTF-8 text (e.g. iconv -f utf-16 -t utf-8 IN > OUT)"
+        )
+    return text
 
 
 def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.PathLike | None = None) -> Path:
@@ -91,20 +104,52 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:
-    """Open and decode the image at ``path`` once: (width, height), or a UserError naming ``where`` and the file."""
+    """Open and decode the image at ``path`` once: (width, height), or a UserError naming ``where`` and the file.
+
+    An image of more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89 million) is
+    refused from its header, before it is decoded: a small file can declare 20000 x 20000 pixels (1.2 GB decoded),
+    and no VLM or video model reads an image at that size.
+    """
+    import warnings
+
     from PIL import Image
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{where}: image '{path}' not found")
+        raise UserError(f"{where}: image '{path}' {_not_a_file(path)}")
     try:
-        with Image.open(path) as im:
-            im.load()  # decodes every byte: a truncated or garbage file fails here, not mid-training
-            return im.size
-    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, DecompressionBombError, ...
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the fix
+            with Image.open(path) as im:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and im.width * im.height > limit:
+                    raise UserError(f"{where}: image '{path}' is {im.width}x{im.height} pixels, more than the "
+                                    f"{limit} that PIL decodes safely (a decompression bomb, or a scan at full "
+                                    "resolution); downscale it (e.g. to 2048 pixels a side)")  # fmt: skip
+                im.load()  # decodes every byte: a truncated or garbage file fails here, not mid-training
+                return im.size
+    except UserError:
+        raise
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses it in open()
+        raise UserError(
+            f"{where}: image '{path}' is too large to decode safely ({str(e)[:120]}); a decompression "
+            "bomb, or a scan at full resolution: downscale it (e.g. to 2048 pixels a side)"
+        ) from e
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ...
         raise UserError(
             f"{where}: image '{path}' cannot be read ({type(e).__name__}: {str(e)[:160]}); replace or remove it"
         ) from e
+
+
+def _not_a_file(path: str) -> str:
+    """Why ``path`` (not a regular file) cannot be read, for an error message: a folder, a broken link, absent."""
+    if os.path.isdir(path):
+        return "is a folder, not a file; name the file in it"
+    if os.path.islink(path):
+        return "is a symbolic link that leads to no file (its target is missing, or the links form a loop)"
+    if os.path.exists(path):
+        return "is not a regular file"
+    return "not found"
 
 
 @dataclass(frozen=True)
@@ -173,7 +218,7 @@ def open_video(path: str | os.PathLike, where: str, backend: str | None = None) 
     naming ``where`` and the file. ``backend``: ``"av"`` or ``"decord"`` (default: :func:`video_backend`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{where}: video '{path}' does not exist")
+        raise UserError(f"{where}: video '{path}' {_not_a_file(path).replace('not found', 'does not exist')}")
     backend = backend or video_backend()
     if backend not in ("av", "decord"):
         raise ValueError(f"unknown video backend {backend!r}; use 'av' or 'decord'")

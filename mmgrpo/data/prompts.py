@@ -3,11 +3,8 @@ seeded, layout-independent stream. The schemas are documented in docs/data.md.""
 
 from __future__ import annotations
 
-import csv
 import importlib
 import importlib.util
-import io
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,9 +14,10 @@ import numpy as np
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.types import PromptBatch
+from mmgrpo.data.records import csv_rows, json_list_rows, jsonl_rows, text_lines
 from mmgrpo.data.shapes import split_prompts
 
-PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
 
 
 class Prompt(str):
@@ -34,7 +32,8 @@ class Prompt(str):
 
 
 def read_prompts(spec: str, split: str, seed: int) -> list[str]:
-    """The prompts of ``spec``: '' (none), 'shapes', ``hf:NAME[:SPLIT[:COLUMN]]`` or a .txt / .jsonl / .csv file."""
+    """The prompts of ``spec``: '' (none), 'shapes', ``hf:NAME[:SPLIT[:COLUMN]]`` or a .txt / .jsonl / .json / .csv
+    file."""
     if spec == "":
         return []
     if spec == "shapes":
@@ -45,6 +44,9 @@ def read_prompts(spec: str, split: str, seed: int) -> list[str]:
     p = Path(spec)
     if p.is_dir():
         files = sorted(x.name for x in p.iterdir() if x.suffix.lower() in PROMPT_SUFFIXES)[:10]
+        if saved_dataset(p):
+            raise UserError(f"prompt file '{spec}' is a folder holding a Hugging Face dataset (save_to_disk); "
+                            f"write hf:{spec} to read it")  # fmt: skip
         raise UserError(
             f"prompt file '{spec}' is a directory; name one file in it"
             + (f" ({', '.join(files)})" if files else f" (a {' / '.join(PROMPT_SUFFIXES)} file)")
@@ -56,11 +58,12 @@ def read_prompts(spec: str, split: str, seed: int) -> list[str]:
     suffix = p.suffix.lower()
     if suffix not in PROMPT_SUFFIXES:
         raise UserError(
-            f"prompt file '{spec}' must end in .txt (one prompt a line), .jsonl or .csv (a 'prompt' field); "
+            f"prompt file '{spec}' must end in .txt (one prompt a line), .jsonl, .json or .csv (a 'prompt' field); "
             f"got {suffix or 'no extension'}. Rename it, or convert it to one of these (docs/data.md)"
         )
     text = read_utf8(p, "prompt file")
-    prompts = {".txt": _txt_prompts, ".jsonl": _jsonl_prompts, ".csv": _csv_prompts}[suffix](text, spec)
+    readers = {".txt": _txt_prompts, ".jsonl": _jsonl_prompts, ".json": _json_prompts, ".csv": _csv_prompts}
+    prompts = readers[suffix](text, spec)
     if not prompts:
         raise UserError(f"prompt file '{spec}' holds no prompts; put one prompt per line (docs/data.md)")
     return prompts
@@ -68,7 +71,7 @@ def read_prompts(spec: str, split: str, seed: int) -> list[str]:
 
 def _txt_prompts(text: str, spec: str) -> list[str]:
     """Every non-empty line, stripped; lines starting with '#' are comments (dropped, with one warning)."""
-    lines = [x for x in text.splitlines() if x.strip()]
+    lines = [x for x in text_lines(text) if x.strip()]
     prompts = [x.strip() for x in lines if not x.startswith("#")]
     if len(prompts) < len(lines):
         warnings.warn(
@@ -90,26 +93,22 @@ def _row_prompt(row: Any, where: str) -> Prompt:
 
 
 def _jsonl_prompts(text: str, spec: str) -> list[str]:
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"prompt file '{spec}' line {i} is not valid JSON ({e}); write one object a line") from e
-        out.append(_row_prompt(row, f"prompt file '{spec}' line {i}"))
-    return out
+    return [_row_prompt(row, where) for where, row in jsonl_rows(text, f"prompt file '{spec}'")]
+
+
+def _json_prompts(text: str, spec: str) -> list[str]:
+    """A .json file: one list of {prompt, ...} objects."""
+    return [_row_prompt(row, where) for where, row in json_list_rows(text, f"prompt file '{spec}'")]
 
 
 def _csv_prompts(text: str, spec: str) -> list[str]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is not None and "prompt" not in reader.fieldnames:
+    header, rows = csv_rows(text, f"prompt file '{spec}'")
+    if header and "prompt" not in header:
         raise UserError(
-            f"prompt file '{spec}': the header {quoted(reader.fieldnames)} has no 'prompt' column; "
+            f"prompt file '{spec}': the header {quoted(header)} has no 'prompt' column; "
             "name the prompt column 'prompt' (other columns become each prompt's meta)"
         )
-    return [_row_prompt(dict(row), f"prompt file '{spec}' line {i}") for i, row in enumerate(reader, 2)]
+    return [_row_prompt(row, where) for where, row in rows]
 
 
 def hf_prompts(spec: str) -> list[str]:
@@ -124,14 +123,17 @@ def hf_prompts(spec: str) -> list[str]:
             "run `pip install datasets`, or export the prompts to a .txt / .jsonl / .csv file"
         )
     datasets = importlib.import_module("datasets")
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - offline, unknown name or split: say which and how to fix it
-        raise UserError(
-            f"prompts={quoted(spec)}: datasets.load_dataset({name!r}, split={split!r}) failed "
-            f"({quoted(str(e), 300)}); "
-            "check the name, the split, and that the dataset is downloaded when offline"
-        ) from e
+    if saved_dataset(Path(name)):
+        ds = _load_saved(datasets, spec, name, split)
+    else:
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:  # noqa: BLE001 - offline, unknown name or split: say which and how to fix it
+            raise UserError(
+                f"prompts={quoted(spec)}: datasets.load_dataset({name!r}, split={split!r}) failed "
+                f"({quoted(str(e), 300)}); "
+                "check the name, the split, and that the dataset is downloaded when offline"
+            ) from e
     if column not in ds.column_names:
         raise UserError(
             f"prompts={quoted(spec)}: split {split!r} has no column {column!r} (columns: {quoted(ds.column_names)}); "
@@ -143,6 +145,29 @@ def hf_prompts(spec: str) -> list[str]:
         row["prompt"] = row.pop(column)
         out.append(_row_prompt(row, f"{spec} row {i}"))
     return out
+
+
+def saved_dataset(path: Path) -> bool:
+    """Is ``path`` a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (which
+    ``datasets.load_dataset`` refuses: it must be read with ``load_from_disk``)?"""
+    return path.is_dir() and any((path / x).is_file() for x in ("state.json", "dataset_dict.json"))
+
+
+def _load_saved(datasets: Any, spec: str, name: str, split: str) -> Any:
+    """The ``split`` of a dataset saved with save_to_disk (a Dataset has one split, whatever its name)."""
+    try:
+        ds = datasets.load_from_disk(name)
+    except Exception as e:  # noqa: BLE001 - a folder with missing or damaged files: name it
+        raise UserError(
+            f"prompts={quoted(spec)}: datasets.load_from_disk({name!r}) failed ({quoted(str(e), 300)}); the folder "
+            "is not a complete save_to_disk output: save the dataset again"
+        ) from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"prompts={quoted(spec)}: the saved dataset has no split {split!r} (splits: "
+                            f"{quoted(sorted(ds))}); name one as hf:PATH:SPLIT")  # fmt: skip
+        return ds[split]
+    return ds
 
 
 class PromptList:

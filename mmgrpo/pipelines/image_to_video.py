@@ -13,17 +13,15 @@ evaluation (reused from ``mmgrpo/pipelines/text_to_image.py``) all know it; the 
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data.prompts import PromptList
+from mmgrpo.data.records import read_rows
 from mmgrpo.pipelines.text_to_image import check_eval_numbers, generator_components, generator_options
 from mmgrpo.pipelines.text_to_video import VideoPolicyOptions, load_video_adapter
 from mmgrpo.policies.diffusion import DiffusionPolicy
@@ -67,19 +65,28 @@ class FrameDataOptions:
         check_eval_numbers(self)  # checked when the config loads (Pipeline.check), before the model does
 
 
-def _row(obj: dict, base: Path, default_prompt: str, where: str) -> FramePrompt:
+def _row(obj: Any, base: Path, default_prompt: str, where: str) -> FramePrompt:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: each row is an object {{prompt, image | video}}, got {quoted(obj, 80)}")
     image, video = obj.get("image") or None, obj.get("video") or None
     if (image is None) == (video is None):
-        raise UserError(f"{where}: give exactly one of 'image' or 'video' (a path), got {obj!r}")
+        raise UserError(f"{where}: give exactly one of 'image' or 'video' (a path), got {quoted(obj, 160)}")
     key, rel = ("image", image) if image is not None else ("video", video)
-    path = Path(rel) if Path(rel).is_absolute() else base / rel
-    if not path.is_file():
-        raise UserError(f"{where}: {key} '{path}' does not exist")
-    if key == "image":  # opened once, at load: a corrupt file is named now, not mid-training
+    if not isinstance(rel, str):
+        raise UserError(f"{where}: '{key}' must be one path (a string), got {quoted(rel, 80)}")
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise UserError(f"{where}: 'prompt' must be text, got {quoted(prompt, 80)}")
+    if prompt is None and not default_prompt:  # a misnamed column ('caption', 'text') would train on ''
+        raise UserError(f"{where}: the row has no 'prompt' (keys: {quoted(sorted(obj), 80)}) and "
+                        "data.options.default_prompt is empty; name the prompt field 'prompt', or set "
+                        "default_prompt (the prompt of rows without one)")  # fmt: skip
+    path = base / rel  # an absolute rel stays as it is
+    if key == "image":  # opened once, at load: a missing or corrupt file is named now, not mid-training
         check_image(path, where)
     else:
         open_video(path, where)
-    return FramePrompt(obj.get("prompt") or default_prompt, {key: str(path)})
+    return FramePrompt((prompt or "").strip() or default_prompt, {key: str(path)})
 
 
 def read_pairs(spec: str, default_prompt: str = "") -> list[FramePrompt]:
@@ -91,22 +98,17 @@ def read_pairs(spec: str, default_prompt: str = "") -> list[FramePrompt]:
         videos = sorted(q for q in p.iterdir() if q.suffix.lower() in VIDEO_SUFFIXES)
         if not videos:
             raise UserError(f"data folder '{spec}' holds no .mp4 files")
+        if not default_prompt:
+            raise UserError(f"data folder '{spec}': its videos are prompted with data.options.default_prompt, which "
+                            "is empty; set it (e.g. default_prompt='a video with smooth motion')")  # fmt: skip
         for v in videos:
             open_video(v, f"data folder '{spec}'")  # opened once, at load
         return [FramePrompt(default_prompt, {"video": str(v)}) for v in videos]
     if not p.is_file():
-        raise UserError(f"data file '{spec}' not found (give a .jsonl / .csv file or a folder of .mp4 files)")
-    if p.suffix.lower() == ".jsonl":
-        lines = [(i, x) for i, x in enumerate(read_utf8(p, "data file").splitlines(), 1) if x.strip()]
-        try:
-            rows = [(f"{spec}:{i}", json.loads(x)) for i, x in lines]
-        except json.JSONDecodeError as e:
-            raise UserError(f"data file '{spec}' is not valid JSONL: {e}") from e
-    elif p.suffix.lower() == ".csv":
-        text = read_utf8(p, "data file")
-        rows = [(f"{spec}:{i}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2)]
-    else:
-        raise UserError(f"data file '{spec}' must end in .jsonl or .csv (or be a folder of .mp4 files)")
+        raise UserError(f"data file '{spec}' not found (give a .jsonl / .json / .csv file or a folder of .mp4 files)")
+    if p.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        raise UserError(f"data file '{spec}' must end in .jsonl, .json or .csv (or be a folder of .mp4 files)")
+    rows = read_rows(read_utf8(p, "data file"), f"data file '{spec}'", p.suffix.lower())
     if not rows:
         raise UserError(f"data file '{spec}' holds no rows")
     return [_row(obj, p.parent, default_prompt, where) for where, obj in rows]

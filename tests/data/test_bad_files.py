@@ -68,13 +68,13 @@ def test_image_to_video_pairs_not_utf8_or_corrupt_media_are_named(tmp_path):
         read_pairs(str(tmp_path / "p.csv"))
     garbage(tmp_path / "a.png")
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "image": "a.png"}))
-    with pytest.raises(UserError, match=r"p.jsonl:1: image '.*a.png' cannot be read"):
+    with pytest.raises(UserError, match=r"p.jsonl' line 1: image '.*a.png' cannot be read"):
         read_pairs(str(tmp_path / "p.jsonl"))
     folder = tmp_path / "clips"
     folder.mkdir()
     garbage(folder / "c.mp4")
     with pytest.raises(UserError, match=r"data folder .*: video '.*c.mp4' cannot be read"):
-        read_pairs(str(folder))
+        read_pairs(str(folder), "a circle")
 
 
 def test_corrupt_media_given_to_the_video_and_similarity_rewards_is_named(tmp_path):
@@ -95,5 +95,5 @@ def test_a_prompt_file_that_is_a_directory_names_the_files_in_it(tmp_path):
     ):
         read_prompts(str(tmp_path / "prompts"), "train", 0)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"is a directory; name one file in it \(a .txt / .jsonl / .csv file\)"):
+    with pytest.raises(UserError, match=r"name one file in it \(a .txt / .jsonl / .json / .csv file\)"):
         read_prompts(str(tmp_path / "empty"), "train", 0)

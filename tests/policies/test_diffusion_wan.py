@@ -134,7 +134,7 @@ def test_read_pairs_formats_and_errors(tmp_path):
     folder = read_pairs(str(tmp_path), default_prompt="a dog")
     assert folder == ["a dog"] and folder[0].meta == {"video": str(tmp_path / "b.mp4")}
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "image": "missing.png"}))
-    with pytest.raises(UserError, match="bad.jsonl:1: image '.*missing.png' does not exist"):
+    with pytest.raises(UserError, match="bad.jsonl' line 1: image '.*missing.png' not found"):
         read_pairs(str(tmp_path / "bad.jsonl"))
     (tmp_path / "both.jsonl").write_text(json.dumps({"image": "a.png", "video": "b.mp4"}))
     with pytest.raises(UserError, match="exactly one of 'image' or 'video'"):

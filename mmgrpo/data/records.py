@@ -1,0 +1,163 @@
+"""Reading the rows of a data file (JSONL, JSON, CSV) so that every bad one is a UserError naming the file and the
+line, never a silently changed value: the one place that parses a dataset's text (docs/data.md).
+
+JSON is parsed strictly: a repeated key (``{"answer": "a", "answer": "b"}``, where ``json.loads`` silently keeps the
+last) and a non-finite number (``NaN``, ``Infinity``, ``1e999``, which Python's ``json`` accepts but no other JSON
+reader does, and which would reach a reward or a box) are errors. Lines are split at ``\\n``, ``\\r\\n`` and ``\\r``
+only, never at the Unicode line separators that ``str.splitlines`` also splits at (U+2028 is legal inside a JSON
+string, and ``json.dumps(..., ensure_ascii=False)`` writes it as is). CSV is parsed strictly too: a repeated column
+name, a row with more or fewer fields than the header and an unterminated quote are errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from typing import Any
+
+from mmgrpo.core.errors import UserError, quoted
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of ``text``, split at ``\\n``, ``\\r\\n`` or ``\\r`` only (so line numbers match an editor's)."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
+class _BadJSON(ValueError):
+    """A JSON value that parses but must not be read: a repeated key or a non-finite number."""
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _BadJSON(f"the key {quoted(k, 60)} appears twice in one object (JSON keeps only the last); "
+                           "remove one")  # fmt: skip
+        out[k] = v
+    return out
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJSON(f"the number {quoted(text, 40)} is not finite; write a finite number")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise _BadJSON(f"{name} is not a JSON number (and not finite); write a finite number, or null for none")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_repeated_keys, parse_float=_finite, parse_constant=_constant)
+
+
+def parse_json(text: str, where: str, pos: int = 0, torn: bool = False, fix: str = "") -> tuple[Any, int]:
+    """(value, end) of the JSON value in ``text`` at ``pos``; a UserError naming ``where`` when it is not valid,
+    repeats a key or holds a non-finite number (``torn``: invalid JSON there is a file's unterminated last line;
+    ``fix`` ends the message of invalid JSON)."""
+    try:
+        return _DECODER.raw_decode(text, pos)
+    except _BadJSON as e:
+        raise UserError(f"{where}: {e}") from None
+    except json.JSONDecodeError as e:
+        cut = " (the file's last line, with no line end: it looks cut off; was the file written completely?)"
+        raise UserError(f"{where} is not valid JSON ({e.msg}, column {e.colno}){cut if torn else ''}{fix}") from None
+
+
+def jsonl_rows(text: str, name: str) -> list[tuple[str, Any]]:
+    """(``"NAME line N"``, value) of every non-blank line of a JSONL text; a line that is not one JSON value is a
+    UserError naming it (a cut-off last line says that the file looks truncated)."""
+    lines = text_lines(text)
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        where = f"{name} line {i + 1}"
+        start, torn = len(line) - len(line.lstrip()), i == len(lines) - 1
+        value, end = parse_json(line, where, start, torn, "; a .jsonl file holds one JSON object a line")
+        if line[end:].strip():
+            raise UserError(f"{where} holds more than one JSON value ({quoted(line[end:].strip(), 40)} after the "
+                            "first); a .jsonl file holds one JSON object a line")  # fmt: skip
+        out.append((where, value))
+    return out
+
+
+def json_list_rows(text: str, name: str) -> list[tuple[str, Any]]:
+    """(``"NAME line N"``, item) of each item of a .json file holding one list (N: the line its item starts on);
+    another top-level value (an object, a number) is a UserError saying that a list is expected."""
+    ws = re.compile(r"\s*")
+    i = ws.match(text, 0).end()
+    if i == len(text):
+        return []
+    if text[i] != "[":
+        top, _ = parse_json(text, name, i)
+        keys = f" with the keys {quoted(sorted(top), 80)}" if isinstance(top, dict) else ""
+        raise UserError(f"{name} holds a JSON {type(top).__name__}{keys}, not a list; a .json data file is one list "
+                        "of examples [{...}, {...}] (or write a .jsonl file, one object a line)")  # fmt: skip
+    out: list[tuple[str, Any]] = []
+    i = ws.match(text, i + 1).end()
+    while i < len(text) and text[i] != "]":
+        where = f"{name} line {text.count(chr(10), 0, i) + 1}"
+        value, i = parse_json(text, where, i)
+        out.append((where, value))
+        i = ws.match(text, i).end()
+        if i < len(text) and text[i] == ",":
+            i = ws.match(text, i + 1).end()
+        elif i < len(text) and text[i] != "]":
+            raise UserError(f"{name} line {text.count(chr(10), 0, i) + 1} is not valid JSON (a ',' or ']' expected "
+                            "between the list's items)")  # fmt: skip
+    if i >= len(text):
+        raise UserError(f"{name} ends before its list is closed with ']'; it looks cut off (was the file written "
+                        "completely?)")  # fmt: skip
+    if text[i + 1 :].strip():
+        raise UserError(f"{name} line {text.count(chr(10), 0, i) + 1}: text after the list's closing ']'; a .json "
+                        "data file is one list")  # fmt: skip
+    return out
+
+
+def csv_rows(text: str, name: str) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """(header, [(``"NAME line N"``, row)]) of a CSV text with a header line; a repeated column name, a row with
+    more or fewer fields than the header or an unterminated quote is a UserError naming the line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[str, dict[str, str]]] = []
+    header: list[str] | None = None
+    try:
+        for fields in reader:
+            where = f"{name} line {reader.line_num}"
+            if header is None:
+                header = fields
+                repeated = sorted({h for h in header if header.count(h) > 1})
+                if repeated:
+                    raise UserError(f"{where}: the header names the column(s) {quoted(repeated)} twice; give every "
+                                    "column its own name")  # fmt: skip
+                continue
+            if not any(f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                raise UserError(f"{where} has {len(fields)} field(s) but the header {quoted(header, 80)} has "
+                                f"{len(header)}; quote fields that hold a comma (\"a, b\")")  # fmt: skip
+            rows.append((where, dict(zip(header, fields))))
+    except csv.Error as e:
+        raise UserError(f"{name} line {reader.line_num} is not valid CSV ({e}); close every quoted field with "
+                        '" and write a quote inside one as ""') from e  # fmt: skip
+    return header or [], rows
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for an error message ("got a JSON array")."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def read_rows(text: str, name: str, suffix: str) -> list[tuple[str, Any]]:
+    """(where, row) of the records of a data file's text by its ``suffix``: .jsonl, .json (a list) or .csv."""
+    if suffix == ".jsonl":
+        return jsonl_rows(text, name)
+    if suffix == ".json":
+        return json_list_rows(text, name)
+    if suffix == ".csv":
+        return csv_rows(text, name)[1]
+    raise ValueError(f"no reader for {suffix!r}")

@@ -1,0 +1,181 @@
+"""Hostile data files, fed to the real loaders as a user would (tests/data/test_bad_files.py has the undecodable ones,
+tests/data/test_hostile_vlm.py the VLM datasets' fields).
+
+Each case either loads as meant (a BOM, CRLF line ends, a .json list, a save_to_disk folder) or ends in one UserError
+that names the file and the line (and the field) and says the fix, at load: never a traceback, a silently dropped or
+changed value (a repeated JSON key, NaN, a misnamed column, a ragged CSV row), or an error that waits for training."""
+
+import importlib.util
+import json
+import os
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.data.prompts import read_prompts
+from mmgrpo.pipelines.image_to_video import read_pairs
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (32, 24), (200, 0, 0)).save(tmp_path / "a.png")
+    return tmp_path
+
+
+def jsonl(*rows) -> str:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+
+
+def raises(loader, path, match, *args):
+    with pytest.raises(UserError, match=match) as e:
+        loader(path, *args)
+    assert "Traceback" not in str(e.value)
+    return str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ every format
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"prompt": "a", "prompt": "b"}', r"line 2: the key 'prompt' appears twice in one object"),
+        ('{"prompt": "a", "weight": NaN}', r"line 2: NaN is not a JSON number"),
+        ('{"prompt": "a", "weight": -Infinity}', r"line 2: -Infinity is not a JSON number"),
+        ('{"prompt": "a", "weight": 1e999}', r"line 2: the number '1e999' is not finite"),
+        ('{"prompt": "a"} {"prompt": "b"}', r"line 2 holds more than one JSON value"),
+    ],
+)
+def test_json_that_python_would_read_loosely_is_refused_with_its_line(tmp_path, text, match):
+    path = tmp_path / "p.jsonl"
+    path.write_text(jsonl({"prompt": "ok"}, text))
+    raises(read_prompts, str(path), match, "train", 0)
+
+
+def test_a_torn_last_line_says_that_the_file_looks_cut_off(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(jsonl({"prompt": "a"}) + '{"prompt": "a red')
+    msg = raises(read_prompts, str(path), r"p.jsonl' line 2 is not valid JSON", "train", 0)
+    assert "looks cut off" in msg
+    path.write_text(jsonl({"prompt": "a"}) + '{"prompt": \n' + jsonl({"prompt": "b"}))  # mid-file: not 'cut off'
+    assert "cut off" not in raises(read_prompts, str(path), r"line 2 is not valid JSON", "train", 0)
+
+
+def test_bom_crlf_and_a_line_separator_inside_a_string_load_as_written(folder):
+    rows = [{"prompt": "a red\u2028circle"}, {"prompt": "a cat"}]  # U+2028: legal inside a JSON string, one line
+    (folder / "p.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n"
+    )
+    assert read_prompts(str(folder / "p.jsonl"), "train", 0) == ["a red\u2028circle", "a cat"]
+    (folder / "p.txt").write_bytes(b"\xef\xbb\xbfa red circle\r\n# a comment\r\na blue square\r\n")
+    with pytest.warns(UserWarning, match="1 line"):
+        assert read_prompts(str(folder / "p.txt"), "train", 0) == ["a red circle", "a blue square"]
+    (folder / "p.csv").write_bytes(b"\xef\xbb\xbfprompt,colour\r\na red circle,red\r\n")
+    assert read_prompts(str(folder / "p.csv"), "train", 0)[0].meta == {"colour": "red"}
+
+
+def test_nul_bytes_and_utf16_are_named_not_read_as_text(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"a red circle\nbad\x00line\n")
+    raises(read_prompts, str(tmp_path / "p.txt"), r"p.txt' holds a NUL byte on line 2", "train", 0)
+    (tmp_path / "p.txt").write_bytes("a red circle\n".encode("utf-16"))
+    raises(read_prompts, str(tmp_path / "p.txt"), r"not UTF-8 text.*starts as UTF-16.*iconv -f utf-16", "train", 0)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("prompt,prompt\na,b\n", r"line 1: the header names the column\(s\) \['prompt'\] twice"),
+        ("prompt,colour\na,red,extra\n", r"line 2 has 3 field\(s\) but the header"),
+        ("prompt,colour\na\n", r"line 2 has 1 field\(s\) but the header"),
+        ('prompt\n"a red circle\n', r"line 2 is not valid CSV"),
+    ],
+)
+def test_csv_rows_that_do_not_match_the_header_are_refused(tmp_path, text, match):
+    (tmp_path / "p.csv").write_text(text)
+    raises(read_prompts, str(tmp_path / "p.csv"), match, "train", 0)
+
+
+def test_json_files_hold_one_list_and_errors_name_the_items_line(folder):
+    (folder / "p.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": "b", "n": 2}], indent=2))
+    got = read_prompts(str(folder / "p.json"), "train", 0)
+    assert got == ["a", "b"] and got[1].meta == {"n": 2}
+    (folder / "p.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": ""}], indent=2))
+    raises(read_prompts, str(folder / "p.json"), r"p.json' line 5: 'prompt' must be a non-empty string", "train", 0)
+    (folder / "p.json").write_text(json.dumps({"data": [{"prompt": "a"}]}))
+    raises(read_prompts, str(folder / "p.json"), r"holds a JSON dict with the keys \['data'\], not a list", "train", 0)
+    (folder / "p.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}])[:-1])
+    raises(read_prompts, str(folder / "p.json"), r"ends before its list is closed", "train", 0)
+    (folder / "p.json").write_text('[{"prompt": "a"} {"prompt": "b"}]')
+    raises(read_prompts, str(folder / "p.json"), r"a ',' or '\]' expected", "train", 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_a_dataset_saved_with_save_to_disk_is_read(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"prompt": ["a red circle", "a blue square"], "colour": ["red", "blue"]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    got = read_prompts(f"hf:{tmp_path / 'saved'}", "train", 0)
+    assert got == ["a red circle", "a blue square"] and got[1].meta == {"colour": "blue"}
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dict"))
+    assert read_prompts(f"hf:{tmp_path / 'dict'}:test", "train", 0) == ["a red circle", "a blue square"]
+    raises(read_prompts, f"hf:{tmp_path / 'dict'}", r"has no split 'train' \(splits: \['test'\]\)", "train", 0)
+    raises(read_prompts, f"hf:{tmp_path / 'saved'}::text", r"has no column 'text'", "train", 0)
+    raises(read_prompts, str(tmp_path / "saved"), r"save_to_disk\); write hf:", "train", 0)
+    (tmp_path / "saved" / "state.json").write_text("{}")  # a damaged folder
+    raises(read_prompts, f"hf:{tmp_path / 'saved'}", r"load_from_disk.*failed", "train", 0)
+
+
+def test_a_symlink_loop_and_a_decompression_bomb_are_named(folder):
+    os.symlink("loop2.png", folder / "loop1.png")
+    os.symlink("loop1.png", folder / "loop2.png")
+    (folder / "p.jsonl").write_text(jsonl({"prompt": "a cat", "image": "loop1.png"}))
+    raises(
+        read_pairs, str(folder / "p.jsonl"), r"line 1: image '.*loop1.png' is a symbolic link that leads to no file"
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    for side, match in [(10000, r"is 10000x10000 pixels, more than the \d+"), (20000, r"is too large to decode")]:
+        header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))  # 100 bytes declaring 300 MB+
+        (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 99))
+                                          + chunk(b"IEND", b""))  # fmt: skip
+        (folder / "p.jsonl").write_text(jsonl({"prompt": "a cat", "image": "bomb.png"}))
+        assert "downscale it" in raises(read_pairs, str(folder / "p.jsonl"), rf"line 1: image '.*bomb.png' {match}")
+
+
+# ---------------------------------------------------------------------------------------------- image to video
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("p.jsonl", "[1, 2]\n", r"p.jsonl' line 1: each row is an object \{prompt, image \| video\}"),
+        ("p.jsonl", '{"prompt": "a", "image": 5}\n', r"line 1: 'image' must be one path \(a string\), got 5"),
+        ("p.jsonl", '{"prompt": "a", "image": ["a.png"]}\n', r"line 1: 'image' must be one path"),
+        ("p.jsonl", '{"prompt": 5, "image": "a.png"}\n', r"line 1: 'prompt' must be text, got 5"),
+        ("p.jsonl", '{"caption": "a", "image": "a.png"}\n', r"line 1: the row has no 'prompt' .*default_prompt"),
+        ("p.csv", "caption,image\na,a.png\n", r"p.csv' line 2: the row has no 'prompt'"),
+        ("p.jsonl", '{"prompt": "a", "image": "."}\n', r"line 1: image '.*' is a folder"),
+        ("p.jsonl", '{"prompt": "a", "image": "a.png"}\n{"prompt', r"line 2 is not valid JSON .*cut off"),
+        ("p.txt", "a\n", r"must end in .jsonl, .json or .csv"),
+    ],
+)
+def test_bad_image_to_video_pairs_name_the_line_and_the_field(folder, name, text, match):
+    (folder / name).write_text(text)
+    raises(read_pairs, str(folder / name), match)
+
+
+def test_image_to_video_pairs_from_json_bom_csv_and_an_explicit_empty_prompt(folder):
+    (folder / "p.json").write_text(json.dumps([{"prompt": "a cat", "image": "a.png"}]))
+    assert read_pairs(str(folder / "p.json")) == ["a cat"]
+    (folder / "p.csv").write_bytes(b"\xef\xbb\xbfprompt,image\r\na cat,a.png\r\n,a.png\r\n")
+    assert read_pairs(str(folder / "p.csv")) == ["a cat", ""]  # an empty cell: an empty prompt on purpose
+    assert read_pairs(str(folder / "p.csv"), "a dog") == ["a cat", "a dog"]
+    (folder / "clips").mkdir()
+    (folder / "clips" / "c.mp4").write_bytes(b"")
+    raises(read_pairs, str(folder / "clips"), r"data folder .*default_prompt, which is empty")
