@@ -5,7 +5,11 @@
 - LLaVA / ShareGPT: ``{"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."},
   {"from": "gpt", "value": ...}]}``.
 
-A record already in the project's format passes through unchanged. Grounding records (``{image, question, box}``)
+A record already in the project's format passes through unchanged. A conversion never drops a part silently: an
+unknown role, a conversation without a question or an answer, and a count of image placeholders (``{"type":
+"image"}``, ``<image>``) other than the record's number of images are errors naming the line; the parts that are
+read but not used (system turns, the turns after the first question and answer) are listed under ``IGNORED`` for
+the loader to warn about once per file. Grounding records (``{image, question, box}``)
 also come from these two formats and from VLM-R1's referring-expression files (``{image, problem, solution}``), the
 answer or solution being the box ``[x1, y1, x2, y2]`` in pixels of the image (a list, or text holding it, such as
 ``"<answer>[12, 30, 80, 95]</answer>"``): :func:`to_grounding_record`. See docs/data.md.
@@ -13,10 +17,16 @@ answer or solution being the box ``[x1, y1, x2, y2]`` in pixels of the image (a 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 from mmgrpo.core.errors import UserError, quoted
+
+IGNORED = "_ignored"
+"""key of a converted record: the parts of the original that were not used (a list of short descriptions)"""
+TRL_ROLES = ("system", "user", "assistant")
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -28,17 +38,45 @@ def _text_of(content: Any, where: str) -> str:
     raise UserError(f"{where}: a message's 'content' must be a string or a list of parts, got {quoted(content)}")
 
 
+def _n_images(rec: dict) -> int:
+    """The number of images a record names (``image``: one, ``images``: its length)."""
+    images = rec.get("images")
+    return len(images) if isinstance(images, list) else int(rec.get("image") not in (None, ""))
+
+
+def _check_placeholders(placeholders: int, rec: dict, what: str, where: str) -> None:
+    if placeholders and placeholders != _n_images(rec):
+        raise UserError(f"{where}: the question holds {placeholders} {what} placeholder(s) but the example names "
+                        f"{_n_images(rec)} image(s); give one image per placeholder (image / images)")  # fmt: skip
+
+
 def from_trl(rec: dict, where: str) -> dict:
     """TRL's conversational prompt (the user turns' text is the question; 'solution' or 'answer' the answer)."""
     messages = rec["prompt"]
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise UserError(f"{where}: 'prompt' must be a list of {{role, content}} messages, got {quoted(messages)}")
-    question = "\n".join(_text_of(m.get("content"), where) for m in messages if m.get("role", "user") == "user")
+    roles = [m.get("role", "user") for m in messages]
+    unknown = [r for r in roles if r not in TRL_ROLES]
+    if unknown:
+        raise UserError(f"{where}: unknown role {quoted(unknown[0], 40)} in 'prompt'; a message's role is one of "
+                        f"{', '.join(TRL_ROLES)}")  # fmt: skip
+    if "assistant" in roles:
+        raise UserError(f"{where}: 'prompt' holds an 'assistant' turn; an example asks one question: keep the user "
+                        "turn(s) in 'prompt' and put the answer in 'solution'")  # fmt: skip
     if "solution" not in rec and "answer" not in rec:
         raise UserError(f"{where}: a TRL conversational example needs a 'solution' (or 'answer'); got {sorted(rec)}")
+    users = [m for m, r in zip(messages, roles) if r == "user"]
+    question = "\n".join(_text_of(m.get("content"), where) for m in users).strip()
+    if not question:
+        raise UserError(f"{where}: 'prompt' has no user turn with text, so there is no question; got "
+                        f"{quoted(messages)}")  # fmt: skip
+    parts = [p for m in users if isinstance(m.get("content"), list) for p in m["content"]]
+    _check_placeholders(sum(isinstance(p, dict) and p.get("type") == "image" for p in parts), rec, "image", where)
     out = {k: v for k, v in rec.items() if k not in ("prompt", "solution")}
-    out["question"] = question.strip()
+    out["question"] = question
     out["answer"] = rec["solution"] if "solution" in rec else rec["answer"]
+    if "system" in roles:
+        out[IGNORED] = ["a system turn"]
     return out
 
 
@@ -47,13 +85,26 @@ def from_llava(rec: dict, where: str) -> dict:
     turns = rec["conversations"]
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         raise UserError(f"{where}: 'conversations' must be a list of {{from, value}} turns, got {quoted(turns)}")
-    human = next((i for i, t in enumerate(turns) if t.get("from") in ("human", "user")), None)
-    gpt = next((t for t in turns[(human or 0) + 1 :] if t.get("from") in ("gpt", "assistant")), None)
+    for t in turns:
+        if t.get("from") not in LLAVA_ROLES:
+            raise UserError(f"{where}: unknown turn 'from': {quoted(t.get('from'), 40)} in 'conversations'; a turn "
+                            f"is from one of {', '.join(LLAVA_ROLES)}")  # fmt: skip
+        if not isinstance(t.get("value"), str | int | float) or isinstance(t.get("value"), bool):
+            raise UserError(f"{where}: a {t['from']!r} turn's 'value' must be text, got {quoted(t.get('value'))}")
+    roles = [LLAVA_ROLES[t["from"]] for t in turns]
+    human = next((i for i, r in enumerate(roles) if r == "user"), None)
+    gpt = next((i for i in range((human or 0) + 1, len(turns)) if roles[i] == "assistant"), None)
     if human is None or gpt is None:
         raise UserError(f"{where}: 'conversations' needs a 'human' turn followed by a 'gpt' turn; got {quoted(turns)}")
-    question = str(turns[human].get("value", "")).replace("<image>", "").strip()
+    text = str(turns[human]["value"])
+    _check_placeholders(text.count("<image>"), rec, "<image>", where)
     out = {k: v for k, v in rec.items() if k != "conversations"}
-    out.update(question=question, answer=str(gpt.get("value", "")).strip())
+    out.update(question=text.replace("<image>", "").strip(), answer=str(turns[gpt]["value"]).strip())
+    ignored = ["a system turn"] if "system" in roles else []
+    if any(r != "system" for r in roles[gpt + 1 :]):
+        ignored.append("the turns after the first answer")
+    if ignored:
+        out[IGNORED] = ignored
     return out
 
 
@@ -68,20 +119,24 @@ def to_qa_record(rec: Any, where: str) -> Any:
     return rec
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def parse_box_value(value: Any, where: str) -> list[float]:
     """``[x1, y1, x2, y2]`` from a list of 4 numbers or from text holding exactly one bracketed list of 4 numbers
     (``"[12, 30, 80, 95]"``, ``"<answer>[12,30,80,95]</answer>"``); anything else is a UserError naming ``where``."""
-    if isinstance(value, list | tuple) and len(value) == 4 and all(isinstance(v, int | float) for v in value):
-        return [float(v) for v in value]
-    if isinstance(value, str):
+    box = None
+    if isinstance(value, list | tuple) and len(value) == 4:
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            box = [float(v) for v in value]
+    elif isinstance(value, str):
         lists = re.findall(r"\[([^\[\]]*)\]", value)
         numbers = [_NUMBER.findall(x) for x in lists]
         found = [n for n in numbers if len(n) == 4]
         if len(found) == 1:
-            return [float(v) for v in found[0]]
+            box = [float(v) for v in found[0]]
+    if box is not None and all(math.isfinite(v) for v in box):
+        return box
     raise UserError(
         f"{where}: box must be [x1, y1, x2, y2] in image pixels (a list, or text holding one such list); "
         f"got {quoted(value)}"
@@ -96,7 +151,7 @@ def to_grounding_record(rec: Any, where: str) -> Any:
         return rec
     if "problem" in rec and "solution" in rec and "question" not in rec:  # VLM-R1 REC
         out = {k: v for k, v in rec.items() if k not in ("problem", "solution")}
-        out.update(question=str(rec["problem"]), box=parse_box_value(rec["solution"], where))
+        out.update(question=rec["problem"], box=parse_box_value(rec["solution"], where))
         return _one_image(out, where)
     qa = to_qa_record(rec, where)
     if qa is rec or "answer" not in qa:

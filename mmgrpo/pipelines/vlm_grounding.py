@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mmgrpo.core.errors import UserError, bad_option
-from mmgrpo.core.files import check_image
+from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.vlm_formats import parse_box_value, to_grounding_record
@@ -38,6 +37,8 @@ from mmgrpo.pipelines.vlm_reasoning import (
     PairedScores,
     QAPrompts,
     check_heldout_fraction,
+    check_media,
+    check_text,
     check_vlm_data,
     jsonl_records,
     load_vlm_policy,
@@ -108,17 +109,53 @@ def load_grounding_jsonl(path: str | Path) -> list[Example]:
 
     p = Path(path)
     out = []
-    for i, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding", to_grounding_record):
-        box = parse_box_value(rec["box"], f"{path} line {i}")
-        image = str(p.parent / rec["image"])
-        dims = check_image(image, f"{path} line {i}")  # opened once here, so a bad file is named now, not mid-training
-        size = rec.get("image_size") or dims
+    for where, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding", to_grounding_record):
+        box = parse_box_value(rec["box"], where)
+        question = check_text(rec, "question", where)
+        if rec.get("images") is not None:
+            raise UserError(f"{where}: give 'image' (one path), not 'images' as well; a grounding example has one "
+                            "image")  # fmt: skip
+        if not isinstance(rec["image"], str):
+            raise UserError(f"{where}: a grounding example has one image: 'image' must be a path, got "
+                            f"{quoted(rec['image'], 80)}")  # fmt: skip
+        (image,), _ = check_media({"image": rec["image"]}, p.parent, where)  # opened once here, not mid-training
+        size = check_box(box, rec.get("image_size"), image, where)
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}
-        meta.update(box=box, image_size=tuple(size), images=[image])
-        out.append(({"question": rec["question"]}, meta))
+        meta.update(box=box, image_size=size, images=[image])
+        out.append(({"question": question}, meta))
     if not out:
         raise UserError(f"{path} holds no examples")
     return out
+
+
+def check_box(box: list[float], image_size: Any, image: str, where: str) -> tuple[int, int]:
+    """The (W, H) a box is in -- ``image_size`` when given (the original image's, for a file that is a resized copy),
+    else the image file's -- after checking that the box lies in it with x1 < x2 and y1 < y2 (an inverted, empty or
+    outside box gives every answer IoU 0: a reward without signal)."""
+    from PIL import Image
+
+    if image_size is None:
+        with Image.open(image) as im:
+            size = im.size
+    elif (
+        isinstance(image_size, list)
+        and len(image_size) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 1 for v in image_size)
+    ):
+        size = (image_size[0], image_size[1])
+    else:
+        raise UserError(f"{where}: 'image_size' must be [width, height] in pixels (numbers >= 1), got "
+                        f"{quoted(image_size, 80)}; or leave it out to read the size from the image")  # fmt: skip
+    x1, y1, x2, y2 = box
+    if not (x1 < x2 and y1 < y2):
+        raise UserError(f"{where}: box {quoted(box, 80)} has x2 <= x1 or y2 <= y1; a box is [x1, y1, x2, y2] with "
+                        "(x1, y1) the top-left and (x2, y2) the bottom-right corner, in pixels")  # fmt: skip
+    w, h = size
+    if min(x1, y1) < 0 or x2 > w or y2 > h:
+        raise UserError(f"{where}: box {quoted(box, 80)} reaches outside the {w:g}x{h:g} image; give it in pixels "
+                        "of the image (0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height), or the original size as "
+                        "image_size when the file was resized")  # fmt: skip
+    return size
 
 
 class GroundingExamples:
@@ -129,7 +166,8 @@ class GroundingExamples:
         self.data = data
         self.records = load_grounding_jsonl(data.path) if data.path else None
         if self.records is not None:  # a seeded permutation of the file's examples
-            split = seeded_split(len(self.records), data.heldout_fraction, data.split_seed, "the grounding data")
+            what = f"data.options.path={data.path!r}"
+            split = seeded_split(len(self.records), data.heldout_fraction, data.split_seed, what)
             self.train, self.heldout = split
         else:  # shapes: indices ARE scene seeds, split by shapes_qa's hash of the seed
             if data.num_train < 1:

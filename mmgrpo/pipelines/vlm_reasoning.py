@@ -30,7 +30,7 @@ hints), ``cog_drift`` (cloze / multiple-choice variants).
 
 from __future__ import annotations
 
-import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,11 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from mmgrpo.core.errors import UserError, bad_option
+from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes, shapes_qa
-from mmgrpo.data.vlm_formats import to_qa_record
+from mmgrpo.data.prompts import saved_dataset
+from mmgrpo.data.records import json_list_rows, json_type, jsonl_rows
+from mmgrpo.data.vlm_formats import IGNORED, to_qa_record
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline, completion_records
@@ -142,28 +144,87 @@ def shapes_checklist(objects: list[tuple[str, str]], color: str, rng: np.random.
     return [[f"How many {color} objects are there?", str(n)], [f"Is there a {shape}?", "yes" if present else "no"]]
 
 
-def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, convert=None):
-    """(line number, record) of a JSONL file of objects that hold every ``required`` key (UserError otherwise).
+def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, convert=None) -> list[tuple[str, dict]]:
+    """(``"PATH line N"``, record) of a JSONL file (or a .json file holding one list) of objects that hold every
+    ``required`` key (UserError otherwise).
 
     ``otherwise`` completes the missing-file message ("... or '' for <otherwise>"); ``convert(record, where)``, when
-    given, first turns each record of another format into the project's.
+    given, first turns each record of another format into the project's. The parts of the records that a conversion
+    did not use (:data:`~mmgrpo.data.vlm_formats.IGNORED`: system turns, later turns) are named in one warning.
     """
     p = Path(path)
+    if p.is_dir():
+        saved = " (it holds a Hugging Face dataset saved with save_to_disk, which this recipe does not read)"
+        raise UserError(f"data.options.path={str(path)!r} is a folder{saved if saved_dataset(p) else ''}; give a "
+                        "JSONL file of examples with image paths (e.g. Dataset.to_json('data.jsonl')), or '' for "
+                        f"{otherwise}")  # fmt: skip
     if not p.is_file():
         raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for {otherwise}")
-    for i, line in enumerate(read_utf8(p, "data file").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {i + 1} is not valid JSON: {e}") from e
+    text = read_utf8(p, "data file")
+    rows = json_list_rows(text, str(path)) if p.suffix.lower() == ".json" else jsonl_rows(text, str(path))
+    out, ignored = [], {}
+    for where, rec in rows:
         if convert is not None:
-            rec = convert(rec, f"{path} line {i + 1}")
+            rec = convert(rec, where)
         if not isinstance(rec, dict) or not all(k in rec for k in required):
             keys = " and ".join(repr(k) for k in required)
-            raise UserError(f"{path} line {i + 1}: each example needs {keys}; got {line[:80]!r}")
-        yield i + 1, rec
+            got = (
+                f"the keys {quoted(sorted(rec), 80)}"
+                if isinstance(rec, dict)
+                else f"a JSON {json_type(rec)} ({quoted(rec, 40)})"
+            )
+            raise UserError(f"{where}: each example needs {keys}; got {got}")
+        for part in rec.pop(IGNORED, []):
+            ignored.setdefault(part, []).append(where.rsplit(" ", 1)[-1])
+        out.append((where, rec))
+    for part, lines in ignored.items():
+        warnings.warn(f"{path}: {len(lines)} example(s) hold {part}, which the recipe does not use (lines "
+                      f"{', '.join(lines[:5])}{', ...' if len(lines) > 5 else ''})"
+                      + ("; set policy.options.system_prompt for a system prompt" if "system" in part else ""),
+                      stacklevel=3)  # fmt: skip
+    return out
+
+
+def check_text(rec: dict, key: str, where: str) -> str:
+    """``rec[key]`` when it is a non-empty string (a UserError naming ``where`` and the key otherwise)."""
+    value = rec.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: '{key}' must be a non-empty string, got {quoted(value, 80)}")
+    return value
+
+
+def _scalar(value: Any) -> bool:
+    return (isinstance(value, str) and bool(value.strip())) or (
+        isinstance(value, int | float) and not isinstance(value, bool)
+    )
+
+
+def check_media(rec: dict, base: Path, where: str) -> tuple[list[str], str | None]:
+    """(image paths, video path) of a record, resolved against ``base`` (the data file's folder) and opened once, so
+    that a bad file is named now and not mid-training: ``image`` (a path) or ``images`` (a list of paths), not both;
+    ``video`` (a path). A missing key or null is no media."""
+    if rec.get("image") is not None and rec.get("images") is not None:
+        raise UserError(f"{where}: give 'image' (one path) or 'images' (a list of paths), not both")
+    images = rec.get("images")
+    if rec.get("image") is not None:
+        images = [rec["image"]]
+    elif images is not None and not isinstance(images, list):
+        raise UserError(f"{where}: 'images' must be a list of paths, got {quoted(images, 80)}; write "
+                        f"'image' for one path")  # fmt: skip
+    key = "image" if rec.get("image") is not None else "images"
+    for im in images or []:
+        if not isinstance(im, str) or not im.strip():
+            raise UserError(f"{where}: '{key}' must hold image paths (non-empty strings), got {quoted(im, 80)}")
+    paths = [str(base / im) for im in images or []]
+    for im in paths:
+        check_image(im, where)
+    video = rec.get("video")
+    if video is not None:
+        if not isinstance(video, str) or not video.strip():
+            raise UserError(f"{where}: 'video' must be a path (a non-empty string), got {quoted(video, 80)}")
+        video = str(base / video)
+        open_video(video, where)
+    return paths, video
 
 
 def load_jsonl(path: str | Path) -> list[Example]:
@@ -171,16 +232,21 @@ def load_jsonl(path: str | Path) -> list[Example]:
     docs/data.md); media paths are resolved against the file's directory."""
     p = Path(path)
     out = []
-    for i, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA", to_qa_record):
+    for where, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA", to_qa_record):
+        question = check_text(rec, "question", where)
+        answer = rec["answer"]
+        if not (_scalar(answer) or (isinstance(answer, list) and answer and all(_scalar(a) for a in answer))):
+            raise UserError(f"{where}: 'answer' must be text, a number or a list of acceptable answers, got "
+                            f"{quoted(answer, 80)}")  # fmt: skip
+        options = rec.get("options")
+        if options is not None and not (isinstance(options, list) and all(_scalar(o) for o in options)):
+            raise UserError(f"{where}: 'options' must be a list of choices ([\"red\", \"blue\"], shown as A) B) ...), "
+                            f"got {quoted(options, 80)}")  # fmt: skip
         meta = {k: v for k, v in rec.items() if k not in ("question", "options", "image", "images", "video")}
-        images = rec.get("images") or ([rec["image"]] if rec.get("image") else [])
-        meta["images"] = [str(p.parent / im) for im in images]
-        for image in meta["images"]:  # opened once here, so a bad file is named now and not mid-training
-            check_image(image, f"{path} line {i}")
-        if rec.get("video"):
-            meta["video"] = str(p.parent / rec["video"])
-            open_video(meta["video"], f"{path} line {i}")
-        out.append(({"question": rec["question"], "options": rec.get("options")}, meta))
+        meta["images"], video = check_media(rec, p.parent, where)
+        if video is not None:
+            meta["video"] = video
+        out.append(({"question": question, "options": options}, meta))
     if not out:
         raise UserError(f"{path} holds no examples")
     return out
@@ -194,7 +260,8 @@ def check_heldout_fraction(fraction: float) -> None:
 def seeded_split(n: int, heldout_fraction: float, split_seed: int, what: str) -> tuple[list[int], list[int]]:
     """(train, held-out) sorted index lists of ``n`` examples: a seeded permutation, at least one in each part."""
     if n < 2:
-        raise UserError(f"{what} need at least 2 examples (train + held-out); got {n}")
+        raise UserError(f"{what} holds {n} example(s); the seeded train / held-out split (data.options."
+                        "heldout_fraction) needs at least 2: add examples")  # fmt: skip
     perm = np.random.default_rng(split_seed).permutation(n)
     n_held = min(max(1, round(heldout_fraction * n)), n - 1)
     return sorted(perm[n_held:].tolist()), sorted(perm[:n_held].tolist())
@@ -230,7 +297,8 @@ class QAExamples:
         if data.difficulty != "normal":
             raise UserError("data.options.difficulty needs source: shapes_qa and path: ''; remove it")
         n = len(self.records) if self.records is not None else data.num_examples
-        self.train, self.heldout = seeded_split(n, data.heldout_fraction, data.split_seed, "the VLM reasoning data")
+        what = f"data.options.path={data.path!r}" if data.path else "the synthetic shapes QA"
+        self.train, self.heldout = seeded_split(n, data.heldout_fraction, data.split_seed, what)
 
     def example(self, i: int, kinds: tuple[str, ...] = shapes_qa.MC_KINDS) -> Example:
         """Example ``i``; ``kinds``: the question kinds a shapes_qa scene draws from (held-out: all three)."""

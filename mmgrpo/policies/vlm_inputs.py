@@ -64,11 +64,37 @@ def load_image(image: Any, max_pixels: int | None = None):
         image = Image.fromarray(np.ascontiguousarray(image))
     elif not isinstance(image, Image.Image):
         raise UserError(f"images must be PIL images, uint8 arrays [H, W, 3] or paths; got {type(image).__name__}")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if max_pixels and image.width * image.height > max_pixels:
         s = math.sqrt(max_pixels / (image.width * image.height))
         image = image.resize((max(1, int(image.width * s)), max(1, int(image.height * s))), Image.BICUBIC)
     return image
+
+
+def to_rgb(image: Any) -> Any:
+    """A PIL image as 8-bit RGB, read the way it looks: 16-bit and 32-bit greyscale (``I;16``, ``I``, ``F``) scaled
+    from their value range (``convert("RGB")`` clips them: a 16-bit PNG turned white, a float one black), and
+    transparent pixels (RGBA, LA, a palette with transparency) laid on white, as ``qwen_vl_utils`` does (``convert``
+    drops alpha, so a transparent background turned black or whatever colour it hid)."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        peak = float(np.nanmax(a, initial=0.0))
+        # the smallest usual range that holds the values: 0..1 (float), 0..255, 0..65535 (16-bit), else the peak
+        top = next(t for t in (1.0, 255.0, 65535.0, max(peak, 1.0)) if peak <= t and (t > 1.0 or image.mode == "F"))
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        a = np.nan_to_num(np.clip(a / top, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return image.convert("RGB")
 
 
 def read_video(

@@ -115,6 +115,7 @@ def test_a_grounding_answer_that_is_not_one_box_names_the_line(tmp_path, answer,
         load_grounding_jsonl(path)
     assert f"{path} line 2" in str(e.value)
     two_images = {**trl("q", "a.png", "[0, 0, 4, 4]"), "images": ["a.png", "a.png"]}
+    two_images["prompt"][0]["content"] *= 2  # two image placeholders, two images: one too many for grounding
     path.write_text(json.dumps(two_images) + "\n")
     with pytest.raises(UserError, match="exactly one image"):
         load_grounding_jsonl(path)

@@ -1,0 +1,200 @@
+"""Hostile VLM datasets (vlm_reasoning, vlm_grounding; docs/data.md), fed to the real loaders: a field of the wrong
+type, a conversation the converters cannot read whole, a box no answer can match, is a UserError naming the file, the
+line and the field at load (each used to load silently, or fail mid-training with a TypeError or an image_size error
+naming no file); legitimate variants load; images reach the model as they look."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.pipelines.vlm_grounding import GroundingExamples, VLMGroundingDataOptions, load_grounding_jsonl
+from mmgrpo.pipelines.vlm_reasoning import QAExamples, VLMReasoningDataOptions, load_jsonl
+from mmgrpo.policies.vlm_inputs import load_image
+
+QA = {"question": "What colour?", "answer": "red", "image": "a.png"}
+BOX = {"image": "a.png", "question": "Locate it.", "box": [1, 2, 10, 12]}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (32, 24), (200, 0, 0)).save(tmp_path / "a.png")
+    return tmp_path
+
+
+def jsonl(*rows) -> str:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+
+
+def raises(loader, path, match, *args):
+    with pytest.raises(UserError, match=match) as e:
+        loader(path, *args)
+    assert "Traceback" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_json_list_a_torn_line_and_a_repeated_key_in_a_vlm_file(folder):
+    (folder / "d.json").write_text(json.dumps([QA, {**QA, "answer": None}], indent=2))
+    raises(load_jsonl, folder / "d.json", r"d.json line 7: 'answer' must be text")
+    (folder / "d.json").write_text(json.dumps([QA, QA], indent=2) + "\n")
+    assert len(load_jsonl(folder / "d.json")) == 2
+    (folder / "d.jsonl").write_text(jsonl(QA) + '{"question": "How many')
+    raises(load_jsonl, folder / "d.jsonl", r"d.jsonl line 2 is not valid JSON .*looks cut off")
+    (folder / "d.jsonl").write_text(jsonl(QA, '{"question": "q", "answer": "a", "answer": "b"}'))
+    raises(load_jsonl, folder / "d.jsonl", r"d.jsonl line 2: the key 'answer' appears twice")
+    raises(load_jsonl, folder, r"data.options.path='.*' is a folder; give a JSONL file")
+
+
+# ---------------------------------------------------------------------------------------------- VLM reasoning
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ([1, 2], r"each example needs 'question' and 'answer'; got a JSON array"),
+        ({**QA, "question": 5}, r"'question' must be a non-empty string, got 5"),
+        ({**QA, "question": " "}, r"'question' must be a non-empty string"),
+        ({**QA, "answer": None}, r"'answer' must be text, a number or a list of acceptable answers, got None"),
+        ({**QA, "answer": {"text": "red"}}, r"'answer' must be text"),
+        ({**QA, "answer": []}, r"'answer' must be text"),
+        ({**QA, "answer": True}, r"'answer' must be text"),
+        ({**QA, "options": "red, blue"}, r"'options' must be a list of choices"),
+        ({**QA, "image": 5}, r"'image' must hold image paths \(non-empty strings\), got 5"),
+        ({**QA, "image": ""}, r"'image' must hold image paths"),
+        ({**QA, "image": ["a.png"]}, r"'image' must hold image paths"),
+        ({**QA, "images": ["a.png"]}, r"give 'image' \(one path\) or 'images' \(a list of paths\), not both"),
+        ({**QA, "image": None, "images": "a.png"}, r"'images' must be a list of paths"),
+        ({**QA, "video": 3}, r"'video' must be a path"),
+        ({**QA, "image": "."}, r"image '.*' is a folder, not a file"),
+        ({**QA, "image": "gone.png"}, r"image '.*gone.png' not found"),
+        ({"prompt": [{"role": "system", "content": "Think."}], "solution": "red"}, r"no user turn with text"),
+        ({"prompt": [{"role": "bot", "content": "q"}], "solution": "red"}, r"unknown role 'bot'"),
+        (
+            {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "red"}], "solution": "red"},
+            r"'prompt' holds an 'assistant' turn",
+        ),  # fmt: skip
+        (
+            {
+                "prompt": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]}
+                ],
+                "images": ["a.png"],
+                "solution": "red",
+            },
+            r"2 image placeholder\(s\) but .* 1 image",
+        ),  # fmt: skip
+        ({"prompt": [{"role": "user", "content": "q"}], "solution": None}, r"'answer' must be text"),
+        (
+            {"image": "a.png", "conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            r"unknown turn 'from': 'robot'",
+        ),  # fmt: skip
+        (
+            {"image": "a.png", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "a"}]},
+            r"a 'human' turn's 'value' must be text, got None",
+        ),  # fmt: skip
+        (
+            {"conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+            r"1 <image> placeholder\(s\) but the example names 0 image",
+        ),  # fmt: skip
+        (
+            {
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image><image>q"}, {"from": "gpt", "value": "a"}],
+            },
+            r"2 <image> placeholder",
+        ),  # fmt: skip
+        (
+            {"image": "a.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+            r"'answer' must be text",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_vlm_records_name_the_line_and_the_field(folder, row, match):
+    (folder / "d.jsonl").write_text(jsonl(QA, row))
+    raises(load_jsonl, folder / "d.jsonl", rf"d.jsonl line 2: .*{match}")
+
+
+def test_legitimate_vlm_records_load(folder):
+    (folder / "sub").mkdir()
+    rows = [
+        {**QA, "answer": 3, "options": ["1", 2, "3"], "image": "../a.png"},  # relative to the file, up a folder
+        {**QA, "answer": ["red", "crimson"], "image": None},  # a text-only question
+        {**QA, "image": str(folder / "a.png")},
+        {**QA, "images": ["../a.png", "../a.png"], "image": None},
+    ]
+    (folder / "sub" / "d.jsonl").write_text(jsonl(*rows))
+    ex = load_jsonl(folder / "sub" / "d.jsonl")
+    assert ex[0][0]["options"] == ["1", 2, "3"] and ex[1][1]["images"] == [] and ex[1][1]["answer"][1] == "crimson"
+    assert ex[2][1]["images"] == [str(folder / "a.png")] and len(ex[3][1]["images"]) == 2
+    assert Image.open(ex[0][1]["images"][0]).size == (32, 24)
+
+
+def test_unused_system_and_later_turns_are_named_in_one_warning(folder):
+    trl = {"prompt": [{"role": "system", "content": "Think first."}, {"role": "user", "content": "q"}],
+           "solution": "red"}  # fmt: skip
+    turns = [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"},
+             {"from": "gpt", "value": "a2"}]  # fmt: skip
+    (folder / "d.jsonl").write_text(jsonl(trl, trl, {"conversations": turns}))
+    with pytest.warns(UserWarning) as w:
+        ex = load_jsonl(folder / "d.jsonl")
+    messages = sorted((str(x.message) for x in w), key=lambda m: "system" not in m)
+    assert len(messages) == 2 and "2 example(s) hold a system turn" in messages[0]
+    assert "lines 1, 2" in messages[0] and "policy.options.system_prompt" in messages[0]
+    assert "1 example(s) hold the turns after the first answer" in messages[1] and "(lines 3)" in messages[1]
+    assert ex[2][0]["question"] == "q1" and ex[2][1]["answer"] == "a1"
+
+
+def test_16_bit_float_and_transparent_images_reach_the_model_as_they_look(tmp_path):
+    grey = np.full((4, 4), 32768, dtype=np.uint16)  # mid-grey in 16 bits: convert("RGB") made it white
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert load_image(tmp_path / "g16.png").getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32))).getpixel((0, 0)) == (128,) * 3
+    clear = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # a transparent background that hides red
+    assert load_image(clear).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(Image.new("RGBA", (4, 4), (255, 0, 0, 255))).getpixel((0, 0)) == (255, 0, 0)
+    assert load_image(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(Image.new("L", (1, 1), 7)).size == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- VLM grounding
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ({**BOX, "box": [10, 12, 1, 2]}, r"box \[10.0, 12.0, 1.0, 2.0\] has x2 <= x1 or y2 <= y1"),
+        ({**BOX, "box": [5, 5, 5, 9]}, r"has x2 <= x1"),
+        ({**BOX, "box": [-1, 2, 10, 12]}, r"reaches outside the 32x24 image"),
+        ({**BOX, "box": [0, 0, 33, 10]}, r"reaches outside the 32x24 image"),
+        ({**BOX, "box": "[1e999, 2, 10, 12]"}, r"box must be \[x1, y1, x2, y2\]"),
+        ({**BOX, "box": [True, 2, 10, 12]}, r"box must be"),
+        ({**BOX, "image_size": "32x24"}, r"'image_size' must be \[width, height\] in pixels.*got '32x24'"),
+        ({**BOX, "image_size": [32]}, r"'image_size' must be \[width, height\]"),
+        ({**BOX, "image_size": [0, 0]}, r"'image_size' must be \[width, height\]"),
+        ({**BOX, "question": 5}, r"'question' must be a non-empty string"),
+        ({**BOX, "image": 5}, r"'image' must be a path, got 5"),
+        ({**BOX, "images": ["a.png"]}, r"give 'image' \(one path\), not 'images' as well"),
+        ({"image": "a.png", "problem": None, "solution": [1, 2, 3, 4]}, r"'question' must be a non-empty string"),
+    ],
+)
+def test_bad_grounding_records_name_the_line_and_the_field(folder, row, match):
+    (folder / "g.jsonl").write_text(jsonl(BOX, row))
+    raises(load_grounding_jsonl, folder / "g.jsonl", rf"g.jsonl line 2: .*{match}")
+
+
+def test_boxes_in_the_original_size_and_in_scientific_notation_load(folder):
+    rows = [{**BOX, "box": [0, 0, 64, 48], "image_size": [64, 48]}, {**BOX, "box": "<answer>[1e1, 2, 3E1, 2.4e1]"}]
+    (folder / "g.jsonl").write_text(jsonl(*rows))
+    (_, m0), (_, m1) = load_grounding_jsonl(folder / "g.jsonl")
+    assert m0["image_size"] == (64, 48) and m1["box"] == [10.0, 2.0, 30.0, 24.0] and m1["image_size"] == (32, 24)
+
+
+def test_one_example_cannot_be_split_into_train_and_held_out(folder):
+    (folder / "d.jsonl").write_text(jsonl(QA))
+    with pytest.raises(UserError, match=r"data.options.path='.*d.jsonl' holds 1 example\(s\); the seeded train"):
+        QAExamples(VLMReasoningDataOptions(path=str(folder / "d.jsonl")))
+    (folder / "g.jsonl").write_text(jsonl(BOX))
+    with pytest.raises(UserError, match=r"g.jsonl' holds 1 example\(s\).*needs at least 2: add examples"):
+        GroundingExamples(VLMGroundingDataOptions(path=str(folder / "g.jsonl")))
