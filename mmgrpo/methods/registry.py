@@ -191,6 +191,29 @@ def enabled_methods(cfg: Any, where: str = "the config") -> list[tuple[Method, A
     return out
 
 
+def check_example_keys(cfg: Any, examples: list[tuple[str, dict]]) -> None:
+    """Every example of a data file (``(where, {**prompt, **meta})``, where naming its file and line) carries the
+    ``data_keys`` of every method enabled under ``methods:`` -- a UserError naming the first that does not, at load,
+    where PEARL's missing checklist used to stop the run in its first step and a missing key other methods read
+    silently left them without effect. A key renamed by an option ``<key>_key`` (of the method, or of its reward in
+    ``rewards:``) is looked up under its new name; online ``teachers`` (AMPO) stand in for a guidance pool."""
+    for method, opts in enabled_methods(cfg):
+        specs = [r.options for r in cfg.rewards if r.name in method.rewards]
+        for key in method.data_keys:
+            if key == "guidance" and getattr(opts, "teachers", None):
+                continue
+            option = f"{key}_key"
+            name = next((o[option] for o in specs if isinstance(o.get(option), str)), getattr(opts, option, key))
+            lacking = [where for where, ex in examples if ex.get(name) in (None, "", [], {})]
+            if lacking:
+                more = f" (and {len(lacking) - 1} other example(s))" if len(lacking) > 1 else ""
+                raise UserError(
+                    f"{lacking[0]}{more}: methods.{method.name} reads each example's {name!r}, which is missing or "
+                    f"empty here; add {name!r} to every example ({method.paper.split(':')[0]}) or remove "
+                    f"methods.{method.name}"
+                )
+
+
 def _has_field(cls: type, name: str) -> bool:
     return name in getattr(cls, "__dataclass_fields__", {})
 

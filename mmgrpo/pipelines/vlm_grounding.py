@@ -33,6 +33,7 @@ from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.vlm_formats import parse_box_value, to_grounding_record
+from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.pipelines.vlm_reasoning import (
     PairedScores,
     QAPrompts,
@@ -106,7 +107,11 @@ def load_grounding_jsonl(path: str | Path) -> list[Example]:
     """Examples of a JSONL file of {image, question, box, image_size?} (or TRL conversational, LLaVA conversations or
     VLM-R1 {image, problem, solution} records whose answer is the box: docs/data.md); image paths are relative to
     the file."""
+    return [ex for _, ex in load_grounding_lines(path)]
 
+
+def load_grounding_lines(path: str | Path) -> list[tuple[str, Example]]:
+    """(``"PATH line N"``, example) of each example of :func:`load_grounding_jsonl`."""
     p = Path(path)
     out = []
     for where, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding", to_grounding_record):
@@ -122,7 +127,7 @@ def load_grounding_jsonl(path: str | Path) -> list[Example]:
         size = check_box(box, rec.get("image_size"), image, where)
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}
         meta.update(box=box, image_size=size, images=[image])
-        out.append(({"question": question}, meta))
+        out.append((where, ({"question": question}, meta)))
     if not out:
         raise UserError(f"{path} holds no examples")
     return out
@@ -164,7 +169,10 @@ class GroundingExamples:
     def __init__(self, data: VLMGroundingDataOptions):
         check_heldout_fraction(data.heldout_fraction)
         self.data = data
-        self.records = load_grounding_jsonl(data.path) if data.path else None
+        lines = load_grounding_lines(data.path) if data.path else None
+        self.records = [ex for _, ex in lines] if lines is not None else None
+        self.lines = [where for where, _ in lines] if lines is not None else []
+        """where each record is: ``"PATH line N"``"""
         if self.records is not None:  # a seeded permutation of the file's examples
             what = f"data.options.path={data.path!r}"
             split = seeded_split(len(self.records), data.heldout_fraction, data.split_seed, what)
@@ -236,10 +244,11 @@ def check_box_rewards(cfg: Config, box_family: str) -> None:
 
 def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMGroundingDataOptions, cfg.data.options, "the config", "data.options")
+    examples = GroundingExamples(data)  # the data first: a bad file is named before the model loads
+    check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in zip(examples.lines, examples.records or [])])
     example = "assets/shapes_vlm (written by `python -m scripts.pretrain_shapes_vlm`)"
     policy = load_vlm_policy(cfg, accelerator, example)
     check_box_rewards(cfg, policy.box_family)
-    examples = GroundingExamples(data)
     held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]
 
     paired = PairedScores()

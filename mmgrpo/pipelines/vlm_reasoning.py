@@ -46,6 +46,7 @@ from mmgrpo.data import shapes, shapes_qa
 from mmgrpo.data.prompts import saved_dataset
 from mmgrpo.data.records import json_list_rows, json_type, jsonl_rows
 from mmgrpo.data.vlm_formats import IGNORED, to_qa_record
+from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline, completion_records
@@ -230,6 +231,11 @@ def check_media(rec: dict, base: Path, where: str) -> tuple[list[str], str | Non
 def load_jsonl(path: str | Path) -> list[Example]:
     """Examples of a JSONL file (the project's records, TRL conversational or LLaVA conversations, see
     docs/data.md); media paths are resolved against the file's directory."""
+    return [ex for _, ex in load_jsonl_lines(path)]
+
+
+def load_jsonl_lines(path: str | Path) -> list[tuple[str, Example]]:
+    """(``"PATH line N"``, example) of each example of :func:`load_jsonl`, for errors found later (a method's key)."""
     p = Path(path)
     out = []
     for where, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA", to_qa_record):
@@ -246,7 +252,7 @@ def load_jsonl(path: str | Path) -> list[Example]:
         meta["images"], video = check_media(rec, p.parent, where)
         if video is not None:
             meta["video"] = video
-        out.append(({"question": question, "options": options}, meta))
+        out.append((where, ({"question": question, "options": options}, meta)))
     if not out:
         raise UserError(f"{path} holds no examples")
     return out
@@ -273,7 +279,10 @@ class QAExamples:
     def __init__(self, data: VLMReasoningDataOptions):
         check_heldout_fraction(data.heldout_fraction)
         self.data = data
-        self.records = load_jsonl(data.path) if data.path else None
+        lines = load_jsonl_lines(data.path) if data.path else None
+        self.records = [ex for _, ex in lines] if lines is not None else None
+        self.lines = [where for where, _ in lines] if lines is not None else []
+        """where each record is: ``"PATH line N"``"""
         self.train_kinds: tuple[str, ...] = shapes_qa.MC_KINDS
         if data.source not in ("shapes", "shapes_qa"):
             raise UserError(f"data.options.source={data.source!r}; use 'shapes' or 'shapes_qa'")
@@ -418,8 +427,9 @@ def load_vlm_policy(cfg: Config, accelerator: Any, example_path: str) -> VLMPoli
 
 def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMReasoningDataOptions, cfg.data.options, "the config", "data.options")
+    examples = QAExamples(data)  # the data first: a bad file is named before the model loads
+    check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in zip(examples.lines, examples.records or [])])
     policy = load_vlm_policy(cfg, accelerator, "assets/tiny_qwen2_vl (written by `python scripts/make_tiny_vlm.py`)")
-    examples = QAExamples(data)
 
     paired = PairedScores()
 

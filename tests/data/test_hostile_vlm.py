@@ -4,15 +4,19 @@ line and the field at load (each used to load silently, or fail mid-training wit
 naming no file); legitimate variants load; images reach the model as they look."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.pipelines.vlm_grounding import GroundingExamples, VLMGroundingDataOptions, load_grounding_jsonl
-from mmgrpo.pipelines.vlm_reasoning import QAExamples, VLMReasoningDataOptions, load_jsonl
+from mmgrpo.pipelines.vlm_reasoning import QAExamples, VLMReasoningDataOptions, load_jsonl, load_jsonl_lines
 from mmgrpo.policies.vlm_inputs import load_image
+from mmgrpo.train.cli import main
+from mmgrpo.train.config import load_config
 
 QA = {"question": "What colour?", "answer": "red", "image": "a.png"}
 BOX = {"image": "a.png", "question": "Locate it.", "box": [1, 2, 10, 12]}
@@ -198,3 +202,36 @@ def test_one_example_cannot_be_split_into_train_and_held_out(folder):
     (folder / "g.jsonl").write_text(jsonl(BOX))
     with pytest.raises(UserError, match=r"g.jsonl' holds 1 example\(s\).*needs at least 2: add examples"):
         GroundingExamples(VLMGroundingDataOptions(path=str(folder / "g.jsonl")))
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "config, key, extra",
+    [
+        ("vlm_pearl", "checklist", {"checklist": [["Is it red?", "yes"]]}),
+        ("vlm_scaf_grpo", "hints", {"hints": ["Look at the colour."]}),
+        ("vlm_egrpo", "entities", {"entities": ["red square"]}),
+    ],
+)
+def test_a_key_an_enabled_method_reads_is_checked_at_load(folder, config, key, extra):
+    # PEARL without checklists stopped the run in its first step; the others trained without effect
+    (folder / "d.jsonl").write_text(jsonl({**QA, **extra}, QA, QA))
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", [f"data.options.path={folder / 'd.jsonl'}"])
+    examples = [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")]
+    match = rf"line 2 \(and 1 other example\(s\)\): methods.\w+ reads each example's '{key}', which is missing"
+    with pytest.raises(UserError, match=match):
+        check_example_keys(cfg, examples)
+    (folder / "d.jsonl").write_text(jsonl({**QA, **extra}))
+    check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")])
+
+
+def test_pearl_on_a_file_without_checklists_stops_before_training(folder, capsys):
+    (folder / "d.jsonl").write_text(jsonl(QA, QA))
+    args = ["train", str(ROOT / "configs" / "vlm_pearl.yaml"), f"data.options.path={folder / 'd.jsonl'}",
+            f"policy.options.path={ROOT / 'assets' / 'tiny_qwen2_vl'}", f"run.output_dir={folder / 'runs'}",
+            "trainer.max_steps=1", "trainer.progress=false"]  # fmt: skip
+    assert main(args) == 2
+    assert "d.jsonl line 1 (and 1 other example(s)): methods.pearl reads" in " ".join(capsys.readouterr().err.split())
+    assert not (folder / "runs" / "vlm_pearl").exists()
