@@ -104,7 +104,8 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:
-    """Open and decode the image at ``path`` once: (width, height), or a UserError naming ``where`` and the file.
+    """Open and decode the image at ``path`` once: (width, height) as a viewer shows it (after its EXIF orientation,
+    which the VLM loader applies), or a UserError naming ``where`` and the file.
 
     An image of more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89 million) is
     refused from its header, before it is decoded: a small file can declare 20000 x 20000 pixels (1.2 GB decoded),
@@ -127,7 +128,8 @@ def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:
                                     f"{limit} that PIL decodes safely (a decompression bomb, or a scan at full "
                                     "resolution); downscale it (e.g. to 2048 pixels a side)")  # fmt: skip
                 im.load()  # decodes every byte: a truncated or garbage file fails here, not mid-training
-                return im.size
+                turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: shown turned by 90 degrees
+                return (im.height, im.width) if turned else im.size
     except UserError:
         raise
     except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses it in open()

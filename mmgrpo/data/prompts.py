@@ -73,6 +73,10 @@ def _txt_prompts(text: str, spec: str) -> list[str]:
     """Every non-empty line, stripped; lines starting with '#' are comments (dropped, with one warning)."""
     lines = [x for x in text_lines(text) if x.strip()]
     prompts = [x.strip() for x in lines if not x.startswith("#")]
+    if lines and not prompts:
+        raise UserError(f"prompt file '{spec}': all {len(lines)} non-empty line(s) start with '#', so they are "
+                        "comments and there is no prompt; remove the '#', or use a .jsonl / .csv file for prompts "
+                        "that start with '#'")  # fmt: skip
     if len(prompts) < len(lines):
         warnings.warn(
             f"prompt file '{spec}': {len(lines) - len(prompts)} line(s) starting with '#' are comments and were "

@@ -135,9 +135,7 @@ def _images(meta: dict) -> list[Any]:
     out = []
     for im in imgs:
         if isinstance(im, str | Path):
-            from PIL import Image
-
-            im = Image.open(im).convert("RGB")
+            im = load_image(im)  # as the policy sees it: upright, 16-bit and transparent images as they look
         out.append(im)
     return out
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmgrpo.core.errors import UserError, bad_option, quoted
+from mmgrpo.core.files import check_image
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.vlm_formats import parse_box_value, to_grounding_record
@@ -38,7 +39,6 @@ from mmgrpo.pipelines.vlm_reasoning import (
     PairedScores,
     QAPrompts,
     check_heldout_fraction,
-    check_media,
     check_text,
     check_vlm_data,
     jsonl_records,
@@ -120,11 +120,11 @@ def load_grounding_lines(path: str | Path) -> list[tuple[str, Example]]:
         if rec.get("images") is not None:
             raise UserError(f"{where}: give 'image' (one path), not 'images' as well; a grounding example has one "
                             "image")  # fmt: skip
-        if not isinstance(rec["image"], str):
+        if not isinstance(rec["image"], str) or not rec["image"].strip():
             raise UserError(f"{where}: a grounding example has one image: 'image' must be a path, got "
                             f"{quoted(rec['image'], 80)}")  # fmt: skip
-        (image,), _ = check_media({"image": rec["image"]}, p.parent, where)  # opened once here, not mid-training
-        size = check_box(box, rec.get("image_size"), image, where)
+        image = str(p.parent / rec["image"])
+        size = check_box(box, rec.get("image_size"), image, where)  # the image opened once here, not mid-training
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}
         meta.update(box=box, image_size=size, images=[image])
         out.append((where, ({"question": question}, meta)))
@@ -133,21 +133,29 @@ def load_grounding_lines(path: str | Path) -> list[tuple[str, Example]]:
     return out
 
 
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Do sizes ``a`` and ``b`` (W, H) have the same aspect ratio, within 2% (rounding of a resize)?"""
+    return abs(a[0] / a[1] - b[0] / b[1]) <= 0.02 * b[0] / b[1]
+
+
 def check_box(box: list[float], image_size: Any, image: str, where: str) -> tuple[int, int]:
     """The (W, H) a box is in -- ``image_size`` when given (the original image's, for a file that is a resized copy),
     else the image file's -- after checking that the box lies in it with x1 < x2 and y1 < y2 (an inverted, empty or
     outside box gives every answer IoU 0: a reward without signal)."""
-    from PIL import Image
-
+    dims = check_image(image, where)  # as shown (EXIF orientation applied), like the image the model sees
     if image_size is None:
-        with Image.open(image) as im:
-            size = im.size
+        size = dims
     elif (
         isinstance(image_size, list)
         and len(image_size) == 2
         and all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 1 for v in image_size)
     ):
         size = (image_size[0], image_size[1])
+        if not _same_shape(size, dims):  # a resized copy keeps the shape; [H, W] is the usual slip
+            swapped = " (it looks like [height, width])" if _same_shape(size, dims[::-1]) else ""
+            raise UserError(f"{where}: image_size {quoted(image_size, 40)} does not have the shape of the "
+                            f"{dims[0]}x{dims[1]} image{swapped}; write [width, height] of the image the box was "
+                            "drawn on, or leave image_size out")  # fmt: skip
     else:
         raise UserError(f"{where}: 'image_size' must be [width, height] in pixels (numbers >= 1), got "
                         f"{quoted(image_size, 80)}; or leave it out to read the size from the image")  # fmt: skip

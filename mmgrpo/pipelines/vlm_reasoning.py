@@ -248,6 +248,13 @@ def load_jsonl_lines(path: str | Path) -> list[tuple[str, Example]]:
         if options is not None and not (isinstance(options, list) and all(_scalar(o) for o in options)):
             raise UserError(f"{where}: 'options' must be a list of choices ([\"red\", \"blue\"], shown as A) B) ...), "
                             f"got {quoted(options, 80)}")  # fmt: skip
+        if options:
+            for a in answer if isinstance(answer, list) else [answer]:
+                letter = str(a).strip().strip("(). ").upper()
+                if len(letter) == 1 and letter.isalpha() and ord(letter) - 65 >= len(options):
+                    raise UserError(f"{where}: 'answer' {quoted(a, 20)} names option {letter} but the example has "
+                                    f"{len(options)} option(s) (A-{chr(64 + len(options))}); no answer could be "
+                                    "graded right: fix the answer or the options")  # fmt: skip
         meta = {k: v for k, v in rec.items() if k not in ("question", "options", "image", "images", "video")}
         meta["images"], video = check_media(rec, p.parent, where)
         if video is not None:

@@ -53,13 +53,14 @@ class PromptInputs:
 
 
 def load_image(image: Any, max_pixels: int | None = None):
-    """A PIL RGB image from a PIL image, a uint8 array [H, W, 3] or a path; shrunk to ``max_pixels`` if given."""
-    from PIL import Image
+    """A PIL RGB image from a PIL image, a uint8 array [H, W, 3] or a path (turned upright by its EXIF orientation,
+    as transformers' ``load_image`` does); shrunk to ``max_pixels`` if given."""
+    from PIL import Image, ImageOps
 
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise UserError(f"image file {str(image)!r} not found; give an existing path, a PIL image or an array")
-        image = Image.open(image)
+        image = ImageOps.exif_transpose(Image.open(image))  # as a viewer shows it (a phone photo's EXIF rotation)
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(np.ascontiguousarray(image))
     elif not isinstance(image, Image.Image):

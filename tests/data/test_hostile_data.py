@@ -179,3 +179,8 @@ def test_image_to_video_pairs_from_json_bom_csv_and_an_explicit_empty_prompt(fol
     (folder / "clips").mkdir()
     (folder / "clips" / "c.mp4").write_bytes(b"")
     raises(read_pairs, str(folder / "clips"), r"data folder .*default_prompt, which is empty")
+
+
+def test_a_prompt_file_of_only_comments_says_so(tmp_path):
+    (tmp_path / "p.txt").write_text("# a red circle\n\n# a blue square\n")
+    raises(read_prompts, str(tmp_path / "p.txt"), r"all 2 non-empty line\(s\) start with '#'", "train", 0)

@@ -235,3 +235,36 @@ def test_pearl_on_a_file_without_checklists_stops_before_training(folder, capsys
     assert main(args) == 2
     assert "d.jsonl line 1 (and 1 other example(s)): methods.pearl reads" in " ".join(capsys.readouterr().err.split())
     assert not (folder / "runs" / "vlm_pearl").exists()
+
+
+def test_a_phone_photo_is_read_upright_and_its_boxes_in_the_upright_image(folder):
+    # EXIF orientation 6: stored 32 wide x 24 high, shown turned a quarter, 24 x 32 (transformers' load_image turns
+    # it too); boxes are drawn on what a viewer shows
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.zeros((24, 32, 3), np.uint8)
+    stored[:, :4] = 255  # a white band on the stored image's left edge: at the top once turned
+    Image.fromarray(stored).save(folder / "phone.jpg", exif=exif, quality=95)
+    upright = np.asarray(load_image(folder / "phone.jpg"))
+    assert upright.shape == (32, 24, 3) and upright[:4].mean() > 200 and upright[8:].mean() < 30
+    (folder / "g.jsonl").write_text(jsonl({**BOX, "image": "phone.jpg", "box": [0, 0, 24, 4]}))
+    assert load_grounding_jsonl(folder / "g.jsonl")[0][1]["image_size"] == (24, 32)
+    (folder / "g.jsonl").write_text(jsonl({**BOX, "image": "phone.jpg", "box": [0, 0, 32, 4]}))
+    raises(load_grounding_jsonl, folder / "g.jsonl", r"reaches outside the 24x32 image")
+
+
+def test_an_image_size_of_another_shape_is_refused_and_a_swap_is_named(folder):
+    (folder / "g.jsonl").write_text(jsonl({**BOX, "image_size": [24, 32]}))
+    raises(load_grounding_jsonl, folder / "g.jsonl", r"image_size \[24, 32\] does not have the shape of the 32x24 "
+           r"image \(it looks like \[height, width\]\)")  # fmt: skip
+    (folder / "g.jsonl").write_text(jsonl({**BOX, "image_size": [100, 100]}))
+    assert "looks like" not in raises(load_grounding_jsonl, folder / "g.jsonl", r"does not have the shape")
+    (folder / "g.jsonl").write_text(jsonl({**BOX, "image_size": [641, 480]}))  # a resize's rounding is fine
+    assert load_grounding_jsonl(folder / "g.jsonl")[0][1]["image_size"] == (641, 480)
+
+
+def test_a_letter_answer_past_the_options_is_refused(folder):
+    (folder / "d.jsonl").write_text(jsonl({**QA, "options": ["red", "blue"], "answer": "C"}))
+    raises(load_jsonl, folder / "d.jsonl", r"line 1: 'answer' 'C' names option C but the example has 2 option\(s\)")
+    (folder / "d.jsonl").write_text(jsonl({**QA, "options": ["red", "blue"], "answer": ["(b)", "blue"]}))
+    assert load_jsonl(folder / "d.jsonl")[0][1]["answer"] == ["(b)", "blue"]

@@ -40,6 +40,7 @@ from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder, sibling
+from mmgrpo.policies.vlm_inputs import load_image
 
 IMAGE_KEYS = ("condition", "image_embeds")  # per-row image conditioning, shared by both CFG branches
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -87,7 +88,7 @@ def first_frame(source: Any, is_video: bool = False) -> Any:
     if not path.is_file():
         raise UserError(f"first-frame source '{path}' does not exist")
     if not (is_video or path.suffix.lower() in VIDEO_SUFFIXES):
-        return Image.open(path).convert("RGB")
+        return load_image(path)  # upright by its EXIF orientation; 16-bit and transparent images as they look
     return Image.fromarray(open_video(path, "first frame").frames([0])[0]).convert("RGB")
 
 
