@@ -87,6 +87,8 @@ def _txt_prompts(text: str, spec: str) -> list[str]:
 
 
 def _row_prompt(row: Any, where: str) -> Prompt:
+    if isinstance(row, str):  # a .json list of strings, or a JSONL line that is one string: a prompt without meta
+        row = {"prompt": row}
     if not isinstance(row, dict) or "prompt" not in row:
         got = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise UserError(f"{where}: each row needs a 'prompt' field; got {quoted(got)}. Name the column 'prompt'")

@@ -108,10 +108,21 @@ def from_llava(rec: dict, where: str) -> dict:
     return out
 
 
+def _without_image_tags(rec: Any, where: str) -> Any:
+    """A record of the project's format with the ``<image>`` placeholders of its question removed (their count
+    checked against its images)."""
+    if isinstance(rec, dict) and isinstance(rec.get("question"), str) and "<image>" in rec["question"]:
+        _check_placeholders(rec["question"].count("<image>"), rec, "<image>", where)
+        return {**rec, "question": rec["question"].replace("<image>", "").strip()}
+    return rec
+
+
 def to_qa_record(rec: Any, where: str) -> Any:
-    """``rec`` in the project's QA format (unchanged when it already is, or when it is no known format)."""
+    """``rec`` in the project's QA format (unchanged when it already is, or when it is no known format); a question
+    of the project's format holding ``<image>`` placeholders has them removed, as LLaVA's are (the images are placed
+    by the chat template), once their count matches the images."""
     if not isinstance(rec, dict) or "question" in rec:
-        return rec
+        return _without_image_tags(rec, where)
     if isinstance(rec.get("prompt"), list):
         return from_trl(rec, where)
     if "conversations" in rec:
@@ -148,7 +159,7 @@ def to_grounding_record(rec: Any, where: str) -> Any:
     records (their answer is the box), VLM-R1's ``{image, problem, solution}``; the project's own and unknown records
     pass through unchanged (the caller names missing keys)."""
     if not isinstance(rec, dict) or "box" in rec:
-        return rec
+        return _without_image_tags(rec, where)
     if "problem" in rec and "solution" in rec and "question" not in rec:  # VLM-R1 REC
         out = {k: v for k, v in rec.items() if k not in ("problem", "solution")}
         out.update(question=rec["problem"], box=parse_box_value(rec["solution"], where))

@@ -82,6 +82,11 @@ def _row(obj: Any, base: Path, default_prompt: str, where: str) -> FramePrompt:
                         "data.options.default_prompt is empty; name the prompt field 'prompt', or set "
                         "default_prompt (the prompt of rows without one)")  # fmt: skip
     path = base / rel  # an absolute rel stays as it is
+    looks = {"image": (".mp4", ".mov", ".webm", ".avi", ".mkv"), "video": (".png", ".jpg", ".jpeg", ".webp", ".bmp")}
+    if path.suffix.lower() in looks[key]:
+        other = "video" if key == "image" else "image"
+        raise UserError(f"{where}: '{key}' names {quoted(rel, 80)}, which is named like a{'n' * (other == 'image')} "
+                        f"{other} file; give it as '{other}'")  # fmt: skip
     if key == "image":  # opened once, at load: a missing or corrupt file is named now, not mid-training
         check_image(path, where)
     else:

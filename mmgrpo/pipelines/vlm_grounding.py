@@ -44,6 +44,7 @@ from mmgrpo.pipelines.vlm_reasoning import (
     jsonl_records,
     load_vlm_policy,
     seeded_split,
+    warn_short_evaluation,
 )
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.rewards.boxes import from_absolute
@@ -254,6 +255,7 @@ def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMGroundingDataOptions, cfg.data.options, "the config", "data.options")
     examples = GroundingExamples(data)  # the data first: a bad file is named before the model loads
     check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in zip(examples.lines, examples.records or [])])
+    warn_short_evaluation(data.path, len(examples.heldout), data.eval_examples)
     example = "assets/shapes_vlm (written by `python -m scripts.pretrain_shapes_vlm`)"
     policy = load_vlm_policy(cfg, accelerator, example)
     check_box_rewards(cfg, policy.box_family)

@@ -265,6 +265,18 @@ def load_jsonl_lines(path: str | Path) -> list[tuple[str, Example]]:
     return out
 
 
+def warn_short_evaluation(path: str, n_heldout: int, eval_examples: int) -> None:
+    """A file's split holding fewer held-out examples than ``eval_examples`` evaluates all it holds: say so once,
+    so that a metric over 3 examples is not read as one over 32."""
+    if path and n_heldout < eval_examples:
+        warnings.warn(
+            f"data.options.path={path!r}: the split holds {n_heldout} held-out example(s), fewer than "
+            f"data.options.eval_examples={eval_examples}; each evaluation answers those {n_heldout} (raise "
+            "data.options.heldout_fraction for more)",
+            stacklevel=3,
+        )
+
+
 def check_heldout_fraction(fraction: float) -> None:
     if not 0.0 < fraction < 1.0:
         raise UserError(f"data.options.heldout_fraction={fraction} must be in (0, 1), e.g. 0.1")
@@ -436,6 +448,7 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     data = options_from(VLMReasoningDataOptions, cfg.data.options, "the config", "data.options")
     examples = QAExamples(data)  # the data first: a bad file is named before the model loads
     check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in zip(examples.lines, examples.records or [])])
+    warn_short_evaluation(data.path, len(examples.heldout), data.eval_examples)
     policy = load_vlm_policy(cfg, accelerator, "assets/tiny_qwen2_vl (written by `python scripts/make_tiny_vlm.py`)")
 
     paired = PairedScores()

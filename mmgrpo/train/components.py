@@ -13,6 +13,7 @@ never sees the methods, and a method never edits the recipe's or the policy's op
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -143,6 +144,13 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
     """The recipe's components with the enabled methods' parts added: each method's policy wrapper around the policy
     (in the order of ``cfg.methods``) and its advantage hooks after the recipe's own."""
     comp = PIPELINES.get(cfg.pipeline).build(cfg, accelerator)
+    n, per_step = (len(comp.prompts) if hasattr(comp.prompts, "__len__") else None), cfg.trainer.prompts_per_step
+    if n is not None and n < per_step:  # legitimate for a smoke test, a surprise otherwise: say it once
+        warnings.warn(
+            f"the training data holds {n} prompt(s), fewer than trainer.prompts_per_step={per_step}: every step "
+            f"repeats prompts (the same one in several groups); add data or lower trainer.prompts_per_step to {n}",
+            stacklevel=2,
+        )
     parts = method_parts(cfg)
     comp.policy = parts.wrap(comp.policy)
     comp.advantage_hooks = [*comp.advantage_hooks, *parts.advantage_hooks]

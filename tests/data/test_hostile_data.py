@@ -184,3 +184,28 @@ def test_image_to_video_pairs_from_json_bom_csv_and_an_explicit_empty_prompt(fol
 def test_a_prompt_file_of_only_comments_says_so(tmp_path):
     (tmp_path / "p.txt").write_text("# a red circle\n\n# a blue square\n")
     raises(read_prompts, str(tmp_path / "p.txt"), r"all 2 non-empty line\(s\) start with '#'", "train", 0)
+
+
+def test_a_json_list_of_strings_is_a_list_of_prompts(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps(["a red circle", "a blue square"]))
+    assert read_prompts(str(tmp_path / "p.json"), "train", 0) == ["a red circle", "a blue square"]
+    (tmp_path / "p.json").write_text(json.dumps(["a red circle", 3]))
+    raises(read_prompts, str(tmp_path / "p.json"), r"p.json' line 1: each row needs a 'prompt' field", "train", 0)
+
+
+def test_an_image_given_as_video_or_a_video_as_image_is_named(folder):
+    (folder / "p.jsonl").write_text(jsonl({"prompt": "a cat", "image": "clip.mp4"}))
+    raises(read_pairs, str(folder / "p.jsonl"), r"line 1: 'image' names 'clip.mp4', which is named like a video file; "
+           "give it as 'video'")  # fmt: skip
+    (folder / "p.jsonl").write_text(jsonl({"prompt": "a cat", "video": "a.png"}))
+    raises(read_pairs, str(folder / "p.jsonl"), r"named like an image file; give it as 'image'")
+
+
+def test_fewer_prompts_than_a_step_asks_for_is_said_once(tmp_path):
+    from mmgrpo.train.components import build_components
+    from mmgrpo.train.config import load_config
+
+    base = {"pipeline": "bandit", "data": {"options": {"num_prompts": 2, "num_arms": 3}},
+            "rewards": [{"name": "bandit_arm_value"}], "trainer": {"prompts_per_step": 4}}  # fmt: skip
+    with pytest.warns(UserWarning, match=r"holds 2 prompt\(s\), fewer than trainer.prompts_per_step=4: every step"):
+        build_components(load_config(None, base=base))

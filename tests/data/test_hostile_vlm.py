@@ -268,3 +268,21 @@ def test_a_letter_answer_past_the_options_is_refused(folder):
     raises(load_jsonl, folder / "d.jsonl", r"line 1: 'answer' 'C' names option C but the example has 2 option\(s\)")
     (folder / "d.jsonl").write_text(jsonl({**QA, "options": ["red", "blue"], "answer": ["(b)", "blue"]}))
     assert load_jsonl(folder / "d.jsonl")[0][1]["answer"] == ["(b)", "blue"]
+
+
+def test_image_placeholders_in_the_projects_own_question_are_counted_and_removed(folder):
+    (folder / "d.jsonl").write_text(jsonl({**QA, "question": "<image>\nWhat colour?"}))
+    assert load_jsonl(folder / "d.jsonl")[0][0]["question"] == "What colour?"
+    (folder / "d.jsonl").write_text(jsonl({**QA, "question": "<image><image> What colour?"}))
+    raises(load_jsonl, folder / "d.jsonl", r"line 1: the question holds 2 <image> placeholder\(s\) but .* 1 image")
+    (folder / "g.jsonl").write_text(jsonl({**BOX, "question": "<image> Locate it."}))
+    assert load_grounding_jsonl(folder / "g.jsonl")[0][0]["question"] == "Locate it."
+
+
+def test_a_small_file_warns_that_evaluation_answers_fewer_than_asked(folder):
+    from mmgrpo.pipelines.vlm_reasoning import warn_short_evaluation
+
+    (folder / "d.jsonl").write_text(jsonl(*[QA] * 10))
+    examples = QAExamples(VLMReasoningDataOptions(path=str(folder / "d.jsonl")))
+    with pytest.warns(UserWarning, match=r"the split holds 1 held-out example\(s\), fewer than data.options.eval_"):
+        warn_short_evaluation(str(folder / "d.jsonl"), len(examples.heldout), 32)
