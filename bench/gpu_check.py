@@ -436,12 +436,13 @@ def section_pytest_gpu(report: Report, sec: dict, device: str) -> None:
 # ---------------------------------------------------------------------------- 9. the peers on this GPU
 PEER_ROWS = (
     "VLM Qwen2-VL-2B shape",  # a realistic-size VLM (2.2B random parameters) against TRL
+    "diffusion SD3-medium shape",  # a realistic-size denoiser (2.0B random parameters) against the Flow-GRPO loop
     "VLM hidden 256 / 4 layers, 448x448",  # realistic prompts (256 vision tokens) against TRL
     "diffusion B 8 x G 8, T 8 (7 trained), default options",  # against the Flow-GRPO loop
     "diffusion B 2 x G 16, T 20",  # the G x T grid's corner
     "rollout vs StableDiffusion3Pipeline",
 )
-"""bench/peers.py rows the check runs on the GPU (--match), one process per side: 9 processes; the file is rewritten
+"""bench/peers.py rows the check runs on the GPU (--match), one process per side: 11 processes; the file is rewritten
 after each, so a run cut by the time limit keeps what it measured"""
 
 

@@ -66,8 +66,8 @@ def section_realistic(report: Report, sec: dict, device: str) -> None:
         "denoiser call per row (what one trained SDE step costs), and a no-grad forward (one sampling step). "
         "Qwen2-VL-2B shape: Qwen2VLForConditionalGeneration (text 1536 x 28 layers, 12 heads, 2 KV heads; vision "
         "1280 x 32 layers), B*G = 16 rows of 256 vision + 64 text + 128 completion tokens, teacher-forced "
-        "forward+backward with log-softmax over the completion. No peer library runs here: compare the numbers "
-        "with the peers' published s/step by hand."
+        "forward+backward with log-softmax over the completion. No peer runs in this section: section 9 trains "
+        "both shapes a whole step against the peers (TRL's GRPOTrainer, the Flow-GRPO loop)."
     )
     if out_of_time(report, sec, "sd3-medium"):
         return

@@ -30,7 +30,8 @@ def trained_steps(T: int) -> int:
 def peer_config(s: dict[str, Any]):
     from flow_grpo_peer import FlowGRPOConfig
 
-    return FlowGRPOConfig(num_steps=s["T"], num_image_per_prompt=s["G"], prompts_per_epoch=s["B"])
+    return FlowGRPOConfig(num_steps=s["T"], num_image_per_prompt=s["G"], prompts_per_epoch=s["B"],
+                          max_sequence_length=s.get("t5_tokens", 0))  # fmt: skip
 
 
 def accelerator(device: str):
@@ -45,8 +46,12 @@ def accelerator(device: str):
     return None
 
 
-def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str, device: str = "cpu"):
-    """A text_to_image Trainer on the shapes model with Flow-GRPO's settings; -> (step function, rows per step)."""
+def diffusion_mmgrpo(
+    s: dict[str, Any], overrides: list[str], run_dir: str, device: str = "cpu", model: str | None = None
+):
+    """A text_to_image Trainer on ``model`` (default: the shapes model) with Flow-GRPO's settings; -> (step
+    function, rows per step). ``s["t5_tokens"]``: the zero T5 tokens of a model without T5 (the peer's
+    max_sequence_length)."""
     from mmgrpo.train.config import load_config
     from mmgrpo.train.trainer import Trainer
 
@@ -56,7 +61,8 @@ def diffusion_mmgrpo(s: dict[str, Any], overrides: list[str], run_dir: str, devi
         "pipeline": "text_to_image",
         "run": {"name": "mmgrpo", "seed": 0},
         "policy": {"options": {
-            "family": "sd3", "path": str(SHAPES_T2I), "num_steps": T, "lora_rank": 0, "objective": "sde",
+            "family": "sd3", "path": model or str(SHAPES_T2I), "num_steps": T, "lora_rank": 0, "objective": "sde",
+            "adapter_options": {"max_sequence_length": s["t5_tokens"]} if "t5_tokens" in s else {},
             "sde": {"kind": "flow_grpo", "noise_level": peer.noise_level},
             "exploration": {"name": "full", "timestep_fraction": k / T, "selection": "first"},
         }},
@@ -94,7 +100,7 @@ def trainer_step(trainer):
     return step
 
 
-def diffusion_flow_grpo(s: dict[str, Any], device: str = "cpu"):
+def diffusion_flow_grpo(s: dict[str, Any], device: str = "cpu", model: str | None = None):
     from flow_grpo_peer import FlowGRPOLoop
 
     import mmgrpo.rewards.jpeg  # noqa: F401  (registers the rewards)
@@ -106,7 +112,8 @@ def diffusion_flow_grpo(s: dict[str, Any], device: str = "cpu"):
     # samples exactly the prompts of mmgrpo's step e (the two sides then differ only in their noise)
     train = read_prompts("shapes", "train", 0)
     prompts = PromptList(train, 0).get(list(range(2 * len(train)))).prompts
-    loop = FlowGRPOLoop(str(SHAPES_T2I), peer_config(s), prompts, get_reward(s.get("reward", "shapes")), device=device)
+    path = model or str(SHAPES_T2I)
+    loop = FlowGRPOLoop(path, peer_config(s), prompts, get_reward(s.get("reward", "shapes")), device=device)
     return loop.step, s["B"] * s["G"]
 
 
@@ -333,9 +340,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             if fam == "vlm":
                 step, rows = vlm_mmgrpo(s, job["model"], job["overrides"], tmp, device)
             elif side == "mmgrpo":
-                step, rows = diffusion_mmgrpo(s, job["overrides"], tmp, device)
+                step, rows = diffusion_mmgrpo(s, job["overrides"], tmp, device, job.get("model"))
             else:
-                step, rows = diffusion_flow_grpo(s, device)
+                step, rows = diffusion_flow_grpo(s, device, job.get("model"))
             durations, trained, last = [], [], {}
             for i in range(warm + steps):
                 t0 = time.perf_counter()

@@ -48,6 +48,11 @@ optimizer, activations, the rollout's stored states, and the libraries):
 ``accelerator.device``), TRL without ``use_cpu``, the rollout comparison's modules on the GPU. A step's time then
 ends with ``torch.cuda.synchronize()``, the compute meter synchronises at the start and end of each metered span,
 and the memory columns give ``torch.cuda.max_memory_allocated`` (the tensors' peak) instead of the resident set.
+Two rows exist only there, at realistic model sizes with random weights built from config: the VLM at
+Qwen2-VL-2B's shape (2.2B parameters) against TRL, and the diffusion step on an SD3 pipeline with SD3-medium's
+transformer (2.0B parameters), VAE and CLIP widths (``DIFFUSION_SHAPES``) against the Flow-GRPO loop, at 256 x 256
+px with 128 zero T5 tokens (Flow-GRPO's max_sequence_length), B 1 x G 4, T 5: mmgrpo's default micro-batch of 16
+(row, step) pairs and AdamW's fp32 state fit an 80 GB GPU there.
 ``bench/gpu_check.py`` runs a few rows so (its section 9) whenever it has a GPU.
 
 Timings mean something only on an otherwise idle machine: the results file records the load average before and
@@ -80,7 +85,7 @@ ROOT = BENCH.parent
 for _p in (ROOT, BENCH):  # mmgrpo, and the peer loop next to this file
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-from peer_sides import RESULT  # noqa: E402
+from peer_sides import RESULT, SHAPES_T2I  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "peers.md"
 TINY_VLM = ROOT / "assets" / "tiny_qwen2_vl"
@@ -119,6 +124,11 @@ def points(quick: bool, only: list[str], device: str = "cpu") -> list[Point]:
         if device == "cuda":  # 2.2B parameters: a GPU's work
             label = "VLM Qwen2-VL-2B shape (random weights), 448x448, B 2 x G 8, 32 tokens"
             out.append(Point(label, "vlm", {"hidden": 1536, "image": 448, "B": 2, "G": 8, "tokens": 32}))
+            # 2.0B parameters: SD3-medium's transformer; 256 px (16 x 16 patches) keeps mmgrpo's default micro-batch
+            # (16 (row, step) pairs) and AdamW's fp32 state in one 80 GB GPU
+            sd3 = {"B": 1, "G": 4, "T": 5, "reward": DIFFUSION_REWARD, "model": "sd3-medium", "t5_tokens": 128}
+            label = "diffusion SD3-medium shape (random weights), 256x256, 128 T5 tokens, B 1 x G 4, T 5 (4 trained)"
+            out.append(Point(label, "diffusion", sd3))
         main = {"B": 8, "G": 8, "T": 8, "reward": DIFFUSION_REWARD}
         out.append(Point("diffusion B 8 x G 8, T 8 (7 trained), default options", "diffusion", main))
         verifier = {**main, "reward": "shapes"}
@@ -150,6 +160,58 @@ VLM_SHAPES: dict[int, dict[str, Any]] = {
 """text width -> the shape of a VLM built from the tiny asset's config (random weights; the asset's tokenizer and
 processor, so its special-token ids): hidden 256 / 4 layers, and Qwen2-VL-2B's shape (``--device cuda`` only: 2.2B
 parameters; its vocabulary of 151936 ids, of which the tiny tokenizer decodes the first 401, the rest to '')"""
+
+
+DIFFUSION_SHAPES: dict[str, dict[str, Any]] = {
+    # stabilityai/stable-diffusion-3-medium-diffusers: transformer/config.json (sample_size 32: 256 px) and
+    # vae/config.json; its two CLIP text encoders' widths (768 and 1280, pooled 2048) at one layer each (they run
+    # once per prompt, without gradient); no T5 encoder: both sides feed t5_tokens zero tokens, as diffusers does
+    "sd3-medium": {
+        "transformer": {"sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                        "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                        "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192},
+        "clip": [{"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "projection_dim": 768},
+                 {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                  "projection_dim": 1280}],
+        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 16,
+                "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                "use_quant_conv": False, "use_post_quant_conv": False,
+                "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4},
+    },
+}  # fmt: skip
+"""name -> an SD3 pipeline's shape built from the shipped shapes model's folder (random weights; its tokenizers, its
+scheduler and its all-zero T5 placeholder, which both sides replace by zero tokens): ``--device cuda`` only"""
+
+
+def diffusion_model_dirs(root: Path, names: set[str], device: str = "cpu") -> dict[str, str]:
+    """name -> an SD3 pipeline folder of :data:`DIFFUSION_SHAPES`: the shapes model's folder with the transformer,
+    the VAE and the two CLIP text encoders rebuilt at that shape with random weights (``torch.manual_seed(0)``;
+    built on ``device``, saved fp32), loadable by diffusers' ``StableDiffusion3Pipeline`` and mmgrpo alike."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    dirs = {}
+    for name in sorted(names):
+        shape, d = DIFFUSION_SHAPES[name], root / f"sd3_{name}"
+        shutil.copytree(SHAPES_T2I, d)
+        torch.manual_seed(0)
+        for sub in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            shutil.rmtree(d / sub)
+        with torch.device(device):
+            vae = AutoencoderKL.from_config({**AutoencoderKL.load_config(SHAPES_T2I / "vae"), **shape["vae"]})
+            parts = {"transformer": SD3Transformer2DModel(**shape["transformer"]), "vae": vae}
+            for sub, width in zip(("text_encoder", "text_encoder_2"), shape["clip"]):
+                cfg = CLIPTextConfig.from_pretrained(SHAPES_T2I / sub)
+                cfg.update({**width, "num_hidden_layers": 1})
+                parts[sub] = CLIPTextModelWithProjection(cfg)
+        for sub, module in parts.items():
+            module.save_pretrained(d / sub, safe_serialization=True)
+        del parts
+        if device == "cuda":  # this process stays up while the workers run: give the GPU memory back
+            torch.cuda.empty_cache()
+        dirs[name] = str(d)
+    return dirs
 
 
 def vlm_config(hidden: int):
@@ -200,12 +262,14 @@ def vlm_model_dirs(root: Path, quick: bool, hiddens: set[int] | None = None, dev
     return dirs
 
 
-def jobs_for(point: Point, sides: list[str], args: argparse.Namespace, models: dict[int, str]) -> list[dict]:
+def jobs_for(point: Point, sides: list[str], args: argparse.Namespace, models: dict[Any, str]) -> list[dict]:
     steps = args.steps if args.quick or point.steps is None else max(args.steps, point.steps)
     base = {"family": point.family, "sizes": point.sizes, "overrides": point.overrides, "warmup": args.warmup,
             "steps": steps, "repeats": args.repeats, "label": point.label, "device": args.device}  # fmt: skip
     if point.family == "vlm":
         base["model"] = models[point.sizes["hidden"]]
+    if point.family == "diffusion" and "model" in point.sizes:  # a shape built from config (else the shapes model)
+        base["model"] = models[point.sizes["model"]]
     if point.family == "rollout":  # ~1 s a call: more alternating calls in its one process, for a steadier median
         return [{**base, "side": "both", "repeats": args.repeats if args.quick else max(9, 3 * args.repeats)}]
     return [{**base, "side": side} for side in sides]
@@ -251,7 +315,7 @@ def run_jobs(jobs: list[dict], args: argparse.Namespace, tmp: Path) -> list[dict
 
 
 def measure(
-    pts: list[Point], args: argparse.Namespace, models: dict[int, str], tmp: Path, on_result=None
+    pts: list[Point], args: argparse.Namespace, models: dict[Any, str], tmp: Path, on_result=None
 ) -> list[dict]:
     """Every job of ``pts``; ``on_result(results so far)`` after each (the partial table is written as it grows)."""
     results: list[dict] = []
@@ -457,7 +521,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         hiddens = {p.sizes["hidden"] for p in pts if p.family == "vlm"}
-        models = vlm_model_dirs(Path(tmp), args.quick, hiddens, args.device) if hiddens else {}
+        models: dict[Any, str] = vlm_model_dirs(Path(tmp), args.quick, hiddens, args.device) if hiddens else {}
+        shapes = {p.sizes["model"] for p in pts if p.family == "diffusion" and "model" in p.sizes}
+        if shapes:
+            models.update(diffusion_model_dirs(Path(tmp), shapes, args.device))
         results = measure(pts, args, models, Path(tmp), on_result=lambda r: write(r, finished=False))
     print(tables(results, pts, args.quick, args.device))
     if out:

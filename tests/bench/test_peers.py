@@ -180,6 +180,48 @@ def test_the_qwen2_vl_2b_shaped_row_builds_and_runs_both_sides_at_toy_width(tmp_
         assert 0 < res["tokens_mean"] <= 4, (side, res)
 
 
+def test_the_sd3_medium_shaped_row_builds_and_runs_both_sides_at_toy_width(tmp_path, monkeypatch):
+    """The GPU-only diffusion row (SD3-medium's transformer, 2.0B random parameters, its VAE and CLIP widths, zero T5
+    tokens) goes through the same builder and sides as the CPU rows; here at toy width, so the path runs on CPU: the
+    folder loads in diffusers' pipeline, and both sides train a step on it with the same text tokens."""
+    from diffusers import StableDiffusion3Pipeline
+
+    peers, sides = load("peers"), load("peer_sides")
+    (point,) = [p for p in peers.points(False, ["diffusion"], "cuda") if "SD3-medium" in p.label]
+    assert not [p for p in peers.points(False, ["diffusion"], "cpu") if "SD3-medium" in p.label]
+    full = peers.DIFFUSION_SHAPES["sd3-medium"]
+    assert full["transformer"]["pooled_projection_dim"] == sum(c["projection_dim"] for c in full["clip"])
+    clip = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "projection_dim": 8}
+    toy = {"transformer": {**full["transformer"], "sample_size": 8, "num_layers": 1, "attention_head_dim": 8,
+                           "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 16,
+                           "pooled_projection_dim": 16, "pos_embed_max_size": 8},
+           "clip": [clip, clip],
+           "vae": {**full["vae"], "block_out_channels": [8] * 4, "layers_per_block": 1,
+                   "norm_num_groups": 4}}  # fmt: skip
+    monkeypatch.setitem(peers.DIFFUSION_SHAPES, "sd3-medium", toy)
+    folder = peers.diffusion_model_dirs(tmp_path, {"sd3-medium"}, "cpu")["sd3-medium"]
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    assert pipe.vae.config.latent_channels == 16 and pipe.default_sample_size * pipe.vae_scale_factor == 64
+    sizes = {**point.sizes, "G": 2, "T": 3}
+    job = {"family": "diffusion", "sizes": sizes, "model": folder, "overrides": [], "warmup": 0, "steps": 1,
+           "repeats": 1}  # fmt: skip
+    for side in ("mmgrpo", "flow_grpo"):
+        res = sides.run_job({**job, "side": side})
+        assert len(res["s_per_step"]) == 1 and res["s_per_step"][0] > 0 and res["rows"] == 2, (side, res)
+        assert res["trained_rows"] == 2.0, (side, res)
+    # equal work: the same text tokens (CLIP's 16 + 128 zero T5 tokens) and latents on both sides
+    from mmgrpo.policies.models.sd3 import SD3Adapter
+
+    adapter = SD3Adapter.from_pretrained(folder, max_sequence_length=sizes["t5_tokens"])
+    loop = sides.diffusion_flow_grpo(sizes, "cpu", folder)[0].__self__
+    embeds, pooled = loop.encode(["a red circle"])
+    mine = adapter.encode(["a red circle"])
+    assert embeds.shape == (1, 16 + 128, 32) and pooled.shape == (1, 16)
+    torch.testing.assert_close(mine["prompt_embeds"], embeds)
+    torch.testing.assert_close(mine["pooled"], pooled)
+    assert adapter.latent_shape() == (16, 8, 8) == (16, loop.height // 8, loop.width // 8)
+
+
 def test_the_results_file_is_rewritten_after_every_job(tmp_path, monkeypatch):
     """A run stopped part way (gpu_check's time limit, a killed session) keeps the jobs it finished: the file is
     replaced whole after each job, marked PARTIAL until the end. The workers are replaced by canned results here:
