@@ -1023,9 +1023,18 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
     acc.wait_for_everyone()
     try:
         trainer = Trainer(cfg, run_dir, acc)
-    except BaseException:
+    except BaseException as e:
         if acc.is_main_process and not cfg.resume:
             discard_unstarted(run_dir)
+        if out_of_memory(e):
+            raise UserError(
+                f"out of memory while loading the run's models ({first_line(e)}): the policy, its optimizer state "
+                "and the frozen models (reference, reward models) must fit on the device. Load the weights in "
+                "bfloat16 (policy.options.dtype=bfloat16), train LoRA adapters instead of every weight "
+                "(policy.options.lora_rank for the image and video families, policy.options.finetune=lora for the "
+                "VLMs), or shard the model over several GPUs (accelerate launch --config_file "
+                "configs/accelerate/fsdp.yaml -m mmgrpo.train.cli train ...)"
+            ) from e
         raise
     if cfg.resume:
         latest = resume_checkpoint(run_dir)

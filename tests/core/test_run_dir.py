@@ -184,6 +184,18 @@ def test_out_of_memory_names_the_settings_and_how_to_go_on(tmp_path, capsys, mon
     assert main([*args[:3], "run.name=m0", *args[4:]]) == 2
     assert "Nothing was trained, so the new run directory" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "m0").exists()
+    # while the models load (the policy does not fit): the loading options, and no directory left
+    from mmgrpo.train import trainer as tr
+
+    def build(cfg, acc):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB.")
+
+    monkeypatch.setattr(tr, "build_components", build)
+    assert main([*args[:3], "run.name=m1", *args[4:]]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "out of memory while loading the run's models (CUDA out of memory. Tried to allocate 30.00 GiB.)" in err
+    assert "policy.options.dtype=bfloat16" in err and "configs/accelerate/fsdp.yaml" in err
+    assert not (tmp_path / "m1").exists()
 
 
 @pytest.mark.parametrize(
