@@ -24,6 +24,22 @@ import numpy as np
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import installed, missing_extra
 
+BINARY_FORMATS = [
+    (b"\x1f\x8b", "a gzip-compressed file"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"PAR1", "a Parquet file"),
+    (b"ARROW1", "an Arrow file"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+]
+"""(leading bytes, what the file is): data files that are not text, named instead of 'not UTF-8'"""
+BINARY_FIX = {
+    "a gzip-compressed file": "decompress it first (gunzip -k FILE) and give the text file",
+    "a zip archive": "unpack it and give the text file in it",
+    "a Parquet file": "write it as JSONL (pandas.read_parquet(IN).to_json(OUT, orient='records', lines=True))",
+    "an Arrow file": "write it as JSONL (datasets.Dataset.from_file(IN).to_json(OUT))",
+}
+
 
 def read_utf8(path: str | os.PathLike, what: str) -> str:
     """The text of ``path``, without the byte-order mark that Windows editors write first (it would otherwise start
@@ -31,6 +47,11 @@ def read_utf8(path: str | os.PathLike, what: str) -> str:
     of ASCII characters decodes as UTF-8 with a NUL after every letter), is a UserError naming ``what``, the file and
     the line."""
     p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(8)
+    kind = next((k for magic, k in BINARY_FORMATS if head.startswith(magic)), None)
+    if kind is not None:
+        raise UserError(f"{what} '{os.fspath(path)}' is {kind}, not text; {BINARY_FIX.get(kind, 'convert it')}")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

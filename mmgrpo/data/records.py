@@ -77,7 +77,17 @@ def jsonl_rows(text: str, name: str) -> list[tuple[str, Any]]:
             continue
         where = f"{name} line {i + 1}"
         start, torn = len(line) - len(line.lstrip()), i == len(lines) - 1
-        value, end = parse_json(line, where, start, torn, "; a .jsonl file holds one JSON object a line")
+        fix = "; a .jsonl file holds one JSON object a line"
+        if not out and line.strip() in ("[", "{") or line.strip().startswith("[{"):
+            fix += (" (this one looks like pretty-printed JSON: name a list of objects .json, or write one object a "
+                    "line, e.g. jq -c '.[]' IN.json > OUT.jsonl)")  # fmt: skip
+        value, end = parse_json(line, where, start, torn, fix)
+        if not out and isinstance(value, list) and all(isinstance(v, dict) for v in value) and len(lines) <= 2:
+            raise UserError(f"{where} holds a JSON list of {len(value)} object(s): the file is one JSON list, which "
+                            "a .json file holds; rename it to .json (or write one object a line)")  # fmt: skip
+        if line[end:].strip() == ",":
+            raise UserError(f"{where} ends with ',' after its object; a .jsonl file has no commas between lines "
+                            "(a list of objects [{...}, {...}] belongs in a .json file)")  # fmt: skip
         if line[end:].strip():
             raise UserError(f"{where} holds more than one JSON value ({quoted(line[end:].strip(), 40)} after the "
                             "first); a .jsonl file holds one JSON object a line")  # fmt: skip

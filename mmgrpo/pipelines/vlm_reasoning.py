@@ -271,7 +271,7 @@ def warn_short_evaluation(path: str, n_heldout: int, eval_examples: int) -> None
     if path and n_heldout < eval_examples:
         warnings.warn(
             f"data.options.path={path!r}: the split holds {n_heldout} held-out example(s), fewer than "
-            f"data.options.eval_examples={eval_examples}; each evaluation answers those {n_heldout} (raise "
+            f"data.options.eval_examples={eval_examples}; each evaluation answers only {n_heldout} (raise "
             "data.options.heldout_fraction for more)",
             stacklevel=3,
         )

@@ -209,3 +209,31 @@ def test_fewer_prompts_than_a_step_asks_for_is_said_once(tmp_path):
             "rewards": [{"name": "bandit_arm_value"}], "trainer": {"prompts_per_step": 4}}  # fmt: skip
     with pytest.warns(UserWarning, match=r"holds 2 prompt\(s\), fewer than trainer.prompts_per_step=4: every step"):
         build_components(load_config(None, base=base))
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (zlib.compress(b"x"), None),  # zlib is not gzip: left to the UTF-8 check
+        (b"\x1f\x8b\x08\x00" + b"\x00" * 16, r"is a gzip-compressed file, not text; decompress it first"),
+        (b"PAR1" + b"\x00" * 16, r"is a Parquet file, not text; write it as JSONL \(pandas.read_parquet"),
+        (b"PK\x03\x04" + b"\x00" * 16, r"is a zip archive, not text; unpack it"),
+    ],
+)
+def test_a_compressed_or_columnar_file_is_named_for_what_it_is(tmp_path, data, match):
+    (tmp_path / "p.jsonl").write_bytes(data)
+    raises(read_prompts, str(tmp_path / "p.jsonl"), match or r"is not UTF-8 text|NUL byte|not valid JSON", "train", 0)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (json.dumps([{"prompt": "a"}], indent=2), r"line 1 is not valid JSON .*looks like pretty-printed JSON"),
+        ('{\n  "prompt": "a"\n}\n', r"line 1 is not valid JSON .*looks like pretty-printed JSON"),
+        (json.dumps([{"prompt": "a"}, {"prompt": "b"}]), r"line 1 holds a JSON list of 2 object\(s\).*rename it to"),
+        ('{"prompt": "a"},\n{"prompt": "b"}\n', r"line 1 ends with ',' after its object"),
+    ],
+)
+def test_json_written_where_jsonl_is_expected_says_how_to_fix_it(tmp_path, text, match):
+    (tmp_path / "p.jsonl").write_text(text)
+    raises(read_prompts, str(tmp_path / "p.jsonl"), match, "train", 0)
