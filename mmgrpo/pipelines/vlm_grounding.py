@@ -39,6 +39,7 @@ from mmgrpo.pipelines.vlm_reasoning import (
     PairedScores,
     QAPrompts,
     check_heldout_fraction,
+    check_question_lengths,
     check_text,
     check_vlm_data,
     jsonl_records,
@@ -259,6 +260,7 @@ def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     example = "assets/shapes_vlm (written by `python -m scripts.pretrain_shapes_vlm`)"
     policy = load_vlm_policy(cfg, accelerator, example)
     check_box_rewards(cfg, policy.box_family)
+    check_question_lengths(policy, examples.lines, examples.records)
     held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]
 
     paired = PairedScores()

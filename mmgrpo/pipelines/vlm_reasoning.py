@@ -48,6 +48,7 @@ from mmgrpo.data.records import json_list_rows, json_type, jsonl_rows
 from mmgrpo.data.vlm_formats import IGNORED, to_qa_record
 from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
+from mmgrpo.policies.vlm_inputs import question_text
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline, completion_records
 from mmgrpo.train.config import Config, options_from
@@ -277,6 +278,29 @@ def warn_short_evaluation(path: str, n_heldout: int, eval_examples: int) -> None
         )
 
 
+def check_question_lengths(policy: VLMPolicy, lines: list[str], records: list[Example] | None) -> None:
+    """No question of a data file is longer than the model's context (``max_position_embeddings``) less
+    ``max_new_tokens``: such a prompt (a file with a missing line break, a pasted document) would be rolled out
+    group_size times at a size the model was not made for, and run out of memory in the first step."""
+    config = getattr(getattr(policy.model, "vlm", None), "config", None)
+    limit = getattr(getattr(config, "text_config", None), "max_position_embeddings", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+    if not records or not isinstance(limit, int):
+        return
+    room = limit - policy.options.max_new_tokens
+    for where, (prompt, _) in zip(lines, records):
+        text = question_text(prompt)
+        if 4 * len(text) < room:  # a token is at least 1 byte, a character at most 4: surely short enough
+            continue
+        n = len(policy.tokenizer(text)["input_ids"])
+        if n > room:
+            raise UserError(f"{where}: the question is {n} tokens ({len(text)} characters), more than the "
+                            f"{room} the model's context of {limit} leaves beside policy.options.max_new_tokens="
+                            f"{policy.options.max_new_tokens}; shorten it (or check the line for a missing line "
+                            "break)")  # fmt: skip
+
+
 def check_heldout_fraction(fraction: float) -> None:
     if not 0.0 < fraction < 1.0:
         raise UserError(f"data.options.heldout_fraction={fraction} must be in (0, 1), e.g. 0.1")
@@ -450,6 +474,7 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in zip(examples.lines, examples.records or [])])
     warn_short_evaluation(data.path, len(examples.heldout), data.eval_examples)
     policy = load_vlm_policy(cfg, accelerator, "assets/tiny_qwen2_vl (written by `python scripts/make_tiny_vlm.py`)")
+    check_question_lengths(policy, examples.lines, examples.records)
 
     paired = PairedScores()
 

@@ -286,3 +286,15 @@ def test_a_small_file_warns_that_evaluation_answers_fewer_than_asked(folder):
     examples = QAExamples(VLMReasoningDataOptions(path=str(folder / "d.jsonl")))
     with pytest.warns(UserWarning, match=r"the split holds 1 held-out example\(s\), fewer than data.options.eval_"):
         warn_short_evaluation(str(folder / "d.jsonl"), len(examples.heldout), 32)
+
+
+def test_a_question_longer_than_the_models_context_is_named_before_training(folder, capsys):
+    # it used to train: a 12000-token prompt rolled out group_size times in a model made for 2048 positions
+    (folder / "d.jsonl").write_text(jsonl(QA, {**QA, "question": "word " * 3000}, QA))
+    args = ["train", str(ROOT / "configs" / "vlm_reasoning_tiny.yaml"), f"data.options.path={folder / 'd.jsonl'}",
+            f"policy.options.path={ROOT / 'assets' / 'tiny_qwen2_vl'}", f"run.output_dir={folder / 'runs'}",
+            "trainer.max_steps=1", "trainer.progress=false"]  # fmt: skip
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "d.jsonl line 2: the question is" in err and "the model's context of 2048" in err
+    assert not (folder / "runs" / "vlm_reasoning_tiny").exists()
