@@ -43,7 +43,13 @@ def _type_name(tp: Any) -> str:
 
 
 def _fail(path: str, where: str, expected: Any, value: Any) -> UserError:
-    return UserError(f"{path} in {where}: expected {_type_name(expected)}, got {value!r} ({type(value).__name__})")
+    msg = f"{path} in {where}: expected {_type_name(expected)}, got {value!r} ({type(value).__name__})"
+    wants_str = expected is str or str in typing.get_args(expected)
+    if isinstance(value, bool) and wants_str:  # run.name=on, prompts: no
+        key = path.rsplit(".", 1)[-1]
+        msg += (f" (YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the word, in a file "
+                f"{key}: 'on', on the command line \"{path}='on'\")")  # fmt: skip
+    return UserError(msg)
 
 
 def convert(value: Any, tp: Any, path: str, where: str) -> Any:

@@ -148,6 +148,11 @@ def test_override_syntax():
         (["{cfg}", "foo=1"], "unknown key 'foo' in command-line override 'foo=1'; valid keys here: advantage"),
         (["{cfg}", "resume={cfg}"], "resume='{cfg}' is a file; resume takes a run directory"),
         (["{cfg}", "resume="], "resume='' in {cfg} is empty: give the run directory to continue"),  # not a new run
+        (
+            ["{cfg}", "run.name=on"],
+            "expected str, got True (bool) (YAML reads an unquoted yes/no/on/off/true/false "
+            "as a boolean: quote the word, in a file name: 'on', on the command line \"run.name='on'\")",
+        ),
     ],
 )
 def test_cli_user_errors_are_one_paragraph(tmp_path, capsys, monkeypatch, argv_tail, expected):
