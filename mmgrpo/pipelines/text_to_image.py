@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mmgrpo import rewards as reward_registry
+from mmgrpo.core import progress
 from mmgrpo.core.errors import bad_option
 from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import RewardContext
@@ -80,7 +81,7 @@ def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, 
 
     def evaluate(policy: DiffusionPolicy, step: int) -> EvalResult:
         images = []
-        for lo in range(0, len(rows), data.eval_batch_size):
+        for lo in progress.batches(len(rows), data.eval_batch_size, unit="sample"):
             chunk = rows[lo : lo + data.eval_batch_size]
             images.append(policy.generate([p for p, _ in chunk], seeds[lo : lo + len(chunk)]))
         imgs = torch.cat(images)

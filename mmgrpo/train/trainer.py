@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
+from mmgrpo.core import progress
 from mmgrpo.core.ema import EMA
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
 from mmgrpo.core.extra import TermInputs, term_metric
@@ -799,7 +800,9 @@ class Trainer:
             return {}
         self.policy.model.eval()
         self._reshard()
-        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), torch.no_grad():
+        label = f"{self.cfg.run.name} eval, step {step}"
+        bars = progress.shown(label if self.cfg.trainer.progress and self.acc.is_main_process else None)
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), torch.no_grad(), bars:
             result = self.comp.evaluate(self.policy, step)
             self._reshard()  # before the EMA is swapped out
         self._reshard()

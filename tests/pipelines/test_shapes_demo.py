@@ -31,3 +31,17 @@ def test_demo_config_writes_a_complete_run_directory(tmp_path, monkeypatch):
     html = (run / "report.html").read_text()
     assert "samples/step_000002.png" in html and "reward_curve.png" in html
     assert html.index("samples/before_after.png") < html.index("reward_curve.png")  # shown first
+
+
+def test_an_evaluation_in_batches_shows_its_own_bar(tmp_path, monkeypatch, capsys):
+    """trainer.progress: the held-out evaluation (minutes at the recipes' sizes on a CPU) has a bar of its samples,
+    cleared when done; trainer.progress=false shows none."""
+    monkeypatch.chdir(ROOT)
+    args = [f"run.output_dir={tmp_path}", "trainer.max_steps=1", "trainer.prompts_per_step=2", "trainer.group_size=2",
+            "trainer.eval_every=1", "trainer.checkpoint_every=0", "data.options.eval_max_prompts=3",
+            "data.options.eval_batch_size=1", "policy.options.num_steps=2"]  # fmt: skip
+    train(load_config(ROOT / "configs" / "shapes_t2i_grpo.yaml", [*args, "run.name=bars", "trainer.progress=true"]))
+    err = capsys.readouterr().err
+    assert "bars eval, step 0:" in err and "bars eval, step 1:" in err and "sample" in err
+    train(load_config(ROOT / "configs" / "shapes_t2i_grpo.yaml", [*args, "run.name=quiet", "trainer.progress=false"]))
+    assert "eval, step" not in capsys.readouterr().err
