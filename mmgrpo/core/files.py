@@ -172,6 +172,13 @@ def _not_a_file(path: str) -> str:
         return "is a symbolic link that leads to no file (its target is missing, or the links form a loop)"
     if os.path.exists(path):
         return "is not a regular file"
+    if "\\" in path:
+        return "not found (the path holds '\\', a Windows separator: write '/' instead)"
+    parent, name = os.path.split(path)
+    if os.path.isdir(parent or "."):
+        other = next((x for x in os.listdir(parent or ".") if x.lower() == name.lower() and x != name), None)
+        if other is not None:
+            return f"not found, but '{other}' is there: file names are case-sensitive here; write it as '{other}'"
     return "not found"
 
 

@@ -237,3 +237,12 @@ def test_a_compressed_or_columnar_file_is_named_for_what_it_is(tmp_path, data, m
 def test_json_written_where_jsonl_is_expected_says_how_to_fix_it(tmp_path, text, match):
     (tmp_path / "p.jsonl").write_text(text)
     raises(read_prompts, str(tmp_path / "p.jsonl"), match, "train", 0)
+
+
+def test_a_windows_path_or_a_wrong_case_file_name_says_so(folder):
+    (folder / "p.jsonl").write_text(jsonl({"prompt": "a cat", "image": "frames\\a.png"}))
+    raises(read_pairs, str(folder / "p.jsonl"), r"not found \(the path holds '\\', a Windows separator: write '/'")
+    (folder / "p.jsonl").write_text(jsonl({"prompt": "a cat", "image": "A.PNG"}))
+    raises(
+        read_pairs, str(folder / "p.jsonl"), r"image '.*A.PNG' not found, but 'a.png' is there: file names are case"
+    )
