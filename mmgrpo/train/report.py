@@ -262,6 +262,66 @@ def training_curves(metrics: list[dict], path: str | Path) -> Path | None:
     return path
 
 
+COMPLETIONS_SHOWN = 8
+"""examples of the completions table in report.html (the JSONL files hold every one)"""
+MEDIA = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4")
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The records of a completions file; a line that is not a JSON object (a torn write) is skipped."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _cell(value: object, limit: int = 600) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"<td>{html.escape(text)}</td>"
+
+
+def completions_html(files: list[Path], limit: int = COMPLETIONS_SHOWN) -> str:
+    """The VLM recipes' completions (``samples/completions_step_*.jsonl``) as a table a person reads: the first
+    ``limit`` held-out examples, each with its prompt, its other fields (ground truth, score) and completion at the
+    first evaluation and, when there is a later one, at the latest; then links to every file."""
+    files = sorted(files)
+    if not files:
+        return ""
+    first, last = files[0], files[-1]
+    steps = [first] if first == last else [first, last]
+    records = [_read_records(f)[:limit] for f in steps]
+    label = [f.stem.removeprefix("completions_") for f in steps]  # step_000000
+    keys = [k for k in dict.fromkeys(k for r in records[-1] for k in r) if k not in ("prompt", "completion")]
+    n = max(len(r) for r in records)
+    rec = [[r[i] if i < len(r) else {} for r in records] for i in range(n)]  # [example][evaluation]
+    # the ground truth is the same at every evaluation: one column; a score changes: one column per evaluation
+    fixed = [k for k in keys if all(len({json.dumps(x.get(k)) for x in row}) == 1 for row in rec)]
+    moving = [k for k in keys if k not in fixed]
+    head = "<th>prompt</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in fixed)
+    for lab in label:
+        head += f"<th>completion, {lab}</th>" + "".join(f"<th>{html.escape(k)}, {lab}</th>" for k in moving)
+    rows = []
+    for row in rec:
+        cells = _cell(row[-1].get("prompt", row[0].get("prompt", "")))
+        cells += "".join(_cell(row[-1][k]) if k in row[-1] else "<td></td>" for k in fixed)
+        for r in row:
+            cells += _cell(r.get("completion", ""))
+            cells += "".join(_cell(r[k]) if k in r else "<td></td>" for k in moving)
+        rows.append(f"<tr>{cells}</tr>")
+    links = ", ".join(f'<a href="samples/{html.escape(f.name)}">{html.escape(f.stem)}</a>' for f in files)
+    return (f"<h2>Completions</h2><p>The first {limit} held-out examples at the first and the latest evaluation. "
+            f"Every example: {links} (JSON lines).</p>"
+            f'<table class="c"><tr>{head}</tr>{"".join(rows)}</table>')  # fmt: skip
+
+
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     """``report.html``: the before/after comparison (if any), the reward curve, the loss / KL / clip fraction (and
     its sides) / grad-norm / completion length and entropy curves, a table of evaluations, and every sample grid in
@@ -283,7 +343,9 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
         if evals
         else "<p>No evaluations were run.</p>"
     )
-    samples = sorted((run_dir / "samples").glob("*")) if (run_dir / "samples").is_dir() else []
+    files = sorted((run_dir / "samples").glob("*")) if (run_dir / "samples").is_dir() else []
+    completions = completions_html([f for f in files if f.name.startswith("completions_") and f.suffix == ".jsonl"])
+    samples = [f for f in files if f.suffix.lower() in MEDIA]  # not the completions files (they were <img>s)
     compare = ""
     if any(s.name == "before_after.png" for s in samples):
         compare = (
@@ -296,10 +358,12 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
         rel = html.escape(f"samples/{s.name}")
         tag = f'<video src="{rel}" controls loop></video>' if s.suffix == ".mp4" else f'<img src="{rel}">'
         figs.append(f"<figure>{tag}<figcaption>{html.escape(s.stem)}</figcaption></figure>")
+    none = "<p>No images: see Completions.</p>" if completions else "<p>No samples saved.</p>"
     last = metrics[-1] if metrics else {}
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title or run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} figure{{display:inline-block;margin:8px}}
+table.c td{{text-align:left;white-space:pre-wrap;vertical-align:top;font-size:90%}}
 img,video{{image-rendering:pixelated;max-width:520px}} img.ba{{max-width:100%}}</style></head><body>
 <h1>{html.escape(title or run_dir.name)}</h1>
 <p>{len([m for m in metrics if "reward/mean" in m])} training steps logged; last step {last.get("step", 0)}.</p>
@@ -307,7 +371,8 @@ img,video{{image-rendering:pixelated;max-width:520px}} img.ba{{max-width:100%}}<
 <h2>Reward</h2>{'<img src="reward_curve.png">' if curve else "<p>No metrics yet.</p>"}
 {'<h2>Training</h2><img src="training_curves.png">' if training else ""}
 <h2>Held-out evaluation</h2>{table}
-<h2>Samples</h2>{"".join(figs) or "<p>No samples saved.</p>"}
+{completions}
+<h2>Samples</h2>{"".join(figs) or none}
 </body></html>"""
     out = run_dir / "report.html"
     out.write_text(body)

@@ -137,3 +137,34 @@ def test_completion_records_are_plain_json_in_order(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == records  # plain JSON: reads back equal
     with pytest.raises(ValueError, match=r"2 completions but \{'iou': 1\}"):
         completion_records(prompts, ["a", "b"], iou=[1.0])
+
+
+def test_report_shows_vlm_completions_as_a_table_not_as_broken_images(tmp_path):
+    """A VLM run's samples are completions_step_*.jsonl: report.html showed each as an <img> that could not load.
+    Now: a table of the first 8 examples, the ground truth once, the completion and score at the first and the
+    latest evaluation (escaped), and links to every file; a torn line is skipped."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": 0.3}) + "\n")
+    rows = lambda step: [  # noqa: E731
+        {
+            "prompt": f"How many? ({i})",
+            "completion": f"<answer>{step}</answer>",
+            "answer": "B",
+            "correct": float(step > 0),
+        }
+        for i in range(10)
+    ]
+    for step in (0, 3, 6):
+        save_completions(rows(step), tmp_path / "samples" / f"completions_step_{step:06d}.jsonl")
+    with open(tmp_path / "samples" / "completions_step_000006.jsonl", "a") as f:
+        f.write('{"prompt": "torn')
+    html = write_report(tmp_path).read_text()
+    assert '.jsonl"><' not in html and '<img src="samples/completions' not in html
+    table = html[html.index("<h2>Completions</h2>") : html.index("<h2>Samples</h2>")]
+    assert "<th>prompt</th><th>answer</th><th>completion, step_000000</th><th>correct, step_000000</th>" in table
+    assert "<th>completion, step_000006</th><th>correct, step_000006</th>" in table and "step_000003</th>" not in table
+    assert table.count("<tr>") == 1 + 8 and "How many? (7)" in table and "How many? (8)" not in table
+    assert (
+        "<td>&lt;answer&gt;0&lt;/answer&gt;</td><td>0</td><td>&lt;answer&gt;6&lt;/answer&gt;</td><td>1</td>" in table
+    )
+    assert all(f'href="samples/completions_step_{s:06d}.jsonl"' in table for s in (0, 3, 6))
+    assert "No images: see Completions." in html
