@@ -33,6 +33,10 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 def first_line(error: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's message, cut to ``limit`` characters (torch's run to several paragraphs)."""
+    """The first line of an exception's message, cut to ``limit`` characters at the end of a sentence where one
+    ends in them (torch's CUDA out-of-memory line runs to ~600 characters of allocator statistics)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[: end + 1] + " ..." if end > 0 else text[:limit] + "..."
