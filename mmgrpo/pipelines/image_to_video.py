@@ -132,9 +132,9 @@ def build_image_to_video(cfg: Config, accelerator=None) -> Components:
     popts, data, device = generator_options(cfg, accelerator, VideoPolicyOptions, FrameDataOptions)
     if not data.pairs:
         raise UserError("data.options.pairs is empty: give a JSONL/CSV of {prompt, image|video} or a folder of mp4")
-    policy = DiffusionPolicy(load_video_adapter(popts, device, image_conditioned=True), popts)
-    train = read_pairs(data.pairs, data.default_prompt)
+    train = read_pairs(data.pairs, data.default_prompt)  # the data first: named before the weights load (minutes)
     heldout = read_pairs(data.heldout_pairs, data.default_prompt)  # generate() reads each FramePrompt's frame
+    policy = DiffusionPolicy(load_video_adapter(popts, device, image_conditioned=True), popts)
     return generator_components(cfg, data, policy, train, heldout, FramePromptList)
 
 

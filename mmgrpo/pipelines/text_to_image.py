@@ -135,8 +135,9 @@ def generator_components(
 
 def build_text_to_image(cfg: Config, accelerator=None) -> Components:
     popts, data, device = generator_options(cfg, accelerator, GeneratorPolicyOptions, PromptDataOptions)
+    splits = read_prompt_splits(data)  # the data first: a bad file is named before the weights load (minutes)
     policy = DiffusionPolicy(load_adapter(popts, device), popts)
-    return generator_components(cfg, data, policy, *read_prompt_splits(data))
+    return generator_components(cfg, data, policy, *splits)
 
 
 PIPELINES.add(

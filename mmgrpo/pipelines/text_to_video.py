@@ -53,8 +53,9 @@ def load_video_adapter(opts: GeneratorPolicyOptions, device, image_conditioned: 
 
 def build_text_to_video(cfg: Config, accelerator=None) -> Components:
     popts, data, device = generator_options(cfg, accelerator, VideoPolicyOptions, VideoPromptDataOptions)
+    splits = read_prompt_splits(data)  # the data first: a bad file is named before the weights load (minutes)
     policy = DiffusionPolicy(load_video_adapter(popts, device), popts)
-    return generator_components(cfg, data, policy, *read_prompt_splits(data))
+    return generator_components(cfg, data, policy, *splits)
 
 
 PIPELINES.add(

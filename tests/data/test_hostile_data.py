@@ -246,3 +246,25 @@ def test_a_windows_path_or_a_wrong_case_file_name_says_so(folder):
     raises(
         read_pairs, str(folder / "p.jsonl"), r"image '.*A.PNG' not found, but 'a.png' is there: file names are case"
     )
+
+
+@pytest.mark.parametrize(
+    "pipeline, data",
+    [
+        ("text_to_image", {"prompts": "{f}", "heldout_prompts": ""}),
+        ("text_to_video", {"prompts": "{f}", "heldout_prompts": ""}),
+        ("image_to_video", {"pairs": "{f}", "default_prompt": "a cat"}),
+    ],
+)
+def test_a_bad_data_file_is_named_before_the_weights_load(tmp_path, pipeline, data):
+    # the model path does not exist: the data error coming first shows the data is read before minutes of loading
+    from mmgrpo.train.components import build_components
+    from mmgrpo.train.config import load_config
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "prompt": "b"}\n')
+    options = {k: v.replace("{f}", str(tmp_path / "bad.jsonl")) for k, v in data.items()}
+    family = {"text_to_image": "sd3"}.get(pipeline, "wan")
+    base = {"pipeline": pipeline, "policy": {"options": {"family": family, "path": str(tmp_path / "no_model")}},
+            "data": {"options": options}, "rewards": [{"name": "jpeg_incompressibility"}]}  # fmt: skip
+    with pytest.raises(UserError, match=r"bad.jsonl' line 1: (the key 'prompt' appears twice|give exactly one)"):
+        build_components(load_config(None, base=base))
