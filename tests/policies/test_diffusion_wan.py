@@ -168,8 +168,12 @@ def test_text_to_video_training_changes_only_lora(tmp_path):
     assert_only_lora_changed(before, trainer.policy.unwrapped())
     mp4 = trainer.run_dir / "samples" / "train_step_000001.mp4"  # videos are logged as mp4
     assert len(open_video(mp4, "test")) == 5
+    (tmp_path / "clips").mkdir()
+    write_mp4(tmp_path / "clips" / "c.mp4", (0, 200, 0))  # valid data: the data is read before the checkpoint
     with pytest.raises(UserError, match="is not an image-to-video checkpoint; use pipeline text_to_video"):
-        run_recipe(tmp_path / "x", "image_to_video", ckpt, {"pairs": str(tmp_path)}, {})
+        run_recipe(
+            tmp_path / "x", "image_to_video", ckpt, {"pairs": str(tmp_path / "clips"), "default_prompt": "a"}, {}
+        )
 
 
 def test_image_to_video_training_from_mp4_folder_changes_only_lora(tmp_path):
