@@ -143,5 +143,6 @@ METHOD = register_method(
         rewards=("entity_credit",),
         reward_switched=True,
         data_keys=("answer", "entities"),
+        data_keys_needed="none",  # without entities, the answer's atoms are used
     )
 )

@@ -267,6 +267,7 @@ METHOD = register_method(
         pipelines=("vlm_reasoning",),
         rewards=("pearl_checklist",),
         data_keys=("checklist",),
+        data_keys_needed="each",  # an example without a checklist stops the run (checklist_prompt)
         conflicts=("tempsamp",),
         check=check_pearl,
         wrap_policy=lambda policy, opts: PearlPolicy(policy, opts.checklist_weight),

@@ -71,6 +71,10 @@ class Method:
     """the method's part is its reward: listing one of ``rewards`` runs it (and ``methods:`` requires one listed)"""
     data_keys: tuple[str, ...] = ()
     """meta keys each training example must carry"""
+    data_keys_needed: str = "some"
+    """how a data file is checked for ``data_keys`` at load (:func:`check_example_keys`): ``"each"`` example must
+    carry them (the method fails without), ``"some"`` example must (it skips examples without one, so a file with
+    none would leave it without effect), or ``"none"`` (it has a fallback)"""
     conflicts: tuple[str, ...] = ()
     """methods that cannot be enabled together with this one"""
     check: Callable[[Any, Any, str], None] | None = None
@@ -192,12 +196,15 @@ def enabled_methods(cfg: Any, where: str = "the config") -> list[tuple[Method, A
 
 
 def check_example_keys(cfg: Any, examples: list[tuple[str, dict]]) -> None:
-    """Every example of a data file (``(where, {**prompt, **meta})``, where naming its file and line) carries the
-    ``data_keys`` of every method enabled under ``methods:`` -- a UserError naming the first that does not, at load,
-    where PEARL's missing checklist used to stop the run in its first step and a missing key other methods read
-    silently left them without effect. A key renamed by an option ``<key>_key`` (of the method, or of its reward in
-    ``rewards:``) is looked up under its new name; online ``teachers`` (AMPO) stand in for a guidance pool."""
+    """The examples of a data file (``(where, {**prompt, **meta})``, where naming its file and line) carry the
+    ``data_keys`` of every method enabled under ``methods:`` as its ``data_keys_needed`` says -- a UserError at load
+    naming the first example without one (``"each"``: PEARL's missing checklist used to stop the run in its first
+    step) or the file (``"some"``: Scaf-GRPO without any hints trained without effect). A key renamed by an option
+    ``<key>_key`` (of the method, or of its reward in ``rewards:``) is looked up under its new name; online
+    ``teachers`` (AMPO) stand in for a guidance pool."""
     for method, opts in enabled_methods(cfg):
+        if method.data_keys_needed == "none" or not examples:
+            continue
         specs = [r.options for r in cfg.rewards if r.name in method.rewards]
         for key in method.data_keys:
             if key == "guidance" and getattr(opts, "teachers", None):
@@ -205,11 +212,18 @@ def check_example_keys(cfg: Any, examples: list[tuple[str, dict]]) -> None:
             option = f"{key}_key"
             name = next((o[option] for o in specs if isinstance(o.get(option), str)), getattr(opts, option, key))
             lacking = [where for where, ex in examples if ex.get(name) in (None, "", [], {})]
-            if lacking:
+            paper = method.paper.split(":")[0]
+            if method.data_keys_needed == "each" and lacking:
                 more = f" (and {len(lacking) - 1} other example(s))" if len(lacking) > 1 else ""
                 raise UserError(
                     f"{lacking[0]}{more}: methods.{method.name} reads each example's {name!r}, which is missing or "
-                    f"empty here; add {name!r} to every example ({method.paper.split(':')[0]}) or remove "
+                    f"empty here; add {name!r} to every example ({paper}) or remove methods.{method.name}"
+                )
+            if len(lacking) == len(examples):
+                file = examples[0][0].rsplit(" line ", 1)[0]
+                raise UserError(
+                    f"{file}: methods.{method.name} reads an example's {name!r}, and none of the {len(examples)} "
+                    f"example(s) has one, so it would do nothing; add {name!r} to the examples ({paper}) or remove "
                     f"methods.{method.name}"
                 )
 

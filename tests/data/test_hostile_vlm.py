@@ -208,23 +208,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    "config, key, extra",
+    "config, key, extra, needed",
     [
-        ("vlm_pearl", "checklist", {"checklist": [["Is it red?", "yes"]]}),
-        ("vlm_scaf_grpo", "hints", {"hints": ["Look at the colour."]}),
-        ("vlm_egrpo", "entities", {"entities": ["red square"]}),
+        ("vlm_pearl", "checklist", {"checklist": [["Is it red?", "yes"]]}, "each"),
+        ("vlm_scaf_grpo", "hints", {"hints": ["Look at the colour."]}, "some"),
+        ("vlm_egrpo", "entities", {"entities": ["red square"]}, "none"),  # falls back on the answer's words
     ],
 )
-def test_a_key_an_enabled_method_reads_is_checked_at_load(folder, config, key, extra):
-    # PEARL without checklists stopped the run in its first step; the others trained without effect
-    (folder / "d.jsonl").write_text(jsonl({**QA, **extra}, QA, QA))
+def test_a_key_an_enabled_method_reads_is_checked_at_load(folder, config, key, extra, needed):
+    # PEARL without checklists stopped the run in its first step; Scaf-GRPO without any hints trained without effect
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", [f"data.options.path={folder / 'd.jsonl'}"])
-    examples = [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")]
-    match = rf"line 2 \(and 1 other example\(s\)\): methods.\w+ reads each example's '{key}', which is missing"
-    with pytest.raises(UserError, match=match):
-        check_example_keys(cfg, examples)
-    (folder / "d.jsonl").write_text(jsonl({**QA, **extra}))
-    check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")])
+
+    def check(*rows):
+        (folder / "d.jsonl").write_text(jsonl(*rows))
+        check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")])
+
+    if needed == "each":
+        with pytest.raises(UserError, match=r"line 2 \(and 1 other example\(s\)\): methods.\w+ reads each example's"):
+            check({**QA, **extra}, QA, QA)
+    else:
+        check({**QA, **extra}, QA, QA)  # the method skips the examples without one
+    if needed == "none":
+        check(QA, QA)
+    elif needed == "some":
+        with pytest.raises(UserError, match=rf"d.jsonl: methods.\w+ reads an example's '{key}', and none of the 2"):
+            check(QA, QA)
+    check({**QA, **extra}, {**QA, **extra})
 
 
 def test_pearl_on_a_file_without_checklists_stops_before_training(folder, capsys):
