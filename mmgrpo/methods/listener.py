@@ -392,5 +392,6 @@ METHOD = register_method(
         rewards=("listener", "vlm_listener"),
         reward_switched=True,
         data_keys=("answer", "options"),
+        data_keys_needed="none",  # 'candidates' stand in for options (candidate_answers)
     )
 )
