@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmgrpo.core.errors import UserError
 from mmgrpo.policies.vlm_cache import join_caches
 from mmgrpo.policies.vlm_families import VLMFamily
 from mmgrpo.policies.vlm_inputs import PromptInputs
@@ -103,7 +104,16 @@ class Decoder:
         has_eos = is_eos.any(1)  # [N]
         lens = torch.where(has_eos, is_eos.long().argmax(1) + 1, toks.shape[1])  # [N]: up to the first EOS
         after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # [N, T]: an EOS earlier in the row (it was done)
-        return toks, lens, has_eos, torch.stack(entropy, dim=1).masked_fill(after, 0.0)
+        ent = torch.stack(entropy, dim=1)  # [N, T]
+        if not bool(ent.isfinite().all()):  # one check a rollout (torch.multinomial's was one a prompt and token)
+            t = int((~ent.isfinite()).any(0).long().argmax())
+            raise UserError(
+                f"the policy's next-token distribution was not finite at completion token {t} of the rollout (NaN or "
+                "inf logits): the model's weights, inputs or activations hold non-finite values (an fp16 overflow: "
+                "use trainer.mixed_precision=bf16; a diverged run: continue from its last checkpoint, whose weights "
+                "were finite, with a lower trainer.lr)"
+            )
+        return toks, lens, has_eos, ent.masked_fill(after, 0.0)
 
     def on_any_process(self, flag: bool) -> bool:
         """``flag`` here, or on any process when the forwards are collective (the scorer's ``any_process``)."""

@@ -115,9 +115,8 @@ def sample_rows(
     entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
     if greedy:
         return z.argmax(-1), entropy
-    tokens = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     if not groups:
-        return tokens, entropy
+        return torch.zeros(z.shape[0], dtype=torch.long, device=z.device), entropy
     if top_k > 0:
         kth = torch.topk(zt, min(top_k, zt.shape[-1]), dim=-1).values[:, -1:]  # [N, 1]
         zt = zt.masked_fill(zt < kth, float("-inf"))
@@ -127,9 +126,14 @@ def sample_rows(
         drop = sp.cumsum(-1) - sp >= top_p  # keep the smallest prefix whose mass reaches top_p
         zt = zt.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(zt, -1)
+    # torch.multinomial(probs[rows], 1, generator) of every group at once, bit for bit: its algorithm for one sample
+    # is argmax(p / q), q ~ Exp(1) drawn from the generator in the rows' order (the same tokens and generator
+    # states); without its check of p, whose .item() waited for the device once per prompt and token. A row in no
+    # group keeps q = inf: p / q = 0 everywhere, token 0.
+    q = torch.full_like(probs, float("inf"))
     for rows, generator in groups:
-        tokens[rows] = torch.multinomial(probs[rows], 1, generator=generator).squeeze(-1)
-    return tokens, entropy
+        q[rows].exponential_(1, generator=generator)
+    return (probs / q).argmax(-1), entropy
 
 
 def checkpointed(module: nn.Module) -> bool:

@@ -215,6 +215,33 @@ def test_sample_rows_equals_per_prompt_sampling_bit_for_bit(options):
         logits = logits.roll(1, dims=-1)
 
 
+@pytest.mark.parametrize("V", [7, 40, 448])
+def test_sampling_is_torch_multinomial_bit_for_bit(V):
+    """sample_tokens draws what torch.multinomial(probs, 1, generator) draws (its own algorithm for one sample, so
+    seeds keep their samples), leaving the generator in the same state, zero-probability ids included."""
+    torch.manual_seed(V)
+    for trial in range(20):
+        logits = torch.randn(5, V) * 3
+        if trial % 2:
+            logits[:, : V // 2] = -math.inf  # ids the softmax gives probability 0
+        ours, theirs = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        want = torch.multinomial(torch.softmax(logits, -1), 1, generator=theirs).squeeze(-1)
+        assert torch.equal(sample_tokens(logits, ours), want)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_a_rollout_on_non_finite_logits_is_one_paragraph():
+    """NaN weights (a diverged run, an fp16 overflow) made torch.multinomial raise its own error mid-rollout; the
+    batched sampler has no per-token check, so the decode loop checks once and names the fix."""
+    policy = make_policy()
+    with torch.no_grad():
+        policy.model.hf.lm_head.weight[0, 0] = math.nan
+    with pytest.raises(
+        UserError, match=r"next-token distribution was not finite at completion token 0 .*lower trainer"
+    ):
+        policy.rollout(image_batch(), 2)
+
+
 BAD_OPTIONS = [  # (options, the start of the one-paragraph error): each used to end in a torch / peft traceback
     # mid-rollout, or to train silently on a meaningless setting (found by fuzzing the shipped VLM configs)
     ({"max_new_tokens": 0}, "policy.options.max_new_tokens=0: a completion needs at least 1 token"),
