@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mmgrpo.core import progress
 from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.files import check_image
 from mmgrpo.core.types import PromptBatch
@@ -226,7 +227,7 @@ def evaluate_grounding(
     records (:func:`~mmgrpo.train.components.completion_records`) hold prompt, completion, box (ground truth, pixels
     of the original image) and iou."""
     texts: list[str] = []
-    for lo in range(0, len(examples), max(1, batch)):
+    for lo in progress.batches(len(examples), batch, unit="example"):
         part = examples[lo : lo + batch]
         texts += policy.generate(PromptBatch(prompts=[p for p, _ in part], meta=[m for _, m in part]), greedy=True)
     ious = grounding_scores(policy, examples, texts)

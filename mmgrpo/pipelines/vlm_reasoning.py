@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from mmgrpo.core import progress
 from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
@@ -433,7 +434,7 @@ def score_accuracy(
     """Greedy answers to the first ``n`` held-out examples: (the examples, texts, correct 0/1 per example)."""
     held = [examples.example(i) for i in examples.heldout[:n]]
     texts: list[str] = []
-    for lo in range(0, len(held), max(1, batch)):
+    for lo in progress.batches(len(held), batch, unit="question"):
         part = held[lo : lo + batch]
         texts += policy.generate(PromptBatch(prompts=[p for p, _ in part], meta=[m for _, m in part]), greedy=True)
     correct = [float(grade(answer_or_completion(t), m["answer"])) for t, (_, m) in zip(texts, held)]

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmgrpo.core import progress
 from mmgrpo.core.errors import UserError
 from mmgrpo.data import shapes_qa
 from mmgrpo.pipelines.vlm_reasoning import (
@@ -62,7 +63,7 @@ def test_paired_scores_give_the_standard_error_of_a_change_on_the_same_examples(
     assert "accuracy_gain" not in PairedScores()(50, {"accuracy": after})  # resumed past step 0: no baseline
 
 
-def test_reasoning_evaluation_reports_kinds_and_a_zero_gain_for_an_unchanged_policy():
+def test_reasoning_evaluation_reports_kinds_and_a_zero_gain_for_an_unchanged_policy(capsys):
     opts = VLMPolicyOptions(path=str(REPO / "assets/shapes_vlm"), system_prompt="", max_new_tokens=28, finetune="full")
     policy = VLMPolicy.from_pretrained(opts.path, opts)
     examples = QAExamples(VLMReasoningDataOptions(source="shapes_qa", num_examples=8, eval_examples=6))
@@ -71,7 +72,9 @@ def test_reasoning_evaluation_reports_kinds_and_a_zero_gain_for_an_unchanged_pol
     kinds = [examples.example(i)[1]["kind"] for i in examples.heldout]
     for kind in set(kinds):
         assert 0.0 <= first[f"accuracy_{kind}"] <= 1.0
-    again = evaluate_accuracy(policy, examples, 6, 3, paired, step=10).metrics
+    with progress.shown("run eval, step 10"):  # the trainer's bar of its batches (trainer.progress)
+        again = evaluate_accuracy(policy, examples, 6, 3, paired, step=10).metrics
+    assert "run eval, step 10:" in capsys.readouterr().err
     assert (
         again["accuracy"] == first["accuracy"] and again["accuracy_gain"] == 0.0 and again["accuracy_gain_se"] == 0.0
     )
