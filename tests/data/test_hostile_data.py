@@ -12,29 +12,11 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.prompts import read_prompts
 from mmgrpo.pipelines.image_to_video import read_pairs
-
-
-@pytest.fixture
-def folder(tmp_path):
-    Image.new("RGB", (32, 24), (200, 0, 0)).save(tmp_path / "a.png")
-    return tmp_path
-
-
-def jsonl(*rows) -> str:
-    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
-
-
-def raises(loader, path, match, *args):
-    with pytest.raises(UserError, match=match) as e:
-        loader(path, *args)
-    assert "Traceback" not in str(e.value)
-    return str(e.value)
-
+from mmgrpo.testing.data_files import jsonl, raises
 
 # ------------------------------------------------------------------------------------------------ every format
 

@@ -15,28 +15,12 @@ from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.pipelines.vlm_grounding import GroundingExamples, VLMGroundingDataOptions, load_grounding_jsonl
 from mmgrpo.pipelines.vlm_reasoning import QAExamples, VLMReasoningDataOptions, load_jsonl, load_jsonl_lines
 from mmgrpo.policies.vlm_inputs import load_image
+from mmgrpo.testing.data_files import jsonl, raises
 from mmgrpo.train.cli import main
 from mmgrpo.train.config import load_config
 
 QA = {"question": "What colour?", "answer": "red", "image": "a.png"}
 BOX = {"image": "a.png", "question": "Locate it.", "box": [1, 2, 10, 12]}
-
-
-@pytest.fixture
-def folder(tmp_path):
-    Image.new("RGB", (32, 24), (200, 0, 0)).save(tmp_path / "a.png")
-    return tmp_path
-
-
-def jsonl(*rows) -> str:
-    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
-
-
-def raises(loader, path, match, *args):
-    with pytest.raises(UserError, match=match) as e:
-        loader(path, *args)
-    assert "Traceback" not in str(e.value)
-    return str(e.value)
 
 
 def test_a_json_list_a_torn_line_and_a_repeated_key_in_a_vlm_file(folder):
