@@ -72,11 +72,11 @@ def load_reference(ref: Any) -> torch.Tensor:
     if isinstance(ref, (str, os.PathLike)):
         if not os.path.isfile(ref):
             raise UserError(f"reference image {os.fspath(ref)!r} does not exist; give the path to an image file")
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         check_image(ref, "reference image")  # a corrupt file: a UserError naming it
         with Image.open(ref) as im:
-            ref = im.convert("RGB")
+            ref = ImageOps.exif_transpose(im).convert("RGB")  # upright, as the samples it is compared with
     if isinstance(ref, torch.Tensor) and ref.ndim == 4 and ref.shape[0] == 1:
         ref = ref[0]  # [1, 3, H, W] -> [3, H, W]
     if isinstance(ref, torch.Tensor) or hasattr(ref, "convert"):

@@ -250,3 +250,15 @@ def test_similarity_rewards_are_registered_with_descriptions():
     names = registry.available()
     for name in ("lpips", "dreamsim", "image_reward"):
         assert name in names and names[name]
+
+
+def test_a_reference_photo_is_read_upright(tmp_path):
+    """EXIF orientation 6 (a phone photo): stored 32 wide x 24 high, shown 24 x 32; the samples it is compared with
+    are upright, so the reference is too (as the VLM inputs and Wan's first frames)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.zeros((24, 32, 3), np.uint8)
+    stored[:, :4] = 255  # the stored image's left edge: the top once turned
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    ref = sim.load_reference(tmp_path / "phone.jpg")
+    assert ref.shape == (3, 32, 24) and ref[:, :4].mean() > 0.8 and ref[:, 8:].mean() < 0.1
