@@ -46,6 +46,7 @@ from mmgrpo.pipelines.vlm_reasoning import (
     jsonl_records,
     load_vlm_policy,
     seeded_split,
+    warn_repeated_heldout,
     warn_short_evaluation,
 )
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
@@ -258,6 +259,7 @@ def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     examples = GroundingExamples(data)  # the data first: a bad file is named before the model loads
     check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in zip(examples.lines, examples.records or [])])
     warn_short_evaluation(data.path, len(examples.heldout), data.eval_examples)
+    warn_repeated_heldout(data.path, examples.records, examples.lines, examples.train, examples.heldout)
     example = "assets/shapes_vlm (written by `python -m scripts.pretrain_shapes_vlm`)"
     policy = load_vlm_policy(cfg, accelerator, example)
     check_box_rewards(cfg, policy.box_family)

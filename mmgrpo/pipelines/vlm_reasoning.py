@@ -30,6 +30,7 @@ hints), ``cog_drift`` (cloze / multiple-choice variants).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,6 +280,29 @@ def warn_short_evaluation(path: str, n_heldout: int, eval_examples: int) -> None
         )
 
 
+def warn_repeated_heldout(
+    path: str, records: list[Example] | None, lines: list[str], train: list[int], heldout: list[int]
+) -> None:
+    """A file that repeats an example can put one copy in each split, and the held-out evaluation then scores what
+    the policy trained on: say so once, naming the first repeat's lines."""
+    if not path or records is None:
+        return
+
+    def key(i: int) -> str:
+        return json.dumps(records[i], sort_keys=True, default=str)
+
+    seen = {key(i): i for i in train}
+    both = [(i, seen[k]) for i in heldout if (k := key(i)) in seen]
+    if both:
+        held, trained = both[0]
+        warnings.warn(
+            f"data.options.path={path!r}: {len(both)} of the {len(heldout)} held-out example(s) also appear in the "
+            f"training split (the file repeats them; the first: {lines[held]} = {lines[trained]}), so the held-out "
+            "evaluation scores examples the policy trains on; remove the repeated lines",
+            stacklevel=3,
+        )
+
+
 def check_question_lengths(policy: VLMPolicy, lines: list[str], records: list[Example] | None) -> None:
     """No question of a data file is longer than the model's context (``max_position_embeddings``) less
     ``max_new_tokens``: such a prompt (a file with a missing line break, a pasted document) would be rolled out
@@ -474,6 +498,7 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     examples = QAExamples(data)  # the data first: a bad file is named before the model loads
     check_example_keys(cfg, [(w, {**p, **m}) for w, (p, m) in zip(examples.lines, examples.records or [])])
     warn_short_evaluation(data.path, len(examples.heldout), data.eval_examples)
+    warn_repeated_heldout(data.path, examples.records, examples.lines, examples.train, examples.heldout)
     policy = load_vlm_policy(cfg, accelerator, "assets/tiny_qwen2_vl (written by `python scripts/make_tiny_vlm.py`)")
     check_question_lengths(policy, examples.lines, examples.records)
 

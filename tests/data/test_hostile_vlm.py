@@ -4,6 +4,7 @@ line and the field at load (each used to load silently, or fail mid-training wit
 naming no file); legitimate variants load; images reach the model as they look."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,29 @@ def test_a_small_file_warns_that_evaluation_answers_fewer_than_asked(folder):
     examples = QAExamples(VLMReasoningDataOptions(path=str(folder / "d.jsonl")))
     with pytest.warns(UserWarning, match=r"the split holds 1 held-out example\(s\), fewer than data.options.eval_"):
         warn_short_evaluation(str(folder / "d.jsonl"), len(examples.heldout), 32)
+
+
+def test_examples_repeated_across_the_split_are_named_in_one_warning(folder):
+    from mmgrpo.pipelines.vlm_reasoning import warn_repeated_heldout
+
+    rows = [{**QA, "question": f"What colour is {i}?"} for i in range(20)]
+    (folder / "d.jsonl").write_text(jsonl(*rows))
+    ex = QAExamples(VLMReasoningDataOptions(path=str(folder / "d.jsonl"), heldout_fraction=0.25))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # distinct examples: no warning
+        warn_repeated_heldout(str(folder / "d.jsonl"), ex.records, ex.lines, ex.train, ex.heldout)
+    (folder / "d.jsonl").write_text(jsonl(*rows, *rows[:10]))  # lines 21-30 repeat lines 1-10
+    ex = QAExamples(VLMReasoningDataOptions(path=str(folder / "d.jsonl"), heldout_fraction=0.25))
+    repeats = sum(1 for i in ex.heldout if any(ex.records[i] == ex.records[j] for j in ex.train))
+    assert repeats > 0  # this seed's split puts a copy of some repeated example on each side
+    with pytest.warns(UserWarning, match=rf"{repeats} of the 8 held-out example\(s\) also appear in the training"):
+        warn_repeated_heldout(str(folder / "d.jsonl"), ex.records, ex.lines, ex.train, ex.heldout)
+    boxes = [{**BOX, "box": [1, 1, 2 + i, 2 + i]} for i in range(10)]
+    (folder / "g.jsonl").write_text(jsonl(*boxes, *boxes))  # line i + 11 repeats line i + 1
+    g = GroundingExamples(VLMGroundingDataOptions(path=str(folder / "g.jsonl"), heldout_fraction=0.5))
+    assert any(g.records[i] == g.records[j] for i in g.heldout for j in g.train)  # this seed's split crosses
+    with pytest.warns(UserWarning, match=r"\(the file repeats them; the first: .*g.jsonl line \d+ = .*g.jsonl line"):
+        warn_repeated_heldout(str(folder / "g.jsonl"), g.records, g.lines, g.train, g.heldout)
 
 
 def test_a_question_longer_than_the_models_context_is_named_before_training(folder, capsys):
