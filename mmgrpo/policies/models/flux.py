@@ -35,6 +35,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 _REQUIRED = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
@@ -184,11 +185,9 @@ class FluxAdapter:
         """``prompt_embeds [B, L, D]`` (T5), ``pooled [B, P]`` (CLIP), ``guidance [B]`` fp32 (dev only)."""
         texts = [str(p) for p in prompts]
         tok = self.tokenizer
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids  # fmt: skip
+        ids = tokenize(tok, texts, tok.model_max_length, "CLIP text encoder").input_ids
         pooled = self.text_encoder(ids.to(self.device), output_hidden_states=False).pooler_output  # [B, P]
-        ids2 = self.tokenizer_2(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                                return_tensors="pt").input_ids  # fmt: skip
+        ids2 = tokenize(self.tokenizer_2, texts, self.max_sequence_length, "T5 encoder").input_ids
         embeds = self.text_encoder_2(ids2.to(self.device), output_hidden_states=False)[0]  # [B, L, D]
         cond = {"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
         if self.denoiser.config.guidance_embeds:

@@ -30,6 +30,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 
@@ -160,8 +161,8 @@ class HunyuanVideoAdapter:
         """Llama hidden states [B, L, D] and mask [B, L] of the templated prompts, system turn cropped."""
         crop = self.crop_start
         templated = [self.prompt_template["template"].format(t) for t in texts]
-        tok = self.tokenizer(templated, max_length=self.max_sequence_length + crop, padding="max_length",
-                             truncation=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+        length, name = self.max_sequence_length + crop, "Llama text encoder (with its template)"
+        tok = tokenize(self.tokenizer, templated, length, name, return_attention_mask=True)
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         out = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         hidden = out.hidden_states[-(self.num_hidden_layers_to_skip + 1)]
@@ -171,8 +172,7 @@ class HunyuanVideoAdapter:
 
     def _clip_pooled(self, texts: list[str]) -> torch.Tensor:
         """CLIP pooled embeddings [B, P] (77 tokens, as the pipeline)."""
-        ids = self.tokenizer_2(texts, padding="max_length", max_length=77, truncation=True,
-                               return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+        ids = tokenize(self.tokenizer_2, texts, 77, "CLIP text encoder").input_ids.to(self.device)
         return self.text_encoder_2(ids, output_hidden_states=False).pooler_output
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 
@@ -145,7 +146,7 @@ class SDAdapter:
 
     # ------------------------------------------------------------------ condition
     def _tokens(self, tok: Any, texts: list[str]) -> Any:
-        return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return tokenize(tok, texts, tok.model_max_length, "CLIP text encoder")
 
     @torch.no_grad()
     def encode(self, prompts: list[Any], meta: list[dict] | None = None) -> Cond:

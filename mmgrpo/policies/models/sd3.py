@@ -31,6 +31,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
 
 
@@ -136,8 +137,7 @@ class SD3Adapter:
         for enc, tok in zip(self.text_encoders[:2], self.tokenizers[:2]):
             if enc is None:
                 continue
-            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+            ids = tokenize(tok, texts, tok.model_max_length, "CLIP text encoder").input_ids.to(self.device)
             out = enc(ids, output_hidden_states=True)
             pooled.append(out[0])
             clip_hidden.append(out.hidden_states[-2])
@@ -147,8 +147,8 @@ class SD3Adapter:
             raise UserError(f"the CLIP text features have width {width} but the transformer expects at most {joint}")
         enc3, tok3 = self.text_encoders[2], self.tokenizers[2]
         if enc3 is not None and not self.placeholder[2]:
-            ids = tok3(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                       add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+            ids = tokenize(tok3, texts, self.max_sequence_length, "T5 encoder",
+                           add_special_tokens=True).input_ids.to(self.device)  # fmt: skip
             t5 = enc3(ids)[0]
         else:  # SD3 without T5 (or its all-zero placeholder): zero tokens, none for a model trained without them
             t5 = torch.zeros(

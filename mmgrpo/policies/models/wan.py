@@ -39,6 +39,7 @@ from mmgrpo.core.files import open_video
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import resolve_dtype as _dtype
+from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder, sibling
 from mmgrpo.policies.vlm_inputs import load_image
 
@@ -297,8 +298,8 @@ class WanAdapter:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         texts = [prompt_clean(str(p)) for p in prompts]
-        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+        tok = tokenize(self.tokenizer, texts, self.max_sequence_length, "T5 encoder",
+                       add_special_tokens=True, return_attention_mask=True)  # fmt: skip
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state  # [B, L, D]
         keep = torch.arange(hidden.shape[1], device=self.device)[None, :] < mask.gt(0).sum(1)[:, None]  # [B, L]
