@@ -189,8 +189,13 @@ def test_fewer_prompts_than_a_step_asks_for_is_said_once(tmp_path):
 
     base = {"pipeline": "bandit", "data": {"options": {"num_prompts": 2, "num_arms": 3}},
             "rewards": [{"name": "bandit_arm_value"}], "trainer": {"prompts_per_step": 4}}  # fmt: skip
-    with pytest.warns(UserWarning, match=r"holds 2 prompt\(s\), fewer than trainer.prompts_per_step=4: every step"):
-        build_components(load_config(None, base=base))
+    with pytest.warns(
+        UserWarning, match=r"holds 2 prompt\(s\), fewer than trainer.prompts_per_step=4: every step"
+    ) as w:
+        comp = build_components(load_config(None, base=base))
+    said = [x for x in w if "fewer than trainer.prompts_per_step" in str(x.message)]
+    assert len(said) == 1  # once, when the run is built, not at every step
+    assert comp.policy is not None  # a warning, not a refusal: the run still builds
 
 
 @pytest.mark.parametrize(

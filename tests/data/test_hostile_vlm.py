@@ -278,8 +278,15 @@ def test_a_small_file_warns_that_evaluation_answers_fewer_than_asked(folder):
 
     (folder / "d.jsonl").write_text(jsonl(*[QA] * 10))
     examples = QAExamples(VLMReasoningDataOptions(path=str(folder / "d.jsonl")))
-    with pytest.warns(UserWarning, match=r"the split holds 1 held-out example\(s\), fewer than data.options.eval_"):
+    assert len(examples.heldout) == 1  # 10 examples x heldout_fraction 0.1
+    with pytest.warns(
+        UserWarning, match=r"the split holds 1 held-out example\(s\), fewer than data.options.eval_"
+    ) as w:
         warn_short_evaluation(str(folder / "d.jsonl"), len(examples.heldout), 32)
+    assert len(w) == 1 and "each evaluation answers only 1" in str(w[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough held-out examples: silent
+        warn_short_evaluation(str(folder / "d.jsonl"), len(examples.heldout), 1)
 
 
 def test_examples_repeated_across_the_split_are_named_in_one_warning(folder):
