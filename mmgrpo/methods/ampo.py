@@ -223,6 +223,7 @@ METHOD = register_method(
         options=AMPOOptions,
         pipelines=("vlm_reasoning",),
         data_keys=("guidance",),
+        supplied_keys=lambda opts: ("guidance",) if opts.teachers else (),  # online teachers stand in for a pool
         conflicts=("tempsamp", "pearl"),
         check=check_ampo,
         wrap_policy=lambda policy, opts: AMPOPolicy(policy, opts),

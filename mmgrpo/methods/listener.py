@@ -392,6 +392,7 @@ METHOD = register_method(
         rewards=("listener", "vlm_listener"),
         reward_switched=True,
         data_keys=("answer", "options"),
-        data_keys_needed="none",  # 'candidates' stand in for options (candidate_answers)
+        data_keys_needed={"answer": "none", "options": "each"},  # the recipe checks the answer; candidate_answers
+        data_key_stand_ins={"options": ("candidates",)},  # fails on a row without candidates or options
     )
 )

@@ -30,7 +30,9 @@ What a method may contribute (every part optional):
   without learning signal are sampled again from a rewritten prompt (at most one enabled method may have one);
 - ``check(options, cfg, key)``: load-time checks against the rest of the config (UserErrors naming ``key``);
 - ``pipelines``: the recipes it applies to (empty: any); ``conflicts``: methods it cannot be combined with;
-  ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``).
+  ``data_keys``: what each example's meta must carry (documentation and ``mmgrpo list``), checked against a data
+  file at load (:func:`check_example_keys`) as ``data_keys_needed`` says, with the keys that stand in for one
+  (``data_key_stand_ins``) and without those the method supplies itself under its options (``supplied_keys``).
 
 Validation (:func:`check_methods`) runs at config load, before any model is built; :func:`enabled_methods` gives the
 training code each enabled method with its parsed options, in the order of the block.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,10 +74,17 @@ class Method:
     """the method's part is its reward: listing one of ``rewards`` runs it (and ``methods:`` requires one listed)"""
     data_keys: tuple[str, ...] = ()
     """meta keys each training example must carry"""
-    data_keys_needed: str = "some"
+    data_keys_needed: str | dict[str, str] = "some"
     """how a data file is checked for ``data_keys`` at load (:func:`check_example_keys`): ``"each"`` example must
     carry them (the method fails without), ``"some"`` example must (it skips examples without one, so a file with
-    none would leave it without effect), or ``"none"`` (it has a fallback)"""
+    none would leave it without effect), or ``"none"`` (it has a fallback); a dict gives a key its own level
+    (``{"options": "each"}``; the keys not in it: ``"some"``)"""
+    data_key_stand_ins: dict[str, tuple[str, ...]] | None = None
+    """keys of the examples that stand in for a data key: an example carrying one of them carries the key (the
+    listener's ``candidates`` for ``options``)"""
+    supplied_keys: Callable[[Any], tuple[str, ...]] | None = None
+    """supplied_keys(options) -> the data keys the method supplies itself under these options, which the data then
+    need not carry (AMPO's online ``teachers`` answer without a ``guidance`` pool)"""
     conflicts: tuple[str, ...] = ()
     """methods that cannot be enabled together with this one"""
     check: Callable[[Any, Any, str], None] | None = None
@@ -200,32 +210,43 @@ def check_example_keys(cfg: Any, examples: list[tuple[str, dict]]) -> None:
     ``data_keys`` of every method enabled under ``methods:`` as its ``data_keys_needed`` says -- a UserError at load
     naming the first example without one (``"each"``: PEARL's missing checklist used to stop the run in its first
     step) or the file (``"some"``: Scaf-GRPO without any hints trained without effect). A key renamed by an option
-    ``<key>_key`` (of the method, or of its reward in ``rewards:``) is looked up under its new name; online
-    ``teachers`` (AMPO) stand in for a guidance pool."""
+    ``<key>_key`` (of the method, or of its reward in ``rewards:``) is looked up under its new name; an example
+    carrying one of the key's ``data_key_stand_ins`` carries it; the keys the method supplies itself
+    (``supplied_keys(options)``) are not looked for."""
     for method, opts in enabled_methods(cfg):
-        if method.data_keys_needed == "none" or not examples:
+        if not examples:
             continue
         specs = [r.options for r in cfg.rewards if r.name in method.rewards]
+        supplied = set(method.supplied_keys(opts)) if method.supplied_keys is not None else set()
+        levels = method.data_keys_needed
         for key in method.data_keys:
-            if key == "guidance" and getattr(opts, "teachers", None):
+            needed = levels.get(key, "some") if isinstance(levels, dict) else levels
+            if needed == "none" or key in supplied:
                 continue
-            option = f"{key}_key"
-            name = next((o[option] for o in specs if isinstance(o.get(option), str)), getattr(opts, option, key))
-            lacking = [where for where, ex in examples if ex.get(name) in (None, "", [], {})]
-            paper = method.paper.split(":")[0]
-            if method.data_keys_needed == "each" and lacking:
+            names = [_key_name(k, specs, opts) for k in (key, *(method.data_key_stand_ins or {}).get(key, ()))]
+            lacking = [where for where, ex in examples if all(ex.get(n) in (None, "", [], {}) for n in names)]
+            said, paper = repr(names[0]) + "".join(f" (or {n!r})" for n in names[1:]), method.paper.split(":")[0]
+            add = " or ".join(repr(n) for n in names)
+            if needed == "each" and lacking:
                 more = f" (and {len(lacking) - 1} other example(s))" if len(lacking) > 1 else ""
                 raise UserError(
-                    f"{lacking[0]}{more}: methods.{method.name} reads each example's {name!r}, which is missing or "
-                    f"empty here; add {name!r} to every example ({paper}) or remove methods.{method.name}"
+                    f"{lacking[0]}{more}: methods.{method.name} reads each example's {said}, which is missing or "
+                    f"empty here; add {add} to every example ({paper}) or remove methods.{method.name}"
                 )
             if len(lacking) == len(examples):
-                file = examples[0][0].rsplit(" line ", 1)[0]
+                file = re.sub(r" (line|row) \d+$", "", examples[0][0])
                 raise UserError(
-                    f"{file}: methods.{method.name} reads an example's {name!r}, and none of the {len(examples)} "
-                    f"example(s) has one, so it would do nothing; add {name!r} to the examples ({paper}) or remove "
+                    f"{file}: methods.{method.name} reads an example's {said}, and none of the {len(examples)} "
+                    f"example(s) has one, so it would do nothing; add {add} to the examples ({paper}) or remove "
                     f"methods.{method.name}"
                 )
+
+
+def _key_name(key: str, reward_options: list[dict], opts: Any) -> str:
+    """The name an example carries ``key`` under: renamed by an option ``<key>_key`` of the method's reward in
+    ``rewards:`` or of the method itself, else ``key``."""
+    option = f"{key}_key"
+    return next((o[option] for o in reward_options if isinstance(o.get(option), str)), getattr(opts, option, key))
 
 
 def _has_field(cls: type, name: str) -> bool:

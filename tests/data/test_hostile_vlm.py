@@ -198,6 +198,8 @@ ROOT = Path(__file__).resolve().parents[2]
         ("vlm_pearl", "checklist", {"checklist": [["Is it red?", "yes"]]}, "each"),
         ("vlm_scaf_grpo", "hints", {"hints": ["Look at the colour."]}, "some"),
         ("vlm_egrpo", "entities", {"entities": ["red square"]}, "none"),  # falls back on the answer's words
+        ("vlm_listener", "options", {"options": ["red", "blue"]}, "each"),  # its candidates are the letters
+        ("vlm_listener", "candidates", {"candidates": ["red", "blue"]}, "each"),  # or the row's own candidates
     ],
 )
 def test_a_key_an_enabled_method_reads_is_checked_at_load(folder, config, key, extra, needed):
@@ -219,6 +221,32 @@ def test_a_key_an_enabled_method_reads_is_checked_at_load(folder, config, key, e
         with pytest.raises(UserError, match=rf"d.jsonl: methods.\w+ reads an example's '{key}', and none of the 2"):
             check(QA, QA)
     check({**QA, **extra}, {**QA, **extra})
+
+
+def test_the_listener_names_the_row_without_candidates_and_a_renamed_key_is_looked_up(folder):
+    # the row loaded and stopped the run in its first step with the reward's own message, naming no file or line
+    cfg = load_config(ROOT / "configs" / "vlm_listener.yaml", [f"data.options.path={folder / 'd.jsonl'}"])
+    (folder / "d.jsonl").write_text(jsonl({**QA, "options": ["red", "blue"]}, {**QA, "candidates": ["red"]}, QA))
+    examples = [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")]
+    msg = raises(check_example_keys, cfg, r"d.jsonl line 3: methods.listener reads each example's 'options' \(or "
+                 r"'candidates'\), which is missing or empty here; add 'options' or 'candidates' to every example",
+                 examples)  # fmt: skip
+    assert "(and" not in msg and "\n" not in msg
+    renamed = load_config(ROOT / "configs" / "vlm_listener.yaml", ["rewards.0.name=listener",
+                          "rewards.0.options={model: x, candidates_key: choices}"])  # fmt: skip
+    raises(check_example_keys, renamed, r"line 2 \(and 1 other example\(s\)\): .*'options' \(or 'choices'\)",
+           examples)  # fmt: skip
+    examples[1][1]["choices"], examples[2][1]["choices"] = ["red"], ["red"]
+    check_example_keys(renamed, examples)
+
+
+def test_a_key_a_method_supplies_itself_is_not_looked_for(folder):
+    # AMPO's online teachers answer a failed question without a guidance pool: a file without one is fine then
+    (folder / "d.jsonl").write_text(jsonl(QA, QA))
+    examples = [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")]
+    path = ROOT / "configs" / "vlm_ampo.yaml"
+    raises(check_example_keys, load_config(path), r"d.jsonl: methods.ampo reads an example's 'guidance'", examples)
+    check_example_keys(load_config(path, ["methods.ampo.teachers=[assets/tiny_qwen2_vl]"]), examples)
 
 
 def test_pearl_on_a_file_without_checklists_stops_before_training(folder, capsys):
