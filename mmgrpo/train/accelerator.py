@@ -13,6 +13,20 @@ from accelerate import Accelerator
 from mmgrpo.core.errors import UserError
 
 
+def quiet_deepspeed_probe() -> None:
+    """On a machine with no accelerator torch can use, tell DeepSpeed so (``DS_ACCELERATOR=cpu``) before anything
+    imports it: accelerate imports DeepSpeed wherever it is installed (each ``unwrap_model``, which transformers'
+    ``save_pretrained`` calls), and DeepSpeed's probe for an accelerator then prints "Setting accelerator to CPU. If
+    you have GPU or other accelerator, we were unable to detect it." on every command. A value the user set is kept;
+    with a GPU (CUDA, XPU, MPS) nothing is set, so DeepSpeed detects it as before."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    xpu = getattr(torch, "xpu", None)
+    if torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def make_accelerator(mixed_precision: str | None) -> Accelerator:
     """An Accelerator with :func:`launch_precision`; in a plain (non-launched) process a previous one's settings are
     reset first. A launch that started several processes but left each alone (no accelerator found and no

@@ -24,6 +24,7 @@ from mmgrpo.core import plugins
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.registry import registries
 from mmgrpo.rewards.server import main as serve_main
+from mmgrpo.train.accelerator import quiet_deepspeed_probe
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
 from mmgrpo.train.export import main as export_main
@@ -128,6 +129,7 @@ def cmd_list() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MMGRPO_DEBUG") == "1"
+    quiet_deepspeed_probe()
     try:
         rest = [a for a in argv if a != "--debug"]
         if rest and rest[0] == "serve-reward":  # its own parser (mmgrpo.rewards.server) takes every argument

@@ -25,6 +25,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.testing.launch import free_port
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train import zero
+from mmgrpo.train.accelerator import quiet_deepspeed_probe
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
@@ -286,6 +287,39 @@ def test_configure_fills_autos_and_refuses_what_the_trainer_cannot_drive():
             zero.configure(_acc({"zero_optimization": {"stage": stage}}), _cfg())
     with pytest.raises(UserError, match="trainer.ema_decay=0.9 with DeepSpeed ZeRO-3"):
         zero.configure(_acc({"zero_optimization": {"stage": 3}}), _cfg(ema_decay=0.9))
+
+
+def test_quiet_deepspeed_probe_names_the_cpu_only_where_torch_sees_no_accelerator(monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    quiet_deepspeed_probe()
+    assert "DS_ACCELERATOR" not in os.environ  # a GPU: DeepSpeed detects it itself
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quiet_deepspeed_probe()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    quiet_deepspeed_probe()
+    assert os.environ["DS_ACCELERATOR"] == "xpu"  # the user's choice is kept
+
+
+def test_a_cli_run_prints_no_deepspeed_accelerator_probe_line(tmp_path):
+    """With deepspeed installed, accelerate imports it on each ``unwrap_model`` and DeepSpeed's accelerator probe
+    printed "Setting accelerator to CPU. If you have GPU ..." on every CLI command of a CPU machine."""
+    _deepspeed()
+    env = {k: v for k, v in _env().items() if k not in ("DS_ACCELERATOR", "ACCELERATE_USE_CPU")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    probe = "Setting accelerator to CPU"
+    bare = subprocess.run([sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True)
+    assert probe in bare.stdout + bare.stderr  # what a process that does not set DS_ACCELERATOR prints
+    data = _config(2)
+    data["run"]["output_dir"] = str(tmp_path / "runs")
+    data["trainer"].update(max_steps=2, checkpoint_every=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "mmgrpo.train.cli", "train", "c.yaml"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "runs").is_dir()
+    assert probe not in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
