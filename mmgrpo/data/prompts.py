@@ -14,7 +14,7 @@ import numpy as np
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.types import PromptBatch
-from mmgrpo.data.records import csv_rows, json_list_rows, jsonl_rows, text_lines
+from mmgrpo.data.records import check_finite_row, csv_rows, json_list_rows, jsonl_rows, text_lines
 from mmgrpo.data.shapes import split_prompts
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv")
@@ -148,6 +148,7 @@ def hf_prompts(spec: str) -> list[str]:
     out = []
     for i, row in enumerate(ds):
         row = dict(row)
+        check_finite_row(row, f"{spec} row {i}")  # as a JSON file's NaN is refused: it would reach a reward
         row["prompt"] = row.pop(column)
         out.append(_row_prompt(row, f"{spec} row {i}"))
     return out

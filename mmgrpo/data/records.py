@@ -6,7 +6,9 @@ last) and a non-finite number (``NaN``, ``Infinity``, ``1e999``, which Python's 
 reader does, and which would reach a reward or a box) are errors. Lines are split at ``\\n``, ``\\r\\n`` and ``\\r``
 only, never at the Unicode line separators that ``str.splitlines`` also splits at (U+2028 is legal inside a JSON
 string, and ``json.dumps(..., ensure_ascii=False)`` writes it as is). CSV is parsed strictly too: a repeated column
-name, a row with more or fewer fields than the header and an unterminated quote are errors.
+name, a row with more or fewer fields than the header and an unterminated quote are errors. The rows of a Hugging
+Face dataset (``hf:``), which arrive as Python values and not as text, get the same check of their numbers
+(:func:`check_finite_row`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import re
 from typing import Any
 
@@ -154,6 +157,35 @@ def csv_rows(text: str, name: str) -> tuple[list[str], list[tuple[str, dict[str,
         raise UserError(f"{name} line {reader.line_num} is not valid CSV ({e}); close every quoted field with "
                         '" and write a quote inside one as ""') from e  # fmt: skip
     return header or [], rows
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, Any] | None:
+    """(where inside a value, the number) of the first NaN or infinite number in ``value`` (lists, tuples and dicts
+    are searched), or None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, dict):
+        items: Any = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for p, v in items if (found := _non_finite(v, p)) is not None), None)
+
+
+def check_finite_row(row: dict, where: str) -> None:
+    """A UserError naming ``where`` (``"hf:NAME row N"``) and the column when a value of a dataset row (a float
+    column, or a number inside a list or struct column) is NaN or infinite: what a JSON file may not hold
+    (:func:`parse_json`) and a dataset's float column can (a missing value written as NaN), which would reach a
+    reward or a box as is."""
+    for column, value in row.items():
+        found = _non_finite(value, "")
+        if found is not None:
+            inside, number = found
+            at = f" at {inside}" if inside else ""
+            raise UserError(f"{where}: column {quoted(column, 60)} holds {float(number)!r}{at}, which is not a finite "
+                            "number; write a finite number, or None for a missing value (e.g. with Dataset.map), "
+                            "or remove the row (Dataset.filter)")  # fmt: skip
 
 
 def json_type(value: Any) -> str:

@@ -111,6 +111,34 @@ def test_a_dataset_saved_with_save_to_disk_is_read(tmp_path):
     raises(read_prompts, f"hf:{tmp_path / 'saved'}", r"load_from_disk.*failed", "train", 0)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_a_datasets_nan_or_infinity_is_refused_as_a_json_files_is(tmp_path):
+    # a JSON file's NaN was refused while a dataset's float column passed NaN into the prompt's meta, to a reward
+    import datasets
+
+    def saved(name, **columns):
+        datasets.Dataset.from_dict({"prompt": ["a red circle", "a blue square"], **columns}).save_to_disk(
+            str(tmp_path / name)
+        )
+        return f"hf:{tmp_path / name}"
+
+    spec = saved("nan", weight=[1.0, float("nan")])
+    msg = raises(read_prompts, spec, r"hf:.*nan row 1: column 'weight' holds nan, which is not a finite", "train", 0)
+    assert "write a finite number, or None for a missing value" in msg
+    spec = saved("inf", scores=[[0.5, 1.0], [0.5, float("-inf")]])  # a list column: the item is named
+    raises(read_prompts, spec, r"row 1: column 'scores' holds -inf at \[1\]", "train", 0)
+    spec = saved("struct", box=[{"x": 1.0, "y": float("inf")}, {"x": 2.0, "y": 0.0}])
+    raises(read_prompts, spec, r"row 0: column 'box' holds inf at \['y'\]", "train", 0)
+    got = read_prompts(saved("ok", weight=[1.0, None], n=[1, 2]), "train", 0)  # None: a missing value, as JSON null
+    assert got[1].meta == {"weight": None, "n": 2}
+    import pyarrow as pa  # a dependency of datasets
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()  # read by datasets.load_dataset (not save_to_disk): pandas writes a missing value NaN
+    pq.write_table(pa.table({"prompt": ["a", "b"], "weight": [1.5, float("nan")]}), tmp_path / "pq" / "train.parquet")
+    raises(read_prompts, f"hf:{tmp_path / 'pq'}", r"pq row 1: column 'weight' holds nan", "train", 0)
+
+
 def test_a_symlink_loop_and_a_decompression_bomb_are_named(folder):
     os.symlink("loop2.png", folder / "loop1.png")
     os.symlink("loop1.png", folder / "loop2.png")
