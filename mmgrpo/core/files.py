@@ -12,6 +12,7 @@ whole or not at all (:func:`staged_folder`), so a failure never leaves a half-wr
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -124,9 +125,10 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:
+def check_image(path: str | os.PathLike, where: str, data: bytes | None = None) -> tuple[int, int]:
     """Open and decode the image at ``path`` once: (width, height) as a viewer shows it (after its EXIF orientation,
-    which the VLM loader applies), or a UserError naming ``where`` and the file.
+    which the VLM loader applies), or a UserError naming ``where`` and the file. With ``data``, the image is those
+    encoded bytes (one stored in a dataset) and ``path`` names it in the messages ("stored in column 'image'").
 
     An image of more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89 million) is
     refused from its header, before it is decoded: a small file can declare 20000 x 20000 pixels (1.2 GB decoded),
@@ -137,15 +139,16 @@ def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:
     from PIL import Image
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    name = f"image '{path}'" if data is None else f"the image {path}"
+    if data is None and not os.path.isfile(path):
         raise UserError(f"{where}: image '{path}' {_not_a_file(path)}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the fix
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and im.width * im.height > limit:
-                    raise UserError(f"{where}: image '{path}' is {im.width}x{im.height} pixels, more than the "
+                    raise UserError(f"{where}: {name} is {im.width}x{im.height} pixels, more than the "
                                     f"{limit} that PIL decodes safely (a decompression bomb, or a scan at full "
                                     "resolution); downscale it (e.g. to 2048 pixels a side)")  # fmt: skip
                 im.load()  # decodes every byte: a truncated or garbage file fails here, not mid-training
@@ -155,12 +158,12 @@ def check_image(path: str | os.PathLike, where: str) -> tuple[int, int]:
         raise
     except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses it in open()
         raise UserError(
-            f"{where}: image '{path}' is too large to decode safely ({str(e)[:120]}); a decompression "
+            f"{where}: {name} is too large to decode safely ({str(e)[:120]}); a decompression "
             "bomb, or a scan at full resolution: downscale it (e.g. to 2048 pixels a side)"
         ) from e
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ...
         raise UserError(
-            f"{where}: image '{path}' cannot be read ({type(e).__name__}: {str(e)[:160]}); replace or remove it"
+            f"{where}: {name} cannot be read ({type(e).__name__}: {str(e)[:160]}); replace or remove it"
         ) from e
 
 

@@ -3,8 +3,6 @@ seeded, layout-independent stream. The schemas are documented in docs/data.md.""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import numpy as np
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.types import PromptBatch
+from mmgrpo.data.hf_datasets import hf_spec, open_dataset, saved_dataset
 from mmgrpo.data.records import check_finite_row, csv_rows, json_list_rows, jsonl_rows, text_lines
 from mmgrpo.data.shapes import split_prompts
 
@@ -119,27 +118,9 @@ def _csv_prompts(text: str, spec: str) -> list[str]:
 
 def hf_prompts(spec: str) -> list[str]:
     """Prompts of a Hugging Face dataset: ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]`` (split 'train', column 'prompt')."""
-    name, split, column = (spec[3:].split(":") + ["", ""])[:3]
-    split, column = split or "train", column or "prompt"
-    if not name:
-        raise UserError(f"prompts={quoted(spec)} names no dataset; write hf:NAME_OR_PATH[:SPLIT[:COLUMN]]")
-    if importlib.util.find_spec("datasets") is None:
-        raise UserError(
-            f"prompts={quoted(spec)} reads a Hugging Face dataset, but the 'datasets' package is not installed; "
-            "run `pip install datasets`, or export the prompts to a .txt / .jsonl / .csv file"
-        )
-    datasets = importlib.import_module("datasets")
-    if saved_dataset(Path(name)):
-        ds = _load_saved(datasets, spec, name, split)
-    else:
-        try:
-            ds = datasets.load_dataset(name, split=split)
-        except Exception as e:  # noqa: BLE001 - offline, unknown name or split: say which and how to fix it
-            raise UserError(
-                f"prompts={quoted(spec)}: datasets.load_dataset({name!r}, split={split!r}) failed "
-                f"({quoted(str(e), 300)}); "
-                "check the name, the split, and that the dataset is downloaded when offline"
-            ) from e
+    ds = open_dataset(spec, f"prompts={quoted(spec)}")
+    _, split, column = hf_spec(spec)
+    column = column or "prompt"
     if column not in ds.column_names:
         raise UserError(
             f"prompts={quoted(spec)}: split {split!r} has no column {column!r} (columns: {quoted(ds.column_names)}); "
@@ -152,29 +133,6 @@ def hf_prompts(spec: str) -> list[str]:
         row["prompt"] = row.pop(column)
         out.append(_row_prompt(row, f"{spec} row {i}"))
     return out
-
-
-def saved_dataset(path: Path) -> bool:
-    """Is ``path`` a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (which
-    ``datasets.load_dataset`` refuses: it must be read with ``load_from_disk``)?"""
-    return path.is_dir() and any((path / x).is_file() for x in ("state.json", "dataset_dict.json"))
-
-
-def _load_saved(datasets: Any, spec: str, name: str, split: str) -> Any:
-    """The ``split`` of a dataset saved with save_to_disk (a Dataset has one split, whatever its name)."""
-    try:
-        ds = datasets.load_from_disk(name)
-    except Exception as e:  # noqa: BLE001 - a folder with missing or damaged files: name it
-        raise UserError(
-            f"prompts={quoted(spec)}: datasets.load_from_disk({name!r}) failed ({quoted(str(e), 300)}); the folder "
-            "is not a complete save_to_disk output: save the dataset again"
-        ) from e
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise UserError(f"prompts={quoted(spec)}: the saved dataset has no split {split!r} (splits: "
-                            f"{quoted(sorted(ds))}); name one as hf:PATH:SPLIT")  # fmt: skip
-        return ds[split]
-    return ds
 
 
 class PromptList:

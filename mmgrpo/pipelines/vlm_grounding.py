@@ -13,7 +13,7 @@ Coordinates are converted only by ``mmgrpo/rewards/boxes.py`` (the rewards read 
 Data, one example = ``{image, question, box [x1, y1, x2, y2] (original-image pixels), image_size (W, H)}``:
 
 - ``data.options.path``: a JSONL file of such examples (image paths relative to the file; a seeded split holds out
-  ``heldout_fraction`` of them);
+  ``heldout_fraction`` of them), or ``hf:PATH[:SPLIT]``, a Hugging Face dataset of such rows (docs/data.md);
 - ``path: ""``: grounding questions of the shapes world (mmgrpo/data/shapes_qa.py), split by scene seed like every
   shapes-QA recipe and the pretraining of ``assets/shapes_vlm``, so held-out scenes were never trained on.
 
@@ -34,6 +34,7 @@ from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.files import check_image
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
+from mmgrpo.data.hf_datasets import StoredImage, opened
 from mmgrpo.data.vlm_formats import parse_box_value, to_grounding_record
 from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.pipelines.vlm_reasoning import (
@@ -45,6 +46,7 @@ from mmgrpo.pipelines.vlm_reasoning import (
     check_vlm_data,
     jsonl_records,
     load_vlm_policy,
+    media_base,
     seeded_split,
     warn_repeated_heldout,
     warn_short_evaluation,
@@ -61,7 +63,8 @@ BOX_REWARDS = ("iou", "iou_curriculum")
 @dataclass
 class VLMGroundingDataOptions:
     path: str = ""
-    """JSONL file of {image, question, box, image_size}; "" = shapes-world grounding questions (shapes_qa)"""
+    """JSONL file of {image, question, box, image_size}, or hf:PATH[:SPLIT] for a Hugging Face dataset of such rows
+    (docs/data.md); "" = shapes-world grounding questions (shapes_qa)"""
     heldout_fraction: float = 0.1
     """fraction held out: of the JSONL examples, or of the shapes scene seeds (keep 0.1 for assets/shapes_vlm)"""
     split_seed: int = 0
@@ -116,7 +119,7 @@ def load_grounding_jsonl(path: str | Path) -> list[Example]:
 
 def load_grounding_lines(path: str | Path) -> list[tuple[str, Example]]:
     """(``"PATH line N"``, example) of each example of :func:`load_grounding_jsonl`."""
-    p = Path(path)
+    base = media_base(path)
     out = []
     for where, rec in jsonl_records(path, ("image", "question", "box"), "shapes grounding", to_grounding_record):
         box = parse_box_value(rec["box"], where)
@@ -124,10 +127,11 @@ def load_grounding_lines(path: str | Path) -> list[tuple[str, Example]]:
         if rec.get("images") is not None:
             raise UserError(f"{where}: give 'image' (one path), not 'images' as well; a grounding example has one "
                             "image")  # fmt: skip
-        if not isinstance(rec["image"], str) or not rec["image"].strip():
+        image = rec["image"]
+        if not isinstance(image, str | StoredImage) or isinstance(image, str) and not image.strip():
             raise UserError(f"{where}: a grounding example has one image: 'image' must be a path, got "
                             f"{quoted(rec['image'], 80)}")  # fmt: skip
-        image = str(p.parent / rec["image"])
+        image = image if isinstance(image, StoredImage) else str(base / image)
         size = check_box(box, rec.get("image_size"), image, where)  # the image opened once here, not mid-training
         meta = {k: v for k, v in rec.items() if k not in ("image", "question", "box", "image_size")}
         meta.update(box=box, image_size=size, images=[image])
@@ -142,11 +146,12 @@ def _same_shape(a: tuple, b: tuple) -> bool:
     return abs(a[0] / a[1] - b[0] / b[1]) <= 0.02 * b[0] / b[1]
 
 
-def check_box(box: list[float], image_size: Any, image: str, where: str) -> tuple[int, int]:
+def check_box(box: list[float], image_size: Any, image: str | StoredImage, where: str) -> tuple[int, int]:
     """The (W, H) a box is in -- ``image_size`` when given (the original image's, for a file that is a resized copy),
     else the image file's -- after checking that the box lies in it with x1 < x2 and y1 < y2 (an inverted, empty or
     outside box gives every answer IoU 0: a reward without signal)."""
-    dims = check_image(image, where)  # as shown (EXIF orientation applied), like the image the model sees
+    # as shown (EXIF orientation applied), like the image the model sees; a hf: dataset's was checked as it was read
+    dims = image.size if isinstance(image, StoredImage) else check_image(image, where)
     if image_size is None:
         size = dims
     elif (
@@ -198,7 +203,7 @@ class GroundingExamples:
     def example(self, i: int) -> Example:
         if self.records is not None:
             prompt, meta = self.records[i]
-            prompt, meta = dict(prompt), dict(meta)
+            prompt, meta = dict(prompt), {**meta, "images": opened(meta["images"])}  # a hf: dataset's decoded
         else:
             ex = shapes_qa.make_example(i, "grounding", self.data.split_seed, self.data.image_size)
             prompt, meta = ex.prompt(), ex.meta()

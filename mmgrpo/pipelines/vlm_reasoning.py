@@ -8,7 +8,8 @@ mmgrpo/rewards/text.py.
 Data, one example = ``{question, options?, answer, image | images | video, checklist?, ...}``:
 
 - ``data.options.path``: a JSONL file of such examples (media paths relative to the file; other keys go to meta), or
-  of TRL conversational / LLaVA ``conversations`` records, converted on load (docs/data.md);
+  of TRL conversational / LLaVA ``conversations`` records, converted on load, or ``hf:PATH[:SPLIT]``, a Hugging Face
+  dataset of such rows (a save_to_disk folder; images as ``Image`` features or paths) (docs/data.md);
 - ``path: ""``: the built-in synthetic shapes QA, questions about scenes of the shapes world (mmgrpo/data/shapes.py)
   rendered on the fly: "How many red circles are there? A) 1 B) 2 C) 3", "Is there a blue square? A) yes B) no",
   each with a perception checklist: [["How many red objects are there?", "2"], ["Is there a triangle?", "yes"]]
@@ -45,7 +46,15 @@ from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes, shapes_qa
-from mmgrpo.data.prompts import saved_dataset
+from mmgrpo.data.hf_datasets import (
+    StoredImage,
+    dataset_rows,
+    hf_spec,
+    media_folder,
+    open_dataset,
+    opened,
+    saved_dataset,
+)
 from mmgrpo.data.records import json_list_rows, json_type, jsonl_rows
 from mmgrpo.data.vlm_formats import IGNORED, to_qa_record
 from mmgrpo.methods.registry import check_example_keys
@@ -70,7 +79,8 @@ def check_vlm_data(split_seed: int, eval_examples: int) -> None:
 @dataclass
 class VLMReasoningDataOptions:
     path: str = ""
-    """JSONL file of {question, options?, answer, image | images | video}; "" = synthetic shapes QA"""
+    """JSONL file of {question, options?, answer, image | images | video}, or hf:PATH[:SPLIT] for a Hugging Face
+    dataset of such rows (docs/data.md); "" = synthetic shapes QA"""
     source: str = "shapes"
     """synthetic QA when path is "": shapes (counting / existence, below) or shapes_qa (count / colour / position
     multiple choice of mmgrpo/data/shapes_qa.py: num_examples train and eval_examples held-out scenes, split by scene
@@ -157,15 +167,19 @@ def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, c
     did not use (:data:`~mmgrpo.data.vlm_formats.IGNORED`: system turns, later turns) are named in one warning.
     """
     p = Path(path)
-    if p.is_dir():
-        saved = " (it holds a Hugging Face dataset saved with save_to_disk, which this recipe does not read)"
-        raise UserError(f"data.options.path={str(path)!r} is a folder{saved if saved_dataset(p) else ''}; give a "
-                        "JSONL file of examples with image paths (e.g. Dataset.to_json('data.jsonl')), or '' for "
-                        f"{otherwise}")  # fmt: skip
-    if not p.is_file():
+    if str(path).startswith("hf:"):
+        rows = hf_records(str(path))
+    elif p.is_dir():
+        if saved_dataset(p):
+            raise UserError(f"data.options.path={str(path)!r} is a folder holding a Hugging Face dataset "
+                            f"(save_to_disk); write hf:{path} to read it")  # fmt: skip
+        raise UserError(f"data.options.path={str(path)!r} is a folder; give a JSONL file of examples, hf:PATH for "
+                        f"a Hugging Face dataset, or '' for {otherwise}")  # fmt: skip
+    elif not p.is_file():
         raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for {otherwise}")
-    text = read_utf8(p, "data file")
-    rows = json_list_rows(text, str(path)) if p.suffix.lower() == ".json" else jsonl_rows(text, str(path))
+    else:
+        text = read_utf8(p, "data file")
+        rows = json_list_rows(text, str(path)) if p.suffix.lower() == ".json" else jsonl_rows(text, str(path))
     out, ignored = [], {}
     for where, rec in rows:
         if convert is not None:
@@ -181,12 +195,30 @@ def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, c
         for part in rec.pop(IGNORED, []):
             ignored.setdefault(part, []).append(where.rsplit(" ", 1)[-1])
         out.append((where, rec))
+    unit = "rows" if str(path).startswith("hf:") else "lines"
     for part, lines in ignored.items():
-        warnings.warn(f"{path}: {len(lines)} example(s) hold {part}, which the recipe does not use (lines "
+        warnings.warn(f"{path}: {len(lines)} example(s) hold {part}, which the recipe does not use ({unit} "
                       f"{', '.join(lines[:5])}{', ...' if len(lines) > 5 else ''})"
                       + ("; set policy.options.system_prompt for a system prompt" if "system" in part else ""),
                       stacklevel=3)  # fmt: skip
     return out
+
+
+def hf_records(spec: str) -> list[tuple[str, Any]]:
+    """(``"hf:... row N"``, row) of the Hugging Face dataset of ``data.options.path=hf:NAME_OR_PATH[:SPLIT]``: a
+    save_to_disk folder or what ``datasets.load_dataset`` reads (mmgrpo/data/hf_datasets.py); its images stored as
+    ``Image`` features (:class:`~mmgrpo.data.hf_datasets.StoredImage`) or as paths."""
+    label = f"data.options.path={quoted(spec)}"
+    if hf_spec(spec)[2]:
+        raise UserError(f"{label} names a column; an example is a whole row (question, answer, image, ...): write "
+                        "hf:NAME_OR_PATH[:SPLIT]")  # fmt: skip
+    return dataset_rows(open_dataset(spec, label), spec)
+
+
+def media_base(path: str | Path) -> Path:
+    """The folder relative media paths of a data file are read from: the file's folder, or for ``hf:`` the
+    folder :func:`~mmgrpo.data.hf_datasets.media_folder` says."""
+    return media_folder(str(path)) if str(path).startswith("hf:") else Path(path).parent
 
 
 def check_text(rec: dict, key: str, where: str) -> str:
@@ -203,10 +235,11 @@ def _scalar(value: Any) -> bool:
     )
 
 
-def check_media(rec: dict, base: Path, where: str) -> tuple[list[str], str | None]:
-    """(image paths, video path) of a record, resolved against ``base`` (the data file's folder) and opened once, so
+def check_media(rec: dict, base: Path, where: str) -> tuple[list[str | StoredImage], str | None]:
+    """(images, video path) of a record, resolved against ``base`` (the data file's folder) and opened once, so
     that a bad file is named now and not mid-training: ``image`` (a path) or ``images`` (a list of paths), not both;
-    ``video`` (a path). A missing key or null is no media."""
+    ``video`` (a path). A missing key or null is no media. An image stored in a ``hf:`` dataset (a
+    :class:`~mmgrpo.data.hf_datasets.StoredImage`, checked as it was read) stands where a path would."""
     if rec.get("image") is not None and rec.get("images") is not None:
         raise UserError(f"{where}: give 'image' (one path) or 'images' (a list of paths), not both")
     images = rec.get("images")
@@ -217,11 +250,12 @@ def check_media(rec: dict, base: Path, where: str) -> tuple[list[str], str | Non
                         f"'image' for one path")  # fmt: skip
     key = "image" if rec.get("image") is not None else "images"
     for im in images or []:
-        if not isinstance(im, str) or not im.strip():
+        if not isinstance(im, str | StoredImage) or isinstance(im, str) and not im.strip():
             raise UserError(f"{where}: '{key}' must hold image paths (non-empty strings), got {quoted(im, 80)}")
-    paths = [str(base / im) for im in images or []]
+    paths = [im if isinstance(im, StoredImage) else str(base / im) for im in images or []]
     for im in paths:
-        check_image(im, where)
+        if not isinstance(im, StoredImage):
+            check_image(im, where)
     video = rec.get("video")
     if video is not None:
         if not isinstance(video, str) or not video.strip():
@@ -239,7 +273,7 @@ def load_jsonl(path: str | Path) -> list[Example]:
 
 def load_jsonl_lines(path: str | Path) -> list[tuple[str, Example]]:
     """(``"PATH line N"``, example) of each example of :func:`load_jsonl`, for errors found later (a method's key)."""
-    p = Path(path)
+    base = media_base(path)
     out = []
     for where, rec in jsonl_records(path, ("question", "answer"), "synthetic shapes QA", to_qa_record):
         question = check_text(rec, "question", where)
@@ -259,7 +293,7 @@ def load_jsonl_lines(path: str | Path) -> list[tuple[str, Example]]:
                                     f"{len(options)} option(s) (A-{chr(64 + len(options))}); no answer could be "
                                     "graded right: fix the answer or the options")  # fmt: skip
         meta = {k: v for k, v in rec.items() if k not in ("question", "options", "image", "images", "video")}
-        meta["images"], video = check_media(rec, p.parent, where)
+        meta["images"], video = check_media(rec, base, where)
         if video is not None:
             meta["video"] = video
         out.append((where, ({"question": question, "options": options}, meta)))
@@ -381,7 +415,7 @@ class QAExamples:
         """Example ``i``; ``kinds``: the question kinds a shapes_qa scene draws from (held-out: all three)."""
         if self.records is not None:
             prompt, meta = self.records[i]
-            return dict(prompt), dict(meta)
+            return dict(prompt), {**meta, "images": opened(meta["images"])}  # a hf: dataset's images decoded
         if self.data.source == "shapes_qa":
             d = self.data
             ex = shapes_qa.make_example(i, None, d.split_seed, d.image_size, kinds, d.difficulty)

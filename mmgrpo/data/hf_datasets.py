@@ -1,0 +1,171 @@
+"""Hugging Face datasets as data sources: ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]`` (docs/data.md).
+
+A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` is read with ``datasets.load_from_disk``
+(``load_dataset`` refuses it); anything else (a hub id, a local folder of data files) with ``datasets.load_dataset``.
+The rows get the checks a JSON file's get (:func:`dataset_rows`): a NaN or infinite number is a UserError naming the
+dataset, the row and the column (:func:`mmgrpo.data.records.check_finite_row`), and an image stored in the dataset
+(an ``Image`` feature, alone or in a list) is decoded once at load, so that a corrupt one is named now and not
+mid-training, and kept encoded (:class:`StoredImage`): a dataset of many images is not held decoded in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import io
+from pathlib import Path
+from typing import Any
+
+from mmgrpo.core.errors import UserError, quoted
+from mmgrpo.core.files import check_image
+from mmgrpo.data.records import check_finite_row
+
+
+def hf_spec(spec: str) -> tuple[str, str, str]:
+    """(name or path, split, column) of ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]``; split 'train' and column '' when not
+    given."""
+    name, split, column = (spec[3:].split(":") + ["", ""])[:3]
+    return name, split or "train", column
+
+
+def saved_dataset(path: Path) -> bool:
+    """Is ``path`` a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (which
+    ``datasets.load_dataset`` refuses: it must be read with ``load_from_disk``)?"""
+    return path.is_dir() and any((path / x).is_file() for x in ("state.json", "dataset_dict.json"))
+
+
+def open_dataset(spec: str, label: str) -> Any:
+    """The split of the dataset ``spec`` names (``hf:NAME_OR_PATH[:SPLIT...]``), or a UserError beginning with
+    ``label`` (``prompts='hf:...'``, ``data.options.path='hf:...'``): no name, ``datasets`` not installed, a
+    damaged save_to_disk folder, an unknown split, a name load_dataset cannot read."""
+    name, split, _ = hf_spec(spec)
+    if not name:
+        raise UserError(f"{label} names no dataset; write hf:NAME_OR_PATH[:SPLIT[:COLUMN]]")
+    if importlib.util.find_spec("datasets") is None:
+        raise UserError(
+            f"{label} reads a Hugging Face dataset, but the 'datasets' package is not installed; "
+            "run `pip install datasets`, or export the dataset to a .jsonl file (Dataset.to_json)"
+        )
+    datasets = importlib.import_module("datasets")
+    if saved_dataset(Path(name)):
+        return _load_saved(datasets, label, name, split)
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name or split: say which and how to fix it
+        raise UserError(
+            f"{label}: datasets.load_dataset({name!r}, split={split!r}) failed ({quoted(str(e), 300)}); "
+            "check the name, the split, and that the dataset is downloaded when offline"
+        ) from e
+
+
+def _load_saved(datasets: Any, label: str, name: str, split: str) -> Any:
+    """The ``split`` of a dataset saved with save_to_disk (a Dataset has one split, whatever its name)."""
+    try:
+        ds = datasets.load_from_disk(name)
+    except Exception as e:  # noqa: BLE001 - a folder with missing or damaged files: name it
+        raise UserError(
+            f"{label}: datasets.load_from_disk({name!r}) failed ({quoted(str(e), 300)}); the folder "
+            "is not a complete save_to_disk output: save the dataset again"
+        ) from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{label}: the saved dataset has no split {split!r} (splits: "
+                            f"{quoted(sorted(ds))}); name one as hf:PATH:SPLIT")  # fmt: skip
+        return ds[split]
+    return ds
+
+
+def media_folder(spec: str) -> Path:
+    """The folder that relative media paths in the rows of ``spec`` are read from: the folder holding a
+    save_to_disk folder (as a data file's paths are relative to the folder holding the file), a local folder that
+    load_dataset reads (its data files are in it), else the working directory (a hub dataset)."""
+    name = Path(hf_spec(spec)[0])
+    if saved_dataset(name):
+        return name.parent
+    return name if name.is_dir() else Path(".")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StoredImage:
+    """An image stored in a dataset (an ``Image`` feature): its encoded bytes, checked and sized at load,
+    decoded upright (by its EXIF orientation, as a path's image is) by :meth:`open` each time it is used."""
+
+    data: bytes = dataclasses.field(repr=False)
+    size: tuple[int, int]
+    """(width, height) as shown, after the EXIF orientation"""
+    digest: str
+    """sha1 of the bytes (its first 16 hex digits): equal images have equal ``repr`` (the repeated-example check)"""
+
+    @classmethod
+    def checked(cls, data: bytes, name: str, where: str) -> StoredImage:
+        """The image of ``data`` once it decodes (a UserError naming ``where`` and ``name`` otherwise)."""
+        size = check_image(name, where, data=data)
+        return cls(data, size, hashlib.sha1(data).hexdigest()[:16])
+
+    def open(self) -> Any:
+        """A PIL image, turned upright by its EXIF orientation."""
+        from PIL import Image, ImageOps
+
+        return ImageOps.exif_transpose(Image.open(io.BytesIO(self.data)))
+
+    def __repr__(self) -> str:
+        return f"StoredImage({self.size[0]}x{self.size[1]}, sha1 {self.digest})"
+
+
+def opened(images: list[Any]) -> list[Any]:
+    """``images`` with every :class:`StoredImage` decoded (a PIL image), paths as they are."""
+    return [im.open() if isinstance(im, StoredImage) else im for im in images]
+
+
+def _undecoded(feature: Any) -> Any:
+    """``feature`` with every ``Image`` feature in it set not to decode (rows then hold ``{bytes, path}``)."""
+    datasets = importlib.import_module("datasets")
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, dict):
+        return {k: _undecoded(v) for k, v in feature.items()}
+    if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List, Sequence, LargeList
+        return dataclasses.replace(feature, feature=_undecoded(feature.feature))
+    return feature
+
+
+def _has_image(feature: Any) -> bool:
+    return repr(feature) != repr(_undecoded(feature))
+
+
+def _row_value(value: Any, feature: Any, name: str, where: str) -> Any:
+    """A value of a row with its stored images as :class:`StoredImage` (an image given by a path only: the path),
+    and, inside a struct, the keys that other items of its column have but this one lacks (None, as Arrow fills
+    them) left out, as a JSON file would not hold them (a TRL ``{"type": "image"}`` part read as ``{"type": "image",
+    "text": None}`` gave a question ending in 'None')."""
+    datasets = importlib.import_module("datasets")
+    if isinstance(feature, datasets.Image):
+        if value is None:
+            return None
+        if value.get("bytes") is None:
+            return value.get("path")
+        return StoredImage.checked(value["bytes"], f"stored in {name}", where)
+    if isinstance(value, dict):
+        sub = feature if isinstance(feature, dict) else {}
+        return {k: _row_value(v, sub.get(k), f"{name}[{k!r}]", where) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        item = getattr(feature, "feature", None)
+        return [_row_value(v, item, f"{name}[{i}]", where) for i, v in enumerate(value)]
+    return value
+
+
+def dataset_rows(ds: Any, spec: str) -> list[tuple[str, dict]]:
+    """(``"hf:... row N"``, row) of every row of ``ds`` (N counted from 0, as ``ds[N]``): checked for non-finite
+    numbers, its stored images as :class:`StoredImage` (a corrupt one a UserError naming the row and the column)."""
+    features = dict(ds.features)
+    if any(_has_image(f) for f in features.values()):
+        datasets = importlib.import_module("datasets")
+        ds = ds.cast(datasets.Features({k: _undecoded(f) for k, f in features.items()}))
+    out = []
+    for i, row in enumerate(ds):
+        where = f"{spec} row {i}"
+        check_finite_row(row, where)
+        out.append((where, {k: _row_value(v, features.get(k), f"column {k!r}", where) for k, v in row.items()}))
+    return out
