@@ -12,7 +12,11 @@ checkpoint that lacks a trainable parameter, or holds one the model does not hav
 
 Sampling is the policy's deterministic ODE (noise level 0) by default; ``--noise-level a`` samples the SDE
 (``policy.options.sde.kind``) at that level. Sample j of every prompt uses seed ``--seed + j``, so one sample is
-reproduced by asking for that seed alone, and the result does not depend on ``--batch-size``.
+reproduced by asking for that seed alone, and the result does not depend on ``--batch-size``: each sample draws its
+noise from its own generator, so another batch changes a sample only by the float rounding of a batched forward
+(1e-7 of a pixel on a CPU), not its noise. The N samples of a prompt are drawn :data:`DEFAULT_BATCH` (8) a
+forward unless ``--batch-size`` says otherwise (``0``: all N in one batch, which ran out of memory with a large N
+when it was the default).
 
 Writes into ``--out``: ``best_<i>.png`` (``.mp4`` for video) per prompt, ``grid.png`` (one row of N samples per
 prompt, the best framed in green; video: first frames) and ``scores.json`` (prompt, seeds, scores, best index).
@@ -52,6 +56,8 @@ from mmgrpo.train.report import image_grid
 from mmgrpo.train.scoring import to_column
 
 BEST_COLOUR = (0.1, 0.8, 0.2)  # frame of the best sample in grid.png
+DEFAULT_BATCH = 8
+"""samples a forward when ``--batch-size`` is not given (fewer when N is smaller)"""
 CELL_MIN, CELL_MAX = 128, 256  # grid cells are enlarged (nearest) below / shrunk above these sides (pixels)
 
 
@@ -81,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps T (default: the config's num_steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
     p.add_argument("--noise-level", type=float, default=0.0, help="0 = ODE sampling; > 0 = SDE at this level")
-    p.add_argument("--batch-size", type=int, default=0, help="samples per forward batch (0 = all N at once)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"samples per forward batch (default: "
+                   f"{DEFAULT_BATCH}, or N when smaller; 0 = all N at once); the samples do not depend on it (but for "
+                   "float rounding), so lower it when a batch runs out of memory")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16, float16 (default: the config's)")
     p.add_argument("--out", required=True, help="output folder")
@@ -92,7 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.best_of < 1:
         raise UserError(f"--best-of must be >= 1, got {args.best_of}")
-    if args.batch_size < 0:
+    if args.batch_size is not None and args.batch_size < 0:
         raise UserError(f"--batch-size must be >= 0, got {args.batch_size}")
     if not (math.isfinite(args.noise_level) and args.noise_level >= 0):
         raise UserError(f"--noise-level must be a finite number >= 0 (0 = ODE), got {args.noise_level}")
@@ -341,9 +349,15 @@ def best_index(scores: torch.Tensor) -> int:
     return int(torch.where(torch.isnan(scores), -math.inf, scores).argmax())
 
 
-def draw(policy: Any, prompt: str, seeds: list[int], noise_level: float, batch_size: int) -> torch.Tensor:
-    """N samples of one prompt, ``batch_size`` per forward: [N, 3, H, W] (or [N, F, 3, H, W]) in [0, 1]."""
-    step = batch_size or len(seeds)
+def batch_step(batch_size: int | None, n: int) -> int:
+    """Samples a forward: ``batch_size`` (0: all ``n``; None: :data:`DEFAULT_BATCH`), at most ``n``."""
+    return min(n, batch_size or (n if batch_size == 0 else DEFAULT_BATCH))
+
+
+def draw(policy: Any, prompt: str, seeds: list[int], noise_level: float, batch_size: int | None) -> torch.Tensor:
+    """N samples of one prompt, ``batch_step(batch_size, N)`` per forward: [N, 3, H, W] (or [N, F, 3, H, W]) in
+    [0, 1]; the same whatever the batch (each sample's noise comes from the generator of its seed)."""
+    step = batch_step(batch_size, len(seeds))
     try:
         parts = [
             policy.generate([prompt] * len(chunk), chunk, noise_level=noise_level).float().cpu()
@@ -428,7 +442,7 @@ def best_of_n(
     out_dir: str | Path,
     seed: int = 0,
     noise_level: float = 0.0,
-    batch_size: int = 0,
+    batch_size: int | None = None,
     progress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Draw N samples per prompt, score them, write best_<i>, grid.png; return one record per prompt."""

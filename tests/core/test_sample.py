@@ -153,6 +153,39 @@ def test_jpeg_rescore_is_exact_and_batching_changes_nothing(tmp_path, capsys, ti
     assert float(rescore[0]) == pytest.approx(a["best_score"], abs=1e-6)
 
 
+def test_a_large_best_of_is_drawn_in_batches_of_the_default_and_gives_the_one_batch_result(
+    tmp_path, capsys, tiny_ckpt, monkeypatch
+):
+    # all N in one forward was the default: --best-of 64 of a real model ran out of memory unless --batch-size was
+    # given; the default batch changes nothing but the forwards (each sample's noise comes from its own seed)
+    from mmgrpo.train.sample import DEFAULT_BATCH, build_parser
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert DEFAULT_BATCH == 8 and "(default: 8, or N when smaller; 0 = all N at once)" in help_text
+    real, sizes = DiffusionPolicy.generate, []
+
+    def generate(self, prompts, seeds, **kw):  # the real sampler, its batch sizes recorded
+        sizes.append(len(prompts))
+        return real(self, prompts, seeds, **kw)
+
+    monkeypatch.setattr(DiffusionPolicy, "generate", generate)
+    common = ["--model", tiny_ckpt, "--prompts", PROMPTS[0], "--best-of", 10, "--reward", "test_mean_brightness",
+              "--steps", 2, "--seed", 5, "--noise-level", 0.7, "--device", "cpu"]  # fmt: skip
+    assert run_cli(capsys, *common, "--out", tmp_path / "default")[0] == 0
+    assert sizes == [8, 2]
+    sizes.clear()
+    assert run_cli(capsys, *common, "--batch-size", 0, "--out", tmp_path / "one")[0] == 0
+    assert sizes == [10]
+    a, b = (json.loads((tmp_path / d / "scores.json").read_text())["prompts"][0] for d in ("default", "one"))
+    assert a["seeds"] == b["seeds"] == list(range(5, 15)) and a["best_index"] == b["best_index"]
+    # the same noise per sample: equal up to the float rounding of a batched forward (3e-8 seen on this CPU)
+    assert a["scores"] == pytest.approx(b["scores"], abs=1e-6) and len(set(a["scores"])) == 10  # SDE: 10 samples
+    assert (tmp_path / "default" / "best_0.png").read_bytes() == (tmp_path / "one" / "best_0.png").read_bytes()
+    sizes.clear()
+    assert run_cli(capsys, *common[:5], 3, *common[6:], "--out", tmp_path / "small")[0] == 0
+    assert sizes == [3]  # N below the default: one forward, as before
+
+
 # ------------------------------------------------------------------------------------------- trained runs
 def test_run_dir_loads_lora_weights_and_changes_samples(tmp_path, capsys, tiny_ckpt, trained_run):
     argv = [
