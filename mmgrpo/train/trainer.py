@@ -7,6 +7,10 @@
 
 Randomness is derived from (run seed, step, global position), never from a stateful RNG, so a resumed
 run replays exactly and a 2-process run samples exactly what the 1-process run samples.
+
+Around the loop: the update's machinery is :mod:`mmgrpo.train.update`, what a checkpoint holds
+:mod:`mmgrpo.train.trainer_state`, and :func:`train` (a run directory prepared, resumed, cleaned up after a failure)
+:mod:`mmgrpo.train.run`.
 """
 
 from __future__ import annotations
@@ -14,26 +18,23 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
 from mmgrpo.core import progress
 from mmgrpo.core.ema import EMA
-from mmgrpo.core.errors import UserError, first_line, out_of_memory
-from mmgrpo.core.extra import TermInputs, term_metric
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.extra import term_metric
 from mmgrpo.core.sampling import SamplerContext, StepPlan, make_sampler
 from mmgrpo.core.seeding import generator_for, prompt_seed
 from mmgrpo.core.types import (
@@ -44,31 +45,15 @@ from mmgrpo.core.types import (
     pad_groups,
     unpad_groups,
 )
-from mmgrpo.train import checkpoint as ckpt
-from mmgrpo.train import zero
+from mmgrpo.train import trainer_state, zero
 from mmgrpo.train.accelerator import make_accelerator, optimizer_kernel
 from mmgrpo.train.components import PIPELINES, Components, build_components
-from mmgrpo.train.config import Config, resolved_config
-from mmgrpo.train.export import export_policy, export_run
+from mmgrpo.train.config import Config
 from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
 from mmgrpo.train.reroll import reroll
-from mmgrpo.train.run_dir import (  # noqa: F401  (prepare_run_dir: also how tests build a run directory)
-    check_resume_config,
-    discard_unstarted,
-    discard_untrained,
-    prepare_run_dir,
-    resume_checkpoint,
-    truncate_metrics,
-    write_config,
-)
-from mmgrpo.train.scoring import (
-    build_rewards,
-    reward_metrics,
-    score,
-    stateful_rewards,
-    take_groups,
-    weighted_total,
-)
+from mmgrpo.train.run import run_training
+from mmgrpo.train.run_dir import prepare_run_dir  # noqa: F401  (also how tests build a run directory)
+from mmgrpo.train.scoring import build_rewards, reward_metrics, score, take_groups, weighted_total
 from mmgrpo.train.signals import Interrupted, stop_on_signals
 from mmgrpo.train.tracking import (
     check_trackers_installed,
@@ -77,27 +62,15 @@ from mmgrpo.train.tracking import (
     log_scalars,
     start_trackers,
 )
+from mmgrpo.train.update import SUMMED_METRICS, UpdatePhase, lr_at  # noqa: F401  (their home was this module)
 
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
-SUMMED_METRICS = ("loss/policy", "loss/kl", "loss/total")
-"""loss metrics that micro-batches add up (each is aggregated with the minibatch's global normaliser)"""
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate of training step ``step``: linear warmup, then constant / linear / cosine decay to 0."""
-    t = cfg.trainer
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return t.lr
-    span = max(1, t.max_steps - t.warmup_steps)
-    frac = min(1.0, (step - t.warmup_steps) / span)
-    if t.lr_schedule == "linear":
-        return t.lr * (1.0 - frac)
-    return t.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+class Trainer(UpdatePhase):
+    """The loop of one run: phases 1-3 and the outer loop here, phase 4 (the update) inherited from
+    :class:`~mmgrpo.train.update.UpdatePhase`, checkpoints in :mod:`mmgrpo.train.trainer_state`."""
 
-
-class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, accelerator: Accelerator | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -428,270 +401,6 @@ class Trainer:
             return rollout.sizes
         return [int(s) for s in self.acc.gather(torch.tensor(rollout.sizes, device=self.acc.device)).cpu()]
 
-    # ---------------------------------------------------------------- phase 4: update
-    def update(self, rollout: Rollout, adv: torch.Tensor, row_w: torch.Tensor, step: int) -> dict[str, float]:
-        """epochs x minibatches optimizer steps; each minibatch in micro-batches with one global normaliser."""
-        t, lc = self.cfg.trainer, self.cfg.loss
-        if rollout.logp_old_from_update and t.epochs * t.minibatches != 1:
-            raise ValueError(
-                f"the rollout left logp_old to the update, but trainer.epochs={t.epochs} x trainer.minibatches="
-                f"{t.minibatches} optimizer steps use it: only the first runs at the sampling parameters"
-            )
-        mask = rollout.train_mask.clone()
-        if lc.mask_zero_adv:  # before any normaliser is counted, so the count and the loss see the same units
-            mask = loss_lib.mask_zero_advantages(mask, adv)
-        if rollout.loss_weight is not None:
-            row_w = row_w * rollout.loss_weight
-        lr = lr_at(step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.policy.model.train()
-        sums: dict[str, float] = {}
-        count = skipped = 0
-        for epoch in range(t.epochs):
-            for rows in self.minibatch_rows(rollout, step, epoch):
-                stats = self._minibatch(rollout, rows, adv, row_w, mask)
-                if stats is None:  # skipped: a non-finite loss or gradient norm (its stats are not averaged in)
-                    skipped += 1
-                    continue
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-        out = {k: v / max(count, 1) for k, v in sums.items()}
-        out["lr"] = lr
-        out["skipped/nonfinite"] = float(skipped)
-        if getattr(self.sampler, "needs_policy_drift", False):  # SPO's KL-adaptive forgetting
-            out["policy/kl_step"] = kl = self.policy_drift(rollout)
-            self.sampler.observe_drift(step, kl)
-        return out
-
-    def policy_drift(self, rollout: Rollout) -> float:
-        """The step's policy drift after the update: the mean over this step's trained units (all ranks) of the k3
-        estimate exp(l) - 1 - l, l = logp_new - logp_old, of KL(π_sampling || π_updated) on the step's own samples.
-        One no-grad forward of the rows (micro-batched as the update)."""
-        if rollout.logp_old_from_update:
-            raise ValueError("policy_drift needs the rollout's logp_old (Trainer.leaves_logp_old_to_update)")
-        mask = rollout.train_mask
-        total = count = 0.0
-        self.policy.model.eval()
-        self._reshard()
-        with torch.no_grad():
-            for rows in self.micro_batches(torch.arange(rollout.num_rows), mask):
-                units = mask[rows].any(0).nonzero().reshape(-1)
-                if not len(units) and not self.collective:
-                    continue
-                new = self.policy.log_prob(rollout, rows, units).logp.float().cpu()
-                lr = new - rollout.logp_old[rows][:, units].float()
-                m = mask[rows][:, units]
-                total += float((torch.expm1(lr) - lr)[m].sum())
-                count += float(m.sum())
-        self._reshard()
-        self.policy.model.train()
-        both = torch.tensor([total, count], dtype=torch.float64, device=self.acc.device)
-        if self.acc.num_processes > 1:
-            both = self.acc.reduce(both, reduction="sum")
-        return float(both[0] / both[1].clamp_min(1.0))
-
-    def _skip_nonfinite(self, loss_ok: bool, grad_norm: float | None) -> bool:
-        """True (and the gradients dropped, nothing stepped) when the minibatch's loss or gradient norm is not
-        finite; ``trainer.max_nonfinite_steps`` such skips in a row stop the run before anything is saved."""
-        bad = not loss_ok or (grad_norm is not None and not math.isfinite(grad_norm))
-        if self.acc.num_processes > 1:  # ranks agree, so all of them skip the same optimizer steps
-            flag = torch.tensor([float(bad)], device=self.acc.device)
-            bad = bool(self.acc.reduce(flag, reduction="max").item())
-        if not bad:
-            self.nonfinite_in_a_row = 0
-            return False
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_in_a_row += 1
-        k, limit = self.nonfinite_in_a_row, self.cfg.trainer.max_nonfinite_steps
-        what = "the loss" if not loss_ok else f"the gradient norm ({grad_norm})"
-        if k >= limit:
-            last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-            kept = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
-            then = f"continue with resume={self.run_dir}"
-            if not last:
-                then = "run again" if self.step == 0 else f"restart it from step 0 with resume={self.run_dir}"
-            raise UserError(
-                f"training stopped at step {self.step + 1}: {k} optimizer steps in a row were skipped because "
-                f"{what} was not finite (trainer.max_nonfinite_steps={limit}); {kept} and nothing non-finite was "
-                f"saved. Usual causes: a reward with huge values, trainer.lr={self.cfg.trainer.lr} too high, or a "
-                f"policy/loss producing NaN; fix it and {then}"
-            )
-        warnings.warn(
-            f"step {self.step + 1}: skipped an optimizer step because {what} is not finite (no update, gradients "
-            f"dropped; {k} in a row, the run stops at trainer.max_nonfinite_steps={limit})",
-            stacklevel=2,
-        )
-        return True
-
-    def minibatch_rows(self, rollout: Rollout, step: int, epoch: int) -> list[torch.Tensor]:
-        """Split rows into ``trainer.minibatches`` minibatches, each holding a slice of *every* group.
-
-        Group b's G rows are permuted (seeded by its global index, step and epoch) and cut into M slices;
-        minibatch j is slice j of every group. The split is thus the same whatever the number of ranks,
-        so a 2-process run makes exactly the optimizer steps of the 1-process run.
-        """
-        t, sizes, offsets = self.cfg.trainer, rollout.sizes, rollout.group_offsets
-        if min(sizes, default=t.minibatches) < t.minibatches:
-            raise ValueError(f"minibatch_rows: a group of {min(sizes)} rows cannot be split into "
-                             f"trainer.minibatches={t.minibatches} slices")  # fmt: skip
-        first = self.acc.process_index * rollout.num_groups
-        slices: list[list[torch.Tensor]] = [[] for _ in range(t.minibatches)]
-        for b in range(rollout.num_groups):
-            if t.shuffle:
-                g = generator_for(prompt_seed(self.cfg.run.seed, step, first + b, stream=2 + epoch))
-                perm = torch.randperm(sizes[b], generator=g)
-            else:
-                perm = torch.arange(sizes[b])
-            for j, part in enumerate(torch.tensor_split(perm, t.minibatches)):
-                slices[j].append(offsets[b] + part)
-        return [torch.cat(s) for s in slices if sum(len(x) for x in s)]
-
-    def _denominator(self, rows: torch.Tensor, mask: torch.Tensor) -> float:
-        """The minibatch's loss normaliser over all ranks, divided by the world size (DDP averages grads); what it
-        counts (units, rows) is the aggregation's."""
-        local = self.aggregation.local_count(mask[rows])
-        total = self.acc.reduce(local.float().to(self.acc.device), reduction="sum").item()
-        return max(total, 1.0) / self.acc.num_processes
-
-    def micro_rows(self, rows: torch.Tensor, mask: torch.Tensor) -> int:
-        """Rows per micro-batch of the minibatch ``rows``: ``trainer.micro_batch_size`` (0 = all of them), or with
-        ``auto`` the policy's ``micro_batch_rows(units, trainer.micro_batch_units)`` for the ``units`` a row of this
-        minibatch trains (a policy without that method: all rows)."""
-        t = self.cfg.trainer
-        micro = t.micro_batch_size
-        if micro == "auto":
-            choose = getattr(self.policy, "micro_batch_rows", None)
-            units = int(mask[rows].any(0).sum())
-            micro = choose(units, t.micro_batch_units) if choose is not None else 0
-        return min(int(micro), len(rows)) or len(rows)
-
-    def micro_batches(self, rows: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """``rows`` in micro-batches of :meth:`micro_rows` rows. With collective forwards (FSDP) every process makes
-        as many as the process that needs the most (its rows split evenly), so all run the same forwards."""
-        micro = self.micro_rows(rows, mask)
-        mine = -(-len(rows) // micro)
-        n = mine
-        if self.collective:
-            n = int(self.acc.reduce(torch.tensor([mine], device=self.acc.device), reduction="max").item())
-        if n == mine:
-            return [rows[i : i + micro] for i in range(0, len(rows), micro)]
-        if len(rows) < n:
-            raise ValueError(f"{len(rows)} rows cannot fill the {n} micro-batches another process makes")
-        return list(torch.tensor_split(rows, n))
-
-    def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float] | None:
-        """One optimizer step over ``rows`` (micro-batched); None when it was skipped (non-finite loss or grads)."""
-        t = self.cfg.trainer
-        sums, loss_ok = self.accumulate_gradients(rollout, rows, adv, row_w, mask)
-        if self.deepspeed:  # the engine clips and steps, or skips a non-finite step itself (mmgrpo.train.zero)
-            skipped, grad_norm = zero.step(self.acc)
-            if not loss_ok and not skipped:
-                raise RuntimeError("DeepSpeed stepped on a non-finite loss: its gradients stayed finite (mmgrpo bug)")
-            if t.max_grad_norm is not None and not skipped and grad_norm is not None:
-                sums["grad_norm"] = grad_norm
-            if self._skip_nonfinite(loss_ok, grad_norm if skipped else None):
-                return None
-            if self.ema is not None:
-                self.ema.update()
-            return sums
-        grad_norm = None
-        if t.max_grad_norm is not None:
-            grad_norm = sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.params, t.max_grad_norm))
-        elif self.acc.scaler is None:  # one reduction and one device sync, not one per parameter
-            grads = [p.grad.isfinite().all() for p in self.params if p.grad is not None]
-            grad_norm = 0.0 if not grads or bool(torch.stack(grads).all()) else math.nan
-        if self.acc.scaler is not None:  # fp16: the grad scaler skips an overflowed step and lowers its scale itself
-            grad_norm = None
-        if self._skip_nonfinite(loss_ok, grad_norm):
-            return None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
-        return sums
-
-    def accumulate_gradients(self, rollout, rows, adv, row_w, mask) -> tuple[dict[str, float], bool]:
-        """The minibatch ``rows``' loss, backpropagated in micro-batches of :meth:`micro_rows` rows into the
-        parameters' ``.grad`` (each micro-batch's loss uses the minibatch's global normaliser, so the accumulated
-        gradient is the whole minibatch's); returns its metrics and whether every micro-batch's loss was finite."""
-        lc = self.cfg.loss
-        denom = self._denominator(rows, mask)
-        all_rows = len(rows)
-        rows = self.rows_with_gradient(rows, adv, mask)
-        chunks = self.micro_batches(rows, mask)  # as many on every process with collective backwards
-        sums: dict[str, float] = {}
-        loss_ok = True
-        masked = float(mask[rows].sum())
-        for i, mrows in enumerate(chunks):
-            units = mask[mrows].any(0).nonzero().reshape(-1)  # [k] units any row here trains
-            sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
-            with sync:
-                lp = self.policy.log_prob(rollout, mrows, units)
-                # one optimizer step: this forward runs at the sampling parameters, so it gives logp_old itself
-                old = lp.logp.detach() if rollout.logp_old_from_update else rollout.logp_old[mrows][:, units]
-                loss, m = loss_lib.policy_loss(
-                    lp.logp, old, adv[mrows], mask[mrows][:, units],
-                    loss=lc.name, options=lc.options, aggregation=self.aggregation, beta=lc.beta, kl=lp.kl,
-                    adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
-                    surrogate=self.surrogate,
-                )  # fmt: skip
-                x = TermInputs(lp, old, rollout, mrows, units, adv[mrows], mask[mrows][:, units], self.step)
-                loss = self._add_loss_terms(loss, m, x, row_w, denom)  # the methods' loss terms (KDRL, NFT)
-                loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
-                if self.deepspeed:  # the last micro-batch ends the engine's optimizer step
-                    last = i == len(chunks) - 1
-                    zero.backward(self.acc, zero.poison(self.acc, loss, loss_ok) if last else loss, boundary=last)
-                else:
-                    self.acc.backward(loss)
-            # the loss terms are each micro-batch's share of the minibatch's (global normaliser): they add up; the
-            # per-unit means (ratio, clip fractions, advantage) are weighted by the micro-batch's masked units
-            share = float(mask[mrows].sum()) / masked if masked else len(mrows) / len(rows)
-            for k, v in m.items():
-                if k in SUMMED_METRICS or k in self.term_metrics:
-                    sums[k] = sums.get(k, 0.0) + v
-                elif masked and not share:
-                    continue  # no masked unit in this micro-batch: its unit means are placeholders
-                elif k == "loss/ratio_max":
-                    sums[k] = max(sums.get(k, v), v)
-                else:
-                    sums[k] = sums.get(k, 0.0) + v * share
-        sums["update/skipped_rows_frac"] = (all_rows - len(rows)) / all_rows  # zero-advantage rows left out
-        return sums, loss_ok
-
-    def _add_loss_terms(self, loss, m: dict[str, float], x: TermInputs, row_w, denom: float):
-        """The methods' loss terms (``Components.loss_terms``) aggregated like the policy loss and added to it;
-        each one's value is logged as ``loss/<name>`` and counted in ``loss/total``."""
-        for term in self.comp.loss_terms:
-            per_unit, tm = term(x)
-            value = self.aggregation(per_unit, x.mask, row_w[x.rows], denom)
-            loss = loss + value
-            m[term_metric(term.name)] = value.item()
-            m["loss/total"] += value.item()
-            m.update(tm)
-        return loss
-
-    def rows_with_gradient(self, rows: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``rows`` without those whose gradient is exactly 0 (``trainer.skip_zero_advantage``): advantage 0 on every
-        masked unit, under a loss that gives such a row zero gradient (``zero_adv_no_grad``), with loss.beta = 0 (no
-        KL term), no method loss term (KDRL's, NFT's, SRPO's train zero-advantage rows too), in one process. At least
-        one row stays, so every trained parameter gets its (zero) gradient and the optimizer step is the one it would
-        have been."""
-        lc = self.cfg.loss
-        if not (
-            self.cfg.trainer.skip_zero_advantage
-            and lc.beta == 0
-            and not self.comp.loss_terms
-            and self.acc.num_processes == 1
-            and loss_lib.zero_adv_no_grad(lc.name)
-        ):
-            return rows
-        a = adv[rows]
-        live = (a != 0) & mask[rows] if a.dim() == 2 else (a != 0)[:, None] & mask[rows]  # [n, K]
-        keep = rows[live.any(-1)]
-        return keep if len(keep) else rows[:1]
-
     # ---------------------------------------------------------------- outer loop
     def train(self) -> dict[str, Any]:
         """The loop, stopping cleanly on SIGINT/SIGTERM: the step finishes, a checkpoint is written, and
@@ -841,224 +550,24 @@ class Trainer:
             f.write(json.dumps(line) + "\n")
         log_scalars(self.acc, step, metrics)
 
-    # ---------------------------------------------------------------- checkpoints
+    # ---------------------------------------------------------------- checkpoints (mmgrpo.train.trainer_state)
     def state_dict(self) -> dict[str, Any]:
         """The run's whole state; under DeepSpeed gathered into full tensors (every rank calls this alike)."""
-        model = self.acc.unwrap_model(self.policy.model)
-        if self.deepspeed:
-            named = self._named_params(model)
-            trainable, optimizer = zero.full_state(self.acc, named)
-        else:
-            trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            optimizer = self.optimizer.state_dict()
-        rewards = {k: fn.state_dict() for k, fn in stateful_rewards(self.rewards).items()}
-        return {
-            "step": self.step,
-            "model": trainable,
-            "optimizer": optimizer,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rewards": rewards,
-            "policy": self.policy.training_state() if hasattr(self.policy, "training_state") else None,
-            "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(self.comp.reward_weighters)},
-            "methods": {k: st.state_dict() for k, st in self.comp.method_state.items()},
-            "sampler": self.sampler.state_dict(),
-        }
-
-    def _named_params(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-        """(name, parameter) of the trainable parameters in the optimizer's order (its state's indices)."""
-        names = {id(p): n for n, p in model.named_parameters()}
-        return [(names[id(p)], p) for p in self.params]
+        return trainer_state.state_dict(self)
 
     def save(self) -> Path | None:
-        model = self.acc.unwrap_model(self.policy.model)  # the same on every rank: all of them refuse together
-        state = self.state_dict() if self.deepspeed else None  # gathered on every rank: the ZeRO partitions joined
-        if state is not None:
-            bad = [n for n, w in state["model"].items() if not bool(w.isfinite().all())]
-        else:
-            bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(_local(p).isfinite().all())]
-        if self.mesh is not None:  # each rank checked its own slices: all of them refuse together
-            seen: list[Any] = [None] * self.acc.num_processes
-            dist.all_gather_object(seen, bad)
-            bad = sorted(set().union(*seen))
-        if bad:
-            raise UserError(
-                f"step {self.step}: {len(bad)} trainable tensor(s) are not finite (e.g. {bad[0]!r}); no checkpoint "
-                f"was written, so the last good one under {self.run_dir / 'checkpoints'} is intact. Lower "
-                f"trainer.lr or check the rewards, then continue with resume={self.run_dir}"
-            )
-        self.acc.wait_for_everyone()
-        path = None
-        root, keep = self.run_dir / "checkpoints", self.cfg.trainer.keep_checkpoints
-        if self.mesh is not None:  # every rank writes its slices (mmgrpo.train.checkpoint: sharded checkpoints)
-            saved = ckpt.save_sharded_checkpoint(root, self.step, self.state_dict(), keep=keep)
-            if self.acc.is_main_process:
-                path = saved
-                if self.cfg.trainer.export_checkpoints:  # full weights: the run's policy rebuilt, the shards joined
-                    export_run(self.run_dir, path / "export", step=self.step)
-        elif self.acc.is_main_process:
-            path = ckpt.save_checkpoint(root, self.step, state or self.state_dict(), keep=keep)
-            if self.cfg.trainer.export_checkpoints and self.deepspeed:  # the engine's weights are partitions:
-                with zero.whole_models(self.acc):  # the run's policy rebuilt whole (no collective), weights loaded
-                    export_run(self.run_dir, path / "export", step=self.step)
-            elif self.cfg.trainer.export_checkpoints:
-                export_policy(self.policy, path / "export", info={"run": str(self.run_dir), "checkpoint": path.name})
-        self.acc.wait_for_everyone()
-        return path
+        """Write the checkpoint of this step (every rank calls this together); the main process gets its path."""
+        return trainer_state.save(self)
 
     def load(self, path: str | Path) -> None:
-        if self.mesh is not None and not ckpt.is_sharded(path):  # e.g. a 1-GPU run continued on 8 GPUs with FSDP
-            state = self._shard_full_state(ckpt.load_checkpoint(path))
-        else:
-            state = ckpt.load_checkpoint(path, mesh=self.mesh)  # sharded: this rank's slices; else full tensors
-        model = self.acc.unwrap_model(self.policy.model)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if self.deepspeed:  # full tensors into the engine's partitions (mmgrpo.train.zero)
-            lacking = sorted(trainable - set(state["model"]))
-            if lacking:
-                raise UserError(f"checkpoint {path} lacks trainable parameters {lacking[:5]}")
-            named = self._named_params(model)
-            weights = [state["model"][n] for n, _ in named]
-            zero.load_full_state(self.acc, [p for _, p in named], weights, state["optimizer"])
-        else:
-            missing, _ = model.load_state_dict(state["model"], strict=False)
-            if trainable & set(missing):
-                raise UserError(f"checkpoint {path} lacks trainable parameters {sorted(trainable & set(missing))[:5]}")
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
-        if state.get("policy") is not None and hasattr(self.policy, "load_training_state"):
-            self.policy.load_training_state(state["policy"])
-        if state.get("sampler"):
-            self.sampler.load_state_dict(state["sampler"])
-        for k, fn in stateful_rewards(self.rewards).items():
-            if k in state.get("rewards", {}):
-                fn.load_state_dict(state["rewards"][k])
-        for i, weighter in enumerate(self.comp.reward_weighters):
-            if str(i) in (state.get("reward_weighters") or {}):
-                weighter.load_state_dict(state["reward_weighters"][str(i)])
-        for k, st in self.comp.method_state.items():
-            if k not in state.get("methods", {}):
-                raise UserError(f"checkpoint {path} has no state of methods.{k}; it was written by a run without it")
-            st.load_state_dict(state["methods"][k])
-        self.step = int(state["step"])
-
-    def _shard_full_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """An unsharded checkpoint's state for this sharded run: every tensor that stands for a trainable parameter
-        (the weights, their AdamW moments, EMA shadows, which follow the parameters' order) is split like it."""
-        model = self.acc.unwrap_model(self.policy.model)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        ordered = [p for g in self.optimizer.param_groups for p in g["params"]]
-
-        def like(t: Any, p: torch.Tensor) -> Any:
-            if not (isinstance(t, torch.Tensor) and isinstance(p, DTensor) and t.shape == p.shape):
-                return t  # e.g. AdamW's scalar step count
-            return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
-
-        def shadows(obj: Any) -> Any:  # EMA state: {"decay", "shadow": [one per trainable parameter, in order]}
-            if isinstance(obj, dict):
-                out = {k: shadows(v) for k, v in obj.items()}
-                if isinstance(obj.get("shadow"), list) and len(obj["shadow"]) == len(self.params):
-                    out["shadow"] = [like(t, p) for t, p in zip(obj["shadow"], self.params)]
-                return out
-            return obj
-
-        state["model"] = {n: like(t, named[n]) if n in named else t for n, t in state["model"].items()}
-        opt = state["optimizer"]
-        opt["state"] = {i: {k: like(v, ordered[int(i)]) for k, v in st.items()} for i, st in opt["state"].items()}
-        state["ema"], state["policy"] = shadows(state.get("ema")), shadows(state.get("policy"))
-        return state
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a DTensor (detached), or the tensor itself."""
-    t = t.detach()
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _out_of_memory(trainer: Trainer, run_dir: Path, error: BaseException, new_run: bool) -> UserError:
-    """The paragraph of a run that ran out of memory: the settings that bound what one forward holds, and how to go
-    on (the checkpoints already written are kept; a new run stopped in its first step leaves no directory)."""
-    t, opts = trainer.cfg.trainer, getattr(trainer.policy, "opts", None)
-    if t.micro_batch_size == "auto" and hasattr(trainer.policy, "micro_batch_rows"):
-        lower = [f"lower trainer.micro_batch_units (now {t.micro_batch_units} (row, step) forwards a micro-batch)"]
-    else:
-        now = "all the minibatch's rows" if t.micro_batch_size in ("auto", 0) else f"{t.micro_batch_size} rows"
-        lower = [f"set trainer.micro_batch_size to fewer rows a forward (now {now})"]
-    lower.append(f"raise trainer.rollout_chunks (now {t.rollout_chunks}: the rollout's rows in that many parts)")
-    other = []
-    if getattr(opts, "gradient_checkpointing", None) is False:
-        other.append("policy.options.gradient_checkpointing=true")
-    if t.mixed_precision in (None, "no"):
-        other.append("trainer.mixed_precision=bf16")
-    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    if last is not None:
-        then = f"the checkpoints are kept (the last: {last.name}): continue with resume={run_dir} and the new values"
-    elif new_run and trainer.step == 0 and discard_untrained(run_dir):
-        then = f"nothing was trained, so the new run directory {run_dir} was removed: the same command starts again"
-    else:
-        then = f"no checkpoint had been written yet: restart with resume={run_dir} (from step 0) and the new values"
-    more = f"; or {' / '.join(other)} (a resume that changes these needs resume_force=true)" if other else ""
-    return UserError(
-        f"out of memory in step {trainer.step + 1} ({first_line(error)}). Make one forward hold less: "
-        f"{', or '.join(lower)}{more}. {then[0].upper()}{then[1:]}"
-    )
+        """Continue from the checkpoint ``path`` (every rank calls this together)."""
+        trainer_state.load(self, path)
 
 
 def train(cfg: Config, accelerator: Accelerator | None = None) -> Trainer:
-    """Run (or resume) training for ``cfg``; returns the finished trainer (see :mod:`mmgrpo.train.run_dir`).
+    """Run (or resume) training for ``cfg``; returns the finished trainer (:func:`mmgrpo.train.run.run_training`:
+    the run directory, resume, and what a failure leaves).
 
     The run uses, and its ``config.yaml`` stores, :func:`~mmgrpo.train.config.resolved_config` of ``cfg``: every
     option written out and relative paths made absolute, so the run directory works from any directory."""
-    cfg = resolved_config(cfg)
-    acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
-    cfg.trainer.mixed_precision = str(acc.mixed_precision)  # config.yaml records the precision the run used
-    # every rank checks the run directory before the main process creates it (else the others would find it
-    # "already existing"), so a refusal stops all of them alike
-    run_dir = prepare_run_dir(cfg, is_main=False)
-    if cfg.resume:
-        check_resume_config(cfg, run_dir, cfg.resume_force)
-    # a directory this run creates (not one run.overwrite reuses: it may hold the user's own files) is removed again
-    # if the run fails before it trained anything
-    fresh = not cfg.resume and not (run_dir.is_dir() and any(run_dir.iterdir()))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        prepare_run_dir(cfg, is_main=True)
-    acc.wait_for_everyone()
-    try:
-        trainer = Trainer(cfg, run_dir, acc)
-    except BaseException as e:
-        if acc.is_main_process and not cfg.resume:
-            discard_unstarted(run_dir)
-        if out_of_memory(e):
-            raise UserError(
-                f"out of memory while loading the run's models ({first_line(e)}): the policy, its optimizer state "
-                "and the frozen models (reference, reward models) must fit on the device. Load the weights in "
-                "bfloat16 (policy.options.dtype=bfloat16), train LoRA adapters instead of every weight "
-                "(policy.options.lora_rank for the image and video families, policy.options.finetune=lora for the "
-                "VLMs), or shard the model over several GPUs (accelerate launch --config_file "
-                "configs/accelerate/fsdp.yaml -m mmgrpo.train.cli train ...)"
-            ) from e
-        raise
-    if cfg.resume:
-        latest = resume_checkpoint(run_dir)
-        if latest is not None:
-            trainer.load(latest)
-        if acc.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-        acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_config(run_dir, cfg)
-    try:
-        trainer.train()
-    except BaseException as e:
-        if out_of_memory(e):
-            raise _out_of_memory(trainer, run_dir, e, acc.is_main_process and fresh) from e
-        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir):
-            note = (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
-                    "the same command starts the run again")  # fmt: skip
-            if isinstance(e, UserError) and e.args:
-                e.args = (f"{e.args[0]} ({note})", *e.args[1:])
-            else:
-                e.add_note(note)
-        raise
-    return trainer
+    return run_training(cfg, Trainer, accelerator)

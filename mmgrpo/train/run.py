@@ -1,0 +1,128 @@
+"""One training run around a trainer: its run directory prepared (or resumed), the trainer built and run, and what a
+failure leaves behind (:mod:`mmgrpo.train.run_dir`).
+
+:func:`mmgrpo.train.trainer.train` is :func:`run_training` with the :class:`~mmgrpo.train.trainer.Trainer`; the
+trainer is handed in (``make_trainer``) so this module, which only reads its ``cfg``, ``policy``, ``step``,
+``load`` and ``train``, does not import the loop that imports it.
+
+A failure says how to go on: a new run that fails while its models load, or before it trained anything, removes
+the directory it made (the same command starts again); running out of memory names the settings that bound what
+one forward holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from accelerate import Accelerator
+
+from mmgrpo.core.errors import UserError, first_line, out_of_memory
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.accelerator import make_accelerator
+from mmgrpo.train.config import Config, resolved_config
+from mmgrpo.train.run_dir import (
+    check_resume_config,
+    discard_unstarted,
+    discard_untrained,
+    prepare_run_dir,
+    resume_checkpoint,
+    truncate_metrics,
+    write_config,
+)
+
+T = TypeVar("T")
+"""the trainer: a :class:`~mmgrpo.train.trainer.Trainer`"""
+
+
+def run_training(
+    cfg: Config, make_trainer: Callable[[Config, Path, Accelerator], T], accelerator: Accelerator | None = None
+) -> T:
+    """Run (or resume) training for ``cfg`` with the trainer ``make_trainer(cfg, run_dir, accelerator)``; returns
+    the finished trainer (see :mod:`mmgrpo.train.run_dir`).
+
+    The run uses, and its ``config.yaml`` stores, :func:`~mmgrpo.train.config.resolved_config` of ``cfg``: every
+    option written out and relative paths made absolute, so the run directory works from any directory."""
+    cfg = resolved_config(cfg)
+    acc = accelerator or make_accelerator(cfg.trainer.mixed_precision)
+    cfg.trainer.mixed_precision = str(acc.mixed_precision)  # config.yaml records the precision the run used
+    # every rank checks the run directory before the main process creates it (else the others would find it
+    # "already existing"), so a refusal stops all of them alike
+    run_dir = prepare_run_dir(cfg, is_main=False)
+    if cfg.resume:
+        check_resume_config(cfg, run_dir, cfg.resume_force)
+    # a directory this run creates (not one run.overwrite reuses: it may hold the user's own files) is removed again
+    # if the run fails before it trained anything
+    fresh = not cfg.resume and not (run_dir.is_dir() and any(run_dir.iterdir()))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        prepare_run_dir(cfg, is_main=True)
+    acc.wait_for_everyone()
+    try:
+        trainer: Any = make_trainer(cfg, run_dir, acc)
+    except BaseException as e:
+        if acc.is_main_process and not cfg.resume:
+            discard_unstarted(run_dir)
+        if out_of_memory(e):
+            raise UserError(
+                f"out of memory while loading the run's models ({first_line(e)}): the policy, its optimizer state "
+                "and the frozen models (reference, reward models) must fit on the device. Load the weights in "
+                "bfloat16 (policy.options.dtype=bfloat16), train LoRA adapters instead of every weight "
+                "(policy.options.lora_rank for the image and video families, policy.options.finetune=lora for the "
+                "VLMs), or shard the model over several GPUs (accelerate launch --config_file "
+                "configs/accelerate/fsdp.yaml -m mmgrpo.train.cli train ...)"
+            ) from e
+        raise
+    if cfg.resume:
+        latest = resume_checkpoint(run_dir)
+        if latest is not None:
+            trainer.load(latest)
+        if acc.is_main_process:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_config(run_dir, cfg)
+    try:
+        trainer.train()
+    except BaseException as e:
+        if out_of_memory(e):
+            raise _out_of_memory(trainer, run_dir, e, acc.is_main_process and fresh) from e
+        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir):
+            note = (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
+                    "the same command starts the run again")  # fmt: skip
+            if isinstance(e, UserError) and e.args:
+                e.args = (f"{e.args[0]} ({note})", *e.args[1:])
+            else:
+                e.add_note(note)
+        raise
+    return trainer
+
+
+def _out_of_memory(trainer: Any, run_dir: Path, error: BaseException, new_run: bool) -> UserError:
+    """The paragraph of a run that ran out of memory: the settings that bound what one forward holds, and how to go
+    on (the checkpoints already written are kept; a new run stopped in its first step leaves no directory)."""
+    t, opts = trainer.cfg.trainer, getattr(trainer.policy, "opts", None)
+    if t.micro_batch_size == "auto" and hasattr(trainer.policy, "micro_batch_rows"):
+        lower = [f"lower trainer.micro_batch_units (now {t.micro_batch_units} (row, step) forwards a micro-batch)"]
+    else:
+        now = "all the minibatch's rows" if t.micro_batch_size in ("auto", 0) else f"{t.micro_batch_size} rows"
+        lower = [f"set trainer.micro_batch_size to fewer rows a forward (now {now})"]
+    lower.append(f"raise trainer.rollout_chunks (now {t.rollout_chunks}: the rollout's rows in that many parts)")
+    other = []
+    if getattr(opts, "gradient_checkpointing", None) is False:
+        other.append("policy.options.gradient_checkpointing=true")
+    if t.mixed_precision in (None, "no"):
+        other.append("trainer.mixed_precision=bf16")
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if last is not None:
+        then = f"the checkpoints are kept (the last: {last.name}): continue with resume={run_dir} and the new values"
+    elif new_run and trainer.step == 0 and discard_untrained(run_dir):
+        then = f"nothing was trained, so the new run directory {run_dir} was removed: the same command starts again"
+    else:
+        then = f"no checkpoint had been written yet: restart with resume={run_dir} (from step 0) and the new values"
+    more = f"; or {' / '.join(other)} (a resume that changes these needs resume_force=true)" if other else ""
+    return UserError(
+        f"out of memory in step {trainer.step + 1} ({first_line(error)}). Make one forward hold less: "
+        f"{', or '.join(lower)}{more}. {then[0].upper()}{then[1:]}"
+    )

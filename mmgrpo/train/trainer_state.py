@@ -1,0 +1,166 @@
+"""What a run's checkpoint holds, and how the trainer writes and reads it: the trained weights, the optimizer, the
+EMA, and every stateful part (rewards, reward weighters, methods, the prompt sampler, the policy's own training
+state), so a resumed run continues exactly (docs/architecture.md "Run directory").
+
+The file format (atomic, verified, sharded or whole) is :mod:`mmgrpo.train.checkpoint`; this module decides what
+goes in and where it comes back: gathered from DeepSpeed ZeRO's partitions (:mod:`mmgrpo.train.zero`), written as
+slices under FSDP2, split like a sharded run's parameters when an unsharded checkpoint resumes one.
+
+Every function takes the :class:`~mmgrpo.train.trainer.Trainer` ``tr`` (its accelerator, policy, optimizer and
+components); the trainer's ``state_dict``, ``save`` and ``load`` call them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train import zero
+from mmgrpo.train.export import export_policy, export_run
+from mmgrpo.train.scoring import stateful_rewards
+
+
+def state_dict(tr: Any) -> dict[str, Any]:
+    """The run's whole state; under DeepSpeed gathered into full tensors (every rank calls this alike)."""
+    model = tr.acc.unwrap_model(tr.policy.model)
+    if tr.deepspeed:
+        named = named_params(tr, model)
+        trainable, optimizer = zero.full_state(tr.acc, named)
+    else:
+        trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = tr.optimizer.state_dict()
+    rewards = {k: fn.state_dict() for k, fn in stateful_rewards(tr.rewards).items()}
+    return {
+        "step": tr.step,
+        "model": trainable,
+        "optimizer": optimizer,
+        "ema": tr.ema.state_dict() if tr.ema is not None else None,
+        "rewards": rewards,
+        "policy": tr.policy.training_state() if hasattr(tr.policy, "training_state") else None,
+        "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(tr.comp.reward_weighters)},
+        "methods": {k: st.state_dict() for k, st in tr.comp.method_state.items()},
+        "sampler": tr.sampler.state_dict(),
+    }
+
+
+def named_params(tr: Any, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of the trainable parameters in the optimizer's order (its state's indices)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for p in tr.params]
+
+
+def save(tr: Any) -> Path | None:
+    """Write the checkpoint of ``tr.step`` (every rank calls this together; the main process's path, else None),
+    refused while a trainable tensor is not finite, so the last good checkpoint stays the newest."""
+    model = tr.acc.unwrap_model(tr.policy.model)  # the same on every rank: all of them refuse together
+    state = tr.state_dict() if tr.deepspeed else None  # gathered on every rank: the ZeRO partitions joined
+    if state is not None:
+        bad = [n for n, w in state["model"].items() if not bool(w.isfinite().all())]
+    else:
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(_local(p).isfinite().all())]
+    if tr.mesh is not None:  # each rank checked its own slices: all of them refuse together
+        seen: list[Any] = [None] * tr.acc.num_processes
+        dist.all_gather_object(seen, bad)
+        bad = sorted(set().union(*seen))
+    if bad:
+        raise UserError(
+            f"step {tr.step}: {len(bad)} trainable tensor(s) are not finite (e.g. {bad[0]!r}); no checkpoint "
+            f"was written, so the last good one under {tr.run_dir / 'checkpoints'} is intact. Lower "
+            f"trainer.lr or check the rewards, then continue with resume={tr.run_dir}"
+        )
+    tr.acc.wait_for_everyone()
+    path = None
+    root, keep = tr.run_dir / "checkpoints", tr.cfg.trainer.keep_checkpoints
+    if tr.mesh is not None:  # every rank writes its slices (mmgrpo.train.checkpoint: sharded checkpoints)
+        saved = ckpt.save_sharded_checkpoint(root, tr.step, tr.state_dict(), keep=keep)
+        if tr.acc.is_main_process:
+            path = saved
+            if tr.cfg.trainer.export_checkpoints:  # full weights: the run's policy rebuilt, the shards joined
+                export_run(tr.run_dir, path / "export", step=tr.step)
+    elif tr.acc.is_main_process:
+        path = ckpt.save_checkpoint(root, tr.step, state or tr.state_dict(), keep=keep)
+        if tr.cfg.trainer.export_checkpoints and tr.deepspeed:  # the engine's weights are partitions:
+            with zero.whole_models(tr.acc):  # the run's policy rebuilt whole (no collective), weights loaded
+                export_run(tr.run_dir, path / "export", step=tr.step)
+        elif tr.cfg.trainer.export_checkpoints:
+            export_policy(tr.policy, path / "export", info={"run": str(tr.run_dir), "checkpoint": path.name})
+    tr.acc.wait_for_everyone()
+    return path
+
+
+def load(tr: Any, path: str | Path) -> None:
+    """Restore the checkpoint ``path`` into ``tr`` (every rank calls this together), ``tr.step`` included."""
+    if tr.mesh is not None and not ckpt.is_sharded(path):  # e.g. a 1-GPU run continued on 8 GPUs with FSDP
+        state = shard_full_state(tr, ckpt.load_checkpoint(path))
+    else:
+        state = ckpt.load_checkpoint(path, mesh=tr.mesh)  # sharded: this rank's slices; else full tensors
+    model = tr.acc.unwrap_model(tr.policy.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if tr.deepspeed:  # full tensors into the engine's partitions (mmgrpo.train.zero)
+        lacking = sorted(trainable - set(state["model"]))
+        if lacking:
+            raise UserError(f"checkpoint {path} lacks trainable parameters {lacking[:5]}")
+        named = named_params(tr, model)
+        weights = [state["model"][n] for n, _ in named]
+        zero.load_full_state(tr.acc, [p for _, p in named], weights, state["optimizer"])
+    else:
+        missing, _ = model.load_state_dict(state["model"], strict=False)
+        if trainable & set(missing):
+            raise UserError(f"checkpoint {path} lacks trainable parameters {sorted(trainable & set(missing))[:5]}")
+        tr.optimizer.load_state_dict(state["optimizer"])
+    if tr.ema is not None and state.get("ema"):
+        tr.ema.load_state_dict(state["ema"])
+    if state.get("policy") is not None and hasattr(tr.policy, "load_training_state"):
+        tr.policy.load_training_state(state["policy"])
+    if state.get("sampler"):
+        tr.sampler.load_state_dict(state["sampler"])
+    for k, fn in stateful_rewards(tr.rewards).items():
+        if k in state.get("rewards", {}):
+            fn.load_state_dict(state["rewards"][k])
+    for i, weighter in enumerate(tr.comp.reward_weighters):
+        if str(i) in (state.get("reward_weighters") or {}):
+            weighter.load_state_dict(state["reward_weighters"][str(i)])
+    for k, st in tr.comp.method_state.items():
+        if k not in state.get("methods", {}):
+            raise UserError(f"checkpoint {path} has no state of methods.{k}; it was written by a run without it")
+        st.load_state_dict(state["methods"][k])
+    tr.step = int(state["step"])
+
+
+def shard_full_state(tr: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """An unsharded checkpoint's state for this sharded run: every tensor that stands for a trainable parameter
+    (the weights, their AdamW moments, EMA shadows, which follow the parameters' order) is split like it."""
+    model = tr.acc.unwrap_model(tr.policy.model)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ordered = [p for g in tr.optimizer.param_groups for p in g["params"]]
+
+    def like(t: Any, p: torch.Tensor) -> Any:
+        if not (isinstance(t, torch.Tensor) and isinstance(p, DTensor) and t.shape == p.shape):
+            return t  # e.g. AdamW's scalar step count
+        return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+
+    def shadows(obj: Any) -> Any:  # EMA state: {"decay", "shadow": [one per trainable parameter, in order]}
+        if isinstance(obj, dict):
+            out = {k: shadows(v) for k, v in obj.items()}
+            if isinstance(obj.get("shadow"), list) and len(obj["shadow"]) == len(tr.params):
+                out["shadow"] = [like(t, p) for t, p in zip(obj["shadow"], tr.params)]
+            return out
+        return obj
+
+    state["model"] = {n: like(t, named[n]) if n in named else t for n, t in state["model"].items()}
+    opt = state["optimizer"]
+    opt["state"] = {i: {k: like(v, ordered[int(i)]) for k, v in st.items()} for i, st in opt["state"].items()}
+    state["ema"], state["policy"] = shadows(state.get("ema")), shadows(state.get("policy"))
+    return state
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a DTensor (detached), or the tensor itself."""
+    t = t.detach()
+    return t.to_local() if isinstance(t, DTensor) else t
