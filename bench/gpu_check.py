@@ -84,6 +84,7 @@ from gpu_common import (  # noqa: E402
     variants_for,
     verdict,
     vlm_policy_options,
+    with_root,
     xformers_status,
 )
 from gpu_large import fsdp_child, section_deepspeed, section_fsdp, section_realistic  # noqa: E402
@@ -418,7 +419,7 @@ def section_pytest_gpu(report: Report, sec: dict, device: str) -> None:
     timeout = max(30.0, report.left())
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+                              env={**os.environ, "PYTHONPATH": with_root(os.environ.get("PYTHONPATH"))})  # fmt: skip
     except subprocess.TimeoutExpired:
         report.row(sec, "pytest -m gpu tests/gpu", f"ERROR: timed out after {timeout:.0f} s")
         sec["had_error"] = True

@@ -26,6 +26,12 @@ import torch  # noqa: E402
 
 
 # ============================================================================ option names (adapt here only)
+def with_root(pythonpath: str | None) -> str:
+    """A child process's PYTHONPATH: this checkout first, then what the parent had (on a lent GPU machine the
+    carried packages' folder, bench/device_wheels.py; replacing it left the child without diffusers)."""
+    return os.pathsep.join(x for x in (str(ROOT), pythonpath) if x)
+
+
 def diffusion_policy_options(
     family: str,
     path: str,

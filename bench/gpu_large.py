@@ -39,6 +39,7 @@ from gpu_common import (  # noqa: E402
     reset_peak,
     sync,
     trainer_options,
+    with_root,
 )
 
 GPU_CHECK = Path(__file__).with_name("gpu_check.py").resolve()  # the FSDP child runs its --fsdp-child mode
@@ -360,7 +361,7 @@ def fsdp_launch(
     child = [str(GPU_CHECK), "--fsdp-child", str(work / engine / name), "--fsdp-ckpt", model, "--fsdp-result",
              str(out), "--device", device, "--fsdp-engine", engine, *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
+    env["PYTHONPATH"] = with_root(os.environ.get("PYTHONPATH"))
     if procs:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
