@@ -68,6 +68,12 @@ def enable_cpu_fsdp() -> None:
             f"FSDP on CPU processes needs FSDP2 (fsdp_version: 2 in the accelerate config), got fsdp_version "
             f"{plugin.fsdp_version}; use configs/accelerate/fsdp.yaml"
         )
+    if not hasattr(torch.cpu.Stream, "record_event"):  # torch 2.6: FSDP2's all-gather failed in the first forward
+        raise UserError(
+            f"FSDP on CPU processes needs a torch whose CPU streams record events (FSDP2's collectives call "
+            f"torch.cpu.Stream.record_event), which torch {torch.__version__} lacks; upgrade torch (2.11 and 2.14 "
+            "run it), or launch on GPUs"
+        )
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin

@@ -19,8 +19,10 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from mmgrpo.core.errors import UserError
 from mmgrpo.testing.launch import free_port
 from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.accelerator import enable_cpu_fsdp
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
@@ -237,6 +239,19 @@ def test_an_unsharded_checkpoint_resumes_sharded(runs, tmp_path):
     assert not torch.allclose(want["/model/logits"], start["/model/logits"], atol=1e-3)  # steps 5-6 trained
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (k, (got[k] - want[k]).abs().max())
+
+
+def test_fsdp_on_cpu_with_a_torch_whose_cpu_streams_record_no_events_is_one_error(monkeypatch):
+    """torch 2.6 (mmgrpo's minimum) runs FSDP2 on GPUs but not on CPU processes: its CPU stream has no
+    record_event, and the first forward's all-gather failed with an AttributeError on every rank."""
+
+    class OldCPUStream:  # torch 2.6's torch.cpu.Stream: no record_event
+        pass
+
+    monkeypatch.setattr(torch.cpu, "Stream", OldCPUStream)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match=r"needs a torch whose CPU streams record events .* torch 2\.\d+"):
+        enable_cpu_fsdp()
 
 
 def test_several_processes_without_a_gpu_or_cpu_flag_are_an_error(tmp_path):
