@@ -404,6 +404,10 @@ def _absolute_paths(value: Any, base: Path, key: str = "") -> Any:
         return [_absolute_paths(v, base, key) for v in value]
     if not isinstance(value, str) or not value or Path(value).is_absolute() or "://" in value:
         return value
+    if value.startswith("hf:"):  # hf:NAME[:SPLIT[:COLUMN]]: NAME a local dataset folder or file, or a hub id
+        name, sep, rest = value[3:].partition(":")
+        local = _absolute_paths(name, base, "path") if name else name
+        return value if local == name else f"hf:{local}{sep}{rest}"
     looks_like_path = "/" in value or "\\" in value or Path(value).suffix != "" or bool(_PATH_KEYS.search(key))
     candidate = base / value
     try:

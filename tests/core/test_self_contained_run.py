@@ -76,6 +76,11 @@ def test_resolving_is_idempotent_and_keeps_bare_names_and_missing_paths(tmp_path
     assert once.data.options["prompts"] == str(tmp_path / "data.jsonl")
     assert once.rewards[0].options == {"quality": 50}  # the user's value wins over the default
     assert config_diff(once, resolved_config(once, tmp_path)) == []
+    (tmp_path / "ds").mkdir()  # a saved Hugging Face dataset (hf:PATH[:SPLIT]): the path part only
+    for spec, resolved in [("hf:ds", f"hf:{tmp_path / 'ds'}"), ("hf:ds:test", f"hf:{tmp_path / 'ds'}:test"),
+                           ("hf:org/hub-set:train", "hf:org/hub-set:train")]:  # fmt: skip
+        cfg.data.options["prompts"] = spec
+        assert resolved_config(cfg, tmp_path).data.options["prompts"] == resolved, spec
     shutil.rmtree(tmp_path / "sd3")
     (tmp_path / "c.yaml").write_text(dump_config(once))
     assert config_diff(once, load_config(tmp_path / "c.yaml")) == []
