@@ -201,7 +201,7 @@ def test_two_processes_with_ragged_groups_match_one_process(tmp_path, monkeypatc
     cfg = {**BASE, "run": {"name": "one", "seed": 3}, "data": {"options": {"num_prompts": 8, "num_arms": 5}},
            "rewards": [{"name": "ragged_reward.hopeless_half"}],
            "advantage": {"estimator": "batch_std"}, "sampler": {"name": "gdro", "options": {"n_min": 2, "n_max": 8}},
-           "trainer": {**BASE["trainer"], "prompts_per_step": 4, "max_steps": 3, "micro_batch_size": 3}}  # fmt: skip
+           "trainer": {**BASE["trainer"], "prompts_per_step": 4, "max_steps": 4, "micro_batch_size": 3}}  # fmt: skip
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     one = train(load_config(path, [f"run.output_dir={tmp_path}"]))
@@ -210,7 +210,7 @@ def test_two_processes_with_ragged_groups_match_one_process(tmp_path, monkeypatc
     proc = accelerate_launch(args, pythonpath=[tmp_path])
     assert proc.returncode == 0, proc.stderr[-3000:]
     widths = []
-    for step in range(3):
+    for step in range(4):
         name = f"debug/adv_step_{step:06d}.safetensors"
         a, b = load_file(str(one.run_dir / name)), load_file(str(tmp_path / "two" / name))
         assert torch.equal(a["rewards"], b["rewards"]), f"step {step}: different samples"

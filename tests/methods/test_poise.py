@@ -137,14 +137,15 @@ def test_two_processes_train_the_same_probe_as_one(tmp_path):
     assert torch.allclose(pa["probe"]["head.weight"], pb["probe"]["head.weight"], atol=1e-5)
     # the policy (DDP over the LoRA adapters of a Qwen2-VL) took the same two steps: its trained weights moved from
     # their initial values (LoRA B starts at 0 and moves by about lr = 0.05 an AdamW step) and agree with the
-    # 1-process run's: 90% of each tensor's elements within 1e-5, the tensor within 1% of its norm. (AdamW divides
+    # 1-process run's: 90% of each tensor's elements within 1e-5, the tensor within 20% of its norm. (AdamW divides
     # by the gradient's running RMS, so an element whose gradient nearly cancels over the rows, ~1e-7, moves by ~lr
     # all the same, and the float32 rounding of DDP's gradient average, ~1e-9, shows in it: up to 8e-4 on single
-    # elements with the installed libraries, 2e-3 on 6 of 256 with the lowest supported ones, measured 2026-12-05.
+    # elements with the installed libraries, 2e-3 on 6 of 256 with the lowest supported ones, measured 2026-12-05;
+    # under torch 2.6 4 of 256 elements moved the other way, ~lr each: 7.7% of the tensor's norm, 2026-12-06.
     # Gradients not averaged over the processes would move most elements by ~lr: a difference of the tensor's size.)
     ma, mb = a["model"], b["model"]
     lora_b = [k for k in ma if k.endswith("lora_B.default.weight")]
     assert ma.keys() == mb.keys() and lora_b and all(ma[k].abs().max() > 0.01 for k in lora_b)
     for k in ma:
         d = (ma[k] - mb[k]).abs()
-        assert (d <= 1e-5).float().mean() >= 0.9 and d.norm() <= 1e-2 * ma[k].norm(), (k, d.max(), (d > 1e-5).sum())
+        assert (d <= 1e-5).float().mean() >= 0.9 and d.norm() <= 0.2 * ma[k].norm(), (k, d.max(), (d > 1e-5).sum())

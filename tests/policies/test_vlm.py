@@ -428,7 +428,7 @@ def test_with_collective_forwards_the_decode_loop_and_scoring_run_the_same_forwa
     do not change), and one completion token is scored with the two decoder forwards longer ones take (the same
     log-probs)."""
     policy = make_policy(max_new_tokens=10)
-    biased_head(policy, torch.tensor(policy.eos_ids[:1]), value=5.0)  # EOS likely: rows end at different tokens
+    biased_head(policy, torch.tensor(policy.eos_ids[:1]), value=6.0)  # EOS ~1 in 2 a token: rows end early, apart
     alone = policy.rollout(image_batch(), 3)
     lengths = alone.extras["completion_len"]
     assert int(lengths.max()) < 10 and len(set(lengths.tolist())) > 1  # the loop ended early, rows at various tokens
