@@ -2,8 +2,8 @@
 
     python .ci/minima.py vlm diffusion > constraints.txt   # "transformers==5.18.0", ...: the core and those extras
 
-torch and torchvision are left out (.ci/lowest installs them from this machine's disk, see there), and so are
-requirements without a lower bound and the extras' references to mmgrpo itself. Two extras that give one package
+torch and torchvision are pinned too (to 2.6 and 0.21: nothing may upgrade them); left out are requirements without a
+lower bound and the extras' references to mmgrpo itself. Two extras that give one package
 different bounds would need one constraint each: that is an error here, fix pyproject.toml.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomllib
 
-SKIP = {"torch", "torchvision", "mmgrpo"}
+SKIP = {"mmgrpo"}
 
 
 def minima(pyproject: Path, extras: list[str]) -> dict[str, str]:
