@@ -80,9 +80,10 @@ def strip_answer(completion: str, think_tag: str = "think", answer_tag: str = "a
 
 
 def candidate_answers(meta: dict, candidates_key: str = "candidates", options_key: str = "options") -> list[str]:
-    """The answers the listener chooses between: meta[candidates_key], else letters A.. for meta[options_key]."""
+    """The answers the listener chooses between: meta[candidates_key], else (missing or empty, as the load-time check
+    reads it) letters A.. for meta[options_key]."""
     cands = meta.get(candidates_key)
-    if cands is None and meta.get(options_key) is not None:
+    if not cands and meta.get(options_key):
         cands = list(string.ascii_uppercase[: len(meta[options_key])])
     if not cands:
         raise UserError(

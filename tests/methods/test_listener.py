@@ -28,8 +28,11 @@ def test_strip_answer():
 def test_candidates_and_correct_index():
     assert candidate_answers({"candidates": ["Image 1", "Image 2"]}) == ["Image 1", "Image 2"]
     assert candidate_answers({"options": ["red", "green", "blue"]}) == ["A", "B", "C"]
-    with pytest.raises(UserError, match="candidates"):
-        candidate_answers({"answer": "B"})
+    # an empty candidates list with options: the options' letters, as the load-time check accepts the row
+    assert candidate_answers({"candidates": [], "options": ["red", "green"]}) == ["A", "B"]
+    for meta in ({"answer": "B"}, {"candidates": [], "options": []}):
+        with pytest.raises(UserError, match="candidates"):
+            candidate_answers(meta)
     assert correct_index(["A", "B", "C"], "(b)") == 1
     assert correct_index(["Image 1", "Image 2"], "image 2") == 1
     with pytest.raises(UserError, match="matches"):
