@@ -5,7 +5,10 @@ A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` is r
 The rows get the checks a JSON file's get (:func:`dataset_rows`): a NaN or infinite number is a UserError naming the
 dataset, the row and the column (:func:`mmgrpo.data.records.check_finite_row`), and an image stored in the dataset
 (an ``Image`` feature, alone or in a list) is decoded once at load, so that a corrupt one is named now and not
-mid-training, and kept encoded (:class:`StoredImage`): a dataset of many images is not held decoded in memory.
+mid-training, and kept encoded (:class:`StoredImage`): a dataset of many images is not held decoded in memory. A
+stored video (a ``Video`` feature) becomes a file path: its own path where the dataset holds no bytes, else its bytes
+written once to ``$XDG_CACHE_HOME/mmgrpo/videos`` (default ``~/.cache``), named by their hash (:func:`video_file`):
+the video readers read files, and ``datasets`` decodes videos only with torchcodec.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +124,13 @@ def opened(images: list[Any]) -> list[Any]:
 
 
 def _undecoded(feature: Any) -> Any:
-    """``feature`` with every ``Image`` feature in it set not to decode (rows then hold ``{bytes, path}``)."""
+    """``feature`` with every ``Image`` and ``Video`` feature in it set not to decode (rows then hold ``{bytes,
+    path}``)."""
     datasets = importlib.import_module("datasets")
     if isinstance(feature, datasets.Image):
         return datasets.Image(decode=False)
+    if _is_video(feature):
+        return datasets.Video(decode=False)
     if isinstance(feature, dict):
         return {k: _undecoded(v) for k, v in feature.items()}
     if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List, Sequence, LargeList
@@ -131,12 +138,31 @@ def _undecoded(feature: Any) -> Any:
     return feature
 
 
-def _has_image(feature: Any) -> bool:
+def _is_video(feature: Any) -> bool:
+    video = getattr(importlib.import_module("datasets"), "Video", None)  # datasets >= 3.3
+    return video is not None and isinstance(feature, video)
+
+
+def _has_media(feature: Any) -> bool:
     return repr(feature) != repr(_undecoded(feature))
+
+
+def video_file(data: bytes, name: str) -> str:
+    """The path of a file holding ``data`` (a video stored in a dataset): ``$XDG_CACHE_HOME/mmgrpo/videos/<sha1 of
+    the bytes><the stored name's suffix>``, written once (to a temporary name, then renamed: never half a file)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmgrpo" / "videos"
+    path = root / (hashlib.sha1(data).hexdigest() + (Path(name).suffix or ".mp4"))
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def _row_value(value: Any, feature: Any, name: str, where: str) -> Any:
     """A value of a row with its stored images as :class:`StoredImage` (an image given by a path only: the path),
+    its stored videos as file paths (:func:`video_file`),
     and, inside a struct, the keys that other items of its column have but this one lacks (None, as Arrow fills
     them) left out, as a JSON file would not hold them (a TRL ``{"type": "image"}`` part read as ``{"type": "image",
     "text": None}`` gave a question ending in 'None')."""
@@ -147,6 +173,12 @@ def _row_value(value: Any, feature: Any, name: str, where: str) -> Any:
         if value.get("bytes") is None:
             return value.get("path")
         return StoredImage.checked(value["bytes"], f"stored in {name}", where)
+    if _is_video(feature):
+        if value is None:
+            return None
+        if value.get("bytes") is None:
+            return value.get("path")
+        return video_file(value["bytes"], value.get("path") or "")
     if isinstance(value, dict):
         sub = feature if isinstance(feature, dict) else {}
         return {k: _row_value(v, sub.get(k), f"{name}[{k!r}]", where) for k, v in value.items() if v is not None}
@@ -160,7 +192,7 @@ def dataset_rows(ds: Any, spec: str) -> list[tuple[str, dict]]:
     """(``"hf:... row N"``, row) of every row of ``ds`` (N counted from 0, as ``ds[N]``): checked for non-finite
     numbers, its stored images as :class:`StoredImage` (a corrupt one a UserError naming the row and the column)."""
     features = dict(ds.features)
-    if any(_has_image(f) for f in features.values()):
+    if any(_has_media(f) for f in features.values()):
         datasets = importlib.import_module("datasets")
         ds = ds.cast(datasets.Features({k: _undecoded(f) for k, f in features.items()}))
     out = []

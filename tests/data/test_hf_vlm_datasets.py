@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmgrpo.data.hf_datasets import StoredImage
+from mmgrpo.data.hf_datasets import StoredImage, _row_value
 from mmgrpo.pipelines.vlm_grounding import GroundingExamples, VLMGroundingDataOptions, load_grounding_jsonl
 from mmgrpo.pipelines.vlm_reasoning import QAExamples, VLMReasoningDataOptions, load_jsonl
 from mmgrpo.testing.data_files import raises
@@ -154,3 +154,31 @@ def test_a_vlm_run_trains_a_step_on_a_saved_dataset(folder):
     lines = (folder / "runs" / "vlm_reasoning_tiny" / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(x) for x in lines]
     assert any("reward/accuracy" in m for m in metrics)
+
+
+def test_stored_videos_become_files_the_video_readers_open(folder, monkeypatch):
+    """A ``Video`` feature: datasets decodes it only with torchcodec (an ImportError traceback while the rows were
+    read); its bytes are now written once to the cache (named by their hash) and the example holds that file's path,
+    opened at load like a file's video; a video given by its path alone stays that path; bad bytes name the row."""
+    import datasets
+
+    from mmgrpo.testing.vlm_checks import write_mp4
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder / "cache"))
+    write_mp4(folder / "clip.mp4")
+    video = datasets.Video()
+    spec = saved(folder, "vid", [{"question": "How many frames?", "answer": "8", "video": str(folder / "clip.mp4")}],
+                 {"video": video})  # fmt: skip
+    ((_, meta),) = load_jsonl(spec)
+    cached = Path(meta["video"])
+    assert cached.parent == folder / "cache" / "mmgrpo" / "videos" and cached.suffix == ".mp4"
+    assert cached.read_bytes() == (folder / "clip.mp4").read_bytes()  # save_to_disk embedded the bytes
+    assert load_jsonl(spec)[0][1]["video"] == str(cached)  # written once: the same file again
+    assert not list(cached.parent.glob(".*.tmp"))
+    # a video the dataset holds by its path alone (save_to_disk embeds the bytes; other writers may not): the path,
+    # which the recipe resolves as a file's paths
+    assert _row_value({"path": "clip.mp4", "bytes": None}, video, "column 'video'", "row 0") == "clip.mp4"
+    (folder / "bad.mp4").write_bytes(b"not a video")
+    bad = saved(folder, "vid_bad", [{"question": "q", "answer": "a", "video": str(folder / "bad.mp4")}],
+                {"video": video})  # fmt: skip
+    raises(load_jsonl, bad, r"vid_bad row 0: video '.*' cannot be read")
