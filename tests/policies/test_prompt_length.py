@@ -22,6 +22,9 @@ def test_a_long_prompt_is_cut_as_diffusers_cuts_it_and_said_once(monkeypatch, fa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adapter.encode([short, short])  # within every encoder's length: silent
+        exact = " ".join(["red"] * (limit - 2))  # BOS + limit - 2 words + EOS: fills the window, nothing cut
+        assert len(clip(exact)["input_ids"]) == limit
+        text.tokenize(clip, [short, exact], limit, "CLIP text encoder")  # silent too
     with pytest.warns(UserWarning, match=rf"tokens is longer than the {limit} the CLIP text encoder reads"):
         cut = adapter.encode([short, words])
     with warnings.catch_warnings():

@@ -17,11 +17,15 @@ def tokenize(tok: Any, texts: list[str], max_length: int, encoder: str, **kwargs
     out = tok(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt", **kwargs)
     if encoder in _WARNED or not texts:
         return out
+    mask = out.get("attention_mask")
+    # only a text that fills the whole window can have been cut: the others are not tokenised a second time
+    full = range(len(texts)) if mask is None else mask.sum(1).ge(max_length).nonzero().flatten().tolist()
+    if not full:
+        return out
     special = kwargs.get("add_special_tokens", True)
-    lengths = [
-        len(ids) for ids in tok(texts, truncation=False, add_special_tokens=special, verbose=False)["input_ids"]
-    ]
-    longest = max(range(len(texts)), key=lambda i: lengths[i])
+    ids = tok([texts[i] for i in full], truncation=False, add_special_tokens=special, verbose=False)["input_ids"]
+    lengths = dict(zip(full, map(len, ids)))
+    longest = max(lengths, key=lengths.__getitem__)
     if lengths[longest] > max_length:
         _WARNED.add(encoder)
         text = texts[longest] if len(texts[longest]) <= 80 else texts[longest][:80] + "..."
