@@ -10,6 +10,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def vlm_mmgrpo(s: dict[str, Any], model: str, overrides: list[str], run_dir: str
         "run": {"name": "mmgrpo", "seed": 0},
         "data": {"options": {"num_examples": 64, "image_size": s["image"], "eval_examples": 1}},
         "policy": {"options": {"path": model, "max_new_tokens": s["tokens"], "temperature": 1.0, "finetune": "full"}},
-        "rewards": [{"name": "format"}, {"name": "accuracy"}],
+        "rewards": [{"name": n} for n in vlm_reward_names(s)],
         "advantage": {"estimator": "grpo"},
         "loss": {"name": "grpo", "beta": 0.0},
         "trainer": {"prompts_per_step": s["B"], "group_size": s["G"], "lr": 1e-5, "eval_every": 0,
@@ -143,8 +144,34 @@ def vlm_mmgrpo(s: dict[str, Any], model: str, overrides: list[str], run_dir: str
     return trainer_step(trainer), s["B"] * s["G"]
 
 
-def trl_rewards():
-    """The format and accuracy rewards as TRL reward functions (the same functions mmgrpo's registry calls)."""
+VLM_CONTINUOUS = "peer_sides.text_compressibility"  # a reward by dotted path, as a user's plug-in is named
+
+
+def text_compressibility():
+    """A continuous reward for the VLM rows: minus the zlib-compressed size of a completion's UTF-8 text over its raw
+    size (the text analogue of DDPO's ``jpeg_compressibility``). The format and accuracy rewards give a random-weight
+    model 0 on every row, so every group has zero spread: mmgrpo then forwards one row of the step
+    (``trainer.skip_zero_advantage``, whose gradient is the same) while TRL trains all B x G; with this term a group's
+    rows practically never score alike, so both sides train every row (equal work; the table's trained rows say so)."""
+
+    def fn(samples, prompts, meta, ctx) -> list[float]:
+        out = []
+        for s in samples:
+            raw = (s if isinstance(s, str) else str(s)).encode("utf-8")
+            out.append(-len(zlib.compress(raw, 9)) / max(1, len(raw)))
+        return out
+
+    return fn
+
+
+def vlm_reward_names(s: dict[str, Any]) -> list[str]:
+    """The VLM rows' rewards: format + accuracy (the R1 verifier), plus the continuous term unless the point is the
+    verifier-only row (``s["reward"] == "verifier"``)."""
+    return ["format", "accuracy"] + ([] if s.get("reward") == "verifier" else [VLM_CONTINUOUS])
+
+
+def trl_rewards(s: dict[str, Any]):
+    """The VLM rows' rewards (:func:`vlm_reward_names`) as TRL reward functions: the same functions mmgrpo calls."""
     import mmgrpo.rewards.text  # noqa: F401  (registers the rewards)
     from mmgrpo.rewards.registry import get as get_reward
 
@@ -160,7 +187,13 @@ def trl_rewards():
         meta = [{"answer": a} for a in answer]
         return [float(v) for v in acc(text(completions), [None] * len(completions), meta, None)]
 
-    return [format_reward, accuracy_reward]
+    compress = text_compressibility()
+
+    def compressibility_reward(completions, **kwargs):
+        return compress(text(completions), None, None, None)
+
+    funcs = [format_reward, accuracy_reward]
+    return funcs + ([compressibility_reward] if VLM_CONTINUOUS in vlm_reward_names(s) else [])
 
 
 def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: int, device: str = "cpu"):
@@ -209,7 +242,7 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: i
             if len(ends) == warm + steps + 1:  # the timed steps are done: meter the next one
                 meter.__enter__()
 
-    trainer = GRPOTrainer(model=model, reward_funcs=trl_rewards(), args=args, train_dataset=Dataset.from_list(rows),
+    trainer = GRPOTrainer(model=model, reward_funcs=trl_rewards(s), args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=processor, callbacks=[Clock()])  # fmt: skip
     return trainer, ends, lengths, n, metered
 
@@ -335,6 +368,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             trainer.train()
             durations = [b - a for a, b in zip(ends, ends[1:])][warm : warm + steps]
             extra = {"tokens_mean": lengths[warm + steps - 1] if lengths else None,
+                     "trained_rows": float(rows),  # GRPOTrainer's loss covers every row (no zero-advantage filter)
                      "compute_fraction": metered[0] / (ends[-1] - ends[-2]) if metered else None}  # fmt: skip
         else:
             if fam == "vlm":

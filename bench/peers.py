@@ -13,13 +13,16 @@ optimizer, activations, the rollout's stored states, and the libraries):
 
 - **VLM GRPO** on a tiny Qwen2-VL (``assets/tiny_qwen2_vl``: hidden 64, 2 layers; and one built from its config with
   hidden 256, 4 layers, random weights), B 2 prompts x G 8, 32 new tokens at temperature 1, beta 0 (no reference),
-  full fine-tuning of the language model with the vision tower frozen, the ``format`` and ``accuracy`` rewards, the
-  synthetic shapes questions rendered at 56 x 56 (4 vision tokens) and 448 x 448 pixels (256 vision tokens; the
-  processor's pixel budget is raised to 448 x 448 on both sides). mmgrpo: the ``vlm_reasoning`` recipe's trainer,
-  default options. TRL: ``GRPOTrainer`` with the same model object, processor, prompts (system turn, image, question),
-  rewards (the same functions), B x G rows per step and per generation, one optimizer step per generation, no eval,
-  no logging, no saving; a step is timed from one ``on_step_end`` to the next (data loading and generation
-  included).
+  full fine-tuning of the language model with the vision tower frozen, the ``format`` and ``accuracy`` rewards plus a
+  continuous one (``peer_sides.text_compressibility``: the random-weight model scores 0 on the verifier, and mmgrpo
+  forwards only one row of a step whose groups all have zero spread while TRL trains every row; with it both sides
+  train all B x G rows, which the table's trained rows show; one more row at hidden 256, 448 px runs the verifier
+  alone), the synthetic shapes questions rendered at 56 x 56 (4 vision tokens) and 448 x 448 pixels (256 vision
+  tokens; the processor's pixel budget is raised to 448 x 448 on both sides). mmgrpo: the ``vlm_reasoning``
+  recipe's trainer, default options. TRL: ``GRPOTrainer`` with the same model object, processor, prompts (system
+  turn, image, question), rewards (the same functions), B x G rows per step and per generation, one optimizer step
+  per generation, no eval, no logging, no saving; a step is timed from one ``on_step_end`` to the next (data loading
+  and generation included).
 - **Diffusion Flow-GRPO step** on the shipped shapes SD3 (``assets/shapes_t2i``): the Flow-GRPO SDE (noise level 0.7)
   on T steps, training the first int(0.99 T) (T 8: 7), clip range 1e-4, advantages clamped to 5, lr 3e-4, weight
   decay 1e-4, full fine-tuning, no CFG, beta 0, DDPO's ``jpeg_compressibility`` reward (continuous, so no group
@@ -121,6 +124,10 @@ def points(quick: bool, only: list[str], device: str = "cpu") -> list[Point]:
             for image in (56, 448):
                 label = f"VLM hidden {hidden} / {layers} layers, {image}x{image}, B 2 x G 8, 32 tokens"
                 out.append(Point(label, "vlm", {"hidden": hidden, "image": image, "B": 2, "G": 8, "tokens": 32}))
+        # the R1 verifier alone: a random-weight model scores 0 on every row, so mmgrpo forwards one row a step
+        verifier = {"hidden": 256, "image": 448, "B": 2, "G": 8, "tokens": 32, "reward": "verifier"}
+        label = "VLM hidden 256 / 4 layers at 448x448, format + accuracy rewards only, B 2 x G 8, 32 tokens"
+        out.append(Point(label, "vlm", verifier))
         if device == "cuda":  # 2.2B parameters: a GPU's work
             label = "VLM Qwen2-VL-2B shape (random weights), 448x448, B 2 x G 8, 32 tokens"
             out.append(Point(label, "vlm", {"hidden": 1536, "image": 448, "B": 2, "G": 8, "tokens": 32}))
@@ -376,8 +383,9 @@ def tables(results: list[dict], pts: list[Point], quick: bool, device: str = "cp
     if vlm:
         out += ["## VLM GRPO step: mmgrpo vs TRL `GRPOTrainer`", "",
                 f"| work | mmgrpo s/step | TRL s/step | mmgrpo samples/s | TRL samples/s | **mmgrpo / TRL samples/s** "
-                f"| mmgrpo {mem} | TRL {mem} | tokens per row (mmgrpo, TRL) | compute fraction (mmgrpo, TRL) |",
-                "|---|" + "---|" * 9]  # fmt: skip
+                f"| mmgrpo {mem} | TRL {mem} | tokens per row (mmgrpo, TRL) | rows trained per step (mmgrpo, TRL) "
+                "| compute fraction (mmgrpo, TRL) |",
+                "|---|" + "---|" * 10]  # fmt: skip
         for p in vlm:
             a, b = _side(results, p, "mmgrpo"), _side(results, p, "trl")
             out.append(_row(p.label, a, b, rate=True))
@@ -410,7 +418,7 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     cells = [label] + ([extra] if extra is not None else [])
     if a["errors"] or b["errors"] or not a["steps"] or not b["steps"]:
         why = "; ".join(a["errors"] + b["errors"]) or "no measurement"
-        return "| " + " | ".join(cells + [f"error: {why}"] + [""] * (10 - len(cells) - 1)) + " |"
+        return "| " + " | ".join(cells + [f"error: {why}"] + [""] * ((11 if rate else 10) - len(cells) - 1)) + " |"
     ma, mb = statistics.median(a["steps"]), statistics.median(b["steps"])
     cells += [_fmt(a["steps"]), _fmt(b["steps"])]
     if rate:
@@ -419,8 +427,9 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     else:
         cells += [f"**{ma / mb:.2f}**"]
     cells += [_fmt(a["peaks"], 0), _fmt(b["peaks"], 0)]
-    what = "tokens" if rate else "trained"  # VLM: mean completion tokens; diffusion: rows through the update
-    cells.append(", ".join(f"{statistics.mean(x[what]):.1f}" if x[what] else "-" for x in (a, b)))
+    # VLM: mean completion tokens, then rows through the update; diffusion: rows through the update
+    for what in ("tokens", "trained") if rate else ("trained",):
+        cells.append(", ".join(f"{statistics.mean(x[what]):.1f}" if x[what] else "-" for x in (a, b)))
     cells.append(", ".join(f"{statistics.median(x['fractions']):.2f}" if x["fractions"] else "-" for x in (a, b)))
     return "| " + " | ".join(cells) + " |"
 

@@ -43,7 +43,9 @@ def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
     else:
         assert code == 0, printed.err[-3000:]
         assert float(vlm[1]) > 0 and float(vlm[2]) > 0  # mmgrpo and TRL s/step
-        assert vlm[-2] == "4.0, 4.0" or all(0 < float(x) <= 4 for x in vlm[-2].split(", "))  # <= 4 new tokens
+        assert vlm[-3] == "4.0, 4.0" or all(0 < float(x) <= 4 for x in vlm[-3].split(", "))  # <= 4 new tokens
+        # rows through the update: the continuous reward gives the group spread, so mmgrpo trains both, as TRL does
+        assert vlm[-2] == "2.0, 2.0", vlm
         assert all(0.0 < float(x) < 1.0 for x in vlm[-1].split(", "))  # compute fraction, mmgrpo and TRL
     text = out.read_text()
     assert "python bench/peers.py --quick --out " in text and rows["rollout (quick)"] in text
