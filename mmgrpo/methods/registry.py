@@ -212,8 +212,13 @@ def check_example_keys(cfg: Any, examples: list[tuple[str, dict]]) -> None:
     step) or the file (``"some"``: Scaf-GRPO without any hints trained without effect). A key renamed by an option
     ``<key>_key`` (of the method, or of its reward in ``rewards:``) is looked up under its new name; an example
     carrying one of the key's ``data_key_stand_ins`` carries it; the keys the method supplies itself
-    (``supplied_keys(options)``) are not looked for."""
-    for method, opts in enabled_methods(cfg):
+    (``supplied_keys(options)``) are not looked for. A method whose part is its reward (``reward_switched``) runs
+    when its reward is listed under ``rewards:`` alone, so it is checked then too, with its default options."""
+    listed = [(m, o, f"methods.{m.name}", f"remove methods.{m.name}") for m, o in enabled_methods(cfg)]
+    for m, o in reward_switched_methods(cfg):
+        used = next(r.name for r in cfg.rewards if r.name in m.rewards)
+        listed.append((m, o, f"the {used} reward", f"remove {used} from rewards:"))
+    for method, opts, who, off in listed:
         if not examples:
             continue
         specs = [r.options for r in cfg.rewards if r.name in method.rewards]
@@ -230,16 +235,30 @@ def check_example_keys(cfg: Any, examples: list[tuple[str, dict]]) -> None:
             if needed == "each" and lacking:
                 more = f" (and {len(lacking) - 1} other example(s))" if len(lacking) > 1 else ""
                 raise UserError(
-                    f"{lacking[0]}{more}: methods.{method.name} reads each example's {said}, which is missing or "
-                    f"empty here; add {add} to every example ({paper}) or remove methods.{method.name}"
+                    f"{lacking[0]}{more}: {who} reads each example's {said}, which is missing or empty here; add "
+                    f"{add} to every example ({paper}) or {off}"
                 )
             if len(lacking) == len(examples):
                 file = re.sub(r" (line|row) \d+$", "", examples[0][0])
                 raise UserError(
-                    f"{file}: methods.{method.name} reads an example's {said}, and none of the {len(examples)} "
-                    f"example(s) has one, so it would do nothing; add {add} to the examples ({paper}) or remove "
-                    f"methods.{method.name}"
+                    f"{file}: {who} reads an example's {said}, and none of the {len(examples)} example(s) has one, "
+                    f"so it would do nothing; add {add} to the examples ({paper}) or {off}"
                 )
+
+
+def reward_switched_methods(cfg: Any) -> list[tuple[Method, Any]]:
+    """(method, default options) of each ``reward_switched`` method not listed under ``methods:`` one of whose rewards
+    is listed under ``rewards:`` (listing the reward runs the method)."""
+    listed = {r.name for r in cfg.rewards}
+    enabled = {m.name for m, _ in enabled_methods(cfg)}
+    out = []
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        if not (isinstance(method, Method) and method.reward_switched) or method.name in enabled:
+            continue
+        if listed.intersection(method.rewards):
+            out.append((method, options_from(method.options, {}, "the config", f"methods.{name}")))
+    return out
 
 
 def _key_name(key: str, reward_options: list[dict], opts: Any) -> str:

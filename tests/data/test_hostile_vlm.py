@@ -240,6 +240,25 @@ def test_the_listener_names_the_row_without_candidates_and_a_renamed_key_is_look
     check_example_keys(renamed, examples)
 
 
+def test_a_method_run_by_its_reward_alone_is_checked_at_load_too(folder):
+    # listing the vlm_listener reward without methods: runs the listener; a row without options or candidates stopped
+    # the run in its first step with the reward's message, naming no file or line
+    path = ROOT / "configs" / "vlm_listener.yaml"
+    cfg = load_config(path, ["methods.listener=null"])
+    assert not cfg.methods.get("listener") and [r.name for r in cfg.rewards] == ["vlm_listener"]
+    (folder / "d.jsonl").write_text(jsonl({**QA, "options": ["red", "blue"]}, QA))
+    examples = [(w, {**p, **m}) for w, (p, m) in load_jsonl_lines(folder / "d.jsonl")]
+    msg = raises(check_example_keys, cfg, r"d.jsonl line 2: the vlm_listener reward reads each example's 'options' "
+                 r"\(or 'candidates'\), which is missing or empty here; add 'options' or 'candidates' to every "
+                 r"example \(Listener-rewarded thinking .*\) or remove vlm_listener from rewards:",
+                 examples)  # fmt: skip
+    assert "methods." not in msg
+    examples[1][1]["candidates"] = ["red", "blue"]
+    check_example_keys(cfg, examples)
+    # a reward of no method (accuracy) asks nothing more of the rows
+    check_example_keys(load_config(path, ["methods.listener=null", "rewards=[{name: accuracy}]"]), [("x line 1", QA)])
+
+
 def test_a_key_a_method_supplies_itself_is_not_looked_for(folder):
     # AMPO's online teachers answer a failed question without a guidance pool: a file without one is fine then
     (folder / "d.jsonl").write_text(jsonl(QA, QA))
