@@ -196,6 +196,17 @@ def trl_rewards(s: dict[str, Any]):
     return funcs + ([compressibility_reward] if VLM_CONTINUOUS in vlm_reward_names(s) else [])
 
 
+def trl_checkpointing_field(config_cls) -> str:
+    """The name of the activation-checkpointing switch of TRL's config (transformers renamed ``gradient_checkpointing``
+    to ``activation_checkpointing``). The TRL side turns it off: ``GRPOConfig`` turns it on by default (each layer's
+    forward recomputed in backward), mmgrpo's VLM policy does not (``policy.options.gradient_checkpointing``), and the
+    two sides are to do equal work."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: int, device: str = "cpu"):
     """A TRL GRPOTrainer; its ``train()`` runs warm-up + timed steps and the callback times them, then one more
     step under a :class:`ComputeMeter` (its seconds land in the returned list)."""
@@ -218,7 +229,7 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: i
         generation_batch_size=n, max_completion_length=s["tokens"], temperature=1.0, beta=0.0, learning_rate=1e-5,
         num_iterations=1, max_steps=warm + steps + 1, logging_steps=10**6, report_to="none", save_strategy="no",
         eval_strategy="no", use_cpu=device == "cpu", bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, log_completions=False,
+        remove_unused_columns=False, log_completions=False, **{trl_checkpointing_field(GRPOConfig): False},
     )  # fmt: skip
     ends: list[float] = []
     lengths: list[float] = []

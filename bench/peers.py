@@ -21,8 +21,9 @@ optimizer, activations, the rollout's stored states, and the libraries):
   tokens; the processor's pixel budget is raised to 448 x 448 on both sides). mmgrpo: the ``vlm_reasoning``
   recipe's trainer, default options. TRL: ``GRPOTrainer`` with the same model object, processor, prompts (system
   turn, image, question), rewards (the same functions), B x G rows per step and per generation, one optimizer step
-  per generation, no eval, no logging, no saving; a step is timed from one ``on_step_end`` to the next (data loading
-  and generation included).
+  per generation, activation checkpointing off (``GRPOConfig`` turns it on by default, recomputing each layer's
+  forward in backward; mmgrpo's default does not: equal work), no eval, no logging, no saving; a step is timed from
+  one ``on_step_end`` to the next (data loading and generation included).
 - **Diffusion Flow-GRPO step** on the shipped shapes SD3 (``assets/shapes_t2i``): the Flow-GRPO SDE (noise level 0.7)
   on T steps, training the first int(0.99 T) (T 8: 7), clip range 1e-4, advantages clamped to 5, lr 3e-4, weight
   decay 1e-4, full fine-tuning, no CFG, beta 0, DDPO's ``jpeg_compressibility`` reward (continuous, so no group
