@@ -51,6 +51,22 @@ def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
     assert "python bench/peers.py --quick --out " in text and rows["rollout (quick)"] in text
 
 
+def test_the_vlm_rows_reward_has_spread_and_trl_runs_without_checkpointing():
+    """Equal work on the VLM rows: the continuous reward (minus zlib size over raw size) gives distinct texts distinct
+    scores, so a group has spread and both sides train every row; TRL's config turns activation checkpointing off."""
+    sides = load("peer_sides")
+    score = sides.text_compressibility()
+    # zlib level 9: 24 x "a" -> 11 bytes, "the quick brown fox" (19 bytes) -> 27 bytes
+    assert score(["a" * 24, "the quick brown fox"], None, None, None) == [-11 / 24, -27 / 19]
+    assert sides.vlm_reward_names({}) == ["format", "accuracy", sides.VLM_CONTINUOUS]
+    assert sides.vlm_reward_names({"reward": "verifier"}) == ["format", "accuracy"]
+    trl = pytest.importorskip("trl")
+    field = sides.trl_checkpointing_field(trl.GRPOConfig)
+    kw = {"output_dir": "x", "report_to": "none", "use_cpu": True, "bf16": False}
+    assert getattr(trl.GRPOConfig(**kw), field) is True  # TRL's default, hence the switch
+    assert getattr(trl.GRPOConfig(**kw, **{field: False}), field) is False
+
+
 def test_compute_meter_counts_outermost_forwards_and_backward_once():
     """Nested module calls count once (the outer call's time), backward counts, and nothing outside them does."""
     import time
