@@ -71,11 +71,20 @@ class Registry(Generic[T]):
         """Import the built-in modules of this registry's kind (once) and its entry points (found so far)."""
         if self._plugins is None:
             return
-        if not self._loaded:
+        self._load_builtins()
+        self._scan_entry_points()
+
+    def _load_builtins(self) -> None:
+        if self._plugins is not None and not self._loaded:
             self._loaded = True
             for module in plugins.BUILTIN.get(self._plugins, ()):
                 importlib.import_module(module)
-        self._scan_entry_points()
+
+    def registered(self) -> dict[str, T]:
+        """The items registered so far (name -> item), the built-in modules imported first. No entry point is
+        loaded: a broken plug-in that the caller does not name stays out of its way."""
+        self._load_builtins()
+        return dict(self._items)
 
     def _scan_entry_points(self) -> None:
         """Register the entry points of the kind's group not seen yet (a plug-in installed later is found too)."""

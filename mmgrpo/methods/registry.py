@@ -248,12 +248,12 @@ def check_example_keys(cfg: Any, examples: list[tuple[str, dict]]) -> None:
 
 def reward_switched_methods(cfg: Any) -> list[tuple[Method, Any]]:
     """(method, default options) of each ``reward_switched`` method not listed under ``methods:`` one of whose rewards
-    is listed under ``rewards:`` (listing the reward runs the method)."""
+    is listed under ``rewards:`` (listing the reward runs the method). The built-in methods, and those of plug-ins
+    already imported (a plug-in's reward module registers its method as it registers the reward)."""
     listed = {r.name for r in cfg.rewards}
     enabled = {m.name for m, _ in enabled_methods(cfg)}
     out = []
-    for name in METHODS.names():
-        method = METHODS.get(name)
+    for name, method in sorted(METHODS.registered().items()):
         if not (isinstance(method, Method) and method.reward_switched) or method.name in enabled:
             continue
         if listed.intersection(method.rewards):

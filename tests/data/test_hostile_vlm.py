@@ -259,6 +259,19 @@ def test_a_method_run_by_its_reward_alone_is_checked_at_load_too(folder):
     check_example_keys(load_config(path, ["methods.listener=null", "rewards=[{name: accuracy}]"]), [("x line 1", QA)])
 
 
+def test_the_reward_alone_check_loads_no_plug_in(monkeypatch):
+    # the built-in methods are looked through, not the entry points: an installed plug-in that fails to import and
+    # that the config does not name must not stop the run there
+    from mmgrpo.methods.registry import METHODS, reward_switched_methods
+
+    def broken() -> None:
+        raise AssertionError("entry points scanned")
+
+    monkeypatch.setattr(METHODS, "_scan_entry_points", broken)
+    cfg = load_config(ROOT / "configs" / "vlm_listener.yaml", ["methods.listener=null"])
+    assert [m.name for m, _ in reward_switched_methods(cfg)] == ["listener"]
+
+
 def test_a_key_a_method_supplies_itself_is_not_looked_for(folder):
     # AMPO's online teachers answer a failed question without a guidance pool: a file without one is fine then
     (folder / "d.jsonl").write_text(jsonl(QA, QA))
