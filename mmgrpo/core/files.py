@@ -99,6 +99,23 @@ def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.Pa
     return out
 
 
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write the file ``path`` whole or not at all: ``data`` goes to a temporary sibling (flushed to disk), renamed
+    over ``path``; on an exception (a full disk, an interrupt) the temporary file is removed and ``path`` is left as
+    it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Write the folder ``path`` whole or not at all: yields a temporary sibling folder, renamed to ``path`` when the

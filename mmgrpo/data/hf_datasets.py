@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmgrpo.core.errors import UserError, quoted
-from mmgrpo.core.files import check_image
+from mmgrpo.core.files import check_image, write_atomic
 from mmgrpo.data.records import check_finite_row
 
 
@@ -154,9 +154,7 @@ def video_file(data: bytes, name: str) -> str:
     path = root / (hashlib.sha1(data).hexdigest() + (Path(name).suffix or ".mp4"))
     if not path.is_file():
         root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
     return str(path)
 
 

@@ -20,12 +20,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
 
 from mmgrpo.core.errors import UserError, quoted
+from mmgrpo.core.files import write_atomic
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import Config, check_run_name, config_diff, dump_config, load_config, resolved_config
 
@@ -177,9 +177,4 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))
