@@ -154,12 +154,11 @@ def text_compressibility():
     (``trainer.skip_zero_advantage``, whose gradient is the same) while TRL trains all B x G; with this term a group's
     rows practically never score alike, so both sides train every row (equal work; the table's trained rows say so)."""
 
+    from mmgrpo.rewards.text import completion_text
+
     def fn(samples, prompts, meta, ctx) -> list[float]:
-        out = []
-        for s in samples:
-            raw = (s if isinstance(s, str) else str(s)).encode("utf-8")
-            out.append(-len(zlib.compress(raw, 9)) / max(1, len(raw)))
-        return out
+        raws = [completion_text(s).encode("utf-8") for s in samples]
+        return [-len(zlib.compress(raw, 9)) / max(1, len(raw)) for raw in raws]
 
     return fn
 
