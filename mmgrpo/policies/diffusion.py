@@ -116,7 +116,13 @@ class DiffusionPolicyOptions:
     num_steps: int = 10
     """T: sampling steps"""
     guidance_scale: float = 1.0
-    """classifier-free guidance (1 = off); the unconditional branch never carries gradient"""
+    """classifier-free guidance (1 = off)"""
+    guidance_uncond_grad: bool = True
+    """with guidance_scale > 1, the sde objective's training forward back-propagates through both branches of the
+    guided output uncond + s (cond - uncond), as Flow-GRPO and DDPO do (their train.cfg). false detaches the
+    unconditional branch: its forward keeps no activations (about half the update's memory and backward) but the
+    gradient then lacks the (1 - s) d(uncond) term, so it is not their gradient and the unconditional model is not
+    trained"""
     sde: sde.SDEOptions = field(default_factory=sde.SDEOptions)
     """the sampler's dynamics {kind, noise_level}: flow_grpo (Flow-GRPO), dance (DanceGRPO), cps for flow families,
     ddim for UNet families; noise_level 0 = the ODE"""
@@ -166,7 +172,17 @@ class DiffusionPolicyOptions:
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise bad_option("policy.options.lora_alpha", self.lora_alpha, "the LoRA scale numerator must be a "
                              "finite number > 0 (scale = alpha / rank), or null for the rank itself")  # fmt: skip
+        if not self.guidance_uncond_grad and not self.guidance_trained():
+            raise bad_option("policy.options.guidance_uncond_grad", False, "it does nothing here: only the sde "
+                             "objective trains through classifier-free guidance, and only with guidance_scale > 1 "
+                             f"(here objective {self.objective.name}, guidance_scale {self.guidance_scale}); remove "
+                             "it")  # fmt: skip
         objective_class(self).check_options(self)
+
+    def guidance_trained(self) -> bool:
+        """Whether the loss back-propagates through a guided output: an objective that trains the guided output (sde;
+        flow_matching and nft train the unguided velocity) with guidance_scale > 1."""
+        return objective_class(self).trains_guided and self.guidance_scale != 1.0
 
 
 class DiffusionPolicy:
@@ -238,19 +254,22 @@ class DiffusionPolicy:
         activation memory is then about the budget's (at most 1.5 budgets, or one row's units when they exceed it),
         whatever B x G x T. Nearest, not floor: at 9 trained steps a budget of 16 made forwards of 9 (row, step)
         pairs, 1.06-1.26x the Flow-GRPO loop's time; 2 rows (18 pairs) took 0.79-0.83x (bench/peers.py)."""
-        return max(1, round(budget / max(units, 1)))
+        per_unit = 2 if self.opts.guidance_uncond_grad and self.opts.guidance_trained() else 1
+        return max(1, round(budget / max(units * per_unit, 1)))
 
     def plan(self, generator: torch.Generator | None) -> exploration.ExplorationPlan:
         """The exploration schedule's plan for this rollout (the MixGRPO window slides with training_step)."""
         return self.exploration.plan(self.opts.num_steps, self.training_step, generator)
 
     def guided(self, module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None):
-        """Model output with CFG; the unconditional branch is computed without gradient."""
+        """Model output with CFG, uncond + s (cond - uncond). Under grad the unconditional branch carries gradient
+        too (Flow-GRPO's and DDPO's train.cfg) unless ``guidance_uncond_grad`` is false."""
         out = self.adapter.predict(module, x, t, cond)
         scale = self.objective.guidance_scale(self.opts)
         if uncond is None or scale == 1.0:
             return out
-        with torch.no_grad():  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
+        detach = torch.no_grad() if not self.opts.guidance_uncond_grad else contextlib.nullcontext()
+        with detach:  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
             base = self.adapter.predict(module, x, t, {**cond, **uncond})
         return base + scale * (out - base)
 

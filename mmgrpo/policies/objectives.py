@@ -39,6 +39,9 @@ class DiffusionObjective(Strategy):
     """the loss this objective needs (its log-probs only mean something to that loss), None = any"""
     loss_hint: ClassVar[str] = ""
     """what else to set with that loss (appended to the error)"""
+    trains_guided: ClassVar[bool] = False
+    """its log-probs come from the guided output (``DiffusionPolicy.guided`` under grad), so classifier-free
+    guidance's branches carry the loss's gradient (``policy.options.guidance_uncond_grad``)"""
 
     @classmethod
     def check_options(cls, opts: Any) -> None:
@@ -112,6 +115,7 @@ class SDEObjective(DiffusionObjective):
     """The sampler's stochastic steps: log-probs of its SDE transitions (DanceGRPO, Flow-GRPO, MixGRPO, G2RPO)."""
 
     Options = SDEObjectiveOptions
+    trains_guided = True
 
     def finish_rollout(self, policy, batch, G, latents, logp, plan, cond, gens) -> Rollout:
         train = plan.train_mask[None, :].expand(latents.shape[0], -1).clone()

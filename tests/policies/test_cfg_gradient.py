@@ -1,0 +1,98 @@
+"""Classifier-free guidance in training: the sde objective's gradient is Flow-GRPO's / DDPO's (``train.cfg``: one
+forward of the doubled batch [uncond; cond], both halves under grad, combined uncond + s (cond - uncond)), computed
+here the way their training step does it on a tiny real SD3 transformer; ``guidance_uncond_grad: false`` detaches
+the unconditional half, and that is a different gradient."""
+
+import pytest
+import torch
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.core.types import PromptBatch
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.testing.tiny_sd3 import tiny_sd3_adapter
+
+SCALE = 4.5  # Flow-GRPO's SD3 guidance
+
+
+def policy_and_rollout(**opts):
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=3, guidance_scale=SCALE, **opts))
+    rollout = policy.rollout(PromptBatch(prompts=["a red circle", "two blue squares"], seeds=[3, 4]), group_size=2)
+    return policy, rollout
+
+
+def grads(policy, loss) -> torch.Tensor:
+    params = policy.trainable_parameters()
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+WEIGHTS = torch.tensor([[0.7, -1.3, 0.4], [-0.2, 0.9, -1.1], [1.5, 0.3, -0.6], [-0.8, -0.4, 1.2]])  # [rows, steps]
+
+
+def mmgrpo_logp(policy, rollout) -> torch.Tensor:
+    rows, units = torch.arange(rollout.num_rows), torch.arange(3)
+    return policy.objective.log_prob(policy, rollout, rows, units).logp  # [4, 3]
+
+
+def their_logp(policy, rollout, detach_uncond: bool) -> torch.Tensor:
+    """Flow-GRPO's compute_log_prob with train.cfg: the transformer on cat([x] * 2) with [negative; prompt]
+    embeddings, chunked and combined; the SDE transition's log-density of the stored next state."""
+    sched = policy.adapter.schedule(3)
+    lat, cond = rollout.extras["latents"], rollout.extras["cond"]
+    neg = policy.adapter.encode_negative(rollout.num_rows)
+    out = []
+    for j in range(3):
+        x, t = lat[:, j], sched.timesteps[j].expand(rollout.num_rows)
+        both = policy.model(
+            hidden_states=torch.cat([x] * 2),
+            timestep=torch.cat([t] * 2),
+            encoder_hidden_states=torch.cat([neg["prompt_embeds"], cond["prompt_embeds"]]),
+            pooled_projections=torch.cat([neg["pooled"], cond["pooled"]]),
+            return_dict=False,
+        )[0]
+        uncond, text = both.chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
+        v = uncond + SCALE * (text - uncond)
+        out.append(policy.step(v, x, j, sched, policy.noise_level, prev=lat[:, j + 1]).log_prob)
+    return torch.stack(out, 1)
+
+
+def test_the_gradient_through_guidance_is_flow_grpos_and_detaching_the_uncond_branch_is_another():
+    policy, rollout = policy_and_rollout()
+    ours = mmgrpo_logp(policy, rollout)
+    theirs = their_logp(policy, rollout, detach_uncond=False)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    g_ours, g_theirs = grads(policy, (ours * WEIGHTS).sum()), grads(policy, (theirs * WEIGHTS).sum())
+    assert torch.allclose(g_ours, g_theirs, rtol=1e-4, atol=1e-6), (g_ours - g_theirs).abs().max()
+
+    detached, roll_d = policy_and_rollout(guidance_uncond_grad=False)
+    assert torch.equal(roll_d.extras["latents"], rollout.extras["latents"])  # sampling is not affected
+    ours_d = mmgrpo_logp(detached, roll_d)
+    assert torch.allclose(ours_d, ours, atol=1e-6)  # the same log-probs (the ratio), another gradient
+    g_d = grads(detached, (ours_d * WEIGHTS).sum())
+    g_ref_d = grads(detached, (their_logp(detached, roll_d, detach_uncond=True) * WEIGHTS).sum())
+    assert torch.allclose(g_d, g_ref_d, rtol=1e-4, atol=1e-6)
+    # at s = 4.5 the dropped (1 - s) d(uncond) term is most of the gradient, not a rounding matter
+    assert (g_d - g_ours).norm() > 0.5 * g_ours.norm()
+
+
+def test_a_micro_batch_counts_both_guided_forwards_when_both_carry_gradient():
+    both, _ = policy_and_rollout()
+    detached, _ = policy_and_rollout(guidance_uncond_grad=False)
+    unguided = DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(num_steps=3))
+    # budget 16 (row, step) forwards, 4 trained steps a row: 16 / (4 x 2) = 2 rows; detached or unguided 4
+    assert both.micro_batch_rows(4, 16) == 2
+    assert detached.micro_batch_rows(4, 16) == 4 and unguided.micro_batch_rows(4, 16) == 4
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(guidance_scale=1.0, guidance_uncond_grad=False),
+        dict(guidance_scale=SCALE, guidance_uncond_grad=False, objective="flow_matching"),
+    ],
+)
+def test_detaching_where_no_guided_output_is_trained_is_refused(opts):
+    with pytest.raises(UserError, match=r"guidance_uncond_grad=False: it does nothing here.*remove it"):
+        DiffusionPolicyOptions(num_steps=3, **opts)
