@@ -20,11 +20,11 @@ import abc
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies import sde
@@ -108,6 +108,11 @@ def check_loss(opts: Any, loss_name: str) -> None:
 @dataclass
 class SDEObjectiveOptions:
     name: str = "sde"
+    kl: Literal["exact", "flow_grpo"] = "exact"
+    """the reference KL of a trained step (policy.options.reference_kl, weighted by loss.beta). exact: the KL of the
+    step's two Gaussians, (mean - mean_ref)^2 / (2 std^2) with the step's std = std_t sqrt(|dt|). flow_grpo:
+    Flow-GRPO's code, which divides by std_t^2 (its std_dev_t has no sqrt(|dt|)), i.e. the exact KL times |dt|, about
+    1/T of it; their beta (0.04) was tuned for this form (sde.kind flow_grpo only)"""
 
 
 @OBJECTIVES.register("sde")
@@ -116,6 +121,16 @@ class SDEObjective(DiffusionObjective):
 
     Options = SDEObjectiveOptions
     trains_guided = True
+
+    @classmethod
+    def check_options(cls, opts: Any) -> None:
+        kl = opts.objective.kl
+        if kl == "flow_grpo" and opts.sde.kind != "flow_grpo":
+            raise bad_option("policy.options.objective.kl", kl, "Flow-GRPO's KL is defined for its own step "
+                             f"(policy.options.sde.kind flow_grpo, here {opts.sde.kind}); use kl: exact")  # fmt: skip
+        if kl != "exact" and not opts.reference_kl:
+            raise bad_option("policy.options.objective.kl", kl, "it does nothing without a reference KL: set "
+                             "policy.options.reference_kl: true (and loss.beta > 0), or remove it")  # fmt: skip
 
     def finish_rollout(self, policy, batch, G, latents, logp, plan, cond, gens) -> Rollout:
         train = plan.train_mask[None, :].expand(latents.shape[0], -1).clone()
@@ -154,4 +169,6 @@ class SDEObjective(DiffusionObjective):
             with torch.no_grad(), policy.reference() as ref_model:
                 ref = scored(ref_model)
             kl = sde.gaussian_kl(res.mean, ref.mean, res.std).view(n, k)
+            if self.opts.kl == "flow_grpo":  # their (mean - mean_ref)^2 / (2 std_t^2) = the exact KL times |dt|
+                kl = kl * (sched.sigmas[uu] - sched.sigmas[uu + 1]).abs().view(n, k).to(kl)
         return LogProbs(logp=res.log_prob.view(n, k), kl=kl)
