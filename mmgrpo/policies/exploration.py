@@ -92,14 +92,15 @@ def full(
 ) -> ExplorationPlan:
     """SDE at every step, train a fraction of them (DanceGRPO / Flow-GRPO ``timestep_fraction``).
 
-    Trains ``k = max(1, round(timestep_fraction * T))`` steps (Python's round: nearest, halves to even):
-    ``selection="random"`` a uniformly random subset (returned sorted; DanceGRPO), ``"first"`` steps 0..k-1
+    Trains ``k = max(1, int(timestep_fraction * T))`` steps, rounded down as both papers' code does
+    (``int(num_steps * timestep_fraction)``: Flow-GRPO's 0.99 of 10 steps trains 9, DanceGRPO's 0.6 of 16 trains
+    9): ``selection="random"`` a uniformly random subset (returned sorted; DanceGRPO), ``"first"`` steps 0..k-1
     (Flow-GRPO). Returns masks [T].
     """
     _check_steps(num_steps)
     if not 0 < timestep_fraction <= 1:
         raise UserError(f"timestep_fraction must be in (0, 1], got {timestep_fraction!r}")
-    k = max(1, round(timestep_fraction * num_steps))
+    k = max(1, int(timestep_fraction * num_steps))
     if selection == "random":
         steps = torch.randperm(num_steps, generator=generator)[:k].sort().values
     elif selection == "first":

@@ -112,7 +112,7 @@ class SDEObjectiveOptions:
     """the reference KL of a trained step (policy.options.reference_kl, weighted by loss.beta). exact: the KL of the
     step's two Gaussians, (mean - mean_ref)^2 / (2 std^2) with the step's std = std_t sqrt(|dt|). flow_grpo:
     Flow-GRPO's code, which divides by std_t^2 (its std_dev_t has no sqrt(|dt|)), i.e. the exact KL times |dt|, about
-    1/T of it; their beta (0.04) was tuned for this form (sde.kind flow_grpo only)"""
+    1/T of it; their betas (0.01-0.04) were tuned for this form (sde.kind flow_grpo only)"""
 
 
 @OBJECTIVES.register("sde")

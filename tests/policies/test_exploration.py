@@ -34,15 +34,17 @@ def test_full_all_steps():
 
 
 def test_full_first_fraction():
-    plan = full(10, timestep_fraction=0.3, selection="first")  # round(0.3 * 10) = 3 -> steps 0, 1, 2
+    plan = full(10, timestep_fraction=0.3, selection="first")  # int(0.3 * 10) = 3 -> steps 0, 1, 2
     assert plan.train_steps == [0, 1, 2]
     assert plan.sde_mask.all()
 
 
-def test_full_rounding_and_at_least_one_step():
-    assert len(full(10, 0.25, "first").train_steps) == 2  # round(2.5) = 2 (Python rounds halves to even)
-    assert len(full(10, 0.35, "first").train_steps) == 4  # round(3.5) = 4
-    assert full(10, 0.01, "first").train_steps == [0]  # round(0.1) = 0 -> at least 1
+def test_full_rounds_down_as_the_papers_code_and_trains_at_least_one_step():
+    # Flow-GRPO's num_train_timesteps = int(sample.num_steps * train.timestep_fraction): 0.99 of 10 -> the first 9
+    assert full(10, 0.99, "first").train_steps == list(range(9))
+    assert len(full(16, 0.6).train_steps) == 9  # DanceGRPO's int(16 * 0.6) = int(9.6)
+    assert len(full(10, 0.35, "first").train_steps) == 3  # int(3.5000000000000004)
+    assert full(10, 0.01, "first").train_steps == [0]  # int(0.1) = 0 -> at least 1
 
 
 def test_full_random_is_sorted_seeded_and_uniform():
