@@ -36,7 +36,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -75,7 +75,7 @@ LOSS_INPUTS: dict[str, str] = {
 
 
 def register_loss(
-    name: str, check: Callable[..., None] | None = None, zero_adv_no_grad: bool = False
+    name: str, check: Callable[..., None] | None = None, zero_adv_no_grad: bool = False, unit_local: bool = False
 ) -> Callable[[LossFn], LossFn]:
     """Decorator: register a surrogate ``fn(logp, logp_old, adv, mask, *, <inputs>, <options>)`` as ``name``.
 
@@ -84,12 +84,16 @@ def register_loss(
     ``zero_adv_no_grad`` declares that a row whose advantage is 0 on every unit gets loss 0 and gradient exactly 0
     whatever its ratio (true of the clipped and plain ratio surrogates): the trainer may then leave such rows out of
     the update's forwards (:func:`zero_adv_no_grad`). A plug-in loss says nothing and is never skipped.
+    ``unit_local`` declares that each unit's loss depends on that unit's inputs alone (not on the row's other units,
+    as GSPO's sequence ratio does): the update may then split a row's units across micro-batches
+    (:func:`unit_local`). A plug-in loss says nothing and is never split.
     """
 
     def deco(fn: LossFn) -> LossFn:
         if check is not None:
             fn.check = check  # type: ignore[attr-defined]
         fn.zero_adv_no_grad = zero_adv_no_grad  # type: ignore[attr-defined]
+        fn.unit_local = unit_local  # type: ignore[attr-defined]
         return LOSSES.register(name)(fn)
 
     return deco
@@ -104,6 +108,18 @@ def zero_adv_no_grad(name: str) -> bool:
     """Whether loss ``name`` gives a row with advantage 0 on every unit exactly zero loss and gradient
     (``register_loss(..., zero_adv_no_grad=True)``: grpo, gspo, pg)."""
     return bool(getattr(LOSSES.get(name), "zero_adv_no_grad", False))
+
+
+def unit_local(name: str) -> bool:
+    """Whether loss ``name``'s per-unit values depend on each unit's own inputs only
+    (``register_loss(..., unit_local=True)``: grpo, pg, nft), so a row's units may be computed in separate parts."""
+    return bool(getattr(LOSSES.get(name), "unit_local", False))
+
+
+def unit_additive(aggregation: Aggregation) -> bool:
+    """Whether ``aggregation`` with a global ``denom`` is a sum over units (token_mean, constant), so the aggregates of
+    disjoint parts of a row's units add up to the row's: a class attribute ``unit_additive = True``."""
+    return bool(getattr(aggregation, "unit_additive", False))
 
 
 def loss_options(
@@ -201,7 +217,7 @@ def _clipped_surrogate(
 # per-unit surrogates: fn(logp, logp_old, adv, mask, *, <inputs>, <options>) -> (loss [n, k], stats)
 
 
-@register_loss("grpo", check=_check_clip, zero_adv_no_grad=True)
+@register_loss("grpo", check=_check_clip, zero_adv_no_grad=True, unit_local=True)
 def grpo_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -272,7 +288,7 @@ def _check_nft(adv_clip: float | None) -> None:
                         "(e.g. loss.adv_clip=2)")  # fmt: skip
 
 
-@register_loss("nft", check=_check_nft)
+@register_loss("nft", check=_check_nft, unit_local=True)
 def nft_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -315,7 +331,7 @@ def nft_loss(
     return loss, {"ratio": ratio, "clipped": torch.zeros_like(ratio)}
 
 
-@register_loss("pg", zero_adv_no_grad=True)
+@register_loss("pg", zero_adv_no_grad=True, unit_local=True)
 def pg_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -402,6 +418,8 @@ class TokenMean:
     sum_i,t w_i x_i,t m_i,t / sum m, with ``denom`` (the global unit count) replacing sum m. [n, k] -> scalar.
     """
 
+    unit_additive: ClassVar[bool] = True  # with denom: a sum over units
+
     def local_count(self, mask: torch.Tensor) -> torch.Tensor:
         """Masked units of the slice (mask [n, k] -> scalar)."""
         return mask.sum()
@@ -445,6 +463,7 @@ class ConstantNorm:
     of trained steps (SDE); ``denom`` (the global row count) replaces n. [n, k] -> scalar.
     """
 
+    unit_additive: ClassVar[bool] = True  # with denom: a sum over units
     constant: float | None = None
     """the fixed normaliser per row: max completion length in tokens, or the number of trained denoising steps"""
 

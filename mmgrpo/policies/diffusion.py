@@ -254,8 +254,18 @@ class DiffusionPolicy:
         activation memory is then about the budget's (at most 1.5 budgets, or one row's units when they exceed it),
         whatever B x G x T. Nearest, not floor: at 9 trained steps a budget of 16 made forwards of 9 (row, step)
         pairs, 1.06-1.26x the Flow-GRPO loop's time; 2 rows (18 pairs) took 0.79-0.83x (bench/peers.py)."""
-        per_unit = 2 if self.opts.guidance_uncond_grad and self.opts.guidance_trained() else 1
-        return max(1, round(budget / max(units * per_unit, 1)))
+        return max(1, round(budget / max(units * self._forwards_per_unit(), 1)))
+
+    def micro_batch_pieces(self, units: int, budget: int) -> int:
+        """The parts a single row's ``units`` trained units are split into when they exceed the budget (the update
+        does so where the loss is exact over a subset of a row's units, :meth:`mmgrpo.train.update.UpdatePhase.
+        micro_blocks`): the whole number nearest to units / budget, at least one. So a micro-batch forwards at most
+        about 1.5 budgets of (row, unit) pairs whatever T, not one row's T - 1 steps."""
+        return max(1, round(units * self._forwards_per_unit() / max(budget, 1)))
+
+    def _forwards_per_unit(self) -> int:
+        """Denoiser forwards with gradient per trained unit: 2 with CFG through both branches, else 1."""
+        return 2 if self.opts.guidance_uncond_grad and self.opts.guidance_trained() else 1
 
     def plan(self, generator: torch.Generator | None) -> exploration.ExplorationPlan:
         """The exploration schedule's plan for this rollout (the MixGRPO window slides with training_step)."""

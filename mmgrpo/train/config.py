@@ -177,10 +177,12 @@ class TrainerConfig:
     """rows per forward/backward (gradient accumulation inside a minibatch); 0 = the whole minibatch; auto = the
     policy's choice: a diffusion policy, whose every trained step (or draw) of a row is one denoiser forward, takes the
     number of rows that brings rows x trained units nearest to micro_batch_units (so memory is bounded by about that
-    budget, not by B x G x T; at least one row), other policies the whole minibatch. Only float rounding depends on
-    it"""
+    budget, not by B x G x T; at least one row, and a row whose trained units exceed the budget is split into parts
+    of its units where the loss allows it exactly: grpo, pg or nft with token_mean or constant aggregation), other
+    policies the whole minibatch. Only float rounding depends on it"""
     micro_batch_units: int = 16
-    """with micro_batch_size auto: the most (row, unit) forwards of a diffusion policy in one micro-batch. 16 kept
+    """with micro_batch_size auto: about the most (row, unit) forwards of a diffusion policy in one micro-batch (the
+    nearest whole number of rows, or of parts of one row's units: at most ~1.5 budgets). 16 kept
     the update of the shapes SD3 (B 8 x G 8, 7 trained steps: 2 rows at a time) at or below the peak memory of
     Flow-GRPO's batches of 8 rows, with no loss of speed on CPU against 32; 8 was slower there (bench/peers.py)"""
     skip_zero_advantage: bool = True

@@ -115,8 +115,7 @@ class UpdatePhase:
         self.policy.model.eval()
         self._reshard()
         with torch.no_grad():
-            for rows in self.micro_batches(torch.arange(rollout.num_rows), mask):
-                units = mask[rows].any(0).nonzero().reshape(-1)
+            for rows, units in self.micro_blocks(torch.arange(rollout.num_rows), mask):
                 if not len(units) and not self.collective:
                     continue
                 new = self.policy.log_prob(rollout, rows, units).logp.float().cpu()
@@ -220,6 +219,49 @@ class UpdatePhase:
             raise ValueError(f"{len(rows)} rows cannot fill the {n} micro-batches another process makes")
         return list(torch.tensor_split(rows, n))
 
+    def micro_blocks(self, rows: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The forwards of ``rows``: (micro-batch rows, the units they train) for each micro-batch of
+        :meth:`micro_batches`. Under ``micro_batch_size: auto``, a micro-batch of one row whose trained units exceed
+        the budget ``trainer.micro_batch_units`` is split into parts of its units (the policy's
+        ``micro_batch_pieces``), where that is exact (:meth:`splits_units`): so the forwards stay within about the
+        budget whatever T. With collective forwards every process then makes as many as the one that makes the most
+        (its largest blocks halved)."""
+        pieces = self.splits_units()
+        blocks = []
+        for r in self.micro_batches(rows, mask):
+            units = mask[r].any(0).nonzero().reshape(-1)
+            k = pieces(len(units), self.cfg.trainer.micro_batch_units) if pieces and len(r) == 1 else 1
+            blocks += [(r, u) for u in torch.tensor_split(units, k)] if k > 1 else [(r, units)]
+        if self.collective and pieces is not None:
+            mine = torch.tensor([len(blocks)], device=self.acc.device)
+            n = int(self.acc.reduce(mine, reduction="max").item())
+            while len(blocks) < n:
+                i = max(range(len(blocks)), key=lambda j: len(blocks[j][0]) * len(blocks[j][1]))
+                r, u = blocks[i]
+                if len(r) > 1:
+                    halves = [(h, u) for h in torch.tensor_split(r, 2)]
+                elif len(u) > 1:
+                    halves = [(r, h) for h in torch.tensor_split(u, 2)]
+                else:
+                    raise ValueError(f"{len(rows)} rows cannot fill the {n} micro-batches another process makes")
+                blocks[i : i + 1] = halves
+        return blocks
+
+    def splits_units(self) -> Callable[[int, int], int] | None:
+        """The policy's ``micro_batch_pieces`` when a row's units may be split across micro-batches with the same
+        loss and gradients: ``micro_batch_size: auto``, a policy that has it (diffusion), a loss whose unit values
+        are the unit's own (:func:`mmgrpo.core.losses.unit_local`: grpo, pg, nft; not GSPO's sequence ratio), an
+        aggregation that sums over units under the global normaliser (token_mean, constant; not seq_mean's per-row
+        mean) and no method loss term that does not declare ``unit_local``. None otherwise."""
+        lc = self.cfg.loss
+        pieces = getattr(self.policy, "micro_batch_pieces", None)
+        exact = (
+            loss_lib.unit_local(lc.name)
+            and loss_lib.unit_additive(self.aggregation)
+            and all(getattr(term, "unit_local", False) for term in self.comp.loss_terms)
+        )
+        return pieces if self.cfg.trainer.micro_batch_size == "auto" and exact else None
+
     def _minibatch(self, rollout, rows, adv, row_w, mask) -> dict[str, float] | None:
         """One optimizer step over ``rows`` (micro-batched); None when it was skipped (non-finite loss or grads)."""
         t = self.cfg.trainer
@@ -259,12 +301,11 @@ class UpdatePhase:
         denom = self._denominator(rows, mask)
         all_rows = len(rows)
         rows = self.rows_with_gradient(rows, adv, mask)
-        chunks = self.micro_batches(rows, mask)  # as many on every process with collective backwards
+        chunks = self.micro_blocks(rows, mask)  # as many on every process with collective backwards
         sums: dict[str, float] = {}
         loss_ok = True
         masked = float(mask[rows].sum())
-        for i, mrows in enumerate(chunks):
-            units = mask[mrows].any(0).nonzero().reshape(-1)  # [k] units any row here trains
+        for i, (mrows, units) in enumerate(chunks):  # units [k]: those any row here trains (or a part of them)
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
             with sync:
                 lp = self.policy.log_prob(rollout, mrows, units)
@@ -286,7 +327,7 @@ class UpdatePhase:
                     self.acc.backward(loss)
             # the loss terms are each micro-batch's share of the minibatch's (global normaliser): they add up; the
             # per-unit means (ratio, clip fractions, advantage) are weighted by the micro-batch's masked units
-            share = float(mask[mrows].sum()) / masked if masked else len(mrows) / len(rows)
+            share = float(mask[mrows][:, units].sum()) / masked if masked else len(mrows) / len(rows)
             for k, v in m.items():
                 if k in SUMMED_METRICS or k in self.term_metrics:
                     sums[k] = sums.get(k, 0.0) + v

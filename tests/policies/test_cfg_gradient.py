@@ -84,6 +84,9 @@ def test_a_micro_batch_counts_both_guided_forwards_when_both_carry_gradient():
     # budget 16 (row, step) forwards, 4 trained steps a row: 16 / (4 x 2) = 2 rows; detached or unguided 4
     assert both.micro_batch_rows(4, 16) == 2
     assert detached.micro_batch_rows(4, 16) == 4 and unguided.micro_batch_rows(4, 16) == 4
+    # a row's 12 trained steps are 24 forwards with both: 2 parts of 6 steps; detached or unguided 12: one part
+    assert both.micro_batch_pieces(12, 16) == 2
+    assert detached.micro_batch_pieces(12, 16) == 1 and unguided.micro_batch_pieces(12, 16) == 1
 
 
 @pytest.mark.parametrize(

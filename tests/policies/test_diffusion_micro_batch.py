@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmgrpo.core import losses
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
 from mmgrpo.train.config import load_config
@@ -115,6 +116,111 @@ def test_auto_micro_batches_give_the_whole_minibatch_loss_and_gradients(tmp_path
         assert abs(m_auto[key] - m_whole[key]) <= 1e-6, (key, m_auto[key], m_whole[key])
 
 
+def test_a_row_whose_units_exceed_the_budget_is_split_into_parts_of_its_units(tmp_path, model):
+    """With the budget below one row's trained units, auto splits a single row's units into the nearest whole number
+    of parts (``micro_batch_pieces``), where the loss is exact over parts of a row: grpo/pg/nft with token_mean or
+    constant. Not for gspo (sequence ratio), seq_mean (per-row mean), or a number of rows set by hand."""
+    tr = trainer_for(tmp_path, model, "loss.name=grpo", "trainer.micro_batch_units=2")
+    rows = torch.arange(3)
+    every = torch.ones(3, T, dtype=torch.bool)  # 4 trained steps per row, budget 2: 2 parts of 2 steps
+    assert tr.micro_rows(rows, every) == 1
+    blocks = [(r.tolist(), u.tolist()) for r, u in tr.micro_blocks(rows, every)]
+    assert blocks == [([0], [0, 1]), ([0], [2, 3]), ([1], [0, 1]), ([1], [2, 3]), ([2], [0, 1]), ([2], [2, 3])]
+    tr.cfg.trainer.micro_batch_units = 3  # 4 / 3 = 1.33: one part (the nearest count), as rows are chosen
+    assert [u.tolist() for _, u in tr.micro_blocks(rows, every)] == [[0, 1, 2, 3]] * 3
+    tr.cfg.trainer.micro_batch_units = 1  # 4 parts of one step; only the units a row trains
+    sparse = every.clone()
+    sparse[:, 1] = False
+    assert [u.tolist() for _, u in tr.micro_blocks(rows[:1], sparse)] == [[0], [2], [3]]
+    assert tr.policy.micro_batch_pieces(4, 1) == 4 and tr.policy.micro_batch_pieces(9, 2) == 4
+    tr.cfg.trainer.micro_batch_units = 2
+    for field, value in [("name", "gspo"), ("aggregation", "seq_mean")]:
+        saved = getattr(tr.cfg.loss, field), tr.aggregation
+        setattr(tr.cfg.loss, field, value)
+        if field == "aggregation":
+            tr.aggregation = losses.make_aggregation("seq_mean")
+        assert tr.splits_units() is None
+        assert [u.tolist() for _, u in tr.micro_blocks(rows, every)] == [[0, 1, 2, 3]] * 3, value
+        setattr(tr.cfg.loss, field, saved[0])
+        tr.aggregation = saved[1]
+    tr.cfg.trainer.micro_batch_size = 1
+    assert [u.tolist() for _, u in tr.micro_blocks(rows, every)] == [[0, 1, 2, 3]] * 3
+
+
+@pytest.mark.parametrize(
+    "objective, loss",
+    [
+        ({}, ["loss.name=grpo", "loss.beta=0.1"]),  # sde with the reference KL: 4 steps in parts of 1 and 2
+        ({}, ["loss.name=pg", "loss.aggregation={name: constant, options: {constant: 4}}"]),
+        ({"objective": {"name": "nft", "timesteps": 3}, "sde": {"noise_level": 0.0}},
+         ["loss.name=nft", "loss.adv_clip=1.0"]),
+    ],
+    ids=["sde-kl", "pg-constant", "nft"],
+)  # fmt: skip
+@pytest.mark.parametrize("budget", [1, 2])
+def test_parts_of_a_row_give_the_whole_minibatch_loss_and_gradients(tmp_path, model, objective, loss, budget):
+    """The update in parts of each row's units: the same loss, metrics and gradients as the whole minibatch in one
+    forward (within 1e-6). The policy's rows train different units here (the mask of the rollout, with one unit of
+    row 0 masked out), so a part may hold no unit a row trains."""
+    torch.manual_seed(0)
+    ref = ["policy.options.reference_kl=true"] if "loss.beta=0.1" in loss else []
+    tr = trainer_for(tmp_path, model, *loss, *ref, f"trainer.micro_batch_units={budget}", policy=objective)
+    rollout = rollout_of(tr)
+    n = rollout.num_rows
+    rows, adv, row_w = torch.arange(n), torch.randn(n), torch.rand(n) + 0.5
+    mask = rollout.train_mask.clone()
+    mask[0, 1] = False
+    tr.policy.model.train()
+
+    def accumulated():
+        tr.optimizer.zero_grad(set_to_none=True)
+        metrics, finite = tr.accumulate_gradients(rollout, rows, adv, row_w, mask)
+        assert finite
+        return metrics, [p.grad.detach().clone() for p in tr.params]
+
+    blocks = tr.micro_blocks(rows, mask)
+    parts = sum(max(1, round(int(mask[i].sum()) / budget)) for i in range(n))  # row 0 trains one unit less
+    assert len(blocks) == parts > n and all(len(r) == 1 for r, _ in blocks)
+    m_parts, g_parts = accumulated()
+    tr.cfg.trainer.micro_batch_size = 0
+    assert len(tr.micro_blocks(rows, mask)) == 1
+    m_whole, g_whole = accumulated()
+    assert sum(g.abs().sum().item() for g in g_whole) > 1e-3
+    worst = max((a - b).abs().max().item() for a, b in zip(g_parts, g_whole))
+    assert worst <= 1e-6, worst
+    assert m_parts.keys() == m_whole.keys()
+    for key in ("loss/policy", "loss/total", "loss/ratio_mean", "loss/adv_mean", "loss/clip_frac", "loss/kl"):
+        if key in m_whole:
+            assert abs(m_parts[key] - m_whole[key]) <= 1e-6, (key, m_parts[key], m_whole[key])
+
+
+def test_with_collective_forwards_parts_are_halved_until_every_process_makes_as_many(tmp_path, model, monkeypatch):
+    """Under FSDP with several processes (``collective``; the two max-reduces faked: "the other process" makes
+    ``other`` micro-batches of rows, then ``other`` blocks), a process that makes fewer blocks halves its largest ones,
+    rows first, then units, so both run the same number of forwards; a block of one row and one unit cannot be
+    halved."""
+    tr = trainer_for(tmp_path, model, "loss.name=grpo", "trainer.micro_batch_units=2")
+    rows, every = torch.arange(2), torch.ones(2, T, dtype=torch.bool)
+    other: list[int] = []
+    monkeypatch.setattr(tr, "collective", True)
+    monkeypatch.setattr(tr.acc, "reduce", lambda t, reduction: torch.maximum(t, torch.tensor([other.pop(0)])))
+
+    def blocks(row_chunks: int, forwards: int):
+        other[:] = [row_chunks, forwards]
+        out = [(r.tolist(), u.tolist()) for r, u in tr.micro_blocks(rows, every)]
+        assert not other  # both reduces were made
+        return out
+
+    plain = [([0], [0, 1]), ([0], [2, 3]), ([1], [0, 1]), ([1], [2, 3])]
+    assert blocks(2, 4) == plain
+    assert blocks(2, 5) == [([0], [0]), ([0], [1]), *plain[1:]]  # the first largest block halved along its units
+    with pytest.raises(ValueError, match="cannot fill the 9 micro-batches"):
+        blocks(2, 9)
+    tr.cfg.trainer.micro_batch_units = 8  # 2 rows of 4 units in one micro-batch
+    assert blocks(1, 1) == [([0, 1], [0, 1, 2, 3])]
+    assert blocks(1, 2) == [([0], [0, 1, 2, 3]), ([1], [0, 1, 2, 3])]  # halved along rows first
+
+
 PROBE = textwrap.dedent(
     """
     import json, sys
@@ -141,8 +247,9 @@ PROBE = textwrap.dedent(
             "trainer": {"prompts_per_step": 1, "group_size": 4, "micro_batch_units": 8, "progress": False}}
     tr = Trainer(load_config(None, [f"run.output_dir={out}"], base=base), out + "/run")
     peaks = {}
+    # freed memory stays in the process's heap and hides a later update's growth up to its size: largest last
     for name, micro, B, steps in [("warm", "auto", 1, 4), ("auto_small", "auto", 1, 4), ("auto_large", "auto", 2, 8),
-                                  ("whole_large", 0, 2, 8)]:
+                                  ("auto_long", "auto", 1, 24), ("row_long", 1, 1, 24), ("whole_large", 0, 2, 8)]:
         tr.cfg.trainer.micro_batch_size = micro
         tr.policy.opts.num_steps = steps
         batch = PromptBatch(prompts=[f"a red circle {i}" for i in range(B)], seeds=list(range(B)), step=0)
@@ -164,7 +271,9 @@ def test_peak_memory_of_the_update_is_flat_in_n_x_t_with_auto(tmp_path):
     """One clean process, the peak RSS each update adds to the RSS before it (the high-water mark reset first, so what
     loading reached earlier does not hide it), for N x T = 4 x 4 = 16 (row, step) pairs, then 8 x 8 = 64 pairs: with
     auto (8 pairs per micro-batch) the second adds (almost) nothing more; the whole minibatch of 64 pairs in one
-    forward adds its activations (~5 MiB per pair for this model), which shows the measurement sees them."""
+    forward adds its activations (~5 MiB per pair for this model), which shows the measurement sees them. At T 24 a
+    row's 24 trained steps exceed the budget: auto splits them into 3 parts of 8 and adds about what T 4 added, where
+    one row a micro-batch (micro_batch_size 1: 24 pairs a forward) adds a row's activations."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from mmgrpo.testing.tiny_sd3 import tiny_sd3_components
@@ -187,6 +296,8 @@ def test_peak_memory_of_the_update_is_flat_in_n_x_t_with_auto(tmp_path):
     print(f"\nMiB the update adds {peaks}: auto +{grown_auto:.0f} from 16 to 64 pairs, whole +{grown_whole:.0f}")
     assert grown_auto < 40, peaks
     assert grown_whole > 150, peaks
+    assert peaks["auto_long"] - peaks["auto_small"] < 40, peaks
+    assert peaks["row_long"] - peaks["auto_long"] > 50, peaks
 
 
 def test_zero_advantage_rows_are_left_out_of_the_update_with_the_same_loss_and_gradients(tmp_path, model):
