@@ -23,11 +23,22 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import write_atomic
 from mmgrpo.train import checkpoint as ckpt
-from mmgrpo.train.config import Config, check_run_name, config_diff, dump_config, load_config, resolved_config
+from mmgrpo.train.config import (
+    Config,
+    check_run_name,
+    config_diff,
+    dump_config,
+    load_config,
+    resolved_config,
+    to_dict,
+)
 
 RUN_MARKER = ".mmgrpo-run"
 STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png")
@@ -141,6 +152,17 @@ def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
         raise UserError(
             f"resume={run_dir}: its config.yaml no longer loads ({e}); pass resume_force=true to resume anyway"
         ) from e
+    added = options_added_since(saved, cfg)
+    if added:
+        shown = "; ".join(f"{k}: {quoted(v, 40)}" for k, v in added[:8])
+        more = f" (and {len(added) - 8} more)" if len(added) > 8 else ""
+        warnings.warn(
+            f"resume={run_dir}: the run's config.yaml has no {shown}{more}: options this version of mmgrpo added "
+            "after the run was started. The resumed steps use these values (today's defaults), and mmgrpo's own "
+            "changes since then may make them compute differently from the run's first steps; set them in the "
+            "command to choose others. config.yaml records them from now on",
+            stacklevel=2,
+        )
     changed = config_diff(old, cfg, ignore=RESUMABLE)
     if changed:
         shown = "; ".join(f"{k}: {quoted(x, 40)} -> {quoted(y, 40)}" for k, x, y in changed[:8])
@@ -150,6 +172,31 @@ def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
             "compute what the original would have; revert these, start a new run (another run.name), or pass "
             "resume_force=true to continue with the new values"
         )
+
+
+def options_added_since(saved: Path, cfg: Config) -> list[tuple[str, Any]]:
+    """``(dotted key, value in cfg)`` of each option of ``cfg`` (resolved, as the run uses it) that the run's
+    ``saved`` config.yaml (resolved too: every option written out) lacks, i.e. that mmgrpo added after the run was
+    written; a missing
+    block is named once, at its own key. A key written in short form there (``objective: sde`` for ``{name: sde}``)
+    is not a missing one. Keys a resume may change (``RESUMABLE``) are left out."""
+    raw = yaml.safe_load(saved.read_text()) or {}
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, have: Any, prefix: str) -> None:
+        if not isinstance(node, dict) or not isinstance(have, dict):
+            return
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if key.startswith(RESUMABLE):
+                continue
+            if k not in have:
+                out[key] = v
+            else:
+                walk(v, have[k], key + ".")
+
+    walk(to_dict(cfg), raw, "")
+    return list(out.items())
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:

@@ -251,3 +251,30 @@ def test_sigterm_checkpoints_names_the_resume_and_the_resumed_run_equals_the_uni
     assert full.wait(timeout=120) == 0
     (a, sa), (b, sb) = weights(tmp_path / "full"), weights(tmp_path / "killed")
     assert sa == sb == 40 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_run_written_before_an_option_existed_names_it_and_its_value(tmp_path):
+    """A run's config.yaml written by an older mmgrpo lacks the options added since (emulated: two keys deleted from
+    it). The resume fills them with today's defaults, which may train differently: it says so, naming each key and
+    the value used, then records them in config.yaml, so the next resume is silent. A key a resume may change anyway
+    (trainer.micro_batch_units) is not named."""
+    import warnings
+
+    import yaml
+
+    part = train(cfg(tmp_path, "run.name=old", "trainer.max_steps=4", "trainer.stop_after_steps=2"))
+    path = part.run_dir / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    del saved["trainer"]["skip_zero_advantage"], saved["trainer"]["micro_batch_units"]
+    del saved["loss"]["aggregation"]  # a block is named once, at its own key
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.warns(UserWarning, match="options this version of mmgrpo added after the run was started") as rec:
+        train(cfg(tmp_path, "trainer.max_steps=3", "trainer.stop_after_steps=3", f"resume={part.run_dir}"))
+    text = " ".join(str(w.message) for w in rec if "mmgrpo added" in str(w.message))
+    assert "trainer.skip_zero_advantage: true" in text and "loss.aggregation: " in text, text
+    assert "micro_batch_units" not in text and "loss.aggregation." not in text, text
+    again = yaml.safe_load(path.read_text())
+    assert again["trainer"]["skip_zero_advantage"] is True and again["loss"]["aggregation"]["name"] == "token_mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(cfg(tmp_path, "trainer.max_steps=4", f"resume={part.run_dir}"))
