@@ -34,8 +34,10 @@ Simplifications (none changes the work of a step except as stated):
 - one process, no ``accelerate``: its gradient accumulation is written out (each loss divided by
   gradient_accumulation_steps x num_train_timesteps, as ``accelerator.backward`` does while accumulating; clip, step
   and zero_grad at every accumulation boundary); no gather of rewards across processes;
-- no classifier-free guidance (``train.cfg`` False, guidance 1): the shapes model samples without it, and so does the
-  mmgrpo side (their recipes use guidance 4.5, which doubles the forwards of both);
+- classifier-free guidance only when ``guidance_scale`` > 1 (default 1: the shapes model samples without it, and so
+  does the mmgrpo side); with it, their ``train.cfg`` path: the empty negative prompt encoded once, sampling and
+  ``compute_log_prob`` run the transformer on the doubled batch [negative; prompt] and combine
+  uncond + s (text - uncond), the gradient through both halves (their recipes use 4.5);
 - full fine-tuning of the model (their SD3.5-M recipes train LoRA r32; the bench's shapes model is tiny, and mmgrpo
   trains it fully too); fp32 on both sides, on CPU or on one GPU (``device``: the pipeline and the advantages are
   moved there, as their ``accelerator.device``);
@@ -83,6 +85,7 @@ class FlowGRPOConfig:
     num_inner_epochs: int = 1  # train.num_inner_epochs
     global_std: bool = True  # sample.global_std
     max_sequence_length: int = 0  # the shapes model has no T5 tokens (theirs: 128)
+    guidance_scale: float = 1.0  # sample.guidance_scale (theirs 4.5); > 1 turns on train.cfg
 
     @property
     def rows(self) -> int:
@@ -183,6 +186,21 @@ class FlowGRPOLoop:
                                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)  # fmt: skip
         self.height = self.width = pipe.default_sample_size * pipe.vae_scale_factor
         self.epoch = 0
+        self.neg = self.encode([""]) if cfg.guidance_scale > 1 else None  # their neg_prompt_embed, once
+
+    def predict(self, latents, t, embeds, pooled) -> torch.Tensor:
+        """The transformer's output, with CFG (``train.cfg``) when guidance_scale > 1: one forward of the doubled
+        batch [negative; prompt], chunked and combined."""
+        n = latents.shape[0]
+        if self.neg is None:
+            return self.transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds,
+                                    pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
+        neg_embeds, neg_pooled = (x.repeat(n, *[1] * (x.ndim - 1)) for x in self.neg)
+        out = self.transformer(hidden_states=torch.cat([latents] * 2), timestep=torch.cat([t] * 2),
+                               encoder_hidden_states=torch.cat([neg_embeds, embeds]),
+                               pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0]  # fmt: skip
+        uncond, text = out.chunk(2)
+        return uncond + self.cfg.guidance_scale * (text - uncond)
 
     # ------------------------------------------------------------------ pipeline_with_logprob
     @torch.no_grad()
@@ -195,7 +213,7 @@ class FlowGRPOLoop:
 
     @torch.no_grad()
     def sample(self, prompt_embeds, pooled) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """``pipeline_with_logprob`` without CFG: (images [n, 3, H, W] in [0, 1], T+1 latents, T log-probs)."""
+        """``pipeline_with_logprob``: (images [n, 3, H, W] in [0, 1], T+1 latents, T log-probs)."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
         pipe, n = self.pipe, prompt_embeds.shape[0]
@@ -204,10 +222,7 @@ class FlowGRPOLoop:
         timesteps, _ = retrieve_timesteps(pipe.scheduler, self.cfg.num_steps, prompt_embeds.device)
         all_latents, all_log_probs = [latents], []
         for t in timesteps:
-            noise_pred = self.transformer(hidden_states=latents, timestep=t.expand(n),
-                                          encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-                                          return_dict=False)[0]  # fmt: skip
-            noise_pred = noise_pred.to(prompt_embeds.dtype)
+            noise_pred = self.predict(latents, t.expand(n), prompt_embeds, pooled).to(prompt_embeds.dtype)
             latents_dtype = latents.dtype
             latents, log_prob, _, _ = sde_step_with_logprob(
                 pipe.scheduler, noise_pred.float(), t.unsqueeze(0), latents.float(), noise_level=self.cfg.noise_level
@@ -302,12 +317,9 @@ class FlowGRPOLoop:
         }
 
     def compute_log_prob(self, sample: dict[str, torch.Tensor], j: int) -> torch.Tensor:
-        """``compute_log_prob`` without CFG: the batch's forward at timestep j and the SDE log-prob of next_latents."""
-        noise_pred = self.transformer(
-            hidden_states=sample["latents"][:, j], timestep=sample["timesteps"][:, j],
-            encoder_hidden_states=sample["prompt_embeds"], pooled_projections=sample["pooled_prompt_embeds"],
-            return_dict=False,
-        )[0]  # fmt: skip
+        """``compute_log_prob``: the batch's forward at timestep j and the SDE log-prob of next_latents."""
+        noise_pred = self.predict(sample["latents"][:, j], sample["timesteps"][:, j], sample["prompt_embeds"],
+                                  sample["pooled_prompt_embeds"])  # fmt: skip
         _, log_prob, _, _ = sde_step_with_logprob(
             self.pipe.scheduler, noise_pred.float(), sample["timesteps"][:, j], sample["latents"][:, j].float(),
             prev_sample=sample["next_latents"][:, j].float(), noise_level=self.cfg.noise_level,

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def peer_config(s: dict[str, Any]):
     from flow_grpo_peer import FlowGRPOConfig
 
     return FlowGRPOConfig(num_steps=s["T"], num_image_per_prompt=s["G"], prompts_per_epoch=s["B"],
-                          max_sequence_length=s.get("t5_tokens", 0))  # fmt: skip
+                          max_sequence_length=s.get("t5_tokens", 0),
+                          guidance_scale=s.get("guidance", 1.0))  # fmt: skip
 
 
 def accelerator(device: str):
@@ -63,6 +65,7 @@ def diffusion_mmgrpo(
         "run": {"name": "mmgrpo", "seed": 0},
         "policy": {"options": {
             "family": "sd3", "path": model or str(SHAPES_T2I), "num_steps": T, "lora_rank": 0, "objective": "sde",
+            "guidance_scale": peer.guidance_scale,
             "adapter_options": {"max_sequence_length": s["t5_tokens"]} if "t5_tokens" in s else {},
             "sde": {"kind": "flow_grpo", "noise_level": peer.noise_level},
             "exploration": {"name": "full", "timestep_fraction": k / T, "selection": "first"},
@@ -257,13 +260,19 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: i
     return trainer, ends, lengths, n, metered
 
 
-def rollout_job(s: dict[str, Any], repeats: int, device: str = "cpu") -> dict[str, Any]:
+def rollout_module():
+    """``bench/rollout.py`` as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_rollout", Path(__file__).parent / "rollout.py")
     ro = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ro)
-    policy, pipe, max_len = ro.build(s["tiny"], device, "float32")
+    return ro
+
+
+def rollout_job(s: dict[str, Any], repeats: int, device: str = "cpu") -> dict[str, Any]:
+    ro = rollout_module()
+    policy, pipe, max_len = ro.build(s["tiny"], device, "float32", s.get("guidance", 1.0))
     times = ro.measure(ro.calls(policy, pipe, max_len, device), repeats, device)
     return {"mmgrpo": times["rollout"], "peer": times["pipeline"], "rows": len(ro.PROMPTS) * ro.GROUP}
 
@@ -370,7 +379,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     s, side, fam = job["sizes"], job["side"], job["family"]
     warm, steps, device = job["warmup"], job["steps"], job.get("device", "cpu")
     out: dict[str, Any] = {"family": fam, "side": side, "sizes": s}
-    with tempfile.TemporaryDirectory() as tmp:
+    two = job.get("cfg_forwards", 1) == 2  # mmgrpo's guidance as two forwards (before 2026-12-06)
+    with tempfile.TemporaryDirectory() as tmp, rollout_module().two_guided_forwards() if two else nullcontext():
         if fam == "rollout":
             return {**out, **rollout_job(s, job["repeats"], device)}
         if fam == "vlm" and side == "trl":

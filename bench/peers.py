@@ -29,7 +29,9 @@ optimizer, activations, the rollout's stored states, and the libraries):
   decay 1e-4, full fine-tuning, no CFG, beta 0, DDPO's ``jpeg_compressibility`` reward (continuous, so no group
   has zero spread and both sides train every row: equal work); at B 8 x G 8, T 8 (once more with the shapes world's
   ``shapes`` verifier, whose groups often all score alike), then B 2 on the
-  G x T grid G in {4, 8, 16}, T in {5, 10, 20} (B 2 x G 16 x T 20 is its corner). mmgrpo: the ``text_to_image``
+  G x T grid G in {4, 8, 16}, T in {5, 10, 20} (B 2 x G 16 x T 20 is its corner) and B 2 x G 4, T 40 (39 trained
+  steps a row: more than the default budget of 16 (row, step) pairs, so mmgrpo splits each row's steps into 2 parts),
+  each point again with mmgrpo at a budget of 8 pairs (the peer's forwards of 8 rows). mmgrpo: the ``text_to_image``
   trainer, default options (``trainer.micro_batch_size: auto``), as many optimizer steps per rollout as the peer
   (``trainer.minibatches``); three more rows run mmgrpo alone at B 8 x G 8, T 8 with the whole minibatch in one
   forward (``micro_batch_size 0``, the default before ``auto``) and with budgets of 8 and 32 (row, step) forwards per
@@ -43,9 +45,13 @@ optimizer, activations, the rollout's stored states, and the libraries):
   (measured 2026-12-05 at B 2 x G 4, T 20: mmgrpo trained 8 rows a step, the loop 4, in every process, since
   every process draws the same noise); the continuous reward removes that. The B 2 grid points time 6 steps instead
   of ``--steps`` (short steps: a steadier median); the table gives the rows each side trained.
+- **Guided diffusion step** at B 2 x G 8, T 10 with classifier-free guidance 4.5 (Flow-GRPO's SD3 scale) on both
+  sides: the loop's ``train.cfg`` path and mmgrpo's default, both one transformer forward of the doubled batch
+  [uncond; cond] per step with the gradient through both halves; once more with mmgrpo running the two branches as
+  two forwards, as it did before 2026-12-06 (``Point.cfg_forwards``), against the same peer measurement.
 - **Rollout**: ``bench/rollout.py``'s comparison (mmgrpo's SDE rollout with log-probs vs diffusers'
-  ``StableDiffusion3Pipeline`` on the same modules, equal steps), median of max(9, 3 x ``--repeats``) alternating
-  calls in one process.
+  ``StableDiffusion3Pipeline`` on the same modules, equal steps), without guidance and with classifier-free guidance
+  4.5 (Flow-GRPO's SD3 scale), median of max(9, 3 x ``--repeats``) alternating calls in one process.
 
 ``--device cuda`` runs every side on one GPU, fp32 on both sides as on CPU: mmgrpo's trainers through an accelerate
 ``Accelerator`` on the GPU, the Flow-GRPO loop's pipeline and advantages moved there (as their
@@ -109,6 +115,8 @@ class Point:
     peer: bool = True
     steps: int | None = None
     """timed steps per process (None: ``--steps``)"""
+    cfg_forwards: int = 1
+    """2: mmgrpo runs the two guidance branches as two forwards of the rows, as before 2026-12-06"""
 
     def key(self) -> str:
         return json.dumps([self.family, self.sizes], sort_keys=True)
@@ -119,6 +127,10 @@ def points(quick: bool, only: list[str], device: str = "cpu") -> list[Point]:
     if quick:
         out += [Point("VLM tiny (quick)", "vlm", {"hidden": 64, "image": 56, "B": 1, "G": 2, "tokens": 4}),
                 Point("diffusion B 1 x G 2, T 3 (quick)", "diffusion", {"B": 1, "G": 2, "T": 3}),
+                Point("diffusion B 1 x G 2, T 3, guidance 3 (quick)", "diffusion", {"B": 1, "G": 2, "T": 3,
+                                                                                   "guidance": 3.0}),
+                Point("diffusion B 1 x G 2, T 3, guidance 3, two forwards (quick)", "diffusion",
+                      {"B": 1, "G": 2, "T": 3, "guidance": 3.0}, peer=False, cfg_forwards=2),
                 Point("rollout (quick)", "rollout", {"tiny": True})]  # fmt: skip
     else:
         for hidden, layers in ((64, 2), (256, 4)):
@@ -145,12 +157,25 @@ def points(quick: bool, only: list[str], device: str = "cpu") -> list[Point]:
                                ("micro_batch_units 8", "trainer.micro_batch_units=8"),
                                ("micro_batch_units 32", "trainer.micro_batch_units=32")]:  # fmt: skip
             out.append(Point(f"diffusion B 8 x G 8, T 8, mmgrpo {what}", "diffusion", main, [override], peer=False))
-        for G in (4, 8, 16):
-            for T in (5, 10, 20):
-                # small steps: twice the timed steps, for a steadier median
-                sizes = {"B": 2, "G": G, "T": T, "reward": DIFFUSION_REWARD}
-                out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", sizes, steps=6))
+        grid = [(G, T) for G in (4, 8, 16) for T in (5, 10, 20)] + [(4, 40)]
+        for G, T in grid:
+            # small steps: twice the timed steps, for a steadier median
+            sizes = {"B": 2, "G": G, "T": T, "reward": DIFFUSION_REWARD}
+            out.append(Point(f"diffusion B 2 x G {G}, T {T}", "diffusion", sizes, steps=6))
+        for G, T in grid:  # the budget of the peer's 8-row forwards: its memory, at what cost in time
+            sizes = {"B": 2, "G": G, "T": T, "reward": DIFFUSION_REWARD}
+            label = f"diffusion B 2 x G {G}, T {T}, mmgrpo micro_batch_units 8"
+            out.append(Point(label, "diffusion", sizes, ["trainer.micro_batch_units=8"], peer=False, steps=6))
+        guided = {"B": 2, "G": 8, "T": 10, "reward": DIFFUSION_REWARD, "guidance": 4.5}
+        out.append(Point("diffusion B 2 x G 8, T 10, guidance 4.5 (both: one forward of the doubled batch)",
+                         "diffusion", guided, steps=6))  # fmt: skip
+        out.append(Point("diffusion B 2 x G 8, T 10, guidance 4.5, mmgrpo as before 2026-12-06 (two forwards)",
+                         "diffusion", guided, peer=False, steps=6, cfg_forwards=2))  # fmt: skip
         out.append(Point("rollout vs StableDiffusion3Pipeline, T 10, N 8", "rollout", {"tiny": False}))
+        label = "rollout vs StableDiffusion3Pipeline, T 10, N 8, guidance 4.5"  # both: one forward of 2N rows a step
+        out.append(Point(label, "rollout", {"tiny": False, "guidance": 4.5}))
+        out.append(Point(f"{label}, mmgrpo as before 2026-12-06 (two forwards)", "rollout",
+                         {"tiny": False, "guidance": 4.5}, cfg_forwards=2))  # fmt: skip
     return [p for p in out if p.family in only]
 
 
@@ -273,7 +298,8 @@ def vlm_model_dirs(root: Path, quick: bool, hiddens: set[int] | None = None, dev
 def jobs_for(point: Point, sides: list[str], args: argparse.Namespace, models: dict[Any, str]) -> list[dict]:
     steps = args.steps if args.quick or point.steps is None else max(args.steps, point.steps)
     base = {"family": point.family, "sizes": point.sizes, "overrides": point.overrides, "warmup": args.warmup,
-            "steps": steps, "repeats": args.repeats, "label": point.label, "device": args.device}  # fmt: skip
+            "steps": steps, "repeats": args.repeats, "label": point.label, "device": args.device,
+            "cfg_forwards": point.cfg_forwards}  # fmt: skip
     if point.family == "vlm":
         base["model"] = models[point.sizes["hidden"]]
     if point.family == "diffusion" and "model" in point.sizes:  # a shape built from config (else the shapes model)

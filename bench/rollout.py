@@ -3,6 +3,7 @@
     python bench/rollout.py                       # CPU, fp32, 7 repeats; writes bench/results/rollout.md
     python bench/rollout.py --device cuda --dtype bfloat16 --repeats 10
     python bench/rollout.py --tiny --repeats 1    # the smoke test's configuration (seconds)
+    python bench/rollout.py --guidance 4.5        # with classifier-free guidance on both sides
 
 What is compared, at equal steps (T = 10) and batch (N = B*G = 2 prompts x 4 = 8), on one model built from config
 (random weights: timing only) whose modules are *shared* by both sides:
@@ -12,19 +13,24 @@ What is compared, at equal steps (T = 10) and batch (N = B*G = 2 prompts x 4 = 8
 - ``StableDiffusion3Pipeline(...)(output_type="pt")``: the ODE Euler sampler, VAE decoding, images in [0, 1].
 
 Both encode the prompts, run T transformer forwards (no CFG: guidance 1) and decode, so the ratio is the cost of
-the RL bookkeeping (SDE step maths, log-probs, stored states, noise drawn per group). The two are timed
+the RL bookkeeping (SDE step maths, log-probs, stored states, noise drawn per group). ``--guidance s`` (> 1) samples
+with classifier-free guidance on both sides (the empty negative prompt; the pipeline runs one forward of the doubled
+batch [uncond; cond] per step, as mmgrpo does); ``--cfg-forwards 2`` makes mmgrpo run the two branches as two
+forwards of N rows instead, as it did before 2026-12-06 (the before/after of that change). The two are timed
 alternately (the order flips every repeat) after one warm-up call each; medians are reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +87,7 @@ def small_sd3_components(seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def build(tiny: bool, device: str, dtype: str) -> tuple[Any, Any, int]:
+def build(tiny: bool, device: str, dtype: str, guidance: float = 1.0) -> tuple[Any, Any, int]:
     """(DiffusionPolicy, StableDiffusion3Pipeline sharing its modules, max_sequence_length)."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -99,12 +105,26 @@ def build(tiny: bool, device: str, dtype: str) -> tuple[Any, Any, int]:
     adapter = SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers, c["vae"],
                          max_sequence_length=max_len, device=device, dtype=dtype)  # fmt: skip
     sde = {"kind": "flow_grpo", "noise_level": NOISE_LEVEL}
-    opts = DiffusionPolicyOptions(num_steps=STEPS, sde=sde, exploration="full")
+    opts = DiffusionPolicyOptions(num_steps=STEPS, sde=sde, exploration="full", guidance_scale=guidance)
     policy = DiffusionPolicy(adapter, opts)
     policy.model.eval().requires_grad_(False)
     pipe = StableDiffusion3Pipeline(**c)
     pipe.set_progress_bar_config(disable=True)
     return policy, pipe, max_len
+
+
+@contextlib.contextmanager
+def two_guided_forwards() -> Iterator[None]:
+    """While active, DiffusionPolicy runs the two guidance branches as two forwards of N rows (its path where the
+    conditions cannot be stacked), as every guided step did before 2026-12-06."""
+    import mmgrpo.policies.diffusion as diffusion
+
+    stack = diffusion.stack_conds
+    diffusion.stack_conds = lambda *args: None
+    try:
+        yield
+    finally:
+        diffusion.stack_conds = stack
 
 
 def synchronize(device: str) -> None:
@@ -134,7 +154,8 @@ def calls(policy: Any, pipe: Any, max_len: int, device: str) -> dict[str, Any]:
         gen = torch.Generator(device="cpu").manual_seed(0)
         with torch.no_grad():
             return pipe(prompt=list(PROMPTS), num_images_per_prompt=GROUP, num_inference_steps=STEPS,
-                        guidance_scale=1.0, height=h, width=w, output_type="pt", max_sequence_length=max_len,
+                        guidance_scale=policy.opts.guidance_scale, height=h, width=w, output_type="pt",
+                        max_sequence_length=max_len,
                         generator=gen).images  # fmt: skip
 
     return {"rollout": rollout, "pipeline": pipeline}
@@ -153,19 +174,29 @@ def measure(fns: dict[str, Any], repeats: int, device: str) -> dict[str, list[fl
     return times
 
 
-def table(times: dict[str, list[float]], device: str, dtype: str, latent: tuple[int, ...], image: tuple[int, int]):
+def table(
+    times: dict[str, list[float]],
+    device: str,
+    dtype: str,
+    latent: tuple[int, ...],
+    image: tuple[int, int],
+    guidance: float = 1.0,
+    cfg_forwards: int = 1,
+):
     """One markdown table: medians, spread, and the ratio rollout / pipeline."""
     ro, pi = statistics.median(times["rollout"]), statistics.median(times["pipeline"])
     n = len(PROMPTS) * GROUP
-    head = ("| device | dtype | N (B x G) | T | latent | image | repeats | rollout SDE a=0.7 + log-probs, median s "
-            "(min-max) | diffusers SD3 pipeline, median s (min-max) | ratio rollout / pipeline |")  # fmt: skip
+    head = ("| device | dtype | N (B x G) | T | guidance (mmgrpo forwards a step) | latent | image | repeats | "
+            "rollout SDE a=0.7 + log-probs, median s (min-max) | diffusers SD3 pipeline, median s (min-max) | "
+            "ratio rollout / pipeline |")  # fmt: skip
+    cfg = f"{guidance:g} ({cfg_forwards})" if guidance != 1.0 else "1 (1)"
     row = (
-        f"| {device} | {dtype} | {n} ({len(PROMPTS)} x {GROUP}) | {STEPS} | {'x'.join(map(str, latent))} | "
+        f"| {device} | {dtype} | {n} ({len(PROMPTS)} x {GROUP}) | {STEPS} | {cfg} | {'x'.join(map(str, latent))} | "
         f"{image[0]}x{image[1]} | {len(times['rollout'])} | "
         f"{ro:.3f} ({min(times['rollout']):.3f}-{max(times['rollout']):.3f}) | "
         f"{pi:.3f} ({min(times['pipeline']):.3f}-{max(times['pipeline']):.3f}) | **{ro / pi:.2f}** |"
     )
-    return "\n".join([head, "|" + "---|" * 10, row])
+    return "\n".join([head, "|" + "---|" * 11, row])
 
 
 def environment(device: str) -> str:
@@ -183,6 +214,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--repeats", type=int, default=7, help="timed calls of each side")
     p.add_argument("--tiny", action="store_true", help="the 2-layer test model on 8x8 latents (smoke test)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of both sides")
+    p.add_argument(
+        "--cfg-forwards",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="mmgrpo's guided forwards per step: 1 (the doubled batch) or 2 (before 2026-12-06)",
+    )
     p.add_argument("--out", default=None, help=f"markdown file for the table (default: {DEFAULT_OUT}; none with "
                    "--tiny; '' = do not write)")  # fmt: skip
     args = p.parse_args(argv)
@@ -196,10 +235,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    policy, pipe, max_len = build(args.tiny, args.device, args.dtype)
-    times = measure(calls(policy, pipe, max_len, args.device), args.repeats, args.device)
+    policy, pipe, max_len = build(args.tiny, args.device, args.dtype, args.guidance)
+    with two_guided_forwards() if args.cfg_forwards == 2 else contextlib.nullcontext():
+        times = measure(calls(policy, pipe, max_len, args.device), args.repeats, args.device)
     a = policy.adapter
-    text = table(times, args.device, args.dtype, a.latent_shape(), (a.height, a.width))
+    shapes = (a.latent_shape(), (a.height, a.width))
+    text = table(times, args.device, args.dtype, *shapes, args.guidance, args.cfg_forwards)
     print(text)
     out = args.out if args.out is not None else ("" if args.tiny else str(DEFAULT_OUT))
     if out:

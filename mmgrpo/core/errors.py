@@ -11,8 +11,9 @@ class UserError(Exception):
 
 
 def quoted(value: object, limit: int = 120) -> str:
-    """``repr(value)`` for an error message, cut to ``limit`` characters (a 500 kB prompt must not be echoed)."""
-    text = repr(value)
+    """``repr(value)`` for an error message, cut to ``limit`` characters (a 500 kB prompt must not be echoed); a
+    bool or None as YAML and the command line spell it (``true``, ``false``, ``null``): what the user wrote."""
+    text = ("true" if value else "false") if isinstance(value, bool) else "null" if value is None else repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 

@@ -101,6 +101,22 @@ class DiffusionAdapter(Protocol):
 ADAPTERS: Registry[Any] = Registry("diffusion model family", plugins="diffusion_families")
 
 
+def stack_conds(first: Cond, second: Cond, n: int) -> Cond | None:
+    """One condition for the doubled batch [first; second] of ``n`` rows each: every key's tensors concatenated
+    along the batch; None when the two cannot be (different keys, a value that is not a tensor of ``n`` rows, or
+    shapes that differ beyond the batch, e.g. prompt embeddings padded to different lengths)."""
+    if first.keys() != second.keys():
+        return None
+    out = {}
+    for k, a in first.items():
+        b = second[k]
+        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() > 0 and len(a) == n
+        if not (ok and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device):
+            return None
+        out[k] = torch.cat([a, b])
+    return out
+
+
 @dataclass
 class DiffusionPolicyOptions:
     __renamed__ = {  # the flat options of 0.1 -> their place in the nested blocks
@@ -273,14 +289,23 @@ class DiffusionPolicy:
 
     def guided(self, module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None):
         """Model output with CFG, uncond + s (cond - uncond). Under grad the unconditional branch carries gradient
-        too (Flow-GRPO's and DDPO's train.cfg) unless ``guidance_uncond_grad`` is false."""
-        out = self.adapter.predict(module, x, t, cond)
+        too (Flow-GRPO's and DDPO's train.cfg) unless ``guidance_uncond_grad`` is false. Where both branches run
+        alike (sampling, or training through both), they are one forward of the doubled batch [uncond; cond], as
+        diffusers' pipelines and Flow-GRPO's training run them (one forward of 2n rows instead of two of n; the
+        same numbers within float rounding); the detached variant keeps two forwards, so its unconditional one
+        keeps no activations."""
         scale = self.objective.guidance_scale(self.opts)
         if uncond is None or scale == 1.0:
-            return out
+            return self.adapter.predict(module, x, t, cond)
+        neg = {**cond, **uncond}  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
+        both = stack_conds(neg, cond, len(x))
+        if both is not None and (self.opts.guidance_uncond_grad or not torch.is_grad_enabled()):
+            base, out = self.adapter.predict(module, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            return base + scale * (out - base)
+        out = self.adapter.predict(module, x, t, cond)
         detach = torch.no_grad() if not self.opts.guidance_uncond_grad else contextlib.nullcontext()
-        with detach:  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
-            base = self.adapter.predict(module, x, t, {**cond, **uncond})
+        with detach:
+            base = self.adapter.predict(module, x, t, neg)
         return base + scale * (out - base)
 
     def step(self, out, x, i: int, sched: Schedule, noise_level: float, prev=None, noise=None) -> sde.StepOutput:

@@ -28,8 +28,13 @@ def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
     code = load("peers").main(["--quick", "--out", str(out)])
     printed = capsys.readouterr()
     rows = {line.split("|")[1].strip(): line for line in printed.out.splitlines() if "(quick)" in line}
-    assert set(rows) == {"VLM tiny (quick)", "diffusion B 1 x G 2, T 3 (quick)", "rollout (quick)"}, printed.out
+    guided = "diffusion B 1 x G 2, T 3, guidance 3 (quick)"
+    two = "diffusion B 1 x G 2, T 3, guidance 3, two forwards (quick)"
+    expected = {"VLM tiny (quick)", "diffusion B 1 x G 2, T 3 (quick)", guided, two, "rollout (quick)"}
+    assert set(rows) == expected, printed.out
     cells = lambda label: [c.strip() for c in rows[label].strip().strip("|").split("|")]  # noqa: E731
+    for label in (guided, two):  # both sides guided (the loop's train.cfg), and mmgrpo's two-forward variant
+        assert float(cells(label)[2]) > 0 and float(cells(label)[3]) > 0, rows[label]
     dif = cells("diffusion B 1 x G 2, T 3 (quick)")
     assert dif[1] == "6" and float(dif[2]) > 0 and float(dif[3]) > 0  # N x T, both sides' s/step
     # rows through the update: mmgrpo's non-zero-advantage ones (one, forwarded for its zero gradient, when the group's

@@ -97,5 +97,51 @@ def test_a_micro_batch_counts_both_guided_forwards_when_both_carry_gradient():
     ],
 )
 def test_detaching_where_no_guided_output_is_trained_is_refused(opts):
-    with pytest.raises(UserError, match=r"guidance_uncond_grad=False: it does nothing here.*remove it"):
+    with pytest.raises(UserError, match=r"guidance_uncond_grad=false: it does nothing here.*remove it"):
         DiffusionPolicyOptions(num_steps=3, **opts)
+
+
+def test_both_branches_run_as_one_forward_of_the_doubled_batch():
+    """Sampling, and training through both branches, run the transformer once per step on [uncond; cond] (as diffusers'
+    pipeline and Flow-GRPO do), with the numbers of two separate forwards within float rounding; the detached variant's
+    training keeps two forwards (its unconditional one without activations). Conditions that cannot be stacked
+    (embeddings of different lengths) fall back to two forwards."""
+    from mmgrpo.policies.diffusion import stack_conds
+
+    policy, rollout = policy_and_rollout()
+    calls = []
+    hook = policy.model.register_forward_hook(lambda m, a, k, out: calls.append(len(k["hidden_states"])),
+                                              with_kwargs=True)  # fmt: skip
+    try:
+        again = policy.rollout(PromptBatch(prompts=["a red circle", "two blue squares"], seeds=[3, 4]), group_size=2)
+        assert calls == [8, 8, 8]  # 3 steps, one forward of 2 x 4 rows each
+        assert torch.equal(again.extras["latents"], rollout.extras["latents"])
+        calls.clear()
+        mmgrpo_logp(policy, rollout)  # 4 rows x 3 steps under grad: one forward of 2 x 12 rows
+        assert calls == [24]
+        detached, roll_d = policy_and_rollout(guidance_uncond_grad=False)
+        hook_d = detached.model.register_forward_hook(lambda m, a, k, out: calls.append(len(k["hidden_states"])),
+                                                      with_kwargs=True)  # fmt: skip
+        calls.clear()
+        mmgrpo_logp(detached, roll_d)
+        assert calls == [12, 12]
+        hook_d.remove()
+    finally:
+        hook.remove()
+
+    # the doubled forward against two separate ones, on the rollout's states
+    sched = policy.adapter.schedule(3)
+    x, t = rollout.extras["latents"][:, 1], sched.timesteps[1].expand(rollout.num_rows)
+    cond, uncond = rollout.extras["cond"], policy.uncond(rollout.num_rows)
+    with torch.no_grad():
+        one = policy.guided(policy.model, x, t, cond, uncond)
+        text = policy.adapter.predict(policy.model, x, t, cond)
+        base = policy.adapter.predict(policy.model, x, t, {**cond, **uncond})
+    assert torch.allclose(one, base + SCALE * (text - base), atol=1e-5)
+
+    neg = {**cond, **uncond}
+    assert stack_conds(neg, cond, 4)["prompt_embeds"].shape[0] == 8
+    shorter = {**neg, "prompt_embeds": neg["prompt_embeds"][:, :-1]}  # padded to another length
+    assert stack_conds(shorter, cond, 4) is None
+    assert stack_conds({**neg, "extra": torch.ones(4)}, cond, 4) is None  # different keys
+    assert stack_conds({**neg, "pooled": 1.0}, {**cond, "pooled": 1.0}, 4) is None  # not a tensor of 4 rows
