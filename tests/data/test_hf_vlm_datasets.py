@@ -66,7 +66,7 @@ def test_a_saved_dataset_with_image_features_and_paths_loads_and_its_images_reac
 @pytest.mark.parametrize(
     "row, match",
     [
-        ({"answer": None}, r"row 1: 'answer' must be text, a number or a list of acceptable answers, got None"),
+        ({"answer": None}, r"row 1: 'answer' must be text, a number or a list of acceptable answers, got null"),
         ({"question": " "}, r"row 1: 'question' must be a non-empty string"),
         ({"options": ["red", "blue"], "answer": "C"}, r"row 1: 'answer' 'C' names option C but the example has 2"),
         ({"score": float("nan")}, r"row 1: column 'score' holds nan, which is not a finite number"),

@@ -45,7 +45,7 @@ def test_a_json_list_a_torn_line_and_a_repeated_key_in_a_vlm_file(folder):
         ([1, 2], r"each example needs 'question' and 'answer'; got a JSON array"),
         ({**QA, "question": 5}, r"'question' must be a non-empty string, got 5"),
         ({**QA, "question": " "}, r"'question' must be a non-empty string"),
-        ({**QA, "answer": None}, r"'answer' must be text, a number or a list of acceptable answers, got None"),
+        ({**QA, "answer": None}, r"'answer' must be text, a number or a list of acceptable answers, got null"),
         ({**QA, "answer": {"text": "red"}}, r"'answer' must be text"),
         ({**QA, "answer": []}, r"'answer' must be text"),
         ({**QA, "answer": True}, r"'answer' must be text"),
@@ -81,7 +81,7 @@ def test_a_json_list_a_torn_line_and_a_repeated_key_in_a_vlm_file(folder):
         ),  # fmt: skip
         (
             {"image": "a.png", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "a"}]},
-            r"a 'human' turn's 'value' must be text, got None",
+            r"a 'human' turn's 'value' must be text, got null",
         ),  # fmt: skip
         (
             {"conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
