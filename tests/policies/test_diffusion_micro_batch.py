@@ -44,6 +44,14 @@ def rollout_of(trainer: Trainer):
     return trainer.sample(batch, 0)
 
 
+def accumulated(tr: Trainer, rollout, rows, adv, row_w, mask):
+    """The minibatch's metrics and accumulated gradients (from zero), asserting a finite loss."""
+    tr.optimizer.zero_grad(set_to_none=True)
+    metrics, finite = tr.accumulate_gradients(rollout, rows, adv, row_w, mask)
+    assert finite
+    return metrics, [p.grad.detach().clone() for p in tr.params]
+
+
 def test_auto_fits_rows_times_trained_units_into_the_budget(tmp_path, model):
     tr = trainer_for(tmp_path, model)  # defaults: micro_batch_size auto, micro_batch_units 16
     assert tr.cfg.trainer.micro_batch_size == "auto" and tr.cfg.trainer.micro_batch_units == 16
@@ -97,17 +105,11 @@ def test_auto_micro_batches_give_the_whole_minibatch_loss_and_gradients(tmp_path
     mask = rollout.train_mask
     tr.policy.model.train()
 
-    def accumulated():
-        tr.optimizer.zero_grad(set_to_none=True)
-        metrics, finite = tr.accumulate_gradients(rollout, rows, adv, row_w, mask)
-        assert finite
-        return metrics, [p.grad.detach().clone() for p in tr.params]
-
     assert tr.micro_rows(rows, mask) == rows_micro
-    m_auto, g_auto = accumulated()
+    m_auto, g_auto = accumulated(tr, rollout, rows, adv, row_w, mask)
     tr.cfg.trainer.micro_batch_size = 0
     assert tr.micro_rows(rows, mask) == n
-    m_whole, g_whole = accumulated()
+    m_whole, g_whole = accumulated(tr, rollout, rows, adv, row_w, mask)
     assert sum(g.abs().sum().item() for g in g_whole) > 1e-3  # a real gradient, not zeros on both sides
     worst = max((a - b).abs().max().item() for a, b in zip(g_auto, g_whole))
     assert worst <= 1e-6, worst
@@ -172,19 +174,13 @@ def test_parts_of_a_row_give_the_whole_minibatch_loss_and_gradients(tmp_path, mo
     mask[0, 1] = False
     tr.policy.model.train()
 
-    def accumulated():
-        tr.optimizer.zero_grad(set_to_none=True)
-        metrics, finite = tr.accumulate_gradients(rollout, rows, adv, row_w, mask)
-        assert finite
-        return metrics, [p.grad.detach().clone() for p in tr.params]
-
     blocks = tr.micro_blocks(rows, mask)
     parts = sum(max(1, round(int(mask[i].sum()) / budget)) for i in range(n))  # row 0 trains one unit less
     assert len(blocks) == parts > n and all(len(r) == 1 for r, _ in blocks)
-    m_parts, g_parts = accumulated()
+    m_parts, g_parts = accumulated(tr, rollout, rows, adv, row_w, mask)
     tr.cfg.trainer.micro_batch_size = 0
     assert len(tr.micro_blocks(rows, mask)) == 1
-    m_whole, g_whole = accumulated()
+    m_whole, g_whole = accumulated(tr, rollout, rows, adv, row_w, mask)
     assert sum(g.abs().sum().item() for g in g_whole) > 1e-3
     worst = max((a - b).abs().max().item() for a, b in zip(g_parts, g_whole))
     assert worst <= 1e-6, worst
@@ -312,17 +308,11 @@ def test_zero_advantage_rows_are_left_out_of_the_update_with_the_same_loss_and_g
     adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -0.5, 0.0, -0.5])  # group 0 has zero variance; row 6 is at its mean
     tr.policy.model.train()
 
-    def accumulated(a):
-        tr.optimizer.zero_grad(set_to_none=True)
-        metrics, finite = tr.accumulate_gradients(rollout, rows, a, row_w, mask)
-        assert finite
-        return metrics, [p.grad.detach().clone() for p in tr.params]
-
     assert tr.rows_with_gradient(rows, adv, mask).tolist() == [4, 5, 7]
-    m_skip, g_skip = accumulated(adv)
+    m_skip, g_skip = accumulated(tr, rollout, rows, adv, row_w, mask)
     tr.cfg.trainer.skip_zero_advantage = False
     assert tr.rows_with_gradient(rows, adv, mask).tolist() == list(range(n))
-    m_all, g_all = accumulated(adv)
+    m_all, g_all = accumulated(tr, rollout, rows, adv, row_w, mask)
     assert (m_skip["update/skipped_rows_frac"], m_all["update/skipped_rows_frac"]) == (5 / 8, 0.0)
     assert sum(g.abs().sum().item() for g in g_all) > 1e-3
     worst = max((a - b).abs().max().item() for a, b in zip(g_skip, g_all))
@@ -334,7 +324,7 @@ def test_zero_advantage_rows_are_left_out_of_the_update_with_the_same_loss_and_g
     # steps as it would have: moments decay, weight decay applies)
     tr.cfg.trainer.skip_zero_advantage = True
     assert tr.rows_with_gradient(rows, torch.zeros(n), mask).tolist() == [0]
-    m_zero, g_zero = accumulated(torch.zeros(n))
+    m_zero, g_zero = accumulated(tr, rollout, rows, torch.zeros(n), row_w, mask)
     assert len(g_zero) == len(tr.params) and all(float(g.abs().max()) == 0.0 for g in g_zero)
     assert m_zero["loss/policy"] == 0.0
 
