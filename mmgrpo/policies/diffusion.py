@@ -298,8 +298,9 @@ class DiffusionPolicy:
         if uncond is None or scale == 1.0:
             return self.adapter.predict(module, x, t, cond)
         neg = {**cond, **uncond}  # keys the negative condition lacks (e.g. I2V first-frame latents) stay the row's own
-        both = stack_conds(neg, cond, len(x))
-        if both is not None and (self.opts.guidance_uncond_grad or not torch.is_grad_enabled()):
+        alike = self.opts.guidance_uncond_grad or not torch.is_grad_enabled()  # the detached variant: two forwards
+        both = stack_conds(neg, cond, len(x)) if alike else None
+        if both is not None:
             base, out = self.adapter.predict(module, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
             return base + scale * (out - base)
         out = self.adapter.predict(module, x, t, cond)
