@@ -22,8 +22,9 @@ from mmgrpo.core.advantages import (
     estimator_options,
     shaping_options,
 )
+from mmgrpo.core.aggregations import AGGREGATIONS, make_aggregation
 from mmgrpo.core.errors import UserError, quoted
-from mmgrpo.core.losses import AGGREGATIONS, LOSSES, loss_options, make_aggregation
+from mmgrpo.core.losses import LOSSES, loss_options
 from mmgrpo.core.sampling import SAMPLERS, check_sampler
 from mmgrpo.core.schema import declared_options, options_from
 from mmgrpo.methods.registry import check_methods, check_moved_keys

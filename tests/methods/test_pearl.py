@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from mmgrpo.core.aggregations import aggregate
 from mmgrpo.core.errors import UserError
-from mmgrpo.core.losses import aggregate
 from mmgrpo.methods.pearl import apply_gate, checklist_reward, fidelity_gate, stream_weights
 
 CHECKLIST = [

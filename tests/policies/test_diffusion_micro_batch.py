@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmgrpo.core import losses
+from mmgrpo.core import aggregations
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
 from mmgrpo.train.config import load_config
@@ -140,7 +140,7 @@ def test_a_row_whose_units_exceed_the_budget_is_split_into_parts_of_its_units(tm
         saved = getattr(tr.cfg.loss, field), tr.aggregation
         setattr(tr.cfg.loss, field, value)
         if field == "aggregation":
-            tr.aggregation = losses.make_aggregation("seq_mean")
+            tr.aggregation = aggregations.make_aggregation("seq_mean")
         assert tr.splits_units() is None
         assert [u.tolist() for _, u in tr.micro_blocks(rows, every)] == [[0, 1, 2, 3]] * 3, value
         setattr(tr.cfg.loss, field, saved[0])
