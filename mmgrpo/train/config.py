@@ -211,7 +211,15 @@ class TrainerConfig:
     --mixed_precision bf16``, or accelerate's config file), else no. Set here and in the launcher with different
     values is an error that names both; a run's config.yaml stores the precision it ran with"""
     ema_decay: float | None = None
-    """EMA of the trainable parameters (used for evaluation); null = off"""
+    """EMA of the trainable parameters (used for evaluation, ``mmgrpo sample --ema`` and ``mmgrpo export --ema``);
+    null = off"""
+    ema_every: int = 1
+    """move the EMA at optimizer steps n with (n + 1) % ema_every == 0 (Flow-GRPO's update_step_interval: 8, i.e.
+    steps 7, 15, 23, ...); 1 = every step"""
+    ema_warmup: bool = False
+    """EMA decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n (Flow-GRPO's EMA), so the average does not
+    hold on to the initial weights early in a run; false = ema_decay from the first step. Flow-GRPO's SD3 recipe:
+    ema_decay 0.9, ema_every 8, ema_warmup true"""
     shuffle: bool = True
     """shuffle rows between minibatches"""
     log_every: int = 1

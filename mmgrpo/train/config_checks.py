@@ -132,6 +132,10 @@ def check_numbers(cfg: Any, where: str) -> None:
         raise _bad("trainer.max_grad_norm", t.max_grad_norm, where, "must be a finite number > 0, or null (off)")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise _bad("trainer.ema_decay", t.ema_decay, where, "must lie in (0, 1), e.g. 0.999, or null (off)")
+    if t.ema_decay is None and (t.ema_every != 1 or t.ema_warmup):
+        key, value = ("trainer.ema_every", t.ema_every) if t.ema_every != 1 else ("trainer.ema_warmup", t.ema_warmup)
+        raise _bad(key, value, where, "shapes the EMA, which is off (trainer.ema_decay: null); set trainer.ema_decay "
+                   "too, e.g. Flow-GRPO's trainer: {ema_decay: 0.9, ema_every: 8, ema_warmup: true}")  # fmt: skip
     if t.time_budget_s is not None and not t.time_budget_s > 0:
         raise _bad("trainer.time_budget_s", t.time_budget_s, where, "must be > 0 seconds, or null (no budget)")
     if t.time_budget_clock not in ("wall", "process"):
@@ -145,6 +149,7 @@ def check_numbers(cfg: Any, where: str) -> None:
         ("trainer.max_steps", t.max_steps, 0, ""),
         ("trainer.micro_batch_size", None if t.micro_batch_size == "auto" else t.micro_batch_size, 0, " (or auto)"),
         ("trainer.micro_batch_units", t.micro_batch_units, 1, ""),
+        ("trainer.ema_every", t.ema_every, 1, " (1 = every optimizer step)"),
         ("trainer.log_every", t.log_every, 1, ""),
         ("trainer.eval_every", t.eval_every, 0, " (0 = off)"),
         ("trainer.sample_every", t.sample_every, 0, " (0 = only at evaluations)"),

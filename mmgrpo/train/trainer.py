@@ -131,7 +131,7 @@ class Trainer(UpdatePhase):
             self.policy.any_process = self.any_process
             if hasattr(self.policy, "process_max"):  # e.g. the VLM's check that the processes' media agree
                 self.policy.process_max = self.process_max
-        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        self.ema = EMA(self.params, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema_decay else None
         self.surrogate = not any(getattr(x, "replaces_surrogate", False) for x in self.comp.loss_terms)
         """False when a method's loss term is the whole policy objective (token-level NFT)"""
         self.term_metrics = {term_metric(x.name) for x in self.comp.loss_terms}

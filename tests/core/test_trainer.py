@@ -85,11 +85,12 @@ def test_micro_batching_does_not_change_the_update(tmp_path):
     assert torch.allclose(la, lb, atol=1e-6), (la - lb).abs().max()
 
 
-def test_resume_writes_exactly_the_uninterrupted_metrics(tmp_path):
+@pytest.mark.parametrize("ema", [[], ["trainer.ema_every=3", "trainer.ema_warmup=true"]], ids=["ema", "flow_grpo_ema"])
+def test_resume_writes_exactly_the_uninterrupted_metrics(tmp_path, ema):
     common = [
         "trainer.max_steps=8", "trainer.epochs=2", "trainer.minibatches=2", "trainer.lr_schedule=cosine",
         "trainer.warmup_steps=2", "trainer.ema_decay=0.9", "trainer.eval_every=3", "trainer.checkpoint_every=2",
-        "loss.beta=0.01",
+        "loss.beta=0.01", *ema,
     ]  # fmt: skip
     full = train(cfg_for(tmp_path, "run.name=full", *common))
     # interrupted after 5 steps: the last complete checkpoint is step 5 (written at the stop)
@@ -102,6 +103,7 @@ def test_resume_writes_exactly_the_uninterrupted_metrics(tmp_path):
     assert len(after(metrics(full.run_dir))) >= 4
     assert torch.equal(resumed.policy.model.logits, full.policy.model.logits)
     assert torch.equal(resumed.ema.shadow[0], full.ema.shadow[0])
+    assert resumed.ema.calls == full.ema.calls == 8 * 2 * 2  # one call per optimizer step (epochs x minibatches)
 
 
 def test_resume_from_earlier_checkpoint_drops_later_metric_lines(tmp_path):
