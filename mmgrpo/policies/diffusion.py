@@ -447,8 +447,24 @@ class DiffusionPolicy:
         return sched.timesteps[i].expand(x.shape[0]).to(x.device)
 
     # ------------------------------------------------------------------ recomputation
-    def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
-        """Log-probs (with grad) of units ``units`` (default: all) for ``rows``, as the objective defines them."""
+    @property
+    def scores_pairs(self) -> bool:
+        """Whether :meth:`log_prob` forwards only the (row, unit) pairs it is given (the objective's
+        ``scores_pairs``: sde)."""
+        return self.objective.scores_pairs
+
+    def log_prob(
+        self,
+        rollout: Rollout,
+        rows: torch.Tensor,
+        units: torch.Tensor | None = None,
+        pairs: torch.Tensor | None = None,
+    ) -> LogProbs:
+        """Log-probs (with grad) of units ``units`` (default: all) for ``rows``, as the objective defines them.
+        ``pairs`` [n, k] (bool), where the objective ``scores_pairs``: forward only those (row, unit) pairs (the
+        others are 0); where it is all true, or the objective scores every pair, all rows x units."""
+        if pairs is not None and self.scores_pairs and not bool(pairs.all()):
+            return self.objective.log_prob(self, rollout, rows, units, pairs=pairs)
         return self.objective.log_prob(self, rollout, rows, units)
 
     def unwrapped_zero(self) -> torch.Tensor:

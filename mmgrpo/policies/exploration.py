@@ -37,7 +37,8 @@ class ExplorationPlan:
     """Which sampling steps are stochastic and which are trained.
 
     ``sde_mask [T]`` bool: steps sampled with the SDE (the others take the ODE step); ``train_mask [T]`` bool:
-    steps whose log-prob the update uses (a subset of ``sde_mask``); ``branch_step``: G²RPO's single SDE step
+    steps whose log-prob the update uses (a subset of ``sde_mask``; with ``per_row``, the steps each row draws its
+    own subset from); ``branch_step``: G²RPO's single SDE step
     k, else None; ``granularities``: with a branch step, the strides of the ODE continuations after it (1 = the
     original schedule; each other one is one more decoded version of every sample).
     """
@@ -46,6 +47,9 @@ class ExplorationPlan:
     train_mask: torch.Tensor
     branch_step: int | None = None
     granularities: tuple[int, ...] = (1,)
+    per_row: int | None = None
+    """DanceGRPO's per-row selection: each row trains its own random ``per_row`` of the ``train_mask`` steps, drawn
+    from its prompt's generator when the rollout ends (:func:`per_row_steps`); None: every row trains ``train_mask``"""
 
     def __post_init__(self) -> None:
         if self.sde_mask.ndim != 1 or self.sde_mask.shape != self.train_mask.shape:
@@ -58,6 +62,9 @@ class ExplorationPlan:
         if bool((self.train_mask & ~self.sde_mask).any()):
             bad = torch.nonzero(self.train_mask & ~self.sde_mask).flatten().tolist()
             raise UserError(f"ExplorationPlan: steps {bad} are trained but deterministic (ODE); make them SDE steps")
+        if self.per_row is not None and not 1 <= self.per_row <= int(self.train_mask.sum()):
+            raise UserError(f"ExplorationPlan: per_row={self.per_row} steps a row, but {int(self.train_mask.sum())} "
+                            "steps are trainable")  # fmt: skip
 
     @property
     def num_steps(self) -> int:
@@ -78,6 +85,10 @@ def _check_steps(num_steps: int) -> None:
         raise UserError(f"num_steps must be a positive int (the number of sampling steps T), got {num_steps!r}")
 
 
+SELECTIONS = ("first", "random", "random_per_row")
+"""the ``selection`` of the steps a full-exploration rollout trains (:func:`full`)"""
+
+
 def _mask(num_steps: int, steps: list[int] | torch.Tensor) -> torch.Tensor:
     m = torch.zeros(num_steps, dtype=torch.bool)
     m[torch.as_tensor(steps, dtype=torch.long)] = True
@@ -94,8 +105,10 @@ def full(
 
     Trains ``k = max(1, int(timestep_fraction * T))`` steps, rounded down as both papers' code does
     (``int(num_steps * timestep_fraction)``: Flow-GRPO's 0.99 of 10 steps trains 9, DanceGRPO's 0.6 of 16 trains
-    9): ``selection="random"`` a uniformly random subset (returned sorted; DanceGRPO), ``"first"`` steps 0..k-1
-    (Flow-GRPO). Returns masks [T].
+    9): ``selection="random"`` one uniformly random subset for the whole rollout (returned sorted), ``"first"``
+    steps 0..k-1 (Flow-GRPO), ``"random_per_row"`` a random subset of its own for every row (DanceGRPO's code: a
+    ``randperm`` of the T steps per row, the first k trained): the plan then marks every step trainable and sets
+    ``per_row = k``, and :func:`per_row_steps` draws the rows' subsets when the rollout ends. Returns masks [T].
     """
     _check_steps(num_steps)
     if not 0 < timestep_fraction <= 1:
@@ -105,9 +118,28 @@ def full(
         steps = torch.randperm(num_steps, generator=generator)[:k].sort().values
     elif selection == "first":
         steps = torch.arange(k)
+    elif selection == "random_per_row":
+        every = torch.ones(num_steps, dtype=torch.bool)
+        return ExplorationPlan(every, every.clone(), per_row=k if k < num_steps else None)
     else:
-        raise UserError(f"unknown selection {selection!r}; known: first, random")
+        raise UserError(f"unknown selection {selection!r}; known: {', '.join(SELECTIONS)}")
     return ExplorationPlan(torch.ones(num_steps, dtype=torch.bool), _mask(num_steps, steps))
+
+
+def per_row_steps(plan: ExplorationPlan, gens: list[torch.Generator], G: int) -> torch.Tensor:
+    """The train mask [N, T] of a rollout of ``len(gens)`` prompts x ``G`` rows: every row trains ``plan.per_row``
+    of the plan's trainable steps, a uniformly random subset of its own (DanceGRPO), drawn from its prompt's
+    generator after the prompt's sampling noise (so the samples do not change, and a row's subset depends only on
+    its prompt's seed and its place in the group, not on the batch layout); without ``per_row``, the plan's mask
+    on every row."""
+    if plan.per_row is None:
+        return plan.train_mask[None, :].expand(len(gens) * G, -1).clone()
+    steps = plan.train_mask.nonzero().reshape(-1)  # [c] trainable steps
+    rows = torch.zeros(len(gens) * G, plan.num_steps, dtype=torch.bool)
+    for b, g in enumerate(gens):
+        for j in range(G):
+            rows[b * G + j, steps[torch.randperm(len(steps), generator=g)[: plan.per_row]]] = True
+    return rows
 
 
 def window_start(
@@ -202,14 +234,17 @@ class FullOptions:
     name: str = "full"
     timestep_fraction: float = 1.0
     """fraction of the T steps trained (DanceGRPO's timestep_fraction)"""
-    selection: Literal["random", "first"] = "random"
-    """which steps are trained: a random subset per rollout (DanceGRPO) or the first ones (Flow-GRPO)"""
+    selection: Literal["random", "first", "random_per_row"] = "random"
+    """which steps are trained: one random subset per rollout, the first ones (Flow-GRPO), or a random subset of
+    its own for every row (DanceGRPO's code: a random permutation of the steps per row, the first
+    timestep_fraction x T of it trained)"""
 
     def __post_init__(self) -> None:
         _check_options(
             (0 < self.timestep_fraction <= 1, f".timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}"),
-            (self.selection in ("random", "first"), f".selection: unknown {self.selection!r}; known: first, random"),
-        )
+            (self.selection in SELECTIONS,
+             f".selection: unknown {self.selection!r}; known: {', '.join(SELECTIONS)}"),
+        )  # fmt: skip
 
 
 @EXPLORATION.register("full")

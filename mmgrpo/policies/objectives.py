@@ -28,7 +28,7 @@ from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout
 from mmgrpo.policies import sde
-from mmgrpo.policies.exploration import ExplorationPlan
+from mmgrpo.policies.exploration import ExplorationPlan, per_row_steps
 from mmgrpo.policies.strategy import Strategy
 
 
@@ -39,6 +39,9 @@ class DiffusionObjective(Strategy):
     """the loss this objective needs (its log-probs only mean something to that loss), None = any"""
     loss_hint: ClassVar[str] = ""
     """what else to set with that loss (appended to the error)"""
+    scores_pairs: ClassVar[bool] = False
+    """its ``log_prob`` takes ``pairs`` [n, k] (bool) and forwards only those (row, unit) pairs (rows that train
+    different units, e.g. DanceGRPO's per-row steps, then cost their own units, not the union's)"""
     trains_guided: ClassVar[bool] = False
     """its log-probs come from the guided output (``DiffusionPolicy.guided`` under grad), so classifier-free
     guidance's branches carry the loss's gradient (``policy.options.guidance_uncond_grad``)"""
@@ -121,6 +124,7 @@ class SDEObjective(DiffusionObjective):
 
     Options = SDEObjectiveOptions
     trains_guided = True
+    scores_pairs = True
 
     @classmethod
     def check_options(cls, opts: Any) -> None:
@@ -133,11 +137,15 @@ class SDEObjective(DiffusionObjective):
                              "policy.options.reference_kl: true (and loss.beta > 0), or remove it")  # fmt: skip
 
     def finish_rollout(self, policy, batch, G, latents, logp, plan, cond, gens) -> Rollout:
-        train = plan.train_mask[None, :].expand(latents.shape[0], -1).clone()
+        train = per_row_steps(plan, gens, G)  # [N, T]: the plan's steps, or each row's own (DanceGRPO)
         return policy.finish(batch, G, latents, logp, train, cond, extras={})
 
-    def log_prob(self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None) -> LogProbs:
-        """Log-probs (with grad) of steps ``units`` for ``rows``: one batched forward over rows x units."""
+    def log_prob(
+        self, policy: Any, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None,
+        pairs: torch.Tensor | None = None,
+    ) -> LogProbs:  # fmt: skip
+        """Log-probs (with grad) of steps ``units`` for ``rows``: one batched forward over rows x units, or over the
+        (row, unit) pairs marked in ``pairs`` [n, k] only (the others are 0 and carry no gradient)."""
         sched = policy.adapter.schedule(policy.opts.num_steps)
         units = torch.arange(sched.num_steps) if units is None else units.cpu()
         n, k = len(rows), len(units)
@@ -145,6 +153,14 @@ class SDEObjective(DiffusionObjective):
             return LogProbs(logp=policy.unwrapped_zero().expand(n, 0), kl=None)
         lat = rollout.extras["latents"]
         rr, uu = rows.repeat_interleave(k), units.repeat(n)  # [n*k] pairs, row-major
+        where = None
+        if pairs is not None:
+            if pairs.shape != (n, k):
+                raise ValueError(f"pairs of shape {tuple(pairs.shape)}; expected [n, k] = [{n}, {k}]")
+            where = pairs.reshape(-1).cpu().bool().nonzero().reshape(-1)  # [p] of the n*k pairs
+            if not len(where):
+                return LogProbs(logp=policy.unwrapped_zero().expand(n, k), kl=None)
+            rr, uu = rr[where], uu[where]
         if rollout.extras.get("state_shared_in_group"):
             # G2RPO: the G rows of a group share x_k, so one forward per (group, unit) serves all of them
             fwd_rows = (rr // rollout.group_size) * rollout.group_size
@@ -168,7 +184,14 @@ class SDEObjective(DiffusionObjective):
         if policy.opts.reference_kl:
             with torch.no_grad(), policy.reference() as ref_model:
                 ref = scored(ref_model)
-            kl = sde.gaussian_kl(res.mean, ref.mean, res.std).view(n, k)
+            kl = sde.gaussian_kl(res.mean, ref.mean, res.std)
             if self.opts.kl == "flow_grpo":  # their (mean - mean_ref)^2 / (2 std_t^2) = the exact KL times |dt|
-                kl = kl * (sched.sigmas[uu] - sched.sigmas[uu + 1]).abs().view(n, k).to(kl)
-        return LogProbs(logp=res.log_prob.view(n, k), kl=kl)
+                kl = kl * (sched.sigmas[uu] - sched.sigmas[uu + 1]).abs().to(kl)
+        if where is None:
+            return LogProbs(logp=res.log_prob.view(n, k), kl=None if kl is None else kl.view(n, k))
+        at = (where.to(res.log_prob.device),)
+
+        def spread(v: torch.Tensor) -> torch.Tensor:  # [p] -> [n, k], 0 off the pairs
+            return v.new_zeros(n * k).index_put(at, v).view(n, k)
+
+        return LogProbs(logp=spread(res.log_prob), kl=None if kl is None else spread(kl))

@@ -118,9 +118,9 @@ class UpdatePhase:
             for rows, units in self.micro_blocks(torch.arange(rollout.num_rows), mask):
                 if not len(units) and not self.collective:
                     continue
-                new = self.policy.log_prob(rollout, rows, units).logp.float().cpu()
-                lr = new - rollout.logp_old[rows][:, units].float()
                 m = mask[rows][:, units]
+                new = self.policy.log_prob(rollout, rows, units, **self._pairs(m)).logp.float().cpu()
+                lr = new - rollout.logp_old[rows][:, units].float()
                 total += float((torch.expm1(lr) - lr)[m].sum())
                 count += float(m.sum())
         self._reshard()
@@ -195,15 +195,20 @@ class UpdatePhase:
 
     def micro_rows(self, rows: torch.Tensor, mask: torch.Tensor) -> int:
         """Rows per micro-batch of the minibatch ``rows``: ``trainer.micro_batch_size`` (0 = all of them), or with
-        ``auto`` the policy's ``micro_batch_rows(units, trainer.micro_batch_units)`` for the ``units`` a row of this
-        minibatch trains (a policy without that method: all rows)."""
+        ``auto`` the policy's ``micro_batch_rows(units, trainer.micro_batch_units)`` for the most ``units`` a row of
+        this minibatch trains (a policy without that method: all rows)."""
         t = self.cfg.trainer
         micro = t.micro_batch_size
         if micro == "auto":
             choose = getattr(self.policy, "micro_batch_rows", None)
-            units = int(mask[rows].any(0).sum())
+            units = int(mask[rows].sum(1).max()) if len(rows) else 0  # the most units a row trains
             micro = choose(units, t.micro_batch_units) if choose is not None else 0
         return min(int(micro), len(rows)) or len(rows)
+
+    def _pairs(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``log_prob``'s ``pairs`` argument for a micro-batch's mask [n, k], where the policy forwards only the
+        masked (row, unit) pairs (a diffusion policy's sde objective; rows then cost their own trained units)."""
+        return {"pairs": mask} if getattr(self.policy, "scores_pairs", False) else {}
 
     def micro_batches(self, rows: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """``rows`` in micro-batches of :meth:`micro_rows` rows. With collective forwards (FSDP) every process makes
@@ -308,7 +313,7 @@ class UpdatePhase:
         for i, (mrows, units) in enumerate(chunks):  # units [k]: those any row here trains (or a part of them)
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
             with sync:
-                lp = self.policy.log_prob(rollout, mrows, units)
+                lp = self.policy.log_prob(rollout, mrows, units, **self._pairs(mask[mrows][:, units]))
                 # one optimizer step: this forward runs at the sampling parameters, so it gives logp_old itself
                 old = lp.logp.detach() if rollout.logp_old_from_update else rollout.logp_old[mrows][:, units]
                 loss, m = loss_lib.policy_loss(

@@ -93,7 +93,7 @@ def test_flux_configs_load():
     po = dance.policy.options
     assert dance.pipeline == "text_to_image" and po["family"] == "flux"
     assert po["sde"] == {"kind": "dance", "noise_level": 0.3} and po["shared_init_noise"]
-    assert po["exploration"] == {"name": "full", "timestep_fraction": 0.6, "selection": "random"}
+    assert po["exploration"] == {"name": "full", "timestep_fraction": 0.6, "selection": "random_per_row"}
     assert {r.name for r in dance.rewards} == {"hpsv2", "clip_score"}
     g2 = load_config(CONFIGS / "flux_g2rpo.yaml")
     assert g2.policy.options["family"] == "flux" and g2.policy.options["exploration"]["name"] == "singular"

@@ -190,6 +190,72 @@ def test_parts_of_a_row_give_the_whole_minibatch_loss_and_gradients(tmp_path, mo
             assert abs(m_parts[key] - m_whole[key]) <= 1e-6, (key, m_parts[key], m_whole[key])
 
 
+PER_ROW = {"exploration": {"name": "full", "timestep_fraction": 0.5, "selection": "random_per_row"}}
+
+
+def test_danceGRPO_per_row_steps_sample_the_same_and_forward_only_each_rows_steps(tmp_path, model):
+    """``selection: random_per_row``: every row trains its own int(0.5 x 4) = 2 of the 4 steps. The samples are those
+    of the shared selection (the subsets are drawn after the noise), and a log-prob forward holds only each row's own
+    steps (8 rows x 2 pairs), with the values of the all-pairs forward."""
+    torch.manual_seed(0)
+    tr = trainer_for(tmp_path / "a", model, "loss.name=grpo", policy=PER_ROW)
+    rollout = rollout_of(tr)
+    mask = rollout.train_mask
+    assert mask.shape == (8, T) and (mask.sum(1) == 2).all()
+    assert len({tuple(r.nonzero().reshape(-1).tolist()) for r in mask}) > 1  # not one subset for all
+    shared = trainer_for(tmp_path / "b", model, "loss.name=grpo", policy={"exploration": {
+        "name": "full", "timestep_fraction": 0.5, "selection": "random"}})  # fmt: skip
+    other = rollout_of(shared)
+    assert torch.equal(other.extras["latents"], rollout.extras["latents"])
+    assert torch.equal(other.logp_old, rollout.logp_old)
+    assert (other.train_mask == other.train_mask[:1]).all()  # the shared selection: one subset
+
+    rows, units = torch.arange(8), torch.arange(T)
+    calls: list[int] = []
+    hook = tr.policy.model.register_forward_hook(lambda m, a, k, out: calls.append(len(k["hidden_states"])),
+                                                 with_kwargs=True)  # fmt: skip
+    try:
+        with torch.no_grad():
+            sparse = tr.policy.log_prob(rollout, rows, units, pairs=mask).logp
+            assert calls == [16]  # 8 rows x their 2 steps, not 8 x 4
+            dense = tr.policy.log_prob(rollout, rows, units).logp
+            assert calls == [16, 32]
+    finally:
+        hook.remove()
+    assert torch.allclose(sparse[mask], dense[mask], atol=1e-6)
+    assert (sparse[~mask] == 0).all()
+    assert torch.allclose(dense[mask], rollout.logp_old[mask], atol=1e-5)  # ratio 1 at the sampling weights
+    # micro-batches count the units a row trains (2), not the union of the rows' (4): budget 4 -> 2 rows
+    tr.cfg.trainer.micro_batch_units = 4
+    assert tr.micro_rows(rows, mask) == 2
+
+
+@pytest.mark.parametrize("loss", [["loss.name=grpo"], ["loss.name=grpo", "loss.beta=0.1"]], ids=["grpo", "grpo-kl"])
+def test_danceGRPO_per_row_steps_give_the_all_pairs_loss_and_gradients(tmp_path, model, monkeypatch, loss):
+    """The update forwarding each row's own steps (micro-batches of 2 rows) against all rows x steps in one forward
+    with the mask applied after (the objective told not to score pairs): the same loss, metrics and gradients
+    within 1e-6."""
+    torch.manual_seed(0)
+    ref = ["policy.options.reference_kl=true"] if "loss.beta=0.1" in loss else []
+    tr = trainer_for(tmp_path, model, *loss, *ref, "trainer.micro_batch_units=4", policy=PER_ROW)
+    rollout = rollout_of(tr)
+    n = rollout.num_rows
+    rows, adv, row_w = torch.arange(n), torch.randn(n), torch.rand(n) + 0.5
+    mask = rollout.train_mask
+    tr.policy.model.train()
+    assert [len(r) for r, _ in tr.micro_blocks(rows, mask)] == [2, 2, 2, 2]
+    m_pairs, g_pairs = accumulated(tr, rollout, rows, adv, row_w, mask)
+    monkeypatch.setattr(tr.policy.objective, "scores_pairs", False)
+    tr.cfg.trainer.micro_batch_size = 0
+    m_all, g_all = accumulated(tr, rollout, rows, adv, row_w, mask)
+    assert sum(g.abs().sum().item() for g in g_all) > 1e-3
+    worst = max((a - b).abs().max().item() for a, b in zip(g_pairs, g_all))
+    assert worst <= 1e-6, worst
+    for key in ("loss/policy", "loss/total", "loss/ratio_mean", "loss/adv_mean", "loss/clip_frac", "loss/kl"):
+        if key in m_all:
+            assert abs(m_pairs[key] - m_all[key]) <= 1e-6, (key, m_pairs[key], m_all[key])
+
+
 def test_with_collective_forwards_parts_are_halved_until_every_process_makes_as_many(tmp_path, model, monkeypatch):
     """Under FSDP with several processes (``collective``; the two max-reduces faked: "the other process" makes
     ``other`` micro-batches of rows, then ``other`` blocks), a process that makes fewer blocks halves its largest ones,

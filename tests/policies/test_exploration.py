@@ -13,6 +13,7 @@ from mmgrpo.policies.exploration import (
     coarse_schedule,
     full,
     multi_granularity_advantages,
+    per_row_steps,
     singular,
     window,
     window_start,
@@ -45,6 +46,37 @@ def test_full_rounds_down_as_the_papers_code_and_trains_at_least_one_step():
     assert len(full(16, 0.6).train_steps) == 9  # DanceGRPO's int(16 * 0.6) = int(9.6)
     assert len(full(10, 0.35, "first").train_steps) == 3  # int(3.5000000000000004)
     assert full(10, 0.01, "first").train_steps == [0]  # int(0.1) = 0 -> at least 1
+
+
+def test_full_random_per_row_leaves_the_draw_to_each_row():
+    """DanceGRPO's code draws a randperm of the T steps for every row and trains the first int(fraction x T)."""
+    plan = full(16, 0.6, "random_per_row", generator=torch.Generator().manual_seed(0))
+    assert plan.train_mask.all() and plan.sde_mask.all() and plan.per_row == 9  # int(9.6)
+    assert full(8, 1.0, "random_per_row").per_row is None  # every step of every row: nothing to draw
+    assert full(8, 0.5, "random").per_row is None and full(8, 0.5, "first").per_row is None
+    with pytest.raises(UserError, match="per_row=5 steps a row, but 4 steps are trainable"):
+        ExplorationPlan(torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool), per_row=5)
+
+
+def test_per_row_steps_are_each_rows_own_seeded_and_uniform():
+    plan = full(10, 0.3, "random_per_row")
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    mask = per_row_steps(plan, gens(5, 6), G=4)
+    assert mask.shape == (8, 10) and mask.dtype == torch.bool
+    assert (mask.sum(1) == 3).all()  # int(0.3 x 10) a row
+    assert len({tuple(_steps(r)) for r in mask}) > 1  # rows draw their own subsets
+    # a row's subset depends on its prompt's seed and its place in the group only, not on the batch around it
+    assert torch.equal(per_row_steps(plan, gens(6), G=4), mask[4:])
+    assert torch.equal(per_row_steps(plan, gens(9, 5), G=4)[4:], mask[:4])
+    # the plan's trainable steps bound the draw
+    window_plan = ExplorationPlan(torch.ones(6, dtype=torch.bool), torch.tensor([0, 1, 1, 0, 1, 0]).bool(), per_row=2)
+    drawn = per_row_steps(window_plan, gens(1, 2, 3), G=2)
+    assert (drawn.sum(1) == 2).all() and not drawn[:, [0, 3, 5]].any()
+    counts = per_row_steps(plan, gens(*range(500)), G=4).float().sum(0)  # 2000 rows
+    # each step with probability 3 / 10 -> 600 of 2000 (binomial sd ~ 20.5)
+    assert ((counts - 600).abs() < 100).all(), counts
+    assert torch.equal(per_row_steps(full(10, 0.3, "first"), gens(1), G=2), full(10, 0.3, "first").train_mask[None]
+                       .expand(2, -1))  # fmt: skip
 
 
 def test_full_random_is_sorted_seeded_and_uniform():
