@@ -1,9 +1,11 @@
-"""The statistics of ``bench/learning_vlm.py``: mean +- SE over seeds, the paired difference to the baseline, and the
-share of trained groups that all fail (read from the trainer's advantage dumps)."""
+"""The statistics of the benchmarks: for ``bench/learning_vlm.py`` mean +- SE over seeds, the paired difference to the
+baseline and the share of trained groups that all fail (read from the trainer's advantage dumps); for the timed
+side-by-side comparisons (``bench/rollout.py``, ``bench/peers.py``) the paired time ratio with its interval."""
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from pathlib import Path
 
@@ -20,6 +22,24 @@ def paired_diff(method: list[float], baseline: list[float]) -> tuple[float, floa
     if len(method) != len(baseline):
         raise ValueError(f"paired_diff needs the same seeds on both sides; got {len(method)} and {len(baseline)}")
     return mean_se([a - b for a, b in zip(method, baseline)])
+
+
+def paired_ratio(
+    ours: list[float], theirs: list[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(median, low, high) of the per-repeat ratios ``ours[i] / theirs[i]``, with a 95% percentile-bootstrap interval
+    of that median (``resamples`` resamplings of the repeats, seeded: the same times give the same interval).
+
+    Repeat i timed both sides next to each other, so a ratio of the pair cancels what drifts slowly on a shared
+    machine (other load, clock, caches), which a ratio of the two sides' medians does not. With one repeat the
+    interval is that ratio."""
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError(f"paired_ratio needs as many repeats on both sides (>= 1); got {len(ours)}, {len(theirs)}")
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    lo, hi = meds[int(0.025 * (resamples - 1))], meds[int(math.ceil(0.975 * (resamples - 1)))]
+    return statistics.median(ratios), lo, hi
 
 
 def all_fail_fraction(accuracy: list[list[float]]) -> float:

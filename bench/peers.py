@@ -95,6 +95,7 @@ ROOT = BENCH.parent
 for _p in (ROOT, BENCH):  # mmgrpo, and the peer loop next to this file
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+from learning_stats import paired_ratio  # noqa: E402
 from peer_sides import RESULT, SHAPES_T2I  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "peers.md"
@@ -419,9 +420,10 @@ def tables(results: list[dict], pts: list[Point], quick: bool, device: str = "cp
     dif = [p for p in pts if p.family == "diffusion"]
     if dif:
         out += ["", "## Diffusion Flow-GRPO step: mmgrpo vs a faithful Flow-GRPO loop (`bench/flow_grpo_peer.py`)", "",
-                f"| work | N x T | mmgrpo s/step | Flow-GRPO loop s/step | **mmgrpo / peer time** | mmgrpo {mem} | "
-                f"peer {mem} | rows trained per step (mmgrpo, peer) | compute fraction (mmgrpo, peer) |",
-                "|---|" + "---|" * 8]  # fmt: skip
+                f"| work | N x T | mmgrpo s/step | Flow-GRPO loop s/step | **mmgrpo / peer time** | paired by repeat: "
+                f"median (95% interval) | mmgrpo {mem} | peer {mem} | rows trained per step (mmgrpo, peer) | "
+                "compute fraction (mmgrpo, peer) |",
+                "|---|" + "---|" * 9]  # fmt: skip
         for p in dif:
             a, b = _side(results, p, "mmgrpo"), _side(results, p, "flow_grpo")
             nt = p.sizes["B"] * p.sizes["G"] * p.sizes["T"]
@@ -430,15 +432,26 @@ def tables(results: list[dict], pts: list[Point], quick: bool, device: str = "cp
     if ro:
         out += ["", "## Rollout: mmgrpo's SDE rollout with log-probs vs diffusers `StableDiffusion3Pipeline` "
                 "(`bench/rollout.py`)", "",
-                "| work | mmgrpo rollout s | diffusers pipeline s | **rollout / pipeline** |",
-                "|---|---|---|---|"]  # fmt: skip
+                "| work | mmgrpo rollout s | diffusers pipeline s | paired by call: median (95% interval) | "
+                "**rollout / pipeline** |",
+                "|---|---|---|---|---|"]  # fmt: skip
         for r in ro:
             if "error" in r:
-                out.append(f"| {r['label']} | error: {r['error']} | | |")
+                out.append(f"| {r['label']} | error: {r['error']} | | | |")
                 continue
             ratio = statistics.median(r["mmgrpo"]) / statistics.median(r["peer"])
-            out.append(f"| {r['label']} | {_fmt(r['mmgrpo'])} | {_fmt(r['peer'])} | **{ratio:.2f}** |")
+            out.append(f"| {r['label']} | {_fmt(r['mmgrpo'])} | {_fmt(r['peer'])} | "
+                       f"{_paired(r['mmgrpo'], r['peer'])} | **{ratio:.2f}** |")  # fmt: skip
     return "\n".join(out)
+
+
+def _paired(ours: list[float], theirs: list[float]) -> str:
+    """The paired ratio cell: median of ours[i] / theirs[i] over the repeats, with its 95% bootstrap interval; '-'
+    when the two sides do not have one time per repeat each (a failed repeat)."""
+    if len(ours) != len(theirs) or not ours:
+        return "-"
+    med, lo, hi = paired_ratio(ours, theirs)
+    return f"{med:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> str:
@@ -451,8 +464,8 @@ def _row(label: str, a: dict, b: dict, rate: bool, extra: str | None = None) -> 
     if rate:
         ra, rb = [a["rows"] / x for x in a["steps"]], [b["rows"] / x for x in b["steps"]]
         cells += [_fmt(ra, 1), _fmt(rb, 1), f"**{mb / ma:.2f}**"]
-    else:
-        cells += [f"**{ma / mb:.2f}**"]
+    else:  # time: the ratio of the medians, then the ratio paired by repeat (the two sides' r-th steps)
+        cells += [f"**{ma / mb:.2f}**", _paired(a["steps"], b["steps"])]
     cells += [_fmt(a["peaks"], 0), _fmt(b["peaks"], 0)]
     # VLM: mean completion tokens, then rows through the update; diffusion: rows through the update
     for what in ("tokens", "trained") if rate else ("trained",):

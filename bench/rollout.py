@@ -17,7 +17,9 @@ the RL bookkeeping (SDE step maths, log-probs, stored states, noise drawn per gr
 with classifier-free guidance on both sides (the empty negative prompt; the pipeline runs one forward of the doubled
 batch [uncond; cond] per step, as mmgrpo does); ``--cfg-forwards 2`` makes mmgrpo run the two branches as two
 forwards of N rows instead, as it did before 2026-12-06 (the before/after of that change). The two are timed
-alternately (the order flips every repeat) after one warm-up call each; medians are reported.
+alternately (the order flips every repeat) after one warm-up call each; medians are reported, and the paired ratio:
+the median over repeats of each rollout's time over the pipeline call next to it, with a 95% bootstrap interval
+(a ratio of neighbours cancels the slow drift of a shared machine).
 """
 
 from __future__ import annotations
@@ -183,20 +185,33 @@ def table(
     guidance: float = 1.0,
     cfg_forwards: int = 1,
 ):
-    """One markdown table: medians, spread, and the ratio rollout / pipeline."""
+    """One markdown table: medians, spread, the ratio of the medians, and the paired ratio (each repeat's rollout over
+    the pipeline call next to it) with a 95% bootstrap interval of its median."""
     ro, pi = statistics.median(times["rollout"]), statistics.median(times["pipeline"])
+    paired, lo, hi = paired_ratio(times["rollout"], times["pipeline"])
     n = len(PROMPTS) * GROUP
     head = ("| device | dtype | N (B x G) | T | guidance (mmgrpo forwards a step) | latent | image | repeats | "
             "rollout SDE a=0.7 + log-probs, median s (min-max) | diffusers SD3 pipeline, median s (min-max) | "
-            "ratio rollout / pipeline |")  # fmt: skip
+            "paired ratio: median (95% interval) | ratio rollout / pipeline |")  # fmt: skip
     cfg = f"{guidance:g} ({cfg_forwards})" if guidance != 1.0 else "1 (1)"
     row = (
         f"| {device} | {dtype} | {n} ({len(PROMPTS)} x {GROUP}) | {STEPS} | {cfg} | {'x'.join(map(str, latent))} | "
         f"{image[0]}x{image[1]} | {len(times['rollout'])} | "
         f"{ro:.3f} ({min(times['rollout']):.3f}-{max(times['rollout']):.3f}) | "
-        f"{pi:.3f} ({min(times['pipeline']):.3f}-{max(times['pipeline']):.3f}) | **{ro / pi:.2f}** |"
+        f"{pi:.3f} ({min(times['pipeline']):.3f}-{max(times['pipeline']):.3f}) | "
+        f"{paired:.3f} ({lo:.3f}-{hi:.3f}) | **{ro / pi:.2f}** |"
     )
-    return "\n".join([head, "|" + "---|" * 11, row])
+    return "\n".join([head, "|" + "---|" * 12, row])
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """``bench/learning_stats.py``'s paired ratio (this file is also loaded by path, without bench/ on sys.path)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from learning_stats import paired_ratio as paired
+
+    return paired(ours, theirs)
 
 
 def environment(device: str) -> str:

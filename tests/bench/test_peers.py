@@ -2,6 +2,7 @@
 (bench/flow_grpo_peer.py) is checked against hand-computed values and mmgrpo's own Flow-GRPO SDE step."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def test_quick_mode_runs_every_row_and_writes_its_table(tmp_path, capsys):
     assert dif[-2].split(", ")[0] in ("1.0", "2.0")
     assert all(0.0 < float(x) < 1.0 for x in dif[-1].split(", "))  # compute fraction of a metered step, both sides
     assert float(cells("rollout (quick)")[-1].strip("*")) > 0
+    paired = cells("rollout (quick)")[-2]  # one call a side in quick mode: the interval is that ratio
+    assert paired == "-" or re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\)", paired), paired
     vlm = cells("VLM tiny (quick)")
     if importlib.util.find_spec("trl") is None:
         assert code == 1 and "trl is not installed" in rows["VLM tiny (quick)"]
