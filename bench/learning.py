@@ -37,9 +37,12 @@ AWM = ["policy.options.objective={name: flow_matching, timesteps: 4}", "loss.nam
 
 # method -> overrides on top of the demo config (paper defaults, scaled to the tiny model's 8-step sampler)
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "dance": ("DanceGRPO (dance SDE, eta 0.3, shared init noise, 60% of steps)", [*SDE,
+    "dance": ("DanceGRPO (dance SDE, eta 0.3, shared init noise, 60% of steps, each row its own)", [*SDE,
         "policy.options.sde={kind: dance, noise_level: 0.3}", "policy.options.shared_init_noise=true",
-        "policy.options.exploration={name: full, timestep_fraction: 0.6}"]),
+        "policy.options.exploration={name: full, timestep_fraction: 0.6, selection: random_per_row}"]),
+    "dance_shared": ("DanceGRPO (dance SDE, one 60% of steps per rollout, mmgrpo before 2026-12-06)", [
+        *SDE, "policy.options.sde={kind: dance, noise_level: 0.3}", "policy.options.shared_init_noise=true",
+        "policy.options.exploration={name: full, timestep_fraction: 0.6, selection: random}"]),
     "flow_grpo": ("Flow-GRPO (flow SDE, a 0.7, all steps)", [*SDE,
         "policy.options.sde={kind: flow_grpo, noise_level: 0.7}",
         "policy.options.exploration={name: full, timestep_fraction: 1.0}"]),
