@@ -158,9 +158,10 @@ class SDEObjective(DiffusionObjective):
             if pairs.shape != (n, k):
                 raise ValueError(f"pairs of shape {tuple(pairs.shape)}; expected [n, k] = [{n}, {k}]")
             where = pairs.reshape(-1).cpu().bool().nonzero().reshape(-1)  # [p] of the n*k pairs
-            if not len(where):
-                return LogProbs(logp=policy.unwrapped_zero().expand(n, k), kl=None)
-            rr, uu = rr[where], uu[where]
+            if len(where):
+                rr, uu = rr[where], uu[where]
+            else:  # no pair marked: forward them all, as without pairs (their loss is 0 under the mask), so the
+                where = None  # forward and its graph exist as before (collective forwards, DDP's gradient hooks)
         if rollout.extras.get("state_shared_in_group"):
             # G2RPO: the G rows of a group share x_k, so one forward per (group, unit) serves all of them
             fwd_rows = (rr // rollout.group_size) * rollout.group_size

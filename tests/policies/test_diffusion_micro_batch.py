@@ -220,6 +220,9 @@ def test_danceGRPO_per_row_steps_sample_the_same_and_forward_only_each_rows_step
             assert calls == [16]  # 8 rows x their 2 steps, not 8 x 4
             dense = tr.policy.log_prob(rollout, rows, units).logp
             assert calls == [16, 32]
+            # no pair marked (a block of rows that train none of these steps): the all-pairs forward, as without pairs
+            none = tr.policy.log_prob(rollout, rows, units, pairs=torch.zeros_like(mask)).logp
+            assert calls == [16, 32, 32] and torch.equal(none, dense)
     finally:
         hook.remove()
     assert torch.allclose(sparse[mask], dense[mask], atol=1e-6)
