@@ -313,16 +313,17 @@ class UpdatePhase:
         for i, (mrows, units) in enumerate(chunks):  # units [k]: those any row here trains (or a part of them)
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else self.acc.no_sync(self.policy.model)
             with sync:
-                lp = self.policy.log_prob(rollout, mrows, units, **self._pairs(mask[mrows][:, units]))
+                m_block = mask[mrows][:, units]  # [n, k]: the (row, unit) pairs this micro-batch trains
+                lp = self.policy.log_prob(rollout, mrows, units, **self._pairs(m_block))
                 # one optimizer step: this forward runs at the sampling parameters, so it gives logp_old itself
                 old = lp.logp.detach() if rollout.logp_old_from_update else rollout.logp_old[mrows][:, units]
                 loss, m = loss_lib.policy_loss(
-                    lp.logp, old, adv[mrows], mask[mrows][:, units],
+                    lp.logp, old, adv[mrows], m_block,
                     loss=lc.name, options=lc.options, aggregation=self.aggregation, beta=lc.beta, kl=lp.kl,
                     adv_clip=lc.adv_clip, row_weight=row_w[mrows], denom=denom, neg_logp=lp.neg_logp,
                     surrogate=self.surrogate,
                 )  # fmt: skip
-                x = TermInputs(lp, old, rollout, mrows, units, adv[mrows], mask[mrows][:, units], self.step)
+                x = TermInputs(lp, old, rollout, mrows, units, adv[mrows], m_block, self.step)
                 loss = self._add_loss_terms(loss, m, x, row_w, denom)  # the methods' loss terms (KDRL, NFT)
                 loss_ok = loss_ok and bool(torch.isfinite(loss.detach()).all())
                 if self.deepspeed:  # the last micro-batch ends the engine's optimizer step
@@ -332,7 +333,7 @@ class UpdatePhase:
                     self.acc.backward(loss)
             # the loss terms are each micro-batch's share of the minibatch's (global normaliser): they add up; the
             # per-unit means (ratio, clip fractions, advantage) are weighted by the micro-batch's masked units
-            share = float(mask[mrows][:, units].sum()) / masked if masked else len(mrows) / len(rows)
+            share = float(m_block.sum()) / masked if masked else len(mrows) / len(rows)
             for k, v in m.items():
                 if k in SUMMED_METRICS or k in self.term_metrics:
                     sums[k] = sums.get(k, 0.0) + v
