@@ -354,7 +354,9 @@ class DiffusionPolicy:
         # every state is written once into one [N, T+1, ...] buffer (a list then torch.stack held two copies)
         latents = x.new_empty((B * G, sched.num_steps + 1, *x.shape[1:]))
         latents[:, 0] = x
-        logp = torch.zeros(B * G, sched.num_steps)
+        # on the latents' device, read back once at the end: the loop makes no host-device synchronisation, so on a
+        # GPU the host draws the next step's noise while the device still runs this step's forward
+        logp = torch.zeros(B * G, sched.num_steps, device=x.device)
         uncond = self.uncond(B * G)
         with self.objective.sampling_weights(self, batch.step):
             for i in range(sched.num_steps):
@@ -365,7 +367,7 @@ class DiffusionPolicy:
                 x = res.prev_sample
                 latents[:, i + 1] = x
                 logp[:, i] = res.log_prob
-        return self.objective.finish_rollout(self, batch, G, latents, logp, plan, cond, gens)
+        return self.objective.finish_rollout(self, batch, G, latents, logp.cpu(), plan, cond, gens)
 
     def _rollout_branch(self, batch, G, sched, plan, gens, cond) -> Rollout:
         """G2RPO: shared ODE anchor to step k, one SDE branch step, ODE continuations (several granularities)."""
@@ -433,18 +435,23 @@ class DiffusionPolicy:
     def _noise(self, gens: list[torch.Generator], G: int, shared_per_group: bool) -> torch.Tensor:
         """[N, *latent] Gaussian noise, drawn group by group from each prompt's generator (layout independent)."""
         shape = self.adapter.latent_shape()
-        dev = self.adapter.device
-        parts = []
-        for g in gens:
-            z = torch.randn((1 if shared_per_group else G, *shape), generator=g).to(dev)
-            parts.append(z.expand(G, *shape) if shared_per_group else z)
-        # states stay fp32 whatever the model dtype: logp_old is computed against the fp32 next state, so
-        # storing it rounded to bf16 would make the recomputed log-prob differ (ratio != 1)
-        return torch.cat(parts).float()
+        dev = torch.device(self.adapter.device)
+        # drawn on the host into one buffer (pinned for an accelerator, so the copy does not wait for the device), in
+        # fp32 whatever the model dtype: logp_old is computed against the fp32 next state, so storing it rounded to
+        # bf16 would make the recomputed log-prob differ (ratio != 1)
+        z = torch.empty((len(gens) * G, *shape), dtype=torch.float32, pin_memory=dev.type == "cuda")
+        for b, g in enumerate(gens):
+            rows = z[b * G : (b + 1) * G]
+            if shared_per_group:
+                rows.copy_(torch.randn((1, *shape), generator=g).expand(G, *shape))
+            else:
+                torch.randn((G, *shape), generator=g, out=rows)
+        return z.to(dev, non_blocking=True)
 
     @staticmethod
     def _t(sched: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-        return sched.timesteps[i].expand(x.shape[0]).to(x.device)
+        return sched.timesteps[i].expand(x.shape[0]).to(x.device, non_blocking=True)  # no stream sync (a blocking
+        # host-to-device copy waits for the device's queue)
 
     # ------------------------------------------------------------------ recomputation
     @property
@@ -472,11 +479,12 @@ class DiffusionPolicy:
         return (p.sum() * 0.0).float().reshape(1, 1)
 
     def score_steps(self, out, x, units, sched: Schedule, prev) -> sde.StepOutput:
-        """Score ``prev`` under the step-``units`` Gaussian for a batch mixing different steps."""
+        """Score ``prev`` under the step-``units`` Gaussian for a batch mixing different steps (the schedule's
+        values stay on the host: the step checks them there and moves them, so it makes no device synchronisation)."""
         if self.adapter.parameterization == "ddim":
-            a, a_prev = sched.alpha_bars[units].to(x.device), sched.alpha_bars[units + 1].to(x.device)
+            a, a_prev = sched.alpha_bars[units], sched.alpha_bars[units + 1]
             return sde.ddim_step(out, x, a, a_prev, self.noise_level, self.adapter.prediction_type, prev)
-        sig, sig_next = sched.sigmas[units].to(x.device), sched.sigmas[units + 1].to(x.device)
+        sig, sig_next = sched.sigmas[units], sched.sigmas[units + 1]
         return sde.step(self.opts.sde.kind, out, x, sig, sig_next, self.noise_level, prev_sample=prev)
 
     @contextlib.contextmanager

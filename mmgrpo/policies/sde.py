@@ -102,8 +102,10 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_row(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
-    """``value`` (float, 0-d, [N] or [N, 1, ..., 1]) as an fp32 tensor broadcastable to ``like`` [N, ...]."""
-    t = torch.as_tensor(value, device=like.device).to(torch.float32)
+    """``value`` (float, 0-d, [N] or [N, 1, ..., 1]) as an fp32 tensor broadcastable to ``like`` [N, ...], on the
+    value's own device (a float: the CPU): the caller checks it there, then moves it to ``like``'s device with
+    :func:`_to`. So a step whose scalars come from the host makes no host-device synchronisation."""
+    t = torch.as_tensor(value).to(torch.float32)
     n, nd = like.shape[0], like.ndim
     if t.ndim == 0:
         return t.reshape([1] * nd)
@@ -115,6 +117,11 @@ def _per_row(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
         f"{name} has shape {tuple(t.shape)} for a sample of shape {tuple(like.shape)}; "
         f"give a float, a 0-d tensor or one value per row (shape [{n}])"
     )
+
+
+def _to(like: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``values`` (checked by the caller where they were) on ``like``'s device."""
+    return tuple(v.to(like.device, non_blocking=True) for v in values)
 
 
 def _require(ok: torch.Tensor, message: str, values: torch.Tensor) -> None:
@@ -136,9 +143,15 @@ def _check_sample(sample: torch.Tensor, model_output: torch.Tensor) -> None:
 
 
 def _flow_inputs(
-    model_output: torch.Tensor, sample: torch.Tensor, sigma: Scalar, sigma_next: Scalar, noise_level: Scalar
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    noise_level: Scalar,
+    level_top: tuple[float, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 ``(v, x, sigma, sigma_next, noise_level)``, validated; scalars broadcastable to ``x`` [N, ...]."""
+    """fp32 ``(v, x, sigma, sigma_next, noise_level)``, validated where the scalars were given (``level_top``: a
+    kind's (largest noise level, message)); scalars broadcastable to ``x`` [N, ...] on its device."""
     _check_sample(sample, model_output)
     v, x = _f32(model_output), _f32(sample)
     s = _per_row(sigma, x, "sigma")
@@ -150,7 +163,9 @@ def _flow_inputs(
         s_next < s, "sigma_next must be < sigma (sampling runs from noise, sigma = 1, to data, sigma = 0)", s_next
     )
     _require(a >= 0, "noise_level must be >= 0 (0 is the deterministic ODE step)", a)
-    return v, x, s, s_next, a
+    if level_top is not None:
+        _require(a <= level_top[0], level_top[1], a)
+    return (v, x, *_to(x, s, s_next, a))
 
 
 def _draw_noise(like: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None) -> torch.Tensor:
@@ -189,9 +204,12 @@ def _gaussian_step(
         prev = _f32(prev_sample).detach()
     noisy = std > 0  # broadcastable [N, 1, ...]
     safe_std = torch.where(noisy, std, torch.ones_like(std))  # avoids 0/0 and log(0) on deterministic rows
-    elem = -((prev.detach() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - LOG_SQRT_2PI  # [N, ...]
-    elem = torch.where(noisy, elem, torch.zeros_like(elem))
+    # -(d^2) / (2 std^2) as d^2 / -(2 std^2): the same bits (IEEE division is symmetric in sign), one pass less
+    elem = (prev.detach() - mean) ** 2 / -(2 * safe_std**2) - torch.log(safe_std) - LOG_SQRT_2PI  # [N, ...]
     log_prob = elem.mean(dim=tuple(range(1, elem.ndim)))  # [N]: mean, not sum, over the D non-batch elements
+    # deterministic rows get 0, chosen per row after the mean (the same values and gradient as choosing each element,
+    # without a pass over [N, ...])
+    log_prob = torch.where(noisy.reshape(noisy.shape[0]), log_prob, 0.0)
     return StepOutput(prev_sample=prev, log_prob=log_prob, mean=mean, std=std.expand([mean.shape[0], *std.shape[1:]]))
 
 
@@ -280,8 +298,8 @@ def cps_step(
     x1`` so that a = 0 gives the Euler step bit for bit. At sigma_next = 0 (the last step) std = 0 for every a:
     the step is deterministic (prev = x0, log_prob 0), with no NaN. Shapes as :func:`flow_grpo_step`.
     """
-    v, x, s, s_next, a = _flow_inputs(model_output, sample, sigma, sigma_next, noise_level)
-    _require(a <= 1, "noise_level for cps must be in [0, 1] (std = sigma_next * sin(noise_level * pi / 2))", a)
+    top = (1.0, "noise_level for cps must be in [0, 1] (std = sigma_next * sin(noise_level * pi / 2))")
+    v, x, s, s_next, a = _flow_inputs(model_output, sample, sigma, sigma_next, noise_level, top)
     dt = s_next - s  # < 0
     std = s_next * torch.sin(a * (math.pi / 2))
     x1 = x + (1 - s) * v
@@ -356,6 +374,7 @@ def ddim_step(
         (a_prev >= a) & (a_prev <= 1), "alpha_bar_prev must be in [alpha_bar, 1] (the next step is less noisy)", a_prev
     )
     _require((eta_t >= 0) & (eta_t <= 1), "eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like)", eta_t)
+    a, a_prev, eta_t = _to(x, a, a_prev, eta_t)
     beta = 1 - a
     if prediction_type == "epsilon":
         x0 = (x - beta**0.5 * e_or_v) / a**0.5
@@ -390,7 +409,8 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: Scalar) -> torc
     m, m_ref = _f32(mean), _f32(mean_ref)
     s = _per_row(std, m, "std")
     _require(s >= 0, "std must be >= 0", s)
+    (s,) = _to(m, s)
     noisy = s > 0
     safe = torch.where(noisy, s, torch.ones_like(s))
-    elem = torch.where(noisy, (m - m_ref) ** 2 / (2 * safe**2), torch.zeros_like(m))  # [N, ...]
-    return elem.mean(dim=tuple(range(1, elem.ndim)))
+    elem = (m - m_ref) ** 2 / (2 * safe**2)  # [N, ...]
+    return torch.where(noisy.reshape(noisy.shape[0]), elem.mean(dim=tuple(range(1, elem.ndim))), 0.0)  # 0: std 0

@@ -91,3 +91,33 @@ def test_qwen2_vl_bf16_on_cuda(tmp_path):
     trainer = make_trainer(tmp_path, "vlm_reasoning", policy, {"num_examples": 32, "eval_examples": 4},
                            "test_gpu_checksum", micro_batch_size=G)  # fmt: skip
     assert len(check_contract(trainer, trainer.acc.unwrap_model(trainer.policy.model))) == 2
+
+
+def rollout_syncs(tmp_path, ckpt: str, T: int) -> int:
+    """Host-device synchronisations of one fp32 SD3 rollout of T steps (torch's sync debug mode warns at each)."""
+    import warnings
+
+    policy = {"family": "sd3", "path": ckpt, "num_steps": T, "lora_rank": 2}
+    trainer = make_trainer(tmp_path / f"T{T}", "text_to_image", policy, {"heldout_prompts": "", "prompts": "shapes"},
+                           "test_gpu_brightness")  # fmt: skip
+    batch = trainer.prompts_for(0, 0)
+    trainer.sample(batch, 0)  # warm-up: the first call's one-time work (allocator, kernels) is not the loop's
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.policy.rollout(batch, G)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in seen)
+
+
+def test_the_sde_rollout_loop_makes_no_host_device_synchronisation(tmp_path):
+    """The host runs ahead of the device through the sampling loop (so its per-step work, the noise draws, overlaps
+    the forwards): a rollout of 6 steps synchronises exactly as often as one of 2 (encoding and the read-back at the
+    end), none per step. The CPU counterpart: test_sde.py's meta-device test."""
+    ckpt = save_tiny_sd3(tmp_path / "ckpt")
+    (tmp_path / "T2").mkdir()
+    (tmp_path / "T6").mkdir()
+    assert rollout_syncs(tmp_path, ckpt, 6) == rollout_syncs(tmp_path, ckpt, 2)

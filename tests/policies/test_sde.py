@@ -311,6 +311,31 @@ def test_gaussian_kl_equals_expected_log_ratio():
     assert torch.allclose(gaussian_kl(p.mean, q.mean, p.std[:, 0, 0, 0]), p.log_prob - q.log_prob, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", [*KINDS, "ddim"])
+@pytest.mark.parametrize("scalars", ["float", "0-d", "per row"])
+def test_a_step_with_host_scalars_reads_nothing_back_from_the_device(kind, scalars):
+    """The schedule's values are checked where they are given (the host) before they move to the sample's device,
+    so a step makes no host-device synchronisation: on the meta device, which has no values, any read-back
+    (``bool(t)``, ``t.item()``) raises. On a GPU, tests/gpu counts the rollout's synchronisations."""
+    # (sigma, sigma_next), or for ddim (alpha_bar, alpha_bar_prev): the next state is the less noisy one
+    values = [(0.8, 0.6), (0.9, 0.5), (1.0, 0.0)] if kind != "ddim" else [(0.3, 0.5), (0.4, 0.6), (0.5, 1.0)]
+    hi, lo = (torch.tensor(v) for v in zip(*values))
+    if scalars != "per row":
+        hi, lo = (hi[0], lo[0]) if scalars == "0-d" else (float(hi[0]), float(lo[0]))
+    x, v = (t.to("meta") for t in _xv())
+    if kind == "ddim":
+        run = lambda **kw: ddim_step(v, x, hi, lo, 0.5, **kw)  # noqa: E731
+    else:
+        run = lambda **kw: step(kind, v, x, hi, lo, 0.7, **kw)  # noqa: E731
+    for out in (run(), run(noise=torch.randn(x.shape, device="meta")), run(prev_sample=torch.empty_like(x))):
+        assert out.prev_sample.is_meta and out.log_prob.is_meta and out.log_prob.shape == (3,)
+    with pytest.raises(UserError, match="sigma_next must be < sigma|alpha_bar_prev"):  # still checked, on the host
+        if kind == "ddim":
+            ddim_step(v, x, 0.5, 0.4, 0.5)
+        else:
+            step(kind, v, x, 0.5, 0.6, 0.7)
+
+
 def test_step_output_is_a_dataclass():
     x, v = _xv()
     out = step("cps", v, x, 0.5, 0.4, 0.5)
