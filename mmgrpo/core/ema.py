@@ -76,5 +76,6 @@ class EMA:
         return {"decay": self.decay, "calls": self.calls, "shadow": list(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.shadow = [t.clone().float() for t in state["shadow"]]
+        # on each parameter's device: a checkpoint is read onto the host, the parameters may be on a GPU
+        self.shadow = [t.to(p.device).clone().float() for t, p in zip(state["shadow"], self.params, strict=True)]
         self.calls = int(state.get("calls", 0))  # a checkpoint of before 2026-12-06 has no count

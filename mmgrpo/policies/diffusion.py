@@ -471,8 +471,13 @@ class DiffusionPolicy:
         ``pairs`` [n, k] (bool), where the objective ``scores_pairs``: forward only those (row, unit) pairs (the
         others are 0); where it is all true, or the objective scores every pair, all rows x units."""
         if pairs is not None and self.scores_pairs and not bool(pairs.all()):
-            return self.objective.log_prob(self, rollout, rows, units, pairs=pairs)
-        return self.objective.log_prob(self, rollout, rows, units)
+            lp = self.objective.log_prob(self, rollout, rows, units, pairs=pairs)
+        else:
+            lp = self.objective.log_prob(self, rollout, rows, units)
+        to = rollout.logp_old.device  # the loss meets logp_old, the advantages and the mask there (the host); autograd
+        # crosses devices (a model on a GPU computes them there)
+        moved = {k: None if v is None else v.to(to) for k, v in vars(lp).items()}
+        return LogProbs(**moved)
 
     def unwrapped_zero(self) -> torch.Tensor:
         p = next(iter(self.trainable_parameters()))

@@ -168,7 +168,8 @@ class FinalSampleObjective(DiffusionObjective):
         if policy.logp_old_from_update and self.logp_old_is_the_update_forward:  # one optimizer step: skip the forward
             rollout.logp_old_from_update = True
         else:
-            rollout.logp_old = self.behaviour_logp(policy, rollout, torch.arange(n), torch.arange(K))
+            # on the host, with the advantages and the mask (the update moves the recomputed log-probs there)
+            rollout.logp_old = self.behaviour_logp(policy, rollout, torch.arange(n), torch.arange(K)).cpu()
         return rollout
 
     logp_old_is_the_update_forward = True

@@ -70,3 +70,17 @@ def test_the_call_count_survives_a_state_round_trip():
 def test_bad_interval_is_a_user_error():
     with pytest.raises(UserError, match="moves every 0 steps"):
         EMA([torch.nn.Parameter(torch.zeros(1))], 0.9, every=0)
+
+
+def test_a_loaded_state_lands_on_the_parameters_device():
+    """A checkpoint is read onto the host while the parameters may be on a GPU: the shadows follow the parameters
+    (here the parameters stand on the meta device and the state on the CPU; kept on the CPU, the next update would
+    add a meta tensor into a CPU one and fail, as a CUDA one did), and a state of another length is refused instead
+    of silently pairing the wrong tensors."""
+    params = [torch.nn.Parameter(torch.ones(3, device="meta")), torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    ema = EMA(params, 0.5)
+    ema.load_state_dict({"shadow": [torch.ones(3), torch.zeros(2)], "calls": 4})
+    assert all(s.is_meta for s in ema.shadow) and ema.calls == 4
+    ema.update()
+    with pytest.raises(ValueError):
+        ema.load_state_dict({"shadow": [torch.zeros(3)]})

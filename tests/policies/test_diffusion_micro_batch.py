@@ -419,3 +419,21 @@ def test_the_clipped_and_plain_surrogates_give_zero_advantage_units_zero_gradien
         loss.sum().backward()
         assert float(loss.detach().abs().max()) == 0.0 and float(logp.grad.abs().max()) == 0.0, name
     assert not losses.zero_adv_no_grad("nft")
+
+
+def test_recomputed_log_probs_come_back_where_logp_old_is(tmp_path, model):
+    """The update meets logp_old, the advantages and the mask on the host, whatever device the model runs on: a
+    policy on a GPU returns its recomputed log-probs (and KL) moved to logp_old's device, through autograd. Here
+    logp_old stands on the meta device, so a policy that returned them where the model computed them (the CPU)
+    fails, as it did on a GPU (a device mismatch in the loss at the first update)."""
+    for objective in ("sde", "flow_matching"):
+        tr = trainer_for(
+            tmp_path / objective, model, "loss.beta=0.01", policy={"objective": objective, "reference_kl": True}
+        )
+        rollout = rollout_of(tr)
+        cpu = tr.policy.log_prob(rollout, torch.arange(4))
+        assert rollout.logp_old.device.type == "cpu" and cpu.logp.device.type == "cpu"
+        rollout.logp_old = rollout.logp_old.to("meta")
+        lp = tr.policy.log_prob(rollout, torch.arange(4))
+        assert lp.logp.is_meta and lp.kl is not None and lp.kl.is_meta, objective
+        assert lp.logp.shape == cpu.logp.shape and lp.logp.requires_grad
