@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -70,6 +69,7 @@ from gpu_common import (  # noqa: E402
     Report,
     build_trainer,
     diffusion_policy_options,
+    error_text,
     free_memory,
     guarded_row,
     make_accelerator,
@@ -77,6 +77,7 @@ from gpu_common import (  # noqa: E402
     out_of_time,
     peak_gib,
     reset_peak,
+    run_group,
     run_section,
     sync,
     train_and_measure,
@@ -296,14 +297,20 @@ def section_tiny_diffusion(report: Report, sec: dict, device: str, work: Path) -
                     if ref.shape != sample.shape:
                         raise AssertionError(f"pipeline output {tuple(ref.shape)} != policy's {tuple(sample.shape)}")
                     pipe_diff = float((ref - sample).abs().max())
-                train = train_and_measure(trainer, device)
+                train, train_error = {}, None
+                try:  # a failure in training keeps the row's sampling numbers above
+                    train = train_and_measure(trainer, device)
+                except Exception as e:  # noqa: BLE001 - a finding, reported in the row
+                    train_error = error_text(e)
+                    sec["had_error"] = True
                 tol = RATIO_TOL[variant]
                 pipe_tol = 1e-4 if variant == "fp32" else 5e-2
+                status = verdict(max(err1, errG), tol, train or None, pipe_diff, pipe_tol)
                 report.row(
-                    sec, what, verdict(max(err1, errG), tol, train, pipe_diff, pipe_tol),
+                    sec, what, status if train_error is None else f"ERROR in training (sampling: {status})",
                     ratio_err_micro1=err1, ratio_err_microG=errG, pipeline_max_abs_diff=pipe_diff,
                     build_s=round(build_s, 2), rollout_s=round(rollout_s, 3),
-                    samples_per_s=round(rollout.num_rows / rollout_s, 2),
+                    samples_per_s=round(rollout.num_rows / rollout_s, 2), train_error=train_error,
                     **{k: v for k, v in train.items() if k not in ("only_trainable_moved",)},
                 )  # fmt: skip
                 del trainer, policy, rollout
@@ -440,11 +447,11 @@ PEER_ROWS = (
     "diffusion SD3-medium shape",  # a realistic-size denoiser (2.0B random parameters) against the Flow-GRPO loop
     "VLM hidden 256 / 4 layers, 448x448",  # realistic prompts (256 vision tokens) against TRL
     "diffusion B 8 x G 8, T 8 (7 trained), default options",  # against the Flow-GRPO loop
-    "diffusion B 2 x G 16, T 20",  # the G x T grid's corner
-    "rollout vs StableDiffusion3Pipeline",
+    "=diffusion B 2 x G 16, T 20",  # the G x T grid's corner (exactly: not its micro_batch_units 8 row)
+    "=rollout vs StableDiffusion3Pipeline, T 10, N 8",  # without guidance (one process, both sides)
 )
-"""bench/peers.py rows the check runs on the GPU (--match), one process per side: 11 processes; the file is rewritten
-after each, so a run cut by the time limit keeps what it measured"""
+"""bench/peers.py rows the check runs on the GPU (--match; "=" an exact label), one process per side: 11 processes;
+the file is rewritten after each, so a run cut by the time limit keeps what it measured"""
 
 
 PEERS_MIN_S = 60.0
@@ -467,15 +474,7 @@ def section_peers(report: Report, sec: dict, device: str, quick: bool = False) -
     )
     timeout = max(PEERS_MIN_S, report.left())
     # its own process group: at the time limit the worker it started goes too (it holds the GPU)
-    child = subprocess.Popen([sys.executable, *cmd, "--timeout", str(int(timeout))], cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        output, _ = child.communicate(timeout=timeout)
-        proc = subprocess.CompletedProcess(child.args, child.returncode, output, "")
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        proc = None
+    proc = run_group([sys.executable, *cmd, "--timeout", str(int(timeout))], timeout, merge_stderr=True, cwd=ROOT)
     text = out.read_text() if out.exists() else ""  # what it measured, whole or partial
     sec["text"] = "\n".join(x for x in text.splitlines() if not x.startswith("# "))  # its tables, not its title
     if proc is None:

@@ -8,7 +8,9 @@ import datetime as _dt
 import json
 import math
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -230,6 +232,22 @@ def run_section(report: Report, name: str, fn, *args, skip: str | None = None, n
         sec["wall_s"] = round(time.perf_counter() - t0, 1)
         free_memory()
         report.write()
+
+
+def run_group(
+    cmd: list[str], timeout: float, merge_stderr: bool = False, **popen: Any
+) -> subprocess.CompletedProcess | None:
+    """Run ``cmd`` in a process group of its own, text output captured; at ``timeout`` seconds kill the whole group
+    (a launcher's workers too, which would otherwise keep holding the GPU) and return None."""
+    err = subprocess.STDOUT if merge_stderr else subprocess.PIPE
+    child = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=err, start_new_session=True, **popen)
+    try:
+        out, errs = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return None
+    return subprocess.CompletedProcess(child.args, child.returncode, out, errs or "")
 
 
 def out_of_time(report: Report, sec: dict, what: str) -> bool:

@@ -11,7 +11,6 @@ import math
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from gpu_common import (  # noqa: E402
     peak_gib,
     register_check_rewards,
     reset_peak,
+    run_group,
     sync,
     trainer_options,
     with_root,
@@ -282,6 +282,8 @@ def section_fsdp(report: Report, sec: dict, device: str, work: Path) -> None:
     # "part" stops after 2 steps (fsdp_child knows it by its name), then resumes; "unsharded" is one plain process
     for name, procs, resume in [("full", n, False), ("part", n, False), ("part", n, True), ("unsharded", 0, False)]:
         what = f"{name} resumed" if resume else name
+        if out_of_time(report, sec, f"fsdp tiny sd3: {what}"):
+            return
         extra = ["--fsdp-resume"] if resume else []
         result, wall, error = fsdp_launch(work, name, model, device, procs, extra, timeout=report.left())
         if error is not None:
@@ -333,6 +335,8 @@ def section_deepspeed(report: Report, sec: dict, device: str, work: Path) -> Non
     for engine in ("zero2", "zero3"):
         for name, resume in [("full", False), ("part", False), ("part", True)]:
             what = f"{engine} {name} resumed" if resume else f"{engine} {name}"
+            if out_of_time(report, sec, f"deepspeed tiny sd3: {what}"):
+                return
             extra = ["--fsdp-resume"] if resume else []
             result, wall, error = fsdp_launch(work, name, model, device, n, extra, report.left(), engine=engine)
             if error is not None:
@@ -368,17 +372,19 @@ def fsdp_launch(
             port = s.getsockname()[1]
         if device == "cpu":
             env["ACCELERATE_USE_CPU"] = "true"  # gloo processes (FSDP2 on a CPU mesh, DeepSpeed's CPU accelerator)
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(ENGINES[engine]),
+        # accelerate's launcher module run by this interpreter: its script may not sit next to it (a --target
+        # install), and this way it is the accelerate this process imports
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ENGINES[engine]),
                "--num_processes", str(procs), "--mixed_precision", "no", "--main_process_port", str(port),
                *child]  # fmt: skip
     else:
         cmd = [sys.executable, *child]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(60.0, min(300.0, timeout)))
-    except subprocess.TimeoutExpired as e:
-        return {}, time.perf_counter() - t0, f"timed out after {e.timeout:.0f} s"
+    limit = max(60.0, min(300.0, timeout))
+    proc = run_group(cmd, limit, env=env)
     wall = time.perf_counter() - t0
+    if proc is None:
+        return {}, wall, f"timed out after {limit:.0f} s"
     result = json.loads(out.read_text()) if out.is_file() else {}
     if proc.returncode == 0 and result.get("ok"):
         return result.get("numbers", {}), wall, None

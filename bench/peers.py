@@ -493,6 +493,11 @@ def environment(threads: int, device: str = "cpu") -> str:
     return f"{libs}; {where}"
 
 
+def matches(pattern: str, label: str) -> bool:
+    """``--match``'s test: ``label`` contains ``pattern``, or equals it when the pattern starts with "="."""
+    return label == pattern[1:] if pattern.startswith("=") else pattern in label
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, every job in one process, 1 repeat (smoke test)")
@@ -503,7 +508,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--match",
         nargs="+",
         default=[""],
-        help="only the rows whose label contains one of these texts (e.g. 'T 20' 'B 8 x G 8')",
+        help="only the rows whose label contains one of these texts (e.g. 'T 20' 'B 8 x G 8'), or is one exactly "
+        "(a text starting with '=': '=diffusion B 2 x G 16, T 20')",
     )
     p.add_argument(
         "--device",
@@ -533,7 +539,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    pts = [p for p in points(args.quick, args.only, args.device) if any(m in p.label for m in args.match)]
+    pts = [p for p in points(args.quick, args.only, args.device) if any(matches(m, p.label) for m in args.match)]
     if not pts:
         print(f"no row matches --only {' '.join(args.only)} --match {' '.join(map(repr, args.match))}",
               file=sys.stderr)  # fmt: skip

@@ -111,9 +111,14 @@ def test_peers_section_runs_bench_peers_and_embeds_its_tables(tmp_path):
     for table in ("## Diffusion Flow-GRPO step", "## Rollout", "| diffusion B 1 x G 2, T 3 (quick) | 6 |"):
         assert table in sec["text"] and table in (tmp_path / "gpu.md").read_text(), table
     assert "peak RSS MiB" in sec["text"] and "# mmgrpo vs its peers" not in sec["text"]
-    points = importlib.import_module("peers").points(False, ["vlm", "diffusion", "rollout"], "cuda")
+    peers = importlib.import_module("peers")
+    points = peers.points(False, ["vlm", "diffusion", "rollout"], "cuda")
+    picked = [p.label for p in points if any(peers.matches(m, p.label) for m in gpu_check.PEER_ROWS)]
     for match in gpu_check.PEER_ROWS:  # each --match picks rows that exist
-        assert any(match in p.label for p in points), match
+        assert any(peers.matches(match, label) for label in picked), match
+    # one row each: 5 rows of two sides and the rollout's one process, as the docstring counts
+    assert len(picked) == len(gpu_check.PEER_ROWS), picked
+    assert peers.matches("=a b", "a b") and not peers.matches("=a b", "a b, c") and peers.matches("b", "a b, c")
 
 
 def test_peers_section_stopped_at_its_time_limit_kills_its_worker_and_says_so(tmp_path, monkeypatch):
