@@ -228,5 +228,6 @@ METHOD = register_method(
         check=check_ampo,
         wrap_policy=lambda policy, opts: AMPOPolicy(policy, opts),
         setup=setup_ampo,
+        local_forwards="it scores teachers' solutions and samples again only for the groups this process failed",
     )
 )

@@ -101,6 +101,11 @@ class Method:
     """rewrite(options, cfg) -> :class:`Rewrite`: re-roll groups without signal from rewritten prompts"""
     ragged: bool = False
     """its policy wrapper and advantage hooks work with ragged groups (a sampler varying the rollouts per prompt)"""
+    local_forwards: str = ""
+    """why the method runs forwards of the model that depend on this process's rows alone (e.g. only its failed
+    groups), which under collective forwards (FSDP, DeepSpeed ZeRO-3 with several processes: every forward is a
+    collective) would leave the processes waiting on each other; the trainer then refuses it, with this reason.
+    Empty: its forwards are the same on every process (or it runs none)"""
 
     def parts(self) -> list[str]:
         """What the method contributes, in words (``mmgrpo list`` and the paper table)."""

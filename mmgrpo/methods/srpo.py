@@ -331,5 +331,6 @@ METHOD = register_method(
         pipelines=("vlm_reasoning", "vlm_grounding"),
         check=check_srpo,
         setup=setup_srpo,
+        local_forwards="its self-teacher scores only the rows this process distils (its failed ones)",
     )
 )

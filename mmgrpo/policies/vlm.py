@@ -754,8 +754,9 @@ class VLMPolicy:
         scorer = getattr(extra.handle, "module", extra.handle)
         cols, to = units.to(self.device), rollout.logp_old.device
         with extra.timed():
-            if with_entropy:
-                logp, ent = scorer.rows_logprobs_entropy(prompts, comp[:, :L].to(self.device))
+            if with_entropy:  # run as the handle's forward: a wrapper's hooks run too (FSDP2 gathers the root shards)
+                run = lambda: scorer.rows_logprobs_entropy(prompts, comp[:, :L].to(self.device))  # noqa: E731
+                logp, ent = extra.handle(run=run)
                 return logp[:, cols].to(to), ent[:, cols].to(to)
             logp, _ = scorer(prompts, comp[:, :L].to(self.device), reuse_features=False)
         return logp[:, cols].float().to(to)

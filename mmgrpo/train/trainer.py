@@ -45,6 +45,7 @@ from mmgrpo.core.types import (
     pad_groups,
     unpad_groups,
 )
+from mmgrpo.methods.registry import enabled_methods
 from mmgrpo.train import trainer_state, zero
 from mmgrpo.train.accelerator import make_accelerator, optimizer_kernel
 from mmgrpo.train.components import PIPELINES, Components, build_components
@@ -127,6 +128,7 @@ class Trainer(UpdatePhase):
         """every forward of the model is a collective (FSDP2 gathers each shard unit, as DeepSpeed ZeRO-3 does; under
         ZeRO-2 every backward is): all processes must run the same forwards and backwards, so loops whose length
         depends on local data agree over the processes"""
+        self.check_local_forwards((self.mesh is not None or self.zero_stage >= 3) and self.acc.num_processes > 1)
         if self.collective and hasattr(self.policy, "any_process"):  # e.g. the VLM's decode loop
             self.policy.any_process = self.any_process
             if hasattr(self.policy, "process_max"):  # e.g. the VLM's check that the processes' media agree
@@ -254,6 +256,21 @@ class Trainer(UpdatePhase):
         timers["time/score_s"] += score_time[0]
         timers["time/score_wait_s"] = timers.get("time/score_wait_s", 0.0) + wait
         return concat_rollouts(rollouts), cols
+
+    def check_local_forwards(self, collective_forwards: bool) -> None:
+        """Refuse, where every forward is a collective (FSDP2, DeepSpeed ZeRO-3 on several processes), a method whose
+        forwards depend on this process's rows alone (``Method.local_forwards``): the processes would wait on each
+        other forever."""
+        if not collective_forwards:
+            return
+        for method, _ in enabled_methods(self.cfg):
+            if method.local_forwards:
+                raise UserError(
+                    f"methods.{method.name} cannot train sharded over {self.acc.num_processes} processes (FSDP, or "
+                    f"DeepSpeed ZeRO-3: every forward of the model is a collective, which all processes must run "
+                    f"together): {method.local_forwards}, so the processes would wait on each other forever. Train it "
+                    "with DDP (accelerate launch without an FSDP / ZeRO-3 config), DeepSpeed ZeRO-2, or one process"
+                )
 
     def collect(self, step: int) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
         """Sample and score B_local groups; with DAPO dynamic sampling, replace zero-variance groups."""

@@ -171,6 +171,48 @@ def test_two_srpo_steps_on_the_vlm(tmp_path):
     assert changed and all("lora_" in n for n in changed)
 
 
+def test_the_self_teacher_scores_through_the_wrapped_forward(tmp_path):
+    """The self-teacher's log-probs and entropy run as the (wrapped) policy's forward, whose hooks a wrapper uses
+    (FSDP2 gathers the root shard unit's parameters, the embeddings and the head, in its pre-forward hook; a call
+    past it met sharded weights): one forward per call, and the same numbers as the scorer called directly."""
+    model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
+    cfg = load_config(None, base=srpo_data(tmp_path, model_dir))
+    trainer = Trainer(cfg, prepare_run_dir(cfg))
+    policy = trainer.policy
+    rollout = policy.rollout(trainer.prompts_for(0, 0), cfg.trainer.group_size)
+    rows = torch.arange(3)
+    calls = []
+    hook = policy.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        lp, ent = policy.frozen_log_prob(ExtraModel("t", policy.model, policy.model), rollout, rows, with_entropy=True)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    comp = rollout.extras["completion_ids"][rows]
+    prompts = [rollout.extras["prompt"][int(i)] for i in rows]
+    want, want_ent = trainer.acc.unwrap_model(policy.model).rows_logprobs_entropy(prompts, comp)
+    assert torch.equal(lp, want.cpu()) and torch.equal(ent, want_ent.cpu())
+
+
+def test_methods_with_local_forwards_are_refused_where_every_forward_is_a_collective(tmp_path):
+    """SRPO's self-teacher and AMPO's teachers run forwards only for this process's failed rows: under FSDP or ZeRO-3
+    on several processes (every forward a collective) the processes would wait on each other forever, so the trainer
+    refuses them there with the reason and the ways out; elsewhere (DDP, one process) they train."""
+    from mmgrpo.methods.registry import METHODS
+
+    METHODS.load()
+    assert {n for n, m in METHODS.registered().items() if m.local_forwards} == {"srpo", "ampo"}
+    model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
+    cfg = load_config(None, base=srpo_data(tmp_path, model_dir))
+    trainer = Trainer(cfg, prepare_run_dir(cfg))
+    trainer.check_local_forwards(False)
+    with pytest.raises(UserError) as e:
+        trainer.check_local_forwards(True)
+    msg = str(e.value)
+    assert msg.startswith("methods.srpo cannot train sharded") and "scores only the rows this process distils" in msg
+    assert "DDP" in msg and "ZeRO-2" in msg and "\n" not in msg
+
+
 def test_an_srpo_run_resumes_exactly(tmp_path):
     """The EMA teacher's shadows are in the checkpoint: 2 steps + resume + 2 steps = 4 steps."""
     model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
