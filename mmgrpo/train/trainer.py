@@ -104,6 +104,14 @@ class Trainer(UpdatePhase):
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise UserError(f"pipeline {cfg.pipeline!r}: the policy has no trainable parameters")
+        half = sorted({str(p.dtype) for p in self.params if p.dtype == torch.float16})
+        if half and str(self.acc.mixed_precision) == "fp16":
+            raise UserError(
+                "trainer.mixed_precision=fp16 (or the launcher's --mixed_precision fp16) trains with a gradient "
+                f"scaler, which cannot unscale the gradients of float16 trainable parameters ({half[0]}; LoRA takes "
+                "the weights' dtype): load the weights in float32 (policy.options.dtype: float32) and keep fp16 mixed "
+                "precision, or use bf16 (policy.options.dtype: bfloat16 or trainer.mixed_precision=bf16)"
+            )
         opt = torch.optim.AdamW(
             self.params,
             lr=t.lr,
@@ -240,6 +248,8 @@ class Trainer(UpdatePhase):
         rollouts, futures, score_time = [], [], [0.0]
 
         def timed_score(r: Rollout) -> torch.Tensor:
+            if self.acc.device.type == "cuda":  # a thread's current device is its own (cuda:0): this rank's GPU
+                torch.cuda.set_device(self.acc.device)
             s0 = time.perf_counter()
             out = score(r, self.rewards, step, self.policy)
             score_time[0] += time.perf_counter() - s0

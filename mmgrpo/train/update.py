@@ -329,8 +329,9 @@ class UpdatePhase:
                 if self.deepspeed:  # the last micro-batch ends the engine's optimizer step
                     last = i == len(chunks) - 1
                     zero.backward(self.acc, zero.poison(self.acc, loss, loss_ok) if last else loss, boundary=last)
-                else:
-                    self.acc.backward(loss)
+                else:  # from the accelerator's device (the loss meets logp_old on the host): fp16's gradient
+                    # scaler keeps its scale where the first loss it scaled is
+                    self.acc.backward(loss.to(self.acc.device))
             # the loss terms are each micro-batch's share of the minibatch's (global normaliser): they add up; the
             # per-unit means (ratio, clip fractions, advantage) are weighted by the micro-batch's masked units
             share = float(m_block.sum()) / masked if masked else len(mrows) / len(rows)

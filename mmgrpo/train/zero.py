@@ -140,7 +140,7 @@ def backward(acc: Any, loss: torch.Tensor, boundary: bool) -> None:
     """One micro-batch's backward; ``boundary``: the last of an optimizer step (the engine reduces its gradients)."""
     eng = engine(acc)
     eng.set_gradient_accumulation_boundary(boundary)
-    eng.backward(loss)
+    eng.backward(loss.to(acc.device))  # on the accelerator's device, where the engine's loss scale is
 
 
 def step(acc: Any) -> tuple[bool, float | None]:

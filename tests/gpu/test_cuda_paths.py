@@ -121,3 +121,17 @@ def test_the_sde_rollout_loop_makes_no_host_device_synchronisation(tmp_path):
     (tmp_path / "T2").mkdir()
     (tmp_path / "T6").mkdir()
     assert rollout_syncs(tmp_path, ckpt, 6) == rollout_syncs(tmp_path, ckpt, 2)
+
+
+def test_fp16_mixed_precision_keeps_the_gradient_scaler_on_the_gpu(tmp_path):
+    """The loss meets logp_old on the host; it is moved to the device before backward, so fp16's GradScaler creates
+    its scale there (on the host, its update would read the GPU's overflow flags through unsynchronised copies and
+    could apply an overflowed step). Two steps train with finite losses."""
+    ckpt = save_tiny_sd3(tmp_path / "ckpt")
+    policy = {"family": "sd3", "path": ckpt, "num_steps": 3, "lora_rank": 2}
+    trainer = make_trainer(tmp_path, "text_to_image", policy, {"heldout_prompts": "", "prompts": "shapes"},
+                           "test_gpu_brightness", mixed_precision="fp16")  # fmt: skip
+    trainer.train()
+    assert trainer.acc.scaler is not None and trainer.acc.scaler._scale.device.type == "cuda"
+    lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [math.isfinite(x["loss/total"]) for x in lines if "loss/total" in x] == [True, True]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmgrpo.core import aggregations
+from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
 from mmgrpo.train.config import load_config
@@ -437,3 +438,13 @@ def test_recomputed_log_probs_come_back_where_logp_old_is(tmp_path, model):
         lp = tr.policy.log_prob(rollout, torch.arange(4))
         assert lp.logp.is_meta and lp.kl is not None and lp.kl.is_meta, objective
         assert lp.logp.shape == cpu.logp.shape and lp.logp.requires_grad
+
+
+def test_fp16_mixed_precision_with_float16_trainable_weights_is_refused_with_the_fix(tmp_path, model):
+    """fp16 mixed precision trains through a gradient scaler, which cannot unscale float16 gradients (LoRA takes the
+    weights' dtype): the trainer refuses the pair before any step, naming both settings and the ways out."""
+    with pytest.raises(UserError) as e:
+        trainer_for(tmp_path, model, "trainer.mixed_precision=fp16", policy={"dtype": "float16", "lora_rank": 2})
+    msg = str(e.value)
+    assert "trainer.mixed_precision=fp16" in msg and "torch.float16" in msg and "policy.options.dtype: float32" in msg
+    trainer_for(tmp_path / "bf16", model, "trainer.mixed_precision=fp16", policy={"lora_rank": 2})  # fp32 weights
