@@ -469,19 +469,22 @@ class DiffusionPolicy:
     ) -> LogProbs:
         """Log-probs (with grad) of units ``units`` (default: all) for ``rows``, as the objective defines them.
         ``pairs`` [n, k] (bool), where the objective ``scores_pairs``: forward only those (row, unit) pairs (the
-        others are 0); where it is all true, or the objective scores every pair, all rows x units."""
+        others are 0); where it is all true, or the objective scores every pair, all rows x units.
+
+        No unit at all (a micro-batch whose units the loss masks out, e.g. ``loss.mask_zero_adv``): the first unit is
+        forwarded and [n, 0] views of it returned, so the forward and backward still run (every process makes the
+        same collectives under FSDP; DDP's hooks fire) and the gradient is 0."""
+        empty = units is not None and len(units) == 0
+        if empty:
+            units, pairs = torch.zeros(1, dtype=torch.long), None
         if pairs is not None and self.scores_pairs and not bool(pairs.all()):
             lp = self.objective.log_prob(self, rollout, rows, units, pairs=pairs)
         else:
             lp = self.objective.log_prob(self, rollout, rows, units)
         to = rollout.logp_old.device  # the loss meets logp_old, the advantages and the mask there (the host); autograd
         # crosses devices (a model on a GPU computes them there)
-        moved = {k: None if v is None else v.to(to) for k, v in vars(lp).items()}
+        moved = {k: None if v is None else (v[:, :0] if empty else v).to(to) for k, v in vars(lp).items()}
         return LogProbs(**moved)
-
-    def unwrapped_zero(self) -> torch.Tensor:
-        p = next(iter(self.trainable_parameters()))
-        return (p.sum() * 0.0).float().reshape(1, 1)
 
     def score_steps(self, out, x, units, sched: Schedule, prev) -> sde.StepOutput:
         """Score ``prev`` under the step-``units`` Gaussian for a batch mixing different steps (the schedule's

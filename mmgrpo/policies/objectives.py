@@ -149,8 +149,6 @@ class SDEObjective(DiffusionObjective):
         sched = policy.adapter.schedule(policy.opts.num_steps)
         units = torch.arange(sched.num_steps) if units is None else units.cpu()
         n, k = len(rows), len(units)
-        if k == 0:
-            return LogProbs(logp=policy.unwrapped_zero().expand(n, 0), kl=None)
         lat = rollout.extras["latents"]
         rr, uu = rows.repeat_interleave(k), units.repeat(n)  # [n*k] pairs, row-major
         where = None

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmgrpo.core import aggregations
+from mmgrpo.core import losses as loss_lib
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
@@ -448,3 +449,26 @@ def test_fp16_mixed_precision_with_float16_trainable_weights_is_refused_with_the
     msg = str(e.value)
     assert "trainer.mixed_precision=fp16" in msg and "torch.float16" in msg and "policy.options.dtype: float32" in msg
     trainer_for(tmp_path / "bf16", model, "trainer.mixed_precision=fp16", policy={"lora_rank": 2})  # fp32 weights
+
+
+@pytest.mark.parametrize("objective", ["sde", "flow_matching"])
+def test_a_minibatch_whose_units_the_loss_masks_out_still_forwards_with_zero_gradient(tmp_path, model, objective):
+    """``loss.mask_zero_adv`` with every advantage 0 masks out every unit: the micro-batch has no unit to score. It
+    forwards the first unit anyway and takes [n, 0] views of it (the flow_matching objective used to fail on the
+    empty batch; the sde one made no forward, so under FSDP the other processes' collectives would wait for it), and
+    every trained parameter gets its gradient, exactly 0."""
+    tr = trainer_for(tmp_path, model, "loss.mask_zero_adv=true", policy={"objective": objective})
+    rollout = rollout_of(tr)
+    n = rollout.num_rows
+    adv = torch.zeros(n)
+    mask = loss_lib.mask_zero_advantages(rollout.train_mask.clone(), adv)
+    assert not mask.any()
+    tr.policy.model.train()
+    forwards = []
+    hook = tr.policy.unwrapped().register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        metrics, grads = accumulated(tr, rollout, torch.arange(n), adv, torch.ones(n), mask)
+    finally:
+        hook.remove()
+    assert forwards and len(grads) == len(tr.params) and all(float(g.abs().max()) == 0.0 for g in grads)
+    assert metrics["loss/policy"] == 0.0
