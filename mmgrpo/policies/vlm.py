@@ -463,7 +463,13 @@ class VLMPolicy:
         return self.model(run=lambda: decoder.run(prompts, G, generators, greedy))
 
     def _seeded(self, batch: PromptBatch, b: int, generator: torch.Generator | None) -> torch.Generator | None:
-        return generator_for(batch.seeds[b], self.device) if batch.seeds else generator
+        """Prompt b's generator, on the model's device: from its seed, else the caller's generator (one drawn from
+        it where it lives elsewhere, e.g. a CPU generator with a model on a GPU, whose sampling needs its own)."""
+        if batch.seeds:
+            return generator_for(batch.seeds[b], self.device)
+        if generator is not None and generator.device != torch.device(self.device):
+            return generator_for(int(torch.randint(0, 2**62, (1,), generator=generator)), self.device)
+        return generator
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, greedy: bool = True) -> list[str]:

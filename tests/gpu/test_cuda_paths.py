@@ -135,3 +135,19 @@ def test_fp16_mixed_precision_keeps_the_gradient_scaler_on_the_gpu(tmp_path):
     assert trainer.acc.scaler is not None and trainer.acc.scaler._scale.device.type == "cuda"
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [math.isfinite(x["loss/total"]) for x in lines if "loss/total" in x] == [True, True]
+
+
+def test_a_vlm_rollout_without_seeds_samples_from_a_cpu_generator(tmp_path):
+    """rollout(batch without seeds, G, a CPU generator) with the model on the GPU: the sampler draws each prompt's
+    generator on the device from the given one (the CPU generator itself cannot drive CUDA draws), reproducibly."""
+    from mmgrpo.core.types import PromptBatch
+
+    model, processor = tiny_qwen2_vl()
+    path = str(save_tiny(model, processor, tmp_path / "vlm"))
+    trainer = make_trainer(tmp_path, "vlm_reasoning", {"path": path, "max_new_tokens": 8},
+                           {"num_examples": 8, "eval_examples": 2}, "test_gpu_checksum")  # fmt: skip
+    seeded = trainer.prompts_for(0, 0)
+    batch = PromptBatch(prompts=seeded.prompts, meta=seeded.meta, step=0)
+    a = trainer.policy.rollout(batch, G, torch.Generator().manual_seed(1))
+    b = trainer.policy.rollout(batch, G, torch.Generator().manual_seed(1))
+    assert torch.equal(a.extras["completion_ids"], b.extras["completion_ids"])
