@@ -206,6 +206,9 @@ def choice_letter(text: str, n_options: int, answer_tag: str = "answer") -> str 
 class AcreReward:
     """The ``acre`` reward callable (see the module doc); ``last_reasks`` holds the last call's re-ask prompts."""
 
+    uses_policy = True
+    """it runs the policy (``ctx.policy.generate``): the trainer scores it beside no sampling (``rollout_chunks``)"""
+
     def __init__(self, table: dict[str, float], answer_key: str, seed: int, think_tag: str, answer_tag: str):
         self.table, self.answer_key, self.seed = table, answer_key, seed
         self.think_tag, self.answer_tag = think_tag, answer_tag

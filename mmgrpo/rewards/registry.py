@@ -17,6 +17,9 @@ published through the
 
 A reward that needs the whole group at once (majority vote, diversity) sets ``group_aware = True`` on
 the returned callable; it then receives rows grouped contiguously and ``ctx.group``.
+A reward that runs the policy itself (``ctx.policy``, e.g. ACRE's re-asking) sets ``uses_policy = True``: with
+``trainer.rollout_chunks`` > 1 the trainer then scores each chunk between the chunks' sampling, not beside it in a
+thread (the model would run in two threads at once).
 
 Options are checked when the config loads (:func:`check_reward_options`), before a model or a run directory exists:
 against the factory's signature (an unknown option is an error, a value is converted to its annotated type), every

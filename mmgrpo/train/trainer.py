@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -255,10 +255,17 @@ class Trainer(UpdatePhase):
             score_time[0] += time.perf_counter() - s0
             return out
 
+        # a reward that runs the policy itself (ACRE re-asks it) scores here, between chunks: beside the sampling
+        # it would run the model in two threads at once (under FSDP, collectives out of order)
+        inline = any(getattr(fn, "uses_policy", False) for _, _, fn in self.rewards)
         with ThreadPoolExecutor(max_workers=1) as pool:
             for part in parts:
                 rollouts.append(self.sample(part, step))
-                futures.append(pool.submit(timed_score, rollouts[-1]))
+                if inline:
+                    futures.append(Future())
+                    futures[-1].set_result(timed_score(rollouts[-1]))
+                else:
+                    futures.append(pool.submit(timed_score, rollouts[-1]))
             t1 = time.perf_counter()
             cols = torch.cat([f.result() for f in futures], dim=-1)
         wait = time.perf_counter() - t1

@@ -223,6 +223,38 @@ def test_chunked_rollout_scoring_gives_the_same_run(tmp_path):
     assert all("time/score_wait_s" in m for m in mb if "reward/mean" in m)
 
 
+class _ThreadRecordingReward:
+    """The bandit's arm value, recording the thread each call runs in; ``uses_policy`` as the factory says."""
+
+    def __init__(self, uses_policy: bool):
+        self.uses_policy, self.threads = uses_policy, []
+
+    def __call__(self, samples, prompts, meta, ctx):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return [float(ctx.policy.values[int(s)]) if hasattr(ctx.policy, "values") else float(s) for s in samples]
+
+
+@pytest.mark.parametrize("uses_policy", [False, True])
+def test_chunked_scoring_of_a_reward_that_runs_the_policy_stays_in_the_main_thread(tmp_path, uses_policy):
+    """With trainer.rollout_chunks > 1, chunk c is scored in a thread while chunk c+1 is sampled, except a reward that
+    runs the policy itself (``uses_policy``, ACRE's re-asking): it is scored between the chunks in the main thread,
+    so the model never runs in two threads at once (under FSDP its collectives would interleave)."""
+    import threading
+
+    name = f"test_thread_recording_{uses_policy}"
+    made = []
+    if name not in REWARDS:
+        register(name)(lambda: made.append(_ThreadRecordingReward(uses_policy)) or made[-1])
+    t = Trainer(cfg_for(tmp_path, f"rewards=[{{name: {name}}}]", "trainer.max_steps=1", "trainer.prompts_per_step=3",
+                        "trainer.rollout_chunks=3"), tmp_path / "run")  # fmt: skip
+    t.collect(0)
+    fn = t.rewards[0][2]
+    main = threading.current_thread().name
+    assert len(fn.threads) == 3 and (set(fn.threads) == {main}) == uses_policy, fn.threads
+
+
 class _CountingReward:
     """A stateful reward: bandit value plus a bonus that grows with the number of calls (a toy curriculum)."""
 
