@@ -234,6 +234,16 @@ def policy_noise_zero(policy, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return sample.float().cpu(), x0
 
 
+def train_or_error(trainer, device: str, sec: dict) -> tuple[dict, str | None]:
+    """(:func:`train_and_measure`'s numbers, None), or ({}, the error) when training raises: the row still reports
+    what it measured of the sampling."""
+    try:
+        return train_and_measure(trainer, device), None
+    except Exception as e:  # noqa: BLE001 - a finding, reported in the row
+        sec["had_error"] = True
+        return {}, error_text(e)
+
+
 def section_tiny_diffusion(report: Report, sec: dict, device: str, work: Path) -> None:
     cpu = device == "cpu"
     T = 2 if cpu else 4
@@ -297,12 +307,7 @@ def section_tiny_diffusion(report: Report, sec: dict, device: str, work: Path) -
                     if ref.shape != sample.shape:
                         raise AssertionError(f"pipeline output {tuple(ref.shape)} != policy's {tuple(sample.shape)}")
                     pipe_diff = float((ref - sample).abs().max())
-                train, train_error = {}, None
-                try:  # a failure in training keeps the row's sampling numbers above
-                    train = train_and_measure(trainer, device)
-                except Exception as e:  # noqa: BLE001 - a finding, reported in the row
-                    train_error = error_text(e)
-                    sec["had_error"] = True
+                train, train_error = train_or_error(trainer, device, sec)
                 tol = RATIO_TOL[variant]
                 pipe_tol = 1e-4 if variant == "fp32" else 5e-2
                 status = verdict(max(err1, errG), tol, train or None, pipe_diff, pipe_tol)

@@ -130,6 +130,18 @@ def launch_precision(configured: str | None) -> str:
     return configured
 
 
+def check_fp16_params(acc: Accelerator, params: list[torch.Tensor]) -> None:
+    """Refuse float16 trainable parameters under fp16 mixed precision: its gradient scaler cannot unscale their
+    gradients (LoRA takes the weights' dtype)."""
+    if str(acc.mixed_precision) == "fp16" and any(p.dtype == torch.float16 for p in params):
+        raise UserError(
+            "trainer.mixed_precision=fp16 (or the launcher's --mixed_precision fp16) trains with a gradient "
+            "scaler, which cannot unscale the gradients of float16 trainable parameters (torch.float16; LoRA takes "
+            "the weights' dtype): load the weights in float32 (policy.options.dtype: float32) and keep fp16 mixed "
+            "precision, or use bf16 (policy.options.dtype: bfloat16 or trainer.mixed_precision=bf16)"
+        )
+
+
 def optimizer_kernel(params: list[torch.Tensor], distributed_type: Any) -> dict[str, bool]:
     """AdamW's fused kernel (one pass over each parameter's weight, gradient and moments) where torch has it for
     every parameter's device and dtype and the parameters stay plain tensors; else torch's default choice. On CPU

@@ -47,7 +47,7 @@ from mmgrpo.core.types import (
 )
 from mmgrpo.methods.registry import enabled_methods
 from mmgrpo.train import trainer_state, zero
-from mmgrpo.train.accelerator import make_accelerator, optimizer_kernel
+from mmgrpo.train.accelerator import check_fp16_params, make_accelerator, optimizer_kernel
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
 from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
@@ -104,14 +104,7 @@ class Trainer(UpdatePhase):
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise UserError(f"pipeline {cfg.pipeline!r}: the policy has no trainable parameters")
-        half = sorted({str(p.dtype) for p in self.params if p.dtype == torch.float16})
-        if half and str(self.acc.mixed_precision) == "fp16":
-            raise UserError(
-                "trainer.mixed_precision=fp16 (or the launcher's --mixed_precision fp16) trains with a gradient "
-                f"scaler, which cannot unscale the gradients of float16 trainable parameters ({half[0]}; LoRA takes "
-                "the weights' dtype): load the weights in float32 (policy.options.dtype: float32) and keep fp16 mixed "
-                "precision, or use bf16 (policy.options.dtype: bfloat16 or trainer.mixed_precision=bf16)"
-            )
+        check_fp16_params(self.acc, self.params)
         opt = torch.optim.AdamW(
             self.params,
             lr=t.lr,
