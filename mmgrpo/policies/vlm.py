@@ -44,25 +44,22 @@ truncation is not reflected, as in TRL and verl). They are computed in fp32 from
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from mmgrpo.core.errors import UserError, bad_option
+from mmgrpo.core.errors import UserError
 from mmgrpo.core.extra import ExtraModel
 from mmgrpo.core.extras import needs
 from mmgrpo.core.losses import k3_kl
-from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout, rollout_by_size
 from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
-from mmgrpo.policies.sources import check_source_options, resolve_source
 from mmgrpo.policies.vlm_decode import Decoder
-from mmgrpo.policies.vlm_families import VLMFamily, resolve_family
+from mmgrpo.policies.vlm_extra import ExtraScoring
+from mmgrpo.policies.vlm_families import VLMFamily
 from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media / prompt helpers used to live here)
     R1_SYSTEM_PROMPT,
     PromptInputs,
@@ -70,6 +67,16 @@ from mmgrpo.policies.vlm_inputs import (  # noqa: F401  (re-exported: the media 
     load_image,
     question_text,
     read_video,
+)
+from mmgrpo.policies.vlm_load import (  # noqa: F401  (re-exported: the options and the loading path lived here)
+    BOX_TOKENS,
+    CONFIG_VISION_IDS,
+    VISION_TOKENS,
+    VLMPolicyOptions,
+    detect_family,
+    eos_token_ids,
+    load_vlm,
+    suppressed_ids,
 )
 from mmgrpo.policies.vlm_scorer import (  # noqa: F401  (re-exported)
     VLMScorer,
@@ -79,193 +86,8 @@ from mmgrpo.policies.vlm_scorer import (  # noqa: F401  (re-exported)
     token_entropy,
 )
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-BOX_TOKENS = (
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"
-)  # fmt: skip
-CONFIG_VISION_IDS = (
-    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index"
-)  # fmt: skip
 
-
-@dataclass
-class VLMPolicyOptions:
-    __renamed__ = {"model": "path", "lora_r": "lora_rank", "target_modules": "lora_targets"}  # the 0.1 names
-
-    path: str = ""
-    """local model directory (safetensors weights + processor), or a hub repository id org/name read through the
-    Hugging Face cache (HF_HUB_OFFLINE=1 reads a cached snapshot); docs/models.md"""
-    revision: str | None = None
-    """hub ids: the branch, tag or commit hash to read (null = the default branch); not for local folders"""
-    variant: str | None = None
-    """weights variant: read model.<variant>.safetensors (fp16, bf16, ...: what save_pretrained(variant=...)
-    writes), in a local folder as on the hub; null = the plain files"""
-    family: str = "auto"
-    """a registered VLM family (mmgrpo list): qwen2_vl, qwen2_5_vl, qwen3_vl, generic (AutoModelForImageTextToText),
-    or a dotted path; auto = the family registered under the model config's model_type, else generic"""
-    trust_remote_code: bool = False
-    """let transformers run the model repository's own code (only for repositories you trust)"""
-    dtype: str = "float32"
-    """weights dtype: float32, bfloat16 or float16 (transformers' dtype / torch_dtype; log-prob maths is fp32
-    whatever this is)"""
-    system_prompt: str = R1_SYSTEM_PROMPT
-    """system turn asking for <think>/<answer>; "" keeps the chat template's default system turn"""
-    max_new_tokens: int = 128
-    """K: longest completion; rows without EOS by then are truncated"""
-    temperature: float = 1.0
-    """sampling temperature (> 0); log-probs are of logits / temperature"""
-    top_p: float = 1.0
-    """nucleus sampling threshold (1 = off)"""
-    top_k: int = 0
-    """sample among the k most likely tokens (0 = off)"""
-    mask_truncated: bool = False
-    """train_mask all zeros for completions without EOS within max_new_tokens (DAPO overlong filtering)"""
-    train_span: Literal["all", "answer"] = "all"
-    """which completion tokens the loss trains: all, or answer = from the token after "<answer>" to the end (the
-    reasoning keeps its log-probs but gets no credit; rows without "<answer>" train every token, so the format
-    is still learned)"""
-    suppress_box_tokens: bool = True
-    """never sample <|box_start|> & co (set false for Qwen2-VL's native grounding format)"""
-    suppress_tokens: list[str] = field(default_factory=list)
-    """extra tokens that are never sampled"""
-    fps: float = 2.0
-    """video: frames per second sampled from a video file"""
-    max_frames: int = 16
-    """video: at most this many frames (uniformly spread over the clip)"""
-    max_pixels: int | None = None
-    """pixel budget per image / video frame (resized before the processor); null = the processor's own budget"""
-    finetune: str = "lora"
-    """lora (peft adapters; reference = adapters disabled) or full"""
-    lora_rank: int = 16
-    """LoRA rank r (finetune: lora)"""
-    lora_alpha: float = 32.0
-    """LoRA scaling numerator (scale = alpha / r)"""
-    lora_dropout: float = 0.0
-    """LoRA dropout; keep 0 so that log_prob in train mode reproduces logp_old"""
-    lora_targets: list[str] = field(default_factory=list)
-    """LoRA target module names (peft suffix match); empty = the language model's attention projections"""
-    freeze_vision: bool = True
-    """full fine-tuning: keep the vision tower frozen"""
-    reference_copy: bool = False
-    """full fine-tuning with loss.beta > 0: keep a frozen copy of the model as the KL reference"""
-    gradient_checkpointing: bool = False
-    """recompute decoder activations in backward (less memory, ~30% slower); the update then forwards each row's
-    prompt itself (checkpointed layers drop the KV cache that shared_prefix needs)"""
-    shared_prefix: bool = True
-    """log-probs forward a prompt ONCE for its rows (its keys/values shared by the G completions, gradients summed:
-    the same maths as forwarding every row's prompt); false = every row forwards prompt + completion"""
-    logprob_chunk: int = 1024
-    """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
-
-    def __post_init__(self) -> None:
-        # checked when the config loads (Pipeline.check), before the model does: a bad number here otherwise ends
-        # in a torch / peft traceback mid-rollout, or trains silently on a meaningless setting
-        check_source_options("policy.options.path", self.revision, self.variant)
-        p = "policy.options"
-        if self.finetune not in ("lora", "full"):
-            raise bad_option(f"{p}.finetune", self.finetune, "use 'lora' or 'full'")
-        if self.max_new_tokens < 1:
-            raise bad_option(f"{p}.max_new_tokens", self.max_new_tokens,
-                             "a completion needs at least 1 token; set it to 1 or more, e.g. 128")  # fmt: skip
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise bad_option(f"{p}.temperature", self.temperature, "the sampling temperature must be a finite "
-                             "number > 0, e.g. 1.0 (greedy decoding is for evaluation)")  # fmt: skip
-        if not 0 < self.top_p <= 1:
-            raise bad_option(f"{p}.top_p", self.top_p, "the nucleus mass must be in (0, 1]; set it to 1 (off) or "
-                             "e.g. 0.9")  # fmt: skip
-        if self.top_k < 0:
-            raise bad_option(f"{p}.top_k", self.top_k, "must be >= 0; set it to 0 (off) or e.g. 50")
-        if not (math.isfinite(self.fps) and self.fps > 0):
-            raise bad_option(f"{p}.fps", self.fps, "video frames per second must be a finite number > 0, e.g. 2.0")
-        if self.max_frames < 1:
-            raise bad_option(f"{p}.max_frames", self.max_frames, "a video needs at least 1 frame; e.g. 16")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise bad_option(f"{p}.max_pixels", self.max_pixels, "the pixel budget per image must be >= 1, e.g. "
-                             "200704 (448 x 448), or null for the processor's own budget")  # fmt: skip
-        if self.logprob_chunk < 1:
-            raise bad_option(f"{p}.logprob_chunk", self.logprob_chunk, "must be >= 1 tokens per chunk, e.g. 1024")
-        if self.lora_rank < (1 if self.finetune == "lora" else 0):  # full fine-tuning leaves a rank of 0 unused
-            raise bad_option(f"{p}.lora_rank", self.lora_rank, "a LoRA rank must be >= 1 with finetune=lora (>= 0, "
-                             "unused, with finetune=full); set it to e.g. 16")  # fmt: skip
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise bad_option(f"{p}.lora_alpha", self.lora_alpha, "the LoRA scale numerator must be a finite number "
-                             "> 0 (scale = alpha / rank; 0 would train nothing), e.g. 32")  # fmt: skip
-        if not 0 <= self.lora_dropout < 1:
-            raise bad_option(f"{p}.lora_dropout", self.lora_dropout, "a dropout probability must be in [0, 1); keep "
-                             "0 so that log_prob reproduces logp_old")  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- the policy
-
-
-def detect_family(model: nn.Module, family: str = "auto") -> VLMFamily:
-    """The family adapter of a loaded model: ``family`` if given, else from its ``config.model_type``."""
-    return resolve_family(model.config, family)
-
-
-def suppressed_ids(tokenizer, config, model_vocab: int, options: VLMPolicyOptions) -> torch.Tensor:
-    """[V] bool: vision tokens, box tokens (option), extra tokens, config's vision ids, ids >= len(tokenizer)."""
-    mask = torch.zeros(model_vocab, dtype=torch.bool)
-    names = list(VISION_TOKENS) + (list(BOX_TOKENS) if options.suppress_box_tokens else [])
-    vocab = tokenizer.get_vocab()
-    for name in names + list(options.suppress_tokens):
-        if name in vocab:
-            mask[vocab[name]] = True
-        elif name in options.suppress_tokens:
-            raise UserError(f"policy.options.suppress_tokens: {name!r} is not a token of this tokenizer")
-    for key in CONFIG_VISION_IDS:
-        tid = getattr(config, key, None)
-        if isinstance(tid, int) and 0 <= tid < model_vocab:
-            mask[tid] = True
-    mask[len(tokenizer) :] = True  # rows of the embedding no token maps to (Qwen pads the vocabulary)
-    return mask
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen if isinstance(gen, list) else [gen])
-    return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer))
-
-
-_LOCAL_HINT = (
-    "Give a local directory with config.json, model.safetensors and the processor files (see "
-    "scripts/make_tiny_vlm.py), or a hub id"
-)
-
-
-def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -> tuple[nn.Module, Any]:
-    """(model, processor) from a local directory or a hub id (``o.revision``, ``o.variant``; the HF cache, see
-    :mod:`mmgrpo.policies.sources`): safetensors only, the family's class, ``o.dtype``.
-
-    The one loading path of the VLM side: the policy and frozen VLMs that must read prompts as it does (the
-    ``vlm_listener`` reward) both use it. ``key`` names the config key in error messages.
-    """
-    with needs("vlm", "loading a VLM"):
-        from transformers import AutoConfig, AutoProcessor
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if o.dtype not in dtypes:
-        raise UserError(f"policy.options.dtype={o.dtype!r}; use one of {', '.join(dtypes)}")
-    src = resolve_source(path, key, o.revision, o.variant)
-    kw = {"trust_remote_code": o.trust_remote_code}
-    try:
-        with src.errors(_LOCAL_HINT):
-            config = AutoConfig.from_pretrained(src.path, **src.files(), **kw)
-    except ValueError as e:
-        raise UserError(f"cannot load a VLM from {key}={src.describe()}: {e}. {_LOCAL_HINT}") from e
-    model_cls = resolve_family(config, o.family).model_class()  # an unknown family names itself, not the path
-    refuse_pickle_weights(src.path, key, f"transformers.{model_cls.__name__}")  # a hub id: use_safetensors refuses
-    try:
-        with src.errors(_LOCAL_HINT):
-            model = model_cls.from_pretrained(src.path, dtype=dtypes[o.dtype], **src.weights(), **kw)
-            processor = AutoProcessor.from_pretrained(src.path, **src.files(), **kw)
-    except ValueError as e:
-        raise UserError(f"cannot load a VLM from {key}={src.describe()}: {e}. {_LOCAL_HINT}") from e
-    return model, processor
-
-
-class VLMPolicy:
+class VLMPolicy(ExtraScoring):
     """Policy protocol over a transformers VLM. Samples: N completion strings (special tokens stripped).
 
     ``adapter`` is the model's :class:`~mmgrpo.policies.vlm_families.VLMFamily` (positions, vision features,
@@ -281,7 +103,7 @@ class VLMPolicy:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = detect_family(model, o.family)
         self.family, self.box_family = self.adapter.name, self.adapter.box_convention
-        self.eos_ids = _eos_ids(self.tokenizer, model)
+        self.eos_ids = eos_token_ids(self.tokenizer, model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         vocab = model.get_output_embeddings().weight.shape[0]
         suppress = suppressed_ids(self.tokenizer, model.config, vocab, o)
@@ -645,88 +467,7 @@ class VLMPolicy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    @torch.no_grad()
-    def value_features(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
-        """The policy's internal state of ``rows`` [n] as features [n, 2 D + 5] (fp32, CPU, no gradient), for value
-        probes (POISE): the final hidden state at the prompt's last token, the mean final hidden state over the
-        row's completion slots, then token-entropy statistics of the sampled tokens (mean, std, max, min) and
-        log(1 + completion length). One teacher-forced forward of each prompt's rows at the current parameters."""
-        rows_l = [int(r) for r in rows.reshape(-1).tolist()]
-        comp = rollout.extras["completion_ids"][rows_l]  # [n, K]
-        lengths = rollout.extras["completion_len"][rows_l].to(comp.device).clamp_min(1)  # [n]
-        L = max(int(lengths.max()), 1)
-        sc = self._scorer()
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(rows_l):
-            groups.setdefault(id(rollout.extras["prompt"][r]), []).append(i)
-        D = sc.hf.get_input_embeddings().weight.shape[1]
-        hid = torch.zeros(len(rows_l), 2 * D)
-
-        def hidden() -> None:  # run as the wrapped model's forward (FSDP: its hooks gather the shards)
-            for idx in groups.values():
-                prompt = rollout.extras["prompt"][rows_l[idx[0]]]
-                h = sc.group_hidden(sc.hf, prompt, comp[idx, :L], cached=True).float()
-                slots = (torch.arange(L, device=h.device)[None] < lengths[idx][:, None]).float()  # [r, L]
-                traj = (h * slots[..., None]).sum(1) / slots.sum(1, keepdim=True)  # [r, D]
-                hid[idx] = torch.cat([h[:, 0], traj], dim=-1).cpu()
-
-        self.model(run=hidden)
-        ent = rollout.extras["token_entropy"][rows_l].float().cpu()  # [n, K]
-        valid = torch.arange(ent.shape[1])[None] < lengths.cpu()[:, None]  # [n, K]
-        cnt = valid.sum(1).clamp_min(1).float()
-        mean = (ent * valid).sum(1) / cnt
-        std = (((ent - mean[:, None]) ** 2) * valid).sum(1).div(cnt).sqrt()
-        mx = ent.masked_fill(~valid, float("-inf")).amax(1)
-        mn = ent.masked_fill(~valid, float("inf")).amin(1)
-        stats = torch.stack([mean, std, mx, mn, torch.log1p(lengths.cpu().float())], dim=1)  # [n, 5]
-        return torch.cat([hid, stats], dim=1)
-
-    @torch.no_grad()
-    def mean_logprob(self, prompt: Any, meta: dict, texts: list[str]) -> torch.Tensor:
-        """Length-normalised log-likelihood of each text (then EOS) as the completion of ``prompt`` under the policy
-        (mean token log-prob, no gradient): [c] fp32 on CPU. How well the student "comprehends" a given solution."""
-        p = self.prepare(prompt, meta)
-        ids = [self._forced_ids(t) for t in texts]
-        L = max(len(i) for i in ids)
-        comp = torch.full((len(ids), L), self.pad_id, dtype=torch.long, device=self.device)
-        for j, i in enumerate(ids):
-            comp[j, : len(i)] = torch.tensor(i, device=self.device)
-        logp, _ = self.model([p] * len(ids), comp, reuse_features=False)  # [c, L]
-        lens = torch.tensor([len(i) for i in ids], device=logp.device)
-        valid = torch.arange(L, device=logp.device)[None] < lens[:, None]
-        return (torch.where(valid, logp.float(), 0.0).sum(1) / lens).cpu()
-
     # ------------------------------------------------------------------------------------------ extra models
-    def load_frozen(
-        self, name: str, path: str, key: str, dtype: str | None = None, revision: str | None = None
-    ) -> ExtraModel:
-        """A frozen VLM (a teacher) loaded like the policy (:func:`load_vlm`: local folder or hub id, safetensors,
-        ``dtype`` default the policy's), on the policy's device, scoring tokens exactly as the policy does (same
-        temperature, suppressed ids, chunking): an :class:`~mmgrpo.core.extra.ExtraModel` whose ``handle`` is its
-        :class:`VLMScorer`. It reads the policy's prepared prompts, so it must share the policy's tokenizer and
-        family (a UserError naming ``key`` otherwise)."""
-        o = copy.copy(self.options)
-        o.path, o.dtype, o.revision, o.variant = path, dtype or self.options.dtype, revision, None
-        model, processor = load_vlm(path, o, key)
-        tok = getattr(processor, "tokenizer", processor)
-        if tok.get_vocab() != self.tokenizer.get_vocab():
-            raise UserError(
-                f"{key}={path}: its tokenizer differs from the policy's ({len(tok.get_vocab())} vs "
-                f"{len(self.tokenizer.get_vocab())} tokens or different ids); a teacher scores the policy's sampled "
-                "token ids, so it needs the same tokenizer (a model of the same family and vocabulary)"
-            )
-        family = detect_family(model, "auto")
-        if family.name != self.adapter.name:
-            raise UserError(
-                f"{key}={path}: a {family.name} model, but the policy is {self.adapter.name}; a teacher reads the "
-                "policy's prepared prompts (positions, vision inputs), so it must be of the policy's family"
-            )
-        sc = self._scorer()
-        scorer = VLMScorer(model, self.adapter, sc.suppress.clone(), sc.temperature, sc.chunk,
-                           shared_prefix=sc.shared_prefix)  # fmt: skip
-        scorer.to(self.device)
-        return ExtraModel(name, scorer, scorer)
-
     def load_generator(self, name: str, path: str, key: str, dtype: str | None = None) -> ExtraModel:
         """A frozen VLM that writes answers (a teacher generating guidance): :func:`load_vlm` with the policy's
         options (its own processor and family, any VLM), on the policy's device; ``handle`` is a :class:`VLMPolicy`
@@ -739,30 +480,3 @@ class VLMPolicy:
         gen = VLMPolicy(model, processor, o)
         gen.model.to(self.device)
         return ExtraModel(name, gen.model, gen)
-
-    @torch.no_grad()
-    def frozen_log_prob(
-        self, extra: ExtraModel, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None,
-        prompts: list[PromptInputs] | None = None, with_entropy: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Token log-probs [n, k] (fp32, no gradient) of the rollout's completions ``rows`` [n] at ``units`` [k]
-        under a frozen scorer (``extra.handle``, e.g. :meth:`load_frozen`'s teacher), time counted in ``extra``.
-
-        ``prompts``: n prepared prompts to condition on instead of the rollout's (:meth:`prepare` of another text,
-        e.g. the question with its ground truth: a self-teacher); ``extra.handle`` may be the policy's own scorer.
-        Vision features are recomputed by that scorer (never the policy's cached ones). ``with_entropy``: also the
-        entropy [n, k] of the scorer's distribution at each token (how sure the teacher is), as a tuple."""
-        rows_l = [int(r) for r in rows.reshape(-1).tolist()]
-        comp = rollout.extras["completion_ids"][rows_l]  # [n, K]
-        units = torch.arange(comp.shape[1]) if units is None else units.reshape(-1).cpu()
-        L = max(int(units.max()) + 1 if units.numel() else 1, 1)
-        prompts = prompts if prompts is not None else [rollout.extras["prompt"][i] for i in rows_l]
-        scorer = getattr(extra.handle, "module", extra.handle)
-        cols, to = units.to(self.device), rollout.logp_old.device
-        with extra.timed():
-            if with_entropy:  # run as the handle's forward: a wrapper's hooks run too (FSDP2 gathers the root shards)
-                run = lambda: scorer.rows_logprobs_entropy(prompts, comp[:, :L].to(self.device))  # noqa: E731
-                logp, ent = extra.handle(run=run)
-                return logp[:, cols].to(to), ent[:, cols].to(to)
-            logp, _ = scorer(prompts, comp[:, :L].to(self.device), reuse_features=False)
-        return logp[:, cols].float().to(to)
