@@ -26,6 +26,7 @@ from mmgrpo.train.run_dir import (
     check_resume_config,
     discard_unstarted,
     discard_untrained,
+    missing_parents,
     prepare_run_dir,
     resume_checkpoint,
     truncate_metrics,
@@ -55,6 +56,7 @@ def run_training(
     # a directory this run creates (not one run.overwrite reuses: it may hold the user's own files) is removed again
     # if the run fails before it trained anything
     fresh = not cfg.resume and not (run_dir.is_dir() and any(run_dir.iterdir()))
+    made = missing_parents(run_dir) if fresh else []  # e.g. run.output_dir itself: removed with the directory
     acc.wait_for_everyone()
     if acc.is_main_process:
         prepare_run_dir(cfg, is_main=True)
@@ -63,7 +65,7 @@ def run_training(
         trainer: Any = make_trainer(cfg, run_dir, acc)
     except BaseException as e:
         if acc.is_main_process and not cfg.resume:
-            discard_unstarted(run_dir)
+            discard_unstarted(run_dir, made)
         if out_of_memory(e):
             raise UserError(
                 f"out of memory while loading the run's models ({first_line(e)}): the policy, its optimizer state "
@@ -87,8 +89,8 @@ def run_training(
         trainer.train()
     except BaseException as e:
         if out_of_memory(e):
-            raise _out_of_memory(trainer, run_dir, e, acc.is_main_process and fresh) from e
-        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir):
+            raise _out_of_memory(trainer, run_dir, e, made if acc.is_main_process and fresh else None) from e
+        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir, made):
             note = (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
                     "the same command starts the run again")  # fmt: skip
             if isinstance(e, UserError) and e.args:
@@ -99,9 +101,10 @@ def run_training(
     return trainer
 
 
-def _out_of_memory(trainer: Any, run_dir: Path, error: BaseException, new_run: bool) -> UserError:
+def _out_of_memory(trainer: Any, run_dir: Path, error: BaseException, made: list[Path] | None) -> UserError:
     """The paragraph of a run that ran out of memory: the settings that bound what one forward holds, and how to go
-    on (the checkpoints already written are kept; a new run stopped in its first step leaves no directory)."""
+    on (the checkpoints already written are kept; a new run stopped in its first step leaves no directory).
+    ``made``: the folders above the run directory a new run created (None: not a new run, or not the main process)."""
     t, opts = trainer.cfg.trainer, getattr(trainer.policy, "opts", None)
     if t.micro_batch_size == "auto" and hasattr(trainer.policy, "micro_batch_rows"):
         lower = [f"lower trainer.micro_batch_units (now {t.micro_batch_units} (row, step) forwards a micro-batch)"]
@@ -117,7 +120,7 @@ def _out_of_memory(trainer: Any, run_dir: Path, error: BaseException, new_run: b
     last = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if last is not None:
         then = f"the checkpoints are kept (the last: {last.name}): continue with resume={run_dir} and the new values"
-    elif new_run and trainer.step == 0 and discard_untrained(run_dir):
+    elif made is not None and trainer.step == 0 and discard_untrained(run_dir, made):
         then = f"nothing was trained, so the new run directory {run_dir} was removed: the same command starts again"
     else:
         then = f"no checkpoint had been written yet: restart with resume={run_dir} (from step 0) and the new values"

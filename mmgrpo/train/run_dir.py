@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,19 +80,40 @@ def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
     return run_dir
 
 
-def discard_unstarted(run_dir: Path) -> None:
-    """Remove ``run_dir`` if it holds the marker and nothing else: a new run that failed before it wrote anything."""
+def missing_parents(run_dir: Path) -> list[Path]:
+    """The folders above ``run_dir`` that do not exist yet (deepest first): what creating it also creates
+    (``run.output_dir`` itself on a fresh machine), removed again with it by :func:`discard_unstarted` and
+    :func:`discard_untrained` while they are empty."""
+    out, p = [], run_dir.absolute().parent
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _remove_empty(parents: Sequence[Path]) -> None:
+    for p in parents:  # deepest first; one holding anything (another run's folder) stops it
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+def discard_unstarted(run_dir: Path, parents: Sequence[Path] = ()) -> None:
+    """Remove ``run_dir`` if it holds the marker and nothing else: a new run that failed before it wrote anything;
+    then ``parents`` (:func:`missing_parents`, before the run made them) while they are empty."""
     try:
         if [p.name for p in run_dir.iterdir()] == [RUN_MARKER]:
             (run_dir / RUN_MARKER).unlink()
             run_dir.rmdir()
+            _remove_empty(parents)
     except OSError:
         pass  # gone already, or something appeared in it: leave it
 
 
-def discard_untrained(run_dir: Path) -> bool:
+def discard_untrained(run_dir: Path, parents: Sequence[Path] = ()) -> bool:
     """Remove the directory of a new run that failed before its first step finished (no checkpoint, no
-    ``debug/`` dump a user asked for to look at); True when it was removed."""
+    ``debug/`` dump a user asked for to look at), then ``parents`` while they are empty; True when it was removed."""
     try:
         if not (run_dir / RUN_MARKER).is_file() or (run_dir / "debug").exists():
             return False
@@ -100,6 +122,7 @@ def discard_untrained(run_dir: Path) -> bool:
         shutil.rmtree(run_dir)
     except OSError:
         return False
+    _remove_empty(parents)
     return True
 
 

@@ -121,6 +121,17 @@ def test_a_run_whose_build_fails_leaves_no_directory_and_the_same_command_then_r
     with pytest.raises(UserError, match="does not load"):
         train(cfg(tmp_path, "run.name=b", "run.overwrite=true", "data.options.num_arms=5"))
     assert (tmp_path / "b" / "config.yaml").is_file()
+    # run.output_dir folders that the failed run created go with it (a fresh machine has no runs/ yet); one that
+    # holds anything else stays
+    out = tmp_path / "new" / "runs"
+    with pytest.raises(UserError, match="does not load"):
+        train(cfg(tmp_path, f"run.output_dir={out}", "run.name=b", "data.options.num_arms=5"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="does not load"):
+        train(cfg(tmp_path, f"run.output_dir={out}", "run.name=b", "data.options.num_arms=5"))
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["keep.txt"]
 
 
 @register("test_inf_at_step_0")
@@ -149,6 +160,9 @@ def test_a_new_run_that_fails_in_its_first_step_leaves_no_directory(tmp_path, ca
     assert "returned non-finite values (row 1: inf" in err
     assert f"nothing was trained, so the new run directory {tmp_path / 'f'} was removed" in err
     assert not (tmp_path / "f").exists()
+    nested = [a.replace(f"run.output_dir={tmp_path}", f"run.output_dir={tmp_path / 'o' / 'runs'}") for a in args]
+    assert main([*nested, bad]) == 2 and not (tmp_path / "o").exists()  # the folders it made went too
+    capsys.readouterr()
     assert main([*args, good]) == 0 and (tmp_path / "f" / "checkpoints" / "step_000001").is_dir()
     # a directory run.overwrite=true reuses may hold the user's own files: kept, and so is a run past step 0
     (tmp_path / "f" / "notes.txt").write_text("mine")
