@@ -24,6 +24,7 @@ Letters: n rows of a micro-batch, k units (tokens / denoising steps).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class ExtraModel:
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
         """Count the wall time of the block (after the device finished its queued work) as time in this model."""
-        dev = next(iter(self.module.parameters()), torch.empty(0)).device
+        dev = next(itertools.chain(self.module.parameters(), self.module.buffers()), torch.empty(0)).device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
         sync(dev)
         t0 = time.perf_counter()

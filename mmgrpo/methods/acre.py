@@ -291,5 +291,6 @@ METHOD = register_method(
         rewards=("acre",),
         reward_switched=True,
         data_keys=("answer", "options"),
+        local_forwards="its reward re-asks the policy only for this process's multiple-choice rows",
     )
 )

@@ -168,6 +168,7 @@ def prs(stages: list[dict] | None = None):
         return total.float()
 
     reward.group_aware = any(getattr(fn, "group_aware", False) for _, fn in parsed)
+    reward.uses_policy = any(getattr(fn, "uses_policy", False) for _, fn in parsed)  # a stage may run the policy
     return reward
 
 

@@ -197,7 +197,7 @@ def pickscore(
         m = clip()
         img = m.embed_images(as_images(samples), batch_size)  # [N, D]
         txt = m.embed_texts(text_prompts(prompts, "pickscore"), batch_size)  # [N, D]
-        return m.net.logit_scale.exp().float().cpu() * (img * txt).sum(-1)  # [N]
+        return m.net.logit_scale.float().exp().cpu() * (img * txt).sum(-1)  # [N]; exp in fp32 (bf16: 99, not 100)
 
     fn.model = clip
     return fn

@@ -44,6 +44,7 @@ class StreamFilter:
         self.fn, self.streams = fn, set(streams)
         self.nan_means_not_applicable = True  # its NaN rows are the other streams' (fn's own output is checked)
         self.group_aware = getattr(fn, "group_aware", False)
+        self.uses_policy = getattr(fn, "uses_policy", False)  # scored in the main thread (Trainer.sample_and_score)
         for attr in ("state_dict", "load_state_dict", "last_metrics"):
             if hasattr(fn, attr):
                 setattr(self, attr, getattr(fn, attr))

@@ -116,8 +116,8 @@ class UpdatePhase:
         self._reshard()
         with torch.no_grad():
             for rows, units in self.micro_blocks(torch.arange(rollout.num_rows), mask):
-                if not len(units) and not self.collective:
-                    continue
+                if not len(units) and self.acc.num_processes == 1:  # with several, every process forwards: under
+                    continue  # DDP the first forward after a backward broadcasts the buffers, a collective
                 m = mask[rows][:, units]
                 new = self.policy.log_prob(rollout, rows, units, **self._pairs(m)).logp.float().cpu()
                 lr = new - rollout.logp_old[rows][:, units].float()

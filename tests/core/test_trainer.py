@@ -236,21 +236,28 @@ class _ThreadRecordingReward:
         return [float(ctx.policy.values[int(s)]) if hasattr(ctx.policy, "values") else float(s) for s in samples]
 
 
+_MADE: list[_ThreadRecordingReward] = []
+
+
+@pytest.mark.parametrize("wrapped", ["alone", "streams", "prs stage"])
 @pytest.mark.parametrize("uses_policy", [False, True])
-def test_chunked_scoring_of_a_reward_that_runs_the_policy_stays_in_the_main_thread(tmp_path, uses_policy):
+def test_chunked_scoring_of_a_reward_that_runs_the_policy_stays_in_the_main_thread(tmp_path, uses_policy, wrapped):
     """With trainer.rollout_chunks > 1, chunk c is scored in a thread while chunk c+1 is sampled, except a reward that
     runs the policy itself (``uses_policy``, ACRE's re-asking): it is scored between the chunks in the main thread,
-    so the model never runs in two threads at once (under FSDP its collectives would interleave)."""
+    so the model never runs in two threads at once (under FSDP its collectives would interleave). Also when it is
+    wrapped: given ``streams:`` (the stream filter) or as a stage of the ``prs`` composition."""
     import threading
 
     name = f"test_thread_recording_{uses_policy}"
-    made = []
     if name not in REWARDS:
-        register(name)(lambda: made.append(_ThreadRecordingReward(uses_policy)) or made[-1])
-    t = Trainer(cfg_for(tmp_path, f"rewards=[{{name: {name}}}]", "trainer.max_steps=1", "trainer.prompts_per_step=3",
+        register(name)(lambda: _MADE.append(_ThreadRecordingReward(uses_policy)) or _MADE[-1])
+    stage = f"{{name: {name}, threshold: 0.0}}"
+    spec = {"alone": f"{{name: {name}}}", "streams": f"{{name: {name}, streams: [a]}}",
+            "prs stage": f"{{name: prs, options: {{stages: [{stage}]}}}}"}[wrapped]  # fmt: skip
+    t = Trainer(cfg_for(tmp_path, f"rewards=[{spec}]", "trainer.max_steps=1", "trainer.prompts_per_step=3",
                         "trainer.rollout_chunks=3"), tmp_path / "run")  # fmt: skip
     t.collect(0)
-    fn = t.rewards[0][2]
+    fn = _MADE[-1]  # the instance this trainer built
     main = threading.current_thread().name
     assert len(fn.threads) == 3 and (set(fn.threads) == {main}) == uses_policy, fn.threads
 

@@ -195,13 +195,14 @@ def test_the_self_teacher_scores_through_the_wrapped_forward(tmp_path):
 
 
 def test_methods_with_local_forwards_are_refused_where_every_forward_is_a_collective(tmp_path):
-    """SRPO's self-teacher and AMPO's teachers run forwards only for this process's failed rows: under FSDP or ZeRO-3
+    """SRPO's self-teacher and AMPO's teachers run forwards only for this process's failed rows (ACRE's reward re-asks
+    the policy only for its multiple-choice rows): under FSDP or ZeRO-3
     on several processes (every forward a collective) the processes would wait on each other forever, so the trainer
     refuses them there with the reason and the ways out; elsewhere (DDP, one process) they train."""
     from mmgrpo.methods.registry import METHODS
 
     METHODS.load()
-    assert {n for n, m in METHODS.registered().items() if m.local_forwards} == {"srpo", "ampo"}
+    assert {n for n, m in METHODS.registered().items() if m.local_forwards} == {"srpo", "ampo", "acre"}
     model_dir = save_tiny(*tiny_qwen2_vl(0), tmp_path / "m")
     cfg = load_config(None, base=srpo_data(tmp_path, model_dir))
     trainer = Trainer(cfg, prepare_run_dir(cfg))
