@@ -61,7 +61,7 @@ class BanditPolicy:
             return rollout_by_size(self.rollout, batch, group_size, generator)
         G = batch.sizes(group_size)[0] if len(batch) else group_size
         ids = torch.tensor([int(p) for p in batch.prompts], dtype=torch.long)  # [B]
-        logp_all = self._unwrapped()(ids)  # [B, A]
+        logp_all = self._unwrapped()(ids).cpu()  # [B, A] on the host: the prompts' generators are CPU generators
         arms = []
         for b in range(len(batch)):
             g = generator_for(batch.seeds[b]) if batch.seeds else generator
@@ -83,13 +83,14 @@ class BanditPolicy:
     def log_prob(self, rollout: Rollout, rows: torch.Tensor, units: torch.Tensor | None = None) -> LogProbs:
         ids = rollout.extras["prompt_ids"][rows]
         arms = rollout.extras["arms"][rows]
-        logp = self.model(ids).gather(1, arms[:, None])  # [n, 1], through the (DDP) wrapper
+        lp_all = self.model(ids)  # [n, A], through the (DDP) wrapper, on the model's device
+        logp = lp_all.gather(1, arms[:, None].to(lp_all.device))  # [n, 1]
         kl = None
         if self.ref_logits is not None:
             ref = torch.log_softmax(self.ref_logits[ids], dim=-1).gather(1, arms[:, None])
-
-            kl = k3_kl(logp, ref)
-        return LogProbs(logp=logp, kl=kl)
+            kl = k3_kl(logp, ref.to(logp.device))
+        to = rollout.logp_old.device  # the loss meets logp_old and the advantages there (autograd crosses devices)
+        return LogProbs(logp=logp.to(to), kl=None if kl is None else kl.to(to))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -98,5 +99,5 @@ class BanditPolicy:
         return getattr(self.model, "module", self.model)
 
     def probs(self) -> torch.Tensor:
-        """[P, A] current arm probabilities."""
-        return torch.softmax(self._unwrapped().logits.detach().float(), dim=-1)
+        """[P, A] current arm probabilities (on the host)."""
+        return torch.softmax(self._unwrapped().logits.detach().float(), dim=-1).cpu()
