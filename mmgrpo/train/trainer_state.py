@@ -1,6 +1,6 @@
 """What a run's checkpoint holds, and how the trainer writes and reads it: the trained weights, the optimizer, the
-EMA, and every stateful part (rewards, reward weighters, methods, the prompt sampler, the policy's own training
-state), so a resumed run continues exactly (docs/architecture.md "Run directory").
+EMA, fp16's gradient scaler, and every stateful part (rewards, reward weighters, methods, the prompt sampler, the
+policy's own training state), so a resumed run continues exactly (docs/architecture.md "Run directory").
 
 The file format (atomic, verified, sharded or whole) is :mod:`mmgrpo.train.checkpoint`; this module decides what
 goes in and where it comes back: gathered from DeepSpeed ZeRO's partitions (:mod:`mmgrpo.train.zero`), written as
@@ -46,6 +46,7 @@ def state_dict(tr: Any) -> dict[str, Any]:
         "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(tr.comp.reward_weighters)},
         "methods": {k: st.state_dict() for k, st in tr.comp.method_state.items()},
         "sampler": tr.sampler.state_dict(),
+        "grad_scaler": tr.acc.scaler.state_dict() if tr.acc.scaler is not None else None,  # fp16 on a GPU: its scale
     }
 
 
@@ -120,6 +121,8 @@ def load(tr: Any, path: str | Path) -> None:
         tr.policy.load_training_state(state["policy"])
     if state.get("sampler"):
         tr.sampler.load_state_dict(state["sampler"])
+    if tr.acc.scaler is not None and state.get("grad_scaler"):  # else it starts again from its initial scale
+        tr.acc.scaler.load_state_dict(state["grad_scaler"])
     for k, fn in stateful_rewards(tr.rewards).items():
         if k in state.get("rewards", {}):
             fn.load_state_dict(state["rewards"][k])

@@ -147,6 +147,28 @@ def test_interrupted_checkpoint_write_leaves_previous_usable(tmp_path, monkeypat
     assert not list((tmp_path / "r" / "checkpoints").glob(".tmp-*"))
 
 
+def test_the_fp16_gradient_scalers_state_is_saved_and_restored(tmp_path):
+    """fp16 mixed precision on a GPU has a gradient scaler whose scale and growth count follow the overflows seen; a
+    resume restores them, or it would skip other steps than the uninterrupted run. accelerate makes no scaler on the
+    CPU, so one is set here (tests/gpu checks accelerate's own, after fp16 training)."""
+    (tmp_path / "r").mkdir()
+    trainer = Trainer(cfg_for(tmp_path), tmp_path / "r")
+    state = {"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+             "_growth_tracker": 7}  # fmt: skip
+    trainer.acc.scaler = torch.amp.GradScaler("cpu")
+    trainer.acc.scaler.load_state_dict(state)
+    trainer.step = 1
+    path = trainer.save()
+    fresh = Trainer(cfg_for(tmp_path), tmp_path / "r")
+    fresh.acc.scaler = torch.amp.GradScaler("cpu")
+    assert fresh.acc.scaler.state_dict()["scale"] == 2.0**16
+    fresh.load(path)
+    assert fresh.acc.scaler.state_dict() == state
+    fresh.acc.scaler = None  # a run without one (bf16, fp32) reads the same checkpoint
+    fresh.load(path)
+    assert fresh.step == 1
+
+
 def test_checkpoint_state_round_trips_nested_optimizer_state(tmp_path):
     state = {"step": 3, "opt": {"state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(3.0)}},
              "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]}, "none": None}  # fmt: skip

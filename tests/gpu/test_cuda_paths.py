@@ -133,6 +133,12 @@ def test_fp16_mixed_precision_keeps_the_gradient_scaler_on_the_gpu(tmp_path):
                            "test_gpu_brightness", mixed_precision="fp16")  # fmt: skip
     trainer.train()
     assert trainer.acc.scaler is not None and trainer.acc.scaler._scale.device.type == "cuda"
+    path = trainer.save()  # a resume restores the scale and its growth count
+    (tmp_path / "again").mkdir()
+    again = make_trainer(tmp_path / "again", "text_to_image", policy, {"heldout_prompts": "", "prompts": "shapes"},
+                         "test_gpu_brightness", mixed_precision="fp16")  # fmt: skip
+    again.load(path)
+    assert again.acc.scaler.state_dict() == trainer.acc.scaler.state_dict()
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [math.isfinite(x["loss/total"]) for x in lines if "loss/total" in x] == [True, True]
 
