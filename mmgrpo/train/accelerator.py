@@ -5,10 +5,12 @@ accelerator with :func:`make_accelerator` unless it is given one)."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from mmgrpo.core.errors import UserError
 
@@ -27,6 +29,12 @@ def quiet_deepspeed_probe() -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+"""how long a process waits in a collective: the main process alone writes, hashes and exports a checkpoint (a
+multi-billion-parameter model takes minutes) while the others wait; NCCL's own default, 10 minutes, would abort the
+run there"""
+
+
 def make_accelerator(mixed_precision: str | None) -> Accelerator:
     """An Accelerator with :func:`launch_precision`; in a plain (non-launched) process a previous one's settings are
     reset first. A launch that started several processes but left each alone (no accelerator found and no
@@ -35,7 +43,8 @@ def make_accelerator(mixed_precision: str | None) -> Accelerator:
 
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision=launch_precision(mixed_precision))
+    wait = InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)
+    acc = Accelerator(mixed_precision=launch_precision(mixed_precision), kwargs_handlers=[wait])
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and acc.num_processes == 1:
         raise UserError(

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from mmgrpo.testing.launch import accelerate_exe, accelerate_launch
 from mmgrpo.train import checkpoint as ckpt
+from mmgrpo.train.accelerator import COLLECTIVE_TIMEOUT
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
@@ -32,8 +33,17 @@ CLI_SAYING_ITS_RANK = """
 import sys
 from accelerate.state import PartialState
 from mmgrpo.train.cli import main
+import torch
+import torch.distributed as dist
+from mmgrpo.train.trainer import Trainer
+wait, real = [], Trainer.train
+def train(self):  # the process group is gone after the run: read its timeout while it trains
+    wait.append(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout)
+    return real(self)
+Trainer.train = train
 code = main(sys.argv[1:])
-print(f"process {PartialState().process_index} of {PartialState().num_processes}", flush=True)
+wait = wait[0] if wait else None
+print(f"process {PartialState().process_index} of {PartialState().num_processes}, collectives wait {wait}", flush=True)
 sys.exit(code)
 """
 
@@ -53,6 +63,8 @@ def test_two_processes_match_one_process(tmp_path):
     proc = accelerate_launch([tmp_path / "cli.py", "train", cfg_path, f"run.output_dir={tmp_path}", "run.name=two"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(re.findall(r"process \d of \d", proc.stdout)) == ["process 0 of 2", "process 1 of 2"], proc.stdout
+    # the main process alone writes and exports checkpoints while the others wait (NCCL's default: 10 minutes)
+    assert proc.stdout.count(f"collectives wait {COLLECTIVE_TIMEOUT}") == 2, proc.stdout
     for step in range(3):
         name = f"debug/adv_step_{step:06d}.safetensors"
         a, b = load_file(str(one.run_dir / name)), load_file(str(tmp_path / "two" / name))
