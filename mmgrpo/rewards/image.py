@@ -209,10 +209,14 @@ def pickscore(
 def pixel_embed(images: Any, pixel_size: int = 16) -> torch.Tensor:
     """Images in [0, 1] -> Float[N, 3 * s * s]: antialiased downsample to s x s, mapped to [-1, 1], flattened.
 
-    Mapping to [-1, 1] makes black and white opposite (cosine -1) rather than orthogonal-ish.
+    Mapping to [-1, 1] makes black and white opposite (cosine -1) rather than orthogonal-ish. Computed on the host:
+    CUDA's antialiased resize refuses downscale factors above ~94 (its filter outgrows a block's shared memory; e.g.
+    1024 px to 8), and the thumbnails are tiny.
     """
-    x = preprocess(as_images(images), (pixel_size, pixel_size), (0.5,) * 3, (0.5,) * 3, "squash", "bilinear")
-    return x.flatten(1).cpu()
+    imgs = as_images(images)
+    imgs = imgs.cpu() if isinstance(imgs, torch.Tensor) else [t.cpu() for t in imgs]
+    x = preprocess(imgs, (pixel_size, pixel_size), (0.5,) * 3, (0.5,) * 3, "squash", "bilinear")
+    return x.flatten(1)
 
 
 def make_image_embedder(embedder: str, pixel_size: int, clip_opts: dict, reward: str) -> Callable[[Any], torch.Tensor]:

@@ -170,3 +170,12 @@ def test_the_bandit_recipe_trains_and_evaluates_on_cuda(tmp_path):
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [math.isfinite(x["loss/total"]) for x in lines if "loss/total" in x] == [True, True]
     assert sum("eval/expected_reward" in x for x in lines) >= 2
+
+
+def test_the_pixel_embedder_takes_cuda_images_at_any_downscale():
+    """``diversity`` / ``temporal_consistency`` with the pixels embedder on the decoded images (on the GPU): 1024 px
+    to 8 px is a downscale CUDA's antialiased resize refuses; the thumbnails are made on the host, as on a CPU."""
+    from mmgrpo.rewards.image import pixel_embed
+
+    images = torch.rand(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pixel_embed(images.cuda(), 8), pixel_embed(images, 8))
