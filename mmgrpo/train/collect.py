@@ -44,6 +44,8 @@ class CollectPhase:
     collective: bool
     _reshard: Callable[[], None]
     any_process: Callable[[bool], bool]
+    rewards_loaded = False
+    """whether the rewards were called once in this process (the first call loads a lazily loaded reward model)"""
 
     def prompts_for(self, step: int, base: int, plan: StepPlan | None = None) -> PromptBatch:
         """This rank's B_local prompts: the slots base + rank * B_local + b, seeded by slot; each slot's prompt is
@@ -130,9 +132,13 @@ class CollectPhase:
         with ThreadPoolExecutor(max_workers=1) as pool:
             for part in parts:
                 rollouts.append(self.sample(part, step))
-                if inline:
+                # so does the run's first chunk: a reward's first call loads its model, and transformers sets the
+                # process's default dtype while it loads (bf16 weights: the sampling beside it would make bf16
+                # tensors, e.g. logp_old)
+                if inline or not self.rewards_loaded:
                     futures.append(Future())
                     futures[-1].set_result(timed_score(rollouts[-1]))
+                    self.rewards_loaded = True
                 else:
                     futures.append(pool.submit(timed_score, rollouts[-1]))
             t1 = time.perf_counter()

@@ -267,7 +267,9 @@ def test_chunked_scoring_of_a_reward_that_runs_the_policy_stays_in_the_main_thre
     """With trainer.rollout_chunks > 1, chunk c is scored in a thread while chunk c+1 is sampled, except a reward that
     runs the policy itself (``uses_policy``, ACRE's re-asking): it is scored between the chunks in the main thread,
     so the model never runs in two threads at once (under FSDP its collectives would interleave). Also when it is
-    wrapped: given ``streams:`` (the stream filter) or as a stage of the ``prs`` composition."""
+    wrapped: given ``streams:`` (the stream filter) or as a stage of the ``prs`` composition. The run's first chunk is
+    scored in the main thread by every reward: a reward's first call loads its model, which sets the process's
+    default dtype meanwhile (transformers), so sampling beside it would make tensors of the model's dtype."""
     import threading
 
     name = f"test_thread_recording_{uses_policy}"
@@ -282,6 +284,8 @@ def test_chunked_scoring_of_a_reward_that_runs_the_policy_stays_in_the_main_thre
     fn = _MADE[-1]  # the instance this trainer built
     main = threading.current_thread().name
     assert len(fn.threads) == 3 and (set(fn.threads) == {main}) == uses_policy, fn.threads
+    # the run's first chunk is scored in the main thread whatever the reward (its first call may load a model)
+    assert fn.threads[0] == main
 
 
 class _CountingReward:
