@@ -187,7 +187,8 @@ def _clip_loader(
         m.resize_mode = resize_mode or m.resize_mode
         return m
 
-    return _Lazy(load)
+    key = ("open_clip", *(opts[k] for k in ("model", "pretrained", "model_config", "device", "dtype")), quick_gelu)
+    return _Lazy(load, key=(*key, resize_mode))
 
 
 # ---------------------------------------------------------------- PickScore (transformers CLIPModel)

@@ -191,7 +191,7 @@ def pickscore(
     if model is None:
         raise UserError("reward 'pickscore' needs model=/path/to/PickScore_v1 (a local CLIPModel directory)")
     dt = parse_dtype(dtype)
-    clip = _Lazy(lambda: HFClip(model, processor or model, device, dt))
+    clip = _Lazy(lambda: HFClip(model, processor or model, device, dt), key=("hf_clip", model, processor, device, dt))
 
     def fn(samples, prompts, meta, ctx) -> torch.Tensor:
         m = clip()

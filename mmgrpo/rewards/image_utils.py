@@ -8,6 +8,8 @@ and normalises with the model's mean/std, in torch on the model's device.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -158,11 +160,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-class _Lazy:
-    """Calls ``loader()`` once, on first use, so building a reward never loads weights."""
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
 
-    def __init__(self, loader: Callable[[], Any]):
-        self._loader = loader
+
+class _Lazy:
+    """Calls ``loader()`` once, on first use, so building a reward never loads weights.
+
+    ``key`` (what the loader reads: weights, device, dtype...): rewards whose loaders have the same key share one
+    model while any of them holds it, e.g. the evaluation's reward and the training reward of the same name and
+    options, or ``clip_score`` and ``diversity`` on the same CLIP weights (a second copy of PickScore's ViT-H would
+    take ~4 GB of the GPU)."""
+
+    def __init__(self, loader: Callable[[], Any], key: tuple | None = None):
+        self._loader, self._key = loader, key
         self._value: Any = None
 
     @property
@@ -171,7 +182,13 @@ class _Lazy:
 
     def __call__(self) -> Any:
         if self._value is None:
-            self._value = self._loader()
+            with _SHARED_LOCK:
+                value = _SHARED.get(self._key) if self._key is not None else None
+                if value is None:
+                    value = self._loader()
+                    if self._key is not None:
+                        _SHARED[self._key] = value
+                self._value = value
         return self._value
 
 

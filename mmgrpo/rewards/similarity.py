@@ -235,7 +235,7 @@ def lpips(
             "torchvision download it"
         )
     _need("lpips", "lpips")
-    model = _Lazy(lambda: load_lpips(net, backbone_weights, device))
+    model = _Lazy(lambda: load_lpips(net, backbone_weights, device), key=("lpips", net, backbone_weights, device))
     refs = References(lambda img: img.to(device))  # the reference image, on the model's device
 
     def fn(samples, prompts, meta, ctx) -> torch.Tensor:
@@ -328,7 +328,9 @@ def dreamsim(
     """
     check_dreamsim_files(cache_dir, dreamsim_type)
     _need("dreamsim", "dreamsim")
-    model = _Lazy(lambda: load_dreamsim(cache_dir, dreamsim_type, device))
+    model = _Lazy(
+        lambda: load_dreamsim(cache_dir, dreamsim_type, device), key=("dreamsim", cache_dir, dreamsim_type, device)
+    )
     refs = References(lambda img: dreamsim_embed(model(), img[None], 1, device))  # [1, D], once per reference path
 
     def distance(images, ref_emb) -> torch.Tensor:

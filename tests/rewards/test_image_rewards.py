@@ -308,6 +308,28 @@ def test_diversity_clip_embedder_matches_model(clip_files):
     torch.testing.assert_close(fn(x, PROMPTS, None, RewardContext(group_size=2)), want, atol=1e-5, rtol=0)
 
 
+def test_rewards_on_the_same_weights_share_one_model_while_any_holds_it(clip_files):
+    """The evaluation builds its reward again (data.options.eval_reward), and two rewards may read the same CLIP: one
+    model is loaded for all loaders of the same weights, device and dtype (on a GPU a second PickScore ViT-H is
+    ~4 GB), and freed with the last reward that holds it."""
+    import gc
+    import weakref
+
+    d, _ = clip_files
+    kw = {"pretrained": str(d / "open_clip_model.safetensors"), "model_config": str(d / "tiny.json")}
+    a, b = img_rewards.clip_score(**kw), img_rewards.clip_score(batch_size=2, **kw)
+    bf16 = img_rewards.clip_score(dtype="bfloat16", **kw)
+    x = images()
+    torch.testing.assert_close(a(x, PROMPTS, None, None), b(x, PROMPTS, None, None), atol=0, rtol=0)
+    assert a.model() is b.model() and bf16.model() is not a.model()
+    assert bf16.model().dtype == torch.bfloat16 and a.model().dtype == torch.float32
+    held = weakref.ref(a.model())
+    del a, b
+    gc.collect()
+    assert held() is None  # freed with the last reward that held it; a new one loads it again
+    assert img_rewards.clip_score(**kw).model().dtype == torch.float32
+
+
 # ---------------------------------------------------------------- registry
 
 
