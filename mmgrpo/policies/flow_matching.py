@@ -168,8 +168,12 @@ class FinalSampleObjective(DiffusionObjective):
         if policy.logp_old_from_update and self.logp_old_is_the_update_forward:  # one optimizer step: skip the forward
             rollout.logp_old_from_update = True
         else:
-            # on the host, with the advantages and the mask (the update moves the recomputed log-probs there)
-            rollout.logp_old = self.behaviour_logp(policy, rollout, torch.arange(n), torch.arange(K)).cpu()
+            # on the host, with the advantages and the mask (the update moves the recomputed log-probs there); in
+            # forwards of at most the sampler's N samples (K draws a row: N * K at once could exhaust a GPU where the
+            # sampling and the update fit)
+            units = torch.arange(K)
+            parts = torch.arange(n).split(max(1, n // K))
+            rollout.logp_old = torch.cat([self.behaviour_logp(policy, rollout, r, units).cpu() for r in parts])
         return rollout
 
     logp_old_is_the_update_forward = True
@@ -272,7 +276,9 @@ class NFTObjective(FinalSampleObjective):
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():  # the sampler's weights
             v_old = policy.adapter.predict(policy.unwrapped(), xt.to(policy.adapter.dtype), t, cond_k).float()
         n, K = len(rows), len(units)
-        rollout.extras["fm_v_old"] = v_old.view(n, K, *v_old.shape[1:])
+        if "fm_v_old" not in rollout.extras or rows[0] == 0:  # the rollout's first part: [N, K, *latent]
+            rollout.extras["fm_v_old"] = v_old.new_empty((rollout.num_rows, K, *v_old.shape[1:]))
+        rollout.extras["fm_v_old"][rows.to(v_old.device)] = v_old.view(n, K, *v_old.shape[1:])
         return -self.nft_errors(v_old, v_old, xt, x0, sig)[0].view(n, K)
 
     def errors(self, v, rollout, rows, units, xt, x0, eps, sig) -> tuple[torch.Tensor, torch.Tensor]:
