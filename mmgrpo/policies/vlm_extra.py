@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extra import ExtraModel
@@ -117,18 +118,30 @@ class ExtraScoring:
         ``prompts``: n prepared prompts to condition on instead of the rollout's (:meth:`prepare` of another text,
         e.g. the question with its ground truth: a self-teacher); ``extra.handle`` may be the policy's own scorer.
         Vision features are recomputed by that scorer (never the policy's cached ones). ``with_entropy``: also the
-        entropy [n, k] of the scorer's distribution at each token (how sure the teacher is), as a tuple."""
+        entropy [n, k] of the scorer's distribution at each token (how sure the teacher is), as a tuple.
+
+        ``units`` None: all K columns, scored up to the longest completion of these rows (0 after it: padding, which
+        no loss reads), so a teacher does not forward ``max_new_tokens`` positions for short answers."""
         rows_l = [int(r) for r in rows.reshape(-1).tolist()]
         comp = rollout.extras["completion_ids"][rows_l]  # [n, K]
-        units = torch.arange(comp.shape[1]) if units is None else units.reshape(-1).cpu()
-        L = max(int(units.max()) + 1 if units.numel() else 1, 1)
+        K, to = comp.shape[1], rollout.logp_old.device
+        if units is None:
+            L = max(int(rollout.extras["completion_len"][rows_l].max()) if rows_l else 1, 1)
+            cols = None
+        else:
+            units = units.reshape(-1).cpu()
+            L = max(int(units.max()) + 1 if units.numel() else 1, 1)
+            cols = units.to(self.device)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:  # [n, L] -> [n, k] on logp_old's device
+            return (F.pad(t, (0, K - t.shape[1])) if cols is None else t[:, cols]).float().to(to)
+
         prompts = prompts if prompts is not None else [rollout.extras["prompt"][i] for i in rows_l]
         scorer = getattr(extra.handle, "module", extra.handle)
-        cols, to = units.to(self.device), rollout.logp_old.device
         with extra.timed():
             if with_entropy:  # run as the handle's forward: a wrapper's hooks run too (FSDP2 gathers the root shards)
                 run = lambda: scorer.rows_logprobs_entropy(prompts, comp[:, :L].to(self.device))  # noqa: E731
                 logp, ent = extra.handle(run=run)
-                return logp[:, cols].to(to), ent[:, cols].to(to)
+                return pick(logp), pick(ent)
             logp, _ = scorer(prompts, comp[:, :L].to(self.device), reuse_features=False)
-        return logp[:, cols].float().to(to)
+        return pick(logp)

@@ -1,6 +1,7 @@
 """KDRL: the per-token reverse-KL estimators, the annealed coefficient and reward-guided KD by hand; the teacher
 scores the student's tokens like the policy; a 2-step VLM run with a tiny teacher of the same family."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -73,9 +74,21 @@ def test_a_teacher_with_the_students_weights_scores_its_tokens_as_it_does(tmp_pa
     rollout, cols, _ = trainer.collect(0)
     (term,) = trainer.comp.loss_terms
     rows = torch.arange(rollout.num_rows)
-    t_logp = trainer.policy.frozen_log_prob(term.teacher, rollout, rows)  # [N, K]
     mask = rollout.train_mask
+    t_logp = trainer.policy.frozen_log_prob(term.teacher, rollout, rows)  # [N, K]
     assert torch.allclose(t_logp[mask], rollout.logp_old[mask], atol=1e-5)  # same weights: KL 0 on every token
+    # with units None the teacher forwards the completions up to the longest of the rows, not max_new_tokens (this
+    # random student never stops early: its rows are cut 3 tokens short here); the columns after it are 0
+    K = rollout.logp_old.shape[1]
+    cut = copy.copy(rollout)
+    cut.extras = {**rollout.extras, "completion_len": rollout.extras["completion_len"].clamp(max=K - 3)}
+    widths = []
+    record = lambda m, a, kw: widths.append(a[1].shape[1])  # noqa: E731  (the completions [n, L] forwarded)
+    hook = term.teacher.module.register_forward_pre_hook(record, with_kwargs=True)
+    short = trainer.policy.frozen_log_prob(term.teacher, cut, rows)
+    hook.remove()
+    assert widths == [K - 3] and short.shape == (rollout.num_rows, K) and (short[:, K - 3 :] == 0).all()
+    assert torch.allclose(short[:, : K - 3], t_logp[:, : K - 3], atol=1e-6)
     trainer.advantage(cols, rollout, 0)  # the hook scores the rollout once, one group per teacher forward
     assert torch.allclose(rollout.extras["kdrl_teacher_logp"][mask], t_logp[mask], atol=1e-5)
     cfg_b = kdrl_config(tmp_path / "b", dirs["student"], dirs["teacher"])
