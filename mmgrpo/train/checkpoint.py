@@ -295,11 +295,12 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise :class:`CorruptCheckpoint` unless every file matches the SHA-256 and size in the completion marker.
+def verify_checkpoint(path: str | Path) -> bool:
+    """Raise :class:`CorruptCheckpoint` unless every file matches the SHA-256 and size in the completion marker;
+    True when the marker holds hashes.
 
     Checkpoints written before markers held hashes (the marker is the bare step number) are checked for presence
-    and parseability only."""
+    here (False), and for parseability by :func:`latest_valid_checkpoint`."""
     path = Path(path)
     try:
         marker = json.loads((path / _COMPLETE).read_text())
@@ -322,6 +323,7 @@ def verify_checkpoint(path: str | Path) -> None:
         extra = sorted(f"{SHARDS}/{f.name}" for f in (path / SHARDS).glob("*") if f"{SHARDS}/{f.name}" not in files)
         if extra:
             raise CorruptCheckpoint(f"{path}: {extra[0]} is not in the completion marker (a file was added)")
+    return files is not None
 
 
 def latest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
@@ -329,8 +331,8 @@ def latest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
     notes = []
     for path in reversed(list_checkpoints(root)):
         try:
-            verify_checkpoint(path)
-            load_checkpoint(path, verify=False)  # parseable too (legacy markers carry no hashes)
+            if not verify_checkpoint(path):  # a legacy marker carries no hashes: parseable too (reads it whole; with
+                load_checkpoint(path, verify=False)  # hashes, every rank of a sharded resume would join all shards)
         except CorruptCheckpoint as e:
             notes.append(str(e))
             continue

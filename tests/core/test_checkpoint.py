@@ -76,6 +76,18 @@ def test_no_valid_checkpoint_gives_none_and_every_note(two):
     assert path is None and len(notes) == 2
 
 
+def test_finding_the_newest_valid_checkpoint_reads_no_tensor_when_the_marker_has_hashes(two, monkeypatch):
+    """The hashes prove the files whole: resume does not load the checkpoint just to check it (every rank of a
+    sharded run would join every shard into full tensors in host memory); a legacy marker is still parsed."""
+    root, _, second = two
+    reads = []
+    real = ckpt.load_file
+    monkeypatch.setattr(ckpt, "load_file", lambda *a, **kw: reads.append(a[0]) or real(*a, **kw))
+    assert ckpt.latest_valid_checkpoint(root) == (second, []) and reads == []
+    (second / "COMPLETE").write_text("2")
+    assert ckpt.latest_valid_checkpoint(root) == (second, []) and reads == [str(second / "tensors.safetensors")]
+
+
 def test_a_legacy_marker_without_hashes_still_loads(two):
     root, _, second = two
     (second / "COMPLETE").write_text("2")  # the marker format before hashes
