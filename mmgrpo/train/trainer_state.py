@@ -26,12 +26,16 @@ from mmgrpo.train.export import export_policy, export_run
 from mmgrpo.train.scoring import stateful_rewards
 
 
-def state_dict(tr: Any) -> dict[str, Any]:
-    """The run's whole state; under DeepSpeed gathered into full tensors (every rank calls this alike)."""
+def state_dict(tr: Any, keep: bool = True, nonfinite: list[str] | None = None) -> dict[str, Any]:
+    """The run's whole state; under DeepSpeed gathered into full tensors (every rank calls this alike; ``keep``
+    False: gathered without host copies, on the ranks that write nothing; ``nonfinite`` collects the names of the
+    gathered weights that are not finite)."""
     model = tr.acc.unwrap_model(tr.policy.model)
     if tr.deepspeed:
         named = named_params(tr, model)
-        trainable, optimizer = zero.full_state(tr.acc, named)
+        trainable, optimizer, bad = zero.full_state(tr.acc, named, keep)
+        if nonfinite is not None:
+            nonfinite.extend(bad)
     else:
         trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         optimizer = tr.optimizer.state_dict()
@@ -60,10 +64,10 @@ def save(tr: Any) -> Path | None:
     """Write the checkpoint of ``tr.step`` (every rank calls this together; the main process's path, else None),
     refused while a trainable tensor is not finite, so the last good checkpoint stays the newest."""
     model = tr.acc.unwrap_model(tr.policy.model)  # the same on every rank: all of them refuse together
-    state = tr.state_dict() if tr.deepspeed else None  # gathered on every rank: the ZeRO partitions joined
-    if state is not None:
-        bad = [n for n, w in state["model"].items() if not bool(w.isfinite().all())]
-    else:
+    bad: list[str] = []
+    # DeepSpeed: the ZeRO partitions joined on every rank (collectives), kept on the host by the main process only
+    state = state_dict(tr, keep=tr.acc.is_main_process, nonfinite=bad) if tr.deepspeed else None
+    if state is None:
         bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(_local(p).isfinite().all())]
     if tr.mesh is not None:  # each rank checked its own slices: all of them refuse together
         seen: list[Any] = [None] * tr.acc.num_processes

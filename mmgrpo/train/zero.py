@@ -156,24 +156,33 @@ def step(acc: Any) -> tuple[bool, float | None]:
     return skipped, norm
 
 
-def full_state(acc: Any, named: list[tuple[str, torch.nn.Parameter]]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(``{name: full fp32 weight}``, AdamW ``state_dict()`` of full tensors) of the trainable parameters ``named``
-    (in the optimizer's order), gathered on every rank (collectives: every rank calls this alike)."""
+def full_state(
+    acc: Any, named: list[tuple[str, torch.nn.Parameter]], keep: bool = True
+) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """(``{name: full fp32 weight}``, AdamW ``state_dict()`` of full tensors, the names of the weights that are not
+    finite) of the trainable parameters ``named`` (in the optimizer's order), gathered on every rank (collectives:
+    every rank calls this alike). ``keep`` False (a rank that writes nothing): the collectives run and the weights
+    are checked, but no tensor is copied to the host (the dicts come back empty), so the ranks of a node do not each
+    hold the whole model and its moments in host memory."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = engine(acc).optimizer.optimizer  # the torch AdamW the engine steps on its flat partitions
     first = next(iter(base.state.values()), None)
     keys = [k for k in (first or {}) if k != "step"]
-    model, state = {}, {}
+    model, state, nonfinite = {}, {}, []
     for i, (name, p) in enumerate(named):
-        model[name] = safe_get_full_fp32_param(p).detach().cpu()
-        if first is not None:
-            state[i] = {"step": first["step"].detach().clone().cpu()}
-            state[i].update({k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in keys})
+        weight = safe_get_full_fp32_param(p).detach()
+        if not bool(weight.isfinite().all()):
+            nonfinite.append(name)
+        moments = {k: safe_get_full_optimizer_state(p, k).detach() for k in keys} if first is not None else None
+        if keep:
+            model[name] = weight.cpu()
+            if moments is not None:
+                state[i] = {"step": first["step"].detach().clone().cpu(), **{k: v.cpu() for k, v in moments.items()}}
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
     if any(h != hyper[0] for h in hyper):
         raise UserError("DeepSpeed holds parameter groups with different optimizer settings; mmgrpo makes one")
-    return model, {"state": state, "param_groups": [{**hyper[0], "params": list(range(len(named)))}]}
+    return model, {"state": state, "param_groups": [{**hyper[0], "params": list(range(len(named)))}]}, nonfinite
 
 
 def load_full_state(acc: Any, params: list[torch.nn.Parameter], weights: list[torch.Tensor], optimizer: dict) -> None:
