@@ -161,7 +161,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_SHARED_LOCK = threading.Lock()
+_SHARED_LOCK = threading.RLock()  # a loader may call another lazy loader (aesthetic's head reads the CLIP)
 
 
 class _Lazy:
@@ -181,13 +181,13 @@ class _Lazy:
         return self._value is not None
 
     def __call__(self) -> Any:
-        if self._value is None:
+        if self._value is None and self._key is None:
+            self._value = self._loader()
+        elif self._value is None:
             with _SHARED_LOCK:
-                value = _SHARED.get(self._key) if self._key is not None else None
+                value = _SHARED.get(self._key)
                 if value is None:
-                    value = self._loader()
-                    if self._key is not None:
-                        _SHARED[self._key] = value
+                    value = _SHARED[self._key] = self._loader()
                 self._value = value
         return self._value
 

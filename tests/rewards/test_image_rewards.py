@@ -330,6 +330,15 @@ def test_rewards_on_the_same_weights_share_one_model_while_any_holds_it(clip_fil
     assert img_rewards.clip_score(**kw).model().dtype == torch.float32
 
 
+def test_a_shared_lazy_loader_may_load_another_inside_it():
+    """A loader may call another lazy loader (aesthetic's head reads the CLIP's width) while it holds the lock."""
+    from mmgrpo.rewards.image_utils import _Lazy
+
+    inner = _Lazy(lambda: torch.nn.Linear(2, 2), key=("test_inner",))
+    outer = _Lazy(lambda: torch.nn.Sequential(inner()), key=("test_outer",))
+    assert outer()[0] is inner()
+
+
 # ---------------------------------------------------------------- registry
 
 
