@@ -533,7 +533,10 @@ DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets: list[str] | None) -> None:
-    """Freeze the denoiser and add a trainable LoRA adapter (peft, through diffusers' adapter API)."""
+    """Freeze the denoiser and add a trainable LoRA adapter (peft, through diffusers' adapter API), its weights in
+    fp32 whatever the denoiser's dtype (peft makes them in the base layer's dtype; in bf16 AdamW's small steps round
+    away, in fp16 its second moment underflows): as peft's ``get_peft_model`` (the VLM policy, Flow-GRPO) and
+    diffusers' ``cast_training_params`` do. peft casts a layer's input to fp32 for the adapter and its output back."""
     with needs("diffusion", "LoRA on a diffusion model"):
         from peft import LoraConfig
 
@@ -548,3 +551,6 @@ def add_lora(denoiser: nn.Module, opts: DiffusionPolicyOptions, default_targets:
     denoiser.add_adapter(config)
     if not any(p.requires_grad for p in denoiser.parameters()):
         raise UserError(f"policy.options.lora_targets {targets} matched no module of the denoiser")
+    for p in denoiser.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()

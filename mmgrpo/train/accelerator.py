@@ -141,13 +141,14 @@ def launch_precision(configured: str | None) -> str:
 
 def check_fp16_params(acc: Accelerator, params: list[torch.Tensor]) -> None:
     """Refuse float16 trainable parameters under fp16 mixed precision: its gradient scaler cannot unscale their
-    gradients (LoRA takes the weights' dtype)."""
+    gradients (full fine-tuning of float16 weights; LoRA adapters are fp32)."""
     if str(acc.mixed_precision) == "fp16" and any(p.dtype == torch.float16 for p in params):
         raise UserError(
             "trainer.mixed_precision=fp16 (or the launcher's --mixed_precision fp16) trains with a gradient "
-            "scaler, which cannot unscale the gradients of float16 trainable parameters (torch.float16; LoRA takes "
-            "the weights' dtype): load the weights in float32 (policy.options.dtype: float32) and keep fp16 mixed "
-            "precision, or use bf16 (policy.options.dtype: bfloat16 or trainer.mixed_precision=bf16)"
+            "scaler, which cannot unscale the gradients of float16 trainable parameters (torch.float16: every "
+            "float16 weight is trained): load the weights in float32 (policy.options.dtype: float32) and keep fp16 "
+            "mixed precision, train LoRA adapters (fp32), or use bf16 (policy.options.dtype: bfloat16 or "
+            "trainer.mixed_precision=bf16)"
         )
 
 

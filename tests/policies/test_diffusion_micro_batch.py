@@ -442,13 +442,18 @@ def test_recomputed_log_probs_come_back_where_logp_old_is(tmp_path, model):
 
 
 def test_fp16_mixed_precision_with_float16_trainable_weights_is_refused_with_the_fix(tmp_path, model):
-    """fp16 mixed precision trains through a gradient scaler, which cannot unscale float16 gradients (LoRA takes the
-    weights' dtype): the trainer refuses the pair before any step, naming both settings and the ways out."""
+    """fp16 mixed precision trains through a gradient scaler, which cannot unscale float16 gradients (full
+    fine-tuning of float16 weights): the trainer refuses the pair before any step, naming both settings and the ways
+    out. LoRA adapters are fp32 on float16 weights, so that pair trains."""
     with pytest.raises(UserError) as e:
-        trainer_for(tmp_path, model, "trainer.mixed_precision=fp16", policy={"dtype": "float16", "lora_rank": 2})
+        trainer_for(tmp_path, model, "trainer.mixed_precision=fp16", policy={"dtype": "float16", "lora_rank": 0})
     msg = str(e.value)
     assert "trainer.mixed_precision=fp16" in msg and "torch.float16" in msg and "policy.options.dtype: float32" in msg
-    trainer_for(tmp_path / "bf16", model, "trainer.mixed_precision=fp16", policy={"lora_rank": 2})  # fp32 weights
+    trainer_for(tmp_path / "fp32", model, "trainer.mixed_precision=fp16", policy={"lora_rank": 2})  # fp32 weights
+    lora = trainer_for(
+        tmp_path / "lora", model, "trainer.mixed_precision=fp16", policy={"dtype": "float16", "lora_rank": 2}
+    )
+    assert {p.dtype for p in lora.params} == {torch.float32}
 
 
 @pytest.mark.parametrize("objective", ["sde", "flow_matching"])

@@ -115,3 +115,20 @@ def test_real_second_clip_keeps_the_diffusers_default_and_bad_encoders_are_refus
             p.zero_()
     with pytest.raises(UserError, match="text_encoder has all-zero weights"):
         SD3Adapter(c["transformer"], c["scheduler"], encoders, tokenizers)
+
+
+def test_lora_on_bfloat16_weights_trains_in_fp32_and_keeps_the_ratio_at_one():
+    """peft makes an adapter in its base layer's dtype; in bf16 AdamW's small steps round away (in fp16 its second
+    moment underflows). The adapter is fp32 (as get_peft_model makes the VLM's), the frozen weights stay bf16, the
+    denoiser still returns the weights' dtype, and the recomputed log-prob still equals logp_old."""
+    opts = DiffusionPolicyOptions(num_steps=3, lora_rank=2)
+    policy = DiffusionPolicy(tiny_sd3_adapter(dtype="bfloat16"), opts)
+    trainable = policy.trainable_parameters()
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in policy.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    r = policy.rollout(batch(), group_size=2)
+    assert_ratio_one(policy, r, atol=1e-5)
+    rows = torch.arange(r.num_rows)
+    policy.log_prob(r, rows, r.train_mask.any(0).nonzero().reshape(-1)).logp.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
