@@ -132,3 +132,21 @@ def test_lora_on_bfloat16_weights_trains_in_fp32_and_keeps_the_ratio_at_one():
     policy.log_prob(r, rows, r.train_mask.any(0).nonzero().reshape(-1)).logp.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
 
+
+def test_moving_an_adapter_to_its_device_keeps_what_its_loader_holds_in_fp32():
+    """``from_pretrained(torch_dtype=float16)`` keeps T5's ``wo`` in fp32 (fp16 overflows there); the adapter moves
+    such a module to its device without casting it again (the meta device stands in for the GPU)."""
+    from transformers import T5EncoderModel
+
+    from mmgrpo.policies.models.sd3 import SD3Adapter
+    from mmgrpo.testing.tiny_sd3 import tiny_sd3_components
+
+    c = tiny_sd3_components(0, with_t5=True)
+    t5 = c["text_encoder_3"].to(torch.float16)
+    t5.encoder.block[0].layer[-1].DenseReluDense.wo.to(torch.float32)  # as transformers loads it in fp16
+    enc = [c["text_encoder"].half(), c["text_encoder_2"].half(), t5]
+    tok = [c["tokenizer"], c["tokenizer_2"], c["tokenizer_3"]]
+    SD3Adapter(c["transformer"], c["scheduler"], enc, tok, c["vae"], device="meta", dtype="float16")
+    assert isinstance(t5, T5EncoderModel) and t5.device.type == "meta"
+    assert t5.encoder.block[0].layer[-1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert c["transformer"].dtype == torch.float16  # built in fp32: cast

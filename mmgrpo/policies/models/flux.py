@@ -34,6 +34,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+from mmgrpo.policies.models import place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
@@ -136,8 +137,7 @@ class FluxAdapter:
                 raise UserError(f"policy.options.{name}={size} must be a multiple of {2 * self.scale} for FLUX "
                                 f"(VAE x{self.scale}, 2x2 packing); use {lo} or {lo + 2 * self.scale}")  # fmt: skip
         for m in (transformer, vae, text_encoder, text_encoder_2):
-            if m.device != self.device or m.dtype != self.dtype:
-                m.to(self.device, self.dtype)
+            place(m, self.device, self.dtype)
         for m in (vae, text_encoder, text_encoder_2):
             m.requires_grad_(False).eval()
         _, h, w = self.latent_shape()

@@ -29,6 +29,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+from mmgrpo.policies.models import place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
@@ -55,6 +56,9 @@ class HunyuanVideoAdapter:
     prediction_type = "flow"
     # attention projections of the dual-stream blocks (image and text streams) and of the single-stream blocks
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    no_xformers = ("diffusers' xformers processor for its attention layers drops HunyuanVideo's rotary embedding and "
+                   "q/k norms and returns one stream where its dual-stream blocks expect two")  # fmt: skip
+    """why ``attention: xformers`` is refused for this family (its blocks use diffusers' legacy Attention class)"""
     # the pipeline sub-folders from_pretrained reads (what a hub download fetches)
     components = ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     source: ModelSource | None = None  # where from_pretrained read the pipeline (export copies its other parts)
@@ -95,8 +99,7 @@ class HunyuanVideoAdapter:
             raise UserError("the HunyuanVideo scheduler must use a fixed shift (use_dynamic_shifting=false), "
                             "as HunyuanVideoPipeline passes no mu")  # fmt: skip
         for m in [transformer, vae, text_encoder, text_encoder_2]:
-            if m.device != self.device or m.dtype != self.dtype:
-                m.to(self.device, self.dtype)
+            place(m, self.device, self.dtype)
         for m in [vae, text_encoder, text_encoder_2]:
             m.requires_grad_(False).eval()
         self._negative: Cond | None = None

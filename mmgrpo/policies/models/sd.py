@@ -30,6 +30,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+from mmgrpo.policies.models import place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
@@ -84,8 +85,8 @@ class SDAdapter:
             if size % self.scale:
                 raise UserError(f"policy.options.{name}={size} is not a multiple of the VAE factor {self.scale}")
         for m in [unet, vae, text_encoder, text_encoder_2]:
-            if m is not None and (m.device != self.device or m.dtype != self.dtype):
-                m.to(self.device, self.dtype)
+            if m is not None:
+                place(m, self.device, self.dtype)
         if self.dtype == torch.float16 and vae.config.force_upcast:  # the fp16 SD/SDXL VAE overflows (diffusers)
             vae.to(torch.float32)
         for m in [vae, text_encoder, text_encoder_2]:

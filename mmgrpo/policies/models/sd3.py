@@ -30,6 +30,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+from mmgrpo.policies.models import place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
@@ -83,8 +84,8 @@ class SD3Adapter:
         self.height, self.width = height or default, width or default
         self.scale = scale
         for m in [transformer, vae, *self.text_encoders]:
-            if m is not None and (m.device != self.device or m.dtype != self.dtype):
-                m.to(self.device, self.dtype)
+            if m is not None:
+                place(m, self.device, self.dtype)
         for m in [vae, *self.text_encoders]:
             if m is not None:
                 m.requires_grad_(False).eval()

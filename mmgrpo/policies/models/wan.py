@@ -38,6 +38,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.files import open_video
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
+from mmgrpo.policies.models import place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder, sibling
@@ -45,14 +46,6 @@ from mmgrpo.policies.vlm_inputs import load_image
 
 IMAGE_KEYS = ("condition", "image_embeds")  # per-row image conditioning, shared by both CFG branches
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
-
-
-def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to device; cast only a module built in another dtype (a cast would also demote the modules that
-    diffusers keeps in fp32 when loading with ``torch_dtype``: Wan's rope, time embedder and norms)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    module.to(device)
 
 
 def flow_scheduler(scheduler: Any) -> Any:
@@ -232,7 +225,7 @@ class WanAdapter:
         for m, dt in [(transformer, self.dtype), (transformer_2, self.dtype), (text_encoder, self.dtype),
                       (vae, torch.float32), (image_encoder, torch.float32)]:  # fmt: skip
             if m is not None:
-                _place(m, self.device, dt)
+                place(m, self.device, dt)
         for m in [vae, text_encoder, image_encoder]:
             if m is not None:
                 m.requires_grad_(False).eval()
