@@ -56,6 +56,10 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
             if getattr(self, key) < 0:
                 raise bad_option(f"policy.options.{key}", getattr(self, key),
                                  f"must be >= 0; set it to 0 (the model's default) or e.g. {example}")  # fmt: skip
+        why = getattr(ADAPTERS.get(self.family), "no_xformers", None) if self.family in ADAPTERS else None
+        if self.attention == "xformers" and why:
+            raise bad_option("policy.options.attention", "xformers",
+                             f"the {self.family} family runs with attention: sdpa ({why})")  # fmt: skip
 
 
 def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:

@@ -86,3 +86,13 @@ def test_config_loads():
     o = cfg.policy.options
     assert (o["num_frames"] - 1) % 4 == 0 and o["height"] % 16 == 0 and o["width"] % 16 == 0
     assert np.isclose(o["sde"]["noise_level"], 0.7)
+
+
+def test_xformers_attention_is_refused_when_the_config_loads():
+    """diffusers' xformers processor replaces HunyuanVideo's own attention processors and drops their rotary
+    embedding and q/k norms: refused when the config loads (before any model), naming the family and the fix."""
+    with pytest.raises(UserError) as e:
+        load_config("configs/hunyuan_t2v_flow_grpo.yaml", ["policy.options.attention=xformers"])
+    msg = str(e.value)
+    assert msg.startswith("policy.options.attention='xformers'") and "hunyuan_video" in msg and "sdpa" in msg
+    load_config("configs/sd3_flow_grpo.yaml", ["policy.options.attention=xformers"])  # SD3 has xformers processors
