@@ -116,13 +116,28 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def missing_parents(path: str | os.PathLike) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, deepest first: what creating it also creates (a command's
+    output folder on a fresh machine), for :func:`remove_empty` to take back after a failure."""
+    return [a for a in Path(os.path.abspath(path)).parents if not a.exists()]
+
+
+def remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty; the first one holding anything stops it."""
+    for a in folders:
+        try:
+            a.rmdir()
+        except OSError:
+            return
+
+
 @contextmanager
 def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Write the folder ``path`` whole or not at all: yields a temporary sibling folder, renamed to ``path`` when the
     block ends (an existing ``path`` must be empty: it is replaced); on an exception the temporary folder and the
     parent folders made for it are removed and ``path`` is left as it was."""
     out = Path(os.path.abspath(path))
-    made = [a for a in reversed(out.parents) if not a.exists()]  # outermost first
+    made = missing_parents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,11 +149,7 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for a in reversed(made):
-            try:
-                a.rmdir()
-            except OSError:
-                break
+        remove_empty(made)
         raise
 
 

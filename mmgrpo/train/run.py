@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from accelerate import Accelerator
 
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
+from mmgrpo.core.files import missing_parents
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.accelerator import make_accelerator
 from mmgrpo.train.config import Config, resolved_config
@@ -26,7 +27,6 @@ from mmgrpo.train.run_dir import (
     check_resume_config,
     discard_unstarted,
     discard_untrained,
-    missing_parents,
     prepare_run_dir,
     resume_checkpoint,
     truncate_metrics,

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from mmgrpo.core.errors import UserError, quoted
-from mmgrpo.core.files import write_atomic
+from mmgrpo.core.files import remove_empty, write_atomic
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import (
     Config,
@@ -80,33 +80,14 @@ def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
     return run_dir
 
 
-def missing_parents(run_dir: Path) -> list[Path]:
-    """The folders above ``run_dir`` that do not exist yet (deepest first): what creating it also creates
-    (``run.output_dir`` itself on a fresh machine), removed again with it by :func:`discard_unstarted` and
-    :func:`discard_untrained` while they are empty."""
-    out, p = [], run_dir.absolute().parent
-    while not p.exists() and p != p.parent:
-        out.append(p)
-        p = p.parent
-    return out
-
-
-def _remove_empty(parents: Sequence[Path]) -> None:
-    for p in parents:  # deepest first; one holding anything (another run's folder) stops it
-        try:
-            p.rmdir()
-        except OSError:
-            return
-
-
 def discard_unstarted(run_dir: Path, parents: Sequence[Path] = ()) -> None:
     """Remove ``run_dir`` if it holds the marker and nothing else: a new run that failed before it wrote anything;
-    then ``parents`` (:func:`missing_parents`, before the run made them) while they are empty."""
+    then ``parents`` (:func:`~mmgrpo.core.files.missing_parents`, before the run made them) while they are empty."""
     try:
         if [p.name for p in run_dir.iterdir()] == [RUN_MARKER]:
             (run_dir / RUN_MARKER).unlink()
             run_dir.rmdir()
-            _remove_empty(parents)
+            remove_empty(parents)
     except OSError:
         pass  # gone already, or something appeared in it: leave it
 
@@ -122,7 +103,7 @@ def discard_untrained(run_dir: Path, parents: Sequence[Path] = ()) -> bool:
         shutil.rmtree(run_dir)
     except OSError:
         return False
-    _remove_empty(parents)
+    remove_empty(parents)
     return True
 
 
