@@ -276,7 +276,7 @@ class NFTObjective(FinalSampleObjective):
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():  # the sampler's weights
             v_old = policy.adapter.predict(policy.unwrapped(), xt.to(policy.adapter.dtype), t, cond_k).float()
         n, K = len(rows), len(units)
-        if "fm_v_old" not in rollout.extras or rows[0] == 0:  # the rollout's first part: [N, K, *latent]
+        if "fm_v_old" not in rollout.extras:  # the rollout's first part (finish_rollout calls this in parts)
             rollout.extras["fm_v_old"] = v_old.new_empty((rollout.num_rows, K, *v_old.shape[1:]))
         rollout.extras["fm_v_old"][rows.to(v_old.device)] = v_old.view(n, K, *v_old.shape[1:])
         return -self.nft_errors(v_old, v_old, xt, x0, sig)[0].view(n, K)
