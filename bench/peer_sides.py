@@ -222,7 +222,9 @@ def vlm_trl(s: dict[str, Any], model_dir: str, run_dir: str, warm: int, steps: i
     rows = [{"prompt": [{"role": "system", "content": R1_SYSTEM_PROMPT},
                         {"role": "user", "content": question_text(p)}],
              "image": Image.fromarray(m["images"][0]), "answer": m["answer"]} for p, m in vlm_examples(s)]  # fmt: skip
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype="float32")
+    # without the hub's kernels, as mmgrpo loads it (NO_HUB_KERNELS): on a GPU, transformers' default would fetch
+    # layers from the hub at the first train() (the GPU check's machine is offline) and run other layers than mmgrpo
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype="float32", use_kernels=False)
     model.model.visual.requires_grad_(False)  # as mmgrpo's freeze_vision (full fine-tuning of the language model)
     processor = AutoProcessor.from_pretrained(model_dir)
     n = s["B"] * s["G"]

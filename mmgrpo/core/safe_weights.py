@@ -14,6 +14,15 @@ from mmgrpo.core.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+NO_HUB_KERNELS = {"use_kernels": False}
+"""``from_pretrained`` keyword of every transformers model mmgrpo loads (the VLM, its listener / teachers, CLIP
+reward models, the diffusion pipelines' text encoders). Newer transformers (5.2x) turn the ``kernels`` package's hub
+layers on by default: at the model's first ``train()`` / ``eval()`` switch on a GPU they replace RMSNorm, rotary and
+activation layers by code downloaded from the Hugging Face hub (remote code the user did not ask for; a network fetch
+that fails on an offline machine, mid-run), and the set for training differs from the set for inference (a policy's
+rollout and update could run different layers: ratio != 1). Each switch also re-kernelizes the model (0.6 ms a switch
+on CPU, four a VLM step). A VLM opts in with ``policy.options.hub_kernels``."""
+
 
 def pickle_only_folders(path: str | Path) -> list[Path]:
     """``path`` and its direct subfolders (a diffusers layout) that hold pickled weights but no safetensors file."""

@@ -52,7 +52,7 @@ import torch
 
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
-from mmgrpo.core.safe_weights import refuse_pickle_weights
+from mmgrpo.core.safe_weights import NO_HUB_KERNELS, refuse_pickle_weights
 from mmgrpo.methods.registry import Method, register_method
 from mmgrpo.policies.sources import ModelSource, resolve_source
 from mmgrpo.policies.vlm import VLMPolicyOptions, load_vlm
@@ -182,7 +182,7 @@ class HFListenerScorer:
             with src.errors(hint):
                 processor = AutoProcessor.from_pretrained(src.path, **src.files())
                 model = AutoModelForImageTextToText.from_pretrained(
-                    src.path, dtype=getattr(torch, dtype), **src.weights()
+                    src.path, dtype=getattr(torch, dtype), **src.weights(), **NO_HUB_KERNELS
                 )
         except (ValueError, AttributeError) as e:
             raise UserError(f"listener: cannot load a VLM from model={src.describe()}: {e}. {hint}") from e

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mmgrpo.core.errors import UserError, quoted
-from mmgrpo.core.safe_weights import PICKLE_SUFFIXES
+from mmgrpo.core.safe_weights import NO_HUB_KERNELS, PICKLE_SUFFIXES
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 """a hub repository id ``org/name`` (huggingface_hub's naming rules, less the rarer ones)"""
@@ -129,6 +129,11 @@ class ModelSource:
                                   "files", stacklevel=3)  # fmt: skip
                     del out["variant"]
         return out
+
+    def encoder_weights(self, subfolder: str) -> dict[str, Any]:
+        """:meth:`weights` of a transformers model (a text or image encoder), without the hub's kernels
+        (:data:`~mmgrpo.core.safe_weights.NO_HUB_KERNELS`)."""
+        return {**self.weights(subfolder), **NO_HUB_KERNELS}
 
     def files(self, subfolder: str | None = None) -> dict[str, Any]:
         """``from_pretrained`` keywords of a component without weights (config, tokenizer, processor, scheduler)."""

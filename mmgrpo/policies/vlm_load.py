@@ -18,7 +18,7 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
-from mmgrpo.core.safe_weights import refuse_pickle_weights
+from mmgrpo.core.safe_weights import NO_HUB_KERNELS, refuse_pickle_weights
 from mmgrpo.policies.sources import check_source_options, resolve_source
 from mmgrpo.policies.vlm_families import VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT
@@ -49,6 +49,11 @@ class VLMPolicyOptions:
     or a dotted path; auto = the family registered under the model config's model_type, else generic"""
     trust_remote_code: bool = False
     """let transformers run the model repository's own code (only for repositories you trust)"""
+    hub_kernels: bool = False
+    """let transformers replace layers (RMSNorm, rotary, activations) by the ``kernels`` package's layers downloaded
+    from the Hugging Face hub, on a GPU (transformers' ``use_kernels``). Off by default: it is code from the hub, the
+    download needs the network at the model's first train / eval switch, and transformers picks some layers for
+    inference only, so the rollout and the update may run different code"""
     dtype: str = "float32"
     """weights dtype: float32, bfloat16 or float16 (transformers' dtype / torch_dtype; log-prob maths is fp32
     whatever this is)"""
@@ -200,7 +205,8 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
     refuse_pickle_weights(src.path, key, f"transformers.{model_cls.__name__}")  # a hub id: use_safetensors refuses
     try:
         with src.errors(_LOCAL_HINT):
-            model = model_cls.from_pretrained(src.path, dtype=dtypes[o.dtype], **src.weights(), **kw)
+            kernels = {"use_kernels": True} if o.hub_kernels else NO_HUB_KERNELS
+            model = model_cls.from_pretrained(src.path, dtype=dtypes[o.dtype], **src.weights(), **kw, **kernels)
             processor = AutoProcessor.from_pretrained(src.path, **src.files(), **kw)
     except ValueError as e:
         raise UserError(f"cannot load a VLM from {key}={src.describe()}: {e}. {_LOCAL_HINT}") from e

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.registry import nearest
-from mmgrpo.core.safe_weights import refuse_pickle_weights
+from mmgrpo.core.safe_weights import NO_HUB_KERNELS, refuse_pickle_weights
 from mmgrpo.rewards.image_utils import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -205,7 +205,7 @@ class HFClip:
             if not os.path.isdir(d):
                 raise UserError(f"pickscore: {d!r} is not a directory; give a local CLIPModel / processor directory")
         refuse_pickle_weights(model_dir, "pickscore model", "transformers.CLIPModel")
-        self.net = CLIPModel.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        self.net = CLIPModel.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, **NO_HUB_KERNELS)
         self.net = self.net.to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_dir)
         self.max_len = int(self.net.config.text_config.max_position_embeddings)

@@ -30,6 +30,7 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
+from mmgrpo.core.safe_weights import NO_HUB_KERNELS
 from mmgrpo.rewards.boxes import FAMILIES, box_iou, parse_box, to_absolute
 from mmgrpo.rewards.registry import register
 
@@ -359,7 +360,9 @@ class SentenceEncoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             # safetensors only: never unpickle weights
-            self.model = AutoModel.from_pretrained(str(model_dir), use_safetensors=True).to(device).eval()
+            self.model = (
+                AutoModel.from_pretrained(str(model_dir), use_safetensors=True, **NO_HUB_KERNELS).to(device).eval()
+            )
         except (OSError, ValueError) as e:
             raise UserError(
                 f"text_similarity: cannot load a sentence encoder (safetensors weights + tokenizer) from "

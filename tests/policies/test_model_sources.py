@@ -58,6 +58,14 @@ def weights(adapter) -> dict[str, dict[str, torch.Tensor]]:
     return {k: m.state_dict() for k, m in vars(adapter).items() if isinstance(m, nn.Module)}
 
 
+def kernel_flags(modules) -> list[bool]:
+    """``use_kernels`` of every transformers model inside ``modules``: when true, transformers re-kernelizes the model
+    at each train() / eval() switch and, on a GPU, loads layers from the hub (core.safe_weights.NO_HUB_KERNELS)."""
+    from transformers import PreTrainedModel
+
+    return [m.use_kernels for top in modules for m in top.modules() if isinstance(m, PreTrainedModel)]
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and a
     for name in a:
@@ -143,8 +151,25 @@ def test_every_family_loads_a_cached_hub_id_offline_as_it_loads_the_folder(tmp_p
     local = load_adapter(options(family, path=folder))
     remote = load_adapter(options(family, path=f"mmgrpo-test/tiny-{family}"))
     assert_same_weights(weights(remote), weights(local))
+    parts = [m for a in (local, remote) for v in vars(a).values() for m in (v if isinstance(v, list) else [v])]
+    flags = kernel_flags([m for m in parts if isinstance(m, nn.Module)])
+    assert flags and not any(flags)  # the text / image encoders: no hub kernels
     assert remote.source.hub_id == f"mmgrpo-test/tiny-{family}" and Path(remote.source.path).is_relative_to(hub)
     assert local.source.hub_id is None and local.source.path == str(folder)
+
+
+def test_a_vlm_uses_the_hubs_kernels_only_when_asked(tmp_path):
+    from transformers.utils import is_kernels_available
+
+    folder = save_tiny(*tiny_qwen2_vl(seed=0), tmp_path / "vlm")
+    model, _ = load_vlm(str(folder), VLMPolicyOptions())
+    assert kernel_flags([model]) and not any(kernel_flags([model]))  # the model and its sub-models
+    if is_kernels_available():  # on a CPU the kernels fall back to torch's layers
+        opted, _ = load_vlm(str(folder), VLMPolicyOptions(hub_kernels=True))
+        assert opted.use_kernels is True
+    else:  # an older transformers / kernels pair: transformers' own message, in one paragraph
+        with pytest.raises(UserError, match="cannot load a VLM from .*[Kk]ernels"):
+            load_vlm(str(folder), VLMPolicyOptions(hub_kernels=True))
 
 
 def test_a_hub_revision_and_variant_select_their_snapshot_and_files(tmp_path, hub):
@@ -218,6 +243,7 @@ def test_a_vlm_and_the_listener_load_a_cached_hub_id_with_its_variant(tmp_path, 
     reward = reward_registry.get("listener", model="mmgrpo-test/vlm", variant="fp16")
     hf = HFListenerScorer.from_pretrained(reward.model)
     assert same(listener.model) and same(hf.model)
+    assert not any(kernel_flags([local, remote, plain, listener.model, hf.model]))
     assert reward_registry.get("vlm_listener", model="mmgrpo-test/vlm", revision="v9").scorer.options == {
         "device": "cpu", "dtype": "float32", "family": "auto", "max_pixels": None, "revision": "v9",
         "variant": None,

@@ -270,6 +270,7 @@ def test_pickscore_equals_logit_scale_times_cosine(pickscore_dir):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     cos = (out.image_embeds * out.text_embeds).sum(-1)  # both L2-normalised by CLIPModel.forward
     torch.testing.assert_close(got, 14.2849 * cos, atol=1e-4, rtol=1e-4)  # logit_scale init 2.6592: e^2.6592 = 14.2849
+    assert fn.model().net.use_kernels is False  # loaded without the hub's kernels (core.safe_weights.NO_HUB_KERNELS)
     with pytest.raises(UserError, match="model="):
         img_rewards.pickscore()
 

@@ -167,10 +167,12 @@ class FluxAdapter:
         with src.errors():
             parts = dict(
                 scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(src.path, subfolder="scheduler"),
-                text_encoder=CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder")),
+                text_encoder=CLIPTextModel.from_pretrained(
+                    src.path, torch_dtype=td, **src.encoder_weights("text_encoder")
+                ),
                 tokenizer=AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer"),
                 text_encoder_2=T5EncoderModel.from_pretrained(
-                    src.path, torch_dtype=td, **src.weights("text_encoder_2")
+                    src.path, torch_dtype=td, **src.encoder_weights("text_encoder_2")
                 ),
                 tokenizer_2=AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer_2"),
                 vae=AutoencoderKL.from_pretrained(src.path, torch_dtype=td, **src.weights("vae")),

@@ -149,9 +149,9 @@ class HunyuanVideoAdapter:
         with src.errors():
             parts = (
                 FlowMatchEulerDiscreteScheduler.from_pretrained(src.path, subfolder="scheduler"),
-                LlamaModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder")),
+                LlamaModel.from_pretrained(src.path, torch_dtype=td, **src.encoder_weights("text_encoder")),
                 AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer"),
-                CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder_2")),
+                CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.encoder_weights("text_encoder_2")),
                 AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer_2"),
                 AutoencoderKLHunyuanVideo.from_pretrained(src.path, torch_dtype=td, **src.weights("vae")),
             )

@@ -118,13 +118,13 @@ class SDAdapter:
         unet = load_denoiser(src, UNet2DConditionModel, "unet", td)
         with src.errors():
             scheduler = DDIMScheduler.from_pretrained(src.path, subfolder="scheduler")
-            te = CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder"))
+            te = CLIPTextModel.from_pretrained(src.path, torch_dtype=td, **src.encoder_weights("text_encoder"))
             tok = AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer")
             vae = AutoencoderKL.from_pretrained(src.path, torch_dtype=td, **src.weights("vae"))
             te2 = tok2 = None
             if "text_encoder_2" in parts:  # SDXL
                 te2 = CLIPTextModelWithProjection.from_pretrained(
-                    src.path, torch_dtype=td, **src.weights("text_encoder_2")
+                    src.path, torch_dtype=td, **src.encoder_weights("text_encoder_2")
                 )
                 tok2 = AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer_2")
         zeros = bool(index.get("force_zeros_for_empty_prompt", True))

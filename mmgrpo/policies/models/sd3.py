@@ -115,7 +115,7 @@ class SD3Adapter:
             for enc_cls, sub in spec:
                 if f"text_encoder{sub}" in parts:
                     encoders.append(
-                        enc_cls.from_pretrained(src.path, torch_dtype=td, **src.weights(f"text_encoder{sub}"))
+                        enc_cls.from_pretrained(src.path, torch_dtype=td, **src.encoder_weights(f"text_encoder{sub}"))
                     )
                     tokenizers.append(AutoTokenizer.from_pretrained(src.path, subfolder=f"tokenizer{sub}"))
                 else:

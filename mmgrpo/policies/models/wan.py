@@ -271,11 +271,13 @@ class WanAdapter:
             image_encoder = image_processor = None
             if "image_encoder" in parts:
                 image_encoder = CLIPVisionModel.from_pretrained(
-                    src.path, torch_dtype=torch.float32, **src.weights("image_encoder")
+                    src.path, torch_dtype=torch.float32, **src.encoder_weights("image_encoder")
                 )
                 image_processor = CLIPImageProcessor.from_pretrained(src.path, subfolder="image_processor")
             vae = AutoencoderKLWan.from_pretrained(src.path, torch_dtype=torch.float32, **src.weights("vae"))
-            text_encoder = UMT5EncoderModel.from_pretrained(src.path, torch_dtype=td, **src.weights("text_encoder"))
+            text_encoder = UMT5EncoderModel.from_pretrained(
+                src.path, torch_dtype=td, **src.encoder_weights("text_encoder")
+            )
             tokenizer = AutoTokenizer.from_pretrained(src.path, subfolder="tokenizer")
         adapter = cls(
             t1, scheduler_cfg, vae, text_encoder, tokenizer, image_encoder, image_processor, t2,
