@@ -290,3 +290,29 @@ def test_noise_zero_equals_diffusers_pipeline(family, model, guidance):
     assert torch.allclose(got, ref_latents, atol=1e-4), (got - ref_latents).abs().max()
     assert out.samples.shape == ref_samples.shape == (1, *FAMILIES[family].sample)
     assert torch.allclose(out.samples, ref_samples, atol=1e-4), (out.samples - ref_samples).abs().max()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "sd"])
+def test_the_image_vae_decodes_a_large_rollout_in_parts_of_a_bounded_size(family, monkeypatch):
+    """A rollout's latents are decoded in parts of at most DECODE_LATENT_PIXELS latent pixels (VAE memory does not grow
+    with B x G): the images equal one call's, and the decoder runs once a part."""
+    import mmgrpo.policies.models as models
+
+    adapter = FAMILIES[family].make(0)
+    torch.manual_seed(0)
+    z = torch.randn(7, adapter.vae.config.latent_channels, 2, 2)  # 16 px images
+    whole = adapter.decode(z)  # 7 rows x 4 latent pixels: one call at the default budget
+    calls = []
+    hook = adapter.vae.decoder.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    try:
+        assert calls == [] and adapter.decode(z).shape == whole.shape and calls == [7]
+        calls.clear()
+        monkeypatch.setattr(models, "DECODE_LATENT_PIXELS", 12)  # 3 rows of 2 x 2 a call
+        parts = adapter.decode(z)
+        monkeypatch.setattr(models, "DECODE_LATENT_PIXELS", 1)  # never below one row a call
+        rows = adapter.decode(z[:2])
+    finally:
+        hook.remove()
+    assert calls == [3, 3, 1, 1, 1]
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows, whole[:2], atol=1e-5, rtol=1e-5)

@@ -7,7 +7,21 @@ from torch import nn
 
 from mmgrpo.core.dtypes import resolve_dtype
 
-__all__ = ["place", "resolve_dtype"]
+__all__ = ["DECODE_LATENT_PIXELS", "decode_in_parts", "place", "resolve_dtype"]
+
+DECODE_LATENT_PIXELS = 8 * 128 * 128
+"""Latent pixels an image VAE decodes in one call: 8 images of 1024 px (128 x 128 latents), 32 of 512 px. A rollout
+of B x G images is decoded in parts of this size, so the VAE's activations (a few GB for 8 images of 1024 px in
+bf16) do not grow with the batch; a smaller rollout is one call, as before."""
+
+
+def decode_in_parts(decode, latents: torch.Tensor) -> torch.Tensor:
+    """``decode`` (latents ``[n, C, h, w]`` -> images ``[n, ...]``) over parts of at most
+    :data:`DECODE_LATENT_PIXELS` latent pixels (at least one row each), concatenated."""
+    rows = max(1, DECODE_LATENT_PIXELS // (latents.shape[-2] * latents.shape[-1]))
+    if latents.shape[0] <= rows:
+        return decode(latents)
+    return torch.cat([decode(part) for part in latents.split(rows)])
 
 
 def place(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:

@@ -34,7 +34,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-from mmgrpo.policies.models import place
+from mmgrpo.policies.models import decode_in_parts, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
@@ -247,13 +247,14 @@ class FluxAdapter:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[n, C, h, w]`` -> images ``[n, 3, H, W]`` in [0, 1], a few rows at a time (VAE memory)."""
+        """Latents ``[n, C, h, w]`` -> images ``[n, 3, H, W]`` in [0, 1], in parts (VAE memory: decode_in_parts)."""
         cfg = self.vae.config
-        images = []
-        for z in latents.to(self.dtype).split(8):
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
             z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-            images.append((self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
-        return torch.cat(images)
+            return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+        return decode_in_parts(decode, latents.to(self.dtype))
 
 
 def _check_layout(path: str) -> None:

@@ -30,7 +30,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-from mmgrpo.policies.models import place
+from mmgrpo.policies.models import decode_in_parts, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
@@ -210,7 +210,8 @@ class SDAdapter:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [n, C, h, w] -> images [n, 3, H, W] in [0, 1] (SDXL: latents_mean/std when the VAE has them)."""
+        """Latents [n, C, h, w] -> images [n, 3, H, W] in [0, 1] (SDXL: latents_mean/std when the VAE has them), in
+        parts (VAE memory: decode_in_parts)."""
         cfg = self.vae.config
         z = latents.to(self.vae.dtype)
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
@@ -221,7 +222,7 @@ class SDAdapter:
             z = z * std / cfg.scaling_factor + mean
         else:
             z = z / cfg.scaling_factor
-        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        return decode_in_parts(lambda p: (self.vae.decode(p, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1), z)
 
 
 def ddim_schedule(scheduler: Any, num_steps: int) -> Schedule:

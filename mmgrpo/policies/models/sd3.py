@@ -30,7 +30,7 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-from mmgrpo.policies.models import place
+from mmgrpo.policies.models import decode_in_parts, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
@@ -197,12 +197,16 @@ class SD3Adapter:
 
 def decode_latents(vae: nn.Module | None, latents: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] from SD3 latents: un-normalised by the VAE's scaling / shift factors and
-    decoded; without a VAE the latents are pixels in [-1, 1]."""
+    decoded in parts (VAE memory: decode_in_parts); without a VAE the latents are pixels in [-1, 1]."""
     if vae is None:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
     cfg = vae.config
-    z = latents.to(dtype or vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-    return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    return decode_in_parts(decode, latents.to(dtype or vae.dtype))
 
 
 def is_placeholder(encoder: nn.Module) -> bool:
