@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -229,6 +229,10 @@ class DiffusionPolicy:
         if self.opts.attention == "xformers":
             adapter.denoiser.enable_xformers_memory_efficient_attention()
         self.model: nn.Module = adapter.denoiser
+        self.forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        """the context the trained model's forwards run in: the trainer sets accelerate's autocast, which wraps the
+        prepared model's forward; the frozen reference of a full fine-tune runs in it too, so that its KL is 0 at the
+        initial weights under mixed precision (fp32 against bf16 forwards made a KL of bf16's rounding)"""
         self.objective.attach(self)
         self.logp_old_from_update = False
         """set by the trainer around a rollout that feeds one optimizer step: objectives whose logp_old is a forward
@@ -499,7 +503,8 @@ class DiffusionPolicy:
     def reference(self) -> Iterator[nn.Module]:
         """The reference policy's denoiser: the LoRA adapter disabled, or (full fine-tuning) the frozen copy."""
         if self._frozen_reference is not None:
-            yield self._frozen_reference
+            with self.forward_context():
+                yield self._frozen_reference
             return
         m = self.unwrapped()
         m.disable_adapters()

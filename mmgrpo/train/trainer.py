@@ -110,6 +110,8 @@ class Trainer(CollectPhase, UpdatePhase):
             **optimizer_kernel(self.params, self.acc.distributed_type),
         )
         self.policy.model, self.optimizer = self.acc.prepare(self.policy.model, opt)
+        if hasattr(self.policy, "forward_context"):  # the policy's other forwards (a frozen reference) autocast alike
+            self.policy.forward_context = self.acc.autocast
         self.zero_stage = zero.engine(self.acc).zero_optimization_stage() if self.deepspeed else 0
         """DeepSpeed's ZeRO stage (0 without DeepSpeed); under ZeRO-3, as under FSDP, every forward is a collective"""
         if self.deepspeed:

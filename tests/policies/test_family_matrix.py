@@ -226,3 +226,23 @@ def test_bf16_mixed_precision_keeps_ratio_one(tmp_path, checkpoint):
         assert abs(x["loss/ratio_max"] - 1.0) < 1e-3, x
     trained = {k.split(".lora_B")[0] for k, v in model.state_dict().items() if "lora_B" in k and v.any()}
     assert trained and not trained & unreachable_lora(model)
+
+
+def test_a_full_fine_tunes_frozen_reference_runs_in_the_policys_autocast(tmp_path, checkpoint):
+    """Full fine-tuning with a KL to the frozen initial denoiser, under bf16 mixed precision: the reference's forwards
+    autocast as the prepared policy's do, so the KL of the first update (weights still the reference's) is exactly 0
+    and its layers compute in bf16."""
+    trainer = run_training(tmp_path, "sd3", checkpoint("sd3"), {"num_steps": 2, "lora_rank": 0, "reference_kl": True},
+                           loss={"beta": 0.1}, mixed_precision="bf16", max_steps=1, lr=1e-4)  # fmt: skip
+    lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    kls = [x["loss/kl"] for x in lines if "loss/kl" in x]
+    assert kls == [0.0]
+    dtypes = []
+    ref = trainer.policy._frozen_reference
+    hook = ref.proj_out.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with trainer.policy.reference() as module:
+        assert module is ref
+        trainer.policy.adapter.predict(module, torch.zeros(1, 4, 4, 4), torch.tensor([500.0]),
+                                       trainer.policy.adapter.encode(["a red circle"]))  # fmt: skip
+    hook.remove()
+    assert dtypes == [torch.bfloat16]
