@@ -143,7 +143,7 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, merge:
     ckpt = find_run_checkpoint(run, step)
     check_output_folder(out, "--out")  # before the model loads
     policy = build_policy(load_config(Path(run) / "config.yaml"))
-    load_trained_weights(trained_module(policy), ckpt, ema=ema)
+    load_trained_weights(trained_module(policy), ckpt, ema=ema, verified=True)  # find_run_checkpoint verified it
     info = {"run": str(Path(run).resolve()), "checkpoint": ckpt.name, "ema": ema}
     return export_policy(policy, out, merge=merge, inplace=True, info=info)
 

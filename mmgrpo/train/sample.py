@@ -273,16 +273,20 @@ def sampling_options(opts: Any, steps: int | None, guidance: float | None) -> An
     )
 
 
-def load_trained_weights(model: nn.Module, ckpt_dir: str | Path, ema: bool = False) -> list[str]:
+def load_trained_weights(
+    model: nn.Module, ckpt_dir: str | Path, ema: bool = False, verified: bool = False
+) -> list[str]:
     """Copy a checkpoint's trainable weights (``load_checkpoint(path)["model"]``) into ``model``; their names.
 
     Strict both ways: every trainable parameter of ``model`` must be in the checkpoint, every checkpoint
     tensor must exist in ``model`` with the same shape (else the LoRA options differ from the run's).
     ``ema=True`` loads the EMA shadow instead (a list in the order of the checkpoint's ``model`` entries).
+    ``verified``: the caller has just checked the files against their marker (:func:`find_checkpoint` does); their
+    SHA-256s are not computed again (minutes for a checkpoint of many GB).
     """
 
     try:
-        state = load_checkpoint(ckpt_dir)
+        state = load_checkpoint(ckpt_dir, verify=not verified)
     except CorruptCheckpoint as e:
         raise UserError(f"checkpoint {ckpt_dir} is damaged: {e}; use another checkpoint of the run") from e
     weights: dict[str, torch.Tensor] = dict(state["model"])
@@ -330,7 +334,7 @@ def build_policy(args: argparse.Namespace) -> tuple[Any, Path | None, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = DiffusionPolicy(load_adapter(opts, device), opts)
     if ckpt is not None:
-        load_trained_weights(policy.unwrapped(), ckpt, ema=args.ema)
+        load_trained_weights(policy.unwrapped(), ckpt, ema=args.ema, verified=True)  # find_checkpoint verified it
     policy.model.eval().requires_grad_(False)
     return policy, ckpt, opts
 

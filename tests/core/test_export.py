@@ -161,9 +161,14 @@ def test_diffusion_pipeline_folder_reproduces_the_policy(sd3, which):
     assert diffs[which] < TOL
 
 
-def test_ema_export_holds_the_ema_weights(sd3, tmp_path):
+def test_ema_export_holds_the_ema_weights(sd3, tmp_path, monkeypatch):
+    import mmgrpo.train.checkpoint as checkpoint
+
     run = sd3[0]["lora"]
+    hashed, digest = [], checkpoint._digest
+    monkeypatch.setattr(checkpoint, "_digest", lambda f: hashed.append(f.name) or digest(f))
     out = export_run(run, tmp_path / "ema", ema=True)
+    assert sorted(hashed) == ["state.json", "tensors.safetensors"]  # the checkpoint's files are hashed once
     state = load_checkpoint(latest_checkpoint(run / "checkpoints"))
     shadow = dict(zip(state["model"], state["ema"]["shadow"]))
     saved = load_file(str(out / "pytorch_lora_weights.safetensors"))

@@ -187,7 +187,9 @@ def test_a_large_best_of_is_drawn_in_batches_of_the_default_and_gives_the_one_ba
 
 
 # ------------------------------------------------------------------------------------------- trained runs
-def test_run_dir_loads_lora_weights_and_changes_samples(tmp_path, capsys, tiny_ckpt, trained_run):
+def test_run_dir_loads_lora_weights_and_changes_samples(tmp_path, capsys, tiny_ckpt, trained_run, monkeypatch):
+    import mmgrpo.train.checkpoint as checkpoint
+
     argv = [
         "--run",
         trained_run,
@@ -201,7 +203,11 @@ def test_run_dir_loads_lora_weights_and_changes_samples(tmp_path, capsys, tiny_c
         tmp_path,
     ]
     args = parse_args([str(a) for a in argv])
+    hashed, digest = [], checkpoint._digest
+    monkeypatch.setattr(checkpoint, "_digest", lambda f: hashed.append(f.name) or digest(f))
     policy, ckpt, opts = build_policy(args)
+    monkeypatch.undo()
+    assert sorted(hashed) == ["state.json", "tensors.safetensors"]  # the checkpoint's files are hashed once
     assert ckpt == latest_checkpoint(trained_run / "checkpoints") and opts.lora_rank == 2
     assert opts.path == tiny_ckpt and opts.num_steps == 2  # model and steps from the run's config.yaml
     saved = load_checkpoint(ckpt)["model"]
