@@ -91,6 +91,12 @@ def test_qwen2_vl_bf16_on_cuda(tmp_path):
     trainer = make_trainer(tmp_path, "vlm_reasoning", policy, {"num_examples": 32, "eval_examples": 4},
                            "test_gpu_checksum", micro_batch_size=G)  # fmt: skip
     assert len(check_contract(trainer, trainer.acc.unwrap_model(trainer.policy.model))) == 2
+    # the training's train() / eval() switches on CUDA did not load the hub's kernels (NO_HUB_KERNELS): with them, an
+    # offline machine fails at the first switch, and the rollout and the update could run different layers
+    from transformers import PreTrainedModel
+
+    hf = [m for m in trainer.policy.model.modules() if isinstance(m, PreTrainedModel)]
+    assert hf and not any(m.use_kernels for m in hf)
 
 
 def rollout_syncs(tmp_path, ckpt: str, T: int) -> int:
