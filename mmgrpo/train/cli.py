@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             return sample_main(rest[1:])
         if rest and rest[0] == "export":  # its own parser (mmgrpo.train.export)
             return export_main(rest[1:])
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(rest)  # --debug anywhere, as every error message suggests
         if args.command == "train":
             return cmd_train(args.config, args.overrides)
         if args.command == "list":

@@ -5,18 +5,59 @@ from __future__ import annotations
 import html
 import json
 import math
+import numbers
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mmgrpo.core.files import write_atomic
+
+
+def metric_value(key: str, value: object) -> float | str | None:
+    """A metric as ``metrics.jsonl`` holds it: a real number (numpy's and 1-element tensors too) as a float, a
+    non-finite one as null (strict JSON has no NaN; a reward that applies to no row of a step is NaN), a str as is.
+    Anything else (a plug-in's evaluation returning a list, say) is written as its text with a warning: the run goes
+    on (stopping would lose the steps since the last checkpoint)."""
+    if value is None or isinstance(value, str):
+        return value
+    if (isinstance(value, torch.Tensor) and value.numel() == 1) or (isinstance(value, np.ndarray) and value.size == 1):
+        value = value.item()
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    warnings.warn(f"metric {key!r} is a {type(value).__name__}, not a number: metrics.jsonl records its text",
+                  stacklevel=3)  # fmt: skip
+    return str(value)[:200]
+
+
+def metrics_line(step: int, metrics: dict) -> str:
+    """One ``metrics.jsonl`` line: strict JSON (no NaN / Infinity tokens)."""
+    line = {"step": step, **{k: metric_value(k, v) for k, v in metrics.items()}}
+    return json.dumps(line, allow_nan=False)
+
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; a torn line (a crash mid-write, before a resume trims it) is skipped."""
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    out = []
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def _num(v: object) -> float:
+    """A metric for a plot: NaN where it is null (not finite) or not a number."""
+    return float(v) if isinstance(v, (int, float)) else math.nan
 
 
 def image_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
@@ -70,6 +111,40 @@ def save_completions(records: list[dict], path: str | Path) -> Path:
 BA_PAD = 8  # margin around the picture and between pairs (pixels)
 BA_GAP = 4  # gap between the before and after image of one pair
 BA_BACKGROUND = (225, 225, 225)
+
+
+FIRST_EVAL = "first_eval.safetensors"
+"""under ``samples/``: the run's first evaluation (images, captions, metrics), the "before" of ``before_after.png``,
+kept on disk so that a resumed run still compares against it"""
+
+
+def save_first_eval(folder: str | Path, step: int, images: torch.Tensor, captions: list, metrics: dict) -> Path:
+    """Keep the first evaluation (images [n, 3, H, W]) in ``folder/first_eval.safetensors``, written atomically."""
+    from safetensors.torch import save
+
+    info = {"step": step, "captions": [str(c) for c in captions],
+            "metrics": {k: metric_value(k, v) for k, v in metrics.items()}}  # fmt: skip
+    path = Path(folder) / FIRST_EVAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = save({"images": images.detach().float().cpu().contiguous()}, metadata={"info": json.dumps(info)})
+    write_atomic(path, data)
+    return path
+
+
+def load_first_eval(folder: str | Path) -> tuple[int, torch.Tensor, list[str], dict] | None:
+    """(step, images, captions, metrics) saved by :func:`save_first_eval`, or None (none kept, or unreadable)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / FIRST_EVAL
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["info"])
+            return int(info["step"]), f.get_tensor("images"), list(info["captions"]), dict(info["metrics"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path} is unreadable ({e}); before_after.png starts from this evaluation", stacklevel=2)
+        return None
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int | None = None) -> list[str]:
@@ -198,7 +273,7 @@ def reward_curve(metrics: list[dict], path: str | Path, keys: list[str] | None =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [m for m in metrics if "reward/mean" in m]
+    train = [m for m in metrics if isinstance(m.get("reward/mean"), (int, float))]
     evals = [m for m in metrics if any(k.startswith("eval/") for k in m)]
     if not train and not evals:
         return None
@@ -211,7 +286,7 @@ def reward_curve(metrics: list[dict], path: str | Path, keys: list[str] | None =
         ax.plot(steps[w - 1 :], smooth, label=f"train reward ({w}-step mean)")
     eval_keys = keys or sorted({k for m in evals for k in m if k.startswith("eval/")})
     for k in eval_keys:
-        pts = [(m["step"], m[k]) for m in evals if k in m]
+        pts = [(m["step"], _num(m[k])) for m in evals if k in m]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=k)
     ax.set_xlabel("step")
@@ -322,6 +397,12 @@ def completions_html(files: list[Path], limit: int = COMPLETIONS_SHOWN) -> str:
             f'<table class="c"><tr>{head}</tr>{"".join(rows)}</table>')  # fmt: skip
 
 
+def _eval_cell(v: object) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "" if v is None else html.escape(str(v))
+    return f"{v:.4f}"
+
+
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     """``report.html``: the before/after comparison (if any), the reward curve, the loss / KL / clip fraction (and
     its sides) / grad-norm / completion length and entropy curves, a table of evaluations, and every sample grid in
@@ -333,9 +414,7 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     evals = [m for m in metrics if any(k.startswith("eval/") for k in m)]
     eval_keys = sorted({k for m in evals for k in m if k.startswith("eval/")})
     rows = "".join(
-        "<tr><td>{}</td>{}</tr>".format(
-            m["step"], "".join(f"<td>{m[k]:.4f}</td>" if k in m else "<td></td>" for k in eval_keys)
-        )
+        "<tr><td>{}</td>{}</tr>".format(m["step"], "".join(f"<td>{_eval_cell(m.get(k))}</td>" for k in eval_keys))
         for m in evals
     )
     table = (

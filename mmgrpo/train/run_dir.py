@@ -42,16 +42,19 @@ from mmgrpo.train.config import (
 )
 
 RUN_MARKER = ".mmgrpo-run"
-STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png")
-"""what a fresh (or overwritten) run starts without"""
+STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png", "training_curves.png",
+         "trackers.json", "wandb")  # fmt: skip
+"""what a fresh (or overwritten) run starts without (and the TensorBoard folder ``<run.name>/``)"""
 RESUMABLE = (
     "trainer.max_steps", "trainer.stop_after_steps", "trainer.time_budget_s", "trainer.time_budget_clock",
     "trainer.progress",
     "trainer.log_every", "trainer.eval_every", "trainer.sample_every", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.dump_advantages", "trainer.micro_batch_size", "trainer.micro_batch_units",
-    "trainer.rollout_chunks", "run.name", "run.output_dir", "run.overwrite", "resume", "resume_force",
+    "trainer.rollout_chunks", "trainer.log_with", "run.name", "run.output_dir", "run.overwrite", "resume",
+    "resume_force",
 )  # fmt: skip
-"""config keys a resume may change: how long, how often to log/evaluate/save, how rows are chunked in memory"""
+"""config keys a resume may change: how long, how often to log/evaluate/save, where metrics go besides
+metrics.jsonl, how rows are chunked in memory"""
 
 
 def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
@@ -72,8 +75,14 @@ def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
                 "is not one, so nothing was deleted: pick another run.name or run.output_dir"
             )
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in STALE:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"cannot create the run directory '{run_dir}' ({e.strerror or e}): run.output_dir="
+                f"{cfg.run.output_dir!r} must be a folder you can write (or one that can be made)"
+            ) from e
+        for stale in (*STALE, cfg.run.name):  # run.name: TensorBoard's events (a run overwritten in place)
             p = run_dir / stale  # run.overwrite: start clean, never append to another run's metrics
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         (run_dir / RUN_MARKER).write_text("mmgrpo run directory: run.overwrite=true may replace it\n")
@@ -208,7 +217,8 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep metric lines up to ``step`` (the resumed run writes the rest again), atomically; drop torn lines."""
+    """Keep metric lines up to ``step`` (the resumed run writes the rest again), atomically; drop torn lines. A run
+    resumed at step 0 starts again, its step-0 evaluation included: nothing is kept."""
     if not path.is_file():
         return
     keep, torn = [], 0
@@ -220,7 +230,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         except ValueError:
             torn += 1
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+        if isinstance(record, dict) and step > 0 and record.get("step", 0) <= step:
             keep.append(line)
     if torn:
         warnings.warn(f"{path}: dropped {torn} unreadable line(s), left by an interrupted write", stacklevel=2)

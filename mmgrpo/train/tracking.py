@@ -15,6 +15,12 @@ accelerate class accepts:
 | aim, clearml | ``log_images`` (one image) | first-frame grid | ``log_table`` (clearml) |
 
 Trackers without ``log_images`` / ``log_table`` (mlflow, comet_ml, trackio, dvclive) get the scalars only.
+
+A resumed run continues its trackers' records: W&B gets the run id kept in ``<run_dir>/trackers.json`` (``resume:
+allow``), TensorBoard purges the events after the resumed step (a crash after the last checkpoint logged steps the
+resumed run logs again). A tracker is a copy of ``metrics.jsonl``, so one that fails mid-run (network, quota, disk)
+is dropped with a warning and training goes on; one that cannot start stops the run before training, in one
+paragraph.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import io
+import json
+import math
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +98,35 @@ def flat_config(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def start_trackers(acc: Any, cfg: Any, run_dir: Path) -> bool:
-    """Start the trackers of ``cfg.trainer.log_with`` on ``acc`` (local ones write under ``run_dir``)."""
-    names = list(cfg.trainer.log_with)
+TRACKERS_FILE = "trackers.json"
+"""in the run directory: what a resumed run needs to continue its trackers' records (the W&B run id)"""
+
+
+def resume_kwargs(names: list[str], run_dir: Path, step: int) -> dict[str, dict[str, Any]]:
+    """accelerate ``init_kwargs`` that continue the run's records from ``step`` (0: a new run): W&B's run id (made
+    once, kept in ``trackers.json``) with ``resume="allow"`` and its files under ``run_dir``; TensorBoard's
+    ``purge_step`` past the resumed step."""
+    out: dict[str, dict[str, Any]] = {}
+    if "wandb" in names or "all" in names:
+        path = run_dir / TRACKERS_FILE
+        try:
+            kept = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            kept = {}
+        run_id = kept.get("wandb_id") if isinstance(kept, dict) else None
+        if not isinstance(run_id, str) or not run_id:
+            run_id = uuid.uuid4().hex[:12]
+            path.write_text(json.dumps({**(kept if isinstance(kept, dict) else {}), "wandb_id": run_id}) + "\n")
+        out["wandb"] = {"id": run_id, "resume": "allow", "dir": str(run_dir)}
+    if step > 0 and ("tensorboard" in names or "all" in names):
+        out["tensorboard"] = {"purge_step": step + 1}
+    return out
+
+
+def start_trackers(acc: Any, cfg: Any, run_dir: Path, step: int = 0) -> bool:
+    """Start the trackers of ``cfg.trainer.log_with`` on ``acc`` (local ones write under ``run_dir``), continuing
+    their records when the run resumes at ``step``. A tracker that cannot start is a UserError."""
+    names = [str(n) for n in cfg.trainer.log_with]
     if not names:
         return False
     from accelerate.tracking import filter_trackers
@@ -99,23 +135,51 @@ def start_trackers(acc: Any, cfg: Any, run_dir: Path) -> bool:
     acc.project_configuration.set_directories(str(run_dir))
     acc.project_configuration.logging_dir = str(run_dir)  # TensorBoard: <run_dir>/<run.name>/events.*
     acc.log_with = filter_trackers(names, acc.logging_dir)
-    acc.init_trackers(cfg.run.name, config=flat_config(cfg))
+    try:  # accelerate starts them on the main process only; it alone keeps trackers.json
+        kwargs = resume_kwargs(names, run_dir, step) if acc.is_main_process else {}
+        acc.init_trackers(cfg.run.name, config=flat_config(cfg), init_kwargs=kwargs)
+    except Exception as e:  # noqa: BLE001  a tracker's own failure (no login, no network, a bad option)
+        end_trackers(acc)
+        raise UserError(
+            f"trainer.log_with={names}: a tracker could not start ({type(e).__name__}: {e}); fix it (e.g. `wandb "
+            "login`, or WANDB_MODE=offline without a network) or remove it from trainer.log_with (metrics.jsonl "
+            "holds every metric either way)"
+        ) from e
     return True
 
 
+def _each_tracker(acc: Any, what: str, call: Any) -> None:
+    """``call(tracker)`` for every started tracker; one that raises is dropped with a warning (the run goes on:
+    ``metrics.jsonl`` keeps every metric)."""
+    for t in list(getattr(acc, "trackers", None) or []):
+        try:
+            call(t)
+        except Exception as e:  # noqa: BLE001  network, quota, disk: the tracker's failure, not the run's
+            name = str(getattr(t, "name", type(t).__name__))
+            warnings.warn(f"the {name} tracker failed while {what} ({type(e).__name__}: {e}); it is dropped for "
+                          "the rest of the run (metrics.jsonl keeps every metric)", stacklevel=3)  # fmt: skip
+            acc.trackers.remove(t)
+
+
 def log_scalars(acc: Any, step: int, metrics: dict[str, Any]) -> None:
-    """The scalar metrics to every started tracker (main process only, as accelerate does)."""
+    """The finite scalar metrics to every started tracker (main process only, as accelerate does)."""
     if not getattr(acc, "trackers", None):
         return
-    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     if values:
-        acc.log(values, step=step)
+        _each_tracker(acc, f"logging step {step}", lambda t: t.log(values, step=step))
 
 
 def end_trackers(acc: Any) -> None:
-    """Flush and close the trackers (safe to call when none were started)."""
+    """Flush and close the trackers (safe to call when none were started, or twice; one that fails to close is
+    dropped). Unlike ``acc.end_training`` it leaves the process group alone: the run still checkpoints after it."""
+    _each_tracker(acc, "closing", lambda t: t.finish())
     if getattr(acc, "trackers", None):
-        acc.end_training()
+        acc.trackers.clear()
 
 
 def _grid_frames(images: torch.Tensor) -> list[np.ndarray]:
@@ -172,7 +236,8 @@ def log_evaluation(
     frames = _grid_frames(images.detach().float().cpu()) if images is not None else None
     table = completion_table(records) if records else None
     done: list[str] = []
-    for t in trackers:
+
+    def one(t: Any) -> None:
         name = str(getattr(t, "name", type(t).__name__))
         if frames is not None and name == "tensorboard" and len(frames) > 1:
             _tensorboard_video(t.tracker, "eval/samples", frames, step)
@@ -190,4 +255,6 @@ def log_evaluation(
         elif table is not None and hasattr(t, "log_table"):
             t.log_table("eval/completions", columns=table[0], data=table[1], step=step)
             done.append(f"{name}:table")
+
+    _each_tracker(acc, f"logging the evaluation of step {step}", one)
     return done

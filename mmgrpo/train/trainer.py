@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,15 @@ from mmgrpo.train.accelerator import check_fp16_params, make_accelerator, optimi
 from mmgrpo.train.collect import CollectPhase
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
-from mmgrpo.train.report import before_after, save_completions, save_samples, write_report
+from mmgrpo.train.report import (
+    before_after,
+    load_first_eval,
+    metrics_line,
+    save_completions,
+    save_first_eval,
+    save_samples,
+    write_report,
+)
 from mmgrpo.train.run import run_training
 from mmgrpo.train.run_dir import prepare_run_dir  # noqa: F401  (also how tests build a run directory)
 from mmgrpo.train.scoring import build_rewards, reward_metrics
@@ -288,7 +295,7 @@ class Trainer(CollectPhase, UpdatePhase):
         """The loop, stopping cleanly on SIGINT/SIGTERM: the step finishes, a checkpoint is written, and
         :class:`~mmgrpo.train.signals.Interrupted` says which ``resume=`` continues the run."""
         with stop_on_signals() as flag:
-            start_trackers(self.acc, self.cfg, self.run_dir)
+            start_trackers(self.acc, self.cfg, self.run_dir, self.step)
             try:
                 last = self._train(flag)
             finally:
@@ -353,7 +360,7 @@ class Trainer(CollectPhase, UpdatePhase):
                 or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
             ):
                 self.save()
-            if signum:
+            if signum and self.step < t.max_steps:  # at the last step the run is done: it ends as finished
                 if bar is not None:
                     bar.close()
                 if self.acc.is_main_process:
@@ -405,8 +412,11 @@ class Trainer(CollectPhase, UpdatePhase):
             save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
             images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame
             images = images.detach().float().cpu()
+            if self.first_eval is None:  # a resumed run compares against the run's first evaluation, kept on disk
+                self.first_eval = load_first_eval(self.run_dir / "samples")
             if self.first_eval is None:
                 self.first_eval = (step, images.clone(), list(result.captions), dict(result.metrics))
+                save_first_eval(self.run_dir / "samples", *self.first_eval)
             elif self.first_eval[1].shape == images.shape and step != self.first_eval[0]:
                 step0, before, captions0, metrics0 = self.first_eval
                 before_after(
@@ -427,9 +437,8 @@ class Trainer(CollectPhase, UpdatePhase):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.acc.is_main_process:
             return
-        line = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(metrics_line(step, metrics) + "\n")
         log_scalars(self.acc, step, metrics)
 
     # ---------------------------------------------------------------- checkpoints (mmgrpo.train.trainer_state)

@@ -147,6 +147,8 @@ def test_override_syntax():
         (["{cfg}", "=3"], "override '=3' has an empty key"),
         (["{cfg}", "foo=1"], "unknown key 'foo' in command-line override 'foo=1'; valid keys here: advantage"),
         (["{cfg}", "resume={cfg}"], "resume='{cfg}' is a file; resume takes a run directory"),
+        (["{cfg}", "run.output_dir={cfg}"], "cannot create the run directory '{cfg}/"),  # a file, not a folder
+        (["{cfg}", "trainer.lr_rate=1", "--debug"], None),  # --debug after the overrides, as the hint says
         (["{cfg}", "resume="], "resume='' in {cfg} is empty: give the run directory to continue"),  # not a new run
         (
             ["{cfg}", "run.name=on"],
@@ -165,6 +167,10 @@ def test_cli_user_errors_are_one_paragraph(tmp_path, capsys, monkeypatch, argv_t
     (tmp_path / "list.yaml").write_text("- pipeline: bandit\n")
     (tmp_path / "latin1.yaml").write_bytes(b"pipeline: bandit\n# caf\xe9\n")
     argv = ["train", *(a.format(cfg=cfg, tmp=tmp_path) for a in argv_tail)]
+    if expected is None:  # --debug: the UserError itself, with its traceback
+        with pytest.raises(UserError, match="did you mean 'trainer.lr'"):
+            main(argv)
+        return
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.startswith("error: ") and "Traceback" not in err

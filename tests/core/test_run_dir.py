@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,8 @@ from mmgrpo.train.cli import main
 from mmgrpo.train.config import load_config
 from mmgrpo.train.run_dir import RUN_MARKER
 from mmgrpo.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {
     "pipeline": "bandit",
@@ -292,3 +295,63 @@ def test_resuming_a_run_written_before_an_option_existed_names_it_and_its_value(
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train(cfg(tmp_path, "trainer.max_steps=4", f"resume={part.run_dir}"))
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_a_reward_that_applies_to_no_row(tmp_path):
+    """NaN (a reward that applies to no row of a step) is written as null: strict readers (jq, JavaScript) reject
+    NaN tokens. A plug-in's numpy / tensor metric is a float."""
+    from mmgrpo.train.report import metrics_line
+
+    line = metrics_line(3, {"reward/x": math.nan, "a": float("inf"), "b": np.float32(0.5), "c": torch.tensor(2.0)})
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard token {c}")) == {
+        "step": 3, "reward/x": None, "a": None, "b": 0.5, "c": 2.0,
+    }  # fmt: skip
+    with pytest.warns(UserWarning, match="metric 'd' is a list, not a number"):
+        assert json.loads(metrics_line(1, {"d": [1, 2]}))["d"] == "[1, 2]"
+
+
+def test_a_run_resumed_at_step_0_logs_its_step_0_evaluation_once(tmp_path):
+    first = train(cfg(tmp_path, "trainer.max_steps=3", "trainer.eval_every=2", "trainer.checkpoint_every=0",
+                      "trainer.stop_after_steps=1"))  # fmt: skip
+    ckpt_dir = first.run_dir / "checkpoints"
+    for c in ckpt.list_checkpoints(ckpt_dir):  # stopped before its first checkpoint: it resumes from step 0
+        import shutil
+
+        shutil.rmtree(c)
+    again = train(cfg(tmp_path, "trainer.max_steps=3", "trainer.eval_every=2", f"resume={first.run_dir}"))
+    lines = [json.loads(x) for x in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], "eval" if any(k.startswith("eval/") for k in m) else "train") for m in lines] == [
+        (0, "eval"), (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (3, "eval"),
+    ]  # fmt: skip
+
+
+def test_a_resumed_run_compares_against_its_first_evaluation(tmp_path):
+    """before_after.png's "before" is the run's first evaluation (step 0), kept under samples/, also after a resume."""
+    from mmgrpo.train.report import load_first_eval
+
+    over = ["run.name=sd", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
+    first = train(load_config(ROOT / "configs" / "shapes_t2i_grpo.yaml", [f"run.output_dir={tmp_path}", *over,
+                                                                          "trainer.stop_after_steps=2",
+                                                                          "policy.options.num_steps=2"]))  # fmt: skip
+    kept = load_first_eval(first.run_dir / "samples")
+    assert kept is not None and kept[0] == 0
+    again = train(load_config(ROOT / "configs" / "shapes_t2i_grpo.yaml",
+                              [*over, "policy.options.num_steps=2", f"resume={first.run_dir}"]))  # fmt: skip
+    assert again.first_eval[0] == 0 and torch.equal(again.first_eval[1], kept[1])
+
+
+def test_a_signal_during_the_last_step_ends_the_run_as_finished(tmp_path):
+    """SIGTERM arriving in the last step: the step ends, the final checkpoint is written, and the run returns as a
+    finished one (a scheduler that requeues on a non-zero exit would restart a finished job)."""
+
+    @register("test_sigterm_at_last_step")
+    def _factory():
+        def fn(samples, prompts, meta, ctx):
+            if ctx.step == 3:  # the 4th (last) step
+                os.kill(os.getpid(), signal.SIGTERM)
+            return [float(s) for s in samples]
+
+        return fn
+
+    trainer = train(cfg(tmp_path, "trainer.max_steps=4", "rewards=[{name: test_sigterm_at_last_step}]"))
+    assert trainer.step == 4 and weights(trainer.run_dir)[1] == 4

@@ -244,3 +244,84 @@ def test_a_crashed_run_has_a_report_with_its_curves(tmp_path):
     html = (trainer.run_dir / "report.html").read_text()  # written by the step-2 evaluation
     assert 'src="reward_curve.png"' in html and 'src="training_curves.png"' in html
     assert "2 training steps logged" in html
+
+
+class FailingTracker(MemoryTracker):
+    """A tracker whose log fails from its second call on (a network / quota / disk error mid-run)."""
+
+    name = "mmgrpo_failing"
+
+    def log(self, values, step=None, **kwargs):
+        if len(self.logged) >= 1:
+            raise OSError(28, "No space left on device")
+        super().log(values, step, **kwargs)
+
+
+register_tracker_class(FailingTracker)
+
+
+def test_a_tracker_failing_mid_run_is_dropped_and_the_run_finishes(tmp_path):
+    MemoryTracker.runs.clear()
+    with pytest.warns(UserWarning, match=r"the mmgrpo_failing tracker failed while logging step 2 \(OSError.*dropped"):
+        trainer = train(cfg_for(tmp_path, "trainer.log_with=[mmgrpo_failing,mmgrpo_memory]"))
+    failing, memory = sorted(MemoryTracker.runs, key=lambda r: type(r).__name__)
+    assert [s for s, _ in failing.logged] == [1] and not failing.ended  # dropped: not called again
+    assert [s for s, v in memory.logged if "reward/mean" in v] == [1, 2, 3] and memory.ended
+    assert [m["step"] for m in read_metrics(trainer.run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert (trainer.run_dir / "checkpoints").is_dir() and (trainer.run_dir / "report.html").is_file()
+
+
+class BrokenStartTracker(MemoryTracker):
+    name = "mmgrpo_broken_start"
+
+    def __init__(self, run_name: str):
+        raise RuntimeError("api key not configured (no-tty)")
+
+
+register_tracker_class(BrokenStartTracker)
+
+
+def test_a_tracker_that_cannot_start_is_one_paragraph(tmp_path):
+    with pytest.raises(UserError, match=r"trainer.log_with=\['mmgrpo_broken_start'\]: a tracker could not start "
+                                        r"\(RuntimeError: api key not configured"):  # fmt: skip
+        train(cfg_for(tmp_path, "trainer.log_with=[mmgrpo_broken_start]"))
+
+
+def test_a_resumed_run_continues_the_wandb_run_and_purges_tensorboards_replayed_steps(tmp_path):
+    from mmgrpo.train.tracking import TRACKERS_FILE, resume_kwargs
+
+    first = resume_kwargs(["wandb", "tensorboard"], tmp_path, 0)
+    run_id = json.loads((tmp_path / TRACKERS_FILE).read_text())["wandb_id"]
+    assert first == {"wandb": {"id": run_id, "resume": "allow", "dir": str(tmp_path)}}  # a new run: nothing to purge
+    assert resume_kwargs(["wandb", "tensorboard"], tmp_path, 3) == {**first, "tensorboard": {"purge_step": 4}}
+    assert resume_kwargs(["tensorboard"], tmp_path, 0) == {}
+
+
+def test_tensorboard_after_a_crash_past_the_last_checkpoint_holds_each_step_once(tmp_path):
+    """A crash after step 3 with the last checkpoint at step 2 (emulated: checkpoint 3 removed): the resumed run logs
+    step 3 again; TensorBoard then holds steps 1-4 once each, as metrics.jsonl does."""
+    import shutil
+
+    pytest.importorskip("tensorboard")
+    over = ["trainer.log_with=[tensorboard]", "trainer.checkpoint_every=1", "trainer.max_steps=4"]
+    trainer = train(cfg_for(tmp_path, *over, "trainer.stop_after_steps=3"))
+    shutil.rmtree(trainer.run_dir / "checkpoints" / "step_000003")
+    train(cfg_for(tmp_path, *over, f"resume={trainer.run_dir}"))
+    steps = [e.step for e in read_events(trainer.run_dir / "b").Scalars("reward/mean")]
+    assert steps == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(trainer.run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_overwriting_a_tensorboard_run_starts_its_events_afresh(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(cfg_for(tmp_path, "trainer.log_with=[tensorboard]"))
+    trainer = train(cfg_for(tmp_path, "trainer.log_with=[tensorboard]", "trainer.max_steps=2", "run.overwrite=true"))
+    assert [e.step for e in read_events(trainer.run_dir / "b").Scalars("reward/mean")] == [1, 2]
+
+
+def test_a_resume_may_add_a_tracker(tmp_path):
+    MemoryTracker.runs.clear()
+    first = train(cfg_for(tmp_path, "trainer.stop_after_steps=2", "trainer.checkpoint_every=1"))
+    train(cfg_for(tmp_path, "trainer.log_with=[mmgrpo_memory]", f"resume={first.run_dir}"))
+    (run,) = MemoryTracker.runs
+    assert [s for s, v in run.logged if "reward/mean" in v] == [3]

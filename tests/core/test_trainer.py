@@ -356,7 +356,7 @@ def test_evaluation_images_give_a_before_after_picture(tmp_path):
     assert trainer.first_eval[0] == 0 and trainer.first_eval[3].keys() == {"expected_reward", "best_arm_rate"}
     assert "samples/before_after.png" in (run_dir / "report.html").read_text()
     assert {p.name for p in (run_dir / "samples").iterdir()} == {
-        "step_000000.png", "step_000002.png", "step_000004.png", "before_after.png"
+        "step_000000.png", "step_000002.png", "step_000004.png", "before_after.png", "first_eval.safetensors"
     }  # fmt: skip
 
 
