@@ -55,6 +55,16 @@ def as_images(samples: Any) -> torch.Tensor | list[torch.Tensor]:
 
 
 def _check_unit_range(x: torch.Tensor) -> None:
+    """Images [N, 3, H, W] (or one [3, H, W]) must be finite and in [0, 1]. Finiteness is checked first: NaN
+    compares False with both bounds, so a NaN image would pass the range check and be scored."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        rows = (~finite).flatten(1).any(1).nonzero().reshape(-1).tolist() if x.ndim == 4 else []
+        where = f" at rows {', '.join(map(str, rows[:8]))}{', ...' if len(rows) > 8 else ''}" if rows else ""
+        raise UserError(
+            f"images hold non-finite values (NaN/inf){where}; a diverged sample cannot be scored -- find why the "
+            "sampler produced it"
+        )
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise UserError(

@@ -24,9 +24,12 @@ loads it with ``allow_pickle=False``) holding two arrays:
   - ``array``: any other numeric tensor (e.g. the bandit's chosen arms, LongTensor [N]), sent bit-exact.
   - ``text``: no ``samples`` array; ``header["texts"]`` is a JSON list of N str.
 
-Response: JSON ``{"rewards": [float | null, ...], "columns"?: {...}}`` (N values); errors are JSON
-``{"error": message}`` with 400 (bad input), 401 (token), 411 (no Content-Length), 413 (too large) or 500 (the
-reward raised). ``GET /health`` returns ``{"status": "ok", "reward": NAME, ...}``.
+Response: JSON ``{"rewards": [float | null, ...], "columns"?: {...}}`` (N finite values; null where a row does not
+apply: None, or NaN from a reward declaring ``nan_means_not_applicable``); errors are JSON ``{"error": message}``
+with 400 (bad input), 401 (token), 411 (no Content-Length), 413 (too large), 500 (the reward raised or returned
+what the trainer would refuse locally: a bool, a str, ±inf, an undeclared NaN) or 503 (busy, shutting down, or
+its worker stopped). ``GET /health`` returns ``{"status": "ok", "reward": NAME, ...}``, or 503 with
+``"status": "failed"`` and the ``error`` once the worker has stopped.
 
 Remote scoring cannot hand the reward ``ctx.policy`` (rewards that re-ask the policy must run locally), and
 stateful rewards keep their state on the server.
@@ -36,11 +39,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import random
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -166,6 +172,17 @@ def encode_request(samples: Any, prompts: list[Any], meta: list[dict], group_siz
         kind = _sample_kind(data)
         header.update(kind=kind, dtype="uint8" if data.dtype == torch.uint8 else "float")
         if kind in ("image", "video") and data.is_floating_point():
+            # checked before the range: NaN compares False with 0 and 1, so a NaN pixel would pass the range check
+            # and be quantised to 0 -- a diverged sample scored as a black image, where locally its reward is NaN
+            # (array samples go bit-exact, so the reward on the server sees their NaN as it would locally)
+            bad_rows = (~torch.isfinite(data)).flatten(1).any(1).nonzero().reshape(-1).tolist() if n else []
+            if bad_rows:
+                shown = ", ".join(map(str, bad_rows[:8])) + (", ..." if len(bad_rows) > 8 else "")
+                raise UserError(
+                    f"remote reward: float {kind} samples hold non-finite values (NaN/inf) at rows {shown} "
+                    f"({len(bad_rows)} of {n} rows); a diverged sample cannot be sent as an 8-bit image -- find why "
+                    "the sampler produced it"
+                )
             lo, hi = (float(data.min()), float(data.max())) if n else (0.0, 1.0)
             if lo < 0 or hi > 1:
                 raise UserError(
@@ -191,20 +208,66 @@ def _bad(msg: str) -> ValueError:
     return ValueError(f"bad request: {msg}")
 
 
+NPZ_MEMBERS = ("header.npy", "samples.npy")
+"""the only members a wire request holds: any other is refused before parsing (100k tiny members cost seconds)"""
+
+
+def _check_npy_size(zf: Any, info: Any) -> None:
+    """Refuse a member whose ``.npy`` header claims more (or fewer) bytes than it holds, before numpy allocates
+    the claimed shape (a 100-byte member may claim terabytes)."""
+    from numpy.lib import format as npy
+
+    try:
+        with zf.open(info) as f:
+            if f.read(len(npy.MAGIC_PREFIX)) != npy.MAGIC_PREFIX:
+                return  # not an .npy member: numpy hands it back as bytes and the caller refuses it by name
+            f.seek(0)
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = npy.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = npy.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy format version {version} (expected 1.0 or 2.0, as np.savez writes)")
+            header_bytes = f.tell()
+    except Exception as e:  # noqa: BLE001  a malformed header is the client's
+        raise _bad(f"NPZ member {info.filename!r} has a bad .npy header ({type(e).__name__}: {e})") from e
+    claimed = math.prod(shape) * dtype.itemsize
+    if dtype.hasobject or claimed != info.file_size - header_bytes:
+        raise _bad(
+            f"NPZ member {info.filename!r} claims shape {list(shape)} of {dtype} ({claimed} bytes) but holds "
+            f"{info.file_size - header_bytes} bytes"
+        )
+
+
 def _load_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
-    """The NPZ members of ``body`` (no pickle); refuses members whose uncompressed size exceeds ``max_bytes``."""
+    """The NPZ members of ``body`` (no pickle); refuses members whose uncompressed size exceeds ``max_bytes``,
+    members other than ``NPZ_MEMBERS`` (before numpy parses any: parsing is the cost of a many-member archive)
+    and members whose header claims more bytes than they hold."""
     import zipfile
 
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
-            total = sum(info.file_size for info in zf.infolist())
+            infos = zf.infolist()
+            names = [info.filename for info in infos]
+            extra = [name for name in names if name not in NPZ_MEMBERS]
+            if extra:
+                raise _bad(
+                    f"NPZ member {extra[0][:64]!r} is not expected; a request holds only {', '.join(NPZ_MEMBERS)} "
+                    f"({len(names)} members sent)"
+                )
+            if len(set(names)) != len(names):
+                raise _bad(f"NPZ holds a member twice ({names})")
+            total = sum(info.file_size for info in infos)
+            if total > max_bytes:
+                raise _bad(f"NPZ expands to {total} bytes, over the limit of {max_bytes}")
+            for info in infos:
+                _check_npy_size(zf, info)
     except zipfile.BadZipFile as e:
         raise _bad(f"body is not an NPZ archive ({e})") from e
-    if total > max_bytes:
-        raise _bad(f"NPZ expands to {total} bytes, over the limit of {max_bytes}")
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            arrays = {k: npz[k] for k in npz.files if k + ".npy" in NPZ_MEMBERS}
     except Exception as e:  # noqa: BLE001  any decoding failure is the client's
         raise _bad(f"cannot read NPZ ({type(e).__name__}: {e})") from e
     for k, v in arrays.items():  # numpy hands back a member that is not an .npy array as raw bytes
@@ -262,6 +325,8 @@ def decode_request(body: bytes, max_bytes: int = 64 << 20) -> WireRequest:
     else:
         samples = arrays.get("samples")
         _check_samples(kind, samples, n)
+        if not samples.dtype.isnative:  # a big-endian client's array: torch takes native byte order only
+            samples = samples.astype(samples.dtype.newbyteorder("="))
         if kind in ("image", "video") and dtype not in ("float", "uint8"):
             raise _bad(f"dtype {dtype!r} must be 'float' or 'uint8'")
     return WireRequest(kind=kind, samples=samples, prompts=prompts, meta=meta, group_size=g, step=step, dtype=dtype)
@@ -278,17 +343,43 @@ def samples_for_reward(kind: str, samples: Any, dtype: str) -> Any:
     return x
 
 
-def rewards_to_list(out: Any, n: int) -> list[float | None]:
-    """A reward's output (Tensor [N] or list of float | None) as N JSON-able values; ValueError on bad length."""
-    if isinstance(out, torch.Tensor):
-        values: list[Any] = out.detach().float().cpu().reshape(-1).tolist()
+def rewards_to_list(out: Any, n: int, nan_ok: bool = False, first_row: int = 0) -> list[float | None]:
+    """A reward's output (Tensor [N] or list of number | None) as N finite floats or None; ValueError otherwise.
+
+    The same rules as the trainer's local check of a reward's column, so a served reward behaves as it would
+    locally: bool / complex values and non-numbers are refused, ±inf always, NaN too unless the reward declares
+    ``nan_means_not_applicable`` (``nan_ok``), when it goes out as None ("does not apply"). The reply is then
+    plain JSON (no NaN tokens), and a value the trainer would stop on is an error here, not a number there.
+    ``first_row`` offsets the row numbers in messages (a part of a larger request).
+    """
+    if isinstance(out, np.ndarray) and out.dtype.kind in "biufc":
+        out = torch.from_numpy(np.ascontiguousarray(out).astype(out.dtype.newbyteorder("=")))
     elif isinstance(out, np.ndarray):
-        values = out.astype(np.float64).reshape(-1).tolist()
-    else:
+        out = out.tolist()
+    if isinstance(out, torch.Tensor):
+        if out.is_complex() or out.dtype == torch.bool:
+            raise ValueError(f"the reward returned a {out.dtype} tensor; expected real numbers [N]")
+        values: list[Any] = out.detach().float().cpu().reshape(-1).tolist()
+    elif isinstance(out, (list, tuple)):
+        for i, v in enumerate(out):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (Real, torch.Tensor))):
+                raise ValueError(
+                    f"the reward returned {str(v)[:60]!r} ({type(v).__name__}) at row {first_row + i}; a reward "
+                    "gives a number per row, or None where it does not apply"
+                )
         values = [None if v is None else float(v) for v in out]
+    else:
+        raise ValueError(f"the reward returned {type(out).__name__}; expected Tensor[N] or a list of N numbers")
     if len(values) != n:
         raise ValueError(f"the reward returned {len(values)} values for {n} rows")
-    return values
+    bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v) and not (nan_ok and v != v)]
+    if bad:
+        shown = ", ".join(f"row {first_row + i}: {values[i]}" for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"the reward returned non-finite values at rows {shown} ({len(bad)} of {n} rows); fix the reward, "
+            "return None for rows it does not apply to, or set fn.nan_means_not_applicable = True if NaN means that"
+        )
+    return [None if v is None or v != v else v for v in values]
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -328,6 +419,11 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
     A busy server (503 with ``Retry-After``: its connection cap is reached) is waited for as it asks, up to
     ``MAX_BUSY_RETRIES`` times, without using up ``retries``. After ``retries + 1`` failed attempts raises a
     UserError naming the URL and how to start the server.
+
+    The backoff is jittered (x0.5 to x1.5): clients whose requests failed together (one merged batch) would
+    otherwise retry in step and be merged again. A read timeout after the request was sent is not retried: the
+    server has the request and is still scoring it, so a retry would score it again behind the first copy and
+    time out the same way; the UserError says to raise ``timeout`` instead.
     """
     endpoint = url.rstrip("/") + "/score"
     headers = {"Content-Type": CONTENT_TYPE}
@@ -353,12 +449,19 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
                 ) from e
             last = f"HTTP {e.code}: {msg}"
             server_failed = True
+        except TimeoutError as e:  # raw from getresponse/read: sent, unanswered (connect timeouts are URLError)
+            raise UserError(
+                f"reward server at {url} did not answer within timeout={timeout}s (the request of "
+                f"{len(body) / 2**20:.2f} MB was sent; the reward is slower than that). Raise the remote reward's "
+                "'timeout' option, send fewer rows per call, or make the reward faster; not retried, as the server "
+                "may still be scoring it"
+            ) from e
         except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timeout, bad JSON
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             server_failed = False
         attempt += 1
         if attempt < attempts:
-            time.sleep(backoff * 2 ** (attempt - 1))
+            time.sleep(backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
     size = f"{len(body) / 2**20:.2f} MB"
     if server_failed:
         raise UserError(f"reward server at {url} failed after {attempts} attempts ({last}); see the server's log")

@@ -13,11 +13,21 @@ thread merges queued requests of the same kind, sample shape, group size G and s
 [N] result back by request. Each request holds whole groups (its N is a multiple of G), so the merged rows
 are still grouped contiguously and ``ctx.group = arange(N) // G`` is right for group-aware rewards.
 
+A request of more than ``max_batch_rows`` rows is scored in parts of whole groups (one group when G is larger),
+so the bound holds for every reward call. When a merged batch fails, each request in it is scored alone, so only
+the request whose rows made the reward raise gets the 500.
+
 Defences: binds 127.0.0.1 unless told otherwise, and refuses a non-loopback address without a token unless
 ``--allow-unauthenticated``; checks ``Authorization: Bearer <token>`` in constant time (401); refuses a missing
-Content-Length (411) and a too-large one (413) before reading the body; validates shapes/lengths and that every
-NPZ member is an array (400); a reward exception, or any other failure of a handler, is a 500 with its message
-and the server keeps serving; a client that disconnects mid-body is logged and dropped. A listen backlog of
+Content-Length (411) and a too-large one (413) before reading the body; the headers must arrive within
+``HEADER_DEADLINE_S`` and the body within ``BODY_BASE_S + length / MIN_BODY_RATE`` (a slow-drip client is cut
+off); validates shapes/lengths, the NPZ members (only ``header`` and ``samples``, arrays whose headers match
+their bytes) (400); a reward exception, or any other failure of a handler, is a 500 with its message and the
+server keeps serving; a reward's values follow the trainer's local rules (a bool, a str, ±inf or an undeclared
+NaN is a 500 naming the rows; NaN from a reward with ``nan_means_not_applicable`` goes out as null). A reward
+raising SystemExit / KeyboardInterrupt stops the worker: that request gets a 500, later ones a 503 at once,
+``/health`` a 503 "failed", and ``serve-reward`` exits 2. A client that disconnects mid-body is logged and
+dropped; one that leaves while its request waits for the worker has the request dropped unscored. A listen backlog of
 ``BACKLOG`` and at most ``--max-connections`` connections served at once (a thread each): the next one is answered
 503 with ``Retry-After`` at once, which the client waits out, so a burst of clients queues instead of failing.
 Nothing a client sends is unpickled (the wire format is NPZ with ``allow_pickle=False`` and JSON).
@@ -28,12 +38,14 @@ from __future__ import annotations
 import argparse
 import collections
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import math
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -66,6 +78,9 @@ BUSY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: app
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
 )  # answered from the accepting thread when every connection slot is taken
 LINGER_S = 2.0  # after refusing a body unread, read and discard it this long so the client sees our answer
+HEADER_DEADLINE_S = 10.0  # the request line and headers must arrive within this of the connection
+BODY_BASE_S, MIN_BODY_RATE = 10.0, 1 << 20  # the body within BODY_BASE_S + Content-Length / MIN_BODY_RATE (B/s)
+CLIENT_CHECK_S = 0.5  # while a request waits for the worker, look this often whether its client has gone
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -77,6 +92,8 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: list[float | None] | None = None
     error: str | None = None
+    code: int = 500  # the HTTP status of ``error``
+    cancelled: bool = False  # its client has gone: the worker drops it unscored if it has not started it
 
 
 def merge_requests(requests: list[WireRequest]) -> tuple[Any, list[Any], list[dict], RewardContext]:
@@ -94,6 +111,19 @@ def merge_requests(requests: list[WireRequest]) -> tuple[Any, list[Any], list[di
     return samples, prompts, meta, ctx
 
 
+def request_rows(request: WireRequest, start: int, stop: int) -> WireRequest:
+    """Rows ``start:stop`` of ``request`` (whole groups) as a request of their own."""
+    return WireRequest(
+        kind=request.kind,
+        samples=request.samples[start:stop],
+        prompts=request.prompts[start:stop],
+        meta=request.meta[start:stop],
+        group_size=request.group_size,
+        step=request.step,
+        dtype=request.dtype,
+    )
+
+
 def split_rows(values: list[Any], sizes: list[int]) -> list[list[Any]]:
     """Split N values back into consecutive pieces of ``sizes`` (sum(sizes) == N)."""
     out, start = [], 0
@@ -104,11 +134,19 @@ def split_rows(values: list[Any], sizes: list[int]) -> list[list[Any]]:
 
 
 class _Batcher:
-    """One worker thread: merges compatible queued jobs into one reward call (see the module docstring)."""
+    """One worker thread: merges compatible queued jobs into one reward call (see the module docstring).
+
+    ``failed`` is set (a message) when the reward raised a BaseException (SystemExit, KeyboardInterrupt): the
+    worker stops there, since the reward's state is unknown, and every later request is answered 503 at once
+    instead of waiting on a worker that is gone.
+    """
 
     def __init__(self, reward_fn: Any, max_batch_rows: int, batch_wait_s: float):
         self.reward_fn, self.max_batch_rows, self.batch_wait_s = reward_fn, max_batch_rows, batch_wait_s
+        self.nan_ok = bool(getattr(reward_fn, "nan_means_not_applicable", False))
         self.calls = 0  # reward calls made (batches), for logs and tests
+        self.dropped = 0  # cancelled jobs dropped unscored (their clients had gone), for logs and tests
+        self.failed: str | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._held: collections.deque[_Job] = collections.deque()  # taken off the queue, incompatible so far
         self._stop = threading.Event()
@@ -121,12 +159,20 @@ class _Batcher:
 
     def submit(self, request: WireRequest) -> _Job:
         job = _Job(request)
-        if self._stop.is_set():
+        if self.failed is not None:
+            job.error, job.code = self.failed, 503
+            job.done.set()
+        elif self._stop.is_set():
             job.error = "the reward server is shutting down"
             job.done.set()
         else:
             self._queue.put(job)
         return job
+
+    @property
+    def alive(self) -> bool:
+        """False once the worker has stopped (failed, or stopped by ``stop()``): nothing queued will be scored."""
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,50 +219,149 @@ class _Batcher:
                 self._held.append(job)
         return batch
 
-    def _run(self, batch: list[_Job]) -> None:
+    def _call(self, requests: list[WireRequest]) -> list[float | None]:
+        """ONE reward call on the merged rows of ``requests`` (at most max_batch_rows, or one group)."""
         t0 = time.perf_counter()
+        samples, prompts, meta, ctx = merge_requests(requests)
+        self.calls += 1
+        values = rewards_to_list(self.reward_fn(samples, prompts, meta, ctx), len(prompts), self.nan_ok)
+        log.info("scored %d rows (%d requests) in %.3f s", len(prompts), len(requests), time.perf_counter() - t0)
+        return values
+
+    def _score(self, requests: list[WireRequest]) -> list[float | None]:
+        """The values of all rows of ``requests``. One request over max_batch_rows rows is scored in parts of
+        whole groups (one group when G > max_batch_rows): the bound holds for every reward call, so one request
+        of many tiny rows cannot make a resizing reward allocate memory in proportion to its rows."""
+        if len(requests) > 1 or requests[0].num_rows <= self.max_batch_rows:
+            return self._call(requests)
+        request = requests[0]
+        g = request.group_size
+        step = max(g, self.max_batch_rows // g * g)
+        values: list[float | None] = []
+        for start in range(0, request.num_rows, step):
+            values += self._call([request_rows(request, start, start + step)])
+        return values
+
+    def _fail(self, job: _Job, e: Exception) -> None:
+        log.exception("reward failed on %d rows", job.request.num_rows)
+        job.error = f"reward failed: {type(e).__name__}: {e}"
+
+    def _run(self, batch: list[_Job]) -> None:
+        for job in [j for j in batch if j.cancelled]:  # their clients have gone: nobody would read the answer
+            self.dropped += 1
+            job.error = "cancelled: the client disconnected"
+            job.done.set()
+            log.info("dropped a request of %d rows: its client disconnected", job.request.num_rows)
+        batch = [j for j in batch if not j.cancelled]
+        if not batch:
+            return
         sizes = [j.request.num_rows for j in batch]
         try:
-            samples, prompts, meta, ctx = merge_requests([j.request for j in batch])
-            self.calls += 1
-            values = rewards_to_list(self.reward_fn(samples, prompts, meta, ctx), sum(sizes))
-            for job, part in zip(batch, split_rows(values, sizes)):
-                job.result = part
-            log.info("scored %d rows (%d requests) in %.3f s", sum(sizes), len(batch), time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001  a failing reward answers 500 and the server keeps serving
-            log.exception("reward failed on %d rows (%d requests)", sum(sizes), len(batch))
+            try:
+                for job, part in zip(batch, split_rows(self._score([j.request for j in batch]), sizes)):
+                    job.result = part
+            except Exception as e:  # noqa: BLE001  a failing reward answers 500 and the server keeps serving
+                if len(batch) == 1:
+                    self._fail(batch[0], e)
+                    return
+                # one request's bad rows must not fail the others merged with it: score each alone, so that
+                # only the guilty request gets the 500
+                log.warning("reward failed on %d merged requests (%s); scoring each alone", len(batch), e)
+                for job in batch:
+                    if job.cancelled:
+                        job.error = "cancelled: the client disconnected"
+                        continue
+                    try:
+                        job.result = self._score([job.request])
+                    except Exception as e1:  # noqa: BLE001
+                        self._fail(job, e1)
+        except BaseException as e:  # SystemExit / KeyboardInterrupt from the reward: stop serving it
+            self.failed = (
+                f"the reward server's worker stopped: the reward raised {type(e).__name__}: {e}; restart the "
+                "server (`mmgrpo serve-reward`) once the reward is fixed"
+            )
+            log.critical("%s", self.failed, exc_info=True)
             for job in batch:
-                job.error = f"reward failed: {type(e).__name__}: {e}"
+                if job.result is None and job.error is None:
+                    job.error = self.failed
         finally:
             for job in batch:
                 job.done.set()
 
     def _loop(self) -> None:
-        while (batch := self._collect()) is not None:
-            self._run(batch)
+        try:
+            while self.failed is None and (batch := self._collect()) is not None:
+                self._run(batch)
+        except BaseException as e:  # a bug of the worker itself: record it rather than leave requests hanging
+            self.failed = self.failed or f"the reward server's worker stopped ({type(e).__name__}: {e}); restart it"
+            log.critical("%s", self.failed, exc_info=True)
         leftover = list(self._held)
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job is not None:
                 leftover.append(job)
         for job in leftover:
-            job.error = "the reward server is shutting down"
+            job.error = self.failed or "the reward server is shutting down"
+            job.code = 503
             job.done.set()
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
 
 
+class _DeadlineSocketIO(io.RawIOBase):
+    """The connection's input with a deadline for the whole read, not for each recv.
+
+    A socket timeout alone is per recv: a client dripping one header byte every 59 s would hold a connection
+    slot (a thread) forever, and 64 of them lock everyone out without a token. Each recv here waits at most the
+    time left to ``deadline`` and raises TimeoutError past it, which http.server answers by closing the
+    connection (headers) and ``do_POST`` logs as a client gone mid-body.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float, idle_timeout: float | None):
+        self._sock, self.deadline, self._idle_timeout = sock, deadline, idle_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive within its deadline")
+        self._sock.settimeout(min(left, self._idle_timeout or left))
+        try:
+            return self._sock.recv_into(b)
+        finally:
+            self._sock.settimeout(self._idle_timeout)  # writes keep the handler's own timeout
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "mmgrpo-reward/1"
-    timeout = 60  # socket timeout: a client that stalls mid-body frees its thread after a minute
+    timeout = 60  # socket timeout of a single recv/send; whole reads have the deadlines above (_DeadlineSocketIO)
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the stdlib's reader: replaced by one with a deadline for the whole request
+        self._input = _DeadlineSocketIO(self.connection, time.monotonic() + HEADER_DEADLINE_S, self.timeout)
+        self.rfile = io.BufferedReader(self._input)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (readable and at end of stream) while we wait to answer."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's signature)
         log.debug("%s %s", self.address_string(), format % args)
 
     def _reply(self, code: int, payload: dict, unread: int = 0) -> None:
         """Send a JSON answer; if the body was left unread, close and briefly drain it (lingering close)."""
-        data = json.dumps(payload).encode("utf-8")
+        try:  # strict JSON: rewards_to_list already turned every non-finite value into None or an error
+            data = json.dumps(payload, allow_nan=False).encode("utf-8")
+        except ValueError as e:
+            code, data = 500, json.dumps({"error": f"cannot answer in JSON ({e})"}).encode("utf-8")
         try:
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -261,7 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path.rstrip("/") != "/health":
             self._reply(404, {"error": f"no such path {self.path!r}; use GET /health or POST /score"})
             return
-        self._reply(200, self.server.app.health())
+        health = self.server.app.health()
+        self._reply(200 if health["status"] == "ok" else 503, health)
 
     def do_POST(self) -> None:
         app: RewardServer = self.server.app
@@ -280,6 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "send fewer rows per call or restart the server with a larger --max-request-mb"
             )
             return self._reply(413, {"error": msg}, length)
+        self._input.deadline = time.monotonic() + BODY_BASE_S + length / MIN_BODY_RATE
         try:
             body = self.rfile.read(length)
         except OSError as e:
@@ -301,11 +448,21 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("decoding a request failed")
             return self._reply(500, {"error": f"cannot decode the request ({type(e).__name__}: {e})"})
         job = app.batcher.submit(request)
-        while not job.done.wait(0.5):
+        while not job.done.wait(CLIENT_CHECK_S):
             if app.batcher.stopping:
                 return self._reply(503, {"error": "the reward server is shutting down"})
+            if not app.batcher.alive and not job.done.is_set():  # the worker is gone: nothing will answer
+                msg = app.batcher.failed or "the reward server's worker stopped; restart the server"
+                return self._reply(503, {"error": msg})
+            if self._client_gone():  # e.g. the client timed out: don't score rows nobody will read
+                job.cancelled = True
+                self.close_connection = True
+                log.warning("client %s disconnected before its answer; request cancelled", self.address_string())
+                return
         if job.error is not None:
-            return self._reply(500, {"error": job.error})
+            return self._reply(job.code, {"error": job.error})
+        if job.result is None:  # never a 200 without rewards
+            return self._reply(500, {"error": "the reward server finished the request without a result"})
         self._reply(200, {"rewards": job.result})
 
 
@@ -401,8 +558,11 @@ class RewardServer:
         return hmac.compare_digest((header or "").encode("utf-8"), f"Bearer {self.token}".encode())
 
     def health(self) -> dict:
+        """``status`` "ok", or "failed" with the worker's ``error`` (answered 503, so a health check sees it)."""
+        failed = self.batcher.failed
         return {
-            "status": "ok",
+            "status": "ok" if failed is None else "failed",
+            **({"error": failed} if failed is not None else {}),
             "reward": self.name,
             "wire_version": WIRE_VERSION,
             "max_request_bytes": self.max_request_bytes,
@@ -530,8 +690,25 @@ def check_args(args: argparse.Namespace) -> None:
                         "only, the default) or 0.0.0.0 (every interface, with --token)")  # fmt: skip
 
 
+def wait_until_stopped(server: RewardServer, stop: threading.Event, poll_s: float = 0.5) -> None:
+    """Serve until ``stop`` is set or Ctrl-C (then shut down); raises UserError when the worker has failed.
+
+    A server whose worker is gone answers every request 503: the process exits non-zero with the reason rather
+    than keep a port open that only fails, so a supervisor sees it and restarts it.
+    """
+    try:
+        while not stop.wait(poll_s):
+            if server.batcher.failed is not None:
+                raise UserError(server.batcher.failed)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+
+
 def main(argv: list[str], stop: threading.Event | None = None) -> int:
-    """``mmgrpo serve-reward ...``: serve until Ctrl-C (or until ``stop`` is set, for tests). Returns 0."""
+    """``mmgrpo serve-reward ...``: serve until Ctrl-C (or until ``stop`` is set, for tests). Returns 0; raises
+    UserError (exit status 2) when the reward stopped the worker."""
     args = build_parser().parse_args(argv)
     check_args(args)
 
@@ -553,12 +730,5 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
         allow_unauthenticated=args.allow_unauthenticated,
     )
     print(f"serving reward {args.name!r} at {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
-    stop = stop or threading.Event()
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
+    wait_until_stopped(server, stop or threading.Event())
     return 0
