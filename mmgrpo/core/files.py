@@ -276,7 +276,12 @@ def video_backend() -> str:
 
 def open_video(path: str | os.PathLike, where: str, backend: str | None = None) -> VideoFile:
     """Open ``path`` and decode its first frame: a :class:`VideoFile` with at least one frame, or a UserError
-    naming ``where`` and the file. ``backend``: ``"av"`` or ``"decord"`` (default: :func:`video_backend`)."""
+    naming ``where`` and the file. ``backend``: ``"av"`` or ``"decord"`` (default: :func:`video_backend`).
+
+    A frame of more pixels than an image may hold (``PIL.Image.MAX_IMAGE_PIXELS``, as :func:`check_image`) is
+    refused from the stream's header (PyAV; decord after its first frame): the readers decode up to ``max_frames``
+    frames at full size before shrinking them to the model's budget, so an 8K video took gigabytes.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{where}: video '{path}' {_not_a_file(path).replace('not found', 'does not exist')}")
@@ -284,7 +289,9 @@ def open_video(path: str | os.PathLike, where: str, backend: str | None = None) 
     if backend not in ("av", "decord"):
         raise ValueError(f"unknown video backend {backend!r}; use 'av' or 'decord'")
     try:
-        n, fps = _av_probe(path) if backend == "av" else _decord_probe(path)
+        n, fps = _av_probe(path, where) if backend == "av" else _decord_probe(path, where)
+    except UserError:
+        raise
     except Exception as e:  # av.error.InvalidDataError, decord.DECORDError, ... on a corrupt or non-video file
         raise UserError(
             f"{where}: video '{path}' cannot be read ({type(e).__name__}: {str(e)[:160]}); replace or remove it"
@@ -294,14 +301,27 @@ def open_video(path: str | os.PathLike, where: str, backend: str | None = None) 
     return VideoFile(path, n, fps, backend)
 
 
-def _av_probe(path: str) -> tuple[int, float]:
-    """(frame count, average fps) of the first video stream; its first frame is decoded (0 frames if none)."""
+def _check_frame_pixels(width: int, height: int, path: str, where: str) -> None:
+    """A UserError naming ``where`` when a video's frames have more pixels than PIL decodes safely as an image."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise UserError(f"{where}: video '{path}' is {width}x{height} pixels a frame, more than the {limit} that PIL "
+                        "decodes safely as an image (each frame is decoded at full size); downscale it (e.g. "
+                        "ffmpeg -i IN -vf scale=1280:-2 OUT.mp4)")  # fmt: skip
+
+
+def _av_probe(path: str, where: str) -> tuple[int, float]:
+    """(frame count, average fps) of the first video stream, its frame size checked (:func:`_check_frame_pixels`)
+    before its first frame is decoded (0 frames if none)."""
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
+        _check_frame_pixels(stream.codec_context.width, stream.codec_context.height, path, where)
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         if next(container.decode(stream), None) is None:
             return 0, fps
@@ -312,11 +332,12 @@ def _av_probe(path: str) -> tuple[int, float]:
     return n, fps
 
 
-def _decord_probe(path: str) -> tuple[int, float]:
+def _decord_probe(path: str, where: str) -> tuple[int, float]:
     import decord
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0))
     n = len(reader)
     if n:
-        reader[0]
+        height, width = reader[0].shape[:2]
+        _check_frame_pixels(width, height, path, where)
     return n, float(reader.get_avg_fps() or 0.0)

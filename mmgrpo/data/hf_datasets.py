@@ -1,11 +1,17 @@
-"""Hugging Face datasets as data sources: ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]`` (docs/data.md).
+"""Hugging Face datasets as data sources: ``hf:NAME_OR_PATH[@CONFIG][:SPLIT[:COLUMN]]`` (docs/data.md).
 
 A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` is read with ``datasets.load_from_disk``
-(``load_dataset`` refuses it); anything else (a hub id, a local folder of data files) with ``datasets.load_dataset``.
+(``load_dataset`` refuses it); anything else (a hub id, a local folder of data files) with ``datasets.load_dataset``,
+given the CONFIG (a dataset of several configurations, ``load_dataset(NAME, CONFIG)``) when one is named. SPLIT may
+slice (``train[:100]``, ``train[10%:]``): the brackets are kept whole, and a saved DatasetDict is sliced as
+``load_dataset`` slices. A saved ``Dataset`` has no splits: a split written for it is an error, not all of its rows
+(``hf:DIR:test`` evaluated on the training rows).
 The rows get the checks a JSON file's get (:func:`dataset_rows`): a NaN or infinite number is a UserError naming the
 dataset, the row and the column (:func:`mmgrpo.data.records.check_finite_row`), and an image stored in the dataset
 (an ``Image`` feature, alone or in a list) is decoded once at load, so that a corrupt one is named now and not
-mid-training, and kept encoded (:class:`StoredImage`): a dataset of many images is not held decoded in memory. A
+mid-training, and kept encoded (:class:`StoredImage`): a dataset of many images is not held decoded in memory. The
+stored media are read as Arrow values, not cast to undecoded features: ``Dataset.cast`` writes a copy of the whole
+dataset into its folder (a cache file as large as the data, or a PermissionError in a read-only folder). A
 stored video (a ``Video`` feature) becomes a file path: its own path where the dataset holds no bytes, else its bytes
 written once to ``$XDG_CACHE_HOME/mmgrpo/videos`` (default ``~/.cache``), named by their hash (:func:`video_file`):
 the video readers read files, and ``datasets`` decodes videos only with torchcodec.
@@ -20,18 +26,49 @@ import importlib.util
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import check_image, write_atomic
 from mmgrpo.data.records import check_finite_row
 
+HF_SYNTAX = "hf:NAME_OR_PATH[@CONFIG][:SPLIT[:COLUMN]]"
 
-def hf_spec(spec: str) -> tuple[str, str, str]:
-    """(name or path, split, column) of ``hf:NAME_OR_PATH[:SPLIT[:COLUMN]]``; split 'train' and column '' when not
-    given."""
-    name, split, column = (spec[3:].split(":") + ["", ""])[:3]
-    return name, split or "train", column
+
+class HFSpec(NamedTuple):
+    """The parts of ``hf:NAME_OR_PATH[@CONFIG][:SPLIT[:COLUMN]]``."""
+
+    name: str
+    split: str
+    """'train' when not written; may slice (``train[:100]``)"""
+    column: str
+    """'' when not written"""
+    config: str
+    """'' when not written (the dataset's default configuration)"""
+    split_written: bool
+    """whether the spec names the split (a saved Dataset, which has none, refuses one)"""
+
+
+def hf_spec(spec: str) -> HFSpec:
+    """The parts of ``hf:NAME_OR_PATH[@CONFIG][:SPLIT[:COLUMN]]``: split 'train' and column and config '' when not
+    given. A ':' inside a split's brackets (``train[:100]``) does not end it; more than three fields is a UserError
+    (a fourth was dropped unread: a config written there was not used). The config follows the last '@' of the
+    name, unless the name with it is an existing path."""
+    fields, depth, start = [], 0, 3
+    for i, c in enumerate(spec[3:], 3):
+        depth += (c == "[") - (c == "]")
+        if c == ":" and depth <= 0:
+            fields.append(spec[start:i])
+            start = i + 1
+    fields.append(spec[start:])
+    if len(fields) > 3:
+        raise UserError(f"{quoted(spec)} has {len(fields)} ':'-separated fields, more than the three of "
+                        f"{HF_SYNTAX}; a configuration is named after '@' (hf:NAME@CONFIG:SPLIT)")  # fmt: skip
+    name, split, column = fields + [""] * (3 - len(fields))
+    config = ""
+    if "@" in name and not Path(name).exists():
+        name, config = name.rsplit("@", 1)
+    return HFSpec(name, split or "train", column, config, bool(split))
 
 
 def saved_dataset(path: Path) -> bool:
@@ -41,12 +78,12 @@ def saved_dataset(path: Path) -> bool:
 
 
 def open_dataset(spec: str, label: str) -> Any:
-    """The split of the dataset ``spec`` names (``hf:NAME_OR_PATH[:SPLIT...]``), or a UserError beginning with
-    ``label`` (``prompts='hf:...'``, ``data.options.path='hf:...'``): no name, ``datasets`` not installed, a
-    damaged save_to_disk folder, an unknown split, a name load_dataset cannot read."""
-    name, split, _ = hf_spec(spec)
+    """The split of the dataset ``spec`` names (``hf:NAME_OR_PATH[@CONFIG][:SPLIT...]``), or a UserError beginning
+    with ``label`` (``prompts='hf:...'``, ``data.options.path='hf:...'``): no name, ``datasets`` not installed, a
+    damaged save_to_disk folder, an unknown split, a name (or configuration) load_dataset cannot read."""
+    name, split, _, config, split_written = hf_spec(spec)
     if not name:
-        raise UserError(f"{label} names no dataset; write hf:NAME_OR_PATH[:SPLIT[:COLUMN]]")
+        raise UserError(f"{label} names no dataset; write {HF_SYNTAX}")
     if importlib.util.find_spec("datasets") is None:
         raise UserError(
             f"{label} reads a Hugging Face dataset, but the 'datasets' package is not installed; "
@@ -54,18 +91,25 @@ def open_dataset(spec: str, label: str) -> Any:
         )
     datasets = importlib.import_module("datasets")
     if saved_dataset(Path(name)):
-        return _load_saved(datasets, label, name, split)
+        if config:
+            raise UserError(f"{label}: the folder {name!r} was written by save_to_disk, which keeps one "
+                            f"configuration; drop '@{config}'")  # fmt: skip
+        return _load_saved(datasets, label, name, split if split_written else "")
+    args = f"{name!r}" + (f", {config!r}" if config else "")
     try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - offline, unknown name or split: say which and how to fix it
+        return datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, config or split: say which and how to fix it
         raise UserError(
-            f"{label}: datasets.load_dataset({name!r}, split={split!r}) failed ({quoted(str(e), 300)}); "
-            "check the name, the split, and that the dataset is downloaded when offline"
+            f"{label}: datasets.load_dataset({args}, split={split!r}) failed ({quoted(str(e), 300)}); "
+            f"check the name, the configuration (a dataset of several is read as hf:NAME@CONFIG[:SPLIT]), the "
+            "split, and that the dataset is downloaded when offline"
         ) from e
 
 
 def _load_saved(datasets: Any, label: str, name: str, split: str) -> Any:
-    """The ``split`` of a dataset saved with save_to_disk (a Dataset has one split, whatever its name)."""
+    """The ``split`` of a dataset saved with save_to_disk ('': none written, 'train' for a DatasetDict), sliced as
+    load_dataset slices (``train[:100]``). A Dataset has no splits: a split written for it is an error (its name
+    is not saved, so ``:test`` would read the training rows)."""
     try:
         ds = datasets.load_from_disk(name)
     except Exception as e:  # noqa: BLE001 - a folder with missing or damaged files: name it
@@ -73,12 +117,23 @@ def _load_saved(datasets: Any, label: str, name: str, split: str) -> Any:
             f"{label}: datasets.load_from_disk({name!r}) failed ({quoted(str(e), 300)}); the folder "
             "is not a complete save_to_disk output: save the dataset again"
         ) from e
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise UserError(f"{label}: the saved dataset has no split {split!r} (splits: "
-                            f"{quoted(sorted(ds))}); name one as hf:PATH:SPLIT")  # fmt: skip
+    if not isinstance(ds, datasets.DatasetDict):
+        if split:
+            raise UserError(f"{label}: the folder holds one Dataset (Dataset.save_to_disk), which has no splits, "
+                            f"so the split {split!r} cannot be chosen (all its rows would be read); drop "
+                            f"':{split}' to read them all, or save a DatasetDict of named splits "
+                            "(DatasetDict({'train': ..., 'test': ...}).save_to_disk)")  # fmt: skip
+        return ds
+    split = split or "train"
+    if split in ds:
         return ds[split]
-    return ds
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in ds.items()})
+    except (ValueError, KeyError, AssertionError):
+        raise UserError(f"{label}: the saved dataset has no split {split!r} (splits: {quoted(sorted(ds))}); name "
+                        "one as hf:PATH:SPLIT (a slice as train[:100] or train[10%:])") from None  # fmt: skip
+    pieces = [ds[p.splitname].select(range(p.from_, p.to)) for p in parts]
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
 def media_folder(spec: str) -> Path:
@@ -186,15 +241,24 @@ def _row_value(value: Any, feature: Any, name: str, where: str) -> Any:
     return value
 
 
+def _arrow_rows(ds: Any, batch: int = 256) -> Any:
+    """The rows of ``ds`` as Python values read from its Arrow table (in the dataset's order, selections and
+    shuffles included): an ``Image`` or ``Video`` value is its stored ``{bytes, path}``, undecoded. Casting the
+    features to ``decode=False`` gave the same values but wrote a copy of the dataset into the dataset's folder."""
+    table = ds.with_format("arrow")
+    for lo in range(0, len(ds), batch):
+        yield from table[lo : lo + batch].to_pylist()
+
+
 def dataset_rows(ds: Any, spec: str) -> list[tuple[str, dict]]:
     """(``"hf:... row N"``, row) of every row of ``ds`` (N counted from 0, as ``ds[N]``): checked for non-finite
     numbers, its stored images as :class:`StoredImage` (a corrupt one a UserError naming the row and the column)."""
     features = dict(ds.features)
-    if any(_has_media(f) for f in features.values()):
-        datasets = importlib.import_module("datasets")
-        ds = ds.cast(datasets.Features({k: _undecoded(f) for k, f in features.items()}))
+    rows: Any = ds
+    if any(_has_media(f) for f in features.values()):  # {bytes, path} as stored; no decoding, no copy (a cast's)
+        rows = _arrow_rows(ds)
     out = []
-    for i, row in enumerate(ds):
+    for i, row in enumerate(rows):
         where = f"{spec} row {i}"
         check_finite_row(row, where)
         out.append((where, {k: _row_value(v, features.get(k), f"column {k!r}", where) for k, v in row.items()}))

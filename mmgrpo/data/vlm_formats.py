@@ -1,9 +1,11 @@
 """Other VLM data formats, converted to the project's QA record ``{question, answer, images | image, ...}``.
 
 - TRL's conversational format: ``{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-  "text": ...}]}], "images": [path], "solution": ...}`` (``answer`` instead of ``solution`` also works);
+  "text": ...}]}], "images": [path], "solution": ...}`` (``answer`` instead of ``solution`` also works; ``<image>``
+  tags in the text are counted and removed as LLaVA's are);
 - LLaVA / ShareGPT: ``{"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."},
-  {"from": "gpt", "value": ...}]}``.
+  {"from": "gpt", "value": ...}]}`` (``image`` may be a list of paths, as LLaVA-OneVision's multi-image records
+  hold: they become ``images``).
 
 A record already in the project's format passes through unchanged. A conversion never drops a part silently: an
 unknown role, a conversation without a question or an answer, and a count of image placeholders (``{"type":
@@ -22,6 +24,7 @@ import re
 from typing import Any
 
 from mmgrpo.core.errors import UserError, quoted
+from mmgrpo.data.hf_datasets import StoredImage
 
 IGNORED = "_ignored"
 """key of a converted record: the parts of the original that were not used (a list of short descriptions)"""
@@ -39,9 +42,28 @@ def _text_of(content: Any, where: str) -> str:
 
 
 def _n_images(rec: dict) -> int:
-    """The number of images a record names (``image``: one, ``images``: its length)."""
-    images = rec.get("images")
-    return len(images) if isinstance(images, list) else int(rec.get("image") not in (None, ""))
+    """The number of images a record names: a list's length (``images``, or ``image`` as LLaVA-OneVision writes
+    it), else 1 for one path (``image``, or ``images`` holding one path instead of a list), else 0. Counting only
+    ``images`` lists and ``image`` paths told a record with two images in ``image`` that it named one."""
+    for value in (rec.get("images"), rec.get("image")):
+        if isinstance(value, list):
+            return len(value)
+        if value not in (None, ""):
+            return 1
+    return 0
+
+
+def _image_list(rec: dict) -> dict:
+    """A converted record with its images where the loader reads them: a list under ``image`` (LLaVA-OneVision's
+    multi-image records) moved to ``images``, and one path (or stored image) under ``images`` made a list of it;
+    a record naming both keys is left for the loader to refuse."""
+    image, images = rec.get("image"), rec.get("images")
+    if isinstance(image, list) and images is None:
+        rec = {k: v for k, v in rec.items() if k != "image"}
+        rec["images"] = image
+    elif isinstance(images, str | StoredImage) and image is None:
+        rec = {**rec, "images": [images]}
+    return rec
 
 
 def _check_placeholders(placeholders: int, rec: dict, what: str, where: str) -> None:
@@ -66,13 +88,17 @@ def from_trl(rec: dict, where: str) -> dict:
     if "solution" not in rec and "answer" not in rec:
         raise UserError(f"{where}: a TRL conversational example needs a 'solution' (or 'answer'); got {sorted(rec)}")
     users = [m for m, r in zip(messages, roles) if r == "user"]
-    question = "\n".join(_text_of(m.get("content"), where) for m in users).strip()
+    question = "\n".join(_text_of(m.get("content"), where) for m in users)
+    parts = [p for m in users if isinstance(m.get("content"), list) for p in m["content"]]
+    _check_placeholders(sum(isinstance(p, dict) and p.get("type") == "image" for p in parts), rec, "image", where)
+    # '<image>' tags in the text (string content, or a text part) are counted and removed as LLaVA's are: left in,
+    # the model read the literal tag and a wrong count passed
+    _check_placeholders(question.count("<image>"), rec, "<image>", where)
+    question = question.replace("<image>", "").strip()
     if not question:
         raise UserError(f"{where}: 'prompt' has no user turn with text, so there is no question; got "
                         f"{quoted(messages)}")  # fmt: skip
-    parts = [p for m in users if isinstance(m.get("content"), list) for p in m["content"]]
-    _check_placeholders(sum(isinstance(p, dict) and p.get("type") == "image" for p in parts), rec, "image", where)
-    out = {k: v for k, v in rec.items() if k not in ("prompt", "solution")}
+    out = _image_list({k: v for k, v in rec.items() if k not in ("prompt", "solution")})
     out["question"] = question
     out["answer"] = rec["solution"] if "solution" in rec else rec["answer"]
     if "system" in roles:
@@ -98,7 +124,7 @@ def from_llava(rec: dict, where: str) -> dict:
         raise UserError(f"{where}: 'conversations' needs a 'human' turn followed by a 'gpt' turn; got {quoted(turns)}")
     text = str(turns[human]["value"])
     _check_placeholders(text.count("<image>"), rec, "<image>", where)
-    out = {k: v for k, v in rec.items() if k != "conversations"}
+    out = _image_list({k: v for k, v in rec.items() if k != "conversations"})
     out.update(question=text.replace("<image>", "").strip(), answer=str(turns[gpt]["value"]).strip())
     ignored = ["a system turn"] if "system" in roles else []
     if any(r != "system" for r in roles[gpt + 1 :]):
@@ -139,7 +165,10 @@ def parse_box_value(value: Any, where: str) -> list[float]:
     box = None
     if isinstance(value, list | tuple) and len(value) == 4:
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            box = [float(v) for v in value]
+            try:
+                box = [float(v) for v in value]
+            except OverflowError:  # an integer past a float's range (a JSON file's is refused as it is parsed)
+                box = None
     elif isinstance(value, str):
         lists = re.findall(r"\[([^\[\]]*)\]", value)
         numbers = [_NUMBER.findall(x) for x in lists]

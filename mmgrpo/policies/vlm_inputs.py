@@ -24,6 +24,7 @@ import torch
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import open_video
+from mmgrpo.data.hf_datasets import StoredImage
 
 MEDIA_KEYS = ("images", "image", "video", "image_size")  # meta keys that describe a prompt's media
 
@@ -53,11 +54,14 @@ class PromptInputs:
 
 
 def load_image(image: Any, max_pixels: int | None = None):
-    """A PIL RGB image from a PIL image, a uint8 array [H, W, 3] or a path (turned upright by its EXIF orientation,
-    as transformers' ``load_image`` does); shrunk to ``max_pixels`` if given."""
+    """A PIL RGB image from a PIL image, a uint8 array [H, W, 3], a path or an image stored in a dataset
+    (:class:`~mmgrpo.data.hf_datasets.StoredImage`, a ``hf:`` prompt's meta) (turned upright by its EXIF
+    orientation, as transformers' ``load_image`` does); shrunk to ``max_pixels`` if given."""
     from PIL import Image, ImageOps
 
-    if isinstance(image, (str, Path)):
+    if isinstance(image, StoredImage):
+        image = image.open()
+    elif isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise UserError(f"image file {str(image)!r} not found; give an existing path, a PIL image or an array")
         image = ImageOps.exif_transpose(Image.open(image))  # as a viewer shows it (a phone photo's EXIF rotation)
@@ -103,7 +107,8 @@ def read_video(
 ) -> tuple[np.ndarray, float]:
     """Frames uint8 [F, H, W, 3] of a video file sampled at ``fps`` (at most ``max_frames``, F even), and the
     effective fps of the returned frames (for Qwen2.5-VL's temporal positions). Read with
-    :func:`mmgrpo.core.files.open_video` (PyAV, the ``video`` extra)."""
+    :func:`mmgrpo.core.files.open_video` (PyAV, the ``video`` extra), which refuses frames of more pixels than an
+    image may hold (``PIL.Image.MAX_IMAGE_PIXELS``) before any is decoded at full size."""
     if not Path(path).is_file():
         raise UserError(f"video file {str(path)!r} not found; give the path of an existing mp4")
     video = open_video(path, "a video prompt")

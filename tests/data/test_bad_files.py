@@ -62,6 +62,23 @@ def test_a_corrupt_video_in_a_vlm_dataset_is_named_at_load(tmp_path):
         load_jsonl(tmp_path / "d.jsonl")
 
 
+def test_a_video_of_more_pixels_a_frame_than_an_image_may_hold_is_named_at_load(tmp_path, monkeypatch):
+    # images over PIL.Image.MAX_IMAGE_PIXELS were refused while a video's frames had no limit: the reader decoded
+    # max_frames full-size frames before shrinking them (gigabytes for 8K). The limit is lowered to keep this small.
+    from mmgrpo.policies.vlm_inputs import read_video
+
+    write_mp4(tmp_path / "clip.mp4", frames=2, size=64)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "video": "clip.mp4"}))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    assert len(load_jsonl(tmp_path / "d.jsonl")) == 1  # at the limit: read
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    with pytest.raises(UserError, match=r"d.jsonl line 1: video '.*clip.mp4' is 64x64 pixels a frame, more than the "
+                                        r"4095 that PIL decodes safely.*downscale it"):  # fmt: skip
+        load_jsonl(tmp_path / "d.jsonl")
+    with pytest.raises(UserError, match=r"a video prompt: video '.*clip.mp4' is 64x64 pixels a frame"):
+        read_video(tmp_path / "clip.mp4")
+
+
 def test_image_to_video_pairs_not_utf8_or_corrupt_media_are_named(tmp_path):
     (tmp_path / "p.csv").write_bytes(b"prompt,image\n" + LATIN1.strip() + b",a.png\n")
     with pytest.raises(UserError, match=rf"data file '{tmp_path / 'p.csv'}' is not UTF-8 text: line 2"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmgrpo.data.hf_datasets import StoredImage, _row_value
+from mmgrpo.data.hf_datasets import StoredImage, _row_value, dataset_rows, open_dataset
 from mmgrpo.pipelines.vlm_grounding import GroundingExamples, VLMGroundingDataOptions, load_grounding_jsonl
 from mmgrpo.pipelines.vlm_reasoning import QAExamples, VLMReasoningDataOptions, load_jsonl
 from mmgrpo.testing.data_files import raises
@@ -80,6 +80,19 @@ def test_bad_rows_of_a_dataset_name_the_dataset_the_row_and_the_field(folder, ro
     spec = saved(folder, "bad", [good, {**good, **row}], {"image": datasets.Image()})
     msg = raises(load_jsonl, spec, rf"^hf:.*bad {match}")
     assert "\n" not in msg
+
+
+def test_reading_a_datasets_images_writes_nothing_into_its_folder(folder):
+    # the rows were read through ds.cast(...), which wrote a cache file as large as the data into the user's dataset
+    # folder (and failed in a read-only one)
+    import datasets
+
+    rows = [{"question": "What colour?", "answer": "red", "image": png(), "images": [png(), png((8, 8))]}] * 2
+    spec = saved(folder, "ds", rows, {"image": datasets.Image(), "images": datasets.List(datasets.Image())})
+    before = {p.name: p.stat().st_size for p in (folder / "ds").iterdir()}
+    (_, meta), _ = dataset_rows(open_dataset(spec, "test"), spec)
+    assert {p.name: p.stat().st_size for p in (folder / "ds").iterdir()} == before
+    assert isinstance(meta["image"], StoredImage) and [im.size for im in meta["images"]] == [(32, 24), (8, 8)]
 
 
 def test_trl_rows_whose_parts_arrow_filled_with_none_read_as_the_file_would(folder):

@@ -9,12 +9,14 @@ import importlib.util
 import json
 import os
 import struct
+import time
 import zlib
 
 import pytest
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.prompts import read_prompts
+from mmgrpo.data.records import json_list_rows
 from mmgrpo.pipelines.image_to_video import read_pairs
 from mmgrpo.testing.data_files import jsonl, raises
 
@@ -29,12 +31,44 @@ from mmgrpo.testing.data_files import jsonl, raises
         ('{"prompt": "a", "weight": -Infinity}', r"line 2: -Infinity is not a JSON number"),
         ('{"prompt": "a", "weight": 1e999}', r"line 2: the number '1e999' is not finite"),
         ('{"prompt": "a"} {"prompt": "b"}', r"line 2 holds more than one JSON value"),
+        # past 4300 digits int() raised a bare ValueError; 400 digits loaded, then float() raised OverflowError at a
+        # box; 100k nested '[' raised RecursionError: tracebacks naming no file
+        pytest.param(
+            f'{{"seed": {"9" * 5000}}}',
+            r"line 2: the integer 9+\.\.\. \(5000 digits\) is too large for a float",
+            id="5000-digit-integer",
+        ),
+        pytest.param(
+            f'{{"seed": 1{"0" * 400}}}',
+            r"line 2: the integer 10+\.\.\. \(401 digits\) is too large for a float",
+            id="10**400",
+        ),
+        pytest.param(
+            f'{{"x": {"[" * 100_000 + "]" * 100_000}}}',
+            r"line 2: the JSON nests lists or objects too deeply",
+            id="100k-nested-lists",
+        ),
     ],
 )
 def test_json_that_python_would_read_loosely_is_refused_with_its_line(tmp_path, text, match):
     path = tmp_path / "p.jsonl"
     path.write_text(jsonl({"prompt": "ok"}, text))
     raises(read_prompts, str(path), match, "train", 0)
+
+
+def test_an_integer_that_fits_a_float_loads_as_an_integer(tmp_path):
+    (tmp_path / "p.jsonl").write_text(jsonl({"prompt": "a", "seed": 10**308, "n": -(2**63)}))
+    assert read_prompts(str(tmp_path / "p.jsonl"), "train", 0)[0].meta == {"seed": 10**308, "n": -(2**63)}
+
+
+def test_a_long_json_list_is_read_in_linear_time(tmp_path):
+    # each item's line was counted from the start of the text: 40k items took 39 s (quadratic), now ~0.1 s
+    items = [{"prompt": f"a photo of object number {i} " + "x" * 60} for i in range(40_000)]
+    text = json.dumps(items, indent=2)  # each item 3 lines, the first on line 2 (LLaVA's layout)
+    start = time.perf_counter()
+    rows = json_list_rows(text, "f.json")
+    assert time.perf_counter() - start < 3.0
+    assert [w for w, _ in rows[:2]] == ["f.json line 2", "f.json line 5"] and rows[-1][0] == "f.json line 119999"
 
 
 def test_a_torn_last_line_says_that_the_file_looks_cut_off(tmp_path):
@@ -109,6 +143,32 @@ def test_a_dataset_saved_with_save_to_disk_is_read(tmp_path):
     raises(read_prompts, str(tmp_path / "saved"), r"save_to_disk\); write hf:", "train", 0)
     (tmp_path / "saved" / "state.json").write_text("{}")  # a damaged folder
     raises(read_prompts, f"hf:{tmp_path / 'saved'}", r"load_from_disk.*failed", "train", 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_a_split_of_a_saved_dataset_is_never_all_its_rows_and_a_sliced_split_is_read(tmp_path):
+    # hf:DIR:test on a Dataset.save_to_disk folder (no splits) read every row: evaluation on the training prompts;
+    # and train[:2] was cut at its ':' ('train[' and a column '2]')
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds = datasets.Dataset.from_dict({"prompt": ["t1", "t2", "t3"]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert read_prompts(f"hf:{tmp_path / 'saved'}", "train", 0) == ["t1", "t2", "t3"]
+    for split in ("test", "train"):
+        match = rf"saved:{split}': the folder holds one Dataset \(Dataset.save_to_disk\), which has no splits, so the "
+        msg = raises(
+            read_prompts, f"hf:{tmp_path / 'saved'}:{split}", rf"{match}split '{split}' cannot be chosen", "train", 0
+        )
+        assert f"drop ':{split}'" in msg and "save a DatasetDict" in msg
+    assert read_prompts(f"hf:{tmp_path / 'dict'}:train[:2]", "train", 0) == ["t1", "t2"]
+    assert read_prompts(f"hf:{tmp_path / 'dict'}:train[-1:]+test:prompt", "train", 0) == ["t3", "t1"]
+    raises(read_prompts, f"hf:{tmp_path / 'dict'}:train[:x]", r"has no split 'train\[:x\]'", "train", 0)
+    (tmp_path / "pq").mkdir()  # what load_dataset reads: the slice is passed on whole
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), tmp_path / "pq" / "train.parquet")
+    assert read_prompts(f"hf:{tmp_path / 'pq'}:train[1:]", "train", 0) == ["b", "c"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")

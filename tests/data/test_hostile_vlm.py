@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.data.vlm_formats import parse_box_value
 from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.pipelines.vlm_grounding import GroundingExamples, VLMGroundingDataOptions, load_grounding_jsonl
 from mmgrpo.pipelines.vlm_reasoning import QAExamples, VLMReasoningDataOptions, load_jsonl, load_jsonl_lines
@@ -166,11 +167,18 @@ def test_16_bit_float_and_transparent_images_reach_the_model_as_they_look(tmp_pa
         ({**BOX, "image": 5}, r"'image' must be a path, got 5"),
         ({**BOX, "images": ["a.png"]}, r"give 'image' \(one path\), not 'images' as well"),
         ({"image": "a.png", "problem": None, "solution": [1, 2, 3, 4]}, r"'question' must be a non-empty string"),
+        # parsed, then float() raised OverflowError: a traceback naming no line
+        ({"image": "a.png", "problem": "q", "solution": [0, 0, 10**400, 5]}, r"the integer 10+.* too large for a"),
     ],
 )
 def test_bad_grounding_records_name_the_line_and_the_field(folder, row, match):
     (folder / "g.jsonl").write_text(jsonl(BOX, row))
     raises(load_grounding_jsonl, folder / "g.jsonl", rf"g.jsonl line 2: .*{match}")
+
+
+def test_a_box_of_an_integer_past_a_floats_range_is_named_not_an_overflow():
+    # a dataset row's values arrive as Python values, not JSON: the box check itself refuses them
+    raises(parse_box_value, [0, 0, 10**400, 5], r"^row 3: box must be \[x1, y1, x2, y2\]", "row 3")
 
 
 def test_boxes_in_the_original_size_and_in_scientific_notation_load(folder):
@@ -331,6 +339,34 @@ def test_image_placeholders_in_the_projects_own_question_are_counted_and_removed
     raises(load_jsonl, folder / "d.jsonl", r"line 1: the question holds 2 <image> placeholder\(s\) but .* 1 image")
     (folder / "g.jsonl").write_text(jsonl({**BOX, "question": "<image> Locate it."}))
     assert load_grounding_jsonl(folder / "g.jsonl")[0][0]["question"] == "Locate it."
+
+
+@pytest.mark.parametrize("content", ["<image>\nWhat colour?", [{"type": "text", "text": "<image>\nWhat colour?"}]])
+def test_image_tags_in_a_trl_prompts_text_are_counted_and_removed(folder, content):
+    # TRL string content (or a text part) kept its '<image>' tags in the question, and a wrong count passed
+    trl = {"prompt": [{"role": "user", "content": content}], "images": ["a.png"], "solution": "red"}
+    (folder / "d.jsonl").write_text(jsonl(trl))
+    assert load_jsonl(folder / "d.jsonl")[0][0]["question"] == "What colour?"
+    two = {**trl, "prompt": [{"role": "user", "content": "<image><image> What colour?"}]}
+    (folder / "d.jsonl").write_text(jsonl(two))
+    raises(load_jsonl, folder / "d.jsonl", r"line 1: the question holds 2 <image> placeholder\(s\) but .* 1 image")
+    (folder / "g.jsonl").write_text(jsonl({**trl, "solution": "[1, 2, 10, 12]"}))
+    assert load_grounding_jsonl(folder / "g.jsonl")[0][0]["question"] == "What colour?"
+
+
+def test_a_llava_image_list_and_a_trl_images_path_are_read_as_their_images(folder):
+    # LLaVA-OneVision's "image": [a, b] counted as 1 image, TRL's "images": "a.png" as 0: a placeholder-count error
+    # telling the user to do what they had done
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    turns = [{"from": "human", "value": "<image>\n<image>\nWhich is brighter?"}, {"from": "gpt", "value": "A"}]
+    trl = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}],
+           "images": "a.png", "solution": "red"}  # fmt: skip
+    (folder / "d.jsonl").write_text(jsonl({"image": ["a.png", "b.png"], "conversations": turns}, trl))
+    (p0, m0), (p1, m1) = load_jsonl(folder / "d.jsonl")
+    assert m0["images"] == [str(folder / "a.png"), str(folder / "b.png")] and p0["question"] == "Which is brighter?"
+    assert m1["images"] == [str(folder / "a.png")] and p1["question"] == "Which colour?"
+    (folder / "d.jsonl").write_text(jsonl({"image": ["a.png"], "conversations": turns}))
+    raises(load_jsonl, folder / "d.jsonl", r"line 1: the question holds 2 <image> placeholder\(s\) but .* 1 image")
 
 
 def test_a_small_file_warns_that_evaluation_answers_fewer_than_asked(folder):

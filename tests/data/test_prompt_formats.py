@@ -3,12 +3,14 @@
 text-to-image run trains 2 steps on each format."""
 
 import importlib.util
+import io
 import json
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.data.prompts import PromptList, read_prompts
@@ -92,6 +94,67 @@ def test_hf_prompts_from_a_local_dataset(tmp_path):
         (tmp_path / "ds" / f"p.{other}").unlink()
     got = read_prompts(f"hf:{tmp_path / 'ds'}:train", "train", 0)  # a local folder, as load_dataset reads it
     assert got == ["a red circle", "a blue square"] and got[0].meta["source"] == "x"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_hf_prompts_keep_stored_images_encoded_and_name_a_corrupt_one(tmp_path):
+    # iterating the dataset held every image decoded in each prompt's meta (786 kB a 512-pixel image), and a corrupt
+    # one was an OSError traceback: the rows are now read as the VLM loader reads them
+    import datasets
+
+    from mmgrpo.data.hf_datasets import StoredImage
+    from mmgrpo.policies.vlm_inputs import load_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 0, 0)).save(buffer, "PNG")
+    good = {"bytes": buffer.getvalue(), "path": None}
+    bad = {"bytes": b"\x89PNG\r\n\x1a\n garbage", "path": None}
+    features = datasets.Features({"prompt": datasets.Value("string"), "image": datasets.Image()})
+    for name, images in (("ok", [good, good]), ("bad", [good, bad])):
+        rows = {"prompt": ["edit this", "and this"], "image": images}
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / name))
+    got = read_prompts(f"hf:{tmp_path / 'ok'}", "train", 0)
+    assert got == ["edit this", "and this"] and isinstance(got[0].meta["image"], StoredImage)
+    assert got[0].meta["image"].size == (16, 8) and load_image(got[0].meta["image"]).size == (16, 8)
+    batch = PromptList(got, seed=0).get([0])  # a reward reads the image decoded, as before
+    assert isinstance(batch.meta[0]["image"], Image.Image) and batch.meta[0]["image"].getpixel((0, 0)) == (200, 0, 0)
+    with pytest.raises(UserError, match=r"hf:.*bad row 1: the image stored in column 'image' cannot be read"):
+        read_prompts(f"hf:{tmp_path / 'bad'}", "train", 0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_hf_prompts_of_a_dataset_with_configs_name_one_after_an_at(tmp_path):
+    # load_dataset never got a config name, and a 4th field (where one might be written) was dropped unread
+    for config, prompt in (("en", "a cat"), ("de", "eine Katze")):
+        (tmp_path / "ds" / config).mkdir(parents=True)
+        (tmp_path / "ds" / config / "train.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    (tmp_path / "ds" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: en\n  data_files: en/train.jsonl\n"
+        "- config_name: de\n  data_files: de/train.jsonl\n---\n"
+    )
+    spec = f"hf:{tmp_path / 'ds'}"
+    assert read_prompts(f"{spec}@en", "train", 0) == ["a cat"]
+    assert read_prompts(f"{spec}@de:train:prompt", "train", 0) == ["eine Katze"]
+    with pytest.raises(UserError, match=r"available configs: \['en', 'de'\].*hf:NAME@CONFIG"):
+        read_prompts(spec, "train", 0)
+    with pytest.raises(UserError, match=r"has 4 ':'-separated fields.*NAME_OR_PATH\[@CONFIG\]\[:SPLIT\[:COLUMN\]\]"):
+        read_prompts(f"{spec}:train:prompt:en", "train", 0)
+
+
+def test_prompt_list_draws_each_epochs_permutation_once(monkeypatch):
+    # a fresh permutation of all the prompts was drawn for every index: 0.8 s a step of 64 at a million prompts
+    import numpy as np
+
+    prompts = [f"p{i}" for i in range(1000)]
+    indices = list(range(990, 1010))  # the end of epoch 0 and the start of epoch 1
+    expected = [prompts[np.random.default_rng([7, i // 1000]).permutation(1000)[i % 1000]] for i in indices]
+    calls = []
+    default_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: calls.append(seed) or default_rng(seed))
+    prompt_list = PromptList(prompts, seed=7)
+    assert prompt_list.get(indices).prompts == expected
+    assert prompt_list.get(indices[:5]).prompts == expected[:5]
+    assert calls == [[7, 0], [7, 1]]
 
 
 @pytest.fixture(scope="module")
