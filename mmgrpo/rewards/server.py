@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import yaml
 
+from mmgrpo.core.config_yaml import load_yaml
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
 from mmgrpo.rewards.registry import get
@@ -643,7 +644,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"--option {pair!r} must look like key=value, e.g. --option batch_size=8")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            out[key.strip()] = load_yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
             raise UserError(f"--option {pair!r}: value {value!r} is not valid YAML ({e})") from e
     return out

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from mmgrpo import rewards as reward_registry
+from mmgrpo.core.config_yaml import dump_yaml, load_yaml
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: recipes)
@@ -285,7 +286,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise UserError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -329,7 +330,7 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"config file '{path}' not found{hint}")
     text = read_utf8(p, "config file")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise UserError(f"config file '{path}' is not valid YAML: {e}") from e
     if data is None:  # empty, or only comments: not a config with every key at its default
@@ -428,7 +429,7 @@ def _absolute_paths(value: Any, base: Path, key: str = "") -> Any:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return dump_yaml(to_dict(cfg), sort_keys=False)
 
 
 def config_diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:

@@ -26,8 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mmgrpo.core.config_yaml import load_yaml
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import remove_empty, write_atomic
 from mmgrpo.train import checkpoint as ckpt
@@ -193,7 +192,7 @@ def options_added_since(saved: Path, cfg: Config) -> list[tuple[str, Any]]:
     written; a missing
     block is named once, at its own key. A key written in short form there (``objective: sde`` for ``{name: sde}``)
     is not a missing one. Keys a resume may change (``RESUMABLE``) are left out."""
-    raw = yaml.safe_load(saved.read_text()) or {}
+    raw = load_yaml(saved.read_text()) or {}
     out: dict[str, Any] = {}
 
     def walk(node: Any, have: Any, prefix: str) -> None:

@@ -40,6 +40,7 @@ from PIL import Image
 from torch import nn
 
 from mmgrpo import rewards as reward_registry
+from mmgrpo.core.config_yaml import load_yaml
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
 from mmgrpo.core.extras import needs
 from mmgrpo.core.files import check_output_folder, staged_folder
@@ -153,7 +154,7 @@ def parse_reward_options(items: list[str]) -> dict[str, Any]:
         if not eq or not key.strip():
             raise UserError(f"--reward-option {text!r} is not of the form key=value (e.g. quality=90)")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key.strip()] = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out

@@ -126,6 +126,24 @@ def test_aggregation_is_a_name_or_name_and_options(tmp_path):
 
 def test_override_syntax():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    # YAML 1.2's numbers, not PyYAML's 1.1: a leading zero is decimal (was octal: 010 -> 8), a float needs no dot
+    # (3e-1 was the string '3e-1', so config.yaml recorded text), 1:30 is text (was sexagesimal 90)
+    assert [parse_override(f"a={v}")[1] for v in ("010", "0x10", "0o17", "3e-1", "1e6", "1_000", "1:30")] == [
+        10, 16, 15, 0.3, 1e6, 1000, "1:30",
+    ]  # fmt: skip
+
+
+def test_config_yaml_reads_back_what_it_wrote(tmp_path):
+    """Numbers from overrides are numbers in config.yaml, and a string that looks like a number stays a string."""
+    from mmgrpo.core.config_yaml import dump_yaml, load_yaml
+    from mmgrpo.train.config import dump_config
+
+    cfg = load_config(write(tmp_path, GOOD), ["run.seed=010", "trainer.lr=3e-1", "run.name='3e-1'"])
+    assert (cfg.run.seed, cfg.trainer.lr, cfg.run.name) == (10, 0.3, "3e-1")
+    saved = load_yaml(dump_config(cfg))
+    assert (saved["run"]["seed"], saved["trainer"]["lr"], saved["run"]["name"]) == (10, 0.3, "3e-1")
+    values = {"a": "010", "b": "3e-1", "c": 1e-5, "d": "on", "e": float("inf")}
+    assert load_yaml(dump_yaml(values)) == values
     with pytest.raises(UserError, match="not of the form key=value"):
         parse_override("trainer.lr")
 
