@@ -3,6 +3,7 @@ seeded, layout-independent stream. The schemas are documented in docs/data.md.""
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,21 @@ class PromptList:
             raise UserError("no training prompts")
         self.prompts, self.seed = prompts, seed
         self._orders: dict[int, np.ndarray] = {}
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         """P: the prompts of one pass (stream positions 0 .. P - 1 are each of them once)."""
         return len(self.prompts)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the prompts' texts in order: a checkpoint keeps it, so that a resume notices an edited prompt
+        file (the stream positions already trained would then name other prompts)."""
+        if self._fingerprint is None:  # the list does not change during a run; every checkpoint asks
+            h = hashlib.sha256()
+            for p in self.prompts:
+                h.update(str(p).encode("utf-8", "surrogatepass") + b"\0")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def order(self, epoch: int) -> np.ndarray:
         """The seeded permutation of the prompts for pass ``epoch`` (computed once; the last two are kept)."""

@@ -50,8 +50,33 @@ def state_dict(tr: Any, keep: bool = True, nonfinite: list[str] | None = None) -
         "reward_weighters": {str(i): w.state_dict() for i, w in enumerate(tr.comp.reward_weighters)},
         "methods": {k: st.state_dict() for k, st in tr.comp.method_state.items()},
         "sampler": tr.sampler.state_dict(),
+        "prompts": prompt_pool(tr),
         "grad_scaler": tr.acc.scaler.state_dict() if tr.acc.scaler is not None else None,  # fp16 on a GPU: its scale
     }
+
+
+def prompt_pool(tr: Any) -> dict[str, Any]:
+    """What identifies the training prompts: their number and, where the source offers one, a fingerprint."""
+    source = tr.comp.prompts
+    size = len(source) if hasattr(type(source), "__len__") else None
+    fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else None
+    return {"size": size, "fingerprint": fingerprint}
+
+
+def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
+    """Refuse a resume over other training prompts than the checkpoint's (unless ``resume_force``): the sampler's
+    stream positions would name other prompts, so part of the pass is trained twice and part never."""
+    if not saved or tr.cfg.resume_force:
+        return
+    now = prompt_pool(tr)
+    changed = [k for k in ("size", "fingerprint") if saved.get(k) is not None and now[k] != saved[k]]
+    if changed:
+        what = f"{saved['size']} prompts then, {now['size']} now" if "size" in changed else "the same number, edited"
+        raise UserError(
+            f"resume: the training prompts changed since checkpoint {path} ({what}); the rest of the pass would "
+            "repeat some prompts and skip others. Restore the prompt data, or pass resume_force=true to continue "
+            "over the new prompts"
+        )
 
 
 def named_params(tr: Any, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -123,6 +148,7 @@ def load(tr: Any, path: str | Path) -> None:
         tr.ema.load_state_dict(state["ema"])
     if state.get("policy") is not None and hasattr(tr.policy, "load_training_state"):
         tr.policy.load_training_state(state["policy"])
+    check_prompt_pool(tr, state.get("prompts"), path)
     if state.get("sampler"):
         tr.sampler.load_state_dict(state["sampler"])
     if tr.acc.scaler is not None and state.get("grad_scaler"):  # else it starts again from its initial scale

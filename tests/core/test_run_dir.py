@@ -355,3 +355,23 @@ def test_a_signal_during_the_last_step_ends_the_run_as_finished(tmp_path):
 
     trainer = train(cfg(tmp_path, "trainer.max_steps=4", "rewards=[{name: test_sigterm_at_last_step}]"))
     assert trainer.step == 4 and weights(trainer.run_dir)[1] == 4
+
+
+def test_a_resume_over_edited_training_prompts_is_refused_unless_forced(tmp_path):
+    """The sampler's stream positions name prompts by their place in the list: after the file changed, the rest of
+    the pass would repeat some prompts and skip others, silently. The checkpoint keeps the prompts' number and
+    fingerprint; a resume over other prompts names the change, and resume_force=true continues over them."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a red circle number {i}\n" for i in range(8)))
+    over = [f"run.output_dir={tmp_path}", "run.name=p", f"data.options.prompts={prompts}", "trainer.max_steps=3",
+            "trainer.checkpoint_every=1", "trainer.eval_every=0", "policy.options.num_steps=2",
+            "rewards=[{name: jpeg_compressibility}]", "data.options.heldout_prompts=''"]  # fmt: skip
+    config = ROOT / "configs" / "shapes_t2i_grpo.yaml"
+    first = train(load_config(config, [*over, "trainer.stop_after_steps=1"]))
+    prompts.write_text(prompts.read_text().replace("number 3", "number three"))  # same count, one edited
+    with pytest.raises(UserError, match=r"the training prompts changed since checkpoint .*the same number, edited"):
+        train(load_config(config, [*over, f"resume={first.run_dir}"]))
+    prompts.write_text(prompts.read_text() + "a blue square\n")
+    with pytest.raises(UserError, match=r"\(8 prompts then, 9 now\).*resume_force=true"):
+        train(load_config(config, [*over, f"resume={first.run_dir}"]))
+    assert train(load_config(config, [*over, f"resume={first.run_dir}", "resume_force=true"])).step == 3
