@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -304,6 +305,16 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, key, valu
     assert section[key] == value
 
 
+def _fsdp_and_unsharded(tmp_path: Path, cfg: dict) -> tuple[Path, Any]:
+    """Train ``cfg`` on 2 FSDP processes (run ``fsdp``) and in this process (run ``one``): (the FSDP run's latest
+    checkpoint, the unsharded trainer)."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _launch(tmp_path, "train", str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = train(load_config(tmp_path / "cfg.yaml", [f"run.output_dir={tmp_path}", "run.name=one"]))
+    return ckpt.latest_checkpoint(tmp_path / "fsdp" / "checkpoints"), one
+
+
 @NEEDS_CPU_FSDP
 def test_fsdp_tiny_sd3_nft_matches_the_unsharded_run_and_exports_full_weights(tmp_path):
     """A real model with several FSDP units (tiny SD3, one unit per JointTransformerBlock), the README demo's objective
@@ -327,11 +338,7 @@ def test_fsdp_tiny_sd3_nft_matches_the_unsharded_run_and_exports_full_weights(tm
         "trainer": {"max_steps": 3, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "progress": False,
                     "checkpoint_every": 0, "export_checkpoints": True},
     }  # fmt: skip
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = _launch(tmp_path, "train", str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=fsdp")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = train(load_config(tmp_path / "cfg.yaml", [f"run.output_dir={tmp_path}", "run.name=one"]))
-    path = ckpt.latest_checkpoint(tmp_path / "fsdp" / "checkpoints")
+    path, one = _fsdp_and_unsharded(tmp_path, cfg)
     assert ckpt.is_sharded(path) and len(list((path / "shards").glob("*.safetensors"))) == 2
     got, want = _tensors(ckpt.load_checkpoint(path)), _tensors(_state(one.run_dir))
     assert got.keys() == want.keys()
@@ -365,11 +372,7 @@ def test_fsdp_lora_on_bf16_weights_trains_fp32_adapters_as_the_unsharded_run(tmp
         "trainer": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "progress": False,
                     "checkpoint_every": 0},
     }  # fmt: skip
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = _launch(tmp_path, "train", str(tmp_path / "cfg.yaml"), f"run.output_dir={tmp_path}", "run.name=fsdp")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = train(load_config(tmp_path / "cfg.yaml", [f"run.output_dir={tmp_path}", "run.name=one"]))
-    path = ckpt.latest_checkpoint(tmp_path / "fsdp" / "checkpoints")
+    path, one = _fsdp_and_unsharded(tmp_path, cfg)
     assert ckpt.is_sharded(path)
     got, want = ckpt.load_checkpoint(path)["model"], _state(one.run_dir)["model"]
     assert got.keys() == want.keys() and all("lora_" in k for k in got)
