@@ -78,16 +78,19 @@ def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, 
         prompts = prompts[: data.eval_max_prompts]
     rows = [(p, j) for p in prompts for j in range(data.eval_samples_per_prompt)]
     seeds = [prompt_seed(run_seed, 10**9, i) for i in range(len(rows))]  # same seeds at every evaluation
+    metas = [dict(getattr(p, "meta", None) or {}) for p, _ in rows]  # e.g. an image-to-video prompt's first frame
 
     def evaluate(policy: DiffusionPolicy, step: int) -> EvalResult:
         images = []
         for lo in progress.batches(len(rows), data.eval_batch_size, unit="sample"):
             chunk = rows[lo : lo + data.eval_batch_size]
-            images.append(policy.generate([p for p, _ in chunk], seeds[lo : lo + len(chunk)]))
+            images.append(
+                policy.generate([p for p, _ in chunk], seeds[lo : lo + len(chunk)], metas[lo : lo + len(chunk)])
+            )
         imgs = torch.cat(images)
         texts = [p for p, _ in rows]
         ctx = RewardContext(group_size=data.eval_samples_per_prompt, step=step, update_state=False)
-        scores = reward_fn(imgs, texts, [{} for _ in rows], ctx)
+        scores = reward_fn(imgs, texts, metas, ctx)  # each row's meta, as training hands it to the reward
         scores = torch.as_tensor([float("nan") if s is None else s for s in scores], dtype=torch.float32)
         order = np.argsort([p for p, _ in rows], kind="stable")[: data.grid_images]
         return EvalResult(
