@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mmgrpo.core.extras import installed, missing_extra
 from mmgrpo.core.files import write_atomic
 
 
@@ -78,6 +79,23 @@ def image_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2, scal
     return img
 
 
+def can_write_mp4() -> bool:
+    """imageio and its ffmpeg plug-in (the 'video' extra) are installed. imageio alone falls back to a PyAV writer
+    that refuses ``macro_block_size`` (a TypeError mid-run), or to none at all."""
+    return installed("imageio") and installed("imageio_ffmpeg")
+
+
+def write_mp4(path: str | Path, frames: list[np.ndarray], fps: int = 8) -> Path:
+    """H.264 mp4 of HWC uint8 ``frames`` through imageio's ffmpeg writer; a UserError naming the 'video' extra when
+    it is missing."""
+    if not can_write_mp4():
+        raise missing_extra("video", "writing mp4 videos", "imageio_ffmpeg" if installed("imageio") else "imageio")
+    import imageio.v2 as imageio
+
+    imageio.mimwrite(path, frames, format="FFMPEG", fps=fps, macro_block_size=1)
+    return Path(path)
+
+
 def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None) -> Path:
     """Save a grid PNG for images [n, 3, H, W], or an mp4 (frames side by side) for videos [n, F, 3, H, W]."""
     path = Path(path)
@@ -85,14 +103,9 @@ def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None
     scale = max(1, 128 // images.shape[-1])
     if images.dim() == 5:
         frames = [np.asarray(image_grid(images[:, f], ncol, scale=scale)) for f in range(images.shape[1])]
-        mp4 = path.with_suffix(".mp4")
-        try:
-            import imageio.v2 as imageio
-
-            imageio.mimwrite(mp4, frames, fps=8, macro_block_size=1)
-            return mp4
-        except ImportError:
-            pass  # the 'video' extra is not installed: fall back to the first frame
+        if can_write_mp4():
+            return write_mp4(path.with_suffix(".mp4"), frames)
+        # the 'video' extra is not (wholly) installed: the first frame, rather than stopping the run
         Image.fromarray(frames[0]).save(path.with_suffix(".png"))
         return path.with_suffix(".png")
     image_grid(images, ncol, scale=scale).save(path.with_suffix(".png"))

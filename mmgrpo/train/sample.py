@@ -42,7 +42,6 @@ from torch import nn
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.config_yaml import load_yaml
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
-from mmgrpo.core.extras import needs
 from mmgrpo.core.files import check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
@@ -53,7 +52,7 @@ from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
-from mmgrpo.train.report import image_grid
+from mmgrpo.train.report import image_grid, write_mp4
 from mmgrpo.train.scoring import to_column
 
 BEST_COLOUR = (0.1, 0.8, 0.2)  # frame of the best sample in grid.png
@@ -427,11 +426,7 @@ def save_best(sample: torch.Tensor, path_stem: Path) -> Path:
         path = path_stem.with_suffix(".png")
         Image.fromarray(to_uint8(sample)).save(path)
         return path
-    with needs("video", "writing video samples"):
-        import imageio.v2 as imageio
-    path = path_stem.with_suffix(".mp4")
-    imageio.mimwrite(path, [to_uint8(f) for f in sample], fps=8, macro_block_size=1)
-    return path
+    return write_mp4(path_stem.with_suffix(".mp4"), [to_uint8(f) for f in sample])
 
 
 def _json_score(x: float) -> float | None:

@@ -2,6 +2,7 @@
 first frames from real mp4 files, LoRA-only training through the text_to_video / image_to_video recipes."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -114,6 +115,22 @@ def test_save_samples_writes_a_readable_mp4(tmp_path):
     assert red[0] < 20 and red[-1] > 235 and red == sorted(red)
 
 
+def test_without_imageios_ffmpeg_samples_fall_back_to_a_picture_and_best_of_n_says_what_to_install(
+    tmp_path, monkeypatch
+):
+    """imageio without imageio-ffmpeg falls back to a PyAV writer that refuses macro_block_size (a TypeError at the
+    step-0 evaluation): the run saves the first frame instead, and ``mmgrpo sample`` names the extra."""
+    import sys
+
+    from mmgrpo.train.report import save_samples
+    from mmgrpo.train.sample import save_best
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    assert save_samples(torch.rand(2, 5, 3, 32, 32), tmp_path / "step_000000.png").suffix == ".png"
+    with pytest.raises(UserError, match=r"writing mp4 videos needs imageio-ffmpeg.*mmgrpo\[video\]"):
+        save_best(torch.rand(5, 3, 32, 32), tmp_path / "best")
+
+
 @pytest.mark.parametrize("name", ["wan_t2v_mix", "wan_i2v_dance"])
 def test_configs_load(name):
     cfg = load_config(f"configs/{name}.yaml")
@@ -198,3 +215,25 @@ def test_image_to_video_training_from_mp4_folder_changes_only_lora(tmp_path):
     epoch = trainer.comp.prompts.get([0, 1, 2])  # one pass over the folder, shuffled; each frame in meta
     assert sorted(m["video"] for m in epoch.meta) == sorted(str(p) for p in videos.iterdir())
     assert (trainer.run_dir / "samples" / "step_000002.mp4").is_file()  # held-out evaluation, conditioned by frames
+
+
+def test_the_image_to_video_evaluation_hands_each_rows_first_frame_to_the_reward(tmp_path):
+    """A reward comparing a video with its first frame (meta['video'] / meta['image']) gets it at evaluation as it
+    does in training (the evaluation passed empty meta: such a reward failed at the step-0 evaluation)."""
+    from mmgrpo.pipelines.image_to_video import FrameDataOptions, read_pairs
+    from mmgrpo.pipelines.text_to_image import make_evaluator
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    paths = [write_mp4(clips / f"c{i}.mp4", color, seed=i) for i, color in enumerate([(200, 0, 0), (0, 0, 200)])]
+    seen = []
+
+    def reward(samples, prompts, meta, ctx):
+        seen.extend(m.get("video") for m in meta)
+        return [float(s.mean()) for s in samples]
+
+    data = FrameDataOptions(pairs=str(clips), heldout_pairs=str(clips), default_prompt="a", eval_samples_per_prompt=1)
+    evaluate = make_evaluator(read_pairs(str(clips), "a"), data, reward, "frames", 0)
+    policy = DiffusionPolicy(tiny_wan_adapter(image_to_video=True), DiffusionPolicyOptions(num_steps=2))
+    result = evaluate(policy, 0)
+    assert sorted(seen) == sorted(str(p) for p in paths) and math.isfinite(result.metrics["frames"])
