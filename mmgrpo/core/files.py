@@ -257,13 +257,21 @@ def _av_frames(path: str, idx: list[int]) -> np.ndarray:
     with av.open(path) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
+                got[i] = _upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
             if i >= last:
                 break
     if len(got) < len(wanted):
         raise UserError(f"video '{path}': only {len(got)} of the {len(wanted)} frames asked for (up to frame {last}) "
                         "could be decoded; re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")  # fmt: skip
     return np.stack([got[i] for i in idx])
+
+
+def _upright(frame: np.ndarray, rotation: float | None) -> np.ndarray:
+    """A decoded frame [H, W, 3] turned as its display rotation says (a phone's portrait video is stored landscape
+    with a 90-degree flag, which players and decord apply and PyAV's ``to_ndarray`` does not), as a still image's
+    EXIF orientation is applied."""
+    k = round(float(rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(frame, k=k)) if k else frame
 
 
 def video_backend() -> str:

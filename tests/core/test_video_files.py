@@ -63,3 +63,23 @@ def test_decord_and_pyav_give_identical_frames(tmp_path, kind):
     assert (len(a), a.fps) == (len(d), d.fps)
     assert np.array_equal(a.frames(), d.frames())
     assert np.array_equal(a.frames([3, 0, 3]), d.frames([3, 0, 3]))
+
+
+def test_a_video_with_a_display_rotation_is_read_upright_as_ffmpeg_shows_it(tmp_path):
+    """A phone's portrait video: coded landscape (64 x 32) with a 90-degree display rotation. Its frames come back
+    turned (32 x 64), equal to what ffmpeg decodes with its autorotation (what players show)."""
+    import subprocess
+
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    frame = np.zeros((32, 64, 3), np.uint8)
+    frame[:, :32], frame[:, 32:] = (220, 30, 30), (30, 30, 220)  # left red, right blue
+    imageio.mimwrite(tmp_path / "land.mp4", [frame] * 3, fps=8, macro_block_size=16)
+    portrait = tmp_path / "portrait.mp4"
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-display_rotation", "90", "-i", str(tmp_path / "land.mp4"),
+                    "-c", "copy", str(portrait)], check=True)  # fmt: skip
+    shown = subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(portrait), "-frames:v", "1", "-f", "rawvideo",
+                            "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout  # fmt: skip
+    got = open_video(portrait, "a test").frames([0])[0]
+    assert got.shape == (64, 32, 3)
+    assert np.abs(got.astype(int) - np.frombuffer(shown, np.uint8).reshape(64, 32, 3).astype(int)).max() <= 2
