@@ -10,6 +10,7 @@ evaluation samples the held-out prompts with the deterministic ODE sampler at fi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 from mmgrpo.policies.objectives import check_loss
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline
 from mmgrpo.train.config import Config, options_from
+from mmgrpo.train.scoring import call_reward
 
 
 @dataclass
@@ -73,29 +75,37 @@ def check_eval_numbers(data: Any) -> None:
 
 
 def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, reward_name: str, run_seed: int):
-    """Evaluation: ODE samples of held-out prompts at fixed seeds, scored by the evaluation reward."""
+    """Evaluation: ODE samples of held-out prompts at fixed seeds, scored by the evaluation reward.
+
+    Batch by batch: each batch of whole groups (``eval_samples_per_prompt`` rows a prompt, so a group-aware reward
+    sees its groups, ``ctx.group`` set as in training) is sampled, scored through the trainer's checks (a reward's
+    exception or non-finite value names it) and dropped, but for the rows the grid shows, kept on the host: memory
+    does not grow with the number of held-out prompts. Each row's meta (an image-to-video prompt's first frame)
+    reaches the sampler and the reward, as in training."""
     if data.eval_max_prompts:
         prompts = prompts[: data.eval_max_prompts]
-    rows = [(p, j) for p in prompts for j in range(data.eval_samples_per_prompt)]
+    S = data.eval_samples_per_prompt
+    rows = [(p, j) for p in prompts for j in range(S)]
+    texts = [p for p, _ in rows]
     seeds = [prompt_seed(run_seed, 10**9, i) for i in range(len(rows))]  # same seeds at every evaluation
-    metas = [dict(getattr(p, "meta", None) or {}) for p, _ in rows]  # e.g. an image-to-video prompt's first frame
+    metas = [dict(getattr(p, "meta", None) or {}) for p in texts]
+    order = np.argsort(texts, kind="stable")[: data.grid_images]  # the rows the grid shows, sorted by prompt
+    shown = {int(i): k for k, i in enumerate(order)}
+    size = max(S, data.eval_batch_size // S * S)  # whole groups a batch
 
     def evaluate(policy: DiffusionPolicy, step: int) -> EvalResult:
-        images = []
-        for lo in progress.batches(len(rows), data.eval_batch_size, unit="sample"):
-            chunk = rows[lo : lo + data.eval_batch_size]
-            images.append(
-                policy.generate([p for p, _ in chunk], seeds[lo : lo + len(chunk)], metas[lo : lo + len(chunk)])
-            )
-        imgs = torch.cat(images)
-        texts = [p for p, _ in rows]
-        ctx = RewardContext(group_size=data.eval_samples_per_prompt, step=step, update_state=False)
-        scores = reward_fn(imgs, texts, metas, ctx)  # each row's meta, as training hands it to the reward
-        scores = torch.as_tensor([float("nan") if s is None else s for s in scores], dtype=torch.float32)
-        order = np.argsort([p for p, _ in rows], kind="stable")[: data.grid_images]
+        scores, grid = [], [None] * len(order)
+        for lo in progress.batches(len(rows), size, unit="sample"):
+            hi = min(lo + size, len(rows))
+            imgs = policy.generate(texts[lo:hi], seeds[lo:hi], metas[lo:hi])
+            ctx = RewardContext(group_size=S, step=step, group=torch.arange(hi - lo) // S, update_state=False)
+            scores.append(call_reward(reward_name, reward_fn, imgs, texts[lo:hi], metas[lo:hi], ctx))
+            for i in range(lo, hi):
+                if i in shown:
+                    grid[shown[i]] = imgs[i - lo].detach().float().cpu()
         return EvalResult(
-            metrics={reward_name: float(torch.nanmean(scores))},
-            images=imgs[torch.as_tensor(order)],
+            metrics={reward_name: float(torch.nanmean(torch.cat(scores)))},
+            images=torch.stack(grid),
             captions=[texts[i] for i in order],
         )
 
@@ -118,9 +128,21 @@ def eval_reward(cfg: Config, name: str):
 
 
 def read_prompt_splits(data: PromptDataOptions) -> tuple[list[str], list[str]]:
-    """The train and held-out prompts of ``data.options``."""
+    """The train and held-out prompts of ``data.options``; warns when the evaluation would score prompts the policy
+    trains on, or when a run on its own prompts is evaluated on the default shapes-world prompts."""
     train = read_prompts(data.prompts, "train", data.split_seed)
-    return train, read_prompts(data.heldout_prompts, "heldout", data.split_seed)
+    heldout = read_prompts(data.heldout_prompts, "heldout", data.split_seed)
+    if data.prompts != "shapes" and data.heldout_prompts == "shapes":
+        warnings.warn(f"data.options.prompts={data.prompts!r} but heldout_prompts is the default 'shapes': the "
+                      "evaluation scores the shapes world's held-out prompts; set data.options.heldout_prompts to "
+                      "your held-out prompts, or '' for no evaluation", stacklevel=2)  # fmt: skip
+    seen = set(train)
+    both = [p for p in heldout if p in seen]
+    if both:
+        warnings.warn(f"{len(both)} of the {len(heldout)} held-out prompts are training prompts too (the first: "
+                      f"{str(both[0])[:80]!r}): the evaluation scores prompts the policy trains on",
+                      stacklevel=2)  # fmt: skip
+    return train, heldout
 
 
 def generator_components(

@@ -22,8 +22,13 @@ def test_demo_config_writes_a_complete_run_directory(tmp_path, monkeypatch):
     run = t.run_dir
     assert {"config.yaml", "metrics.jsonl", "report.html", "reward_curve.png"} <= {p.name for p in run.iterdir()}
     grids = sorted(p.name for p in (run / "samples").iterdir())
-    assert grids == ["before_after.png", "first_eval.safetensors", "step_000000.png", "step_000001.png",
-                     "step_000002.png"]  # fmt: skip  (first_eval: before_after's "before", kept for a resume)
+    assert grids == [
+        "before_after.png",
+        "first_eval.safetensors",
+        "step_000000.png",
+        "step_000001.png",
+        "step_000002.png",
+    ]  # first_eval: before_after's "before", kept for a resume
     ba, first = Image.open(run / "samples" / "before_after.png"), Image.open(run / "samples" / "step_000000.png")
     assert ba.width > first.width and ba.height > 128  # 3 captioned pairs of enlarged 32 px images
     assert (run / "checkpoints" / "step_000002" / "tensors.safetensors").is_file()

@@ -1,0 +1,60 @@
+"""The diffusion recipes' evaluation (``text_to_image.make_evaluator``, shared by text_to_video / image_to_video) and
+their prompt splits: batches of whole groups with ``ctx.group`` as in training, the trainer's checks on the reward,
+only the grid's rows kept, and warnings when the evaluation would score what the policy trains on."""
+
+import math
+import warnings
+
+import pytest
+
+from mmgrpo.core.errors import UserError
+from mmgrpo.pipelines.text_to_image import PromptDataOptions, make_evaluator, read_prompt_splits
+from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
+from mmgrpo.testing.tiny_sd3 import tiny_sd3_adapter
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return DiffusionPolicy(tiny_sd3_adapter(0), DiffusionPolicyOptions(num_steps=2))
+
+
+def test_evaluation_scores_batches_of_whole_groups_with_their_ctx_group(policy):
+    calls = []
+
+    def group_rank(samples, prompts, meta, ctx):  # group-aware: ranks each sample within its prompt's group
+        calls.append((len(prompts), ctx.group.tolist()))
+        means = samples.float().mean(dim=(1, 2, 3))
+        return [float((means[ctx.group == g] < means[i]).sum()) for i, g in enumerate(ctx.group.tolist())]
+
+    data = PromptDataOptions(eval_samples_per_prompt=2, eval_batch_size=5, grid_images=3)
+    result = make_evaluator(PROMPTS, data, group_rank, "rank", 0)(policy, 0)
+    assert calls == [(4, [0, 0, 1, 1])] * 2 + [(2, [0, 0])]  # 5 rows a batch -> 2 whole groups of 2
+    assert result.metrics["rank"] == pytest.approx(0.5)  # one of each pair ranks above the other
+    assert result.images.shape[0] == 3 and result.images.device.type == "cpu"
+    assert result.captions == sorted(p for p in PROMPTS for _ in range(2))[:3]
+
+
+def test_an_evaluation_reward_returning_inf_stops_with_its_name(policy):
+    def inf(samples, prompts, meta, ctx):
+        return [math.inf] * len(prompts)
+
+    evaluate = make_evaluator(PROMPTS[:1], PromptDataOptions(eval_samples_per_prompt=1), inf, "inf_reward", 0)
+    with pytest.raises(UserError, match=r"reward 'inf_reward' returned non-finite values \(row 0: inf"):
+        evaluate(policy, 0)
+
+
+def test_prompt_splits_warn_when_the_evaluation_scores_training_prompts(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("a red circle\ntwo blue squares\n")
+    held = tmp_path / "held.txt"
+    held.write_text("two blue squares\na green triangle\n")
+    with pytest.warns(UserWarning, match=r"1 of the 2 held-out prompts are training prompts too \(the first: 'two b"):
+        read_prompt_splits(PromptDataOptions(prompts=str(train), heldout_prompts=str(held)))
+    with pytest.warns(UserWarning, match=r"heldout_prompts is the default 'shapes'"):
+        read_prompt_splits(PromptDataOptions(prompts=str(train)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_prompt_splits(PromptDataOptions())  # the shapes world's disjoint splits: nothing to say
+        read_prompt_splits(PromptDataOptions(prompts=str(train), heldout_prompts=""))
