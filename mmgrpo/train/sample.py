@@ -53,7 +53,7 @@ from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, 
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
 from mmgrpo.train.report import image_grid, write_mp4
-from mmgrpo.train.scoring import to_column
+from mmgrpo.train.scoring import call_reward
 
 BEST_COLOUR = (0.1, 0.8, 0.2)  # frame of the best sample in grid.png
 DEFAULT_BATCH = 8
@@ -362,9 +362,12 @@ def draw(policy: Any, prompt: str, seeds: list[int], noise_level: float, batch_s
     """N samples of one prompt, ``batch_step(batch_size, N)`` per forward: [N, 3, H, W] (or [N, F, 3, H, W]) in
     [0, 1]; the same whatever the batch (each sample's noise comes from the generator of its seed)."""
     step = batch_step(batch_size, len(seeds))
+    meta = prompt_meta(prompt)
     try:
         parts = [
-            policy.generate([prompt] * len(chunk), chunk, noise_level=noise_level).float().cpu()
+            policy.generate([prompt] * len(chunk), chunk, meta=[dict(meta) for _ in chunk], noise_level=noise_level)
+            .float()
+            .cpu()
             for chunk in (seeds[i : i + step] for i in range(0, len(seeds), step))
         ]
     except (RuntimeError, MemoryError) as e:
@@ -378,12 +381,19 @@ def draw(policy: Any, prompt: str, seeds: list[int], noise_level: float, batch_s
     return torch.cat(parts)
 
 
-def score_group(reward_fn: Any, reward_name: str, samples: torch.Tensor, prompt: str) -> torch.Tensor:
-    """Scores [N] of one prompt's N samples (scored as one group: group-aware rewards see them together)."""
+def prompt_meta(prompt: Any) -> dict[str, Any]:
+    """A prompt's meta: the other fields of its row in a .jsonl / .csv / hf: prompt file (a per-prompt target, an
+    image-to-video first frame), as training hands them to the sampler and the rewards."""
+    return dict(getattr(prompt, "meta", None) or {})
 
+
+def score_group(reward_fn: Any, reward_name: str, samples: torch.Tensor, prompt: str) -> torch.Tensor:
+    """Scores [N] of one prompt's N samples (scored as one group: group-aware rewards see them together), through
+    the trainer's checks: an exception is a UserError naming the reward, NaN is "does not apply" only for a reward
+    that declares it."""
     n = samples.shape[0]
     ctx = RewardContext(group_size=n, step=0, group=torch.zeros(n, dtype=torch.long))
-    return to_column(reward_name, reward_fn(samples, [prompt] * n, [{} for _ in range(n)], ctx), n)
+    return call_reward(reward_name, reward_fn, samples, [prompt] * n, [prompt_meta(prompt) for _ in range(n)], ctx)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

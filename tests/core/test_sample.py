@@ -395,3 +395,41 @@ def test_out_of_memory_names_the_batch_size_and_writes_nothing(tmp_path, capsys,
     assert "e.g. --batch-size 1" in err and "more" not in err
     code, _, _ = run_cli(capsys, *argv, "--batch-size", "2")
     assert code == 0 and (tmp_path / "out" / "grid.png").is_file()
+
+
+@rewards.register("test_meta_target")
+def _meta_target():
+    """|mean brightness - meta['target']|, negated: reads each prompt row's own field; NaN ("does not apply") for
+    the second sample of every prompt."""
+
+    def fn(samples, prompts, meta, ctx):
+        return [float("nan") if i == 1 else -abs(float(s.mean()) - m["target"]) for i, (s, m) in
+                enumerate(zip(samples, meta))]  # fmt: skip
+
+    fn.nan_means_not_applicable = True
+    return fn
+
+
+@rewards.register("test_raises")
+def _raises():
+    def fn(samples, prompts, meta, ctx):
+        raise ValueError("model server unreachable")
+
+    return fn
+
+
+def test_best_of_n_hands_a_prompt_files_fields_to_the_reward_as_training_does(tmp_path, capsys, tiny_ckpt):
+    """A .jsonl prompt's other fields are its meta (the reward's per-prompt target here; they were dropped: a
+    KeyError), NaN of a reward declaring nan_means_not_applicable is null, and a reward's exception is one
+    paragraph naming it (was a traceback after every sample had been drawn)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle", "target": 0.2}\n{"prompt": "two blue squares", "target": 0.9}\n')
+    common = ["--model", tiny_ckpt, "--family", "sd3", "--prompts-file", prompts, "--best-of", 2, "--steps", 2]
+    code, _, err = run_cli(capsys, *common, "--reward", "test_meta_target", "--out", tmp_path / "o")
+    assert code == 0, err
+    records = json.loads((tmp_path / "o" / "scores.json").read_text())["prompts"]
+    assert [isinstance(s, float) for r in records for s in r["scores"]] == [True, False] * 2
+    assert [r["best_index"] for r in records] == [0, 0] and records[0]["scores"][1] is None
+    code, _, err = run_cli(capsys, *common, "--reward", "test_raises", "--out", tmp_path / "e")
+    assert code == 2 and "reward 'test_raises' raised ValueError at step 0: 'model server unreachable'" in err
+    assert not (tmp_path / "e").exists()
