@@ -49,6 +49,10 @@ def _fail(path: str, where: str, expected: Any, value: Any) -> UserError:
         key = path.rsplit(".", 1)[-1]
         msg += (f" (YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the word, in a file "
                 f"{key}: 'on', on the command line \"{path}='on'\")")  # fmt: skip
+    elif isinstance(value, (int, float)) and wants_str:  # run.name=123, revision: 1234e56 (a commit hash)
+        key = path.rsplit(".", 1)[-1]
+        msg += (f" (YAML reads unquoted digits, with an e between them too, as a number: quote the text, in a file "
+                f"{key}: '...', on the command line \"{path}='...'\")")  # fmt: skip
     return UserError(msg)
 
 

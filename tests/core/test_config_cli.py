@@ -144,6 +144,8 @@ def test_config_yaml_reads_back_what_it_wrote(tmp_path):
     assert (saved["run"]["seed"], saved["trainer"]["lr"], saved["run"]["name"]) == (10, 0.3, "3e-1")
     values = {"a": "010", "b": "3e-1", "c": 1e-5, "d": "on", "e": float("inf")}
     assert load_yaml(dump_yaml(values)) == values
+    with pytest.raises(UserError, match=r"got 1.234e\+59 \(float\) \(YAML reads unquoted digits.*quote the text"):
+        load_config(write(tmp_path, GOOD), ["run.name=1234e56"])  # a commit-hash-like name
     with pytest.raises(UserError, match="not of the form key=value"):
         parse_override("trainer.lr")
 
