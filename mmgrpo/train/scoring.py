@@ -27,8 +27,9 @@ from mmgrpo.core.types import RewardContext, Rollout, select_groups
 
 def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
     """[(name, weight, callable)] from the config's reward list (restricted to ``streams`` where given). A name the
-    list holds more than once (two ``remote`` servers, one reward with two option sets) is ``<name>_<i>``, ``i`` its
-    index in ``rewards:``, so each keeps its own ``reward/<name>`` metric and its own state in checkpoints."""
+    list holds more than once (two ``remote`` servers, one reward with two option sets) is ``<name>_<i>`` after its
+    first place (``i`` its index in ``rewards:``), so each keeps its own ``reward/<name>`` metric and its own state
+    in checkpoints, while the first keeps the name a method's ``reward:`` option refers to."""
     names = [s.name for s in specs]
     out = []
     for i, s in enumerate(specs):
@@ -36,7 +37,7 @@ def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
             fn = reward_registry.get(s.name, **s.options)
         except UserError as e:  # the factory's own check ("accuracy: atol ... must be >= 0"): name where it is set
             raise UserError(f"rewards.{i}.options ({s.name}): {e}") from e
-        name = f"{s.name}_{i}" if names.count(s.name) > 1 else s.name
+        name = f"{s.name}_{i}" if s.name in names[:i] else s.name
         out.append((name, float(s.weight), StreamFilter(fn, s.streams) if s.streams else fn))
     return out
 
