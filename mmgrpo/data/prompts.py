@@ -182,12 +182,13 @@ class PromptList:
         for i in indices:
             epoch, pos = divmod(i, P)
             out.append(self.prompts[int(self.order(epoch)[pos])])
-        return PromptBatch(prompts=out, meta=[_decoded(getattr(p, "meta", {})) for p in out])
+        return PromptBatch(prompts=out, meta=[decoded_meta(p) for p in out])
 
 
-def _decoded(meta: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a prompt's meta with its stored images (alone or in a list) decoded to PIL images."""
-    out = dict(meta)
+def decoded_meta(prompt: Any) -> dict[str, Any]:
+    """A copy of a prompt's meta (the other fields of its row; {} for a plain str) with its stored images (alone or
+    in a list) decoded to PIL images, as training, evaluation and ``mmgrpo sample`` hand it to samplers and rewards."""
+    out = dict(getattr(prompt, "meta", None) or {})
     for k, v in out.items():
         if isinstance(v, StoredImage):
             out[k] = v.open()

@@ -22,7 +22,7 @@ from mmgrpo.core import progress
 from mmgrpo.core.errors import bad_option
 from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import RewardContext
-from mmgrpo.data.prompts import PromptList, read_prompts
+from mmgrpo.data.prompts import PromptList, decoded_meta, read_prompts
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 from mmgrpo.policies.objectives import check_loss
@@ -88,7 +88,7 @@ def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, 
     rows = [(p, j) for p in prompts for j in range(S)]
     texts = [p for p, _ in rows]
     seeds = [prompt_seed(run_seed, 10**9, i) for i in range(len(rows))]  # same seeds at every evaluation
-    metas = [dict(getattr(p, "meta", None) or {}) for p in texts]
+    metas = [decoded_meta(p) for p in texts]
     order = np.argsort(texts, kind="stable")[: data.grid_images]  # the rows the grid shows, sorted by prompt
     shown = {int(i): k for k, i in enumerate(order)}
     size = max(S, data.eval_batch_size // S * S)  # whole groups a batch

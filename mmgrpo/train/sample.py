@@ -45,7 +45,7 @@ from mmgrpo.core.errors import UserError, first_line, out_of_memory
 from mmgrpo.core.files import check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
-from mmgrpo.data.prompts import read_prompts
+from mmgrpo.data.prompts import decoded_meta, read_prompts
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.exploration import FullOptions
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
@@ -362,7 +362,7 @@ def draw(policy: Any, prompt: str, seeds: list[int], noise_level: float, batch_s
     """N samples of one prompt, ``batch_step(batch_size, N)`` per forward: [N, 3, H, W] (or [N, F, 3, H, W]) in
     [0, 1]; the same whatever the batch (each sample's noise comes from the generator of its seed)."""
     step = batch_step(batch_size, len(seeds))
-    meta = prompt_meta(prompt)
+    meta = decoded_meta(prompt)  # a prompt file's other fields, as training hands them on
     try:
         parts = [
             policy.generate([prompt] * len(chunk), chunk, meta=[dict(meta) for _ in chunk], noise_level=noise_level)
@@ -381,19 +381,13 @@ def draw(policy: Any, prompt: str, seeds: list[int], noise_level: float, batch_s
     return torch.cat(parts)
 
 
-def prompt_meta(prompt: Any) -> dict[str, Any]:
-    """A prompt's meta: the other fields of its row in a .jsonl / .csv / hf: prompt file (a per-prompt target, an
-    image-to-video first frame), as training hands them to the sampler and the rewards."""
-    return dict(getattr(prompt, "meta", None) or {})
-
-
 def score_group(reward_fn: Any, reward_name: str, samples: torch.Tensor, prompt: str) -> torch.Tensor:
     """Scores [N] of one prompt's N samples (scored as one group: group-aware rewards see them together), through
     the trainer's checks: an exception is a UserError naming the reward, NaN is "does not apply" only for a reward
     that declares it."""
     n = samples.shape[0]
     ctx = RewardContext(group_size=n, step=0, group=torch.zeros(n, dtype=torch.long))
-    return call_reward(reward_name, reward_fn, samples, [prompt] * n, [prompt_meta(prompt) for _ in range(n)], ctx)
+    return call_reward(reward_name, reward_fn, samples, [prompt] * n, [decoded_meta(prompt) for _ in range(n)], ctx)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
