@@ -20,6 +20,7 @@ import mmgrpo.rewards.registry as reward_registry
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
 from mmgrpo.rewards import server as server_mod
+from mmgrpo.rewards.batching import Batcher
 from mmgrpo.rewards.remote import decode_request, encode_request, quantise_uint8, remote
 from mmgrpo.rewards.server import is_loopback, main, parse_options, serve
 
@@ -451,7 +452,7 @@ def test_a_failing_request_merged_with_a_good_one_fails_alone():
             raise KeyError("arm_values")
         return mean_pixel(samples, prompts, meta, ctx)
 
-    batcher = server_mod._Batcher(picky, max_batch_rows=64, batch_wait_s=0.5)  # 0.5 s: the two are merged
+    batcher = Batcher(picky, max_batch_rows=64, batch_wait_s=0.5)  # 0.5 s: the two are merged
     try:
         x = torch.full((2, 3, 2, 2), 51 / 255)
         good = batcher.submit(_wire(x, [{}, {}], 2))
