@@ -50,34 +50,19 @@ def test_prompt_splits_warn_when_the_evaluation_scores_training_prompts(tmp_path
     train.write_text("a red circle\ntwo blue squares\n")
     held = tmp_path / "held.txt"
     held.write_text("two blue squares\na green triangle\n")
-    with pytest.warns(UserWarning, match=r"1 of the 2 held-out prompts are training prompts too \(the first: 'two b"):
-        read_prompt_splits(PromptDataOptions(prompts=str(train), heldout_prompts=str(held)))
-    with pytest.warns(UserWarning, match=r"heldout_prompts is the default 'shapes'"):
-        read_prompt_splits(PromptDataOptions(prompts=str(train)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        read_prompt_splits(PromptDataOptions())  # the shapes world's disjoint splits: nothing to say
-        read_prompt_splits(PromptDataOptions(prompts=str(train), heldout_prompts=""))
 
+    def splits(**options) -> tuple[tuple[list[str], list[str]], list[str]]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = read_prompt_splits(PromptDataOptions(**options))
+        return out, [str(w.message) for w in seen]
 
-def test_evaluation_hands_a_datasets_stored_image_to_the_reward_decoded_as_training_does(policy):
-    """hf: prompts keep their images encoded (StoredImage) in meta; training's batches decode them, and so must the
-    evaluation (it copied the meta as it was: a reward reading meta['image'] got the encoded form)."""
-    import io
-
-    from PIL import Image
-
-    from mmgrpo.data.hf_datasets import StoredImage
-    from mmgrpo.data.prompts import Prompt
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
-    prompt = Prompt("a red circle", {"image": StoredImage.checked(buf.getvalue(), "ref.png", "row 0")})
-    seen = []
-
-    def reward(samples, prompts, meta, ctx):
-        seen.extend(isinstance(m["image"], Image.Image) for m in meta)
-        return [0.0] * len(prompts)
-
-    make_evaluator([prompt], PromptDataOptions(eval_samples_per_prompt=2), reward, "ref", 0)(policy, 0)
-    assert seen == [True, True]
+    (tr, ho), said = splits(prompts=str(train), heldout_prompts=str(held))
+    assert (tr, ho) == (["a red circle", "two blue squares"], ["two blue squares", "a green triangle"])
+    assert said == ["1 of the 2 held-out prompts are training prompts too (the first: 'two blue squares'): the "
+                    "evaluation scores prompts the policy trains on"]  # fmt: skip
+    (_, ho), said = splits(prompts=str(train))
+    assert len(ho) == 153 and len(said) == 1 and "heldout_prompts is the default 'shapes'" in said[0]
+    (tr, ho), said = splits()  # the shapes world's disjoint splits: nothing to say
+    assert said == [] and not set(tr) & set(ho) and (len(tr), len(ho)) == (615, 153)
+    assert splits(prompts=str(train), heldout_prompts="") == ((["a red circle", "two blue squares"], []), [])
