@@ -17,6 +17,11 @@ def quoted(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def listed(items: list, limit: int = 8) -> str:
+    """``a, b, c, ...``: the first ``limit`` items of a list for an error message (rows, keys)."""
+    return ", ".join(map(str, items[:limit])) + (", ..." if len(items) > limit else "")
+
+
 def bad_option(key: str, value: object, rule: str) -> UserError:
     """The error of an option out of its range, as one paragraph: ``key=value: rule``, where ``rule`` says what is
     valid and the fix (``data.options.num_arms=0: a bandit needs at least 2 arms; set it to 2 or more``)."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgrpo.core.dtypes import resolve_dtype as parse_dtype  # noqa: F401  (the rewards' name for it)
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, listed
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -54,13 +54,17 @@ def as_images(samples: Any) -> torch.Tensor | list[torch.Tensor]:
     raise UserError(f"image rewards expect a Tensor [N, 3, H, W] or a non-empty list of images; got {type(samples)}")
 
 
+def nonfinite_rows(x: torch.Tensor) -> list[int]:
+    """The rows of ``x [N, ...]`` holding a NaN or an infinity."""
+    return (~torch.isfinite(x)).flatten(1).any(1).nonzero().reshape(-1).tolist() if len(x) else []
+
+
 def _check_unit_range(x: torch.Tensor) -> None:
     """Images [N, 3, H, W] (or one [3, H, W]) must be finite and in [0, 1]. Finiteness is checked first: NaN
     compares False with both bounds, so a NaN image would pass the range check and be scored."""
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        rows = (~finite).flatten(1).any(1).nonzero().reshape(-1).tolist() if x.ndim == 4 else []
-        where = f" at rows {', '.join(map(str, rows[:8]))}{', ...' if len(rows) > 8 else ''}" if rows else ""
+    if not bool(torch.isfinite(x).all()):
+        rows = nonfinite_rows(x) if x.ndim == 4 else []
+        where = f" at rows {listed(rows)}" if rows else ""
         raise UserError(
             f"images hold non-finite values (NaN/inf){where}; a diverged sample cannot be scored -- find why the "
             "sampler produced it"

@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, listed
+from mmgrpo.rewards.image_utils import nonfinite_rows
 from mmgrpo.rewards.registry import register
 
 WIRE_VERSION = 1
@@ -175,11 +176,10 @@ def encode_request(samples: Any, prompts: list[Any], meta: list[dict], group_siz
             # checked before the range: NaN compares False with 0 and 1, so a NaN pixel would pass the range check
             # and be quantised to 0 -- a diverged sample scored as a black image, where locally its reward is NaN
             # (array samples go bit-exact, so the reward on the server sees their NaN as it would locally)
-            bad_rows = (~torch.isfinite(data)).flatten(1).any(1).nonzero().reshape(-1).tolist() if n else []
+            bad_rows = nonfinite_rows(data)
             if bad_rows:
-                shown = ", ".join(map(str, bad_rows[:8])) + (", ..." if len(bad_rows) > 8 else "")
                 raise UserError(
-                    f"remote reward: float {kind} samples hold non-finite values (NaN/inf) at rows {shown} "
+                    f"remote reward: float {kind} samples hold non-finite values (NaN/inf) at rows {listed(bad_rows)} "
                     f"({len(bad_rows)} of {n} rows); a diverged sample cannot be sent as an 8-bit image -- find why "
                     "the sampler produced it"
                 )
@@ -374,7 +374,7 @@ def rewards_to_list(out: Any, n: int, nan_ok: bool = False, first_row: int = 0) 
         raise ValueError(f"the reward returned {len(values)} values for {n} rows")
     bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v) and not (nan_ok and v != v)]
     if bad:
-        shown = ", ".join(f"row {first_row + i}: {values[i]}" for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        shown = listed([f"row {first_row + i}: {values[i]}" for i in bad], 5)
         raise ValueError(
             f"the reward returned non-finite values at rows {shown} ({len(bad)} of {n} rows); fix the reward, "
             "return None for rows it does not apply to, or set fn.nan_means_not_applicable = True if NaN means that"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.errors import UserError, quoted
+from mmgrpo.core.errors import UserError, listed, quoted
 from mmgrpo.core.types import RewardContext, Rollout, select_groups
 
 
@@ -91,7 +91,7 @@ def _check_finite(name: str, value: Any, col: torch.Tensor, nan_ok: bool) -> Non
     bad = col.isinf() | (given_nan & (not nan_ok))
     if bool(bad.any()):
         rows = bad.nonzero().reshape(-1).tolist()
-        shown = ", ".join(f"row {r}: {col[r].item()}" for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        shown = listed([f"row {r}: {col[r].item()}" for r in rows], 5)
         raise UserError(
             f"reward {name!r} returned non-finite values ({shown}; {len(rows)} of {col.numel()} rows). A non-finite "
             "reward would poison every later update: fix the reward, return None for rows it does not apply to, "
