@@ -178,28 +178,20 @@ def opened(images: list[Any]) -> list[Any]:
     return [im.open() if isinstance(im, StoredImage) else im for im in images]
 
 
-def _undecoded(feature: Any) -> Any:
-    """``feature`` with every ``Image`` and ``Video`` feature in it set not to decode (rows then hold ``{bytes,
-    path}``)."""
-    datasets = importlib.import_module("datasets")
-    if isinstance(feature, datasets.Image):
-        return datasets.Image(decode=False)
-    if _is_video(feature):
-        return datasets.Video(decode=False)
-    if isinstance(feature, dict):
-        return {k: _undecoded(v) for k, v in feature.items()}
-    if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List, Sequence, LargeList
-        return dataclasses.replace(feature, feature=_undecoded(feature.feature))
-    return feature
-
-
 def _is_video(feature: Any) -> bool:
     video = getattr(importlib.import_module("datasets"), "Video", None)  # datasets >= 3.3
     return video is not None and isinstance(feature, video)
 
 
 def _has_media(feature: Any) -> bool:
-    return repr(feature) != repr(_undecoded(feature))
+    """Whether ``feature`` holds an ``Image`` or ``Video`` feature (alone, in a dict or in a list)."""
+    if isinstance(feature, importlib.import_module("datasets").Image) or _is_video(feature):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_media(v) for v in feature.values())
+    if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List, Sequence, LargeList
+        return _has_media(feature.feature)
+    return False
 
 
 def video_file(data: bytes, name: str) -> str:
