@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import write_atomic
 from mmgrpo.train.report import image_grid
 
 GIF_FPS = 8  # frames per second of a video evaluation's GIF (the mp4 under samples/ uses the same)
@@ -113,10 +114,11 @@ def resume_kwargs(names: list[str], run_dir: Path, step: int) -> dict[str, dict[
             kept = json.loads(path.read_text()) if path.is_file() else {}
         except ValueError:
             kept = {}
-        run_id = kept.get("wandb_id") if isinstance(kept, dict) else None
+        kept = kept if isinstance(kept, dict) else {}
+        run_id = kept.get("wandb_id")
         if not isinstance(run_id, str) or not run_id:
             run_id = uuid.uuid4().hex[:12]
-            path.write_text(json.dumps({**(kept if isinstance(kept, dict) else {}), "wandb_id": run_id}) + "\n")
+            write_atomic(path, (json.dumps({**kept, "wandb_id": run_id}) + "\n").encode("utf-8"))
         out["wandb"] = {"id": run_id, "resume": "allow", "dir": str(run_dir)}
     if step > 0 and ("tensorboard" in names or "all" in names):
         out["tensorboard"] = {"purge_step": step + 1}
