@@ -66,3 +66,26 @@ def test_prompt_splits_warn_when_the_evaluation_scores_training_prompts(tmp_path
     (tr, ho), said = splits()  # the shapes world's disjoint splits: nothing to say
     assert said == [] and not set(tr) & set(ho) and (len(tr), len(ho)) == (615, 153)
     assert splits(prompts=str(train), heldout_prompts="") == ((["a red circle", "two blue squares"], []), [])
+
+
+def test_evaluation_hands_a_datasets_stored_image_to_the_reward_decoded_as_training_does(policy):
+    """hf: prompts keep their images encoded (StoredImage) in meta; training's batches decode them, and so must the
+    evaluation (it copied the meta as it was: a reward reading meta['image'] got the encoded form)."""
+    import io
+
+    from PIL import Image
+
+    from mmgrpo.data.hf_datasets import StoredImage
+    from mmgrpo.data.prompts import Prompt
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    prompt = Prompt("a red circle", {"image": StoredImage.checked(buf.getvalue(), "ref.png", "row 0")})
+    seen = []
+
+    def reward(samples, prompts, meta, ctx):
+        seen.extend(isinstance(m["image"], Image.Image) for m in meta)
+        return [0.0] * len(prompts)
+
+    make_evaluator([prompt], PromptDataOptions(eval_samples_per_prompt=2), reward, "ref", 0)(policy, 0)
+    assert seen == [True, True]
