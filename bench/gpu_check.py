@@ -200,9 +200,11 @@ def pipeline_output(
             pipe = diffusers.StableDiffusionPipeline.from_pretrained(ckpt, torch_dtype=dtype)
         kw.update(guidance_scale=1.0, eta=0.0, height=16, width=16)
     elif name == "wan":
+        from mmgrpo.testing.tiny_wan import euler_on_unipc_grid
+
         pipe = diffusers.WanPipeline.from_pretrained(ckpt, torch_dtype=dtype)
         shift = json.loads((Path(ckpt) / "scheduler" / "scheduler_config.json").read_text()).get("flow_shift", 3.0)
-        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)  # the policy's Euler flow sampler
+        pipe.scheduler = euler_on_unipc_grid(shift)  # the policy's Euler flow sampler on the shipped UniPC grid
         kw.update(guidance_scale=1.0, max_sequence_length=max_seq, **size)
     elif name == "hunyuan_video":
         pipe = diffusers.HunyuanVideoPipeline.from_pretrained(ckpt, torch_dtype=dtype)

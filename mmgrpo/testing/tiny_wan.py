@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mmgrpo.policies.models.wan import WanAdapter
+from mmgrpo.policies.models.wan import WanAdapter, unipc_flow_sigmas
 from mmgrpo.testing.tokenizers import word_tokenizer
 
 SIZE = {"height": 32, "width": 32, "num_frames": 5}
@@ -89,3 +89,18 @@ def save_tiny_wan(path, seed: int = 0, **kwargs) -> str:
     pipe = (WanImageToVideoPipeline if "image_encoder" in c else WanPipeline)(**c)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return str(path)
+
+
+def euler_on_unipc_grid(shift: float = 3.0):
+    """A ``FlowMatchEulerDiscreteScheduler(shift=shift)`` whose ``set_timesteps(N)`` steps on the UniPC flow grid
+    of the checkpoints (:func:`~mmgrpo.policies.models.wan.unipc_flow_sigmas`, the grid the adapter's schedule
+    uses): diffusers' Wan pipelines pass no sigmas, so this is the pipeline the adapter's Euler steps must equal."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class UniPCGridEuler(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, **kwargs):
+            if sigmas is None:
+                sigmas = unipc_flow_sigmas(num_inference_steps, self.config.num_train_timesteps)
+            super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, **kwargs)
+
+    return UniPCGridEuler(shift=shift)

@@ -14,9 +14,15 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import open_video
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
-from mmgrpo.policies.models.wan import first_frame, first_frame_mask, flow_scheduler
+from mmgrpo.policies.models.wan import WanAdapter, first_frame, first_frame_mask, flow_scheduler
 from mmgrpo.testing.checks import assert_only_lora_changed
-from mmgrpo.testing.tiny_wan import SIZE, save_tiny_wan, tiny_wan_adapter, tiny_wan_components
+from mmgrpo.testing.tiny_wan import (
+    SIZE,
+    euler_on_unipc_grid,
+    save_tiny_wan,
+    tiny_wan_adapter,
+    tiny_wan_components,
+)
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import train
 
@@ -44,10 +50,11 @@ def write_mp4(path, first_color, seed=0):
 
 
 def run_pipeline(components, prompt, x0, steps, guidance, **kw):
-    """The diffusers Wan pipeline with a flow-matching Euler scheduler of the checkpoint's shift (3.0)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+    """The diffusers Wan pipeline with a flow-matching Euler scheduler of the checkpoint's shift (3.0) on the
+    checkpoint's UniPC grid."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
-    c = {**components, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)}
+    c = {**components, "scheduler": euler_on_unipc_grid(3.0)}
     pipe = (WanImageToVideoPipeline if "image_encoder" in c else WanPipeline)(**c)
     args = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=16, **SIZE)
     latents = pipe(latents=x0.clone(), output_type="latent", **args, **kw).frames
@@ -88,6 +95,41 @@ def test_first_frame_mask_and_flow_shift():
     assert torch.allclose(sched.sigmas, torch.tensor([1.0, 0.0089286, 0.0]), atol=1e-6)
     with pytest.raises(UserError, match="neither 'flow_shift' nor 'shift'"):
         flow_scheduler({"_class_name": "UniPCMultistepScheduler"})
+
+
+def test_schedule_steps_on_the_shipped_unipc_grid():
+    """The adapter's Euler steps use the sigmas of the UniPC scheduler the checkpoint ships (WanPipeline's grid),
+    not Euler's default grid, whose last step went from ~0.009 to 0 (N steps, N - 1 of them denoising)."""
+    from diffusers import UniPCMultistepScheduler
+
+    def unipc(shift, n):
+        ref = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+        ref.set_timesteps(n)
+        return ref
+
+    adapter = tiny_wan_adapter()  # ships UniPC, flow_shift 3
+    # N = 2 by hand: linspace(1, 0.001, 3)[:-1] = [1, 0.5005], shifted 3 * 0.5005 / (1 + 2 * 0.5005) = 0.750375
+    assert torch.allclose(adapter.schedule(2).sigmas, torch.tensor([1.0, 0.750375, 0.0]), atol=1e-6)
+    for n in (2, 4, 10, 40):
+        ref = unipc(3.0, n)
+        got = adapter.schedule(n)
+        assert torch.allclose(got.sigmas, ref.sigmas.float(), atol=2e-6)  # UniPC moves sigma 1 down by 1e-6
+        assert torch.allclose(got.timesteps, ref.timesteps.float(), atol=1.0)  # UniPC's are whole numbers
+    # Wan 2.2 A14B: shift 12, boundary 0.875 x 1000; the high-noise expert takes as many of 40 steps as in diffusers
+    c = tiny_wan_components(two_experts=True)
+    shipped = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=12.0)
+    a22 = WanAdapter(c["transformer"], shipped, c["vae"], c["text_encoder"], c["tokenizer"], None, None,
+                     c["transformer_2"], 0.875, **SIZE, max_sequence_length=16)  # fmt: skip
+    high = int((a22.schedule(40).timesteps >= a22.denoiser.boundary).sum())
+    assert high == int((unipc(12.0, 40).timesteps >= 875).sum()) == 26  # Euler's own grid gave 25
+    # a checkpoint that ships flow Euler keeps Euler's grid (the pipeline's, with that scheduler)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    a_euler = WanAdapter(c["transformer"], euler.config, c["vae"], c["text_encoder"], c["tokenizer"],
+                         **SIZE, max_sequence_length=16)  # fmt: skip
+    euler.set_timesteps(3)
+    assert torch.equal(a_euler.schedule(3).sigmas, euler.sigmas.float())
 
 
 def test_user_errors_name_the_fix():

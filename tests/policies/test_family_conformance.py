@@ -25,7 +25,7 @@ from mmgrpo.testing.tiny_flux import tiny_flux_adapter, tiny_flux_components
 from mmgrpo.testing.tiny_hunyuan_video import TINY_SIZE, tiny_hunyuan_video_adapter, tiny_hunyuan_video_components
 from mmgrpo.testing.tiny_sd import tiny_sd_adapter, tiny_sd_pipeline
 from mmgrpo.testing.tiny_sd3 import tiny_sd3_adapter, tiny_sd3_components
-from mmgrpo.testing.tiny_wan import SIZE, tiny_wan_adapter, tiny_wan_components
+from mmgrpo.testing.tiny_wan import SIZE, euler_on_unipc_grid, tiny_wan_adapter, tiny_wan_components
 
 PROMPTS = ["a red circle", "two blue squares"]
 DDIM = {"kind": "ddim", "noise_level": 1.0}  # the sd family's only dynamics, at DDPO's eta
@@ -218,12 +218,13 @@ def sd_reference(model, x0, steps, guidance, meta):
 
 
 def wan_reference(model, x0, steps, guidance, meta):
-    """The diffusers Wan pipeline with a flow-matching Euler scheduler of the checkpoint's shift (3.0)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+    """The diffusers Wan pipeline with a flow-matching Euler scheduler of the checkpoint's shift (3.0) on the
+    checkpoint's UniPC grid."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     model = dict(model)
     expand = model.pop("expand_timesteps", False)
-    c = {**tiny_wan_components(**model), "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0)}
+    c = {**tiny_wan_components(**model), "scheduler": euler_on_unipc_grid(3.0)}
     if expand:
         c["expand_timesteps"] = True
         assert WanPipeline(**c).config.expand_timesteps

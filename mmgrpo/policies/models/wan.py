@@ -14,7 +14,10 @@ do, replicated step for step:
   trainable denoiser (:class:`WanExperts`); TI2V-5B's per-token timesteps (``expand_timesteps``) for text-to-video;
 - schedule: Wan checkpoints ship a UniPC scheduler; the SDE policy needs flow-matching Euler sigmas, so the
   checkpoint's ``flow_shift`` (or ``shift``) builds a ``FlowMatchEulerDiscreteScheduler`` with the same shift,
-  ``sigma' = s sigma / (1 + (s - 1) sigma)``;
+  ``sigma' = s sigma / (1 + (s - 1) sigma)``, stepping on the shipped scheduler's grid: UniPC's N sigmas are
+  ``linspace(1, 1/1000, N + 1)[:-1]`` shifted, then 0 (Euler's own default, ``linspace(1, shifted 1/1000, N)``
+  shifted again, then 0, makes its last step from ~0.009 to 0: N steps of which N - 1 denoise, and Wan 2.2's
+  high-noise expert one step fewer than in ``WanPipeline``); a checkpoint that ships flow Euler keeps Euler's grid;
 - decoding: ``z * std + mean`` -> VAE -> videos ``[n, F, 3, H, W]`` in [0, 1].
 
 The first frame of a row comes from ``meta["image"]`` (a path or PIL image) or ``meta["video"]`` (an mp4 path: its
@@ -53,6 +56,7 @@ def flow_scheduler(scheduler: Any) -> Any:
 
     Wan's diffusers checkpoints ship ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s)``; the SDE
     policy steps on Euler sigmas, so we read ``flow_shift`` (UniPC) or ``shift`` (flow Euler) from its config.
+    Which grid of sigmas it steps on: :func:`unipc_grid`.
     """
     with needs("diffusion", "the wan model family"):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -66,6 +70,23 @@ def flow_scheduler(scheduler: Any) -> Any:
     if shift is None:
         raise UserError(f"the Wan scheduler config has neither 'flow_shift' nor 'shift' (keys: {sorted(cfg)})")
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.get("num_train_timesteps", 1000), shift=shift)
+
+
+def unipc_grid(scheduler: Any, num_steps: int) -> np.ndarray | None:
+    """The N unshifted sigmas UniPC's flow sigmas step on, ``linspace(1, 1 / num_train_timesteps, N + 1)[:-1]``
+    (``UniPCMultistepScheduler.set_timesteps`` with ``use_flow_sigmas``; the shift and the final 0 are added by
+    the Euler scheduler's ``set_timesteps(sigmas=...)``, as by UniPC's), when the checkpoint's scheduler
+    (``scheduler``: the scheduler or its config) is UniPC's (it has ``flow_shift``, which flow Euler's has not);
+    None (Euler's own grid) when it is flow Euler's."""
+    cfg = dict(getattr(scheduler, "config", scheduler))
+    if "flow_shift" not in cfg or cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        return None
+    return unipc_flow_sigmas(num_steps, cfg.get("num_train_timesteps", 1000))
+
+
+def unipc_flow_sigmas(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """``linspace(1, 1 / num_train_timesteps, N + 1)[:-1]``: UniPC's N flow sigmas before the shift."""
+    return np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
 
 
 def first_frame(source: Any, is_video: bool = False) -> Any:
@@ -196,6 +217,7 @@ class WanAdapter:
 
         self.device, self.dtype = torch.device(device), _dtype(dtype)
         self.scheduler = flow_scheduler(scheduler)
+        self._shipped = scheduler  # the checkpoint's own scheduler (or its config): which grid (unipc_grid)
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.image_encoder, self.image_processor = image_encoder, image_processor
         self.max_sequence_length, self.expand_timesteps = max_sequence_length, expand_timesteps
@@ -345,7 +367,7 @@ class WanAdapter:
         return (self.z_dim, F, self.height // self.spatial, self.width // self.spatial)
 
     def schedule(self, num_steps: int) -> Schedule:
-        self.scheduler.set_timesteps(num_steps, device="cpu")
+        self.scheduler.set_timesteps(num_steps, device="cpu", sigmas=unipc_grid(self._shipped, num_steps))
         return Schedule(timesteps=self.scheduler.timesteps.float().cpu(), sigmas=self.scheduler.sigmas.float().cpu())
 
     def timestep_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
