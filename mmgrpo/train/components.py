@@ -120,6 +120,13 @@ class Components:
     """prompt rewriting before a re-roll (:class:`mmgrpo.methods.registry.Rewrite`, from the ``methods:`` block):
     ``mmgrpo.train.reroll`` samples groups without learning signal again from rewritten prompts; None: off"""
 
+    @property
+    def prompt_count(self) -> int | None:
+        """P, the prompts of one pass over ``prompts`` (``len``); None for a source without a length (an endless
+        stream). The sampler's pool, the too-few-prompts warning and the checkpoint's record of the prompts all read
+        it here, so they agree on what a source's length is (``len`` is looked up on the type, as ``len()`` does)."""
+        return len(self.prompts) if hasattr(type(self.prompts), "__len__") else None
+
 
 @dataclass
 class Pipeline:
@@ -144,7 +151,7 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
     """The recipe's components with the enabled methods' parts added: each method's policy wrapper around the policy
     (in the order of ``cfg.methods``) and its advantage hooks after the recipe's own."""
     comp = PIPELINES.get(cfg.pipeline).build(cfg, accelerator)
-    n, per_step = (len(comp.prompts) if hasattr(comp.prompts, "__len__") else None), cfg.trainer.prompts_per_step
+    n, per_step = comp.prompt_count, cfg.trainer.prompts_per_step
     if n is not None and n < per_step:  # legitimate for a smoke test, a surprise otherwise: say it once
         warnings.warn(
             f"the training data holds {n} prompt(s), fewer than trainer.prompts_per_step={per_step}: every step "

@@ -97,8 +97,7 @@ class Trainer(CollectPhase, UpdatePhase):
             self.comp: Components = build_components(cfg, self.acc)  # the recipe + the methods: block's parts
         self.policy = self.comp.policy
         self.rewards = build_rewards(cfg.rewards)
-        source = self.comp.prompts
-        pool = len(source) if hasattr(type(source), "__len__") else None
+        pool = self.comp.prompt_count
         ctx = SamplerContext(t.prompts_per_step, t.group_size, cfg.run.seed, pool=pool, minibatches=t.minibatches)
         self.sampler = make_sampler(cfg.sampler, ctx)
         """which prompts each step trains on and how many rollouts each gets (``sampler:``; uniform by default)"""

@@ -58,9 +58,8 @@ def state_dict(tr: Any, keep: bool = True, nonfinite: list[str] | None = None) -
 def prompt_pool(tr: Any) -> dict[str, Any]:
     """What identifies the training prompts: their number and, where the source offers one, a fingerprint."""
     source = tr.comp.prompts
-    size = len(source) if hasattr(type(source), "__len__") else None
     fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else None
-    return {"size": size, "fingerprint": fingerprint}
+    return {"size": tr.comp.prompt_count, "fingerprint": fingerprint}
 
 
 def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
