@@ -173,6 +173,23 @@ class StoredImage:
         return f"StoredImage({self.size[0]}x{self.size[1]}, sha1 {self.digest})"
 
 
+def media_identity(item: str | StoredImage) -> str:
+    """What a resume compares to tell whether an example's image or video changed since a checkpoint: a stored image
+    by its size and the hash of its bytes (taken when it was read), a file by its path, size and modification time.
+
+    A stat, not a hash of the file: the fingerprint of a dataset of thousands of videos would otherwise read
+    gigabytes again in every run that checkpoints and at every resume, where a stat is one system call a file. A
+    copy of the files that did not keep their times (``cp`` without ``-p``) reads as edited; ``resume_force``
+    continues over it. A file gone since it was loaded is "missing" (the data changed), not an error mid-run."""
+    if isinstance(item, StoredImage):
+        return repr(item)
+    try:
+        st = os.stat(item)
+    except OSError:
+        return f"{item} missing"
+    return f"{item} {st.st_size} {st.st_mtime_ns}"
+
+
 def opened(images: list[Any]) -> list[Any]:
     """``images`` with every :class:`StoredImage` decoded (a PIL image), paths as they are."""
     return [im.open() if isinstance(im, StoredImage) else im for im in images]

@@ -159,14 +159,19 @@ class PromptList:
         return len(self.prompts)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the prompts' texts in order: a checkpoint keeps it, so that a resume notices an edited prompt
-        file (the stream positions already trained would then name other prompts)."""
+        """SHA-256 of the prompts' identities in order (:meth:`identity`): a checkpoint keeps it, so that a resume
+        notices an edited prompt file (the stream positions already trained would then name other prompts)."""
         if self._fingerprint is None:  # the list does not change during a run; every checkpoint asks
             h = hashlib.sha256()
             for p in self.prompts:
-                h.update(str(p).encode("utf-8", "surrogatepass") + b"\0")
+                h.update(self.identity(p).encode("utf-8", "surrogatepass") + b"\0")
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def identity(self, prompt: str) -> str:
+        """What defines a prompt for :meth:`fingerprint`: its text (a subclass whose prompts carry a condition, such
+        as image-to-video's first frame, adds it)."""
+        return str(prompt)
 
     def order(self, epoch: int) -> np.ndarray:
         """The seeded permutation of the prompts for pass ``epoch`` (computed once; the last two are kept)."""

@@ -13,6 +13,7 @@ evaluation (reused from ``mmgrpo/pipelines/text_to_image.py``) all know it; the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
+from mmgrpo.data.hf_datasets import media_identity
 from mmgrpo.data.prompts import PromptList
 from mmgrpo.data.records import read_rows
 from mmgrpo.pipelines.text_to_image import check_eval_numbers, generator_components, generator_options
@@ -121,6 +123,13 @@ def read_pairs(spec: str, default_prompt: str = "") -> list[FramePrompt]:
 
 class FramePromptList(PromptList):
     """PromptList over FramePrompts whose batches also carry each frame in ``meta`` (for rewards and the adapter)."""
+
+    def identity(self, prompt: str) -> str:
+        """A condition is its text AND its first frame (an image, or a video whose first frame is read): a file
+        replaced under the same name is another condition, so the fingerprint names the file's path, size and
+        modification time too (:func:`~mmgrpo.data.hf_datasets.media_identity`)."""
+        media = {k: media_identity(v) for k, v in sorted(getattr(prompt, "meta", {}).items())}
+        return json.dumps([str(prompt), media])
 
     def get(self, indices: list[int]) -> PromptBatch:
         batch = super().get(indices)

@@ -23,6 +23,7 @@ format rate.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from mmgrpo.pipelines.vlm_reasoning import (
     check_question_lengths,
     check_text,
     check_vlm_data,
+    example_identity,
     jsonl_records,
     load_vlm_policy,
     media_base,
@@ -209,6 +211,15 @@ class GroundingExamples:
             prompt, meta = ex.prompt(), ex.meta()
         prompt["question"] += self.data.question_suffix
         return prompt, meta
+
+    def identity(self, i: int) -> str:
+        """What defines train example ``i`` (:meth:`~mmgrpo.pipelines.vlm_reasoning.QAPrompts.fingerprint`): a
+        file's record and the question suffix (:func:`~mmgrpo.pipelines.vlm_reasoning.example_identity`), or a
+        shapes scene's options and seed (the same options draw the same scene)."""
+        d = self.data
+        if self.records is not None:
+            return example_identity(self.records[i], d.question_suffix)
+        return json.dumps(["grounding", d.split_seed, d.image_size, d.question_suffix, i])
 
 
 def grounding_scores(policy: VLMPolicy, examples: list[Example], texts: list[str]) -> list[float]:

@@ -31,6 +31,7 @@ hints), ``cog_drift`` (cloze / multiple-choice variants).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from mmgrpo.data.hf_datasets import (
     dataset_rows,
     hf_spec,
     media_folder,
+    media_identity,
     open_dataset,
     opened,
     saved_dataset,
@@ -360,6 +362,18 @@ def check_question_lengths(policy: VLMPolicy, lines: list[str], records: list[Ex
                             "break)")  # fmt: skip
 
 
+def example_identity(example: Example, question_suffix: str = "") -> str:
+    """What defines an example of a data file, for the stream's fingerprint (:meth:`QAPrompts.fingerprint`): its
+    question (with the ``question_suffix`` a recipe appends), options, answer and other fields, and each image or
+    video by :func:`~mmgrpo.data.hf_datasets.media_identity` (a stored image's hash, a file's path, size and
+    modification time)."""
+    prompt, meta = example
+    meta = {**meta, "images": [media_identity(im) for im in meta.get("images") or []]}
+    if meta.get("video") is not None:
+        meta["video"] = media_identity(meta["video"])
+    return json.dumps([prompt, question_suffix, meta], sort_keys=True, default=str)
+
+
 def check_heldout_fraction(fraction: float) -> None:
     if not 0.0 < fraction < 1.0:
         raise UserError(f"data.options.heldout_fraction={fraction} must be in (0, 1), e.g. 0.1")
@@ -426,6 +440,15 @@ class QAExamples:
         """Train example ``i``: shapes_qa asks only ``data.train_kinds`` (all three by default)."""
         return self.example(i, self.train_kinds)
 
+    def identity(self, i: int) -> str:
+        """What defines train example ``i`` (:meth:`QAPrompts.fingerprint`): a file's record
+        (:func:`example_identity`), or the options a synthetic example is drawn from and its index; the same options
+        draw the same scene, and rendering every scene to hash it would cost a run seconds at each resume."""
+        if self.records is not None:
+            return example_identity(self.records[i])
+        d = self.data
+        return json.dumps([d.source, d.split_seed, d.image_size, d.difficulty, list(self.train_kinds), i])
+
 
 class QAPrompts:
     """Stream position i -> a train example, in a fresh seeded permutation for every pass over the train set.
@@ -436,10 +459,22 @@ class QAPrompts:
     def __init__(self, examples: Any, order_seed: int, example: Callable[[int], Example] | None = None):
         self.examples, self.order_seed = examples, order_seed
         self.example = example or examples.example
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         """P: the train examples of one pass (stream positions 0 .. P - 1 are each of them once)."""
         return len(self.examples.train)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the train examples' identities in the split's order (``examples.identity``: a file's questions,
+        answers and media, or a synthetic source's options): a checkpoint keeps it, so that a resume notices a question
+        file edited to the same length (the stream positions already trained would then name other examples)."""
+        if self._fingerprint is None:  # the examples do not change during a run; every checkpoint asks
+            h = hashlib.sha256()
+            for i in self.examples.train:
+                h.update(self.examples.identity(i).encode("utf-8", "surrogatepass") + b"\0")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def example_at(self, i: int) -> int:
         train = self.examples.train

@@ -70,7 +70,11 @@ def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
     now = prompt_pool(tr)
     changed = [k for k in ("size", "fingerprint") if saved.get(k) is not None and now[k] != saved[k]]
     if changed:
-        what = f"{saved['size']} prompts then, {now['size']} now" if "size" in changed else "the same number, edited"
+        what = (
+            f"{saved['size']} prompts then, {now['size']} now"
+            if "size" in changed
+            else "the same number, edited: a text, or an image or video file's size or modification time"
+        )
         raise UserError(
             f"resume: the training prompts changed since checkpoint {path} ({what}); the rest of the pass would "
             "repeat some prompts and skip others. Restore the prompt data, or pass resume_force=true to continue "

@@ -97,6 +97,27 @@ def test_shapes_examples_use_the_scene_seed_split():
     assert prompt == {"question": ref.question, "options": None} and meta["box"] == list(ref.box)
 
 
+def test_the_grounding_streams_fingerprint_covers_boxes_the_question_suffix_and_shapes_options(tmp_path):
+    """A checkpoint keeps the train examples' fingerprint (a resume over other examples is refused): a grounding
+    file's box edited in place, another question_suffix, or other shapes options are other examples."""
+    from mmgrpo.pipelines.vlm_reasoning import QAPrompts
+
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "red.png")
+    path = tmp_path / "g.jsonl"
+
+    def fingerprint(box, **options):
+        rows = [{"image": "red.png", "question": f"Locate shape {i}.", "box": box} for i in range(4)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return QAPrompts(GroundingExamples(VLMGroundingDataOptions(path=str(path), **options)), 0).fingerprint()
+
+    first = fingerprint([1, 2, 30, 20])
+    assert fingerprint([1, 2, 30, 20]) == first
+    assert len({first, fingerprint([1, 2, 30, 21]), fingerprint([1, 2, 30, 20], question_suffix=" Box?")}) == 3
+    shapes = [QAPrompts(GroundingExamples(VLMGroundingDataOptions(num_train=8, **o)), 0).fingerprint()
+              for o in ({}, {}, {"image_size": 48})]  # fmt: skip
+    assert shapes[0] == shapes[1] != shapes[2]
+
+
 def test_a_box_reward_in_another_family_is_refused():
     cfg = load_config(CONFIG)
     check_box_rewards(cfg, "qwen2_vl")  # the shipped config matches the Qwen2-VL asset

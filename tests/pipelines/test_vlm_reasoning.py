@@ -1,5 +1,6 @@
 """The vlm_reasoning recipe: synthetic shapes QA, JSONL data, the split and stream, the tiny asset, a smoke run."""
 
+import io
 import json
 from pathlib import Path
 
@@ -202,3 +203,57 @@ def test_tensorboard_gets_the_vlm_curves_and_each_evaluations_completion_table(t
         rows = text.splitlines()[2:]
         assert text.splitlines()[0] == "| prompt | completion | answer | correct |" and len(rows) == len(records) == 2
         assert all(f"| {r['answer']} | {r['correct']} |" in row for r, row in zip(records, rows))
+
+
+def test_a_resume_over_an_edited_question_file_is_refused_unless_forced(tmp_path):
+    """The stream's positions name train examples by their place in the split: a question file edited to the same
+    number of lines, or an image replaced under its name, would make the rest of the pass repeat some examples and
+    skip others. The checkpoint keeps the examples' fingerprint (questions, answers, each image's path, size and
+    modification time); a resume over other examples names the change, and resume_force=true continues."""
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "red.png")
+    rows = [{"question": f"What colour is shape {i}?", "options": ["red", "blue"], "answer": "A", "image": "red.png"}
+            for i in range(6)]  # fmt: skip
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = [f"run.output_dir={tmp_path}", "run.name=q", f"data.options.path={data}", "data.options.eval_examples=1",
+            f"policy.options.path={REPO / 'assets' / 'tiny_qwen2_vl'}", "policy.options.max_new_tokens=4",
+            "trainer.max_steps=3", "trainer.prompts_per_step=2", "trainer.group_size=2", "trainer.micro_batch_size=4",
+            "trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.progress=false"]  # fmt: skip
+    first = train(load_config(CONFIG, [*over, "trainer.stop_after_steps=1"]))
+    resume = [*over, f"resume={first.run_dir}"]
+    text = data.read_text()
+    data.write_text(text.replace('"answer": "A"', '"answer": "B"', 2))  # the same count, two answers edited
+    with pytest.raises(UserError, match=r"^resume: the training prompts changed since checkpoint .*step_000001 "
+                       r"\(the same number, edited: .*\).*resume_force=true") as e:  # fmt: skip
+        train(load_config(CONFIG, resume))
+    assert "\n" not in str(e.value)  # one paragraph
+    data.write_text(text)  # restored: the same examples, read again, have the same fingerprint
+    assert train(load_config(CONFIG, [*resume, "trainer.stop_after_steps=1"])).step == 2
+    rng = np.random.default_rng(0)  # another picture under the same name (another size: not the same file)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "red.png")
+    with pytest.raises(UserError, match=r"the training prompts changed since checkpoint .*step_000002"):
+        train(load_config(CONFIG, resume))
+    assert train(load_config(CONFIG, [*resume, "resume_force=true"])).step == 3
+
+
+def test_the_stream_fingerprint_covers_a_stored_images_bytes_and_a_synthetic_sources_options(tmp_path):
+    """In-memory (hf: dataset) images are named by the hash of their bytes, taken when they were read; a synthetic
+    source by the options that draw its scenes (the same options draw the same scenes)."""
+    from mmgrpo.data.hf_datasets import StoredImage
+
+    def stored(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+        return StoredImage.checked(buf.getvalue(), "image", "row 0")
+
+    def fingerprint(image):
+        ex = QAExamples(VLMReasoningDataOptions(num_examples=4))
+        ex.records = [({"question": "q", "options": None}, {"answer": "A", "images": [image]})] * 4
+        return QAPrompts(ex, order_seed=0).fingerprint()
+
+    assert fingerprint(stored((200, 0, 0))) == fingerprint(stored((200, 0, 0)))
+    assert fingerprint(stored((200, 0, 0))) != fingerprint(stored((0, 0, 200)))
+    shapes = [QAPrompts(QAExamples(VLMReasoningDataOptions(num_examples=20, **o)), 0).fingerprint()
+              for o in ({}, {}, {"image_size": 32}, {"split_seed": 1})]  # fmt: skip
+    assert shapes[0] == shapes[1] and len(set(shapes)) == 3
+

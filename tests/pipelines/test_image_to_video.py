@@ -1,0 +1,32 @@
+"""The image_to_video recipe's training conditions: what a checkpoint's fingerprint of them covers."""
+
+import numpy as np
+from PIL import Image
+
+from mmgrpo.pipelines.image_to_video import FramePromptList, read_pairs
+from mmgrpo.testing.vlm_checks import write_mp4
+
+
+def noise(seed: int, size: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_the_conditions_fingerprint_covers_each_first_frame_not_only_the_prompts(tmp_path):
+    """A checkpoint keeps the training conditions' fingerprint so that a resume over other conditions is refused
+    (mmgrpo/train/trainer_state.py): a first frame replaced under its name is another condition, named by the
+    file's path, size and modification time (the fingerprint covered only the prompt texts); the same files read
+    again give the same fingerprint."""
+    noise(1, 40).save(tmp_path / "a.png")
+    write_mp4(tmp_path / "b.mp4", frames=4, size=32)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "image": "a.png"}\n{"prompt": "a dog", "video": "b.mp4"}\n')
+
+    def fingerprint() -> str:
+        return FramePromptList(read_pairs(str(tmp_path / "p.jsonl")), seed=0).fingerprint()
+
+    before = fingerprint()
+    assert fingerprint() == before
+    noise(2, 32).save(tmp_path / "a.png")  # the same prompts, another first frame
+    after = fingerprint()
+    assert after != before
+    write_mp4(tmp_path / "b.mp4", frames=6, size=32)  # another video under the same name
+    assert fingerprint() not in (before, after)
