@@ -305,15 +305,22 @@ def load_jsonl_lines(path: str | Path) -> list[tuple[str, Example]]:
 
 
 def warn_short_evaluation(path: str, n_heldout: int, eval_examples: int) -> None:
-    """A file's split holding fewer held-out examples than ``eval_examples`` evaluates all it holds: say so once,
-    so that a metric over 3 examples is not read as one over 32."""
-    if path and n_heldout < eval_examples:
-        warnings.warn(
-            f"data.options.path={path!r}: the split holds {n_heldout} held-out example(s), fewer than "
-            f"data.options.eval_examples={eval_examples}; each evaluation answers only {n_heldout} (raise "
-            "data.options.heldout_fraction for more)",
-            stacklevel=3,
-        )
+    """A split holding fewer held-out examples than ``eval_examples`` evaluates all it holds: say so once, so that a
+    metric over 3 examples is not read as one over 32. A file's split (``path``) or a synthetic one (``path`` "": the
+    shapes QA holds out ``heldout_fraction`` of its ``num_examples``; shapes_qa and the shapes grounding scenes draw
+    ``eval_examples`` held-out scenes, never fewer)."""
+    if n_heldout >= eval_examples:
+        return
+    what, more = (
+        (f"data.options.path={path!r}", "data.options.heldout_fraction")
+        if path
+        else ("the synthetic shapes QA", "data.options.num_examples or data.options.heldout_fraction")
+    )
+    warnings.warn(
+        f"{what}: the split holds {n_heldout} held-out example(s), fewer than data.options.eval_examples="
+        f"{eval_examples}; each evaluation answers only {n_heldout} (raise {more} for more)",
+        stacklevel=3,
+    )
 
 
 def warn_repeated_heldout(

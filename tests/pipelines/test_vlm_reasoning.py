@@ -257,3 +257,16 @@ def test_the_stream_fingerprint_covers_a_stored_images_bytes_and_a_synthetic_sou
               for o in ({}, {}, {"image_size": 32}, {"split_seed": 1})]  # fmt: skip
     assert shapes[0] == shapes[1] and len(set(shapes)) == 3
 
+
+def test_a_short_evaluation_of_the_synthetic_shapes_qa_is_named():
+    """source: shapes holds out heldout_fraction of num_examples: 20 examples hold out 2, and an evaluation of
+    eval_examples=8 answers only those 2 (the warning named only a data file's split)."""
+    from mmgrpo.pipelines.vlm_reasoning import build_vlm_reasoning
+
+    asset = REPO / "assets" / "tiny_qwen2_vl"
+    cfg = load_config(CONFIG, [f"policy.options.path={asset}", "data.options.num_examples=20",
+                               "data.options.eval_examples=8"])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"^the synthetic shapes QA: the split holds 2 held-out example\(s\), fewer "
+                      r"than data.options.eval_examples=8; each evaluation answers only 2 \(raise "
+                      r"data.options.num_examples or data.options.heldout_fraction for more\)"):  # fmt: skip
+        build_vlm_reasoning(cfg)
