@@ -37,11 +37,14 @@ stateful rewards keep their state on the server.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import math
 import os
 import random
+import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -413,6 +416,27 @@ def _refusal_hint(code: int) -> str:
     return ""
 
 
+class _GiveUpConnection(http.client.HTTPConnection):
+    """An HTTP connection that resets itself when the answer does not come within its timeout.
+
+    A plain close sends the server an end of stream, which a client that only closed its sending side after the
+    request also sends, and which the server answers; a reset (SO_LINGER 0, then close) tells it that nobody will
+    read the answer, so it drops the request unscored if it is still queued (:mod:`mmgrpo.rewards.server`)."""
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        try:
+            return super().getresponse()
+        except TimeoutError:
+            if self.sock is not None:  # urllib closes the connection next: with a reset, not a FIN
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise
+
+
+class _GiveUpHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_GiveUpConnection, req)
+
+
 def post_score(url: str, body: bytes, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
     """POST ``body`` to ``url/score``; retries connection errors and 5xx with exponential backoff, not 4xx.
 
@@ -423,8 +447,10 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
     The backoff is jittered (x0.5 to x1.5): clients whose requests failed together (one merged batch) would
     otherwise retry in step and be merged again. A read timeout after the request was sent is not retried: the
     server has the request and is still scoring it, so a retry would score it again behind the first copy and
-    time out the same way; the UserError says to raise ``timeout`` instead.
+    time out the same way; the UserError says to raise ``timeout`` instead. The connection given up on is reset
+    (:class:`_GiveUpConnection`), so the server drops the request unscored if it has not started it.
     """
+    opener = urllib.request.build_opener(_GiveUpHandler)  # urllib's own handlers (proxies too), http:// by ours
     endpoint = url.rstrip("/") + "/score"
     headers = {"Content-Type": CONTENT_TYPE}
     if token:
@@ -434,7 +460,7 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
     while attempt < attempts:
         req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with opener.open(req, timeout=timeout) as resp:
                 return json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
             msg = _error_message(e)

@@ -18,9 +18,11 @@ server keeps serving; a reward's values follow the trainer's local rules (a bool
 NaN is a 500 naming the rows; NaN from a reward with ``nan_means_not_applicable`` goes out as null). A reward
 raising SystemExit / KeyboardInterrupt stops the worker: that request gets a 500, later ones a 503 at once,
 ``/health`` a 503 "failed", and ``serve-reward`` exits 2. A client that disconnects mid-body is logged and
-dropped; one that leaves while its request waits for the worker has the request dropped unscored. A listen backlog of
-``BACKLOG`` and at most ``--max-connections`` connections served at once (a thread each): the next one is answered
-503 with ``Retry-After`` at once, which the client waits out, so a burst of clients queues instead of failing.
+dropped; one that resets its connection while its request waits for the worker (the remote client, when it times
+out) has the request dropped unscored, while one that only closes its sending side after a complete request is
+answered (``_Handler._client_gone``). A listen backlog of ``BACKLOG`` and at most ``--max-connections``
+connections served at once (a thread each): the next one is answered 503 with ``Retry-After`` at once, which the
+client waits out, so a burst of clients queues instead of failing.
 Nothing a client sends is unpickled (the wire format is NPZ with ``allow_pickle=False`` and JSON).
 """
 
@@ -107,10 +109,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._input)
 
     def _client_gone(self) -> bool:
-        """Whether the client closed its connection (readable and at end of stream) while we wait to answer."""
+        """Whether the client's connection was reset (or broke) while we wait to answer its complete request.
+
+        An end of stream is not a client gone: a client may close its sending side once its request is sent
+        (``shutdown(SHUT_WR)``, legal HTTP/1.1; curl and some proxies do it) and still read the answer, and a
+        peek cannot tell that from a client that closed the whole connection (both send a FIN). Only a reset says
+        that nobody will read the answer: :func:`~mmgrpo.rewards.remote.post_score` resets its connection when it
+        gives up on an answer, so a timed-out trainer's queued request is still dropped unscored; a client that
+        closes without a reset has its request scored and the answer goes nowhere."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if readable:  # b"" (end of stream) or bytes (a next request): not gone; a reset raises
+                self.connection.recv(1, socket.MSG_PEEK)
+            return False
         except (OSError, ValueError):
             return True
 

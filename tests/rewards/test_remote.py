@@ -545,6 +545,8 @@ def test_a_reward_slower_than_the_client_timeout_is_scored_once_and_named(server
 
 
 def test_a_queued_request_whose_client_left_is_never_scored(server_factory, monkeypatch, caplog):
+    """The remote client that times out resets its connection (a plain close looks like a half-close, which is
+    answered): the server drops its queued request unscored."""
     caplog.set_level(logging.INFO, logger="mmgrpo.rewards.server")
     monkeypatch.setattr(server_mod, "CLIENT_CHECK_S", 0.02)
     gate, calls, out = threading.Event(), [], []
@@ -562,9 +564,8 @@ def test_a_queued_request_whose_client_left_is_never_scored(server_factory, monk
         if calls:
             break
         time.sleep(0.02)
-    body = encode_request(_images(4), ["b"] * 4, [{}] * 4, group_size=2)
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:  # queued behind the first, then gone
-        s.sendall(b"POST /score HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    with pytest.raises(UserError, match="did not answer within timeout=0.2s"):  # queued behind the first, gone
+        remote(srv.url, timeout=0.2, retries=0)(_images(4), ["b"] * 4, [{}] * 4, _ctx())
     for _ in range(100):  # bounded wait (<= 2 s) for the handler to see its client gone
         if any("request cancelled" in r.getMessage() for r in caplog.records):
             break
@@ -576,6 +577,40 @@ def test_a_queued_request_whose_client_left_is_never_scored(server_factory, monk
             break
         time.sleep(0.02)
     assert calls == [2] and out[0].shape == (2,) and srv.batcher.dropped == 1
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_its_answer(server_factory, monkeypatch, caplog):
+    """shutdown(SHUT_WR) once a complete request is sent is legal HTTP/1.1 (curl and some proxies do it): the end of
+    stream it sends while the reward runs is not a client gone. The server took it for one, cancelled the request
+    and closed the connection unanswered."""
+    caplog.set_level(logging.INFO, logger="mmgrpo.rewards.server")
+    monkeypatch.setattr(server_mod, "CLIENT_CHECK_S", 0.02)
+    gate, calls = threading.Event(), []
+
+    def gated(samples, prompts, meta, ctx):
+        calls.append(len(prompts))
+        gate.wait(5)
+        return mean_pixel(samples, prompts, meta, ctx)
+
+    srv = server_factory(gated)
+    x = _images(2)
+    body = encode_request(x, ["a", "b"], [{}, {}], group_size=2)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.shutdown(socket.SHUT_WR)
+        for _ in range(100):  # bounded wait (<= 2 s) for the request to be in the reward
+            if calls:
+                break
+            time.sleep(0.02)
+        time.sleep(0.2)  # ~10 of the handler's checks see the end of stream while the reward runs
+        gate.set()
+        reply = b"".join(iter(lambda: s.recv(1 << 16), b""))
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 "), reply[:200]
+    want = mean_pixel(quantise_uint8(x).float() / 255, ["a", "b"], [{}, {}], _ctx())
+    assert json.loads(payload)["rewards"] == pytest.approx(want.tolist(), abs=1e-6)
+    assert calls == [2] and srv.batcher.dropped == 0
+    assert not any("cancelled" in r.getMessage() for r in caplog.records)
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
