@@ -175,19 +175,20 @@ class StoredImage:
 
 def media_identity(item: str | StoredImage) -> str:
     """What a resume compares to tell whether an example's image or video changed since a checkpoint: a stored image
-    by its size and the hash of its bytes (taken when it was read), a file by its path, size and modification time.
+    by its size and the hash of its bytes (taken when it was read), a file by its name and size.
 
     A stat, not a hash of the file: the fingerprint of a dataset of thousands of videos would otherwise read
-    gigabytes again in every run that checkpoints and at every resume, where a stat is one system call a file. A
-    copy of the files that did not keep their times (``cp`` without ``-p``) reads as edited; ``resume_force``
-    continues over it. A file gone since it was loaded is "missing" (the data changed), not an error mid-run."""
+    gigabytes again in every run that checkpoints and at every resume, where a stat is one system call a file. The
+    name without its folder and no modification time: a dataset moved or copied to another machine (``cp`` without
+    ``-p``) is the same data, and its resume continues; a compressed image or video replaced by another almost
+    always changes size. A file gone since it was loaded is "missing" (the data changed), not an error mid-run."""
     if isinstance(item, StoredImage):
         return repr(item)
+    name = os.path.basename(os.fspath(item))
     try:
-        st = os.stat(item)
+        return f"{name} {os.stat(item).st_size}"
     except OSError:
-        return f"{item} missing"
-    return f"{item} {st.st_size} {st.st_mtime_ns}"
+        return f"{name} missing"
 
 
 def opened(images: list[Any]) -> list[Any]:

@@ -126,8 +126,8 @@ class FramePromptList(PromptList):
 
     def identity(self, prompt: str) -> str:
         """A condition is its text AND its first frame (an image, or a video whose first frame is read): a file
-        replaced under the same name is another condition, so the fingerprint names the file's path, size and
-        modification time too (:func:`~mmgrpo.data.hf_datasets.media_identity`)."""
+        replaced under the same name is another condition, so the fingerprint names the file's name and size too
+        (:func:`~mmgrpo.data.hf_datasets.media_identity`)."""
         media = {k: media_identity(v) for k, v in sorted(getattr(prompt, "meta", {}).items())}
         return json.dumps([str(prompt), media])
 

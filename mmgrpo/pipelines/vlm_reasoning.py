@@ -372,8 +372,7 @@ def check_question_lengths(policy: VLMPolicy, lines: list[str], records: list[Ex
 def example_identity(example: Example, question_suffix: str = "") -> str:
     """What defines an example of a data file, for the stream's fingerprint (:meth:`QAPrompts.fingerprint`): its
     question (with the ``question_suffix`` a recipe appends), options, answer and other fields, and each image or
-    video by :func:`~mmgrpo.data.hf_datasets.media_identity` (a stored image's hash, a file's path, size and
-    modification time)."""
+    video by :func:`~mmgrpo.data.hf_datasets.media_identity` (a stored image's hash, a file's name and size)."""
     prompt, meta = example
     meta = {**meta, "images": [media_identity(im) for im in meta.get("images") or []]}
     if meta.get("video") is not None:

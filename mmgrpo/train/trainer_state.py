@@ -73,7 +73,7 @@ def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
         what = (
             f"{saved['size']} prompts then, {now['size']} now"
             if "size" in changed
-            else "the same number, edited: a text, or an image or video file's size or modification time"
+            else "the same number, edited: a text, or an image or video file's name or size"
         )
         raise UserError(
             f"resume: the training prompts changed since checkpoint {path} ({what}); the rest of the pass would "

@@ -14,8 +14,8 @@ def noise(seed: int, size: int) -> Image.Image:
 def test_the_conditions_fingerprint_covers_each_first_frame_not_only_the_prompts(tmp_path):
     """A checkpoint keeps the training conditions' fingerprint so that a resume over other conditions is refused
     (mmgrpo/train/trainer_state.py): a first frame replaced under its name is another condition, named by the
-    file's path, size and modification time (the fingerprint covered only the prompt texts); the same files read
-    again give the same fingerprint."""
+    file's name and size (the fingerprint covered only the prompt texts); the same files read again give the same
+    fingerprint, and so do the same files moved to another folder with new modification times."""
     noise(1, 40).save(tmp_path / "a.png")
     write_mp4(tmp_path / "b.mp4", frames=4, size=32)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "image": "a.png"}\n{"prompt": "a dog", "video": "b.mp4"}\n')
@@ -25,6 +25,11 @@ def test_the_conditions_fingerprint_covers_each_first_frame_not_only_the_prompts
 
     before = fingerprint()
     assert fingerprint() == before
+    moved = tmp_path / "copy"  # the same data in another folder, copied without its times (cp without -p)
+    moved.mkdir()
+    for name in ("a.png", "b.mp4", "p.jsonl"):
+        (moved / name).write_bytes((tmp_path / name).read_bytes())
+    assert FramePromptList(read_pairs(str(moved / "p.jsonl")), seed=0).fingerprint() == before
     noise(2, 32).save(tmp_path / "a.png")  # the same prompts, another first frame
     after = fingerprint()
     assert after != before

@@ -208,8 +208,8 @@ def test_tensorboard_gets_the_vlm_curves_and_each_evaluations_completion_table(t
 def test_a_resume_over_an_edited_question_file_is_refused_unless_forced(tmp_path):
     """The stream's positions name train examples by their place in the split: a question file edited to the same
     number of lines, or an image replaced under its name, would make the rest of the pass repeat some examples and
-    skip others. The checkpoint keeps the examples' fingerprint (questions, answers, each image's path, size and
-    modification time); a resume over other examples names the change, and resume_force=true continues."""
+    skip others. The checkpoint keeps the examples' fingerprint (questions, answers, each image's name and size); a
+    resume over other examples names the change, and resume_force=true continues."""
     Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "red.png")
     rows = [{"question": f"What colour is shape {i}?", "options": ["red", "blue"], "answer": "A", "image": "red.png"}
             for i in range(6)]  # fmt: skip
