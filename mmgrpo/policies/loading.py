@@ -6,6 +6,8 @@ Shared by every generator recipe and by Best-of-N sampling, so a model is loaded
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,10 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     """image width (0 = the model's default)"""
     num_frames: int = 0
     """video families: frames per sample (0 = the model's default)"""
+    fps: float = 0.0
+    """video families: frames per second the written samples (samples/*.mp4, tracker GIFs, mmgrpo sample's
+    best_*.mp4) play at; it changes no sample, only their timing (0 = the model's own rate: wan 16, Wan 2.2 TI2V-5B
+    24, hunyuan_video 24)"""
     adapter_options: dict[str, Any] = field(default_factory=dict)
     """family-specific adapter options passed to its from_pretrained (flux: guidance, max_sequence_length)"""
 
@@ -56,6 +62,9 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
             if getattr(self, key) < 0:
                 raise bad_option(f"policy.options.{key}", getattr(self, key),
                                  f"must be >= 0; set it to 0 (the model's default) or e.g. {example}")  # fmt: skip
+        if not (math.isfinite(self.fps) and self.fps >= 0):  # ffmpeg fails on it when the first sample is written
+            raise bad_option("policy.options.fps", self.fps, "frames per second must be a number >= 0; set it to 0 "
+                             "(the model's own rate) or e.g. 16")  # fmt: skip
         why = getattr(ADAPTERS.get(self.family), "no_xformers", None) if self.family in ADAPTERS else None
         if self.attention == "xformers" and why:
             raise bad_option("policy.options.attention", "xformers",
@@ -78,9 +87,24 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
         kwargs["width"] = opts.width
     if opts.num_frames:
         kwargs["num_frames"] = opts.num_frames
+    if opts.fps:
+        kwargs["fps"] = opts.fps
     kwargs.update(opts.adapter_options)
+    refuse_video_options(ADAPTERS.get(opts.family), opts)
     try:
         return ADAPTERS.get(opts.family).from_pretrained(source, **kwargs)
     except TypeError as e:
         msg = f"policy.options.adapter_options {opts.adapter_options} for family {opts.family!r}: {e}"
         raise UserError(msg) from e
+
+
+def refuse_video_options(adapter: type, opts: GeneratorPolicyOptions) -> None:
+    """``num_frames`` / ``fps`` set for a family whose adapter takes none (an image family): refused before the
+    weights load, naming the option (its adapter's TypeError, after the weights, blamed adapter_options)."""
+    params = inspect.signature(adapter.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in ("num_frames", "fps"):
+        if getattr(opts, key) and key not in params:
+            raise bad_option(f"policy.options.{key}", getattr(opts, key), f"family {opts.family!r} takes no {key} "
+                             f"(its {adapter.__name__} makes images); set it to 0 or remove it")  # fmt: skip

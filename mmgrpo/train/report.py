@@ -8,6 +8,7 @@ import math
 import numbers
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,9 +86,22 @@ def can_write_mp4() -> bool:
     return installed("imageio") and installed("imageio_ffmpeg")
 
 
-def write_mp4(path: str | Path, frames: list[np.ndarray], fps: int = 8) -> Path:
-    """H.264 mp4 of HWC uint8 ``frames`` through imageio's ffmpeg writer; a UserError naming the 'video' extra when
-    it is missing."""
+FALLBACK_FPS = 8.0
+"""frames per second of the video samples of a family whose adapter declares no ``fps`` (a plug-in's); the built-in
+video families declare theirs (wan 16, hunyuan_video 24; ``policy.options.fps`` sets another)"""
+
+
+def video_fps(policy: Any) -> float:
+    """The frame rate a policy's video samples play at: its adapter's ``fps`` (a method's policy wrapper reads
+    through to the recipe's policy), else :data:`FALLBACK_FPS`. Written videos take it from here, so that a clip
+    lasts as long as the model made it to (Wan's 81 frames are 5 s at 16 fps; at a fixed 8 fps they played 10 s)."""
+    fps = getattr(getattr(policy, "adapter", None), "fps", None)
+    return float(fps) if fps else FALLBACK_FPS
+
+
+def write_mp4(path: str | Path, frames: list[np.ndarray], fps: float) -> Path:
+    """H.264 mp4 of HWC uint8 ``frames`` playing at ``fps`` (the model's rate: :func:`video_fps`) through imageio's
+    ffmpeg writer; a UserError naming the 'video' extra when it is missing."""
     if not can_write_mp4():
         raise missing_extra("video", "writing mp4 videos", "imageio_ffmpeg" if installed("imageio") else "imageio")
     import imageio.v2 as imageio
@@ -96,15 +110,18 @@ def write_mp4(path: str | Path, frames: list[np.ndarray], fps: int = 8) -> Path:
     return Path(path)
 
 
-def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None) -> Path:
-    """Save a grid PNG for images [n, 3, H, W], or an mp4 (frames side by side) for videos [n, F, 3, H, W]."""
+def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None, fps: float | None = None) -> Path:
+    """Save a grid PNG for images [n, 3, H, W], or an mp4 (frames side by side) for videos [n, F, 3, H, W] playing at
+    ``fps`` (the model's rate, :func:`video_fps`; a video without it is a ValueError, not a guess)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 128 // images.shape[-1])
     if images.dim() == 5:
+        if fps is None:
+            raise ValueError("save_samples: videos need their frame rate (fps=video_fps(policy))")
         frames = [np.asarray(image_grid(images[:, f], ncol, scale=scale)) for f in range(images.shape[1])]
         if can_write_mp4():
-            return write_mp4(path.with_suffix(".mp4"), frames)
+            return write_mp4(path.with_suffix(".mp4"), frames, fps)
         # the 'video' extra is not (wholly) installed: the first frame, rather than stopping the run
         Image.fromarray(frames[0]).save(path.with_suffix(".png"))
         return path.with_suffix(".png")

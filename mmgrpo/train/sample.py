@@ -52,7 +52,7 @@ from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
-from mmgrpo.train.report import image_grid, write_mp4
+from mmgrpo.train.report import image_grid, video_fps, write_mp4
 from mmgrpo.train.scoring import call_reward
 
 BEST_COLOUR = (0.1, 0.8, 0.2)  # frame of the best sample in grid.png
@@ -424,13 +424,16 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def save_best(sample: torch.Tensor, path_stem: Path) -> Path:
-    """One sample at full resolution: [3, H, W] -> .png, [F, 3, H, W] -> .mp4."""
+def save_best(sample: torch.Tensor, path_stem: Path, fps: float | None = None) -> Path:
+    """One sample at full resolution: [3, H, W] -> .png, [F, 3, H, W] -> .mp4 playing at ``fps`` (the model's
+    rate, :func:`~mmgrpo.train.report.video_fps`; a video without it is a ValueError, not a guess)."""
     if sample.dim() == 3:
         path = path_stem.with_suffix(".png")
         Image.fromarray(to_uint8(sample)).save(path)
         return path
-    return write_mp4(path_stem.with_suffix(".mp4"), [to_uint8(f) for f in sample])
+    if fps is None:
+        raise ValueError("save_best: a video needs its frame rate (fps=video_fps(policy))")
+    return write_mp4(path_stem.with_suffix(".mp4"), [to_uint8(f) for f in sample], fps)
 
 
 def _json_score(x: float) -> float | None:
@@ -460,7 +463,7 @@ def best_of_n(
         samples = draw(policy, prompt, seeds, noise_level, batch_size)  # [N, 3, H, W] or [N, F, 3, H, W]
         scores = score_group(reward_fn, reward_name, samples, prompt)  # [N]
         j = best_index(scores)
-        path = save_best(samples[j], out / f"best_{i}")
+        path = save_best(samples[j], out / f"best_{i}", fps=video_fps(policy))
         rows.append(grid_row(samples if samples.dim() == 4 else samples[:, 0], j))
         records.append({
             "prompt": prompt, "seeds": seeds, "scores": [_json_score(float(s)) for s in scores],

@@ -43,7 +43,6 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import write_atomic
 from mmgrpo.train.report import image_grid
 
-GIF_FPS = 8  # frames per second of a video evaluation's GIF (the mp4 under samples/ uses the same)
 SINGLE_IMAGE_TRACKERS = ("aim", "clearml")  # their log_images takes one image per key, not a list
 
 
@@ -191,19 +190,21 @@ def _grid_frames(images: torch.Tensor) -> list[np.ndarray]:
     return [np.asarray(image_grid(clips[:, f], scale=scale)) for f in range(clips.shape[1])]
 
 
-def _gif(frames: list[np.ndarray], fps: int = GIF_FPS) -> bytes:
+def _gif(frames: list[np.ndarray], fps: float) -> bytes:
+    """An animated GIF of ``frames`` at ``fps`` (GIF delays are whole hundredths of a second: 16 fps plays at 60 ms
+    a frame, 24 fps at 40 ms)."""
     buf = io.BytesIO()
     pics = [Image.fromarray(f) for f in frames]
     pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=round(1000 / fps), loop=0)
     return buf.getvalue()
 
 
-def _tensorboard_video(writer: Any, tag: str, frames: list[np.ndarray], step: int) -> None:
+def _tensorboard_video(writer: Any, tag: str, frames: list[np.ndarray], step: int, fps: float) -> None:
     """An animated GIF image summary (what SummaryWriter.add_video writes, without its moviepy dependency)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     H, W, C = frames[0].shape
-    image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=_gif(frames))
+    image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=_gif(frames, fps))
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
     writer.flush()
 
@@ -227,14 +228,21 @@ def completion_table(records: list[dict[str, Any]]) -> tuple[list[str], list[lis
 
 
 def log_evaluation(
-    acc: Any, step: int, images: torch.Tensor | None = None, records: list[dict[str, Any]] | None = None
+    acc: Any,
+    step: int,
+    images: torch.Tensor | None = None,
+    records: list[dict[str, Any]] | None = None,
+    fps: float | None = None,
 ) -> list[str]:
-    """An evaluation's sample grid / video (``images`` [n, 3, H, W] or [n, F, 3, H, W] in [0, 1]) as
-    ``eval/samples`` and its completion ``records`` as the table ``eval/completions``, to every started tracker
-    that takes them (see the module's table). Returns ``"<tracker>:<what>"`` for each thing logged."""
+    """An evaluation's sample grid / video (``images`` [n, 3, H, W] or [n, F, 3, H, W] in [0, 1]; a video plays at
+    ``fps``, the model's rate: :func:`~mmgrpo.train.report.video_fps`) as ``eval/samples`` and its completion
+    ``records`` as the table ``eval/completions``, to every started tracker that takes them (see the module's
+    table). Returns ``"<tracker>:<what>"`` for each thing logged."""
     trackers = getattr(acc, "trackers", None) or []
     if not trackers or (images is None and not records):
         return []
+    if images is not None and images.dim() == 5 and fps is None:
+        raise ValueError("log_evaluation: videos need their frame rate (fps=video_fps(policy))")
     frames = _grid_frames(images.detach().float().cpu()) if images is not None else None
     table = completion_table(records) if records else None
     done: list[str] = []
@@ -242,7 +250,7 @@ def log_evaluation(
     def one(t: Any) -> None:
         name = str(getattr(t, "name", type(t).__name__))
         if frames is not None and name == "tensorboard" and len(frames) > 1:
-            _tensorboard_video(t.tracker, "eval/samples", frames, step)
+            _tensorboard_video(t.tracker, "eval/samples", frames, step, fps)
             done.append(f"{name}:video")
         elif frames is not None and name == "tensorboard":
             t.log_images({"eval/samples": np.stack(frames[:1])}, step=step, dataformats="NHWC")

@@ -54,6 +54,7 @@ from mmgrpo.train.report import (
     save_completions,
     save_first_eval,
     save_samples,
+    video_fps,
     write_report,
 )
 from mmgrpo.train.run import run_training
@@ -390,7 +391,7 @@ class Trainer(CollectPhase, UpdatePhase):
         images = self.comp.sample_images(rollout.samples)
         if images is not None:
             path = self.run_dir / "samples" / f"train_step_{self.step:06d}.png"
-            save_samples(images, path, ncol=self.cfg.trainer.group_size)
+            save_samples(images, path, ncol=self.cfg.trainer.group_size, fps=video_fps(self.policy))
 
     def evaluate(self, step: int) -> dict[str, float]:
         if self.comp.evaluate is None:
@@ -408,7 +409,7 @@ class Trainer(CollectPhase, UpdatePhase):
         if result.records and self.acc.is_main_process:
             save_completions(result.records, self.run_dir / "samples" / f"completions_step_{step:06d}.jsonl")
         if result.images is not None and self.acc.is_main_process:
-            save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png")
+            save_samples(result.images, self.run_dir / "samples" / f"step_{step:06d}.png", fps=video_fps(self.policy))
             images = result.images[:, 0] if result.images.dim() == 5 else result.images  # videos: first frame
             images = images.detach().float().cpu()
             if self.first_eval is None:  # a resumed run compares against the run's first evaluation, kept on disk
@@ -429,7 +430,8 @@ class Trainer(CollectPhase, UpdatePhase):
                     after_metrics=result.metrics,
                 )
         if self.acc.is_main_process:
-            log_evaluation(self.acc, step, result.images, result.records)  # sample grid / video, completion table
+            # sample grid / video, completion table
+            log_evaluation(self.acc, step, result.images, result.records, fps=video_fps(self.policy))
             write_report(self.run_dir)  # a run that crashes later still has its report up to here
         return metrics
 

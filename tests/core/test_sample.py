@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmgrpo import rewards
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import open_video
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.testing.tiny_sd3 import save_tiny_sd3, tiny_sd3_adapter
 from mmgrpo.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -105,10 +106,9 @@ def test_save_best_writes_png_at_full_size_and_mp4_for_video(tmp_path):
     torch.manual_seed(0)
     png = save_best(torch.rand(3, 5, 7), tmp_path / "best_0")  # [3, H, W] -> a 7 x 5 PNG, no padding
     assert png.name == "best_0.png" and Image.open(png).size == (7, 5)
-    mp4 = save_best(torch.rand(4, 3, 8, 8), tmp_path / "best_1")  # [F, 3, H, W] -> a 4-frame mp4
-    import imageio.v2 as imageio
-
-    assert mp4.name == "best_1.mp4" and len(imageio.mimread(mp4)) == 4
+    mp4 = save_best(torch.rand(4, 3, 8, 8), tmp_path / "best_1", fps=16)  # [F, 3, H, W] -> a 4-frame mp4
+    video = open_video(mp4, "test")
+    assert mp4.name == "best_1.mp4" and len(video) == 4 and video.fps == 16  # at the model's rate
 
 
 # ------------------------------------------------------------------------------------------- best of N

@@ -170,7 +170,7 @@ def test_tensorboard_holds_the_sample_grid_the_video_and_the_completion_table(tm
     images = solid_images([(255, 0, 0), (0, 255, 0), (0, 0, 255)])  # 3 images of 4 x 4 px
     video = torch.stack([solid_images([(255, 0, 0), (0, 0, 0)]), solid_images([(0, 0, 255), (255, 255, 255)])], 1)
     assert log_evaluation(acc, 4, images, RECORDS) == ["tensorboard:images", "tensorboard:table"]
-    assert log_evaluation(acc, 6, video) == ["tensorboard:video"]  # [2 clips, 2 frames, 3, 4, 4]
+    assert log_evaluation(acc, 6, video, fps=25) == ["tensorboard:video"]  # [2 clips, 2 frames, 3, 4, 4]
     assert log_evaluation(acc, 7) == []  # nothing to show
     acc.end_training()
     events = read_events(tmp_path / "b")
@@ -180,6 +180,7 @@ def test_tensorboard_holds_the_sample_grid_the_video_and_the_completion_table(tm
     assert np.array_equal(png, np.asarray(image_grid(images, scale=32)))  # 4 px images shown at 128 px, as samples/
     gif = Image.open(io.BytesIO(shown[1].encoded_image_string))
     assert gif.n_frames == 2 and (shown[1].width, shown[1].height) == gif.size
+    assert gif.info["duration"] == 40  # ms a frame: the model's 25 fps, not a fixed rate
     for f in range(2):  # frame f of the GIF is the grid of every clip's frame f (solid colours survive the palette)
         gif.seek(f)
         assert np.array_equal(np.asarray(gif.convert("RGB")), np.asarray(image_grid(video[:, f], scale=32)))

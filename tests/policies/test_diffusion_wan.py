@@ -142,13 +142,31 @@ def test_user_errors_name_the_fix():
         policy.rollout(PromptBatch(prompts=["a red circle"], seeds=[1]), group_size=1)
 
 
+def test_the_frame_rate_is_the_models_unless_the_user_sets_one(tmp_path):
+    from mmgrpo import rewards as reward_registry
+    from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+    from mmgrpo.train.report import video_fps
+    from mmgrpo.train.sample import best_of_n
+
+    assert tiny_wan_adapter().fps == 16 and tiny_wan_adapter(expand_timesteps=True).fps == 24  # Wan 2.2 TI2V-5B
+    assert tiny_wan_adapter(fps=30).fps == 30.0
+    policy = DiffusionPolicy(tiny_wan_adapter(fps=12), DiffusionPolicyOptions(num_steps=2))
+    assert video_fps(policy) == 12
+    best_of_n(policy, reward_registry.get("motion"), "motion", ["a red circle"], 2, tmp_path / "best", progress=False)
+    assert open_video(tmp_path / "best" / "best_0.mp4", "test").fps == 12  # mmgrpo sample's best_*.mp4 too
+    with pytest.raises(UserError, match=r"policy.options.fps=-1: frames per second must be a number >= 0"):
+        GeneratorPolicyOptions(family="wan", fps=-1)
+    with pytest.raises(UserError, match=r"policy.options.fps=16: family 'sd3' takes no fps .*set it to 0"):
+        load_adapter(GeneratorPolicyOptions(family="sd3", path=str(tmp_path), fps=16))
+
+
 def test_save_samples_writes_a_readable_mp4(tmp_path):
     from mmgrpo.train.report import save_samples
 
     videos = torch.zeros(2, 5, 3, 32, 32)  # [n, F, 3, H, W]
     videos[:, :, 0] = torch.linspace(0, 1, 5)[None, :, None, None]  # red ramps up over the frames
-    path = save_samples(videos, tmp_path / "step_000001.png", ncol=2)
-    assert path.suffix == ".mp4"
+    path = save_samples(videos, tmp_path / "step_000001.png", ncol=2, fps=16)
+    assert path.suffix == ".mp4" and open_video(path, "test").fps == 16
     frames = open_video(path, "test").frames()
     # 2 videos side by side with 2 px padding: (2 + 32 + 2) x (2 + 2 * (32 + 2)) = 36 x 70, upscaled x4
     # (128 // 32) -> 144 x 280
@@ -168,9 +186,9 @@ def test_without_imageios_ffmpeg_samples_fall_back_to_a_picture_and_best_of_n_sa
     from mmgrpo.train.sample import save_best
 
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
-    assert save_samples(torch.rand(2, 5, 3, 32, 32), tmp_path / "step_000000.png").suffix == ".png"
+    assert save_samples(torch.rand(2, 5, 3, 32, 32), tmp_path / "step_000000.png", fps=16).suffix == ".png"
     with pytest.raises(UserError, match=r"writing mp4 videos needs imageio-ffmpeg.*mmgrpo\[video\]"):
-        save_best(torch.rand(5, 3, 32, 32), tmp_path / "best")
+        save_best(torch.rand(5, 3, 32, 32), tmp_path / "best", fps=16)
 
 
 @pytest.mark.parametrize("name", ["wan_t2v_mix", "wan_i2v_dance"])
@@ -225,8 +243,8 @@ def test_text_to_video_training_changes_only_lora(tmp_path):
     data = {"prompts": "shapes", "heldout_prompts": ""}
     trainer = run_recipe(tmp_path, "text_to_video", ckpt, data, {"exploration": {"name": "window", "size": 2}})
     assert_only_lora_changed(before, trainer.policy.unwrapped())
-    mp4 = trainer.run_dir / "samples" / "train_step_000001.mp4"  # videos are logged as mp4
-    assert len(open_video(mp4, "test")) == 5
+    mp4 = open_video(trainer.run_dir / "samples" / "train_step_000001.mp4", "test")  # videos are logged as mp4
+    assert len(mp4) == 5 and mp4.fps == 16  # at the rate Wan makes them, not a fixed 8 fps (a clip twice as long)
     (tmp_path / "clips").mkdir()
     write_mp4(tmp_path / "clips" / "c.mp4", (0, 200, 0))  # valid data: the data is read before the checkpoint
     with pytest.raises(UserError, match="is not an image-to-video checkpoint; use pipeline text_to_video"):
@@ -251,12 +269,15 @@ def test_image_to_video_training_from_mp4_folder_changes_only_lora(tmp_path):
         "exploration": {"name": "full", "timestep_fraction": 0.6},
         "shared_init_noise": True,
         "guidance_scale": 2.0,
+        "fps": 12,  # the user's frame rate for the written samples
     }
     trainer = run_recipe(tmp_path, "image_to_video", ckpt, data, opts, eval_every=2)
     assert_only_lora_changed(before, trainer.policy.unwrapped())
     epoch = trainer.comp.prompts.get([0, 1, 2])  # one pass over the folder, shuffled; each frame in meta
     assert sorted(m["video"] for m in epoch.meta) == sorted(str(p) for p in videos.iterdir())
-    assert (trainer.run_dir / "samples" / "step_000002.mp4").is_file()  # held-out evaluation, conditioned by frames
+    # the held-out evaluation, conditioned by frames, and the training samples play at policy.options.fps
+    for name in ("step_000002.mp4", "train_step_000001.mp4"):
+        assert open_video(trainer.run_dir / "samples" / name, "test").fps == 12
 
 
 def test_the_image_to_video_evaluation_hands_each_rows_first_frame_to_the_reward(tmp_path):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from mmgrpo.core.dtypes import resolve_dtype
+from mmgrpo.core.errors import UserError
 
-__all__ = ["DECODE_LATENT_PIXELS", "decode_in_parts", "place", "resolve_dtype"]
+__all__ = ["DECODE_LATENT_PIXELS", "check_fps", "decode_in_parts", "place", "resolve_dtype"]
 
 DECODE_LATENT_PIXELS = 8 * 128 * 128
 """Latent pixels an image VAE decodes in one call: 8 images of 1024 px (128 x 128 latents), 32 of 512 px. A rollout
@@ -32,3 +35,13 @@ def place(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> 
     if first is not None and first.dtype != dtype:
         module.to(dtype=dtype)
     module.to(device)
+
+
+def check_fps(family: str, fps: float) -> float:
+    """A video family's frame rate (frames per second its written samples play at) as a float: a positive, finite
+    number (0 or less made ffmpeg fail, or a GIF with no delay between frames, only when the first sample was
+    written)."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise UserError(f"{family} fps={fps!r}: the frame rate of the written samples must be a positive number of "
+                        "frames per second; set policy.options.fps, e.g. 16 (0: the model's own)")  # fmt: skip
+    return float(fps)

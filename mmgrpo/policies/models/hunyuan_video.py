@@ -11,7 +11,8 @@ Knows only what diffusers' ``HunyuanVideoPipeline`` does, step for step:
 - latents ``[C, (F-1)//4+1, H//8, W//8]``, unpacked and unscaled (the transformer patchifies them itself);
 - schedule: sigmas ``linspace(1, 0, T+1)[:-1]`` through the scheduler's shift (7.0 for HunyuanVideo),
   model time ``sigma * 1000``;
-- decoding: ``AutoencoderKLHunyuanVideo.decode(z / scaling_factor)`` to videos ``[n, F, 3, H, W]`` in [0, 1].
+- decoding: ``AutoencoderKLHunyuanVideo.decode(z / scaling_factor)`` to videos ``[n, F, 3, H, W]`` in [0, 1];
+- frame rate (``fps``, what the written samples play at): :data:`FPS`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,15 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-from mmgrpo.policies.models import place
+from mmgrpo.policies.models import check_fps, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
+
+FPS = 24.0
+"""frames per second HunyuanVideo generates at: Tencent's reference inference (sample_video.py of
+Tencent/HunyuanVideo) writes its samples with ``save_videos_grid(..., fps=24)``, the rate of its 129-frame (about
+5 s) clips. diffusers' HunyuanVideoPipeline example exports at ``fps=15``, which plays the same frames 1.6x slower."""
 
 
 def default_prompt_template() -> dict[str, Any]:
@@ -75,6 +81,7 @@ class HunyuanVideoAdapter:
         height: int = 720,
         width: int = 1280,
         num_frames: int = 129,
+        fps: float = FPS,
         embedded_guidance_scale: float = 6.0,
         max_sequence_length: int = 256,
         prompt_template: dict[str, Any] | None = None,
@@ -82,6 +89,8 @@ class HunyuanVideoAdapter:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
     ):
+        """``fps``: frames per second the written samples play at (:data:`FPS`); it changes no sample, only how a
+        video file is timed."""
         self.denoiser, self.scheduler, self.vae = transformer, scheduler, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
@@ -95,6 +104,7 @@ class HunyuanVideoAdapter:
         self.temporal = int(vae.temporal_compression_ratio)
         self.height, self.width, self.num_frames = height, width, num_frames
         self._check_size()
+        self.fps = check_fps("HunyuanVideo", fps)
         if scheduler.config.use_dynamic_shifting:
             raise UserError("the HunyuanVideo scheduler must use a fixed shift (use_dynamic_shifting=false), "
                             "as HunyuanVideoPipeline passes no mu")  # fmt: skip

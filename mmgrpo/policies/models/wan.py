@@ -18,7 +18,8 @@ do, replicated step for step:
   ``linspace(1, 1/1000, N + 1)[:-1]`` shifted, then 0 (Euler's own default, ``linspace(1, shifted 1/1000, N)``
   shifted again, then 0, makes its last step from ~0.009 to 0: N steps of which N - 1 denoise, and Wan 2.2's
   high-noise expert one step fewer than in ``WanPipeline``); a checkpoint that ships flow Euler keeps Euler's grid;
-- decoding: ``z * std + mean`` -> VAE -> videos ``[n, F, 3, H, W]`` in [0, 1].
+- decoding: ``z * std + mean`` -> VAE -> videos ``[n, F, 3, H, W]`` in [0, 1];
+- frame rate (``fps``, what the written samples play at): :data:`FPS`, Wan 2.2 TI2V-5B :data:`TI2V_FPS`.
 
 The first frame of a row comes from ``meta["image"]`` (a path or PIL image) or ``meta["video"]`` (an mp4 path: its
 FIRST frame, read with PyAV, the ``video`` extra); a prompt object with a ``meta`` dict (a ``str`` subclass, see
@@ -41,7 +42,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.files import open_video
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-from mmgrpo.policies.models import place
+from mmgrpo.policies.models import check_fps, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder, sibling
@@ -49,6 +50,12 @@ from mmgrpo.policies.vlm_inputs import load_image
 
 IMAGE_KEYS = ("condition", "image_embeds")  # per-row image conditioning, shared by both CFG branches
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+FPS = 16.0
+"""frames per second Wan 2.1 / 2.2 generate at: the Wan team's ``sample_fps`` (wan/configs/shared_config.py of
+Wan-Video/Wan2.1 and Wan2.2), and the rate diffusers' Wan examples export at (``export_to_video(..., fps=16)``)"""
+TI2V_FPS = 24.0
+"""Wan 2.2 TI2V-5B's rate (``sample_fps = 24`` in Wan2.2's wan/configs/wan_ti2v_5B.py): the checkpoint whose
+model_index.json sets ``expand_timesteps``"""
 
 
 def flow_scheduler(scheduler: Any) -> Any:
@@ -208,10 +215,13 @@ class WanAdapter:
         height: int = 480,
         width: int = 832,
         num_frames: int = 81,
+        fps: float | None = None,
         max_sequence_length: int = 512,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
     ):
+        """``fps``: frames per second the written samples play at; None: the checkpoint's own rate (:data:`FPS`,
+        :data:`TI2V_FPS` with ``expand_timesteps``). It changes no sample, only how a video file is timed."""
         with needs("diffusion", "the wan model family"):
             from diffusers.video_processor import VideoProcessor
 
@@ -226,6 +236,7 @@ class WanAdapter:
         self.patch = tuple(transformer.config.patch_size)
         self.height, self.width, self.num_frames = height, width, num_frames
         self._check_size()
+        self.fps = check_fps("Wan", fps) if fps is not None else TI2V_FPS if expand_timesteps else FPS
         if transformer_2 is not None:
             if boundary_ratio is None:
                 raise UserError("a Wan checkpoint with transformer_2 needs boundary_ratio in model_index.json")
