@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -242,6 +243,32 @@ def pipeline_folder(
             hf_hub_download(repo, f"{denoiser}/config.json", revision=rev)
         folder = DiffusionPipeline.download(repo, revision=rev, variant=src.variant, use_safetensors=True, **skip)
     return dataclasses.replace(src, path=str(folder), local=True, hub_id=repo)
+
+
+def component_config(src: ModelSource, subfolder: str, cls: type | None = None) -> dict[str, Any] | None:
+    """A pipeline component's ``<subfolder>/config.json``, read before any weights: checks that need only the
+    config (a video family's patch size and VAE compression) refuse bad options before the weights load (minutes
+    for a 14B transformer) or, for a hub id, before :func:`pipeline_folder` downloads them (tens of GB): that one
+    small file is fetched alone, through the Hugging Face cache. With ``cls`` (the diffusers model class), a key the
+    file lacks has the default of ``cls.__init__``, as ``register_to_config`` fills it in when the model loads (Wan
+    2.1's vae/config.json has no ``scale_factor_spatial``). None when a local folder has no such file, or when it is
+    the config of another class than ``cls`` (the loader then names what is wrong)."""
+    if src.local:
+        file = Path(src.path) / subfolder / "config.json"
+        if not file.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        with src.errors():
+            file = Path(hf_hub_download(src.path, f"{subfolder}/config.json", revision=src.revision))
+    config = json.loads(file.read_text())
+    if cls is None:
+        return config
+    if config.get("_class_name", cls.__name__) != cls.__name__:
+        return None
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **config}
 
 
 def load_denoiser(src: ModelSource, cls: type, subfolder: str, torch_dtype: Any) -> Any:

@@ -52,3 +52,28 @@ def logged_metrics(trainer: Any) -> list[dict[str, Any]]:
     """The run's metrics.jsonl lines without their timings (which differ between otherwise equal runs)."""
     text = (trainer.run_dir / "metrics.jsonl").read_text()
     return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in text.splitlines()]
+
+
+def record_weight_loads(monkeypatch: Any) -> list[str]:
+    """The class names of every model whose weights load from here on (diffusers' ``from_pretrained`` and
+    ``from_single_file``, transformers' ``from_pretrained``), in order: each call is recorded and then runs as it
+    would. A check that must refuse before any weights load asserts the list stays empty."""
+    from diffusers import ModelMixin
+    from diffusers.loaders import FromOriginalModelMixin
+    from transformers import PreTrainedModel
+
+    seen: list[str] = []
+
+    def observed(owner: type, name: str) -> None:
+        original = owner.__dict__[name].__func__
+
+        def load(cls: type, *args: Any, **kwargs: Any) -> Any:
+            seen.append(cls.__name__)
+            return original(cls, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, classmethod(load))
+
+    observed(ModelMixin, "from_pretrained")
+    observed(FromOriginalModelMixin, "from_single_file")
+    observed(PreTrainedModel, "from_pretrained")
+    return seen

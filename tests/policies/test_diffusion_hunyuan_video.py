@@ -8,6 +8,7 @@ import torch
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.models.hunyuan_video import HunyuanVideoAdapter
+from mmgrpo.testing.checks import record_weight_loads
 from mmgrpo.testing.tiny_hunyuan_video import (
     TINY_SIZE,
     save_tiny_hunyuan_video,
@@ -78,6 +79,26 @@ def test_from_pretrained_round_trip(tiny_ckpt, adapter):
     assert all(torch.equal(a[k], b[k]) for k in a)
     sd = loaded.denoiser.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in adapter.denoiser.state_dict().items())
+
+
+def test_a_bad_size_or_fps_is_refused_from_the_config_files_before_any_weights_load(tiny_ckpt, monkeypatch):
+    """``from_pretrained`` checks the sizes against vae/config.json before loading the weights (minutes for the
+    13B transformer), with ``__init__``'s message; ``__init__`` still checks adapters built from components."""
+    loads = record_weight_loads(monkeypatch)
+    for bad, match in [
+        ({"num_frames": 6}, r"num_frames=6: HunyuanVideo needs 4k\+1 frames"),
+        ({"width": 40}, "height=32, width=40: HunyuanVideo needs both divisible by 16"),
+        ({"fps": -24}, "HunyuanVideo fps=-24: the frame rate of the written samples must be a positive number"),
+    ]:
+        with pytest.raises(UserError, match=match) as before_weights:
+            HunyuanVideoAdapter.from_pretrained(tiny_ckpt, **{**TINY_SIZE, **bad})
+        assert loads == [], bad  # refused before any weights loaded
+        with pytest.raises(UserError) as from_components:
+            tiny_hunyuan_video_adapter(**bad)
+        assert str(before_weights.value) == str(from_components.value)
+    loaded = HunyuanVideoAdapter.from_pretrained(tiny_ckpt, **TINY_SIZE, max_sequence_length=16, fps=15)
+    assert {"HunyuanVideoTransformer3DModel", "AutoencoderKLHunyuanVideo", "LlamaModel"} <= set(loads)  # seen here
+    assert loaded.fps == 15.0 and tiny_hunyuan_video_adapter().fps == 24.0  # the reference inference's rate
 
 
 def test_config_loads():

@@ -15,7 +15,8 @@ from mmgrpo.core.files import open_video
 from mmgrpo.core.types import PromptBatch
 from mmgrpo.policies.diffusion import DiffusionPolicy, DiffusionPolicyOptions
 from mmgrpo.policies.models.wan import WanAdapter, first_frame, first_frame_mask, flow_scheduler
-from mmgrpo.testing.checks import assert_only_lora_changed
+from mmgrpo.testing.checks import assert_only_lora_changed, record_weight_loads
+from mmgrpo.testing.hub import add_snapshot, offline_hub
 from mmgrpo.testing.tiny_wan import (
     SIZE,
     euler_on_unipc_grid,
@@ -140,6 +141,67 @@ def test_user_errors_name_the_fix():
     policy = DiffusionPolicy(tiny_wan_adapter(image_to_video=True), DiffusionPolicyOptions(num_steps=2))
     with pytest.raises(UserError, match=r"no first frame; give meta\['image'\]"):
         policy.rollout(PromptBatch(prompts=["a red circle"], seeds=[1]), group_size=1)
+
+
+def test_a_bad_size_or_fps_is_refused_from_the_config_files_before_any_weights_load(tmp_path, monkeypatch):
+    """``from_pretrained`` checks the sizes against transformer/ and vae/ config.json before loading the weights
+    (minutes for a 14B checkpoint), with ``__init__``'s message; ``__init__`` still checks adapters built from
+    components."""
+    ckpt = save_tiny_wan(tmp_path / "t2v")
+    loads = record_weight_loads(monkeypatch)
+    for bad, match in [
+        ({"num_frames": 6}, "Wan num_frames=6: num_frames - 1 must be a multiple of the VAE's temporal compression 4"),
+        ({"height": 40}, "Wan height x width 40x32 must be multiples of 16 and of 16x16"),
+        ({"fps": 0}, "Wan fps=0: the frame rate of the written samples must be a positive number"),
+    ]:
+        with pytest.raises(UserError, match=match) as before_weights:
+            WanAdapter.from_pretrained(ckpt, **{**SIZE, **bad})
+        assert loads == [], bad  # refused before any weights loaded
+        with pytest.raises(UserError) as from_components:
+            tiny_wan_adapter(**bad)
+        assert str(before_weights.value) == str(from_components.value)
+    assert WanAdapter.from_pretrained(ckpt, **SIZE).fps == 16  # the observer does see a load
+    assert {"WanTransformer3DModel", "AutoencoderKLWan", "UMT5EncoderModel"} <= set(loads)
+
+
+def test_a_hub_id_with_a_bad_frame_count_is_refused_before_its_download(tmp_path, monkeypatch):
+    """For a hub id the check reads the two config files alone, before DiffusionPipeline.download fetches the
+    pipeline (tens of GB for a 14B checkpoint)."""
+    from diffusers import DiffusionPipeline
+
+    add_snapshot(tmp_path / "hub", "mmgrpo-test/tiny-wan", save_tiny_wan(tmp_path / "t2v"))
+    downloads = []
+    download = DiffusionPipeline.__dict__["download"].__func__
+    monkeypatch.setattr(DiffusionPipeline, "download",
+                        classmethod(lambda cls, *a, **k: downloads.append(a) or download(cls, *a, **k)))  # fmt: skip
+    loads = record_weight_loads(monkeypatch)
+    with offline_hub(tmp_path / "hub"):
+        with pytest.raises(UserError, match="Wan num_frames=6: num_frames - 1 must be a multiple"):
+            WanAdapter.from_pretrained("mmgrpo-test/tiny-wan", **{**SIZE, "num_frames": 6})
+        assert downloads == [] and loads == []
+        assert WanAdapter.from_pretrained("mmgrpo-test/tiny-wan", **SIZE).latent_shape() == (4, 2, 4, 4)
+    assert len(downloads) == 1 and loads
+
+
+def test_mmgrpo_train_with_a_bad_frame_count_says_so_first_and_loads_nothing(tmp_path, monkeypatch, capsys):
+    from mmgrpo.train.cli import main
+
+    cfg = {
+        "pipeline": "text_to_video",
+        "policy": {"options": {"path": save_tiny_wan(tmp_path / "t2v"), "num_steps": 2, **SIZE, "num_frames": 6}},
+        "data": {"options": {"prompts": "shapes", "heldout_prompts": ""}},
+        "rewards": [{"name": "motion"}],
+        "trainer": {"max_steps": 1, "prompts_per_step": 1, "group_size": 2, "progress": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    loads = record_weight_loads(monkeypatch)
+    capsys.readouterr()  # saving the checkpoint's progress bars
+    code = main(["train", str(tmp_path / "c.yaml"), f"run.output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and loads == [], err
+    assert " ".join(err.split()).startswith("error: Wan num_frames=6: num_frames - 1 must be a multiple of the "
+                                            "VAE's temporal compression 4 (e.g. 81, 49, 33)")  # fmt: skip
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run directory left
 
 
 def test_the_frame_rate_is_the_models_unless_the_user_sets_one(tmp_path):

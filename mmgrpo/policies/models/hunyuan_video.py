@@ -13,10 +13,14 @@ Knows only what diffusers' ``HunyuanVideoPipeline`` does, step for step:
   model time ``sigma * 1000``;
 - decoding: ``AutoencoderKLHunyuanVideo.decode(z / scaling_factor)`` to videos ``[n, F, 3, H, W]`` in [0, 1];
 - frame rate (``fps``, what the written samples play at): :data:`FPS`.
+
+Height, width, frame count and fps are checked against the checkpoint's vae/config.json before ``from_pretrained``
+loads any weights, and again by ``__init__`` for adapters built from components.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -33,7 +37,7 @@ from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import check_fps, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
-from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
+from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser, pipeline_folder, resolve_source
 
 FPS = 24.0
 """frames per second HunyuanVideo generates at: Tencent's reference inference (sample_video.py of
@@ -54,6 +58,16 @@ def template_prefix_length(tokenizer: Any, template: str) -> int:
     if template.count("{}") != 1:
         raise UserError(f"prompt template must contain exactly one '{{}}' where the prompt goes, got {template!r}")
     return len(tokenizer(template.split("{}")[0]).input_ids)
+
+
+def check_size(height: int, width: int, num_frames: int, temporal: int) -> None:
+    """The sizes HunyuanVideo takes (the VAE's 8x spatial compression x the transformer's 2x2 patches, the VAE's
+    ``temporal`` compression); shared by ``__init__`` and :meth:`HunyuanVideoAdapter.check_pretrained`, which checks
+    the config files before the weights load."""
+    if height % 16 or width % 16:
+        raise UserError(f"height={height}, width={width}: HunyuanVideo needs both divisible by 16 (e.g. 480 x 848)")
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise UserError(f"num_frames={num_frames}: HunyuanVideo needs {temporal}k+1 frames (e.g. 33, 61, 129)")
 
 
 class HunyuanVideoAdapter:
@@ -129,11 +143,24 @@ class HunyuanVideoAdapter:
         return int(given)
 
     def _check_size(self) -> None:
-        h, w, f = self.height, self.width, self.num_frames
-        if h % 16 or w % 16:
-            raise UserError(f"height={h}, width={w}: HunyuanVideo needs both divisible by 16 (e.g. 480 x 848)")
-        if f < 1 or (f - 1) % self.temporal:
-            raise UserError(f"num_frames={f}: HunyuanVideo needs {self.temporal}k+1 frames (e.g. 33, 61, 129)")
+        check_size(self.height, self.width, self.num_frames, self.temporal)
+
+    @classmethod
+    def check_pretrained(cls, src: ModelSource, options: dict[str, Any]) -> None:
+        """:func:`check_size` and :func:`~mmgrpo.policies.models.check_fps` of the ``options`` from_pretrained was
+        given (``__init__``'s defaults for the others) against the checkpoint's vae/config.json, before any weights
+        load or download: ``__init__``'s refusal, minutes earlier. A checkpoint whose VAE config is missing or of
+        another class is left to the loader, which names what is wrong."""
+        with needs("diffusion", "the hunyuan_video model family"):
+            from diffusers import AutoencoderKLHunyuanVideo
+
+        vae = component_config(src, "vae", AutoencoderKLHunyuanVideo)
+        if vae is None:
+            return
+        params = inspect.signature(cls.__init__).parameters
+        o = {k: options.get(k, params[k].default) for k in ("height", "width", "num_frames", "fps")}
+        check_size(o["height"], o["width"], o["num_frames"], vae["temporal_compression_ratio"])
+        check_fps("HunyuanVideo", o["fps"])
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -151,7 +178,9 @@ class HunyuanVideoAdapter:
             )
             from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
-        src = pipeline_folder(path, cls.components, "transformer")
+        src = resolve_source(path)
+        cls.check_pretrained(src, kwargs)  # before the weights load (a hub id: before they download)
+        src = pipeline_folder(src, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
         _check_parts(src.path)
         td = _dtype(dtype)

@@ -21,6 +21,10 @@ do, replicated step for step:
 - decoding: ``z * std + mean`` -> VAE -> videos ``[n, F, 3, H, W]`` in [0, 1];
 - frame rate (``fps``, what the written samples play at): :data:`FPS`, Wan 2.2 TI2V-5B :data:`TI2V_FPS`.
 
+Height, width, frame count and fps are checked against the checkpoint's config files (transformer patch size, VAE
+compression) before ``from_pretrained`` loads any weights, and again by ``__init__`` for adapters built from
+components.
+
 The first frame of a row comes from ``meta["image"]`` (a path or PIL image) or ``meta["video"]`` (an mp4 path: its
 FIRST frame, read with PyAV, the ``video`` extra); a prompt object with a ``meta`` dict (a ``str`` subclass, see
 ``mmgrpo/pipelines/image_to_video.py``) may carry them instead.
@@ -28,6 +32,7 @@ FIRST frame, read with PyAV, the ``video`` extra); a prompt object with a ``meta
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -45,7 +50,14 @@ from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import check_fps, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
-from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder, sibling
+from mmgrpo.policies.sources import (
+    ModelSource,
+    component_config,
+    load_denoiser,
+    pipeline_folder,
+    resolve_source,
+    sibling,
+)
 from mmgrpo.policies.vlm_inputs import load_image
 
 IMAGE_KEYS = ("condition", "image_embeds")  # per-row image conditioning, shared by both CFG branches
@@ -94,6 +106,18 @@ def unipc_grid(scheduler: Any, num_steps: int) -> np.ndarray | None:
 def unipc_flow_sigmas(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
     """``linspace(1, 1 / num_train_timesteps, N + 1)[:-1]``: UniPC's N flow sigmas before the shift."""
     return np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
+
+
+def check_size(height: int, width: int, num_frames: int, spatial: int, temporal: int, patch: tuple) -> None:
+    """The sizes Wan's VAE (``spatial`` / ``temporal`` compression) and transformer (``patch``) take; shared by
+    ``__init__`` and :meth:`WanAdapter.check_pretrained`, which checks the config files before the weights load."""
+    mh, mw = spatial * patch[1], spatial * patch[2]
+    if height % mh or width % mw or height % 16 or width % 16:
+        raise UserError(f"Wan height x width {height}x{width} must be multiples of 16 and of {mh}x{mw} (VAE x "
+                        "patch); set policy.options.height/width, e.g. 480x832")  # fmt: skip
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise UserError(f"Wan num_frames={num_frames}: num_frames - 1 must be a multiple of the VAE's temporal "
+                        f"compression {temporal} (e.g. 81, 49, 33)")  # fmt: skip
 
 
 def first_frame(source: Any, is_video: bool = False) -> Any:
@@ -266,13 +290,27 @@ class WanAdapter:
         self._image_rows: Cond | None = None  # the last conditional call's image tensors (see _with_image)
 
     def _check_size(self) -> None:
-        mh, mw = self.spatial * self.patch[1], self.spatial * self.patch[2]
-        if self.height % mh or self.width % mw or self.height % 16 or self.width % 16:
-            raise UserError(f"Wan height x width {self.height}x{self.width} must be multiples of 16 and of "
-                            f"{mh}x{mw} (VAE x patch); set policy.options.height/width, e.g. 480x832")  # fmt: skip
-        if self.num_frames < 1 or (self.num_frames - 1) % self.temporal:
-            raise UserError(f"Wan num_frames={self.num_frames}: num_frames - 1 must be a multiple of the VAE's "
-                            f"temporal compression {self.temporal} (e.g. 81, 49, 33)")  # fmt: skip
+        check_size(self.height, self.width, self.num_frames, self.spatial, self.temporal, self.patch)
+
+    @classmethod
+    def check_pretrained(cls, src: ModelSource, options: dict[str, Any]) -> None:
+        """:func:`check_size` and :func:`~mmgrpo.policies.models.check_fps` of the ``options`` from_pretrained was
+        given (``__init__``'s defaults for the others) against the checkpoint's transformer/ and vae/ config.json,
+        before any weights load or download: ``__init__``'s refusal, minutes earlier. A checkpoint whose config files
+        are missing or of other classes is left to the loader, which names what is wrong."""
+        with needs("diffusion", "the wan model family"):
+            from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+        transformer = component_config(src, "transformer", WanTransformer3DModel)
+        vae = component_config(src, "vae", AutoencoderKLWan)
+        if transformer is None or vae is None:
+            return
+        params = inspect.signature(cls.__init__).parameters
+        o = {k: options.get(k, params[k].default) for k in ("height", "width", "num_frames", "fps")}
+        check_size(o["height"], o["width"], o["num_frames"], vae["scale_factor_spatial"], vae["scale_factor_temporal"],
+                   tuple(transformer["patch_size"]))  # fmt: skip
+        if o["fps"] is not None:
+            check_fps("Wan", o["fps"])
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -287,7 +325,9 @@ class WanAdapter:
             from diffusers import AutoencoderKLWan, WanTransformer3DModel
             from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-        src = pipeline_folder(path, cls.components, "transformer")
+        src = resolve_source(path)
+        cls.check_pretrained(src, kwargs)  # before the weights load (a hub id: before they download)
+        src = pipeline_folder(src, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
         parts, index = _parts(src.path)
         if src.denoiser_file and "transformer_2" in parts:
