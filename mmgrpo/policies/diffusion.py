@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mmgrpo.core.errors import UserError, bad_option
-from mmgrpo.core.extras import needs
+from mmgrpo.core.extras import installed, missing_extra, needs
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import from_dict
 from mmgrpo.core.seeding import generator_for
@@ -201,6 +201,24 @@ class DiffusionPolicyOptions:
         return objective_class(self).trains_guided and self.guidance_scale != 1.0
 
 
+def check_attention(attention: str, device: torch.device | str) -> None:
+    """``policy.options.attention=xformers`` where it cannot run, as one paragraph instead of diffusers' traceback
+    (``ModuleNotFoundError: Refer to https://github.com/facebookresearch/xformers ...``, once the weights are loaded):
+    xformers' kernels need a CUDA device, and the ``gpu`` extra's package. The recipes check it with the device
+    they load the model on, before any weights load (:func:`mmgrpo.policies.loading.load_adapter`)."""
+    if attention != "xformers":
+        return
+    kind = torch.device(device).type
+    if kind != "cuda":
+        where = "this machine has no CUDA device" if not torch.cuda.is_available() else f"the model runs on {kind}"
+        raise bad_option("policy.options.attention", "xformers", f"xformers' attention kernels run on a CUDA GPU "
+                         f'only (with the gpu extra: pip install "mmgrpo[gpu]"), and {where}; set '
+                         "policy.options.attention=sdpa, PyTorch's scaled-dot-product attention, which runs on "
+                         "every device")  # fmt: skip
+    if not installed("xformers"):
+        raise missing_extra("gpu", "policy.options.attention=xformers", "xformers")
+
+
 class DiffusionPolicy:
     """Policy protocol over a :class:`DiffusionAdapter`.
 
@@ -227,6 +245,7 @@ class DiffusionPolicy:
         if self.opts.gradient_checkpointing:
             adapter.denoiser.enable_gradient_checkpointing()
         if self.opts.attention == "xformers":
+            check_attention(self.opts.attention, next(adapter.denoiser.parameters()).device)
             adapter.denoiser.enable_xformers_memory_efficient_attention()
         self.model: nn.Module = adapter.denoiser
         self.forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmgrpo.core.errors import UserError, bad_option
-from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS, DiffusionPolicyOptions
+from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS, DiffusionPolicyOptions, check_attention
 from mmgrpo.policies.sources import check_source_options, resolve_source
 
 
@@ -91,6 +91,7 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
         kwargs["fps"] = opts.fps
     kwargs.update(opts.adapter_options)
     refuse_video_options(ADAPTERS.get(opts.family), opts)
+    check_attention(opts.attention, device)  # before the weights load (diffusers' own error comes after them)
     try:
         return ADAPTERS.get(opts.family).from_pretrained(source, **kwargs)
     except TypeError as e:

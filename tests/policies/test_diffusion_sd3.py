@@ -150,3 +150,31 @@ def test_moving_an_adapter_to_its_device_keeps_what_its_loader_holds_in_fp32():
     assert isinstance(t5, T5EncoderModel) and t5.device.type == "meta"
     assert t5.encoder.block[0].layer[-1].DenseReluDense.wo.weight.dtype == torch.float32
     assert c["transformer"].dtype == torch.float16  # built in fp32: cast
+
+
+def test_xformers_attention_where_it_cannot_run_is_one_paragraph_before_the_weights_load(monkeypatch):
+    """policy.options.attention=xformers was diffusers' ModuleNotFoundError traceback, raised after the weights had
+    loaded: on a device other than CUDA it names sdpa; on CUDA without xformers, the gpu extra. The recipes check it
+    before from_pretrained (load_adapter, with the device they load on); DiffusionPolicy checks its adapter's."""
+    from mmgrpo.core.errors import UserError
+    from mmgrpo.policies import diffusion as diffusion_mod
+    from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+    from mmgrpo.testing.checks import record_weight_loads
+
+    shapes = Path(__file__).parents[2] / "assets" / "shapes_t2i"
+    opts = GeneratorPolicyOptions(family="sd3", path=str(shapes), attention="xformers")
+    loads = record_weight_loads(monkeypatch)
+    with pytest.raises(UserError) as e:
+        load_adapter(opts, "cpu")
+    msg = str(e.value)
+    assert msg.startswith("policy.options.attention='xformers'") and "CUDA" in msg
+    assert "policy.options.attention=sdpa" in msg and not loads  # refused before any weights
+    with pytest.raises(UserError, match="attention=sdpa"):  # a policy built by hand over an adapter on the CPU
+        DiffusionPolicy(tiny_sd3_adapter(), DiffusionPolicyOptions(attention="xformers"))
+    monkeypatch.setattr(diffusion_mod, "installed", lambda module: module != "xformers")  # CUDA, no xformers
+    with pytest.raises(UserError) as e:
+        diffusion_mod.check_attention("xformers", "cuda")
+    assert str(e.value) == (
+        'policy.options.attention=xformers needs xformers, which is not installed: pip install "mmgrpo[gpu]"'
+    )
+    diffusion_mod.check_attention("sdpa", "cpu")
