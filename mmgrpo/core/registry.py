@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+import sys
 import types
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
@@ -39,15 +41,66 @@ def first_doc_line(obj: Any) -> str:
 
 
 def import_dotted(name: str, kind: str) -> Any:
-    """The object at ``pkg.module.attr`` (or ``pkg.module:attr``); a UserError naming ``kind`` if there is none."""
+    """The object at ``pkg.module.attr`` (or ``pkg.module:attr``); a UserError naming ``kind`` if there is none.
+
+    The module is looked for where Python looks (installed packages, ``PYTHONPATH``) and then in the working
+    directory (:func:`import_with_cwd`): ``python -m mmgrpo.train.cli`` puts it on ``sys.path`` but the ``mmgrpo``
+    console script does not, and a ``my_reward.py`` next to the config must load the same from both."""
     module_name, sep, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
     try:
-        module = importlib.import_module(module_name)
+        module = import_with_cwd(module_name)
     except ImportError as e:
+        top = module_name.partition(".")[0]
+        if isinstance(e, ModuleNotFoundError) and e.name in _prefixes(module_name):
+            raise UserError(
+                f"{kind} {name!r}: cannot import module {module_name!r} ({e}); looked in the working directory "
+                f"{os.getcwd()} and the installed packages (sys.path). Put {top}.py (or a package folder {top}/) in "
+                f"the directory you run from, add the folder that holds it to PYTHONPATH (PYTHONPATH=/path/to/folder "
+                f"mmgrpo train ...), or install it (pip install -e)"
+            ) from e
         raise UserError(f"{kind} {name!r}: cannot import module {module_name!r} ({e})") from e
     if not hasattr(module, attr):
         raise UserError(f"{kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
+
+
+def _prefixes(module_name: str) -> list[str]:
+    """``a``, ``a.b``, ``a.b.c`` of ``a.b.c``: the modules whose absence means ``module_name`` itself is missing."""
+    parts = module_name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def import_with_cwd(module_name: str) -> types.ModuleType:
+    """``importlib.import_module(module_name)``; where its top-level package is not found and the working directory
+    is not on ``sys.path``, the working directory is appended to ``sys.path`` (after every installed package, so a
+    file there never shadows one) and the import tried again. It stays there when the module was found in it (the
+    module's own imports of its neighbours need it), and is taken off again when not."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.partition(".")[0]
+        cwd = os.getcwd()
+        if e.name != top or _on_path(cwd):
+            raise
+    sys.path.append(cwd)
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == top and sys.path and sys.path[-1] == cwd:
+            sys.path.pop()
+        raise
+
+
+def _on_path(folder: str) -> bool:
+    """Whether ``folder`` is on ``sys.path`` (``''`` and ``.`` stand for the working directory)."""
+    for entry in sys.path:
+        try:
+            if os.path.samefile(entry or ".", folder):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class Registry(Generic[T]):

@@ -48,17 +48,33 @@ def register(name: str, description: str | None = None) -> Callable[[Callable[..
     return REWARDS.register(name, description)
 
 
+REWARD_ARGUMENTS = ("samples", "prompts", "meta", "ctx")
+"""the parameters a plain reward callable is called with, positionally"""
+
+
 def is_factory(obj: Any) -> bool:
-    """A factory takes only options; a reward callable takes (samples, prompts, meta, ctx)."""
+    """Whether ``obj`` is a reward factory (called with the reward's options, returning the reward callable) rather
+    than a plain reward callable (called with ``samples, prompts, meta, ctx``).
+
+    The rule: a callable is a plain reward when it takes at least four positional parameters and either the first
+    three of them have no default (``def r(samples, prompts, meta, ctx=None)``: only ``ctx``, and any parameter
+    after it, may have one) or the first four are named ``samples, prompts, meta, ctx`` (defaults or not); anything
+    else is a factory. So a factory whose options all have defaults (``def make(model="x", size=224, batch=8,
+    device="cpu")``) stays a factory however many it has, and so does one with fewer than three required options.
+    """
     try:
         params = [
             p
             for p in inspect.signature(obj).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
     except (TypeError, ValueError):
         return False
-    return len(params) < 4
+    if len(params) < 4:
+        return True
+    required = all(p.default is p.empty for p in params[:3])
+    named = tuple(p.name for p in params[:4]) == REWARD_ARGUMENTS
+    return not (required or named)
 
 
 def resolve(name: str) -> Callable[..., Any]:

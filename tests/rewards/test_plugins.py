@@ -78,3 +78,72 @@ def test_unknown_reward_lists_known_and_suggests():
         rewards.get("jpeg_compresibility")
     with pytest.raises(UserError, match="cannot import module 'no_such_pkg'"):
         rewards.get("no_such_pkg.fn")
+
+
+def _console_script_path(monkeypatch, cwd):
+    """sys.path as the ``mmgrpo`` console script has it: without the working directory (``python -m`` and pytest
+    put it there)."""
+    import os
+    import sys
+
+    def is_cwd(entry):
+        try:
+            return os.path.samefile(entry or ".", cwd)
+        except OSError:
+            return False
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not is_cwd(p)])
+
+
+def test_a_dotted_path_module_in_the_working_directory_loads_from_the_console_script(tmp_path, monkeypatch):
+    """``rewards=[{name: myrew.redness}]`` with myrew.py in the working directory said "cannot import module
+    'myrew'" from the ``mmgrpo`` console script (``python -m`` worked): the working directory is looked in too,
+    after every installed package; a module that is nowhere says where it was looked for and names PYTHONPATH."""
+    import sys
+
+    (tmp_path / "cwd_reward_mod.py").write_text("def redness(samples, prompts, meta, ctx):\n    return [1.0] * 2\n")
+    _console_script_path(monkeypatch, tmp_path)
+    monkeypatch.delitem(sys.modules, "cwd_reward_mod", raising=False)
+    with pytest.raises(UserError) as e:
+        rewards.get("no_such_reward_mod.fn")
+    msg = str(e.value)
+    assert msg.startswith("reward 'no_such_reward_mod.fn': cannot import module 'no_such_reward_mod'")
+    assert f"looked in the working directory {tmp_path}" in msg and "PYTHONPATH" in msg
+    assert str(tmp_path) not in sys.path  # not found there: sys.path is left as it was
+    assert rewards.get("cwd_reward_mod.redness")(None, None, None, None) == [1.0, 1.0]
+    assert sys.path[-1] == str(tmp_path)  # appended: an installed package of the same name comes first
+    sys.modules.pop("cwd_reward_mod")
+
+
+def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_path, monkeypatch):
+    """``def r(samples, prompts, meta, ctx=None)`` was called as a factory (only required parameters were counted):
+    "bad options {'ctx': None} (missing 3 required positional arguments)". A factory whose options all have
+    defaults stays one, however many it has."""
+    import sys
+
+    (tmp_path / "default_ctx_mod.py").write_text(
+        textwrap.dedent("""
+        def ctx_default(samples, prompts, meta, ctx=None):
+            return [float(a) for a in samples]
+
+        def all_defaults(samples=None, prompts=None, meta=None, ctx=None):
+            return [1.0 for _ in samples]
+
+        def make(model="x", size=224, batch=8, device="cpu"):
+            return ctx_default
+    """)
+    )
+    _console_script_path(monkeypatch, tmp_path)
+    monkeypatch.delitem(sys.modules, "default_ctx_mod", raising=False)
+    assert not rewards.is_factory(rewards.resolve("default_ctx_mod.ctx_default"))
+    assert not rewards.is_factory(rewards.resolve("default_ctx_mod.all_defaults"))  # named as a reward's arguments
+    assert rewards.is_factory(rewards.resolve("default_ctx_mod.make"))
+    assert rewards.is_factory(rewards.resolve("remote")) and rewards.is_factory(rewards.resolve("shapes"))
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "rewards=[{name: default_ctx_mod.ctx_default}]"],
+                      base=BANDIT)  # fmt: skip
+    assert cfg.rewards[0].options == {}
+    assert rewards.get("default_ctx_mod.ctx_default")(torch.tensor([2, 0]), None, None) == [2.0, 0.0]
+    with pytest.raises(UserError, match="plain callable and takes no options"):
+        rewards.get("default_ctx_mod.ctx_default", ctx=1)
+    sys.modules.pop("default_ctx_mod")
