@@ -160,6 +160,10 @@ def shapes_checklist(objects: list[tuple[str, str]], color: str, rng: np.random.
     return [[f"How many {color} objects are there?", str(n)], [f"Is there a {shape}?", "yes" if present else "no"]]
 
 
+NOT_JSON = (".csv", ".tsv", ".txt", ".parquet", ".arrow")
+"""data-file suffixes that are not JSON: refused by name, where they were read as JSONL ("line 1 is not valid JSON")"""
+
+
 def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, convert=None) -> list[tuple[str, dict]]:
     """(``"PATH line N"``, record) of a JSONL file (or a .json file holding one list) of objects that hold every
     ``required`` key (UserError otherwise).
@@ -179,6 +183,18 @@ def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, c
                         f"a Hugging Face dataset, or '' for {otherwise}")  # fmt: skip
     elif not p.is_file():
         raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for {otherwise}")
+    elif p.suffix.lower() in NOT_JSON:
+        convert_csv = (
+            ' Convert a CSV of flat columns with: python -c "import csv, json, sys; [print(json.dumps(r)) for r in '
+            f'csv.DictReader(open(sys.argv[1]))]" {p.name} > {p.with_suffix(".jsonl").name}'
+        )
+        raise UserError(
+            f"data.options.path={str(path)!r} is a {p.suffix.lower()} file, which a VLM recipe does not read: its "
+            'examples are JSON, a .jsonl file (one object a line, e.g. {"question": ..., "answer": ..., '
+            '"image": "a.png"}) or a .json file holding one list of them (docs/data.md), or hf:NAME_OR_PATH for a '
+            "Hugging Face dataset (images, options and several answers are lists, which a CSV cell does not hold)."
+            + (convert_csv if p.suffix.lower() == ".csv" else "")
+        )
     else:
         text = read_utf8(p, "data file")
         rows = json_list_rows(text, str(path)) if p.suffix.lower() == ".json" else jsonl_rows(text, str(path))

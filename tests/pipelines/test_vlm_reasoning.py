@@ -270,3 +270,30 @@ def test_a_short_evaluation_of_the_synthetic_shapes_qa_is_named():
                       r"than data.options.eval_examples=8; each evaluation answers only 2 \(raise "
                       r"data.options.num_examples or data.options.heldout_fraction for more\)"):  # fmt: skip
         build_vlm_reasoning(cfg)
+
+
+def test_a_csv_questions_file_is_named_as_unsupported_with_the_conversion_that_works(tmp_path, monkeypatch):
+    """A .csv questions file was read as JSON lines: "line 1 is not valid JSON". It is refused by its suffix, naming
+    the formats a VLM recipe reads, and the conversion command the message gives turns it into a .jsonl that loads
+    (also in the grounding recipe, which reads its files the same way)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from mmgrpo.pipelines.vlm_grounding import load_grounding_jsonl
+
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "red.png")
+    (tmp_path / "q.csv").write_text("question,answer,image\nWhat colour?,red,red.png\n")
+    for loader in (load_jsonl, load_grounding_jsonl):
+        with pytest.raises(UserError) as e:
+            loader(tmp_path / "q.csv")
+        msg = str(e.value)
+        assert msg.startswith(f"data.options.path='{tmp_path / 'q.csv'}' is a .csv file, which a VLM recipe does not")
+        assert ".jsonl file" in msg and ".json file" in msg and "hf:NAME_OR_PATH" in msg
+    command = msg[msg.index("python -c") :]
+    argv, out = shlex.split(command.replace(" > q.jsonl", "")), tmp_path / "q.jsonl"
+    monkeypatch.chdir(tmp_path)
+    out.write_text(subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, check=True).stdout)
+    ((prompt, meta),) = load_jsonl(out)
+    assert prompt["question"] == "What colour?" and meta["answer"] == "red"
+    assert meta["images"] == [str(tmp_path / "red.png")]
