@@ -1,4 +1,5 @@
-"""The README holds exactly two fresh-machine commands, and .ci/run runs the test one."""
+"""The README holds exactly two fresh-machine commands, and .ci/run runs the test one; the demo scores it quotes
+are in the line a run prints."""
 
 import re
 from pathlib import Path
@@ -27,3 +28,15 @@ def test_ci_reads_the_readme_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "test-command" in ci and "README.md" in ci
     assert "bash .ci/lowest" in ci  # then the lowest-versions job
+
+
+def test_the_demo_scores_are_quoted_as_the_run_prints_them():
+    """The README says the demo prints its held-out scores: the line it quotes is what the end of a run prints
+    (mmgrpo.train.report.eval_summary) for those evaluations."""
+    from mmgrpo.train.report import eval_summary
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    quoted = re.search(r"`(eval/shapes: [^`]+)`", text).group(1)
+    points = re.findall(r"(\d\.\d+) \(step (\d+)\)", quoted)
+    assert len(points) == 4
+    assert eval_summary([{"step": int(s), "eval/shapes": float(v)} for v, s in points]) == [quoted]

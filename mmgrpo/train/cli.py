@@ -18,6 +18,10 @@ import argparse
 import os
 import sys
 import textwrap
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import mmgrpo
 from mmgrpo.core import plugins
@@ -28,6 +32,7 @@ from mmgrpo.train.accelerator import quiet_deepspeed_probe
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
 from mmgrpo.train.export import main as export_main
+from mmgrpo.train.report import eval_summary, read_metrics
 from mmgrpo.train.sample import main as sample_main
 from mmgrpo.train.signals import Interrupted
 from mmgrpo.train.trainer import train
@@ -56,6 +61,8 @@ def cmd_train(config: str, overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
     trainer = train(cfg)
     if trainer.acc.is_main_process:
+        for line in eval_summary(read_metrics(trainer.run_dir / "metrics.jsonl")):  # the held-out scores
+            print(line)
         print(f"run directory: {trainer.run_dir} (report: {trainer.run_dir / 'report.html'})")
     close_processes(trainer.acc)
     return 0
@@ -126,8 +133,48 @@ def cmd_list() -> int:
     return 0
 
 
+def paragraph(text: str) -> str:
+    """A message as the CLI prints it: wrapped to 100 columns, words and hyphenated names kept whole."""
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
+@contextmanager
+def short_warnings() -> Iterator[None]:
+    """Inside: mmgrpo's own warnings (raised from a file of the mmgrpo package) print as ``warning: <message>``,
+    each message once, instead of Python's ``.../text_to_image.py:133: UserWarning: ...`` followed by the source
+    line; through ``tqdm.write``, so they land above a progress bar instead of inside it. Other packages' warnings
+    (and a plug-in's own) keep Python's format. Only the CLI's :func:`main` enters this: a library caller keeps
+    Python's display."""
+    package = Path(mmgrpo.__file__).resolve().parent
+    seen: set[str] = set()
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        python_format = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+            try:
+                ours = Path(filename).resolve().is_relative_to(package)
+            except (OSError, ValueError):
+                ours = False
+            if not ours:
+                return python_format(message, category, filename, lineno, file, line)
+            text = str(message)
+            if text not in seen:
+                seen.add(text)
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"warning: {paragraph(text)}", file=file or sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with short_warnings():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("MMGRPO_DEBUG") == "1"
     quiet_deepspeed_probe()
     try:
@@ -148,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
-        print(f"error: {msg}\n(run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {paragraph(str(e))}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)

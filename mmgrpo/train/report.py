@@ -57,6 +57,31 @@ def read_metrics(path: str | Path) -> list[dict]:
     return out
 
 
+def eval_summary(metrics: list[dict], shown: int = 5, most: int = 8) -> list[str]:
+    """What ``mmgrpo train`` prints at the end of a run: a line per evaluation metric of ``metrics`` (the records
+    of ``metrics.jsonl``), its value at each evaluation with the step, ``eval/shapes: 0.372 (step 0) -> 0.534 (step
+    40) -> 0.598 (step 120)``; more than ``shown`` evaluations as the first and the last with ``...`` between, at
+    most ``most`` metrics (then a line naming report.html for the rest). Empty without evaluations."""
+    series: dict[str, list[tuple[int, object]]] = {}
+    for record in metrics:
+        for key, value in record.items():
+            if key.startswith("eval/") and (value is None or isinstance(value, int | float)):
+                series.setdefault(key, []).append((int(record.get("step", 0)), value))
+
+    def point(step: int, value: object) -> str:
+        return f"{'nan' if value is None else f'{value:.3f}'} (step {step})"
+
+    lines = []
+    for key, points in list(series.items())[:most]:
+        parts = [point(*p) for p in points]
+        if len(parts) > shown:
+            parts = [parts[0], "...", parts[-1]]
+        lines.append(f"{key}: {' -> '.join(parts)}")
+    if len(series) > most:
+        lines.append(f"({len(series) - most} more evaluation metrics in report.html)")
+    return lines
+
+
 def _num(v: object) -> float:
     """A metric for a plot: NaN where it is null (not finite) or not a number."""
     return float(v) if isinstance(v, (int, float)) else math.nan

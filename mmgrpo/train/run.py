@@ -97,8 +97,29 @@ def run_training(
                 e.args = (f"{e.args[0]} ({note})", *e.args[1:])
             else:
                 e.add_note(note)
+        elif isinstance(e, UserError) and e.args:
+            e.args = (f"{str(e.args[0]).rstrip('. ')}. {how_to_continue(trainer, run_dir)}", *e.args[1:])
+        elif isinstance(e, KeyboardInterrupt):
+            e.add_note(how_to_continue(trainer, run_dir))
         raise
     return trainer
+
+
+def how_to_continue(trainer: Any, run_dir: Path) -> str:
+    """What an error (or a second Ctrl-C) after training started adds: where the run stopped (the trainer's
+    ``doing``, else the last finished step), the newest checkpoint kept, and the command that continues the run
+    from it: the run's own resolved config.yaml with ``resume=`` (the shipped config would need every override of
+    the first command again)."""
+    doing = getattr(trainer, "doing", "") or f"after step {trainer.step}"
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if last is not None:
+        kept = f"the last checkpoint kept is {last.name} ({last})"
+    else:
+        kept = "no checkpoint had been written, so the run continues from step 0"
+    return (
+        f"The run stopped {doing} (of {trainer.cfg.trainer.max_steps} steps); {kept}. Once the cause is fixed, "
+        f"continue with: mmgrpo train {run_dir / 'config.yaml'} resume={run_dir}"
+    )
 
 
 def _out_of_memory(trainer: Any, run_dir: Path, error: BaseException, made: list[Path] | None) -> UserError:

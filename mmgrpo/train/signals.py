@@ -23,8 +23,8 @@ class Interrupted(Exception):
         self.signum, self.run_dir, self.step = signum, run_dir, step
         name = signal.Signals(signum).name
         super().__init__(
-            f"stopped by {name} after step {step}; a checkpoint was written. Continue with: "
-            f"mmgrpo train CONFIG resume={run_dir}"
+            f"stopped by {name} after step {step}; its checkpoint was written ({run_dir / 'checkpoints'}/"
+            f"step_{step:06d}). Continue with: mmgrpo train {run_dir / 'config.yaml'} resume={run_dir}"
         )
 
     @property

@@ -145,6 +145,9 @@ class Trainer(CollectPhase, UpdatePhase):
         self.term_metrics = {term_metric(x.name) for x in self.comp.loss_terms}
         self.step = 0
         self.nonfinite_in_a_row = 0  # optimizer steps skipped in a row for a non-finite loss or gradient norm
+        self.doing = ""
+        """what the loop is doing, for a message of an error raised in it (``in step 3``, ``in the evaluation of
+        step 40``; :func:`mmgrpo.train.run.how_to_continue`)"""
         self.first_eval: tuple[int, torch.Tensor, list[str], dict[str, float]] | None = None
         """(step, images, captions, metrics) of this process's first evaluation with images (main process only):
         the "before" of ``samples/before_after.png``"""
@@ -320,56 +323,60 @@ class Trainer(CollectPhase, UpdatePhase):
         if self.step == 0 and t.eval_every:
             self.evaluate(0)
         bar = self._progress()
-        while self.step < t.max_steps:
-            step, t0 = self.step, time.perf_counter()
-            rollout, cols, metrics = self.collect(step)
-            if hasattr(self.policy, "rollout_metrics"):  # e.g. the VLM's completion lengths and truncation rate
-                metrics.update(self.policy.rollout_metrics(rollout))
-            adv, row_w, m_adv = self.advantage(cols, rollout, step)
-            t1 = time.perf_counter()
-            m_upd = self.update(rollout, adv, row_w, step)
-            self.step = step + 1
-            metrics.update(m_adv, **m_upd)
-            for extra in self.comp.extra_models:  # teachers, probes: extra/<name>/mib, extra/<name>/time_s
-                metrics.update(extra.metrics())
-            metrics["time/update_s"] = time.perf_counter() - t1
-            metrics["time/step_s"] = time.perf_counter() - t0
-            last = metrics
-            if t.log_every and self.step % t.log_every == 0:
-                self.log(self.step, metrics)
-            self._maybe_save_samples(rollout)
-            if bar is not None:
-                if t.time_budget_s is not None:  # the bar counts the budget's seconds; the step is in the postfix
-                    bar.update(min(clock() - start_time, bar.total) - bar.n)
-                    bar.set_postfix(step=self.step, reward=f"{metrics['reward/mean']:.3f}",
-                                    s_per_step=f"{metrics['time/step_s']:.2f}")  # fmt: skip
-                else:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.2f}")
-            done_here += 1
-            signum, over = self._stop_requested(
-                flag, t.time_budget_s is not None and clock() - start_time >= t.time_budget_s
-            )
-            stop = (t.stop_after_steps is not None and done_here >= t.stop_after_steps) or over
-            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps or stop):
-                self.evaluate(self.step)
-            if (
-                signum
-                or stop
-                or self.step == t.max_steps
-                or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
-            ):
-                self.save()
-            if signum and self.step < t.max_steps:  # at the last step the run is done: it ends as finished
+        try:
+            while self.step < t.max_steps:
+                step, t0 = self.step, time.perf_counter()
+                self.doing = f"in step {step + 1}"
+                rollout, cols, metrics = self.collect(step)
+                if hasattr(self.policy, "rollout_metrics"):  # e.g. the VLM's completion lengths and truncation rate
+                    metrics.update(self.policy.rollout_metrics(rollout))
+                adv, row_w, m_adv = self.advantage(cols, rollout, step)
+                t1 = time.perf_counter()
+                m_upd = self.update(rollout, adv, row_w, step)
+                self.step = step + 1
+                metrics.update(m_adv, **m_upd)
+                for extra in self.comp.extra_models:  # teachers, probes: extra/<name>/mib, extra/<name>/time_s
+                    metrics.update(extra.metrics())
+                metrics["time/update_s"] = time.perf_counter() - t1
+                metrics["time/step_s"] = time.perf_counter() - t0
+                last = metrics
+                if t.log_every and self.step % t.log_every == 0:
+                    self.log(self.step, metrics)
+                self._maybe_save_samples(rollout)
                 if bar is not None:
-                    bar.close()
-                if self.acc.is_main_process:
-                    write_report(self.run_dir)
-                raise Interrupted(signum, self.run_dir, self.step)
-            if stop:
-                break
-        if bar is not None:
-            bar.close()
+                    if t.time_budget_s is not None:  # the bar counts the budget's seconds; the step is in the postfix
+                        bar.update(min(clock() - start_time, bar.total) - bar.n)
+                        bar.set_postfix(step=self.step, reward=f"{metrics['reward/mean']:.3f}",
+                                        s_per_step=f"{metrics['time/step_s']:.2f}")  # fmt: skip
+                    else:
+                        bar.update(1)
+                        bar.set_postfix(
+                            reward=f"{metrics['reward/mean']:.3f}", s_per_step=f"{metrics['time/step_s']:.2f}"
+                        )
+                done_here += 1
+                signum, over = self._stop_requested(
+                    flag, t.time_budget_s is not None and clock() - start_time >= t.time_budget_s
+                )
+                stop = (t.stop_after_steps is not None and done_here >= t.stop_after_steps) or over
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps or stop):
+                    self.evaluate(self.step)
+                if (
+                    signum
+                    or stop
+                    or self.step == t.max_steps
+                    or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
+                ):
+                    self.doing = f"while writing the checkpoint of step {self.step}"
+                    self.save()
+                if signum and self.step < t.max_steps:  # at the last step the run is done: it ends as finished
+                    if self.acc.is_main_process:
+                        write_report(self.run_dir)
+                    raise Interrupted(signum, self.run_dir, self.step)
+                if stop:
+                    break
+        finally:  # an error's paragraph then starts on a line of its own, and no bar is drawn after it
+            if bar is not None:
+                bar.close()
         return last
 
     def _progress(self):
@@ -398,6 +405,7 @@ class Trainer(CollectPhase, UpdatePhase):
             return {}
         self.policy.model.eval()
         self._reshard()
+        self.doing = f"in the evaluation of step {step}"
         label = f"{self.cfg.run.name} eval, step {step}"
         bars = progress.shown(label if self.cfg.trainer.progress and self.acc.is_main_process else None)
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), torch.no_grad(), bars:
