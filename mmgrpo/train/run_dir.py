@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import shutil
 import warnings
@@ -57,9 +59,15 @@ metrics.jsonl, how rows are chunked in memory"""
 
 
 def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
-    """The run directory: ``resume`` if given (a run directory), else output_dir/name (new, or overwritable)."""
+    """The run directory: ``resume`` if given (a run directory), else output_dir/name (new, or overwritable).
+
+    A resume runs under its directory's name: ``cfg.run.name`` / ``run.output_dir`` are set to the directory's
+    (the config it reuses may name another run; those keys are ``RESUMABLE``), so the progress bar, the trackers'
+    run (TensorBoard's ``<run_dir>/<run.name>/``) and config.yaml go on under the name the run started with."""
     if cfg.resume:
-        return _resume_dir(cfg.resume)
+        run_dir = _resume_dir(cfg.resume)
+        cfg.run.name, cfg.run.output_dir = run_dir.name, str(run_dir.absolute().parent)
+        return run_dir
     check_run_name(cfg.run.name, "the config")
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -212,7 +220,17 @@ def options_added_since(saved: Path, cfg: Config) -> list[tuple[str, Any]]:
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    _atomic_write(run_dir / "config.yaml", dump_config(cfg))
+    """``run_dir/config.yaml``: the run's configuration, not the invocation's, so that the file used as a config
+    (``mmgrpo train runs/x/config.yaml run.name=y``, the way to start a variant) starts a new run. The invocation's
+    ``resume`` / ``resume_force`` are left out (with them it continued this run), as is ``run.overwrite`` (with it,
+    the same command without a new run.name wiped this run); ``run.name`` / ``run.output_dir`` are the directory's
+    own: a resume may give others (they are in ``RESUMABLE``: the config file it reuses may name the run
+    differently), but the run stays where it is, and its config.yaml names it there."""
+    out = copy.copy(cfg)
+    where = {"name": run_dir.name, "output_dir": str(run_dir.absolute().parent), "overwrite": False}
+    out.run = dataclasses.replace(cfg.run, **where)
+    out.resume, out.resume_force = None, False
+    _atomic_write(run_dir / "config.yaml", dump_config(out))
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmgrpo.core.config_yaml import load_yaml
 from mmgrpo.core.errors import UserError
 from mmgrpo.rewards.registry import register
 from mmgrpo.train import checkpoint as ckpt
@@ -228,6 +229,23 @@ def test_resume_refuses_a_changed_config_unless_forced(tmp_path, change, named):
     train(cfg(tmp_path, "trainer.max_steps=6", "trainer.eval_every=1", f"resume={part.run_dir}"))  # allowed keys
     if not change.startswith("rewards"):
         train(cfg(tmp_path, "trainer.max_steps=8", change, "resume_force=true", f"resume={part.run_dir}"))
+
+
+def test_a_resumed_runs_config_yaml_records_the_run_so_a_copy_of_it_starts_a_new_one(tmp_path):
+    """config.yaml kept the invocation's resume=: `mmgrpo train runs/sig/config.yaml run.name=ref` resumed sig
+    (rewriting its config.yaml with run.name: ref) instead of starting ref."""
+    sig = tmp_path / "sig"
+    train(cfg(tmp_path, "run.name=sig", "run.overwrite=true", "trainer.max_steps=2", "trainer.stop_after_steps=1"))
+    resumed = train(cfg(tmp_path, "run.name=other", "trainer.max_steps=2", f"resume={sig}", "resume_force=true"))
+    assert resumed.cfg.run.name == "sig"  # a resume keeps its directory's name (progress bar, trackers' run)
+    saved = load_yaml((sig / "config.yaml").read_text())
+    assert (saved["resume"], saved["resume_force"]) == (None, False)
+    assert saved["run"] == {"name": "sig", "output_dir": str(tmp_path), "seed": 0, "overwrite": False}
+    ref = train(load_config(sig / "config.yaml", ["run.name=ref"]))
+    assert ref.run_dir == tmp_path / "ref" and ref.step == 2 and not (tmp_path / "other").exists()
+    assert load_yaml((sig / "config.yaml").read_text())["run"]["name"] == "sig"
+    with pytest.raises(UserError, match="run directory '.*sig' already exists; continue it with resume="):
+        train(load_config(sig / "config.yaml"))  # no run.overwrite: true recorded, so the run is not wiped
 
 
 SLOW_REWARD = textwrap.dedent("""
