@@ -5,6 +5,10 @@ PyYAML implements YAML 1.1, whose number rules surprise: ``run.seed=010`` is oct
 decimal integer is decimal whatever its leading zeros, ``0o`` / ``0x`` mark octal / hexadecimal, a float needs no
 dot (``3e-1``, ``1e6``), and ``.inf`` / ``.nan`` keep their meaning (the schema refuses them where a number must be
 finite). Booleans keep YAML 1.1's words (yes / no / on / off), which the schema names when a string was meant.
+
+A key given twice in one mapping is an error (:class:`DuplicateKeyError`; PyYAML keeps the last silently, so
+``trainer: {lr: 1.0e-4, lr: 5.0e-1}`` trained at 0.5), and :func:`yaml_error_message` turns it or a syntax error
+into a paragraph naming the source, line and column, followed by the offending lines with a caret under the spot.
 """
 
 from __future__ import annotations
@@ -48,9 +52,93 @@ def _int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
 _Loader.add_constructor(_INT, _int)
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A key given twice in one mapping: ``path`` its dotted key, ``first`` / ``problem_mark`` its two places."""
+
+    def __init__(self, path: str, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(problem=f"the key {path!r} is given twice", problem_mark=second)
+        self.path, self.first = path, first
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _no_duplicate_keys(node: yaml.Node, path: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], yaml.Mark] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE:  # ``<<: *base`` may be overridden: not here
+                name = f"{path}.{key.value}" if path else str(key.value)
+                if (key.tag, key.value) in seen:
+                    raise DuplicateKeyError(name, seen[key.tag, key.value], key.start_mark)
+                seen[key.tag, key.value] = key.start_mark
+                _no_duplicate_keys(value, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _no_duplicate_keys(item, f"{path}.{i}" if path else str(i))
+
+
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2's numbers (see the module docstring)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    """``yaml.safe_load`` with YAML 1.2's numbers (see the module docstring); a key given twice in one mapping raises
+    :class:`DuplicateKeyError` instead of keeping the last."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _no_duplicate_keys(node, "")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def yaml_error_message(error: yaml.YAMLError, source: str, text: str) -> str:
+    """``error`` (raised by :func:`load_yaml` on ``text``) as a message: one paragraph naming ``source`` (e.g.
+    "config file 'x.yaml'"), the line and the column, then each line it points at with a caret under the spot."""
+    lines = text.splitlines()
+    if isinstance(error, DuplicateKeyError):
+        first, second = error.first, error.problem_mark
+        places = (
+            f"on line {first.line + 1} (columns {first.column + 1} and {second.column + 1})"
+            if first.line == second.line
+            else f"at line {first.line + 1} and at line {second.line + 1}"
+        )
+        head = (f"{source}: the key {error.path!r} is given twice, {places} (YAML would keep only the last, "
+                "silently); remove one of them")  # fmt: skip
+        return head + _snippet(lines, [first, second])
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f"{source} is not valid YAML: {error}"
+    mark, context = error.problem_mark, error.context_mark
+    at = "at its end" if mark.line >= len(lines) else f"line {mark.line + 1}, column {mark.column + 1}"
+    head = f"{source} is not valid YAML: {at}: {error.problem}"
+    if error.context and context is not None:
+        head += f" ({error.context} that starts at line {context.line + 1}, column {context.column + 1})"
+    elif error.context:
+        head += f" ({error.context})"
+    head += (
+        "; the mistake is there or just before it (an unclosed quote or bracket, a colon without a space after it, a "
+        "value starting with a character YAML reserves such as @ or `, or a tab in the indentation)"
+    )
+    return head + _snippet(lines, [m for m in (context, mark) if m is not None])
+
+
+def _snippet(lines: list[str], marks: list[yaml.Mark]) -> str:
+    """The lines of ``marks`` in order, each followed by a line with a caret under each mark's column (a mark past
+    the last line, the end of the text, points at the end of the last line)."""
+    carets: dict[int, set[int]] = {}
+    for m in marks:
+        line, column = m.line, m.column
+        if line >= len(lines):  # the end of the text (an unclosed quote or bracket)
+            line = len(lines) - 1
+            column = len(lines[line]) if line >= 0 else 0
+        if line >= 0:
+            carets.setdefault(line, set()).add(column)
+    width = len(str(max(carets, default=0) + 1))
+    out = []
+    for line in sorted(carets):
+        under = "".join("^" if c in carets[line] else " " for c in range(max(carets[line]) + 1))
+        out += [f"  {line + 1:>{width}} | {lines[line].replace(chr(9), ' ')}", f"  {'':>{width}} | {under}"]
+    return "".join("\n" + row for row in out)
 
 
 def dump_yaml(data: Any, **kwargs: Any) -> str:

@@ -10,6 +10,17 @@ class UserError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 
 
+def as_shown(message: object, width: int = 100) -> str:
+    """A message (a UserError, a warning's text) as the CLI prints it: its first line, the paragraph, wrapped to
+    ``width`` columns with words and hyphenated names kept whole; the lines after it (the lines of a YAML file an
+    error points at, each with a caret under the spot) kept as they are, since wrapping would run them into the
+    paragraph and move the caret."""
+    import textwrap
+
+    head, *rest = str(message).split("\n")
+    return "\n".join([textwrap.fill(head, width=width, break_long_words=False, break_on_hyphens=False), *rest])
+
+
 def quoted(value: object, limit: int = 120) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters (a 500 kB prompt must not be echoed); a
     bool or None as YAML and the command line spell it (``true``, ``false``, ``null``): what the user wrote."""

@@ -42,6 +42,93 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_BATCH = (
+    "prompts a step over all processes, each sampled trainer.group_size times: a step's batch is "
+    "prompts_per_step x group_size rows"
+)
+_INNER = "passes over one rollout"
+COMMON_NAMES: dict[str, tuple[str, str]] = {
+    # TRL (GRPOConfig, PPOConfig), Hugging Face TrainingArguments, diffusers' training scripts, peft, Flow-GRPO / DDPO
+    "learning_rate": ("lr", ""),
+    "num_generations": ("group_size", "samples per prompt"),
+    "num_images_per_prompt": ("group_size", "samples per prompt"),
+    "num_image_per_prompt": ("group_size", "samples per prompt"),
+    "num_iterations": ("epochs", _INNER),
+    "num_inner_epochs": ("epochs", _INNER),
+    "num_train_epochs": (
+        "max_steps",
+        f"a run's length counts steps, one rollout and its update each; epochs counts {_INNER}",
+    ),  # fmt: skip
+    "max_train_steps": ("max_steps", ""),
+    "num_train_steps": ("max_steps", ""),
+    "total_steps": ("max_steps", ""),
+    "gradient_accumulation_steps": (
+        "micro_batch_size",
+        "rows a forward/backward; a minibatch accumulates the gradients of its micro-batches",
+    ),  # fmt: skip
+    "per_device_train_batch_size": ("prompts_per_step", _BATCH),
+    "train_batch_size": ("prompts_per_step", _BATCH),
+    "batch_size": ("prompts_per_step", _BATCH),
+    "adam_beta1": ("adam_betas", "the pair [beta1, beta2]"),
+    "adam_beta2": ("adam_betas", "the pair [beta1, beta2]"),
+    "adam_epsilon": ("adam_eps", ""),
+    "lr_scheduler_type": ("lr_schedule", ""),
+    "lr_scheduler": ("lr_schedule", ""),
+    "lr_warmup_steps": ("warmup_steps", ""),
+    "warmup_ratio": ("warmup_steps", "a number of steps, not a fraction of the run"),
+    "save_steps": ("checkpoint_every", ""),
+    "checkpointing_steps": ("checkpoint_every", ""),
+    "save_total_limit": ("keep_checkpoints", ""),
+    "checkpoints_total_limit": ("keep_checkpoints", ""),
+    "logging_steps": ("log_every", ""),
+    "eval_steps": ("eval_every", ""),
+    "report_to": ("log_with", ""),
+    "bf16": ("mixed_precision", "e.g. mixed_precision: bf16"),
+    "fp16": ("mixed_precision", "e.g. mixed_precision: fp16"),
+    "use_ema": ("ema_decay", "the EMA's decay, e.g. 0.999; null = off"),
+    "kl_coef": ("beta", "the weight of the KL to the reference"),
+    "init_kl_coef": ("beta", "the weight of the KL to the reference"),
+    "kl_beta": ("beta", "the weight of the KL to the reference"),
+    "adv_clip_max": ("adv_clip", ""),
+    "epsilon": ("clip_low", ""),
+    "epsilon_low": ("clip_low", ""),
+    "epsilon_high": ("clip_high", ""),
+    "cliprange": ("clip_low", "and clip_high"),
+    "clip_range": ("clip_low", "and clip_high"),
+    "num_inference_steps": ("num_steps", ""),
+    "lora_r": ("lora_rank", ""),
+    "max_completion_length": ("max_new_tokens", ""),
+    "torch_dtype": ("dtype", ""),
+    "pretrained_model_name_or_path": ("path", "a local folder or a hub id"),
+    "model_name_or_path": ("path", "a local folder or a hub id"),
+    "run_name": ("name", ""),
+}
+"""names users bring from other libraries -> (mmgrpo's key of the same meaning, a note where it differs), for the
+did-you-mean of an unknown key: string similarity alone sends ``learning_rate`` to ``minibatches``"""
+
+
+def suggestion(key: str, candidates: list[str], prefix: str = "") -> tuple[str, str] | None:
+    """The did-you-mean of an unknown ``key`` (its last part) among the dotted ``candidates``, and a note where the
+    meaning differs: the library name of :data:`COMMON_NAMES` first, else the nearest spelling of ``prefix.key``
+    (None: neither)."""
+    if key in COMMON_NAMES:
+        target, note = COMMON_NAMES[key]
+        full = f"{prefix}.{target}" if prefix else target
+        hits = [full] if full in candidates else [c for c in candidates if c.endswith(f".{target}")]
+        if len(hits) == 1:
+            return hits[0], note
+    hint = nearest(f"{prefix}.{key}" if prefix else key, candidates)
+    return (hint, "") if hint else None
+
+
+def did_you_mean(hint: tuple[str, str] | None, prefix: str = "") -> str:
+    """``; did you mean 'trainer.lr'?`` (with the note of :func:`suggestion`), or "" for no hint."""
+    if hint is None:
+        return ""
+    key, note = hint
+    return f"; did you mean {(f'{prefix}.{key}' if prefix else key)!r}?" + (f" ({note})" if note else "")
+
+
 def _fail(path: str, where: str, expected: Any, value: Any) -> UserError:
     msg = f"{path} in {where}: expected {_type_name(expected)}, got {value!r} ({type(value).__name__})"
     wants_str = expected is str or str in typing.get_args(expected)
@@ -162,13 +249,13 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in types_:
             renamed = getattr(cls, "__renamed__", {}).get(key)
-            hint = nearest(path, _root_keys(cls, prefix))
+            hint = suggestion(str(key), _root_keys(cls, prefix), prefix)
             msg = f"unknown key {path!r} in {where}"
             if renamed:  # an option of an older layout: say where it went, not merely the nearest spelling
                 new_path = f"{prefix}.{renamed}" if prefix else renamed
                 msg += f"; it was renamed to {new_path!r} (see docs/architecture.md)"
             elif hint:
-                msg += f"; did you mean {hint!r}?"
+                msg += did_you_mean(hint)
             else:
                 msg += f"; valid keys here: {', '.join(sorted(types_))}"
             raise UserError(msg)
@@ -278,10 +365,9 @@ def check_options(
     out = {}
     for key, value in options.items():
         if key not in declared:
-            hint = nearest(key, list(declared))
             raise UserError(
                 f"unknown option '{prefix}.{key}' in {where}: {what} takes {', '.join(declared) or 'no options'}"
-                + (f"; did you mean '{prefix}.{hint}'?" if hint else "")
+                + did_you_mean(suggestion(str(key), list(declared)), prefix)
             )
         out[key] = convert(value, hints.get(key, Any), f"{prefix}.{key}", where)
     return out

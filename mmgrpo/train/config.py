@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.config_yaml import dump_yaml, load_yaml
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.config_yaml import DuplicateKeyError, dump_yaml, load_yaml, yaml_error_message
+from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: recipes)
 from mmgrpo.methods.registry import enabled_methods
@@ -287,12 +288,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"override {text!r} has an empty key")
     try:
         value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except DuplicateKeyError as e:
+        raise UserError(yaml_error_message(e, f"the value of command-line override {text!r}", raw)) from e
+    except yaml.YAMLError as e:
+        if raw.lstrip().startswith(("[", "{")):  # a list or mapping meant, not text: its syntax error, not a string
+            raise UserError(
+                yaml_error_message(e, f"the value of command-line override {text!r}", raw)
+                + f"\n(to give that text as a string, quote it: \"{key}='{raw}'\")"
+            ) from e
+        value = raw  # text that YAML does not read (a prompt with ': ' in it) is that text
     return key.split("."), value
 
 
-def apply_override(data: dict, keys: list[str], value: Any) -> None:
+def apply_override(data: dict, keys: list[str], value: Any, text: str = "") -> None:
+    """Set the dotted ``keys`` of ``data`` to ``value`` (``text``: the override, for its warning).
+
+    A name given for a block that holds a strategy's ``{name, ...options}`` (``policy.options.objective=nft`` over
+    ``objective: {name: nft, timesteps: 4}``) is the shorthand ``{name: nft}``: naming the block's own strategy keeps
+    the block and its options; naming another replaces the block, and its options (they belong to the other
+    strategy) are dropped with a warning that names them."""
     node: Any = data
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
@@ -306,10 +320,24 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
                             f"value instead, e.g. {where}={{name: {node[k]}, options: {{...}}}}")  # fmt: skip
         node = node[k]
     last = keys[-1]
-    if isinstance(node, list):
-        node[_list_index(node, last, keys)] = value
-    else:
-        node[last] = value
+    slot = _list_index(node, last, keys) if isinstance(node, list) else last
+    old = node[slot] if isinstance(node, list) or slot in node else None
+    if isinstance(value, str) and isinstance(old, dict) and isinstance(old.get("name"), str):
+        if value == old["name"]:
+            return  # the block's own strategy: its options stay
+        dropped = {k: v for k, v in old.items() if k != "name" and v not in (None, {}, [])}
+        if dropped:
+            shown = ", ".join(f"{k}: {quoted(v, 40)}" for k, v in dropped.items())
+            key = ".".join(keys)
+            warnings.warn(
+                f"command-line override {text or f'{key}={value}'!r} replaces {key} {{name: {old['name']}, "
+                f"{shown}}} with {{name: {value}}}: those options belong to {old['name']!r} and are dropped, and "
+                f"{value!r} takes its defaults. To set options of {value!r}, give them with it, e.g. "
+                f'"{key}={{name: {value}, ...}}"',
+                UserWarning,
+                stacklevel=3,
+            )
+    node[slot] = value
 
 
 def _list_index(node: list, k: str, keys: list[str]) -> int:
@@ -332,7 +360,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:
-        raise UserError(f"config file '{path}' is not valid YAML: {e}") from e
+        raise UserError(yaml_error_message(e, f"config file '{path}'", text)) from e
     if data is None:  # empty, or only comments: not a config with every key at its default
         raise UserError(f"config file '{path}' is empty (or only comments); give a config with at least pipeline: "
                         "and rewards:, e.g. copy configs/bandit.yaml")  # fmt: skip
@@ -346,13 +374,56 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     data = copy.deepcopy(base) if base is not None else (read_yaml(path) if path is not None else {})
     where = str(path) if path is not None else "the config"
     from_dict(Config, data, where)  # report file errors against the file, before overrides
+    steps = [(copy.deepcopy(data), where)]  # the data before each override, and after the last
     for text in overrides:
         keys, value = parse_override(text)
-        apply_override(data, keys, value)
+        apply_override(data, keys, value, text)
         from_dict(Config, data, f"command-line override '{text}'")
+        steps.append((copy.deepcopy(data), f"command-line override '{text}'"))
+    folder = Path(path).parent if path is not None else None
+    try:
+        return _checked(data, where, folder)
+    except UserError as e:
+        blamed = _blamed(steps, folder, e) if len(steps) > 1 else e
+        if blamed is e:
+            raise
+        raise blamed from e
+
+
+def _checked(data: dict, where: str, folder: Path | None) -> Config:
     cfg = from_dict(Config, data, where)
+    if folder is not None:  # before the recipe's checks, some of which read a model's files (a hub id: download)
+        check_relative_paths(cfg, where, folder)
     validate_components(cfg, where)
     return cfg
+
+
+_WHERE = "\x00where\x00"
+
+
+def _blamed(steps: list[tuple[dict, str]], folder: Path | None, error: UserError) -> UserError:
+    """``error`` (the checks of the whole config failed) blamed on where it came from: the first of the config file
+    and its overrides from which on every step gives the same error; a nested key or a value an override set
+    (``policy.options.num_step=4``, ``loss.name=grpoo``) is the override's error, not the file's."""
+
+    def message(data: dict) -> str | None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                _checked(copy.deepcopy(data), _WHERE, folder)
+            except UserError as e:
+                return str(e)
+            except Exception as e:  # noqa: BLE001  (a part that fails on the file alone: not this error)
+                return repr(e)
+        return None
+
+    said = [message(data) for data, _ in steps]
+    if said[-1] is None or _WHERE not in said[-1]:
+        return error
+    k = len(steps) - 1
+    while k > 0 and said[k - 1] == said[-1]:
+        k -= 1
+    return UserError(said[-1].replace(_WHERE, steps[k][1]))
 
 
 def resolved_config(cfg: Config, base: str | Path | None = None) -> Config:
@@ -426,6 +497,49 @@ def _absolute_paths(value: Any, base: Path, key: str = "") -> Any:
     except OSError:  # a name too long for the file system, ...
         return value
     return str(candidate.absolute()) if exists else value
+
+
+def check_relative_paths(cfg: Config, where: str, folder: Path) -> None:
+    """Refuse a relative path of the config (in ``policy.options``, ``data.options``, a reward's or a method's
+    options) that does not exist under the working directory, which is what relative paths are read against, but
+    does under the config file's ``folder`` or a folder above it: the config was meant to be run from there (``mmgrpo
+    train /work/proj/configs/x.yaml`` run from /tmp with ``path: assets/model``). Said at load, before a model
+    loads: such a path with a ``/`` reads as a hub id, whose download would be tried, and fail, first."""
+    cwd = Path.cwd().absolute()
+    sections = [("policy.options", cfg.policy.options), ("data.options", cfg.data.options), ("methods", cfg.methods)]
+    sections += [(f"rewards.{i}.options", spec.options) for i, spec in enumerate(cfg.rewards)]
+    for prefix, value in sections:
+        for key, text in _strings(value, prefix):
+            local = text[3:].partition(":")[0] if text.startswith("hf:") else text
+            if not local or "://" in local or Path(local).is_absolute():
+                continue
+            if not ("/" in local or "\\" in local or Path(local).suffix):  # a bare name (family: sd3, shapes)
+                continue
+            try:
+                if (cwd / local).exists():
+                    continue
+                above = [d for d in (folder.absolute(), *folder.absolute().parents) if d.parent != d and d != cwd]
+                home = next((d for d in above if (d / local).exists()), None)
+            except OSError:  # a name too long for the file system, ...
+                continue
+            if home is None:
+                continue
+            fixed = text.replace(local, str(home / local), 1)
+            place = "the config file's folder" if home == folder.absolute() else "a folder above the config file"
+            raise UserError(
+                f"{key}={quoted(text, 80)} in {where} is a relative path, and relative paths in a config are read "
+                f"from the working directory ({cwd}), where it does not exist; it exists under {home}, {place}. Run "
+                f"the command from that folder (cd {home}), or give the absolute path: {key}={fixed}"
+            )
+
+
+def _strings(value: Any, key: str) -> list[tuple[str, str]]:
+    """``(dotted key, string)`` of every string in a tree of mappings and lists."""
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _strings(v, f"{key}.{k}")]
+    if isinstance(value, list):
+        return [hit for i, v in enumerate(value) for hit in _strings(v, f"{key}.{i}")]
+    return [(key, value)] if isinstance(value, str) else []
 
 
 def dump_config(cfg: Config) -> str:

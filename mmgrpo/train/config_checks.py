@@ -146,7 +146,7 @@ def check_numbers(cfg: Any, where: str) -> None:
         ("trainer.epochs", t.epochs, 1, ""),
         ("trainer.minibatches", t.minibatches, 1, ""),
         ("trainer.rollout_chunks", t.rollout_chunks, 1, ""),
-        ("trainer.max_steps", t.max_steps, 0, ""),
+        ("trainer.max_steps", t.max_steps, 1, " (0 would train nothing: a run directory with no checkpoint)"),
         ("trainer.micro_batch_size", None if t.micro_batch_size == "auto" else t.micro_batch_size, 0, " (or auto)"),
         ("trainer.micro_batch_units", t.micro_batch_units, 1, ""),
         ("trainer.ema_every", t.ema_every, 1, " (1 = every optimizer step)"),

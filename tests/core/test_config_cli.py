@@ -75,7 +75,7 @@ def test_loss_and_advantage_options_are_checked_at_load(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), ["loss.options={clip_low: 0.2, clip_high: 0.28, dual_clip: 3}"])
     assert cfg.loss.options == {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3}
     p = write(tmp_path, GOOD)
-    with pytest.raises(UserError, match=rf"'loss.options.clip_hihg' in {p}.*did you mean 'loss.options.clip_high'"):
+    with pytest.raises(UserError, match=r"'loss.options.clip_hihg' in command-line override .*did you mean 'loss.op"):
         load_config(p, ["loss.options.clip_hihg=0.28"])
     with pytest.raises(UserError, match="unknown option 'loss.options.clip_low'.*loss 'pg' takes no options"):
         load_config(p, ["loss.name=pg", "loss.options.clip_low=0.2"])
@@ -169,7 +169,7 @@ def test_config_yaml_reads_back_what_it_wrote(tmp_path):
         (["{cfg}", "resume={cfg}"], "resume='{cfg}' is a file; resume takes a run directory"),
         (["{cfg}", "run.output_dir={cfg}"], "cannot create the run directory '{cfg}/"),  # a file, not a folder
         (["{cfg}", "trainer.lr_rate=1", "--debug"], None),  # --debug after the overrides, as the hint says
-        (["{cfg}", "resume="], "resume='' in {cfg} is empty: give the run directory to continue"),  # not a new run
+        (["{cfg}", "resume="], "resume='' in command-line override 'resume=' is empty: give the run directory to"),
         (
             ["{cfg}", "run.name=on"],
             "expected str, got True (bool) (YAML reads an unquoted yes/no/on/off/true/false "
@@ -273,3 +273,136 @@ def test_an_option_of_the_old_flat_layout_says_where_it_went(config, override, n
     root = Path(__file__).resolve().parents[2]
     with pytest.raises(UserError, match=f"it was renamed to '{re.escape(new)}'"):
         load_config(root / "configs" / f"{config}.yaml", [override])
+
+
+SHAPES = Path(__file__).resolve().parents[2] / "configs" / "shapes_t2i_grpo.yaml"
+
+
+def test_a_key_given_twice_names_the_key_both_lines_and_the_file(tmp_path):
+    """PyYAML keeps the last of a repeated key silently: trainer: {lr: 1e-4, ..., lr: 0.5} trained at 0.5."""
+    p = write(tmp_path, GOOD.replace("  max_steps: 2\n", "  max_steps: 2\n  lr: 5.0e-1\n"))
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"config file '{p}': the key 'trainer.lr' is given twice, at line 6 and at line 8")
+    assert "\n  6 |   lr: 3e-4\n    |   ^\n  8 |   lr: 5.0e-1\n    |   ^" in str(e.value)
+    p = write(tmp_path, GOOD.replace("  - name: bandit_arm_value\n", "  - {{name: bandit_arm_value, name: x}}\n"))
+    with pytest.raises(UserError, match=r"the key 'rewards.0.name' is given twice, on line 4 \(columns 6 and 30\)"):
+        load_config(p)
+    with pytest.raises(UserError, match=r"command-line override 'trainer=\{lr: 1, lr: 2\}'.*'lr' is given twice"):
+        load_config(write(tmp_path, GOOD), ["trainer={lr: 1, lr: 2}"])
+    from mmgrpo.core.config_yaml import load_yaml
+
+    assert load_yaml("a: {<<: {x: 1, y: 2}, x: 3}") == {"a": {"x": 3, "y": 2}}  # a merge key's value may be overridden
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column_and_shows_the_line(tmp_path):
+    p = write(tmp_path, GOOD.replace("  lr: 3e-4", "  lr: [3e-4"))
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    head, *lines = str(e.value).split("\n")
+    assert head.startswith(f"config file '{p}' is not valid YAML: line 7, column 12: expected ',' or ']', but got ':'")
+    assert "(while parsing a flow sequence that starts at line 6, column 7)" in head
+    assert lines == ["  6 |   lr: [3e-4", "    |       ^", "  7 |   max_steps: 2", "    |            ^"]
+    p = write(tmp_path, GOOD.replace("name: bandit_arm_value", 'name: "bandit_arm_value'))
+    with pytest.raises(UserError, match=r"is not valid YAML: at its end: found unexpected end of stream \(while "
+                                        r"scanning a quoted scalar that starts at line 4, column 11\)"):  # fmt: skip
+        load_config(p)
+    with pytest.raises(UserError) as e:  # a list meant, not text
+        load_config(write(tmp_path, GOOD), ["trainer.adam_betas=[0.9, 0.99"])
+    head, *lines = str(e.value).split("\n")
+    assert head.startswith("the value of command-line override 'trainer.adam_betas=[0.9, 0.99' is not valid YAML: ")
+    assert lines == ["  1 | [0.9, 0.99", "    | ^         ^", "(to give that text as a string, quote it: "
+                     "\"trainer.adam_betas='[0.9, 0.99'\")"]  # fmt: skip
+    assert parse_override("data.options.prompt=cat: on: mat")[1] == "cat: on: mat"  # text YAML does not read: text
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("policy.options.num_step=4", "unknown key 'policy.options.num_step' in {o}; did you mean"),
+        ("loss.name=grpoo", "loss.name in {o}: unknown loss 'grpoo'"),
+        ("rewards.0.options.foo=1", "unknown option 'rewards.0.options.foo' in {o}: reward 'shapes' takes"),
+        ("run.name=a b", "run.name 'a b' in {o} must be one plain folder name"),
+    ],
+)
+def test_an_error_of_a_nested_override_names_the_override_not_the_file(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(SHAPES, ["trainer.lr=3e-4", override, "trainer.max_steps=10"])
+    assert message.format(o=f"command-line override '{override}'") in str(e.value)
+    assert str(SHAPES) not in str(e.value)
+
+
+def test_an_error_of_the_file_stays_the_files_with_overrides(tmp_path):
+    p = write(tmp_path, GOOD + "loss:\n  name: grpoo\n")
+    with pytest.raises(UserError, match=rf"loss.name in {re.escape(str(p))}: unknown loss 'grpoo'"):
+        load_config(p, ["trainer.lr=1e-3", "policy.options.num_arms=3"])
+    with pytest.raises(UserError, match=r"loss.name in command-line override 'loss.name=pgg': unknown loss 'pgg'"):
+        load_config(p, ["loss.name=grpo", "loss.name=pgg"])  # the file's error fixed, another one made
+
+
+def test_a_shorthand_override_keeps_the_blocks_options_for_its_own_strategy_and_drops_them_for_another():
+    objective = load_config(SHAPES).policy.options["objective"]
+    assert objective == {"name": "nft", "old_policy_ema": 0.5, "timesteps": 4}  # the demo's block
+    assert load_config(SHAPES, ["policy.options.objective=nft"]).policy.options["objective"] == objective
+    with pytest.warns(UserWarning) as caught:
+        cfg = load_config(SHAPES, ["policy.options.objective=sde", "loss.name=grpo", "loss.adv_clip=null"])
+    assert cfg.policy.options["objective"] == "sde"
+    said = [str(w.message) for w in caught if "replaces policy.options.objective" in str(w.message)]
+    assert said == [
+        "command-line override 'policy.options.objective=sde' replaces policy.options.objective {name: nft, "
+        "old_policy_ema: 0.5, timesteps: 4} with {name: sde}: those options belong to 'nft' and are dropped, and "
+        "'sde' takes its defaults. To set options of 'sde', give them with it, e.g. "
+        '"policy.options.objective={name: sde, ...}"'
+    ]
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("trainer.learning_rate=1e-4", "did you mean 'trainer.lr'?"),
+        ("learning_rate=1e-4", "did you mean 'trainer.lr'?"),
+        ("trainer.num_generations=4", "did you mean 'trainer.group_size'? (samples per prompt)"),
+        ("trainer.num_iterations=2", "did you mean 'trainer.epochs'? (passes over one rollout)"),
+        ("trainer.num_train_epochs=2", "did you mean 'trainer.max_steps'? (a run's length counts steps"),
+        ("trainer.adam_epsilon=1e-6", "did you mean 'trainer.adam_eps'?"),
+        ("trainer.save_total_limit=2", "did you mean 'trainer.keep_checkpoints'?"),
+        ("loss.options.epsilon_high=0.28", "did you mean 'loss.options.clip_high'?"),
+        ("loss.kl_coef=0.04", "did you mean 'loss.beta'? (the weight of the KL to the reference)"),
+        ("trainer.lr_rate=1", "did you mean 'trainer.lr'?"),  # the spelling match, as before
+    ],
+)
+def test_an_unknown_key_from_another_library_suggests_mmgrpos_name(tmp_path, override, hint):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, GOOD), [override])
+    assert hint in str(e.value)
+
+
+def test_learning_rate_in_a_file_suggests_lr(tmp_path):
+    p = write(tmp_path, GOOD.replace("lr: 3e-4", "learning_rate: 1.0e-4"))
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    assert str(e.value) == f"unknown key 'trainer.learning_rate' in {p}; did you mean 'trainer.lr'?"
+
+
+def test_a_relative_path_that_exists_only_beside_the_config_says_so_at_load(tmp_path, monkeypatch):
+    """Run from elsewhere, `assets/shapes_t2i` read as a hub id (five download retries, then a failure)."""
+    root = SHAPES.parents[1]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        load_config(SHAPES)
+    assert str(e.value) == (
+        f"policy.options.path='assets/shapes_t2i' in {SHAPES} is a relative path, and relative paths in a config are "
+        f"read from the working directory ({tmp_path}), where it does not exist; it exists under {root}, a folder "
+        f"above the config file. Run the command from that folder (cd {root}), or give the absolute path: "
+        f"policy.options.path={root}/assets/shapes_t2i"
+    )
+    cfg = load_config(SHAPES, [f"policy.options.path={root}/assets/shapes_t2i"])  # the fix
+    assert cfg.policy.options["path"] == f"{root}/assets/shapes_t2i"
+    (tmp_path / "assets" / "shapes_t2i").mkdir(parents=True)  # a folder of that name here: read from here
+    assert load_config(SHAPES).policy.options["path"] == "assets/shapes_t2i"
+
+
+def test_max_steps_0_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"trainer.max_steps=0 in command-line override 'trainer.max_steps=0' must "
+                                        r"be >= 1 \(0 would train nothing"):  # fmt: skip
+        load_config(write(tmp_path, GOOD), ["trainer.max_steps=0"])

@@ -359,7 +359,7 @@ def test_bad_sde_options_fail_when_the_config_loads_before_any_model(tmp_path):
             load_config(None, [f"policy.options.sde.noise_level={bad}"], base=base)
     with pytest.raises(
         UserError,
-        match="unknown key 'policy.options.sde.noise' in the config; did you mean 'policy.options.sde.noise_level'",
+        match="unknown key 'policy.options.sde.noise' in command-line override 'policy.options.sde.noise=0.3'; did",
     ):
         load_config(None, ["policy.options.sde.noise=0.3"], base=base)
     with pytest.raises(UserError, match="unknown sde kind 'danse'.*did you mean 'dance'"):
