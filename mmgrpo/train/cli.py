@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import mmgrpo
 from mmgrpo.core import plugins
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, as_shown
 from mmgrpo.core.registry import registries
 from mmgrpo.rewards.server import main as serve_main
 from mmgrpo.train.accelerator import quiet_deepspeed_probe
@@ -134,8 +133,9 @@ def cmd_list() -> int:
 
 
 def paragraph(text: str) -> str:
-    """A message as the CLI prints it: wrapped to 100 columns, words and hyphenated names kept whole."""
-    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+    """A message as the CLI prints it (:func:`~mmgrpo.core.errors.as_shown`): its first line wrapped to 100 columns,
+    words and hyphenated names kept whole; the lines after it (a YAML error's lines with their carets) as they are."""
+    return as_shown(text)
 
 
 @contextmanager

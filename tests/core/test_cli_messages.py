@@ -150,3 +150,14 @@ def test_mmgrpos_warnings_print_as_one_line_each_once_in_the_cli_only(workdir, c
     warnings.warn_explicit("mmgrpo's, in a library caller", UserWarning, ours, 2)
     assert capsys.readouterr().err == "warning: a message of mmgrpo's\n"
     assert [str(w.message) for w in recwarn] == ["another package's message", "mmgrpo's, in a library caller"]
+
+
+def test_a_yaml_syntax_errors_lines_print_below_its_paragraph_with_their_carets(tmp_path, capsys):
+    """The CLI wraps an error's paragraph, not the lines of the YAML file it shows (wrapping ran them into the
+    paragraph and moved the carets)."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("pipeline: bandit\ntrainer:\n  lr: [3e-4\n  max_steps: 2\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.yaml' is not valid" in err
+    assert "\n  3 |   lr: [3e-4\n    |       ^\n" in err
