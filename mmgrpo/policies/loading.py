@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,3 +110,20 @@ def refuse_video_options(adapter: type, opts: GeneratorPolicyOptions) -> None:
         if getattr(opts, key) and key not in params:
             raise bad_option(f"policy.options.{key}", getattr(opts, key), f"family {opts.family!r} takes no {key} "
                              f"(its {adapter.__name__} makes images); set it to 0 or remove it")  # fmt: skip
+
+
+def runnable_attention(opts: GeneratorPolicyOptions, device: Any, what: str) -> GeneratorPolicyOptions:
+    """``opts`` for ``what`` (``mmgrpo export``, ``mmgrpo sample``) of a run: its ``attention`` where it runs on
+    ``device``, else ``sdpa`` with a warning. A run trained with xformers on a GPU is exported or sampled on a
+    machine without one: its weights do not depend on the attention kernel (sdpa computes the same attention, to
+    float rounding), so refusing, as training must, would only stop the user."""
+    if opts.attention != "xformers":
+        return opts
+    try:
+        check_attention(opts.attention, device)
+        return opts
+    except UserError:
+        why = "PyTorch's attention: the same weights, the same attention to float rounding"
+        warnings.warn(f"the run's policy.options.attention=xformers cannot run on {device} here; {what} uses sdpa "
+                      f"({why})", stacklevel=2)  # fmt: skip
+        return dataclasses.replace(opts, attention="sdpa")

@@ -43,7 +43,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.files import check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.policies.diffusion import DiffusionPolicy
-from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnable_attention
 from mmgrpo.policies.sources import is_hub_id
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
@@ -128,6 +128,7 @@ def build_policy(cfg: Any, device: str = "cpu") -> Any:
     if cls is not None and issubclass(cls, GeneratorPolicyOptions):
         opts = options_from(cls, cfg.policy.options, "the run's config.yaml", "policy.options")
         opts = dataclasses.replace(opts, reference_kl=False, gradient_checkpointing=False)
+        opts = runnable_attention(opts, device, "mmgrpo export")
         return DiffusionPolicy(load_adapter(opts, device), opts)
     if cls is not None and issubclass(cls, VLMPolicyOptions):
         opts = options_from(cls, cfg.policy.options, "the run's config.yaml", "policy.options")

@@ -48,7 +48,7 @@ from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import decoded_meta, read_prompts
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.exploration import FullOptions
-from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
+from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnable_attention
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
@@ -332,6 +332,7 @@ def build_policy(args: argparse.Namespace) -> tuple[Any, Path | None, Any]:
         opts = dataclasses.replace(opts, dtype=args.dtype)
     opts = sampling_options(opts, args.steps, args.guidance)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    opts = runnable_attention(opts, device, "mmgrpo sample")
     policy = DiffusionPolicy(load_adapter(opts, device), opts)
     if ckpt is not None:
         load_trained_weights(policy.unwrapped(), ckpt, ema=args.ema, verified=True)  # find_checkpoint verified it

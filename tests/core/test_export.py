@@ -484,3 +484,13 @@ def test_shipped_shapes_vlm_is_a_transformers_model_that_answers_as_the_policy(t
             i,
             policy._decode(completion),
         )
+
+
+def test_a_run_trained_with_xformers_exports_on_a_machine_without_it(sd3, tmp_path):
+    """xformers needs a CUDA GPU (training refuses it elsewhere); a run trained with it is exported or sampled on a
+    CPU machine with sdpa and a warning: the weights do not depend on the attention kernel."""
+    run = sd3[0]["lora"]
+    cfg = load_config(run / "config.yaml", ["policy.options.attention=xformers"])
+    with pytest.warns(UserWarning, match="attention=xformers cannot run on cpu here; mmgrpo export uses sdpa"):
+        policy = build_policy(cfg)
+    assert policy.opts.attention == "sdpa"

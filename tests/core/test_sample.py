@@ -433,3 +433,28 @@ def test_best_of_n_hands_a_prompt_files_fields_to_the_reward_as_training_does(tm
     code, _, err = run_cli(capsys, *common, "--reward", "test_raises", "--out", tmp_path / "e")
     assert code == 2 and "reward 'test_raises' raised ValueError at step 0: 'model server unreachable'" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_a_run_trained_with_xformers_samples_with_sdpa_on_a_machine_without_it(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["policy"]["options"]["attention"] = "xformers"  # as trained on a GPU
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = parse_args(
+        [
+            "--run",
+            str(run),
+            "--prompts",
+            "x",
+            "--best-of",
+            "1",
+            "--reward",
+            "jpeg_incompressibility",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    with pytest.warns(UserWarning, match="attention=xformers cannot run on cpu here; mmgrpo sample uses sdpa"):
+        policy, _, opts = build_policy(args)
+    assert opts.attention == "sdpa" and policy.opts.attention == "sdpa"
