@@ -56,11 +56,12 @@ def is_factory(obj: Any) -> bool:
     """Whether ``obj`` is a reward factory (called with the reward's options, returning the reward callable) rather
     than a plain reward callable (called with ``samples, prompts, meta, ctx``).
 
-    The rule: a callable is a plain reward when it takes at least four positional parameters and either the first
-    three of them have no default (``def r(samples, prompts, meta, ctx=None)``: only ``ctx``, and any parameter
-    after it, may have one) or the first four are named ``samples, prompts, meta, ctx`` (defaults or not); anything
-    else is a factory. So a factory whose options all have defaults (``def make(model="x", size=224, batch=8,
-    device="cpu")``) stays a factory however many it has, and so does one with fewer than three required options.
+    The rule: a callable is a plain reward when its first four positional parameters are named ``samples, prompts,
+    meta, ctx`` (defaults or not: ``def r(samples, prompts, meta, ctx=None)``), or when it has at least four
+    positional parameters without a default (the rule before names counted, kept for rewards named otherwise);
+    anything else is a factory. So a factory whose options have defaults (``def make(model="x", size=224, batch=8,
+    device="cpu")``) or with three required options and a fourth with a default (``def make(path, threshold,
+    scale, device="cpu")``) stays a factory.
     """
     try:
         params = [
@@ -70,11 +71,9 @@ def is_factory(obj: Any) -> bool:
         ]
     except (TypeError, ValueError):
         return False
-    if len(params) < 4:
-        return True
-    required = all(p.default is p.empty for p in params[:3])
     named = tuple(p.name for p in params[:4]) == REWARD_ARGUMENTS
-    return not (required or named)
+    required = sum(p.default is p.empty for p in params) >= 4
+    return not (named or required)
 
 
 def resolve(name: str) -> Callable[..., Any]:

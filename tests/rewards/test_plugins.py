@@ -118,8 +118,8 @@ def test_a_dotted_path_module_in_the_working_directory_loads_from_the_console_sc
 
 def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_path, monkeypatch):
     """``def r(samples, prompts, meta, ctx=None)`` was called as a factory (only required parameters were counted):
-    "bad options {'ctx': None} (missing 3 required positional arguments)". A factory whose options all have
-    defaults stays one, however many it has."""
+    "bad options {'ctx': None} (missing 3 required positional arguments)". A factory whose options have
+    defaults stays one, however many it has, and so does one with three required options and a fourth."""
     import sys
 
     (tmp_path / "default_ctx_mod.py").write_text(
@@ -132,6 +132,12 @@ def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_p
 
         def make(model="x", size=224, batch=8, device="cpu"):
             return ctx_default
+
+        def make_required(path, threshold, scale, device="cpu"):
+            return ctx_default
+
+        def positional(a, b, c, d):
+            return [1.0 for _ in a]
     """)
     )
     _console_script_path(monkeypatch, tmp_path)
@@ -139,6 +145,8 @@ def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_p
     assert not rewards.is_factory(rewards.resolve("default_ctx_mod.ctx_default"))
     assert not rewards.is_factory(rewards.resolve("default_ctx_mod.all_defaults"))  # named as a reward's arguments
     assert rewards.is_factory(rewards.resolve("default_ctx_mod.make"))
+    assert rewards.is_factory(rewards.resolve("default_ctx_mod.make_required"))  # three required options + one
+    assert not rewards.is_factory(rewards.resolve("default_ctx_mod.positional"))  # four required: a reward, as before
     assert rewards.is_factory(rewards.resolve("remote")) and rewards.is_factory(rewards.resolve("shapes"))
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "rewards=[{name: default_ctx_mod.ctx_default}]"],
                       base=BANDIT)  # fmt: skip
