@@ -160,8 +160,9 @@ def shapes_checklist(objects: list[tuple[str, str]], color: str, rng: np.random.
     return [[f"How many {color} objects are there?", str(n)], [f"Is there a {shape}?", "yes" if present else "no"]]
 
 
-NOT_JSON = (".csv", ".tsv", ".txt", ".parquet", ".arrow")
-"""data-file suffixes that are not JSON: refused by name, where they were read as JSONL ("line 1 is not valid JSON")"""
+NOT_JSON = (".csv", ".tsv", ".parquet", ".arrow")
+"""data-file suffixes that are not JSON: refused by name, where they were read as JSONL ("line 1 is not valid JSON");
+not ``.txt``, which may well hold JSON lines (read as before)"""
 
 
 def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, convert=None) -> list[tuple[str, dict]]:

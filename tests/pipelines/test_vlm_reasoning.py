@@ -297,3 +297,5 @@ def test_a_csv_questions_file_is_named_as_unsupported_with_the_conversion_that_w
     ((prompt, meta),) = load_jsonl(out)
     assert prompt["question"] == "What colour?" and meta["answer"] == "red"
     assert meta["images"] == [str(tmp_path / "red.png")]
+    (tmp_path / "q.txt").write_text(out.read_text())  # JSON lines in a .txt file read as before
+    assert load_jsonl(tmp_path / "q.txt")[0][0]["question"] == "What colour?"
