@@ -63,7 +63,13 @@ class DuplicateKeyError(yaml.MarkedYAMLError):
 _MERGE = "tag:yaml.org,2002:merge"
 
 
-def _no_duplicate_keys(node: yaml.Node, path: str) -> None:
+def _no_duplicate_keys(node: yaml.Node, path: str, checked: set[int] | None = None) -> None:
+    """Raise :class:`DuplicateKeyError` for a key given twice in one mapping under ``node``; each node is checked
+    once (``checked``: an alias shares its anchor's node, which may hold itself or be shared many times)."""
+    checked = set() if checked is None else checked
+    if id(node) in checked:
+        return
+    checked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[tuple[str, str], yaml.Mark] = {}
         for key, value in node.value:
@@ -72,10 +78,10 @@ def _no_duplicate_keys(node: yaml.Node, path: str) -> None:
                 if (key.tag, key.value) in seen:
                     raise DuplicateKeyError(name, seen[key.tag, key.value], key.start_mark)
                 seen[key.tag, key.value] = key.start_mark
-                _no_duplicate_keys(value, name)
+                _no_duplicate_keys(value, name, checked)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _no_duplicate_keys(item, f"{path}.{i}" if path else str(i))
+            _no_duplicate_keys(item, f"{path}.{i}" if path else str(i), checked)
 
 
 def load_yaml(text: str) -> Any:

@@ -291,12 +291,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except DuplicateKeyError as e:
         raise UserError(yaml_error_message(e, f"the value of command-line override {text!r}", raw)) from e
     except yaml.YAMLError as e:
-        if raw.lstrip().startswith(("[", "{")):  # a list or mapping meant, not text: its syntax error, not a string
+        mark = getattr(e, "problem_mark", None)
+        unclosed = mark is not None and mark.index >= len(raw.rstrip())  # the text ended inside the list / mapping
+        if raw.lstrip().startswith(("[", "{")) and unclosed:  # a list or mapping meant: its error, not a string
             raise UserError(
                 yaml_error_message(e, f"the value of command-line override {text!r}", raw)
                 + f"\n(to give that text as a string, quote it: \"{key}='{raw}'\")"
             ) from e
-        value = raw  # text that YAML does not read (a prompt with ': ' in it) is that text
+        value = raw  # text that YAML does not read (a prompt with ': ' in it, "[cinematic] a cat") is that text
     return key.split("."), value
 
 

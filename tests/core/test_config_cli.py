@@ -314,6 +314,21 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column_and_shows_the_line(t
     assert lines == ["  1 | [0.9, 0.99", "    | ^         ^", "(to give that text as a string, quote it: "
                      "\"trainer.adam_betas='[0.9, 0.99'\")"]  # fmt: skip
     assert parse_override("data.options.prompt=cat: on: mat")[1] == "cat: on: mat"  # text YAML does not read: text
+    # a closed bracket followed by more text is a prompt, not a broken list (it was refused)
+    assert parse_override("data.options.default_prompt=[cinematic] a cat")[1] == "[cinematic] a cat"
+    assert parse_override("data.options.default_prompt={} in watercolor")[1] == "{} in watercolor"
+
+
+def test_the_duplicate_key_check_visits_an_aliased_node_once():
+    """An anchor that holds itself recursed without end (RecursionError), and chained aliases were walked once per
+    use (2**18 visits at 18 levels); a duplicate under an alias is still found."""
+    from mmgrpo.core.config_yaml import DuplicateKeyError, load_yaml
+
+    assert load_yaml("a: &x [1, *x]")["a"][0] == 1
+    chain = "l0: &a0 [1, 2]\n" + "".join(f"l{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 19))
+    assert len(load_yaml(chain)) == 19
+    with pytest.raises(DuplicateKeyError):
+        load_yaml("base: &b {lr: 1, lr: 2}\nother: *b\n")
 
 
 @pytest.mark.parametrize(
