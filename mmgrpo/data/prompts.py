@@ -168,6 +168,10 @@ class PromptList:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    fingerprint_scheme = 1
+    """what :meth:`fingerprint` hashes, numbered: a checkpoint keeps it beside the fingerprint, and a resume compares
+    fingerprints of the same scheme only (a subclass that changes :meth:`identity` gives a new number)"""
+
     def identity(self, prompt: str) -> str:
         """What defines a prompt for :meth:`fingerprint`: its text (a subclass whose prompts carry a condition, such
         as image-to-video's first frame, adds it)."""

@@ -124,6 +124,8 @@ def read_pairs(spec: str, default_prompt: str = "") -> list[FramePrompt]:
 class FramePromptList(PromptList):
     """PromptList over FramePrompts whose batches also carry each frame in ``meta`` (for rewards and the adapter)."""
 
+    fingerprint_scheme = 2  # 1 (checkpoints before 2026-12-07): the prompt texts alone
+
     def identity(self, prompt: str) -> str:
         """A condition is its text AND its first frame (an image, or a video whose first frame is read): a file
         replaced under the same name is another condition, so the fingerprint names the file's name and size too

@@ -12,6 +12,7 @@ components); the trainer's ``state_dict``, ``save`` and ``load`` call them.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,12 @@ def state_dict(tr: Any, keep: bool = True, nonfinite: list[str] | None = None) -
 
 
 def prompt_pool(tr: Any) -> dict[str, Any]:
-    """What identifies the training prompts: their number and, where the source offers one, a fingerprint."""
+    """What identifies the training prompts: their number and, where the source offers one, a fingerprint (with the
+    number of its scheme, :attr:`mmgrpo.data.prompts.PromptList.fingerprint_scheme`)."""
     source = tr.comp.prompts
     fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else None
-    return {"size": tr.comp.prompt_count, "fingerprint": fingerprint}
+    return {"size": tr.comp.prompt_count, "fingerprint": fingerprint,
+            "scheme": getattr(source, "fingerprint_scheme", 1)}  # fmt: skip
 
 
 def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
@@ -68,7 +71,12 @@ def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
     if not saved or tr.cfg.resume_force:
         return
     now = prompt_pool(tr)
-    changed = [k for k in ("size", "fingerprint") if saved.get(k) is not None and now[k] != saved[k]]
+    keys = ["size", "fingerprint"]
+    if saved.get("fingerprint") is not None and saved.get("scheme", 1) != now["scheme"]:
+        keys.remove("fingerprint")  # of another scheme (an older checkpoint): not comparable, the count still is
+        warnings.warn(f"resume: checkpoint {path} fingerprinted the training prompts in an older way, so edits of "
+                      "them since cannot be checked (their number is the same)", stacklevel=2)  # fmt: skip
+    changed = [k for k in keys if saved.get(k) is not None and now[k] != saved[k]]
     if changed:
         what = (
             f"{saved['size']} prompts then, {now['size']} now"

@@ -35,3 +35,32 @@ def test_the_conditions_fingerprint_covers_each_first_frame_not_only_the_prompts
     assert after != before
     write_mp4(tmp_path / "b.mp4", frames=6, size=32)  # another video under the same name
     assert fingerprint() not in (before, after)
+
+
+def test_a_checkpoint_whose_fingerprint_is_of_the_texts_alone_resumes_with_a_warning(tmp_path):
+    """Checkpoints before 2026-12-07 fingerprinted the image-to-video prompts by their texts alone; compared with
+    today's fingerprint of texts and frames, every such resume read as edited data and was refused. A fingerprint
+    of another scheme is not compared (the count still is); one of the same scheme still refuses edited data."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from mmgrpo.core.errors import UserError
+    from mmgrpo.data.prompts import PromptList
+    from mmgrpo.train.trainer_state import check_prompt_pool, prompt_pool
+
+    noise(1, 40).save(tmp_path / "a.png")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "image": "a.png"}\n')
+    source = FramePromptList(read_pairs(str(tmp_path / "p.jsonl")), seed=0)
+    tr = SimpleNamespace(cfg=SimpleNamespace(resume_force=False), comp=SimpleNamespace(prompts=source, prompt_count=1))
+    old = {"size": 1, "fingerprint": PromptList(list(source.prompts), seed=0).fingerprint()}  # texts alone, no scheme
+    with pytest.warns(UserWarning, match="fingerprinted the training prompts in an older way"):
+        check_prompt_pool(tr, old, "ckpt")
+    saved = prompt_pool(tr)
+    assert saved["scheme"] == 2
+    check_prompt_pool(tr, saved, "ckpt")  # the same data
+    noise(2, 32).save(tmp_path / "a.png")  # another frame under the same name
+    edited = FramePromptList(read_pairs(str(tmp_path / "p.jsonl")), seed=0)
+    tr.comp.prompts = edited
+    with pytest.raises(UserError, match="the same number, edited"):
+        check_prompt_pool(tr, saved, "ckpt")
