@@ -52,7 +52,7 @@ RESUMABLE = (
     "trainer.log_every", "trainer.eval_every", "trainer.sample_every", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.dump_advantages", "trainer.micro_batch_size", "trainer.micro_batch_units",
     "trainer.rollout_chunks", "trainer.log_with", "run.name", "run.output_dir", "run.overwrite", "resume",
-    "resume_force",
+    "resume_force", "policy.options.fps",  # the frame rate written samples play at: no sample changes
 )  # fmt: skip
 """config keys a resume may change: how long, how often to log/evaluate/save, where metrics go besides
 metrics.jsonl, how rows are chunked in memory"""

@@ -393,3 +393,15 @@ def test_a_resume_over_edited_training_prompts_is_refused_unless_forced(tmp_path
     with pytest.raises(UserError, match=r"\(8 prompts then, 9 now\).*resume_force=true"):
         train(load_config(config, [*over, f"resume={first.run_dir}"]))
     assert train(load_config(config, [*over, f"resume={first.run_dir}", "resume_force=true"])).step == 3
+
+
+def test_a_resume_may_change_the_frame_rate_of_the_written_samples():
+    """policy.options.fps sets only how fast the written videos play (no sample changes), so a resume may change it
+    (it was refused unless resume_force, and named as an option added since on every older run's resume)."""
+    from mmgrpo.train.config import config_diff
+    from mmgrpo.train.run_dir import RESUMABLE
+
+    base = load_config("configs/shapes_t2i_grpo.yaml")
+    other = load_config("configs/shapes_t2i_grpo.yaml", ["policy.options.fps=12"])
+    assert [k for k, _, _ in config_diff(base, other)] == ["policy.options.fps"]
+    assert config_diff(base, other, ignore=RESUMABLE) == []
