@@ -37,18 +37,15 @@ from mmgrpo.core.types import PromptBatch
 from mmgrpo.data import shapes_qa
 from mmgrpo.data.hf_datasets import StoredImage, opened
 from mmgrpo.data.vlm_formats import parse_box_value, to_grounding_record
+from mmgrpo.data.vlm_records import check_text, example_identity, jsonl_records, media_base
 from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.pipelines.vlm_reasoning import (
     PairedScores,
     QAPrompts,
     check_heldout_fraction,
     check_question_lengths,
-    check_text,
     check_vlm_data,
-    example_identity,
-    jsonl_records,
     load_vlm_policy,
-    media_base,
     seeded_split,
     warn_repeated_heldout,
     warn_short_evaluation,
@@ -214,7 +211,7 @@ class GroundingExamples:
 
     def identity(self, i: int) -> str:
         """What defines train example ``i`` (:meth:`~mmgrpo.pipelines.vlm_reasoning.QAPrompts.fingerprint`): a
-        file's record and the question suffix (:func:`~mmgrpo.pipelines.vlm_reasoning.example_identity`), or a
+        file's record and the question suffix (:func:`~mmgrpo.data.vlm_records.example_identity`), or a
         shapes scene's options and seed (the same options draw the same scene)."""
         d = self.data
         if self.records is not None:
