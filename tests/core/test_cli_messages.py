@@ -159,5 +159,5 @@ def test_a_yaml_syntax_errors_lines_print_below_its_paragraph_with_their_carets(
     path.write_text("pipeline: bandit\ntrainer:\n  lr: [3e-4\n  max_steps: 2\n")
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "broken.yaml' is not valid" in err
+    assert "broken.yaml' is not valid YAML: line 4" in " ".join(err.split())  # the paragraph wraps where the path ends
     assert "\n  3 |   lr: [3e-4\n    |       ^\n" in err
