@@ -268,8 +268,10 @@ def test_a_short_evaluation_of_the_synthetic_shapes_qa_is_named():
                                "data.options.eval_examples=8"])  # fmt: skip
     with pytest.warns(UserWarning, match=r"^the synthetic shapes QA: the split holds 2 held-out example\(s\), fewer "
                       r"than data.options.eval_examples=8; each evaluation answers only 2 \(raise "
-                      r"data.options.num_examples or data.options.heldout_fraction for more\)"):  # fmt: skip
-        build_vlm_reasoning(cfg)
+                      r"data.options.num_examples or data.options.heldout_fraction for more\)") as caught:  # fmt: skip
+        comp = build_vlm_reasoning(cfg)
+    assert sum("the synthetic shapes QA: the split holds" in str(w.message) for w in caught) == 1  # said once
+    assert comp.prompt_count == 18  # the 20 examples less the 2 held out: what training draws from
 
 
 def test_a_csv_questions_file_is_named_as_unsupported_with_the_conversion_that_works(tmp_path, monkeypatch):
