@@ -279,6 +279,18 @@ class DiffusionPolicy:
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.objective.load_training_state(state)
 
+    def sampling_grid(self) -> dict[str, Any]:
+        """The model times and noise levels (flow: sigmas; DDIM: alpha-bars) that a rollout of ``num_steps`` steps goes
+        through: a checkpoint keeps them, so that resuming it on a version of mmgrpo that steps on another grid is
+        refused (:func:`mmgrpo.train.trainer_state.check_sampling_grid`) rather than continued on other steps
+        unnoticed."""
+        s = self.adapter.schedule(self.opts.num_steps)
+        levels = s.sigmas if s.sigmas is not None else s.alpha_bars
+        return {
+            "timesteps": s.timesteps.float().tolist(),
+            "levels": None if levels is None else levels.float().tolist(),
+        }
+
     # ------------------------------------------------------------------ helpers
     def unwrapped(self) -> nn.Module:
         return getattr(self.model, "module", self.model)

@@ -52,6 +52,7 @@ def state_dict(tr: Any, keep: bool = True, nonfinite: list[str] | None = None) -
         "methods": {k: st.state_dict() for k, st in tr.comp.method_state.items()},
         "sampler": tr.sampler.state_dict(),
         "prompts": prompt_pool(tr),
+        "sampling_grid": sampling_grid(tr),
         "grad_scaler": tr.acc.scaler.state_dict() if tr.acc.scaler is not None else None,  # fp16 on a GPU: its scale
     }
 
@@ -88,6 +89,60 @@ def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
             "repeat some prompts and skip others. Restore the prompt data, or pass resume_force=true to continue "
             "over the new prompts"
         )
+
+
+def sampling_grid(tr: Any) -> dict[str, Any] | None:
+    """The grid a diffusion policy samples on (:meth:`mmgrpo.policies.diffusion.DiffusionPolicy.sampling_grid`);
+    None for a policy without one (a VLM)."""
+    grid = getattr(tr.policy, "sampling_grid", None)
+    return grid() if callable(grid) else None
+
+
+GRID_TOLERANCE = 1e-6
+"""the largest difference of a model time or noise level between a checkpoint's grid and the resumed run's that
+still counts as the same grid (the schedulers compute them in float32)"""
+
+
+def check_sampling_grid(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
+    """Refuse a resume whose sampling grid differs from the one the checkpoint was trained on (unless
+    ``resume_force``): ``policy.options.num_steps`` is the same (the config check holds it), so the grid changed
+    with mmgrpo itself (e.g. Wan's, which moved to the UniPC flow sigmas its checkpoints ship on 2026-12-07), and the
+    run would go on sampling and training other steps than it started with. A checkpoint from before grids were
+    kept is not comparable: a Wan one is resumed with a warning, since Wan's is the grid that changed."""
+    now = sampling_grid(tr)
+    if now is None or tr.cfg.resume_force:
+        return
+    family = getattr(getattr(tr.policy, "adapter", None), "family", "")
+    if saved is None:
+        if family == "wan":
+            warnings.warn(f"resume: checkpoint {path} keeps no sampling grid (written before 2026-12-07); a Wan run "
+                          "started before then stepped on flow Euler's default grid, and continues on UniPC's flow "
+                          "sigmas, the grid Wan checkpoints ship", stacklevel=2)  # fmt: skip
+        return
+    diffs = [
+        abs(a - b)
+        for key in ("timesteps", "levels")
+        if now.get(key) is not None and saved.get(key) is not None and len(now[key]) == len(saved[key])
+        for a, b in zip(now[key], saved[key])
+    ]
+    same_shape = all(len(now.get(k) or []) == len(saved.get(k) or []) for k in ("timesteps", "levels"))
+    if same_shape and max(diffs, default=0.0) <= GRID_TOLERANCE:
+        return
+    steps = tr.policy.opts.num_steps
+
+    def shown(levels: list[float] | None) -> str:
+        return (
+            "none"
+            if not levels
+            else "[" + ", ".join(f"{v:.4g}" for v in levels[:4]) + (", ...]" if len(levels) > 4 else "]")
+        )
+
+    raise UserError(
+        f"resume: the {family} sampler steps policy.options.num_steps={steps} on another grid than checkpoint {path} "
+        f"was trained on (noise levels then {shown(saved.get('levels'))}, now {shown(now.get('levels'))}): this "
+        "version of mmgrpo computes other steps than the run started with. Continue it with the version that wrote "
+        "the checkpoint, or pass resume_force=true to go on on the new grid"
+    )
 
 
 def named_params(tr: Any, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -160,6 +215,7 @@ def load(tr: Any, path: str | Path) -> None:
     if state.get("policy") is not None and hasattr(tr.policy, "load_training_state"):
         tr.policy.load_training_state(state["policy"])
     check_prompt_pool(tr, state.get("prompts"), path)
+    check_sampling_grid(tr, state.get("sampling_grid"), path)
     if state.get("sampler"):
         tr.sampler.load_state_dict(state["sampler"])
     if tr.acc.scaler is not None and state.get("grad_scaler"):  # else it starts again from its initial scale

@@ -307,12 +307,36 @@ def test_text_to_video_training_changes_only_lora(tmp_path):
     assert_only_lora_changed(before, trainer.policy.unwrapped())
     mp4 = open_video(trainer.run_dir / "samples" / "train_step_000001.mp4", "test")  # videos are logged as mp4
     assert len(mp4) == 5 and mp4.fps == 16  # at the rate Wan makes them, not a fixed 8 fps (a clip twice as long)
+    check_the_checkpoints_sampling_grid(trainer)
     (tmp_path / "clips").mkdir()
     write_mp4(tmp_path / "clips" / "c.mp4", (0, 200, 0))  # valid data: the data is read before the checkpoint
     with pytest.raises(UserError, match="is not an image-to-video checkpoint; use pipeline text_to_video"):
         run_recipe(
             tmp_path / "x", "image_to_video", ckpt, {"pairs": str(tmp_path / "clips"), "default_prompt": "a"}, {}
         )
+
+
+def check_the_checkpoints_sampling_grid(trainer):
+    """A checkpoint keeps the grid its run sampled on, and a resume on another grid (this mmgrpo stepping otherwise
+    than the one that wrote it, as Wan's moved to the UniPC flow sigmas on 2026-12-07) is refused, naming both grids,
+    unless resume_force; a checkpoint keeping none (written before) resumes a Wan run with a warning."""
+    from mmgrpo.train import checkpoint as ckpt
+    from mmgrpo.train.trainer_state import check_sampling_grid
+
+    path = ckpt.latest_checkpoint(trainer.run_dir / "checkpoints")
+    saved = ckpt.load_checkpoint(path)["sampling_grid"]
+    sigmas = [1.0, 0.9, 0.75, 0.0]  # by hand: num_steps 3 on UniPC's flow sigmas, shift 3: 3s / (1 + 2s)
+    expected = [1.0] + [3 * s / (1 + 2 * s) for s in np.linspace(1, 0.001, 4)[1:-1]] + [0.0]
+    assert np.allclose(saved["levels"], expected, atol=1e-6) and len(saved["timesteps"]) == 3
+    check_sampling_grid(trainer, saved, path)  # the same grid: nothing to say
+    old = {**saved, "levels": sigmas}
+    with pytest.raises(UserError, match=r"num_steps=3 on another grid .*then \[1, 0\.9, 0\.75, 0\], now \[1, 0\.8"):
+        check_sampling_grid(trainer, old, path)
+    with pytest.warns(UserWarning, match="keeps no sampling grid .* continues on UniPC's flow sigmas"):
+        check_sampling_grid(trainer, None, path)
+    trainer.cfg.resume_force = True
+    check_sampling_grid(trainer, old, path)
+    trainer.cfg.resume_force = False
 
 
 def test_image_to_video_training_from_mp4_folder_changes_only_lora(tmp_path):
