@@ -301,10 +301,13 @@ class Trainer(CollectPhase, UpdatePhase):
             start_trackers(self.acc, self.cfg, self.run_dir, self.step)
             try:
                 last = self._train(flag)
+                self.doing = f"while closing the trackers after step {self.step}"
             finally:
                 end_trackers(self.acc)
         if self.acc.is_main_process:
+            self.doing = f"while writing report.html after step {self.step}"
             write_report(self.run_dir)
+        self.doing = ""
         return last
 
     def _stop_requested(self, flag: Any, over_budget: bool = False) -> tuple[int, bool]:

@@ -94,6 +94,25 @@ def test_an_error_after_training_started_names_the_step_the_checkpoint_and_the_c
     assert steps == sorted(steps) and steps[-1] == 5
 
 
+def test_an_error_after_the_last_step_says_what_the_run_was_doing_then(workdir, capsys, monkeypatch):
+    """The message of an error after the loop (writing report.html, closing the trackers) named the loop's last
+    doing, "in the evaluation of step 5" or "while writing the checkpoint of step 5": it names what failed."""
+    from mmgrpo.core.errors import UserError
+    from mmgrpo.train import trainer as trainer_module
+
+    tmp, module = workdir
+
+    def no_report(run_dir):
+        raise UserError(f"cannot write {run_dir / 'report.html'}: no space left on device")
+
+    monkeypatch.setattr(trainer_module, "write_report", no_report)
+    (tmp / "fixed").touch()  # the reward sends no signal
+    code, _, err = run(capsys, "c.yaml", "run.output_dir=runs", "run.name=rep", "trainer.progress=false",
+                       f"rewards=[{{name: {module}.sigint_in_step_2}}]", "trainer.eval_every=0")  # fmt: skip
+    text = " ".join(err.split())
+    assert code == 2 and "The run stopped while writing report.html after step 5 (of 5 steps)" in text, err
+
+
 def test_an_interrupt_names_the_runs_own_config_and_its_command_continues(workdir, capsys):
     """The SIGINT message said `mmgrpo train CONFIG resume=...` with a literal CONFIG, and the shipped config
     without the first command's overrides is refused: it names the run's config.yaml, and the command works."""
