@@ -18,15 +18,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.sampling import StepPlan
 from mmgrpo.core.seeding import generator_for, prompt_seed
-from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, pad_groups
+from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts
 from mmgrpo.train.components import Components
 from mmgrpo.train.config import Config
 from mmgrpo.train.reroll import reroll
-from mmgrpo.train.scoring import score, take_groups, weighted_total
+from mmgrpo.train.scoring import score, take_groups, uninformative_groups, weighted_total
 
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
 
@@ -169,7 +168,7 @@ class CollectPhase:
                 rollout, cols = reroll(self, batch, base, rollout, cols, step, timers)
             if not a.dynamic_sampling:
                 return rollout, cols, timers
-            zero = adv_lib.zero_variance_groups(pad_groups(self.weighted(cols[0]), rollout.sizes))
+            zero = uninformative_groups(cols[0], self.rewards, rollout.sizes, a.combine)
             have = sum(p.num_groups for p, _ in kept)
             good = [g for g in range(rollout.num_groups) if not zero[g]][: self.B_local - have]
             bad = [g for g in range(rollout.num_groups) if zero[g]]

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from mmgrpo import rewards as reward_registry
+from mmgrpo.core.advantages import zero_variance_groups
 from mmgrpo.core.errors import UserError, listed, quoted
-from mmgrpo.core.types import RewardContext, Rollout, select_groups
+from mmgrpo.core.types import RewardContext, Rollout, pad_groups, select_groups
 
 
 def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
@@ -67,6 +68,9 @@ def to_column(name: str, value: Any, n: int, nan_ok: bool = False) -> torch.Tens
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise UserError(f"reward {name!r} returned a {value.dtype} tensor; expected real numbers [N]")
+        if value.dim() > 2 or (value.dim() == 2 and value.shape[1] != 1):  # e.g. [B, G] or [G, B]: which is which?
+            raise UserError(f"reward {name!r} returned a tensor of shape {list(value.shape)} for {n} rows; expected "
+                            f"[{n}] (or [{n}, 1]): one number per row, in the rows' order")  # fmt: skip
         col = value.detach().float().reshape(-1).cpu()
     elif isinstance(value, (list, tuple)):
         bad = [v for v in value if v is not None and (isinstance(v, bool) or not isinstance(v, (Real, torch.Tensor)))]
@@ -161,6 +165,26 @@ def weighted_total(cols: torch.Tensor, rewards: list[tuple[str, float, Any]]) ->
     """The configured weighted sum of reward columns ``cols [R, n]`` -> [n] (NaN, a reward's "no score", counts 0)."""
     w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32)[:, None]
     return (torch.nan_to_num(cols) * w).sum(0)
+
+
+def applicable_total(cols: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> torch.Tensor:
+    """:func:`weighted_total` with NaN on the rows no reward applies to: what the ``sum_then_normalize`` combiner
+    hands the estimator (such a row is left out of its group's statistics, not counted as a reward of 0)."""
+    return torch.where((~cols.isnan()).any(0), weighted_total(cols, rewards), math.nan)
+
+
+def uninformative_groups(
+    cols: torch.Tensor, rewards: list[tuple[str, float, Any]], sizes: list[int], combine: str
+) -> torch.Tensor:
+    """The groups [B] whose advantages are all 0 because their rewards tie, from reward columns ``cols [R, N]``:
+    under ``normalize_then_sum`` (each reward normalised on its own) those where every weighted reward's applicable
+    values tie; otherwise those where the applicable totals tie. Rows a reward does not apply to (NaN) are left out,
+    as the estimators leave them out: counted as 0, a group whose scored rows all tie looked spread, so DAPO's
+    dynamic sampling kept it (an update with advantage 0 everywhere) and ``adv/zero_variance_groups`` missed it."""
+    if combine == "normalize_then_sum":
+        ties = [zero_variance_groups(pad_groups(col, sizes)) for col, (_, w, _) in zip(cols, rewards) if w != 0]
+        return torch.stack(ties).all(0) if ties else torch.ones(len(sizes), dtype=torch.bool)
+    return zero_variance_groups(pad_groups(applicable_total(cols, rewards), sizes))
 
 
 def take_groups(rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:

@@ -59,7 +59,7 @@ from mmgrpo.train.report import (
 )
 from mmgrpo.train.run import run_training
 from mmgrpo.train.run_dir import prepare_run_dir  # noqa: F401  (also how tests build a run directory)
-from mmgrpo.train.scoring import build_rewards, reward_metrics
+from mmgrpo.train.scoring import applicable_total, build_rewards, reward_metrics, uninformative_groups
 from mmgrpo.train.signals import Interrupted, stop_on_signals
 from mmgrpo.train.tracking import (
     check_trackers_installed,
@@ -236,8 +236,11 @@ class Trainer(CollectPhase, UpdatePhase):
         if a.min_advantage is not None:
             adv_p = adv_p.clamp(min=a.min_advantage)
         adv = unpad_groups(adv_p, sizes)  # [N_total]
-        row_w = unpad_groups(adv_lib.get_row_weights(a.estimator)(totals, **opts), sizes)  # [N_total]
-        zero = adv_lib.zero_variance_groups(pad_groups(self.weighted(all_cols[0]), sizes))
+        # the rows no reward applies to are NaN for the row weights as for the estimator (MC-GRPO's pivot is the
+        # median of the scored rows)
+        applicable = pad_groups(applicable_total(shaped[0], self.rewards), sizes)
+        row_w = unpad_groups(adv_lib.get_row_weights(a.estimator)(applicable, **opts), sizes)  # [N_total]
+        zero = uninformative_groups(all_cols[0], self.rewards, sizes, a.combine)
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
             (self.run_dir / "debug").mkdir(parents=True, exist_ok=True)
             dump = {"advantages": adv_p.contiguous(), "rewards": all_cols.contiguous(),

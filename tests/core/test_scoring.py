@@ -18,6 +18,7 @@ def test_numbers_none_and_arrays_make_a_column():
     assert col.dtype == torch.float32 and col[:2].tolist() == [1.0, 2.5] and math.isnan(col[2])
     assert col[3:].tolist() == [0.5, 3.0]
     assert to_column("r", np.array([1, 2]), 2).tolist() == [1.0, 2.0]
+    assert to_column("r", torch.tensor([[1.0], [2.0]]), 2).tolist() == [1.0, 2.0]  # a reward model's [N, 1] logits
 
 
 @pytest.mark.parametrize(
@@ -33,11 +34,33 @@ def test_numbers_none_and_arrays_make_a_column():
         ("111", r"returned str"),
         (torch.tensor([True, False, True]), r"torch.bool tensor"),
         ([1.0, 2.0], r"returned 2 values for 3 rows"),
+        # a 2-D table was flattened in memory order: a [G, B] one scored every row with another row's reward
+        (torch.zeros(1, 3), r"a tensor of shape \[1, 3\] for 3 rows; expected \[3\] \(or \[3, 1\]\)"),
+        (np.zeros((3, 1, 1)), r"shape \[3, 1, 1\] for 3 rows"),
     ],
 )
 def test_bad_reward_values_are_user_errors_naming_the_reward(value, match):
     with pytest.raises(UserError, match=match):
         to_column("r", value, 3)
+
+
+def test_groups_whose_scored_rows_tie_are_uninformative_whatever_the_unscored_rows():
+    """Rows a reward does not apply to (NaN) are left out of the tie test as the estimators leave them out of their
+    statistics: counted as 0, group 0 below ([1, -, 1] under the one reward) looked spread, so DAPO's dynamic
+    sampling kept a group whose advantages are all 0. Under normalize_then_sum each reward's scored rows are tested
+    alone (group 0: [1, -, 1] and [.5, .5, -] tie each, though their sums 1.5, .5, 1 do not)."""
+    from mmgrpo.train.scoring import uninformative_groups
+
+    nan = math.nan
+    one = [("a", 1.0, None)]
+    cols = torch.tensor([[1.0, nan, 1.0, 0.0, 1.0, nan]])  # groups of 3: [1, -, 1] and [0, 1, -]
+    assert uninformative_groups(cols, one, [3, 3], "sum_then_normalize").tolist() == [True, False]
+    two = [("a", 1.0, None), ("b", 1.0, None)]
+    cols = torch.tensor([[1.0, nan, 1.0, 0.0, 1.0, nan], [0.5, 0.5, nan, nan, nan, nan]])
+    assert uninformative_groups(cols, two, [3, 3], "sum_then_normalize").tolist() == [False, False]
+    assert uninformative_groups(cols, two, [3, 3], "normalize_then_sum").tolist() == [True, False]
+    none = torch.full((1, 4), nan)  # no row scored: nothing to learn from
+    assert uninformative_groups(none, one, [2, 2], "sum_then_normalize").tolist() == [True, True]
 
 
 def test_nan_is_not_applicable_only_when_the_reward_declares_it():

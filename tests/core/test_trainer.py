@@ -208,6 +208,24 @@ def test_dynamic_sampling_refills_zero_variance_groups(tmp_path):
     assert m_dyn["dynamic/refill_rounds"] >= 1
 
 
+def test_dynamic_sampling_refills_groups_whose_scored_rows_tie(tmp_path):
+    """A reward that applies to every other row and scores the rows it applies to alike gives every group advantage 0;
+    the rows it does not apply to counted as reward 0 in the tie test, so no group was refilled and none counted as
+    zero-variance (adv/zero_variance_groups 0, adv/abs_mean 0)."""
+
+    if "test_every_other_row_scores_one" not in REWARDS:
+
+        @register("test_every_other_row_scores_one")
+        def factory():
+            return lambda samples, prompts, meta, ctx: [1.0 if i % 2 == 0 else None for i in range(len(meta))]
+
+    run = train(cfg_for(tmp_path, "rewards=[{name: test_every_other_row_scores_one}]", "trainer.max_steps=1",
+                        "advantage.dynamic_sampling=true", "advantage.max_refill_rounds=2"))  # fmt: skip
+    m = metrics(run.run_dir)[-1]
+    assert m["adv/abs_mean"] == 0.0 and m["adv/zero_variance_groups"] == 3  # every group, counted
+    assert m["dynamic/refill_rounds"] == 2 and m["dynamic/unfilled_groups"] == 3  # refilled, and no refill helped
+
+
 def test_prompts_are_layout_independent(tmp_path):
     trainer = Trainer(cfg_for(tmp_path), tmp_path / "r")
     batch = trainer.prompts_for(step=2, base=6)
