@@ -76,6 +76,18 @@ def is_factory(obj: Any) -> bool:
     return not (named or required)
 
 
+def _refuse_short_reward(name: str, obj: Any) -> None:
+    """A reward written with fewer than the four arguments (``def r(samples, prompts, meta)``) reads as a factory,
+    whose call with the options then failed with "missing 3 required positional arguments": say what it lacks."""
+    names = [p.name for p in inspect.signature(obj).parameters.values() if p.kind in (p.POSITIONAL_ONLY,
+             p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+    if names and tuple(names) == REWARD_ARGUMENTS[: len(names)]:
+        missing = ", ".join(REWARD_ARGUMENTS[len(names) :])
+        raise UserError(f"reward {name!r} takes ({', '.join(names)}), but a reward is called with "
+                        f"({', '.join(REWARD_ARGUMENTS)}); add {missing} to its parameters ({missing}=None where it "
+                        "is not used)")  # fmt: skip
+
+
 def resolve(name: str) -> Callable[..., Any]:
     """The factory (or plain reward callable) registered, published by entry point, or importable as ``name``."""
     return REWARDS.get(name)  # the registry also resolves entry points and dotted paths
@@ -85,6 +97,7 @@ def get(name: str, **options: Any) -> Callable[..., Any]:
     """Build the reward callable ``name`` with ``options``."""
     obj = resolve(name)
     if is_factory(obj):
+        _refuse_short_reward(name, obj)
         try:
             fn = obj(**options)
         except TypeError as e:

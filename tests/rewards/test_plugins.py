@@ -138,6 +138,9 @@ def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_p
 
         def positional(a, b, c, d):
             return [1.0 for _ in a]
+
+        def three(samples, prompts, meta):
+            return [1.0 for _ in samples]
     """)
     )
     _console_script_path(monkeypatch, tmp_path)
@@ -154,4 +157,7 @@ def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_p
     assert rewards.get("default_ctx_mod.ctx_default")(torch.tensor([2, 0]), None, None) == [2.0, 0.0]
     with pytest.raises(UserError, match="plain callable and takes no options"):
         rewards.get("default_ctx_mod.ctx_default", ctx=1)
+    # a reward without ctx reads as a factory; its call failed with "missing 3 required positional arguments"
+    with pytest.raises(UserError, match=r"takes \(samples, prompts, meta\), but a reward is called with .*add ctx"):
+        rewards.get("default_ctx_mod.three")
     sys.modules.pop("default_ctx_mod")
