@@ -98,5 +98,6 @@ PIPELINES.add(
         policy_options=BanditPolicyOptions,
         data_options=BanditDataOptions,
         description="categorical bandit: the smallest recipe, for testing the loop (configs/bandit.yaml)",
+        group_keys=True,  # each row's prompt is its stratum
     ),
 )

@@ -135,6 +135,9 @@ class Pipeline:
     policy_options: type | None = None
     data_options: type | None = None
     description: str = ""
+    group_keys: bool = False
+    """its policy's rollouts carry each row's stratum (``Rollout.group_keys``) without ``methods: {strata: ...}``:
+    the ``stratified`` estimator's ``keys`` (the bandit's prompts)"""
 
     def check(self, cfg: Any, where: str) -> None:
         """Validate ``policy.options`` / ``data.options`` against this pipeline's schemas."""

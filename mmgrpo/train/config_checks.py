@@ -74,6 +74,14 @@ def _check_sampler_fits(cfg: Any, methods: list, where: str) -> None:
                 f"advantage.estimator={cfg.advantage.estimator} in {where} takes the per-prompt input {name!r} from "
                 f"the prompt sampler, but sampler {cfg.sampler.name!r} gives none; set sampler: {who}"
             )
+    strata = any(method.name == "strata" for method, _ in methods)
+    if "keys" in declared and not strata and not components.PIPELINES.get(cfg.pipeline).group_keys:
+        raise UserError(
+            f"advantage.estimator={cfg.advantage.estimator} in {where} normalises each row within its stratum, but "
+            f"nothing gives the rows strata (pipeline {cfg.pipeline!r} has none of its own); add methods: {{strata: "
+            "{meta_key: <a prompt meta field, e.g. task>}} (or {count: '<a regex counted in the completion>'}, VLM "
+            "recipes), or pick another estimator"
+        )
     if not getattr(sampler, "varies_group_size", False):
         return
     for method, _ in methods:

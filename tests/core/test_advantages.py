@@ -214,10 +214,24 @@ def test_stratified_alpha_one_and_half():
 def test_stratified_single_row_stratum_and_missing_keys():
     # stratum 0: 1, 2 -> mean 1.5, std sqrt(0.5) = 0.707107 -> -0.707107, 0.707107; stratum 1 has one row -> 0
     close(get_estimator("stratified")(t([[1.0, 2.0, 3.0]]), keys=[[0, 0, 1]]), [[-0.707107, 0.707107, 0.0]])
-    with pytest.raises(UserError, match="pass per-row stratum keys"):
+    with pytest.raises(UserError, match="no per-row strata .* methods: {strata: {meta_key: <field>}} gives them"):
         get_estimator("stratified")(t([[1.0, 2.0]]))
     with pytest.raises(UserError, match="got 3 keys"):
         get_estimator("stratified")(t([[1.0, 2.0]]), keys=[0, 1, 2])
+
+
+def test_a_stratified_run_without_strata_is_refused_when_its_config_loads(tmp_path):
+    """advantage.estimator: stratified alone (as docs/architecture.md's table reads) failed at the first step, after
+    the model loaded, with a message about an option 'keys' no config can set: the config load names methods.strata.
+    The bandit's rows carry their prompt as stratum, so it runs as it is."""
+    from mmgrpo.train.config import load_config
+
+    out = f"run.output_dir={tmp_path}"
+    with pytest.raises(UserError, match=r"nothing gives the rows strata .*add methods: {strata: {meta_key: "):
+        load_config("configs/shapes_t2i_grpo.yaml", [out, "advantage.estimator=stratified"])
+    strata = "methods={strata: {meta_key: shape}}"
+    assert load_config("configs/shapes_t2i_grpo.yaml", [out, "advantage.estimator=stratified", strata]).methods
+    assert load_config("configs/bandit.yaml", [out, "advantage.estimator=stratified"]).advantage.estimator
 
 
 # ----------------------------------------------------------------------------------------- shaping

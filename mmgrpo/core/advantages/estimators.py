@@ -143,7 +143,10 @@ def mc_grpo(
     "mad" -> divide by MAD = median(|r - median|), times 1.4826 only when ``mad_consistency``.
     Guard (our choice): a divisor below ``eps`` falls back to the group std, and if that is also below ``eps``
     the advantage is r - median unscaled. Binary rewards often have MAD = 0; the authors' code then divides
-    by ~1e-3 and gives |A| = 1000, which swamps the loss.
+    by ~1e-3 and gives |A| = 1000, which swamps the loss. The MAD is the paper's scale, kept as it is: with
+    continuous rewards and few rows it can be tiny without falling below ``eps`` (G + 1 = 3: the median's distance
+    to its nearer neighbour; [0.5, 0.5001, 0.9] -> MAD 1e-4, A = [-1, 0, 3998]), so for continuous rewards at small
+    G prefer ``scale: std`` (A = [-0.0005, 0, 1.73] there), and watch ``adv/abs_mean``.
     """
     if scale not in ("none", "std", "mad"):
         raise UserError(f"mc_grpo: scale={scale!r} is not one of 'none', 'std', 'mad'; pick one of those")
@@ -252,8 +255,8 @@ def _stratum_ids(keys: Any, shape: torch.Size, device: torch.device) -> torch.Te
     """Dense stratum ids LongTensor [B*G] from per-row keys (Tensor [B, G] or [N], or a (nested) list)."""
     if keys is None:
         raise UserError(
-            "stratified: missing option 'keys'; pass per-row stratum keys, keys=Tensor[B, G] of ints "
-            "(or a nested list), e.g. the agent or search-trajectory type of each row"
+            "stratified: no per-row strata (keys=Tensor[B, G] of ints, or a nested list, e.g. the agent or the "
+            "search-trajectory type of each row); in a run, methods: {strata: {meta_key: <field>}} gives them"
         )
     if isinstance(keys, torch.Tensor):
         flat = keys.reshape(-1)
