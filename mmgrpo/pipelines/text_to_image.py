@@ -54,6 +54,10 @@ class PromptDataOptions:
     def __post_init__(self) -> None:
         # checked when the config loads (Pipeline.check), before the model does
         check_eval_numbers(self)
+        if not self.prompts.strip():  # was "no training prompts" once the run built, after the model loaded
+            raise bad_option("data.options.prompts", self.prompts, "give the training prompts: 'shapes', a prompt "
+                             "file (.txt, .jsonl, .csv) or hf:NAME (docs/data.md); only data.options.heldout_prompts "
+                             "may be '' (no evaluation)")  # fmt: skip
         if self.split_seed < 0:
             raise bad_option("data.options.split_seed", self.split_seed,
                              "a seed is an integer >= 0; set it to 0 or more")  # fmt: skip

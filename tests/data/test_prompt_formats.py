@@ -174,3 +174,12 @@ def test_text_to_image_trains_two_steps_on_each_format(tiny_sd3, tmp_path, fmt):
     }
     trainer = train(load_config(None, [f"run.output_dir={tmp_path / 'run'}", *FAST], base=base))
     assert len((trainer.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_empty_training_prompts_are_refused_when_the_config_loads(tmp_path):
+    """data.options.prompts '' was "no training prompts" once the run built (after the model loaded)."""
+    for empty in ("''", "' '"):
+        with pytest.raises(UserError, match=r"data.options.prompts=.* give the training prompts: 'shapes', a prompt"):
+            load_config(
+                "configs/shapes_t2i_grpo.yaml", [f"run.output_dir={tmp_path}", f"data.options.prompts={empty}"]
+            )
