@@ -347,6 +347,9 @@ def load_checkpoint(path: str | Path, verify: bool = True, mesh: DeviceMesh | No
     run), as DTensors on ``mesh`` holding this rank's slices, read from the shards (resharded when the number of
     ranks changed)."""
     path = Path(path)
+    if not path.is_dir() or not any((path / name).exists() for name in (_COMPLETE, *_FILES)):
+        raise UserError(f"'{path}' is not a checkpoint folder (it holds none of {_COMPLETE}, {', '.join(_FILES)}); a "
+                        "run's checkpoints are the folders checkpoints/step_NNNNNN of its run directory")  # fmt: skip
     if verify:
         verify_checkpoint(path)
     try:

@@ -105,6 +105,12 @@ def find_run_checkpoint(run: str | Path, step: int | None) -> Path:
             raise UserError(f"run '{run}' has no complete checkpoint under checkpoints/{why}; train longer "
                             "(trainer.checkpoint_every) or resume the run to write one")  # fmt: skip
         return ckpt
+    if isinstance(step, str) and step.strip().isdigit():  # e.g. from a script's own argument parsing
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise UserError(
+            f"step={step!r}: a checkpoint's step is a whole number, e.g. step=100 (or None for the latest)"
+        )
     steps = {int(p.name.split("_")[1]): p for p in list_checkpoints(root)}
     if step not in steps:
         have = ", ".join(str(s) for s in sorted(steps)) or "none"

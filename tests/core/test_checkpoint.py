@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from mmgrpo.core.errors import UserError
 from mmgrpo.train import checkpoint as ckpt
 
 
@@ -66,6 +67,14 @@ def test_each_kind_of_damage_is_named_and_resume_falls_back_to_the_previous(two,
     path, notes = ckpt.latest_valid_checkpoint(root)
     assert path == first
     assert len(notes) == 1 and str(second) in notes[0]
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    """A run directory or any other folder given as a checkpoint was "unreadable completion marker COMPLETE"."""
+    (tmp_path / "notes.txt").write_text("x")
+    for path in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(UserError, match=rf"'{path}' is not a checkpoint folder \(it holds none of COMPLETE"):
+            ckpt.load_checkpoint(path)
 
 
 def test_no_valid_checkpoint_gives_none_and_every_note(two):

@@ -194,6 +194,10 @@ def test_export_errors_are_user_errors(sd3, tmp_path, capsys):
     run = sd3[0]["lora"]
     with pytest.raises(UserError, match="no checkpoint of step 5 .*kept: 1"):
         export_run(run, tmp_path / "x", step=5)
+    with pytest.raises(UserError, match=r"step='one': a checkpoint's step is a whole number"):
+        export_run(run, tmp_path / "x", step="one")
+    # a step given as text (a script's own argument) was "no checkpoint of step 1 (checkpoints kept: 1)"
+    assert (export_run(run, tmp_path / "s", step="1") / "mmgrpo_export.json").is_file()
     with pytest.raises(UserError, match="not a run directory"):
         export_run(tmp_path, tmp_path / "x")
     (tmp_path / "full").mkdir()
