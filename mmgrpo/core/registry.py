@@ -178,7 +178,15 @@ class Registry(Generic[T]):
         if name in self._items:
             return self._items[name]
         if self._plugins is not None and "." in name:  # a dotted path names a part outside any registry
-            return import_dotted(name, self.kind)
+            try:
+                return import_dotted(name, self.kind)
+            except UserError:
+                # a module that registers its parts binds no attribute of their names (``register_method(Method(
+                # name="optimism", ...))``): importing it registered the part, found under its own name
+                short = name.rpartition(":")[2] if ":" in name else name.rpartition(".")[2]
+                if short in self._items:
+                    return self._items[short]
+                raise
         raise UserError(self.unknown_message(name))
 
     def unknown_message(self, name: str) -> str:

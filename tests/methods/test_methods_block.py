@@ -199,3 +199,36 @@ def test_a_method_by_dotted_path_wraps_the_policy_and_hooks_the_advantages(tmp_p
     a_plain, _, _ = plain.advantage(c_plain, r_plain, 0)
     a_scaled, _, metrics = scaled.advantage(c_scaled, r_scaled, 0)
     assert a_plain.abs().sum() > 0 and torch.allclose(a_scaled, 3.0 * a_plain) and metrics["scale/factor"] == 3.0
+
+
+def test_a_method_that_registers_itself_is_found_by_the_dotted_path_of_its_module(tmp_path, monkeypatch):
+    """docs/extending.md's method calls ``register_method(Method(name="optimism", ...))`` and binds no attribute of
+    that name, so ``methods: {pkg.module.optimism: ...}`` was "module has no attribute 'optimism'", against the
+    page's "every kind of part ... by dotted path": importing the module registers the part, found under its name."""
+    (tmp_path / "self_registering.py").write_text(
+        textwrap.dedent("""
+        from dataclasses import dataclass
+
+        from mmgrpo.methods.registry import Method, register_method
+
+
+        @dataclass
+        class HalfOptions:
+            factor: float = 0.5
+
+
+        def half_hooks(opts):
+            return [lambda adv, rollout, cols, names: (adv * opts.factor, {"half/factor": opts.factor})]
+
+
+        register_method(Method(name="test_half_negatives", paper="test", options=HalfOptions,
+                               advantage_hooks=half_hooks))
+        """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trainer = bandit_trainer(tmp_path, "half", {"self_registering.test_half_negatives": {"factor": 0.25}})
+    rollout, cols, _ = trainer.collect(0)
+    _, _, metrics = trainer.advantage(cols, rollout, 0)
+    assert metrics["half/factor"] == 0.25
+    with pytest.raises(UserError, match="module 'self_registering' has no attribute 'nothing_here'"):
+        bandit_trainer(tmp_path, "none", {"self_registering.nothing_here": {}})
