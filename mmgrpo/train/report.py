@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import installed, missing_extra
 from mmgrpo.core.files import write_atomic
 
@@ -87,9 +88,50 @@ def _num(v: object) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
+IMAGES = "[n, 3, H, W]"
+VIDEOS = "[n, F, 3, H, W]"
+
+
+def checked_images(images: object, where: str, shapes: dict[int, str]) -> torch.Tensor:
+    """``images`` (a tensor or NumPy array whose rank is a key of ``shapes``, e.g. ``{4: IMAGES}``) as a float
+    tensor on the CPU, else a ValueError naming ``where``, the shape or dtype and the fix. A saved picture of the
+    wrong thing is worse than an error: uint8 0..255 images were clamped to an all-white grid, NaN ones written
+    with only a NumPy warning, an empty batch was a ZeroDivisionError, and an image of the wrong rank 'not enough
+    values to unpack'."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.array(images))  # a copy: read-only arrays too
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{where}: images are a {type(images).__name__}, not a tensor; give a torch tensor (or "
+                         f"NumPy array) {' or '.join(shapes.values())} of floats in [0, 1]")  # fmt: skip
+    shape = tuple(images.shape)
+    if images.dim() not in shapes:
+        hint = " (a single image [3, H, W] as image[None])" if images.dim() == 3 else ""
+        raise ValueError(f"{where}: images of shape {shape} have {images.dim()} dimensions; give "
+                         f"{' or '.join(shapes.values())}{hint}")  # fmt: skip
+    if not images.is_floating_point():
+        raise ValueError(f"{where}: images of dtype {images.dtype} (shape {shape}); images are floats in [0, 1]: "
+                         "divide uint8 0..255 images by 255 (images.float() / 255)")  # fmt: skip
+    if images.shape[-3] not in (1, 3):
+        raise ValueError(f"{where}: images of shape {shape} have {images.shape[-3]} channels where "
+                         f"{shapes[images.dim()]} has 3 (RGB; 1: grey): channels come before H and W "
+                         "(permute an array of [..., H, W, 3] to [..., 3, H, W])")  # fmt: skip
+    if images.numel() == 0:
+        raise ValueError(f"{where}: images of shape {shape} are empty; there is nothing to save")
+    imgs = images.detach().float().cpu()
+    bad = int((~torch.isfinite(imgs)).sum())
+    if bad:
+        raise ValueError(f"{where}: {bad} of the {imgs.numel()} values of the images {shape} are not finite "
+                         "(NaN or inf): the model's output is broken; fix it or replace them "
+                         "(torch.nan_to_num) to save the rest")  # fmt: skip
+    return imgs
+
+
 def image_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
-    """[n, 3, H, W] in [0, 1] -> one PIL image (rows of ``ncol``); ``scale`` enlarges tiny images."""
-    imgs = images.detach().float().clamp(0, 1).cpu()
+    """[n, 3, H, W] in [0, 1] (a single [3, H, W] image is a batch of one; images that are not floats, not finite,
+    or empty are a ValueError, :func:`checked_images`) -> one PIL image (rows of ``ncol``); ``scale`` enlarges tiny
+    images."""
+    imgs = checked_images(images, "image_grid", {3: "[3, H, W]", 4: IMAGES})
+    imgs = (imgs[None] if imgs.dim() == 3 else imgs).clamp(0, 1)
     n, _, H, W = imgs.shape
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
@@ -124,9 +166,33 @@ def video_fps(policy: Any) -> float:
     return float(fps) if fps else FALLBACK_FPS
 
 
+def checked_fps(fps: object, where: str) -> float:
+    """``fps`` as a float when it is a finite number > 0, else a ValueError naming ``where`` and the value: a video
+    at a guessed rate plays too fast or too slow (None and 0 were written at ffmpeg's 16 fps, a negative rate
+    failed inside ffmpeg, NaN as 'cannot convert NaN to integer ratio')."""
+    if fps is None:
+        raise ValueError(f"{where}: videos need their frame rate (fps=video_fps(policy))")
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"{where}: fps={fps!r} is not a frame rate; give a finite number of frames per second > 0 "
+                         "(the model's: fps=video_fps(policy))")  # fmt: skip
+    return float(fps)
+
+
 def write_mp4(path: str | Path, frames: list[np.ndarray], fps: float) -> Path:
-    """H.264 mp4 of HWC uint8 ``frames`` playing at ``fps`` (the model's rate: :func:`video_fps`) through imageio's
-    ffmpeg writer; a UserError naming the 'video' extra when it is missing."""
+    """H.264 mp4 of HWC uint8 ``frames`` (at least one, all of one shape) playing at ``fps`` (a finite number > 0,
+    the model's rate: :func:`video_fps`) through imageio's ffmpeg writer; a UserError naming the 'video' extra when
+    it is missing. Bad arguments are a ValueError before anything is written (no frames returned the path of a file
+    that was never written)."""
+    fps = checked_fps(fps, "write_mp4")
+    frames = [np.asarray(f) for f in frames]
+    if not frames:
+        raise ValueError(f"write_mp4: no frames to write to {path}; give at least one HWC uint8 frame")
+    first = frames[0]
+    for i, f in enumerate(frames):
+        if f.dtype != np.uint8 or f.ndim != 3 or f.shape != first.shape:
+            raise ValueError(f"write_mp4: frame {i} is {f.dtype} {f.shape}; frames are HWC uint8 (0..255) of one "
+                             f"shape, like frame 0's {first.shape} (a float frame x in [0, 1]: "
+                             "(x * 255).round().astype(np.uint8))")  # fmt: skip
     if not can_write_mp4():
         raise missing_extra("video", "writing mp4 videos", "imageio_ffmpeg" if installed("imageio") else "imageio")
     import imageio.v2 as imageio
@@ -136,14 +202,17 @@ def write_mp4(path: str | Path, frames: list[np.ndarray], fps: float) -> Path:
 
 
 def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None, fps: float | None = None) -> Path:
-    """Save a grid PNG for images [n, 3, H, W], or an mp4 (frames side by side) for videos [n, F, 3, H, W] playing at
-    ``fps`` (the model's rate, :func:`video_fps`; a video without it is a ValueError, not a guess)."""
+    """Save a grid PNG for images [n, 3, H, W] (a single [3, H, W] image is a batch of one), or an mp4 (frames side
+    by side) for videos [n, F, 3, H, W] playing at ``fps`` (the model's rate, :func:`video_fps`; a video without it,
+    or with one that is not a finite number > 0, is a ValueError, not a guess). Images that are not floats in
+    [0, 1] (uint8 0..255), not finite, or empty are a ValueError (:func:`checked_images`), not a blank picture."""
+    images = checked_images(images, "save_samples", {3: "[3, H, W]", 4: IMAGES, 5: VIDEOS})
+    images = images[None] if images.dim() == 3 else images
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 128 // images.shape[-1])
     if images.dim() == 5:
-        if fps is None:
-            raise ValueError("save_samples: videos need their frame rate (fps=video_fps(policy))")
+        fps = checked_fps(fps, "save_samples")
         frames = [np.asarray(image_grid(images[:, f], ncol, scale=scale)) for f in range(images.shape[1])]
         if can_write_mp4():
             return write_mp4(path.with_suffix(".mp4"), frames, fps)
@@ -261,12 +330,16 @@ def before_after(
     """Save a PNG comparing evaluation images row by row: for pair i its caption, then ``before[i]`` and
     ``after[i]`` side by side, pairs laid out in ``ncol`` columns (default up to 4).
 
-    ``before``/``after``: [n, 3, H, W] in [0, 1] (videos [n, F, 3, H, W] show their first frame). Images are
-    enlarged with NEAREST by ``max(1, 128 // W)`` (as in :func:`save_samples`). A header names the columns
-    (``before_label`` left, ``after_label`` right) and, for metrics in both dicts, ``name before -> after``.
-    Layout: width ``ncol * (2 * S_w + BA_GAP) + (ncol + 1) * BA_PAD`` with ``S_w = W * scale``; each row of
-    pairs is a caption band (absent when there are no captions) above the images.
+    ``before``/``after``: [n, 3, H, W] in [0, 1] (videos [n, F, 3, H, W] show their first frame; images that are
+    not floats, not finite, or empty are a ValueError, :func:`checked_images`). ``captions``: one per pair, or
+    none (a list of another length is a ValueError, as a shape mismatch is: captions would sit over the wrong
+    pairs). Images are enlarged with NEAREST by ``max(1, 128 // W)`` (as in :func:`save_samples`). A header names
+    the columns (``before_label`` left, ``after_label`` right) and, for metrics in both dicts,
+    ``name before -> after``. Layout: width ``ncol * (2 * S_w + BA_GAP) + (ncol + 1) * BA_PAD`` with
+    ``S_w = W * scale``; each row of pairs is a caption band (absent when there are no captions) above the images.
     """
+    before = checked_images(before, "before_after: before", {4: IMAGES, 5: VIDEOS})
+    after = checked_images(after, "before_after: after", {4: IMAGES, 5: VIDEOS})
     if before.dim() == 5:
         before = before[:, 0]
     if after.dim() == 5:
@@ -274,6 +347,10 @@ def before_after(
     if before.shape != after.shape:
         raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} must have the same shape")
     n, _, H, W = before.shape
+    captions = list(captions or [])
+    if captions and len(captions) != n:
+        raise ValueError(f"{len(captions)} caption(s) for {n} before/after pairs {tuple(before.shape)}; give one "
+                         "caption per pair, or none ([] or None)")  # fmt: skip
     scale = max(1, 128 // W)
     sh, sw = H * scale, W * scale
     ncol = max(1, min(ncol or 4, n))
@@ -292,7 +369,6 @@ def before_after(
         header += _wrap(measure, text, font, width - 2 * BA_PAD)
     header_h = BA_PAD + len(header) * line_h
 
-    captions = list(captions or [])[:n]
     wrapped = [_wrap(measure, c, font, pair_w, caption_lines) if c else [] for c in captions]
     cap_h = max((len(w) for w in wrapped), default=0) * line_h
     cell_h = cap_h + sh
@@ -458,11 +534,22 @@ def _eval_cell(v: object) -> str:
     return f"{v:.4f}"
 
 
+RUN_FILES = (".mmgrpo-run", "config.yaml", "metrics.jsonl", "samples")
+"""what a run directory holds (one of them at least) for :func:`write_report` to write its report.html"""
+
+
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     """``report.html``: the before/after comparison (if any), the reward curve, the loss / KL / clip fraction (and
     its sides) / grad-norm / completion length and entropy curves, a table of evaluations, and every sample grid in
-    order (rewritten at every evaluation)."""
+    order (rewritten at every evaluation). A folder that is no run directory is a UserError (a missing one was a
+    raw FileNotFoundError; a report of nothing in an unrelated folder helps no one)."""
     run_dir = Path(run_dir)
+    what = "" if run_dir.is_dir() else "is a file, not a folder" if run_dir.exists() else "does not exist"
+    if not what and not any((run_dir / name).exists() for name in RUN_FILES):
+        what = f"holds none of {', '.join(RUN_FILES)}"
+    if what:
+        raise UserError(f"'{run_dir}' is not a run directory: it {what}; give a folder written by mmgrpo train "
+                        "(runs/<name>, holding config.yaml, metrics.jsonl and samples/)")  # fmt: skip
     metrics = read_metrics(run_dir / "metrics.jsonl")
     curve = reward_curve(metrics, run_dir / "reward_curve.png")
     training = training_curves(metrics, run_dir / "training_curves.png")

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnab
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
-from mmgrpo.train.report import image_grid, video_fps, write_mp4
+from mmgrpo.train.report import checked_fps, checked_images, image_grid, video_fps, write_mp4
 from mmgrpo.train.scoring import call_reward
 
 BEST_COLOUR = (0.1, 0.8, 0.2)  # frame of the best sample in grid.png
@@ -425,15 +426,20 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def save_best(sample: torch.Tensor, path_stem: Path, fps: float | None = None) -> Path:
+def save_best(sample: torch.Tensor, path_stem: str | Path, fps: float | None = None) -> Path:
     """One sample at full resolution: [3, H, W] -> .png, [F, 3, H, W] -> .mp4 playing at ``fps`` (the model's
-    rate, :func:`~mmgrpo.train.report.video_fps`; a video without it is a ValueError, not a guess)."""
+    rate, :func:`~mmgrpo.train.report.video_fps`; a video without it, or with one that is not a finite number > 0,
+    is a ValueError, not a guess). A sample that is not floats in [0, 1] (uint8 0..255 was saved all white), not
+    finite, or empty is a ValueError (:func:`~mmgrpo.train.report.checked_images`)."""
+    sample = checked_images(sample, "save_best", {3: "an image [3, H, W]", 4: "a video [F, 3, H, W]"})
+    path_stem = Path(path_stem)
+    if sample.shape[-3] == 1:  # grey: PIL and ffmpeg take RGB
+        sample = sample.expand(*sample.shape[:-3], 3, *sample.shape[-2:])
     if sample.dim() == 3:
         path = path_stem.with_suffix(".png")
         Image.fromarray(to_uint8(sample)).save(path)
         return path
-    if fps is None:
-        raise ValueError("save_best: a video needs its frame rate (fps=video_fps(policy))")
+    fps = checked_fps(fps, "save_best")
     return write_mp4(path_stem.with_suffix(".mp4"), [to_uint8(f) for f in sample], fps)
 
 
@@ -445,7 +451,7 @@ def best_of_n(
     policy: Any,
     reward_fn: Any,
     reward_name: str,
-    prompts: list[str],
+    prompts: list[str] | str,
     n: int,
     out_dir: str | Path,
     seed: int = 0,
@@ -453,9 +459,18 @@ def best_of_n(
     batch_size: int | None = None,
     progress: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Draw N samples per prompt, score them, write best_<i>, grid.png; return one record per prompt."""
+    """Draw N samples per prompt, score them, write best_<i>, grid.png; return one record per prompt.
+
+    ``prompts``: a list of prompts, or one prompt as a str (a str was iterated character by character, a prompt
+    a letter); ``n`` >= 1 samples each. No prompts, or ``n`` below 1, is a ValueError before anything is drawn
+    (they failed in ``max()`` / ``range()``)."""
     from tqdm.auto import tqdm
 
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("best_of_n: no prompts; give a list of prompts (or one prompt as a str)")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"best_of_n: n={n!r} samples per prompt; give an integer >= 1 (the N of best-of-N)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = sample_seeds(seed, n)

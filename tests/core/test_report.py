@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmgrpo.core.errors import UserError
 from mmgrpo.train.components import completion_records
 from mmgrpo.train.report import BA_GAP, BA_PAD, before_after, save_completions, write_report
 
@@ -103,6 +104,31 @@ def test_header_names_columns_and_metrics(tmp_path):
 def test_mismatched_shapes_are_an_error(tmp_path):
     with pytest.raises(ValueError, match="same shape"):
         before_after(solid(2, RED), solid(3, BLUE), [], tmp_path / "x.png")
+
+
+def test_a_caption_count_other_than_the_pairs_is_an_error_as_a_shape_mismatch_is(tmp_path):
+    """1 caption for 4 pairs was drawn over the first pair alone (and 5 cut to 4), silently."""
+    for captions in (["one"], ["a", "b", "c", "d", "e"]):
+        with pytest.raises(ValueError, match=rf"{len(captions)} caption\(s\) for 4 before/after pairs"):
+            before_after(solid(4, RED), solid(4, BLUE), captions, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+    for captions in (None, [], list("abcd")):  # none, or one a pair
+        assert before_after(solid(4, RED), solid(4, BLUE), captions, tmp_path / "x.png").is_file()
+
+
+def test_a_report_of_a_folder_that_is_no_run_directory_is_a_user_error(tmp_path):
+    """``write_report("no/such/run")`` was a raw FileNotFoundError; an unrelated folder got a report of nothing."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "other").mkdir()
+    for folder, what in [("no/such/run", "does not exist"), ("file", "is a file, not a folder"),
+                         ("other", "holds none of .mmgrpo-run, config.yaml, metrics.jsonl, samples")]:  # fmt: skip
+        fix = r"give a folder written by mmgrpo train \(runs/<name>, holding config.yaml, metrics.jsonl and samples/\)"
+        with pytest.raises(UserError, match=rf"is not a run directory: it {what}; {fix}") as e:
+            write_report(tmp_path / folder)
+        assert str(tmp_path / folder) in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "other"]
+    (tmp_path / "other" / ".mmgrpo-run").write_text("")  # a run that has not logged yet
+    assert "No metrics yet" in write_report(tmp_path / "other").read_text()
 
 
 def test_report_shows_before_after_first_and_once(tmp_path):

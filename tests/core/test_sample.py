@@ -19,6 +19,7 @@ from mmgrpo.train.cli import main as cli_main
 from mmgrpo.train.config import load_config
 from mmgrpo.train.sample import (
     best_index,
+    best_of_n,
     build_policy,
     framed,
     load_trained_weights,
@@ -433,6 +434,25 @@ def test_best_of_n_hands_a_prompt_files_fields_to_the_reward_as_training_does(tm
     code, _, err = run_cli(capsys, *common, "--reward", "test_raises", "--out", tmp_path / "e")
     assert code == 2 and "reward 'test_raises' raised ValueError at step 0: 'model server unreachable'" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_best_of_n_takes_one_str_as_one_prompt_and_refuses_no_prompts_or_n_below_1(tmp_path, tiny_ckpt):
+    """A str was iterated character by character (12 prompts 'a', ' ', 'r', ...); n=0 failed in range() and no
+    prompts in max() after the model had been called."""
+    policy, reward = base_policy(tiny_ckpt, steps=1), rewards.get("test_mean_brightness")
+    records = best_of_n(policy, reward, "test_mean_brightness", "a red circle", 2, str(tmp_path / "one"))
+    assert [r["prompt"] for r in records] == ["a red circle"] and records[0]["seeds"] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["best_0.png", "grid.png"]
+    bad = [
+        ([], 2, "best_of_n: no prompts; give a list of prompts"),
+        (PROMPTS, 0, r"best_of_n: n=0 samples per prompt; give an integer >= 1"),
+        (PROMPTS, -1, r"n=-1 samples per prompt"),
+        (PROMPTS, 2.0, r"n=2.0 samples per prompt"),
+    ]
+    for prompts, n, message in bad:
+        with pytest.raises(ValueError, match=message):
+            best_of_n(policy, reward, "test_mean_brightness", prompts, n, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_run_trained_with_xformers_samples_with_sdpa_on_a_machine_without_it(tmp_path, trained_run):
