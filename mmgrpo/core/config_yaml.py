@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mmgrpo.core.errors import UserError
+
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
@@ -145,6 +147,27 @@ def _snippet(lines: list[str], marks: list[yaml.Mark]) -> str:
         under = "".join("^" if c in carets[line] else " " for c in range(max(carets[line]) + 1))
         out += [f"  {line + 1:>{width}} | {lines[line].replace(chr(9), ' ')}", f"  {'':>{width}} | {under}"]
     return "".join("\n" + row for row in out)
+
+
+def option_value(raw: str, what: str, as_string: str) -> Any:
+    """The value of a ``key=value`` given on a command line (``what``: that argument, for errors; ``as_string``: the
+    same argument with the value quoted), read as the config's overrides read theirs: a YAML scalar, list or
+    mapping; text that YAML does not read (a prompt with ': ' in it, "[cinematic] a cat") is that text, but a list
+    or mapping left unclosed (``[0.9,``) is its YAML error, and duplicate keys are refused. ``mmgrpo train``'s
+    overrides, ``mmgrpo sample --reward-option`` and ``mmgrpo serve-reward --option`` all read values here."""
+    try:
+        return load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise UserError(yaml_error_message(e, f"the value of {what}", raw)) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        unclosed = mark is not None and mark.index >= len(raw.rstrip())  # the text ended inside the list / mapping
+        if raw.lstrip().startswith(("[", "{")) and unclosed:  # a list or mapping meant: its error, not a string
+            raise UserError(
+                yaml_error_message(e, f"the value of {what}", raw)
+                + f"\n(to give that text as a string, quote it: {as_string})"
+            ) from e
+        return raw
 
 
 def dump_yaml(data: Any, **kwargs: Any) -> str:

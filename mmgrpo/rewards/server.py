@@ -44,9 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
-from mmgrpo.core.config_yaml import load_yaml
+from mmgrpo.core.config_yaml import option_value
 from mmgrpo.core.errors import UserError
 from mmgrpo.rewards.batching import Batcher
 from mmgrpo.rewards.registry import get
@@ -408,16 +406,14 @@ def serve(
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["k=1", "m=a b", "f=0.5", "on=true"]`` -> ``{"k": 1, "m": "a b", "f": 0.5, "on": True}`` (YAML scalars)."""
+    """``["k=1", "m=a b", "f=0.5", "on=true"]`` -> ``{"k": 1, "m": "a b", "f": 0.5, "on": True}`` (read as the
+    config's overrides read their values, :func:`mmgrpo.core.config_yaml.option_value`)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--option {pair!r} must look like key=value, e.g. --option batch_size=8")
-        try:
-            out[key.strip()] = load_yaml(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            raise UserError(f"--option {pair!r}: value {value!r} is not valid YAML ({e})") from e
+        out[key.strip()] = option_value(value, f"--option {pair!r}", f"--option \"{key.strip()}='{value}'\"")
     return out
 
 

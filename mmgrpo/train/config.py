@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.config_yaml import DuplicateKeyError, dump_yaml, load_yaml, yaml_error_message
+from mmgrpo.core.config_yaml import dump_yaml, load_yaml, option_value, yaml_error_message
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import read_utf8
 from mmgrpo.core.schema import from_dict, options_from, to_dict  # noqa: F401  (options_from: recipes)
@@ -286,20 +286,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise UserError(f"override {text!r} has an empty key")
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except DuplicateKeyError as e:
-        raise UserError(yaml_error_message(e, f"the value of command-line override {text!r}", raw)) from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        unclosed = mark is not None and mark.index >= len(raw.rstrip())  # the text ended inside the list / mapping
-        if raw.lstrip().startswith(("[", "{")) and unclosed:  # a list or mapping meant: its error, not a string
-            raise UserError(
-                yaml_error_message(e, f"the value of command-line override {text!r}", raw)
-                + f"\n(to give that text as a string, quote it: \"{key}='{raw}'\")"
-            ) from e
-        value = raw  # text that YAML does not read (a prompt with ': ' in it, "[cinematic] a cat") is that text
-    return key.split("."), value
+    return key.split("."), option_value(raw, f"command-line override {text!r}", f"\"{key}='{raw}'\"")
 
 
 def apply_override(data: dict, keys: list[str], value: Any, text: str = "") -> None:
