@@ -36,12 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch import nn
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.config_yaml import load_yaml
+from mmgrpo.core.config_yaml import option_value
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
 from mmgrpo.core.files import check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
@@ -147,16 +146,14 @@ def check_device(text: str) -> torch.device:
 
 
 def parse_reward_options(items: list[str]) -> dict[str, Any]:
-    """``["quality=90", "mode=hard"]`` -> ``{"quality": 90, "mode": "hard"}`` (values are YAML scalars)."""
+    """``["quality=90", "mode=hard"]`` -> ``{"quality": 90, "mode": "hard"}`` (values read as the config's overrides
+    read theirs, :func:`mmgrpo.core.config_yaml.option_value`)."""
     out: dict[str, Any] = {}
     for text in items:
         key, eq, raw = text.partition("=")
         if not eq or not key.strip():
             raise UserError(f"--reward-option {text!r} is not of the form key=value (e.g. quality=90)")
-        try:
-            out[key.strip()] = load_yaml(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        out[key.strip()] = option_value(raw, f"--reward-option {text!r}", f"--reward-option \"{key.strip()}='{raw}'\"")
     return out
 
 

@@ -95,6 +95,9 @@ def test_best_index_seeds_options_and_frame():
     assert got == {"quality": 90, "mode": "hard", "w": [1, 2]}
     with pytest.raises(UserError, match="'quality' is not of the form key=value"):
         parse_reward_options(["quality"])
+    # read as the config's overrides: a list left open was taken for the text "[1, 2"
+    with pytest.raises(UserError, match=r"(?s)the value of --reward-option 'w=\[1, 2'.*quote it"):
+        parse_reward_options(["w=[1, 2"])
     imgs = torch.full((2, 3, 2, 2), 0.5)
     out = framed(imgs, best=1, width=1)  # 2x2 image + 1 px frame each side -> 4x4
     assert out.shape == (2, 3, 4, 4)
