@@ -102,12 +102,22 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
 
 def refuse_video_options(adapter: type, opts: GeneratorPolicyOptions) -> None:
     """``num_frames`` / ``fps`` set for a family whose adapter takes none (an image family): refused before the
-    weights load, naming the option (its adapter's TypeError, after the weights, blamed adapter_options)."""
-    params = inspect.signature(adapter.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
+    weights load, naming the option (its adapter's TypeError, after the weights, blamed adapter_options). What
+    takes them is ``from_pretrained`` (the call the options go to): its own parameters, or, where it passes
+    ``**kwargs`` on (the built-in adapters), the ``__init__`` it passes them to."""
+
+    def takes(fn: Any) -> tuple[set[str], bool]:
+        params = inspect.signature(fn).parameters.values()
+        return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+    named, passes_on = takes(adapter.from_pretrained)
+    if passes_on:
+        init_named, init_any = takes(adapter.__init__)
+        if init_any:
+            return
+        named |= init_named
     for key in ("num_frames", "fps"):
-        if getattr(opts, key) and key not in params:
+        if getattr(opts, key) and key not in named:
             raise bad_option(f"policy.options.{key}", getattr(opts, key), f"family {opts.family!r} takes no {key} "
                              f"(its {adapter.__name__} makes images); set it to 0 or remove it")  # fmt: skip
 

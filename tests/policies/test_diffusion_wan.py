@@ -222,6 +222,30 @@ def test_the_frame_rate_is_the_models_unless_the_user_sets_one(tmp_path):
         load_adapter(GeneratorPolicyOptions(family="sd3", path=str(tmp_path), fps=16))
 
 
+def test_a_plug_in_adapter_taking_the_frame_options_in_from_pretrained_is_not_refused():
+    """The options go to the adapter's ``from_pretrained``: a plug-in whose from_pretrained takes num_frames / fps (and
+    whose __init__ takes built components) was refused for an image family, its __init__ being read instead."""
+    from mmgrpo.policies.loading import GeneratorPolicyOptions, refuse_video_options
+
+    class OwnVideoAdapter:  # a plug-in family's adapter: components in, frame options at loading
+        def __init__(self, transformer, vae):
+            pass
+
+        @classmethod
+        def from_pretrained(cls, path, num_frames=9, fps=12.0, device="cpu", dtype="float32"):
+            pass
+
+    class OwnImageAdapter(OwnVideoAdapter):
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):  # passes its options on to __init__, which takes no frames
+            pass
+
+    opts = GeneratorPolicyOptions(family="wan", num_frames=5, fps=8)
+    refuse_video_options(OwnVideoAdapter, opts)
+    with pytest.raises(UserError, match=r"policy.options.num_frames=5: family 'wan' takes no num_frames"):
+        refuse_video_options(OwnImageAdapter, opts)
+
+
 def test_save_samples_writes_a_readable_mp4(tmp_path):
     from mmgrpo.train.report import save_samples
 
