@@ -267,7 +267,8 @@ def test_parse_options_yaml_scalars():
     # values read as the config's overrides read theirs: text YAML does not read is text ("a: b" was refused), a list
     # left open is its YAML error with the quoted form, and a mapping with a key twice is refused
     assert parse_options(["prefix=a photo: of a cat: at dusk"]) == {"prefix": "a photo: of a cat: at dusk"}
-    with pytest.raises(UserError, match=r"(?s)the value of --option 'ids=\[1, 2'.*quote it: --option \"ids='\[1, 2'\""):
+    quoted = r"quote it: --option \"ids='\[1, 2'\""
+    with pytest.raises(UserError, match=r"(?s)the value of --option 'ids=\[1, 2'.*" + quoted):
         parse_options(["ids=[1, 2"])
     with pytest.raises(UserError, match="the value of --option 'm={a: 1, a: 2}'"):
         parse_options(["m={a: 1, a: 2}"])
