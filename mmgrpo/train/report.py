@@ -94,7 +94,8 @@ VIDEOS = "[n, F, 3, H, W]"
 
 def checked_images(images: object, where: str, shapes: dict[int, str]) -> torch.Tensor:
     """``images`` (a tensor or NumPy array whose rank is a key of ``shapes``, e.g. ``{4: IMAGES}``) as a float
-    tensor on the CPU, else a ValueError naming ``where``, the shape or dtype and the fix. A saved picture of the
+    tensor on the CPU, else a ValueError naming ``where``, the shape or dtype and the fix (a UserError for values that
+    are not finite: the model's, in a run). A saved picture of the
     wrong thing is worse than an error: uint8 0..255 images were clamped to an all-white grid, NaN ones written
     with only a NumPy warning, an empty batch was a ZeroDivisionError, and an image of the wrong rank 'not enough
     values to unpack'."""
@@ -120,9 +121,10 @@ def checked_images(images: object, where: str, shapes: dict[int, str]) -> torch.
     imgs = images.detach().float().cpu()
     bad = int((~torch.isfinite(imgs)).sum())
     if bad:
-        raise ValueError(f"{where}: {bad} of the {imgs.numel()} values of the images {shape} are not finite "
-                         "(NaN or inf): the model's output is broken; fix it or replace them "
-                         "(torch.nan_to_num) to save the rest")  # fmt: skip
+        # a UserError: in a run, the model's own samples (the trainer's paragraph then says where the run stopped)
+        raise UserError(f"{where}: {bad} of the {imgs.numel()} values of the images {shape} are not finite "
+                        "(NaN or inf): the model's output is broken; fix it or replace them "
+                        "(torch.nan_to_num) to save the rest")  # fmt: skip
     return imgs
 
 
