@@ -31,9 +31,16 @@ class Prompt(str):
         return obj
 
 
-def read_prompts(spec: str, split: str, seed: int) -> list[str]:
-    """The prompts of ``spec``: '' (none), 'shapes', ``hf:NAME[@CONFIG][:SPLIT[:COLUMN]]`` or a .txt / .jsonl / .json
-    / .csv file."""
+def read_prompts(spec: str | list[str], split: str, seed: int) -> list[str]:
+    """The prompts of ``spec``: '' (none), 'shapes', ``hf:NAME[@CONFIG][:SPLIT[:COLUMN]]``, a .txt / .jsonl / .json
+    / .csv file, or the prompts themselves, a list of texts (``prompts: [a red circle, two blue squares]``, or from
+    Python ``data.options.prompts=[...]``)."""
+    if isinstance(spec, list):
+        bad = [i for i, p in enumerate(spec) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise UserError(f"the prompt list's item {bad[0]} is {spec[bad[0]]!r}; every item of a list of prompts "
+                            "is a non-empty text")  # fmt: skip
+        return [p.strip() for p in spec]
     if spec == "":
         return []
     if spec == "shapes":

@@ -33,11 +33,12 @@ from mmgrpo.train.scoring import call_reward
 
 @dataclass
 class PromptDataOptions:
-    prompts: str = "shapes"
-    """'shapes' (built-in world, train split), a .txt (one a line) / .jsonl / .csv prompt file, or
-    hf:NAME_OR_PATH[:SPLIT[:COLUMN]] (docs/data.md)"""
-    heldout_prompts: str = "shapes"
-    """'shapes' (held-out split), a prompt file or hf: dataset as for prompts, or '' for no evaluation prompts"""
+    prompts: str | list[str] = "shapes"
+    """'shapes' (built-in world, train split), a .txt (one a line) / .jsonl / .csv prompt file,
+    hf:NAME_OR_PATH[:SPLIT[:COLUMN]], or the prompts themselves, a list of texts (docs/data.md)"""
+    heldout_prompts: str | list[str] = "shapes"
+    """'shapes' (held-out split), a prompt file, hf: dataset or list of texts as for prompts, or '' for no
+    evaluation prompts"""
     eval_samples_per_prompt: int = 2
     """samples per held-out prompt at evaluation"""
     eval_max_prompts: int = 0
@@ -54,10 +55,17 @@ class PromptDataOptions:
     def __post_init__(self) -> None:
         # checked when the config loads (Pipeline.check), before the model does
         check_eval_numbers(self)
-        if not self.prompts.strip():  # was "no training prompts" once the run built, after the model loaded
+        # an empty spec was "no training prompts" once the run built, after the model loaded
+        if not (self.prompts if isinstance(self.prompts, list) else self.prompts.strip()):
             raise bad_option("data.options.prompts", self.prompts, "give the training prompts: 'shapes', a prompt "
-                             "file (.txt, .jsonl, .csv) or hf:NAME (docs/data.md); only data.options.heldout_prompts "
-                             "may be '' (no evaluation)")  # fmt: skip
+                             "file (.txt, .jsonl, .csv), hf:NAME or a list of texts (docs/data.md); only "
+                             "data.options.heldout_prompts may be '' (no evaluation)")  # fmt: skip
+        for key in ("prompts", "heldout_prompts"):
+            given = getattr(self, key)
+            blank = [i for i, text in enumerate(given) if not text.strip()] if isinstance(given, list) else []
+            if blank:
+                raise bad_option(f"data.options.{key}", given, f"its item {blank[0]} is empty; every prompt of a "
+                                 "list is a non-empty text")  # fmt: skip
         if self.split_seed < 0:
             raise bad_option("data.options.split_seed", self.split_seed,
                              "a seed is an integer >= 0; set it to 0 or more")  # fmt: skip

@@ -162,18 +162,26 @@ def tiny_sd3(tmp_path_factory):
     return save_tiny_sd3(tmp_path_factory.mktemp("sd3") / "sd3")
 
 
-@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "list"])
 def test_text_to_image_trains_two_steps_on_each_format(tiny_sd3, tmp_path, fmt):
-    path = write_formats(tmp_path)[fmt]
+    """Each prompt file format, and the prompts given in the config itself as a list of texts (a library user had to
+    write a file for two prompts); the list is the run's config.yaml, so a resume reads the same prompts."""
+    inline = ["a red circle", " two blue squares "]
+    spec = inline if fmt == "list" else str(write_formats(tmp_path)[fmt])
     base = {
         "pipeline": "text_to_image",
         "policy": {"options": {"family": "sd3", "path": tiny_sd3, "num_steps": 2, "lora_rank": 2}},
-        "data": {"options": {"prompts": str(path), "heldout_prompts": ""}},
+        "data": {"options": {"prompts": spec, "heldout_prompts": ""}},
         "rewards": [{"name": "jpeg_incompressibility"}],
         "trainer": {"prompts_per_step": 1, "group_size": 2},
     }
     trainer = train(load_config(None, [f"run.output_dir={tmp_path / 'run'}", *FAST], base=base))
     assert len((trainer.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    if fmt == "list":
+        assert trainer.comp.prompts.prompts == ["a red circle", "two blue squares"]
+        assert load_config(trainer.run_dir / "config.yaml").data.options["prompts"] == inline
+        with pytest.raises(UserError, match=r"data.options.prompts=\['a', ' '\]: its item 1 is empty"):
+            load_config(None, [f"run.output_dir={tmp_path}", "data.options.prompts=[a, ' ']"], base=base)
 
 
 def test_empty_training_prompts_are_refused_when_the_config_loads(tmp_path):
