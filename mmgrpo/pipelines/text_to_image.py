@@ -19,7 +19,7 @@ import torch
 
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core import progress
-from mmgrpo.core.errors import bad_option
+from mmgrpo.core.errors import bad_option, quoted
 from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import PromptList, decoded_meta, read_prompts
@@ -145,9 +145,10 @@ def read_prompt_splits(data: PromptDataOptions) -> tuple[list[str], list[str]]:
     train = read_prompts(data.prompts, "train", data.split_seed)
     heldout = read_prompts(data.heldout_prompts, "heldout", data.split_seed)
     if data.prompts != "shapes" and data.heldout_prompts == "shapes":
-        warnings.warn(f"data.options.prompts={data.prompts!r} but heldout_prompts is the default 'shapes': the "
-                      "evaluation scores the shapes world's held-out prompts; set data.options.heldout_prompts to "
-                      "your held-out prompts, or '' for no evaluation", stacklevel=2)  # fmt: skip
+        warnings.warn(f"data.options.prompts={quoted(data.prompts, 80)} but heldout_prompts is the default "
+                      "'shapes': the evaluation scores the shapes world's held-out prompts; set "
+                      "data.options.heldout_prompts to your held-out prompts, or '' for no evaluation",
+                      stacklevel=2)  # fmt: skip
     seen = set(train)
     both = [p for p in heldout if p in seen]
     if both:

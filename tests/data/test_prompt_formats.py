@@ -191,3 +191,13 @@ def test_empty_training_prompts_are_refused_when_the_config_loads(tmp_path):
             load_config(
                 "configs/shapes_t2i_grpo.yaml", [f"run.output_dir={tmp_path}", f"data.options.prompts={empty}"]
             )
+
+
+def test_own_prompts_evaluated_on_the_shapes_worlds_held_out_prompts_are_said_with_a_long_list_cut():
+    from mmgrpo.pipelines.text_to_image import PromptDataOptions, read_prompt_splits
+
+    many = [f"prompt number {i}" for i in range(200)]
+    with pytest.warns(UserWarning, match=r"data.options.prompts=\['prompt number 0', .*\.\.\. \(\d+ characters\) but "
+                      "heldout_prompts is the default 'shapes'") as seen:  # fmt: skip
+        train, heldout = read_prompt_splits(PromptDataOptions(prompts=many))
+    assert train == many and heldout and len(str(seen[0].message)) < 400
