@@ -37,6 +37,12 @@ def test_numbers_none_and_arrays_make_a_column():
         # a 2-D table was flattened in memory order: a [G, B] one scored every row with another row's reward
         (torch.zeros(1, 3), r"a tensor of shape \[1, 3\] for 3 rows; expected \[3\] \(or \[3, 1\]\)"),
         (np.zeros((3, 1, 1)), r"shape \[3, 1, 1\] for 3 rows"),
+        # finite values fp32 cannot hold were "non-finite (row 0: inf)"; an int beyond any float and a list of
+        # multi-element tensors were OverflowError / ValueError tracebacks
+        ([1e39, 0.0, 1.0], r"values too large for fp32 \(row 0: 1e\+39; 1 of 3 rows\)"),
+        (torch.tensor([0.0, -1e300, 1.0], dtype=torch.float64), r"too large for fp32 \(row 1: -1e\+300"),
+        ([0, 10**400, 1], r"returned 1000.* for row 1: too large for a float"),
+        ([torch.tensor([1.0, 2.0])] * 3, r"a tensor of shape \[2\] as row 0's value; a reward gives one number"),
     ],
 )
 def test_bad_reward_values_are_user_errors_naming_the_reward(value, match):
