@@ -81,6 +81,13 @@ def _refuse_short_reward(name: str, obj: Any) -> None:
     whose call with the options then failed with "missing 3 required positional arguments": say what it lacks."""
     names = [p.name for p in inspect.signature(obj).parameters.values() if p.kind in (p.POSITIONAL_ONLY,
              p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+    if "completions" in names[:2]:  # TRL's reward functions: (completions, **kwargs) or (prompts, completions, ...)
+        raise UserError(f"reward {name!r} takes ({', '.join(names)}), a TRL reward function's arguments; mmgrpo "
+                        f"calls a reward with ({', '.join(REWARD_ARGUMENTS)}): samples are the completions (their "
+                        "text: mmgrpo.rewards.text.completion_text(sample)) and each row's meta holds its example's "
+                        "other fields (e.g. meta[i]['solution']). Wrap it: def reward(samples, prompts, meta, "
+                        "ctx): return fn([completion_text(s) for s in samples], solution=[m['solution'] for m in "
+                        "meta])")  # fmt: skip
     if names and tuple(names) == REWARD_ARGUMENTS[: len(names)]:
         missing = ", ".join(REWARD_ARGUMENTS[len(names) :])
         raise UserError(f"reward {name!r} takes ({', '.join(names)}), but a reward is called with "

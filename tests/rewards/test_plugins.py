@@ -141,6 +141,9 @@ def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_p
 
         def three(samples, prompts, meta):
             return [1.0 for _ in samples]
+
+        def trl(completions, solution=None, **kwargs):
+            return [1.0 for _ in completions]
     """)
     )
     _console_script_path(monkeypatch, tmp_path)
@@ -160,4 +163,7 @@ def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_p
     # a reward without ctx reads as a factory; its call failed with "missing 3 required positional arguments"
     with pytest.raises(UserError, match=r"takes \(samples, prompts, meta\), but a reward is called with .*add ctx"):
         rewards.get("default_ctx_mod.three")
+    # a TRL reward function read as a factory: "bad options {'solution': None} (missing ... 'completions')"
+    with pytest.raises(UserError, match=r"takes \(completions, solution\), a TRL reward function's .*Wrap it"):
+        rewards.get("default_ctx_mod.trl")
     sys.modules.pop("default_ctx_mod")
