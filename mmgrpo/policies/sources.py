@@ -252,7 +252,8 @@ def component_config(src: ModelSource, subfolder: str, cls: type | None = None) 
     small file is fetched alone, through the Hugging Face cache. With ``cls`` (the diffusers model class), a key the
     file lacks has the default of ``cls.__init__``, as ``register_to_config`` fills it in when the model loads (Wan
     2.1's vae/config.json has no ``scale_factor_spatial``). None when a local folder has no such file, or when it is
-    the config of another class than ``cls`` (the loader then names what is wrong)."""
+    the config of another class than ``cls``, or when a hub repository's file cannot be fetched (the loader then
+    names what is wrong, or the download that is needed)."""
     if src.local:
         file = Path(src.path) / subfolder / "config.json"
         if not file.is_file():
@@ -260,8 +261,10 @@ def component_config(src: ModelSource, subfolder: str, cls: type | None = None) 
     else:
         from huggingface_hub import hf_hub_download
 
-        with src.errors():
+        try:
             file = Path(hf_hub_download(src.path, f"{subfolder}/config.json", revision=src.revision))
+        except (OSError, ValueError):  # not cached offline, no such repository or file, no network: the loader
+            return None  # then names the exact download the pipeline needs (its --include list), as without a check
     config = json.loads(file.read_text())
     if cls is None:
         return config

@@ -178,3 +178,33 @@ def test_xformers_attention_where_it_cannot_run_is_one_paragraph_before_the_weig
         'policy.options.attention=xformers needs xformers, which is not installed: pip install "mmgrpo[gpu]"'
     )
     diffusion_mod.check_attention("sdpa", "cpu")
+
+
+def test_a_size_the_transformer_cannot_take_is_refused_from_the_config_files_before_any_weights_load(
+    tmp_path, monkeypatch
+):
+    """policy.options.height=100000 on the shipped shapes model was diffusers' ValueError "Height (25000) cannot be
+    greater than pos_embed_max_size: 8" from the first forward, after the weights loaded, with exit 1 and a traceback:
+    the sizes are checked against transformer/ and vae/ config.json first, and ``__init__`` says the same for an
+    adapter built from components (tiny: VAE 2x, patches of 1, pos_embed_max_size 16: at most 32 px, default 16)."""
+    from mmgrpo.core.errors import UserError
+    from mmgrpo.policies.models.sd3 import SD3Adapter
+    from mmgrpo.testing.checks import record_weight_loads
+    from mmgrpo.testing.tiny_sd3 import save_tiny_sd3
+
+    ckpt = save_tiny_sd3(tmp_path / "sd3")
+    loads = record_weight_loads(monkeypatch)
+    for bad, match in [
+        ({"height": 40}, r"SD3 height x width 40x16: this checkpoint's transformer places at most 16 patches of 2 px "
+                         r"a side \(pos_embed_max_size\), 32 px; .* e.g. 16x16"),
+        ({"width": 15}, r"SD3 height x width 16x15 must be positive multiples of 2 \(the VAE's 2x downsampling x the "
+                        r"transformer's 1x1 patches\)"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=match) as before_weights:
+            SD3Adapter.from_pretrained(ckpt, max_sequence_length=16, **bad)
+        assert loads == [], bad  # refused before any weights loaded
+        with pytest.raises(UserError) as from_components:
+            tiny_sd3_adapter(**bad)
+        assert str(before_weights.value) == str(from_components.value)
+    assert SD3Adapter.from_pretrained(ckpt, max_sequence_length=16, height=32, width=24).latent_shape()[1:] == (16, 12)
+    assert "SD3Transformer2DModel" in loads

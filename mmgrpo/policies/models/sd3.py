@@ -33,7 +33,25 @@ from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import decode_in_parts, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
-from mmgrpo.policies.sources import ModelSource, load_denoiser, pipeline_folder
+from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser, pipeline_folder, resolve_source
+
+
+def check_size(height: int, width: int, scale: int, patch: int, max_patches: int | None, default: int) -> None:
+    """The image sizes an SD3 transformer takes: multiples of the VAE's downsampling ``scale`` times its ``patch``
+    size, and at most ``max_patches`` patches a side (``pos_embed_max_size``: its position embedding is cropped from a
+    table of that size; SD3-medium 96 patches of 16 px, 1536 px). Shared by ``__init__`` and
+    :meth:`SD3Adapter.check_pretrained` (before the weights load); diffusers' own errors came at the first forward."""
+    step = scale * patch
+    if height % step or width % step or height < step or width < step:
+        raise UserError(f"SD3 height x width {height}x{width} must be positive multiples of {step} (the VAE's "
+                        f"{scale}x downsampling x the transformer's {patch}x{patch} patches); set "
+                        f"policy.options.height/width, e.g. {default}x{default} (the checkpoint's own "
+                        "size)")  # fmt: skip
+    if max_patches and max(height, width) > max_patches * step:
+        raise UserError(f"SD3 height x width {height}x{width}: this checkpoint's transformer places at most "
+                        f"{max_patches} patches of {step} px a side (pos_embed_max_size), {max_patches * step} px; "
+                        f"set policy.options.height/width to at most that, e.g. {default}x{default} (its own "
+                        "size)")  # fmt: skip
 
 
 class SD3Adapter:
@@ -80,8 +98,10 @@ class SD3Adapter:
             raise UserError(f"max_sequence_length={max_sequence_length}: SD3 takes 0..512 T5 tokens")
         self.max_sequence_length = max_sequence_length
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        default = transformer.config.sample_size * scale
+        tc = transformer.config
+        default = tc.sample_size * scale
         self.height, self.width = height or default, width or default
+        check_size(self.height, self.width, scale, tc.patch_size, tc.get("pos_embed_max_size"), default)
         self.scale = scale
         for m in [transformer, vae, *self.text_encoders]:
             if m is not None:
@@ -93,6 +113,25 @@ class SD3Adapter:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    def check_pretrained(cls, src: ModelSource, options: dict[str, Any]) -> None:
+        """:func:`check_size` of the ``height`` / ``width`` from_pretrained was given against the checkpoint's
+        transformer/ and vae/ config.json, before any weights load or download (diffusers' own error came from the
+        first forward, after them). Config files that are missing or of other classes are left to the loader."""
+        with needs("diffusion", "the sd3 model family"):
+            from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+        transformer = component_config(src, "transformer", SD3Transformer2DModel)
+        if transformer is None:
+            return
+        vae = (
+            component_config(src, "vae", AutoencoderKL) if (Path(src.path) / "vae").is_dir() or not src.local else None
+        )
+        scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae is not None else 1
+        default = transformer["sample_size"] * scale
+        height, width = options.get("height") or default, options.get("width") or default
+        check_size(height, width, scale, transformer["patch_size"], transformer.get("pos_embed_max_size"), default)
+
+    @classmethod
     def from_pretrained(
         cls, path: str | ModelSource, device: str = "cpu", dtype: str = "float32", **kwargs: Any
     ) -> SD3Adapter:
@@ -103,7 +142,9 @@ class SD3Adapter:
             from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
             from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        src = pipeline_folder(path, cls.components, "transformer")
+        src = resolve_source(path)
+        cls.check_pretrained(src, kwargs)  # before the weights load (a hub id: before they download)
+        src = pipeline_folder(src, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
         parts = _parts(src.path)
         td = _dtype(dtype)
