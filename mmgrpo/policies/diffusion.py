@@ -43,6 +43,10 @@ from mmgrpo.policies.strategy import resolve_options
 Cond = dict[str, torch.Tensor]  # conditioning tensors, batch first
 
 
+MAX_STEPS = 1000
+"""the most sampling steps a rollout takes (``policy.options.num_steps``): the schedulers' training timesteps"""
+
+
 @dataclass
 class Schedule:
     """The sampling schedule of T steps.
@@ -176,8 +180,10 @@ class DiffusionPolicyOptions:
             self.sde = from_dict(sde.SDEOptions, self.sde, "the config", prefix="policy.options.sde")
         self.exploration = resolve_options(EXPLORATION, self.exploration, "policy.options.exploration")
         self.objective = resolve_options(OBJECTIVES, self.objective, "policy.options.objective")
-        if self.num_steps < 1:
-            raise UserError(f"policy.options.num_steps must be >= 1, got {self.num_steps}")
+        if not 1 <= self.num_steps <= MAX_STEPS:  # 10**9 allocated its schedule until the machine killed the run
+            raise bad_option("policy.options.num_steps", self.num_steps, f"must be 1 to {MAX_STEPS}: the schedulers "
+                             f"are defined on {MAX_STEPS} training timesteps (DDIM steps on them; Flow-GRPO and "
+                             "DanceGRPO sample 10-50)")  # fmt: skip
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1):
             raise bad_option("policy.options.guidance_scale", self.guidance_scale, "classifier-free guidance must be "
                              "a finite number >= 1, e.g. 4.5; 1 = off (where diffusers reads 0 as off, here 0 would "

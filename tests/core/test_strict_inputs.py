@@ -260,6 +260,9 @@ T2I_BAD = [  # the text-to-image recipe's options (found by fuzzing configs/shap
     ("policy.options.height=-1", r"policy.options.height=-1: must be >= 0; set it to 0 \(the model's default\)"),
     ("policy.options.width=-1", "policy.options.width=-1: must be >= 0"),
     ("policy.options.num_frames=-1", "policy.options.num_frames=-1: must be >= 0"),
+    ("policy.options.num_steps=0", "policy.options.num_steps=0: must be 1 to 1000"),
+    # 10**9 allocated its schedule until the machine's out-of-memory killer ended the run (no paragraph, exit 137)
+    ("policy.options.num_steps=1000000000", r"policy.options.num_steps=1000000000: must be 1 to 1000: the schedulers"),
 ]
 
 
