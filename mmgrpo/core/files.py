@@ -153,6 +153,26 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+MAX_ASPECT_RATIO = 200
+"""the longest side of an image (or a video frame) over its shortest that transformers' Qwen2-VL image and video
+processors accept: ``smart_resize`` in transformers/models/qwen2_vl/image_processing_qwen2_vl.py raises "absolute
+aspect ratio must be smaller than 200" past it (transformers 5.x writes the 200 in the function; Qwen2.5-VL, Qwen3-VL
+and GLM-4V's processors do the same). A 10000 x 3 image passed every other check and stopped training at step 1."""
+
+
+def _check_aspect_ratio(width: int, height: int, name: str, where: str, each: str = "") -> None:
+    """A UserError naming ``where`` and ``name`` when ``width`` : ``height`` is more extreme than
+    :data:`MAX_ASPECT_RATIO` (a size not known, 0, is left to the decoder)."""
+    if min(width, height) < 1:
+        return
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise UserError(f"{where}: {name} is {width}x{height} pixels{each}, an aspect ratio of {ratio:.4g}:1, more "
+                        f"than the {MAX_ASPECT_RATIO}:1 that the VLM image processors accept (transformers' Qwen2-VL "
+                        "smart_resize refuses it at the first training step); crop it, or pad its short side, to a "
+                        f"shape within {MAX_ASPECT_RATIO}:1")  # fmt: skip
+
+
 def check_image(path: str | os.PathLike, where: str, data: bytes | None = None) -> tuple[int, int]:
     """Open and decode the image at ``path`` once: (width, height) as a viewer shows it (after its EXIF orientation,
     which the VLM loader applies), or a UserError naming ``where`` and the file. With ``data``, the image is those
@@ -160,7 +180,9 @@ def check_image(path: str | os.PathLike, where: str, data: bytes | None = None) 
 
     An image of more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89 million) is
     refused from its header, before it is decoded: a small file can declare 20000 x 20000 pixels (1.2 GB decoded),
-    and no VLM or video model reads an image at that size.
+    and no VLM or video model reads an image at that size. So is one whose long side is more than
+    :data:`MAX_ASPECT_RATIO` times its short side: the VLM processors refuse it, and a processor that scales the
+    short side up to its size (CLIP's 224) would make a 10000 x 3 image 746667 x 224.
     """
     import warnings
 
@@ -179,6 +201,7 @@ def check_image(path: str | os.PathLike, where: str, data: bytes | None = None) 
                     raise UserError(f"{where}: {name} is {im.width}x{im.height} pixels, more than the "
                                     f"{limit} that PIL decodes safely (a decompression bomb, or a scan at full "
                                     "resolution); downscale it (e.g. to 2048 pixels a side)")  # fmt: skip
+                _check_aspect_ratio(im.width, im.height, name, where)
                 im.load()  # decodes every byte: a truncated or garbage file fails here, not mid-training
                 turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: shown turned by 90 degrees
                 return (im.height, im.width) if turned else im.size
@@ -288,7 +311,8 @@ def open_video(path: str | os.PathLike, where: str, backend: str | None = None) 
 
     A frame of more pixels than an image may hold (``PIL.Image.MAX_IMAGE_PIXELS``, as :func:`check_image`) is
     refused from the stream's header (PyAV; decord after its first frame): the readers decode up to ``max_frames``
-    frames at full size before shrinking them to the model's budget, so an 8K video took gigabytes.
+    frames at full size before shrinking them to the model's budget, so an 8K video took gigabytes. So is a frame
+    of a more extreme shape than :data:`MAX_ASPECT_RATIO`, as an image's is.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -310,7 +334,8 @@ def open_video(path: str | os.PathLike, where: str, backend: str | None = None) 
 
 
 def _check_frame_pixels(width: int, height: int, path: str, where: str) -> None:
-    """A UserError naming ``where`` when a video's frames have more pixels than PIL decodes safely as an image."""
+    """A UserError naming ``where`` when a video's frames have more pixels than PIL decodes safely as an image, or
+    a more extreme shape than :data:`MAX_ASPECT_RATIO` (the VLM video processors resize frames as images)."""
     from PIL import Image
 
     limit = Image.MAX_IMAGE_PIXELS
@@ -318,6 +343,7 @@ def _check_frame_pixels(width: int, height: int, path: str, where: str) -> None:
         raise UserError(f"{where}: video '{path}' is {width}x{height} pixels a frame, more than the {limit} that PIL "
                         "decodes safely as an image (each frame is decoded at full size); downscale it (e.g. "
                         "ffmpeg -i IN -vf scale=1280:-2 OUT.mp4)")  # fmt: skip
+    _check_aspect_ratio(width, height, f"video '{path}'", where, " a frame")
 
 
 def _av_probe(path: str, where: str) -> tuple[int, float]:

@@ -1,11 +1,12 @@
 """Hugging Face datasets as data sources: ``hf:NAME_OR_PATH[@CONFIG][:SPLIT[:COLUMN]]`` (docs/data.md).
 
 A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` is read with ``datasets.load_from_disk``
-(``load_dataset`` refuses it); anything else (a hub id, a local folder of data files) with ``datasets.load_dataset``,
-given the CONFIG (a dataset of several configurations, ``load_dataset(NAME, CONFIG)``) when one is named. SPLIT may
-slice (``train[:100]``, ``train[10%:]``): the brackets are kept whole, and a saved DatasetDict is sliced as
-``load_dataset`` slices. A saved ``Dataset`` has no splits: a split written for it is an error, not all of its rows
-(``hf:DIR:test`` evaluated on the training rows).
+(``load_dataset`` refuses it); one local .parquet or .arrow file with ``load_dataset("parquet" | "arrow",
+data_files=PATH)`` (``load_dataset(PATH)`` finds no data file in a file); anything else (a hub id, a local folder of
+data files) with ``datasets.load_dataset``, given the CONFIG (a dataset of several configurations,
+``load_dataset(NAME, CONFIG)``) when one is named. SPLIT may slice (``train[:100]``, ``train[10%:]``): the brackets
+are kept whole, and a saved DatasetDict is sliced as ``load_dataset`` slices. A saved ``Dataset`` has no splits: a
+split written for it is an error, not all of its rows (``hf:DIR:test`` evaluated on the training rows).
 The rows get the checks a JSON file's get (:func:`dataset_rows`): a NaN or infinite number is a UserError naming the
 dataset, the row and the column (:func:`mmgrpo.data.records.check_finite_row`), and an image stored in the dataset
 (an ``Image`` feature, alone or in a list) is decoded once at load, so that a corrupt one is named now and not
@@ -90,6 +91,8 @@ def open_dataset(spec: str, label: str) -> Any:
             "run `pip install datasets`, or export the dataset to a .jsonl file (Dataset.to_json)"
         )
     datasets = importlib.import_module("datasets")
+    if Path(name).is_file():
+        return _load_file(datasets, label, name, split, config)
     if saved_dataset(Path(name)):
         if config:
             raise UserError(f"{label}: the folder {name!r} was written by save_to_disk, which keeps one "
@@ -103,6 +106,32 @@ def open_dataset(spec: str, label: str) -> Any:
             f"{label}: datasets.load_dataset({args}, split={split!r}) failed ({quoted(str(e), 300)}); "
             f"check the name, the configuration (a dataset of several is read as hf:NAME@CONFIG[:SPLIT]), the "
             "split, and that the dataset is downloaded when offline"
+        ) from e
+
+
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+"""suffix -> the ``datasets`` builder that reads one such file as a dataset (``hf:PATH/x.parquet``):
+``load_dataset(PATH)`` of a file finds no data file in it"""
+
+
+def _load_file(datasets: Any, label: str, name: str, split: str, config: str) -> Any:
+    """The rows of one .parquet or .arrow file (what ``Dataset.to_parquet`` or a save_to_disk shard holds, its
+    ``Image`` features kept), read by ``load_dataset("parquet" | "arrow", data_files=...)``: a file is one split,
+    ``train``, which may be sliced (``train[:100]``). Another file is a UserError saying what hf: reads."""
+    builder = FILE_BUILDERS.get(Path(name).suffix.lower())
+    if builder is None:
+        raise UserError(f"{label}: {name!r} is a file, and hf: reads a dataset folder, a hub name or one "
+                        f"{' or '.join(FILE_BUILDERS)} file; give a .jsonl / .json file without 'hf:', or convert "
+                        "this one (docs/data.md)")  # fmt: skip
+    if config:
+        raise UserError(f"{label}: the file {name!r} has no configurations; drop '@{config}'")
+    try:
+        return datasets.load_dataset(builder, data_files={"train": name}, split=split)
+    except Exception as e:  # noqa: BLE001 - a damaged file, or a split the one file does not have
+        raise UserError(
+            f"{label}: datasets.load_dataset({builder!r}, data_files={name!r}, split={split!r}) failed "
+            f"({quoted(str(e), 300)}); check that the file is a complete {builder} file, and that the split "
+            "is 'train': one file is one split, named train (a part of it as train[:100])"
         ) from e
 
 
@@ -138,10 +167,11 @@ def _load_saved(datasets: Any, label: str, name: str, split: str) -> Any:
 
 def media_folder(spec: str) -> Path:
     """The folder that relative media paths in the rows of ``spec`` are read from: the folder holding a
-    save_to_disk folder (as a data file's paths are relative to the folder holding the file), a local folder that
-    load_dataset reads (its data files are in it), else the working directory (a hub dataset)."""
+    save_to_disk folder or a .parquet / .arrow file (as a data file's paths are relative to the folder holding the
+    file), a local folder that load_dataset reads (its data files are in it), else the working directory (a hub
+    dataset)."""
     name = Path(hf_spec(spec)[0])
-    if saved_dataset(name):
+    if saved_dataset(name) or name.is_file():
         return name.parent
     return name if name.is_dir() else Path(".")
 
@@ -174,8 +204,9 @@ class StoredImage:
 
 
 def media_identity(item: str | StoredImage) -> str:
-    """What a resume compares to tell whether an example's image or video changed since a checkpoint: a stored image
-    by its size and the hash of its bytes (taken when it was read), a file by its name and size.
+    """What a resume of the image-to-video recipe compares to tell whether a first frame changed since a checkpoint
+    (the VLM recipes hash their images' bytes: :func:`content_identity`): a stored image by its size and the hash of
+    its bytes (taken when it was read), a file by its name and size.
 
     A stat, not a hash of the file: the fingerprint of a dataset of thousands of videos would otherwise read
     gigabytes again in every run that checkpoints and at every resume, where a stat is one system call a file. The
@@ -189,6 +220,44 @@ def media_identity(item: str | StoredImage) -> str:
         return f"{name} {os.stat(item).st_size}"
     except OSError:
         return f"{name} missing"
+
+
+VIDEO_ENDS = 64 * 1024
+"""bytes hashed at each end of a video file for :func:`content_identity`"""
+
+
+def content_identity(item: str | StoredImage, video: bool = False) -> str:
+    """What a resume of a VLM recipe compares to tell whether an example's image or video changed since a
+    checkpoint (:func:`mmgrpo.data.vlm_records.example_identity`): an image file by its name and the SHA-1 of its
+    bytes, a stored image by its size and the hash of its bytes (taken when it was read), a video file (``video``)
+    by its name, its size and the SHA-1 of its first and last :data:`VIDEO_ENDS` bytes (the whole file when it is
+    shorter than twice that).
+
+    :func:`media_identity`'s name and size missed an image replaced by one of the same size (its mirror image, a
+    PNG re-saved with other pixels); the load decodes every image anyway, so hashing one costs the run as much
+    again once (the fingerprint is taken at the first checkpoint and at a resume). A video is not read whole: its
+    two ends hold the container's header and index, which re-encoding or cutting changes, but an edit of frames in
+    its middle that keeps the size is not seen. The name without its folder and no modification time: a dataset
+    moved or copied to another machine is the same data, and its resume continues. A file gone (or unreadable)
+    since it was loaded is "missing" (the data changed), not an error mid-run."""
+    if isinstance(item, StoredImage):
+        return repr(item)
+    name = os.path.basename(os.fspath(item))
+    h = hashlib.sha1()
+    try:
+        with open(item, "rb") as f:
+            if not video:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                return f"{name} sha1 {h.hexdigest()[:16]}"
+            size = os.fstat(f.fileno()).st_size
+            h.update(f.read(VIDEO_ENDS if size > 2 * VIDEO_ENDS else size))
+            if size > 2 * VIDEO_ENDS:
+                f.seek(-VIDEO_ENDS, os.SEEK_END)
+                h.update(f.read())
+    except OSError:
+        return f"{name} missing"
+    return f"{name} {size} ends sha1 {h.hexdigest()[:16]}"
 
 
 def opened(images: list[Any]) -> list[Any]:

@@ -15,10 +15,10 @@ from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.data.hf_datasets import (
     StoredImage,
+    content_identity,
     dataset_rows,
     hf_spec,
     media_folder,
-    media_identity,
     open_dataset,
     saved_dataset,
 )
@@ -31,6 +31,38 @@ Example = tuple[dict, dict]  # (prompt {question, options}, meta {answer, images
 NOT_JSON = (".csv", ".tsv", ".parquet", ".arrow")
 """data-file suffixes that are not JSON: refused by name, where they were read as JSONL ("line 1 is not valid JSON");
 not ``.txt``, which may well hold JSON lines (read as before)"""
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v")
+"""what an image / a video file is named like: a path under the other key is refused (:func:`check_media`), and a
+field of another name holding such paths in a file without media is named (:func:`check_media_keys`)"""
+
+MEDIA_KEYS = "'image' (one path), 'images' (a list of paths) and 'video' (a path)"
+"""the keys an example's media are read from, after a TRL or LLaVA record's conversion (:func:`check_media`)"""
+
+
+def not_json(path: str, p: Path) -> UserError:
+    """The refusal of a data file whose suffix is in :data:`NOT_JSON`, with the fix that works for it: a one-line
+    conversion of a CSV / TSV of flat columns to JSONL, ``hf:PATH`` for a Parquet or Arrow file (read as a Hugging
+    Face dataset file: :func:`~mmgrpo.data.hf_datasets.open_dataset`, its ``Image`` columns as images)."""
+    suffix = p.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        delimiter = ", delimiter='\\t'" if suffix == ".tsv" else ""
+        fix = (
+            f" Convert a {suffix[1:].upper()} of flat columns (images, options and several answers are lists, which "
+            'a cell does not hold) with: python -c "import csv, json, sys; [print(json.dumps(r)) for r in '
+            f'csv.DictReader(open(sys.argv[1]){delimiter})]" {p.name} > {p.with_suffix(".jsonl").name}'
+        )
+    else:
+        fix = (
+            f" Read it as a Hugging Face dataset file instead: data.options.path=hf:{path} (its Image columns are "
+            "read as images, its list columns as lists)"
+        )
+    return UserError(
+        f"data.options.path={path!r} is a {suffix} file, which a VLM recipe does not read as a file: its examples "
+        'are JSON, a .jsonl file (one object a line, e.g. {"question": ..., "answer": ..., "image": "a.png"}) or a '
+        ".json file holding one list of them (docs/data.md), or hf:NAME_OR_PATH for a Hugging Face dataset." + fix
+    )
 
 
 def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, convert=None) -> list[tuple[str, dict]]:
@@ -53,17 +85,7 @@ def jsonl_records(path: str | Path, required: tuple[str, ...], otherwise: str, c
     elif not p.is_file():
         raise UserError(f"data.options.path={str(path)!r} not found; give a JSONL file, or '' for {otherwise}")
     elif p.suffix.lower() in NOT_JSON:
-        convert_csv = (
-            ' Convert a CSV of flat columns with: python -c "import csv, json, sys; [print(json.dumps(r)) for r in '
-            f'csv.DictReader(open(sys.argv[1]))]" {p.name} > {p.with_suffix(".jsonl").name}'
-        )
-        raise UserError(
-            f"data.options.path={str(path)!r} is a {p.suffix.lower()} file, which a VLM recipe does not read: its "
-            'examples are JSON, a .jsonl file (one object a line, e.g. {"question": ..., "answer": ..., '
-            '"image": "a.png"}) or a .json file holding one list of them (docs/data.md), or hf:NAME_OR_PATH for a '
-            "Hugging Face dataset (images, options and several answers are lists, which a CSV cell does not hold)."
-            + (convert_csv if p.suffix.lower() == ".csv" else "")
-        )
+        raise not_json(str(path), p)
     else:
         text = read_utf8(p, "data file")
         rows = json_list_rows(text, str(path)) if p.suffix.lower() == ".json" else jsonl_rows(text, str(path))
@@ -122,10 +144,26 @@ def _scalar(value: Any) -> bool:
     )
 
 
+def _named_like(rel: str, key: str, where: str) -> None:
+    """A UserError naming ``where`` when the path ``rel`` given as ``key`` (image(s) or video) is named like a file
+    of the other kind: a PNG given as a video was read as a one-frame video (PyAV opens a PNG), an mp4 given as an
+    image failed as 'cannot be read'. As the image-to-video recipe refuses it (its ``_row``). A GIF may be either."""
+    looks = {
+        "image": VIDEO_SUFFIXES,
+        "images": VIDEO_SUFFIXES,
+        "video": tuple(x for x in IMAGE_SUFFIXES if x != ".gif"),
+    }
+    if Path(rel).suffix.lower() in looks[key]:
+        other = "image" if key == "video" else "video"
+        raise UserError(f"{where}: '{key}' names {quoted(rel, 80)}, which is named like a{'n' * (other == 'image')} "
+                        f"{other} file; give it as '{other}'")  # fmt: skip
+
+
 def check_media(rec: dict, base: Path, where: str) -> tuple[list[str | StoredImage], str | None]:
     """(images, video path) of a record, resolved against ``base`` (the data file's folder) and opened once, so
     that a bad file is named now and not mid-training: ``image`` (a path) or ``images`` (a list of paths), not both;
-    ``video`` (a path). A missing key or null is no media. An image stored in a ``hf:`` dataset (a
+    ``video`` (a path). A missing key or null is no media; a path named like a file of the other kind (an image's
+    suffix under ``video``) is an error naming the key to use. An image stored in a ``hf:`` dataset (a
     :class:`~mmgrpo.data.hf_datasets.StoredImage`, checked as it was read) stands where a path would."""
     if rec.get("image") is not None and rec.get("images") is not None:
         raise UserError(f"{where}: give 'image' (one path) or 'images' (a list of paths), not both")
@@ -139,6 +177,9 @@ def check_media(rec: dict, base: Path, where: str) -> tuple[list[str | StoredIma
     for im in images or []:
         if not isinstance(im, str | StoredImage) or isinstance(im, str) and not im.strip():
             raise UserError(f"{where}: '{key}' must hold image paths (non-empty strings), got {quoted(im, 80)}")
+    for im in images or []:
+        if isinstance(im, str):
+            _named_like(im, key, where)
     paths = [im if isinstance(im, StoredImage) else str(base / im) for im in images or []]
     for im in paths:
         if not isinstance(im, StoredImage):
@@ -147,6 +188,7 @@ def check_media(rec: dict, base: Path, where: str) -> tuple[list[str | StoredIma
     if video is not None:
         if not isinstance(video, str) or not video.strip():
             raise UserError(f"{where}: 'video' must be a path (a non-empty string), got {quoted(video, 80)}")
+        _named_like(video, "video", where)
         video = str(base / video)
         open_video(video, where)
     return paths, video
@@ -186,15 +228,55 @@ def load_jsonl_lines(path: str | Path) -> list[tuple[str, Example]]:
         out.append((where, ({"question": question, "options": options}, meta)))
     if not out:
         raise UserError(f"{path} holds no examples")
+    check_media_keys(path, out)
     return out
+
+
+def _media_like(value: Any) -> tuple[Any, str] | None:
+    """(the first item, 'image' or 'video') of ``value`` (one value, or a list) that is a stored image or a path
+    named like an image or video file; None when there is none."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, StoredImage):
+            return item, "image"
+        suffix = Path(item.strip()).suffix.lower() if isinstance(item, str) else ""
+        if suffix in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+            return item, "video" if suffix in VIDEO_SUFFIXES else "image"
+    return None
+
+
+def check_media_keys(path: str | Path, examples: list[tuple[str, Example]]) -> None:
+    """A UserError when no example of the file ``path`` has an image or a video but a field of another name holds
+    one (an image stored in a ``hf:`` dataset, or a path named like an image or video file): ``image_path``,
+    ``img``, ``image_file`` or TRL's ``image_files`` went to ``meta`` unread, and every example trained on its text
+    alone, silently. As the image-to-video recipe refuses a row whose prompt is under another name (its ``_row``);
+    the first such field is named, with the keys that are read (:data:`MEDIA_KEYS`). A file with media in some
+    examples is not checked: a text-only example among them is on purpose."""
+    if any(meta["images"] or meta.get("video") for _, (_, meta) in examples):
+        return
+    for where, (_, meta) in examples:
+        for key, value in meta.items():
+            found = None if key in ("answer", "images", "video") else _media_like(value)
+            if found is None:
+                continue
+            item, kind = found
+            use = "video" if kind == "video" else "images" if isinstance(value, list) else "image"
+            held = f"{quoted(item, 80)}, named like a{'n' * (kind == 'image')} {kind} file,"
+            raise UserError(
+                f"{where}: no example of {path} has an image or a video, but the field {key!r} holds "
+                f"{held if isinstance(item, str) else f'{item!r}, an image,'} which the recipe does not read: every "
+                f"example would train on its text alone. Media are read from {MEDIA_KEYS}; name the field {use!r}, "
+                "or remove it to train on the text alone"
+            )
 
 
 def example_identity(example: Example, question_suffix: str = "") -> str:
     """What defines an example of a data file, for the stream's fingerprint (:meth:`QAPrompts.fingerprint`): its
     question (with the ``question_suffix`` a recipe appends), options, answer and other fields, and each image or
-    video by :func:`~mmgrpo.data.hf_datasets.media_identity` (a stored image's hash, a file's name and size)."""
+    video by :func:`~mmgrpo.data.hf_datasets.content_identity` (an image's name and the hash of its bytes, a
+    stored image's hash; a video's name, size and the hash of its two ends), so an image replaced by another of the
+    same size is seen, and a copy of the dataset in another folder is the same data."""
     prompt, meta = example
-    meta = {**meta, "images": [media_identity(im) for im in meta.get("images") or []]}
+    meta = {**meta, "images": [content_identity(im) for im in meta.get("images") or []]}
     if meta.get("video") is not None:
-        meta["video"] = media_identity(meta["video"])
+        meta["video"] = content_identity(meta["video"], video=True)
     return json.dumps([prompt, question_suffix, meta], sort_keys=True, default=str)
