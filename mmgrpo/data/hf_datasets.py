@@ -203,25 +203,6 @@ class StoredImage:
         return f"StoredImage({self.size[0]}x{self.size[1]}, sha1 {self.digest})"
 
 
-def media_identity(item: str | StoredImage) -> str:
-    """What a resume of the image-to-video recipe compares to tell whether a first frame changed since a checkpoint
-    (the VLM recipes hash their images' bytes: :func:`content_identity`): a stored image by its size and the hash of
-    its bytes (taken when it was read), a file by its name and size.
-
-    A stat, not a hash of the file: the fingerprint of a dataset of thousands of videos would otherwise read
-    gigabytes again in every run that checkpoints and at every resume, where a stat is one system call a file. The
-    name without its folder and no modification time: a dataset moved or copied to another machine (``cp`` without
-    ``-p``) is the same data, and its resume continues; a compressed image or video replaced by another almost
-    always changes size. A file gone since it was loaded is "missing" (the data changed), not an error mid-run."""
-    if isinstance(item, StoredImage):
-        return repr(item)
-    name = os.path.basename(os.fspath(item))
-    try:
-        return f"{name} {os.stat(item).st_size}"
-    except OSError:
-        return f"{name} missing"
-
-
 VIDEO_ENDS = 64 * 1024
 """bytes hashed at each end of a video file for :func:`content_identity`"""
 
@@ -233,9 +214,9 @@ def content_identity(item: str | StoredImage, video: bool = False) -> str:
     by its name, its size and the SHA-1 of its first and last :data:`VIDEO_ENDS` bytes (the whole file when it is
     shorter than twice that).
 
-    :func:`media_identity`'s name and size missed an image replaced by one of the same size (its mirror image, a
-    PNG re-saved with other pixels); the load decodes every image anyway, so hashing one costs the run as much
-    again once (the fingerprint is taken at the first checkpoint and at a resume). A video is not read whole: its
+    A file's name and size (the identity before 2026-12-07) missed an image replaced by one of the same size (its
+    mirror image, a PNG re-saved with other pixels); the load decodes every image anyway, so hashing one costs the
+    run as much again once (the fingerprint is taken at the first checkpoint and at a resume). A video is not read whole: its
     two ends hold the container's header and index, which re-encoding or cutting changes, but an edit of frames in
     its middle that keeps the size is not seen. The name without its folder and no modification time: a dataset
     moved or copied to another machine is the same data, and its resume continues. A file gone (or unreadable)

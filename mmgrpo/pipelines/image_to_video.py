@@ -21,7 +21,7 @@ from typing import Any
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.files import check_image, open_video, read_utf8
 from mmgrpo.core.types import PromptBatch
-from mmgrpo.data.hf_datasets import media_identity
+from mmgrpo.data.hf_datasets import content_identity
 from mmgrpo.data.prompts import PromptList
 from mmgrpo.data.records import read_rows
 from mmgrpo.pipelines.text_to_image import check_eval_numbers, generator_components, generator_options
@@ -124,13 +124,14 @@ def read_pairs(spec: str, default_prompt: str = "") -> list[FramePrompt]:
 class FramePromptList(PromptList):
     """PromptList over FramePrompts whose batches also carry each frame in ``meta`` (for rewards and the adapter)."""
 
-    fingerprint_scheme = 2  # 1 (checkpoints before 2026-12-07): the prompt texts alone
+    fingerprint_scheme = 3  # 1 (before 2026-12-07): the prompt texts alone; 2: each frame file's name and size
 
     def identity(self, prompt: str) -> str:
         """A condition is its text AND its first frame (an image, or a video whose first frame is read): a file
-        replaced under the same name is another condition, so the fingerprint names the file's name and size too
-        (:func:`~mmgrpo.data.hf_datasets.media_identity`)."""
-        media = {k: media_identity(v) for k, v in sorted(getattr(prompt, "meta", {}).items())}
+        replaced under the same name is another condition, so the fingerprint names the file by its name and the
+        hash of its bytes (a video: its size and the hash of its ends; :func:`~mmgrpo.data.hf_datasets.
+        content_identity`; name and size alone missed an image replaced by one of the same size)."""
+        media = {k: content_identity(v, video=k == "video") for k, v in sorted(getattr(prompt, "meta", {}).items())}
         return json.dumps([str(prompt), media])
 
     def get(self, indices: list[int]) -> PromptBatch:

@@ -14,7 +14,8 @@ def noise(seed: int, size: int) -> Image.Image:
 def test_the_conditions_fingerprint_covers_each_first_frame_not_only_the_prompts(tmp_path):
     """A checkpoint keeps the training conditions' fingerprint so that a resume over other conditions is refused
     (mmgrpo/train/trainer_state.py): a first frame replaced under its name is another condition, named by the
-    file's name and size (the fingerprint covered only the prompt texts); the same files read again give the same
+    file's name and the hash of its bytes (the fingerprint covered only the prompt texts, then the file's name and
+    size, which missed a replacement of the same size); the same files read again give the same
     fingerprint, and so do the same files moved to another folder with new modification times."""
     noise(1, 40).save(tmp_path / "a.png")
     write_mp4(tmp_path / "b.mp4", frames=4, size=32)
@@ -30,9 +31,12 @@ def test_the_conditions_fingerprint_covers_each_first_frame_not_only_the_prompts
     for name in ("a.png", "b.mp4", "p.jsonl"):
         (moved / name).write_bytes((tmp_path / name).read_bytes())
     assert FramePromptList(read_pairs(str(moved / "p.jsonl")), seed=0).fingerprint() == before
+    Image.open(tmp_path / "a.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "a.png")
+    mirrored = fingerprint()  # the same size (a PNG of the same pixels mirrored): name and size alone missed it
+    assert (tmp_path / "a.png").stat().st_size == (moved / "a.png").stat().st_size and mirrored != before
     noise(2, 32).save(tmp_path / "a.png")  # the same prompts, another first frame
     after = fingerprint()
-    assert after != before
+    assert after not in (before, mirrored)
     write_mp4(tmp_path / "b.mp4", frames=6, size=32)  # another video under the same name
     assert fingerprint() not in (before, after)
 
@@ -57,7 +61,7 @@ def test_a_checkpoint_whose_fingerprint_is_of_the_texts_alone_resumes_with_a_war
     with pytest.warns(UserWarning, match="fingerprinted the training prompts in an older way"):
         check_prompt_pool(tr, old, "ckpt")
     saved = prompt_pool(tr)
-    assert saved["scheme"] == 2
+    assert saved["scheme"] == 3
     check_prompt_pool(tr, saved, "ckpt")  # the same data
     noise(2, 32).save(tmp_path / "a.png")  # another frame under the same name
     edited = FramePromptList(read_pairs(str(tmp_path / "p.jsonl")), seed=0)
