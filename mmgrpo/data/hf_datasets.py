@@ -216,11 +216,11 @@ def content_identity(item: str | StoredImage, video: bool = False) -> str:
 
     A file's name and size (the identity before 2026-12-07) missed an image replaced by one of the same size (its
     mirror image, a PNG re-saved with other pixels); the load decodes every image anyway, so hashing one costs the
-    run as much again once (the fingerprint is taken at the first checkpoint and at a resume). A video is not read whole: its
-    two ends hold the container's header and index, which re-encoding or cutting changes, but an edit of frames in
-    its middle that keeps the size is not seen. The name without its folder and no modification time: a dataset
-    moved or copied to another machine is the same data, and its resume continues. A file gone (or unreadable)
-    since it was loaded is "missing" (the data changed), not an error mid-run."""
+    run as much again once (the fingerprint is taken at the first checkpoint and at a resume). A video is not read
+    whole: its two ends hold the container's header and index, which re-encoding or cutting changes, but an edit of
+    frames in its middle that keeps the size is not seen. The name without its folder and no modification time: a
+    dataset moved or copied to another machine is the same data, and its resume continues. A file gone (or
+    unreadable) since it was loaded is "missing" (the data changed), not an error mid-run."""
     if isinstance(item, StoredImage):
         return repr(item)
     name = os.path.basename(os.fspath(item))
