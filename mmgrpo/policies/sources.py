@@ -222,13 +222,21 @@ def resolve_source(
     return ModelSource(text, key, revision or None, variant or None, denoiser_file or None, local=False)
 
 
+def pipeline_source(
+    path: str | os.PathLike | ModelSource, parts: Sequence[str], denoiser: str | None = None
+) -> ModelSource:
+    """``path`` as the :class:`ModelSource` of a pipeline of the sub-folders ``parts``: what :func:`component_config`
+    and :func:`pipeline_folder` read, so that a hub id's error names the exact download (its ``--include`` list)."""
+    return dataclasses.replace(resolve_source(path), parts=tuple(parts), denoiser=denoiser)
+
+
 def pipeline_folder(
     path: str | os.PathLike | ModelSource, parts: Sequence[str], denoiser: str | None = None
 ) -> ModelSource:
     """A diffusers pipeline as a local folder: a local source as it is; a hub id fetched (or found in the HF cache)
     by ``DiffusionPipeline.download``, limited to the sub-folders ``parts`` the family loads, safetensors of the
     variant only (with a ``denoiser_file``, only the ``denoiser`` sub-folder's config.json)."""
-    src = dataclasses.replace(resolve_source(path), parts=tuple(parts), denoiser=denoiser)
+    src = pipeline_source(path, parts, denoiser)
     if src.local:
         return src
     from diffusers import DiffusionPipeline
@@ -252,8 +260,9 @@ def component_config(src: ModelSource, subfolder: str, cls: type | None = None) 
     small file is fetched alone, through the Hugging Face cache. With ``cls`` (the diffusers model class), a key the
     file lacks has the default of ``cls.__init__``, as ``register_to_config`` fills it in when the model loads (Wan
     2.1's vae/config.json has no ``scale_factor_spatial``). None when a local folder has no such file, or when it is
-    the config of another class than ``cls``, or when a hub repository's file cannot be fetched (the loader then
-    names what is wrong, or the download that is needed)."""
+    the config of another class than ``cls`` (the loader then names what is wrong). Give ``src`` the pipeline's
+    ``parts`` (:func:`pipeline_source`): a hub file that cannot be fetched then names the download the whole
+    pipeline needs, as the loader would after its own retries."""
     if src.local:
         file = Path(src.path) / subfolder / "config.json"
         if not file.is_file():
@@ -261,10 +270,8 @@ def component_config(src: ModelSource, subfolder: str, cls: type | None = None) 
     else:
         from huggingface_hub import hf_hub_download
 
-        try:
+        with src.errors():  # a ``src`` with its ``parts`` names the exact download the pipeline needs
             file = Path(hf_hub_download(src.path, f"{subfolder}/config.json", revision=src.revision))
-        except (OSError, ValueError):  # not cached offline, no such repository or file, no network: the loader
-            return None  # then names the exact download the pipeline needs (its --include list), as without a check
     config = json.loads(file.read_text())
     if cls is None:
         return config

@@ -37,7 +37,7 @@ from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import check_fps, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
-from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser, pipeline_folder, resolve_source
+from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser, pipeline_folder, pipeline_source
 
 FPS = 24.0
 """frames per second HunyuanVideo generates at: Tencent's reference inference (sample_video.py of
@@ -178,7 +178,7 @@ class HunyuanVideoAdapter:
             )
             from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
-        src = resolve_source(path)
+        src = pipeline_source(path, cls.components, "transformer")
         cls.check_pretrained(src, kwargs)  # before the weights load (a hub id: before they download)
         src = pipeline_folder(src, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")

@@ -33,7 +33,7 @@ from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
 from mmgrpo.policies.models import decode_in_parts, place
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
-from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser, pipeline_folder, resolve_source
+from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser, pipeline_folder, pipeline_source
 
 
 def check_size(height: int, width: int, scale: int, patch: int, max_patches: int | None, default: int) -> None:
@@ -142,7 +142,7 @@ class SD3Adapter:
             from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
             from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        src = resolve_source(path)
+        src = pipeline_source(path, cls.components, "transformer")
         cls.check_pretrained(src, kwargs)  # before the weights load (a hub id: before they download)
         src = pipeline_folder(src, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")

@@ -55,7 +55,7 @@ from mmgrpo.policies.sources import (
     component_config,
     load_denoiser,
     pipeline_folder,
-    resolve_source,
+    pipeline_source,
     sibling,
 )
 from mmgrpo.policies.vlm_inputs import load_image
@@ -325,7 +325,7 @@ class WanAdapter:
             from diffusers import AutoencoderKLWan, WanTransformer3DModel
             from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-        src = resolve_source(path)
+        src = pipeline_source(path, cls.components, "transformer")
         cls.check_pretrained(src, kwargs)  # before the weights load (a hub id: before they download)
         src = pipeline_folder(src, cls.components, "transformer")
         refuse_pickle_weights(src.path, src.key, "diffusers.DiffusionPipeline")
