@@ -20,7 +20,7 @@ from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import NO_HUB_KERNELS, refuse_pickle_weights
 from mmgrpo.policies.sources import check_source_options, resolve_source
-from mmgrpo.policies.vlm_families import VLMFamily, resolve_family
+from mmgrpo.policies.vlm_families import VLM_FAMILIES, VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -30,6 +30,14 @@ BOX_TOKENS = (
 CONFIG_VISION_IDS = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index"
 )  # fmt: skip
+TEMPERATURES = (1e-2, 1e2)
+"""the sampling temperatures ``policy.options.temperature`` accepts, both included. Log-probs are of logits /
+temperature in float32: 1e-45 (a float32 denormal: logits / it overflow) or 1e308 (inf in float32: -inf / inf is NaN
+on the suppressed ids) made them non-finite, a rollout error blaming fp16 and the learning rate. Within float32's
+reach the useful range is narrower: at 0.01 a logit of 100 becomes 1e4, where float32 rounds a log-prob by ~1e-3
+(0.1% noise on the ratio of the rollout's and the update's log-probs of a token, 200 times under a clip range of 0.2,
+and ten times more for each decade lower; sampling is greedy there anyway); at 100 logits a few units apart differ
+by under 0.05: every token about equally likely, and a log-prob's gradient shrinks as 1 / temperature"""
 
 
 @dataclass
@@ -62,7 +70,7 @@ class VLMPolicyOptions:
     max_new_tokens: int = 128
     """K: longest completion; rows without EOS by then are truncated"""
     temperature: float = 1.0
-    """sampling temperature (> 0); log-probs are of logits / temperature"""
+    """sampling temperature, in 0.01..100 (TEMPERATURES); log-probs are of logits / temperature"""
     top_p: float = 1.0
     """nucleus sampling threshold (1 = off)"""
     top_k: int = 0
@@ -116,9 +124,12 @@ class VLMPolicyOptions:
         if self.max_new_tokens < 1:
             raise bad_option(f"{p}.max_new_tokens", self.max_new_tokens,
                              "a completion needs at least 1 token; set it to 1 or more, e.g. 128")  # fmt: skip
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise bad_option(f"{p}.temperature", self.temperature, "the sampling temperature must be a finite "
-                             "number > 0, e.g. 1.0 (greedy decoding is for evaluation)")  # fmt: skip
+        lo, hi = TEMPERATURES
+        if not (math.isfinite(self.temperature) and lo <= self.temperature <= hi):
+            raise bad_option(f"{p}.temperature", self.temperature, f"the sampling temperature must be in {lo:g}.."
+                             f"{hi:g}, e.g. 1.0 (the log-probs are of logits / temperature in float32: beyond "
+                             "these the sampled distribution is no longer finite, or is noise; greedy decoding is "
+                             "for evaluation)")  # fmt: skip
         if not 0 < self.top_p <= 1:
             raise bad_option(f"{p}.top_p", self.top_p, "the nucleus mass must be in (0, 1]; set it to 1 (off) or "
                              "e.g. 0.9")  # fmt: skip
@@ -181,6 +192,49 @@ _LOCAL_HINT = (
 )
 
 
+def _family_key(path_key: str) -> str:
+    """The config key of the family that goes with model path key ``path_key``: the policy's (its teachers copy
+    the policy's options), or the option next to a reward's model path."""
+    return f"{path_key.rpartition('.')[0]}.family" if path_key.startswith("rewards") else "policy.options.family"
+
+
+def check_family_fits(config: Any, family: str, model_cls: type, where: str, key: str) -> None:
+    """A family named in the config must load the checkpoint's ``model_type`` (config.json, read before the
+    weights): Qwen2_5_VLForConditionalGeneration over a qwen2_vl checkpoint otherwise ends in transformers' table of
+    "Reinit due to size mismatch" and a RuntimeError about ``ignore_mismatched_sizes``. A class that says no model
+    type (generic: AutoModelForImageTextToText picks one from the config) fits any."""
+    wanted = getattr(getattr(model_cls, "config_class", None), "model_type", "") or ""
+    model_type = getattr(config, "model_type", "") or ""
+    if family == "auto" or not wanted or not model_type or wanted == model_type:
+        return
+    fit = model_type if model_type in VLM_FAMILIES else "generic"
+    raise bad_option(key, family, f"family {family!r} does not fit the checkpoint's config.json model_type "
+                     f"{model_type!r} ({where}): its class {model_cls.__name__} loads model_type {wanted!r}; set "
+                     f"{key}={fit} (the family for model_type {model_type!r}) or remove the option (auto picks "
+                     "it)")  # fmt: skip
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context in tokens: ``max_position_embeddings`` of its text config (or of the config itself)."""
+    limit = getattr(getattr(config, "text_config", None), "max_position_embeddings", None) or getattr(
+        config, "max_position_embeddings", None
+    )
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def check_context(config: Any, max_new_tokens: int, where: str) -> None:
+    """Prompt + completion must fit the model's context: refuse, once the model config is known and before the
+    weights load, a ``max_new_tokens`` that leaves no room for a prompt (1e12 used to end in an out-of-memory
+    paragraph about micro-batches: the decode cache and the completion buffers are sized by it). The questions of a
+    data file are measured against what is left by the recipes (``check_question_lengths``)."""
+    limit = context_length(config)
+    if limit is not None and max_new_tokens >= limit:
+        raise bad_option("policy.options.max_new_tokens", max_new_tokens, f"{where} has a context of {limit} "
+                         "tokens (max_position_embeddings of its text config), which must hold the prompt and the "
+                         f"completion; set it below {limit} less the prompts' length, e.g. "
+                         f"{min(512, limit // 4)}")  # fmt: skip
+
+
 def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -> tuple[nn.Module, Any]:
     """(model, processor) from a local directory or a hub id (``o.revision``, ``o.variant``; the HF cache, see
     :mod:`mmgrpo.policies.sources`): safetensors only, the family's class, ``o.dtype``.
@@ -202,6 +256,8 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
     except ValueError as e:
         raise UserError(f"cannot load a VLM from {key}={src.describe()}: {e}. {_LOCAL_HINT}") from e
     model_cls = resolve_family(config, o.family).model_class()  # an unknown family names itself, not the path
+    check_family_fits(config, o.family, model_cls, f"{key}={src.describe()}", _family_key(key))
+    check_context(config, o.max_new_tokens, f"{key}={src.describe()}")
     refuse_pickle_weights(src.path, key, f"transformers.{model_cls.__name__}")  # a hub id: use_safetensors refuses
     try:
         with src.errors(_LOCAL_HINT):

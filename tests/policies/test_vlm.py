@@ -19,6 +19,7 @@ from mmgrpo.policies.vlm import (
     VLMPolicy,
     VLMPolicyOptions,
     chunked_token_logprobs,
+    load_vlm,
     sample_rows,
     sample_tokens,
     token_entropy,
@@ -246,9 +247,15 @@ BAD_OPTIONS = [  # (options, the start of the one-paragraph error): each used to
     # mid-rollout, or to train silently on a meaningless setting (found by fuzzing the shipped VLM configs)
     ({"max_new_tokens": 0}, "policy.options.max_new_tokens=0: a completion needs at least 1 token"),
     ({"max_new_tokens": -1}, "policy.options.max_new_tokens=-1: a completion needs at least 1 token"),
-    ({"temperature": 0.0}, "policy.options.temperature=0.0: the sampling temperature must be a finite number > 0"),
+    ({"temperature": 0.0}, r"policy.options.temperature=0.0: the sampling temperature must be in 0\.01\.\.100"),
     ({"temperature": math.nan}, "policy.options.temperature=nan: the sampling temperature must be"),
     ({"temperature": math.inf}, "policy.options.temperature=inf: the sampling temperature must be"),
+    # finite but out of float32's reach: logits / 1e308 (inf in float32) or / 1e-45 (a denormal) were NaN / inf, a
+    # rollout error blaming fp16 overflow and trainer.lr
+    ({"temperature": 1e308}, r"policy.options.temperature=1e\+308: the sampling temperature must be in 0\.01\.\.100"),
+    ({"temperature": 1e-45}, r"policy.options.temperature=1e-45: the sampling temperature must be in 0\.01\.\.100"),
+    ({"temperature": 0.009}, "policy.options.temperature=0.009: the sampling temperature must be in"),
+    ({"temperature": 101.0}, "policy.options.temperature=101.0: the sampling temperature must be in"),
     ({"top_p": 0.0}, r"policy.options.top_p=0.0: the nucleus mass must be in \(0, 1\]"),
     ({"top_p": -1.0}, r"policy.options.top_p=-1.0: the nucleus mass must be in \(0, 1\]"),
     ({"top_p": math.nan}, "policy.options.top_p=nan: the nucleus mass"),
@@ -283,6 +290,63 @@ def test_bad_numbers_are_one_clear_error_when_the_options_are_built(options, mat
 
 def test_a_lora_rank_of_0_is_no_error_when_nothing_is_lora():
     assert VLMPolicyOptions(finetune="full", lora_rank=0).lora_rank == 0  # unused by full fine-tuning
+
+
+def test_the_temperature_bounds_themselves_sample_finite_distributions():
+    """0.01 and 100 are accepted, and a rollout at each samples from a finite distribution (the bounds are where
+    float32 logits / temperature stay meaningful)."""
+    for t in (0.01, 100.0):
+        policy = make_policy(max_new_tokens=4, temperature=VLMPolicyOptions(temperature=t).temperature)
+        rollout = policy.rollout(image_batch(), 2, torch.Generator().manual_seed(0))
+        assert torch.isfinite(rollout.logp_old).all() and torch.isfinite(rollout.extras["token_entropy"]).all()
+
+
+def _tiny_checkpoint(folder: Path, weights: bool) -> Path:
+    """The tiny Qwen2-VL saved as a model folder; without ``weights`` its config and processor files only."""
+    model, processor = tiny_qwen2_vl()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if not weights:
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_a_family_that_does_not_fit_the_checkpoint_is_refused_before_the_weights_load(tmp_path):
+    """family=qwen2_5_vl over a qwen2_vl checkpoint ended in transformers' table of "MISMATCH ... Reinit due to size
+    mismatch" and a RuntimeError about ignore_mismatched_sizes. It is refused from config.json alone (this folder has
+    no weights: the refusal comes before they are looked for), naming the family that fits."""
+    folder = _tiny_checkpoint(tmp_path / "m", weights=False)
+    for family in ("qwen2_5_vl", "qwen3_vl"):
+        with pytest.raises(UserError) as e:
+            load_vlm(str(folder), VLMPolicyOptions(path=str(folder), family=family))
+        msg = str(e.value)
+        assert msg.startswith(f"policy.options.family='{family}': family '{family}' does not fit the checkpoint's "
+                              "config.json model_type 'qwen2_vl'"), msg  # fmt: skip
+        assert "set policy.options.family=qwen2_vl" in msg and "or remove the option" in msg and "\n" not in msg
+    with pytest.raises(UserError, match="model.safetensors"):  # auto / the right family: on to the weights
+        load_vlm(str(folder), VLMPolicyOptions(path=str(folder), family="qwen2_vl"))
+    folder = _tiny_checkpoint(tmp_path / "w", weights=True)
+    for family in ("auto", "qwen2_vl", "generic"):  # generic's class reads the model type from the config
+        model, _ = load_vlm(str(folder), VLMPolicyOptions(path=str(folder), family=family))
+        assert model.config.model_type == "qwen2_vl"
+
+
+def test_max_new_tokens_beyond_the_models_context_is_refused_before_the_weights_load(tmp_path):
+    """max_new_tokens=1e12 ended in an out-of-memory paragraph about micro-batches (the decode cache is sized by
+    it); prompt + completion must fit the model's context, max_position_embeddings of its text config."""
+    folder = _tiny_checkpoint(tmp_path / "m", weights=False)
+    model, _ = tiny_qwen2_vl()
+    limit = model.config.text_config.max_position_embeddings
+    for k in (10**12, limit):
+        with pytest.raises(UserError) as e:
+            load_vlm(str(folder), VLMPolicyOptions(path=str(folder), max_new_tokens=k))
+        assert str(e.value).startswith(
+            f"policy.options.max_new_tokens={k}: policy.options.path='{folder}' has a "
+            f"context of {limit} tokens (max_position_embeddings of its text config)"
+        )
+        assert f"set it below {limit}" in str(e.value)
+    with pytest.raises(UserError, match="model.safetensors"):  # a completion that leaves room for a prompt
+        load_vlm(str(folder), VLMPolicyOptions(path=str(folder), max_new_tokens=limit - 1))
 
 
 def test_a_bad_policy_option_fails_at_config_load_through_the_cli(tmp_path, capsys):
