@@ -67,6 +67,10 @@ MC_KINDS = ("count", "color", "position")
 DIFFICULTIES = ("normal", "near_miss", "shuffled")
 IMAGE_SIZES = (32, 512)
 """the image sides (pixels) an example can be rendered at, both included; the world is drawn for 32-64"""
+MAX_SCENES = 1_000_000
+"""the most scenes a synthetic shapes source is asked for, train or held out (``data.options.num_examples`` &
+co.): a run of 4 prompts a step would take 250,000 steps to see a million once, and the split's seeds (and a
+permutation of them) are all made when the run starts, so a billion ran out of memory there"""
 COUNT_OPTIONS = ("0", "1", "2", "3")
 COLOR_OPTIONS = COLORS  # red, green, blue, yellow
 POSITION_OPTIONS = ("left", "right", "top", "bottom")

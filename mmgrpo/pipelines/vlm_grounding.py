@@ -44,7 +44,9 @@ from mmgrpo.pipelines.vlm_reasoning import (
     QAPrompts,
     check_heldout_fraction,
     check_question_lengths,
+    check_scene_count,
     check_vlm_data,
+    first_completions,
     load_vlm_policy,
     seeded_split,
     warn_repeated_heldout,
@@ -82,10 +84,14 @@ class VLMGroundingDataOptions:
     def __post_init__(self) -> None:
         # checked when the config loads (Pipeline.check), before the model does
         check_vlm_data(self.split_seed, self.eval_examples)
+        if self.path:  # the numbers below only shape the synthetic scenes
+            return
         lo, hi = shapes_qa.IMAGE_SIZES
-        if not self.path and not lo <= self.image_size <= hi:
+        if not lo <= self.image_size <= hi:
             raise bad_option("data.options.image_size", self.image_size, f"the shapes grounding scenes are rendered "
                              f"with a side in {lo}..{hi} pixels (drawn for 32-64); set it to e.g. 64")  # fmt: skip
+        check_scene_count("data.options.num_train", self.num_train, "the shapes grounding source")
+        check_scene_count("data.options.eval_examples", self.eval_examples, "the shapes grounding source")
 
 
 Example = tuple[dict, dict]  # (prompt {question}, meta {box, image_size, images})
@@ -250,10 +256,17 @@ def evaluate_grounding(
         "acc_at_0.5": float(np.mean([x >= 0.5 for x in ious])),
         "format": float(np.mean([has_valid_format(t) for t in texts])),
     }
-    if paired is not None:
-        metrics.update(paired(step, {"mean_iou": ious, "acc_at_0.5": [float(x >= 0.5) for x in ious]}))
     records = completion_records([p for p, _ in examples], texts, box=[m["box"] for _, m in examples], iou=ious)
+    if paired is not None:
+        metrics.update(paired(step, iou_scores(records), [r["prompt"] for r in records]))
     return EvalResult(metrics=metrics, captions=texts, records=records)
+
+
+def iou_scores(records: list[dict]) -> dict[str, list[float]]:
+    """The per-example values :class:`~mmgrpo.pipelines.vlm_reasoning.PairedScores` pairs, from an evaluation's
+    records (in memory, or read back from the run's step-0 completions): ``mean_iou`` and ``acc_at_0.5``."""
+    ious = [float(r["iou"]) for r in records]
+    return {"mean_iou": ious, "acc_at_0.5": [float(x >= 0.5) for x in ious]}
 
 
 def check_box_rewards(cfg: Config, box_family: str) -> None:
@@ -279,7 +292,7 @@ def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     check_question_lengths(policy, examples.lines, examples.records)
     held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]
 
-    paired = PairedScores()
+    paired = PairedScores(first_completions(cfg), iou_scores)
 
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
         return evaluate_grounding(policy, held, data.eval_batch, paired, step)

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,9 +64,23 @@ from mmgrpo.data.vlm_records import (  # noqa: F401  (re-exported: the recipes' 
 from mmgrpo.methods.registry import check_example_keys
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.policies.vlm_inputs import question_text
+from mmgrpo.policies.vlm_load import context_length
 from mmgrpo.rewards.text import answer_or_completion, grade, has_valid_format
 from mmgrpo.train.components import PIPELINES, Components, EvalResult, Pipeline, completion_records
 from mmgrpo.train.config import Config, options_from
+
+SHAPES_IMAGE_SIZES = (16, 512)
+"""the image sides (pixels) source shapes renders, both included (shapes_qa's are ``shapes_qa.IMAGE_SIZES``): the
+world is drawn for 32-64, and a side of 100000 is a 30 GB image"""
+
+
+def check_scene_count(key: str, value: int, what: str) -> None:
+    """A synthetic shapes source's count ``key`` (``value`` >= its minimum, checked by the caller) is at most
+    :data:`~mmgrpo.data.shapes_qa.MAX_SCENES`; ``what`` names the source."""
+    if value > shapes_qa.MAX_SCENES:
+        raise bad_option(key, value, f"{what} draws at most {shapes_qa.MAX_SCENES:,} scenes (a run of 4 prompts a "
+                         "step takes 250,000 steps to see a million once, and all are drawn when the run starts); "
+                         "set it to that or fewer, e.g. 4096")  # fmt: skip
 
 
 def check_vlm_data(split_seed: int, eval_examples: int) -> None:
@@ -119,11 +134,13 @@ class VLMReasoningDataOptions:
         if self.source == "shapes_qa" and self.num_examples < 1:
             raise bad_option("data.options.num_examples", self.num_examples, "source shapes_qa needs at least 1 "
                              "train scene; set it to 1 or more, e.g. 4096")  # fmt: skip
-        lo, hi = shapes_qa.IMAGE_SIZES if self.source == "shapes_qa" else (16, None)  # what each source can draw
-        if self.image_size < lo or (hi is not None and self.image_size > hi):
-            rule = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        check_scene_count("data.options.num_examples", self.num_examples, f"source {self.source}")
+        if self.source == "shapes_qa":  # its held-out scenes are drawn to order (source shapes holds out a fraction)
+            check_scene_count("data.options.eval_examples", self.eval_examples, "source shapes_qa")
+        lo, hi = shapes_qa.IMAGE_SIZES if self.source == "shapes_qa" else SHAPES_IMAGE_SIZES  # what each can draw
+        if not lo <= self.image_size <= hi:
             raise bad_option("data.options.image_size", self.image_size, f"source {self.source} renders images of "
-                             f"a side {rule} pixels; the shapes world is drawn for 32-64, e.g. 64")  # fmt: skip
+                             f"a side in {lo}..{hi} pixels; the shapes world is drawn for 32-64, e.g. 64")  # fmt: skip
 
 
 def shapes_question(index: int, seed: int = 0, size: int = 64) -> Example:
@@ -204,11 +221,8 @@ def check_question_lengths(policy: VLMPolicy, lines: list[str], records: list[Ex
     """No question of a data file is longer than the model's context (``max_position_embeddings``) less
     ``max_new_tokens``: such a prompt (a file with a missing line break, a pasted document) would be rolled out
     group_size times at a size the model was not made for, and run out of memory in the first step."""
-    config = getattr(getattr(policy.model, "vlm", None), "config", None)
-    limit = getattr(getattr(config, "text_config", None), "max_position_embeddings", None) or getattr(
-        config, "max_position_embeddings", None
-    )
-    if not records or not isinstance(limit, int):
+    limit = context_length(getattr(getattr(policy.model, "vlm", None), "config", None))
+    if not records or limit is None:
         return
     room = limit - policy.options.max_new_tokens
     for where, (prompt, _) in zip(lines, records):
@@ -340,20 +354,46 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+FIRST_COMPLETIONS = "samples/completions_step_000000.jsonl"
+"""in the run directory: the step-0 evaluation's records, one JSON object per example (written by the trainer's
+``evaluate``, as every evaluation's ``completions_step_XXXXXX.jsonl``): a resumed run's "before" of the gains"""
+
+
+def first_completions(cfg: Config) -> Path:
+    """The run's :data:`FIRST_COMPLETIONS`: the run directory is ``run.output_dir / run.name``, for a resume too
+    (:func:`~mmgrpo.train.run_dir.prepare_run_dir` sets both to the resumed directory's before the recipe builds)."""
+    return Path(cfg.run.output_dir) / cfg.run.name / FIRST_COMPLETIONS
+
+
 class PairedScores:
     """Standard errors of held-out metrics, and of their change since step 0 on the SAME examples (paired).
 
-    ``__call__(step, {name: per-example values}) -> {name_se, name_gain, name_gain_se}``: ``name_se`` is the standard
-    error of the mean over the examples; at step 0 the values are kept, and every later call adds the mean change
-    per example since then (``name_gain``) and its standard error ``std(after - before) / sqrt(n)`` -- the SE of a
-    before -> after difference measured on one evaluation set, far smaller than either mean's own SE when most
-    answers do not change. A run resumed past step 0 has no baseline and reports no gain.
+    ``__call__(step, {name: per-example values}, prompts) -> {name_se, name_gain, name_gain_se}``: ``name_se`` is the
+    standard error of the mean over the examples; at step 0 the values are kept, and every later call adds the mean
+    change per example since then (``name_gain``) and its standard error ``std(after - before) / sqrt(n)`` -- the SE
+    of a before -> after difference measured on one evaluation set, far smaller than either mean's own SE when most
+    answers do not change.
+
+    A run resumed past step 0 reads its baseline back from what the run wrote of the step-0 evaluation: ``first``
+    (:func:`first_completions`, plain JSONL), whose records ``scores`` turns into the per-example values (the same
+    function the evaluation scores its own records with, so the gains are the uninterrupted run's). It is used only
+    when its records are of the same examples (``prompts``, the evaluation's prompt texts, in order); without it (no
+    step-0 evaluation, or no ``first``) there is no gain, as before.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, first: Path | None = None, scores: Callable[[list[dict]], dict[str, list[float]]] | None = None
+    ) -> None:
         self.baseline: dict[str, np.ndarray] = {}
+        self.first, self.scores = first, scores
+        self._read = False  # the file is read once, at the first evaluation after step 0
 
-    def __call__(self, step: int, scores: dict[str, list[float]]) -> dict[str, float]:
+    def __call__(
+        self, step: int, scores: dict[str, list[float]], prompts: list[str] | None = None
+    ) -> dict[str, float]:
+        if step != 0 and not self.baseline and not self._read:
+            self._read = True
+            self.baseline = self._read_first(prompts)
         out: dict[str, float] = {}
         for name, values in scores.items():
             v = np.asarray(values, dtype=np.float64)
@@ -364,6 +404,22 @@ class PairedScores:
                 d = v - self.baseline[name]
                 out[f"{name}_gain"], out[f"{name}_gain_se"] = float(d.mean()), _se(d)
         return out
+
+    def _read_first(self, prompts: list[str] | None) -> dict[str, np.ndarray]:
+        """The step-0 values from ``first``, or {} (none written, unreadable, or of other examples: said once)."""
+        if self.first is None or self.scores is None or not self.first.is_file():
+            return {}
+        why = ""
+        try:
+            records = [json.loads(line) for line in self.first.read_text(encoding="utf-8").splitlines() if line]
+            if prompts is not None and [r.get("prompt") for r in records] != list(prompts):
+                why = "it holds other held-out examples than this evaluation (the data options changed at the resume)"
+            else:
+                return {k: np.asarray(v, dtype=np.float64) for k, v in self.scores(records).items()}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"it is unreadable ({type(e).__name__}: {e})"
+        warnings.warn(f"{self.first}: {why}, so this resumed run logs no eval/*_gain against step 0", stacklevel=3)
+        return {}
 
 
 def _se(v: np.ndarray) -> float:
@@ -394,11 +450,17 @@ def evaluate_accuracy(
     metrics = {"accuracy": float(np.mean(correct)), "format": float(np.mean([has_valid_format(t) for t in texts]))}
     for kind in sorted({k for k in kinds if k is not None}):
         metrics[f"accuracy_{kind}"] = float(np.mean([c for c, k in zip(correct, kinds) if k == kind]))
-    if paired is not None:
-        metrics.update(paired(step, {"accuracy": correct}))
     answers = [m["answer"] for _, m in held]
     records = completion_records([p for p, _ in held], texts, answer=answers, correct=correct, kind=kinds)
+    if paired is not None:
+        metrics.update(paired(step, accuracy_scores(records), [r["prompt"] for r in records]))
     return EvalResult(metrics=metrics, captions=texts, records=records)
+
+
+def accuracy_scores(records: list[dict]) -> dict[str, list[float]]:
+    """The per-example values :class:`PairedScores` pairs, from an evaluation's records (in memory, or read back
+    from a run's :data:`FIRST_COMPLETIONS`): ``accuracy``, each answer's ``correct`` 0/1."""
+    return {"accuracy": [float(r["correct"]) for r in records]}
 
 
 def load_vlm_policy(cfg: Config, accelerator: Any, example_path: str) -> VLMPolicy:
@@ -420,7 +482,7 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     policy = load_vlm_policy(cfg, accelerator, "assets/tiny_qwen2_vl (written by `python scripts/make_tiny_vlm.py`)")
     check_question_lengths(policy, examples.lines, examples.records)
 
-    paired = PairedScores()
+    paired = PairedScores(first_completions(cfg), accuracy_scores)
 
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
         return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch, paired, step)

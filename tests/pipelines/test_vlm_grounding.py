@@ -133,6 +133,15 @@ def test_a_box_reward_in_another_family_is_refused():
         ("data.options.eval_examples=-1", "data.options.eval_examples=-1: an evaluation needs at least 1 held-out"),
         ("data.options.image_size=0", r"data.options.image_size=0: the shapes grounding scenes .* in 32\.\.512"),
         ("data.options.image_size=-1", "data.options.image_size=-1: the shapes grounding scenes"),
+        # a billion scenes used to hang drawing the split's seeds at the start of the run
+        (
+            "data.options.num_train=1000000000",
+            "data.options.num_train=1000000000: the shapes grounding source draws at most 1,000,000 scenes",
+        ),
+        (
+            "data.options.eval_examples=1000000000",
+            "data.options.eval_examples=1000000000: the shapes grounding source draws at most 1,000,000",
+        ),
     ],
 )
 def test_bad_data_numbers_fail_when_the_config_loads(override, match):
@@ -203,3 +212,25 @@ def test_grounding_jsonl_errors_name_the_line_and_the_missing_keys(tmp_path):
     assert load_grounding_jsonl(path)[0][1]["box"] == [1.0, 2.0, 3.0, 4.0]
     with pytest.raises(UserError, match="or '' for shapes grounding"):
         load_grounding_jsonl(tmp_path / "missing.jsonl")
+
+
+def _eval_lines(run: Path) -> dict[int, dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: {k: v for k, v in m.items() if k.startswith("eval/")} for m in lines if "eval/mean_iou" in m}
+
+
+def test_a_resumed_run_logs_the_same_gain_against_step_0_as_the_uninterrupted_one(tmp_path):
+    """eval/*_gain pairs each held-out example's score with its step-0 score. A run resumed past step 0 used to log
+    none (the step-0 scores lived only in the first process); it reads them back from the run's
+    samples/completions_step_000000.jsonl, so the resumed run's gains at step 4 are the uninterrupted run's."""
+    over = ["data.options.num_train=8", "data.options.eval_examples=3", "trainer.prompts_per_step=2",
+            "trainer.group_size=3", "trainer.micro_batch_size=3", "trainer.eval_every=2", "trainer.checkpoint_every=2",
+            "trainer.max_steps=4", "trainer.progress=false", "rewards.2.weight=0.5", "trainer.lr=1e-3"]  # fmt: skip
+    whole = train(load_config(CONFIG, [*over, f"run.output_dir={tmp_path}", "run.name=whole"])).run_dir
+    cut = train(load_config(CONFIG, [*over, f"run.output_dir={tmp_path}", "run.name=cut", "trainer.max_steps=2"]))
+    train(load_config(cut.run_dir / "config.yaml", [f"resume={cut.run_dir}", "trainer.max_steps=4"]))
+    a, b = _eval_lines(whole), _eval_lines(cut.run_dir)
+    assert sorted(a) == sorted(b) == [0, 2, 4]
+    for key in ("eval/mean_iou_gain", "eval/mean_iou_gain_se", "eval/acc_at_0.5_gain", "eval/acc_at_0.5_gain_se"):
+        assert key in b[4] and b[4][key] == pytest.approx(a[4][key], abs=1e-9), key
+    assert a[4]["eval/mean_iou_gain"] != 0.0  # the update moved the boxes: the pairing is of real changes

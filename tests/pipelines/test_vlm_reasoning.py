@@ -97,11 +97,21 @@ BAD_DATA = [  # (overrides, the start of the error); each used to end in a numpy
     (["data.options.eval_examples=-1"], "data.options.eval_examples=-1: an evaluation needs at least 1 held-out"),
     (["data.options.num_examples=1"], "data.options.num_examples=1: the synthetic shapes QA needs at least 2"),
     (["data.options.num_examples=-1"], "data.options.num_examples=-1: the synthetic shapes QA needs at least 2"),
-    (["data.options.image_size=0"], "data.options.image_size=0: source shapes renders images of a side >= 16"),
+    (["data.options.image_size=0"], r"data.options.image_size=0: source shapes renders images of a side in 16\.\.512"),
     (["data.options.source=shapes_qa", "data.options.num_examples=0"],
      "data.options.num_examples=0: source shapes_qa needs at least 1 train scene"),
     (["data.options.source=shapes_qa", "data.options.image_size=-1"],
      r"data.options.image_size=-1: source shapes_qa renders images of a side in 32\.\.512"),
+    # huge values: a 100000-pixel side was a 30 GB image (MemoryError at the first rollout), a billion examples a
+    # numpy ArrayMemoryError in the split's permutation (and a hang drawing shapes_qa's seeds)
+    (["data.options.image_size=100000"], r"data.options.image_size=100000: source shapes renders images of a side "
+     r"in 16\.\.512 pixels"),
+    (["data.options.num_examples=1000000000"], "data.options.num_examples=1000000000: source shapes draws at most "
+     "1,000,000 scenes"),
+    (["data.options.source=shapes_qa", "data.options.num_examples=1000000000"],
+     "data.options.num_examples=1000000000: source shapes_qa draws at most 1,000,000 scenes"),
+    (["data.options.source=shapes_qa", "data.options.eval_examples=1000000000"],
+     "data.options.eval_examples=1000000000: source shapes_qa draws at most 1,000,000 scenes"),
 ]  # fmt: skip
 
 
@@ -115,6 +125,9 @@ def test_bad_data_numbers_fail_when_the_config_loads(overrides, match):
 def test_data_numbers_of_the_synthetic_data_do_not_bind_a_jsonl_file():
     data = VLMReasoningDataOptions(path="examples.jsonl", num_examples=0, image_size=0)  # unused with a file
     assert data.num_examples == 0
+    assert VLMReasoningDataOptions(path="examples.jsonl", num_examples=10**9, image_size=10**5).image_size == 10**5
+    ok = VLMReasoningDataOptions(num_examples=1_000_000, image_size=512)  # the bounds themselves are accepted
+    assert ok.num_examples == 1_000_000
 
 
 def test_make_tiny_vlm_writes_a_small_loadable_dir_and_the_warm_up_teaches_the_format(tmp_path):
@@ -301,3 +314,45 @@ def test_a_csv_questions_file_is_named_as_unsupported_with_the_conversion_that_w
     assert meta["images"] == [str(tmp_path / "red.png")]
     (tmp_path / "q.txt").write_text(out.read_text())  # JSON lines in a .txt file read as before
     assert load_jsonl(tmp_path / "q.txt")[0][0]["question"] == "What colour?"
+
+
+def _evals(run: Path) -> dict[int, dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: {k: v for k, v in m.items() if k.startswith("eval/")} for m in lines if "eval/accuracy" in m}
+
+
+def test_a_resumed_run_goes_on_logging_the_gain_against_step_0(tmp_path):
+    """The user's report: `mmgrpo train ... trainer.max_steps=3 trainer.eval_every=3 trainer.checkpoint_every=3`,
+    then `mmgrpo train runs/g/config.yaml resume=runs/g trainer.max_steps=6` logged no eval/accuracy_gain at step 6
+    (PairedScores kept the step-0 scores in memory only). The resumed run reads them back from the run's
+    samples/completions_step_000000.jsonl and logs what the uninterrupted run logs."""
+    over = [f"run.output_dir={tmp_path}", "policy.options.max_new_tokens=8", "data.options.num_examples=40",
+            "data.options.eval_examples=4", "trainer.prompts_per_step=2", "trainer.group_size=2",
+            "trainer.micro_batch_size=4", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+            "trainer.progress=false"]  # fmt: skip
+    whole = train(load_config(CONFIG, [*over, "run.name=whole", "trainer.max_steps=6"])).run_dir
+    g = train(load_config(CONFIG, [*over, "run.name=g", "trainer.max_steps=3"])).run_dir
+    train(load_config(g / "config.yaml", [f"resume={g}", "trainer.max_steps=6"]))
+    a, b = _evals(whole), _evals(g)
+    assert sorted(a) == sorted(b) == [0, 3, 6]
+    for key in ("eval/accuracy_gain", "eval/accuracy_gain_se"):
+        assert key in b[6] and b[6][key] == a[6][key], key
+    assert b[6] == a[6]  # the whole evaluation, gains included
+
+
+def test_a_resumed_runs_baseline_of_other_examples_is_not_paired(tmp_path):
+    """The step-0 records are paired only with an evaluation of the same examples, in the same order (a resume
+    forced over other data options must not subtract another question's score): said once, and no gain."""
+    from mmgrpo.pipelines.vlm_reasoning import PairedScores, accuracy_scores
+
+    first = tmp_path / "completions_step_000000.jsonl"
+    first.write_text("".join(json.dumps({"prompt": q, "completion": "", "correct": c}) + "\n"
+                             for q, c in [("a?", 0.0), ("b?", 1.0)]))  # fmt: skip
+    same = PairedScores(first, accuracy_scores)(5, {"accuracy": [1.0, 1.0]}, ["a?", "b?"])
+    assert same["accuracy_gain"] == 0.5 and same["accuracy_gain_se"] == pytest.approx(0.5)
+    with pytest.warns(UserWarning, match=r"holds other held-out examples than this evaluation .* no eval/\*_gain"):
+        other = PairedScores(first, accuracy_scores)(5, {"accuracy": [1.0, 1.0]}, ["b?", "a?"])
+    assert "accuracy_gain" not in other and "accuracy_se" in other
+    first.write_text("{torn")
+    with pytest.warns(UserWarning, match="is unreadable"):
+        assert "accuracy_gain" not in PairedScores(first, accuracy_scores)(5, {"accuracy": [1.0]}, ["a?"])
