@@ -319,6 +319,8 @@ class QAPrompts:
     ``example``: index -> example of the stream (default ``examples.example``; the reasoning recipe passes
     :meth:`QAExamples.train_example`, which asks only ``data.train_kinds``)."""
 
+    fingerprint_scheme = 2  # 1 (before 2026-12-07): each image or video file by its name and size
+
     def __init__(self, examples: Any, order_seed: int, example: Callable[[int], Example] | None = None):
         self.examples, self.order_seed = examples, order_seed
         self.example = example or examples.example

@@ -221,8 +221,8 @@ def test_tensorboard_gets_the_vlm_curves_and_each_evaluations_completion_table(t
 def test_a_resume_over_an_edited_question_file_is_refused_unless_forced(tmp_path):
     """The stream's positions name train examples by their place in the split: a question file edited to the same
     number of lines, or an image replaced under its name, would make the rest of the pass repeat some examples and
-    skip others. The checkpoint keeps the examples' fingerprint (questions, answers, each image's name and size); a
-    resume over other examples names the change, and resume_force=true continues."""
+    skip others. The checkpoint keeps the examples' fingerprint (questions, answers, each image's name and the hash
+    of its bytes); a resume over other examples names the change, and resume_force=true continues."""
     Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "red.png")
     rows = [{"question": f"What colour is shape {i}?", "options": ["red", "blue"], "answer": "A", "image": "red.png"}
             for i in range(6)]  # fmt: skip
@@ -247,6 +247,26 @@ def test_a_resume_over_an_edited_question_file_is_refused_unless_forced(tmp_path
     with pytest.raises(UserError, match=r"the training prompts changed since checkpoint .*step_000002"):
         train(load_config(CONFIG, resume))
     assert train(load_config(CONFIG, [*resume, "resume_force=true"])).step == 3
+
+
+def test_a_checkpoint_fingerprinting_images_by_name_and_size_resumes_with_a_warning(tmp_path):
+    """Images are fingerprinted by the hash of their bytes since 2026-12-07 (scheme 2); a checkpoint of scheme 1 (name
+    and size) never matches today's fingerprint, and was refused as edited data: it is not compared (a warning), the
+    count still is; one of scheme 2 still refuses edited data."""
+    from types import SimpleNamespace
+
+    from mmgrpo.train.trainer_state import check_prompt_pool, prompt_pool
+
+    ex = QAExamples(VLMReasoningDataOptions(num_examples=4))
+    ex.records = [({"question": "q", "options": None}, {"answer": "A", "images": []})] * 4
+    tr = SimpleNamespace(cfg=SimpleNamespace(resume_force=False), comp=SimpleNamespace(prompts=QAPrompts(ex, 0)))
+    tr.comp.prompt_count = len(tr.comp.prompts)
+    saved = prompt_pool(tr)
+    assert saved["scheme"] == 2
+    with pytest.warns(UserWarning, match="fingerprinted the training prompts in an older way"):
+        check_prompt_pool(tr, {"size": saved["size"], "fingerprint": "of scheme 1"}, "ckpt")
+    with pytest.raises(UserError, match="the same number, edited"):
+        check_prompt_pool(tr, {**saved, "fingerprint": "another"}, "ckpt")
 
 
 def test_the_stream_fingerprint_covers_a_stored_images_bytes_and_a_synthetic_sources_options(tmp_path):
