@@ -103,6 +103,17 @@ def _on_path(folder: str) -> bool:
     return False
 
 
+def _importing_module() -> str | None:
+    """The module whose top-level code is running (the innermost ``<module>`` frame): the one a registration at
+    import time comes from (``register_method(...)`` at the top of ``my_pkg/methods.py`` -> ``my_pkg.methods``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>":
+            return frame.f_globals.get("__name__")
+        frame = frame.f_back
+    return None
+
+
 class Registry(Generic[T]):
     """A named collection of ``T`` with a description per entry.
 
@@ -114,6 +125,8 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._descriptions: dict[str, str] = {}
+        self._origins: dict[str, str | None] = {}
+        """name -> the module whose import registered it (:func:`_importing_module`)"""
         self._plugins = plugins
         self._loaded = plugins is None
         self._seen: set[tuple[str, str, str]] = set()
@@ -167,6 +180,7 @@ class Registry(Generic[T]):
         if name in self._items and self._items[name] is not obj:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
+        self._origins[name] = _importing_module()
         if description is None:  # an object with its own ``description`` (a Pipeline) says it better than a docstring
             own = getattr(obj, "description", None)
             description = own if isinstance(own, str) and own else first_doc_line(obj)
@@ -182,9 +196,11 @@ class Registry(Generic[T]):
                 return import_dotted(name, self.kind)
             except UserError:
                 # a module that registers its parts binds no attribute of their names (``register_method(Method(
-                # name="optimism", ...))``): importing it registered the part, found under its own name
-                short = name.rpartition(":")[2] if ":" in name else name.rpartition(".")[2]
-                if short in self._items:
+                # name="optimism", ...))``): importing it registered the part, found under its own name. Only a
+                # part registered by that very module: one that failed to import, or a typo in its name, must not
+                # fall back on a built-in part of the same last name
+                module_name, _, short = name.rpartition(":") if ":" in name else name.rpartition(".")
+                if short in self._items and module_name in sys.modules and self._origins.get(short) == module_name:
                     return self._items[short]
                 raise
         raise UserError(self.unknown_message(name))

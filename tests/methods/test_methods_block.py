@@ -232,3 +232,14 @@ def test_a_method_that_registers_itself_is_found_by_the_dotted_path_of_its_modul
     assert metrics["half/factor"] == 0.25
     with pytest.raises(UserError, match="module 'self_registering' has no attribute 'nothing_here'"):
         bandit_trainer(tmp_path, "none", {"self_registering.nothing_here": {}})
+    # a part of a built-in's name is not taken for the module's: a module that fails to import, a typo in a module's
+    # name, or a module that registers no such part is its error, never the built-in strata method
+    (tmp_path / "broken_methods.py").write_text("import not_an_installed_package\n")
+    cases = [
+        ("broken_methods.strata", "No module named 'not_an_installed_package'"),
+        ("self_registerin.strata", "cannot import module 'self_registerin'"),
+        ("self_registering.strata", "module 'self_registering' has no attribute 'strata'"),
+    ]
+    for path, error in cases:
+        with pytest.raises(UserError, match=error):
+            METHODS.get(path)
