@@ -73,9 +73,9 @@ def to_column(name: str, value: Any, n: int, nan_ok: bool = False) -> torch.Tens
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise UserError(f"reward {name!r} returned a {value.dtype} tensor; expected real numbers [N]")
-        if value.dim() > 2 or (value.dim() == 2 and value.shape[1] != 1):  # e.g. [B, G] or [G, B]: which is which?
+        if sum(d > 1 for d in value.shape) > 1:  # e.g. [B, G] or [G, B]: which is which? ([1, N], [N, 1] are clear)
             raise UserError(f"reward {name!r} returned a tensor of shape {list(value.shape)} for {n} rows; expected "
-                            f"[{n}] (or [{n}, 1]): one number per row, in the rows' order")  # fmt: skip
+                            f"[{n}] (or [{n}, 1], [1, {n}]): one number per row, in the rows' order")  # fmt: skip
         wide = value.detach().reshape(-1).cpu().double()
     elif isinstance(value, (list, tuple)):
         bad = [v for v in value if v is not None and (isinstance(v, bool) or not isinstance(v, (Real, torch.Tensor)))]

@@ -19,6 +19,11 @@ def test_numbers_none_and_arrays_make_a_column():
     assert col[3:].tolist() == [0.5, 3.0]
     assert to_column("r", np.array([1, 2]), 2).tolist() == [1.0, 2.0]
     assert to_column("r", torch.tensor([[1.0], [2.0]]), 2).tolist() == [1.0, 2.0]  # a reward model's [N, 1] logits
+    assert to_column("r", torch.tensor([[1.0, 2.0]]), 2).tolist() == [1.0, 2.0]  # CLIP's logits_per_text [1, N]
+    assert to_column("r", np.ones((2, 1, 1)), 2).tolist() == [1.0, 1.0]
+    # a 2-D table was flattened in memory order: a [G, B] one scored every row with another row's reward
+    with pytest.raises(UserError, match=r"a tensor of shape \[2, 3\] for 6 rows; expected \[6\] \(or \[6, 1\]"):
+        to_column("r", torch.zeros(2, 3), 6)
 
 
 @pytest.mark.parametrize(
@@ -34,9 +39,6 @@ def test_numbers_none_and_arrays_make_a_column():
         ("111", r"returned str"),
         (torch.tensor([True, False, True]), r"torch.bool tensor"),
         ([1.0, 2.0], r"returned 2 values for 3 rows"),
-        # a 2-D table was flattened in memory order: a [G, B] one scored every row with another row's reward
-        (torch.zeros(1, 3), r"a tensor of shape \[1, 3\] for 3 rows; expected \[3\] \(or \[3, 1\]\)"),
-        (np.zeros((3, 1, 1)), r"shape \[3, 1, 1\] for 3 rows"),
         # finite values fp32 cannot hold were "non-finite (row 0: inf)"; an int beyond any float and a list of
         # multi-element tensors were OverflowError / ValueError tracebacks
         ([1e39, 0.0, 1.0], r"values too large for fp32 \(row 0: 1e\+39; 1 of 3 rows\)"),
