@@ -468,11 +468,16 @@ def _factory_defaults(obj: Any) -> dict[str, Any]:
     }
 
 
+TEXT_LISTS = ("prompts", "heldout_prompts")
+"""keys whose value is a file name, or, as a list, the texts themselves (``data.options.prompts: [a dog, ...]``):
+a prompt that happens to name a file next to the config is a prompt, never made a path"""
+
+
 def _absolute_paths(value: Any, base: Path, key: str = "") -> Any:
     if isinstance(value, dict):
         return {k: _absolute_paths(v, base, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_absolute_paths(v, base, key) for v in value]
+        return value if key in TEXT_LISTS else [_absolute_paths(v, base, key) for v in value]
     if not isinstance(value, str) or not value or Path(value).is_absolute() or "://" in value:
         return value
     if value.startswith("hf:"):  # hf:NAME[:SPLIT[:COLUMN]]: NAME a local dataset folder or file, or a hub id
@@ -527,6 +532,8 @@ def _strings(value: Any, key: str) -> list[tuple[str, str]]:
     if isinstance(value, dict):
         return [hit for k, v in value.items() for hit in _strings(v, f"{key}.{k}")]
     if isinstance(value, list):
+        if key.rpartition(".")[2] in TEXT_LISTS:  # texts, not paths
+            return []
         return [hit for i, v in enumerate(value) for hit in _strings(v, f"{key}.{i}")]
     return [(key, value)] if isinstance(value, str) else []
 

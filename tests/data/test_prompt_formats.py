@@ -163,10 +163,12 @@ def tiny_sd3(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "list"])
-def test_text_to_image_trains_two_steps_on_each_format(tiny_sd3, tmp_path, fmt):
+def test_text_to_image_trains_two_steps_on_each_format(tiny_sd3, tmp_path, fmt, monkeypatch):
     """Each prompt file format, and the prompts given in the config itself as a list of texts (a library user had to
     write a file for two prompts); the list is the run's config.yaml, so a resume reads the same prompts."""
-    inline = ["a red circle", " two blue squares "]
+    inline = ["a red circle", " two blue squares ", "dog"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dog").mkdir()
     spec = inline if fmt == "list" else str(write_formats(tmp_path)[fmt])
     base = {
         "pipeline": "text_to_image",
@@ -177,8 +179,8 @@ def test_text_to_image_trains_two_steps_on_each_format(tiny_sd3, tmp_path, fmt):
     }
     trainer = train(load_config(None, [f"run.output_dir={tmp_path / 'run'}", *FAST], base=base))
     assert len((trainer.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    if fmt == "list":
-        assert trainer.comp.prompts.prompts == ["a red circle", "two blue squares"]
+    if fmt == "list":  # "dog" names a folder in the working directory: a prompt all the same, not made a path
+        assert trainer.comp.prompts.prompts == ["a red circle", "two blue squares", "dog"]
         assert load_config(trainer.run_dir / "config.yaml").data.options["prompts"] == inline
         with pytest.raises(UserError, match=r"data.options.prompts=\['a', ' '\]: its item 1 is empty"):
             load_config(None, [f"run.output_dir={tmp_path}", "data.options.prompts=[a, ' ']"], base=base)
