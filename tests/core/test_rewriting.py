@@ -174,6 +174,27 @@ def test_failed_groups_are_rerolled_from_the_rewritten_prompt_with_position_seed
     assert m["rewrite/rescued"] == rescued
 
 
+def test_a_group_whose_scored_rows_tie_triggers_zero_variance_whatever_its_unscored_rows(tmp_path):
+    """zero_variance re-rolls groups whose advantages are all 0; rows the reward does not apply to (None) are left
+    out of the tie test, as the estimators leave them out (counted as 0, a group whose scored rows all picked the
+    best arm looked spread: [1, 0, 1, 0]). Here every group's scored rows tie (the peaked policy), so every group
+    is re-rolled."""
+    if "test_rw_best_arm_even_rows" not in REWARDS:
+
+        @register("test_rw_best_arm_even_rows")
+        def _even():
+            return lambda samples, prompts, meta, ctx: [
+                float(int(a) == m["best_arm"]) if i % 2 == 0 else None for i, (a, m) in enumerate(zip(samples, meta))
+            ]
+
+    over = ["rewards=[{name: test_rw_best_arm_even_rows}]", "policy.options.init_std=30.0", "trainer.group_size=2"]
+    _, plain, plain_cols, _ = collect(tmp_path, "plain", *over)
+    scored = plain_cols[0, 0, ::2]  # G 2: one scored row a group, so every group's scored rows tie
+    assert not scored.isnan().any() and plain_cols[0, 0, 1::2].isnan().all()
+    _, _, _, m = collect(tmp_path, "rw", *over, "methods.test_reroll={trigger: zero_variance, reward: null}")
+    assert m["rewrite/groups"] == plain.num_groups
+
+
 def test_keep_signal_escalation_add_and_mix(tmp_path):
     _, plain, plain_cols, _ = collect(tmp_path, "plain")
     G, B = plain.group_size, plain.num_groups
