@@ -292,12 +292,12 @@ def build_vlm_grounding(cfg: Config, accelerator: Any = None) -> Components:
     check_question_lengths(policy, examples.lines, examples.records)
     held = [examples.example(i) for i in examples.heldout[: data.eval_examples]]
 
-    paired = PairedScores(first_completions(cfg), iou_scores)
-
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
         return evaluate_grounding(policy, held, data.eval_batch, paired, step)
 
-    return Components(policy=policy, prompts=QAPrompts(examples, cfg.run.seed), evaluate=evaluate)
+    comp = Components(policy=policy, prompts=QAPrompts(examples, cfg.run.seed), evaluate=evaluate)
+    paired = PairedScores(lambda: first_completions(comp), iou_scores)
+    return comp
 
 
 PIPELINES.add(

@@ -361,10 +361,11 @@ FIRST_COMPLETIONS = "samples/completions_step_000000.jsonl"
 ``evaluate``, as every evaluation's ``completions_step_XXXXXX.jsonl``): a resumed run's "before" of the gains"""
 
 
-def first_completions(cfg: Config) -> Path:
-    """The run's :data:`FIRST_COMPLETIONS`: the run directory is ``run.output_dir / run.name``, for a resume too
-    (:func:`~mmgrpo.train.run_dir.prepare_run_dir` sets both to the resumed directory's before the recipe builds)."""
-    return Path(cfg.run.output_dir) / cfg.run.name / FIRST_COMPLETIONS
+def first_completions(comp: Components) -> Path | None:
+    """The run's :data:`FIRST_COMPLETIONS`, in the directory the trainer writes (``comp.run_dir``, set once the
+    recipe is built: a ``Trainer(cfg, run_dir)`` may write elsewhere than ``run.output_dir / run.name``); None
+    outside a run."""
+    return None if comp.run_dir is None else Path(comp.run_dir) / FIRST_COMPLETIONS
 
 
 class PairedScores:
@@ -376,7 +377,7 @@ class PairedScores:
     of a before -> after difference measured on one evaluation set, far smaller than either mean's own SE when most
     answers do not change.
 
-    A run resumed past step 0 reads its baseline back from what the run wrote of the step-0 evaluation: ``first``
+    A run resumed past step 0 reads its baseline back from what the run wrote of the step-0 evaluation: ``first()``
     (:func:`first_completions`, plain JSONL), whose records ``scores`` turns into the per-example values (the same
     function the evaluation scores its own records with, so the gains are the uninterrupted run's). It is used only
     when its records are of the same examples (``prompts``, the evaluation's prompt texts, in order); without it (no
@@ -384,7 +385,9 @@ class PairedScores:
     """
 
     def __init__(
-        self, first: Path | None = None, scores: Callable[[list[dict]], dict[str, list[float]]] | None = None
+        self,
+        first: Callable[[], Path | None] | None = None,
+        scores: Callable[[list[dict]], dict[str, list[float]]] | None = None,
     ) -> None:
         self.baseline: dict[str, np.ndarray] = {}
         self.first, self.scores = first, scores
@@ -409,11 +412,12 @@ class PairedScores:
 
     def _read_first(self, prompts: list[str] | None) -> dict[str, np.ndarray]:
         """The step-0 values from ``first``, or {} (none written, unreadable, or of other examples: said once)."""
-        if self.first is None or self.scores is None or not self.first.is_file():
+        path = self.first() if self.first is not None else None  # asked late: the run directory is set by then
+        if path is None or self.scores is None or not path.is_file():
             return {}
         why = ""
         try:
-            records = [json.loads(line) for line in self.first.read_text(encoding="utf-8").splitlines() if line]
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
             if prompts is not None and [r.get("prompt") for r in records] != list(prompts):
                 why = "it holds other held-out examples than this evaluation (the data options changed at the resume)"
             else:
@@ -484,13 +488,13 @@ def build_vlm_reasoning(cfg: Config, accelerator: Any = None) -> Components:
     policy = load_vlm_policy(cfg, accelerator, "assets/tiny_qwen2_vl (written by `python scripts/make_tiny_vlm.py`)")
     check_question_lengths(policy, examples.lines, examples.records)
 
-    paired = PairedScores(first_completions(cfg), accuracy_scores)
-
     def evaluate(policy: VLMPolicy, step: int) -> EvalResult:
         return evaluate_accuracy(policy, examples, data.eval_examples, data.eval_batch, paired, step)
 
     prompts = QAPrompts(examples, cfg.run.seed, examples.train_example)
-    return Components(policy=policy, prompts=prompts, evaluate=evaluate)
+    comp = Components(policy=policy, prompts=prompts, evaluate=evaluate)
+    paired = PairedScores(lambda: first_completions(comp), accuracy_scores)
+    return comp
 
 
 PIPELINES.add(

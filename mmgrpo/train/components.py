@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -119,6 +120,9 @@ class Components:
     rewrite: Any = None
     """prompt rewriting before a re-roll (:class:`mmgrpo.methods.registry.Rewrite`, from the ``methods:`` block):
     ``mmgrpo.train.reroll`` samples groups without learning signal again from rewritten prompts; None: off"""
+    run_dir: Path | None = None
+    """the run directory the trainer writes (set by the trainer once the recipe is built; None outside a run): what
+    a recipe reads back of the run, e.g. the step-0 evaluation a resumed VLM run's gains compare against"""
 
     @property
     def prompt_count(self) -> int | None:

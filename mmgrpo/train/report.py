@@ -227,10 +227,11 @@ def save_samples(images: torch.Tensor, path: str | Path, ncol: int | None = None
 
 def save_completions(records: list[dict], path: str | Path) -> Path:
     """Write an evaluation's completion records (:func:`~mmgrpo.train.components.completion_records`) as JSONL, one
-    object per line (values JSON cannot hold are written as text)."""
+    object per line (values JSON cannot hold are written as text), whole or not at all: a resumed VLM run reads the
+    step-0 file back as the baseline of its gains, and a kill mid-write left a file of fewer examples."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in records).encode("utf-8"))
     return path
 
 

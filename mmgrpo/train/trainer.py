@@ -96,6 +96,7 @@ class Trainer(CollectPhase, UpdatePhase):
         torch.manual_seed(cfg.run.seed)
         with zero.whole_models(self.acc) if self.deepspeed else contextlib.nullcontext():
             self.comp: Components = build_components(cfg, self.acc)  # the recipe + the methods: block's parts
+        self.comp.run_dir = self.run_dir
         self.policy = self.comp.policy
         self.rewards = build_rewards(cfg.rewards)
         pool = self.comp.prompt_count

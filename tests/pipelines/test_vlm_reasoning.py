@@ -360,6 +360,18 @@ def test_a_resumed_run_goes_on_logging_the_gain_against_step_0(tmp_path):
     assert b[6] == a[6]  # the whole evaluation, gains included
 
 
+def test_the_step_0_baseline_is_read_from_the_directory_the_trainer_writes(tmp_path):
+    """Trainer(cfg, run_dir) may write elsewhere than run.output_dir / run.name (the library's way, and the tests'):
+    the baseline was looked for under the config's directory, where another run's step-0 file of the same synthetic
+    examples would pair."""
+    from mmgrpo.pipelines.vlm_reasoning import FIRST_COMPLETIONS, first_completions
+    from mmgrpo.train.trainer import Trainer
+
+    cfg = load_config(CONFIG, [f"run.output_dir={tmp_path}", "run.name=named", "data.options.num_examples=8"])
+    trainer = Trainer(cfg, tmp_path / "elsewhere")
+    assert first_completions(trainer.comp) == tmp_path / "elsewhere" / FIRST_COMPLETIONS
+
+
 def test_a_resumed_runs_baseline_of_other_examples_is_not_paired(tmp_path):
     """The step-0 records are paired only with an evaluation of the same examples, in the same order (a resume
     forced over other data options must not subtract another question's score): said once, and no gain."""
@@ -368,11 +380,11 @@ def test_a_resumed_runs_baseline_of_other_examples_is_not_paired(tmp_path):
     first = tmp_path / "completions_step_000000.jsonl"
     first.write_text("".join(json.dumps({"prompt": q, "completion": "", "correct": c}) + "\n"
                              for q, c in [("a?", 0.0), ("b?", 1.0)]))  # fmt: skip
-    same = PairedScores(first, accuracy_scores)(5, {"accuracy": [1.0, 1.0]}, ["a?", "b?"])
+    same = PairedScores(lambda: first, accuracy_scores)(5, {"accuracy": [1.0, 1.0]}, ["a?", "b?"])
     assert same["accuracy_gain"] == 0.5 and same["accuracy_gain_se"] == pytest.approx(0.5)
     with pytest.warns(UserWarning, match=r"holds other held-out examples than this evaluation .* no eval/\*_gain"):
-        other = PairedScores(first, accuracy_scores)(5, {"accuracy": [1.0, 1.0]}, ["b?", "a?"])
+        other = PairedScores(lambda: first, accuracy_scores)(5, {"accuracy": [1.0, 1.0]}, ["b?", "a?"])
     assert "accuracy_gain" not in other and "accuracy_se" in other
     first.write_text("{torn")
     with pytest.warns(UserWarning, match="is unreadable"):
-        assert "accuracy_gain" not in PairedScores(first, accuracy_scores)(5, {"accuracy": [1.0]}, ["a?"])
+        assert "accuracy_gain" not in PairedScores(lambda: first, accuracy_scores)(5, {"accuracy": [1.0]}, ["a?"])
