@@ -7,6 +7,7 @@ defines an example for a checkpoint's fingerprint. Read by :mod:`mmgrpo.pipeline
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -244,13 +245,20 @@ def _media_like(value: Any) -> tuple[Any, str] | None:
     return None
 
 
+MEDIA_NAME = re.compile(r"im(a)?g|vid|clip|movie|media|frame|picture|photo|pic", re.IGNORECASE)
+"""a field name that says it holds the example's media (``image_path``, ``img``, ``image_files``, ``video_file``):
+refused when the recipe reads no media; another field naming a picture (``source_file``) is only warned about"""
+
+
 def check_media_keys(path: str | Path, examples: list[tuple[str, Example]]) -> None:
     """A UserError when no example of the file ``path`` has an image or a video but a field of another name holds
     one (an image stored in a ``hf:`` dataset, or a path named like an image or video file): ``image_path``,
     ``img``, ``image_file`` or TRL's ``image_files`` went to ``meta`` unread, and every example trained on its text
     alone, silently. As the image-to-video recipe refuses a row whose prompt is under another name (its ``_row``);
-    the first such field is named, with the keys that are read (:data:`MEDIA_KEYS`). A file with media in some
-    examples is not checked: a text-only example among them is on purpose."""
+    the first such field is named, with the keys that are read (:data:`MEDIA_KEYS`). A field whose name does not say
+    media (:data:`MEDIA_NAME`: ``source_file``, COCO's ``file_name``) is only warned about: it may name a picture the
+    example is not about. A file with media in some examples is not checked: a text-only example among them is on
+    purpose."""
     if any(meta["images"] or meta.get("video") for _, (_, meta) in examples):
         return
     for where, (_, meta) in examples:
@@ -261,9 +269,17 @@ def check_media_keys(path: str | Path, examples: list[tuple[str, Example]]) -> N
             item, kind = found
             use = "video" if kind == "video" else "images" if isinstance(value, list) else "image"
             held = f"{quoted(item, 80)}, named like a{'n' * (kind == 'image')} {kind} file,"
+            what = held if isinstance(item, str) else f"{item!r}, an image,"
+            if isinstance(item, str) and not MEDIA_NAME.search(str(key)):
+                # a provenance field (source_file, COCO's file_name) may name a picture the example is not about
+                warnings.warn(f"{where}: no example of {path} has an image or a video, and the field {key!r} holds "
+                              f"{what} which the recipe does not read; if it is the example's picture, name the "
+                              f"field {use!r} (media are read from {MEDIA_KEYS}), else the examples train on their "
+                              "text alone, as now", stacklevel=2)  # fmt: skip
+                return
             raise UserError(
                 f"{where}: no example of {path} has an image or a video, but the field {key!r} holds "
-                f"{held if isinstance(item, str) else f'{item!r}, an image,'} which the recipe does not read: every "
+                f"{what} which the recipe does not read: every "
                 f"example would train on its text alone. Media are read from {MEDIA_KEYS}; name the field {use!r}, "
                 "or remove it to train on the text alone"
             )

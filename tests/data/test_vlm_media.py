@@ -64,6 +64,13 @@ def test_a_file_with_media_or_without_paths_loads_as_before(tmp_path):
     assert [len(m["images"]) for _, m in load_jsonl(tmp_path / "d.jsonl")] == [1, 0]
     (tmp_path / "d.jsonl").write_text(jsonl({**QUESTION, "source": "page 3"}, {**QUESTION, "answer": "photo.png"}))
     assert [m["images"] for _, m in load_jsonl(tmp_path / "d.jsonl")] == [[], []]  # text-only: no path held
+    # a provenance field whose name does not say media (COCO's file_name, source_file) may name a picture the
+    # question is not about: said once, the text-only file loads (it was refused, and a reward could not read it)
+    (tmp_path / "d.jsonl").write_text(jsonl({**QUESTION, "source_file": "mathvista/figure_12.png"}) * 2)
+    with pytest.warns(UserWarning, match=r"the field 'source_file' holds 'mathvista/figure_12.png'.*if it is the "
+                      "example's picture, name the field 'image'") as seen:  # fmt: skip
+        loaded = load_jsonl(tmp_path / "d.jsonl")
+    assert len(seen) == 1 and [m["source_file"] for _, m in loaded] == ["mathvista/figure_12.png"] * 2
 
 
 @needs_datasets
