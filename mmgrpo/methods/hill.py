@@ -55,6 +55,7 @@ from mmgrpo.core.types import PromptBatch
 from mmgrpo.methods.registry import Method, Rewrite, register_method
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
 from mmgrpo.policies.vlm_inputs import MEDIA_KEYS, question_text
+from mmgrpo.policies.vlm_load import TEMPERATURES
 from mmgrpo.rewards.text import answer_or_completion, completion_text, grade, normalize_text
 
 HINTER_PROMPT = (
@@ -166,10 +167,12 @@ def check_hill(opts: HillOptions, cfg: Any, key: str) -> None:
             raise UserError(f"{key}: hinter_prompt must contain {{{name}}} (the hinter conditions on it)")
     if "{question}" not in opts.template or "{hint}" not in opts.template:
         raise UserError(f"{key}: template={opts.template!r} must contain {{question}} and {{hint}}")
-    if opts.hinter_max_new_tokens < 1 or opts.hinter_temperature <= 0 or opts.max_hint_chars < 1:
+    lo, hi = TEMPERATURES  # the hinter samples as a policy does: the policy's bound, said under this key at load
+    if opts.hinter_max_new_tokens < 1 or not lo <= opts.hinter_temperature <= hi or opts.max_hint_chars < 1:
         raise UserError(
             f"{key}: hinter_max_new_tokens={opts.hinter_max_new_tokens}, max_hint_chars={opts.max_hint_chars} must "
-            f"be >= 1 and hinter_temperature={opts.hinter_temperature} > 0"
+            f"be >= 1 and hinter_temperature={opts.hinter_temperature} in {lo:g}..{hi:g} (the sampling "
+            "temperatures a VLM policy takes)"
         )
 
 

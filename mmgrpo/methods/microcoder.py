@@ -43,6 +43,7 @@ import torch.distributed as dist
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import PromptBatch, Rollout
 from mmgrpo.methods.registry import Method, PolicyWrapper, register_method
+from mmgrpo.policies.vlm_load import TEMPERATURES
 
 TRUNCATION = ("conditional", "all", "off")
 
@@ -176,8 +177,10 @@ def truncation_hook(mode: str):
 def check_microcoder(opts: MicroCoderOptions, cfg: Any, key: str) -> None:
     if opts.truncation not in TRUNCATION:
         raise UserError(f"{key}: truncation={opts.truncation!r} is not one of {list(TRUNCATION)}")
-    if any(not t > 0 for t in opts.temperatures):
-        raise UserError(f"{key}: temperatures={opts.temperatures} must all be > 0")
+    lo, hi = TEMPERATURES  # the candidates replace policy.options.temperature: they take its bound
+    if any(not lo <= t <= hi for t in opts.temperatures):
+        raise UserError(f"{key}: temperatures={opts.temperatures} must all be in {lo:g}..{hi:g} (the sampling "
+                        "temperatures a VLM policy takes)")  # fmt: skip
     if not 0.0 < opts.target_diversity <= 1.0:
         raise UserError(f"{key}: target_diversity={opts.target_diversity} must lie in (0, 1]")
     if opts.reselect_every < 0:

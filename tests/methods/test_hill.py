@@ -112,5 +112,8 @@ def test_hill_options_are_checked_at_load():
         load_config(base, ["methods.hill.hinter_prompt=Question: {question} answer {answer}"])
     with pytest.raises(UserError, match="mode=mix is Scaf-GRPO's row swap"):
         load_config(base, ["methods.hill.mode=mix"])
-    with pytest.raises(UserError, match="hinter_temperature=0.0 > 0"):
+    with pytest.raises(UserError, match=r"hinter_temperature=0.0 in 0.01..100 \(the sampling temperatures"):
         load_config(base, ["methods.hill.hinter_temperature=0.0"])
+    # within (0, 0.01) it loaded, and failed at the hinter's first load mid-run under policy.options.temperature
+    with pytest.raises(UserError, match="hinter_temperature=0.005 in 0.01..100"):
+        load_config(base, ["methods.hill.hinter_temperature=0.005"])

@@ -78,3 +78,8 @@ def test_microcoder_options_are_checked_at_load():
                     [*base, "methods.microcoder={}", "policy.options.mask_truncated=true"])  # fmt: skip
     with pytest.raises(UserError, match="not pipeline 'bandit'"):
         load_config(REPO / "configs" / "bandit.yaml", ["methods.microcoder={}"])
+    # the candidates replace policy.options.temperature, bypassing its 0.01..100 (1e-45 passed: non-finite log-probs)
+    with pytest.raises(UserError, match=r"temperatures=\[0.6, 1e-45\] must all be in 0.01..100"):
+        load_config(
+            REPO / "configs" / "vlm_reasoning_tiny.yaml", [*base, "methods.microcoder={temperatures: [0.6, 1e-45]}"]
+        )
