@@ -186,6 +186,10 @@ class Registry(Generic[T]):
             description = own if isinstance(own, str) and own else first_doc_line(obj)
         self._descriptions[name] = description
 
+    def builtin(self, name: str) -> bool:
+        """Whether ``name`` was registered by mmgrpo itself (a module of the ``mmgrpo`` package), not a plug-in."""
+        return (self._origins.get(name) or "").startswith("mmgrpo.")
+
     def get(self, name: str) -> T:
         if name not in self._items:
             self.load()

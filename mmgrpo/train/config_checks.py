@@ -27,7 +27,7 @@ from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.losses import LOSSES, loss_options
 from mmgrpo.core.sampling import SAMPLERS, check_sampler
 from mmgrpo.core.schema import declared_options, options_from
-from mmgrpo.methods.registry import check_methods, check_moved_keys
+from mmgrpo.methods.registry import METHODS, check_methods, check_moved_keys
 from mmgrpo.train import components
 from mmgrpo.train.tracking import check_tracker_names
 
@@ -74,8 +74,15 @@ def _check_sampler_fits(cfg: Any, methods: list, where: str) -> None:
                 f"advantage.estimator={cfg.advantage.estimator} in {where} takes the per-prompt input {name!r} from "
                 f"the prompt sampler, but sampler {cfg.sampler.name!r} gives none; set sampler: {who}"
             )
+    # only where every part is mmgrpo's own, which is known to give no strata: a plug-in recipe's policy, a plug-in
+    # method's policy wrapper or a plug-in estimator (whose keys may be optional) may give or need none
+    own = (
+        ESTIMATORS.builtin(cfg.advantage.estimator)
+        and components.PIPELINES.builtin(cfg.pipeline)
+        and all(METHODS.builtin(method.name) for method, _ in methods)
+    )
     strata = any(method.name == "strata" for method, _ in methods)
-    if "keys" in declared and not strata and not components.PIPELINES.get(cfg.pipeline).group_keys:
+    if own and "keys" in declared and not strata and not components.PIPELINES.get(cfg.pipeline).group_keys:
         raise UserError(
             f"advantage.estimator={cfg.advantage.estimator} in {where} normalises each row within its stratum, but "
             f"nothing gives the rows strata (pipeline {cfg.pipeline!r} has none of its own); add methods: {{strata: "

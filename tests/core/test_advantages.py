@@ -232,6 +232,16 @@ def test_a_stratified_run_without_strata_is_refused_when_its_config_loads(tmp_pa
     strata = "methods={strata: {meta_key: shape}}"
     assert load_config("configs/shapes_t2i_grpo.yaml", [out, "advantage.estimator=stratified", strata]).methods
     assert load_config("configs/bandit.yaml", [out, "advantage.estimator=stratified"]).advantage.estimator
+    # a plug-in estimator taking optional keys (or a plug-in recipe / method, which may give strata) is not refused
+    if "test_optional_strata" not in ESTIMATORS:
+
+        @ESTIMATORS.register("test_optional_strata")
+        def optional_strata(rewards, *, keys=None):
+            return get_estimator("grpo")(rewards)
+
+    assert not ESTIMATORS.builtin("test_optional_strata") and ESTIMATORS.builtin("stratified")
+    loaded = load_config("configs/shapes_t2i_grpo.yaml", [out, "advantage.estimator=test_optional_strata"])
+    assert loaded.advantage.estimator == "test_optional_strata"
 
 
 # ----------------------------------------------------------------------------------------- shaping
