@@ -82,7 +82,7 @@ def check_prompt_pool(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
         what = (
             f"{saved['size']} prompts then, {now['size']} now"
             if "size" in changed
-            else "the same number, edited: a text, or an image or video file's name or size"
+            else "the same number, edited: a text or a field, or an image or video file's contents"
         )
         raise UserError(
             f"resume: the training prompts changed since checkpoint {path} ({what}); the rest of the pass would "
@@ -99,8 +99,8 @@ def sampling_grid(tr: Any) -> dict[str, Any] | None:
 
 
 GRID_TOLERANCE = 1e-6
-"""the largest difference of a model time or noise level between a checkpoint's grid and the resumed run's that
-still counts as the same grid (the schedulers compute them in float32)"""
+"""the largest relative difference of a model time or noise level between a checkpoint's grid and the resumed run's
+that still counts as the same grid (the schedulers compute them in float32: timesteps near 1000 are 6e-5 apart)"""
 
 
 def check_sampling_grid(tr: Any, saved: dict[str, Any] | None, path: Any) -> None:
@@ -119,29 +119,30 @@ def check_sampling_grid(tr: Any, saved: dict[str, Any] | None, path: Any) -> Non
                           "started before then stepped on flow Euler's default grid, and continues on UniPC's flow "
                           "sigmas, the grid Wan checkpoints ship", stacklevel=2)  # fmt: skip
         return
-    diffs = [
-        abs(a - b)
+    differ = [
+        (key, i)
         for key in ("timesteps", "levels")
         if now.get(key) is not None and saved.get(key) is not None and len(now[key]) == len(saved[key])
-        for a, b in zip(now[key], saved[key])
+        for i, (a, b) in enumerate(zip(now[key], saved[key]))
+        if abs(a - b) > GRID_TOLERANCE * max(1.0, abs(b))
     ]
     same_shape = all(len(now.get(k) or []) == len(saved.get(k) or []) for k in ("timesteps", "levels"))
-    if same_shape and max(diffs, default=0.0) <= GRID_TOLERANCE:
+    if same_shape and not differ:
         return
     steps = tr.policy.opts.num_steps
+    first = differ[0][1] if differ else 0  # the grids are shown from their first difference
 
     def shown(levels: list[float] | None) -> str:
-        return (
-            "none"
-            if not levels
-            else "[" + ", ".join(f"{v:.4g}" for v in levels[:4]) + (", ...]" if len(levels) > 4 else "]")
-        )
+        if not levels:
+            return "none"
+        part = ", ".join(f"{v:.4g}" for v in levels[first : first + 4])
+        return f"[{'..., ' if first else ''}{part}{', ...' if len(levels) > first + 4 else ''}]"
 
     raise UserError(
         f"resume: the {family} sampler steps policy.options.num_steps={steps} on another grid than checkpoint {path} "
         f"was trained on (noise levels then {shown(saved.get('levels'))}, now {shown(now.get('levels'))}): this "
-        "version of mmgrpo computes other steps than the run started with. Continue it with the version that wrote "
-        "the checkpoint, or pass resume_force=true to go on on the new grid"
+        "version of mmgrpo or of diffusers computes other steps than the run started with. Continue it with the "
+        "versions that wrote the checkpoint, or pass resume_force=true to go on on the new grid"
     )
 
 

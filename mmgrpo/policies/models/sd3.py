@@ -39,7 +39,7 @@ from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser
 def check_size(height: int, width: int, scale: int, patch: int, max_patches: int | None, default: int) -> None:
     """The image sizes an SD3 transformer takes: multiples of the VAE's downsampling ``scale`` times its ``patch``
     size, and at most ``max_patches`` patches a side (``pos_embed_max_size``: its position embedding is cropped from a
-    table of that size; SD3-medium 96 patches of 16 px, 1536 px). Shared by ``__init__`` and
+    table of that size; SD3-medium 192 patches of 16 px, 3072 px). Shared by ``__init__`` and
     :meth:`SD3Adapter.check_pretrained` (before the weights load); diffusers' own errors came at the first forward."""
     step = scale * patch
     if height % step or width % step or height < step or width < step:
