@@ -134,9 +134,21 @@ def is_heldout(scene_seed: int, split_seed: int = 0, heldout_fraction: float = 0
     return float(u) / 2**32 < heldout_fraction
 
 
+MAX_SCANNED = 10_000_000
+"""the most scene seeds the split may scan to find the scenes asked for (7 us each: 74 s); a held-out fraction of
+1e-9 (or a train fraction of 1e-9) would have scanned for hours"""
+
+
 def _seeds(n: int, heldout: bool, split_seed: int, heldout_fraction: float, start: int = 0) -> list[int]:
     if n < 0:
         raise UserError(f"shapes_qa: asked for {n} scene seeds; give n >= 0")
+    share = heldout_fraction if heldout else 1.0 - heldout_fraction
+    if n and n / max(share, 1e-300) > MAX_SCANNED:
+        part = "held-out" if heldout else "train"
+        raise UserError(f"data.options.heldout_fraction={heldout_fraction}: {n} {part} scenes at a {part} share of "
+                        f"{share:.3g} need about {n / max(share, 1e-300):.3g} scene seeds drawn, more than "
+                        f"{MAX_SCANNED:,}; set data.options.heldout_fraction nearer 0.1 (or ask for fewer "
+                        "scenes)")  # fmt: skip
     out, s = [], start
     while len(out) < n:
         if is_heldout(s, split_seed, heldout_fraction) == heldout:

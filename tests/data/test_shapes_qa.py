@@ -147,3 +147,15 @@ def test_user_errors_name_the_bad_value():
         shapes_qa.make_example(0, size=16)
     with pytest.raises(UserError, match="kinds"):
         shapes_qa.make_examples([0], kinds=("count", "shape"))
+
+
+def test_a_split_share_that_would_scan_for_hours_is_refused_naming_the_fraction():
+    """heldout_fraction 1e-9 drew held-out scene seeds one in a billion (7 us each): the run hung at build."""
+    from mmgrpo.data.shapes_qa import heldout_seeds, train_seeds
+
+    with pytest.raises(UserError, match=r"heldout_fraction=1e-09: 3 held-out scenes at a held-out share of 1e-09 need "
+                       r"about 3e\+09 scene seeds drawn, more than 10,000,000"):  # fmt: skip
+        heldout_seeds(3, heldout_fraction=1e-9)
+    with pytest.raises(UserError, match=r"5 train scenes at a train share of 1e-09"):
+        train_seeds(5, heldout_fraction=1 - 1e-9)
+    assert len(heldout_seeds(3, heldout_fraction=0.5)) == 3 and train_seeds(0, heldout_fraction=1 - 1e-9) == []
