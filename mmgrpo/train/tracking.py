@@ -41,7 +41,7 @@ from PIL import Image
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import write_atomic
-from mmgrpo.train.report import image_grid
+from mmgrpo.train.report import IMAGES, VIDEOS, checked_images, image_grid
 
 SINGLE_IMAGE_TRACKERS = ("aim", "clearml")  # their log_images takes one image per key, not a list
 
@@ -241,9 +241,11 @@ def log_evaluation(
     trackers = getattr(acc, "trackers", None) or []
     if not trackers or (images is None and not records):
         return []
-    if images is not None and images.dim() == 5 and fps is None:
-        raise ValueError("log_evaluation: videos need their frame rate (fps=video_fps(policy))")
-    frames = _grid_frames(images.detach().float().cpu()) if images is not None else None
+    if images is not None:  # uint8 0..255 images were made floats first, then clamped to an all-white grid
+        images = checked_images(images, "log_evaluation", {4: IMAGES, 5: VIDEOS})
+        if images.dim() == 5 and fps is None:
+            raise ValueError("log_evaluation: videos need their frame rate (fps=video_fps(policy))")
+    frames = _grid_frames(images) if images is not None else None
     table = completion_table(records) if records else None
     done: list[str] = []
 

@@ -193,6 +193,24 @@ def test_tensorboard_holds_the_sample_grid_the_video_and_the_completion_table(tm
     ]
 
 
+def test_log_evaluation_refuses_uint8_and_non_finite_images_before_any_tracker_gets_them(tmp_path):
+    """uint8 0..255 images were made floats, then clamped to an all-white grid that every tracker showed."""
+    pytest.importorskip("tensorboard")
+    cfg = cfg_for(tmp_path, "trainer.log_with=[tensorboard]")
+    acc = make_accelerator("no")
+    start_trackers(acc, cfg, tmp_path)
+    images = solid_images([(255, 0, 0), (0, 255, 0)])
+    with pytest.raises(ValueError, match=r"dtype torch.uint8.*divide uint8 0..255 images by 255"):
+        log_evaluation(acc, 1, images.mul(255).to(torch.uint8))
+    broken = images.clone()
+    broken[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="1 of the 96 values of the images"):
+        log_evaluation(acc, 2, broken)
+    assert log_evaluation(acc, 3, images.to(torch.bfloat16)) == ["tensorboard:images"]  # a bf16 model's samples
+    acc.end_training()
+    assert [e.step for e in read_events(tmp_path / "b").Images("eval/samples")] == [3]
+
+
 def test_a_tracker_with_log_images_and_log_table_gets_each_evaluation(tmp_path):
     """Through the trainer: the recipe's evaluation result (here the bandit's metrics plus a grid and records)
     reaches a tracker's log_images (a list of one HWC grid, accelerate's format for wandb and custom trackers) and
