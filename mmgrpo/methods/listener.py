@@ -312,7 +312,10 @@ class VLMListenerScorer(HFListenerScorer):
         **kw: Any,
     ) -> VLMListenerScorer:
         """The frozen listener VLM, loaded by :func:`~mmgrpo.policies.vlm.load_vlm` as the policy is."""
-        options = VLMPolicyOptions(path=str(path), dtype=dtype, family=family, revision=revision, variant=variant)
+        # it writes nothing (it scores the candidates): the policy's default of 128 new tokens refused a listener
+        # with a context of 128 or less, naming policy.options.max_new_tokens, which it does not read
+        options = VLMPolicyOptions(path=str(path), dtype=dtype, family=family, revision=revision, variant=variant,
+                                   max_new_tokens=1)  # fmt: skip
         model, processor = load_vlm(str(path), options, key="rewards.<vlm_listener>.options.model")
         model.requires_grad_(False)
         return cls(model.to(device), processor, device, kw.get("max_pixels"))

@@ -144,3 +144,16 @@ def test_real_scorer_on_a_tiny_qwen2_vl(tmp_path):
     assert 0.0 < conf < 1.0
     assert out[0] == pytest.approx(1.0 + 0.5 * 1.0 + 0.5 * conf, abs=1e-5)  # format 1, accuracy 1
     assert fn.scorer is not None and not any(p.requires_grad for p in fn.scorer.model.parameters())
+
+
+def test_a_listener_with_a_short_context_loads(tmp_path):
+    """The listener writes nothing, so the policy's 128 new tokens are no check of its context (it was refused,
+    naming policy.options.max_new_tokens, which the listener does not read)."""
+    tiny_vlm = pytest.importorskip("mmgrpo.testing.tiny_vlm", reason="needs mmgrpo/testing/tiny_vlm.py")
+    from mmgrpo.methods.listener import VLMListenerScorer
+
+    model, processor = tiny_vlm.tiny_qwen2_vl(seed=0)
+    model.config.text_config.max_position_embeddings = 100
+    tiny_vlm.save_tiny(model, processor, tmp_path)
+    scorer = VLMListenerScorer.from_pretrained(tmp_path)
+    assert scorer.model.config.text_config.max_position_embeddings == 100
