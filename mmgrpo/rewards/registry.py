@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mmgrpo.core.errors import UserError, bad_option
+from mmgrpo.core.errors import UserError, bad_option, quoted
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import check_options, check_values
 
@@ -96,19 +96,40 @@ def _refuse_short_reward(name: str, obj: Any) -> None:
 
 
 def resolve(name: str) -> Callable[..., Any]:
-    """The factory (or plain reward callable) registered, published by entry point, or importable as ``name``."""
-    return REWARDS.get(name)  # the registry also resolves entry points and dotted paths
+    """The factory (or plain reward callable) registered, published by entry point, or importable as ``name``; a
+    name that resolves to something not callable (a dotted path to a constant) is a UserError (it failed at step 0
+    as "reward raised TypeError: 'int' object is not callable")."""
+    obj = REWARDS.get(name)  # the registry also resolves entry points and dotted paths
+    if not callable(obj):
+        raise UserError(f"reward {name!r} is {quoted(obj, 60)} (a {type(obj).__name__}), not a reward: name a "
+                        f"function ({', '.join(REWARD_ARGUMENTS)}) or a factory that returns one")  # fmt: skip
+    return obj
 
 
 def get(name: str, **options: Any) -> Callable[..., Any]:
-    """Build the reward callable ``name`` with ``options``."""
+    """Build the reward callable ``name`` with ``options``. Whatever the factory raises (a model file it cannot
+    find, its own assert) is a UserError naming the reward and its options, the cause chained (``--debug`` shows
+    it); so is a factory that returns something not callable."""
     obj = resolve(name)
     if is_factory(obj):
         _refuse_short_reward(name, obj)
         try:
-            fn = obj(**options)
+            inspect.signature(obj).bind(**options)
         except TypeError as e:
             raise UserError(f"reward {name!r}: bad options {options} ({e})") from e
+        except ValueError:  # no signature to read (a builtin): the call says
+            pass
+        try:
+            fn = obj(**options)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001  the factory is user code: name it, keep the cause chained
+            raise UserError(f"reward {name!r} could not be built with options {options}: {type(e).__name__}: "
+                            f"{quoted(str(e), 300)}") from e  # fmt: skip
+        if not callable(fn):
+            raise UserError(f"reward {name!r}: its factory returned {quoted(fn, 60)} (a {type(fn).__name__}), not a "
+                            f"reward; a factory returns the function ({', '.join(REWARD_ARGUMENTS)}) -> "
+                            "scores")  # fmt: skip
         return fn
     if options:
         raise UserError(f"reward {name!r} is a plain callable and takes no options; got {sorted(options)}")

@@ -167,3 +167,41 @@ def test_a_plain_reward_with_a_default_argument_is_not_taken_for_a_factory(tmp_p
     with pytest.raises(UserError, match=r"takes \(completions, solution\), a TRL reward function's .*Wrap it"):
         rewards.get("default_ctx_mod.trl")
     sys.modules.pop("default_ctx_mod")
+
+
+def test_a_factory_that_fails_or_returns_no_reward_is_one_paragraph_naming_the_reward(tmp_path, monkeypatch):
+    """A factory raising anything but TypeError (a model file it cannot find, its own assert) was a raw traceback
+    in train, serve-reward and sample; a factory returning None, or a dotted path naming a constant, failed only at
+    step 0 as "reward raised TypeError: 'NoneType' object is not callable"."""
+    import sys
+
+    (tmp_path / "failing_factories_mod.py").write_text(
+        textwrap.dedent("""
+        NOT_CALLABLE = 42
+
+        def missing_file(path="weights.safetensors"):
+            raise FileNotFoundError(f"no such model file: {path}")
+
+        def returns_none(scale=1.0):
+            return None
+
+        def asserts(threshold: int = 3):
+            assert threshold > 3, "threshold must exceed 3"
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "failing_factories_mod", raising=False)
+    with pytest.raises(UserError, match=r"^reward 'failing_factories_mod.missing_file' could not be built with "
+                       r"options \{'path': 'x'\}: FileNotFoundError: 'no such model file: x'$") as e:  # fmt: skip
+        rewards.get("failing_factories_mod.missing_file", path="x")
+    assert isinstance(e.value.__cause__, FileNotFoundError)  # --debug shows the factory's traceback
+    with pytest.raises(UserError, match="could not be built with options {}: AssertionError: 'threshold must exceed"):
+        rewards.get("failing_factories_mod.asserts")
+    with pytest.raises(UserError, match=r"'failing_factories_mod.returns_none': its factory returned null \(a "
+                       r"NoneType\), not a reward"):  # fmt: skip
+        rewards.get("failing_factories_mod.returns_none")
+    with pytest.raises(UserError, match=r"'failing_factories_mod.NOT_CALLABLE' is 42 \(a int\), not a reward"):
+        load_config(None, [f"run.output_dir={tmp_path}", "rewards=[{name: failing_factories_mod.NOT_CALLABLE}]"],
+                    base=BANDIT)  # fmt: skip
+    with pytest.raises(UserError, match=r"bad options \{'size': 3\}"):  # an unknown option: still named so
+        rewards.get("failing_factories_mod.returns_none", size=3)
