@@ -3,6 +3,22 @@
 See :mod:`mmgrpo.rewards.registry` for the API. ``rewards.get(name, **options)`` builds a reward callable.
 """
 
-from mmgrpo.rewards.registry import available, check_reward_options, get, is_factory, register, resolve
+from mmgrpo.rewards.registry import (
+    available,
+    check_command_line_options,
+    check_reward_options,
+    get,
+    is_factory,
+    register,
+    resolve,
+)
 
-__all__ = ["available", "check_reward_options", "get", "is_factory", "register", "resolve"]
+__all__ = [
+    "available",
+    "check_command_line_options",
+    "check_reward_options",
+    "get",
+    "is_factory",
+    "register",
+    "resolve",
+]

@@ -153,6 +153,16 @@ def check_reward_options(name: str, options: dict[str, Any], prefix: str, where:
     return opts
 
 
+def check_command_line_options(name: str, options: dict[str, Any], flag: str) -> dict[str, Any]:
+    """:func:`check_reward_options` for options a command takes as ``flag key=value`` (``sample --reward-option``,
+    ``serve-reward --option``): the same checks as a config's, the errors naming ``flag key`` (they skipped every
+    check: ``scale=nan`` served NaN, a factory's own range check never ran)."""
+    try:
+        return check_reward_options(name, options, flag, "the command line")
+    except UserError as e:
+        raise UserError(str(e).replace(f"{flag}.", f"{flag} ").replace(" in the command line", "")) from e
+
+
 def available() -> dict[str, str]:
     """Every known reward name (built-in and entry-point) with its one-line description."""
     return {n: REWARDS.describe(n) for n in REWARDS.names()}

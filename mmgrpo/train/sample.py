@@ -100,6 +100,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.best_of < 1:
         raise UserError(f"--best-of must be >= 1, got {args.best_of}")
+    if args.best_of > MAX_BEST_OF:  # 10**12 ran until the out-of-memory killer ended it (exit 137, no message)
+        raise UserError(f"--best-of {args.best_of}: at most {MAX_BEST_OF} samples a prompt (a prompt's samples are "
+                        "all kept in memory to pick the best, and shown in one row of grid.png); run several "
+                        "commands with different --seed values for more")  # fmt: skip
     if args.batch_size is not None and args.batch_size < 0:
         raise UserError(f"--batch-size must be >= 0, got {args.batch_size}")
     if not (math.isfinite(args.noise_level) and args.noise_level >= 0):
@@ -121,6 +125,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 SEED_MAX = 2**63 - 1
 """the largest seed a torch.Generator takes"""
+MAX_BEST_OF = 1024
+"""the most samples a prompt (``--best-of``, ``best_of_n``'s ``n``): they are held in memory together"""
 
 
 def check_device(text: str) -> torch.device:
@@ -466,8 +472,9 @@ def best_of_n(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("best_of_n: no prompts; give a list of prompts (or one prompt as a str)")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"best_of_n: n={n!r} samples per prompt; give an integer >= 1 (the N of best-of-N)")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_BEST_OF:
+        raise ValueError(f"best_of_n: n={n!r} samples per prompt; give an integer in [1, {MAX_BEST_OF}] (the N of "
+                         "best-of-N; a prompt's N samples are held in memory together)")  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = sample_seeds(seed, n)
@@ -492,8 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     check_output_folder(args.out, "--out", run_dir=output_guard(args.run, args.checkpoint))
     prompts = collect_prompts(args.prompts, args.prompts_file)
-    reward_options = parse_reward_options(args.reward_option)
-    reward_fn = reward_registry.get(args.reward, **reward_options)  # before loading the model: fail fast on a typo
+    # checked as a config's rewards.N.options are (types, finite numbers, the factory's own range check), before
+    # the model loads: fail fast on a typo
+    reward_options = reward_registry.check_command_line_options(
+        args.reward, parse_reward_options(args.reward_option), "--reward-option"
+    )
+    reward_fn = reward_registry.get(args.reward, **reward_options)
     policy, ckpt, opts = build_policy(args)
     torch.manual_seed(args.seed)
     with staged_folder(args.out) as tmp:  # whole or not at all: a failure mid-way leaves no half-written --out

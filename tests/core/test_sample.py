@@ -290,6 +290,10 @@ def _without_ema(ckpt, dest):
         (["--model", "{ckpt}", "--steps", "0"], "--steps must be >= 1 sampling steps, got 0"),
         (["--model", "{ckpt}", "--noise-level", "inf"], "--noise-level must be a finite number >= 0"),
         (["--model", "{ckpt}", "--best-of", "0"], "--best-of must be >= 1, got 0"),
+        # the reward walkthrough of 2026-12-07: an out-of-memory kill, and options no check read
+        (["--model", "{ckpt}", "--best-of", str(10**12)], "--best-of 1000000000000: at most 1024 samples a prompt"),
+        (["--model", "{ckpt}", "--reward-option", "channel=1.5"], "--reward-option channel: expected int | null"),
+        (["--model", "{ckpt}", "--reward-option", "chanel=1"], "unknown option '--reward-option chanel'"),
         # the CLI fuzz of 2026-12-06: each of these ended in a traceback (exit 1) or was accepted
         (["--model", "{ckpt}", "--device", "tpu"], "--device 'tpu' is not a device; give cpu, cuda"),
         (["--model", "{ckpt}", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
@@ -448,7 +452,8 @@ def test_best_of_n_takes_one_str_as_one_prompt_and_refuses_no_prompts_or_n_below
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["best_0.png", "grid.png"]
     bad = [
         ([], 2, "best_of_n: no prompts; give a list of prompts"),
-        (PROMPTS, 0, r"best_of_n: n=0 samples per prompt; give an integer >= 1"),
+        (PROMPTS, 0, r"best_of_n: n=0 samples per prompt; give an integer in \[1, 1024\]"),
+        (PROMPTS, 10**12, r"n=1000000000000 samples per prompt; give an integer in \[1, 1024\]"),
         (PROMPTS, -1, r"n=-1 samples per prompt"),
         (PROMPTS, 2.0, r"n=2.0 samples per prompt"),
     ]
