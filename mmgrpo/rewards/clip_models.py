@@ -111,11 +111,11 @@ def _load_open_clip_weights(net: torch.nn.Module, path: str) -> None:
     if "logit_bias" not in sd and getattr(net, "logit_bias", None) is not None:
         sd["logit_bias"] = torch.zeros_like(net.logit_bias)
     sd.pop("text.transformer.embeddings.position_ids", None)
-    resize_pos_embed(sd, net)
-    resize_text_pos_embed(sd, net)
-    try:
+    try:  # open_clip's resizing asserts on a text width that differs (a checkpoint of another architecture)
+        resize_pos_embed(sd, net)
+        resize_text_pos_embed(sd, net)
         net.load_state_dict(sd, strict=True)
-    except RuntimeError as e:  # missing/unexpected keys or size mismatches: the wrong architecture
+    except (RuntimeError, AssertionError, ValueError) as e:  # missing/unexpected keys or size mismatches
         raise UserError(
             f"checkpoint {path!r} does not fit the model ({str(e)[:300]}...); check the model name / model_config"
         ) from e
@@ -174,6 +174,12 @@ def _clip_loader(
     if resize_mode not in (None, "shortest", "longest", "squash"):
         raise UserError(f"reward {reward!r}: resize_mode {resize_mode!r} is unknown; use shortest, longest or squash")
     parse_dtype(opts["dtype"])  # fail at build time, not at the first step
+    local = str(opts["model"]).removeprefix("local-dir:") if str(opts["model"]).startswith("local-dir:") else None
+    if local is not None and not (Path(local) / "open_clip_config.json").is_file():  # open_clip's FileNotFoundError
+        where = "is not a folder" if not Path(local).is_dir() else "holds no open_clip_config.json"
+        raise UserError(f"reward {reward!r}: model={opts['model']!r}: {local!r} {where}; a local-dir: model is "
+                        "a folder holding open_clip_config.json and the weights "
+                        "(open_clip_model.safetensors)")  # fmt: skip
     if opts["pretrained"] is None and not str(opts["model"]).startswith(("local-dir:", "hf-hub:")):
         raise UserError(
             f"reward {reward!r} needs CLIP weights: set {option}=/path/to/open_clip_model.safetensors "

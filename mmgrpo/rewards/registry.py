@@ -119,6 +119,7 @@ def get(name: str, **options: Any) -> Callable[..., Any]:
             raise UserError(f"reward {name!r}: bad options {options} ({e})") from e
         except ValueError:  # no signature to read (a builtin): the call says
             pass
+        _check_device_option(name, options.get("device"))
         try:
             fn = obj(**options)
         except UserError:
@@ -134,6 +135,30 @@ def get(name: str, **options: Any) -> Callable[..., Any]:
     if options:
         raise UserError(f"reward {name!r} is a plain callable and takes no options; got {sorted(options)}")
     return obj
+
+
+def _check_device_option(name: str, device: Any) -> None:
+    """A reward's ``device`` option names a device this machine has: ``cuda`` without a GPU was torch's "Found no
+    NVIDIA driver" at the first reward call, after the policy had loaded. Checked when the reward is built, not when
+    the config loads (a config written for a GPU machine still loads, and is checked, elsewhere)."""
+    if not isinstance(device, str):
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"reward {name!r}: device={device!r} is not a device; give cpu, cuda or cuda:N") from e
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if kind.index is not None and kind.index < count or kind.index is None and count:
+            return
+        seen = f"{count} CUDA GPU(s), cuda:0..cuda:{count - 1}" if count else "no CUDA GPU"
+        raise UserError(f"reward {name!r}: device={device!r}, but torch sees {seen} on this machine; set the "
+                        "reward's device option to one it has (device: cpu)")  # fmt: skip
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"reward {name!r}: device={device!r}, but MPS is not available on this machine; set the "
+                        "reward's device option to cpu")  # fmt: skip
 
 
 def check_reward_options(name: str, options: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import save_file
 
+from mmgrpo import rewards
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
 from mmgrpo.rewards import image as img_rewards
@@ -157,6 +158,33 @@ def test_checkpoint_of_another_architecture_is_a_user_error(clip_files, tmp_path
     fn = img_rewards.hpsv2(checkpoint=str(tmp_path / "other.safetensors"), model_config=str(d / "tiny.json"))
     with pytest.raises(UserError, match="does not fit the model"):
         fn(images(1), ["a"], None, None)
+
+
+def test_a_clip_checkpoint_of_a_tiny_model_under_the_default_model_name_is_a_user_error(clip_files):
+    """The tiny CLIP's weights with the default model ViT-B-32 (model_config forgotten) failed in open_clip's
+    resizing: "AssertionError: text pos_embed width changed!" at the first step."""
+    d, _ = clip_files
+    fn = img_rewards.clip_score(pretrained=str(d / "open_clip_model.safetensors"))
+    with pytest.raises(UserError, match="does not fit the model.*check the model name / model_config"):
+        fn(images(1), ["a"], None, None)
+
+
+def test_a_clip_local_dir_or_device_this_machine_lacks_is_refused_when_the_reward_is_built(clip_files, tmp_path):
+    """model='local-dir:DIR' without open_clip_config.json was open_clip's FileNotFoundError at the first call;
+    device=cuda on a machine without a GPU torch's "Found no NVIDIA driver", after the policy had loaded."""
+    d, _ = clip_files
+    with pytest.raises(UserError, match=r"model='local-dir:.*' holds no open_clip_config.json; a local-dir: model"):
+        rewards.get("clip_score", model=f"local-dir:{d}")
+    with pytest.raises(UserError, match="is not a folder"):
+        rewards.get("clip_score", model=f"local-dir:{tmp_path / 'missing'}")
+    with pytest.raises(UserError, match=r"reward 'clip_score': device='gpu' is not a device"):
+        rewards.get("clip_score", pretrained=str(d / "open_clip_model.safetensors"), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"device='cuda', but torch sees no CUDA GPU on this machine"):
+            rewards.get("clip_score", pretrained=str(d / "open_clip_model.safetensors"), device="cuda")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(UserError, match=rf"device='cuda:{count}', but torch sees"):
+        rewards.get("clip_score", pretrained=str(d / "open_clip_model.safetensors"), device=f"cuda:{count}")
 
 
 # ---------------------------------------------------------------- aesthetic
