@@ -29,6 +29,7 @@ from mmgrpo.core.sampling import SAMPLERS, check_sampler
 from mmgrpo.core.schema import declared_options, options_from
 from mmgrpo.methods.registry import METHODS, check_methods, check_moved_keys
 from mmgrpo.train import components
+from mmgrpo.train.scoring import MAX_REWARD
 from mmgrpo.train.tracking import check_tracker_names
 
 
@@ -49,9 +50,11 @@ def validate_components(cfg: Any, where: str) -> None:
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
         spec.options = reward_registry.check_reward_options(spec.name, spec.options, f"rewards.{i}.options", where)
-        if not math.isfinite(spec.weight):  # nan / inf: every combined reward nan / inf, nothing learned
-            raise _bad(f"rewards.{i}.weight", spec.weight, where, f"({spec.name}) must be a finite number (0 logs the "
-                       "reward without training on it; a negative weight penalises it)")  # fmt: skip
+        # nan / inf: every combined reward nan / inf, nothing learned; so beyond fp32 (1e39 passed, then was inf)
+        if not (math.isfinite(spec.weight) and abs(spec.weight) <= MAX_REWARD):
+            raise _bad(f"rewards.{i}.weight", spec.weight, where, f"({spec.name}) must be a finite number of size at "
+                       f"most {MAX_REWARD:g} (0 logs the reward without training on it; a negative weight penalises "
+                       "it)")  # fmt: skip
     methods = check_methods(cfg, where)
     check_sampler(cfg, where)
     _check_sampler_fits(cfg, methods, where)

@@ -38,15 +38,16 @@ def build_rewards(specs: list[Any]) -> list[tuple[str, float, Any]]:
         except UserError as e:  # the factory's own check ("accuracy: atol ... must be >= 0"): name where it is set
             raise UserError(f"rewards.{i}.options ({s.name}): {e}") from e
         name = f"{s.name}_{i}" if s.name in names[:i] else s.name
-        out.append((name, float(s.weight), StreamFilter(fn, s.streams) if s.streams else fn))
+        out.append((name, float(s.weight), StreamFilter(fn, s.streams, name) if s.streams else fn))
     return out
 
 
 class StreamFilter:
     """A reward applied only to rows whose ``meta['stream']`` is in ``streams``; other rows get None (NaN)."""
 
-    def __init__(self, fn: Any, streams: list[str]):
+    def __init__(self, fn: Any, streams: list[str], name: str | None = None):
         self.fn, self.streams = fn, set(streams)
+        self.name = name or getattr(fn, "__name__", "reward")  # its errors name the configured reward, not 'fn'
         self.nan_means_not_applicable = True  # its NaN rows are the other streams' (fn's own output is checked)
         self.group_aware = getattr(fn, "group_aware", False)
         self.uses_policy = getattr(fn, "uses_policy", False)  # scored in the main thread (Trainer.sample_and_score)
@@ -55,21 +56,47 @@ class StreamFilter:
                 setattr(self, attr, getattr(fn, attr))
 
     def __call__(self, samples: Any, prompts: list, meta: list[dict], ctx: Any) -> torch.Tensor:
-        col = call_reward(getattr(self.fn, "__name__", "reward"), self.fn, samples, prompts, meta, ctx)
+        col = call_reward(self.name, self.fn, samples, prompts, meta, ctx)
         keep = torch.tensor([m.get("stream") in self.streams for m in meta])
         return torch.where(keep, col, torch.full_like(col, math.nan))
 
 
 def call_reward(name: str, fn: Any, samples: Any, prompts: list, meta: list[dict], ctx: Any) -> torch.Tensor:
-    """``fn``'s column for these rows; an exception inside the reward becomes a UserError naming it."""
+    """``fn``'s column for these rows; an exception inside the reward (``sys.exit`` too) becomes a UserError naming
+    it. The reward gets its own lists of prompts and meta dicts, so what it changes there reaches no later reward;
+    samples are the rollout's own tensors (a copy of every image a reward is too dear), so a reward that changes
+    them in place is a UserError: the update would train on what it wrote (the samples are the actions), and the
+    later rewards and ``mmgrpo sample``'s saved pictures would show it."""
+    tensors = [t for t in _tensors_of(samples) if not t.is_inference()]  # those keep no version counter
+    versions = [t._version for t in tensors]
     try:
-        value = fn(samples, prompts, meta, ctx)
+        own_meta = [dict(m) if isinstance(m, dict) else m for m in meta] if isinstance(meta, list) else meta
+        value = fn(samples, list(prompts) if isinstance(prompts, (list, tuple)) else prompts, own_meta, ctx)
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001  the reward is user code: name it, keep the cause chained
+    except (Exception, SystemExit) as e:  # noqa: BLE001  the reward is user code: name it, keep the cause chained
         step = getattr(ctx, "step", "?")
+        if isinstance(e, SystemExit):  # the run ended with its code and no message; its directory was removed
+            raise UserError(f"reward {name!r} called sys.exit({quoted(e.code, 60)}) at step {step}; a reward "
+                            "returns its scores (raise an exception to stop the run with a message)"
+                            ) from e  # fmt: skip
         raise UserError(f"reward {name!r} raised {type(e).__name__} at step {step}: {quoted(str(e), 300)}") from e
+    if any(t._version != v for t, v in zip(tensors, versions)):
+        step = getattr(ctx, "step", "?")
+        raise UserError(f"reward {name!r} changed the samples it scores in place at step {step} (e.g. "
+                        "samples.mul_(), samples[i] = ...): the update trains on the samples, so they must stay as "
+                        "drawn; work on a copy (x = samples.clone()) or out of place (samples * 255)")  # fmt: skip
     return to_column(name, value, len(meta), getattr(fn, "nan_means_not_applicable", False))
+
+
+def _tensors_of(samples: Any) -> list[torch.Tensor]:
+    """The tensors of a batch of samples: itself, or those of a list (ragged videos, a VLM's completions hold
+    none)."""
+    if isinstance(samples, torch.Tensor):
+        return [samples]
+    if isinstance(samples, (list, tuple)):
+        return [x for x in samples if isinstance(x, torch.Tensor)]
+    return []
 
 
 def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, policy: Any = None) -> torch.Tensor:
@@ -89,12 +116,39 @@ def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, po
     for v, samples in enumerate([rollout.samples, *rollout.variants]):
         ctx.update_state = v == 0  # stateful rewards (curricula) advance once per step, on the main samples
         cols = [call_reward(name, fn, samples, rollout.prompts, rollout.meta, ctx) for name, _, fn in rewards]
+        check_magnitudes(cols, rewards, step)
         for (name, _, _), col in zip(rewards, cols):
             if v == 0 and bool(col.isnan().all()):
                 warnings.warn(f"reward {name!r} applies to none of the {n} rows of step {step}: it trains nothing "
                               "this step (check its streams / meta keys)", stacklevel=2)  # fmt: skip
         out.append(torch.stack(cols))
     return torch.stack(out)
+
+
+MAX_REWARD = 1e18
+"""the largest size of a reward, and of the weighted sum of a row's rewards: a group's statistics square them in fp32,
+which overflows past about 1.8e19 (the group's std was inf, so every advantage 0, silently)"""
+
+
+def check_magnitudes(cols: list[torch.Tensor], rewards: list[tuple[str, float, Any]], step: int) -> None:
+    """Every reward column [N] and the rows' weighted totals at most :data:`MAX_REWARD` in size, else a UserError
+    naming the reward (or the weights) and the first row past it."""
+    for (name, _, _), col in zip(rewards, cols):
+        big = col.abs() > MAX_REWARD  # NaN (does not apply) compares False
+        if bool(big.any()):
+            row = int(big.nonzero()[0])
+            raise UserError(f"reward {name!r} returned {col[row].item():.3g} for row {row} at step {step} "
+                            f"({int(big.sum())} of {col.numel()} rows beyond {MAX_REWARD:g} in size): a group's "
+                            "statistics square the rewards in fp32, which overflows past ~1.8e19 and made every "
+                            "advantage 0; scale the reward down (or give it a small weight)")  # fmt: skip
+    total = weighted_total(torch.stack(cols).double(), rewards)
+    big = total.abs() > MAX_REWARD
+    if bool(big.any()):
+        row = int(big.nonzero()[0])
+        weights = ", ".join(f"{name}: {w:g}" for name, w, _ in rewards)
+        raise UserError(f"the weighted sum of the rewards is {total[row].item():.3g} for row {row} at step {step} "
+                        f"(weights {weights}), beyond {MAX_REWARD:g} in size: a group's statistics square it in "
+                        "fp32, which overflows; scale the weights down")  # fmt: skip
 
 
 def reward_metrics(columns: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> dict[str, float]:
@@ -120,7 +174,7 @@ def stateful_rewards(rewards: list[tuple[str, float, Any]]) -> dict[str, Any]:
 
 def weighted_total(cols: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> torch.Tensor:
     """The configured weighted sum of reward columns ``cols [R, n]`` -> [n] (NaN, a reward's "no score", counts 0)."""
-    w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32)[:, None]
+    w = torch.tensor([wt for _, wt, _ in rewards], dtype=cols.dtype)[:, None]
     return (torch.nan_to_num(cols) * w).sum(0)
 
 

@@ -156,3 +156,81 @@ def test_two_rewards_of_one_name_keep_their_own_metrics(tmp_path, capsys):
     assert "applies to none" in " ".join(capsys.readouterr().err.split())
     line = json.loads((tmp_path / "d" / "metrics.jsonl").read_text())
     assert isinstance(line["reward/bandit_arm_value"], float) and line["reward/bandit_arm_value_1"] is None
+
+
+def test_a_reward_that_changes_its_inputs_reaches_no_later_reward_or_update():
+    """A reward zeroing the samples in place made the update train on other actions (the bandit's log-probs are of
+    the sample tensor) and `mmgrpo sample` save black pictures; one clearing the prompts gave the next reward
+    none. The lists are the reward's own copies; a changed sample tensor is a UserError."""
+    ctx = RewardContext(group_size=2, step=3)
+    prompts, meta = ["a", "b"], [{"answer": 1}, {"answer": 2}]
+
+    def clears(samples, prompts, meta, ctx):
+        prompts.clear()
+        meta[0]["answer"] = 9
+        meta.append({})
+        return [1.0, 2.0]
+
+    assert call_reward("clears", clears, torch.zeros(2), prompts, meta, ctx).tolist() == [1.0, 2.0]
+    assert prompts == ["a", "b"] and meta == [{"answer": 1}, {"answer": 2}]
+
+    def zeroes(samples, prompts, meta, ctx):
+        out = samples.float().clone()
+        samples[0].zero_()  # through a view: the base's version counter moves too
+        return out
+
+    samples = torch.ones(2, 3, 4, 4)
+    with pytest.raises(UserError, match=r"reward 'zeroes' changed the samples it scores in place at step 3.*clone"):
+        call_reward("zeroes", zeroes, samples, prompts, meta, ctx)
+    videos = [torch.ones(2, 3, 4, 4), torch.ones(3, 3, 4, 4)]  # ragged videos: a list of tensors
+    with pytest.raises(UserError, match="changed the samples"):
+        call_reward("v", lambda s, p, m, c: [float(s[1].mul_(2).mean()), 0.0], videos, prompts, meta, ctx)
+    assert call_reward("reads", lambda s, p, m, c: s.mul(255).mean((1, 2, 3)), samples, prompts, meta, ctx).shape == (
+        2,
+    )
+
+
+def test_a_reward_calling_sys_exit_is_named():
+    """sys.exit() in a reward ended `mmgrpo train` with its code and no message, its run directory removed."""
+
+    def quits(samples, prompts, meta, ctx):
+        raise SystemExit(3)
+
+    with pytest.raises(UserError, match=r"reward 'quits' called sys.exit\(3\) at step 5; a reward returns its scores"):
+        call_reward("quits", quits, None, ["a"], [{}], RewardContext(group_size=1, step=5))
+
+
+def test_a_reward_on_streams_is_named_as_configured(tmp_path, capsys):
+    """With streams: set, errors named the inner function ("reward 'fn' returned non-finite values")."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rewards: [{name: test_inf_at_step_2, streams: [main]}]\n")
+    code = main(["train", str(cfg), *BANDIT, "trainer.checkpoint_every=0", f"run.output_dir={tmp_path}", "run.name=s"])
+    err = capsys.readouterr().err
+    assert code == 2 and "reward 'test_inf_at_step_2' returned non-finite values" in err, err
+
+
+@register("test_scaled_arm_value")
+def _scaled_arm_value(scale: float = 1.0):
+    """Test-only: the bandit's arm value times ``scale``."""
+    return lambda samples, prompts, meta, ctx: [scale * float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)]
+
+
+@pytest.mark.parametrize(
+    "reward, named",
+    [
+        ("{name: test_scaled_arm_value, options: {scale: 1.0e+20}}", "reward 'test_scaled_arm_value' returned "),
+        (
+            "{name: test_scaled_arm_value, weight: 1.0e+12, options: {scale: 1.0e+9}}",
+            "the weighted sum of the rewards",
+        ),
+    ],
+)
+def test_rewards_whose_squares_overflow_fp32_stop_the_run(tmp_path, capsys, reward, named):
+    """Rewards of ~1e20 (or a weight making them so) squared to inf in the group std: every advantage 0, the run
+    trained nothing and exited 0 (`reward/mean` null in metrics.jsonl)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"rewards: [{reward}]\n")
+    code = main(["train", str(cfg), *BANDIT, "trainer.checkpoint_every=0", f"run.output_dir={tmp_path}", "run.name=h"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and named in err and "beyond 1e+18 in size" in err, err
+    assert not (tmp_path / "h").exists()  # nothing trained: the new run directory is removed
