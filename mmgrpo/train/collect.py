@@ -30,6 +30,30 @@ from mmgrpo.train.scoring import score, take_groups, uninformative_groups, weigh
 REFILL_OFFSET = 1 << 40  # stream positions of DAPO refill prompts start here (disjoint from the main stream)
 
 
+def check_samples_finite(rollout: Rollout, step: int, cfg: Config) -> None:
+    """The rollout's samples (floating tensors: images, videos) are finite, else a UserError naming the generator: a
+    diverged policy (its weights, or sampling settings that overflow) made NaN videos that the first reward refused
+    as "reward 'motion' returned non-finite values ... fix the reward", and the resume it advised diverged again."""
+    samples = rollout.samples if isinstance(rollout.samples, (list, tuple)) else [rollout.samples]
+    rows = [i for i, x in enumerate(samples) if isinstance(x, torch.Tensor) and x.is_floating_point()
+            and not bool(torch.isfinite(x).all())]  # fmt: skip
+    if isinstance(rollout.samples, torch.Tensor) and rows:
+        bad = ~torch.isfinite(rollout.samples.flatten(1)).all(1)
+        rows = bad.nonzero().reshape(-1).tolist()
+    if not rows:
+        return
+    opts = cfg.policy.options or {}
+    settings = [f"trainer.lr={cfg.trainer.lr:g}"]
+    settings += [f"policy.options.{k}={opts[k]}" for k in ("guidance_scale", "sde") if opts.get(k) is not None]
+    raise UserError(
+        f"the policy's samples of step {step} are not finite (NaN or inf in {len(rows)} of {rollout.num_rows} rows): "
+        f"the generator diverged, not a reward; its weights (a learning rate too high) or its sampling settings "
+        f"overflow ({', '.join(settings)}). A checkpoint written since the weights began to diverge holds finite "
+        "but broken weights: resume from one before (delete the later checkpoints/step_* folders) with a lower "
+        "trainer.lr, or start again"
+    )
+
+
 class CollectPhase:
     """The collect phase's methods of :class:`~mmgrpo.train.trainer.Trainer`, which holds what they read."""
 
@@ -78,6 +102,7 @@ class CollectPhase:
             if defer:
                 self.policy.logp_old_from_update = False
         self._reshard()
+        check_samples_finite(rollout, step, self.cfg)
         if self.sampler.stateful:  # each row's stream position: the sampler's statistics are per prompt
             if rollout.num_groups != len(batch) or rollout.sizes != batch.sizes(self.cfg.trainer.group_size):
                 raise UserError(

@@ -2,6 +2,7 @@
 ``trainer.max_nonfinite_steps`` of them in a row stop the run with the last good checkpoint intact."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.config import load_config
 from mmgrpo.train.trainer import Trainer, prepare_run_dir
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE = {
     "pipeline": "bandit",
     "data": {"options": {"num_prompts": 4, "num_arms": 3}},
@@ -126,3 +128,19 @@ def test_the_stop_before_any_checkpoint_says_how_to_start_again(tmp_path, monkey
     t.update = update
     with pytest.raises(UserError, match=f"no checkpoint had been written yet .*; {then}"):
         t.train()
+
+
+def test_a_diverged_generator_is_named_not_the_reward(tmp_path, capsys, monkeypatch):
+    """The shapes model at lr 1e6 makes NaN images by its third step: the first reward refused them ("reward
+    'shapes' returned non-finite values ... fix the reward") and the resume it advised diverged again. The rollout's
+    samples are checked before any reward sees them."""
+    from mmgrpo.train.cli import main
+
+    monkeypatch.chdir(ROOT)
+    code = main(["train", "configs/shapes_t2i_grpo.yaml", "trainer.lr=1e6", "trainer.max_steps=4",
+                 "trainer.eval_every=0", "trainer.checkpoint_every=1", "trainer.progress=false",
+                 f"run.output_dir={tmp_path}", "run.name=div"])  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "the policy's samples of step " in err and "are not finite (NaN or inf in " in err, err
+    assert "the generator diverged, not a reward" in err and "trainer.lr=1e+06" in err
+    assert "returned non-finite values" not in err
