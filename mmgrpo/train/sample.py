@@ -42,10 +42,10 @@ from torch import nn
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.config_yaml import option_value
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
-from mmgrpo.core.files import check_output_folder, staged_folder
+from mmgrpo.core.files import check_image, check_output_folder, open_video, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
-from mmgrpo.data.prompts import decoded_meta, read_prompts
+from mmgrpo.data.prompts import Prompt, decoded_meta, read_prompts
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.exploration import FullOptions
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnable_attention
@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="load the checkpoint's EMA weights (trainer.ema_decay runs)")
     pr = p.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts, each one quoted")
-    pr.add_argument("--prompts-file", help="text file, one prompt per line ('shapes': the held-out shapes prompts)")
+    pr.add_argument("--prompts-file", help="text file, one prompt per line ('shapes': the held-out shapes prompts); "
+                    "or a .jsonl / .json / .csv file with a 'prompt' field and, for image-to-video, an 'image' or "
+                    "'video' field (the first frame; a relative path is relative to the file)")  # fmt: skip
+    p.add_argument("--image", help="image-to-video: the first frame of every --prompts prompt (an image, or an .mp4 "
+                   "whose first frame is used)")  # fmt: skip
     p.add_argument("--best-of", type=int, required=True, metavar="N", help="samples per prompt")
     p.add_argument("--reward", required=True, help="reward name (see `mmgrpo list`) or dotted path")
     p.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
@@ -163,13 +167,56 @@ def parse_reward_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def collect_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+FRAME_KEYS = ("image", "video")
+"""the fields of a prompt that name an image-to-video model's first frame (as the image_to_video recipe's pairs)"""
 
+
+def collect_prompts(prompts: list[str] | None, prompts_file: str | None, image: str | None = None) -> list[str]:
+    """The prompts to sample, their first frames (``--image``, or a prompt file's ``image`` / ``video`` fields,
+    relative to the file as the recipe's pairs are) resolved and opened here, before the model loads."""
+    if image is not None and prompts is None:
+        raise UserError("--image gives the first frame of every --prompts prompt; a --prompts-file names each "
+                        "prompt's own (an 'image' or 'video' field of its rows)")  # fmt: skip
     got = [p.strip() for p in prompts] if prompts is not None else read_prompts(prompts_file, "heldout", 0)
     got = [p for p in got if p]
     if not got:
         raise UserError('no prompts: give --prompts "a red circle" ... or --prompts-file FILE (one per line)')
-    return got
+    if image is not None:
+        key = "video" if Path(image).suffix.lower() == ".mp4" else "image"
+        return [with_frame(Prompt(p, {key: image}), Path.cwd(), "--image") for p in got]
+    base = Path(prompts_file).resolve().parent if prompts_file and Path(prompts_file).is_file() else Path.cwd()
+    return [with_frame(p, base, f"prompt file '{prompts_file}'") for p in got]
+
+
+def with_frame(prompt: str, base: Path, where: str) -> str:
+    """``prompt`` with its first frame (``meta['image']`` / ``meta['video']``, a path relative to ``base``) made
+    absolute and opened (a missing or corrupt file is named now, not after the model has loaded); a prompt without
+    one as it is."""
+    meta = getattr(prompt, "meta", None) or {}
+    keys = [k for k in FRAME_KEYS if isinstance(meta.get(k), str)]
+    if not keys:
+        return prompt
+    frames = {k: str(base / meta[k]) for k in keys}  # an absolute path stays as it is
+    for k, path in frames.items():
+        check_image(path, where) if k == "image" else open_video(path, where)
+    return Prompt(str(prompt), {**meta, **frames})
+
+
+def needs_frames(run: str | None, checkpoint: str | None, config: list[str] | None, prompts: list[str]) -> None:
+    """An image-to-video run (its config's pipeline) sampled with prompts that carry no first frame: refused before
+    the model loads, naming --image (the adapter said "give meta['image']" after loading it)."""
+    if all(any(k in (getattr(p, "meta", None) or {}) for k in FRAME_KEYS) for p in prompts):
+        return
+    where = Path(run) / "config.yaml" if run else (Path(checkpoint).parent.parent / "config.yaml" if checkpoint
+                                                    else Path(config[0]) if config else None)  # fmt: skip
+    try:
+        pipeline = load_config(where).pipeline if where is not None and where.is_file() else None
+    except UserError:  # the config's own errors are reported where the model is built
+        return
+    if pipeline == "image_to_video":
+        raise UserError(f"{where} trains image-to-video: every prompt needs its first frame; give --image PATH (one "
+                        "frame for every --prompts prompt), or --prompts-file pairs.jsonl with an 'image' (or "
+                        "'video') field per row, relative to the file")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -488,6 +535,7 @@ def best_of_n(
         records.append({
             "prompt": prompt, "seeds": seeds, "scores": [_json_score(float(s)) for s in scores],
             "best_index": j, "best_seed": seeds[j], "best_score": float(scores[j]), "file": path.name,
+            **{k: v for k, v in (getattr(prompt, "meta", None) or {}).items() if k in FRAME_KEYS},  # its first frame
         })  # fmt: skip
     stack_rows(rows).save(out / "grid.png")
     return records
@@ -498,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     check_output_folder(args.out, "--out", run_dir=output_guard(args.run, args.checkpoint))
-    prompts = collect_prompts(args.prompts, args.prompts_file)
+    prompts = collect_prompts(args.prompts, args.prompts_file, args.image)
+    needs_frames(args.run, args.checkpoint, args.config, prompts)
     # checked as a config's rewards.N.options are (types, finite numbers, the factory's own range check), before
     # the model loads: fail fast on a typo
     reward_options = reward_registry.check_command_line_options(

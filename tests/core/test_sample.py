@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from mmgrpo.train.sample import (
 )
 from mmgrpo.train.trainer import train
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares"]
 
 
@@ -486,3 +488,32 @@ def test_a_run_trained_with_xformers_samples_with_sdpa_on_a_machine_without_it(t
     with pytest.warns(UserWarning, match="attention=xformers cannot run on cpu here; mmgrpo sample uses sdpa"):
         policy, _, opts = build_policy(args)
     assert opts.attention == "sdpa" and policy.opts.attention == "sdpa"
+
+
+def test_image_to_video_first_frames_come_from_image_or_the_prompt_file_relative_to_it(tmp_path, monkeypatch):
+    """`mmgrpo sample` on an image-to-video run had no way to give a first frame but an undocumented pairs file,
+    whose relative paths were read from the working directory (not the file, as the recipe reads them), and its
+    errors came after the model had loaded."""
+    from mmgrpo.train.sample import collect_prompts, needs_frames
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(data / "frame0.png")
+    (data / "pairs.jsonl").write_text('{"prompt": "a red circle", "image": "frame0.png"}\n')
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    (got,) = collect_prompts(None, "data/pairs.jsonl")
+    assert got == "a red circle" and got.meta["image"] == str(data.resolve() / "frame0.png")
+    with_image = collect_prompts(["a", "b"], None, str(data / "frame0.png"))
+    assert [p.meta for p in with_image] == [{"image": str(data / "frame0.png")}] * 2
+    with pytest.raises(UserError, match=r"--image: image '.*missing.png' not found"):
+        collect_prompts(["a"], None, "missing.png")
+    (data / "broken.jsonl").write_text('{"prompt": "x", "image": "nowhere.png"}\n')
+    with pytest.raises(UserError, match="prompt file 'data/broken.jsonl'"):
+        collect_prompts(None, "data/broken.jsonl")
+    with pytest.raises(UserError, match="--image gives the first frame of every --prompts prompt"):
+        collect_prompts(None, "data/pairs.jsonl", str(data / "frame0.png"))
+    i2v = str(ROOT / "configs" / "wan_i2v_dance.yaml")
+    with pytest.raises(UserError, match=r"trains image-to-video: every prompt needs its first frame; give --image"):
+        needs_frames(None, None, [i2v], ["a red circle"])
+    needs_frames(None, None, [i2v], with_image)  # every prompt has its frame
+    needs_frames(None, None, [str(ROOT / "configs" / "shapes_t2i_grpo.yaml")], ["a red circle"])  # text-to-image
