@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmgrpo.core.errors import UserError, listed
+from mmgrpo.core.errors import UserError, listed, quoted
 from mmgrpo.rewards.image_utils import nonfinite_rows
 from mmgrpo.rewards.registry import register
 
@@ -437,8 +437,23 @@ class _GiveUpHandler(urllib.request.HTTPHandler):
         return self.do_open(_GiveUpConnection, req)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: a 3xx reaches :func:`post_score` as an HTTPError, which refuses it naming the Location.
+
+    urllib's own handler re-sends the request (as a GET) with every header but the body's, the
+    ``Authorization: Bearer`` token included, to whatever host the ``Location`` names, and the trainer then trained
+    on that host's answer: anyone on the path of a plain-http request, or a misconfigured reward host, got the
+    token and chose the rewards."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201  (urllib's signature)
+        return None
+
+
 def post_score(url: str, body: bytes, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
     """POST ``body`` to ``url/score``; retries connection errors and 5xx with exponential backoff, not 4xx.
+
+    A 3xx is an error naming its ``Location``, never followed (:class:`_NoRedirects`): the token goes to the host
+    of ``url`` only.
 
     A busy server (503 with ``Retry-After``: its connection cap is reached) is waited for as it asks, up to
     ``MAX_BUSY_RETRIES`` times, without using up ``retries``. After ``retries + 1`` failed attempts raises a
@@ -450,7 +465,8 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
     time out the same way; the UserError says to raise ``timeout`` instead. The connection given up on is reset
     (:class:`_GiveUpConnection`), so the server drops the request unscored if it has not started it.
     """
-    opener = urllib.request.build_opener(_GiveUpHandler)  # urllib's own handlers (proxies too), http:// by ours
+    # urllib's own handlers (proxies too), http:// by ours, redirects refused
+    opener = urllib.request.build_opener(_GiveUpHandler, _NoRedirects)
     endpoint = url.rstrip("/") + "/score"
     headers = {"Content-Type": CONTENT_TYPE}
     if token:
@@ -469,6 +485,13 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
                 busy += 1
                 time.sleep(wait)
                 continue
+            if 300 <= e.code < 400:
+                location = e.headers.get("Location") if e.headers is not None else None
+                raise UserError(
+                    f"reward server at {url} answered HTTP {e.code}, a redirect to {quoted(location, 200)}; the "
+                    "remote reward follows no redirect (its token would go to that host, and the rewards would "
+                    "come from it). Set the remote reward's 'url' option to the server that scores"
+                ) from e
             if e.code < 500:
                 raise UserError(
                     f"reward server at {url} refused the request: HTTP {e.code}: {msg}{_refusal_hint(e.code)}"

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -752,3 +753,61 @@ def test_a_big_endian_array_sample_is_scored_as_its_native_values(server_factory
     header = {"version": 1, "kind": "array", "group_size": 1, "prompts": ["a", "b"], "meta": [{}, {}]}
     body = _npz(header=np.frombuffer(json.dumps(header).encode(), np.uint8), samples=np.array([1.5, -2.0], ">f4"))
     assert _post(srv.url, body) == (200, {"rewards": [1.5, -2.0]})  # was a 500: torch takes native order only
+
+
+# ---------------------------------------------------------------------------------------------- servers not ours
+
+
+class _Canned(BaseHTTPRequestHandler):
+    """Answers every request with ``server.answer(handler) -> (code, headers, body)`` and records what it got."""
+
+    def log_message(self, *args):
+        pass
+
+    def _any(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        code, headers, body = self.server.answer(self)
+        self.send_response(code)
+        for key, value in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _any
+
+
+@pytest.fixture
+def canned():
+    """``canned(answer)`` -> a running stdlib HTTP server (``.url``, ``.seen``: (method, path, Authorization))."""
+    servers = []
+
+    def make(answer):
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+        httpd.daemon_threads = True
+        httpd.answer, httpd.seen = answer, []
+        httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(httpd)
+        return httpd
+
+    yield make
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _json_answer(text: str, code: int = 200, **headers):
+    return lambda handler: (code, {"Content-Type": "application/json", **headers}, text.encode())
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_naming_its_location_and_the_token_never_leaves(canned, code):
+    sink = canned(_json_answer('{"rewards": [0.0, 0.0]}'))  # another host: would get the token, choose the rewards
+    moved = canned(lambda handler: (code, {"Location": sink.url + "/stolen"}, b""))
+    fn = remote(moved.url, token="s3cret-token", retries=2, backoff=0.01)
+    with pytest.raises(UserError) as e:
+        fn(_images(2), ["p"] * 2, [{}] * 2, _ctx())
+    assert f"HTTP {code}" in str(e.value) and sink.url + "/stolen" in str(e.value) and "redirect" in str(e.value)
+    assert sink.seen == []  # urllib's default handler re-sent the request, token and all, to the Location
+    assert moved.seen == [("POST", "/score", "Bearer s3cret-token")]  # once: a redirect is not retried
