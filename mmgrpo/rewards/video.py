@@ -51,8 +51,14 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None, size: int
     return x
 
 
-def as_videos(samples: Any) -> torch.Tensor:
-    """Samples -> Float[N, F, 3, H, W] in [0, 1]; a list of tensors or paths must share F, H, W."""
+SCORES_VIDEOS = "videos"
+"""the ``scores`` attribute of a video reward's factory and callable: it takes Float[N, F, 3, H, W], not images (a
+config pairing it with an image recipe is refused when it loads; ``video_frames`` refuses it as its inner reward)"""
+
+
+def as_videos(samples: Any, reward: str = "a video reward") -> torch.Tensor:
+    """Samples -> Float[N, F, 3, H, W] in [0, 1]; a list of tensors or paths must share F, H, W. Images
+    [N, 3, H, W] are a UserError naming ``reward`` and the fix."""
     if isinstance(samples, torch.Tensor):
         x = samples
     elif isinstance(samples, Sequence) and len(samples) > 0:
@@ -65,8 +71,12 @@ def as_videos(samples: Any) -> torch.Tensor:
         raise UserError(f"video rewards expect a Tensor [N, F, 3, H, W] or a list of videos; got {type(samples)}")
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
+    if x.ndim == 4:
+        raise UserError(f"{reward} scores videos Float[N, F, 3, H, W], but got images of shape {tuple(x.shape)}: use "
+                        "it with a text_to_video / image_to_video recipe, and an image reward (or video_frames "
+                        "around one, for videos) with images")  # fmt: skip
     if x.ndim != 5 or x.shape[2] != 3:
-        raise UserError(f"video rewards expect samples Float[N, F, 3, H, W]; got shape {tuple(x.shape)}")
+        raise UserError(f"{reward} expects samples Float[N, F, 3, H, W]; got shape {tuple(x.shape)}")
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise UserError(
@@ -115,11 +125,15 @@ def video_frames(
     if int(frame_stride) < 1:
         raise UserError(f"video_frames: frame_stride must be >= 1; got {frame_stride}")
     inner = get(reward, **(reward_options or {}))
+    if getattr(inner, "scores", None) == SCORES_VIDEOS:  # it would get single frames [N*F, 3, H, W]
+        raise UserError(f"video_frames: {reward!r} scores whole videos; video_frames scores each frame with an "
+                        f"image reward (clip_score, aesthetic, ...): name {reward!r} itself as the reward "
+                        "instead")  # fmt: skip
     if getattr(inner, "group_aware", False):
         raise UserError(f"video_frames: {reward!r} is group-aware; frames of one video are not a group of samples")
 
     def fn(samples, prompts, meta, ctx):
-        v = as_videos(samples)[:, :: int(frame_stride)]  # [N, F', 3, H, W]
+        v = as_videos(samples, "reward 'video_frames'")[:, :: int(frame_stride)]  # [N, F', 3, H, W]
         N, Fk = v.shape[:2]
         frames = v.flatten(0, 1)  # [N*F', 3, H, W], frames of a video contiguous
         rep_prompts = [p for p in prompts for _ in range(Fk)]
@@ -134,7 +148,11 @@ def video_frames(
         return scores
 
     fn.inner = inner
+    fn.scores = SCORES_VIDEOS
     return fn
+
+
+video_frames.scores = SCORES_VIDEOS
 
 
 @register("temporal_consistency")
@@ -157,14 +175,18 @@ def temporal_consistency(
     embed = make_image_embedder(embedder, pixel_size, dict(locals()), "temporal_consistency")
 
     def fn(samples, prompts, meta, ctx) -> torch.Tensor:
-        v = as_videos(samples)  # [N, F, 3, H, W]
+        v = as_videos(samples, "reward 'temporal_consistency'")  # [N, F, 3, H, W]
         N, Fn = v.shape[:2]
         if Fn < 2:
             raise UserError(f"temporal_consistency needs videos with F >= 2 frames; got F={Fn}")
         emb = embed(v.flatten(0, 1))  # [N*F, D]
         return consecutive_cosine(emb.view(N, Fn, -1))  # [N]
 
+    fn.scores = SCORES_VIDEOS
     return fn
+
+
+temporal_consistency.scores = SCORES_VIDEOS
 
 
 @register("motion")
@@ -175,7 +197,15 @@ def motion(target: float | None = None):
     """
 
     def fn(samples, prompts, meta, ctx) -> torch.Tensor:
-        energy = frame_energy(as_videos(samples)).cpu()  # [N]
+        videos = as_videos(samples, "reward 'motion'")
+        if videos.shape[1] < 2:  # its energy was 0 on every row: nothing learned, nothing said
+            raise UserError(f"reward 'motion' compares consecutive frames, but the videos have {videos.shape[1]} "
+                            "frame; generate more (policy.options.num_frames)")  # fmt: skip
+        energy = frame_energy(videos).cpu()  # [N]
         return energy if target is None else -(energy - float(target)).abs()
 
+    fn.scores = SCORES_VIDEOS
     return fn
+
+
+motion.scores = SCORES_VIDEOS

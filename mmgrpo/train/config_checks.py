@@ -50,6 +50,10 @@ def validate_components(cfg: Any, where: str) -> None:
         except UserError as e:
             raise UserError(f"rewards.{i}.name in {where}: {e}") from e
         spec.options = reward_registry.check_reward_options(spec.name, spec.options, f"rewards.{i}.options", where)
+        if cfg.pipeline in NO_VIDEOS and getattr(reward_registry.resolve(spec.name), "scores", None) == "videos":
+            raise UserError(f"rewards.{i}.name in {where}: reward {spec.name!r} scores videos, but pipeline "
+                            f"{cfg.pipeline!r} makes no videos; use it with text_to_video or image_to_video, or "
+                            "pick an image reward (`mmgrpo list` shows them)")  # fmt: skip
         # nan / inf: every combined reward nan / inf, nothing learned; so beyond fp32 (1e39 passed, then was inf)
         if not (math.isfinite(spec.weight) and abs(spec.weight) <= MAX_REWARD):
             raise _bad(f"rewards.{i}.weight", spec.weight, where, f"({spec.name}) must be a finite number of size at "
@@ -61,6 +65,9 @@ def validate_components(cfg: Any, where: str) -> None:
     check_tracker_names(cfg.trainer.log_with, where)
 
 
+NO_VIDEOS = ("text_to_image", "vlm_reasoning", "vlm_grounding", "bandit")
+"""mmgrpo's recipes whose samples are not videos: a video reward (``scores = "videos"``) there failed at the first
+step, after the model had loaded and a group had been sampled"""
 SAMPLER_INPUTS = {"baseline": "spo (SPO's value tracker)", "roles": "pairing (Beyond Variance's prompt pairs)"}
 """estimator inputs that come from the prompt sampler -> the sampler that gives them"""
 

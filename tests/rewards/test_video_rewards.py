@@ -124,6 +124,28 @@ def test_video_frames_propagates_none_and_refuses_group_aware():
         vid.motion()(x * 2 - 1, None, None, None)
 
 
+def test_a_video_reward_given_images_or_one_frame_or_inside_video_frames_says_so():
+    """The video walkthrough of 2026-12-07: `motion` on an image recipe said "video rewards expect samples
+    Float[N, F, 3, H, W]" after the model had loaded; on one-frame videos it gave 0 on every row (nothing learned,
+    nothing said); inside video_frames it got single frames and said the same shape message."""
+    images = torch.rand(4, 3, 8, 8)
+    with pytest.raises(UserError, match=r"reward 'motion' scores videos Float\[N, F, 3, H, W\], but got images of "
+                       r"shape \(4, 3, 8, 8\): use it with a text_to_video / image_to_video recipe"):  # fmt: skip
+        vid.motion()(images, None, None, None)
+    with pytest.raises(UserError, match="reward 'motion' compares consecutive frames, but the videos have 1 frame"):
+        vid.motion()(images[:, None], None, None, None)
+    with pytest.raises(UserError, match="video_frames: 'motion' scores whole videos"):
+        vid.video_frames(reward="motion")
+
+
+def test_a_video_reward_on_an_image_recipe_is_refused_when_the_config_loads(tmp_path):
+    from mmgrpo.train.config import load_config
+
+    with pytest.raises(UserError, match=r"rewards.0.name in .*: reward 'motion' scores videos, but pipeline "
+                       r"'text_to_image' makes no videos"):  # fmt: skip
+        load_config("configs/shapes_t2i_grpo.yaml", [f"run.output_dir={tmp_path}", "rewards=[{name: motion}]"])
+
+
 def test_registered_with_descriptions():
     for name in ("video_frames", "temporal_consistency", "motion"):
         assert name in REWARDS and REWARDS.describe(name)
