@@ -7,8 +7,20 @@ A heavy reward model (a VLM judge, an aesthetic scorer) can live in another proc
     fn = remote("http://127.0.0.1:8090", token=None, timeout=60, retries=2)
     r = fn(samples, prompts, meta, ctx)        # Tensor[N] float32, or list[float | None] when a row has None
 
-In YAML: ``rewards: [{name: remote, url: "http://gpu-box:8090"}]``. The token may come from the environment
-variable ``MMGRPO_REWARD_TOKEN`` instead of the config, so it is not written into ``runs/<name>/config.yaml``.
+In a training config (the server's address and the client's settings are the reward's ``options``)::
+
+    rewards:
+      - name: remote
+        options: {url: "http://gpu-box:8090", timeout: 120, retries: 2}
+
+The options are checked when the config loads (``remote.check``): ``url`` http:// or https://, ``timeout`` in
+(0, 24 h] seconds, ``retries`` in 0..100, ``backoff`` in [0, 1 h] seconds. The token may come from the environment
+variable ``MMGRPO_REWARD_TOKEN`` instead of the config, so it is not written into ``runs/<name>/config.yaml``; it
+goes to the host of ``url`` only: a redirect (3xx) is an error naming its ``Location``, never followed.
+
+What is re-sent: a failed connection (refused, reset) and a 502 / 503 / 504, ``retries`` times with a jittered
+exponential ``backoff``; nothing else. A 500 (the reward failed on these rows), a 4xx, a timeout once the request is
+sent, and a 200 that is not this JSON (another service on that port) are errors at once, each saying which.
 
 Wire format (version 1) -- never pickle. ``POST /score`` carries one uncompressed NPZ (``np.savez``; the server
 loads it with ``allow_pickle=False``) holding two arrays:
@@ -24,11 +36,14 @@ loads it with ``allow_pickle=False``) holding two arrays:
   - ``array``: any other numeric tensor (e.g. the bandit's chosen arms, LongTensor [N]), sent bit-exact.
   - ``text``: no ``samples`` array; ``header["texts"]`` is a JSON list of N str.
 
-Response: JSON ``{"rewards": [float | null, ...], "columns"?: {...}}`` (N finite values; null where a row does not
-apply: None, or NaN from a reward declaring ``nan_means_not_applicable``); errors are JSON ``{"error": message}``
-with 400 (bad input), 401 (token), 411 (no Content-Length), 413 (too large), 500 (the reward raised or returned
-what the trainer would refuse locally: a bool, a str, ±inf, an undeclared NaN) or 503 (busy, shutting down, or
-its worker stopped). ``GET /health`` returns ``{"status": "ok", "reward": NAME, ...}``, or 503 with
+Response: JSON ``{"rewards": [float | null, ...], "columns"?: {...}}`` (N finite fp32 values; null where a row does
+not apply: None, or NaN from a reward declaring ``nan_means_not_applicable``); the client refuses any other value
+(a string "1.0", a boolean, a list, an object, NaN / Infinity tokens, a number beyond fp32), naming the row. Errors
+are JSON ``{"error": message}`` with 400 (bad input), 401 (token), 404 (no such path), 405 (another method than
+``POST /score`` / ``GET /health``, with ``Allow``), 411 (no Content-Length), 413 (too large), 500 (the reward
+raised, or returned what the trainer refuses locally, by the same function, :func:`mmgrpo.rewards.columns.to_column`,
+and with its message: a [G, B] table, a bool, a str, ±inf, a value beyond fp32, an undeclared NaN) or 503 (busy,
+shutting down, or its worker stopped). ``GET /health`` returns ``{"status": "ok", "reward": NAME, ...}``, or 503 with
 ``"status": "failed"`` and the ``error`` once the worker has stopped.
 
 Remote scoring cannot hand the reward ``ctx.policy`` (rewards that re-ask the policy must run locally), and
@@ -43,6 +58,7 @@ import json
 import math
 import os
 import random
+import reprlib
 import socket
 import struct
 import time
@@ -55,7 +71,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmgrpo.core.errors import UserError, listed, quoted
+from mmgrpo.core.errors import UserError, bad_option, listed, quoted
+from mmgrpo.rewards.columns import FLOAT32_MAX
 from mmgrpo.rewards.image_utils import nonfinite_rows
 from mmgrpo.rewards.registry import register
 
@@ -408,10 +425,11 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return None
 
 
-def _refusal_hint(code: int) -> str:
+def _refusal_hint(code: int, msg: str) -> str:
+    """How to fix a 4xx, unless the server's message already says it (its 413 names --max-request-mb)."""
     if code == 401:
         return "; pass the server's token (remote option 'token' or the MMGRPO_REWARD_TOKEN variable)"
-    if code == 413:
+    if code == 413 and "--max-request-mb" not in msg:
         return "; send fewer rows per call or restart the server with a larger --max-request-mb"
     return ""
 
@@ -449,15 +467,52 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def post_score(url: str, body: bytes, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
-    """POST ``body`` to ``url/score``; retries connection errors and 5xx with exponential backoff, not 4xx.
+RETRIED_CODES = (502, 503, 504)
+"""the HTTP errors re-sent: a proxy without its server (502, 504) or a server busy / restarting (503). A 500 is the
+reward failing on these rows (it raised, or returned what the trainer refuses): re-sending it would score the same
+failing rows again (an expensive judge scored each failing batch 3 times), so it is an error at once."""
 
-    A 3xx is an error naming its ``Location``, never followed (:class:`_NoRedirects`): the token goes to the host
-    of ``url`` only.
+
+def _said(errors: list[str]) -> str:
+    """Each failed attempt's reason, consecutive repeats folded: ``attempt 1: HTTP 503: ...; attempts 2-3: ...``."""
+    parts, i = [], 0
+    while i < len(errors):
+        j = i
+        while j + 1 < len(errors) and errors[j + 1] == errors[i]:
+            j += 1
+        parts.append(f"attempt {i + 1}: {errors[i]}" if i == j else f"attempts {i + 1}-{j + 1}: {errors[i]}")
+        i = j + 1
+    return "; ".join(parts)
+
+
+def _reward_json(url: str, raw: bytes) -> dict:
+    """A 200 answer's body as mmgrpo's reward JSON (an object holding a ``rewards`` list); a UserError saying the
+    server answered something else (another service on that port, a proxy's page), which is not retried."""
+    try:
+        reply = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        reply, why = None, f"{type(e).__name__}: {str(e)[:100]}"
+    else:
+        why = "no 'rewards' list in it"
+    if isinstance(reply, dict) and isinstance(reply.get("rewards"), list):
+        return reply
+    raise UserError(
+        f"reward server at {url} answered HTTP 200 with something that is not mmgrpo's reward JSON ({why}; it "
+        f"begins {quoted(raw[:80], 120)}); is another service listening there? `mmgrpo serve-reward` answers "
+        "{\"rewards\": [...]}: check the remote reward's 'url' option (not retried)"
+    )
+
+
+def post_score(url: str, body: bytes, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
+    """POST ``body`` to ``url/score`` and return the answer's JSON; retries connection-level failures and the
+    HTTP errors of ``RETRIED_CODES`` (502, 503, 504) with exponential backoff, nothing else.
 
     A busy server (503 with ``Retry-After``: its connection cap is reached) is waited for as it asks, up to
     ``MAX_BUSY_RETRIES`` times, without using up ``retries``. After ``retries + 1`` failed attempts raises a
-    UserError naming the URL and how to start the server.
+    UserError naming the URL, every attempt's reason (a 503 is not hidden by a later "connection refused") and how
+    to start the server. At once, without a retry: a 4xx (refused: the token, the size), a 500 or other 5xx (the
+    reward failed on these rows: re-sending scores them again), a 3xx (never followed: :class:`_NoRedirects`; the
+    token goes to the host of ``url`` only) and a 200 that is not mmgrpo's reward JSON.
 
     The backoff is jittered (x0.5 to x1.5): clients whose requests failed together (one merged batch) would
     otherwise retry in step and be merged again. A read timeout after the request was sent is not retried: the
@@ -471,13 +526,14 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
     headers = {"Content-Type": CONTENT_TYPE}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    last, server_failed, busy, attempt = "", False, 0, 0
+    errors: list[str] = []  # why each attempt failed
+    server_failed, busy, attempt = False, 0, 0
     attempts = max(0, int(retries)) + 1
     while attempt < attempts:
         req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         try:
             with opener.open(req, timeout=timeout) as resp:
-                return json.loads(resp.read().decode("utf-8"))
+                raw = resp.read()
         except urllib.error.HTTPError as e:
             msg = _error_message(e)
             wait = _retry_after(e)
@@ -494,9 +550,14 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
                 ) from e
             if e.code < 500:
                 raise UserError(
-                    f"reward server at {url} refused the request: HTTP {e.code}: {msg}{_refusal_hint(e.code)}"
+                    f"reward server at {url} refused the request: HTTP {e.code}: {msg}{_refusal_hint(e.code, msg)}"
                 ) from e
-            last = f"HTTP {e.code}: {msg}"
+            if e.code not in RETRIED_CODES:
+                raise UserError(
+                    f"reward server at {url} failed: HTTP {e.code}: {msg}; not re-sent (the reward would score the "
+                    "same rows again); see the server's log"
+                ) from e
+            errors.append(f"HTTP {e.code}: {msg}")
             server_failed = True
         except TimeoutError as e:  # raw from getresponse/read: sent, unanswered (connect timeouts are URLError)
             raise UserError(
@@ -505,30 +566,92 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
                 "'timeout' option, send fewer rows per call, or make the reward faster; not retried, as the server "
                 "may still be scoring it"
             ) from e
-        except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timeout, bad JSON
-            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            server_failed = False
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, cut short
+            errors.append(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+        except ValueError as e:  # http.client's InvalidURL (a port that is not a number, ...)
+            raise UserError(f"remote reward: url={url!r} cannot be used ({e})") from e
+        else:
+            return _reward_json(url, raw)
         attempt += 1
         if attempt < attempts:
-            time.sleep(backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            time.sleep(min(backoff * 2 ** min(attempt - 1, 64), MAX_BACKOFF_S) * random.uniform(0.5, 1.5))
     size = f"{len(body) / 2**20:.2f} MB"
     if server_failed:
-        raise UserError(f"reward server at {url} failed after {attempts} attempts ({last}); see the server's log")
+        raise UserError(
+            f"reward server at {url} failed after {attempts} attempts ({_said(errors)}); see the server's log"
+        )
     raise UserError(
         f"reward server at {url} is not reachable after {attempts} attempts within timeout={timeout}s "
-        f"(last error: {last}; request of {size}). Start it with `mmgrpo serve-reward NAME --port P` "
+        f"({_said(errors)}; request of {size}). Start it with `mmgrpo serve-reward NAME --port P` "
         "(NAME: the reward to serve) or fix the reward's 'url' option"
     )
 
 
+def _json_kind(v: Any) -> str:
+    return {str: "a string", bool: "a boolean", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def answered_values(url: str, values: list[Any]) -> list[float | None]:
+    """The ``rewards`` a server answered, as floats (None for null); a UserError naming the first row whose value
+    is not a JSON number or null (a string "1.0", a boolean, a list, an object, NaN / Infinity tokens) or is too
+    large for fp32, and saying the server sent it. ``mmgrpo serve-reward`` never sends such values: another
+    service, or a different version, did."""
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        what = None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            what = f"{_json_kind(v)} {reprlib.repr(v)}, not a JSON number or null"
+        else:
+            try:
+                f = float(v)
+            except OverflowError:  # an int of hundreds of digits
+                f = math.inf
+            if isinstance(v, float) and not math.isfinite(v):
+                what = f"{v}, which is not a JSON number (a row that does not apply is null)"
+            elif not abs(f) <= FLOAT32_MAX:
+                what = f"{reprlib.repr(v)}, too large for fp32 (rewards are fp32, at most {FLOAT32_MAX:.3g})"
+        if what is not None:
+            raise UserError(
+                f"reward server at {url} sent {what} as row {i}'s reward; mmgrpo's reward JSON holds a number or "
+                "null per row: is the server `mmgrpo serve-reward` of this version?"
+            )
+        out.append(f)
+    return out
+
+
+MAX_TIMEOUT_S = 24 * 3600.0
+"""the longest remote ``timeout``: a reward call of more than a day is a hung server (1e300 overflowed the clock)"""
+MAX_BACKOFF_S = 3600.0
+"""the longest remote ``backoff`` (and the longest single wait between retries)"""
+MAX_RETRIES = 100
+"""the most remote ``retries``"""
+
+
+def check_remote_options(
+    prefix: str, url: Any = None, timeout: Any = 60, retries: Any = 2, backoff: Any = 0.5, **_: Any
+) -> None:
+    """The remote reward's options, at config load (``remote.check``) and when it is built: a UserError naming
+    ``{prefix}.<option>`` for a url that is not http(s) or a timeout / retries / backoff out of its range."""
+    if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        raise bad_option(f"{prefix}.url", url, "give the server's address, starting with http:// or https://, e.g. "
+                         "http://127.0.0.1:8090")  # fmt: skip
+    if not (isinstance(timeout, Real) and 0 < timeout <= MAX_TIMEOUT_S):
+        raise bad_option(f"{prefix}.timeout", timeout, f"give the seconds to wait for an answer, > 0 and at most "
+                         f"{MAX_TIMEOUT_S:g} (24 hours; default 60)")  # fmt: skip
+    if not (isinstance(retries, int) and 0 <= retries <= MAX_RETRIES):
+        raise bad_option(f"{prefix}.retries", retries, f"give how often to re-send after a connection failure or "
+                         f"a 502/503/504, in 0..{MAX_RETRIES} (default 2)")  # fmt: skip
+    if not (isinstance(backoff, Real) and 0 <= backoff <= MAX_BACKOFF_S):
+        raise bad_option(f"{prefix}.backoff", backoff, f"give the seconds before the first retry (doubled at each "
+                         f"next one), in [0, {MAX_BACKOFF_S:g}] (1 hour; default 0.5)")  # fmt: skip
+
+
 def remote(url: str, token: str | None = None, timeout: float = 60, retries: int = 2, backoff: float = 0.5):
     """Remote reward: scores rows on a `mmgrpo serve-reward` server over HTTP (url, token, timeout, retries)."""
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise UserError(f"remote reward: url={url!r} must start with http:// or https://, e.g. http://127.0.0.1:8090")
-    if timeout <= 0 or retries < 0 or backoff < 0:
-        raise UserError(
-            f"remote reward: need timeout > 0, retries >= 0, backoff >= 0; got {timeout}, {retries}, {backoff}"
-        )
+    check_remote_options("remote", url=url, timeout=timeout, retries=retries, backoff=backoff)
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
 
     def fn(samples, prompts, meta, ctx) -> torch.Tensor | list[float | None]:  # -> [N]
@@ -538,14 +661,14 @@ def remote(url: str, token: str | None = None, timeout: float = 60, retries: int
             return torch.zeros(0, dtype=torch.float32, device=device)
         body = encode_request(samples, list(prompts), meta, group_size, step)
         reply = post_score(url, body, token, timeout, retries, backoff)
-        values = reply.get("rewards") if isinstance(reply, dict) else None
-        if not isinstance(values, list) or len(values) != len(prompts):
-            got = len(values) if isinstance(values, list) else type(values).__name__
-            raise UserError(f"reward server at {url} answered {got} rewards for {len(prompts)} rows")
+        values = reply["rewards"]
+        if len(values) != len(prompts):
+            raise UserError(f"reward server at {url} answered {len(values)} rewards for {len(prompts)} rows")
+        floats = answered_values(url, values)
         fn.last_columns = reply.get("columns") or {}
-        if any(v is None for v in values):
-            return [None if v is None else float(v) for v in values]
-        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+        if any(v is None for v in floats):
+            return floats
+        return torch.tensor(floats, dtype=torch.float32, device=device)
 
     # rows go to the server as whole groups (N a multiple of G), so group-aware rewards can be served too
     fn.group_aware = True
@@ -554,4 +677,5 @@ def remote(url: str, token: str | None = None, timeout: float = 60, retries: int
     return fn
 
 
+remote.check = check_remote_options  # type: ignore[attr-defined]  (at config load, before a run directory exists)
 register("remote")(remote)

@@ -228,10 +228,12 @@ def test_bad_requests_400_and_reward_error_500(server_factory):
         assert e.value.code == 400 and needle in json.loads(e.value.read())["error"]
 
     bad = server_factory(failing)
-    with pytest.raises(UserError, match="judge model exploded"):
-        remote(bad.url, retries=1, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx())
+    with pytest.raises(UserError, match="judge model exploded.*not re-sent"):
+        remote(bad.url, retries=2, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx())
     assert remote(srv.url, retries=0)(_images(2), ["p"] * 2, [{}] * 2, _ctx()).shape == (2,)  # still serving
-    assert bad.reward_calls == 2  # the 500 was retried once
+    # the reward raised on these rows: a re-send would score them again (an expensive judge scored each failing
+    # batch 3 times), so a 500 is not retried
+    assert bad.reward_calls == 1
 
 
 def test_client_side_errors_name_the_problem():
@@ -811,3 +813,133 @@ def test_a_redirect_is_refused_naming_its_location_and_the_token_never_leaves(ca
     assert f"HTTP {code}" in str(e.value) and sink.url + "/stolen" in str(e.value) and "redirect" in str(e.value)
     assert sink.seen == []  # urllib's default handler re-sent the request, token and all, to the Location
     assert moved.seen == [("POST", "/score", "Bearer s3cret-token")]  # once: a redirect is not retried
+
+
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        ("<html><body>Welcome to nginx!</body></html>", "JSONDecodeError"),
+        ('{"scores": [1.0, 2.0]}', "no 'rewards' list"),
+        ("[1.0, 2.0]", "no 'rewards' list"),
+        ('{"rewards": ' + "[" * 50000 + "]" * 50000 + "}", "RecursionError"),
+    ],
+)
+def test_a_200_that_is_not_reward_json_says_so_without_retrying(canned, body, why):
+    other = canned(_json_answer(body))
+    with pytest.raises(UserError) as e:
+        remote(other.url, retries=2, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx())
+    msg = str(e.value)
+    assert "not mmgrpo's reward JSON" in msg and why in msg and "not reachable" not in msg
+    assert len(other.seen) == 1  # the server answered: a retry would get the same page
+
+
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        ('"1.0"', "a string '1.0', not a JSON number"),
+        ("true", "a boolean True, not a JSON number"),
+        ("[1.0]", "a list [1.0], not a JSON number"),
+        ('{"a": 1}', "an object {'a': 1}, not a JSON number"),
+        ("1" + "0" * 400, "too large for fp32"),
+        ("1e39", "1e+39, too large for fp32"),
+        ("NaN", "nan, which is not a JSON number"),
+        ("-Infinity", "-inf, which is not a JSON number"),
+    ],
+)
+def test_an_answered_value_that_is_not_a_number_or_null_is_named_with_its_row(canned, value, needle):
+    other = canned(_json_answer('{"rewards": [1.0, ' + value + "]}"))
+    x, prompts, meta, ctx = _images(2), ["p"] * 2, [{}] * 2, _ctx()
+    with pytest.raises(UserError) as e:
+        remote(other.url, retries=0)(x, prompts, meta, ctx)
+    msg = str(e.value)
+    assert f"reward server at {other.url} sent" in msg and needle in msg and "row 1's reward" in msg
+    # as the trainer calls it: the server's malformed value, not "reward 'remote' raised ValueError"
+    from mmgrpo.train.scoring import call_reward
+
+    with pytest.raises(UserError) as e:
+        call_reward("remote", remote(other.url, retries=0), x, prompts, meta, ctx)
+    assert "raised" not in str(e.value) and "row 1's reward" in str(e.value)
+
+
+def test_a_503_is_retried_and_its_message_kept_when_the_server_then_refuses(canned):
+    said = '{"error": "the reward server\'s worker stopped: the reward raised SystemExit: bye"}'
+
+    def stop_after_answering(handler):
+        threading.Thread(target=lambda: (handler.server.shutdown(), handler.server.server_close())).start()
+        return 503, {"Content-Type": "application/json"}, said.encode()
+
+    gone = canned(stop_after_answering)
+    with pytest.raises(UserError) as e:
+        remote(gone.url, retries=2, backoff=0.2)(_images(2), ["p"] * 2, [{}] * 2, _ctx())
+    msg = str(e.value)  # both: the 503 said why, the later attempts that nothing listens any more
+    assert "attempt 1: HTTP 503" in msg and "SystemExit: bye" in msg
+    assert "attempts 2-3" in msg and "refused" in msg.lower()
+
+
+def test_only_502_503_504_and_connection_failures_are_retried(canned):
+    answers = iter([(502, {}, b'{"error": "bad gateway"}'), (504, {}, b"{}"), (200, {}, b'{"rewards": [1, 2]}')])
+    flaky = canned(lambda handler: next(answers))
+    assert remote(flaky.url, retries=2, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx()).tolist() == [1, 2]
+    assert len(flaky.seen) == 3
+    for code in (500, 501):  # the server (the reward) failed on these rows: sent once
+        failing_server = canned(_json_answer('{"error": "reward failed: RuntimeError: judge OOM"}', code))
+        with pytest.raises(UserError, match=f"HTTP {code}: reward failed: RuntimeError: judge OOM; not re-sent"):
+            remote(failing_server.url, retries=2, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx())
+        assert len(failing_server.seen) == 1
+
+
+def test_a_reward_raising_system_exit_is_reported_once_with_its_message(server_factory):
+    def quits(samples, prompts, meta, ctx):
+        raise SystemExit("loader: error: unrecognized arguments")
+
+    srv = server_factory(quits)
+    with pytest.raises(UserError) as e:
+        remote(srv.url, retries=2, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx())
+    assert "SystemExit: loader: error: unrecognized arguments" in str(e.value) and srv.reward_calls == 1
+
+
+# ---------------------------------------------------------------------------------------------- options and the CLI
+
+BANDIT_BASE = {
+    "pipeline": "bandit",
+    "data": {"options": {"num_prompts": 4, "num_arms": 3}},
+    "trainer": {"max_steps": 1, "prompts_per_step": 2, "group_size": 3, "progress": False},
+}
+
+
+@pytest.mark.parametrize(
+    "option,needle",
+    [
+        (
+            "timeout: 1e300",
+            "rewards.0.options.timeout=1e+300: give the seconds to wait",
+        ),  # was OverflowError at step 0
+        ("timeout: 0", "rewards.0.options.timeout=0"),
+        ("backoff: 1e300", "rewards.0.options.backoff=1e+300"),
+        ("backoff: -1", "rewards.0.options.backoff=-1"),
+        ("retries: 1000", "rewards.0.options.retries=1000"),
+        ("url: ftp://x", "rewards.0.options.url='ftp://x'"),
+    ],
+)
+def test_remote_options_out_of_range_are_refused_at_config_load(option, needle):
+    from mmgrpo.train.config import load_config
+
+    options = "{url: 'http://127.0.0.1:9', " + option + "}" if "url" not in option else "{" + option + "}"
+    with pytest.raises(UserError) as e:
+        load_config(None, [f"rewards=[{{name: remote, options: {options}}}]"], base=BANDIT_BASE)
+    assert needle in str(e.value)
+    with pytest.raises(UserError):  # and when built directly
+        remote(**{"url": "http://127.0.0.1:9", **load_yaml_options(option)})
+
+
+def load_yaml_options(option: str) -> dict:
+    from mmgrpo.core.config_yaml import load_yaml
+
+    return load_yaml("{" + option + "}")
+
+
+def test_the_413_hint_is_said_once(server_factory):
+    srv = server_factory(mean_pixel, max_request_bytes=1024)
+    with pytest.raises(UserError) as e:
+        remote(srv.url, retries=0)(_images(4, 16, 16), ["p"] * 4, [{}] * 4, _ctx())
+    assert "413" in str(e.value) and str(e.value).count("--max-request-mb") == 1
