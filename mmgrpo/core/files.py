@@ -168,9 +168,10 @@ def _check_aspect_ratio(width: int, height: int, name: str, where: str, each: st
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_ASPECT_RATIO:
         raise UserError(f"{where}: {name} is {width}x{height} pixels{each}, an aspect ratio of {ratio:.4g}:1, more "
-                        f"than the {MAX_ASPECT_RATIO}:1 that the VLM image processors accept (transformers' Qwen2-VL "
-                        "smart_resize refuses it at the first training step); crop it, or pad its short side, to a "
-                        f"shape within {MAX_ASPECT_RATIO}:1")  # fmt: skip
+                        f"than {MAX_ASPECT_RATIO}:1: no model reads it as it is (the VLM image processors refuse it, "
+                        "transformers' Qwen2-VL smart_resize at the first training step; a video model's first frame "
+                        "would be stretched to the video's size beyond recognition); crop it, or pad its short side, "
+                        f"to a shape within {MAX_ASPECT_RATIO}:1")  # fmt: skip
 
 
 def check_image(path: str | os.PathLike, where: str, data: bytes | None = None) -> tuple[int, int]:
