@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from mmgrpo.core.errors import UserError, bad_option, listed, quoted
-from mmgrpo.rewards.columns import FLOAT32_MAX
+from mmgrpo.rewards.columns import FLOAT32_MAX, to_column
 from mmgrpo.rewards.image_utils import nonfinite_rows
 from mmgrpo.rewards.registry import register
 
@@ -363,43 +363,21 @@ def samples_for_reward(kind: str, samples: Any, dtype: str) -> Any:
     return x
 
 
-def rewards_to_list(out: Any, n: int, nan_ok: bool = False, first_row: int = 0) -> list[float | None]:
+def rewards_to_list(out: Any, n: int, nan_ok: bool = False, name: str = "reward") -> list[float | None]:
     """A reward's output (Tensor [N] or list of number | None) as N finite floats or None; ValueError otherwise.
 
-    The same rules as the trainer's local check of a reward's column, so a served reward behaves as it would
-    locally: bool / complex values and non-numbers are refused, ±inf always, NaN too unless the reward declares
-    ``nan_means_not_applicable`` (``nan_ok``), when it goes out as None ("does not apply"). The reply is then
-    plain JSON (no NaN tokens), and a value the trainer would stop on is an error here, not a number there.
-    ``first_row`` offsets the row numbers in messages (a part of a larger request).
+    The trainer's own check of a local reward's column (:func:`mmgrpo.rewards.columns.to_column`, the same
+    function), so a served reward is refused for what the trainer would refuse, with the same message: a [G, B]
+    table, bool / complex / str values, ±inf, a value too large for fp32 (1e39), NaN unless the reward declares
+    ``nan_means_not_applicable`` (``nan_ok``), when it goes out as None ("does not apply"). The reply is then plain
+    JSON (no NaN tokens), and a value the trainer would stop on is an error here, not a number there. ``name``:
+    the reward's, for the message.
     """
-    if isinstance(out, np.ndarray) and out.dtype.kind in "biufc":
-        out = torch.from_numpy(np.ascontiguousarray(out).astype(out.dtype.newbyteorder("=")))
-    elif isinstance(out, np.ndarray):
-        out = out.tolist()
-    if isinstance(out, torch.Tensor):
-        if out.is_complex() or out.dtype == torch.bool:
-            raise ValueError(f"the reward returned a {out.dtype} tensor; expected real numbers [N]")
-        values: list[Any] = out.detach().float().cpu().reshape(-1).tolist()
-    elif isinstance(out, (list, tuple)):
-        for i, v in enumerate(out):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (Real, torch.Tensor))):
-                raise ValueError(
-                    f"the reward returned {str(v)[:60]!r} ({type(v).__name__}) at row {first_row + i}; a reward "
-                    "gives a number per row, or None where it does not apply"
-                )
-        values = [None if v is None else float(v) for v in out]
-    else:
-        raise ValueError(f"the reward returned {type(out).__name__}; expected Tensor[N] or a list of N numbers")
-    if len(values) != n:
-        raise ValueError(f"the reward returned {len(values)} values for {n} rows")
-    bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v) and not (nan_ok and v != v)]
-    if bad:
-        shown = listed([f"row {first_row + i}: {values[i]}" for i in bad], 5)
-        raise ValueError(
-            f"the reward returned non-finite values at rows {shown} ({len(bad)} of {n} rows); fix the reward, "
-            "return None for rows it does not apply to, or set fn.nan_means_not_applicable = True if NaN means that"
-        )
-    return [None if v is None or v != v else v for v in values]
+    try:
+        column = to_column(name, out, n, nan_ok)  # fp32 [N], NaN where a row does not apply
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return [None if v != v else v for v in column.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------- the client

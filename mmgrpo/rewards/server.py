@@ -14,8 +14,10 @@ Content-Length (411) and a too-large one (413) before reading the body; the head
 ``HEADER_DEADLINE_S`` and the body within ``BODY_BASE_S + length / MIN_BODY_RATE`` (a slow-drip client is cut
 off); validates shapes/lengths, the NPZ members (only ``header`` and ``samples``, arrays whose headers match
 their bytes) (400); a reward exception, or any other failure of a handler, is a 500 with its message and the
-server keeps serving; a reward's values follow the trainer's local rules (a bool, a str, ±inf or an undeclared
-NaN is a 500 naming the rows; NaN from a reward with ``nan_means_not_applicable`` goes out as null). A reward
+server keeps serving; a reward's values are checked by the trainer's own function
+(:func:`mmgrpo.rewards.columns.to_column`, :class:`CheckedReward`): a [G, B] table, a bool, a str, ±inf, a value
+beyond fp32 or an undeclared NaN is a 500 with the trainer's message, naming the rows; NaN from a reward with
+``nan_means_not_applicable`` goes out as null. A reward
 raising SystemExit / KeyboardInterrupt stops the worker: that request gets a 500, later ones a 503 at once,
 ``/health`` a 503 "failed", and ``serve-reward`` exits 2. A client that disconnects mid-body is logged and
 dropped; one that resets its connection while its request waits for the worker (the remote client, when it times
@@ -52,6 +54,7 @@ from mmgrpo.rewards.remote import (
     TOKEN_ENV,
     WIRE_VERSION,
     decode_request,
+    rewards_to_list,
 )
 
 log = logging.getLogger("mmgrpo.rewards.server")
@@ -289,6 +292,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class CheckedReward:
+    """The served reward, its output checked as the trainer checks a local reward's column, under its own name
+    (:func:`~mmgrpo.rewards.remote.rewards_to_list`): a value the trainer would refuse is a 500 with the trainer's
+    message (``reward 'NAME' returned a tensor of shape [8, 4] for 32 rows ...``), never a number the client
+    trains on. Returns N floats or None."""
+
+    def __init__(self, fn: Any, name: str):
+        self.fn, self.name = fn, name
+        self.nan_ok = bool(getattr(fn, "nan_means_not_applicable", False))
+
+    def __call__(self, samples: Any, prompts: list, meta: list[dict], ctx: Any) -> list[float | None]:
+        return rewards_to_list(self.fn(samples, prompts, meta, ctx), len(prompts), self.nan_ok, name=self.name)
+
+
 class RewardServer:
     """A running reward server (``.url``, ``.shutdown()``); serves in a daemon thread. Use :func:`serve`."""
 
@@ -316,7 +333,7 @@ class RewardServer:
         self._httpd.refusing = threading.BoundedSemaphore(256)
         self.port = int(self._httpd.server_address[1])
         self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
-        self.batcher = Batcher(reward_fn, max_batch_rows, batch_wait_s)
+        self.batcher = Batcher(CheckedReward(reward_fn, name), max_batch_rows, batch_wait_s)
         serve = lambda: self._httpd.serve_forever(poll_interval=0.05)  # short poll: shutdown() returns quickly
         self._thread = threading.Thread(target=serve, name="reward-http", daemon=True)
         self._thread.start()

@@ -669,35 +669,40 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.mark.parametrize(
     "fn,needle",
-    [  # needle: what the remote error names (None: both accept and give the same column)
-        (_returns(["111", 2.0]), "'111' (str) at row 0"),
-        (_returns([1.0, True]), "'True' (bool) at row 1"),
-        (_returns(torch.tensor([True, False])), "torch.bool tensor"),
-        (_returns(torch.tensor([1.0, NAN])), "non-finite values at rows row 1: nan"),
-        (_returns([INF, 1.0]), "non-finite values at rows row 0: inf"),
-        (_flagged([INF, 1.0]), "non-finite values at rows row 0: inf"),  # ±inf is never "does not apply"
-        (_flagged([1.0, NAN]), None),
-        (_flagged(torch.tensor([NAN, 2.0])), None),
-        (_returns([None, 2.0]), None),
+    [  # needle: what both errors name (None: both accept and give the same column)
+        (_returns(["111", 2.0, 3.0, 4.0]), "'111' (str)"),
+        (_returns([1.0, True, 3.0, 4.0]), "true (bool)"),
+        (_returns(torch.tensor([True, False, True, False])), "torch.bool tensor"),
+        (_returns(torch.tensor([1.0, NAN, 3.0, 4.0])), "row 1: nan"),
+        (_returns([INF, 1.0, 3.0, 4.0]), "row 0: inf"),
+        (_flagged([INF, 1.0, 3.0, 4.0]), "row 0: inf"),  # ±inf is never "does not apply"
+        # a [G, B] table for N = G x B rows: which order? (the server flattened it and the client trained on it)
+        (_returns(torch.ones(2, 2)), "shape [2, 2] for 4 rows"),
+        # finite, but not in fp32 (the server sent 1e39 and the client read inf: "non-finite")
+        (_returns([1.0, 1e39, 3.0, 4.0]), "too large for fp32 (row 1: 1e+39"),
+        (_flagged([1.0, NAN, 3.0, 4.0]), None),
+        (_flagged(torch.tensor([NAN, 2.0, 3.0, 4.0])), None),
+        (_returns([None, 2.0, 3.0, 4.0]), None),
     ],
 )
 def test_remote_and_local_agree_on_what_a_reward_may_return(server_factory, fn, needle):
     from mmgrpo.train.scoring import to_column  # the trainer's check of a local reward's column
 
-    srv = server_factory(fn)
-    x, prompts, meta, ctx = _images(2), ["a", "b"], [{}, {}], _ctx(1)
+    srv = server_factory(fn, name="r")
+    x, prompts, meta, ctx = _images(4), ["a", "a", "b", "b"], [{}] * 4, _ctx(2)
     nan_ok = getattr(fn, "nan_means_not_applicable", False)
     remote_fn = remote(srv.url, retries=0)
     if needle is None:
-        local = to_column("r", fn(x, prompts, meta, ctx), 2, nan_ok)
-        got = to_column("remote", remote_fn(x, prompts, meta, ctx), 2, False)  # NaN came back as None
+        local = to_column("r", fn(x, prompts, meta, ctx), 4, nan_ok)
+        got = to_column("remote", remote_fn(x, prompts, meta, ctx), 4, False)  # NaN came back as None
         torch.testing.assert_close(got, local, equal_nan=True)
         return
-    with pytest.raises(UserError):
-        to_column("r", fn(x, prompts, meta, ctx), 2, nan_ok)
+    with pytest.raises(UserError) as local_error:
+        to_column("r", fn(x, prompts, meta, ctx), 4, nan_ok)
     with pytest.raises(UserError) as e:
         remote_fn(x, prompts, meta, ctx)
-    assert "HTTP 500" in str(e.value) and needle in str(e.value)
+    # the same rule, the same words: the server's 500 carries the trainer's own message for reward 'r'
+    assert needle in str(local_error.value) and "HTTP 500" in str(e.value) and str(local_error.value) in str(e.value)
 
 
 def test_non_finite_pixels_are_refused_before_quantisation():
