@@ -14,6 +14,7 @@ evaluation (reused from ``mmgrpo/pipelines/text_to_image.py``) all know it; the 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,26 @@ class FramePromptList(PromptList):
         return batch
 
 
+def warn_shared_pairs(train: list[FramePrompt], heldout: list[FramePrompt]) -> None:
+    """Warn when held-out conditions (prompt and first frame file) are training conditions too, as text-to-image
+    warns of shared prompts (the evaluation would score what the policy trains on)."""
+    key = lambda p: (str(p), tuple(sorted(p.meta.items())))  # noqa: E731
+    seen = {key(p) for p in train}
+    both = [p for p in heldout if key(p) in seen]
+    if both:
+        warnings.warn(f"{len(both)} of the {len(heldout)} held-out conditions are training conditions too (the "
+                      f"first: {str(both[0])[:80]!r} with {quoted(both[0].meta, 120)}): the evaluation scores "
+                      "conditions the policy trains on; give data.options.heldout_pairs other pairs",
+                      stacklevel=2)  # fmt: skip
+
+
 def build_image_to_video(cfg: Config, accelerator=None) -> Components:
     popts, data, device = generator_options(cfg, accelerator, VideoPolicyOptions, FrameDataOptions)
     if not data.pairs:
         raise UserError("data.options.pairs is empty: give a JSONL/CSV of {prompt, image|video} or a folder of mp4")
     train = read_pairs(data.pairs, data.default_prompt)  # the data first: named before the weights load (minutes)
     heldout = read_pairs(data.heldout_pairs, data.default_prompt)  # generate() reads each FramePrompt's frame
+    warn_shared_pairs(train, heldout)
     policy = DiffusionPolicy(load_video_adapter(popts, device, image_conditioned=True), popts)
     return generator_components(cfg, data, policy, train, heldout, FramePromptList)
 

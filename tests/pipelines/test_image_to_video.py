@@ -1,6 +1,9 @@
 """The image_to_video recipe's training conditions: what a checkpoint's fingerprint of them covers."""
 
+import warnings
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from mmgrpo.pipelines.image_to_video import FramePromptList, read_pairs
@@ -68,3 +71,20 @@ def test_a_checkpoint_whose_fingerprint_is_of_the_texts_alone_resumes_with_a_war
     tr.comp.prompts = edited
     with pytest.raises(UserError, match="the same number, edited"):
         check_prompt_pool(tr, saved, "ckpt")
+
+
+def test_held_out_conditions_that_are_training_conditions_warn(tmp_path):
+    """Text-to-image warned of held-out prompts that are training prompts; image-to-video said nothing."""
+    from mmgrpo.pipelines.image_to_video import warn_shared_pairs
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / name)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a red circle", "image": "a.png"}\n')
+    (tmp_path / "same.jsonl").write_text('{"prompt": "a red circle", "image": "a.png"}\n')
+    (tmp_path / "other.jsonl").write_text('{"prompt": "a red circle", "image": "b.png"}\n')
+    train = read_pairs(str(tmp_path / "train.jsonl"))
+    with pytest.warns(UserWarning, match="1 of the 1 held-out conditions are training conditions too"):
+        warn_shared_pairs(train, read_pairs(str(tmp_path / "same.jsonl")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_shared_pairs(train, read_pairs(str(tmp_path / "other.jsonl")))  # same text, another first frame
