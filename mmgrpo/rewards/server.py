@@ -4,7 +4,13 @@
                              [--max-request-mb 64] [--max-batch-rows 256] [--batch-wait-s 0.01]
 
 ``POST /score`` takes one wire-format request (:mod:`mmgrpo.rewards.remote`; NPZ + JSON, never pickle) and answers
-``{"rewards": [...]}``; ``GET /health`` answers ``{"status": "ok", "reward": NAME, ...}`` (no token needed).
+``{"rewards": [...]}``; ``GET /health`` answers ``{"status": "ok", "reward": NAME, ...}`` (no token needed). Any other
+method on these paths is a JSON 405 with ``Allow``, any other path a JSON 404.
+
+``--option key=value`` gets the checks ``mmgrpo train`` gives a reward's options when its config loads (the factory's
+signature and types, finite numbers, the factory's own ``.check``): a bad one is one paragraph naming
+``--option key=value`` and exit status 2, before anything is served. Ctrl-C and SIGTERM (what a supervisor sends)
+both stop it cleanly: no new connections, queued requests answered 503, a "stopped" line, exit status 0.
 
 Why a batching worker, and how it batches: :mod:`mmgrpo.rewards.batching`.
 
@@ -39,6 +45,7 @@ import logging
 import math
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -49,7 +56,7 @@ from urllib.parse import urlsplit
 from mmgrpo.core.config_yaml import option_value
 from mmgrpo.core.errors import UserError
 from mmgrpo.rewards.batching import Batcher
-from mmgrpo.rewards.registry import get
+from mmgrpo.rewards.registry import check_reward_options, get, resolve
 from mmgrpo.rewards.remote import (
     TOKEN_ENV,
     WIRE_VERSION,
@@ -129,8 +136,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's signature)
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _reply(self, code: int, payload: dict, unread: int = 0) -> None:
-        """Send a JSON answer; if the body was left unread, close and briefly drain it (lingering close)."""
+    def _reply(self, code: int, payload: dict, unread: int = 0, headers: dict[str, str] | None = None) -> None:
+        """Send a JSON answer (``headers`` added; no body to a HEAD); if the body was left unread, close and briefly
+        drain it (lingering close)."""
         try:  # strict JSON: rewards_to_list already turned every non-finite value into None or an error
             data = json.dumps(payload, allow_nan=False).encode("utf-8")
         except ValueError as e:
@@ -139,10 +147,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             if unread:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
         except OSError as e:
             log.warning("client %s went away before the answer (%s)", self.address_string(), e)
             self.close_connection = True
@@ -175,19 +186,49 @@ class _Handler(BaseHTTPRequestHandler):
             n = -1
         return (n, None) if n >= 0 else (None, f"bad Content-Length {raw!r}")
 
+    ALLOWED = {"/health": "GET", "/score": "POST"}
+    """each path and the one method it answers; another method is a JSON 405 naming it in ``Allow``"""
+
+    def _path(self) -> str:
+        return urlsplit(self.path).path.rstrip("/")
+
+    def _wrong_method(self, unread: int = 0) -> bool:
+        """Answer 405 (JSON, with ``Allow``) when the path exists but takes another method, 404 when there is no
+        such path; False when the method is the path's own."""
+        allowed = self.ALLOWED.get(self._path())
+        if allowed == self.command:
+            return False
+        if allowed is None:
+            self._reply(404, {"error": f"no such path {self.path!r}; use GET /health or POST /score"}, unread)
+        else:
+            msg = f"{self.command} {self._path()} is not allowed; use {allowed} {self._path()}"
+            self._reply(405, {"error": msg}, unread, {"Allow": allowed})
+        return True
+
     def do_GET(self) -> None:
-        if urlsplit(self.path).path.rstrip("/") != "/health":
-            self._reply(404, {"error": f"no such path {self.path!r}; use GET /health or POST /score"})
+        if self._wrong_method():
             return
         health = self.server.app.health()
         self._reply(200 if health["status"] == "ok" else 503, health)
+
+    def _other_method(self) -> None:
+        """Any method but GET and POST (PUT, DELETE, HEAD, ...): a JSON 405 (404 for no such path), where
+        http.server answered its HTML 501 page."""
+        length, _ = self._content_length()
+        self._wrong_method(length or 0)
+
+    def __getattr__(self, name: str) -> Any:
+        # http.server looks up do_<METHOD> for the request's method and answers HTML 501 when there is none
+        if name.startswith("do_") and name[3:].isupper():
+            return self._other_method
+        raise AttributeError(name)
 
     def do_POST(self) -> None:
         app: RewardServer = self.server.app
         length, problem = self._content_length()
         unread = length or 0
-        if urlsplit(self.path).path.rstrip("/") != "/score":
-            return self._reply(404, {"error": f"no such path {self.path!r}; use POST /score"}, unread)
+        if self._wrong_method(unread):
+            return
         if not app.authorised(self.headers.get("Authorization")):
             return self._reply(401, {"error": "missing or wrong token (send 'Authorization: Bearer <token>')"}, unread)
         if length is None:
@@ -476,7 +517,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def wait_until_stopped(server: RewardServer, stop: threading.Event, poll_s: float = 0.5) -> None:
-    """Serve until ``stop`` is set or Ctrl-C (then shut down); raises UserError when the worker has failed.
+    """Serve until ``stop`` is set (SIGTERM sets it in ``main``) or Ctrl-C, then shut down; raises UserError when
+    the worker has failed.
 
     A server whose worker is gone answers every request 503: the process exits non-zero with the reason rather
     than keep a port open that only fails, so a supervisor sees it and restarts it.
@@ -491,13 +533,38 @@ def wait_until_stopped(server: RewardServer, stop: threading.Event, poll_s: floa
         server.shutdown()
 
 
+def reward_from_options(name: str, pairs: list[str]) -> Any:
+    """The reward ``name`` built with ``--option key=value`` pairs, after the checks ``train`` applies to a reward's
+    options when its config loads (:func:`~mmgrpo.rewards.registry.check_reward_options`: the factory's signature,
+    its types, finite numbers, its own ``.check``); each problem one UserError naming ``--option key=value`` (a
+    factory that raises on its options is one too: :func:`~mmgrpo.rewards.registry.get`)."""
+    options = parse_options(pairs)
+    resolve(name)  # an unknown reward: its own message, with the nearest names
+    try:
+        options = check_reward_options(name, options, "--option", "the serve-reward command line")
+    except UserError as e:  # "--option.scale=-1: ..." -> as typed: "--option scale=-1: ..."
+        raise UserError(str(e).replace("--option.", "--option ")) from None
+    return get(name, **options)
+
+
+def _stop_on_sigterm(stop: threading.Event) -> Any:
+    """Make SIGTERM (what supervisors, systemd, docker and kubernetes send) set ``stop``, so the server shuts down as
+    on Ctrl-C; returns the function restoring the previous handler. Only the main thread may set a handler (a test
+    serving from another thread stops through ``stop`` itself)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str], stop: threading.Event | None = None) -> int:
-    """``mmgrpo serve-reward ...``: serve until Ctrl-C (or until ``stop`` is set, for tests). Returns 0; raises
-    UserError (exit status 2) when the reward stopped the worker."""
+    """``mmgrpo serve-reward ...``: serve until Ctrl-C or SIGTERM (or until ``stop`` is set, for tests), then shut
+    down, print a "stopped" line and return 0 (a stop asked for is a clean exit, as supervisors expect); raises
+    UserError (exit status 2) for a bad flag or option, and when the reward stopped the worker."""
     args = build_parser().parse_args(argv)
     check_args(args)
 
-    reward_fn = get(args.name, **parse_options(args.option))
+    reward_fn = reward_from_options(args.name, args.option)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -514,6 +581,13 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
         max_connections=args.max_connections,
         allow_unauthenticated=args.allow_unauthenticated,
     )
-    print(f"serving reward {args.name!r} at {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
-    wait_until_stopped(server, stop or threading.Event())
+    stop = stop or threading.Event()
+    restore = _stop_on_sigterm(stop)
+    print(f"serving reward {args.name!r} at {server.url} (POST /score, GET /health); Ctrl-C or SIGTERM stops",
+          flush=True)  # fmt: skip
+    try:
+        wait_until_stopped(server, stop)
+    finally:
+        restore()
+    print(f"stopped serving reward {args.name!r} ({server.reward_calls} reward calls)", flush=True)
     return 0

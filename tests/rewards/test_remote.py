@@ -905,6 +905,63 @@ def test_a_reward_raising_system_exit_is_reported_once_with_its_message(server_f
 
 # ---------------------------------------------------------------------------------------------- options and the CLI
 
+SERVED_OPTIONS = """
+from mmgrpo.core.errors import bad_option
+
+
+def checked(scale: float = 1.0):
+    def fn(samples, prompts, meta, ctx):
+        return [scale] * len(prompts)
+    return fn
+
+
+def _check(prefix, scale=1.0):
+    if scale <= 0:
+        raise bad_option(f"{prefix}.scale", scale, "must be > 0")
+
+
+checked.check = _check
+
+
+def loads(path: str = "model.safetensors"):
+    raise FileNotFoundError(f"no such model file: {path}")
+"""
+
+
+@pytest.mark.parametrize(
+    "option,needle",
+    [
+        ("scale=-1", "--option scale=-1.0: must be > 0"),  # the factory's own .check
+        ("scale=nan", "--option scale=nan: reward 'served_opts_d4.checked' takes a finite number here"),
+        ("scale=abc", "--option scale"),  # not a float
+        ("sclae=2", "did you mean '--option scale'"),
+    ],
+)
+def test_serve_reward_options_get_the_checks_train_gives_them(tmp_path, monkeypatch, capsys, option, needle):
+    (tmp_path / "served_opts_d4.py").write_text(SERVED_OPTIONS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stop = threading.Event()
+    stop.set()  # if it served, stop at once (it served, and every request failed)
+    with pytest.raises(UserError) as e:  # before anything is served
+        main(["served_opts_d4.checked", "--option", option, "--port", "0"], stop=stop)
+    assert needle in str(e.value)
+    from mmgrpo.train.cli import main as cli_main
+
+    assert cli_main(["serve-reward", "served_opts_d4.checked", "--option", option, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_serve_reward_names_a_factory_that_raises_on_its_options(tmp_path, monkeypatch):
+    (tmp_path / "served_opts_d4b.py").write_text(SERVED_OPTIONS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stop = threading.Event()
+    stop.set()  # a good option serves (and stops at once)
+    with pytest.raises(UserError, match=r"could not be built with .*path.*x.*FileNotFoundError: .*file: x"):
+        main(["served_opts_d4b.loads", "--option", "path=x", "--port", "0"], stop=stop)
+    assert main(["served_opts_d4b.checked", "--option", "scale=2", "--port", "0"], stop=stop) == 0
+
+
 BANDIT_BASE = {
     "pipeline": "bandit",
     "data": {"options": {"num_prompts": 4, "num_arms": 3}},
@@ -948,3 +1005,59 @@ def test_the_413_hint_is_said_once(server_factory):
     with pytest.raises(UserError) as e:
         remote(srv.url, retries=0)(_images(4, 16, 16), ["p"] * 4, [{}] * 4, _ctx())
     assert "413" in str(e.value) and str(e.value).count("--max-request-mb") == 1
+
+
+def _request(url: str, method: str, path: str, data: bytes | None = None):
+    req = urllib.request.Request(url + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+@pytest.mark.parametrize(
+    "method,path,code,allow",
+    [
+        ("GET", "/score", 405, "POST"),  # was 404 "no such path '/score'"
+        ("PUT", "/score", 405, "POST"),  # was the stdlib's HTML 501 page
+        ("DELETE", "/score", 405, "POST"),
+        ("POST", "/health", 405, "GET"),
+        ("PATCH", "/health", 405, "GET"),
+        ("PUT", "/nowhere", 404, None),
+        ("GET", "/nowhere", 404, None),
+    ],
+)
+def test_a_wrong_method_is_a_json_405_with_allow(server_factory, method, path, code, allow):
+    srv = server_factory(mean_pixel)
+    got, headers, body = _request(srv.url, method, path, b"abc" if method in ("PUT", "POST", "PATCH") else None)
+    assert got == code and headers.get("Allow") == allow and headers.get("Content-Type") == "application/json"
+    assert "error" in json.loads(body)
+    got, headers, body = _request(srv.url, "HEAD", "/score")  # HEAD: the status and headers, no body
+    assert got == 405 and headers.get("Allow") == "POST" and body == b""
+    assert remote(srv.url, retries=0)(_images(2), ["p"] * 2, [{}] * 2, _ctx()).shape == (2,)  # still serving
+
+
+def test_serve_reward_stops_on_sigterm_as_on_ctrl_c(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmgrpo.train.cli", "serve-reward", "bandit_arm_value", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        first = proc.stdout.readline()  # "serving reward ... at http://127.0.0.1:PORT ..."
+        url = first.split(" at ")[1].split()[0]
+        assert json.loads(urllib.request.urlopen(url + "/health", timeout=5).read())["status"] == "ok"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err  # was 143 at once, with no shutdown
+    assert "stopped serving reward 'bandit_arm_value'" in out and "Traceback" not in err
