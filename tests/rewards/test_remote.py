@@ -969,6 +969,34 @@ BANDIT_BASE = {
 }
 
 
+def _documented_yaml(text: str, after: str) -> dict:
+    """The YAML block that follows ``after`` in ``text``: a fenced ```yaml block (markdown), else an indented one
+    after ``::`` (a docstring)."""
+    import textwrap
+
+    from mmgrpo.core.config_yaml import load_yaml
+
+    rest = text.split(after, 1)[1]
+    if "```yaml\n" in rest:
+        return load_yaml(rest.split("```yaml\n", 1)[1].split("```", 1)[0])
+    return load_yaml(textwrap.dedent(rest.split("::\n\n", 1)[1].split("\n\n", 1)[0]))
+
+
+def test_the_documented_yaml_of_the_remote_reward_loads():
+    from pathlib import Path
+
+    from mmgrpo.rewards import remote as remote_mod
+    from mmgrpo.train.config import load_config
+
+    extending = (Path(__file__).resolve().parents[2] / "docs" / "extending.md").read_text()
+    for data in (
+        _documented_yaml(remote_mod.__doc__, "In a training config"),  # the form refused: {name: remote, url: ...}
+        _documented_yaml(extending, "### A reward in another process"),
+    ):
+        cfg = load_config(None, base={**BANDIT_BASE, **data})
+        assert cfg.rewards[0].name == "remote" and cfg.rewards[0].options["url"].startswith("http://")
+
+
 @pytest.mark.parametrize(
     "option,needle",
     [
