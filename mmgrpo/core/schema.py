@@ -251,9 +251,13 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
             renamed = getattr(cls, "__renamed__", {}).get(key)
             hint = suggestion(str(key), _root_keys(cls, prefix), prefix)
             msg = f"unknown key {path!r} in {where}"
+            own = getattr(cls, "unknown_key_hint", None)  # the class knows better (an option one level too high)
+            own = own(str(key), data, prefix) if own is not None else None
             if renamed:  # an option of an older layout: say where it went, not merely the nearest spelling
                 new_path = f"{prefix}.{renamed}" if prefix else renamed
                 msg += f"; it was renamed to {new_path!r} (see docs/architecture.md)"
+            elif own:
+                msg += f"; {own}"
             elif hint:
                 msg += did_you_mean(hint)
             else:

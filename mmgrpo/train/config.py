@@ -71,6 +71,22 @@ class RewardSpec:
     (how it was reached: reasoning quality, format). Built-in combiners ignore it; a combiner or method hook that
     declares ``kinds`` gets one per reward (Posterior-GRPO: ``advantage.combine: posterior``)"""
 
+    @staticmethod
+    def unknown_key_hint(key: str, data: dict, prefix: str) -> str | None:
+        """``{name: remote, url: ...}``: an option of the reward written next to its name, where the nearest key
+        ('name') was suggested; say it goes under ``options``."""
+        import inspect
+
+        from mmgrpo import rewards as reward_registry
+
+        try:
+            params = inspect.signature(reward_registry.resolve(str(data.get("name", "")))).parameters
+        except Exception:  # noqa: BLE001  (no such reward, no signature: the usual hint)
+            return None
+        if key not in params:
+            return None
+        return f"{key!r} is an option of reward {data.get('name')!r}: write it under options ({prefix}.options.{key})"
+
 
 @dataclass
 class AdvantageConfig:

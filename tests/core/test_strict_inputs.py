@@ -291,3 +291,15 @@ def test_a_config_that_is_not_utf8_is_named(tmp_path, capsys):
     code, err = _train(tmp_path, capsys, config)
     assert code == 2 and f"config file '{config}' is not UTF-8 text" in " ".join(err.split()), err
     assert "line 6" in err and not (tmp_path / "runs").exists()
+
+
+def test_a_reward_option_written_beside_its_name_is_pointed_under_options(tmp_path):
+    """`rewards: [{name: remote, url: ...}]` (the remote reward's docstring said so) suggested 'rewards.0.name'."""
+    with pytest.raises(UserError, match=r"unknown key 'rewards.0.url' .*'url' is an option of reward 'remote': write "
+                       r"it under options \(rewards.0.options.url\)"):  # fmt: skip
+        load_config(None, [f"run.output_dir={tmp_path}", 'rewards=[{name: remote, url: "http://127.0.0.1:1"}]'],
+                    base={"pipeline": "bandit"})  # fmt: skip
+    with pytest.raises(UserError, match=r"unknown key 'rewards.0.nmae' .*did you mean 'rewards.0.name'"):
+        load_config(
+            None, [f"run.output_dir={tmp_path}", "rewards=[{name: remote, nmae: x}]"], base={"pipeline": "bandit"}
+        )
