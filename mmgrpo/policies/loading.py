@@ -14,6 +14,7 @@ from typing import Any
 
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS, DiffusionPolicyOptions, check_attention
+from mmgrpo.policies.models import MAX_FPS, MIN_FPS
 from mmgrpo.policies.sources import check_source_options, resolve_source
 
 
@@ -66,6 +67,10 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
         if not (math.isfinite(self.fps) and self.fps >= 0):  # ffmpeg fails on it when the first sample is written
             raise bad_option("policy.options.fps", self.fps, "frames per second must be a number >= 0; set it to 0 "
                              "(the model's own rate) or e.g. 16")  # fmt: skip
+        if self.fps and not MIN_FPS <= self.fps <= MAX_FPS:  # 1e9 played at 1,001,000 fps; 0.001: 5 frames, 5000 s
+            raise bad_option("policy.options.fps", self.fps, f"frames per second must be from {MIN_FPS:g} to "
+                             f"{MAX_FPS:g} (what video players play); set it to 0 (the model's own rate) or e.g. "
+                             "16")  # fmt: skip
         why = getattr(ADAPTERS.get(self.family), "no_xformers", None) if self.family in ADAPTERS else None
         if self.attention == "xformers" and why:
             raise bad_option("policy.options.attention", "xformers",

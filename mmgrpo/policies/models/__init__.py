@@ -10,7 +10,20 @@ from torch import nn
 from mmgrpo.core.dtypes import resolve_dtype
 from mmgrpo.core.errors import UserError
 
-__all__ = ["DECODE_LATENT_PIXELS", "check_fps", "decode_in_parts", "place", "resolve_dtype"]
+__all__ = [
+    "DECODE_LATENT_PIXELS",
+    "MAX_FPS",
+    "MIN_FPS",
+    "check_fps",
+    "decode_in_parts",
+    "place",
+    "resolve_dtype",
+]
+
+MIN_FPS, MAX_FPS = 1.0, 240.0
+"""the frame rates (frames per second) a video family's samples may be written at: what video players and H.264
+levels handle (fps=1e9 was written at ffmpeg's 1,001,000 fps, over libx264's level limit; fps=0.001 made a 5-frame
+clip last 5000 s). The models' own rates are 16 (Wan 2.1 / 2.2) and 24 (Wan 2.2 TI2V-5B, HunyuanVideo)."""
 
 DECODE_LATENT_PIXELS = 8 * 128 * 128
 """Latent pixels an image VAE decodes in one call: 8 images of 1024 px (128 x 128 latents), 32 of 512 px. A rollout
@@ -40,8 +53,12 @@ def place(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> 
 def check_fps(family: str, fps: float) -> float:
     """A video family's frame rate (frames per second its written samples play at) as a float: a positive, finite
     number (0 or less made ffmpeg fail, or a GIF with no delay between frames, only when the first sample was
-    written)."""
+    written) in [:data:`MIN_FPS`, :data:`MAX_FPS`]."""
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
         raise UserError(f"{family} fps={fps!r}: the frame rate of the written samples must be a positive number of "
                         "frames per second; set policy.options.fps, e.g. 16 (0: the model's own)")  # fmt: skip
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise UserError(f"{family} fps={fps!r}: the frame rate of the written samples must be from {MIN_FPS:g} to "
+                        f"{MAX_FPS:g} frames per second (what video players play); set policy.options.fps, e.g. 16 "
+                        "(0: the model's own)")  # fmt: skip
     return float(fps)
