@@ -324,7 +324,8 @@ def test_text_to_video_training_changes_only_lora(tmp_path):
     from mmgrpo.policies.models.wan import WanAdapter
 
     ckpt = save_tiny_wan(tmp_path / "t2v")
-    assert WanAdapter.from_pretrained(ckpt).max_sequence_length == 512  # the pipeline's default
+    # the pipeline's default (the sizes: the tiny rotary embedding takes at most 512 px, not the default 832)
+    assert WanAdapter.from_pretrained(ckpt, **SIZE).max_sequence_length == 512
     before = WanAdapter.from_pretrained(ckpt, **SIZE).denoiser.state_dict()
     data = {"prompts": "shapes", "heldout_prompts": ""}
     trainer = run_recipe(tmp_path, "text_to_video", ckpt, data, {"exploration": {"name": "window", "size": 2}})

@@ -3,13 +3,15 @@ rotary embedding or any sane bound, frame rates no player plays, another family'
 first frame that is stretched or enlarged to the video's size."""
 
 import pytest
+import yaml
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.policies.loading import GeneratorPolicyOptions
 from mmgrpo.policies.models.hunyuan_video import HunyuanVideoAdapter
+from mmgrpo.policies.models.wan import WanAdapter, check_size
 from mmgrpo.testing.checks import record_weight_loads
-from mmgrpo.testing.tiny_hunyuan_video import TINY_SIZE, save_tiny_hunyuan_video
-from mmgrpo.testing.tiny_wan import save_tiny_wan, tiny_wan_adapter
+from mmgrpo.testing.tiny_hunyuan_video import TINY_SIZE, save_tiny_hunyuan_video, tiny_hunyuan_video_adapter
+from mmgrpo.testing.tiny_wan import SIZE, save_tiny_wan, tiny_wan_adapter
 
 SD3_FOLDER = "assets/shapes_t2i"  # the shipped StableDiffusion3Pipeline (its model_index.json is all that is read)
 
@@ -31,6 +33,66 @@ def refused_before_the_weights(monkeypatch, load, match):
         load()
     assert loads == []
     return str(e.value)
+
+
+# --------------------------------------------------------------------------- sizes
+def test_a_wan_size_beyond_the_checkpoints_rotary_embedding_is_refused_from_the_config_files(wan_ckpt, monkeypatch):
+    """The tiny transformer's rope_max_seq_len=32 holds 32 positions per axis: 32 latent frames (125 frames), 32
+    patches of 2 x 8 px (512 px). Beyond it diffusers' forward failed ("shape '[25001, 1, 1, -1]' is invalid");
+    now the config files refuse it, naming the option and the largest value, with __init__'s message."""
+    for bad, largest in [({"num_frames": 129}, 125), ({"num_frames": 100001}, 125), ({"height": 528}, 512),
+                         ({"width": 100000}, 512)]:  # fmt: skip
+        ((key, value),) = bad.items()
+        match = rf"Wan {key}={value} is more than this checkpoint takes: .*rope_max_seq_len=32.*at most {largest}$"
+        msg = refused_before_the_weights(
+            monkeypatch, lambda bad=bad: WanAdapter.from_pretrained(wan_ckpt, **{**SIZE, **bad}), match
+        )
+        assert f"set policy.options.{key} to at most {largest}" in msg
+        with pytest.raises(UserError) as from_components:
+            tiny_wan_adapter(**bad)
+        assert str(from_components.value) == msg
+    check_size(512, 512, 125, 8, 4, (1, 2, 2), 32)  # the largest sizes pass
+    # the released checkpoints (rope_max_seq_len=1024: 16384 px, 4093 frames) are bounded by mmgrpo's sane limits
+    for args, match in [((100000, 832, 81), "height=100000 is more than mmgrpo takes .*at most 4096"),
+                        ((480, 832, 100001), "num_frames=100001 is more than mmgrpo .*at most 1025")]:  # fmt: skip
+        with pytest.raises(UserError, match=match):
+            check_size(*args, 8, 4, (1, 2, 2), 1024)
+    check_size(4096, 4096, 1025, 8, 4, (1, 2, 2), 1024)
+
+
+def test_mmgrpo_train_with_an_oversize_wan_video_is_one_error_and_exit_2(wan_ckpt, tmp_path, monkeypatch, capsys):
+    from mmgrpo.train.cli import main
+
+    cfg = {
+        "pipeline": "text_to_video",
+        "policy": {"options": {"path": wan_ckpt, "num_steps": 2, **SIZE, "num_frames": 100001}},
+        "data": {"options": {"prompts": "shapes", "heldout_prompts": ""}},
+        "rewards": [{"name": "motion"}],
+        "trainer": {"max_steps": 1, "prompts_per_step": 1, "group_size": 2, "progress": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    loads = record_weight_loads(monkeypatch)
+    capsys.readouterr()
+    code = main(["train", str(tmp_path / "c.yaml"), f"run.output_dir={tmp_path / 'runs'}"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "Traceback" not in err and loads == [], err
+    assert err.startswith("error: Wan num_frames=100001 is more than this checkpoint takes")
+    assert "set policy.options.num_frames to at most 125" in err
+
+
+def test_a_hunyuan_video_size_beyond_the_sane_bound_is_refused_from_the_config_files(hunyuan_ckpt, monkeypatch):
+    """HunyuanVideo's rotary embedding has no limit: height=100000 computed for minutes into an out-of-memory
+    error. Now 4096 px and 1025 frames are the most, refused before the weights load."""
+    for bad, largest in [({"height": 100000}, 4096), ({"width": 4112}, 4096), ({"num_frames": 1029}, 1025)]:
+        ((key, value),) = bad.items()
+        match = rf"HunyuanVideo {key}={value} is more than mmgrpo takes .*: set policy.options.{key} to at most "
+        msg = refused_before_the_weights(
+            monkeypatch, lambda bad=bad: HunyuanVideoAdapter.from_pretrained(hunyuan_ckpt, **{**TINY_SIZE, **bad}),
+            match + str(largest),
+        )  # fmt: skip
+        with pytest.raises(UserError) as from_components:
+            tiny_hunyuan_video_adapter(**bad)
+        assert str(from_components.value) == msg
 
 
 # --------------------------------------------------------------------------- frame rate

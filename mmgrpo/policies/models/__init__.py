@@ -13,10 +13,13 @@ from mmgrpo.core.errors import UserError
 __all__ = [
     "DECODE_LATENT_PIXELS",
     "MAX_FPS",
+    "MAX_VIDEO_FRAMES",
+    "MAX_VIDEO_SIDE",
     "MIN_FPS",
     "check_fps",
     "decode_in_parts",
     "place",
+    "refuse_above",
     "resolve_dtype",
 ]
 
@@ -24,6 +27,14 @@ MIN_FPS, MAX_FPS = 1.0, 240.0
 """the frame rates (frames per second) a video family's samples may be written at: what video players and H.264
 levels handle (fps=1e9 was written at ffmpeg's 1,001,000 fps, over libx264's level limit; fps=0.001 made a 5-frame
 clip last 5000 s). The models' own rates are 16 (Wan 2.1 / 2.2) and 24 (Wan 2.2 TI2V-5B, HunyuanVideo)."""
+MAX_VIDEO_SIDE = 4096
+"""the largest video height or width (pixels) a video family takes: 5x Wan's 832, 3.2x HunyuanVideo's 1280. A
+larger one only runs out of memory, minutes later (HunyuanVideo's rotary embedding has no size limit of its own:
+height=100000 computed for minutes before the out-of-memory error); Wan's checkpoints may allow less
+(``rope_max_seq_len``, see ``mmgrpo.policies.models.wan.check_size``)."""
+MAX_VIDEO_FRAMES = 1025
+"""the most frames a video family takes (4 x 256 + 1: both families need 4k + 1): 8x HunyuanVideo's 129 frames,
+12x Wan's 81, about 43 s at 24 fps in one sample."""
 
 DECODE_LATENT_PIXELS = 8 * 128 * 128
 """Latent pixels an image VAE decodes in one call: 8 images of 1024 px (128 x 128 latents), 32 of 512 px. A rollout
@@ -62,3 +73,10 @@ def check_fps(family: str, fps: float) -> float:
                         f"{MAX_FPS:g} frames per second (what video players play); set policy.options.fps, e.g. 16 "
                         "(0: the model's own)")  # fmt: skip
     return float(fps)
+
+
+def refuse_above(family: str, key: str, value: int, largest: int, why: str) -> None:
+    """A UserError when the video size ``key`` (height, width, num_frames) is above ``largest``, naming the option
+    and the largest value allowed; ``why`` says what sets that limit ("... is more than {why}")."""
+    if value > largest:
+        raise UserError(f"{family} {key}={value} is more than {why}: set policy.options.{key} to at most {largest}")

@@ -34,7 +34,13 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-from mmgrpo.policies.models import check_fps, place
+from mmgrpo.policies.models import (
+    MAX_VIDEO_FRAMES,
+    MAX_VIDEO_SIDE,
+    check_fps,
+    place,
+    refuse_above,
+)
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import ModelSource, component_config, load_denoiser, pipeline_folder, pipeline_source
@@ -62,8 +68,14 @@ def template_prefix_length(tokenizer: Any, template: str) -> int:
 
 def check_size(height: int, width: int, num_frames: int, temporal: int) -> None:
     """The sizes HunyuanVideo takes (the VAE's 8x spatial compression x the transformer's 2x2 patches, the VAE's
-    ``temporal`` compression); shared by ``__init__`` and :meth:`HunyuanVideoAdapter.check_pretrained`, which checks
-    the config files before the weights load."""
+    ``temporal`` compression), at most :data:`~mmgrpo.policies.models.MAX_VIDEO_SIDE` px and
+    :data:`~mmgrpo.policies.models.MAX_VIDEO_FRAMES` frames (its rotary embedding has no limit of its own:
+    height=100000 computed for minutes into an out-of-memory error); shared by ``__init__`` and
+    :meth:`HunyuanVideoAdapter.check_pretrained`, which checks the config files before the weights load."""
+    for key, value, largest, unit in [("height", height, MAX_VIDEO_SIDE, "px"), ("width", width, MAX_VIDEO_SIDE, "px"),
+                                      ("num_frames", num_frames, MAX_VIDEO_FRAMES, "frames")]:  # fmt: skip
+        why = f"mmgrpo takes for any video model ({largest} {unit}, beyond which it only runs out of memory)"
+        refuse_above("HunyuanVideo", key, value, largest, why)
     if height % 16 or width % 16:
         raise UserError(f"height={height}, width={width}: HunyuanVideo needs both divisible by 16 (e.g. 480 x 848)")
     if num_frames < 1 or (num_frames - 1) % temporal:

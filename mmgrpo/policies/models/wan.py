@@ -47,7 +47,13 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.files import open_video
 from mmgrpo.core.safe_weights import refuse_pickle_weights
 from mmgrpo.policies.diffusion import ADAPTERS, Cond, Schedule
-from mmgrpo.policies.models import check_fps, place
+from mmgrpo.policies.models import (
+    MAX_VIDEO_FRAMES,
+    MAX_VIDEO_SIDE,
+    check_fps,
+    place,
+    refuse_above,
+)
 from mmgrpo.policies.models import resolve_dtype as _dtype
 from mmgrpo.policies.models.text import tokenize
 from mmgrpo.policies.sources import (
@@ -108,9 +114,33 @@ def unipc_flow_sigmas(num_steps: int, num_train_timesteps: int = 1000) -> np.nda
     return np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
 
 
-def check_size(height: int, width: int, num_frames: int, spatial: int, temporal: int, patch: tuple) -> None:
-    """The sizes Wan's VAE (``spatial`` / ``temporal`` compression) and transformer (``patch``) take; shared by
-    ``__init__`` and :meth:`WanAdapter.check_pretrained`, which checks the config files before the weights load."""
+def check_size(
+    height: int, width: int, num_frames: int, spatial: int, temporal: int, patch: tuple, rope_max_seq_len: int = 1024
+) -> None:
+    """The sizes Wan's VAE (``spatial`` / ``temporal`` compression) and transformer (``patch``, ``rope_max_seq_len``)
+    take; shared by ``__init__`` and :meth:`WanAdapter.check_pretrained`, which checks the config files before the
+    weights load.
+
+    The transformer's rotary embedding (diffusers' ``WanRotaryPosEmbed``) holds ``rope_max_seq_len`` positions per
+    axis: the patched latent frames ``F' // p_t`` (``F' = (F - 1) / temporal + 1``), height ``H / spatial // p_h`` and
+    width may each be at most that (1024 in the released checkpoints: 4093 frames, 16384 px); beyond it the forward
+    failed with "shape '[25001, 1, 1, -1]' is invalid". Above that, :data:`~mmgrpo.policies.models.MAX_VIDEO_SIDE`
+    and :data:`~mmgrpo.policies.models.MAX_VIDEO_FRAMES` bound every video family."""
+    rope = rope_max_seq_len
+    rope_frames = ((rope + 1) * patch[0] - 2) * temporal + 1  # the largest temporal k + 1 with F' // p_t <= rope
+    for key, value, by_rope, sane, unit in [
+        ("height", height, rope * patch[1] * spatial, MAX_VIDEO_SIDE, "px"),
+        ("width", width, rope * patch[2] * spatial, MAX_VIDEO_SIDE, "px"),
+        ("num_frames", num_frames, rope_frames, MAX_VIDEO_FRAMES, "frames"),
+    ]:
+        if by_rope < sane:
+            axis = {"height": f"patch {patch[1]} x VAE {spatial}", "width": f"patch {patch[2]} x VAE {spatial}",
+                    "num_frames": f"patch {patch[0]}, VAE temporal compression {temporal}"}[key]  # fmt: skip
+            why = (f"this checkpoint takes: its transformer's rotary embedding holds rope_max_seq_len={rope} "
+                   f"positions per axis ({axis}), {by_rope} {unit}")  # fmt: skip
+        else:
+            why = f"mmgrpo takes for any video model ({sane} {unit}, beyond which it only runs out of memory)"
+        refuse_above("Wan", key, value, min(by_rope, sane), why)
     mh, mw = spatial * patch[1], spatial * patch[2]
     if height % mh or width % mw or height % 16 or width % 16:
         raise UserError(f"Wan height x width {height}x{width} must be multiples of 16 and of {mh}x{mw} (VAE x "
@@ -258,6 +288,7 @@ class WanAdapter:
         self.temporal, self.spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
         self.z_dim = vae.config.z_dim
         self.patch = tuple(transformer.config.patch_size)
+        self.rope_max_seq_len = int(transformer.config.rope_max_seq_len)
         self.height, self.width, self.num_frames = height, width, num_frames
         self._check_size()
         self.fps = check_fps("Wan", fps) if fps is not None else TI2V_FPS if expand_timesteps else FPS
@@ -290,7 +321,8 @@ class WanAdapter:
         self._image_rows: Cond | None = None  # the last conditional call's image tensors (see _with_image)
 
     def _check_size(self) -> None:
-        check_size(self.height, self.width, self.num_frames, self.spatial, self.temporal, self.patch)
+        check_size(self.height, self.width, self.num_frames, self.spatial, self.temporal, self.patch,
+                   self.rope_max_seq_len)  # fmt: skip
 
     @classmethod
     def check_pretrained(cls, src: ModelSource, options: dict[str, Any]) -> None:
@@ -308,7 +340,7 @@ class WanAdapter:
         params = inspect.signature(cls.__init__).parameters
         o = {k: options.get(k, params[k].default) for k in ("height", "width", "num_frames", "fps")}
         check_size(o["height"], o["width"], o["num_frames"], vae["scale_factor_spatial"], vae["scale_factor_temporal"],
-                   tuple(transformer["patch_size"]))  # fmt: skip
+                   tuple(transformer["patch_size"]), int(transformer["rope_max_seq_len"]))  # fmt: skip
         if o["fps"] is not None:
             check_fps("Wan", o["fps"])
 
