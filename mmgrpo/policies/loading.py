@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,11 +99,34 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
     kwargs.update(opts.adapter_options)
     refuse_video_options(ADAPTERS.get(opts.family), opts)
     check_attention(opts.attention, device)  # before the weights load (diffusers' own error comes after them)
+    adapter = ADAPTERS.get(opts.family)
     try:
-        return ADAPTERS.get(opts.family).from_pretrained(source, **kwargs)
+        return adapter.from_pretrained(source, **kwargs)
     except TypeError as e:
+        if not bad_keyword(e, adapter):  # a TypeError inside the loading is not the options' fault: as it is
+            raise
         msg = f"policy.options.adapter_options {opts.adapter_options} for family {opts.family!r}: {e}"
         raise UserError(msg) from e
+
+
+CALL_ERROR = re.compile(r"unexpected keyword argument|multiple values for|missing \d+ required|positional argument")
+"""how Python words a call's refusal of its arguments"""
+
+
+def bad_keyword(error: TypeError, adapter: type) -> bool:
+    """Whether ``error`` is a call's refusal of its keywords (an unexpected or doubled keyword, a missing argument)
+    at the call into ``adapter.from_pretrained`` or, from it, into ``adapter.__init__``: such a TypeError is raised in
+    the calling frame (the callee never starts), so its innermost frame is ``load_adapter``'s or the adapter's
+    ``from_pretrained``'s. A TypeError raised deeper, inside the loading ('int' object is not iterable in a diffusers
+    model's __init__ reading another family's config), is no adapter_options error and is not reported as one."""
+    tb = error.__traceback__
+    if tb is None or not CALL_ERROR.search(str(error)):
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    own = getattr(getattr(adapter, "from_pretrained", None), "__func__", None)
+    return code is load_adapter.__code__ or (own is not None and code is getattr(own, "__code__", None))
 
 
 def refuse_video_options(adapter: type, opts: GeneratorPolicyOptions) -> None:

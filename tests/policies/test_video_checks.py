@@ -2,11 +2,13 @@
 rotary embedding or any sane bound, frame rates no player plays, another family's folder, and the warning for a
 first frame that is stretched or enlarged to the video's size."""
 
+import shutil
+
 import pytest
 import yaml
 
 from mmgrpo.core.errors import UserError
-from mmgrpo.policies.loading import GeneratorPolicyOptions
+from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
 from mmgrpo.policies.models.hunyuan_video import HunyuanVideoAdapter
 from mmgrpo.policies.models.wan import WanAdapter, check_size
 from mmgrpo.testing.checks import record_weight_loads
@@ -109,3 +111,51 @@ def test_frame_rates_no_player_plays_are_refused_when_the_config_loads(hunyuan_c
     )  # fmt: skip
     assert GeneratorPolicyOptions(family="wan", fps=240).fps == 240 and tiny_wan_adapter(fps=1).fps == 1.0
     assert GeneratorPolicyOptions(family="wan", fps=0).fps == 0  # the model's own rate
+
+
+# --------------------------------------------------------------------------- another family's folder
+def test_another_familys_folder_is_named_with_the_family_that_loads_it(wan_ckpt, hunyuan_ckpt, monkeypatch):
+    """family: wan on a HunyuanVideo or SD3 folder said "adapter_options {} for family 'wan': 'int' object is not
+    iterable" (WanTransformer3DModel reading the other transformer's config)."""
+    for path, cls, family in [(hunyuan_ckpt, "HunyuanVideoPipeline", "hunyuan_video"),
+                              (SD3_FOLDER, "StableDiffusion3Pipeline", "sd3")]:  # fmt: skip
+        msg = refused_before_the_weights(
+            monkeypatch, lambda path=path: load_adapter(GeneratorPolicyOptions(family="wan", path=path, **SIZE)),
+            rf"model path '{path}' holds a {cls}, not a WanPipeline / WanImageToVideoPipeline",
+        )  # fmt: skip
+        assert msg.endswith(f"set policy.options.family={family}") and "adapter_options" not in msg
+    refused_before_the_weights(
+        monkeypatch, lambda: HunyuanVideoAdapter.from_pretrained(wan_ckpt, **TINY_SIZE),
+        rf"model path '{wan_ckpt}' holds a WanPipeline, not a HunyuanVideoPipeline .*set policy.options.family=wan$",
+    )  # fmt: skip
+
+
+def test_only_a_bad_keyword_is_reported_as_an_adapter_options_error(wan_ckpt, hunyuan_ckpt, tmp_path):
+    from mmgrpo.policies.loading import bad_keyword
+
+    with pytest.raises(UserError, match=r"adapter_options \{'max_sequence_lenght': 16\} for family 'wan': .*"
+                       r"unexpected keyword argument 'max_sequence_lenght'"):  # fmt: skip
+        opts = GeneratorPolicyOptions(family="wan", path=wan_ckpt, **SIZE, adapter_options={"max_sequence_lenght": 16})
+        load_adapter(opts)
+    # a TypeError inside the loading (a folder without model_index.json holding HunyuanVideo's transformer config)
+    # is no options error: it is not dressed as one
+    shutil.copytree(hunyuan_ckpt, tmp_path / "no_index")
+    (tmp_path / "no_index" / "model_index.json").unlink()
+    with pytest.raises(TypeError, match="not iterable"):
+        load_adapter(GeneratorPolicyOptions(family="wan", path=str(tmp_path / "no_index"), **SIZE))
+
+    def call(**kw):
+        return kw
+
+    def deeper():
+        return call(1)  # the same refusal of a call's arguments, but inside the loading
+
+    class Adapter:
+        @classmethod
+        def from_pretrained(cls, path, deep=False):
+            return deeper() if deep else call(path)
+
+    for deep in (False, True):
+        with pytest.raises(TypeError, match="takes 0 positional arguments") as e:
+            Adapter.from_pretrained("p", deep=deep)
+        assert bad_keyword(e.value, Adapter) is not deep

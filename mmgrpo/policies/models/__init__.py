@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +20,7 @@ __all__ = [
     "MAX_VIDEO_SIDE",
     "MIN_FPS",
     "check_fps",
+    "check_pipeline_class",
     "decode_in_parts",
     "place",
     "refuse_above",
@@ -80,3 +84,51 @@ def refuse_above(family: str, key: str, value: int, largest: int, why: str) -> N
     and the largest value allowed; ``why`` says what sets that limit ("... is more than {why}")."""
     if value > largest:
         raise UserError(f"{family} {key}={value} is more than {why}: set policy.options.{key} to at most {largest}")
+
+
+PIPELINE_FAMILIES = {
+    "StableDiffusion3": "sd3",
+    "StableDiffusionXL": "sd",
+    "StableDiffusion": "sd",
+    "Flux": "flux",
+    "Wan": "wan",
+    "HunyuanVideo": "hunyuan_video",
+}
+"""the family that loads a diffusers pipeline class, by the start of its model_index.json ``_class_name``"""
+
+
+def family_of(class_name: str) -> str | None:
+    """The built-in family whose adapter loads the diffusers pipeline ``class_name`` (the longest known prefix)."""
+    prefixes = sorted((p for p in PIPELINE_FAMILIES if class_name.startswith(p)), key=len, reverse=True)
+    return PIPELINE_FAMILIES[prefixes[0]] if prefixes else None
+
+
+def pipeline_class(src: Any) -> str | None:
+    """The ``_class_name`` of the model_index.json of ``src`` (a :class:`~mmgrpo.policies.sources.ModelSource`; a
+    hub id's is that small file alone, before any download), None when it has none."""
+    if src.local:
+        file = Path(src.path) / "model_index.json"
+        if not file.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        with src.errors():
+            file = Path(hf_hub_download(src.path, "model_index.json", revision=src.revision))
+    name = json.loads(file.read_text()).get("_class_name")
+    return name if isinstance(name, str) else None
+
+
+def check_pipeline_class(src: Any, family: str, accepted: tuple[str, ...], example: str) -> None:
+    """Refuse a checkpoint whose model_index.json names a pipeline class outside ``accepted`` before anything of it
+    loads, naming the folder, its class and the family that loads it (a Wan loader reading a HunyuanVideo or SD3
+    transformer config failed with "'int' object is not iterable", blamed on adapter_options). A folder without a
+    model_index.json is left to the loader."""
+    name = pipeline_class(src)
+    if name is None or name in accepted:
+        return
+    other = family_of(name)
+    fix = (f"set policy.options.family={other}" if other and other != family else
+           f"point policy.options.path at a {' or '.join(accepted)} checkpoint")  # fmt: skip
+    raise UserError(f"model path {src.describe()} holds a {name}, not a {' / '.join(accepted)} checkpoint "
+                    f"(what family {family!r} loads, e.g. {example}); {fix}")  # fmt: skip

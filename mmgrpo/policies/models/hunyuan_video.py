@@ -21,7 +21,6 @@ loads any weights, and again by ``__init__`` for adapters built from components.
 from __future__ import annotations
 
 import inspect
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from mmgrpo.policies.models import (
     MAX_VIDEO_FRAMES,
     MAX_VIDEO_SIDE,
     check_fps,
+    check_pipeline_class,
     place,
     refuse_above,
 )
@@ -162,10 +162,12 @@ class HunyuanVideoAdapter:
         """:func:`check_size` and :func:`~mmgrpo.policies.models.check_fps` of the ``options`` from_pretrained was
         given (``__init__``'s defaults for the others) against the checkpoint's vae/config.json, before any weights
         load or download: ``__init__``'s refusal, minutes earlier. A checkpoint whose VAE config is missing or of
-        another class is left to the loader, which names what is wrong."""
+        another class is left to the loader, which names what is wrong; a model_index.json of another pipeline class
+        is refused here, naming the family that loads it."""
         with needs("diffusion", "the hunyuan_video model family"):
             from diffusers import AutoencoderKLHunyuanVideo
 
+        check_pipeline_class(src, "hunyuan_video", ("HunyuanVideoPipeline",), "hunyuanvideo-community/HunyuanVideo")
         vae = component_config(src, "vae", AutoencoderKLHunyuanVideo)
         if vae is None:
             return
@@ -285,12 +287,8 @@ class HunyuanVideoAdapter:
 
 
 def _check_parts(path: str) -> None:
+    """Every sub-folder the pipeline needs (its model_index.json class: check_pretrained, before the weights)."""
     p = Path(path)
-    index = p / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    if name not in (None, "HunyuanVideoPipeline"):
-        raise UserError(f"model path '{path}' holds a {name}, not a HunyuanVideoPipeline checkpoint "
-                        "(e.g. hunyuanvideo-community/HunyuanVideo)")  # fmt: skip
     for needed in ("transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"):
         if not (p / needed).is_dir():
             raise UserError(f"model path '{path}' has no {needed}/ folder; is it a HunyuanVideo diffusers checkpoint?")

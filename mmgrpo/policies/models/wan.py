@@ -51,6 +51,7 @@ from mmgrpo.policies.models import (
     MAX_VIDEO_FRAMES,
     MAX_VIDEO_SIDE,
     check_fps,
+    check_pipeline_class,
     place,
     refuse_above,
 )
@@ -71,6 +72,8 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 FPS = 16.0
 """frames per second Wan 2.1 / 2.2 generate at: the Wan team's ``sample_fps`` (wan/configs/shared_config.py of
 Wan-Video/Wan2.1 and Wan2.2), and the rate diffusers' Wan examples export at (``export_to_video(..., fps=16)``)"""
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+"""the diffusers pipelines (model_index.json ``_class_name``) whose transformer is a ``WanTransformer3DModel``"""
 TI2V_FPS = 24.0
 """Wan 2.2 TI2V-5B's rate (``sample_fps = 24`` in Wan2.2's wan/configs/wan_ti2v_5B.py): the checkpoint whose
 model_index.json sets ``expand_timesteps``"""
@@ -329,10 +332,12 @@ class WanAdapter:
         """:func:`check_size` and :func:`~mmgrpo.policies.models.check_fps` of the ``options`` from_pretrained was
         given (``__init__``'s defaults for the others) against the checkpoint's transformer/ and vae/ config.json,
         before any weights load or download: ``__init__``'s refusal, minutes earlier. A checkpoint whose config files
-        are missing or of other classes is left to the loader, which names what is wrong."""
+        are missing or of other classes is left to the loader, which names what is wrong; a model_index.json of
+        another pipeline class than :data:`PIPELINES` is refused here, naming the family that loads it."""
         with needs("diffusion", "the wan model family"):
             from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+        check_pipeline_class(src, "wan", PIPELINES, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
         transformer = component_config(src, "transformer", WanTransformer3DModel)
         vae = component_config(src, "vae", AutoencoderKLWan)
         if transformer is None or vae is None:
