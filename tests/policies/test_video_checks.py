@@ -3,9 +3,12 @@ rotary embedding or any sane bound, frame rates no player plays, another family'
 first frame that is stretched or enlarged to the video's size."""
 
 import shutil
+import warnings
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
@@ -159,3 +162,33 @@ def test_only_a_bad_keyword_is_reported_as_an_adapter_options_error(wan_ckpt, hu
         with pytest.raises(TypeError, match="takes 0 positional arguments") as e:
             Adapter.from_pretrained("p", deep=deep)
         assert bad_keyword(e.value, Adapter) is not deep
+
+
+# --------------------------------------------------------------------------- first frames
+def image(width, height, seed=0):
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8))
+
+
+def test_a_stretched_or_enlarged_first_frame_is_warned_about_once_per_run(tmp_path):
+    """The pipeline's preprocessing resizes a first frame to height x width whatever its shape: a 100x48 frame into
+    a 32x32 video was stretched, a 1x1 one became a flat colour, with no word. Now the first such frame of a run is
+    reported (not refused)."""
+    path = tmp_path / "wide.png"
+    image(100, 48).save(path)
+    adapter = tiny_wan_adapter(image_to_video=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        adapter.encode(["a", "b"], [{"image": image(32, 32)}, {"image": image(33, 32)}])  # square enough: silent
+    assert [str(w.message) for w in seen] == []
+    with pytest.warns(UserWarning) as seen:
+        adapter.encode(["a"], [{"image": str(path)}])
+    (msg,) = [" ".join(str(w.message).split()) for w in seen]
+    assert msg.startswith(f"Wan image-to-video: the first frame '{path}' of 100x48 pixels (width x height) is "
+                          "resized to the video's 32x32 and stretched from its aspect ratio 2.08 to the video's "
+                          "1;")  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        adapter.encode(["a"], [{"image": image(1, 1)}])  # once per run
+    assert seen == []
+    with pytest.warns(UserWarning, match=r"first frame \(an in-memory image\) of 1x1 pixels .* and enlarged 32x"):
+        tiny_wan_adapter(image_to_video=True).encode(["a"], [{"image": image(1, 1)}])

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,12 @@ FPS = 16.0
 Wan-Video/Wan2.1 and Wan2.2), and the rate diffusers' Wan examples export at (``export_to_video(..., fps=16)``)"""
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
 """the diffusers pipelines (model_index.json ``_class_name``) whose transformer is a ``WanTransformer3DModel``"""
+ASPECT_TOLERANCE = 1.05
+"""a first frame whose width / height is within this factor of the video's is not reported as stretched: a 16:9
+frame into Wan's 832 x 480 (1.733, the multiple of 16 nearest 16:9) is 2.5% off"""
+MAX_ENLARGE = 2.0
+"""a first frame enlarged more than this factor on a side to the video's height or width is reported (a 1 x 1 frame
+becomes a flat colour)"""
 TI2V_FPS = 24.0
 """Wan 2.2 TI2V-5B's rate (``sample_fps = 24`` in Wan2.2's wan/configs/wan_ti2v_5B.py): the checkpoint whose
 model_index.json sets ``expand_timesteps``"""
@@ -322,6 +330,7 @@ class WanAdapter:
                 m.requires_grad_(False).eval()
         self._negative: Cond | None = None
         self._image_rows: Cond | None = None  # the last conditional call's image tensors (see _with_image)
+        self._frame_warned = False  # a stretched or enlarged first frame was reported (_check_frame_shape)
 
     def _check_size(self) -> None:
         check_size(self.height, self.width, self.num_frames, self.spatial, self.temporal, self.patch,
@@ -439,9 +448,36 @@ class WanAdapter:
             if src is None:
                 raise UserError(f"Wan image-to-video: prompt {str(p)!r} has no first frame; give meta['image'] "
                                 "(a path or PIL image) or meta['video'] (an mp4 path)")  # fmt: skip
-            rows.append(self._image_cond(first_frame(*src)))
+            image = first_frame(*src)
+            self._check_frame_shape(image, src[0])
+            rows.append(self._image_cond(image))
         cond.update({k: torch.cat([r[k] for r in rows]) for k in rows[0]})
         return cond
+
+    def _check_frame_shape(self, frame: Any, source: Any) -> None:
+        """Warn (once per adapter: once per run) when a first frame is stretched to the video's height x width (its
+        aspect ratio off by more than :data:`ASPECT_TOLERANCE`) or enlarged more than :data:`MAX_ENLARGE` on a side:
+        the pipeline's preprocessing resizes it to height x width whatever its shape, so a 2:1 photo became a
+        distorted first frame, a 1 x 1 frame a flat colour, with no word. Neither is refused (the model still runs)."""
+        if self._frame_warned:
+            return
+        w, h = frame.size
+        W, H = self.width, self.height
+        what, fix = [], []
+        if abs(math.log((w / h) / (W / H))) > math.log(ASPECT_TOLERANCE):
+            what.append(f"stretched from its aspect ratio {w / h:.3g} to the video's {W / H:.3g}")
+            fix.append(f"crop or pad the frames to the video's aspect ratio ({W}:{H}), or set "
+                       "policy.options.width/height to their shape (multiples of 16)")  # fmt: skip
+        if max(W / w, H / h) > MAX_ENLARGE:
+            what.append(f"enlarged {max(W / w, H / h):.3g}x")
+            fix.append(f"give first frames of about {W}x{H} pixels or more")
+        if not what:
+            return
+        self._frame_warned = True
+        name = f"'{source}'" if isinstance(source, (str, os.PathLike)) else "(an in-memory image)"
+        warnings.warn(f"Wan image-to-video: the first frame {name} of {w}x{h} pixels (width x height) is resized to "
+                      f"the video's {W}x{H} and {' and '.join(what)}; {'; '.join(fix)}. Only the first such frame "
+                      "of the run is reported", stacklevel=3)  # fmt: skip
 
     def encode_negative(self, n: int) -> Cond:
         """The empty negative prompt [n, L, D]; the image condition comes from the row (see predict)."""
