@@ -45,6 +45,8 @@ Cond = dict[str, torch.Tensor]  # conditioning tensors, batch first
 
 MAX_STEPS = 1000
 """the most sampling steps a rollout takes (``policy.options.num_steps``): the schedulers' training timesteps"""
+MAX_GUIDANCE = 100.0
+"""the largest classifier-free guidance scale (``policy.options.guidance_scale``, ``mmgrpo sample --guidance``)"""
 
 
 @dataclass
@@ -184,10 +186,11 @@ class DiffusionPolicyOptions:
             raise bad_option("policy.options.num_steps", self.num_steps, f"must be 1 to {MAX_STEPS}: the schedulers "
                              f"are defined on {MAX_STEPS} training timesteps (DDIM steps on them; Flow-GRPO and "
                              "DanceGRPO sample 10-50)")  # fmt: skip
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1):
+        if not (math.isfinite(self.guidance_scale) and 1 <= self.guidance_scale <= MAX_GUIDANCE):
             raise bad_option("policy.options.guidance_scale", self.guidance_scale, "classifier-free guidance must be "
-                             "a finite number >= 1, e.g. 4.5; 1 = off (where diffusers reads 0 as off, here 0 would "
-                             "sample the unconditional model and below 1 weaken the prompt)")  # fmt: skip
+                             f"a number from 1 to {MAX_GUIDANCE:g}, e.g. 4.5; 1 = off (where diffusers reads 0 as "
+                             "off, here 0 would sample the unconditional model and below 1 weaken the prompt; "
+                             "published scales are 3.5-12, and 1e38 made every sample NaN)")  # fmt: skip
         if self.lora_rank < 0:
             raise bad_option("policy.options.lora_rank", self.lora_rank,
                              "must be >= 0; set it to 0 (full fine-tuning) or a LoRA rank, e.g. 32")  # fmt: skip

@@ -77,8 +77,10 @@ class SDEOptions:
     """flow_grpo: a; dance: eta; cps: a in [0, 1]; ddim: eta in [0, 1] (0 = the deterministic ODE everywhere)"""
 
     UNET_KIND: ClassVar[str] = "ddim"
-    MAX_NOISE_LEVEL: ClassVar[dict[str, float]] = {"cps": 1.0, "ddim": 1.0}
-    """kinds whose noise level is a fraction of the step's noise (sin(a pi / 2), DDIM's eta): above 1 is undefined"""
+    MAX_NOISE_LEVEL: ClassVar[dict[str, float]] = {"cps": 1.0, "ddim": 1.0, "flow_grpo": 5.0, "dance": 5.0}
+    """cps, ddim: the noise level is a fraction of the step's noise (sin(a pi / 2), DDIM's eta), above 1 undefined;
+    flow_grpo, dance: a scale of the step's noise, published at 0.3-1 (Flow-GRPO's a = 0.7, DanceGRPO's eta = 0.3),
+    so 5 leaves room to explore while 1e30 (which passed) made every sample NaN"""
 
     def __post_init__(self) -> None:
         # checked when the config is loaded, so a bad value fails before any model loads

@@ -46,7 +46,7 @@ from mmgrpo.core.files import check_image, check_output_folder, open_video, stag
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import Prompt, decoded_meta, read_prompts
-from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.diffusion import MAX_GUIDANCE, DiffusionPolicy
 from mmgrpo.policies.exploration import FullOptions
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnable_attention
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint
@@ -114,8 +114,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--noise-level must be a finite number >= 0 (0 = ODE), got {args.noise_level}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1 sampling steps, got {args.steps}")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
-        raise UserError(f"--guidance must be a finite scale >= 1 (1 = no guidance), got {args.guidance}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 1 <= args.guidance <= MAX_GUIDANCE):
+        raise UserError(f"--guidance must be a finite scale from 1 to {MAX_GUIDANCE:g} (1 = no guidance), got "
+                        f"{args.guidance}")  # fmt: skip
     if args.ema and not (args.run or args.checkpoint):
         raise UserError("--ema loads a checkpoint's EMA weights; give --run RUN_DIR or --checkpoint CKPT_DIR too")
     top = SEED_MAX - (args.best_of - 1)
