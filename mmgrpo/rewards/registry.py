@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mmgrpo.core.errors import UserError, bad_option, quoted
+from mmgrpo.core.errors import UserError, bad_option, out_of_memory, quoted
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import check_options, check_values
 
@@ -101,7 +101,7 @@ def resolve(name: str) -> Callable[..., Any]:
     as "reward raised TypeError: 'int' object is not callable")."""
     obj = REWARDS.get(name)  # the registry also resolves entry points and dotted paths
     if not callable(obj):
-        raise UserError(f"reward {name!r} is {quoted(obj, 60)} (a {type(obj).__name__}), not a reward: name a "
+        raise UserError(f"reward {name!r} is {quoted(obj, 60)} (of type {type(obj).__name__}), not a reward: name a "
                         f"function ({', '.join(REWARD_ARGUMENTS)}) or a factory that returns one")  # fmt: skip
     return obj
 
@@ -125,12 +125,14 @@ def get(name: str, **options: Any) -> Callable[..., Any]:
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001  the factory is user code: name it, keep the cause chained
+            if out_of_memory(e):  # the run's out-of-memory paragraph names what to lower
+                raise
             raise UserError(f"reward {name!r} could not be built with options {options}: {type(e).__name__}: "
                             f"{quoted(str(e), 300)}") from e  # fmt: skip
         if not callable(fn):
-            raise UserError(f"reward {name!r}: its factory returned {quoted(fn, 60)} (a {type(fn).__name__}), not a "
-                            f"reward; a factory returns the function ({', '.join(REWARD_ARGUMENTS)}) -> "
-                            "scores")  # fmt: skip
+            raise UserError(f"reward {name!r}: its factory returned {quoted(fn, 60)} (of type "
+                            f"{type(fn).__name__}), not a reward; a factory returns the function "
+                            f"({', '.join(REWARD_ARGUMENTS)}) -> scores")  # fmt: skip
         return fn
     if options:
         raise UserError(f"reward {name!r} is a plain callable and takes no options; got {sorted(options)}")
@@ -147,8 +149,8 @@ def _check_device_option(name: str, device: Any) -> None:
 
     try:
         kind = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"reward {name!r}: device={device!r} is not a device; give cpu, cuda or cuda:N") from e
+    except (RuntimeError, ValueError):  # a plug-in's own device word ('auto', 'balanced'): the factory reads it
+        return
     if kind.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if kind.index is not None and kind.index < count or kind.index is None and count:

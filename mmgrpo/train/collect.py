@@ -35,22 +35,31 @@ def check_samples_finite(rollout: Rollout, step: int, cfg: Config) -> None:
     diverged policy (its weights, or sampling settings that overflow) made NaN videos that the first reward refused
     as "reward 'motion' returned non-finite values ... fix the reward", and the resume it advised diverged again."""
     samples = rollout.samples if isinstance(rollout.samples, (list, tuple)) else [rollout.samples]
-    rows = [i for i, x in enumerate(samples) if isinstance(x, torch.Tensor) and x.is_floating_point()
-            and not bool(torch.isfinite(x).all())]  # fmt: skip
-    if isinstance(rollout.samples, torch.Tensor) and rows:
-        bad = ~torch.isfinite(rollout.samples.flatten(1)).all(1)
-        rows = bad.nonzero().reshape(-1).tolist()
-    if not rows:
+    floats = [x for x in samples if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    # one sum per tensor (NaN or inf in, NaN or inf out; pixels in [0, 1] cannot overflow fp32): isfinite(x).all()
+    # made a mask as large as the videos, gigabytes on a GPU right after the VAE decode
+    if all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in floats):
+        return
+    if isinstance(rollout.samples, torch.Tensor):
+        rows = (~torch.isfinite(rollout.samples.flatten(1)).all(1)).nonzero().reshape(-1).tolist()
+    else:
+        rows = [i for i, x in enumerate(samples) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                and not bool(torch.isfinite(x).all())]  # fmt: skip
+    if not rows:  # only the sum overflowed
         return
     opts = cfg.policy.options or {}
     settings = [f"trainer.lr={cfg.trainer.lr:g}"]
     settings += [f"policy.options.{k}={opts[k]}" for k in ("guidance_scale", "sde") if opts.get(k) is not None]
+    head = (f"the policy's samples of step {step} are not finite (NaN or inf in {len(rows)} of {rollout.num_rows} "
+            "rows): the generator diverged, not a reward")  # fmt: skip
+    if step == 0:  # nothing trained yet: the model or its sampling settings
+        raise UserError(f"{head}; before any update, so its weights as loaded or its sampling settings overflow "
+                        f"({', '.join(settings[1:]) or 'policy.options'}); check the model and lower "
+                        "them")  # fmt: skip
     raise UserError(
-        f"the policy's samples of step {step} are not finite (NaN or inf in {len(rows)} of {rollout.num_rows} rows): "
-        f"the generator diverged, not a reward; its weights (a learning rate too high) or its sampling settings "
-        f"overflow ({', '.join(settings)}). A checkpoint written since the weights began to diverge holds finite "
-        "but broken weights: resume from one before (delete the later checkpoints/step_* folders) with a lower "
-        "trainer.lr, or start again"
+        f"{head}; its weights (a learning rate too high) or its sampling settings overflow ({', '.join(settings)}). "
+        "A checkpoint written since the weights began to diverge holds finite but broken weights: resume from one "
+        "before (delete the later checkpoints/step_* folders) with a lower trainer.lr, or start again"
     )
 
 

@@ -75,15 +75,12 @@ class RewardSpec:
     def unknown_key_hint(key: str, data: dict, prefix: str) -> str | None:
         """``{name: remote, url: ...}``: an option of the reward written next to its name, where the nearest key
         ('name') was suggested; say it goes under ``options``."""
-        import inspect
-
-        from mmgrpo import rewards as reward_registry
-
         try:
-            params = inspect.signature(reward_registry.resolve(str(data.get("name", "")))).parameters
+            factory = reward_registry.resolve(str(data.get("name", "")))
+            params = inspect.signature(factory).parameters
         except Exception:  # noqa: BLE001  (no such reward, no signature: the usual hint)
             return None
-        if key not in params:
+        if key not in params or not reward_registry.is_factory(factory):  # a plain reward's 'meta' is no option
             return None
         return f"{key!r} is an option of reward {data.get('name')!r}: write it under options ({prefix}.options.{key})"
 

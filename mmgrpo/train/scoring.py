@@ -12,6 +12,7 @@ reward that applies to none of a step's rows warns: it trains nothing that step.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any
@@ -70,7 +71,7 @@ def call_reward(name: str, fn: Any, samples: Any, prompts: list, meta: list[dict
     tensors = [t for t in _tensors_of(samples) if not t.is_inference()]  # those keep no version counter
     versions = [t._version for t in tensors]
     try:
-        own_meta = [dict(m) if isinstance(m, dict) else m for m in meta] if isinstance(meta, list) else meta
+        own_meta = [copy.copy(m) if isinstance(m, dict) else m for m in meta] if isinstance(meta, list) else meta
         value = fn(samples, list(prompts) if isinstance(prompts, (list, tuple)) else prompts, own_meta, ctx)
     except UserError:
         raise
@@ -84,8 +85,9 @@ def call_reward(name: str, fn: Any, samples: Any, prompts: list, meta: list[dict
     if any(t._version != v for t, v in zip(tensors, versions)):
         step = getattr(ctx, "step", "?")
         raise UserError(f"reward {name!r} changed the samples it scores in place at step {step} (e.g. "
-                        "samples.mul_(), samples[i] = ...): the update trains on the samples, so they must stay as "
-                        "drawn; work on a copy (x = samples.clone()) or out of place (samples * 255)")  # fmt: skip
+                        "samples.mul_(), samples[i] = ...): the later rewards, the saved pictures and, where the "
+                        "samples are the actions (the bandit's arms), the update would read what it wrote; work on a "
+                        "copy (x = samples.clone()) or out of place (samples * 255)")  # fmt: skip
     return to_column(name, value, len(meta), getattr(fn, "nan_means_not_applicable", False))
 
 
@@ -125,29 +127,30 @@ def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, po
     return torch.stack(out)
 
 
-MAX_REWARD = 1e18
-"""the largest size of a reward, and of the weighted sum of a row's rewards: a group's statistics square them in fp32,
-which overflows past about 1.8e19 (the group's std was inf, so every advantage 0, silently)"""
+MAX_REWARD = 1e15
+"""the largest size of a reward, and of the weighted sum of a row's rewards: the advantage statistics square them in
+fp32, over a group or, for batch_std / bnpo / stratified, over the whole batch (512 rows of 9e17 overflowed 3.4e38:
+the std was inf, so every advantage 0, silently); at 1e15 a batch of 10**8 rows still fits"""
 
 
 def check_magnitudes(cols: list[torch.Tensor], rewards: list[tuple[str, float, Any]], step: int) -> None:
     """Every reward column [N] and the rows' weighted totals at most :data:`MAX_REWARD` in size, else a UserError
     naming the reward (or the weights) and the first row past it."""
-    for (name, _, _), col in zip(rewards, cols):
+    for (name, weight, _), col in zip(rewards, cols):
         big = col.abs() > MAX_REWARD  # NaN (does not apply) compares False
-        if bool(big.any()):
+        if weight != 0 and bool(big.any()):  # weight 0: logged only, never in a statistic
             row = int(big.nonzero()[0])
             raise UserError(f"reward {name!r} returned {col[row].item():.3g} for row {row} at step {step} "
-                            f"({int(big.sum())} of {col.numel()} rows beyond {MAX_REWARD:g} in size): a group's "
-                            "statistics square the rewards in fp32, which overflows past ~1.8e19 and made every "
-                            "advantage 0; scale the reward down (or give it a small weight)")  # fmt: skip
+                            f"({int(big.sum())} of {col.numel()} rows beyond {MAX_REWARD:g} in size): the advantage "
+                            "statistics square the rewards in fp32, which overflows and made every advantage 0; "
+                            "scale the reward down")  # fmt: skip
     total = weighted_total(torch.stack(cols).double(), rewards)
     big = total.abs() > MAX_REWARD
     if bool(big.any()):
         row = int(big.nonzero()[0])
         weights = ", ".join(f"{name}: {w:g}" for name, w, _ in rewards)
         raise UserError(f"the weighted sum of the rewards is {total[row].item():.3g} for row {row} at step {step} "
-                        f"(weights {weights}), beyond {MAX_REWARD:g} in size: a group's statistics square it in "
+                        f"(weights {weights}), beyond {MAX_REWARD:g} in size: the advantage statistics square it in "
                         "fp32, which overflows; scale the weights down")  # fmt: skip
 
 

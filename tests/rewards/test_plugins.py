@@ -197,10 +197,10 @@ def test_a_factory_that_fails_or_returns_no_reward_is_one_paragraph_naming_the_r
     assert isinstance(e.value.__cause__, FileNotFoundError)  # --debug shows the factory's traceback
     with pytest.raises(UserError, match="could not be built with options {}: AssertionError: 'threshold must exceed"):
         rewards.get("failing_factories_mod.asserts")
-    with pytest.raises(UserError, match=r"'failing_factories_mod.returns_none': its factory returned null \(a "
-                       r"NoneType\), not a reward"):  # fmt: skip
+    with pytest.raises(UserError, match=r"'failing_factories_mod.returns_none': its factory returned null \(of "
+                       r"type NoneType\), not a reward"):  # fmt: skip
         rewards.get("failing_factories_mod.returns_none")
-    with pytest.raises(UserError, match=r"'failing_factories_mod.NOT_CALLABLE' is 42 \(a int\), not a reward"):
+    with pytest.raises(UserError, match=r"'failing_factories_mod.NOT_CALLABLE' is 42 \(of type int\), not"):
         load_config(None, [f"run.output_dir={tmp_path}", "rewards=[{name: failing_factories_mod.NOT_CALLABLE}]"],
                     base=BANDIT)  # fmt: skip
     with pytest.raises(UserError, match=r"bad options \{'size': 3\}"):  # an unknown option: still named so
