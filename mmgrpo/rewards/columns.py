@@ -23,8 +23,9 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def to_column(name: str, value: Any, n: int, nan_ok: bool = False) -> torch.Tensor:
     """A reward's output as fp32 [N] with NaN for None (and for NaN itself only when ``nan_ok``). The values are read
     in fp64 first, so a finite value fp32 cannot hold (1e39) is named as too large, not as "non-finite"."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(np.ascontiguousarray(value)) if value.dtype.kind in "biuf" else value.tolist()
+    if isinstance(value, np.ndarray):  # native byte order: torch refuses a big-endian array ('>f4')
+        native = value.astype(value.dtype.newbyteorder("="), copy=False) if value.dtype.kind in "biuf" else value
+        value = torch.from_numpy(np.ascontiguousarray(native)) if value.dtype.kind in "biuf" else value.tolist()
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise UserError(f"reward {name!r} returned a {value.dtype} tensor; expected real numbers [N]")

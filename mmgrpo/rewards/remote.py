@@ -445,8 +445,9 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-RETRIED_CODES = (502, 503, 504)
-"""the HTTP errors re-sent: a proxy without its server (502, 504) or a server busy / restarting (503). A 500 is the
+RETRIED_CODES = (502, 503, 504, 520, 521, 522, 523, 524)
+"""the HTTP errors re-sent: a proxy without its server (502, 504; Cloudflare's 520-524 for an origin that is down,
+refusing, unreachable or slow) or a server busy / restarting (503). A 500 is the
 reward failing on these rows (it raised, or returned what the trainer refuses): re-sending it would score the same
 failing rows again (an expensive judge scored each failing batch 3 times), so it is an error at once."""
 
@@ -483,7 +484,7 @@ def _reward_json(url: str, raw: bytes) -> dict:
 
 def post_score(url: str, body: bytes, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
     """POST ``body`` to ``url/score`` and return the answer's JSON; retries connection-level failures and the
-    HTTP errors of ``RETRIED_CODES`` (502, 503, 504) with exponential backoff, nothing else.
+    HTTP errors of ``RETRIED_CODES`` (502, 503, 504, a proxy's 520-524) with exponential backoff, nothing else.
 
     A busy server (503 with ``Retry-After``: its connection cap is reached) is waited for as it asks, up to
     ``MAX_BUSY_RETRIES`` times, without using up ``retries``. After ``retries + 1`` failed attempts raises a
@@ -621,7 +622,7 @@ def check_remote_options(
                          f"{MAX_TIMEOUT_S:g} (24 hours; default 60)")  # fmt: skip
     if not (isinstance(retries, int) and 0 <= retries <= MAX_RETRIES):
         raise bad_option(f"{prefix}.retries", retries, f"give how often to re-send after a connection failure or "
-                         f"a 502/503/504, in 0..{MAX_RETRIES} (default 2)")  # fmt: skip
+                         f"a 502/503/504 (or a proxy's 520-524), in 0..{MAX_RETRIES} (default 2)")  # fmt: skip
     if not (isinstance(backoff, Real) and 0 <= backoff <= MAX_BACKOFF_S):
         raise bad_option(f"{prefix}.backoff", backoff, f"give the seconds before the first retry (doubled at each "
                          f"next one), in [0, {MAX_BACKOFF_S:g}] (1 hour; default 0.5)")  # fmt: skip

@@ -168,6 +168,8 @@ def parse_reward_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv")
+"""an ``--image`` named so is a video whose first frame is used"""
 FRAME_KEYS = ("image", "video")
 """the fields of a prompt that name an image-to-video model's first frame (as the image_to_video recipe's pairs)"""
 
@@ -183,7 +185,7 @@ def collect_prompts(prompts: list[str] | None, prompts_file: str | None, image: 
     if not got:
         raise UserError('no prompts: give --prompts "a red circle" ... or --prompts-file FILE (one per line)')
     if image is not None:
-        key = "video" if Path(image).suffix.lower() == ".mp4" else "image"
+        key = "video" if Path(image).suffix.lower() in VIDEO_SUFFIXES else "image"
         return [with_frame(Prompt(p, {key: image}), Path.cwd(), "--image") for p in got]
     base = Path(prompts_file).resolve().parent if prompts_file and Path(prompts_file).is_file() else Path.cwd()
     return [with_frame(p, base, f"prompt file '{prompts_file}'") for p in got]
@@ -197,7 +199,10 @@ def with_frame(prompt: str, base: Path, where: str) -> str:
     keys = [k for k in FRAME_KEYS if isinstance(meta.get(k), str)]
     if not keys:
         return prompt
-    frames = {k: str(base / meta[k]) for k in keys}  # an absolute path stays as it is
+    # relative to the file (an absolute path stays as it is); one found only from the working directory, as such
+    # paths were read before, stays so
+    frames = {k: str(base / meta[k]) if (base / meta[k]).exists() or not Path(meta[k]).exists() else meta[k]
+              for k in keys}  # fmt: skip
     for k, path in frames.items():
         check_image(path, where) if k == "image" else open_video(path, where)
     return Prompt(str(prompt), {**meta, **frames})
@@ -211,7 +216,8 @@ def needs_frames(run: str | None, checkpoint: str | None, config: list[str] | No
     where = Path(run) / "config.yaml" if run else (Path(checkpoint).parent.parent / "config.yaml" if checkpoint
                                                     else Path(config[0]) if config else None)  # fmt: skip
     try:
-        pipeline = load_config(where).pipeline if where is not None and where.is_file() else None
+        overrides = config[1:] if config and not run and not checkpoint else []
+        pipeline = load_config(where, overrides).pipeline if where is not None and where.is_file() else None
     except UserError:  # the config's own errors are reported where the model is built
         return
     if pipeline == "image_to_video":

@@ -504,6 +504,9 @@ def test_image_to_video_first_frames_come_from_image_or_the_prompt_file_relative
     monkeypatch.chdir(tmp_path)  # not the file's folder
     (got,) = collect_prompts(None, "data/pairs.jsonl")
     assert got == "a red circle" and got.meta["image"] == str(data.resolve() / "frame0.png")
+    (tmp_path / "cwd_frame.png").write_bytes((data / "frame0.png").read_bytes())
+    (data / "cwd.jsonl").write_text('{"prompt": "x", "image": "cwd_frame.png"}\n')  # found from the working directory
+    assert collect_prompts(None, "data/cwd.jsonl")[0].meta["image"] == "cwd_frame.png"  # as before: kept
     with_image = collect_prompts(["a", "b"], None, str(data / "frame0.png"))
     assert [p.meta for p in with_image] == [{"image": str(data / "frame0.png")}] * 2
     with pytest.raises(UserError, match=r"--image: image '.*missing.png' not found"):

@@ -18,3 +18,14 @@ def test_scoring_uses_the_rewards_layers_column_rule():
     assert columns.to_column("r", [1, None], 2).tolist()[0] == 1.0
     with pytest.raises(UserError, match="too large for fp32"):
         columns.to_column("r", torch.tensor([1e39], dtype=torch.float64), 1)
+
+
+def test_a_big_endian_numpy_column_is_read():
+    """torch.from_numpy refuses a big-endian array ('>f4', as some file readers return): every request to a served
+    reward returning one was a 500."""
+    import numpy as np
+
+    from mmgrpo.rewards.columns import to_column
+
+    assert to_column("r", np.array([1.5, 2.5], dtype=">f4"), 2).tolist() == [1.5, 2.5]
+    assert to_column("r", np.array([1, 2], dtype=">i8"), 2).tolist() == [1.0, 2.0]

@@ -886,6 +886,9 @@ def test_only_502_503_504_and_connection_failures_are_retried(canned):
     flaky = canned(lambda handler: next(answers))
     assert remote(flaky.url, retries=2, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx()).tolist() == [1, 2]
     assert len(flaky.seen) == 3
+    proxied = iter([(522, {}, b"origin timed out"), (200, {}, b'{"rewards": [3, 4]}')])  # Cloudflare's origin errors
+    behind = canned(lambda handler: next(proxied))
+    assert remote(behind.url, retries=2, backoff=0.01)(_images(2), ["p"] * 2, [{}] * 2, _ctx()).tolist() == [3, 4]
     for code in (500, 501):  # the server (the reward) failed on these rows: sent once
         failing_server = canned(_json_answer('{"error": "reward failed: RuntimeError: judge OOM"}', code))
         with pytest.raises(UserError, match=f"HTTP {code}: reward failed: RuntimeError: judge OOM; not re-sent"):
