@@ -575,5 +575,5 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "scores.json").write_text(json.dumps(summary, indent=2))
     mean_best = float(np.mean([r["best_score"] for r in records]))
     print(f"best-of-{args.best_of} for {len(records)} prompts: mean best {args.reward} = {mean_best:.4f}; "
-          f"wrote {args.out}/best_*.png|mp4, grid.png, scores.json")  # fmt: skip
+          f"wrote {Path(args.out) / 'best_*.png|mp4'}, grid.png, scores.json")  # fmt: skip
     return 0
