@@ -482,6 +482,27 @@ def _reward_json(url: str, raw: bytes) -> dict:
     )
 
 
+def _refuse_unless_retried(url: str, e: urllib.error.HTTPError, msg: str) -> None:
+    """The UserError of an HTTP error that is not re-sent: a redirect (never followed), a 4xx (refused), a 5xx
+    outside ``RETRIED_CODES`` (the reward failed on these rows); returns for one that is re-sent."""
+    if 300 <= e.code < 400:
+        location = e.headers.get("Location") if e.headers is not None else None
+        raise UserError(
+            f"reward server at {url} answered HTTP {e.code}, a redirect to {quoted(location, 200)}; the remote "
+            "reward follows no redirect (its token would go to that host, and the rewards would come from it). "
+            "Set the remote reward's 'url' option to the server that scores"
+        ) from e
+    if e.code < 500:
+        raise UserError(
+            f"reward server at {url} refused the request: HTTP {e.code}: {msg}{_refusal_hint(e.code, msg)}"
+        ) from e
+    if e.code not in RETRIED_CODES:
+        raise UserError(
+            f"reward server at {url} failed: HTTP {e.code}: {msg}; not re-sent (the reward would score the same "
+            "rows again); see the server's log"
+        ) from e
+
+
 def post_score(url: str, body: bytes, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
     """POST ``body`` to ``url/score`` and return the answer's JSON; retries connection-level failures and the
     HTTP errors of ``RETRIED_CODES`` (502, 503, 504, a proxy's 520-524) with exponential backoff, nothing else.
@@ -520,22 +541,7 @@ def post_score(url: str, body: bytes, token: str | None, timeout: float, retries
                 busy += 1
                 time.sleep(wait)
                 continue
-            if 300 <= e.code < 400:
-                location = e.headers.get("Location") if e.headers is not None else None
-                raise UserError(
-                    f"reward server at {url} answered HTTP {e.code}, a redirect to {quoted(location, 200)}; the "
-                    "remote reward follows no redirect (its token would go to that host, and the rewards would "
-                    "come from it). Set the remote reward's 'url' option to the server that scores"
-                ) from e
-            if e.code < 500:
-                raise UserError(
-                    f"reward server at {url} refused the request: HTTP {e.code}: {msg}{_refusal_hint(e.code, msg)}"
-                ) from e
-            if e.code not in RETRIED_CODES:
-                raise UserError(
-                    f"reward server at {url} failed: HTTP {e.code}: {msg}; not re-sent (the reward would score the "
-                    "same rows again); see the server's log"
-                ) from e
+            _refuse_unless_retried(url, e, msg)
             errors.append(f"HTTP {e.code}: {msg}")
             server_failed = True
         except TimeoutError as e:  # raw from getresponse/read: sent, unanswered (connect timeouts are URLError)
