@@ -35,6 +35,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from mmgrpo.core.dtypes import missing_device
 from mmgrpo.core.errors import UserError, bad_option, out_of_memory, quoted
 from mmgrpo.core.registry import Registry
 from mmgrpo.core.schema import check_options, check_values
@@ -145,22 +148,13 @@ def _check_device_option(name: str, device: Any) -> None:
     the config loads (a config written for a GPU machine still loads, and is checked, elsewhere)."""
     if not isinstance(device, str):
         return
-    import torch
-
     try:
-        kind = torch.device(device)
+        why = missing_device(torch.device(device))
     except (RuntimeError, ValueError):  # a plug-in's own device word ('auto', 'balanced'): the factory reads it
         return
-    if kind.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if kind.index is not None and kind.index < count or kind.index is None and count:
-            return
-        seen = f"{count} CUDA GPU(s), cuda:0..cuda:{count - 1}" if count else "no CUDA GPU"
-        raise UserError(f"reward {name!r}: device={device!r}, but torch sees {seen} on this machine; set the "
-                        "reward's device option to one it has (device: cpu)")  # fmt: skip
-    if kind.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"reward {name!r}: device={device!r}, but MPS is not available on this machine; set the "
-                        "reward's device option to cpu")  # fmt: skip
+    if why:
+        raise UserError(f"reward {name!r}: device={device!r}, but {why}; set the reward's device option to one it "
+                        "has (device: cpu)")  # fmt: skip
 
 
 def check_reward_options(name: str, options: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from torch import nn
 
 from mmgrpo import rewards as reward_registry
 from mmgrpo.core.config_yaml import option_value
+from mmgrpo.core.dtypes import missing_device
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
 from mmgrpo.core.files import check_image, check_output_folder, open_video, staged_folder
 from mmgrpo.core.schema import options_from
@@ -141,18 +142,11 @@ def check_device(text: str) -> torch.device:
     except (RuntimeError, ValueError) as e:
         raise UserError(f"--device {text!r} is not a device; give cpu, cuda or cuda:N (or leave --device out: cuda "
                         "when available)") from e  # fmt: skip
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"--device {text}: torch sees no CUDA GPU on this machine; use --device cpu (or leave "
-                            "--device out)")  # fmt: skip
-        if device.index is not None and device.index >= count:
-            raise UserError(f"--device {text}: torch sees {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError(f"--device {text}: MPS is not available on this machine; use --device cpu")
-    elif device.type != "cpu":
+    if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {text!r}: sampling runs on cpu, cuda (cuda:N) or mps")
+    why = missing_device(device)
+    if why:
+        raise UserError(f"--device {text}: {why}; use --device cpu (or leave --device out)")
     return device
 
 
