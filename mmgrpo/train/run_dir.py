@@ -38,6 +38,7 @@ from mmgrpo.train.config import (
     config_diff,
     dump_config,
     load_config,
+    read_yaml,
     resolved_config,
     to_dict,
 )
@@ -166,8 +167,8 @@ def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
     saved = run_dir / "config.yaml"
     if force or not saved.is_file():
         return
-    try:
-        old = resolved_config(load_config(saved))  # a run written before config.yaml was resolved: as if it were
+    try:  # a run written before config.yaml was resolved: as if it were
+        old = resolved_config(load_config(saved, base=with_resumable_values(read_yaml(saved), cfg)))
     except UserError as e:
         raise UserError(
             f"resume={run_dir}: its config.yaml no longer loads ({e}); pass resume_force=true to resume anyway"
@@ -192,6 +193,30 @@ def check_resume_config(cfg: Config, run_dir: Path, force: bool) -> None:
             "compute what the original would have; revert these, start a new run (another run.name), or pass "
             "resume_force=true to continue with the new values"
         )
+
+
+def with_resumable_values(raw: dict, cfg: Config) -> dict:
+    """The saved config ``raw`` with ``cfg``'s value at each key a resume may change (``RESUMABLE``) that both hold:
+    a value this version refuses there (a run's ``fps: 300`` from before fps was bounded) is one the resume replaces
+    anyway, so it must not stop the saved config from loading (which asked for ``resume_force``, turning off every
+    resume check)."""
+    now = to_dict(cfg)
+
+    def walk(node: Any, have: Any, prefix: str) -> None:
+        if not isinstance(node, dict) or not isinstance(have, dict):
+            return
+        for k in node:
+            key = f"{prefix}{k}"
+            if k not in have:
+                continue
+            if key in RESUMABLE:
+                node[k] = copy.deepcopy(have[k])
+            elif any(r.startswith(key + ".") for r in RESUMABLE):
+                walk(node[k], have[k], key + ".")
+
+    out = copy.deepcopy(raw)
+    walk(out, now, "")
+    return out
 
 
 def options_added_since(saved: Path, cfg: Config) -> list[tuple[str, Any]]:

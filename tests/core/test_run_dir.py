@@ -231,6 +231,23 @@ def test_resume_refuses_a_changed_config_unless_forced(tmp_path, change, named):
         train(cfg(tmp_path, "trainer.max_steps=8", change, "resume_force=true", f"resume={part.run_dir}"))
 
 
+def test_a_saved_value_this_version_refuses_at_a_resumable_key_is_replaced_not_a_reason_to_force(tmp_path):
+    """A run written before a bound existed (fps 300 before fps was bounded; here log_every 0) could not resume
+    without resume_force=true, which turns off every resume check: the saved config "no longer loads"."""
+    part = train(cfg(tmp_path, "run.name=old", "trainer.max_steps=4", "trainer.stop_after_steps=2"))
+    saved = part.run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace("log_every: 1", "log_every: 0"))
+    assert "log_every: 0" in saved.read_text()
+    done = train(cfg(tmp_path, "trainer.max_steps=4", f"resume={part.run_dir}"))
+    assert done.step == 4 and "log_every: 1" in saved.read_text()
+    # a refused value at a key that changes what the run computes still needs resume_force, named
+    part = train(cfg(tmp_path, "run.name=old2", "trainer.max_steps=4", "trainer.stop_after_steps=2"))
+    saved = part.run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace("group_size: 4", "group_size: 0"))
+    with pytest.raises(UserError, match="its config.yaml no longer loads .*group_size.*resume_force=true"):
+        train(cfg(tmp_path, "trainer.max_steps=4", f"resume={part.run_dir}"))
+
+
 def test_a_resumed_runs_config_yaml_records_the_run_so_a_copy_of_it_starts_a_new_one(tmp_path):
     """config.yaml kept the invocation's resume=: `mmgrpo train runs/sig/config.yaml run.name=ref` resumed sig
     (rewriting its config.yaml with run.name: ref) instead of starting ref."""
