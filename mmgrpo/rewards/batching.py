@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmgrpo.core.types import RewardContext
-from mmgrpo.rewards.remote import WireRequest, rewards_to_list, samples_for_reward
+from mmgrpo.rewards.wire import WireRequest, rewards_to_list, samples_for_reward
 
 log = logging.getLogger("mmgrpo.rewards.server")
 

@@ -1,7 +1,7 @@
 """The rule a reward's output must follow to become a column: one number per row, finite, fp32.
 
 Shared by the trainer (:mod:`mmgrpo.train.scoring` checks every local reward's output with :func:`to_column`) and the
-reward server (:func:`mmgrpo.rewards.remote.rewards_to_list` applies the same function to a served reward's output
+reward server (:func:`mmgrpo.rewards.wire.rewards_to_list` applies the same function to a served reward's output
 before answering), so a reward is refused for the same values, with the same words, wherever it runs.
 """
 

@@ -3,7 +3,7 @@
     mmgrpo serve-reward NAME [--option key=value ...] [--host 127.0.0.1] [--port 8090] [--token T]
                              [--max-request-mb 64] [--max-batch-rows 256] [--batch-wait-s 0.01]
 
-``POST /score`` takes one wire-format request (:mod:`mmgrpo.rewards.remote`; NPZ + JSON, never pickle) and answers
+``POST /score`` takes one wire-format request (:mod:`mmgrpo.rewards.wire`; NPZ + JSON, never pickle) and answers
 ``{"rewards": [...]}``; ``GET /health`` answers ``{"status": "ok", "reward": NAME, ...}`` (no token needed). Any other
 method on these paths is a JSON 405 with ``Allow``, any other path a JSON 404.
 
@@ -57,7 +57,7 @@ from mmgrpo.core.config_yaml import option_value
 from mmgrpo.core.errors import UserError
 from mmgrpo.rewards.batching import Batcher
 from mmgrpo.rewards.registry import check_reward_options, get, resolve
-from mmgrpo.rewards.remote import (
+from mmgrpo.rewards.wire import (
     TOKEN_ENV,
     WIRE_VERSION,
     decode_request,
@@ -335,7 +335,7 @@ def is_loopback(host: str) -> bool:
 
 class CheckedReward:
     """The served reward, its output checked as the trainer checks a local reward's column, under its own name
-    (:func:`~mmgrpo.rewards.remote.rewards_to_list`): a value the trainer would refuse is a 500 with the trainer's
+    (:func:`~mmgrpo.rewards.wire.rewards_to_list`): a value the trainer would refuse is a 500 with the trainer's
     message (``reward 'NAME' returned a tensor of shape [8, 4] for 32 rows ...``), never a number the client
     trains on. Returns N floats or None."""
 

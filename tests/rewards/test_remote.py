@@ -22,8 +22,9 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.core.types import RewardContext
 from mmgrpo.rewards import server as server_mod
 from mmgrpo.rewards.batching import Batcher
-from mmgrpo.rewards.remote import decode_request, encode_request, quantise_uint8, remote
+from mmgrpo.rewards.remote import remote
 from mmgrpo.rewards.server import is_loopback, main, parse_options, serve
+from mmgrpo.rewards.wire import decode_request, encode_request, quantise_uint8
 
 
 def mean_pixel(samples, prompts, meta, ctx) -> torch.Tensor:  # samples [N, 3, H, W] or [N, F, 3, H, W] -> [N]
