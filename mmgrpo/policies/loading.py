@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmgrpo.core.errors import UserError, bad_option
-from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS, DiffusionPolicyOptions, check_attention
+from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS
+from mmgrpo.policies.diffusion_options import DiffusionPolicyOptions, check_attention
 from mmgrpo.policies.models import MAX_FPS, MIN_FPS
 from mmgrpo.policies.sources import check_source_options, resolve_source
 

@@ -47,7 +47,8 @@ from mmgrpo.core.files import check_image, check_output_folder, open_video, stag
 from mmgrpo.core.schema import options_from
 from mmgrpo.core.types import RewardContext
 from mmgrpo.data.prompts import Prompt, decoded_meta, read_prompts
-from mmgrpo.policies.diffusion import MAX_GUIDANCE, DiffusionPolicy
+from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.diffusion_options import MAX_GUIDANCE
 from mmgrpo.policies.exploration import FullOptions
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnable_attention
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint

@@ -157,7 +157,7 @@ def test_xformers_attention_where_it_cannot_run_is_one_paragraph_before_the_weig
     loaded: on a device other than CUDA it names sdpa; on CUDA without xformers, the gpu extra. The recipes check it
     before from_pretrained (load_adapter, with the device they load on); DiffusionPolicy checks its adapter's."""
     from mmgrpo.core.errors import UserError
-    from mmgrpo.policies import diffusion as diffusion_mod
+    from mmgrpo.policies import diffusion_options as diffusion_mod
     from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
     from mmgrpo.testing.checks import record_weight_loads
 
