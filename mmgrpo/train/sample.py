@@ -393,6 +393,15 @@ def build_policy(args: argparse.Namespace) -> tuple[Any, Path | None, Any]:
     return policy, ckpt, opts
 
 
+def scores_videos(name: str, reward_fn: Any, policy: DiffusionPolicy, opts: Any) -> None:
+    """A video reward (``scores = "videos"``, e.g. motion) with a model that draws images: refused once the model
+    is known, before any drawing (the reward failed on the first prompt's samples after they were drawn)."""
+    video = "videos" in (getattr(reward_fn, "scores", None), getattr(reward_registry.resolve(name), "scores", None))
+    if video and len(policy.adapter.latent_shape()) != 4:  # (C, F, h, w): a video family's; (C, h, w): an image's
+        raise UserError(f"--reward {name} scores videos, but the model ({opts.family}, {opts.path}) draws images; "
+                        "pick an image reward (e.g. clip_score, aesthetic, jpeg_compressibility)")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- best of N
 def sample_seeds(seed: int, n: int) -> list[int]:
     """Seeds of the N samples of every prompt: seed, seed + 1, ..., seed + N - 1."""
@@ -557,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     reward_fn = reward_registry.get(args.reward, **reward_options)
     policy, ckpt, opts = build_policy(args)
+    scores_videos(args.reward, reward_fn, policy, opts)
     torch.manual_seed(args.seed)
     with staged_folder(args.out) as tmp:  # whole or not at all: a failure mid-way leaves no half-written --out
         records = best_of_n(policy, reward_fn, args.reward, prompts, args.best_of, tmp, seed=args.seed,

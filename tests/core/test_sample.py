@@ -328,6 +328,17 @@ def test_user_errors_are_one_paragraph(tmp_path, capsys, tiny_ckpt, trained_run,
     assert not (tmp_path / "out" / "scores.json").exists()
 
 
+def test_a_video_reward_with_an_image_model_is_refused_before_any_drawing(tmp_path, capsys, tiny_ckpt, monkeypatch):
+    """`--reward motion` on an image model failed on the first prompt's samples, once they were drawn."""
+    drawn = []
+    monkeypatch.setattr(DiffusionPolicy, "generate", lambda self, *a, **k: drawn.append(1))
+    code, _, err = run_cli(capsys, "--model", tiny_ckpt, "--prompts", "a", "--best-of", "2", "--reward", "motion",
+                           "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and not drawn and not (tmp_path / "out").exists()
+    paragraph = " ".join(err[err.index("error: ") :].split())
+    assert paragraph.startswith(f"error: --reward motion scores videos, but the model (sd3, {tiny_ckpt}) draws images")
+
+
 def test_cuda_without_a_gpu_is_a_user_error(tmp_path, capsys, tiny_ckpt):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
