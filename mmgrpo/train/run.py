@@ -134,6 +134,10 @@ def _out_of_memory(trainer: Any, run_dir: Path, error: BaseException, made: list
         lower = [f"set trainer.micro_batch_size to fewer rows a forward (now {now})"]
     lower.append(f"raise trainer.rollout_chunks (now {t.rollout_chunks}: the rollout's rows in that many parts)")
     other = []
+    adapter = getattr(trainer.policy, "adapter", None)
+    if getattr(adapter, "num_frames", None):  # a video's activations grow with its frames and pixels
+        now = f"now {adapter.num_frames} frames of {adapter.width}x{adapter.height}"
+        other.append(f"shorter or smaller videos: policy.options.num_frames / height / width ({now})")
     if getattr(opts, "gradient_checkpointing", None) is False:
         other.append("policy.options.gradient_checkpointing=true")
     if t.mixed_precision in (None, "no"):

@@ -320,6 +320,31 @@ def run_recipe(tmp_path, pipeline, ckpt, data, policy_opts, **trainer):
     return train(load_config(path, [f"run.output_dir={tmp_path}"]))
 
 
+def test_out_of_memory_in_a_video_run_names_the_video_size(tmp_path, monkeypatch, capsys):
+    """A video's activations grow with its frames and pixels; the paragraph named only the micro-batch, the rollout
+    chunks, checkpointing and precision (the video walkthrough of 2026-12-07: HunyuanVideo at height 100000)."""
+    from mmgrpo.train.cli import main
+    from mmgrpo.train.trainer import Trainer
+
+    def update(self, *args):  # the allocator's failure, injected (CPU cannot run out on cue)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB.")
+
+    monkeypatch.setattr(Trainer, "update", update)
+    cfg = {
+        "pipeline": "text_to_video",
+        "policy": {"options": {"path": save_tiny_wan(tmp_path / "t2v"), "num_steps": 2, **SIZE}},
+        "data": {"options": {"prompts": "shapes", "heldout_prompts": ""}},
+        "rewards": [{"name": "motion"}],
+        "trainer": {"max_steps": 1, "prompts_per_step": 1, "group_size": 2, "progress": False, "eval_every": 0},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "c.yaml"), f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    size = f"now {SIZE['num_frames']} frames of {SIZE['width']}x{SIZE['height']}"
+    assert f"shorter or smaller videos: policy.options.num_frames / height / width ({size})" in err, err
+
+
 def test_text_to_video_training_changes_only_lora(tmp_path):
     from mmgrpo.policies.models.wan import WanAdapter
 
