@@ -20,6 +20,7 @@ from mmgrpo.core.advantages import (
     SHAPERS,
     combine_options,
     estimator_options,
+    has_row_weights,
     shaping_options,
 )
 from mmgrpo.core.aggregations import AGGREGATIONS, make_aggregation
@@ -36,6 +37,7 @@ from mmgrpo.train.tracking import check_tracker_names
 def validate_components(cfg: Any, where: str) -> None:
     """Check component names and options against what each registered component accepts."""
     validate_advantage_and_loss(cfg.advantage, cfg.loss, where, [r.kind for r in cfg.rewards])
+    check_row_weights(cfg.advantage, [float(r.weight) for r in cfg.rewards], where)
     if cfg.pipeline not in components.PIPELINES:
         raise UserError(f"pipeline in {where}: " + components.PIPELINES.unknown_message(cfg.pipeline))
     pipeline = components.PIPELINES.get(cfg.pipeline)
@@ -230,6 +232,26 @@ def _check_group_split(cfg: Any, where: str) -> None:
             "minibatch holds a slice of every group, so some minibatches would get no rows; lower "
             "trainer.minibatches or raise trainer.group_size"
         )
+
+
+def row_weights_refusal(estimator: str, combine: str, weighted: int) -> str:
+    """Why estimator ``estimator``'s row weights cannot be read with combiner ``combine`` over ``weighted`` rewards."""
+    return (f"advantage.estimator={estimator} leaves each group's pivot row (its median, advantage 0) out of the "
+            f"loss, but advantage.combine={combine} normalises each of the {weighted} weighted rewards on its own: "
+            "each has its own median row, and no row's advantage is 0 (the pivot left out was the median of the "
+            "rewards' sum, a row that had an advantage); use advantage.combine=sum_then_normalize (or posterior) "
+            "with it, or another estimator")  # fmt: skip
+
+
+def check_row_weights(a: Any, weights: list[float], where: str) -> None:
+    """At config load: an estimator that weighs its rows (MC-GRPO) reads one reward total, which a combiner
+    normalising several weighted rewards each on its own does not have
+    (:func:`~mmgrpo.core.advantages.combiners.row_weight_total`)."""
+    if not has_row_weights(a.estimator) or getattr(COMBINERS.get(a.combine), "total", None) is not None:
+        return
+    weighted = sum(w != 0 for w in weights)
+    if weighted > 1:
+        raise UserError(f"{row_weights_refusal(a.estimator, a.combine, weighted)} (in {where})")
 
 
 def validate_advantage_and_loss(a: Any, lc: Any, where: str, kinds: list[str] | None = None) -> None:

@@ -47,6 +47,7 @@ from mmgrpo.train.accelerator import check_fp16_params, make_accelerator, optimi
 from mmgrpo.train.collect import CollectPhase
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
+from mmgrpo.train.config_checks import row_weights_refusal
 from mmgrpo.train.report import (
     before_after,
     load_first_eval,
@@ -59,7 +60,7 @@ from mmgrpo.train.report import (
 )
 from mmgrpo.train.run import run_training
 from mmgrpo.train.run_dir import prepare_run_dir  # noqa: F401  (also how tests build a run directory)
-from mmgrpo.train.scoring import applicable_total, build_rewards, reward_metrics, uninformative_groups
+from mmgrpo.train.scoring import build_rewards, reward_metrics, uninformative_groups
 from mmgrpo.train.signals import Interrupted, stop_on_signals
 from mmgrpo.train.tracking import (
     check_trackers_installed,
@@ -237,10 +238,7 @@ class Trainer(CollectPhase, UpdatePhase):
         if a.min_advantage is not None:
             adv_p = adv_p.clamp(min=a.min_advantage)
         adv = unpad_groups(adv_p, sizes)  # [N_total]
-        # the rows no reward applies to are NaN for the row weights as for the estimator (MC-GRPO's pivot is the
-        # median of the scored rows)
-        applicable = pad_groups(applicable_total(shaped[0], self.rewards), sizes)
-        row_w = unpad_groups(adv_lib.get_row_weights(a.estimator)(applicable, **opts), sizes)  # [N_total]
+        row_w = unpad_groups(self.row_weights(pad_groups(shaped[0], sizes), weights_t, kinds, opts), sizes)  # [N]
         zero = uninformative_groups(all_cols[0], self.rewards, sizes, a.combine)
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
             (self.run_dir / "debug").mkdir(parents=True, exist_ok=True)
@@ -274,6 +272,20 @@ class Trainer(CollectPhase, UpdatePhase):
             adv_local, m = hook(adv_local, rollout, cols, names, **extra)
             metrics.update(m)
         return unpad_groups(adv_local, rollout.sizes), row_w[mine].float(), metrics
+
+    def row_weights(self, cols: torch.Tensor, weights: torch.Tensor, kinds: list[str], opts: dict) -> torch.Tensor:
+        """The estimator's per-row loss weights [B, G] from reward columns ``cols [R, B, G]``, read from the total
+        the combiner hands the estimator, with this step's reward weights and gates (MC-GRPO's pivot is the median
+        row of that total, whose advantage is 0; it was the median of the configured weights' sum, another row under
+        dynamic reward weights or Posterior-GRPO's gate). Rows no reward applies to are NaN there, as for the
+        estimator; ``opts`` are the estimator's options and inputs."""
+        a = self.cfg.advantage
+        if not adv_lib.has_row_weights(a.estimator):  # every row weighs 1: nothing to read
+            return torch.ones(cols.shape[1:], dtype=torch.float32)
+        total = adv_lib.row_weight_total(a.combine, cols, weights, kinds, a.combine_options)
+        if total is None:
+            raise UserError(row_weights_refusal(a.estimator, a.combine, int((weights != 0).sum())))
+        return adv_lib.get_row_weights(a.estimator)(total, **opts)
 
     def _gather_counts(self, n: int) -> list[int]:
         """[P] this step's row count of every rank (ranks differ when groups are ragged)."""

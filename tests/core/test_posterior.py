@@ -83,3 +83,47 @@ def test_a_run_with_the_posterior_combiner_trains_something_else(tmp_path):
         )
     )
     assert metrics(c.run_dir) != metrics(b.run_dir) and len(metrics(c.run_dir)) == 3
+
+
+def test_mc_grpo_leaves_out_the_median_row_of_the_total_its_estimator_reads(tmp_path):
+    """MC-GRPO's pivot (loss weight 0) is the median row of the reward total, whose advantage is 0. Its row weights
+    read the configured weights' plain sum, while the posterior combiner hands the estimator the gated sum (and
+    dynamic reward weights another sum): another row was left out, one with an advantage.
+
+    outcome (w 0.5) [1, 1, 1, 0, 0], process (w 1) [0, 0.1, 0.2, 0.9, 1.0]: gated totals [0.5, 0.6, 0.7, 0, 0],
+    median 0.5 (row 0, advantage 0); MAD median(|r - 0.5|) = median[0, 0.1, 0.2, 0.5, 0.5] = 0.2, so advantages
+    [0, 0.5, 1, -2.5, -2.5]. The plain sum [0.5, 0.6, 0.7, 0.9, 1.0] has its median at row 2, advantage 1."""
+    from mmgrpo.train.trainer import Trainer
+
+    cfg = cfg_for(tmp_path, "advantage.estimator=mc_grpo", "advantage.combine=posterior", "rewards.0.weight=0.5",
+                  "rewards.1.weight=1.0", "rewards.1.kind=process", "trainer.prompts_per_step=1",
+                  "trainer.group_size=5")  # fmt: skip
+    tr = Trainer(cfg, tmp_path / "p")
+    rollout, _, _ = tr.collect(0)
+    cols = torch.tensor([[[1.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.1, 0.2, 0.9, 1.0]]])  # [V, R, N]
+    a, row_w, _ = tr.advantage(cols, rollout, 0)
+    assert torch.allclose(a, torch.tensor([0.0, 0.5, 1.0, -2.5, -2.5]), atol=1e-5)
+    assert row_w.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+    # sum_then_normalize: the plain sum's median, row 2
+    tr.cfg.advantage.combine = "sum_then_normalize"
+    a, row_w, _ = tr.advantage(cols, rollout, 0)
+    assert a[2] == 0 and row_w.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+
+
+def test_mc_grpo_with_several_rewards_normalised_each_on_its_own_is_refused_at_load(tmp_path):
+    """normalize_then_sum gives each weighted reward its own median row: no row's advantage is 0, and the pivot left
+    out was the median of the rewards' sum, a row with an advantage."""
+    with pytest.raises(UserError, match="advantage.estimator=mc_grpo leaves each group's pivot row .* "
+                                        "advantage.combine=normalize_then_sum normalises each of the 2 weighted "
+                                        "rewards on its own"):  # fmt: skip
+        cfg_for(tmp_path, "advantage.estimator=mc_grpo", "advantage.combine=normalize_then_sum")
+    # one weighted reward (the other logged only): its own median row, as sum_then_normalize's
+    from mmgrpo.train.trainer import Trainer
+
+    cfg = cfg_for(tmp_path, "advantage.estimator=mc_grpo", "advantage.combine=normalize_then_sum",
+                  "rewards.1.weight=0", "trainer.prompts_per_step=1", "trainer.group_size=5")  # fmt: skip
+    tr = Trainer(cfg, tmp_path / "p")
+    rollout, _, _ = tr.collect(0)
+    cols = torch.tensor([[[0.2, 0.9, 0.5, 0.1, 0.7], [9.0, 0.0, 0.0, 0.0, 0.0]]])  # [V, R, N]
+    a, row_w, _ = tr.advantage(cols, rollout, 0)
+    assert a[2] == 0 and row_w.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]  # reward 0's median 0.5, row 2

@@ -49,8 +49,10 @@ from mmgrpo.core.advantages.combiners import (  # noqa: F401
     check_kinds,
     combine,
     combine_options,
+    combined_total,
     normalize_then_sum,
     posterior,
+    row_weight_total,
     sum_then_normalize,
 )
 from mmgrpo.core.advantages.estimators import (  # noqa: F401
@@ -84,6 +86,7 @@ from mmgrpo.core.advantages.registry import (  # noqa: F401
     get_estimator,
     get_row_weights,
     get_shaping,
+    has_row_weights,
     register_estimator,
     register_shaping,
     shaping_options,

@@ -25,9 +25,18 @@ def sum_then_normalize(
     other weights are NOT renormalised; a row where no reward applies is NaN for the estimator, so it is left out
     of the statistics and gets advantage 0.
     """
+    return estimator(summed(rewards, weights), **options)
+
+
+def summed(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum [B, G] of ``rewards [R, B, G]`` (a NaN entry counts 0), NaN where no reward applies: what
+    :func:`sum_then_normalize` hands the estimator."""
     valid = ~rewards.isnan()  # [R, B, G]
     total = (weights[:, None, None] * torch.where(valid, rewards, 0.0)).sum(0)  # [B, G]
-    return estimator(torch.where(valid.any(0), total, math.nan), **options)
+    return torch.where(valid.any(0), total, math.nan)
+
+
+sum_then_normalize.total = summed  # type: ignore[attr-defined]  (the one total its estimator call reads)
 
 
 @COMBINERS.register("normalize_then_sum")
@@ -83,6 +92,14 @@ def posterior(
     summed reward before one group normalisation is our reading of it (a gated process reward of a wrong row is 0,
     not NaN: the row still competes on its outcome).
     """
+    return estimator(posterior_total(rewards, weights, kinds=kinds, threshold=threshold), **options)
+
+
+def posterior_total(
+    rewards: torch.Tensor, weights: torch.Tensor, *, kinds: list[str] | None = None, threshold: float = 1.0
+) -> torch.Tensor:
+    """R [B, G] of :func:`posterior`: the process rewards of the rows that are not correct set to 0, then
+    :func:`summed`."""
     kinds = check_kinds(kinds, rewards.shape[0], "posterior")
     _check_posterior(kinds, threshold)
     outcome = torch.tensor([k == "outcome" for k in kinds], device=rewards.device)  # [R]
@@ -90,11 +107,11 @@ def posterior(
     applies = ~out_r.isnan()
     correct = applies.any(0) & torch.where(applies, out_r >= threshold, True).all(0)  # [B, G]
     gate = outcome[:, None, None] | correct[None]  # [R, B, G]: outcome columns always, process ones when correct
-    gated = torch.where(gate | rewards.isnan(), rewards, 0.0)
-    return sum_then_normalize(gated, weights, estimator, options)
+    return summed(torch.where(gate | rewards.isnan(), rewards, 0.0), weights)
 
 
 posterior.check = _check_posterior  # type: ignore[attr-defined]
+posterior.total = posterior_total  # type: ignore[attr-defined]
 
 
 def combine_options(name: str, options: dict[str, Any], where: str, kinds: list[str] | None = None) -> dict[str, Any]:
@@ -153,3 +170,43 @@ def combine(
     if "kinds" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         extra["kinds"] = check_kinds(kinds, r.shape[0])
     return combiner(r, w, est, dict(options or {}), **extra)
+
+
+def combined_total(
+    name: str,
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    kinds: list[str] | None = None,
+    combine_options: dict[str, Any] | None = None,
+) -> torch.Tensor | None:
+    """The one reward total [B, G] that combiner ``name`` hands its estimator (``fn.total``, with the inputs and
+    options :func:`combine` gives it), or None for a combiner that calls the estimator once per reward column
+    (:func:`normalize_then_sum`) or declares no total: what an estimator's row weights (MC-GRPO's pivot, the median
+    row whose advantage is 0) must be read from, with the same weights and gating as the advantages."""
+    total = getattr(COMBINERS.get(name), "total", None)
+    if total is None:
+        return None
+    r = torch.as_tensor(rewards).to(torch.float32)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=r.device).reshape(-1)
+    extra = dict(combine_options or {})
+    params = inspect.signature(total).parameters
+    if "kinds" in params:
+        extra["kinds"] = check_kinds(kinds, r.shape[0])
+    return total(r, w, **extra)
+
+
+def row_weight_total(
+    name: str,
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    kinds: list[str] | None = None,
+    combine_options: dict[str, Any] | None = None,
+) -> torch.Tensor | None:
+    """What an estimator's row weights read [B, G]: :func:`combined_total`, or, for a combiner without one, the
+    only reward column with a weight (the one estimator call whose pivot reaches the advantage); None when several
+    weighted columns are normalised each on its own (each has its own pivot row)."""
+    total = combined_total(name, rewards, weights, kinds, combine_options)
+    if total is not None:
+        return total
+    used = [k for k in range(len(weights)) if float(weights[k]) != 0.0]
+    return torch.as_tensor(rewards[used[0]]).to(torch.float32) if len(used) == 1 else None

@@ -100,6 +100,11 @@ def get_row_weights(name: str) -> Callable[..., torch.Tensor]:
     return getattr(ESTIMATORS.get(name), "row_weights", _unit_weights)  # unknown name: UserError listing known
 
 
+def has_row_weights(name: str) -> bool:
+    """Whether estimator ``name`` weighs its rows (``fn.row_weights``, MC-GRPO's pivot), not every row 1."""
+    return get_row_weights(name) is not _unit_weights
+
+
 def get_shaping(name: str) -> Callable[..., torch.Tensor]:
     """The reward shaping ``name``: elementwise ``fn(rewards [...], **options) -> [...]``."""
     return _checked(SHAPERS.get(name), "shaping", name)
