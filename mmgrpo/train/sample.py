@@ -54,7 +54,7 @@ from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnab
 from mmgrpo.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, load_checkpoint, verify_checkpoint
 from mmgrpo.train.components import PIPELINES
 from mmgrpo.train.config import load_config
-from mmgrpo.train.report import checked_fps, checked_images, image_grid, video_fps, write_mp4
+from mmgrpo.train.media import checked_fps, checked_images, image_grid, video_fps, write_mp4
 from mmgrpo.train.scoring import call_reward
 
 BEST_COLOUR = (0.1, 0.8, 0.2)  # frame of the best sample in grid.png
@@ -489,9 +489,9 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def save_best(sample: torch.Tensor, path_stem: str | Path, fps: float | None = None) -> Path:
     """One sample at full resolution: [3, H, W] -> .png, [F, 3, H, W] -> .mp4 playing at ``fps`` (the model's
-    rate, :func:`~mmgrpo.train.report.video_fps`; a video without it, or with one that is not a finite number > 0,
+    rate, :func:`~mmgrpo.train.media.video_fps`; a video without it, or with one that is not a finite number > 0,
     is a ValueError, not a guess). A sample that is not floats in [0, 1] (uint8 0..255 was saved all white), not
-    finite, or empty is a ValueError (:func:`~mmgrpo.train.report.checked_images`)."""
+    finite, or empty is a ValueError (:func:`~mmgrpo.train.media.checked_images`)."""
     sample = checked_images(sample, "save_best", {3: "an image [3, H, W]", 4: "a video [F, 3, H, W]"})
     path_stem = Path(path_stem)
     if sample.shape[-3] == 1:  # grey: PIL and ffmpeg take RGB

@@ -41,7 +41,7 @@ from PIL import Image
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import write_atomic
-from mmgrpo.train.report import IMAGES, VIDEOS, checked_images, image_grid
+from mmgrpo.train.media import IMAGES, VIDEOS, checked_images, image_grid
 
 SINGLE_IMAGE_TRACKERS = ("aim", "clearml")  # their log_images takes one image per key, not a list
 
@@ -235,7 +235,7 @@ def log_evaluation(
     fps: float | None = None,
 ) -> list[str]:
     """An evaluation's sample grid / video (``images`` [n, 3, H, W] or [n, F, 3, H, W] in [0, 1]; a video plays at
-    ``fps``, the model's rate: :func:`~mmgrpo.train.report.video_fps`) as ``eval/samples`` and its completion
+    ``fps``, the model's rate: :func:`~mmgrpo.train.media.video_fps`) as ``eval/samples`` and its completion
     ``records`` as the table ``eval/completions``, to every started tracker that takes them (see the module's
     table). Returns ``"<tracker>:<what>"`` for each thing logged."""
     trackers = getattr(acc, "trackers", None) or []

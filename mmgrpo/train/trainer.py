@@ -48,16 +48,8 @@ from mmgrpo.train.collect import CollectPhase
 from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
 from mmgrpo.train.config_checks import row_weights_refusal
-from mmgrpo.train.report import (
-    before_after,
-    load_first_eval,
-    metrics_line,
-    save_completions,
-    save_first_eval,
-    save_samples,
-    video_fps,
-    write_report,
-)
+from mmgrpo.train.media import save_completions, save_samples, video_fps
+from mmgrpo.train.report import before_after, load_first_eval, metrics_line, save_first_eval, write_report
 from mmgrpo.train.run import run_training
 from mmgrpo.train.run_dir import prepare_run_dir  # noqa: F401  (also how tests build a run directory)
 from mmgrpo.train.scoring import build_rewards, reward_metrics, uninformative_groups

@@ -13,7 +13,8 @@ from PIL import Image
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.files import open_video
-from mmgrpo.train.report import before_after, can_write_mp4, image_grid, save_samples, write_mp4
+from mmgrpo.train.media import can_write_mp4, image_grid, save_samples, write_mp4
+from mmgrpo.train.report import before_after
 from mmgrpo.train.sample import save_best
 
 needs_mp4 = pytest.mark.skipif(not can_write_mp4(), reason="the 'video' extra (imageio, imageio-ffmpeg) is missing")

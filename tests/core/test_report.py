@@ -9,7 +9,8 @@ from PIL import Image
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.train.components import completion_records
-from mmgrpo.train.report import BA_GAP, BA_PAD, before_after, save_completions, write_report
+from mmgrpo.train.media import save_completions
+from mmgrpo.train.report import BA_GAP, BA_PAD, before_after, write_report
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

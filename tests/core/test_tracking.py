@@ -18,7 +18,8 @@ from mmgrpo.core.errors import UserError
 from mmgrpo.train.accelerator import make_accelerator
 from mmgrpo.train.components import EvalResult
 from mmgrpo.train.config import load_config
-from mmgrpo.train.report import image_grid, read_metrics
+from mmgrpo.train.media import image_grid
+from mmgrpo.train.report import read_metrics
 from mmgrpo.train.tracking import completion_table, flat_config, log_evaluation, start_trackers
 from mmgrpo.train.trainer import Trainer, prepare_run_dir, train
 

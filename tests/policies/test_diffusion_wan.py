@@ -207,7 +207,7 @@ def test_mmgrpo_train_with_a_bad_frame_count_says_so_first_and_loads_nothing(tmp
 def test_the_frame_rate_is_the_models_unless_the_user_sets_one(tmp_path):
     from mmgrpo import rewards as reward_registry
     from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
-    from mmgrpo.train.report import video_fps
+    from mmgrpo.train.media import video_fps
     from mmgrpo.train.sample import best_of_n
 
     assert tiny_wan_adapter().fps == 16 and tiny_wan_adapter(expand_timesteps=True).fps == 24  # Wan 2.2 TI2V-5B
@@ -247,7 +247,7 @@ def test_a_plug_in_adapter_taking_the_frame_options_in_from_pretrained_is_not_re
 
 
 def test_save_samples_writes_a_readable_mp4(tmp_path):
-    from mmgrpo.train.report import save_samples
+    from mmgrpo.train.media import save_samples
 
     videos = torch.zeros(2, 5, 3, 32, 32)  # [n, F, 3, H, W]
     videos[:, :, 0] = torch.linspace(0, 1, 5)[None, :, None, None]  # red ramps up over the frames
@@ -268,7 +268,7 @@ def test_without_imageios_ffmpeg_samples_fall_back_to_a_picture_and_best_of_n_sa
     step-0 evaluation): the run saves the first frame instead, and ``mmgrpo sample`` names the extra."""
     import sys
 
-    from mmgrpo.train.report import save_samples
+    from mmgrpo.train.media import save_samples
     from mmgrpo.train.sample import save_best
 
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
