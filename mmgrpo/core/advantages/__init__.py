@@ -49,7 +49,6 @@ from mmgrpo.core.advantages.combiners import (  # noqa: F401
     check_kinds,
     combine,
     combine_options,
-    combined_total,
     normalize_then_sum,
     posterior,
     row_weight_total,

@@ -159,6 +159,15 @@ def combine(
     """
     combiner = COMBINERS.get(name)
     est = get_estimator(estimator)
+    r, w, extra = _inputs(combiner, rewards, weights, kinds, combine_options)
+    return combiner(r, w, est, dict(options or {}), **extra)
+
+
+def _inputs(
+    fn: Any, rewards: torch.Tensor, weights: torch.Tensor, kinds: list[str] | None, combine_options: dict | None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(rewards [R, B, G] fp32, weights [R] fp32, keyword arguments) for a combiner ``fn`` (or its ``total``): its
+    options, and the reward streams when it declares ``kinds``."""
     r = torch.as_tensor(rewards).to(torch.float32)
     w = torch.as_tensor(weights, dtype=torch.float32, device=r.device).reshape(-1)
     if r.dim() != 3:
@@ -166,33 +175,10 @@ def combine(
     if w.numel() != r.shape[0]:
         raise UserError(f"combine: {w.numel()} weights for {r.shape[0]} reward columns; give one weight per reward")
     extra = dict(combine_options or {})
-    params = inspect.signature(combiner).parameters
+    params = inspect.signature(fn).parameters
     if "kinds" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         extra["kinds"] = check_kinds(kinds, r.shape[0])
-    return combiner(r, w, est, dict(options or {}), **extra)
-
-
-def combined_total(
-    name: str,
-    rewards: torch.Tensor,
-    weights: torch.Tensor,
-    kinds: list[str] | None = None,
-    combine_options: dict[str, Any] | None = None,
-) -> torch.Tensor | None:
-    """The one reward total [B, G] that combiner ``name`` hands its estimator (``fn.total``, with the inputs and
-    options :func:`combine` gives it), or None for a combiner that calls the estimator once per reward column
-    (:func:`normalize_then_sum`) or declares no total: what an estimator's row weights (MC-GRPO's pivot, the median
-    row whose advantage is 0) must be read from, with the same weights and gating as the advantages."""
-    total = getattr(COMBINERS.get(name), "total", None)
-    if total is None:
-        return None
-    r = torch.as_tensor(rewards).to(torch.float32)
-    w = torch.as_tensor(weights, dtype=torch.float32, device=r.device).reshape(-1)
-    extra = dict(combine_options or {})
-    params = inspect.signature(total).parameters
-    if "kinds" in params:
-        extra["kinds"] = check_kinds(kinds, r.shape[0])
-    return total(r, w, **extra)
+    return r, w, extra
 
 
 def row_weight_total(
@@ -202,11 +188,14 @@ def row_weight_total(
     kinds: list[str] | None = None,
     combine_options: dict[str, Any] | None = None,
 ) -> torch.Tensor | None:
-    """What an estimator's row weights read [B, G]: :func:`combined_total`, or, for a combiner without one, the
-    only reward column with a weight (the one estimator call whose pivot reaches the advantage); None when several
-    weighted columns are normalised each on its own (each has its own pivot row)."""
-    total = combined_total(name, rewards, weights, kinds, combine_options)
+    """What an estimator's row weights (MC-GRPO's pivot, the median row whose advantage is 0) read [B, G]: the one
+    reward total combiner ``name`` hands its estimator (its ``total``, with the inputs :func:`combine` gives it: the
+    same weights and gates as the advantages), or, for a combiner without one, the only reward column with a weight
+    (the one estimator call whose pivot reaches the advantage); None when several weighted columns are normalised
+    each on its own (:func:`normalize_then_sum`: each has its own pivot row)."""
+    total = getattr(COMBINERS.get(name), "total", None)
     if total is not None:
-        return total
+        r, w, extra = _inputs(total, rewards, weights, kinds, combine_options)
+        return total(r, w, **extra)
     used = [k for k in range(len(weights)) if float(weights[k]) != 0.0]
     return torch.as_tensor(rewards[used[0]]).to(torch.float32) if len(used) == 1 else None
