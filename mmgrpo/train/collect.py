@@ -202,7 +202,8 @@ class CollectPhase:
                 rollout, cols = reroll(self, batch, base, rollout, cols, step, timers)
             if not a.dynamic_sampling:
                 return rollout, cols, timers
-            zero = uninformative_groups(cols[0], self.rewards, rollout.sizes, a.combine)
+            kinds = [spec.kind for spec in self.cfg.rewards]
+            zero = uninformative_groups(cols[0], self.rewards, rollout.sizes, a.combine, kinds, a.combine_options)
             have = sum(p.num_groups for p, _ in kept)
             good = [g for g in range(rollout.num_groups) if not zero[g]][: self.B_local - have]
             bad = [g for g in range(rollout.num_groups) if zero[g]]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.advantages import zero_variance_groups
+from mmgrpo.core.advantages import row_weight_total, zero_variance_groups
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.types import RewardContext, Rollout, pad_groups, select_groups
 from mmgrpo.rewards.columns import FLOAT32_MAX, _check_finite, _one_number, to_column  # noqa: F401  (moved there)
@@ -188,17 +188,29 @@ def applicable_total(cols: torch.Tensor, rewards: list[tuple[str, float, Any]]) 
 
 
 def uninformative_groups(
-    cols: torch.Tensor, rewards: list[tuple[str, float, Any]], sizes: list[int], combine: str
+    cols: torch.Tensor,
+    rewards: list[tuple[str, float, Any]],
+    sizes: list[int],
+    combine: str,
+    kinds: list[str] | None = None,
+    combine_options: dict[str, Any] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The groups [B] whose advantages are all 0 because their rewards tie, from reward columns ``cols [R, N]``:
     under ``normalize_then_sum`` (each reward normalised on its own) those where every weighted reward's applicable
-    values tie; otherwise those where the applicable totals tie. Rows a reward does not apply to (NaN) are left out,
-    as the estimators leave them out: counted as 0, a group whose scored rows all tie looked spread, so DAPO's
-    dynamic sampling kept it (an update with advantage 0 everywhere) and ``adv/zero_variance_groups`` missed it."""
+    values tie; otherwise those where the total the combiner hands its estimator ties (Posterior-GRPO's gated sum:
+    a group of wrong answers whose process rewards differ has advantages all 0 there; ``weights`` [R]: this step's,
+    else the configured ones). Rows a reward does not apply to (NaN) are left out, as the estimators leave them
+    out: counted as 0, a group whose scored rows all tie looked spread, so DAPO's dynamic sampling kept it (an update
+    with advantage 0 everywhere) and ``adv/zero_variance_groups`` missed it."""
+    w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32) if weights is None else weights
     if combine == "normalize_then_sum":
-        ties = [zero_variance_groups(pad_groups(col, sizes)) for col, (_, w, _) in zip(cols, rewards) if w != 0]
+        ties = [zero_variance_groups(pad_groups(col, sizes)) for col, wt in zip(cols, w.tolist()) if wt != 0]
         return torch.stack(ties).all(0) if ties else torch.ones(len(sizes), dtype=torch.bool)
-    return zero_variance_groups(pad_groups(applicable_total(cols, rewards), sizes))
+    total = row_weight_total(combine, pad_groups(cols, sizes), w, kinds, combine_options)
+    if total is None:  # a plug-in combiner that does not say what it normalises: the applicable weighted sum
+        total = pad_groups(applicable_total(cols, rewards), sizes)
+    return zero_variance_groups(total)
 
 
 def take_groups(rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:

@@ -231,7 +231,7 @@ class Trainer(CollectPhase, UpdatePhase):
             adv_p = adv_p.clamp(min=a.min_advantage)
         adv = unpad_groups(adv_p, sizes)  # [N_total]
         row_w = unpad_groups(self.row_weights(pad_groups(shaped[0], sizes), weights_t, kinds, opts), sizes)  # [N]
-        zero = uninformative_groups(all_cols[0], self.rewards, sizes, a.combine)
+        zero = uninformative_groups(all_cols[0], self.rewards, sizes, a.combine, kinds, a.combine_options, weights_t)
         if self.cfg.trainer.dump_advantages and self.acc.is_main_process:
             (self.run_dir / "debug").mkdir(parents=True, exist_ok=True)
             dump = {"advantages": adv_p.contiguous(), "rewards": all_cols.contiguous(),

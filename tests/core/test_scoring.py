@@ -71,6 +71,22 @@ def test_groups_whose_scored_rows_tie_are_uninformative_whatever_the_unscored_ro
     assert uninformative_groups(none, one, [2, 2], "sum_then_normalize").tolist() == [True, True]
 
 
+def test_under_the_posterior_combiner_a_group_of_wrong_answers_is_uninformative_whatever_their_process_rewards():
+    """Posterior-GRPO hands its estimator the gated sum: a group whose answers are all wrong has process rewards
+    gated to 0 and ties (advantages all 0), though its plain sum is spread: DAPO's dynamic sampling kept it and
+    adv/zero_variance_groups missed it."""
+    from mmgrpo.train.scoring import uninformative_groups
+
+    two = [("accuracy", 1.0, None), ("reasoning", 0.5, None)]
+    kinds = ["outcome", "process"]
+    cols = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 1.0], [0.2, 0.9, 0.5, 0.3, 0.3, 0.3]])  # groups of 3
+    assert uninformative_groups(cols, two, [3, 3], "posterior", kinds).tolist() == [True, False]
+    assert uninformative_groups(cols, two, [3, 3], "sum_then_normalize", kinds).tolist() == [False, False]
+    # this step's weights (dynamic reward weighting) decide, not the configured ones: reasoning weighted 0 here
+    now = torch.tensor([1.0, 0.0])
+    assert uninformative_groups(cols, two, [3, 3], "sum_then_normalize", kinds, weights=now).tolist() == [True, False]
+
+
 def test_nan_is_not_applicable_only_when_the_reward_declares_it():
     def judge(samples, prompts, meta, ctx):
         return torch.tensor([1.0, math.nan])
