@@ -14,7 +14,7 @@ from mmgrpo.core import rewriting as rw_lib
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.seeding import prompt_seed
 from mmgrpo.core.types import PromptBatch, Rollout, concat_rollouts, select_rows
-from mmgrpo.train.scoring import applicable_total, take_groups
+from mmgrpo.train.scoring import estimator_total, take_groups
 
 
 def reroll(
@@ -82,11 +82,15 @@ class _Reroll:
         return int(acc.reduce(torch.tensor([x], device=acc.device), reduction=how).item())
 
     def judged(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Columns ``c [V, R, n]`` -> (the score the trigger reads, the weighted total), each [n / G, G]. The total
-        (what ``zero_variance`` and ``keep: signal`` test) is NaN on the rows no reward applies to, which the tie test
-        leaves out as the estimators do (counted as 0, a group whose scored rows tie had "signal")."""
+        """Columns ``c [V, R, n]`` -> (the score the trigger reads, the total the estimator reads), each [n / G, G].
+        The total (what ``zero_variance`` and ``keep: signal`` test; Posterior-GRPO's gated sum under its combiner)
+        is NaN on the rows no reward applies to, which the tie test leaves out as the estimators do (counted as 0, a
+        group whose scored rows tie had "signal")."""
         score = self.tr.weighted(c[0]).view(-1, self.G) if self.col is None else c[0, self.col].view(-1, self.G)
-        return score, applicable_total(c[0], self.tr.rewards).view(-1, self.G)
+        a, n = self.tr.cfg.advantage, c.shape[-1]
+        kinds = [spec.kind for spec in self.tr.cfg.rewards]
+        sizes = [self.G] * (n // self.G)
+        return score, estimator_total(c[0], self.tr.rewards, sizes, a.combine, kinds, a.combine_options)
 
     def attempt(self, attempt: int, timers: dict[str, float]) -> bool:
         """One round: rewrite the prompts of the groups that still trigger, sample and score them, keep what the

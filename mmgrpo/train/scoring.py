@@ -207,10 +207,25 @@ def uninformative_groups(
     if combine == "normalize_then_sum":
         ties = [zero_variance_groups(pad_groups(col, sizes)) for col, wt in zip(cols, w.tolist()) if wt != 0]
         return torch.stack(ties).all(0) if ties else torch.ones(len(sizes), dtype=torch.bool)
+    return zero_variance_groups(estimator_total(cols, rewards, sizes, combine, kinds, combine_options, w))
+
+
+def estimator_total(
+    cols: torch.Tensor,
+    rewards: list[tuple[str, float, Any]],
+    sizes: list[int],
+    combine: str,
+    kinds: list[str] | None = None,
+    combine_options: dict[str, Any] | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, G_max] the reward total combiner ``combine`` hands its estimator, from columns ``cols [R, N]`` (NaN where
+    no reward applies, and on the padding): Posterior-GRPO's gated sum, the sum under ``weights`` [R] (this step's,
+    else the configured ones); for a combiner that normalises each reward on its own (or a plug-in that does not say
+    what it normalises), the applicable weighted sum."""
+    w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32) if weights is None else weights
     total = row_weight_total(combine, pad_groups(cols, sizes), w, kinds, combine_options)
-    if total is None:  # a plug-in combiner that does not say what it normalises: the applicable weighted sum
-        total = pad_groups(applicable_total(cols, rewards), sizes)
-    return zero_variance_groups(total)
+    return pad_groups(applicable_total(cols, rewards), sizes) if total is None else total
 
 
 def take_groups(rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:

@@ -195,6 +195,26 @@ def test_a_group_whose_scored_rows_tie_triggers_zero_variance_whatever_its_unsco
     assert m["rewrite/groups"] == plain.num_groups
 
 
+def test_under_the_posterior_combiner_a_group_of_wrong_answers_triggers_zero_variance(tmp_path):
+    """Posterior-GRPO's estimator reads the gated sum: in a group whose answers are all wrong the process rewards are
+    gated to 0 and the advantages are all 0, though the plain sum is spread (here by a process reward that differs
+    on every row); such groups were not re-rolled."""
+    if "test_rw_row_position" not in REWARDS:
+
+        @register("test_rw_row_position")
+        def _position():
+            return lambda samples, prompts, meta, ctx: [float(i % ctx.group_size) for i in range(len(samples))]
+
+    over = ["rewards=[{name: test_rw_best_arm}, {name: test_rw_row_position, weight: 0.5, kind: process}]",
+            "advantage.combine=posterior"]  # fmt: skip
+    _, plain, plain_cols, _ = collect(tmp_path, "plain", *over)
+    G = plain.group_size
+    wrong = [b for b in range(plain.num_groups) if plain_cols[0, 0, b * G : (b + 1) * G].max() < 1]
+    assert 0 < len(wrong) < plain.num_groups
+    _, _, _, m = collect(tmp_path, "rw", *over, "methods.test_reroll={trigger: zero_variance, reward: null}")
+    assert m["rewrite/groups"] == len(wrong)
+
+
 def test_keep_signal_escalation_add_and_mix(tmp_path):
     _, plain, plain_cols, _ = collect(tmp_path, "plain")
     G, B = plain.group_size, plain.num_groups
