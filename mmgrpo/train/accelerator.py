@@ -54,19 +54,21 @@ def make_accelerator(mixed_precision: str | None) -> Accelerator:
             "sees them (torch.cuda.is_available())"
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
-        enable_cpu_fsdp()
+        enable_cpu_fsdp(str(acc.mixed_precision))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
         enable_cpu_deepspeed(str(acc.mixed_precision))
     return acc
 
 
-def enable_cpu_fsdp() -> None:
+def enable_cpu_fsdp(mixed_precision: str = "no") -> None:
     """Turn a gloo (CPU) process group's accelerate state into FSDP, with the plugin the launcher's FSDP options
     (``accelerate launch --config_file configs/accelerate/fsdp.yaml``) describe.
 
     accelerate enables FSDP only for accelerator devices and silently runs a CPU launch as plain data parallel;
     torch's FSDP2 (``fully_shard``) itself shards on a CPU device mesh over gloo, which is how the 2-process tests
-    run the sharded code path (accelerate's FSDP2 preparation, sharded checkpoints) without a GPU."""
+    run the sharded code path (accelerate's FSDP2 preparation, sharded checkpoints) without a GPU. In float32 only:
+    accelerate gives the plugin the launch's mixed precision only when it enables FSDP itself, so a bf16 launch
+    trained in float32 while config.yaml recorded bf16 (a resume on one process then computed in bf16)."""
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -82,6 +84,11 @@ def enable_cpu_fsdp() -> None:
             f"FSDP on CPU processes needs a torch whose CPU streams record events (FSDP2's collectives call "
             f"torch.cpu.Stream.record_event), which torch {torch.__version__} lacks; upgrade torch (2.11 and 2.14 "
             "run it), or launch on GPUs"
+        )
+    if mixed_precision != "no":
+        raise UserError(
+            f"FSDP on CPU processes runs in float32 only (launched with mixed precision {mixed_precision}, which "
+            "configs/accelerate/fsdp.yaml sets for GPUs); launch with --mixed_precision no, or on GPUs"
         )
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP

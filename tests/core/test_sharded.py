@@ -274,6 +274,15 @@ def test_fsdp_on_cpu_with_a_torch_whose_cpu_streams_record_no_events_is_one_erro
         enable_cpu_fsdp()
 
 
+def test_fsdp_on_cpu_in_bf16_is_refused_not_trained_in_float32_under_a_bf16_record(monkeypatch):
+    """configs/accelerate/fsdp.yaml sets bf16 (for GPUs): on CPU processes the plugin never got it, so the run
+    trained in float32 while config.yaml recorded bf16 (the same grad norms as float32 to 1e-7)."""
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match=r"FSDP on CPU processes runs in float32 only \(launched with mixed precision "
+                                        r"bf16, .*launch with --mixed_precision no"):  # fmt: skip
+        enable_cpu_fsdp("bf16")
+
+
 def test_several_processes_without_a_gpu_or_cpu_flag_are_an_error(tmp_path):
     """Without ACCELERATE_USE_CPU=true accelerate makes each CPU process a separate 1-process run (all writing the
     same run directory); mmgrpo stops with the fix instead."""
