@@ -87,9 +87,10 @@ def run_training(
         write_config(run_dir, cfg)
     try:
         trainer.train()
-    except BaseException as e:
-        if out_of_memory(e):
-            raise _out_of_memory(trainer, run_dir, e, made if acc.is_main_process and fresh else None) from e
+    except BaseException as error:
+        if out_of_memory(error):
+            raise _out_of_memory(trainer, run_dir, error, made if acc.is_main_process and fresh else None) from error
+        e = _peer_stopped(error, acc.num_processes) or error
         if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir, made):
             note = (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
                     "the same command starts the run again")  # fmt: skip
@@ -97,12 +98,33 @@ def run_training(
                 e.args = (f"{e.args[0]} ({note})", *e.args[1:])
             else:
                 e.add_note(note)
+        elif not acc.is_main_process and fresh and trainer.step == 0 and isinstance(e, UserError) and e.args:
+            e.args = (f"{e.args[0]} (nothing was trained: the main process removes the new run directory {run_dir}; "
+                      "once the cause is fixed, the same command starts the run again)", *e.args[1:])  # fmt: skip
         elif isinstance(e, UserError) and e.args:
             e.args = (f"{str(e.args[0]).rstrip('. ')}. {how_to_continue(trainer, run_dir)}", *e.args[1:])
         elif isinstance(e, KeyboardInterrupt):
             e.add_note(how_to_continue(trainer, run_dir))
-        raise
+        if e is error:
+            raise
+        raise e from error
     return trainer
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")  # fmt: skip
+"""what a collective with a process that went away says (gloo's TCP pair; NCCL's watchdog)"""
+
+
+def _peer_stopped(error: BaseException, processes: int) -> UserError | None:
+    """The paragraph of a process whose collective failed because another process of the run went away (it stopped
+    on its own error, whose paragraph that process prints, or was killed): it was gloo's traceback of 44 lines after
+    the other process's clean message (the walkthrough of 2026-12-07), and nothing at all said how to go on."""
+    if processes < 2 or not isinstance(error, RuntimeError) or not any(w in str(error) for w in PEER_GONE):
+        return None
+    return UserError(f"another of the run's {processes} processes stopped (a collective between them failed: "
+                     f"{first_line(error)}): its own message, if it wrote one, is above; this process cannot go on "
+                     "without it")  # fmt: skip
 
 
 def how_to_continue(trainer: Any, run_dir: Path) -> str:

@@ -109,3 +109,41 @@ def test_accelerate_launch_mixed_precision_reaches_the_run_and_its_config_yaml(t
     assert "trainer.mixed_precision=no in the config, but the launcher asks for bf16" in proc.stderr
     assert "mmgrpo/" not in "".join(line for line in proc.stderr.splitlines() if line.lstrip().startswith("File "))
     # (accelerate's launcher prints its own traceback for the child's exit status 2; mmgrpo's frames are not in it)
+
+
+RANK_ONE_FAILS = """
+import os
+
+def arm_value(samples, prompts, meta, ctx):
+    if os.environ.get("RANK") == "1" and ctx.step == int(os.environ["FAIL_AT"]):
+        raise ValueError("boom on rank 1")
+    return [float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)]
+"""
+
+
+@pytest.mark.parametrize("fail_at", [2, 0])
+def test_when_one_process_stops_the_others_say_so_in_one_paragraph_not_a_gloo_traceback(tmp_path, fail_at):
+    """The walkthrough of 2026-12-07: a reward raising on rank 1 printed rank 1's paragraph, then rank 0's 44 lines of
+    gloo traceback ("Connection closed by peer") with no way to go on; in a new run's first step rank 1 said
+    "continue with resume=" of a directory rank 0 then removed."""
+    (tmp_path / "rank_one_fails.py").write_text(RANK_ONE_FAILS)
+    cfg = {**CONFIG, "rewards": [{"name": "rank_one_fails.arm_value"}], "run": {"name": "r", "seed": 3}}
+    cfg["trainer"] = {**CONFIG["trainer"], "max_steps": 4, "checkpoint_every": 1, "dump_advantages": False}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    os.environ["FAIL_AT"] = str(fail_at)
+    try:
+        proc = accelerate_launch(["-m", "mmgrpo.train.cli", "train", "c.yaml", f"run.output_dir={tmp_path}"],
+                                 pythonpath=[tmp_path], cwd=tmp_path)  # fmt: skip
+    finally:
+        del os.environ["FAIL_AT"]
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode != 0
+    assert f"error: reward 'rank_one_fails.arm_value' raised ValueError at step {fail_at}: 'boom on rank 1'" in err
+    assert "error: another of the run's 2 processes stopped (a collective between them failed:" in err, err[-3000:]
+    assert "its own message, if it wrote one, is above" in err
+    assert not re.search(r'File "[^"]*/mmgrpo/', proc.stderr)  # no process's traceback (the launcher's own remains)
+    if fail_at:  # both name the checkpoint that continues the run
+        assert err.count(f"continue with: mmgrpo train {tmp_path / 'r' / 'config.yaml'} resume={tmp_path / 'r'}") == 2
+    else:  # nothing trained: both say the same command starts again, and the directory is gone
+        assert err.count("the same command starts the run again") == 2 and "resume=" not in err
+        assert not (tmp_path / "r").exists()
