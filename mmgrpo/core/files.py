@@ -7,11 +7,13 @@ are opened once when the dataset loads (:func:`check_image`, :func:`open_video`)
 
 The folder a command writes (``mmgrpo export --out``, ``mmgrpo sample --out``) is checked before anything loads
 (:func:`check_output_folder`: new or empty, not a file, not under a file, not inside a run directory) and written
-whole or not at all (:func:`staged_folder`), so a failure never leaves a half-written folder or overwrites a file.
+whole or not at all (:func:`staged_folder`), so a failure never leaves a half-written folder or overwrites a file;
+a folder the disk refuses (full, read-only, ``/proc``) is a UserError naming the option, not a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, first_line
 from mmgrpo.core.extras import installed, missing_extra
 
 BINARY_FORMATS = [
@@ -131,25 +133,89 @@ def remove_empty(folders: Sequence[Path]) -> None:
             return
 
 
+class OutputNotWritten(UserError):
+    """A command's output folder could not be written: the disk is full, the folder is read-only or protected
+    (``/proc``, ``/sys``, another user's folder). ``reason`` is the operating system's words for it (the message
+    without the fix), for a caller that goes on without the folder (the trainer's export beside a checkpoint)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+"""the errors of a write that say the disk cannot take the file (full, over quota, over the file size limit,
+read-only), wherever in the output folder they happen"""
+
+
+def write_failure(error: BaseException, inside: Path | None = None) -> str | None:
+    """The operating system's reason when ``error`` is a failed write, else None (a bug, a missing input: left as it
+    is): an ``OSError`` of :data:`WRITE_ERRNOS`, or a denied permission on a path under ``inside`` (the staging
+    folder); a ``shutil.Error`` (``copytree``, which gathers the errors of every file) holding one;
+    safetensors' ``SafetensorError``, whose message ends with the OS error ("... No space left on device (os error
+    28)"), as ``save_pretrained`` and ``save_lora_weights`` raise it."""
+    import re
+
+    if isinstance(error, shutil.Error):
+        texts = [str(e[-1]) for e in error.args[0] if isinstance(e, tuple)] if error.args else []
+        codes = [re.match(r"\[Errno (\d+)\]", t) for t in texts]  # copytree keeps each file's error as text
+        return next((t for t, c in zip(texts, codes) if c is not None and int(c.group(1)) in WRITE_ERRNOS), None)
+    if isinstance(error, OSError):
+        on = [os.path.abspath(f) for f in (error.filename, error.filename2) if isinstance(f, (str, os.PathLike))]
+        mine = inside is not None and any(f == str(inside) or f.startswith(f"{inside}{os.sep}") for f in on)
+        mine = mine and error.errno in (errno.EACCES, errno.EPERM)
+        return first_line(error) if error.errno in WRITE_ERRNOS or mine else None
+    if type(error).__name__ == "SafetensorError":
+        code = re.search(r"os error (\d+)", str(error))
+        return first_line(error) if code is not None and int(code.group(1)) in WRITE_ERRNOS else None
+    return None
+
+
+def not_written(path: str | os.PathLike, flag: str, reason: str) -> OutputNotWritten:
+    """The one-paragraph error of an output folder that could not be written, naming ``flag``, the OS's reason and
+    the fix."""
+    message = (f"{flag} '{os.fspath(path)}' could not be written ({reason}); nothing was left there. Give {flag} a "
+               "folder on a writable disk with free space (df -h shows each disk's free space)")  # fmt: skip
+    return OutputNotWritten(message, reason)
+
+
 @contextmanager
-def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(path: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
     """Write the folder ``path`` whole or not at all: yields a temporary sibling folder, renamed to ``path`` when the
     block ends (an existing ``path`` must be empty: it is replaced); on an exception the temporary folder and the
-    parent folders made for it are removed and ``path`` is left as it was."""
+    parent folders made for it are removed and ``path`` is left as it was.
+
+    A failure to write (the folder cannot be made: ``/proc``, ``/sys``, a read-only disk; the disk fills up while
+    the block writes: :func:`write_failure`) is an :class:`OutputNotWritten` naming ``flag`` (the command's option),
+    the OS's reason and the fix, not the traceback of ``mkdir``, ``copytree`` or safetensors."""
     out = Path(os.path.abspath(path))
     made = missing_parents(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:  # nothing of ours is there yet but the parent folders
+        remove_empty(made)
+        raise not_written(path, flag, first_line(e)) from e
     try:
         yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
+        reason = write_failure(e, tmp)
+        if reason is not None:
+            raise not_written(path, flag, reason) from e
+        raise
+    try:
         if out.is_dir():
             out.rmdir()  # empty (else rmdir refuses and nothing is replaced)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty(made)
+        if isinstance(e, OSError):
+            raise not_written(path, flag, first_line(e)) from e
         raise
 
 

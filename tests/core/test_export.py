@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from mmgrpo import rewards
 from mmgrpo.core.errors import UserError
+from mmgrpo.core.files import OutputNotWritten
 from mmgrpo.data import shapes_qa
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter
@@ -228,6 +229,9 @@ def test_export_errors_are_user_errors(sd3, tmp_path, capsys):
         (["{full}", "--ema", "--out", "{tmp}/new"], "no EMA weights"),
         (["{damaged}", "--out", "{tmp}/new"], "has no complete checkpoint under checkpoints/"),
         (["{damaged}", "--step", "1", "--out", "{tmp}/new"], "checkpoint of step 1 cannot be exported, it is damaged"),
+        # the new-user walkthrough of 2026-12-07: the tracebacks of mkdir once the model had loaded
+        (["{lora}", "--out", "/proc/x"], "--out '/proc/x' could not be written ([Errno 2] No such file or directory"),
+        (["{lora}", "--out", "/sys/kernel/x"], "--out '/sys/kernel/x' could not be written ([Errno 1] Operation"),
     ],
 )
 def test_export_cli_refuses_bad_flags_and_writes_nothing(sd3, tmp_path, capsys, argv, expected):
@@ -259,11 +263,34 @@ def test_export_cli_refuses_bad_flags_and_writes_nothing(sd3, tmp_path, capsys, 
 def test_a_failed_export_leaves_no_folder(sd3, tmp_path, monkeypatch):
     def half_written(policy, out, merge, inplace):
         (out / "pytorch_lora_weights.safetensors").write_bytes(b"half")
-        raise OSError("No space left on device")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("mmgrpo.train.export.export_diffusion", half_written)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputNotWritten, match=r"written \(\[Errno 28\] No space left on device\); nothing"):
         export_run(sd3[0]["lora"], tmp_path / "a" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+FULL_DISK_SCRIPT = """
+import resource, sys
+from mmgrpo.train.cli import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))  # python ignores SIGXFSZ
+sys.exit(main(["export", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("which", ["lora", "full"])
+def test_an_export_onto_a_full_disk_is_one_paragraph_and_exit_2(sd3, tmp_path, which):
+    """The walkthrough's full disk (safetensors' SafetensorError, copytree's shutil.Error): a file-size limit on
+    the exporting process makes the same refusals (errno 27 for 28); nothing is left beside --out."""
+    out = tmp_path / "out"
+    argv = ["1000", str(sd3[0][which]), "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    err = " ".join(proc.stderr[proc.stderr.index("error: ") :].split())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"--out '{out}' could not be written (" in err and "File too large" in err
+    assert "writable disk with free space" in err
     assert list(tmp_path.iterdir()) == []
 
 

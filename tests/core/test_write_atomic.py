@@ -1,5 +1,11 @@
 """mmgrpo.core.files.write_atomic: a file is written whole or not at all (run directories' config.yaml and
-metrics.jsonl, videos a Hugging Face dataset stores)."""
+metrics.jsonl, videos a Hugging Face dataset stores); staged_folder: a folder is written whole or not at all, and a
+folder that cannot be written is one paragraph naming the option."""
+
+import errno
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -26,3 +32,73 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monk
         files.write_atomic(path, b"new contents")
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+# ---------------------------------------------------------------------------------------------- staged_folder
+# The new-user walkthrough of 2026-12-07: `mmgrpo export` / `mmgrpo sample` into a folder that cannot be written
+# (/proc, /sys, a read-only or full disk) ended in the traceback of mkdir, copytree or safetensors, rc 1.
+@pytest.mark.parametrize("out", ["/proc/x", "/sys/kernel/x", "/proc/new/deeper/x"])
+def test_an_unwritable_place_is_one_paragraph_naming_the_option_and_the_fix(out):
+    with pytest.raises(files.OutputNotWritten) as info:
+        with files.staged_folder(out, "--out"):
+            raise AssertionError("the block must not run: its folder could not be made")
+    message = str(info.value)
+    assert message.startswith(f"--out '{out}' could not be written ([Errno ")
+    assert "a folder on a writable disk with free space" in message and "\n" not in message
+    assert isinstance(info.value, files.UserError) and info.value.reason.startswith("[Errno ")
+    assert not os.path.exists(out)
+
+
+def test_a_full_disk_while_writing_is_one_paragraph_and_leaves_nothing(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    with pytest.raises(files.OutputNotWritten, match=r"--out '.*/out' could not be written \(\[Errno 28\] No space"):
+        with files.staged_folder(out, "--out") as tmp:
+            (tmp / "half.bin").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []  # the staging folder and the parents made for it are gone
+
+
+def test_other_errors_in_the_block_are_left_as_they_are(tmp_path):
+    # a missing input file or a bug is not the output folder's fault: no advice about free space
+    for error in (FileNotFoundError(errno.ENOENT, "No such file or directory", "/base/model.safetensors"),
+                  ValueError("a bug"), KeyboardInterrupt()):  # fmt: skip
+        with pytest.raises(type(error)):
+            with files.staged_folder(tmp_path / "out"):
+                raise error
+        assert list(tmp_path.iterdir()) == []
+
+
+FILE_SIZE_LIMIT_SCRIPT = """
+import resource, shutil, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from mmgrpo.core.files import OutputNotWritten, staged_folder
+root = Path(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))  # python ignores SIGXFSZ
+for name, write in [
+    ("safetensors", lambda tmp: save_file({"w": torch.zeros(10000)}, str(tmp / "model.safetensors"))),
+    ("copytree", lambda tmp: shutil.copytree(root / "base", tmp / "base")),
+]:
+    try:
+        with staged_folder(root / name / "out", "--out") as tmp:
+            write(tmp)
+    except OutputNotWritten as e:
+        print(name, "|", e)
+"""
+
+
+def test_real_write_failures_of_safetensors_and_copytree_are_one_paragraph(tmp_path):
+    """The disk's refusals as the libraries raise them (a file-size limit stands in for a full disk: the same
+    SafetensorError "... (os error 27)" and shutil.Error of "[Errno 27]" that errno 28 gives)."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "big.bin").write_bytes(bytes(5000))
+    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" | ", 1) for line in proc.stdout.splitlines())
+    assert "File too large (os error 27)" in lines["safetensors"]
+    assert "[Errno 27] File too large" in lines["copytree"] and "big.bin" in lines["copytree"]
+    for name, line in lines.items():
+        assert line.startswith(f"--out '{tmp_path / name / 'out'}' could not be written"), line
+        assert "writable disk with free space" in line
+        assert not (tmp_path / name).exists()
