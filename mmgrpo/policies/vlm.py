@@ -44,6 +44,7 @@ truncation is not reflected, as in TRL and verl). They are computed in fp32 from
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +101,9 @@ class VLMPolicy(ExtraScoring):
     ):
         o = options or VLMPolicyOptions()  # its numbers were checked when it was built (__post_init__)
         self.options, self.processor = o, processor
+        self.all_values: Callable[[list[float]], list[list[float]]] | None = None
+        """None, or (set by the trainer when several processes train) ``all_values(values) -> [P][len(values)]``:
+        every process's ``values``, as many on each; :meth:`rollout_metrics` reports all processes' rows with it"""
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.adapter = detect_family(model, o.family)
         self.family, self.box_family = self.adapter.name, self.adapter.box_convention
@@ -397,23 +401,29 @@ class VLMPolicy(ExtraScoring):
         )
 
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
-        """``completion/*`` of this process's sampled rows (teacher-forced off-policy rows left out): length in
-        tokens incl. EOS (mean, max), the truncated fraction (no EOS within ``max_new_tokens``) and ``entropy``, the
-        mean over the completion tokens (EOS included, padding not) of the entropy of the distribution each was
-        sampled from (nats; logits / temperature without the suppressed ids, as the log-probs)."""
+        """``completion/*`` of the sampled rows of every process (:attr:`all_values`; teacher-forced off-policy rows
+        left out): length in tokens incl. EOS (mean, max), the truncated fraction (no EOS within
+        ``max_new_tokens``) and ``entropy``, the mean over the completion tokens (EOS included, padding not) of the
+        entropy of the distribution each was sampled from (nats; logits / temperature without the suppressed ids,
+        as the log-probs). Every process calls this together when several train (it was the main process's rows)."""
         lengths, finished = rollout.extras["completion_len"].float(), rollout.extras["finished"].bool()
         entropy = rollout.extras["token_entropy"].float()  # [N, K]
         if "offpolicy_mask" in rollout.extras:
             keep = ~rollout.extras["offpolicy_mask"].bool().to(lengths.device)
             lengths, finished, entropy = lengths[keep], finished[keep], entropy[keep.to(entropy.device)]
-        if not len(lengths):
-            return {}
         tokens = torch.arange(entropy.shape[1], device=entropy.device)[None] < lengths.to(entropy.device)[:, None]
+        n = len(lengths)  # rows, length sum, longest, truncated rows, entropy sum, tokens
+        mine = [float(n), float(lengths.sum()), float(lengths.max()) if n else 0.0, float((~finished).sum()),
+                float(entropy[tokens].sum()), float(tokens.sum())]  # fmt: skip
+        every = self.all_values(mine) if self.all_values is not None else [mine]
+        rows, length, _, truncated, ent, toks = (sum(x[i] for x in every) for i in range(6))
+        if not rows:
+            return {}
         return {
-            "completion/length_mean": float(lengths.mean()),
-            "completion/length_max": float(lengths.max()),
-            "completion/truncated_frac": float((~finished).float().mean()),
-            "completion/entropy": float(entropy[tokens].mean()),
+            "completion/length_mean": length / rows,
+            "completion/length_max": max(x[2] for x in every),
+            "completion/truncated_frac": truncated / rows,
+            "completion/entropy": ent / toks if toks else math.nan,
         }
 
     @staticmethod

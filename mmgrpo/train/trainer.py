@@ -129,6 +129,8 @@ class Trainer(CollectPhase, UpdatePhase):
         ZeRO-2 every backward is): all processes must run the same forwards and backwards, so loops whose length
         depends on local data agree over the processes"""
         self.check_local_forwards((self.mesh is not None or self.zero_stage >= 3) and self.acc.num_processes > 1)
+        if self.acc.num_processes > 1 and hasattr(self.policy, "all_values"):  # e.g. the VLM's completion metrics
+            self.policy.all_values = self.all_values
         if self.collective and hasattr(self.policy, "any_process"):  # e.g. the VLM's decode loop
             self.policy.any_process = self.any_process
             if hasattr(self.policy, "process_max"):  # e.g. the VLM's check that the processes' media agree
@@ -152,6 +154,11 @@ class Trainer(CollectPhase, UpdatePhase):
         if self.acc.num_processes == 1:
             return flag
         return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="max").item())
+
+    def all_values(self, values: list[float]) -> list[list[float]]:
+        """Every process's ``values`` (as many on each), in process order (every process calls this together)."""
+        got = self.acc.gather(torch.tensor(values, dtype=torch.float64, device=self.acc.device)).cpu()
+        return got.view(self.acc.num_processes, len(values)).tolist()
 
     def process_max(self, values: list[int]) -> list[int]:
         """The element-wise maximum of the integers ``values`` over the processes (every process calls this

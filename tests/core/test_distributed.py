@@ -1,5 +1,6 @@
 """A 2-process CPU run (gloo, accelerate launch) makes the same advantages and update as the 1-process run."""
 
+import json
 import os
 import re
 import subprocess
@@ -70,6 +71,14 @@ def test_two_processes_match_one_process(tmp_path):
         a, b = load_file(str(one.run_dir / name)), load_file(str(tmp_path / "two" / name))
         assert torch.equal(a["rewards"], b["rewards"]), f"step {step}: different samples"
         assert torch.allclose(a["advantages"], b["advantages"], atol=1e-6), f"step {step}"
+    # the logged update metrics are every process's rows, as the one process logs them (they were the main
+    # process's own: its share of the loss, its rows' ratios and skipped rows)
+    m1 = [json.loads(x) for x in (one.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss/' in x]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss/' in x]
+    keys = [k for k in m1[0] if k.startswith(("loss/", "update/", "grad_norm"))]
+    assert len(m1) == len(m2) == 3 and {"loss/policy", "loss/kl", "loss/ratio_max"} <= set(keys), keys
+    for a, b in zip(m1, m2):
+        assert {k: pytest.approx(a[k], rel=1e-5, abs=1e-7) for k in keys} == {k: b[k] for k in keys}
     p1 = ckpt.load_checkpoint(ckpt.latest_checkpoint(one.run_dir / "checkpoints"))["model"]["logits"]
     p2 = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))["model"]["logits"]
     assert not torch.equal(p1, torch.zeros_like(p1))

@@ -520,6 +520,16 @@ def test_fsdp_tiny_vlm_grpo_with_rows_ending_at_different_tokens_matches_the_uns
     assert any(len(set(x["lengths"])) > 1 for a, b in early for x in (a, b)), early
     # the unsharded run sampled the same rows (layout-free seeds): its loops over both prompts' 6 rows
     assert [x["lengths"] for x in plain if not x["greedy"]] == [a["lengths"] + b["lengths"] for a, b in sampled]
+    # the logged metrics are both processes' rows, as the unsharded run logs them (the completion lengths, entropy
+    # and loss were the main process's own)
+    logged = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss/' in x]
+              for d in (one.run_dir, tmp_path / "fsdp")]  # fmt: skip
+    keys = [k for k in logged[0][0] if k.startswith(("completion/", "loss/", "update/"))]
+    if finetune == "full":  # one process leaves zero-advantage rows out (trainer.skip_zero_advantage), two do not
+        keys = [k for k in keys if k not in ("update/skipped_rows_frac", "loss/adv_mean")]
+    assert "completion/length_mean" in keys and "loss/policy" in keys
+    for a, b in zip(*logged):
+        assert {k: b[k] for k in keys} == {k: pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in keys}
 
     path = ckpt.latest_checkpoint(tmp_path / "fsdp" / "checkpoints")
     assert ckpt.is_sharded(path) and len(list((path / "shards").glob("*.safetensors"))) == 2

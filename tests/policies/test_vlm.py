@@ -395,6 +395,18 @@ def test_rollout_records_the_entropy_of_each_sampled_tokens_distribution():
     m = policy.rollout_metrics(rollout)
     assert m["completion/entropy"] == pytest.approx(hand.mean().item(), abs=1e-4)  # mean over completion tokens
     assert m["completion/length_mean"] == pytest.approx(len(hand) / 6)
+    # with several processes, every process's rows (all_values, set by the trainer): the two prompts' groups as
+    # two processes give the whole rollout's metrics (they were each process's own)
+    from mmgrpo.core.types import select_groups
+
+    second = {}
+    policy.all_values = lambda values: second.setdefault("values", values) and [values]
+    policy.rollout_metrics(select_groups(rollout, [1]))
+    policy.all_values = lambda values: [values, second["values"]]
+    both = policy.rollout_metrics(select_groups(rollout, [0]))
+    policy.all_values = None
+    assert both == pytest.approx(m, rel=1e-6) and set(both) == set(m)
+    assert both["completion/length_max"] == max(rollout.extras["completion_len"].tolist())
 
 
 def test_a_cache_that_cannot_be_joined_is_decoded_prompt_by_prompt():
