@@ -106,7 +106,9 @@ def check_engine(acc: Any, policy: Any) -> None:
         if _has_tensor(held):
             raise UserError(
                 "DeepSpeed ZeRO-3 partitions the parameters, but this policy keeps tensors of its own that follow "
-                "them (e.g. the nft objective's sampling EMA); use ZeRO-2 or FSDP (configs/accelerate/fsdp.yaml)"
+                "them (e.g. the nft objective's sampling EMA, policy.options.objective.old_policy_ema, which the "
+                "shapes text-to-image demo uses; policy.options.objective.old_policy_ema=0 turns it off); use ZeRO-2 "
+                "or FSDP (configs/accelerate/fsdp.yaml)"
             )
     zopt = eng.optimizer
     if eng.zero_optimization_stage() < 3:
