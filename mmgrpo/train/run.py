@@ -138,9 +138,12 @@ def how_to_continue(trainer: Any, run_dir: Path) -> str:
         kept = f"the last checkpoint kept is {last.name} ({last})"
     else:
         kept = "no checkpoint had been written, so the run continues from step 0"
+    processes = getattr(getattr(trainer, "acc", None), "num_processes", 1)
+    launch = (f" (through the launcher, as this run of {processes} processes was: accelerate launch ... -m "
+              "mmgrpo.train.cli train ...; alone it resumes on one process)" if processes > 1 else "")  # fmt: skip
     return (
         f"The run stopped {doing} (of {trainer.cfg.trainer.max_steps} steps); {kept}. Once the cause is fixed, "
-        f"continue with: mmgrpo train {run_dir / 'config.yaml'} resume={run_dir}"
+        f"continue with: mmgrpo train {run_dir / 'config.yaml'} resume={run_dir}{launch}"
     )
 
 

@@ -152,7 +152,9 @@ def test_when_one_process_stops_the_others_say_so_in_one_paragraph_not_a_gloo_tr
     assert "its own message, if it wrote one, is above" in err
     assert not re.search(r'File "[^"]*/mmgrpo/', proc.stderr)  # no process's traceback (the launcher's own remains)
     if fail_at:  # both name the checkpoint that continues the run
-        assert err.count(f"continue with: mmgrpo train {tmp_path / 'r' / 'config.yaml'} resume={tmp_path / 'r'}") == 2
+        assert err.count(f"continue with: mmgrpo train {tmp_path / 'r' / 'config.yaml'} resume={tmp_path / 'r'} "
+                         "(through the launcher, as this run of 2 processes was: accelerate launch ... -m "
+                         "mmgrpo.train.cli train ...; alone it resumes on one process)") == 2  # fmt: skip
     else:  # nothing trained: both say the same command starts again, and the directory is gone
         assert err.count("the same command starts the run again") == 2 and "resume=" not in err
         assert not (tmp_path / "r").exists()
