@@ -270,7 +270,14 @@ class Trainer(CollectPhase, UpdatePhase):
             extra = {k: v for k, v in {"kinds": kinds, "weights": weights_t}.items() if k in params}
             adv_local, m = hook(adv_local, rollout, cols, names, **extra)
             metrics.update(m)
-        return unpad_groups(adv_local, rollout.sizes), row_w[mine].float(), metrics
+        out = unpad_groups(adv_local, rollout.sizes)
+        if self.comp.advantage_hooks:  # adv/* of what the loss uses (PEARL's gate zeroed every advantage, while
+            # adv/abs_mean still showed the estimator's 0.19-0.43), over every process's rows
+            mine_sums = [float(out.sum()), float(out.abs().sum()), float(out.numel())]
+            every = self.all_values(mine_sums) if self.acc.num_processes > 1 else [mine_sums]
+            total, absolute, n = (sum(x[i] for x in every) for i in range(3))
+            metrics["adv/mean"], metrics["adv/abs_mean"] = total / max(n, 1.0), absolute / max(n, 1.0)
+        return out, row_w[mine].float(), metrics
 
     def row_weights(self, cols: torch.Tensor, weights: torch.Tensor, kinds: list[str], opts: dict) -> torch.Tensor:
         """The estimator's per-row loss weights [B, G] from reward columns ``cols [R, B, G]``, read from the total

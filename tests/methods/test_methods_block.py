@@ -196,9 +196,12 @@ def test_a_method_by_dotted_path_wraps_the_policy_and_hooks_the_advantages(tmp_p
     r_scaled, c_scaled, _ = scaled.collect(0)
     assert torch.equal(c_plain, c_scaled) and r_plain.loss_weight is None
     assert r_scaled.loss_weight.tolist() == [0.5] * r_scaled.num_rows
-    a_plain, _, _ = plain.advantage(c_plain, r_plain, 0)
+    a_plain, _, m_plain = plain.advantage(c_plain, r_plain, 0)
     a_scaled, _, metrics = scaled.advantage(c_scaled, r_scaled, 0)
     assert a_plain.abs().sum() > 0 and torch.allclose(a_scaled, 3.0 * a_plain) and metrics["scale/factor"] == 3.0
+    # adv/* describe the advantages the loss uses, after the hooks (they were the estimator's)
+    assert metrics["adv/abs_mean"] == pytest.approx(3.0 * m_plain["adv/abs_mean"]) and m_plain["adv/abs_mean"] > 0
+    assert metrics["adv/mean"] == pytest.approx(3.0 * m_plain["adv/mean"], abs=1e-6)
 
 
 def test_a_method_that_registers_itself_is_found_by_the_dotted_path_of_its_module(tmp_path, monkeypatch):
