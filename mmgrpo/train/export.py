@@ -22,7 +22,8 @@ VLM, full or           a transformers folder (``config.json``, ``model.safetenso
 ``--merge`` on a full fine-tune (nothing to merge) writes the full folder and records ``merged: false``, so one
 command exports every run as a complete model. Every export also holds ``mmgrpo_export.json`` (run, step, base model,
 format, merged). With ``trainer.export_checkpoints``
-the trainer calls :func:`export_policy` after each checkpoint (``checkpoints/step_XXXXXX/export/``, live weights).
+the trainer calls :func:`export_policy` after each checkpoint (``checkpoints/step_XXXXXX/export/``, live weights); one
+that the disk refuses is a warning and the run goes on (:func:`beside_checkpoint`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import dataclasses
 import inspect
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,7 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
-from mmgrpo.core.files import check_output_folder, staged_folder
+from mmgrpo.core.files import OutputNotWritten, check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.policies.diffusion import DiffusionPolicy
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnable_attention
@@ -189,6 +193,21 @@ def export_policy(
         record = {**(info or {}), "format": fmt, "base": base_name(policy), "merged": merge}
         (tmp / INFO).write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+@contextmanager
+def beside_checkpoint(run_dir: str | Path, step: int, ckpt: Path) -> Iterator[None]:
+    """Around the trainer's export beside a checkpoint (``trainer.export_checkpoints``): an export the disk refuses
+    (full, read-only: :class:`~mmgrpo.core.files.OutputNotWritten`, nothing of it left) is a warning naming it and
+    why, and training goes on, as a failing tracker is dropped: the checkpoint was written whole before it, and
+    ``mmgrpo export`` writes the same folder from it later. Any other failure stops the run as before."""
+    try:
+        yield
+    except OutputNotWritten as e:
+        warnings.warn(f"step {step}: the export beside checkpoint {ckpt} (trainer.export_checkpoints) failed "
+                      f"({e.reason}); the checkpoint itself is complete and training goes on. Free disk space, then "
+                      f"write the export with `mmgrpo export {run_dir} --step {step} --out DIR`",
+                      stacklevel=3)  # fmt: skip
 
 
 def has_lora(policy: Any) -> bool:

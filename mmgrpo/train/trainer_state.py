@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from mmgrpo.core.errors import UserError
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train import zero
-from mmgrpo.train.export import export_policy, export_run
+from mmgrpo.train.export import beside_checkpoint, export_policy, export_run
 from mmgrpo.train.scoring import stateful_rewards
 
 
@@ -179,14 +179,16 @@ def save(tr: Any) -> Path | None:
         if tr.acc.is_main_process:
             path = saved
             if tr.cfg.trainer.export_checkpoints:  # full weights: the run's policy rebuilt, the shards joined
-                export_run(tr.run_dir, path / "export", step=tr.step)
+                with beside_checkpoint(tr.run_dir, tr.step, path):  # a full disk: a warning, the run goes on
+                    export_run(tr.run_dir, path / "export", step=tr.step)
     elif tr.acc.is_main_process:
         path = ckpt.save_checkpoint(root, tr.step, state or tr.state_dict(), keep=keep)
-        if tr.cfg.trainer.export_checkpoints and tr.deepspeed:  # the engine's weights are partitions:
-            with zero.whole_models(tr.acc):  # the run's policy rebuilt whole (no collective), weights loaded
-                export_run(tr.run_dir, path / "export", step=tr.step)
-        elif tr.cfg.trainer.export_checkpoints:
-            export_policy(tr.policy, path / "export", info={"run": str(tr.run_dir), "checkpoint": path.name})
+        with beside_checkpoint(tr.run_dir, tr.step, path):  # a full disk: a warning, the run goes on
+            if tr.cfg.trainer.export_checkpoints and tr.deepspeed:  # the engine's weights are partitions:
+                with zero.whole_models(tr.acc):  # the run's policy rebuilt whole (no collective), weights loaded
+                    export_run(tr.run_dir, path / "export", step=tr.step)
+            elif tr.cfg.trainer.export_checkpoints:
+                export_policy(tr.policy, path / "export", info={"run": str(tr.run_dir), "checkpoint": path.name})
     tr.acc.wait_for_everyone()
     return path
 

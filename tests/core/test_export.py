@@ -271,6 +271,46 @@ def test_a_failed_export_leaves_no_folder(sd3, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_export_beside_a_checkpoint_is_a_warning_and_the_run_goes_on(tmp_path, monkeypatch):
+    """trainer.export_checkpoints onto a disk that fills up during the export (safetensors' SafetensorError, after a
+    good checkpoint was written): the walkthrough's run crashed with a traceback and no resume= line. Now the
+    checkpoint stands, a warning names the export and why, the next step's checkpoint and export are written."""
+    from safetensors import SafetensorError
+
+    from mmgrpo.train import export
+
+    real, calls = export.export_diffusion, []
+
+    def disk_full_once(policy, out, merge, inplace):
+        calls.append(out)
+        if len(calls) > 1:
+            return real(policy, out, merge, inplace)
+        (out / "pytorch_lora_weights.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "export_diffusion", disk_full_once)
+    base = save_tiny_sd3(tmp_path / "base")
+    cfg = {
+        "pipeline": "text_to_image",
+        "policy": {"options": {"family": "sd3", "path": base, "num_steps": T, "lora_rank": 2}},
+        "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+        "rewards": [{"name": "jpeg_incompressibility"}],
+        "trainer": {"max_steps": 2, "checkpoint_every": 1, "prompts_per_step": 1, "group_size": 2, "progress": False,
+                    "export_checkpoints": True},
+    }  # fmt: skip
+    with pytest.warns(UserWarning) as seen:
+        run = train_run(tmp_path, "run", cfg)
+    said = [" ".join(str(w.message).split()) for w in seen if "export beside" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in seen]
+    assert said[0].startswith(f"step 1: the export beside checkpoint {run / 'checkpoints' / 'step_000001'}")
+    assert "(Error while serializing: I/O error: No space left on device (os error 28))" in said[0]
+    assert f"training goes on. Free disk space, then write the export with `mmgrpo export {run} --step 1" in said[0]
+    first, second = run / "checkpoints" / "step_000001", run / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in first.iterdir()) == ["COMPLETE", "state.json", "tensors.safetensors"]  # no .tmp
+    assert (second / "export" / "pytorch_lora_weights.safetensors").is_file()
+    load_checkpoint(first)  # the checkpoint stands (verified)
+
+
 FULL_DISK_SCRIPT = """
 import resource, sys
 from mmgrpo.train.cli import main
