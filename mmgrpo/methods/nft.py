@@ -154,6 +154,13 @@ def check_nft(opts: NFTOptions, cfg: Any, key: str) -> None:
         raise UserError(f"{key}: NFT needs trainer.group_size >= 2 (r_q is the group's correct fraction)")
     if not math.isfinite(opts.correct_at):
         raise UserError(f"{key}: correct_at={opts.correct_at} must be finite")
+    objective = (cfg.policy.options or {}).get("objective") if isinstance(cfg.policy.options, dict) else None
+    objective = objective.get("name") if isinstance(objective, dict) else objective
+    if objective not in (None, "sde") or cfg.loss.name == "nft":  # a diffusion objective without log-probabilities
+        raise UserError(f"{key}: token-level NFT reads the policy's log-probabilities, but policy.options.objective="
+                        f"{objective} / loss.name={cfg.loss.name} scores samples by a flow-matching error (its 'logp' "
+                        "is not a log-probability, and it would replace that objective's loss): DiffusionNFT is the "
+                        "objective 'nft' itself; remove methods.nft")  # fmt: skip
 
 
 def setup_nft(policy: Any, opts: NFTOptions, cfg: Any) -> MethodRuntime:
@@ -175,5 +182,6 @@ METHOD = register_method(
         options=NFTOptions,
         check=check_nft,
         setup=setup_nft,
+        conflicts=("srpo",),  # NFT replaces the surrogate SRPO routes its correct rows to (loss/policy was 0)
     )
 )

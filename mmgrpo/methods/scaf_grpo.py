@@ -108,6 +108,7 @@ METHOD = register_method(
         options=ScafOptions,
         pipelines=("vlm_reasoning",),
         data_keys=("hints",),
+        conflicts=("tempsamp",),  # TempSamp's ground-truth row makes no group all-fail: the hints never fire
         check=check_scaf,
         rewrite=lambda opts, cfg: Rewrite(
             "scaf_grpo",

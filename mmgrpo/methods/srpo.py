@@ -332,5 +332,6 @@ METHOD = register_method(
         check=check_srpo,
         setup=setup_srpo,
         local_forwards="its self-teacher scores only the rows this process distils (its failed ones)",
+        conflicts=("nft",),  # NFT replaces the surrogate SRPO routes its correct rows to
     )
 )

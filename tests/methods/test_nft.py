@@ -141,3 +141,19 @@ def test_two_nft_steps_on_the_diffusion_policy(tmp_path):
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert all(m["loss/policy"] == 0.0 and math.isfinite(m["loss/nft"]) and "nft/pos_frac" in m for m in lines)
+
+
+def test_token_level_nft_on_a_diffusion_nft_objective_or_with_srpo_is_refused_at_load(tmp_path):
+    """The method walkthrough of 2026-12-07: methods.nft on the DiffusionNFT demo trained (its 'logp' there is a
+    flow-matching error, and the method's term replaced DiffusionNFT's loss); with SRPO it replaced the surrogate SRPO
+    routes its correct rows to (loss/policy 0); Scaf-GRPO with TempSamp never fired (the ground-truth row)."""
+    data = read_yaml(REPO / "configs" / "shapes_t2i_grpo.yaml")
+    data["run"].update(output_dir=str(tmp_path))
+    data["methods"] = {"nft": {"reward": "shapes"}}
+    with pytest.raises(UserError, match=r"methods.nft .*token-level NFT reads the policy's log-probabilities, but "
+                                        r"policy.options.objective=nft / loss.name=nft"):  # fmt: skip
+        load_config(None, base=data)
+    for config, other in [("vlm_nft.yaml", "methods.srpo.reward=accuracy"),
+                          ("vlm_tempsamp.yaml", "methods.scaf_grpo.exemption_fraction=0")]:  # fmt: skip
+        with pytest.raises(UserError, match="cannot be combined yet"):
+            load_config(REPO / "configs" / config, [f"run.output_dir={tmp_path}", other])
