@@ -17,6 +17,7 @@ import errno
 import io
 import os
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,11 +180,77 @@ def not_written(path: str | os.PathLike, flag: str, reason: str) -> OutputNotWri
     return OutputNotWritten(message, reason)
 
 
+STAGING_MARK = ".mmgrpo-staging"
+"""the file in a staging folder of :func:`staged_folder` that names its writer (``host pid``), removed before the
+folder is renamed into place: what tells a folder left by a killed write on this machine from one that another
+machine (on a shared disk) is writing now"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def _size(folder: Path) -> str:
+    """The size of the files under ``folder``, for a message (``15 MB``)."""
+    total = 0
+    for top, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_size
+            except OSError:
+                pass
+    return f"{total / 1e6:.0f} MB" if total >= 1e6 else f"{total / 1e3:.0f} kB"
+
+
+def clear_stale_staging(out: Path) -> None:
+    """Remove the staging folders of ``out`` (``.NAME.tmp-PID`` beside it, as :func:`staged_folder` names them) that
+    a write killed on this machine left behind (``kill -9``, a lost session: its ``except`` never ran), each with a
+    warning naming it: its process is gone and its :data:`STAGING_MARK` names this machine. One whose writer cannot be
+    told (no mark: killed before writing it, or left by a version without it; another machine's on a shared disk
+    whose process is not running here) is named in a warning and kept: it may be a write in progress elsewhere."""
+    import warnings
+
+    prefix, host = f".{out.name}.tmp-", socket.gethostname()
+    try:
+        entries = sorted(out.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(prefix) :]
+        if not entry.name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if entry.is_symlink() or not entry.is_dir() or _running(int(pid)):
+            continue
+        try:
+            mark = (entry / STAGING_MARK).read_text().split()
+        except OSError:
+            mark = []
+        size = _size(entry)
+        if mark == [host, pid]:
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                warnings.warn(f"removed '{entry}' ({size}): the unfinished folder of an earlier write of '{out}' "
+                              f"whose process ({pid}) was killed before it could clean up", stacklevel=2)  # fmt: skip
+                continue
+        writer = f" on machine {mark[0]}" if len(mark) == 2 else ""
+        warnings.warn(f"'{entry}' ({size}) is the unfinished folder of an earlier write of '{out}' by process {pid}"
+                      f"{writer}, which is not running here; unless another machine is writing '{out}' now, delete "
+                      f"it (rm -r '{entry}')", stacklevel=2)  # fmt: skip
+
+
 @contextmanager
 def staged_folder(path: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
     """Write the folder ``path`` whole or not at all: yields a temporary sibling folder, renamed to ``path`` when the
     block ends (an existing ``path`` must be empty: it is replaced); on an exception the temporary folder and the
-    parent folders made for it are removed and ``path`` is left as it was.
+    parent folders made for it are removed and ``path`` is left as it was. The staging folders of ``path`` that a
+    killed write left behind are removed first (:func:`clear_stale_staging`).
 
     A failure to write (the folder cannot be made: ``/proc``, ``/sys``, a read-only disk; the disk fills up while
     the block writes: :func:`write_failure`) is an :class:`OutputNotWritten` naming ``flag`` (the command's option),
@@ -193,8 +260,10 @@ def staged_folder(path: str | os.PathLike, flag: str = "--out") -> Iterator[Path
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_staging(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        (tmp / STAGING_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     except OSError as e:  # nothing of ours is there yet but the parent folders
         remove_empty(made)
         raise not_written(path, flag, first_line(e)) from e
@@ -208,6 +277,7 @@ def staged_folder(path: str | os.PathLike, flag: str = "--out") -> Iterator[Path
             raise not_written(path, flag, reason) from e
         raise
     try:
+        (tmp / STAGING_MARK).unlink(missing_ok=True)
         if out.is_dir():
             out.rmdir()  # empty (else rmdir refuses and nothing is replaced)
         os.replace(tmp, out)

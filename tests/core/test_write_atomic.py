@@ -4,6 +4,7 @@ folder that cannot be written is one paragraph naming the option."""
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 
@@ -102,3 +103,56 @@ def test_real_write_failures_of_safetensors_and_copytree_are_one_paragraph(tmp_p
         assert line.startswith(f"--out '{tmp_path / name / 'out'}' could not be written"), line
         assert "writable disk with free space" in line
         assert not (tmp_path / name).exists()
+
+
+KILLED_SCRIPT = """
+import sys, time
+from mmgrpo.core.files import staged_folder
+with staged_folder(sys.argv[1]) as tmp:
+    (tmp / "weights.bin").write_bytes(bytes(2_000_000))
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def killed_write(out) -> tuple[int, str]:
+    """(pid, staging folder name) of a write of ``out`` killed with SIGKILL mid-way (its cleanup never ran)."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SCRIPT, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.pid, f".{out.name}.tmp-{proc.pid}"
+
+
+def test_the_folder_a_killed_write_left_is_removed_by_the_next_one(tmp_path):
+    """The walkthrough's `kill -9` during `mmgrpo export` left a hidden .NAME.tmp-PID folder beside --out for good
+    (15 MB there, gigabytes for a real pipeline). The next write of that folder removes it, with a warning."""
+    out = tmp_path / "out"
+    pid, name = killed_write(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    (tmp_path / f".other.tmp-{pid}").mkdir()  # another folder's staging: not ours to judge
+    with pytest.warns(UserWarning, match=rf"removed '.*{name}' \(2 MB\): the unfinished folder of an earlier write"):
+        with files.staged_folder(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{pid}", "out"]
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # the writer's mark is not in the folder
+
+
+def test_a_staging_folder_whose_writer_cannot_be_told_is_named_and_kept(tmp_path):
+    out = tmp_path / "out"
+    pid, name = killed_write(out)
+    (tmp_path / name / files.STAGING_MARK).write_text(f"another-machine {pid}\n")  # a shared disk's other writer
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (tmp_path / f".out.tmp-{running.pid}").mkdir()  # a write in progress here: left alone, no warning
+        with pytest.warns(UserWarning) as seen:
+            with files.staged_folder(out):
+                pass
+    finally:
+        running.kill()
+        running.wait()
+    said = [" ".join(str(w.message).split()) for w in seen]
+    assert len(said) == 1 and said[0].startswith(f"'{tmp_path / name}' (2 MB) is the unfinished folder"), said
+    assert f"by process {pid} on machine another-machine, which is not running here" in said[0]
+    assert f"delete it (rm -r '{tmp_path / name}')" in said[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f".out.tmp-{running.pid}", "out"])
