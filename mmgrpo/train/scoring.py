@@ -155,7 +155,8 @@ def check_magnitudes(cols: list[torch.Tensor], rewards: list[tuple[str, float, A
 
 
 def reward_metrics(columns: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> dict[str, float]:
-    """reward/<name> raw means (over rows where it applies) and the weighted total's mean/std."""
+    """reward/<name> raw means (over rows where it applies) and the weighted total's mean/std, of the rows given (the
+    trainer gives the sampled ones: :meth:`~mmgrpo.train.trainer.Trainer._sampled_rows`)."""
     out = {}
     for (name, _, _), col in zip(rewards, columns):
         valid = ~torch.isnan(col)

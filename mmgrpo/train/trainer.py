@@ -247,7 +247,7 @@ class Trainer(CollectPhase, UpdatePhase):
         lo = sum(counts[: self.acc.process_index])
         mine = slice(lo, lo + rollout.num_rows)
         metrics = {
-            **reward_metrics(all_cols[0], self.rewards),
+            **reward_metrics(all_cols[0][:, self._sampled_rows(rollout, counts)], self.rewards),
             "adv/mean": adv.mean().item(),
             "adv/abs_mean": adv.abs().mean().item(),
             "adv/zero_variance_groups": float(zero.sum().item()),
@@ -292,6 +292,17 @@ class Trainer(CollectPhase, UpdatePhase):
         if total is None:
             raise UserError(row_weights_refusal(a.estimator, a.combine, int((weights != 0).sum())))
         return adv_lib.get_row_weights(a.estimator)(total, **opts)
+
+    def _sampled_rows(self, rollout: Rollout, counts: list[int]) -> slice | torch.Tensor:
+        """The rows of all processes [N_total] the policy sampled: the reward metrics leave out teacher-forced
+        off-policy rows (``offpolicy_mask``: TempSamp's ground truth, always right, made reward/accuracy 0.5 where the
+        policy's own rows scored 0.33). Every process calls this together when several train."""
+        off = rollout.extras.get("offpolicy_mask")
+        if off is None and self.acc.num_processes == 1:
+            return slice(None)
+        local = torch.zeros(rollout.num_rows, dtype=torch.long) if off is None else off.long().cpu()
+        every = self._gather_rows(local, counts).bool() if self.acc.num_processes > 1 else local.bool()
+        return ~every if bool(every.any()) and not bool(every.all()) else slice(None)
 
     def _gather_counts(self, n: int) -> list[int]:
         """[P] this step's row count of every rank (ranks differ when groups are ragged)."""

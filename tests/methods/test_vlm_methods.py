@@ -149,6 +149,9 @@ def test_tempsamp_injects_the_teacher_forced_ground_truth_and_anchors_it(tmp_pat
     expected = [-1.09109, 0.21822, 0.26186, 1.09109, -0.87287, 1.30931]
     assert adv.tolist() == pytest.approx(expected, abs=1e-4)
     assert metrics["tempsamp/anchor_adv"] == pytest.approx((0.26186 + 1.30931) / 2, abs=1e-4)
+    # reward/* are the sampled rows' (the ground truth, always right, inflated reward/accuracy): rows 0, 1, 3, 4
+    assert metrics["reward/format"] == 0.25 and metrics["reward/accuracy"] == 0.5  # all 6 rows: 0.5, 0.5
+    assert metrics["reward/mean"] == pytest.approx((0 + 1 + 1.5 + 0) / 4)
 
 
 def test_tempsamp_config_shapes_rewards_and_the_switch_is_checked(tmp_path):
@@ -197,4 +200,6 @@ def test_method_configs_open_with_their_command_and_run_on_the_tiny_asset(name):
     path = REPO / "configs" / f"{name}.yaml"
     assert path.read_text().splitlines()[0] == f"# mmgrpo train configs/{name}.yaml"
     cfg = load_config(path)
-    assert cfg.pipeline == "vlm_reasoning" and cfg.policy.options["path"] == "assets/tiny_qwen2_vl"
+    # PEARL on the shapes demo's VLM: on the tiny asset every checklist sheet scored 0 and nothing trained
+    asset = "assets/shapes_vlm" if name == "vlm_pearl" else "assets/tiny_qwen2_vl"
+    assert cfg.pipeline == "vlm_reasoning" and cfg.policy.options["path"] == asset
