@@ -34,6 +34,7 @@ import dataclasses
 import inspect
 import json
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,7 +98,8 @@ def main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------- from a run
 def find_run_checkpoint(run: str | Path, step: int | None) -> Path:
-    """The checkpoint folder of ``run`` at ``step`` (verified), or its latest valid one."""
+    """The checkpoint folder of ``run`` at ``step`` (verified), or its latest valid one (a note on stderr for each
+    newer one that is damaged)."""
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"'{run}' is not a run directory (no config.yaml); give runs/<name>, written by mmgrpo train")
@@ -108,6 +110,8 @@ def find_run_checkpoint(run: str | Path, step: int | None) -> Path:
             why = f" ({'; '.join(notes)})" if notes else ""
             raise UserError(f"run '{run}' has no complete checkpoint under checkpoints/{why}; train longer "
                             "(trainer.checkpoint_every) or resume the run to write one")  # fmt: skip
+        for note in notes:  # as mmgrpo sample and resume do: the newest that verifies, and why newer ones were skipped
+            print(f"note: skipped a damaged checkpoint: {note}; exporting {ckpt}", file=sys.stderr)
         return ckpt
     if isinstance(step, str) and step.strip().isdigit():  # e.g. from a script's own argument parsing
         step = int(step)

@@ -216,6 +216,25 @@ def test_export_errors_are_user_errors(sd3, tmp_path, capsys):
     assert (tmp_path / "z" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_note(sd3, tmp_path, capsys):
+    """The walkthrough flipped a byte of the newest checkpoint's tensors: export wrote the one before with no word,
+    while mmgrpo sample --run printed a note. Now export says it too."""
+    run = tmp_path / "run"
+    shutil.copytree(sd3[0]["lora"], run)
+    newest = run / "checkpoints" / "step_000002"
+    shutil.copytree(run / "checkpoints" / "step_000001", newest)
+    with open(newest / "tensors.safetensors", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"note: skipped a damaged checkpoint: {newest}" in err and "tensors.safetensors" in err
+    assert f"; exporting {run / 'checkpoints' / 'step_000001'}" in err
+    assert json.loads((tmp_path / "out" / "mmgrpo_export.json").read_text())["checkpoint"] == "step_000001"
+
+
 @pytest.mark.parametrize(
     "argv,expected",
     [  # the CLI fuzz of 2026-12-06: each was a traceback, an export into the run directory, or silently accepted
