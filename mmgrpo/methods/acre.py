@@ -272,6 +272,13 @@ def acre(
     for key in table:
         if key not in DEFAULT_TABLE:
             raise UserError(f"acre: unknown table key {key!r}; known: {', '.join(DEFAULT_TABLE)}")
+    t = {**DEFAULT_TABLE, **table}
+    for right in ("correct", "wrong"):  # an answer its own reasoning does not carry through the shuffle pays more
+        low, high = f"{right}_inconsistent", f"{right}_consistent"
+        if t[low] > t[high]:
+            raise UserError(f"acre: table {low}={t[low]} is above {high}={t[high]}: it would pay the policy for "
+                            "reasoning that does not support its answer, the opposite of ACRE's consistency check; "
+                            "keep it at or below")  # fmt: skip
     return AcreReward(table, answer_key, seed, think_tag, answer_tag)
 
 

@@ -98,6 +98,15 @@ def test_acre_reward_table():
     assert [acre_reward(c, k, table) for c in (True, False) for k in (True, False)] == [1.0, 0.25, 0.0, -0.5]
     with pytest.raises(UserError, match="correct_consistent"):
         acre_reward(True, True, {"right_consistent": 1.0})
+    # the reward refuses a table that pays an answer its reasoning does not carry more than one it does (the method
+    # walkthrough of 2026-12-07: wrong_inconsistent=2 trained)
+    from mmgrpo.rewards import registry
+
+    with pytest.raises(UserError, match="wrong_inconsistent=2 is above wrong_consistent=0.0: it would pay"):
+        registry.get("acre", table={"wrong_inconsistent": 2})
+    with pytest.raises(UserError, match="correct_inconsistent=1.5 is above correct_consistent=1.0"):
+        registry.get("acre", table={"correct_inconsistent": 1.5})
+    registry.get("acre", table={"correct_inconsistent": 0.25, "wrong_inconsistent": -0.5})
 
 
 def test_build_reask_prompt():
