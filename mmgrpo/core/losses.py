@@ -282,8 +282,10 @@ def gspo_loss(
 
 def _check_nft(adv_clip: float | None) -> None:
     if adv_clip is None:
-        raise UserError("loss.name=nft maps advantages to r = 1/2 + A / (2c) with c = loss.adv_clip: set it "
-                        "(e.g. loss.adv_clip=2)")  # fmt: skip
+        raise UserError("loss.name=nft (DiffusionNFT's loss, for the diffusion flow families with "
+                        "policy.options.objective=nft) maps advantages to r = 1/2 + A / (2c) with c = loss.adv_clip: "
+                        "set it (e.g. loss.adv_clip=2); token-level NFT, e.g. on a VLM, is methods: {nft: {reward: "
+                        "accuracy}} with loss.name=grpo")  # fmt: skip
 
 
 @register_loss("nft", check=_check_nft, unit_local=True)
@@ -320,7 +322,8 @@ def nft_loss(
     """
     if neg_logp is None:
         raise UserError("loss.name=nft needs the implicit negative policy's error: set policy.options.objective=nft "
-                        "(diffusion flow families)")  # fmt: skip
+                        "(diffusion flow families); token-level NFT, e.g. on a VLM, is methods: {nft: {reward: "
+                        "accuracy}} with loss.name=grpo")  # fmt: skip
     _check_nft(adv_clip)
     adv = _as_unit_adv(adv, logp)
     r = (0.5 + 0.5 * adv / adv_clip).clamp(0.0, 1.0)  # [n, k]

@@ -207,7 +207,8 @@ def test_nft_needs_its_loss_and_the_loss_needs_nft():
     mask = torch.ones(4, 3, dtype=torch.bool)
     with pytest.raises(UserError, match="set loss.name=nft"):
         policy_loss(lp.logp, r.logp_old, torch.ones(4), mask, loss="grpo", neg_logp=lp.neg_logp)
-    with pytest.raises(UserError, match="set it"):
+    with pytest.raises(UserError, match=r"set it .*token-level NFT, e.g. on a VLM, is methods: \{nft"):
         policy_loss(lp.logp, r.logp_old, torch.ones(4), mask, loss="nft", neg_logp=lp.neg_logp)
-    with pytest.raises(UserError, match="set policy.options.objective=nft"):
+    with pytest.raises(UserError, match="set policy.options.objective=nft") as e:
         policy_loss(lp.logp, r.logp_old, torch.ones(4), mask, loss="nft", adv_clip=2.0)
+    assert "token-level NFT, e.g. on a VLM, is methods: {nft: {reward: accuracy}}" in str(e.value)  # both say where
