@@ -369,8 +369,10 @@ def check_options(
     out = {}
     for key, value in options.items():
         if key not in declared:
+            clear = f" (clear the previous one's: {prefix}={{}})" if not declared else ""  # e.g. after a switch
             raise UserError(
                 f"unknown option '{prefix}.{key}' in {where}: {what} takes {', '.join(declared) or 'no options'}"
+                + clear
                 + did_you_mean(suggestion(str(key), list(declared)), prefix)
             )
         out[key] = convert(value, hints.get(key, Any), f"{prefix}.{key}", where)

@@ -77,7 +77,8 @@ def test_loss_and_advantage_options_are_checked_at_load(tmp_path):
     p = write(tmp_path, GOOD)
     with pytest.raises(UserError, match=r"'loss.options.clip_hihg' in command-line override .*did you mean 'loss.op"):
         load_config(p, ["loss.options.clip_hihg=0.28"])
-    with pytest.raises(UserError, match="unknown option 'loss.options.clip_low'.*loss 'pg' takes no options"):
+    with pytest.raises(UserError, match=r"unknown option 'loss.options.clip_low'.*loss 'pg' takes no options \(clear "
+                                        r"the previous one's: loss.options=\{\}\)"):  # fmt: skip
         load_config(p, ["loss.name=pg", "loss.options.clip_low=0.2"])
     with pytest.raises(UserError, match="loss.options.dual_clip=0.5 must be > 1"):
         load_config(p, ["loss.options.dual_clip=0.5"])
