@@ -78,9 +78,10 @@ def read_utf8(path: str | os.PathLike, what: str) -> str:
 
 def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.PathLike | None = None) -> Path:
     """``path`` as the new output folder of a command option ``flag`` (``--out``): a UserError naming the option and
-    the value unless it is absent or an empty folder whose nearest existing ancestor is a folder, and (``run_dir``)
-    outside that run directory, which training rewrites (``run.overwrite=true`` deletes it, pruning deletes old
-    checkpoints with whatever they hold)."""
+    the value unless it is absent or an empty folder (not a symbolic link) whose nearest existing ancestor is a
+    folder, and (``run_dir``) outside that run directory, which training rewrites (``run.overwrite=true`` deletes it,
+    pruning deletes old checkpoints with whatever they hold)."""
+    refuse_link(path, flag)
     out = Path(os.path.abspath(path))
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} '{os.fspath(path)}' is a file, not a folder; give a new or empty folder to {flag}")
@@ -100,6 +101,22 @@ def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.Pa
                             "rewrites (run.overwrite=true deletes it, pruning deletes old checkpoints with what they "
                             f"hold); give {flag} a folder outside it")  # fmt: skip
     return out
+
+
+def refuse_link(path: str | os.PathLike, flag: str) -> None:
+    """A UserError when ``path`` is a symbolic link (written ``link`` or ``link/``): :func:`staged_folder` renames
+    its finished folder into place, which cannot replace a link (the whole export ran, then ``NotADirectoryError``
+    and nothing written); the fix names the folder it leads to."""
+    link = os.path.abspath(path)  # without a trailing '/', which would follow the link
+    if not os.path.islink(link):
+        return
+    target = os.path.realpath(link)
+    if os.path.isdir(target):
+        where, fix = f"to the folder '{target}'", f"give {flag} the folder itself ({flag} '{target}') or a new folder"
+    else:
+        where, fix = f"to '{os.readlink(link)}', which is no folder", f"give {flag} a new folder"
+    raise UserError(f"{flag} '{os.fspath(path)}' is a symbolic link ({where}); the output is written whole and "
+                    f"renamed into place, which cannot go through a link: {fix}")  # fmt: skip
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -255,6 +272,7 @@ def staged_folder(path: str | os.PathLike, flag: str = "--out") -> Iterator[Path
     A failure to write (the folder cannot be made: ``/proc``, ``/sys``, a read-only disk; the disk fills up while
     the block writes: :func:`write_failure`) is an :class:`OutputNotWritten` naming ``flag`` (the command's option),
     the OS's reason and the fix, not the traceback of ``mkdir``, ``copytree`` or safetensors."""
+    refuse_link(path, flag)
     out = Path(os.path.abspath(path))
     made = missing_parents(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -251,6 +251,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_note(sd3, tmp_path, capsy
         # the new-user walkthrough of 2026-12-07: the tracebacks of mkdir once the model had loaded
         (["{lora}", "--out", "/proc/x"], "--out '/proc/x' could not be written ([Errno 2] No such file or directory"),
         (["{lora}", "--out", "/sys/kernel/x"], "--out '/sys/kernel/x' could not be written ([Errno 1] Operation"),
+        (["{lora}", "--out", "{tmp}/link"], "--out '{tmp}/link' is a symbolic link (to the folder '{tmp}/empty')"),
     ],
 )
 def test_export_cli_refuses_bad_flags_and_writes_nothing(sd3, tmp_path, capsys, argv, expected):
@@ -258,6 +259,8 @@ def test_export_cli_refuses_bad_flags_and_writes_nothing(sd3, tmp_path, capsys, 
     (tmp_path / "file").write_text("mine")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
     damaged = tmp_path / "damaged"
     shutil.copytree(runs["lora"], damaged)
     with open(damaged / "checkpoints" / "step_000001" / "tensors.safetensors", "r+b") as f:
@@ -276,6 +279,7 @@ def test_export_cli_refuses_bad_flags_and_writes_nothing(sd3, tmp_path, capsys, 
     assert "Traceback" not in err and expected.format(**fmt) in " ".join(err.split())
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "file").read_text() == "mine" and os.listdir(tmp_path / "full") == ["mine"]
+    assert os.listdir(tmp_path / "empty") == [] and not any(p.name.startswith(".") for p in tmp_path.iterdir())
     assert {k: sorted(p.relative_to(v) for p in v.rglob("*")) for k, v in fmt.items() if k != "tmp"} == before
 
 

@@ -156,3 +156,29 @@ def test_a_staging_folder_whose_writer_cannot_be_told_is_named_and_kept(tmp_path
     assert f"by process {pid} on machine another-machine, which is not running here" in said[0]
     assert f"delete it (rm -r '{tmp_path / name}')" in said[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f".out.tmp-{running.pid}", "out"])
+
+
+# ---------------------------------------------------------------------------------------------- check_output_folder
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_an_output_folder_that_is_a_symbolic_link_is_refused_before_anything_is_written(tmp_path, slash):
+    """The walkthrough's --out, a link to an empty folder: the whole export ran, then NotADirectoryError (rmdir of
+    the link) and nothing written. Now refused by the check that runs before the model loads, and by
+    staged_folder itself."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "broken").symlink_to(tmp_path / "gone")
+    link = f"{tmp_path / 'link'}{slash}"
+    expected = (f"--out '{link}' is a symbolic link (to the folder '{tmp_path / 'empty'}'); the output is written "
+                f"whole and renamed into place, which cannot go through a link: give --out the folder itself (--out "
+                f"'{tmp_path / 'empty'}') or a new folder")  # fmt: skip
+    with pytest.raises(files.UserError) as info:
+        files.check_output_folder(link, "--out")
+    assert str(info.value) == expected
+    with pytest.raises(files.UserError, match="is a symbolic link"):
+        with files.staged_folder(link, "--out"):
+            raise AssertionError("the block must not run")
+    with pytest.raises(files.UserError, match=r"is a symbolic link \(to '.*gone', which is no folder\).*a new folder"):
+        files.check_output_folder(tmp_path / "broken", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "link"]
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert files.check_output_folder(tmp_path / "link" / "new", "--out") == tmp_path / "link" / "new"  # through one
