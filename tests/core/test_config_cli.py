@@ -61,6 +61,10 @@ def test_wrong_type(tmp_path):
         load_config(write(tmp_path, GOOD.replace("max_steps: 2", "max_steps: many")))
     with pytest.raises(UserError, match=r"trainer.lr in command-line override 'trainer.lr=fast': expected float"):
         load_config(write(tmp_path, GOOD), ["trainer.lr=fast"])
+    # a list given as one word says how to write a list of one (the export walkthrough of 2026-12-07)
+    with pytest.raises(UserError, match=r"expected list\[str\], got 'tensorboard' \(str\) \(a list, even of one: "
+                                        r"trainer.log_with=\[tensorboard\]\)"):  # fmt: skip
+        load_config(write(tmp_path, GOOD), ["trainer.log_with=tensorboard"])
 
 
 def test_component_options_are_checked(tmp_path):
