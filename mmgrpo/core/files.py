@@ -80,7 +80,10 @@ def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.Pa
     """``path`` as the new output folder of a command option ``flag`` (``--out``): a UserError naming the option and
     the value unless it is absent or an empty folder (not a symbolic link) whose nearest existing ancestor is a
     folder, and (``run_dir``) outside that run directory, which training rewrites (``run.overwrite=true`` deletes it,
-    pruning deletes old checkpoints with whatever they hold)."""
+    pruning deletes old checkpoints with whatever they hold). An empty value is refused as such (it is no path: as
+    the working folder it was "exists and is not empty")."""
+    if not os.fspath(path).strip():
+        raise UserError(f"{flag} is empty; give a folder path (a new or empty folder, e.g. {flag} export/)")
     refuse_link(path, flag)
     out = Path(os.path.abspath(path))
     if out.exists() and not out.is_dir():

@@ -252,6 +252,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_note(sd3, tmp_path, capsy
         (["{lora}", "--out", "/proc/x"], "--out '/proc/x' could not be written ([Errno 2] No such file or directory"),
         (["{lora}", "--out", "/sys/kernel/x"], "--out '/sys/kernel/x' could not be written ([Errno 1] Operation"),
         (["{lora}", "--out", "{tmp}/link"], "--out '{tmp}/link' is a symbolic link (to the folder '{tmp}/empty')"),
+        (["{lora}", "--out", ""], "--out is empty; give a folder path"),
     ],
 )
 def test_export_cli_refuses_bad_flags_and_writes_nothing(sd3, tmp_path, capsys, argv, expected):

@@ -182,3 +182,12 @@ def test_an_output_folder_that_is_a_symbolic_link_is_refused_before_anything_is_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "link"]
     assert list((tmp_path / "empty").iterdir()) == []
     assert files.check_output_folder(tmp_path / "link" / "new", "--out") == tmp_path / "link" / "new"  # through one
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_output_folder_value_is_refused_as_empty(value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("mine")  # the working folder: it was "folder '' exists and is not empty"
+    with pytest.raises(files.UserError) as info:
+        files.check_output_folder(value, "--out")
+    assert str(info.value) == "--out is empty; give a folder path (a new or empty folder, e.g. --out export/)"
