@@ -140,7 +140,13 @@ def start_trackers(acc: Any, cfg: Any, run_dir: Path, step: int = 0) -> bool:
         kwargs = resume_kwargs(names, run_dir, step) if acc.is_main_process else {}
         acc.init_trackers(cfg.run.name, config=flat_config(cfg), init_kwargs=kwargs)
     except Exception as e:  # noqa: BLE001  a tracker's own failure (no login, no network, a bad option)
-        end_trackers(acc)
+        for t in list(getattr(acc, "trackers", None) or []):  # closed quietly: the one that failed never started
+            try:  # (W&B's finish then raised AttributeError: no 'run', a spurious warning before this paragraph)
+                t.finish()
+            except Exception:  # noqa: BLE001  the start's error below is the one to report
+                pass
+        if getattr(acc, "trackers", None):
+            acc.trackers.clear()
         raise UserError(
             f"trainer.log_with={names}: a tracker could not start ({type(e).__name__}: {e}); fix it (e.g. `wandb "
             "login`, or WANDB_MODE=offline without a network) or remove it from trainer.log_with (metrics.jsonl "

@@ -307,6 +307,35 @@ def test_a_tracker_that_cannot_start_is_one_paragraph(tmp_path):
         train(cfg_for(tmp_path, "trainer.log_with=[mmgrpo_broken_start]"))
 
 
+class FailingStartTracker(MemoryTracker):
+    """Made, then its start fails, as accelerate's WandBTracker does without an API key: ``start`` raises before it
+    sets ``self.run``, so its ``finish`` (``self.run.finish()``) raises AttributeError."""
+
+    name = "mmgrpo_failing_start"
+
+    def start(self):
+        raise RuntimeError("api key not configured (no-tty)")
+
+    def finish(self):
+        self.run.finish()
+
+
+register_tracker_class(FailingStartTracker)
+
+
+def test_a_tracker_whose_start_fails_is_only_the_paragraph(tmp_path, recwarn):
+    """The walkthrough's wandb without an API key printed "warning: the wandb tracker failed while closing
+    (AttributeError: 'WandBTracker' object has no attribute 'run')" before the real error: the tracker that never
+    started was closed like a started one. The trackers started before it are still closed."""
+    MemoryTracker.runs.clear()
+    with pytest.raises(UserError, match=r"trainer.log_with=\['mmgrpo_memory', 'mmgrpo_failing_start'\]: a tracker "
+                                        r"could not start \(RuntimeError: api key not configured"):  # fmt: skip
+        train(cfg_for(tmp_path, "trainer.log_with=[mmgrpo_memory,mmgrpo_failing_start]"))
+    assert [str(w.message) for w in recwarn if "tracker" in str(w.message)] == []
+    memory = next(r for r in MemoryTracker.runs if type(r) is MemoryTracker)
+    assert memory.ended
+
+
 def test_a_resumed_run_continues_the_wandb_run_and_purges_tensorboards_replayed_steps(tmp_path):
     from mmgrpo.train.tracking import TRACKERS_FILE, resume_kwargs
 
