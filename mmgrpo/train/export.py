@@ -21,7 +21,8 @@ VLM, full or           a transformers folder (``config.json``, ``model.safetenso
 
 ``--merge`` on a full fine-tune (nothing to merge) writes the full folder and records ``merged: false``, so one
 command exports every run as a complete model. Every export also holds ``mmgrpo_export.json`` (run, step, base model,
-format, merged). With ``trainer.export_checkpoints``
+format, merged; for a VLM the system prompt and the sampling settings it was trained with, which a transformers
+folder's ``generation_config.json`` holds too). With ``trainer.export_checkpoints``
 the trainer calls :func:`export_policy` after each checkpoint (``checkpoints/step_XXXXXX/export/``, live weights); one
 that the disk refuses is a warning and the run goes on (:func:`beside_checkpoint`).
 """
@@ -195,6 +196,9 @@ def export_policy(
         else:
             fmt = export_vlm(policy, tmp, merge, inplace)
         record = {**(info or {}), "format": fmt, "base": base_name(policy), "merged": merge}
+        if isinstance(policy, VLMPolicy):  # the prompt and sampling the model was trained with
+            record.update(vlm_settings(policy))
+            record_generation_config(tmp, policy)
         (tmp / INFO).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
@@ -312,6 +316,33 @@ def save_pipeline_folder(denoiser: nn.Module, base: Path, out: Path, variant: st
 
 
 # ---------------------------------------------------------------------------------------------- VLM
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens")
+"""the policy's sampling options that are transformers ``GenerationConfig`` fields of the same name and meaning
+(``top_p`` 1 and ``top_k`` 0 are off in both)"""
+
+
+def vlm_settings(policy: VLMPolicy) -> dict[str, Any]:
+    """What ``mmgrpo_export.json`` of a VLM records beside the weights: the system prompt the model was trained
+    with (``policy.options.system_prompt``: the R1 ``<think>/<answer>`` prompt of most configs; "" is the chat
+    template's own system turn), which the chat template does not hold, and the sampling settings (temperature,
+    top_p, top_k, max_new_tokens). Without them a user of the export prompts and samples it otherwise than it
+    learned."""
+    opts = policy.options
+    return {"system_prompt": opts.system_prompt, **{k: getattr(opts, k) for k in GENERATION_KEYS}}
+
+
+def record_generation_config(out: Path, policy: VLMPolicy) -> None:
+    """The policy's sampling settings in the export's ``generation_config.json`` (a transformers folder writes
+    one; a peft adapter does not): ``do_sample`` with its temperature, top_p, top_k and max_new_tokens, so
+    ``model.generate(**inputs)`` samples as training did."""
+    path = out / "generation_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config.update({"do_sample": True, **{k: getattr(policy.options, k) for k in GENERATION_KEYS}})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_vlm(policy: VLMPolicy, out: Path, merge: bool, inplace: bool) -> str:
     vlm = policy._scorer().vlm  # the transformers model, or a peft model around it
     out.mkdir(parents=True, exist_ok=True)

@@ -533,6 +533,42 @@ def test_vlm_transformers_folder_reproduces_the_policy(vlm, which):
     assert diffs[which] < TOL
 
 
+SETTINGS_SCRIPT = """
+import json, os, sys
+from transformers import GenerationConfig
+out = {}
+for folder in sys.argv[1:]:
+    info = json.load(open(os.path.join(folder, "mmgrpo_export.json")))
+    has_gen = os.path.isfile(os.path.join(folder, "generation_config.json"))
+    gen = GenerationConfig.from_pretrained(folder).to_dict() if has_gen else None
+    keys = ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens")
+    out[os.path.basename(folder)] = {"info": info, "gen": gen and {k: gen.get(k) for k in keys}}
+print(json.dumps(out))
+"""
+
+
+def test_a_vlm_export_records_the_system_prompt_and_sampling_it_was_trained_with(vlm):
+    """The walkthrough's VLM export dropped policy.options.system_prompt (the R1 prompt: the chat template does not
+    hold it) and the sampling settings. mmgrpo_export.json records them, and a transformers folder's
+    generation_config.json samples as training did; both read by transformers in `python -I` without mmgrpo."""
+    from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT
+
+    exports = vlm[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    folders = [str(exports[k]) for k in ("lora", "full", "merged")]
+    code = SETTINGS_SCRIPT + "assert 'mmgrpo' not in sys.modules\n"
+    proc = subprocess.run([sys.executable, "-I", "-c", code, *folders], capture_output=True, text=True, cwd="/",
+                          env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    trained = {"system_prompt": R1_SYSTEM_PROMPT, "temperature": 8.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 4}
+    for name in ("out_lora", "out_full", "out_merged"):
+        assert {k: got[name]["info"].get(k) for k in trained} == trained, name
+    assert got["out_lora"]["gen"] is None  # a peft adapter folder has no generation config
+    for name in ("out_full", "out_merged"):
+        assert got[name]["gen"] == {"do_sample": True, **{k: v for k, v in trained.items() if k != "system_prompt"}}
+
+
 SHAPES_VLM_SCRIPT = """
 import json, sys, torch
 from PIL import Image
