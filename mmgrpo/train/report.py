@@ -298,9 +298,30 @@ PANEL_EXTRAS = {"loss/clip_frac": ("loss/clip_frac_low", "loss/clip_frac_high", 
 """further curves drawn in a panel of :data:`TRAINING_CURVES` when logged (the clip fraction's sides)"""
 
 
-def training_curves(metrics: list[dict], path: str | Path) -> Path | None:
-    """Small multiples of :data:`TRAINING_CURVES` against step to a PNG (None when none was logged)."""
-    keys = [k for k in TRAINING_CURVES if any(k in m for m in metrics)]
+CORE_FAMILIES = ("loss", "reward", "eval", "time", "adv", "update", "completion", "skipped", "dynamic", "extra",
+                 "policy", "grad_norm", "lr", "step")  # fmt: skip
+"""metric families of the trainer itself; any other ``family/name`` a run logs is a method's (pearl/gate_mean,
+tempsamp/anchor_adv, rewrite/groups, curriculum/tau...), which :func:`method_curves` plots"""
+METHOD_PANELS = 8
+"""the most method metrics ``report.html`` plots (the first logged)"""
+
+
+def method_curves(metrics: list[dict], path: str | Path) -> Path | None:
+    """Small multiples of the methods' per-step metrics (those outside :data:`CORE_FAMILIES`, at most
+    :data:`METHOD_PANELS`) to a PNG (None when a run logged none): a method's switch shows in its own metrics, which
+    report.html did not plot (PEARL's gate, TempSamp's anchor, Scaf-GRPO's re-rolls were only in metrics.jsonl)."""
+    keys: list[str] = []
+    for m in metrics:
+        for k, v in m.items():
+            if "/" in k and k.split("/", 1)[0] not in CORE_FAMILIES and k not in keys and isinstance(v, (int, float)):
+                keys.append(k)
+    return training_curves(metrics, path, keys[:METHOD_PANELS]) if keys else None
+
+
+def training_curves(metrics: list[dict], path: str | Path, curves: tuple | list = TRAINING_CURVES) -> Path | None:
+    """Small multiples of ``curves`` (default :data:`TRAINING_CURVES`) against step to a PNG (None when none was
+    logged)."""
+    keys = [k for k in curves if any(k in m for m in metrics)]
     if not keys:
         return None
     import matplotlib
@@ -412,6 +433,7 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     curve = reward_curve(metrics, run_dir / "reward_curve.png")
     training = training_curves(metrics, run_dir / "training_curves.png")
+    methods = method_curves(metrics, run_dir / "method_curves.png")
     evals = [m for m in metrics if any(k.startswith("eval/") for k in m)]
     eval_keys = sorted({k for m in evals for k in m if k.startswith("eval/")})
     rows = "".join(
@@ -450,6 +472,7 @@ img,video{{image-rendering:pixelated;max-width:520px}} img.ba{{max-width:100%}}<
 {compare}
 <h2>Reward</h2>{'<img src="reward_curve.png">' if curve else "<p>No metrics yet.</p>"}
 {'<h2>Training</h2><img src="training_curves.png">' if training else ""}
+{'<h2>Methods</h2><img src="method_curves.png">' if methods else ""}
 <h2>Held-out evaluation</h2>{table}
 {completions}
 <h2>Samples</h2>{"".join(figs) or none}

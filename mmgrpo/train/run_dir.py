@@ -45,7 +45,7 @@ from mmgrpo.train.config import (
 
 RUN_MARKER = ".mmgrpo-run"
 STALE = ("metrics.jsonl", "checkpoints", "samples", "debug", "report.html", "reward_curve.png", "training_curves.png",
-         "trackers.json", "wandb")  # fmt: skip
+         "method_curves.png", "trackers.json", "wandb")  # fmt: skip
 """what a fresh (or overwritten) run starts without (and the TensorBoard folder ``<run.name>/``)"""
 RESUMABLE = (
     "trainer.max_steps", "trainer.stop_after_steps", "trainer.time_budget_s", "trainer.time_budget_clock",

@@ -132,6 +132,23 @@ def test_a_report_of_a_folder_that_is_no_run_directory_is_a_user_error(tmp_path)
     assert "No metrics yet" in write_report(tmp_path / "other").read_text()
 
 
+def test_report_plots_the_methods_metrics_beside_the_trainers(tmp_path):
+    """A method's switch shows in its own metrics (PEARL's gate, Scaf-GRPO's re-rolls), which report.html did not
+    plot: only metrics.jsonl held them (the method walkthrough of 2026-12-07)."""
+    lines = [{"step": s, "reward/mean": 0.1 * s, "loss/policy": 0.01, "pearl/gate_mean": 0.1 * s,
+              "rewrite/groups": float(s % 2), "time/step_s": 1.0, "adv/mean": 0.0} for s in range(1, 4)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    html = write_report(tmp_path).read_text()
+    assert '<h2>Methods</h2><img src="method_curves.png">' in html
+    picture = Image.open(tmp_path / "method_curves.png")
+    assert picture.width == round(3.2 * 2 * 100)  # two panels: pearl/gate_mean, rewrite/groups (no time/, adv/)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in m.items() if "/" not in k or
+                                         k.startswith(("reward", "loss"))}) + "\n" for m in lines))  # fmt: skip
+    assert "Methods" not in write_report(plain).read_text() and not (plain / "method_curves.png").exists()
+
+
 def test_report_shows_before_after_first_and_once(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/shapes": 0.3}) + "\n")
     samples = tmp_path / "samples"
