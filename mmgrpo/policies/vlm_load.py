@@ -249,6 +249,10 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
     if o.dtype not in dtypes:
         raise UserError(f"policy.options.dtype={o.dtype!r}; use one of {', '.join(dtypes)}")
     src = resolve_source(path, key, o.revision, o.variant)
+    if src.local:  # an mmgrpo LoRA export is an adapter: transformers' words were "Unrecognized model"
+        from mmgrpo.policies.loading import refuse_lora_folder
+
+        refuse_lora_folder(src.path, key)
     kw = {"trust_remote_code": o.trust_remote_code}
     try:
         with src.errors(_LOCAL_HINT):

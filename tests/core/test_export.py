@@ -295,6 +295,46 @@ def test_a_failed_export_leaves_no_folder(sd3, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_diffusion_lora_export_given_as_a_model_names_its_base(sd3, tmp_path, capsys):
+    """The walkthrough gave a LoRA export as the model (policy.options.path=, mmgrpo sample --model): "has no
+    transformer/ folder; is it an SD3-layout checkpoint?". Now: it is a LoRA adapter of base X, not a model."""
+    runs, exports, _ = sd3
+    lora = exports["lora"]
+    base = json.loads((lora / "mmgrpo_export.json").read_text())["base"]
+    run = runs["lora"].resolve()
+    expected = (f"policy.options.path='{lora}' is a LoRA adapter (diffusers format, of base {base}), not a model: "
+                f"give the base model as policy.options.path ({base}), onto which the adapter loads outside mmgrpo "
+                f"with pipe.load_lora_weights('{lora}') on the base pipeline; or export a full model folder with the "
+                f"adapter merged in (mmgrpo export {run} --merge --out DIR) and give that")  # fmt: skip
+    with pytest.raises(UserError) as info:
+        load_adapter(GeneratorPolicyOptions(family="sd3", path=str(lora), num_steps=T))
+    assert str(info.value) == expected
+    argv = ["sample", "--model", str(lora), "--family", "sd3", "--prompts", "a red circle"]
+    argv += ["--best-of", "2", "--reward", "jpeg_incompressibility", "--out", str(tmp_path / "s")]
+    assert cli_main(argv) == 2
+    assert f"policy.options.path='{lora}' is a LoRA adapter (diffusers format, of base {base})" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_vlm_lora_export_given_as_a_model_names_its_base(vlm, tmp_path):
+    """The VLM side said transformers' "Unrecognized model ... Should have a `model_type` key in its config.json..".
+    A peft adapter folder that mmgrpo did not write names the base its adapter_config.json records."""
+    lora = vlm[0]["lora"]
+    base = json.loads((lora / "mmgrpo_export.json").read_text())["base"]
+    with pytest.raises(UserError, match=r"is a LoRA adapter \(peft format, of base .*\), not a model") as info:
+        VLMPolicy.from_pretrained(str(lora), VLMPolicyOptions(lora_rank=2))
+    message = " ".join(str(info.value).split())
+    assert message.startswith(f"policy.options.path='{lora}' is a LoRA adapter (peft format, of base {base})")
+    assert f"peft.PeftModel.from_pretrained(base_model, '{lora}')" in message and "--merge" in message
+    plain = tmp_path / "adapter"  # peft's own save_pretrained: no mmgrpo_export.json
+    shutil.copytree(lora, plain, ignore=shutil.ignore_patterns("mmgrpo_export.json"))
+    recorded = json.loads((plain / "adapter_config.json").read_text())["base_model_name_or_path"]
+    with pytest.raises(UserError, match=rf"is a LoRA adapter \(peft format, of base {recorded}\)"):
+        VLMPolicy.from_pretrained(str(plain), VLMPolicyOptions(lora_rank=2))
+
+
 def test_a_failed_export_beside_a_checkpoint_is_a_warning_and_the_run_goes_on(tmp_path, monkeypatch):
     """trainer.export_checkpoints onto a disk that fills up during the export (safetensors' SafetensorError, after a
     good checkpoint was written): the walkthrough's run crashed with a traceback and no resume= line. Now the
