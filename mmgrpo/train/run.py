@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch.distributed
 from accelerate import Accelerator
 
 from mmgrpo.core.errors import UserError, first_line, out_of_memory
@@ -99,8 +100,10 @@ def run_training(
             else:
                 e.add_note(note)
         elif not acc.is_main_process and fresh and trainer.step == 0 and isinstance(e, UserError) and e.args:
-            e.args = (f"{e.args[0]} (nothing was trained: the main process removes the new run directory {run_dir}; "
-                      "once the cause is fixed, the same command starts the run again)", *e.args[1:])  # fmt: skip
+            note = (f"nothing was trained: the main process removes the new run directory {run_dir} when it stops "
+                    "too, unless it holds a debug/ dump; once the cause is fixed, the same command starts the run "
+                    f"again, or, if the directory is still there, resume={run_dir}")  # fmt: skip
+            e.args = (f"{e.args[0]} ({note})", *e.args[1:])
         elif isinstance(e, UserError) and e.args:
             e.args = (f"{str(e.args[0]).rstrip('. ')}. {how_to_continue(trainer, run_dir)}", *e.args[1:])
         elif isinstance(e, KeyboardInterrupt):
@@ -120,7 +123,9 @@ def _peer_stopped(error: BaseException, processes: int) -> UserError | None:
     """The paragraph of a process whose collective failed because another process of the run went away (it stopped
     on its own error, whose paragraph that process prints, or was killed): it was gloo's traceback of 44 lines after
     the other process's clean message (the walkthrough of 2026-12-07), and nothing at all said how to go on."""
-    if processes < 2 or not isinstance(error, RuntimeError) or not any(w in str(error) for w in PEER_GONE):
+    text = str(error)
+    backend = isinstance(error, getattr(torch.distributed, "DistError", ())) or "gloo" in text or "NCCL" in text
+    if processes < 2 or not isinstance(error, RuntimeError) or not backend or not any(w in text for w in PEER_GONE):
         return None
     return UserError(f"another of the run's {processes} processes stopped (a collective between them failed: "
                      f"{first_line(error)}): its own message, if it wrote one, is above; this process cannot go on "

@@ -273,10 +273,12 @@ class Trainer(CollectPhase, UpdatePhase):
         out = unpad_groups(adv_local, rollout.sizes)
         if self.comp.advantage_hooks:  # adv/* of what the loss uses (PEARL's gate zeroed every advantage, while
             # adv/abs_mean still showed the estimator's 0.19-0.43), over every process's rows
-            mine_sums = [float(out.sum()), float(out.abs().sum()), float(out.numel())]
-            every = self.all_values(mine_sums) if self.acc.num_processes > 1 else [mine_sums]
-            total, absolute, n = (sum(x[i] for x in every) for i in range(3))
-            metrics["adv/mean"], metrics["adv/abs_mean"] = total / max(n, 1.0), absolute / max(n, 1.0)
+            if self.acc.num_processes == 1:  # as before the hooks (a hook that changes nothing changes no metric)
+                metrics["adv/mean"], metrics["adv/abs_mean"] = out.mean().item(), out.abs().mean().item()
+            else:
+                every = self.all_values([float(out.sum()), float(out.abs().sum()), float(out.numel())])
+                total, absolute, n = (sum(x[i] for x in every) for i in range(3))
+                metrics["adv/mean"], metrics["adv/abs_mean"] = total / max(n, 1.0), absolute / max(n, 1.0)
         return out, row_w[mine].float(), metrics
 
     def row_weights(self, cols: torch.Tensor, weights: torch.Tensor, kinds: list[str], opts: dict) -> torch.Tensor:
@@ -289,8 +291,11 @@ class Trainer(CollectPhase, UpdatePhase):
         if not adv_lib.has_row_weights(a.estimator):  # every row weighs 1: nothing to read
             return torch.ones(cols.shape[1:], dtype=torch.float32)
         total = adv_lib.row_weight_total(a.combine, cols, weights, kinds, a.combine_options)
-        if total is None:
+        if total is None and a.combine == "normalize_then_sum":  # refused at load; weights of 0 set by a method since
             raise UserError(row_weights_refusal(a.estimator, a.combine, int((weights != 0).sum())))
+        if total is None:  # a plug-in combiner that declares no ``total``: the applicable weighted sum, as before
+            total = torch.where((~cols.isnan()).any(0), (torch.nan_to_num(cols) * weights[:, None, None]).sum(0),
+                                torch.nan)  # fmt: skip
         return adv_lib.get_row_weights(a.estimator)(total, **opts)
 
     def _sampled_rows(self, rollout: Rollout, counts: list[int]) -> slice | torch.Tensor:

@@ -350,26 +350,12 @@ class UpdatePhase:
         return sums, loss_ok
 
     def _over_processes(self, sums: dict[str, float], masked: float, all_rows: int, kept: int) -> dict[str, float]:
-        """A minibatch's metrics over every process's rows, as one process holding them all logs them (they were the
-        main process's own: loss/policy -2e-8 on 2 processes where 1 logged -0.0028): a loss term (each process's
-        share of the loss under the global normaliser divided by the world size) is the processes' mean, a per-unit
-        mean is weighted by each process's masked units, ``loss/ratio_max`` the largest, and the skipped rows are
-        counted over all rows. Every process calls this together (once a minibatch)."""
+        """A minibatch's metrics over every process's rows (:func:`combined_metrics`; they were the main process's
+        own: loss/policy -2e-8 on 2 processes where 1 logged -0.0028). Every process calls this together (once a
+        minibatch); ``all_gather_object`` carries only what the run's own processes send."""
         every: list[Any] = [None] * self.acc.num_processes
         torch.distributed.all_gather_object(every, (sums, masked, all_rows, kept))
-        out: dict[str, float] = {}
-        for k in sorted({k for s, *_ in every for k in s} - {"update/skipped_rows_frac"}):
-            have = [(s[k], m) for s, m, _, _ in every if k in s]
-            if k in SUMMED_METRICS or k in self.term_metrics:  # a process without rows added 0
-                out[k] = sum(v for v, _ in have) / len(every)
-            elif k == "loss/ratio_max":
-                out[k] = max(v for v, _ in have)
-            else:
-                weight = sum(m for _, m in have)
-                out[k] = sum(v * m for v, m in have) / weight if weight else sum(v for v, _ in have) / len(have)
-        rows, trained = sum(e[2] for e in every), sum(e[3] for e in every)
-        out["update/skipped_rows_frac"] = (rows - trained) / rows if rows else 0.0
-        return out
+        return combined_metrics(every, set(SUMMED_METRICS) | set(self.term_metrics))
 
     def _add_loss_terms(self, loss, m: dict[str, float], x: TermInputs, row_w, denom: float):
         """The methods' loss terms (``Components.loss_terms``) aggregated like the policy loss and added to it;
@@ -402,3 +388,24 @@ class UpdatePhase:
         live = (a != 0) & mask[rows] if a.dim() == 2 else (a != 0)[:, None] & mask[rows]  # [n, K]
         keep = rows[live.any(-1)]
         return keep if len(keep) else rows[:1]
+
+
+def combined_metrics(every: list[tuple[dict[str, float], float, int, int]], summed: set[str]) -> dict[str, float]:
+    """The metrics one process holding every process's rows logs, from each process's (metrics, masked units, rows,
+    rows trained) of a minibatch: a loss term (``summed``: each process's share of the loss under the global
+    normaliser divided by the world size) is the processes' mean, a per-unit mean is weighted by each process's masked
+    units, ``loss/ratio_max`` is the largest of the processes with masked units (one without holds a placeholder,
+    1.0), and the skipped rows are counted over all rows."""
+    out: dict[str, float] = {}
+    for k in sorted({k for s, *_ in every for k in s} - {"update/skipped_rows_frac"}):
+        have = [(s[k], m) for s, m, _, _ in every if k in s]
+        if k in summed:  # a process without rows added 0
+            out[k] = sum(v for v, _ in have) / len(every)
+        elif k == "loss/ratio_max":
+            out[k] = max([v for v, m in have if m] or [v for v, _ in have])
+        else:
+            weight = sum(m for _, m in have)
+            out[k] = sum(v * m for v, m in have) / weight if weight else sum(v for v, _ in have) / len(have)
+    rows, trained = sum(e[2] for e in every), sum(e[3] for e in every)
+    out["update/skipped_rows_frac"] = (rows - trained) / rows if rows else 0.0
+    return out

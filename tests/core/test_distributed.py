@@ -156,5 +156,37 @@ def test_when_one_process_stops_the_others_say_so_in_one_paragraph_not_a_gloo_tr
                          "(through the launcher, as this run of 2 processes was: accelerate launch ... -m "
                          "mmgrpo.train.cli train ...; alone it resumes on one process)") == 2  # fmt: skip
     else:  # nothing trained: both say the same command starts again, and the directory is gone
-        assert err.count("the same command starts the run again") == 2 and "resume=" not in err
+        assert err.count("the same command starts the run again") == 2 and "continue with:" not in err
         assert not (tmp_path / "r").exists()
+
+
+def test_combined_metrics_by_hand():
+    """Two processes' minibatch metrics as one process holding both logs them. Process 1 has no masked unit: its unit
+    means and its ratio_max are placeholders (the end review of 2026-12-07: ratio_max took its 1.0)."""
+    from mmgrpo.train.update import combined_metrics
+
+    p0 = ({"loss/policy": -0.2, "loss/ratio_mean": 0.95, "loss/ratio_max": 0.97, "update/skipped_rows_frac": 0.5},
+          10.0, 8, 4)  # fmt: skip
+    p1 = ({"loss/policy": 0.0, "loss/ratio_mean": 1.0, "loss/ratio_max": 1.0, "update/skipped_rows_frac": 0.0},
+          0.0, 8, 8)  # fmt: skip
+    p2 = ({"loss/policy": 0.4, "loss/ratio_mean": 1.05, "loss/ratio_max": 1.2}, 30.0, 8, 6)
+    out = combined_metrics([p0, p1, p2], {"loss/policy"})
+    assert out["loss/policy"] == pytest.approx((-0.2 + 0.0 + 0.4) / 3)  # shares of the loss / world size: their mean
+    assert out["loss/ratio_mean"] == pytest.approx((0.95 * 10 + 1.05 * 30) / 40)  # per masked unit
+    assert out["loss/ratio_max"] == 1.2 and combined_metrics([p0, p1], set())["loss/ratio_max"] == 0.97
+    assert out["update/skipped_rows_frac"] == pytest.approx((24 - 18) / 24)
+    # no process with a masked unit: the placeholders' plain mean and max
+    none = combined_metrics([p1, (p1[0], 0.0, 8, 8)], set())
+    assert none["loss/ratio_mean"] == 1.0 and none["loss/ratio_max"] == 1.0
+
+
+def test_a_broken_pipe_outside_a_collective_is_not_called_another_process_stopping():
+    """Only a collective's failure (gloo / NCCL / torch.distributed's error) is reworded; the end review of
+    2026-12-07: any RuntimeError saying "Broken pipe" (a reward's own socket) was."""
+    from mmgrpo.train.run import _peer_stopped
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [1.2.3.4]:5")
+    assert "another of the run's 2 processes stopped" in str(_peer_stopped(gloo, 2))
+    assert _peer_stopped(gloo, 1) is None
+    assert _peer_stopped(RuntimeError("judge: [Errno 32] Broken pipe"), 2) is None
+    assert _peer_stopped(ValueError("Connection closed by peer gloo"), 2) is None
