@@ -140,8 +140,12 @@ def _fail(path: str, where: str, expected: Any, value: Any) -> UserError:
         key = path.rsplit(".", 1)[-1]
         msg += (f" (YAML reads unquoted digits, with an e between them too, as a number: quote the text, in a file "
                 f"{key}: '...', on the command line \"{path}='...'\")")  # fmt: skip
-    elif isinstance(value, (str, int, float)) and any(  # trainer.log_with=tensorboard
-        typing.get_origin(t) in (list, tuple) for t in (expected, *typing.get_args(expected))
+    elif (
+        isinstance(value, (str, int, float))
+        and any(  # trainer.log_with=tensorboard (not a fixed-size pair)
+            typing.get_origin(t) is list or (typing.get_origin(t) is tuple and typing.get_args(t)[-1:] == (...,))
+            for t in (expected, *typing.get_args(expected))
+        )
     ):
         msg += f" (a list, even of one: {path}=[{value}])"
     return UserError(msg)

@@ -156,11 +156,14 @@ def check_nft(opts: NFTOptions, cfg: Any, key: str) -> None:
         raise UserError(f"{key}: correct_at={opts.correct_at} must be finite")
     objective = (cfg.policy.options or {}).get("objective") if isinstance(cfg.policy.options, dict) else None
     objective = objective.get("name") if isinstance(objective, dict) else objective
-    if objective not in (None, "sde") or cfg.loss.name == "nft":  # a diffusion objective without log-probabilities
+    if objective not in (None, "sde"):  # a diffusion objective without log-probabilities
         raise UserError(f"{key}: token-level NFT reads the policy's log-probabilities, but policy.options.objective="
-                        f"{objective} / loss.name={cfg.loss.name} scores samples by a flow-matching error (its 'logp' "
-                        "is not a log-probability, and it would replace that objective's loss): DiffusionNFT is the "
-                        "objective 'nft' itself; remove methods.nft")  # fmt: skip
+                        f"{objective} scores samples by a flow-matching error (its 'logp' is not a log-probability, "
+                        "and the method would replace that objective's loss): DiffusionNFT is the objective 'nft' "
+                        "itself; remove methods.nft")  # fmt: skip
+    if cfg.loss.name == "nft":
+        raise UserError(f"{key}: loss.name=nft is DiffusionNFT's loss, which methods.nft replaces with its own term; "
+                        "token-level NFT runs with loss.name=grpo (set it, or remove methods.nft)")  # fmt: skip
 
 
 def setup_nft(policy: Any, opts: NFTOptions, cfg: Any) -> MethodRuntime:

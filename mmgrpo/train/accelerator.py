@@ -87,8 +87,9 @@ def enable_cpu_fsdp(mixed_precision: str = "no") -> None:
         )
     if mixed_precision != "no":
         raise UserError(
-            f"FSDP on CPU processes runs in float32 only (launched with mixed precision {mixed_precision}, which "
-            "configs/accelerate/fsdp.yaml sets for GPUs); launch with --mixed_precision no, or on GPUs"
+            f"FSDP on CPU processes runs in float32 only (mixed precision {mixed_precision}: the launcher's, which "
+            "configs/accelerate/fsdp.yaml sets for GPUs, or the config's trainer.mixed_precision); launch with "
+            "--mixed_precision no and leave trainer.mixed_precision unset (or no), or run on GPUs"
         )
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -117,8 +118,9 @@ def enable_cpu_deepspeed(mixed_precision: str) -> None:
         ) from e
     if mixed_precision != "no":
         raise UserError(
-            f"DeepSpeed on CPU processes runs in float32 only (launched with mixed precision {mixed_precision}); "
-            "launch with --mixed_precision no, or on GPUs"
+            f"DeepSpeed on CPU processes runs in float32 only (mixed precision {mixed_precision}: the launcher's, "
+            "which the DeepSpeed configs set for GPUs, or the config's trainer.mixed_precision); launch with "
+            "--mixed_precision no and leave trainer.mixed_precision unset (or no), or run on GPUs"
         )
     plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set from the config file
     plugin.set_mixed_precision(mixed_precision)

@@ -244,10 +244,10 @@ def row_weights_refusal(estimator: str, combine: str, weighted: int) -> str:
 
 
 def check_row_weights(a: Any, weights: list[float], where: str) -> None:
-    """At config load: an estimator that weighs its rows (MC-GRPO) reads one reward total, which a combiner
-    normalising several weighted rewards each on its own does not have
+    """At config load: an estimator that weighs its rows (MC-GRPO) reads one reward total, which ``normalize_then_sum``
+    over several weighted rewards (each normalised on its own) does not have
     (:func:`~mmgrpo.core.advantages.combiners.row_weight_total`)."""
-    if not has_row_weights(a.estimator) or getattr(COMBINERS.get(a.combine), "total", None) is not None:
+    if not has_row_weights(a.estimator) or a.combine != "normalize_then_sum":
         return
     weighted = sum(w != 0 for w in weights)
     if weighted > 1:

@@ -65,6 +65,13 @@ def test_wrong_type(tmp_path):
     with pytest.raises(UserError, match=r"expected list\[str\], got 'tensorboard' \(str\) \(a list, even of one: "
                                         r"trainer.log_with=\[tensorboard\]\)"):  # fmt: skip
         load_config(write(tmp_path, GOOD), ["trainer.log_with=tensorboard"])
+    from mmgrpo.core.schema import convert
+
+    with pytest.raises(UserError, match=r"\(a list, even of one: x.keys=\[a\]\)"):  # an optional list too
+        convert("a", list[str] | None, "x.keys", "here")
+    with pytest.raises(UserError) as e:  # a fixed-size pair given one number: no list hint (it is no list)
+        convert(0.5, tuple[float, float], "x.sigma_range", "here")
+    assert "list, even of one" not in str(e.value)
 
 
 def test_component_options_are_checked(tmp_path):

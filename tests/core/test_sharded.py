@@ -278,8 +278,9 @@ def test_fsdp_on_cpu_in_bf16_is_refused_not_trained_in_float32_under_a_bf16_reco
     """configs/accelerate/fsdp.yaml sets bf16 (for GPUs): on CPU processes the plugin never got it, so the run
     trained in float32 while config.yaml recorded bf16 (the same grad norms as float32 to 1e-7)."""
     monkeypatch.setenv("FSDP_VERSION", "2")
-    with pytest.raises(UserError, match=r"FSDP on CPU processes runs in float32 only \(launched with mixed precision "
-                                        r"bf16, .*launch with --mixed_precision no"):  # fmt: skip
+    with pytest.raises(UserError, match=r"FSDP on CPU processes runs in float32 only \(mixed precision bf16: the "
+                                        r"launcher's, .*or the config's trainer.mixed_precision\); launch with "
+                                        r"--mixed_precision no and leave trainer.mixed_precision unset"):  # fmt: skip
         enable_cpu_fsdp("bf16")
 
 

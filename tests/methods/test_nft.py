@@ -151,8 +151,13 @@ def test_token_level_nft_on_a_diffusion_nft_objective_or_with_srpo_is_refused_at
     data["run"].update(output_dir=str(tmp_path))
     data["methods"] = {"nft": {"reward": "shapes"}}
     with pytest.raises(UserError, match=r"methods.nft .*token-level NFT reads the policy's log-probabilities, but "
-                                        r"policy.options.objective=nft / loss.name=nft"):  # fmt: skip
+                                        r"policy.options.objective=nft scores samples by a flow"):  # fmt: skip
         load_config(None, base=data)
+    vlm = read_yaml(REPO / "configs" / "vlm_nft.yaml")  # DiffusionNFT's loss named on a VLM with the method
+    vlm["run"].update(output_dir=str(tmp_path))
+    vlm["loss"] = {"name": "nft", "adv_clip": 2.0}
+    with pytest.raises(UserError, match=r"loss.name=nft is DiffusionNFT's loss, which methods.nft replaces"):
+        load_config(None, base=vlm)
     for config, other in [("vlm_nft.yaml", "methods.srpo.reward=accuracy"),
                           ("vlm_tempsamp.yaml", "methods.scaf_grpo.exemption_fraction=0")]:  # fmt: skip
         with pytest.raises(UserError, match="cannot be combined yet"):
