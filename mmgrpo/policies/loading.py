@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS
 from mmgrpo.policies.diffusion_options import DiffusionPolicyOptions, check_attention
 from mmgrpo.policies.models import MAX_FPS, MIN_FPS
-from mmgrpo.policies.sources import check_source_options, resolve_source
+from mmgrpo.policies.sources import check_source_options, refuse_lora_folder, resolve_source
 
 
 @dataclass
@@ -80,40 +77,6 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
         if self.attention == "xformers" and why:
             raise bad_option("policy.options.attention", "xformers",
                              f"the {self.family} family runs with attention: sdpa ({why})")  # fmt: skip
-
-
-def refuse_lora_folder(path: str | os.PathLike, key: str) -> None:
-    """A UserError when the local folder ``path`` (given as ``key``) is a LoRA adapter rather than a model: an
-    mmgrpo LoRA export (``mmgrpo_export.json`` says so), a diffusers LoRA (``pytorch_lora_weights.safetensors``) or
-    a peft adapter (``adapter_config.json``) with no model beside it (``model_index.json``, ``config.json``). The
-    loaders' own words were about the layout ("has no transformer/ folder; is it an SD3-layout checkpoint?",
-    transformers' "Unrecognized model ... Should have a `model_type` key"); this names the base it adapts
-    (recorded by the export, or peft's ``base_model_name_or_path``) and the ways to a full model."""
-    folder = Path(os.fspath(path)).expanduser()
-    if not folder.is_dir() or (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
-        return
-
-    def read(name: str) -> dict:
-        try:
-            value = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
-
-    info, peft = read("mmgrpo_export.json"), read("adapter_config.json")
-    if (folder / "pytorch_lora_weights.safetensors").is_file() or info.get("format") == "diffusers_lora":
-        kind, use = "diffusers format", f"pipe.load_lora_weights('{folder}') on the base pipeline"
-    elif (folder / "adapter_config.json").is_file() or info.get("format") == "peft_adapter":
-        kind, use = "peft format", f"peft.PeftModel.from_pretrained(base_model, '{folder}')"
-    else:
-        return
-    base = info.get("base") or peft.get("base_model_name_or_path")
-    of, given = (f", of base {base}", f" ({base})") if base else ("", "")
-    run = info.get("run") or "RUN"
-    raise UserError(f"{key}='{os.fspath(path)}' is a LoRA adapter ({kind}{of}), not a model: give the base model as "
-                    f"{key}{given}, onto which the adapter loads outside mmgrpo with {use}; or export a full model "
-                    f"folder with the adapter merged in (mmgrpo export {run} --merge --out DIR) and give "
-                    "that")  # fmt: skip
 
 
 def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:

@@ -361,3 +361,37 @@ def local_dir(repo: str) -> str:
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).split("\n")[:2]).strip().rstrip(".") or type(e).__name__
     return text if len(text) <= 400 else text[:400] + "..."
+
+
+def refuse_lora_folder(path: str | os.PathLike, key: str) -> None:
+    """A UserError when the local folder ``path`` (given as ``key``) is a LoRA adapter rather than a model: an
+    mmgrpo LoRA export (``mmgrpo_export.json`` says so), a diffusers LoRA (``pytorch_lora_weights.safetensors``) or
+    a peft adapter (``adapter_config.json``) with no model beside it (``model_index.json``, ``config.json``). The
+    loaders' own words were about the layout ("has no transformer/ folder; is it an SD3-layout checkpoint?",
+    transformers' "Unrecognized model ... Should have a `model_type` key"); this names the base it adapts
+    (recorded by the export, or peft's ``base_model_name_or_path``) and the ways to a full model."""
+    folder = Path(os.fspath(path)).expanduser()
+    if not folder.is_dir() or (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
+        return
+
+    def read(name: str) -> dict:
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    info, peft = read("mmgrpo_export.json"), read("adapter_config.json")
+    if (folder / "pytorch_lora_weights.safetensors").is_file() or info.get("format") == "diffusers_lora":
+        kind, use = "diffusers format", f"pipe.load_lora_weights('{folder}') on the base pipeline"
+    elif (folder / "adapter_config.json").is_file() or info.get("format") == "peft_adapter":
+        kind, use = "peft format", f"peft.PeftModel.from_pretrained(base_model, '{folder}')"
+    else:
+        return
+    base = info.get("base") or peft.get("base_model_name_or_path")
+    of, given = (f", of base {base}", f" ({base})") if base else ("", "")
+    run = info.get("run") or "RUN"
+    raise UserError(f"{key}='{os.fspath(path)}' is a LoRA adapter ({kind}{of}), not a model: give the base model as "
+                    f"{key}{given}, onto which the adapter loads outside mmgrpo with {use}; or export a full model "
+                    f"folder with the adapter merged in (mmgrpo export {run} --merge --out DIR) and give "
+                    "that")  # fmt: skip

@@ -19,7 +19,7 @@ from torch import nn
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import NO_HUB_KERNELS, refuse_pickle_weights
-from mmgrpo.policies.sources import check_source_options, resolve_source
+from mmgrpo.policies.sources import check_source_options, refuse_lora_folder, resolve_source
 from mmgrpo.policies.vlm_families import VLM_FAMILIES, VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT
 
@@ -250,8 +250,6 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
         raise UserError(f"policy.options.dtype={o.dtype!r}; use one of {', '.join(dtypes)}")
     src = resolve_source(path, key, o.revision, o.variant)
     if src.local:  # an mmgrpo LoRA export is an adapter: transformers' words were "Unrecognized model"
-        from mmgrpo.policies.loading import refuse_lora_folder
-
         refuse_lora_folder(src.path, key)
     kw = {"trust_remote_code": o.trust_remote_code}
     try:
