@@ -127,3 +127,20 @@ def test_mc_grpo_with_several_rewards_normalised_each_on_its_own_is_refused_at_l
     cols = torch.tensor([[[0.2, 0.9, 0.5, 0.1, 0.7], [9.0, 0.0, 0.0, 0.0, 0.0]]])  # [V, R, N]
     a, row_w, _ = tr.advantage(cols, rollout, 0)
     assert a[2] == 0 and row_w.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]  # reward 0's median 0.5, row 2
+
+
+def test_mc_grpo_with_a_plug_in_combiner_without_a_total_reads_the_applicable_sum(tmp_path):
+    """The end review of 2026-12-07: the refusal for normalize_then_sum had caught every plug-in combiner that declares
+    no ``total``; such a combiner's pivot is the median of the applicable weighted sum, as before."""
+    from mmgrpo.core.advantages import COMBINERS, sum_then_normalize
+    from mmgrpo.train.trainer import Trainer
+
+    if "test_plain_sum" not in COMBINERS:
+        COMBINERS.register("test_plain_sum")(lambda r, w, est, opts: sum_then_normalize(r, w, est, opts))
+    cfg = cfg_for(tmp_path, "advantage.estimator=mc_grpo", "advantage.combine=test_plain_sum",
+                  "trainer.prompts_per_step=1", "trainer.group_size=5")  # fmt: skip
+    tr = Trainer(cfg, tmp_path / "p")
+    rollout, _, _ = tr.collect(0)
+    cols = torch.tensor([[[0.2, 0.9, 0.5, 0.1, 0.7], [0.0, 0.0, 0.0, 0.0, 0.0]]])  # sum 0.2 0.9 0.5 0.1 0.7
+    _, row_w, _ = tr.advantage(cols, rollout, 0)
+    assert row_w.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]  # the median 0.5, row 2
