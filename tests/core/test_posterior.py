@@ -129,14 +129,16 @@ def test_mc_grpo_with_several_rewards_normalised_each_on_its_own_is_refused_at_l
     assert a[2] == 0 and row_w.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]  # reward 0's median 0.5, row 2
 
 
-def test_mc_grpo_with_a_plug_in_combiner_without_a_total_reads_the_applicable_sum(tmp_path):
+def test_mc_grpo_with_a_plug_in_combiner_without_a_total_reads_the_applicable_sum(tmp_path, monkeypatch):
     """The end review of 2026-12-07: the refusal for normalize_then_sum had caught every plug-in combiner that declares
     no ``total``; such a combiner's pivot is the median of the applicable weighted sum, as before."""
     from mmgrpo.core.advantages import COMBINERS, sum_then_normalize
     from mmgrpo.train.trainer import Trainer
 
-    if "test_plain_sum" not in COMBINERS:
-        COMBINERS.register("test_plain_sum")(lambda r, w, est, opts: sum_then_normalize(r, w, est, opts))
+    def plain_sum(r, w, est, opts):  # registered for this test only
+        return sum_then_normalize(r, w, est, opts)
+
+    monkeypatch.setitem(COMBINERS._items, "test_plain_sum", plain_sum)
     cfg = cfg_for(tmp_path, "advantage.estimator=mc_grpo", "advantage.combine=test_plain_sum",
                   "trainer.prompts_per_step=1", "trainer.group_size=5")  # fmt: skip
     tr = Trainer(cfg, tmp_path / "p")
