@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mmgrpo import rewards as reward_registry
-from mmgrpo.core.advantages import row_weight_total, zero_variance_groups
+from mmgrpo.core.advantages import row_weight_total, summed, zero_variance_groups
 from mmgrpo.core.errors import UserError, quoted
 from mmgrpo.core.types import RewardContext, Rollout, pad_groups, select_groups
 from mmgrpo.rewards.columns import FLOAT32_MAX, _check_finite, _one_number, to_column  # noqa: F401  (moved there)
@@ -182,12 +182,6 @@ def weighted_total(cols: torch.Tensor, rewards: list[tuple[str, float, Any]]) ->
     return (torch.nan_to_num(cols) * w).sum(0)
 
 
-def applicable_total(cols: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> torch.Tensor:
-    """:func:`weighted_total` with NaN on the rows no reward applies to: what the ``sum_then_normalize`` combiner
-    hands the estimator (such a row is left out of its group's statistics, not counted as a reward of 0)."""
-    return torch.where((~cols.isnan()).any(0), weighted_total(cols, rewards), math.nan)
-
-
 def uninformative_groups(
     cols: torch.Tensor,
     rewards: list[tuple[str, float, Any]],
@@ -225,8 +219,9 @@ def estimator_total(
     else the configured ones); for a combiner that normalises each reward on its own (or a plug-in that does not say
     what it normalises), the applicable weighted sum."""
     w = torch.tensor([wt for _, wt, _ in rewards], dtype=torch.float32) if weights is None else weights
-    total = row_weight_total(combine, pad_groups(cols, sizes), w, kinds, combine_options)
-    return pad_groups(applicable_total(cols, rewards), sizes) if total is None else total
+    padded = pad_groups(cols, sizes)  # [R, B, G_max]
+    total = row_weight_total(combine, padded, w, kinds, combine_options)
+    return summed(padded, w) if total is None else total
 
 
 def take_groups(rollout: Rollout, cols: torch.Tensor, groups: list[int]) -> tuple[Rollout, torch.Tensor]:

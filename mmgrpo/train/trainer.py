@@ -258,8 +258,16 @@ class Trainer(CollectPhase, UpdatePhase):
         for v in range(1, V):
             metrics[f"reward/variant{v}_mean"] = self.weighted(all_cols[v]).mean().item()
         adv_local = pad_groups(adv[mine], rollout.sizes, fill=0.0)  # [B_local, G_max]
+        out = self.after_hooks(adv_local, rollout, cols, kinds, weights_t, metrics)
+        return out, row_w[mine].float(), metrics
+
+    def after_hooks(self, adv_local, rollout: Rollout, cols, kinds: list[str], weights, metrics: dict) -> torch.Tensor:
+        """This process's advantages [N_local] after the methods' hooks (docs/architecture.md "Hooks"), run on its
+        groups ``adv_local [B_local, G_max]``; their metrics, and adv/* of what the loss uses (PEARL's gate zeroed
+        every advantage while adv/abs_mean still showed the estimator's 0.19-0.43, over every process's rows), go
+        into ``metrics``."""
         names = [name for name, _, _ in self.rewards]
-        for hook in self.comp.advantage_hooks:  # method hooks (docs/architecture.md "Hooks"), on this rank's groups
+        for hook in self.comp.advantage_hooks:
             if rollout.ragged and not getattr(hook, "ragged_ok", False):
                 raise UserError(
                     f"advantage hook {getattr(hook, '__qualname__', type(hook).__name__)} reads groups of equal size, "
@@ -267,19 +275,19 @@ class Trainer(CollectPhase, UpdatePhase):
                     "rollouts per prompt); use a sampler with a fixed group size with this method"
                 )
             params = inspect.signature(hook).parameters  # inputs a hook may declare: reward streams and weights
-            extra = {k: v for k, v in {"kinds": kinds, "weights": weights_t}.items() if k in params}
+            extra = {k: v for k, v in {"kinds": kinds, "weights": weights}.items() if k in params}
             adv_local, m = hook(adv_local, rollout, cols, names, **extra)
             metrics.update(m)
         out = unpad_groups(adv_local, rollout.sizes)
-        if self.comp.advantage_hooks:  # adv/* of what the loss uses (PEARL's gate zeroed every advantage, while
-            # adv/abs_mean still showed the estimator's 0.19-0.43), over every process's rows
-            if self.acc.num_processes == 1:  # as before the hooks (a hook that changes nothing changes no metric)
-                metrics["adv/mean"], metrics["adv/abs_mean"] = out.mean().item(), out.abs().mean().item()
-            else:
-                every = self.all_values([float(out.sum()), float(out.abs().sum()), float(out.numel())])
-                total, absolute, n = (sum(x[i] for x in every) for i in range(3))
-                metrics["adv/mean"], metrics["adv/abs_mean"] = total / max(n, 1.0), absolute / max(n, 1.0)
-        return out, row_w[mine].float(), metrics
+        if not self.comp.advantage_hooks:
+            return out
+        if self.acc.num_processes == 1:  # as before the hooks (a hook that changes nothing changes no metric)
+            metrics["adv/mean"], metrics["adv/abs_mean"] = out.mean().item(), out.abs().mean().item()
+        else:
+            every = self.all_values([float(out.sum()), float(out.abs().sum()), float(out.numel())])
+            total, absolute, n = (sum(x[i] for x in every) for i in range(3))
+            metrics["adv/mean"], metrics["adv/abs_mean"] = total / max(n, 1.0), absolute / max(n, 1.0)
+        return out
 
     def row_weights(self, cols: torch.Tensor, weights: torch.Tensor, kinds: list[str], opts: dict) -> torch.Tensor:
         """The estimator's per-row loss weights [B, G] from reward columns ``cols [R, B, G]``, read from the total
@@ -294,8 +302,7 @@ class Trainer(CollectPhase, UpdatePhase):
         if total is None and a.combine == "normalize_then_sum":  # refused at load; weights of 0 set by a method since
             raise UserError(row_weights_refusal(a.estimator, a.combine, int((weights != 0).sum())))
         if total is None:  # a plug-in combiner that declares no ``total``: the applicable weighted sum, as before
-            total = torch.where((~cols.isnan()).any(0), (torch.nan_to_num(cols) * weights[:, None, None]).sum(0),
-                                torch.nan)  # fmt: skip
+            total = adv_lib.summed(cols, weights)
         return adv_lib.get_row_weights(a.estimator)(total, **opts)
 
     def _sampled_rows(self, rollout: Rollout, counts: list[int]) -> slice | torch.Tensor:

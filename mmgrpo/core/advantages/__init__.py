@@ -53,6 +53,7 @@ from mmgrpo.core.advantages.combiners import (  # noqa: F401
     posterior,
     row_weight_total,
     sum_then_normalize,
+    summed,
 )
 from mmgrpo.core.advantages.estimators import (  # noqa: F401
     _as_groups,
