@@ -33,7 +33,7 @@ from mmgrpo.train.config import load_config
 from mmgrpo.train.export import main as export_main
 from mmgrpo.train.report import eval_summary, read_metrics
 from mmgrpo.train.sample import main as sample_main
-from mmgrpo.train.signals import Interrupted
+from mmgrpo.train.signals import Interrupted, last_words
 from mmgrpo.train.trainer import train
 
 
@@ -56,7 +56,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(config: str, overrides: list[str]) -> int:
-
     cfg = load_config(config, overrides)
     trainer = train(cfg)
     if trainer.acc.is_main_process:
@@ -170,7 +169,7 @@ def short_warnings() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    with short_warnings():
+    with short_warnings(), last_words():  # a launcher's SIGTERM after a failed step waits for the message below
         return _main(argv)
 
 

@@ -5,6 +5,12 @@ training, lets the current step finish; the trainer then writes a checkpoint and
 which the CLI turns into a message with the ``resume=`` to use and exit code 128 + the signal number (130 for
 SIGINT, 143 for SIGTERM). A second Ctrl-C abandons the step at once (KeyboardInterrupt), keeping the checkpoints
 already written.
+
+A run stopping on an error is on its way out: inside :func:`last_words` (the CLI's ``train``), a SIGTERM that comes
+after the training loop failed is held, so it cannot cut the process's last message or its clean-up (removing a new
+run directory) short. torchrun sends SIGTERM to every process as soon as one of them exits with an error, and the
+others' own paragraphs ("another of the run's 2 processes stopped ...") then raced it, now and then losing. A SIGTERM
+at any other time acts as before; SIGINT is never held.
 """
 
 from __future__ import annotations
@@ -54,6 +60,42 @@ def stop_on_signals() -> Iterator[StopFlag]:
     previous = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
+    except BaseException as error:
+        if not isinstance(error, KeyboardInterrupt):  # a second Ctrl-C means now; an error is on its way out
+            _FAILING.set()
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+_FAILING = threading.Event()
+"""set once the training loop left on an error (:func:`stop_on_signals`); read by :func:`last_words`"""
+
+
+@contextmanager
+def last_words() -> Iterator[None]:
+    """Hold SIGTERM while inside once the training loop has failed (the process is writing its message and removing
+    what it made, then exits); before that, SIGTERM does what it did (the default: the process ends at once). Main
+    thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _FAILING.clear()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle(signum: int, frame: object) -> None:
+        if _FAILING.is_set():
+            return  # held: the process stops by itself once its message is out
+        signal.signal(signal.SIGTERM, previous)  # as if this handler were not here
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _FAILING.clear()
