@@ -418,11 +418,18 @@ RUN_FILES = (".mmgrpo-run", "config.yaml", "metrics.jsonl", "samples")
 """what a run directory holds (one of them at least) for :func:`write_report` to write its report.html"""
 
 
+REPORT_EVERY_S = 30.0
+"""a run rewrites report.html at an evaluation when this many seconds passed since it last did (and always at its end,
+when stopped by a signal, and when it crashes): drawing the figures costs 0.3-0.8 s, evaluations of a short run come
+seconds apart, and metrics.jsonl has every line the moment it is logged"""
+
+
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     """``report.html``: the before/after comparison (if any), the reward curve, the loss / KL / clip fraction (and
     its sides) / grad-norm / completion length and entropy curves, a table of evaluations, and every sample grid in
-    order (rewritten at every evaluation). A folder that is no run directory is a UserError (a missing one was a
-    raw FileNotFoundError; a report of nothing in an unrelated folder helps no one)."""
+    order (a run rewrites it at evaluations, at most every :data:`REPORT_EVERY_S` seconds, and at its end). A
+    folder that is no run directory is a UserError (a missing one was a raw FileNotFoundError; a report of nothing
+    in an unrelated folder helps no one)."""
     run_dir = Path(run_dir)
     what = "" if run_dir.is_dir() else "is a file, not a folder" if run_dir.exists() else "does not exist"
     if not what and not any((run_dir / name).exists() for name in RUN_FILES):

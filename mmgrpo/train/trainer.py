@@ -49,7 +49,14 @@ from mmgrpo.train.components import PIPELINES, Components, build_components
 from mmgrpo.train.config import Config
 from mmgrpo.train.config_checks import row_weights_refusal
 from mmgrpo.train.media import save_completions, save_samples, video_fps
-from mmgrpo.train.report import before_after, load_first_eval, metrics_line, save_first_eval, write_report
+from mmgrpo.train.report import (
+    REPORT_EVERY_S,
+    before_after,
+    load_first_eval,
+    metrics_line,
+    save_first_eval,
+    write_report,
+)
 from mmgrpo.train.run import run_training
 from mmgrpo.train.run_dir import prepare_run_dir  # noqa: F401  (also how tests build a run directory)
 from mmgrpo.train.scoring import build_rewards, reward_metrics, uninformative_groups
@@ -147,6 +154,8 @@ class Trainer(CollectPhase, UpdatePhase):
         self.first_eval: tuple[int, torch.Tensor, list[str], dict[str, float]] | None = None
         """(step, images, captions, metrics) of this process's first evaluation with images (main process only):
         the "before" of ``samples/before_after.png``"""
+        self.report_state: tuple[float, int] | None = None
+        """(when, the size of metrics.jsonl then) report.html was last written by this process (:meth:`report`)"""
 
     # ---------------------------------------------------------------- processes
     def any_process(self, flag: bool) -> bool:
@@ -347,13 +356,42 @@ class Trainer(CollectPhase, UpdatePhase):
             try:
                 last = self._train(flag)
                 self.doing = f"while closing the trackers after step {self.step}"
+            except Exception as error:  # a crashed run's report shows what it logged (evaluations it skipped too)
+                try:
+                    self.report(every_s=0.0)
+                except Exception as also:  # the run's own error is the one to report
+                    error.add_note(f"report.html is behind metrics.jsonl: writing it failed too ({also})")
+                raise
             finally:
                 end_trackers(self.acc)
-        if self.acc.is_main_process:
-            self.doing = f"while writing report.html after step {self.step}"
-            write_report(self.run_dir)
+        self.doing = f"while writing report.html after step {self.step}"
+        self.report(every_s=0.0, final=True)
         self.doing = ""
         return last
+
+    def _metrics_size(self) -> int:
+        path = self.run_dir / "metrics.jsonl"
+        return path.stat().st_size if path.exists() else 0
+
+    def report_behind(self) -> bool:
+        """Whether metrics.jsonl holds lines report.html does not show (main process; False elsewhere, and before
+        anything was logged)."""
+        size = self._metrics_size() if self.acc.is_main_process else 0
+        return size != (self.report_state[1] if self.report_state is not None else 0)
+
+    def report(self, every_s: float | None = None, final: bool = False) -> None:
+        """(Re)write report.html (main process) when metrics.jsonl holds lines it does not show and ``every_s``
+        seconds (default :data:`~mmgrpo.train.report.REPORT_EVERY_S`) passed since this process last wrote it:
+        drawing its figures takes 0.3-0.8 s, which a short run's evaluations, seconds apart, spent again and again.
+        The end of a run and a stop on a signal (``final``) write it whatever the time, also when nothing was
+        logged; a crash brings it up to date (``every_s=0``)."""
+        if not self.acc.is_main_process or not (self.report_behind() or (final and self.report_state is None)):
+            return
+        every_s = REPORT_EVERY_S if every_s is None else every_s
+        if self.report_state is not None and time.monotonic() - self.report_state[0] < every_s:
+            return
+        write_report(self.run_dir)
+        self.report_state = (time.monotonic(), self._metrics_size())
 
     def _stop_requested(self, flag: Any, over_budget: bool = False) -> tuple[int, bool]:
         """(the signal any rank caught, whether any rank is over the time budget): ranks agree, so all of them
@@ -417,8 +455,7 @@ class Trainer(CollectPhase, UpdatePhase):
                     self.doing = f"while writing the checkpoint of step {self.step}"
                     self.save()
                 if signum and self.step < t.max_steps:  # at the last step the run is done: it ends as finished
-                    if self.acc.is_main_process:
-                        write_report(self.run_dir)
+                    self.report(every_s=0.0, final=True)
                     raise Interrupted(signum, self.run_dir, self.step)
                 if stop:
                     break
@@ -488,7 +525,7 @@ class Trainer(CollectPhase, UpdatePhase):
         if self.acc.is_main_process:
             # sample grid / video, completion table
             log_evaluation(self.acc, step, result.images, result.records, fps=video_fps(self.policy))
-            write_report(self.run_dir)  # a run that crashes later still has its report up to here
+            self.report()  # at most every REPORT_EVERY_S seconds; a crash later brings it up to date
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

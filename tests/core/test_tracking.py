@@ -261,9 +261,34 @@ def test_a_crashed_run_has_a_report_with_its_curves(tmp_path):
     trainer.update = crash_at_step_3
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
-    html = (trainer.run_dir / "report.html").read_text()  # written by the step-2 evaluation
+    # written at the crash: every step logged (the step-2 evaluation, seconds after step 0's, skipped it)
+    html = (trainer.run_dir / "report.html").read_text()
     assert 'src="reward_curve.png"' in html and 'src="training_curves.png"' in html
-    assert "2 training steps logged" in html
+    assert "3 training steps logged" in html and "<td>2</td>" in html
+
+
+def test_report_html_is_rewritten_at_most_every_report_every_s_and_always_at_the_end(tmp_path, monkeypatch):
+    """Drawing the report's figures costs 0.3-0.8 s at each evaluation; a short run evaluating every step spent
+    it again and again (and once more at the end, over an unchanged metrics.jsonl)."""
+    from mmgrpo.train import trainer as trainer_module
+
+    written = []
+    real = trainer_module.write_report
+
+    def counted(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        written.append(len(lines))
+        return real(run_dir)
+
+    monkeypatch.setattr(trainer_module, "write_report", counted)
+    cfg = cfg_for(tmp_path, "trainer.max_steps=4", "trainer.eval_every=1", "run.name=often")
+    Trainer(cfg, prepare_run_dir(cfg)).train()
+    assert written == [1, 4 + 5]  # step 0's evaluation, then the end (4 steps and 5 evaluations); not 6 writes
+    monkeypatch.setattr(trainer_module, "REPORT_EVERY_S", 0.0)
+    written.clear()
+    cfg = cfg_for(tmp_path, "trainer.max_steps=2", "trainer.eval_every=1", "run.name=each")
+    Trainer(cfg, prepare_run_dir(cfg)).train()
+    assert written == [1, 3, 5]  # each evaluation; the end adds nothing new, so no second write of the same
 
 
 class FailingTracker(MemoryTracker):
