@@ -106,6 +106,9 @@ class DiffusionPolicyOptions:
                              f"(here objective {self.objective.name}, guidance_scale {self.guidance_scale}); remove "
                              "it")  # fmt: skip
         objective_class(self).check_options(self)
+        check_steps = getattr(self.exploration, "check_steps", None)  # a plug-in schedule's options may have none
+        if check_steps is not None:
+            check_steps(self.num_steps)
 
     def guidance_trained(self) -> bool:
         """Whether the loss back-propagates through a guided output: an objective that trains the guided output (sde;

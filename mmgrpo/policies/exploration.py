@@ -20,6 +20,7 @@ the branch step and :func:`multi_granularity_advantages` normalises rewards per 
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -261,7 +262,8 @@ class FullExploration(ExplorationSchedule):
 class WindowOptions:
     name: str = "window"
     size: int = 4
-    """w: SDE (and trained) steps in the window; capped at T"""
+    """w: SDE (and trained) steps in the window; capped at T (at load, a window of T or more is warned about: it
+    never slides)"""
     mode: Literal["progressive", "random"] = "progressive"
     """slide the window with training progress, or draw a random window per rollout"""
     shift_every: int = 10
@@ -273,6 +275,16 @@ class WindowOptions:
              f": size and shift_every must be >= 1, got size={self.size}, shift_every={self.shift_every}"),
             (self.mode in ("progressive", "random"), f".mode: unknown {self.mode!r}; known: progressive, random"),
         )  # fmt: skip
+
+    def check_steps(self, num_steps: int) -> None:
+        """At load, against policy.options.num_steps: a window as long as the sampling covers every step, so
+        nothing slides and MixGRPO is Flow-GRPO's full exploration (it was capped silently)."""
+        if self.size >= num_steps:
+            shorter = max(1, num_steps // 4)
+            warnings.warn(f"policy.options.exploration.size={self.size} covers all {num_steps} sampling steps "
+                          "(policy.options.num_steps): the window never slides, every step is SDE and trained, as "
+                          f"with exploration=full; MixGRPO's window is shorter than T (e.g. size={shorter})",
+                          stacklevel=2)  # fmt: skip
 
 
 @EXPLORATION.register("window")
@@ -290,7 +302,7 @@ class WindowExploration(ExplorationSchedule):
 class SingularOptions:
     name: str = "singular"
     branch_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """candidate branch steps k (0 = the first step); those >= T are dropped"""
+    """candidate branch steps k (0 = the first step); those >= T are dropped (none left: refused at load)"""
     granularities: list[int] = field(default_factory=lambda: [1])
     """ODE continuation strides after k; [1, 2, 3] = G²RPO's multi-granularity advantages"""
 
@@ -301,6 +313,15 @@ class SingularOptions:
             (bool(self.granularities) and min(self.granularities) >= 1,
              f".granularities must be >= 1, got {self.granularities}"),
         )  # fmt: skip
+
+    def check_steps(self, num_steps: int) -> None:
+        """At load, against policy.options.num_steps: branch steps past the sampling are dropped (documented); none
+        left was an error at the first rollout, after the models loaded, naming an empty list."""
+        if min(self.branch_steps) >= num_steps:
+            example = list(range(min(4, num_steps)))
+            raise UserError(f"policy.options.exploration.branch_steps={self.branch_steps}: every branch step is past "
+                            f"the {num_steps} sampling steps (policy.options.num_steps; steps count from 0), so "
+                            f"none is left; use steps in [0, {num_steps - 1}], e.g. {example}")  # fmt: skip
 
 
 @EXPLORATION.register("singular")

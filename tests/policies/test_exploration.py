@@ -274,3 +274,23 @@ def test_multi_granularity_needs_groups():
         multi_granularity_advantages(torch.ones(2, 3, 1))
     with pytest.raises(UserError, match=r"\[L, B, G\]"):
         multi_granularity_advantages(torch.ones(3, 2))
+
+
+def test_a_schedule_that_does_not_fit_the_sampling_steps_is_named_at_load():
+    """A MixGRPO window as long as the sampling slid nowhere (capped silently: the run was Flow-GRPO's full
+    exploration); G2RPO branch steps all past the sampling were an error at the first rollout, after the models
+    loaded, naming an empty list."""
+    import warnings
+
+    from mmgrpo.train.config import load_config
+
+    sde = ["policy.options.num_steps=4", "policy.options.objective={name: sde}"]
+    with pytest.warns(UserWarning, match=r"exploration.size=4 covers all 4 sampling steps .*never slides"):
+        load_config("configs/shapes_t2i_grpo.yaml", [*sde, "policy.options.exploration={name: window, size: 4}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("configs/shapes_t2i_grpo.yaml", [*sde, "policy.options.exploration={name: window, size: 3}"])
+        load_config("configs/shapes_t2i_grpo.yaml", [*sde, "policy.options.exploration={name: singular}"])
+    with pytest.raises(UserError, match=r"branch_steps=\[4, 6\]: every branch step is past the 4 sampling steps"):
+        load_config("configs/shapes_t2i_grpo.yaml",
+                    [*sde, "policy.options.exploration={name: singular, branch_steps: [4, 6]}"])  # fmt: skip
