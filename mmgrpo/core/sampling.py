@@ -193,7 +193,7 @@ def check_unit_rewards(sampler: str, step: int, rewards: torch.Tensor) -> None:
     r = rewards[~rewards.isnan()]
     if bool(((r < 0) | (r > 1)).any()):
         raise UserError(
-            f"sampler {sampler} at step {step}: it reads rewards as success rates and needs them in [0, 1], got "
+            f"sampler {sampler} in step {step + 1}: it reads rewards as success rates and needs them in [0, 1], got "
             f"{r.min().item():.4g} .. {r.max().item():.4g}; rescale the reward (its weight) or use another sampler"
         )
 

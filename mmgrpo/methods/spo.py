@@ -120,7 +120,9 @@ class SPOSampler(PromptSampler):
     def observe_drift(self, step: int, kl: float) -> None:
         """d_t: the step's KL(π_old || π_new) estimate, added to the accumulated drift."""
         if not math.isfinite(kl):
-            raise UserError(f"sampler spo at step {step}: the measured policy drift is {kl}; the update is not finite")
+            raise UserError(
+                f"sampler spo in step {step + 1}: the measured policy drift is {kl}; the update is not finite"
+            )
         self.cum_kl = self.cum_kl + max(float(kl), 0.0)
 
     @classmethod

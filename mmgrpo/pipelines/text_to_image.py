@@ -111,7 +111,8 @@ def make_evaluator(prompts: list[str], data: PromptDataOptions, reward_fn: Any, 
             hi = min(lo + size, len(rows))
             imgs = policy.generate(texts[lo:hi], seeds[lo:hi], metas[lo:hi])
             ctx = RewardContext(group_size=S, step=step, group=torch.arange(hi - lo) // S, update_state=False)
-            scores.append(call_reward(reward_name, reward_fn, imgs, texts[lo:hi], metas[lo:hi], ctx))
+            where = f"in the evaluation of step {step}"
+            scores.append(call_reward(reward_name, reward_fn, imgs, texts[lo:hi], metas[lo:hi], ctx, where))
             for i in range(lo, hi):
                 if i in shown:
                     grid[shown[i]] = imgs[i - lo].detach().float().cpu()

@@ -50,7 +50,7 @@ def check_samples_finite(rollout: Rollout, step: int, cfg: Config) -> None:
     opts = cfg.policy.options or {}
     settings = [f"trainer.lr={cfg.trainer.lr:g}"]
     settings += [f"policy.options.{k}={opts[k]}" for k in ("guidance_scale", "sde") if opts.get(k) is not None]
-    head = (f"the policy's samples of step {step} are not finite (NaN or inf in {len(rows)} of {rollout.num_rows} "
+    head = (f"the policy's samples of step {step + 1} are not finite (NaN or inf in {len(rows)} of {rollout.num_rows} "
             "rows): the generator diverged, not a reward")  # fmt: skip
     if step == 0:  # nothing trained yet: the model or its sampling settings
         raise UserError(f"{head}; before any update, so its weights as loaded or its sampling settings overflow "

@@ -450,7 +450,8 @@ def score_group(reward_fn: Any, reward_name: str, samples: torch.Tensor, prompt:
     that declares it."""
     n = samples.shape[0]
     ctx = RewardContext(group_size=n, step=0, group=torch.zeros(n, dtype=torch.long))
-    return call_reward(reward_name, reward_fn, samples, [prompt] * n, [decoded_meta(prompt) for _ in range(n)], ctx)
+    metas = [decoded_meta(prompt) for _ in range(n)]
+    return call_reward(reward_name, reward_fn, samples, [prompt] * n, metas, ctx, where="scoring the samples")
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -62,12 +62,16 @@ class StreamFilter:
         return torch.where(keep, col, torch.full_like(col, math.nan))
 
 
-def call_reward(name: str, fn: Any, samples: Any, prompts: list, meta: list[dict], ctx: Any) -> torch.Tensor:
+def call_reward(
+    name: str, fn: Any, samples: Any, prompts: list, meta: list[dict], ctx: Any, where: str | None = None
+) -> torch.Tensor:
     """``fn``'s column for these rows; an exception inside the reward (``sys.exit`` too) becomes a UserError naming
     it. The reward gets its own lists of prompts and meta dicts, so what it changes there reaches no later reward;
     samples are the rollout's own tensors (a copy of every image a reward is too dear), so a reward that changes
     them in place is a UserError: the update would train on what it wrote (the samples are the actions), and the
-    later rewards and ``mmgrpo sample``'s saved pictures would show it."""
+    later rewards and ``mmgrpo sample``'s saved pictures would show it. ``where`` names the call in a message
+    (default: the training step, counted from 1 as the progress bar, metrics.jsonl and the run's own messages count
+    it, with the 0-based ``ctx.step`` the reward reads)."""
     tensors = [t for t in _tensors_of(samples) if not t.is_inference()]  # those keep no version counter
     versions = [t._version for t in tensors]
     try:
@@ -76,19 +80,26 @@ def call_reward(name: str, fn: Any, samples: Any, prompts: list, meta: list[dict
     except UserError:
         raise
     except (Exception, SystemExit) as e:  # noqa: BLE001  the reward is user code: name it, keep the cause chained
-        step = getattr(ctx, "step", "?")
+        where = where or step_phrase(getattr(ctx, "step", None))
         if isinstance(e, SystemExit):  # the run ended with its code and no message; its directory was removed
-            raise UserError(f"reward {name!r} called sys.exit({quoted(e.code, 60)}) at step {step}; a reward "
+            raise UserError(f"reward {name!r} called sys.exit({quoted(e.code, 60)}) {where}; a reward "
                             "returns its scores (raise an exception to stop the run with a message)"
                             ) from e  # fmt: skip
-        raise UserError(f"reward {name!r} raised {type(e).__name__} at step {step}: {quoted(str(e), 300)}") from e
+        raise UserError(f"reward {name!r} raised {type(e).__name__} {where}: {quoted(str(e), 300)}") from e
     if any(t._version != v for t, v in zip(tensors, versions)):
-        step = getattr(ctx, "step", "?")
-        raise UserError(f"reward {name!r} changed the samples it scores in place at step {step} (e.g. "
+        where = where or step_phrase(getattr(ctx, "step", None))
+        raise UserError(f"reward {name!r} changed the samples it scores in place {where} (e.g. "
                         "samples.mul_(), samples[i] = ...): the later rewards, the saved pictures and, where the "
                         "samples are the actions (the bandit's arms), the update would read what it wrote; work on a "
                         "copy (x = samples.clone()) or out of place (samples * 255)")  # fmt: skip
     return to_column(name, value, len(meta), getattr(fn, "nan_means_not_applicable", False))
+
+
+def step_phrase(step: Any) -> str:
+    """``in step 3 (ctx.step 2)``: a training step as the run's messages, progress bar and metrics.jsonl count it
+    (from 1), with the 0-based index a reward reads as ``ctx.step`` (a message said "at step 2" of the step the rest
+    of the paragraph called step 3)."""
+    return f"in step {step + 1} (ctx.step {step})" if isinstance(step, int) else "in a training step"
 
 
 def _tensors_of(samples: Any) -> list[torch.Tensor]:
@@ -121,7 +132,7 @@ def score(rollout: Rollout, rewards: list[tuple[str, float, Any]], step: int, po
         check_magnitudes(cols, rewards, step)
         for (name, _, _), col in zip(rewards, cols):
             if v == 0 and bool(col.isnan().all()):
-                warnings.warn(f"reward {name!r} applies to none of the {n} rows of step {step}: it trains nothing "
+                warnings.warn(f"reward {name!r} applies to none of the {n} rows of step {step + 1}: it trains nothing "
                               "this step (check its streams / meta keys)", stacklevel=2)  # fmt: skip
         out.append(torch.stack(cols))
     return torch.stack(out)
@@ -140,7 +151,7 @@ def check_magnitudes(cols: list[torch.Tensor], rewards: list[tuple[str, float, A
         big = col.abs() > MAX_REWARD  # NaN (does not apply) compares False
         if weight != 0 and bool(big.any()):  # weight 0: logged only, never in a statistic
             row = int(big.nonzero()[0])
-            raise UserError(f"reward {name!r} returned {col[row].item():.3g} for row {row} at step {step} "
+            raise UserError(f"reward {name!r} returned {col[row].item():.3g} for row {row} {step_phrase(step)} "
                             f"({int(big.sum())} of {col.numel()} rows beyond {MAX_REWARD:g} in size): the advantage "
                             "statistics square the rewards in fp32, which overflows and made every advantage 0; "
                             "scale the reward down")  # fmt: skip
@@ -149,7 +160,7 @@ def check_magnitudes(cols: list[torch.Tensor], rewards: list[tuple[str, float, A
     if bool(big.any()):
         row = int(big.nonzero()[0])
         weights = ", ".join(f"{name}: {w:g}" for name, w, _ in rewards)
-        raise UserError(f"the weighted sum of the rewards is {total[row].item():.3g} for row {row} at step {step} "
+        raise UserError(f"the weighted sum of the rewards is {total[row].item():.3g} for row {row} in step {step + 1} "
                         f"(weights {weights}), beyond {MAX_REWARD:g} in size: the advantage statistics square it in "
                         "fp32, which overflows; scale the weights down")  # fmt: skip
 

@@ -158,7 +158,7 @@ def test_mmgrpos_warnings_print_as_one_line_each_once_in_the_cli_only(workdir, c
                        "trainer.eval_every=0", rewards)  # fmt: skip
     assert code == 0, err
     assert " ".join(err.split()).startswith(
-        f"warning: reward '{module}.applies_to_none' applies to none of the 8 rows of step 0: it trains nothing"
+        f"warning: reward '{module}.applies_to_none' applies to none of the 8 rows of step 1: it trains nothing"
     )
     assert "UserWarning" not in err and "warnings.warn" not in err and ".py:" not in err
     ours = str(Path(mmgrpo.__file__).parent / "train" / "scoring.py")

@@ -147,7 +147,8 @@ def test_when_one_process_stops_the_others_say_so_in_one_paragraph_not_a_gloo_tr
         del os.environ["FAIL_AT"]
     err = " ".join(proc.stderr.split())
     assert proc.returncode != 0
-    assert f"error: reward 'rank_one_fails.arm_value' raised ValueError at step {fail_at}: 'boom on rank 1'" in err
+    said = f"raised ValueError in step {fail_at + 1} (ctx.step {fail_at}): 'boom on rank 1'"
+    assert f"error: reward 'rank_one_fails.arm_value' {said}" in err
     assert "error: another of the run's 2 processes stopped (a collective between them failed:" in err, err[-3000:]
     assert "its own message, if it wrote one, is above" in err
     assert not re.search(r'File "[^"]*/mmgrpo/', proc.stderr)  # no process's traceback (the launcher's own remains)

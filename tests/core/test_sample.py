@@ -453,7 +453,9 @@ def test_best_of_n_hands_a_prompt_files_fields_to_the_reward_as_training_does(tm
     assert [isinstance(s, float) for r in records for s in r["scores"]] == [True, False] * 2
     assert [r["best_index"] for r in records] == [0, 0] and records[0]["scores"][1] is None
     code, _, err = run_cli(capsys, *common, "--reward", "test_raises", "--out", tmp_path / "e")
-    assert code == 2 and "reward 'test_raises' raised ValueError at step 0: 'model server unreachable'" in err
+    assert (
+        code == 2 and "reward 'test_raises' raised ValueError scoring the samples: 'model server unreachable'" in err
+    )
     assert not (tmp_path / "e").exists()
 
 

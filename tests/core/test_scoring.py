@@ -106,7 +106,9 @@ def test_a_raising_reward_is_named_with_a_capped_message():
     def broken(samples, prompts, meta, ctx):
         raise KeyError("x" * 5000)
 
-    with pytest.raises(UserError, match=r"reward 'broken' raised KeyError at step 7: .*\(\d+ characters\)") as e:
+    with pytest.raises(
+        UserError, match=r"reward 'broken' raised KeyError in step 8 \(ctx.step 7\): .*\(\d+ characters\)"
+    ) as e:
         call_reward("broken", broken, None, ["a"], [{}], RewardContext(group_size=1, step=7))
     assert len(str(e.value)) < 600 and isinstance(e.value.__cause__, KeyError)
 
@@ -157,7 +159,7 @@ def test_a_reward_that_applies_to_no_row_warns(tmp_path, capsys):
     code = main(["train", str(cfg), *BANDIT, "trainer.max_steps=1", f"run.output_dir={tmp_path}", "run.name=w"])
     assert code == 0  # a warning, not an error: the step trains nothing (all advantages 0) and the run goes on
     err = " ".join(capsys.readouterr().err.split())  # the CLI prints mmgrpo's warnings as "warning: ..."
-    assert "warning: reward 'test_never_applies' applies to none of the 6 rows of step 0" in err
+    assert "warning: reward 'test_never_applies' applies to none of the 6 rows of step 1" in err
     assert (tmp_path / "w" / "metrics.jsonl").read_text().count("\n") == 1
 
 
@@ -196,7 +198,9 @@ def test_a_reward_that_changes_its_inputs_reaches_no_later_reward_or_update():
         return out
 
     samples = torch.ones(2, 3, 4, 4)
-    with pytest.raises(UserError, match=r"reward 'zeroes' changed the samples it scores in place at step 3.*clone"):
+    with pytest.raises(
+        UserError, match=r"reward 'zeroes' changed the samples it scores in place in step 4 \(ctx.step 3\).*clone"
+    ):
         call_reward("zeroes", zeroes, samples, prompts, meta, ctx)
     videos = [torch.ones(2, 3, 4, 4), torch.ones(3, 3, 4, 4)]  # ragged videos: a list of tensors
     with pytest.raises(UserError, match="changed the samples"):
@@ -212,7 +216,9 @@ def test_a_reward_calling_sys_exit_is_named():
     def quits(samples, prompts, meta, ctx):
         raise SystemExit(3)
 
-    with pytest.raises(UserError, match=r"reward 'quits' called sys.exit\(3\) at step 5; a reward returns its scores"):
+    with pytest.raises(
+        UserError, match=r"reward 'quits' called sys.exit\(3\) in step 6 \(ctx.step 5\); a reward returns its scores"
+    ):
         call_reward("quits", quits, None, ["a"], [{}], RewardContext(group_size=1, step=5))
 
 
