@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,11 @@ def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.Pa
     if not above.is_dir():
         raise UserError(f"{flag} '{os.fspath(path)}': '{above}' is a file, so no folder can be made there; give a "
                         f"folder path to {flag}")  # fmt: skip
+    try:  # a folder made and removed where the output's first missing folder goes: before any model loads, not
+        # after (/proc, /sys, a read-only disk, another user's folder)
+        os.rmdir(tempfile.mkdtemp(prefix=".mmgrpo-probe-", dir=above))
+    except OSError as e:
+        raise not_written(path, flag, first_line(e)) from e
     if run_dir is not None:
         run = Path(run_dir).resolve()
         known = next(a for a in (out, *out.parents) if a.exists())

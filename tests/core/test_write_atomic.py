@@ -191,3 +191,17 @@ def test_an_empty_output_folder_value_is_refused_as_empty(value, tmp_path, monke
     with pytest.raises(files.UserError) as info:
         files.check_output_folder(value, "--out")
     assert str(info.value) == "--out is empty; give a folder path (a new or empty folder, e.g. --out export/)"
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "/sys/kernel/x", "/proc/new/deeper/x"])
+def test_an_unwritable_place_is_refused_by_the_output_check_before_any_work(out):
+    """check_output_folder (what export and sample call before their models load) tries the place: `mmgrpo export
+    --out /proc/x` loaded the whole model, then refused."""
+    with pytest.raises(files.OutputNotWritten, match=rf"--out '{out}' could not be written \(\[Errno "):
+        files.check_output_folder(out, "--out")
+    assert not os.path.exists(out)
+
+
+def test_the_output_check_leaves_nothing_where_it_tried(tmp_path):
+    assert files.check_output_folder(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
+    assert list(tmp_path.iterdir()) == []
