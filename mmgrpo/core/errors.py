@@ -39,6 +39,18 @@ def bad_option(key: str, value: object, rule: str) -> UserError:
     return UserError(f"{key}={quoted(value, 60)}: {rule}")
 
 
+def add_note(error: BaseException, note: str) -> None:
+    """``note`` where the user reads it: in a UserError's one paragraph (the CLI prints only its message), else
+    among the exception's notes (printed under its traceback; ``BaseException.add_note`` is Python 3.11's, so on
+    3.10 the list is kept by hand, which the CLI's own printing of notes reads)."""
+    if isinstance(error, UserError) and error.args:
+        error.args = (f"{str(error.args[0]).rstrip('. ')}. {note}", *error.args[1:])
+    elif hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure: torch's (CUDA) ``OutOfMemoryError``, or the CPU allocator's
     ``RuntimeError`` ("can't allocate memory"); the callers turn it into a UserError naming the settings to lower."""

@@ -100,7 +100,7 @@ def check_output_folder(path: str | os.PathLike, flag: str, run_dir: str | os.Pa
         # after (/proc, /sys, a read-only disk, another user's folder)
         os.rmdir(tempfile.mkdtemp(prefix=".mmgrpo-probe-", dir=above))
     except OSError as e:
-        raise not_written(path, flag, first_line(e)) from e
+        raise not_written(path, flag, f"no folder can be made in '{above}': {e.strerror or first_line(e)}") from e
     if run_dir is not None:
         run = Path(run_dir).resolve()
         known = next(a for a in (out, *out.parents) if a.exists())

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch.distributed
 from accelerate import Accelerator
 
-from mmgrpo.core.errors import UserError, first_line, out_of_memory
+from mmgrpo.core.errors import UserError, add_note, first_line, out_of_memory
 from mmgrpo.core.files import missing_parents
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.accelerator import make_accelerator
@@ -98,7 +98,7 @@ def run_training(
             if isinstance(e, UserError) and e.args:
                 e.args = (f"{e.args[0]} ({note})", *e.args[1:])
             else:
-                e.add_note(note)
+                add_note(e, note)
         elif not acc.is_main_process and fresh and trainer.step == 0 and isinstance(e, UserError) and e.args:
             note = (f"nothing was trained: the main process removes the new run directory {run_dir} when it stops "
                     "too, unless it holds a debug/ dump; once the cause is fixed, the same command starts the run "
@@ -107,7 +107,7 @@ def run_training(
         elif isinstance(e, UserError) and e.args:
             e.args = (f"{str(e.args[0]).rstrip('. ')}. {how_to_continue(trainer, run_dir)}", *e.args[1:])
         elif isinstance(e, KeyboardInterrupt):
-            e.add_note(how_to_continue(trainer, run_dir))
+            add_note(e, how_to_continue(trainer, run_dir))
         if e is error:
             raise
         raise e from error

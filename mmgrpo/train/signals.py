@@ -6,11 +6,11 @@ which the CLI turns into a message with the ``resume=`` to use and exit code 128
 SIGINT, 143 for SIGTERM). A second Ctrl-C abandons the step at once (KeyboardInterrupt), keeping the checkpoints
 already written.
 
-A run stopping on an error is on its way out: inside :func:`last_words` (the CLI's ``train``), a SIGTERM that comes
-after the training loop failed is held, so it cannot cut the process's last message or its clean-up (removing a new
-run directory) short. torchrun sends SIGTERM to every process as soon as one of them exits with an error, and the
-others' own paragraphs ("another of the run's 2 processes stopped ...") then raced it, now and then losing. A SIGTERM
-at any other time acts as before; SIGINT is never held.
+A run stopping on an error is on its way out: inside :func:`last_words` (around the CLI's commands), a SIGTERM that
+comes after the training loop failed is ignored, so it cannot cut the process's last message or its clean-up
+(removing a new run directory) short. torchrun sends SIGTERM to every process as soon as one of them exits with an
+error, and the others' own paragraphs ("another of the run's 2 processes stopped ...") then raced it, now and then
+losing. A SIGTERM at any other time acts as before; SIGINT is never held.
 """
 
 from __future__ import annotations
@@ -52,50 +52,46 @@ class StopFlag:
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopFlag]:
-    """Catch SIGINT and SIGTERM into a :class:`StopFlag` while inside (main thread only; elsewhere a no-op)."""
+    """Catch SIGINT and SIGTERM into a :class:`StopFlag` while inside (main thread only; elsewhere a no-op). Left on
+    an error (not a second Ctrl-C, not a stop on a signal) inside :func:`last_words`, SIGTERM is then ignored until
+    :func:`last_words` ends."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
     previous = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = False
     try:
         yield flag
     except BaseException as error:
-        if not isinstance(error, KeyboardInterrupt):  # a second Ctrl-C means now; an error is on its way out
-            _FAILING.set()
+        failed = not isinstance(error, (KeyboardInterrupt, Interrupted))  # a second Ctrl-C means now
         raise
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            held = s == signal.SIGTERM and failed and _HOLDING.is_set()
+            signal.signal(s, signal.SIG_IGN if held else handler)
 
 
-_FAILING = threading.Event()
-"""set once the training loop left on an error (:func:`stop_on_signals`); read by :func:`last_words`"""
+_HOLDING = threading.Event()
+"""set while inside :func:`last_words` (read by :func:`stop_on_signals`)"""
 
 
 @contextmanager
 def last_words() -> Iterator[None]:
-    """Hold SIGTERM while inside once the training loop has failed (the process is writing its message and removing
-    what it made, then exits); before that, SIGTERM does what it did (the default: the process ends at once). Main
-    thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    """While inside, a training loop that fails leaves SIGTERM ignored (the process is writing its message and
+    removing what it made, then exits); SIGTERM is left as it is until then (the default: the process ends at once,
+    also inside a C call) and restored at the end. Main thread only, and not where a handler installed outside
+    Python holds SIGTERM; elsewhere a no-op. A traceback (``--debug``, an error that is not mmgrpo's) is printed
+    after the end, so it is not held."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:
         yield
         return
-    _FAILING.clear()
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handle(signum: int, frame: object) -> None:
-        if _FAILING.is_set():
-            return  # held: the process stops by itself once its message is out
-        signal.signal(signal.SIGTERM, previous)  # as if this handler were not here
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            signal.raise_signal(signum)
-
-    signal.signal(signal.SIGTERM, handle)
+    was = _HOLDING.is_set()
+    _HOLDING.set()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _FAILING.clear()
+        if not was:
+            _HOLDING.clear()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from mmgrpo.core import advantages as adv_lib
 from mmgrpo.core import losses as loss_lib
 from mmgrpo.core import progress
 from mmgrpo.core.ema import EMA
-from mmgrpo.core.errors import UserError
+from mmgrpo.core.errors import UserError, add_note, first_line
 from mmgrpo.core.extra import term_metric
 from mmgrpo.core.sampling import SamplerContext, make_sampler
 from mmgrpo.core.types import (
@@ -154,8 +155,8 @@ class Trainer(CollectPhase, UpdatePhase):
         self.first_eval: tuple[int, torch.Tensor, list[str], dict[str, float]] | None = None
         """(step, images, captions, metrics) of this process's first evaluation with images (main process only):
         the "before" of ``samples/before_after.png``"""
-        self.report_state: tuple[float, int] | None = None
-        """(when, the size of metrics.jsonl then) report.html was last written by this process (:meth:`report`)"""
+        self.report_state: tuple[float, tuple[int, int]] | None = None
+        """(when, :meth:`_logged` then) report.html was last written by this process (:meth:`report`)"""
 
     # ---------------------------------------------------------------- processes
     def any_process(self, flag: bool) -> bool:
@@ -356,11 +357,11 @@ class Trainer(CollectPhase, UpdatePhase):
             try:
                 last = self._train(flag)
                 self.doing = f"while closing the trackers after step {self.step}"
-            except Exception as error:  # a crashed run's report shows what it logged (evaluations it skipped too)
+            except BaseException as error:  # a crashed run's report shows what it logged (evaluations it skipped too)
                 try:
                     self.report(every_s=0.0)
                 except Exception as also:  # the run's own error is the one to report
-                    error.add_note(f"report.html is behind metrics.jsonl: writing it failed too ({also})")
+                    add_note(error, f"report.html is behind metrics.jsonl: writing it failed too ({first_line(also)})")
                 raise
             finally:
                 end_trackers(self.acc)
@@ -369,18 +370,19 @@ class Trainer(CollectPhase, UpdatePhase):
         self.doing = ""
         return last
 
-    def _metrics_size(self) -> int:
-        path = self.run_dir / "metrics.jsonl"
-        return path.stat().st_size if path.exists() else 0
+    def _logged(self) -> tuple[int, int]:
+        """(size of metrics.jsonl, files under samples/): what report.html shows, grown or not."""
+        path, samples = self.run_dir / "metrics.jsonl", self.run_dir / "samples"
+        return (path.stat().st_size if path.exists() else 0, len(os.listdir(samples)) if samples.is_dir() else 0)
 
     def report_behind(self) -> bool:
-        """Whether metrics.jsonl holds lines report.html does not show (main process; False elsewhere, and before
-        anything was logged)."""
-        size = self._metrics_size() if self.acc.is_main_process else 0
-        return size != (self.report_state[1] if self.report_state is not None else 0)
+        """Whether metrics.jsonl or samples/ hold what report.html does not show (main process; False elsewhere, and
+        before anything was logged)."""
+        logged = self._logged() if self.acc.is_main_process else (0, 0)
+        return logged != (self.report_state[1] if self.report_state is not None else (0, 0))
 
     def report(self, every_s: float | None = None, final: bool = False) -> None:
-        """(Re)write report.html (main process) when metrics.jsonl holds lines it does not show and ``every_s``
+        """(Re)write report.html (main process) when the run logged what it does not show and ``every_s``
         seconds (default :data:`~mmgrpo.train.report.REPORT_EVERY_S`) passed since this process last wrote it:
         drawing its figures takes 0.3-0.8 s, which a short run's evaluations, seconds apart, spent again and again.
         The end of a run and a stop on a signal (``final``) write it whatever the time, also when nothing was
@@ -391,7 +393,7 @@ class Trainer(CollectPhase, UpdatePhase):
         if self.report_state is not None and time.monotonic() - self.report_state[0] < every_s:
             return
         write_report(self.run_dir)
-        self.report_state = (time.monotonic(), self._metrics_size())
+        self.report_state = (time.monotonic(), self._logged())
 
     def _stop_requested(self, flag: Any, over_budget: bool = False) -> tuple[int, bool]:
         """(the signal any rank caught, whether any rank is over the time budget): ranks agree, so all of them

@@ -281,6 +281,7 @@ def test_report_html_is_rewritten_at_most_every_report_every_s_and_always_at_the
         return real(run_dir)
 
     monkeypatch.setattr(trainer_module, "write_report", counted)
+    monkeypatch.setattr(trainer_module, "REPORT_EVERY_S", 1e9)  # a loaded machine's seconds cannot matter
     cfg = cfg_for(tmp_path, "trainer.max_steps=4", "trainer.eval_every=1", "run.name=often")
     Trainer(cfg, prepare_run_dir(cfg)).train()
     assert written == [1, 4 + 5]  # step 0's evaluation, then the end (4 steps and 5 evaluations); not 6 writes
