@@ -17,7 +17,7 @@ from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS
 from mmgrpo.policies.diffusion_options import DiffusionPolicyOptions, check_attention
 from mmgrpo.policies.models import MAX_FPS, MIN_FPS
-from mmgrpo.policies.sources import check_source_options, refuse_lora_folder, resolve_source
+from mmgrpo.policies.sources import check_source_options, refuse_cached_lora, refuse_lora_folder, resolve_source
 
 
 @dataclass
@@ -90,6 +90,8 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
     source = resolve_source(opts.path, "policy.options.path", opts.revision, opts.variant, opts.denoiser_file)
     if source.local:
         refuse_lora_folder(source.path, "policy.options.path")
+    else:
+        refuse_cached_lora(source)
     kwargs: dict[str, Any] = {"device": str(device), "dtype": opts.dtype}
     if opts.height:
         kwargs["height"] = opts.height

@@ -363,14 +363,16 @@ def _first_line(e: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + "..."
 
 
-def refuse_lora_folder(path: str | os.PathLike, key: str) -> None:
+def refuse_lora_folder(path: str | os.PathLike, key: str, shown: str | None = None) -> None:
     """A UserError when the local folder ``path`` (given as ``key``) is a LoRA adapter rather than a model: an
     mmgrpo LoRA export (``mmgrpo_export.json`` says so), a diffusers LoRA (``pytorch_lora_weights.safetensors``) or
     a peft adapter (``adapter_config.json``) with no model beside it (``model_index.json``, ``config.json``). The
     loaders' own words were about the layout ("has no transformer/ folder; is it an SD3-layout checkpoint?",
     transformers' "Unrecognized model ... Should have a `model_type` key"); this names the base it adapts
-    (recorded by the export, or peft's ``base_model_name_or_path``) and the ways to a full model."""
+    (recorded by the export, or peft's ``base_model_name_or_path``) and the ways to a full model. ``shown``: what
+    the user gave, where ``path`` is the hub cache's snapshot of it (:func:`refuse_cached_lora`)."""
     folder = Path(os.fspath(path)).expanduser()
+    shown = shown or os.fspath(path)
     if not folder.is_dir() or (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
         return
 
@@ -383,15 +385,35 @@ def refuse_lora_folder(path: str | os.PathLike, key: str) -> None:
 
     info, peft = read("mmgrpo_export.json"), read("adapter_config.json")
     if (folder / "pytorch_lora_weights.safetensors").is_file() or info.get("format") == "diffusers_lora":
-        kind, use = "diffusers format", f"pipe.load_lora_weights('{folder}') on the base pipeline"
+        kind, use = "diffusers format", f"pipe.load_lora_weights('{shown}') on the base pipeline"
     elif (folder / "adapter_config.json").is_file() or info.get("format") == "peft_adapter":
-        kind, use = "peft format", f"peft.PeftModel.from_pretrained(base_model, '{folder}')"
+        kind, use = "peft format", f"peft.PeftModel.from_pretrained(base_model, '{shown}')"
     else:
         return
     base = info.get("base") or peft.get("base_model_name_or_path")
     of, given = (f", of base {base}", f" ({base})") if base else ("", "")
     run = info.get("run") or "RUN"
-    raise UserError(f"{key}='{os.fspath(path)}' is a LoRA adapter ({kind}{of}), not a model: give the base model as "
+    raise UserError(f"{key}='{shown}' is a LoRA adapter ({kind}{of}), not a model: give the base model as "
                     f"{key}{given}, onto which the adapter loads outside mmgrpo with {use}; or export a full model "
                     f"folder with the adapter merged in (mmgrpo export {run} --merge --out DIR) and give "
                     "that")  # fmt: skip
+
+
+ADAPTER_FILES = ("adapter_config.json", "pytorch_lora_weights.safetensors", "mmgrpo_export.json")
+"""the files that mark a LoRA adapter (peft, diffusers, an mmgrpo export): :func:`refuse_lora_folder`"""
+
+
+def refuse_cached_lora(src: ModelSource) -> None:
+    """:func:`refuse_lora_folder` for a hub id whose snapshot is in the hub cache (read offline, without the
+    network): a LoRA repository given as the model was the loaders' words about the layout, as a local one was."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = src.hub_id or src.path
+    for name in ADAPTER_FILES:
+        try:
+            found = try_to_load_from_cache(repo, name, revision=src.revision)
+        except (OSError, ValueError):  # a malformed id or cache: the loader's own error says more
+            return
+        if isinstance(found, str):
+            refuse_lora_folder(Path(found).parent, src.key, shown=repo)
+            return

@@ -19,7 +19,7 @@ from torch import nn
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import NO_HUB_KERNELS, refuse_pickle_weights
-from mmgrpo.policies.sources import check_source_options, refuse_lora_folder, resolve_source
+from mmgrpo.policies.sources import check_source_options, refuse_cached_lora, refuse_lora_folder, resolve_source
 from mmgrpo.policies.vlm_families import VLM_FAMILIES, VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT
 
@@ -251,6 +251,8 @@ def load_vlm(path: str, o: VLMPolicyOptions, key: str = "policy.options.path") -
     src = resolve_source(path, key, o.revision, o.variant)
     if src.local:  # an mmgrpo LoRA export is an adapter: transformers' words were "Unrecognized model"
         refuse_lora_folder(src.path, key)
+    else:
+        refuse_cached_lora(src)
     kw = {"trust_remote_code": o.trust_remote_code}
     try:
         with src.errors(_LOCAL_HINT):

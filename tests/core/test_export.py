@@ -335,6 +335,23 @@ def test_a_vlm_lora_export_given_as_a_model_names_its_base(vlm, tmp_path):
         VLMPolicy.from_pretrained(str(plain), VLMPolicyOptions(lora_rank=2))
 
 
+def test_a_lora_given_as_a_hub_id_is_named_as_a_lora_from_the_cache(sd3, vlm, tmp_path):
+    """The same refusal for a LoRA repository given as a hub id, read from the hub cache offline (it was the loaders'
+    layout errors, as a local folder's were): the message names the hub id, not the cache's snapshot folder."""
+    from mmgrpo.testing.hub import add_snapshot, offline_hub
+
+    with offline_hub(tmp_path / "hub") as cache:
+        add_snapshot(cache, "mmgrpo-test/sd3-lora", sd3[1]["lora"])
+        add_snapshot(cache, "mmgrpo-test/vlm-lora", vlm[0]["lora"])
+        with pytest.raises(UserError) as info:
+            load_adapter(GeneratorPolicyOptions(family="sd3", path="mmgrpo-test/sd3-lora", num_steps=T))
+        message = str(info.value)
+        assert message.startswith("policy.options.path='mmgrpo-test/sd3-lora' is a LoRA adapter (diffusers format")
+        assert "pipe.load_lora_weights('mmgrpo-test/sd3-lora')" in message and str(cache) not in message
+        with pytest.raises(UserError, match=r"path='mmgrpo-test/vlm-lora' is a LoRA adapter \(peft format, of base"):
+            VLMPolicy.from_pretrained("mmgrpo-test/vlm-lora", VLMPolicyOptions(lora_rank=2))
+
+
 def test_a_failed_export_beside_a_checkpoint_is_a_warning_and_the_run_goes_on(tmp_path, monkeypatch):
     """trainer.export_checkpoints onto a disk that fills up during the export (safetensors' SafetensorError, after a
     good checkpoint was written): the walkthrough's run crashed with a traceback and no resume= line. Now the
