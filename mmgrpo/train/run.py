@@ -104,9 +104,7 @@ def run_training(
                     "too, unless it holds a debug/ dump; once the cause is fixed, the same command starts the run "
                     f"again, or, if the directory is still there, resume={run_dir}")  # fmt: skip
             e.args = (f"{e.args[0]} ({note})", *e.args[1:])
-        elif isinstance(e, UserError) and e.args:
-            e.args = (f"{str(e.args[0]).rstrip('. ')}. {how_to_continue(trainer, run_dir)}", *e.args[1:])
-        elif isinstance(e, KeyboardInterrupt):
+        elif isinstance(e, (UserError, KeyboardInterrupt)):  # into a UserError's paragraph, else a note
             add_note(e, how_to_continue(trainer, run_dir))
         if e is error:
             raise
