@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,9 +169,20 @@ def short_warnings() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``mmgrpo`` command. Called with no ``argv`` (the console script), an error that is not mmgrpo's (or any
+    under ``--debug``) prints its traceback inside :func:`last_words` and returns 1, as Python's own exit would:
+    printed by the interpreter on the way out, a launcher's SIGTERM after a failed step could cut it. Called with
+    ``argv`` (a library caller, the tests), the error propagates."""
+    cli = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     with short_warnings(), last_words():  # a launcher's SIGTERM after a failed step waits for the message below
-        return _main(argv)
+        try:
+            return _main(argv)
+        except Exception:
+            if not cli:
+                raise
+            traceback.print_exc()
+            return 1
 
 
 def _main(argv: list[str]) -> int:

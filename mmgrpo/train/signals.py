@@ -81,8 +81,8 @@ def last_words() -> Iterator[None]:
     """While inside, a training loop that fails leaves SIGTERM ignored (the process is writing its message and
     removing what it made, then exits); SIGTERM is left as it is until then (the default: the process ends at once,
     also inside a C call) and restored at the end. Main thread only, and not where a handler installed outside
-    Python holds SIGTERM; elsewhere a no-op. A traceback (``--debug``, an error that is not mmgrpo's) is printed
-    after the end, so it is not held."""
+    Python holds SIGTERM; elsewhere a no-op. The CLI prints a traceback (``--debug``, an error that is not mmgrpo's)
+    inside, so it is held too."""
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if previous is None:
         yield

@@ -60,3 +60,37 @@ print("not reached")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -15 and "not reached" not in proc.stdout, proc.stderr
+
+
+def test_the_traceback_of_a_failed_run_is_printed_before_sigterm_is_restored():
+    """``mmgrpo train --debug`` (or an error that is not mmgrpo's): the traceback printed after last_words ended, so
+    a launcher's SIGTERM arriving while it printed killed the process mid-traceback (exit -15). The console script
+    prints it inside and exits 1, as Python's own exit does."""
+    code = """
+import os, signal, sys
+from mmgrpo.train import cli
+from mmgrpo.train.signals import stop_on_signals
+
+def failed_loop(argv):
+    with stop_on_signals():
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+class Stderr:  # torchrun's SIGTERM, as the traceback starts to print
+    def __init__(self, real):
+        self.real, self.sent = real, False
+    def write(self, text):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.real.write(text)
+    def flush(self):
+        self.real.flush()
+
+cli._main = failed_loop
+sys.argv = ["mmgrpo", "train", "--debug"]
+sys.stderr = Stderr(sys.stderr)
+sys.exit(cli.main())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" in proc.stderr and "Connection closed by peer" in proc.stderr
