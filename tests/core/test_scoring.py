@@ -255,4 +255,5 @@ def test_rewards_whose_squares_overflow_fp32_stop_the_run(tmp_path, capsys, rewa
     code = main(["train", str(cfg), *BANDIT, "trainer.checkpoint_every=0", f"run.output_dir={tmp_path}", "run.name=h"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and named in err and "beyond 1e+15 in size" in err, err
+    assert "in step 1 (ctx.step 0)" in err, err  # counted as the rest of the paragraph counts
     assert not (tmp_path / "h").exists()  # nothing trained: the new run directory is removed
