@@ -110,6 +110,12 @@ class DiffusionPolicyOptions:
         if check_steps is not None:
             check_steps(self.num_steps)
 
+    def training_warnings(self) -> list[str]:
+        """What a training run of these options is warned about as it starts (:func:`build_components`): the
+        exploration schedule's advice against ``num_steps`` (a MixGRPO window that covers every step)."""
+        advise = getattr(self.exploration, "training_warnings", None)  # a plug-in schedule's options may have none
+        return list(advise(self.num_steps)) if advise is not None else []
+
     def guidance_trained(self) -> bool:
         """Whether the loss back-propagates through a guided output: an objective that trains the guided output (sde;
         flow_matching and nft train the unguided velocity) with guidance_scale > 1."""

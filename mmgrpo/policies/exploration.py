@@ -20,7 +20,6 @@ the branch step and :func:`multi_granularity_advantages` normalises rewards per 
 from __future__ import annotations
 
 import abc
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -262,8 +261,8 @@ class FullExploration(ExplorationSchedule):
 class WindowOptions:
     name: str = "window"
     size: int = 4
-    """w: SDE (and trained) steps in the window; capped at T (at load, a window of T or more is warned about: it
-    never slides)"""
+    """w: SDE (and trained) steps in the window; capped at T (a window of T or more is warned about when training
+    starts: it never slides)"""
     mode: Literal["progressive", "random"] = "progressive"
     """slide the window with training progress, or draw a random window per rollout"""
     shift_every: int = 10
@@ -276,15 +275,16 @@ class WindowOptions:
             (self.mode in ("progressive", "random"), f".mode: unknown {self.mode!r}; known: progressive, random"),
         )  # fmt: skip
 
-    def check_steps(self, num_steps: int) -> None:
-        """At load, against policy.options.num_steps: a window as long as the sampling covers every step, so
-        nothing slides and MixGRPO is Flow-GRPO's full exploration (it was capped silently)."""
-        if self.size >= num_steps:
-            shorter = max(1, num_steps // 4)
-            warnings.warn(f"policy.options.exploration.size={self.size} covers all {num_steps} sampling steps "
-                          "(policy.options.num_steps): the window never slides, every step is SDE and trained, as "
-                          f"with exploration=full; MixGRPO's window is shorter than T (e.g. size={shorter})",
-                          stacklevel=2)  # fmt: skip
+    def training_warnings(self, num_steps: int) -> list[str]:
+        """Against policy.options.num_steps, when training starts (not at every load of the run's config: sampling
+        and exporting a run do not train): a window as long as the sampling covers every step, so nothing slides
+        and MixGRPO is Flow-GRPO's full exploration (it was capped silently)."""
+        if self.size < num_steps:
+            return []
+        shorter = max(1, num_steps // 4)
+        return [f"policy.options.exploration.size={self.size} covers all {num_steps} sampling steps "
+                "(policy.options.num_steps): the window never slides, every step is SDE and trained, as with "
+                f"exploration=full; MixGRPO's window is shorter than T (e.g. size={shorter})"]  # fmt: skip
 
 
 @EXPLORATION.register("window")

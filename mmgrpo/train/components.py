@@ -157,7 +157,8 @@ PIPELINES: Registry[Pipeline] = Registry("pipeline", plugins="pipelines")
 def build_components(cfg: Any, accelerator: Any = None) -> Components:
     """The recipe's components with the enabled methods' parts added: each method's policy wrapper around the policy
     (in the order of ``cfg.methods``) and its advantage hooks after the recipe's own."""
-    comp = PIPELINES.get(cfg.pipeline).build(cfg, accelerator)
+    pipeline = PIPELINES.get(cfg.pipeline)
+    comp = pipeline.build(cfg, accelerator)
     n, per_step = comp.prompt_count, cfg.trainer.prompts_per_step
     if n is not None and n < per_step:  # legitimate for a smoke test, a surprise otherwise: say it once
         warnings.warn(
@@ -165,6 +166,10 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
             f"repeats prompts (the same one in several groups); add data or lower trainer.prompts_per_step to {n}",
             stacklevel=2,
         )
+    if pipeline.policy_options is not None:  # said when training starts, not at every load of the config
+        options = options_from(pipeline.policy_options, cfg.policy.options, "the config", "policy.options")
+        for text in getattr(options, "training_warnings", list)():  # e.g. a MixGRPO window that never slides
+            warnings.warn(text, stacklevel=2)
     parts = method_parts(cfg)
     comp.policy = parts.wrap(comp.policy)
     comp.advantage_hooks = [*comp.advantage_hooks, *parts.advantage_hooks]

@@ -285,8 +285,6 @@ def test_a_schedule_that_does_not_fit_the_sampling_steps_is_named_at_load():
     from mmgrpo.train.config import load_config
 
     sde = ["policy.options.num_steps=4", "policy.options.objective={name: sde}"]
-    with pytest.warns(UserWarning, match=r"exploration.size=4 covers all 4 sampling steps .*never slides"):
-        load_config("configs/shapes_t2i_grpo.yaml", [*sde, "policy.options.exploration={name: window, size: 4}"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config("configs/shapes_t2i_grpo.yaml", [*sde, "policy.options.exploration={name: window, size: 3}"])
@@ -294,3 +292,20 @@ def test_a_schedule_that_does_not_fit_the_sampling_steps_is_named_at_load():
     with pytest.raises(UserError, match=r"branch_steps=\[4, 6\]: every branch step is past the 4 sampling steps"):
         load_config("configs/shapes_t2i_grpo.yaml",
                     [*sde, "policy.options.exploration={name: singular, branch_steps: [4, 6]}"])  # fmt: skip
+
+
+def test_a_window_that_never_slides_is_warned_about_when_training_starts_not_at_every_load():
+    """The warning fired at every load of the run's config: `mmgrpo sample --run`, `mmgrpo export` and each process
+    of a run, where it says nothing about what they do; now when the trainer builds its components."""
+    import warnings
+
+    from mmgrpo.train.components import build_components
+    from mmgrpo.train.config import load_config
+
+    over = ["policy.options.num_steps=4", "policy.options.objective={name: sde}",
+            "policy.options.exploration={name: window, size: 4}", "loss={name: grpo}"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config("configs/shapes_t2i_grpo.yaml", over)  # what sample, export and a resume read
+    with pytest.warns(UserWarning, match=r"exploration.size=4 covers all 4 sampling steps .*never slides.*size=1"):
+        build_components(cfg)
