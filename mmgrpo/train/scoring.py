@@ -160,9 +160,9 @@ def check_magnitudes(cols: list[torch.Tensor], rewards: list[tuple[str, float, A
     if bool(big.any()):
         row = int(big.nonzero()[0])
         weights = ", ".join(f"{name}: {w:g}" for name, w, _ in rewards)
-        raise UserError(f"the weighted sum of the rewards is {total[row].item():.3g} for row {row} {step_phrase(step)} "
-                        f"(weights {weights}), beyond {MAX_REWARD:g} in size: the advantage statistics square it in "
-                        "fp32, which overflows; scale the weights down")  # fmt: skip
+        raise UserError(f"the weighted sum of the rewards is {total[row].item():.3g} for row {row} "
+                        f"{step_phrase(step)} (weights {weights}), beyond {MAX_REWARD:g} in size: the advantage "
+                        "statistics square it in fp32, which overflows; scale the weights down")  # fmt: skip
 
 
 def reward_metrics(columns: torch.Tensor, rewards: list[tuple[str, float, Any]]) -> dict[str, float]:
