@@ -75,7 +75,7 @@ class DynamicWeights:
         if self.w.numel() != R:
             raise UserError(f"methods.dynamic_weights: the state holds {self.w.numel()} weights but the run has {R} "
                             "rewards; resume with the same rewards: list")  # fmt: skip
-        used = weights.float() * R * self.w  # [R]
+        used = self.current(weights)  # [R]
         valid = ~cols.isnan()
         have = valid.any(-1)  # [R]
         m = torch.where(valid, cols, 0.0).sum(-1) / valid.sum(-1).clamp_min(1)  # [R]
@@ -91,6 +91,13 @@ class DynamicWeights:
         if not bool(torch.isfinite(self.w).all()):
             raise UserError("methods.dynamic_weights: the weights became non-finite; lower methods.dynamic_weights.lr")
         return used, {f"dynw/w{k}": float(used[k]) for k in range(R)}
+
+    def current(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weights [R] the next call uses with the config's ``weights`` [R] (its state unchanged): what DAPO's
+        dynamic sampling tests a group's spread under, before the step's advantage."""
+        R = weights.numel()
+        w = torch.full((R,), 1.0 / R) if self.w is None or self.w.numel() != R else self.w
+        return weights.float() * R * w
 
     def state_dict(self) -> dict[str, Any]:
         if self.w is None:

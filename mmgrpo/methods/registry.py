@@ -20,7 +20,9 @@ What a method may contribute (every part optional):
 - ``reward_weights(options) -> weighter``: a stateful object that sets the reward weights of each step
   (``Components.reward_weighters``): ``weighter(weights [R], rewards [V, R, N], kinds, step) -> (weights [R],
   metrics)`` on all processes' rewards, with ``state_dict()`` / ``load_state_dict()`` saved in checkpoints (dynamic
-  reward weighting);
+  reward weighting); optionally ``current(weights [R]) -> weights [R]``, the weights its next call will use, without
+  changing its state (DAPO's dynamic sampling and the re-roll test a group's spread under them before the
+  advantage; a weighter without it: under the weights it is given);
 - ``setup(policy, options, cfg) -> MethodRuntime``: the parts that need the built policy (after the wrappers):
   extra models loaded like it (a teacher, a probe: :class:`mmgrpo.core.extra.ExtraModel`, their memory and time
   logged as ``extra/<name>/*``), loss terms (:class:`mmgrpo.core.extra.LossTerm`), advantage hooks that use them,

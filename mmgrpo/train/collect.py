@@ -203,7 +203,8 @@ class CollectPhase:
             if not a.dynamic_sampling:
                 return rollout, cols, timers
             kinds = [spec.kind for spec in self.cfg.rewards]
-            zero = uninformative_groups(cols[0], self.rewards, rollout.sizes, a.combine, kinds, a.combine_options)
+            zero = uninformative_groups(cols[0], self.rewards, rollout.sizes, a.combine, kinds, a.combine_options,
+                                        self.step_weights())  # fmt: skip
             have = sum(p.num_groups for p, _ in kept)
             good = [g for g in range(rollout.num_groups) if not zero[g]][: self.B_local - have]
             bad = [g for g in range(rollout.num_groups) if zero[g]]
@@ -223,6 +224,19 @@ class CollectPhase:
             kept.append(take_groups(pad_r, pad_c, list(range(missing))))
         parts = [(p, c) for p, c in kept if p.num_rows]
         return concat_rollouts([p for p, _ in parts]), torch.cat([c for _, c in parts], dim=-1), timers
+
+    def step_weights(self) -> torch.Tensor:
+        """This step's reward weights [R] before its advantage: the configured ones through each stateful weighter's
+        ``current`` (dynamic weighting; mmgrpo.methods.registry). DAPO's refill and the re-roll tested a group's
+        spread under the configured weights while the advantage used these: a group tied under one and spread
+        under the other was dropped with signal, or kept without."""
+        weights = torch.tensor([wt for _, wt, _ in self.rewards], dtype=torch.float32)
+        for weighter in self.comp.reward_weighters:
+            current = getattr(weighter, "current", None)
+            if current is None:  # a plug-in weighter that does not say: the weights as given
+                continue
+            weights = current(weights)
+        return weights
 
     def weighted(self, cols: torch.Tensor) -> torch.Tensor:
         """The configured weighted sum of reward columns [R, n] -> [n]."""

@@ -90,7 +90,8 @@ class _Reroll:
         a, n = self.tr.cfg.advantage, c.shape[-1]
         kinds = [spec.kind for spec in self.tr.cfg.rewards]
         sizes = [self.G] * (n // self.G)
-        return score, estimator_total(c[0], self.tr.rewards, sizes, a.combine, kinds, a.combine_options)
+        weights = self.tr.step_weights()  # this step's (dynamic weighting), as the advantage will use
+        return score, estimator_total(c[0], self.tr.rewards, sizes, a.combine, kinds, a.combine_options, weights)
 
     def attempt(self, attempt: int, timers: dict[str, float]) -> bool:
         """One round: rewrite the prompts of the groups that still trigger, sample and score them, keep what the

@@ -85,3 +85,34 @@ def test_bad_options_fail_at_load(tmp_path):
         load_config(None, ["rewards=[{name: bandit_arm_value}]"], base=BASE)
     with pytest.raises(UserError, match="lr=0.0"):
         load_config(None, ["methods.dynamic_weights.lr=0"], base=BASE)
+
+
+if "test_dynw_arm_value_complement" not in REWARDS.names():
+
+    @register("test_dynw_arm_value_complement")
+    def _complement():
+        """Bandit: 1 - the arm value, so the arm value plus this is 1 on every row."""
+        return lambda samples, prompts, meta, ctx: [
+            1.0 - float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)
+        ]
+
+
+def test_dapo_dynamic_sampling_tests_a_groups_spread_under_the_steps_weights(tmp_path):
+    """DAPO's refill tested a group's spread under the configured weights while the advantage used the dynamic ones:
+    two rewards that sum to 1 on every row tie under weights 1 and 1, so every group was dropped and refilled in
+    vain (dynamic/unfilled_groups = 3 at every step) although from step 3 the weights differ and every group with
+    two arms has spread (its advantages are not 0)."""
+    over = [f"run.output_dir={tmp_path}", "rewards=[{name: bandit_arm_value}, {name: test_dynw_arm_value_complement}]",
+            "advantage.dynamic_sampling=true", "advantage.max_refill_rounds=1", "methods.dynamic_weights.lr=2.0",
+            "trainer.checkpoint_every=0"]  # fmt: skip
+    tr = train(load_config(None, over, base=BASE))
+    ms = metrics(tr.run_dir)
+    assert ms[0]["dynw/w0"] == ms[0]["dynw/w1"] == 1.0  # steps 1-2: uniform, every group ties
+    assert ms[0]["dynamic/unfilled_groups"] == 3
+    later = ms[2:]
+    assert all(m["dynw/w0"] != m["dynw/w1"] for m in later)
+    assert all(m["dynamic/unfilled_groups"] == 0 and m["dynamic/refill_rounds"] == 0 for m in later), later
+    assert all(m["adv/zero_variance_groups"] == 0 for m in later)
+    # the weights the refill read are those the step's advantage used
+    w = tr.comp.reward_weighters[0]
+    assert torch.equal(w.current(torch.tensor([1.0, 1.0])), torch.tensor([1.0, 1.0]) * 2 * w.w)
