@@ -11,11 +11,13 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS
 from mmgrpo.policies.diffusion_options import DiffusionPolicyOptions, check_attention
+from mmgrpo.policies.init_lora import diffusers_pipeline_class, merge_diffusers_lora
 from mmgrpo.policies.models import MAX_FPS, MIN_FPS
 from mmgrpo.policies.sources import check_source_options, refuse_cached_lora, refuse_lora_folder, resolve_source
 
@@ -50,6 +52,10 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     24, hunyuan_video 24)"""
     adapter_options: dict[str, Any] = field(default_factory=dict)
     """family-specific adapter options passed to its from_pretrained (flux: guidance, max_sequence_length)"""
+    init_lora: str = ""
+    """a diffusers LoRA to start from (a folder with pytorch_lora_weights.safetensors, as save_lora_weights and
+    mmgrpo export write it, or its hub id), fused into the denoiser as it loads: the run starts from (and its KL
+    reference is) base + LoRA; exports then hold merged weights (mmgrpo.policies.init_lora)"""
 
     def with_defaults(self) -> GeneratorPolicyOptions:
         """These options with the family's defaults written out (a run's config.yaml stores them, so a later
@@ -106,12 +112,17 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
     check_attention(opts.attention, device)  # before the weights load (diffusers' own error comes after them)
     adapter = ADAPTERS.get(opts.family)
     try:
-        return adapter.from_pretrained(source, **kwargs)
+        loaded = adapter.from_pretrained(source, **kwargs)
     except TypeError as e:
         if not bad_keyword(e, adapter):  # a TypeError inside the loading is not the options' fault: as it is
             raise
         msg = f"policy.options.adapter_options {opts.adapter_options} for family {opts.family!r}: {e}"
         raise UserError(msg) from e
+    if opts.init_lora:  # a LoRA to start from: fused before the trainable one is added
+        base = Path(getattr(loaded, "source", None).path if getattr(loaded, "source", None) else opts.path)
+        cls = diffusers_pipeline_class(base, opts.family)
+        merge_diffusers_lora(loaded.denoiser, opts.init_lora, cls, opts.path)
+    return loaded
 
 
 CALL_ERROR = re.compile(r"unexpected keyword argument|multiple values for|missing \d+ required|positional argument")

@@ -393,9 +393,11 @@ def refuse_lora_folder(path: str | os.PathLike, key: str, shown: str | None = No
     base = info.get("base") or peft.get("base_model_name_or_path")
     of, given = (f", of base {base}", f" ({base})") if base else ("", "")
     run = info.get("run") or "RUN"
+    start = (f"; to train from the adapter, give it as policy.options.init_lora='{shown}' (merged into the base as "
+             "it loads)" if key == "policy.options.path" else "")  # fmt: skip
     raise UserError(f"{key}='{shown}' is a LoRA adapter ({kind}{of}), not a model: give the base model as "
-                    f"{key}{given}, onto which the adapter loads outside mmgrpo with {use}; or export a full model "
-                    f"folder with the adapter merged in (mmgrpo export {run} --merge --out DIR) and give "
+                    f"{key}{given}, onto which the adapter loads outside mmgrpo with {use}{start}; or export a full "
+                    f"model folder with the adapter merged in (mmgrpo export {run} --merge --out DIR) and give "
                     "that")  # fmt: skip
 
 

@@ -57,6 +57,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.losses import k3_kl
 from mmgrpo.core.seeding import generator_for
 from mmgrpo.core.types import LogProbs, PromptBatch, Rollout, rollout_by_size
+from mmgrpo.policies.init_lora import merge_peft_lora
 from mmgrpo.policies.offpolicy import inject_ground_truth, offpolicy_completions
 from mmgrpo.policies.vlm_decode import Decoder
 from mmgrpo.policies.vlm_extra import ExtraScoring
@@ -155,6 +156,8 @@ class VLMPolicy(ExtraScoring):
         """Load model (safetensors only) and processor from a local directory or hub id (:func:`load_vlm`)."""
         o = options or VLMPolicyOptions(path=str(path))
         model, processor = load_vlm(path, o)
+        if o.init_lora:  # an SFT adapter to start from: merged before the trainable one is added
+            model = merge_peft_lora(model, o.init_lora, str(path))
         policy = cls(model, processor, o, reference=reference)
         if device is not None:
             policy.model.to(device)

@@ -101,6 +101,10 @@ class VLMPolicyOptions:
     """LoRA dropout; keep 0 so that log_prob in train mode reproduces logp_old"""
     lora_targets: list[str] = field(default_factory=list)
     """LoRA target module names (peft suffix match); empty = the language model's attention projections"""
+    init_lora: str = ""
+    """a peft LoRA adapter to start from (a folder with adapter_config.json + adapter_model.safetensors, e.g. an SFT
+    run's, or its hub id), merged into the base weights as the model loads: the run starts from (and its KL
+    reference is) the fine-tuned model; exports then hold merged weights (mmgrpo.policies.init_lora)"""
     freeze_vision: bool = True
     """full fine-tuning: keep the vision tower frozen"""
     reference_copy: bool = False

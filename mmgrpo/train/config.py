@@ -462,7 +462,9 @@ def resolved_config(cfg: Config, base: str | Path | None = None) -> Config:
     return out
 
 
-_PATH_KEYS = re.compile(r"(^|_)(path|paths|file|files|dir|dirs|root|checkpoint|prompts|images|image|video|videos)$")
+_PATH_KEYS = re.compile(
+    r"(^|_)(path|paths|file|files|dir|dirs|root|checkpoint|prompts|images|image|video|videos|lora)$"
+)  # init_lora: a LoRA adapter's folder
 _JSONABLE = (str, int, float, bool, type(None))
 
 

@@ -20,7 +20,9 @@ VLM, full or           a transformers folder (``config.json``, ``model.safetenso
 =====================  ===========================================================================================
 
 ``--merge`` on a full fine-tune (nothing to merge) writes the full folder and records ``merged: false``, so one
-command exports every run as a complete model. Every export also holds ``mmgrpo_export.json`` (run, step, base model,
+command exports every run as a complete model. A LoRA run that started from another LoRA
+(``policy.options.init_lora``, merged into the base as it loaded) exports as with ``--merge``: its adapter applies on
+top of that merge. Every export also holds ``mmgrpo_export.json`` (run, step, base model,
 format, merged; for a VLM the system prompt and the sampling settings it was trained with, which a transformers
 folder's ``generation_config.json`` holds too). With ``trainer.export_checkpoints``
 the trainer calls :func:`export_policy` after each checkpoint (``checkpoints/step_XXXXXX/export/``, live weights); one
@@ -49,6 +51,7 @@ from mmgrpo.core.extras import needs
 from mmgrpo.core.files import OutputNotWritten, check_output_folder, staged_folder
 from mmgrpo.core.schema import options_from
 from mmgrpo.policies.diffusion import DiffusionPolicy
+from mmgrpo.policies.init_lora import diffusers_pipeline_class, pipeline_class_name
 from mmgrpo.policies.loading import GeneratorPolicyOptions, load_adapter, runnable_attention
 from mmgrpo.policies.sources import is_hub_id
 from mmgrpo.policies.vlm import VLMPolicy, VLMPolicyOptions
@@ -58,13 +61,6 @@ from mmgrpo.train.config import load_config
 from mmgrpo.train.sample import load_trained_weights
 
 INFO = "mmgrpo_export.json"
-PIPELINE_CLASSES = {  # family -> diffusers pipeline class, when the base folder has no model_index.json
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-    "wan": "WanPipeline",
-    "hunyuan_video": "HunyuanVideoPipeline",
-    "sd": "StableDiffusionPipeline",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +185,13 @@ def export_policy(
     check_output_folder(out, "--out")
     if not isinstance(policy, (DiffusionPolicy, VLMPolicy)):
         raise UserError(f"a {type(policy).__name__} cannot be exported (only diffusion/flow generators and VLMs)")
+    init = str(getattr(policy.opts if isinstance(policy, DiffusionPolicy) else policy.options, "init_lora", ""))
+    if init and has_lora(policy) and not merge:  # its adapter applies on top of base + init_lora, not on the base
+        warnings.warn(f"the run started from the LoRA {init} (policy.options.init_lora), merged into the base: its "
+                      "trained adapter applies on top of that merge, which a LoRA file alone cannot carry, so the "
+                      "export is a full model folder with both merged in (as --merge writes)",
+                      stacklevel=2)  # fmt: skip
+        merge = True
     merge = merge and has_lora(policy)  # a full fine-tune is a full model folder already: nothing to merge
     with staged_folder(out) as tmp:  # a failure leaves no half-written folder
         if isinstance(policy, DiffusionPolicy):
@@ -196,6 +199,8 @@ def export_policy(
         else:
             fmt = export_vlm(policy, tmp, merge, inplace)
         record = {**(info or {}), "format": fmt, "base": base_name(policy), "merged": merge}
+        if init:  # the start adapter merged in (policy.options.init_lora)
+            record["init_lora"] = init if is_hub_id(init) else str(Path(init).expanduser().resolve())
         if isinstance(policy, VLMPolicy):  # the prompt and sampling the model was trained with
             record.update(vlm_settings(policy))
             record_generation_config(tmp, policy)
@@ -256,12 +261,8 @@ def export_diffusion(policy: DiffusionPolicy, out: Path, merge: bool, inplace: b
 
 def pipeline_class(base: Path, family: str) -> Any:
     """The diffusers pipeline class of the base model (its model_index.json, else the family's)."""
-    with needs("diffusion", "exporting a diffusion model"):
-        import diffusers
-
-    index = base / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else PIPELINE_CLASSES.get(family)
-    cls = getattr(diffusers, str(name), None)
+    cls = diffusers_pipeline_class(base, family)
+    name = pipeline_class_name(base, family)
     if cls is None or not hasattr(cls, "save_lora_weights"):
         raise UserError(f"the base model {base} names pipeline class {name!r}, which diffusers cannot load LoRA "
                         "weights into; export with --merge for a full pipeline folder")  # fmt: skip

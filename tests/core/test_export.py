@@ -304,8 +304,9 @@ def test_a_diffusion_lora_export_given_as_a_model_names_its_base(sd3, tmp_path, 
     run = runs["lora"].resolve()
     expected = (f"policy.options.path='{lora}' is a LoRA adapter (diffusers format, of base {base}), not a model: "
                 f"give the base model as policy.options.path ({base}), onto which the adapter loads outside mmgrpo "
-                f"with pipe.load_lora_weights('{lora}') on the base pipeline; or export a full model folder with the "
-                f"adapter merged in (mmgrpo export {run} --merge --out DIR) and give that")  # fmt: skip
+                f"with pipe.load_lora_weights('{lora}') on the base pipeline; to train from the adapter, give it as "
+                f"policy.options.init_lora='{lora}' (merged into the base as it loads); or export a full model folder "
+                f"with the adapter merged in (mmgrpo export {run} --merge --out DIR) and give that")  # fmt: skip
     with pytest.raises(UserError) as info:
         load_adapter(GeneratorPolicyOptions(family="sd3", path=str(lora), num_steps=T))
     assert str(info.value) == expected
@@ -682,3 +683,124 @@ def test_a_run_trained_with_xformers_exports_on_a_machine_without_it(sd3, tmp_pa
     with pytest.warns(UserWarning, match="attention=xformers cannot run on cpu here; mmgrpo export uses sdpa"):
         policy = build_policy(cfg)
     assert policy.opts.attention == "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------- init_lora
+def sd3_from_lora_cfg(base: str, lora: str) -> dict:
+    return {
+        "pipeline": "text_to_image",
+        "policy": {"options": {"family": "sd3", "path": base, "num_steps": T, "lora_rank": 2, "init_lora": lora}},
+        "data": {"options": {"heldout_prompts": "", "prompts": "shapes"}},
+        "rewards": [{"name": "jpeg_incompressibility"}],
+        "trainer": {"max_steps": 1, "prompts_per_step": 1, "group_size": 2, "lr": 5e-2, "progress": False},
+    }
+
+
+def test_a_diffusion_run_starts_from_a_lora_and_exports_it_merged(sd3, tmp_path):
+    """policy.options.init_lora: there was no way to start from a LoRA (an SFT adapter, an earlier run's export); the
+    path refused it as "a LoRA adapter, not a model". Now it is fused into the denoiser as it loads, so the policy
+    samples what the LoRA run's own policy (and diffusers with the LoRA loaded) sampled; the run's export is a full
+    pipeline folder (its adapter applies on top of the merge), which diffusers samples as the policy does."""
+    runs, exports, _ = sd3
+    lora = exports["lora"]
+    base = json.loads((lora / "mmgrpo_export.json").read_text())["base"]
+    _, lora_image = ode_sample(policy_of(runs["lora"]), PROMPT, SEED)
+    _, base_image = ode_sample(build_policy(load_config(runs["lora"] / "config.yaml")), PROMPT, SEED)
+    opts = GeneratorPolicyOptions(family="sd3", path=base, num_steps=T, lora_rank=2, init_lora=str(lora))
+    started = DiffusionPolicy(load_adapter(opts), opts)
+    _, image = ode_sample(started, PROMPT, SEED)
+    assert (image - lora_image).abs().max() < TOL < (base_image - lora_image).abs().max()
+    names = [n for n, p in started.adapter.denoiser.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n and ".default." in n for n in names)  # only the new adapter trains
+    assert not any("mmgrpo_init" in n for n, _ in started.adapter.denoiser.named_parameters())
+
+    run = train_run(tmp_path, "from_lora", sd3_from_lora_cfg(base, str(lora)))
+    with pytest.warns(UserWarning, match=r"started from the LoRA .* full model folder"):
+        out = export_run(run, tmp_path / "out")
+    record = json.loads((out / "mmgrpo_export.json").read_text())
+    assert record["format"] == "diffusers_pipeline" and record["merged"] is True
+    assert record["init_lora"] == str(lora.resolve())
+    x0, trained = ode_sample(policy_of(run), PROMPT, SEED)
+    assert (trained - image).abs().max() > 100 * TOL  # the step trained the new adapter
+    save_file({"x0": x0.contiguous()}, str(tmp_path / "in.safetensors"))
+    (tmp_path / "cases.json").write_text(json.dumps({"runs": [["init", str(out), "-"]], "prompt": PROMPT, "steps": T}))
+    run_clean(DIFFUSERS_SCRIPT, str(tmp_path))
+    assert (load_file(str(tmp_path / "out.safetensors"))["init"] - trained).abs().max() < TOL
+
+
+def test_init_lora_that_does_not_fit_is_one_paragraph(sd3, vlm, tmp_path):
+    from mmgrpo.testing.hub import add_snapshot, offline_hub
+
+    lora = sd3[1]["lora"]
+    base = json.loads((lora / "mmgrpo_export.json").read_text())["base"]
+
+    def load(init: str, path: str = base):
+        opts = GeneratorPolicyOptions(family="sd3", path=path, num_steps=T, lora_rank=2, init_lora=init)
+        return load_adapter(opts)
+
+    with pytest.raises(UserError, match=r"init_lora='.*' is not a diffusers LoRA: it needs pytorch_lora_weights"):
+        load(str(vlm[0]["lora"]))  # a peft adapter (a VLM's) where a diffusers LoRA goes
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_lora_weights.bin").write_bytes(b"")
+    with pytest.raises(UserError, match=r"the folder holds \['pytorch_lora_weights.bin'\]. A pickled adapter"):
+        load(str(pickled))
+    with pytest.raises(UserError, match=r"init_lora='.*' does not load onto the transformer of .*shapes_t2i: ") as e:
+        load(str(lora), str(REPO / "assets" / "shapes_t2i"))  # another SD3's adapter: other shapes
+    print(e.value)
+    assert str(e.value).endswith("The adapter must be made for this base model") and len(str(e.value)) < 1500
+    with pytest.raises(UserError, match=r"init_lora='nobody/none' is not a local folder, so it is read as a hub"):
+        with offline_hub(tmp_path / "empty_hub"):
+            load("nobody/none")
+    with offline_hub(tmp_path / "hub") as cache:  # a hub id, read from the cache offline: the same merge
+        add_snapshot(cache, "mmgrpo-test/sd3-lora", lora)
+        by_id, by_folder = load("mmgrpo-test/sd3-lora").denoiser, load(str(lora)).denoiser
+    a, b = by_id.state_dict(), by_folder.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match=r"init_lora='.*' is not a peft LoRA adapter: it needs adapter_config.json"):
+        VLMPolicy.from_pretrained(str(REPO / "assets" / "tiny_qwen2_vl"), VLMPolicyOptions(init_lora=str(lora)))
+
+
+def test_a_vlm_run_starts_from_a_peft_lora_and_exports_it_merged(vlm, tmp_path):
+    """The VLM side of init_lora (an SFT adapter of TRL or peft, here an earlier run's export): merged as the model
+    loads, so the new policy scores as the adapter's own run did and its KL reference (the trainable adapter
+    disabled) is the fine-tuned model, not the base; its export is a merged transformers folder that scores the same
+    in a process without mmgrpo."""
+    from mmgrpo.train.export import export_policy
+
+    lora = vlm[0]["lora"]
+    run = Path(json.loads((lora / "mmgrpo_export.json").read_text())["run"])
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    question = {"question": "How many red circles are there?", "options": ["1", "2", "3"]}
+    case, _, lora_logp = vlm_case(policy_of(run), question, image)
+    cfg = load_config(run / "config.yaml")
+    _, _, base_logp = vlm_case(build_policy(cfg), question, image)
+    cfg.policy.options["init_lora"] = str(lora)
+    started = build_policy(cfg)  # the run's options (rank 2), started from its own export
+    _, _, logp = vlm_case(started, question, image)
+    assert (logp - lora_logp).abs().max() < TOL < (base_logp - lora_logp).abs().max()
+    scorer = started._scorer()
+    with scorer.vlm.disable_adapter(), torch.no_grad():  # the KL reference: the merged model
+        prompt = started.prepare(question, {"image": image})
+        ref, _ = scorer([prompt], torch.tensor([case["completion"]]))
+    assert (ref[0] - lora_logp).abs().max() < TOL
+    with pytest.warns(UserWarning, match=r"started from the LoRA .* full model folder"):
+        out = export_policy(started, tmp_path / "out")
+    assert json.loads((out / "mmgrpo_export.json").read_text())["merged"] is True
+    case["runs"] = [["init", str(out), "-"]]
+    (tmp_path / "case.json").write_text(json.dumps(case))
+    run_clean(VLM_SCRIPT, str(tmp_path))
+    assert (load_file(str(tmp_path / "out.safetensors"))["init"] - logp).abs().max() < TOL
+
+
+def test_init_lora_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+    """A run's config.yaml must name the adapter wherever it is read from (resume, sample --run, export): a bare
+    folder name under the current directory becomes its absolute path, as policy.options.path does."""
+    from mmgrpo.train.config import resolved_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft").mkdir()
+    over = [f"policy.options.path={REPO / 'assets' / 'shapes_t2i'}", "policy.options.init_lora=sft"]
+    cfg = resolved_config(load_config(REPO / "configs" / "shapes_t2i_grpo.yaml", over))  # what config.yaml keeps
+    assert cfg.policy.options["init_lora"] == str(tmp_path / "sft")

@@ -361,3 +361,52 @@ def test_the_download_command_quotes_patterns_and_lists_files():
         "use_safetensors": True, "subfolder": "unet", "revision": "r", "variant": "fp16"
     }  # fmt: skip
     assert src.files() == {"revision": "r"} and os.fspath(src) == "org/m"
+
+
+# ---------------------------------------------------------------------------------------------- init_lora
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_starts_from_a_diffusers_lora_fused_as_diffusers_fuses_it(tmp_path, family):
+    """policy.options.init_lora on each family: the denoiser equals what diffusers makes of the same LoRA file on
+    the base pipeline (load_lora_weights, fuse_lora, unload_lora_weights), so a LoRA trained elsewhere starts the
+    run as diffusers would run it. The file is a LoRA of rank 2 with random up-projections (a trained adapter's
+    shape), written in diffusers' format by the pipeline class's save_lora_weights (mmgrpo export)."""
+    from diffusers import DiffusionPipeline
+
+    base = FAMILIES[family][0](tmp_path / "base", seed=0)
+    ddim = {"sde": {"kind": "ddim"}} if family == "sd" else {}  # the UNet family's dynamics
+    opts = options(family, path=base, lora_rank=2, lora_alpha=3.0, **ddim)
+    policy = DiffusionPolicy(load_adapter(opts), opts)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.adapter.denoiser.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.1)
+    lora = export_policy(policy, tmp_path / "lora")
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    expected = (getattr(pipe, "transformer", None) or pipe.unet).state_dict()
+    plain = load_adapter(options(family, path=base)).denoiser.state_dict()
+    got = load_adapter(options(family, path=base, init_lora=str(lora))).denoiser.state_dict()
+    assert got.keys() == expected.keys() == plain.keys()
+    worst = max((got[k].float() - expected[k].float()).abs().max().item() for k in got)
+    moved = max((got[k].float() - plain[k].float()).abs().max().item() for k in got)
+    assert worst < 1e-6 < 1e-3 < moved, (worst, moved)
+
+
+def test_an_init_lora_the_policy_cannot_hold_is_refused(tmp_path):
+    """A Wan 2.2 pair of experts takes no single LoRA; a LoRA that also adapts the text encoders would have lost that
+    part silently (the policy fuses the denoiser's)."""
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    zero = torch.zeros(2, 16)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": zero.clone(),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": zero},
+              lora / "pytorch_lora_weights.safetensors")  # fmt: skip
+    with pytest.raises(UserError, match=r"also adapts text_encoder \(keys text_encoder\.\*\), which the policy"):
+        load_adapter(options("sd3", path=save_tiny_sd3(tmp_path / "sd3"), init_lora=str(lora)))
+    base = save_tiny_wan(tmp_path / "wan22", two_experts=True)
+    with pytest.raises(UserError, match=r"init_lora: WanPipeline cannot load a LoRA into this denoiser here"):
+        load_adapter(options("wan", path=base, init_lora=str(lora)))
