@@ -278,7 +278,9 @@ def generator_options(cfg: Any, where: str) -> Any:
     return options_from(cls, cfg.policy.options, where, "policy.options")
 
 
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "init_lora")
+"""what the checkpoint's trained weights mean, so taken from the run that wrote it: its adapter's shape, and the
+LoRA merged into the base before training (policy.options.init_lora)"""
 
 
 def resolve_policy_options(
@@ -286,8 +288,9 @@ def resolve_policy_options(
 ) -> Any:
     """Policy options for sampling: from --config, else the run's config, else defaults; --model/--family win.
 
-    The LoRA options always come from the run that wrote the checkpoint when its config is known (they must
-    match the saved weights); without a checkpoint the LoRA is dropped (it would start as the identity).
+    The LoRA options (:data:`LORA_KEYS`) always come from the run that wrote the checkpoint when its config is known
+    (they must match the saved weights, which train on top of the run's ``init_lora``); without a checkpoint the
+    trainable LoRA is dropped (it would start as the identity).
     """
 
     opts = generator_options(config, "--config") if config is not None else None

@@ -804,3 +804,19 @@ def test_init_lora_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
     over = [f"policy.options.path={REPO / 'assets' / 'shapes_t2i'}", "policy.options.init_lora=sft"]
     cfg = resolved_config(load_config(REPO / "configs" / "shapes_t2i_grpo.yaml", over))  # what config.yaml keeps
     assert cfg.policy.options["init_lora"] == str(tmp_path / "sft")
+
+
+def test_sample_takes_the_start_lora_from_the_run_that_wrote_the_checkpoint(tmp_path):
+    """`mmgrpo sample --run RUN --config OTHER`: the checkpoint's LoRA options come from the run (they must match its
+    weights); init_lora is one of them (its adapter trained on top of the merge), so a config without it sampled the
+    base with the trained adapter, silently another model."""
+    from mmgrpo.train.sample import resolve_policy_options
+
+    (tmp_path / "sft").mkdir()
+    shapes = str(REPO / "assets" / "shapes_t2i")
+    run_cfg = load_config(REPO / "configs" / "shapes_t2i_grpo.yaml",
+                          [f"policy.options.path={shapes}", f"policy.options.init_lora={tmp_path / 'sft'}",
+                           "policy.options.lora_rank=4"])  # fmt: skip
+    other = load_config(REPO / "configs" / "shapes_t2i_grpo.yaml", [f"policy.options.path={shapes}"])
+    opts = resolve_policy_options(other, run_cfg, None, None, with_lora=True)
+    assert opts.init_lora == str(tmp_path / "sft") and opts.lora_rank == 4
