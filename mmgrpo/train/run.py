@@ -24,6 +24,7 @@ from mmgrpo.core.files import missing_parents
 from mmgrpo.train import checkpoint as ckpt
 from mmgrpo.train.accelerator import make_accelerator
 from mmgrpo.train.config import Config, resolved_config
+from mmgrpo.train.peer_watch import PeerWatch
 from mmgrpo.train.run_dir import (
     check_resume_config,
     discard_unstarted,
@@ -86,9 +87,12 @@ def run_training(
         acc.wait_for_everyone()
     if acc.is_main_process:
         write_config(run_dir, cfg)
+    watch = PeerWatch(acc, lambda: how_to_continue(trainer, run_dir))  # the others stop when this one does
     try:
-        trainer.train()
+        with watch:
+            trainer.train()
     except BaseException as error:
+        watch.announce(error)
         if out_of_memory(error):
             raise _out_of_memory(trainer, run_dir, error, made if acc.is_main_process and fresh else None) from error
         e = _peer_stopped(error, acc.num_processes) or error

@@ -191,3 +191,53 @@ def test_a_broken_pipe_outside_a_collective_is_not_called_another_process_stoppi
     assert _peer_stopped(gloo, 1) is None
     assert _peer_stopped(RuntimeError("judge: [Errno 32] Broken pipe"), 2) is None
     assert _peer_stopped(ValueError("Connection closed by peer gloo"), 2) is None
+
+
+RANK_ZERO_WAITS = """
+import os, time
+
+def arm_value(samples, prompts, meta, ctx):
+    if ctx.step == 1 and os.environ.get("RANK") == "1":
+        raise ValueError("boom on rank 1")
+    if ctx.step == 1:  # process 0 waits, as in an NCCL collective with a process that went away: nothing fails
+        time.sleep(300)
+    return [float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)]
+"""
+
+
+def test_under_a_launcher_that_leaves_each_process_alone_the_others_stop_within_seconds(tmp_path):
+    """Launched as srun launches (one process per task, no torchrun to end the others) with NCCL, a process whose
+    collective waits for one that stopped on an error waited the whole collective timeout (an hour), silently. Here
+    process 0 waits in its reward as it would in such a collective; it stops once the grace (2 s here) has passed,
+    naming process 1's error and how to continue, instead of after the 300 s wait."""
+    import sys
+    import time
+
+    from mmgrpo.testing.launch import free_port
+
+    (tmp_path / "rank_zero_waits.py").write_text(RANK_ZERO_WAITS)
+    cfg = {**CONFIG, "rewards": [{"name": "rank_zero_waits.arm_value"}], "run": {"name": "w", "seed": 3}}
+    cfg["trainer"] = {**CONFIG["trainer"], "max_steps": 4, "checkpoint_every": 1, "dump_advantages": False}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    port, path = free_port(), os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    procs = []
+    for rank in (0, 1):  # what srun gives each task: its rank and the rendezvous, nothing that watches the others
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true",
+               "OMP_NUM_THREADS": "1", "MMGRPO_PEER_GRACE_S": "2", "PYTHONPATH": path}  # fmt: skip
+        cmd = [sys.executable, "-m", "mmgrpo.train.cli", "train", "c.yaml", f"run.output_dir={tmp_path}"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True))
+    start = time.monotonic()
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.monotonic() - start < 200, errs  # not the 300 s wait
+    zero, one = (" ".join(e.split()) for e in errs)
+    assert procs[1].returncode == 2 and "error: reward 'rank_zero_waits.arm_value' raised ValueError" in one, one
+    assert procs[0].returncode == 2, zero[-3000:]
+    assert ("error: process 1 of the run's 2 processes stopped (UserError: reward 'rank_zero_waits.arm_value' raised "
+            "ValueError in step 2") in zero, zero[-3000:]  # fmt: skip
+    assert "was still in its step 2 s later, waiting for it" in zero
+    assert f"continue with: mmgrpo train {tmp_path / 'w' / 'config.yaml'} resume={tmp_path / 'w'}" in zero
