@@ -30,8 +30,8 @@ from mmgrpo.core.errors import as_shown, first_line
 from mmgrpo.train.signals import Interrupted
 
 KEY = "mmgrpo/stopped"
-POLL_S = 1.0
-"""how often the watcher reads the store"""
+POLL_S = 2.0
+"""how often the watcher reads the store (one small request a process: light on the store of a large run)"""
 GRACE_S = 30.0
 """how long after another process announced its stop this one's loop may still run (it is then waiting in a
 collective that does not fail); ``MMGRPO_PEER_GRACE_S`` sets it"""
