@@ -9,7 +9,8 @@ assume; training the loaded adapter itself would make the reference the base mod
 Formats: for a VLM, a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as
 ``save_pretrained`` and ``mmgrpo export`` write it), merged with peft's ``merge_and_unload``; for a diffusion model,
 a diffusers LoRA (``pytorch_lora_weights.safetensors``, as the pipelines' ``save_lora_weights`` and ``mmgrpo
-export`` write it), read by the base pipeline class's ``lora_state_dict`` and fused as ``pipe.load_lora_weights``
+export`` write it; or one ``.safetensors`` LoRA file, kohya / ComfyUI layouts included where diffusers converts
+them), read by the base pipeline class's ``lora_state_dict`` and fused as ``pipe.load_lora_weights``
 then ``pipe.fuse_lora()`` would (so the merged denoiser equals what diffusers makes of the same files). A local
 folder, or a hub id read through the Hugging Face cache (``HF_HUB_OFFLINE=1`` reads a cached snapshot). Weights
 are read from safetensors only.
@@ -102,10 +103,17 @@ def merge_diffusers_lora(denoiser: nn.Module, text: str, pipeline_cls: Any, base
     """Fuse the diffusers LoRA ``text`` into ``denoiser`` in place, as ``pipe.load_lora_weights(text)`` then
     ``pipe.fuse_lora()`` would on a pipeline of ``pipeline_cls`` (its ``lora_state_dict`` converts the file's key
     layout); ``base``: the model path, for the messages."""
-    folder = adapter_folder(text, (DIFFUSERS_FILE,))
-    if not (folder / DIFFUSERS_FILE).is_file():
-        raise _missing(text, folder, "diffusers LoRA", (DIFFUSERS_FILE,), "what the pipelines' save_lora_weights "
-                       "writes")  # fmt: skip
+    file = Path(text).expanduser()
+    if file.is_file():  # one LoRA file (kohya / ComfyUI layouts too: lora_state_dict converts those it knows)
+        if file.suffix != ".safetensors":
+            raise UserError(f"{KEY}={text!r} is not a .safetensors file; a pickled LoRA (.bin, .pt, .ckpt) is not "
+                            "read: it can run code on load; convert it to safetensors where it was made")  # fmt: skip
+        folder, weight = file.parent, file.name
+    else:
+        folder, weight = adapter_folder(text, (DIFFUSERS_FILE,)), DIFFUSERS_FILE
+        if not (folder / weight).is_file():
+            raise _missing(text, folder, "diffusers LoRA", (DIFFUSERS_FILE,), "what the pipelines' "
+                           "save_lora_weights writes; or give one .safetensors LoRA file")  # fmt: skip
     loader = _denoiser_loader(pipeline_cls)
     if loader is None or not hasattr(denoiser, "fuse_lora"):
         raise UserError(f"{KEY}: {getattr(pipeline_cls, '__name__', pipeline_cls)} cannot load a LoRA into this "
@@ -114,7 +122,7 @@ def merge_diffusers_lora(denoiser: nn.Module, text: str, pipeline_cls: Any, base
                         "policy.options.path")  # fmt: skip
     name, part = loader
     try:
-        state, alphas, metadata = _read_state(pipeline_cls, folder)
+        state, alphas, metadata = _read_state(pipeline_cls, folder, weight)
         foreign = sorted({k.split(".")[0] for k in state if not k.startswith(f"{part}.")})
         if foreign:
             raise UserError(f"{KEY}={text!r} also adapts {', '.join(foreign)} (keys {foreign[0]}.*), which the policy "
@@ -163,10 +171,11 @@ def _denoiser_loader(pipeline_cls: Any) -> tuple[str, str] | None:
     return None
 
 
-def _read_state(pipeline_cls: Any, folder: Path) -> tuple[dict, Any, Any]:
-    """(state dict, network alphas or None, adapter metadata or None) from ``pipeline_cls.lora_state_dict``, whose
-    return value differs between the pipelines (a dict; (dict, alphas); with the metadata last)."""
-    kw: dict[str, Any] = {"weight_name": DIFFUSERS_FILE, "use_safetensors": True}
+def _read_state(pipeline_cls: Any, folder: Path, weight: str) -> tuple[dict, Any, Any]:
+    """(state dict, network alphas or None, adapter metadata or None) of the file ``weight`` in ``folder`` from
+    ``pipeline_cls.lora_state_dict``, whose return value differs between the pipelines (a dict; (dict, alphas);
+    with the metadata last)."""
+    kw: dict[str, Any] = {"weight_name": weight, "use_safetensors": True}
     params = inspect.signature(pipeline_cls.lora_state_dict).parameters
     kw["return_lora_metadata"] = True
     if "return_alphas" in params:

@@ -54,8 +54,9 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     """family-specific adapter options passed to its from_pretrained (flux: guidance, max_sequence_length)"""
     init_lora: str = ""
     """a diffusers LoRA to start from (a folder with pytorch_lora_weights.safetensors, as save_lora_weights and
-    mmgrpo export write it, or its hub id), fused into the denoiser as it loads: the run starts from (and its KL
-    reference is) base + LoRA; exports then hold merged weights (mmgrpo.policies.init_lora)"""
+    mmgrpo export write it, its hub id, or one .safetensors LoRA file: kohya / ComfyUI layouts too), fused into the
+    denoiser as it loads: the run starts from (and its KL reference is) base + LoRA; exports then hold merged
+    weights (mmgrpo.policies.init_lora)"""
 
     def with_defaults(self) -> GeneratorPolicyOptions:
         """These options with the family's defaults written out (a run's config.yaml stores them, so a later

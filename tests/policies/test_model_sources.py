@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmgrpo.core.errors import UserError
@@ -394,6 +394,10 @@ def test_every_family_starts_from_a_diffusers_lora_fused_as_diffusers_fuses_it(t
     worst = max((got[k].float() - expected[k].float()).abs().max().item() for k in got)
     moved = max((got[k].float() - plain[k].float()).abs().max().item() for k in got)
     assert worst < 1e-6 < 1e-3 < moved, (worst, moved)
+    single = tmp_path / "style.safetensors"  # one file, as LoRAs are shared: the same merge
+    single.write_bytes((lora / "pytorch_lora_weights.safetensors").read_bytes())
+    again = load_adapter(options(family, path=base, init_lora=str(single))).denoiser.state_dict()
+    assert all(torch.equal(again[k], got[k]) for k in got)
 
 
 def test_an_init_lora_the_policy_cannot_hold_is_refused(tmp_path):
@@ -407,6 +411,37 @@ def test_an_init_lora_the_policy_cannot_hold_is_refused(tmp_path):
               lora / "pytorch_lora_weights.safetensors")  # fmt: skip
     with pytest.raises(UserError, match=r"also adapts text_encoder \(keys text_encoder\.\*\), which the policy"):
         load_adapter(options("sd3", path=save_tiny_sd3(tmp_path / "sd3"), init_lora=str(lora)))
+    (tmp_path / "style.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"init_lora='.*style.pt' is not a .safetensors file; a pickled LoRA"):
+        load_adapter(options("sd3", path=save_tiny_sd3(tmp_path / "sd3b"), init_lora=str(tmp_path / "style.pt")))
     base = save_tiny_wan(tmp_path / "wan22", two_experts=True)
     with pytest.raises(UserError, match=r"init_lora: WanPipeline cannot load a LoRA into this denoiser here"):
         load_adapter(options("wan", path=base, init_lora=str(lora)))
+
+
+def test_a_kohya_layout_lora_file_starts_the_run_as_its_diffusers_layout_does(tmp_path):
+    """LoRAs are mostly shared as one file in kohya's layout (lora_unet_..._to_q.lora_down.weight, .lora_up.weight,
+    .alpha); the pipeline class's lora_state_dict converts it, so it merges exactly as the same adapter in diffusers'
+    layout (here written from that one: modules' dots become underscores, A / B become down / up, alpha 3)."""
+    base = save_tiny_sd(tmp_path / "base")
+    opts = options("sd", path=base, lora_rank=2, lora_alpha=3.0, sde={"kind": "ddim"})
+    policy = DiffusionPolicy(load_adapter(opts), opts)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.adapter.denoiser.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.1)
+    lora = export_policy(policy, tmp_path / "lora")
+    kohya = {}
+    for key, value in load_file(str(lora / "pytorch_lora_weights.safetensors")).items():
+        module, _, which = key.removeprefix("unet.").rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(3.0)
+    save_file(kohya, tmp_path / "style.safetensors")
+    by_diffusers = load_adapter(options("sd", path=base, init_lora=str(lora))).denoiser.state_dict()
+    by_kohya = load_adapter(options("sd", path=base, init_lora=str(tmp_path / "style.safetensors"))).denoiser
+    plain = load_adapter(options("sd", path=base)).denoiser.state_dict()
+    got = by_kohya.state_dict()
+    assert all(torch.equal(got[k], by_diffusers[k]) for k in got)
+    assert max((got[k] - plain[k]).abs().max().item() for k in got) > 1e-3
