@@ -30,6 +30,7 @@ from mmgrpo.core.errors import as_shown, first_line
 from mmgrpo.train.signals import Interrupted
 
 KEY = "mmgrpo/stopped"
+"""the store key (``/<torchrun's restart count>``: a restarted round's workers do not read the last round's)"""
 POLL_S = 2.0
 """how often the watcher reads the store (one small request a process: light on the store of a large run)"""
 GRACE_S = 30.0
@@ -65,8 +66,9 @@ def grace_s() -> float:
 class PeerWatch:
     """Around a multi-process run's training loop (``with PeerWatch(acc, describe): ...``): :meth:`announce` this
     process's stop; the watcher thread ends this process when another's stop goes unnoticed (module doc).
-    ``describe()``: the sentence on how to continue the run, read when the watcher fires. A no-op for one process or
-    without a store."""
+    ``describe()``: the sentence on how to continue the run, called when the watcher fires, before this process
+    ends (the run's main process removes a new run's directory there if nothing was trained, as its error path
+    does). A no-op for one process or without a store."""
 
     def __init__(self, accelerator: Any, describe: Callable[[], str], store: Any | None = None):
         many = getattr(accelerator, "num_processes", 1) > 1
@@ -77,6 +79,8 @@ class PeerWatch:
         self.grace = grace_s()
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
+        self.seen: tuple[str | None, str] | None = None
+        self.key = f"{KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted worker's own round
 
     def __enter__(self) -> PeerWatch:
         if self.store is not None:
@@ -95,26 +99,33 @@ class PeerWatch:
         if self.store is None or isinstance(error, (KeyboardInterrupt, Interrupted)):
             return
         try:
-            if not self.store.check([KEY]):
-                self.store.set(KEY, f"{self.rank}\n{type(error).__name__}: {first_line(error)}")
+            if not self.store.check([self.key]):
+                self.store.set(self.key, f"{self.rank}\n{type(error).__name__}: {first_line(error)}")
         except Exception:  # noqa: BLE001  (the store is gone too: the others' own watchers notice that)
             pass
 
-    def stopped(self) -> tuple[str, str] | None:
-        """(the process that announced a stop, what it said), or None; a store that cannot be read: its host's."""
+    def stopped(self) -> tuple[str | None, str] | None:
+        """(the process that announced a stop, what it said), or None. The first announcement read is kept: the
+        store may go away later with the process that holds it, once that one stops too. A store that cannot be
+        read before any announcement: (None, why), its holder went away (kept too)."""
+        if self.seen is not None:
+            return self.seen
         try:
-            if not self.store.check([KEY]):
+            if not self.store.check([self.key]):
                 return None
-            rank, _, what = self.store.get(KEY).decode("utf-8", "replace").partition("\n")
-            return rank, what
+            rank, _, what = self.store.get(self.key).decode("utf-8", "replace").partition("\n")
         except Exception as e:  # noqa: BLE001  (TCPStore's errors once its host process has exited)
-            return "0", f"the run's rendezvous store, which process 0 holds, could not be read ({first_line(e)})"
+            self.seen = (None, first_line(e))  # not read again: each failed read prints torch's C++ warning
+            return self.seen
+        self.seen = (rank, what)
+        return self.seen
 
     def _watch(self) -> None:
         since: float | None = None
+        holder = "the launcher's agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "process 0"
         while not self.done.wait(POLL_S):
             seen = self.stopped()
-            if seen is None or seen[0] == str(self.rank):
+            if seen is None or seen[0] == str(self.rank) or (seen[0] is None and holder == f"process {self.rank}"):
                 since = None
                 continue
             since = since if since is not None else time.monotonic()
@@ -125,10 +136,13 @@ class PeerWatch:
                 how = self.describe()
             except Exception:  # noqa: BLE001  (the paragraph is said without it)
                 how = ""
-            text = (f"process {rank} of the run's {self.size} processes stopped ({what}), and this process "
-                    f"(process {self.rank}) was still in its step {self.grace:g} s later, waiting for it (an NCCL "
-                    "collective does not fail when a process goes away), so it stops too; process "
-                    f"{rank}'s own message says why. {how}").strip()  # fmt: skip
+            if rank is None:
+                who = f"{holder}, which holds the run's rendezvous store, stopped (the store cannot be read: {what})"
+            else:
+                who = f"process {rank} of the run's {self.size} processes stopped ({what})"
+            text = (f"{who}, and this process (process {self.rank}) was still in its step {self.grace:g} s later "
+                    "(an NCCL collective waits for a process that went away instead of failing), so it stops too; "
+                    f"that process's own message says why. {how}").strip()  # fmt: skip
             sys.stderr.write(f"error: {as_shown(text)}\n")
             sys.stderr.flush()
             os._exit(EXIT_CODE)

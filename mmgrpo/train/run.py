@@ -87,7 +87,14 @@ def run_training(
         acc.wait_for_everyone()
     if acc.is_main_process:
         write_config(run_dir, cfg)
-    watch = PeerWatch(acc, lambda: how_to_continue(trainer, run_dir))  # the others stop when this one does
+
+    def watcher_words() -> str:  # what the watcher says (and does) as it ends this process: as the error path
+        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir, made):
+            return (f"Nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
+                    "the same command starts the run again")  # fmt: skip
+        return how_to_continue(trainer, run_dir)
+
+    watch = PeerWatch(acc, watcher_words)  # this process stops when another stops and it does not notice
     try:
         with watch:
             trainer.train()

@@ -197,15 +197,16 @@ RANK_ZERO_WAITS = """
 import os, time
 
 def arm_value(samples, prompts, meta, ctx):
-    if ctx.step == 1 and os.environ.get("RANK") == "1":
+    if ctx.step == int(os.environ["FAIL_AT"]) and os.environ.get("RANK") == "1":
         raise ValueError("boom on rank 1")
-    if ctx.step == 1:  # process 0 waits, as in an NCCL collective with a process that went away: nothing fails
+    if ctx.step == int(os.environ["FAIL_AT"]):  # process 0 waits, as in an NCCL collective with a process gone
         time.sleep(300)
     return [float(m["arm_values"][int(a)]) for a, m in zip(samples, meta)]
 """
 
 
-def test_under_a_launcher_that_leaves_each_process_alone_the_others_stop_within_seconds(tmp_path):
+@pytest.mark.parametrize("fail_at", [1, 0])
+def test_under_a_launcher_that_leaves_each_process_alone_the_others_stop_within_seconds(tmp_path, fail_at):
     """Launched as srun launches (one process per task, no torchrun to end the others) with NCCL, a process whose
     collective waits for one that stopped on an error waited the whole collective timeout (an hour), silently. Here
     process 0 waits in its reward as it would in such a collective; it stops once the grace (2 s here) has passed,
@@ -224,7 +225,8 @@ def test_under_a_launcher_that_leaves_each_process_alone_the_others_stop_within_
     for rank in (0, 1):  # what srun gives each task: its rank and the rendezvous, nothing that watches the others
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true",
-               "OMP_NUM_THREADS": "1", "MMGRPO_PEER_GRACE_S": "2", "PYTHONPATH": path}  # fmt: skip
+               "OMP_NUM_THREADS": "1", "MMGRPO_PEER_GRACE_S": "2", "PYTHONPATH": path,
+               "FAIL_AT": str(fail_at)}  # fmt: skip
         cmd = [sys.executable, "-m", "mmgrpo.train.cli", "train", "c.yaml", f"run.output_dir={tmp_path}"]
         procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True))
     start = time.monotonic()
@@ -238,6 +240,10 @@ def test_under_a_launcher_that_leaves_each_process_alone_the_others_stop_within_
     assert procs[1].returncode == 2 and "error: reward 'rank_zero_waits.arm_value' raised ValueError" in one, one
     assert procs[0].returncode == 2, zero[-3000:]
     assert ("error: process 1 of the run's 2 processes stopped (UserError: reward 'rank_zero_waits.arm_value' raised "
-            "ValueError in step 2") in zero, zero[-3000:]  # fmt: skip
-    assert "was still in its step 2 s later, waiting for it" in zero
-    assert f"continue with: mmgrpo train {tmp_path / 'w' / 'config.yaml'} resume={tmp_path / 'w'}" in zero
+            f"ValueError in step {fail_at + 1}") in zero, zero[-3000:]  # fmt: skip
+    assert "and this process (process 0) was still in its step 2 s later" in zero
+    if fail_at:
+        assert f"continue with: mmgrpo train {tmp_path / 'w' / 'config.yaml'} resume={tmp_path / 'w'}" in zero
+    else:  # nothing trained: the main process removes the new run directory, as its error path would
+        assert f"Nothing was trained, so the new run directory {tmp_path / 'w'} was removed" in zero
+        assert not (tmp_path / "w").exists()
