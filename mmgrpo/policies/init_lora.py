@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from mmgrpo.core.errors import UserError
@@ -69,6 +71,29 @@ def adapter_folder(text: str, files: tuple[str, ...]) -> Path:
         raise UserError(f"{KEY}={text!r}: the hub repository could not be read ({type(e).__name__}: {e})") from e
 
 
+def check_base(text: str, folder: Path, base: str) -> None:
+    """Warn when the adapter records a base model (an mmgrpo export's ``base``, peft's ``base_model_name_or_path``)
+    whose name differs from the run's model ``base``: the names' last parts are compared (a hub id and the folder
+    it was downloaded into share theirs), since a LoRA of the same shapes merges into another model silently."""
+    recorded = None
+    for name, key in (("mmgrpo_export.json", "base"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value.strip():
+            recorded = value.strip()
+            break
+
+    def tail(name: str) -> str:
+        return name.split("@")[0].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+    if recorded is not None and tail(recorded) != tail(str(base)):
+        warnings.warn(f"{KEY}={text!r} records its base model as {recorded!r}, but the run's model is {base!r} "
+                      "(policy.options.path): a LoRA merged into another model than the one it was trained on does "
+                      "not do what it did there; check that the two are the same model", stacklevel=3)  # fmt: skip
+
+
 def _first_lines(e: BaseException) -> str:
     """The start of a loader's error as one line: its first three lines, whitespace joined, no final full stop."""
     return " ".join(" ".join(str(e).split("\n")[:3]).split()).rstrip(".") or type(e).__name__
@@ -87,12 +112,13 @@ def merge_peft_lora(model: nn.Module, text: str, base: str) -> nn.Module:
     folder = adapter_folder(text, PEFT_FILES)
     if not all((folder / name).is_file() for name in PEFT_FILES):
         raise _missing(text, folder, "peft LoRA adapter", PEFT_FILES, "what peft's save_pretrained writes")
+    check_base(text, folder, base)
     with needs("vlm", "starting from a LoRA adapter (policy.options.init_lora)"):
         from peft import PeftModel
 
     try:
         merged = PeftModel.from_pretrained(model, str(folder), is_trainable=False).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:  # other targets, other shapes, other config
+    except (ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:  # other targets, shapes; a torn file
         first = _first_lines(e)
         raise UserError(f"{KEY}={text!r} does not load onto the model {base}: {first}. The adapter must be made for "
                         "this base model (its adapter_config.json names base_model_name_or_path)") from e  # fmt: skip
@@ -114,6 +140,7 @@ def merge_diffusers_lora(denoiser: nn.Module, text: str, pipeline_cls: Any, base
         if not (folder / weight).is_file():
             raise _missing(text, folder, "diffusers LoRA", (DIFFUSERS_FILE,), "what the pipelines' "
                            "save_lora_weights writes; or give one .safetensors LoRA file")  # fmt: skip
+        check_base(text, folder, base)
     loader = _denoiser_loader(pipeline_cls)
     if loader is None or not hasattr(denoiser, "fuse_lora"):
         raise UserError(f"{KEY}: {getattr(pipeline_cls, '__name__', pipeline_cls)} cannot load a LoRA into this "
@@ -136,7 +163,7 @@ def merge_diffusers_lora(denoiser: nn.Module, text: str, pipeline_cls: Any, base
         load(state, **kwargs)
     except UserError:
         raise
-    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError) as e:
         first = _first_lines(e)
         raise UserError(f"{KEY}={text!r} does not load onto the {part} of {base}: {first}. The adapter must be made "
                         "for this base model") from e  # fmt: skip

@@ -170,6 +170,13 @@ def build_components(cfg: Any, accelerator: Any = None) -> Components:
         options = options_from(pipeline.policy_options, cfg.policy.options, "the config", "policy.options")
         for text in getattr(options, "training_warnings", list)():  # e.g. a MixGRPO window that never slides
             warnings.warn(text, stacklevel=2)
+        lora = getattr(options, "finetune", "lora") == "lora" and getattr(options, "lora_rank", 0) > 0
+        if getattr(options, "init_lora", "") and lora and cfg.trainer.export_checkpoints:
+            warnings.warn("trainer.export_checkpoints with policy.options.init_lora: the trained adapter applies on "
+                          "top of the merged start LoRA, so each checkpoint's export is a full model folder, written "
+                          "from a merged copy of the model (memory for a second copy while it is written); set "
+                          "trainer.export_checkpoints=false and run mmgrpo export on the checkpoint you keep to "
+                          "avoid it", stacklevel=2)  # fmt: skip
     parts = method_parts(cfg)
     comp.policy = parts.wrap(comp.policy)
     comp.advantage_hooks = [*comp.advantage_hooks, *parts.advantage_hooks]

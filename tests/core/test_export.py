@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -714,7 +715,12 @@ def test_a_diffusion_run_starts_from_a_lora_and_exports_it_merged(sd3, tmp_path)
     assert names and all(".lora_" in n and ".default." in n for n in names)  # only the new adapter trains
     assert not any("mmgrpo_init" in n for n, _ in started.adapter.denoiser.named_parameters())
 
-    run = train_run(tmp_path, "from_lora", sd3_from_lora_cfg(base, str(lora)))
+    cfg = sd3_from_lora_cfg(base, str(lora))
+    cfg["trainer"]["export_checkpoints"] = True  # said once, as training starts: each export is a full folder
+    with pytest.warns(UserWarning, match=r"export_checkpoints with policy.options.init_lora: .* full model folder"):
+        run = train_run(tmp_path, "from_lora", cfg)
+    beside = latest_checkpoint(run / "checkpoints") / "export"
+    assert json.loads((beside / "mmgrpo_export.json").read_text())["format"] == "diffusers_pipeline"
     with pytest.warns(UserWarning, match=r"started from the LoRA .* full model folder"):
         out = export_run(run, tmp_path / "out")
     record = json.loads((out / "mmgrpo_export.json").read_text())
@@ -746,9 +752,23 @@ def test_init_lora_that_does_not_fit_is_one_paragraph(sd3, vlm, tmp_path):
     with pytest.raises(UserError, match=r"the folder holds \['pytorch_lora_weights.bin'\]. A pickled adapter"):
         load(str(pickled))
     with pytest.raises(UserError, match=r"init_lora='.*' does not load onto the transformer of .*shapes_t2i: ") as e:
-        load(str(lora), str(REPO / "assets" / "shapes_t2i"))  # another SD3's adapter: other shapes
-    print(e.value)
+        with pytest.warns(UserWarning, match=r"records its base model as '.*/base', but the run's model is .*shapes"):
+            load(str(lora), str(REPO / "assets" / "shapes_t2i"))  # another SD3's adapter: other shapes
     assert str(e.value).endswith("The adapter must be made for this base model") and len(str(e.value)) < 1500
+    same_shapes = tmp_path / "another_model"  # a model of the same shapes: the merge works, the names differ
+    shutil.copytree(base, same_shapes)
+    with pytest.warns(UserWarning, match=r"records its base model as .*, but the run's model is .*another_model"):
+        load(str(lora), str(same_shapes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(str(lora))  # its own base: nothing said
+    torn = tmp_path / "torn"  # a LoRA file cut short (a copy that stopped): one paragraph, not safetensors' error
+    torn.mkdir()
+    (torn / "pytorch_lora_weights.safetensors").write_bytes(
+        (lora / "pytorch_lora_weights.safetensors").read_bytes()[:80]
+    )
+    with pytest.raises(UserError, match=r"init_lora='.*torn' does not load onto the transformer of"):
+        load(str(torn))
     with pytest.raises(UserError, match=r"init_lora='nobody/none' is not a local folder, so it is read as a hub"):
         with offline_hub(tmp_path / "empty_hub"):
             load("nobody/none")

@@ -295,8 +295,8 @@ def test_a_schedule_that_does_not_fit_the_sampling_steps_is_named_at_load():
 
 
 def test_a_window_that_never_slides_is_warned_about_when_training_starts_not_at_every_load():
-    """The warning fired at every load of the run's config: `mmgrpo sample --run`, `mmgrpo export` and each process
-    of a run, where it says nothing about what they do; now when the trainer builds its components."""
+    """The warning fired at every load of the run's config: `mmgrpo sample --run` and `mmgrpo export` too, where it
+    says nothing about what they do; now when the trainer builds its components (once per training process)."""
     import warnings
 
     from mmgrpo.train.components import build_components
