@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,10 +226,22 @@ def _check_npy_size(zf: Any, info: Any) -> None:
         )
 
 
+NPY_HEADERS = threading.Lock()
+"""held while a request's NPZ is read: numpy parses each ``.npy`` header with ``ast.literal_eval``, and CPython
+3.11 builds AST objects with one interpreter-wide recursion counter, so two server threads parsing at once now and
+then failed with ``SystemError: AST constructor recursion depth mismatch`` (cpython gh-106905; seen once in 1000
+concurrent requests of tests/rewards/test_remote.py, a refused request that stops the client's run)"""
+
+
 def _load_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     """The NPZ members of ``body`` (no pickle); refuses members whose uncompressed size exceeds ``max_bytes``,
     members other than ``NPZ_MEMBERS`` (before numpy parses any: parsing is the cost of a many-member archive)
-    and members whose header claims more bytes than they hold."""
+    and members whose header claims more bytes than they hold. One request at a time (:data:`NPY_HEADERS`)."""
+    with NPY_HEADERS:
+        return _read_npz(body, max_bytes)
+
+
+def _read_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     import zipfile
 
     try:
