@@ -22,6 +22,7 @@ adapter merged in, which a LoRA file alone cannot carry, so ``mmgrpo export`` wr
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import warnings
@@ -71,6 +72,53 @@ def adapter_folder(text: str, files: tuple[str, ...]) -> Path:
         raise UserError(f"{KEY}={text!r}: the hub repository could not be read ({type(e).__name__}: {e})") from e
 
 
+def weights_file(text: str, peft: bool) -> Path:
+    """The weights file of the adapter ``text``: a peft folder's ``adapter_model.safetensors``, a diffusers folder's
+    ``pytorch_lora_weights.safetensors``, or the one ``.safetensors`` file given (diffusion); checked as the merge
+    checks it."""
+    file = Path(text).expanduser()
+    if not peft and file.is_file():
+        if file.suffix != ".safetensors":
+            raise UserError(f"{KEY}={text!r} is not a .safetensors file; a pickled LoRA (.bin, .pt, .ckpt) is not "
+                            "read: it can run code on load; convert it to safetensors where it was made")  # fmt: skip
+        return file
+    files = PEFT_FILES if peft else (DIFFUSERS_FILE,)
+    folder = adapter_folder(text, files)
+    if not all((folder / name).is_file() for name in files):
+        kind, how = (("peft LoRA adapter", "what peft's save_pretrained writes") if peft else
+                     ("diffusers LoRA", "what the pipelines' save_lora_weights writes; or give one .safetensors LoRA "
+                      "file"))  # fmt: skip
+        raise _missing(text, folder, kind, files, how)
+    return folder / files[-1]
+
+
+def digest(text: str, peft: bool) -> str:
+    """The sha256 of the adapter's weights file (:func:`weights_file`): what a run records as
+    ``policy.options.init_lora_sha256``, so that its resume, ``mmgrpo sample --run`` and ``mmgrpo export`` refuse an
+    adapter file changed since (the checkpoints trained on top of the one it was)."""
+    return _sha256(weights_file(text, peft))
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_digest(text: str, file: Path, expected: str) -> None:
+    """A UserError when ``file`` (the adapter's weights) is not the one the run recorded (``expected`` sha256)."""
+    if not expected:
+        return
+    now = _sha256(file)
+    if now != expected:
+        raise UserError(f"{KEY}={text!r}: its weights file {file} changed since the run began (sha256 "
+                        f"{now[:16]}..., the run's config.yaml records policy.options.init_lora_sha256 "
+                        f"{expected[:16]}...): the run's checkpoints trained on top of the adapter as it was; put "
+                        "that file back, or start a new run from this one")  # fmt: skip
+
+
 def check_base(text: str, folder: Path, base: str) -> None:
     """Warn when the adapter records a base model (an mmgrpo export's ``base``, peft's ``base_model_name_or_path``)
     whose name differs from the run's model ``base``: the names' last parts are compared (a hub id and the folder
@@ -106,12 +154,12 @@ def _missing(text: str, folder: Path, kind: str, files: tuple[str, ...], how: st
                      "code on load; convert it to safetensors where it was made")  # fmt: skip
 
 
-def merge_peft_lora(model: nn.Module, text: str, base: str) -> nn.Module:
+def merge_peft_lora(model: nn.Module, text: str, base: str, sha256: str = "") -> nn.Module:
     """The VLM ``model`` with the peft LoRA adapter ``text`` merged into its weights (peft's ``merge_and_unload``);
-    ``base``: the model path, for the messages."""
-    folder = adapter_folder(text, PEFT_FILES)
-    if not all((folder / name).is_file() for name in PEFT_FILES):
-        raise _missing(text, folder, "peft LoRA adapter", PEFT_FILES, "what peft's save_pretrained writes")
+    ``base``: the model path, for the messages; ``sha256``: the weights file the run recorded (:func:`digest`)."""
+    file = weights_file(text, peft=True)
+    folder = file.parent
+    check_digest(text, file, sha256)
     check_base(text, folder, base)
     with needs("vlm", "starting from a LoRA adapter (policy.options.init_lora)"):
         from peft import PeftModel
@@ -125,21 +173,15 @@ def merge_peft_lora(model: nn.Module, text: str, base: str) -> nn.Module:
     return merged
 
 
-def merge_diffusers_lora(denoiser: nn.Module, text: str, pipeline_cls: Any, base: str) -> None:
+def merge_diffusers_lora(denoiser: nn.Module, text: str, pipeline_cls: Any, base: str, sha256: str = "") -> None:
     """Fuse the diffusers LoRA ``text`` into ``denoiser`` in place, as ``pipe.load_lora_weights(text)`` then
     ``pipe.fuse_lora()`` would on a pipeline of ``pipeline_cls`` (its ``lora_state_dict`` converts the file's key
-    layout); ``base``: the model path, for the messages."""
-    file = Path(text).expanduser()
-    if file.is_file():  # one LoRA file (kohya / ComfyUI layouts too: lora_state_dict converts those it knows)
-        if file.suffix != ".safetensors":
-            raise UserError(f"{KEY}={text!r} is not a .safetensors file; a pickled LoRA (.bin, .pt, .ckpt) is not "
-                            "read: it can run code on load; convert it to safetensors where it was made")  # fmt: skip
-        folder, weight = file.parent, file.name
-    else:
-        folder, weight = adapter_folder(text, (DIFFUSERS_FILE,)), DIFFUSERS_FILE
-        if not (folder / weight).is_file():
-            raise _missing(text, folder, "diffusers LoRA", (DIFFUSERS_FILE,), "what the pipelines' "
-                           "save_lora_weights writes; or give one .safetensors LoRA file")  # fmt: skip
+    layout: one file in the kohya / ComfyUI layouts too); ``base``: the model path, for the messages; ``sha256``:
+    the weights file the run recorded (:func:`digest`)."""
+    file = weights_file(text, peft=False)
+    folder, weight = file.parent, file.name
+    check_digest(text, file, sha256)
+    if not Path(text).expanduser().is_file():  # a folder may record its base
         check_base(text, folder, base)
     loader = _denoiser_loader(pipeline_cls)
     if loader is None or not hasattr(denoiser, "fuse_lora"):

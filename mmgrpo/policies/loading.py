@@ -17,7 +17,7 @@ from typing import Any
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.policies.diffusion import ADAPTERS, DEFAULT_LORA_TARGETS
 from mmgrpo.policies.diffusion_options import DiffusionPolicyOptions, check_attention
-from mmgrpo.policies.init_lora import diffusers_pipeline_class, merge_diffusers_lora
+from mmgrpo.policies.init_lora import diffusers_pipeline_class, digest, merge_diffusers_lora
 from mmgrpo.policies.models import MAX_FPS, MIN_FPS
 from mmgrpo.policies.sources import check_source_options, refuse_cached_lora, refuse_lora_folder, resolve_source
 
@@ -57,14 +57,21 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     mmgrpo export write it, its hub id, or one .safetensors LoRA file: kohya / ComfyUI layouts too), fused into the
     denoiser as it loads: the run starts from (and its KL reference is) base + LoRA; exports then hold merged
     weights (mmgrpo.policies.init_lora)"""
+    init_lora_sha256: str = ""
+    """the sha256 of init_lora's weights file, written into the run's config.yaml as the run starts: its resume,
+    mmgrpo sample --run and mmgrpo export refuse an adapter file that changed since"""
 
     def with_defaults(self) -> GeneratorPolicyOptions:
         """These options with the family's defaults written out (a run's config.yaml stores them, so a later
-        version with other defaults rebuilds the same policy): ``lora_targets`` becomes the family's list."""
-        if self.lora_targets or self.family not in ADAPTERS:
-            return self
-        targets = list(getattr(ADAPTERS.get(self.family), "lora_targets", None) or DEFAULT_LORA_TARGETS)
-        return dataclasses.replace(self, lora_targets=targets)
+        version with other defaults rebuilds the same policy): ``lora_targets`` becomes the family's list, and
+        ``init_lora_sha256`` the start adapter's digest."""
+        out = self
+        if not out.lora_targets and out.family in ADAPTERS:
+            targets = list(getattr(ADAPTERS.get(out.family), "lora_targets", None) or DEFAULT_LORA_TARGETS)
+            out = dataclasses.replace(out, lora_targets=targets)
+        if out.init_lora and not out.init_lora_sha256:
+            out = dataclasses.replace(out, init_lora_sha256=digest(out.init_lora, peft=False))
+        return out
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,7 +129,7 @@ def load_adapter(opts: GeneratorPolicyOptions, device: Any = "cpu") -> Any:
     if opts.init_lora:  # a LoRA to start from: fused before the trainable one is added
         base = Path(getattr(loaded, "source", None).path if getattr(loaded, "source", None) else opts.path)
         cls = diffusers_pipeline_class(base, opts.family)
-        merge_diffusers_lora(loaded.denoiser, opts.init_lora, cls, opts.path)
+        merge_diffusers_lora(loaded.denoiser, opts.init_lora, cls, opts.path, opts.init_lora_sha256)
     return loaded
 
 

@@ -157,7 +157,7 @@ class VLMPolicy(ExtraScoring):
         o = options or VLMPolicyOptions(path=str(path))
         model, processor = load_vlm(path, o)
         if o.init_lora:  # an SFT adapter to start from: merged before the trainable one is added
-            model = merge_peft_lora(model, o.init_lora, str(path))
+            model = merge_peft_lora(model, o.init_lora, str(path), o.init_lora_sha256)
         policy = cls(model, processor, o, reference=reference)
         if device is not None:
             policy.model.to(device)

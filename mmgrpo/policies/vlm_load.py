@@ -9,6 +9,7 @@ what the policy derives from a loaded model: its family adapter, the token ids i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from torch import nn
 from mmgrpo.core.errors import UserError, bad_option
 from mmgrpo.core.extras import needs
 from mmgrpo.core.safe_weights import NO_HUB_KERNELS, refuse_pickle_weights
+from mmgrpo.policies.init_lora import digest
 from mmgrpo.policies.sources import check_source_options, refuse_cached_lora, refuse_lora_folder, resolve_source
 from mmgrpo.policies.vlm_families import VLM_FAMILIES, VLMFamily, resolve_family
 from mmgrpo.policies.vlm_inputs import R1_SYSTEM_PROMPT
@@ -105,6 +107,9 @@ class VLMPolicyOptions:
     """a peft LoRA adapter to start from (a folder with adapter_config.json + adapter_model.safetensors, e.g. an SFT
     run's, or its hub id), merged into the base weights as the model loads: the run starts from (and its KL
     reference is) the fine-tuned model; exports then hold merged weights (mmgrpo.policies.init_lora)"""
+    init_lora_sha256: str = ""
+    """the sha256 of init_lora's adapter_model.safetensors, written into the run's config.yaml as the run starts: its
+    resume, mmgrpo sample --run and mmgrpo export refuse an adapter file that changed since"""
     freeze_vision: bool = True
     """full fine-tuning: keep the vision tower frozen"""
     reference_copy: bool = False
@@ -117,6 +122,12 @@ class VLMPolicyOptions:
     the same maths as forwarding every row's prompt); false = every row forwards prompt + completion"""
     logprob_chunk: int = 1024
     """tokens per chunk of the fp32 log-softmax (memory: chunk x vocab x 4 bytes)"""
+
+    def with_defaults(self) -> VLMPolicyOptions:
+        """These options as a run's config.yaml stores them: ``init_lora_sha256`` the start adapter's digest."""
+        if self.init_lora and not self.init_lora_sha256:
+            return dataclasses.replace(self, init_lora_sha256=digest(self.init_lora, peft=True))
+        return self
 
     def __post_init__(self) -> None:
         # checked when the config loads (Pipeline.check), before the model does: a bad number here otherwise ends

@@ -278,7 +278,7 @@ def generator_options(cfg: Any, where: str) -> Any:
     return options_from(cls, cfg.policy.options, where, "policy.options")
 
 
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "init_lora")
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "init_lora", "init_lora_sha256")
 """what the checkpoint's trained weights mean, so taken from the run that wrote it: its adapter's shape, and the
 LoRA merged into the base before training (policy.options.init_lora)"""
 

@@ -11,6 +11,7 @@ imports mmgrpo, and reproduces the project's own samples within 1e-4.
 Tiny runs of 1 step are trained once per module.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -715,7 +716,9 @@ def test_a_diffusion_run_starts_from_a_lora_and_exports_it_merged(sd3, tmp_path)
     assert names and all(".lora_" in n and ".default." in n for n in names)  # only the new adapter trains
     assert not any("mmgrpo_init" in n for n, _ in started.adapter.denoiser.named_parameters())
 
-    cfg = sd3_from_lora_cfg(base, str(lora))
+    start = tmp_path / "start"  # the run's own copy of the adapter: changed below
+    shutil.copytree(lora, start)
+    cfg = sd3_from_lora_cfg(base, str(start))
     cfg["trainer"]["export_checkpoints"] = True  # said once, as training starts: each export is a full folder
     with pytest.warns(UserWarning, match=r"export_checkpoints with policy.options.init_lora: .* full model folder"):
         run = train_run(tmp_path, "from_lora", cfg)
@@ -725,13 +728,22 @@ def test_a_diffusion_run_starts_from_a_lora_and_exports_it_merged(sd3, tmp_path)
         out = export_run(run, tmp_path / "out")
     record = json.loads((out / "mmgrpo_export.json").read_text())
     assert record["format"] == "diffusers_pipeline" and record["merged"] is True
-    assert record["init_lora"] == str(lora.resolve())
+    assert record["init_lora"] == str(start.resolve())
+    weights = start / "pytorch_lora_weights.safetensors"
+    pinned = yaml.safe_load((run / "config.yaml").read_text())["policy"]["options"]["init_lora_sha256"]
+    assert pinned == hashlib.sha256(weights.read_bytes()).hexdigest()
     x0, trained = ode_sample(policy_of(run), PROMPT, SEED)
     assert (trained - image).abs().max() > 100 * TOL  # the step trained the new adapter
     save_file({"x0": x0.contiguous()}, str(tmp_path / "in.safetensors"))
     (tmp_path / "cases.json").write_text(json.dumps({"runs": [["init", str(out), "-"]], "prompt": PROMPT, "steps": T}))
     run_clean(DIFFUSERS_SCRIPT, str(tmp_path))
     assert (load_file(str(tmp_path / "out.safetensors"))["init"] - trained).abs().max() < TOL
+    # the adapter file changed after the run began (retrained in place): export and resume refuse it, naming it
+    weights.write_bytes(weights.read_bytes()[:-4] + b"    ")
+    with pytest.raises(UserError, match=r"init_lora='.*start': its weights file .* changed since the run began"):
+        export_run(run, tmp_path / "out2")
+    with pytest.raises(UserError, match=r"init_lora='.*start': its weights file .* changed since the run began"):
+        train(load_config(run / "config.yaml", [f"resume={run}", "trainer.max_steps=2"]))  # as the run says to
 
 
 def test_init_lora_that_does_not_fit_is_one_paragraph(sd3, vlm, tmp_path):
@@ -786,6 +798,7 @@ def test_a_vlm_run_starts_from_a_peft_lora_and_exports_it_merged(vlm, tmp_path):
     loads, so the new policy scores as the adapter's own run did and its KL reference (the trainable adapter
     disabled) is the fine-tuned model, not the base; its export is a merged transformers folder that scores the same
     in a process without mmgrpo."""
+    from mmgrpo.train.config import resolved_config
     from mmgrpo.train.export import export_policy
 
     lora = vlm[0]["lora"]
@@ -797,6 +810,12 @@ def test_a_vlm_run_starts_from_a_peft_lora_and_exports_it_merged(vlm, tmp_path):
     cfg = load_config(run / "config.yaml")
     _, _, base_logp = vlm_case(build_policy(cfg), question, image)
     cfg.policy.options["init_lora"] = str(lora)
+    pinned = resolved_config(cfg).policy.options["init_lora_sha256"]  # what the run's config.yaml keeps
+    assert pinned == hashlib.sha256((lora / "adapter_model.safetensors").read_bytes()).hexdigest()
+    cfg.policy.options["init_lora_sha256"] = "0" * 64  # another file than the one the run began from
+    with pytest.raises(UserError, match=r"adapter_model.safetensors changed since the run began"):
+        build_policy(cfg)
+    cfg.policy.options["init_lora_sha256"] = pinned
     started = build_policy(cfg)  # the run's options (rank 2), started from its own export
     _, _, logp = vlm_case(started, question, image)
     assert (logp - lora_logp).abs().max() < TOL < (base_logp - lora_logp).abs().max()
@@ -821,9 +840,11 @@ def test_init_lora_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
     over = [f"policy.options.path={REPO / 'assets' / 'shapes_t2i'}", "policy.options.init_lora=sft"]
     cfg = resolved_config(load_config(REPO / "configs" / "shapes_t2i_grpo.yaml", over))  # what config.yaml keeps
     assert cfg.policy.options["init_lora"] == str(tmp_path / "sft")
+    assert cfg.policy.options["init_lora_sha256"] == hashlib.sha256(b"weights").hexdigest()  # pinned
 
 
 def test_sample_takes_the_start_lora_from_the_run_that_wrote_the_checkpoint(tmp_path):
