@@ -364,15 +364,9 @@ def test_the_download_command_quotes_patterns_and_lists_files():
 
 
 # ---------------------------------------------------------------------------------------------- init_lora
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_starts_from_a_diffusers_lora_fused_as_diffusers_fuses_it(tmp_path, family):
-    """policy.options.init_lora on each family: the denoiser equals what diffusers makes of the same LoRA file on
-    the base pipeline (load_lora_weights, fuse_lora, unload_lora_weights), so a LoRA trained elsewhere starts the
-    run as diffusers would run it. The file is a LoRA of rank 2 with random up-projections (a trained adapter's
-    shape), written in diffusers' format by the pipeline class's save_lora_weights (mmgrpo export)."""
-    from diffusers import DiffusionPipeline
-
-    base = FAMILIES[family][0](tmp_path / "base", seed=0)
+def random_lora(family: str, base: str, out: Path) -> Path:
+    """A rank-2 LoRA (alpha 3) of ``base`` with random up-projections (a trained adapter's shape), exported in
+    diffusers' format by the pipeline class's save_lora_weights (mmgrpo export) to ``out``."""
     ddim = {"sde": {"kind": "ddim"}} if family == "sd" else {}  # the UNet family's dynamics
     opts = options(family, path=base, lora_rank=2, lora_alpha=3.0, **ddim)
     policy = DiffusionPolicy(load_adapter(opts), opts)
@@ -381,7 +375,18 @@ def test_every_family_starts_from_a_diffusers_lora_fused_as_diffusers_fuses_it(t
         for name, p in policy.adapter.denoiser.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0.0, 0.1)
-    lora = export_policy(policy, tmp_path / "lora")
+    return export_policy(policy, out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_starts_from_a_diffusers_lora_fused_as_diffusers_fuses_it(tmp_path, family):
+    """policy.options.init_lora on each family: the denoiser equals what diffusers makes of the same LoRA file on
+    the base pipeline (load_lora_weights, fuse_lora, unload_lora_weights), so a LoRA trained elsewhere starts the
+    run as diffusers would run it (the LoRA: :func:`random_lora`)."""
+    from diffusers import DiffusionPipeline
+
+    base = FAMILIES[family][0](tmp_path / "base", seed=0)
+    lora = random_lora(family, base, tmp_path / "lora")
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     pipe = DiffusionPipeline.from_pretrained(base)
     pipe.load_lora_weights(str(lora))
@@ -424,14 +429,7 @@ def test_a_kohya_layout_lora_file_starts_the_run_as_its_diffusers_layout_does(tm
     .alpha); the pipeline class's lora_state_dict converts it, so it merges exactly as the same adapter in diffusers'
     layout (here written from that one: modules' dots become underscores, A / B become down / up, alpha 3)."""
     base = save_tiny_sd(tmp_path / "base")
-    opts = options("sd", path=base, lora_rank=2, lora_alpha=3.0, sde={"kind": "ddim"})
-    policy = DiffusionPolicy(load_adapter(opts), opts)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in policy.adapter.denoiser.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0.0, 0.1)
-    lora = export_policy(policy, tmp_path / "lora")
+    lora = random_lora("sd", base, tmp_path / "lora")
     kohya = {}
     for key, value in load_file(str(lora / "pytorch_lora_weights.safetensors")).items():
         module, _, which = key.removeprefix("unet.").rpartition(".lora_")
