@@ -3,12 +3,14 @@
     mmgrpo sample --run runs/sd3_flow_grpo --prompts "a red circle" --best-of 8 --reward shapes --out best/
     mmgrpo sample --model ckpt/sd3 --family sd3 --prompts-file prompts.txt --best-of 4 \
         --reward jpeg_incompressibility --out best/
+    mmgrpo sample --model ckpt/sd3 --family sd3 --lora style.safetensors --prompts "a red circle" --best-of 4 ...
 
 Best-of-N (rejection sampling against a reward; e.g. "Scaling Laws for Reward Model Overoptimization", Gao et
 al. 2022, sec. 2.1) draws N samples per prompt with N seeds, scores each with the reward and keeps the argmax.
 The base model is loaded exactly as the training recipe loads it (``mmgrpo.pipelines.text_to_image.load_adapter``);
 with ``--run``/``--checkpoint`` the denoiser gets the run's LoRA options and the trained weights (strictly: a
-checkpoint that lacks a trainable parameter, or holds one the model does not have, is a UserError).
+checkpoint that lacks a trainable parameter, or holds one the model does not have, is a UserError). ``--lora``
+merges a LoRA into the base model as ``policy.options.init_lora`` does (:mod:`mmgrpo.policies.init_lora`).
 
 Sampling is the policy's deterministic ODE (noise level 0) by default; ``--noise-level a`` samples the SDE
 (``policy.options.sde.kind``) at that level. Sample j of every prompt uses seed ``--seed + j``, so one sample is
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--run", help="run directory: its config.yaml's LoRA options and its latest checkpoint")
     ck.add_argument("--checkpoint", help="checkpoint folder (runs/<name>/checkpoints/step_XXXXXX)")
     p.add_argument("--ema", action="store_true", help="load the checkpoint's EMA weights (trainer.ema_decay runs)")
+    p.add_argument("--lora", help="a LoRA merged into the model before sampling, as policy.options.init_lora: a "
+                   "diffusers LoRA folder or one .safetensors file (kohya / ComfyUI layouts too), or its hub id; not "
+                   "with --run / --checkpoint, whose config.yaml names the run's own")  # fmt: skip
     pr = p.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts, each one quoted")
     pr.add_argument("--prompts-file", help="text file, one prompt per line ('shapes': the held-out shapes prompts); "
@@ -384,6 +389,12 @@ def build_policy(args: argparse.Namespace) -> tuple[Any, Path | None, Any]:
         raise UserError(f"checkpoint {ckpt} is not inside a run directory with a config.yaml, so its LoRA options "
                         "are unknown; give the run's --config CONFIG too")  # fmt: skip
     opts = resolve_policy_options(config, run_config, args.model, args.family, with_lora=ckpt is not None)
+    if getattr(args, "lora", None):
+        if ckpt is not None:
+            raise UserError(f"--lora {args.lora} with a checkpoint ({ckpt}): the checkpoint's weights trained on "
+                            "top of its run's own start LoRA (policy.options.init_lora in its config.yaml, used as "
+                            "it is); drop --lora, or sample the base model with it")  # fmt: skip
+        opts = dataclasses.replace(opts, init_lora=args.lora, init_lora_sha256="")
     if args.dtype:
         opts = dataclasses.replace(opts, dtype=args.dtype)
     opts = sampling_options(opts, args.steps, args.guidance)
@@ -577,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                             noise_level=args.noise_level, batch_size=args.batch_size)  # fmt: skip
         summary = {
             "model": opts.path, "family": opts.family, "checkpoint": str(ckpt) if ckpt else None, "ema": args.ema,
+            "lora": opts.init_lora or None,
             "reward": args.reward, "reward_options": reward_options, "best_of": args.best_of, "seed": args.seed,
             "steps": opts.num_steps, "guidance": opts.guidance_scale, "noise_level": args.noise_level,
             "sde": opts.sde.kind if args.noise_level > 0 else "ode", "prompts": records,

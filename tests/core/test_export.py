@@ -861,3 +861,22 @@ def test_sample_takes_the_start_lora_from_the_run_that_wrote_the_checkpoint(tmp_
     other = load_config(REPO / "configs" / "shapes_t2i_grpo.yaml", [f"policy.options.path={shapes}"])
     opts = resolve_policy_options(other, run_cfg, None, None, with_lora=True)
     assert opts.init_lora == str(tmp_path / "sft") and opts.lora_rank == 4
+
+
+def test_sample_with_a_lora_draws_what_the_merged_model_draws(sd3, tmp_path, capsys):
+    """`mmgrpo sample --model BASE --lora DIR`: best-of-N with a LoRA merged in, as init_lora merges it; the samples
+    are those of the full folder with that LoRA merged (mmgrpo export --merge of the same run)."""
+    _, exports, _ = sd3
+    lora, merged = exports["lora"], exports["merged"]
+    base = json.loads((lora / "mmgrpo_export.json").read_text())["base"]
+    common = ["--family", "sd3", "--prompts", PROMPT, "--best-of", "2", "--reward", "jpeg_incompressibility",
+              "--steps", str(T)]  # fmt: skip
+    assert cli_main(["sample", "--model", base, "--lora", str(lora), *common, "--out", str(tmp_path / "a")]) == 0
+    assert cli_main(["sample", "--model", str(merged), *common, "--out", str(tmp_path / "b")]) == 0
+    assert cli_main(["sample", "--model", base, *common, "--out", str(tmp_path / "c")]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / x / "best_0.png"), dtype=np.int16) for x in "abc")
+    assert np.abs(a - b).max() <= 1 < 3 < np.abs(a - c).max()  # one trained step moves the images a little
+    assert json.loads((tmp_path / "a" / "scores.json").read_text())["lora"] == str(lora)
+    run = json.loads((lora / "mmgrpo_export.json").read_text())["run"]
+    argv = ["sample", "--run", run, "--lora", str(lora), *common, "--out", str(tmp_path / "d")]
+    assert cli_main(argv) == 2 and "--lora" in capsys.readouterr().err and not (tmp_path / "d").exists()
