@@ -50,7 +50,8 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 def adapter_folder(text: str, files: tuple[str, ...]) -> Path:
-    """``init_lora`` as a local folder: a folder as it is; a hub id's snapshot of ``files`` (the hub cache first)."""
+    """``init_lora`` as a local folder: a folder as it is; a hub id's snapshot of ``files`` (names or patterns; the
+    hub cache first)."""
     folder = Path(text).expanduser()
     if folder.is_dir():
         return folder
@@ -66,30 +67,39 @@ def adapter_folder(text: str, files: tuple[str, ...]) -> Path:
         reason = " ".join(str(e).split("\n")[:2]).strip()
         raise UserError(f"{KEY}={text!r} is not a local folder, so it is read as a hub repository id, and its files "
                         f"could not be read: {reason}. Download them once where the hub is reachable: "
-                        f"`{download_command(text, None, files=list(files))}`, then set {KEY}: "
+                        f"`{download_command(text, None, include=list(files))}`, then set {KEY}: "
                         f"{local_dir(text)}") from e  # fmt: skip
     except Exception as e:  # huggingface_hub's errors for an unreachable hub are not all OSErrors
         raise UserError(f"{KEY}={text!r}: the hub repository could not be read ({type(e).__name__}: {e})") from e
 
 
 def weights_file(text: str, peft: bool) -> Path:
-    """The weights file of the adapter ``text``: a peft folder's ``adapter_model.safetensors``, a diffusers folder's
-    ``pytorch_lora_weights.safetensors``, or the one ``.safetensors`` file given (diffusion); checked as the merge
-    checks it."""
+    """The weights file of the adapter ``text``: a peft folder's ``adapter_model.safetensors``; for diffusion a
+    folder's (or hub repository's) ``pytorch_lora_weights.safetensors``, else its only ``.safetensors`` file, or the
+    ``.safetensors`` file given."""
     file = Path(text).expanduser()
     if not peft and file.is_file():
         if file.suffix != ".safetensors":
             raise UserError(f"{KEY}={text!r} is not a .safetensors file; a pickled LoRA (.bin, .pt, .ckpt) is not "
                             "read: it can run code on load; convert it to safetensors where it was made")  # fmt: skip
         return file
-    files = PEFT_FILES if peft else (DIFFUSERS_FILE,)
-    folder = adapter_folder(text, files)
-    if not all((folder / name).is_file() for name in files):
-        kind, how = (("peft LoRA adapter", "what peft's save_pretrained writes") if peft else
-                     ("diffusers LoRA", "what the pipelines' save_lora_weights writes; or give one .safetensors LoRA "
-                      "file"))  # fmt: skip
-        raise _missing(text, folder, kind, files, how)
-    return folder / files[-1]
+    if peft:
+        folder = adapter_folder(text, PEFT_FILES)
+        if not all((folder / name).is_file() for name in PEFT_FILES):
+            raise _missing(text, folder, "peft LoRA adapter", PEFT_FILES, "what peft's save_pretrained writes")
+        return folder / PEFT_FILES[-1]
+    folder = adapter_folder(text, ("*.safetensors", "adapter_config.json"))
+    if (folder / DIFFUSERS_FILE).is_file():
+        return folder / DIFFUSERS_FILE
+    found = [] if (folder / "adapter_config.json").is_file() else sorted(folder.glob("*.safetensors"))  # peft's
+    if len(found) == 1:  # a LoRA repository's one file, whatever its name (diffusers' load_lora_weights takes it)
+        return found[0]
+    if found:
+        names = ", ".join(p.name for p in found[:6])
+        raise UserError(f"{KEY}={text!r} holds {len(found)} .safetensors files ({names}) and no {DIFFUSERS_FILE}: "
+                        f"give the LoRA file itself as {KEY} (a local path)")  # fmt: skip
+    raise _missing(text, folder, "diffusers LoRA", (DIFFUSERS_FILE,), "what the pipelines' save_lora_weights writes; "
+                   "or a folder or repository holding one .safetensors LoRA file, or that file itself")  # fmt: skip
 
 
 def digest(text: str, peft: bool) -> str:
@@ -193,6 +203,9 @@ def merge_diffusers_lora(denoiser: nn.Module, text: str, pipeline_cls: Any, base
     try:
         state, alphas, metadata = _read_state(pipeline_cls, folder, weight)
         foreign = sorted({k.split(".")[0] for k in state if not k.startswith(f"{part}.")})
+        if foreign and len(foreign) == len({k.split(".")[0] for k in state}):
+            raise UserError(f"{KEY}={text!r}: none of its keys are the {part}'s (they start with "
+                            f"{', '.join(foreign[:4])}): it is no LoRA of this model's {part}")  # fmt: skip
         if foreign:
             raise UserError(f"{KEY}={text!r} also adapts {', '.join(foreign)} (keys {foreign[0]}.*), which the policy "
                             f"does not hold: only the {part} is trained and merged here; merge the whole adapter "

@@ -53,10 +53,10 @@ class GeneratorPolicyOptions(DiffusionPolicyOptions):
     adapter_options: dict[str, Any] = field(default_factory=dict)
     """family-specific adapter options passed to its from_pretrained (flux: guidance, max_sequence_length)"""
     init_lora: str = ""
-    """a diffusers LoRA to start from (a folder with pytorch_lora_weights.safetensors, as save_lora_weights and
-    mmgrpo export write it, its hub id, or one .safetensors LoRA file: kohya / ComfyUI layouts too), fused into the
-    denoiser as it loads: the run starts from (and its KL reference is) base + LoRA; exports then hold merged
-    weights (mmgrpo.policies.init_lora)"""
+    """a diffusers LoRA to start from (a folder or hub repository with pytorch_lora_weights.safetensors, as
+    save_lora_weights and mmgrpo export write it, or with one .safetensors file of any name, or that file: kohya /
+    ComfyUI layouts too), fused into the denoiser as it loads: the run starts from (and its KL reference is) base +
+    LoRA; exports then hold merged weights (mmgrpo.policies.init_lora)"""
     init_lora_sha256: str = ""
     """the sha256 of init_lora's weights file, written into the run's config.yaml as the run starts: its resume,
     mmgrpo sample --run and mmgrpo export refuse an adapter file that changed since"""

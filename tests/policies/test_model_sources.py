@@ -443,3 +443,22 @@ def test_a_kohya_layout_lora_file_starts_the_run_as_its_diffusers_layout_does(tm
     got = by_kohya.state_dict()
     assert all(torch.equal(got[k], by_diffusers[k]) for k in got)
     assert max((got[k] - plain[k]).abs().max().item() for k in got) > 1e-3
+
+
+def test_a_lora_folder_or_hub_repository_with_one_safetensors_file_of_another_name_is_read(tmp_path):
+    """LoRA repositories on the hub mostly hold one file of their own name (style_lora.safetensors), which diffusers'
+    load_lora_weights takes; init_lora read only pytorch_lora_weights.safetensors ("the folder holds nothing")."""
+    base = save_tiny_sd3(tmp_path / "base")
+    lora = random_lora("sd3", base, tmp_path / "lora")
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "style_lora.safetensors").write_bytes((lora / "pytorch_lora_weights.safetensors").read_bytes())
+    want = load_adapter(options(path=base, init_lora=str(lora))).denoiser.state_dict()
+    with offline_hub(tmp_path / "hub") as cache:
+        add_snapshot(cache, "someone/style-lora", named)
+        for init in (str(named), "someone/style-lora"):
+            got = load_adapter(options(path=base, init_lora=init)).denoiser.state_dict()
+            assert all(torch.equal(got[k], want[k]) for k in want), init
+    (named / "other.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"holds 2 .safetensors files \(other.safetensors, style_lora.safetensors\)"):
+        load_adapter(options(path=base, init_lora=str(named)))
