@@ -98,9 +98,8 @@ class PeerWatch:
         self.done.set()
         if self.store is None or isinstance(error, (KeyboardInterrupt, Interrupted)):
             return
-        try:
-            if not self.store.check([self.key]):
-                self.store.set(self.key, f"{self.rank}\n{type(error).__name__}: {first_line(error)}")
+        try:  # set only where no process has (atomic: two failing at once keep the first)
+            self.store.compare_set(self.key, "", f"{self.rank}\n{type(error).__name__}: {first_line(error)}")
         except Exception:  # noqa: BLE001  (the store is gone too: the others' own watchers notice that)
             pass
 
