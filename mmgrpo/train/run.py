@@ -63,8 +63,54 @@ def run_training(
     if acc.is_main_process:
         prepare_run_dir(cfg, is_main=True)
     acc.wait_for_everyone()
+    trainer: Any = _build(make_trainer, cfg, run_dir, acc, made)
+    if cfg.resume:
+        latest = resume_checkpoint(run_dir)
+        if latest is not None:
+            trainer.load(latest)
+        if acc.is_main_process:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_config(run_dir, cfg)
+
+    def removed() -> str | None:  # a new run's main process, nothing trained: its directory goes (the note)
+        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir, made):
+            return (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
+                    "the same command starts the run again")  # fmt: skip
+        return None
+
+    def watcher_words() -> str:  # what the watcher says (and does) as it ends this process: as the error path
+        note = removed()
+        return note[0].upper() + note[1:] if note else how_to_continue(trainer, run_dir)
+
+    watch = PeerWatch(acc, watcher_words)  # this process stops when another stops and it does not notice
     try:
-        trainer: Any = make_trainer(cfg, run_dir, acc)
+        with watch:
+            trainer.train()
+    except BaseException as error:
+        watch.announce(error)
+        if out_of_memory(error):
+            raise _out_of_memory(trainer, run_dir, error, made if acc.is_main_process and fresh else None) from error
+        e = _with_how_to_go_on(_peer_stopped(error, acc.num_processes) or error, trainer, run_dir, removed(),
+                               untrained=not acc.is_main_process and fresh and trainer.step == 0)  # fmt: skip
+        if e is error:
+            raise
+        raise e from error
+    return trainer
+
+
+def _build(
+    make_trainer: Callable[[Config, Path, Accelerator], T],
+    cfg: Config,
+    run_dir: Path,
+    acc: Accelerator,
+    made: list[Path],
+) -> T:
+    """``make_trainer(cfg, run_dir, acc)``; a new run's directory is removed again when it fails (the models did not
+    load), and running out of memory there names what must fit."""
+    try:
+        return make_trainer(cfg, run_dir, acc)
     except BaseException as e:
         if acc.is_main_process and not cfg.resume:
             discard_unstarted(run_dir, made)
@@ -78,49 +124,25 @@ def run_training(
                 "configs/accelerate/fsdp.yaml -m mmgrpo.train.cli train ...)"
             ) from e
         raise
-    if cfg.resume:
-        latest = resume_checkpoint(run_dir)
-        if latest is not None:
-            trainer.load(latest)
-        if acc.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-        acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_config(run_dir, cfg)
 
-    def watcher_words() -> str:  # what the watcher says (and does) as it ends this process: as the error path
-        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir, made):
-            return (f"Nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
-                    "the same command starts the run again")  # fmt: skip
-        return how_to_continue(trainer, run_dir)
 
-    watch = PeerWatch(acc, watcher_words)  # this process stops when another stops and it does not notice
-    try:
-        with watch:
-            trainer.train()
-    except BaseException as error:
-        watch.announce(error)
-        if out_of_memory(error):
-            raise _out_of_memory(trainer, run_dir, error, made if acc.is_main_process and fresh else None) from error
-        e = _peer_stopped(error, acc.num_processes) or error
-        if acc.is_main_process and fresh and trainer.step == 0 and discard_untrained(run_dir, made):
-            note = (f"nothing was trained, so the new run directory {run_dir} was removed: once the cause is fixed, "
-                    "the same command starts the run again")  # fmt: skip
-            if isinstance(e, UserError) and e.args:
-                e.args = (f"{e.args[0]} ({note})", *e.args[1:])
-            else:
-                add_note(e, note)
-        elif not acc.is_main_process and fresh and trainer.step == 0 and isinstance(e, UserError) and e.args:
-            note = (f"nothing was trained: the main process removes the new run directory {run_dir} when it stops "
-                    "too, unless it holds a debug/ dump; once the cause is fixed, the same command starts the run "
-                    f"again, or, if the directory is still there, resume={run_dir}")  # fmt: skip
-            e.args = (f"{e.args[0]} ({note})", *e.args[1:])
-        elif isinstance(e, (UserError, KeyboardInterrupt)):  # into a UserError's paragraph, else a note
-            add_note(e, how_to_continue(trainer, run_dir))
-        if e is error:
-            raise
-        raise e from error
-    return trainer
+def _with_how_to_go_on(e: BaseException, trainer: Any, run_dir: Path, removed: str | None, untrained: bool):
+    """``e`` with what the user does next: ``removed``, the note of a new run's directory removed (the main process,
+    nothing trained); ``untrained``: another process of such a run; else how to continue from the last checkpoint
+    (into a UserError's paragraph, else a note)."""
+    if removed:
+        if isinstance(e, UserError) and e.args:
+            e.args = (f"{e.args[0]} ({removed})", *e.args[1:])
+        else:
+            add_note(e, removed)
+    elif untrained and isinstance(e, UserError) and e.args:
+        note = (f"nothing was trained: the main process removes the new run directory {run_dir} when it stops too, "
+                "unless it holds a debug/ dump; once the cause is fixed, the same command starts the run again, or, "
+                f"if the directory is still there, resume={run_dir}")  # fmt: skip
+        e.args = (f"{e.args[0]} ({note})", *e.args[1:])
+    elif isinstance(e, (UserError, KeyboardInterrupt)):
+        add_note(e, how_to_continue(trainer, run_dir))
+    return e
 
 
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
