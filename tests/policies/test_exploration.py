@@ -1,5 +1,7 @@
 """Tests for mmgrpo.policies.exploration: hand-computed plans, coarse schedules and G²RPO advantages."""
 
+import re
+
 import pytest
 import torch
 
@@ -304,8 +306,12 @@ def test_a_window_that_never_slides_is_warned_about_when_training_starts_not_at_
 
     over = ["policy.options.num_steps=4", "policy.options.objective={name: sde}",
             "policy.options.exploration={name: window, size: 4}", "loss={name: grpo}"]  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as at_load:
+        warnings.simplefilter("always")
         cfg = load_config("configs/shapes_t2i_grpo.yaml", over)  # what sample, export and a resume read
-    with pytest.warns(UserWarning, match=r"exploration.size=4 covers all 4 sampling steps .*never slides.*size=1"):
+    assert [str(w.message) for w in at_load] == []
+    with warnings.catch_warnings(record=True) as at_start:
+        warnings.simplefilter("always")
         build_components(cfg)
+    said = [str(w.message) for w in at_start if "exploration.size" in str(w.message)]
+    assert len(said) == 1 and re.search(r"size=4 covers all 4 sampling steps .*never slides.*size=1", said[0]), said
