@@ -35,7 +35,7 @@ from torch import nn
 
 from mmgrpo.core.errors import UserError
 from mmgrpo.core.extras import needs
-from mmgrpo.policies.sources import download_command, is_hub_id, local_dir
+from mmgrpo.policies.sources import ModelSource, is_hub_id
 
 PIPELINE_CLASSES = {  # family -> diffusers pipeline class, when the base folder has no model_index.json
     "sd3": "StableDiffusion3Pipeline",
@@ -63,12 +63,8 @@ def adapter_folder(text: str, files: tuple[str, ...]) -> Path:
 
     try:
         return Path(snapshot_download(text, allow_patterns=[*files, "mmgrpo_export.json"]))
-    except (OSError, ValueError) as e:  # offline and not cached, no such repository
-        reason = " ".join(str(e).split("\n")[:2]).strip()
-        raise UserError(f"{KEY}={text!r} is not a local folder, so it is read as a hub repository id, and its files "
-                        f"could not be read: {reason}. Download them once where the hub is reachable: "
-                        f"`{download_command(text, None, include=list(files))}`, then set {KEY}: "
-                        f"{local_dir(text)}") from e  # fmt: skip
+    except (OSError, ValueError) as e:  # offline and not cached, no such repository: what a model's hub id says
+        raise UserError(ModelSource(text, KEY, local=False).failure(e)) from e
     except Exception as e:  # huggingface_hub's errors for an unreachable hub are not all OSErrors
         raise UserError(f"{KEY}={text!r}: the hub repository could not be read ({type(e).__name__}: {e})") from e
 

@@ -781,7 +781,8 @@ def test_init_lora_that_does_not_fit_is_one_paragraph(sd3, vlm, tmp_path):
     )
     with pytest.raises(UserError, match=r"init_lora='.*torn' does not load onto the transformer of"):
         load(str(torn))
-    with pytest.raises(UserError, match=r"init_lora='nobody/none' is not a local folder, so it is read as a hub"):
+    uncached = r"init_lora='nobody/none' is not a local folder.*, so it is read as a hub.*`hf download nobody/none"
+    with pytest.raises(UserError, match=uncached):
         with offline_hub(tmp_path / "empty_hub"):
             load("nobody/none")
     with offline_hub(tmp_path / "hub") as cache:  # a hub id, read from the cache offline: the same merge
